@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds the proxy and the benchmark driver in release mode, then runs
+# sysbench directly against MariaDB and through ferrata-proxy, interleaved.
+# All arguments go to the driver; see `bench/passthrough.sh --help`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p ferrata-proxy -p ferrata-bench
+exec target/release/passthrough "$@"

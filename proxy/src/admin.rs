@@ -1,0 +1,58 @@
+//! The admin HTTP listener: Prometheus metrics at `/metrics`, liveness at `/healthz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::Shared;
+
+pub struct AdminServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl AdminServer {
+    pub async fn bind(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("admin listener on {addr}"))?;
+        Ok(AdminServer { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub async fn serve(self, stop: CancellationToken) {
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .with_state(self.shared);
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "admin listener failed");
+        }
+    }
+}
+
+async fn metrics() -> String {
+    crate::metrics::prometheus().render()
+}
+
+/// 200 while the proxy accepts clients, 503 once it is shutting down (so load balancers
+/// stop sending new clients).
+async fn healthz(State(shared): State<Arc<Shared>>) -> (axum::http::StatusCode, &'static str) {
+    if shared.shutdown.is_cancelled() {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (axum::http::StatusCode::OK, "ok\n")
+    }
+}

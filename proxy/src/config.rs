@@ -1,0 +1,273 @@
+//! Proxy configuration: a TOML file, overridden by command-line flags. Every setting has a
+//! default, so the proxy runs with no file at all; README.md documents each one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// The MariaDB/MySQL server behind the proxy, as `host:port`.
+    pub backend: String,
+    /// Address of the admin HTTP listener (`/metrics`, `/healthz`). Embedders may set `None`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Client sessions served at once; further clients get ERR 1040.
+    pub max_connections: usize,
+    /// Largest command payload, in bytes, a client may send (responses are streamed and not
+    /// limited by the proxy).
+    pub max_packet_size: usize,
+    /// Time a client has, from connecting, to finish authentication.
+    pub handshake_timeout_ms: u64,
+    /// Time allowed to open the backend connection.
+    pub connect_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, how long in-flight commands may take before sessions are cut.
+    pub shutdown_timeout_ms: u64,
+    /// Tokio worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
+    /// Answer `@@socket` with NULL, so drivers that prefer the server's Unix socket (such as
+    /// mysql_async) stay on the proxy instead of silently bypassing it.
+    pub hide_server_socket: bool,
+    /// TLS offered to clients.
+    pub tls: Option<ClientTls>,
+    /// TLS towards the backend.
+    pub backend_tls: Option<BackendTls>,
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// Refuse clients that do not switch to TLS.
+    #[serde(default)]
+    pub required: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// PEM CA certificates that sign the backend's certificate.
+    pub ca: PathBuf,
+    /// Name to verify in the backend's certificate; defaults to the backend host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// A tracing filter, e.g. `info` or `ferrata_proxy=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:3307".parse().expect("valid address"),
+            backend: "127.0.0.1:3306".into(),
+            admin_listen: Some("127.0.0.1:9307".parse().expect("valid address")),
+            max_connections: 4096,
+            max_packet_size: 64 * 1024 * 1024,
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            shutdown_timeout_ms: 30_000,
+            worker_threads: 0,
+            hide_server_socket: true,
+            tls: None,
+            backend_tls: None,
+            log: Log::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_connections > 0, "max_connections must be at least 1");
+        anyhow::ensure!(
+            self.max_packet_size >= 1024,
+            "max_packet_size must be at least 1024 bytes"
+        );
+        anyhow::ensure!(!self.backend.is_empty(), "backend must be set, e.g. \"127.0.0.1:3306\"");
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The backend host name, for TLS name checks.
+    pub fn backend_host(&self) -> &str {
+        self.backend
+            .rsplit_once(':')
+            .map_or(self.backend.as_str(), |(host, _)| host.trim_matches(['[', ']']))
+    }
+}
+
+/// Command-line flags; each one overrides the config file's setting.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "ferrata-proxy", version, about = "Ferrata's MySQL/MariaDB proxy")]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address clients connect to [default: 127.0.0.1:3307].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// The database server behind the proxy, host:port [default: 127.0.0.1:3306].
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Admin HTTP address for /metrics and /healthz [default: 127.0.0.1:9307].
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Maximum client sessions at once [default: 4096].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Largest client command payload in bytes [default: 64 MiB].
+    #[arg(long)]
+    pub max_packet_size: Option<usize>,
+    /// Tokio worker threads, 0 for one per CPU [default: 0].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// PEM certificate chain for client TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for client TLS (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log filter, e.g. info or ferrata_proxy=debug [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl Flags {
+    /// The config file (or the defaults) with these flags applied.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.backend {
+            config.backend = v;
+        }
+        if let Some(v) = self.admin_listen {
+            config.admin_listen = Some(v);
+        }
+        if let Some(v) = self.max_connections {
+            config.max_connections = v;
+        }
+        if let Some(v) = self.max_packet_size {
+            config.max_packet_size = v;
+        }
+        if let Some(v) = self.worker_threads {
+            config.worker_threads = v;
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            let required = config.tls.as_ref().is_some_and(|t| t.required);
+            config.tls = Some(ClientTls { cert, key, required });
+        }
+        if let Some(v) = self.log_level {
+            config.log.level = v;
+        }
+        if let Some(v) = self.log_format {
+            config.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn file_settings_and_flag_overrides() {
+        let dir = std::env::temp_dir().join(format!("ferrata-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.toml");
+        std::fs::write(
+            &path,
+            "backend = \"db:3306\"\nmax_connections = 10\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nrequired = true\n[log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from([
+            "ferrata-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:4000",
+        ]);
+        let config = flags.into_config().unwrap();
+        assert_eq!(config.backend, "db:3306");
+        assert_eq!(config.backend_host(), "db");
+        assert_eq!(config.max_connections, 10);
+        assert_eq!(config.listen, "0.0.0.0:4000".parse().unwrap());
+        assert!(config.tls.unwrap().required);
+        assert_eq!(config.log.format, LogFormat::Json);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(Config::from_toml("listne = \"1.2.3.4:5\"").is_err());
+        assert!(Config::from_toml("max_connections = 0").is_err());
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,18 @@
+//! ferrata-proxy: a wire-level MySQL/MariaDB proxy.
+//!
+//! Each client session gets its own backend connection; the backend's handshake and
+//! authentication are relayed, and bytes the proxy does not need to change pass through
+//! unmodified. See ARCHITECTURE.md for the map of modules and the invariants they keep.
+
+pub mod admin;
+pub mod classify;
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;

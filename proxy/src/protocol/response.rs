@@ -1,0 +1,465 @@
+//! The response state machine: given the command a client sent, it tells from the start of
+//! each response packet whether the response has ended.
+//!
+//! The proxy forwards one command at a time and must know exactly where each response ends,
+//! both to read the next command and to keep the session state (status flags) current. It
+//! sees every packet start once, in order, through [`ResponseTracker::on_packet`].
+
+use super::constants::{Capabilities, Command, ServerStatus};
+use super::{err, lenenc, ok};
+
+/// How many payload bytes the tracker needs to see of each packet.
+pub const PEEK: usize = ok::PREFIX_LEN;
+
+/// The shape of response a command gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseKind {
+    /// No response at all (COM_QUIT, COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA).
+    None,
+    /// OK, ERR, EOF, LOCAL INFILE request or result sets, chained by MORE_RESULTS_EXISTS.
+    /// Also the answer to commands that only ever get OK, ERR or EOF.
+    Generic,
+    /// COM_STMT_PREPARE: PREPARE_OK with parameter and column definitions, or ERR.
+    Prepare,
+    /// COM_FIELD_LIST: column definitions ending in EOF, or ERR.
+    FieldList,
+    /// COM_STATISTICS: one human-readable string packet.
+    Statistics,
+    /// COM_STMT_FETCH: binary rows ending in a terminator, or ERR.
+    Fetch,
+    /// COM_CHANGE_USER: an authentication exchange (handled by the session, not here).
+    Authentication,
+    /// Binlog dump: a stream that only ends with the connection.
+    Stream,
+}
+
+impl ResponseKind {
+    pub fn of(command: u8) -> ResponseKind {
+        match command {
+            Command::QUIT | Command::STMT_CLOSE | Command::STMT_SEND_LONG_DATA => Self::None,
+            Command::STMT_PREPARE => Self::Prepare,
+            Command::FIELD_LIST => Self::FieldList,
+            Command::STATISTICS => Self::Statistics,
+            Command::STMT_FETCH => Self::Fetch,
+            Command::CHANGE_USER => Self::Authentication,
+            Command::BINLOG_DUMP | Command::BINLOG_DUMP_GTID => Self::Stream,
+            _ => Self::Generic,
+        }
+    }
+}
+
+/// What the session must do after passing a packet on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// More response packets follow.
+    More,
+    /// The response is complete.
+    Done,
+    /// The server asked for a LOCAL INFILE file: relay the client's file packets (up to an
+    /// empty one) to the server, then continue reading the response.
+    LocalInfile,
+}
+
+/// Where the next packet sits in a result set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketRole {
+    Column { index: usize },
+    Row,
+    Other,
+}
+
+/// A PREPARE_OK packet's fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrepareOk {
+    pub statement_id: u32,
+    pub columns: u16,
+    pub params: u16,
+}
+
+/// A response the tracker cannot follow: the backend broke the protocol (or the proxy's
+/// understanding of it). The session must end rather than guess.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtocolViolation(pub String);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// The first packet of a response or of the next result in a chain.
+    ResultStart,
+    /// Column definitions of a result set, then its metadata EOF (if any) and rows.
+    Columns {
+        left: u64,
+        total: u64,
+    },
+    /// The EOF that ends column definitions when CLIENT_DEPRECATE_EOF is off.
+    ColumnsEof,
+    Rows,
+    PrepareStart,
+    /// PREPARE_OK's parameter definitions, then its column definitions.
+    PrepareParams {
+        left: u16,
+        columns: u16,
+    },
+    PrepareParamsEof {
+        columns: u16,
+    },
+    PrepareColumns {
+        left: u16,
+    },
+    PrepareColumnsEof,
+    FieldList,
+    Statistics,
+    Done,
+}
+
+/// Follows one response, packet by packet.
+#[derive(Debug)]
+pub struct ResponseTracker {
+    state: State,
+    deprecate_eof: bool,
+    /// Status flags of the last OK/EOF seen, if any.
+    last_status: Option<ServerStatus>,
+    last_ok: Option<ok::OkSummary>,
+    prepare_ok: Option<PrepareOk>,
+    error_code: Option<u16>,
+    last_seq: u8,
+}
+
+impl ResponseTracker {
+    /// A tracker for the response to a command of `kind`, on a session whose negotiated
+    /// capabilities are `caps`. `command_seq` is the sequence id of the command's last packet.
+    pub fn new(kind: ResponseKind, caps: Capabilities, command_seq: u8) -> Self {
+        let state = match kind {
+            ResponseKind::Prepare => State::PrepareStart,
+            ResponseKind::FieldList => State::FieldList,
+            ResponseKind::Statistics => State::Statistics,
+            ResponseKind::Fetch => State::Rows,
+            ResponseKind::None | ResponseKind::Authentication | ResponseKind::Stream => State::Done,
+            ResponseKind::Generic => State::ResultStart,
+        };
+        ResponseTracker {
+            state,
+            deprecate_eof: caps.has(Capabilities::DEPRECATE_EOF),
+            last_status: None,
+            last_ok: None,
+            prepare_ok: None,
+            error_code: None,
+            last_seq: command_seq,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Status flags from the response's last OK or EOF packet.
+    pub fn last_status(&self) -> Option<ServerStatus> {
+        self.last_status
+    }
+
+    /// The last OK packet (or OK-layout terminator) of the response.
+    pub fn last_ok(&self) -> Option<ok::OkSummary> {
+        self.last_ok
+    }
+
+    /// The PREPARE_OK fields, for a successful COM_STMT_PREPARE.
+    pub fn prepare_ok(&self) -> Option<PrepareOk> {
+        self.prepare_ok
+    }
+
+    /// The error code, if the response ended in an ERR packet.
+    pub fn error_code(&self) -> Option<u16> {
+        self.error_code
+    }
+
+    /// What the next packet is, if it is part of a result set's body. Text and binary rows
+    /// alike are `Row` (terminators and ERR packets arrive in that role too).
+    pub fn next_role(&self) -> PacketRole {
+        match self.state {
+            State::Columns { left, total } => PacketRole::Column {
+                index: (total - left) as usize,
+            },
+            State::Rows => PacketRole::Row,
+            _ => PacketRole::Other,
+        }
+    }
+
+    /// Sequence id of the last packet seen (or of the command, before any).
+    pub fn last_seq(&self) -> u8 {
+        self.last_seq
+    }
+
+    /// Records that the client sent packets up to sequence id `seq` (LOCAL INFILE data).
+    pub fn client_sent(&mut self, seq: u8) {
+        self.last_seq = seq;
+    }
+
+    /// Advances over one packet: its payload length, sequence id and first
+    /// `min(len, PEEK)` bytes.
+    pub fn on_packet(&mut self, len: usize, seq: u8, prefix: &[u8]) -> Result<Step, ProtocolViolation> {
+        self.last_seq = seq;
+        let first = prefix.first().copied();
+        let next = match self.state {
+            State::Done => {
+                return Err(ProtocolViolation(format!(
+                    "the server sent a {len}-byte packet after its response had ended"
+                )));
+            }
+            State::ResultStart => match first {
+                Some(0x00) => self.terminal_ok(len, prefix)?,
+                Some(0xff) => self.error(prefix),
+                Some(0xfe) => self.terminal_ok(len, prefix)?,
+                Some(0xfb) => return Ok(Step::LocalInfile),
+                _ => {
+                    let (columns, _) = lenenc::read_int(prefix)
+                        .ok_or_else(|| ProtocolViolation("a result set started without a column count".into()))?;
+                    if columns == 0 {
+                        return Err(ProtocolViolation("a result set with no columns".into()));
+                    }
+                    State::Columns {
+                        left: columns,
+                        total: columns,
+                    }
+                }
+            },
+            State::Columns { left, total } => {
+                if first == Some(0xff) {
+                    self.error(prefix)
+                } else if left > 1 {
+                    State::Columns { left: left - 1, total }
+                } else if self.deprecate_eof {
+                    State::Rows
+                } else {
+                    State::ColumnsEof
+                }
+            }
+            State::ColumnsEof => {
+                let summary = self.expect_eof(len, prefix, "column definitions")?;
+                // An execute that opened a cursor ends after its metadata; rows come by fetch.
+                if summary.status.has(ServerStatus::CURSOR_EXISTS) {
+                    State::Done
+                } else {
+                    State::Rows
+                }
+            }
+            State::Rows => match first {
+                Some(0xff) => self.error(prefix),
+                Some(0xfe) if len < 0xff_ffff => self.terminal_ok(len, prefix)?,
+                _ => State::Rows,
+            },
+            State::PrepareStart => match first {
+                Some(0xff) => self.error(prefix),
+                Some(0x00) if prefix.len() >= 9 => {
+                    let statement_id = u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+                    let columns = u16::from_le_bytes([prefix[5], prefix[6]]);
+                    let params = u16::from_le_bytes([prefix[7], prefix[8]]);
+                    self.prepare_ok = Some(PrepareOk {
+                        statement_id,
+                        columns,
+                        params,
+                    });
+                    self.after_prepare_params(params, columns)
+                }
+                _ => return Err(ProtocolViolation("malformed PREPARE_OK".into())),
+            },
+            State::PrepareParams { left, columns } => {
+                if left > 1 {
+                    State::PrepareParams {
+                        left: left - 1,
+                        columns,
+                    }
+                } else if self.deprecate_eof {
+                    self.prepare_columns(columns)
+                } else {
+                    State::PrepareParamsEof { columns }
+                }
+            }
+            State::PrepareParamsEof { columns } => {
+                self.expect_eof(len, prefix, "parameter definitions")?;
+                self.prepare_columns(columns)
+            }
+            State::PrepareColumns { left } => {
+                if left > 1 {
+                    State::PrepareColumns { left: left - 1 }
+                } else if self.deprecate_eof {
+                    State::Done
+                } else {
+                    State::PrepareColumnsEof
+                }
+            }
+            State::PrepareColumnsEof => {
+                self.expect_eof(len, prefix, "column definitions")?;
+                State::Done
+            }
+            State::FieldList => match first {
+                Some(0xff) => self.error(prefix),
+                Some(0xfe) if len < 0xff_ffff => {
+                    self.record_ok(len, prefix);
+                    State::Done
+                }
+                _ => State::FieldList,
+            },
+            State::Statistics => State::Done,
+        };
+        self.state = next;
+        Ok(if next == State::Done { Step::Done } else { Step::More })
+    }
+
+    fn record_ok(&mut self, len: usize, prefix: &[u8]) -> Option<ok::OkSummary> {
+        let summary = ok::parse(len, prefix)?;
+        self.last_status = Some(summary.status);
+        self.last_ok = Some(summary);
+        Some(summary)
+    }
+
+    /// An OK or terminator: the response ends unless more results follow.
+    fn terminal_ok(&mut self, len: usize, prefix: &[u8]) -> Result<State, ProtocolViolation> {
+        let summary = self
+            .record_ok(len, prefix)
+            .ok_or_else(|| ProtocolViolation(format!("malformed OK/EOF packet of {len} bytes")))?;
+        Ok(if summary.status.has(ServerStatus::MORE_RESULTS_EXISTS) {
+            State::ResultStart
+        } else {
+            State::Done
+        })
+    }
+
+    fn expect_eof(&mut self, len: usize, prefix: &[u8], after: &str) -> Result<ok::OkSummary, ProtocolViolation> {
+        match prefix.first() {
+            Some(0xfe) => self.record_ok(len, prefix),
+            _ => None,
+        }
+        .ok_or_else(|| ProtocolViolation(format!("expected EOF after {after}")))
+    }
+
+    /// ERR ends the response, except MariaDB's progress reports, which keep the state.
+    fn error(&mut self, prefix: &[u8]) -> State {
+        match err::code(prefix) {
+            Some(err::PROGRESS_REPORT) => self.state,
+            code => {
+                self.error_code = code;
+                State::Done
+            }
+        }
+    }
+
+    fn after_prepare_params(&self, params: u16, columns: u16) -> State {
+        if params > 0 {
+            State::PrepareParams { left: params, columns }
+        } else {
+            self.prepare_columns(columns)
+        }
+    }
+
+    fn prepare_columns(&self, columns: u16) -> State {
+        if columns > 0 {
+            State::PrepareColumns { left: columns }
+        } else {
+            State::Done
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41);
+    const DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41 | Capabilities::DEPRECATE_EOF);
+
+    fn run(tracker: &mut ResponseTracker, packets: &[&[u8]]) -> Vec<Step> {
+        packets
+            .iter()
+            .map(|p| tracker.on_packet(p.len(), 1, &p[..p.len().min(PEEK)]).unwrap())
+            .collect()
+    }
+
+    const COLUMN: &[u8] = b"\x03def\x04test\x01t\x01t\x01a\x01a\x0c\x3f\x00\x0b\x00\x00\x00\x03\x00\x00\x00\x00\x00";
+
+    #[test]
+    fn multi_result_chain_with_old_eof() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, NO_DEPRECATE, 0);
+        let steps = run(
+            &mut t,
+            &[
+                b"\x01",
+                COLUMN,
+                b"\xfe\x00\x00\x0a\x00",
+                b"\x011",
+                b"\xfe\x00\x00\x0a\x00", // MORE_RESULTS_EXISTS
+                b"\x00\x01\x00\x02\x00\x00\x00",
+            ],
+        );
+        assert_eq!(steps.last(), Some(&Step::Done));
+        assert!(steps[..5].iter().all(|s| *s == Step::More));
+        assert_eq!(t.last_ok().unwrap().affected_rows, 1);
+    }
+
+    #[test]
+    fn deprecate_eof_rows_end_in_ok_layout_terminator() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, DEPRECATE, 0);
+        let steps = run(&mut t, &[b"\x01", COLUMN, b"\x011", b"\xfe\x00\x00\x03\x00\x00\x00"]);
+        assert_eq!(steps, vec![Step::More, Step::More, Step::More, Step::Done]);
+        assert_eq!(t.last_status(), Some(ServerStatus(3)));
+    }
+
+    #[test]
+    fn cursor_execute_ends_after_metadata_and_fetch_reads_rows() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, NO_DEPRECATE, 0);
+        let steps = run(&mut t, &[b"\x01", COLUMN, b"\xfe\x00\x00\x42\x00"]);
+        assert_eq!(steps.last(), Some(&Step::Done));
+        let mut f = ResponseTracker::new(ResponseKind::Fetch, NO_DEPRECATE, 0);
+        let steps = run(&mut f, &[b"\x00\x00\x01", b"\xfe\x00\x00\xc2\x00"]);
+        assert_eq!(steps, vec![Step::More, Step::Done]);
+    }
+
+    #[test]
+    fn progress_reports_do_not_end_a_response_but_errors_do() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, DEPRECATE, 0);
+        let steps = run(&mut t, &[b"\xff\xff\xff\x01\x02\x03", b"\xff\x28\x04#42000oops"]);
+        assert_eq!(steps, vec![Step::More, Step::Done]);
+        assert_eq!(t.error_code(), Some(1064));
+    }
+
+    #[test]
+    fn local_infile_then_ok() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, DEPRECATE, 0);
+        assert_eq!(run(&mut t, &[b"\xfb/tmp/x"]), vec![Step::LocalInfile]);
+        assert_eq!(run(&mut t, &[b"\x00\x02\x00\x02\x00\x00\x00"]), vec![Step::Done]);
+    }
+
+    #[test]
+    fn prepare_ok_with_params_and_columns() {
+        let ok: &[u8] = b"\x00\x07\x00\x00\x00\x01\x00\x02\x00\x00\x00\x00";
+        let mut t = ResponseTracker::new(ResponseKind::Prepare, NO_DEPRECATE, 0);
+        let eof: &[u8] = b"\xfe\x00\x00\x02\x00";
+        let steps = run(&mut t, &[ok, COLUMN, COLUMN, eof, COLUMN, eof]);
+        assert_eq!(steps.last(), Some(&Step::Done));
+        assert_eq!(steps.iter().filter(|s| **s == Step::Done).count(), 1);
+        assert_eq!(
+            t.prepare_ok(),
+            Some(PrepareOk {
+                statement_id: 7,
+                columns: 1,
+                params: 2
+            })
+        );
+        let mut t = ResponseTracker::new(ResponseKind::Prepare, DEPRECATE, 0);
+        assert_eq!(run(&mut t, &[ok, COLUMN, COLUMN, COLUMN]).last(), Some(&Step::Done));
+    }
+
+    #[test]
+    fn field_list_and_statistics() {
+        let mut t = ResponseTracker::new(ResponseKind::FieldList, DEPRECATE, 0);
+        let steps = run(&mut t, &[COLUMN, COLUMN, b"\xfe\x00\x00\x02\x00\x00\x00"]);
+        assert_eq!(steps, vec![Step::More, Step::More, Step::Done]);
+        let mut t = ResponseTracker::new(ResponseKind::Statistics, DEPRECATE, 0);
+        assert_eq!(run(&mut t, &[b"Uptime: 5  Threads: 1"]), vec![Step::Done]);
+    }
+
+    #[test]
+    fn packets_after_the_end_are_a_violation() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, DEPRECATE, 0);
+        run(&mut t, &[b"\x00\x00\x00\x02\x00\x00\x00"]);
+        assert!(t.on_packet(1, 2, b"\x00").is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! One client session: a task that owns the client socket and its own backend connection.
+//!
+//! After the connection phase ([`connect`]), the session reads one command at a time from
+//! the client, forwards its bytes unchanged, and streams the response back ([`relay`]),
+//! keeping [`state::SessionState`] current from what passes. Commands the client pipelines
+//! wait in the client buffer until the previous response has ended.
+
+mod auth;
+mod connect;
+mod hide_socket;
+mod peer;
+mod relay;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::select;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::classify::{self, Other, StatementClass};
+use crate::config::Config;
+use crate::metrics::{ErrorKind, Metrics};
+use crate::protocol::Command;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::handshake;
+use crate::protocol::response::{ResponseKind, ResponseTracker};
+use peer::{Peer, ReadError};
+use state::{PreparedStatement, SessionState};
+
+/// What every session shares: settings, TLS material, metrics, the shutdown signal.
+pub struct Shared {
+    pub config: Config,
+    pub tls_acceptor: Option<TlsAcceptor>,
+    pub backend_tls: Option<(TlsConnector, ServerName<'static>)>,
+    pub metrics: Metrics,
+    /// Cancelled when the proxy stops accepting: idle sessions close, busy ones finish
+    /// their command first.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a session ended early. Each variant knows what (if anything) the client is told.
+#[derive(Debug)]
+pub enum SessionError {
+    /// The client went away or stopped mid-packet: nothing to tell anyone.
+    ClientClosed,
+    /// The client broke the protocol: it gets this ERR packet (with this sequence id).
+    Client {
+        reply: ErrPacket,
+        seq: u8,
+    },
+    /// The backend could not be reached or went away.
+    Backend {
+        reply: ErrPacket,
+        seq: u8,
+    },
+    /// The backend sent something the proxy cannot follow.
+    BackendProtocol {
+        cause: String,
+        seq: u8,
+    },
+    /// The backend refused the connection; its ERR was already relayed.
+    BackendRefused,
+    /// Authentication failed; the backend's ERR was already relayed.
+    AuthenticationFailed,
+    Tls(String),
+    HandshakeTimeout,
+}
+
+impl SessionError {
+    pub fn client(reply: ErrPacket, seq: u8) -> Self {
+        SessionError::Client { reply, seq }
+    }
+
+    pub fn backend_lost(cause: &str, last_seq: u8) -> Self {
+        SessionError::Backend {
+            reply: ErrPacket::backend_lost(cause),
+            seq: last_seq.wrapping_add(1),
+        }
+    }
+
+    pub fn unreachable(backend: &str, cause: &str) -> Self {
+        SessionError::Backend {
+            reply: ErrPacket::backend_unreachable(backend, cause),
+            seq: 0,
+        }
+    }
+
+    pub fn backend_protocol(cause: &str, last_seq: u8) -> Self {
+        SessionError::BackendProtocol {
+            cause: cause.to_owned(),
+            seq: last_seq.wrapping_add(1),
+        }
+    }
+
+    pub fn from_backend_read(e: ReadError, last_seq: u8) -> Self {
+        match e {
+            ReadError::Io(e) => Self::backend_lost(&e.to_string(), last_seq),
+            ReadError::Closed { .. } => Self::backend_lost("the server closed the connection", last_seq),
+            ReadError::TooLarge { len, limit } => Self::backend_protocol(
+                &format!("a {len}-byte packet where at most {limit} were expected"),
+                last_seq,
+            ),
+        }
+    }
+
+    fn metric(&self) -> Option<ErrorKind> {
+        match self {
+            SessionError::ClientClosed | SessionError::AuthenticationFailed | SessionError::BackendRefused => None,
+            SessionError::Client { .. } => Some(ErrorKind::ClientProtocol),
+            SessionError::Backend { .. } => Some(ErrorKind::Backend),
+            SessionError::BackendProtocol { .. } => Some(ErrorKind::BackendProtocol),
+            SessionError::Tls(_) => Some(ErrorKind::Tls),
+            SessionError::HandshakeTimeout => Some(ErrorKind::HandshakeTimeout),
+        }
+    }
+
+    /// Logs the failure and tells the client what it needs to know.
+    async fn report(self, shared: &Shared, client: Option<&mut Peer>) {
+        if let Some(kind) = self.metric() {
+            shared.metrics.error(kind);
+        }
+        let reply = match self {
+            SessionError::ClientClosed => {
+                tracing::debug!("client closed the connection");
+                None
+            }
+            SessionError::AuthenticationFailed => {
+                tracing::info!("authentication failed");
+                None
+            }
+            SessionError::BackendRefused => {
+                tracing::warn!("the backend refused the connection");
+                None
+            }
+            SessionError::Client { reply, seq } => {
+                tracing::warn!(error = %reply, "closing session after a client protocol error");
+                Some((reply, seq))
+            }
+            SessionError::Backend { reply, seq } => {
+                tracing::warn!(error = %reply, "backend unavailable");
+                Some((reply, seq))
+            }
+            SessionError::BackendProtocol { cause, seq } => {
+                tracing::error!(%cause, "closing session: the backend's response could not be followed");
+                Some((
+                    ErrPacket::new(
+                        1105,
+                        "HY000",
+                        format!(
+                            "ferrata-proxy could not follow the server's response ({cause}); the session is closed"
+                        ),
+                    ),
+                    seq,
+                ))
+            }
+            SessionError::Tls(cause) => {
+                tracing::warn!(%cause, "TLS failed");
+                None
+            }
+            SessionError::HandshakeTimeout => {
+                tracing::info!("handshake timed out");
+                Some((ErrPacket::handshake_timeout(), 0))
+            }
+        };
+        if let (Some((reply, seq)), Some(client)) = (reply, client) {
+            let _ = client.write_all(&reply.to_packet(seq)).await;
+        }
+    }
+}
+
+/// Serves one client connection from accept to close.
+pub async fn run(tcp: TcpStream, id: u64, shared: Arc<Shared>) {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let span = tracing::info_span!("session", id, client = %peer, user = tracing::field::Empty);
+    async move {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let established =
+            tokio::time::timeout(shared.config.handshake_timeout(), connect::establish(tcp, &shared)).await;
+        let (mut client, mut backend, mut state) = match established {
+            Ok(Ok(parts)) => parts,
+            Ok(Err((mut client, e))) => return e.report(&shared, client.as_mut()).await,
+            Err(_) => return SessionError::HandshakeTimeout.report(&shared, None).await,
+        };
+        tracing::debug!(schema = ?state.schema, "session authenticated");
+        if let Err(e) = serve(&mut client, &mut backend, &mut state, &shared).await {
+            e.report(&shared, Some(&mut client)).await;
+        }
+        backend.shutdown().await;
+        client.shutdown().await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// The command loop.
+async fn serve(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+) -> Result<(), SessionError> {
+    let limit = shared.config.max_packet_size;
+    loop {
+        let span = select! {
+            packet = client.read_packet(limit) => match packet {
+                Ok(span) => span,
+                Err(ReadError::TooLarge { len, limit }) => {
+                    let seq = client.buf[3].wrapping_add(1);
+                    return Err(SessionError::client(ErrPacket::packet_too_large(len, limit), seq));
+                }
+                Err(_) => return Err(SessionError::ClientClosed),
+            },
+            // A server may speak while the client is idle (an ERR before it drops us):
+            // pass it on as it is, and notice when the backend goes away.
+            read = backend.fill(), if client.buf.is_empty() => {
+                match read {
+                    Ok(n) if n > 0 => {
+                        let buffered = backend.buf.len();
+                        backend.forward(buffered, client).await.map_err(|_| SessionError::ClientClosed)?;
+                        continue;
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            _ = shared.shutdown.cancelled(), if client.buf.is_empty() => return Ok(()),
+        };
+        let started = Instant::now();
+        let payload = client.payload(&span);
+        let Some(&command) = payload.first() else {
+            return Err(SessionError::client(
+                ErrPacket::malformed("an empty command packet"),
+                span.last_seq.wrapping_add(1),
+            ));
+        };
+        let kind = ResponseKind::of(command);
+        let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
+        let pending = Pending::from_command(command, &payload, state, shared.config.hide_server_socket);
+        drop(payload);
+        client
+            .forward(span.raw_len, backend)
+            .await
+            .map_err(|e| SessionError::backend_lost(&e.to_string(), span.last_seq))?;
+        match kind {
+            ResponseKind::None if command == Command::QUIT => return Ok(()),
+            ResponseKind::None => {}
+            ResponseKind::Authentication => {
+                state.status = auth::relay(client, backend, 0).await?;
+            }
+            ResponseKind::Stream => return stream_forever(client, backend).await,
+            _ if pending.hide_socket => hide_socket::response(client, backend, &mut tracker).await?,
+            _ => relay::response(client, backend, &mut tracker).await?,
+        }
+        pending.apply(state, &tracker);
+        shared.metrics.command(command, started.elapsed());
+    }
+}
+
+/// What a command will change in the session state once its response is known.
+struct Pending {
+    command: u8,
+    /// For COM_STMT_PREPARE: the statement text and its class.
+    prepare: Option<(String, classify::Classification)>,
+    /// For COM_INIT_DB, USE and COM_CHANGE_USER: the schema switched to.
+    schema: Option<String>,
+    /// For COM_STMT_CLOSE: the statement dropped.
+    close: Option<u32>,
+    hide_socket: bool,
+}
+
+impl Pending {
+    fn from_command(command: u8, payload: &[u8], state: &SessionState, hide_socket: bool) -> Self {
+        let body = &payload[1..];
+        let mut pending = Pending {
+            command,
+            prepare: None,
+            schema: None,
+            close: None,
+            hide_socket: false,
+        };
+        match command {
+            Command::QUERY => {
+                let class = classify::classify(body, state.no_backslash_escapes());
+                match class.class {
+                    StatementClass::Other(Other::Use) => pending.schema = classify::use_schema(body),
+                    StatementClass::Other(Other::Select) => {
+                        pending.hide_socket = hide_socket && hide_socket::mentions_socket(body);
+                    }
+                    _ => {}
+                }
+            }
+            Command::STMT_PREPARE => {
+                let class = classify::classify(body, state.no_backslash_escapes());
+                pending.prepare = Some((String::from_utf8_lossy(body).into_owned(), class));
+            }
+            Command::INIT_DB => pending.schema = Some(String::from_utf8_lossy(body).into_owned()),
+            Command::CHANGE_USER => pending.schema = handshake::change_user_database(payload, state.capabilities),
+            Command::STMT_CLOSE if body.len() >= 4 => {
+                pending.close = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
+            }
+            _ => {}
+        }
+        pending
+    }
+
+    fn apply(self, state: &mut SessionState, tracker: &ResponseTracker) {
+        if let Some(status) = tracker.last_status() {
+            state.status = status;
+        }
+        if let Some(id) = self.close {
+            state.statements.remove(&id);
+        }
+        let ok = tracker.error_code().is_none();
+        match self.command {
+            Command::CHANGE_USER => {
+                state.forget_statements();
+                state.schema = self.schema;
+            }
+            Command::RESET_CONNECTION if ok => state.forget_statements(),
+            Command::STMT_PREPARE => {
+                if let (Some(prepared), Some((sql, class))) = (tracker.prepare_ok(), self.prepare) {
+                    state.statements.insert(
+                        prepared.statement_id,
+                        PreparedStatement {
+                            sql,
+                            class,
+                            params: prepared.params,
+                            columns: prepared.columns,
+                        },
+                    );
+                }
+            }
+            _ if ok && self.schema.is_some() => state.schema = self.schema,
+            _ => {}
+        }
+    }
+}
+
+/// Binlog dumps never end by themselves: from here on the session is a plain pipe.
+async fn stream_forever(client: &mut Peer, backend: &mut Peer) -> Result<(), SessionError> {
+    let buffered = backend.buf.len();
+    backend
+        .forward(buffered, client)
+        .await
+        .map_err(|_| SessionError::ClientClosed)?;
+    let _ = tokio::io::copy_bidirectional(&mut client.stream, &mut backend.stream).await;
+    Ok(())
+}

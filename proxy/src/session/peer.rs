@@ -1,0 +1,124 @@
+//! One side of a session (the client or the backend): its socket and its read buffer.
+//!
+//! Reads go into one growable buffer per side. Bytes are forwarded straight out of that
+//! buffer and then dropped from its front, so a relayed packet is copied only by the kernel.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use metrics::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::protocol::frame::{self, FrameError, PacketSpan};
+use crate::stream::Stream;
+
+/// Read buffers start this big and grow only while a packet the proxy reads whole needs it.
+const INITIAL_BUFFER: usize = 16 * 1024;
+
+pub struct Peer {
+    pub stream: Stream,
+    pub buf: BytesMut,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+/// Why a whole packet could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    Io(io::Error),
+    /// The peer closed the connection, `mid_packet` if it did so inside a packet.
+    Closed {
+        mid_packet: bool,
+    },
+    TooLarge {
+        len: usize,
+        limit: usize,
+    },
+}
+
+impl Peer {
+    pub fn new(stream: Stream, bytes_in: Counter, bytes_out: Counter) -> Self {
+        Peer {
+            stream,
+            buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            bytes_in,
+            bytes_out,
+        }
+    }
+
+    /// Reads more bytes into the buffer. Returns 0 at end of stream.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < INITIAL_BUFFER / 4 {
+            self.buf.reserve(INITIAL_BUFFER);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        self.bytes_in.increment(n as u64);
+        Ok(n)
+    }
+
+    /// Waits until the buffer starts with one complete logical packet (at most `limit`
+    /// payload bytes) and returns where it is. The packet stays in the buffer.
+    pub async fn read_packet(&mut self, limit: usize) -> Result<PacketSpan, ReadError> {
+        loop {
+            match frame::complete_packet(&self.buf, limit) {
+                Ok(Some(span)) => return Ok(span),
+                Ok(None) => {}
+                Err(FrameError::TooLarge { len, limit }) => return Err(ReadError::TooLarge { len, limit }),
+            }
+            // Grow once to the size the packet announced, rather than in small steps.
+            if let Some((len, _)) = frame::header(&self.buf) {
+                let want = (4 + len).min(frame::MAX_CHUNK + 4);
+                if self.buf.capacity() < want {
+                    self.buf.reserve(want - self.buf.len());
+                }
+            }
+            match self.fill().await {
+                Ok(0) => {
+                    return Err(ReadError::Closed {
+                        mid_packet: !self.buf.is_empty(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// The payload of a packet found by [`Peer::read_packet`]: borrowed for the usual single
+    /// physical packet, joined into a copy for a split one.
+    pub fn payload(&self, span: &PacketSpan) -> std::borrow::Cow<'_, [u8]> {
+        if span.chunks == 1 {
+            std::borrow::Cow::Borrowed(&self.buf[4..span.raw_len])
+        } else {
+            std::borrow::Cow::Owned(frame::join_payload(&self.buf, span))
+        }
+    }
+
+    /// Drops `n` bytes from the front of the read buffer.
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+    }
+
+    /// Writes bytes to this side (and flushes them through TLS, if any).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        if self.stream.is_tls() {
+            self.stream.flush().await?;
+        }
+        self.bytes_out.increment(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Forwards the first `n` buffered bytes of `self` to `to` and drops them here.
+    pub async fn forward(&mut self, n: usize, to: &mut Peer) -> io::Result<()> {
+        if n > 0 {
+            to.write_all(&self.buf[..n]).await?;
+            self.buf.advance(n);
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}

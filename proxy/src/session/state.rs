@@ -1,0 +1,48 @@
+//! What the proxy knows about a client session: negotiated capabilities, the backend's
+//! latest status flags, the current schema and the prepared statements with their SQL.
+//!
+//! Transaction state is never guessed from SQL: it is the status flags of the last OK/EOF
+//! the backend sent, which already account for implicit commits, errors and autocommit.
+
+use std::collections::HashMap;
+
+use crate::classify::Classification;
+use crate::protocol::{Capabilities, ServerStatus};
+
+/// A statement prepared through COM_STMT_PREPARE on this session.
+#[derive(Clone, Debug)]
+pub struct PreparedStatement {
+    pub sql: String,
+    pub class: Classification,
+    pub params: u16,
+    pub columns: u16,
+}
+
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Capabilities both the client and the (masked) server agreed on.
+    pub capabilities: Capabilities,
+    pub status: ServerStatus,
+    pub user: String,
+    pub schema: Option<String>,
+    pub statements: HashMap<u32, PreparedStatement>,
+}
+
+impl SessionState {
+    pub fn in_transaction(&self) -> bool {
+        self.status.has(ServerStatus::IN_TRANS)
+    }
+
+    pub fn autocommit(&self) -> bool {
+        self.status.has(ServerStatus::AUTOCOMMIT)
+    }
+
+    pub fn no_backslash_escapes(&self) -> bool {
+        self.status.has(ServerStatus::NO_BACKSLASH_ESCAPES)
+    }
+
+    /// COM_RESET_CONNECTION and COM_CHANGE_USER drop every prepared statement server-side.
+    pub fn forget_statements(&mut self) {
+        self.statements.clear();
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what Ferrata's demo, tests and benchmarks need on Debian/Ubuntu, only when
+# missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
+# CLI), sysbench.
+set -euo pipefail
+missing=()
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
+command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
+command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing: ${missing[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # Debian starts the packaged server; Ferrata starts its own throw-away servers.
+    $sudo systemctl disable --now mariadb >/dev/null 2>&1 || true
+fi

@@ -1,0 +1,175 @@
+//! What every integration test shares: a MariaDB server with a proxy in front of it, and
+//! helpers to run the same operation directly and through the proxy and compare.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferrata_proxy::{Config, Server};
+use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions, raw::RawConn};
+use mysql_async::OptsBuilder;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use ferrata_testkit;
+
+/// A proxy running in this process. Dropping it stops it.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `backend` with test defaults: ephemeral ports, admin on.
+    pub async fn start(backend: SocketAddr) -> Result<Proxy> {
+        Self::start_with(test_config(backend)).await
+    }
+
+    pub async fn start_with(config: Config) -> Result<Proxy> {
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr();
+        let admin = server.admin_addr();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Ok(Proxy {
+            addr,
+            admin,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Stops accepting and waits for the proxy to finish its graceful shutdown.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop.cancel();
+        let task = self.task.take().expect("not yet shut down");
+        task.await.context("proxy task panicked")?
+    }
+
+    /// Options for the app user on database `test`, through the proxy, TCP only.
+    pub fn opts(&self) -> OptsBuilder {
+        tcp_opts(self.addr)
+            .user(Some(APP_USER))
+            .pass(Some(APP_PASSWORD))
+            .db_name(Some("test"))
+    }
+
+    pub async fn conn(&self) -> Result<mysql_async::Conn> {
+        mysql_async::Conn::new(self.opts())
+            .await
+            .context("connecting through the proxy")
+    }
+
+    /// A raw protocol connection as the app user through the proxy.
+    pub async fn raw(&self, flags: u32) -> Result<RawConn> {
+        RawConn::connect(self.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await
+    }
+
+    /// GET on the admin listener; returns status code and body.
+    pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin.context("admin listener is off")?, path).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The proxy configuration tests start from: loopback ephemeral ports, short timeouts.
+pub fn test_config(backend: SocketAddr) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        backend: backend.to_string(),
+        admin_listen: Some("127.0.0.1:0".parse().expect("valid address")),
+        shutdown_timeout_ms: 10_000,
+        ..Config::default()
+    }
+}
+
+/// mysql_async options for a TCP address, with the Unix-socket preference off.
+pub fn tcp_opts(addr: SocketAddr) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .prefer_socket(false)
+}
+
+/// A MariaDB server and a proxy in front of it.
+pub struct Setup {
+    // The proxy is dropped first so that its sessions end before the server dies.
+    pub proxy: Proxy,
+    pub db: MariaDb,
+}
+
+impl Setup {
+    pub async fn start() -> Result<Setup> {
+        Self::start_with(MariaDbOptions::default(), |_| {}).await
+    }
+
+    /// Starts a server with `options` and a proxy whose test config `adjust` may change.
+    pub async fn start_with(options: MariaDbOptions, adjust: impl FnOnce(&mut Config)) -> Result<Setup> {
+        let db = MariaDb::start_with(options).await?;
+        let mut config = test_config(db.addr());
+        adjust(&mut config);
+        let proxy = Proxy::start_with(config).await?;
+        Ok(Setup { proxy, db })
+    }
+
+    /// One connection directly to the server and one through the proxy, same options.
+    pub async fn pair(&self) -> Result<Pair> {
+        Ok(Pair {
+            direct: self.db.conn().await?,
+            proxied: self.proxy.conn().await?,
+        })
+    }
+
+    /// One raw connection directly and one through the proxy, with the same flags.
+    pub async fn raw_pair(&self, flags: u32) -> Result<(RawConn, RawConn)> {
+        let direct = RawConn::connect(self.db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let proxied = self.proxy.raw(flags).await?;
+        Ok((direct, proxied))
+    }
+}
+
+/// Two mysql_async connections: directly to the server and through the proxy.
+pub struct Pair {
+    pub direct: mysql_async::Conn,
+    pub proxied: mysql_async::Conn,
+}
+
+/// Minimal HTTP/1.1 GET, enough for the admin endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut response)).await??;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP response: {text:.80}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled (or exactly labelled) sample in Prometheus text output.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
