@@ -173,3 +173,141 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
             .and_then(|v| v.trim().parse().ok())
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Raw-protocol helpers for byte-for-byte comparisons (used by types.rs and protocol.rs).
+// ---------------------------------------------------------------------------------------
+
+/// Raw protocol command bytes the tests send.
+pub mod com {
+    pub const INIT_DB: u8 = 0x02;
+    pub const QUERY: u8 = 0x03;
+    pub const FIELD_LIST: u8 = 0x04;
+    pub const STATISTICS: u8 = 0x09;
+    pub const PING: u8 = 0x0E;
+    pub const STMT_PREPARE: u8 = 0x16;
+    pub const STMT_EXECUTE: u8 = 0x17;
+    pub const STMT_SEND_LONG_DATA: u8 = 0x18;
+    pub const STMT_CLOSE: u8 = 0x19;
+    pub const STMT_RESET: u8 = 0x1A;
+    pub const STMT_FETCH: u8 = 0x1C;
+}
+
+/// A command packet payload: the command byte followed by `body`.
+pub fn command(cmd: u8, body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + body.len());
+    payload.push(cmd);
+    payload.extend_from_slice(body);
+    payload
+}
+
+/// Reads a COM_STMT_PREPARE response: PREPARE_OK, parameter and column definitions (each
+/// followed by an EOF unless CLIENT_DEPRECATE_EOF), or an ERR. Returns the packets and the
+/// statement id (0 for an ERR).
+pub async fn read_prepare_response(conn: &mut RawConn) -> Result<(Vec<ferrata_testkit::raw::Packet>, u32)> {
+    use ferrata_testkit::raw::flags::CLIENT_DEPRECATE_EOF;
+    let first = conn.read_packet().await?;
+    let p = &first.payload;
+    if p.first() != Some(&0x00) {
+        return Ok((vec![first], 0));
+    }
+    anyhow::ensure!(p.len() >= 9, "short PREPARE_OK: {p:02x?}");
+    let id = u32::from_le_bytes([p[1], p[2], p[3], p[4]]);
+    let columns = usize::from(u16::from_le_bytes([p[5], p[6]]));
+    let params = usize::from(u16::from_le_bytes([p[7], p[8]]));
+    let eof = usize::from(conn.capabilities() & CLIENT_DEPRECATE_EOF == 0);
+    let follow = [params, columns]
+        .iter()
+        .map(|&n| if n > 0 { n + eof } else { 0 })
+        .sum::<usize>();
+    let mut packets = vec![first];
+    for _ in 0..follow {
+        packets.push(conn.read_packet().await?);
+    }
+    Ok((packets, id))
+}
+
+/// Sends COM_STMT_PREPARE for `sql` and reads the response; fails on an ERR.
+pub async fn raw_prepare(conn: &mut RawConn, sql: &str) -> Result<(Vec<ferrata_testkit::raw::Packet>, u32)> {
+    conn.send_command(&command(com::STMT_PREPARE, sql.as_bytes())).await?;
+    let (packets, id) = read_prepare_response(conn).await?;
+    anyhow::ensure!(
+        packets[0].payload[0] == 0x00,
+        "prepare of {sql:?} failed: {}",
+        String::from_utf8_lossy(&packets[0].payload)
+    );
+    Ok((packets, id))
+}
+
+/// A COM_STMT_EXECUTE payload for a statement without parameters (or whose parameters were
+/// all sent as long data and bound before), with cursor `flags` (0 or 1 = read only).
+pub fn execute_no_params(stmt_id: u32, flags: u8) -> Vec<u8> {
+    let mut payload = vec![com::STMT_EXECUTE];
+    payload.extend_from_slice(&stmt_id.to_le_bytes());
+    payload.push(flags);
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    payload
+}
+
+/// Reads packets up to and including an ERR or a terminator (EOF, or the OK-layout packet
+/// starting with 0xFE): the shape of COM_STMT_FETCH and COM_FIELD_LIST responses.
+pub async fn read_until_terminator(conn: &mut RawConn) -> Result<Vec<ferrata_testkit::raw::Packet>> {
+    let mut packets = Vec::new();
+    loop {
+        let packet = conn.read_packet().await?;
+        let end = matches!(packet.payload.first(), Some(0xFF))
+            || (packet.payload.first() == Some(&0xFE) && packet.payload.len() < ferrata_testkit::raw::MAX_PAYLOAD);
+        packets.push(packet);
+        if end {
+            return Ok(packets);
+        }
+    }
+}
+
+/// Sets the statement id of a PREPARE_OK packet (the first of a prepare response) to 0, as
+/// the ids two connections get need not agree.
+pub fn mask_statement_id(packets: &mut [ferrata_testkit::raw::Packet]) {
+    if let Some(first) = packets.first_mut()
+        && first.payload.first() == Some(&0x00)
+        && first.payload.len() >= 5
+    {
+        first.payload[1..5].fill(0);
+    }
+}
+
+/// Asserts two packet sequences are identical (sequence ids and payloads), reporting the
+/// first difference briefly instead of dumping megabytes.
+#[track_caller]
+pub fn assert_same_packets(
+    direct: &[ferrata_testkit::raw::Packet],
+    proxied: &[ferrata_testkit::raw::Packet],
+    what: &str,
+) {
+    let show = |p: &ferrata_testkit::raw::Packet| {
+        let head = &p.payload[..p.payload.len().min(64)];
+        format!(
+            "seq {} len {} {:02x?} {:?}",
+            p.seq,
+            p.payload.len(),
+            head,
+            String::from_utf8_lossy(head)
+        )
+    };
+    for (i, (d, p)) in direct.iter().zip(proxied).enumerate() {
+        if d != p {
+            let at = d.payload.iter().zip(&p.payload).position(|(a, b)| a != b);
+            panic!(
+                "{what}: packet {i} differs (first differing byte: {at:?})\n  direct:  {}\n  proxied: {}",
+                show(d),
+                show(p)
+            );
+        }
+    }
+    assert_eq!(
+        direct.len(),
+        proxied.len(),
+        "{what}: {} packets directly, {} through the proxy",
+        direct.len(),
+        proxied.len()
+    );
+}
