@@ -1,7 +1,10 @@
 //! `passthrough`: sysbench straight at MariaDB versus through `ferrata-proxy`, on one
 //! server, interleaved round by round (alternating which side goes first) so that drift
 //! during the run (cache warm-up, noisy neighbours, CPU throttling) hits both sides
-//! alike. Prints the machine, per-round figures, medians and the pass-through targets.
+//! alike. A third side, the floor forwarder (`floor.rs`), copies bytes and nothing else:
+//! it shows what one extra loopback hop costs on this machine whatever the proxy does.
+//! Prints the machine, per-round figures, medians, CPU time per query of each forwarder
+//! and the pass-through targets.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -50,6 +53,9 @@ struct Args {
     /// InnoDB buffer pool of the benchmarked server; large enough to hold the tables.
     #[arg(long, default_value = "256M")]
     buffer_pool: String,
+    /// Skip the floor forwarder (a byte-copying TCP forwarder measured as a third side).
+    #[arg(long)]
+    no_floor: bool,
 }
 
 /// Proxied/direct throughput ratio that counts as good enough, per workload.
@@ -95,58 +101,105 @@ fn run(args: Args) -> Result<()> {
     };
     print_machine(&server_version, &proxy_bin, &args)?;
 
-    let proxy = Proxy::start(&proxy_bin, &args.proxy_args, db.addr())?;
-    let direct = db.port();
-    let proxied = proxy.addr.port();
+    let proxy = Forwarder::start("ferrata-proxy", &proxy_bin, db.addr(), |listen| {
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ferrata_testkit::free_port()?));
+        Ok([
+            format!("--listen={listen}"),
+            format!("--backend={}", db.addr()),
+            format!("--admin-listen={admin}"),
+        ]
+        .into_iter()
+        .chain(args.proxy_args.iter().cloned())
+        .collect())
+    })?;
+    let floor = if args.no_floor {
+        None
+    } else {
+        let bin = std::env::current_exe()?.with_file_name("floor-forwarder");
+        Some(Forwarder::start("floor-forwarder", &bin, db.addr(), |listen| {
+            Ok(vec![format!("--listen={listen}"), format!("--backend={}", db.addr())])
+        })?)
+    };
+    let mut sides = vec![Side {
+        name: "direct",
+        port: db.port(),
+        forwarder: None,
+    }];
+    sides.push(Side {
+        name: "proxy",
+        port: proxy.addr.port(),
+        forwarder: Some(&proxy),
+    });
+    if let Some(floor) = &floor {
+        sides.push(Side {
+            name: "floor",
+            port: floor.addr.port(),
+            forwarder: Some(floor),
+        });
+    }
 
     let started = Instant::now();
     println!("\npreparing {} tables x {} rows...", args.tables, args.table_size);
     // Every oltp_* workload shares oltp_common's tables, so one prepare serves all.
-    sysbench(&args, "oltp_point_select", direct, args.tables, None, "prepare")?;
+    sysbench(&args, "oltp_point_select", db.port(), args.tables, None, "prepare")?;
     println!("prepared in {:.1} s", started.elapsed().as_secs_f64());
 
     let mut summary = Vec::new();
     for workload in &args.workloads {
         if args.warmup > 0 {
-            for port in [direct, proxied] {
-                let threads = args.threads[0];
-                sysbench(&args, workload, port, threads, Some(args.warmup), "run")
-                    .with_context(|| proxy.failure_context(port == proxied))?;
+            for side in &sides {
+                side.measure(&args, workload, args.threads[0], args.warmup)?;
             }
         }
         for &threads in &args.threads {
             let mut rounds = Vec::with_capacity(args.rounds);
             for round in 0..args.rounds {
-                // Alternate the order so neither side always runs on a warmer server.
-                let proxied_first = round % 2 == 1;
-                let measure = |port: u16| -> Result<Sample> {
-                    let output = sysbench(&args, workload, port, threads, Some(args.time), "run")
-                        .with_context(|| proxy.failure_context(port == proxied))?;
-                    Sample::parse(&output)
-                };
-                let (direct_sample, proxied_sample) = if proxied_first {
-                    let p = measure(proxied)?;
-                    (measure(direct)?, p)
-                } else {
-                    let d = measure(direct)?;
-                    (d, measure(proxied)?)
-                };
+                // Rotate the order so no side always runs on a warmer (or cooler) server.
+                let mut samples = vec![None; sides.len()];
+                for k in 0..sides.len() {
+                    let i = (round + k) % sides.len();
+                    samples[i] = Some(sides[i].measure(&args, workload, threads, args.time)?);
+                }
                 rounds.push(Round {
-                    proxied_first,
-                    direct: direct_sample,
-                    proxied: proxied_sample,
+                    first: sides[round % sides.len()].name,
+                    samples: samples.into_iter().map(|s| s.expect("every side measured")).collect(),
                 });
             }
-            summary.push(print_rounds(workload, threads, args.time, &rounds));
+            summary.push(print_rounds(workload, threads, args.time, &sides, &rounds));
         }
     }
-    print_summary(&summary);
+    print_summary(&sides, &summary);
     println!(
         "\ntotal {:.0} s; proxy: {}",
         started.elapsed().as_secs_f64(),
         proxy_command(&proxy_bin, &args.proxy_args)
     );
     Ok(())
+}
+
+/// One way to reach the server: directly, or through a forwarder process.
+struct Side<'a> {
+    name: &'static str,
+    port: u16,
+    forwarder: Option<&'a Forwarder>,
+}
+
+impl Side<'_> {
+    /// One sysbench run against this side, with the forwarder's CPU time per query.
+    fn measure(&self, args: &Args, workload: &str, threads: u32, secs: u64) -> Result<Sample> {
+        let cpu_before = self.forwarder.map(Forwarder::cpu_seconds).transpose()?;
+        let output =
+            sysbench(args, workload, self.port, threads, Some(secs), "run").with_context(|| match self.forwarder {
+                Some(f) => format!("through {}; its log:\n{}", f.name, f.log_tail()),
+                None => "directly against MariaDB".to_owned(),
+            })?;
+        let mut sample = Sample::parse(&output)?;
+        if let (Some(f), Some(before)) = (self.forwarder, cpu_before) {
+            let used = f.cpu_seconds()? - before;
+            sample.cpu_us_per_query = Some(used * 1e6 / (sample.qps * secs as f64));
+        }
+        Ok(sample)
+    }
 }
 
 fn print_machine(server_version: &str, proxy_bin: &Path, args: &Args) -> Result<()> {
@@ -237,52 +290,59 @@ fn sysbench(args: &Args, workload: &str, port: u16, threads: u32, time: Option<u
     Ok(stdout)
 }
 
-/// The proxy under test, killed when dropped (and by PDEATHSIG if we die).
-struct Proxy {
+/// A forwarding process under test (ferrata-proxy or the floor forwarder), killed when
+/// dropped (and by PDEATHSIG if we die).
+struct Forwarder {
+    name: &'static str,
     child: Child,
     addr: SocketAddr,
     log: tempfile::NamedTempFile,
 }
 
-impl Proxy {
-    fn start(bin: &Path, extra_args: &[String], backend: SocketAddr) -> Result<Proxy> {
+impl Forwarder {
+    /// Starts `bin` with the arguments `args_for(listen address)` gives, and waits until
+    /// it listens.
+    fn start(
+        name: &'static str,
+        bin: &Path,
+        backend: SocketAddr,
+        args_for: impl FnOnce(SocketAddr) -> Result<Vec<String>>,
+    ) -> Result<Forwarder> {
         ensure!(
             bin.is_file(),
-            "proxy binary {} not found; build it with `cargo build --release -p ferrata-proxy` or pass --proxy-bin",
+            "{} not found; build it with `cargo build --release -p ferrata-proxy -p ferrata-bench` or pass --proxy-bin",
             bin.display()
         );
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ferrata_testkit::free_port()?));
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ferrata_testkit::free_port()?));
         let log = tempfile::Builder::new()
-            .prefix("ferrata-bench-proxy-")
+            .prefix("ferrata-bench-")
             .suffix(".log")
             .tempfile()?;
         let mut cmd = Command::new(bin);
-        cmd.arg(format!("--listen={addr}"))
-            .arg(format!("--backend={backend}"))
-            .arg(format!("--admin-listen={admin}"))
-            .args(extra_args)
+        cmd.args(args_for(addr)?)
             .stdin(Stdio::null())
             .stdout(log.reopen()?)
             .stderr(log.reopen()?);
         let child = ferrata_testkit::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
-        let mut proxy = Proxy { child, addr, log };
-        proxy.wait_listening()?;
-        Ok(proxy)
+        let mut forwarder = Forwarder { name, child, addr, log };
+        forwarder
+            .wait_listening()
+            .with_context(|| format!("{name} in front of {backend}"))?;
+        Ok(forwarder)
     }
 
     fn wait_listening(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("the proxy exited during startup ({status}):\n{}", self.log_tail());
+                bail!("exited during startup ({status}):\n{}", self.log_tail());
             }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             ensure!(
                 Instant::now() < deadline,
-                "the proxy did not listen on {} within 30 s:\n{}",
+                "did not listen on {} within 30 s:\n{}",
                 self.addr,
                 self.log_tail()
             );
@@ -290,24 +350,28 @@ impl Proxy {
         }
     }
 
-    /// For errors from a sysbench run: the proxy's log if the run went through it.
-    fn failure_context(&self, proxied: bool) -> String {
-        if proxied {
-            format!("through the proxy; proxy log:\n{}", self.log_tail())
-        } else {
-            "directly against MariaDB".to_owned()
-        }
+    /// User plus system CPU time the process has used so far, from /proc.
+    fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14
+        // and 15 of the whole line, in clock ticks.
+        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Ok(ticks as f64 / per_second as f64)
     }
 
     fn log_tail(&self) -> String {
         match std::fs::read(self.log.path()) {
             Ok(bytes) => tail(&String::from_utf8_lossy(&bytes), 30),
-            Err(err) => format!("(cannot read the proxy log: {err})"),
+            Err(err) => format!("(cannot read the log: {err})"),
         }
     }
 }
 
-impl Drop for Proxy {
+impl Drop for Forwarder {
     fn drop(&mut self) {
         // Errors mean it has already exited.
         let _ = self.child.kill();
@@ -322,6 +386,8 @@ struct Sample {
     qps: f64,
     p95_ms: f64,
     errors: u64,
+    /// CPU time the forwarder spent per query (user + system), for forwarded runs.
+    cpu_us_per_query: Option<f64>,
 }
 
 impl Sample {
@@ -358,99 +424,107 @@ impl Sample {
             qps: per_sec("queries:")?,
             p95_ms: first_number("95th percentile:")?,
             errors: first_number("ignored errors:")? as u64,
+            cpu_us_per_query: None,
         })
     }
 }
 
+/// One round: a sample per side, in the order of `sides`.
 struct Round {
-    proxied_first: bool,
-    direct: Sample,
-    proxied: Sample,
+    first: &'static str,
+    samples: Vec<Sample>,
 }
 
-impl Round {
-    fn ratio(&self) -> f64 {
-        self.proxied.tps / self.direct.tps
-    }
-}
-
-/// One line of the final summary.
+/// One line of the final summary: per side, median tps and median ratio to direct.
 struct Outcome {
     workload: String,
     threads: u32,
-    direct_tps: f64,
-    proxied_tps: f64,
-    ratio: f64,
+    tps: Vec<f64>,
+    ratios: Vec<f64>,
+    cpu_us: Vec<Option<f64>>,
 }
 
-fn print_rounds(workload: &str, threads: u32, time: u64, rounds: &[Round]) -> Outcome {
+fn print_rounds(workload: &str, threads: u32, time: u64, sides: &[Side], rounds: &[Round]) -> Outcome {
     println!("\n{workload}, {threads} threads, {time} s per run");
-    println!(
-        "{:>5}  {:<7}  {:>10} {:>10} {:>8}  |  {:>10} {:>10} {:>8}  |  {:>6}",
-        "round", "first", "direct tps", "qps", "p95 ms", "proxy tps", "qps", "p95 ms", "ratio"
-    );
-    for (i, round) in rounds.iter().enumerate() {
-        println!(
-            "{:>5}  {:<7}  {:>10.1} {:>10.1} {:>8.2}  |  {:>10.1} {:>10.1} {:>8.2}  |  {:>6.3}",
-            i + 1,
-            if round.proxied_first { "proxy" } else { "direct" },
-            round.direct.tps,
-            round.direct.qps,
-            round.direct.p95_ms,
-            round.proxied.tps,
-            round.proxied.qps,
-            round.proxied.p95_ms,
-            round.ratio()
+    let mut header = format!("{:>5}  {:<7}", "round", "first");
+    for side in sides {
+        header += &format!(
+            "  | {:>6} tps {:>9} {:>7} {:>6} {:>6}",
+            side.name, "qps", "p95 ms", "ratio", "cpu us"
         );
     }
-    let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
-    let outcome = Outcome {
+    println!("{header}");
+    let line = |label: &str, first: &str, samples: &[Sample], ratios: &[f64]| {
+        let mut text = format!("{label:>5}  {first:<7}");
+        for (sample, ratio) in samples.iter().zip(ratios) {
+            let cpu = sample.cpu_us_per_query.map_or("-".to_owned(), |c| format!("{c:.1}"));
+            text += &format!(
+                "  | {:>10.1} {:>9.1} {:>7.2} {:>6.3} {:>6}",
+                sample.tps, sample.qps, sample.p95_ms, ratio, cpu
+            );
+        }
+        println!("{text}");
+    };
+    let ratios_of =
+        |round: &Round| -> Vec<f64> { round.samples.iter().map(|s| s.tps / round.samples[0].tps).collect() };
+    for (i, round) in rounds.iter().enumerate() {
+        line(&(i + 1).to_string(), round.first, &round.samples, &ratios_of(round));
+    }
+    let med = |side: usize, f: &dyn Fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r.samples[side])).collect());
+    let medians: Vec<Sample> = (0..sides.len())
+        .map(|i| Sample {
+            tps: med(i, &|s| s.tps),
+            qps: med(i, &|s| s.qps),
+            p95_ms: med(i, &|s| s.p95_ms),
+            errors: rounds.iter().map(|r| r.samples[i].errors).sum(),
+            cpu_us_per_query: rounds[0].samples[i]
+                .cpu_us_per_query
+                .map(|_| med(i, &|s| s.cpu_us_per_query.unwrap_or(f64::NAN))),
+        })
+        .collect();
+    let ratios: Vec<f64> = (0..sides.len())
+        .map(|i| median(rounds.iter().map(|r| ratios_of(r)[i]).collect()))
+        .collect();
+    line("", "median", &medians, &ratios);
+    if medians.iter().any(|m| m.errors > 0) {
+        let counts: Vec<String> = sides
+            .iter()
+            .zip(&medians)
+            .map(|(s, m)| format!("{} {}", s.name, m.errors))
+            .collect();
+        println!("ignored errors (deadlocks etc.): {}", counts.join(", "));
+    }
+    println!(
+        "ratio = side/direct transactions per second, median of the per-round ratios; cpu us = the \
+         forwarder's CPU time per query; proxy {}",
+        verdict(workload, ratios[1])
+    );
+    Outcome {
         workload: workload.to_owned(),
         threads,
-        direct_tps: med(&|r| r.direct.tps),
-        proxied_tps: med(&|r| r.proxied.tps),
-        ratio: med(&Round::ratio),
-    };
-    println!(
-        "{:>5}  {:<7}  {:>10.1} {:>10.1} {:>8.2}  |  {:>10.1} {:>10.1} {:>8.2}  |  {:>6.3}",
-        "",
-        "median",
-        outcome.direct_tps,
-        med(&|r| r.direct.qps),
-        med(&|r| r.direct.p95_ms),
-        outcome.proxied_tps,
-        med(&|r| r.proxied.qps),
-        med(&|r| r.proxied.p95_ms),
-        outcome.ratio
-    );
-    let errors = |f: fn(&Round) -> u64| rounds.iter().map(f).sum::<u64>();
-    let (direct_errors, proxied_errors) = (errors(|r| r.direct.errors), errors(|r| r.proxied.errors));
-    if direct_errors + proxied_errors > 0 {
-        println!("ignored errors (deadlocks etc.): direct {direct_errors}, proxy {proxied_errors}");
+        tps: medians.iter().map(|m| m.tps).collect(),
+        ratios,
+        cpu_us: medians.iter().map(|m| m.cpu_us_per_query).collect(),
     }
-    println!(
-        "ratio = proxied/direct transactions per second, median of the per-round ratios; {}",
-        verdict(workload, outcome.ratio)
-    );
-    outcome
 }
 
-fn print_summary(outcomes: &[Outcome]) {
-    println!("\nsummary");
-    println!(
-        "{:<20} {:>7}  {:>10}  {:>10}  {:>6}  verdict",
-        "workload", "threads", "direct tps", "proxy tps", "ratio"
-    );
+fn print_summary(sides: &[Side], outcomes: &[Outcome]) {
+    println!("\nsummary (medians)");
+    let mut header = format!("{:<20} {:>7}  {:>10}", "workload", "threads", "direct tps");
+    for side in &sides[1..] {
+        header += &format!("  {:>10} {:>6} {:>6}", format!("{} tps", side.name), "ratio", "cpu us");
+    }
+    println!("{header}  proxy verdict");
     for outcome in outcomes {
-        println!(
-            "{:<20} {:>7}  {:>10.1}  {:>10.1}  {:>6.3}  {}",
-            outcome.workload,
-            outcome.threads,
-            outcome.direct_tps,
-            outcome.proxied_tps,
-            outcome.ratio,
-            verdict(&outcome.workload, outcome.ratio)
+        let mut text = format!(
+            "{:<20} {:>7}  {:>10.1}",
+            outcome.workload, outcome.threads, outcome.tps[0]
         );
+        for i in 1..sides.len() {
+            let cpu = outcome.cpu_us[i].map_or("-".to_owned(), |c| format!("{c:.1}"));
+            text += &format!("  {:>10.1} {:>6.3} {:>6}", outcome.tps[i], outcome.ratios[i], cpu);
+        }
+        println!("{text}  {}", verdict(&outcome.workload, outcome.ratios[1]));
     }
 }
 
