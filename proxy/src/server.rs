@@ -135,7 +135,7 @@ impl Server {
 /// place of the greeting.
 async fn refuse(mut tcp: TcpStream, limit: usize) {
     let _ = tcp
-        .write_all(&ErrPacket::too_many_connections(limit).to_packet(0))
+        .write_all(&ErrPacket::too_many_connections(limit).to_greeting_packet())
         .await;
     let _ = tcp.shutdown().await;
 }

@@ -103,8 +103,9 @@ impl ErrPacket {
         Self::new(1053, "08S01", "ferrata-proxy is shutting down")
     }
 
-    /// The payload, without the packet header. Always the 4.1 layout with an SQLSTATE: every
-    /// client the proxy talks to negotiated CLIENT_PROTOCOL_41.
+    /// The payload, without the packet header, in the 4.1 layout with an SQLSTATE: every
+    /// client the proxy talks to negotiated CLIENT_PROTOCOL_41. Before that negotiation, see
+    /// [`ErrPacket::to_greeting_packet`].
     pub fn payload(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(9 + self.message.len());
         out.push(0xff);
@@ -117,10 +118,24 @@ impl ErrPacket {
 
     /// The whole packet with the given sequence id.
     pub fn to_packet(&self, seq: u8) -> Vec<u8> {
-        let payload = self.payload();
+        Self::framed(&self.payload(), seq)
+    }
+
+    /// The whole packet sent in place of the server greeting (sequence id 0). No capabilities
+    /// are agreed yet, so it has the pre-4.1 layout without an SQLSTATE, as servers send it;
+    /// clients would otherwise show the `#` and SQLSTATE as part of the message.
+    pub fn to_greeting_packet(&self) -> Vec<u8> {
+        let mut payload = Vec::with_capacity(3 + self.message.len());
+        payload.push(0xff);
+        payload.extend_from_slice(&self.code.to_le_bytes());
+        payload.extend_from_slice(self.message.as_bytes());
+        Self::framed(&payload, 0)
+    }
+
+    fn framed(payload: &[u8], seq: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(4 + payload.len());
         frame::write_header(&mut out, payload.len(), seq);
-        out.extend_from_slice(&payload);
+        out.extend_from_slice(payload);
         out
     }
 }
@@ -158,5 +173,7 @@ mod tests {
         assert_eq!(&packet[..4], &[13, 0, 0, 3]);
         assert_eq!(&packet[4..], b"\xff\x10\x04#08004busy");
         assert_eq!(code(&packet[4..]), Some(1040));
+        let greeting = ErrPacket::new(1040, "08004", "busy").to_greeting_packet();
+        assert_eq!(greeting, b"\x07\x00\x00\x00\xff\x10\x04busy");
     }
 }

@@ -94,17 +94,14 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
             ));
         };
         client.consume(response.0.raw_len);
-        if !client.buf.is_empty() {
-            return Err(SessionError::client(
-                ErrPacket::bad_handshake("data after the SSLRequest"),
-                2,
-            ));
-        }
         let Stream::Plain(tcp) = std::mem::replace(&mut client.stream, Stream::Detached) else {
             unreachable!("TLS is set up once");
         };
+        // Clients may send their ClientHello right behind the SSLRequest, so it can already
+        // be in our buffer: hand those bytes to TLS before it reads from the socket.
+        let early = client.buf.split();
         let tls = acceptor
-            .accept(tcp)
+            .accept_with(tcp, |tls| feed_tls(tls, &early))
             .await
             .map_err(|e| SessionError::Tls(format!("client TLS handshake: {e}")))?;
         client.stream = Stream::ServerTls(Box::new(tls));
@@ -190,4 +187,18 @@ async fn read_client_handshake(client: &mut Peer) -> Result<(frame::PacketSpan, 
     let parsed = ClientResponse::parse(&client.buf[4..span.raw_len])
         .map_err(|detail| SessionError::client(ErrPacket::bad_handshake(detail), span.first_seq.wrapping_add(1)))?;
     Ok((span, parsed))
+}
+
+/// Gives a server-side TLS connection the bytes the client sent before the proxy switched to
+/// TLS, and processes them so that the reply is queued. A processing error is kept by the
+/// connection and ends the handshake that follows.
+fn feed_tls(tls: &mut rustls::ServerConnection, mut early: &[u8]) {
+    while !early.is_empty() {
+        match tls.read_tls(&mut early) {
+            Ok(n) if n > 0 => {
+                let _ = tls.process_new_packets();
+            }
+            _ => return,
+        }
+    }
 }

@@ -25,7 +25,10 @@ pub fn mentions_socket(sql: &[u8]) -> bool {
         } else {
             rest
         };
-        rest.len() >= 6 && rest[..6].eq_ignore_ascii_case(b"socket")
+        rest.len() >= 6
+            && rest[..6].eq_ignore_ascii_case(b"socket")
+            // `@@sockets_open` and the like are other variables.
+            && !rest.get(6).is_some_and(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
     })
 }
 

@@ -53,10 +53,11 @@ pub enum SessionError {
         reply: ErrPacket,
         seq: u8,
     },
-    /// The backend could not be reached or went away.
+    /// The backend could not be reached or went away. With no `seq`, the client gets the
+    /// ERR in place of the greeting.
     Backend {
         reply: ErrPacket,
-        seq: u8,
+        seq: Option<u8>,
     },
     /// The backend sent something the proxy cannot follow.
     BackendProtocol {
@@ -79,14 +80,14 @@ impl SessionError {
     pub fn backend_lost(cause: &str, last_seq: u8) -> Self {
         SessionError::Backend {
             reply: ErrPacket::backend_lost(cause),
-            seq: last_seq.wrapping_add(1),
+            seq: Some(last_seq.wrapping_add(1)),
         }
     }
 
     pub fn unreachable(backend: &str, cause: &str) -> Self {
         SessionError::Backend {
             reply: ErrPacket::backend_unreachable(backend, cause),
-            seq: 0,
+            seq: None,
         }
     }
 
@@ -139,24 +140,27 @@ impl SessionError {
             }
             SessionError::Client { reply, seq } => {
                 tracing::warn!(error = %reply, "closing session after a client protocol error");
-                Some((reply, seq))
+                Some(reply.to_packet(seq))
             }
             SessionError::Backend { reply, seq } => {
                 tracing::warn!(error = %reply, "backend unavailable");
-                Some((reply, seq))
+                Some(match seq {
+                    Some(seq) => reply.to_packet(seq),
+                    None => reply.to_greeting_packet(),
+                })
             }
             SessionError::BackendProtocol { cause, seq } => {
                 tracing::error!(%cause, "closing session: the backend's response could not be followed");
-                Some((
+                Some(
                     ErrPacket::new(
                         1105,
                         "HY000",
                         format!(
                             "ferrata-proxy could not follow the server's response ({cause}); the session is closed"
                         ),
-                    ),
-                    seq,
-                ))
+                    )
+                    .to_packet(seq),
+                )
             }
             SessionError::Tls(cause) => {
                 tracing::warn!(%cause, "TLS failed");
@@ -164,11 +168,11 @@ impl SessionError {
             }
             SessionError::HandshakeTimeout => {
                 tracing::info!("handshake timed out");
-                Some((ErrPacket::handshake_timeout(), 0))
+                Some(ErrPacket::handshake_timeout().to_packet(0))
             }
         };
-        if let (Some((reply, seq)), Some(client)) = (reply, client) {
-            let _ = client.write_all(&reply.to_packet(seq)).await;
+        if let (Some(reply), Some(client)) = (reply, client) {
+            let _ = client.write_all(&reply).await;
         }
     }
 }

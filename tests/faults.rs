@@ -1,0 +1,448 @@
+//! Faults and limits: garbage, truncated and oversized packets from clients (before and after
+//! authentication) while other sessions keep working, the connection limit, the handshake
+//! timeout, a backend that dies mid-session or cannot be reached at all, graceful shutdown
+//! with a query in flight, and the admin endpoints (`/healthz`, `/metrics`).
+//!
+//! Metrics are process-wide and the tests in this file run concurrently, so metric checks
+//! assert that a counter moved by at least what this test did.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use ferrata_tests::ferrata_testkit::free_port;
+use ferrata_tests::ferrata_testkit::raw::flags;
+use ferrata_tests::{Proxy, Setup, metric};
+use mysql_async::Conn;
+use mysql_async::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long anything that should happen "promptly" may take on a loaded test machine.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Where a garbage client is in the protocol when it misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// Read the greeting, sent nothing yet.
+    Greeted,
+    /// Logged in.
+    Authenticated,
+}
+
+/// What the proxy must answer before it closes the connection.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// This ERR code and SQLSTATE.
+    Err(u16, &'static str),
+    /// Nothing at all.
+    Silence,
+    /// Whatever the backend made of the junk; only closing matters.
+    Any,
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_packets_leave_other_sessions_alone() -> Result<()> {
+    let setup = Setup::start_with(Default::default(), |config| config.max_packet_size = 1 << 20).await?;
+    let mut direct = setup.db.conn().await?;
+
+    let stop = CancellationToken::new();
+    let healthy = tokio::spawn(keep_querying(setup.proxy.conn().await?, stop.clone()));
+
+    let huge_header = vec![0xff, 0xff, 0xff, 0x00];
+    let half_packet = [&[100, 0, 0, 1][..], b"0123456789"].concat();
+    let cases = [
+        (Phase::Greeted, junk(300, 1), true, Answer::Any),
+        (
+            Phase::Greeted,
+            framed(1, &[0xaa; 40]),
+            false,
+            Answer::Err(1043, "08S01"),
+        ),
+        (Phase::Greeted, huge_header.clone(), false, Answer::Err(1043, "08S01")),
+        (Phase::Greeted, half_packet.clone(), true, Answer::Silence),
+        (Phase::Authenticated, junk(300, 2), true, Answer::Any),
+        (Phase::Authenticated, framed(0, &[]), false, Answer::Err(1105, "08S01")),
+        (Phase::Authenticated, huge_header, false, Answer::Err(1153, "08S01")),
+        (Phase::Authenticated, half_packet, true, Answer::Silence),
+    ];
+    for (phase, bytes, close, answer) in cases {
+        let what = format!("{phase:?}, {answer:?}, {:02x?}", &bytes[..bytes.len().min(8)]);
+        let mut raw;
+        let mut plain;
+        let stream = match phase {
+            Phase::Greeted => {
+                plain = TcpStream::connect(setup.proxy.addr).await?;
+                read_packet(&mut plain).await.context("greeting")?;
+                &mut plain
+            }
+            Phase::Authenticated => {
+                raw = setup.proxy.raw(flags::DEFAULT).await?;
+                raw.stream_mut()
+            }
+        };
+        stream.write_all(&bytes).await?;
+        if close {
+            stream.shutdown().await?;
+        }
+        let reply = read_until_closed(stream).await.with_context(|| what.clone())?;
+        match answer {
+            Answer::Err(code, state) => {
+                let (got_code, got_state, message) = parse_err(&reply).with_context(|| what.clone())?;
+                assert_eq!((got_code, got_state.as_str()), (code, state), "{what}: {message}");
+            }
+            Answer::Silence => assert!(reply.is_empty(), "{what}: {reply:02x?}"),
+            Answer::Any => {}
+        }
+    }
+
+    stop.cancel();
+    let (queries, mut healthy) = healthy.await??;
+    assert!(queries > 0);
+    assert_eq!(healthy.query_first::<i64, _>("SELECT 1").await?, Some(1));
+    let mut fresh = setup.proxy.conn().await?;
+    assert_eq!(fresh.query_first::<i64, _>("SELECT 2").await?, Some(2));
+    // No backend session is left behind: only `direct`, `healthy` and `fresh` remain.
+    eventually("garbage sessions' backend connections to close", async || {
+        let sessions: Option<i64> = direct
+            .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app'")
+            .await?;
+        Ok((sessions == Some(3)).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn oversized_packet_gets_an_err_and_ends_only_its_session() -> Result<()> {
+    const LIMIT: usize = 4096;
+    let setup = Setup::start_with(Default::default(), |config| config.max_packet_size = LIMIT).await?;
+    let mut bystander = setup.proxy.conn().await?;
+    let mut sender = setup.proxy.conn().await?;
+
+    let fits = format!("SELECT LENGTH('{}')", "x".repeat(LIMIT - 100));
+    assert_eq!(sender.query_first::<i64, _>(fits).await?, Some(LIMIT as i64 - 100));
+    let too_big = format!("SELECT LENGTH('{}')", "x".repeat(2 * LIMIT));
+    let err = sender.query_drop(&too_big).await.err().context("over the limit")?;
+    expect_server_error(&err, 1153, "08S01", &format!("({} > {LIMIT})", too_big.len() + 1));
+    assert!(err.to_string().contains("max_packet_size"), "{err}");
+
+    within(sender.query_drop("SELECT 1"))
+        .await?
+        .err()
+        .context("the session that sent the packet is closed")?;
+    assert_eq!(bystander.query_first::<i64, _>("SELECT 3").await?, Some(3));
+    Ok(())
+}
+
+#[tokio::test]
+async fn connection_limit_turns_clients_away_until_one_leaves() -> Result<()> {
+    let setup = Setup::start_with(Default::default(), |config| config.max_connections = 2).await?;
+    let first = setup.proxy.conn().await?;
+    let mut second = setup.proxy.conn().await?;
+    let err = Conn::new(setup.proxy.opts()).await.err().context("a third client")?;
+    // In place of the greeting, so without SQLSTATE, as MariaDB itself sends it.
+    expect_server_error(&err, 1040, "HY000", "limit of 2 client sessions");
+
+    first.disconnect().await?;
+    // The slot is free once the proxy has finished the first session.
+    let mut third = eventually("a client to get the freed slot", async || {
+        match Conn::new(setup.proxy.opts()).await {
+            Ok(conn) => Ok(Some(conn)),
+            Err(mysql_async::Error::Server(e)) if e.code == 1040 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+    assert_eq!(third.query_first::<i64, _>("SELECT 1").await?, Some(1));
+    assert_eq!(second.query_first::<i64, _>("SELECT 2").await?, Some(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn silent_client_is_dropped_after_the_handshake_timeout() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let setup = Setup::start_with(Default::default(), |config| {
+        config.handshake_timeout_ms = TIMEOUT.as_millis() as u64
+    })
+    .await?;
+    let mut established = setup.proxy.conn().await?;
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(setup.proxy.addr).await?;
+    read_packet(&mut silent).await.context("greeting")?;
+    read_until_closed(&mut silent).await?;
+    assert!(started.elapsed() >= TIMEOUT, "closed after {:?}", started.elapsed());
+
+    // The timeout covers only the handshake: an older, idle session is still served.
+    assert_eq!(established.query_first::<i64, _>("SELECT 1").await?, Some(1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn backend_death_gives_clear_errors_not_hangs() -> Result<()> {
+    let mut setup = Setup::start().await?;
+    let mut idle = setup.proxy.conn().await?;
+    let mut busy = setup.proxy.conn().await?;
+    let mut direct = setup.db.conn().await?;
+    let query = tokio::spawn(async move { busy.query_drop("SELECT SLEEP(60)").await });
+    eventually("the query to run on the server", async || sleeping(&mut direct).await).await?;
+
+    setup.db.kill();
+    let err = within(query).await??.err().context("the query cannot succeed")?;
+    expect_server_error(&err, 2013, "HY000", "Lost connection to the database");
+    within(idle.query_drop("SELECT 1"))
+        .await?
+        .err()
+        .context("the idle session cannot go on")?;
+
+    let err = within(Conn::new(setup.proxy.opts()))
+        .await?
+        .err()
+        .context("no backend")?;
+    expect_server_error(
+        &err,
+        2003,
+        "HY000",
+        &format!("cannot connect to the database at {}", setup.db.addr()),
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_backend_is_reported_at_connect() -> Result<()> {
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let proxy = Proxy::start(closed).await?;
+    let before = metrics(&proxy).await?;
+    let err = within(Conn::new(proxy.opts())).await?.err().context("no backend")?;
+    expect_server_error(
+        &err,
+        2003,
+        "HY000",
+        &format!("cannot connect to the database at {closed}"),
+    );
+    let after = metrics(&proxy).await?;
+    assert_moved(&before, &after, r#"ferrata_proxy_errors_total{kind="backend"}"#, 1.0)
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_query_in_flight_and_refuses_new_clients() -> Result<()> {
+    let Setup { proxy, db } = Setup::start().await?;
+    let addr = proxy.addr;
+    let mut idle = proxy.conn().await?;
+    let mut busy = proxy.conn().await?;
+    let mut direct = db.conn().await?;
+    let query = tokio::spawn(async move {
+        let slept = busy.query_first::<i64, _>("SELECT SLEEP(2)").await;
+        (slept, busy)
+    });
+    eventually("the query to run on the server", async || sleeping(&mut direct).await).await?;
+
+    let shutdown = tokio::spawn(proxy.shutdown());
+    eventually("new connections to be refused", async || {
+        Ok(TcpStream::connect(addr).await.is_err().then_some(()))
+    })
+    .await?;
+    assert!(!query.is_finished(), "refused only after the query ended");
+
+    let (slept, mut busy) = within(query).await??;
+    assert_eq!(slept?, Some(0), "the query in flight completes");
+    within(shutdown).await???;
+    within(busy.query_drop("SELECT 1"))
+        .await?
+        .err()
+        .context("the session closes after its command")?;
+    within(idle.query_drop("SELECT 1"))
+        .await?
+        .err()
+        .context("idle sessions close at shutdown")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_and_metrics_that_move() -> Result<()> {
+    let setup = Setup::start().await?;
+    assert_eq!(setup.proxy.admin_get("/healthz").await?, (200, "ok\n".to_owned()));
+    let (status, _) = setup.proxy.admin_get("/no-such-page").await?;
+    assert_eq!(status, 404);
+
+    let before = metrics(&setup.proxy).await?;
+    let mut conn = setup.proxy.conn().await?;
+    for n in 0..5 {
+        assert_eq!(conn.query_first::<i64, _>(format!("SELECT {n}")).await?, Some(n));
+    }
+    conn.ping().await?;
+    // A garbage session: an empty command packet.
+    let mut raw = setup.proxy.raw(flags::DEFAULT).await?;
+    raw.stream_mut().write_all(&framed(0, &[])).await?;
+    let reply = read_until_closed(raw.stream_mut()).await?;
+    assert_eq!(parse_err(&reply)?.0, 1105);
+
+    // Commands are counted once their response has been relayed, so the client can be a
+    // moment ahead of the counter.
+    let after = eventually("the ping to be counted", async || {
+        let after = metrics(&setup.proxy).await?;
+        let counted = delta(&before, &after, r#"ferrata_proxy_commands_total{command="ping"}"#) >= 1.0;
+        Ok(counted.then_some(after))
+    })
+    .await?;
+    let moved = [
+        (r#"ferrata_proxy_connections_total"#, 2.0),
+        (r#"ferrata_proxy_commands_total{command="query"}"#, 5.0),
+        (r#"ferrata_proxy_commands_total{command="ping"}"#, 1.0),
+        (r#"ferrata_proxy_command_duration_seconds_count{command="query"}"#, 5.0),
+        (
+            r#"ferrata_proxy_command_duration_seconds_bucket{command="query",le="+Inf"}"#,
+            5.0,
+        ),
+        (r#"ferrata_proxy_bytes_total{direction="from_client"}"#, 5.0 * 12.0),
+        (r#"ferrata_proxy_bytes_total{direction="to_backend"}"#, 5.0 * 12.0),
+        (r#"ferrata_proxy_bytes_total{direction="from_backend"}"#, 5.0 * 20.0),
+        (r#"ferrata_proxy_bytes_total{direction="to_client"}"#, 5.0 * 20.0),
+        (r#"ferrata_proxy_errors_total{kind="client_protocol"}"#, 1.0),
+    ];
+    for (series, at_least) in moved {
+        assert_moved(&before, &after, series, at_least)?;
+    }
+    for series in [
+        "ferrata_proxy_connections_active",
+        "ferrata_proxy_connections_rejected_total",
+        r#"ferrata_proxy_command_duration_seconds_sum{command="query"}"#,
+        r#"ferrata_proxy_errors_total{kind="backend"}"#,
+        r#"ferrata_proxy_errors_total{kind="handshake_timeout"}"#,
+    ] {
+        assert!(metric(&after, series).is_some(), "{series} missing from:\n{after}");
+    }
+    Ok(())
+}
+
+// ---- helpers ----
+
+/// Runs numbered queries on `conn` until `stop`, checking each answer; returns how many ran.
+async fn keep_querying(mut conn: Conn, stop: CancellationToken) -> Result<(u64, Conn)> {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let echoed: Option<u64> = conn.query_first(format!("SELECT {n}")).await?;
+        ensure!(echoed == Some(n), "query {n} answered {echoed:?}");
+    }
+    Ok((n, conn))
+}
+
+/// `Some` once a `SELECT SLEEP(...)` is running on the server.
+async fn sleeping(direct: &mut Conn) -> Result<Option<()>> {
+    let running: Option<i64> = direct
+        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'")
+        .await?;
+    Ok((running == Some(1)).then_some(()))
+}
+
+/// Polls `check` until it returns a value, failing after [`DEADLINE`]. For conditions that
+/// have no event to wait for.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `future`'s output, or an error if it takes longer than [`DEADLINE`] (a hang).
+async fn within<T>(future: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .context("no answer in time: the proxy hangs")
+}
+
+/// Checks a mysql_async error is this ERR, with `fragment` in its message.
+fn expect_server_error(err: &mysql_async::Error, code: u16, state: &str, fragment: &str) {
+    let mysql_async::Error::Server(e) = err else {
+        panic!("expected ERR {code} ({state}), got {err:?}");
+    };
+    assert_eq!((e.code, e.state.as_str()), (code, state), "{err}");
+    assert!(e.message.contains(fragment), "{fragment:?} not in {:?}", e.message);
+    assert!(
+        e.message.starts_with(char::is_alphabetic),
+        "mangled message: {:?}",
+        e.message
+    );
+}
+
+/// Reads one packet's payload from a raw socket.
+async fn read_packet(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header).await?;
+    let mut payload = vec![0; u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize];
+    stream.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+/// Everything the peer sends until it closes the connection (a reset counts as closing).
+async fn read_until_closed(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match within(stream.read(&mut chunk)).await? {
+            Ok(0) => return Ok(received),
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(received),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Code, SQLSTATE and message of the ERR packet `bytes` start with.
+fn parse_err(bytes: &[u8]) -> Result<(u16, String, String)> {
+    let Some([0xff, lo, hi, b'#', rest @ ..]) = bytes.get(4..) else {
+        bail!("not an ERR packet: {bytes:02x?}");
+    };
+    ensure!(rest.len() >= 5, "ERR without SQLSTATE: {bytes:02x?}");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ok((u16::from_le_bytes([*lo, *hi]), text(&rest[..5]), text(&rest[5..])))
+}
+
+/// A packet with sequence id `seq`.
+fn framed(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut packet = (payload.len() as u32).to_le_bytes();
+    packet[3] = seq;
+    [&packet[..], payload].concat()
+}
+
+/// `len` pseudo-random bytes, the same for the same seed.
+fn junk(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+async fn metrics(proxy: &Proxy) -> Result<String> {
+    let (status, body) = proxy.admin_get("/metrics").await?;
+    ensure!(status == 200, "/metrics answered {status}");
+    Ok(body)
+}
+
+/// How much `series` grew from `before` to `after` (a missing sample counts as 0).
+fn delta(before: &str, after: &str, series: &str) -> f64 {
+    metric(after, series).unwrap_or(0.0) - metric(before, series).unwrap_or(0.0)
+}
+
+fn assert_moved(before: &str, after: &str, series: &str, at_least: f64) -> Result<()> {
+    ensure!(metric(after, series).is_some(), "{series} missing from:\n{after}");
+    let moved = delta(before, after, series);
+    ensure!(
+        moved >= at_least,
+        "{series} moved by {moved}, expected at least {at_least}"
+    );
+    Ok(())
+}
