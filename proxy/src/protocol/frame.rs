@@ -134,6 +134,9 @@ pub struct Scanner {
     skip: usize,
     /// The current physical packet is full size, so the next one continues it.
     continued: bool,
+    /// The callback asked to stop at the current packet, which has not been fully passed
+    /// yet. Kept across calls: the rest of that packet may arrive in a later read.
+    stopping: bool,
 }
 
 /// The callback's verdict after seeing a packet start.
@@ -161,7 +164,6 @@ impl Scanner {
         mut on_packet: impl FnMut(PacketStart<'_>) -> Result<Flow, E>,
     ) -> Result<(usize, bool), E> {
         let mut at = 0;
-        let mut stopping = false;
         loop {
             if self.skip > 0 {
                 let n = self.skip.min(buf.len() - at);
@@ -171,7 +173,8 @@ impl Scanner {
                     return Ok((at, false));
                 }
             }
-            if stopping && !self.continued {
+            if self.stopping && !self.continued {
+                self.stopping = false;
                 return Ok((at, true));
             }
             let Some((len, seq)) = header(&buf[at..]) else {
@@ -192,7 +195,7 @@ impl Scanner {
                 seq,
                 prefix: &buf[at + 4..at + 4 + want],
             })?;
-            stopping = flow == Flow::Stop;
+            self.stopping = flow == Flow::Stop;
             self.continued = len == MAX_CHUNK;
             self.skip = len;
             at += 4;
@@ -265,6 +268,9 @@ mod tests {
                     .unwrap();
                 buf.drain(..used);
                 stopped = stop;
+                // With the whole stream fed, a scan that neither stops nor consumes has lost
+                // track of the packet that asked to stop.
+                assert!(stopped || used > 0 || fed < stream.len(), "piece {piece}: stop lost");
             }
             assert!(buf.is_empty() && fed == stream.len(), "piece {piece}");
             assert!(scanner.at_boundary());

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use super::SessionError;
 use super::peer::Peer;
 use crate::protocol::frame::{Flow, Scanner};
-use crate::protocol::response::{PEEK, ResponseTracker, Step};
+use crate::protocol::response::{PEEK, ProtocolViolation, ResponseTracker, Step};
 
 /// Relays until `tracker` reports the response complete.
 pub async fn response(
@@ -19,25 +19,29 @@ pub async fn response(
     tracker: &mut ResponseTracker,
 ) -> Result<(), SessionError> {
     let mut scanner = Scanner::default();
+    // What the tracker said of the last packet it saw. It outlives one scan: the packet that
+    // ends the response (or asks for a LOCAL INFILE file) may finish arriving in a later read.
+    let mut step = Step::More;
     loop {
-        let mut outcome = Ok(Step::More);
         let (used, stopped) = scanner
-            .scan::<Infallible>(&backend.buf, PEEK, |p| {
-                outcome = tracker.on_packet(p.len, p.seq, p.prefix);
-                Ok(match outcome {
-                    Ok(Step::More) => Flow::Continue,
+            .scan::<ProtocolViolation>(&backend.buf, PEEK, |p| {
+                step = tracker.on_packet(p.len, p.seq, p.prefix)?;
+                Ok(match step {
+                    Step::More => Flow::Continue,
                     _ => Flow::Stop,
                 })
             })
-            .expect("infallible");
-        let step = outcome.map_err(|violation| SessionError::backend_protocol(&violation.0, tracker.last_seq()))?;
+            .map_err(|violation| SessionError::backend_protocol(&violation.0, tracker.last_seq()))?;
         backend
             .forward(used, client)
             .await
             .map_err(|_| SessionError::ClientClosed)?;
         if stopped {
             match step {
-                Step::LocalInfile => local_infile(client, backend, tracker).await?,
+                Step::LocalInfile => {
+                    local_infile(client, backend, tracker).await?;
+                    step = Step::More;
+                }
                 _ => return Ok(()),
             }
         } else if backend
