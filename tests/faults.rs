@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use ferrata_tests::ferrata_testkit::free_port;
 use ferrata_tests::ferrata_testkit::raw::flags;
-use ferrata_tests::{Proxy, Setup, metric};
+use ferrata_tests::{Proxy, Setup, http_get, metric};
 use mysql_async::Conn;
 use mysql_async::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -231,6 +231,7 @@ async fn unreachable_backend_is_reported_at_connect() -> Result<()> {
 async fn graceful_shutdown_finishes_the_query_in_flight_and_refuses_new_clients() -> Result<()> {
     let Setup { proxy, db } = Setup::start().await?;
     let addr = proxy.addr;
+    let admin = proxy.admin.context("admin listener")?;
     let mut idle = proxy.conn().await?;
     let mut busy = proxy.conn().await?;
     let mut direct = db.conn().await?;
@@ -246,6 +247,8 @@ async fn graceful_shutdown_finishes_the_query_in_flight_and_refuses_new_clients(
     })
     .await?;
     assert!(!query.is_finished(), "refused only after the query ended");
+    let (status, _) = http_get(admin, "/healthz").await?;
+    assert_eq!(status, 503, "/healthz reports the drain while the query runs");
 
     let (slept, mut busy) = within(query).await??;
     assert_eq!(slept?, Some(0), "the query in flight completes");

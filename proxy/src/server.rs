@@ -74,7 +74,10 @@ impl Server {
             admin,
             shared,
         } = self;
-        let admin_task = admin.map(|a| tokio::spawn(a.serve(stop.clone())));
+        // The admin listener outlives the drain, so that `/healthz` says 503 (and `/metrics`
+        // keeps answering) while in-flight commands finish.
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|a| tokio::spawn(a.serve(admin_stop.clone())));
         let sessions = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let next_id = AtomicU64::new(1);
@@ -123,6 +126,7 @@ impl Server {
                 "shutdown deadline passed; closing the remaining sessions"
             );
         }
+        admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
         }
