@@ -125,6 +125,8 @@ impl SessionError {
         if let Some(kind) = self.metric() {
             shared.metrics.error(kind);
         }
+        // The client may still be sending (the rest of an oversized packet, more garbage).
+        let client_may_be_sending = matches!(self, SessionError::Client { .. });
         let reply = match self {
             SessionError::ClientClosed => {
                 tracing::debug!("client closed the connection");
@@ -173,6 +175,9 @@ impl SessionError {
         };
         if let (Some(reply), Some(client)) = (reply, client) {
             let _ = client.write_all(&reply).await;
+            if client_may_be_sending {
+                client.linger_close().await;
+            }
         }
     }
 }
@@ -216,8 +221,14 @@ async fn serve(
             packet = client.read_packet(limit) => match packet {
                 Ok(span) => span,
                 Err(ReadError::TooLarge { len, limit }) => {
-                    let seq = client.buf[3].wrapping_add(1);
-                    return Err(SessionError::client(ErrPacket::packet_too_large(len, limit), seq));
+                    // Read the rest away first: the client is still sending it and expects
+                    // the ERR after its last piece (and with the sequence id that follows).
+                    let first_seq = client.buf[3];
+                    let (len, last_seq) = client.discard_packet().await.unwrap_or((len, first_seq));
+                    return Err(SessionError::client(
+                        ErrPacket::packet_too_large(len, limit),
+                        last_seq.wrapping_add(1),
+                    ));
                 }
                 Err(_) => return Err(SessionError::ClientClosed),
             },

@@ -14,6 +14,8 @@ use crate::stream::Stream;
 
 /// Read buffers start this big and grow only while a packet the proxy reads whole needs it.
 const INITIAL_BUFFER: usize = 16 * 1024;
+/// How long [`Peer::linger_close`] keeps reading what a peer still sends.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Peer {
     pub stream: Stream,
@@ -118,7 +120,55 @@ impl Peer {
         Ok(())
     }
 
+    /// Reads and drops the logical packet at the front of the buffer without holding it:
+    /// for a packet over the size limit. Returns its payload length and the sequence id of
+    /// its last piece, or `None` if the peer closed first or took longer than [`LINGER`].
+    pub async fn discard_packet(&mut self) -> Option<(usize, u8)> {
+        let discard = async {
+            let mut total = 0;
+            loop {
+                while self.buf.len() < 4 {
+                    if self.fill().await.ok()? == 0 {
+                        return None;
+                    }
+                }
+                let (len, seq) = frame::header(&self.buf)?;
+                self.buf.advance(4);
+                let mut left = len;
+                while left > 0 {
+                    if self.buf.is_empty() && self.fill().await.ok()? == 0 {
+                        return None;
+                    }
+                    let n = left.min(self.buf.len());
+                    self.buf.advance(n);
+                    left -= n;
+                }
+                total += len;
+                if len < frame::MAX_CHUNK {
+                    return Some((total, seq));
+                }
+            }
+        };
+        tokio::time::timeout(LINGER, discard).await.ok().flatten()
+    }
+
     pub async fn shutdown(&mut self) {
         let _ = self.stream.shutdown().await;
+    }
+
+    /// Closes the write side, then reads and discards what the peer still sends, until it
+    /// closes or for at most [`LINGER`]. Closing a socket that has unread data makes the
+    /// kernel answer with a reset, which can destroy an ERR packet just written before the
+    /// peer reads it (a client still sending the rest of an oversized packet would see
+    /// "connection reset" instead of the reason).
+    pub async fn linger_close(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let mut sink = vec![0u8; INITIAL_BUFFER];
+        let drain = async {
+            while let Ok(n) = self.stream.read(&mut sink).await
+                && n > 0
+            {}
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }
