@@ -10,15 +10,16 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 #[derive(Debug, Parser)]
 #[command(about = "A byte-copying TCP forwarder: the floor any proxy is measured against")]
 struct Args {
     #[arg(long)]
     listen: SocketAddr,
+    /// host:port, or the path of the server's Unix socket.
     #[arg(long)]
-    backend: SocketAddr,
+    backend: String,
 }
 
 #[tokio::main]
@@ -29,14 +30,23 @@ async fn main() -> Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     loop {
         let (mut client, _) = listener.accept().await?;
-        let backend = args.backend;
+        let _ = client.set_nodelay(true);
+        let backend = args.backend.clone();
         tokio::spawn(async move {
-            let Ok(mut server) = TcpStream::connect(backend).await else {
-                return;
+            let _ = if backend.starts_with('/') {
+                match UnixStream::connect(&backend).await {
+                    Ok(mut server) => tokio::io::copy_bidirectional(&mut client, &mut server).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                match TcpStream::connect(&backend).await {
+                    Ok(mut server) => {
+                        let _ = server.set_nodelay(true);
+                        tokio::io::copy_bidirectional(&mut client, &mut server).await
+                    }
+                    Err(e) => Err(e),
+                }
             };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         });
     }
 }

@@ -53,6 +53,10 @@ struct Args {
     /// InnoDB buffer pool of the benchmarked server; large enough to hold the tables.
     #[arg(long, default_value = "256M")]
     buffer_pool: String,
+    /// Forwarders reach the server through its Unix socket instead of loopback TCP (the
+    /// proxy's `backend = "/path"`), as when they run on the database host.
+    #[arg(long)]
+    backend_socket: bool,
     /// Skip the floor forwarder (a byte-copying TCP forwarder measured as a third side).
     #[arg(long)]
     no_floor: bool,
@@ -101,11 +105,16 @@ fn run(args: Args) -> Result<()> {
     };
     print_machine(&server_version, &proxy_bin, &args)?;
 
-    let proxy = Forwarder::start("ferrata-proxy", &proxy_bin, db.addr(), |listen| {
+    let backend = if args.backend_socket {
+        db.socket_path().to_string_lossy().into_owned()
+    } else {
+        db.addr().to_string()
+    };
+    let proxy = Forwarder::start("ferrata-proxy", &proxy_bin, &backend, |listen| {
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ferrata_testkit::free_port()?));
         Ok([
             format!("--listen={listen}"),
-            format!("--backend={}", db.addr()),
+            format!("--backend={backend}"),
             format!("--admin-listen={admin}"),
         ]
         .into_iter()
@@ -116,8 +125,8 @@ fn run(args: Args) -> Result<()> {
         None
     } else {
         let bin = std::env::current_exe()?.with_file_name("floor-forwarder");
-        Some(Forwarder::start("floor-forwarder", &bin, db.addr(), |listen| {
-            Ok(vec![format!("--listen={listen}"), format!("--backend={}", db.addr())])
+        Some(Forwarder::start("floor-forwarder", &bin, &backend, |listen| {
+            Ok(vec![format!("--listen={listen}"), format!("--backend={backend}")])
         })?)
     };
     let mut sides = vec![Side {
@@ -233,7 +242,8 @@ fn print_machine(server_version: &str, proxy_bin: &Path, args: &Args) -> Result<
     );
     println!("  proxy:     {}", proxy_command(proxy_bin, &args.proxy_args));
     println!(
-        "settings: {} rounds x {} s, threads {:?}, {} tables x {} rows, buffer pool {}, warm-up {} s{}",
+        "settings: {} rounds x {} s, threads {:?}, {} tables x {} rows, buffer pool {}, warm-up {} s, \
+         forwarders reach the server over {}{}",
         args.rounds,
         args.time,
         args.threads,
@@ -241,6 +251,11 @@ fn print_machine(server_version: &str, proxy_bin: &Path, args: &Args) -> Result<
         args.table_size,
         args.buffer_pool,
         args.warmup,
+        if args.backend_socket {
+            "its Unix socket"
+        } else {
+            "loopback TCP"
+        },
         if args.sysbench_args.is_empty() {
             String::new()
         } else {
@@ -305,7 +320,7 @@ impl Forwarder {
     fn start(
         name: &'static str,
         bin: &Path,
-        backend: SocketAddr,
+        backend: &str,
         args_for: impl FnOnce(SocketAddr) -> Result<Vec<String>>,
     ) -> Result<Forwarder> {
         ensure!(

@@ -258,6 +258,27 @@ async fn proxy_speaks_tls_to_a_tls_backend() -> Result<()> {
 }
 
 #[tokio::test]
+async fn backend_over_a_unix_socket_serves_like_directly() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let mut config = ferrata_tests::test_config(db.addr());
+    config.backend = db.socket_path().to_string_lossy().into_owned();
+    let proxy = Proxy::start_with(config).await?;
+
+    let mut proxied = proxy.conn().await?;
+    let mut direct = db.conn().await?;
+    let sql = "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1), DATABASE(), 'ü😀', 40 + 2";
+    type Row = (String, String, String, i64);
+    let through: Option<Row> = proxied.query_first(sql).await?;
+    assert_eq!(through, direct.query_first(sql).await?);
+    // The server sees the proxy's session arrive on its socket, not over TCP.
+    let host: Option<String> = proxied
+        .query_first("SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()")
+        .await?;
+    assert_eq!(host.as_deref(), Some("localhost"));
+    Ok(())
+}
+
+#[tokio::test]
 async fn drivers_preferring_the_socket_stay_on_the_proxy() -> Result<()> {
     let setup = Setup::start().await?;
     let socket = setup.db.socket_path().to_string_lossy().into_owned();

@@ -13,7 +13,8 @@ use serde::Deserialize;
 pub struct Config {
     /// Address clients connect to.
     pub listen: SocketAddr,
-    /// The MariaDB/MySQL server behind the proxy, as `host:port`.
+    /// The MariaDB/MySQL server behind the proxy, as `host:port`, or the path of its Unix
+    /// socket (starting with `/`) when it runs on the same host.
     pub backend: String,
     /// Address of the admin HTTP listener (`/metrics`, `/healthz`). Embedders may set `None`.
     pub admin_listen: Option<SocketAddr>,
@@ -126,6 +127,11 @@ impl Config {
             "max_packet_size must be at least 1024 bytes"
         );
         anyhow::ensure!(!self.backend.is_empty(), "backend must be set, e.g. \"127.0.0.1:3306\"");
+        anyhow::ensure!(
+            self.backend_tls.is_none() || self.backend_socket().is_none(),
+            "backend_tls needs a TCP backend (host:port), not the Unix socket {}",
+            self.backend
+        );
         Ok(())
     }
 
@@ -139,6 +145,11 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// The backend's Unix socket path, when `backend` is one.
+    pub fn backend_socket(&self) -> Option<&Path> {
+        self.backend.starts_with('/').then(|| Path::new(&self.backend))
     }
 
     /// The backend host name, for TLS name checks.
@@ -159,7 +170,8 @@ pub struct Flags {
     /// Address clients connect to [default: 127.0.0.1:3307].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// The database server behind the proxy, host:port [default: 127.0.0.1:3306].
+    /// The database server behind the proxy: host:port, or the path of its Unix socket
+    /// [default: 127.0.0.1:3306].
     #[arg(long)]
     pub backend: Option<String>,
     /// Admin HTTP address for /metrics and /healthz [default: 127.0.0.1:9307].
@@ -269,5 +281,15 @@ mod tests {
         assert!(Config::from_toml("listne = \"1.2.3.4:5\"").is_err());
         assert!(Config::from_toml("max_connections = 0").is_err());
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unix_socket_backend() {
+        let config = Config::from_toml("backend = \"/run/mysqld/mysqld.sock\"").unwrap();
+        assert_eq!(config.backend_socket(), Some(Path::new("/run/mysqld/mysqld.sock")));
+        assert_eq!(Config::default().backend_socket(), None);
+        let err =
+            Config::from_toml("backend = \"/run/mysqld/mysqld.sock\"\n[backend_tls]\nca = \"ca.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("needs a TCP backend"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use super::peer::{Peer, ReadError};
 use super::state::SessionState;
@@ -35,24 +35,31 @@ pub async fn establish(
     }
 }
 
-async fn connect_backend(shared: &Shared) -> Result<TcpStream, SessionError> {
+/// Opens the backend connection: TCP, or a Unix socket when `backend` is a path.
+async fn connect_backend(shared: &Shared) -> Result<Stream, SessionError> {
     let backend = &shared.config.backend;
-    let connect = tokio::time::timeout(shared.config.connect_timeout(), TcpStream::connect(backend.as_str()));
-    let tcp = match connect.await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(SessionError::unreachable(backend, &e.to_string())),
-        Err(_) => return Err(SessionError::unreachable(backend, "connection timed out")),
+    let connect = async {
+        match shared.config.backend_socket() {
+            Some(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            None => {
+                let tcp = TcpStream::connect(backend.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                Ok(Stream::Plain(tcp))
+            }
+        }
     };
-    tcp.set_nodelay(true)
-        .map_err(|e| SessionError::unreachable(backend, &e.to_string()))?;
-    Ok(tcp)
+    match tokio::time::timeout(shared.config.connect_timeout(), connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(SessionError::unreachable(backend, &e.to_string())),
+        Err(_) => Err(SessionError::unreachable(backend, "connection timed out")),
+    }
 }
 
 async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, SessionState), SessionError> {
     let metrics = &shared.metrics;
-    let tcp = connect_backend(shared).await?;
+    let stream = connect_backend(shared).await?;
     let mut backend = Peer::new(
-        Stream::Plain(tcp),
+        stream,
         metrics.backend_bytes_in.clone(),
         metrics.backend_bytes_out.clone(),
     );
@@ -145,7 +152,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
             .await
             .map_err(|e| SessionError::backend_lost(&e.to_string(), client_seq))?;
         let Stream::Plain(tcp) = std::mem::replace(&mut backend.stream, Stream::Detached) else {
-            unreachable!("TLS is set up once");
+            unreachable!("TLS is set up once, and Config::validate allows backend TLS only over TCP");
         };
         let tls = connector
             .connect(name.clone(), tcp)

@@ -216,6 +216,10 @@ async fn serve(
     shared: &Shared,
 ) -> Result<(), SessionError> {
     let limit = shared.config.max_packet_size;
+    // Registered once per session: every session waits on the same token, and
+    // re-registering on each command would take its lock twice per command.
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let span = select! {
             packet = client.read_packet(limit) => match packet {
@@ -244,7 +248,7 @@ async fn serve(
                     _ => return Ok(()),
                 }
             }
-            _ = shared.shutdown.cancelled(), if client.buf.is_empty() => return Ok(()),
+            _ = &mut shutdown, if client.buf.is_empty() => return Ok(()),
         };
         let started = Instant::now();
         let payload = client.payload(&span);
