@@ -178,6 +178,13 @@ fn run(args: Args) -> Result<()> {
         }
     }
     print_summary(&sides, &summary);
+    for forwarder in sides.iter().filter_map(|side| side.forwarder) {
+        println!(
+            "peak resident memory of {}: {:.1} MiB",
+            forwarder.name,
+            forwarder.peak_rss_kib()? as f64 / 1024.0
+        );
+    }
     println!(
         "\ntotal {:.0} s; proxy: {}",
         started.elapsed().as_secs_f64(),
@@ -376,6 +383,16 @@ impl Forwarder {
         // SAFETY: sysconf has no preconditions.
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         Ok(ticks as f64 / per_second as f64)
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .context("no VmHWM in /proc/PID/status")
     }
 
     fn log_tail(&self) -> String {

@@ -24,7 +24,7 @@ use ferrata_tests::ferrata_testkit::raw::status::{
     SERVER_MORE_RESULTS_EXISTS, SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_CURSOR_EXISTS, SERVER_STATUS_IN_TRANS,
     SERVER_STATUS_LAST_ROW_SENT,
 };
-use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn};
+use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn, lenenc};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
 use ferrata_tests::{
     Setup, assert_same_packets, com, command, execute_no_params, mask_statement_id, raw_prepare, read_prepare_response,
@@ -823,19 +823,6 @@ fn parse_ok(payload: &[u8]) -> Result<OkPacket> {
         warnings: u16::from_le_bytes([fixed[2], fixed[3]]),
         info: String::from_utf8(info.to_vec())?,
     })
-}
-
-fn lenenc(buf: &[u8]) -> Option<(u64, usize)> {
-    let width = match *buf.first()? {
-        byte @ 0..=0xFA => return Some((u64::from(byte), 1)),
-        0xFC => 2,
-        0xFD => 3,
-        0xFE => 8,
-        _ => return None,
-    };
-    let mut bytes = [0u8; 8];
-    bytes[..width].copy_from_slice(buf.get(1..1 + width)?);
-    Some((u64::from_le_bytes(bytes), 1 + width))
 }
 
 /// Status flags of a result set terminator: an EOF, or an OK-layout packet with

@@ -386,7 +386,7 @@ fn eof_status(payload: &[u8]) -> Result<u16> {
 }
 
 /// Length-encoded integer at the start of `buf`: (value, bytes used).
-fn lenenc(buf: &[u8]) -> Option<(u64, usize)> {
+pub fn lenenc(buf: &[u8]) -> Option<(u64, usize)> {
     let width = match *buf.first()? {
         byte @ 0..=0xFA => return Some((u64::from(byte), 1)),
         0xFC => 2,
