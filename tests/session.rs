@@ -258,6 +258,44 @@ async fn proxy_speaks_tls_to_a_tls_backend() -> Result<()> {
 }
 
 #[tokio::test]
+async fn backend_tls_failures_reach_the_client_as_err_2026() -> Result<()> {
+    let server_certs = Certs::self_signed()?;
+    let other_ca = Certs::self_signed()?;
+    let tls_server = MariaDb::start_with(MariaDbOptions {
+        tls: Some(ServerTls {
+            cert_pem: server_certs.cert.clone(),
+            key_pem: server_certs.key.clone(),
+        }),
+        ..MariaDbOptions::default()
+    })
+    .await?;
+    let plain_server = MariaDb::start().await?;
+    // (server, CA the proxy trusts, what the message must say)
+    let cases = [
+        (&tls_server, &other_ca, "TLS handshake"),
+        (&plain_server, &server_certs, "does not offer TLS"),
+    ];
+    for (server, ca, fragment) in cases {
+        let mut config = ferrata_tests::test_config(server.addr());
+        config.backend_tls = Some(BackendTls {
+            ca: ca.cert.clone(),
+            server_name: None,
+        });
+        let proxy = Proxy::start_with(config).await?;
+        let err = Conn::new(proxy.opts()).await.err().context("login must fail")?;
+        let mysql_async::Error::Server(e) = &err else {
+            bail!("expected an ERR packet, got {err:?}");
+        };
+        assert_eq!((e.code, e.state.as_str()), (2026, "HY000"), "{err}");
+        assert!(
+            e.message.contains(fragment) && e.message.contains("backend_tls"),
+            "{err}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn backend_over_a_unix_socket_serves_like_directly() -> Result<()> {
     let db = MariaDb::start().await?;
     let mut config = ferrata_tests::test_config(db.addr());

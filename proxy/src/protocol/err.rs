@@ -68,6 +68,18 @@ impl ErrPacket {
         )
     }
 
+    /// CR_SSL_CONNECTION_ERROR, as MySQL clients report a failed TLS setup.
+    pub fn backend_tls(cause: &str) -> Self {
+        Self::new(
+            2026,
+            "HY000",
+            format!(
+                "ferrata-proxy could not set up TLS to the database: {cause}; check the proxy's \
+                 backend_tls settings (ca, server_name) against the server's certificate"
+            ),
+        )
+    }
+
     /// CR_SERVER_LOST, as MySQL clients report a server that went away mid-command.
     pub fn backend_lost(cause: &str) -> Self {
         Self::new(

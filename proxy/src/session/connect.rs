@@ -139,9 +139,10 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
     let mut backend_seq = 1u8;
     if let Some((connector, name)) = &shared.backend_tls {
         if !server_caps.has(Capabilities::SSL) {
-            return Err(SessionError::Tls(
-                "backend_tls is configured but the backend does not offer TLS".into(),
-            ));
+            return Err(SessionError::BackendTls {
+                cause: "backend_tls is configured but the server does not offer TLS".into(),
+                seq: client_seq.wrapping_add(1),
+            });
         }
         let request = ClientResponse::ssl_request_from(&client.buf[4..payload_end]);
         let mut packet = Vec::with_capacity(4 + request.len());
@@ -157,7 +158,10 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         let tls = connector
             .connect(name.clone(), tcp)
             .await
-            .map_err(|e| SessionError::Tls(format!("backend TLS handshake: {e}")))?;
+            .map_err(|e| SessionError::BackendTls {
+                cause: format!("TLS handshake: {e}"),
+                seq: client_seq.wrapping_add(1),
+            })?;
         backend.stream = Stream::ClientTls(Box::new(tls));
         backend_seq = 2;
     }

@@ -68,7 +68,13 @@ pub enum SessionError {
     BackendRefused,
     /// Authentication failed; the backend's ERR was already relayed.
     AuthenticationFailed,
+    /// TLS with the client failed: nothing can be said to it any more.
     Tls(String),
+    /// TLS to the backend failed: the client, waiting for its login result, is told why.
+    BackendTls {
+        cause: String,
+        seq: u8,
+    },
     HandshakeTimeout,
 }
 
@@ -115,7 +121,7 @@ impl SessionError {
             SessionError::Client { .. } => Some(ErrorKind::ClientProtocol),
             SessionError::Backend { .. } => Some(ErrorKind::Backend),
             SessionError::BackendProtocol { .. } => Some(ErrorKind::BackendProtocol),
-            SessionError::Tls(_) => Some(ErrorKind::Tls),
+            SessionError::Tls(_) | SessionError::BackendTls { .. } => Some(ErrorKind::Tls),
             SessionError::HandshakeTimeout => Some(ErrorKind::HandshakeTimeout),
         }
     }
@@ -167,6 +173,10 @@ impl SessionError {
             SessionError::Tls(cause) => {
                 tracing::warn!(%cause, "TLS failed");
                 None
+            }
+            SessionError::BackendTls { cause, seq } => {
+                tracing::error!(%cause, "TLS to the backend failed");
+                Some(ErrPacket::backend_tls(&cause).to_packet(seq))
             }
             SessionError::HandshakeTimeout => {
                 tracing::info!("handshake timed out");
