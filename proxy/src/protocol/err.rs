@@ -110,11 +110,6 @@ impl ErrPacket {
         )
     }
 
-    /// ER_SERVER_SHUTDOWN.
-    pub fn shutting_down() -> Self {
-        Self::new(1053, "08S01", "ferrata-proxy is shutting down")
-    }
-
     /// The payload, without the packet header, in the 4.1 layout with an SQLSTATE: every
     /// client the proxy talks to negotiated CLIENT_PROTOCOL_41. Before that negotiation, see
     /// [`ErrPacket::to_greeting_packet`].
