@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use ferrata_tests::ferrata_testkit::free_port;
 use ferrata_tests::ferrata_testkit::raw::flags;
-use ferrata_tests::{Proxy, Setup, http_get, metric};
+use ferrata_tests::{Proxy, Setup, framed, http_get, metric};
 use mysql_async::Conn;
 use mysql_async::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -410,13 +410,6 @@ fn parse_err(bytes: &[u8]) -> Result<(u16, String, String)> {
     ensure!(rest.len() >= 5, "ERR without SQLSTATE: {bytes:02x?}");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     Ok((u16::from_le_bytes([*lo, *hi]), text(&rest[..5]), text(&rest[5..])))
-}
-
-/// A packet with sequence id `seq`.
-fn framed(seq: u8, payload: &[u8]) -> Vec<u8> {
-    let mut packet = (payload.len() as u32).to_le_bytes();
-    packet[3] = seq;
-    [&packet[..], payload].concat()
 }
 
 /// `len` pseudo-random bytes, the same for the same seed.

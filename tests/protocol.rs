@@ -14,8 +14,6 @@
 //! - COM_FIELD_LIST, COM_STATISTICS, COM_PING, COM_INIT_DB;
 //! - the `mariadb` command-line client, whose output must not change through the proxy.
 
-use std::net::SocketAddr;
-
 use anyhow::{Context, Result, ensure};
 use ferrata_tests::ferrata_testkit::raw::flags::{
     CLIENT_DEPRECATE_EOF, CLIENT_FOUND_ROWS, CLIENT_LOCAL_FILES, DEFAULT,
@@ -24,11 +22,11 @@ use ferrata_tests::ferrata_testkit::raw::status::{
     SERVER_MORE_RESULTS_EXISTS, SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_CURSOR_EXISTS, SERVER_STATUS_IN_TRANS,
     SERVER_STATUS_LAST_ROW_SENT,
 };
-use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn, lenenc};
+use ferrata_tests::ferrata_testkit::raw::{Packet, lenenc};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
 use ferrata_tests::{
-    Setup, assert_same_packets, com, command, execute_no_params, mask_statement_id, raw_prepare, read_prepare_response,
-    read_until_terminator,
+    Setup, assert_same_packets, com, command, execute_payload, framed, mariadb_cli, mask_statement_id,
+    prepare_and_execute, raw_prepare, read_prepare_response, read_until_terminator,
 };
 use mysql_async::prelude::*;
 use mysql_async::{Column, Conn, Row, Value};
@@ -401,7 +399,7 @@ async fn cursor_fetches_in_batches() -> Result<()> {
         let mut ids = Vec::new();
         for conn in [&mut direct, &mut proxied] {
             let (_, id) = raw_prepare(conn, sql).await?;
-            conn.send_command(&execute_no_params(id, 1)).await?;
+            conn.send_command(&execute_payload(id, 1, &[])).await?;
             ids.push(id);
         }
         let d = direct.read_response().await?;
@@ -513,7 +511,7 @@ async fn pipelined_prepare_and_execute_last_statement() -> Result<()> {
         let mut responses = Vec::new();
         for conn in [&mut direct, &mut proxied] {
             conn.stream_mut()
-                .write_all(&[packet(0, &prepare), packet(0, &execute)].concat())
+                .write_all(&[framed(0, &prepare), framed(0, &execute)].concat())
                 .await?;
             let (mut packets, id) = read_prepare_response(conn).await?;
             ensure!(id != 0, "{what}: prepare failed: {packets:?}");
@@ -539,7 +537,7 @@ async fn pipelined_prepare_and_execute_last_statement() -> Result<()> {
     ];
     let burst: Vec<u8> = queries
         .iter()
-        .flat_map(|q| packet(0, &command(com::QUERY, q.as_bytes())))
+        .flat_map(|q| framed(0, &command(com::QUERY, q.as_bytes())))
         .collect();
     for flags in FLAG_SETS {
         let (mut direct, mut proxied) = setup.raw_pair(flags).await?;
@@ -718,12 +716,12 @@ async fn mariadb_cli_output_is_the_same() -> Result<()> {
         &["--batch", "-e", "SELECT 1; SELECT * FROM no_such_table; SELECT 2"],
     ];
     for args in runs {
-        let direct = mariadb_cli(setup.db.addr(), args).await?;
-        let proxied = mariadb_cli(setup.proxy.addr, args).await?;
+        let direct = mariadb_cli(setup.db.addr(), APP_USER, APP_PASSWORD, Some("test"), args).await?;
+        let proxied = mariadb_cli(setup.proxy.addr, APP_USER, APP_PASSWORD, Some("test"), args).await?;
         assert_eq!(direct, proxied, "mariadb {args:?}");
         assert!(!proxied.1.is_empty(), "mariadb {args:?} printed nothing");
     }
-    let (status, _, stderr) = mariadb_cli(setup.proxy.addr, runs[4]).await?;
+    let (status, _, stderr) = mariadb_cli(setup.proxy.addr, APP_USER, APP_PASSWORD, Some("test"), runs[4]).await?;
     assert_eq!(status, Some(1));
     assert!(
         stderr.contains("ERROR 1146 (42S02) at line 1: Table 'test.no_such_table' doesn't exist"),
@@ -740,43 +738,6 @@ async fn mariadb_cli_output_is_the_same() -> Result<()> {
 const TYPE_LONGLONG: u8 = 0x08;
 const TYPE_BLOB: u8 = 0xFC;
 const TYPE_VAR_STRING: u8 = 0xFD;
-
-/// A COM_STMT_EXECUTE payload binding new parameter types: `(type, value)`, where a `None`
-/// value was sent with COM_STMT_SEND_LONG_DATA. No parameter is NULL.
-fn execute_payload(stmt_id: u32, cursor: u8, params: &[(u8, Option<Vec<u8>>)]) -> Vec<u8> {
-    let mut payload = execute_no_params(stmt_id, cursor);
-    if params.is_empty() {
-        return payload;
-    }
-    payload.extend(std::iter::repeat_n(0u8, params.len().div_ceil(8)));
-    payload.push(1); // new parameters bound
-    for (kind, _) in params {
-        payload.extend_from_slice(&[*kind, 0]);
-    }
-    for value in params.iter().filter_map(|(_, value)| value.as_ref()) {
-        payload.extend_from_slice(value);
-    }
-    payload
-}
-
-/// Prepares `sql`, executes it with `params` and returns both responses (statement id
-/// masked).
-async fn prepare_and_execute(conn: &mut RawConn, sql: &str, params: &[(u8, Option<Vec<u8>>)]) -> Result<Vec<Packet>> {
-    let (mut packets, id) = raw_prepare(conn, sql).await?;
-    mask_statement_id(&mut packets);
-    conn.send_command(&execute_payload(id, 0, params)).await?;
-    packets.extend(conn.read_response().await?);
-    conn.send_command(&command(com::STMT_CLOSE, &id.to_le_bytes())).await?;
-    Ok(packets)
-}
-
-/// One physical packet (header and payload) for writing several at once.
-fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_le_bytes()[..3].to_vec();
-    out.push(seq);
-    out.extend_from_slice(payload);
-    out
-}
 
 /// A length-encoded string of fewer than 251 bytes.
 fn lenenc_str(s: &[u8]) -> Vec<u8> {
@@ -847,24 +808,4 @@ async fn all_result_sets(conn: &mut Conn, sql: &str) -> Result<Vec<(Vec<Column>,
         sets.push((columns, rows.into_iter().map(Row::unwrap).collect()));
     }
     Ok(sets)
-}
-
-/// Runs the `mariadb` client against `addr`; returns exit code, stdout and stderr.
-async fn mariadb_cli(addr: SocketAddr, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let output = tokio::process::Command::new("mariadb")
-        .args(["--no-defaults", "--protocol=tcp", "-h", &addr.ip().to_string()])
-        .arg(format!("-P{}", addr.port()))
-        .arg(format!("-u{APP_USER}"))
-        .arg(format!("-p{APP_PASSWORD}"))
-        .arg("test")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .context("running the mariadb client")?;
-    Ok((
-        output.status.code(),
-        String::from_utf8(output.stdout)?,
-        String::from_utf8(output.stderr)?,
-    ))
 }

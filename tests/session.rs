@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use ferrata_proxy::config::{BackendTls, ClientTls};
 use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn, flags};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions, ServerTls};
-use ferrata_tests::{Proxy, Setup, tcp_opts};
+use ferrata_tests::{Proxy, Setup, mariadb_cli, tcp_opts};
 use mysql_async::prelude::*;
 use mysql_async::{ChangeUserOpts, Conn, SslOpts, Value};
 
@@ -151,31 +151,20 @@ async fn mariadb_cli_with_ed25519_user_works_through_the_proxy() -> Result<()> {
     create_ed25519_user(&setup.db).await?;
     let mut outputs = Vec::new();
     for addr in [setup.db.addr(), setup.proxy.addr] {
-        let run = |password: &str| {
-            tokio::process::Command::new("mariadb")
-                .args([
-                    "--no-defaults",
-                    "--protocol=TCP",
-                    "--skip-ssl",
-                    "--batch",
-                    "--skip-column-names",
-                ])
-                .arg(format!("--host={}", addr.ip()))
-                .arg(format!("--port={}", addr.port()))
-                .arg(format!("--user={ED_USER}"))
-                .arg(format!("--password={password}"))
-                .args(["--execute", "SELECT CURRENT_USER(), 6 * 7"])
-                .output()
+        let run = |password| {
+            let args = [
+                "--skip-ssl",
+                "--batch",
+                "--skip-column-names",
+                "--execute",
+                "SELECT CURRENT_USER(), 6 * 7",
+            ];
+            async move { mariadb_cli(addr, ED_USER, password, None, &args).await }
         };
-        let ok = run(ED_PASSWORD).await.context("running the mariadb client")?;
-        let wrong = run("wrong").await?;
-        assert!(!wrong.status.success());
-        outputs.push((
-            ok.status.success(),
-            String::from_utf8_lossy(&ok.stdout).into_owned(),
-            String::from_utf8_lossy(&ok.stderr).into_owned(),
-            String::from_utf8_lossy(&wrong.stderr).into_owned(),
-        ));
+        let (code, stdout, stderr) = run(ED_PASSWORD).await?;
+        let (wrong_code, _, wrong_stderr) = run("wrong").await?;
+        assert_ne!(wrong_code, Some(0));
+        outputs.push((code == Some(0), stdout, stderr, wrong_stderr));
     }
     let (success, stdout, stderr, _) = &outputs[0];
     assert!(success, "direct: {stderr}");

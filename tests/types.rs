@@ -15,9 +15,9 @@
 
 use anyhow::{Context, Result};
 use ferrata_tests::ferrata_testkit::MariaDbOptions;
+use ferrata_tests::ferrata_testkit::raw::MAX_PAYLOAD;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
-use ferrata_tests::ferrata_testkit::raw::{MAX_PAYLOAD, RawConn};
-use ferrata_tests::{Setup, assert_same_packets, com, command, execute_no_params, mask_statement_id, raw_prepare};
+use ferrata_tests::{Setup, assert_same_packets, prepare_and_execute};
 use mysql_async::prelude::*;
 use mysql_async::{Column, Conn, Params, Row, Value};
 
@@ -151,8 +151,8 @@ async fn whole_responses_match_byte_for_byte() -> Result<()> {
             );
             assert_same_packets(&d, &p, &format!("{what}, text"));
 
-            let d = prepare_and_execute(&mut direct, &select).await?;
-            let p = prepare_and_execute(&mut proxied, &select).await?;
+            let d = prepare_and_execute(&mut direct, &select, &[]).await?;
+            let p = prepare_and_execute(&mut proxied, &select, &[]).await?;
             assert_same_packets(&d, &p, &format!("{what}, binary"));
         }
     }
@@ -204,8 +204,8 @@ async fn blobs_larger_than_one_packet() -> Result<()> {
                 let p = proxied.query(&sql).await?;
                 assert!(d.iter().any(|p| p.payload.len() == MAX_PAYLOAD), "{what}: not split");
                 assert_same_packets(&d, &p, &format!("{what}, raw text, flags {flags:#x}"));
-                let d = prepare_and_execute(&mut direct, &sql).await?;
-                let p = prepare_and_execute(&mut proxied, &sql).await?;
+                let d = prepare_and_execute(&mut direct, &sql, &[]).await?;
+                let p = prepare_and_execute(&mut proxied, &sql, &[]).await?;
                 assert_same_packets(&d, &p, &format!("{what}, raw binary, flags {flags:#x}"));
                 // Both sessions are still in step after the big response.
                 assert_same_packets(
@@ -440,21 +440,6 @@ async fn binary(conn: &mut Conn, sql: &str, params: Params) -> Result<ResultSet>
 fn assert_same_result(direct: &ResultSet, proxied: &ResultSet, what: &str) {
     assert_eq!(direct.0, proxied.0, "{what}: column metadata");
     assert_eq!(format!("{:?}", direct.1), format!("{:?}", proxied.1), "{what}: values");
-}
-
-/// Prepares `sql`, executes it without parameters and returns every packet of both
-/// responses (with the statement id masked), then closes the statement.
-async fn prepare_and_execute(
-    conn: &mut RawConn,
-    sql: &str,
-) -> Result<Vec<ferrata_tests::ferrata_testkit::raw::Packet>> {
-    let (mut packets, id) = raw_prepare(conn, sql).await?;
-    mask_statement_id(&mut packets);
-    conn.send_command(&execute_no_params(id, 0)).await?;
-    packets.extend(conn.read_response().await?);
-    // COM_STMT_CLOSE has no response.
-    conn.send_command(&command(com::STMT_CLOSE, &id.to_le_bytes())).await?;
-    Ok(packets)
 }
 
 fn hex(bytes: &[u8]) -> String {

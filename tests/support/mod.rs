@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferrata_proxy::{Config, Server};
-use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions, raw::RawConn};
+use ferrata_testkit::raw::{Packet, RawConn};
+use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use mysql_async::OptsBuilder;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -204,7 +205,7 @@ pub fn command(cmd: u8, body: &[u8]) -> Vec<u8> {
 /// Reads a COM_STMT_PREPARE response: PREPARE_OK, parameter and column definitions (each
 /// followed by an EOF unless CLIENT_DEPRECATE_EOF), or an ERR. Returns the packets and the
 /// statement id (0 for an ERR).
-pub async fn read_prepare_response(conn: &mut RawConn) -> Result<(Vec<ferrata_testkit::raw::Packet>, u32)> {
+pub async fn read_prepare_response(conn: &mut RawConn) -> Result<(Vec<Packet>, u32)> {
     use ferrata_testkit::raw::flags::CLIENT_DEPRECATE_EOF;
     let first = conn.read_packet().await?;
     let p = &first.payload;
@@ -228,7 +229,7 @@ pub async fn read_prepare_response(conn: &mut RawConn) -> Result<(Vec<ferrata_te
 }
 
 /// Sends COM_STMT_PREPARE for `sql` and reads the response; fails on an ERR.
-pub async fn raw_prepare(conn: &mut RawConn, sql: &str) -> Result<(Vec<ferrata_testkit::raw::Packet>, u32)> {
+pub async fn raw_prepare(conn: &mut RawConn, sql: &str) -> Result<(Vec<Packet>, u32)> {
     conn.send_command(&command(com::STMT_PREPARE, sql.as_bytes())).await?;
     let (packets, id) = read_prepare_response(conn).await?;
     anyhow::ensure!(
@@ -239,19 +240,84 @@ pub async fn raw_prepare(conn: &mut RawConn, sql: &str) -> Result<(Vec<ferrata_t
     Ok((packets, id))
 }
 
-/// A COM_STMT_EXECUTE payload for a statement without parameters (or whose parameters were
-/// all sent as long data and bound before), with cursor `flags` (0 or 1 = read only).
-pub fn execute_no_params(stmt_id: u32, flags: u8) -> Vec<u8> {
+/// A COM_STMT_EXECUTE payload with cursor `flags` (0, or 1 = read only), binding new
+/// parameter types: `(type, value)`, where a `None` value was sent with
+/// COM_STMT_SEND_LONG_DATA. No parameter is NULL.
+pub fn execute_payload(stmt_id: u32, flags: u8, params: &[(u8, Option<Vec<u8>>)]) -> Vec<u8> {
     let mut payload = vec![com::STMT_EXECUTE];
     payload.extend_from_slice(&stmt_id.to_le_bytes());
     payload.push(flags);
     payload.extend_from_slice(&1u32.to_le_bytes());
+    if params.is_empty() {
+        return payload;
+    }
+    payload.extend(std::iter::repeat_n(0u8, params.len().div_ceil(8)));
+    payload.push(1); // new parameters bound
+    for (kind, _) in params {
+        payload.extend_from_slice(&[*kind, 0]);
+    }
+    for value in params.iter().filter_map(|(_, value)| value.as_ref()) {
+        payload.extend_from_slice(value);
+    }
     payload
+}
+
+/// Prepares `sql`, executes it with `params` and returns every packet of both responses
+/// (statement id masked), then closes the statement.
+pub async fn prepare_and_execute(
+    conn: &mut RawConn,
+    sql: &str,
+    params: &[(u8, Option<Vec<u8>>)],
+) -> Result<Vec<Packet>> {
+    let (mut packets, id) = raw_prepare(conn, sql).await?;
+    mask_statement_id(&mut packets);
+    conn.send_command(&execute_payload(id, 0, params)).await?;
+    packets.extend(conn.read_response().await?);
+    // COM_STMT_CLOSE has no response.
+    conn.send_command(&command(com::STMT_CLOSE, &id.to_le_bytes())).await?;
+    Ok(packets)
+}
+
+/// One physical packet (header and payload) with sequence id `seq`, for tests that write
+/// bytes themselves: several commands at once, or malformed ones.
+pub fn framed(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut header = (payload.len() as u32).to_le_bytes();
+    header[3] = seq;
+    [&header[..], payload].concat()
+}
+
+/// Runs the `mariadb` command-line client over TCP against `addr`, on database `db` if
+/// given, with `args` after the connection options; returns its exit code, stdout and
+/// stderr.
+pub async fn mariadb_cli(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: Option<&str>,
+    args: &[&str],
+) -> Result<(Option<i32>, String, String)> {
+    let output = tokio::process::Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=tcp"])
+        .arg(format!("--host={}", addr.ip()))
+        .arg(format!("--port={}", addr.port()))
+        .arg(format!("--user={user}"))
+        .arg(format!("--password={password}"))
+        .args(db.map(|db| format!("--database={db}")))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("running the mariadb client")?;
+    Ok((
+        output.status.code(),
+        String::from_utf8(output.stdout)?,
+        String::from_utf8(output.stderr)?,
+    ))
 }
 
 /// Reads packets up to and including an ERR or a terminator (EOF, or the OK-layout packet
 /// starting with 0xFE): the shape of COM_STMT_FETCH and COM_FIELD_LIST responses.
-pub async fn read_until_terminator(conn: &mut RawConn) -> Result<Vec<ferrata_testkit::raw::Packet>> {
+pub async fn read_until_terminator(conn: &mut RawConn) -> Result<Vec<Packet>> {
     let mut packets = Vec::new();
     loop {
         let packet = conn.read_packet().await?;
@@ -266,7 +332,7 @@ pub async fn read_until_terminator(conn: &mut RawConn) -> Result<Vec<ferrata_tes
 
 /// Sets the statement id of a PREPARE_OK packet (the first of a prepare response) to 0, as
 /// the ids two connections get need not agree.
-pub fn mask_statement_id(packets: &mut [ferrata_testkit::raw::Packet]) {
+pub fn mask_statement_id(packets: &mut [Packet]) {
     if let Some(first) = packets.first_mut()
         && first.payload.first() == Some(&0x00)
         && first.payload.len() >= 5
@@ -278,12 +344,8 @@ pub fn mask_statement_id(packets: &mut [ferrata_testkit::raw::Packet]) {
 /// Asserts two packet sequences are identical (sequence ids and payloads), reporting the
 /// first difference briefly instead of dumping megabytes.
 #[track_caller]
-pub fn assert_same_packets(
-    direct: &[ferrata_testkit::raw::Packet],
-    proxied: &[ferrata_testkit::raw::Packet],
-    what: &str,
-) {
-    let show = |p: &ferrata_testkit::raw::Packet| {
+pub fn assert_same_packets(direct: &[Packet], proxied: &[Packet], what: &str) {
+    let show = |p: &Packet| {
         let head = &p.payload[..p.payload.len().min(64)];
         format!(
             "seq {} len {} {:02x?} {:?}",

@@ -101,15 +101,6 @@ impl ErrPacket {
         )
     }
 
-    /// The handshake did not finish in time.
-    pub fn handshake_timeout() -> Self {
-        Self::new(
-            1043,
-            "08S01",
-            "Bad handshake: the client did not complete the handshake in time",
-        )
-    }
-
     /// The payload, without the packet header, in the 4.1 layout with an SQLSTATE: every
     /// client the proxy talks to negotiated CLIENT_PROTOCOL_41. Before that negotiation, see
     /// [`ErrPacket::to_greeting_packet`].

@@ -178,9 +178,10 @@ impl SessionError {
                 tracing::error!(%cause, "TLS to the backend failed");
                 Some(ErrPacket::backend_tls(&cause).to_packet(seq))
             }
+            // The timeout dropped the connection phase, client socket included: nothing to tell.
             SessionError::HandshakeTimeout => {
                 tracing::info!("handshake timed out");
-                Some(ErrPacket::handshake_timeout().to_packet(0))
+                None
             }
         };
         if let (Some(reply), Some(client)) = (reply, client) {
