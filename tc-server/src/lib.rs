@@ -2,6 +2,11 @@
 //! needs (configuration and a process that starts and stops cleanly); the coordinator
 //! itself (global transactions, branches, global locks, phase 2) is the next piece of work.
 
+pub mod lock_key;
+pub mod locks;
+pub mod model;
+pub mod store;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

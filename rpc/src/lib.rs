@@ -1,0 +1,161 @@
+//! What Ferrata's proxy and coordinator both speak: the generated gRPC protocol
+//! (`proto/ferrata.proto`), the stable error codes the coordinator attaches to its errors,
+//! and the bearer-token plumbing.
+
+pub mod pb {
+    tonic::include_proto!("ferrata.v1");
+}
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::{Code, Request, Status};
+
+/// Metadata key of the machine-readable error code on every coordinator error.
+pub const CODE_KEY: &str = "ferrata-code";
+/// Metadata key of the XID holding the rows, on lock errors.
+pub const HOLDER_KEY: &str = "ferrata-holder";
+
+/// The coordinator's error codes: stable strings for programs, each with the gRPC code and
+/// HTTP status it travels with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// A field is missing, malformed or out of range.
+    InvalidArgument,
+    /// No token, or the wrong one.
+    Unauthenticated,
+    /// The XID is unknown: never issued, or finished and forgotten.
+    GlobalNotFound,
+    /// The global transaction is not in a status that allows the request.
+    GlobalStatusInvalid,
+    /// The branch id is unknown within its global transaction.
+    BranchNotFound,
+    /// Rows stayed held by another global transaction past the caller's wait.
+    LockWaitTimeout,
+    /// Rows are held by a global transaction that is rolling back: the caller should roll
+    /// back its local transaction so the rollback can take the database row locks.
+    LockHolderRollingBack,
+    /// Waiting would close a cycle of global transactions waiting for each other; the
+    /// youngest is refused.
+    Deadlock,
+    /// The durable store failed; the request was not acknowledged.
+    StoreFailed,
+    /// The coordinator is shutting down.
+    ShuttingDown,
+    /// A resource manager's stream broke the protocol.
+    RmProtocol,
+    /// The HTTP route does not exist.
+    NotFound,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::InvalidArgument,
+        ErrorCode::Unauthenticated,
+        ErrorCode::GlobalNotFound,
+        ErrorCode::GlobalStatusInvalid,
+        ErrorCode::BranchNotFound,
+        ErrorCode::LockWaitTimeout,
+        ErrorCode::LockHolderRollingBack,
+        ErrorCode::Deadlock,
+        ErrorCode::StoreFailed,
+        ErrorCode::ShuttingDown,
+        ErrorCode::RmProtocol,
+        ErrorCode::NotFound,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::GlobalNotFound => "global_not_found",
+            ErrorCode::GlobalStatusInvalid => "global_status_invalid",
+            ErrorCode::BranchNotFound => "branch_not_found",
+            ErrorCode::LockWaitTimeout => "lock_wait_timeout",
+            ErrorCode::LockHolderRollingBack => "lock_holder_rolling_back",
+            ErrorCode::Deadlock => "deadlock",
+            ErrorCode::StoreFailed => "store_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::RmProtocol => "rm_protocol",
+            ErrorCode::NotFound => "not_found",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    pub fn grpc_code(self) -> Code {
+        match self {
+            ErrorCode::InvalidArgument | ErrorCode::RmProtocol => Code::InvalidArgument,
+            ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::GlobalNotFound | ErrorCode::BranchNotFound | ErrorCode::NotFound => Code::NotFound,
+            ErrorCode::GlobalStatusInvalid => Code::FailedPrecondition,
+            ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
+            ErrorCode::StoreFailed => Code::Internal,
+            ErrorCode::ShuttingDown => Code::Unavailable,
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidArgument | ErrorCode::RmProtocol => 400,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::GlobalNotFound | ErrorCode::BranchNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::GlobalStatusInvalid | ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack => 409,
+            ErrorCode::Deadlock => 409,
+            ErrorCode::StoreFailed => 500,
+            ErrorCode::ShuttingDown => 503,
+        }
+    }
+
+    /// A gRPC status carrying this code (and the holder XID, for lock errors).
+    pub fn status(self, message: impl Into<String>, holder: Option<&str>) -> Status {
+        let mut status = Status::new(self.grpc_code(), message);
+        status
+            .metadata_mut()
+            .insert(CODE_KEY, MetadataValue::from_static(self.as_str()));
+        if let Some(value) = holder.and_then(|h| MetadataValue::try_from(h).ok()) {
+            status.metadata_mut().insert(HOLDER_KEY, value);
+        }
+        status
+    }
+
+    /// The coordinator's code on a status, if it carries one.
+    pub fn of(status: &Status) -> Option<ErrorCode> {
+        status
+            .metadata()
+            .get(CODE_KEY)?
+            .to_str()
+            .ok()
+            .and_then(ErrorCode::parse)
+    }
+}
+
+/// The holder XID on a lock error, if any.
+pub fn holder_of(status: &Status) -> Option<String> {
+    Some(status.metadata().get(HOLDER_KEY)?.to_str().ok()?.to_owned())
+}
+
+/// Client-side interceptor that adds `authorization: Bearer <token>` to every call when a
+/// token is configured.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<BearerToken, String> {
+        match token {
+            None => Ok(BearerToken(None)),
+            Some(t) => MetadataValue::try_from(format!("Bearer {t}"))
+                .map(|v| BearerToken(Some(v)))
+                .map_err(|_| "the token must be printable ASCII".to_owned()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}

@@ -1,0 +1,361 @@
+//! The coordinator's data model: global transactions and branches as they are stored, and
+//! the status machines that say which changes are allowed. ARCHITECTURE.md draws the same
+//! machines; `GlobalStatus::can_become` is the single source of truth.
+
+use ferrata_rpc::pb;
+use serde::{Deserialize, Serialize};
+
+use crate::lock_key::LockKey;
+
+/// Status of a global transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum GlobalStatus {
+    /// Running: branches may register.
+    Begin,
+    /// Commit accepted, decision not yet durable. Held in memory only: a crash here leaves
+    /// the transaction in Begin, which is right because the commit was not acknowledged.
+    Committing,
+    /// Commit decided and durable, locks released; branches are told to commit (delete their
+    /// undo records) in the background.
+    AsyncCommitting,
+    /// Every branch committed.
+    Committed,
+    /// A branch can never commit (its resource said so); kept for an operator.
+    CommitFailed,
+    /// Rollback decided by the transaction manager; branches roll back in reverse order.
+    Rollbacking,
+    /// A branch rollback failed in a way worth retrying; retried with backoff.
+    RollbackRetrying,
+    /// Every branch rolled back.
+    Rollbacked,
+    /// A branch rollback can never succeed (for example its rows were changed outside the
+    /// global transaction); the transaction and its locks stay for an operator.
+    RollbackFailed,
+    /// The same four for a rollback the coordinator started because the transaction outlived
+    /// its timeout.
+    TimeoutRollbacking,
+    TimeoutRollbackRetrying,
+    TimeoutRollbacked,
+    TimeoutRollbackFailed,
+}
+
+impl GlobalStatus {
+    pub const ALL: [GlobalStatus; 13] = [
+        GlobalStatus::Begin,
+        GlobalStatus::Committing,
+        GlobalStatus::AsyncCommitting,
+        GlobalStatus::Committed,
+        GlobalStatus::CommitFailed,
+        GlobalStatus::Rollbacking,
+        GlobalStatus::RollbackRetrying,
+        GlobalStatus::Rollbacked,
+        GlobalStatus::RollbackFailed,
+        GlobalStatus::TimeoutRollbacking,
+        GlobalStatus::TimeoutRollbackRetrying,
+        GlobalStatus::TimeoutRollbacked,
+        GlobalStatus::TimeoutRollbackFailed,
+    ];
+
+    /// Whether the status machine allows `self -> next`.
+    pub fn can_become(self, next: GlobalStatus) -> bool {
+        use GlobalStatus::*;
+        matches!(
+            (self, next),
+            (Begin, Committing | Rollbacking | TimeoutRollbacking)
+                | (Committing, AsyncCommitting | Committed)
+                | (AsyncCommitting, Committed | CommitFailed)
+                | (
+                    Rollbacking | RollbackRetrying,
+                    RollbackRetrying | Rollbacked | RollbackFailed
+                )
+                | (
+                    TimeoutRollbacking | TimeoutRollbackRetrying,
+                    TimeoutRollbackRetrying | TimeoutRollbacked | TimeoutRollbackFailed
+                )
+        )
+    }
+
+    /// No further change happens without an operator.
+    pub fn is_final(self) -> bool {
+        use GlobalStatus::*;
+        matches!(
+            self,
+            Committed | CommitFailed | Rollbacked | RollbackFailed | TimeoutRollbacked | TimeoutRollbackFailed
+        )
+    }
+
+    /// Decided rollback, still rolling back (rows it holds make requesters fail fast).
+    pub fn is_rolling_back(self) -> bool {
+        use GlobalStatus::*;
+        matches!(
+            self,
+            Rollbacking | RollbackRetrying | TimeoutRollbacking | TimeoutRollbackRetrying
+        )
+    }
+
+    /// Decided commit, phase 2 still running.
+    pub fn is_committing(self) -> bool {
+        matches!(self, GlobalStatus::AsyncCommitting)
+    }
+
+    fn timed_out(self) -> bool {
+        use GlobalStatus::*;
+        matches!(
+            self,
+            TimeoutRollbacking | TimeoutRollbackRetrying | TimeoutRollbacked | TimeoutRollbackFailed
+        )
+    }
+
+    /// The retrying form of this rollback (keeps the timeout flavour).
+    pub fn rollback_retrying(self) -> GlobalStatus {
+        if self.timed_out() {
+            GlobalStatus::TimeoutRollbackRetrying
+        } else {
+            GlobalStatus::RollbackRetrying
+        }
+    }
+
+    /// The successful end of this rollback.
+    pub fn rolled_back(self) -> GlobalStatus {
+        if self.timed_out() {
+            GlobalStatus::TimeoutRollbacked
+        } else {
+            GlobalStatus::Rollbacked
+        }
+    }
+
+    /// The failed end of this rollback.
+    pub fn rollback_failed(self) -> GlobalStatus {
+        if self.timed_out() {
+            GlobalStatus::TimeoutRollbackFailed
+        } else {
+            GlobalStatus::RollbackFailed
+        }
+    }
+
+    /// Name as used in the HTTP API, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        use GlobalStatus::*;
+        match self {
+            Begin => "Begin",
+            Committing => "Committing",
+            AsyncCommitting => "AsyncCommitting",
+            Committed => "Committed",
+            CommitFailed => "CommitFailed",
+            Rollbacking => "Rollbacking",
+            RollbackRetrying => "RollbackRetrying",
+            Rollbacked => "Rollbacked",
+            RollbackFailed => "RollbackFailed",
+            TimeoutRollbacking => "TimeoutRollbacking",
+            TimeoutRollbackRetrying => "TimeoutRollbackRetrying",
+            TimeoutRollbacked => "TimeoutRollbacked",
+            TimeoutRollbackFailed => "TimeoutRollbackFailed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<GlobalStatus> {
+        GlobalStatus::ALL
+            .into_iter()
+            .find(|g| g.as_str().eq_ignore_ascii_case(s))
+    }
+
+    pub fn to_pb(self) -> pb::GlobalStatus {
+        use GlobalStatus::*;
+        match self {
+            Begin => pb::GlobalStatus::Begin,
+            Committing => pb::GlobalStatus::Committing,
+            AsyncCommitting => pb::GlobalStatus::AsyncCommitting,
+            Committed => pb::GlobalStatus::Committed,
+            CommitFailed => pb::GlobalStatus::CommitFailed,
+            Rollbacking => pb::GlobalStatus::Rollbacking,
+            RollbackRetrying => pb::GlobalStatus::RollbackRetrying,
+            Rollbacked => pb::GlobalStatus::Rollbacked,
+            RollbackFailed => pb::GlobalStatus::RollbackFailed,
+            TimeoutRollbacking => pb::GlobalStatus::TimeoutRollbacking,
+            TimeoutRollbackRetrying => pb::GlobalStatus::TimeoutRollbackRetrying,
+            TimeoutRollbacked => pb::GlobalStatus::TimeoutRollbacked,
+            TimeoutRollbackFailed => pb::GlobalStatus::TimeoutRollbackFailed,
+        }
+    }
+}
+
+/// Status of a branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BranchStatus {
+    /// Phase 1 registered; holds its locks.
+    Registered,
+    /// The local transaction did not commit (reported by the resource manager). Its locks are
+    /// released and phase 2 skips it.
+    PhaseOneFailed,
+    /// Phase-2 commit done (the branch record is then deleted).
+    PhaseTwoCommitted,
+    /// Phase-2 rollback done (the branch record is then deleted, its locks released).
+    PhaseTwoRollbacked,
+    /// Rollback failed in a way worth retrying (resource unreachable, SQL error).
+    RollbackFailedRetryable,
+    /// Rollback can never succeed as is (for example dirty rows); keeps its locks.
+    RollbackFailedUnretryable,
+    /// The resource can never commit this branch; kept for an operator.
+    CommitFailedUnretryable,
+}
+
+impl BranchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BranchStatus::Registered => "Registered",
+            BranchStatus::PhaseOneFailed => "PhaseOneFailed",
+            BranchStatus::PhaseTwoCommitted => "PhaseTwoCommitted",
+            BranchStatus::PhaseTwoRollbacked => "PhaseTwoRollbacked",
+            BranchStatus::RollbackFailedRetryable => "RollbackFailedRetryable",
+            BranchStatus::RollbackFailedUnretryable => "RollbackFailedUnretryable",
+            BranchStatus::CommitFailedUnretryable => "CommitFailedUnretryable",
+        }
+    }
+
+    pub fn to_pb(self) -> pb::BranchStatus {
+        match self {
+            BranchStatus::Registered => pb::BranchStatus::Registered,
+            BranchStatus::PhaseOneFailed => pb::BranchStatus::PhaseOneFailed,
+            BranchStatus::PhaseTwoCommitted => pb::BranchStatus::PhaseTwoCommitted,
+            BranchStatus::PhaseTwoRollbacked => pb::BranchStatus::PhaseTwoRollbacked,
+            BranchStatus::RollbackFailedRetryable => pb::BranchStatus::RollbackFailedRetryable,
+            BranchStatus::RollbackFailedUnretryable => pb::BranchStatus::RollbackFailedUnretryable,
+            BranchStatus::CommitFailedUnretryable => pb::BranchStatus::CommitFailedUnretryable,
+        }
+    }
+
+    pub fn from_pb(status: pb::BranchStatus) -> Option<BranchStatus> {
+        Some(match status {
+            pb::BranchStatus::Unknown => return None,
+            pb::BranchStatus::Registered => BranchStatus::Registered,
+            pb::BranchStatus::PhaseOneFailed => BranchStatus::PhaseOneFailed,
+            pb::BranchStatus::PhaseTwoCommitted => BranchStatus::PhaseTwoCommitted,
+            pb::BranchStatus::PhaseTwoRollbacked => BranchStatus::PhaseTwoRollbacked,
+            pb::BranchStatus::RollbackFailedRetryable => BranchStatus::RollbackFailedRetryable,
+            pb::BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedUnretryable,
+            pb::BranchStatus::CommitFailedUnretryable => BranchStatus::CommitFailedUnretryable,
+        })
+    }
+
+    /// Phase 2 must still visit this branch.
+    pub fn needs_phase_two(self) -> bool {
+        matches!(self, BranchStatus::Registered | BranchStatus::RollbackFailedRetryable)
+    }
+}
+
+/// Why a branch failed, for the operator: a sentence and a structured detail (JSON), for
+/// example the rows that differ from the after image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchError {
+    pub reason: String,
+    pub detail_json: String,
+}
+
+/// A global transaction as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalRecord {
+    /// Numeric id; the printable XID is derived from it (see `xid.rs`).
+    pub txn_id: u64,
+    pub name: String,
+    pub status: GlobalStatus,
+    pub timeout_ms: u64,
+    /// Unix milliseconds.
+    pub begin_ms: u64,
+    pub updated_ms: u64,
+}
+
+/// A branch as stored: enough to restore its locks and run its phase 2 after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    pub txn_id: u64,
+    pub branch_id: u64,
+    pub resource_id: String,
+    pub lock_keys: Vec<LockKey>,
+    pub application_data: Vec<u8>,
+    pub status: BranchStatus,
+    pub registered_ms: u64,
+    pub updated_ms: u64,
+    pub error: Option<BranchError>,
+}
+
+/// Milliseconds since the Unix epoch, for stored timestamps.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn commit_and_rollback_paths() {
+        use GlobalStatus::*;
+        for path in [
+            &[Begin, Committing, AsyncCommitting, Committed][..],
+            &[Begin, Committing, Committed],
+            &[Begin, Committing, AsyncCommitting, CommitFailed],
+            &[Begin, Rollbacking, RollbackRetrying, RollbackRetrying, Rollbacked],
+            &[Begin, Rollbacking, RollbackFailed],
+            &[
+                Begin,
+                TimeoutRollbacking,
+                TimeoutRollbackRetrying,
+                TimeoutRollbackFailed,
+            ],
+            &[Begin, TimeoutRollbacking, TimeoutRollbacked],
+        ] {
+            for pair in path.windows(2) {
+                assert!(pair[0].can_become(pair[1]), "{:?} -> {:?}", pair[0], pair[1]);
+            }
+        }
+        assert!(!Begin.can_become(AsyncCommitting), "a commit passes through Committing");
+        assert!(
+            !Rollbacking.can_become(TimeoutRollbacked),
+            "rollback flavours do not mix"
+        );
+        assert!(
+            !AsyncCommitting.can_become(Rollbacking),
+            "a decided commit is never rolled back"
+        );
+        assert!(
+            !Rollbacking.can_become(Committing),
+            "a decided rollback is never committed"
+        );
+    }
+
+    #[test]
+    fn rollback_flavours_are_kept() {
+        use GlobalStatus::*;
+        assert_eq!(TimeoutRollbacking.rollback_retrying(), TimeoutRollbackRetrying);
+        assert_eq!(TimeoutRollbackRetrying.rolled_back(), TimeoutRollbacked);
+        assert_eq!(Rollbacking.rollback_failed(), RollbackFailed);
+        assert_eq!(RollbackRetrying.rolled_back(), Rollbacked);
+    }
+
+    fn any_status() -> impl Strategy<Value = GlobalStatus> {
+        prop::sample::select(GlobalStatus::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Final statuses never change, a commit decision is never reversed into a rollback
+        /// and vice versa, and only Begin lets a transaction take either road.
+        #[test]
+        fn machine_invariants(from in any_status(), to in any_status()) {
+            if from.is_final() {
+                prop_assert!(!from.can_become(to));
+            }
+            let commit_side = |s: GlobalStatus| matches!(s, GlobalStatus::Committing | GlobalStatus::AsyncCommitting | GlobalStatus::Committed | GlobalStatus::CommitFailed);
+            let rollback_side = |s: GlobalStatus| s != GlobalStatus::Begin && !commit_side(s);
+            if from.can_become(to) && from != GlobalStatus::Begin {
+                prop_assert_eq!(commit_side(from), commit_side(to));
+                prop_assert_eq!(rollback_side(from), rollback_side(to));
+            }
+            prop_assert!(!to.can_become(GlobalStatus::Begin));
+            prop_assert_eq!(GlobalStatus::parse(from.as_str()), Some(from));
+        }
+    }
+}
