@@ -12,7 +12,6 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod stream;
-pub mod tls;
 
 pub use config::Config;
 pub use server::Server;

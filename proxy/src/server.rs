@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::err::ErrPacket;
 use crate::session::{self, Shared};
-use crate::tls;
+use ferrata_rpc::tls;
 
 /// A bound proxy, ready to serve.
 pub struct Server {
@@ -32,11 +32,15 @@ impl Server {
     /// setting that cannot work.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
-        let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let tls_acceptor = config
+            .tls
+            .as_ref()
+            .map(|t| tls::acceptor(&t.cert, &t.key))
+            .transpose()?;
         let backend_tls = config
             .backend_tls
             .as_ref()
-            .map(|t| tls::connector(t, config.backend_host()))
+            .map(|t| tls::connector(&t.ca, t.server_name.as_deref(), config.backend_host()))
             .transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await

@@ -1,6 +1,9 @@
 //! What Ferrata's proxy and coordinator both speak: the generated gRPC protocol
 //! (`proto/ferrata.proto`), the stable error codes the coordinator attaches to its errors,
-//! and the bearer-token plumbing.
+//! the bearer-token plumbing, and TLS setup.
+
+pub mod client;
+pub mod tls;
 
 pub mod pb {
     tonic::include_proto!("ferrata.v1");

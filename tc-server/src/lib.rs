@@ -1,57 +1,27 @@
-//! ferrata-tc: Ferrata's transaction coordinator. This is the skeleton the foundation
-//! needs (configuration and a process that starts and stops cleanly); the coordinator
-//! itself (global transactions, branches, global locks, phase 2) is the next piece of work.
+//! ferrata-tc: Ferrata's transaction coordinator. It begins global transactions, records
+//! their branches durably, holds the global row locks, decides commit or rollback and drives
+//! phase 2 on the resource managers (proxies). ARCHITECTURE.md has the map; in short:
+//!
+//! - `coordinator` the requests and the in-memory sessions; `phase2` the background work
+//! - `locks` the lock manager, `lock_key` the canonical row key
+//! - `store` durability (`journal` group commit, `redb` the embedded store)
+//! - `grpc`, `http`, `rm` the two APIs and phase-2 routing; `server` start and stop
 
+pub mod auth;
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod grpc;
+pub mod http;
 pub mod lock_key;
 pub mod locks;
+pub mod metrics;
 pub mod model;
+mod phase2;
+pub mod rm;
+pub mod server;
 pub mod store;
+pub mod xid;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
-use serde::Deserialize;
-
-/// Coordinator settings, from a TOML file and flags.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// gRPC address for proxies and transaction managers.
-    pub listen: SocketAddr,
-    /// HTTP address for the JSON API, metrics and health.
-    pub http: SocketAddr,
-    /// Where the durable store lives.
-    pub data_dir: PathBuf,
-    /// This node's id, part of every XID it issues.
-    pub node_id: u16,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "127.0.0.1:8091".parse().expect("valid address"),
-            http: "127.0.0.1:7091".parse().expect("valid address"),
-            data_dir: PathBuf::from("./ferrata-data"),
-            node_id: 1,
-        }
-    }
-}
-
-impl Config {
-    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        Ok(toml::from_str(text)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_and_overrides() {
-        assert_eq!(Config::from_toml("").unwrap(), Config::default());
-        let c = Config::from_toml("node_id = 7\ndata_dir = \"/var/lib/ferrata\"").unwrap();
-        assert_eq!((c.node_id, c.data_dir), (7, PathBuf::from("/var/lib/ferrata")));
-        assert!(Config::from_toml("nodeid = 7").is_err());
-    }
-}
+pub use config::Config;
+pub use server::Server;

@@ -1,6 +1,9 @@
 //! Durable storage of global transactions and branches, behind the `Store` trait so a
 //! shared-database store for several coordinator nodes can follow the embedded one.
-//! (Interface stub; implementation in progress.)
+//!
+//! * `redb`: the embedded store, one redb file in the data directory.
+//! * `journal`: group commit in front of any `Store`: one thread, one durable commit for
+//!   everything queued, completions in submission order.
 
 pub mod journal;
 pub mod redb;
@@ -40,4 +43,39 @@ pub struct StoreError(pub String);
 pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Snapshot, StoreError>;
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+}
+
+/// Records for the store tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::lock_key::LockKey;
+    use crate::model::{BranchRecord, BranchStatus, GlobalRecord, GlobalStatus};
+
+    pub(crate) fn global(txn_id: u64, status: GlobalStatus) -> GlobalRecord {
+        GlobalRecord {
+            txn_id,
+            name: format!("txn-{txn_id}"),
+            status,
+            timeout_ms: 60_000,
+            begin_ms: 1_700_000_000_000 + txn_id,
+            updated_ms: 1_700_000_000_500 + txn_id,
+        }
+    }
+
+    pub(crate) fn branch(txn_id: u64, branch_id: u64) -> BranchRecord {
+        BranchRecord {
+            txn_id,
+            branch_id,
+            resource_id: "jdbc:mysql://db/orders".into(),
+            lock_keys: vec![
+                LockKey::new("jdbc:mysql://db/orders", "shop", "orders", &[b"1".as_slice(), b"a,b;c"]),
+                LockKey::new("jdbc:mysql://db/orders", "shop", "orders", &[[0u8, 255, 7]]),
+            ],
+            application_data: vec![0, 1, 2, 255],
+            status: BranchStatus::Registered,
+            registered_ms: 1_700_000_000_100,
+            updated_ms: 1_700_000_000_200,
+            error: None,
+        }
+    }
 }

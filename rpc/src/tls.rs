@@ -1,5 +1,6 @@
-//! TLS setup: the acceptor that terminates client TLS with the configured certificate, and
-//! the connector for optional TLS to the backend.
+//! TLS setup shared by the proxy and the coordinator: PEM loading, the acceptor that
+//! terminates TLS with a configured certificate, and the connector that verifies a server
+//! against configured CA certificates.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -10,13 +11,11 @@ use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{BackendTls, ClientTls};
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let file = File::open(path).with_context(|| format!("opening certificate file {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
@@ -25,34 +24,40 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+pub fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     let file = File::open(path).with_context(|| format!("opening key file {}", path.display()))?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
         .with_context(|| format!("reading a PEM private key from {}", path.display()))?
         .with_context(|| format!("no PEM private key found in {}", path.display()))
 }
 
-/// The acceptor for clients that send an SSLRequest.
-pub fn acceptor(config: &ClientTls) -> anyhow::Result<TlsAcceptor> {
+/// An acceptor presenting the certificate chain in `cert` with the private key in `key`.
+pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(read_certs(&config.cert)?, read_key(&config.key)?)
+        .with_single_cert(read_certs(cert)?, read_key(key)?)
         .context("the TLS certificate and key do not match")?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
-/// The connector and server name for TLS to the backend.
-pub fn connector(config: &BackendTls, backend_host: &str) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
+/// A connector trusting the CA certificates in `ca`, and the name to verify: `server_name`
+/// if given, else `host`.
+pub fn connector(
+    ca: &Path,
+    server_name: Option<&str>,
+    host: &str,
+) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(&config.ca)? {
-        roots.add(cert).context("adding a backend CA certificate")?;
+    for cert in read_certs(ca)? {
+        roots.add(cert).context("adding a CA certificate")?;
     }
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = config.server_name.as_deref().unwrap_or(backend_host).to_owned();
-    let name = ServerName::try_from(name).context("backend_tls.server_name is not a valid DNS name or IP")?;
+    let name = server_name.unwrap_or(host).to_owned();
+    let name = ServerName::try_from(name.clone())
+        .with_context(|| format!("{name:?} is not a valid DNS name or IP for TLS"))?;
     Ok((TlsConnector::from(Arc::new(client)), name))
 }

@@ -1,0 +1,165 @@
+//! A client of the coordinator for transaction managers and resource managers: one channel
+//! carrying both services with the bearer token, and `attach`, which runs a resource
+//! manager's stream (hello, heartbeats, commands handed to a handler, answers sent back).
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::BearerToken;
+use crate::pb;
+
+pub type TmClient = pb::transaction_manager_client::TransactionManagerClient<InterceptedService<Channel, BearerToken>>;
+pub type RmClient = pb::resource_manager_client::ResourceManagerClient<InterceptedService<Channel, BearerToken>>;
+
+/// How to reach a coordinator.
+#[derive(Clone, Debug, Default)]
+pub struct ClientConfig {
+    /// `http://host:port`, or `https://host:port` with `tls_ca`.
+    pub endpoint: String,
+    pub token: Option<String>,
+    /// PEM CA certificates to verify the coordinator's TLS certificate.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Largest message sent or received, in bytes.
+    pub max_message_bytes: Option<usize>,
+}
+
+/// Clients of both services over one HTTP/2 connection.
+#[derive(Clone)]
+pub struct TcClient {
+    pub tm: TmClient,
+    pub rm: RmClient,
+}
+
+impl TcClient {
+    pub async fn connect(config: &ClientConfig) -> anyhow::Result<TcClient> {
+        let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+            .with_context(|| format!("{:?} is not a valid coordinator address", config.endpoint))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        if let Some(ca) = &config.tls_ca {
+            endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(read_pem(ca)?))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the coordinator at {}", config.endpoint))?;
+        let token = BearerToken::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
+        let max = config.max_message_bytes.unwrap_or(16 * 1024 * 1024);
+        Ok(TcClient {
+            tm: pb::transaction_manager_client::TransactionManagerClient::with_interceptor(
+                channel.clone(),
+                token.clone(),
+            )
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+            rm: pb::resource_manager_client::ResourceManagerClient::with_interceptor(channel, token)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        })
+    }
+}
+
+fn read_pem(path: &Path) -> anyhow::Result<Certificate> {
+    Ok(Certificate::from_pem(
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    ))
+}
+
+/// Runs phase-2 commands: gets each command and returns one outcome per branch.
+pub type CommandHandler =
+    Arc<dyn Fn(pb::BranchCommand) -> Pin<Box<dyn Future<Output = Vec<pb::BranchOutcome>> + Send>> + Send + Sync>;
+
+/// A running Attach stream. Dropping it closes the stream.
+pub struct Attachment {
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Attachment {
+    /// Waits until the stream ends: `Ok` when the coordinator closed it, the error otherwise.
+    pub async fn closed(&mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("the attach task panicked")?
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens the Attach stream announcing `resources`, waits for the coordinator's welcome, then
+/// serves commands (concurrently) with `handler` and sends heartbeats, until the stream ends.
+pub async fn attach(
+    rm: &mut RmClient,
+    rm_id: &str,
+    resources: &[String],
+    handler: CommandHandler,
+) -> anyhow::Result<Attachment> {
+    let (tx, rx) = mpsc::channel::<pb::RmMessage>(1024);
+    let hello = pb::RmMessage {
+        kind: Some(pb::rm_message::Kind::Hello(pb::Hello {
+            rm_id: rm_id.to_owned(),
+            resource_ids: resources.to_vec(),
+        })),
+    };
+    tx.send(hello).await.expect("the receiver is alive");
+    let mut inbound = rm
+        .attach(ReceiverStream::new(rx))
+        .await
+        .context("opening the Attach stream")?
+        .into_inner();
+    let interval = match inbound
+        .message()
+        .await
+        .context("waiting for the coordinator's welcome")?
+    {
+        Some(pb::TcMessage {
+            kind: Some(pb::tc_message::Kind::Welcome(w)),
+        }) => Duration::from_millis(w.heartbeat_interval_ms.max(10)),
+        other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
+    };
+    let task = tokio::spawn(async move {
+        let mut beat = tokio::time::interval(interval);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message? {
+                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
+                        let handler = Arc::clone(&handler);
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let request_id = command.request_id;
+                            let outcomes = handler(command).await;
+                            let results = pb::RmMessage {
+                                kind: Some(pb::rm_message::Kind::Results(pb::BranchResults { request_id, outcomes })),
+                            };
+                            let _ = tx.send(results).await;
+                        });
+                    }
+                    Some(_) => {}
+                    None => return Ok(()),
+                },
+                _ = beat.tick() => {
+                    let heartbeat = pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat {})) };
+                    if tx.send(heartbeat).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    });
+    Ok(Attachment { task })
+}

@@ -1,0 +1,405 @@
+//! Coordinator configuration: a TOML file, overridden by command-line flags and the
+//! `FERRATA_TC_TOKEN` environment variable. Every setting has a default, so the coordinator
+//! runs with no file at all; README.md documents each one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC address for resource managers (proxies) and transaction managers.
+    pub listen: SocketAddr,
+    /// HTTP address for the JSON API, metrics and health.
+    pub http: SocketAddr,
+    /// Where the durable store lives.
+    pub data_dir: PathBuf,
+    /// This node's id (0-65535), part of every XID and branch id it issues: give each
+    /// coordinator node sharing a store its own.
+    pub node_id: u16,
+    /// Shared secret both APIs require (`authorization: Bearer <token>`) when set.
+    pub token: Option<Secret>,
+    /// A file holding the token (trailing whitespace ignored); used when `token` is unset.
+    pub token_file: Option<PathBuf>,
+    /// TLS on both listeners.
+    pub tls: Option<Tls>,
+    /// Tokio worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the listeners close.
+    pub shutdown_timeout_ms: u64,
+    pub transactions: Transactions,
+    pub phase2: Phase2,
+    pub log: Log,
+}
+
+/// A secret that never appears in logs or debug output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+}
+
+/// Limits and timeouts of global transactions and their locks.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Transactions {
+    /// Timeout of a global transaction whose begin names none.
+    pub default_timeout_ms: u64,
+    /// Largest timeout a begin may ask for.
+    pub max_timeout_ms: u64,
+    /// Largest lock wait a request may ask for.
+    pub max_lock_wait_ms: u64,
+    /// How long a GlobalRollback call waits for the branches to roll back before it answers
+    /// with the current status (the rollback goes on in the background).
+    pub rollback_wait_ms: u64,
+    /// Largest application data a branch may carry, in bytes.
+    pub max_application_data: usize,
+    /// Largest gRPC message accepted, in bytes (bounds the lock keys of one request).
+    pub max_message_bytes: usize,
+    /// How many finished transactions stay queryable (in memory) after they end.
+    pub finished_history: usize,
+    /// How often Begin transactions are checked against their timeout.
+    pub timeout_check_interval_ms: u64,
+}
+
+/// Phase-2 driving.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Phase2 {
+    /// How long a resource manager has to answer one phase-2 command.
+    pub call_timeout_ms: u64,
+    /// First retry delay after a retryable failure; doubles up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Largest number of branches in one batched commit command.
+    pub commit_batch: usize,
+    /// Heartbeat interval announced to resource managers; a stream silent for three of them
+    /// is dropped.
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// A tracing filter, e.g. `info` or `ferrata_tc=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8091".parse().expect("valid address"),
+            http: "127.0.0.1:7091".parse().expect("valid address"),
+            data_dir: PathBuf::from("./ferrata-data"),
+            node_id: 1,
+            token: None,
+            token_file: None,
+            tls: None,
+            worker_threads: 0,
+            shutdown_timeout_ms: 10_000,
+            transactions: Transactions::default(),
+            phase2: Phase2::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Transactions {
+    fn default() -> Self {
+        Transactions {
+            default_timeout_ms: 60_000,
+            max_timeout_ms: 3_600_000,
+            max_lock_wait_ms: 60_000,
+            rollback_wait_ms: 30_000,
+            max_application_data: 64 * 1024,
+            max_message_bytes: 16 * 1024 * 1024,
+            finished_history: 10_000,
+            timeout_check_interval_ms: 100,
+        }
+    }
+}
+
+impl Default for Phase2 {
+    fn default() -> Self {
+        Phase2 {
+            call_timeout_ms: 15_000,
+            retry_initial_ms: 100,
+            retry_max_ms: 30_000,
+            commit_batch: 1000,
+            heartbeat_interval_ms: 5_000,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let t = &self.transactions;
+        let p = &self.phase2;
+        anyhow::ensure!(
+            t.default_timeout_ms > 0,
+            "transactions.default_timeout_ms must be positive"
+        );
+        anyhow::ensure!(
+            t.default_timeout_ms <= t.max_timeout_ms,
+            "transactions.default_timeout_ms ({}) is above transactions.max_timeout_ms ({})",
+            t.default_timeout_ms,
+            t.max_timeout_ms
+        );
+        anyhow::ensure!(
+            t.max_message_bytes >= 64 * 1024,
+            "transactions.max_message_bytes must be at least 65536"
+        );
+        anyhow::ensure!(
+            t.timeout_check_interval_ms > 0,
+            "transactions.timeout_check_interval_ms must be positive"
+        );
+        anyhow::ensure!(p.call_timeout_ms > 0, "phase2.call_timeout_ms must be positive");
+        anyhow::ensure!(
+            p.retry_initial_ms > 0 && p.retry_initial_ms <= p.retry_max_ms,
+            "phase2.retry_initial_ms must be positive and at most phase2.retry_max_ms"
+        );
+        anyhow::ensure!(p.commit_batch > 0, "phase2.commit_batch must be at least 1");
+        anyhow::ensure!(
+            p.heartbeat_interval_ms >= 10,
+            "phase2.heartbeat_interval_ms must be at least 10"
+        );
+        if let Some(Secret(token)) = &self.token {
+            anyhow::ensure!(
+                !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
+                "the token must be non-empty printable ASCII without spaces"
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads `token_file` into `token` when no token is set directly.
+    fn resolve_token_file(&mut self) -> anyhow::Result<()> {
+        if let (None, Some(path)) = (&self.token, &self.token_file) {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading token_file {}", path.display()))?;
+            self.token = Some(Secret(text.trim_end().to_owned()));
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        ms(self.shutdown_timeout_ms)
+    }
+}
+
+impl Transactions {
+    pub fn default_timeout(&self) -> Duration {
+        ms(self.default_timeout_ms)
+    }
+    pub fn rollback_wait(&self) -> Duration {
+        ms(self.rollback_wait_ms)
+    }
+    pub fn timeout_check_interval(&self) -> Duration {
+        ms(self.timeout_check_interval_ms)
+    }
+}
+
+impl Phase2 {
+    pub fn call_timeout(&self) -> Duration {
+        ms(self.call_timeout_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        ms(self.heartbeat_interval_ms)
+    }
+    /// Delay before retry number `attempt` (0-based): doubling from `retry_initial_ms`, capped
+    /// at `retry_max_ms`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        ms(self
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.min(32))
+            .min(self.retry_max_ms))
+    }
+}
+
+/// Command-line flags; each one overrides the config file's setting.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "ferrata-tc", version, about = "Ferrata's transaction coordinator")]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// gRPC address [default: 127.0.0.1:8091].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// HTTP address for the JSON API, /metrics and /healthz [default: 127.0.0.1:7091].
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Directory of the durable store [default: ./ferrata-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id, 0-65535, part of every XID [default: 1].
+    #[arg(long)]
+    pub node_id: Option<u16>,
+    /// Shared token both APIs require. Prefer the environment variable or token_file: a flag
+    /// is visible to other users in the process list.
+    #[arg(long, env = "FERRATA_TC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM certificate chain for TLS on both listeners (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Tokio worker threads, 0 for one per CPU [default: 0].
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Log filter, e.g. info or ferrata_tc=debug [default: info].
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl Flags {
+    /// The config file (or the defaults) with these flags applied.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.http {
+            config.http = v;
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.node_id {
+            config.node_id = v;
+        }
+        if let Some(v) = self.token {
+            config.token = Some(Secret(v));
+        }
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some(Tls { cert, key });
+        }
+        if let Some(v) = self.worker_threads {
+            config.worker_threads = v;
+        }
+        if let Some(v) = self.log_level {
+            config.log.level = v;
+        }
+        if let Some(v) = self.log_format {
+            config.log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
+            };
+        }
+        config.resolve_token_file()?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_file_and_flags() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+        let c = Config::from_toml("node_id = 7\ndata_dir = \"/var/lib/ferrata\"\n[phase2]\ncommit_batch = 5").unwrap();
+        assert_eq!(
+            (c.node_id, c.data_dir.clone(), c.phase2.commit_batch),
+            (7, PathBuf::from("/var/lib/ferrata"), 5)
+        );
+        assert!(
+            Config::from_toml("nodeid = 7")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field")
+        );
+        assert!(Config::from_toml("[transactions]\ndefault_timeout_ms = 0").is_err());
+
+        let flags = Flags::try_parse_from([
+            "ferrata-tc",
+            "--listen",
+            "127.0.0.1:1",
+            "--node-id",
+            "3",
+            "--token",
+            "s3cret",
+        ])
+        .unwrap();
+        let c = flags.into_config().unwrap();
+        assert_eq!((c.listen.port(), c.node_id), (1, 3));
+        assert_eq!(c.token, Some(Secret("s3cret".into())));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token never shows in debug output"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = Phase2 {
+            retry_initial_ms: 100,
+            retry_max_ms: 1000,
+            ..Phase2::default()
+        };
+        let delays: Vec<u64> = (0..6).map(|a| p.backoff(a).as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.backoff(200), Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,809 @@
+//! The coordinator's core: global transactions in memory (backed by the journal), the
+//! requests that change them (begin, register, report, commit, rollback) and the queries
+//! that read them. Background work (timeouts, phase 2) lives in `phase2.rs`.
+//!
+//! Invariants:
+//! - A change is submitted to the journal while the session's mutex is held, so the store
+//!   sees a session's changes in the order memory did; nothing awaits with a mutex held.
+//! - A request is acknowledged only after its change is durable.
+//! - Rows are released only after the change that releases them has been submitted, so a
+//!   later holder's branch is never durable before the earlier holder's release.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrata_rpc::{ErrorCode, pb};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::TcError;
+use crate::lock_key::LockKey;
+use crate::locks::{LockError, LockManager};
+use crate::metrics::Metrics;
+use crate::model::{BranchError, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::rm::RmRegistry;
+use crate::store::journal::Journal;
+use crate::store::{Mutation, Snapshot, StoreError};
+use crate::xid::{Ids, format_xid, parse_xid};
+
+/// One live global transaction.
+pub struct Session {
+    pub txn_id: u64,
+    pub xid: String,
+    /// When the timeout check moves it to TimeoutRollbacking if it is still in Begin.
+    pub(crate) deadline: Instant,
+    pub(crate) state: Mutex<SessionState>,
+    /// Counts completed rollback passes, so a GlobalRollback call can wait for the next.
+    pub(crate) passes: watch::Sender<u64>,
+}
+
+pub(crate) struct SessionState {
+    pub record: GlobalRecord,
+    /// In registration order.
+    pub branches: Vec<BranchRecord>,
+    /// A rollback driver task is running for this session.
+    pub rollback_running: bool,
+    /// The first branch failure of the latest phase-2 pass.
+    pub failure: Option<Failure>,
+}
+
+/// A branch that failed phase 2, as reported to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub branch_id: u64,
+    pub resource_id: String,
+    pub status: BranchStatus,
+    pub error: BranchError,
+}
+
+impl Failure {
+    pub fn to_pb(&self) -> pb::BranchFailure {
+        pb::BranchFailure {
+            branch_id: self.branch_id,
+            resource_id: self.resource_id.clone(),
+            status: self.status.to_pb() as i32,
+            reason: self.error.reason.clone(),
+            detail_json: self.error.detail_json.clone(),
+        }
+    }
+}
+
+/// A status answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub xid: String,
+    pub status: GlobalStatus,
+    pub failure: Option<Failure>,
+}
+
+/// What is remembered of a transaction after it ended.
+#[derive(Clone, Debug)]
+pub struct FinishedTxn {
+    pub record: GlobalRecord,
+    pub branch_count: usize,
+    pub failure: Option<Failure>,
+}
+
+/// A transaction seen from outside, for the HTTP API.
+#[derive(Clone, Debug)]
+pub struct TxnView {
+    pub xid: String,
+    pub record: GlobalRecord,
+    /// Empty for finished transactions (their branches are gone).
+    pub branches: Vec<BranchRecord>,
+    pub branch_count: usize,
+    pub failure: Option<Failure>,
+    pub finished: bool,
+}
+
+/// The answer to a lock query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockQueryOutcome {
+    pub lockable: bool,
+    pub holders: Vec<(LockKey, u64, Option<GlobalStatus>)>,
+}
+
+/// A branch commit waiting to be sent, in the asynchronous phase-2 queue.
+#[derive(Clone, Debug)]
+pub(crate) struct PendingCommit {
+    pub txn_id: u64,
+    pub branch_id: u64,
+    pub resource_id: String,
+    pub application_data: Vec<u8>,
+    pub attempt: u32,
+    pub not_before: Instant,
+}
+
+pub struct Coordinator {
+    pub(crate) config: Config,
+    pub(crate) ids: Arc<Ids>,
+    pub(crate) journal: Journal,
+    pub locks: LockManager,
+    pub(crate) sessions: RwLock<HashMap<u64, Arc<Session>>>,
+    finished: Mutex<(VecDeque<u64>, HashMap<u64, FinishedTxn>)>,
+    pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
+    pub rms: RmRegistry,
+    pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
+    pub(crate) commit_wake: Notify,
+    pub metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Coordinator {
+    /// Builds the coordinator from what the store holds: sessions, branches and their locks
+    /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
+    pub async fn recover(config: Config, journal: Journal, snapshot: Snapshot) -> Result<Arc<Coordinator>, StoreError> {
+        let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
+        let coordinator = Arc::new(Coordinator {
+            config,
+            ids,
+            journal,
+            locks: LockManager::new(),
+            sessions: RwLock::new(HashMap::new()),
+            finished: Mutex::new((VecDeque::new(), HashMap::new())),
+            timeouts: Mutex::new(BTreeSet::new()),
+            rms: RmRegistry::default(),
+            commit_queue: Mutex::new(Vec::new()),
+            commit_wake: Notify::new(),
+            metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        coordinator.restore(snapshot)?;
+        Ok(coordinator)
+    }
+
+    fn restore(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), StoreError> {
+        let mut branches: HashMap<u64, Vec<BranchRecord>> = HashMap::new();
+        for b in snapshot.branches {
+            branches.entry(b.txn_id).or_default().push(b);
+        }
+        let now_wall = now_ms();
+        let mut resumed = (0, 0);
+        for record in snapshot.globals {
+            let txn_id = record.txn_id;
+            let status = record.status;
+            let list = branches.remove(&txn_id).unwrap_or_default();
+            // Locks of every branch that has not finished phase 2 (commit released them).
+            if !status.is_committing() && status != GlobalStatus::CommitFailed {
+                for b in list.iter().filter(|b| b.status != BranchStatus::PhaseOneFailed) {
+                    self.locks.restore(txn_id, b.branch_id, &b.lock_keys).map_err(|e| {
+                        StoreError(format!(
+                            "the stored locks conflict ({e:?}) between global transaction {} and another one; the store is inconsistent",
+                            format_xid(txn_id)
+                        ))
+                    })?;
+                }
+            }
+            if status.is_rolling_back()
+                || matches!(
+                    status,
+                    GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed
+                )
+            {
+                self.locks.set_rolling_back(txn_id);
+            }
+            let remaining = record
+                .begin_ms
+                .saturating_add(record.timeout_ms)
+                .saturating_sub(now_wall);
+            let deadline = Instant::now() + Duration::from_millis(remaining);
+            let failure = list
+                .iter()
+                .find(|b| b.error.is_some() && !matches!(b.status, BranchStatus::PhaseOneFailed))
+                .map(|b| Failure {
+                    branch_id: b.branch_id,
+                    resource_id: b.resource_id.clone(),
+                    status: b.status,
+                    error: b.error.clone().expect("checked"),
+                });
+            if status.is_committing() {
+                let mut queue = self.commit_queue.lock();
+                for b in list.iter().filter(|b| b.status == BranchStatus::Registered) {
+                    queue.push(pending_commit(b));
+                }
+                resumed.0 += 1;
+            }
+            let session = Arc::new(Session {
+                txn_id,
+                xid: format_xid(txn_id),
+                deadline,
+                state: Mutex::new(SessionState {
+                    record,
+                    branches: list,
+                    rollback_running: false,
+                    failure,
+                }),
+                passes: watch::Sender::new(0),
+            });
+            self.metrics.status(None, Some(status));
+            if status == GlobalStatus::Begin {
+                self.timeouts.lock().insert((deadline, txn_id));
+            }
+            self.sessions.write().insert(txn_id, Arc::clone(&session));
+            if status.is_rolling_back() {
+                self.start_rollback(&session);
+                resumed.1 += 1;
+            }
+        }
+        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        let sessions = self.sessions.read().len();
+        tracing::info!(
+            sessions,
+            committing = resumed.0,
+            rolling_back = resumed.1,
+            "restored from the store"
+        );
+        Ok(())
+    }
+
+    fn check_running(&self) -> Result<(), TcError> {
+        if self.shutdown.is_cancelled() {
+            return Err(TcError::shutting_down());
+        }
+        if let Some(cause) = self.journal.failed() {
+            return Err(StoreError(cause).into());
+        }
+        Ok(())
+    }
+
+    /// `None` once the store has failed: the coordinator acknowledges nothing more.
+    pub fn store_failure(&self) -> Option<String> {
+        self.journal.failed()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    fn parse(xid: &str) -> Result<u64, TcError> {
+        parse_xid(xid).ok_or_else(|| {
+            TcError::invalid(format!(
+                "{xid:?} is not a Ferrata XID (they look like 1-42: node id, dash, sequence number)"
+            ))
+        })
+    }
+
+    pub(crate) fn live(&self, txn_id: u64) -> Option<Arc<Session>> {
+        self.sessions.read().get(&txn_id).cloned()
+    }
+
+    /// The live session, or the error that says why there is none.
+    fn session_for(&self, xid: &str, what: &str) -> Result<Arc<Session>, TcError> {
+        let txn_id = Self::parse(xid)?;
+        if let Some(s) = self.live(txn_id) {
+            return Ok(s);
+        }
+        match self.finished.lock().1.get(&txn_id) {
+            Some(f) => Err(TcError::status_invalid(xid, f.record.status, what)),
+            None => Err(TcError::not_found(xid)),
+        }
+    }
+
+    /// Moves a session to `to`, keeping the status gauges right.
+    pub(crate) fn set_status(&self, state: &mut SessionState, to: GlobalStatus) {
+        let from = state.record.status;
+        debug_assert!(from == to || from.can_become(to), "{from:?} -> {to:?}");
+        if from != to {
+            state.record.status = to;
+            state.record.updated_ms = now_ms();
+            self.metrics.status(Some(from), Some(to));
+            if to.is_final() {
+                self.metrics.finished(to);
+            }
+        }
+    }
+
+    /// Forgets a finished session (its store record is deleted by the caller), keeping a
+    /// summary queryable for a while.
+    pub(crate) fn finish(&self, session: &Session, state: &SessionState) {
+        self.sessions.write().remove(&session.txn_id);
+        self.timeouts.lock().remove(&(session.deadline, session.txn_id));
+        self.locks.forget_txn(session.txn_id);
+        self.metrics.status(Some(state.record.status), None);
+        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        let limit = self.config.transactions.finished_history;
+        if limit == 0 {
+            return;
+        }
+        let mut finished = self.finished.lock();
+        let (order, map) = &mut *finished;
+        order.push_back(session.txn_id);
+        map.insert(
+            session.txn_id,
+            FinishedTxn {
+                record: state.record.clone(),
+                branch_count: state.branches.len(),
+                failure: state.failure.clone(),
+            },
+        );
+        while order.len() > limit {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub async fn begin(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
+        self.check_running()?;
+        let limits = &self.config.transactions;
+        let timeout_ms = if timeout_ms == 0 {
+            limits.default_timeout_ms
+        } else {
+            timeout_ms
+        };
+        if timeout_ms > limits.max_timeout_ms {
+            return Err(TcError::invalid(format!(
+                "timeout_ms {timeout_ms} is above this coordinator's maximum of {} ms",
+                limits.max_timeout_ms
+            )));
+        }
+        if name.len() > 256 {
+            return Err(TcError::invalid(format!(
+                "the transaction name is {} bytes long; at most 256 are allowed",
+                name.len()
+            )));
+        }
+        let txn_id = self.ids.next().await?;
+        let now = now_ms();
+        let record = GlobalRecord {
+            txn_id,
+            name,
+            status: GlobalStatus::Begin,
+            timeout_ms,
+            begin_ms: now,
+            updated_ms: now,
+        };
+        self.journal.submit(vec![Mutation::PutGlobal(record.clone())]).await?;
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let xid = format_xid(txn_id);
+        let session = Arc::new(Session {
+            txn_id,
+            xid: xid.clone(),
+            deadline,
+            state: Mutex::new(SessionState {
+                record,
+                branches: Vec::new(),
+                rollback_running: false,
+                failure: None,
+            }),
+            passes: watch::Sender::new(0),
+        });
+        self.sessions.write().insert(txn_id, session);
+        self.timeouts.lock().insert((deadline, txn_id));
+        self.metrics.begins.increment(1);
+        self.metrics.status(None, Some(GlobalStatus::Begin));
+        tracing::debug!(xid, timeout_ms, "begin");
+        Ok(xid)
+    }
+
+    fn lock_error(&self, e: LockError, wait_ms: u64) -> TcError {
+        let m = &self.metrics;
+        m.lock_conflicts.increment(1);
+        match e {
+            LockError::WaitTimeout { holder, key } => {
+                m.lock_wait_timeouts.increment(1);
+                let p = key.parts();
+                let holder = format_xid(holder);
+                TcError::new(
+                    ErrorCode::LockWaitTimeout,
+                    format!(
+                        "row of {}.{} on {} is held by global transaction {holder}; it was still held after waiting {wait_ms} ms",
+                        p.schema, p.table, p.resource
+                    ),
+                )
+                .with_holder(holder)
+            }
+            LockError::HolderRollingBack { holder, key } => {
+                m.lock_fail_fast.increment(1);
+                let p = key.parts();
+                let holder = format_xid(holder);
+                TcError::new(
+                    ErrorCode::LockHolderRollingBack,
+                    format!(
+                        "row of {}.{} on {} is held by global transaction {holder}, which is rolling back: roll back the local transaction so the rollback can proceed, then retry",
+                        p.schema, p.table, p.resource
+                    ),
+                )
+                .with_holder(holder)
+            }
+            LockError::Deadlock { cycle } => {
+                m.deadlocks.increment(1);
+                let cycle: Vec<String> = cycle.into_iter().map(format_xid).collect();
+                TcError::new(
+                    ErrorCode::Deadlock,
+                    format!(
+                        "deadlock between global transactions {}; this request's transaction is the youngest and was chosen to give way: roll it back and retry",
+                        cycle.join(", ")
+                    ),
+                )
+            }
+        }
+    }
+
+    fn lock_wait(&self, lock_wait_ms: u64) -> (Instant, u64) {
+        let ms = lock_wait_ms.min(self.config.transactions.max_lock_wait_ms);
+        (Instant::now() + Duration::from_millis(ms), ms)
+    }
+
+    /// Registers a branch of a transaction in Begin and takes its locks.
+    pub async fn register(
+        &self,
+        xid: &str,
+        resource_id: String,
+        locks: &[pb::TableLocks],
+        application_data: Vec<u8>,
+        lock_wait_ms: u64,
+    ) -> Result<u64, TcError> {
+        self.check_running()?;
+        let limit = self.config.transactions.max_application_data;
+        if application_data.len() > limit {
+            return Err(TcError::invalid(format!(
+                "application_data is {} bytes; at most {limit} are allowed",
+                application_data.len()
+            )));
+        }
+        let keys = LockKey::from_pb(&resource_id, locks).map_err(TcError::invalid)?;
+        let session = self.session_for(xid, "register a branch")?;
+        let begin_only = |state: &SessionState| match state.record.status {
+            GlobalStatus::Begin => Ok(()),
+            s => Err(TcError::status_invalid(
+                xid,
+                s,
+                "register a branch (only a transaction in Begin accepts branches)",
+            )),
+        };
+        begin_only(&session.state.lock())?;
+        let txn_id = session.txn_id;
+        let branch_id = self.ids.next().await?;
+        let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
+        match self.locks.acquire(txn_id, branch_id, &keys, deadline).await {
+            Ok(granted) => {
+                if let Some(waited) = granted.waited {
+                    self.metrics.lock_conflicts.increment(1);
+                    self.metrics.lock_waits.increment(1);
+                    self.metrics.lock_wait_seconds.record(waited.as_secs_f64());
+                }
+            }
+            Err(e) => return Err(self.lock_error(e, wait_ms)),
+        }
+        let durable = {
+            let mut state = session.state.lock();
+            if let Err(e) = begin_only(&state) {
+                drop(state);
+                self.locks.release_branch(txn_id, branch_id, &keys);
+                return Err(e);
+            }
+            let now = now_ms();
+            let branch = BranchRecord {
+                txn_id,
+                branch_id,
+                resource_id,
+                lock_keys: keys,
+                application_data,
+                status: BranchStatus::Registered,
+                registered_ms: now,
+                updated_ms: now,
+                error: None,
+            };
+            state.branches.push(branch.clone());
+            self.journal.submit(vec![Mutation::PutBranch(branch)])
+        };
+        durable.await?;
+        self.metrics.branch_registrations.increment(1);
+        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        tracing::debug!(xid, branch_id, "branch registered");
+        Ok(branch_id)
+    }
+
+    /// A resource manager reports that a registered branch's local transaction did not
+    /// commit. Its locks are released and phase 2 will skip it.
+    pub async fn report(&self, xid: &str, branch_id: u64, status: BranchStatus, reason: String) -> Result<(), TcError> {
+        self.check_running()?;
+        if status != BranchStatus::PhaseOneFailed {
+            return Err(TcError::invalid(format!(
+                "only PHASE_ONE_FAILED can be reported; {} is decided by the coordinator",
+                status.as_str()
+            )));
+        }
+        let session = self.session_for(xid, "report a branch")?;
+        let (durable, keys) = {
+            let mut state = session.state.lock();
+            let Some(branch) = state.branches.iter_mut().find(|b| b.branch_id == branch_id) else {
+                return Err(TcError::new(
+                    ErrorCode::BranchNotFound,
+                    format!("global transaction {xid} has no branch {branch_id}"),
+                ));
+            };
+            match branch.status {
+                BranchStatus::Registered => {}
+                BranchStatus::PhaseOneFailed => return Ok(()),
+                other => {
+                    let global = state.record.status;
+                    return Err(TcError {
+                        status: Some(global),
+                        ..TcError::new(
+                            ErrorCode::GlobalStatusInvalid,
+                            format!("branch {branch_id} of {xid} is already in phase 2 ({})", other.as_str()),
+                        )
+                    });
+                }
+            }
+            branch.status = BranchStatus::PhaseOneFailed;
+            branch.updated_ms = now_ms();
+            branch.error = Some(BranchError {
+                reason,
+                detail_json: String::new(),
+            });
+            let record = branch.clone();
+            let keys = record.lock_keys.clone();
+            (self.journal.submit(vec![Mutation::PutBranch(record)]), keys)
+        };
+        self.locks.release_branch(session.txn_id, branch_id, &keys);
+        self.metrics.branch_phase_one_failed.increment(1);
+        durable.await?;
+        Ok(())
+    }
+
+    fn outcome(session: &Session, state: &SessionState) -> Outcome {
+        Outcome {
+            xid: session.xid.clone(),
+            status: state.record.status,
+            failure: state.failure.clone(),
+        }
+    }
+
+    fn finished_outcome(&self, xid: &str) -> Option<Outcome> {
+        let txn_id = parse_xid(xid)?;
+        let finished = self.finished.lock();
+        let f = finished.1.get(&txn_id)?;
+        Some(Outcome {
+            xid: xid.to_owned(),
+            status: f.record.status,
+            failure: f.failure.clone(),
+        })
+    }
+
+    /// Decides commit. Returns once the decision is durable; the locks are released then and
+    /// the branches commit in the background.
+    pub async fn commit(&self, xid: &str) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        let txn_id = Self::parse(xid)?;
+        let Some(session) = self.live(txn_id) else {
+            return match self.finished_outcome(xid) {
+                Some(o) if o.status == GlobalStatus::Committed => Ok(o),
+                Some(o) => Err(TcError::status_invalid(xid, o.status, "commit")),
+                None => Err(TcError::not_found(xid)),
+            };
+        };
+        let (durable, keys, next) = {
+            let mut state = session.state.lock();
+            match state.record.status {
+                GlobalStatus::Begin => {}
+                GlobalStatus::Committing | GlobalStatus::AsyncCommitting | GlobalStatus::CommitFailed => {
+                    return Ok(Self::outcome(&session, &state));
+                }
+                s => return Err(TcError::status_invalid(xid, s, "commit")),
+            }
+            self.set_status(&mut state, GlobalStatus::Committing);
+            let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
+            let keys: Vec<LockKey> = state
+                .branches
+                .iter()
+                .flat_map(|b| b.lock_keys.iter().cloned())
+                .collect();
+            let (next, write) = if pending {
+                let mut record = state.record.clone();
+                record.status = GlobalStatus::AsyncCommitting;
+                (GlobalStatus::AsyncCommitting, Mutation::PutGlobal(record))
+            } else {
+                (GlobalStatus::Committed, Mutation::DeleteGlobal { txn_id })
+            };
+            (self.journal.submit(vec![write]), keys, next)
+        };
+        // On a store failure the transaction stays in Committing: the coordinator
+        // acknowledges nothing more, and after a restart the store says Begin.
+        durable.await?;
+        {
+            let mut state = session.state.lock();
+            self.set_status(&mut state, next);
+            if next == GlobalStatus::AsyncCommitting {
+                let mut queue = self.commit_queue.lock();
+                for b in state.branches.iter().filter(|b| b.status == BranchStatus::Registered) {
+                    queue.push(pending_commit(b));
+                }
+            } else {
+                self.finish(&session, &state);
+            }
+        }
+        self.timeouts.lock().remove(&(session.deadline, txn_id));
+        self.locks.release_txn(txn_id, &keys);
+        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.metrics.commits.increment(1);
+        if next == GlobalStatus::AsyncCommitting {
+            self.commit_wake.notify_one();
+        }
+        tracing::debug!(xid, status = next.as_str(), "commit decided");
+        Ok(Outcome {
+            xid: xid.to_owned(),
+            status: next,
+            failure: None,
+        })
+    }
+
+    /// Decides rollback (if not decided yet) and waits up to `rollback_wait_ms` for the
+    /// branches to roll back.
+    pub async fn rollback(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        let txn_id = Self::parse(xid)?;
+        let Some(session) = self.live(txn_id) else {
+            return match self.finished_outcome(xid) {
+                Some(o) if !matches!(o.status, GlobalStatus::Committed | GlobalStatus::CommitFailed) => Ok(o),
+                Some(o) => Err(TcError::status_invalid(xid, o.status, "roll back")),
+                None => Err(TcError::not_found(xid)),
+            };
+        };
+        let mut passes = session.passes.subscribe();
+        let decided = {
+            let mut state = session.state.lock();
+            match state.record.status {
+                GlobalStatus::Begin => {
+                    self.set_status(&mut state, GlobalStatus::Rollbacking);
+                    Some(self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())]))
+                }
+                s if s.is_rolling_back() => None,
+                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed => {
+                    return Ok(Self::outcome(&session, &state));
+                }
+                s => return Err(TcError::status_invalid(xid, s, "roll back")),
+            }
+        };
+        if let Some(durable) = decided {
+            self.locks.set_rolling_back(txn_id);
+            durable.await?;
+            self.timeouts.lock().remove(&(session.deadline, txn_id));
+            self.metrics.rollbacks.increment(1);
+            tracing::debug!(xid, "rollback decided");
+        }
+        self.start_rollback(&session);
+        let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
+        let state = session.state.lock();
+        Ok(Self::outcome(&session, &state))
+    }
+
+    pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {
+        let txn_id = Self::parse(xid)?;
+        if let Some(session) = self.live(txn_id) {
+            let state = session.state.lock();
+            return Ok(Self::outcome(&session, &state));
+        }
+        self.finished_outcome(xid).ok_or_else(|| TcError::not_found(xid))
+    }
+
+    /// Whether the rows could be locked by `xid` (or by anyone, for an empty xid), waiting up
+    /// to `lock_wait_ms` for them to be released.
+    pub async fn lock_query(
+        &self,
+        xid: &str,
+        resource_id: &str,
+        locks: &[pb::TableLocks],
+        lock_wait_ms: u64,
+    ) -> Result<LockQueryOutcome, TcError> {
+        self.check_running()?;
+        let txn = if xid.is_empty() { None } else { Some(Self::parse(xid)?) };
+        let keys = LockKey::from_pb(resource_id, locks).map_err(TcError::invalid)?;
+        let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
+        match self.locks.query(txn, &keys, deadline).await {
+            Ok(_) => Ok(LockQueryOutcome {
+                lockable: true,
+                holders: Vec::new(),
+            }),
+            Err(LockError::WaitTimeout { .. }) => {
+                let wanted: std::collections::HashSet<&LockKey> = keys.iter().collect();
+                let holders = self
+                    .locks
+                    .held_rows(&|k| wanted.contains(k), keys.len())
+                    .into_iter()
+                    .filter(|row| Some(row.txn) != txn)
+                    .map(|row| {
+                        let status = self.live(row.txn).map(|s| s.state.lock().record.status);
+                        (row.key, row.txn, status)
+                    })
+                    .collect();
+                Ok(LockQueryOutcome {
+                    lockable: false,
+                    holders,
+                })
+            }
+            Err(e) => Err(self.lock_error(e, wait_ms)),
+        }
+    }
+
+    /// Live transactions matching `status` (all if `None`), oldest first, then finished ones.
+    pub fn list(&self, status: Option<GlobalStatus>, limit: usize) -> Vec<TxnView> {
+        let mut live: Vec<Arc<Session>> = self.sessions.read().values().cloned().collect();
+        live.sort_by_key(|s| s.txn_id);
+        let mut out: Vec<TxnView> = live
+            .iter()
+            .filter_map(|s| {
+                let state = s.state.lock();
+                (status.is_none() || status == Some(state.record.status)).then(|| Self::view(s, &state))
+            })
+            .take(limit)
+            .collect();
+        if out.len() < limit {
+            let finished = self.finished.lock();
+            for id in &finished.0 {
+                let f = &finished.1[id];
+                if status.is_none() || status == Some(f.record.status) {
+                    out.push(Self::finished_view(f));
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn get(&self, xid: &str) -> Result<TxnView, TcError> {
+        let txn_id = Self::parse(xid)?;
+        if let Some(s) = self.live(txn_id) {
+            let state = s.state.lock();
+            return Ok(Self::view(&s, &state));
+        }
+        let finished = self.finished.lock();
+        finished
+            .1
+            .get(&txn_id)
+            .map(Self::finished_view)
+            .ok_or_else(|| TcError::not_found(xid))
+    }
+
+    fn view(session: &Session, state: &SessionState) -> TxnView {
+        TxnView {
+            xid: session.xid.clone(),
+            record: state.record.clone(),
+            branches: state.branches.clone(),
+            branch_count: state.branches.len(),
+            failure: state.failure.clone(),
+            finished: false,
+        }
+    }
+
+    fn finished_view(f: &FinishedTxn) -> TxnView {
+        TxnView {
+            xid: format_xid(f.record.txn_id),
+            record: f.record.clone(),
+            branches: Vec::new(),
+            branch_count: f.branch_count,
+            failure: f.failure.clone(),
+            finished: true,
+        }
+    }
+
+    /// Stops background work and refuses new requests; the journal is flushed by the caller
+    /// once the listeners are closed.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+pub(crate) fn pending_commit(b: &BranchRecord) -> PendingCommit {
+    PendingCommit {
+        txn_id: b.txn_id,
+        branch_id: b.branch_id,
+        resource_id: b.resource_id.clone(),
+        application_data: b.application_data.clone(),
+        attempt: 0,
+        not_before: Instant::now(),
+    }
+}

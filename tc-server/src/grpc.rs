@@ -1,0 +1,241 @@
+//! The gRPC services: transaction-manager and resource-manager calls mapped onto the
+//! coordinator, the token check, and each resource manager's Attach stream (hello,
+//! heartbeats both ways, answers to phase-2 commands).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrata_rpc::{ErrorCode, pb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Token;
+use crate::coordinator::{Coordinator, Outcome};
+use crate::error::TcError;
+use crate::model::BranchStatus;
+use crate::xid::format_xid;
+
+fn outcome_pb(o: Outcome) -> pb::GlobalOutcome {
+    pb::GlobalOutcome {
+        xid: o.xid,
+        status: o.status.to_pb() as i32,
+        failure: o.failure.map(|f| f.to_pb()),
+    }
+}
+
+fn status(e: TcError) -> Status {
+    e.to_status()
+}
+
+/// The interceptor that refuses calls without the configured token.
+pub fn check_token(token: Token) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if token.accepts(header) {
+            Ok(request)
+        } else {
+            Err(ErrorCode::Unauthenticated.status(
+                "missing or wrong token: send `authorization: Bearer <token>` with the coordinator's token",
+                None,
+            ))
+        }
+    }
+}
+
+pub struct TmService(pub Arc<Coordinator>);
+
+#[tonic::async_trait]
+impl pb::transaction_manager_server::TransactionManager for TmService {
+    async fn global_begin(
+        &self,
+        request: Request<pb::GlobalBeginRequest>,
+    ) -> Result<Response<pb::GlobalBeginResponse>, Status> {
+        let r = request.into_inner();
+        let xid = self.0.begin(r.timeout_ms, r.name).await.map_err(status)?;
+        Ok(Response::new(pb::GlobalBeginResponse { xid }))
+    }
+
+    async fn global_commit(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
+        let o = self.0.commit(&request.into_inner().xid).await.map_err(status)?;
+        Ok(Response::new(outcome_pb(o)))
+    }
+
+    async fn global_rollback(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
+        let o = self.0.rollback(&request.into_inner().xid).await.map_err(status)?;
+        Ok(Response::new(outcome_pb(o)))
+    }
+
+    async fn global_status(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
+        let o = self.0.status(&request.into_inner().xid).map_err(status)?;
+        Ok(Response::new(outcome_pb(o)))
+    }
+}
+
+pub struct RmService(pub Arc<Coordinator>);
+
+#[tonic::async_trait]
+impl pb::resource_manager_server::ResourceManager for RmService {
+    async fn branch_register(
+        &self,
+        request: Request<pb::BranchRegisterRequest>,
+    ) -> Result<Response<pb::BranchRegisterResponse>, Status> {
+        let r = request.into_inner();
+        let branch_id = self
+            .0
+            .register(&r.xid, r.resource_id, &r.locks, r.application_data, r.lock_wait_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::BranchRegisterResponse { branch_id }))
+    }
+
+    async fn branch_report(
+        &self,
+        request: Request<pb::BranchReportRequest>,
+    ) -> Result<Response<pb::BranchReportResponse>, Status> {
+        let r = request.into_inner();
+        let reported = pb::BranchStatus::try_from(r.status)
+            .ok()
+            .and_then(BranchStatus::from_pb)
+            .ok_or_else(|| {
+                status(TcError::invalid(format!(
+                    "branch status {} is not one this coordinator knows",
+                    r.status
+                )))
+            })?;
+        self.0
+            .report(&r.xid, r.branch_id, reported, r.reason)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::BranchReportResponse {}))
+    }
+
+    async fn lock_query(
+        &self,
+        request: Request<pb::LockQueryRequest>,
+    ) -> Result<Response<pb::LockQueryResponse>, Status> {
+        let r = request.into_inner();
+        let o = self
+            .0
+            .lock_query(&r.xid, &r.resource_id, &r.locks, r.lock_wait_ms)
+            .await
+            .map_err(status)?;
+        let holders = o
+            .holders
+            .into_iter()
+            .map(|(key, txn, global)| {
+                let parts = key.parts();
+                pb::LockHolder {
+                    xid: format_xid(txn),
+                    status: global.map_or(pb::GlobalStatus::Unknown, |s| s.to_pb()) as i32,
+                    schema: parts.schema.to_owned(),
+                    table: parts.table.to_owned(),
+                    row: Some(key.row_pb()),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::LockQueryResponse {
+            lockable: o.lockable,
+            holders,
+        }))
+    }
+
+    type AttachStream = ReceiverStream<Result<pb::TcMessage, Status>>;
+
+    async fn attach(&self, request: Request<Streaming<pb::RmMessage>>) -> Result<Response<Self::AttachStream>, Status> {
+        let coordinator = Arc::clone(&self.0);
+        let interval = coordinator.config.phase2.heartbeat_interval();
+        let silence = interval * 3;
+        let mut inbound = request.into_inner();
+        let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
+        let hello = match tokio::time::timeout(silence, inbound.message()).await {
+            Ok(Ok(Some(pb::RmMessage {
+                kind: Some(pb::rm_message::Kind::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(protocol("no Hello within three heartbeat intervals")),
+            _ => return Err(protocol("the first message on Attach must be Hello")),
+        };
+        if hello.resource_ids.is_empty() || hello.resource_ids.iter().any(|r| r.is_empty()) {
+            return Err(protocol(
+                "Hello must name at least one resource, and no empty resource id",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let welcome = pb::TcMessage {
+            kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
+                heartbeat_interval_ms: interval.as_millis() as u64,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("the stream closed"))?;
+        let conn = coordinator
+            .rms
+            .attach(hello.rm_id.clone(), hello.resource_ids.clone(), tx.clone());
+        coordinator
+            .metrics
+            .resource_managers
+            .set(coordinator.rms.connected() as f64);
+        tracing::info!(rm_id = hello.rm_id, resources = ?hello.resource_ids, "resource manager attached");
+        tokio::spawn(async move {
+            let reason = serve_stream(&coordinator, &conn, &mut inbound, &tx, interval, silence).await;
+            coordinator.rms.detach(&conn);
+            coordinator
+                .metrics
+                .resource_managers
+                .set(coordinator.rms.connected() as f64);
+            tracing::info!(rm_id = conn.rm_id, reason, "resource manager detached");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Runs one attached stream until it ends; returns why it ended.
+async fn serve_stream(
+    coordinator: &Coordinator,
+    conn: &crate::rm::RmConnection,
+    inbound: &mut Streaming<pb::RmMessage>,
+    tx: &mpsc::Sender<Result<pb::TcMessage, Status>>,
+    interval: Duration,
+    silence: Duration,
+) -> &'static str {
+    let mut beat = tokio::time::interval(interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut deadline = tokio::time::Instant::now() + silence;
+    loop {
+        tokio::select! {
+            message = inbound.message() => {
+                deadline = tokio::time::Instant::now() + silence;
+                match message {
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Results(results)) })) => {
+                        if !conn.answer(results) {
+                            tracing::debug!(rm_id = conn.rm_id, "answer for a command no longer waited for");
+                        }
+                    }
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(_)) })) => {}
+                    Ok(Some(_)) => {
+                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results and Heartbeat may follow Hello", None))).await;
+                        return "protocol error";
+                    }
+                    Ok(None) => return "closed by the resource manager",
+                    Err(_) => return "stream error",
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = tx.send(Err(Status::deadline_exceeded("no message from the resource manager for three heartbeat intervals"))).await;
+                return "silent for three heartbeat intervals";
+            }
+            _ = beat.tick() => {
+                let heartbeat = pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(pb::Heartbeat {})) };
+                if tx.send(Ok(heartbeat)).await.is_err() {
+                    return "closed";
+                }
+            }
+            _ = coordinator.shutdown.cancelled() => {
+                let _ = tx.send(Err(TcError::shutting_down().to_status())).await;
+                return "coordinator shutting down";
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Prometheus metrics of the coordinator. Handles are registered once, so recording is a few
+//! atomic operations; README.md lists every series.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::model::GlobalStatus;
+
+const BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// The process-wide recorder, installed on first use, with a thread that folds histogram
+/// samples into buckets every second so memory does not grow between scrapes.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().set_buckets(&BUCKETS).expect("buckets are not empty").build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                upkeep.run_upkeep();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms grow until /metrics is scraped");
+        }
+        handle
+    })
+}
+
+/// Phase-2 action, as a label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Commit,
+    Rollback,
+}
+
+impl Action {
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Commit => "commit",
+            Action::Rollback => "rollback",
+        }
+    }
+}
+
+pub struct Metrics {
+    by_status: Vec<Gauge>,
+    finished: Vec<Counter>,
+    pub begins: Counter,
+    pub commits: Counter,
+    pub rollbacks: Counter,
+    pub timeouts: Counter,
+    pub branch_registrations: Counter,
+    pub branch_phase_one_failed: Counter,
+    pub lock_conflicts: Counter,
+    pub lock_waits: Counter,
+    pub lock_wait_seconds: Histogram,
+    pub lock_wait_timeouts: Counter,
+    pub lock_fail_fast: Counter,
+    pub deadlocks: Counter,
+    pub locks_held: Gauge,
+    pub resource_managers: Gauge,
+    phase2_seconds: [Histogram; 2],
+    phase2_retries: [Counter; 2],
+    phase2_failures: [Counter; 2],
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        prometheus();
+        let per_action =
+            |name: &'static str| [Action::Commit, Action::Rollback].map(|a| counter!(name, "action" => a.label()));
+        Metrics {
+            by_status: GlobalStatus::ALL
+                .iter()
+                .map(|s| gauge!("ferrata_tc_transactions", "status" => s.as_str()))
+                .collect(),
+            finished: GlobalStatus::ALL
+                .iter()
+                .map(|s| counter!("ferrata_tc_global_finished_total", "status" => s.as_str()))
+                .collect(),
+            begins: counter!("ferrata_tc_global_begins_total"),
+            commits: counter!("ferrata_tc_global_commits_total"),
+            rollbacks: counter!("ferrata_tc_global_rollbacks_total"),
+            timeouts: counter!("ferrata_tc_global_timeouts_total"),
+            branch_registrations: counter!("ferrata_tc_branch_registrations_total"),
+            branch_phase_one_failed: counter!("ferrata_tc_branch_phase_one_failed_total"),
+            lock_conflicts: counter!("ferrata_tc_lock_conflicts_total"),
+            lock_waits: counter!("ferrata_tc_lock_waits_total"),
+            lock_wait_seconds: histogram!("ferrata_tc_lock_wait_seconds"),
+            lock_wait_timeouts: counter!("ferrata_tc_lock_wait_timeouts_total"),
+            lock_fail_fast: counter!("ferrata_tc_lock_fail_fast_total"),
+            deadlocks: counter!("ferrata_tc_deadlocks_total"),
+            locks_held: gauge!("ferrata_tc_locks_held"),
+            resource_managers: gauge!("ferrata_tc_resource_managers"),
+            phase2_seconds: [Action::Commit, Action::Rollback]
+                .map(|a| histogram!("ferrata_tc_phase2_seconds", "action" => a.label())),
+            phase2_retries: per_action("ferrata_tc_phase2_retries_total"),
+            phase2_failures: per_action("ferrata_tc_phase2_failures_total"),
+        }
+    }
+
+    fn slot(status: GlobalStatus) -> usize {
+        GlobalStatus::ALL.iter().position(|s| *s == status).expect("listed")
+    }
+
+    /// A transaction entered `status` (`from` is where it was, if it existed).
+    pub fn status(&self, from: Option<GlobalStatus>, to: Option<GlobalStatus>) {
+        if let Some(from) = from {
+            self.by_status[Self::slot(from)].decrement(1.0);
+        }
+        if let Some(to) = to {
+            self.by_status[Self::slot(to)].increment(1.0);
+        }
+    }
+
+    /// A transaction reached a final status.
+    pub fn finished(&self, status: GlobalStatus) {
+        self.finished[Self::slot(status)].increment(1);
+    }
+
+    pub fn phase2(&self, action: Action, elapsed: Duration) {
+        self.phase2_seconds[action as usize].record(elapsed.as_secs_f64());
+    }
+
+    pub fn phase2_retry(&self, action: Action) {
+        self.phase2_retries[action as usize].increment(1);
+    }
+
+    pub fn phase2_failure(&self, action: Action) {
+        self.phase2_failures[action as usize].increment(1);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

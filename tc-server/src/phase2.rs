@@ -1,0 +1,434 @@
+//! Background work of the coordinator: the timeout check, rollback drivers (one task per
+//! rolling-back transaction, branches in reverse registration order, retries with capped
+//! exponential backoff) and the asynchronous committer (branch commits batched per
+//! resource).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferrata_rpc::pb;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::coordinator::{Coordinator, Failure, PendingCommit, Session};
+use crate::metrics::Action;
+use crate::model::{BranchError, BranchRecord, BranchStatus, GlobalStatus};
+use crate::rm::CallError;
+use crate::store::Mutation;
+
+/// How a rollback pass ended.
+enum Pass {
+    /// Every branch rolled back; the transaction is finished.
+    Done,
+    /// A branch failed in a way worth retrying.
+    Retry,
+    /// A branch can never roll back; the transaction ended in a failed status.
+    Failed,
+    /// The coordinator is shutting down.
+    Stopped,
+}
+
+/// A resource manager's answer for one branch, classified.
+enum BranchResult {
+    Done,
+    Retryable(BranchError),
+    Unretryable(BranchStatus, BranchError),
+}
+
+fn classify(branch_id: u64, answer: Result<Vec<pb::BranchOutcome>, CallError>, action: Action) -> BranchResult {
+    let outcome = match answer {
+        Ok(outcomes) => outcomes.into_iter().find(|o| o.branch_id == branch_id),
+        Err(e) => {
+            return BranchResult::Retryable(BranchError {
+                reason: e.to_string(),
+                detail_json: String::new(),
+            });
+        }
+    };
+    let Some(o) = outcome else {
+        return BranchResult::Retryable(BranchError {
+            reason: "the resource manager's answer did not cover this branch".into(),
+            detail_json: String::new(),
+        });
+    };
+    let status = pb::BranchStatus::try_from(o.status)
+        .ok()
+        .and_then(BranchStatus::from_pb);
+    let error = BranchError {
+        reason: o.reason,
+        detail_json: o.detail_json,
+    };
+    match (action, status) {
+        (Action::Commit, Some(BranchStatus::PhaseTwoCommitted)) => BranchResult::Done,
+        (Action::Rollback, Some(BranchStatus::PhaseTwoRollbacked)) => BranchResult::Done,
+        (Action::Commit, Some(s @ BranchStatus::CommitFailedUnretryable)) => BranchResult::Unretryable(s, error),
+        (Action::Rollback, Some(s @ BranchStatus::RollbackFailedUnretryable)) => BranchResult::Unretryable(s, error),
+        _ => BranchResult::Retryable(error),
+    }
+}
+
+fn branch_ref(b: &BranchRecord, xid: &str) -> pb::BranchRef {
+    pb::BranchRef {
+        xid: xid.to_owned(),
+        branch_id: b.branch_id,
+        resource_id: b.resource_id.clone(),
+        application_data: b.application_data.clone(),
+    }
+}
+
+impl Coordinator {
+    /// Starts the timeout check and the asynchronous committer.
+    pub fn start_background(self: &Arc<Self>) {
+        self.tasks.spawn(Arc::clone(self).timeout_loop());
+        self.tasks.spawn(Arc::clone(self).commit_loop());
+    }
+
+    /// Moves transactions still in Begin past their timeout to TimeoutRollbacking.
+    async fn timeout_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.transactions.timeout_check_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let expired: Vec<u64> = {
+                let mut timeouts = self.timeouts.lock();
+                let mut out = Vec::new();
+                while let Some(&(deadline, txn)) = timeouts.first() {
+                    if deadline > now {
+                        break;
+                    }
+                    timeouts.pop_first();
+                    out.push(txn);
+                }
+                out
+            };
+            for txn in expired {
+                let Some(session) = self.live(txn) else { continue };
+                let durable = {
+                    let mut state = session.state.lock();
+                    if state.record.status != GlobalStatus::Begin {
+                        continue;
+                    }
+                    self.set_status(&mut state, GlobalStatus::TimeoutRollbacking);
+                    self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())])
+                };
+                self.locks.set_rolling_back(txn);
+                self.metrics.timeouts.increment(1);
+                tracing::info!(xid = session.xid, "timed out in Begin; rolling back");
+                let coordinator = Arc::clone(&self);
+                self.tasks.spawn(async move {
+                    if durable.await.is_ok() {
+                        coordinator.start_rollback(&session);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Starts the rollback driver of a rolling-back session unless one is running.
+    pub(crate) fn start_rollback(self: &Arc<Self>, session: &Arc<Session>) {
+        {
+            let mut state = session.state.lock();
+            if state.rollback_running || !state.record.status.is_rolling_back() {
+                return;
+            }
+            state.rollback_running = true;
+        }
+        let span = tracing::info_span!("rollback", xid = session.xid);
+        self.tasks
+            .spawn(Arc::clone(self).drive_rollback(Arc::clone(session)).instrument(span));
+    }
+
+    async fn drive_rollback(self: Arc<Self>, session: Arc<Session>) {
+        let mut attempt = 0u32;
+        loop {
+            // Create before the pass, so an attach during the pass is not missed.
+            let attached = self.rms.attached();
+            let pass = self.rollback_pass(&session).await;
+            session.passes.send_modify(|n| *n += 1);
+            match pass {
+                Pass::Done => return,
+                Pass::Failed | Pass::Stopped => break,
+                Pass::Retry => {
+                    self.metrics.phase2_retry(Action::Rollback);
+                    let delay = self.config.phase2.backoff(attempt);
+                    attempt += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = attached => {}
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        session.state.lock().rollback_running = false;
+    }
+
+    /// Rolls back the remaining branches, last registered first, stopping at the first
+    /// failure.
+    async fn rollback_pass(&self, session: &Session) -> Pass {
+        let branches: Vec<BranchRecord> = {
+            let state = session.state.lock();
+            state
+                .branches
+                .iter()
+                .rev()
+                .filter(|b| b.status.needs_phase_two())
+                .cloned()
+                .collect()
+        };
+        for b in branches {
+            if self.shutdown.is_cancelled() {
+                return Pass::Stopped;
+            }
+            let started = Instant::now();
+            let answer = self
+                .rms
+                .call(
+                    &b.resource_id,
+                    pb::Phase2Action::Rollback,
+                    vec![branch_ref(&b, &session.xid)],
+                    self.config.phase2.call_timeout(),
+                )
+                .await;
+            self.metrics.phase2(Action::Rollback, started.elapsed());
+            match classify(b.branch_id, answer, Action::Rollback) {
+                BranchResult::Done => {
+                    let write = {
+                        let mut state = session.state.lock();
+                        state.branches.retain(|x| x.branch_id != b.branch_id);
+                        self.journal.submit(vec![Mutation::DeleteBranch {
+                            txn_id: b.txn_id,
+                            branch_id: b.branch_id,
+                        }])
+                    };
+                    // The deletion is submitted before the rows are released (see coordinator.rs);
+                    // awaiting it is not needed: a branch rolled back twice finds no undo record.
+                    drop(write);
+                    self.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
+                    self.metrics.locks_held.set(self.locks.held_count() as f64);
+                    tracing::debug!(branch_id = b.branch_id, "branch rolled back");
+                }
+                BranchResult::Retryable(error) => {
+                    tracing::warn!(
+                        branch_id = b.branch_id,
+                        resource = b.resource_id,
+                        reason = error.reason,
+                        "branch rollback failed; will retry"
+                    );
+                    // Submitted; not awaited: the retry runs whether or not it is durable yet.
+                    let _ = self.mark_failed(session, &b, BranchStatus::RollbackFailedRetryable, error, None);
+                    return Pass::Retry;
+                }
+                BranchResult::Unretryable(status, error) => {
+                    tracing::error!(
+                        branch_id = b.branch_id,
+                        resource = b.resource_id,
+                        reason = error.reason,
+                        detail = error.detail_json,
+                        "branch can never roll back; the transaction keeps its locks until an operator acts"
+                    );
+                    self.metrics.phase2_failure(Action::Rollback);
+                    let durable = self.mark_failed(session, &b, status, error, Some(GlobalStatus::rollback_failed));
+                    let _ = durable.await;
+                    return Pass::Failed;
+                }
+            }
+        }
+        let state_guard = {
+            let mut state = session.state.lock();
+            let done = state.record.status.rolled_back();
+            self.set_status(&mut state, done);
+            state.failure = None;
+            let _ = self
+                .journal
+                .submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+            self.finish(session, &state);
+            done
+        };
+        tracing::info!(status = state_guard.as_str(), "rolled back");
+        Pass::Done
+    }
+
+    /// Records a branch failure (and, with `end`, the transaction's failed end status),
+    /// returning the write's durability.
+    fn mark_failed(
+        &self,
+        session: &Session,
+        b: &BranchRecord,
+        status: BranchStatus,
+        error: BranchError,
+        end: Option<fn(GlobalStatus) -> GlobalStatus>,
+    ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + use<> {
+        let mut state = session.state.lock();
+        let next = match end {
+            Some(end) => end(state.record.status),
+            None if state.record.status.is_rolling_back() => state.record.status.rollback_retrying(),
+            None => state.record.status,
+        };
+        self.set_status(&mut state, next);
+        state.failure = Some(Failure {
+            branch_id: b.branch_id,
+            resource_id: b.resource_id.clone(),
+            status,
+            error: error.clone(),
+        });
+        let mut writes = vec![Mutation::PutGlobal(state.record.clone())];
+        if let Some(branch) = state.branches.iter_mut().find(|x| x.branch_id == b.branch_id) {
+            branch.status = status;
+            branch.error = Some(error);
+            branch.updated_ms = crate::model::now_ms();
+            writes.push(Mutation::PutBranch(branch.clone()));
+        }
+        self.journal.submit(writes)
+    }
+
+    /// Sends queued branch commits, batched per resource, and requeues failures with backoff.
+    async fn commit_loop(self: Arc<Self>) {
+        loop {
+            let attached = self.rms.attached();
+            let now = Instant::now();
+            let (ready, next_wake) = {
+                let mut queue = self.commit_queue.lock();
+                let (ready, waiting): (Vec<PendingCommit>, Vec<PendingCommit>) =
+                    queue.drain(..).partition(|p| p.not_before <= now);
+                let next_wake = waiting.iter().map(|p| p.not_before).min();
+                *queue = waiting;
+                (ready, next_wake)
+            };
+            let mut by_resource: HashMap<String, Vec<PendingCommit>> = HashMap::new();
+            for p in ready {
+                by_resource.entry(p.resource_id.clone()).or_default().push(p);
+            }
+            for (resource, items) in by_resource {
+                for chunk in items.chunks(self.config.phase2.commit_batch) {
+                    self.tasks
+                        .spawn(Arc::clone(&self).commit_batch(resource.clone(), chunk.to_vec()));
+                }
+            }
+            let sleep = async {
+                match next_wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.commit_wake.notified() => {}
+                _ = sleep => {}
+                _ = attached => {
+                    // A resource manager is back: send what waited for one now.
+                    for p in self.commit_queue.lock().iter_mut() {
+                        p.not_before = now;
+                    }
+                }
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn commit_batch(self: Arc<Self>, resource: String, items: Vec<PendingCommit>) {
+        let refs: Vec<pb::BranchRef> = items
+            .iter()
+            .map(|p| pb::BranchRef {
+                xid: crate::xid::format_xid(p.txn_id),
+                branch_id: p.branch_id,
+                resource_id: p.resource_id.clone(),
+                application_data: p.application_data.clone(),
+            })
+            .collect();
+        let started = Instant::now();
+        let answer = self
+            .rms
+            .call(
+                &resource,
+                pb::Phase2Action::Commit,
+                refs,
+                self.config.phase2.call_timeout(),
+            )
+            .await;
+        self.metrics.phase2(Action::Commit, started.elapsed());
+        let answer = answer.map(|outcomes| {
+            outcomes
+                .into_iter()
+                .map(|o| (o.branch_id, o))
+                .collect::<HashMap<_, _>>()
+        });
+        let mut retry = Vec::new();
+        for mut p in items {
+            let result = match &answer {
+                Ok(by_id) => classify(
+                    p.branch_id,
+                    Ok(by_id.get(&p.branch_id).cloned().into_iter().collect()),
+                    Action::Commit,
+                ),
+                Err(e) => BranchResult::Retryable(BranchError {
+                    reason: e.to_string(),
+                    detail_json: String::new(),
+                }),
+            };
+            match result {
+                BranchResult::Done => self.branch_committed(&p),
+                BranchResult::Unretryable(status, error) => self.branch_commit_failed(&p, status, error),
+                BranchResult::Retryable(error) => {
+                    tracing::warn!(
+                        xid = crate::xid::format_xid(p.txn_id),
+                        branch_id = p.branch_id,
+                        reason = error.reason,
+                        "branch commit failed; will retry"
+                    );
+                    self.metrics.phase2_retry(Action::Commit);
+                    p.not_before = Instant::now() + self.config.phase2.backoff(p.attempt);
+                    p.attempt += 1;
+                    retry.push(p);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            self.commit_queue.lock().extend(retry);
+            self.commit_wake.notify_one();
+        }
+    }
+
+    fn branch_committed(&self, p: &PendingCommit) {
+        let Some(session) = self.live(p.txn_id) else { return };
+        let mut state = session.state.lock();
+        state.branches.retain(|b| b.branch_id != p.branch_id);
+        let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
+        if pending || state.record.status != GlobalStatus::AsyncCommitting {
+            let _ = self.journal.submit(vec![Mutation::DeleteBranch {
+                txn_id: p.txn_id,
+                branch_id: p.branch_id,
+            }]);
+            return;
+        }
+        self.set_status(&mut state, GlobalStatus::Committed);
+        let _ = self.journal.submit(vec![Mutation::DeleteGlobal { txn_id: p.txn_id }]);
+        self.finish(&session, &state);
+        tracing::debug!(xid = session.xid, "committed");
+    }
+
+    fn branch_commit_failed(&self, p: &PendingCommit, status: BranchStatus, error: BranchError) {
+        let Some(session) = self.live(p.txn_id) else { return };
+        tracing::error!(
+            xid = session.xid,
+            branch_id = p.branch_id,
+            reason = error.reason,
+            "branch can never commit; kept for an operator"
+        );
+        self.metrics.phase2_failure(Action::Commit);
+        let Some(b) = session
+            .state
+            .lock()
+            .branches
+            .iter()
+            .find(|b| b.branch_id == p.branch_id)
+            .cloned()
+        else {
+            return;
+        };
+        let _ = self.mark_failed(&session, &b, status, error, Some(|_| GlobalStatus::CommitFailed));
+    }
+}

@@ -1,0 +1,164 @@
+//! Routing of phase-2 commands to resource managers: which connected resource manager serves
+//! which resource, sending a command and awaiting its answer. The stream itself (hello,
+//! heartbeats) is handled in `grpc.rs`; this module only sees connections come and go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferrata_rpc::pb;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// One attached resource manager stream.
+pub struct RmConnection {
+    pub id: u64,
+    pub rm_id: String,
+    pub resources: Vec<String>,
+    outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Vec<pb::BranchOutcome>>>>,
+}
+
+impl RmConnection {
+    /// Delivers an answer from the stream to the command waiting for it.
+    pub fn answer(&self, results: pb::BranchResults) -> bool {
+        match self.pending.lock().remove(&results.request_id) {
+            Some(waiter) => {
+                let _ = waiter.send(results.outcomes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub async fn send(&self, message: pb::TcMessage) -> bool {
+        self.outbound.send(Ok(message)).await.is_ok()
+    }
+}
+
+/// Why a phase-2 command got no answer. All of these are worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no resource manager serving {0:?} is connected")]
+    NoResourceManager(String),
+    #[error("resource manager {rm_id} went away before answering")]
+    Disconnected { rm_id: String },
+    #[error("resource manager {rm_id} did not answer within {timeout:?}")]
+    Timeout { rm_id: String, timeout: Duration },
+}
+
+#[derive(Default)]
+pub struct RmRegistry {
+    by_resource: Mutex<HashMap<String, Vec<Arc<RmConnection>>>>,
+    next_connection: AtomicU64,
+    next_request: AtomicU64,
+    round_robin: AtomicUsize,
+    count: AtomicUsize,
+    /// Notified whenever a resource manager attaches, so work waiting for one can go on.
+    attached: Notify,
+}
+
+impl RmRegistry {
+    pub fn attach(
+        &self,
+        rm_id: String,
+        resources: Vec<String>,
+        outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
+    ) -> Arc<RmConnection> {
+        let conn = Arc::new(RmConnection {
+            id: self.next_connection.fetch_add(1, Ordering::Relaxed),
+            rm_id,
+            resources,
+            outbound,
+            pending: Mutex::new(HashMap::new()),
+        });
+        let mut map = self.by_resource.lock();
+        for r in &conn.resources {
+            map.entry(r.clone()).or_default().push(Arc::clone(&conn));
+        }
+        drop(map);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.attached.notify_waiters();
+        conn
+    }
+
+    /// Removes a connection from routing and fails every command waiting on it.
+    pub fn detach(&self, conn: &RmConnection) {
+        let mut map = self.by_resource.lock();
+        for r in &conn.resources {
+            if let Some(list) = map.get_mut(r) {
+                list.retain(|c| c.id != conn.id);
+                if list.is_empty() {
+                    map.remove(r);
+                }
+            }
+        }
+        drop(map);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        conn.pending.lock().clear();
+    }
+
+    pub fn connected(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Resolves at the next attach; create it before checking for a connection, so an
+    /// attach in between is not missed.
+    pub fn attached(&self) -> tokio::sync::futures::Notified<'_> {
+        self.attached.notified()
+    }
+
+    pub fn serves(&self, resource: &str) -> bool {
+        self.by_resource.lock().contains_key(resource)
+    }
+
+    fn pick(&self, resource: &str) -> Option<Arc<RmConnection>> {
+        let map = self.by_resource.lock();
+        let list = map.get(resource)?;
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len();
+        Some(Arc::clone(&list[i]))
+    }
+
+    /// Sends a phase-2 command for branches of one resource to one resource manager serving
+    /// it, and returns its answers.
+    pub async fn call(
+        &self,
+        resource: &str,
+        action: pb::Phase2Action,
+        branches: Vec<pb::BranchRef>,
+        timeout: Duration,
+    ) -> Result<Vec<pb::BranchOutcome>, CallError> {
+        let conn = self
+            .pick(resource)
+            .ok_or_else(|| CallError::NoResourceManager(resource.to_owned()))?;
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().insert(request_id, tx);
+        let message = pb::TcMessage {
+            kind: Some(pb::tc_message::Kind::Command(pb::BranchCommand {
+                request_id,
+                action: action as i32,
+                branches,
+            })),
+        };
+        let disconnected = || CallError::Disconnected {
+            rm_id: conn.rm_id.clone(),
+        };
+        if !conn.send(message).await {
+            conn.pending.lock().remove(&request_id);
+            return Err(disconnected());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(outcomes)) => Ok(outcomes),
+            Ok(Err(_)) => Err(disconnected()),
+            Err(_) => {
+                conn.pending.lock().remove(&request_id);
+                Err(CallError::Timeout {
+                    rm_id: conn.rm_id.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Starting and stopping the coordinator: open the store, restore state, bind the gRPC and
+//! HTTP listeners (optionally with TLS), serve until told to stop, then drain in order:
+//! refuse new work, let in-flight requests finish (bounded by `shutdown_timeout_ms`), and
+//! flush the journal last.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferrata_rpc::pb::resource_manager_server::ResourceManagerServer;
+use ferrata_rpc::pb::transaction_manager_server::TransactionManagerServer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::Token;
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::grpc::{RmService, TmService, check_token};
+use crate::store::Store;
+use crate::store::journal::Journal;
+use crate::store::redb::RedbStore;
+
+pub struct Server {
+    config: Config,
+    coordinator: Arc<Coordinator>,
+    journal: Journal,
+    rpc: TcpListener,
+    http: TcpListener,
+}
+
+impl Server {
+    /// Opens the store, restores what it holds and binds both listeners; fails early on
+    /// anything that cannot work.
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        config.validate()?;
+        if let Some(tls) = &config.tls {
+            // Load now so a bad certificate stops the start, not the first connection.
+            ferrata_rpc::tls::acceptor(&tls.cert, &tls.key)?;
+        }
+        let rpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {} (listen)", config.listen))?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("listening on {} (http)", config.http))?;
+        let store = RedbStore::open(&config.data_dir)?;
+        let snapshot = store.load()?;
+        let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
+        let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot).await?;
+        Ok(Server {
+            config,
+            coordinator,
+            journal,
+            rpc,
+            http,
+        })
+    }
+
+    pub fn rpc_addr(&self) -> SocketAddr {
+        self.rpc.local_addr().expect("bound")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound")
+    }
+
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
+    /// Serves until `stop` is cancelled, then shuts down gracefully.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let Server {
+            config,
+            coordinator,
+            journal,
+            rpc,
+            http,
+        } = self;
+        let token = Token::new(config.token.as_ref().map(|t| t.0.as_str()));
+        coordinator.start_background();
+        tracing::info!(rpc = %rpc.local_addr()?, http = %http.local_addr()?, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
+
+        let max = config.transactions.max_message_bytes;
+        let interceptor = check_token(token.clone());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            let cert = std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
+            let key = std::fs::read(&tls.key).with_context(|| format!("reading {}", tls.key.display()))?;
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)),
+                )
+                .context("setting up TLS for gRPC")?;
+        }
+        let grpc = builder
+            .add_service(InterceptedService::new(
+                TransactionManagerServer::new(TmService(Arc::clone(&coordinator))).max_decoding_message_size(max),
+                interceptor.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                ResourceManagerServer::new(RmService(Arc::clone(&coordinator))).max_decoding_message_size(max),
+                interceptor,
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(rpc), stop.clone().cancelled_owned());
+
+        let app = crate::http::router(Arc::clone(&coordinator), token);
+        let http_stop = stop.clone().cancelled_owned();
+        let http_tls = config.tls.clone();
+        let http_server = async move {
+            match &http_tls {
+                None => axum::serve(http, app).with_graceful_shutdown(http_stop).await,
+                Some(tls) => {
+                    let acceptor = ferrata_rpc::tls::acceptor(&tls.cert, &tls.key)?;
+                    axum::serve(TlsListener::new(http, acceptor), app)
+                        .with_graceful_shutdown(http_stop)
+                        .await
+                }
+            }
+            .context("serving HTTP")
+        };
+
+        let drain = async {
+            stop.cancelled().await;
+            tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+            // Background work and waiting requests end; the listeners drain meanwhile.
+            coordinator.shutdown().await;
+        };
+        let serve = async {
+            let (g, h, ()) = tokio::join!(grpc, http_server, drain);
+            g.context("serving gRPC")?;
+            h
+        };
+        let result = tokio::select! {
+            r = serve => r,
+            _ = async { stop.cancelled().await; tokio::time::sleep(config.shutdown_timeout()).await } => {
+                tracing::warn!(timeout_ms = config.shutdown_timeout_ms, "in-flight requests did not finish in time; closing");
+                Ok(())
+            }
+        };
+        // Everything acknowledged is already durable; this writes what was still queued.
+        journal.shutdown();
+        tracing::info!("ferrata-tc stopped");
+        result
+    }
+}
+
+/// A TCP listener that hands axum only connections whose TLS handshake finished; handshakes
+/// run in their own tasks so a slow client cannot hold up the others.
+struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, acceptor: TlsAcceptor) -> TlsListener {
+        let local = listener.local_addr().expect("bound");
+        let (tx, ready) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let handed = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = handed.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "HTTP TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept task only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
