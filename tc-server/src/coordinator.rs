@@ -289,7 +289,7 @@ impl Coordinator {
     /// Moves a session to `to`, keeping the status gauges right.
     pub(crate) fn set_status(&self, state: &mut SessionState, to: GlobalStatus) {
         let from = state.record.status;
-        debug_assert!(from == to || from.can_become(to), "{from:?} -> {to:?}");
+        debug_assert!(from == to || from.can_become(to) || from.operator_retry() == Some(to), "{from:?} -> {to:?}");
         if from != to {
             state.record.status = to;
             state.record.updated_ms = now_ms();
@@ -675,6 +675,72 @@ impl Coordinator {
         let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
         let state = session.state.lock();
         Ok(Self::outcome(&session, &state))
+    }
+
+    /// Operator action after repairing the data of a failed transaction: runs its phase 2
+    /// again (RollbackFailed → RollbackRetrying, CommitFailed → AsyncCommitting).
+    pub async fn retry(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        let session = self.session_for(xid, "retry")?;
+        let (durable, next) = {
+            let mut state = session.state.lock();
+            let Some(next) = state.record.status.operator_retry() else {
+                return Err(TcError::status_invalid(xid, state.record.status, "retry (only a failed transaction can be retried)"));
+            };
+            self.set_status(&mut state, next);
+            state.failure = None;
+            let mut writes = vec![Mutation::PutGlobal(state.record.clone())];
+            let mut queue = self.commit_queue.lock();
+            for b in &mut state.branches {
+                let again = match b.status {
+                    BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
+                    BranchStatus::CommitFailedUnretryable => BranchStatus::Registered,
+                    _ => continue,
+                };
+                b.status = again;
+                b.error = None;
+                b.updated_ms = now_ms();
+                writes.push(Mutation::PutBranch(b.clone()));
+                if again == BranchStatus::Registered {
+                    queue.push(pending_commit(b));
+                }
+            }
+            (self.journal.submit(writes), next)
+        };
+        durable.await?;
+        tracing::info!(xid, status = next.as_str(), "operator retry");
+        if next.is_rolling_back() {
+            let mut passes = session.passes.subscribe();
+            self.start_rollback(&session);
+            let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
+        } else {
+            self.commit_wake.notify_one();
+        }
+        let state = session.state.lock();
+        Ok(Self::outcome(&session, &state))
+    }
+
+    /// Operator action after resolving a failed transaction by hand (rows repaired, undo
+    /// records deleted): forgets it and releases its rows. Its final status stays queryable.
+    pub async fn resolve(&self, xid: &str) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        let session = self.session_for(xid, "resolve")?;
+        let (durable, keys, outcome) = {
+            let state = session.state.lock();
+            let status = state.record.status;
+            if !matches!(status, GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed) {
+                return Err(TcError::status_invalid(xid, status, "resolve (only a failed transaction is resolved by hand)"));
+            }
+            let keys: Vec<LockKey> = state.branches.iter().flat_map(|b| b.lock_keys.iter().cloned()).collect();
+            let durable = self.journal.submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+            self.finish(&session, &state);
+            (durable, keys, Self::outcome(&session, &state))
+        };
+        self.locks.release_txn(session.txn_id, &keys);
+        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        durable.await?;
+        tracing::warn!(xid, status = outcome.status.as_str(), "resolved by an operator; rows released");
+        Ok(outcome)
     }
 
     pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {

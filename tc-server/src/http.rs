@@ -33,6 +33,8 @@ pub fn router(coordinator: Arc<Coordinator>, token: Token) -> Router {
         .route("/v1/transactions/{xid}", get(show))
         .route("/v1/transactions/{xid}/commit", post(commit))
         .route("/v1/transactions/{xid}/rollback", post(rollback))
+        .route("/v1/transactions/{xid}/retry", post(retry))
+        .route("/v1/transactions/{xid}/resolve", post(resolve))
         .route("/v1/locks", get(locks))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), require_token));
     Router::new()
@@ -157,6 +159,20 @@ async fn commit(State(api): State<Api>, Path(xid): Path<String>) -> Response {
 
 async fn rollback(State(api): State<Api>, Path(xid): Path<String>) -> Response {
     match api.coordinator.rollback(&xid).await {
+        Ok(o) => Json(outcome_json(&o)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn retry(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+    match api.coordinator.retry(&xid).await {
+        Ok(o) => Json(outcome_json(&o)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn resolve(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+    match api.coordinator.resolve(&xid).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }

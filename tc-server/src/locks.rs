@@ -261,15 +261,23 @@ impl Inner {
     fn evaluate_query(&self, txn: Option<u64>, keys: &[LockKey]) -> Eval {
         let mut first = None;
         for (idx, key) in keys.iter().enumerate() {
-            let Some(holder) = self.rows.get(key).and_then(|r| r.holder.as_ref()) else { continue };
+            let Some(holder) = self.rows.get(key).and_then(|r| r.holder.as_ref()) else {
+                continue;
+            };
             if Some(holder.txn) == txn {
                 continue;
             }
             if self.rolling_back.contains(&holder.txn) {
-                return Eval::RollingBack { idx, holder: holder.txn };
+                return Eval::RollingBack {
+                    idx,
+                    holder: holder.txn,
+                };
             }
             if first.is_none() {
-                first = Some(Eval::Conflict { idx, holder: holder.txn });
+                first = Some(Eval::Conflict {
+                    idx,
+                    holder: holder.txn,
+                });
                 if self.rolling_back.is_empty() {
                     break;
                 }
@@ -331,7 +339,7 @@ impl Inner {
         match row.queue.front() {
             Some(front) => wake_req(&mut self.reqs, front.id, wakes),
             None => {
-                if row.watchers.is_empty() {
+                if row.is_idle() {
                     self.rows.remove(key);
                 }
             }
@@ -451,7 +459,10 @@ impl Inner {
                     if let Some(id) = id {
                         self.remove_req(id, wakes);
                     }
-                    return Step::Refused(LockError::HolderRollingBack { holder, key: keys[idx].clone() });
+                    return Step::Refused(LockError::HolderRollingBack {
+                        holder,
+                        key: keys[idx].clone(),
+                    });
                 }
                 Eval::Conflict { idx, holder } => (idx, holder),
             };
@@ -460,7 +471,10 @@ impl Inner {
                 if let Some(id) = id {
                     self.remove_req(id, wakes);
                 }
-                return Step::Refused(LockError::WaitTimeout { holder, key: key.clone() });
+                return Step::Refused(LockError::WaitTimeout {
+                    holder,
+                    key: key.clone(),
+                });
             }
             if let Some(id) = id {
                 let req = self.reqs.get_mut(&id).expect("a waiting request has a record");
@@ -519,7 +533,10 @@ impl Inner {
                 if let Some(id) = id {
                     self.remove_req(id, wakes);
                 }
-                return Step::Refused(LockError::HolderRollingBack { holder, key: keys[idx].clone() });
+                return Step::Refused(LockError::HolderRollingBack {
+                    holder,
+                    key: keys[idx].clone(),
+                });
             }
             Eval::Conflict { idx, holder } => (idx, holder),
         };
@@ -528,7 +545,10 @@ impl Inner {
             if let Some(id) = id {
                 self.remove_req(id, wakes);
             }
-            return Step::Refused(LockError::WaitTimeout { holder, key: key.clone() });
+            return Step::Refused(LockError::WaitTimeout {
+                holder,
+                key: key.clone(),
+            });
         }
         let id = match id {
             Some(id) => {
@@ -560,7 +580,7 @@ impl Inner {
         // parent[v] = the transaction from which v was first reached.
         let mut parent: HashMap<u64, u64> = HashMap::new();
         let mut stack: Vec<u64> = Vec::new();
-        let mut reach = |v: u64, from: u64, parent: &mut HashMap<u64, u64>, stack: &mut Vec<u64>| -> bool {
+        let reach = |v: u64, from: u64, parent: &mut HashMap<u64, u64>, stack: &mut Vec<u64>| -> bool {
             if v == txn {
                 return true;
             }
@@ -583,7 +603,9 @@ impl Inner {
         let mut scanned: HashMap<&LockKey, usize> = HashMap::new();
         let mut closing = None;
         'search: while let Some(u) = stack.pop() {
-            let Some(ids) = self.waiting_by_txn.get(&u) else { continue };
+            let Some(ids) = self.waiting_by_txn.get(&u) else {
+                continue;
+            };
             for id in ids {
                 let Some(req) = self.reqs.get(id) else { continue };
                 let Some(rk) = &req.row else { continue };
@@ -656,13 +678,20 @@ impl LockManager {
     ) -> Result<Granted, LockError> {
         let keys = canonical(keys);
         let mut wakes = Vec::new();
-        let step = self.inner.lock().attempt(txn, branch, &keys, None, deadline, false, &mut wakes);
+        let step = self
+            .inner
+            .lock()
+            .attempt(txn, branch, &keys, None, deadline, false, &mut wakes);
         wake_all(wakes);
         match step {
             Step::Granted => Ok(Granted { waited: None }),
             Step::Refused(err) => Err(err),
             Step::Wait(id) => {
-                let guard = WaitGuard { mgr: self, id, armed: true };
+                let guard = WaitGuard {
+                    mgr: self,
+                    id,
+                    armed: true,
+                };
                 self.wait(guard, deadline, |inner, id, timed_out, wakes| {
                     inner.attempt(txn, branch, &keys, Some(id), deadline, timed_out, wakes)
                 })
@@ -712,7 +741,9 @@ impl LockManager {
                 Step::Wait(_) => {}
                 Step::Granted => {
                     guard.armed = false;
-                    return Ok(Granted { waited: Some(started.elapsed()) });
+                    return Ok(Granted {
+                        waited: Some(started.elapsed()),
+                    });
                 }
                 Step::Refused(err) => {
                     guard.armed = false;
@@ -733,7 +764,10 @@ impl LockManager {
                 if let Some(h) = inner.rows.get(key).and_then(|r| r.holder.as_ref())
                     && h.txn != txn
                 {
-                    return Err(LockError::WaitTimeout { holder: h.txn, key: key.clone() });
+                    return Err(LockError::WaitTimeout {
+                        holder: h.txn,
+                        key: key.clone(),
+                    });
                 }
             }
             inner.grant(txn, branch, &keys, None, &mut wakes);
@@ -746,13 +780,20 @@ impl LockManager {
     pub async fn query(&self, txn: Option<u64>, keys: &[LockKey], deadline: Instant) -> Result<Granted, LockError> {
         let keys = canonical(keys);
         let mut wakes = Vec::new();
-        let step = self.inner.lock().attempt_query(txn, &keys, None, deadline, false, &mut wakes);
+        let step = self
+            .inner
+            .lock()
+            .attempt_query(txn, &keys, None, deadline, false, &mut wakes);
         wake_all(wakes);
         match step {
             Step::Granted => Ok(Granted { waited: None }),
             Step::Refused(err) => Err(err),
             Step::Wait(id) => {
-                let guard = WaitGuard { mgr: self, id, armed: true };
+                let guard = WaitGuard {
+                    mgr: self,
+                    id,
+                    armed: true,
+                };
                 self.wait(guard, deadline, |inner, id, timed_out, wakes| {
                     inner.attempt_query(txn, &keys, Some(id), deadline, timed_out, wakes)
                 })
@@ -776,7 +817,9 @@ impl LockManager {
         {
             let mut inner = self.inner.lock();
             for key in keys {
-                let Some(h) = inner.rows.get_mut(key).and_then(|r| r.holder.as_mut()) else { continue };
+                let Some(h) = inner.rows.get_mut(key).and_then(|r| r.holder.as_mut()) else {
+                    continue;
+                };
                 if h.txn != txn {
                     continue;
                 }
@@ -920,7 +963,10 @@ impl LockManager {
             for id in &row.watchers {
                 let req = inner.reqs.get(id).ok_or("watcher without record")?;
                 let held_by_other = row.holder.as_ref().is_some_and(|h| Some(h.txn) != req.txn);
-                if !req.watcher || req.row.as_ref() != Some(key) || !matches!(req.state, State::Waiting) || !held_by_other
+                if !req.watcher
+                    || req.row.as_ref() != Some(key)
+                    || !matches!(req.state, State::Waiting)
+                    || !held_by_other
                 {
                     return Err(format!("bad watcher on {key:?}"));
                 }
@@ -971,7 +1017,13 @@ mod tests {
 
     /// Polls a future once.
     async fn poll_once<F: Future>(mut fut: Pin<&mut F>) -> Option<F::Output> {
-        poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).map_or(None, Some))).await
+        poll_fn(|cx| {
+            Poll::Ready(match fut.as_mut().poll(cx) {
+                Poll::Ready(out) => Some(out),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
     /// Awaits a spawned task, which must end soon (its own deadline is far).
@@ -983,7 +1035,9 @@ mod tests {
     }
 
     fn holder(mgr: &LockManager, key: &LockKey) -> Option<(u64, Vec<u64>)> {
-        mgr.held_rows(&|k| k == key, 10).first().map(|r| (r.txn, r.branches.clone()))
+        mgr.held_rows(&|k| k == key, 10)
+            .first()
+            .map(|r| (r.txn, r.branches.clone()))
     }
 
     fn spawn_acquire(
@@ -1013,7 +1067,10 @@ mod tests {
         assert_eq!(mgr.held_count(), 2);
         assert_eq!(holder(&mgr, &k(1)), Some((1, vec![10])));
         // Another branch of the same transaction takes an overlapping set without waiting.
-        assert_eq!(mgr.acquire(1, 11, &[k(2), k(3)], Instant::now()).await, Ok(Granted { waited: None }));
+        assert_eq!(
+            mgr.acquire(1, 11, &[k(2), k(3)], Instant::now()).await,
+            Ok(Granted { waited: None })
+        );
         assert_eq!(holder(&mgr, &k(2)), Some((1, vec![10, 11])));
         assert_eq!(mgr.held_count(), 3);
 
@@ -1077,7 +1134,10 @@ mod tests {
         let held: Vec<LockKey> = mgr.held_rows(&|_| true, 10).into_iter().map(|r| r.key).collect();
         assert_eq!(held, vec![k(2)], "the refused request took nothing");
         // The rows it did not get are free for others at once.
-        assert_eq!(mgr.acquire(3, 3, &[k(1), k(3)], Instant::now()).await, Ok(Granted { waited: None }));
+        assert_eq!(
+            mgr.acquire(3, 3, &[k(1), k(3)], Instant::now()).await,
+            Ok(Granted { waited: None })
+        );
         mgr.check_invariants().unwrap();
     }
 
@@ -1117,7 +1177,8 @@ mod tests {
         // The row is free but reserved for the woken waiter, which has not run yet.
         let got = mgr.acquire(2, 2, &[k(1)], Instant::now()).await;
         assert_eq!(got, Err(LockError::WaitTimeout { holder: 3, key: k(1) }));
-        let mut newcomer = pin!(mgr.acquire(2, 2, &[k(1)], far()));
+        let k1 = [k(1)];
+        let mut newcomer = pin!(mgr.acquire(2, 2, &k1, far()));
         assert!(poll_once(newcomer.as_mut()).await.is_none());
         assert_eq!(mgr.held_rows(&|_| true, 10), vec![]);
         assert_eq!(mgr.queued(&k(1)), 2);
@@ -1163,7 +1224,10 @@ mod tests {
         // Queued on k0 (held by 5), also needs k1 (held by 1).
         let other_key = spawn_acquire(&mgr, 3, 3, vec![k(0), k(1)]);
         let watcher = spawn_query(&mgr, Some(4), vec![k(1)]);
-        until("all wait", || mgr.queued(&k(1)) == 1 && mgr.queued(&k(0)) == 1 && mgr.watching(&k(1)) == 1).await;
+        until("all wait", || {
+            mgr.queued(&k(1)) == 1 && mgr.queued(&k(0)) == 1 && mgr.watching(&k(1)) == 1
+        })
+        .await;
         mgr.set_rolling_back(1);
         let fast = LockError::HolderRollingBack { holder: 1, key: k(1) };
         assert_eq!(finish(waiter).await, Err(fast.clone()));
@@ -1171,7 +1235,8 @@ mod tests {
         assert_eq!(finish(watcher).await, Err(fast.clone()));
         assert_eq!(mgr.queued(&k(1)) + mgr.queued(&k(0)) + mgr.watching(&k(1)), 0);
         // New requests fail at once.
-        let mut now = pin!(mgr.acquire(6, 6, &[k(1)], far()));
+        let k1 = [k(1)];
+        let mut now = pin!(mgr.acquire(6, 6, &k1, far()));
         assert_eq!(poll_once(now.as_mut()).await, Some(Err(fast.clone())));
         assert_eq!(mgr.query(None, &[k(1)], far()).await, Err(fast));
         mgr.check_invariants().unwrap();
@@ -1188,7 +1253,8 @@ mod tests {
         mgr.acquire(2, 2, &[k(2)], far()).await.unwrap();
         let older = spawn_acquire(&mgr, 1, 1, vec![k(2)]);
         until("older waits", || mgr.queued(&k(2)) == 1).await;
-        let mut younger = pin!(mgr.acquire(2, 2, &[k(1)], far()));
+        let k1 = [k(1)];
+        let mut younger = pin!(mgr.acquire(2, 2, &k1, far()));
         assert_eq!(
             poll_once(younger.as_mut()).await,
             Some(Err(LockError::Deadlock { cycle: vec![2, 1] }))
@@ -1283,14 +1349,16 @@ mod tests {
         let mgr = Arc::new(LockManager::new());
         mgr.acquire(1, 1, &[k(1)], far()).await.unwrap();
         {
-            let mut dropped = pin!(mgr.acquire(2, 2, &[k(1)], far()));
+            let k1 = [k(1)];
+            let mut dropped = pin!(mgr.acquire(2, 2, &k1, far()));
             assert!(poll_once(dropped.as_mut()).await.is_none());
             assert_eq!(mgr.queued(&k(1)), 1);
         }
         assert_eq!(mgr.queued(&k(1)), 0);
 
         // A dropped front request that was already woken hands the row to the next.
-        let mut front = Box::pin(mgr.acquire(2, 2, &[k(1)], far()));
+        let k1 = [k(1)];
+        let mut front = Box::pin(mgr.acquire(2, 2, &k1, far()));
         assert!(poll_once(front.as_mut()).await.is_none());
         let next = spawn_acquire(&mgr, 3, 3, vec![k(1)]);
         until("next queues", || mgr.queued(&k(1)) == 2).await;
@@ -1301,7 +1369,8 @@ mod tests {
 
         // Dropped watchers leave too.
         {
-            let mut watcher = pin!(mgr.query(Some(9), &[k(1)], far()));
+            let k1 = [k(1)];
+            let mut watcher = pin!(mgr.query(Some(9), &k1, far()));
             assert!(poll_once(watcher.as_mut()).await.is_none());
             assert_eq!(mgr.watching(&k(1)), 1);
         }
@@ -1314,7 +1383,10 @@ mod tests {
     async fn query_semantics() {
         let mgr = Arc::new(LockManager::new());
         mgr.acquire(1, 1, &[k(1)], far()).await.unwrap();
-        assert_eq!(mgr.query(Some(1), &[k(1), k(2)], far()).await, Ok(Granted { waited: None }));
+        assert_eq!(
+            mgr.query(Some(1), &[k(1), k(2)], far()).await,
+            Ok(Granted { waited: None })
+        );
         assert_eq!(mgr.query(None, &[k(2)], far()).await, Ok(Granted { waited: None }));
         let got = mgr.query(Some(2), &[k(2), k(1)], soon(20)).await;
         assert_eq!(got, Err(LockError::WaitTimeout { holder: 1, key: k(1) }));
@@ -1325,7 +1397,10 @@ mod tests {
         assert_eq!(mgr.queued(&k(1)), 0, "a watcher is not queued");
         mgr.release_txn(1, &[k(1)]);
         // The watcher does not block an acquirer.
-        assert_eq!(mgr.acquire(3, 3, &[k(1)], Instant::now()).await, Ok(Granted { waited: None }));
+        assert_eq!(
+            mgr.acquire(3, 3, &[k(1)], Instant::now()).await,
+            Ok(Granted { waited: None })
+        );
         until("watches again", || mgr.watching(&k(1)) == 1).await;
         assert!(!watcher.is_finished());
         mgr.check_invariants().unwrap();
@@ -1337,7 +1412,10 @@ mod tests {
         let waiter = spawn_acquire(&mgr, 2, 2, vec![k(1)]);
         until("waits", || mgr.queued(&k(1)) == 1).await;
         mgr.release_txn(1, &[k(1)]);
-        assert_eq!(mgr.query(Some(5), &[k(1)], Instant::now()).await, Ok(Granted { waited: None }));
+        assert_eq!(
+            mgr.query(Some(5), &[k(1)], Instant::now()).await,
+            Ok(Granted { waited: None })
+        );
         assert!(finish(waiter).await.is_ok());
     }
 
@@ -1365,7 +1443,10 @@ mod tests {
         until("2 waits", || mgr.queued(&k(2)) == 2).await;
         let rows = mgr.held_rows(&|key| key != &k(3), 10);
         assert_eq!(rows.len(), 2);
-        assert_eq!((rows[0].key.clone(), rows[0].txn, rows[0].branches.clone()), (k(1), 1, vec![1]));
+        assert_eq!(
+            (rows[0].key.clone(), rows[0].txn, rows[0].branches.clone()),
+            (k(1), 1, vec![1])
+        );
         assert_eq!(rows[0].waiters, Vec::<u64>::new());
         assert_eq!((rows[1].key.clone(), rows[1].branches.clone()), (k(2), vec![1, 2]));
         assert_eq!(rows[1].waiters, vec![3, 2]);
@@ -1394,14 +1475,36 @@ mod tests {
         enum Op {
             /// `wait_ms`: None for a far deadline (the waiter must then end by being granted
             /// or refused, never by timing out).
-            Acquire { txn: u64, branch: u64, keys: Vec<u32>, wait_ms: Option<u64> },
-            Query { txn: Option<u64>, keys: Vec<u32>, wait_ms: Option<u64> },
-            ReleaseBranch { txn: u64, branch: u64 },
-            ReleaseTxn { txn: u64 },
-            RollBack { txn: u64 },
-            Forget { txn: u64 },
-            Cancel { pick: usize },
-            Sleep { ms: u64 },
+            Acquire {
+                txn: u64,
+                branch: u64,
+                keys: Vec<u32>,
+                wait_ms: Option<u64>,
+            },
+            Query {
+                txn: Option<u64>,
+                keys: Vec<u32>,
+                wait_ms: Option<u64>,
+            },
+            ReleaseBranch {
+                txn: u64,
+                branch: u64,
+            },
+            ReleaseTxn {
+                txn: u64,
+            },
+            RollBack {
+                txn: u64,
+            },
+            Forget {
+                txn: u64,
+            },
+            Cancel {
+                pick: usize,
+            },
+            Sleep {
+                ms: u64,
+            },
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -1441,17 +1544,26 @@ mod tests {
         }
 
         /// The outcome of a finished request, checked against the model.
-        fn check_outcome(
-            mgr: &LockManager,
-            model: &StdMutex<Model>,
-            what: &str,
+        struct Request {
+            what: &'static str,
             txn: Option<u64>,
+            /// None for a query.
             branch: Option<u64>,
-            keys: &[LockKey],
+            /// Sorted, without duplicates.
+            keys: Vec<LockKey>,
             deadline: Instant,
             far: bool,
-            got: &Result<Granted, LockError>,
-        ) {
+        }
+
+        fn check_outcome(mgr: &LockManager, model: &StdMutex<Model>, req: Request, got: &Result<Granted, LockError>) {
+            let Request {
+                what,
+                txn,
+                branch,
+                ref keys,
+                deadline,
+                far,
+            } = req;
             let mut m = model.lock().unwrap();
             let now = Instant::now();
             let mut bad = |msg: String| m.violations.push(format!("{what} txn {txn:?} keys {keys:?}: {msg}"));
@@ -1494,7 +1606,8 @@ mod tests {
                 Err(LockError::HolderRollingBack { holder, .. }) => {
                     let holder = *holder;
                     if !m.ever_rolled_back.contains(&holder) {
-                        m.violations.push(format!("{what}: fail fast against {holder}, never rolling back"));
+                        m.violations
+                            .push(format!("{what}: fail fast against {holder}, never rolling back"));
                     }
                 }
             }
@@ -1503,7 +1616,8 @@ mod tests {
                     let entry = m.owners.entry(key.clone()).or_insert_with(|| (txn, BTreeSet::new()));
                     if entry.0 != txn {
                         let other = entry.0;
-                        m.violations.push(format!("{key:?} granted to {txn} while {other} holds it"));
+                        m.violations
+                            .push(format!("{key:?} granted to {txn} while {other} holds it"));
                     } else {
                         entry.1.insert(branch);
                     }
@@ -1544,27 +1658,30 @@ mod tests {
             let mut tasks: Vec<Task> = Vec::new();
             for op in ops {
                 match op {
-                    Op::Acquire { txn, branch, keys, wait_ms } => {
+                    Op::Acquire {
+                        txn,
+                        branch,
+                        keys,
+                        wait_ms,
+                    } => {
                         let keys: Vec<LockKey> = keys.into_iter().map(k).collect();
                         let far = wait_ms.is_none();
                         let deadline = Instant::now() + Duration::from_millis(wait_ms.unwrap_or(30_000));
                         let (mgr, model) = (mgr.clone(), model.clone());
                         let handle = tokio::spawn(async move {
                             let got = mgr.acquire(txn, branch, &keys, deadline).await;
-                            let mut sorted = keys.clone();
-                            sorted.sort();
-                            sorted.dedup();
-                            check_outcome(
-                                &mgr,
-                                &model,
-                                "acquire",
-                                Some(txn),
-                                Some(branch),
-                                &sorted,
+                            let mut keys = keys;
+                            keys.sort();
+                            keys.dedup();
+                            let req = Request {
+                                what: "acquire",
+                                txn: Some(txn),
+                                branch: Some(branch),
+                                keys,
                                 deadline,
                                 far,
-                                &got,
-                            );
+                            };
+                            check_outcome(&mgr, &model, req, &got);
                         });
                         tasks.push(Task { handle, far, deadline });
                     }
@@ -1575,7 +1692,15 @@ mod tests {
                         let (mgr, model) = (mgr.clone(), model.clone());
                         let handle = tokio::spawn(async move {
                             let got = mgr.query(txn, &keys, deadline).await;
-                            check_outcome(&mgr, &model, "query", txn, None, &keys, deadline, far, &got);
+                            let req = Request {
+                                what: "query",
+                                txn,
+                                branch: None,
+                                keys,
+                                deadline,
+                                far,
+                            };
+                            check_outcome(&mgr, &model, req, &got);
                         });
                         tasks.push(Task { handle, far, deadline });
                     }

@@ -75,6 +75,18 @@ impl GlobalStatus {
         )
     }
 
+    /// The status an operator's retry moves a failed end state to (after the data was
+    /// repaired): the one edge out of a final status, never taken automatically.
+    pub fn operator_retry(self) -> Option<GlobalStatus> {
+        use GlobalStatus::*;
+        match self {
+            RollbackFailed => Some(RollbackRetrying),
+            TimeoutRollbackFailed => Some(TimeoutRollbackRetrying),
+            CommitFailed => Some(AsyncCommitting),
+            _ => None,
+        }
+    }
+
     /// No further change happens without an operator.
     pub fn is_final(self) -> bool {
         use GlobalStatus::*;
@@ -347,6 +359,11 @@ mod tests {
         fn machine_invariants(from in any_status(), to in any_status()) {
             if from.is_final() {
                 prop_assert!(!from.can_become(to));
+            }
+            // The operator's retry stays on the side the decision took.
+            if let Some(retry) = from.operator_retry() {
+                prop_assert!(from.is_final() && !retry.is_final());
+                prop_assert_eq!(commit_side(from), commit_side(retry));
             }
             let commit_side = |s: GlobalStatus| matches!(s, GlobalStatus::Committing | GlobalStatus::AsyncCommitting | GlobalStatus::Committed | GlobalStatus::CommitFailed);
             let rollback_side = |s: GlobalStatus| s != GlobalStatus::Begin && !commit_side(s);
