@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -134,14 +134,19 @@ struct BeginBody {
     name: String,
 }
 
-async fn begin(State(api): State<Api>, body: Result<Json<BeginBody>, JsonRejection>) -> Response {
-    let Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return error(TcError::invalid(format!(
-                "the request body must be JSON like {{\"timeout_ms\": 60000, \"name\": \"order\"}}: {}",
-                e.body_text()
-            )));
+/// The body is read as JSON whatever its content type says (`curl -d` sends a form type);
+/// an empty body means all defaults.
+async fn begin(State(api): State<Api>, body: Bytes) -> Response {
+    let body: BeginBody = if body.iter().all(u8::is_ascii_whitespace) {
+        BeginBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(TcError::invalid(format!(
+                    "the request body must be JSON like {{\"timeout_ms\": 60000, \"name\": \"order\"}}: {e}"
+                )));
+            }
         }
     };
     match api.coordinator.begin(body.timeout_ms, body.name).await {

@@ -85,6 +85,7 @@ impl Metrics {
                 .collect(),
             finished: GlobalStatus::ALL
                 .iter()
+                .filter(|s| s.is_final())
                 .map(|s| counter!("ferrata_tc_global_finished_total", "status" => s.as_str()))
                 .collect(),
             begins: counter!("ferrata_tc_global_begins_total"),
@@ -124,7 +125,8 @@ impl Metrics {
 
     /// A transaction reached a final status.
     pub fn finished(&self, status: GlobalStatus) {
-        self.finished[Self::slot(status)].increment(1);
+        let slot = GlobalStatus::ALL.iter().filter(|s| s.is_final()).position(|s| *s == status).expect("final");
+        self.finished[slot].increment(1);
     }
 
     pub fn phase2(&self, action: Action, elapsed: Duration) {
