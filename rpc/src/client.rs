@@ -132,6 +132,9 @@ pub async fn attach(
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
     };
     let task = tokio::spawn(async move {
+        // Handlers run in this set, owned by the task: aborting the task aborts them too, so
+        // no sender outlives the attachment and the stream closes at once.
+        let mut handlers = tokio::task::JoinSet::new();
         let mut beat = tokio::time::interval(interval);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -140,7 +143,7 @@ pub async fn attach(
                     Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
                         let handler = Arc::clone(&handler);
                         let tx = tx.clone();
-                        tokio::spawn(async move {
+                        handlers.spawn(async move {
                             let request_id = command.request_id;
                             let outcomes = handler(command).await;
                             let results = pb::RmMessage {
@@ -152,6 +155,7 @@ pub async fn attach(
                     Some(_) => {}
                     None => return Ok(()),
                 },
+                Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
                 _ = beat.tick() => {
                     let heartbeat = pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat {})) };
                     if tx.send(heartbeat).await.is_err() {

@@ -44,8 +44,10 @@ pub struct Session {
 
 pub(crate) struct SessionState {
     pub record: GlobalRecord,
-    /// In registration order.
+    /// In registration order; a branch leaves once its phase 2 is done.
     pub branches: Vec<BranchRecord>,
+    /// Branches ever registered (those restored from the store, after a restart).
+    pub registered: usize,
     /// A rollback driver task is running for this session.
     pub rollback_running: bool,
     /// The first branch failure of the latest phase-2 pass.
@@ -216,6 +218,7 @@ impl Coordinator {
                 deadline,
                 state: Mutex::new(SessionState {
                     record,
+                    registered: list.len(),
                     branches: list,
                     rollback_running: false,
                     failure,
@@ -289,7 +292,10 @@ impl Coordinator {
     /// Moves a session to `to`, keeping the status gauges right.
     pub(crate) fn set_status(&self, state: &mut SessionState, to: GlobalStatus) {
         let from = state.record.status;
-        debug_assert!(from == to || from.can_become(to) || from.operator_retry() == Some(to), "{from:?} -> {to:?}");
+        debug_assert!(
+            from == to || from.can_become(to) || from.operator_retry() == Some(to),
+            "{from:?} -> {to:?}"
+        );
         if from != to {
             state.record.status = to;
             state.record.updated_ms = now_ms();
@@ -319,7 +325,7 @@ impl Coordinator {
             session.txn_id,
             FinishedTxn {
                 record: state.record.clone(),
-                branch_count: state.branches.len(),
+                branch_count: state.registered,
                 failure: state.failure.clone(),
             },
         );
@@ -370,6 +376,7 @@ impl Coordinator {
             state: Mutex::new(SessionState {
                 record,
                 branches: Vec::new(),
+                registered: 0,
                 rollback_running: false,
                 failure: None,
             }),
@@ -493,6 +500,7 @@ impl Coordinator {
                 error: None,
             };
             state.branches.push(branch.clone());
+            state.registered += 1;
             self.journal.submit(vec![Mutation::PutBranch(branch)])
         };
         durable.await?;
@@ -685,7 +693,11 @@ impl Coordinator {
         let (durable, next) = {
             let mut state = session.state.lock();
             let Some(next) = state.record.status.operator_retry() else {
-                return Err(TcError::status_invalid(xid, state.record.status, "retry (only a failed transaction can be retried)"));
+                return Err(TcError::status_invalid(
+                    xid,
+                    state.record.status,
+                    "retry (only a failed transaction can be retried)",
+                ));
             };
             self.set_status(&mut state, next);
             state.failure = None;
@@ -728,18 +740,35 @@ impl Coordinator {
         let (durable, keys, outcome) = {
             let state = session.state.lock();
             let status = state.record.status;
-            if !matches!(status, GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed) {
-                return Err(TcError::status_invalid(xid, status, "resolve (only a failed transaction is resolved by hand)"));
+            if !matches!(
+                status,
+                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed
+            ) {
+                return Err(TcError::status_invalid(
+                    xid,
+                    status,
+                    "resolve (only a failed transaction is resolved by hand)",
+                ));
             }
-            let keys: Vec<LockKey> = state.branches.iter().flat_map(|b| b.lock_keys.iter().cloned()).collect();
-            let durable = self.journal.submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+            let keys: Vec<LockKey> = state
+                .branches
+                .iter()
+                .flat_map(|b| b.lock_keys.iter().cloned())
+                .collect();
+            let durable = self
+                .journal
+                .submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
             self.finish(&session, &state);
             (durable, keys, Self::outcome(&session, &state))
         };
         self.locks.release_txn(session.txn_id, &keys);
         self.metrics.locks_held.set(self.locks.held_count() as f64);
         durable.await?;
-        tracing::warn!(xid, status = outcome.status.as_str(), "resolved by an operator; rows released");
+        tracing::warn!(
+            xid,
+            status = outcome.status.as_str(),
+            "resolved by an operator; rows released"
+        );
         Ok(outcome)
     }
 
@@ -837,7 +866,7 @@ impl Coordinator {
             xid: session.xid.clone(),
             record: state.record.clone(),
             branches: state.branches.clone(),
-            branch_count: state.branches.len(),
+            branch_count: state.registered,
             failure: state.failure.clone(),
             finished: false,
         }

@@ -8,19 +8,25 @@
 //! * A row held by a transaction records the transaction, the branches that registered it
 //!   and when it was first granted. Free rows without waiters or watchers have no map entry.
 //! * A request that conflicts waits in the FIFO queue of its first conflicting row (in key
-//!   order). A free row with queued requests is reserved for its front request's
-//!   transaction: newcomers of other transactions queue behind instead of barging in. When a
-//!   row is freed its front request is woken and retries the whole acquisition; it is granted,
-//!   or moves to the queue of the row it now conflicts on (waking the next front of the row
-//!   it left), or keeps waiting.
+//!   order). Queues are ordered by the requests' arrival: a request that moves to another
+//!   queue keeps its age and goes in ahead of the requests that arrived after it. A free
+//!   row with queued requests is reserved for its front request's transaction: newcomers of
+//!   other transactions queue behind instead of barging in; only an older request may pass.
+//!   When a row is freed its front request is woken and retries the whole acquisition; it is
+//!   granted, or moves to the queue of the row it now conflicts on (waking the next front of
+//!   the row it left), or keeps waiting. Ordering by arrival is what keeps this live: the
+//!   oldest waiting request is never stopped by queues, only by holders, so woken requests
+//!   cannot chase each other from queue to queue forever.
 //! * Wake-ups go through the request's record in the table: the waker sets its state to
 //!   `Woken` (or `Failed`) under the mutex, and the waiting future checks that state and
 //!   registers its `Waker` under the same mutex, so no wake-up is lost. Wakers are invoked
 //!   after the mutex is released.
-//! * Deadlock detection runs whenever a request is about to join a queue: a search over the
-//!   wait-for relation between transactions (a queued request waits for its row's holder and
-//!   for the transactions queued ahead of it) looks for a path back to the requester. The
-//!   youngest transaction of the cycle (largest id) is the victim.
+//! * Deadlock detection runs whenever the wait-for relation between transactions gains
+//!   edges (a queued request waits for its row's holder and for the transactions queued ahead
+//!   of it): when a request is about to join a queue (its own edges, and those of the younger
+//!   requests it goes in ahead of), and when a transaction that still has waiting requests is
+//!   granted rows others are queued for. A search from the requester looks for a path back to
+//!   it; the youngest transaction of the cycle (largest id) is the victim.
 //! * Queries ("would these rows be lockable?") register as watchers of one row; watchers are
 //!   woken when that row is freed and are neither queued nor part of the wait-for relation.
 
@@ -86,8 +92,8 @@ struct Inner {
     /// Queued acquire requests by transaction: the edges of the wait-for relation start here.
     waiting_by_txn: HashMap<u64, Vec<ReqId>>,
     next_id: ReqId,
-    /// Queue positions: strictly increasing along every queue.
-    next_seq: u64,
+    /// Arrival order of waiting requests: queues are sorted by it.
+    next_age: u64,
 }
 
 #[derive(Default)]
@@ -154,7 +160,7 @@ impl Holder {
 struct QEntry {
     id: ReqId,
     txn: u64,
-    seq: u64,
+    age: u64,
 }
 
 enum State {
@@ -175,8 +181,8 @@ struct Req {
     keys: Vec<LockKey>,
     /// The row whose queue (or watcher list) the request is in, if any.
     row: Option<LockKey>,
-    /// Position in that queue.
-    seq: u64,
+    /// When the request first had to wait (smaller is older); kept when it moves.
+    age: u64,
     state: State,
     waker: Option<Waker>,
 }
@@ -231,16 +237,21 @@ fn wake_req(reqs: &mut HashMap<ReqId, Req>, id: ReqId, wakes: &mut Vec<Waker>) {
 }
 
 impl Inner {
-    /// Can `txn` take all `keys` (sorted)? A row is available when free with no queue, free
-    /// with a request of `txn` at the front of its queue, or held by `txn`.
-    fn evaluate(&self, txn: u64, keys: &[LockKey]) -> Eval {
+    /// Can `txn` take all `keys` (sorted)? A row is available when held by `txn`, or free and
+    /// its queue is empty, or its front request (the oldest) is of `txn` or younger than the
+    /// asking request (of age `age`; `u64::MAX` for one that never waited).
+    fn evaluate(&self, txn: u64, keys: &[LockKey], age: u64) -> Eval {
         let check_rolling_back = !self.rolling_back.is_empty();
         let mut first = None;
         for (idx, key) in keys.iter().enumerate() {
             let Some(row) = self.rows.get(key) else { continue };
             let other = match &row.holder {
                 Some(h) => (h.txn != txn).then_some((h.txn, true)),
-                None => row.queue.front().filter(|e| e.txn != txn).map(|e| (e.txn, false)),
+                None => row
+                    .queue
+                    .front()
+                    .filter(|e| e.txn != txn && e.age < age)
+                    .map(|e| (e.txn, false)),
             };
             if let Some((holder, held)) = other {
                 if held && check_rolling_back && self.rolling_back.contains(&holder) {
@@ -287,9 +298,19 @@ impl Inner {
     }
 
     /// Gives `keys` to `txn` (the caller checked they are available). Requests of `txn`
-    /// queued on a row it newly takes are woken: that row no longer stops them.
-    fn grant(&mut self, txn: u64, branch: u64, keys: &[LockKey], me: Option<ReqId>, wakes: &mut Vec<Waker>) {
+    /// queued on a row it newly takes are woken: that row no longer stops them. Returns the
+    /// newly taken rows where requests of other transactions are queued (they now wait for
+    /// `txn`), usually none.
+    fn grant(
+        &mut self,
+        txn: u64,
+        branch: u64,
+        keys: &[LockKey],
+        me: Option<ReqId>,
+        wakes: &mut Vec<Waker>,
+    ) -> Vec<LockKey> {
         let mut now_ms = None;
+        let mut queued_rows = Vec::new();
         for key in keys {
             let row = self.rows.entry(key.clone()).or_default();
             match &mut row.holder {
@@ -305,13 +326,50 @@ impl Inner {
                         more: Vec::new(),
                     });
                     self.held += 1;
+                    let mut others = false;
                     for e in &row.queue {
-                        if e.txn == txn && Some(e.id) != me {
+                        if e.txn != txn {
+                            others = true;
+                        } else if Some(e.id) != me {
                             wake_req(&mut self.reqs, e.id, wakes);
                         }
                     }
+                    if others {
+                        queued_rows.push(key.clone());
+                    }
                 }
             }
+        }
+        queued_rows
+    }
+
+    /// After `txn` took `rows` that others are queued for: those requests now wait for `txn`,
+    /// which closes a cycle if `txn` itself still waits (other requests of it) for them.
+    /// Victims are refused until no cycle is left.
+    fn resolve_after_grant(&mut self, txn: u64, rows: &[LockKey], wakes: &mut Vec<Waker>) {
+        while self.waiting_by_txn.contains_key(&txn) {
+            let closers: HashSet<u64> = rows
+                .iter()
+                .filter_map(|k| self.rows.get(k))
+                .flat_map(|row| row.queue.iter().map(|e| e.txn))
+                .filter(|&t| t != txn)
+                .collect();
+            if closers.is_empty() {
+                return;
+            }
+            let Some(cycle) = self.search(txn, &[], None, &closers) else {
+                return;
+            };
+            self.refuse_victim(&cycle, wakes);
+        }
+    }
+
+    /// Refuses every waiting request of the youngest transaction of `cycle`.
+    fn refuse_victim(&mut self, cycle: &[u64], wakes: &mut Vec<Waker>) {
+        let victim = cycle.iter().copied().max().unwrap_or_default();
+        let victims = self.waiting_by_txn.get(&victim).cloned().unwrap_or_default();
+        for v in victims {
+            self.fail(v, LockError::Deadlock { cycle: cycle.to_vec() }, wakes);
         }
     }
 
@@ -337,7 +395,13 @@ impl Inner {
             return;
         }
         match row.queue.front() {
-            Some(front) => wake_req(&mut self.reqs, front.id, wakes),
+            Some(front) => {
+                // The row is reserved for the front's transaction: wake its leading requests.
+                let txn = front.txn;
+                for e in row.queue.iter().take_while(|e| e.txn == txn) {
+                    wake_req(&mut self.reqs, e.id, wakes);
+                }
+            }
             None => {
                 if row.is_idle() {
                     self.rows.remove(key);
@@ -349,6 +413,8 @@ impl Inner {
     fn new_req(&mut self, txn: Option<u64>, watcher: bool, keys: &[LockKey]) -> ReqId {
         let id = self.next_id;
         self.next_id += 1;
+        let age = self.next_age;
+        self.next_age += 1;
         self.reqs.insert(
             id,
             Req {
@@ -356,7 +422,7 @@ impl Inner {
                 watcher,
                 keys: keys.to_vec(),
                 row: None,
-                seq: 0,
+                age,
                 state: State::Waiting,
                 waker: None,
             },
@@ -418,18 +484,19 @@ impl Inner {
         None
     }
 
+    /// Queues a request on `key`, behind the requests older than it.
     fn enqueue(&mut self, id: ReqId, txn: u64, key: &LockKey) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.rows
-            .entry(key.clone())
-            .or_default()
-            .queue
-            .push_back(QEntry { id, txn, seq });
         let req = self.reqs.get_mut(&id).expect("a queued request has a record");
         req.row = Some(key.clone());
-        req.seq = seq;
         req.state = State::Waiting;
+        let age = req.age;
+        let queue = &mut self.rows.entry(key.clone()).or_default().queue;
+        if queue.back().is_none_or(|e| e.age < age) {
+            queue.push_back(QEntry { id, txn, age });
+        } else {
+            let pos = queue.partition_point(|e| e.age < age);
+            queue.insert(pos, QEntry { id, txn, age });
+        }
         self.waiting_by_txn.entry(txn).or_default().push(id);
     }
 
@@ -446,12 +513,16 @@ impl Inner {
         timed_out: bool,
         wakes: &mut Vec<Waker>,
     ) -> Step {
+        let age = id.map_or(u64::MAX, |id| self.reqs.get(&id).map_or(u64::MAX, |r| r.age));
         loop {
-            let (idx, holder) = match self.evaluate(txn, keys) {
+            let (idx, holder) = match self.evaluate(txn, keys, age) {
                 Eval::Free => {
-                    self.grant(txn, branch, keys, id, wakes);
+                    let queued_rows = self.grant(txn, branch, keys, id, wakes);
                     if let Some(id) = id {
                         self.remove_req(id, wakes);
+                    }
+                    if !queued_rows.is_empty() {
+                        self.resolve_after_grant(txn, &queued_rows, wakes);
                     }
                     return Step::Granted;
                 }
@@ -484,20 +555,16 @@ impl Inner {
                     return Step::Wait(id);
                 }
             }
-            if let Some(cycle) = self.find_cycle(txn, key) {
-                let victim = cycle.iter().copied().max().unwrap_or(txn);
-                if victim == txn {
+            if let Some(cycle) = self.find_cycle(txn, key, age, id) {
+                if cycle.iter().max() == Some(&txn) {
                     if let Some(id) = id {
                         self.remove_req(id, wakes);
                     }
                     return Step::Refused(LockError::Deadlock { cycle });
                 }
-                let victims = self.waiting_by_txn.get(&victim).cloned().unwrap_or_default();
-                for v in victims {
-                    self.fail(v, LockError::Deadlock { cycle: cycle.clone() }, wakes);
-                }
                 // The victim's requests are gone (each removal shrinks the wait-for
                 // relation, so this ends): look again.
+                self.refuse_victim(&cycle, wakes);
                 continue;
             }
             let id = match id {
@@ -568,80 +635,112 @@ impl Inner {
         Step::Wait(id)
     }
 
-    /// Would a request of `txn` queued at the back of `key`'s queue close a wait-for cycle?
-    /// Returns the cycle, starting with `txn` and following the wait-for edges.
-    ///
-    /// A search over transactions from the ones the new request would wait for; a
-    /// transaction's successors are, for each of its queued requests, the row's holder and
-    /// the transactions queued ahead. Queues are sorted by position, so each queue is
-    /// scanned at most once per search (`scanned` keeps how far).
-    fn find_cycle(&self, txn: u64, key: &LockKey) -> Option<Vec<u64>> {
+    /// Would a request of `txn` of age `age` queued on `key` close a wait-for cycle? It would
+    /// wait for the row's holder and the older requests queued there, and the younger ones
+    /// would wait for it. `exclude` is the request's current queue entry, which it would
+    /// leave. Returns the cycle, starting with `txn` and following the wait-for edges.
+    fn find_cycle(&self, txn: u64, key: &LockKey, age: u64, exclude: Option<ReqId>) -> Option<Vec<u64>> {
         let row = self.rows.get(key)?;
-        // parent[v] = the transaction from which v was first reached.
-        let mut parent: HashMap<u64, u64> = HashMap::new();
-        let mut stack: Vec<u64> = Vec::new();
-        let reach = |v: u64, from: u64, parent: &mut HashMap<u64, u64>, stack: &mut Vec<u64>| -> bool {
-            if v == txn {
-                return true;
-            }
-            if v != from && !parent.contains_key(&v) {
-                parent.insert(v, from);
-                stack.push(v);
-            }
-            false
-        };
+        let mut targets = Vec::new();
+        let mut closers = HashSet::new();
         if let Some(h) = &row.holder
             && h.txn != txn
         {
-            reach(h.txn, txn, &mut parent, &mut stack);
+            targets.push(h.txn);
         }
         for e in &row.queue {
-            if e.txn != txn {
-                reach(e.txn, txn, &mut parent, &mut stack);
+            if e.txn == txn {
+                continue;
+            }
+            if e.age < age {
+                targets.push(e.txn);
+            } else {
+                closers.insert(e.txn);
+            }
+        }
+        self.search(txn, &targets, exclude, &closers)
+    }
+
+    /// Searches the wait-for relation for a path from `txn` back to itself, where `txn` also
+    /// waits for `targets`, every transaction of `closers` also waits for `txn`, and the queue
+    /// entry `exclude` is ignored. Returns the cycle, starting with `txn` and following the
+    /// wait-for edges.
+    ///
+    /// A depth-first search over transactions: a transaction's successors are, for each of
+    /// its queued requests, the row's holder and the transactions queued ahead. Queues are
+    /// sorted by age, so a queue's prefix already scanned need not be scanned again
+    /// (`scanned`), which keeps a search linear in the number of queued requests.
+    fn search(&self, txn: u64, targets: &[u64], exclude: Option<ReqId>, closers: &HashSet<u64>) -> Option<Vec<u64>> {
+        let hit = |v: u64| v == txn || closers.contains(&v);
+        // parent[v] = the transaction from which v was first reached; `txn` is the root.
+        let mut parent: HashMap<u64, u64> = HashMap::new();
+        let cycle = |parent: &HashMap<u64, u64>, last: u64, closer: u64| -> Vec<u64> {
+            let mut cycle = Vec::new();
+            if closer != txn {
+                cycle.push(closer);
+            }
+            let mut v = last;
+            while v != txn {
+                cycle.push(v);
+                v = parent[&v];
+            }
+            cycle.push(txn);
+            cycle.reverse();
+            cycle
+        };
+        let mut stack = vec![txn];
+        for &v in targets {
+            if hit(v) {
+                return Some(cycle(&parent, txn, v));
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = parent.entry(v) {
+                e.insert(txn);
+                stack.push(v);
             }
         }
         let mut scanned: HashMap<&LockKey, usize> = HashMap::new();
-        let mut closing = None;
-        'search: while let Some(u) = stack.pop() {
+        while let Some(u) = stack.pop() {
             let Some(ids) = self.waiting_by_txn.get(&u) else {
                 continue;
             };
-            for id in ids {
-                let Some(req) = self.reqs.get(id) else { continue };
+            for &id in ids {
+                if Some(id) == exclude {
+                    continue;
+                }
+                let Some(req) = self.reqs.get(&id) else { continue };
                 let Some(rk) = &req.row else { continue };
                 let Some(row) = self.rows.get(rk) else { continue };
-                if let Some(h) = &row.holder
-                    && reach(h.txn, u, &mut parent, &mut stack)
-                {
-                    closing = Some(u);
-                    break 'search;
-                }
-                let pos = row.queue.partition_point(|e| e.seq < req.seq);
-                let done = scanned.entry(rk).or_insert(0);
-                if pos > *done {
-                    for e in row.queue.range(*done..pos) {
-                        if reach(e.txn, u, &mut parent, &mut stack) {
-                            closing = Some(u);
-                            break 'search;
-                        }
+                let pos = row.queue.partition_point(|e| e.age < req.age);
+                // The root's own entries are skipped as self-edges, so a prefix it scanned
+                // must be scanned again by the others (for whom they are edges to the root).
+                let start = if u == txn {
+                    0
+                } else {
+                    scanned.get(rk).copied().unwrap_or(0).min(pos)
+                };
+                let ahead = row
+                    .queue
+                    .range(start..pos)
+                    .filter(|e| Some(e.id) != exclude)
+                    .map(|e| e.txn);
+                for v in row.holder.as_ref().map(|h| h.txn).into_iter().chain(ahead) {
+                    if v == u {
+                        continue;
                     }
-                    *done = pos;
+                    if hit(v) {
+                        return Some(cycle(&parent, u, v));
+                    }
+                    if let std::collections::hash_map::Entry::Vacant(e) = parent.entry(v) {
+                        e.insert(u);
+                        stack.push(v);
+                    }
+                }
+                if u != txn && pos > start {
+                    scanned.insert(rk, pos);
                 }
             }
         }
-        let last = closing?;
-        let mut cycle = vec![last];
-        let mut v = last;
-        while let Some(&p) = parent.get(&v) {
-            if p == txn {
-                break;
-            }
-            cycle.push(p);
-            v = p;
-        }
-        cycle.push(txn);
-        cycle.reverse();
-        Some(cycle)
+        None
     }
 }
 
@@ -770,7 +869,10 @@ impl LockManager {
                     });
                 }
             }
-            inner.grant(txn, branch, &keys, None, &mut wakes);
+            let queued_rows = inner.grant(txn, branch, &keys, None, &mut wakes);
+            if !queued_rows.is_empty() {
+                inner.resolve_after_grant(txn, &queued_rows, &mut wakes);
+            }
         }
         wake_all(wakes);
         Ok(())
@@ -935,24 +1037,26 @@ impl LockManager {
             if row.is_idle() {
                 return Err(format!("idle row {key:?} left in the map"));
             }
-            let mut last_seq = None;
-            for (pos, e) in row.queue.iter().enumerate() {
+            let mut last_age = None;
+            for e in &row.queue {
                 queued += 1;
                 let req = inner.reqs.get(&e.id).ok_or("queued request without record")?;
-                if req.watcher || req.txn != Some(e.txn) || req.row.as_ref() != Some(key) || req.seq != e.seq {
+                if req.watcher || req.txn != Some(e.txn) || req.row.as_ref() != Some(key) || req.age != e.age {
                     return Err(format!("queue entry of {key:?} disagrees with its record"));
                 }
-                if last_seq.is_some_and(|s| s >= e.seq) {
+                if last_age.is_some_and(|a| a >= e.age) {
                     return Err(format!("queue of {key:?} is out of order"));
                 }
-                last_seq = Some(e.seq);
+                last_age = Some(e.age);
+                // Nobody may sleep on a row its transaction holds, and a free row's front
+                // (which may take it) must be awake.
                 match req.state {
                     State::Failed(_) => return Err("a failed request is still queued".into()),
-                    State::Waiting if pos == 0 && row.holder.is_none() => {
-                        return Err(format!("front of free row {key:?} sleeps"));
-                    }
                     State::Waiting if row.holder.as_ref().is_some_and(|h| h.txn == e.txn) => {
-                        return Err(format!("request of the holder of {key:?} sleeps in its queue"));
+                        return Err(format!("a request sleeps on {key:?}, held by its own transaction"));
+                    }
+                    State::Waiting if row.holder.is_none() && row.queue.front().is_some_and(|f| f.id == e.id) => {
+                        return Err(format!("the front of free row {key:?} sleeps"));
                     }
                     _ => {}
                 }
@@ -979,6 +1083,35 @@ impl LockManager {
         for req in inner.reqs.values() {
             if req.row.is_none() && matches!(req.state, State::Waiting) {
                 return Err("a request sleeps outside any queue".into());
+            }
+        }
+        // Deadlock detection keeps the wait-for relation acyclic: a queued request waits for
+        // its row's holder and for the other transactions queued ahead of it.
+        let mut edges: HashMap<u64, HashSet<u64>> = HashMap::new();
+        for row in inner.rows.values() {
+            for (pos, e) in row.queue.iter().enumerate() {
+                let out = edges.entry(e.txn).or_default();
+                out.extend(row.holder.as_ref().map(|h| h.txn).filter(|&t| t != e.txn));
+                out.extend(row.queue.range(..pos).map(|a| a.txn).filter(|&t| t != e.txn));
+            }
+        }
+        fn cyclic(v: u64, edges: &HashMap<u64, HashSet<u64>>, color: &mut HashMap<u64, bool>) -> bool {
+            match color.get(&v) {
+                Some(true) => return true, // on the current path
+                Some(false) => return false,
+                None => {}
+            }
+            color.insert(v, true);
+            let found = edges
+                .get(&v)
+                .is_some_and(|out| out.iter().any(|&w| cyclic(w, edges, color)));
+            color.insert(v, false);
+            found
+        }
+        let mut color = HashMap::new();
+        for &v in edges.keys() {
+            if cyclic(v, &edges, &mut color) {
+                return Err(format!("the wait-for relation has a cycle: {edges:?}"));
             }
         }
         Ok(())
@@ -1458,6 +1591,129 @@ mod tests {
         until("aborted", || mgr.queued(&k(2)) == 0).await;
         mgr.release_txn(1, &[k(1), k(2), k(3)]);
         assert!(mgr.is_idle());
+    }
+
+    #[tokio::test]
+    async fn a_moving_request_keeps_its_age() {
+        let mgr = Arc::new(LockManager::new());
+        mgr.acquire(1, 1, &[k(1)], far()).await.unwrap();
+        mgr.acquire(2, 2, &[k(2)], far()).await.unwrap();
+        let older = spawn_acquire(&mgr, 3, 3, vec![k(1), k(2)]);
+        until("3 waits on k1", || mgr.queued(&k(1)) == 1).await;
+        let younger = spawn_acquire(&mgr, 4, 4, vec![k(2)]);
+        until("4 waits on k2", || mgr.queued(&k(2)) == 1).await;
+        mgr.release_txn(1, &[k(1)]);
+        // Txn 3 moves to k2, ahead of txn 4 which arrived after it.
+        until("3 moves", || mgr.queued(&k(2)) == 2).await;
+        assert_eq!(mgr.held_rows(&|key| key == &k(2), 1)[0].waiters, vec![3, 4]);
+        mgr.release_txn(2, &[k(2)]);
+        assert!(finish(older).await.is_ok());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!younger.is_finished(), "the younger waits for the older");
+        mgr.release_txn(3, &[k(1), k(2)]);
+        assert!(finish(younger).await.is_ok());
+        mgr.check_invariants().unwrap();
+    }
+
+    /// Three requests for the same two rows, queued on different ones, all woken at once:
+    /// with queues ordered by time of joining, woken requests could chase each other from
+    /// queue to queue forever. Each must be granted in turn.
+    #[tokio::test]
+    async fn woken_requests_do_not_chase_each_other() {
+        let mgr = Arc::new(LockManager::new());
+        mgr.acquire(3, 30, &[k(2)], far()).await.unwrap();
+        mgr.acquire(4, 40, &[k(4)], far()).await.unwrap();
+        let spawn_and_release = |txn: u64, branch: u64| {
+            let mgr = mgr.clone();
+            tokio::spawn(async move {
+                let got = mgr.acquire(txn, branch, &[k(2), k(4)], far()).await;
+                tokio::task::yield_now().await;
+                mgr.release_txn(txn, &[k(2), k(4)]);
+                got
+            })
+        };
+        let a = spawn_and_release(2, 20);
+        until("2 waits on k2", || mgr.queued(&k(2)) == 1).await;
+        let b = spawn_and_release(3, 31); // holds k2 already: waits on k4
+        until("3 waits on k4", || mgr.queued(&k(4)) == 1).await;
+        let c = spawn_and_release(1, 10);
+        until("1 waits on k2", || mgr.queued(&k(2)) == 2).await;
+        mgr.check_invariants().unwrap();
+        mgr.release_branch(3, 30, &[k(2)]);
+        mgr.release_txn(4, &[k(4)]);
+        for task in [a, b, c] {
+            assert!(finish(task).await.is_ok());
+        }
+        assert!(mgr.is_idle());
+    }
+
+    /// Granting a row to an older request that passes a younger queued one can close a
+    /// cycle without anyone joining a queue.
+    #[tokio::test]
+    async fn deadlock_closed_by_a_grant() {
+        let mgr = Arc::new(LockManager::new());
+        mgr.acquire(9, 9, &[k(1), k(2)], far()).await.unwrap();
+        mgr.acquire(2, 2, &[k(3)], far()).await.unwrap();
+        let passing = spawn_acquire(&mgr, 1, 11, vec![k(1), k(2)]);
+        until("1 waits on k1", || mgr.queued(&k(1)) == 1).await;
+        let passed = spawn_acquire(&mgr, 2, 2, vec![k(2)]);
+        until("2 waits on k2", || mgr.queued(&k(2)) == 1).await;
+        let blocked = spawn_acquire(&mgr, 1, 10, vec![k(3)]);
+        until("1 waits on k3", || mgr.queued(&k(3)) == 1).await;
+        // Both rows free at once: txn 1's older request runs first and passes txn 2's
+        // younger one on k2, after which txn 2 would wait for txn 1 and txn 1 for txn 2.
+        mgr.release_txn(9, &[k(1), k(2)]);
+        assert!(finish(passing).await.is_ok());
+        assert_eq!(finish(passed).await, Err(LockError::Deadlock { cycle: vec![1, 2] }));
+        mgr.check_invariants().unwrap();
+        mgr.release_txn(2, &[k(3)]);
+        assert!(finish(blocked).await.is_ok());
+    }
+
+    /// A request that moves goes in ahead of younger ones; if one of those belongs to a
+    /// transaction the mover's transaction waits for, that closes a cycle.
+    #[tokio::test]
+    async fn deadlock_closed_by_a_request_going_in_ahead() {
+        let mgr = Arc::new(LockManager::new());
+        mgr.acquire(8, 8, &[k(1)], far()).await.unwrap();
+        mgr.acquire(9, 9, &[k(2)], far()).await.unwrap();
+        mgr.acquire(2, 2, &[k(3)], far()).await.unwrap();
+        let mover = spawn_acquire(&mgr, 1, 11, vec![k(1), k(2)]);
+        until("1 waits on k1", || mgr.queued(&k(1)) == 1).await;
+        let younger = spawn_acquire(&mgr, 2, 2, vec![k(2)]);
+        until("2 waits on k2", || mgr.queued(&k(2)) == 1).await;
+        let blocked = spawn_acquire(&mgr, 1, 10, vec![k(3)]);
+        until("1 waits on k3", || mgr.queued(&k(3)) == 1).await;
+        // Txn 1 moves ahead of txn 2 on k2: 2 would wait for 1, which waits for 2 on k3.
+        mgr.release_txn(8, &[k(1)]);
+        assert_eq!(finish(younger).await, Err(LockError::Deadlock { cycle: vec![1, 2] }));
+        assert_eq!(mgr.queued(&k(2)), 1);
+        mgr.check_invariants().unwrap();
+        mgr.release_txn(9, &[k(2)]);
+        assert!(finish(mover).await.is_ok());
+        mgr.release_txn(2, &[k(3)]);
+        assert!(finish(blocked).await.is_ok());
+    }
+
+    /// The queue entry a request leaves is no edge of the wait-for relation any more.
+    #[tokio::test]
+    async fn a_moving_request_does_not_deadlock_with_its_old_place() {
+        let mgr = Arc::new(LockManager::new());
+        mgr.acquire(9, 9, &[k(1)], far()).await.unwrap();
+        mgr.acquire(2, 2, &[k(2)], far()).await.unwrap();
+        let mover = spawn_acquire(&mgr, 1, 1, vec![k(1), k(2)]);
+        until("1 waits on k1", || mgr.queued(&k(1)) == 1).await;
+        let behind = spawn_acquire(&mgr, 2, 20, vec![k(1)]);
+        until("2 waits on k1", || mgr.queued(&k(1)) == 2).await;
+        // Txn 1 leaves k1 for k2 (held by 2); txn 2 then no longer waits for txn 1.
+        mgr.release_txn(9, &[k(1)]);
+        assert!(finish(behind).await.is_ok());
+        assert_eq!(mgr.queued(&k(2)), 1);
+        mgr.release_txn(2, &[k(1), k(2)]);
+        assert!(finish(mover).await.is_ok());
+        mgr.check_invariants().unwrap();
     }
 
     mod model {

@@ -125,7 +125,11 @@ impl Metrics {
 
     /// A transaction reached a final status.
     pub fn finished(&self, status: GlobalStatus) {
-        let slot = GlobalStatus::ALL.iter().filter(|s| s.is_final()).position(|s| *s == status).expect("final");
+        let slot = GlobalStatus::ALL
+            .iter()
+            .filter(|s| s.is_final())
+            .position(|s| *s == status)
+            .expect("final");
         self.finished[slot].increment(1);
     }
 

@@ -360,13 +360,13 @@ mod tests {
             if from.is_final() {
                 prop_assert!(!from.can_become(to));
             }
+            let commit_side = |s: GlobalStatus| matches!(s, GlobalStatus::Committing | GlobalStatus::AsyncCommitting | GlobalStatus::Committed | GlobalStatus::CommitFailed);
+            let rollback_side = |s: GlobalStatus| s != GlobalStatus::Begin && !commit_side(s);
             // The operator's retry stays on the side the decision took.
             if let Some(retry) = from.operator_retry() {
                 prop_assert!(from.is_final() && !retry.is_final());
                 prop_assert_eq!(commit_side(from), commit_side(retry));
             }
-            let commit_side = |s: GlobalStatus| matches!(s, GlobalStatus::Committing | GlobalStatus::AsyncCommitting | GlobalStatus::Committed | GlobalStatus::CommitFailed);
-            let rollback_side = |s: GlobalStatus| s != GlobalStatus::Begin && !commit_side(s);
             if from.can_become(to) && from != GlobalStatus::Begin {
                 prop_assert_eq!(commit_side(from), commit_side(to));
                 prop_assert_eq!(rollback_side(from), rollback_side(to));

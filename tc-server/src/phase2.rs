@@ -197,17 +197,16 @@ impl Coordinator {
             self.metrics.phase2(Action::Rollback, started.elapsed());
             match classify(b.branch_id, answer, Action::Rollback) {
                 BranchResult::Done => {
-                    let write = {
+                    {
                         let mut state = session.state.lock();
                         state.branches.retain(|x| x.branch_id != b.branch_id);
-                        self.journal.submit(vec![Mutation::DeleteBranch {
+                        // Submitted before the rows are released (see coordinator.rs); not
+                        // awaited: a branch rolled back twice finds no undo record.
+                        self.journal.submit_detached(vec![Mutation::DeleteBranch {
                             txn_id: b.txn_id,
                             branch_id: b.branch_id,
-                        }])
-                    };
-                    // The deletion is submitted before the rows are released (see coordinator.rs);
-                    // awaiting it is not needed: a branch rolled back twice finds no undo record.
-                    drop(write);
+                        }]);
+                    }
                     self.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
                     self.metrics.locks_held.set(self.locks.held_count() as f64);
                     tracing::debug!(branch_id = b.branch_id, "branch rolled back");
@@ -220,7 +219,7 @@ impl Coordinator {
                         "branch rollback failed; will retry"
                     );
                     // Submitted; not awaited: the retry runs whether or not it is durable yet.
-                    let _ = self.mark_failed(session, &b, BranchStatus::RollbackFailedRetryable, error, None);
+                    drop(self.mark_failed(session, &b, BranchStatus::RollbackFailedRetryable, error, None));
                     return Pass::Retry;
                 }
                 BranchResult::Unretryable(status, error) => {
@@ -243,9 +242,8 @@ impl Coordinator {
             let done = state.record.status.rolled_back();
             self.set_status(&mut state, done);
             state.failure = None;
-            let _ = self
-                .journal
-                .submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+            self.journal
+                .submit_detached(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
             self.finish(session, &state);
             done
         };
@@ -398,14 +396,15 @@ impl Coordinator {
         state.branches.retain(|b| b.branch_id != p.branch_id);
         let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
         if pending || state.record.status != GlobalStatus::AsyncCommitting {
-            let _ = self.journal.submit(vec![Mutation::DeleteBranch {
+            self.journal.submit_detached(vec![Mutation::DeleteBranch {
                 txn_id: p.txn_id,
                 branch_id: p.branch_id,
             }]);
             return;
         }
         self.set_status(&mut state, GlobalStatus::Committed);
-        let _ = self.journal.submit(vec![Mutation::DeleteGlobal { txn_id: p.txn_id }]);
+        self.journal
+            .submit_detached(vec![Mutation::DeleteGlobal { txn_id: p.txn_id }]);
         self.finish(&session, &state);
         tracing::debug!(xid = session.xid, "committed");
     }
@@ -429,6 +428,7 @@ impl Coordinator {
         else {
             return;
         };
-        let _ = self.mark_failed(&session, &b, status, error, Some(|_| GlobalStatus::CommitFailed));
+        // Submitted; durability is not awaited: nobody waits for this answer.
+        drop(self.mark_failed(&session, &b, status, error, Some(|_| GlobalStatus::CommitFailed)));
     }
 }

@@ -108,6 +108,12 @@ impl Journal {
         }
     }
 
+    /// Queues a batch nobody waits for: it still becomes durable in submission order, and a
+    /// failure to write it shows in `failed()` like any other.
+    pub fn submit_detached(&self, batch: Vec<Mutation>) {
+        let _ = self.enqueue(batch);
+    }
+
     fn enqueue(&self, batch: Vec<Mutation>) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         if let Some(cause) = self.shared.failure.get() {
             return Err(failed_error(cause));
