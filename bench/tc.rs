@@ -1,0 +1,1389 @@
+//! `tc-bench`: the transaction coordinator alone, over gRPC, with its durable store.
+//!
+//! Two scenarios, each against a fresh `ferrata-tc` process (spawned from `--tc-binary`,
+//! on loopback, with a new data directory under `--data-parent`, so every acknowledged change
+//! is fsynced by the default redb store with group commit):
+//!
+//! * **throughput**, at each `--clients` count: every client runs global transactions back to
+//!   back, each GlobalBegin, BranchRegister on resource `db1`, BranchRegister on `db2` (each
+//!   locking one row of `bench.accounts` whose key no other transaction uses, so nothing
+//!   conflicts) and GlobalCommit. Two resource managers are attached over Attach streams, one
+//!   per resource, and answer every phase-2 COMMIT batch with PHASE_TWO_COMMITTED at once, so
+//!   the coordinator's asynchronous phase 2 runs (and costs) during the measurement.
+//! * **hot-row**, with `--hot-clients` clients: the same loop with one branch that locks the
+//!   *same* row in every transaction (waiting up to `--lock-wait-ms` in the coordinator's
+//!   queue), so the row's lock passes from transaction to transaction. The register latency
+//!   includes the queue wait.
+//!
+//! Each client uses one of `--connections` HTTP/2 connections (default: its own, as many
+//! proxies would). After `--warmup` seconds, calls that finish within the next `--seconds`
+//! seconds are measured: transactions per second and p50/p99/max latency of the whole
+//! transaction and of each call type. Over the same window it reads the coordinator's CPU time
+//! (per thread name) from /proc, its store commits from /metrics, the benchmark's own CPU time
+//! and the whole machine's busy CPU (the rest belongs to other processes), and reports the
+//! coordinator's peak RSS. After the window it waits for phase 2 to drain and says how long
+//! that took. Prints a block per scenario, a summary table and one JSON line per scenario.
+//!
+//! The client and the coordinator share the machine; compare runs on the same machine only.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use clap::Parser;
+use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
+use ferrata_rpc::{ErrorCode, pb};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Response, Status};
+
+#[derive(Debug, Parser)]
+#[command(about = "Throughput and lock latency of ferrata-tc over gRPC, with its durable store")]
+struct Args {
+    /// The coordinator binary [default: target/release/ferrata-tc in the workspace].
+    #[arg(long)]
+    tc_binary: Option<PathBuf>,
+    /// Extra argument for the coordinator, e.g. --tc-arg=--worker-threads=1 (repeatable).
+    #[arg(long = "tc-arg", allow_hyphen_values = true)]
+    tc_args: Vec<String>,
+    /// Comma-separated client counts of the throughput scenario (0: skip it).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Clients of the hot-row scenario (0: skip it).
+    #[arg(long, default_value_t = 16)]
+    hot_clients: usize,
+    /// HTTP/2 connections the clients share, round robin [default: one per client].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Measured seconds per scenario.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Unmeasured seconds before the measurement, with the same load.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Lock wait of every BranchRegister, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    lock_wait_ms: u64,
+    /// Where the coordinator's data directories are created [default: the temp directory].
+    /// It must be on the disk under test: on tmpfs, fsync costs nothing.
+    #[arg(long)]
+    data_parent: Option<PathBuf>,
+    /// Worker threads of this benchmark's tokio runtime, 0 for one per CPU.
+    #[arg(long, default_value_t = 0)]
+    bench_threads: usize,
+    /// Record the coordinator with `perf record -e cpu-clock` during each measured window,
+    /// into DIR/tc-<scenario>.perf.data.
+    #[arg(long, value_name = "DIR")]
+    perf_dir: Option<PathBuf>,
+    /// perf's --call-graph mode with --perf-dir: `fp` (what -g does) cannot unwind through
+    /// Rust code built without frame pointers; `dwarf` can, with larger files.
+    #[arg(long, default_value = "fp", value_name = "MODE")]
+    perf_call_graph: String,
+}
+
+/// Longest any single call may take before the run is declared broken.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for phase 2 to catch up after the measured window.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Refusals (coordinator errors) per client after which the scenario is abandoned.
+const MAX_REFUSALS_PER_CLIENT: u64 = 10_000;
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tc-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    ensure!(args.seconds > 0.0, "--seconds must be positive");
+    ensure!(args.warmup >= 0.0, "--warmup must not be negative");
+    ensure!(args.connections != Some(0), "--connections must be at least 1");
+    let tc_binary = match &args.tc_binary {
+        Some(path) => path.clone(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferrata-tc"),
+    };
+    ensure!(
+        tc_binary.is_file(),
+        "{} not found; build it with `cargo build --release -p ferrata-tc` or pass --tc-binary",
+        tc_binary.display()
+    );
+    let data_parent = args.data_parent.clone().unwrap_or_else(std::env::temp_dir);
+    if let Some(dir) = &args.perf_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.bench_threads > 0 {
+        runtime.worker_threads(args.bench_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
+
+    print_settings(&args, &tc_binary, &data_parent)?;
+
+    let mut scenarios: Vec<Scenario> = args
+        .clients
+        .iter()
+        .filter(|&&clients| clients > 0)
+        .map(|&clients| Scenario {
+            kind: Kind::Throughput,
+            clients,
+            connections: args.connections.unwrap_or(clients).min(clients),
+        })
+        .collect();
+    if args.hot_clients > 0 {
+        scenarios.push(Scenario {
+            kind: Kind::HotRow,
+            clients: args.hot_clients,
+            connections: args.connections.unwrap_or(args.hot_clients).min(args.hot_clients),
+        });
+    }
+    ensure!(!scenarios.is_empty(), "nothing to run: --clients 0 and --hot-clients 0");
+
+    let mut outcomes = Vec::new();
+    for scenario in scenarios {
+        let outcome = runtime
+            .block_on(run_scenario(&args, &tc_binary, &data_parent, scenario))
+            .with_context(|| format!("scenario {}", scenario.label()))?;
+        outcome.print();
+        outcomes.push(outcome);
+    }
+    print_summary(&outcomes);
+    println!("\njson (one line per scenario)");
+    for outcome in &outcomes {
+        println!("{}", outcome.json());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Throughput,
+    HotRow,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    kind: Kind,
+    clients: usize,
+    connections: usize,
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Throughput => "throughput",
+            Kind::HotRow => "hot-row",
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}-c{}", self.name(), self.clients)
+    }
+
+    /// The resources each transaction registers a branch on, in order.
+    fn resources(&self) -> &'static [&'static str] {
+        match self.kind {
+            Kind::Throughput => &["db1", "db2"],
+            Kind::HotRow => &["db1"],
+        }
+    }
+}
+
+fn print_settings(args: &Args, tc_binary: &Path, data_parent: &Path) -> Result<()> {
+    let cpus = std::thread::available_parallelism()?;
+    println!("tc-bench");
+    println!(
+        "  coordinator: {} --log-level info{}",
+        tc_binary.display(),
+        args.tc_args.iter().map(|a| format!(" {a}")).collect::<String>()
+    );
+    println!(
+        "  settings:    {} s measured after {} s warm-up; throughput clients {:?}; hot-row clients {}; \
+         connections {}; lock wait {} ms; {} cpus; bench runtime {} worker threads",
+        args.seconds,
+        args.warmup,
+        args.clients,
+        args.hot_clients,
+        args.connections
+            .map_or_else(|| "one per client".to_owned(), |c| c.to_string()),
+        args.lock_wait_ms,
+        cpus,
+        if args.bench_threads > 0 {
+            args.bench_threads
+        } else {
+            cpus.get()
+        },
+    );
+    let fs = filesystem_type(data_parent);
+    println!("  data dirs:   under {} ({fs})", data_parent.display());
+    if fs == "tmpfs" || fs == "ramfs" {
+        println!("  WARNING: the data directories are in memory; fsync costs nothing there");
+    }
+    match fsync_probe(data_parent) {
+        Ok(lat) => println!(
+            "  fdatasync:   4 KiB overwrite + fdatasync, {} runs: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            lat.n, lat.p50_ms, lat.p99_ms, lat.max_ms
+        ),
+        Err(err) => println!("  fdatasync:   probe failed: {err:#}"),
+    }
+    println!("  load avg:    {}", load_average());
+    Ok(())
+}
+
+/// The filesystem `dir` lives on, by its statfs magic number.
+fn filesystem_type(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let magic = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        if libc::statfs(path.as_ptr(), &mut buf) != 0 {
+            return "unknown".into();
+        }
+        buf.f_type as u64
+    };
+    match magic {
+        0xEF53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x8584_58F6 => "ramfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        other => format!("filesystem magic {other:#x}"),
+    }
+}
+
+/// Latency of a 4 KiB overwrite followed by fdatasync in `dir`: the floor of one durable
+/// store commit on this disk.
+fn fsync_probe(dir: &Path) -> Result<Latency> {
+    let file = tempfile::tempfile_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    let block = vec![0x5a_u8; 4096];
+    file.write_all_at(&block, 0)?;
+    file.sync_all()?;
+    let mut samples = Vec::with_capacity(100);
+    for _ in 0..100 {
+        let started = Instant::now();
+        file.write_all_at(&block, 0)?;
+        file.sync_data()?;
+        samples.push(started.elapsed().as_nanos() as u64);
+    }
+    Ok(Latency::of(&mut samples))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// What one client saw. Latencies in nanoseconds, only of calls that ended in the window.
+#[derive(Default)]
+struct Stats {
+    txn: Vec<u64>,
+    begin: Vec<u64>,
+    register: Vec<u64>,
+    commit: Vec<u64>,
+    /// Coordinator refusals by `call: code`, whenever they happened.
+    refusals: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        self.txn.extend(other.txn);
+        self.begin.extend(other.begin);
+        self.register.extend(other.register);
+        self.commit.extend(other.commit);
+        for (key, n) in other.refusals {
+            *self.refusals.entry(key).or_default() += n;
+        }
+    }
+
+    fn refused(&mut self, what: String) -> Result<()> {
+        *self.refusals.entry(what).or_default() += 1;
+        let total: u64 = self.refusals.values().sum();
+        ensure!(
+            total < MAX_REFUSALS_PER_CLIENT,
+            "a client was refused {total} times: {:?}",
+            self.refusals
+        );
+        Ok(())
+    }
+}
+
+/// The measured window.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    t0: Instant,
+    t1: Instant,
+}
+
+impl Window {
+    fn contains(&self, at: Instant) -> bool {
+        at >= self.t0 && at < self.t1
+    }
+}
+
+/// Counters the clients, the resource managers and the sampler share.
+#[derive(Default)]
+struct Shared {
+    next_pk: AtomicU64,
+    /// Commits acknowledged so far (warm-up included).
+    committed: AtomicU64,
+    /// Branches the resource managers were told to commit so far.
+    phase2_commits: AtomicU64,
+    /// Branches the resource managers were told to roll back (there should be none).
+    phase2_rollbacks: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos() as u64
+}
+
+/// Awaits one call (bounded by CALL_TIMEOUT) and notes when it ended.
+async fn timed<T>(call: impl Future<Output = Result<Response<T>, Status>>) -> Result<(Result<T, Status>, Instant)> {
+    let result = tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?;
+    Ok((result.map(Response::into_inner), Instant::now()))
+}
+
+/// `call: code` for a coordinator error; anything without the coordinator's error code
+/// (a broken connection, a crashed coordinator) ends the run.
+fn refusal(call: &str, status: Status) -> Result<String> {
+    match ErrorCode::of(&status) {
+        Some(code) => Ok(format!("{call}: {}", code.as_str())),
+        None => bail!("{call} failed without a coordinator error code: {status}"),
+    }
+}
+
+fn register_request(xid: &str, resource: &str, pk: &[u8], lock_wait_ms: u64) -> pb::BranchRegisterRequest {
+    pb::BranchRegisterRequest {
+        xid: xid.to_owned(),
+        resource_id: resource.to_owned(),
+        locks: vec![pb::TableLocks {
+            schema: "bench".into(),
+            table: "accounts".into(),
+            rows: vec![pb::PrimaryKey {
+                values: vec![pk.to_vec()],
+            }],
+        }],
+        application_data: Vec::new(),
+        lock_wait_ms,
+    }
+}
+
+/// One client: transactions back to back until the window ends.
+async fn client_loop(
+    mut tc: TcClient,
+    scenario: Scenario,
+    window: Window,
+    shared: Arc<Shared>,
+    lock_wait_ms: u64,
+) -> Result<Stats> {
+    let mut stats = Stats::default();
+    while Instant::now() < window.t1 {
+        let started = Instant::now();
+        let begin = pb::GlobalBeginRequest {
+            timeout_ms: 0,
+            name: "tc-bench".into(),
+        };
+        let (begun, at) = timed(tc.tm.global_begin(begin)).await.context("GlobalBegin")?;
+        let xid = match begun {
+            Ok(r) => r.xid,
+            Err(status) => {
+                stats.refused(refusal("begin", status)?)?;
+                continue;
+            }
+        };
+        if window.contains(at) {
+            stats.begin.push(nanos(at - started));
+        }
+
+        let pk = match scenario.kind {
+            Kind::Throughput => shared.next_pk.fetch_add(1, Ordering::Relaxed).to_string().into_bytes(),
+            Kind::HotRow => b"hot".to_vec(),
+        };
+        let mut registered_all = true;
+        for resource in scenario.resources() {
+            let before = Instant::now();
+            let request = register_request(&xid, resource, &pk, lock_wait_ms);
+            let (registered, at) = timed(tc.rm.branch_register(request)).await.context("BranchRegister")?;
+            match registered {
+                Ok(_) if window.contains(at) => stats.register.push(nanos(at - before)),
+                Ok(_) => {}
+                Err(status) => {
+                    stats.refused(refusal("register", status)?)?;
+                    registered_all = false;
+                    break;
+                }
+            }
+        }
+        if !registered_all {
+            let request = pb::XidRequest { xid };
+            let (rolled_back, _) = timed(tc.tm.global_rollback(request)).await.context("GlobalRollback")?;
+            if let Err(status) = rolled_back {
+                stats.refused(refusal("rollback", status)?)?;
+            }
+            continue;
+        }
+
+        let before = Instant::now();
+        let (committed, at) = timed(tc.tm.global_commit(pb::XidRequest { xid }))
+            .await
+            .context("GlobalCommit")?;
+        match committed {
+            Ok(outcome)
+                if outcome.status == pb::GlobalStatus::AsyncCommitting as i32
+                    || outcome.status == pb::GlobalStatus::Committed as i32 =>
+            {
+                shared.committed.fetch_add(1, Ordering::Relaxed);
+                if window.contains(at) {
+                    stats.commit.push(nanos(at - before));
+                    stats.txn.push(nanos(at - started));
+                }
+            }
+            Ok(outcome) => stats.refused(format!("commit: answered status {}", outcome.status))?,
+            Err(status) => stats.refused(refusal("commit", status)?)?,
+        }
+    }
+    Ok(stats)
+}
+
+/// A resource manager serving `resource` that commits (and rolls back) every branch at once.
+async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -> Result<Attachment> {
+    let mut client = TcClient::connect(config).await?;
+    let handler: CommandHandler = Arc::new(move |command: pb::BranchCommand| {
+        let shared = Arc::clone(&shared);
+        Box::pin(async move {
+            let rollback = command.action == pb::Phase2Action::Rollback as i32;
+            let (counter, status) = if rollback {
+                (&shared.phase2_rollbacks, pb::BranchStatus::PhaseTwoRollbacked)
+            } else {
+                (&shared.phase2_commits, pb::BranchStatus::PhaseTwoCommitted)
+            };
+            counter.fetch_add(command.branches.len() as u64, Ordering::Relaxed);
+            command
+                .branches
+                .iter()
+                .map(|b| pb::BranchOutcome {
+                    branch_id: b.branch_id,
+                    status: status as i32,
+                    reason: String::new(),
+                    detail_json: String::new(),
+                })
+                .collect()
+        })
+    });
+    attach(
+        &mut client.rm,
+        &format!("tc-bench-rm-{resource}"),
+        &[resource.to_owned()],
+        handler,
+    )
+    .await
+    .with_context(|| format!("attaching the resource manager of {resource}"))
+}
+
+/// Everything read at one instant of the window.
+struct Snapshot {
+    at: Instant,
+    tc_cpu: f64,
+    tc_threads: BTreeMap<String, f64>,
+    bench_cpu: f64,
+    /// Busy and total jiffies of the whole machine.
+    machine: (u64, u64),
+    committed: u64,
+    phase2_commits: u64,
+    /// The coordinator's /metrics, if it answered.
+    metrics: Option<String>,
+}
+
+async fn snapshot(tc: &Tc, shared: &Shared) -> Result<Snapshot> {
+    let at = Instant::now();
+    let snap = Snapshot {
+        at,
+        tc_cpu: cpu_seconds(&format!("/proc/{}/stat", tc.pid()))?,
+        tc_threads: thread_cpu(tc.pid())?,
+        bench_cpu: cpu_seconds("/proc/self/stat")?,
+        machine: machine_jiffies()?,
+        committed: shared.committed.load(Ordering::Relaxed),
+        phase2_commits: shared.phase2_commits.load(Ordering::Relaxed),
+        metrics: http_get(tc.http, "/metrics").await.ok(),
+    };
+    Ok(snap)
+}
+
+async fn run_scenario(args: &Args, tc_binary: &Path, data_parent: &Path, scenario: Scenario) -> Result<Outcome> {
+    let label = scenario.label();
+    println!(
+        "\n== {label}: {} clients on {} connections",
+        scenario.clients, scenario.connections
+    );
+    let load_before = load_average();
+    let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args)?;
+    println!("   coordinator pid {} rpc {} http {}", tc.pid(), tc.rpc, tc.http);
+    let result = drive(args, scenario, &mut tc).await;
+    let result = match result {
+        Ok(outcome) => Ok(outcome),
+        Err(err) => Err(err.context(format!("coordinator log (tail):\n{}", tc.log_tail()))),
+    };
+    let stopped = tc.stop();
+    let mut outcome = result?;
+    if let Err(err) = stopped {
+        println!("   WARNING: stopping the coordinator: {err:#}");
+    }
+    outcome.load_before = load_before;
+    Ok(outcome)
+}
+
+async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> {
+    let config = ClientConfig {
+        endpoint: format!("http://{}", tc.rpc),
+        ..ClientConfig::default()
+    };
+    let mut connections = Vec::with_capacity(scenario.connections);
+    for _ in 0..scenario.connections {
+        connections.push(TcClient::connect(&config).await?);
+    }
+
+    let shared = Arc::new(Shared::default());
+    let mut rms = Vec::new();
+    for resource in scenario.resources() {
+        rms.push(attach_rm(&config, resource, Arc::clone(&shared)).await?);
+    }
+    let t0 = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let window = Window {
+        t0,
+        t1: t0 + Duration::from_secs_f64(args.seconds),
+    };
+
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..scenario.clients {
+        let client = connections[i % connections.len()].clone();
+        clients.spawn(client_loop(
+            client,
+            scenario,
+            window,
+            Arc::clone(&shared),
+            args.lock_wait_ms,
+        ));
+    }
+
+    // Sample at both ends of the window (and profile between them, if asked).
+    tokio::time::sleep_until(window.t0.into()).await;
+    let first = snapshot(tc, &shared).await?;
+    let perf = match &args.perf_dir {
+        Some(dir) => Some(Perf::start(
+            tc.pid(),
+            &args.perf_call_graph,
+            &dir.join(format!("tc-{}.perf.data", scenario.label())),
+        )?),
+        None => None,
+    };
+    tokio::time::sleep_until(window.t1.into()).await;
+    let last = snapshot(tc, &shared).await?;
+    let rss_in_window = tc.peak_rss_kib()?;
+    if let Some(perf) = perf {
+        perf.stop()?;
+    }
+
+    let mut stats = Stats::default();
+    while let Some(joined) = clients.join_next().await {
+        stats.merge(joined.context("a client task panicked")??);
+    }
+
+    // Phase 2 should catch up: every acknowledged commit's branches committed by the RMs.
+    let branches = scenario.resources().len() as u64;
+    let drain_started = Instant::now();
+    let drained = loop {
+        let expected = shared.committed.load(Ordering::Relaxed) * branches;
+        if shared.phase2_commits.load(Ordering::Relaxed) >= expected {
+            break Some(drain_started.elapsed());
+        }
+        if drain_started.elapsed() > DRAIN_TIMEOUT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for rm in &rms {
+        ensure!(
+            !rm.is_finished(),
+            "a resource manager's Attach stream ended during the run"
+        );
+    }
+    drop(rms);
+
+    Ok(Outcome::new(
+        scenario,
+        args.seconds,
+        stats,
+        &first,
+        &last,
+        &shared,
+        branches,
+        drained,
+        rss_in_window,
+        tc.peak_rss_kib()?,
+        tc.warnings(),
+    ))
+}
+
+/// `perf record` attached to the coordinator for the measured window.
+struct Perf {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Perf {
+    fn start(pid: u32, call_graph: &str, out: &Path) -> Result<Perf> {
+        let child = Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "--call-graph", call_graph])
+            .args(["-p", &pid.to_string(), "-o"])
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running perf record (is perf installed?)")?;
+        Ok(Perf {
+            child,
+            out: out.to_owned(),
+        })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let status = self.child.wait()?;
+        println!("   perf record: {} ({status})", self.out.display());
+        Ok(())
+    }
+}
+
+/// Latency percentiles of a set of samples.
+#[derive(Clone, Copy, Debug, Default)]
+struct Latency {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn of(samples: &mut [u64]) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1] as f64 / 1e6
+        };
+        Latency {
+            n: samples.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: samples[samples.len() - 1] as f64 / 1e6,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "n": self.n,
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "max_ms": round(self.max_ms, 3),
+        })
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}
+
+/// What one scenario measured.
+struct Outcome {
+    scenario: Scenario,
+    seconds: f64,
+    tps: f64,
+    txn: Latency,
+    begin: Latency,
+    register: Latency,
+    commit: Latency,
+    refusals: BTreeMap<String, u64>,
+    /// Seconds the two snapshots were actually apart.
+    sampled: f64,
+    tc_cpu: f64,
+    tc_threads: Vec<(String, f64)>,
+    bench_cpu: f64,
+    machine_busy: f64,
+    tc_rss_window_kib: u64,
+    tc_rss_peak_kib: u64,
+    store_commits: Option<f64>,
+    mutations_per_commit: Option<f64>,
+    store_commit_ms: Option<f64>,
+    /// Store commits in the window that took over 10 ms and over 100 ms.
+    slow_store_commits: (Option<f64>, Option<f64>),
+    /// Branches committed by the resource managers during the window.
+    phase2_in_window: u64,
+    /// Branches acknowledged but not yet committed by the RMs at the end of the window.
+    phase2_backlog: u64,
+    drained: Option<Duration>,
+    phase2_rollbacks: u64,
+    tc_warnings: Vec<String>,
+    load_before: String,
+}
+
+impl Outcome {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        scenario: Scenario,
+        seconds: f64,
+        mut stats: Stats,
+        first: &Snapshot,
+        last: &Snapshot,
+        shared: &Shared,
+        branches: u64,
+        drained: Option<Duration>,
+        tc_rss_window_kib: u64,
+        tc_rss_peak_kib: u64,
+        tc_warnings: Vec<String>,
+    ) -> Outcome {
+        let sampled = (last.at - first.at).as_secs_f64();
+        let mut tc_threads: Vec<(String, f64)> = last
+            .tc_threads
+            .iter()
+            .map(|(name, &cpu)| (name.clone(), cpu - first.tc_threads.get(name).copied().unwrap_or(0.0)))
+            .filter(|(_, cpu)| *cpu > 0.0)
+            .collect();
+        tc_threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let (busy0, total0) = first.machine;
+        let (busy1, total1) = last.machine;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let machine_busy = if total1 > total0 {
+            (busy1 - busy0) as f64 / (total1 - total0) as f64 * cpus
+        } else {
+            0.0
+        };
+        let metric = |name: &str| -> Option<f64> {
+            Some(metric_sum(last.metrics.as_deref()?, name)? - metric_sum(first.metrics.as_deref()?, name)?)
+        };
+        let store_commits = metric("ferrata_tc_store_commits_total");
+        // Store commits slower than a bucket bound: all of them minus those within it.
+        let labeled = |name: &str, label: &str| -> Option<f64> {
+            Some(
+                metric_labeled(last.metrics.as_deref()?, name, label)?
+                    - metric_labeled(first.metrics.as_deref()?, name, label)?,
+            )
+        };
+        let slower_than = |le: &str| -> Option<f64> {
+            let bucket = "ferrata_tc_store_commit_seconds_bucket";
+            Some(labeled(bucket, "le=\"+Inf\"")? - labeled(bucket, &format!("le=\"{le}\""))?)
+        };
+        let slow_store_commits = (slower_than("0.01"), slower_than("0.1"));
+        let ratio = |sum: Option<f64>, count: Option<f64>| match (sum, count) {
+            (Some(s), Some(c)) if c > 0.0 => Some(s / c),
+            _ => None,
+        };
+        let mutations_per_commit = ratio(
+            metric("ferrata_tc_store_batch_mutations_sum"),
+            metric("ferrata_tc_store_batch_mutations_count"),
+        );
+        let store_commit_ms = ratio(
+            metric("ferrata_tc_store_commit_seconds_sum"),
+            metric("ferrata_tc_store_commit_seconds_count"),
+        )
+        .map(|s| s * 1e3);
+        Outcome {
+            scenario,
+            seconds,
+            tps: stats.txn.len() as f64 / seconds,
+            txn: Latency::of(&mut stats.txn),
+            begin: Latency::of(&mut stats.begin),
+            register: Latency::of(&mut stats.register),
+            commit: Latency::of(&mut stats.commit),
+            refusals: stats.refusals,
+            sampled,
+            tc_cpu: last.tc_cpu - first.tc_cpu,
+            tc_threads,
+            bench_cpu: last.bench_cpu - first.bench_cpu,
+            machine_busy,
+            tc_rss_window_kib,
+            tc_rss_peak_kib,
+            store_commits,
+            mutations_per_commit,
+            store_commit_ms,
+            slow_store_commits,
+            phase2_in_window: last.phase2_commits - first.phase2_commits,
+            phase2_backlog: (last.committed * branches).saturating_sub(last.phase2_commits),
+            drained,
+            phase2_rollbacks: shared.phase2_rollbacks.load(Ordering::Relaxed),
+            tc_warnings,
+            load_before: String::new(),
+        }
+    }
+
+    fn lock_errors(&self) -> u64 {
+        self.refusals
+            .iter()
+            .filter(|(key, _)| {
+                key.ends_with(ErrorCode::LockWaitTimeout.as_str())
+                    || key.ends_with(ErrorCode::LockHolderRollingBack.as_str())
+                    || key.ends_with(ErrorCode::Deadlock.as_str())
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn print(&self) {
+        let s = &self.scenario;
+        println!(
+            "   {} transactions committed in {} s: {:.1} tx/s; refusals {}",
+            self.txn.n,
+            self.seconds,
+            self.tps,
+            if self.refusals.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{:?}", self.refusals)
+            }
+        );
+        println!("   latency (ms)      n        p50       p99       max");
+        let row = |name: &str, l: &Latency| {
+            println!(
+                "     {name:<11} {:>7} {:>9.3} {:>9.3} {:>9.3}",
+                l.n, l.p50_ms, l.p99_ms, l.max_ms
+            );
+        };
+        row("transaction", &self.txn);
+        row("begin", &self.begin);
+        row(
+            if s.kind == Kind::HotRow {
+                "register*"
+            } else {
+                "register"
+            },
+            &self.register,
+        );
+        row("commit", &self.commit);
+        if s.kind == Kind::HotRow {
+            println!(
+                "     * includes the wait for the hot row's lock; lock errors: {}",
+                self.lock_errors()
+            );
+        }
+        let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+        println!(
+            "   store: {} commits in the window ({}/s), {} mutations per commit, {} ms per commit \
+             (mean); {} took over 10 ms, {} over 100 ms",
+            opt(self.store_commits, 0),
+            opt(self.store_commits.map(|c| c / self.seconds), 0),
+            opt(self.mutations_per_commit, 1),
+            opt(self.store_commit_ms, 3),
+            opt(self.slow_store_commits.0, 0),
+            opt(self.slow_store_commits.1, 0),
+        );
+        println!(
+            "   phase 2: {} branches committed by the RMs in the window; {} acknowledged branches \
+             not yet committed at its end; {}{}",
+            self.phase2_in_window,
+            self.phase2_backlog,
+            match self.drained {
+                Some(d) => format!("all committed {:.0} ms after the window", d.as_secs_f64() * 1e3),
+                None => format!("NOT all committed {} s after the window", DRAIN_TIMEOUT.as_secs()),
+            },
+            if self.phase2_rollbacks > 0 {
+                format!("; {} branches rolled back (unexpected)", self.phase2_rollbacks)
+            } else {
+                String::new()
+            }
+        );
+        let threads: Vec<String> = self
+            .tc_threads
+            .iter()
+            .map(|(name, cpu)| format!("{name} {cpu:.2}"))
+            .collect();
+        println!(
+            "   cpu over {:.2} s: coordinator {:.2} s ({:.2} cores; {:.0} us per transaction; by thread: {}), \
+             bench {:.2} s ({:.2} cores), machine busy {:.2} cores (others {:.2})",
+            self.sampled,
+            self.tc_cpu,
+            self.tc_cpu / self.sampled,
+            if self.txn.n > 0 {
+                self.tc_cpu * 1e6 / self.txn.n as f64
+            } else {
+                0.0
+            },
+            threads.join(", "),
+            self.bench_cpu,
+            self.bench_cpu / self.sampled,
+            self.machine_busy,
+            (self.machine_busy - (self.tc_cpu + self.bench_cpu) / self.sampled).max(0.0),
+        );
+        println!(
+            "   coordinator peak RSS: {:.1} MiB at the end of the window, {:.1} MiB after phase 2 drained; \
+             load avg before the scenario {}",
+            self.tc_rss_window_kib as f64 / 1024.0,
+            self.tc_rss_peak_kib as f64 / 1024.0,
+            self.load_before
+        );
+        if !self.tc_warnings.is_empty() {
+            println!(
+                "   coordinator warnings/errors ({}), first ones:",
+                self.tc_warnings.len()
+            );
+            for line in self.tc_warnings.iter().take(5) {
+                println!("     {line}");
+            }
+        }
+    }
+
+    fn json(&self) -> String {
+        let s = &self.scenario;
+        let mut value = json!({
+            "scenario": s.name(),
+            "clients": s.clients,
+            "connections": s.connections,
+            "branches_per_txn": s.resources().len(),
+            "seconds": self.seconds,
+            "tps": round(self.tps, 1),
+            "txn": self.txn.json(),
+            "begin": self.begin.json(),
+            "register": self.register.json(),
+            "commit": self.commit.json(),
+            "refusals": self.refusals,
+            "lock_errors": self.lock_errors(),
+            "tc_cpu_s": round(self.tc_cpu, 3),
+            "tc_cores": round(self.tc_cpu / self.sampled, 3),
+            "tc_cpu_us_per_txn": if self.txn.n > 0 { round(self.tc_cpu * 1e6 / self.txn.n as f64, 1) } else { 0.0 },
+            "tc_threads_cpu_s": self.tc_threads.iter().map(|(n, c)| (n.clone(), round(*c, 3))).collect::<BTreeMap<_, _>>(),
+            "tc_peak_rss_mib": round(self.tc_rss_peak_kib as f64 / 1024.0, 1),
+            "bench_cpu_s": round(self.bench_cpu, 3),
+            "machine_busy_cores": round(self.machine_busy, 3),
+            "store_commits_per_s": self.store_commits.map(|c| round(c / self.seconds, 1)),
+            "store_mutations_per_commit": self.mutations_per_commit.map(|m| round(m, 2)),
+            "store_commit_ms": self.store_commit_ms.map(|m| round(m, 3)),
+            "store_commits_over_10ms": self.slow_store_commits.0,
+            "store_commits_over_100ms": self.slow_store_commits.1,
+            "phase2_backlog_branches": self.phase2_backlog,
+            "phase2_drain_ms": self.drained.map(|d| round(d.as_secs_f64() * 1e3, 1)),
+            "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        });
+        if s.kind == Kind::HotRow {
+            value["register_includes_lock_wait"] = json!(true);
+        }
+        value.to_string()
+    }
+}
+
+fn print_summary(outcomes: &[Outcome]) {
+    println!("\nsummary");
+    println!(
+        "{:<12} {:>7} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "scenario",
+        "clients",
+        "conns",
+        "tx/s",
+        "txn p50",
+        "txn p99",
+        "begin p99",
+        "reg p50",
+        "reg p99",
+        "cmt p99",
+        "errors",
+        "tc cpu",
+        "tc us/tx",
+        "bench",
+        "rss MiB"
+    );
+    for o in outcomes {
+        let errors: u64 = o.refusals.values().sum();
+        println!(
+            "{:<12} {:>7} {:>5} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>7.2} {:>7.1}",
+            o.scenario.name(),
+            o.scenario.clients,
+            o.scenario.connections,
+            o.tps,
+            o.txn.p50_ms,
+            o.txn.p99_ms,
+            o.begin.p99_ms,
+            o.register.p50_ms,
+            o.register.p99_ms,
+            o.commit.p99_ms,
+            errors,
+            o.tc_cpu / o.sampled,
+            if o.txn.n > 0 {
+                o.tc_cpu * 1e6 / o.txn.n as f64
+            } else {
+                0.0
+            },
+            o.bench_cpu / o.sampled,
+            o.tc_rss_peak_kib as f64 / 1024.0,
+        );
+    }
+    println!(
+        "latencies in ms; tc cpu and bench = cores used during the window; tc us/tx = coordinator CPU per \
+         transaction (phase 2 included); hot-row register includes the lock wait"
+    );
+}
+
+/// Sum of every sample of `name` (all label sets) in Prometheus text output.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    metric_labeled(text, name, "")
+}
+
+/// Sum of the samples of `name` whose labels contain `label` (e.g. `le="0.01"`).
+fn metric_labeled(text: &str, name: &str, label: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, labels) = key.split_once('{').unwrap_or((key, ""));
+        if metric == name
+            && labels.contains(label)
+            && let Ok(v) = value.trim().parse::<f64>()
+        {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// The body of an HTTP/1.0 GET (the connection closes after the answer).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| anyhow!("GET {path}: no answer within 5 s"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    ensure!(
+        head.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// (command name, user + system CPU seconds) from a /proc/.../stat file.
+fn parse_stat(stat: &str) -> Result<(String, f64)> {
+    let (head, rest) = stat.rsplit_once(')').context("malformed stat file")?;
+    let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+    // Fields after the parenthesised name; utime and stime are fields 14 and 15 of the
+    // whole line, in clock ticks.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    ensure!(fields.len() > 12, "short stat file");
+    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok((name, ticks as f64 / clock_ticks()))
+}
+
+fn cpu_seconds(stat_path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    Ok(parse_stat(&stat)?.1)
+}
+
+/// CPU seconds of a process's threads, summed by thread name.
+fn thread_cpu(pid: u32) -> Result<BTreeMap<String, f64>> {
+    let mut by_name = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // Threads can end between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(entry?.path().join("stat")) else {
+            continue;
+        };
+        let (name, cpu) = parse_stat(&stat)?;
+        *by_name.entry(name).or_insert(0.0) += cpu;
+    }
+    Ok(by_name)
+}
+
+/// Busy and total jiffies of all CPUs, from /proc/stat.
+fn machine_jiffies() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    ensure!(values.len() == 8, "short cpu line in /proc/stat");
+    let total: u64 = values.iter().sum();
+    let idle = values[3] + values[4];
+    Ok((total - idle, total))
+}
+
+/// Removes ANSI escape sequences (the coordinator colours its log).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The rpc and http addresses of the line `... ferrata-tc serving rpc=A http=B ...`.
+fn parse_serving(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    if !line.contains("ferrata-tc serving") {
+        return None;
+    }
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("rpc=")?, field("http=")?))
+}
+
+#[derive(Default)]
+struct LogState {
+    tail: VecDeque<String>,
+    warnings: Vec<String>,
+}
+
+/// A coordinator process with its own data directory, killed when dropped (and by
+/// PDEATHSIG if the benchmark dies).
+struct Tc {
+    child: Child,
+    rpc: SocketAddr,
+    http: SocketAddr,
+    log: Arc<Mutex<LogState>>,
+    _data: tempfile::TempDir,
+}
+
+impl Tc {
+    fn start(bin: &Path, data_parent: &Path, extra: &[String]) -> Result<Tc> {
+        let data = tempfile::Builder::new()
+            .prefix("ferrata-tc-bench-")
+            .tempdir_in(data_parent)
+            .with_context(|| format!("creating a data directory in {}", data_parent.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = ferrata_testkit::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(LogState::default()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_log = Arc::clone(&log);
+        // Drains stderr for the life of the process: keeps a tail and the warnings, and
+        // reports the addresses from the "serving" line.
+        std::thread::Builder::new().name("tc-stderr".into()).spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut raw = Vec::new();
+            let mut ready = Some(ready_tx);
+            loop {
+                raw.clear();
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = strip_ansi(String::from_utf8_lossy(&raw).trim_end());
+                if let Some(addrs) = parse_serving(&line)
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(addrs);
+                }
+                let level = line.split_whitespace().nth(1).unwrap_or("");
+                let mut state = thread_log.lock().expect("log lock");
+                if matches!(level, "WARN" | "ERROR") || line.contains("panicked") {
+                    state.warnings.push(line.clone());
+                }
+                state.tail.push_back(line);
+                if state.tail.len() > 40 {
+                    state.tail.pop_front();
+                }
+            }
+        })?;
+        let mut tc = Tc {
+            child,
+            rpc: "0.0.0.0:0".parse().expect("valid"),
+            http: "0.0.0.0:0".parse().expect("valid"),
+            log,
+            _data: data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ready_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((rpc, http)) => {
+                    tc.rpc = rpc;
+                    tc.http = http;
+                    return Ok(tc);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Let the process finish dying so its exit status is known.
+                    std::thread::sleep(Duration::from_millis(100));
+                    bail!(
+                        "the coordinator closed its log without a \"ferrata-tc serving\" line ({:?}):\n{}",
+                        tc.child.try_wait()?,
+                        tc.log_tail()
+                    );
+                }
+            }
+            if let Some(status) = tc.child.try_wait()? {
+                bail!("the coordinator exited during startup ({status}):\n{}", tc.log_tail());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the coordinator did not report \"ferrata-tc serving\" within 30 s:\n{}",
+                tc.log_tail()
+            );
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .context("no VmHWM in /proc/PID/status")
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").warnings.clone()
+    }
+
+    fn log_tail(&self) -> String {
+        let state = self.log.lock().expect("log lock");
+        state.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// SIGTERM, then up to 15 s for a graceful exit, then SIGKILL.
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            bail!("the coordinator had already exited:\n{}", self.log_tail());
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "the coordinator exited with {status}:\n{}",
+                    self.log_tail()
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        bail!("the coordinator did not stop within 15 s of SIGTERM; killed it")
+    }
+}
+
+impl Drop for Tc {
+    fn drop(&mut self) {
+        // Errors mean it has already exited.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_serving_line() {
+        let coloured = "\u{1b}[2m2025-01-01T00:00:00.000000Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
+                        \u{1b}[2mferrata_tc::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m ferrata-tc serving \
+                        \u{1b}[3mrpc\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40001 \
+                        \u{1b}[3mhttp\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40002 node_id=1 tls=false";
+        let line = strip_ansi(coloured);
+        assert!(line.contains(" INFO "));
+        let (rpc, http) = parse_serving(&line).expect("parsed");
+        assert_eq!(rpc.port(), 40001);
+        assert_eq!(http.port(), 40002);
+        assert!(parse_serving("INFO something else rpc=127.0.0.1:1 http=127.0.0.1:2").is_none());
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut samples: Vec<u64> = (1..=100).map(|ms| ms * 1_000_000).collect();
+        let l = Latency::of(&mut samples);
+        assert_eq!((l.n, l.p50_ms, l.p99_ms, l.max_ms), (100, 50.0, 99.0, 100.0));
+        assert_eq!(Latency::of(&mut []).n, 0);
+    }
+
+    #[test]
+    fn sums_prometheus_samples() {
+        let text = "# TYPE x counter\nferrata_tc_store_commits_total 12\n\
+                    ferrata_tc_transactions{status=\"Begin\"} 2\nferrata_tc_transactions{status=\"Committed\"} 3\n";
+        assert_eq!(metric_sum(text, "ferrata_tc_store_commits_total"), Some(12.0));
+        assert_eq!(metric_sum(text, "ferrata_tc_transactions"), Some(5.0));
+        assert_eq!(metric_sum(text, "ferrata_tc_missing"), None);
+        let buckets = "x_bucket{le=\"0.01\"} 7\nx_bucket{le=\"0.1\"} 9\nx_bucket{le=\"+Inf\"} 10\n";
+        assert_eq!(metric_labeled(buckets, "x_bucket", "le=\"0.1\""), Some(9.0));
+        assert_eq!(metric_labeled(buckets, "x_bucket", "le=\"+Inf\""), Some(10.0));
+    }
+
+    #[test]
+    fn reads_proc_stat() {
+        let (name, cpu) = parse_stat(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
+        assert!(!name.is_empty());
+        assert!(cpu >= 0.0);
+        let (busy, total) = machine_jiffies().unwrap();
+        assert!(busy <= total);
+    }
+}
