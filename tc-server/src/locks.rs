@@ -91,6 +91,10 @@ struct Inner {
     reqs: HashMap<ReqId, Req>,
     /// Queued acquire requests by transaction: the edges of the wait-for relation start here.
     waiting_by_txn: HashMap<u64, Vec<ReqId>>,
+    /// For each transaction holding rows that requests are queued on, how many such rows:
+    /// with `waiting_by_txn`, tells cheaply whether anybody waits for a transaction (if
+    /// nobody does, it cannot be part of a cycle and deadlock detection is skipped).
+    contended: HashMap<u64, u32>,
     next_id: ReqId,
     /// Arrival order of waiting requests: queues are sorted by it.
     next_age: u64,
@@ -224,6 +228,15 @@ fn wake_all(wakes: Vec<Waker>) {
     }
 }
 
+fn uncontend(contended: &mut HashMap<u64, u32>, txn: u64) {
+    if let Some(n) = contended.get_mut(&txn) {
+        *n -= 1;
+        if *n == 0 {
+            contended.remove(&txn);
+        }
+    }
+}
+
 /// Marks a sleeping request woken and collects its waker.
 fn wake_req(reqs: &mut HashMap<ReqId, Req>, id: ReqId, wakes: &mut Vec<Waker>) {
     if let Some(req) = reqs.get_mut(&id)
@@ -300,7 +313,8 @@ impl Inner {
     /// Gives `keys` to `txn` (the caller checked they are available). Requests of `txn`
     /// queued on a row it newly takes are woken: that row no longer stops them. Returns the
     /// newly taken rows where requests of other transactions are queued (they now wait for
-    /// `txn`), usually none.
+    /// `txn`) if `txn` has other waiting requests (`me` is the granted one), else nothing:
+    /// only then can they close a cycle.
     fn grant(
         &mut self,
         txn: u64,
@@ -311,6 +325,12 @@ impl Inner {
     ) -> Vec<LockKey> {
         let mut now_ms = None;
         let mut queued_rows = Vec::new();
+        // Without other waiting requests of `txn` no queue holds one, and no queue (of a hot
+        // row, maybe long) needs to be scanned.
+        let txn_waits = self
+            .waiting_by_txn
+            .get(&txn)
+            .is_some_and(|ids| ids.iter().any(|&i| Some(i) != me));
         for key in keys {
             let row = self.rows.entry(key.clone()).or_default();
             match &mut row.holder {
@@ -326,6 +346,13 @@ impl Inner {
                         more: Vec::new(),
                     });
                     self.held += 1;
+                    if row.queue.is_empty() {
+                        continue;
+                    }
+                    *self.contended.entry(txn).or_default() += 1;
+                    if !txn_waits {
+                        continue;
+                    }
                     let mut others = false;
                     for e in &row.queue {
                         if e.txn != txn {
@@ -375,8 +402,11 @@ impl Inner {
 
     fn free_row(&mut self, key: &LockKey, wakes: &mut Vec<Waker>) {
         let Some(row) = self.rows.get_mut(key) else { return };
-        if row.holder.take().is_some() {
+        if let Some(h) = row.holder.take() {
             self.held -= 1;
+            if !row.queue.is_empty() {
+                uncontend(&mut self.contended, h.txn);
+            }
         }
         for id in row.watchers.drain(..) {
             if let Some(req) = self.reqs.get_mut(&id) {
@@ -434,14 +464,19 @@ impl Inner {
     fn detach(&mut self, id: ReqId, wakes: &mut Vec<Waker>) {
         let Some(req) = self.reqs.get_mut(&id) else { return };
         let Some(key) = req.row.take() else { return };
-        let (watcher, txn) = (req.watcher, req.txn);
+        let (watcher, txn, age) = (req.watcher, req.txn, req.age);
         if let Some(row) = self.rows.get_mut(&key) {
             if watcher {
                 if let Some(i) = row.watchers.iter().position(|&w| w == id) {
                     row.watchers.swap_remove(i);
                 }
-            } else if let Some(i) = row.queue.iter().position(|e| e.id == id) {
+            } else if let Ok(i) = row.queue.binary_search_by_key(&age, |e| e.age) {
                 row.queue.remove(i);
+                if row.queue.is_empty()
+                    && let Some(h) = &row.holder
+                {
+                    uncontend(&mut self.contended, h.txn);
+                }
             }
         }
         if !watcher
@@ -490,7 +525,13 @@ impl Inner {
         req.row = Some(key.clone());
         req.state = State::Waiting;
         let age = req.age;
-        let queue = &mut self.rows.entry(key.clone()).or_default().queue;
+        let row = self.rows.entry(key.clone()).or_default();
+        if row.queue.is_empty()
+            && let Some(h) = &row.holder
+        {
+            *self.contended.entry(h.txn).or_default() += 1;
+        }
+        let queue = &mut row.queue;
         if queue.back().is_none_or(|e| e.age < age) {
             queue.push_back(QEntry { id, txn, age });
         } else {
@@ -641,23 +682,37 @@ impl Inner {
     /// leave. Returns the cycle, starting with `txn` and following the wait-for edges.
     fn find_cycle(&self, txn: u64, key: &LockKey, age: u64, exclude: Option<ReqId>) -> Option<Vec<u64>> {
         let row = self.rows.get(key)?;
-        let mut targets = Vec::new();
         let mut closers = HashSet::new();
+        for e in row.queue.iter().rev().take_while(|e| e.age > age) {
+            if e.txn != txn {
+                closers.insert(e.txn);
+            }
+        }
+        // A cycle needs somebody waiting for `txn`: on a row it holds, behind another of its
+        // requests, or (the younger requests here) behind this one. Usually nobody does, and
+        // the search (linear in the number of queued requests) is skipped.
+        let waited_for = !closers.is_empty()
+            || self.contended.contains_key(&txn)
+            || self
+                .waiting_by_txn
+                .get(&txn)
+                .is_some_and(|ids| ids.iter().any(|&i| Some(i) != exclude));
+        if !waited_for {
+            return None;
+        }
+        let mut targets = Vec::new();
         if let Some(h) = &row.holder
             && h.txn != txn
         {
             targets.push(h.txn);
         }
-        for e in &row.queue {
-            if e.txn == txn {
-                continue;
-            }
-            if e.age < age {
-                targets.push(e.txn);
-            } else {
-                closers.insert(e.txn);
-            }
-        }
+        targets.extend(
+            row.queue
+                .iter()
+                .take_while(|e| e.age < age)
+                .filter(|e| e.txn != txn)
+                .map(|e| e.txn),
+        );
         self.search(txn, &targets, exclude, &closers)
     }
 
@@ -1022,7 +1077,11 @@ impl LockManager {
     /// Nothing held, queued or remembered.
     fn is_idle(&self) -> bool {
         let inner = self.inner.lock();
-        inner.rows.is_empty() && inner.reqs.is_empty() && inner.waiting_by_txn.is_empty() && inner.held == 0
+        inner.rows.is_empty()
+            && inner.reqs.is_empty()
+            && inner.waiting_by_txn.is_empty()
+            && inner.contended.is_empty()
+            && inner.held == 0
     }
 
     /// Checks the table's internal consistency.
@@ -1075,6 +1134,17 @@ impl LockManager {
                     return Err(format!("bad watcher on {key:?}"));
                 }
             }
+        }
+        let mut contended: HashMap<u64, u32> = HashMap::new();
+        for row in inner.rows.values() {
+            if let Some(h) = &row.holder
+                && !row.queue.is_empty()
+            {
+                *contended.entry(h.txn).or_default() += 1;
+            }
+        }
+        if contended != inner.contended {
+            return Err(format!("contended {:?}, should be {contended:?}", inner.contended));
         }
         let indexed: usize = inner.waiting_by_txn.values().map(Vec::len).sum();
         if indexed != queued {
@@ -1703,6 +1773,10 @@ mod tests {
         let mgr = Arc::new(LockManager::new());
         mgr.acquire(9, 9, &[k(1)], far()).await.unwrap();
         mgr.acquire(2, 2, &[k(2)], far()).await.unwrap();
+        // Somebody waits for txn 1, so deadlock detection does search when it moves.
+        mgr.acquire(1, 1, &[k(5)], far()).await.unwrap();
+        let bystander = spawn_acquire(&mgr, 3, 3, vec![k(5)]);
+        until("3 waits on k5", || mgr.queued(&k(5)) == 1).await;
         let mover = spawn_acquire(&mgr, 1, 1, vec![k(1), k(2)]);
         until("1 waits on k1", || mgr.queued(&k(1)) == 1).await;
         let behind = spawn_acquire(&mgr, 2, 20, vec![k(1)]);
@@ -1714,6 +1788,8 @@ mod tests {
         mgr.release_txn(2, &[k(1), k(2)]);
         assert!(finish(mover).await.is_ok());
         mgr.check_invariants().unwrap();
+        mgr.release_txn(1, &[k(1), k(2), k(5)]);
+        assert!(finish(bystander).await.is_ok());
     }
 
     mod model {
