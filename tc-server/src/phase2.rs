@@ -395,11 +395,10 @@ impl Coordinator {
         let mut state = session.state.lock();
         state.branches.retain(|b| b.branch_id != p.branch_id);
         let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
+        // Until the whole transaction is deleted its committed branches stay in the store
+        // (one write per transaction instead of one per branch): after a crash they are sent
+        // again, and a branch commit is idempotent (it deletes undo records).
         if pending || state.record.status != GlobalStatus::AsyncCommitting {
-            self.journal.submit_detached(vec![Mutation::DeleteBranch {
-                txn_id: p.txn_id,
-                branch_id: p.branch_id,
-            }]);
             return;
         }
         self.set_status(&mut state, GlobalStatus::Committed);

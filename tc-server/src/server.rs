@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
@@ -107,7 +106,11 @@ impl Server {
                 ResourceManagerServer::new(RmService(Arc::clone(&coordinator))).max_decoding_message_size(max),
                 interceptor,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(rpc), stop.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
+                tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
+                stop.clone().cancelled_owned(),
+            );
 
         let app = crate::http::router(Arc::clone(&coordinator), token);
         let http_stop = stop.clone().cancelled_owned();
