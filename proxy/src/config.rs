@@ -38,7 +38,72 @@ pub struct Config {
     pub tls: Option<ClientTls>,
     /// TLS towards the backend.
     pub backend_tls: Option<BackendTls>,
+    /// The transaction coordinator; without it the proxy is a plain relay and refuses
+    /// global-transaction statements.
+    pub coordinator: Option<Coordinator>,
+    /// The proxy's own connections to the backend (metadata, phase 2).
+    pub service: Service,
     pub log: Log,
+}
+
+/// Where the transaction coordinator is and how global transactions behave.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Coordinator {
+    /// `host:port` of each coordinator node, tried in order (failover).
+    pub endpoints: Vec<String>,
+    /// The coordinator's token, if it requires one (also `FERRATA_TC_TOKEN`). Never logged.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// PEM CA certificates: connect over TLS and verify the coordinator.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// How long a branch registration may wait for rows another global transaction holds.
+    #[serde(default = "default_lock_wait_ms")]
+    pub lock_wait_ms: u64,
+    /// This proxy's name on its coordinator stream; defaults to `ferrata-proxy@<listen>`.
+    #[serde(default)]
+    pub rm_id: Option<String>,
+}
+
+fn default_lock_wait_ms() -> u64 {
+    10_000
+}
+
+/// The proxy's own database account, for metadata and phase 2. Its password comes from the
+/// file or `FERRATA_SERVICE_PASSWORD`, never from a flag, and is never logged.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Service {
+    pub user: String,
+    pub password: Option<Secret>,
+    /// The server's part of every resource id (`<server>/<database>`). Every proxy in front
+    /// of one database must use the same; defaults to the `backend` setting.
+    pub resource_server: Option<String>,
+    /// Create the `undo_log` table in a database when it is missing.
+    pub create_undo_log: bool,
+}
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            user: "ferrata".into(),
+            password: None,
+            resource_server: None,
+            create_undo_log: true,
+        }
+    }
+}
+
+/// A secret that never appears in logs or debug output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -103,6 +168,8 @@ impl Default for Config {
             hide_server_socket: true,
             tls: None,
             backend_tls: None,
+            coordinator: None,
+            service: Service::default(),
             log: Log::default(),
         }
     }
@@ -127,6 +194,16 @@ impl Config {
             "max_packet_size must be at least 1024 bytes"
         );
         anyhow::ensure!(!self.backend.is_empty(), "backend must be set, e.g. \"127.0.0.1:3306\"");
+        if let Some(c) = &self.coordinator {
+            anyhow::ensure!(
+                !c.endpoints.is_empty(),
+                "[coordinator] endpoints must name at least one ferrata-tc, e.g. [\"127.0.0.1:8091\"]"
+            );
+            anyhow::ensure!(
+                c.endpoints.iter().all(|e| !e.is_empty()),
+                "[coordinator] endpoints must not be empty strings"
+            );
+        }
         anyhow::ensure!(
             self.backend_tls.is_none() || self.backend_socket().is_none(),
             "backend_tls needs a TCP backend (host:port), not the Unix socket {}",
@@ -150,6 +227,11 @@ impl Config {
     /// The backend's Unix socket path, when `backend` is one.
     pub fn backend_socket(&self) -> Option<&Path> {
         self.backend.starts_with('/').then(|| Path::new(&self.backend))
+    }
+
+    /// The server part of resource ids.
+    pub fn resource_server(&self) -> &str {
+        self.service.resource_server.as_deref().unwrap_or(&self.backend)
     }
 
     /// The backend host name, for TLS name checks.
@@ -192,6 +274,19 @@ pub struct Flags {
     /// PEM private key for client TLS (with --tls-cert).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A transaction coordinator (host:port); repeat the flag for failover nodes. Without
+    /// one, global-transaction statements are refused.
+    #[arg(long = "tc", value_name = "HOST:PORT")]
+    pub tc: Vec<String>,
+    /// The coordinator's token. Prefer the environment variable: flags show in the process list.
+    #[arg(long, env = "FERRATA_TC_TOKEN", hide_env_values = true)]
+    pub tc_token: Option<String>,
+    /// The proxy's own database user for metadata and phase 2 [default: ferrata].
+    #[arg(long)]
+    pub service_user: Option<String>,
+    /// Its password (environment only).
+    #[arg(skip)]
+    pub service_password: Option<String>,
     /// Log filter, e.g. info or ferrata_proxy=debug [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -228,6 +323,29 @@ impl Flags {
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             let required = config.tls.as_ref().is_some_and(|t| t.required);
             config.tls = Some(ClientTls { cert, key, required });
+        }
+        if !self.tc.is_empty() {
+            let mut c = config.coordinator.take().unwrap_or(Coordinator {
+                endpoints: Vec::new(),
+                token: None,
+                tls_ca: None,
+                lock_wait_ms: default_lock_wait_ms(),
+                rm_id: None,
+            });
+            c.endpoints = self.tc;
+            config.coordinator = Some(c);
+        }
+        if let (Some(token), Some(c)) = (self.tc_token, config.coordinator.as_mut()) {
+            c.token = Some(Secret(token));
+        }
+        if let Some(v) = self.service_user {
+            config.service.user = v;
+        }
+        if let Some(v) = self
+            .service_password
+            .or_else(|| std::env::var("FERRATA_SERVICE_PASSWORD").ok())
+        {
+            config.service.password = Some(Secret(v));
         }
         if let Some(v) = self.log_level {
             config.log.level = v;

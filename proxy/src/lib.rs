@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod classify;
+pub mod cli;
 pub mod config;
+pub mod global;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

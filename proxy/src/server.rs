@@ -46,6 +46,7 @@ impl Server {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let shared = Arc::new(Shared {
+            global: crate::global::Global::from_config(&config),
             tls_acceptor,
             backend_tls,
             metrics: Metrics::new(),
@@ -82,6 +83,22 @@ impl Server {
         // keeps answering) while in-flight commands finish.
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|a| tokio::spawn(a.serve(admin_stop.clone())));
+        // Phase-2 commands keep coming through the drain (a session's rollback may need them).
+        let attach_stop = CancellationToken::new();
+        if let Some(global) = &shared.global {
+            let rm_id = shared
+                .config
+                .coordinator
+                .as_ref()
+                .and_then(|c| c.rm_id.clone())
+                .unwrap_or_else(|| {
+                    format!(
+                        "ferrata-proxy@{}",
+                        listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                    )
+                });
+            global.start(rm_id, attach_stop.clone());
+        }
         let sessions = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let next_id = AtomicU64::new(1);
@@ -130,6 +147,7 @@ impl Server {
                 "shutdown deadline passed; closing the remaining sessions"
             );
         }
+        attach_stop.cancel();
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;

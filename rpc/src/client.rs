@@ -81,6 +81,7 @@ pub type CommandHandler =
 /// A running Attach stream. Dropping it closes the stream.
 pub struct Attachment {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    outbound: mpsc::Sender<pb::RmMessage>,
 }
 
 impl Attachment {
@@ -91,6 +92,16 @@ impl Attachment {
 
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+
+    /// Announces more resources on the stream; false if the stream has ended.
+    pub async fn announce(&self, resources: Vec<String>) -> bool {
+        let message = pb::RmMessage {
+            kind: Some(pb::rm_message::Kind::Announce(pb::Announce {
+                resource_ids: resources,
+            })),
+        };
+        !self.task.is_finished() && self.outbound.send(message).await.is_ok()
     }
 }
 
@@ -131,9 +142,11 @@ pub async fn attach(
         }) => Duration::from_millis(w.heartbeat_interval_ms.max(10)),
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
     };
+    let outbound = tx.clone();
     let task = tokio::spawn(async move {
         // Handlers run in this set, owned by the task: aborting the task aborts them too, so
-        // no sender outlives the attachment and the stream closes at once.
+        // no sender outlives the attachment (whose own sender goes with it) and the stream
+        // closes at once.
         let mut handlers = tokio::task::JoinSet::new();
         let mut beat = tokio::time::interval(interval);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,5 +178,5 @@ pub async fn attach(
             }
         }
     });
-    Ok(Attachment { task })
+    Ok(Attachment { task, outbound })
 }

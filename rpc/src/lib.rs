@@ -162,3 +162,38 @@ impl tonic::service::Interceptor for BearerToken {
         Ok(request)
     }
 }
+
+/// A protocol enum name as the coordinator's HTTP API and logs write it: `ASYNC_COMMITTING`
+/// becomes `AsyncCommitting`.
+pub fn camel_case(screaming: &str) -> String {
+    screaming
+        .split('_')
+        .map(|w| {
+            let mut chars = w.chars();
+            chars
+                .next()
+                .map_or_else(String::new, |c| c.to_string() + &chars.as_str().to_ascii_lowercase())
+        })
+        .collect()
+}
+
+/// The name of a global status number, as the HTTP API writes it.
+pub fn global_status_name(status: i32) -> String {
+    pb::GlobalStatus::try_from(status).map_or_else(|_| "Unknown".into(), |s| camel_case(s.as_str_name()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_match_the_http_api() {
+        assert_eq!(
+            super::global_status_name(super::pb::GlobalStatus::AsyncCommitting as i32),
+            "AsyncCommitting"
+        );
+        assert_eq!(
+            super::global_status_name(super::pb::GlobalStatus::Begin as i32),
+            "Begin"
+        );
+        assert_eq!(super::global_status_name(99), "Unknown");
+    }
+}

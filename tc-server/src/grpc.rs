@@ -156,10 +156,10 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             Err(_) => return Err(protocol("no Hello within three heartbeat intervals")),
             _ => return Err(protocol("the first message on Attach must be Hello")),
         };
-        if hello.resource_ids.is_empty() || hello.resource_ids.iter().any(|r| r.is_empty()) {
-            return Err(protocol(
-                "Hello must name at least one resource, and no empty resource id",
-            ));
+        // A resource manager may name its resources later, with Announce (a proxy learns of a
+        // database when a session first writes to it).
+        if hello.resource_ids.iter().any(|r| r.is_empty()) {
+            return Err(protocol("Hello must not name an empty resource id"));
         }
         let (tx, rx) = mpsc::channel(1024);
         let welcome = pb::TcMessage {
@@ -194,7 +194,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
 /// Runs one attached stream until it ends; returns why it ended.
 async fn serve_stream(
     coordinator: &Coordinator,
-    conn: &crate::rm::RmConnection,
+    conn: &Arc<crate::rm::RmConnection>,
     inbound: &mut Streaming<pb::RmMessage>,
     tx: &mpsc::Sender<Result<pb::TcMessage, Status>>,
     interval: Duration,
@@ -214,8 +214,16 @@ async fn serve_stream(
                         }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(_)) })) => {}
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Announce(a)) })) => {
+                        if a.resource_ids.iter().any(|r| r.is_empty()) {
+                            let _ = tx.send(Err(ErrorCode::RmProtocol.status("Announce with an empty resource id", None))).await;
+                            return "protocol error";
+                        }
+                        tracing::info!(rm_id = conn.rm_id, resources = ?a.resource_ids, "resources announced");
+                        coordinator.rms.announce(conn, a.resource_ids);
+                    }
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results and Heartbeat may follow Hello", None))).await;
+                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat and Announce may follow Hello", None))).await;
                         return "protocol error";
                     }
                     Ok(None) => return "closed by the resource manager",

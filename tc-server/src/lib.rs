@@ -8,6 +8,7 @@
 //! - `grpc`, `http`, `rm` the two APIs and phase-2 routing; `server` start and stop
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod error;

@@ -15,7 +15,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub struct RmConnection {
     pub id: u64,
     pub rm_id: String,
-    pub resources: Vec<String>,
+    /// Resources announced so far (Hello, then Announce messages).
+    resources: Mutex<Vec<String>>,
     outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Vec<pb::BranchOutcome>>>>,
 }
@@ -55,7 +56,8 @@ pub struct RmRegistry {
     next_request: AtomicU64,
     round_robin: AtomicUsize,
     count: AtomicUsize,
-    /// Notified whenever a resource manager attaches, so work waiting for one can go on.
+    /// Notified whenever a resource manager attaches or announces a resource, so work
+    /// waiting for one can go on.
     attached: Notify,
 }
 
@@ -69,24 +71,35 @@ impl RmRegistry {
         let conn = Arc::new(RmConnection {
             id: self.next_connection.fetch_add(1, Ordering::Relaxed),
             rm_id,
-            resources,
+            resources: Mutex::new(Vec::new()),
             outbound,
             pending: Mutex::new(HashMap::new()),
         });
-        let mut map = self.by_resource.lock();
-        for r in &conn.resources {
-            map.entry(r.clone()).or_default().push(Arc::clone(&conn));
-        }
-        drop(map);
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.attached.notify_waiters();
+        self.announce(&conn, resources);
         conn
+    }
+
+    /// Adds resources a connection serves; work waiting for a resource manager goes on.
+    pub fn announce(&self, conn: &Arc<RmConnection>, resources: Vec<String>) {
+        let mut map = self.by_resource.lock();
+        let mut own = conn.resources.lock();
+        for r in resources {
+            if own.contains(&r) {
+                continue;
+            }
+            map.entry(r.clone()).or_default().push(Arc::clone(conn));
+            own.push(r);
+        }
+        drop(own);
+        drop(map);
+        self.attached.notify_waiters();
     }
 
     /// Removes a connection from routing and fails every command waiting on it.
     pub fn detach(&self, conn: &RmConnection) {
         let mut map = self.by_resource.lock();
-        for r in &conn.resources {
+        for r in conn.resources.lock().iter() {
             if let Some(list) = map.get_mut(r) {
                 list.retain(|c| c.id != conn.id);
                 if list.is_empty() {

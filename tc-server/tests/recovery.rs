@@ -389,6 +389,44 @@ async fn an_attaching_rm_triggers_pending_phase_two_at_once() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_announced_later_gets_its_phase_two() -> Result {
+    // Retries would otherwise wait a minute.
+    let tc = Tc::with_config("[phase2]\nretry_initial_ms = 60000\nretry_max_ms = 60000\n").await?;
+    let c = tc.client().await?;
+    let xid = begin(&c, 0).await?;
+    let branch = register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
+
+    // A resource manager that serves nothing yet (a proxy before its first write).
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let handler: CommandHandler = Arc::new(move |command: pb::BranchCommand| {
+        let _ = seen_tx.send(command.clone());
+        Box::pin(async move {
+            command
+                .branches
+                .iter()
+                .map(|b| pb::BranchOutcome {
+                    branch_id: b.branch_id,
+                    status: pb::BranchStatus::PhaseTwoRollbacked as i32,
+                    reason: String::new(),
+                    detail_json: String::new(),
+                })
+                .collect()
+        })
+    });
+    let attachment = attach(&mut c.rm.clone(), "rm-later", &[], handler).await?;
+    let o = rollback(&c, &xid).await?;
+    assert_eq!(status_of(&o), G::RollbackRetrying, "nobody serves db1 yet: {o:?}");
+
+    assert!(attachment.announce(vec!["db1".to_owned()]).await);
+    let command = tokio::time::timeout(EVENT, seen.recv())
+        .await?
+        .expect("the rollback arrives");
+    assert_eq!(command.branches[0].branch_id, branch);
+    wait_status(&c, &xid, G::Rollbacked).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_batched_up_to_commit_batch() -> Result {
     let tc = Tc::with_config(&format!("{FAST_CONFIG}commit_batch = 2\n")).await?;
     let c = tc.client().await?;

@@ -352,7 +352,7 @@ async fn attach_streams_that_break_the_protocol_are_refused() -> Result {
     let e = raw_attach(&c, heartbeat()).await.err().expect("refused");
     assert_code(&e, ErrorCode::RmProtocol);
     assert!(e.message().contains("Hello"), "{e:?}");
-    for resources in [&[][..], &[""][..], &["db1", ""][..]] {
+    for resources in [&[""][..], &["db1", ""][..]] {
         let e = raw_attach(&c, hello("rm-bad", resources)).await.err().expect("refused");
         assert_code(&e, ErrorCode::RmProtocol);
     }
@@ -382,6 +382,30 @@ async fn attach_streams_that_break_the_protocol_are_refused() -> Result {
     };
     assert_code(&e, ErrorCode::RmProtocol);
     drop(tx);
+
+    // A Hello naming no resource is fine (they may follow in Announce); an empty one in an
+    // Announce ends the stream.
+    let mut s = raw_attach(&c, hello("rm-later", &[])).await?;
+    assert!(matches!(
+        s.next().await?,
+        Some(pb::TcMessage {
+            kind: Some(pb::tc_message::Kind::Welcome(_))
+        })
+    ));
+    s.tx.send(pb::RmMessage {
+        kind: Some(pb::rm_message::Kind::Announce(pb::Announce {
+            resource_ids: vec![String::new()],
+        })),
+    })
+    .await?;
+    let e = loop {
+        match s.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_code(&e, ErrorCode::RmProtocol);
 
     // A second Hello on an attached stream ends it.
     let mut s = raw_attach(&c, hello("rm-twice", &["db1"])).await?;

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use ferrata_testkit;
 
+pub mod coordinator;
+
 /// A proxy running in this process. Dropping it stops it.
 pub struct Proxy {
     pub addr: SocketAddr,

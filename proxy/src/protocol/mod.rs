@@ -12,5 +12,6 @@ pub mod handshake;
 pub mod lenenc;
 pub mod ok;
 pub mod response;
+pub mod resultset;
 
 pub use constants::{Capabilities, Command, ServerStatus};

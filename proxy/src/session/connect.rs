@@ -180,6 +180,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         user: parsed.user,
         schema: parsed.database,
         statements: Default::default(),
+        xid: None,
     };
     Ok((backend, state))
 }

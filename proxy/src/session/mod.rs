@@ -7,6 +7,7 @@
 
 mod auth;
 mod connect;
+mod global;
 mod hide_socket;
 mod peer;
 mod relay;
@@ -35,6 +36,8 @@ use state::{PreparedStatement, SessionState};
 /// What every session shares: settings, TLS material, metrics, the shutdown signal.
 pub struct Shared {
     pub config: Config,
+    /// The coordinator link, when one is configured.
+    pub global: Option<Arc<crate::global::Global>>,
     pub tls_acceptor: Option<TlsAcceptor>,
     pub backend_tls: Option<(TlsConnector, ServerName<'static>)>,
     pub metrics: Metrics,
@@ -269,9 +272,27 @@ async fn serve(
                 span.last_seq.wrapping_add(1),
             ));
         };
+        let class = matches!(command, Command::QUERY | Command::STMT_PREPARE)
+            .then(|| classify::classify(&payload[1..], state.no_backslash_escapes()));
+        if let Some(intercepted) = intercept(command, &payload, class.as_ref(), state) {
+            drop(payload);
+            client.consume(span.raw_len);
+            match intercepted {
+                Intercepted::Answer(sql) => global::answer(client, backend, state, shared, &sql).await?,
+                Intercepted::Refuse(e) => {
+                    tracing::info!(error = %e, "statement refused");
+                    client
+                        .write_all(&e.to_packet(1))
+                        .await
+                        .map_err(|_| SessionError::ClientClosed)?;
+                }
+            }
+            shared.metrics.command(command, started.elapsed());
+            continue;
+        }
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
-        let pending = Pending::from_command(command, &payload, state, shared.config.hide_server_socket);
+        let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
         drop(payload);
         client
             .forward(span.raw_len, backend)
@@ -292,6 +313,41 @@ async fn serve(
     }
 }
 
+/// A command the proxy answers itself instead of forwarding it.
+enum Intercepted {
+    /// One of Ferrata's statements.
+    Answer(String),
+    /// A statement the proxy cannot protect inside the session's global transaction.
+    Refuse(ErrPacket),
+}
+
+fn intercept(
+    command: u8,
+    payload: &[u8],
+    class: Option<&classify::Classification>,
+    state: &SessionState,
+) -> Option<Intercepted> {
+    match (command, class) {
+        (Command::QUERY, Some(class)) => {
+            if let StatementClass::GlobalTransaction(_) = class.class {
+                return Some(Intercepted::Answer(String::from_utf8_lossy(&payload[1..]).into_owned()));
+            }
+            let xid = state.xid.clone().or_else(|| global::hinted_xid(&payload[1..], class))?;
+            global::refusal(class, &xid).map(Intercepted::Refuse)
+        }
+        (Command::STMT_EXECUTE, _) if payload.len() >= 5 => {
+            let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+            let statement = state.statements.get(&id)?;
+            let xid = state
+                .xid
+                .clone()
+                .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))?;
+            global::refusal(&statement.class, &xid).map(Intercepted::Refuse)
+        }
+        _ => None,
+    }
+}
+
 /// What a command will change in the session state once its response is known.
 struct Pending {
     command: u8,
@@ -305,7 +361,13 @@ struct Pending {
 }
 
 impl Pending {
-    fn from_command(command: u8, payload: &[u8], state: &SessionState, hide_socket: bool) -> Self {
+    fn from_command(
+        command: u8,
+        payload: &[u8],
+        class: Option<classify::Classification>,
+        state: &SessionState,
+        hide_socket: bool,
+    ) -> Self {
         let body = &payload[1..];
         let mut pending = Pending {
             command,
@@ -316,7 +378,7 @@ impl Pending {
         };
         match command {
             Command::QUERY => {
-                let class = classify::classify(body, state.no_backslash_escapes());
+                let Some(class) = class else { return pending };
                 match class.class {
                     StatementClass::Other(Other::Use) => pending.schema = classify::use_schema(body),
                     StatementClass::Other(Other::Select) => {
@@ -326,8 +388,7 @@ impl Pending {
                 }
             }
             Command::STMT_PREPARE => {
-                let class = classify::classify(body, state.no_backslash_escapes());
-                pending.prepare = Some((String::from_utf8_lossy(body).into_owned(), class));
+                pending.prepare = class.map(|class| (String::from_utf8_lossy(body).into_owned(), class));
             }
             Command::INIT_DB => pending.schema = Some(String::from_utf8_lossy(body).into_owned()),
             Command::CHANGE_USER => pending.schema = handshake::change_user_database(payload, state.capabilities),
@@ -348,11 +409,16 @@ impl Pending {
         }
         let ok = tracker.error_code().is_none();
         match self.command {
+            // A new user or a reset session starts outside any global transaction.
             Command::CHANGE_USER => {
                 state.forget_statements();
                 state.schema = self.schema;
+                state.xid = None;
             }
-            Command::RESET_CONNECTION if ok => state.forget_statements(),
+            Command::RESET_CONNECTION if ok => {
+                state.forget_statements();
+                state.xid = None;
+            }
             Command::STMT_PREPARE => {
                 if let (Some(prepared), Some((sql, class))) = (tracker.prepare_ok(), self.prepare) {
                     state.statements.insert(

@@ -26,6 +26,8 @@ pub struct SessionState {
     pub user: String,
     pub schema: Option<String>,
     pub statements: HashMap<u32, PreparedStatement>,
+    /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION).
+    pub xid: Option<String>,
 }
 
 impl SessionState {

@@ -1,0 +1,151 @@
+//! The proxy's link to the transaction coordinator: a client for calls, with failover across
+//! the configured nodes, and the supervised Attach stream on which phase-2 commands arrive
+//! (re-opened with backoff whenever it ends, re-announcing every resource served).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrata_rpc::client::{self, ClientConfig, CommandHandler, TcClient};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Coordinator;
+
+pub struct Link {
+    configs: Vec<ClientConfig>,
+    /// The connected client and the index of its node.
+    current: tokio::sync::Mutex<Option<(usize, TcClient)>>,
+    /// Node to try first on the next connect.
+    next: Mutex<usize>,
+    resources: Mutex<BTreeSet<String>>,
+    announce: mpsc::UnboundedSender<String>,
+    announced: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+}
+
+/// The coordinator cannot be reached at all.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl Link {
+    pub fn new(config: &Coordinator) -> Link {
+        let scheme = if config.tls_ca.is_some() { "https" } else { "http" };
+        let configs = config
+            .endpoints
+            .iter()
+            .map(|e| ClientConfig {
+                endpoint: if e.contains("://") {
+                    e.clone()
+                } else {
+                    format!("{scheme}://{e}")
+                },
+                token: config.token.as_ref().map(|t| t.0.clone()),
+                tls_ca: config.tls_ca.clone(),
+                max_message_bytes: None,
+            })
+            .collect();
+        let (announce, announced) = mpsc::unbounded_channel();
+        Link {
+            configs,
+            current: tokio::sync::Mutex::new(None),
+            next: Mutex::new(0),
+            resources: Mutex::new(BTreeSet::new()),
+            announce,
+            announced: Mutex::new(Some(announced)),
+        }
+    }
+
+    /// A connected client, connecting to the first node that answers (starting after the
+    /// last one that failed).
+    pub async fn client(&self) -> Result<TcClient, Unreachable> {
+        let mut current = self.current.lock().await;
+        if let Some((_, c)) = current.as_ref() {
+            return Ok(c.clone());
+        }
+        let start = *self.next.lock();
+        let mut causes = Vec::new();
+        for i in 0..self.configs.len() {
+            let index = (start + i) % self.configs.len();
+            match TcClient::connect(&self.configs[index]).await {
+                Ok(c) => {
+                    *current = Some((index, c.clone()));
+                    return Ok(c);
+                }
+                Err(e) => causes.push(format!("{e:#}")),
+            }
+        }
+        Err(Unreachable(causes.join("; ")))
+    }
+
+    /// Forgets the connection after a transport failure, so the next call tries the next node.
+    pub async fn failed(&self, status: &tonic::Status) {
+        if !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+            || ferrata_rpc::ErrorCode::of(status).is_some()
+        {
+            return;
+        }
+        let mut current = self.current.lock().await;
+        if let Some((index, _)) = current.take() {
+            *self.next.lock() = (index + 1) % self.configs.len();
+            tracing::warn!(endpoint = self.configs[index].endpoint, error = %status.message(), "coordinator unreachable; failing over");
+        }
+    }
+
+    /// Makes sure the coordinator knows this proxy serves `resource`.
+    pub fn serve(&self, resource: &str) {
+        if self.resources.lock().insert(resource.to_owned()) {
+            let _ = self.announce.send(resource.to_owned());
+        }
+    }
+
+    /// Keeps an Attach stream open until `stop`, handing phase-2 commands to `handler`.
+    pub async fn run_attach(self: Arc<Self>, rm_id: String, handler: CommandHandler, stop: CancellationToken) {
+        let Some(mut announced) = self.announced.lock().take() else {
+            return;
+        };
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let attached = match self.client().await {
+                Ok(mut c) => {
+                    let resources: Vec<String> = self.resources.lock().iter().cloned().collect();
+                    client::attach(&mut c.rm, &rm_id, &resources, Arc::clone(&handler))
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+                Err(Unreachable(e)) => Err(e),
+            };
+            match attached {
+                Ok(mut attachment) => {
+                    tracing::info!(rm_id, "attached to the coordinator");
+                    backoff = Duration::from_millis(100);
+                    let ended = loop {
+                        tokio::select! {
+                            ended = attachment.closed() => break ended.err().map(|e| format!("{e:#}")),
+                            Some(resource) = announced.recv() => {
+                                attachment.announce(vec![resource]).await;
+                            }
+                            _ = stop.cancelled() => return,
+                        }
+                    };
+                    tracing::warn!(
+                        error = ended.as_deref().unwrap_or("closed by the coordinator"),
+                        "coordinator stream ended; re-attaching"
+                    );
+                    *self.current.lock().await = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot attach to the coordinator");
+                    *self.current.lock().await = None;
+                }
+            }
+            // Resources learnt meanwhile go out with the next Hello.
+            while announced.try_recv().is_ok() {}
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Global transactions in the proxy: the link to the coordinator, the resources this proxy
+//! serves, its own service connections to the backend (phase 2), and the mapping of the
+//! coordinator's answers onto MySQL errors. Session-side handling of Ferrata's statements is
+//! in `session/global.rs`.
+//!
+//! A resource is one database on one backend server: `<server>/<database>`, where the server
+//! part is `[service] resource_server` (default: the `backend` setting), the same for every
+//! proxy in front of that server. A `/` or `%` in a database name is percent-encoded, so the
+//! database is always what follows the last `/`.
+
+mod link;
+pub mod phase2;
+pub mod statement;
+pub mod undo_log;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferrata_rpc::{ErrorCode, holder_of};
+use mysql_async::prelude::*;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::protocol::err::ErrPacket;
+pub use link::Link;
+
+pub struct Global {
+    pub link: Arc<Link>,
+    pub lock_wait_ms: u64,
+    resource_server: String,
+    service: mysql_async::OptsBuilder,
+    service_user: String,
+    create_undo_log: bool,
+    pools: Mutex<HashMap<String, mysql_async::Pool>>,
+}
+
+/// The resource id of `database` on the server behind this proxy.
+pub fn resource_id(server: &str, database: &str) -> String {
+    format!("{server}/{}", database.replace('%', "%25").replace('/', "%2F"))
+}
+
+/// The database of a resource id.
+pub fn database_of(resource: &str) -> Option<String> {
+    let (_, db) = resource.rsplit_once('/')?;
+    Some(db.replace("%2F", "/").replace("%25", "%"))
+}
+
+impl Global {
+    /// Builds the coordinator link from the config; `None` without `[coordinator]`.
+    pub fn from_config(config: &Config) -> Option<Arc<Global>> {
+        let c = config.coordinator.as_ref()?;
+        let service = match config.backend_socket() {
+            Some(path) => mysql_async::OptsBuilder::default().socket(Some(path.to_string_lossy().into_owned())),
+            None => {
+                let (host, port) = config
+                    .backend
+                    .rsplit_once(':')
+                    .map_or((config.backend.as_str(), "3306"), |(h, p)| (h, p));
+                mysql_async::OptsBuilder::default()
+                    .ip_or_hostname(host.trim_matches(['[', ']']).to_owned())
+                    .tcp_port(port.parse().unwrap_or(3306))
+                    .prefer_socket(false)
+            }
+        }
+        .user(Some(config.service.user.clone()))
+        .pass(config.service.password.as_ref().map(|p| p.0.clone()));
+        Some(Arc::new(Global {
+            link: Arc::new(Link::new(c)),
+            lock_wait_ms: c.lock_wait_ms,
+            resource_server: config.resource_server().to_owned(),
+            service,
+            service_user: config.service.user.clone(),
+            create_undo_log: config.service.create_undo_log,
+            pools: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Starts the Attach stream (phase-2 commands) until `stop`.
+    pub fn start(self: &Arc<Self>, rm_id: String, stop: CancellationToken) {
+        let global = Arc::clone(self);
+        let handler: ferrata_rpc::client::CommandHandler =
+            Arc::new(move |command| Box::pin(phase2::handle(Arc::clone(&global), command)));
+        tokio::spawn(Arc::clone(&self.link).run_attach(rm_id, handler, stop));
+    }
+
+    pub fn resource(&self, database: &str) -> String {
+        resource_id(&self.resource_server, database)
+    }
+
+    /// A service connection to the database of `resource`.
+    pub async fn service_conn(&self, resource: &str) -> Result<mysql_async::Conn, mysql_async::Error> {
+        let db = database_of(resource).unwrap_or_default();
+        let pool = self
+            .pools
+            .lock()
+            .entry(db.clone())
+            .or_insert_with(|| {
+                let opts = self.service.clone().db_name(Some(db.clone())).pool_opts(
+                    mysql_async::PoolOpts::default()
+                        .with_constraints(mysql_async::PoolConstraints::new(0, 8).expect("0 <= 8")),
+                );
+                mysql_async::Pool::new(opts)
+            })
+            .clone();
+        pool.get_conn().await
+    }
+
+    /// Creates the undo_log table, or says what a DBA must run.
+    pub async fn create_undo_log(&self, conn: &mut mysql_async::Conn, resource: &str) -> Result<(), String> {
+        let db = database_of(resource).unwrap_or_default();
+        if !self.create_undo_log {
+            return Err(undo_log::dba_instructions(&db, &self.service_user));
+        }
+        match conn.query_drop(undo_log::CREATE).await {
+            Ok(()) => {
+                tracing::info!(database = db, "created the undo_log table");
+                Ok(())
+            }
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1044 | 1045) => Err(format!(
+                "{} ({})",
+                undo_log::dba_instructions(&db, &self.service_user),
+                e.message
+            )),
+            Err(e) => Err(format!("creating {db}.undo_log failed: {e}")),
+        }
+    }
+
+    /// A coordinator call's failure as the MySQL error a client sees.
+    pub async fn error(&self, status: tonic::Status, what: &str) -> ErrPacket {
+        self.link.failed(&status).await;
+        coordinator_error(&status, what)
+    }
+}
+
+/// Maps the coordinator's refusal onto the MySQL error a client expects.
+pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
+    let message = status.message();
+    match ErrorCode::of(status) {
+        Some(ErrorCode::GlobalNotFound) => ErrPacket::new(1397, "XAE04", format!("XAER_NOTA: Unknown XID: {message}")),
+        Some(ErrorCode::GlobalStatusInvalid) => ErrPacket::new(
+            1399,
+            "XAE07",
+            format!("XAER_RMFAIL: {message}; the local transaction was rolled back"),
+        ),
+        Some(ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack) => ErrPacket::new(
+            1205,
+            "HY000",
+            format!(
+                "Lock wait timeout exceeded; global lock held by {}: {message}; the local transaction was rolled back, retry it",
+                holder_of(status).unwrap_or_else(|| "another global transaction".into())
+            ),
+        ),
+        Some(ErrorCode::Deadlock) => ErrPacket::new(
+            1213,
+            "40001",
+            format!("Deadlock found when trying to get a global lock: {message}"),
+        ),
+        Some(code) => ErrPacket::new(
+            1105,
+            "HY000",
+            format!("ferrata-tc refused to {what} ({}): {message}", code.as_str()),
+        ),
+        None => ErrPacket::new(
+            1105,
+            "HY000",
+            format!(
+                "ferrata-proxy cannot reach the transaction coordinator to {what}: {message}; nothing was changed, retry later"
+            ),
+        ),
+    }
+}
+
+/// The error for an unreachable coordinator.
+pub fn unreachable(cause: &str, what: &str) -> ErrPacket {
+    ErrPacket::new(
+        1105,
+        "HY000",
+        format!(
+            "ferrata-proxy cannot reach the transaction coordinator to {what}: {cause}; nothing was changed, retry later"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_ids_round_trip() {
+        for db in ["shop", "a/b", "50%", "x%2Fy"] {
+            let id = resource_id("/run/mysqld/mysqld.sock", db);
+            assert_eq!(database_of(&id).as_deref(), Some(db), "{id}");
+        }
+        assert_eq!(resource_id("db1:3306", "shop"), "db1:3306/shop");
+    }
+}

@@ -1,0 +1,173 @@
+//! Phase 2 on the proxy: the commands the coordinator sends on the Attach stream, run on the
+//! proxy's own service connection to the database of each branch's resource.
+//!
+//! * Commit deletes the branches' undo records, batched per resource. Deleting is
+//!   idempotent, so a command sent again after a crash is harmless.
+//! * Rollback, in one local transaction: lock the branch's undo record; if there is none,
+//!   insert the GlobalFinished marker (a late phase-1 commit of the branch then fails on the
+//!   unique key) and report success.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferrata_rpc::pb;
+use mysql_async::prelude::*;
+use tracing::Instrument;
+
+use super::Global;
+use super::undo_log::{self, CONTEXT, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
+
+fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
+    pb::BranchOutcome {
+        branch_id,
+        status: status as i32,
+        reason: reason.into(),
+        detail_json: String::new(),
+    }
+}
+
+fn server_code(e: &mysql_async::Error) -> Option<u16> {
+    match e {
+        mysql_async::Error::Server(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Runs one command from the coordinator and answers for every branch in it.
+pub async fn handle(global: Arc<Global>, command: pb::BranchCommand) -> Vec<pb::BranchOutcome> {
+    let mut by_resource: BTreeMap<String, Vec<pb::BranchRef>> = BTreeMap::new();
+    for b in command.branches {
+        by_resource.entry(b.resource_id.clone()).or_default().push(b);
+    }
+    let mut out = Vec::new();
+    for (resource, branches) in by_resource {
+        match pb::Phase2Action::try_from(command.action) {
+            Ok(pb::Phase2Action::Commit) => out.extend(commit(&global, &resource, &branches).await),
+            Ok(pb::Phase2Action::Rollback) => {
+                for b in &branches {
+                    out.push(rollback(&global, &resource, b).await);
+                }
+            }
+            _ => out.extend(branches.iter().map(|b| {
+                outcome(
+                    b.branch_id,
+                    pb::BranchStatus::Unknown,
+                    format!("unknown phase-2 action {}", command.action),
+                )
+            })),
+        }
+    }
+    out
+}
+
+async fn commit(global: &Global, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
+    let result: Result<(), mysql_async::Error> = async {
+        let mut conn = global.service_conn(resource).await?;
+        let placeholders = vec!["(?, ?)"; branches.len()].join(", ");
+        let params: Vec<mysql_async::Value> = branches
+            .iter()
+            .flat_map(|b| [b.xid.clone().into(), b.branch_id.into()])
+            .collect();
+        let sql = format!("DELETE FROM undo_log WHERE (xid, branch_id) IN ({placeholders})");
+        match conn.exec_drop(sql, params).await {
+            Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => Ok(()),
+            other => other,
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => branches
+            .iter()
+            .map(|b| outcome(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""))
+            .collect(),
+        Err(e) => {
+            let reason = format!("deleting the undo records on {resource} failed: {e}");
+            tracing::warn!(resource, error = %e, "phase-2 commit failed; the coordinator retries");
+            branches
+                .iter()
+                .map(|b| outcome(b.branch_id, pb::BranchStatus::Unknown, reason.clone()))
+                .collect()
+        }
+    }
+}
+
+async fn rollback(global: &Global, resource: &str, branch: &pb::BranchRef) -> pb::BranchOutcome {
+    let span = tracing::info_span!(
+        "branch_rollback",
+        xid = branch.xid,
+        branch_id = branch.branch_id,
+        resource
+    );
+    match rollback_branch(global, resource, branch).instrument(span).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "branch rollback failed; the coordinator retries");
+            outcome(
+                branch.branch_id,
+                pb::BranchStatus::RollbackFailedRetryable,
+                format!("rollback on {resource} failed: {e}"),
+            )
+        }
+    }
+}
+
+async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> Result<pb::BranchOutcome, String> {
+    let mut conn = global.service_conn(resource).await.map_err(|e| e.to_string())?;
+    // A marker insert can race with a phase-1 commit of the same branch; the loser retries.
+    for _ in 0..3 {
+        let mut tx = conn
+            .start_transaction(Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let found: Result<Option<i32>, mysql_async::Error> = tx
+            .exec_first(
+                "SELECT log_status FROM undo_log WHERE xid = ? AND branch_id = ? FOR UPDATE",
+                (&b.xid, b.branch_id),
+            )
+            .await;
+        let found = match found {
+            Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => {
+                drop(tx);
+                global.create_undo_log(&mut conn, resource).await?;
+                continue;
+            }
+            other => other.map_err(|e| e.to_string())?,
+        };
+        match found {
+            None => {
+                let inserted = tx
+                    .exec_drop(
+                        "INSERT INTO undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
+                         VALUES (?, ?, ?, '', ?, NOW(6), NOW(6))",
+                        (b.branch_id, &b.xid, CONTEXT, STATUS_GLOBAL_FINISHED),
+                    )
+                    .await;
+                match inserted {
+                    Err(e) if server_code(&e) == Some(1062) => continue,
+                    other => other.map_err(|e| e.to_string())?,
+                }
+                tx.commit().await.map_err(|e| e.to_string())?;
+                tracing::info!("no undo record: phase 1 never committed; anti-hanging marker written");
+                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
+            }
+            Some(STATUS_GLOBAL_FINISHED) => {
+                tx.commit().await.map_err(|e| e.to_string())?;
+                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
+            }
+            Some(STATUS_NORMAL) => {
+                tx.rollback().await.map_err(|e| e.to_string())?;
+                return Err(
+                    "this ferrata-proxy build cannot replay undo records yet; upgrade the proxy serving this resource"
+                        .into(),
+                );
+            }
+            Some(other) => {
+                tx.rollback().await.map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "the undo record has log_status {other}, which this proxy does not know"
+                ));
+            }
+        }
+    }
+    Err("the undo record kept changing under the rollback; will retry".into())
+}

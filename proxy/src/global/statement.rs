@@ -1,0 +1,215 @@
+//! Ferrata's own SQL statements, which the proxy answers itself:
+//!
+//! ```sql
+//! START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>']
+//! JOIN GLOBAL TRANSACTION '<xid>'
+//! COMMIT GLOBAL ['<xid>']
+//! ROLLBACK GLOBAL ['<xid>']
+//! LEAVE GLOBAL TRANSACTION
+//! SHOW GLOBAL TRANSACTION
+//! ```
+//!
+//! Keywords are case-insensitive; comments, whitespace and one trailing `;` are allowed.
+
+/// One parsed statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GlobalStatement {
+    Start {
+        timeout_ms: Option<u64>,
+        name: Option<String>,
+    },
+    Join {
+        xid: String,
+    },
+    Commit {
+        xid: Option<String>,
+    },
+    Rollback {
+        xid: Option<String>,
+    },
+    Leave,
+    Show,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    Number(u64),
+    Str(String),
+    Semicolon,
+}
+
+fn tokens(sql: &str) -> Result<Vec<Token>, String> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c == b'#' || (c == b'-' && b.get(i + 1) == Some(&b'-')) {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let end = sql[i + 2..].find("*/").ok_or("an unterminated comment")?;
+            i += end + 4;
+        } else if c == b';' {
+            out.push(Token::Semicolon);
+            i += 1;
+        } else if c == b'\'' || c == b'"' {
+            let mut value = Vec::new();
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return Err("an unterminated string".into()),
+                    Some(&q) if q == c && b.get(i + 1) == Some(&c) => {
+                        value.push(c);
+                        i += 2;
+                    }
+                    Some(&q) if q == c => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&b'\\') if i + 1 < b.len() => {
+                        value.push(b[i + 1]);
+                        i += 2;
+                    }
+                    Some(&other) => {
+                        value.push(other);
+                        i += 1;
+                    }
+                }
+            }
+            out.push(Token::Str(
+                String::from_utf8(value).map_err(|_| "a string that is not UTF-8")?,
+            ));
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            out.push(Token::Number(
+                sql[start..i].parse().map_err(|_| "a number out of range")?,
+            ));
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            out.push(Token::Word(sql[start..i].to_ascii_uppercase()));
+        } else {
+            return Err(format!("an unexpected character {:?}", c as char));
+        }
+    }
+    if out.last() == Some(&Token::Semicolon) {
+        out.pop();
+    }
+    Ok(out)
+}
+
+const SYNTAX: &str = "START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>'], JOIN GLOBAL TRANSACTION '<xid>', \
+                      COMMIT GLOBAL ['<xid>'], ROLLBACK GLOBAL ['<xid>'], LEAVE GLOBAL TRANSACTION or SHOW GLOBAL TRANSACTION";
+
+/// Parses one statement; the error says what is wrong and shows the accepted forms.
+pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
+    let bad = |what: &str| format!("{what}; Ferrata's statements are {SYNTAX}");
+    let toks = tokens(sql).map_err(|e| bad(&format!("the statement has {e}")))?;
+    let word = |i: usize| match toks.get(i) {
+        Some(Token::Word(w)) => Some(w.as_str()),
+        _ => None,
+    };
+    let optional_xid = |i: usize| match &toks[i..] {
+        [] => Ok(None),
+        [Token::Str(x)] => Ok(Some(x.clone())),
+        _ => Err(bad("COMMIT GLOBAL and ROLLBACK GLOBAL take at most one quoted XID")),
+    };
+    match (word(0), word(1), word(2)) {
+        (Some("START"), Some("GLOBAL"), Some("TRANSACTION")) => {
+            let (mut timeout_ms, mut name) = (None, None);
+            let mut i = 3;
+            while i < toks.len() {
+                match (&toks[i], toks.get(i + 1)) {
+                    (Token::Word(w), Some(Token::Number(n))) if w == "TIMEOUT" && timeout_ms.is_none() => {
+                        timeout_ms = Some(*n)
+                    }
+                    (Token::Word(w), Some(Token::Str(s))) if w == "NAME" && name.is_none() => name = Some(s.clone()),
+                    _ => {
+                        return Err(bad(
+                            "START GLOBAL TRANSACTION takes TIMEOUT <milliseconds> and NAME '<name>', each at most once",
+                        ));
+                    }
+                }
+                i += 2;
+            }
+            Ok(GlobalStatement::Start { timeout_ms, name })
+        }
+        (Some("JOIN"), Some("GLOBAL"), Some("TRANSACTION")) => match &toks[3..] {
+            [Token::Str(xid)] => Ok(GlobalStatement::Join { xid: xid.clone() }),
+            _ => Err(bad("JOIN GLOBAL TRANSACTION takes the XID, quoted")),
+        },
+        (Some("COMMIT"), Some("GLOBAL"), _) => Ok(GlobalStatement::Commit { xid: optional_xid(2)? }),
+        (Some("ROLLBACK"), Some("GLOBAL"), _) => Ok(GlobalStatement::Rollback { xid: optional_xid(2)? }),
+        (Some("LEAVE"), Some("GLOBAL"), Some("TRANSACTION")) if toks.len() == 3 => Ok(GlobalStatement::Leave),
+        (Some("SHOW"), Some("GLOBAL"), Some("TRANSACTION")) if toks.len() == 3 => Ok(GlobalStatement::Show),
+        _ => Err(bad("this is not one of Ferrata's statements")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_forms() {
+        use GlobalStatement::*;
+        assert_eq!(
+            parse("start global transaction").unwrap(),
+            Start {
+                timeout_ms: None,
+                name: None
+            }
+        );
+        assert_eq!(
+            parse("START GLOBAL TRANSACTION NAME 'it''s' TIMEOUT 5000;").unwrap(),
+            Start {
+                timeout_ms: Some(5000),
+                name: Some("it's".into())
+            }
+        );
+        assert_eq!(
+            parse("/* app */ JOIN GLOBAL TRANSACTION '1-42'").unwrap(),
+            Join { xid: "1-42".into() }
+        );
+        assert_eq!(parse("commit global").unwrap(), Commit { xid: None });
+        assert_eq!(
+            parse("COMMIT GLOBAL '1-7'").unwrap(),
+            Commit {
+                xid: Some("1-7".into())
+            }
+        );
+        assert_eq!(
+            parse("Rollback Global \"1-7\" ; ").unwrap(),
+            Rollback {
+                xid: Some("1-7".into())
+            }
+        );
+        assert_eq!(parse("LEAVE GLOBAL TRANSACTION").unwrap(), Leave);
+        assert_eq!(parse("show global transaction -- which one?").unwrap(), Show);
+    }
+
+    #[test]
+    fn errors_say_what_is_accepted() {
+        for bad in [
+            "START GLOBAL TRANSACTION TIMEOUT",
+            "START GLOBAL TRANSACTION TIMEOUT 5 TIMEOUT 6",
+            "JOIN GLOBAL TRANSACTION 1-42",
+            "COMMIT GLOBAL '1' '2'",
+            "SHOW GLOBAL TRANSACTION X",
+            "START GLOBAL TRANSACTION NAME 'open",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("START GLOBAL TRANSACTION [TIMEOUT"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! A `ferrata-tc` process for tests that need global transactions: started from the
+//! binary the test names (Cargo gives a test the path of its package's binaries), on free
+//! loopback ports, with a throw-away data directory; killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferrata_rpc::client::{ClientConfig, TcClient};
+use serde_json::Value;
+
+pub struct Coordinator {
+    child: Child,
+    pub rpc: SocketAddr,
+    pub http: SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl Coordinator {
+    /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-tc-for-tests")`) and waits until it
+    /// serves.
+    pub fn start(binary: &str) -> Result<Coordinator> {
+        let data = tempfile::tempdir()?;
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+            ])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("FERRATA_TC_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; the coordinator dies with the test process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().with_context(|| format!("starting {binary}"))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("ferrata-tc serving") {
+                    let _ = tx.send(line.clone());
+                    sent = true;
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("ferrata-tc did not report that it serves within 30 s");
+            }
+        };
+        let addr = |key: &str| -> Result<SocketAddr> {
+            let at = line.find(key).with_context(|| format!("no {key} in {line:?}"))? + key.len();
+            let end = line[at..].find(' ').map_or(line.len(), |e| at + e);
+            Ok(line[at..end].trim_matches('"').parse()?)
+        };
+        Ok(Coordinator {
+            rpc: addr("rpc=")?,
+            http: addr("http=")?,
+            child,
+            _data: data,
+        })
+    }
+
+    /// `host:port` for the proxy's `--tc`.
+    pub fn endpoint(&self) -> String {
+        self.rpc.to_string()
+    }
+
+    pub async fn client(&self) -> Result<TcClient> {
+        TcClient::connect(&ClientConfig {
+            endpoint: format!("http://{}", self.rpc),
+            ..ClientConfig::default()
+        })
+        .await
+    }
+
+    /// GET on the HTTP API, parsed as JSON.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let (status, body) = crate::http_get(self.http, path).await?;
+        anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The status of a transaction as the coordinator reports it.
+    pub async fn status(&self, xid: &str) -> Result<String> {
+        let v = self.get(&format!("/v1/transactions/{xid}")).await?;
+        Ok(v["status"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
