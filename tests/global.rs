@@ -1,6 +1,6 @@
 //! Ferrata's global-transaction statements through the proxy, with a real `ferrata-tc`
 //! process and real MariaDB servers: START / JOIN / COMMIT / ROLLBACK / LEAVE / SHOW GLOBAL
-//! TRANSACTION, the refusal of statements the proxy cannot protect, the errors clients see,
+//! TRANSACTION, the refusal of statements the proxy cannot protect (yet), the errors clients see,
 //! phase 2 run by the proxy (undo records deleted, the anti-hanging marker) and coordinator
 //! failover.
 
@@ -151,8 +151,6 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     let xid = start(&mut conn).await?;
 
     for sql in [
-        "UPDATE t SET v = 11 WHERE id = 1",
-        "DELETE FROM t",
         "INSERT INTO t VALUES (2, 20)",
         "REPLACE INTO t VALUES (1, 12)",
         "SELECT 1; UPDATE t SET v = 13",
@@ -179,14 +177,23 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     conn.query_drop("LEAVE GLOBAL TRANSACTION").await?;
     conn.query_drop("UPDATE t SET v = 11 WHERE id = 1").await?;
     conn.exec_drop(&stmt, (15, 1)).await?;
-    // An XID hint binds one statement.
+    // An XID hint binds one statement, which is then protected like any other.
+    conn.query_drop(format!("UPDATE /*+ XID('{xid}') */ t SET v = 16 WHERE id = 1"))
+        .await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(16));
     let e = conn
-        .query_drop(format!("UPDATE /*+ XID('{xid}') */ t SET v = 16"))
+        .query_drop(format!("INSERT /*+ XID('{xid}') */ INTO t VALUES (3, 30)"))
         .await
         .unwrap_err();
-    assert_eq!(server_error(&e).0, 1235);
+    assert_eq!(server_error(&e).0, 1235, "INSERT is not imaged yet");
+    conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
-    assert_eq!(v, Some(15));
+    assert_eq!(
+        v,
+        Some(15),
+        "the hinted update was rolled back with the global transaction"
+    );
     Ok(())
 }
 

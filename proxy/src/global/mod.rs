@@ -8,9 +8,12 @@
 //! proxy in front of that server. A `/` or `%` in a database name is percent-encoded, so the
 //! database is always what follows the last `/`.
 
+pub mod dml;
 mod link;
+pub mod metadata;
 pub mod phase2;
 pub mod statement;
+pub mod undo;
 pub mod undo_log;
 
 use std::collections::HashMap;
@@ -33,6 +36,9 @@ pub struct Global {
     service_user: String,
     create_undo_log: bool,
     pools: Mutex<HashMap<String, mysql_async::Pool>>,
+    pub metadata: metadata::MetadataCache,
+    /// Resources whose undo_log table is known to exist.
+    undo_logs: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The resource id of `database` on the server behind this proxy.
@@ -64,7 +70,14 @@ impl Global {
             }
         }
         .user(Some(config.service.user.clone()))
-        .pass(config.service.password.as_ref().map(|p| p.0.clone()));
+        .pass(config.service.password.as_ref().map(|p| p.0.clone()))
+        // Images encode TIMESTAMP values as Unix time: at UTC writing them back is exact. The
+        // SQL mode lets every stored value (ENUM's error value, zero dates, AUTO_INCREMENT 0)
+        // be written back as it was.
+        .init(vec![
+            "SET time_zone = '+00:00'".to_owned(),
+            format!("SET sql_mode = '{}'", undo::RESTORE_SQL_MODE),
+        ]);
         Some(Arc::new(Global {
             link: Arc::new(Link::new(c)),
             lock_wait_ms: c.lock_wait_ms,
@@ -73,6 +86,8 @@ impl Global {
             service_user: config.service.user.clone(),
             create_undo_log: config.service.create_undo_log,
             pools: Mutex::new(HashMap::new()),
+            metadata: metadata::MetadataCache::new(),
+            undo_logs: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 
@@ -126,6 +141,93 @@ impl Global {
         }
     }
 
+    /// The shape of a table, for images; the error a client should get if it cannot be read.
+    pub async fn table(&self, schema: &str, table: &str) -> Result<Arc<metadata::TableMeta>, ErrPacket> {
+        if let Some(meta) = self.metadata.cached(schema, table) {
+            return Ok(meta);
+        }
+        let resource = self.resource(schema);
+        let mut conn = self.service_conn(&resource).await.map_err(|e| service_error(&e))?;
+        self.metadata.get(&mut conn, schema, table).await.map_err(|e| match e {
+            metadata::MetaError::NoSuchTable { .. } => ErrPacket::new(1146, "42S02", e.to_string()),
+            metadata::MetaError::Query(_) => ErrPacket::new(1105, "HY000", e.to_string()),
+        })
+    }
+
+    /// Makes sure `undo_log` exists in the resource's database.
+    pub async fn ensure_undo_log(&self, resource: &str) -> Result<(), String> {
+        if self.undo_logs.lock().contains(resource) {
+            return Ok(());
+        }
+        let mut conn = self
+            .service_conn(resource)
+            .await
+            .map_err(|e| service_error(&e).message)?;
+        let exists: Option<i64> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'undo_log'",
+                (database_of(resource).unwrap_or_default(),),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if exists != Some(1) {
+            self.create_undo_log(&mut conn, resource).await?;
+        }
+        self.undo_logs.lock().insert(resource.to_owned());
+        Ok(())
+    }
+
+    /// Registers a branch; the error is what the client gets.
+    pub async fn register(
+        &self,
+        xid: &str,
+        resource: &str,
+        locks: Vec<ferrata_rpc::pb::TableLocks>,
+    ) -> Result<u64, ErrPacket> {
+        let what = "register the branch";
+        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
+        let request = ferrata_rpc::pb::BranchRegisterRequest {
+            xid: xid.to_owned(),
+            resource_id: resource.to_owned(),
+            locks,
+            application_data: Vec::new(),
+            lock_wait_ms: self.lock_wait_ms,
+        };
+        match c.rm.branch_register(request).await {
+            Ok(r) => Ok(r.into_inner().branch_id),
+            Err(s) => Err(self.error(s, what).await),
+        }
+    }
+
+    /// Tells the coordinator a registered branch's local transaction did not commit, so its
+    /// rows are released and phase 2 skips it. Best effort: a rollback would find no undo
+    /// record and write the anti-hanging marker anyway.
+    pub async fn report_failed(&self, xid: &str, branch_id: u64, reason: &str) {
+        let request = ferrata_rpc::pb::BranchReportRequest {
+            xid: xid.to_owned(),
+            branch_id,
+            status: ferrata_rpc::pb::BranchStatus::PhaseOneFailed as i32,
+            reason: reason.to_owned(),
+        };
+        let reported = match self.link.client().await {
+            Ok(mut c) => {
+                c.rm.branch_report(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.message().to_owned())
+            }
+            Err(e) => Err(e.0),
+        };
+        if let Err(e) = reported {
+            tracing::warn!(
+                xid,
+                branch_id,
+                error = e,
+                "could not report the failed branch; its rollback will find no undo record"
+            );
+        }
+    }
+
     /// A coordinator call's failure as the MySQL error a client sees.
     pub async fn error(&self, status: tonic::Status, what: &str) -> ErrPacket {
         self.link.failed(&status).await;
@@ -169,6 +271,17 @@ pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
             ),
         ),
     }
+}
+
+/// A failure of the proxy's own service connection, as a client error.
+fn service_error(e: &mysql_async::Error) -> ErrPacket {
+    ErrPacket::new(
+        1105,
+        "HY000",
+        format!(
+            "ferrata-proxy's service connection to the database failed ({e}); check [service] user and password in its config"
+        ),
+    )
 }
 
 /// The error for an unreachable coordinator.

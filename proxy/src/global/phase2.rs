@@ -5,7 +5,11 @@
 //!   idempotent, so a command sent again after a crash is harmless.
 //! * Rollback, in one local transaction: lock the branch's undo record; if there is none,
 //!   insert the GlobalFinished marker (a late phase-1 commit of the branch then fails on the
-//!   unique key) and report success.
+//!   unique key) and report success. Otherwise, for each undo item, last first: read the
+//!   current rows FOR UPDATE; equal to the after image: write the before image back; equal
+//!   to the before image: nothing to do; anything else: dirty, so roll back, overwrite
+//!   nothing, and report RollbackFailedUnretryable with the differing values. Then delete
+//!   the record and commit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +19,7 @@ use mysql_async::prelude::*;
 use tracing::Instrument;
 
 use super::Global;
+use super::undo::{self, UndoRecord, Verdict};
 use super::undo_log::{self, CONTEXT, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
 
 fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
@@ -31,6 +36,20 @@ fn server_code(e: &mysql_async::Error) -> Option<u16> {
         mysql_async::Error::Server(s) => Some(s.code),
         _ => None,
     }
+}
+
+/// The rows an undo item is about, as they are now (locked FOR UPDATE), in chunks that keep
+/// each statement under the protocol's parameter limit.
+async fn current_rows(
+    tx: &mut mysql_async::Transaction<'_>,
+    item: &undo::UndoItem,
+) -> Result<Vec<undo::RawRow>, mysql_async::Error> {
+    let mut rows = Vec::new();
+    for (sql, params) in undo::current_rows_queries(item, 1000) {
+        let chunk: Vec<mysql_async::Row> = tx.exec(sql, params).await?;
+        rows.extend(chunk.into_iter().map(undo::raw_row));
+    }
+    Ok(rows)
 }
 
 /// Runs one command from the coordinator and answers for every branch in it.
@@ -155,11 +174,59 @@ async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> 
                 return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
             }
             Some(STATUS_NORMAL) => {
-                tx.rollback().await.map_err(|e| e.to_string())?;
-                return Err(
-                    "this ferrata-proxy build cannot replay undo records yet; upgrade the proxy serving this resource"
-                        .into(),
-                );
+                let info: Option<Vec<u8>> = tx
+                    .exec_first(
+                        "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
+                        (&b.xid, b.branch_id),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let record = UndoRecord::from_bytes(&info.unwrap_or_default())
+                    .map_err(|e| format!("the undo record cannot be read: {e}"))?;
+                // Last change first.
+                for item in record.items.iter().rev() {
+                    let current = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
+                    match undo::dirty_check(item, &current) {
+                        Verdict::Restore => {
+                            for (sql, params) in undo::compensation(item) {
+                                tx.exec_drop(sql, params).await.map_err(|e| e.to_string())?;
+                            }
+                            // The restore mode is not strict: check the rows are back exactly.
+                            let again = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
+                            if !matches!(undo::dirty_check(item, &again), Verdict::AlreadyRestored) {
+                                tx.rollback().await.map_err(|e| e.to_string())?;
+                                return Err(format!(
+                                    "the rows of {}.{} did not read back as the before image after restoring; nothing was changed",
+                                    item.schema, item.table
+                                ));
+                            }
+                        }
+                        Verdict::AlreadyRestored => {}
+                        Verdict::Dirty(detail) => {
+                            tx.rollback().await.map_err(|e| e.to_string())?;
+                            tracing::error!(%detail, "dirty rollback: rows changed outside the global transaction; nothing overwritten");
+                            return Ok(pb::BranchOutcome {
+                                branch_id: b.branch_id,
+                                status: pb::BranchStatus::RollbackFailedUnretryable as i32,
+                                reason: format!(
+                                    "rows of {}.{} were changed outside global transaction {} after it wrote them; nothing was overwritten: \
+                                     a DBA must repair them, delete this branch's undo_log row, then retry or resolve the transaction at the coordinator",
+                                    item.schema, item.table, b.xid
+                                ),
+                                detail_json: detail.to_string(),
+                            });
+                        }
+                    }
+                }
+                tx.exec_drop(
+                    "DELETE FROM undo_log WHERE xid = ? AND branch_id = ?",
+                    (&b.xid, b.branch_id),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
+                tracing::info!(items = record.items.len(), "branch rolled back from its undo record");
+                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
             }
             Some(other) => {
                 tx.rollback().await.map_err(|e| e.to_string())?;

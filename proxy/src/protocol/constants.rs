@@ -10,6 +10,7 @@ impl Capabilities {
     /// Bit 0: MySQL's CLIENT_LONG_PASSWORD, which MariaDB calls CLIENT_MYSQL. When a MariaDB
     /// server or client leaves it clear, the extended capability bytes are present.
     pub const CLIENT_MYSQL: u64 = 1;
+    pub const FOUND_ROWS: u64 = 1 << 1;
     pub const CONNECT_WITH_DB: u64 = 1 << 3;
     pub const COMPRESS: u64 = 1 << 5;
     pub const LOCAL_FILES: u64 = 1 << 7;

@@ -52,9 +52,41 @@ pub fn parse(len: usize, prefix: &[u8]) -> Option<OkSummary> {
     }
 }
 
+/// Rewrites the status flags of an OK payload in place (the proxy does this when it wraps an
+/// autocommit statement in a local transaction of its own, so the client still sees
+/// autocommit). False if the payload is not an OK packet.
+pub fn set_status(payload: &mut [u8], status: ServerStatus) -> bool {
+    if payload.first() != Some(&0x00) {
+        return false;
+    }
+    let Some((_, a)) = lenenc::read_int(&payload[1..]) else {
+        return false;
+    };
+    let Some((_, b)) = lenenc::read_int(&payload[1 + a..]) else {
+        return false;
+    };
+    let at = 1 + a + b;
+    match payload.get_mut(at..at + 2) {
+        Some(flags) => {
+            flags.copy_from_slice(&status.0.to_le_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_is_rewritten_in_place() {
+        let mut ok = [0x00, 0x03, 0xfc, 0x10, 0x27, 0x03, 0x40, 0x01, 0x00];
+        assert!(set_status(&mut ok, ServerStatus(0x0002)));
+        assert_eq!(parse(ok.len(), &ok).unwrap().status, ServerStatus(0x0002));
+        assert_eq!(parse(ok.len(), &ok).unwrap().affected_rows, 3);
+        assert!(!set_status(&mut [0xff, 0x00], ServerStatus(0)));
+    }
 
     #[test]
     fn reads_ok_eof_and_ok_layout_terminators() {

@@ -181,6 +181,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         schema: parsed.database,
         statements: Default::default(),
         xid: None,
+        branch: None,
     };
     Ok((backend, state))
 }

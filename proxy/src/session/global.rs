@@ -4,16 +4,15 @@
 
 use ferrata_rpc::pb;
 
-use super::SessionError;
 use super::Shared;
 use super::peer::Peer;
 use super::state::SessionState;
+use super::{SessionError, inject};
 use crate::classify::{Classification, Dml, Other, StatementClass, TxControl};
 use crate::global::statement::{self, GlobalStatement};
 use crate::global::{self, Global};
 use crate::protocol::err::ErrPacket;
-use crate::protocol::response::{PEEK, ResponseKind, ResponseTracker};
-use crate::protocol::{Command, frame, resultset};
+use crate::protocol::resultset;
 
 /// Replies start at sequence id 1: every command starts at 0.
 const REPLY_SEQ: u8 = 1;
@@ -41,8 +40,12 @@ pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
         StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
         StatementClass::Dml(Dml::Insert) => "INSERT (this build has no undo images yet)",
         StatementClass::Dml(Dml::Replace) => "REPLACE (this build has no undo images yet)",
-        StatementClass::Dml(Dml::Update) => "UPDATE (this build has no undo images yet)",
-        StatementClass::Dml(Dml::Delete) => "DELETE (this build has no undo images yet)",
+        StatementClass::Dml(Dml::Update) => {
+            "UPDATE through a prepared statement (this build images text-protocol statements only)"
+        }
+        StatementClass::Dml(Dml::Delete) => {
+            "DELETE through a prepared statement (this build images text-protocol statements only)"
+        }
         StatementClass::Other(Other::Ddl) => "DDL",
         StatementClass::Other(Other::Procedural) => {
             "CALL, PREPARE/EXECUTE or a compound statement (the proxy cannot see what they run)"
@@ -53,6 +56,15 @@ pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
         _ => return None,
     };
     Some(not_protected(what, xid))
+}
+
+/// The refusal for BEGIN or SET autocommit while a local transaction with protected writes
+/// is open: both would commit it behind the proxy's back.
+pub fn implicit_commit(xid: &str) -> ErrPacket {
+    not_protected(
+        "a statement that commits the open local transaction implicitly (BEGIN, SET autocommit); send COMMIT first",
+        xid,
+    )
 }
 
 /// The XID a statement's `/*+ XID('...') */` hint names, if any.
@@ -292,30 +304,11 @@ async fn decide(global: &Global, xid: &str, commit: bool) -> Result<(), ErrPacke
 
 /// Rolls back the session's local transaction on its backend connection, as if the client
 /// had sent ROLLBACK, without telling the client.
-async fn local_rollback(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
-    let mut packet = Vec::new();
-    let mut payload = vec![Command::QUERY];
-    payload.extend_from_slice(b"ROLLBACK");
-    frame::write_packet(&mut packet, 0, &payload);
-    backend
-        .write_all(&packet)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let mut tracker = ResponseTracker::new(ResponseKind::Generic, state.capabilities, 0);
-    while !tracker.is_done() {
-        let span = backend
-            .read_packet(limit)
-            .await
-            .map_err(|e| SessionError::from_backend_read(e, 0))?;
-        let payload = backend.payload(&span);
-        let prefix = &payload[..payload.len().min(PEEK)];
-        let step = tracker.on_packet(span.payload_len, span.last_seq, prefix);
-        drop(payload);
-        backend.consume(span.raw_len);
-        step.map_err(|v| SessionError::backend_protocol(&v.0, 0))?;
+pub async fn local_rollback(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
+    let outcome = inject::query(backend, state, "ROLLBACK", limit).await?;
+    if let Some((code, message)) = outcome.error {
+        tracing::warn!(code, message, "the local ROLLBACK failed");
     }
-    if let Some(status) = tracker.last_status() {
-        state.status = status;
-    }
+    state.branch = None;
     Ok(())
 }

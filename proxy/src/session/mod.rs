@@ -5,10 +5,12 @@
 //! keeping [`state::SessionState`] current from what passes. Commands the client pipelines
 //! wait in the client buffer until the previous response has ended.
 
+mod at;
 mod auth;
 mod connect;
 mod global;
 mod hide_socket;
+mod inject;
 mod peer;
 mod relay;
 pub mod state;
@@ -23,7 +25,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::classify::{self, Other, StatementClass};
+use crate::classify::{self, Other, StatementClass, TxControl};
 use crate::config::Config;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::protocol::Command;
@@ -276,19 +278,35 @@ async fn serve(
             .then(|| classify::classify(&payload[1..], state.no_backslash_escapes()));
         if let Some(intercepted) = intercept(command, &payload, class.as_ref(), state) {
             drop(payload);
+            let raw = client.buf[..span.raw_len].to_vec();
             client.consume(span.raw_len);
-            match intercepted {
-                Intercepted::Answer(sql) => global::answer(client, backend, state, shared, &sql).await?,
-                Intercepted::Refuse(e) => {
+            let sql = || String::from_utf8_lossy(&raw[5..]).into_owned();
+            match (intercepted, &shared.global) {
+                (Intercepted::Answer, _) => global::answer(client, backend, state, shared, &sql()).await?,
+                (Intercepted::Refuse(e), _) => {
                     tracing::info!(error = %e, "statement refused");
                     client
                         .write_all(&e.to_packet(1))
                         .await
                         .map_err(|_| SessionError::ClientClosed)?;
                 }
+                (Intercepted::Protect(xid), Some(g)) => {
+                    at::protect(client, backend, state, shared, g, &xid, &sql(), &raw).await?
+                }
+                (Intercepted::Commit, Some(g)) => at::commit(client, backend, state, shared, g, &sql()).await?,
+                (Intercepted::Protect(_) | Intercepted::Commit, None) => {
+                    unreachable!("only a coordinator binds sessions")
+                }
             }
             shared.metrics.command(command, started.elapsed());
             continue;
+        }
+        if matches!(
+            class.as_ref().map(|c| c.class),
+            Some(StatementClass::TransactionControl(TxControl::Rollback))
+        ) {
+            // The local transaction's work is undone: nothing to register.
+            state.branch = None;
         }
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
@@ -313,12 +331,16 @@ async fn serve(
     }
 }
 
-/// A command the proxy answers itself instead of forwarding it.
+/// A command the proxy handles itself instead of forwarding it as it is.
 enum Intercepted {
     /// One of Ferrata's statements.
-    Answer(String),
+    Answer,
     /// A statement the proxy cannot protect inside the session's global transaction.
     Refuse(ErrPacket),
+    /// An UPDATE or DELETE inside this global transaction: imaged (`at.rs`).
+    Protect(String),
+    /// The COMMIT of a local transaction with a pending branch.
+    Commit,
 }
 
 fn intercept(
@@ -330,9 +352,29 @@ fn intercept(
     match (command, class) {
         (Command::QUERY, Some(class)) => {
             if let StatementClass::GlobalTransaction(_) = class.class {
-                return Some(Intercepted::Answer(String::from_utf8_lossy(&payload[1..]).into_owned()));
+                return Some(Intercepted::Answer);
+            }
+            if state.branch.is_some() {
+                match class.class {
+                    StatementClass::TransactionControl(TxControl::Commit) => return Some(Intercepted::Commit),
+                    // These commit the local transaction implicitly, bypassing the branch.
+                    StatementClass::TransactionControl(TxControl::Begin | TxControl::SetAutocommit) => {
+                        return Some(Intercepted::Refuse(global::implicit_commit(
+                            state.xid.as_deref().unwrap_or_default(),
+                        )));
+                    }
+                    _ => {}
+                }
             }
             let xid = state.xid.clone().or_else(|| global::hinted_xid(&payload[1..], class))?;
+            if !class.multi_statement
+                && matches!(
+                    class.class,
+                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete)
+                )
+            {
+                return Some(Intercepted::Protect(xid));
+            }
             global::refusal(class, &xid).map(Intercepted::Refuse)
         }
         (Command::STMT_EXECUTE, _) if payload.len() >= 5 => {

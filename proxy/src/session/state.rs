@@ -28,6 +28,20 @@ pub struct SessionState {
     pub statements: HashMap<u32, PreparedStatement>,
     /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION).
     pub xid: Option<String>,
+    /// What the open local transaction changed inside a global one, to be registered as one
+    /// branch when it commits.
+    pub branch: Option<PendingBranch>,
+}
+
+/// Phase-1 work of one local transaction: its undo items and the rows it locks.
+#[derive(Debug)]
+pub struct PendingBranch {
+    pub xid: String,
+    /// The database every write of the local transaction went to (one branch, one resource).
+    pub schema: String,
+    pub items: Vec<crate::global::undo::UndoItem>,
+    /// Primary keys (encoded as in the images) of the rows written, by table.
+    pub locks: std::collections::BTreeMap<String, Vec<Vec<Vec<u8>>>>,
 }
 
 impl SessionState {

@@ -1,0 +1,475 @@
+//! Phase 1 of AT mode on a session bound to a global transaction: an UPDATE or DELETE is
+//! imaged and run, and the local transaction's commit registers the branch and writes its
+//! undo record first.
+//!
+//! For one statement (`protect`):
+//! 1. plan it (`global::dml`): the table and the statement's own filter text;
+//! 2. look up the table (`global::metadata`): it needs a primary key and no triggers, and an
+//!    UPDATE may not assign a primary-key column;
+//! 3. an autocommit statement is wrapped in a local transaction of the proxy's own;
+//! 4. before image: `SELECT <image columns> FROM <table> <filter> FOR UPDATE`, the rows
+//!    locked in the database until the local transaction ends;
+//! 5. the client's statement, forwarded as sent; its OK is held back;
+//! 6. the image must cover every changed row (else the local transaction is rolled back and
+//!    the statement refused); the after image is read by primary key;
+//! 7. the undo item joins the session's pending branch; for autocommit the commit follows at
+//!    once and the client gets the statement's OK with autocommit status flags.
+//!
+//! At commit (`commit`): register the branch with its lock keys (waiting in the coordinator
+//! up to `lock_wait_ms`), insert the undo record in the same local transaction, then commit.
+//! Any failure rolls the local transaction back: nothing is half-written.
+
+use std::collections::BTreeMap;
+
+use ferrata_rpc::pb;
+
+use super::peer::Peer;
+use super::state::{PendingBranch, SessionState};
+use super::{SessionError, Shared, inject};
+use crate::global::dml::{self, ChangeKind};
+use crate::global::metadata::TableMeta;
+use crate::global::undo::{self, ColumnSpec, UndoItem, UndoRecord};
+use crate::global::{Global, undo_log};
+use crate::protocol::err::ErrPacket;
+use crate::protocol::response::{PEEK, ResponseKind, ResponseTracker};
+use crate::protocol::{Capabilities, ServerStatus, ok};
+
+fn refuse(what: &str, xid: &str) -> ErrPacket {
+    ErrPacket::new(
+        1235,
+        "42000",
+        format!(
+            "ferrata-proxy cannot protect {what} inside global transaction {xid}, so it was not run; \
+             run it outside the global transaction (LEAVE GLOBAL TRANSACTION) or rewrite it"
+        ),
+    )
+}
+
+/// Quotes an image value (always ASCII: digits, hex, dates) as an SQL string literal.
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+fn ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+fn text(row: &inject::Row) -> Vec<Option<String>> {
+    row.iter()
+        .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+        .collect()
+}
+
+/// `(pk1, pk2) IN ((v, v), ...)` for the given image rows, with each value written back
+/// through its column's encoding.
+fn pk_condition(meta: &TableMeta, specs: &[ColumnSpec], rows: &[Vec<Option<String>>]) -> String {
+    let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
+    let tuples: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let values: Vec<String> = meta
+                .primary_key
+                .iter()
+                .map(|&i| match &row[i] {
+                    Some(v) => undo::write_expr(undo::encoding(&specs[i].data_type)).replace('?', &literal(v)),
+                    None => "NULL".into(),
+                })
+                .collect();
+            format!("({})", values.join(", "))
+        })
+        .collect();
+    format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
+}
+
+/// Runs an UPDATE or DELETE of a bound session with its images. The command packet is in
+/// `raw`; the client gets the statement's OK or an error.
+#[allow(clippy::too_many_arguments)]
+pub async fn protect(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    sql: &str,
+    raw: &[u8],
+) -> Result<(), SessionError> {
+    let reply = match prepare(state, global, xid, sql).await {
+        Err(e) => e.to_packet(1),
+        Ok(plan) => run(backend, state, shared, global, xid, plan, raw).await?,
+    };
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}
+
+/// What step 1 and 2 found.
+struct Plan {
+    change: dml::Change,
+    schema: String,
+    meta: std::sync::Arc<TableMeta>,
+    specs: Vec<ColumnSpec>,
+}
+
+async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) -> Result<Plan, ErrPacket> {
+    let change = dml::plan(sql).map_err(|why| refuse(&why, xid))?;
+    let Some(schema) = change.table.schema.clone().or_else(|| state.schema.clone()) else {
+        return Err(ErrPacket::new(1046, "3D000", "No database selected"));
+    };
+    if let Some(pending) = &state.branch
+        && pending.schema != schema
+    {
+        return Err(refuse(
+            &format!(
+                "a write to database {schema} in a local transaction that already wrote to {}",
+                pending.schema
+            ),
+            xid,
+        ));
+    }
+    let meta = global.table(&schema, &change.table.name).await?;
+    if meta.primary_key.is_empty() {
+        return Err(refuse(
+            &format!("a write to {schema}.{}, which has no primary key", meta.name),
+            xid,
+        ));
+    }
+    if meta.has_triggers {
+        return Err(refuse(
+            &format!(
+                "a write to {schema}.{}, which has triggers (their changes cannot be imaged)",
+                meta.name
+            ),
+            xid,
+        ));
+    }
+    for column in &change.assigned {
+        if meta
+            .primary_key
+            .iter()
+            .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(column))
+        {
+            return Err(refuse(&format!("an UPDATE of the primary-key column {column}"), xid));
+        }
+    }
+    let specs = meta
+        .columns
+        .iter()
+        .map(|c| ColumnSpec {
+            name: c.name.clone(),
+            data_type: c.data_type.clone(),
+            generated: c.generated,
+        })
+        .collect();
+    Ok(Plan {
+        change,
+        schema,
+        meta,
+        specs,
+    })
+}
+
+async fn run(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    plan: Plan,
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let autocommit = !state.in_transaction();
+    let original_status = state.status;
+    if autocommit {
+        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+        if let Some((code, message)) = begun.error {
+            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+        }
+    }
+    let Plan {
+        change,
+        schema,
+        meta,
+        specs,
+    } = plan;
+    let table = format!(
+        "{}.{}{}",
+        ident(&schema),
+        ident(&meta.name),
+        change
+            .table
+            .alias
+            .as_deref()
+            .map(|a| format!(" AS {}", ident(a)))
+            .unwrap_or_default()
+    );
+    let list = undo::select_list(&specs);
+    let before = inject::query(
+        backend,
+        state,
+        &format!("SELECT {list} FROM {table}{} FOR UPDATE", change.filter),
+        limit,
+    )
+    .await?;
+    if let Some((code, message)) = before.error {
+        return abort(
+            backend,
+            state,
+            limit,
+            autocommit,
+            ErrPacket::new(code, "HY000", message),
+        )
+        .await;
+    }
+    let before: Vec<Vec<Option<String>>> = before.rows.iter().map(text).collect();
+
+    // The client's statement, as sent; its response (OK or ERR) is held back.
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let (mut response, summary, failed) = read_response(backend, state, limit).await?;
+    if failed {
+        if autocommit {
+            inject::query(backend, state, "ROLLBACK", limit).await?;
+        }
+        return Ok(response);
+    }
+    let affected = summary.map_or(0, |s| s.affected_rows);
+    let found_rows = state.capabilities.has(Capabilities::FOUND_ROWS);
+    let covered = match change.kind {
+        ChangeKind::Delete => affected == before.len() as u64,
+        ChangeKind::Update if found_rows => affected == before.len() as u64,
+        ChangeKind::Update => affected <= before.len() as u64,
+    };
+    if !covered {
+        let e = refuse(
+            &format!(
+                "this statement: it changed {affected} rows but its before image has {}; the local transaction was rolled back",
+                before.len()
+            ),
+            xid,
+        );
+        return abort(backend, state, limit, true, e).await;
+    }
+    let after = match change.kind {
+        ChangeKind::Delete => Vec::new(),
+        ChangeKind::Update if before.is_empty() => Vec::new(),
+        ChangeKind::Update => {
+            let sql = format!(
+                "SELECT {list} FROM {}.{} WHERE {} FOR UPDATE",
+                ident(&schema),
+                ident(&meta.name),
+                pk_condition(&meta, &specs, &before)
+            );
+            let after = inject::query(backend, state, &sql, limit).await?;
+            if let Some((code, message)) = after.error {
+                let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
+                return abort(backend, state, limit, true, e).await;
+            }
+            after.rows.iter().map(text).collect()
+        }
+    };
+    if !before.is_empty() {
+        let pending = state.branch.get_or_insert_with(|| PendingBranch {
+            xid: xid.to_owned(),
+            schema: schema.clone(),
+            items: Vec::new(),
+            locks: BTreeMap::new(),
+        });
+        let rows = if change.kind == ChangeKind::Delete {
+            &before
+        } else {
+            &after
+        };
+        let keys = pending.locks.entry(meta.name.clone()).or_default();
+        for row in rows {
+            keys.push(
+                meta.primary_key
+                    .iter()
+                    .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
+                    .collect(),
+            );
+        }
+        let item = UndoItem::new(
+            match change.kind {
+                ChangeKind::Update => undo::Kind::Update,
+                ChangeKind::Delete => undo::Kind::Delete,
+            },
+            &schema,
+            &meta.name,
+            &specs,
+            meta.primary_key.clone(),
+            before,
+            after,
+        );
+        if let Err(e) = item.validate() {
+            let e = refuse(
+                &format!(
+                    "this statement: its images cannot be stored exactly ({e}); the local transaction was rolled back"
+                ),
+                xid,
+            );
+            return abort(backend, state, limit, true, e).await;
+        }
+        pending.items.push(item);
+    }
+    if autocommit {
+        if let Err(e) = commit_branch(backend, state, global, limit, "COMMIT").await? {
+            return Ok(e.to_packet(1));
+        }
+        // The client sent an autocommit statement: it sees the status it would have seen.
+        let mut status = state.status;
+        status.0 = (status.0 & !ServerStatus::IN_TRANS) | (original_status.0 & ServerStatus::AUTOCOMMIT);
+        rewrite_ok_status(&mut response, status);
+    }
+    Ok(response)
+}
+
+fn rewrite_ok_status(response: &mut [u8], status: ServerStatus) {
+    if response.len() > 4 {
+        ok::set_status(&mut response[4..], status);
+    }
+}
+
+/// Rolls back (the whole local transaction, when `rollback`) and answers with `e`.
+async fn abort(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    rollback: bool,
+    e: ErrPacket,
+) -> Result<Vec<u8>, SessionError> {
+    if rollback {
+        super::global::local_rollback(backend, state, limit).await?;
+    }
+    Ok(e.to_packet(1))
+}
+
+/// Reads one OK/ERR response of a forwarded DML statement, whole.
+async fn read_response(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<(Vec<u8>, Option<ok::OkSummary>, bool), SessionError> {
+    let mut tracker = ResponseTracker::new(ResponseKind::Generic, state.capabilities, 0);
+    let mut bytes = Vec::new();
+    while !tracker.is_done() {
+        let span = backend
+            .read_packet(limit)
+            .await
+            .map_err(|e| SessionError::from_backend_read(e, tracker.last_seq()))?;
+        let payload = backend.payload(&span);
+        let step = tracker.on_packet(span.payload_len, span.last_seq, &payload[..payload.len().min(PEEK)]);
+        drop(payload);
+        bytes.extend_from_slice(&backend.buf[..span.raw_len]);
+        backend.consume(span.raw_len);
+        match step {
+            Ok(crate::protocol::response::Step::More) | Ok(crate::protocol::response::Step::Done) => {}
+            Ok(_) => {
+                return Err(SessionError::backend_protocol(
+                    "a DML statement asked for a local file",
+                    tracker.last_seq(),
+                ));
+            }
+            Err(v) => return Err(SessionError::backend_protocol(&v.0, tracker.last_seq())),
+        }
+    }
+    if let Some(status) = tracker.last_status() {
+        state.status = status;
+    }
+    Ok((bytes, tracker.last_ok(), tracker.error_code().is_some()))
+}
+
+/// Registers the pending branch, writes its undo record and runs `commit_sql` (the client's
+/// COMMIT, or the proxy's own for a wrapped autocommit statement). On failure the local
+/// transaction is rolled back and the error says why.
+pub async fn commit_branch(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    global: &Global,
+    limit: usize,
+    commit_sql: &str,
+) -> Result<Result<Vec<u8>, ErrPacket>, SessionError> {
+    let Some(pending) = state.branch.take() else {
+        let done = inject::query(backend, state, commit_sql, limit).await?;
+        return Ok(match done.error {
+            Some((code, message)) => Err(ErrPacket::new(code, "HY000", message)),
+            None => Ok(Vec::new()),
+        });
+    };
+    let resource = global.resource(&pending.schema);
+    global.link.serve(&resource);
+    let locks: Vec<pb::TableLocks> = pending
+        .locks
+        .iter()
+        .map(|(table, rows)| pb::TableLocks {
+            schema: pending.schema.clone(),
+            table: table.clone(),
+            rows: rows.iter().map(|r| pb::PrimaryKey { values: r.clone() }).collect(),
+        })
+        .collect();
+    let branch_id = match global.register(&pending.xid, &resource, locks).await {
+        Ok(id) => id,
+        Err(e) => {
+            super::global::local_rollback(backend, state, limit).await?;
+            return Ok(Err(e));
+        }
+    };
+    let record = UndoRecord::new(pending.items).to_bytes();
+    if let Err(e) = global.ensure_undo_log(&resource).await {
+        super::global::local_rollback(backend, state, limit).await?;
+        global.report_failed(&pending.xid, branch_id, &e).await;
+        return Ok(Err(ErrPacket::new(1105, "HY000", e)));
+    }
+    let hex: String = record.iter().map(|b| format!("{b:02X}")).collect();
+    let insert = format!(
+        "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
+         VALUES ({branch_id}, {}, {}, X'{hex}', {}, NOW(6), NOW(6))",
+        ident(&pending.schema),
+        literal(&pending.xid),
+        literal(undo_log::CONTEXT),
+        undo_log::STATUS_NORMAL
+    );
+    let written = inject::query(backend, state, &insert, limit).await?;
+    if let Some((code, message)) = written.error {
+        super::global::local_rollback(backend, state, limit).await?;
+        let why = if code == 1062 {
+            format!(
+                "global transaction {} already rolled this branch back (it was too slow to commit)",
+                pending.xid
+            )
+        } else {
+            format!("writing the undo record failed: {message}")
+        };
+        global.report_failed(&pending.xid, branch_id, &why).await;
+        return Ok(Err(ErrPacket::new(
+            1399,
+            "XAE07",
+            format!("XAER_RMFAIL: {why}; the local transaction was rolled back"),
+        )));
+    }
+    let committed = inject::query(backend, state, commit_sql, limit).await?;
+    if let Some((code, message)) = committed.error {
+        global.report_failed(&pending.xid, branch_id, &message).await;
+        return Ok(Err(ErrPacket::new(code, "HY000", message)));
+    }
+    tracing::info!(xid = pending.xid, branch_id, resource, "branch committed");
+    Ok(Ok(Vec::new()))
+}
+
+/// The client's COMMIT in a session with a pending branch: the branch is registered and its
+/// undo record written first; the client gets the COMMIT's OK or the error.
+pub async fn commit(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    sql: &str,
+) -> Result<(), SessionError> {
+    let reply = match commit_branch(backend, state, global, shared.config.max_packet_size, sql).await? {
+        Ok(_) => crate::protocol::resultset::ok(state.status),
+        Err(e) => e.to_packet(1),
+    };
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}

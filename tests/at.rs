@@ -1,0 +1,318 @@
+//! AT mode through the proxy, with a real `ferrata-tc` process and real MariaDB servers:
+//! UPDATE and DELETE imaged in a global transaction, committed or rolled back exactly, across
+//! two databases; autocommit statements wrapped; dirty rollbacks detected and reported with
+//! nothing overwritten; two global transactions on one row.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::{Proxy, test_config};
+use mysql_async::prelude::*;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+
+async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<Proxy> {
+    let mut config = test_config(db.addr());
+    config.coordinator = Some(TcSettings {
+        endpoints: vec![tc.endpoint()],
+        token: None,
+        tls_ca: None,
+        lock_wait_ms,
+        rm_id: None,
+    });
+    config.service.user = APP_USER.into();
+    config.service.password = Some(Secret(APP_PASSWORD.into()));
+    Proxy::start_with(config).await
+}
+
+fn server_error(e: &mysql_async::Error) -> (u16, String) {
+    match e {
+        mysql_async::Error::Server(s) => (s.code, s.message.clone()),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
+    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
+    Ok(xid.expect("one row"))
+}
+
+/// Every column of every row, as hex, read directly from the server: what "byte-identical"
+/// is checked against.
+async fn snapshot(conn: &mut mysql_async::Conn, table: &str) -> Result<Vec<String>> {
+    let columns: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = 'test' AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+        .await?;
+    let list: Vec<String> = columns.iter().map(|c| format!("IFNULL(HEX(`{c}`), 'NULL')")).collect();
+    let sql = format!("SELECT CONCAT_WS('|', {}) FROM `{table}` ORDER BY 1", list.join(", "));
+    Ok(conn.query(sql).await?)
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await? {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn undo_rows(db: &MariaDb) -> Result<i64> {
+    let mut c = db.conn().await?;
+    let n: Option<i64> = c
+        .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
+        .await?;
+    Ok(n.unwrap_or(0))
+}
+
+const TYPES: &str = "CREATE TABLE acct (
+    id INT NOT NULL, region VARCHAR(10) NOT NULL, balance DECIMAL(20,4) NOT NULL, rate DOUBLE, ratio FLOAT,
+    note VARCHAR(50) CHARACTER SET utf8mb4, data BLOB, flags BIT(8), kind ENUM('a','b'), tags SET('x','y'),
+    doc JSON, day DATE, at DATETIME(6), ts TIMESTAMP(6) NULL, span TIME(3),
+    doubled DECIMAL(21,4) AS (balance * 2) VIRTUAL,
+    PRIMARY KEY (region, id))";
+
+async fn seed(db: &MariaDb) -> Result<Vec<String>> {
+    let mut c = db.conn().await?;
+    c.query_drop(TYPES).await?;
+    c.query_drop(
+        "INSERT INTO acct (id, region, balance, rate, ratio, note, data, flags, kind, tags, doc, day, at, ts, span) VALUES
+         (1, 'eu', 100.5, 0.1, 1.1234567, 'Grüße 🙂', x'00ff10', b'10100101', 'a', 'x,y', '{\"k\": [1, 2]}', '2024-02-29', '2024-01-01 10:00:00.123456', '2024-03-31 01:30:00.5', '-12:00:00.5'),
+         (2, 'eu', 50, 1e308, -0.5, NULL, NULL, NULL, NULL, '', NULL, NULL, NULL, NULL, NULL),
+         (3, 'us', 0.0001, -2.5e-300, 3, 'x', x'', b'0', 'b', 'y', '[]', '1999-12-31', '1999-12-31 23:59:59', NULL, '838:59:59')",
+    )
+    .await?;
+    snapshot(&mut c, "acct").await
+}
+
+#[tokio::test]
+async fn rollback_restores_every_type_byte_for_byte() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let original = seed(&db).await?;
+
+    let mut conn = proxy.conn().await?;
+    conn.query_drop("SET time_zone = '+05:30', NAMES latin1").await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop(
+        "UPDATE acct SET balance = balance + 1, rate = rate / 3, ratio = 2.5, note = 'changed', data = x'01', flags = b'1',
+         kind = 'b', tags = 'x', doc = '{}', day = '2000-01-01', at = NOW(6), ts = NOW(6), span = '01:00:00' WHERE region = 'eu'",
+    )
+    .await?;
+    conn.query_drop("DELETE FROM acct WHERE id = 3").await?;
+    conn.query_drop("COMMIT").await?;
+    assert_eq!(undo_rows(&db).await?, 1, "one branch, one undo record");
+    let v = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    let keys = v["branches"][0]["lock_keys"].as_array().expect("lock keys").len();
+    assert_eq!(keys, 3, "the two updated rows and the deleted one are locked: {v}");
+
+    let mut direct = db.conn().await?;
+    assert_ne!(
+        snapshot(&mut direct, "acct").await?,
+        original,
+        "the changes are committed locally"
+    );
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(snapshot(&mut direct, "acct").await?, original, "every byte is back");
+    assert_eq!(undo_rows(&db).await?, 0);
+    assert_eq!(tc.status(&xid).await?, "Rollbacked");
+    Ok(())
+}
+
+#[tokio::test]
+async fn commit_keeps_the_changes_and_deletes_the_undo_record() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    seed(&db).await?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    // Autocommit: the proxy wraps the statement; the client still sees autocommit.
+    conn.query_drop("UPDATE acct SET balance = 0 WHERE id = 1").await?;
+    let in_trans: Option<i32> = conn.query_first("SELECT @@in_transaction").await?;
+    assert_eq!(in_trans, Some(0), "no local transaction is left open");
+    assert_eq!(conn.affected_rows(), 0, "affected rows of the SELECT");
+    assert_eq!(undo_rows(&db).await?, 1);
+    conn.query_drop("COMMIT GLOBAL").await?;
+    eventually("the undo record to go", || async { Ok(undo_rows(&db).await? == 0) }).await?;
+    let mut direct = db.conn().await?;
+    let balance: Option<String> = direct.query_first("SELECT balance FROM acct WHERE id = 1").await?;
+    assert_eq!(balance.as_deref(), Some("0.0000"));
+    assert_eq!(tc.status(&xid).await?, "Committed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_transfer_across_two_databases_commits_or_rolls_back_as_one() -> Result<()> {
+    let (db1, db2) = (MariaDb::start().await?, MariaDb::start().await?);
+    let tc = Coordinator::start(TC)?;
+    let (p1, p2) = (proxy_for(&db1, &tc, 2000).await?, proxy_for(&db2, &tc, 2000).await?);
+    for db in [&db1, &db2] {
+        let mut c = db.conn().await?;
+        c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance INT NOT NULL)")
+            .await?;
+        c.query_drop("INSERT INTO account VALUES (1, 100)").await?;
+    }
+    let balances = || async {
+        let mut a = db1.conn().await?;
+        let mut b = db2.conn().await?;
+        let x: Option<i32> = a.query_first("SELECT balance FROM account WHERE id = 1").await?;
+        let y: Option<i32> = b.query_first("SELECT balance FROM account WHERE id = 1").await?;
+        anyhow::Ok((x.unwrap_or(-1), y.unwrap_or(-1)))
+    };
+
+    for (decision, expected) in [("ROLLBACK GLOBAL", (100, 100)), ("COMMIT GLOBAL", (70, 130))] {
+        let mut payer = p1.conn().await?;
+        let mut payee = p2.conn().await?;
+        let xid = start(&mut payer).await?;
+        payer
+            .query_drop("UPDATE account SET balance = balance - 30 WHERE id = 1")
+            .await?;
+        payee.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+        payee
+            .query_drop("UPDATE account SET balance = balance + 30 WHERE id = 1")
+            .await?;
+        assert_eq!(balances().await?, (70, 130), "phase 1 committed locally on both");
+        payer.query_drop(decision).await?;
+        eventually("both databases to settle", || async {
+            Ok(balances().await? == expected && undo_rows(&db1).await? == 0 && undo_rows(&db2).await? == 0)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dirty_rollback_overwrites_nothing_and_keeps_the_locks() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 500).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 10), (2, 20)").await?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = v + 1").await?;
+    // Someone writes behind the proxy's back.
+    direct.query_drop("UPDATE t SET v = 99 WHERE id = 2").await?;
+
+    let e = conn.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1401, "{message}");
+    assert!(message.contains("were changed outside"), "{message}");
+    assert!(
+        message.contains("\"current\":\"99\""),
+        "the detail shows the current value: {message}"
+    );
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(rows, [(1, 11), (2, 99)], "nothing was overwritten");
+    assert_eq!(tc.status(&xid).await?, "RollbackFailed");
+    let locks = tc.get("/v1/locks").await?;
+    assert_eq!(
+        locks["locks"].as_array().map(Vec::len),
+        Some(2),
+        "the rows stay locked: {locks}"
+    );
+
+    // Another global transaction may not touch the rows meanwhile.
+    let xid2 = start(&mut conn).await?;
+    let e = conn.query_drop("UPDATE t SET v = 0 WHERE id = 1").await.unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1205, "{message}");
+    assert!(message.contains(&xid), "names the holder: {message}");
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(11), "the refused write was rolled back");
+    conn.query_drop(format!("ROLLBACK GLOBAL '{xid2}'")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_global_transaction_waits_for_the_row() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 10_000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 0)").await?;
+
+    let mut first = proxy.conn().await?;
+    let xid1 = start(&mut first).await?;
+    first.query_drop("UPDATE t SET v = v + 1 WHERE id = 1").await?;
+
+    let mut second = proxy.conn().await?;
+    start(&mut second).await?;
+    let waiting = tokio::spawn(async move {
+        let r = second.query_drop("UPDATE t SET v = v + 10 WHERE id = 1").await;
+        (r, second)
+    });
+    // The second holds the row in the database and waits for the global lock.
+    eventually("the second to wait in the coordinator", || async {
+        let locks = tc.get("/v1/locks").await?;
+        Ok(locks["locks"][0]["waiters"].as_array().is_some_and(|w| !w.is_empty()))
+    })
+    .await?;
+    first.query_drop(format!("COMMIT GLOBAL '{xid1}'")).await?;
+    let (r, mut second) = waiting.await?;
+    r?;
+    second.query_drop("COMMIT GLOBAL").await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(11));
+    Ok(())
+}
+
+#[tokio::test]
+async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE nokey (v INT)").await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct
+        .query_drop("CREATE TABLE audited (id INT PRIMARY KEY, v INT)")
+        .await?;
+    direct
+        .query_drop("CREATE TRIGGER audit BEFORE UPDATE ON audited FOR EACH ROW SET NEW.v = NEW.v")
+        .await?;
+    direct.query_drop("INSERT INTO nokey VALUES (1)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    for (sql, why) in [
+        ("UPDATE nokey SET v = 2", "no primary key"),
+        ("UPDATE t SET id = 5 WHERE id = 1", "primary-key column"),
+        ("UPDATE audited SET v = 2", "triggers"),
+        ("UPDATE t JOIN nokey SET t.v = 3", "multi-table"),
+        ("UPDATE t, nokey SET t.v = 3", "parser rejects"),
+        ("DELETE FROM t RETURNING id", "RETURNING"),
+    ] {
+        let e = conn.query_drop(sql).await.unwrap_err();
+        let (code, message) = server_error(&e);
+        assert_eq!(code, 1235, "{sql}: {message}");
+        assert!(message.contains(why), "{sql}: {message}");
+    }
+    let e = conn.query_drop("UPDATE missing SET v = 1").await.unwrap_err();
+    assert_eq!(server_error(&e).0, 1146);
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t").await?;
+    assert_eq!(rows, [(1, 1)]);
+    // BEGIN with protected writes pending would commit them behind the proxy's back.
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
+    let e = conn.query_drop("BEGIN").await.unwrap_err();
+    assert_eq!(server_error(&e).0, 1235);
+    conn.query_drop("ROLLBACK").await?;
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    Ok(())
+}
