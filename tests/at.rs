@@ -273,6 +273,97 @@ async fn a_second_global_transaction_waits_for_the_row() -> Result<()> {
 }
 
 #[tokio::test]
+async fn inserts_with_given_and_generated_keys_are_undone() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE pair (a VARCHAR(10), b INT, v TEXT, PRIMARY KEY (a, b))")
+        .await?;
+    direct
+        .query_drop("CREATE TABLE seq (id BIGINT AUTO_INCREMENT PRIMARY KEY, v INT)")
+        .await?;
+    direct.query_drop("INSERT INTO seq (v) VALUES (0)").await?;
+    let before = (
+        snapshot(&mut direct, "pair").await?,
+        snapshot(&mut direct, "seq").await?,
+    );
+
+    let mut conn = proxy.conn().await?;
+    conn.query_drop("SET auto_increment_increment = 3").await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop("INSERT INTO pair VALUES ('x', 1, 'one'), ('x''y', 2, NULL)")
+        .await?;
+    conn.query_drop("INSERT INTO seq (v) VALUES (1), (2), (3)").await?;
+    conn.query_drop("INSERT INTO seq VALUES (NULL, 4)").await?;
+    conn.query_drop("COMMIT").await?;
+    let n: Option<i64> = direct.query_first("SELECT COUNT(*) FROM seq").await?;
+    assert_eq!(n, Some(5));
+    let v = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    assert_eq!(
+        v["branches"][0]["lock_keys"].as_array().map(Vec::len),
+        Some(6),
+        "every inserted row is locked: {v}"
+    );
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(
+        (
+            snapshot(&mut direct, "pair").await?,
+            snapshot(&mut direct, "seq").await?
+        ),
+        before
+    );
+
+    // Keys the proxy cannot know are refused before anything runs.
+    start(&mut conn).await?;
+    let e = conn
+        .query_drop("INSERT INTO pair VALUES (UUID(), 1, 'u')")
+        .await
+        .unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1235, "{message}");
+    assert!(message.contains("expressions"), "{message}");
+    let e = conn
+        .query_drop("INSERT INTO seq VALUES (10, 1), (NULL, 2)")
+        .await
+        .unwrap_err();
+    assert!(server_error(&e).1.contains("mixes"));
+    conn.query_drop("INSERT INTO seq (id, v) VALUES (100, 7)").await?;
+    conn.query_drop("COMMIT GLOBAL").await?;
+    let n: Option<i64> = direct.query_first("SELECT COUNT(*) FROM seq WHERE id = 100").await?;
+    assert_eq!(n, Some(1), "a committed insert stays");
+    Ok(())
+}
+
+#[tokio::test]
+async fn ddl_through_the_proxy_refreshes_table_metadata() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut conn = proxy.conn().await?;
+    conn.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    conn.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = 2").await?; // caches the shape
+    conn.query_drop("COMMIT GLOBAL").await?;
+    conn.query_drop("ALTER TABLE t ADD COLUMN w VARCHAR(5) DEFAULT 'a'")
+        .await?;
+    let mut direct = db.conn().await?;
+    let before = snapshot(&mut direct, "t").await?;
+    start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET w = 'b', v = 3").await?;
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(
+        snapshot(&mut direct, "t").await?,
+        before,
+        "the new column was imaged and restored too"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;

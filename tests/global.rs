@@ -151,7 +151,6 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     let xid = start(&mut conn).await?;
 
     for sql in [
-        "INSERT INTO t VALUES (2, 20)",
         "REPLACE INTO t VALUES (1, 12)",
         "SELECT 1; UPDATE t SET v = 13",
         "CREATE TABLE u (id INT PRIMARY KEY)",
@@ -183,10 +182,10 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(v, Some(16));
     let e = conn
-        .query_drop(format!("INSERT /*+ XID('{xid}') */ INTO t VALUES (3, 30)"))
+        .query_drop(format!("REPLACE /*+ XID('{xid}') */ INTO t VALUES (3, 30)"))
         .await
         .unwrap_err();
-    assert_eq!(server_error(&e).0, 1235, "INSERT is not imaged yet");
+    assert_eq!(server_error(&e).0, 1235, "REPLACE is not imaged yet");
     conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(

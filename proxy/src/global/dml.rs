@@ -4,6 +4,9 @@
 //! of the client's SQL by the parser's source spans, never re-printed; `?` placeholders in it
 //! are counted so a prepared statement's bound values can be passed along.
 //!
+//! For INSERT ... VALUES it keeps each value's source text, so the proxy knows the primary
+//! keys of the rows written (or that the server generates them).
+//!
 //! Only statements this module recognises completely are planned; anything else comes back
 //! as a reason the proxy gives when it refuses the statement (ERR 1235).
 
@@ -45,8 +48,25 @@ pub struct Change {
     pub assigned: Vec<String>,
 }
 
+/// A planned INSERT ... VALUES.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Insert {
+    pub table: TableRef,
+    /// The columns named, in order; empty means every column in table order.
+    pub columns: Vec<String>,
+    /// For each row, each value's source text (`None` for `DEFAULT`).
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+/// A statement the proxy can image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Change(Change),
+    Insert(Insert),
+}
+
 /// Plans `sql`, or says why the proxy cannot protect it.
-pub fn plan(sql: &str) -> Result<Change, String> {
+pub fn plan(sql: &str) -> Result<Plan, String> {
     let mut statements = Parser::parse_sql(&MySqlDialect {}, sql)
         .map_err(|e| format!("a statement the proxy's parser rejects ({e})"))?;
     if statements.len() != 1 {
@@ -54,9 +74,9 @@ pub fn plan(sql: &str) -> Result<Change, String> {
     }
     let offsets = LineOffsets::new(sql);
     match statements.remove(0) {
-        Statement::Update(u) => plan_update(sql, &offsets, u),
-        Statement::Delete(d) => plan_delete(sql, &offsets, d),
-        Statement::Insert(_) => Err("INSERT (this build images UPDATE and DELETE only)".into()),
+        Statement::Update(u) => plan_update(sql, &offsets, u).map(Plan::Change),
+        Statement::Delete(d) => plan_delete(sql, &offsets, d).map(Plan::Change),
+        Statement::Insert(i) => plan_insert(sql, &offsets, i).map(Plan::Insert),
         _ => Err("this kind of statement".into()),
     }
 }
@@ -119,6 +139,74 @@ fn plan_delete(sql: &str, offsets: &LineOffsets, d: Delete) -> Result<Change, St
         filter_params: filter.1,
         assigned: Vec::new(),
     })
+}
+
+fn plan_insert(sql: &str, offsets: &LineOffsets, i: sqlparser::ast::Insert) -> Result<Insert, String> {
+    if i.ignore {
+        return Err("INSERT IGNORE".into());
+    }
+    if i.on.is_some() {
+        return Err("INSERT ... ON DUPLICATE KEY UPDATE".into());
+    }
+    if i.returning.is_some() {
+        return Err("INSERT ... RETURNING".into());
+    }
+    if !i.assignments.is_empty() {
+        return Err("INSERT ... SET".into());
+    }
+    if i.partitioned.is_some() {
+        return Err("a statement naming partitions".into());
+    }
+    let sqlparser::ast::TableObject::TableName(name) = &i.table else {
+        return Err("an INSERT into a table function".into());
+    };
+    let (schema, table) = split_name(name)?;
+    let columns = i.columns.iter().map(last_ident).collect::<Result<Vec<_>, _>>()?;
+    let values = match i
+        .source
+        .as_deref()
+        .map(|q| (q.body.as_ref(), q.with.is_some() || q.order_by.is_some()))
+    {
+        Some((sqlparser::ast::SetExpr::Values(v), false)) => v,
+        _ => return Err("INSERT ... SELECT".into()),
+    };
+    let mut rows = Vec::with_capacity(values.rows.len());
+    for row in &values.rows {
+        let mut out = Vec::with_capacity(row.content.len());
+        for value in &row.content {
+            if matches!(value, Expr::Identifier(id) if id.value.eq_ignore_ascii_case("DEFAULT") && id.quote_style.is_none())
+            {
+                out.push(None);
+                continue;
+            }
+            let span = value.span();
+            out.push(Some(sql[offsets.byte(span.start)?..offsets.byte(span.end)?].to_owned()));
+        }
+        rows.push(out);
+    }
+    Ok(Insert {
+        table: TableRef {
+            schema,
+            name: table,
+            alias: None,
+        },
+        columns,
+        rows,
+    })
+}
+
+fn split_name(name: &ObjectName) -> Result<(Option<String>, String), String> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| p.as_ident().map(|i| i.value.clone()))
+        .collect::<Option<_>>()
+        .ok_or("an unusual table name")?;
+    match parts.as_slice() {
+        [t] => Ok((None, t.clone())),
+        [s, t] => Ok((Some(s.clone()), t.clone())),
+        _ => Err("a table name with more than two parts".into()),
+    }
 }
 
 fn table_ref(factor: &TableFactor) -> Result<TableRef, String> {
@@ -237,9 +325,47 @@ impl<'a> LineOffsets<'a> {
 mod tests {
     use super::*;
 
+    fn change(sql: &str) -> Change {
+        match plan(sql).unwrap() {
+            Plan::Change(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn insert_values_keep_their_source_text() {
+        let Plan::Insert(i) =
+            plan("INSERT INTO db.t (a, `b`) VALUES (1, 'x''y'), (?, DEFAULT), (-2.50, NOW())").unwrap()
+        else {
+            panic!("an insert")
+        };
+        assert_eq!(
+            i.table,
+            TableRef {
+                schema: Some("db".into()),
+                name: "t".into(),
+                alias: None
+            }
+        );
+        assert_eq!(i.columns, ["a", "b"]);
+        let text = |v: &[&str]| v.iter().map(|s| Some((*s).to_owned())).collect::<Vec<_>>();
+        assert_eq!(i.rows[0], text(&["1", "'x''y'"]));
+        assert_eq!(i.rows[1], vec![Some("?".to_owned()), None]);
+        assert_eq!(i.rows[2], text(&["-2.50", "NOW()"]));
+        for (sql, why) in [
+            ("INSERT IGNORE INTO t VALUES (1)", "IGNORE"),
+            ("INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 2", "DUPLICATE"),
+            ("INSERT INTO t SELECT * FROM u", "SELECT"),
+            ("INSERT INTO t SET a = 1", "SET"),
+        ] {
+            let e = plan(sql).unwrap_err();
+            assert!(e.contains(why), "{sql}: {e}");
+        }
+    }
+
     #[test]
     fn update_filter_is_cut_from_the_source() {
-        let c = plan(
+        let c = change(
             "UPDATE /* x */ `db`.t AS a SET v = ?, w='é' WHERE id IN (?, 2) AND c = 'ü'\n ORDER BY id DESC LIMIT 5;",
         )
         .unwrap();
@@ -259,13 +385,13 @@ mod tests {
 
     #[test]
     fn delete_with_and_without_where() {
-        let c = plan("delete from t where a > ? and b = '?' limit ?").unwrap();
+        let c = change("delete from t where a > ? and b = '?' limit ?");
         assert_eq!((c.kind, c.table.name.as_str()), (ChangeKind::Delete, "t"));
         assert_eq!(c.filter, " WHERE a > ? and b = '?' limit ?");
         assert_eq!(c.filter_params, 0..2, "the '?' inside a string is not a placeholder");
-        let c = plan("DELETE FROM t").unwrap();
+        let c = change("DELETE FROM t");
         assert_eq!((c.filter.as_str(), c.filter_params), ("", 0..0));
-        let c = plan("UPDATE t SET v = v + 1 ORDER BY id LIMIT 1").unwrap();
+        let c = change("UPDATE t SET v = v + 1 ORDER BY id LIMIT 1");
         assert_eq!(c.filter, " ORDER BY id LIMIT 1");
     }
 
@@ -275,7 +401,6 @@ mod tests {
             ("UPDATE a JOIN b ON a.id = b.id SET a.v = 1", "multi-table"),
             ("DELETE a, b FROM a JOIN b ON a.id = b.id", "multi-table"),
             ("DELETE FROM t RETURNING id", "RETURNING"),
-            ("INSERT INTO t VALUES (1)", "INSERT"),
             ("UPDATE t SET v = 1; UPDATE t SET v = 2", "more than one"),
             ("UPDATE t SET", "parser rejects"),
         ] {

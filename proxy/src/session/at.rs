@@ -1,5 +1,5 @@
-//! Phase 1 of AT mode on a session bound to a global transaction: an UPDATE or DELETE is
-//! imaged and run, and the local transaction's commit registers the branch and writes its
+//! Phase 1 of AT mode on a session bound to a global transaction: an UPDATE, DELETE or
+//! INSERT ... VALUES is imaged and run, and the local transaction's commit registers the branch and writes its
 //! undo record first.
 //!
 //! For one statement (`protect`):
@@ -101,17 +101,21 @@ pub async fn protect(
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
 }
 
-/// What step 1 and 2 found.
+/// What steps 1 and 2 found.
 struct Plan {
-    change: dml::Change,
+    statement: dml::Plan,
     schema: String,
     meta: std::sync::Arc<TableMeta>,
     specs: Vec<ColumnSpec>,
 }
 
 async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) -> Result<Plan, ErrPacket> {
-    let change = dml::plan(sql).map_err(|why| refuse(&why, xid))?;
-    let Some(schema) = change.table.schema.clone().or_else(|| state.schema.clone()) else {
+    let statement = dml::plan(sql).map_err(|why| refuse(&why, xid))?;
+    let table = match &statement {
+        dml::Plan::Change(c) => &c.table,
+        dml::Plan::Insert(i) => &i.table,
+    };
+    let Some(schema) = table.schema.clone().or_else(|| state.schema.clone()) else {
         return Err(ErrPacket::new(1046, "3D000", "No database selected"));
     };
     if let Some(pending) = &state.branch
@@ -125,7 +129,7 @@ async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) ->
             xid,
         ));
     }
-    let meta = global.table(&schema, &change.table.name).await?;
+    let meta = global.table(&schema, &table.name).await?;
     if meta.primary_key.is_empty() {
         return Err(refuse(
             &format!("a write to {schema}.{}, which has no primary key", meta.name),
@@ -141,13 +145,15 @@ async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) ->
             xid,
         ));
     }
-    for column in &change.assigned {
-        if meta
-            .primary_key
-            .iter()
-            .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(column))
-        {
-            return Err(refuse(&format!("an UPDATE of the primary-key column {column}"), xid));
+    if let dml::Plan::Change(change) = &statement {
+        for column in &change.assigned {
+            if meta
+                .primary_key
+                .iter()
+                .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(column))
+            {
+                return Err(refuse(&format!("an UPDATE of the primary-key column {column}"), xid));
+            }
         }
     }
     let specs = meta
@@ -160,11 +166,76 @@ async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) ->
         })
         .collect();
     Ok(Plan {
-        change,
+        statement,
         schema,
         meta,
         specs,
     })
+}
+
+/// Where the primary keys of an INSERT's rows come from.
+enum InsertKeys {
+    /// Every row names its key as literals: the source text of each, per row.
+    Literal(Vec<Vec<String>>),
+    /// The server generates the single AUTO_INCREMENT key of every row.
+    Generated,
+}
+
+/// A value the proxy may use as written to find the row again: a number or a string literal.
+fn is_literal(text: &str) -> bool {
+    let t = text.trim();
+    let number = t.trim_start_matches(['-', '+']);
+    (!number.is_empty()
+        && number
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E' || c == '-' || c == '+'))
+        || ((t.starts_with('\'') || t.starts_with('"')) && t.len() >= 2)
+        || ((t.starts_with("x'") || t.starts_with("X'")) && t.ends_with('\''))
+}
+
+fn insert_keys(insert: &dml::Insert, meta: &TableMeta) -> Result<InsertKeys, String> {
+    let position = |column: usize| -> Option<usize> {
+        if insert.columns.is_empty() {
+            Some(column)
+        } else {
+            insert
+                .columns
+                .iter()
+                .position(|c| c.eq_ignore_ascii_case(&meta.columns[column].name))
+        }
+    };
+    let generated_key = match meta.primary_key.as_slice() {
+        [only] if meta.columns[*only].auto_increment => Some(*only),
+        _ => None,
+    };
+    let mut literal = Vec::with_capacity(insert.rows.len());
+    let mut generated = 0;
+    for row in &insert.rows {
+        if !insert.columns.is_empty() && row.len() != insert.columns.len() {
+            return Err("an INSERT whose rows do not match its column list".into());
+        }
+        let mut key = Vec::new();
+        for &column in &meta.primary_key {
+            let value = position(column).and_then(|p| row.get(p).cloned().flatten());
+            match value {
+                Some(v) if generated_key == Some(column) && (v.eq_ignore_ascii_case("NULL") || v.trim() == "0") => {}
+                Some(v) if is_literal(&v) => key.push(v),
+                Some(_) => return Err("an INSERT whose primary-key values are expressions (use literals, or let AUTO_INCREMENT assign them)".into()),
+                None if generated_key == Some(column) => {}
+                None => return Err("an INSERT that leaves a primary-key column to its default".into()),
+            }
+        }
+        if key.is_empty() {
+            generated += 1;
+        } else {
+            literal.push(key);
+        }
+    }
+    match (literal.len(), generated) {
+        (_, 0) => Ok(InsertKeys::Literal(literal)),
+        (0, _) => Ok(InsertKeys::Generated),
+        _ => Err("an INSERT that mixes given and AUTO_INCREMENT primary keys".into()),
+    }
 }
 
 async fn run(
@@ -177,6 +248,19 @@ async fn run(
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
+    let Plan {
+        statement,
+        schema,
+        meta,
+        specs,
+    } = plan;
+    let keys = match &statement {
+        dml::Plan::Insert(insert) => match insert_keys(insert, &meta) {
+            Ok(keys) => Some(keys),
+            Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
+        },
+        dml::Plan::Change(_) => None,
+    };
     let autocommit = !state.in_transaction();
     let original_status = state.status;
     if autocommit {
@@ -185,42 +269,32 @@ async fn run(
             return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
         }
     }
-    let Plan {
-        change,
-        schema,
-        meta,
-        specs,
-    } = plan;
-    let table = format!(
-        "{}.{}{}",
-        ident(&schema),
-        ident(&meta.name),
-        change
-            .table
-            .alias
-            .as_deref()
-            .map(|a| format!(" AS {}", ident(a)))
-            .unwrap_or_default()
-    );
     let list = undo::select_list(&specs);
-    let before = inject::query(
-        backend,
-        state,
-        &format!("SELECT {list} FROM {table}{} FOR UPDATE", change.filter),
-        limit,
-    )
-    .await?;
-    if let Some((code, message)) = before.error {
-        return abort(
-            backend,
-            state,
-            limit,
-            autocommit,
-            ErrPacket::new(code, "HY000", message),
-        )
-        .await;
-    }
-    let before: Vec<Vec<Option<String>>> = before.rows.iter().map(text).collect();
+    let qualified = format!("{}.{}", ident(&schema), ident(&meta.name));
+    let before: Vec<Vec<Option<String>>> = match &statement {
+        dml::Plan::Change(change) => {
+            let alias = change
+                .table
+                .alias
+                .as_deref()
+                .map(|a| format!(" AS {}", ident(a)))
+                .unwrap_or_default();
+            let sql = format!("SELECT {list} FROM {qualified}{alias}{} FOR UPDATE", change.filter);
+            let read = inject::query(backend, state, &sql, limit).await?;
+            if let Some((code, message)) = read.error {
+                return abort(
+                    backend,
+                    state,
+                    limit,
+                    autocommit,
+                    ErrPacket::new(code, "HY000", message),
+                )
+                .await;
+            }
+            read.rows.iter().map(text).collect()
+        }
+        dml::Plan::Insert(_) => Vec::new(),
+    };
 
     // The client's statement, as sent; its response (OK or ERR) is held back.
     backend
@@ -236,65 +310,79 @@ async fn run(
     }
     let affected = summary.map_or(0, |s| s.affected_rows);
     let found_rows = state.capabilities.has(Capabilities::FOUND_ROWS);
-    let covered = match change.kind {
-        ChangeKind::Delete => affected == before.len() as u64,
-        ChangeKind::Update if found_rows => affected == before.len() as u64,
-        ChangeKind::Update => affected <= before.len() as u64,
+    let (kind, expected) = match &statement {
+        dml::Plan::Change(c) if c.kind == ChangeKind::Delete => (undo::Kind::Delete, affected == before.len() as u64),
+        dml::Plan::Change(_) if found_rows => (undo::Kind::Update, affected == before.len() as u64),
+        dml::Plan::Change(_) => (undo::Kind::Update, affected <= before.len() as u64),
+        dml::Plan::Insert(i) => (undo::Kind::Insert, affected == i.rows.len() as u64),
     };
-    if !covered {
+    if !expected {
         let e = refuse(
             &format!(
-                "this statement: it changed {affected} rows but its before image has {}; the local transaction was rolled back",
-                before.len()
+                "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
             ),
             xid,
         );
         return abort(backend, state, limit, true, e).await;
     }
-    let after = match change.kind {
-        ChangeKind::Delete => Vec::new(),
-        ChangeKind::Update if before.is_empty() => Vec::new(),
-        ChangeKind::Update => {
-            let sql = format!(
-                "SELECT {list} FROM {}.{} WHERE {} FOR UPDATE",
-                ident(&schema),
-                ident(&meta.name),
-                pk_condition(&meta, &specs, &before)
-            );
-            let after = inject::query(backend, state, &sql, limit).await?;
-            if let Some((code, message)) = after.error {
+    // The after image, by primary key.
+    let condition = match (&keys, kind) {
+        (_, undo::Kind::Delete) => None,
+        (_, undo::Kind::Update) if before.is_empty() => None,
+        (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
+        (Some(InsertKeys::Literal(rows)), _) => {
+            let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
+            let tuples: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
+            Some(format!("({}) IN ({})", cols.join(", "), tuples.join(", ")))
+        }
+        (Some(InsertKeys::Generated), _) => {
+            let first = summary.map_or(0, |s| s.last_insert_id);
+            let step = inject::query(backend, state, "SELECT @@auto_increment_increment", limit).await?;
+            let step: u64 = step
+                .rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|v| String::from_utf8_lossy(&v).parse().ok())
+                .unwrap_or(1);
+            let ids: Vec<String> = (0..affected).map(|n| (first + n * step).to_string()).collect();
+            Some(format!(
+                "{} IN ({})",
+                ident(&meta.columns[meta.primary_key[0]].name),
+                ids.join(", ")
+            ))
+        }
+        (None, undo::Kind::Insert) => None,
+    };
+    let after: Vec<Vec<Option<String>>> = match condition {
+        None => Vec::new(),
+        Some(condition) => {
+            let read = inject::query(
+                backend,
+                state,
+                &format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE"),
+                limit,
+            )
+            .await?;
+            if let Some((code, message)) = read.error {
                 let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
                 return abort(backend, state, limit, true, e).await;
             }
-            after.rows.iter().map(text).collect()
+            read.rows.iter().map(text).collect()
         }
     };
-    if !before.is_empty() {
-        let pending = state.branch.get_or_insert_with(|| PendingBranch {
-            xid: xid.to_owned(),
-            schema: schema.clone(),
-            items: Vec::new(),
-            locks: BTreeMap::new(),
-        });
-        let rows = if change.kind == ChangeKind::Delete {
-            &before
-        } else {
-            &after
-        };
-        let keys = pending.locks.entry(meta.name.clone()).or_default();
-        for row in rows {
-            keys.push(
-                meta.primary_key
-                    .iter()
-                    .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
-                    .collect(),
-            );
-        }
+    if kind == undo::Kind::Insert && after.len() as u64 != affected {
+        let e = refuse(
+            &format!(
+                "this INSERT: {affected} rows were inserted but {} were found by their keys; the local transaction was rolled back",
+                after.len()
+            ),
+            xid,
+        );
+        return abort(backend, state, limit, true, e).await;
+    }
+    if !before.is_empty() || !after.is_empty() {
         let item = UndoItem::new(
-            match change.kind {
-                ChangeKind::Update => undo::Kind::Update,
-                ChangeKind::Delete => undo::Kind::Delete,
-            },
+            kind,
             &schema,
             &meta.name,
             &specs,
@@ -310,6 +398,26 @@ async fn run(
                 xid,
             );
             return abort(backend, state, limit, true, e).await;
+        }
+        let pending = state.branch.get_or_insert_with(|| PendingBranch {
+            xid: xid.to_owned(),
+            schema: schema.clone(),
+            items: Vec::new(),
+            locks: BTreeMap::new(),
+        });
+        let rows = if kind == undo::Kind::Delete {
+            &item.before
+        } else {
+            &item.after
+        };
+        let keys = pending.locks.entry(meta.name.clone()).or_default();
+        for row in rows {
+            keys.push(
+                meta.primary_key
+                    .iter()
+                    .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
+                    .collect(),
+            );
         }
         pending.items.push(item);
     }

@@ -38,8 +38,10 @@ pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
     let what = match class.class {
         _ if class.multi_statement => "a multi-statement string",
         StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
-        StatementClass::Dml(Dml::Insert) => "INSERT (this build has no undo images yet)",
-        StatementClass::Dml(Dml::Replace) => "REPLACE (this build has no undo images yet)",
+        StatementClass::Dml(Dml::Insert) => {
+            "INSERT through a prepared statement (this build images text-protocol statements only)"
+        }
+        StatementClass::Dml(Dml::Replace) => "REPLACE (not imaged yet)",
         StatementClass::Dml(Dml::Update) => {
             "UPDATE through a prepared statement (this build images text-protocol statements only)"
         }

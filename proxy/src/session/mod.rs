@@ -308,6 +308,7 @@ async fn serve(
             // The local transaction's work is undone: nothing to register.
             state.branch = None;
         }
+        let ddl = matches!(class.as_ref().map(|c| c.class), Some(StatementClass::Other(Other::Ddl)));
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
         let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
@@ -327,6 +328,10 @@ async fn serve(
             _ => relay::response(client, backend, &mut tracker).await?,
         }
         pending.apply(state, &tracker);
+        if let (true, Some(g)) = (ddl, &shared.global) {
+            // Table shapes may have changed; the next image reads them again.
+            g.metadata.invalidate(None, None);
+        }
         shared.metrics.command(command, started.elapsed());
     }
 }
@@ -337,7 +342,7 @@ enum Intercepted {
     Answer,
     /// A statement the proxy cannot protect inside the session's global transaction.
     Refuse(ErrPacket),
-    /// An UPDATE or DELETE inside this global transaction: imaged (`at.rs`).
+    /// An UPDATE, DELETE or INSERT inside this global transaction: imaged (`at.rs`).
     Protect(String),
     /// The COMMIT of a local transaction with a pending branch.
     Commit,
@@ -370,7 +375,7 @@ fn intercept(
             if !class.multi_statement
                 && matches!(
                     class.class,
-                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete)
+                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert)
                 )
             {
                 return Some(Intercepted::Protect(xid));
