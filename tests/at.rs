@@ -294,7 +294,7 @@ async fn inserts_with_given_and_generated_keys_are_undone() -> Result<()> {
     conn.query_drop("SET auto_increment_increment = 3").await?;
     let xid = start(&mut conn).await?;
     conn.query_drop("BEGIN").await?;
-    conn.query_drop("INSERT INTO pair VALUES ('x', 1, 'one'), ('x''y', 2, NULL)")
+    conn.query_drop("INSERT INTO pair VALUES ('x', 1, 'one'), ('x''y', -2, NULL)")
         .await?;
     conn.query_drop("INSERT INTO seq (v) VALUES (1), (2), (3)").await?;
     conn.query_drop("INSERT INTO seq VALUES (NULL, 4)").await?;

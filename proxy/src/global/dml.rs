@@ -1,7 +1,9 @@
 //! What the proxy must know of a DML statement to protect it: the target table, and for
 //! UPDATE/DELETE the statement's own row filter (WHERE, ORDER BY, LIMIT) as source text, so
-//! the before image selects exactly the rows the statement will change. The text is cut out
-//! of the client's SQL by the parser's source spans, never re-printed; `?` placeholders in it
+//! the before image selects exactly the rows the statement will change. The parser checks the
+//! statement's structure; the text is cut out of the client's SQL at token boundaries
+//! (expression spans are not exact: a leading unary minus or a call's arguments may fall
+//! outside them), never re-printed; `?` placeholders in it
 //! are counted so a prepared statement's bound values can be passed along.
 //!
 //! For INSERT ... VALUES it keeps each value's source text, so the proxy knows the primary
@@ -12,10 +14,9 @@
 
 use std::ops::Range;
 
-use sqlparser::ast::{
-    AssignmentTarget, Delete, Expr, FromTable, ObjectName, Spanned, Statement, TableFactor, TableWithJoins, Update,
-};
+use sqlparser::ast::{AssignmentTarget, Delete, FromTable, ObjectName, Statement, TableFactor, TableWithJoins, Update};
 use sqlparser::dialect::MySqlDialect;
+use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Token, Tokenizer};
 
@@ -72,16 +73,15 @@ pub fn plan(sql: &str) -> Result<Plan, String> {
     if statements.len() != 1 {
         return Err("more than one statement".into());
     }
-    let offsets = LineOffsets::new(sql);
     match statements.remove(0) {
-        Statement::Update(u) => plan_update(sql, &offsets, u).map(Plan::Change),
-        Statement::Delete(d) => plan_delete(sql, &offsets, d).map(Plan::Change),
-        Statement::Insert(i) => plan_insert(sql, &offsets, i).map(Plan::Insert),
+        Statement::Update(u) => plan_update(sql, u).map(Plan::Change),
+        Statement::Delete(d) => plan_delete(sql, d).map(Plan::Change),
+        Statement::Insert(i) => plan_insert(sql, i).map(Plan::Insert),
         _ => Err("this kind of statement".into()),
     }
 }
 
-fn plan_update(sql: &str, offsets: &LineOffsets, u: Update) -> Result<Change, String> {
+fn plan_update(sql: &str, u: Update) -> Result<Change, String> {
     if !u.table.joins.is_empty() || u.from.is_some() {
         return Err("a multi-table UPDATE".into());
     }
@@ -96,14 +96,7 @@ fn plan_update(sql: &str, offsets: &LineOffsets, u: Update) -> Result<Change, St
             AssignmentTarget::Tuple(_) => return Err("a tuple assignment in UPDATE".into()),
         }
     }
-    // The filter starts after the last assignment.
-    let after = u
-        .assignments
-        .iter()
-        .map(|a| a.value.span().end)
-        .max()
-        .ok_or("an UPDATE without assignments")?;
-    let filter = filter_text(sql, offsets, u.selection.as_ref(), after)?;
+    let filter = filter_text(sql, &tokens(sql)?)?;
     Ok(Change {
         kind: ChangeKind::Update,
         table,
@@ -113,7 +106,7 @@ fn plan_update(sql: &str, offsets: &LineOffsets, u: Update) -> Result<Change, St
     })
 }
 
-fn plan_delete(sql: &str, offsets: &LineOffsets, d: Delete) -> Result<Change, String> {
+fn plan_delete(sql: &str, d: Delete) -> Result<Change, String> {
     if !d.tables.is_empty() || d.using.is_some() {
         return Err("a multi-table DELETE".into());
     }
@@ -130,8 +123,7 @@ fn plan_delete(sql: &str, offsets: &LineOffsets, d: Delete) -> Result<Change, St
         return Err("a multi-table DELETE".into());
     }
     let table = table_ref(&only.relation)?;
-    let after = only.relation.span().end;
-    let filter = filter_text(sql, offsets, d.selection.as_ref(), after)?;
+    let filter = filter_text(sql, &tokens(sql)?)?;
     Ok(Change {
         kind: ChangeKind::Delete,
         table,
@@ -141,7 +133,7 @@ fn plan_delete(sql: &str, offsets: &LineOffsets, d: Delete) -> Result<Change, St
     })
 }
 
-fn plan_insert(sql: &str, offsets: &LineOffsets, i: sqlparser::ast::Insert) -> Result<Insert, String> {
+fn plan_insert(sql: &str, i: sqlparser::ast::Insert) -> Result<Insert, String> {
     if i.ignore {
         return Err("INSERT IGNORE".into());
     }
@@ -170,19 +162,9 @@ fn plan_insert(sql: &str, offsets: &LineOffsets, i: sqlparser::ast::Insert) -> R
         Some((sqlparser::ast::SetExpr::Values(v), false)) => v,
         _ => return Err("INSERT ... SELECT".into()),
     };
-    let mut rows = Vec::with_capacity(values.rows.len());
-    for row in &values.rows {
-        let mut out = Vec::with_capacity(row.content.len());
-        for value in &row.content {
-            if matches!(value, Expr::Identifier(id) if id.value.eq_ignore_ascii_case("DEFAULT") && id.quote_style.is_none())
-            {
-                out.push(None);
-                continue;
-            }
-            let span = value.span();
-            out.push(Some(sql[offsets.byte(span.start)?..offsets.byte(span.end)?].to_owned()));
-        }
-        rows.push(out);
+    let rows = value_texts(sql, &tokens(sql)?)?;
+    if rows.len() != values.rows.len() || rows.iter().zip(&values.rows).any(|(t, r)| t.len() != r.content.len()) {
+        return Err("an INSERT whose VALUES the proxy could not follow".into());
     }
     Ok(Insert {
         table: TableRef {
@@ -248,77 +230,133 @@ fn last_ident(name: &ObjectName) -> Result<String, String> {
         .ok_or_else(|| "an unusual column name".into())
 }
 
-/// ` WHERE <where> <rest>` cut from the source: the WHERE expression, then everything after
-/// it (ORDER BY, LIMIT). Without WHERE, everything after `after`.
-fn filter_text(
-    sql: &str,
-    offsets: &LineOffsets,
-    selection: Option<&Expr>,
-    after: Location,
-) -> Result<(String, Range<usize>), String> {
-    let (start, rest_from, mut text) = match selection {
-        Some(w) => {
-            let span = w.span();
-            let (s, e) = (offsets.byte(span.start)?, offsets.byte(span.end)?);
-            (s, e, format!(" WHERE {}", &sql[s..e]))
-        }
-        None => {
-            let e = offsets.byte(after)?;
-            (e, e, String::new())
-        }
-    };
-    let rest = sql[rest_from..].trim_end().trim_end_matches(';').trim_end();
-    if !rest.trim().is_empty() {
-        text.push(' ');
-        text.push_str(rest.trim_start());
-    }
-    let before = placeholders_before(sql, offsets, start)?;
-    let total = placeholders_before(sql, offsets, sql.len())?;
-    Ok((text, before..total))
+/// A token and the bytes of the source it covers.
+struct Located {
+    token: Token,
+    start: usize,
 }
 
-/// `?` placeholders (outside strings and comments) that start before byte `end`.
-fn placeholders_before(sql: &str, offsets: &LineOffsets, end: usize) -> Result<usize, String> {
-    let tokens = Tokenizer::new(&MySqlDialect {}, sql)
-        .tokenize_with_location()
-        .map_err(|e| format!("a statement the proxy's tokenizer rejects ({e})"))?;
-    let mut n = 0;
-    for t in tokens {
-        if matches!(&t.token, Token::Placeholder(p) if p == "?") && offsets.byte(t.span.start)? < end {
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-/// Turns the parser's line/column locations (1-based, columns in characters) into byte
-/// offsets.
-struct LineOffsets<'a> {
-    sql: &'a str,
-    starts: Vec<usize>,
-}
-
-impl<'a> LineOffsets<'a> {
-    fn new(sql: &'a str) -> Self {
-        let mut starts = vec![0];
-        starts.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
-        LineOffsets { sql, starts }
-    }
-
-    fn byte(&self, at: Location) -> Result<usize, String> {
+/// The statement's tokens with byte offsets. Token locations are exact, unlike the spans of
+/// some expressions (a unary minus or a function call's arguments may fall outside them), so
+/// source text is always cut at token boundaries.
+fn tokens(sql: &str) -> Result<Vec<Located>, String> {
+    let mut line_starts = vec![0];
+    line_starts.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
+    let byte = |at: Location| -> Result<usize, String> {
         let bad = || format!("an unexpected source location {at:?}");
-        let line_start = *self
-            .starts
+        let line_start = *line_starts
             .get((at.line as usize).checked_sub(1).ok_or_else(bad)?)
             .ok_or_else(bad)?;
-        let line = &self.sql[line_start..];
         let column = (at.column as usize).checked_sub(1).ok_or_else(bad)?;
+        let line = &sql[line_start..];
         match line.char_indices().nth(column) {
             Some((i, _)) => Ok(line_start + i),
-            None if line.chars().count() == column => Ok(self.sql.len()),
+            None if line.chars().count() == column => Ok(sql.len()),
             None => Err(bad()),
         }
+    };
+    Tokenizer::new(&MySqlDialect {}, sql)
+        .tokenize_with_location()
+        .map_err(|e| format!("a statement the proxy's tokenizer rejects ({e})"))?
+        .into_iter()
+        .filter(|t| !matches!(t.token, Token::Whitespace(_)))
+        .map(|t| {
+            Ok(Located {
+                start: byte(t.span.start)?,
+                token: t.token,
+            })
+        })
+        .collect()
+}
+
+fn is_keyword(token: &Token, keyword: Keyword) -> bool {
+    matches!(token, Token::Word(w) if w.keyword == keyword && w.quote_style.is_none())
+}
+
+/// The statement's own row filter: from its top-level WHERE (else ORDER BY, else LIMIT) to
+/// the end, as written; and which `?` placeholders fall in it.
+fn filter_text(sql: &str, tokens: &[Located]) -> Result<(String, Range<usize>), String> {
+    let mut depth = 0i32;
+    let mut start = None;
+    for t in tokens {
+        match &t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            token
+                if depth == 0
+                    && [Keyword::WHERE, Keyword::ORDER, Keyword::LIMIT]
+                        .iter()
+                        .any(|k| is_keyword(token, *k)) =>
+            {
+                start = Some(t.start);
+                break;
+            }
+            _ => {}
+        }
     }
+    let placeholders = |before: usize| {
+        tokens
+            .iter()
+            .filter(|t| matches!(&t.token, Token::Placeholder(p) if p == "?") && t.start < before)
+            .count()
+    };
+    let total = placeholders(sql.len());
+    let Some(start) = start else {
+        return Ok((String::new(), total..total));
+    };
+    let text = sql[start..].trim_end().trim_end_matches(';').trim_end();
+    Ok((format!(" {text}"), placeholders(start)..total))
+}
+
+/// The source text of each value of each row after the top-level VALUES keyword (`None` for
+/// `DEFAULT`).
+fn value_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Vec<Option<String>>>, String> {
+    let mut depth = 0i32;
+    let at = tokens
+        .iter()
+        .position(|t| {
+            match &t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                _ => {}
+            }
+            depth == 0 && (is_keyword(&t.token, Keyword::VALUES) || is_keyword(&t.token, Keyword::VALUE))
+        })
+        .ok_or("an INSERT without VALUES")?;
+    let mut rows = Vec::new();
+    let mut row: Vec<Option<String>> = Vec::new();
+    let mut depth = 0i32;
+    let mut value_start = 0;
+    let text = |from: usize, to: usize| {
+        let v = sql[from..to].trim();
+        (!v.eq_ignore_ascii_case("DEFAULT")).then(|| v.to_owned())
+    };
+    for t in &tokens[at + 1..] {
+        match &t.token {
+            Token::LParen => {
+                depth += 1;
+                if depth == 1 {
+                    value_start = t.start + 1;
+                    row.clear();
+                }
+            }
+            Token::RParen => {
+                if depth == 1 {
+                    row.push(text(value_start, t.start));
+                    rows.push(std::mem::take(&mut row));
+                }
+                depth -= 1;
+            }
+            Token::Comma if depth == 1 => {
+                row.push(text(value_start, t.start));
+                value_start = t.start + 1;
+            }
+            Token::Comma | Token::SemiColon if depth == 0 => {}
+            _ if depth == 0 => return Err("an INSERT with something after its VALUES".into()),
+            _ => {}
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -367,8 +405,7 @@ mod tests {
     fn update_filter_is_cut_from_the_source() {
         let c = change(
             "UPDATE /* x */ `db`.t AS a SET v = ?, w='é' WHERE id IN (?, 2) AND c = 'ü'\n ORDER BY id DESC LIMIT 5;",
-        )
-        .unwrap();
+        );
         assert_eq!(c.kind, ChangeKind::Update);
         assert_eq!(
             c.table,
@@ -378,7 +415,7 @@ mod tests {
                 alias: Some("a".into())
             }
         );
-        assert_eq!(c.filter, " WHERE id IN (?, 2) AND c = 'ü' ORDER BY id DESC LIMIT 5");
+        assert_eq!(c.filter, " WHERE id IN (?, 2) AND c = 'ü'\n ORDER BY id DESC LIMIT 5");
         assert_eq!(c.filter_params, 1..2);
         assert_eq!(c.assigned, ["v", "w"]);
     }
@@ -387,12 +424,18 @@ mod tests {
     fn delete_with_and_without_where() {
         let c = change("delete from t where a > ? and b = '?' limit ?");
         assert_eq!((c.kind, c.table.name.as_str()), (ChangeKind::Delete, "t"));
-        assert_eq!(c.filter, " WHERE a > ? and b = '?' limit ?");
+        assert_eq!(c.filter, " where a > ? and b = '?' limit ?");
         assert_eq!(c.filter_params, 0..2, "the '?' inside a string is not a placeholder");
         let c = change("DELETE FROM t");
         assert_eq!((c.filter.as_str(), c.filter_params), ("", 0..0));
         let c = change("UPDATE t SET v = v + 1 ORDER BY id LIMIT 1");
         assert_eq!(c.filter, " ORDER BY id LIMIT 1");
+        // Expression spans would lose the leading minus and the call's arguments.
+        let c = change(
+            "UPDATE t SET v = (SELECT MAX(x) FROM u WHERE u.a = 1 LIMIT 1) WHERE -id > ABS(?) OR f(x, 'WHERE') = 1",
+        );
+        assert_eq!(c.filter, " WHERE -id > ABS(?) OR f(x, 'WHERE') = 1");
+        assert_eq!(c.filter_params, 0..1);
     }
 
     #[test]
