@@ -1,67 +1,142 @@
-//! The quickstart demo: starts a throw-away MariaDB, puts ferrata-proxy in front of it, and
-//! runs a few statements through the proxy, printing what comes back.
+//! The quickstart demo: a money transfer across two databases as one global transaction.
 //!
-//! Later issues grow this into a distributed transaction across two databases.
+//! It starts two throw-away MariaDB servers (bank A holds alice's account, bank B holds
+//! bob's), the transaction coordinator `ferrata-tc`, and one `ferrata-proxy` in front of each
+//! server. The app below uses nothing but its ordinary MySQL driver and SQL: it begins a
+//! global transaction on A, joins it on B, updates both accounts, and commits or rolls back
+//! both at once. Copy `transfer` as a how-to.
 
 use anyhow::{Context, Result};
-use ferrata_proxy::{Config, Server};
+use ferrata_proxy::config::{Coordinator, Secret};
 use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use mysql_async::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+/// Phase 1 of a transfer: moves `amount` from alice (bank A) to bob (bank B) inside a new
+/// global transaction, and returns its XID. Each UPDATE commits locally at once; the proxies
+/// keep undo records so the coordinator can still roll both back.
+async fn transfer(bank_a: &mut mysql_async::Conn, bank_b: &mut mysql_async::Conn, amount: u32) -> Result<String> {
+    // Each proxy answers these statements itself; the XID ties the two sessions together.
+    let xid: String = bank_a
+        .query_first("START GLOBAL TRANSACTION TIMEOUT 30000 NAME 'transfer'")
+        .await?
+        .context("an XID")?;
+    bank_a
+        .query_drop(format!(
+            "UPDATE account SET balance = balance - {amount} WHERE owner = 'alice'"
+        ))
+        .await?;
+    bank_b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+    bank_b
+        .query_drop(format!(
+            "UPDATE account SET balance = balance + {amount} WHERE owner = 'bob'"
+        ))
+        .await?;
+    // The joined session leaves; the one that started decides.
+    bank_b.query_drop("LEAVE GLOBAL TRANSACTION").await?;
+    Ok(xid)
+}
+
+async fn balances(a: &MariaDb, b: &MariaDb) -> Result<String> {
+    let read = |db: &MariaDb, owner: &'static str| {
+        let opts = db.opts();
+        async move {
+            let mut c = mysql_async::Conn::new(opts).await?;
+            let v: Option<String> = c
+                .exec_first("SELECT CAST(balance AS CHAR) FROM account WHERE owner = ?", (owner,))
+                .await?;
+            anyhow::Ok(v.unwrap_or_default())
+        }
+    };
+    Ok(format!(
+        "alice (bank A) {:>7}   bob (bank B) {:>7}",
+        read(a, "alice").await?,
+        read(b, "bob").await?
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    println!("starting a throw-away MariaDB ...");
-    let db = MariaDb::start()
+    println!("starting two throw-away MariaDB servers, ferrata-tc and two proxies ...");
+    let bank_a = MariaDb::start()
         .await
         .context("starting MariaDB (is mariadb-server installed?)")?;
-    println!("  MariaDB listens on {}", db.addr());
-
-    let config = Config {
-        listen: "127.0.0.1:0".parse()?,
-        backend: db.addr().to_string(),
-        admin_listen: Some("127.0.0.1:0".parse()?),
-        ..Config::default()
-    };
-    let server = Server::bind(config).await?;
-    let proxy_addr = server.local_addr();
-    let admin_addr = server.admin_addr().context("admin listener")?;
-    let stop = CancellationToken::new();
-    let proxy = tokio::spawn(server.run(stop.clone()));
-    println!("  ferrata-proxy listens on {proxy_addr} (metrics on http://{admin_addr}/metrics)");
-
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(proxy_addr.ip().to_string())
-        .tcp_port(proxy_addr.port())
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some("test"));
-    let mut conn = mysql_async::Conn::new(opts)
-        .await
-        .context("connecting through the proxy")?;
-    conn.query_drop("CREATE TABLE account (id INT PRIMARY KEY, owner VARCHAR(40), balance DECIMAL(12,2))")
-        .await?;
-    conn.exec_drop(
-        "INSERT INTO account VALUES (?, ?, ?), (?, ?, ?)",
-        (1, "alice", "100.00", 2, "bob", "50.00"),
-    )
-    .await?;
-    conn.query_drop("UPDATE account SET balance = balance - 30 WHERE id = 1")
-        .await?;
-    conn.query_drop("UPDATE account SET balance = balance + 30 WHERE id = 2")
-        .await?;
-    let rows: Vec<(i32, String, String)> = conn
-        .query("SELECT id, owner, CAST(balance AS CHAR) FROM account ORDER BY id")
-        .await?;
-    let version: String = conn.query_first("SELECT VERSION()").await?.context("no version")?;
-    println!("\nthrough the proxy, server {version}:");
-    for (id, owner, balance) in rows {
-        println!("  account {id}: {owner:<6} {balance:>8}");
+    let bank_b = MariaDb::start().await?;
+    for (db, owner, balance) in [(&bank_a, "alice", "100.00"), (&bank_b, "bob", "50.00")] {
+        let mut c = db.conn().await?;
+        c.query_drop("CREATE TABLE account (owner VARCHAR(40) PRIMARY KEY, balance DECIMAL(12,2) NOT NULL)")
+            .await?;
+        c.exec_drop("INSERT INTO account VALUES (?, ?)", (owner, balance))
+            .await?;
     }
-    conn.disconnect().await?;
 
+    let data = tempfile::tempdir()?;
+    let tc_config = ferrata_tc::Config {
+        listen: "127.0.0.1:0".parse()?,
+        http: "127.0.0.1:0".parse()?,
+        data_dir: data.path().to_owned(),
+        ..ferrata_tc::Config::default()
+    };
+    let tc = ferrata_tc::Server::bind(tc_config).await?;
+    let (tc_rpc, tc_http) = (tc.rpc_addr(), tc.http_addr());
+    let stop = CancellationToken::new();
+    let tc_task = tokio::spawn(tc.run(stop.clone()));
+    println!("  ferrata-tc: gRPC {tc_rpc}, HTTP API http://{tc_http}/v1/transactions");
+
+    let mut proxies = Vec::new();
+    let mut conns = Vec::new();
+    for (name, db) in [("A", &bank_a), ("B", &bank_b)] {
+        let mut config = ferrata_proxy::Config {
+            listen: "127.0.0.1:0".parse()?,
+            backend: db.addr().to_string(),
+            admin_listen: None,
+            coordinator: Some(Coordinator {
+                endpoints: vec![tc_rpc.to_string()],
+                token: None,
+                tls_ca: None,
+                lock_wait_ms: 5_000,
+                rm_id: Some(format!("proxy-{name}")),
+            }),
+            ..ferrata_proxy::Config::default()
+        };
+        config.service.user = APP_USER.into();
+        config.service.password = Some(Secret(APP_PASSWORD.into()));
+        let server = ferrata_proxy::Server::bind(config).await?;
+        let addr = server.local_addr();
+        proxies.push(tokio::spawn(server.run(stop.clone())));
+        println!("  ferrata-proxy for bank {name}: {addr} -> MariaDB {}", db.addr());
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .prefer_socket(false)
+            .user(Some(APP_USER))
+            .pass(Some(APP_PASSWORD))
+            .db_name(Some("test"));
+        conns.push(
+            mysql_async::Conn::new(opts)
+                .await
+                .context("connecting through the proxy")?,
+        );
+    }
+    let (mut a, mut b) = (conns.remove(0), conns.remove(0));
+
+    println!("\nbefore:                    {}", balances(&bank_a, &bank_b).await?);
+    for (amount, decision) in [(30, "COMMIT GLOBAL"), (50, "ROLLBACK GLOBAL")] {
+        let xid = transfer(&mut a, &mut b, amount).await?;
+        println!("\ntransfer {amount} in global transaction {xid}");
+        println!("  both updates done:       {}", balances(&bank_a, &bank_b).await?);
+        a.query_drop(decision).await?;
+        println!("  after {decision:<16}  {}", balances(&bank_a, &bank_b).await?);
+    }
+
+    drop((a, b));
     stop.cancel();
-    proxy.await??;
-    println!("\ndemo finished: the proxy relayed every statement; the server is removed on exit.");
+    for p in proxies {
+        p.await??;
+    }
+    tc_task.await??;
+    println!(
+        "\ndemo finished: one transfer committed on both banks, one rolled back on both; the servers are removed on exit."
+    );
     Ok(())
 }
