@@ -1,0 +1,187 @@
+//! The bank test: accounts split across two MariaDB servers, each behind its own proxy, one
+//! coordinator process; 8 clients run cross-server transfers as global transactions at the
+//! same time, roll back about 30% of them on purpose after both updates, and give up on the
+//! ones that lose a lock race. Afterwards: the total balance is unchanged, no balance is
+//! negative, every committed transfer is in the ledger exactly once and no other is, no undo
+//! record and no global lock is left.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::{Proxy, test_config};
+use mysql_async::prelude::*;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const CLIENTS: u64 = 8;
+const TRANSFERS: u64 = 12;
+const ACCOUNTS: u64 = 4;
+const START_BALANCE: i64 = 10_000;
+
+async fn proxy_for(db: &MariaDb, tc: &Coordinator) -> Result<Proxy> {
+    let mut config = test_config(db.addr());
+    config.coordinator = Some(TcSettings {
+        endpoints: vec![tc.endpoint()],
+        token: None,
+        tls_ca: None,
+        lock_wait_ms: 1_000,
+        rm_id: None,
+    });
+    config.service.user = APP_USER.into();
+    config.service.password = Some(Secret(APP_PASSWORD.into()));
+    Proxy::start_with(config).await
+}
+
+/// How one transfer ended.
+enum Outcome {
+    Committed(u64),
+    RolledBack,
+}
+
+/// One transfer from an account on `a` to one on `b`, with a ledger row on `a`.
+async fn transfer(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn, id: u64, rollback: bool) -> Result<Outcome> {
+    let xid: String = a
+        .query_first("START GLOBAL TRANSACTION TIMEOUT 20000")
+        .await?
+        .expect("an XID");
+    let (from, to, amount) = (
+        id % ACCOUNTS + 1,
+        (id / ACCOUNTS) % ACCOUNTS + 1,
+        (id % 7 + 1) as i64 * 10,
+    );
+    let phase_one = async {
+        a.query_drop(format!(
+            "UPDATE account SET balance = balance - {amount} WHERE id = {from}"
+        ))
+        .await?;
+        a.query_drop(format!("INSERT INTO ledger VALUES ({id}, {from}, {to}, {amount})"))
+            .await?;
+        b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+        b.query_drop(format!(
+            "UPDATE account SET balance = balance + {amount} WHERE id = {to}"
+        ))
+        .await?;
+        b.query_drop("LEAVE GLOBAL TRANSACTION").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match phase_one {
+        Ok(()) if !rollback => {
+            a.query_drop("COMMIT GLOBAL").await?;
+            Ok(Outcome::Committed(id))
+        }
+        other => {
+            // A lost lock race (1205, 1213) gives up like a deliberate rollback does.
+            if let Err(e) = other {
+                let code = match e.downcast_ref::<mysql_async::Error>() {
+                    Some(mysql_async::Error::Server(s)) => s.code,
+                    _ => return Err(e),
+                };
+                anyhow::ensure!(matches!(code, 1205 | 1213), "transfer {id}: unexpected error {e}");
+                let _ = b.query_drop("LEAVE GLOBAL TRANSACTION").await;
+            }
+            a.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
+            Ok(Outcome::RolledBack)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
+    let (db_a, db_b) = (MariaDb::start().await?, MariaDb::start().await?);
+    let tc = Coordinator::start(TC)?;
+    let (pa, pb) = (proxy_for(&db_a, &tc).await?, proxy_for(&db_b, &tc).await?);
+    for db in [&db_a, &db_b] {
+        let mut c = db.conn().await?;
+        c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+            .await?;
+        c.query_drop("CREATE TABLE ledger (id BIGINT PRIMARY KEY, src INT, dst INT, amount BIGINT)")
+            .await?;
+        for id in 1..=ACCOUNTS {
+            c.query_drop(format!("INSERT INTO account VALUES ({id}, {START_BALANCE})"))
+                .await?;
+        }
+    }
+
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (oa, ob) = (pa.opts(), pb.opts());
+        clients.push(tokio::spawn(async move {
+            let mut a = mysql_async::Conn::new(oa).await?;
+            let mut b = mysql_async::Conn::new(ob).await?;
+            let mut committed = Vec::new();
+            for n in 0..TRANSFERS {
+                let id = client * 1000 + n;
+                // Alternate the direction so both servers' accounts are debited.
+                let outcome = if n % 2 == 0 {
+                    transfer(&mut a, &mut b, id, n % 10 < 3).await?
+                } else {
+                    transfer(&mut b, &mut a, id, n % 10 < 3).await?
+                };
+                if let Outcome::Committed(id) = outcome {
+                    committed.push(id);
+                }
+            }
+            anyhow::Ok(committed)
+        }));
+    }
+    let mut committed = BTreeSet::new();
+    for c in clients {
+        committed.extend(c.await??);
+    }
+    assert!(!committed.is_empty(), "some transfers committed");
+
+    // Phase 2 of the last commits is asynchronous: wait for the undo records to go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut left = 0;
+        for db in [&db_a, &db_b] {
+            let n: Option<i64> = db
+                .conn()
+                .await?
+                .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
+                .await?;
+            left += n.unwrap_or(0);
+        }
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{left} undo records left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut total = 0;
+    let mut ledger = BTreeSet::new();
+    for db in [&db_a, &db_b] {
+        let mut c = db.conn().await?;
+        let balances: Vec<i64> = c.query("SELECT balance FROM account").await?;
+        assert!(balances.iter().all(|b| *b >= 0), "no negative balance: {balances:?}");
+        total += balances.iter().sum::<i64>();
+        let ids: Vec<u64> = c.query("SELECT id FROM ledger").await?;
+        for id in ids {
+            assert!(ledger.insert(id), "transfer {id} is in the ledgers twice");
+        }
+    }
+    assert_eq!(
+        total,
+        2 * ACCOUNTS as i64 * START_BALANCE,
+        "money was neither made nor lost"
+    );
+    assert_eq!(ledger, committed, "the ledgers hold exactly the committed transfers");
+    let locks = tc.get("/v1/locks").await?;
+    assert_eq!(
+        locks["locks"].as_array().map(Vec::len),
+        Some(0),
+        "no global lock is left: {locks}"
+    );
+    let failed = tc.get("/v1/transactions?status=RollbackFailed").await?;
+    assert_eq!(
+        failed["transactions"].as_array().map(Vec::len),
+        Some(0),
+        "no dirty rollback: {failed}"
+    );
+    Ok(())
+}
