@@ -338,6 +338,59 @@ async fn inserts_with_given_and_generated_keys_are_undone() -> Result<()> {
 }
 
 #[tokio::test]
+async fn prepared_statements_are_imaged_with_their_parameters() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE t (k VARCHAR(10), n INT, v DOUBLE, PRIMARY KEY (k, n))")
+        .await?;
+    direct
+        .query_drop("INSERT INTO t VALUES ('a', 1, 0.5), ('a', 2, 1.5), ('b', 1, 2.5)")
+        .await?;
+    let before = snapshot(&mut direct, "t").await?;
+
+    let mut conn = proxy.conn().await?;
+    let update = conn
+        .prep("UPDATE t SET v = v * ? WHERE k = ? AND n >= ? ORDER BY n LIMIT ?")
+        .await?;
+    let delete = conn.prep("DELETE FROM t WHERE k = ?").await?;
+    let insert = conn.prep("INSERT INTO t VALUES (?, ?, ?), ('c', ?, NULL)").await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    conn.exec_drop(&update, (3.0, "a", 1, 1)).await?;
+    assert_eq!(
+        conn.affected_rows(),
+        1,
+        "LIMIT 1 applies to the image and the statement alike"
+    );
+    conn.exec_drop(&update, (2.0, "a", 2, 5)).await?;
+    conn.exec_drop(&delete, ("b",)).await?;
+    conn.exec_drop(&insert, ("d'q", -7, 1.0, 9)).await?;
+    conn.query_drop("COMMIT").await?;
+    let rows: Vec<(String, i32, Option<f64>)> = direct.query("SELECT k, n, v FROM t ORDER BY k, n").await?;
+    assert_eq!(
+        rows,
+        [
+            ("a".into(), 1, Some(1.5)),
+            ("a".into(), 2, Some(3.0)),
+            ("c".into(), 9, None),
+            ("d'q".into(), -7, Some(1.0))
+        ]
+    );
+    let v = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    assert_eq!(v["branches"][0]["lock_keys"].as_array().map(Vec::len), Some(5), "{v}");
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(
+        snapshot(&mut direct, "t").await?,
+        before,
+        "every prepared change was undone"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn ddl_through_the_proxy_refreshes_table_metadata() -> Result<()> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;

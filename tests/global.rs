@@ -161,9 +161,10 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
         assert_eq!((code, state.as_str()), (1235, "42000"), "{sql}: {message}");
         assert!(message.contains(&xid), "{message}");
     }
-    // Prepared statements are refused at execution.
+    // Prepared statements are refused at execution when the proxy cannot image them.
     let stmt = conn.prep("UPDATE t SET v = ? WHERE id = ?").await?;
-    let e = conn.exec_drop(&stmt, (14, 1)).await.unwrap_err();
+    let replace = conn.prep("REPLACE INTO t VALUES (?, ?)").await?;
+    let e = conn.exec_drop(&replace, (1, 14)).await.unwrap_err();
     assert_eq!(server_error(&e).0, 1235);
     // Reads run as usual.
     let v: Option<i32> = conn.query_first("SELECT v FROM t WHERE id = 1 FOR UPDATE").await?;

@@ -7,6 +7,7 @@
 
 pub mod constants;
 pub mod err;
+pub mod execute;
 pub mod frame;
 pub mod handshake;
 pub mod lenenc;

@@ -31,6 +31,7 @@ use crate::global::metadata::TableMeta;
 use crate::global::undo::{self, ColumnSpec, UndoItem, UndoRecord};
 use crate::global::{Global, undo_log};
 use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::{self, Param};
 use crate::protocol::response::{PEEK, ResponseKind, ResponseTracker};
 use crate::protocol::{Capabilities, ServerStatus, ok};
 
@@ -81,8 +82,9 @@ fn pk_condition(meta: &TableMeta, specs: &[ColumnSpec], rows: &[Vec<Option<Strin
     format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
 }
 
-/// Runs an UPDATE or DELETE of a bound session with its images. The command packet is in
-/// `raw`; the client gets the statement's OK or an error.
+/// Runs an UPDATE, DELETE or INSERT of a bound session with its images: a text query, or a
+/// prepared statement's execute with its bound `params`. The command packet is in `raw`;
+/// the client gets the statement's OK or an error.
 #[allow(clippy::too_many_arguments)]
 pub async fn protect(
     client: &mut Peer,
@@ -92,11 +94,12 @@ pub async fn protect(
     global: &Global,
     xid: &str,
     sql: &str,
+    params: &[Param],
     raw: &[u8],
 ) -> Result<(), SessionError> {
     let reply = match prepare(state, global, xid, sql).await {
         Err(e) => e.to_packet(1),
-        Ok(plan) => run(backend, state, shared, global, xid, plan, raw).await?,
+        Ok(plan) => run(backend, state, shared, global, xid, plan, params, raw).await?,
     };
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
 }
@@ -193,7 +196,18 @@ fn is_literal(text: &str) -> bool {
         || ((t.starts_with("x'") || t.starts_with("X'")) && t.ends_with('\''))
 }
 
-fn insert_keys(insert: &dml::Insert, meta: &TableMeta) -> Result<InsertKeys, String> {
+/// `?` placeholders in a value's source text.
+fn placeholders(text: &str) -> usize {
+    sqlparser::tokenizer::Tokenizer::new(&sqlparser::dialect::MySqlDialect {}, text)
+        .tokenize()
+        .map_or(0, |t| {
+            t.iter()
+                .filter(|t| matches!(t, sqlparser::tokenizer::Token::Placeholder(p) if p == "?"))
+                .count()
+        })
+}
+
+fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<InsertKeys, String> {
     let position = |column: usize| -> Option<usize> {
         if insert.columns.is_empty() {
             Some(column)
@@ -210,15 +224,30 @@ fn insert_keys(insert: &dml::Insert, meta: &TableMeta) -> Result<InsertKeys, Str
     };
     let mut literal = Vec::with_capacity(insert.rows.len());
     let mut generated = 0;
+    let mut next_param = 0;
     for row in &insert.rows {
         if !insert.columns.is_empty() && row.len() != insert.columns.len() {
             return Err("an INSERT whose rows do not match its column list".into());
         }
+        // A `?` value stands for its bound parameter, as a literal.
+        let mut texts = Vec::with_capacity(row.len());
+        for value in row {
+            // Left as `?` when the parameter's type cannot name a row.
+            let bound = match value.as_deref() {
+                Some("?") => params.get(next_param).and_then(execute::literal),
+                _ => None,
+            };
+            next_param += value.as_deref().map_or(0, placeholders);
+            texts.push(bound.or_else(|| value.clone()));
+        }
         let mut key = Vec::new();
         for &column in &meta.primary_key {
-            let value = position(column).and_then(|p| row.get(p).cloned().flatten());
+            let value = position(column).and_then(|p| texts.get(p).cloned().flatten());
             match value {
                 Some(v) if generated_key == Some(column) && (v.eq_ignore_ascii_case("NULL") || v.trim() == "0") => {}
+                Some(v) if v == "?" => {
+                    return Err("an INSERT whose primary key is bound as a parameter of a type that cannot name a row (bind an integer or a string)".into());
+                }
                 Some(v) if is_literal(&v) => key.push(v),
                 Some(_) => return Err("an INSERT whose primary-key values are expressions (use literals, or let AUTO_INCREMENT assign them)".into()),
                 None if generated_key == Some(column) => {}
@@ -238,6 +267,7 @@ fn insert_keys(insert: &dml::Insert, meta: &TableMeta) -> Result<InsertKeys, Str
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     backend: &mut Peer,
     state: &mut SessionState,
@@ -245,6 +275,7 @@ async fn run(
     global: &Global,
     xid: &str,
     plan: Plan,
+    params: &[Param],
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
@@ -255,7 +286,7 @@ async fn run(
         specs,
     } = plan;
     let keys = match &statement {
-        dml::Plan::Insert(insert) => match insert_keys(insert, &meta) {
+        dml::Plan::Insert(insert) => match insert_keys(insert, &meta, params) {
             Ok(keys) => Some(keys),
             Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
         },
@@ -280,7 +311,22 @@ async fn run(
                 .map(|a| format!(" AS {}", ident(a)))
                 .unwrap_or_default();
             let sql = format!("SELECT {list} FROM {qualified}{alias}{} FOR UPDATE", change.filter);
-            let read = inject::query(backend, state, &sql, limit).await?;
+            // The filter's own placeholders take the client's values for them.
+            let read = if change.filter_params.is_empty() {
+                inject::query(backend, state, &sql, limit).await?
+            } else {
+                let Some(bound) = params.get(change.filter_params.clone()) else {
+                    return abort(
+                        backend,
+                        state,
+                        limit,
+                        autocommit,
+                        refuse("this statement: its parameters could not be read", xid),
+                    )
+                    .await;
+                };
+                inject::execute(backend, state, &sql, bound, limit).await?
+            };
             if let Some((code, message)) = read.error {
                 return abort(
                     backend,

@@ -69,6 +69,22 @@ pub fn implicit_commit(xid: &str) -> ErrPacket {
     )
 }
 
+/// The refusal for an execute whose parameters came (partly) by COM_STMT_SEND_LONG_DATA.
+pub fn long_data(xid: &str) -> ErrPacket {
+    not_protected(
+        "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA (not imaged yet)",
+        xid,
+    )
+}
+
+/// The refusal for an execute whose parameters the proxy cannot read.
+pub fn unreadable_params(xid: &str) -> ErrPacket {
+    not_protected(
+        "this execute: its parameters could not be read (types never sent, or a malformed packet)",
+        xid,
+    )
+}
+
 /// The XID a statement's `/*+ XID('...') */` hint names, if any.
 pub fn hinted_xid(sql: &[u8], class: &Classification) -> Option<String> {
     class

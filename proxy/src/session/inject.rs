@@ -7,8 +7,8 @@ use super::SessionError;
 use super::peer::Peer;
 use super::state::SessionState;
 use crate::protocol::frame;
-use crate::protocol::response::{PEEK, PacketRole, ResponseKind, ResponseTracker};
-use crate::protocol::{Command, lenenc};
+use crate::protocol::response::{PEEK, PacketRole, PrepareOk, ResponseKind, ResponseTracker};
+use crate::protocol::{Command, execute, lenenc};
 
 /// A text-protocol row: one value per column, `None` for NULL.
 pub type Row = Vec<Option<Vec<u8>>>;
@@ -47,13 +47,59 @@ pub async fn query(
     let mut payload = Vec::with_capacity(1 + sql.len());
     payload.push(Command::QUERY);
     payload.extend_from_slice(sql.as_bytes());
+    send(backend, &payload).await?;
+    read(backend, state, ResponseKind::Generic, limit, parse_row)
+        .await
+        .map(|(o, _)| o)
+}
+
+/// Runs `sql` as a prepared statement with `params` (binary protocol), for queries whose
+/// text holds a client's `?` placeholders. Every column must be a string (the image select
+/// lists are). The statement is closed afterwards.
+pub async fn execute(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    sql: &str,
+    params: &[execute::Param],
+    limit: usize,
+) -> Result<Outcome, SessionError> {
+    let mut payload = vec![Command::STMT_PREPARE];
+    payload.extend_from_slice(sql.as_bytes());
+    send(backend, &payload).await?;
+    let (prepared, prepare_ok) = read(backend, state, ResponseKind::Prepare, limit, |_| Some(Vec::new())).await?;
+    let (Some(ok), None) = (prepare_ok, &prepared.error) else {
+        return Ok(prepared);
+    };
+    send(backend, &execute::payload(ok.statement_id, params)).await?;
+    let columns = usize::from(ok.columns);
+    let (outcome, _) = read(backend, state, ResponseKind::Generic, limit, |p| {
+        execute::string_row(p, columns)
+    })
+    .await?;
+    let mut close = vec![Command::STMT_CLOSE];
+    close.extend_from_slice(&ok.statement_id.to_le_bytes());
+    send(backend, &close).await?;
+    Ok(outcome)
+}
+
+async fn send(backend: &mut Peer, payload: &[u8]) -> Result<(), SessionError> {
     let mut packet = Vec::new();
-    frame::write_packet(&mut packet, 0, &payload);
+    frame::write_packet(&mut packet, 0, payload);
     backend
         .write_all(&packet)
         .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let mut tracker = ResponseTracker::new(ResponseKind::Generic, state.capabilities, 0);
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))
+}
+
+/// Reads one whole response, decoding result rows with `row`.
+async fn read(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    kind: ResponseKind,
+    limit: usize,
+    row: impl Fn(&[u8]) -> Option<Row>,
+) -> Result<(Outcome, Option<PrepareOk>), SessionError> {
+    let mut tracker = ResponseTracker::new(kind, state.capabilities, 0);
     let mut outcome = Outcome::default();
     while !tracker.is_done() {
         let span = backend
@@ -65,7 +111,7 @@ pub async fn query(
         let prefix = &payload[..payload.len().min(PEEK)];
         let step = tracker.on_packet(span.payload_len, span.last_seq, prefix);
         if role == PacketRole::Row && !tracker.is_done() {
-            match parse_row(&payload) {
+            match row(&payload) {
                 Some(row) => outcome.rows.push(row),
                 None => return Err(SessionError::backend_protocol("a malformed row", span.last_seq)),
             }
@@ -84,7 +130,7 @@ pub async fn query(
     if let Some(status) = tracker.last_status() {
         state.status = status;
     }
-    Ok(outcome)
+    Ok((outcome, tracker.prepare_ok()))
 }
 
 #[cfg(test)]

@@ -28,10 +28,10 @@ use tracing::Instrument;
 use crate::classify::{self, Other, StatementClass, TxControl};
 use crate::config::Config;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::handshake;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
+use crate::protocol::{Command, execute};
 use peer::{Peer, ReadError};
 use state::{PreparedStatement, SessionState};
 
@@ -291,7 +291,7 @@ async fn serve(
                         .map_err(|_| SessionError::ClientClosed)?;
                 }
                 (Intercepted::Protect(xid), Some(g)) => {
-                    at::protect(client, backend, state, shared, g, &xid, &sql(), &raw).await?
+                    protect(client, backend, state, shared, g, &xid, command, &raw).await?
                 }
                 (Intercepted::Commit, Some(g)) => at::commit(client, backend, state, shared, g, &sql()).await?,
                 (Intercepted::Protect(_) | Intercepted::Commit, None) => {
@@ -311,7 +311,14 @@ async fn serve(
         let ddl = matches!(class.as_ref().map(|c| c.class), Some(StatementClass::Other(Other::Ddl)));
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
-        let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
+        let pending = Pending::from_command(
+            command,
+            &payload,
+            class,
+            state,
+            shared.config.hide_server_socket,
+            shared.global.is_some(),
+        );
         drop(payload);
         client
             .forward(span.raw_len, backend)
@@ -334,6 +341,40 @@ async fn serve(
         }
         shared.metrics.command(command, started.elapsed());
     }
+}
+
+/// Hands a DML command of a bound session to `at::protect`: a text query, or an execute with
+/// its parameters read from the packet.
+#[allow(clippy::too_many_arguments)]
+async fn protect(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &crate::global::Global,
+    xid: &str,
+    command: u8,
+    raw: &[u8],
+) -> Result<(), SessionError> {
+    let payload = &raw[4..];
+    if command == Command::QUERY {
+        let sql = String::from_utf8_lossy(&payload[1..]).into_owned();
+        return at::protect(client, backend, state, shared, global, xid, &sql, &[], raw).await;
+    }
+    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    let Some(stmt) = state.statements.get_mut(&id) else {
+        return Ok(());
+    };
+    let (sql, count, previous) = (stmt.sql.clone(), usize::from(stmt.params), stmt.param_types.clone());
+    let Some((params, types)) = execute::params(payload, count, previous.as_deref()) else {
+        let e = global::unreadable_params(xid);
+        return client
+            .write_all(&e.to_packet(1))
+            .await
+            .map_err(|_| SessionError::ClientClosed);
+    };
+    stmt.param_types = Some(types);
+    at::protect(client, backend, state, shared, global, xid, &sql, &params, raw).await
 }
 
 /// A command the proxy handles itself instead of forwarding it as it is.
@@ -385,6 +426,22 @@ fn intercept(
         (Command::STMT_EXECUTE, _) if payload.len() >= 5 => {
             let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
             let statement = state.statements.get(&id)?;
+            let protectable = !statement.class.multi_statement
+                && matches!(
+                    statement.class.class,
+                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert)
+                );
+            if protectable
+                && let Some(xid) = state
+                    .xid
+                    .clone()
+                    .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))
+            {
+                if statement.long_data {
+                    return Some(Intercepted::Refuse(global::long_data(&xid)));
+                }
+                return Some(Intercepted::Protect(xid));
+            }
             let xid = state
                 .xid
                 .clone()
@@ -404,6 +461,9 @@ struct Pending {
     schema: Option<String>,
     /// For COM_STMT_CLOSE: the statement dropped.
     close: Option<u32>,
+    /// For COM_STMT_EXECUTE, SEND_LONG_DATA and RESET: the statement, and the parameter types
+    /// an execute sent (kept for later executes that do not resend them).
+    statement: Option<(u32, Option<Vec<[u8; 2]>>)>,
     hide_socket: bool,
 }
 
@@ -414,6 +474,7 @@ impl Pending {
         class: Option<classify::Classification>,
         state: &SessionState,
         hide_socket: bool,
+        track_params: bool,
     ) -> Self {
         let body = &payload[1..];
         let mut pending = Pending {
@@ -421,6 +482,7 @@ impl Pending {
             prepare: None,
             schema: None,
             close: None,
+            statement: None,
             hide_socket: false,
         };
         match command {
@@ -442,6 +504,17 @@ impl Pending {
             Command::STMT_CLOSE if body.len() >= 4 => {
                 pending.close = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
             }
+            Command::STMT_EXECUTE | Command::STMT_SEND_LONG_DATA | Command::STMT_RESET if body.len() >= 4 => {
+                let id = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                // Types are only needed to image an execute inside a global transaction.
+                let types = match (command, state.statements.get(&id)) {
+                    (Command::STMT_EXECUTE, Some(stmt)) if track_params => {
+                        execute::sent_types(payload, usize::from(stmt.params))
+                    }
+                    _ => None,
+                };
+                pending.statement = Some((id, types));
+            }
             _ => {}
         }
         pending
@@ -453,6 +526,14 @@ impl Pending {
         }
         if let Some(id) = self.close {
             state.statements.remove(&id);
+        }
+        if let Some((id, types)) = self.statement
+            && let Some(stmt) = state.statements.get_mut(&id)
+        {
+            stmt.long_data = self.command == Command::STMT_SEND_LONG_DATA;
+            if types.is_some() {
+                stmt.param_types = types;
+            }
         }
         let ok = tracker.error_code().is_none();
         match self.command {
@@ -475,6 +556,8 @@ impl Pending {
                             class,
                             params: prepared.params,
                             columns: prepared.columns,
+                            param_types: None,
+                            long_data: false,
                         },
                     );
                 }

@@ -16,6 +16,10 @@ pub struct PreparedStatement {
     pub class: Classification,
     pub params: u16,
     pub columns: u16,
+    /// Parameter types from the last execute that sent them (later ones may not).
+    pub param_types: Option<Vec<[u8; 2]>>,
+    /// A parameter was sent with COM_STMT_SEND_LONG_DATA since the last execute.
+    pub long_data: bool,
 }
 
 #[derive(Debug, Default)]
