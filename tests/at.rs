@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use ferrata_tests::{Proxy, test_config};
 use mysql_async::prelude::*;
 
@@ -387,6 +387,60 @@ async fn prepared_statements_are_imaged_with_their_parameters() -> Result<()> {
         before,
         "every prepared change was undone"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn undo_records_larger_than_a_packet_are_split() -> Result<()> {
+    let db = MariaDb::start_with(MariaDbOptions {
+        extra_args: vec!["--max-allowed-packet=1M".into()],
+        ..Default::default()
+    })
+    .await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE big (id INT PRIMARY KEY, b MEDIUMBLOB)")
+        .await?;
+    // Random bytes do not compress: 4 rows of 300 KB are a record of several packets.
+    for id in 1..=4 {
+        direct
+            .query_drop(format!("INSERT INTO big VALUES ({id}, RANDOM_BYTES(1024))"))
+            .await?;
+        for _ in 0..8 {
+            direct
+                .query_drop(format!(
+                    "UPDATE big SET b = CONCAT(b, RANDOM_BYTES(1024), REPEAT(RANDOM_BYTES(1024), 0)) WHERE id = {id}"
+                ))
+                .await?;
+        }
+        direct.query_drop(format!("UPDATE big SET b = CONCAT(b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b, b) WHERE id = {id}")).await?;
+    }
+    let size: Option<i64> = direct.query_first("SELECT SUM(LENGTH(b)) FROM big").await?;
+    assert!(size.unwrap_or(0) > 1_000_000, "{size:?}");
+    let before = snapshot(&mut direct, "big").await?;
+
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    conn.query_drop("UPDATE big SET b = 'x'").await?;
+    let pieces: Option<i64> = direct.query_first("SELECT COUNT(*) FROM undo_log").await?;
+    assert!(pieces.unwrap_or(0) > 1, "the record was split into {pieces:?} rows");
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(snapshot(&mut direct, "big").await?, before);
+    let left: Option<i64> = direct.query_first("SELECT COUNT(*) FROM undo_log").await?;
+    assert_eq!(left, Some(0), "every piece is deleted with the record");
+
+    // A commit deletes every piece too.
+    start(&mut conn).await?;
+    conn.query_drop("UPDATE big SET b = 'y'").await?;
+    conn.query_drop("COMMIT GLOBAL").await?;
+    eventually("the pieces to be deleted", || async {
+        let mut c = db.conn().await?;
+        let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM undo_log").await?;
+        Ok(n == Some(0))
+    })
+    .await?;
     Ok(())
 }
 

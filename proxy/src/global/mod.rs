@@ -37,6 +37,8 @@ pub struct Global {
     create_undo_log: bool,
     pools: Mutex<HashMap<String, mysql_async::Pool>>,
     pub metadata: metadata::MetadataCache,
+    /// Bytes of an undo record per row, from the server's max_allowed_packet (read once).
+    undo_chunk: tokio::sync::OnceCell<usize>,
     /// Resources whose undo_log table is known to exist.
     undo_logs: Mutex<std::collections::HashSet<String>>,
 }
@@ -87,6 +89,7 @@ impl Global {
             create_undo_log: config.service.create_undo_log,
             pools: Mutex::new(HashMap::new()),
             metadata: metadata::MetadataCache::new(),
+            undo_chunk: tokio::sync::OnceCell::new(),
             undo_logs: Mutex::new(std::collections::HashSet::new()),
         }))
     }
@@ -175,6 +178,24 @@ impl Global {
         }
         self.undo_logs.lock().insert(resource.to_owned());
         Ok(())
+    }
+
+    /// How many bytes of an undo record go into one row: a third of the server's
+    /// max_allowed_packet (the INSERT carries them as hex), 1 MiB when it cannot be read.
+    pub async fn undo_chunk_bytes(&self) -> usize {
+        *self
+            .undo_chunk
+            .get_or_init(|| async {
+                let read = async {
+                    let mut conn = self.service_conn(&self.resource("mysql")).await?;
+                    conn.query_first::<u64, _>("SELECT @@global.max_allowed_packet").await
+                };
+                match read.await {
+                    Ok(Some(max)) => (max / 3).max(1024) as usize,
+                    _ => 1 << 20,
+                }
+            })
+            .await
     }
 
     /// Registers a branch; the error is what the client gets.

@@ -38,6 +38,29 @@ fn server_code(e: &mysql_async::Error) -> Option<u16> {
     }
 }
 
+/// A branch's undo record, its pieces joined in order.
+async fn read_record(tx: &mut mysql_async::Transaction<'_>, b: &pb::BranchRef) -> Result<UndoRecord, String> {
+    let (context, mut bytes): (String, Vec<u8>) = tx
+        .exec_first(
+            "SELECT context, rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
+            (&b.xid, b.branch_id),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the undo record vanished")?;
+    for n in 2..=undo_log::chunks_of(&context) {
+        let piece: Option<Vec<u8>> = tx
+            .exec_first(
+                "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
+                (undo_log::chunk_xid(&b.xid, n), b.branch_id),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        bytes.extend(piece.ok_or_else(|| format!("piece {n} of the undo record is missing"))?);
+    }
+    UndoRecord::from_bytes(&bytes).map_err(|e| format!("the undo record cannot be read: {e}"))
+}
+
 /// The rows an undo item is about, as they are now (locked FOR UPDATE), in chunks that keep
 /// each statement under the protocol's parameter limit.
 async fn current_rows(
@@ -82,12 +105,22 @@ pub async fn handle(global: Arc<Global>, command: pb::BranchCommand) -> Vec<pb::
 async fn commit(global: &Global, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
     let result: Result<(), mysql_async::Error> = async {
         let mut conn = global.service_conn(resource).await?;
-        let placeholders = vec!["(?, ?)"; branches.len()].join(", ");
+        // The main row of each branch, and the pieces of a split record (`<xid>#<n>`): both
+        // are ranges of the unique key.
+        let condition =
+            vec!["(xid = ? AND branch_id = ?) OR (xid LIKE ? AND branch_id = ?)"; branches.len()].join(" OR ");
         let params: Vec<mysql_async::Value> = branches
             .iter()
-            .flat_map(|b| [b.xid.clone().into(), b.branch_id.into()])
+            .flat_map(|b| {
+                [
+                    b.xid.clone().into(),
+                    b.branch_id.into(),
+                    format!("{}#%", b.xid).into(),
+                    b.branch_id.into(),
+                ]
+            })
             .collect();
-        let sql = format!("DELETE FROM undo_log WHERE (xid, branch_id) IN ({placeholders})");
+        let sql = format!("DELETE FROM undo_log WHERE {condition}");
         match conn.exec_drop(sql, params).await {
             Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => Ok(()),
             other => other,
@@ -174,15 +207,7 @@ async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> 
                 return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
             }
             Some(STATUS_NORMAL) => {
-                let info: Option<Vec<u8>> = tx
-                    .exec_first(
-                        "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
-                        (&b.xid, b.branch_id),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let record = UndoRecord::from_bytes(&info.unwrap_or_default())
-                    .map_err(|e| format!("the undo record cannot be read: {e}"))?;
+                let record = read_record(&mut tx, b).await?;
                 // Last change first.
                 for item in record.items.iter().rev() {
                     let current = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
@@ -219,8 +244,8 @@ async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> 
                     }
                 }
                 tx.exec_drop(
-                    "DELETE FROM undo_log WHERE xid = ? AND branch_id = ?",
-                    (&b.xid, b.branch_id),
+                    "DELETE FROM undo_log WHERE (xid = ? AND branch_id = ?) OR (xid LIKE ? AND branch_id = ?)",
+                    (&b.xid, b.branch_id, format!("{}#%", b.xid), b.branch_id),
                 )
                 .await
                 .map_err(|e| e.to_string())?;

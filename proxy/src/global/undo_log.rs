@@ -1,15 +1,46 @@
 //! The `undo_log` table in each database the proxy writes undo records to. It keeps Seata's
 //! column layout, so tools that know Seata's table read it; `log_status` 0 is a normal
 //! record, 1 the GlobalFinished marker a rollback leaves when it finds no record (a late
-//! phase-1 commit of that branch then fails on the unique key: anti-hanging).
+//! phase-1 commit of that branch then fails on the unique key: anti-hanging), 2 a further
+//! piece of a record split because it is larger than one row may be.
 
 /// Normal undo record.
 pub const STATUS_NORMAL: i32 = 0;
 /// Anti-hanging marker.
 pub const STATUS_GLOBAL_FINISHED: i32 = 1;
 
-/// Written into `context` of every row, naming the format of `rollback_info`.
+/// A further piece of a record too large for one row (see [`chunk_xid`]).
+pub const STATUS_CHUNK: i32 = 2;
+
+/// Written into `context` of every row, naming the format of `rollback_info`; a record split
+/// into pieces says how many: `ferrata:1;chunks=3`.
 pub const CONTEXT: &str = "ferrata:1";
+
+/// The context of a main row whose record is split into `chunks` pieces.
+pub fn context(chunks: usize) -> String {
+    if chunks <= 1 {
+        CONTEXT.to_owned()
+    } else {
+        format!("{CONTEXT};chunks={chunks}")
+    }
+}
+
+/// How many pieces a main row's context announces (1 when not split).
+pub fn chunks_of(context: &str) -> usize {
+    context
+        .split(';')
+        .find_map(|p| p.strip_prefix("chunks="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Pieces 2.. of a record live in rows of their own, keyed by the branch id and a derived XID
+/// `<xid>#<n>` (n from 2), so the unique key stays (xid, branch_id) and every piece is read
+/// back by its number, in order. A piece stays below the server's max_allowed_packet, which
+/// bounds both the INSERT that writes it and the row that reads it back.
+pub fn chunk_xid(xid: &str, n: usize) -> String {
+    format!("{xid}#{n}")
+}
 
 pub const CREATE: &str = "CREATE TABLE IF NOT EXISTS undo_log (
   branch_id BIGINT NOT NULL COMMENT 'branch id from ferrata-tc',

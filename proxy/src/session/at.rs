@@ -575,16 +575,39 @@ pub async fn commit_branch(
         global.report_failed(&pending.xid, branch_id, &e).await;
         return Ok(Err(ErrPacket::new(1105, "HY000", e)));
     }
-    let hex: String = record.iter().map(|b| format!("{b:02X}")).collect();
-    let insert = format!(
-        "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
-         VALUES ({branch_id}, {}, {}, X'{hex}', {}, NOW(6), NOW(6))",
-        ident(&pending.schema),
-        literal(&pending.xid),
-        literal(undo_log::CONTEXT),
-        undo_log::STATUS_NORMAL
-    );
-    let written = inject::query(backend, state, &insert, limit).await?;
+    // Pieces small enough for one packet each (hex doubles the size on the wire).
+    let piece = global.undo_chunk_bytes().await;
+    let pieces: Vec<&[u8]> = if record.is_empty() {
+        vec![&record[..]]
+    } else {
+        record.chunks(piece).collect()
+    };
+    let rows: Vec<String> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            let (xid, context, status) = if i == 0 {
+                (pending.xid.clone(), undo_log::context(pieces.len()), undo_log::STATUS_NORMAL)
+            } else {
+                (undo_log::chunk_xid(&pending.xid, i + 1), undo_log::CONTEXT.to_owned(), undo_log::STATUS_CHUNK)
+            };
+            format!(
+                "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
+                 VALUES ({branch_id}, {}, {}, X'{hex}', {status}, NOW(6), NOW(6))",
+                ident(&pending.schema),
+                literal(&xid),
+                literal(&context),
+            )
+        })
+        .collect();
+    let mut written = inject::Outcome::default();
+    for insert in &rows {
+        written = inject::query(backend, state, insert, limit).await?;
+        if written.error.is_some() {
+            break;
+        }
+    }
     if let Some((code, message)) = written.error {
         super::global::local_rollback(backend, state, limit).await?;
         let why = if code == 1062 {
