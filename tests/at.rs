@@ -80,6 +80,8 @@ const TYPES: &str = "CREATE TABLE acct (
     note VARCHAR(50) CHARACTER SET utf8mb4, data BLOB, flags BIT(8), kind ENUM('a','b'), tags SET('x','y'),
     doc JSON, day DATE, at DATETIME(6), ts TIMESTAMP(6) NULL, span TIME(3),
     doubled DECIMAL(21,4) AS (balance * 2) VIRTUAL,
+    tiny TINYINT, small SMALLINT UNSIGNED, medium MEDIUMINT, big BIGINT UNSIGNED, fixed CHAR(5), bin BINARY(3),
+    yr YEAR, txt TEXT, l1 VARCHAR(10) CHARACTER SET latin1, stored_note VARCHAR(60) AS (CONCAT(note, '!')) STORED,
     PRIMARY KEY (region, id))";
 
 async fn seed(db: &MariaDb) -> Result<Vec<String>> {
@@ -90,6 +92,11 @@ async fn seed(db: &MariaDb) -> Result<Vec<String>> {
          (1, 'eu', 100.5, 0.1, 1.1234567, 'Grüße 🙂', x'00ff10', b'10100101', 'a', 'x,y', '{\"k\": [1, 2]}', '2024-02-29', '2024-01-01 10:00:00.123456', '2024-03-31 01:30:00.5', '-12:00:00.5'),
          (2, 'eu', 50, 1e308, -0.5, NULL, NULL, NULL, NULL, '', NULL, NULL, NULL, NULL, NULL),
          (3, 'us', 0.0001, -2.5e-300, 3, 'x', x'', b'0', 'b', 'y', '[]', '1999-12-31', '1999-12-31 23:59:59', NULL, '838:59:59')",
+    )
+    .await?;
+    c.query_drop(
+        "UPDATE acct SET tiny = -128, small = 65535, medium = -8388608, big = 18446744073709551615, fixed = 'ab',
+         bin = x'000102', yr = 2155, txt = REPEAT('long text ', 100), l1 = CONVERT('café' USING latin1) WHERE id = 1",
     )
     .await?;
     snapshot(&mut c, "acct").await
@@ -108,7 +115,8 @@ async fn rollback_restores_every_type_byte_for_byte() -> Result<()> {
     conn.query_drop("BEGIN").await?;
     conn.query_drop(
         "UPDATE acct SET balance = balance + 1, rate = rate / 3, ratio = 2.5, note = 'changed', data = x'01', flags = b'1',
-         kind = 'b', tags = 'x', doc = '{}', day = '2000-01-01', at = NOW(6), ts = NOW(6), span = '01:00:00' WHERE region = 'eu'",
+         kind = 'b', tags = 'x', doc = '{}', day = '2000-01-01', at = NOW(6), ts = NOW(6), span = '01:00:00',
+         tiny = 1, small = 0, medium = 1, big = 0, fixed = 'zz', bin = x'ffffff', yr = 1901, txt = '', l1 = 'x' WHERE region = 'eu'",
     )
     .await?;
     conn.query_drop("DELETE FROM acct WHERE id = 3").await?;
@@ -441,6 +449,33 @@ async fn undo_records_larger_than_a_packet_are_split() -> Result<()> {
         Ok(n == Some(0))
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_local_commit_after_the_global_rollback_fails_and_changes_nothing() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    let mut slow = proxy.conn().await?;
+    let xid = start(&mut slow).await?;
+    slow.query_drop("BEGIN").await?;
+    slow.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
+    // The global transaction is rolled back (here by another session) while this local one
+    // is still open: its late commit must not land.
+    let mut other = proxy.conn().await?;
+    other.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
+    let e = slow.query_drop("COMMIT").await.unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1399, "{message}");
+    assert!(message.contains("Rollbacked"), "names the status: {message}");
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(1), "the late local commit was rolled back");
+    let open: Option<i32> = slow.query_first("SELECT @@in_transaction").await?;
+    assert_eq!(open, Some(0));
     Ok(())
 }
 
