@@ -480,6 +480,42 @@ async fn a_local_commit_after_the_global_rollback_fails_and_changes_nothing() ->
 }
 
 #[tokio::test]
+async fn the_coordinator_killed_between_the_phases_finishes_after_restart() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let mut tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1), (2, 2)").await?;
+    let before = snapshot(&mut direct, "t").await?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = v * 10").await?;
+
+    tc.kill9_and_restart()?;
+    // The proxy reconnects (the first call may find the old connection dead).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let (code, message) = server_error(&e);
+                anyhow::ensure!(code == 1105 || code == 1401, "{message}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(
+        snapshot(&mut direct, "t").await?,
+        before,
+        "the branch rolled back after the restart"
+    );
+    assert_eq!(tc.status(&xid).await?, "Rollbacked");
+    Ok(())
+}
+
+#[tokio::test]
 async fn ddl_through_the_proxy_refreshes_table_metadata() -> Result<()> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;

@@ -13,10 +13,56 @@ use ferrata_rpc::client::{ClientConfig, TcClient};
 use serde_json::Value;
 
 pub struct Coordinator {
+    binary: String,
     child: Child,
     pub rpc: SocketAddr,
     pub http: SocketAddr,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+/// Starts `binary` on `rpc` and `http` with its store in `data`, and waits until it serves.
+fn spawn(binary: &str, data: &std::path::Path, rpc: &str, http: &str) -> Result<(Child, SocketAddr, SocketAddr)> {
+    let mut command = Command::new(binary);
+    command
+        .args(["--listen", rpc, "--http", http, "--log-level", "info"])
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("FERRATA_TC_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; the coordinator dies with the test process.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().with_context(|| format!("starting {binary}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("ferrata-tc serving") {
+                let _ = tx.send(line.clone());
+                sent = true;
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            bail!("ferrata-tc did not report that it serves within 30 s");
+        }
+    };
+    let addr = |key: &str| -> Result<SocketAddr> {
+        let at = line.find(key).with_context(|| format!("no {key} in {line:?}"))? + key.len();
+        let end = line[at..].find(' ').map_or(line.len(), |e| at + e);
+        Ok(line[at..end].trim_matches('"').parse()?)
+    };
+    Ok((child, addr("rpc=")?, addr("http=")?))
 }
 
 impl Coordinator {
@@ -24,59 +70,28 @@ impl Coordinator {
     /// serves.
     pub fn start(binary: &str) -> Result<Coordinator> {
         let data = tempfile::tempdir()?;
-        let mut command = Command::new(binary);
-        command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-            ])
-            .arg("--data-dir")
-            .arg(data.path())
-            .env_remove("FERRATA_TC_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the coordinator dies with the test process.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().with_context(|| format!("starting {binary}"))?;
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && line.contains("ferrata-tc serving") {
-                    let _ = tx.send(line.clone());
-                    sent = true;
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("ferrata-tc did not report that it serves within 30 s");
-            }
-        };
-        let addr = |key: &str| -> Result<SocketAddr> {
-            let at = line.find(key).with_context(|| format!("no {key} in {line:?}"))? + key.len();
-            let end = line[at..].find(' ').map_or(line.len(), |e| at + e);
-            Ok(line[at..end].trim_matches('"').parse()?)
-        };
+        let (child, rpc, http) = spawn(binary, data.path(), "127.0.0.1:0", "127.0.0.1:0")?;
         Ok(Coordinator {
-            rpc: addr("rpc=")?,
-            http: addr("http=")?,
+            binary: binary.to_owned(),
             child,
-            _data: data,
+            rpc,
+            http,
+            data,
         })
+    }
+
+    /// Kills the process with SIGKILL and starts it again on the same addresses and store.
+    pub fn kill9_and_restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let (child, rpc, http) = spawn(
+            &self.binary,
+            self.data.path(),
+            &self.rpc.to_string(),
+            &self.http.to_string(),
+        )?;
+        (self.child, self.rpc, self.http) = (child, rpc, http);
+        Ok(())
     }
 
     /// `host:port` for the proxy's `--tc`.
