@@ -516,6 +516,76 @@ async fn the_coordinator_killed_between_the_phases_finishes_after_restart() -> R
 }
 
 #[tokio::test]
+async fn an_unreachable_coordinator_at_commit_rolls_the_local_transaction_back() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let mut tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop("UPDATE t SET v = 2").await?;
+    tc.kill9()?;
+    let e = conn.query_drop("COMMIT").await.unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1105, "{message}");
+    assert!(
+        message.contains("cannot reach the transaction coordinator"),
+        "{message}"
+    );
+    let v: Option<i32> = direct.query_first("SELECT v FROM t").await?;
+    assert_eq!(v, Some(1), "nothing half-written");
+    let undo: Option<i64> = direct
+        .query_first("SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_NAME = 'undo_log'")
+        .await?;
+    assert_eq!(undo, Some(0), "not even an undo table");
+    let open: Option<i32> = conn.query_first("SELECT @@in_transaction").await?;
+    assert_eq!(open, Some(0), "the local transaction was rolled back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_user_without_create_gets_the_dba_instructions() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let mut root = mysql_async::Conn::new(db.root_opts()).await?;
+    root.query_drop("CREATE USER svc@'%' IDENTIFIED BY 'svc-pw'").await?;
+    root.query_drop("GRANT SELECT, INSERT, DELETE ON test.* TO svc@'%'")
+        .await?;
+    root.query_drop("CREATE TABLE test.t (id INT PRIMARY KEY, v INT)")
+        .await?;
+    root.query_drop("INSERT INTO test.t VALUES (1, 1)").await?;
+    let mut config = test_config(db.addr());
+    config.coordinator = Some(TcSettings {
+        endpoints: vec![tc.endpoint()],
+        token: None,
+        tls_ca: None,
+        lock_wait_ms: 2000,
+        rm_id: None,
+    });
+    config.service.user = "svc".into();
+    config.service.password = Some(Secret("svc-pw".into()));
+    let proxy = Proxy::start_with(config).await?;
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    let e = conn.query_drop("UPDATE t SET v = 2").await.unwrap_err();
+    let (_, message) = server_error(&e);
+    assert!(
+        message.contains("a DBA must run") && message.contains("CREATE TABLE IF NOT EXISTS undo_log"),
+        "{message}"
+    );
+    assert!(
+        message.contains("GRANT SELECT, INSERT, DELETE ON test.undo_log TO 'svc'"),
+        "{message}"
+    );
+    let v: Option<i32> = root.query_first("SELECT v FROM test.t").await?;
+    assert_eq!(v, Some(1), "the statement was rolled back");
+    Ok(())
+}
+
+#[tokio::test]
 async fn ddl_through_the_proxy_refreshes_table_metadata() -> Result<()> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;

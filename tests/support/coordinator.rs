@@ -80,6 +80,13 @@ impl Coordinator {
         })
     }
 
+    /// Kills the process with SIGKILL.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Kills the process with SIGKILL and starts it again on the same addresses and store.
     pub fn kill9_and_restart(&mut self) -> Result<()> {
         self.child.kill()?;
