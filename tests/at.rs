@@ -9,10 +9,12 @@ use anyhow::Result;
 use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
+use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{Proxy, test_config};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
 async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<Proxy> {
     let mut config = test_config(db.addr());
@@ -583,6 +585,55 @@ async fn a_service_user_without_create_gets_the_dba_instructions() -> Result<()>
     let v: Option<i32> = root.query_first("SELECT v FROM test.t").await?;
     assert_eq!(v, Some(1), "the statement was rolled back");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    direct.query_drop(undo_log_ddl()).await?;
+    let mut proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), APP_USER, APP_PASSWORD)?;
+    let mut conn = mysql_async::Conn::new(
+        ferrata_tests::tcp_opts(proxy.addr)
+            .user(Some(APP_USER))
+            .pass(Some(APP_PASSWORD))
+            .db_name(Some("test")),
+    )
+    .await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop("UPDATE t SET v = 2").await?;
+    // Hold the undo table so the proxy's commit stops after the branch is registered.
+    let mut dba = db.conn().await?;
+    dba.query_drop("LOCK TABLES undo_log WRITE").await?;
+    let commit = tokio::spawn(async move { conn.query_drop("COMMIT").await });
+    eventually("the branch to be registered", || async {
+        Ok(tc.get(&format!("/v1/transactions/{xid}")).await?["branch_count"] == 1)
+    })
+    .await?;
+    proxy.kill9()?;
+    assert!(commit.await?.is_err(), "the client lost its connection");
+    dba.query_drop("UNLOCK TABLES").await?;
+
+    // Another proxy in front of the same database finishes the rollback.
+    let _replacement = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), APP_USER, APP_PASSWORD)?;
+    let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/rollback")).await?;
+    assert_eq!(status, 200, "{body}");
+    eventually("the rollback", || async { Ok(tc.status(&xid).await? == "Rollbacked") }).await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t").await?;
+    assert_eq!(v, Some(1), "the local transaction died with its connection");
+    let marker: Option<i32> = direct
+        .exec_first("SELECT log_status FROM undo_log WHERE xid = ?", (&xid,))
+        .await?;
+    assert_eq!(marker, Some(1), "the anti-hanging marker blocks a late commit");
+    Ok(())
+}
+
+fn undo_log_ddl() -> &'static str {
+    ferrata_proxy::global::undo_log::CREATE
 }
 
 #[tokio::test]

@@ -2,15 +2,14 @@
 //! binary the test names (Cargo gives a test the path of its package's binaries), on free
 //! loopback ports, with a throw-away data directory; killed when dropped.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use ferrata_rpc::client::{ClientConfig, TcClient};
 use serde_json::Value;
+
+use crate::process::{addr_in, spawn_until};
 
 pub struct Coordinator {
     binary: String,
@@ -27,42 +26,9 @@ fn spawn(binary: &str, data: &std::path::Path, rpc: &str, http: &str) -> Result<
         .args(["--listen", rpc, "--http", http, "--log-level", "info"])
         .arg("--data-dir")
         .arg(data)
-        .env_remove("FERRATA_TC_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; the coordinator dies with the test process.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().with_context(|| format!("starting {binary}"))?;
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("ferrata-tc serving") {
-                let _ = tx.send(line.clone());
-                sent = true;
-            }
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) => line,
-        Err(_) => {
-            let _ = child.kill();
-            bail!("ferrata-tc did not report that it serves within 30 s");
-        }
-    };
-    let addr = |key: &str| -> Result<SocketAddr> {
-        let at = line.find(key).with_context(|| format!("no {key} in {line:?}"))? + key.len();
-        let end = line[at..].find(' ').map_or(line.len(), |e| at + e);
-        Ok(line[at..end].trim_matches('"').parse()?)
-    };
-    Ok((child, addr("rpc=")?, addr("http=")?))
+        .env_remove("FERRATA_TC_TOKEN");
+    let (child, line) = spawn_until(command, "ferrata-tc serving")?;
+    Ok((child, addr_in(&line, "rpc=")?, addr_in(&line, "http=")?))
 }
 
 impl Coordinator {

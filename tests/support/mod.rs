@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub use ferrata_testkit;
 
 pub mod coordinator;
+pub mod process;
 
 /// A proxy running in this process. Dropping it stops it.
 pub struct Proxy {
@@ -149,10 +150,22 @@ pub struct Pair {
 
 /// Minimal HTTP/1.1 GET, enough for the admin endpoints.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path).await
+}
+
+/// Minimal HTTP/1.1 POST without a body.
+pub async fn http_post(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "POST", path).await
+}
+
+async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    tcp.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut response)).await??;
     let text = String::from_utf8_lossy(&response).into_owned();

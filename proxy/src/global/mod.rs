@@ -99,7 +99,36 @@ impl Global {
         let global = Arc::clone(self);
         let handler: ferrata_rpc::client::CommandHandler =
             Arc::new(move |command| Box::pin(phase2::handle(Arc::clone(&global), command)));
-        tokio::spawn(Arc::clone(&self.link).run_attach(rm_id, handler, stop));
+        let global = Arc::clone(self);
+        tokio::spawn(async move {
+            // Announce every database first, so phase 2 left over from before a restart (this
+            // proxy's or another one's) finds this proxy before any session writes again.
+            global.announce_databases().await;
+            Arc::clone(&global.link).run_attach(rm_id, handler, stop).await;
+        });
+    }
+
+    /// Tells the coordinator this proxy serves every database the service user can see.
+    async fn announce_databases(&self) {
+        let listed: Result<Vec<String>, mysql_async::Error> = async {
+            let mut conn = mysql_async::Conn::new(self.service.clone()).await?;
+            let names = conn.query("SHOW DATABASES").await;
+            let _ = conn.disconnect().await;
+            names
+        }
+        .await;
+        match listed {
+            Ok(names) => {
+                let system = ["information_schema", "performance_schema", "mysql", "sys"];
+                for db in names.iter().filter(|d| !system.contains(&d.as_str())) {
+                    self.link.serve(&self.resource(db));
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot list the databases with the service user; resources are announced as sessions use them"
+            ),
+        }
     }
 
     pub fn resource(&self, database: &str) -> String {

@@ -1,0 +1,96 @@
+//! Child processes of the test: started from a binary Cargo built into this package, ready
+//! once they log a line saying so, killed with SIGKILL when dropped or when the test process
+//! dies.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Starts `command` and waits for a stderr line containing `ready`; returns the child and
+/// that line. Later output is read away so the child never blocks on a full pipe.
+pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, String)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; the child dies with the test process.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().with_context(|| format!("starting {command:?}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains(ready) {
+                let _ = tx.send(line.clone());
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            bail!("{command:?} did not log {ready:?} within 30 s");
+        }
+    }
+}
+
+/// The address after `key` (e.g. `rpc=`) in a log line.
+pub fn addr_in(line: &str, key: &str) -> Result<SocketAddr> {
+    let at = line.find(key).with_context(|| format!("no {key} in {line:?}"))? + key.len();
+    let end = line[at..].find(' ').map_or(line.len(), |e| at + e);
+    Ok(line[at..end].trim_matches('"').parse()?)
+}
+
+/// A `ferrata-proxy` process in front of `backend`, with a coordinator.
+pub struct ProxyProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`).
+    pub fn start(binary: &str, backend: SocketAddr, tc: &str, user: &str, password: &str) -> Result<ProxyProcess> {
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+            ])
+            .args(["--backend", &backend.to_string(), "--tc", tc, "--service-user", user])
+            .env("FERRATA_SERVICE_PASSWORD", password)
+            .env_remove("FERRATA_TC_TOKEN");
+        let (child, line) = spawn_until(command, "ferrata-proxy ready")?;
+        Ok(ProxyProcess {
+            addr: addr_in(&line, "listen=")?,
+            child,
+        })
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
