@@ -632,6 +632,44 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
     Ok(())
 }
 
+#[tokio::test]
+async fn a_database_restarted_during_phase_two_is_rolled_back_once_it_is_back() -> Result<()> {
+    let (db_a, mut db_b) = (MariaDb::start().await?, MariaDb::start().await?);
+    let tc = Coordinator::start(TC)?;
+    let (pa, pb) = (proxy_for(&db_a, &tc, 2000).await?, proxy_for(&db_b, &tc, 2000).await?);
+    let mut before = Vec::new();
+    for db in [&db_a, &db_b] {
+        let mut c = db.conn().await?;
+        c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+        c.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+        before.push(snapshot(&mut c, "t").await?);
+    }
+    let (mut a, mut b) = (pa.conn().await?, pb.conn().await?);
+    let xid = start(&mut a).await?;
+    a.query_drop("UPDATE t SET v = 2").await?;
+    b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+    b.query_drop("UPDATE t SET v = 3").await?;
+    drop(b);
+
+    // Server B crashes: the rollback cannot finish and says which branch is missing.
+    db_b.kill();
+    let e = a.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
+    let (code, message) = server_error(&e);
+    assert_eq!(code, 1401, "{message}");
+    assert!(message.contains("RollbackRetrying"), "{message}");
+    // Back again: the coordinator's retry finishes the job.
+    db_b.restart().await?;
+    eventually("the rollback to finish", || async {
+        Ok(tc.status(&xid).await? == "Rollbacked")
+    })
+    .await?;
+    for (db, expected) in [(&db_a, &before[0]), (&db_b, &before[1])] {
+        let mut c = db.conn().await?;
+        assert_eq!(&snapshot(&mut c, "t").await?, expected);
+    }
+    Ok(())
+}
+
 fn undo_log_ddl() -> &'static str {
     ferrata_proxy::global::undo_log::CREATE
 }

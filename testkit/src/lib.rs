@@ -69,6 +69,8 @@ pub struct MariaDb {
     dir: TempDir,
     /// Holds the flock on [`OWNER_LOCK`] until the directory is gone.
     _owner: File,
+    /// What it was started with, for a restart.
+    opts: MariaDbOptions,
 }
 
 impl MariaDb {
@@ -109,7 +111,28 @@ impl MariaDb {
     }
 
     fn spawn(dir: TempDir, owner: File, port: u16, opts: &MariaDbOptions) -> Result<MariaDb> {
-        let data = dir.path();
+        let (child, socket) = Self::spawn_in(dir.path(), port, opts)?;
+        Ok(MariaDb {
+            pid: child.id(),
+            child: Some(child),
+            port,
+            socket,
+            dir,
+            _owner: owner,
+            opts: opts.clone(),
+        })
+    }
+
+    /// SIGKILLs the server (a crash) and starts it again on the same data and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let (child, _) = Self::spawn_in(self.dir.path(), self.port, &self.opts)?;
+        self.pid = child.id();
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    fn spawn_in(data: &Path, port: u16, opts: &MariaDbOptions) -> Result<(std::process::Child, PathBuf)> {
         let socket = data.join("mariadbd.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
@@ -164,14 +187,7 @@ impl MariaDb {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
 
         let child = spawn_tied(cmd).context("spawning mariadbd (is mariadb-server installed?)")?;
-        Ok(MariaDb {
-            pid: child.id(),
-            child: Some(child),
-            port,
-            socket,
-            dir,
-            _owner: owner,
-        })
+        Ok((child, socket))
     }
 
     /// Polls the Unix socket until the server answers a handshake. The socket is created
