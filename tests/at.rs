@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
+use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{Proxy, test_config};
 use mysql_async::prelude::*;
@@ -16,18 +16,9 @@ use mysql_async::prelude::*;
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
 const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
-async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<Proxy> {
-    let mut config = test_config(db.addr());
-    config.coordinator = Some(TcSettings {
-        endpoints: vec![tc.endpoint()],
-        token: None,
-        tls_ca: None,
-        lock_wait_ms,
-        rm_id: None,
-    });
-    config.service.user = APP_USER.into();
-    config.service.password = Some(Secret(APP_PASSWORD.into()));
-    Proxy::start_with(config).await
+/// A real `ferrata-proxy` process in front of `db`.
+async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<ProxyProcess> {
+    ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)
 }
 
 fn server_error(e: &mysql_async::Error) -> (u16, String) {
@@ -595,14 +586,8 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
     direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
     direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
     direct.query_drop(undo_log_ddl()).await?;
-    let mut proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), APP_USER, APP_PASSWORD)?;
-    let mut conn = mysql_async::Conn::new(
-        ferrata_tests::tcp_opts(proxy.addr)
-            .user(Some(APP_USER))
-            .pass(Some(APP_PASSWORD))
-            .db_name(Some("test")),
-    )
-    .await?;
+    let mut proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut conn = proxy.conn().await?;
     let xid = start(&mut conn).await?;
     conn.query_drop("BEGIN").await?;
     conn.query_drop("UPDATE t SET v = 2").await?;
@@ -619,7 +604,7 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
     dba.query_drop("UNLOCK TABLES").await?;
 
     // Another proxy in front of the same database finishes the rollback.
-    let _replacement = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), APP_USER, APP_PASSWORD)?;
+    let _replacement = proxy_for(&db, &tc, 2000).await?;
     let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/rollback")).await?;
     assert_eq!(status, 200, "{body}");
     eventually("the rollback", || async { Ok(tc.status(&xid).await? == "Rollbacked") }).await?;

@@ -1,5 +1,5 @@
-//! The bank test: accounts split across two MariaDB servers, each behind its own proxy, one
-//! coordinator process; 8 clients run cross-server transfers as global transactions at the
+//! The bank test: accounts split across two MariaDB servers, each behind its own proxy
+//! process, one coordinator process; 8 clients run cross-server transfers as global transactions at the
 //! same time, roll back about 30% of them on purpose after both updates, and give up on the
 //! ones that lose a lock race. Afterwards: the total balance is unchanged, no balance is
 //! negative, every committed transfer is in the ledger exactly once and no other is, no undo
@@ -9,30 +9,21 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Result;
-use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
-use ferrata_tests::{Proxy, test_config};
+use ferrata_tests::ferrata_testkit::MariaDb;
+use ferrata_tests::process::ProxyProcess;
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 const CLIENTS: u64 = 8;
 const TRANSFERS: u64 = 12;
 const ACCOUNTS: u64 = 4;
 const START_BALANCE: i64 = 10_000;
 
-async fn proxy_for(db: &MariaDb, tc: &Coordinator) -> Result<Proxy> {
-    let mut config = test_config(db.addr());
-    config.coordinator = Some(TcSettings {
-        endpoints: vec![tc.endpoint()],
-        token: None,
-        tls_ca: None,
-        lock_wait_ms: 1_000,
-        rm_id: None,
-    });
-    config.service.user = APP_USER.into();
-    config.service.password = Some(Secret(APP_PASSWORD.into()));
-    Proxy::start_with(config).await
+/// A real `ferrata-proxy` process in front of `db`.
+fn proxy_for(db: &MariaDb, tc: &Coordinator) -> Result<ProxyProcess> {
+    ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 1_000)
 }
 
 /// How one transfer ended.
@@ -93,7 +84,7 @@ async fn transfer(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn, id: u64,
 async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
     let (db_a, db_b) = (MariaDb::start().await?, MariaDb::start().await?);
     let tc = Coordinator::start(TC)?;
-    let (pa, pb) = (proxy_for(&db_a, &tc).await?, proxy_for(&db_b, &tc).await?);
+    let (pa, pb) = (proxy_for(&db_a, &tc)?, proxy_for(&db_b, &tc)?);
     for db in [&db_a, &db_b] {
         let mut c = db.conn().await?;
         c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use ferrata_testkit::{APP_PASSWORD, APP_USER};
 
 /// Starts `command` and waits for a stderr line containing `ready`; returns the child and
 /// that line. Later output is read away so the child never blocks on a full pipe.
@@ -52,33 +53,51 @@ pub fn addr_in(line: &str, key: &str) -> Result<SocketAddr> {
     Ok(line[at..end].trim_matches('"').parse()?)
 }
 
-/// A `ferrata-proxy` process in front of `backend`, with a coordinator.
+/// A `ferrata-proxy` process in front of `backend`, with a coordinator, its service user
+/// the app user (password from the environment, as in production).
 pub struct ProxyProcess {
     child: Child,
     pub addr: SocketAddr,
+    _config: tempfile::TempDir,
 }
 
 impl ProxyProcess {
-    /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`).
-    pub fn start(binary: &str, backend: SocketAddr, tc: &str, user: &str, password: &str) -> Result<ProxyProcess> {
+    /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`) with a config file.
+    pub fn start(binary: &str, backend: SocketAddr, tc: &str, lock_wait_ms: u64) -> Result<ProxyProcess> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [coordinator]\nendpoints = [\"{tc}\"]\nlock_wait_ms = {lock_wait_ms}\n\
+                 [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n"
+            ),
+        )?;
         let mut command = Command::new(binary);
         command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "info",
-            ])
-            .args(["--backend", &backend.to_string(), "--tc", tc, "--service-user", user])
-            .env("FERRATA_SERVICE_PASSWORD", password)
+            .arg("--config")
+            .arg(&path)
+            .env("FERRATA_SERVICE_PASSWORD", APP_PASSWORD)
             .env_remove("FERRATA_TC_TOKEN");
         let (child, line) = spawn_until(command, "ferrata-proxy ready")?;
         Ok(ProxyProcess {
             addr: addr_in(&line, "listen=")?,
             child,
+            _config: dir,
         })
+    }
+
+    /// Options for the app user on database `test`, through this proxy.
+    pub fn opts(&self) -> mysql_async::OptsBuilder {
+        crate::tcp_opts(self.addr)
+            .user(Some(APP_USER))
+            .pass(Some(APP_PASSWORD))
+            .db_name(Some("test"))
+    }
+
+    pub async fn conn(&self) -> Result<mysql_async::Conn> {
+        Ok(mysql_async::Conn::new(self.opts()).await?)
     }
 
     pub fn kill9(&mut self) -> Result<()> {
