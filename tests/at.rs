@@ -720,11 +720,19 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
     assert_eq!(server_error(&e).0, 1146);
     let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t").await?;
     assert_eq!(rows, [(1, 1)]);
-    // BEGIN with protected writes pending would commit them behind the proxy's back.
+    // BEGIN with protected writes pending would commit them behind the proxy's back, and
+    // so would a prepared COMMIT; leaving would let a later DDL do it.
+    let prepared_commit = conn.prep("COMMIT").await?;
     conn.query_drop("BEGIN").await?;
     conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
     let e = conn.query_drop("BEGIN").await.unwrap_err();
     assert_eq!(server_error(&e).0, 1235);
+    let e = conn.exec_drop(&prepared_commit, ()).await.unwrap_err();
+    assert_eq!(server_error(&e).0, 1235);
+    let e = conn.query_drop("LEAVE GLOBAL TRANSACTION").await.unwrap_err();
+    assert_eq!(server_error(&e).0, 1399);
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(1), "nothing was committed");
     conn.query_drop("ROLLBACK").await?;
     conn.query_drop("ROLLBACK GLOBAL").await?;
     Ok(())

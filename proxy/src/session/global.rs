@@ -194,6 +194,9 @@ async fn run(
                 result.map(|()| ok(state))
             }
         },
+        GlobalStatement::Leave if state.branch.is_some() => Err(rmfail(
+            "the open local transaction has protected writes: COMMIT or ROLLBACK it before leaving the global transaction".into(),
+        )),
         GlobalStatement::Leave => {
             if let Some(xid) = state.xid.take() {
                 tracing::info!(xid, "left global transaction");

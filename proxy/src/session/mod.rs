@@ -426,6 +426,18 @@ fn intercept(
         (Command::STMT_EXECUTE, _) if payload.len() >= 5 => {
             let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
             let statement = state.statements.get(&id)?;
+            // A prepared COMMIT (or BEGIN, SET autocommit) would commit protected writes
+            // without registering them.
+            if state.branch.is_some()
+                && matches!(
+                    statement.class.class,
+                    StatementClass::TransactionControl(TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit)
+                )
+            {
+                return Some(Intercepted::Refuse(global::implicit_commit(
+                    state.xid.as_deref().unwrap_or_default(),
+                )));
+            }
             let protectable = !statement.class.multi_statement
                 && matches!(
                     statement.class.class,
@@ -538,14 +550,17 @@ impl Pending {
         let ok = tracker.error_code().is_none();
         match self.command {
             // A new user or a reset session starts outside any global transaction.
+            // The server rolled the local transaction back, pending writes included.
             Command::CHANGE_USER => {
                 state.forget_statements();
                 state.schema = self.schema;
                 state.xid = None;
+                state.branch = None;
             }
             Command::RESET_CONNECTION if ok => {
                 state.forget_statements();
                 state.xid = None;
+                state.branch = None;
             }
             Command::STMT_PREPARE => {
                 if let (Some(prepared), Some((sql, class))) = (tracker.prepare_ok(), self.prepare) {
