@@ -156,6 +156,36 @@ async fn commit_keeps_the_changes_and_deletes_the_undo_record() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_wrapped_autocommit_statement_reports_what_the_server_would() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::{RawConn, flags::DEFAULT};
+    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1), (2, 2)").await?;
+    let ok = |packets: Vec<ferrata_tests::ferrata_testkit::raw::Packet>| {
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        packets[0].payload.clone()
+    };
+    let mut raw_direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), DEFAULT).await?;
+    let expected = ok(raw_direct.query("UPDATE t SET v = v + 10 WHERE id = 1").await?);
+    let mut raw_proxied = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), DEFAULT).await?;
+    let started = raw_proxied.query("START GLOBAL TRANSACTION").await?;
+    assert!(started.len() > 2, "a result set with the XID");
+    let got = ok(raw_proxied.query("UPDATE t SET v = v + 10 WHERE id = 2").await?);
+    assert_eq!(
+        got, expected,
+        "the same OK packet: one row affected, autocommit, no transaction open"
+    );
+    raw_proxied.query("ROLLBACK GLOBAL").await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 2").await?;
+    assert_eq!(v, Some(2));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_transfer_across_two_databases_commits_or_rolls_back_as_one() -> Result<()> {
     let (db1, db2) = (MariaDb::start().await?, MariaDb::start().await?);
     let tc = Coordinator::start(TC)?;
