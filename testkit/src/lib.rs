@@ -141,6 +141,11 @@ impl MariaDb {
             );
         }
         let log = data.join("error.log");
+        // A server's own temporary directory: at start-up a server deletes every `#sql*` file
+        // in its tmpdir, which would pull the temporary tables out from under servers sharing
+        // /tmp (ERROR 6 "Error on delete of '/tmp/#sql-temptable-...'").
+        let tmp = data.join("tmp");
+        fs::create_dir_all(&tmp)?;
 
         let mut cmd = Command::new(mariadbd_path());
         // --no-defaults must be the first argument.
@@ -150,6 +155,7 @@ impl MariaDb {
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--log-error={}", log.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--pid-file={}", data.join("mariadbd.pid").display()))
             .args([
                 "--skip-name-resolve",
