@@ -44,7 +44,7 @@ impl AdminServer {
 }
 
 async fn metrics() -> String {
-    crate::metrics::prometheus().render()
+    ferrata_rpc::process::prometheus().render()
 }
 
 /// 200 while the proxy accepts clients, 503 once it is shutting down (so load balancers

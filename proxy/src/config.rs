@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+pub use ferrata_rpc::process::{Log, LogFormat, Secret};
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -95,17 +97,6 @@ impl Default for Service {
     }
 }
 
-/// A secret that never appears in logs or debug output.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTls {
@@ -126,31 +117,6 @@ pub struct BackendTls {
     /// Name to verify in the backend's certificate; defaults to the backend host.
     #[serde(default)]
     pub server_name: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Log {
-    /// A tracing filter, e.g. `info` or `ferrata_proxy=debug`.
-    pub level: String,
-    /// `text` or `json`.
-    pub format: LogFormat,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-impl Default for Log {
-    fn default() -> Self {
-        Log {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
 }
 
 impl Default for Config {
@@ -347,16 +313,7 @@ impl Flags {
         {
             config.service.password = Some(Secret(v));
         }
-        if let Some(v) = self.log_level {
-            config.log.level = v;
-        }
-        if let Some(v) = self.log_format {
-            config.log.format = match v.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
-            };
-        }
+        config.log.apply_flags(self.log_level, self.log_format)?;
         config.validate()?;
         Ok(config)
     }

@@ -1,11 +1,9 @@
 //! Prometheus metrics. Handles are registered once, up front, so the per-command cost is a
 //! few atomic adds rather than a label lookup.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::protocol::Command;
 
@@ -59,48 +57,9 @@ pub struct Metrics {
     slot: [u8; 256],
 }
 
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 10.0,
-];
-
-/// How often queued histogram samples are folded into their buckets.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The process-wide recorder: installed once, shared by every proxy in the process (tests run
-/// several).
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&LATENCY_BUCKETS)
-            .expect("buckets are not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Another recorder may already be installed (e.g. by an embedding application);
-        // our handle then renders only what was recorded through ours, which is nothing.
-        let _ = metrics::set_global_recorder(recorder);
-        // Histogram samples queue up until they are folded into the buckets, which
-        // otherwise happens only when /metrics is scraped: without this, a proxy nobody
-        // scrapes would grow by 8 bytes per command.
-        let upkeep = handle.clone();
-        let spawned = std::thread::Builder::new()
-            .name("metrics-upkeep".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(UPKEEP_INTERVAL);
-                    upkeep.run_upkeep();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms grow until /metrics is scraped");
-        }
-        handle
-    })
-}
-
 impl Metrics {
     pub fn new() -> Self {
-        prometheus();
+        ferrata_rpc::process::prometheus();
         let mut slot = [0u8; 256];
         for (byte, s) in slot.iter_mut().enumerate() {
             let name = Command::name(byte as u8);

@@ -1,8 +1,10 @@
 //! What Ferrata's proxy and coordinator both speak: the generated gRPC protocol
 //! (`proto/ferrata.proto`), the stable error codes the coordinator attaches to its errors,
-//! the bearer-token plumbing, and TLS setup.
+//! the bearer-token plumbing, TLS setup, and the process plumbing both binaries share
+//! (`process`: secrets, logging, runtime, signals, the metrics recorder).
 
 pub mod client;
+pub mod process;
 pub mod tls;
 
 pub mod pb {

@@ -2,13 +2,14 @@
 //! `FERRATA_TC_TOKEN` environment variable. Every setting has a default, so the coordinator
 //! runs with no file at all; README.md documents each one.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
+
+pub use ferrata_rpc::process::{Log, LogFormat, Secret};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -35,17 +36,6 @@ pub struct Config {
     pub transactions: Transactions,
     pub phase2: Phase2,
     pub log: Log,
-}
-
-/// A secret that never appears in logs or debug output.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -96,22 +86,6 @@ pub struct Phase2 {
     pub heartbeat_interval_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Log {
-    /// A tracing filter, e.g. `info` or `ferrata_tc=debug`.
-    pub level: String,
-    /// `text` or `json`.
-    pub format: LogFormat,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -154,15 +128,6 @@ impl Default for Phase2 {
             retry_max_ms: 30_000,
             commit_batch: 1000,
             heartbeat_interval_ms: 5_000,
-        }
-    }
-}
-
-impl Default for Log {
-    fn default() -> Self {
-        Log {
-            level: "info".into(),
-            format: LogFormat::Text,
         }
     }
 }
@@ -335,16 +300,7 @@ impl Flags {
         if let Some(v) = self.worker_threads {
             config.worker_threads = v;
         }
-        if let Some(v) = self.log_level {
-            config.log.level = v;
-        }
-        if let Some(v) = self.log_format {
-            config.log.format = match v.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
-            };
-        }
+        config.log.apply_flags(self.log_level, self.log_format)?;
         config.resolve_token_file()?;
         config.validate()?;
         Ok(config)

@@ -304,7 +304,7 @@ async fn healthz(State(api): State<Api>) -> Response {
 async fn metrics() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::prometheus().render(),
+        ferrata_rpc::process::prometheus().render(),
     )
         .into_response()
 }

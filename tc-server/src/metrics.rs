@@ -1,39 +1,11 @@
 //! Prometheus metrics of the coordinator. Handles are registered once, so recording is a few
 //! atomic operations; README.md lists every series.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::model::GlobalStatus;
-
-const BUCKETS: [f64; 16] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-];
-
-/// The process-wide recorder, installed on first use, with a thread that folds histogram
-/// samples into buckets every second so memory does not grow between scrapes.
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().set_buckets(&BUCKETS).expect("buckets are not empty").build_recorder();
-        let handle = recorder.handle();
-        let _ = metrics::set_global_recorder(recorder);
-        let upkeep = handle.clone();
-        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-                upkeep.run_upkeep();
-            }
-        });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the metrics upkeep thread; histograms grow until /metrics is scraped");
-        }
-        handle
-    })
-}
 
 /// Phase-2 action, as a label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +47,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        prometheus();
+        ferrata_rpc::process::prometheus();
         let per_action =
             |name: &'static str| [Action::Commit, Action::Rollback].map(|a| counter!(name, "action" => a.label()));
         Metrics {
