@@ -568,25 +568,27 @@ impl Inner {
                     return Step::Granted;
                 }
                 Eval::RollingBack { idx, holder } => {
-                    if let Some(id) = id {
-                        self.remove_req(id, wakes);
-                    }
-                    return Step::Refused(LockError::HolderRollingBack {
-                        holder,
-                        key: keys[idx].clone(),
-                    });
+                    return self.end(
+                        id,
+                        Step::Refused(LockError::HolderRollingBack {
+                            holder,
+                            key: keys[idx].clone(),
+                        }),
+                        wakes,
+                    );
                 }
                 Eval::Conflict { idx, holder } => (idx, holder),
             };
             let key = &keys[idx];
             if timed_out || Instant::now() >= deadline {
-                if let Some(id) = id {
-                    self.remove_req(id, wakes);
-                }
-                return Step::Refused(LockError::WaitTimeout {
-                    holder,
-                    key: key.clone(),
-                });
+                return self.end(
+                    id,
+                    Step::Refused(LockError::WaitTimeout {
+                        holder,
+                        key: key.clone(),
+                    }),
+                    wakes,
+                );
             }
             if let Some(id) = id {
                 let req = self.reqs.get_mut(&id).expect("a waiting request has a record");
@@ -598,10 +600,7 @@ impl Inner {
             }
             if let Some(cycle) = self.find_cycle(txn, key, age, id) {
                 if cycle.iter().max() == Some(&txn) {
-                    if let Some(id) = id {
-                        self.remove_req(id, wakes);
-                    }
-                    return Step::Refused(LockError::Deadlock { cycle });
+                    return self.end(id, Step::Refused(LockError::Deadlock { cycle }), wakes);
                 }
                 // The victim's requests are gone (each removal shrinks the wait-for
                 // relation, so this ends): look again.
@@ -620,6 +619,14 @@ impl Inner {
         }
     }
 
+    /// Ends a request that will not wait (any more): its queue entry, if it has one, goes.
+    fn end(&mut self, id: Option<ReqId>, step: Step, wakes: &mut Vec<Waker>) -> Step {
+        if let Some(id) = id {
+            self.remove_req(id, wakes);
+        }
+        step
+    }
+
     /// One try of a query; a query that must wait watches its first blocking row.
     fn attempt_query(
         &mut self,
@@ -632,31 +639,30 @@ impl Inner {
     ) -> Step {
         let (idx, holder) = match self.evaluate_query(txn, keys) {
             Eval::Free => {
-                if let Some(id) = id {
-                    self.remove_req(id, wakes);
-                }
-                return Step::Granted;
+                return self.end(id, Step::Granted, wakes);
             }
             Eval::RollingBack { idx, holder } => {
-                if let Some(id) = id {
-                    self.remove_req(id, wakes);
-                }
-                return Step::Refused(LockError::HolderRollingBack {
-                    holder,
-                    key: keys[idx].clone(),
-                });
+                return self.end(
+                    id,
+                    Step::Refused(LockError::HolderRollingBack {
+                        holder,
+                        key: keys[idx].clone(),
+                    }),
+                    wakes,
+                );
             }
             Eval::Conflict { idx, holder } => (idx, holder),
         };
         let key = &keys[idx];
         if timed_out || Instant::now() >= deadline {
-            if let Some(id) = id {
-                self.remove_req(id, wakes);
-            }
-            return Step::Refused(LockError::WaitTimeout {
-                holder,
-                key: key.clone(),
-            });
+            return self.end(
+                id,
+                Step::Refused(LockError::WaitTimeout {
+                    holder,
+                    key: key.clone(),
+                }),
+                wakes,
+            );
         }
         let id = match id {
             Some(id) => {
