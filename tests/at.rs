@@ -10,7 +10,7 @@ use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{Proxy, test_config};
+use ferrata_tests::{Proxy, server_error, test_config, until};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -19,13 +19,6 @@ const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 /// A real `ferrata-proxy` process in front of `db`.
 async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<ProxyProcess> {
     ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)
-}
-
-fn server_error(e: &mysql_async::Error) -> (u16, String) {
-    match e {
-        mysql_async::Error::Server(s) => (s.code, s.message.clone()),
-        other => panic!("expected a server error, got {other:?}"),
-    }
 }
 
 async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
@@ -45,19 +38,6 @@ async fn snapshot(conn: &mut mysql_async::Conn, table: &str) -> Result<Vec<Strin
     let list: Vec<String> = columns.iter().map(|c| format!("IFNULL(HEX(`{c}`), 'NULL')")).collect();
     let sql = format!("SELECT CONCAT_WS('|', {}) FROM `{table}` ORDER BY 1", list.join(", "));
     Ok(conn.query(sql).await?)
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await? {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 async fn undo_rows(db: &MariaDb) -> Result<i64> {
@@ -147,7 +127,7 @@ async fn commit_keeps_the_changes_and_deletes_the_undo_record() -> Result<()> {
     assert_eq!(conn.affected_rows(), 0, "affected rows of the SELECT");
     assert_eq!(undo_rows(&db).await?, 1);
     conn.query_drop("COMMIT GLOBAL").await?;
-    eventually("the undo record to go", || async { Ok(undo_rows(&db).await? == 0) }).await?;
+    until("the undo record to go", || async { Ok(undo_rows(&db).await? == 0) }).await?;
     let mut direct = db.conn().await?;
     let balance: Option<String> = direct.query_first("SELECT balance FROM acct WHERE id = 1").await?;
     assert_eq!(balance.as_deref(), Some("0.0000"));
@@ -217,7 +197,7 @@ async fn a_transfer_across_two_databases_commits_or_rolls_back_as_one() -> Resul
             .await?;
         assert_eq!(balances().await?, (70, 130), "phase 1 committed locally on both");
         payer.query_drop(decision).await?;
-        eventually("both databases to settle", || async {
+        until("both databases to settle", || async {
             Ok(balances().await? == expected && undo_rows(&db1).await? == 0 && undo_rows(&db2).await? == 0)
         })
         .await?;
@@ -240,7 +220,7 @@ async fn a_dirty_rollback_overwrites_nothing_and_keeps_the_locks() -> Result<()>
     direct.query_drop("UPDATE t SET v = 99 WHERE id = 2").await?;
 
     let e = conn.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1401, "{message}");
     assert!(message.contains("were changed outside"), "{message}");
     assert!(
@@ -260,7 +240,7 @@ async fn a_dirty_rollback_overwrites_nothing_and_keeps_the_locks() -> Result<()>
     // Another global transaction may not touch the rows meanwhile.
     let xid2 = start(&mut conn).await?;
     let e = conn.query_drop("UPDATE t SET v = 0 WHERE id = 1").await.unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1205, "{message}");
     assert!(message.contains(&xid), "names the holder: {message}");
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
@@ -289,7 +269,7 @@ async fn a_second_global_transaction_waits_for_the_row() -> Result<()> {
         (r, second)
     });
     // The second holds the row in the database and waits for the global lock.
-    eventually("the second to wait in the coordinator", || async {
+    until("the second to wait in the coordinator", || async {
         let locks = tc.get("/v1/locks").await?;
         Ok(locks["locks"][0]["waiters"].as_array().is_some_and(|w| !w.is_empty()))
     })
@@ -353,14 +333,14 @@ async fn inserts_with_given_and_generated_keys_are_undone() -> Result<()> {
         .query_drop("INSERT INTO pair VALUES (UUID(), 1, 'u')")
         .await
         .unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1235, "{message}");
     assert!(message.contains("expressions"), "{message}");
     let e = conn
         .query_drop("INSERT INTO seq VALUES (10, 1), (NULL, 2)")
         .await
         .unwrap_err();
-    assert!(server_error(&e).1.contains("mixes"));
+    assert!(server_error(&e)?.2.contains("mixes"));
     conn.query_drop("INSERT INTO seq (id, v) VALUES (100, 7)").await?;
     conn.query_drop("COMMIT GLOBAL").await?;
     let n: Option<i64> = direct.query_first("SELECT COUNT(*) FROM seq WHERE id = 100").await?;
@@ -466,7 +446,7 @@ async fn undo_records_larger_than_a_packet_are_split() -> Result<()> {
     start(&mut conn).await?;
     conn.query_drop("UPDATE big SET b = 'y'").await?;
     conn.query_drop("COMMIT GLOBAL").await?;
-    eventually("the pieces to be deleted", || async {
+    until("the pieces to be deleted", || async {
         let mut c = db.conn().await?;
         let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM undo_log").await?;
         Ok(n == Some(0))
@@ -492,7 +472,7 @@ async fn a_local_commit_after_the_global_rollback_fails_and_changes_nothing() ->
     let mut other = proxy.conn().await?;
     other.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
     let e = slow.query_drop("COMMIT").await.unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1399, "{message}");
     assert!(message.contains("Rollbacked"), "names the status: {message}");
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
@@ -522,7 +502,7 @@ async fn the_coordinator_killed_between_the_phases_finishes_after_restart() -> R
         match conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await {
             Ok(()) => break,
             Err(e) if tokio::time::Instant::now() < deadline => {
-                let (code, message) = server_error(&e);
+                let (code, _, message) = server_error(&e)?;
                 anyhow::ensure!(code == 1105 || code == 1401, "{message}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -552,7 +532,7 @@ async fn an_unreachable_coordinator_at_commit_rolls_the_local_transaction_back()
     conn.query_drop("UPDATE t SET v = 2").await?;
     tc.kill9()?;
     let e = conn.query_drop("COMMIT").await.unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1105, "{message}");
     assert!(
         message.contains("cannot reach the transaction coordinator"),
@@ -594,7 +574,7 @@ async fn a_service_user_without_create_gets_the_dba_instructions() -> Result<()>
     let mut conn = proxy.conn().await?;
     start(&mut conn).await?;
     let e = conn.query_drop("UPDATE t SET v = 2").await.unwrap_err();
-    let (_, message) = server_error(&e);
+    let (_, _, message) = server_error(&e)?;
     assert!(
         message.contains("a DBA must run") && message.contains("CREATE TABLE IF NOT EXISTS undo_log"),
         "{message}"
@@ -625,7 +605,7 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
     let mut dba = db.conn().await?;
     dba.query_drop("LOCK TABLES undo_log WRITE").await?;
     let commit = tokio::spawn(async move { conn.query_drop("COMMIT").await });
-    eventually("the branch to be registered", || async {
+    until("the branch to be registered", || async {
         Ok(tc.get(&format!("/v1/transactions/{xid}")).await?["branch_count"] == 1)
     })
     .await?;
@@ -637,7 +617,7 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
     let _replacement = proxy_for(&db, &tc, 2000).await?;
     let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/rollback")).await?;
     assert_eq!(status, 200, "{body}");
-    eventually("the rollback", || async { Ok(tc.status(&xid).await? == "Rollbacked") }).await?;
+    until("the rollback", || async { Ok(tc.status(&xid).await? == "Rollbacked") }).await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t").await?;
     assert_eq!(v, Some(1), "the local transaction died with its connection");
     let marker: Option<i32> = direct
@@ -669,12 +649,12 @@ async fn a_database_restarted_during_phase_two_is_rolled_back_once_it_is_back() 
     // Server B crashes: the rollback cannot finish and says which branch is missing.
     db_b.kill();
     let e = a.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
-    let (code, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1401, "{message}");
     assert!(message.contains("RollbackRetrying"), "{message}");
     // Back again: the coordinator's retry finishes the job.
     db_b.restart().await?;
-    eventually("the rollback to finish", || async {
+    until("the rollback to finish", || async {
         Ok(tc.status(&xid).await? == "Rollbacked")
     })
     .await?;
@@ -742,12 +722,12 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
         ("DELETE FROM t RETURNING id", "RETURNING"),
     ] {
         let e = conn.query_drop(sql).await.unwrap_err();
-        let (code, message) = server_error(&e);
+        let (code, _, message) = server_error(&e)?;
         assert_eq!(code, 1235, "{sql}: {message}");
         assert!(message.contains(why), "{sql}: {message}");
     }
     let e = conn.query_drop("UPDATE missing SET v = 1").await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1146);
+    assert_eq!(server_error(&e)?.0, 1146);
     let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t").await?;
     assert_eq!(rows, [(1, 1)]);
     // BEGIN with protected writes pending would commit them behind the proxy's back, and
@@ -756,11 +736,11 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
     conn.query_drop("BEGIN").await?;
     conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
     let e = conn.query_drop("BEGIN").await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1235);
+    assert_eq!(server_error(&e)?.0, 1235);
     let e = conn.exec_drop(&prepared_commit, ()).await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1235);
+    assert_eq!(server_error(&e)?.0, 1235);
     let e = conn.query_drop("LEAVE GLOBAL TRANSACTION").await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1399);
+    assert_eq!(server_error(&e)?.0, 1399);
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(v, Some(1), "nothing was committed");
     conn.query_drop("ROLLBACK").await?;

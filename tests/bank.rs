@@ -6,12 +6,12 @@
 //! record and no global lock is left.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::until;
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -126,8 +126,7 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
     assert!(!committed.is_empty(), "some transfers committed");
 
     // Phase 2 of the last commits is asynchronous: wait for the undo records to go.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    until("the undo records to go", async || {
         let mut left = 0;
         for db in [&db_a, &db_b] {
             let n: Option<i64> = db
@@ -137,12 +136,9 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
                 .await?;
             left += n.unwrap_or(0);
         }
-        if left == 0 {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{left} undo records left");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(left == 0)
+    })
+    .await?;
 
     let mut total = 0;
     let mut ledger = BTreeSet::new();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use ferrata_tests::ferrata_testkit::free_port;
 use ferrata_tests::ferrata_testkit::raw::flags;
-use ferrata_tests::{Proxy, Setup, framed, http_get, metric};
+use ferrata_tests::{Proxy, Setup, eventually, framed, http_get, metric};
 use mysql_async::Conn;
 use mysql_async::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,7 +106,7 @@ async fn garbage_and_truncated_packets_leave_other_sessions_alone() -> Result<()
     let mut fresh = setup.proxy.conn().await?;
     assert_eq!(fresh.query_first::<i64, _>("SELECT 2").await?, Some(2));
     // No backend session is left behind: only `direct`, `healthy` and `fresh` remain.
-    eventually("garbage sessions' backend connections to close", async || {
+    eventually("garbage sessions' backend connections to close", DEADLINE, async || {
         let sessions: Option<i64> = direct
             .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app'")
             .await?;
@@ -151,7 +151,7 @@ async fn connection_limit_turns_clients_away_until_one_leaves() -> Result<()> {
 
     first.disconnect().await?;
     // The slot is free once the proxy has finished the first session.
-    let mut third = eventually("a client to get the freed slot", async || {
+    let mut third = eventually("a client to get the freed slot", DEADLINE, async || {
         match Conn::new(setup.proxy.opts()).await {
             Ok(conn) => Ok(Some(conn)),
             Err(mysql_async::Error::Server(e)) if e.code == 1040 => Ok(None),
@@ -191,7 +191,10 @@ async fn backend_death_gives_clear_errors_not_hangs() -> Result<()> {
     let mut busy = setup.proxy.conn().await?;
     let mut direct = setup.db.conn().await?;
     let query = tokio::spawn(async move { busy.query_drop("SELECT SLEEP(60)").await });
-    eventually("the query to run on the server", async || sleeping(&mut direct).await).await?;
+    eventually("the query to run on the server", DEADLINE, async || {
+        sleeping(&mut direct).await
+    })
+    .await?;
 
     setup.db.kill();
     let err = within(query).await??.err().context("the query cannot succeed")?;
@@ -242,10 +245,13 @@ async fn graceful_shutdown_finishes_the_query_in_flight_and_refuses_new_clients(
         let slept = busy.query_first::<i64, _>("SELECT SLEEP(2)").await;
         (slept, busy)
     });
-    eventually("the query to run on the server", async || sleeping(&mut direct).await).await?;
+    eventually("the query to run on the server", DEADLINE, async || {
+        sleeping(&mut direct).await
+    })
+    .await?;
 
     let shutdown = tokio::spawn(proxy.shutdown());
-    eventually("new connections to be refused", async || {
+    eventually("new connections to be refused", DEADLINE, async || {
         Ok(TcpStream::connect(addr).await.is_err().then_some(()))
     })
     .await?;
@@ -288,7 +294,7 @@ async fn admin_endpoints_report_health_and_metrics_that_move() -> Result<()> {
 
     // Commands are counted once their response has been relayed, so the client can be a
     // moment ahead of the counter.
-    let after = eventually("the ping to be counted", async || {
+    let after = eventually("the ping to be counted", DEADLINE, async || {
         let after = metrics(&setup.proxy).await?;
         let counted = delta(&before, &after, r#"ferrata_proxy_commands_total{command="ping"}"#) >= 1.0;
         Ok(counted.then_some(after))
@@ -343,19 +349,6 @@ async fn sleeping(direct: &mut Conn) -> Result<Option<()>> {
         .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP%'")
         .await?;
     Ok((running == Some(1)).then_some(()))
-}
-
-/// Polls `check` until it returns a value, failing after [`DEADLINE`]. For conditions that
-/// have no event to wait for.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `future`'s output, or an error if it takes longer than [`DEADLINE`] (a hang).

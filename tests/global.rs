@@ -4,14 +4,12 @@
 //! phase 2 run by the proxy (undo records deleted, the anti-hanging marker) and coordinator
 //! failover.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_rpc::pb;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
-use ferrata_tests::{Proxy, test_config};
+use ferrata_tests::{Proxy, server_error, test_config, until};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -50,13 +48,6 @@ impl Env {
     }
 }
 
-fn server_error(e: &mysql_async::Error) -> (u16, String, String) {
-    match e {
-        mysql_async::Error::Server(s) => (s.code, s.state.clone(), s.message.clone()),
-        other => panic!("expected a server error, got {other:?}"),
-    }
-}
-
 async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
     let xid: Option<String> = conn
         .query_first("START GLOBAL TRANSACTION TIMEOUT 30000 NAME 'test'")
@@ -69,19 +60,6 @@ async fn show(conn: &mut mysql_async::Conn) -> Result<(Option<String>, Option<St
 }
 
 /// Polls until `check` holds; for outcomes with no event to await (the asynchronous phase 2).
-async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await? {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn start_show_commit_and_the_coordinator_agree() -> Result<()> {
     let env = Env::start().await?;
@@ -98,7 +76,7 @@ async fn start_show_commit_and_the_coordinator_agree() -> Result<()> {
     );
 
     let e = conn.query_drop("START GLOBAL TRANSACTION").await.unwrap_err();
-    let (code, state, message) = server_error(&e);
+    let (code, state, message) = server_error(&e)?;
     assert_eq!((code, state.as_str()), (1399, "XAE07"));
     assert!(message.contains(&xid), "{message}");
 
@@ -123,7 +101,7 @@ async fn join_binds_a_second_session_and_leave_unbinds() -> Result<()> {
         .query_drop("JOIN GLOBAL TRANSACTION '1-999999'")
         .await
         .unwrap_err();
-    assert_eq!(server_error(&e).0, 1397, "an unknown XID is XAER_NOTA");
+    assert_eq!(server_error(&e)?.0, 1397, "an unknown XID is XAER_NOTA");
     second.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
     assert_eq!(show(&mut second).await?.0.as_deref(), Some(xid.as_str()));
     second.query_drop("LEAVE GLOBAL TRANSACTION").await?;
@@ -135,7 +113,7 @@ async fn join_binds_a_second_session_and_leave_unbinds() -> Result<()> {
         .query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'"))
         .await
         .unwrap_err();
-    let (code, _, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1399, "{message}");
     assert!(message.contains("Committed"), "{message}");
     Ok(())
@@ -157,7 +135,7 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
         "CALL nothing()",
     ] {
         let e = conn.query_drop(sql).await.unwrap_err();
-        let (code, state, message) = server_error(&e);
+        let (code, state, message) = server_error(&e)?;
         assert_eq!((code, state.as_str()), (1235, "42000"), "{sql}: {message}");
         assert!(message.contains(&xid), "{message}");
     }
@@ -165,7 +143,7 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     let stmt = conn.prep("UPDATE t SET v = ? WHERE id = ?").await?;
     let replace = conn.prep("REPLACE INTO t VALUES (?, ?)").await?;
     let e = conn.exec_drop(&replace, (1, 14)).await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1235);
+    assert_eq!(server_error(&e)?.0, 1235);
     // Reads run as usual.
     let v: Option<i32> = conn.query_first("SELECT v FROM t WHERE id = 1 FOR UPDATE").await?;
     assert_eq!(v, Some(10));
@@ -186,7 +164,7 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
         .query_drop(format!("REPLACE /*+ XID('{xid}') */ INTO t VALUES (3, 30)"))
         .await
         .unwrap_err();
-    assert_eq!(server_error(&e).0, 1235, "REPLACE is not imaged yet");
+    assert_eq!(server_error(&e)?.0, 1235, "REPLACE is not imaged yet");
     conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(
@@ -204,7 +182,7 @@ async fn commit_global_refuses_and_rollback_global_ends_an_open_local_transactio
     let xid = start(&mut conn).await?;
     conn.query_drop("BEGIN").await?;
     let e = conn.query_drop("COMMIT GLOBAL").await.unwrap_err();
-    let (code, _, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1399, "{message}");
     assert!(message.contains("local transaction"), "{message}");
     assert_eq!(show(&mut conn).await?.0.as_deref(), Some(xid.as_str()), "still bound");
@@ -223,7 +201,7 @@ async fn clear_errors_without_a_coordinator_and_for_bad_syntax() -> Result<()> {
     let plain = Proxy::start(db.addr()).await?;
     let mut conn = plain.conn().await?;
     let e = conn.query_drop("START GLOBAL TRANSACTION").await.unwrap_err();
-    let (code, _, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1235);
     assert!(message.contains("--tc"), "{message}");
 
@@ -234,7 +212,7 @@ async fn clear_errors_without_a_coordinator_and_for_bad_syntax() -> Result<()> {
     let proxy = proxy_for(&db, vec![dead]).await?;
     let mut conn = proxy.conn().await?;
     let e = conn.query_drop("START GLOBAL TRANSACTION").await.unwrap_err();
-    let (code, _, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1105);
     assert!(
         message.contains("cannot reach the transaction coordinator"),
@@ -244,11 +222,11 @@ async fn clear_errors_without_a_coordinator_and_for_bad_syntax() -> Result<()> {
     assert_eq!(one, Some(1));
 
     let e = conn.query_drop("START GLOBAL TRANSACTION TIMEOUT").await.unwrap_err();
-    let (code, _, message) = server_error(&e);
+    let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1064);
     assert!(message.contains("START GLOBAL TRANSACTION [TIMEOUT"), "{message}");
     let e = conn.query_drop("COMMIT GLOBAL").await.unwrap_err();
-    assert_eq!(server_error(&e).0, 1397, "nothing to commit is XAER_NOTA");
+    assert_eq!(server_error(&e)?.0, 1397, "nothing to commit is XAER_NOTA");
     Ok(())
 }
 
@@ -313,7 +291,7 @@ async fn phase_two_runs_on_the_proxy() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(
-        server_error(&late).0,
+        server_error(&late)?.0,
         1062,
         "the late phase-1 commit fails on the unique key"
     );
@@ -329,7 +307,7 @@ async fn phase_two_runs_on_the_proxy() -> Result<()> {
         )
         .await?;
     conn.query_drop("COMMIT GLOBAL").await?;
-    eventually("the undo record to be deleted", || {
+    until("the undo record to be deleted", || {
         let db = &env.db;
         let xid = xid.clone();
         async move {
@@ -341,7 +319,7 @@ async fn phase_two_runs_on_the_proxy() -> Result<()> {
         }
     })
     .await?;
-    eventually("the transaction to be committed", || async {
+    until("the transaction to be committed", || async {
         Ok(env.tc.status(&xid).await? == "Committed")
     })
     .await?;

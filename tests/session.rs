@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use ferrata_proxy::config::{BackendTls, ClientTls};
 use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn, flags};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions, ServerTls};
-use ferrata_tests::{Proxy, Setup, mariadb_cli, tcp_opts};
+use ferrata_tests::{Proxy, Setup, mariadb_cli, server_error, tcp_opts};
 use mysql_async::prelude::*;
 use mysql_async::{ChangeUserOpts, Conn, SslOpts, Value};
 
@@ -398,14 +398,6 @@ async fn create_ed25519_user(db: &MariaDb) -> Result<()> {
         .context("user not created")?;
     assert_eq!(plugin, "ed25519");
     Ok(())
-}
-
-/// Code, SQLSTATE and message of a server (or proxy) ERR.
-fn server_error(err: &mysql_async::Error) -> Result<(u16, String, String)> {
-    match err {
-        mysql_async::Error::Server(e) => Ok((e.code, e.state.clone(), e.message.clone())),
-        other => bail!("expected an ERR packet, got {other:?}"),
-    }
 }
 
 /// A query outcome as text: the value, or `ERROR <code>`.

@@ -388,3 +388,37 @@ pub fn assert_same_packets(direct: &[Packet], proxied: &[Packet], what: &str) {
         proxied.len()
     );
 }
+
+/// Code, SQLSTATE and message of a server (or proxy) ERR.
+pub fn server_error(err: &mysql_async::Error) -> Result<(u16, String, String)> {
+    match err {
+        mysql_async::Error::Server(e) => Ok((e.code, e.state.clone(), e.message.clone())),
+        other => anyhow::bail!("expected an ERR packet, got {other:?}"),
+    }
+}
+
+/// Polls `check` until it returns a value, failing after `deadline`. For conditions that
+/// have no event to wait for (an asynchronous phase 2, a counter).
+pub async fn eventually<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long tests wait for something that has no event to await; far above what a healthy
+/// run needs on a busy two-core machine.
+pub const EVENT: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it holds, failing after [`EVENT`].
+pub async fn until(what: &str, mut check: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
+    eventually(what, EVENT, async || Ok(check().await?.then_some(()))).await
+}
