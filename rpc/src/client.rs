@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -78,6 +78,27 @@ fn read_pem(path: &Path) -> anyhow::Result<Certificate> {
 pub type CommandHandler =
     Arc<dyn Fn(pb::BranchCommand) -> Pin<Box<dyn Future<Output = Vec<pb::BranchOutcome>> + Send>> + Send + Sync>;
 
+/// Receives what an Attach stream says about table guards (see `pb::GuardUpdate`).
+pub trait GuardSink: Send + Sync {
+    /// An update, applied before anything later on the stream is read. The ack goes out
+    /// once this returns.
+    fn update(&self, update: &pb::GuardUpdate);
+    /// The coordinator answered a heartbeat sent at `sent`: every update it sent before was
+    /// applied, and the set may be trusted until `sent + lease`.
+    fn confirmed(&self, sent: Instant, lease: Duration);
+    /// The stream ended: what it said is no longer kept current.
+    fn lost(&self);
+}
+
+/// For a resource manager that does not check non-global writes (tests, tools).
+pub struct IgnoreGuards;
+
+impl GuardSink for IgnoreGuards {
+    fn update(&self, _: &pb::GuardUpdate) {}
+    fn confirmed(&self, _: Instant, _: Duration) {}
+    fn lost(&self) {}
+}
+
 /// A running Attach stream. Dropping it closes the stream.
 pub struct Attachment {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -112,12 +133,14 @@ impl Drop for Attachment {
 }
 
 /// Opens the Attach stream announcing `resources`, waits for the coordinator's welcome, then
-/// serves commands (concurrently) with `handler` and sends heartbeats, until the stream ends.
+/// serves commands (concurrently) with `handler`, hands guard updates and answered heartbeats
+/// to `guards`, and sends heartbeats, until the stream ends.
 pub async fn attach(
     rm: &mut RmClient,
     rm_id: &str,
     resources: &[String],
     handler: CommandHandler,
+    guards: Arc<dyn GuardSink>,
 ) -> anyhow::Result<Attachment> {
     let (tx, rx) = mpsc::channel::<pb::RmMessage>(1024);
     let hello = pb::RmMessage {
@@ -132,51 +155,100 @@ pub async fn attach(
         .await
         .context("opening the Attach stream")?
         .into_inner();
-    let interval = match inbound
+    let (interval, lease) = match inbound
         .message()
         .await
         .context("waiting for the coordinator's welcome")?
     {
         Some(pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(w)),
-        }) => Duration::from_millis(w.heartbeat_interval_ms.max(10)),
+        }) => (
+            Duration::from_millis(w.heartbeat_interval_ms.max(10)),
+            Duration::from_millis(w.guard_lease_ms),
+        ),
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
     };
     let outbound = tx.clone();
     let task = tokio::spawn(async move {
-        // Handlers run in this set, owned by the task: aborting the task aborts them too, so
-        // no sender outlives the attachment (whose own sender goes with it) and the stream
-        // closes at once.
-        let mut handlers = tokio::task::JoinSet::new();
-        let mut beat = tokio::time::interval(interval);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                message = inbound.message() => match message? {
-                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
-                        let handler = Arc::clone(&handler);
-                        let tx = tx.clone();
-                        handlers.spawn(async move {
-                            let request_id = command.request_id;
-                            let outcomes = handler(command).await;
-                            let results = pb::RmMessage {
-                                kind: Some(pb::rm_message::Kind::Results(pb::BranchResults { request_id, outcomes })),
-                            };
-                            let _ = tx.send(results).await;
-                        });
-                    }
-                    Some(_) => {}
-                    None => return Ok(()),
-                },
-                Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
-                _ = beat.tick() => {
-                    let heartbeat = pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat {})) };
-                    if tx.send(heartbeat).await.is_err() {
+        let ended = serve(inbound, tx, handler, &*guards, interval, lease).await;
+        guards.lost();
+        ended
+    });
+    Ok(Attachment { task, outbound })
+}
+
+/// The attach task's loop: commands, guard updates, heartbeats and their answers.
+async fn serve(
+    mut inbound: tonic::Streaming<pb::TcMessage>,
+    tx: mpsc::Sender<pb::RmMessage>,
+    handler: CommandHandler,
+    guards: &dyn GuardSink,
+    interval: Duration,
+    lease: Duration,
+) -> anyhow::Result<()> {
+    // Handlers run in this set, owned by the task: aborting the task aborts them too, so
+    // no sender outlives the attachment (whose own sender goes with it) and the stream
+    // closes at once.
+    let mut handlers = tokio::task::JoinSet::new();
+    let mut beat = tokio::time::interval(interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats not answered yet, oldest first: (seq, when sent).
+    let mut unanswered: std::collections::VecDeque<(u64, Instant)> = std::collections::VecDeque::new();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message? {
+                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
+                    let handler = Arc::clone(&handler);
+                    let tx = tx.clone();
+                    handlers.spawn(async move {
+                        let request_id = command.request_id;
+                        let outcomes = handler(command).await;
+                        let results = pb::RmMessage {
+                            kind: Some(pb::rm_message::Kind::Results(pb::BranchResults { request_id, outcomes })),
+                        };
+                        let _ = tx.send(results).await;
+                    });
+                }
+                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Guards(update)) }) => {
+                    guards.update(&update);
+                    let ack = pb::RmMessage {
+                        kind: Some(pb::rm_message::Kind::GuardAck(pb::GuardAck { seq: update.seq })),
+                    };
+                    if tx.send(ack).await.is_err() {
                         return Ok(());
                     }
                 }
+                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(beat)) }) if beat.echo > 0 => {
+                    while let Some(&(n, sent)) = unanswered.front() {
+                        if n > beat.echo {
+                            break;
+                        }
+                        unanswered.pop_front();
+                        if n == beat.echo {
+                            guards.confirmed(sent, lease);
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+            _ = beat.tick() => {
+                seq += 1;
+                // Taken before sending: the lease is counted from no later than the
+                // coordinator's receipt.
+                unanswered.push_back((seq, Instant::now()));
+                if unanswered.len() > 64 {
+                    unanswered.pop_front();
+                }
+                let heartbeat = pb::RmMessage {
+                    kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat { seq, echo: 0 })),
+                };
+                if tx.send(heartbeat).await.is_err() {
+                    return Ok(());
+                }
             }
         }
-    });
-    Ok(Attachment { task, outbound })
+    }
 }
