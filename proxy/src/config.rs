@@ -45,7 +45,60 @@ pub struct Config {
     pub coordinator: Option<Coordinator>,
     /// The proxy's own connections to the backend (metadata, phase 2).
     pub service: Service,
+    /// Writes outside global transactions, checked against global row locks.
+    pub dirty_writes: DirtyWrites,
     pub log: Log,
+}
+
+/// The no-dirty-writes check: a write made outside any global transaction must not commit
+/// over a row an unfinished global transaction holds (see ARCHITECTURE.md). Needs a
+/// `[coordinator]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirtyWrites {
+    /// Check every table unless `tables` says otherwise.
+    pub check: bool,
+    /// Per-table exceptions, `"database.table" = true | false`.
+    pub tables: std::collections::BTreeMap<String, bool>,
+    /// When the coordinator cannot be asked about rows that need checking: `refuse` the
+    /// write (the default), or `allow` it unchecked.
+    pub when_coordinator_unreachable: WhenUnreachable,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenUnreachable {
+    Refuse,
+    Allow,
+}
+
+impl Default for DirtyWrites {
+    fn default() -> Self {
+        DirtyWrites {
+            check: true,
+            tables: Default::default(),
+            when_coordinator_unreachable: WhenUnreachable::Refuse,
+        }
+    }
+}
+
+impl DirtyWrites {
+    /// Whether writes to `database.table` are checked (names compared case-insensitively).
+    pub fn checks(&self, database: &str, table: &str) -> bool {
+        if self.tables.is_empty() {
+            return self.check;
+        }
+        let name = format!("{database}.{table}");
+        self.tables
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&name))
+            .map_or(self.check, |(_, &on)| on)
+    }
+
+    /// Whether any table at all may be checked.
+    pub fn any(&self) -> bool {
+        self.check || self.tables.values().any(|&on| on)
+    }
 }
 
 /// Where the transaction coordinator is and how global transactions behave.
@@ -136,6 +189,7 @@ impl Default for Config {
             backend_tls: None,
             coordinator: None,
             service: Service::default(),
+            dirty_writes: DirtyWrites::default(),
             log: Log::default(),
         }
     }
@@ -168,6 +222,12 @@ impl Config {
             anyhow::ensure!(
                 c.endpoints.iter().all(|e| !e.is_empty()),
                 "[coordinator] endpoints must not be empty strings"
+            );
+        }
+        for name in self.dirty_writes.tables.keys() {
+            anyhow::ensure!(
+                name.split_once('.').is_some_and(|(d, t)| !d.is_empty() && !t.is_empty()),
+                "[dirty_writes] tables: {name:?} must be written \"database.table\""
             );
         }
         anyhow::ensure!(
@@ -253,6 +313,9 @@ pub struct Flags {
     /// Its password (environment only).
     #[arg(skip)]
     pub service_password: Option<String>,
+    /// Do not check writes outside global transactions against global row locks.
+    #[arg(long)]
+    pub no_dirty_write_check: bool,
     /// Log filter, e.g. info or ferrata_proxy=debug [default: info].
     #[arg(long)]
     pub log_level: Option<String>,
@@ -313,6 +376,10 @@ impl Flags {
         {
             config.service.password = Some(Secret(v));
         }
+        if self.no_dirty_write_check {
+            config.dirty_writes.check = false;
+            config.dirty_writes.tables.clear();
+        }
         config.log.apply_flags(self.log_level, self.log_format)?;
         config.validate()?;
         Ok(config)
@@ -356,6 +423,23 @@ mod tests {
         assert!(Config::from_toml("listne = \"1.2.3.4:5\"").is_err());
         assert!(Config::from_toml("max_connections = 0").is_err());
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn dirty_write_check_per_table() {
+        let config = Config::from_toml(
+            "[dirty_writes]\ncheck = false\ntables = { \"Shop.accounts\" = true }\nwhen_coordinator_unreachable = \"allow\"\n",
+        )
+        .unwrap();
+        let d = &config.dirty_writes;
+        assert!(d.checks("shop", "ACCOUNTS"));
+        assert!(!d.checks("shop", "ledger"));
+        assert!(d.any());
+        assert_eq!(d.when_coordinator_unreachable, WhenUnreachable::Allow);
+        let on = Config::default().dirty_writes;
+        assert!(on.checks("any", "table") && on.when_coordinator_unreachable == WhenUnreachable::Refuse);
+        let err = Config::from_toml("[dirty_writes]\ntables = { \"accounts\" = false }\n").unwrap_err();
+        assert!(format!("{err:#}").contains("database.table"), "{err:#}");
     }
 
     #[test]

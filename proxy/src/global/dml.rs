@@ -81,6 +81,53 @@ pub fn plan(sql: &str) -> Result<Plan, String> {
     }
 }
 
+/// Every table the statements in `sql` may write (for a multi-table UPDATE or DELETE, every
+/// table they name: a wider set only costs checks), or why the parser could not tell. For the
+/// no-dirty-writes check, which needs only names.
+pub fn written_tables(sql: &str) -> Result<Vec<TableRef>, String> {
+    let statements = Parser::parse_sql(&MySqlDialect {}, sql)
+        .map_err(|e| format!("a statement the proxy's parser rejects ({e})"))?;
+    let mut tables = Vec::new();
+    let add = |tables: &mut Vec<TableRef>, from: &[TableWithJoins]| {
+        for t in from {
+            for factor in std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)) {
+                if let Ok(table) = table_ref(factor) {
+                    tables.push(table);
+                }
+            }
+        }
+    };
+    for statement in &statements {
+        match statement {
+            Statement::Insert(i) => {
+                if let sqlparser::ast::TableObject::TableName(name) = &i.table {
+                    let (schema, name) = split_name(name)?;
+                    tables.push(TableRef {
+                        schema,
+                        name,
+                        alias: None,
+                    });
+                }
+            }
+            Statement::Update(u) => {
+                add(&mut tables, std::slice::from_ref(&u.table));
+                if let Some(
+                    sqlparser::ast::UpdateTableFromKind::BeforeSet(from)
+                    | sqlparser::ast::UpdateTableFromKind::AfterSet(from),
+                ) = &u.from
+                {
+                    add(&mut tables, from);
+                }
+            }
+            Statement::Delete(d) => match &d.from {
+                FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from) => add(&mut tables, from),
+            },
+            _ => {}
+        }
+    }
+    Ok(tables)
+}
+
 fn plan_update(sql: &str, u: Update) -> Result<Change, String> {
     if !u.table.joins.is_empty() || u.from.is_some() {
         return Err("a multi-table UPDATE".into());
@@ -362,6 +409,27 @@ fn value_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Vec<Option<String>>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_tables_of_every_dml_form() {
+        let names = |sql: &str| -> Vec<String> {
+            written_tables(sql)
+                .unwrap()
+                .into_iter()
+                .map(|t| match t.schema {
+                    Some(s) => format!("{s}.{}", t.name),
+                    None => t.name,
+                })
+                .collect()
+        };
+        assert_eq!(names("REPLACE INTO shop.a (id) VALUES (1)"), ["shop.a"]);
+        assert_eq!(names("INSERT INTO a SET id = 1 ON DUPLICATE KEY UPDATE v = 2"), ["a"]);
+        assert_eq!(names("UPDATE a JOIN b ON a.id = b.id SET a.v = b.v"), ["a", "b"]);
+        assert_eq!(names("DELETE a, b FROM a JOIN b ON a.id = b.id"), ["a", "b"]);
+        assert_eq!(names("DELETE FROM a WHERE id = 1; SELECT 1; UPDATE c SET v = 1"), ["a", "c"]);
+        assert!(names("SELECT * FROM a").is_empty());
+        assert!(written_tables("UPDATE SET").is_err());
+    }
 
     fn change(sql: &str) -> Change {
         match plan(sql).unwrap() {

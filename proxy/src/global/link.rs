@@ -1,12 +1,13 @@
 //! The proxy's link to the transaction coordinator: a client for calls, with failover across
 //! the configured nodes, and the supervised Attach stream on which phase-2 commands arrive
-//! (re-opened with backoff whenever it ends, re-announcing every resource served).
+//! (re-opened with backoff whenever it ends, re-announcing every resource served), which also
+//! keeps the guarded-table view (`guards.rs`) current.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrata_rpc::client::{self, ClientConfig, CommandHandler, TcClient};
+use ferrata_rpc::client::{self, ClientConfig, CommandHandler, GuardSink, TcClient};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -100,7 +101,13 @@ impl Link {
     }
 
     /// Keeps an Attach stream open until `stop`, handing phase-2 commands to `handler`.
-    pub async fn run_attach(self: Arc<Self>, rm_id: String, handler: CommandHandler, stop: CancellationToken) {
+    pub async fn run_attach(
+        self: Arc<Self>,
+        rm_id: String,
+        handler: CommandHandler,
+        guards: Arc<dyn GuardSink>,
+        stop: CancellationToken,
+    ) {
         let Some(mut announced) = self.announced.lock().take() else {
             return;
         };
@@ -109,7 +116,7 @@ impl Link {
             let attached = match self.client().await {
                 Ok(mut c) => {
                     let resources: Vec<String> = self.resources.lock().iter().cloned().collect();
-                    client::attach(&mut c.rm, &rm_id, &resources, Arc::clone(&handler))
+                    client::attach(&mut c.rm, &rm_id, &resources, Arc::clone(&handler), Arc::clone(&guards))
                         .await
                         .map_err(|e| format!("{e:#}"))
                 }

@@ -9,6 +9,7 @@
 //! database is always what follows the last `/`.
 
 pub mod dml;
+pub mod guards;
 mod link;
 pub mod metadata;
 pub mod phase2;
@@ -31,6 +32,10 @@ pub use link::Link;
 pub struct Global {
     pub link: Arc<Link>,
     pub lock_wait_ms: u64,
+    /// The coordinator's guarded tables, as the Attach stream tells them.
+    pub guards: Arc<guards::TableGuards>,
+    /// Which writes outside global transactions are checked against global locks.
+    pub dirty_writes: crate::config::DirtyWrites,
     resource_server: String,
     service: mysql_async::OptsBuilder,
     service_user: String,
@@ -83,6 +88,8 @@ impl Global {
         Some(Arc::new(Global {
             link: Arc::new(Link::new(c)),
             lock_wait_ms: c.lock_wait_ms,
+            guards: Arc::new(guards::TableGuards::default()),
+            dirty_writes: config.dirty_writes.clone(),
             resource_server: config.resource_server().to_owned(),
             service,
             service_user: config.service.user.clone(),
@@ -104,7 +111,8 @@ impl Global {
             // Announce every database first, so phase 2 left over from before a restart (this
             // proxy's or another one's) finds this proxy before any session writes again.
             global.announce_databases().await;
-            Arc::clone(&global.link).run_attach(rm_id, handler, stop).await;
+            let guards = Arc::clone(&global.guards);
+            Arc::clone(&global.link).run_attach(rm_id, handler, guards, stop).await;
         });
     }
 

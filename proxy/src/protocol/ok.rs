@@ -52,32 +52,95 @@ pub fn parse(len: usize, prefix: &[u8]) -> Option<OkSummary> {
     }
 }
 
-/// Rewrites the status flags of an OK payload in place (the proxy does this when it wraps an
-/// autocommit statement in a local transaction of its own, so the client still sees
-/// autocommit). False if the payload is not an OK packet.
+/// Rewrites the status flags of an OK payload, an old-style EOF or an OK-layout terminator
+/// in place (the proxy does this when it wraps an autocommit statement in a local transaction
+/// of its own, so the client still sees autocommit). False if the payload is none of those.
 pub fn set_status(payload: &mut [u8], status: ServerStatus) -> bool {
-    if payload.first() != Some(&0x00) {
-        return false;
-    }
-    let Some((_, a)) = lenenc::read_int(&payload[1..]) else {
-        return false;
+    let at = match payload.first() {
+        Some(0xfe) if payload.len() == 5 => 3,
+        Some(0x00) => ok_status_at(payload),
+        Some(0xfe) if payload.len() >= 7 => ok_status_at(payload),
+        _ => return false,
     };
-    let Some((_, b)) = lenenc::read_int(&payload[1 + a..]) else {
-        return false;
-    };
-    let at = 1 + a + b;
     match payload.get_mut(at..at + 2) {
-        Some(flags) => {
+        Some(flags) if at > 0 => {
             flags.copy_from_slice(&status.0.to_le_bytes());
             true
         }
-        None => false,
+        _ => false,
+    }
+}
+
+/// Where an OK-layout payload keeps its status flags; 0 if it is malformed.
+fn ok_status_at(payload: &[u8]) -> usize {
+    let Some((_, a)) = lenenc::read_int(&payload[1..]) else {
+        return 0;
+    };
+    let Some((_, b)) = lenenc::read_int(&payload[1 + a..]) else {
+        return 0;
+    };
+    1 + a + b
+}
+
+/// Rewrites the status flags of a whole buffered response (framed packets): every
+/// old-style EOF, and the final packet when it is an OK or a terminator.
+pub fn set_response_status(response: &mut [u8], status: ServerStatus) {
+    let mut at = 0;
+    let mut last = None;
+    let mut continued = false;
+    while at + 4 <= response.len() {
+        let len = usize::from(response[at]) | usize::from(response[at + 1]) << 8 | usize::from(response[at + 2]) << 16;
+        let end = at + 4 + len;
+        if end > response.len() {
+            return;
+        }
+        // A frame continuing a large packet is no packet of its own.
+        if !continued && len == 5 && response[at + 4] == 0xfe {
+            set_status(&mut response[at + 4..end], status);
+        }
+        last = (!continued).then_some(at + 4..end);
+        continued = len == 0xff_ffff;
+        at = end;
+    }
+    if let Some(range) = last {
+        set_status(&mut response[range], status);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_status_rewritten_in_eofs_and_the_terminator() {
+        let frame = |seq: u8, payload: &[u8]| {
+            let mut p = vec![payload.len() as u8, 0, 0, seq];
+            p.extend_from_slice(payload);
+            p
+        };
+        let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
+        // A single OK.
+        let mut ok = frame(1, &[0x00, 0x01, 0x00, 0x03, 0x00, 0x00, 0x00]);
+        set_response_status(&mut ok, autocommit);
+        assert_eq!(parse(7, &ok[4..]).unwrap().status, autocommit);
+        // A result set with old-style EOFs: a row starting with 0xfe is left alone.
+        let row = [0xfe, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let mut rs = [
+            frame(1, &[0x01]),
+            frame(2, &[0x03, b'd', b'e', b'f']),
+            frame(3, &[0xfe, 0, 0, 0x03, 0]),
+            frame(4, &row),
+            frame(5, &[0xfe, 0, 0, 0x03, 0]),
+        ]
+        .concat();
+        set_response_status(&mut rs, autocommit);
+        let eofs: Vec<u16> = [13usize, 36]
+            .iter()
+            .map(|&at| u16::from_le_bytes([rs[at + 7], rs[at + 8]]))
+            .collect();
+        assert_eq!(eofs, [ServerStatus::AUTOCOMMIT; 2]);
+        assert_eq!(&rs[26..36], &row);
+    }
 
     #[test]
     fn status_is_rewritten_in_place() {
