@@ -7,7 +7,8 @@
 //! (`/*! ... */`, `/*M! ... */`, whose text MySQL and MariaDB run as SQL). Statements that
 //! are not flagged by their first keywords (plain SELECT, SHOW, SET, DDL, ...) are scanned to
 //! the end, token by token, for locking clauses and for a second statement after a `;`, so a
-//! DML statement can never hide behind an innocent first keyword. Errors in the SQL itself are
+//! DML statement can never hide behind an innocent first keyword; DML statements are scanned
+//! for a second statement too. Errors in the SQL itself are
 //! the server's business: the classifier never fails, it only tags.
 
 use std::ops::Range;
@@ -103,7 +104,9 @@ pub fn classify(sql: &[u8], no_backslash_escapes: bool) -> Classification {
         Some(Token::Word(first)) => classify_word(&mut lexer, sql, first),
         Some(_) => StatementClass::Other(Other::Unknown),
     };
-    if matches!(class, StatementClass::Other(_)) {
+    // DML is scanned too: a second statement after it needs its own look (multi-statement
+    // strings are handled as a whole).
+    if matches!(class, StatementClass::Other(_) | StatementClass::Dml(_)) {
         lexer.scan_to_end();
     }
     Classification {
@@ -539,6 +542,8 @@ mod tests {
     #[test]
     fn dml_by_first_keyword_through_comments_and_executable_blocks() {
         assert_eq!(class("insert into t values (1)"), C::Dml(Dml::Insert));
+        assert!(classify(b"UPDATE t SET a = ';'; SELECT 1", false).multi_statement);
+        assert!(!classify(b"UPDATE t SET a = ';' -- ; x", false).multi_statement);
         assert_eq!(
             class("  -- note\n# more\n/* c */ UPDATE t SET a=1"),
             C::Dml(Dml::Update)

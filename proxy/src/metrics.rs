@@ -53,6 +53,17 @@ pub struct Metrics {
     commands: Vec<Counter>,
     latency: Vec<Histogram>,
     errors: Vec<Counter>,
+    /// Writes outside global transactions, by the route the no-dirty-writes check took.
+    pub writes_observed: Counter,
+    pub writes_wrapped: Counter,
+    pub writes_checked: Counter,
+    pub writes_refused: Counter,
+    /// Row checks against the coordinator's locks, by outcome.
+    pub checks_free: Counter,
+    pub checks_held: Counter,
+    pub checks_unreachable: Counter,
+    /// Transactions rolled back because a table they wrote became guarded meanwhile.
+    pub checks_poisoned: Counter,
     /// Index into `commands`/`latency` for each command byte.
     slot: [u8; 256],
 }
@@ -88,6 +99,14 @@ impl Metrics {
                 .iter()
                 .map(|kind| counter!("ferrata_proxy_errors_total", "kind" => kind.label()))
                 .collect(),
+            writes_observed: counter!("ferrata_proxy_unbound_writes_total", "route" => "observe"),
+            writes_wrapped: counter!("ferrata_proxy_unbound_writes_total", "route" => "wrap"),
+            writes_checked: counter!("ferrata_proxy_unbound_writes_total", "route" => "check"),
+            writes_refused: counter!("ferrata_proxy_unbound_writes_total", "route" => "refuse"),
+            checks_free: counter!("ferrata_proxy_dirty_write_checks_total", "outcome" => "free"),
+            checks_held: counter!("ferrata_proxy_dirty_write_checks_total", "outcome" => "held"),
+            checks_unreachable: counter!("ferrata_proxy_dirty_write_checks_total", "outcome" => "unreachable"),
+            checks_poisoned: counter!("ferrata_proxy_dirty_write_checks_total", "outcome" => "poisoned"),
             slot,
         }
     }

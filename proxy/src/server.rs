@@ -82,6 +82,7 @@ impl Server {
         // The admin listener outlives the drain, so that `/healthz` says 503 (and `/metrics`
         // keeps answering) while in-flight commands finish.
         let admin_stop = CancellationToken::new();
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().to_string()).unwrap_or_default();
         let admin_task = admin.map(|a| tokio::spawn(a.serve(admin_stop.clone())));
         // Phase-2 commands keep coming through the drain (a session's rollback may need them).
         let attach_stop = CancellationToken::new();
@@ -102,7 +103,7 @@ impl Server {
         let sessions = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let next_id = AtomicU64::new(1);
-        tracing::info!(listen = %listener.local_addr()?, backend = %shared.config.backend, "ferrata-proxy ready");
+        tracing::info!(listen = %listener.local_addr()?, admin = %admin_addr, backend = %shared.config.backend, "ferrata-proxy ready");
         loop {
             let (tcp, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {

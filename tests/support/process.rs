@@ -58,12 +58,25 @@ pub fn addr_in(line: &str, key: &str) -> Result<SocketAddr> {
 pub struct ProxyProcess {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`).
+    pub admin: SocketAddr,
     _config: tempfile::TempDir,
 }
 
 impl ProxyProcess {
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`) with a config file.
     pub fn start(binary: &str, backend: SocketAddr, tc: &str, lock_wait_ms: u64) -> Result<ProxyProcess> {
+        Self::start_with(binary, backend, tc, lock_wait_ms, "")
+    }
+
+    /// Like `start`, with more TOML appended to the config file (sections after `[log]`).
+    pub fn start_with(
+        binary: &str,
+        backend: SocketAddr,
+        tc: &str,
+        lock_wait_ms: u64,
+        more_toml: &str,
+    ) -> Result<ProxyProcess> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("proxy.toml");
         std::fs::write(
@@ -71,7 +84,7 @@ impl ProxyProcess {
             format!(
                 "listen = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nadmin_listen = \"127.0.0.1:0\"\n\
                  [coordinator]\nendpoints = [\"{tc}\"]\nlock_wait_ms = {lock_wait_ms}\n\
-                 [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n"
+                 [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n{more_toml}\n"
             ),
         )?;
         let mut command = Command::new(binary);
@@ -83,6 +96,7 @@ impl ProxyProcess {
         let (child, line) = spawn_until(command, "ferrata-proxy ready")?;
         Ok(ProxyProcess {
             addr: addr_in(&line, "listen=")?,
+            admin: addr_in(&line, "admin=")?,
             child,
             _config: dir,
         })
@@ -98,6 +112,12 @@ impl ProxyProcess {
 
     pub async fn conn(&self) -> Result<mysql_async::Conn> {
         Ok(mysql_async::Conn::new(self.opts()).await?)
+    }
+
+    /// The value of one Prometheus series (`name{labels}` as exposed), 0 when absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let (_, body) = crate::http_get(self.admin, "/metrics").await?;
+        Ok(crate::metric(&body, series).unwrap_or(0.0))
     }
 
     pub fn kill9(&mut self) -> Result<()> {

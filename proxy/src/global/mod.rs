@@ -48,6 +48,19 @@ pub struct Global {
     undo_logs: Mutex<std::collections::HashSet<String>>,
 }
 
+/// Rows written outside any global transaction, by (database, table): their primary keys,
+/// encoded as in the images (so they match the lock keys branches register).
+pub type WrittenRows = std::collections::BTreeMap<(String, String), Vec<Vec<Vec<u8>>>>;
+
+/// Why the no-dirty-writes check did not pass.
+#[derive(Debug)]
+pub enum CheckFailure {
+    /// A global transaction still holds a written row: who, and for how long it was awaited.
+    Held(String),
+    /// The coordinator could not answer.
+    Unreachable(String),
+}
+
 /// The resource id of `database` on the server behind this proxy.
 pub fn resource_id(server: &str, database: &str) -> String {
     format!("{server}/{}", database.replace('%', "%25").replace('/', "%2F"))
@@ -284,6 +297,66 @@ impl Global {
                 "could not report the failed branch; its rollback will find no undo record"
             );
         }
+    }
+
+    /// Asks the coordinator whether rows written outside any global transaction are free of
+    /// global locks, waiting up to `lock_wait_ms` for them (the no-dirty-writes check, made
+    /// while the database still holds their row locks).
+    pub async fn check_written(&self, rows: &WrittenRows) -> Result<(), CheckFailure> {
+        let mut by_database: std::collections::BTreeMap<&str, Vec<ferrata_rpc::pb::TableLocks>> = Default::default();
+        for ((database, table), keys) in rows {
+            by_database
+                .entry(database)
+                .or_default()
+                .push(ferrata_rpc::pb::TableLocks {
+                    schema: database.clone(),
+                    table: table.clone(),
+                    rows: keys
+                        .iter()
+                        .map(|k| ferrata_rpc::pb::PrimaryKey { values: k.clone() })
+                        .collect(),
+                });
+        }
+        for (database, locks) in by_database {
+            let mut c = self
+                .link
+                .client()
+                .await
+                .map_err(|e| CheckFailure::Unreachable(e.0))?;
+            let request = ferrata_rpc::pb::LockQueryRequest {
+                xid: String::new(),
+                resource_id: self.resource(database),
+                locks,
+                lock_wait_ms: self.lock_wait_ms,
+            };
+            match c.rm.lock_query(request).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if !r.lockable {
+                        let holder = r.holders.first();
+                        return Err(CheckFailure::Held(format!(
+                            "a row of {}.{} is held by global transaction {} ({}), still after waiting {} ms",
+                            holder.map_or(database, |h| h.schema.as_str()),
+                            holder.map_or("?", |h| h.table.as_str()),
+                            holder.map_or("?", |h| h.xid.as_str()),
+                            holder.map_or_else(|| "unknown".into(), |h| ferrata_rpc::global_status_name(h.status)),
+                            self.lock_wait_ms
+                        )));
+                    }
+                }
+                Err(status) => match ErrorCode::of(&status) {
+                    Some(ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock) => {
+                        return Err(CheckFailure::Held(status.message().to_owned()));
+                    }
+                    Some(_) => return Err(CheckFailure::Unreachable(status.message().to_owned())),
+                    None => {
+                        self.link.failed(&status).await;
+                        return Err(CheckFailure::Unreachable(status.message().to_owned()));
+                    }
+                },
+            }
+        }
+        Ok(())
     }
 
     /// A coordinator call's failure as the MySQL error a client sees.

@@ -82,9 +82,16 @@ fn ok_status_at(payload: &[u8]) -> usize {
     1 + a + b
 }
 
-/// Rewrites the status flags of a whole buffered response (framed packets): every
-/// old-style EOF, and the final packet when it is an OK or a terminator.
-pub fn set_response_status(response: &mut [u8], status: ServerStatus) {
+/// Rewrites the `mask` bits of the status flags of a whole buffered response (framed
+/// packets) to those of `status`, leaving the others (MORE_RESULTS_EXISTS, ...) as the server
+/// sent them: every old-style EOF, and every packet of a single-packet response or the final
+/// packet when it is an OK or a terminator.
+pub fn set_response_status(response: &mut [u8], mask: u16, status: ServerStatus) {
+    let rewrite = |payload: &mut [u8]| {
+        if let Some(old) = parse(payload.len(), payload) {
+            set_status(payload, ServerStatus((old.status.0 & !mask) | (status.0 & mask)));
+        }
+    };
     let mut at = 0;
     let mut last = None;
     let mut continued = false;
@@ -96,14 +103,16 @@ pub fn set_response_status(response: &mut [u8], status: ServerStatus) {
         }
         // A frame continuing a large packet is no packet of its own.
         if !continued && len == 5 && response[at + 4] == 0xfe {
-            set_status(&mut response[at + 4..end], status);
+            rewrite(&mut response[at + 4..end]);
         }
         last = (!continued).then_some(at + 4..end);
         continued = len == 0xff_ffff;
         at = end;
     }
-    if let Some(range) = last {
-        set_status(&mut response[range], status);
+    if let Some(range) = last
+        && range.len() != 5
+    {
+        rewrite(&mut response[range]);
     }
 }
 
@@ -119,10 +128,14 @@ mod tests {
             p
         };
         let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
-        // A single OK.
-        let mut ok = frame(1, &[0x00, 0x01, 0x00, 0x03, 0x00, 0x00, 0x00]);
-        set_response_status(&mut ok, autocommit);
-        assert_eq!(parse(7, &ok[4..]).unwrap().status, autocommit);
+        let mask = ServerStatus::AUTOCOMMIT | ServerStatus::IN_TRANS;
+        // A single OK: IN_TRANS off, AUTOCOMMIT on, MORE_RESULTS_EXISTS kept.
+        let mut ok = frame(1, &[0x00, 0x01, 0x00, 0x09, 0x00, 0x00, 0x00]);
+        set_response_status(&mut ok, mask, autocommit);
+        assert_eq!(
+            parse(7, &ok[4..]).unwrap().status,
+            ServerStatus(ServerStatus::AUTOCOMMIT | ServerStatus::MORE_RESULTS_EXISTS)
+        );
         // A result set with old-style EOFs: a row starting with 0xfe is left alone.
         let row = [0xfe, 1, 2, 3, 4, 5, 6, 7, 8, 9];
         let mut rs = [
@@ -133,7 +146,7 @@ mod tests {
             frame(5, &[0xfe, 0, 0, 0x03, 0]),
         ]
         .concat();
-        set_response_status(&mut rs, autocommit);
+        set_response_status(&mut rs, mask, autocommit);
         let eofs: Vec<u16> = [13usize, 36]
             .iter()
             .map(|&at| u16::from_le_bytes([rs[at + 7], rs[at + 8]]))

@@ -47,15 +47,15 @@ fn refuse(what: &str, xid: &str) -> ErrPacket {
 }
 
 /// Quotes an image value (always ASCII: digits, hex, dates) as an SQL string literal.
-fn literal(value: &str) -> String {
+pub(super) fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn ident(name: &str) -> String {
+pub(super) fn ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
-fn text(row: &inject::Row) -> Vec<Option<String>> {
+pub(super) fn text(row: &inject::Row) -> Vec<Option<String>> {
     row.iter()
         .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
         .collect()
@@ -177,7 +177,7 @@ async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) ->
 }
 
 /// Where the primary keys of an INSERT's rows come from.
-enum InsertKeys {
+pub(super) enum InsertKeys {
     /// Every row names its key as literals: the source text of each, per row.
     Literal(Vec<Vec<String>>),
     /// The server generates the single AUTO_INCREMENT key of every row.
@@ -207,7 +207,7 @@ fn placeholders(text: &str) -> usize {
         })
 }
 
-fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<InsertKeys, String> {
+pub(super) fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<InsertKeys, String> {
     let position = |column: usize| -> Option<usize> {
         if insert.columns.is_empty() {
             Some(column)
@@ -292,7 +292,8 @@ async fn run(
         },
         dml::Plan::Change(_) => None,
     };
-    let autocommit = !state.in_transaction();
+    // With autocommit off, the statement opens the local transaction itself.
+    let autocommit = state.autocommit() && !state.in_transaction();
     let original_status = state.status;
     if autocommit {
         let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
@@ -303,42 +304,10 @@ async fn run(
     let list = undo::select_list(&specs);
     let qualified = format!("{}.{}", ident(&schema), ident(&meta.name));
     let before: Vec<Vec<Option<String>>> = match &statement {
-        dml::Plan::Change(change) => {
-            let alias = change
-                .table
-                .alias
-                .as_deref()
-                .map(|a| format!(" AS {}", ident(a)))
-                .unwrap_or_default();
-            let sql = format!("SELECT {list} FROM {qualified}{alias}{} FOR UPDATE", change.filter);
-            // The filter's own placeholders take the client's values for them.
-            let read = if change.filter_params.is_empty() {
-                inject::query(backend, state, &sql, limit).await?
-            } else {
-                let Some(bound) = params.get(change.filter_params.clone()) else {
-                    return abort(
-                        backend,
-                        state,
-                        limit,
-                        autocommit,
-                        refuse("this statement: its parameters could not be read", xid),
-                    )
-                    .await;
-                };
-                inject::execute(backend, state, &sql, bound, limit).await?
-            };
-            if let Some((code, message)) = read.error {
-                return abort(
-                    backend,
-                    state,
-                    limit,
-                    autocommit,
-                    ErrPacket::new(code, "HY000", message),
-                )
-                .await;
-            }
-            read.rows.iter().map(text).collect()
-        }
+        dml::Plan::Change(change) => match select_filtered(backend, state, change, &qualified, &list, params, limit).await? {
+            Ok(rows) => rows.iter().map(text).collect(),
+            Err(e) => return abort(backend, state, limit, autocommit, e).await,
+        },
         dml::Plan::Insert(_) => Vec::new(),
     };
 
@@ -376,27 +345,8 @@ async fn run(
         (_, undo::Kind::Delete) => None,
         (_, undo::Kind::Update) if before.is_empty() => None,
         (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
-        (Some(InsertKeys::Literal(rows)), _) => {
-            let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
-            let tuples: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
-            Some(format!("({}) IN ({})", cols.join(", "), tuples.join(", ")))
-        }
-        (Some(InsertKeys::Generated), _) => {
-            let first = summary.map_or(0, |s| s.last_insert_id);
-            let step = inject::query(backend, state, "SELECT @@auto_increment_increment", limit).await?;
-            let step: u64 = step
-                .rows
-                .first()
-                .and_then(|r| r.first().cloned().flatten())
-                .and_then(|v| String::from_utf8_lossy(&v).parse().ok())
-                .unwrap_or(1);
-            let ids: Vec<String> = (0..affected).map(|n| (first + n * step).to_string()).collect();
-            Some(format!(
-                "{} IN ({})",
-                ident(&meta.columns[meta.primary_key[0]].name),
-                ids.join(", ")
-            ))
-        }
+        (Some(keys @ InsertKeys::Literal(_)), _) => Some(insert_condition(backend, state, &meta, keys, summary, limit).await?),
+        (Some(keys @ InsertKeys::Generated), _) => Some(insert_condition(backend, state, &meta, keys, summary, limit).await?),
         (None, undo::Kind::Insert) => None,
     };
     let after: Vec<Vec<Option<String>>> = match condition {
@@ -474,15 +424,83 @@ async fn run(
         // The client sent an autocommit statement: it sees the status it would have seen.
         let mut status = state.status;
         status.0 = (status.0 & !ServerStatus::IN_TRANS) | (original_status.0 & ServerStatus::AUTOCOMMIT);
-        rewrite_ok_status(&mut response, status);
+        ok::set_response_status(&mut response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
     }
     Ok(response)
 }
 
-fn rewrite_ok_status(response: &mut [u8], status: ServerStatus) {
-    if response.len() > 4 {
-        ok::set_status(&mut response[4..], status);
-    }
+/// Runs `SELECT <list> FROM <qualified> <the statement's filter> FOR UPDATE`, the filter's
+/// own placeholders taking the client's values for them: the rows an UPDATE or DELETE will
+/// change, locked in the database until the local transaction ends. The server's error (or
+/// missing parameters) comes back as the client's answer.
+pub(super) async fn select_filtered(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    change: &dml::Change,
+    qualified: &str,
+    list: &str,
+    params: &[Param],
+    limit: usize,
+) -> Result<Result<Vec<inject::Row>, ErrPacket>, SessionError> {
+    let alias = change
+        .table
+        .alias
+        .as_deref()
+        .map(|a| format!(" AS {}", ident(a)))
+        .unwrap_or_default();
+    let sql = format!("SELECT {list} FROM {qualified}{alias}{} FOR UPDATE", change.filter);
+    let read = if change.filter_params.is_empty() {
+        inject::query(backend, state, &sql, limit).await?
+    } else {
+        let Some(bound) = params.get(change.filter_params.clone()) else {
+            return Ok(Err(ErrPacket::new(
+                1210,
+                "HY000",
+                "Incorrect arguments to EXECUTE: ferrata-proxy could not read the statement's parameters",
+            )));
+        };
+        inject::execute(backend, state, &sql, bound, limit).await?
+    };
+    Ok(match read.error {
+        Some((code, message)) => Err(ErrPacket::new(code, "HY000", message)),
+        None => Ok(read.rows),
+    })
+}
+
+/// The condition that finds an INSERT's rows by primary key once it ran: its literal keys,
+/// or the AUTO_INCREMENT values the server reported (`summary`) at the session's increment.
+pub(super) async fn insert_condition(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    meta: &TableMeta,
+    keys: &InsertKeys,
+    summary: Option<ok::OkSummary>,
+    limit: usize,
+) -> Result<String, SessionError> {
+    Ok(match keys {
+        InsertKeys::Literal(rows) => {
+            let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
+            let tuples: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
+            format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
+        }
+        InsertKeys::Generated => {
+            let first = summary.map_or(0, |s| s.last_insert_id);
+            let affected = summary.map_or(0, |s| s.affected_rows);
+            let step = inject::query(backend, state, "SELECT @@auto_increment_increment", limit).await?;
+            let step: u64 = step
+                .rows
+                .first()
+                .and_then(|r| r.first().cloned().flatten())
+                .and_then(|v| String::from_utf8_lossy(&v).parse().ok())
+                .unwrap_or(1);
+            let ids: Vec<String> = (0..affected).map(|n| (first + n * step).to_string()).collect();
+            format!(
+                "{} IN ({})",
+                ident(&meta.columns[meta.primary_key[0]].name),
+                ids.join(", ")
+            )
+        }
+    })
 }
 
 /// Rolls back (the whole local transaction, when `rollback`) and answers with `e`.
@@ -500,7 +518,7 @@ async fn abort(
 }
 
 /// Reads one OK/ERR response of a forwarded DML statement, whole.
-async fn read_response(
+pub(super) async fn read_response(
     backend: &mut Peer,
     state: &mut SessionState,
     limit: usize,

@@ -182,6 +182,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         statements: Default::default(),
         xid: None,
         branch: None,
+        written: Default::default(),
     };
     Ok((backend, state))
 }

@@ -53,6 +53,13 @@ pub async fn query(
         .map(|(o, _)| o)
 }
 
+/// Reads the response of a text statement the proxy already sent (pipelined before another).
+pub async fn read_one(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<Outcome, SessionError> {
+    read(backend, state, ResponseKind::Generic, limit, parse_row)
+        .await
+        .map(|(o, _)| o)
+}
+
 /// Runs `sql` as a prepared statement with `params` (binary protocol), for queries whose
 /// text holds a client's `?` placeholders. Every column must be a string (the image select
 /// lists are). The statement is closed afterwards.

@@ -8,6 +8,7 @@
 mod at;
 mod auth;
 mod connect;
+mod dirty_writes;
 mod global;
 mod hide_socket;
 mod inject;
@@ -32,6 +33,7 @@ use crate::protocol::err::ErrPacket;
 use crate::protocol::handshake;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
 use crate::protocol::{Command, execute};
+use dirty_writes::Route;
 use peer::{Peer, ReadError};
 use state::{PreparedStatement, SessionState};
 
@@ -301,6 +303,42 @@ async fn serve(
             shared.metrics.command(command, started.elapsed());
             continue;
         }
+        // Outside global transactions: the no-dirty-writes check (`dirty_writes.rs`).
+        let mut observed = None;
+        if let Some(g) = shared.global.as_deref().filter(|_| state.xid.is_none()) {
+            let mut route = dirty_writes::route(command, &payload, class.as_ref(), state, g);
+            if let Some(Route::CommitPoint) = route {
+                if let Some(e) = dirty_writes::before_commit(backend, state, shared, g).await? {
+                    drop(payload);
+                    client.consume(span.raw_len);
+                    client
+                        .write_all(&e.to_packet(1))
+                        .await
+                        .map_err(|_| SessionError::ClientClosed)?;
+                    shared.metrics.command(command, started.elapsed());
+                    continue;
+                }
+                // Checked: a write among what follows takes its own route.
+                route = dirty_writes::route(command, &payload, class.as_ref(), state, g);
+            }
+            match route {
+                Some(Route::Run(write)) => {
+                    drop(payload);
+                    let raw = client.buf[..span.raw_len].to_vec();
+                    client.consume(span.raw_len);
+                    dirty_writes::run(client, backend, state, shared, g, write, command, &raw).await?;
+                    shared.metrics.command(command, started.elapsed());
+                    continue;
+                }
+                Some(Route::Observe(seen)) => {
+                    shared.metrics.writes_observed.increment(1);
+                    // The text is looked at again only if the view changes meanwhile.
+                    let head = if command == Command::QUERY { payload.len() } else { 5 };
+                    observed = Some((seen, payload[..head.min(payload.len())].to_vec()));
+                }
+                Some(Route::CommitPoint) | None => {}
+            }
+        }
         if matches!(
             class.as_ref().map(|c| c.class),
             Some(StatementClass::TransactionControl(TxControl::Rollback))
@@ -335,6 +373,9 @@ async fn serve(
             _ => relay::response(client, backend, &mut tracker).await?,
         }
         pending.apply(state, &tracker);
+        if let (Some((seen, payload)), Some(g)) = (observed, &shared.global) {
+            dirty_writes::after_observed(command, &payload, state, g, seen);
+        }
         if let (true, Some(g)) = (ddl, &shared.global) {
             // Table shapes may have changed; the next image reads them again.
             g.metadata.invalidate(None, None);
@@ -535,6 +576,10 @@ impl Pending {
     fn apply(self, state: &mut SessionState, tracker: &ResponseTracker) {
         if let Some(status) = tracker.last_status() {
             state.status = status;
+        }
+        // The local transaction ended (committed after its check, or rolled back).
+        if !state.in_transaction() && !state.written.is_empty() {
+            state.written.clear();
         }
         if let Some(id) = self.close {
             state.statements.remove(&id);

@@ -35,6 +35,30 @@ pub struct SessionState {
     /// What the open local transaction changed inside a global one, to be registered as one
     /// branch when it commits.
     pub branch: Option<PendingBranch>,
+    /// Outside global transactions: what the open local transaction wrote that must be
+    /// checked against global locks before it commits.
+    pub written: WriteCheck,
+}
+
+/// The no-dirty-writes check's record of one local transaction outside any global one.
+#[derive(Debug, Default)]
+pub struct WriteCheck {
+    /// Rows written to guarded tables.
+    pub rows: crate::global::WrittenRows,
+    /// A write ran unchecked while a table it names became guarded: the transaction cannot
+    /// be shown safe and is rolled back at its commit.
+    pub poisoned: Option<String>,
+}
+
+impl WriteCheck {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.poisoned.is_none()
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.poisoned = None;
+    }
 }
 
 /// Phase-1 work of one local transaction: its undo items and the rows it locks.

@@ -1,0 +1,522 @@
+//! No dirty writes through the proxy: a write made outside any global transaction must not
+//! commit over a row that an unfinished global transaction holds, or that transaction's
+//! rollback would find the row changed (a dirty rollback). Why the scheme below is sound is
+//! in ARCHITECTURE.md ("No dirty writes").
+//!
+//! Every write (INSERT, UPDATE, DELETE, REPLACE, a multi-statement string) of a session
+//! outside a global transaction takes one of these routes ([`route`]):
+//! - **Observe**: inside a local transaction, when none of the tables it writes is guarded
+//!   (`global::guards`). It is forwarded as usual; if the guarded-table view changed while it
+//!   ran and now guards one of its tables, the transaction is marked: its COMMIT rolls it back
+//!   with ERR 1213, as it cannot be shown safe.
+//! - **Wrap**: an autocommit write to unguarded tables. The proxy runs it inside a local
+//!   transaction of its own and commits only if the view did not change meanwhile (else it
+//!   rolls back and takes the route again). The client sees the statement's own response.
+//! - **Check**: a write to a guarded table. Its rows are found (UPDATE and DELETE: the
+//!   statement's filter, `SELECT <primary key> ... FOR UPDATE`, before it runs; INSERT: its keys,
+//!   read back after) and kept until the local transaction's commit point, where the
+//!   coordinator is asked whether any of them is globally locked, waiting up to the lock
+//!   timeout, while the database still holds their row locks. An autocommit write is checked
+//!   at once inside the proxy's own local transaction.
+//! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (REPLACE,
+//!   upserts, multi-table or multi-statement writes) gets ERR 1235 without running.
+//!
+//! Commit points (COMMIT, and statements that commit implicitly) of a transaction with
+//! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
+//! transaction left open.
+
+use super::at::{self, InsertKeys};
+use super::peer::Peer;
+use super::state::SessionState;
+use super::{SessionError, Shared, inject};
+use crate::classify::{self, Classification, Dml, Other, StatementClass, TxControl};
+use crate::config::WhenUnreachable;
+use crate::global::guards::Observation;
+use crate::global::{CheckFailure, Global, WrittenRows, dml, undo};
+use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::{self, Param};
+use crate::protocol::{Command, ServerStatus, frame, ok};
+
+/// What the session does with one command outside any global transaction.
+pub enum Route {
+    /// Forward it as usual, then [`after_observed`].
+    Observe(Observation),
+    /// The proxy runs the write itself ([`run`]).
+    Run(Write),
+    /// A commit point: [`before_commit`] first.
+    CommitPoint,
+}
+
+/// A write the proxy runs itself.
+pub enum Write {
+    Wrap,
+    Check(Box<dml::Plan>),
+    Refuse(ErrPacket),
+}
+
+/// The statement text of a query or an execute.
+fn statement_text<'a>(command: u8, payload: &'a [u8], state: &'a SessionState) -> Option<(&'a [u8], &'a Classification)> {
+    if command != Command::STMT_EXECUTE || payload.len() < 5 {
+        return None;
+    }
+    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    state.statements.get(&id).map(|s| (s.sql.as_bytes(), &s.class))
+}
+
+/// Decides the route of a command in a session outside any global transaction; `None` for
+/// commands that write nothing (or nothing the proxy can see: CALL, LOAD DATA).
+pub fn route(
+    command: u8,
+    payload: &[u8],
+    query_class: Option<&Classification>,
+    state: &SessionState,
+    global: &Global,
+) -> Option<Route> {
+    let (sql, class) = match (command, query_class) {
+        (Command::QUERY, Some(class)) => (&payload[1..], class),
+        _ => statement_text(command, payload, state)?,
+    };
+    // A second statement may commit: the rows written so far are checked first (valid at
+    // any time once they are locked; see ARCHITECTURE.md).
+    if class.multi_statement && !state.written.is_empty() {
+        return Some(Route::CommitPoint);
+    }
+    let write = match class.class {
+        StatementClass::TransactionControl(
+            TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit | TxControl::LockTables | TxControl::Xa,
+        )
+        | StatementClass::Other(Other::Ddl | Other::Unknown)
+            if !state.written.is_empty() =>
+        {
+            return Some(Route::CommitPoint);
+        }
+        StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => true,
+        _ => command == Command::QUERY && class.multi_statement,
+    };
+    if !write {
+        return None;
+    }
+    let seen = global.guards.observe();
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let quiet = global.guards.quiet();
+    if quiet && !autocommit {
+        return Some(Route::Observe(seen));
+    }
+    let sql = String::from_utf8_lossy(sql);
+    let guarded = if quiet { Vec::new() } else { guarded_tables(&sql, state, global) };
+    if guarded.is_empty() {
+        return Some(if autocommit {
+            Route::Run(Write::Wrap)
+        } else {
+            Route::Observe(seen)
+        });
+    }
+    let tables = guarded.join(", ");
+    let refuse = |why: &str| {
+        Route::Run(Write::Refuse(ErrPacket::new(
+            1235,
+            "42000",
+            format!(
+                "ferrata-proxy cannot check {why} for dirty writes, and {tables} may hold rows of unfinished global \
+                 transactions, so it was not run; split it into single-table INSERT, UPDATE or DELETE statements, \
+                 or run it once those transactions end"
+            ),
+        )))
+    };
+    if class.multi_statement {
+        return Some(refuse("a multi-statement string"));
+    }
+    match dml::plan(&sql) {
+        Ok(plan) => Some(Route::Run(Write::Check(Box::new(plan)))),
+        Err(why) => Some(refuse(&why)),
+    }
+}
+
+/// The checked tables among those `sql` writes that are guarded now, as `database.table`.
+/// A statement the parser cannot read is left to the server (it names no table the proxy
+/// could check).
+fn guarded_tables(sql: &str, state: &SessionState, global: &Global) -> Vec<String> {
+    let Ok(tables) = dml::written_tables(sql) else {
+        return Vec::new();
+    };
+    let mut guarded: Vec<String> = tables
+        .into_iter()
+        .filter_map(|t| {
+            let database = t.schema.or_else(|| state.schema.clone()).unwrap_or_default();
+            (global.dirty_writes.checks(&database, &t.name) && global.guards.guarded(&database, &t.name))
+                .then(|| format!("{database}.{}", t.name))
+        })
+        .collect();
+    guarded.sort();
+    guarded.dedup();
+    guarded
+}
+
+/// After an observed write: if the view changed while it ran and now guards a table it
+/// wrote, the transaction is marked (see the module docs).
+pub fn after_observed(command: u8, payload: &[u8], state: &mut SessionState, global: &Global, seen: Observation) {
+    if global.guards.unchanged_since(seen) {
+        return;
+    }
+    let sql = match command {
+        Command::QUERY => String::from_utf8_lossy(&payload[1..]).into_owned(),
+        _ => match statement_text(command, payload, state) {
+            Some((sql, _)) => String::from_utf8_lossy(sql).into_owned(),
+            None => return,
+        },
+    };
+    let guarded = guarded_tables(&sql, state, global);
+    if !guarded.is_empty() && state.in_transaction() {
+        tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");
+        state.written.poisoned = Some(guarded.join(", "));
+    }
+}
+
+/// ERR 1205 for rows still held at a commit point.
+fn held(why: &str, done: &str) -> ErrPacket {
+    ErrPacket::new(
+        1205,
+        "HY000",
+        format!("Lock wait timeout exceeded; {why}; {done} (ferrata-proxy: no write may commit over a row of an unfinished global transaction)"),
+    )
+}
+
+fn unreachable(why: &str, done: &str) -> ErrPacket {
+    ErrPacket::new(
+        1105,
+        "HY000",
+        format!(
+            "ferrata-proxy cannot ask the transaction coordinator whether the rows written are free of global locks ({why}); {done}"
+        ),
+    )
+}
+
+/// Runs the check for `rows`: `None` when the write may commit, else the client's error.
+async fn check(shared: &Shared, global: &Global, rows: &WrittenRows, done: &str) -> Option<ErrPacket> {
+    if rows.is_empty() {
+        return None;
+    }
+    let m = &shared.metrics;
+    match global.check_written(rows).await {
+        Ok(()) => {
+            m.checks_free.increment(1);
+            None
+        }
+        Err(CheckFailure::Held(why)) => {
+            m.checks_held.increment(1);
+            tracing::info!(why, "write held back by a global lock");
+            Some(held(&why, done))
+        }
+        Err(CheckFailure::Unreachable(why)) => {
+            m.checks_unreachable.increment(1);
+            match global.dirty_writes.when_coordinator_unreachable {
+                WhenUnreachable::Allow => {
+                    tracing::warn!(error = why, "coordinator unreachable; write committed unchecked as configured");
+                    None
+                }
+                WhenUnreachable::Refuse => Some(unreachable(&why, done)),
+            }
+        }
+    }
+}
+
+/// A commit point of a transaction with checked rows (or a marked one): `Some(error)` when the
+/// client must get it instead of the statement running.
+pub async fn before_commit(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+) -> Result<Option<ErrPacket>, SessionError> {
+    if let Some(tables) = state.written.poisoned.take() {
+        shared.metrics.checks_poisoned.increment(1);
+        super::global::local_rollback(backend, state, shared.config.max_packet_size).await?;
+        state.written.clear();
+        return Ok(Some(ErrPacket::new(
+            1213,
+            "40001",
+            format!(
+                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy rolled the transaction back: \
+                 {tables} gained global locks while it wrote to them, so its writes could not be checked)"
+            ),
+        )));
+    }
+    let rows = std::mem::take(&mut state.written.rows);
+    let failed = check(shared, global, &rows, "nothing was committed and the transaction is still open: roll it back, or retry the COMMIT").await;
+    if failed.is_some() {
+        state.written.rows = rows;
+    }
+    Ok(failed)
+}
+
+/// Runs a write the proxy handles itself and answers the client.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    write: Write,
+    command: u8,
+    raw: &[u8],
+) -> Result<(), SessionError> {
+    let mut write = write;
+    // A wrapped write whose view changed while it ran is rolled back and routed again.
+    let reply = loop {
+        let m = &shared.metrics;
+        let reply = match write {
+            Write::Refuse(e) => {
+                m.writes_refused.increment(1);
+                tracing::info!(error = %e, "write refused");
+                e.to_packet(1)
+            }
+            Write::Wrap => match wrapped(backend, state, shared, global, raw).await? {
+                Some(reply) => reply,
+                None => match route(command, &raw[4..], classified(command, raw, state).as_ref(), state, global) {
+                    Some(Route::Run(next)) => {
+                        write = next;
+                        continue;
+                    }
+                    // The view is quiet again, or the session changed under us: wrap again.
+                    _ => {
+                        write = Write::Wrap;
+                        continue;
+                    }
+                },
+            },
+            Write::Check(plan) => {
+                m.writes_checked.increment(1);
+                checked(backend, state, shared, global, *plan, command, raw).await?
+            }
+        };
+        break reply;
+    };
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}
+
+fn classified(command: u8, raw: &[u8], state: &SessionState) -> Option<Classification> {
+    (command == Command::QUERY).then(|| classify::classify(&raw[5..], state.no_backslash_escapes()))
+}
+
+const TRANSACTION_BITS: u16 = ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT;
+
+/// The status an autocommit statement's response would have carried.
+fn autocommit_status(state: &SessionState, before: ServerStatus) -> ServerStatus {
+    ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT))
+}
+
+/// An autocommit write to unguarded tables, in a local transaction of the proxy's own
+/// (START TRANSACTION sent with it, in one write). `None` when the view changed while it ran:
+/// it was rolled back.
+async fn wrapped(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    raw: &[u8],
+) -> Result<Option<Vec<u8>>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    shared.metrics.writes_wrapped.increment(1);
+    let before = state.status;
+    let seen = global.guards.observe();
+    let mut both = Vec::with_capacity(raw.len() + 24);
+    frame::write_packet(&mut both, 0, b"\x03START TRANSACTION");
+    both.extend_from_slice(raw);
+    backend
+        .write_all(&both)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let begun = inject::read_one(backend, state, limit).await?;
+    let (mut response, _, failed) = at::read_response(backend, state, limit).await?;
+    if let Some((code, message)) = begun.error {
+        // The statement ran in autocommit after all: nothing to roll back or commit.
+        tracing::warn!(code, message, "START TRANSACTION failed before an autocommit write");
+        return Ok(Some(response));
+    }
+    if failed {
+        super::global::local_rollback(backend, state, limit).await?;
+        return Ok(Some(response));
+    }
+    if !global.guards.unchanged_since(seen) {
+        super::global::local_rollback(backend, state, limit).await?;
+        return Ok(None);
+    }
+    let committed = inject::query(backend, state, "COMMIT", limit).await?;
+    if let Some((code, message)) = committed.error {
+        return Ok(Some(ErrPacket::new(code, "HY000", message).to_packet(1)));
+    }
+    ok::set_response_status(&mut response, TRANSACTION_BITS, autocommit_status(state, before));
+    Ok(Some(response))
+}
+
+/// A write to a guarded table: its rows found and kept for the commit point (checked at
+/// once for an autocommit write).
+async fn checked(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    plan: dml::Plan,
+    command: u8,
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let refuse = |why: String| {
+        ErrPacket::new(
+            1235,
+            "42000",
+            format!("ferrata-proxy cannot check {why} for dirty writes, so it was not run"),
+        )
+        .to_packet(1)
+    };
+    let table = match &plan {
+        dml::Plan::Change(c) => &c.table,
+        dml::Plan::Insert(i) => &i.table,
+    };
+    let Some(database) = table.schema.clone().or_else(|| state.schema.clone()) else {
+        return Ok(ErrPacket::new(1046, "3D000", "No database selected").to_packet(1));
+    };
+    let meta = match global.table(&database, &table.name).await {
+        Ok(meta) => meta,
+        Err(e) => return Ok(e.to_packet(1)),
+    };
+    let params: Vec<Param> = match command {
+        Command::STMT_EXECUTE => {
+            let payload = &raw[4..];
+            let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+            let stmt = state.statements.get(&id);
+            if stmt.is_some_and(|s| s.long_data) {
+                return Ok(refuse(
+                    "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA".into(),
+                ));
+            }
+            let parsed = stmt.and_then(|s| {
+                execute::params(payload, usize::from(s.params), s.param_types.as_deref()).map(|(p, _)| p)
+            });
+            match parsed {
+                Some(p) => p,
+                None => return Ok(refuse("this execute (its parameters could not be read)".into())),
+            }
+        }
+        _ => Vec::new(),
+    };
+    if let dml::Plan::Change(change) = &plan
+        && let Some(column) = change.assigned.iter().find(|c| {
+            meta.primary_key
+                .iter()
+                .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(c))
+        })
+    {
+        return Ok(refuse(format!("an UPDATE of the primary-key column {column}")));
+    }
+    let keys = match &plan {
+        dml::Plan::Insert(insert) if !meta.primary_key.is_empty() => match at::insert_keys(insert, &meta, &params) {
+            Ok(keys) => Some(keys),
+            Err(why) => return Ok(refuse(why)),
+        },
+        _ => None,
+    };
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let before = state.status;
+    if autocommit {
+        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+        if let Some((code, message)) = begun.error {
+            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+        }
+    }
+    let pk: Vec<undo::ColumnSpec> = meta
+        .primary_key
+        .iter()
+        .map(|&i| {
+            let c = &meta.columns[i];
+            undo::ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated)
+        })
+        .collect();
+    let list = undo::select_list(&pk);
+    let qualified = format!("{}.{}", at::ident(&database), at::ident(&meta.name));
+    let abort = async |backend: &mut Peer, state: &mut SessionState, e: ErrPacket| -> Result<Vec<u8>, SessionError> {
+        if autocommit {
+            super::global::local_rollback(backend, state, limit).await?;
+        }
+        Ok(e.to_packet(1))
+    };
+    // A table without a primary key can hold no global lock: nothing to find.
+    let mut rows: Vec<inject::Row> = Vec::new();
+    if let (dml::Plan::Change(change), false) = (&plan, pk.is_empty()) {
+        match at::select_filtered(backend, state, change, &qualified, &list, &params, limit).await? {
+            Ok(found) => rows = found,
+            Err(e) => return abort(backend, state, e).await,
+        }
+    }
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let (mut response, summary, failed) = at::read_response(backend, state, limit).await?;
+    if failed {
+        if autocommit {
+            super::global::local_rollback(backend, state, limit).await?;
+        }
+        return Ok(response);
+    }
+    if let Some(keys) = &keys {
+        let condition = at::insert_condition(backend, state, &meta, keys, summary, limit).await?;
+        let read = inject::query(
+            backend,
+            state,
+            &format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE"),
+            limit,
+        )
+        .await?;
+        if let Some((code, message)) = read.error {
+            let e = ErrPacket::new(
+                code,
+                "HY000",
+                format!("reading the inserted rows' keys failed: {message}"),
+            );
+            if !autocommit {
+                // The rows are in the transaction but cannot be named: it must not commit.
+                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+            }
+            return abort(backend, state, e).await;
+        }
+        rows = read.rows;
+        if matches!(keys, InsertKeys::Generated) && rows.len() as u64 != summary.map_or(0, |s| s.affected_rows) {
+            let e = ErrPacket::new(
+                1105,
+                "HY000",
+                "ferrata-proxy could not find the rows this INSERT generated (is auto_increment_increment changing?)",
+            );
+            if !autocommit {
+                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+            }
+            return abort(backend, state, e).await;
+        }
+    }
+    let mut written = WrittenRows::new();
+    if !rows.is_empty() {
+        written.insert(
+            (database.clone(), meta.name.clone()),
+            rows.into_iter()
+                .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
+                .collect(),
+        );
+    }
+    if !autocommit {
+        for (table, keys) in written {
+            state.written.rows.entry(table).or_default().extend(keys);
+        }
+        return Ok(response);
+    }
+    if let Some(e) = check(shared, global, &written, "the statement was not run").await {
+        super::global::local_rollback(backend, state, limit).await?;
+        return Ok(e.to_packet(1));
+    }
+    let committed = inject::query(backend, state, "COMMIT", limit).await?;
+    if let Some((code, message)) = committed.error {
+        return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+    }
+    ok::set_response_status(&mut response, TRANSACTION_BITS, autocommit_status(state, before));
+    Ok(response)
+}
