@@ -1,9 +1,12 @@
 //! The bank test: accounts split across two MariaDB servers, each behind its own proxy
 //! process, one coordinator process; 8 clients run cross-server transfers as global transactions at the
 //! same time, roll back about 30% of them on purpose after both updates, and give up on the
-//! ones that lose a lock race. Afterwards: the total balance is unchanged, no balance is
-//! negative, every committed transfer is in the ledger exactly once and no other is, no undo
-//! record and no global lock is left.
+//! ones that lose a lock race. Meanwhile 4 more clients credit the same accounts outside any
+//! global transaction (a balance update and a credit row, in one local transaction), so the
+//! no-dirty-writes check is exercised against rolling-back transfers. Afterwards: the total
+//! balance is what the committed credits added, no balance is negative, every committed
+//! transfer is in the ledger exactly once and no other is, every committed credit is in the
+//! credit table, no rollback was dirty, and no undo record and no global lock is left.
 
 use std::collections::BTreeSet;
 
@@ -17,6 +20,8 @@ use mysql_async::prelude::*;
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
 const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 const CLIENTS: u64 = 8;
+const CREDITORS: u64 = 4;
+const CREDITS: u64 = 15;
 const TRANSFERS: u64 = 12;
 const ACCOUNTS: u64 = 4;
 const START_BALANCE: i64 = 10_000;
@@ -80,6 +85,38 @@ async fn transfer(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn, id: u64,
     }
 }
 
+/// One credit outside any global transaction, retried while it loses lock races (1205,
+/// 1213). `Some(amount)` once committed; `None` if it gave up.
+async fn credit(c: &mut mysql_async::Conn, id: u64) -> Result<Option<i64>> {
+    let (account, amount) = (id % ACCOUNTS + 1, (id % 5 + 1) as i64);
+    for _ in 0..20 {
+        let attempt = async {
+            c.query_drop("BEGIN").await?;
+            c.query_drop(format!(
+                "UPDATE account SET balance = balance + {amount} WHERE id = {account}"
+            ))
+            .await?;
+            c.query_drop(format!("INSERT INTO credit VALUES ({id}, {account}, {amount})"))
+                .await?;
+            c.query_drop("COMMIT").await?;
+            anyhow::Ok(())
+        }
+        .await;
+        match attempt {
+            Ok(()) => return Ok(Some(amount)),
+            Err(e) => {
+                let code = match e.downcast_ref::<mysql_async::Error>() {
+                    Some(mysql_async::Error::Server(s)) => s.code,
+                    _ => return Err(e),
+                };
+                anyhow::ensure!(matches!(code, 1205 | 1213), "credit {id}: unexpected error {e}");
+                c.query_drop("ROLLBACK").await?;
+            }
+        }
+    }
+    Ok(None)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
     let (db_a, db_b) = (MariaDb::start().await?, MariaDb::start().await?);
@@ -90,6 +127,8 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
         c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
             .await?;
         c.query_drop("CREATE TABLE ledger (id BIGINT PRIMARY KEY, src INT, dst INT, amount BIGINT)")
+            .await?;
+        c.query_drop("CREATE TABLE credit (id BIGINT PRIMARY KEY, account INT, amount BIGINT)")
             .await?;
         for id in 1..=ACCOUNTS {
             c.query_drop(format!("INSERT INTO account VALUES ({id}, {START_BALANCE})"))
@@ -119,11 +158,38 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
             anyhow::Ok(committed)
         }));
     }
+    let mut creditors = Vec::new();
+    for creditor in 0..CREDITORS {
+        let (oa, ob) = (pa.opts(), pb.opts());
+        creditors.push(tokio::spawn(async move {
+            let mut a = mysql_async::Conn::new(oa).await?;
+            let mut b = mysql_async::Conn::new(ob).await?;
+            // (id, amount) of each committed credit.
+            let mut committed = Vec::new();
+            for n in 0..CREDITS {
+                let id = creditor * 1000 + n;
+                let conn = if n % 2 == 0 { &mut a } else { &mut b };
+                if let Some(amount) = credit(conn, id).await? {
+                    committed.push((id, amount));
+                }
+            }
+            anyhow::Ok(committed)
+        }));
+    }
     let mut committed = BTreeSet::new();
     for c in clients {
         committed.extend(c.await??);
     }
     assert!(!committed.is_empty(), "some transfers committed");
+    let mut credited = BTreeSet::new();
+    let mut credited_total = 0;
+    for c in creditors {
+        for (id, amount) in c.await?? {
+            credited.insert(id);
+            credited_total += amount;
+        }
+    }
+    assert!(!credited.is_empty(), "some credits committed");
 
     // Phase 2 of the last commits is asynchronous: wait for the undo records to go.
     until("the undo records to go", async || {
@@ -142,6 +208,7 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
 
     let mut total = 0;
     let mut ledger = BTreeSet::new();
+    let mut credits = BTreeSet::new();
     for db in [&db_a, &db_b] {
         let mut c = db.conn().await?;
         let balances: Vec<i64> = c.query("SELECT balance FROM account").await?;
@@ -151,12 +218,15 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
         for id in ids {
             assert!(ledger.insert(id), "transfer {id} is in the ledgers twice");
         }
+        let ids: Vec<u64> = c.query("SELECT id FROM credit").await?;
+        credits.extend(ids);
     }
     assert_eq!(
         total,
-        2 * ACCOUNTS as i64 * START_BALANCE,
-        "money was neither made nor lost"
+        2 * ACCOUNTS as i64 * START_BALANCE + credited_total,
+        "transfers moved money without making or losing any; credits added theirs"
     );
+    assert_eq!(credits, credited, "the credit tables hold exactly the committed credits");
     assert_eq!(ledger, committed, "the ledgers hold exactly the committed transfers");
     let locks = tc.get("/v1/locks").await?;
     assert_eq!(
