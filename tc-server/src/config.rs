@@ -68,6 +68,10 @@ pub struct Transactions {
     pub finished_history: usize,
     /// How often Begin transactions are checked against their timeout.
     pub timeout_check_interval_ms: u64,
+    /// How long a guarded table stays guarded after its last transaction ended, before
+    /// resource managers are told to stop checking writes to it (a busy table is not
+    /// announced again for every transaction).
+    pub guard_linger_ms: u64,
 }
 
 /// Phase-2 driving.
@@ -116,6 +120,7 @@ impl Default for Transactions {
             max_message_bytes: 16 * 1024 * 1024,
             finished_history: 10_000,
             timeout_check_interval_ms: 100,
+            guard_linger_ms: 10_000,
         }
     }
 }
@@ -169,6 +174,10 @@ impl Config {
             t.timeout_check_interval_ms > 0,
             "transactions.timeout_check_interval_ms must be positive"
         );
+        anyhow::ensure!(
+            t.guard_linger_ms <= 86_400_000,
+            "transactions.guard_linger_ms must be at most 86400000 (a day)"
+        );
         anyhow::ensure!(p.call_timeout_ms > 0, "phase2.call_timeout_ms must be positive");
         anyhow::ensure!(
             p.retry_initial_ms > 0 && p.retry_initial_ms <= p.retry_max_ms,
@@ -213,6 +222,9 @@ impl Transactions {
     pub fn timeout_check_interval(&self) -> Duration {
         ms(self.timeout_check_interval_ms)
     }
+    pub fn guard_linger(&self) -> Duration {
+        ms(self.guard_linger_ms)
+    }
 }
 
 impl Phase2 {
@@ -221,6 +233,11 @@ impl Phase2 {
     }
     pub fn heartbeat_interval(&self) -> Duration {
         ms(self.heartbeat_interval_ms)
+    }
+    /// How long a resource manager may trust its guard set after an answered heartbeat:
+    /// the three intervals after which a silent stream is dropped.
+    pub fn guard_lease(&self) -> Duration {
+        self.heartbeat_interval() * 3
     }
     /// Delay before retry number `attempt` (0-based): doubling from `retry_initial_ms`, capped
     /// at `retry_max_ms`.
@@ -327,6 +344,9 @@ mod tests {
                 .contains("unknown field")
         );
         assert!(Config::from_toml("[transactions]\ndefault_timeout_ms = 0").is_err());
+        let c = Config::from_toml("[transactions]\nguard_linger_ms = 250").unwrap();
+        assert_eq!(c.transactions.guard_linger(), Duration::from_millis(250));
+        assert!(Config::from_toml("[transactions]\nguard_linger_ms = 86400001").is_err());
 
         let flags = Flags::try_parse_from([
             "ferrata-tc",

@@ -8,6 +8,9 @@
 //! - A request is acknowledged only after its change is durable.
 //! - Rows are released only after the change that releases them has been submitted, so a
 //!   later holder's branch is never durable before the earlier holder's release.
+//! - A branch's tables are guarded (every resource manager confirmed it checks non-global
+//!   writes to them, see `guards.rs`) before its rows are locked; a transaction pins its
+//!   tables until it finishes.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::error::TcError;
+use crate::guards::{Table, TableGuards};
 use crate::lock_key::LockKey;
 use crate::locks::{LockError, LockManager};
 use crate::metrics::Metrics;
@@ -52,6 +56,8 @@ pub(crate) struct SessionState {
     pub rollback_running: bool,
     /// The first branch failure of the latest phase-2 pass.
     pub failure: Option<Failure>,
+    /// The tables this transaction pins in the guarded set, unpinned when it finishes.
+    pub guarded: BTreeSet<Table>,
 }
 
 /// A branch that failed phase 2, as reported to the caller.
@@ -129,7 +135,8 @@ pub struct Coordinator {
     pub(crate) sessions: RwLock<HashMap<u64, Arc<Session>>>,
     finished: Mutex<(VecDeque<u64>, HashMap<u64, FinishedTxn>)>,
     pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
-    pub rms: RmRegistry,
+    pub rms: Arc<RmRegistry>,
+    pub guards: Arc<TableGuards>,
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
     pub(crate) commit_wake: Notify,
     pub metrics: Metrics,
@@ -141,7 +148,19 @@ impl Coordinator {
     /// Builds the coordinator from what the store holds: sessions, branches and their locks
     /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
     pub async fn recover(config: Config, journal: Journal, snapshot: Snapshot) -> Result<Arc<Coordinator>, StoreError> {
+        // An id is leased durably before a coordinator serves anything: a store without one
+        // never had a coordinator whose guard set a resource manager could still trust.
+        let fresh_store = snapshot.id_ceiling == 0;
         let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
+        let metrics = Metrics::new();
+        let rms = Arc::new(RmRegistry::default());
+        let guards = TableGuards::new(
+            Arc::clone(&rms),
+            config.phase2.guard_lease(),
+            config.transactions.guard_linger(),
+            fresh_store,
+            &metrics,
+        );
         let coordinator = Arc::new(Coordinator {
             config,
             ids,
@@ -150,10 +169,11 @@ impl Coordinator {
             sessions: RwLock::new(HashMap::new()),
             finished: Mutex::new((VecDeque::new(), HashMap::new())),
             timeouts: Mutex::new(BTreeSet::new()),
-            rms: RmRegistry::default(),
+            rms,
+            guards,
             commit_queue: Mutex::new(Vec::new()),
             commit_wake: Notify::new(),
-            metrics: Metrics::new(),
+            metrics,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -172,7 +192,9 @@ impl Coordinator {
             let txn_id = record.txn_id;
             let status = record.status;
             let list = branches.remove(&txn_id).unwrap_or_default();
-            // Locks of every branch that has not finished phase 2 (commit released them).
+            let mut guarded = BTreeSet::new();
+            // Locks of every branch that has not finished phase 2 (commit released them), and
+            // their tables, guarded already by the previous instance.
             if !status.is_committing() && status != GlobalStatus::CommitFailed {
                 for b in list.iter().filter(|b| b.status != BranchStatus::PhaseOneFailed) {
                     self.locks.restore(txn_id, b.branch_id, &b.lock_keys).map_err(|e| {
@@ -181,6 +203,9 @@ impl Coordinator {
                             format_xid(txn_id)
                         ))
                     })?;
+                    let tables = Table::of_keys(&b.lock_keys);
+                    self.guards.restore(txn_id, &tables);
+                    guarded.extend(tables);
                 }
             }
             if status.is_rolling_back()
@@ -222,6 +247,7 @@ impl Coordinator {
                     branches: list,
                     rollback_running: false,
                     failure,
+                    guarded,
                 }),
                 passes: watch::Sender::new(0),
             });
@@ -307,33 +333,34 @@ impl Coordinator {
     }
 
     /// Forgets a finished session (its store record is deleted by the caller), keeping a
-    /// summary queryable for a while.
+    /// summary queryable for a while. The summary is in place before the session leaves the
+    /// live map, so a status query in between never finds neither.
     pub(crate) fn finish(&self, session: &Session, state: &SessionState) {
+        let limit = self.config.transactions.finished_history;
+        if limit > 0 {
+            let mut finished = self.finished.lock();
+            let (order, map) = &mut *finished;
+            order.push_back(session.txn_id);
+            map.insert(
+                session.txn_id,
+                FinishedTxn {
+                    record: state.record.clone(),
+                    branch_count: state.registered,
+                    failure: state.failure.clone(),
+                },
+            );
+            while order.len() > limit {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
         self.sessions.write().remove(&session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
         self.locks.forget_txn(session.txn_id);
+        self.guards.unpin(session.txn_id, &state.guarded);
         self.metrics.status(Some(state.record.status), None);
         self.metrics.locks_held.set(self.locks.held_count() as f64);
-        let limit = self.config.transactions.finished_history;
-        if limit == 0 {
-            return;
-        }
-        let mut finished = self.finished.lock();
-        let (order, map) = &mut *finished;
-        order.push_back(session.txn_id);
-        map.insert(
-            session.txn_id,
-            FinishedTxn {
-                record: state.record.clone(),
-                branch_count: state.registered,
-                failure: state.failure.clone(),
-            },
-        );
-        while order.len() > limit {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
-        }
     }
 
     pub async fn begin(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
@@ -379,6 +406,7 @@ impl Coordinator {
                 registered: 0,
                 rollback_running: false,
                 failure: None,
+                guarded: BTreeSet::new(),
             }),
             passes: watch::Sender::new(0),
         });
@@ -457,6 +485,7 @@ impl Coordinator {
             )));
         }
         let keys = LockKey::from_pb(&resource_id, locks).map_err(TcError::invalid)?;
+        let tables = Table::of_keys(&keys);
         let session = self.session_for(xid, "register a branch")?;
         let begin_only = |state: &SessionState| match state.record.status {
             GlobalStatus::Begin => Ok(()),
@@ -466,10 +495,25 @@ impl Coordinator {
                 "register a branch (only a transaction in Begin accepts branches)",
             )),
         };
-        begin_only(&session.state.lock())?;
         let txn_id = session.txn_id;
-        let branch_id = self.ids.next().await?;
+        {
+            let mut state = session.state.lock();
+            begin_only(&state)?;
+            // Pinned under the session's mutex and only in Begin: `finish` comes later and
+            // unpins whatever was pinned.
+            state.guarded.extend(tables.iter().cloned());
+            self.guards.pin(txn_id, &tables);
+        }
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
+        // The tables' guards are confirmed before any row is locked. That is a round trip to
+        // the resource managers, not a wait for other transactions: it gets at least one
+        // lease even when the request waits for no rows.
+        let guard_deadline = deadline.max(Instant::now() + self.guards.lease());
+        tokio::select! {
+            guarded = self.guards.ensure(&tables, guard_deadline) => guarded?,
+            _ = self.shutdown.cancelled() => return Err(TcError::shutting_down()),
+        }
+        let branch_id = self.ids.next().await?;
         match self.locks.acquire(txn_id, branch_id, &keys, deadline).await {
             Ok(granted) => {
                 if let Some(waited) = granted.waited {
@@ -833,8 +877,10 @@ impl Coordinator {
             .take(limit)
             .collect();
         if out.len() < limit {
+            // One finishing meanwhile is in both (`finish` records it before it leaves).
+            let listed: std::collections::HashSet<u64> = live.iter().map(|s| s.txn_id).collect();
             let finished = self.finished.lock();
-            for id in &finished.0 {
+            for id in finished.0.iter().filter(|id| !listed.contains(id)) {
                 let f = &finished.1[id];
                 if status.is_none() || status == Some(f.record.status) {
                     out.push(Self::finished_view(f));

@@ -1,12 +1,14 @@
 //! The gRPC services: transaction-manager and resource-manager calls mapped onto the
-//! coordinator, the token check, and each resource manager's Attach stream (hello,
-//! heartbeats both ways, answers to phase-2 commands).
+//! coordinator, the token check, and each resource manager's Attach stream (hello, the
+//! complete guard set, heartbeats both ways with numbered ones answered, guard
+//! acknowledgements, answers to phase-2 commands).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrata_rpc::{ErrorCode, pb};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -165,6 +167,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
+                guard_lease_ms: coordinator.guards.lease().as_millis() as u64,
             })),
         };
         tx.send(Ok(welcome))
@@ -179,8 +182,11 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             .set(coordinator.rms.connected() as f64);
         tracing::info!(rm_id = hello.rm_id, resources = ?hello.resource_ids, "resource manager attached");
         tokio::spawn(async move {
+            // In this task, which nothing cancels: once registered, the connection is
+            // detached below whatever happens. A closed stream fails here and ends below.
+            coordinator.guards.attach(&conn).await;
             let reason = serve_stream(&coordinator, &conn, &mut inbound, &tx, interval, silence).await;
-            coordinator.rms.detach(&conn);
+            coordinator.guards.detach(&conn);
             coordinator
                 .metrics
                 .resource_managers
@@ -213,7 +219,27 @@ async fn serve_stream(
                             tracing::debug!(rm_id = conn.rm_id, "answer for a command no longer waited for");
                         }
                     }
-                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(_)) })) => {}
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(h)) })) => {
+                        if h.seq > 0 {
+                            // Recorded before the answer goes out: the resource manager
+                            // trusts its guard set until a lease past its sending, which
+                            // came before this.
+                            conn.answered(Instant::now());
+                            let answer = pb::TcMessage {
+                                kind: Some(pb::tc_message::Kind::Heartbeat(pb::Heartbeat { seq: 0, echo: h.seq })),
+                            };
+                            if tx.send(Ok(answer)).await.is_err() {
+                                return "closed";
+                            }
+                        }
+                    }
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::GuardAck(ack)) })) => {
+                        if ack.seq > coordinator.guards.seq() {
+                            let _ = tx.send(Err(ErrorCode::RmProtocol.status(format!("GuardAck for update {} that was never sent", ack.seq), None))).await;
+                            return "protocol error";
+                        }
+                        coordinator.guards.acked(conn, ack.seq);
+                    }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Announce(a)) })) => {
                         if a.resource_ids.iter().any(|r| r.is_empty()) {
                             let _ = tx.send(Err(ErrorCode::RmProtocol.status("Announce with an empty resource id", None))).await;
@@ -223,7 +249,7 @@ async fn serve_stream(
                         coordinator.rms.announce(conn, a.resource_ids);
                     }
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat and Announce may follow Hello", None))).await;
+                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat, Announce and GuardAck may follow Hello", None))).await;
                         return "protocol error";
                     }
                     Ok(None) => return "closed by the resource manager",
@@ -235,7 +261,7 @@ async fn serve_stream(
                 return "silent for three heartbeat intervals";
             }
             _ = beat.tick() => {
-                let heartbeat = pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(pb::Heartbeat {})) };
+                let heartbeat = pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(pb::Heartbeat { seq: 0, echo: 0 })) };
                 if tx.send(Ok(heartbeat)).await.is_err() {
                     return "closed";
                 }

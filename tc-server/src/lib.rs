@@ -3,7 +3,7 @@
 //! phase 2 on the resource managers (proxies). ARCHITECTURE.md has the map; in short:
 //!
 //! - `coordinator` the requests and the in-memory sessions; `phase2` the background work
-//! - `locks` the lock manager, `lock_key` the canonical row key
+//! - `locks` the lock manager, `lock_key` the canonical row key, `guards` the guarded tables
 //! - `store` durability (`journal` group commit, `redb` the embedded store)
 //! - `grpc`, `http`, `rm` the two APIs and phase-2 routing; `server` start and stop
 
@@ -13,6 +13,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;
+pub mod guards;
 pub mod http;
 pub mod lock_key;
 pub mod locks;

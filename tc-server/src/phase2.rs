@@ -77,10 +77,13 @@ fn branch_ref(b: &BranchRecord, xid: &str) -> pb::BranchRef {
 }
 
 impl Coordinator {
-    /// Starts the timeout check and the asynchronous committer.
+    /// Starts the timeout check, the asynchronous committer and the release of idle
+    /// guarded tables.
     pub fn start_background(self: &Arc<Self>) {
         self.tasks.spawn(Arc::clone(self).timeout_loop());
         self.tasks.spawn(Arc::clone(self).commit_loop());
+        self.tasks
+            .spawn(Arc::clone(&self.guards).release_loop(self.shutdown.clone()));
     }
 
     /// Moves transactions still in Begin past their timeout to TimeoutRollbacking.

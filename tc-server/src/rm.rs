@@ -1,24 +1,37 @@
 //! Routing of phase-2 commands to resource managers: which connected resource manager serves
-//! which resource, sending a command and awaiting its answer. The stream itself (hello,
-//! heartbeats) is handled in `grpc.rs`; this module only sees connections come and go.
+//! which resource, sending a command and awaiting its answer, and the list of every attached
+//! stream with what `guards.rs` needs to know of it (the guard updates it acknowledged, its
+//! latest answered heartbeat). The stream itself (hello, heartbeats) is handled in `grpc.rs`;
+//! this module only sees connections come and go.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrata_rpc::pb;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
 /// One attached resource manager stream.
 pub struct RmConnection {
     pub id: u64,
     pub rm_id: String,
+    pub attached_at: Instant,
     /// Resources announced so far (Hello, then Announce messages).
     resources: Mutex<Vec<String>>,
     outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Vec<pb::BranchOutcome>>>>,
+    /// The highest guard update seq the resource manager acknowledged (GuardAck).
+    acked: AtomicU64,
+    /// The seq of the complete guard set this stream was sent on attach (updates after it
+    /// concern it); `u64::MAX` until that set went out.
+    guards_from: AtomicU64,
+    /// When the latest numbered heartbeat arrived (the attach time before the first): the
+    /// resource manager trusts its guard set at most a lease past it.
+    last_answered: Mutex<Instant>,
+    detached: AtomicBool,
 }
 
 impl RmConnection {
@@ -36,6 +49,38 @@ impl RmConnection {
     pub async fn send(&self, message: pb::TcMessage) -> bool {
         self.outbound.send(Ok(message)).await.is_ok()
     }
+
+    /// Records a GuardAck: every update up to `seq` was applied.
+    pub fn ack(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    pub fn set_guards_from(&self, seq: u64) {
+        self.guards_from.store(seq, Ordering::Release);
+    }
+
+    pub fn guards_from(&self) -> u64 {
+        self.guards_from.load(Ordering::Acquire)
+    }
+
+    /// A numbered heartbeat arrived at `at` (its answer goes out after this).
+    pub fn answered(&self, at: Instant) {
+        let mut last = self.last_answered.lock();
+        *last = (*last).max(at);
+    }
+
+    pub fn last_answered(&self) -> Instant {
+        *self.last_answered.lock()
+    }
+
+    /// The stream has ended (set before the connection leaves the registry).
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
 }
 
 /// Why a phase-2 command got no answer. All of these are worth retrying.
@@ -52,10 +97,11 @@ pub enum CallError {
 #[derive(Default)]
 pub struct RmRegistry {
     by_resource: Mutex<HashMap<String, Vec<Arc<RmConnection>>>>,
+    /// Every attached connection, with resources or not, in attach order.
+    all: Mutex<Vec<Arc<RmConnection>>>,
     next_connection: AtomicU64,
     next_request: AtomicU64,
     round_robin: AtomicUsize,
-    count: AtomicUsize,
     /// Notified whenever a resource manager attaches or announces a resource, so work
     /// waiting for one can go on.
     attached: Notify,
@@ -68,14 +114,20 @@ impl RmRegistry {
         resources: Vec<String>,
         outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
     ) -> Arc<RmConnection> {
+        let now = Instant::now();
         let conn = Arc::new(RmConnection {
             id: self.next_connection.fetch_add(1, Ordering::Relaxed),
             rm_id,
+            attached_at: now,
             resources: Mutex::new(Vec::new()),
             outbound,
             pending: Mutex::new(HashMap::new()),
+            acked: AtomicU64::new(0),
+            guards_from: AtomicU64::new(u64::MAX),
+            last_answered: Mutex::new(now),
+            detached: AtomicBool::new(false),
         });
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.all.lock().push(Arc::clone(&conn));
         self.announce(&conn, resources);
         conn
     }
@@ -98,6 +150,8 @@ impl RmRegistry {
 
     /// Removes a connection from routing and fails every command waiting on it.
     pub fn detach(&self, conn: &RmConnection) {
+        conn.detached.store(true, Ordering::Release);
+        self.all.lock().retain(|c| c.id != conn.id);
         let mut map = self.by_resource.lock();
         for r in conn.resources.lock().iter() {
             if let Some(list) = map.get_mut(r) {
@@ -108,12 +162,16 @@ impl RmRegistry {
             }
         }
         drop(map);
-        self.count.fetch_sub(1, Ordering::Relaxed);
         conn.pending.lock().clear();
     }
 
     pub fn connected(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.all.lock().len()
+    }
+
+    /// Every attached connection.
+    pub fn connections(&self) -> Vec<Arc<RmConnection>> {
+        self.all.lock().clone()
     }
 
     /// Resolves at the next attach; create it before checking for a connection, so an

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use ferrata_rpc::client::{CommandHandler, attach};
+use ferrata_rpc::client::{CommandHandler, IgnoreGuards, attach};
 use ferrata_rpc::{ErrorCode, holder_of, pb};
 use serde_json::json;
 use support::*;
@@ -297,7 +297,14 @@ async fn dropping_an_attachment_with_a_command_in_flight_closes_the_stream() -> 
         // A handler stuck on its database.
         Box::pin(std::future::pending())
     });
-    let attachment = attach(&mut c.rm.clone(), "rm-stuck", &["db1".to_owned()], handler).await?;
+    let attachment = attach(
+        &mut c.rm.clone(),
+        "rm-stuck",
+        &["db1".to_owned()],
+        handler,
+        Arc::new(IgnoreGuards),
+    )
+    .await?;
     let xid = begin(&c, 0).await?;
     register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
     let _call = tokio::spawn({
@@ -330,6 +337,12 @@ async fn a_silent_rm_is_dropped_after_three_heartbeat_intervals() -> Result {
             kind: Some(pb::tc_message::Kind::Welcome(w)),
         }) => assert_eq!(w.heartbeat_interval_ms, 500),
         other => panic!("expected Welcome, got {other:?}"),
+    }
+    match silent.next().await? {
+        Some(pb::TcMessage {
+            kind: Some(pb::tc_message::Kind::Guards(u)),
+        }) => assert!(u.full, "{u:?}"),
+        other => panic!("expected the complete guard set, got {other:?}"),
     }
     // A well-behaved resource manager stays attached meanwhile.
     let rec = Recorder::new();
@@ -413,7 +426,7 @@ async fn a_resource_announced_later_gets_its_phase_two() -> Result {
                 .collect()
         })
     });
-    let attachment = attach(&mut c.rm.clone(), "rm-later", &[], handler).await?;
+    let attachment = attach(&mut c.rm.clone(), "rm-later", &[], handler, Arc::new(IgnoreGuards)).await?;
     let o = rollback(&c, &xid).await?;
     assert_eq!(status_of(&o), G::RollbackRetrying, "nobody serves db1 yet: {o:?}");
 
@@ -476,7 +489,14 @@ async fn a_missing_answer_is_retried() -> Result {
             }
         })
     });
-    let _attachment = attach(&mut c.rm.clone(), "rm-forgetful", &["db1".to_owned()], handler).await?;
+    let _attachment = attach(
+        &mut c.rm.clone(),
+        "rm-forgetful",
+        &["db1".to_owned()],
+        handler,
+        Arc::new(IgnoreGuards),
+    )
+    .await?;
     let xid = begin(&c, 0).await?;
     register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
     let o = rollback(&c, &xid).await?;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
+use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, GuardSink, IgnoreGuards, TcClient, attach};
 use ferrata_rpc::{ErrorCode, pb};
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -689,6 +689,28 @@ impl TestRm {
         recorder: &Arc<Recorder>,
         default: Reply,
     ) -> Result<TestRm> {
+        Self::attach_full(c, id, resources, recorder, default, Arc::new(IgnoreGuards)).await
+    }
+
+    /// Attaches handing guard updates to `guards` (acknowledged once it has them).
+    pub async fn attach_guarded(
+        c: &TcClient,
+        id: &str,
+        resources: &[&str],
+        recorder: &Arc<Recorder>,
+        guards: Arc<dyn GuardSink>,
+    ) -> Result<TestRm> {
+        Self::attach_full(c, id, resources, recorder, Reply::Ok, guards).await
+    }
+
+    async fn attach_full(
+        c: &TcClient,
+        id: &str,
+        resources: &[&str],
+        recorder: &Arc<Recorder>,
+        default: Reply,
+        guards: Arc<dyn GuardSink>,
+    ) -> Result<TestRm> {
         let crashed = CancellationToken::new();
         let handler: CommandHandler = {
             let recorder = Arc::clone(recorder);
@@ -737,7 +759,7 @@ impl TestRm {
             })
         };
         let resources: Vec<String> = resources.iter().map(|r| r.to_string()).collect();
-        let attachment = attach(&mut c.rm.clone(), id, &resources, handler).await?;
+        let attachment = attach(&mut c.rm.clone(), id, &resources, handler, guards).await?;
         Ok(TestRm {
             id: id.to_owned(),
             attachment: Some(attachment),
@@ -795,6 +817,76 @@ fn outcome(branch_id: u64, action: pb::Phase2Action, reply: Reply) -> pb::Branch
     }
 }
 
+/// A guard sink that records what the coordinator says about table guards: the updates in
+/// order, and how many heartbeats it answered.
+#[derive(Default)]
+pub struct GuardLog {
+    updates: watch::Sender<Vec<pb::GuardUpdate>>,
+    answered: watch::Sender<u64>,
+}
+
+impl GuardSink for GuardLog {
+    fn update(&self, update: &pb::GuardUpdate) {
+        self.updates.send_modify(|u| u.push(update.clone()));
+    }
+    fn confirmed(&self, _: std::time::Instant, _: Duration) {
+        self.answered.send_modify(|n| *n += 1);
+    }
+    fn lost(&self) {}
+}
+
+impl GuardLog {
+    pub fn new() -> Arc<GuardLog> {
+        Arc::new(GuardLog::default())
+    }
+
+    pub fn updates(&self) -> Vec<pb::GuardUpdate> {
+        self.updates.borrow().clone()
+    }
+
+    /// Waits until the updates satisfy `pred`; returns them.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        pred: impl Fn(&[pb::GuardUpdate]) -> bool,
+    ) -> Result<Vec<pb::GuardUpdate>> {
+        let mut rx = self.updates.subscribe();
+        let r = tokio::time::timeout(EVENT, async {
+            loop {
+                {
+                    let updates = rx.borrow_and_update();
+                    if pred(&updates) {
+                        return Ok::<_, anyhow::Error>(updates.clone());
+                    }
+                }
+                rx.changed().await?;
+            }
+        })
+        .await;
+        match r {
+            Ok(r) => r,
+            Err(_) => bail!("timed out waiting for {what}; guard updates: {:#?}", self.updates()),
+        }
+    }
+
+    /// Waits until the coordinator has answered `n` heartbeats.
+    pub async fn wait_answered(&self, n: u64) -> Result<()> {
+        let mut rx = self.answered.subscribe();
+        tokio::time::timeout(EVENT, rx.wait_for(|a| *a >= n))
+            .await
+            .with_context(|| format!("the coordinator did not answer {n} heartbeats within {EVENT:?}"))??;
+        Ok(())
+    }
+}
+
+/// Guarded tables as `schema.table on resource`.
+pub fn table_names(tables: &[pb::GuardedTable]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| format!("{}.{} on {}", t.schema, t.table, t.resource_id))
+        .collect()
+}
+
 /// A raw Attach stream the test drives by hand: the sender of messages to the coordinator
 /// and the stream of its answers.
 pub struct RawStream {
@@ -811,9 +903,21 @@ pub fn hello(rm_id: &str, resources: &[&str]) -> pb::RmMessage {
     }
 }
 
+/// An unnumbered heartbeat (the coordinator does not answer it).
 pub fn heartbeat() -> pb::RmMessage {
+    numbered_heartbeat(0)
+}
+
+/// Heartbeat number `seq`, which the coordinator answers with `echo = seq`.
+pub fn numbered_heartbeat(seq: u64) -> pb::RmMessage {
     pb::RmMessage {
-        kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat {})),
+        kind: Some(pb::rm_message::Kind::Heartbeat(pb::Heartbeat { seq, echo: 0 })),
+    }
+}
+
+pub fn guard_ack(seq: u64) -> pb::RmMessage {
+    pb::RmMessage {
+        kind: Some(pb::rm_message::Kind::GuardAck(pb::GuardAck { seq })),
     }
 }
 
