@@ -494,6 +494,7 @@ async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -
         &format!("tc-bench-rm-{resource}"),
         &[resource.to_owned()],
         handler,
+        std::sync::Arc::new(ferrata_rpc::client::IgnoreGuards),
     )
     .await
     .with_context(|| format!("attaching the resource manager of {resource}"))

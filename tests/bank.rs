@@ -226,7 +226,10 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
         2 * ACCOUNTS as i64 * START_BALANCE + credited_total,
         "transfers moved money without making or losing any; credits added theirs"
     );
-    assert_eq!(credits, credited, "the credit tables hold exactly the committed credits");
+    assert_eq!(
+        credits, credited,
+        "the credit tables hold exactly the committed credits"
+    );
     assert_eq!(ledger, committed, "the ledgers hold exactly the committed transfers");
     let locks = tc.get("/v1/locks").await?;
     assert_eq!(

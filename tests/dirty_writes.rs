@@ -169,7 +169,10 @@ async fn tables_without_global_locks_take_the_fast_path() -> Result<()> {
     until("the proxy to trust its view of the coordinator", async || {
         c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 2")
             .await?;
-        Ok(proxy.metric("ferrata_proxy_unbound_writes_total{route=\"wrap\"}").await? > 0.0)
+        Ok(proxy
+            .metric("ferrata_proxy_unbound_writes_total{route=\"wrap\"}")
+            .await?
+            > 0.0)
     })
     .await?;
     let checked = proxy.metric(CHECKED).await?;

@@ -226,7 +226,8 @@ impl Config {
         }
         for name in self.dirty_writes.tables.keys() {
             anyhow::ensure!(
-                name.split_once('.').is_some_and(|(d, t)| !d.is_empty() && !t.is_empty()),
+                name.split_once('.')
+                    .is_some_and(|(d, t)| !d.is_empty() && !t.is_empty()),
                 "[dirty_writes] tables: {name:?} must be written \"database.table\""
             );
         }

@@ -426,7 +426,10 @@ mod tests {
         assert_eq!(names("INSERT INTO a SET id = 1 ON DUPLICATE KEY UPDATE v = 2"), ["a"]);
         assert_eq!(names("UPDATE a JOIN b ON a.id = b.id SET a.v = b.v"), ["a", "b"]);
         assert_eq!(names("DELETE a, b FROM a JOIN b ON a.id = b.id"), ["a", "b"]);
-        assert_eq!(names("DELETE FROM a WHERE id = 1; SELECT 1; UPDATE c SET v = 1"), ["a", "c"]);
+        assert_eq!(
+            names("DELETE FROM a WHERE id = 1; SELECT 1; UPDATE c SET v = 1"),
+            ["a", "c"]
+        );
         assert!(names("SELECT * FROM a").is_empty());
         assert!(written_tables("UPDATE SET").is_err());
     }

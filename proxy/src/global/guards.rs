@@ -126,8 +126,7 @@ impl GuardSink for TableGuards {
 
     fn confirmed(&self, sent: Instant, lease: Duration) {
         let until = (sent + lease).saturating_duration_since(self.base);
-        self.trusted_until
-            .fetch_max(until.as_nanos() as u64, Ordering::SeqCst);
+        self.trusted_until.fetch_max(until.as_nanos() as u64, Ordering::SeqCst);
     }
 
     fn lost(&self) {

@@ -318,11 +318,7 @@ impl Global {
                 });
         }
         for (database, locks) in by_database {
-            let mut c = self
-                .link
-                .client()
-                .await
-                .map_err(|e| CheckFailure::Unreachable(e.0))?;
+            let mut c = self.link.client().await.map_err(|e| CheckFailure::Unreachable(e.0))?;
             let request = ferrata_rpc::pb::LockQueryRequest {
                 xid: String::new(),
                 resource_id: self.resource(database),

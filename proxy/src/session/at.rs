@@ -304,10 +304,12 @@ async fn run(
     let list = undo::select_list(&specs);
     let qualified = format!("{}.{}", ident(&schema), ident(&meta.name));
     let before: Vec<Vec<Option<String>>> = match &statement {
-        dml::Plan::Change(change) => match select_filtered(backend, state, change, &qualified, &list, params, limit).await? {
-            Ok(rows) => rows.iter().map(text).collect(),
-            Err(e) => return abort(backend, state, limit, autocommit, e).await,
-        },
+        dml::Plan::Change(change) => {
+            match select_filtered(backend, state, change, &qualified, &list, params, limit).await? {
+                Ok(rows) => rows.iter().map(text).collect(),
+                Err(e) => return abort(backend, state, limit, autocommit, e).await,
+            }
+        }
         dml::Plan::Insert(_) => Vec::new(),
     };
 
@@ -345,8 +347,12 @@ async fn run(
         (_, undo::Kind::Delete) => None,
         (_, undo::Kind::Update) if before.is_empty() => None,
         (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
-        (Some(keys @ InsertKeys::Literal(_)), _) => Some(insert_condition(backend, state, &meta, keys, summary, limit).await?),
-        (Some(keys @ InsertKeys::Generated), _) => Some(insert_condition(backend, state, &meta, keys, summary, limit).await?),
+        (Some(keys @ InsertKeys::Literal(_)), _) => {
+            Some(insert_condition(backend, state, &meta, keys, summary, limit).await?)
+        }
+        (Some(keys @ InsertKeys::Generated), _) => {
+            Some(insert_condition(backend, state, &meta, keys, summary, limit).await?)
+        }
         (None, undo::Kind::Insert) => None,
     };
     let after: Vec<Vec<Option<String>>> = match condition {

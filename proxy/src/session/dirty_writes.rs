@@ -55,7 +55,11 @@ pub enum Write {
 }
 
 /// The statement text of a query or an execute.
-fn statement_text<'a>(command: u8, payload: &'a [u8], state: &'a SessionState) -> Option<(&'a [u8], &'a Classification)> {
+fn statement_text<'a>(
+    command: u8,
+    payload: &'a [u8],
+    state: &'a SessionState,
+) -> Option<(&'a [u8], &'a Classification)> {
     if command != Command::STMT_EXECUTE || payload.len() < 5 {
         return None;
     }
@@ -103,7 +107,11 @@ pub fn route(
         return Some(Route::Observe(seen));
     }
     let sql = String::from_utf8_lossy(sql);
-    let guarded = if quiet { Vec::new() } else { guarded_tables(&sql, state, global) };
+    let guarded = if quiet {
+        Vec::new()
+    } else {
+        guarded_tables(&sql, state, global)
+    };
     if guarded.is_empty() {
         return Some(if autocommit {
             Route::Run(Write::Wrap)
@@ -177,7 +185,9 @@ fn held(why: &str, done: &str) -> ErrPacket {
     ErrPacket::new(
         1205,
         "HY000",
-        format!("Lock wait timeout exceeded; {why}; {done} (ferrata-proxy: no write may commit over a row of an unfinished global transaction)"),
+        format!(
+            "Lock wait timeout exceeded; {why}; {done} (ferrata-proxy: no write may commit over a row of an unfinished global transaction)"
+        ),
     )
 }
 
@@ -211,7 +221,10 @@ async fn check(shared: &Shared, global: &Global, rows: &WrittenRows, done: &str)
             m.checks_unreachable.increment(1);
             match global.dirty_writes.when_coordinator_unreachable {
                 WhenUnreachable::Allow => {
-                    tracing::warn!(error = why, "coordinator unreachable; write committed unchecked as configured");
+                    tracing::warn!(
+                        error = why,
+                        "coordinator unreachable; write committed unchecked as configured"
+                    );
                     None
                 }
                 WhenUnreachable::Refuse => Some(unreachable(&why, done)),
@@ -242,7 +255,13 @@ pub async fn before_commit(
         )));
     }
     let rows = std::mem::take(&mut state.written.rows);
-    let failed = check(shared, global, &rows, "nothing was committed and the transaction is still open: roll it back, or retry the COMMIT").await;
+    let failed = check(
+        shared,
+        global,
+        &rows,
+        "nothing was committed and the transaction is still open: roll it back, or retry the COMMIT",
+    )
+    .await;
     if failed.is_some() {
         state.written.rows = rows;
     }
@@ -273,7 +292,13 @@ pub async fn run(
             }
             Write::Wrap => match wrapped(backend, state, shared, global, raw).await? {
                 Some(reply) => reply,
-                None => match route(command, &raw[4..], classified(command, raw, state).as_ref(), state, global) {
+                None => match route(
+                    command,
+                    &raw[4..],
+                    classified(command, raw, state).as_ref(),
+                    state,
+                    global,
+                ) {
                     Some(Route::Run(next)) => {
                         write = next;
                         continue;
