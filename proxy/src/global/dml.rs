@@ -181,6 +181,10 @@ fn plan_delete(sql: &str, d: Delete) -> Result<Change, String> {
 }
 
 fn plan_insert(sql: &str, i: sqlparser::ast::Insert) -> Result<Insert, String> {
+    // REPLACE also deletes the rows its values collide with, on any unique key.
+    if i.replace_into {
+        return Err("REPLACE".into());
+    }
     if i.ignore {
         return Err("INSERT IGNORE".into());
     }
@@ -462,6 +466,7 @@ mod tests {
         assert_eq!(i.rows[1], vec![Some("?".to_owned()), None]);
         assert_eq!(i.rows[2], text(&["-2.50", "NOW()"]));
         for (sql, why) in [
+            ("REPLACE INTO t VALUES (1)", "REPLACE"),
             ("INSERT IGNORE INTO t VALUES (1)", "IGNORE"),
             ("INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 2", "DUPLICATE"),
             ("INSERT INTO t SELECT * FROM u", "SELECT"),
