@@ -242,7 +242,7 @@ fn split_name(name: &ObjectName) -> Result<(Option<String>, String), String> {
     }
 }
 
-fn table_ref(factor: &TableFactor) -> Result<TableRef, String> {
+pub(super) fn table_ref(factor: &TableFactor) -> Result<TableRef, String> {
     let TableFactor::Table {
         name,
         alias,
@@ -282,15 +282,15 @@ fn last_ident(name: &ObjectName) -> Result<String, String> {
 }
 
 /// A token and the bytes of the source it covers.
-struct Located {
-    token: Token,
-    start: usize,
+pub(super) struct Located {
+    pub token: Token,
+    pub start: usize,
 }
 
 /// The statement's tokens with byte offsets. Token locations are exact, unlike the spans of
 /// some expressions (a unary minus or a function call's arguments may fall outside them), so
 /// source text is always cut at token boundaries.
-fn tokens(sql: &str) -> Result<Vec<Located>, String> {
+pub(super) fn tokens(sql: &str) -> Result<Vec<Located>, String> {
     let mut line_starts = vec![0];
     line_starts.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
     let byte = |at: Location| -> Result<usize, String> {
@@ -320,7 +320,7 @@ fn tokens(sql: &str) -> Result<Vec<Located>, String> {
         .collect()
 }
 
-fn is_keyword(token: &Token, keyword: Keyword) -> bool {
+pub(super) fn is_keyword(token: &Token, keyword: Keyword) -> bool {
     matches!(token, Token::Word(w) if w.keyword == keyword && w.quote_style.is_none())
 }
 

@@ -11,6 +11,7 @@
 pub mod dml;
 pub mod guards;
 mod link;
+pub mod locking_read;
 pub mod metadata;
 pub mod phase2;
 pub mod statement;
@@ -48,15 +49,19 @@ pub struct Global {
     undo_logs: Mutex<std::collections::HashSet<String>>,
 }
 
-/// Rows written outside any global transaction, by (database, table): their primary keys,
-/// encoded as in the images (so they match the lock keys branches register).
-pub type WrittenRows = std::collections::BTreeMap<(String, String), Vec<Vec<Vec<u8>>>>;
+/// Rows by (database, table): their primary keys, encoded as in the images (so they match
+/// the lock keys branches register).
+pub type TableRows = std::collections::BTreeMap<(String, String), Vec<Vec<Vec<u8>>>>;
 
 /// Why the no-dirty-writes check did not pass.
 #[derive(Debug)]
 pub enum CheckFailure {
-    /// A global transaction still holds a written row: who, and for how long it was awaited.
-    Held(String),
+    /// A global transaction still holds a row: who, and for how long it was awaited; the
+    /// rows still held at the deadline, when the coordinator named them.
+    Held {
+        message: String,
+        holders: Vec<ferrata_rpc::pb::LockHolder>,
+    },
     /// The coordinator could not answer.
     Unreachable(String),
 }
@@ -302,7 +307,13 @@ impl Global {
     /// Asks the coordinator whether rows written outside any global transaction are free of
     /// global locks, waiting up to `lock_wait_ms` for them (the no-dirty-writes check, made
     /// while the database still holds their row locks).
-    pub async fn check_written(&self, rows: &WrittenRows) -> Result<(), CheckFailure> {
+    pub async fn check_written(&self, rows: &TableRows) -> Result<(), CheckFailure> {
+        self.query_locks("", rows, self.lock_wait_ms).await
+    }
+
+    /// Asks the coordinator whether `rows` could be locked by `xid` (by anyone, if empty):
+    /// free, or held by another global transaction, waiting up to `wait_ms` for them.
+    pub async fn query_locks(&self, xid: &str, rows: &TableRows, wait_ms: u64) -> Result<(), CheckFailure> {
         let mut by_database: std::collections::BTreeMap<&str, Vec<ferrata_rpc::pb::TableLocks>> = Default::default();
         for ((database, table), keys) in rows {
             by_database
@@ -320,29 +331,37 @@ impl Global {
         for (database, locks) in by_database {
             let mut c = self.link.client().await.map_err(|e| CheckFailure::Unreachable(e.0))?;
             let request = ferrata_rpc::pb::LockQueryRequest {
-                xid: String::new(),
+                xid: xid.to_owned(),
                 resource_id: self.resource(database),
                 locks,
-                lock_wait_ms: self.lock_wait_ms,
+                lock_wait_ms: wait_ms,
             };
             match c.rm.lock_query(request).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if !r.lockable {
-                        let holder = r.holders.first();
-                        return Err(CheckFailure::Held(format!(
-                            "a row of {}.{} is held by global transaction {} ({}), still after waiting {} ms",
-                            holder.map_or(database, |h| h.schema.as_str()),
-                            holder.map_or("?", |h| h.table.as_str()),
-                            holder.map_or("?", |h| h.xid.as_str()),
-                            holder.map_or_else(|| "unknown".into(), |h| ferrata_rpc::global_status_name(h.status)),
-                            self.lock_wait_ms
-                        )));
+                        let message = match r.holders.first() {
+                            Some(h) => format!(
+                                "a row of {}.{} is held by global transaction {} ({}), still after waiting {wait_ms} ms",
+                                h.schema,
+                                h.table,
+                                h.xid,
+                                ferrata_rpc::global_status_name(h.status),
+                            ),
+                            None => format!("rows of {database} are held by another global transaction"),
+                        };
+                        return Err(CheckFailure::Held {
+                            message,
+                            holders: r.holders,
+                        });
                     }
                 }
                 Err(status) => match ErrorCode::of(&status) {
                     Some(ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock) => {
-                        return Err(CheckFailure::Held(status.message().to_owned()));
+                        return Err(CheckFailure::Held {
+                            message: status.message().to_owned(),
+                            holders: Vec::new(),
+                        });
                     }
                     Some(_) => return Err(CheckFailure::Unreachable(status.message().to_owned())),
                     None => {

@@ -32,7 +32,7 @@ use super::{SessionError, Shared, inject};
 use crate::classify::{self, Classification, Dml, Other, StatementClass, TxControl};
 use crate::config::WhenUnreachable;
 use crate::global::guards::Observation;
-use crate::global::{CheckFailure, Global, WrittenRows, dml, undo};
+use crate::global::{CheckFailure, Global, TableRows, dml, undo};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::{self, Param};
 use crate::protocol::{Command, ServerStatus, frame, ok};
@@ -202,7 +202,7 @@ fn unreachable(why: &str, done: &str) -> ErrPacket {
 }
 
 /// Runs the check for `rows`: `None` when the write may commit, else the client's error.
-async fn check(shared: &Shared, global: &Global, rows: &WrittenRows, done: &str) -> Option<ErrPacket> {
+async fn check(shared: &Shared, global: &Global, rows: &TableRows, done: &str) -> Option<ErrPacket> {
     if rows.is_empty() {
         return None;
     }
@@ -212,7 +212,7 @@ async fn check(shared: &Shared, global: &Global, rows: &WrittenRows, done: &str)
             m.checks_free.increment(1);
             None
         }
-        Err(CheckFailure::Held(why)) => {
+        Err(CheckFailure::Held { message: why, .. }) => {
             m.checks_held.increment(1);
             tracing::info!(why, "write held back by a global lock");
             Some(held(&why, done))
@@ -519,7 +519,7 @@ async fn checked(
             return abort(backend, state, e).await;
         }
     }
-    let mut written = WrittenRows::new();
+    let mut written = TableRows::new();
     if !rows.is_empty() {
         written.insert(
             (database.clone(), meta.name.clone()),

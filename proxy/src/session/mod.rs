@@ -12,6 +12,7 @@ mod dirty_writes;
 mod global;
 mod hide_socket;
 mod inject;
+mod locking_read;
 mod peer;
 mod relay;
 pub mod state;
@@ -296,7 +297,10 @@ async fn serve(
                     protect(client, backend, state, shared, g, &xid, command, &raw).await?
                 }
                 (Intercepted::Commit, Some(g)) => at::commit(client, backend, state, shared, g, &sql()).await?,
-                (Intercepted::Protect(_) | Intercepted::Commit, None) => {
+                (Intercepted::Isolate(xid), Some(g)) => {
+                    locking_read::run(client, backend, state, shared, g, &xid, command, &raw).await?
+                }
+                (Intercepted::Protect(_) | Intercepted::Commit | Intercepted::Isolate(_), None) => {
                     unreachable!("only a coordinator binds sessions")
                 }
             }
@@ -428,6 +432,9 @@ enum Intercepted {
     Protect(String),
     /// The COMMIT of a local transaction with a pending branch.
     Commit,
+    /// A locking read inside this global transaction: checked against global locks
+    /// (`locking_read.rs`).
+    Isolate(String),
 }
 
 fn intercept(
@@ -454,6 +461,9 @@ fn intercept(
                 }
             }
             let xid = state.xid.clone().or_else(|| global::hinted_xid(&payload[1..], class))?;
+            if class.class == StatementClass::LockingRead && !class.multi_statement {
+                return Some(Intercepted::Isolate(xid));
+            }
             if !class.multi_statement
                 && matches!(
                     class.class,
@@ -499,6 +509,9 @@ fn intercept(
                 .xid
                 .clone()
                 .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))?;
+            if statement.class.class == StatementClass::LockingRead && !statement.class.multi_statement {
+                return Some(Intercepted::Isolate(xid));
+            }
             global::refusal(&statement.class, &xid).map(Intercepted::Refuse)
         }
         _ => None,

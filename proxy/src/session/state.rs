@@ -44,7 +44,7 @@ pub struct SessionState {
 #[derive(Debug, Default)]
 pub struct WriteCheck {
     /// Rows written to guarded tables.
-    pub rows: crate::global::WrittenRows,
+    pub rows: crate::global::TableRows,
     /// A write ran unchecked while a table it names became guarded: the transaction cannot
     /// be shown safe and is rolled back at its commit.
     pub poisoned: Option<String>,

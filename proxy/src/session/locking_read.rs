@@ -1,0 +1,306 @@
+//! Global read isolation: a locking read (`SELECT ... FOR UPDATE`, `FOR SHARE`, `LOCK IN
+//! SHARE MODE`) in a session bound to a global transaction returns only data of finished
+//! global transactions.
+//!
+//! 1. plan it (`global::locking_read`): its tables and its text from FROM on;
+//! 2. an autocommit read is wrapped in a local transaction of the proxy's own, so the rows
+//!    stay locked until it has been answered;
+//! 3. `SELECT <primary keys> <the statement's FROM ... locking clause>`: the same rows, locked
+//!    in the database the same way;
+//! 4. ask the coordinator whether another global transaction holds any of them, waiting up to
+//!    the lock timeout (not at all for NOWAIT and SKIP LOCKED). Held: ERR 1205 naming the
+//!    holder, except for SKIP LOCKED, where the held rows are left out (the key select runs
+//!    again without them, so a LIMIT still fills up) and the statement runs with a condition
+//!    that leaves them out;
+//! 5. the client's statement, forwarded as sent, answered from rows the database holds for
+//!    this session: no global transaction can have them in flight.
+//!
+//! While the database holds the rows, no other global transaction can write them; one that
+//! already did registered its branch (and its locks) before its local commit, so step 4
+//! sees it. The wait cannot deadlock with a rollback that needs the rows: the coordinator
+//! fails it at once when the holder is rolling back.
+
+use super::at;
+use super::peer::Peer;
+use super::relay;
+use super::state::SessionState;
+use super::{SessionError, Shared, inject};
+use crate::global::locking_read::{self, Wait};
+use crate::global::{CheckFailure, Global, TableRows, undo};
+use crate::protocol::err::ErrPacket;
+use crate::protocol::execute;
+use crate::protocol::response::{ResponseKind, ResponseTracker};
+use crate::protocol::{Command, ServerStatus, frame, ok};
+
+/// How many times SKIP LOCKED selects keys again after leaving out globally locked rows.
+const SKIP_ROUNDS: usize = 8;
+
+fn refuse(why: &str, xid: &str) -> ErrPacket {
+    ErrPacket::new(
+        1235,
+        "42000",
+        format!(
+            "ferrata-proxy cannot isolate {why} inside global transaction {xid}, so it was not run; \
+             read without the locking clause, or outside the global transaction"
+        ),
+    )
+}
+
+/// One table of the read whose rows can be globally locked: its place in the key select.
+struct Keyed {
+    database: String,
+    table: String,
+    /// Columns of the key select that hold this table's primary key.
+    columns: std::ops::Range<usize>,
+    /// `(pk, ...)` as the statement names it (alias or name), for SKIP LOCKED's condition.
+    key_expr: String,
+    /// Each key column's write-back expression, to turn an encoded key into SQL.
+    writers: Vec<&'static str>,
+}
+
+/// Runs a locking read of a bound session and answers the client.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    command: u8,
+    raw: &[u8],
+) -> Result<(), SessionError> {
+    let limit = shared.config.max_packet_size;
+    let payload = &raw[4..];
+    let (sql, params) = if command == Command::QUERY {
+        (String::from_utf8_lossy(&payload[1..]).into_owned(), Vec::new())
+    } else {
+        let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let Some(stmt) = state.statements.get(&id) else {
+            return forward(client, backend, state, raw, command).await;
+        };
+        if stmt.long_data {
+            return reply(
+                client,
+                refuse(
+                    "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA",
+                    xid,
+                ),
+            )
+            .await;
+        }
+        match execute::params(payload, usize::from(stmt.params), stmt.param_types.as_deref()) {
+            Some((params, _)) => (stmt.sql.clone(), params),
+            None => return reply(client, refuse("this execute (its parameters could not be read)", xid)).await,
+        }
+    };
+    let plan = match locking_read::plan(&sql) {
+        Ok(plan) => plan,
+        Err(why) => return reply(client, refuse(&why, xid)).await,
+    };
+    // The key select list, table by table; tables without a primary key hold no global lock.
+    let mut keyed = Vec::new();
+    let mut list = Vec::new();
+    for t in &plan.tables {
+        let Some(database) = t.schema.clone().or_else(|| state.schema.clone()) else {
+            return reply(client, ErrPacket::new(1046, "3D000", "No database selected")).await;
+        };
+        let meta = match global.table(&database, &t.name).await {
+            Ok(meta) => meta,
+            Err(e) => return reply(client, e).await,
+        };
+        if meta.primary_key.is_empty() {
+            continue;
+        }
+        let qualifier = t.alias.as_deref().unwrap_or(&t.name);
+        let specs: Vec<undo::ColumnSpec> = meta
+            .primary_key
+            .iter()
+            .map(|&i| undo::ColumnSpec::new(meta.columns[i].name.clone(), meta.columns[i].data_type.clone(), false))
+            .collect();
+        let start = list.len();
+        for spec in &specs {
+            list.push(undo::qualified_select_list(qualifier, std::slice::from_ref(spec)));
+        }
+        let names: Vec<String> = specs
+            .iter()
+            .map(|s| format!("{}.{}", at::ident(qualifier), at::ident(&s.name)))
+            .collect();
+        keyed.push(Keyed {
+            database,
+            table: meta.name.clone(),
+            columns: start..list.len(),
+            key_expr: format!("({})", names.join(", ")),
+            writers: specs.iter().map(|s| undo::write_expr(s.encoding())).collect(),
+        });
+    }
+    if keyed.is_empty() {
+        return forward(client, backend, state, raw, command).await;
+    }
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let before = state.status;
+    if autocommit {
+        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+        if let Some((code, message)) = begun.error {
+            return reply(client, ErrPacket::new(code, "HY000", message)).await;
+        }
+    }
+    let abort = async |client: &mut Peer, backend: &mut Peer, state: &mut SessionState, e: ErrPacket| {
+        if autocommit {
+            super::global::local_rollback(backend, state, limit).await?;
+        }
+        reply(client, e).await
+    };
+    let Some(tail_params) = params
+        .get(plan.tail_params.clone())
+        .or(plan.tail_params.is_empty().then_some(&[][..]))
+    else {
+        return abort(
+            client,
+            backend,
+            state,
+            refuse("this execute (its parameters could not be read)", xid),
+        )
+        .await;
+    };
+    let wait_ms = match plan.wait {
+        Wait::Block => global.lock_wait_ms,
+        Wait::Nowait | Wait::SkipLocked => 0,
+    };
+    // Rows left out (SKIP LOCKED): the condition that excludes them, per table.
+    let mut excluded: Vec<String> = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let tail = if excluded.is_empty() {
+            plan.tail.clone()
+        } else {
+            plan.tail_excluding(&excluded.join(" OR "))
+        };
+        let select = format!("SELECT {} {tail}", list.join(", "));
+        let read = if tail_params.is_empty() {
+            inject::query(backend, state, &select, limit).await?
+        } else {
+            inject::execute(backend, state, &select, tail_params, limit).await?
+        };
+        if let Some((code, message)) = read.error {
+            return abort(client, backend, state, ErrPacket::new(code, "HY000", message)).await;
+        }
+        let mut rows = TableRows::new();
+        for row in &read.rows {
+            for k in &keyed {
+                let key: Option<Vec<Vec<u8>>> = row[k.columns.clone()].iter().cloned().collect();
+                // An outer join's missing side has no row to lock.
+                if let Some(key) = key {
+                    rows.entry((k.database.clone(), k.table.clone())).or_default().push(key);
+                }
+            }
+        }
+        match global.query_locks(xid, &rows, wait_ms).await {
+            Ok(()) => break,
+            Err(CheckFailure::Held { holders, .. })
+                if plan.wait == Wait::SkipLocked && !holders.is_empty() && rounds < SKIP_ROUNDS =>
+            {
+                rounds += 1;
+                for h in holders {
+                    let Some(k) = keyed.iter().find(|k| k.database == h.schema && k.table == h.table) else {
+                        continue;
+                    };
+                    let values: Vec<String> = h
+                        .row
+                        .map(|r| r.values)
+                        .unwrap_or_default()
+                        .iter()
+                        .zip(&k.writers)
+                        .map(|(v, w)| w.replace('?', &at::literal(&String::from_utf8_lossy(v))))
+                        .collect();
+                    excluded.push(format!("{} = ({})", k.key_expr, values.join(", ")));
+                }
+            }
+            Err(CheckFailure::Held { message, .. }) => {
+                let e = ErrPacket::new(
+                    1205,
+                    "HY000",
+                    format!(
+                        "Lock wait timeout exceeded; {message} (ferrata-proxy: a locking read in global transaction {xid} sees only finished global transactions)"
+                    ),
+                );
+                return abort(client, backend, state, e).await;
+            }
+            Err(CheckFailure::Unreachable(why)) => {
+                let e = crate::global::unreachable(&why, "check the rows read for global locks");
+                return abort(client, backend, state, e).await;
+            }
+        }
+    }
+    // The client's statement: as sent, or, with rows left out, its text with the condition.
+    let statement = if excluded.is_empty() {
+        raw.to_vec()
+    } else if command == Command::QUERY {
+        let text = format!(
+            "{}{}",
+            &sql[..plan.tail_start],
+            plan.tail_excluding(&excluded.join(" OR "))
+        );
+        let mut packet = Vec::with_capacity(text.len() + 5);
+        let mut body = vec![Command::QUERY];
+        body.extend_from_slice(text.as_bytes());
+        frame::write_packet(&mut packet, 0, &body);
+        packet
+    } else {
+        let e = refuse(
+            "a prepared SKIP LOCKED read while some of its rows are globally locked (use the text protocol)",
+            xid,
+        );
+        return abort(client, backend, state, e).await;
+    };
+    backend
+        .write_all(&statement)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    if !autocommit {
+        let mut tracker = ResponseTracker::new(ResponseKind::of(command), state.capabilities, 0);
+        relay::response(client, backend, &mut tracker).await?;
+        if let Some(status) = tracker.last_status() {
+            state.status = status;
+        }
+        return Ok(());
+    }
+    let (mut response, _, _) = at::read_response(backend, state, limit).await?;
+    let committed = inject::query(backend, state, "COMMIT", limit).await?;
+    if let Some((code, message)) = committed.error {
+        return reply(client, ErrPacket::new(code, "HY000", message)).await;
+    }
+    let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
+    ok::set_response_status(&mut response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+    client
+        .write_all(&response)
+        .await
+        .map_err(|_| SessionError::ClientClosed)
+}
+
+async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
+    client
+        .write_all(&e.to_packet(1))
+        .await
+        .map_err(|_| SessionError::ClientClosed)
+}
+
+/// A read with nothing to check: forwarded and relayed as usual.
+async fn forward(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    raw: &[u8],
+    command: u8,
+) -> Result<(), SessionError> {
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let mut tracker = ResponseTracker::new(ResponseKind::of(command), state.capabilities, 0);
+    relay::response(client, backend, &mut tracker).await?;
+    if let Some(status) = tracker.last_status() {
+        state.status = status;
+    }
+    Ok(())
+}
