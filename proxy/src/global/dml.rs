@@ -49,7 +49,7 @@ pub struct Change {
     pub assigned: Vec<String>,
 }
 
-/// A planned INSERT ... VALUES.
+/// A planned INSERT ... VALUES or INSERT ... SET (REPLACE too).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Insert {
     pub table: TableRef,
@@ -57,6 +57,20 @@ pub struct Insert {
     pub columns: Vec<String>,
     /// For each row, each value's source text (`None` for `DEFAULT`).
     pub rows: Vec<Vec<Option<String>>>,
+    pub mode: InsertMode,
+}
+
+/// What an INSERT does with a row whose key is taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InsertMode {
+    /// Fails.
+    Plain,
+    /// `INSERT IGNORE`: skips the row.
+    Ignore,
+    /// `ON DUPLICATE KEY UPDATE`: updates the row it collides with; the columns it assigns.
+    Upsert(Vec<String>),
+    /// `REPLACE`: deletes every row it collides with, on any unique key, then inserts.
+    Replace,
 }
 
 /// A statement the proxy can image.
@@ -181,42 +195,65 @@ fn plan_delete(sql: &str, d: Delete) -> Result<Change, String> {
 }
 
 fn plan_insert(sql: &str, i: sqlparser::ast::Insert) -> Result<Insert, String> {
-    // REPLACE also deletes the rows its values collide with, on any unique key.
-    if i.replace_into {
-        return Err("REPLACE".into());
-    }
-    if i.ignore {
-        return Err("INSERT IGNORE".into());
-    }
-    if i.on.is_some() {
-        return Err("INSERT ... ON DUPLICATE KEY UPDATE".into());
-    }
     if i.returning.is_some() {
         return Err("INSERT ... RETURNING".into());
-    }
-    if !i.assignments.is_empty() {
-        return Err("INSERT ... SET".into());
     }
     if i.partitioned.is_some() {
         return Err("a statement naming partitions".into());
     }
+    let mode = match (&i.on, i.ignore, i.replace_into) {
+        (None, false, false) => InsertMode::Plain,
+        (None, true, false) => InsertMode::Ignore,
+        (None, false, true) => InsertMode::Replace,
+        (Some(sqlparser::ast::OnInsert::DuplicateKeyUpdate(assignments)), false, false) => {
+            let mut assigned = Vec::new();
+            for a in assignments {
+                match &a.target {
+                    AssignmentTarget::ColumnName(name) => assigned.push(last_ident(name)?),
+                    AssignmentTarget::Tuple(_) => return Err("a tuple assignment in ON DUPLICATE KEY UPDATE".into()),
+                }
+            }
+            InsertMode::Upsert(assigned)
+        }
+        (Some(sqlparser::ast::OnInsert::DuplicateKeyUpdate(_)), true, _) => {
+            return Err("INSERT IGNORE ... ON DUPLICATE KEY UPDATE".into());
+        }
+        _ => return Err("this form of INSERT".into()),
+    };
     let sqlparser::ast::TableObject::TableName(name) = &i.table else {
         return Err("an INSERT into a table function".into());
     };
     let (schema, table) = split_name(name)?;
-    let columns = i.columns.iter().map(last_ident).collect::<Result<Vec<_>, _>>()?;
-    let values = match i
-        .source
-        .as_deref()
-        .map(|q| (q.body.as_ref(), q.with.is_some() || q.order_by.is_some()))
-    {
-        Some((sqlparser::ast::SetExpr::Values(v), false)) => v,
-        _ => return Err("INSERT ... SELECT".into()),
+    let tokens = tokens(sql)?;
+    let (columns, rows) = if i.assignments.is_empty() {
+        let columns = i.columns.iter().map(last_ident).collect::<Result<Vec<_>, _>>()?;
+        let values = match i
+            .source
+            .as_deref()
+            .map(|q| (q.body.as_ref(), q.with.is_some() || q.order_by.is_some()))
+        {
+            Some((sqlparser::ast::SetExpr::Values(v), false)) => v,
+            _ => return Err("INSERT ... SELECT".into()),
+        };
+        let rows = value_texts(sql, &tokens)?;
+        if rows.len() != values.rows.len() || rows.iter().zip(&values.rows).any(|(t, r)| t.len() != r.content.len()) {
+            return Err("an INSERT whose VALUES the proxy could not follow".into());
+        }
+        (columns, rows)
+    } else {
+        let mut columns = Vec::new();
+        for a in &i.assignments {
+            match &a.target {
+                AssignmentTarget::ColumnName(name) => columns.push(last_ident(name)?),
+                AssignmentTarget::Tuple(_) => return Err("a tuple assignment in INSERT ... SET".into()),
+            }
+        }
+        let row = set_texts(sql, &tokens)?;
+        if row.len() != columns.len() {
+            return Err("an INSERT ... SET the proxy could not follow".into());
+        }
+        (columns, vec![row])
     };
-    let rows = value_texts(sql, &tokens(sql)?)?;
-    if rows.len() != values.rows.len() || rows.iter().zip(&values.rows).any(|(t, r)| t.len() != r.content.len()) {
-        return Err("an INSERT whose VALUES the proxy could not follow".into());
-    }
     Ok(Insert {
         table: TableRef {
             schema,
@@ -225,7 +262,56 @@ fn plan_insert(sql: &str, i: sqlparser::ast::Insert) -> Result<Insert, String> {
         },
         columns,
         rows,
+        mode,
     })
+}
+
+/// The source text of each value after the top-level SET keyword of an INSERT ... SET, up to
+/// an ON DUPLICATE KEY UPDATE (`None` for `DEFAULT`).
+fn set_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Option<String>>, String> {
+    let mut depth = 0i32;
+    let at = tokens
+        .iter()
+        .position(|t| {
+            match &t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                _ => {}
+            }
+            depth == 0 && is_keyword(&t.token, Keyword::SET)
+        })
+        .ok_or("an INSERT without SET")?;
+    let mut values = Vec::new();
+    let mut depth = 0i32;
+    let mut value_start = None;
+    let mut end = sql.len();
+    let text = |from: usize, to: usize| {
+        let v = sql[from..to].trim();
+        (!v.eq_ignore_ascii_case("DEFAULT")).then(|| v.to_owned())
+    };
+    for t in &tokens[at + 1..] {
+        match &t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Eq if depth == 0 && value_start.is_none() => value_start = Some(t.start + 1),
+            Token::Comma if depth == 0 => {
+                let start = value_start.take().ok_or("an INSERT ... SET without a value")?;
+                values.push(text(start, t.start));
+            }
+            Token::SemiColon if depth == 0 => {
+                end = t.start;
+                break;
+            }
+            token if depth == 0 && is_keyword(token, Keyword::ON) => {
+                end = t.start;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let start = value_start.ok_or("an INSERT ... SET without a value")?;
+    values.push(text(start, end));
+    Ok(values)
 }
 
 fn split_name(name: &ObjectName) -> Result<(Option<String>, String), String> {
@@ -403,6 +489,8 @@ fn value_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Vec<Option<String>>>
                 value_start = t.start + 1;
             }
             Token::Comma | Token::SemiColon if depth == 0 => {}
+            // A row alias (`AS new`) or ON DUPLICATE KEY UPDATE: the values are over.
+            Token::Word(_) if depth == 0 => break,
             _ if depth == 0 => return Err("an INSERT with something after its VALUES".into()),
             _ => {}
         }
@@ -466,15 +554,36 @@ mod tests {
         assert_eq!(i.rows[1], vec![Some("?".to_owned()), None]);
         assert_eq!(i.rows[2], text(&["-2.50", "NOW()"]));
         for (sql, why) in [
-            ("REPLACE INTO t VALUES (1)", "REPLACE"),
-            ("INSERT IGNORE INTO t VALUES (1)", "IGNORE"),
-            ("INSERT INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 2", "DUPLICATE"),
             ("INSERT INTO t SELECT * FROM u", "SELECT"),
-            ("INSERT INTO t SET a = 1", "SET"),
+            (
+                "INSERT IGNORE INTO t VALUES (1) ON DUPLICATE KEY UPDATE a = 2",
+                "IGNORE",
+            ),
+            ("INSERT INTO t VALUES (1) RETURNING a", "RETURNING"),
         ] {
             let e = plan(sql).unwrap_err();
             assert!(e.contains(why), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn the_insert_family_by_mode() {
+        let insert = |sql: &str| match plan(sql).unwrap() {
+            Plan::Insert(i) => i,
+            other => panic!("{other:?}"),
+        };
+        let i = insert("REPLACE INTO t (a, b) VALUES (1, 'x'), (2, 'y')");
+        assert_eq!((i.mode, i.rows.len()), (InsertMode::Replace, 2));
+        assert_eq!(insert("INSERT IGNORE INTO t VALUES (1)").mode, InsertMode::Ignore);
+        let i = insert("INSERT INTO t (a, b) VALUES (1, 2) AS new ON DUPLICATE KEY UPDATE b = new.b + VALUES(b)");
+        assert_eq!(i.mode, InsertMode::Upsert(vec!["b".into()]));
+        assert_eq!(i.rows, [[Some("1".to_owned()), Some("2".to_owned())]]);
+        let i = insert("INSERT INTO t SET a = (1 + 2), b = 'x,y', c = DEFAULT ON DUPLICATE KEY UPDATE b = 'z'");
+        assert_eq!(i.columns, ["a", "b", "c"]);
+        assert_eq!(i.rows, [[Some("(1 + 2)".to_owned()), Some("'x,y'".to_owned()), None]]);
+        assert_eq!(i.mode, InsertMode::Upsert(vec!["b".into()]));
+        let i = insert("REPLACE t SET id = ?, v = ?;");
+        assert_eq!(i.rows, [[Some("?".to_owned()), Some("?".to_owned())]]);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::protocol::execute::{self, Param};
 use crate::protocol::response::{PEEK, ResponseKind, ResponseTracker};
 use crate::protocol::{Capabilities, ServerStatus, ok};
 
-fn refuse(what: &str, xid: &str) -> ErrPacket {
+pub(super) fn refuse(what: &str, xid: &str) -> ErrPacket {
     ErrPacket::new(
         1235,
         "42000",
@@ -63,7 +63,7 @@ pub(super) fn text(row: &inject::Row) -> Vec<Option<String>> {
 
 /// `(pk1, pk2) IN ((v, v), ...)` for the given image rows, with each value written back
 /// through its column's encoding.
-fn pk_condition(meta: &TableMeta, specs: &[ColumnSpec], rows: &[Vec<Option<String>>]) -> String {
+pub(super) fn pk_condition(meta: &TableMeta, specs: &[ColumnSpec], rows: &[Vec<Option<String>>]) -> String {
     let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
     let tuples: Vec<String> = rows
         .iter()
@@ -105,11 +105,11 @@ pub async fn protect(
 }
 
 /// What steps 1 and 2 found.
-struct Plan {
-    statement: dml::Plan,
-    schema: String,
-    meta: std::sync::Arc<TableMeta>,
-    specs: Vec<ColumnSpec>,
+pub(super) struct Plan {
+    pub statement: dml::Plan,
+    pub schema: String,
+    pub meta: std::sync::Arc<TableMeta>,
+    pub specs: Vec<ColumnSpec>,
 }
 
 async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) -> Result<Plan, ErrPacket> {
@@ -207,7 +207,14 @@ fn placeholders(text: &str) -> usize {
         })
 }
 
-pub(super) fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<InsertKeys, String> {
+/// Each row's value text for every column of the table, in table order: `None` where the
+/// statement leaves the column to its default. A `?` stands for its bound parameter, written
+/// as a literal (left as `?` when the parameter's type cannot name a row).
+pub(super) fn row_values(
+    insert: &dml::Insert,
+    meta: &TableMeta,
+    params: &[Param],
+) -> Result<Vec<Vec<Option<String>>>, String> {
     let position = |column: usize| -> Option<usize> {
         if insert.columns.is_empty() {
             Some(column)
@@ -218,21 +225,14 @@ pub(super) fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Para
                 .position(|c| c.eq_ignore_ascii_case(&meta.columns[column].name))
         }
     };
-    let generated_key = match meta.primary_key.as_slice() {
-        [only] if meta.columns[*only].auto_increment => Some(*only),
-        _ => None,
-    };
-    let mut literal = Vec::with_capacity(insert.rows.len());
-    let mut generated = 0;
+    let mut rows = Vec::with_capacity(insert.rows.len());
     let mut next_param = 0;
     for row in &insert.rows {
         if !insert.columns.is_empty() && row.len() != insert.columns.len() {
             return Err("an INSERT whose rows do not match its column list".into());
         }
-        // A `?` value stands for its bound parameter, as a literal.
         let mut texts = Vec::with_capacity(row.len());
         for value in row {
-            // Left as `?` when the parameter's type cannot name a row.
             let bound = match value.as_deref() {
                 Some("?") => params.get(next_param).and_then(execute::literal),
                 _ => None,
@@ -240,18 +240,54 @@ pub(super) fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Para
             next_param += value.as_deref().map_or(0, placeholders);
             texts.push(bound.or_else(|| value.clone()));
         }
+        rows.push(
+            (0..meta.columns.len())
+                .map(|c| position(c).and_then(|p| texts.get(p).cloned().flatten()))
+                .collect(),
+        );
+    }
+    Ok(rows)
+}
+
+/// The AUTO_INCREMENT primary-key column, when the key is that one column.
+pub(super) fn generated_key(meta: &TableMeta) -> Option<usize> {
+    match meta.primary_key.as_slice() {
+        [only] if meta.columns[*only].auto_increment => Some(*only),
+        _ => None,
+    }
+}
+
+/// A key value as written: `None` when the server generates it (AUTO_INCREMENT given no
+/// value, NULL or 0).
+pub(super) fn key_value(meta: &TableMeta, column: usize, value: Option<&str>) -> Result<Option<String>, String> {
+    let generated = generated_key(meta) == Some(column);
+    match value {
+        Some(v) if generated && (v.eq_ignore_ascii_case("NULL") || v.trim() == "0") => Ok(None),
+        Some("?") => Err(format!(
+            "a write whose key column {} is bound as a parameter of a type that cannot name a row (bind an integer or a string)",
+            meta.columns[column].name
+        )),
+        Some(v) if is_literal(v) => Ok(Some(v.to_owned())),
+        Some(_) => Err(format!(
+            "a write whose values for the key column {} are expressions (use literals, or let AUTO_INCREMENT assign it)",
+            meta.columns[column].name
+        )),
+        None if generated => Ok(None),
+        None => Err(format!(
+            "a write that leaves the key column {} to its default",
+            meta.columns[column].name
+        )),
+    }
+}
+
+pub(super) fn insert_keys(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<InsertKeys, String> {
+    let mut literal = Vec::with_capacity(insert.rows.len());
+    let mut generated = 0;
+    for row in row_values(insert, meta, params)? {
         let mut key = Vec::new();
         for &column in &meta.primary_key {
-            let value = position(column).and_then(|p| texts.get(p).cloned().flatten());
-            match value {
-                Some(v) if generated_key == Some(column) && (v.eq_ignore_ascii_case("NULL") || v.trim() == "0") => {}
-                Some(v) if v == "?" => {
-                    return Err("an INSERT whose primary key is bound as a parameter of a type that cannot name a row (bind an integer or a string)".into());
-                }
-                Some(v) if is_literal(&v) => key.push(v),
-                Some(_) => return Err("an INSERT whose primary-key values are expressions (use literals, or let AUTO_INCREMENT assign them)".into()),
-                None if generated_key == Some(column) => {}
-                None => return Err("an INSERT that leaves a primary-key column to its default".into()),
+            if let Some(v) = key_value(meta, column, row[column].as_deref())? {
+                key.push(v);
             }
         }
         if key.is_empty() {
@@ -279,6 +315,11 @@ async fn run(
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
+    if let dml::Plan::Insert(insert) = &plan.statement
+        && insert.mode != dml::InsertMode::Plain
+    {
+        return super::upsert::run(backend, state, shared, global, xid, plan, params, raw).await;
+    }
     let Plan {
         statement,
         schema,
@@ -318,7 +359,7 @@ async fn run(
         .write_all(raw)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let (mut response, summary, failed) = read_response(backend, state, limit).await?;
+    let (response, summary, failed) = read_response(backend, state, limit).await?;
     if failed {
         if autocommit {
             inject::query(backend, state, "ROLLBACK", limit).await?;
@@ -382,8 +423,10 @@ async fn run(
         );
         return abort(backend, state, limit, true, e).await;
     }
-    if !before.is_empty() || !after.is_empty() {
-        let item = UndoItem::new(
+    let items = if before.is_empty() && after.is_empty() {
+        Vec::new()
+    } else {
+        vec![UndoItem::new(
             kind,
             &schema,
             &meta.name,
@@ -391,7 +434,39 @@ async fn run(
             meta.primary_key.clone(),
             before,
             after,
-        );
+        )]
+    };
+    finish(
+        backend,
+        state,
+        global,
+        limit,
+        xid,
+        &schema,
+        items,
+        response,
+        autocommit.then_some(original_status),
+    )
+    .await
+}
+
+/// The end of a protected statement: its undo items (checked) join the pending branch with
+/// the rows they lock; an autocommit statement (`autocommit` holds the status before it)
+/// commits at once and the client gets the statement's response with the status it would
+/// have seen.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    global: &Global,
+    limit: usize,
+    xid: &str,
+    schema: &str,
+    items: Vec<UndoItem>,
+    mut response: Vec<u8>,
+    autocommit: Option<ServerStatus>,
+) -> Result<Vec<u8>, SessionError> {
+    for item in &items {
         if let Err(e) = item.validate() {
             let e = refuse(
                 &format!(
@@ -401,29 +476,28 @@ async fn run(
             );
             return abort(backend, state, limit, true, e).await;
         }
+    }
+    if !items.is_empty() {
         let pending = state.branch.get_or_insert_with(|| PendingBranch {
             xid: xid.to_owned(),
-            schema: schema.clone(),
+            schema: schema.to_owned(),
             items: Vec::new(),
             locks: BTreeMap::new(),
         });
-        let rows = if kind == undo::Kind::Delete {
-            &item.before
-        } else {
-            &item.after
-        };
-        let keys = pending.locks.entry(meta.name.clone()).or_default();
-        for row in rows {
-            keys.push(
-                meta.primary_key
-                    .iter()
-                    .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
-                    .collect(),
-            );
+        for item in items {
+            let keys = pending.locks.entry(item.table.clone()).or_default();
+            for row in item.key_rows() {
+                keys.push(
+                    item.primary_key
+                        .iter()
+                        .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
+                        .collect(),
+                );
+            }
+            pending.items.push(item);
         }
-        pending.items.push(item);
     }
-    if autocommit {
+    if let Some(original_status) = autocommit {
         if let Err(e) = commit_branch(backend, state, global, limit, "COMMIT").await? {
             return Ok(e.to_packet(1));
         }
@@ -510,7 +584,7 @@ pub(super) async fn insert_condition(
 }
 
 /// Rolls back (the whole local transaction, when `rollback`) and answers with `e`.
-async fn abort(
+pub(super) async fn abort(
     backend: &mut Peer,
     state: &mut SessionState,
     limit: usize,

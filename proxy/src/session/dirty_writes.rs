@@ -135,6 +135,12 @@ pub fn route(
         return Some(refuse("a multi-statement string"));
     }
     match dml::plan(&sql) {
+        Ok(dml::Plan::Insert(i)) if matches!(i.mode, dml::InsertMode::Upsert(_) | dml::InsertMode::Replace) => {
+            Some(refuse(match i.mode {
+                dml::InsertMode::Replace => "REPLACE",
+                _ => "INSERT ... ON DUPLICATE KEY UPDATE",
+            }))
+        }
         Ok(plan) => Some(Route::Run(Write::Check(Box::new(plan)))),
         Err(why) => Some(refuse(&why)),
     }

@@ -38,16 +38,6 @@ pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
     let what = match class.class {
         _ if class.multi_statement => "a multi-statement string",
         StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
-        StatementClass::Dml(Dml::Insert) => {
-            "INSERT through a prepared statement (this build images text-protocol statements only)"
-        }
-        StatementClass::Dml(Dml::Replace) => "REPLACE (not imaged yet)",
-        StatementClass::Dml(Dml::Update) => {
-            "UPDATE through a prepared statement (this build images text-protocol statements only)"
-        }
-        StatementClass::Dml(Dml::Delete) => {
-            "DELETE through a prepared statement (this build images text-protocol statements only)"
-        }
         StatementClass::Other(Other::Ddl) => "DDL",
         StatementClass::Other(Other::Procedural) => {
             "CALL, PREPARE/EXECUTE or a compound statement (the proxy cannot see what they run)"

@@ -16,6 +16,7 @@ mod locking_read;
 mod peer;
 mod relay;
 pub mod state;
+mod upsert;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -467,7 +468,9 @@ fn intercept(
             if !class.multi_statement
                 && matches!(
                     class.class,
-                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert)
+                    StatementClass::Dml(
+                        classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert | classify::Dml::Replace
+                    )
                 )
             {
                 return Some(Intercepted::Protect(xid));
@@ -492,7 +495,9 @@ fn intercept(
             let protectable = !statement.class.multi_statement
                 && matches!(
                     statement.class.class,
-                    StatementClass::Dml(classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert)
+                    StatementClass::Dml(
+                        classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert | classify::Dml::Replace
+                    )
                 );
             if protectable
                 && let Some(xid) = state

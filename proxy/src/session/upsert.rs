@@ -1,0 +1,249 @@
+//! Phase 1 for the INSERTs that meet rows already there: `INSERT IGNORE`, `INSERT ... ON
+//! DUPLICATE KEY UPDATE` and `REPLACE` (VALUES and SET forms). Which rows they change depends
+//! on what the table holds, so their rows are found by key, before and after:
+//!
+//! 1. every row the statement inserts names its primary key or a unique key (literals or
+//!    bound parameters; an AUTO_INCREMENT key may be left to the server when another unique
+//!    key names the row); `C` = "any of those keys";
+//! 2. before image: `SELECT ... WHERE C FOR UPDATE`, the rows the statement can collide
+//!    with, locked;
+//! 3. the client's statement, as sent;
+//! 4. after image: `SELECT ... WHERE C OR <primary key> IN (the before rows)`;
+//! 5. the undo items, by what the statement did:
+//!    - IGNORE: the rows that were not there before were inserted (an Insert item); the
+//!      others were skipped and stay as they were;
+//!    - ON DUPLICATE KEY UPDATE: the rows that were there were updated (an Update item), the
+//!      others inserted (an Insert item);
+//!    - REPLACE: the rows that were there were deleted (a Delete item) and the new rows
+//!      inserted (an Insert item), undone in reverse: the new rows go, the old come back;
+//! 6. the affected-row count the server reported must match, else the local transaction is
+//!    rolled back and the statement refused.
+
+use std::collections::HashSet;
+
+use super::at::{self, Plan};
+use super::peer::Peer;
+use super::state::SessionState;
+use super::{SessionError, Shared, inject};
+use crate::global::Global;
+use crate::global::dml::{self, InsertMode};
+use crate::global::metadata::TableMeta;
+use crate::global::undo::{self, UndoItem};
+use crate::protocol::Capabilities;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::Param;
+
+/// `(k1, k2) IN ((v, v), ...) OR (u1) IN (...)`: every key the statement's rows name.
+fn key_condition(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<String, String> {
+    let rows = at::row_values(insert, meta, params)?;
+    let mut keys: Vec<&[usize]> = vec![&meta.primary_key];
+    keys.extend(meta.unique_keys.iter().map(|(_, columns)| columns.as_slice()));
+    let mut named = vec![false; rows.len()];
+    let mut terms = Vec::new();
+    for key in keys {
+        let mut tuples = Vec::new();
+        for (row, named) in rows.iter().zip(&mut named) {
+            let mut tuple = Vec::with_capacity(key.len());
+            for &column in key {
+                match row[column].as_deref() {
+                    // NULL never collides: this key does not name the row.
+                    Some(v) if v.trim().eq_ignore_ascii_case("NULL") => {
+                        tuple.clear();
+                        break;
+                    }
+                    value => match at::key_value(meta, column, value)? {
+                        Some(v) => tuple.push(v),
+                        None => {
+                            tuple.clear();
+                            break;
+                        }
+                    },
+                }
+            }
+            if !tuple.is_empty() {
+                *named = true;
+                tuples.push(format!("({})", tuple.join(", ")));
+            }
+        }
+        if !tuples.is_empty() {
+            let columns: Vec<String> = key.iter().map(|&c| at::ident(&meta.columns[c].name)).collect();
+            terms.push(format!("({}) IN ({})", columns.join(", "), tuples.join(", ")));
+        }
+    }
+    if named.contains(&false) {
+        return Err(
+            "a row that names neither its primary key nor a unique key (give one, so the proxy can find the row)"
+                .into(),
+        );
+    }
+    Ok(terms.join(" OR "))
+}
+
+fn key_of(meta: &TableMeta, row: &[Option<String>]) -> Vec<Option<String>> {
+    meta.primary_key.iter().map(|&i| row[i].clone()).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    plan: Plan,
+    params: &[Param],
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let Plan {
+        statement,
+        schema,
+        meta,
+        specs,
+    } = plan;
+    let dml::Plan::Insert(insert) = statement else {
+        unreachable!("only INSERTs are handed over");
+    };
+    if let InsertMode::Upsert(assigned) = &insert.mode
+        && let Some(column) = assigned.iter().find(|c| {
+            meta.primary_key
+                .iter()
+                .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(c))
+        })
+    {
+        let what = format!("an ON DUPLICATE KEY UPDATE of the primary-key column {column}");
+        return Ok(at::refuse(&what, xid).to_packet(1));
+    }
+    let condition = match key_condition(&insert, &meta, params) {
+        Ok(c) => c,
+        Err(why) => return Ok(at::refuse(&why, xid).to_packet(1)),
+    };
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let original_status = state.status;
+    if autocommit {
+        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+        if let Some((code, message)) = begun.error {
+            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+        }
+    }
+    let list = undo::select_list(&specs);
+    let qualified = format!("{}.{}", at::ident(&schema), at::ident(&meta.name));
+    let read = async |backend: &mut Peer, state: &mut SessionState, condition: &str| {
+        let sql = format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE");
+        inject::query(backend, state, &sql, limit).await
+    };
+    let found = read(backend, state, &condition).await?;
+    if let Some((code, message)) = found.error {
+        return at::abort(
+            backend,
+            state,
+            limit,
+            autocommit,
+            ErrPacket::new(code, "HY000", message),
+        )
+        .await;
+    }
+    let before: Vec<Vec<Option<String>>> = found.rows.iter().map(at::text).collect();
+
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let (response, summary, failed) = at::read_response(backend, state, limit).await?;
+    if failed {
+        if autocommit {
+            inject::query(backend, state, "ROLLBACK", limit).await?;
+        }
+        return Ok(response);
+    }
+    let affected = summary.map_or(0, |s| s.affected_rows);
+
+    let mut after_condition = condition.clone();
+    if !before.is_empty() {
+        after_condition = format!("{after_condition} OR {}", at::pk_condition(&meta, &specs, &before));
+    }
+    let found = read(backend, state, &after_condition).await?;
+    if let Some((code, message)) = found.error {
+        let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
+        return at::abort(backend, state, limit, true, e).await;
+    }
+    let after: Vec<Vec<Option<String>>> = found.rows.iter().map(at::text).collect();
+
+    let existed: HashSet<_> = before.iter().map(|r| key_of(&meta, r)).collect();
+    let (kept, inserted): (Vec<_>, Vec<_>) = after.into_iter().partition(|r| existed.contains(&key_of(&meta, r)));
+    let item = |kind, before, after| {
+        UndoItem::new(
+            kind,
+            &schema,
+            &meta.name,
+            &specs,
+            meta.primary_key.clone(),
+            before,
+            after,
+        )
+    };
+    let mut items = Vec::new();
+    let expected: Vec<u64> = match &insert.mode {
+        InsertMode::Ignore => vec![inserted.len() as u64],
+        InsertMode::Upsert(_) => {
+            // Updated rows count 2 when changed; unchanged ones 0 (1 with CLIENT_FOUND_ROWS).
+            let before_by_key: std::collections::HashMap<_, _> = before.iter().map(|r| (key_of(&meta, r), r)).collect();
+            let changed = kept
+                .iter()
+                .filter(|r| before_by_key.get(&key_of(&meta, r)).is_some_and(|b| b != r))
+                .count() as u64;
+            let unchanged = kept.len() as u64 - changed;
+            let base = inserted.len() as u64 + 2 * changed;
+            if kept.len() != before.len() {
+                vec![]
+            } else if state.capabilities.has(Capabilities::FOUND_ROWS) {
+                vec![base + unchanged, base]
+            } else {
+                vec![base]
+            }
+        }
+        InsertMode::Replace => vec![(before.len() + inserted.len() + kept.len()) as u64],
+        InsertMode::Plain => unreachable!("plain INSERTs are imaged in at.rs"),
+    };
+    if !expected.contains(&affected) {
+        let e = at::refuse(
+            &format!(
+                "this statement: it changed {affected} rows, which its images do not account for \
+                 (rows of one statement colliding with each other?); the local transaction was rolled back"
+            ),
+            xid,
+        );
+        return at::abort(backend, state, limit, true, e).await;
+    }
+    let inserted = match &insert.mode {
+        InsertMode::Upsert(_) => {
+            if !before.is_empty() {
+                items.push(item(undo::Kind::Update, before, kept));
+            }
+            inserted
+        }
+        InsertMode::Replace => {
+            if !before.is_empty() {
+                items.push(item(undo::Kind::Delete, before, Vec::new()));
+            }
+            // The new rows include those that reuse a deleted row's key.
+            inserted.into_iter().chain(kept).collect()
+        }
+        _ => inserted,
+    };
+    if !inserted.is_empty() {
+        items.push(item(undo::Kind::Insert, Vec::new(), inserted));
+    }
+    at::finish(
+        backend,
+        state,
+        global,
+        limit,
+        xid,
+        &schema,
+        items,
+        response,
+        autocommit.then_some(original_status),
+    )
+    .await
+}

@@ -1,0 +1,173 @@
+//! The INSERTs that meet rows already there, inside global transactions, through a real
+//! proxy process with a real coordinator and MariaDB: INSERT ... ON DUPLICATE KEY UPDATE
+//! (VALUES(col) and row-alias forms), INSERT IGNORE, INSERT ... SET and REPLACE, as text and
+//! as prepared statements; committed, rolled back exactly, a dirty rollback refused, and two
+//! global transactions racing on the same keys.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::MariaDb;
+use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::until;
+use mysql_async::prelude::*;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+
+async fn setup(lock_wait_ms: u64) -> Result<(MariaDb, Coordinator, ProxyProcess)> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)?;
+    let mut c = db.conn().await?;
+    c.query_drop(
+        "CREATE TABLE item (id INT AUTO_INCREMENT PRIMARY KEY, sku VARCHAR(10) NOT NULL UNIQUE, qty INT NOT NULL)",
+    )
+    .await?;
+    c.query_drop("INSERT INTO item VALUES (1, 'a', 1), (2, 'b', 2)").await?;
+    Ok((db, tc, proxy))
+}
+
+async fn rows(db: &MariaDb) -> Result<Vec<(i64, String, i64)>> {
+    Ok(db
+        .conn()
+        .await?
+        .query("SELECT id, sku, qty FROM item ORDER BY id")
+        .await?)
+}
+
+async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
+    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
+    Ok(xid.expect("an XID"))
+}
+
+/// Every form once, some in a local transaction and some in autocommit.
+async fn upsert_everything(c: &mut mysql_async::Conn) -> Result<()> {
+    c.query_drop("BEGIN").await?;
+    // 'a' is updated through its unique key; 'c' is inserted with a generated id.
+    c.query_drop(
+        "INSERT INTO item (sku, qty) VALUES ('a', 10), ('c', 3) ON DUPLICATE KEY UPDATE qty = qty + VALUES(qty)",
+    )
+    .await?;
+    // Row 2 is there: skipped. Row 10 is new.
+    c.query_drop("INSERT IGNORE INTO item (id, sku, qty) VALUES (2, 'zz', 9), (10, 'd', 4)")
+        .await?;
+    c.query_drop("COMMIT").await?;
+    // 'b' collides on its unique key: row 2 is deleted and row 20 inserted.
+    c.query_drop("REPLACE INTO item (id, sku, qty) VALUES (20, 'b', 7)")
+        .await?;
+    c.query_drop("INSERT INTO item SET id = 30, sku = 'e', qty = 5").await?;
+    // Prepared, with bound values.
+    c.exec_drop(
+        "INSERT INTO item (sku, qty) VALUES (?, ?) ON DUPLICATE KEY UPDATE qty = ?",
+        ("c", 0, 99),
+    )
+    .await?;
+    c.exec_drop("REPLACE INTO item SET id = ?, sku = ?, qty = ?", (10, "d", 40))
+        .await?;
+    Ok(())
+}
+
+fn after_everything() -> Vec<(i64, String, i64)> {
+    vec![
+        (1, "a".into(), 11),
+        (3, "c".into(), 99),
+        (10, "d".into(), 40),
+        (20, "b".into(), 7),
+        (30, "e".into(), 5),
+    ]
+}
+
+#[tokio::test]
+async fn upserts_roll_back_exactly() -> Result<()> {
+    let (db, tc, proxy) = setup(5_000).await?;
+    let original = rows(&db).await?;
+    let mut c = proxy.conn().await?;
+    let xid = start(&mut c).await?;
+    upsert_everything(&mut c).await?;
+    assert_eq!(
+        rows(&db).await?,
+        after_everything(),
+        "phase 1 did what the statements say"
+    );
+    c.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(tc.status(&xid).await?, "Rollbacked");
+    assert_eq!(rows(&db).await?, original, "every row as it was");
+    Ok(())
+}
+
+#[tokio::test]
+async fn upserts_commit() -> Result<()> {
+    let (db, tc, proxy) = setup(5_000).await?;
+    let mut c = proxy.conn().await?;
+    let xid = start(&mut c).await?;
+    upsert_everything(&mut c).await?;
+    c.query_drop("COMMIT GLOBAL").await?;
+    assert_eq!(rows(&db).await?, after_everything());
+    until("the commit to finish", async || {
+        Ok(tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    let undo: Option<i64> = db
+        .conn()
+        .await?
+        .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
+        .await?;
+    assert_eq!(undo, Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replaced_row_changed_meanwhile_is_a_dirty_rollback() -> Result<()> {
+    let (db, tc, proxy) = setup(5_000).await?;
+    let mut c = proxy.conn().await?;
+    let xid = start(&mut c).await?;
+    c.query_drop("REPLACE INTO item (id, sku, qty) VALUES (20, 'b', 7)")
+        .await?;
+    // Changed behind the proxy's back.
+    db.conn()
+        .await?
+        .query_drop("UPDATE item SET qty = 8 WHERE id = 20")
+        .await?;
+    let changed = rows(&db).await?;
+    assert!(c.query_drop("ROLLBACK GLOBAL").await.is_err(), "the rollback stops");
+    assert_eq!(tc.status(&xid).await?, "RollbackFailed");
+    assert_eq!(rows(&db).await?, changed, "nothing was overwritten");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_global_transactions_racing_on_the_same_keys() -> Result<()> {
+    let (db, _tc, proxy) = setup(20_000).await?;
+    let mut first = proxy.conn().await?;
+    start(&mut first).await?;
+    first
+        .query_drop("INSERT INTO item (sku, qty) VALUES ('a', 10), ('x', 1) ON DUPLICATE KEY UPDATE qty = qty + 10")
+        .await?;
+    let opts = proxy.opts();
+    let mut second = tokio::spawn(async move {
+        let mut c = mysql_async::Conn::new(opts).await?;
+        start(&mut c).await?;
+        c.query_drop("INSERT INTO item (sku, qty) VALUES ('a', 100), ('x', 5) ON DUPLICATE KEY UPDATE qty = qty + 100")
+            .await?;
+        c.query_drop("COMMIT GLOBAL").await?;
+        anyhow::Ok(())
+    });
+    // The second one's rows are the first one's: it waits for them in the coordinator.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut second)
+            .await
+            .is_err(),
+        "the second upsert waits for the first global transaction"
+    );
+    first.query_drop("COMMIT GLOBAL").await?;
+    second.await??;
+    let qty: Vec<(String, i64)> = db
+        .conn()
+        .await?
+        .query("SELECT sku, qty FROM item WHERE sku IN ('a', 'x') ORDER BY sku")
+        .await?;
+    assert_eq!(qty, [("a".to_owned(), 111), ("x".to_owned(), 101)]);
+    Ok(())
+}
