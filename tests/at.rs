@@ -747,3 +747,54 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
     conn.query_drop("ROLLBACK GLOBAL").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn rollback_to_savepoint_discards_exactly_the_undo_records_made_after_it() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 5_000).await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE sp (id INT PRIMARY KEY, v INT NOT NULL)")
+        .await?;
+    direct
+        .query_drop("INSERT INTO sp VALUES (1, 1), (2, 2), (3, 3)")
+        .await?;
+    let original = snapshot(&mut direct, "sp").await?;
+
+    let mut c = proxy.conn().await?;
+    let xid = start(&mut c).await?;
+    c.query_drop("BEGIN").await?;
+    c.query_drop("UPDATE sp SET v = 10 WHERE id = 1").await?;
+    c.query_drop("SAVEPOINT a").await?;
+    c.query_drop("UPDATE sp SET v = 20 WHERE id = 2").await?;
+    c.query_drop("SAVEPOINT `B`").await?;
+    c.query_drop("INSERT INTO sp VALUES (4, 4)").await?;
+    c.query_drop("ROLLBACK TO SAVEPOINT b").await?;
+    c.query_drop("DELETE FROM sp WHERE id = 3").await?;
+    c.query_drop("ROLLBACK TO SAVEPOINT A").await?;
+    c.query_drop("UPDATE sp SET v = 30 WHERE id = 3").await?;
+    c.query_drop("COMMIT").await?;
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM sp ORDER BY id").await?;
+    assert_eq!(
+        rows,
+        [(1, 10), (2, 2), (3, 30)],
+        "the server undid what followed the savepoints"
+    );
+    // Only rows 1 and 3 were registered: the lock of row 2 (and of the inserted row 4) went
+    // with the discarded undo items.
+    let locks = tc.get("/v1/locks?table=sp").await?;
+    let holders: Vec<&str> = locks["locks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["holder"].as_str())
+        .collect();
+    assert_eq!(holders, [xid.as_str(); 2], "two rows locked: {locks}");
+    // A discarded item left behind would see row 2 or 4 differ from its after image and
+    // make the rollback dirty.
+    c.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(tc.status(&xid).await?, "Rollbacked");
+    assert_eq!(snapshot(&mut direct, "sp").await?, original);
+    Ok(())
+}

@@ -133,6 +133,24 @@ pub fn use_schema(sql: &[u8]) -> Option<String> {
     }
 }
 
+/// The savepoint a SAVEPOINT, ROLLBACK TO [SAVEPOINT] or RELEASE SAVEPOINT statement names
+/// (its last word), unquoted and lowercased: savepoint names are case-insensitive.
+pub fn savepoint_name(sql: &[u8]) -> Option<String> {
+    let mut lexer = Lexer::new(sql, false);
+    let mut last = None;
+    while let Some(token) = lexer.next_token() {
+        match token {
+            Token::Word(w) => last = Some(String::from_utf8_lossy(&sql[w]).into_owned()),
+            Token::Quoted(q) if sql[q.start] == b'`' => {
+                last = Some(String::from_utf8_lossy(&sql[q.start + 1..q.end - 1]).replace("``", "`"));
+            }
+            Token::Semicolon => break,
+            _ => last = None,
+        }
+    }
+    last.map(|n| n.to_lowercase())
+}
+
 fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> StatementClass {
     use StatementClass as C;
     let word = |r: &Range<usize>| &sql[r.clone()];
@@ -537,6 +555,17 @@ mod tests {
 
     fn class(sql: &str) -> StatementClass {
         classify(sql.as_bytes(), false).class
+    }
+
+    #[test]
+    fn savepoint_names() {
+        assert_eq!(savepoint_name(b"SAVEPOINT s1").as_deref(), Some("s1"));
+        assert_eq!(
+            savepoint_name(b"rollback work to savepoint `My``Point`;").as_deref(),
+            Some("my`point")
+        );
+        assert_eq!(savepoint_name(b"RELEASE SAVEPOINT S1 /* c */").as_deref(), Some("s1"));
+        assert_eq!(savepoint_name(b"ROLLBACK TO x").as_deref(), Some("x"));
     }
 
     #[test]

@@ -19,10 +19,6 @@
 //! up to `lock_wait_ms`), insert the undo record in the same local transaction, then commit.
 //! Any failure rolls the local transaction back: nothing is half-written.
 
-use std::collections::BTreeMap;
-
-use ferrata_rpc::pb;
-
 use super::peer::Peer;
 use super::state::{PendingBranch, SessionState};
 use super::{SessionError, Shared, inject};
@@ -482,20 +478,8 @@ pub(super) async fn finish(
             xid: xid.to_owned(),
             schema: schema.to_owned(),
             items: Vec::new(),
-            locks: BTreeMap::new(),
         });
-        for item in items {
-            let keys = pending.locks.entry(item.table.clone()).or_default();
-            for row in item.key_rows() {
-                keys.push(
-                    item.primary_key
-                        .iter()
-                        .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
-                        .collect(),
-                );
-            }
-            pending.items.push(item);
-        }
+        pending.items.extend(items);
     }
     if let Some(original_status) = autocommit {
         if let Err(e) = commit_branch(backend, state, global, limit, "COMMIT").await? {
@@ -651,16 +635,7 @@ pub async fn commit_branch(
     };
     let resource = global.resource(&pending.schema);
     global.link.serve(&resource);
-    let locks: Vec<pb::TableLocks> = pending
-        .locks
-        .iter()
-        .map(|(table, rows)| pb::TableLocks {
-            schema: pending.schema.clone(),
-            table: table.clone(),
-            rows: rows.iter().map(|r| pb::PrimaryKey { values: r.clone() }).collect(),
-        })
-        .collect();
-    let branch_id = match global.register(&pending.xid, &resource, locks).await {
+    let branch_id = match global.register(&pending.xid, &resource, pending.locks()).await {
         Ok(id) => id,
         Err(e) => {
             super::global::local_rollback(backend, state, limit).await?;

@@ -183,6 +183,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         xid: None,
         branch: None,
         written: Default::default(),
+        savepoints: Vec::new(),
     };
     Ok((backend, state))
 }

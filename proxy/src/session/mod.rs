@@ -535,6 +535,8 @@ struct Pending {
     /// For COM_STMT_EXECUTE, SEND_LONG_DATA and RESET: the statement, and the parameter types
     /// an execute sent (kept for later executes that do not resend them).
     statement: Option<(u32, Option<Vec<[u8; 2]>>)>,
+    /// SAVEPOINT, ROLLBACK TO SAVEPOINT, RELEASE SAVEPOINT: which, and the savepoint.
+    savepoint: Option<(TxControl, String)>,
     hide_socket: bool,
 }
 
@@ -554,6 +556,7 @@ impl Pending {
             schema: None,
             close: None,
             statement: None,
+            savepoint: None,
             hide_socket: false,
         };
         match command {
@@ -561,6 +564,9 @@ impl Pending {
                 let Some(class) = class else { return pending };
                 match class.class {
                     StatementClass::Other(Other::Use) => pending.schema = classify::use_schema(body),
+                    StatementClass::TransactionControl(
+                        kind @ (TxControl::Savepoint | TxControl::RollbackToSavepoint | TxControl::ReleaseSavepoint),
+                    ) => pending.savepoint = classify::savepoint_name(body).map(|name| (kind, name)),
                     StatementClass::Other(Other::Select) => {
                         pending.hide_socket = hide_socket && hide_socket::mentions_socket(body);
                     }
@@ -596,8 +602,14 @@ impl Pending {
             state.status = status;
         }
         // The local transaction ended (committed after its check, or rolled back).
-        if !state.in_transaction() && !state.written.is_empty() {
-            state.written.clear();
+        if !state.in_transaction() {
+            if !state.written.is_empty() {
+                state.written.clear();
+            }
+            state.savepoints.clear();
+        }
+        if let (Some((kind, name)), true) = (self.savepoint, tracker.error_code().is_none()) {
+            apply_savepoint(state, kind, name);
         }
         if let Some(id) = self.close {
             state.statements.remove(&id);
@@ -643,6 +655,34 @@ impl Pending {
             _ if ok && self.schema.is_some() => state.schema = self.schema,
             _ => {}
         }
+    }
+}
+
+/// Keeps the savepoints in step with the server. Rolling back to one discards the undo items
+/// made after it (their writes are undone in the database); the savepoint itself stays.
+fn apply_savepoint(state: &mut SessionState, kind: TxControl, name: String) {
+    let position = state.savepoints.iter().position(|(n, _)| *n == name);
+    match (kind, position) {
+        (TxControl::Savepoint, _) => {
+            // Setting a name again moves it.
+            if let Some(p) = position {
+                state.savepoints.remove(p);
+            }
+            let items = state.branch.as_ref().map_or(0, |b| b.items.len());
+            state.savepoints.push((name, items));
+        }
+        (TxControl::RollbackToSavepoint, Some(p)) => {
+            let items = state.savepoints[p].1;
+            state.savepoints.truncate(p + 1);
+            if let Some(branch) = &mut state.branch {
+                branch.items.truncate(items);
+                if branch.items.is_empty() {
+                    state.branch = None;
+                }
+            }
+        }
+        (TxControl::ReleaseSavepoint, Some(p)) => state.savepoints.truncate(p),
+        _ => {}
     }
 }
 

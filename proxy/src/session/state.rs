@@ -38,6 +38,9 @@ pub struct SessionState {
     /// Outside global transactions: what the open local transaction wrote that must be
     /// checked against global locks before it commits.
     pub written: WriteCheck,
+    /// The open local transaction's savepoints, oldest first, each with how many undo items
+    /// the pending branch had when it was set.
+    pub savepoints: Vec<(String, usize)>,
 }
 
 /// The no-dirty-writes check's record of one local transaction outside any global one.
@@ -68,8 +71,35 @@ pub struct PendingBranch {
     /// The database every write of the local transaction went to (one branch, one resource).
     pub schema: String,
     pub items: Vec<crate::global::undo::UndoItem>,
-    /// Primary keys (encoded as in the images) of the rows written, by table.
-    pub locks: std::collections::BTreeMap<String, Vec<Vec<Vec<u8>>>>,
+}
+
+impl PendingBranch {
+    /// The rows the items wrote, by table: primary keys encoded as in the images, each once.
+    pub fn locks(&self) -> Vec<ferrata_rpc::pb::TableLocks> {
+        let mut tables: std::collections::BTreeMap<&str, std::collections::BTreeSet<Vec<Vec<u8>>>> = Default::default();
+        for item in &self.items {
+            let keys = tables.entry(&item.table).or_default();
+            for row in item.key_rows() {
+                keys.insert(
+                    item.primary_key
+                        .iter()
+                        .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
+                        .collect(),
+                );
+            }
+        }
+        tables
+            .into_iter()
+            .map(|(table, rows)| ferrata_rpc::pb::TableLocks {
+                schema: self.schema.clone(),
+                table: table.to_owned(),
+                rows: rows
+                    .into_iter()
+                    .map(|values| ferrata_rpc::pb::PrimaryKey { values })
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 impl SessionState {
