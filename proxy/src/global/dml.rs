@@ -95,12 +95,236 @@ pub fn plan(sql: &str) -> Result<Plan, String> {
     }
 }
 
+/// A planned multi-table UPDATE (join or comma form) or DELETE (`DELETE t1, t2 FROM ...`,
+/// `DELETE FROM t1, t2 USING ...`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiChange {
+    pub kind: ChangeKind,
+    /// Every table of the statement's table references, with its alias.
+    pub tables: Vec<TableRef>,
+    /// DELETE: the tables deleted from, as the statement names them (alias or name).
+    pub targets: Vec<String>,
+    /// UPDATE: each assigned column with its qualifier (alias or table name), if any.
+    pub assigned: Vec<(Option<String>, String)>,
+    /// ` FROM <table references> [WHERE ...]` as written: what selects the rows it changes.
+    pub select_tail: String,
+    /// The statement's `?` placeholders (0-based) that fall in `select_tail`, in order.
+    pub params: Vec<usize>,
+}
+
+/// Plans `sql` if it is a multi-table UPDATE or DELETE (`None` if it is not one), or says
+/// why the proxy cannot protect it.
+pub fn plan_multi(sql: &str) -> Option<Result<MultiChange, String>> {
+    let tokens = tokens(sql).ok()?;
+    let first = tokens.first()?;
+    if is_keyword(&first.token, Keyword::UPDATE) {
+        plan_multi_update(sql, &tokens)
+    } else if is_keyword(&first.token, Keyword::DELETE) {
+        let Ok(mut statements) = Parser::parse_sql(&MySqlDialect {}, sql) else {
+            return None;
+        };
+        match statements.pop() {
+            Some(Statement::Delete(d)) if statements.is_empty() && (!d.tables.is_empty() || d.using.is_some()) => {
+                Some(plan_multi_delete(sql, &tokens, d))
+            }
+            _ => None,
+        }
+    } else {
+        None
+    }
+}
+
+/// The indexes of the placeholders among `tokens` whose start falls in `range`.
+fn placeholders_in(tokens: &[Located], range: Range<usize>) -> Vec<usize> {
+    tokens
+        .iter()
+        .filter(|t| matches!(&t.token, Token::Placeholder(p) if p == "?"))
+        .enumerate()
+        .filter(|(_, t)| range.contains(&t.start))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Positions (token indexes) of the depth-0 tokens matching `keyword`.
+fn top_level(tokens: &[Located], keyword: Keyword) -> Vec<usize> {
+    let mut depth = 0i32;
+    let mut found = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        match &t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            token if depth == 0 && is_keyword(token, keyword) => found.push(i),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The tables of a `FROM` clause given as text (`t1 JOIN t2 ON ...`, `t1, t2`).
+fn reference_tables(references: &str) -> Result<Vec<TableRef>, String> {
+    let statements = Parser::parse_sql(&MySqlDialect {}, &format!("SELECT 1 FROM {references}"))
+        .map_err(|e| format!("table references the proxy's parser rejects ({e})"))?;
+    let [Statement::Query(query)] = statements.as_slice() else {
+        return Err("table references the proxy could not follow".into());
+    };
+    let sqlparser::ast::SetExpr::Select(select) = query.body.as_ref() else {
+        return Err("table references the proxy could not follow".into());
+    };
+    let mut tables = Vec::new();
+    for t in &select.from {
+        for factor in std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)) {
+            tables.push(table_ref(factor)?);
+        }
+    }
+    Ok(tables)
+}
+
+fn plan_multi_update(sql: &str, tokens: &[Located]) -> Option<Result<MultiChange, String>> {
+    let set = *top_level(tokens, Keyword::SET).first()?;
+    // UPDATE [LOW_PRIORITY] [IGNORE] <references> SET
+    let mut start = 1;
+    while start < set
+        && (is_keyword(&tokens[start].token, Keyword::LOW_PRIORITY)
+            || is_keyword(&tokens[start].token, Keyword::IGNORE))
+    {
+        start += 1;
+    }
+    let mut depth = 0i32;
+    let multi = tokens[start..set].iter().any(|t| match &t.token {
+        Token::LParen => {
+            depth += 1;
+            false
+        }
+        Token::RParen => {
+            depth -= 1;
+            false
+        }
+        Token::Comma => depth == 0,
+        token => depth == 0 && is_keyword(token, Keyword::JOIN),
+    });
+    if !multi {
+        return None;
+    }
+    Some((|| {
+        let references = sql[tokens[start].start..tokens[set].start].trim();
+        let tables = reference_tables(references)?;
+        let end = tokens
+            .iter()
+            .rposition(|t| t.token != Token::SemiColon)
+            .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
+        let where_at = top_level(tokens, Keyword::WHERE).into_iter().find(|&i| i > set);
+        if top_level(tokens, Keyword::ORDER)
+            .iter()
+            .chain(&top_level(tokens, Keyword::LIMIT))
+            .any(|&i| i > set)
+        {
+            return Err("ORDER BY or LIMIT in a multi-table UPDATE".into());
+        }
+        let assignments_end = where_at.map_or(end, |i| tokens[i].start);
+        let mut assigned = Vec::new();
+        let mut depth = 0i32;
+        let mut expecting_target = true;
+        let mut target: Vec<String> = Vec::new();
+        for t in tokens.iter().skip(set + 1).take_while(|t| t.start < assignments_end) {
+            match &t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                Token::Comma if depth == 0 => expecting_target = true,
+                Token::Eq if depth == 0 && expecting_target => {
+                    let (qualifier, column) = match target.as_slice() {
+                        [c] => (None, c.clone()),
+                        [q, c] => (Some(q.clone()), c.clone()),
+                        [_, q, c] => (Some(q.clone()), c.clone()),
+                        _ => return Err("an assignment the proxy could not follow".into()),
+                    };
+                    assigned.push((qualifier, column));
+                    target.clear();
+                    expecting_target = false;
+                }
+                Token::Word(w) if expecting_target => target.push(w.value.clone()),
+                Token::Period if expecting_target => {}
+                _ if expecting_target => return Err("an assignment the proxy could not follow".into()),
+                _ => {}
+            }
+        }
+        let where_text = where_at.map_or("", |i| sql[tokens[i].start..end].trim());
+        let select_tail = format!(" FROM {references} {where_text}");
+        let mut params = placeholders_in(tokens, tokens[start].start..tokens[set].start);
+        if let Some(i) = where_at {
+            params.extend(placeholders_in(tokens, tokens[i].start..sql.len()));
+        }
+        Ok(MultiChange {
+            kind: ChangeKind::Update,
+            tables,
+            targets: Vec::new(),
+            assigned,
+            select_tail,
+            params,
+        })
+    })())
+}
+
+fn plan_multi_delete(sql: &str, tokens: &[Located], d: Delete) -> Result<MultiChange, String> {
+    if d.returning.is_some() || d.limit.is_some() || !d.order_by.is_empty() {
+        return Err("ORDER BY, LIMIT or RETURNING in a multi-table DELETE".into());
+    }
+    // DELETE t1, t2 FROM <references> ...; DELETE FROM t1, t2 USING <references> ...
+    let (targets, references_from) = if d.using.is_some() {
+        let targets = match &d.from {
+            FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t
+                .iter()
+                .map(|t| table_ref(&t.relation).map(|r| r.name))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        (targets, *top_level(tokens, Keyword::USING).first().ok_or("USING")?)
+    } else {
+        let targets = d.tables.iter().map(last_ident).collect::<Result<Vec<_>, _>>()?;
+        (targets, *top_level(tokens, Keyword::FROM).first().ok_or("FROM")?)
+    };
+    let where_at = top_level(tokens, Keyword::WHERE)
+        .into_iter()
+        .find(|&i| i > references_from);
+    let end = tokens
+        .iter()
+        .rposition(|t| t.token != Token::SemiColon)
+        .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
+    let references_end = where_at.map_or(end, |i| tokens[i].start);
+    let references = sql[tokens[references_from].start..references_end]
+        .trim()
+        .splitn(2, char::is_whitespace)
+        .nth(1)
+        .unwrap_or_default()
+        .trim();
+    let tables = reference_tables(references)?;
+    let where_text = where_at.map_or("", |i| sql[tokens[i].start..end].trim());
+    Ok(MultiChange {
+        kind: ChangeKind::Delete,
+        tables,
+        targets,
+        assigned: Vec::new(),
+        select_tail: format!(" FROM {references} {where_text}"),
+        params: placeholders_in(tokens, tokens[references_from].start..sql.len()),
+    })
+}
+
+/// The byte length of token `i` (up to the next token, trailing whitespace trimmed).
+fn token_len(sql: &str, tokens: &[Located], i: usize) -> usize {
+    let end = tokens.get(i + 1).map_or(sql.len(), |t| t.start);
+    sql[tokens[i].start..end].trim_end().len()
+}
+
 /// Every table the statements in `sql` may write (for a multi-table UPDATE or DELETE, every
 /// table they name: a wider set only costs checks), or why the parser could not tell. For the
 /// no-dirty-writes check, which needs only names.
 pub fn written_tables(sql: &str) -> Result<Vec<TableRef>, String> {
-    let statements = Parser::parse_sql(&MySqlDialect {}, sql)
-        .map_err(|e| format!("a statement the proxy's parser rejects ({e})"))?;
+    let statements = match Parser::parse_sql(&MySqlDialect {}, sql) {
+        Ok(statements) => statements,
+        // The comma form of a multi-table UPDATE is read without the parser.
+        Err(e) => match plan_multi(sql) {
+            Some(Ok(multi)) => return Ok(multi.tables),
+            _ => return Err(format!("a statement the proxy's parser rejects ({e})")),
+        },
+    };
     let mut tables = Vec::new();
     let add = |tables: &mut Vec<TableRef>, from: &[TableWithJoins]| {
         for t in from {
@@ -523,6 +747,7 @@ mod tests {
             ["a", "c"]
         );
         assert!(names("SELECT * FROM a").is_empty());
+        assert_eq!(names("UPDATE a, b SET a.v = b.v WHERE a.id = b.id"), ["a", "b"]);
         assert!(written_tables("UPDATE SET").is_err());
     }
 
@@ -564,6 +789,56 @@ mod tests {
             let e = plan(sql).unwrap_err();
             assert!(e.contains(why), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn multi_table_updates_and_deletes() {
+        let m =
+            plan_multi("UPDATE a AS x JOIN b ON x.id = b.id SET x.v = ?, b.w = 1, u = 2 WHERE b.k = ? AND x.id > 0")
+                .unwrap()
+                .unwrap();
+        assert_eq!(m.kind, ChangeKind::Update);
+        assert_eq!(m.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(m.tables[0].alias.as_deref(), Some("x"));
+        assert_eq!(
+            m.assigned,
+            [
+                (Some("x".into()), "v".into()),
+                (Some("b".into()), "w".into()),
+                (None, "u".into())
+            ]
+        );
+        assert_eq!(
+            m.select_tail,
+            " FROM a AS x JOIN b ON x.id = b.id WHERE b.k = ? AND x.id > 0"
+        );
+        assert_eq!(m.params, [1]);
+        let m = plan_multi("UPDATE LOW_PRIORITY t1, db.t2 SET t1.a = t2.b WHERE t1.id = t2.id;")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.select_tail, " FROM t1, db.t2 WHERE t1.id = t2.id");
+        assert_eq!(m.tables[1].schema.as_deref(), Some("db"));
+        let m = plan_multi("DELETE t1, t2 FROM t1 JOIN t2 ON t1.id = t2.id WHERE t1.a = ?")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (m.kind, m.targets.clone()),
+            (ChangeKind::Delete, vec!["t1".to_owned(), "t2".to_owned()])
+        );
+        assert_eq!(m.select_tail, " FROM t1 JOIN t2 ON t1.id = t2.id WHERE t1.a = ?");
+        assert_eq!(m.params, [0]);
+        let m = plan_multi("DELETE FROM t1 USING t1 JOIN t2 ON t1.id = t2.id")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.targets, ["t1"]);
+        assert_eq!(m.select_tail, " FROM t1 JOIN t2 ON t1.id = t2.id ");
+        assert!(plan_multi("UPDATE t SET a = 1 WHERE id = 2").is_none());
+        assert!(plan_multi("DELETE FROM t WHERE id = 2").is_none());
+        assert!(
+            plan_multi("UPDATE a JOIN b ON a.id = b.id SET a.v = 1 ORDER BY a.id")
+                .unwrap()
+                .is_err()
+        );
     }
 
     #[test]

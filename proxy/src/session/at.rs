@@ -93,9 +93,13 @@ pub async fn protect(
     params: &[Param],
     raw: &[u8],
 ) -> Result<(), SessionError> {
-    let reply = match prepare(state, global, xid, sql).await {
-        Err(e) => e.to_packet(1),
-        Ok(plan) => run(backend, state, shared, global, xid, plan, params, raw).await?,
+    let reply = match dml::plan_multi(sql) {
+        Some(Ok(multi)) => super::multi_table::run(backend, state, shared, global, xid, multi, params, raw).await?,
+        Some(Err(why)) => refuse(&why, xid).to_packet(1),
+        None => match prepare(state, global, xid, sql).await {
+            Err(e) => e.to_packet(1),
+            Ok(plan) => run(backend, state, shared, global, xid, plan, params, raw).await?,
+        },
     };
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
 }

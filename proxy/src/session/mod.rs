@@ -13,6 +13,7 @@ mod global;
 mod hide_socket;
 mod inject;
 mod locking_read;
+mod multi_table;
 mod peer;
 mod relay;
 pub mod state;
