@@ -289,12 +289,8 @@ fn plan_multi_delete(sql: &str, tokens: &[Located], d: Delete) -> Result<MultiCh
         .rposition(|t| t.token != Token::SemiColon)
         .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
     let references_end = where_at.map_or(end, |i| tokens[i].start);
-    let references = sql[tokens[references_from].start..references_end]
-        .trim()
-        .splitn(2, char::is_whitespace)
-        .nth(1)
-        .unwrap_or_default()
-        .trim();
+    let first = tokens.get(references_from + 1).ok_or("a DELETE without table references")?;
+    let references = sql[first.start.min(references_end)..references_end].trim();
     let tables = reference_tables(references)?;
     let where_text = where_at.map_or("", |i| sql[tokens[i].start..end].trim());
     Ok(MultiChange {
