@@ -171,3 +171,61 @@ async fn two_global_transactions_racing_on_the_same_keys() -> Result<()> {
     assert_eq!(qty, [("a".to_owned(), 111), ("x".to_owned(), 101)]);
     Ok(())
 }
+
+#[tokio::test]
+async fn parameters_sent_as_long_data_are_imaged() -> Result<()> {
+    use ferrata_tests::com;
+    use ferrata_tests::ferrata_testkit::raw::{RawConn, flags::DEFAULT};
+    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
+    use ferrata_tests::{command, execute_payload, raw_prepare};
+
+    let (db, tc, proxy) = setup(5_000).await?;
+    let original = rows(&db).await?;
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), DEFAULT).await?;
+    let started = raw.query("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
+    assert_ne!(started[0].payload[0], 0xff, "START GLOBAL TRANSACTION: {started:?}");
+    let send_long = async |raw: &mut RawConn, id: u32, param: u16, data: &[u8]| {
+        let mut body = id.to_le_bytes().to_vec();
+        body.extend_from_slice(&param.to_le_bytes());
+        body.extend_from_slice(data);
+        // COM_STMT_SEND_LONG_DATA has no response.
+        raw.send_command(&command(com::STMT_SEND_LONG_DATA, &body)).await
+    };
+    let ok =
+        |packets: &[ferrata_tests::ferrata_testkit::raw::Packet]| packets.last().map(|p| p.payload[0]) == Some(0x00);
+    // The upsert's unique key comes as long data, in two pieces.
+    let (_, upsert) = raw_prepare(
+        &mut raw,
+        "INSERT INTO item (sku, qty) VALUES (?, ?) ON DUPLICATE KEY UPDATE qty = qty + 100",
+    )
+    .await?;
+    send_long(&mut raw, upsert, 0, b"n").await?;
+    send_long(&mut raw, upsert, 0, b"ew").await?;
+    raw.send_command(&execute_payload(
+        upsert,
+        0,
+        &[(0xfc, None), (0x03, Some(5i32.to_le_bytes().to_vec()))],
+    ))
+    .await?;
+    let response = raw.read_response().await?;
+    assert!(ok(&response), "{response:?}");
+    // An UPDATE whose filter value comes as long data.
+    let (_, update) = raw_prepare(&mut raw, "UPDATE item SET qty = ? WHERE sku = ?").await?;
+    send_long(&mut raw, update, 1, b"a").await?;
+    raw.send_command(&execute_payload(
+        update,
+        0,
+        &[(0x03, Some(42i32.to_le_bytes().to_vec())), (0xfc, None)],
+    ))
+    .await?;
+    let response = raw.read_response().await?;
+    assert!(ok(&response), "{response:?}");
+    let now: Vec<(String, i64)> = db.conn().await?.query("SELECT sku, qty FROM item ORDER BY id").await?;
+    assert_eq!(now, [("a".to_owned(), 42), ("b".to_owned(), 2), ("new".to_owned(), 5)]);
+    let response = raw.query("ROLLBACK GLOBAL").await?;
+    assert!(ok(&response), "{response:?}");
+    assert_eq!(rows(&db).await?, original, "both writes undone");
+    let listed = tc.get("/v1/transactions?status=RollbackFailed").await?;
+    assert_eq!(listed["transactions"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}

@@ -289,7 +289,9 @@ fn plan_multi_delete(sql: &str, tokens: &[Located], d: Delete) -> Result<MultiCh
         .rposition(|t| t.token != Token::SemiColon)
         .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
     let references_end = where_at.map_or(end, |i| tokens[i].start);
-    let first = tokens.get(references_from + 1).ok_or("a DELETE without table references")?;
+    let first = tokens
+        .get(references_from + 1)
+        .ok_or("a DELETE without table references")?;
     let references = sql[first.start.min(references_end)..references_end].trim();
     let tables = reference_tables(references)?;
     let where_text = where_at.map_or("", |i| sql[tokens[i].start..end].trim());

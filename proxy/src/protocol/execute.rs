@@ -30,8 +30,15 @@ fn value_len(kind: u8, buf: &[u8]) -> Option<usize> {
 
 /// The parameters of an execute payload (command byte included) for a statement with
 /// `count` parameters. `previous` are the types bound by an earlier execute, used when this
-/// one does not send them. `None` if the payload is malformed or types are unknown.
-pub fn params(payload: &[u8], count: usize, previous: Option<&[[u8; 2]]>) -> Option<(Vec<Param>, Vec<[u8; 2]>)> {
+/// one does not send them; `long` the values sent before with COM_STMT_SEND_LONG_DATA,
+/// which the execute does not repeat. `None` if the payload is malformed or types are
+/// unknown.
+pub fn params(
+    payload: &[u8],
+    count: usize,
+    previous: Option<&[[u8; 2]]>,
+    long: &std::collections::BTreeMap<u16, Vec<u8>>,
+) -> Option<(Vec<Param>, Vec<[u8; 2]>)> {
     if count == 0 {
         return Some((Vec::new(), Vec::new()));
     }
@@ -52,6 +59,15 @@ pub fn params(payload: &[u8], count: usize, previous: Option<&[[u8; 2]]>) -> Opt
     }
     let mut out = Vec::with_capacity(count);
     for (i, kind) in types.iter().enumerate() {
+        if let Some(data) = u16::try_from(i).ok().and_then(|i| long.get(&i)) {
+            let mut value = Vec::with_capacity(data.len() + 9);
+            lenenc::write_str(&mut value, data);
+            out.push(Param {
+                kind: *kind,
+                value: Some(value),
+            });
+            continue;
+        }
         if bitmap[i / 8] & (1 << (i % 8)) != 0 {
             out.push(Param {
                 kind: *kind,
@@ -205,7 +221,19 @@ mod tests {
     }
 
     fn params_of(p: &[u8], n: usize, prev: Option<&[[u8; 2]]>) -> Option<(Vec<Param>, Vec<[u8; 2]>)> {
-        params(p, n, prev)
+        params(p, n, prev, &Default::default())
+    }
+
+    #[test]
+    fn long_data_stands_for_values_the_execute_leaves_out() {
+        // Two string parameters; the first came as long data, so only the second is inline.
+        let mut p = vec![0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0b00, 1, 0xfc, 0, 0xfe, 0];
+        p.extend_from_slice(&[2, b'h', b'i']);
+        let long = std::collections::BTreeMap::from([(0u16, b"long value".to_vec())]);
+        let (got, _) = params(&p, 2, None, &long).unwrap();
+        assert_eq!(got[0].value.as_deref(), Some(&b"\x0along value"[..]));
+        assert_eq!(got[1].value.as_deref(), Some(&b"\x02hi"[..]));
+        assert_eq!(literal(&got[0]).as_deref(), Some("X'6C6F6E672076616C7565'"));
     }
 
     #[test]

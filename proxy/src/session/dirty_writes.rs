@@ -34,7 +34,7 @@ use crate::config::WhenUnreachable;
 use crate::global::guards::Observation;
 use crate::global::{CheckFailure, Global, TableRows, dml, undo};
 use crate::protocol::err::ErrPacket;
-use crate::protocol::execute::{self, Param};
+use crate::protocol::execute::Param;
 use crate::protocol::{Command, ServerStatus, frame, ok};
 
 /// What the session does with one command outside any global transaction.
@@ -417,15 +417,12 @@ async fn checked(
             let payload = &raw[4..];
             let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
             let stmt = state.statements.get(&id);
-            if stmt.is_some_and(|s| s.long_data) {
+            if stmt.is_some_and(|s| s.long_data_dropped) {
                 return Ok(refuse(
-                    "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA".into(),
+                    "a prepared statement with more long data than max_packet_size".into(),
                 ));
             }
-            let parsed = stmt.and_then(|s| {
-                execute::params(payload, usize::from(s.params), s.param_types.as_deref()).map(|(p, _)| p)
-            });
-            match parsed {
+            match stmt.and_then(|s| s.bound_params(payload)) {
                 Some(p) => p,
                 None => return Ok(refuse("this execute (its parameters could not be read)".into())),
             }

@@ -59,10 +59,10 @@ pub fn implicit_commit(xid: &str) -> ErrPacket {
     )
 }
 
-/// The refusal for an execute whose parameters came (partly) by COM_STMT_SEND_LONG_DATA.
+/// The refusal for an execute with more COM_STMT_SEND_LONG_DATA than the proxy keeps.
 pub fn long_data(xid: &str) -> ErrPacket {
     not_protected(
-        "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA (not imaged yet)",
+        "a prepared statement with more long data (COM_STMT_SEND_LONG_DATA) than max_packet_size",
         xid,
     )
 }

@@ -28,7 +28,6 @@ use super::{SessionError, Shared, inject};
 use crate::global::locking_read::{self, Wait};
 use crate::global::{CheckFailure, Global, TableRows, undo};
 use crate::protocol::err::ErrPacket;
-use crate::protocol::execute;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
 use crate::protocol::{Command, ServerStatus, frame, ok};
 
@@ -79,18 +78,15 @@ pub async fn run(
         let Some(stmt) = state.statements.get(&id) else {
             return forward(client, backend, state, raw, command).await;
         };
-        if stmt.long_data {
+        if stmt.long_data_dropped {
             return reply(
                 client,
-                refuse(
-                    "a prepared statement with parameters sent by COM_STMT_SEND_LONG_DATA",
-                    xid,
-                ),
+                refuse("a prepared statement with more long data than max_packet_size", xid),
             )
             .await;
         }
-        match execute::params(payload, usize::from(stmt.params), stmt.param_types.as_deref()) {
-            Some((params, _)) => (stmt.sql.clone(), params),
+        match stmt.bound_params(payload) {
+            Some(params) => (stmt.sql.clone(), params),
             None => return reply(client, refuse("this execute (its parameters could not be read)", xid)).await,
         }
     };

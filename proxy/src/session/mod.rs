@@ -32,10 +32,10 @@ use tracing::Instrument;
 use crate::classify::{self, Other, StatementClass, TxControl};
 use crate::config::Config;
 use crate::metrics::{ErrorKind, Metrics};
+use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::handshake;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
-use crate::protocol::{Command, execute};
 use dirty_writes::Route;
 use peer::{Peer, ReadError};
 use state::{PreparedStatement, SessionState};
@@ -281,6 +281,9 @@ async fn serve(
         };
         let class = matches!(command, Command::QUERY | Command::STMT_PREPARE)
             .then(|| classify::classify(&payload[1..], state.no_backslash_escapes()));
+        if shared.global.is_some() {
+            state.note_statement_command(command, &payload, shared.config.max_packet_size);
+        }
         if let Some(intercepted) = intercept(command, &payload, class.as_ref(), state) {
             drop(payload);
             let raw = client.buf[..span.raw_len].to_vec();
@@ -306,6 +309,7 @@ async fn serve(
                     unreachable!("only a coordinator binds sessions")
                 }
             }
+            executed(command, &raw[4..], state);
             shared.metrics.command(command, started.elapsed());
             continue;
         }
@@ -333,6 +337,7 @@ async fn serve(
                     let raw = client.buf[..span.raw_len].to_vec();
                     client.consume(span.raw_len);
                     dirty_writes::run(client, backend, state, shared, g, write, command, &raw).await?;
+                    executed(command, &raw[4..], state);
                     shared.metrics.command(command, started.elapsed());
                     continue;
                 }
@@ -355,14 +360,7 @@ async fn serve(
         let ddl = matches!(class.as_ref().map(|c| c.class), Some(StatementClass::Other(Other::Ddl)));
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
-        let pending = Pending::from_command(
-            command,
-            &payload,
-            class,
-            state,
-            shared.config.hide_server_socket,
-            shared.global.is_some(),
-        );
+        let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
         drop(payload);
         client
             .forward(span.raw_len, backend)
@@ -409,18 +407,17 @@ async fn protect(
         return at::protect(client, backend, state, shared, global, xid, &sql, &[], raw).await;
     }
     let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-    let Some(stmt) = state.statements.get_mut(&id) else {
+    let Some(stmt) = state.statements.get(&id) else {
         return Ok(());
     };
-    let (sql, count, previous) = (stmt.sql.clone(), usize::from(stmt.params), stmt.param_types.clone());
-    let Some((params, types)) = execute::params(payload, count, previous.as_deref()) else {
+    let sql = stmt.sql.clone();
+    let Some(params) = stmt.bound_params(payload) else {
         let e = global::unreadable_params(xid);
         return client
             .write_all(&e.to_packet(1))
             .await
             .map_err(|_| SessionError::ClientClosed);
     };
-    stmt.param_types = Some(types);
     at::protect(client, backend, state, shared, global, xid, &sql, &params, raw).await
 }
 
@@ -506,7 +503,7 @@ fn intercept(
                     .clone()
                     .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))
             {
-                if statement.long_data {
+                if statement.long_data_dropped {
                     return Some(Intercepted::Refuse(global::long_data(&xid)));
                 }
                 return Some(Intercepted::Protect(xid));
@@ -533,9 +530,8 @@ struct Pending {
     schema: Option<String>,
     /// For COM_STMT_CLOSE: the statement dropped.
     close: Option<u32>,
-    /// For COM_STMT_EXECUTE, SEND_LONG_DATA and RESET: the statement, and the parameter types
-    /// an execute sent (kept for later executes that do not resend them).
-    statement: Option<(u32, Option<Vec<[u8; 2]>>)>,
+    /// For COM_STMT_EXECUTE: the statement executed.
+    executed: Option<u32>,
     /// SAVEPOINT, ROLLBACK TO SAVEPOINT, RELEASE SAVEPOINT: which, and the savepoint.
     savepoint: Option<(TxControl, String)>,
     hide_socket: bool,
@@ -548,7 +544,6 @@ impl Pending {
         class: Option<classify::Classification>,
         state: &SessionState,
         hide_socket: bool,
-        track_params: bool,
     ) -> Self {
         let body = &payload[1..];
         let mut pending = Pending {
@@ -556,7 +551,7 @@ impl Pending {
             prepare: None,
             schema: None,
             close: None,
-            statement: None,
+            executed: None,
             savepoint: None,
             hide_socket: false,
         };
@@ -582,16 +577,8 @@ impl Pending {
             Command::STMT_CLOSE if body.len() >= 4 => {
                 pending.close = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
             }
-            Command::STMT_EXECUTE | Command::STMT_SEND_LONG_DATA | Command::STMT_RESET if body.len() >= 4 => {
-                let id = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
-                // Types are only needed to image an execute inside a global transaction.
-                let types = match (command, state.statements.get(&id)) {
-                    (Command::STMT_EXECUTE, Some(stmt)) if track_params => {
-                        execute::sent_types(payload, usize::from(stmt.params))
-                    }
-                    _ => None,
-                };
-                pending.statement = Some((id, types));
+            Command::STMT_EXECUTE if body.len() >= 4 => {
+                pending.executed = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
             }
             _ => {}
         }
@@ -615,13 +602,8 @@ impl Pending {
         if let Some(id) = self.close {
             state.statements.remove(&id);
         }
-        if let Some((id, types)) = self.statement
-            && let Some(stmt) = state.statements.get_mut(&id)
-        {
-            stmt.long_data = self.command == Command::STMT_SEND_LONG_DATA;
-            if types.is_some() {
-                stmt.param_types = types;
-            }
+        if let Some(stmt) = self.executed.and_then(|id| state.statements.get_mut(&id)) {
+            stmt.forget_long_data();
         }
         let ok = tracker.error_code().is_none();
         match self.command {
@@ -648,7 +630,8 @@ impl Pending {
                             params: prepared.params,
                             columns: prepared.columns,
                             param_types: None,
-                            long_data: false,
+                            long_data: Default::default(),
+                            long_data_dropped: false,
                         },
                     );
                 }
@@ -656,6 +639,16 @@ impl Pending {
             _ if ok && self.schema.is_some() => state.schema = self.schema,
             _ => {}
         }
+    }
+}
+
+/// After an execute the proxy answered itself: the statement's long data is spent.
+fn executed(command: u8, payload: &[u8], state: &mut SessionState) {
+    if command == Command::STMT_EXECUTE
+        && let Some(id) = payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        && let Some(stmt) = state.statements.get_mut(&id)
+    {
+        stmt.forget_long_data();
     }
 }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use crate::classify::Classification;
-use crate::protocol::{Capabilities, ServerStatus};
+use crate::protocol::{Capabilities, Command, ServerStatus};
 
 /// A statement prepared through COM_STMT_PREPARE on this session.
 #[derive(Clone, Debug)]
@@ -18,8 +18,31 @@ pub struct PreparedStatement {
     pub columns: u16,
     /// Parameter types from the last execute that sent them (later ones may not).
     pub param_types: Option<Vec<[u8; 2]>>,
-    /// A parameter was sent with COM_STMT_SEND_LONG_DATA since the last execute.
-    pub long_data: bool,
+    /// Values sent with COM_STMT_SEND_LONG_DATA since the last execute, by parameter: the
+    /// next execute does not repeat them.
+    pub long_data: std::collections::BTreeMap<u16, Vec<u8>>,
+    /// More long data than `max_packet_size` arrived: the proxy did not keep it all.
+    pub long_data_dropped: bool,
+}
+
+impl PreparedStatement {
+    /// The parameters an execute `payload` of this statement binds (long data included);
+    /// `None` when they cannot be read.
+    pub fn bound_params(&self, payload: &[u8]) -> Option<Vec<crate::protocol::execute::Param>> {
+        crate::protocol::execute::params(
+            payload,
+            usize::from(self.params),
+            self.param_types.as_deref(),
+            &self.long_data,
+        )
+        .map(|(params, _)| params)
+    }
+
+    /// After an execute (or COM_STMT_RESET): the next execute starts afresh.
+    pub fn forget_long_data(&mut self) {
+        self.long_data.clear();
+        self.long_data_dropped = false;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +126,39 @@ impl PendingBranch {
 }
 
 impl SessionState {
+    /// Keeps what the proxy may need to read a later execute of a prepared statement: the
+    /// parameter types an execute sends, long data as it arrives (up to `limit` bytes per
+    /// statement). Only sessions with a coordinator need this.
+    pub fn note_statement_command(&mut self, command: u8, payload: &[u8], limit: usize) {
+        let Some(id) = payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) else {
+            return;
+        };
+        let Some(stmt) = self.statements.get_mut(&id) else {
+            return;
+        };
+        match command {
+            Command::STMT_EXECUTE => {
+                if let Some(types) = crate::protocol::execute::sent_types(payload, usize::from(stmt.params)) {
+                    stmt.param_types = Some(types);
+                }
+            }
+            Command::STMT_SEND_LONG_DATA if payload.len() >= 7 => {
+                let param = u16::from_le_bytes([payload[5], payload[6]]);
+                let kept: usize = stmt.long_data.values().map(Vec::len).sum();
+                if kept + payload.len() - 7 > limit {
+                    stmt.long_data_dropped = true;
+                } else {
+                    stmt.long_data
+                        .entry(param)
+                        .or_default()
+                        .extend_from_slice(&payload[7..]);
+                }
+            }
+            Command::STMT_RESET => stmt.forget_long_data(),
+            _ => {}
+        }
+    }
+
     pub fn in_transaction(&self) -> bool {
         self.status.has(ServerStatus::IN_TRANS)
     }
