@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
+use ferrata_bench::{Sample, Sysbench, median, tail};
+use ferrata_testkit::{MariaDb, MariaDbOptions};
 use mysql_async::prelude::Queryable;
 
 #[derive(Debug, Parser)]
@@ -219,34 +220,7 @@ impl Side<'_> {
 }
 
 fn print_machine(server_version: &str, proxy_bin: &Path, args: &Args) -> Result<()> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or("unknown", |(_, model)| model.trim());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory_kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let sysbench_version = Command::new("sysbench")
-        .arg("--version")
-        .output()
-        .context("running sysbench --version (is sysbench installed?)")?;
-
-    println!("machine");
-    println!("  cpus:      {}", std::thread::available_parallelism()?);
-    println!("  cpu model: {cpu}");
-    println!("  memory:    {:.1} GiB", memory_kib as f64 / 1024.0 / 1024.0);
-    println!("  kernel:    {}", kernel.trim());
-    println!("  mariadbd:  {server_version}");
-    println!(
-        "  sysbench:  {}",
-        String::from_utf8_lossy(&sysbench_version.stdout).trim()
-    );
+    ferrata_bench::print_machine(server_version)?;
     println!("  proxy:     {}", proxy_command(proxy_bin, &args.proxy_args));
     println!(
         "settings: {} rounds x {} s, threads {:?}, {} tables x {} rows, buffer pool {}, warm-up {} s, \
@@ -279,37 +253,14 @@ fn proxy_command(bin: &Path, args: &[String]) -> String {
         .join(" ")
 }
 
-/// Runs sysbench to completion and returns its standard output. `time: None` leaves
-/// the run length to sysbench (used for `prepare`).
+/// Runs sysbench with the tables and extra arguments of `args`.
 fn sysbench(args: &Args, workload: &str, port: u16, threads: u32, time: Option<u64>, command: &str) -> Result<String> {
-    let mut cmd = Command::new("sysbench");
-    cmd.arg(workload)
-        .args([
-            "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            &format!("--mysql-port={port}"),
-            &format!("--mysql-user={APP_USER}"),
-            &format!("--mysql-password={APP_PASSWORD}"),
-            "--mysql-db=test",
-            &format!("--tables={}", args.tables),
-            &format!("--table-size={}", args.table_size),
-            &format!("--threads={threads}"),
-        ])
-        .args(time.map(|secs| format!("--time={secs}")))
-        .args(&args.sysbench_args)
-        .arg(command)
-        .stdin(Stdio::null());
-    let output = cmd.output().context("running sysbench (is sysbench installed?)")?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        bail!(
-            "sysbench {workload} {command} on port {port} failed ({}):\n{}{}",
-            output.status,
-            tail(&stdout, 20),
-            tail(&String::from_utf8_lossy(&output.stderr), 20)
-        );
+    Sysbench {
+        tables: args.tables,
+        table_size: args.table_size,
+        extra_args: args.sysbench_args.clone(),
     }
-    Ok(stdout)
+    .run(workload, port, threads, time, command)
 }
 
 /// A forwarding process under test (ferrata-proxy or the floor forwarder), killed when
@@ -374,25 +325,12 @@ impl Forwarder {
 
     /// User plus system CPU time the process has used so far, from /proc.
     fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the parenthesised command name; utime and stime are fields 14
-        // and 15 of the whole line, in clock ticks.
-        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-        // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        Ok(ticks as f64 / per_second as f64)
+        ferrata_bench::process_cpu_seconds(self.child.id())
     }
 
     /// Peak resident memory so far (VmHWM), in KiB.
     fn peak_rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .context("no VmHWM in /proc/PID/status")
+        ferrata_bench::peak_rss_kib(self.child.id())
     }
 
     fn log_tail(&self) -> String {
@@ -408,56 +346,6 @@ impl Drop for Forwarder {
         // Errors mean it has already exited.
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Figures from one sysbench run.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    tps: f64,
-    qps: f64,
-    p95_ms: f64,
-    errors: u64,
-    /// CPU time the forwarder spent per query (user + system), for forwarded runs.
-    cpu_us_per_query: Option<f64>,
-}
-
-impl Sample {
-    /// Reads sysbench 1.0's final report, e.g.
-    /// `    transactions:   123 (12.30 per sec.)` and `         95th percentile:   0.50`.
-    fn parse(output: &str) -> Result<Sample> {
-        let field = |label: &str| {
-            output
-                .lines()
-                .map(str::trim_start)
-                .find_map(|line| line.strip_prefix(label))
-                .with_context(|| format!("no {label:?} in sysbench's output:\n{}", tail(output, 30)))
-        };
-        let per_sec = |label: &str| -> Result<f64> {
-            let line = field(label)?;
-            let rate = line
-                .split_once('(')
-                .and_then(|(_, rest)| rest.split_once(" per sec."))
-                .with_context(|| format!("no rate in {label} {line:?}"))?
-                .0;
-            rate.trim()
-                .parse()
-                .with_context(|| format!("bad rate in {label} {line:?}"))
-        };
-        let first_number = |label: &str| -> Result<f64> {
-            let line = field(label)?;
-            line.split_whitespace()
-                .next()
-                .and_then(|word| word.parse().ok())
-                .with_context(|| format!("bad number in {label} {line:?}"))
-        };
-        Ok(Sample {
-            tps: per_sec("transactions:")?,
-            qps: per_sec("queries:")?,
-            p95_ms: first_number("95th percentile:")?,
-            errors: first_number("ignored errors:")? as u64,
-            cpu_us_per_query: None,
-        })
     }
 }
 
@@ -565,59 +453,5 @@ fn verdict(workload: &str, ratio: f64) -> String {
         Some(target) if ratio >= target => format!("target >= {target:.2}: PASS"),
         Some(target) => format!("target >= {target:.2}: MISS"),
         None => "no target".to_owned(),
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_sysbench_report() {
-        let report = "\
-SQL statistics:
-    queries performed:
-        read:                            140000
-        other:                           20000
-        total:                           200000
-    transactions:                        10000  (999.50 per sec.)
-    queries:                             200000 (19990.05 per sec.)
-    ignored errors:                      3      (0.30 per sec.)
-    reconnects:                          0      (0.00 per sec.)
-
-Latency (ms):
-         min:                                    0.05
-         avg:                                    1.00
-         max:                                    9.00
-         95th percentile:                        2.48
-         sum:                                 9999.00
-";
-        let sample = Sample::parse(report).unwrap();
-        assert_eq!(sample.tps, 999.50);
-        assert_eq!(sample.qps, 19990.05);
-        assert_eq!(sample.p95_ms, 2.48);
-        assert_eq!(sample.errors, 3);
-        assert!(Sample::parse("FATAL: nothing").is_err());
-    }
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
 }

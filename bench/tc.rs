@@ -26,23 +26,25 @@
 //!
 //! The client and the coordinator share the machine; compare runs on the same machine only.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
+use ferrata_bench::{
+    Latency, LoggedChild, cpu_seconds, http_get, load_average, machine_jiffies, metric_labeled, metric_sum,
+    parse_serving, parse_stat, round,
+};
 use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
 use ferrata_rpc::{ErrorCode, pb};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Response, Status};
 
 #[derive(Debug, Parser)]
@@ -283,12 +285,6 @@ fn fsync_probe(dir: &Path) -> Result<Latency> {
         samples.push(started.elapsed().as_nanos() as u64);
     }
     Ok(Latency::of(&mut samples))
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// What one client saw. Latencies in nanoseconds, only of calls that ended in the window.
@@ -676,48 +672,6 @@ impl Perf {
     }
 }
 
-/// Latency percentiles of a set of samples.
-#[derive(Clone, Copy, Debug, Default)]
-struct Latency {
-    n: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-impl Latency {
-    fn of(samples: &mut [u64]) -> Latency {
-        if samples.is_empty() {
-            return Latency::default();
-        }
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-            samples[rank - 1] as f64 / 1e6
-        };
-        Latency {
-            n: samples.len(),
-            p50_ms: at(0.50),
-            p99_ms: at(0.99),
-            max_ms: samples[samples.len() - 1] as f64 / 1e6,
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        json!({
-            "n": self.n,
-            "p50_ms": round(self.p50_ms, 3),
-            "p99_ms": round(self.p99_ms, 3),
-            "max_ms": round(self.max_ms, 3),
-        })
-    }
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let scale = 10f64.powi(digits);
-    (x * scale).round() / scale
-}
-
 /// What one scenario measured.
 struct Outcome {
     scenario: Scenario,
@@ -1044,75 +998,6 @@ fn print_summary(outcomes: &[Outcome]) {
     );
 }
 
-/// Sum of every sample of `name` (all label sets) in Prometheus text output.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    metric_labeled(text, name, "")
-}
-
-/// Sum of the samples of `name` whose labels contain `label` (e.g. `le="0.01"`).
-fn metric_labeled(text: &str, name: &str, label: &str) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (metric, labels) = key.split_once('{').unwrap_or((key, ""));
-        if metric == name
-            && labels.contains(label)
-            && let Ok(v) = value.trim().parse::<f64>()
-        {
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
-}
-
-/// The body of an HTTP/1.0 GET (the connection closes after the answer).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .map_err(|_| anyhow!("GET {path}: no answer within 5 s"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    ensure!(
-        head.split_whitespace().nth(1) == Some("200"),
-        "GET {path}: {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_owned())
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
-/// (command name, user + system CPU seconds) from a /proc/.../stat file.
-fn parse_stat(stat: &str) -> Result<(String, f64)> {
-    let (head, rest) = stat.rsplit_once(')').context("malformed stat file")?;
-    let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
-    // Fields after the parenthesised name; utime and stime are fields 14 and 15 of the
-    // whole line, in clock ticks.
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    ensure!(fields.len() > 12, "short stat file");
-    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok((name, ticks as f64 / clock_ticks()))
-}
-
-fn cpu_seconds(stat_path: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
-    Ok(parse_stat(&stat)?.1)
-}
-
 /// CPU seconds of a process's threads, summed by thread name.
 fn thread_cpu(pid: u32) -> Result<BTreeMap<String, f64>> {
     let mut by_name = BTreeMap::new();
@@ -1127,68 +1012,12 @@ fn thread_cpu(pid: u32) -> Result<BTreeMap<String, f64>> {
     Ok(by_name)
 }
 
-/// Busy and total jiffies of all CPUs, from /proc/stat.
-fn machine_jiffies() -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
-    let values: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    ensure!(values.len() == 8, "short cpu line in /proc/stat");
-    let total: u64 = values.iter().sum();
-    let idle = values[3] + values[4];
-    Ok((total - idle, total))
-}
-
-/// Removes ANSI escape sequences (the coordinator colours its log).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The rpc and http addresses of the line `... ferrata-tc serving rpc=A http=B ...`.
-fn parse_serving(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("ferrata-tc serving") {
-        return None;
-    }
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|word| word.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-    };
-    Some((field("rpc=")?, field("http=")?))
-}
-
-#[derive(Default)]
-struct LogState {
-    tail: VecDeque<String>,
-    warnings: Vec<String>,
-}
-
 /// A coordinator process with its own data directory, killed when dropped (and by
 /// PDEATHSIG if the benchmark dies).
 struct Tc {
-    child: Child,
+    proc: LoggedChild,
     rpc: SocketAddr,
     http: SocketAddr,
-    log: Arc<Mutex<LogState>>,
     _data: tempfile::TempDir,
 }
 
@@ -1210,134 +1039,37 @@ impl Tc {
         .arg("--data-dir")
         .arg(data.path())
         .args(extra)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = ferrata_testkit::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(LogState::default()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let thread_log = Arc::clone(&log);
-        // Drains stderr for the life of the process: keeps a tail and the warnings, and
-        // reports the addresses from the "serving" line.
-        std::thread::Builder::new().name("tc-stderr".into()).spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut raw = Vec::new();
-            let mut ready = Some(ready_tx);
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let line = strip_ansi(String::from_utf8_lossy(&raw).trim_end());
-                if let Some(addrs) = parse_serving(&line)
-                    && let Some(tx) = ready.take()
-                {
-                    let _ = tx.send(addrs);
-                }
-                let level = line.split_whitespace().nth(1).unwrap_or("");
-                let mut state = thread_log.lock().expect("log lock");
-                if matches!(level, "WARN" | "ERROR") || line.contains("panicked") {
-                    state.warnings.push(line.clone());
-                }
-                state.tail.push_back(line);
-                if state.tail.len() > 40 {
-                    state.tail.pop_front();
-                }
-            }
-        })?;
-        let mut tc = Tc {
-            child,
-            rpc: "0.0.0.0:0".parse().expect("valid"),
-            http: "0.0.0.0:0".parse().expect("valid"),
-            log,
+        .env("NO_COLOR", "1");
+        let (proc, line) = LoggedChild::spawn("the coordinator", cmd, "ferrata-tc serving", &[])?;
+        let (rpc, http) = parse_serving(&line).with_context(|| format!("no addresses in {line:?}"))?;
+        Ok(Tc {
+            proc,
+            rpc,
+            http,
             _data: data,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match ready_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok((rpc, http)) => {
-                    tc.rpc = rpc;
-                    tc.http = http;
-                    return Ok(tc);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // Let the process finish dying so its exit status is known.
-                    std::thread::sleep(Duration::from_millis(100));
-                    bail!(
-                        "the coordinator closed its log without a \"ferrata-tc serving\" line ({:?}):\n{}",
-                        tc.child.try_wait()?,
-                        tc.log_tail()
-                    );
-                }
-            }
-            if let Some(status) = tc.child.try_wait()? {
-                bail!("the coordinator exited during startup ({status}):\n{}", tc.log_tail());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the coordinator did not report \"ferrata-tc serving\" within 30 s:\n{}",
-                tc.log_tail()
-            );
-        }
+        })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Peak resident memory so far (VmHWM), in KiB.
     fn peak_rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .context("no VmHWM in /proc/PID/status")
+        self.proc.peak_rss_kib()
     }
 
     fn warnings(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").warnings.clone()
+        self.proc.warnings()
     }
 
     fn log_tail(&self) -> String {
-        let state = self.log.lock().expect("log lock");
-        state.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.proc.log_tail()
     }
 
     /// SIGTERM, then up to 15 s for a graceful exit, then SIGKILL.
     fn stop(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_some() {
-            bail!("the coordinator had already exited:\n{}", self.log_tail());
-        }
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                ensure!(
-                    status.success(),
-                    "the coordinator exited with {status}:\n{}",
-                    self.log_tail()
-                );
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        bail!("the coordinator did not stop within 15 s of SIGTERM; killed it")
-    }
-}
-
-impl Drop for Tc {
-    fn drop(&mut self) {
-        // Errors mean it has already exited.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.stop(Duration::from_secs(15)).map(drop)
     }
 }
 
@@ -1346,45 +1078,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_serving_line() {
-        let coloured = "\u{1b}[2m2025-01-01T00:00:00.000000Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
-                        \u{1b}[2mferrata_tc::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m ferrata-tc serving \
-                        \u{1b}[3mrpc\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40001 \
-                        \u{1b}[3mhttp\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40002 node_id=1 tls=false";
-        let line = strip_ansi(coloured);
-        assert!(line.contains(" INFO "));
-        let (rpc, http) = parse_serving(&line).expect("parsed");
-        assert_eq!(rpc.port(), 40001);
-        assert_eq!(http.port(), 40002);
-        assert!(parse_serving("INFO something else rpc=127.0.0.1:1 http=127.0.0.1:2").is_none());
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let mut samples: Vec<u64> = (1..=100).map(|ms| ms * 1_000_000).collect();
-        let l = Latency::of(&mut samples);
-        assert_eq!((l.n, l.p50_ms, l.p99_ms, l.max_ms), (100, 50.0, 99.0, 100.0));
-        assert_eq!(Latency::of(&mut []).n, 0);
-    }
-
-    #[test]
-    fn sums_prometheus_samples() {
-        let text = "# TYPE x counter\nferrata_tc_store_commits_total 12\n\
-                    ferrata_tc_transactions{status=\"Begin\"} 2\nferrata_tc_transactions{status=\"Committed\"} 3\n";
-        assert_eq!(metric_sum(text, "ferrata_tc_store_commits_total"), Some(12.0));
-        assert_eq!(metric_sum(text, "ferrata_tc_transactions"), Some(5.0));
-        assert_eq!(metric_sum(text, "ferrata_tc_missing"), None);
-        let buckets = "x_bucket{le=\"0.01\"} 7\nx_bucket{le=\"0.1\"} 9\nx_bucket{le=\"+Inf\"} 10\n";
-        assert_eq!(metric_labeled(buckets, "x_bucket", "le=\"0.1\""), Some(9.0));
-        assert_eq!(metric_labeled(buckets, "x_bucket", "le=\"+Inf\""), Some(10.0));
-    }
-
-    #[test]
-    fn reads_proc_stat() {
-        let (name, cpu) = parse_stat(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
-        assert!(!name.is_empty());
-        assert!(cpu >= 0.0);
-        let (busy, total) = machine_jiffies().unwrap();
-        assert!(busy <= total);
+    fn reads_thread_cpu() {
+        let threads = thread_cpu(std::process::id()).unwrap();
+        assert!(!threads.is_empty());
+        assert!(threads.values().all(|&cpu| cpu >= 0.0));
     }
 }

@@ -1,0 +1,1581 @@
+//! `at-bench`: Ferrata's AT mode end to end, against MariaDB reached directly, interleaved
+//! round by round (alternating or rotating which side goes first).
+//!
+//! Two throw-away MariaDB servers (A and B), one `ferrata-tc` and one `ferrata-proxy` in
+//! front of each server, all on this machine. Three workloads:
+//!
+//! * **transfer**: each client moves 1 from a random account on A to a random account on B,
+//!   as one global transaction through the proxies (ferrata side) or as two local
+//!   transactions straight to the servers (direct side).
+//! * **hot**: every client increments the same row on A in a global transaction; the row's
+//!   global lock passes from transaction to transaction. The same loop as local
+//!   transactions straight to A, for reference.
+//! * **unbound**: sysbench `oltp_read_write` through a proxy without a coordinator, through
+//!   one with a coordinator (the no-dirty-writes check on, no global transaction running),
+//!   and straight to A: what the check costs writes outside global transactions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use clap::Parser;
+use ferrata_bench::{
+    Latency, LoggedChild, Sample, Sysbench, addr_after, http_get, load_average, median, metric_samples, parse_serving,
+    process_cpu_seconds,
+};
+use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+
+const ABOUT: &str = "Ferrata's AT mode against MariaDB directly: transfers between two servers, a hot row, \
+                     and the cost of the no-dirty-writes check";
+
+const LONG_ABOUT: &str = "\
+Ferrata's AT mode against MariaDB reached directly, interleaved round by round.
+
+Starts two throw-away MariaDB servers (A and B, testkit; 256 MiB buffer pool by default,
+innodb_flush_log_at_trx_commit=2), one ferrata-tc (its store in a fresh directory) and one
+ferrata-proxy in front of each server with that coordinator, and creates
+test.account (id INT PRIMARY KEY, balance BIGINT NOT NULL) with --accounts rows on each server.
+
+Workloads (--workloads):
+
+  transfer  At each --clients count, each client loops: pick two uniform random ids, move 1 from
+            the account on A to the one on B.
+            ferrata side, one connection to each proxy per client: START GLOBAL TRANSACTION
+            (proxy A), UPDATE ... -1 (proxy A, autocommit: the proxy wraps it as a branch),
+            JOIN GLOBAL TRANSACTION '<xid>' (proxy B), UPDATE ... +1 (proxy B), LEAVE GLOBAL
+            TRANSACTION (proxy B), COMMIT GLOBAL (proxy A). A transfer counts when COMMIT GLOBAL
+            returns OK. After the side's window the driver waits for phase 2 (undo_log rows
+            deleted) before the next side starts.
+            direct side, one connection to each server per client: BEGIN; UPDATE ... -1; COMMIT
+            on A, then BEGIN; UPDATE ... +1; COMMIT on B (two local transactions).
+            Target: median ratio ferrata/direct >= 0.5.
+  hot       --hot-clients clients through proxy A: START GLOBAL TRANSACTION; UPDATE account SET
+            balance = balance + 1 WHERE id = 1; COMMIT GLOBAL. Reference: BEGIN; the same UPDATE;
+            COMMIT straight to A. Target: >= 1,000 global transactions per second.
+  unbound   sysbench oltp_read_write at each --threads count against (i) a ferrata-proxy without
+            a coordinator, (ii) proxy A (coordinator configured, no global transaction running:
+            the no-dirty-writes check is on) and (iii) server A directly, rotating the order each
+            round. Target: median ratio (ii)/(i) >= 0.95. Prints the proxies'
+            ferrata_proxy_unbound_writes_total by route afterwards.
+
+Every round runs each side for --time seconds. Errors (lock wait timeouts 1205, deadlocks 1213,
+anything the server or proxy answers) are counted per statement and the loop goes on; a broken
+connection ends the run. At the end the balances on both servers are checked against the
+transfers and increments that reported success.
+
+Build everything in release mode and run with bench/at.sh (arguments are passed on).";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    /// One global transaction across two servers per transfer, against two local ones.
+    Transfer,
+    /// Every client increments one row in a global transaction.
+    Hot,
+    /// sysbench through a proxy with and without the no-dirty-writes check.
+    Unbound,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = ABOUT, long_about = LONG_ABOUT)]
+struct Args {
+    /// Measured rounds per workload and client (or thread) count; each round runs every side
+    /// once.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds each side runs per round.
+    #[arg(long, default_value_t = 10)]
+    time: u64,
+    /// Unmeasured seconds per side before each workload and client count (0: no warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Comma-separated workloads to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "transfer,hot,unbound")]
+    workloads: Vec<Workload>,
+    /// Comma-separated client counts of the transfer workload. Each client keeps one
+    /// connection to each proxy and one to each server open for the whole workload.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    clients: Vec<usize>,
+    /// Clients of the hot-row workload (all through proxy A, or all straight to A).
+    #[arg(long, default_value_t = 32)]
+    hot_clients: usize,
+    /// Comma-separated sysbench thread counts of the unbound workload.
+    #[arg(long, value_delimiter = ',', default_value = "4,16")]
+    threads: Vec<u32>,
+    /// Rows of test.account on each server; transfers pick ids uniformly among them.
+    #[arg(long, default_value_t = 10_000)]
+    accounts: u32,
+    /// Send the UPDATEs as text queries with the id inlined, instead of prepared statements
+    /// with a bound parameter (the default, prepared once per connection).
+    #[arg(long)]
+    text: bool,
+    /// The proxies' [coordinator] lock_wait_ms: how long a branch registration waits for rows
+    /// another global transaction holds.
+    #[arg(long, default_value_t = 10_000)]
+    lock_wait_ms: u64,
+    /// sysbench tables of the unbound workload (in database test on server A).
+    #[arg(long, default_value_t = 4)]
+    tables: u32,
+    /// Rows per sysbench table.
+    #[arg(long, default_value_t = 10_000)]
+    table_size: u64,
+    /// Extra argument for every sysbench run, e.g. --sysbench-arg=--db-ps-mode=disable
+    /// (repeatable).
+    #[arg(long = "sysbench-arg", allow_hyphen_values = true)]
+    sysbench_args: Vec<String>,
+    /// InnoDB buffer pool of each server; large enough to hold the tables.
+    #[arg(long, default_value = "256M")]
+    buffer_pool: String,
+    /// The proxy binary [default: ferrata-proxy next to this binary].
+    #[arg(long)]
+    proxy_bin: Option<PathBuf>,
+    /// The coordinator binary [default: ferrata-tc next to this binary].
+    #[arg(long)]
+    tc_bin: Option<PathBuf>,
+    /// Extra flag for every proxy, e.g. --proxy-arg=--worker-threads=2 (repeatable; flags
+    /// override the generated config file).
+    #[arg(long = "proxy-arg", allow_hyphen_values = true)]
+    proxy_args: Vec<String>,
+    /// Extra flag for the coordinator, e.g. --tc-arg=--worker-threads=1 (repeatable).
+    #[arg(long = "tc-arg", allow_hyphen_values = true)]
+    tc_args: Vec<String>,
+    /// Where the coordinator's data directory is created [default: the temp directory]. Its
+    /// store fsyncs every change, so put it on the disk under test, not tmpfs.
+    #[arg(long)]
+    data_parent: Option<PathBuf>,
+    /// Worker threads of this driver's Tokio runtime (the clients), 0 for one per CPU.
+    #[arg(long, default_value_t = 0)]
+    bench_threads: usize,
+}
+
+/// Targets from the issue.
+const TRANSFER_TARGET: f64 = 0.5;
+const HOT_TARGET: f64 = 1_000.0;
+const UNBOUND_TARGET: f64 = 0.95;
+
+/// Every account starts with this balance.
+const INITIAL_BALANCE: i64 = 1_000_000;
+/// The proxies log warnings, plus the lines the driver waits for.
+const PROXY_LOG: &str = "warn,ferrata_proxy::server=info,ferrata_proxy::global::link=info";
+const TC_LOG: &str = "warn,ferrata_tc::server=info";
+/// A client that gets this many errors in a row ends the run: something is broken, and
+/// counting the same refusal for the rest of the window would say nothing.
+const MAX_CONSECUTIVE_ERRORS: u32 = 1_000;
+/// Longest wait for phase 2 to delete the undo records of committed transactions.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// CPU groups measured per side: the two servers, the two proxies, the coordinator and this
+/// driver.
+const CPU_GROUPS: [&str; 4] = ["mariadbd", "proxies", "tc", "bench"];
+
+const DEBIT: &str = "UPDATE account SET balance = balance - 1 WHERE id = ?";
+const CREDIT: &str = "UPDATE account SET balance = balance + 1 WHERE id = ?";
+
+fn main() -> ExitCode {
+    // Printed by hand: returning the error from main would add a backtrace whenever
+    // RUST_BACKTRACE is set, burying the log tails that explain it.
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("at-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    ensure!(args.time > 0, "--time must be at least 1");
+    ensure!(!args.workloads.is_empty(), "--workloads must name a workload");
+    ensure!(args.accounts > 0, "--accounts must be at least 1");
+    let wants = |w: Workload| args.workloads.contains(&w);
+    ensure!(
+        !wants(Workload::Transfer) || (!args.clients.is_empty() && args.clients.iter().all(|&c| c > 0)),
+        "--clients must name client counts above 0"
+    );
+    ensure!(
+        !wants(Workload::Hot) || args.hot_clients > 0,
+        "--hot-clients must be at least 1"
+    );
+    ensure!(
+        !wants(Workload::Unbound) || (!args.threads.is_empty() && args.threads.iter().all(|&t| t > 0)),
+        "--threads must name thread counts above 0"
+    );
+    let proxy_bin = binary(&args.proxy_bin, "ferrata-proxy")?;
+    let tc_bin = binary(&args.tc_bin, "ferrata-tc")?;
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.bench_threads > 0 {
+        runtime.worker_threads(args.bench_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
+
+    let started = Instant::now();
+    let options = MariaDbOptions {
+        extra_args: vec![format!("--innodb-buffer-pool-size={}", args.buffer_pool)],
+        tls: None,
+    };
+    let (db_a, db_b) = runtime
+        .block_on(async { tokio::try_join!(MariaDb::start_with(options.clone()), MariaDb::start_with(options)) })?;
+    let server_version: String = runtime.block_on(async {
+        let mut conn = db_a.conn().await?;
+        let version = conn.query_first("SELECT VERSION()").await?;
+        conn.disconnect().await?;
+        anyhow::Ok(version.unwrap_or_default())
+    })?;
+    ferrata_bench::print_machine(&server_version)?;
+    println!("  load avg:  {}", load_average());
+
+    let tc_data = tempfile::Builder::new()
+        .prefix("ferrata-at-bench-tc-")
+        .tempdir_in(args.data_parent.clone().unwrap_or_else(std::env::temp_dir))
+        .context("creating the coordinator's data directory")?;
+    let mut cmd = Command::new(&tc_bin);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--log-level",
+        TC_LOG,
+    ])
+    .arg("--data-dir")
+    .arg(tc_data.path())
+    .args(&args.tc_args)
+    .env("NO_COLOR", "1")
+    .env_remove("FERRATA_TC_TOKEN");
+    let (tc, line) = LoggedChild::spawn("ferrata-tc", cmd, "ferrata-tc serving", &[])?;
+    let (tc_rpc, _) = parse_serving(&line).with_context(|| format!("no addresses in {line:?}"))?;
+    let proxy_a = Proxy::start("proxy A", &proxy_bin, db_a.addr(), Some(tc_rpc), &args)?;
+    let proxy_b = Proxy::start("proxy B", &proxy_bin, db_b.addr(), Some(tc_rpc), &args)?;
+
+    print_settings(&args, &proxy_bin, &tc_bin, tc_data.path());
+
+    let mut env = runtime.block_on(Env::new(args, tc, proxy_a, proxy_b, db_a, db_b, proxy_bin))?;
+    let result = runtime.block_on(env.run_workloads());
+    if let Err(err) = result {
+        return Err(err.context(env.log_tails()));
+    }
+    env.print_warnings();
+    println!("\ntotal {:.0} s", started.elapsed().as_secs_f64());
+    drop(env);
+    drop(tc_data);
+    Ok(())
+}
+
+/// `explicit`, or `name` next to this binary; it must exist.
+fn binary(explicit: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    let path = match explicit {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    ensure!(
+        path.is_file(),
+        "{} not found; build it with `cargo build --release -p ferrata-proxy -p ferrata-tc -p ferrata-bench` \
+         (bench/at.sh does) or pass --proxy-bin/--tc-bin",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn print_settings(args: &Args, proxy_bin: &Path, tc_bin: &Path, tc_data: &Path) {
+    let extra = |flags: &[String]| flags.iter().map(|f| format!(" {f}")).collect::<String>();
+    println!("  proxy:     {}{}", proxy_bin.display(), extra(&args.proxy_args));
+    println!(
+        "  tc:        {}{} (store in {})",
+        tc_bin.display(),
+        extra(&args.tc_args),
+        tc_data.display()
+    );
+    println!(
+        "settings: workloads {:?}; {} rounds x {} s per side, warm-up {} s per side; transfer clients {:?}, \
+         hot clients {}, sysbench threads {:?} ({} tables x {} rows); {} accounts per server; UPDATEs as {}; \
+         lock_wait_ms {}; buffer pool {}; driver runtime {} worker threads",
+        args.workloads,
+        args.rounds,
+        args.time,
+        args.warmup,
+        args.clients,
+        args.hot_clients,
+        args.threads,
+        args.tables,
+        args.table_size,
+        args.accounts,
+        if args.text {
+            "text queries"
+        } else {
+            "prepared statements"
+        },
+        args.lock_wait_ms,
+        args.buffer_pool,
+        if args.bench_threads > 0 {
+            args.bench_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        },
+    );
+}
+
+/// A `ferrata-proxy` process with a generated config file.
+struct Proxy {
+    name: &'static str,
+    proc: LoggedChild,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _config: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `backend`; with `tc`, attached to that coordinator with the
+    /// app user as its service user (password from the environment, as in production).
+    fn start(
+        name: &'static str,
+        bin: &Path,
+        backend: SocketAddr,
+        tc: Option<SocketAddr>,
+        args: &Args,
+    ) -> Result<Proxy> {
+        let dir = tempfile::Builder::new().prefix("ferrata-at-bench-proxy-").tempdir()?;
+        let path = dir.path().join("proxy.toml");
+        let mut toml = format!("listen = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nadmin_listen = \"127.0.0.1:0\"\n");
+        if let Some(tc) = tc {
+            toml += &format!(
+                "[coordinator]\nendpoints = [\"{tc}\"]\nlock_wait_ms = {}\n[service]\nuser = \"{APP_USER}\"\n",
+                args.lock_wait_ms
+            );
+        }
+        toml += &format!("[log]\nlevel = \"{PROXY_LOG}\"\n");
+        std::fs::write(&path, toml)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&path)
+            .args(&args.proxy_args)
+            .env("FERRATA_SERVICE_PASSWORD", APP_PASSWORD)
+            .env_remove("FERRATA_TC_TOKEN")
+            .env("NO_COLOR", "1");
+        const ATTACHED: &str = "attached to the coordinator";
+        let (mut proc, line) = LoggedChild::spawn(name, cmd, "ferrata-proxy ready", &[ATTACHED])?;
+        let addr = addr_after(&line, "listen=").with_context(|| format!("no listen= in {line:?}"))?;
+        let admin = addr_after(&line, "admin=").with_context(|| format!("no admin= in {line:?}"))?;
+        if tc.is_some() && proc.wait_for(ATTACHED, Duration::from_secs(10))?.is_none() {
+            println!("note: {name} did not log {ATTACHED:?} within 10 s; going on");
+        }
+        Ok(Proxy {
+            name,
+            proc,
+            addr,
+            admin,
+            _config: dir,
+        })
+    }
+
+    async fn metrics(&self) -> Result<String> {
+        http_get(self.admin, "/metrics")
+            .await
+            .with_context(|| format!("reading {}'s /metrics", self.name))
+    }
+}
+
+/// Connection options for the app user on database `test` at `addr`, over TCP only.
+fn opts(addr: SocketAddr) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        // Otherwise mysql_async asks for the server's socket and moves there.
+        .prefer_socket(false)
+        .user(Some(APP_USER))
+        .pass(Some(APP_PASSWORD))
+        .db_name(Some("test"))
+}
+
+/// One open connection and how to open it again.
+struct Link {
+    conn: Conn,
+    addr: SocketAddr,
+}
+
+impl Link {
+    async fn connect(addr: SocketAddr) -> Result<Link> {
+        let conn = Conn::new(opts(addr))
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        Ok(Link { conn, addr })
+    }
+
+    /// Replaces the connection (after a cleanup statement failed, the session may still be
+    /// bound to a global transaction).
+    async fn reconnect(&mut self) -> Result<()> {
+        let fresh = Link::connect(self.addr).await?;
+        let old = std::mem::replace(&mut self.conn, fresh.conn);
+        // The old session may be in any state; closing it is all that is wanted.
+        let _ = old.disconnect().await;
+        Ok(())
+    }
+
+    /// Runs a cleanup statement (LEAVE, ROLLBACK GLOBAL, ROLLBACK). A server error is noted
+    /// and the connection replaced; a broken connection ends the run. True if it succeeded.
+    async fn cleanup(&mut self, sql: &str, tally: &mut Tally) -> Result<bool> {
+        match self.conn.query_drop(sql).await {
+            Ok(()) => Ok(true),
+            Err(mysql_async::Error::Server(e)) => {
+                tally.note_error(&format!("cleanup {sql}"), e.code, &e.message);
+                tally.reconnects += 1;
+                self.reconnect().await?;
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!(e).context(format!("{sql} on {}", self.addr))),
+        }
+    }
+}
+
+async fn debit_or_credit(conn: &mut Conn, text: bool, credit: bool, id: u32) -> Result<(), mysql_async::Error> {
+    let sql = if credit { CREDIT } else { DEBIT };
+    if text {
+        conn.query_drop(sql.replace('?', &id.to_string())).await
+    } else {
+        conn.exec_drop(sql, (id,)).await
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Ferrata,
+    Direct,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Ferrata => "ferrata",
+            Side::Direct => "direct",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Job {
+    Transfer(Side),
+    Hot(Side),
+}
+
+impl Job {
+    /// The timed statements of one iteration, in order.
+    fn steps(self) -> &'static [&'static str] {
+        match self {
+            Job::Transfer(Side::Ferrata) => &[
+                "START@A",
+                "UPDATE@A",
+                "JOIN@B",
+                "UPDATE@B",
+                "LEAVE@B",
+                "COMMIT GLOBAL@A",
+            ],
+            Job::Transfer(Side::Direct) => &["BEGIN@A", "UPDATE@A", "COMMIT@A", "BEGIN@B", "UPDATE@B", "COMMIT@B"],
+            Job::Hot(Side::Ferrata) => &["START", "UPDATE", "COMMIT GLOBAL"],
+            Job::Hot(Side::Direct) => &["BEGIN", "UPDATE", "COMMIT"],
+        }
+    }
+
+    fn side(self) -> Side {
+        match self {
+            Job::Transfer(side) | Job::Hot(side) => side,
+        }
+    }
+}
+
+/// What the clients of one side saw in one run.
+#[derive(Default)]
+struct Tally {
+    /// Iterations that succeeded and ended within the window.
+    ok: u64,
+    /// Their latencies, in nanoseconds.
+    latencies: Vec<u64>,
+    /// Per step: total nanoseconds and count, of every run of the step that succeeded.
+    steps: Vec<(u64, u64)>,
+    /// (statement, error code) -> (count, first message).
+    errors: BTreeMap<(String, u16), (u64, String)>,
+    /// Committed changes to the balances of A and B, window or not (for the final check).
+    delta_a: i64,
+    delta_b: i64,
+    /// Connections replaced after a cleanup statement failed.
+    reconnects: u64,
+    /// Global transactions whose fate is unknown (their rollback failed).
+    ambiguous: u64,
+}
+
+impl Tally {
+    fn new(job: Job) -> Tally {
+        Tally {
+            steps: vec![(0, 0); job.steps().len()],
+            ..Tally::default()
+        }
+    }
+
+    fn step(&mut self, i: usize, since: Instant) {
+        self.steps[i].0 += since.elapsed().as_nanos() as u64;
+        self.steps[i].1 += 1;
+    }
+
+    fn note_error(&mut self, statement: &str, code: u16, message: &str) {
+        let entry = self
+            .errors
+            .entry((statement.to_owned(), code))
+            .or_insert_with(|| (0, message.to_owned()));
+        entry.0 += 1;
+    }
+
+    fn error_count(&self) -> u64 {
+        self.errors.values().map(|(n, _)| n).sum()
+    }
+
+    fn lock_errors(&self) -> u64 {
+        self.errors
+            .iter()
+            .filter(|((_, code), _)| matches!(code, 1205 | 1213))
+            .map(|(_, (n, _))| n)
+            .sum()
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.latencies.extend(other.latencies);
+        if self.steps.len() < other.steps.len() {
+            self.steps.resize(other.steps.len(), (0, 0));
+        }
+        for (mine, theirs) in self.steps.iter_mut().zip(other.steps) {
+            mine.0 += theirs.0;
+            mine.1 += theirs.1;
+        }
+        for (key, (n, message)) in other.errors {
+            self.errors.entry(key).or_insert((0, message)).0 += n;
+        }
+        self.delta_a += other.delta_a;
+        self.delta_b += other.delta_b;
+        self.reconnects += other.reconnects;
+        self.ambiguous += other.ambiguous;
+    }
+}
+
+/// How far a ferrata iteration got, for its cleanup.
+#[derive(Default)]
+struct Progress {
+    began: bool,
+    joined: bool,
+}
+
+/// One client: its connections (kept open across rounds) and its random ids.
+struct Client {
+    rng: u64,
+    accounts: u32,
+    text: bool,
+    proxy_a: Link,
+    proxy_b: Option<Link>,
+    direct_a: Link,
+    direct_b: Option<Link>,
+}
+
+impl Client {
+    /// The next uniform id in 1..=accounts (splitmix64).
+    fn pick(&mut self) -> u32 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z % u64::from(self.accounts)) as u32 + 1
+    }
+
+    /// One iteration of `job`: Ok(true) if it committed, Ok(false) if a statement failed with
+    /// a server error (counted, cleaned up), Err if the run cannot go on.
+    async fn once(&mut self, job: Job, tally: &mut Tally) -> Result<bool> {
+        match job {
+            Job::Transfer(Side::Ferrata) => self.transfer_ferrata(tally).await,
+            Job::Transfer(Side::Direct) => self.transfer_direct(tally).await,
+            Job::Hot(Side::Ferrata) => self.hot_ferrata(tally).await,
+            Job::Hot(Side::Direct) => self.hot_direct(tally).await,
+        }
+    }
+
+    async fn transfer_ferrata(&mut self, tally: &mut Tally) -> Result<bool> {
+        let (from, to) = (self.pick(), self.pick());
+        let text = self.text;
+        let b = self.proxy_b.as_mut().context("no connection to proxy B")?;
+        let a = &mut self.proxy_a;
+        let mut progress = Progress::default();
+        let mut failed_at = 0;
+        let result = async {
+            let t = Instant::now();
+            let xid: Option<String> = a.conn.query_first("START GLOBAL TRANSACTION").await?;
+            let xid = xid.unwrap_or_default();
+            progress.began = true;
+            tally.step(0, t);
+            failed_at = 1;
+            let t = Instant::now();
+            debit_or_credit(&mut a.conn, text, false, from).await?;
+            tally.step(1, t);
+            failed_at = 2;
+            let t = Instant::now();
+            b.conn.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+            progress.joined = true;
+            tally.step(2, t);
+            failed_at = 3;
+            let t = Instant::now();
+            debit_or_credit(&mut b.conn, text, true, to).await?;
+            tally.step(3, t);
+            failed_at = 4;
+            let t = Instant::now();
+            b.conn.query_drop("LEAVE GLOBAL TRANSACTION").await?;
+            progress.joined = false;
+            tally.step(4, t);
+            failed_at = 5;
+            let t = Instant::now();
+            a.conn.query_drop("COMMIT GLOBAL").await?;
+            tally.step(5, t);
+            Ok::<_, mysql_async::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tally.delta_a -= 1;
+                tally.delta_b += 1;
+                Ok(true)
+            }
+            Err(mysql_async::Error::Server(e)) => {
+                tally.note_error(Job::Transfer(Side::Ferrata).steps()[failed_at], e.code, &e.message);
+                if progress.joined {
+                    b.cleanup("LEAVE GLOBAL TRANSACTION", tally).await?;
+                }
+                if progress.began && !a.cleanup("ROLLBACK GLOBAL", tally).await? {
+                    tally.ambiguous += 1;
+                }
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!(e).context(format!(
+                "{} of a transfer through the proxies",
+                Job::Transfer(Side::Ferrata).steps()[failed_at]
+            ))),
+        }
+    }
+
+    /// BEGIN; UPDATE; COMMIT on `link`, timed as steps `first`.. of `job`.
+    async fn local_update(
+        link: &mut Link,
+        text: bool,
+        credit: bool,
+        id: u32,
+        job: Job,
+        first: usize,
+        tally: &mut Tally,
+    ) -> Result<bool> {
+        let mut failed_at = first;
+        let result = async {
+            let t = Instant::now();
+            link.conn.query_drop("BEGIN").await?;
+            tally.step(first, t);
+            failed_at = first + 1;
+            let t = Instant::now();
+            debit_or_credit(&mut link.conn, text, credit, id).await?;
+            tally.step(first + 1, t);
+            failed_at = first + 2;
+            let t = Instant::now();
+            link.conn.query_drop("COMMIT").await?;
+            tally.step(first + 2, t);
+            Ok::<_, mysql_async::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(true),
+            Err(mysql_async::Error::Server(e)) => {
+                tally.note_error(job.steps()[failed_at], e.code, &e.message);
+                link.cleanup("ROLLBACK", tally).await?;
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!(e).context(format!("{} directly", job.steps()[failed_at]))),
+        }
+    }
+
+    async fn transfer_direct(&mut self, tally: &mut Tally) -> Result<bool> {
+        let (from, to) = (self.pick(), self.pick());
+        let job = Job::Transfer(Side::Direct);
+        if !Self::local_update(&mut self.direct_a, self.text, false, from, job, 0, tally).await? {
+            return Ok(false);
+        }
+        tally.delta_a -= 1;
+        let b = self.direct_b.as_mut().context("no connection to server B")?;
+        if !Self::local_update(b, self.text, true, to, job, 3, tally).await? {
+            return Ok(false);
+        }
+        tally.delta_b += 1;
+        Ok(true)
+    }
+
+    async fn hot_ferrata(&mut self, tally: &mut Tally) -> Result<bool> {
+        let text = self.text;
+        let a = &mut self.proxy_a;
+        let mut began = false;
+        let mut failed_at = 0;
+        let result = async {
+            let t = Instant::now();
+            a.conn.query_drop("START GLOBAL TRANSACTION").await?;
+            began = true;
+            tally.step(0, t);
+            failed_at = 1;
+            let t = Instant::now();
+            debit_or_credit(&mut a.conn, text, true, 1).await?;
+            tally.step(1, t);
+            failed_at = 2;
+            let t = Instant::now();
+            a.conn.query_drop("COMMIT GLOBAL").await?;
+            tally.step(2, t);
+            Ok::<_, mysql_async::Error>(())
+        }
+        .await;
+        let job = Job::Hot(Side::Ferrata);
+        match result {
+            Ok(()) => {
+                tally.delta_a += 1;
+                Ok(true)
+            }
+            Err(mysql_async::Error::Server(e)) => {
+                tally.note_error(job.steps()[failed_at], e.code, &e.message);
+                if began && !a.cleanup("ROLLBACK GLOBAL", tally).await? {
+                    tally.ambiguous += 1;
+                }
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!(e).context(format!("{} of a hot-row transaction", job.steps()[failed_at]))),
+        }
+    }
+
+    async fn hot_direct(&mut self, tally: &mut Tally) -> Result<bool> {
+        let job = Job::Hot(Side::Direct);
+        let committed = Self::local_update(&mut self.direct_a, self.text, true, 1, job, 0, tally).await?;
+        if committed {
+            tally.delta_a += 1;
+        }
+        Ok(committed)
+    }
+
+    async fn disconnect(self) {
+        let links = [Some(self.proxy_a), self.proxy_b, Some(self.direct_a), self.direct_b];
+        for link in links.into_iter().flatten() {
+            // The servers and proxies outlive this; a failed goodbye changes nothing.
+            let _ = link.conn.disconnect().await;
+        }
+    }
+}
+
+/// Runs `job` on every client for `secs` seconds; returns the clients and what they saw.
+async fn drive(clients: Vec<Client>, job: Job, secs: u64) -> Result<(Vec<Client>, Tally)> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut tally = Tally::new(job);
+                let mut consecutive_errors = 0;
+                while Instant::now() < end {
+                    let began = Instant::now();
+                    if client.once(job, &mut tally).await? {
+                        consecutive_errors = 0;
+                        let done = Instant::now();
+                        if done <= end {
+                            tally.ok += 1;
+                            tally.latencies.push((done - began).as_nanos() as u64);
+                        }
+                    } else {
+                        consecutive_errors += 1;
+                        ensure!(
+                            consecutive_errors < MAX_CONSECUTIVE_ERRORS,
+                            "a client failed {consecutive_errors} times in a row: {:?}",
+                            tally.errors
+                        );
+                    }
+                }
+                anyhow::Ok((client, tally))
+            })
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(handles.len());
+    let mut total = Tally::new(job);
+    let mut first_error = None;
+    for handle in handles {
+        match handle.await.context("a client task panicked")? {
+            Ok((client, tally)) => {
+                clients.push(client);
+                total.merge(tally);
+            }
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    match first_error {
+        Some(err) => Err(err.context(format!("{job:?}"))),
+        None => Ok((clients, total)),
+    }
+}
+
+/// One side's run in one round.
+struct SideRun {
+    tally: Tally,
+    tps: f64,
+    /// CPU microseconds per successful iteration, by [`CPU_GROUPS`] (phase 2 included).
+    cpu_us: Vec<f64>,
+    /// Undo records left at the end of the window, and how long phase 2 took to delete them.
+    phase2: Option<(u64, Option<f64>)>,
+    /// Growth of the servers' `Questions` and `Com_*` counters (A and B together, phase 2
+    /// included), by counter.
+    statements: BTreeMap<String, u64>,
+    /// Of the iterations that succeeded within the window.
+    latency: Latency,
+}
+
+/// Balances the committed transfers and increments should have left.
+#[derive(Default)]
+struct Ledger {
+    delta_a: i64,
+    delta_b: i64,
+    ambiguous: u64,
+    touched: bool,
+}
+
+/// Everything the workloads run against. Fields drop in order: proxies and the coordinator
+/// before the servers.
+struct Env {
+    args: Args,
+    proxy_a: Proxy,
+    proxy_b: Proxy,
+    tc: LoggedChild,
+    monitor_a: Conn,
+    monitor_b: Conn,
+    db_a: MariaDb,
+    db_b: MariaDb,
+    proxy_bin: PathBuf,
+    ledger: Ledger,
+    summary: Vec<String>,
+    accounts_ready: bool,
+}
+
+impl Env {
+    async fn new(
+        args: Args,
+        tc: LoggedChild,
+        proxy_a: Proxy,
+        proxy_b: Proxy,
+        db_a: MariaDb,
+        db_b: MariaDb,
+        proxy_bin: PathBuf,
+    ) -> Result<Env> {
+        Ok(Env {
+            monitor_a: db_a.conn().await?,
+            monitor_b: db_b.conn().await?,
+            args,
+            proxy_a,
+            proxy_b,
+            tc,
+            db_a,
+            db_b,
+            proxy_bin,
+            ledger: Ledger::default(),
+            summary: Vec::new(),
+            accounts_ready: false,
+        })
+    }
+
+    async fn run_workloads(&mut self) -> Result<()> {
+        let workloads = self.args.workloads.clone();
+        for workload in workloads {
+            match workload {
+                Workload::Transfer => {
+                    self.create_accounts().await?;
+                    for clients in self.args.clients.clone() {
+                        self.transfer(clients).await?;
+                    }
+                }
+                Workload::Hot => {
+                    self.create_accounts().await?;
+                    self.hot().await?;
+                }
+                Workload::Unbound => self.unbound().await?,
+            }
+        }
+        if self.ledger.touched {
+            self.check_balances().await?;
+        }
+        println!("\nsummary (medians over rounds)");
+        for line in &self.summary {
+            println!("  {line}");
+        }
+        Ok(())
+    }
+
+    /// test.account with `--accounts` rows on both servers, created once, straight on the
+    /// servers.
+    async fn create_accounts(&mut self) -> Result<()> {
+        if self.accounts_ready {
+            return Ok(());
+        }
+        let started = Instant::now();
+        for conn in [&mut self.monitor_a, &mut self.monitor_b] {
+            conn.query_drop("DROP TABLE IF EXISTS account").await?;
+            conn.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+                .await?;
+            let ids: Vec<u32> = (1..=self.args.accounts).collect();
+            for chunk in ids.chunks(1_000) {
+                let values: Vec<String> = chunk.iter().map(|id| format!("({id},{INITIAL_BALANCE})")).collect();
+                conn.query_drop(format!("INSERT INTO account (id, balance) VALUES {}", values.join(",")))
+                    .await?;
+            }
+        }
+        println!(
+            "\ncreated test.account with {} rows on each server in {:.1} s",
+            self.args.accounts,
+            started.elapsed().as_secs_f64()
+        );
+        self.accounts_ready = true;
+        Ok(())
+    }
+
+    async fn connect_clients(&self, n: usize, both_servers: bool) -> Result<Vec<Client>> {
+        let mut clients = Vec::with_capacity(n);
+        for i in 0..n {
+            clients.push(Client {
+                rng: 0x5eed_0000 + i as u64 * 7919,
+                accounts: self.args.accounts,
+                text: self.args.text,
+                proxy_a: Link::connect(self.proxy_a.addr).await?,
+                proxy_b: match both_servers {
+                    true => Some(Link::connect(self.proxy_b.addr).await?),
+                    false => None,
+                },
+                direct_a: Link::connect(self.db_a.addr()).await?,
+                direct_b: match both_servers {
+                    true => Some(Link::connect(self.db_b.addr()).await?),
+                    false => None,
+                },
+            });
+        }
+        Ok(clients)
+    }
+
+    fn cpu(&self) -> Result<Vec<f64>> {
+        let sum = |pids: &[u32]| -> Result<f64> { pids.iter().map(|&p| process_cpu_seconds(p)).sum() };
+        Ok(vec![
+            sum(&[self.db_a.pid(), self.db_b.pid()])?,
+            sum(&[self.proxy_a.proc.pid(), self.proxy_b.proc.pid()])?,
+            self.tc.cpu_seconds()?,
+            process_cpu_seconds(std::process::id())?,
+        ])
+    }
+
+    /// Undo records of unfinished phase 2 (log_status 0) on a server; 0 before the proxy
+    /// created undo_log.
+    async fn undo_rows(conn: &mut Conn) -> Result<u64> {
+        match conn
+            .query_first::<u64, _>("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
+            .await
+        {
+            Ok(n) => Ok(n.unwrap_or(0)),
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until phase 2 has deleted every undo record; (records at the start, seconds
+    /// taken or None after DRAIN_TIMEOUT).
+    async fn drain_phase2(&mut self) -> Result<(u64, Option<f64>)> {
+        let started = Instant::now();
+        let mut first = None;
+        loop {
+            let n = Self::undo_rows(&mut self.monitor_a).await? + Self::undo_rows(&mut self.monitor_b).await?;
+            first.get_or_insert(n);
+            if n == 0 {
+                return Ok((first.unwrap_or(0), Some(started.elapsed().as_secs_f64())));
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return Ok((first.unwrap_or(0), None));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The servers' `Questions` and nonzero `Com_*` counters, A and B added up.
+    async fn statement_counters(&mut self) -> Result<BTreeMap<String, u64>> {
+        let mut counters = BTreeMap::new();
+        for conn in [&mut self.monitor_a, &mut self.monitor_b] {
+            let rows: Vec<(String, String)> = conn
+                .query("SHOW GLOBAL STATUS WHERE Variable_name = 'Questions' OR Variable_name LIKE 'Com\\_%'")
+                .await?;
+            for (name, value) in rows {
+                if let Ok(v) = value.parse::<u64>()
+                    && v > 0
+                {
+                    *counters.entry(name.to_lowercase()).or_insert(0) += v;
+                }
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Runs one side for `secs`, drains phase 2 after a ferrata side, and books the balances.
+    async fn side(&mut self, clients: Vec<Client>, job: Job, secs: u64) -> Result<(Vec<Client>, SideRun)> {
+        let statements_before = self.statement_counters().await?;
+        let cpu_before = self.cpu()?;
+        let (clients, tally) = drive(clients, job, secs).await?;
+        let phase2 = match job.side() {
+            Side::Ferrata => Some(self.drain_phase2().await?),
+            Side::Direct => None,
+        };
+        let cpu_after = self.cpu()?;
+        let statements = self
+            .statement_counters()
+            .await?
+            .into_iter()
+            .map(|(name, v)| {
+                let before = statements_before.get(&name).copied().unwrap_or(0);
+                (name, v.saturating_sub(before))
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        for proc in [&mut self.proxy_a.proc, &mut self.proxy_b.proc, &mut self.tc] {
+            proc.ensure_running()?;
+        }
+        self.ledger.delta_a += tally.delta_a;
+        self.ledger.delta_b += tally.delta_b;
+        self.ledger.ambiguous += tally.ambiguous;
+        self.ledger.touched = true;
+        // Per iteration that succeeded, window or not: the CPU clocks see all of them.
+        let per = tally.steps.last().map_or(0, |s| s.1).max(1) as f64;
+        let run = SideRun {
+            tps: tally.ok as f64 / secs as f64,
+            cpu_us: cpu_after
+                .iter()
+                .zip(&cpu_before)
+                .map(|(a, b)| (a - b) * 1e6 / per)
+                .collect(),
+            phase2,
+            statements,
+            latency: Latency::of(&mut tally.latencies.clone()),
+            tally,
+        };
+        Ok((clients, run))
+    }
+
+    /// Warm-up (unmeasured) and `--rounds` rounds of both sides of a workload, alternating
+    /// which goes first.
+    async fn interleaved(
+        &mut self,
+        mut clients: Vec<Client>,
+        jobs: [Job; 2],
+    ) -> Result<(Vec<Client>, Vec<[SideRun; 2]>)> {
+        if self.args.warmup > 0 {
+            let mut line = Vec::new();
+            for job in jobs {
+                let (back, run) = self.side(clients, job, self.args.warmup).await?;
+                clients = back;
+                line.push(format!(
+                    "{} {:.1}/s ({} errors)",
+                    job.side().name(),
+                    run.tps,
+                    run.tally.error_count()
+                ));
+            }
+            println!("warm-up: {}", line.join(", "));
+        }
+        let mut rounds = Vec::with_capacity(self.args.rounds);
+        for round in 0..self.args.rounds {
+            let mut runs: [Option<SideRun>; 2] = [None, None];
+            for k in 0..2 {
+                let i = (round + k) % 2;
+                let (back, run) = self.side(clients, jobs[i], self.args.time).await?;
+                clients = back;
+                runs[i] = Some(run);
+            }
+            let [Some(first), Some(second)] = runs else {
+                unreachable!("both sides ran")
+            };
+            rounds.push([first, second]);
+        }
+        Ok((clients, rounds))
+    }
+
+    async fn transfer(&mut self, n: usize) -> Result<()> {
+        println!(
+            "\n== transfer, {n} clients, {} s per side and round: ferrata = START GLOBAL TRANSACTION, UPDATE -1 \
+             (proxy A), JOIN, UPDATE +1, LEAVE (proxy B), COMMIT GLOBAL (proxy A); direct = BEGIN, UPDATE -1, \
+             COMMIT on A, then BEGIN, UPDATE +1, COMMIT on B",
+            self.args.time
+        );
+        let clients = self.connect_clients(n, true).await?;
+        let jobs = [Job::Transfer(Side::Ferrata), Job::Transfer(Side::Direct)];
+        let (clients, rounds) = self.interleaved(clients, jobs).await?;
+        for client in clients {
+            client.disconnect().await;
+        }
+        let ratio = print_rounds("tx/s", &rounds);
+        self.summary.push(format!(
+            "transfer {n:>2} clients: ferrata {:.1}/s, direct {:.1}/s, ratio {:.3}; {}",
+            median(rounds.iter().map(|r| r[0].tps).collect()),
+            median(rounds.iter().map(|r| r[1].tps).collect()),
+            ratio,
+            verdict(
+                ratio >= TRANSFER_TARGET,
+                &format!("target ratio >= {TRANSFER_TARGET:.2}")
+            )
+        ));
+        Ok(())
+    }
+
+    async fn hot(&mut self) -> Result<()> {
+        let n = self.args.hot_clients;
+        println!(
+            "\n== hot row, {n} clients, {} s per side and round: ferrata = START GLOBAL TRANSACTION, UPDATE \
+             account SET balance = balance + 1 WHERE id = 1, COMMIT GLOBAL (proxy A); direct = BEGIN, the same \
+             UPDATE, COMMIT on A",
+            self.args.time
+        );
+        let clients = self.connect_clients(n, false).await?;
+        let jobs = [Job::Hot(Side::Ferrata), Job::Hot(Side::Direct)];
+        let (clients, rounds) = self.interleaved(clients, jobs).await?;
+        for client in clients {
+            client.disconnect().await;
+        }
+        print_rounds("tx/s", &rounds);
+        let gtx = median(rounds.iter().map(|r| r[0].tps).collect());
+        let mut all: Vec<u64> = rounds
+            .iter()
+            .flat_map(|r| r[0].tally.latencies.iter().copied())
+            .collect();
+        let all = Latency::of(&mut all);
+        let lock_errors: u64 = rounds.iter().map(|r| r[0].tally.lock_errors()).sum();
+        println!(
+            "ferrata: {gtx:.1} global transactions/s (median), latency over all rounds p50 {:.2} ms, p99 {:.2} ms, \
+             max {:.2} ms; lock errors (1205/1213) {lock_errors}; {}",
+            all.p50_ms,
+            all.p99_ms,
+            all.max_ms,
+            verdict(gtx >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))
+        );
+        self.summary.push(format!(
+            "hot row  {n:>2} clients: ferrata {gtx:.1} gtx/s (p50 {:.2} ms, p99 {:.2} ms, {lock_errors} lock errors), \
+             direct {:.1}/s; {}",
+            all.p50_ms,
+            all.p99_ms,
+            median(rounds.iter().map(|r| r[1].tps).collect()),
+            verdict(gtx >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))
+        ));
+        Ok(())
+    }
+
+    async fn unbound(&mut self) -> Result<()> {
+        let sysbench = Sysbench {
+            tables: self.args.tables,
+            table_size: self.args.table_size,
+            extra_args: self.args.sysbench_args.clone(),
+        };
+        println!(
+            "\n== unbound: sysbench oltp_read_write, {} tables x {} rows on server A, {} s per side and round; \
+             plain = ferrata-proxy without a coordinator, checked = proxy A (coordinator configured, no global \
+             transaction running), direct = server A",
+            self.args.tables, self.args.table_size, self.args.time
+        );
+        let plain = tokio::task::block_in_place(|| {
+            Proxy::start("plain proxy", &self.proxy_bin, self.db_a.addr(), None, &self.args)
+        })?;
+        let started = Instant::now();
+        let port_a = self.db_a.port();
+        tokio::task::block_in_place(|| sysbench.run("oltp_read_write", port_a, 1, None, "prepare"))?;
+        println!("prepared in {:.1} s", started.elapsed().as_secs_f64());
+
+        let sides = [
+            ("direct", self.db_a.port(), None),
+            ("plain", plain.addr.port(), Some(&plain)),
+            ("checked", self.proxy_a.addr.port(), Some(&self.proxy_a)),
+        ];
+        let measure = |side: &(&str, u16, Option<&Proxy>), threads: u32, secs: u64| -> Result<Sample> {
+            let (name, port, proxy) = *side;
+            let cpu_before = proxy.map(|p| p.proc.cpu_seconds()).transpose()?;
+            let output =
+                tokio::task::block_in_place(|| sysbench.run("oltp_read_write", port, threads, Some(secs), "run"))
+                    .with_context(|| match proxy {
+                        Some(p) => format!("through the {name} proxy; its log:\n{}", p.proc.log_tail()),
+                        None => "directly against server A".to_owned(),
+                    })?;
+            let mut sample = Sample::parse(&output)?;
+            if let (Some(p), Some(before)) = (proxy, cpu_before) {
+                let used = p.proc.cpu_seconds()? - before;
+                sample.cpu_us_per_query = Some(used * 1e6 / (sample.qps * secs as f64).max(1.0));
+            }
+            Ok(sample)
+        };
+
+        let metrics_before = [plain.metrics().await?, self.proxy_a.metrics().await?];
+        if self.args.warmup > 0 {
+            for side in &sides {
+                measure(side, self.args.threads[0], self.args.warmup)?;
+            }
+        }
+        for &threads in &self.args.threads {
+            let mut rounds: Vec<[Sample; 3]> = Vec::new();
+            let mut firsts = Vec::new();
+            for round in 0..self.args.rounds {
+                let mut samples = [None; 3];
+                for k in 0..3 {
+                    let i = (round + k) % 3;
+                    samples[i] = Some(measure(&sides[i], threads, self.args.time)?);
+                }
+                firsts.push(sides[round % 3].0);
+                rounds.push(samples.map(|s| s.expect("every side measured")));
+            }
+            println!("\noltp_read_write, {threads} threads");
+            println!(
+                "{:>5}  {:<7}  | {:>10} {:>7} | {:>10} {:>7} {:>6} | {:>10} {:>7} {:>6} | {:>13} {:>13}",
+                "round",
+                "first",
+                "direct tps",
+                "p95 ms",
+                "plain tps",
+                "p95 ms",
+                "cpu us",
+                "checked tps",
+                "p95 ms",
+                "cpu us",
+                "checked/plain",
+                "plain/direct"
+            );
+            let row = |label: &str, first: &str, s: &[Sample; 3], cp: f64, pd: f64| {
+                let cpu = |s: &Sample| s.cpu_us_per_query.map_or("-".to_owned(), |c| format!("{c:.1}"));
+                println!(
+                    "{label:>5}  {first:<7}  | {:>10.1} {:>7.2} | {:>10.1} {:>7.2} {:>6} | {:>10.1} {:>7.2} {:>6} | \
+                     {cp:>13.3} {pd:>13.3}",
+                    s[0].tps,
+                    s[0].p95_ms,
+                    s[1].tps,
+                    s[1].p95_ms,
+                    cpu(&s[1]),
+                    s[2].tps,
+                    s[2].p95_ms,
+                    cpu(&s[2]),
+                );
+            };
+            for (i, s) in rounds.iter().enumerate() {
+                row(
+                    &(i + 1).to_string(),
+                    firsts[i],
+                    s,
+                    s[2].tps / s[1].tps,
+                    s[1].tps / s[0].tps,
+                );
+            }
+            let med = |i: usize, f: &dyn Fn(&Sample) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
+            let medians: [Sample; 3] = std::array::from_fn(|i| Sample {
+                tps: med(i, &|s| s.tps),
+                qps: med(i, &|s| s.qps),
+                p95_ms: med(i, &|s| s.p95_ms),
+                errors: rounds.iter().map(|r| r[i].errors).sum(),
+                cpu_us_per_query: (i > 0).then(|| med(i, &|s| s.cpu_us_per_query.unwrap_or(f64::NAN))),
+            });
+            let checked_plain = median(rounds.iter().map(|r| r[2].tps / r[1].tps).collect());
+            let plain_direct = median(rounds.iter().map(|r| r[1].tps / r[0].tps).collect());
+            let checked_direct = median(rounds.iter().map(|r| r[2].tps / r[0].tps).collect());
+            row("", "median", &medians, checked_plain, plain_direct);
+            let errors: Vec<String> = sides
+                .iter()
+                .zip(&medians)
+                .map(|(side, m)| format!("{} {}", side.0, m.errors))
+                .collect();
+            println!(
+                "ratios are medians of the per-round ratios; checked/direct {checked_direct:.3}; cpu us = the proxy's \
+                 CPU per query; sysbench ignored errors: {}; checked/plain {}",
+                errors.join(", "),
+                verdict(
+                    checked_plain >= UNBOUND_TARGET,
+                    &format!("target >= {UNBOUND_TARGET:.2}")
+                )
+            );
+            self.summary.push(format!(
+                "unbound  {threads:>2} threads: checked {:.1} tps, plain {:.1} tps, direct {:.1} tps; checked/plain \
+                 {checked_plain:.3}, checked/direct {checked_direct:.3}; {}",
+                medians[2].tps,
+                medians[1].tps,
+                medians[0].tps,
+                verdict(
+                    checked_plain >= UNBOUND_TARGET,
+                    &format!("target >= {UNBOUND_TARGET:.2}")
+                )
+            ));
+        }
+        let metrics_after = [plain.metrics().await?, self.proxy_a.metrics().await?];
+        println!(
+            "\nproxies' write routes (ferrata_proxy_unbound_writes_total) and checks, during the unbound workload:"
+        );
+        for (i, name) in ["plain proxy (no coordinator)", "proxy A (checked)"].iter().enumerate() {
+            for series in [
+                "ferrata_proxy_unbound_writes_total",
+                "ferrata_proxy_dirty_write_checks_total",
+            ] {
+                println!(
+                    "  {name:<28} {series}: {}",
+                    metric_delta(&metrics_before[i], &metrics_after[i], series)
+                );
+            }
+        }
+        let b = self.proxy_b.metrics().await?;
+        println!(
+            "  totals since start: proxy A {}; proxy B {}",
+            metric_delta("", &metrics_after[1], "ferrata_proxy_unbound_writes_total"),
+            metric_delta("", &b, "ferrata_proxy_unbound_writes_total")
+        );
+        let warnings = plain.proc.warnings();
+        if !warnings.is_empty() {
+            println!("plain proxy warnings ({}), first ones:", warnings.len());
+            for line in warnings.iter().take(5) {
+                println!("  {line}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_balances(&mut self) -> Result<()> {
+        let (undo, drained) = self.drain_phase2().await?;
+        let expected_each = i64::from(self.args.accounts) * INITIAL_BALANCE;
+        let mut lines = Vec::new();
+        let mut all_ok = true;
+        for (name, conn, delta) in [
+            ("A", &mut self.monitor_a, self.ledger.delta_a),
+            ("B", &mut self.monitor_b, self.ledger.delta_b),
+        ] {
+            let sum: Option<i64> = conn
+                .query_first("SELECT CAST(SUM(balance) AS SIGNED) FROM account")
+                .await?;
+            let sum = sum.unwrap_or(0);
+            let expected = expected_each + delta;
+            all_ok &= sum == expected;
+            lines.push(format!("{name} {sum} (expected {expected})"));
+        }
+        println!(
+            "\nbalances after every workload: {}: {}{}{}",
+            lines.join(", "),
+            if all_ok {
+                "every committed change is there, nothing else"
+            } else {
+                "MISMATCH"
+            },
+            if self.ledger.ambiguous > 0 {
+                format!(
+                    " ({} global transactions ended with a failed rollback, their fate unknown)",
+                    self.ledger.ambiguous
+                )
+            } else {
+                String::new()
+            },
+            match drained {
+                Some(_) if undo == 0 => String::new(),
+                Some(s) => format!("; phase 2 had {undo} undo records left, drained in {s:.2} s"),
+                None => format!("; {undo} undo records NOT drained within {} s", DRAIN_TIMEOUT.as_secs()),
+            }
+        );
+        Ok(())
+    }
+
+    fn log_tails(&self) -> String {
+        format!(
+            "log of proxy A (tail):\n{}\nlog of proxy B (tail):\n{}\nlog of ferrata-tc (tail):\n{}",
+            self.proxy_a.proc.log_tail(),
+            self.proxy_b.proc.log_tail(),
+            self.tc.log_tail()
+        )
+    }
+
+    fn print_warnings(&self) {
+        for (name, warnings) in [
+            ("proxy A", self.proxy_a.proc.warnings()),
+            ("proxy B", self.proxy_b.proc.warnings()),
+            ("ferrata-tc", self.tc.warnings()),
+        ] {
+            if warnings.is_empty() {
+                continue;
+            }
+            println!("\n{name} logged {} warnings/errors; first ones:", warnings.len());
+            for line in warnings.iter().take(5) {
+                println!("  {line}");
+            }
+        }
+        for (name, pid) in [
+            ("proxy A", self.proxy_a.proc.pid()),
+            ("proxy B", self.proxy_b.proc.pid()),
+            ("ferrata-tc", self.tc.pid()),
+        ] {
+            if let Ok(kib) = ferrata_bench::peak_rss_kib(pid) {
+                println!("peak resident memory of {name}: {:.1} MiB", kib as f64 / 1024.0);
+            }
+        }
+    }
+}
+
+/// `name{labels}` samples of `after` minus those of `before`, as `label=value` pairs.
+fn metric_delta(before: &str, after: &str, name: &str) -> String {
+    let before: BTreeMap<String, f64> = metric_samples(before, name).into_iter().collect();
+    let mut samples = metric_samples(after, name);
+    samples.sort_by(|a, b| a.0.cmp(&b.0));
+    let pairs: Vec<String> = samples
+        .into_iter()
+        .map(|(labels, v)| format!("{labels} {}", v - before.get(&labels).copied().unwrap_or(0.0)))
+        .collect();
+    if pairs.is_empty() {
+        "(not exposed)".to_owned()
+    } else {
+        pairs.join(", ")
+    }
+}
+
+fn verdict(pass: bool, target: &str) -> String {
+    format!("{target}: {}", if pass { "PASS" } else { "MISS" })
+}
+
+/// Prints the per-round table of a two-sided workload (ferrata first in each pair) and the
+/// details; returns the median ratio ferrata/direct.
+fn print_rounds(unit: &str, rounds: &[[SideRun; 2]]) -> f64 {
+    println!(
+        "{:>5}  {:<7}  | {:>12} {:>7} {:>7} {:>6} | {:>12} {:>7} {:>7} {:>6} | {:>6} | phase 2 after the window",
+        "round",
+        "first",
+        format!("ferrata {unit}"),
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        format!("direct {unit}"),
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "ratio"
+    );
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|[f, d]| f.tps / d.tps.max(f64::MIN_POSITIVE))
+        .collect();
+    for (i, [f, d]) in rounds.iter().enumerate() {
+        println!(
+            "{:>5}  {:<7}  | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>6.3} | {}",
+            i + 1,
+            if i % 2 == 0 { "ferrata" } else { "direct" },
+            f.tps,
+            f.latency.p50_ms,
+            f.latency.p99_ms,
+            f.tally.error_count(),
+            d.tps,
+            d.latency.p50_ms,
+            d.latency.p99_ms,
+            d.tally.error_count(),
+            ratios[i],
+            match f.phase2 {
+                Some((0, _)) | None => "nothing left".to_owned(),
+                Some((n, Some(s))) => format!("{n} undo records, drained in {s:.2} s"),
+                Some((n, None)) => format!("{n} undo records, NOT drained in {} s", DRAIN_TIMEOUT.as_secs()),
+            }
+        );
+    }
+    let med = |side: usize, f: &dyn Fn(&SideRun) -> f64| median(rounds.iter().map(|r| f(&r[side])).collect());
+    let ratio = median(ratios);
+    println!(
+        "{:>5}  {:<7}  | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>6.3} |",
+        "",
+        "median",
+        med(0, &|r| r.tps),
+        med(0, &|r| r.latency.p50_ms),
+        med(0, &|r| r.latency.p99_ms),
+        rounds.iter().map(|r| r[0].tally.error_count()).sum::<u64>(),
+        med(1, &|r| r.tps),
+        med(1, &|r| r.latency.p50_ms),
+        med(1, &|r| r.latency.p99_ms),
+        rounds.iter().map(|r| r[1].tally.error_count()).sum::<u64>(),
+        ratio
+    );
+    println!(
+        "({unit}: iterations that succeeded within the window per second; ratio = ferrata/direct within the \
+         round; latency of one whole iteration; errors summed in the median row)"
+    );
+    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+        let cpu: Vec<String> = CPU_GROUPS
+            .iter()
+            .enumerate()
+            .map(|(g, group)| format!("{group} {:.0}", med(side, &|r| r.cpu_us[g])))
+            .collect();
+        println!(
+            "cpu us per transaction, {name} (median; phase 2 included): {}",
+            cpu.join(", ")
+        );
+    }
+    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in rounds {
+            for (counter, n) in &r[side].statements {
+                *totals.entry(counter.as_str()).or_insert(0) += n;
+            }
+        }
+        // Iterations that succeeded, window or not: the counters see all of them.
+        let done: u64 = rounds
+            .iter()
+            .map(|r| r[side].tally.steps.last().map_or(0, |s| s.1))
+            .sum();
+        let per = |n: u64| n as f64 / done.max(1) as f64;
+        let mut by_kind: Vec<(&str, u64)> = totals
+            .iter()
+            .filter(|(c, _)| c.starts_with("com_"))
+            .map(|(c, n)| (*c, *n))
+            .collect();
+        by_kind.sort_by_key(|k| std::cmp::Reverse(k.1));
+        let kinds: Vec<String> = by_kind
+            .iter()
+            .filter(|(_, n)| per(*n) >= 0.05)
+            .map(|(c, n)| format!("{} {:.2}", c.trim_start_matches("com_"), per(*n)))
+            .collect();
+        println!(
+            "server statements per transaction, {name} (A + B, all rounds, phase 2 included): {:.2} questions; {}",
+            per(totals.get("questions").copied().unwrap_or(0)),
+            kinds.join(", ")
+        );
+    }
+    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+        let mut steps = vec![(0u64, 0u64); rounds[0][side].tally.steps.len()];
+        for r in rounds {
+            for (acc, s) in steps.iter_mut().zip(&r[side].tally.steps) {
+                acc.0 += s.0;
+                acc.1 += s.1;
+            }
+        }
+        let names = match rounds[0][side].tally.steps.len() {
+            6 if side == 0 => Job::Transfer(Side::Ferrata).steps(),
+            6 => Job::Transfer(Side::Direct).steps(),
+            _ if side == 0 => Job::Hot(Side::Ferrata).steps(),
+            _ => Job::Hot(Side::Direct).steps(),
+        };
+        let text: Vec<String> = names
+            .iter()
+            .zip(&steps)
+            .map(|(n, (ns, count))| format!("{n} {:.3}", *ns as f64 / (*count).max(1) as f64 / 1e6))
+            .collect();
+        println!("mean ms per statement, {name} (all rounds): {}", text.join(", "));
+    }
+    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+        let mut errors: BTreeMap<(String, u16), (u64, String)> = BTreeMap::new();
+        let mut reconnects = 0;
+        for r in rounds {
+            for (key, (n, message)) in &r[side].tally.errors {
+                errors.entry(key.clone()).or_insert((0, message.clone())).0 += n;
+            }
+            reconnects += r[side].tally.reconnects;
+        }
+        for ((statement, code), (n, message)) in &errors {
+            println!("errors, {name}: {statement}: {code} x{n} (first: {message})");
+        }
+        if reconnects > 0 {
+            println!("errors, {name}: {reconnects} connections replaced after a failed cleanup");
+        }
+    }
+    ratio
+}
