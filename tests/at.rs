@@ -798,3 +798,73 @@ async fn rollback_to_savepoint_discards_exactly_the_undo_records_made_after_it()
     assert_eq!(snapshot(&mut direct, "sp").await?, original);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_multi_statement_string_is_imaged_statement_by_statement() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::RawConn;
+    use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
+    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1), (2, 1)").await?;
+    let original = snapshot(&mut direct, "t").await?;
+    let flags = DEFAULT | CLIENT_MULTI_STATEMENTS | CLIENT_MULTI_RESULTS;
+    let string = |id: i32, new: i32| {
+        format!(
+            "UPDATE t SET v = v + 10 WHERE id = {id}; SELECT v, 'x' AS k FROM t WHERE id = {id}; \
+             INSERT INTO t VALUES ({new}, 3); DELETE FROM t WHERE id = {new}; UPDATE t SET v = v * 2 WHERE id = {id}"
+        )
+    };
+    // What the server answers, directly, inside a local transaction (rolled back after).
+    let mut raw_direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+    raw_direct.query("BEGIN").await?;
+    let expected = raw_direct.query(&string(1, 3)).await?;
+    raw_direct.query("ROLLBACK").await?;
+
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+    raw.query("START GLOBAL TRANSACTION").await?;
+    raw.query("BEGIN").await?;
+    let got = raw.query(&string(2, 4)).await?;
+    let view = |packets: &[ferrata_tests::ferrata_testkit::raw::Packet]| {
+        packets.iter().map(|p| (p.seq, p.payload.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        view(&got),
+        view(&expected),
+        "every result and OK as the server sends them"
+    );
+    raw.query("COMMIT").await?;
+    // Autocommit: one local transaction of the proxy's own; the client sees autocommit.
+    let got = raw.query(&string(2, 5)).await?;
+    assert_eq!(got.len(), expected.len());
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 2").await?;
+    assert_eq!(v, Some(64), "(1 + 10) * 2, then (22 + 10) * 2");
+    let failed = raw
+        .query("UPDATE t SET v = 0 WHERE id = 1; INSERT INTO t VALUES (1, 1); UPDATE t SET v = 5 WHERE id = 2")
+        .await?;
+    assert_eq!(
+        failed.last().map(|p| p.payload[0]),
+        Some(0xff),
+        "stops at the duplicate key"
+    );
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(
+        rows,
+        [(1, 0), (2, 64)],
+        "what ran before the error stays, as in autocommit"
+    );
+    raw.query("ROLLBACK GLOBAL").await?;
+    assert_eq!(snapshot(&mut direct, "t").await?, original, "every statement undone");
+    // A statement the proxy cannot protect refuses the whole string.
+    raw.query("START GLOBAL TRANSACTION").await?;
+    let refused = raw
+        .query("UPDATE t SET v = 9 WHERE id = 1; CREATE TABLE u (id INT)")
+        .await?;
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].payload[0], 0xff);
+    assert_eq!(snapshot(&mut direct, "t").await?, original, "nothing ran");
+    Ok(())
+}

@@ -134,6 +134,36 @@ pub fn plan_multi(sql: &str) -> Option<Result<MultiChange, String>> {
     }
 }
 
+/// The statements of a multi-statement string, as byte ranges (without their `;`), empty
+/// ones left out.
+pub fn split_statements(sql: &str) -> Result<Vec<Range<usize>>, String> {
+    let tokens = tokens(sql)?;
+    let mut pieces = Vec::new();
+    let mut depth = 0i32;
+    let mut start: Option<usize> = None;
+    for t in &tokens {
+        match &t.token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::SemiColon if depth == 0 => {
+                if let Some(s) = start.take() {
+                    pieces.push(s..t.start);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        start.get_or_insert(t.start);
+    }
+    if let Some(s) = start {
+        pieces.push(s..sql.len());
+    }
+    Ok(pieces
+        .into_iter()
+        .map(|r| r.start..r.start + sql[r].trim_end().len())
+        .collect())
+}
+
 /// The indexes of the placeholders among `tokens` whose start falls in `range`.
 fn placeholders_in(tokens: &[Located], range: Range<usize>) -> Vec<usize> {
     tokens
@@ -787,6 +817,16 @@ mod tests {
             let e = plan(sql).unwrap_err();
             assert!(e.contains(why), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn statements_of_a_multi_statement_string() {
+        let sql = "UPDATE t SET a = ';' WHERE id = 1; /* ; */ SELECT (1;) ;; DELETE FROM u ";
+        let pieces: Vec<&str> = split_statements(sql).unwrap().into_iter().map(|r| &sql[r]).collect();
+        assert_eq!(
+            pieces,
+            ["UPDATE t SET a = ';' WHERE id = 1", "SELECT (1;)", "DELETE FROM u"]
+        );
     }
 
     #[test]

@@ -82,6 +82,38 @@ fn ok_status_at(payload: &[u8]) -> usize {
     1 + a + b
 }
 
+/// Sets MORE_RESULTS_EXISTS in the final packet of a buffered response (an OK or a result
+/// set's terminator), so another response can follow it as part of one multi-result
+/// answer; and renumbers the sequence ids of `response` to continue from `next_seq`,
+/// returning the id after its last packet.
+pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
+    let mut at = 0;
+    let mut seq = next_seq;
+    let mut last = None;
+    let mut continued = false;
+    while at + 4 <= response.len() {
+        let len = usize::from(response[at]) | usize::from(response[at + 1]) << 8 | usize::from(response[at + 2]) << 16;
+        let end = at + 4 + len;
+        if end > response.len() {
+            break;
+        }
+        response[at + 3] = seq;
+        seq = seq.wrapping_add(1);
+        last = (!continued).then_some(at + 4..end);
+        continued = len == 0xff_ffff;
+        at = end;
+    }
+    if let (true, Some(range)) = (more, last)
+        && let Some(old) = parse(range.len(), &response[range.clone()])
+    {
+        set_status(
+            &mut response[range],
+            ServerStatus(old.status.0 | ServerStatus::MORE_RESULTS_EXISTS),
+        );
+    }
+    seq
+}
+
 /// Rewrites the `mask` bits of the status flags of a whole buffered response (framed
 /// packets) to those of `status`, leaving the others (MORE_RESULTS_EXISTS, ...) as the server
 /// sent them: every old-style EOF, and every packet of a single-packet response or the final

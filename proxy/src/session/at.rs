@@ -93,15 +93,30 @@ pub async fn protect(
     params: &[Param],
     raw: &[u8],
 ) -> Result<(), SessionError> {
-    let reply = match dml::plan_multi(sql) {
+    let reply = protected(backend, state, shared, global, xid, sql, params, raw).await?;
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}
+
+/// [`protect`], answering with the bytes the client is to get.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn protected(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    sql: &str,
+    params: &[Param],
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    Ok(match dml::plan_multi(sql) {
         Some(Ok(multi)) => super::multi_table::run(backend, state, shared, global, xid, multi, params, raw).await?,
         Some(Err(why)) => refuse(&why, xid).to_packet(1),
         None => match prepare(state, global, xid, sql).await {
             Err(e) => e.to_packet(1),
             Ok(plan) => run(backend, state, shared, global, xid, plan, params, raw).await?,
         },
-    };
-    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+    })
 }
 
 /// What steps 1 and 2 found.

@@ -13,6 +13,7 @@ mod global;
 mod hide_socket;
 mod inject;
 mod locking_read;
+mod multi_statement;
 mod multi_table;
 mod peer;
 mod relay;
@@ -305,7 +306,16 @@ async fn serve(
                 (Intercepted::Isolate(xid), Some(g)) => {
                     locking_read::run(client, backend, state, shared, g, &xid, command, &raw).await?
                 }
-                (Intercepted::Protect(_) | Intercepted::Commit | Intercepted::Isolate(_), None) => {
+                (Intercepted::MultiStatement(xid), Some(g)) => {
+                    multi_statement::run(client, backend, state, shared, g, &xid, &sql()).await?
+                }
+                (
+                    Intercepted::Protect(_)
+                    | Intercepted::Commit
+                    | Intercepted::Isolate(_)
+                    | Intercepted::MultiStatement(_),
+                    None,
+                ) => {
                     unreachable!("only a coordinator binds sessions")
                 }
             }
@@ -434,6 +444,8 @@ enum Intercepted {
     /// A locking read inside this global transaction: checked against global locks
     /// (`locking_read.rs`).
     Isolate(String),
+    /// A multi-statement string inside this global transaction (`multi_statement.rs`).
+    MultiStatement(String),
 }
 
 fn intercept(
@@ -460,6 +472,9 @@ fn intercept(
                 }
             }
             let xid = state.xid.clone().or_else(|| global::hinted_xid(&payload[1..], class))?;
+            if class.multi_statement && multi_statement::handles(state) {
+                return Some(Intercepted::MultiStatement(xid));
+            }
             if class.class == StatementClass::LockingRead && !class.multi_statement {
                 return Some(Intercepted::Isolate(xid));
             }

@@ -1,0 +1,133 @@
+//! Multi-statement COM_QUERY strings inside a global transaction: each statement runs on its
+//! own, its writes imaged as if it had come alone, all in the one local transaction (one
+//! branch), and the client gets one multi-result answer, as the server would have sent it:
+//! every statement's response in order, each but the last flagged MORE_RESULTS_EXISTS,
+//! sequence ids running on, ending at the first error.
+//!
+//! Before anything runs, every statement is looked at: the string is refused whole (ERR
+//! 1235) if one of them is not a write the proxy protects or a plain SELECT, SHOW or SET.
+//! In autocommit the proxy runs the string in a local transaction of its own and commits
+//! what ran before an error, as the server would have; the client still sees autocommit.
+//! A client without CLIENT_MULTI_STATEMENTS, whose string the server would refuse, gets ERR
+//! 1235 from the proxy instead. Unlike the relay, this buffers each statement's response.
+
+use super::at;
+use super::peer::Peer;
+use super::state::SessionState;
+use super::{SessionError, Shared, inject};
+use crate::classify::{self, Dml, Other, StatementClass};
+use crate::global::{Global, dml};
+use crate::protocol::err::ErrPacket;
+use crate::protocol::{Capabilities, Command, ServerStatus, frame, ok};
+
+/// Whether the proxy takes a multi-statement string of this session over.
+pub fn handles(state: &SessionState) -> bool {
+    state.capabilities.has(Capabilities::MULTI_STATEMENTS)
+}
+
+/// Why the string cannot run in a global transaction, if it cannot.
+fn refusal(sql: &str, pieces: &[std::ops::Range<usize>], no_backslash_escapes: bool) -> Option<String> {
+    // Executable comments run SQL the statement split does not see.
+    if sql.contains("/*!") || sql.contains("/*M!") {
+        return Some("a multi-statement string with executable comments".into());
+    }
+    for piece in pieces {
+        let text = &sql[piece.clone()];
+        let class = classify::classify(text.as_bytes(), no_backslash_escapes);
+        match class.class {
+            StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => {
+                if let Some(Err(why)) = dml::plan_multi(text) {
+                    return Some(why);
+                }
+                if dml::plan_multi(text).is_none()
+                    && let Err(why) = dml::plan(text)
+                {
+                    return Some(why);
+                }
+            }
+            StatementClass::Other(Other::Select | Other::Show | Other::Set) => {}
+            StatementClass::LockingRead => {
+                return Some("a locking read inside a multi-statement string (send it on its own)".into());
+            }
+            _ => {
+                return Some(format!(
+                    "a multi-statement string with {:?} (only INSERT, UPDATE, DELETE, REPLACE, SELECT, SHOW and SET)",
+                    text.split_whitespace().next().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Runs the multi-statement string `sql` of a bound session and answers the client.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    xid: &str,
+    sql: &str,
+) -> Result<(), SessionError> {
+    let limit = shared.config.max_packet_size;
+    let pieces = match dml::split_statements(sql) {
+        Ok(p) => p,
+        Err(why) => return reply(client, at::refuse(&why, xid)).await,
+    };
+    if let Some(why) = refusal(sql, &pieces, state.no_backslash_escapes()) {
+        return reply(client, at::refuse(&why, xid)).await;
+    }
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let before = state.status;
+    if autocommit {
+        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+        if let Some((code, message)) = begun.error {
+            return reply(client, ErrPacket::new(code, "HY000", message)).await;
+        }
+    }
+    let mut answer = Vec::new();
+    let mut seq = 1u8;
+    for (i, piece) in pieces.iter().enumerate() {
+        let text = &sql[piece.clone()];
+        let mut body = vec![Command::QUERY];
+        body.extend_from_slice(text.as_bytes());
+        let mut raw = Vec::with_capacity(body.len() + 4);
+        frame::write_packet(&mut raw, 0, &body);
+        let class = classify::classify(text.as_bytes(), state.no_backslash_escapes());
+        let mut response = match class.class {
+            StatementClass::Dml(_) => at::protected(backend, state, shared, global, xid, text, &[], &raw).await?,
+            _ => {
+                backend
+                    .write_all(&raw)
+                    .await
+                    .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+                at::read_response(backend, state, limit).await?.0
+            }
+        };
+        let failed = response.get(4) == Some(&0xff);
+        let more = !failed && i + 1 < pieces.len();
+        seq = ok::chain_response(&mut response, more, seq);
+        answer.extend_from_slice(&response);
+        if failed {
+            break;
+        }
+    }
+    if autocommit {
+        // What ran before an error stays, as each statement would have committed alone.
+        if let Err(e) = at::commit_branch(backend, state, global, limit, "COMMIT").await? {
+            return reply(client, e).await;
+        }
+        let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
+        ok::set_response_status(&mut answer, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+    }
+    client.write_all(&answer).await.map_err(|_| SessionError::ClientClosed)
+}
+
+async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
+    client
+        .write_all(&e.to_packet(1))
+        .await
+        .map_err(|_| SessionError::ClientClosed)
+}
