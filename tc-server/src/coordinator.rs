@@ -58,6 +58,10 @@ pub(crate) struct SessionState {
     pub failure: Option<Failure>,
     /// The tables this transaction pins in the guarded set, unpinned when it finishes.
     pub guarded: BTreeSet<Table>,
+    /// The global record is in the store. It goes there with the first branch: until a
+    /// branch exists there is nothing to recover, so a begin costs no store write (after a
+    /// crash such an XID is simply unknown; ids are never reused).
+    pub stored: bool,
 }
 
 /// A branch that failed phase 2, as reported to the caller.
@@ -248,6 +252,7 @@ impl Coordinator {
                     rollback_running: false,
                     failure,
                     guarded,
+                    stored: true,
                 }),
                 passes: watch::Sender::new(0),
             });
@@ -393,7 +398,6 @@ impl Coordinator {
             begin_ms: now,
             updated_ms: now,
         };
-        self.journal.submit(vec![Mutation::PutGlobal(record.clone())]).await?;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let xid = format_xid(txn_id);
         let session = Arc::new(Session {
@@ -407,6 +411,7 @@ impl Coordinator {
                 rollback_running: false,
                 failure: None,
                 guarded: BTreeSet::new(),
+                stored: false,
             }),
             passes: watch::Sender::new(0),
         });
@@ -545,7 +550,13 @@ impl Coordinator {
             };
             state.branches.push(branch.clone());
             state.registered += 1;
-            self.journal.submit(vec![Mutation::PutBranch(branch)])
+            let mut writes = Vec::with_capacity(2);
+            if !state.stored {
+                writes.push(Mutation::PutGlobal(state.record.clone()));
+                state.stored = true;
+            }
+            writes.push(Mutation::PutBranch(branch));
+            self.journal.submit(writes)
         };
         durable.await?;
         self.metrics.branch_registrations.increment(1);
@@ -657,11 +668,13 @@ impl Coordinator {
             } else {
                 (GlobalStatus::Committed, Mutation::DeleteGlobal { txn_id })
             };
-            (self.journal.submit(vec![write]), keys, next)
+            (state.stored.then(|| self.journal.submit(vec![write])), keys, next)
         };
         // On a store failure the transaction stays in Committing: the coordinator
         // acknowledges nothing more, and after a restart the store says Begin.
-        durable.await?;
+        if let Some(durable) = durable {
+            durable.await?;
+        }
         {
             let mut state = session.state.lock();
             self.set_status(&mut state, next);
@@ -707,7 +720,11 @@ impl Coordinator {
             match state.record.status {
                 GlobalStatus::Begin => {
                     self.set_status(&mut state, GlobalStatus::Rollbacking);
-                    Some(self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())]))
+                    Some(
+                        state
+                            .stored
+                            .then(|| self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())])),
+                    )
                 }
                 s if s.is_rolling_back() => None,
                 GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed => {
@@ -718,7 +735,9 @@ impl Coordinator {
         };
         if let Some(durable) = decided {
             self.locks.set_rolling_back(txn_id);
-            durable.await?;
+            if let Some(durable) = durable {
+                durable.await?;
+            }
             self.timeouts.lock().remove(&(session.deadline, txn_id));
             self.metrics.rollbacks.increment(1);
             tracing::debug!(xid, "rollback decided");

@@ -116,14 +116,20 @@ impl Coordinator {
                         continue;
                     }
                     self.set_status(&mut state, GlobalStatus::TimeoutRollbacking);
-                    self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())])
+                    state
+                        .stored
+                        .then(|| self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())]))
                 };
                 self.locks.set_rolling_back(txn);
                 self.metrics.timeouts.increment(1);
                 tracing::info!(xid = session.xid, "timed out in Begin; rolling back");
                 let coordinator = Arc::clone(&self);
                 self.tasks.spawn(async move {
-                    if durable.await.is_ok() {
+                    let stored = match durable {
+                        Some(durable) => durable.await.is_ok(),
+                        None => true,
+                    };
+                    if stored {
                         coordinator.start_rollback(&session);
                     }
                 });

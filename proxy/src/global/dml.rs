@@ -134,6 +134,29 @@ pub fn plan_multi(sql: &str) -> Option<Result<MultiChange, String>> {
     }
 }
 
+/// `text` with its `?` placeholders replaced, in order, by `values` (SQL literals); `None` if
+/// the counts differ or the text does not tokenize.
+pub fn bind_literals(text: &str, values: &[String]) -> Option<String> {
+    let tokens = tokens(text).ok()?;
+    let marks: Vec<usize> = tokens
+        .iter()
+        .filter(|t| matches!(&t.token, Token::Placeholder(p) if p == "?"))
+        .map(|t| t.start)
+        .collect();
+    if marks.len() != values.len() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len() + values.iter().map(String::len).sum::<usize>());
+    let mut at = 0;
+    for (mark, value) in marks.iter().zip(values) {
+        out.push_str(&text[at..*mark]);
+        out.push_str(value);
+        at = mark + 1;
+    }
+    out.push_str(&text[at..]);
+    Some(out)
+}
+
 /// The statements of a multi-statement string, as byte ranges (without their `;`), empty
 /// ones left out.
 pub fn split_statements(sql: &str) -> Result<Vec<Range<usize>>, String> {
@@ -817,6 +840,15 @@ mod tests {
             let e = plan(sql).unwrap_err();
             assert!(e.contains(why), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn literals_bound_in_place_of_placeholders() {
+        assert_eq!(
+            bind_literals(" WHERE a = ? AND b = '?' AND c IN (?, -1)", &["1".into(), "-2".into()]).as_deref(),
+            Some(" WHERE a = 1 AND b = '?' AND c IN (-2, -1)")
+        );
+        assert_eq!(bind_literals(" WHERE a = ?", &[]), None);
     }
 
     #[test]

@@ -169,9 +169,16 @@ impl Global {
             .lock()
             .entry(db.clone())
             .or_insert_with(|| {
+                // No COM_RESET_CONNECTION when a connection goes back to the pool: every user
+                // ends its own transaction, and the reset would drop the session settings
+                // and the prepared statements it keeps. Idle connections stay a minute
+                // (the default closes them at once, so every phase-2 batch would connect,
+                // set up the session and prepare its statements again).
                 let opts = self.service.clone().db_name(Some(db.clone())).pool_opts(
                     mysql_async::PoolOpts::default()
-                        .with_constraints(mysql_async::PoolConstraints::new(0, 8).expect("0 <= 8")),
+                        .with_constraints(mysql_async::PoolConstraints::new(0, 8).expect("0 <= 8"))
+                        .with_reset_connection(false)
+                        .with_inactive_connection_ttl(std::time::Duration::from_secs(60)),
                 );
                 mysql_async::Pool::new(opts)
             })
