@@ -192,9 +192,22 @@ async fn tables_without_global_locks_take_the_fast_path() -> Result<()> {
     c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 2")
         .await?;
     assert_eq!(proxy.metric(CHECKED).await?, checked + 1.0);
-    // REPLACE names no rows the proxy can check: refused on the guarded table only.
+    // Upserts and REPLACE are checked by every key their rows name.
     let e = c
         .query_drop("REPLACE INTO account VALUES (1, 5)")
+        .await
+        .expect_err("row 1 is held");
+    assert_eq!(server_error(&e)?.0, 1205);
+    let e = c
+        .query_drop("INSERT INTO account VALUES (1, 5) ON DUPLICATE KEY UPDATE balance = 5")
+        .await
+        .expect_err("row 1 is held");
+    assert_eq!(server_error(&e)?.0, 1205);
+    c.query_drop("INSERT INTO account VALUES (2, 5) ON DUPLICATE KEY UPDATE balance = balance + 1")
+        .await?;
+    // A multi-table write names no rows the proxy can check yet: refused on guarded tables.
+    let e = c
+        .query_drop("UPDATE account a JOIN audit u ON u.id = a.id SET a.balance = 0")
         .await
         .expect_err("refused");
     let (code, _, message) = server_error(&e)?;

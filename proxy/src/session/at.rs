@@ -42,6 +42,17 @@ pub(super) fn refuse(what: &str, xid: &str) -> ErrPacket {
     )
 }
 
+/// Upper-case hex digits of `bytes`, for an `X'...'` literal.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
 /// Quotes an image value (always ASCII: digits, hex, dates) as an SQL string literal.
 pub(super) fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
@@ -699,7 +710,7 @@ pub async fn commit_branch(
         .iter()
         .enumerate()
         .map(|(i, bytes)| {
-            let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            let hex = hex(bytes);
             let (xid, context, status) = if i == 0 {
                 (pending.xid.clone(), undo_log::context(pieces.len()), undo_log::STATUS_NORMAL)
             } else {

@@ -14,12 +14,13 @@
 //!   rolls back and takes the route again). The client sees the statement's own response.
 //! - **Check**: a write to a guarded table. Its rows are found (UPDATE and DELETE: the
 //!   statement's filter, `SELECT <primary key> ... FOR UPDATE`, before it runs; INSERT: its keys,
-//!   read back after) and kept until the local transaction's commit point, where the
+//!   read back after; IGNORE, upserts and REPLACE: every key they name, before and after) and
+//!   kept until the local transaction's commit point, where the
 //!   coordinator is asked whether any of them is globally locked, waiting up to the lock
 //!   timeout, while the database still holds their row locks. An autocommit write is checked
 //!   at once inside the proxy's own local transaction.
-//! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (REPLACE,
-//!   upserts, multi-table or multi-statement writes) gets ERR 1235 without running.
+//! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (multi-table or
+//!   multi-statement writes) gets ERR 1235 without running.
 //!
 //! Commit points (COMMIT, and statements that commit implicitly) of a transaction with
 //! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
@@ -135,12 +136,6 @@ pub fn route(
         return Some(refuse("a multi-statement string"));
     }
     match dml::plan(&sql) {
-        Ok(dml::Plan::Insert(i)) if matches!(i.mode, dml::InsertMode::Upsert(_) | dml::InsertMode::Replace) => {
-            Some(refuse(match i.mode {
-                dml::InsertMode::Replace => "REPLACE",
-                _ => "INSERT ... ON DUPLICATE KEY UPDATE",
-            }))
-        }
         Ok(plan) => Some(Route::Run(Write::Check(Box::new(plan)))),
         Err(why) => Some(refuse(&why)),
     }
@@ -438,13 +433,25 @@ async fn checked(
     {
         return Ok(refuse(format!("an UPDATE of the primary-key column {column}")));
     }
-    let keys = match &plan {
-        dml::Plan::Insert(insert) if !meta.primary_key.is_empty() => match at::insert_keys(insert, &meta, &params) {
-            Ok(keys) => Some(keys),
+    // A plain INSERT's rows are found by their keys after it ran; the INSERTs that meet rows
+    // already there (IGNORE, upserts, REPLACE) write rows found by any key they name, before
+    // (updated, deleted) and after (inserted).
+    let mut keys = None;
+    let mut key_condition = None;
+    match &plan {
+        dml::Plan::Insert(_) if meta.primary_key.is_empty() => {}
+        dml::Plan::Insert(insert) if insert.mode == dml::InsertMode::Plain => {
+            match at::insert_keys(insert, &meta, &params) {
+                Ok(k) => keys = Some(k),
+                Err(why) => return Ok(refuse(why)),
+            }
+        }
+        dml::Plan::Insert(insert) => match super::upsert::key_condition(insert, &meta, &params) {
+            Ok(c) => key_condition = Some(c),
             Err(why) => return Ok(refuse(why)),
         },
-        _ => None,
-    };
+        dml::Plan::Change(_) => {}
+    }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
     if autocommit {
@@ -477,6 +484,17 @@ async fn checked(
             Err(e) => return abort(backend, state, e).await,
         }
     }
+    let keyed = format!(
+        "SELECT {list} FROM {qualified} WHERE {} FOR UPDATE",
+        key_condition.as_deref().unwrap_or("FALSE")
+    );
+    if key_condition.is_some() {
+        let read = inject::query(backend, state, &keyed, limit).await?;
+        if let Some((code, message)) = read.error {
+            return abort(backend, state, ErrPacket::new(code, "HY000", message)).await;
+        }
+        rows = read.rows;
+    }
     backend
         .write_all(raw)
         .await
@@ -487,6 +505,25 @@ async fn checked(
             super::global::local_rollback(backend, state, limit).await?;
         }
         return Ok(response);
+    }
+    if key_condition.is_some() {
+        let read = inject::query(backend, state, &keyed, limit).await?;
+        if let Some((code, message)) = read.error {
+            if !autocommit {
+                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+            }
+            let e = ErrPacket::new(
+                code,
+                "HY000",
+                format!("reading the written rows' keys failed: {message}"),
+            );
+            return abort(backend, state, e).await;
+        }
+        for row in read.rows {
+            if !rows.contains(&row) {
+                rows.push(row);
+            }
+        }
     }
     if let Some(keys) = &keys {
         let condition = at::insert_condition(backend, state, &meta, keys, summary, limit).await?;

@@ -34,7 +34,7 @@ use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 
 /// `(k1, k2) IN ((v, v), ...) OR (u1) IN (...)`: every key the statement's rows name.
-fn key_condition(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<String, String> {
+pub(super) fn key_condition(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<String, String> {
     let rows = at::row_values(insert, meta, params)?;
     let mut keys: Vec<&[usize]> = vec![&meta.primary_key];
     keys.extend(meta.unique_keys.iter().map(|(_, columns)| columns.as_slice()));
