@@ -130,7 +130,7 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
 
     for sql in [
         "INSERT INTO t SELECT 1, 12",
-        "SELECT 1; UPDATE t SET v = 13",
+        "UPDATE t SET v = 13; CALL nothing()",
         "CREATE TABLE u (id INT PRIMARY KEY)",
         "CALL nothing()",
     ] {
