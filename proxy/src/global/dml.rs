@@ -261,10 +261,7 @@ fn plan_multi_update(sql: &str, tokens: &[Located]) -> Option<Result<MultiChange
     Some((|| {
         let references = sql[tokens[start].start..tokens[set].start].trim();
         let tables = reference_tables(references)?;
-        let end = tokens
-            .iter()
-            .rposition(|t| t.token != Token::SemiColon)
-            .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
+        let end = statement_end(sql, tokens);
         let where_at = top_level(tokens, Keyword::WHERE).into_iter().find(|&i| i > set);
         if top_level(tokens, Keyword::ORDER)
             .iter()
@@ -337,10 +334,7 @@ fn plan_multi_delete(sql: &str, tokens: &[Located], d: Delete) -> Result<MultiCh
     let where_at = top_level(tokens, Keyword::WHERE)
         .into_iter()
         .find(|&i| i > references_from);
-    let end = tokens
-        .iter()
-        .rposition(|t| t.token != Token::SemiColon)
-        .map_or(sql.len(), |i| tokens[i].start + token_len(sql, tokens, i));
+    let end = statement_end(sql, tokens);
     let references_end = where_at.map_or(end, |i| tokens[i].start);
     let first = tokens
         .get(references_from + 1)
@@ -358,10 +352,14 @@ fn plan_multi_delete(sql: &str, tokens: &[Located], d: Delete) -> Result<MultiCh
     })
 }
 
-/// The byte length of token `i` (up to the next token, trailing whitespace trimmed).
-fn token_len(sql: &str, tokens: &[Located], i: usize) -> usize {
-    let end = tokens.get(i + 1).map_or(sql.len(), |t| t.start);
-    sql[tokens[i].start..end].trim_end().len()
+/// Where the statement's text ends: after its last token that is not a `;`. A trailing
+/// comment is left out: a `-- ...` kept there would swallow what the proxy appends (a `FOR
+/// UPDATE`).
+pub(super) fn statement_end(sql: &str, tokens: &[Located]) -> usize {
+    tokens
+        .iter()
+        .rposition(|t| t.token != Token::SemiColon)
+        .map_or(sql.len(), |i| tokens[i].end)
 }
 
 /// Every table the statements in `sql` may write (for a multi-table UPDATE or DELETE, every
@@ -646,6 +644,7 @@ fn last_ident(name: &ObjectName) -> Result<String, String> {
 pub(super) struct Located {
     pub token: Token,
     pub start: usize,
+    pub end: usize,
 }
 
 /// The statement's tokens with byte offsets. Token locations are exact, unlike the spans of
@@ -675,6 +674,7 @@ pub(super) fn tokens(sql: &str) -> Result<Vec<Located>, String> {
         .map(|t| {
             Ok(Located {
                 start: byte(t.span.start)?,
+                end: byte(t.span.end)?,
                 token: t.token,
             })
         })
@@ -716,7 +716,7 @@ fn filter_text(sql: &str, tokens: &[Located]) -> Result<(String, Range<usize>), 
     let Some(start) = start else {
         return Ok((String::new(), total..total));
     };
-    let text = sql[start..].trim_end().trim_end_matches(';').trim_end();
+    let text = &sql[start..statement_end(sql, tokens).max(start)];
     Ok((format!(" {text}"), placeholders(start)..total))
 }
 
@@ -840,6 +840,20 @@ mod tests {
             let e = plan(sql).unwrap_err();
             assert!(e.contains(why), "{sql}: {e}");
         }
+    }
+
+    #[test]
+    fn a_trailing_comment_stays_out_of_the_cut_text() {
+        // Appended to a `-- ...` comment, the image query's FOR UPDATE would be commented out.
+        assert_eq!(
+            change("UPDATE t SET v = 1 WHERE id = 2 -- note").filter,
+            " WHERE id = 2"
+        );
+        assert_eq!(change("DELETE FROM t WHERE id = 2 # note\n;").filter, " WHERE id = 2");
+        let m = plan_multi("UPDATE a JOIN b ON a.id = b.id SET a.v = 1 WHERE b.k = 2 -- x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.select_tail, " FROM a JOIN b ON a.id = b.id WHERE b.k = 2");
     }
 
     #[test]

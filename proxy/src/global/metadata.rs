@@ -66,6 +66,20 @@ pub struct ColumnMeta {
 }
 
 impl TableMeta {
+    /// Every column as an image column.
+    pub fn specs(&self) -> Vec<super::undo::ColumnSpec> {
+        self.columns
+            .iter()
+            .map(|c| super::undo::ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated))
+            .collect()
+    }
+
+    /// The primary-key columns as image columns, in key order.
+    pub fn key_specs(&self) -> Vec<super::undo::ColumnSpec> {
+        let all = self.specs();
+        self.primary_key.iter().map(|&i| all[i].clone()).collect()
+    }
+
     /// The index of the column called `name`, compared case-insensitively.
     pub fn column(&self, name: &str) -> Option<usize> {
         self.columns

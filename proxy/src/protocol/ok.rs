@@ -82,14 +82,11 @@ fn ok_status_at(payload: &[u8]) -> usize {
     1 + a + b
 }
 
-/// Sets MORE_RESULTS_EXISTS in the final packet of a buffered response (an OK or a result
-/// set's terminator), so another response can follow it as part of one multi-result
-/// answer; and renumbers the sequence ids of `response` to continue from `next_seq`,
-/// returning the id after its last packet.
-pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
+/// The packets of a buffered response: where each header starts and its payload, and
+/// whether it only continues a packet of 16 MiB or more (then it is no packet of its own).
+fn packets(response: &[u8]) -> Vec<(usize, std::ops::Range<usize>, bool)> {
+    let mut out = Vec::new();
     let mut at = 0;
-    let mut seq = next_seq;
-    let mut last = None;
     let mut continued = false;
     while at + 4 <= response.len() {
         let len = usize::from(response[at]) | usize::from(response[at + 1]) << 8 | usize::from(response[at + 2]) << 16;
@@ -97,17 +94,29 @@ pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
         if end > response.len() {
             break;
         }
-        response[at + 3] = seq;
-        seq = seq.wrapping_add(1);
-        last = (!continued).then_some(at + 4..end);
+        out.push((at, at + 4..end, continued));
         continued = len == 0xff_ffff;
         at = end;
     }
-    if let (true, Some(range)) = (more, last)
-        && let Some(old) = parse(range.len(), &response[range.clone()])
+    out
+}
+
+/// Sets MORE_RESULTS_EXISTS in the final packet of a buffered response (an OK or a result
+/// set's terminator), so another response can follow it as part of one multi-result
+/// answer; and renumbers the sequence ids of `response` to continue from `next_seq`,
+/// returning the id after its last packet.
+pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
+    let packets = packets(response);
+    let mut seq = next_seq;
+    for (header, _, _) in &packets {
+        response[header + 3] = seq;
+        seq = seq.wrapping_add(1);
+    }
+    if let (true, Some((_, last, false))) = (more, packets.last())
+        && let Some(old) = parse(last.len(), &response[last.clone()])
     {
         set_status(
-            &mut response[range],
+            &mut response[last.clone()],
             ServerStatus(old.status.0 | ServerStatus::MORE_RESULTS_EXISTS),
         );
     }
@@ -116,35 +125,21 @@ pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
 
 /// Rewrites the `mask` bits of the status flags of a whole buffered response (framed
 /// packets) to those of `status`, leaving the others (MORE_RESULTS_EXISTS, ...) as the server
-/// sent them: every old-style EOF, and every packet of a single-packet response or the final
-/// packet when it is an OK or a terminator.
+/// sent them: every old-style EOF, and the final packet when it is an OK or a terminator.
 pub fn set_response_status(response: &mut [u8], mask: u16, status: ServerStatus) {
-    let rewrite = |payload: &mut [u8]| {
-        if let Some(old) = parse(payload.len(), payload) {
-            set_status(payload, ServerStatus((old.status.0 & !mask) | (status.0 & mask)));
+    let packets = packets(response);
+    let last = packets.len().saturating_sub(1);
+    for (i, (_, payload, continued)) in packets.into_iter().enumerate() {
+        let eof = payload.len() == 5 && response[payload.start] == 0xfe;
+        if continued || !(eof || i == last) {
+            continue;
         }
-    };
-    let mut at = 0;
-    let mut last = None;
-    let mut continued = false;
-    while at + 4 <= response.len() {
-        let len = usize::from(response[at]) | usize::from(response[at + 1]) << 8 | usize::from(response[at + 2]) << 16;
-        let end = at + 4 + len;
-        if end > response.len() {
-            return;
+        if let Some(old) = parse(payload.len(), &response[payload.clone()]) {
+            set_status(
+                &mut response[payload],
+                ServerStatus((old.status.0 & !mask) | (status.0 & mask)),
+            );
         }
-        // A frame continuing a large packet is no packet of its own.
-        if !continued && len == 5 && response[at + 4] == 0xfe {
-            rewrite(&mut response[at + 4..end]);
-        }
-        last = (!continued).then_some(at + 4..end);
-        continued = len == 0xff_ffff;
-        at = end;
-    }
-    if let Some(range) = last
-        && range.len() != 5
-    {
-        rewrite(&mut response[range]);
     }
 }
 

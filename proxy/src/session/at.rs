@@ -185,15 +185,7 @@ async fn prepare(state: &SessionState, global: &Global, xid: &str, sql: &str) ->
             }
         }
     }
-    let specs = meta
-        .columns
-        .iter()
-        .map(|c| ColumnSpec {
-            name: c.name.clone(),
-            data_type: c.data_type.clone(),
-            generated: c.generated,
-        })
-        .collect();
+    let specs = meta.specs();
     Ok(Plan {
         statement,
         schema,
@@ -362,11 +354,8 @@ async fn run(
     // With autocommit off, the statement opens the local transaction itself.
     let autocommit = state.autocommit() && !state.in_transaction();
     let original_status = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-        }
+    if autocommit && let Err(e) = begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
     }
     let list = undo::select_list(&specs);
     let qualified = format!("{}.{}", ident(&schema), ident(&meta.name));
@@ -381,17 +370,10 @@ async fn run(
     };
 
     // The client's statement, as sent; its response (OK or ERR) is held back.
-    backend
-        .write_all(raw)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let (response, summary, failed) = read_response(backend, state, limit).await?;
-    if failed {
-        if autocommit {
-            inject::query(backend, state, "ROLLBACK", limit).await?;
-        }
-        return Ok(response);
-    }
+    let (response, summary) = match run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
     let affected = summary.map_or(0, |s| s.affected_rows);
     let found_rows = state.capabilities.has(Capabilities::FOUND_ROWS);
     let (kind, expected) = match &statement {
@@ -516,11 +498,54 @@ pub(super) async fn finish(
             return Ok(e.to_packet(1));
         }
         // The client sent an autocommit statement: it sees the status it would have seen.
-        let mut status = state.status;
-        status.0 = (status.0 & !ServerStatus::IN_TRANS) | (original_status.0 & ServerStatus::AUTOCOMMIT);
-        ok::set_response_status(&mut response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+        as_autocommit(&mut response, state, original_status);
     }
     Ok(response)
+}
+
+/// Opens the proxy's own local transaction around an autocommit statement; the server's
+/// refusal is the client's answer.
+pub(super) async fn begin_own(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<Result<(), ErrPacket>, SessionError> {
+    let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
+    Ok(match begun.error {
+        Some((code, message)) => Err(ErrPacket::new(code, "HY000", message)),
+        None => Ok(()),
+    })
+}
+
+/// Sends the client's statement as it is and reads its whole response, held back. A
+/// statement the server refused comes back as `Err(its response)`, the proxy's own
+/// transaction (if `own`) rolled back.
+pub(super) async fn run_client_statement(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    raw: &[u8],
+    own: bool,
+) -> Result<Result<(Vec<u8>, Option<ok::OkSummary>), Vec<u8>>, SessionError> {
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let (response, summary, failed) = read_response(backend, state, limit).await?;
+    if failed {
+        if own {
+            super::global::local_rollback(backend, state, limit).await?;
+        }
+        return Ok(Err(response));
+    }
+    Ok(Ok((response, summary)))
+}
+
+/// Makes a response read inside the proxy's own transaction look as the client's autocommit
+/// statement's would have: no transaction open, autocommit as it was (`before`).
+pub(super) fn as_autocommit(response: &mut [u8], state: &SessionState, before: ServerStatus) {
+    let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
+    ok::set_response_status(response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
 }
 
 /// Runs `SELECT <list> FROM <qualified> <the statement's filter> FOR UPDATE`, the filter's

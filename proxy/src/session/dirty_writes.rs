@@ -36,7 +36,7 @@ use crate::global::guards::Observation;
 use crate::global::{CheckFailure, Global, TableRows, dml, undo};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
-use crate::protocol::{Command, ServerStatus, frame, ok};
+use crate::protocol::{Command, frame};
 
 /// What the session does with one command outside any global transaction.
 pub enum Route {
@@ -325,13 +325,6 @@ fn classified(command: u8, raw: &[u8], state: &SessionState) -> Option<Classific
     (command == Command::QUERY).then(|| classify::classify(&raw[5..], state.no_backslash_escapes()))
 }
 
-const TRANSACTION_BITS: u16 = ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT;
-
-/// The status an autocommit statement's response would have carried.
-fn autocommit_status(state: &SessionState, before: ServerStatus) -> ServerStatus {
-    ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT))
-}
-
 /// An autocommit write to unguarded tables, in a local transaction of the proxy's own
 /// (START TRANSACTION sent with it, in one write). `None` when the view changed while it ran:
 /// it was rolled back.
@@ -372,7 +365,7 @@ async fn wrapped(
     if let Some((code, message)) = committed.error {
         return Ok(Some(ErrPacket::new(code, "HY000", message).to_packet(1)));
     }
-    ok::set_response_status(&mut response, TRANSACTION_BITS, autocommit_status(state, before));
+    at::as_autocommit(&mut response, state, before);
     Ok(Some(response))
 }
 
@@ -454,20 +447,10 @@ async fn checked(
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-        }
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
     }
-    let pk: Vec<undo::ColumnSpec> = meta
-        .primary_key
-        .iter()
-        .map(|&i| {
-            let c = &meta.columns[i];
-            undo::ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated)
-        })
-        .collect();
+    let pk = meta.key_specs();
     let list = undo::select_list(&pk);
     let qualified = format!("{}.{}", at::ident(&database), at::ident(&meta.name));
     let abort = async |backend: &mut Peer, state: &mut SessionState, e: ErrPacket| -> Result<Vec<u8>, SessionError> {
@@ -495,17 +478,10 @@ async fn checked(
         }
         rows = read.rows;
     }
-    backend
-        .write_all(raw)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let (mut response, summary, failed) = at::read_response(backend, state, limit).await?;
-    if failed {
-        if autocommit {
-            super::global::local_rollback(backend, state, limit).await?;
-        }
-        return Ok(response);
-    }
+    let (mut response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
     if key_condition.is_some() {
         let read = inject::query(backend, state, &keyed, limit).await?;
         if let Some((code, message)) = read.error {
@@ -582,6 +558,6 @@ async fn checked(
     if let Some((code, message)) = committed.error {
         return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
     }
-    ok::set_response_status(&mut response, TRANSACTION_BITS, autocommit_status(state, before));
+    at::as_autocommit(&mut response, state, before);
     Ok(response)
 }

@@ -24,12 +24,12 @@ use super::at;
 use super::peer::Peer;
 use super::relay;
 use super::state::SessionState;
-use super::{SessionError, Shared, inject};
+use super::{SessionError, Shared, inject, reply};
 use crate::global::locking_read::{self, Wait};
 use crate::global::{CheckFailure, Global, TableRows, undo};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
-use crate::protocol::{Command, ServerStatus, frame, ok};
+use crate::protocol::{Command, frame};
 
 /// How many times SKIP LOCKED selects keys again after leaving out globally locked rows.
 const SKIP_ROUNDS: usize = 8;
@@ -109,11 +109,7 @@ pub async fn run(
             continue;
         }
         let qualifier = t.alias.as_deref().unwrap_or(&t.name);
-        let specs: Vec<undo::ColumnSpec> = meta
-            .primary_key
-            .iter()
-            .map(|&i| undo::ColumnSpec::new(meta.columns[i].name.clone(), meta.columns[i].data_type.clone(), false))
-            .collect();
+        let specs = meta.key_specs();
         let start = list.len();
         for spec in &specs {
             list.push(undo::qualified_select_list(qualifier, std::slice::from_ref(spec)));
@@ -135,11 +131,8 @@ pub async fn run(
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return reply(client, ErrPacket::new(code, "HY000", message)).await;
-        }
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return reply(client, e).await;
     }
     let abort = async |client: &mut Peer, backend: &mut Peer, state: &mut SessionState, e: ErrPacket| {
         if autocommit {
@@ -266,17 +259,9 @@ pub async fn run(
     if let Some((code, message)) = committed.error {
         return reply(client, ErrPacket::new(code, "HY000", message)).await;
     }
-    let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
-    ok::set_response_status(&mut response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+    at::as_autocommit(&mut response, state, before);
     client
         .write_all(&response)
-        .await
-        .map_err(|_| SessionError::ClientClosed)
-}
-
-async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
-    client
-        .write_all(&e.to_packet(1))
         .await
         .map_err(|_| SessionError::ClientClosed)
 }

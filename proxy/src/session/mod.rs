@@ -398,6 +398,14 @@ async fn serve(
     }
 }
 
+/// Answers the client's command with `e` (sequence id 1).
+async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
+    client
+        .write_all(&e.to_packet(1))
+        .await
+        .map_err(|_| SessionError::ClientClosed)
+}
+
 /// Hands a DML command of a bound session to `at::protect`: a text query, or an execute with
 /// its parameters read from the packet.
 #[allow(clippy::too_many_arguments)]

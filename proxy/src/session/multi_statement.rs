@@ -14,11 +14,10 @@
 use super::at;
 use super::peer::Peer;
 use super::state::SessionState;
-use super::{SessionError, Shared, inject};
+use super::{SessionError, Shared, reply};
 use crate::classify::{self, Dml, Other, StatementClass};
 use crate::global::{Global, dml};
-use crate::protocol::err::ErrPacket;
-use crate::protocol::{Capabilities, Command, ServerStatus, frame, ok};
+use crate::protocol::{Capabilities, Command, frame, ok};
 
 /// Whether the proxy takes a multi-statement string of this session over.
 pub fn handles(state: &SessionState) -> bool {
@@ -81,11 +80,8 @@ pub async fn run(
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return reply(client, ErrPacket::new(code, "HY000", message)).await;
-        }
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return reply(client, e).await;
     }
     let mut answer = Vec::new();
     let mut seq = 1u8;
@@ -119,15 +115,7 @@ pub async fn run(
         if let Err(e) = at::commit_branch(backend, state, global, limit, "COMMIT").await? {
             return reply(client, e).await;
         }
-        let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
-        ok::set_response_status(&mut answer, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+        at::as_autocommit(&mut answer, state, before);
     }
     client.write_all(&answer).await.map_err(|_| SessionError::ClientClosed)
-}
-
-async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
-    client
-        .write_all(&e.to_packet(1))
-        .await
-        .map_err(|_| SessionError::ClientClosed)
 }

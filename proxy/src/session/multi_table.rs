@@ -131,11 +131,7 @@ async fn targets(
         let table = &plan.tables[i];
         out.push(Target {
             qualifier: table.alias.clone().unwrap_or_else(|| table.name.clone()),
-            specs: meta
-                .columns
-                .iter()
-                .map(|c| ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated))
-                .collect(),
+            specs: meta.specs(),
             meta: Arc::clone(meta),
         });
     }
@@ -168,11 +164,8 @@ pub(super) async fn run(
     };
     let autocommit = state.autocommit() && !state.in_transaction();
     let original_status = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-        }
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
     }
     let mut befores = Vec::with_capacity(targets.len());
     for t in &targets {
@@ -203,17 +196,10 @@ pub(super) async fn run(
             .collect();
         befores.push(rows);
     }
-    backend
-        .write_all(raw)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let (response, summary, failed) = at::read_response(backend, state, limit).await?;
-    if failed {
-        if autocommit {
-            inject::query(backend, state, "ROLLBACK", limit).await?;
-        }
-        return Ok(response);
-    }
+    let (response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
     let affected = summary.map_or(0, |s| s.affected_rows);
     let imaged: u64 = befores.iter().map(|b| b.len() as u64).sum();
     let expected = match plan.kind {

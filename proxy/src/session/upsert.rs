@@ -120,11 +120,8 @@ pub(super) async fn run(
     };
     let autocommit = state.autocommit() && !state.in_transaction();
     let original_status = state.status;
-    if autocommit {
-        let begun = inject::query(backend, state, "START TRANSACTION", limit).await?;
-        if let Some((code, message)) = begun.error {
-            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-        }
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
     }
     let list = undo::select_list(&specs);
     let qualified = format!("{}.{}", at::ident(&schema), at::ident(&meta.name));
@@ -145,17 +142,10 @@ pub(super) async fn run(
     }
     let before: Vec<Vec<Option<String>>> = found.rows.iter().map(at::text).collect();
 
-    backend
-        .write_all(raw)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let (response, summary, failed) = at::read_response(backend, state, limit).await?;
-    if failed {
-        if autocommit {
-            inject::query(backend, state, "ROLLBACK", limit).await?;
-        }
-        return Ok(response);
-    }
+    let (response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
     let affected = summary.map_or(0, |s| s.affected_rows);
 
     let mut after_condition = condition.clone();
