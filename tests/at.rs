@@ -866,5 +866,23 @@ async fn a_multi_statement_string_is_imaged_statement_by_statement() -> Result<(
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].payload[0], 0xff);
     assert_eq!(snapshot(&mut direct, "t").await?, original, "nothing ran");
+    // Committed.
+    raw.query("UPDATE t SET v = 7 WHERE id = 1; INSERT INTO t VALUES (9, 9)")
+        .await?;
+    let done = raw.query("COMMIT GLOBAL").await?;
+    assert_eq!(done.last().map(|p| p.payload[0]), Some(0x00), "{done:?}");
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(rows, [(1, 7), (2, 1), (9, 9)]);
+    // A row one of the statements wrote, changed behind the proxy's back: a dirty rollback.
+    let started = raw.query("START GLOBAL TRANSACTION").await?;
+    let xid = String::from_utf8_lossy(&started[started.len() - 2].payload[1..]).into_owned();
+    raw.query("UPDATE t SET v = 8 WHERE id = 1; DELETE FROM t WHERE id = 9")
+        .await?;
+    direct.query_drop("UPDATE t SET v = 100 WHERE id = 1").await?;
+    let stopped = raw.query("ROLLBACK GLOBAL").await?;
+    assert_eq!(stopped.last().map(|p| p.payload[0]), Some(0xff), "{stopped:?}");
+    assert_eq!(tc.status(&xid).await?, "RollbackFailed");
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(rows, [(1, 100), (2, 1)], "nothing was overwritten");
     Ok(())
 }

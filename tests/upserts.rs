@@ -119,21 +119,42 @@ async fn upserts_commit() -> Result<()> {
 }
 
 #[tokio::test]
-async fn a_replaced_row_changed_meanwhile_is_a_dirty_rollback() -> Result<()> {
+async fn a_row_changed_meanwhile_is_a_dirty_rollback_for_every_form() -> Result<()> {
     let (db, tc, proxy) = setup(5_000).await?;
     let mut c = proxy.conn().await?;
-    let xid = start(&mut c).await?;
-    c.query_drop("REPLACE INTO item (id, sku, qty) VALUES (20, 'b', 7)")
-        .await?;
-    // Changed behind the proxy's back.
-    db.conn()
-        .await?
-        .query_drop("UPDATE item SET qty = 8 WHERE id = 20")
-        .await?;
-    let changed = rows(&db).await?;
-    assert!(c.query_drop("ROLLBACK GLOBAL").await.is_err(), "the rollback stops");
-    assert_eq!(tc.status(&xid).await?, "RollbackFailed");
-    assert_eq!(rows(&db).await?, changed, "nothing was overwritten");
+    // Each form, then a change behind the proxy's back to a row it wrote.
+    for (sql, behind) in [
+        (
+            "REPLACE INTO item (id, sku, qty) VALUES (20, 'b', 7)",
+            "UPDATE item SET qty = 8 WHERE id = 20",
+        ),
+        (
+            "INSERT INTO item (sku, qty) VALUES ('a', 5) ON DUPLICATE KEY UPDATE qty = qty + 5",
+            "UPDATE item SET qty = 0 WHERE sku = 'a'",
+        ),
+        (
+            "INSERT IGNORE INTO item (id, sku, qty) VALUES (40, 'f', 1)",
+            "UPDATE item SET qty = 2 WHERE id = 40",
+        ),
+        (
+            "INSERT INTO item SET id = 50, sku = 'g', qty = 1",
+            "UPDATE item SET qty = 3 WHERE id = 50",
+        ),
+    ] {
+        let xid = start(&mut c).await?;
+        c.query_drop(sql).await?;
+        db.conn().await?.query_drop(behind).await?;
+        let changed = rows(&db).await?;
+        assert!(
+            c.query_drop("ROLLBACK GLOBAL").await.is_err(),
+            "{sql}: the rollback stops"
+        );
+        assert_eq!(tc.status(&xid).await?, "RollbackFailed", "{sql}");
+        assert_eq!(rows(&db).await?, changed, "{sql}: nothing was overwritten");
+        // The DBA resolves it; its rows are released for the next form.
+        let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/resolve")).await?;
+        assert_eq!(status, 200, "{body}");
+    }
     Ok(())
 }
 
