@@ -573,6 +573,7 @@ mod tests {
         assert_eq!(class("insert into t values (1)"), C::Dml(Dml::Insert));
         assert!(classify(b"UPDATE t SET a = ';'; SELECT 1", false).multi_statement);
         assert!(!classify(b"UPDATE t SET a = ';' -- ; x", false).multi_statement);
+        assert!(!classify(b"DELETE FROM t WHERE id = 1; ", false).multi_statement);
         assert_eq!(
             class("  -- note\n# more\n/* c */ UPDATE t SET a=1"),
             C::Dml(Dml::Update)
