@@ -542,18 +542,7 @@ fn plan_insert(sql: &str, i: sqlparser::ast::Insert) -> Result<Insert, String> {
 /// The source text of each value after the top-level SET keyword of an INSERT ... SET, up to
 /// an ON DUPLICATE KEY UPDATE (`None` for `DEFAULT`).
 fn set_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Option<String>>, String> {
-    let mut depth = 0i32;
-    let at = tokens
-        .iter()
-        .position(|t| {
-            match &t.token {
-                Token::LParen => depth += 1,
-                Token::RParen => depth -= 1,
-                _ => {}
-            }
-            depth == 0 && is_keyword(&t.token, Keyword::SET)
-        })
-        .ok_or("an INSERT without SET")?;
+    let at = *top_level(tokens, Keyword::SET).first().ok_or("an INSERT without SET")?;
     let mut values = Vec::new();
     let mut depth = 0i32;
     let mut value_start = None;
@@ -723,17 +712,10 @@ fn filter_text(sql: &str, tokens: &[Located]) -> Result<(String, Range<usize>), 
 /// The source text of each value of each row after the top-level VALUES keyword (`None` for
 /// `DEFAULT`).
 fn value_texts(sql: &str, tokens: &[Located]) -> Result<Vec<Vec<Option<String>>>, String> {
-    let mut depth = 0i32;
-    let at = tokens
-        .iter()
-        .position(|t| {
-            match &t.token {
-                Token::LParen => depth += 1,
-                Token::RParen => depth -= 1,
-                _ => {}
-            }
-            depth == 0 && (is_keyword(&t.token, Keyword::VALUES) || is_keyword(&t.token, Keyword::VALUE))
-        })
+    let at = top_level(tokens, Keyword::VALUES)
+        .into_iter()
+        .chain(top_level(tokens, Keyword::VALUE))
+        .min()
         .ok_or("an INSERT without VALUES")?;
     let mut rows = Vec::new();
     let mut row: Vec<Option<String>> = Vec::new();
