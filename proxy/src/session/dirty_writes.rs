@@ -38,6 +38,9 @@ use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 use crate::protocol::{Command, frame};
 
+/// How many times a wrapped write is run before its client is told to try again.
+const WRAP_ATTEMPTS: usize = 4;
+
 /// What the session does with one command outside any global transaction.
 pub enum Route {
     /// Forward it as usual, then [`after_observed`].
@@ -282,8 +285,18 @@ pub async fn run(
     raw: &[u8],
 ) -> Result<(), SessionError> {
     let mut write = write;
-    // A wrapped write whose view changed while it ran is rolled back and routed again.
+    // A wrapped write whose view changed while it ran is rolled back and routed again, a few
+    // times: guards that keep changing end it with an error the client can retry on.
+    let mut wraps = 0;
     let reply = loop {
+        if wraps == WRAP_ATTEMPTS {
+            break ErrPacket::new(
+                1213,
+                "40001",
+                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding global locks changed every time this write ran; it was not run)",
+            )
+            .to_packet(1);
+        }
         let m = &shared.metrics;
         let reply = match write {
             Write::Refuse(e) => {
@@ -291,26 +304,21 @@ pub async fn run(
                 tracing::info!(error = %e, "write refused");
                 e.to_packet(1)
             }
-            Write::Wrap => match wrapped(backend, state, shared, global, raw).await? {
-                Some(reply) => reply,
-                None => match route(
-                    command,
-                    &raw[4..],
-                    classified(command, raw, state).as_ref(),
-                    state,
-                    global,
-                ) {
-                    Some(Route::Run(next)) => {
-                        write = next;
+            Write::Wrap => {
+                wraps += 1;
+                match wrapped(backend, state, shared, global, raw).await? {
+                    Some(reply) => reply,
+                    None => {
+                        let class = classified(command, raw, state);
+                        // The view is quiet again, or the session changed under us: wrap again.
+                        write = match route(command, &raw[4..], class.as_ref(), state, global) {
+                            Some(Route::Run(next)) => next,
+                            _ => Write::Wrap,
+                        };
                         continue;
                     }
-                    // The view is quiet again, or the session changed under us: wrap again.
-                    _ => {
-                        write = Write::Wrap;
-                        continue;
-                    }
-                },
-            },
+                }
+            }
             Write::Check(plan) => {
                 m.writes_checked.increment(1);
                 checked(backend, state, shared, global, *plan, command, raw).await?
