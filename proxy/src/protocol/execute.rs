@@ -173,6 +173,17 @@ pub fn literal(p: &Param) -> Option<String> {
     }
 }
 
+/// The parameters as SQL literals, if every one is an integer (or NULL).
+pub fn integer_literals(params: &[Param]) -> Option<Vec<String>> {
+    params
+        .iter()
+        .map(|p| match p.kind[0] {
+            0x01 | 0x02 | 0x03 | 0x08 | 0x09 | 0x0d | 0x06 => literal(p),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

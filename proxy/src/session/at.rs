@@ -568,43 +568,18 @@ pub(super) async fn select_filtered(
         .map(|a| format!(" AS {}", ident(a)))
         .unwrap_or_default();
     let sql = format!("SELECT {list} FROM {qualified}{alias}{} FOR UPDATE", change.filter);
-    let read = if change.filter_params.is_empty() {
-        inject::query(backend, state, &sql, limit).await?
-    } else if let Some(text) = params
-        .get(change.filter_params.clone())
-        .and_then(integer_literals)
-        .and_then(|values| dml::bind_literals(&sql, &values))
-    {
-        // Integers mean the same written out: one text query instead of a prepare,
-        // execute and close.
-        inject::query(backend, state, &text, limit).await?
-    } else {
-        let Some(bound) = params.get(change.filter_params.clone()) else {
-            return Ok(Err(ErrPacket::new(
-                1210,
-                "HY000",
-                "Incorrect arguments to EXECUTE: ferrata-proxy could not read the statement's parameters",
-            )));
-        };
-        inject::execute(backend, state, &sql, bound, limit).await?
+    let Some(bound) = params.get(change.filter_params.clone()) else {
+        return Ok(Err(ErrPacket::new(
+            1210,
+            "HY000",
+            "Incorrect arguments to EXECUTE: ferrata-proxy could not read the statement's parameters",
+        )));
     };
+    let read = inject::execute(backend, state, &sql, bound, limit).await?;
     Ok(match read.error {
         Some((code, message)) => Err(ErrPacket::new(code, "HY000", message)),
         None => Ok(read.rows),
     })
-}
-
-/// The parameters as SQL literals, if every one is an integer (or NULL): those compare the
-/// same written out as bound. Strings do not (a literal takes the connection's character set
-/// and collation rules differently from a bound value).
-fn integer_literals(params: &[Param]) -> Option<Vec<String>> {
-    params
-        .iter()
-        .map(|p| match p.kind[0] {
-            0x01 | 0x02 | 0x03 | 0x08 | 0x09 | 0x0d | 0x06 => execute::literal(p),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The condition that finds an INSERT's rows by primary key once it ran: its literal keys,

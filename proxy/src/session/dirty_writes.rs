@@ -14,13 +14,15 @@
 //!   rolls back and takes the route again). The client sees the statement's own response.
 //! - **Check**: a write to a guarded table. Its rows are found (UPDATE and DELETE: the
 //!   statement's filter, `SELECT <primary key> ... FOR UPDATE`, before it runs; INSERT: its keys,
-//!   read back after; IGNORE, upserts and REPLACE: every key they name, before and after) and
+//!   read back after; IGNORE, upserts and REPLACE: every key they name, before and after;
+//!   multi-table UPDATE and DELETE: each written table's keys by the statement's own
+//!   references and WHERE, before) and
 //!   kept until the local transaction's commit point, where the
 //!   coordinator is asked whether any of them is globally locked, waiting up to the lock
 //!   timeout, while the database still holds their row locks. An autocommit write is checked
 //!   at once inside the proxy's own local transaction.
-//! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (multi-table or
-//!   multi-statement writes) gets ERR 1235 without running.
+//! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (a
+//!   multi-statement string, an UPDATE of a primary-key column) gets ERR 1235 without running.
 //!
 //! Commit points (COMMIT, and statements that commit implicitly) of a transaction with
 //! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
@@ -55,6 +57,7 @@ pub enum Route {
 pub enum Write {
     Wrap,
     Check(Box<dml::Plan>),
+    CheckMulti(Box<dml::MultiChange>),
     Refuse(ErrPacket),
 }
 
@@ -137,6 +140,11 @@ pub fn route(
     };
     if class.multi_statement {
         return Some(refuse("a multi-statement string"));
+    }
+    match dml::plan_multi(&sql) {
+        Some(Ok(multi)) => return Some(Route::Run(Write::CheckMulti(Box::new(multi)))),
+        Some(Err(why)) => return Some(refuse(&why)),
+        None => {}
     }
     match dml::plan(&sql) {
         Ok(plan) => Some(Route::Run(Write::Check(Box::new(plan)))),
@@ -323,6 +331,10 @@ pub async fn run(
                 m.writes_checked.increment(1);
                 checked(backend, state, shared, global, *plan, command, raw).await?
             }
+            Write::CheckMulti(plan) => {
+                m.writes_checked.increment(1);
+                checked_multi(backend, state, shared, global, *plan, command, raw).await?
+            }
         };
         break reply;
     };
@@ -377,6 +389,127 @@ async fn wrapped(
     Ok(Some(response))
 }
 
+/// The client's parameters of an execute (none for a text query); `Err` with the refusal
+/// when they cannot be read.
+fn execute_params(command: u8, raw: &[u8], state: &SessionState) -> Result<Vec<Param>, String> {
+    if command != Command::STMT_EXECUTE {
+        return Ok(Vec::new());
+    }
+    let payload = &raw[4..];
+    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    let stmt = state.statements.get(&id);
+    if stmt.is_some_and(|s| s.long_data_dropped) {
+        return Err("a prepared statement with more long data than max_packet_size".into());
+    }
+    stmt.and_then(|s| s.bound_params(payload))
+        .ok_or_else(|| "this execute (its parameters could not be read)".into())
+}
+
+fn refuse_check(why: &str) -> Vec<u8> {
+    ErrPacket::new(
+        1235,
+        "42000",
+        format!("ferrata-proxy cannot check {why} for dirty writes, so it was not run"),
+    )
+    .to_packet(1)
+}
+
+/// The rows written join the transaction's for its commit point; an autocommit write (in
+/// the proxy's own transaction, `before` the status it started with) is checked and
+/// committed at once.
+async fn finish_checked(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    written: TableRows,
+    mut response: Vec<u8>,
+    autocommit: Option<crate::protocol::ServerStatus>,
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let Some(before) = autocommit else {
+        for (table, keys) in written {
+            state.written.rows.entry(table).or_default().extend(keys);
+        }
+        return Ok(response);
+    };
+    if let Some(e) = check(shared, global, &written, "the statement was not run").await {
+        super::global::local_rollback(backend, state, limit).await?;
+        return Ok(e.to_packet(1));
+    }
+    let committed = inject::query(backend, state, "COMMIT", limit).await?;
+    if let Some((code, message)) = committed.error {
+        return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+    }
+    at::as_autocommit(&mut response, state, before);
+    Ok(response)
+}
+
+/// A multi-table write touching a guarded table: the rows of every table it writes found
+/// by the statement's own references and WHERE, before it runs.
+async fn checked_multi(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    shared: &Shared,
+    global: &Global,
+    plan: dml::MultiChange,
+    command: u8,
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let written = match super::multi_table::written(&plan, state, global).await {
+        Ok(Ok(w)) => w,
+        Ok(Err(why)) => return Ok(refuse_check(&why)),
+        Err(e) => return Ok(e.to_packet(1)),
+    };
+    let params = match execute_params(command, raw, state) {
+        Ok(p) => p,
+        Err(why) => return Ok(refuse_check(&why)),
+    };
+    let Some(bound) = super::multi_table::select_params(&plan, &params) else {
+        return Ok(refuse_check("this execute (its parameters could not be read)"));
+    };
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let before = state.status;
+    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
+    }
+    let mut rows = TableRows::new();
+    // A table without a primary key can hold no global lock: nothing to find.
+    for w in written.iter().filter(|w| !w.meta.primary_key.is_empty()) {
+        let list = undo::qualified_select_list(&w.qualifier, &w.meta.key_specs());
+        let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
+        let read = inject::execute(backend, state, &sql, &bound, limit).await?;
+        if let Some((code, message)) = read.error {
+            if autocommit {
+                super::global::local_rollback(backend, state, limit).await?;
+            }
+            return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
+        }
+        let keys = rows.entry((w.schema.clone(), w.meta.name.clone())).or_default();
+        for row in read.rows {
+            let key: Vec<Vec<u8>> = row.into_iter().map(Option::unwrap_or_default).collect();
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    let response = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok((response, _)) => response,
+        Err(refused) => return Ok(refused),
+    };
+    finish_checked(
+        backend,
+        state,
+        shared,
+        global,
+        rows,
+        response,
+        autocommit.then_some(before),
+    )
+    .await
+}
+
 /// A write to a guarded table: its rows found and kept for the commit point (checked at
 /// once for an autocommit write).
 async fn checked(
@@ -389,14 +522,7 @@ async fn checked(
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
-    let refuse = |why: String| {
-        ErrPacket::new(
-            1235,
-            "42000",
-            format!("ferrata-proxy cannot check {why} for dirty writes, so it was not run"),
-        )
-        .to_packet(1)
-    };
+    let refuse = |why: String| refuse_check(&why);
     let table = match &plan {
         dml::Plan::Change(c) => &c.table,
         dml::Plan::Insert(i) => &i.table,
@@ -408,22 +534,9 @@ async fn checked(
         Ok(meta) => meta,
         Err(e) => return Ok(e.to_packet(1)),
     };
-    let params: Vec<Param> = match command {
-        Command::STMT_EXECUTE => {
-            let payload = &raw[4..];
-            let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-            let stmt = state.statements.get(&id);
-            if stmt.is_some_and(|s| s.long_data_dropped) {
-                return Ok(refuse(
-                    "a prepared statement with more long data than max_packet_size".into(),
-                ));
-            }
-            match stmt.and_then(|s| s.bound_params(payload)) {
-                Some(p) => p,
-                None => return Ok(refuse("this execute (its parameters could not be read)".into())),
-            }
-        }
-        _ => Vec::new(),
+    let params = match execute_params(command, raw, state) {
+        Ok(p) => p,
+        Err(why) => return Ok(refuse(why)),
     };
     if let dml::Plan::Change(change) = &plan
         && let Some(column) = change.assigned.iter().find(|c| {
@@ -486,7 +599,7 @@ async fn checked(
         }
         rows = read.rows;
     }
-    let (mut response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let (response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
         Ok(done) => done,
         Err(refused) => return Ok(refused),
     };
@@ -552,20 +665,14 @@ async fn checked(
                 .collect(),
         );
     }
-    if !autocommit {
-        for (table, keys) in written {
-            state.written.rows.entry(table).or_default().extend(keys);
-        }
-        return Ok(response);
-    }
-    if let Some(e) = check(shared, global, &written, "the statement was not run").await {
-        super::global::local_rollback(backend, state, limit).await?;
-        return Ok(e.to_packet(1));
-    }
-    let committed = inject::query(backend, state, "COMMIT", limit).await?;
-    if let Some((code, message)) = committed.error {
-        return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-    }
-    at::as_autocommit(&mut response, state, before);
-    Ok(response)
+    finish_checked(
+        backend,
+        state,
+        shared,
+        global,
+        written,
+        response,
+        autocommit.then_some(before),
+    )
+    .await
 }

@@ -60,9 +60,11 @@ pub async fn read_one(backend: &mut Peer, state: &mut SessionState, limit: usize
         .map(|(o, _)| o)
 }
 
-/// Runs `sql` as a prepared statement with `params` (binary protocol), for queries whose
-/// text holds a client's `?` placeholders. Every column must be a string (the image select
-/// lists are). The statement is closed afterwards.
+/// Runs `sql`, whose text holds a client's `?` placeholders, with `params`: as a text query
+/// when there are none or all are integers (written out, they mean the same: one round trip
+/// instead of a prepare, execute and close), else as a prepared statement (binary protocol,
+/// closed afterwards; strings are bound, as a literal would compare under other collation
+/// rules). Every column must be a string (the image select lists are).
 pub async fn execute(
     backend: &mut Peer,
     state: &mut SessionState,
@@ -70,6 +72,12 @@ pub async fn execute(
     params: &[execute::Param],
     limit: usize,
 ) -> Result<Outcome, SessionError> {
+    if params.is_empty() {
+        return query(backend, state, sql, limit).await;
+    }
+    if let Some(text) = execute::integer_literals(params).and_then(|v| crate::global::dml::bind_literals(sql, &v)) {
+        return query(backend, state, &text, limit).await;
+    }
     let mut payload = vec![Command::STMT_PREPARE];
     payload.extend_from_slice(sql.as_bytes());
     send(backend, &payload).await?;

@@ -166,11 +166,7 @@ pub async fn run(
             plan.tail_excluding(&excluded.join(" OR "))
         };
         let select = format!("SELECT {} {tail}", list.join(", "));
-        let read = if tail_params.is_empty() {
-            inject::query(backend, state, &select, limit).await?
-        } else {
-            inject::execute(backend, state, &select, tail_params, limit).await?
-        };
+        let read = inject::execute(backend, state, &select, tail_params, limit).await?;
         if let Some((code, message)) = read.error {
             return abort(client, backend, state, ErrPacket::new(code, "HY000", message)).await;
         }

@@ -39,13 +39,26 @@ fn names(table: &TableRef, name: &str) -> bool {
     }
 }
 
-/// The tables written and their metadata, checked; or the refusal.
-async fn targets(
+/// The client's parameters that the select of the statement's rows (`select_tail`) takes.
+pub(super) fn select_params(plan: &MultiChange, params: &[Param]) -> Option<Vec<Param>> {
+    plan.params.iter().map(|&i| params.get(i).cloned()).collect()
+}
+
+/// One table a multi-table statement writes.
+pub(super) struct Written {
+    pub schema: String,
+    pub meta: Arc<TableMeta>,
+    /// How the statement names it (alias, else table name).
+    pub qualifier: String,
+}
+
+/// The tables the statement writes, placed by their metadata: `Ok(Err(why))` for a statement
+/// the proxy cannot follow, `Err` for the server's error (an unknown table).
+pub(super) async fn written(
     plan: &MultiChange,
     state: &SessionState,
     global: &Global,
-    xid: &str,
-) -> Result<(String, Vec<Target>), ErrPacket> {
+) -> Result<Result<Vec<Written>, String>, ErrPacket> {
     let mut metas = Vec::with_capacity(plan.tables.len());
     for t in &plan.tables {
         let Some(schema) = t.schema.clone().or_else(|| state.schema.clone()) else {
@@ -54,39 +67,26 @@ async fn targets(
         metas.push((schema.clone(), global.table(&schema, &t.name).await?));
     }
     let mut written: Vec<usize> = Vec::new();
-    let mut add = |i: usize| {
-        if !written.contains(&i) {
-            written.push(i);
-        }
-    };
     match plan.kind {
         ChangeKind::Delete => {
             for target in &plan.targets {
-                let i =
-                    plan.tables.iter().position(|t| names(t, target)).ok_or_else(|| {
-                        at::refuse(&format!("a DELETE from {target}, which its FROM does not name"), xid)
-                    })?;
-                add(i);
+                let Some(i) = plan.tables.iter().position(|t| names(t, target)) else {
+                    return Ok(Err(format!("a DELETE from {target}, which its FROM does not name")));
+                };
+                written.push(i);
             }
         }
         ChangeKind::Update => {
             for (qualifier, column) in &plan.assigned {
                 let has = |i: usize| metas[i].1.columns.iter().any(|c| c.name.eq_ignore_ascii_case(column));
                 let found: Vec<usize> = match qualifier {
-                    Some(q) => plan
-                        .tables
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, t)| names(t, q))
-                        .map(|(i, _)| i)
-                        .collect(),
+                    Some(q) => (0..plan.tables.len()).filter(|&i| names(&plan.tables[i], q)).collect(),
                     None => (0..plan.tables.len()).filter(|&i| has(i)).collect(),
                 };
                 let [i] = found[..] else {
-                    return Err(at::refuse(
-                        &format!("a multi-table UPDATE whose column {column} the proxy cannot place in one table"),
-                        xid,
-                    ));
+                    return Ok(Err(format!(
+                        "a multi-table UPDATE whose column {column} the proxy cannot place in one table"
+                    )));
                 };
                 let meta = &metas[i].1;
                 if meta
@@ -94,19 +94,50 @@ async fn targets(
                     .iter()
                     .any(|&k| meta.columns[k].name.eq_ignore_ascii_case(column))
                 {
-                    return Err(at::refuse(
-                        &format!("an UPDATE of the primary-key column {column}"),
-                        xid,
-                    ));
+                    return Ok(Err(format!("an UPDATE of the primary-key column {column}")));
                 }
-                add(i);
+                written.push(i);
             }
         }
     }
-    let schema = metas[written[0]].0.clone();
+    if written.is_empty() {
+        return Ok(Err(
+            "a multi-table statement whose written tables the proxy cannot tell".into(),
+        ));
+    }
+    let mut seen = Vec::new();
+    written.retain(|i| {
+        let first = !seen.contains(i);
+        seen.push(*i);
+        first
+    });
+    Ok(Ok(written
+        .into_iter()
+        .map(|i| {
+            let table = &plan.tables[i];
+            Written {
+                schema: metas[i].0.clone(),
+                meta: Arc::clone(&metas[i].1),
+                qualifier: table.alias.clone().unwrap_or_else(|| table.name.clone()),
+            }
+        })
+        .collect()))
+}
+
+/// The tables written and their metadata, checked for imaging; or the refusal.
+async fn targets(
+    plan: &MultiChange,
+    state: &SessionState,
+    global: &Global,
+    xid: &str,
+) -> Result<(String, Vec<Target>), ErrPacket> {
+    let written = written(plan, state, global)
+        .await?
+        .map_err(|why| at::refuse(&why, xid))?;
+    let schema = written[0].schema.clone();
     let mut out = Vec::new();
-    for i in written {
-        let (s, meta) = &metas[i];
+    for w in written {
+        let (s, meta) = (&w.schema, &w.meta);
         if *s != schema || state.branch.as_ref().is_some_and(|b| b.schema != *s) {
             return Err(at::refuse(
                 "a write to more than one database in one local transaction",
@@ -128,11 +159,10 @@ async fn targets(
                 xid,
             ));
         }
-        let table = &plan.tables[i];
         out.push(Target {
-            qualifier: table.alias.clone().unwrap_or_else(|| table.name.clone()),
+            qualifier: w.qualifier,
             specs: meta.specs(),
-            meta: Arc::clone(meta),
+            meta: w.meta,
         });
     }
     Ok((schema, out))
@@ -171,11 +201,7 @@ pub(super) async fn run(
     for t in &targets {
         let list = undo::qualified_select_list(&t.qualifier, &t.specs);
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
-        let read = if bound.is_empty() {
-            inject::query(backend, state, &sql, limit).await?
-        } else {
-            inject::execute(backend, state, &sql, &bound, limit).await?
-        };
+        let read = inject::execute(backend, state, &sql, &bound, limit).await?;
         if let Some((code, message)) = read.error {
             return at::abort(
                 backend,
