@@ -10,6 +10,7 @@ use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::start_global as start;
 use ferrata_tests::{Proxy, server_error, test_config, until};
 use mysql_async::prelude::*;
 
@@ -19,11 +20,6 @@ const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 /// A real `ferrata-proxy` process in front of `db`.
 async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<ProxyProcess> {
     ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)
-}
-
-async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
-    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
-    Ok(xid.expect("one row"))
 }
 
 /// Every column of every row, as hex, read directly from the server: what "byte-identical"

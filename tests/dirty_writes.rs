@@ -35,10 +35,7 @@ async fn setup(lock_wait_ms: u64) -> Result<(MariaDb, Coordinator, ProxyProcess)
 /// globally locked until it ends.
 async fn hold_row(proxy: &ProxyProcess) -> Result<(mysql_async::Conn, String)> {
     let mut g = proxy.conn().await?;
-    let xid: String = g
-        .query_first("START GLOBAL TRANSACTION TIMEOUT 60000")
-        .await?
-        .expect("an XID");
+    let xid = ferrata_tests::start_global(&mut g).await?;
     g.query_drop("UPDATE account SET balance = balance - 10 WHERE id = 1")
         .await?;
     Ok((g, xid))

@@ -7,6 +7,7 @@ use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::start_global as start;
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -36,11 +37,6 @@ async fn snapshot(db: &MariaDb) -> Result<(Vec<(i32, i32, i32, String)>, Vec<(i3
         c.query("SELECT order_id, n, qty FROM order_line ORDER BY order_id, n")
             .await?,
     ))
-}
-
-async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
-    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
-    Ok(xid.expect("an XID"))
 }
 
 async fn change_everything(c: &mut mysql_async::Conn) -> Result<()> {

@@ -11,6 +11,7 @@ use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::server_error;
+use ferrata_tests::start_global as start;
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -27,11 +28,6 @@ async fn setup(lock_wait_ms: u64) -> Result<(MariaDb, Coordinator, ProxyProcess)
     c.query_drop("INSERT INTO account VALUES (1, 100), (2, 100), (3, 100)")
         .await?;
     Ok((db, tc, proxy))
-}
-
-async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
-    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
-    Ok(xid.expect("an XID"))
 }
 
 /// A global transaction that took 10 from account 1 and committed its branch: the row is

@@ -10,6 +10,7 @@ use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::start_global as start;
 use ferrata_tests::until;
 use mysql_async::prelude::*;
 
@@ -35,11 +36,6 @@ async fn rows(db: &MariaDb) -> Result<Vec<(i64, String, i64)>> {
         .await?
         .query("SELECT id, sku, qty FROM item ORDER BY id")
         .await?)
-}
-
-async fn start(conn: &mut mysql_async::Conn) -> Result<String> {
-    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
-    Ok(xid.expect("an XID"))
 }
 
 /// Every form once, some in a local transaction and some in autocommit.

@@ -181,6 +181,13 @@ async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16
     Ok((status, body))
 }
 
+/// `START GLOBAL TRANSACTION` (60 s timeout) on `conn`: the XID.
+pub async fn start_global(conn: &mut mysql_async::Conn) -> Result<String> {
+    use mysql_async::prelude::Queryable;
+    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION TIMEOUT 60000").await?;
+    xid.context("START GLOBAL TRANSACTION returned no row")
+}
+
 /// The value of an unlabelled (or exactly labelled) sample in Prometheus text output.
 pub fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {

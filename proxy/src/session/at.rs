@@ -31,16 +31,7 @@ use crate::protocol::execute::{self, Param};
 use crate::protocol::response::{PEEK, ResponseKind, ResponseTracker};
 use crate::protocol::{Capabilities, ServerStatus, ok};
 
-pub(super) fn refuse(what: &str, xid: &str) -> ErrPacket {
-    ErrPacket::new(
-        1235,
-        "42000",
-        format!(
-            "ferrata-proxy cannot protect {what} inside global transaction {xid}, so it was not run; \
-             run it outside the global transaction (LEAVE GLOBAL TRANSACTION) or rewrite it"
-        ),
-    )
-}
+pub(super) use super::global::not_protected as refuse;
 
 /// Upper-case hex digits of `bytes`, for an `X'...'` literal.
 fn hex(bytes: &[u8]) -> String {
@@ -407,13 +398,7 @@ async fn run(
     let after: Vec<Vec<Option<String>>> = match condition {
         None => Vec::new(),
         Some(condition) => {
-            let read = inject::query(
-                backend,
-                state,
-                &format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE"),
-                limit,
-            )
-            .await?;
+            let read = inject::query(backend, state, &select_locked(&list, &qualified, &condition), limit).await?;
             if let Some((code, message)) = read.error {
                 let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
                 return abort(backend, state, limit, true, e).await;
@@ -501,6 +486,11 @@ pub(super) async fn finish(
         as_autocommit(&mut response, state, original_status);
     }
     Ok(response)
+}
+
+/// `SELECT <list> FROM <qualified> WHERE <condition> FOR UPDATE`: rows found by key, locked.
+pub(super) fn select_locked(list: &str, qualified: &str, condition: &str) -> String {
+    format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE")
 }
 
 /// Opens the proxy's own local transaction around an autocommit statement; the server's

@@ -36,9 +36,9 @@ use crate::classify::{self, Classification, Dml, Other, StatementClass, TxContro
 use crate::config::WhenUnreachable;
 use crate::global::guards::Observation;
 use crate::global::{CheckFailure, Global, TableRows, dml, undo};
+use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
-use crate::protocol::{Command, frame};
 
 /// How many times a wrapped write is run before its client is told to try again.
 const WRAP_ATTEMPTS: usize = 4;
@@ -359,8 +359,7 @@ async fn wrapped(
     shared.metrics.writes_wrapped.increment(1);
     let before = state.status;
     let seen = global.guards.observe();
-    let mut both = Vec::with_capacity(raw.len() + 24);
-    frame::write_packet(&mut both, 0, b"\x03START TRANSACTION");
+    let mut both = inject::query_packet("START TRANSACTION");
     both.extend_from_slice(raw);
     backend
         .write_all(&both)
@@ -522,7 +521,6 @@ async fn checked(
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
-    let refuse = |why: String| refuse_check(&why);
     let table = match &plan {
         dml::Plan::Change(c) => &c.table,
         dml::Plan::Insert(i) => &i.table,
@@ -536,7 +534,7 @@ async fn checked(
     };
     let params = match execute_params(command, raw, state) {
         Ok(p) => p,
-        Err(why) => return Ok(refuse(why)),
+        Err(why) => return Ok(refuse_check(&why)),
     };
     if let dml::Plan::Change(change) = &plan
         && let Some(column) = change.assigned.iter().find(|c| {
@@ -545,7 +543,7 @@ async fn checked(
                 .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(c))
         })
     {
-        return Ok(refuse(format!("an UPDATE of the primary-key column {column}")));
+        return Ok(refuse_check(&format!("an UPDATE of the primary-key column {column}")));
     }
     // A plain INSERT's rows are found by their keys after it ran; the INSERTs that meet rows
     // already there (IGNORE, upserts, REPLACE) write rows found by any key they name, before
@@ -557,12 +555,12 @@ async fn checked(
         dml::Plan::Insert(insert) if insert.mode == dml::InsertMode::Plain => {
             match at::insert_keys(insert, &meta, &params) {
                 Ok(k) => keys = Some(k),
-                Err(why) => return Ok(refuse(why)),
+                Err(why) => return Ok(refuse_check(&why)),
             }
         }
         dml::Plan::Insert(insert) => match super::upsert::key_condition(insert, &meta, &params) {
             Ok(c) => key_condition = Some(c),
-            Err(why) => return Ok(refuse(why)),
+            Err(why) => return Ok(refuse_check(&why)),
         },
         dml::Plan::Change(_) => {}
     }
@@ -588,12 +586,9 @@ async fn checked(
             Err(e) => return abort(backend, state, e).await,
         }
     }
-    let keyed = format!(
-        "SELECT {list} FROM {qualified} WHERE {} FOR UPDATE",
-        key_condition.as_deref().unwrap_or("FALSE")
-    );
-    if key_condition.is_some() {
-        let read = inject::query(backend, state, &keyed, limit).await?;
+    let keyed = key_condition.map(|c| at::select_locked(&list, &qualified, &c));
+    if let Some(keyed) = &keyed {
+        let read = inject::query(backend, state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
             return abort(backend, state, ErrPacket::new(code, "HY000", message)).await;
         }
@@ -603,8 +598,8 @@ async fn checked(
         Ok(done) => done,
         Err(refused) => return Ok(refused),
     };
-    if key_condition.is_some() {
-        let read = inject::query(backend, state, &keyed, limit).await?;
+    if let Some(keyed) = &keyed {
+        let read = inject::query(backend, state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
             if !autocommit {
                 state.written.poisoned = Some(format!("{database}.{}", meta.name));
@@ -624,13 +619,7 @@ async fn checked(
     }
     if let Some(keys) = &keys {
         let condition = at::insert_condition(backend, state, &meta, keys, summary, limit).await?;
-        let read = inject::query(
-            backend,
-            state,
-            &format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE"),
-            limit,
-        )
-        .await?;
+        let read = inject::query(backend, state, &at::select_locked(&list, &qualified, &condition), limit).await?;
         if let Some((code, message)) = read.error {
             let e = ErrPacket::new(
                 code,

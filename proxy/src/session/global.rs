@@ -18,7 +18,7 @@ use crate::protocol::resultset;
 const REPLY_SEQ: u8 = 1;
 
 /// ER_NOT_SUPPORTED_YET, for what the proxy cannot protect.
-fn not_protected(what: &str, xid: &str) -> ErrPacket {
+pub(super) fn not_protected(what: &str, xid: &str) -> ErrPacket {
     ErrPacket::new(
         1235,
         "42000",

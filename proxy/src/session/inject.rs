@@ -37,6 +37,16 @@ fn parse_row(payload: &[u8]) -> Option<Row> {
     Some(row)
 }
 
+/// A COM_QUERY packet (sequence id 0) for `sql`.
+pub fn query_packet(sql: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + sql.len());
+    payload.push(Command::QUERY);
+    payload.extend_from_slice(sql.as_bytes());
+    let mut packet = Vec::with_capacity(payload.len() + 4);
+    frame::write_packet(&mut packet, 0, &payload);
+    packet
+}
+
 /// Runs `sql` (COM_QUERY) on the backend and reads its whole response.
 pub async fn query(
     backend: &mut Peer,
@@ -44,10 +54,10 @@ pub async fn query(
     sql: &str,
     limit: usize,
 ) -> Result<Outcome, SessionError> {
-    let mut payload = Vec::with_capacity(1 + sql.len());
-    payload.push(Command::QUERY);
-    payload.extend_from_slice(sql.as_bytes());
-    send(backend, &payload).await?;
+    backend
+        .write_all(&query_packet(sql))
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
     read(backend, state, ResponseKind::Generic, limit, parse_row)
         .await
         .map(|(o, _)| o)

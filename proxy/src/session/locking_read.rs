@@ -27,9 +27,9 @@ use super::state::SessionState;
 use super::{SessionError, Shared, inject, reply};
 use crate::global::locking_read::{self, Wait};
 use crate::global::{CheckFailure, Global, TableRows, undo};
+use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
-use crate::protocol::{Command, frame};
 
 /// How many times SKIP LOCKED selects keys again after leaving out globally locked rows.
 const SKIP_ROUNDS: usize = 8;
@@ -140,10 +140,7 @@ pub async fn run(
         }
         reply(client, e).await
     };
-    let Some(tail_params) = params
-        .get(plan.tail_params.clone())
-        .or(plan.tail_params.is_empty().then_some(&[][..]))
-    else {
+    let Some(tail_params) = params.get(plan.tail_params.clone()) else {
         return abort(
             client,
             backend,
@@ -221,16 +218,11 @@ pub async fn run(
     let statement = if excluded.is_empty() {
         raw.to_vec()
     } else if command == Command::QUERY {
-        let text = format!(
+        inject::query_packet(&format!(
             "{}{}",
             &sql[..plan.tail_start],
             plan.tail_excluding(&excluded.join(" OR "))
-        );
-        let mut packet = Vec::with_capacity(text.len() + 5);
-        let mut body = vec![Command::QUERY];
-        body.extend_from_slice(text.as_bytes());
-        frame::write_packet(&mut packet, 0, &body);
-        packet
+        ))
     } else {
         let e = refuse(
             "a prepared SKIP LOCKED read while some of its rows are globally locked (use the text protocol)",

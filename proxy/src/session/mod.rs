@@ -294,10 +294,7 @@ async fn serve(
                 (Intercepted::Answer, _) => global::answer(client, backend, state, shared, &sql()).await?,
                 (Intercepted::Refuse(e), _) => {
                     tracing::info!(error = %e, "statement refused");
-                    client
-                        .write_all(&e.to_packet(1))
-                        .await
-                        .map_err(|_| SessionError::ClientClosed)?;
+                    reply(client, e).await?;
                 }
                 (Intercepted::Protect(xid), Some(g)) => {
                     protect(client, backend, state, shared, g, &xid, command, &raw).await?
@@ -331,10 +328,7 @@ async fn serve(
                 if let Some(e) = dirty_writes::before_commit(backend, state, shared, g).await? {
                     drop(payload);
                     client.consume(span.raw_len);
-                    client
-                        .write_all(&e.to_packet(1))
-                        .await
-                        .map_err(|_| SessionError::ClientClosed)?;
+                    reply(client, e).await?;
                     shared.metrics.command(command, started.elapsed());
                     continue;
                 }

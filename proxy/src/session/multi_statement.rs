@@ -14,10 +14,10 @@
 use super::at;
 use super::peer::Peer;
 use super::state::SessionState;
-use super::{SessionError, Shared, reply};
+use super::{SessionError, Shared, inject, reply};
 use crate::classify::{self, Dml, Other, StatementClass};
 use crate::global::{Global, dml};
-use crate::protocol::{Capabilities, Command, frame, ok};
+use crate::protocol::{Capabilities, ok};
 
 /// Whether the proxy takes a multi-statement string of this session over.
 pub fn handles(state: &SessionState) -> bool {
@@ -35,12 +35,11 @@ fn refusal(sql: &str, pieces: &[std::ops::Range<usize>], no_backslash_escapes: b
         let class = classify::classify(text.as_bytes(), no_backslash_escapes);
         match class.class {
             StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => {
-                if let Some(Err(why)) = dml::plan_multi(text) {
-                    return Some(why);
-                }
-                if dml::plan_multi(text).is_none()
-                    && let Err(why) = dml::plan(text)
-                {
+                let planned = match dml::plan_multi(text) {
+                    Some(multi) => multi.map(|_| ()),
+                    None => dml::plan(text).map(|_| ()),
+                };
+                if let Err(why) = planned {
                     return Some(why);
                 }
             }
@@ -87,20 +86,13 @@ pub async fn run(
     let mut seq = 1u8;
     for (i, piece) in pieces.iter().enumerate() {
         let text = &sql[piece.clone()];
-        let mut body = vec![Command::QUERY];
-        body.extend_from_slice(text.as_bytes());
-        let mut raw = Vec::with_capacity(body.len() + 4);
-        frame::write_packet(&mut raw, 0, &body);
+        let raw = inject::query_packet(text);
         let class = classify::classify(text.as_bytes(), state.no_backslash_escapes());
         let mut response = match class.class {
             StatementClass::Dml(_) => at::protected(backend, state, shared, global, xid, text, &[], &raw).await?,
-            _ => {
-                backend
-                    .write_all(&raw)
-                    .await
-                    .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-                at::read_response(backend, state, limit).await?.0
-            }
+            _ => match at::run_client_statement(backend, state, limit, &raw, false).await? {
+                Ok((response, _)) | Err(response) => response,
+            },
         };
         let failed = response.get(4) == Some(&0xff);
         let more = !failed && i + 1 < pieces.len();

@@ -126,8 +126,7 @@ pub(super) async fn run(
     let list = undo::select_list(&specs);
     let qualified = format!("{}.{}", at::ident(&schema), at::ident(&meta.name));
     let read = async |backend: &mut Peer, state: &mut SessionState, condition: &str| {
-        let sql = format!("SELECT {list} FROM {qualified} WHERE {condition} FOR UPDATE");
-        inject::query(backend, state, &sql, limit).await
+        inject::query(backend, state, &at::select_locked(&list, &qualified, condition), limit).await
     };
     let found = read(backend, state, &condition).await?;
     if let Some((code, message)) = found.error {
