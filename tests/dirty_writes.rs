@@ -250,3 +250,21 @@ async fn prepared_writes_and_inserts_are_checked_by_key() -> Result<()> {
     assert_eq!(balance(&db, 3).await?, 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_proxy_with_the_check_off_lets_writes_through_untouched() -> Result<()> {
+    let (db, tc, _proxy) = setup(300).await?;
+    let off = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), 300, "[dirty_writes]\ncheck = false")?;
+    let (mut g, _) = hold_row(&off).await?;
+    let mut c = off.conn().await?;
+    // The row is held, but this proxy was told not to check: the write commits over it.
+    c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 1")
+        .await?;
+    assert_eq!(balance(&db, 1).await?, 91);
+    for route in ["observe", "wrap", "check", "refuse"] {
+        let series = format!("ferrata_proxy_unbound_writes_total{{route=\"{route}\"}}");
+        assert_eq!(off.metric(&series).await?, 0.0, "no write took the {route} route");
+    }
+    g.query_drop("COMMIT GLOBAL").await?;
+    Ok(())
+}

@@ -322,7 +322,11 @@ async fn serve(
         }
         // Outside global transactions: the no-dirty-writes check (`dirty_writes.rs`).
         let mut observed = None;
-        if let Some(g) = shared.global.as_deref().filter(|_| state.xid.is_none()) {
+        if let Some(g) = shared
+            .global
+            .as_deref()
+            .filter(|g| state.xid.is_none() && g.dirty_writes.any())
+        {
             let mut route = dirty_writes::route(command, &payload, class.as_ref(), state, g);
             if let Some(Route::CommitPoint) = route {
                 if let Some(e) = dirty_writes::before_commit(backend, state, shared, g).await? {
