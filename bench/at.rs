@@ -160,7 +160,7 @@ const UNBOUND_TARGET: f64 = 0.95;
 /// Every account starts with this balance.
 const INITIAL_BALANCE: i64 = 1_000_000;
 /// The proxies log warnings, plus the lines the driver waits for.
-const PROXY_LOG: &str = "warn,ferrata_proxy::server=info,ferrata_proxy::global::link=info";
+const PROXY_LOG: &str = "warn,ferrata_proxy::server=info,ferrata_proxy::coordinator::link=info";
 const TC_LOG: &str = "warn,ferrata_tc::server=info";
 /// A client that gets this many errors in a row ends the run: something is broken, and
 /// counting the same refusal for the rest of the window would say nothing.

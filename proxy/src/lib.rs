@@ -4,16 +4,29 @@
 //! authentication are relayed, and bytes the proxy does not need to change pass through
 //! unmodified. See ARCHITECTURE.md for the map of modules and the invariants they keep.
 
-pub mod admin;
+// Layers, lowest first; each uses only those below it (see ARCHITECTURE.md and
+// tests/layers.rs): the foundation (protocol, classify, config, metrics, stream), the
+// session core, SQL the proxy writes, the coordinator layer, the modes (at, isolation),
+// and the assembly (modes, server, admin, cli).
 pub mod classify;
-pub mod cli;
 pub mod config;
-pub mod global;
 pub mod metrics;
 pub mod protocol;
-pub mod server;
-pub mod session;
 pub mod stream;
+
+pub mod session;
+
+pub mod sql;
+
+pub mod coordinator;
+
+pub mod at;
+pub mod isolation;
+
+pub mod admin;
+pub mod cli;
+pub mod modes;
+pub mod server;
 
 pub use config::Config;
 pub use server::Server;

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::modes::Modes;
 use crate::protocol::err::ErrPacket;
 use crate::session::{self, Shared};
 use ferrata_rpc::tls;
@@ -25,6 +26,7 @@ pub struct Server {
     listener: TcpListener,
     admin: Option<admin::AdminServer>,
     shared: Arc<Shared>,
+    modes: Modes,
 }
 
 impl Server {
@@ -45,8 +47,9 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let modes = Modes::from_config(&config);
         let shared = Arc::new(Shared {
-            global: crate::global::Global::from_config(&config),
+            modes: modes.modes.clone(),
             tls_acceptor,
             backend_tls,
             metrics: Metrics::new(),
@@ -61,6 +64,7 @@ impl Server {
             listener,
             admin,
             shared,
+            modes,
         })
     }
 
@@ -78,6 +82,7 @@ impl Server {
             listener,
             admin,
             shared,
+            modes,
         } = self;
         // The admin listener outlives the drain, so that `/healthz` says 503 (and `/metrics`
         // keeps answering) while in-flight commands finish.
@@ -86,7 +91,7 @@ impl Server {
         let admin_task = admin.map(|a| tokio::spawn(a.serve(admin_stop.clone())));
         // Phase-2 commands keep coming through the drain (a session's rollback may need them).
         let attach_stop = CancellationToken::new();
-        if let Some(global) = &shared.global {
+        if modes.coordinated() {
             let rm_id = shared
                 .config
                 .coordinator
@@ -98,7 +103,7 @@ impl Server {
                         listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
                     )
                 });
-            global.start(rm_id, attach_stop.clone());
+            modes.start(rm_id, attach_stop.clone());
         }
         let sessions = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));

@@ -181,9 +181,6 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         schema: parsed.database,
         statements: Default::default(),
         xid: None,
-        branch: None,
-        written: Default::default(),
-        savepoints: Vec::new(),
     };
     Ok((backend, state))
 }

@@ -1,24 +1,22 @@
-//! One client session: a task that owns the client socket and its own backend connection.
+//! The session core: one client session, a task that owns the client socket and its own
+//! backend connection. It knows no transaction mode.
 //!
 //! After the connection phase ([`connect`]), the session reads one command at a time from
-//! the client, forwards its bytes unchanged, and streams the response back ([`relay`]),
-//! keeping [`state::SessionState`] current from what passes. Commands the client pipelines
-//! wait in the client buffer until the previous response has ended.
+//! the client and offers it to the registered modes ([`mode`]); a command none of them takes
+//! is forwarded unchanged and its response streamed back ([`relay`]), keeping
+//! [`state::SessionState`] current from what passes. Commands the client pipelines wait in
+//! the client buffer until the previous response has ended. [`backend`] is how modes run
+//! statements of their own on the session's backend connection.
 
-mod at;
 mod auth;
+pub mod backend;
 mod connect;
-mod dirty_writes;
-mod global;
+mod error;
 mod hide_socket;
-mod inject;
-mod locking_read;
-mod multi_statement;
-mod multi_table;
-mod peer;
-mod relay;
+pub mod mode;
+pub mod peer;
+pub mod relay;
 pub mod state;
-mod upsert;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,22 +28,24 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::classify::{self, Other, StatementClass, TxControl};
+use crate::classify::{self, Other, StatementClass};
 use crate::config::Config;
-use crate::metrics::{ErrorKind, Metrics};
+use crate::metrics::Metrics;
 use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::handshake;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
-use dirty_writes::Route;
+pub use error::SessionError;
+use mode::{Claim, Io, Mode, ModeSession};
 use peer::{Peer, ReadError};
 use state::{PreparedStatement, SessionState};
 
-/// What every session shares: settings, TLS material, metrics, the shutdown signal.
+/// What every session shares: settings, TLS material, metrics, the registered modes, the
+/// shutdown signal.
 pub struct Shared {
     pub config: Config,
-    /// The coordinator link, when one is configured.
-    pub global: Option<Arc<crate::global::Global>>,
+    /// The modes every session offers its commands to, in this order (`crate::modes`).
+    pub modes: Vec<Arc<dyn Mode>>,
     pub tls_acceptor: Option<TlsAcceptor>,
     pub backend_tls: Option<(TlsConnector, ServerName<'static>)>,
     pub metrics: Metrics,
@@ -54,153 +54,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
-/// Why a session ended early. Each variant knows what (if anything) the client is told.
-#[derive(Debug)]
-pub enum SessionError {
-    /// The client went away or stopped mid-packet: nothing to tell anyone.
-    ClientClosed,
-    /// The client broke the protocol: it gets this ERR packet (with this sequence id).
-    Client {
-        reply: ErrPacket,
-        seq: u8,
-    },
-    /// The backend could not be reached or went away. With no `seq`, the client gets the
-    /// ERR in place of the greeting.
-    Backend {
-        reply: ErrPacket,
-        seq: Option<u8>,
-    },
-    /// The backend sent something the proxy cannot follow.
-    BackendProtocol {
-        cause: String,
-        seq: u8,
-    },
-    /// The backend refused the connection; its ERR was already relayed.
-    BackendRefused,
-    /// Authentication failed; the backend's ERR was already relayed.
-    AuthenticationFailed,
-    /// TLS with the client failed: nothing can be said to it any more.
-    Tls(String),
-    /// TLS to the backend failed: the client, waiting for its login result, is told why.
-    BackendTls {
-        cause: String,
-        seq: u8,
-    },
-    HandshakeTimeout,
-}
-
-impl SessionError {
-    pub fn client(reply: ErrPacket, seq: u8) -> Self {
-        SessionError::Client { reply, seq }
-    }
-
-    pub fn backend_lost(cause: &str, last_seq: u8) -> Self {
-        SessionError::Backend {
-            reply: ErrPacket::backend_lost(cause),
-            seq: Some(last_seq.wrapping_add(1)),
-        }
-    }
-
-    pub fn unreachable(backend: &str, cause: &str) -> Self {
-        SessionError::Backend {
-            reply: ErrPacket::backend_unreachable(backend, cause),
-            seq: None,
-        }
-    }
-
-    pub fn backend_protocol(cause: &str, last_seq: u8) -> Self {
-        SessionError::BackendProtocol {
-            cause: cause.to_owned(),
-            seq: last_seq.wrapping_add(1),
-        }
-    }
-
-    pub fn from_backend_read(e: ReadError, last_seq: u8) -> Self {
-        match e {
-            ReadError::Io(e) => Self::backend_lost(&e.to_string(), last_seq),
-            ReadError::Closed { .. } => Self::backend_lost("the server closed the connection", last_seq),
-            ReadError::TooLarge { len, limit } => Self::backend_protocol(
-                &format!("a {len}-byte packet where at most {limit} were expected"),
-                last_seq,
-            ),
-        }
-    }
-
-    fn metric(&self) -> Option<ErrorKind> {
-        match self {
-            SessionError::ClientClosed | SessionError::AuthenticationFailed | SessionError::BackendRefused => None,
-            SessionError::Client { .. } => Some(ErrorKind::ClientProtocol),
-            SessionError::Backend { .. } => Some(ErrorKind::Backend),
-            SessionError::BackendProtocol { .. } => Some(ErrorKind::BackendProtocol),
-            SessionError::Tls(_) | SessionError::BackendTls { .. } => Some(ErrorKind::Tls),
-            SessionError::HandshakeTimeout => Some(ErrorKind::HandshakeTimeout),
-        }
-    }
-
-    /// Logs the failure and tells the client what it needs to know.
-    async fn report(self, shared: &Shared, client: Option<&mut Peer>) {
-        if let Some(kind) = self.metric() {
-            shared.metrics.error(kind);
-        }
-        // The client may still be sending (the rest of an oversized packet, more garbage).
-        let client_may_be_sending = matches!(self, SessionError::Client { .. });
-        let reply = match self {
-            SessionError::ClientClosed => {
-                tracing::debug!("client closed the connection");
-                None
-            }
-            SessionError::AuthenticationFailed => {
-                tracing::info!("authentication failed");
-                None
-            }
-            SessionError::BackendRefused => {
-                tracing::warn!("the backend refused the connection");
-                None
-            }
-            SessionError::Client { reply, seq } => {
-                tracing::warn!(error = %reply, "closing session after a client protocol error");
-                Some(reply.to_packet(seq))
-            }
-            SessionError::Backend { reply, seq } => {
-                tracing::warn!(error = %reply, "backend unavailable");
-                Some(match seq {
-                    Some(seq) => reply.to_packet(seq),
-                    None => reply.to_greeting_packet(),
-                })
-            }
-            SessionError::BackendProtocol { cause, seq } => {
-                tracing::error!(%cause, "closing session: the backend's response could not be followed");
-                Some(
-                    ErrPacket::new(
-                        1105,
-                        "HY000",
-                        format!(
-                            "ferrata-proxy could not follow the server's response ({cause}); the session is closed"
-                        ),
-                    )
-                    .to_packet(seq),
-                )
-            }
-            SessionError::Tls(cause) => {
-                tracing::warn!(%cause, "TLS failed");
-                None
-            }
-            SessionError::BackendTls { cause, seq } => {
-                tracing::error!(%cause, "TLS to the backend failed");
-                Some(ErrPacket::backend_tls(&cause).to_packet(seq))
-            }
-            // The timeout dropped the connection phase, client socket included: nothing to tell.
-            SessionError::HandshakeTimeout => {
-                tracing::info!("handshake timed out");
-                None
-            }
-        };
-        if let (Some(reply), Some(client)) = (reply, client) {
-            let _ = client.write_all(&reply).await;
-            if client_may_be_sending {
-                client.linger_close().await;
-            }
-        }
+impl Shared {
+    /// Whether some mode reads prepared statements' parameters.
+    fn reads_parameters(&self) -> bool {
+        self.modes.iter().any(|m| m.reads_parameters())
     }
 }
 
@@ -238,6 +95,8 @@ async fn serve(
     shared: &Shared,
 ) -> Result<(), SessionError> {
     let limit = shared.config.max_packet_size;
+    let reads_parameters = shared.reads_parameters();
+    let mut modes: Vec<Box<dyn ModeSession>> = shared.modes.iter().map(|m| Arc::clone(m).open()).collect();
     // Registered once per session: every session waits on the same token, and
     // re-registering on each command would take its lock twice per command.
     let shutdown = shared.shutdown.cancelled();
@@ -282,90 +141,57 @@ async fn serve(
         };
         let class = matches!(command, Command::QUERY | Command::STMT_PREPARE)
             .then(|| classify::classify(&payload[1..], state.no_backslash_escapes()));
-        if shared.global.is_some() {
-            state.note_statement_command(command, &payload, shared.config.max_packet_size);
+        if reads_parameters {
+            state.note_statement_command(command, &payload, limit);
         }
-        if let Some(intercepted) = intercept(command, &payload, class.as_ref(), state) {
-            drop(payload);
-            let raw = client.buf[..span.raw_len].to_vec();
-            client.consume(span.raw_len);
-            let sql = || String::from_utf8_lossy(&raw[5..]).into_owned();
-            match (intercepted, &shared.global) {
-                (Intercepted::Answer, _) => global::answer(client, backend, state, shared, &sql()).await?,
-                (Intercepted::Refuse(e), _) => {
-                    tracing::info!(error = %e, "statement refused");
-                    reply(client, e).await?;
+        let offered = mode::Command {
+            code: command,
+            payload: &payload,
+            class: class.as_ref(),
+        };
+        // The first mode that claims the command has it; a gate may send it round again.
+        let taken = loop {
+            let claimed = modes.iter_mut().enumerate().find_map(|(i, m)| {
+                let claim = m.claim(&offered, state, shared);
+                (claim != Claim::Pass).then_some((i, claim))
+            });
+            match claimed {
+                Some((i, Claim::Gate)) => {
+                    if let Some(e) = modes[i].gate(backend, state, shared).await? {
+                        break Err(e);
+                    }
                 }
-                (Intercepted::Protect(xid), Some(g)) => {
-                    protect(client, backend, state, shared, g, &xid, command, &raw).await?
-                }
-                (Intercepted::Commit, Some(g)) => at::commit(client, backend, state, shared, g, &sql()).await?,
-                (Intercepted::Isolate(xid), Some(g)) => {
-                    locking_read::run(client, backend, state, shared, g, &xid, command, &raw).await?
-                }
-                (Intercepted::MultiStatement(xid), Some(g)) => {
-                    multi_statement::run(client, backend, state, shared, g, &xid, &sql()).await?
-                }
-                (
-                    Intercepted::Protect(_)
-                    | Intercepted::Commit
-                    | Intercepted::Isolate(_)
-                    | Intercepted::MultiStatement(_),
-                    None,
-                ) => {
-                    unreachable!("only a coordinator binds sessions")
-                }
+                Some((i, _)) => break Ok(Some(i)),
+                None => break Ok(None),
             }
-            executed(command, &raw[4..], state);
-            shared.metrics.command(command, started.elapsed());
-            continue;
-        }
-        // Outside global transactions: the no-dirty-writes check (`dirty_writes.rs`).
-        let mut observed = None;
-        if let Some(g) = shared
-            .global
-            .as_deref()
-            .filter(|g| state.xid.is_none() && g.dirty_writes.any())
-        {
-            let mut route = dirty_writes::route(command, &payload, class.as_ref(), state, g);
-            if let Some(Route::CommitPoint) = route {
-                if let Some(e) = dirty_writes::before_commit(backend, state, shared, g).await? {
-                    drop(payload);
-                    client.consume(span.raw_len);
-                    reply(client, e).await?;
-                    shared.metrics.command(command, started.elapsed());
-                    continue;
-                }
-                // Checked: a write among what follows takes its own route.
-                route = dirty_writes::route(command, &payload, class.as_ref(), state, g);
+        };
+        match taken {
+            Err(refused) => {
+                drop(payload);
+                client.consume(span.raw_len);
+                backend::reply(client, refused).await?;
+                shared.metrics.command(command, started.elapsed());
+                continue;
             }
-            match route {
-                Some(Route::Run(write)) => {
-                    drop(payload);
-                    let raw = client.buf[..span.raw_len].to_vec();
-                    client.consume(span.raw_len);
-                    dirty_writes::run(client, backend, state, shared, g, write, command, &raw).await?;
-                    executed(command, &raw[4..], state);
-                    shared.metrics.command(command, started.elapsed());
-                    continue;
-                }
-                Some(Route::Observe(seen)) => {
-                    shared.metrics.writes_observed.increment(1);
-                    // The text is looked at again only if the view changes meanwhile.
-                    let head = if command == Command::QUERY { payload.len() } else { 5 };
-                    observed = Some((seen, payload[..head.min(payload.len())].to_vec()));
-                }
-                Some(Route::CommitPoint) | None => {}
+            Ok(Some(i)) => {
+                drop(payload);
+                let raw = client.buf[..span.raw_len].to_vec();
+                client.consume(span.raw_len);
+                let io = Io {
+                    client,
+                    backend,
+                    state,
+                    shared,
+                    command,
+                    raw: &raw,
+                };
+                modes[i].run(io).await?;
+                executed(command, &raw[4..], state);
+                shared.metrics.command(command, started.elapsed());
+                continue;
             }
+            Ok(None) => {}
         }
-        if matches!(
-            class.as_ref().map(|c| c.class),
-            Some(StatementClass::TransactionControl(TxControl::Rollback))
-        ) {
-            // The local transaction's work is undone: nothing to register.
-            state.branch = None;
-        }
-        let ddl = matches!(class.as_ref().map(|c| c.class), Some(StatementClass::Other(Other::Ddl)));
         let kind = ResponseKind::of(command);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
         let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
@@ -385,160 +211,10 @@ async fn serve(
             _ => relay::response(client, backend, &mut tracker).await?,
         }
         pending.apply(state, &tracker);
-        if let (Some((seen, payload)), Some(g)) = (observed, &shared.global) {
-            dirty_writes::after_observed(command, &payload, state, g, seen);
-        }
-        if let (true, Some(g)) = (ddl, &shared.global) {
-            // Table shapes may have changed; the next image reads them again.
-            g.metadata.invalidate(None, None);
+        for m in &mut modes {
+            m.answered(state, tracker.error_code());
         }
         shared.metrics.command(command, started.elapsed());
-    }
-}
-
-/// Answers the client's command with `e` (sequence id 1).
-async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
-    client
-        .write_all(&e.to_packet(1))
-        .await
-        .map_err(|_| SessionError::ClientClosed)
-}
-
-/// Hands a DML command of a bound session to `at::protect`: a text query, or an execute with
-/// its parameters read from the packet.
-#[allow(clippy::too_many_arguments)]
-async fn protect(
-    client: &mut Peer,
-    backend: &mut Peer,
-    state: &mut SessionState,
-    shared: &Shared,
-    global: &crate::global::Global,
-    xid: &str,
-    command: u8,
-    raw: &[u8],
-) -> Result<(), SessionError> {
-    let payload = &raw[4..];
-    if command == Command::QUERY {
-        let sql = String::from_utf8_lossy(&payload[1..]).into_owned();
-        return at::protect(client, backend, state, shared, global, xid, &sql, &[], raw).await;
-    }
-    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-    let Some(stmt) = state.statements.get(&id) else {
-        return Ok(());
-    };
-    let sql = stmt.sql.clone();
-    let Some(params) = stmt.bound_params(payload) else {
-        let e = global::unreadable_params(xid);
-        return client
-            .write_all(&e.to_packet(1))
-            .await
-            .map_err(|_| SessionError::ClientClosed);
-    };
-    at::protect(client, backend, state, shared, global, xid, &sql, &params, raw).await
-}
-
-/// A command the proxy handles itself instead of forwarding it as it is.
-enum Intercepted {
-    /// One of Ferrata's statements.
-    Answer,
-    /// A statement the proxy cannot protect inside the session's global transaction.
-    Refuse(ErrPacket),
-    /// An UPDATE, DELETE or INSERT inside this global transaction: imaged (`at.rs`).
-    Protect(String),
-    /// The COMMIT of a local transaction with a pending branch.
-    Commit,
-    /// A locking read inside this global transaction: checked against global locks
-    /// (`locking_read.rs`).
-    Isolate(String),
-    /// A multi-statement string inside this global transaction (`multi_statement.rs`).
-    MultiStatement(String),
-}
-
-fn intercept(
-    command: u8,
-    payload: &[u8],
-    class: Option<&classify::Classification>,
-    state: &SessionState,
-) -> Option<Intercepted> {
-    match (command, class) {
-        (Command::QUERY, Some(class)) => {
-            if let StatementClass::GlobalTransaction(_) = class.class {
-                return Some(Intercepted::Answer);
-            }
-            if state.branch.is_some() {
-                match class.class {
-                    StatementClass::TransactionControl(TxControl::Commit) => return Some(Intercepted::Commit),
-                    // These commit the local transaction implicitly, bypassing the branch.
-                    StatementClass::TransactionControl(TxControl::Begin | TxControl::SetAutocommit) => {
-                        return Some(Intercepted::Refuse(global::implicit_commit(
-                            state.xid.as_deref().unwrap_or_default(),
-                        )));
-                    }
-                    _ => {}
-                }
-            }
-            let xid = state.xid.clone().or_else(|| global::hinted_xid(&payload[1..], class))?;
-            if class.multi_statement && multi_statement::handles(state) {
-                return Some(Intercepted::MultiStatement(xid));
-            }
-            if class.class == StatementClass::LockingRead && !class.multi_statement {
-                return Some(Intercepted::Isolate(xid));
-            }
-            if !class.multi_statement
-                && matches!(
-                    class.class,
-                    StatementClass::Dml(
-                        classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert | classify::Dml::Replace
-                    )
-                )
-            {
-                return Some(Intercepted::Protect(xid));
-            }
-            global::refusal(class, &xid).map(Intercepted::Refuse)
-        }
-        (Command::STMT_EXECUTE, _) if payload.len() >= 5 => {
-            let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-            let statement = state.statements.get(&id)?;
-            // A prepared COMMIT (or BEGIN, SET autocommit) would commit protected writes
-            // without registering them.
-            if state.branch.is_some()
-                && matches!(
-                    statement.class.class,
-                    StatementClass::TransactionControl(TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit)
-                )
-            {
-                return Some(Intercepted::Refuse(global::implicit_commit(
-                    state.xid.as_deref().unwrap_or_default(),
-                )));
-            }
-            let protectable = !statement.class.multi_statement
-                && matches!(
-                    statement.class.class,
-                    StatementClass::Dml(
-                        classify::Dml::Update | classify::Dml::Delete | classify::Dml::Insert | classify::Dml::Replace
-                    )
-                );
-            if protectable
-                && let Some(xid) = state
-                    .xid
-                    .clone()
-                    .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))
-            {
-                if statement.long_data_dropped {
-                    return Some(Intercepted::Refuse(global::long_data(&xid)));
-                }
-                return Some(Intercepted::Protect(xid));
-            }
-            let xid = state
-                .xid
-                .clone()
-                .or_else(|| global::hinted_xid(statement.sql.as_bytes(), &statement.class))?;
-            if statement.class.class == StatementClass::LockingRead && !statement.class.multi_statement {
-                return Some(Intercepted::Isolate(xid));
-            }
-            global::refusal(&statement.class, &xid).map(Intercepted::Refuse)
-        }
-        _ => None,
     }
 }
 
@@ -553,8 +229,6 @@ struct Pending {
     close: Option<u32>,
     /// For COM_STMT_EXECUTE: the statement executed.
     executed: Option<u32>,
-    /// SAVEPOINT, ROLLBACK TO SAVEPOINT, RELEASE SAVEPOINT: which, and the savepoint.
-    savepoint: Option<(TxControl, String)>,
     hide_socket: bool,
 }
 
@@ -573,7 +247,6 @@ impl Pending {
             schema: None,
             close: None,
             executed: None,
-            savepoint: None,
             hide_socket: false,
         };
         match command {
@@ -581,9 +254,6 @@ impl Pending {
                 let Some(class) = class else { return pending };
                 match class.class {
                     StatementClass::Other(Other::Use) => pending.schema = classify::use_schema(body),
-                    StatementClass::TransactionControl(
-                        kind @ (TxControl::Savepoint | TxControl::RollbackToSavepoint | TxControl::ReleaseSavepoint),
-                    ) => pending.savepoint = classify::savepoint_name(body).map(|name| (kind, name)),
                     StatementClass::Other(Other::Select) => {
                         pending.hide_socket = hide_socket && hide_socket::mentions_socket(body);
                     }
@@ -610,16 +280,6 @@ impl Pending {
         if let Some(status) = tracker.last_status() {
             state.status = status;
         }
-        // The local transaction ended (committed after its check, or rolled back).
-        if !state.in_transaction() {
-            if !state.written.is_empty() {
-                state.written.clear();
-            }
-            state.savepoints.clear();
-        }
-        if let (Some((kind, name)), true) = (self.savepoint, tracker.error_code().is_none()) {
-            apply_savepoint(state, kind, name);
-        }
         if let Some(id) = self.close {
             state.statements.remove(&id);
         }
@@ -634,12 +294,10 @@ impl Pending {
                 state.forget_statements();
                 state.schema = self.schema;
                 state.xid = None;
-                state.branch = None;
             }
             Command::RESET_CONNECTION if ok => {
                 state.forget_statements();
                 state.xid = None;
-                state.branch = None;
             }
             Command::STMT_PREPARE => {
                 if let (Some(prepared), Some((sql, class))) = (tracker.prepare_ok(), self.prepare) {
@@ -670,34 +328,6 @@ fn executed(command: u8, payload: &[u8], state: &mut SessionState) {
         && let Some(stmt) = state.statements.get_mut(&id)
     {
         stmt.forget_long_data();
-    }
-}
-
-/// Keeps the savepoints in step with the server. Rolling back to one discards the undo items
-/// made after it (their writes are undone in the database); the savepoint itself stays.
-fn apply_savepoint(state: &mut SessionState, kind: TxControl, name: String) {
-    let position = state.savepoints.iter().position(|(n, _)| *n == name);
-    match (kind, position) {
-        (TxControl::Savepoint, _) => {
-            // Setting a name again moves it.
-            if let Some(p) = position {
-                state.savepoints.remove(p);
-            }
-            let items = state.branch.as_ref().map_or(0, |b| b.items.len());
-            state.savepoints.push((name, items));
-        }
-        (TxControl::RollbackToSavepoint, Some(p)) => {
-            let items = state.savepoints[p].1;
-            state.savepoints.truncate(p + 1);
-            if let Some(branch) = &mut state.branch {
-                branch.items.truncate(items);
-                if branch.items.is_empty() {
-                    state.branch = None;
-                }
-            }
-        }
-        (TxControl::ReleaseSavepoint, Some(p)) => state.savepoints.truncate(p),
-        _ => {}
     }
 }
 

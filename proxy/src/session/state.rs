@@ -53,76 +53,10 @@ pub struct SessionState {
     pub user: String,
     pub schema: Option<String>,
     pub statements: HashMap<u32, PreparedStatement>,
-    /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION).
+    /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION),
+    /// which every mode works in. Set and cleared by the coordinator's statements; forgotten
+    /// here when the server forgets the session (COM_CHANGE_USER, COM_RESET_CONNECTION).
     pub xid: Option<String>,
-    /// What the open local transaction changed inside a global one, to be registered as one
-    /// branch when it commits.
-    pub branch: Option<PendingBranch>,
-    /// Outside global transactions: what the open local transaction wrote that must be
-    /// checked against global locks before it commits.
-    pub written: WriteCheck,
-    /// The open local transaction's savepoints, oldest first, each with how many undo items
-    /// the pending branch had when it was set.
-    pub savepoints: Vec<(String, usize)>,
-}
-
-/// The no-dirty-writes check's record of one local transaction outside any global one.
-#[derive(Debug, Default)]
-pub struct WriteCheck {
-    /// Rows written to guarded tables.
-    pub rows: crate::global::TableRows,
-    /// A write ran unchecked while a table it names became guarded: the transaction cannot
-    /// be shown safe and is rolled back at its commit.
-    pub poisoned: Option<String>,
-}
-
-impl WriteCheck {
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.poisoned.is_none()
-    }
-
-    pub fn clear(&mut self) {
-        self.rows.clear();
-        self.poisoned = None;
-    }
-}
-
-/// Phase-1 work of one local transaction: its undo items and the rows it locks.
-#[derive(Debug)]
-pub struct PendingBranch {
-    pub xid: String,
-    /// The database every write of the local transaction went to (one branch, one resource).
-    pub schema: String,
-    pub items: Vec<crate::global::undo::UndoItem>,
-}
-
-impl PendingBranch {
-    /// The rows the items wrote, by table: primary keys encoded as in the images, each once.
-    pub fn locks(&self) -> Vec<ferrata_rpc::pb::TableLocks> {
-        let mut tables: std::collections::BTreeMap<&str, std::collections::BTreeSet<Vec<Vec<u8>>>> = Default::default();
-        for item in &self.items {
-            let keys = tables.entry(&item.table).or_default();
-            for row in item.key_rows() {
-                keys.insert(
-                    item.primary_key
-                        .iter()
-                        .map(|&i| row[i].clone().unwrap_or_default().into_bytes())
-                        .collect(),
-                );
-            }
-        }
-        tables
-            .into_iter()
-            .map(|(table, rows)| ferrata_rpc::pb::TableLocks {
-                schema: self.schema.clone(),
-                table: table.to_owned(),
-                rows: rows
-                    .into_iter()
-                    .map(|values| ferrata_rpc::pb::PrimaryKey { values })
-                    .collect(),
-            })
-            .collect()
-    }
 }
 
 impl SessionState {

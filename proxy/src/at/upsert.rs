@@ -21,63 +21,22 @@
 
 use std::collections::HashSet;
 
-use super::at::{self, Plan};
-use super::peer::Peer;
-use super::state::SessionState;
-use super::{SessionError, Shared, inject};
-use crate::global::Global;
-use crate::global::dml::{self, InsertMode};
-use crate::global::metadata::TableMeta;
-use crate::global::undo::{self, UndoItem};
+use super::phase1::{self, Plan, abort};
+use super::undo::{self, UndoItem};
+use super::{At, PendingBranch};
+use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
-
-/// `(k1, k2) IN ((v, v), ...) OR (u1) IN (...)`: every key the statement's rows name.
-pub(super) fn key_condition(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -> Result<String, String> {
-    let rows = at::row_values(insert, meta, params)?;
-    let mut keys: Vec<&[usize]> = vec![&meta.primary_key];
-    keys.extend(meta.unique_keys.iter().map(|(_, columns)| columns.as_slice()));
-    let mut named = vec![false; rows.len()];
-    let mut terms = Vec::new();
-    for key in keys {
-        let mut tuples = Vec::new();
-        for (row, named) in rows.iter().zip(&mut named) {
-            let mut tuple = Vec::with_capacity(key.len());
-            for &column in key {
-                match row[column].as_deref() {
-                    // NULL never collides: this key does not name the row.
-                    Some(v) if v.trim().eq_ignore_ascii_case("NULL") => {
-                        tuple.clear();
-                        break;
-                    }
-                    value => match at::key_value(meta, column, value)? {
-                        Some(v) => tuple.push(v),
-                        None => {
-                            tuple.clear();
-                            break;
-                        }
-                    },
-                }
-            }
-            if !tuple.is_empty() {
-                *named = true;
-                tuples.push(format!("({})", tuple.join(", ")));
-            }
-        }
-        if !tuples.is_empty() {
-            let columns: Vec<String> = key.iter().map(|&c| at::ident(&meta.columns[c].name)).collect();
-            terms.push(format!("({}) IN ({})", columns.join(", "), tuples.join(", ")));
-        }
-    }
-    if named.contains(&false) {
-        return Err(
-            "a row that names neither its primary key nor a unique key (give one, so the proxy can find the row)"
-                .into(),
-        );
-    }
-    Ok(terms.join(" OR "))
-}
+use crate::session::backend;
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::dml::{self, InsertMode};
+use crate::sql::image::{ImageRow, select_list};
+use crate::sql::keys::key_condition;
+use crate::sql::metadata::TableMeta;
+use crate::sql::{pk_condition, qualified, select_locked, text};
 
 fn key_of(meta: &TableMeta, row: &[Option<String>]) -> Vec<Option<String>> {
     meta.primary_key.iter().map(|&i| row[i].clone()).collect()
@@ -87,8 +46,9 @@ fn key_of(meta: &TableMeta, row: &[Option<String>]) -> Vec<Option<String>> {
 pub(super) async fn run(
     backend: &mut Peer,
     state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
     shared: &Shared,
-    global: &Global,
+    at: &At,
     xid: &str,
     plan: Plan,
     params: &[Param],
@@ -112,36 +72,37 @@ pub(super) async fn run(
         })
     {
         let what = format!("an ON DUPLICATE KEY UPDATE of the primary-key column {column}");
-        return Ok(at::refuse(&what, xid).to_packet(1));
+        return Ok(refuse(&what, xid).to_packet(1));
     }
     let condition = match key_condition(&insert, &meta, params) {
         Ok(c) => c,
-        Err(why) => return Ok(at::refuse(&why, xid).to_packet(1)),
+        Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
     };
     let autocommit = state.autocommit() && !state.in_transaction();
     let original_status = state.status;
-    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
         return Ok(e.to_packet(1));
     }
-    let list = undo::select_list(&specs);
-    let qualified = format!("{}.{}", at::ident(&schema), at::ident(&meta.name));
+    let list = select_list(&specs);
+    let qualified = qualified(&schema, &meta.name);
     let read = async |backend: &mut Peer, state: &mut SessionState, condition: &str| {
-        inject::query(backend, state, &at::select_locked(&list, &qualified, condition), limit).await
+        backend::query(backend, state, &select_locked(&list, &qualified, condition), limit).await
     };
     let found = read(backend, state, &condition).await?;
     if let Some((code, message)) = found.error {
-        return at::abort(
+        return abort(
             backend,
             state,
+            branch,
             limit,
             autocommit,
             ErrPacket::new(code, "HY000", message),
         )
         .await;
     }
-    let before: Vec<Vec<Option<String>>> = found.rows.iter().map(at::text).collect();
+    let before: Vec<ImageRow> = found.rows.iter().map(text).collect();
 
-    let (response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
         Ok(done) => done,
         Err(refused) => return Ok(refused),
     };
@@ -149,14 +110,14 @@ pub(super) async fn run(
 
     let mut after_condition = condition.clone();
     if !before.is_empty() {
-        after_condition = format!("{after_condition} OR {}", at::pk_condition(&meta, &specs, &before));
+        after_condition = format!("{after_condition} OR {}", pk_condition(&meta, &specs, &before));
     }
     let found = read(backend, state, &after_condition).await?;
     if let Some((code, message)) = found.error {
         let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-        return at::abort(backend, state, limit, true, e).await;
+        return abort(backend, state, branch, limit, true, e).await;
     }
-    let after: Vec<Vec<Option<String>>> = found.rows.iter().map(at::text).collect();
+    let after: Vec<ImageRow> = found.rows.iter().map(text).collect();
 
     let existed: HashSet<_> = before.iter().map(|r| key_of(&meta, r)).collect();
     let (kept, inserted): (Vec<_>, Vec<_>) = after.into_iter().partition(|r| existed.contains(&key_of(&meta, r)));
@@ -195,14 +156,14 @@ pub(super) async fn run(
         InsertMode::Plain => unreachable!("plain INSERTs are imaged in at.rs"),
     };
     if !expected.contains(&affected) {
-        let e = at::refuse(
+        let e = refuse(
             &format!(
                 "this statement: it changed {affected} rows, which its images do not account for \
                  (rows of one statement colliding with each other?); the local transaction was rolled back"
             ),
             xid,
         );
-        return at::abort(backend, state, limit, true, e).await;
+        return abort(backend, state, branch, limit, true, e).await;
     }
     let inserted = match &insert.mode {
         InsertMode::Upsert(_) => {
@@ -223,10 +184,11 @@ pub(super) async fn run(
     if !inserted.is_empty() {
         items.push(item(undo::Kind::Insert, Vec::new(), inserted));
     }
-    at::finish(
+    phase1::finish(
         backend,
         state,
-        global,
+        branch,
+        at,
         limit,
         xid,
         &schema,

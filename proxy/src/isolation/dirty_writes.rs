@@ -6,7 +6,7 @@
 //! Every write (INSERT, UPDATE, DELETE, REPLACE, a multi-statement string) of a session
 //! outside a global transaction takes one of these routes ([`route`]):
 //! - **Observe**: inside a local transaction, when none of the tables it writes is guarded
-//!   (`global::guards`). It is forwarded as usual; if the guarded-table view changed while it
+//!   (`coordinator::guards`). It is forwarded as usual; if the guarded-table view changed while it
 //!   ran and now guards one of its tables, the transaction is marked: its COMMIT rolls it back
 //!   with ERR 1213, as it cannot be shown safe.
 //! - **Wrap**: an autocommit write to unguarded tables. The proxy runs it inside a local
@@ -28,17 +28,42 @@
 //! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
 //! transaction left open.
 
-use super::at::{self, InsertKeys};
-use super::peer::Peer;
-use super::state::SessionState;
-use super::{SessionError, Shared, inject};
 use crate::classify::{self, Classification, Dml, Other, StatementClass, TxControl};
 use crate::config::WhenUnreachable;
-use crate::global::guards::Observation;
-use crate::global::{CheckFailure, Global, TableRows, dml, undo};
-use crate::protocol::Command;
+use crate::coordinator::guards::Observation;
+use crate::coordinator::{CheckFailure, Global, TableRows, no_database};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
+use crate::protocol::{Command, ServerStatus};
+use crate::session::backend::{self, Row, local_rollback};
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::dml;
+use crate::sql::image::{qualified_select_list, select_list};
+use crate::sql::keys::{self, InsertKeys};
+use crate::sql::{qualified, select_locked};
+
+/// The no-dirty-writes check's record of one local transaction outside any global one.
+#[derive(Debug, Default)]
+pub struct WriteCheck {
+    /// Rows written to guarded tables.
+    pub rows: TableRows,
+    /// A write ran unchecked while a table it names became guarded: the transaction cannot
+    /// be shown safe and is rolled back at its commit.
+    pub poisoned: Option<String>,
+}
+
+impl WriteCheck {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.poisoned.is_none()
+    }
+
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.poisoned = None;
+    }
+}
 
 /// How many times a wrapped write is run before its client is told to try again.
 const WRAP_ATTEMPTS: usize = 4;
@@ -81,6 +106,7 @@ pub fn route(
     payload: &[u8],
     query_class: Option<&Classification>,
     state: &SessionState,
+    written: &WriteCheck,
     global: &Global,
 ) -> Option<Route> {
     let (sql, class) = match (command, query_class) {
@@ -89,7 +115,7 @@ pub fn route(
     };
     // A second statement may commit: the rows written so far are checked first (valid at
     // any time once they are locked; see ARCHITECTURE.md).
-    if class.multi_statement && !state.written.is_empty() {
+    if class.multi_statement && !written.is_empty() {
         return Some(Route::CommitPoint);
     }
     let write = match class.class {
@@ -97,7 +123,7 @@ pub fn route(
             TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit | TxControl::LockTables | TxControl::Xa,
         )
         | StatementClass::Other(Other::Ddl | Other::Unknown)
-            if !state.written.is_empty() =>
+            if !written.is_empty() =>
         {
             return Some(Route::CommitPoint);
         }
@@ -174,7 +200,14 @@ fn guarded_tables(sql: &str, state: &SessionState, global: &Global) -> Vec<Strin
 
 /// After an observed write: if the view changed while it ran and now guards a table it
 /// wrote, the transaction is marked (see the module docs).
-pub fn after_observed(command: u8, payload: &[u8], state: &mut SessionState, global: &Global, seen: Observation) {
+pub fn after_observed(
+    command: u8,
+    payload: &[u8],
+    state: &SessionState,
+    written: &mut WriteCheck,
+    global: &Global,
+    seen: Observation,
+) {
     if global.guards.unchanged_since(seen) {
         return;
     }
@@ -188,7 +221,7 @@ pub fn after_observed(command: u8, payload: &[u8], state: &mut SessionState, glo
     let guarded = guarded_tables(&sql, state, global);
     if !guarded.is_empty() && state.in_transaction() {
         tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");
-        state.written.poisoned = Some(guarded.join(", "));
+        written.poisoned = Some(guarded.join(", "));
     }
 }
 
@@ -250,13 +283,14 @@ async fn check(shared: &Shared, global: &Global, rows: &TableRows, done: &str) -
 pub async fn before_commit(
     backend: &mut Peer,
     state: &mut SessionState,
+    written: &mut WriteCheck,
     shared: &Shared,
     global: &Global,
 ) -> Result<Option<ErrPacket>, SessionError> {
-    if let Some(tables) = state.written.poisoned.take() {
+    if let Some(tables) = written.poisoned.take() {
         shared.metrics.checks_poisoned.increment(1);
-        super::global::local_rollback(backend, state, shared.config.max_packet_size).await?;
-        state.written.clear();
+        local_rollback(backend, state, shared.config.max_packet_size).await?;
+        written.clear();
         return Ok(Some(ErrPacket::new(
             1213,
             "40001",
@@ -266,7 +300,7 @@ pub async fn before_commit(
             ),
         )));
     }
-    let rows = std::mem::take(&mut state.written.rows);
+    let rows = std::mem::take(&mut written.rows);
     let failed = check(
         shared,
         global,
@@ -275,7 +309,7 @@ pub async fn before_commit(
     )
     .await;
     if failed.is_some() {
-        state.written.rows = rows;
+        written.rows = rows;
     }
     Ok(failed)
 }
@@ -286,6 +320,7 @@ pub async fn run(
     client: &mut Peer,
     backend: &mut Peer,
     state: &mut SessionState,
+    written: &mut WriteCheck,
     shared: &Shared,
     global: &Global,
     write: Write,
@@ -319,7 +354,7 @@ pub async fn run(
                     None => {
                         let class = classified(command, raw, state);
                         // The view is quiet again, or the session changed under us: wrap again.
-                        write = match route(command, &raw[4..], class.as_ref(), state, global) {
+                        write = match route(command, &raw[4..], class.as_ref(), state, written, global) {
                             Some(Route::Run(next)) => next,
                             _ => Write::Wrap,
                         };
@@ -329,11 +364,11 @@ pub async fn run(
             }
             Write::Check(plan) => {
                 m.writes_checked.increment(1);
-                checked(backend, state, shared, global, *plan, command, raw).await?
+                checked(backend, state, written, shared, global, *plan, command, raw).await?
             }
             Write::CheckMulti(plan) => {
                 m.writes_checked.increment(1);
-                checked_multi(backend, state, shared, global, *plan, command, raw).await?
+                checked_multi(backend, state, written, shared, global, *plan, command, raw).await?
             }
         };
         break reply;
@@ -359,33 +394,28 @@ async fn wrapped(
     shared.metrics.writes_wrapped.increment(1);
     let before = state.status;
     let seen = global.guards.observe();
-    let mut both = inject::query_packet("START TRANSACTION");
+    let mut both = backend::query_packet("START TRANSACTION");
     both.extend_from_slice(raw);
     backend
         .write_all(&both)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let begun = inject::read_one(backend, state, limit).await?;
-    let (mut response, _, failed) = at::read_response(backend, state, limit).await?;
+    let begun = backend::read_one(backend, state, limit).await?;
+    let (response, _, failed) = backend::read_response(backend, state, limit).await?;
     if let Some((code, message)) = begun.error {
         // The statement ran in autocommit after all: nothing to roll back or commit.
         tracing::warn!(code, message, "START TRANSACTION failed before an autocommit write");
         return Ok(Some(response));
     }
     if failed {
-        super::global::local_rollback(backend, state, limit).await?;
+        local_rollback(backend, state, limit).await?;
         return Ok(Some(response));
     }
     if !global.guards.unchanged_since(seen) {
-        super::global::local_rollback(backend, state, limit).await?;
+        local_rollback(backend, state, limit).await?;
         return Ok(None);
     }
-    let committed = inject::query(backend, state, "COMMIT", limit).await?;
-    if let Some((code, message)) = committed.error {
-        return Ok(Some(ErrPacket::new(code, "HY000", message).to_packet(1)));
-    }
-    at::as_autocommit(&mut response, state, before);
-    Ok(Some(response))
+    backend::commit_own(backend, state, limit, response, before).await.map(Some)
 }
 
 /// The client's parameters of an execute (none for a text query); `Err` with the refusal
@@ -416,39 +446,38 @@ fn refuse_check(why: &str) -> Vec<u8> {
 /// The rows written join the transaction's for its commit point; an autocommit write (in
 /// the proxy's own transaction, `before` the status it started with) is checked and
 /// committed at once.
+#[allow(clippy::too_many_arguments)]
 async fn finish_checked(
     backend: &mut Peer,
     state: &mut SessionState,
+    written: &mut WriteCheck,
     shared: &Shared,
     global: &Global,
-    written: TableRows,
-    mut response: Vec<u8>,
-    autocommit: Option<crate::protocol::ServerStatus>,
+    rows: TableRows,
+    response: Vec<u8>,
+    autocommit: Option<ServerStatus>,
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
     let Some(before) = autocommit else {
-        for (table, keys) in written {
-            state.written.rows.entry(table).or_default().extend(keys);
+        for (table, keys) in rows {
+            written.rows.entry(table).or_default().extend(keys);
         }
         return Ok(response);
     };
-    if let Some(e) = check(shared, global, &written, "the statement was not run").await {
-        super::global::local_rollback(backend, state, limit).await?;
+    if let Some(e) = check(shared, global, &rows, "the statement was not run").await {
+        local_rollback(backend, state, limit).await?;
         return Ok(e.to_packet(1));
     }
-    let committed = inject::query(backend, state, "COMMIT", limit).await?;
-    if let Some((code, message)) = committed.error {
-        return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
-    }
-    at::as_autocommit(&mut response, state, before);
-    Ok(response)
+    backend::commit_own(backend, state, limit, response, before).await
 }
 
 /// A multi-table write touching a guarded table: the rows of every table it writes found
 /// by the statement's own references and WHERE, before it runs.
+#[allow(clippy::too_many_arguments)]
 async fn checked_multi(
     backend: &mut Peer,
     state: &mut SessionState,
+    written: &mut WriteCheck,
     shared: &Shared,
     global: &Global,
     plan: dml::MultiChange,
@@ -456,32 +485,35 @@ async fn checked_multi(
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     let limit = shared.config.max_packet_size;
-    let written = match super::multi_table::written(&plan, state, global).await {
-        Ok(Ok(w)) => w,
-        Ok(Err(why)) => return Ok(refuse_check(&why)),
+    let metas = match global.tables(&plan.tables, state.schema.as_deref()).await {
+        Ok(metas) => metas,
         Err(e) => return Ok(e.to_packet(1)),
+    };
+    let tables = match keys::written(&plan, &metas) {
+        Ok(w) => w,
+        Err(why) => return Ok(refuse_check(&why)),
     };
     let params = match execute_params(command, raw, state) {
         Ok(p) => p,
         Err(why) => return Ok(refuse_check(&why)),
     };
-    let Some(bound) = super::multi_table::select_params(&plan, &params) else {
+    let Some(bound) = keys::select_params(&plan, &params) else {
         return Ok(refuse_check("this execute (its parameters could not be read)"));
     };
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
         return Ok(e.to_packet(1));
     }
     let mut rows = TableRows::new();
     // A table without a primary key can hold no global lock: nothing to find.
-    for w in written.iter().filter(|w| !w.meta.primary_key.is_empty()) {
-        let list = undo::qualified_select_list(&w.qualifier, &w.meta.key_specs());
+    for w in tables.iter().filter(|w| !w.meta.primary_key.is_empty()) {
+        let list = qualified_select_list(&w.qualifier, &w.meta.key_specs());
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
-        let read = inject::execute(backend, state, &sql, &bound, limit).await?;
+        let read = crate::sql::execute(backend, state, &sql, &bound, limit).await?;
         if let Some((code, message)) = read.error {
             if autocommit {
-                super::global::local_rollback(backend, state, limit).await?;
+                local_rollback(backend, state, limit).await?;
             }
             return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
         }
@@ -493,13 +525,14 @@ async fn checked_multi(
             }
         }
     }
-    let response = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let response = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
         Ok((response, _)) => response,
         Err(refused) => return Ok(refused),
     };
     finish_checked(
         backend,
         state,
+        written,
         shared,
         global,
         rows,
@@ -511,9 +544,11 @@ async fn checked_multi(
 
 /// A write to a guarded table: its rows found and kept for the commit point (checked at
 /// once for an autocommit write).
+#[allow(clippy::too_many_arguments)]
 async fn checked(
     backend: &mut Peer,
     state: &mut SessionState,
+    written: &mut WriteCheck,
     shared: &Shared,
     global: &Global,
     plan: dml::Plan,
@@ -526,7 +561,7 @@ async fn checked(
         dml::Plan::Insert(i) => &i.table,
     };
     let Some(database) = table.schema.clone().or_else(|| state.schema.clone()) else {
-        return Ok(ErrPacket::new(1046, "3D000", "No database selected").to_packet(1));
+        return Ok(no_database().to_packet(1));
     };
     let meta = match global.table(&database, &table.name).await {
         Ok(meta) => meta,
@@ -553,12 +588,12 @@ async fn checked(
     match &plan {
         dml::Plan::Insert(_) if meta.primary_key.is_empty() => {}
         dml::Plan::Insert(insert) if insert.mode == dml::InsertMode::Plain => {
-            match at::insert_keys(insert, &meta, &params) {
+            match keys::insert_keys(insert, &meta, &params) {
                 Ok(k) => keys = Some(k),
                 Err(why) => return Ok(refuse_check(&why)),
             }
         }
-        dml::Plan::Insert(insert) => match super::upsert::key_condition(insert, &meta, &params) {
+        dml::Plan::Insert(insert) => match keys::key_condition(insert, &meta, &params) {
             Ok(c) => key_condition = Some(c),
             Err(why) => return Ok(refuse_check(&why)),
         },
@@ -566,43 +601,43 @@ async fn checked(
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
         return Ok(e.to_packet(1));
     }
     let pk = meta.key_specs();
-    let list = undo::select_list(&pk);
-    let qualified = format!("{}.{}", at::ident(&database), at::ident(&meta.name));
+    let list = select_list(&pk);
+    let qualified = qualified(&database, &meta.name);
     let abort = async |backend: &mut Peer, state: &mut SessionState, e: ErrPacket| -> Result<Vec<u8>, SessionError> {
         if autocommit {
-            super::global::local_rollback(backend, state, limit).await?;
+            local_rollback(backend, state, limit).await?;
         }
         Ok(e.to_packet(1))
     };
     // A table without a primary key can hold no global lock: nothing to find.
-    let mut rows: Vec<inject::Row> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     if let (dml::Plan::Change(change), false) = (&plan, pk.is_empty()) {
-        match at::select_filtered(backend, state, change, &qualified, &list, &params, limit).await? {
+        match keys::select_filtered(backend, state, change, &qualified, &list, &params, limit).await? {
             Ok(found) => rows = found,
             Err(e) => return abort(backend, state, e).await,
         }
     }
-    let keyed = key_condition.map(|c| at::select_locked(&list, &qualified, &c));
+    let keyed = key_condition.map(|c| select_locked(&list, &qualified, &c));
     if let Some(keyed) = &keyed {
-        let read = inject::query(backend, state, keyed, limit).await?;
+        let read = backend::query(backend, state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
             return abort(backend, state, ErrPacket::new(code, "HY000", message)).await;
         }
         rows = read.rows;
     }
-    let (response, summary) = match at::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
         Ok(done) => done,
         Err(refused) => return Ok(refused),
     };
     if let Some(keyed) = &keyed {
-        let read = inject::query(backend, state, keyed, limit).await?;
+        let read = backend::query(backend, state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
             if !autocommit {
-                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+                written.poisoned = Some(format!("{database}.{}", meta.name));
             }
             let e = ErrPacket::new(
                 code,
@@ -618,8 +653,8 @@ async fn checked(
         }
     }
     if let Some(keys) = &keys {
-        let condition = at::insert_condition(backend, state, &meta, keys, summary, limit).await?;
-        let read = inject::query(backend, state, &at::select_locked(&list, &qualified, &condition), limit).await?;
+        let condition = keys::insert_condition(backend, state, &meta, keys, summary, limit).await?;
+        let read = backend::query(backend, state, &select_locked(&list, &qualified, &condition), limit).await?;
         if let Some((code, message)) = read.error {
             let e = ErrPacket::new(
                 code,
@@ -628,7 +663,7 @@ async fn checked(
             );
             if !autocommit {
                 // The rows are in the transaction but cannot be named: it must not commit.
-                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+                written.poisoned = Some(format!("{database}.{}", meta.name));
             }
             return abort(backend, state, e).await;
         }
@@ -640,14 +675,14 @@ async fn checked(
                 "ferrata-proxy could not find the rows this INSERT generated (is auto_increment_increment changing?)",
             );
             if !autocommit {
-                state.written.poisoned = Some(format!("{database}.{}", meta.name));
+                written.poisoned = Some(format!("{database}.{}", meta.name));
             }
             return abort(backend, state, e).await;
         }
     }
-    let mut written = TableRows::new();
+    let mut found = TableRows::new();
     if !rows.is_empty() {
-        written.insert(
+        found.insert(
             (database.clone(), meta.name.clone()),
             rows.into_iter()
                 .map(|r| r.into_iter().map(Option::unwrap_or_default).collect())
@@ -657,9 +692,10 @@ async fn checked(
     finish_checked(
         backend,
         state,
+        written,
         shared,
         global,
-        written,
+        found,
         response,
         autocommit.then_some(before),
     )

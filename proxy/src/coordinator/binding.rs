@@ -1,98 +1,143 @@
-//! The session side of global transactions: answering Ferrata's own statements (START,
-//! JOIN, COMMIT, ROLLBACK, LEAVE and SHOW GLOBAL TRANSACTION) without the server, and refusing
-//! statements the proxy cannot protect inside a global transaction, before they run.
+//! The session's binding to a global transaction: Ferrata's own statements (START, JOIN,
+//! COMMIT, ROLLBACK, LEAVE and SHOW GLOBAL TRANSACTION) answered without the server, and the
+//! statements no mode can protect refused while the session is bound. This is the last
+//! mode a proxy registers: it sees what the transaction modes passed on.
+
+use std::sync::Arc;
 
 use ferrata_rpc::pb;
 
-use super::Shared;
-use super::peer::Peer;
-use super::state::SessionState;
-use super::{SessionError, inject};
-use crate::classify::{Classification, Dml, Other, StatementClass, TxControl};
-use crate::global::statement::{self, GlobalStatement};
-use crate::global::{self, Global};
+use super::refusal;
+use super::statement::{self, GlobalStatement};
+use super::{Global, unreachable};
+use crate::classify::{Other, StatementClass};
+use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::resultset;
+use crate::session::backend::{self, local_rollback};
+use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
 
 /// Replies start at sequence id 1: every command starts at 0.
 const REPLY_SEQ: u8 = 1;
 
-/// ER_NOT_SUPPORTED_YET, for what the proxy cannot protect.
-pub(super) fn not_protected(what: &str, xid: &str) -> ErrPacket {
-    ErrPacket::new(
-        1235,
-        "42000",
-        format!(
-            "ferrata-proxy cannot protect {what} inside global transaction {xid}, so it was not run; \
-             run it outside the global transaction (LEAVE GLOBAL TRANSACTION) or rewrite it"
-        ),
-    )
+/// The binding mode, once per proxy; `global` is `None` without a coordinator, where
+/// Ferrata's statements are answered with an error that says how to configure one.
+pub struct Binding {
+    pub global: Option<Arc<Global>>,
+}
+
+impl Mode for Binding {
+    fn open(self: Arc<Self>) -> Box<dyn ModeSession> {
+        Box::new(BindingSession {
+            global: self.global.clone(),
+            claimed: None,
+            ddl: false,
+        })
+    }
+}
+
+enum Claimed {
+    /// One of Ferrata's statements.
+    Answer,
+    /// A statement no mode can protect inside the session's global transaction.
+    Refuse(ErrPacket),
+}
+
+struct BindingSession {
+    global: Option<Arc<Global>>,
+    claimed: Option<Claimed>,
+    /// DDL is being forwarded: table shapes may change.
+    ddl: bool,
+}
+
+impl ModeSession for BindingSession {
+    fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
+        self.ddl = false;
+        self.claimed = match (command.code, command.class) {
+            (Cmd::QUERY, Some(class)) => {
+                if let StatementClass::GlobalTransaction(_) = class.class {
+                    Some(Claimed::Answer)
+                } else {
+                    self.ddl = matches!(class.class, StatementClass::Other(Other::Ddl));
+                    let sql = &command.payload[1..];
+                    state
+                        .xid
+                        .clone()
+                        .or_else(|| refusal::hinted_xid(sql, class))
+                        .and_then(|xid| refusal::refusal(class, &xid))
+                        .map(Claimed::Refuse)
+                }
+            }
+            (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => {
+                let p = command.payload;
+                state
+                    .statements
+                    .get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))
+                    .and_then(|s| {
+                        let xid = state
+                            .xid
+                            .clone()
+                            .or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
+                        refusal::refusal(&s.class, &xid)
+                    })
+                    .map(Claimed::Refuse)
+            }
+            _ => None,
+        };
+        if self.claimed.is_some() { Claim::Take } else { Claim::Pass }
+    }
+
+    fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
+        Box::pin(async move {
+            match self.claimed.take() {
+                Some(Claimed::Answer) => {
+                    let sql = String::from_utf8_lossy(&io.raw[5..]);
+                    answer(io.client, io.backend, io.state, io.shared, self.global.as_deref(), &sql).await
+                }
+                Some(Claimed::Refuse(e)) => {
+                    tracing::info!(error = %e, "statement refused");
+                    backend::reply(io.client, e).await
+                }
+                None => unreachable!("run follows a claim"),
+            }
+        })
+    }
+
+    fn answered(&mut self, _state: &SessionState, _error: Option<u16>) {
+        if let (true, Some(g)) = (std::mem::take(&mut self.ddl), &self.global) {
+            // Table shapes may have changed; the next image reads them again.
+            g.metadata.invalidate(None, None);
+        }
+    }
 }
 
 fn rmfail(message: String) -> ErrPacket {
     ErrPacket::new(1399, "XAE07", format!("XAER_RMFAIL: {message}"))
 }
 
-/// The refusal for a statement of `class` in a session bound to `xid`, if it cannot run.
-pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
-    let what = match class.class {
-        _ if class.multi_statement => "a multi-statement string",
-        StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
-        StatementClass::Other(Other::Ddl) => "DDL",
-        StatementClass::Other(Other::Procedural) => {
-            "CALL, PREPARE/EXECUTE or a compound statement (the proxy cannot see what they run)"
-        }
-        StatementClass::Other(Other::Unknown) => "a statement it does not recognise",
-        StatementClass::TransactionControl(TxControl::Xa) => "XA statements",
-        StatementClass::TransactionControl(TxControl::LockTables) => "LOCK TABLES",
-        _ => return None,
-    };
-    Some(not_protected(what, xid))
-}
-
-/// The refusal for BEGIN or SET autocommit while a local transaction with protected writes
-/// is open: both would commit it behind the proxy's back.
-pub fn implicit_commit(xid: &str) -> ErrPacket {
-    not_protected(
-        "a statement that commits the open local transaction implicitly (BEGIN, SET autocommit); send COMMIT first",
-        xid,
+/// The refusal for LEAVE GLOBAL TRANSACTION while the open local transaction has protected
+/// writes: after leaving, a statement that commits implicitly (DDL) would commit them
+/// unregistered.
+pub fn leave_with_pending_writes() -> ErrPacket {
+    rmfail(
+        "the open local transaction has protected writes: COMMIT or ROLLBACK it before leaving the global transaction".into(),
     )
-}
-
-/// The refusal for an execute with more COM_STMT_SEND_LONG_DATA than the proxy keeps.
-pub fn long_data(xid: &str) -> ErrPacket {
-    not_protected(
-        "a prepared statement with more long data (COM_STMT_SEND_LONG_DATA) than max_packet_size",
-        xid,
-    )
-}
-
-/// The refusal for an execute whose parameters the proxy cannot read.
-pub fn unreadable_params(xid: &str) -> ErrPacket {
-    not_protected(
-        "this execute: its parameters could not be read (types never sent, or a malformed packet)",
-        xid,
-    )
-}
-
-/// The XID a statement's `/*+ XID('...') */` hint names, if any.
-pub fn hinted_xid(sql: &[u8], class: &Classification) -> Option<String> {
-    class
-        .xid_hint
-        .clone()
-        .map(|r| String::from_utf8_lossy(&sql[r]).into_owned())
 }
 
 /// Answers one of Ferrata's statements. The command packet was consumed; nothing reaches the
 /// server except a local ROLLBACK that ROLLBACK GLOBAL runs first.
-pub async fn answer(
+async fn answer(
     client: &mut Peer,
     backend: &mut Peer,
     state: &mut SessionState,
     shared: &Shared,
+    global: Option<&Global>,
     sql: &str,
 ) -> Result<(), SessionError> {
-    let reply = match (&shared.global, statement::parse(sql)) {
+    let reply = match (global, statement::parse(sql)) {
         (_, Err(e)) => Err(ErrPacket::new(
             1064,
             "42000",
@@ -184,9 +229,6 @@ async fn run(
                 result.map(|()| ok(state))
             }
         },
-        GlobalStatement::Leave if state.branch.is_some() => Err(rmfail(
-            "the open local transaction has protected writes: COMMIT or ROLLBACK it before leaving the global transaction".into(),
-        )),
         GlobalStatement::Leave => {
             if let Some(xid) = state.xid.take() {
                 tracing::info!(xid, "left global transaction");
@@ -237,7 +279,7 @@ fn target(state: &SessionState, named: Option<String>) -> Result<String, ErrPack
 }
 
 async fn client(global: &Global, what: &str) -> Result<ferrata_rpc::client::TcClient, ErrPacket> {
-    global.link.client().await.map_err(|e| global::unreachable(&e.0, what))
+    global.link.client().await.map_err(|e| unreachable(&e.0, what))
 }
 
 async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String, ErrPacket> {
@@ -311,15 +353,4 @@ async fn decide(global: &Global, xid: &str, commit: bool) -> Result<(), ErrPacke
             "XAER_RMERR: global transaction {xid} is {status}: {detail}; the coordinator keeps its data and locks (GET /v1/transactions/{xid} on its HTTP API)"
         ),
     ))
-}
-
-/// Rolls back the session's local transaction on its backend connection, as if the client
-/// had sent ROLLBACK, without telling the client.
-pub async fn local_rollback(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
-    let outcome = inject::query(backend, state, "ROLLBACK", limit).await?;
-    if let Some((code, message)) = outcome.error {
-        tracing::warn!(code, message, "the local ROLLBACK failed");
-    }
-    state.branch = None;
-    Ok(())
 }

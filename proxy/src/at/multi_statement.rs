@@ -11,13 +11,15 @@
 //! A client without CLIENT_MULTI_STATEMENTS, whose string the server would refuse, gets ERR
 //! 1235 from the proxy instead. Unlike the relay, this buffers each statement's response.
 
-use super::at;
-use super::peer::Peer;
-use super::state::SessionState;
-use super::{SessionError, Shared, inject, reply};
+use super::{At, PendingBranch, commit, phase1};
 use crate::classify::{self, Dml, Other, StatementClass};
-use crate::global::{Global, dml};
+use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::{Capabilities, ok};
+use crate::session::backend::{self, reply};
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::dml;
 
 /// Whether the proxy takes a multi-statement string of this session over.
 pub fn handles(state: &SessionState) -> bool {
@@ -64,33 +66,34 @@ pub async fn run(
     client: &mut Peer,
     backend: &mut Peer,
     state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
     shared: &Shared,
-    global: &Global,
+    at: &At,
     xid: &str,
     sql: &str,
 ) -> Result<(), SessionError> {
     let limit = shared.config.max_packet_size;
     let pieces = match dml::split_statements(sql) {
         Ok(p) => p,
-        Err(why) => return reply(client, at::refuse(&why, xid)).await,
+        Err(why) => return reply(client, refuse(&why, xid)).await,
     };
     if let Some(why) = refusal(sql, &pieces, state.no_backslash_escapes()) {
-        return reply(client, at::refuse(&why, xid)).await;
+        return reply(client, refuse(&why, xid)).await;
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
         return reply(client, e).await;
     }
     let mut answer = Vec::new();
     let mut seq = 1u8;
     for (i, piece) in pieces.iter().enumerate() {
         let text = &sql[piece.clone()];
-        let raw = inject::query_packet(text);
+        let raw = backend::query_packet(text);
         let class = classify::classify(text.as_bytes(), state.no_backslash_escapes());
         let mut response = match class.class {
-            StatementClass::Dml(_) => at::protected(backend, state, shared, global, xid, text, &[], &raw).await?,
-            _ => match at::run_client_statement(backend, state, limit, &raw, false).await? {
+            StatementClass::Dml(_) => phase1::protected(backend, state, branch, shared, at, xid, text, &[], &raw).await?,
+            _ => match backend::run_client_statement(backend, state, limit, &raw, false).await? {
                 Ok((response, _)) | Err(response) => response,
             },
         };
@@ -104,10 +107,10 @@ pub async fn run(
     }
     if autocommit {
         // What ran before an error stays, as each statement would have committed alone.
-        if let Err(e) = at::commit_branch(backend, state, global, limit, "COMMIT").await? {
+        if let Err(e) = commit::commit_branch(backend, state, branch, at, limit, "COMMIT").await? {
             return reply(client, e).await;
         }
-        at::as_autocommit(&mut answer, state, before);
+        backend::as_autocommit(&mut answer, state, before);
     }
     client.write_all(&answer).await.map_err(|_| SessionError::ClientClosed)
 }

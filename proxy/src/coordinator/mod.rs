@@ -1,22 +1,20 @@
-//! Global transactions in the proxy: the link to the coordinator, the resources this proxy
-//! serves, its own service connections to the backend (phase 2), and the mapping of the
-//! coordinator's answers onto MySQL errors. Session-side handling of Ferrata's statements is
-//! in `session/global.rs`.
+//! The coordinator layer, shared by every transaction mode: the link to ferrata-tc
+//! ([`link`]), the resources this proxy serves, its own service connections to the backend
+//! (metadata reads, phase 2), the guarded-table view ([`guards`]), the mapping of the
+//! coordinator's answers onto MySQL errors, and the session's binding to a global
+//! transaction: Ferrata's statements ([`statement`] parses them, [`binding`] answers them)
+//! and what may not run while bound ([`refusal`]).
 //!
 //! A resource is one database on one backend server: `<server>/<database>`, where the server
 //! part is `[service] resource_server` (default: the `backend` setting), the same for every
 //! proxy in front of that server. A `/` or `%` in a database name is percent-encoded, so the
 //! database is always what follows the last `/`.
 
-pub mod dml;
+pub mod binding;
 pub mod guards;
-mod link;
-pub mod locking_read;
-pub mod metadata;
-pub mod phase2;
+pub mod link;
+pub mod refusal;
 pub mod statement;
-pub mod undo;
-pub mod undo_log;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::protocol::err::ErrPacket;
+use crate::sql::dml::TableRef;
+use crate::sql::image::RESTORE_SQL_MODE;
+use crate::sql::metadata;
 pub use link::Link;
 
 pub struct Global {
@@ -39,14 +40,8 @@ pub struct Global {
     pub dirty_writes: crate::config::DirtyWrites,
     resource_server: String,
     service: mysql_async::OptsBuilder,
-    service_user: String,
-    create_undo_log: bool,
     pools: Mutex<HashMap<String, mysql_async::Pool>>,
     pub metadata: metadata::MetadataCache,
-    /// Bytes of an undo record per row, from the server's max_allowed_packet (read once).
-    undo_chunk: tokio::sync::OnceCell<usize>,
-    /// Resources whose undo_log table is known to exist.
-    undo_logs: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Rows by (database, table): their primary keys, encoded as in the images (so they match
@@ -101,7 +96,7 @@ impl Global {
         // be written back as it was.
         .init(vec![
             "SET time_zone = '+00:00'".to_owned(),
-            format!("SET sql_mode = '{}'", undo::RESTORE_SQL_MODE),
+            format!("SET sql_mode = '{RESTORE_SQL_MODE}'"),
         ]);
         Some(Arc::new(Global {
             link: Arc::new(Link::new(c)),
@@ -110,20 +105,13 @@ impl Global {
             dirty_writes: config.dirty_writes.clone(),
             resource_server: config.resource_server().to_owned(),
             service,
-            service_user: config.service.user.clone(),
-            create_undo_log: config.service.create_undo_log,
             pools: Mutex::new(HashMap::new()),
             metadata: metadata::MetadataCache::new(),
-            undo_chunk: tokio::sync::OnceCell::new(),
-            undo_logs: Mutex::new(std::collections::HashSet::new()),
         }))
     }
 
-    /// Starts the Attach stream (phase-2 commands) until `stop`.
-    pub fn start(self: &Arc<Self>, rm_id: String, stop: CancellationToken) {
-        let global = Arc::clone(self);
-        let handler: ferrata_rpc::client::CommandHandler =
-            Arc::new(move |command| Box::pin(phase2::handle(Arc::clone(&global), command)));
+    /// Starts the Attach stream until `stop`: phase-2 commands go to `handler`.
+    pub fn start(self: &Arc<Self>, rm_id: String, handler: ferrata_rpc::client::CommandHandler, stop: CancellationToken) {
         let global = Arc::clone(self);
         tokio::spawn(async move {
             // Announce every database first, so phase 2 left over from before a restart (this
@@ -186,26 +174,6 @@ impl Global {
         pool.get_conn().await
     }
 
-    /// Creates the undo_log table, or says what a DBA must run.
-    pub async fn create_undo_log(&self, conn: &mut mysql_async::Conn, resource: &str) -> Result<(), String> {
-        let db = database_of(resource).unwrap_or_default();
-        if !self.create_undo_log {
-            return Err(undo_log::dba_instructions(&db, &self.service_user));
-        }
-        match conn.query_drop(undo_log::CREATE).await {
-            Ok(()) => {
-                tracing::info!(database = db, "created the undo_log table");
-                Ok(())
-            }
-            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1044 | 1045) => Err(format!(
-                "{} ({})",
-                undo_log::dba_instructions(&db, &self.service_user),
-                e.message
-            )),
-            Err(e) => Err(format!("creating {db}.undo_log failed: {e}")),
-        }
-    }
-
     /// The shape of a table, for images; the error a client should get if it cannot be read.
     pub async fn table(&self, schema: &str, table: &str) -> Result<Arc<metadata::TableMeta>, ErrPacket> {
         if let Some(meta) = self.metadata.cached(schema, table) {
@@ -219,45 +187,21 @@ impl Global {
         })
     }
 
-    /// Makes sure `undo_log` exists in the resource's database.
-    pub async fn ensure_undo_log(&self, resource: &str) -> Result<(), String> {
-        if self.undo_logs.lock().contains(resource) {
-            return Ok(());
+    /// The shapes of `tables` (a statement's table references), each with its database
+    /// (`default_schema` where the reference names none).
+    pub async fn tables(
+        &self,
+        tables: &[TableRef],
+        default_schema: Option<&str>,
+    ) -> Result<Vec<(String, Arc<metadata::TableMeta>)>, ErrPacket> {
+        let mut metas = Vec::with_capacity(tables.len());
+        for t in tables {
+            let Some(schema) = t.schema.as_deref().or(default_schema) else {
+                return Err(no_database());
+            };
+            metas.push((schema.to_owned(), self.table(schema, &t.name).await?));
         }
-        let mut conn = self
-            .service_conn(resource)
-            .await
-            .map_err(|e| service_error(&e).message)?;
-        let exists: Option<i64> = conn
-            .exec_first(
-                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'undo_log'",
-                (database_of(resource).unwrap_or_default(),),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if exists != Some(1) {
-            self.create_undo_log(&mut conn, resource).await?;
-        }
-        self.undo_logs.lock().insert(resource.to_owned());
-        Ok(())
-    }
-
-    /// How many bytes of an undo record go into one row: a third of the server's
-    /// max_allowed_packet (the INSERT carries them as hex), 1 MiB when it cannot be read.
-    pub async fn undo_chunk_bytes(&self) -> usize {
-        *self
-            .undo_chunk
-            .get_or_init(|| async {
-                let read = async {
-                    let mut conn = self.service_conn(&self.resource("mysql")).await?;
-                    conn.query_first::<u64, _>("SELECT @@global.max_allowed_packet").await
-                };
-                match read.await {
-                    Ok(Some(max)) => (max / 3).max(1024) as usize,
-                    _ => 1 << 20,
-                }
-            })
-            .await
+        Ok(metas)
     }
 
     /// Registers a branch; the error is what the client gets.
@@ -426,8 +370,13 @@ pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
     }
 }
 
+/// ER_NO_DB_ERROR, for a statement that names no database in a session without one.
+pub fn no_database() -> ErrPacket {
+    ErrPacket::new(1046, "3D000", "No database selected")
+}
+
 /// A failure of the proxy's own service connection, as a client error.
-fn service_error(e: &mysql_async::Error) -> ErrPacket {
+pub fn service_error(e: &mysql_async::Error) -> ErrPacket {
     ErrPacket::new(
         1105,
         "HY000",

@@ -18,9 +18,10 @@ use ferrata_rpc::pb;
 use mysql_async::prelude::*;
 use tracing::Instrument;
 
-use super::Global;
+use super::At;
 use super::undo::{self, UndoRecord, Verdict};
 use super::undo_log::{self, CONTEXT, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
+use crate::sql::image::{RawRow, raw_row};
 
 fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
     pb::BranchOutcome {
@@ -66,17 +67,22 @@ async fn read_record(tx: &mut mysql_async::Transaction<'_>, b: &pb::BranchRef) -
 async fn current_rows(
     tx: &mut mysql_async::Transaction<'_>,
     item: &undo::UndoItem,
-) -> Result<Vec<undo::RawRow>, mysql_async::Error> {
+) -> Result<Vec<RawRow>, mysql_async::Error> {
     let mut rows = Vec::new();
     for (sql, params) in undo::current_rows_queries(item, 1000) {
         let chunk: Vec<mysql_async::Row> = tx.exec(sql, params).await?;
-        rows.extend(chunk.into_iter().map(undo::raw_row));
+        rows.extend(chunk.into_iter().map(raw_row));
     }
     Ok(rows)
 }
 
+/// The Attach stream's handler for AT branches' phase-2 commands.
+pub fn handler(at: Arc<At>) -> ferrata_rpc::client::CommandHandler {
+    Arc::new(move |command| Box::pin(handle(Arc::clone(&at), command)))
+}
+
 /// Runs one command from the coordinator and answers for every branch in it.
-pub async fn handle(global: Arc<Global>, command: pb::BranchCommand) -> Vec<pb::BranchOutcome> {
+async fn handle(at: Arc<At>, command: pb::BranchCommand) -> Vec<pb::BranchOutcome> {
     let mut by_resource: BTreeMap<String, Vec<pb::BranchRef>> = BTreeMap::new();
     for b in command.branches {
         by_resource.entry(b.resource_id.clone()).or_default().push(b);
@@ -84,10 +90,10 @@ pub async fn handle(global: Arc<Global>, command: pb::BranchCommand) -> Vec<pb::
     let mut out = Vec::new();
     for (resource, branches) in by_resource {
         match pb::Phase2Action::try_from(command.action) {
-            Ok(pb::Phase2Action::Commit) => out.extend(commit(&global, &resource, &branches).await),
+            Ok(pb::Phase2Action::Commit) => out.extend(commit(&at, &resource, &branches).await),
             Ok(pb::Phase2Action::Rollback) => {
                 for b in &branches {
-                    out.push(rollback(&global, &resource, b).await);
+                    out.push(rollback(&at, &resource, b).await);
                 }
             }
             _ => out.extend(branches.iter().map(|b| {
@@ -102,9 +108,9 @@ pub async fn handle(global: Arc<Global>, command: pb::BranchCommand) -> Vec<pb::
     out
 }
 
-async fn commit(global: &Global, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
+async fn commit(at: &At, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
     let result: Result<(), mysql_async::Error> = async {
-        let mut conn = global.service_conn(resource).await?;
+        let mut conn = at.global.service_conn(resource).await?;
         // The main row of each branch, and the pieces of a split record (`<xid>#<n>`): both
         // are ranges of the unique key.
         let condition =
@@ -143,14 +149,14 @@ async fn commit(global: &Global, resource: &str, branches: &[pb::BranchRef]) -> 
     }
 }
 
-async fn rollback(global: &Global, resource: &str, branch: &pb::BranchRef) -> pb::BranchOutcome {
+async fn rollback(at: &At, resource: &str, branch: &pb::BranchRef) -> pb::BranchOutcome {
     let span = tracing::info_span!(
         "branch_rollback",
         xid = branch.xid,
         branch_id = branch.branch_id,
         resource
     );
-    match rollback_branch(global, resource, branch).instrument(span).await {
+    match rollback_branch(at, resource, branch).instrument(span).await {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "branch rollback failed; the coordinator retries");
@@ -163,8 +169,8 @@ async fn rollback(global: &Global, resource: &str, branch: &pb::BranchRef) -> pb
     }
 }
 
-async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> Result<pb::BranchOutcome, String> {
-    let mut conn = global.service_conn(resource).await.map_err(|e| e.to_string())?;
+async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<pb::BranchOutcome, String> {
+    let mut conn = at.global.service_conn(resource).await.map_err(|e| e.to_string())?;
     // A marker insert can race with a phase-1 commit of the same branch; the loser retries.
     for _ in 0..3 {
         let mut tx = conn
@@ -180,7 +186,7 @@ async fn rollback_branch(global: &Global, resource: &str, b: &pb::BranchRef) -> 
         let found = match found {
             Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => {
                 drop(tx);
-                global.create_undo_log(&mut conn, resource).await?;
+                at.undo_logs.create(&mut conn, resource).await?;
                 continue;
             }
             other => other.map_err(|e| e.to_string())?,

@@ -67,15 +67,15 @@ pub struct ColumnMeta {
 
 impl TableMeta {
     /// Every column as an image column.
-    pub fn specs(&self) -> Vec<super::undo::ColumnSpec> {
+    pub fn specs(&self) -> Vec<super::image::ColumnSpec> {
         self.columns
             .iter()
-            .map(|c| super::undo::ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated))
+            .map(|c| super::image::ColumnSpec::new(c.name.clone(), c.data_type.clone(), c.generated))
             .collect()
     }
 
     /// The primary-key columns as image columns, in key order.
-    pub fn key_specs(&self) -> Vec<super::undo::ColumnSpec> {
+    pub fn key_specs(&self) -> Vec<super::image::ColumnSpec> {
         let all = self.specs();
         self.primary_key.iter().map(|&i| all[i].clone()).collect()
     }

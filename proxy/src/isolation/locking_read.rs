@@ -2,7 +2,7 @@
 //! SHARE MODE`) in a session bound to a global transaction returns only data of finished
 //! global transactions.
 //!
-//! 1. plan it (`global::locking_read`): its tables and its text from FROM on;
+//! 1. plan it (`sql::select`): its tables and its text from FROM on;
 //! 2. an autocommit read is wrapped in a local transaction of the proxy's own, so the rows
 //!    stay locked until it has been answered;
 //! 3. `SELECT <primary keys> <the statement's FROM ... locking clause>`: the same rows, locked
@@ -20,16 +20,18 @@
 //! sees it. The wait cannot deadlock with a rollback that needs the rows: the coordinator
 //! fails it at once when the holder is rolling back.
 
-use super::at;
-use super::peer::Peer;
-use super::relay;
-use super::state::SessionState;
-use super::{SessionError, Shared, inject, reply};
-use crate::global::locking_read::{self, Wait};
-use crate::global::{CheckFailure, Global, TableRows, undo};
+use crate::coordinator::{CheckFailure, Global, TableRows, no_database, unreachable};
 use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
+use crate::session::backend::{self, local_rollback, reply};
+use crate::session::peer::Peer;
+use crate::session::relay;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::image::qualified_select_list;
+use crate::sql::select::{self, Wait};
+use crate::sql::{ident, literal};
 
 /// How many times SKIP LOCKED selects keys again after leaving out globally locked rows.
 const SKIP_ROUNDS: usize = 8;
@@ -90,7 +92,7 @@ pub async fn run(
             None => return reply(client, refuse("this execute (its parameters could not be read)", xid)).await,
         }
     };
-    let plan = match locking_read::plan(&sql) {
+    let plan = match select::plan(&sql) {
         Ok(plan) => plan,
         Err(why) => return reply(client, refuse(&why, xid)).await,
     };
@@ -99,7 +101,7 @@ pub async fn run(
     let mut list = Vec::new();
     for t in &plan.tables {
         let Some(database) = t.schema.clone().or_else(|| state.schema.clone()) else {
-            return reply(client, ErrPacket::new(1046, "3D000", "No database selected")).await;
+            return reply(client, no_database()).await;
         };
         let meta = match global.table(&database, &t.name).await {
             Ok(meta) => meta,
@@ -112,18 +114,18 @@ pub async fn run(
         let specs = meta.key_specs();
         let start = list.len();
         for spec in &specs {
-            list.push(undo::qualified_select_list(qualifier, std::slice::from_ref(spec)));
+            list.push(qualified_select_list(qualifier, std::slice::from_ref(spec)));
         }
         let names: Vec<String> = specs
             .iter()
-            .map(|s| format!("{}.{}", at::ident(qualifier), at::ident(&s.name)))
+            .map(|s| format!("{}.{}", ident(qualifier), ident(&s.name)))
             .collect();
         keyed.push(Keyed {
             database,
             table: meta.name.clone(),
             columns: start..list.len(),
             key_expr: format!("({})", names.join(", ")),
-            writers: specs.iter().map(|s| undo::write_expr(s.encoding())).collect(),
+            writers: specs.iter().map(|s| s.encoding().write_expr()).collect(),
         });
     }
     if keyed.is_empty() {
@@ -131,12 +133,12 @@ pub async fn run(
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
-    if autocommit && let Err(e) = at::begin_own(backend, state, limit).await? {
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
         return reply(client, e).await;
     }
     let abort = async |client: &mut Peer, backend: &mut Peer, state: &mut SessionState, e: ErrPacket| {
         if autocommit {
-            super::global::local_rollback(backend, state, limit).await?;
+            local_rollback(backend, state, limit).await?;
         }
         reply(client, e).await
     };
@@ -163,7 +165,7 @@ pub async fn run(
             plan.tail_excluding(&excluded.join(" OR "))
         };
         let select = format!("SELECT {} {tail}", list.join(", "));
-        let read = inject::execute(backend, state, &select, tail_params, limit).await?;
+        let read = crate::sql::execute(backend, state, &select, tail_params, limit).await?;
         if let Some((code, message)) = read.error {
             return abort(client, backend, state, ErrPacket::new(code, "HY000", message)).await;
         }
@@ -193,7 +195,7 @@ pub async fn run(
                         .unwrap_or_default()
                         .iter()
                         .zip(&k.writers)
-                        .map(|(v, w)| w.replace('?', &at::literal(&String::from_utf8_lossy(v))))
+                        .map(|(v, w)| w.replace('?', &literal(&String::from_utf8_lossy(v))))
                         .collect();
                     excluded.push(format!("{} = ({})", k.key_expr, values.join(", ")));
                 }
@@ -209,7 +211,7 @@ pub async fn run(
                 return abort(client, backend, state, e).await;
             }
             Err(CheckFailure::Unreachable(why)) => {
-                let e = crate::global::unreachable(&why, "check the rows read for global locks");
+                let e = unreachable(&why, "check the rows read for global locks");
                 return abort(client, backend, state, e).await;
             }
         }
@@ -218,7 +220,7 @@ pub async fn run(
     let statement = if excluded.is_empty() {
         raw.to_vec()
     } else if command == Command::QUERY {
-        inject::query_packet(&format!(
+        backend::query_packet(&format!(
             "{}{}",
             &sql[..plan.tail_start],
             plan.tail_excluding(&excluded.join(" OR "))
@@ -242,12 +244,8 @@ pub async fn run(
         }
         return Ok(());
     }
-    let (mut response, _, _) = at::read_response(backend, state, limit).await?;
-    let committed = inject::query(backend, state, "COMMIT", limit).await?;
-    if let Some((code, message)) = committed.error {
-        return reply(client, ErrPacket::new(code, "HY000", message)).await;
-    }
-    at::as_autocommit(&mut response, state, before);
+    let (response, _, _) = backend::read_response(backend, state, limit).await?;
+    let response = backend::commit_own(backend, state, limit, response, before).await?;
     client
         .write_all(&response)
         .await

@@ -1,0 +1,122 @@
+//! The local commit of a session with a pending branch: the branch is registered with the
+//! coordinator (taking its global row locks, waiting up to `lock_wait_ms`), its undo record
+//! is inserted into `undo_log` in the same local transaction, then the COMMIT runs. Any
+//! failure rolls the local transaction back: a local commit without a registered branch and
+//! an undo record cannot happen.
+
+use super::undo::UndoRecord;
+use super::{At, PendingBranch, undo_log};
+use crate::protocol::err::ErrPacket;
+use crate::session::backend::{self, Outcome};
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::{hex, ident, literal};
+
+/// Registers the pending branch, writes its undo record and runs `commit_sql` (the client's
+/// COMMIT, or the proxy's own for a wrapped autocommit statement). On failure the local
+/// transaction is rolled back and the error says why.
+pub async fn commit_branch(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    at: &At,
+    limit: usize,
+    commit_sql: &str,
+) -> Result<Result<(), ErrPacket>, SessionError> {
+    let global = &*at.global;
+    let Some(pending) = branch.take() else {
+        let done = backend::query(backend, state, commit_sql, limit).await?;
+        return Ok(done.error.map_or(Ok(()), |e| Err(backend::server_error(e))));
+    };
+    let resource = global.resource(&pending.schema);
+    global.link.serve(&resource);
+    let branch_id = match global.register(&pending.xid, &resource, pending.locks()).await {
+        Ok(id) => id,
+        Err(e) => {
+            backend::local_rollback(backend, state, limit).await?;
+            return Ok(Err(e));
+        }
+    };
+    let record = UndoRecord::new(pending.items).to_bytes();
+    if let Err(e) = at.undo_logs.ensure(global, &resource).await {
+        backend::local_rollback(backend, state, limit).await?;
+        global.report_failed(&pending.xid, branch_id, &e).await;
+        return Ok(Err(ErrPacket::new(1105, "HY000", e)));
+    }
+    // Pieces small enough for one packet each (hex doubles the size on the wire).
+    let piece = at.undo_logs.chunk_bytes(global).await;
+    let pieces: Vec<&[u8]> = if record.is_empty() {
+        vec![&record[..]]
+    } else {
+        record.chunks(piece).collect()
+    };
+    let rows: Vec<String> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let hex = hex(bytes);
+            let (xid, context, status) = if i == 0 {
+                (pending.xid.clone(), undo_log::context(pieces.len()), undo_log::STATUS_NORMAL)
+            } else {
+                (undo_log::chunk_xid(&pending.xid, i + 1), undo_log::CONTEXT.to_owned(), undo_log::STATUS_CHUNK)
+            };
+            format!(
+                "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
+                 VALUES ({branch_id}, {}, {}, X'{hex}', {status}, NOW(6), NOW(6))",
+                ident(&pending.schema),
+                literal(&xid),
+                literal(&context),
+            )
+        })
+        .collect();
+    let mut written = Outcome::default();
+    for insert in &rows {
+        written = backend::query(backend, state, insert, limit).await?;
+        if written.error.is_some() {
+            break;
+        }
+    }
+    if let Some((code, message)) = written.error {
+        backend::local_rollback(backend, state, limit).await?;
+        let why = if code == 1062 {
+            format!(
+                "global transaction {} already rolled this branch back (it was too slow to commit)",
+                pending.xid
+            )
+        } else {
+            format!("writing the undo record failed: {message}")
+        };
+        global.report_failed(&pending.xid, branch_id, &why).await;
+        return Ok(Err(ErrPacket::new(
+            1399,
+            "XAE07",
+            format!("XAER_RMFAIL: {why}; the local transaction was rolled back"),
+        )));
+    }
+    let committed = backend::query(backend, state, commit_sql, limit).await?;
+    if let Some((code, message)) = committed.error {
+        global.report_failed(&pending.xid, branch_id, &message).await;
+        return Ok(Err(ErrPacket::new(code, "HY000", message)));
+    }
+    tracing::info!(xid = pending.xid, branch_id, resource, "branch committed");
+    Ok(Ok(()))
+}
+
+/// The client's COMMIT in a session with a pending branch: the branch is registered and its
+/// undo record written first; the client gets the COMMIT's OK or the error.
+pub async fn commit(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    shared: &Shared,
+    at: &At,
+    sql: &str,
+) -> Result<(), SessionError> {
+    let reply = match commit_branch(backend, state, branch, at, shared.config.max_packet_size, sql).await? {
+        Ok(()) => crate::protocol::resultset::ok(state.status),
+        Err(e) => e.to_packet(1),
+    };
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}

@@ -1,0 +1,205 @@
+//! Phase 1 for multi-table UPDATE (join and comma forms) and DELETE (`DELETE t1, t2 FROM
+//! ...`, `DELETE FROM t1, t2 USING ...`): images per table written.
+//!
+//! 1. plan it (`sql::dml::plan_multi`): its table references, the tables it writes (an
+//!    UPDATE's unqualified columns are placed by the tables' columns), its `FROM ... WHERE`;
+//! 2. per table written, before image: `SELECT <that table's columns> FROM <references>
+//!    WHERE ... FOR UPDATE` (a join repeats rows: they are kept once, by primary key);
+//! 3. the client's statement, as sent;
+//! 4. the row count must match the images; an UPDATE's after image is read by primary key;
+//! 5. one undo item per table written.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::phase1::{self, abort};
+use super::undo::{self, UndoItem};
+use super::{At, PendingBranch};
+use crate::coordinator::refusal::not_protected as refuse;
+use crate::protocol::Capabilities;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::Param;
+use crate::session::backend;
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::dml::{ChangeKind, MultiChange};
+use crate::sql::image::{ColumnSpec, ImageRow, qualified_select_list, select_list};
+use crate::sql::keys::{select_params, written};
+use crate::sql::metadata::TableMeta;
+use crate::sql::{pk_condition, qualified, text};
+
+/// One table the statement writes.
+struct Target {
+    /// How the statement names it (alias, else table name).
+    qualifier: String,
+    meta: Arc<TableMeta>,
+    specs: Vec<ColumnSpec>,
+}
+
+/// The tables written and their metadata, checked for imaging; or the refusal.
+async fn targets(
+    plan: &MultiChange,
+    state: &SessionState,
+    branch: Option<&PendingBranch>,
+    at: &At,
+    xid: &str,
+) -> Result<(String, Vec<Target>), ErrPacket> {
+    let metas = at.global.tables(&plan.tables, state.schema.as_deref()).await?;
+    let written = written(plan, &metas).map_err(|why| refuse(&why, xid))?;
+    let schema = written[0].schema.clone();
+    let mut out = Vec::new();
+    for w in written {
+        let (s, meta) = (&w.schema, &w.meta);
+        if *s != schema || branch.is_some_and(|b| b.schema != *s) {
+            return Err(refuse(
+                "a write to more than one database in one local transaction",
+                xid,
+            ));
+        }
+        if meta.primary_key.is_empty() {
+            return Err(refuse(
+                &format!("a write to {s}.{}, which has no primary key", meta.name),
+                xid,
+            ));
+        }
+        if meta.has_triggers {
+            return Err(refuse(
+                &format!(
+                    "a write to {s}.{}, which has triggers (their changes cannot be imaged)",
+                    meta.name
+                ),
+                xid,
+            ));
+        }
+        out.push(Target {
+            qualifier: w.qualifier,
+            specs: meta.specs(),
+            meta: w.meta,
+        });
+    }
+    Ok((schema, out))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    shared: &Shared,
+    at: &At,
+    xid: &str,
+    plan: MultiChange,
+    params: &[Param],
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    let (schema, targets) = match targets(&plan, state, branch.as_ref(), at, xid).await {
+        Ok(t) => t,
+        Err(e) => return Ok(e.to_packet(1)),
+    };
+    let Some(bound) = select_params(&plan, params) else {
+        return Ok(refuse("this statement: its parameters could not be read", xid).to_packet(1));
+    };
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let original_status = state.status;
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
+    }
+    let mut befores = Vec::with_capacity(targets.len());
+    for t in &targets {
+        let list = qualified_select_list(&t.qualifier, &t.specs);
+        let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
+        let read = crate::sql::execute(backend, state, &sql, &bound, limit).await?;
+        if let Some((code, message)) = read.error {
+            return abort(
+                backend,
+                state,
+                branch,
+                limit,
+                autocommit,
+                ErrPacket::new(code, "HY000", message),
+            )
+            .await;
+        }
+        // A join repeats a row once per match.
+        let mut seen = HashSet::new();
+        let rows: Vec<ImageRow> = read
+            .rows
+            .iter()
+            .map(text)
+            .filter(|r| seen.insert(t.meta.primary_key.iter().map(|&i| r[i].clone()).collect::<Vec<_>>()))
+            .collect();
+        befores.push(rows);
+    }
+    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
+    let affected = summary.map_or(0, |s| s.affected_rows);
+    let imaged: u64 = befores.iter().map(|b| b.len() as u64).sum();
+    let expected = match plan.kind {
+        ChangeKind::Delete => affected == imaged,
+        ChangeKind::Update if state.capabilities.has(Capabilities::FOUND_ROWS) => affected == imaged,
+        ChangeKind::Update => affected <= imaged,
+    };
+    if !expected {
+        let e = refuse(
+            &format!(
+                "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
+            ),
+            xid,
+        );
+        return abort(backend, state, branch, limit, true, e).await;
+    }
+    let mut items = Vec::new();
+    for (t, before) in targets.iter().zip(befores) {
+        if before.is_empty() {
+            continue;
+        }
+        let item = |kind, before, after| {
+            UndoItem::new(
+                kind,
+                &schema,
+                &t.meta.name,
+                &t.specs,
+                t.meta.primary_key.clone(),
+                before,
+                after,
+            )
+        };
+        if plan.kind == ChangeKind::Delete {
+            items.push(item(undo::Kind::Delete, before, Vec::new()));
+            continue;
+        }
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} FOR UPDATE",
+            select_list(&t.specs),
+            qualified(&schema, &t.meta.name),
+            pk_condition(&t.meta, &t.specs, &before)
+        );
+        let read = backend::query(backend, state, &sql, limit).await?;
+        if let Some((code, message)) = read.error {
+            let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
+            return abort(backend, state, branch, limit, true, e).await;
+        }
+        items.push(item(
+            undo::Kind::Update,
+            before,
+            read.rows.iter().map(text).collect(),
+        ));
+    }
+    phase1::finish(
+        backend,
+        state,
+        branch,
+        at,
+        limit,
+        xid,
+        &schema,
+        items,
+        response,
+        autocommit.then_some(original_status),
+    )
+    .await
+}

@@ -1,0 +1,355 @@
+//! Phase 1 of AT mode on a session bound to a global transaction: an UPDATE, DELETE or
+//! INSERT is imaged and run; its undo items join the session's pending branch.
+//!
+//! For one statement (`protect`):
+//! 1. plan it (`sql::dml`): the table and the statement's own filter text;
+//! 2. look up the table (`sql::metadata`): it needs a primary key and no triggers, and an
+//!    UPDATE may not assign a primary-key column;
+//! 3. an autocommit statement is wrapped in a local transaction of the proxy's own;
+//! 4. before image: `SELECT <image columns> FROM <table> <filter> FOR UPDATE`, the rows
+//!    locked in the database until the local transaction ends;
+//! 5. the client's statement, forwarded as sent; its OK is held back;
+//! 6. the image must cover every changed row (else the local transaction is rolled back and
+//!    the statement refused); the after image is read by primary key;
+//! 7. the undo item joins the session's pending branch; for autocommit the commit follows at
+//!    once (`commit.rs`) and the client gets the statement's OK with autocommit status flags.
+//!
+//! Upserts (`upsert.rs`) and multi-table statements (`multi_table.rs`) take their own steps
+//! 4 to 6 and end in [`finish`] too.
+
+use super::undo::{self, UndoItem};
+use super::{At, PendingBranch, commit};
+use crate::coordinator::refusal::{self, not_protected as refuse};
+use crate::coordinator::no_database;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::Param;
+use crate::protocol::{Capabilities, Command, ServerStatus};
+use crate::session::backend;
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::dml::{self, ChangeKind};
+use crate::sql::image::{ColumnSpec, ImageRow};
+use crate::sql::keys::{self, InsertKeys};
+use crate::sql::metadata::TableMeta;
+use crate::sql::{self as text, pk_condition, qualified, select_locked};
+
+/// Runs an UPDATE, DELETE or INSERT of a bound session with its images and answers the
+/// client: a text query, or a prepared statement's execute with the parameters it binds.
+/// The command packet is in `raw`.
+#[allow(clippy::too_many_arguments)]
+pub async fn protect(
+    client: &mut Peer,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    shared: &Shared,
+    at: &At,
+    xid: &str,
+    command: u8,
+    raw: &[u8],
+) -> Result<(), SessionError> {
+    let payload = &raw[4..];
+    let (sql, params) = if command == Command::QUERY {
+        (String::from_utf8_lossy(&payload[1..]).into_owned(), Vec::new())
+    } else {
+        let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let Some(stmt) = state.statements.get(&id) else {
+            return Ok(());
+        };
+        match stmt.bound_params(payload) {
+            Some(params) => (stmt.sql.clone(), params),
+            None => return backend::reply(client, refusal::unreadable_params(xid)).await,
+        }
+    };
+    let reply = protected(backend, state, branch, shared, at, xid, &sql, &params, raw).await?;
+    client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}
+
+/// [`protect`], answering with the bytes the client is to get.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn protected(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    shared: &Shared,
+    at: &At,
+    xid: &str,
+    sql: &str,
+    params: &[Param],
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    Ok(match dml::plan_multi(sql) {
+        Some(Ok(multi)) => super::multi_table::run(backend, state, branch, shared, at, xid, multi, params, raw).await?,
+        Some(Err(why)) => refuse(&why, xid).to_packet(1),
+        None => match prepare(state, branch.as_ref(), at, xid, sql).await {
+            Err(e) => e.to_packet(1),
+            Ok(plan) => run(backend, state, branch, shared, at, xid, plan, params, raw).await?,
+        },
+    })
+}
+
+/// What steps 1 and 2 found.
+pub(super) struct Plan {
+    pub statement: dml::Plan,
+    pub schema: String,
+    pub meta: std::sync::Arc<TableMeta>,
+    pub specs: Vec<ColumnSpec>,
+}
+
+async fn prepare(
+    state: &SessionState,
+    branch: Option<&PendingBranch>,
+    at: &At,
+    xid: &str,
+    sql: &str,
+) -> Result<Plan, ErrPacket> {
+    let statement = dml::plan(sql).map_err(|why| refuse(&why, xid))?;
+    let table = match &statement {
+        dml::Plan::Change(c) => &c.table,
+        dml::Plan::Insert(i) => &i.table,
+    };
+    let Some(schema) = table.schema.clone().or_else(|| state.schema.clone()) else {
+        return Err(no_database());
+    };
+    if let Some(pending) = branch
+        && pending.schema != schema
+    {
+        return Err(refuse(
+            &format!(
+                "a write to database {schema} in a local transaction that already wrote to {}",
+                pending.schema
+            ),
+            xid,
+        ));
+    }
+    let meta = at.global.table(&schema, &table.name).await?;
+    if meta.primary_key.is_empty() {
+        return Err(refuse(
+            &format!("a write to {schema}.{}, which has no primary key", meta.name),
+            xid,
+        ));
+    }
+    if meta.has_triggers {
+        return Err(refuse(
+            &format!(
+                "a write to {schema}.{}, which has triggers (their changes cannot be imaged)",
+                meta.name
+            ),
+            xid,
+        ));
+    }
+    if let dml::Plan::Change(change) = &statement {
+        for column in &change.assigned {
+            if meta
+                .primary_key
+                .iter()
+                .any(|&i| meta.columns[i].name.eq_ignore_ascii_case(column))
+            {
+                return Err(refuse(&format!("an UPDATE of the primary-key column {column}"), xid));
+            }
+        }
+    }
+    let specs = meta.specs();
+    Ok(Plan {
+        statement,
+        schema,
+        meta,
+        specs,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    shared: &Shared,
+    at: &At,
+    xid: &str,
+    plan: Plan,
+    params: &[Param],
+    raw: &[u8],
+) -> Result<Vec<u8>, SessionError> {
+    let limit = shared.config.max_packet_size;
+    if let dml::Plan::Insert(insert) = &plan.statement
+        && insert.mode != dml::InsertMode::Plain
+    {
+        return super::upsert::run(backend, state, branch, shared, at, xid, plan, params, raw).await;
+    }
+    let Plan {
+        statement,
+        schema,
+        meta,
+        specs,
+    } = plan;
+    let keys = match &statement {
+        dml::Plan::Insert(insert) => match keys::insert_keys(insert, &meta, params) {
+            Ok(keys) => Some(keys),
+            Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
+        },
+        dml::Plan::Change(_) => None,
+    };
+    // With autocommit off, the statement opens the local transaction itself.
+    let autocommit = state.autocommit() && !state.in_transaction();
+    let original_status = state.status;
+    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+        return Ok(e.to_packet(1));
+    }
+    let list = crate::sql::image::select_list(&specs);
+    let qualified = qualified(&schema, &meta.name);
+    let before: Vec<ImageRow> = match &statement {
+        dml::Plan::Change(change) => {
+            match keys::select_filtered(backend, state, change, &qualified, &list, params, limit).await? {
+                Ok(rows) => rows.iter().map(text::text).collect(),
+                Err(e) => return abort(backend, state, branch, limit, autocommit, e).await,
+            }
+        }
+        dml::Plan::Insert(_) => Vec::new(),
+    };
+
+    // The client's statement, as sent; its response (OK or ERR) is held back.
+    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
+    let affected = summary.map_or(0, |s| s.affected_rows);
+    let found_rows = state.capabilities.has(Capabilities::FOUND_ROWS);
+    let (kind, expected) = match &statement {
+        dml::Plan::Change(c) if c.kind == ChangeKind::Delete => (undo::Kind::Delete, affected == before.len() as u64),
+        dml::Plan::Change(_) if found_rows => (undo::Kind::Update, affected == before.len() as u64),
+        dml::Plan::Change(_) => (undo::Kind::Update, affected <= before.len() as u64),
+        dml::Plan::Insert(i) => (undo::Kind::Insert, affected == i.rows.len() as u64),
+    };
+    if !expected {
+        let e = refuse(
+            &format!(
+                "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
+            ),
+            xid,
+        );
+        return abort(backend, state, branch, limit, true, e).await;
+    }
+    // The after image, by primary key.
+    let condition = match (&keys, kind) {
+        (_, undo::Kind::Delete) => None,
+        (_, undo::Kind::Update) if before.is_empty() => None,
+        (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
+        (Some(keys @ InsertKeys::Literal(_)), _) => {
+            Some(keys::insert_condition(backend, state, &meta, keys, summary, limit).await?)
+        }
+        (Some(keys @ InsertKeys::Generated), _) => {
+            Some(keys::insert_condition(backend, state, &meta, keys, summary, limit).await?)
+        }
+        (None, undo::Kind::Insert) => None,
+    };
+    let after: Vec<ImageRow> = match condition {
+        None => Vec::new(),
+        Some(condition) => {
+            let read = backend::query(backend, state, &select_locked(&list, &qualified, &condition), limit).await?;
+            if let Some((code, message)) = read.error {
+                let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
+                return abort(backend, state, branch, limit, true, e).await;
+            }
+            read.rows.iter().map(text::text).collect()
+        }
+    };
+    if kind == undo::Kind::Insert && after.len() as u64 != affected {
+        let e = refuse(
+            &format!(
+                "this INSERT: {affected} rows were inserted but {} were found by their keys; the local transaction was rolled back",
+                after.len()
+            ),
+            xid,
+        );
+        return abort(backend, state, branch, limit, true, e).await;
+    }
+    let items = if before.is_empty() && after.is_empty() {
+        Vec::new()
+    } else {
+        vec![UndoItem::new(
+            kind,
+            &schema,
+            &meta.name,
+            &specs,
+            meta.primary_key.clone(),
+            before,
+            after,
+        )]
+    };
+    finish(
+        backend,
+        state,
+        branch,
+        at,
+        limit,
+        xid,
+        &schema,
+        items,
+        response,
+        autocommit.then_some(original_status),
+    )
+    .await
+}
+
+/// The end of a protected statement: its undo items (checked) join the pending branch with
+/// the rows they lock; an autocommit statement (`autocommit` holds the status before it)
+/// commits at once and the client gets the statement's response with the status it would
+/// have seen.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    at: &At,
+    limit: usize,
+    xid: &str,
+    schema: &str,
+    items: Vec<UndoItem>,
+    mut response: Vec<u8>,
+    autocommit: Option<ServerStatus>,
+) -> Result<Vec<u8>, SessionError> {
+    for item in &items {
+        if let Err(e) = item.validate() {
+            let e = refuse(
+                &format!(
+                    "this statement: its images cannot be stored exactly ({e}); the local transaction was rolled back"
+                ),
+                xid,
+            );
+            return abort(backend, state, branch, limit, true, e).await;
+        }
+    }
+    if !items.is_empty() {
+        let pending = branch.get_or_insert_with(|| PendingBranch {
+            xid: xid.to_owned(),
+            schema: schema.to_owned(),
+            items: Vec::new(),
+        });
+        pending.items.extend(items);
+    }
+    if let Some(original_status) = autocommit {
+        if let Err(e) = commit::commit_branch(backend, state, branch, at, limit, "COMMIT").await? {
+            return Ok(e.to_packet(1));
+        }
+        // The client sent an autocommit statement: it sees the status it would have seen.
+        backend::as_autocommit(&mut response, state, original_status);
+    }
+    Ok(response)
+}
+
+/// Rolls back (the whole local transaction with its pending branch, when `rollback`) and
+/// answers with `e`.
+pub(super) async fn abort(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    branch: &mut Option<PendingBranch>,
+    limit: usize,
+    rollback: bool,
+    e: ErrPacket,
+) -> Result<Vec<u8>, SessionError> {
+    if rollback {
+        *branch = None;
+    }
+    backend::abort(backend, state, limit, rollback, e).await
+}

@@ -1,0 +1,158 @@
+//! The `undo_log` table in each database the proxy writes undo records to. It keeps Seata's
+//! column layout, so tools that know Seata's table read it; `log_status` 0 is a normal
+//! record, 1 the GlobalFinished marker a rollback leaves when it finds no record (a late
+//! phase-1 commit of that branch then fails on the unique key: anti-hanging), 2 a further
+//! piece of a record split because it is larger than one row may be. [`UndoLogs`] makes sure
+//! the table exists before the first record goes into a database.
+
+use std::collections::HashSet;
+
+use mysql_async::prelude::*;
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::coordinator::{Global, database_of, service_error};
+
+/// Normal undo record.
+pub const STATUS_NORMAL: i32 = 0;
+/// Anti-hanging marker.
+pub const STATUS_GLOBAL_FINISHED: i32 = 1;
+
+/// A further piece of a record too large for one row (see [`chunk_xid`]).
+pub const STATUS_CHUNK: i32 = 2;
+
+/// Written into `context` of every row, naming the format of `rollback_info`; a record split
+/// into pieces says how many: `ferrata:1;chunks=3`.
+pub const CONTEXT: &str = "ferrata:1";
+
+/// The context of a main row whose record is split into `chunks` pieces.
+pub fn context(chunks: usize) -> String {
+    if chunks <= 1 {
+        CONTEXT.to_owned()
+    } else {
+        format!("{CONTEXT};chunks={chunks}")
+    }
+}
+
+/// How many pieces a main row's context announces (1 when not split).
+pub fn chunks_of(context: &str) -> usize {
+    context
+        .split(';')
+        .find_map(|p| p.strip_prefix("chunks="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Pieces 2.. of a record live in rows of their own, keyed by the branch id and a derived XID
+/// `<xid>#<n>` (n from 2), so the unique key stays (xid, branch_id) and every piece is read
+/// back by its number, in order. A piece stays below the server's max_allowed_packet, which
+/// bounds both the INSERT that writes it and the row that reads it back.
+pub fn chunk_xid(xid: &str, n: usize) -> String {
+    format!("{xid}#{n}")
+}
+
+pub const CREATE: &str = "CREATE TABLE IF NOT EXISTS undo_log (
+  branch_id BIGINT NOT NULL COMMENT 'branch id from ferrata-tc',
+  xid VARCHAR(128) NOT NULL COMMENT 'global transaction id',
+  context VARCHAR(128) NOT NULL COMMENT 'format of rollback_info',
+  rollback_info LONGBLOB NOT NULL COMMENT 'before and after images',
+  log_status INT NOT NULL COMMENT '0 normal, 1 global finished (anti-hanging marker)',
+  log_created DATETIME(6) NOT NULL,
+  log_modified DATETIME(6) NOT NULL,
+  UNIQUE KEY ux_undo_log (xid, branch_id)
+) ENGINE=InnoDB COMMENT='Ferrata AT mode undo records'";
+
+/// MySQL's "table doesn't exist".
+pub const NO_SUCH_TABLE: u16 = 1146;
+
+/// What a DBA must run when the proxy may not create the table itself.
+pub fn dba_instructions(database: &str, user: &str) -> String {
+    format!(
+        "the table {database}.undo_log is missing and ferrata-proxy may not create it; a DBA must run, in database {database}: {CREATE}; \
+         and grant the proxy's service user: GRANT SELECT, INSERT, DELETE ON {database}.undo_log TO '{user}'"
+    )
+}
+
+/// The `undo_log` tables of the databases this proxy writes to: known to exist, created, or
+/// what a DBA must do; and how large one row's piece of a record may be.
+pub struct UndoLogs {
+    /// `[service] create_undo_log`: whether the proxy creates a missing table itself.
+    create: bool,
+    service_user: String,
+    /// Resources whose undo_log table is known to exist.
+    known: Mutex<HashSet<String>>,
+    /// Bytes of an undo record per row, from the server's max_allowed_packet (read once).
+    chunk: tokio::sync::OnceCell<usize>,
+}
+
+impl UndoLogs {
+    pub fn new(config: &Config) -> UndoLogs {
+        UndoLogs {
+            create: config.service.create_undo_log,
+            service_user: config.service.user.clone(),
+            known: Mutex::new(HashSet::new()),
+            chunk: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Creates the undo_log table, or says what a DBA must run.
+    pub async fn create(&self, conn: &mut mysql_async::Conn, resource: &str) -> Result<(), String> {
+        let db = database_of(resource).unwrap_or_default();
+        if !self.create {
+            return Err(dba_instructions(&db, &self.service_user));
+        }
+        match conn.query_drop(CREATE).await {
+            Ok(()) => {
+                tracing::info!(database = db, "created the undo_log table");
+                Ok(())
+            }
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1044 | 1045) => Err(format!(
+                "{} ({})",
+                dba_instructions(&db, &self.service_user),
+                e.message
+            )),
+            Err(e) => Err(format!("creating {db}.undo_log failed: {e}")),
+        }
+    }
+
+    /// Makes sure `undo_log` exists in the resource's database.
+    pub async fn ensure(&self, global: &Global, resource: &str) -> Result<(), String> {
+        if self.known.lock().contains(resource) {
+            return Ok(());
+        }
+        let mut conn = global
+            .service_conn(resource)
+            .await
+            .map_err(|e| service_error(&e).message)?;
+        let exists: Option<i64> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = 'undo_log'",
+                (database_of(resource).unwrap_or_default(),),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if exists != Some(1) {
+            self.create(&mut conn, resource).await?;
+        }
+        self.known.lock().insert(resource.to_owned());
+        Ok(())
+    }
+
+    /// How many bytes of an undo record go into one row: a third of the server's
+    /// max_allowed_packet (the INSERT carries them as hex), 1 MiB when it cannot be read.
+    pub async fn chunk_bytes(&self, global: &Global) -> usize {
+        *self
+            .chunk
+            .get_or_init(|| async {
+                let read = async {
+                    let mut conn = global.service_conn(&global.resource("mysql")).await?;
+                    conn.query_first::<u64, _>("SELECT @@global.max_allowed_packet").await
+                };
+                match read.await {
+                    Ok(Some(max)) => (max / 3).max(1024) as usize,
+                    _ => 1 << 20,
+                }
+            })
+            .await
+    }
+}

@@ -1,0 +1,54 @@
+//! The registration: which modes a proxy's sessions offer their commands to, in order, and
+//! what each needs running in the background. Adding a transaction mode is a folder of its
+//! own plus a line here.
+//!
+//! Order matters: a command goes to the first mode that claims it. AT mode comes first (it
+//! takes writes, multi-statement strings and the COMMIT of a pending branch), then the
+//! isolation checks (locking reads of bound sessions, writes outside global transactions),
+//! and last the binding (Ferrata's statements, and what no mode before it could protect).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::at::{self, At};
+use crate::config::Config;
+use crate::coordinator::Global;
+use crate::coordinator::binding::Binding;
+use crate::isolation::Isolation;
+use crate::session::mode::Mode;
+
+/// The modes of a proxy, and the coordinator link they share (none without `[coordinator]`).
+pub struct Modes {
+    pub modes: Vec<Arc<dyn Mode>>,
+    global: Option<Arc<Global>>,
+    at: Option<Arc<At>>,
+}
+
+impl Modes {
+    pub fn from_config(config: &Config) -> Modes {
+        let global = Global::from_config(config);
+        let mut modes: Vec<Arc<dyn Mode>> = Vec::new();
+        let mut at = None;
+        if let Some(g) = &global {
+            let at_mode = At::new(Arc::clone(g), config);
+            modes.push(at_mode.clone());
+            modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
+            at = Some(at_mode);
+        }
+        modes.push(Arc::new(Binding { global: global.clone() }));
+        Modes { modes, global, at }
+    }
+
+    /// Attaches to the coordinator until `stop`: phase-2 commands for this proxy's branches
+    /// arrive on that stream.
+    pub fn start(&self, rm_id: String, stop: CancellationToken) {
+        if let (Some(global), Some(at)) = (&self.global, &self.at) {
+            global.start(rm_id, at::phase2::handler(Arc::clone(at)), stop);
+        }
+    }
+
+    pub fn coordinated(&self) -> bool {
+        self.global.is_some()
+    }
+}

@@ -1,0 +1,303 @@
+//! The session's backend connection as the modes use it: statements the proxy runs itself
+//! (between the client's commands, inside the client's local transaction or one of the
+//! proxy's own), the client's statement run with its response held back, and the answers
+//! the proxy writes instead. Responses read here never reach the client unless a caller
+//! sends them on; the session's status flags follow every one of them.
+
+use super::SessionError;
+use super::peer::Peer;
+use super::state::SessionState;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::frame;
+use crate::protocol::response::{PEEK, PacketRole, PrepareOk, ResponseKind, ResponseTracker, Step};
+use crate::protocol::{Command, ServerStatus, execute, lenenc, ok};
+
+/// A text-protocol row: one value per column, `None` for NULL.
+pub type Row = Vec<Option<Vec<u8>>>;
+
+/// What an injected statement returned.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    /// The server's error, if the statement failed: code and message.
+    pub error: Option<(u16, String)>,
+}
+
+fn parse_row(payload: &[u8]) -> Option<Row> {
+    let mut row = Vec::new();
+    let mut at = 0;
+    while at < payload.len() {
+        if payload[at] == 0xfb {
+            row.push(None);
+            at += 1;
+        } else {
+            let (value, used) = lenenc::read_str(&payload[at..])?;
+            row.push(Some(value.to_vec()));
+            at += used;
+        }
+    }
+    Some(row)
+}
+
+/// A COM_QUERY packet (sequence id 0) for `sql`.
+pub fn query_packet(sql: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + sql.len());
+    payload.push(Command::QUERY);
+    payload.extend_from_slice(sql.as_bytes());
+    let mut packet = Vec::with_capacity(payload.len() + 4);
+    frame::write_packet(&mut packet, 0, &payload);
+    packet
+}
+
+/// Runs `sql` (COM_QUERY) on the backend and reads its whole response.
+pub async fn query(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    sql: &str,
+    limit: usize,
+) -> Result<Outcome, SessionError> {
+    backend
+        .write_all(&query_packet(sql))
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    read(backend, state, ResponseKind::Generic, limit, parse_row)
+        .await
+        .map(|(o, _)| o)
+}
+
+/// Reads the response of a text statement the proxy already sent (pipelined before another).
+pub async fn read_one(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<Outcome, SessionError> {
+    read(backend, state, ResponseKind::Generic, limit, parse_row)
+        .await
+        .map(|(o, _)| o)
+}
+
+/// Runs `sql` with `params` bound to its `?` placeholders as a prepared statement (binary
+/// protocol, closed afterwards). Every column must be a string (the image select lists are).
+pub async fn execute_prepared(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    sql: &str,
+    params: &[execute::Param],
+    limit: usize,
+) -> Result<Outcome, SessionError> {
+    let mut payload = vec![Command::STMT_PREPARE];
+    payload.extend_from_slice(sql.as_bytes());
+    send(backend, &payload).await?;
+    let (prepared, prepare_ok) = read(backend, state, ResponseKind::Prepare, limit, |_| Some(Vec::new())).await?;
+    let (Some(ok), None) = (prepare_ok, &prepared.error) else {
+        return Ok(prepared);
+    };
+    send(backend, &execute::payload(ok.statement_id, params)).await?;
+    let columns = usize::from(ok.columns);
+    let (outcome, _) = read(backend, state, ResponseKind::Generic, limit, |p| {
+        execute::string_row(p, columns)
+    })
+    .await?;
+    let mut close = vec![Command::STMT_CLOSE];
+    close.extend_from_slice(&ok.statement_id.to_le_bytes());
+    send(backend, &close).await?;
+    Ok(outcome)
+}
+
+async fn send(backend: &mut Peer, payload: &[u8]) -> Result<(), SessionError> {
+    let mut packet = Vec::new();
+    frame::write_packet(&mut packet, 0, payload);
+    backend
+        .write_all(&packet)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))
+}
+
+/// Reads one whole response, decoding result rows with `row`.
+async fn read(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    kind: ResponseKind,
+    limit: usize,
+    row: impl Fn(&[u8]) -> Option<Row>,
+) -> Result<(Outcome, Option<PrepareOk>), SessionError> {
+    let mut tracker = ResponseTracker::new(kind, state.capabilities, 0);
+    let mut outcome = Outcome::default();
+    while !tracker.is_done() {
+        let span = backend
+            .read_packet(limit)
+            .await
+            .map_err(|e| SessionError::from_backend_read(e, tracker.last_seq()))?;
+        let role = tracker.next_role();
+        let payload = backend.payload(&span);
+        let prefix = &payload[..payload.len().min(PEEK)];
+        let step = tracker.on_packet(span.payload_len, span.last_seq, prefix);
+        if role == PacketRole::Row && !tracker.is_done() {
+            match row(&payload) {
+                Some(row) => outcome.rows.push(row),
+                None => return Err(SessionError::backend_protocol("a malformed row", span.last_seq)),
+            }
+        }
+        if tracker.error_code().is_some() && outcome.error.is_none() {
+            let message = payload
+                .get(9..)
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            outcome.error = tracker.error_code().map(|c| (c, message));
+        }
+        drop(payload);
+        backend.consume(span.raw_len);
+        step.map_err(|v| SessionError::backend_protocol(&v.0, tracker.last_seq()))?;
+    }
+    if let Some(status) = tracker.last_status() {
+        state.status = status;
+    }
+    Ok((outcome, tracker.prepare_ok()))
+}
+
+/// Answers the client's command with `e` (sequence id 1).
+pub async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
+    client
+        .write_all(&e.to_packet(1))
+        .await
+        .map_err(|_| SessionError::ClientClosed)
+}
+
+/// A server error, as the proxy passes it on.
+pub fn server_error((code, message): (u16, String)) -> ErrPacket {
+    ErrPacket::new(code, "HY000", message)
+}
+
+/// Opens the proxy's own local transaction around an autocommit statement; the server's
+/// refusal is the client's answer.
+pub async fn begin_own(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<Result<(), ErrPacket>, SessionError> {
+    let begun = query(backend, state, "START TRANSACTION", limit).await?;
+    Ok(begun.error.map_or(Ok(()), |e| Err(server_error(e))))
+}
+
+/// Sends the client's statement as it is and reads its whole response, held back. A
+/// statement the server refused comes back as `Err(its response)`, the proxy's own
+/// transaction (if `own`) rolled back.
+pub async fn run_client_statement(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    raw: &[u8],
+    own: bool,
+) -> Result<Result<(Vec<u8>, Option<ok::OkSummary>), Vec<u8>>, SessionError> {
+    backend
+        .write_all(raw)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let (response, summary, failed) = read_response(backend, state, limit).await?;
+    if failed {
+        if own {
+            local_rollback(backend, state, limit).await?;
+        }
+        return Ok(Err(response));
+    }
+    Ok(Ok((response, summary)))
+}
+
+/// Makes a response read inside the proxy's own transaction look as the client's autocommit
+/// statement's would have: no transaction open, autocommit as it was (`before`).
+pub fn as_autocommit(response: &mut [u8], state: &SessionState, before: ServerStatus) {
+    let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
+    ok::set_response_status(response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+}
+
+/// Commits the proxy's own local transaction around an autocommit statement and gives the
+/// client that statement's `response` with the status it would have seen (`before`), or
+/// the COMMIT's error.
+pub async fn commit_own(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    mut response: Vec<u8>,
+    before: ServerStatus,
+) -> Result<Vec<u8>, SessionError> {
+    let committed = query(backend, state, "COMMIT", limit).await?;
+    if let Some(e) = committed.error {
+        return Ok(server_error(e).to_packet(1));
+    }
+    as_autocommit(&mut response, state, before);
+    Ok(response)
+}
+
+/// Rolls back (the whole local transaction, when `rollback`) and answers with `e`.
+pub async fn abort(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    rollback: bool,
+    e: ErrPacket,
+) -> Result<Vec<u8>, SessionError> {
+    if rollback {
+        local_rollback(backend, state, limit).await?;
+    }
+    Ok(e.to_packet(1))
+}
+
+/// Rolls back the session's local transaction on its backend connection, as if the client
+/// had sent ROLLBACK, without telling the client.
+pub async fn local_rollback(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
+    let outcome = query(backend, state, "ROLLBACK", limit).await?;
+    if let Some((code, message)) = outcome.error {
+        tracing::warn!(code, message, "the local ROLLBACK failed");
+    }
+    Ok(())
+}
+
+/// Reads one OK/ERR response of a forwarded statement, whole: its bytes, the OK's counters,
+/// and whether it failed.
+pub async fn read_response(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<(Vec<u8>, Option<ok::OkSummary>, bool), SessionError> {
+    let mut tracker = ResponseTracker::new(ResponseKind::Generic, state.capabilities, 0);
+    let mut bytes = Vec::new();
+    while !tracker.is_done() {
+        let span = backend
+            .read_packet(limit)
+            .await
+            .map_err(|e| SessionError::from_backend_read(e, tracker.last_seq()))?;
+        let payload = backend.payload(&span);
+        let step = tracker.on_packet(span.payload_len, span.last_seq, &payload[..payload.len().min(PEEK)]);
+        drop(payload);
+        bytes.extend_from_slice(&backend.buf[..span.raw_len]);
+        backend.consume(span.raw_len);
+        match step {
+            Ok(Step::More) | Ok(Step::Done) => {}
+            Ok(_) => {
+                return Err(SessionError::backend_protocol(
+                    "a DML statement asked for a local file",
+                    tracker.last_seq(),
+                ));
+            }
+            Err(v) => return Err(SessionError::backend_protocol(&v.0, tracker.last_seq())),
+        }
+    }
+    if let Some(status) = tracker.last_status() {
+        state.status = status;
+    }
+    Ok((bytes, tracker.last_ok(), tracker.error_code().is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_with_nulls_and_binary() {
+        let mut p = Vec::new();
+        lenenc::write_str(&mut p, b"1");
+        p.push(0xfb);
+        lenenc::write_str(&mut p, b"\x00\xfb\xff");
+        assert_eq!(
+            parse_row(&p),
+            Some(vec![Some(b"1".to_vec()), None, Some(b"\x00\xfb\xff".to_vec())])
+        );
+        assert_eq!(parse_row(&[0x05, b'a']), None, "a truncated value");
+    }
+}
