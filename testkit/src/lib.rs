@@ -5,6 +5,7 @@
 //! pre-initialised template, listens on a free loopback port and is SIGKILLed when it
 //! is dropped or when the test process dies.
 
+pub mod layers;
 pub mod raw;
 mod spawn;
 mod template;

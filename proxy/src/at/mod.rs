@@ -146,7 +146,9 @@ impl AtSession {
                 if self.branch.is_some()
                     && matches!(
                         statement.class.class,
-                        StatementClass::TransactionControl(TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit)
+                        StatementClass::TransactionControl(
+                            TxControl::Commit | TxControl::Begin | TxControl::SetAutocommit
+                        )
                     )
                 {
                     return Some(Claimed::Refuse(refusal::implicit_commit(xid)));
@@ -213,7 +215,11 @@ impl ModeSession for AtSession {
         self.settle(state);
         self.savepoint = None;
         self.claimed = self.decide(command, state);
-        if self.claimed.is_some() { Claim::Take } else { Claim::Pass }
+        if self.claimed.is_some() {
+            Claim::Take
+        } else {
+            Claim::Pass
+        }
     }
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {

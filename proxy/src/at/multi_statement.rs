@@ -92,7 +92,9 @@ pub async fn run(
         let raw = backend::query_packet(text);
         let class = classify::classify(text.as_bytes(), state.no_backslash_escapes());
         let mut response = match class.class {
-            StatementClass::Dml(_) => phase1::protected(backend, state, branch, shared, at, xid, text, &[], &raw).await?,
+            StatementClass::Dml(_) => {
+                phase1::protected(backend, state, branch, shared, at, xid, text, &[], &raw).await?
+            }
             _ => match backend::run_client_statement(backend, state, limit, &raw, false).await? {
                 Ok((response, _)) | Err(response) => response,
             },

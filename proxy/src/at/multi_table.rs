@@ -183,11 +183,7 @@ pub(super) async fn run(
             let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
             return abort(backend, state, branch, limit, true, e).await;
         }
-        items.push(item(
-            undo::Kind::Update,
-            before,
-            read.rows.iter().map(text).collect(),
-        ));
+        items.push(item(undo::Kind::Update, before, read.rows.iter().map(text).collect()));
     }
     phase1::finish(
         backend,

@@ -19,8 +19,8 @@
 
 use super::undo::{self, UndoItem};
 use super::{At, PendingBranch, commit};
-use crate::coordinator::refusal::{self, not_protected as refuse};
 use crate::coordinator::no_database;
+use crate::coordinator::refusal::{self, not_protected as refuse};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 use crate::protocol::{Capabilities, Command, ServerStatus};

@@ -1109,11 +1109,7 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let order = pk
-            .iter()
-            .map(|&i| ident(&specs[i].name))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let order = pk.iter().map(|&i| ident(&specs[i].name)).collect::<Vec<_>>().join(", ");
         let rows: Vec<Row> = conn
             .query(format!("SELECT {exprs} FROM {table} ORDER BY {order}"))
             .await?;

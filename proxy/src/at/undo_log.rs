@@ -106,11 +106,9 @@ impl UndoLogs {
                 tracing::info!(database = db, "created the undo_log table");
                 Ok(())
             }
-            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1044 | 1045) => Err(format!(
-                "{} ({})",
-                dba_instructions(&db, &self.service_user),
-                e.message
-            )),
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1044 | 1045) => {
+                Err(format!("{} ({})", dba_instructions(&db, &self.service_user), e.message))
+            }
             Err(e) => Err(format!("creating {db}.undo_log failed: {e}")),
         }
     }

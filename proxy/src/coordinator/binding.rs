@@ -87,7 +87,11 @@ impl ModeSession for BindingSession {
             }
             _ => None,
         };
-        if self.claimed.is_some() { Claim::Take } else { Claim::Pass }
+        if self.claimed.is_some() {
+            Claim::Take
+        } else {
+            Claim::Pass
+        }
     }
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
@@ -123,7 +127,8 @@ fn rmfail(message: String) -> ErrPacket {
 /// unregistered.
 pub fn leave_with_pending_writes() -> ErrPacket {
     rmfail(
-        "the open local transaction has protected writes: COMMIT or ROLLBACK it before leaving the global transaction".into(),
+        "the open local transaction has protected writes: COMMIT or ROLLBACK it before leaving the global transaction"
+            .into(),
     )
 }
 

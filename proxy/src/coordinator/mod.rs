@@ -111,7 +111,12 @@ impl Global {
     }
 
     /// Starts the Attach stream until `stop`: phase-2 commands go to `handler`.
-    pub fn start(self: &Arc<Self>, rm_id: String, handler: ferrata_rpc::client::CommandHandler, stop: CancellationToken) {
+    pub fn start(
+        self: &Arc<Self>,
+        rm_id: String,
+        handler: ferrata_rpc::client::CommandHandler,
+        stop: CancellationToken,
+    ) {
         let global = Arc::clone(self);
         tokio::spawn(async move {
             // Announce every database first, so phase 2 left over from before a restart (this

@@ -415,7 +415,9 @@ async fn wrapped(
         local_rollback(backend, state, limit).await?;
         return Ok(None);
     }
-    backend::commit_own(backend, state, limit, response, before).await.map(Some)
+    backend::commit_own(backend, state, limit, response, before)
+        .await
+        .map(Some)
 }
 
 /// The client's parameters of an execute (none for a text query); `Err` with the refusal

@@ -103,7 +103,11 @@ impl IsolationSession {
             Route::Observe(seen) => {
                 shared.metrics.writes_observed.increment(1);
                 // The text is looked at again only if the view changes meanwhile.
-                let head = if command.code == Cmd::QUERY { command.payload.len() } else { 5 };
+                let head = if command.code == Cmd::QUERY {
+                    command.payload.len()
+                } else {
+                    5
+                };
                 self.observed = Some(Observed {
                     seen,
                     command: command.code,
@@ -142,7 +146,18 @@ impl ModeSession for IsolationSession {
                     locking_read::run(client, backend, state, shared, g, &xid, command, raw).await
                 }
                 Some(Claimed::Write(write)) => {
-                    dirty_writes::run(client, backend, state, &mut self.written, shared, g, write, command, raw).await
+                    dirty_writes::run(
+                        client,
+                        backend,
+                        state,
+                        &mut self.written,
+                        shared,
+                        g,
+                        write,
+                        command,
+                        raw,
+                    )
+                    .await
                 }
                 Some(Claimed::CommitPoint) | None => unreachable!("run follows a claim to take"),
             }

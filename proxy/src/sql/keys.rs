@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::dml::{self, ChangeKind, MultiChange, TableRef};
-use super::metadata::TableMeta;
 use super::ident;
+use super::metadata::TableMeta;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::{self, Param};
 use crate::protocol::ok;
@@ -337,4 +337,3 @@ pub fn written(plan: &MultiChange, metas: &[(String, Arc<TableMeta>)]) -> Result
         })
         .collect())
 }
-
