@@ -215,36 +215,25 @@ impl ModeSession for AtSession {
         self.settle(state);
         self.savepoint = None;
         self.claimed = self.decide(command, state);
-        if self.claimed.is_some() {
-            Claim::Take
-        } else {
-            Claim::Pass
-        }
+        Claim::take_if(self.claimed.is_some())
     }
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
         Box::pin(async move {
-            let Io {
-                client,
-                backend,
-                state,
-                shared,
-                command,
-                raw,
-            } = io;
+            let (client, backend, state) = (io.client, io.backend, io.state);
             let at = &*self.at;
             let branch = &mut self.branch;
             match self.claimed.take() {
                 Some(Claimed::Protect(xid)) => {
-                    phase1::protect(client, backend, state, branch, shared, at, &xid, command, raw).await
+                    phase1::protect(client, backend, state, branch, io.shared, at, &xid, io.command, io.raw).await
                 }
                 Some(Claimed::Commit) => {
-                    let sql = String::from_utf8_lossy(&raw[5..]);
-                    commit::commit(client, backend, state, branch, shared, at, &sql).await
+                    let sql = String::from_utf8_lossy(&io.raw[5..]);
+                    commit::commit(client, backend, state, branch, io.shared, at, &sql).await
                 }
                 Some(Claimed::MultiStatement(xid)) => {
-                    let sql = String::from_utf8_lossy(&raw[5..]);
-                    multi_statement::run(client, backend, state, branch, shared, at, &xid, &sql).await
+                    let sql = String::from_utf8_lossy(&io.raw[5..]);
+                    multi_statement::run(client, backend, state, branch, io.shared, at, &xid, &sql).await
                 }
                 Some(Claimed::Refuse(e)) => {
                     tracing::info!(error = %e, "statement refused");

@@ -87,11 +87,7 @@ impl ModeSession for BindingSession {
             }
             _ => None,
         };
-        if self.claimed.is_some() {
-            Claim::Take
-        } else {
-            Claim::Pass
-        }
+        Claim::take_if(self.claimed.is_some())
     }
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {

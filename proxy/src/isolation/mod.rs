@@ -132,32 +132,15 @@ impl ModeSession for IsolationSession {
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
         Box::pin(async move {
-            let Io {
-                client,
-                backend,
-                state,
-                shared,
-                command,
-                raw,
-            } = io;
             let g = &*self.global;
+            let (client, backend, state) = (io.client, io.backend, io.state);
             match self.claimed.take() {
                 Some(Claimed::Isolate(xid)) => {
-                    locking_read::run(client, backend, state, shared, g, &xid, command, raw).await
+                    locking_read::run(client, backend, state, io.shared, g, &xid, io.command, io.raw).await
                 }
-                Some(Claimed::Write(write)) => {
-                    dirty_writes::run(
-                        client,
-                        backend,
-                        state,
-                        &mut self.written,
-                        shared,
-                        g,
-                        write,
-                        command,
-                        raw,
-                    )
-                    .await
+                Some(Claimed::Write(w)) => {
+                    let written = &mut self.written;
+                    dirty_writes::run(client, backend, state, written, io.shared, g, w, io.command, io.raw).await
                 }
                 Some(Claimed::CommitPoint) | None => unreachable!("run follows a claim to take"),
             }

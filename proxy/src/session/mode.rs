@@ -51,6 +51,13 @@ pub enum Claim {
     Gate,
 }
 
+impl Claim {
+    /// [`Claim::Take`] if `taken`, else [`Claim::Pass`].
+    pub fn take_if(taken: bool) -> Claim {
+        if taken { Claim::Take } else { Claim::Pass }
+    }
+}
+
 /// A transaction mode (or any other interception), registered once per proxy.
 pub trait Mode: Send + Sync {
     /// This mode's part of one client session.
