@@ -9,8 +9,11 @@
 //! - Rows are released only after the change that releases them has been submitted, so a
 //!   later holder's branch is never durable before the earlier holder's release.
 //! - A branch's tables are guarded (every resource manager confirmed it checks non-global
-//!   writes to them, see `guards.rs`) before its rows are locked; a transaction pins its
+//!   writes to them, see `at/guards.rs`) before its rows are locked; a transaction pins its
 //!   tables until it finishes.
+//!
+//! What is AT mode's (row locks, table guards) is in `at/`; this file calls it at the points
+//! of a transaction's life where AT mode has something to do.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,11 +26,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::at::guards::Table;
+use crate::at::locks::LockError;
+use crate::at::{self, At};
 use crate::config::Config;
 use crate::error::TcError;
-use crate::guards::{Table, TableGuards};
 use crate::lock_key::LockKey;
-use crate::locks::{LockError, LockManager};
 use crate::metrics::Metrics;
 use crate::model::{BranchError, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
 use crate::rm::RmRegistry;
@@ -135,12 +139,12 @@ pub struct Coordinator {
     pub(crate) config: Config,
     pub(crate) ids: Arc<Ids>,
     pub(crate) journal: Journal,
-    pub locks: LockManager,
+    /// AT mode: row locks and table guards.
+    pub at: At,
     pub(crate) sessions: RwLock<HashMap<u64, Arc<Session>>>,
     finished: Mutex<(VecDeque<u64>, HashMap<u64, FinishedTxn>)>,
     pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
     pub rms: Arc<RmRegistry>,
-    pub guards: Arc<TableGuards>,
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
     pub(crate) commit_wake: Notify,
     pub metrics: Metrics,
@@ -158,23 +162,16 @@ impl Coordinator {
         let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
         let metrics = Metrics::new();
         let rms = Arc::new(RmRegistry::default());
-        let guards = TableGuards::new(
-            Arc::clone(&rms),
-            config.phase2.guard_lease(),
-            config.transactions.guard_linger(),
-            fresh_store,
-            &metrics,
-        );
+        let at = At::new(&config, Arc::clone(&rms), fresh_store, &metrics);
         let coordinator = Arc::new(Coordinator {
             config,
             ids,
             journal,
-            locks: LockManager::new(),
+            at,
             sessions: RwLock::new(HashMap::new()),
             finished: Mutex::new((VecDeque::new(), HashMap::new())),
             timeouts: Mutex::new(BTreeSet::new()),
             rms,
-            guards,
             commit_queue: Mutex::new(Vec::new()),
             commit_wake: Notify::new(),
             metrics,
@@ -201,15 +198,7 @@ impl Coordinator {
             // their tables, guarded already by the previous instance.
             if !status.is_committing() && status != GlobalStatus::CommitFailed {
                 for b in list.iter().filter(|b| b.status != BranchStatus::PhaseOneFailed) {
-                    self.locks.restore(txn_id, b.branch_id, &b.lock_keys).map_err(|e| {
-                        StoreError(format!(
-                            "the stored locks conflict ({e:?}) between global transaction {} and another one; the store is inconsistent",
-                            format_xid(txn_id)
-                        ))
-                    })?;
-                    let tables = Table::of_keys(&b.lock_keys);
-                    self.guards.restore(txn_id, &tables);
-                    guarded.extend(tables);
+                    guarded.extend(self.at.restore_branch(txn_id, b.branch_id, &b.lock_keys)?);
                 }
             }
             if status.is_rolling_back()
@@ -218,7 +207,7 @@ impl Coordinator {
                     GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed
                 )
             {
-                self.locks.set_rolling_back(txn_id);
+                self.at.locks.set_rolling_back(txn_id);
             }
             let remaining = record
                 .begin_ms
@@ -266,7 +255,7 @@ impl Coordinator {
                 resumed.1 += 1;
             }
         }
-        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.at.count_held(&self.metrics);
         let sessions = self.sessions.read().len();
         tracing::info!(
             sessions,
@@ -362,10 +351,9 @@ impl Coordinator {
         }
         self.sessions.write().remove(&session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
-        self.locks.forget_txn(session.txn_id);
-        self.guards.unpin(session.txn_id, &state.guarded);
+        self.at.forget(session.txn_id, &state.guarded);
         self.metrics.status(Some(state.record.status), None);
-        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.at.count_held(&self.metrics);
     }
 
     pub async fn begin(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
@@ -423,50 +411,6 @@ impl Coordinator {
         Ok(xid)
     }
 
-    fn lock_error(&self, e: LockError, wait_ms: u64) -> TcError {
-        let m = &self.metrics;
-        m.lock_conflicts.increment(1);
-        match e {
-            LockError::WaitTimeout { holder, key } => {
-                m.lock_wait_timeouts.increment(1);
-                let p = key.parts();
-                let holder = format_xid(holder);
-                TcError::new(
-                    ErrorCode::LockWaitTimeout,
-                    format!(
-                        "row of {}.{} on {} is held by global transaction {holder}; it was still held after waiting {wait_ms} ms",
-                        p.schema, p.table, p.resource
-                    ),
-                )
-                .with_holder(holder)
-            }
-            LockError::HolderRollingBack { holder, key } => {
-                m.lock_fail_fast.increment(1);
-                let p = key.parts();
-                let holder = format_xid(holder);
-                TcError::new(
-                    ErrorCode::LockHolderRollingBack,
-                    format!(
-                        "row of {}.{} on {} is held by global transaction {holder}, which is rolling back: roll back the local transaction so the rollback can proceed, then retry",
-                        p.schema, p.table, p.resource
-                    ),
-                )
-                .with_holder(holder)
-            }
-            LockError::Deadlock { cycle } => {
-                m.deadlocks.increment(1);
-                let cycle: Vec<String> = cycle.into_iter().map(format_xid).collect();
-                TcError::new(
-                    ErrorCode::Deadlock,
-                    format!(
-                        "deadlock between global transactions {}; this request's transaction is the youngest and was chosen to give way: roll it back and retry",
-                        cycle.join(", ")
-                    ),
-                )
-            }
-        }
-    }
-
     fn lock_wait(&self, lock_wait_ms: u64) -> (Instant, u64) {
         let ms = lock_wait_ms.min(self.config.transactions.max_lock_wait_ms);
         (Instant::now() + Duration::from_millis(ms), ms)
@@ -507,33 +451,19 @@ impl Coordinator {
             // Pinned under the session's mutex and only in Begin: `finish` comes later and
             // unpins whatever was pinned.
             state.guarded.extend(tables.iter().cloned());
-            self.guards.pin(txn_id, &tables);
+            self.at.guards.pin(txn_id, &tables);
         }
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
-        // The tables' guards are confirmed before any row is locked. That is a round trip to
-        // the resource managers, not a wait for other transactions: it gets at least one
-        // lease even when the request waits for no rows.
-        let guard_deadline = deadline.max(Instant::now() + self.guards.lease());
-        tokio::select! {
-            guarded = self.guards.ensure(&tables, guard_deadline) => guarded?,
-            _ = self.shutdown.cancelled() => return Err(TcError::shutting_down()),
-        }
+        self.at.guard(&tables, deadline, &self.shutdown).await?;
         let branch_id = self.ids.next().await?;
-        match self.locks.acquire(txn_id, branch_id, &keys, deadline).await {
-            Ok(granted) => {
-                if let Some(waited) = granted.waited {
-                    self.metrics.lock_conflicts.increment(1);
-                    self.metrics.lock_waits.increment(1);
-                    self.metrics.lock_wait_seconds.record(waited.as_secs_f64());
-                }
-            }
-            Err(e) => return Err(self.lock_error(e, wait_ms)),
-        }
+        self.at
+            .acquire(txn_id, branch_id, &keys, deadline, wait_ms, &self.metrics)
+            .await?;
         let durable = {
             let mut state = session.state.lock();
             if let Err(e) = begin_only(&state) {
                 drop(state);
-                self.locks.release_branch(txn_id, branch_id, &keys);
+                self.at.locks.release_branch(txn_id, branch_id, &keys);
                 return Err(e);
             }
             let now = now_ms();
@@ -560,7 +490,7 @@ impl Coordinator {
         };
         durable.await?;
         self.metrics.branch_registrations.increment(1);
-        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.at.count_held(&self.metrics);
         tracing::debug!(xid, branch_id, "branch registered");
         Ok(branch_id)
     }
@@ -608,7 +538,7 @@ impl Coordinator {
             let keys = record.lock_keys.clone();
             (self.journal.submit(vec![Mutation::PutBranch(record)]), keys)
         };
-        self.locks.release_branch(session.txn_id, branch_id, &keys);
+        self.at.locks.release_branch(session.txn_id, branch_id, &keys);
         self.metrics.branch_phase_one_failed.increment(1);
         durable.await?;
         Ok(())
@@ -688,8 +618,8 @@ impl Coordinator {
             }
         }
         self.timeouts.lock().remove(&(session.deadline, txn_id));
-        self.locks.release_txn(txn_id, &keys);
-        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.at.locks.release_txn(txn_id, &keys);
+        self.at.count_held(&self.metrics);
         self.metrics.commits.increment(1);
         if next == GlobalStatus::AsyncCommitting {
             self.commit_wake.notify_one();
@@ -734,7 +664,7 @@ impl Coordinator {
             }
         };
         if let Some(durable) = decided {
-            self.locks.set_rolling_back(txn_id);
+            self.at.locks.set_rolling_back(txn_id);
             if let Some(durable) = durable {
                 durable.await?;
             }
@@ -824,8 +754,8 @@ impl Coordinator {
             self.finish(&session, &state);
             (durable, keys, Self::outcome(&session, &state))
         };
-        self.locks.release_txn(session.txn_id, &keys);
-        self.metrics.locks_held.set(self.locks.held_count() as f64);
+        self.at.locks.release_txn(session.txn_id, &keys);
+        self.at.count_held(&self.metrics);
         durable.await?;
         tracing::warn!(
             xid,
@@ -857,7 +787,7 @@ impl Coordinator {
         let txn = if xid.is_empty() { None } else { Some(Self::parse(xid)?) };
         let keys = LockKey::from_pb(resource_id, locks).map_err(TcError::invalid)?;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
-        match self.locks.query(txn, &keys, deadline).await {
+        match self.at.locks.query(txn, &keys, deadline).await {
             Ok(_) => Ok(LockQueryOutcome {
                 lockable: true,
                 holders: Vec::new(),
@@ -865,6 +795,7 @@ impl Coordinator {
             Err(LockError::WaitTimeout { .. }) => {
                 let wanted: std::collections::HashSet<&LockKey> = keys.iter().collect();
                 let holders = self
+                    .at
                     .locks
                     .held_rows(&|k| wanted.contains(k), keys.len())
                     .into_iter()
@@ -879,7 +810,7 @@ impl Coordinator {
                     holders,
                 })
             }
-            Err(e) => Err(self.lock_error(e, wait_ms)),
+            Err(e) => Err(at::lock_error(e, wait_ms, &self.metrics)),
         }
     }
 

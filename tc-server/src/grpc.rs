@@ -167,7 +167,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
-                guard_lease_ms: coordinator.guards.lease().as_millis() as u64,
+                guard_lease_ms: coordinator.at.guards.lease().as_millis() as u64,
             })),
         };
         tx.send(Ok(welcome))
@@ -184,9 +184,9 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         tokio::spawn(async move {
             // In this task, which nothing cancels: once registered, the connection is
             // detached below whatever happens. A closed stream fails here and ends below.
-            coordinator.guards.attach(&conn).await;
+            coordinator.at.guards.attach(&conn).await;
             let reason = serve_stream(&coordinator, &conn, &mut inbound, &tx, interval, silence).await;
-            coordinator.guards.detach(&conn);
+            coordinator.at.guards.detach(&conn);
             coordinator
                 .metrics
                 .resource_managers
@@ -234,11 +234,11 @@ async fn serve_stream(
                         }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::GuardAck(ack)) })) => {
-                        if ack.seq > coordinator.guards.seq() {
+                        if ack.seq > coordinator.at.guards.seq() {
                             let _ = tx.send(Err(ErrorCode::RmProtocol.status(format!("GuardAck for update {} that was never sent", ack.seq), None))).await;
                             return "protocol error";
                         }
-                        coordinator.guards.acked(conn, ack.seq);
+                        coordinator.at.guards.acked(conn, ack.seq);
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Announce(a)) })) => {
                         if a.resource_ids.iter().any(|r| r.is_empty()) {

@@ -261,7 +261,7 @@ async fn locks(
             && q.schema.as_deref().is_none_or(|s| s == p.schema)
             && q.table.as_deref().is_none_or(|t| t == p.table)
     };
-    let rows = api.coordinator.locks.held_rows(&filter, limit);
+    let rows = api.coordinator.at.locks.held_rows(&filter, limit);
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -285,7 +285,7 @@ async fn healthz(State(api): State<Api>) -> Response {
             "reason": reason,
             "transactions": c.sessions.read().len(),
             "resource_managers": c.rms.connected(),
-            "locks_held": c.locks.held_count(),
+            "locks_held": c.at.locks.held_count(),
         })
     };
     if let Some(cause) = c.store_failure() {

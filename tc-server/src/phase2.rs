@@ -83,7 +83,7 @@ impl Coordinator {
         self.tasks.spawn(Arc::clone(self).timeout_loop());
         self.tasks.spawn(Arc::clone(self).commit_loop());
         self.tasks
-            .spawn(Arc::clone(&self.guards).release_loop(self.shutdown.clone()));
+            .spawn(Arc::clone(&self.at.guards).release_loop(self.shutdown.clone()));
     }
 
     /// Moves transactions still in Begin past their timeout to TimeoutRollbacking.
@@ -120,7 +120,7 @@ impl Coordinator {
                         .stored
                         .then(|| self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())]))
                 };
-                self.locks.set_rolling_back(txn);
+                self.at.locks.set_rolling_back(txn);
                 self.metrics.timeouts.increment(1);
                 tracing::info!(xid = session.xid, "timed out in Begin; rolling back");
                 let coordinator = Arc::clone(&self);
@@ -216,8 +216,8 @@ impl Coordinator {
                             branch_id: b.branch_id,
                         }]);
                     }
-                    self.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
-                    self.metrics.locks_held.set(self.locks.held_count() as f64);
+                    self.at.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
+                    self.at.count_held(&self.metrics);
                     tracing::debug!(branch_id = b.branch_id, "branch rolled back");
                 }
                 BranchResult::Retryable(error) => {

@@ -1,0 +1,158 @@
+//! What the coordinator keeps for AT mode: the global row locks of the branches that
+//! register lock keys ([`locks`]: FIFO queues, deadlock detection, fail-fast on rolling-back
+//! holders) and the guarded tables every resource manager is told of ([`guards`]: the
+//! no-dirty-writes check). The coordinator core drives them at the points of a transaction's
+//! life this file names: a branch's tables guarded and rows taken at registration, rows
+//! released at commit and per branch rolled back, everything restored at start and
+//! forgotten when the transaction ends.
+
+pub mod guards;
+pub mod locks;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ferrata_rpc::ErrorCode;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::TcError;
+use crate::lock_key::LockKey;
+use crate::metrics::Metrics;
+use crate::rm::RmRegistry;
+use crate::store::StoreError;
+use crate::xid::format_xid;
+use guards::{Table, TableGuards};
+use locks::{LockError, LockManager};
+
+/// AT mode's state in the coordinator.
+pub struct At {
+    pub locks: LockManager,
+    pub guards: Arc<TableGuards>,
+}
+
+impl At {
+    /// `fresh_store`: no coordinator ever served from this store (see `TableGuards::new`).
+    pub fn new(config: &Config, rms: Arc<RmRegistry>, fresh_store: bool, metrics: &Metrics) -> At {
+        At {
+            locks: LockManager::new(),
+            guards: TableGuards::new(
+                rms,
+                config.phase2.guard_lease(),
+                config.transactions.guard_linger(),
+                fresh_store,
+                metrics,
+            ),
+        }
+    }
+
+    /// After a restart: a stored branch's rows are held again and its tables are guarded
+    /// (the previous instance guarded them). Returns the tables, for the transaction to pin.
+    pub fn restore_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) -> Result<Vec<Table>, StoreError> {
+        self.locks.restore(txn, branch, keys).map_err(|e| {
+            StoreError(format!(
+                "the stored locks conflict ({e:?}) between global transaction {} and another one; the store is inconsistent",
+                format_xid(txn)
+            ))
+        })?;
+        let tables = Table::of_keys(keys);
+        self.guards.restore(txn, &tables);
+        Ok(tables)
+    }
+
+    /// Confirms the tables' guards before any of their rows is locked: a round trip to the
+    /// resource managers, not a wait for other transactions, so it gets at least one lease
+    /// even when the request waits for no rows.
+    pub async fn guard(
+        &self,
+        tables: &[Table],
+        deadline: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), TcError> {
+        let deadline = deadline.max(Instant::now() + self.guards.lease());
+        tokio::select! {
+            guarded = self.guards.ensure(tables, deadline) => guarded,
+            _ = shutdown.cancelled() => Err(TcError::shutting_down()),
+        }
+    }
+
+    /// Takes a branch's rows, waiting in the queues until `deadline` (`wait_ms` is how long
+    /// that is, for the error).
+    pub async fn acquire(
+        &self,
+        txn: u64,
+        branch: u64,
+        keys: &[LockKey],
+        deadline: Instant,
+        wait_ms: u64,
+        metrics: &Metrics,
+    ) -> Result<(), TcError> {
+        match self.locks.acquire(txn, branch, keys, deadline).await {
+            Ok(granted) => {
+                if let Some(waited) = granted.waited {
+                    metrics.lock_conflicts.increment(1);
+                    metrics.lock_waits.increment(1);
+                    metrics.lock_wait_seconds.record(waited.as_secs_f64());
+                }
+                Ok(())
+            }
+            Err(e) => Err(lock_error(e, wait_ms, metrics)),
+        }
+    }
+
+    /// A finished transaction leaves no rows, queue entries or table pins behind.
+    pub fn forget(&self, txn: u64, guarded: &BTreeSet<Table>) {
+        self.locks.forget_txn(txn);
+        self.guards.unpin(txn, guarded);
+    }
+
+    /// Updates the held-rows gauge after rows were taken or released.
+    pub fn count_held(&self, metrics: &Metrics) {
+        metrics.locks_held.set(self.locks.held_count() as f64);
+    }
+}
+
+/// A refused lock request as the caller's error, counted.
+pub fn lock_error(e: LockError, wait_ms: u64, m: &Metrics) -> TcError {
+    m.lock_conflicts.increment(1);
+    match e {
+        LockError::WaitTimeout { holder, key } => {
+            m.lock_wait_timeouts.increment(1);
+            let p = key.parts();
+            let holder = format_xid(holder);
+            TcError::new(
+                ErrorCode::LockWaitTimeout,
+                format!(
+                    "row of {}.{} on {} is held by global transaction {holder}; it was still held after waiting {wait_ms} ms",
+                    p.schema, p.table, p.resource
+                ),
+            )
+            .with_holder(holder)
+        }
+        LockError::HolderRollingBack { holder, key } => {
+            m.lock_fail_fast.increment(1);
+            let p = key.parts();
+            let holder = format_xid(holder);
+            TcError::new(
+                ErrorCode::LockHolderRollingBack,
+                format!(
+                    "row of {}.{} on {} is held by global transaction {holder}, which is rolling back: roll back the local transaction so the rollback can proceed, then retry",
+                    p.schema, p.table, p.resource
+                ),
+            )
+            .with_holder(holder)
+        }
+        LockError::Deadlock { cycle } => {
+            m.deadlocks.increment(1);
+            let cycle: Vec<String> = cycle.into_iter().map(format_xid).collect();
+            TcError::new(
+                ErrorCode::Deadlock,
+                format!(
+                    "deadlock between global transactions {}; this request's transaction is the youngest and was chosen to give way: roll it back and retry",
+                    cycle.join(", ")
+                ),
+            )
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The coordinator's layers (ARCHITECTURE.md, "Layers"): the base knows no transaction mode,
+//! a mode's part (`at`) uses only the base, and the core drives the modes.
+
+use ferrata_testkit::layers::{Layer, check};
+
+#[test]
+fn dependencies_run_downwards() {
+    let layers = [
+        Layer {
+            name: "base",
+            modules: &[
+                "auth", "config", "error", "lock_key", "metrics", "model", "rm", "store", "xid",
+            ],
+            peers_may_meet: true,
+        },
+        Layer {
+            name: "modes",
+            modules: &["at"],
+            peers_may_meet: false,
+        },
+        Layer {
+            name: "coordinator core",
+            modules: &["coordinator", "phase2", "grpc", "http"],
+            peers_may_meet: true,
+        },
+        Layer {
+            name: "assembly",
+            modules: &["server", "cli", "lib", "main"],
+            peers_may_meet: true,
+        },
+    ];
+    let offences = check(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &layers);
+    assert!(offences.is_empty(), "layering broken:\n{}", offences.join("\n"));
+}
