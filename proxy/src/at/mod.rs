@@ -235,10 +235,7 @@ impl ModeSession for AtSession {
                     let sql = String::from_utf8_lossy(&io.raw[5..]);
                     multi_statement::run(client, backend, state, branch, io.shared, at, &xid, &sql).await
                 }
-                Some(Claimed::Refuse(e)) => {
-                    tracing::info!(error = %e, "statement refused");
-                    backend::reply(client, e).await
-                }
+                Some(Claimed::Refuse(e)) => backend::refuse(client, e).await,
                 None => unreachable!("run follows a claim"),
             }
         })

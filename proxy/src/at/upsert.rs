@@ -153,7 +153,7 @@ pub(super) async fn run(
             }
         }
         InsertMode::Replace => vec![(before.len() + inserted.len() + kept.len()) as u64],
-        InsertMode::Plain => unreachable!("plain INSERTs are imaged in at.rs"),
+        InsertMode::Plain => unreachable!("plain INSERTs are imaged in phase1.rs"),
     };
     if !expected.contains(&affected) {
         let e = refuse(

@@ -97,10 +97,7 @@ impl ModeSession for BindingSession {
                     let sql = String::from_utf8_lossy(&io.raw[5..]);
                     answer(io.client, io.backend, io.state, io.shared, self.global.as_deref(), &sql).await
                 }
-                Some(Claimed::Refuse(e)) => {
-                    tracing::info!(error = %e, "statement refused");
-                    backend::reply(io.client, e).await
-                }
+                Some(Claimed::Refuse(e)) => backend::refuse(io.client, e).await,
                 None => unreachable!("run follows a claim"),
             }
         })

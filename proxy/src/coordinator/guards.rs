@@ -2,7 +2,7 @@
 //! row locks right now, kept current by the Attach stream (`pb::GuardUpdate`), and how long
 //! that view may be trusted.
 //!
-//! The no-dirty-writes check (`session/dirty_writes.rs`) reads it on every write made
+//! The no-dirty-writes check (`isolation/dirty_writes.rs`) reads it on every write made
 //! outside a global transaction: a write to a table that is not guarded, seen by a trusted
 //! view that did not change while the write ran, needs no row-level check. Why that is sound
 //! is in ARCHITECTURE.md ("No dirty writes").

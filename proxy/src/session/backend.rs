@@ -159,6 +159,12 @@ pub async fn reply(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> 
         .map_err(|_| SessionError::ClientClosed)
 }
 
+/// Refuses the client's statement with `e` before any of it ran (logged).
+pub async fn refuse(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError> {
+    tracing::info!(error = %e, "statement refused");
+    reply(client, e).await
+}
+
 /// A server error, as the proxy passes it on.
 pub fn server_error((code, message): (u16, String)) -> ErrPacket {
     ErrPacket::new(code, "HY000", message)
