@@ -5,25 +5,26 @@
 //! an undo record cannot happen.
 
 use super::undo::UndoRecord;
-use super::{At, PendingBranch, undo_log};
+use super::{Cx, undo_log};
 use crate::protocol::err::ErrPacket;
+use crate::session::SessionError;
 use crate::session::backend::{self, Outcome};
 use crate::session::peer::Peer;
-use crate::session::state::SessionState;
-use crate::session::{SessionError, Shared};
 use crate::sql::{hex, ident, literal};
 
 /// Registers the pending branch, writes its undo record and runs `commit_sql` (the client's
 /// COMMIT, or the proxy's own for a wrapped autocommit statement). On failure the local
 /// transaction is rolled back and the error says why.
-pub async fn commit_branch(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    at: &At,
-    limit: usize,
-    commit_sql: &str,
-) -> Result<Result<(), ErrPacket>, SessionError> {
+pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(), ErrPacket>, SessionError> {
+    let Cx {
+        backend,
+        state,
+        branch,
+        at,
+        limit,
+        ..
+    } = cx;
+    let (at, limit) = (*at, *limit);
     let global = &*at.global;
     let Some(pending) = branch.take() else {
         let done = backend::query(backend, state, commit_sql, limit).await?;
@@ -105,17 +106,9 @@ pub async fn commit_branch(
 
 /// The client's COMMIT in a session with a pending branch: the branch is registered and its
 /// undo record written first; the client gets the COMMIT's OK or the error.
-pub async fn commit(
-    client: &mut Peer,
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    sql: &str,
-) -> Result<(), SessionError> {
-    let reply = match commit_branch(backend, state, branch, at, shared.config.max_packet_size, sql).await? {
-        Ok(()) => crate::protocol::resultset::ok(state.status),
+pub async fn commit(client: &mut Peer, cx: &mut Cx<'_>, sql: &str) -> Result<(), SessionError> {
+    let reply = match commit_branch(cx, sql).await? {
+        Ok(()) => crate::protocol::resultset::ok(cx.state.status),
         Err(e) => e.to_packet(1),
     };
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)

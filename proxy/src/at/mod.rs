@@ -32,6 +32,7 @@ use crate::coordinator::{Global, binding, refusal};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
+use crate::session::peer::Peer;
 use crate::session::state::SessionState;
 use crate::session::{SessionError, Shared, backend};
 pub use branch::PendingBranch;
@@ -78,6 +79,17 @@ enum Claimed {
     MultiStatement(String),
     /// A statement that would commit or strand the pending branch behind the proxy's back.
     Refuse(ErrPacket),
+}
+
+/// What AT mode's work on one command runs with: the session's backend connection and state,
+/// its pending branch, the mode, the packet limit, and the global transaction it works in.
+pub struct Cx<'a> {
+    pub backend: &'a mut Peer,
+    pub state: &'a mut SessionState,
+    pub branch: &'a mut Option<PendingBranch>,
+    pub at: &'a At,
+    pub limit: usize,
+    pub xid: &'a str,
 }
 
 /// AT mode's part of one session.
@@ -220,21 +232,26 @@ impl ModeSession for AtSession {
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
         Box::pin(async move {
-            let (client, backend, state) = (io.client, io.backend, io.state);
-            let at = &*self.at;
-            let branch = &mut self.branch;
-            match self.claimed.take() {
-                Some(Claimed::Protect(xid)) => {
-                    phase1::protect(client, backend, state, branch, io.shared, at, &xid, io.command, io.raw).await
-                }
-                Some(Claimed::Commit) => {
-                    let sql = String::from_utf8_lossy(&io.raw[5..]);
-                    commit::commit(client, backend, state, branch, io.shared, at, &sql).await
-                }
-                Some(Claimed::MultiStatement(xid)) => {
-                    let sql = String::from_utf8_lossy(&io.raw[5..]);
-                    multi_statement::run(client, backend, state, branch, io.shared, at, &xid, &sql).await
-                }
+            let client = io.client;
+            let claimed = self.claimed.take();
+            // A COMMIT belongs to the pending branch's global transaction.
+            let xid = match &claimed {
+                Some(Claimed::Protect(xid) | Claimed::MultiStatement(xid)) => xid.clone(),
+                _ => self.branch.as_ref().map(|b| b.xid.clone()).unwrap_or_default(),
+            };
+            let mut cx = Cx {
+                backend: io.backend,
+                state: io.state,
+                branch: &mut self.branch,
+                at: &self.at,
+                limit: io.shared.config.max_packet_size,
+                xid: &xid,
+            };
+            let sql = || String::from_utf8_lossy(&io.raw[5..]);
+            match claimed {
+                Some(Claimed::Protect(_)) => phase1::protect(client, &mut cx, io.command, io.raw).await,
+                Some(Claimed::Commit) => commit::commit(client, &mut cx, &sql()).await,
+                Some(Claimed::MultiStatement(_)) => multi_statement::run(client, &mut cx, &sql()).await,
                 Some(Claimed::Refuse(e)) => backend::refuse(client, e).await,
                 None => unreachable!("run follows a claim"),
             }

@@ -11,14 +11,14 @@
 //! A client without CLIENT_MULTI_STATEMENTS, whose string the server would refuse, gets ERR
 //! 1235 from the proxy instead. Unlike the relay, this buffers each statement's response.
 
-use super::{At, PendingBranch, commit, phase1};
+use super::{Cx, commit, phase1};
 use crate::classify::{self, Dml, Other, StatementClass};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::{Capabilities, ok};
+use crate::session::SessionError;
 use crate::session::backend::{self, reply};
 use crate::session::peer::Peer;
 use crate::session::state::SessionState;
-use crate::session::{SessionError, Shared};
 use crate::sql::dml;
 
 /// Whether the proxy takes a multi-statement string of this session over.
@@ -61,28 +61,17 @@ fn refusal(sql: &str, pieces: &[std::ops::Range<usize>], no_backslash_escapes: b
 }
 
 /// Runs the multi-statement string `sql` of a bound session and answers the client.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    client: &mut Peer,
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
-    sql: &str,
-) -> Result<(), SessionError> {
-    let limit = shared.config.max_packet_size;
+pub async fn run(client: &mut Peer, cx: &mut Cx<'_>, sql: &str) -> Result<(), SessionError> {
     let pieces = match dml::split_statements(sql) {
         Ok(p) => p,
-        Err(why) => return reply(client, refuse(&why, xid)).await,
+        Err(why) => return reply(client, refuse(&why, cx.xid)).await,
     };
-    if let Some(why) = refusal(sql, &pieces, state.no_backslash_escapes()) {
-        return reply(client, refuse(&why, xid)).await;
+    if let Some(why) = refusal(sql, &pieces, cx.state.no_backslash_escapes()) {
+        return reply(client, refuse(&why, cx.xid)).await;
     }
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let before = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let before = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
         return reply(client, e).await;
     }
     let mut answer = Vec::new();
@@ -90,12 +79,10 @@ pub async fn run(
     for (i, piece) in pieces.iter().enumerate() {
         let text = &sql[piece.clone()];
         let raw = backend::query_packet(text);
-        let class = classify::classify(text.as_bytes(), state.no_backslash_escapes());
+        let class = classify::classify(text.as_bytes(), cx.state.no_backslash_escapes());
         let mut response = match class.class {
-            StatementClass::Dml(_) => {
-                phase1::protected(backend, state, branch, shared, at, xid, text, &[], &raw).await?
-            }
-            _ => match backend::run_client_statement(backend, state, limit, &raw, false).await? {
+            StatementClass::Dml(_) => phase1::protected(cx, text, &[], &raw).await?,
+            _ => match backend::run_client_statement(cx.backend, cx.state, cx.limit, &raw, false).await? {
                 Ok((response, _)) | Err(response) => response,
             },
         };
@@ -109,10 +96,10 @@ pub async fn run(
     }
     if autocommit {
         // What ran before an error stays, as each statement would have committed alone.
-        if let Err(e) = commit::commit_branch(backend, state, branch, at, limit, "COMMIT").await? {
+        if let Err(e) = commit::commit_branch(cx, "COMMIT").await? {
             return reply(client, e).await;
         }
-        backend::as_autocommit(&mut answer, state, before);
+        backend::as_autocommit(&mut answer, cx.state, before);
     }
     client.write_all(&answer).await.map_err(|_| SessionError::ClientClosed)
 }

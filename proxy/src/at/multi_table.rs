@@ -12,17 +12,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use super::Cx;
 use super::phase1::{self, abort};
 use super::undo::{self, UndoItem};
-use super::{At, PendingBranch};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
+use crate::session::SessionError;
 use crate::session::backend;
-use crate::session::peer::Peer;
-use crate::session::state::SessionState;
-use crate::session::{SessionError, Shared};
 use crate::sql::dml::{ChangeKind, MultiChange};
 use crate::sql::image::{ColumnSpec, ImageRow, qualified_select_list, select_list};
 use crate::sql::keys::{select_params, written};
@@ -38,20 +36,15 @@ struct Target {
 }
 
 /// The tables written and their metadata, checked for imaging; or the refusal.
-async fn targets(
-    plan: &MultiChange,
-    state: &SessionState,
-    branch: Option<&PendingBranch>,
-    at: &At,
-    xid: &str,
-) -> Result<(String, Vec<Target>), ErrPacket> {
-    let metas = at.global.tables(&plan.tables, state.schema.as_deref()).await?;
+async fn targets(plan: &MultiChange, cx: &Cx<'_>) -> Result<(String, Vec<Target>), ErrPacket> {
+    let (state, xid) = (&*cx.state, cx.xid);
+    let metas = cx.at.global.tables(&plan.tables, state.schema.as_deref()).await?;
     let written = written(plan, &metas).map_err(|why| refuse(&why, xid))?;
     let schema = written[0].schema.clone();
     let mut out = Vec::new();
     for w in written {
         let (s, meta) = (&w.schema, &w.meta);
-        if *s != schema || branch.is_some_and(|b| b.schema != *s) {
+        if *s != schema || cx.branch.as_ref().is_some_and(|b| b.schema != *s) {
             return Err(refuse(
                 "a write to more than one database in one local transaction",
                 xid,
@@ -81,46 +74,31 @@ async fn targets(
     Ok((schema, out))
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
+    cx: &mut Cx<'_>,
     plan: MultiChange,
     params: &[Param],
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
-    let (schema, targets) = match targets(&plan, state, branch.as_ref(), at, xid).await {
+    let (schema, targets) = match targets(&plan, cx).await {
         Ok(t) => t,
         Err(e) => return Ok(e.to_packet(1)),
     };
     let Some(bound) = select_params(&plan, params) else {
-        return Ok(refuse("this statement: its parameters could not be read", xid).to_packet(1));
+        return Ok(refuse("this statement: its parameters could not be read", cx.xid).to_packet(1));
     };
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let original_status = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let original_status = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
         return Ok(e.to_packet(1));
     }
     let mut befores = Vec::with_capacity(targets.len());
     for t in &targets {
         let list = qualified_select_list(&t.qualifier, &t.specs);
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
-        let read = crate::sql::execute(backend, state, &sql, &bound, limit).await?;
+        let read = crate::sql::execute(cx.backend, cx.state, &sql, &bound, cx.limit).await?;
         if let Some((code, message)) = read.error {
-            return abort(
-                backend,
-                state,
-                branch,
-                limit,
-                autocommit,
-                ErrPacket::new(code, "HY000", message),
-            )
-            .await;
+            return abort(cx, autocommit, ErrPacket::new(code, "HY000", message)).await;
         }
         // A join repeats a row once per match.
         let mut seen = HashSet::new();
@@ -132,15 +110,16 @@ pub(super) async fn run(
             .collect();
         befores.push(rows);
     }
-    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
-        Ok(done) => done,
-        Err(refused) => return Ok(refused),
-    };
+    let (response, summary) =
+        match backend::run_client_statement(cx.backend, cx.state, cx.limit, raw, autocommit).await? {
+            Ok(done) => done,
+            Err(refused) => return Ok(refused),
+        };
     let affected = summary.map_or(0, |s| s.affected_rows);
     let imaged: u64 = befores.iter().map(|b| b.len() as u64).sum();
     let expected = match plan.kind {
         ChangeKind::Delete => affected == imaged,
-        ChangeKind::Update if state.capabilities.has(Capabilities::FOUND_ROWS) => affected == imaged,
+        ChangeKind::Update if cx.state.capabilities.has(Capabilities::FOUND_ROWS) => affected == imaged,
         ChangeKind::Update => affected <= imaged,
     };
     if !expected {
@@ -148,9 +127,9 @@ pub(super) async fn run(
             &format!(
                 "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
             ),
-            xid,
+            cx.xid,
         );
-        return abort(backend, state, branch, limit, true, e).await;
+        return abort(cx, true, e).await;
     }
     let mut items = Vec::new();
     for (t, before) in targets.iter().zip(befores) {
@@ -178,24 +157,12 @@ pub(super) async fn run(
             qualified(&schema, &t.meta.name),
             pk_condition(&t.meta, &t.specs, &before)
         );
-        let read = backend::query(backend, state, &sql, limit).await?;
+        let read = backend::query(cx.backend, cx.state, &sql, cx.limit).await?;
         if let Some((code, message)) = read.error {
             let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-            return abort(backend, state, branch, limit, true, e).await;
+            return abort(cx, true, e).await;
         }
         items.push(item(undo::Kind::Update, before, read.rows.iter().map(text).collect()));
     }
-    phase1::finish(
-        backend,
-        state,
-        branch,
-        at,
-        limit,
-        xid,
-        &schema,
-        items,
-        response,
-        autocommit.then_some(original_status),
-    )
-    .await
+    phase1::finish(cx, &schema, items, response, autocommit.then_some(original_status)).await
 }

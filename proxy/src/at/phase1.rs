@@ -18,16 +18,15 @@
 //! 4 to 6 and end in [`finish`] too.
 
 use super::undo::{self, UndoItem};
-use super::{At, PendingBranch, commit};
+use super::{Cx, PendingBranch, commit};
 use crate::coordinator::no_database;
 use crate::coordinator::refusal::{self, not_protected as refuse};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 use crate::protocol::{Capabilities, Command, ServerStatus};
+use crate::session::SessionError;
 use crate::session::backend;
 use crate::session::peer::Peer;
-use crate::session::state::SessionState;
-use crate::session::{SessionError, Shared};
 use crate::sql::dml::{self, ChangeKind};
 use crate::sql::image::{ColumnSpec, ImageRow};
 use crate::sql::keys::{self, InsertKeys};
@@ -37,54 +36,37 @@ use crate::sql::{self as text, pk_condition, qualified, select_locked};
 /// Runs an UPDATE, DELETE or INSERT of a bound session with its images and answers the
 /// client: a text query, or a prepared statement's execute with the parameters it binds.
 /// The command packet is in `raw`.
-#[allow(clippy::too_many_arguments)]
-pub async fn protect(
-    client: &mut Peer,
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
-    command: u8,
-    raw: &[u8],
-) -> Result<(), SessionError> {
+pub async fn protect(client: &mut Peer, cx: &mut Cx<'_>, command: u8, raw: &[u8]) -> Result<(), SessionError> {
     let payload = &raw[4..];
     let (sql, params) = if command == Command::QUERY {
         (String::from_utf8_lossy(&payload[1..]).into_owned(), Vec::new())
     } else {
         let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-        let Some(stmt) = state.statements.get(&id) else {
+        let Some(stmt) = cx.state.statements.get(&id) else {
             return Ok(());
         };
         match stmt.bound_params(payload) {
             Some(params) => (stmt.sql.clone(), params),
-            None => return backend::reply(client, refusal::unreadable_params(xid)).await,
+            None => return backend::reply(client, refusal::unreadable_params(cx.xid)).await,
         }
     };
-    let reply = protected(backend, state, branch, shared, at, xid, &sql, &params, raw).await?;
+    let reply = protected(cx, &sql, &params, raw).await?;
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
 }
 
 /// [`protect`], answering with the bytes the client is to get.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn protected(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
+    cx: &mut Cx<'_>,
     sql: &str,
     params: &[Param],
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
     Ok(match dml::plan_multi(sql) {
-        Some(Ok(multi)) => super::multi_table::run(backend, state, branch, shared, at, xid, multi, params, raw).await?,
-        Some(Err(why)) => refuse(&why, xid).to_packet(1),
-        None => match prepare(state, branch.as_ref(), at, xid, sql).await {
+        Some(Ok(multi)) => super::multi_table::run(cx, multi, params, raw).await?,
+        Some(Err(why)) => refuse(&why, cx.xid).to_packet(1),
+        None => match prepare(cx, sql).await {
             Err(e) => e.to_packet(1),
-            Ok(plan) => run(backend, state, branch, shared, at, xid, plan, params, raw).await?,
+            Ok(plan) => run(cx, plan, params, raw).await?,
         },
     })
 }
@@ -97,13 +79,8 @@ pub(super) struct Plan {
     pub specs: Vec<ColumnSpec>,
 }
 
-async fn prepare(
-    state: &SessionState,
-    branch: Option<&PendingBranch>,
-    at: &At,
-    xid: &str,
-    sql: &str,
-) -> Result<Plan, ErrPacket> {
+async fn prepare(cx: &Cx<'_>, sql: &str) -> Result<Plan, ErrPacket> {
+    let (state, xid) = (&*cx.state, cx.xid);
     let statement = dml::plan(sql).map_err(|why| refuse(&why, xid))?;
     let table = match &statement {
         dml::Plan::Change(c) => &c.table,
@@ -112,7 +89,7 @@ async fn prepare(
     let Some(schema) = table.schema.clone().or_else(|| state.schema.clone()) else {
         return Err(no_database());
     };
-    if let Some(pending) = branch
+    if let Some(pending) = cx.branch.as_ref()
         && pending.schema != schema
     {
         return Err(refuse(
@@ -123,7 +100,7 @@ async fn prepare(
             xid,
         ));
     }
-    let meta = at.global.table(&schema, &table.name).await?;
+    let meta = cx.at.global.table(&schema, &table.name).await?;
     if meta.primary_key.is_empty() {
         return Err(refuse(
             &format!("a write to {schema}.{}, which has no primary key", meta.name),
@@ -159,23 +136,11 @@ async fn prepare(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
-    plan: Plan,
-    params: &[Param],
-    raw: &[u8],
-) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
+async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Result<Vec<u8>, SessionError> {
     if let dml::Plan::Insert(insert) = &plan.statement
         && insert.mode != dml::InsertMode::Plain
     {
-        return super::upsert::run(backend, state, branch, shared, at, xid, plan, params, raw).await;
+        return super::upsert::run(cx, plan, params, raw).await;
     }
     let Plan {
         statement,
@@ -186,35 +151,36 @@ async fn run(
     let keys = match &statement {
         dml::Plan::Insert(insert) => match keys::insert_keys(insert, &meta, params) {
             Ok(keys) => Some(keys),
-            Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
+            Err(why) => return Ok(refuse(&why, cx.xid).to_packet(1)),
         },
         dml::Plan::Change(_) => None,
     };
     // With autocommit off, the statement opens the local transaction itself.
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let original_status = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let original_status = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
         return Ok(e.to_packet(1));
     }
     let list = crate::sql::image::select_list(&specs);
     let qualified = qualified(&schema, &meta.name);
     let before: Vec<ImageRow> = match &statement {
         dml::Plan::Change(change) => {
-            match keys::select_filtered(backend, state, change, &qualified, &list, params, limit).await? {
+            match keys::select_filtered(cx.backend, cx.state, change, &qualified, &list, params, cx.limit).await? {
                 Ok(rows) => rows.iter().map(text::text).collect(),
-                Err(e) => return abort(backend, state, branch, limit, autocommit, e).await,
+                Err(e) => return abort(cx, autocommit, e).await,
             }
         }
         dml::Plan::Insert(_) => Vec::new(),
     };
 
     // The client's statement, as sent; its response (OK or ERR) is held back.
-    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
-        Ok(done) => done,
-        Err(refused) => return Ok(refused),
-    };
+    let (response, summary) =
+        match backend::run_client_statement(cx.backend, cx.state, cx.limit, raw, autocommit).await? {
+            Ok(done) => done,
+            Err(refused) => return Ok(refused),
+        };
     let affected = summary.map_or(0, |s| s.affected_rows);
-    let found_rows = state.capabilities.has(Capabilities::FOUND_ROWS);
+    let found_rows = cx.state.capabilities.has(Capabilities::FOUND_ROWS);
     let (kind, expected) = match &statement {
         dml::Plan::Change(c) if c.kind == ChangeKind::Delete => (undo::Kind::Delete, affected == before.len() as u64),
         dml::Plan::Change(_) if found_rows => (undo::Kind::Update, affected == before.len() as u64),
@@ -226,9 +192,9 @@ async fn run(
             &format!(
                 "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
             ),
-            xid,
+            cx.xid,
         );
-        return abort(backend, state, branch, limit, true, e).await;
+        return abort(cx, true, e).await;
     }
     // The after image, by primary key.
     let condition = match (&keys, kind) {
@@ -236,20 +202,26 @@ async fn run(
         (_, undo::Kind::Update) if before.is_empty() => None,
         (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
         (Some(keys @ InsertKeys::Literal(_)), _) => {
-            Some(keys::insert_condition(backend, state, &meta, keys, summary, limit).await?)
+            Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?)
         }
         (Some(keys @ InsertKeys::Generated), _) => {
-            Some(keys::insert_condition(backend, state, &meta, keys, summary, limit).await?)
+            Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?)
         }
         (None, undo::Kind::Insert) => None,
     };
     let after: Vec<ImageRow> = match condition {
         None => Vec::new(),
         Some(condition) => {
-            let read = backend::query(backend, state, &select_locked(&list, &qualified, &condition), limit).await?;
+            let read = backend::query(
+                cx.backend,
+                cx.state,
+                &select_locked(&list, &qualified, &condition),
+                cx.limit,
+            )
+            .await?;
             if let Some((code, message)) = read.error {
                 let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-                return abort(backend, state, branch, limit, true, e).await;
+                return abort(cx, true, e).await;
             }
             read.rows.iter().map(text::text).collect()
         }
@@ -260,9 +232,9 @@ async fn run(
                 "this INSERT: {affected} rows were inserted but {} were found by their keys; the local transaction was rolled back",
                 after.len()
             ),
-            xid,
+            cx.xid,
         );
-        return abort(backend, state, branch, limit, true, e).await;
+        return abort(cx, true, e).await;
     }
     let items = if before.is_empty() && after.is_empty() {
         Vec::new()
@@ -277,33 +249,15 @@ async fn run(
             after,
         )]
     };
-    finish(
-        backend,
-        state,
-        branch,
-        at,
-        limit,
-        xid,
-        &schema,
-        items,
-        response,
-        autocommit.then_some(original_status),
-    )
-    .await
+    finish(cx, &schema, items, response, autocommit.then_some(original_status)).await
 }
 
 /// The end of a protected statement: its undo items (checked) join the pending branch with
 /// the rows they lock; an autocommit statement (`autocommit` holds the status before it)
 /// commits at once and the client gets the statement's response with the status it would
 /// have seen.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn finish(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    at: &At,
-    limit: usize,
-    xid: &str,
+    cx: &mut Cx<'_>,
     schema: &str,
     items: Vec<UndoItem>,
     mut response: Vec<u8>,
@@ -315,41 +269,34 @@ pub(super) async fn finish(
                 &format!(
                     "this statement: its images cannot be stored exactly ({e}); the local transaction was rolled back"
                 ),
-                xid,
+                cx.xid,
             );
-            return abort(backend, state, branch, limit, true, e).await;
+            return abort(cx, true, e).await;
         }
     }
     if !items.is_empty() {
-        let pending = branch.get_or_insert_with(|| PendingBranch {
-            xid: xid.to_owned(),
+        let pending = cx.branch.get_or_insert_with(|| PendingBranch {
+            xid: cx.xid.to_owned(),
             schema: schema.to_owned(),
             items: Vec::new(),
         });
         pending.items.extend(items);
     }
     if let Some(original_status) = autocommit {
-        if let Err(e) = commit::commit_branch(backend, state, branch, at, limit, "COMMIT").await? {
+        if let Err(e) = commit::commit_branch(cx, "COMMIT").await? {
             return Ok(e.to_packet(1));
         }
         // The client sent an autocommit statement: it sees the status it would have seen.
-        backend::as_autocommit(&mut response, state, original_status);
+        backend::as_autocommit(&mut response, cx.state, original_status);
     }
     Ok(response)
 }
 
 /// Rolls back (the whole local transaction with its pending branch, when `rollback`) and
 /// answers with `e`.
-pub(super) async fn abort(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    limit: usize,
-    rollback: bool,
-    e: ErrPacket,
-) -> Result<Vec<u8>, SessionError> {
+pub(super) async fn abort(cx: &mut Cx<'_>, rollback: bool, e: ErrPacket) -> Result<Vec<u8>, SessionError> {
     if rollback {
-        *branch = None;
+        *cx.branch = None;
     }
-    backend::abort(backend, state, limit, rollback, e).await
+    backend::abort(cx.backend, cx.state, cx.limit, rollback, e).await
 }

@@ -21,17 +21,17 @@
 
 use std::collections::HashSet;
 
+use super::Cx;
 use super::phase1::{self, Plan, abort};
 use super::undo::{self, UndoItem};
-use super::{At, PendingBranch};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
+use crate::session::SessionError;
 use crate::session::backend;
 use crate::session::peer::Peer;
 use crate::session::state::SessionState;
-use crate::session::{SessionError, Shared};
 use crate::sql::dml::{self, InsertMode};
 use crate::sql::image::{ImageRow, select_list};
 use crate::sql::keys::key_condition;
@@ -42,19 +42,7 @@ fn key_of(meta: &TableMeta, row: &[Option<String>]) -> Vec<Option<String>> {
     meta.primary_key.iter().map(|&i| row[i].clone()).collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn run(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    branch: &mut Option<PendingBranch>,
-    shared: &Shared,
-    at: &At,
-    xid: &str,
-    plan: Plan,
-    params: &[Param],
-    raw: &[u8],
-) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
+pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Result<Vec<u8>, SessionError> {
     let Plan {
         statement,
         schema,
@@ -72,50 +60,44 @@ pub(super) async fn run(
         })
     {
         let what = format!("an ON DUPLICATE KEY UPDATE of the primary-key column {column}");
-        return Ok(refuse(&what, xid).to_packet(1));
+        return Ok(refuse(&what, cx.xid).to_packet(1));
     }
     let condition = match key_condition(&insert, &meta, params) {
         Ok(c) => c,
-        Err(why) => return Ok(refuse(&why, xid).to_packet(1)),
+        Err(why) => return Ok(refuse(&why, cx.xid).to_packet(1)),
     };
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let original_status = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let original_status = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
         return Ok(e.to_packet(1));
     }
     let list = select_list(&specs);
     let qualified = qualified(&schema, &meta.name);
+    let limit = cx.limit;
     let read = async |backend: &mut Peer, state: &mut SessionState, condition: &str| {
         backend::query(backend, state, &select_locked(&list, &qualified, condition), limit).await
     };
-    let found = read(backend, state, &condition).await?;
+    let found = read(cx.backend, cx.state, &condition).await?;
     if let Some((code, message)) = found.error {
-        return abort(
-            backend,
-            state,
-            branch,
-            limit,
-            autocommit,
-            ErrPacket::new(code, "HY000", message),
-        )
-        .await;
+        return abort(cx, autocommit, ErrPacket::new(code, "HY000", message)).await;
     }
     let before: Vec<ImageRow> = found.rows.iter().map(text).collect();
 
-    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
-        Ok(done) => done,
-        Err(refused) => return Ok(refused),
-    };
+    let (response, summary) =
+        match backend::run_client_statement(cx.backend, cx.state, cx.limit, raw, autocommit).await? {
+            Ok(done) => done,
+            Err(refused) => return Ok(refused),
+        };
     let affected = summary.map_or(0, |s| s.affected_rows);
 
     let mut after_condition = condition.clone();
     if !before.is_empty() {
         after_condition = format!("{after_condition} OR {}", pk_condition(&meta, &specs, &before));
     }
-    let found = read(backend, state, &after_condition).await?;
+    let found = read(cx.backend, cx.state, &after_condition).await?;
     if let Some((code, message)) = found.error {
         let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-        return abort(backend, state, branch, limit, true, e).await;
+        return abort(cx, true, e).await;
     }
     let after: Vec<ImageRow> = found.rows.iter().map(text).collect();
 
@@ -146,7 +128,7 @@ pub(super) async fn run(
             let base = inserted.len() as u64 + 2 * changed;
             if kept.len() != before.len() {
                 vec![]
-            } else if state.capabilities.has(Capabilities::FOUND_ROWS) {
+            } else if cx.state.capabilities.has(Capabilities::FOUND_ROWS) {
                 vec![base + unchanged, base]
             } else {
                 vec![base]
@@ -161,9 +143,9 @@ pub(super) async fn run(
                 "this statement: it changed {affected} rows, which its images do not account for \
                  (rows of one statement colliding with each other?); the local transaction was rolled back"
             ),
-            xid,
+            cx.xid,
         );
-        return abort(backend, state, branch, limit, true, e).await;
+        return abort(cx, true, e).await;
     }
     let inserted = match &insert.mode {
         InsertMode::Upsert(_) => {
@@ -184,17 +166,5 @@ pub(super) async fn run(
     if !inserted.is_empty() {
         items.push(item(undo::Kind::Insert, Vec::new(), inserted));
     }
-    phase1::finish(
-        backend,
-        state,
-        branch,
-        at,
-        limit,
-        xid,
-        &schema,
-        items,
-        response,
-        autocommit.then_some(original_status),
-    )
-    .await
+    phase1::finish(cx, &schema, items, response, autocommit.then_some(original_status)).await
 }
