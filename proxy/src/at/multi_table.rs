@@ -13,8 +13,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::Cx;
-use super::phase1::{self, abort};
-use super::undo::{self, UndoItem};
+use super::phase1::{self, abort, miscounted};
+use super::undo::{self};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
 use crate::protocol::err::ErrPacket;
@@ -50,21 +50,7 @@ async fn targets(plan: &MultiChange, cx: &Cx<'_>) -> Result<(String, Vec<Target>
                 xid,
             ));
         }
-        if meta.primary_key.is_empty() {
-            return Err(refuse(
-                &format!("a write to {s}.{}, which has no primary key", meta.name),
-                xid,
-            ));
-        }
-        if meta.has_triggers {
-            return Err(refuse(
-                &format!(
-                    "a write to {s}.{}, which has triggers (their changes cannot be imaged)",
-                    meta.name
-                ),
-                xid,
-            ));
-        }
+        phase1::imageable(s, meta, xid)?;
         out.push(Target {
             qualifier: w.qualifier,
             specs: meta.specs(),
@@ -123,46 +109,25 @@ pub(super) async fn run(
         ChangeKind::Update => affected <= imaged,
     };
     if !expected {
-        let e = refuse(
-            &format!(
-                "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
-            ),
-            cx.xid,
-        );
-        return abort(cx, true, e).await;
+        return miscounted(cx, affected, "").await;
     }
     let mut items = Vec::new();
     for (t, before) in targets.iter().zip(befores) {
         if before.is_empty() {
             continue;
         }
-        let item = |kind, before, after| {
-            UndoItem::new(
-                kind,
-                &schema,
-                &t.meta.name,
-                &t.specs,
-                t.meta.primary_key.clone(),
-                before,
-                after,
-            )
-        };
+        let item = |kind, before, after| phase1::undo_item(kind, &schema, &t.meta, &t.specs, before, after);
         if plan.kind == ChangeKind::Delete {
             items.push(item(undo::Kind::Delete, before, Vec::new()));
             continue;
         }
-        let sql = format!(
-            "SELECT {} FROM {} WHERE {} FOR UPDATE",
-            select_list(&t.specs),
-            qualified(&schema, &t.meta.name),
-            pk_condition(&t.meta, &t.specs, &before)
-        );
-        let read = backend::query(cx.backend, cx.state, &sql, cx.limit).await?;
-        if let Some((code, message)) = read.error {
-            let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-            return abort(cx, true, e).await;
-        }
-        items.push(item(undo::Kind::Update, before, read.rows.iter().map(text).collect()));
+        let (list, table) = (select_list(&t.specs), qualified(&schema, &t.meta.name));
+        let condition = pk_condition(&t.meta, &t.specs, &before);
+        let after = match phase1::after_image(cx, &list, &table, &condition).await? {
+            Ok(rows) => rows,
+            Err(answer) => return Ok(answer),
+        };
+        items.push(item(undo::Kind::Update, before, after));
     }
     phase1::finish(cx, &schema, items, response, autocommit.then_some(original_status)).await
 }

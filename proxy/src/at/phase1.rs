@@ -101,21 +101,7 @@ async fn prepare(cx: &Cx<'_>, sql: &str) -> Result<Plan, ErrPacket> {
         ));
     }
     let meta = cx.at.global.table(&schema, &table.name).await?;
-    if meta.primary_key.is_empty() {
-        return Err(refuse(
-            &format!("a write to {schema}.{}, which has no primary key", meta.name),
-            xid,
-        ));
-    }
-    if meta.has_triggers {
-        return Err(refuse(
-            &format!(
-                "a write to {schema}.{}, which has triggers (their changes cannot be imaged)",
-                meta.name
-            ),
-            xid,
-        ));
-    }
+    imageable(&schema, &meta, xid)?;
     if let dml::Plan::Change(change) = &statement {
         for column in &change.assigned {
             if meta
@@ -188,13 +174,7 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
         dml::Plan::Insert(i) => (undo::Kind::Insert, affected == i.rows.len() as u64),
     };
     if !expected {
-        let e = refuse(
-            &format!(
-                "this statement: it changed {affected} rows, which its images do not account for; the local transaction was rolled back"
-            ),
-            cx.xid,
-        );
-        return abort(cx, true, e).await;
+        return miscounted(cx, affected, "").await;
     }
     // The after image, by primary key.
     let condition = match (&keys, kind) {
@@ -209,22 +189,12 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
         }
         (None, undo::Kind::Insert) => None,
     };
-    let after: Vec<ImageRow> = match condition {
+    let after = match condition {
         None => Vec::new(),
-        Some(condition) => {
-            let read = backend::query(
-                cx.backend,
-                cx.state,
-                &select_locked(&list, &qualified, &condition),
-                cx.limit,
-            )
-            .await?;
-            if let Some((code, message)) = read.error {
-                let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-                return abort(cx, true, e).await;
-            }
-            read.rows.iter().map(text::text).collect()
-        }
+        Some(condition) => match after_image(cx, &list, &qualified, &condition).await? {
+            Ok(rows) => rows,
+            Err(answer) => return Ok(answer),
+        },
     };
     if kind == undo::Kind::Insert && after.len() as u64 != affected {
         let e = refuse(
@@ -239,15 +209,7 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
     let items = if before.is_empty() && after.is_empty() {
         Vec::new()
     } else {
-        vec![UndoItem::new(
-            kind,
-            &schema,
-            &meta.name,
-            &specs,
-            meta.primary_key.clone(),
-            before,
-            after,
-        )]
+        vec![undo_item(kind, &schema, &meta, &specs, before, after)]
     };
     finish(cx, &schema, items, response, autocommit.then_some(original_status)).await
 }
@@ -290,6 +252,75 @@ pub(super) async fn finish(
         backend::as_autocommit(&mut response, cx.state, original_status);
     }
     Ok(response)
+}
+
+/// Why a table's writes cannot be imaged, if they cannot: rows without a primary key cannot
+/// be found again, and what triggers change is not in the images.
+pub(super) fn imageable(schema: &str, meta: &TableMeta, xid: &str) -> Result<(), ErrPacket> {
+    if meta.primary_key.is_empty() {
+        return Err(refuse(
+            &format!("a write to {schema}.{}, which has no primary key", meta.name),
+            xid,
+        ));
+    }
+    if meta.has_triggers {
+        return Err(refuse(
+            &format!(
+                "a write to {schema}.{}, which has triggers (their changes cannot be imaged)",
+                meta.name
+            ),
+            xid,
+        ));
+    }
+    Ok(())
+}
+
+/// The undo item of a write to one table.
+pub(super) fn undo_item(
+    kind: undo::Kind,
+    schema: &str,
+    meta: &TableMeta,
+    specs: &[ColumnSpec],
+    before: Vec<ImageRow>,
+    after: Vec<ImageRow>,
+) -> UndoItem {
+    UndoItem::new(kind, schema, &meta.name, specs, meta.primary_key.clone(), before, after)
+}
+
+/// The after image: the rows `condition` finds, read and locked as `list` says. If the read
+/// fails the local transaction is rolled back and `Err` holds the client's answer.
+pub(super) async fn after_image(
+    cx: &mut Cx<'_>,
+    list: &str,
+    qualified: &str,
+    condition: &str,
+) -> Result<Result<Vec<ImageRow>, Vec<u8>>, SessionError> {
+    let read = backend::query(
+        cx.backend,
+        cx.state,
+        &select_locked(list, qualified, condition),
+        cx.limit,
+    )
+    .await?;
+    Ok(match read.error {
+        Some((code, message)) => {
+            let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
+            Err(abort(cx, true, e).await?)
+        }
+        None => Ok(read.rows.iter().map(text::text).collect()),
+    })
+}
+
+/// The statement changed `affected` rows, which its images do not account for (`hint` says
+/// why that may be): the local transaction is rolled back and the statement refused.
+pub(super) async fn miscounted(cx: &mut Cx<'_>, affected: u64, hint: &str) -> Result<Vec<u8>, SessionError> {
+    let e = refuse(
+        &format!(
+            "this statement: it changed {affected} rows, which its images do not account for{hint}; the local transaction was rolled back"
+        ),
+        cx.xid,
+    );
+    abort(cx, true, e).await
 }
 
 /// Rolls back (the whole local transaction with its pending branch, when `rollback`) and

@@ -22,16 +22,14 @@
 use std::collections::HashSet;
 
 use super::Cx;
-use super::phase1::{self, Plan, abort};
-use super::undo::{self, UndoItem};
+use super::phase1::{self, Plan, abort, miscounted};
+use super::undo::{self};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 use crate::session::SessionError;
 use crate::session::backend;
-use crate::session::peer::Peer;
-use crate::session::state::SessionState;
 use crate::sql::dml::{self, InsertMode};
 use crate::sql::image::{ImageRow, select_list};
 use crate::sql::keys::key_condition;
@@ -44,12 +42,12 @@ fn key_of(meta: &TableMeta, row: &[Option<String>]) -> Vec<Option<String>> {
 
 pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Result<Vec<u8>, SessionError> {
     let Plan {
-        statement,
+        statement: dml::Plan::Insert(insert),
         schema,
         meta,
         specs,
-    } = plan;
-    let dml::Plan::Insert(insert) = statement else {
+    } = plan
+    else {
         unreachable!("only INSERTs are handed over");
     };
     if let InsertMode::Upsert(assigned) = &insert.mode
@@ -73,11 +71,13 @@ pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8
     }
     let list = select_list(&specs);
     let qualified = qualified(&schema, &meta.name);
-    let limit = cx.limit;
-    let read = async |backend: &mut Peer, state: &mut SessionState, condition: &str| {
-        backend::query(backend, state, &select_locked(&list, &qualified, condition), limit).await
-    };
-    let found = read(cx.backend, cx.state, &condition).await?;
+    let found = backend::query(
+        cx.backend,
+        cx.state,
+        &select_locked(&list, &qualified, &condition),
+        cx.limit,
+    )
+    .await?;
     if let Some((code, message)) = found.error {
         return abort(cx, autocommit, ErrPacket::new(code, "HY000", message)).await;
     }
@@ -94,26 +94,14 @@ pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8
     if !before.is_empty() {
         after_condition = format!("{after_condition} OR {}", pk_condition(&meta, &specs, &before));
     }
-    let found = read(cx.backend, cx.state, &after_condition).await?;
-    if let Some((code, message)) = found.error {
-        let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-        return abort(cx, true, e).await;
-    }
-    let after: Vec<ImageRow> = found.rows.iter().map(text).collect();
+    let after = match phase1::after_image(cx, &list, &qualified, &after_condition).await? {
+        Ok(rows) => rows,
+        Err(answer) => return Ok(answer),
+    };
 
     let existed: HashSet<_> = before.iter().map(|r| key_of(&meta, r)).collect();
     let (kept, inserted): (Vec<_>, Vec<_>) = after.into_iter().partition(|r| existed.contains(&key_of(&meta, r)));
-    let item = |kind, before, after| {
-        UndoItem::new(
-            kind,
-            &schema,
-            &meta.name,
-            &specs,
-            meta.primary_key.clone(),
-            before,
-            after,
-        )
-    };
+    let item = |kind, before, after| phase1::undo_item(kind, &schema, &meta, &specs, before, after);
     let mut items = Vec::new();
     let expected: Vec<u64> = match &insert.mode {
         InsertMode::Ignore => vec![inserted.len() as u64],
@@ -138,14 +126,7 @@ pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8
         InsertMode::Plain => unreachable!("plain INSERTs are imaged in phase1.rs"),
     };
     if !expected.contains(&affected) {
-        let e = refuse(
-            &format!(
-                "this statement: it changed {affected} rows, which its images do not account for \
-                 (rows of one statement colliding with each other?); the local transaction was rolled back"
-            ),
-            cx.xid,
-        );
-        return abort(cx, true, e).await;
+        return miscounted(cx, affected, " (rows of one statement colliding with each other?)").await;
     }
     let inserted = match &insert.mode {
         InsertMode::Upsert(_) => {

@@ -65,6 +65,16 @@ impl WriteCheck {
     }
 }
 
+/// What a write the proxy runs itself works with: the session's backend connection and
+/// state, the rows its open transaction must have checked, and the coordinator layer.
+pub struct Cx<'a> {
+    pub backend: &'a mut Peer,
+    pub state: &'a mut SessionState,
+    pub written: &'a mut WriteCheck,
+    pub shared: &'a Shared,
+    pub global: &'a Global,
+}
+
 /// How many times a wrapped write is run before its client is told to try again.
 const WRAP_ATTEMPTS: usize = 4;
 
@@ -280,49 +290,38 @@ async fn check(shared: &Shared, global: &Global, rows: &TableRows, done: &str) -
 
 /// A commit point of a transaction with checked rows (or a marked one): `Some(error)` when the
 /// client must get it instead of the statement running.
-pub async fn before_commit(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    written: &mut WriteCheck,
-    shared: &Shared,
-    global: &Global,
-) -> Result<Option<ErrPacket>, SessionError> {
-    if let Some(tables) = written.poisoned.take() {
-        shared.metrics.checks_poisoned.increment(1);
-        local_rollback(backend, state, shared.config.max_packet_size).await?;
-        written.clear();
+pub async fn before_commit(cx: &mut Cx<'_>) -> Result<Option<ErrPacket>, SessionError> {
+    if let Some(tables) = cx.written.poisoned.take() {
+        cx.shared.metrics.checks_poisoned.increment(1);
+        local_rollback(cx.backend, cx.state, cx.shared.config.max_packet_size).await?;
+        cx.written.clear();
         return Ok(Some(ErrPacket::new(
             1213,
             "40001",
             format!(
                 "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy rolled the transaction back: \
-                 {tables} gained global locks while it wrote to them, so its writes could not be checked)"
+                 {tables} gained cx.global locks while it wrote to them, so its writes could not be checked)"
             ),
         )));
     }
-    let rows = std::mem::take(&mut written.rows);
+    let rows = std::mem::take(&mut cx.written.rows);
     let failed = check(
-        shared,
-        global,
+        cx.shared,
+        cx.global,
         &rows,
         "nothing was committed and the transaction is still open: roll it back, or retry the COMMIT",
     )
     .await;
     if failed.is_some() {
-        written.rows = rows;
+        cx.written.rows = rows;
     }
     Ok(failed)
 }
 
 /// Runs a write the proxy handles itself and answers the client.
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: &mut Peer,
-    backend: &mut Peer,
-    state: &mut SessionState,
-    written: &mut WriteCheck,
-    shared: &Shared,
-    global: &Global,
+    cx: &mut Cx<'_>,
     write: Write,
     command: u8,
     raw: &[u8],
@@ -336,11 +335,11 @@ pub async fn run(
             break ErrPacket::new(
                 1213,
                 "40001",
-                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding global locks changed every time this write ran; it was not run)",
+                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding cx.global locks changed every time this write ran; it was not run)",
             )
             .to_packet(1);
         }
-        let m = &shared.metrics;
+        let m = &cx.shared.metrics;
         let reply = match write {
             Write::Refuse(e) => {
                 m.writes_refused.increment(1);
@@ -349,12 +348,12 @@ pub async fn run(
             }
             Write::Wrap => {
                 wraps += 1;
-                match wrapped(backend, state, shared, global, raw).await? {
+                match wrapped(cx, raw).await? {
                     Some(reply) => reply,
                     None => {
-                        let class = classified(command, raw, state);
+                        let class = classified(command, raw, cx.state);
                         // The view is quiet again, or the session changed under us: wrap again.
-                        write = match route(command, &raw[4..], class.as_ref(), state, written, global) {
+                        write = match route(command, &raw[4..], class.as_ref(), cx.state, cx.written, cx.global) {
                             Some(Route::Run(next)) => next,
                             _ => Write::Wrap,
                         };
@@ -364,11 +363,11 @@ pub async fn run(
             }
             Write::Check(plan) => {
                 m.writes_checked.increment(1);
-                checked(backend, state, written, shared, global, *plan, command, raw).await?
+                checked(cx, *plan, command, raw).await?
             }
             Write::CheckMulti(plan) => {
                 m.writes_checked.increment(1);
-                checked_multi(backend, state, written, shared, global, *plan, command, raw).await?
+                checked_multi(cx, *plan, command, raw).await?
             }
         };
         break reply;
@@ -383,39 +382,33 @@ fn classified(command: u8, raw: &[u8], state: &SessionState) -> Option<Classific
 /// An autocommit write to unguarded tables, in a local transaction of the proxy's own
 /// (START TRANSACTION sent with it, in one write). `None` when the view changed while it ran:
 /// it was rolled back.
-async fn wrapped(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    shared: &Shared,
-    global: &Global,
-    raw: &[u8],
-) -> Result<Option<Vec<u8>>, SessionError> {
-    let limit = shared.config.max_packet_size;
-    shared.metrics.writes_wrapped.increment(1);
-    let before = state.status;
-    let seen = global.guards.observe();
+async fn wrapped(cx: &mut Cx<'_>, raw: &[u8]) -> Result<Option<Vec<u8>>, SessionError> {
+    let limit = cx.shared.config.max_packet_size;
+    cx.shared.metrics.writes_wrapped.increment(1);
+    let before = cx.state.status;
+    let seen = cx.global.guards.observe();
     let mut both = backend::query_packet("START TRANSACTION");
     both.extend_from_slice(raw);
-    backend
+    cx.backend
         .write_all(&both)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let begun = backend::read_one(backend, state, limit).await?;
-    let (response, _, failed) = backend::read_response(backend, state, limit).await?;
+    let begun = backend::read_one(cx.backend, cx.state, limit).await?;
+    let (response, _, failed) = backend::read_response(cx.backend, cx.state, limit).await?;
     if let Some((code, message)) = begun.error {
         // The statement ran in autocommit after all: nothing to roll back or commit.
         tracing::warn!(code, message, "START TRANSACTION failed before an autocommit write");
         return Ok(Some(response));
     }
     if failed {
-        local_rollback(backend, state, limit).await?;
+        local_rollback(cx.backend, cx.state, limit).await?;
         return Ok(Some(response));
     }
-    if !global.guards.unchanged_since(seen) {
-        local_rollback(backend, state, limit).await?;
+    if !cx.global.guards.unchanged_since(seen) {
+        local_rollback(cx.backend, cx.state, limit).await?;
         return Ok(None);
     }
-    backend::commit_own(backend, state, limit, response, before)
+    backend::commit_own(cx.backend, cx.state, limit, response, before)
         .await
         .map(Some)
 }
@@ -448,46 +441,36 @@ fn refuse_check(why: &str) -> Vec<u8> {
 /// The rows written join the transaction's for its commit point; an autocommit write (in
 /// the proxy's own transaction, `before` the status it started with) is checked and
 /// committed at once.
-#[allow(clippy::too_many_arguments)]
 async fn finish_checked(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    written: &mut WriteCheck,
-    shared: &Shared,
-    global: &Global,
+    cx: &mut Cx<'_>,
     rows: TableRows,
     response: Vec<u8>,
     autocommit: Option<ServerStatus>,
 ) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
+    let limit = cx.shared.config.max_packet_size;
     let Some(before) = autocommit else {
         for (table, keys) in rows {
-            written.rows.entry(table).or_default().extend(keys);
+            cx.written.rows.entry(table).or_default().extend(keys);
         }
         return Ok(response);
     };
-    if let Some(e) = check(shared, global, &rows, "the statement was not run").await {
-        local_rollback(backend, state, limit).await?;
+    if let Some(e) = check(cx.shared, cx.global, &rows, "the statement was not run").await {
+        local_rollback(cx.backend, cx.state, limit).await?;
         return Ok(e.to_packet(1));
     }
-    backend::commit_own(backend, state, limit, response, before).await
+    backend::commit_own(cx.backend, cx.state, limit, response, before).await
 }
 
 /// A multi-table write touching a guarded table: the rows of every table it writes found
 /// by the statement's own references and WHERE, before it runs.
-#[allow(clippy::too_many_arguments)]
 async fn checked_multi(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    written: &mut WriteCheck,
-    shared: &Shared,
-    global: &Global,
+    cx: &mut Cx<'_>,
     plan: dml::MultiChange,
     command: u8,
     raw: &[u8],
 ) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
-    let metas = match global.tables(&plan.tables, state.schema.as_deref()).await {
+    let limit = cx.shared.config.max_packet_size;
+    let metas = match cx.global.tables(&plan.tables, cx.state.schema.as_deref()).await {
         Ok(metas) => metas,
         Err(e) => return Ok(e.to_packet(1)),
     };
@@ -495,16 +478,16 @@ async fn checked_multi(
         Ok(w) => w,
         Err(why) => return Ok(refuse_check(&why)),
     };
-    let params = match execute_params(command, raw, state) {
+    let params = match execute_params(command, raw, cx.state) {
         Ok(p) => p,
         Err(why) => return Ok(refuse_check(&why)),
     };
     let Some(bound) = keys::select_params(&plan, &params) else {
         return Ok(refuse_check("this execute (its parameters could not be read)"));
     };
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let before = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let before = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, limit).await? {
         return Ok(e.to_packet(1));
     }
     let mut rows = TableRows::new();
@@ -512,10 +495,10 @@ async fn checked_multi(
     for w in tables.iter().filter(|w| !w.meta.primary_key.is_empty()) {
         let list = qualified_select_list(&w.qualifier, &w.meta.key_specs());
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
-        let read = crate::sql::execute(backend, state, &sql, &bound, limit).await?;
+        let read = crate::sql::execute(cx.backend, cx.state, &sql, &bound, limit).await?;
         if let Some((code, message)) = read.error {
             if autocommit {
-                local_rollback(backend, state, limit).await?;
+                local_rollback(cx.backend, cx.state, limit).await?;
             }
             return Ok(ErrPacket::new(code, "HY000", message).to_packet(1));
         }
@@ -527,49 +510,29 @@ async fn checked_multi(
             }
         }
     }
-    let response = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let response = match backend::run_client_statement(cx.backend, cx.state, limit, raw, autocommit).await? {
         Ok((response, _)) => response,
         Err(refused) => return Ok(refused),
     };
-    finish_checked(
-        backend,
-        state,
-        written,
-        shared,
-        global,
-        rows,
-        response,
-        autocommit.then_some(before),
-    )
-    .await
+    finish_checked(cx, rows, response, autocommit.then_some(before)).await
 }
 
 /// A write to a guarded table: its rows found and kept for the commit point (checked at
 /// once for an autocommit write).
-#[allow(clippy::too_many_arguments)]
-async fn checked(
-    backend: &mut Peer,
-    state: &mut SessionState,
-    written: &mut WriteCheck,
-    shared: &Shared,
-    global: &Global,
-    plan: dml::Plan,
-    command: u8,
-    raw: &[u8],
-) -> Result<Vec<u8>, SessionError> {
-    let limit = shared.config.max_packet_size;
+async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> Result<Vec<u8>, SessionError> {
+    let limit = cx.shared.config.max_packet_size;
     let table = match &plan {
         dml::Plan::Change(c) => &c.table,
         dml::Plan::Insert(i) => &i.table,
     };
-    let Some(database) = table.schema.clone().or_else(|| state.schema.clone()) else {
+    let Some(database) = table.schema.clone().or_else(|| cx.state.schema.clone()) else {
         return Ok(no_database().to_packet(1));
     };
-    let meta = match global.table(&database, &table.name).await {
+    let meta = match cx.global.table(&database, &table.name).await {
         Ok(meta) => meta,
         Err(e) => return Ok(e.to_packet(1)),
     };
-    let params = match execute_params(command, raw, state) {
+    let params = match execute_params(command, raw, cx.state) {
         Ok(p) => p,
         Err(why) => return Ok(refuse_check(&why)),
     };
@@ -601,9 +564,9 @@ async fn checked(
         },
         dml::Plan::Change(_) => {}
     }
-    let autocommit = state.autocommit() && !state.in_transaction();
-    let before = state.status;
-    if autocommit && let Err(e) = backend::begin_own(backend, state, limit).await? {
+    let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
+    let before = cx.state.status;
+    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, limit).await? {
         return Ok(e.to_packet(1));
     }
     let pk = meta.key_specs();
@@ -618,35 +581,35 @@ async fn checked(
     // A table without a primary key can hold no global lock: nothing to find.
     let mut rows: Vec<Row> = Vec::new();
     if let (dml::Plan::Change(change), false) = (&plan, pk.is_empty()) {
-        match keys::select_filtered(backend, state, change, &qualified, &list, &params, limit).await? {
+        match keys::select_filtered(cx.backend, cx.state, change, &qualified, &list, &params, limit).await? {
             Ok(found) => rows = found,
-            Err(e) => return abort(backend, state, e).await,
+            Err(e) => return abort(cx.backend, cx.state, e).await,
         }
     }
     let keyed = key_condition.map(|c| select_locked(&list, &qualified, &c));
     if let Some(keyed) = &keyed {
-        let read = backend::query(backend, state, keyed, limit).await?;
+        let read = backend::query(cx.backend, cx.state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
-            return abort(backend, state, ErrPacket::new(code, "HY000", message)).await;
+            return abort(cx.backend, cx.state, ErrPacket::new(code, "HY000", message)).await;
         }
         rows = read.rows;
     }
-    let (response, summary) = match backend::run_client_statement(backend, state, limit, raw, autocommit).await? {
+    let (response, summary) = match backend::run_client_statement(cx.backend, cx.state, limit, raw, autocommit).await? {
         Ok(done) => done,
         Err(refused) => return Ok(refused),
     };
     if let Some(keyed) = &keyed {
-        let read = backend::query(backend, state, keyed, limit).await?;
+        let read = backend::query(cx.backend, cx.state, keyed, limit).await?;
         if let Some((code, message)) = read.error {
             if !autocommit {
-                written.poisoned = Some(format!("{database}.{}", meta.name));
+                cx.written.poisoned = Some(format!("{database}.{}", meta.name));
             }
             let e = ErrPacket::new(
                 code,
                 "HY000",
-                format!("reading the written rows' keys failed: {message}"),
+                format!("reading the cx.written rows' keys failed: {message}"),
             );
-            return abort(backend, state, e).await;
+            return abort(cx.backend, cx.state, e).await;
         }
         for row in read.rows {
             if !rows.contains(&row) {
@@ -655,8 +618,14 @@ async fn checked(
         }
     }
     if let Some(keys) = &keys {
-        let condition = keys::insert_condition(backend, state, &meta, keys, summary, limit).await?;
-        let read = backend::query(backend, state, &select_locked(&list, &qualified, &condition), limit).await?;
+        let condition = keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, limit).await?;
+        let read = backend::query(
+            cx.backend,
+            cx.state,
+            &select_locked(&list, &qualified, &condition),
+            limit,
+        )
+        .await?;
         if let Some((code, message)) = read.error {
             let e = ErrPacket::new(
                 code,
@@ -665,9 +634,9 @@ async fn checked(
             );
             if !autocommit {
                 // The rows are in the transaction but cannot be named: it must not commit.
-                written.poisoned = Some(format!("{database}.{}", meta.name));
+                cx.written.poisoned = Some(format!("{database}.{}", meta.name));
             }
-            return abort(backend, state, e).await;
+            return abort(cx.backend, cx.state, e).await;
         }
         rows = read.rows;
         if matches!(keys, InsertKeys::Generated) && rows.len() as u64 != summary.map_or(0, |s| s.affected_rows) {
@@ -677,9 +646,9 @@ async fn checked(
                 "ferrata-proxy could not find the rows this INSERT generated (is auto_increment_increment changing?)",
             );
             if !autocommit {
-                written.poisoned = Some(format!("{database}.{}", meta.name));
+                cx.written.poisoned = Some(format!("{database}.{}", meta.name));
             }
-            return abort(backend, state, e).await;
+            return abort(cx.backend, cx.state, e).await;
         }
     }
     let mut found = TableRows::new();
@@ -691,15 +660,5 @@ async fn checked(
                 .collect(),
         );
     }
-    finish_checked(
-        backend,
-        state,
-        written,
-        shared,
-        global,
-        found,
-        response,
-        autocommit.then_some(before),
-    )
-    .await
+    finish_checked(cx, found, response, autocommit.then_some(before)).await
 }

@@ -139,8 +139,14 @@ impl ModeSession for IsolationSession {
                     locking_read::run(client, backend, state, io.shared, g, &xid, io.command, io.raw).await
                 }
                 Some(Claimed::Write(w)) => {
-                    let written = &mut self.written;
-                    dirty_writes::run(client, backend, state, written, io.shared, g, w, io.command, io.raw).await
+                    let mut cx = dirty_writes::Cx {
+                        backend,
+                        state,
+                        written: &mut self.written,
+                        shared: io.shared,
+                        global: g,
+                    };
+                    dirty_writes::run(client, &mut cx, w, io.command, io.raw).await
                 }
                 Some(Claimed::CommitPoint) | None => unreachable!("run follows a claim to take"),
             }
@@ -155,7 +161,14 @@ impl ModeSession for IsolationSession {
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
             self.claimed = None;
-            dirty_writes::before_commit(backend, state, &mut self.written, shared, &self.global).await
+            let mut cx = dirty_writes::Cx {
+                backend,
+                state,
+                written: &mut self.written,
+                shared,
+                global: &self.global,
+            };
+            dirty_writes::before_commit(&mut cx).await
         })
     }
 
