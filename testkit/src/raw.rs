@@ -81,6 +81,9 @@ pub struct RawConn {
     stream: TcpStream,
     server_caps: u32,
     caps: u32,
+    /// The command byte of the last command sent: only an execute's result set can open a
+    /// cursor.
+    last_command: u8,
 }
 
 impl RawConn {
@@ -102,6 +105,7 @@ impl RawConn {
             stream,
             server_caps: 0,
             caps: 0,
+            last_command: 0,
         };
 
         let greeting = conn.read_packet().await.context("reading the server greeting")?;
@@ -212,6 +216,7 @@ impl RawConn {
 
     /// Starts a command: writes `payload` with sequence number 0.
     pub async fn send_command(&mut self, payload: &[u8]) -> Result<()> {
+        self.last_command = payload.first().copied().unwrap_or_default();
         self.write_packet(0, payload).await
     }
 
@@ -263,7 +268,9 @@ impl RawConn {
                             "expected EOF after {columns} column definitions, got {:02x?}",
                             &eof[..eof.len().min(16)]
                         );
-                        if eof_status(eof)? & status::SERVER_STATUS_CURSOR_EXISTS != 0 {
+                        // MariaDB also flags result sets of compound statements and stored
+                        // procedures that have a cursor of their own open; their rows follow.
+                        if self.last_command == 0x17 && eof_status(eof)? & status::SERVER_STATUS_CURSOR_EXISTS != 0 {
                             return Ok(packets);
                         }
                     }

@@ -138,6 +138,10 @@ pub fn route(
             return Some(Route::CommitPoint);
         }
         StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => true,
+        // CALL, compound statements and PREPARE/EXECUTE run writes the proxy cannot see (their
+        // `;` are not a second statement the proxy could check), and wrapping them in a
+        // transaction of the proxy's own would change what they do: they pass as they are.
+        StatementClass::Other(Other::Procedural) => false,
         _ => command == Command::QUERY && class.multi_statement,
     };
     if !write {

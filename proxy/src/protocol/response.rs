@@ -19,6 +19,11 @@ pub enum ResponseKind {
     /// OK, ERR, EOF, LOCAL INFILE request or result sets, chained by MORE_RESULTS_EXISTS.
     /// Also the answer to commands that only ever get OK, ERR or EOF.
     Generic,
+    /// COM_STMT_EXECUTE: as `Generic`, except that a result set whose metadata EOF says
+    /// CURSOR_EXISTS ends there (its rows come by COM_STMT_FETCH). Only an execute opens such
+    /// a cursor: MariaDB also sets the flag on result sets a compound statement or a stored
+    /// procedure sends while a cursor of its own is open, and their rows follow as usual.
+    Execute,
     /// COM_STMT_PREPARE: PREPARE_OK with parameter and column definitions, or ERR.
     Prepare,
     /// COM_FIELD_LIST: column definitions ending in EOF, or ERR.
@@ -41,6 +46,7 @@ impl ResponseKind {
             Command::FIELD_LIST => Self::FieldList,
             Command::STATISTICS => Self::Statistics,
             Command::STMT_FETCH => Self::Fetch,
+            Command::STMT_EXECUTE => Self::Execute,
             Command::CHANGE_USER => Self::Authentication,
             Command::BINLOG_DUMP | Command::BINLOG_DUMP_GTID => Self::Stream,
             _ => Self::Generic,
@@ -116,6 +122,8 @@ enum State {
 pub struct ResponseTracker {
     state: State,
     deprecate_eof: bool,
+    /// The response to an execute, which may open a cursor (see [`ResponseKind::Execute`]).
+    execute: bool,
     /// Status flags of the last OK/EOF seen, if any.
     last_status: Option<ServerStatus>,
     last_ok: Option<ok::OkSummary>,
@@ -134,11 +142,12 @@ impl ResponseTracker {
             ResponseKind::Statistics => State::Statistics,
             ResponseKind::Fetch => State::Rows,
             ResponseKind::None | ResponseKind::Authentication | ResponseKind::Stream => State::Done,
-            ResponseKind::Generic => State::ResultStart,
+            ResponseKind::Generic | ResponseKind::Execute => State::ResultStart,
         };
         ResponseTracker {
             state,
             deprecate_eof: caps.has(Capabilities::DEPRECATE_EOF),
+            execute: kind == ResponseKind::Execute,
             last_status: None,
             last_ok: None,
             prepare_ok: None,
@@ -235,7 +244,7 @@ impl ResponseTracker {
             State::ColumnsEof => {
                 let summary = self.expect_eof(len, prefix, "column definitions")?;
                 // An execute that opened a cursor ends after its metadata; rows come by fetch.
-                if summary.status.has(ServerStatus::CURSOR_EXISTS) {
+                if self.execute && summary.status.has(ServerStatus::CURSOR_EXISTS) {
                     State::Done
                 } else {
                     State::Rows
@@ -404,12 +413,29 @@ mod tests {
 
     #[test]
     fn cursor_execute_ends_after_metadata_and_fetch_reads_rows() {
-        let mut t = ResponseTracker::new(ResponseKind::Generic, NO_DEPRECATE, 0);
+        let mut t = ResponseTracker::new(ResponseKind::Execute, NO_DEPRECATE, 0);
         let steps = run(&mut t, &[b"\x01", COLUMN, b"\xfe\x00\x00\x42\x00"]);
         assert_eq!(steps.last(), Some(&Step::Done));
         let mut f = ResponseTracker::new(ResponseKind::Fetch, NO_DEPRECATE, 0);
         let steps = run(&mut f, &[b"\x00\x00\x01", b"\xfe\x00\x00\xc2\x00"]);
         assert_eq!(steps, vec![Step::More, Step::Done]);
+    }
+
+    #[test]
+    fn a_query_result_flagged_cursor_exists_goes_on_with_its_rows() {
+        // A compound statement's SELECT while the block has a cursor open.
+        let mut t = ResponseTracker::new(ResponseKind::Generic, NO_DEPRECATE, 0);
+        let steps = run(
+            &mut t,
+            &[
+                b"\x01",
+                COLUMN,
+                b"\xfe\x00\x00\x6a\x00",
+                b"\x011",
+                b"\xfe\x00\x00\x22\x00",
+            ],
+        );
+        assert_eq!(steps, vec![Step::More, Step::More, Step::More, Step::More, Step::Done]);
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Fidelity with a coordinator configured (so the no-dirty-writes path is live): what a
+//! client sees through ferrata-proxy equals what it sees from MariaDB directly, for the
+//! response shapes and session state that third-party client suites exercise.
+
+use anyhow::Result;
+use ferrata_tests::assert_same_packets;
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::raw::RawConn;
+use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::process::ProxyProcess;
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Row};
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+
+async fn setup() -> Result<(MariaDb, Coordinator, ProxyProcess)> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 300)?;
+    Ok((db, tc, proxy))
+}
+
+/// Every result set of `sql` (a multi-result answer), as text.
+async fn results(conn: &mut Conn, sql: &str) -> Result<Vec<Vec<Vec<Option<String>>>>> {
+    let mut out = Vec::new();
+    let mut result = conn.query_iter(sql).await?;
+    while !result.is_empty() {
+        let rows: Vec<Row> = result.collect().await?;
+        out.push(
+            rows.into_iter()
+                .map(|r| {
+                    r.unwrap()
+                        .into_iter()
+                        .map(|v| match v {
+                            mysql_async::Value::NULL => None,
+                            v => Some(v.as_sql(true)),
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+/// Client flag sets: with and without CLIENT_DEPRECATE_EOF.
+const FLAG_SETS: [u32; 2] = [DEFAULT & !CLIENT_DEPRECATE_EOF, DEFAULT];
+
+const CURSOR_LOOP: &str = "BEGIN NOT ATOMIC
+    DECLARE done INT DEFAULT 0;
+    DECLARE x DECIMAL(10,2);
+    DECLARE c CURSOR FOR SELECT v FROM d ORDER BY id;
+    DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
+    OPEN c;
+    l: LOOP
+        FETCH c INTO x;
+        IF done THEN LEAVE l; END IF;
+        SELECT x, CAST(x AS SIGNED) AS s;
+        SHOW WARNINGS;
+    END LOOP;
+    CLOSE c;
+END";
+
+#[tokio::test]
+async fn a_compound_statement_answers_packet_for_packet_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
+    for flags in FLAG_SETS {
+        let mut direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let mut proxied = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let d = direct.query(CURSOR_LOOP).await?;
+        let p = proxied.query(CURSOR_LOOP).await?;
+        assert_same_packets(&d, &p, &format!("cursor loop, flags {flags:#x}"));
+        let d = direct.query("SELECT 1").await?;
+        let p = proxied.query("SELECT 1").await?;
+        assert_same_packets(&d, &p, &format!("after the cursor loop, flags {flags:#x}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_compound_statement_with_a_cursor_loop_answers_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    direct
+        .query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
+    let block = "BEGIN NOT ATOMIC
+        DECLARE done INT DEFAULT 0;
+        DECLARE x DECIMAL(10,2);
+        DECLARE c CURSOR FOR SELECT v FROM d ORDER BY id;
+        DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
+        OPEN c;
+        l: LOOP
+            FETCH c INTO x;
+            IF done THEN LEAVE l; END IF;
+            SELECT x, CAST(x AS SIGNED) AS s;
+            SHOW WARNINGS;
+        END LOOP;
+        CLOSE c;
+    END";
+    let expected = results(&mut direct, block).await?;
+    let mut proxied = proxy.conn().await?;
+    let got = results(&mut proxied, block).await?;
+    assert_eq!(got, expected);
+    // The session is still there.
+    let one: Option<i64> = proxied.query_first("SELECT 1").await?;
+    assert_eq!(one, Some(1));
+    Ok(())
+}
+
+/// The relay must know where the compound statement's answer ends: a command pipelined
+/// behind it gets its own answer, not the rest of the block's.
+#[tokio::test]
+async fn a_command_pipelined_after_a_compound_statement_gets_its_own_answer() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
+    for flags in FLAG_SETS {
+        let mut replies = Vec::new();
+        for addr in [db.addr(), proxy.addr] {
+            let mut conn = RawConn::connect(addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+            let mut block = vec![0x03];
+            block.extend_from_slice(CURSOR_LOOP.as_bytes());
+            conn.send_command(&block).await?;
+            conn.send_command(b"\x03SELECT 'after'").await?;
+            let first = conn.read_response().await?;
+            let second = conn.read_response().await?;
+            replies.push((first, second));
+        }
+        assert_same_packets(&replies[0].0, &replies[1].0, &format!("the block, flags {flags:#x}"));
+        assert_same_packets(
+            &replies[0].1,
+            &replies[1].1,
+            &format!("the pipelined SELECT, flags {flags:#x}"),
+        );
+    }
+    Ok(())
+}
