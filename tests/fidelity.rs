@@ -3,12 +3,12 @@
 //! response shapes and session state that third-party client suites exercise.
 
 use anyhow::Result;
-use ferrata_tests::assert_same_packets;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::{assert_same_packets, prepare_and_execute};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Row};
 
@@ -146,6 +146,56 @@ async fn a_command_pipelined_after_a_compound_statement_gets_its_own_answer() ->
             &replies[1].1,
             &format!("the pipelined SELECT, flags {flags:#x}"),
         );
+    }
+    Ok(())
+}
+
+/// Procedures answered through prepared statements (binary result sets, OUT parameters as a
+/// result set of their own flagged PS_OUT_PARAMS) and in multi-statement strings.
+#[tokio::test]
+async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
+    c.query_drop(
+        "CREATE PROCEDURE outs(IN a INT, OUT b INT, INOUT c VARCHAR(10)) \
+         BEGIN SELECT a AS a_in; SET b = a * 2; SET c = CONCAT(c, '!'); END",
+    )
+    .await?;
+    c.query_drop(format!("CREATE PROCEDURE looped() {CURSOR_LOOP}")).await?;
+    let statements = [
+        ("CALL outs(?, ?, ?) prepared", "CALL outs(3, @b, @c)"),
+        ("CALL looped() prepared", "CALL looped()"),
+    ];
+    for flags in FLAG_SETS {
+        let mut direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let mut proxied = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        for (what, sql) in statements {
+            let d = prepare_and_execute(&mut direct, sql, &[]).await?;
+            let p = prepare_and_execute(&mut proxied, sql, &[]).await?;
+            assert_same_packets(&d, &p, &format!("{what}, flags {flags:#x}"));
+            let d = direct.query(sql).await?;
+            let p = proxied.query(sql).await?;
+            assert_same_packets(&d, &p, &format!("{sql} as text, flags {flags:#x}"));
+        }
+        // OUT parameters bound to placeholders come back as their own result set.
+        let int = |v: i32| (0x03u8, Some(v.to_le_bytes().to_vec()));
+        let text = |v: &str| (0xfdu8, Some([&[v.len() as u8][..], v.as_bytes()].concat()));
+        let params = [int(4), int(0), text("hi")];
+        let d = prepare_and_execute(&mut direct, "CALL outs(?, ?, ?)", &params).await?;
+        let p = prepare_and_execute(&mut proxied, "CALL outs(?, ?, ?)", &params).await?;
+        assert_same_packets(&d, &p, &format!("CALL with OUT parameters, flags {flags:#x}"));
+        // A block and a procedure inside a multi-statement string.
+        let multi = "SELECT 1 AS one; CALL looped(); BEGIN NOT ATOMIC SELECT 2 AS two; CALL outs(5, @b, @c); END; SELECT @b, @c";
+        let d = direct.query(multi).await?;
+        let p = proxied.query(multi).await?;
+        assert_same_packets(&d, &p, &format!("blocks in a multi-statement string, flags {flags:#x}"));
+        let d = direct.query("SELECT 'still here'").await?;
+        let p = proxied.query("SELECT 'still here'").await?;
+        assert_same_packets(&d, &p, &format!("after them, flags {flags:#x}"));
     }
     Ok(())
 }

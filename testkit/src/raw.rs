@@ -81,9 +81,9 @@ pub struct RawConn {
     stream: TcpStream,
     server_caps: u32,
     caps: u32,
-    /// The command byte of the last command sent: only an execute's result set can open a
-    /// cursor.
-    last_command: u8,
+    /// The last command sent was an execute asking for a cursor: only its result set may
+    /// end at the metadata.
+    cursor_requested: bool,
 }
 
 impl RawConn {
@@ -105,7 +105,7 @@ impl RawConn {
             stream,
             server_caps: 0,
             caps: 0,
-            last_command: 0,
+            cursor_requested: false,
         };
 
         let greeting = conn.read_packet().await.context("reading the server greeting")?;
@@ -216,7 +216,7 @@ impl RawConn {
 
     /// Starts a command: writes `payload` with sequence number 0.
     pub async fn send_command(&mut self, payload: &[u8]) -> Result<()> {
-        self.last_command = payload.first().copied().unwrap_or_default();
+        self.cursor_requested = payload.first() == Some(&0x17) && payload.get(5).is_some_and(|f| f & 0x07 != 0);
         self.write_packet(0, payload).await
     }
 
@@ -270,7 +270,7 @@ impl RawConn {
                         );
                         // MariaDB also flags result sets of compound statements and stored
                         // procedures that have a cursor of their own open; their rows follow.
-                        if self.last_command == 0x17 && eof_status(eof)? & status::SERVER_STATUS_CURSOR_EXISTS != 0 {
+                        if self.cursor_requested && eof_status(eof)? & status::SERVER_STATUS_CURSOR_EXISTS != 0 {
                             return Ok(packets);
                         }
                     }

@@ -78,7 +78,7 @@ pub async fn run(
     } else {
         let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
         let Some(stmt) = state.statements.get(&id) else {
-            return forward(client, backend, state, raw, command).await;
+            return forward(client, backend, state, raw).await;
         };
         if stmt.long_data_dropped {
             return reply(
@@ -129,7 +129,7 @@ pub async fn run(
         });
     }
     if keyed.is_empty() {
-        return forward(client, backend, state, raw, command).await;
+        return forward(client, backend, state, raw).await;
     }
     let autocommit = state.autocommit() && !state.in_transaction();
     let before = state.status;
@@ -237,7 +237,7 @@ pub async fn run(
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
     if !autocommit {
-        let mut tracker = ResponseTracker::new(ResponseKind::of(command), state.capabilities, 0);
+        let mut tracker = ResponseTracker::new(ResponseKind::of(&raw[4..]), state.capabilities, 0);
         relay::response(client, backend, &mut tracker).await?;
         if let Some(status) = tracker.last_status() {
             state.status = status;
@@ -258,13 +258,12 @@ async fn forward(
     backend: &mut Peer,
     state: &mut SessionState,
     raw: &[u8],
-    command: u8,
 ) -> Result<(), SessionError> {
     backend
         .write_all(raw)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let mut tracker = ResponseTracker::new(ResponseKind::of(command), state.capabilities, 0);
+    let mut tracker = ResponseTracker::new(ResponseKind::of(&raw[4..]), state.capabilities, 0);
     relay::response(client, backend, &mut tracker).await?;
     if let Some(status) = tracker.last_status() {
         state.status = status;

@@ -84,7 +84,7 @@ fn ok_status_at(payload: &[u8]) -> usize {
 
 /// The packets of a buffered response: where each header starts and its payload, and
 /// whether it only continues a packet of 16 MiB or more (then it is no packet of its own).
-fn packets(response: &[u8]) -> Vec<(usize, std::ops::Range<usize>, bool)> {
+pub(super) fn packets(response: &[u8]) -> Vec<(usize, std::ops::Range<usize>, bool)> {
     let mut out = Vec::new();
     let mut at = 0;
     let mut continued = false;
@@ -123,64 +123,9 @@ pub fn chain_response(response: &mut [u8], more: bool, next_seq: u8) -> u8 {
     seq
 }
 
-/// Rewrites the `mask` bits of the status flags of a whole buffered response (framed
-/// packets) to those of `status`, leaving the others (MORE_RESULTS_EXISTS, ...) as the server
-/// sent them: every old-style EOF, and the final packet when it is an OK or a terminator.
-pub fn set_response_status(response: &mut [u8], mask: u16, status: ServerStatus) {
-    let packets = packets(response);
-    let last = packets.len().saturating_sub(1);
-    for (i, (_, payload, continued)) in packets.into_iter().enumerate() {
-        let eof = payload.len() == 5 && response[payload.start] == 0xfe;
-        if continued || !(eof || i == last) {
-            continue;
-        }
-        if let Some(old) = parse(payload.len(), &response[payload.clone()]) {
-            set_status(
-                &mut response[payload],
-                ServerStatus((old.status.0 & !mask) | (status.0 & mask)),
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn response_status_rewritten_in_eofs_and_the_terminator() {
-        let frame = |seq: u8, payload: &[u8]| {
-            let mut p = vec![payload.len() as u8, 0, 0, seq];
-            p.extend_from_slice(payload);
-            p
-        };
-        let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
-        let mask = ServerStatus::AUTOCOMMIT | ServerStatus::IN_TRANS;
-        // A single OK: IN_TRANS off, AUTOCOMMIT on, MORE_RESULTS_EXISTS kept.
-        let mut ok = frame(1, &[0x00, 0x01, 0x00, 0x09, 0x00, 0x00, 0x00]);
-        set_response_status(&mut ok, mask, autocommit);
-        assert_eq!(
-            parse(7, &ok[4..]).unwrap().status,
-            ServerStatus(ServerStatus::AUTOCOMMIT | ServerStatus::MORE_RESULTS_EXISTS)
-        );
-        // A result set with old-style EOFs: a row starting with 0xfe is left alone.
-        let row = [0xfe, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-        let mut rs = [
-            frame(1, &[0x01]),
-            frame(2, &[0x03, b'd', b'e', b'f']),
-            frame(3, &[0xfe, 0, 0, 0x03, 0]),
-            frame(4, &row),
-            frame(5, &[0xfe, 0, 0, 0x03, 0]),
-        ]
-        .concat();
-        set_response_status(&mut rs, mask, autocommit);
-        let eofs: Vec<u16> = [13usize, 36]
-            .iter()
-            .map(|&at| u16::from_le_bytes([rs[at + 7], rs[at + 8]]))
-            .collect();
-        assert_eq!(eofs, [ServerStatus::AUTOCOMMIT; 2]);
-        assert_eq!(&rs[26..36], &row);
-    }
 
     #[test]
     fn status_is_rewritten_in_place() {

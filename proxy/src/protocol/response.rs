@@ -11,6 +11,9 @@ use super::{err, lenenc, ok};
 /// How many payload bytes the tracker needs to see of each packet.
 pub const PEEK: usize = ok::PREFIX_LEN;
 
+/// COM_STMT_EXECUTE's cursor types (READ_ONLY, FOR_UPDATE, SCROLLABLE); 0 is NO_CURSOR.
+const CURSOR_TYPES: u8 = 0x07;
+
 /// The shape of response a command gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseKind {
@@ -19,11 +22,12 @@ pub enum ResponseKind {
     /// OK, ERR, EOF, LOCAL INFILE request or result sets, chained by MORE_RESULTS_EXISTS.
     /// Also the answer to commands that only ever get OK, ERR or EOF.
     Generic,
-    /// COM_STMT_EXECUTE: as `Generic`, except that a result set whose metadata EOF says
-    /// CURSOR_EXISTS ends there (its rows come by COM_STMT_FETCH). Only an execute opens such
-    /// a cursor: MariaDB also sets the flag on result sets a compound statement or a stored
-    /// procedure sends while a cursor of its own is open, and their rows follow as usual.
-    Execute,
+    /// COM_STMT_EXECUTE asking for a cursor: as `Generic`, except that a result set whose
+    /// metadata EOF says CURSOR_EXISTS ends there (its rows come by COM_STMT_FETCH). Only such
+    /// an execute opens a cursor: MariaDB also sets the flag on result sets a compound
+    /// statement or a stored procedure sends while a cursor of its own is open, and their rows
+    /// follow as usual.
+    CursorExecute,
     /// COM_STMT_PREPARE: PREPARE_OK with parameter and column definitions, or ERR.
     Prepare,
     /// COM_FIELD_LIST: column definitions ending in EOF, or ERR.
@@ -39,14 +43,17 @@ pub enum ResponseKind {
 }
 
 impl ResponseKind {
-    pub fn of(command: u8) -> ResponseKind {
+    /// The response a command `payload` (command byte first) gets.
+    pub fn of(payload: &[u8]) -> ResponseKind {
+        let command = payload.first().copied().unwrap_or_default();
         match command {
             Command::QUIT | Command::STMT_CLOSE | Command::STMT_SEND_LONG_DATA => Self::None,
             Command::STMT_PREPARE => Self::Prepare,
             Command::FIELD_LIST => Self::FieldList,
             Command::STATISTICS => Self::Statistics,
             Command::STMT_FETCH => Self::Fetch,
-            Command::STMT_EXECUTE => Self::Execute,
+            // The flags byte after the statement id: a cursor type other than NO_CURSOR.
+            Command::STMT_EXECUTE if payload.get(5).is_some_and(|f| f & CURSOR_TYPES != 0) => Self::CursorExecute,
             Command::CHANGE_USER => Self::Authentication,
             Command::BINLOG_DUMP | Command::BINLOG_DUMP_GTID => Self::Stream,
             _ => Self::Generic,
@@ -122,12 +129,14 @@ enum State {
 pub struct ResponseTracker {
     state: State,
     deprecate_eof: bool,
-    /// The response to an execute, which may open a cursor (see [`ResponseKind::Execute`]).
+    /// The response to an execute that asked for a cursor (see [`ResponseKind::CursorExecute`]).
     execute: bool,
     /// Status flags of the last OK/EOF seen, if any.
     last_status: Option<ServerStatus>,
     last_ok: Option<ok::OkSummary>,
     prepare_ok: Option<PrepareOk>,
+    /// How many OK/EOF packets (status flags) were seen.
+    statuses: u32,
     error_code: Option<u16>,
     last_seq: u8,
 }
@@ -142,15 +151,16 @@ impl ResponseTracker {
             ResponseKind::Statistics => State::Statistics,
             ResponseKind::Fetch => State::Rows,
             ResponseKind::None | ResponseKind::Authentication | ResponseKind::Stream => State::Done,
-            ResponseKind::Generic | ResponseKind::Execute => State::ResultStart,
+            ResponseKind::Generic | ResponseKind::CursorExecute => State::ResultStart,
         };
         ResponseTracker {
             state,
             deprecate_eof: caps.has(Capabilities::DEPRECATE_EOF),
-            execute: kind == ResponseKind::Execute,
+            execute: kind == ResponseKind::CursorExecute,
             last_status: None,
             last_ok: None,
             prepare_ok: None,
+            statuses: 0,
             error_code: None,
             last_seq: command_seq,
         }
@@ -315,6 +325,7 @@ impl ResponseTracker {
 
     fn record_ok(&mut self, len: usize, prefix: &[u8]) -> Option<ok::OkSummary> {
         let summary = ok::parse(len, prefix)?;
+        self.statuses += 1;
         self.last_status = Some(summary.status);
         self.last_ok = Some(summary);
         Some(summary)
@@ -368,6 +379,44 @@ impl ResponseTracker {
     }
 }
 
+/// Rewrites the `mask` bits of the status flags of every OK and EOF of a whole buffered
+/// response (framed packets, on a session with capabilities `caps`) to those of `status`,
+/// leaving the other bits (MORE_RESULTS_EXISTS, ...) as the server sent them. The packets are
+/// followed with a tracker, so a row that looks like an OK or an EOF is left alone, and every
+/// result of a multi-result answer gets it, not only the last.
+pub fn set_response_status(response: &mut [u8], caps: Capabilities, mask: u16, status: ServerStatus) {
+    let packets = ok::packets(response);
+    let Some(&(first, _, _)) = packets.first() else {
+        return;
+    };
+    let mut tracker = ResponseTracker::new(ResponseKind::Generic, caps, response[first + 3].wrapping_sub(1));
+    let mut i = 0;
+    while i < packets.len() {
+        // A logical packet: a physical one and its continuations (payloads of 16 MiB - 1).
+        let (header, payload, _) = packets[i].clone();
+        let mut len = payload.len();
+        let mut j = i + 1;
+        while j < packets.len() && packets[j].2 {
+            len += packets[j].1.len();
+            j += 1;
+        }
+        let seen = tracker.statuses;
+        let prefix = payload.start..payload.start + payload.len().min(PEEK);
+        if tracker.on_packet(len, response[header + 3], &response[prefix]).is_err() {
+            return;
+        }
+        if tracker.statuses != seen
+            && let Some(old) = ok::parse(payload.len(), &response[payload.clone()])
+        {
+            ok::set_status(
+                &mut response[payload],
+                ServerStatus((old.status.0 & !mask) | (status.0 & mask)),
+            );
+        }
+        i = j;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,12 +462,99 @@ mod tests {
 
     #[test]
     fn cursor_execute_ends_after_metadata_and_fetch_reads_rows() {
-        let mut t = ResponseTracker::new(ResponseKind::Execute, NO_DEPRECATE, 0);
+        let mut t = ResponseTracker::new(ResponseKind::CursorExecute, NO_DEPRECATE, 0);
         let steps = run(&mut t, &[b"\x01", COLUMN, b"\xfe\x00\x00\x42\x00"]);
         assert_eq!(steps.last(), Some(&Step::Done));
         let mut f = ResponseTracker::new(ResponseKind::Fetch, NO_DEPRECATE, 0);
         let steps = run(&mut f, &[b"\x00\x00\x01", b"\xfe\x00\x00\xc2\x00"]);
         assert_eq!(steps, vec![Step::More, Step::Done]);
+    }
+
+    #[test]
+    fn response_status_rewritten_in_eofs_and_the_terminator() {
+        let frame = |seq: u8, payload: &[u8]| {
+            let mut p = vec![payload.len() as u8, 0, 0, seq];
+            p.extend_from_slice(payload);
+            p
+        };
+        let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
+        let mask = ServerStatus::AUTOCOMMIT | ServerStatus::IN_TRANS;
+        // A single OK: IN_TRANS off, AUTOCOMMIT on, MORE_RESULTS_EXISTS kept.
+        let mut ok = frame(1, &[0x00, 0x01, 0x00, 0x09, 0x00, 0x00, 0x00]);
+        set_response_status(&mut ok, NO_DEPRECATE, mask, autocommit);
+        assert_eq!(
+            ok::parse(7, &ok[4..]).unwrap().status,
+            ServerStatus(ServerStatus::AUTOCOMMIT | ServerStatus::MORE_RESULTS_EXISTS)
+        );
+        // A result set with old-style EOFs: a row that reads like an OK is left alone.
+        let row = [0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+        let mut rs = [
+            frame(1, &[0x01]),
+            frame(2, &[0x03, b'd', b'e', b'f']),
+            frame(3, &[0xfe, 0, 0, 0x03, 0]),
+            frame(4, &row),
+            frame(5, &[0xfe, 0, 0, 0x03, 0]),
+        ]
+        .concat();
+        set_response_status(&mut rs, NO_DEPRECATE, mask, autocommit);
+        let eofs: Vec<u16> = [13usize, 36]
+            .iter()
+            .map(|&at| u16::from_le_bytes([rs[at + 7], rs[at + 8]]))
+            .collect();
+        assert_eq!(eofs, [ServerStatus::AUTOCOMMIT; 2]);
+        assert_eq!(&rs[26..36], &row);
+    }
+
+    #[test]
+    fn response_status_rewritten_in_every_result_of_a_chain() {
+        let frame = |seq: u8, payload: &[u8]| {
+            let mut p = vec![payload.len() as u8, 0, 0, seq];
+            p.extend_from_slice(payload);
+            p
+        };
+        // OK (more results), a result set whose row is a 0x00 byte string, OK: every OK and
+        // terminator loses IN_TRANS, the row is untouched.
+        let row = [0x00, 0x00, 0x00, 0x0b, 0x00, 0x00, 0x00];
+        let mut chain = [
+            frame(1, &[0x00, 0x01, 0x00, 0x0b, 0x00, 0x00, 0x00]),
+            frame(2, &[0x01]),
+            frame(3, COLUMN),
+            frame(4, &row),
+            frame(5, &[0xfe, 0x00, 0x00, 0x0b, 0x00, 0x00, 0x00]),
+            frame(6, &[0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00]),
+        ]
+        .concat();
+        let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
+        set_response_status(
+            &mut chain,
+            DEPRECATE,
+            ServerStatus::AUTOCOMMIT | ServerStatus::IN_TRANS,
+            autocommit,
+        );
+        let packets = ok::packets(&chain);
+        let status = |i: usize| {
+            ok::parse(packets[i].1.len(), &chain[packets[i].1.clone()])
+                .unwrap()
+                .status
+                .0
+        };
+        assert_eq!(status(0), 0x0a);
+        assert_eq!(&chain[packets[3].1.clone()], &row);
+        assert_eq!(status(4), 0x0a);
+        assert_eq!(status(5), 0x02);
+    }
+
+    #[test]
+    fn only_an_execute_asking_for_a_cursor_may_end_at_the_metadata() {
+        assert_eq!(
+            ResponseKind::of(&[Command::STMT_EXECUTE, 1, 0, 0, 0, 1]),
+            ResponseKind::CursorExecute
+        );
+        assert_eq!(
+            ResponseKind::of(&[Command::STMT_EXECUTE, 1, 0, 0, 0, 0]),
+            ResponseKind::Generic
+        );
+        assert_eq!(ResponseKind::of(&[Command::QUERY, b'1']), ResponseKind::Generic);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::peer::Peer;
 use super::state::SessionState;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::frame;
-use crate::protocol::response::{PEEK, PacketRole, PrepareOk, ResponseKind, ResponseTracker, Step};
+use crate::protocol::response::{self, PEEK, PacketRole, PrepareOk, ResponseKind, ResponseTracker, Step};
 use crate::protocol::{Command, ServerStatus, execute, lenenc, ok};
 
 /// A text-protocol row: one value per column, `None` for NULL.
@@ -209,7 +209,12 @@ pub async fn run_client_statement(
 /// statement's would have: no transaction open, autocommit as it was (`before`).
 pub fn as_autocommit(response: &mut [u8], state: &SessionState, before: ServerStatus) {
     let status = ServerStatus((state.status.0 & !ServerStatus::IN_TRANS) | (before.0 & ServerStatus::AUTOCOMMIT));
-    ok::set_response_status(response, ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT, status);
+    response::set_response_status(
+        response,
+        state.capabilities,
+        ServerStatus::IN_TRANS | ServerStatus::AUTOCOMMIT,
+        status,
+    );
 }
 
 /// Commits the proxy's own local transaction around an autocommit statement and gives the
