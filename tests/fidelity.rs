@@ -15,11 +15,25 @@ use mysql_async::{Conn, Row};
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
 const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
+/// A server with table `d` (three DECIMAL values), a coordinator and a proxy in front.
 async fn setup() -> Result<(MariaDb, Coordinator, ProxyProcess)> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;
     let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 300)?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
     Ok((db, tc, proxy))
+}
+
+/// A raw connection directly and one through the proxy, with client `flags`.
+async fn raw_pair(db: &MariaDb, proxy: &ProxyProcess, flags: u32) -> Result<(RawConn, RawConn)> {
+    Ok((
+        RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?,
+        RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?,
+    ))
 }
 
 /// Every result set of `sql` (a multi-result answer), as text.
@@ -66,14 +80,8 @@ END";
 #[tokio::test]
 async fn a_compound_statement_answers_packet_for_packet_as_directly() -> Result<()> {
     let (db, _tc, proxy) = setup().await?;
-    let mut c = db.conn().await?;
-    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
-        .await?;
-    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
-        .await?;
     for flags in FLAG_SETS {
-        let mut direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
-        let mut proxied = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
         let d = direct.query(CURSOR_LOOP).await?;
         let p = proxied.query(CURSOR_LOOP).await?;
         assert_same_packets(&d, &p, &format!("cursor loop, flags {flags:#x}"));
@@ -87,31 +95,9 @@ async fn a_compound_statement_answers_packet_for_packet_as_directly() -> Result<
 #[tokio::test]
 async fn a_compound_statement_with_a_cursor_loop_answers_as_directly() -> Result<()> {
     let (db, _tc, proxy) = setup().await?;
-    let mut direct = db.conn().await?;
-    direct
-        .query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
-        .await?;
-    direct
-        .query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
-        .await?;
-    let block = "BEGIN NOT ATOMIC
-        DECLARE done INT DEFAULT 0;
-        DECLARE x DECIMAL(10,2);
-        DECLARE c CURSOR FOR SELECT v FROM d ORDER BY id;
-        DECLARE CONTINUE HANDLER FOR NOT FOUND SET done = 1;
-        OPEN c;
-        l: LOOP
-            FETCH c INTO x;
-            IF done THEN LEAVE l; END IF;
-            SELECT x, CAST(x AS SIGNED) AS s;
-            SHOW WARNINGS;
-        END LOOP;
-        CLOSE c;
-    END";
-    let expected = results(&mut direct, block).await?;
+    let expected = results(&mut db.conn().await?, CURSOR_LOOP).await?;
     let mut proxied = proxy.conn().await?;
-    let got = results(&mut proxied, block).await?;
-    assert_eq!(got, expected);
+    assert_eq!(results(&mut proxied, CURSOR_LOOP).await?, expected);
     // The session is still there.
     let one: Option<i64> = proxied.query_first("SELECT 1").await?;
     assert_eq!(one, Some(1));
@@ -123,11 +109,6 @@ async fn a_compound_statement_with_a_cursor_loop_answers_as_directly() -> Result
 #[tokio::test]
 async fn a_command_pipelined_after_a_compound_statement_gets_its_own_answer() -> Result<()> {
     let (db, _tc, proxy) = setup().await?;
-    let mut c = db.conn().await?;
-    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
-        .await?;
-    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
-        .await?;
     for flags in FLAG_SETS {
         let mut replies = Vec::new();
         for addr in [db.addr(), proxy.addr] {
@@ -156,10 +137,6 @@ async fn a_command_pipelined_after_a_compound_statement_gets_its_own_answer() ->
 async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> Result<()> {
     let (db, _tc, proxy) = setup().await?;
     let mut c = db.conn().await?;
-    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
-        .await?;
-    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
-        .await?;
     c.query_drop(
         "CREATE PROCEDURE outs(IN a INT, OUT b INT, INOUT c VARCHAR(10)) \
          BEGIN SELECT a AS a_in; SET b = a * 2; SET c = CONCAT(c, '!'); END",
@@ -171,8 +148,7 @@ async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> R
         ("CALL looped() prepared", "CALL looped()"),
     ];
     for flags in FLAG_SETS {
-        let mut direct = RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?;
-        let mut proxied = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+        let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
         for (what, sql) in statements {
             let d = prepare_and_execute(&mut direct, sql, &[]).await?;
             let p = prepare_and_execute(&mut proxied, sql, &[]).await?;
