@@ -5,7 +5,7 @@
 use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::raw::RawConn;
-use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
+use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, DEFAULT};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{assert_same_packets, prepare_and_execute};
@@ -173,5 +173,32 @@ async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> R
         let p = proxied.query("SELECT 'still here'").await?;
         assert_same_packets(&d, &p, &format!("after them, flags {flags:#x}"));
     }
+    Ok(())
+}
+
+/// A client that did not enable CLIENT_MULTI_STATEMENTS gets the server's own syntax error
+/// for a string of several statements, inside a global transaction too; nothing runs.
+#[tokio::test]
+async fn several_statements_without_multi_statements_get_the_servers_syntax_error() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let flags = DEFAULT & !CLIENT_MULTI_STATEMENTS;
+    let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
+    let started = proxied.query("START GLOBAL TRANSACTION").await?;
+    assert_eq!(
+        started[0].payload,
+        [0x01],
+        "START GLOBAL TRANSACTION answers a result set"
+    );
+    let sql = "UPDATE d SET v = 9 WHERE id = 1; SELECT 1";
+    let d = direct.query(sql).await?;
+    let p = proxied.query(sql).await?;
+    assert_eq!(d[0].payload[..3], [0xff, 0x28, 0x04], "directly: ER_PARSE_ERROR");
+    assert_same_packets(&d, &p, "several statements without CLIENT_MULTI_STATEMENTS");
+    let v: Option<String> = db
+        .conn()
+        .await?
+        .query_first("SELECT CAST(v AS CHAR) FROM d WHERE id = 1")
+        .await?;
+    assert_eq!(v.as_deref(), Some("1.25"), "nothing ran");
     Ok(())
 }

@@ -8,8 +8,9 @@
 //! 1235) if one of them is not a write the proxy protects or a plain SELECT, SHOW or SET.
 //! In autocommit the proxy runs the string in a local transaction of its own and commits
 //! what ran before an error, as the server would have; the client still sees autocommit.
-//! A client without CLIENT_MULTI_STATEMENTS, whose string the server would refuse, gets ERR
-//! 1235 from the proxy instead. Unlike the relay, this buffers each statement's response.
+//! A string from a client without CLIENT_MULTI_STATEMENTS is not taken: the server parses it
+//! as one statement and answers its own syntax error before anything runs. Unlike the relay,
+//! this buffers each statement's response.
 
 use super::{Cx, commit, phase1};
 use crate::classify::{self, Dml, Other, StatementClass};

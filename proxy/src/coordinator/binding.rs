@@ -11,9 +11,9 @@ use super::refusal;
 use super::statement::{self, GlobalStatement};
 use super::{Global, unreachable};
 use crate::classify::{Other, StatementClass};
-use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::resultset;
+use crate::protocol::{Capabilities, Command as Cmd};
 use crate::session::backend::{self, local_rollback};
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
 use crate::session::peer::Peer;
@@ -60,6 +60,10 @@ impl ModeSession for BindingSession {
             (Cmd::QUERY, Some(class)) => {
                 if let StatementClass::GlobalTransaction(_) = class.class {
                     Some(Claimed::Answer)
+                } else if class.multi_statement && !state.capabilities.has(Capabilities::MULTI_STATEMENTS) {
+                    // The server parses the whole string as one statement and refuses it with
+                    // its syntax error before anything runs: that is the client's answer.
+                    None
                 } else {
                     self.ddl = matches!(class.class, StatementClass::Other(Other::Ddl));
                     let sql = &command.payload[1..];
