@@ -14,12 +14,17 @@ use crate::stream::Stream;
 
 /// Read buffers start this big and grow only while a packet the proxy reads whole needs it.
 const INITIAL_BUFFER: usize = 16 * 1024;
+/// A buffer grown beyond this for one packet is given back once that packet has passed, so a
+/// session that sent one large packet does not keep its memory for the rest of its life.
+const SHRINK_ABOVE: usize = 4 * INITIAL_BUFFER;
 /// How long [`Peer::linger_close`] keeps reading what a peer still sends.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Peer {
     pub stream: Stream,
     pub buf: BytesMut,
+    /// The buffer was grown beyond [`SHRINK_ABOVE`] for a large packet.
+    grown: bool,
     bytes_in: Counter,
     bytes_out: Counter,
 }
@@ -43,6 +48,7 @@ impl Peer {
         Peer {
             stream,
             buf: BytesMut::with_capacity(INITIAL_BUFFER),
+            grown: false,
             bytes_in,
             bytes_out,
         }
@@ -72,6 +78,7 @@ impl Peer {
                 let want = (4 + len).min(frame::MAX_CHUNK + 4);
                 if self.buf.capacity() < want {
                     self.buf.reserve(want - self.buf.len());
+                    self.grown |= want > SHRINK_ABOVE;
                 }
             }
             match self.fill().await {
@@ -99,6 +106,15 @@ impl Peer {
     /// Drops `n` bytes from the front of the read buffer.
     pub fn consume(&mut self, n: usize) {
         self.buf.advance(n);
+        self.shrink_when_empty();
+    }
+
+    /// Gives a grown buffer's memory back once everything in it has been used.
+    fn shrink_when_empty(&mut self) {
+        if self.grown && self.buf.is_empty() {
+            self.buf = BytesMut::with_capacity(INITIAL_BUFFER);
+            self.grown = false;
+        }
     }
 
     /// Writes bytes to this side (and flushes them through TLS, if any).
@@ -116,6 +132,7 @@ impl Peer {
         if n > 0 {
             to.write_all(&self.buf[..n]).await?;
             self.buf.advance(n);
+            self.shrink_when_empty();
         }
         Ok(())
     }
@@ -170,5 +187,42 @@ impl Peer {
             {}
         };
         let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A framed packet of `len` payload bytes.
+    fn packet(len: usize) -> Vec<u8> {
+        let mut p = (len as u32).to_le_bytes().to_vec();
+        p[3] = 0;
+        p.resize(4 + len, b'x');
+        p
+    }
+
+    #[tokio::test]
+    async fn the_buffer_shrinks_back_after_a_large_packet() {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut peer = Peer::new(Stream::Unix(ours), Counter::noop(), Counter::noop());
+        let big = 4 << 20;
+        let writer = tokio::spawn(async move {
+            theirs.write_all(&packet(big)).await.unwrap();
+            theirs.write_all(&packet(10)).await.unwrap();
+            theirs
+        });
+        let span = peer.read_packet(16 << 20).await.unwrap();
+        assert_eq!(span.payload_len, big);
+        peer.consume(span.raw_len);
+        let span = peer.read_packet(16 << 20).await.unwrap();
+        assert_eq!(span.payload_len, 10);
+        peer.consume(span.raw_len);
+        assert!(
+            peer.buf.capacity() <= 4 * INITIAL_BUFFER,
+            "the read buffer still holds {} bytes",
+            peer.buf.capacity()
+        );
+        drop(writer.await.unwrap());
     }
 }
