@@ -22,6 +22,19 @@ async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<
     ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)
 }
 
+/// The config of an in-process proxy in front of `db`, attached to `tc`.
+fn in_process_config(db: &MariaDb, tc: &Coordinator) -> ferrata_proxy::Config {
+    let mut config = test_config(db.addr());
+    config.coordinator = Some(TcSettings {
+        endpoints: vec![tc.endpoint()],
+        token: None,
+        tls_ca: None,
+        lock_wait_ms: 2000,
+        rm_id: None,
+    });
+    config
+}
+
 /// Every column of every row, as hex, read directly from the server: what "byte-identical"
 /// is checked against.
 async fn snapshot(conn: &mut mysql_async::Conn, table: &str) -> Result<Vec<String>> {
@@ -556,14 +569,7 @@ async fn a_service_user_without_create_gets_the_dba_instructions() -> Result<()>
     root.query_drop("CREATE TABLE test.t (id INT PRIMARY KEY, v INT)")
         .await?;
     root.query_drop("INSERT INTO test.t VALUES (1, 1)").await?;
-    let mut config = test_config(db.addr());
-    config.coordinator = Some(TcSettings {
-        endpoints: vec![tc.endpoint()],
-        token: None,
-        tls_ca: None,
-        lock_wait_ms: 2000,
-        rm_id: None,
-    });
+    let mut config = in_process_config(&db, &tc);
     config.service.user = "svc".into();
     config.service.password = Some(Secret("svc-pw".into()));
     let proxy = Proxy::start_with(config).await?;
@@ -880,5 +886,37 @@ async fn a_multi_statement_string_is_imaged_statement_by_statement() -> Result<(
     assert_eq!(tc.status(&xid).await?, "RollbackFailed");
     let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
     assert_eq!(rows, [(1, 100), (2, 1)], "nothing was overwritten");
+    Ok(())
+}
+
+#[tokio::test]
+async fn anti_hanging_markers_are_deleted_once_their_retention_has_passed() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let mut direct = db.conn().await?;
+    direct.query_drop(undo_log_ddl()).await?;
+    // A marker past the retention, a fresh one, and an old undo record (never swept).
+    direct
+        .query_drop(
+            "INSERT INTO undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) VALUES \
+             (1, 'old', 'ferrata:1', '', 1, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR), \
+             (2, 'fresh', 'ferrata:1', '', 1, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)), \
+             (3, 'record', 'ferrata:1', '{}', 0, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR)",
+        )
+        .await?;
+    let mut config = in_process_config(&db, &tc);
+    config.service.user = APP_USER.into();
+    config.service.password = Some(Secret(APP_PASSWORD.into()));
+    config.service.marker_retention_ms = 60_000;
+    let proxy = Proxy::start_with(config).await?;
+    let series = format!("ferrata_proxy_antihanging_markers{{resource=\"{}/test\"}}", db.addr());
+    until("the old marker to be swept", || async {
+        let (_, body) = proxy.admin_get("/metrics").await?;
+        Ok(ferrata_tests::metric(&body, &series) == Some(1.0))
+    })
+    .await?;
+    let left: Vec<String> = direct.query("SELECT xid FROM undo_log ORDER BY branch_id").await?;
+    assert_eq!(left, ["fresh", "record"], "only the marker past its retention is gone");
     Ok(())
 }

@@ -137,6 +137,10 @@ pub struct Service {
     pub resource_server: Option<String>,
     /// Create the `undo_log` table in a database when it is missing.
     pub create_undo_log: bool,
+    /// How long an anti-hanging marker (the `undo_log` row a rollback leaves when a branch's
+    /// undo record is not there) is kept: long enough that the late phase-1 commit it blocks
+    /// can no longer arrive (the coordinator's longest global timeout plus a margin).
+    pub marker_retention_ms: u64,
 }
 
 impl Default for Service {
@@ -146,6 +150,7 @@ impl Default for Service {
             password: None,
             resource_server: None,
             create_undo_log: true,
+            marker_retention_ms: 2 * 3_600_000,
         }
     }
 }
@@ -224,6 +229,11 @@ impl Config {
                 "[coordinator] endpoints must not be empty strings"
             );
         }
+        anyhow::ensure!(
+            self.service.marker_retention_ms >= 1000,
+            "[service] marker_retention_ms must be at least 1000: an anti-hanging marker must outlive the late commit it blocks \
+             (keep it above the coordinator's longest global timeout)"
+        );
         for name in self.dirty_writes.tables.keys() {
             anyhow::ensure!(
                 name.split_once('.')

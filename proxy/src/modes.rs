@@ -41,10 +41,11 @@ impl Modes {
     }
 
     /// Attaches to the coordinator until `stop`: phase-2 commands for this proxy's branches
-    /// arrive on that stream.
+    /// arrive on that stream; AT mode's anti-hanging markers are swept meanwhile.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
         if let (Some(global), Some(at)) = (&self.global, &self.at) {
-            global.start(rm_id, at::phase2::handler(Arc::clone(at)), stop);
+            global.start(rm_id, at::phase2::handler(Arc::clone(at)), stop.clone());
+            tokio::spawn(at::undo_log::sweep_markers(Arc::clone(at), stop));
         }
     }
 

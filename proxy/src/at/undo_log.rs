@@ -3,13 +3,20 @@
 //! record, 1 the GlobalFinished marker a rollback leaves when it finds no record (a late
 //! phase-1 commit of that branch then fails on the unique key: anti-hanging), 2 a further
 //! piece of a record split because it is larger than one row may be. [`UndoLogs`] makes sure
-//! the table exists before the first record goes into a database.
+//! the table exists before the first record goes into a database; [`sweep_markers`] deletes
+//! markers once the late commit they block can no longer arrive, so the table does not grow
+//! with every fault.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use mysql_async::prelude::*;
 use parking_lot::Mutex;
 
+use tokio_util::sync::CancellationToken;
+
+use super::At;
 use crate::config::Config;
 use crate::coordinator::{Global, database_of, service_error};
 
@@ -83,7 +90,12 @@ pub struct UndoLogs {
     known: Mutex<HashSet<String>>,
     /// Bytes of an undo record per row, from the server's max_allowed_packet (read once).
     chunk: tokio::sync::OnceCell<usize>,
+    /// How long an anti-hanging marker is kept (`[service] marker_retention_ms`).
+    marker_retention: Duration,
 }
+
+/// Markers deleted per statement, so a sweep never holds many rows' locks at once.
+const SWEEP_BATCH: u64 = 1000;
 
 impl UndoLogs {
     pub fn new(config: &Config) -> UndoLogs {
@@ -92,6 +104,7 @@ impl UndoLogs {
             service_user: config.service.user.clone(),
             known: Mutex::new(HashSet::new()),
             chunk: tokio::sync::OnceCell::new(),
+            marker_retention: Duration::from_millis(config.service.marker_retention_ms),
         }
     }
 
@@ -152,5 +165,70 @@ impl UndoLogs {
                 }
             })
             .await
+    }
+}
+
+impl UndoLogs {
+    /// Deletes the anti-hanging markers older than the retention in one database, in batches
+    /// (the late commit each one blocked can no longer arrive), and counts those left.
+    async fn sweep(&self, global: &Global, resource: &str) -> Result<(u64, u64), mysql_async::Error> {
+        let mut conn = global.service_conn(resource).await?;
+        let micros = self.marker_retention.as_micros() as u64;
+        let mut deleted = 0;
+        loop {
+            conn.exec_drop(
+                "DELETE FROM undo_log WHERE log_status = ? AND log_created < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND LIMIT ?",
+                (STATUS_GLOBAL_FINISHED, micros, SWEEP_BATCH),
+            )
+            .await?;
+            let n = conn.affected_rows();
+            deleted += n;
+            if n < SWEEP_BATCH {
+                break;
+            }
+        }
+        let left: Option<u64> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM undo_log WHERE log_status = ?",
+                (STATUS_GLOBAL_FINISHED,),
+            )
+            .await?;
+        Ok((deleted, left.unwrap_or(0)))
+    }
+}
+
+/// Sweeps the anti-hanging markers of every database this proxy serves, every twelfth of the
+/// retention (at least every 5 minutes), until `stop`. Markers are written on the service
+/// connection at UTC (`phase2.rs`), so their age is measured against UTC too.
+pub async fn sweep_markers(at: Arc<At>, stop: CancellationToken) {
+    let every = (at.undo_logs.marker_retention / 12).clamp(Duration::from_millis(100), Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        for resource in at.global.link.served() {
+            match at.undo_logs.sweep(&at.global, &resource).await {
+                Ok((deleted, left)) => {
+                    metrics::counter!("ferrata_proxy_antihanging_markers_deleted_total", "resource" => resource.clone())
+                        .increment(deleted);
+                    metrics::gauge!("ferrata_proxy_antihanging_markers", "resource" => resource.clone())
+                        .set(left as f64);
+                    if deleted > 0 {
+                        tracing::info!(
+                            resource,
+                            deleted,
+                            left,
+                            "anti-hanging markers past their retention deleted"
+                        );
+                    }
+                }
+                // No undo_log there (yet): nothing to sweep.
+                Err(mysql_async::Error::Server(e)) if e.code == NO_SUCH_TABLE => {}
+                Err(e) => {
+                    tracing::warn!(resource, error = %e, "sweeping anti-hanging markers failed; retried at the next sweep")
+                }
+            }
+        }
     }
 }

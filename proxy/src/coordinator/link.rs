@@ -93,6 +93,11 @@ impl Link {
         }
     }
 
+    /// The resources this proxy serves.
+    pub fn served(&self) -> Vec<String> {
+        self.resources.lock().iter().cloned().collect()
+    }
+
     /// Makes sure the coordinator knows this proxy serves `resource`.
     pub fn serve(&self, resource: &str) {
         if self.resources.lock().insert(resource.to_owned()) {
