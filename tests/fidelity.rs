@@ -202,3 +202,40 @@ async fn several_statements_without_multi_statements_get_the_servers_syntax_erro
     assert_eq!(v.as_deref(), Some("1.25"), "nothing ran");
     Ok(())
 }
+
+/// An execute that asks for a cursor on a CALL gets the procedure's result sets with their
+/// rows (MariaDB opens no cursor for it, though the procedure's own cursor flags them).
+#[tokio::test]
+async fn a_call_executed_with_a_cursor_flag_answers_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    db.conn()
+        .await?
+        .query_drop(format!("CREATE PROCEDURE looped() {CURSOR_LOOP}"))
+        .await?;
+    for flags in FLAG_SETS {
+        let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
+        let mut seen = Vec::new();
+        for conn in [&mut direct, &mut proxied] {
+            let (_, id) = ferrata_tests::raw_prepare(conn, "CALL looped()").await?;
+            conn.send_command(&ferrata_tests::execute_payload(id, 1, &[])).await?;
+            // A query pipelined behind it marks where the execute's answer must have ended.
+            conn.send_command(b"\x03SELECT 'pipelined'").await?;
+            let mut packets = Vec::new();
+            loop {
+                let p = conn.read_packet().await?;
+                let last = p.payload.starts_with(&[0xff]) || p.payload.ends_with(b"pipelined");
+                packets.push(p);
+                if last {
+                    break;
+                }
+            }
+            seen.push(packets);
+        }
+        assert_same_packets(
+            &seen[0],
+            &seen[1],
+            &format!("CALL executed with a cursor flag, flags {flags:#x}"),
+        );
+    }
+    Ok(())
+}

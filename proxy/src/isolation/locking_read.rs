@@ -23,7 +23,7 @@
 use crate::coordinator::{CheckFailure, Global, TableRows, no_database, unreachable};
 use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
-use crate::protocol::response::{ResponseKind, ResponseTracker};
+use crate::protocol::response::ResponseTracker;
 use crate::session::backend::{self, local_rollback, reply};
 use crate::session::peer::Peer;
 use crate::session::relay;
@@ -237,7 +237,7 @@ pub async fn run(
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
     if !autocommit {
-        let mut tracker = ResponseTracker::new(ResponseKind::of(&raw[4..]), state.capabilities, 0);
+        let mut tracker = ResponseTracker::new(state.response_kind(&raw[4..]), state.capabilities, 0);
         relay::response(client, backend, &mut tracker).await?;
         if let Some(status) = tracker.last_status() {
             state.status = status;
@@ -263,7 +263,7 @@ async fn forward(
         .write_all(raw)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let mut tracker = ResponseTracker::new(ResponseKind::of(&raw[4..]), state.capabilities, 0);
+    let mut tracker = ResponseTracker::new(state.response_kind(&raw[4..]), state.capabilities, 0);
     relay::response(client, backend, &mut tracker).await?;
     if let Some(status) = tracker.last_status() {
         state.status = status;

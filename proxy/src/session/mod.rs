@@ -192,7 +192,7 @@ async fn serve(
             }
             Ok(None) => {}
         }
-        let kind = ResponseKind::of(&payload);
+        let kind = state.response_kind(&payload);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
         let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
         drop(payload);

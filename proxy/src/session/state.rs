@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-use crate::classify::Classification;
+use crate::classify::{Classification, Other, StatementClass};
+use crate::protocol::response::ResponseKind;
 use crate::protocol::{Capabilities, Command, ServerStatus};
 
 /// A statement prepared through COM_STMT_PREPARE on this session.
@@ -93,6 +94,23 @@ impl SessionState {
         }
     }
 
+    /// The response a command `payload` of this session gets. An execute asking for a cursor
+    /// opens none for a CALL: the procedure's result sets come with their rows, even when its
+    /// own cursor has them flagged CURSOR_EXISTS.
+    pub fn response_kind(&self, payload: &[u8]) -> ResponseKind {
+        match ResponseKind::of(payload) {
+            ResponseKind::CursorExecute
+                if payload
+                    .get(1..5)
+                    .and_then(|id| self.statements.get(&u32::from_le_bytes([id[0], id[1], id[2], id[3]])))
+                    .is_some_and(|s| s.class.class == StatementClass::Other(Other::Procedural)) =>
+            {
+                ResponseKind::Generic
+            }
+            kind => kind,
+        }
+    }
+
     pub fn in_transaction(&self) -> bool {
         self.status.has(ServerStatus::IN_TRANS)
     }
@@ -108,5 +126,35 @@ impl SessionState {
     /// COM_RESET_CONNECTION and COM_CHANGE_USER drop every prepared statement server-side.
     pub fn forget_statements(&mut self) {
         self.statements.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::classify;
+
+    fn prepared(sql: &str) -> PreparedStatement {
+        PreparedStatement {
+            sql: sql.into(),
+            class: classify(sql.as_bytes(), false),
+            params: 0,
+            columns: 0,
+            param_types: None,
+            long_data: Default::default(),
+            long_data_dropped: false,
+        }
+    }
+
+    #[test]
+    fn only_a_statement_of_its_own_gets_a_cursor() {
+        let mut state = SessionState::default();
+        state.statements.insert(1, prepared("SELECT v FROM d"));
+        state.statements.insert(2, prepared("CALL looped()"));
+        let execute = |id: u8, flags: u8| [Command::STMT_EXECUTE, id, 0, 0, 0, flags, 1, 0, 0, 0];
+        assert_eq!(state.response_kind(&execute(1, 1)), ResponseKind::CursorExecute);
+        assert_eq!(state.response_kind(&execute(2, 1)), ResponseKind::Generic);
+        assert_eq!(state.response_kind(&execute(1, 0)), ResponseKind::Generic);
+        assert_eq!(state.response_kind(&[Command::QUERY, b'1']), ResponseKind::Generic);
     }
 }
