@@ -200,6 +200,17 @@ async fn several_statements_without_multi_statements_get_the_servers_syntax_erro
         .query_first("SELECT CAST(v AS CHAR) FROM d WHERE id = 1")
         .await?;
     assert_eq!(v.as_deref(), Some("1.25"), "nothing ran");
+    // A compound statement is one statement to the server whatever the flag: still refused.
+    let p = proxied
+        .query("BEGIN NOT ATOMIC UPDATE d SET v = 9 WHERE id = 1; END")
+        .await?;
+    assert_eq!(p[0].payload[..3], [0xff, 0xd3, 0x04], "ER_NOT_SUPPORTED_YET (1235)");
+    let v: Option<String> = db
+        .conn()
+        .await?
+        .query_first("SELECT CAST(v AS CHAR) FROM d WHERE id = 1")
+        .await?;
+    assert_eq!(v.as_deref(), Some("1.25"), "the block did not run");
     Ok(())
 }
 

@@ -56,14 +56,11 @@ struct BindingSession {
 impl ModeSession for BindingSession {
     fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
         self.ddl = false;
+        let multi_statements = state.capabilities.has(Capabilities::MULTI_STATEMENTS);
         self.claimed = match (command.code, command.class) {
             (Cmd::QUERY, Some(class)) => {
                 if let StatementClass::GlobalTransaction(_) = class.class {
                     Some(Claimed::Answer)
-                } else if class.multi_statement && !state.capabilities.has(Capabilities::MULTI_STATEMENTS) {
-                    // The server parses the whole string as one statement and refuses it with
-                    // its syntax error before anything runs: that is the client's answer.
-                    None
                 } else {
                     self.ddl = matches!(class.class, StatementClass::Other(Other::Ddl));
                     let sql = &command.payload[1..];
@@ -71,7 +68,7 @@ impl ModeSession for BindingSession {
                         .xid
                         .clone()
                         .or_else(|| refusal::hinted_xid(sql, class))
-                        .and_then(|xid| refusal::refusal(class, &xid))
+                        .and_then(|xid| refusal::refusal(class, multi_statements, &xid))
                         .map(Claimed::Refuse)
                 }
             }
@@ -85,7 +82,7 @@ impl ModeSession for BindingSession {
                             .xid
                             .clone()
                             .or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
-                        refusal::refusal(&s.class, &xid)
+                        refusal::refusal(&s.class, multi_statements, &xid)
                     })
                     .map(Claimed::Refuse)
             }

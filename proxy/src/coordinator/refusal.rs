@@ -18,9 +18,13 @@ pub fn not_protected(what: &str, xid: &str) -> ErrPacket {
 }
 
 /// The refusal for a statement of `class` in a session bound to `xid`, if it cannot run.
-pub fn refusal(class: &Classification, xid: &str) -> Option<ErrPacket> {
+/// `multi_statements`: the client enabled CLIENT_MULTI_STATEMENTS. Without it the server takes
+/// the whole string as one statement: a `;` either belongs to it (a compound statement, a
+/// procedure body) or makes the server refuse it with a syntax error before anything runs,
+/// so the statement's own class decides.
+pub fn refusal(class: &Classification, multi_statements: bool, xid: &str) -> Option<ErrPacket> {
     let what = match class.class {
-        _ if class.multi_statement => "a multi-statement string",
+        _ if class.multi_statement && multi_statements => "a multi-statement string",
         StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
         StatementClass::Other(Other::Ddl) => "DDL",
         StatementClass::Other(Other::Procedural) => {

@@ -304,7 +304,7 @@ pub async fn before_commit(cx: &mut Cx<'_>) -> Result<Option<ErrPacket>, Session
             "40001",
             format!(
                 "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy rolled the transaction back: \
-                 {tables} gained cx.global locks while it wrote to them, so its writes could not be checked)"
+                 {tables} gained global locks while it wrote to them, so its writes could not be checked)"
             ),
         )));
     }
@@ -339,7 +339,7 @@ pub async fn run(
             break ErrPacket::new(
                 1213,
                 "40001",
-                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding cx.global locks changed every time this write ran; it was not run)",
+                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding global locks changed every time this write ran; it was not run)",
             )
             .to_packet(1);
         }
@@ -611,7 +611,7 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
             let e = ErrPacket::new(
                 code,
                 "HY000",
-                format!("reading the cx.written rows' keys failed: {message}"),
+                format!("reading the written rows' keys failed: {message}"),
             );
             return abort(cx.backend, cx.state, e).await;
         }
