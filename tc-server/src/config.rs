@@ -64,8 +64,11 @@ pub struct Transactions {
     pub max_application_data: usize,
     /// Largest gRPC message accepted, in bytes (bounds the lock keys of one request).
     pub max_message_bytes: usize,
-    /// How many finished transactions stay queryable (in memory) after they end.
+    /// How many finished transactions stay queryable after they end (their outcome, kept in
+    /// memory and in the store, so that it survives a restart).
     pub finished_history: usize,
+    /// How long a finished transaction stays queryable after it ended.
+    pub finished_retention_ms: u64,
     /// How often Begin transactions are checked against their timeout.
     pub timeout_check_interval_ms: u64,
     /// How long a guarded table stays guarded after its last transaction ended, before
@@ -119,6 +122,7 @@ impl Default for Transactions {
             max_application_data: 64 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
             finished_history: 10_000,
+            finished_retention_ms: 86_400_000,
             timeout_check_interval_ms: 100,
             guard_linger_ms: 10_000,
         }

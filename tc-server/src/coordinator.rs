@@ -15,7 +15,7 @@
 //! What is AT mode's (row locks, table guards) is in `at/`; this file calls it at the points
 //! of a transaction's life where AT mode has something to do.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,9 +31,12 @@ use crate::at::locks::LockError;
 use crate::at::{self, At};
 use crate::config::Config;
 use crate::error::TcError;
+use crate::history::History;
 use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
-use crate::model::{BranchError, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::model::{
+    BranchError, BranchRecord, BranchStatus, Failure, FinishedRecord, GlobalRecord, GlobalStatus, now_ms,
+};
 use crate::rm::RmRegistry;
 use crate::store::journal::Journal;
 use crate::store::{Mutation, Snapshot, StoreError};
@@ -68,23 +71,13 @@ pub(crate) struct SessionState {
     pub stored: bool,
 }
 
-/// A branch that failed phase 2, as reported to the caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    pub branch_id: u64,
-    pub resource_id: String,
-    pub status: BranchStatus,
-    pub error: BranchError,
-}
-
-impl Failure {
-    pub fn to_pb(&self) -> pb::BranchFailure {
-        pb::BranchFailure {
-            branch_id: self.branch_id,
-            resource_id: self.resource_id.clone(),
-            status: self.status.to_pb() as i32,
-            reason: self.error.reason.clone(),
-            detail_json: self.error.detail_json.clone(),
+impl SessionState {
+    /// What the history and the store keep of this transaction once it ends.
+    pub fn finished_record(&self) -> FinishedRecord {
+        FinishedRecord {
+            record: self.record.clone(),
+            branch_count: self.registered,
+            failure: self.failure.clone(),
         }
     }
 }
@@ -94,14 +87,6 @@ impl Failure {
 pub struct Outcome {
     pub xid: String,
     pub status: GlobalStatus,
-    pub failure: Option<Failure>,
-}
-
-/// What is remembered of a transaction after it ended.
-#[derive(Clone, Debug)]
-pub struct FinishedTxn {
-    pub record: GlobalRecord,
-    pub branch_count: usize,
     pub failure: Option<Failure>,
 }
 
@@ -142,7 +127,7 @@ pub struct Coordinator {
     /// AT mode: row locks and table guards.
     pub at: At,
     pub(crate) sessions: RwLock<HashMap<u64, Arc<Session>>>,
-    finished: Mutex<(VecDeque<u64>, HashMap<u64, FinishedTxn>)>,
+    pub(crate) finished: Mutex<History>,
     pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
     pub rms: Arc<RmRegistry>,
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
@@ -169,7 +154,7 @@ impl Coordinator {
             journal,
             at,
             sessions: RwLock::new(HashMap::new()),
-            finished: Mutex::new((VecDeque::new(), HashMap::new())),
+            finished: Mutex::new(History::default()),
             timeouts: Mutex::new(BTreeSet::new()),
             rms,
             commit_queue: Mutex::new(Vec::new()),
@@ -183,6 +168,7 @@ impl Coordinator {
     }
 
     fn restore(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), StoreError> {
+        *self.finished.lock() = History::restore(snapshot.finished);
         let mut branches: HashMap<u64, Vec<BranchRecord>> = HashMap::new();
         for b in snapshot.branches {
             branches.entry(b.txn_id).or_default().push(b);
@@ -303,7 +289,7 @@ impl Coordinator {
         if let Some(s) = self.live(txn_id) {
             return Ok(s);
         }
-        match self.finished.lock().1.get(&txn_id) {
+        match self.finished.lock().get(txn_id) {
             Some(f) => Err(TcError::status_invalid(xid, f.record.status, what)),
             None => Err(TcError::not_found(xid)),
         }
@@ -326,29 +312,12 @@ impl Coordinator {
         }
     }
 
-    /// Forgets a finished session (its store record is deleted by the caller), keeping a
-    /// summary queryable for a while. The summary is in place before the session leaves the
-    /// live map, so a status query in between never finds neither.
+    /// Forgets a finished session (the caller stores `Mutation::Finish` with
+    /// `state.finished_record()`), keeping what is remembered of it in the history. That is in
+    /// place before the session leaves the live map, so a status query in between never finds
+    /// neither. The history is trimmed in the background (`phase2.rs`, `history_loop`).
     pub(crate) fn finish(&self, session: &Session, state: &SessionState) {
-        let limit = self.config.transactions.finished_history;
-        if limit > 0 {
-            let mut finished = self.finished.lock();
-            let (order, map) = &mut *finished;
-            order.push_back(session.txn_id);
-            map.insert(
-                session.txn_id,
-                FinishedTxn {
-                    record: state.record.clone(),
-                    branch_count: state.registered,
-                    failure: state.failure.clone(),
-                },
-            );
-            while order.len() > limit {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
-        }
+        self.finished.lock().insert(state.finished_record());
         self.sessions.write().remove(&session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
         self.at.forget(session.txn_id, &state.guarded);
@@ -555,7 +524,7 @@ impl Coordinator {
     fn finished_outcome(&self, xid: &str) -> Option<Outcome> {
         let txn_id = parse_xid(xid)?;
         let finished = self.finished.lock();
-        let f = finished.1.get(&txn_id)?;
+        let f = finished.get(txn_id)?;
         Some(Outcome {
             xid: xid.to_owned(),
             status: f.record.status,
@@ -596,7 +565,9 @@ impl Coordinator {
                 record.status = GlobalStatus::AsyncCommitting;
                 (GlobalStatus::AsyncCommitting, Mutation::PutGlobal(record))
             } else {
-                (GlobalStatus::Committed, Mutation::DeleteGlobal { txn_id })
+                let mut finished = state.finished_record();
+                finished.record.status = GlobalStatus::Committed;
+                (GlobalStatus::Committed, Mutation::Finish(finished))
             };
             (state.stored.then(|| self.journal.submit(vec![write])), keys, next)
         };
@@ -748,9 +719,7 @@ impl Coordinator {
                 .iter()
                 .flat_map(|b| b.lock_keys.iter().cloned())
                 .collect();
-            let durable = self
-                .journal
-                .submit(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+            let durable = self.journal.submit(vec![Mutation::Finish(state.finished_record())]);
             self.finish(&session, &state);
             (durable, keys, Self::outcome(&session, &state))
         };
@@ -830,8 +799,7 @@ impl Coordinator {
             // One finishing meanwhile is in both (`finish` records it before it leaves).
             let listed: std::collections::HashSet<u64> = live.iter().map(|s| s.txn_id).collect();
             let finished = self.finished.lock();
-            for id in finished.0.iter().filter(|id| !listed.contains(id)) {
-                let f = &finished.1[id];
+            for f in finished.iter().filter(|f| !listed.contains(&f.record.txn_id)) {
                 if status.is_none() || status == Some(f.record.status) {
                     out.push(Self::finished_view(f));
                     if out.len() == limit {
@@ -851,8 +819,7 @@ impl Coordinator {
         }
         let finished = self.finished.lock();
         finished
-            .1
-            .get(&txn_id)
+            .get(txn_id)
             .map(Self::finished_view)
             .ok_or_else(|| TcError::not_found(xid))
     }
@@ -868,7 +835,7 @@ impl Coordinator {
         }
     }
 
-    fn finished_view(f: &FinishedTxn) -> TxnView {
+    fn finished_view(f: &FinishedRecord) -> TxnView {
         TxnView {
             xid: format_xid(f.record.txn_id),
             record: f.record.clone(),

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Token;
-use crate::coordinator::{Coordinator, Failure, Outcome, TxnView};
+use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
-use crate::model::GlobalStatus;
+use crate::model::{Failure, GlobalStatus};
 use crate::xid::format_xid;
 
 #[derive(Clone)]

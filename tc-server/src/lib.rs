@@ -4,7 +4,7 @@
 //!
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
-//!   `xid` ids, `rm` attached resource managers and phase-2 routing, `config`, `error`,
+//!   `xid` ids, `history` finished transactions, `rm` attached resource managers and phase-2 routing, `config`, `error`,
 //!   `auth`, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod lock_key;
 pub mod metrics;
 pub mod model;

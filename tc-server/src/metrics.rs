@@ -41,6 +41,8 @@ pub struct Metrics {
     pub locks_held: Gauge,
     pub resource_managers: Gauge,
     pub guarded_tables: Gauge,
+    /// Finished transactions whose outcome is kept (the history, see `history.rs`).
+    pub finished_kept: Gauge,
     pub guard_confirm_seconds: Histogram,
     pub guard_timeouts: Counter,
     phase2_seconds: [Histogram; 2],
@@ -78,6 +80,7 @@ impl Metrics {
             locks_held: gauge!("ferrata_tc_locks_held"),
             resource_managers: gauge!("ferrata_tc_resource_managers"),
             guarded_tables: gauge!("ferrata_tc_guarded_tables"),
+            finished_kept: gauge!("ferrata_tc_finished_kept"),
             guard_confirm_seconds: histogram!("ferrata_tc_guard_confirm_seconds"),
             guard_timeouts: counter!("ferrata_tc_guard_timeouts_total"),
             phase2_seconds: [Action::Commit, Action::Rollback]

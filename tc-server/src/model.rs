@@ -290,6 +290,37 @@ pub struct BranchRecord {
     pub error: Option<BranchError>,
 }
 
+/// A branch that failed phase 2, as reported to the caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub branch_id: u64,
+    pub resource_id: String,
+    pub status: BranchStatus,
+    pub error: BranchError,
+}
+
+impl Failure {
+    pub fn to_pb(&self) -> pb::BranchFailure {
+        pb::BranchFailure {
+            branch_id: self.branch_id,
+            resource_id: self.resource_id.clone(),
+            status: self.status.to_pb() as i32,
+            reason: self.error.reason.clone(),
+            detail_json: self.error.detail_json.clone(),
+        }
+    }
+}
+
+/// What is kept of a transaction after it ended, stored so that its outcome can still be
+/// asked for after a restart (a client whose `COMMIT GLOBAL` lost its answer asks again).
+/// `record.updated_ms` is when it ended; retention counts from there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedRecord {
+    pub record: GlobalRecord,
+    pub branch_count: usize,
+    pub failure: Option<Failure>,
+}
+
 /// Milliseconds since the Unix epoch, for stored timestamps.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

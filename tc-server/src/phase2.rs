@@ -5,14 +5,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrata_rpc::pb;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::coordinator::{Coordinator, Failure, PendingCommit, Session};
+use crate::coordinator::{Coordinator, PendingCommit, Session};
+
+/// How often the finished transactions' history is trimmed (a no-op when nothing is due).
+const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 use crate::metrics::Action;
-use crate::model::{BranchError, BranchRecord, BranchStatus, GlobalStatus};
+use crate::model::{BranchError, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
 use crate::rm::CallError;
 use crate::store::Mutation;
 
@@ -84,6 +88,33 @@ impl Coordinator {
         self.tasks.spawn(Arc::clone(self).commit_loop());
         self.tasks
             .spawn(Arc::clone(&self.at.guards).release_loop(self.shutdown.clone()));
+        self.tasks.spawn(Arc::clone(self).history_loop());
+    }
+
+    /// Trims the finished transactions' history to its retention, in memory and in the store.
+    async fn history_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HISTORY_TRIM_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let t = &self.config.transactions;
+            let (forgotten, kept) = {
+                let mut history = self.finished.lock();
+                let forgotten = history.trim(t.finished_history, t.finished_retention_ms, now_ms());
+                (forgotten, history.len())
+            };
+            self.metrics.finished_kept.set(kept as f64);
+            if !forgotten.is_empty() {
+                let forget = forgotten
+                    .into_iter()
+                    .map(|txn_id| Mutation::Forget { txn_id })
+                    .collect();
+                self.journal.submit_detached(forget);
+            }
+        }
     }
 
     /// Moves transactions still in Begin past their timeout to TimeoutRollbacking.
@@ -252,7 +283,7 @@ impl Coordinator {
             self.set_status(&mut state, done);
             state.failure = None;
             self.journal
-                .submit_detached(vec![Mutation::DeleteGlobal { txn_id: session.txn_id }]);
+                .submit_detached(vec![Mutation::Finish(state.finished_record())]);
             self.finish(session, &state);
             done
         };
@@ -412,7 +443,7 @@ impl Coordinator {
         }
         self.set_status(&mut state, GlobalStatus::Committed);
         self.journal
-            .submit_detached(vec![Mutation::DeleteGlobal { txn_id: p.txn_id }]);
+            .submit_detached(vec![Mutation::Finish(state.finished_record())]);
         self.finish(&session, &state);
         tracing::debug!(xid = session.xid, "committed");
     }

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use ferrata_rpc::client::{CommandHandler, IgnoreGuards, attach};
+use ferrata_rpc::client::{CommandHandler, IgnoreGuards, TcClient, attach};
 use ferrata_rpc::{ErrorCode, holder_of, pb};
 use serde_json::json;
 use support::*;
@@ -508,5 +508,112 @@ async fn a_missing_answer_is_retried() -> Result {
     let first = tokio::time::timeout(EVENT, seen.recv()).await?.expect("command");
     let second = tokio::time::timeout(EVENT, seen.recv()).await?.expect("retried");
     assert_eq!(first.branches[0].branch_id, second.branches[0].branch_id);
+    Ok(())
+}
+
+/// Commits `n` one-branch transactions on db1 (served by the recorder's resource manager) to
+/// the end, then makes one durable write: the journal commits in order, so every finish
+/// submitted before it is durable too.
+async fn finish_committed(c: &TcClient, n: usize) -> Result<Vec<String>> {
+    let mut xids = Vec::new();
+    for _ in 0..n {
+        let xid = begin(c, 0).await?;
+        register(c, &xid, "db1", t_rows(&[&xid]), 0).await?;
+        commit(c, &xid).await?;
+        wait_status(c, &xid, G::Committed).await?;
+        xids.push(xid);
+    }
+    let barrier = begin(c, 0).await?;
+    register(c, &barrier, "db1", t_rows(&[&barrier]), 0).await?;
+    Ok(xids)
+}
+
+/// `Some` once the coordinator no longer knows `xid`.
+async fn forgotten(c: &TcClient, xid: &str) -> Option<()> {
+    let e = status(c, xid).await.err()?;
+    (code(&e) == ErrorCode::GlobalNotFound.as_str()).then_some(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_outcomes_survive_kill9_so_a_lost_commit_answer_can_be_learned() -> Result {
+    let mut tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let committed = finish_committed(&c, 1).await?.remove(0);
+    let rolled = begin(&c, 0).await?;
+    register(&c, &rolled, "db1", t_rows(&["r"]), 0).await?;
+    assert_eq!(status_of(&rollback(&c, &rolled).await?), G::Rollbacked);
+    finish_committed(&c, 0).await?;
+    rm.crash();
+
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    // No resource manager attached: an outcome restored as unfinished would stay unfinished.
+    assert_eq!(status_of(&status(&c, &committed).await?), G::Committed);
+    assert_eq!(status_of(&status(&c, &rolled).await?), G::Rollbacked);
+    // A COMMIT GLOBAL repeated after the restart learns that it committed, and a repeated
+    // ROLLBACK GLOBAL that it rolled back; the opposite decision is refused.
+    assert_eq!(status_of(&commit(&c, &committed).await?), G::Committed);
+    assert_eq!(status_of(&rollback(&c, &rolled).await?), G::Rollbacked);
+    assert_code(
+        &rollback(&c, &committed).await.unwrap_err(),
+        ErrorCode::GlobalStatusInvalid,
+    );
+    assert_code(&commit(&c, &rolled).await.unwrap_err(), ErrorCode::GlobalStatusInvalid);
+    let v = tc.http().get_json(&format!("/v1/transactions/{committed}")).await?;
+    assert_eq!(
+        (v["status"].as_str(), v["finished"].as_bool()),
+        (Some("Committed"), Some(true)),
+        "{v}"
+    );
+    assert_eq!(v["branch_count"], 1, "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_outcomes_are_forgotten_by_count_in_memory_and_in_the_store() -> Result {
+    let config = FAST_CONFIG.replacen("[transactions]\n", "[transactions]\nfinished_history = 2\n", 1);
+    let mut tc = Tc::with_config(&config).await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let xids = finish_committed(&c, 3).await?;
+    eventually("the oldest outcome forgotten", || {
+        let c = c.clone();
+        let oldest = xids[0].clone();
+        async move { Ok(forgotten(&c, &oldest).await) }
+    })
+    .await?;
+    let m = tc.http().get("/metrics").await?.body;
+    assert_eq!(metric(&m, "ferrata_tc_finished_kept"), Some(2.0), "{m}");
+    // The Forget is detached; one more durable write puts it on disk before the kill.
+    finish_committed(&c, 0).await?;
+    rm.crash();
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    assert_code(&status(&c, &xids[0]).await.unwrap_err(), ErrorCode::GlobalNotFound);
+    for xid in &xids[1..] {
+        assert_eq!(status_of(&status(&c, xid).await?), G::Committed);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_outcomes_are_forgotten_after_their_retention() -> Result {
+    let config = FAST_CONFIG.replacen("[transactions]\n", "[transactions]\nfinished_retention_ms = 300\n", 1);
+    let tc = Tc::with_config(&config).await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let xid = finish_committed(&c, 1).await?.remove(0);
+    eventually("the outcome forgotten after 300 ms", || {
+        let c = c.clone();
+        let xid = xid.clone();
+        async move { Ok(forgotten(&c, &xid).await) }
+    })
+    .await?;
     Ok(())
 }

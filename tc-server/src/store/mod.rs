@@ -8,14 +8,16 @@
 pub mod journal;
 pub mod redb;
 
-use crate::model::{BranchRecord, GlobalRecord};
+use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
 
 /// One change to the stored state. A batch of them is applied atomically.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mutation {
     PutGlobal(GlobalRecord),
-    /// Deletes the global transaction and all its branches.
-    DeleteGlobal {
+    /// Deletes the global transaction and all its branches, keeping what is remembered of it.
+    Finish(FinishedRecord),
+    /// Deletes a finished transaction's record (its retention has passed).
+    Forget {
         txn_id: u64,
     },
     PutBranch(BranchRecord),
@@ -34,6 +36,8 @@ pub struct Snapshot {
     pub globals: Vec<GlobalRecord>,
     /// Ordered by (txn_id, branch_id).
     pub branches: Vec<BranchRecord>,
+    /// Ordered by txn_id.
+    pub finished: Vec<FinishedRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +53,7 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use crate::lock_key::LockKey;
-    use crate::model::{BranchRecord, BranchStatus, GlobalRecord, GlobalStatus};
+    use crate::model::{BranchRecord, BranchStatus, FinishedRecord, GlobalRecord, GlobalStatus};
 
     pub(crate) fn global(txn_id: u64, status: GlobalStatus) -> GlobalRecord {
         GlobalRecord {
@@ -59,6 +63,14 @@ pub(crate) mod fixtures {
             timeout_ms: 60_000,
             begin_ms: 1_700_000_000_000 + txn_id,
             updated_ms: 1_700_000_000_500 + txn_id,
+        }
+    }
+
+    pub(crate) fn finished(txn_id: u64, status: GlobalStatus) -> FinishedRecord {
+        FinishedRecord {
+            record: global(txn_id, status),
+            branch_count: 2,
+            failure: None,
         }
     }
 

@@ -3,14 +3,16 @@
 //!
 //! ## Format
 //!
-//! Three tables:
-//! * `globals`: `u64` txn id → record,
+//! Four tables:
+//! * `globals`: `u64` txn id → record of a live transaction,
 //! * `branches`: `(u64 txn id, u64 branch id)` → record, so a transaction's branches are one
 //!   contiguous key range,
+//! * `finished`: `u64` txn id → what is kept of a finished transaction (bounded by the
+//!   coordinator's retention, `[transactions] finished_history` and `finished_retention_ms`),
 //! * `meta`: `&str` → `u64`, holding `"id_ceiling"`.
 //!
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
-//! the `GlobalRecord` / `BranchRecord`. A later ferrata-tc that changes a record bumps the byte;
+//! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a record bumps the byte;
 //! this one refuses a record with a byte it does not know instead of misreading it.
 //!
 //! ## Settings
@@ -21,8 +23,8 @@
 //!   commit; the journal groups many coordinator requests into each commit.
 //! * No quick-repair: it would store the allocator state in every commit and force 2-phase commit,
 //!   two fsyncs per commit. Its benefit is a fast open after a crash, which matters for large
-//!   files; this file only holds live transactions (finished ones are deleted), so the full repair
-//!   after a crash walks a small tree.
+//!   files; this file only holds live transactions and a bounded history of finished ones, so the
+//!   full repair after a crash walks a small tree.
 //! * No explicit 2-phase commit, for the same reason (it only hardens against a deliberately
 //!   crafted workload colliding an xxhash checksum, see redb's design notes).
 //! * Cache 64 MiB instead of redb's 1 GiB default: the coordinator keeps the whole state in its own
@@ -38,7 +40,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Mutation, Snapshot, Store, StoreError};
-use crate::model::{BranchRecord, GlobalRecord};
+use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
 
 /// Name of the database file inside the data directory.
 pub const FILE_NAME: &str = "ferrata-tc.redb";
@@ -51,6 +53,7 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 pub(crate) const GLOBALS: TableDefinition<u64, &[u8]> = TableDefinition::new("globals");
 pub(crate) const BRANCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("branches");
+pub(crate) const FINISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("finished");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const ID_CEILING: &str = "id_ceiling";
 
@@ -87,6 +90,8 @@ impl RedbStore {
                 .map_err(|e| store.error("open the globals table", e))?;
             txn.open_table(BRANCHES)
                 .map_err(|e| store.error("open the branches table", e))?;
+            txn.open_table(FINISHED)
+                .map_err(|e| store.error("open the finished table", e))?;
             txn.open_table(META)
                 .map_err(|e| store.error("open the meta table", e))?;
             Ok(())
@@ -215,6 +220,30 @@ impl Store for RedbStore {
             branches.push(record);
         }
 
+        let table = txn
+            .open_table(FINISHED)
+            .map_err(|e| self.error("open the finished table", e))?;
+        let mut finished = Vec::new();
+        for entry in table.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            let txn_id = key.value();
+            let record: FinishedRecord = decode(
+                &self.path,
+                || format!("the finished transaction {txn_id}"),
+                value.value(),
+            )?;
+            if record.record.txn_id != txn_id {
+                return Err(self.error(
+                    "load",
+                    format!(
+                        "the finished transaction stored under {txn_id} names txn_id {}",
+                        record.record.txn_id
+                    ),
+                ));
+            }
+            finished.push(record);
+        }
+
         let table = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
         let id_ceiling = table.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0);
 
@@ -222,6 +251,7 @@ impl Store for RedbStore {
             id_ceiling,
             globals,
             branches,
+            finished,
         })
     }
 
@@ -237,17 +267,25 @@ impl Store for RedbStore {
             let mut branches = txn
                 .open_table(BRANCHES)
                 .map_err(|e| self.error("open the branches table", e))?;
+            let mut finished = txn
+                .open_table(FINISHED)
+                .map_err(|e| self.error("open the finished table", e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
             for m in batch {
                 match m {
                     Mutation::PutGlobal(g) => {
                         globals.insert(g.txn_id, encode(g)?.as_slice()).map_err(write)?;
                     }
-                    Mutation::DeleteGlobal { txn_id } => {
-                        globals.remove(*txn_id).map_err(write)?;
+                    Mutation::Finish(f) => {
+                        let txn_id = f.record.txn_id;
+                        globals.remove(txn_id).map_err(write)?;
                         branches
-                            .retain_in((*txn_id, 0)..=(*txn_id, u64::MAX), |_, _| false)
+                            .retain_in((txn_id, 0)..=(txn_id, u64::MAX), |_, _| false)
                             .map_err(write)?;
+                        finished.insert(txn_id, encode(f)?.as_slice()).map_err(write)?;
+                    }
+                    Mutation::Forget { txn_id } => {
+                        finished.remove(*txn_id).map_err(write)?;
                     }
                     Mutation::PutBranch(b) => {
                         branches
@@ -274,7 +312,7 @@ impl Store for RedbStore {
 mod tests {
     use super::*;
     use crate::model::{BranchError, BranchStatus, GlobalStatus};
-    use crate::store::fixtures::{branch, global};
+    use crate::store::fixtures::{branch, finished, global};
 
     fn commit(store: &RedbStore, batch: Vec<Mutation>) {
         store.commit(&batch).unwrap();
@@ -321,7 +359,11 @@ mod tests {
                         txn_id: 9,
                         branch_id: 9,
                     },
-                    Mutation::DeleteGlobal { txn_id: 3 },
+                    Mutation::Finish(finished(3, GlobalStatus::Committed)),
+                    Mutation::Finish(finished(4, GlobalStatus::Rollbacked)),
+                    Mutation::Forget { txn_id: 4 },
+                    // forgetting what is not there is fine
+                    Mutation::Forget { txn_id: 8 },
                     Mutation::SetIdCeiling(2000),
                 ],
             );
@@ -336,6 +378,7 @@ mod tests {
                 id_ceiling: 2000,
                 globals: vec![global(1, GlobalStatus::Begin), global(2, GlobalStatus::RollbackFailed)],
                 branches: vec![branch(1, 11), failed_branch, branch(2, 22)],
+                finished: vec![finished(3, GlobalStatus::Committed)],
             }
         );
         assert!(data.join(FILE_NAME).is_file());
@@ -350,7 +393,7 @@ mod tests {
             vec![
                 Mutation::PutGlobal(global(5, GlobalStatus::Begin)),
                 Mutation::PutBranch(branch(5, 1)),
-                Mutation::DeleteGlobal { txn_id: 5 },
+                Mutation::Finish(finished(5, GlobalStatus::Committed)),
                 Mutation::PutGlobal(global(5, GlobalStatus::Committing)),
                 Mutation::PutBranch(branch(5, 2)),
             ],
@@ -358,10 +401,11 @@ mod tests {
         let snap = store.load().unwrap();
         assert_eq!(snap.globals, vec![global(5, GlobalStatus::Committing)]);
         assert_eq!(snap.branches, vec![branch(5, 2)]);
+        assert_eq!(snap.finished, vec![finished(5, GlobalStatus::Committed)]);
     }
 
     #[test]
-    fn delete_global_removes_only_its_own_branches() {
+    fn finish_removes_only_its_own_branches() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let mut batch = Vec::new();
@@ -373,7 +417,7 @@ mod tests {
             }
         }
         commit(&store, batch);
-        commit(&store, vec![Mutation::DeleteGlobal { txn_id: 5 }]);
+        commit(&store, vec![Mutation::Finish(finished(5, GlobalStatus::Committed))]);
         let snap = store.load().unwrap();
         assert_eq!(
             snap.globals,
