@@ -91,11 +91,9 @@ async fn main() -> Result<()> {
             backend: db.addr().to_string(),
             admin_listen: None,
             coordinator: Some(Coordinator {
-                endpoints: vec![tc_rpc.to_string()],
-                token: None,
-                tls_ca: None,
                 lock_wait_ms: 5_000,
                 rm_id: Some(format!("proxy-{name}")),
+                ..Coordinator::new(vec![tc_rpc.to_string()])
             }),
             ..ferrata_proxy::Config::default()
         };

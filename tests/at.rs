@@ -26,11 +26,8 @@ async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<
 fn in_process_config(db: &MariaDb, tc: &Coordinator) -> ferrata_proxy::Config {
     let mut config = test_config(db.addr());
     config.coordinator = Some(TcSettings {
-        endpoints: vec![tc.endpoint()],
-        token: None,
-        tls_ca: None,
         lock_wait_ms: 2000,
-        rm_id: None,
+        ..TcSettings::new(vec![tc.endpoint()])
     });
     config
 }

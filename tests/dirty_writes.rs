@@ -254,7 +254,13 @@ async fn prepared_writes_and_inserts_are_checked_by_key() -> Result<()> {
 #[tokio::test]
 async fn a_proxy_with_the_check_off_lets_writes_through_untouched() -> Result<()> {
     let (db, tc, _proxy) = setup(300).await?;
-    let off = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), 300, "[dirty_writes]\ncheck = false")?;
+    let off = ProxyProcess::start_with(
+        PROXY,
+        db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 300",
+        "[dirty_writes]\ncheck = false",
+    )?;
     let (mut g, _) = hold_row(&off).await?;
     let mut c = off.conn().await?;
     // The row is held, but this proxy was told not to check: the write commits over it.

@@ -9,10 +9,12 @@ use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_rpc::pb;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{Proxy, server_error, test_config, until};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
 /// A server, a coordinator and a proxy that knows both.
 struct Env {
@@ -24,11 +26,9 @@ struct Env {
 async fn proxy_for(db: &MariaDb, endpoints: Vec<String>) -> Result<Proxy> {
     let mut config = test_config(db.addr());
     config.coordinator = Some(TcSettings {
-        endpoints,
-        token: None,
-        tls_ca: None,
         lock_wait_ms: 2_000,
         rm_id: Some("test-proxy".into()),
+        ..TcSettings::new(endpoints)
     });
     config.service.user = APP_USER.into();
     config.service.password = Some(Secret(APP_PASSWORD.into()));
@@ -320,5 +320,98 @@ async fn phase_two_runs_on_the_proxy() -> Result<()> {
         Ok(env.tc.status(&xid).await? == "Committed")
     })
     .await?;
+    Ok(())
+}
+
+/// A proxy process in front of `db` with a one-row table `t`, a coordinator, and a session
+/// in a global transaction that updated the row (so the coordinator stores the transaction).
+async fn bound_with_a_branch(
+    db: &MariaDb,
+    tc: &Coordinator,
+    coordinator_toml: &str,
+) -> Result<(ProxyProcess, mysql_async::Conn, String)> {
+    db.conn()
+        .await?
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 1)")
+        .await?;
+    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), coordinator_toml, "")?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
+    Ok((proxy, conn, xid))
+}
+
+#[tokio::test]
+async fn commit_global_asks_again_while_the_coordinator_restarts() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let mut tc = Coordinator::start(TC)?;
+    let (proxy, mut conn, xid) = bound_with_a_branch(&db, &tc, "outcome_wait_ms = 60000").await?;
+    tc.kill9()?;
+    let commit = tokio::spawn(async move {
+        let result = conn.query_drop("COMMIT GLOBAL").await;
+        (result, conn)
+    });
+    until("the proxy asks the coordinator again", async || {
+        Ok(proxy
+            .metric("ferrata_proxy_decision_retries_total{call=\"commit\"}")
+            .await?
+            > 0.0)
+    })
+    .await?;
+    tc.restart()?;
+    let (result, mut conn) = commit.await?;
+    result?;
+    assert_eq!(show(&mut conn).await?, (None, None), "committed, so unbound");
+    until("the branch committed", async || {
+        Ok(tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    let v: Option<i32> = db.conn().await?.query_first("SELECT v FROM t").await?;
+    assert_eq!(v, Some(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unanswered_commit_global_is_an_unknown_outcome_that_can_be_learned() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let (proxy, mut conn, xid) = bound_with_a_branch(&db, &tc, "outcome_wait_ms = 300").await?;
+    // Paused, the coordinator receives the request and answers nothing: as when its answer
+    // is lost after the commit was carried out.
+    tc.pause()?;
+    let e = conn.query_drop("COMMIT GLOBAL").await.unwrap_err();
+    let (code, state, message) = server_error(&e)?;
+    assert_eq!((code, state.as_str()), (1180, "08007"), "{message}");
+    assert!(
+        message.contains(&xid) && message.contains("unknown") && !message.contains("nothing was changed"),
+        "{message}"
+    );
+    assert_eq!(
+        proxy
+            .metric("ferrata_proxy_unknown_outcomes_total{call=\"commit\"}")
+            .await?,
+        1.0
+    );
+    // Resumed, it carries out the request it received. The session is still bound, so the
+    // outcome can be learned there.
+    tc.resume()?;
+    until(
+        "the request carried out",
+        async || Ok(tc.status(&xid).await? != "Begin"),
+    )
+    .await?;
+    let (bound, _) = show(&mut conn).await?;
+    assert_eq!(bound.as_deref(), Some(xid.as_str()));
+    // Asking again answers the first request's outcome, without doing anything twice.
+    conn.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+    assert_eq!(show(&mut conn).await?, (None, None));
+    let e = conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await.unwrap_err();
+    assert_eq!(
+        server_error(&e)?.0,
+        1399,
+        "a committed transaction cannot be rolled back"
+    );
+    let v: Option<i32> = db.conn().await?.query_first("SELECT v FROM t").await?;
+    assert_eq!(v, Some(2));
     Ok(())
 }

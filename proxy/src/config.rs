@@ -116,13 +116,35 @@ pub struct Coordinator {
     /// How long a branch registration may wait for rows another global transaction holds.
     #[serde(default = "default_lock_wait_ms")]
     pub lock_wait_ms: u64,
+    /// How long COMMIT GLOBAL and ROLLBACK GLOBAL keep asking the coordinator after a transport
+    /// failure (it may be restarting) before the client hears that the outcome is unknown.
+    #[serde(default = "default_outcome_wait_ms")]
+    pub outcome_wait_ms: u64,
     /// This proxy's name on its coordinator stream; defaults to `ferrata-proxy@<listen>`.
     #[serde(default)]
     pub rm_id: Option<String>,
 }
 
+impl Coordinator {
+    /// The coordinator at `endpoints`, every other setting at its default.
+    pub fn new(endpoints: Vec<String>) -> Coordinator {
+        Coordinator {
+            endpoints,
+            token: None,
+            tls_ca: None,
+            lock_wait_ms: default_lock_wait_ms(),
+            outcome_wait_ms: default_outcome_wait_ms(),
+            rm_id: None,
+        }
+    }
+}
+
 fn default_lock_wait_ms() -> u64 {
     10_000
+}
+
+fn default_outcome_wait_ms() -> u64 {
+    15_000
 }
 
 /// The proxy's own database account, for metadata and phase 2. Its password comes from the
@@ -227,6 +249,10 @@ impl Config {
             anyhow::ensure!(
                 c.endpoints.iter().all(|e| !e.is_empty()),
                 "[coordinator] endpoints must not be empty strings"
+            );
+            anyhow::ensure!(
+                c.outcome_wait_ms <= 600_000,
+                "[coordinator] outcome_wait_ms must be at most 600000 (10 minutes): a client waits that long for COMMIT GLOBAL"
             );
         }
         anyhow::ensure!(
@@ -365,13 +391,10 @@ impl Flags {
             config.tls = Some(ClientTls { cert, key, required });
         }
         if !self.tc.is_empty() {
-            let mut c = config.coordinator.take().unwrap_or(Coordinator {
-                endpoints: Vec::new(),
-                token: None,
-                tls_ca: None,
-                lock_wait_ms: default_lock_wait_ms(),
-                rm_id: None,
-            });
+            let mut c = config
+                .coordinator
+                .take()
+                .unwrap_or_else(|| Coordinator::new(Vec::new()));
             c.endpoints = self.tc;
             config.coordinator = Some(c);
         }

@@ -6,6 +6,8 @@
 //! - A change is submitted to the journal while the session's mutex is held, so the store
 //!   sees a session's changes in the order memory did; nothing awaits with a mutex held.
 //! - A request is acknowledged only after its change is durable.
+//! - A decision (commit, rollback, an operator's retry) runs to its end in a task of its
+//!   own, even if the request that asked for it is cancelled meanwhile.
 //! - Rows are released only after the change that releases them has been submitted, so a
 //!   later holder's branch is never durable before the earlier holder's release.
 //! - A branch's tables are guarded (every resource manager confirmed it checks non-global
@@ -532,9 +534,30 @@ impl Coordinator {
         })
     }
 
+    /// Runs a decision to its end even if the caller goes away (a client that timed out, a
+    /// dropped connection cancels its request's future): a decision cut off halfway would
+    /// leave the transaction stuck, in Committing with its locks held, or rolling back with
+    /// nothing driving the rollback.
+    async fn to_the_end<T, F>(self: &Arc<Self>, work: impl FnOnce(Arc<Self>) -> F) -> Result<T, TcError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, TcError>> + Send + 'static,
+    {
+        match self.tasks.spawn(work(Arc::clone(self))).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(TcError::shutting_down()),
+        }
+    }
+
     /// Decides commit. Returns once the decision is durable; the locks are released then and
     /// the branches commit in the background.
-    pub async fn commit(&self, xid: &str) -> Result<Outcome, TcError> {
+    pub async fn commit(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+        let xid = xid.to_owned();
+        self.to_the_end(|this| async move { this.commit_now(&xid).await }).await
+    }
+
+    async fn commit_now(&self, xid: &str) -> Result<Outcome, TcError> {
         self.check_running()?;
         let txn_id = Self::parse(xid)?;
         let Some(session) = self.live(txn_id) else {
@@ -606,6 +629,12 @@ impl Coordinator {
     /// Decides rollback (if not decided yet) and waits up to `rollback_wait_ms` for the
     /// branches to roll back.
     pub async fn rollback(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+        let xid = xid.to_owned();
+        self.to_the_end(|this| async move { this.rollback_now(&xid).await })
+            .await
+    }
+
+    async fn rollback_now(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
         self.check_running()?;
         let txn_id = Self::parse(xid)?;
         let Some(session) = self.live(txn_id) else {
@@ -652,6 +681,11 @@ impl Coordinator {
     /// Operator action after repairing the data of a failed transaction: runs its phase 2
     /// again (RollbackFailed → RollbackRetrying, CommitFailed → AsyncCommitting).
     pub async fn retry(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+        let xid = xid.to_owned();
+        self.to_the_end(|this| async move { this.retry_now(&xid).await }).await
+    }
+
+    async fn retry_now(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
         self.check_running()?;
         let session = self.session_for(xid, "retry")?;
         let (durable, next) = {

@@ -55,8 +55,30 @@ impl Coordinator {
 
     /// Kills the process with SIGKILL and starts it again on the same addresses and store.
     pub fn kill9_and_restart(&mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
+        self.kill9()?;
+        self.restart()
+    }
+
+    /// Pauses the process (SIGSTOP): its sockets stay open and nothing answers.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Resumes a paused process (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} failed: {status}");
+        Ok(())
+    }
+
+    /// Starts the (killed) process again on the same addresses and store.
+    pub fn restart(&mut self) -> Result<()> {
         let (child, rpc, http) = spawn(
             &self.binary,
             self.data.path(),

@@ -66,15 +66,16 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`) with a config file.
     pub fn start(binary: &str, backend: SocketAddr, tc: &str, lock_wait_ms: u64) -> Result<ProxyProcess> {
-        Self::start_with(binary, backend, tc, lock_wait_ms, "")
+        Self::start_with(binary, backend, tc, &format!("lock_wait_ms = {lock_wait_ms}"), "")
     }
 
-    /// Like `start`, with more TOML appended to the config file (sections after `[log]`).
+    /// Like `start`, with `coordinator_toml` as the `[coordinator]` settings besides the
+    /// endpoint, and more TOML appended to the config file (sections after `[log]`).
     pub fn start_with(
         binary: &str,
         backend: SocketAddr,
         tc: &str,
-        lock_wait_ms: u64,
+        coordinator_toml: &str,
         more_toml: &str,
     ) -> Result<ProxyProcess> {
         let dir = tempfile::tempdir()?;
@@ -83,7 +84,7 @@ impl ProxyProcess {
             &path,
             format!(
                 "listen = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 [coordinator]\nendpoints = [\"{tc}\"]\nlock_wait_ms = {lock_wait_ms}\n\
+                 [coordinator]\nendpoints = [\"{tc}\"]\n{coordinator_toml}\n\
                  [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n{more_toml}\n"
             ),
         )?;

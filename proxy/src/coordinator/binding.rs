@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ferrata_rpc::pb;
 
+use super::decision::UNKNOWN_OUTCOME;
 use super::refusal;
 use super::statement::{self, GlobalStatement};
 use super::{Global, unreachable};
@@ -222,7 +223,10 @@ async fn run(
                     local_rollback(backend, state, shared.config.max_packet_size).await?;
                 }
                 let result = decide(global, &xid, false).await;
-                if state.xid.as_deref() == Some(xid.as_str()) && !matches!(&result, Err(e) if e.code == 1105) {
+                // Bound still if the coordinator did not answer, so SHOW GLOBAL TRANSACTION can
+                // tell the outcome later.
+                let unanswered = matches!(&result, Err(e) if e.code == 1105 || e.code == UNKNOWN_OUTCOME);
+                if state.xid.as_deref() == Some(xid.as_str()) && !unanswered {
                     state.xid = None;
                 }
                 result.map(|()| ok(state))
@@ -299,22 +303,7 @@ async fn status(global: &Global, xid: &str) -> Result<pb::GlobalOutcome, ErrPack
 
 /// Commits or rolls back; a rollback that did not finish is an error naming the branch.
 async fn decide(global: &Global, xid: &str, commit: bool) -> Result<(), ErrPacket> {
-    let what = if commit {
-        "commit the global transaction"
-    } else {
-        "roll back the global transaction"
-    };
-    let mut c = client(global, what).await?;
-    let request = pb::XidRequest { xid: xid.to_owned() };
-    let answer = if commit {
-        c.tm.global_commit(request).await
-    } else {
-        c.tm.global_rollback(request).await
-    };
-    let outcome = match answer {
-        Ok(r) => r.into_inner(),
-        Err(s) => return Err(global.error(s, what).await),
-    };
+    let outcome = global.decide(xid, commit).await?;
     let done = [
         pb::GlobalStatus::AsyncCommitting,
         pb::GlobalStatus::Committed,

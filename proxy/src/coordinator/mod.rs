@@ -2,8 +2,9 @@
 //! ([`link`]), the resources this proxy serves, its own service connections to the backend
 //! (metadata reads, phase 2), the guarded-table view ([`guards`]), the mapping of the
 //! coordinator's answers onto MySQL errors, and the session's binding to a global
-//! transaction: Ferrata's statements ([`statement`] parses them, [`binding`] answers them)
-//! and what may not run while bound ([`refusal`]).
+//! transaction: Ferrata's statements ([`statement`] parses them, [`binding`] answers them,
+//! [`decision`] asks for commit or rollback through coordinator failures) and what may not
+//! run while bound ([`refusal`]).
 //!
 //! A resource is one database on one backend server: `<server>/<database>`, where the server
 //! part is `[service] resource_server` (default: the `backend` setting), the same for every
@@ -11,6 +12,7 @@
 //! database is always what follows the last `/`.
 
 pub mod binding;
+pub mod decision;
 pub mod guards;
 pub mod link;
 pub mod refusal;
@@ -34,6 +36,8 @@ pub use link::Link;
 pub struct Global {
     pub link: Arc<Link>,
     pub lock_wait_ms: u64,
+    /// How long a global decision keeps asking through transport failures (`decision.rs`).
+    pub outcome_wait: std::time::Duration,
     /// The coordinator's guarded tables, as the Attach stream tells them.
     pub guards: Arc<guards::TableGuards>,
     /// Which writes outside global transactions are checked against global locks.
@@ -101,6 +105,7 @@ impl Global {
         Some(Arc::new(Global {
             link: Arc::new(Link::new(c)),
             lock_wait_ms: c.lock_wait_ms,
+            outcome_wait: std::time::Duration::from_millis(c.outcome_wait_ms),
             guards: Arc::new(guards::TableGuards::default()),
             dirty_writes: config.dirty_writes.clone(),
             resource_server: config.resource_server().to_owned(),
@@ -227,6 +232,21 @@ impl Global {
         };
         match c.rm.branch_register(request).await {
             Ok(r) => Ok(r.into_inner().branch_id),
+            Err(s) if ErrorCode::of(&s).is_none() => {
+                self.link.failed(&s).await;
+                // The caller rolls the local transaction back; the branch may exist anyway.
+                Err(ErrPacket::new(
+                    1105,
+                    "HY000",
+                    format!(
+                        "ferrata-proxy lost its connection to the transaction coordinator while registering the branch ({}); \
+                         the local transaction was rolled back, so none of its changes were committed. The coordinator may \
+                         hold a branch for it (and its rows' global locks) until global transaction {xid} ends: retry the \
+                         local transaction, or ROLLBACK GLOBAL",
+                        s.message()
+                    ),
+                ))
+            }
             Err(s) => Err(self.error(s, what).await),
         }
     }
@@ -365,11 +385,13 @@ pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
             "HY000",
             format!("ferrata-tc refused to {what} ({}): {message}", code.as_str()),
         ),
+        // A transport failure after the request was sent: whether it was carried out is
+        // unknown, so nothing is promised (decisions are retried, see `decision.rs`).
         None => ErrPacket::new(
             1105,
             "HY000",
             format!(
-                "ferrata-proxy cannot reach the transaction coordinator to {what}: {message}; nothing was changed, retry later"
+                "ferrata-proxy lost its connection to the transaction coordinator while asking it to {what}: {message}; retry later"
             ),
         ),
     }
@@ -391,7 +413,7 @@ pub fn service_error(e: &mysql_async::Error) -> ErrPacket {
     )
 }
 
-/// The error for an unreachable coordinator.
+/// The error for a coordinator that could not be reached, so no request was sent.
 pub fn unreachable(cause: &str, what: &str) -> ErrPacket {
     ErrPacket::new(
         1105,
