@@ -256,6 +256,45 @@ async fn a_dirty_rollback_overwrites_nothing_and_keeps_the_locks() -> Result<()>
 }
 
 #[tokio::test]
+async fn a_restore_that_does_not_read_back_waits_for_a_dba_with_the_values() -> Result<()> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 500).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 10)").await?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = 11").await?;
+    // From now on writing the before image back (v = 10) stores something else: the
+    // restore cannot read back, and never will, however often it is retried.
+    direct
+        .query_drop("CREATE TRIGGER skew BEFORE UPDATE ON t FOR EACH ROW IF NEW.v = 10 THEN SET NEW.v = 1000; END IF")
+        .await?;
+
+    let e = conn.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
+    let (code, _, message) = server_error(&e)?;
+    assert_eq!(code, 1401, "{message}");
+    assert!(message.contains("did not read back"), "{message}");
+    let v: Option<i32> = direct.query_first("SELECT v FROM t").await?;
+    assert_eq!(v, Some(11), "the failed restore was rolled back: nothing was changed");
+    // Not retried: a failed rollback for a DBA, with the values that differ.
+    assert_eq!(tc.status(&xid).await?, "RollbackFailed");
+    let t = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    let columns = &t["failure"]["detail"]["rows"][0]["columns"][0];
+    assert_eq!(
+        (
+            columns["column"].as_str(),
+            columns["before"].as_str(),
+            columns["read_back"].as_str()
+        ),
+        (Some("v"), Some("10"), Some("1000")),
+        "{t}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_second_global_transaction_waits_for_the_row() -> Result<()> {
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;

@@ -223,13 +223,24 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                                 tx.exec_drop(sql, params).await.map_err(|e| e.to_string())?;
                             }
                             // The restore mode is not strict: check the rows are back exactly.
+                            // Read in the same transaction with the rows locked, a mismatch
+                            // would repeat on every retry: it waits for a DBA instead.
                             let again = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
                             if !matches!(undo::dirty_check(item, &again), Verdict::AlreadyRestored) {
                                 tx.rollback().await.map_err(|e| e.to_string())?;
-                                return Err(format!(
-                                    "the rows of {}.{} did not read back as the before image after restoring; nothing was changed",
-                                    item.schema, item.table
-                                ));
+                                let detail = undo::restore_mismatch(item, &again);
+                                tracing::error!(%detail, "restored rows did not read back as the before image; nothing was changed");
+                                return Ok(pb::BranchOutcome {
+                                    branch_id: b.branch_id,
+                                    status: pb::BranchStatus::RollbackFailedUnretryable as i32,
+                                    reason: format!(
+                                        "the rows of {}.{} did not read back as the before image after restoring (a trigger, or a value \
+                                         the server stores differently from how it was written); nothing was changed: a DBA must \
+                                         restore them by hand, delete this branch's undo_log row, then resolve the transaction at the coordinator",
+                                        item.schema, item.table
+                                    ),
+                                    detail_json: detail.to_string(),
+                                });
                             }
                         }
                         Verdict::AlreadyRestored => {}

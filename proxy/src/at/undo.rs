@@ -518,6 +518,69 @@ pub fn dirty_check(item: &UndoItem, current: &[RawRow]) -> Verdict {
     Verdict::Dirty(detail(item, &before, &after, &current))
 }
 
+/// What a restore left that is not the before image, read back in the same transaction:
+/// for every row that differs, its key and the columns whose value is not the one written,
+/// ```json
+/// {"schema": "shop", "table": "orders", "kind": "update",
+///  "rows": [{"primary_key": {"id": "7"}, "state": "not_restored",
+///            "columns": [{"column": "v", "encoding": "text", "before": "10", "read_back": "1000"}]}]}
+/// ```
+/// `state` is `not_restored`, `missing` (a before row the table does not have) or
+/// `unexpected` (a row read back that the before image does not have). Values are as in the
+/// images.
+pub fn restore_mismatch(item: &UndoItem, read_back: &[RawRow]) -> serde_json::Value {
+    let pk = &item.primary_key;
+    let before: Vec<Row> = item.before.iter().map(as_bytes).collect();
+    let read_back: Vec<Row> = read_back
+        .iter()
+        .map(|r| r.iter().map(|v| v.as_deref()).collect())
+        .collect();
+    let key_json = |row: &Row| -> serde_json::Value {
+        pk.iter()
+            .map(|&i| (item.columns[i].name.clone(), text(row.get(i).copied().flatten())))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let before_by_key: HashMap<_, &Row> = before.iter().map(|r| (key_of(pk, r), r)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = Vec::new();
+    for row in read_back.iter().filter(|r| r.len() == item.columns.len()) {
+        let key = key_of(pk, row);
+        seen.insert(key.clone());
+        match before_by_key.get(&key) {
+            Some(b) if *b == row => {}
+            Some(b) => {
+                let columns: Vec<_> = (0..row.len())
+                    .filter(|&i| b[i] != row[i])
+                    .map(|i| {
+                        serde_json::json!({
+                            "column": item.columns[i].name,
+                            "encoding": item.columns[i].encoding,
+                            "before": text(b[i]),
+                            "read_back": text(row[i]),
+                        })
+                    })
+                    .collect();
+                rows.push(
+                    serde_json::json!({"primary_key": key_json(row), "state": "not_restored", "columns": columns}),
+                );
+            }
+            None => rows.push(serde_json::json!({"primary_key": key_json(row), "state": "unexpected"})),
+        }
+    }
+    for b in &before {
+        if !seen.contains(&key_of(pk, b)) {
+            rows.push(serde_json::json!({"primary_key": key_json(b), "state": "missing"}));
+        }
+    }
+    serde_json::json!({
+        "schema": item.schema,
+        "table": item.table,
+        "kind": item.kind,
+        "rows": rows,
+    })
+}
+
 type Row<'a> = Vec<Option<&'a [u8]>>;
 
 fn as_bytes(row: &ImageRow) -> Row<'_> {
