@@ -14,7 +14,7 @@
 //! |--------------|-------------------------------------------------|-------------------------------------|----------------------------|
 //! | `text`       | integers, DECIMAL, DATE, DATETIME, TIME, YEAR   | `c`                                 | `?`                        |
 //! | `hex`        | VARCHAR, TEXT, BINARY, VARBINARY, BLOB, JSON, GEOMETRY, INET4/6, UUID, unknown | `HEX(c)` | `UNHEX(?)`          |
-//! | `char`       | CHAR                                            | `HEX(RTRIM(c))`                     | `UNHEX(?)`                 |
+//! | `char`       | CHAR                                            | `HEX(RTRIM(c))` (`''` kept apart from NULL under sql_mode ORACLE) | `UNHEX(?)` |
 //! | `unix_time`  | TIMESTAMP                                       | `UNIX_TIMESTAMP(c)`                 | `REPLACE(FROM_UNIXTIME(CAST(? AS DECIMAL(65,6))), '1970-01-01 00:00:00', '0000-00-00 00:00:00')` |
 //! | `float`      | FLOAT                                           | `IF(c = 0 AND ATAN2(c, -1) < 0, -1e-50, CAST(c AS DOUBLE))` | `?`  |
 //! | `double`     | DOUBLE                                          | `CAST(c AS DOUBLE)`                 | `?`                        |
@@ -95,7 +95,9 @@ impl Encoding {
         let inner = match self {
             Encoding::Text => column.to_owned(),
             Encoding::Hex => format!("HEX({column})"),
-            Encoding::Char => format!("HEX(RTRIM({column}))"),
+            // Under sql_mode ORACLE, RTRIM of a value that trims to '' is NULL: the IFNULL
+            // keeps '' and NULL apart whatever the client's mode.
+            Encoding::Char => format!("IF({column} IS NULL, NULL, IFNULL(HEX(RTRIM({column})), ''))"),
             Encoding::UnixTime => format!("UNIX_TIMESTAMP({column})"),
             Encoding::Float => {
                 format!("IF({column} = 0 AND ATAN2({column}, -1) < 0, -1e-50, CAST({column} AS DOUBLE))")
