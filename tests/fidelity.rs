@@ -250,3 +250,76 @@ async fn a_call_executed_with_a_cursor_flag_answers_as_directly() -> Result<()> 
     }
     Ok(())
 }
+
+/// A session's story around COM_CHANGE_USER, as text (errors included), to compare a run
+/// through the proxy with one directly. MariaDB resets the session even for a refused
+/// change (variables, the open transaction and prepared statements are gone) and keeps it
+/// open on the old user and database.
+async fn change_user_story(conn: &mut Conn) -> Vec<String> {
+    let mut seen = Vec::new();
+    let show = |r: Result<Vec<Row>, mysql_async::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.into_iter()
+                .map(|r| r.unwrap().into_iter().map(|v| v.as_sql(true)).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        ),
+        Err(e) => format!("error: {e}"),
+    };
+    const SESSION: &str = "SELECT CURRENT_USER(), DATABASE(), @@in_transaction, @x";
+    let stmt = conn.prep("SELECT ? + 1").await.expect("prepared");
+    conn.query_drop("SET @x = 5").await.expect("set");
+    conn.query_drop("BEGIN").await.expect("begin");
+    conn.query_drop("UPDATE d SET v = 9 WHERE id = 3")
+        .await
+        .expect("update");
+    let wrong = mysql_async::ChangeUserOpts::default()
+        .with_user(Some(APP_USER.into()))
+        .with_pass(Some("wrong".into()))
+        .with_db_name(Some("mysql".into()));
+    seen.push(format!(
+        "refused: {:?}",
+        conn.change_user(wrong).await.map_err(|e| e.to_string())
+    ));
+    seen.push(show(conn.query(SESSION).await));
+    seen.push(show(conn.exec(&stmt, (1,)).await));
+    seen.push(show(conn.query("ROLLBACK").await));
+    let right = mysql_async::ChangeUserOpts::default()
+        .with_user(Some(APP_USER.into()))
+        .with_pass(Some(APP_PASSWORD.into()))
+        .with_db_name(Some("test".into()));
+    seen.push(format!(
+        "accepted: {:?}",
+        conn.change_user(right).await.map_err(|e| e.to_string())
+    ));
+    seen.push(show(conn.query(SESSION).await));
+    seen.push(show(conn.exec("SELECT ? + 1", (41,)).await));
+    seen.push(show(conn.exec("SELECT v FROM d WHERE id = ?", (3,)).await));
+    seen
+}
+
+#[tokio::test]
+async fn change_user_refused_or_accepted_leaves_the_session_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut direct = db.conn().await?;
+    let mut proxied = proxy.conn().await?;
+    let expected = change_user_story(&mut direct).await;
+    assert!(expected[0].contains("1045"), "{expected:?}");
+    assert_eq!(change_user_story(&mut proxied).await, expected);
+
+    // The reset ends the session's global transaction too, and its writes run as before.
+    let xid: Option<String> = proxied.query_first("START GLOBAL TRANSACTION").await?;
+    proxied.query_drop("SET autocommit = 0").await?;
+    let wrong = mysql_async::ChangeUserOpts::default().with_pass(Some("wrong".into()));
+    assert!(proxied.change_user(wrong).await.is_err());
+    let bound: Option<(Option<String>, Option<String>)> = proxied.query_first("SHOW GLOBAL TRANSACTION").await?;
+    assert_eq!(bound, Some((None, None)), "{xid:?} left");
+    proxied.query_drop("UPDATE d SET v = 7 WHERE id = 1").await?;
+    let v: Option<String> = direct.query_first("SELECT v FROM d WHERE id = 1").await?;
+    assert_eq!(
+        v.as_deref(),
+        Some("7.00"),
+        "autocommit is back on, as in a fresh session"
+    );
+    Ok(())
+}

@@ -16,10 +16,19 @@ use crate::protocol::ServerStatus;
 /// not authentication.
 const AUTH_PACKET_LIMIT: usize = 1 << 20;
 
+/// How an authentication exchange ended (the backend's OK or ERR was relayed either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authenticated {
+    /// OK, with its status flags.
+    Yes(ServerStatus),
+    /// ERR: a login ends there; after a refused COM_CHANGE_USER the server keeps the
+    /// session (reset, on its old user and database).
+    No,
+}
+
 /// Relays until the backend ends the exchange. `seq_shift` is added to client sequence ids
-/// on their way to the backend and subtracted from backend ids on their way back. Returns
-/// the status flags of the backend's OK.
-pub async fn relay(client: &mut Peer, backend: &mut Peer, seq_shift: i16) -> Result<ServerStatus, SessionError> {
+/// on their way to the backend and subtracted from backend ids on their way back.
+pub async fn relay(client: &mut Peer, backend: &mut Peer, seq_shift: i16) -> Result<Authenticated, SessionError> {
     let shift = |seq: u8, by: i16| (i16::from(seq) + by).rem_euclid(256) as u8;
     loop {
         select! {
@@ -35,8 +44,8 @@ pub async fn relay(client: &mut Peer, backend: &mut Peer, seq_shift: i16) -> Res
                 });
                 backend.forward(span.raw_len, client).await.map_err(|_| SessionError::ClientClosed)?;
                 match (first, status) {
-                    (_, Some(status)) => return Ok(status),
-                    (Some(0xff), _) => return Err(SessionError::AuthenticationFailed),
+                    (_, Some(status)) => return Ok(Authenticated::Yes(status)),
+                    (Some(0xff), _) => return Ok(Authenticated::No),
                     _ => {}
                 }
             }

@@ -173,10 +173,13 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         .map_err(|e| SessionError::backend_lost(&e.to_string(), client_seq))?;
 
     // 4. Whatever exchange the auth plugin needs, until OK or ERR.
-    let status = auth::relay(client, &mut backend, seq_shift).await?;
+    let auth::Authenticated::Yes(status) = auth::relay(client, &mut backend, seq_shift).await? else {
+        return Err(SessionError::AuthenticationFailed);
+    };
     let state = SessionState {
         capabilities: Capabilities(agreed.0 & server_caps.0),
         status,
+        fresh_status: status,
         user: parsed.user,
         schema: parsed.database,
         statements: Default::default(),

@@ -194,7 +194,7 @@ async fn serve(
         }
         let kind = state.response_kind(&payload);
         let mut tracker = ResponseTracker::new(kind, state.capabilities, span.last_seq);
-        let pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
+        let mut pending = Pending::from_command(command, &payload, class, state, shared.config.hide_server_socket);
         drop(payload);
         client
             .forward(span.raw_len, backend)
@@ -204,7 +204,15 @@ async fn serve(
             ResponseKind::None if command == Command::QUIT => return Ok(()),
             ResponseKind::None => {}
             ResponseKind::Authentication => {
-                state.status = auth::relay(client, backend, 0).await?;
+                state.status = match auth::relay(client, backend, 0).await? {
+                    auth::Authenticated::Yes(status) => {
+                        pending.user_changed = true;
+                        state.fresh_status = status;
+                        status
+                    }
+                    // Refused, the server keeps the session, reset as if new.
+                    auth::Authenticated::No => state.fresh_status,
+                };
             }
             ResponseKind::Stream => return stream_forever(client, backend).await,
             _ if pending.hide_socket => hide_socket::response(client, backend, &mut tracker).await?,
@@ -223,6 +231,8 @@ struct Pending {
     command: u8,
     /// For COM_STMT_PREPARE: the statement text and its class.
     prepare: Option<(String, classify::Classification)>,
+    /// COM_CHANGE_USER: the server accepted the new user.
+    user_changed: bool,
     /// For COM_INIT_DB, USE and COM_CHANGE_USER: the schema switched to.
     schema: Option<String>,
     /// For COM_STMT_CLOSE: the statement dropped.
@@ -244,6 +254,7 @@ impl Pending {
         let mut pending = Pending {
             command,
             prepare: None,
+            user_changed: false,
             schema: None,
             close: None,
             executed: None,
@@ -290,9 +301,14 @@ impl Pending {
         match self.command {
             // A new user or a reset session starts outside any global transaction.
             // The server rolled the local transaction back, pending writes included.
+            // The server resets the session before it checks the new user: a refused change
+            // too drops the prepared statements and rolls the transaction back, keeping only
+            // the database.
             Command::CHANGE_USER => {
                 state.forget_statements();
-                state.schema = self.schema;
+                if self.user_changed {
+                    state.schema = self.schema;
+                }
                 state.xid = None;
             }
             Command::RESET_CONNECTION if ok => {

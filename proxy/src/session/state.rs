@@ -51,6 +51,9 @@ pub struct SessionState {
     /// Capabilities both the client and the (masked) server agreed on.
     pub capabilities: Capabilities,
     pub status: ServerStatus,
+    /// The status flags of a fresh session on this server (the login's OK): what a session
+    /// the server reset without an OK (a refused COM_CHANGE_USER) starts with.
+    pub fresh_status: ServerStatus,
     pub user: String,
     pub schema: Option<String>,
     pub statements: HashMap<u32, PreparedStatement>,
