@@ -10,7 +10,7 @@ use ferrata_rpc::pb;
 use super::decision::UNKNOWN_OUTCOME;
 use super::refusal;
 use super::statement::{self, GlobalStatement};
-use super::{Global, unreachable};
+use super::{Global, answered_within, unreachable};
 use crate::classify::{Other, StatementClass};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::resultset;
@@ -287,7 +287,8 @@ async fn client(global: &Global, what: &str) -> Result<ferrata_rpc::client::TcCl
 
 async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String, ErrPacket> {
     let mut c = client(global, "begin a global transaction").await?;
-    match c.tm.global_begin(pb::GlobalBeginRequest { timeout_ms, name }).await {
+    let begun = c.tm.global_begin(pb::GlobalBeginRequest { timeout_ms, name });
+    match answered_within(global.outcome_wait, begun).await {
         Ok(r) => Ok(r.into_inner().xid),
         Err(s) => Err(global.error(s, "begin a global transaction").await),
     }
@@ -295,7 +296,8 @@ async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String,
 
 async fn status(global: &Global, xid: &str) -> Result<pb::GlobalOutcome, ErrPacket> {
     let mut c = client(global, "look up the global transaction").await?;
-    match c.tm.global_status(pb::XidRequest { xid: xid.to_owned() }).await {
+    let asked = c.tm.global_status(pb::XidRequest { xid: xid.to_owned() });
+    match answered_within(global.outcome_wait, asked).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s) => Err(global.error(s, "look up the global transaction").await),
     }

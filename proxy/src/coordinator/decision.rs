@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferrata_rpc::{ErrorCode, pb};
 use tokio::time::Instant;
 
-use super::{Global, coordinator_error, unreachable};
+use super::{Global, answered_within, coordinator_error, never_sent, unreachable};
 use crate::protocol::err::ErrPacket;
 
 /// The error code of an unknown outcome (ER_ERROR_DURING_COMMIT), with SQLSTATE 08007,
@@ -52,21 +52,14 @@ impl Global {
                             c.tm.global_rollback(request).await
                         }
                     };
-                    // A coordinator that stopped answering (paused, partitioned) holds the
-                    // request without refusing it.
                     let wait = give_up.saturating_duration_since(Instant::now()) + allowance;
-                    match tokio::time::timeout(wait, answer).await {
-                        Err(_) => {
-                            sent = true;
-                            format!("no answer within {} ms", wait.as_millis())
-                        }
-                        // Another request's commit decision is being written: ask again.
-                        Ok(Ok(r)) if r.get_ref().status == pb::GlobalStatus::Committing as i32 => {
+                    match answered_within(wait, answer).await {
+                        Ok(r) if r.get_ref().status == pb::GlobalStatus::Committing as i32 => {
                             sent = true;
                             "the commit decision is still being written".to_owned()
                         }
-                        Ok(Ok(r)) => return Ok(r.into_inner()),
-                        Ok(Err(status)) => match ErrorCode::of(&status) {
+                        Ok(r) => return Ok(r.into_inner()),
+                        Err(status) => match ErrorCode::of(&status) {
                             // Refused before anything was done: a node shutting down.
                             Some(ErrorCode::ShuttingDown) => status.message().to_owned(),
                             // The decision's write may or may not be on disk.
@@ -77,7 +70,7 @@ impl Global {
                             Some(_) => return Err(coordinator_error(&status, what)),
                             None => {
                                 self.link.failed(&status).await;
-                                sent = true;
+                                sent |= !never_sent(&status);
                                 status.message().to_owned()
                             }
                         },

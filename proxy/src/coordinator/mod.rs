@@ -20,6 +20,7 @@ pub mod statement;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrata_rpc::{ErrorCode, holder_of};
 use mysql_async::prelude::*;
@@ -37,7 +38,7 @@ pub struct Global {
     pub link: Arc<Link>,
     pub lock_wait_ms: u64,
     /// How long a global decision keeps asking through transport failures (`decision.rs`).
-    pub outcome_wait: std::time::Duration,
+    pub outcome_wait: Duration,
     /// The coordinator's guarded tables, as the Attach stream tells them.
     pub guards: Arc<guards::TableGuards>,
     /// Which writes outside global transactions are checked against global locks.
@@ -105,7 +106,7 @@ impl Global {
         Some(Arc::new(Global {
             link: Arc::new(Link::new(c)),
             lock_wait_ms: c.lock_wait_ms,
-            outcome_wait: std::time::Duration::from_millis(c.outcome_wait_ms),
+            outcome_wait: Duration::from_millis(c.outcome_wait_ms),
             guards: Arc::new(guards::TableGuards::default()),
             dirty_writes: config.dirty_writes.clone(),
             resource_server: config.resource_server().to_owned(),
@@ -230,9 +231,10 @@ impl Global {
             application_data: Vec::new(),
             lock_wait_ms: self.lock_wait_ms,
         };
-        match c.rm.branch_register(request).await {
+        let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
+        match answered_within(wait, c.rm.branch_register(request)).await {
             Ok(r) => Ok(r.into_inner().branch_id),
-            Err(s) if ErrorCode::of(&s).is_none() => {
+            Err(s) if ErrorCode::of(&s).is_none() && !never_sent(&s) => {
                 self.link.failed(&s).await;
                 // The caller rolls the local transaction back; the branch may exist anyway.
                 Err(ErrPacket::new(
@@ -262,12 +264,10 @@ impl Global {
             reason: reason.to_owned(),
         };
         let reported = match self.link.client().await {
-            Ok(mut c) => {
-                c.rm.branch_report(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.message().to_owned())
-            }
+            Ok(mut c) => answered_within(self.outcome_wait, c.rm.branch_report(request))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.message().to_owned()),
             Err(e) => Err(e.0),
         };
         if let Err(e) = reported {
@@ -312,7 +312,8 @@ impl Global {
                 locks,
                 lock_wait_ms: wait_ms,
             };
-            match c.rm.lock_query(request).await {
+            let wait = Duration::from_millis(wait_ms) + self.outcome_wait;
+            match answered_within(wait, c.rm.lock_query(request)).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if !r.lockable {
@@ -357,6 +358,35 @@ impl Global {
     }
 }
 
+/// `call`, or a DEADLINE_EXCEEDED status if no answer came within `wait`: a coordinator
+/// that stopped answering (paused, partitioned) holds a request without refusing it. The
+/// status carries no Ferrata error code, so callers treat it as a transport failure after
+/// the request was sent.
+pub async fn answered_within<T>(
+    wait: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(wait, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            wait.as_millis()
+        )))
+    })
+}
+
+/// Whether a call failed before its request left the proxy. The channel reconnects lazily:
+/// a call on a connection that broke meanwhile fails with the connector's error ("tcp
+/// connect error"), and one queued on a connection that closed before it was written is
+/// canceled by hyper ("operation was canceled"); a request cut off while being written or
+/// answered fails otherwise ("connection closed before message completed", a reset).
+pub fn never_sent(status: &tonic::Status) -> bool {
+    let message = status.message();
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && (message.contains("connect error") || message.contains("operation was canceled"))
+}
+
 /// Maps the coordinator's refusal onto the MySQL error a client expects.
 pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
     let message = status.message();
@@ -385,6 +415,7 @@ pub fn coordinator_error(status: &tonic::Status, what: &str) -> ErrPacket {
             "HY000",
             format!("ferrata-tc refused to {what} ({}): {message}", code.as_str()),
         ),
+        None if never_sent(status) => unreachable(message, what),
         // A transport failure after the request was sent: whether it was carried out is
         // unknown, so nothing is promised (decisions are retried, see `decision.rs`).
         None => ErrPacket::new(
