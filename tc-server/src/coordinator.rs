@@ -74,10 +74,14 @@ pub(crate) struct SessionState {
 }
 
 impl SessionState {
-    /// What the history and the store keep of this transaction once it ends.
+    /// What the history and the store keep of this transaction once it ends; ended now
+    /// (a resolved failure's retention counts from its resolution, not from the failure).
     pub fn finished_record(&self) -> FinishedRecord {
         FinishedRecord {
-            record: self.record.clone(),
+            record: GlobalRecord {
+                updated_ms: now_ms(),
+                ..self.record.clone()
+            },
             branch_count: self.registered,
             failure: self.failure.clone(),
         }
