@@ -323,3 +323,62 @@ async fn change_user_refused_or_accepted_leaves_the_session_as_directly() -> Res
     );
     Ok(())
 }
+
+/// Sends `sql` and reads its answer: the number of progress reports (ERR packets with code
+/// 0xFFFF) before the OK that ends it.
+async fn progress_reports(conn: &mut RawConn, sql: &str) -> Result<usize> {
+    let mut payload = vec![0x03];
+    payload.extend_from_slice(sql.as_bytes());
+    conn.send_command(&payload).await?;
+    let mut reports = 0;
+    loop {
+        let p = conn.read_packet().await?;
+        match p.payload.as_slice() {
+            [0xff, 0xff, 0xff, ..] => reports += 1,
+            [0x00, ..] => return Ok(reports),
+            other => anyhow::bail!("{sql}: unexpected packet {:02x?}", &other[..other.len().min(40)]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn progress_reports_reach_a_client_that_asked_for_them() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE big (id INT PRIMARY KEY, pad CHAR(255) NOT NULL DEFAULT 'x') SELECT seq AS id FROM seq_1_to_400000")
+        .await?;
+    // MARIADB_CLIENT_PROGRESS; reports come once a second at the most, so the copy must last
+    // longer than that: the table grows until the direct session sees one.
+    const PROGRESS: u32 = 1;
+    let mut direct =
+        RawConn::connect_mariadb(db.addr(), APP_USER, APP_PASSWORD, Some("test"), DEFAULT, PROGRESS).await?;
+    let mut proxied =
+        RawConn::connect_mariadb(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), DEFAULT, PROGRESS).await?;
+    for conn in [&mut direct, &mut proxied] {
+        assert_eq!(progress_reports(conn, "SET progress_report_time = 1").await?, 0);
+    }
+    let alter = "ALTER TABLE big FORCE, ALGORITHM = COPY";
+    let mut rows = 400_000;
+    while progress_reports(&mut direct, alter).await? == 0 {
+        anyhow::ensure!(rows < 6_400_000, "no progress report directly even with {rows} rows");
+        c.query_drop(format!(
+            "INSERT INTO big (id) SELECT seq FROM seq_{}_to_{}",
+            rows + 1,
+            2 * rows
+        ))
+        .await?;
+        rows *= 2;
+    }
+    assert!(progress_reports(&mut proxied, alter).await? > 0, "reports relayed");
+    // The session goes on normally.
+    let answer = proxied.query("SELECT COUNT(*) FROM big").await?;
+    assert_eq!(
+        answer.len(),
+        if proxied.capabilities() & CLIENT_DEPRECATE_EOF != 0 {
+            4
+        } else {
+            5
+        }
+    );
+    Ok(())
+}

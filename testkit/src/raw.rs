@@ -97,6 +97,20 @@ impl RawConn {
         db: Option<&str>,
         client_flags: u32,
     ) -> Result<RawConn> {
+        Self::connect_mariadb(addr, user, password, db, client_flags, 0).await
+    }
+
+    /// Like `connect`, also asking for MariaDB's extended capabilities `mariadb_flags`
+    /// (`MARIADB_CLIENT_*` bits shifted down by 32), intersected with the server's. They
+    /// travel in the last four filler bytes, with CLIENT_MYSQL (bit 0) cleared.
+    pub async fn connect_mariadb(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        db: Option<&str>,
+        client_flags: u32,
+        mariadb_flags: u32,
+    ) -> Result<RawConn> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -116,6 +130,10 @@ impl RawConn {
         conn.server_caps = handshake.caps;
 
         let mut caps = client_flags & handshake.caps & !flags::CLIENT_SSL;
+        let extended = mariadb_flags & handshake.extended_caps;
+        if extended != 0 {
+            caps &= !1;
+        }
         if db.is_some() {
             caps |= flags::CLIENT_CONNECT_WITH_DB;
         } else {
@@ -132,7 +150,8 @@ impl RawConn {
         response.extend_from_slice(&caps.to_le_bytes());
         response.extend_from_slice(&(1u32 << 30).to_le_bytes()); // max packet size
         response.push(CHARSET);
-        response.extend_from_slice(&[0; 23]);
+        response.extend_from_slice(&[0; 19]);
+        response.extend_from_slice(&extended.to_le_bytes());
         response.extend_from_slice(user.as_bytes());
         response.push(0);
         let auth = scramble(&handshake.nonce, password);
@@ -331,6 +350,9 @@ impl RawConn {
 /// The parts of the initial handshake (protocol version 10) this client needs.
 struct Handshake {
     caps: u32,
+    /// MariaDB's extended capabilities (the last four reserved bytes), when CLIENT_MYSQL is
+    /// not set.
+    extended_caps: u32,
     nonce: Vec<u8>,
 }
 
@@ -355,7 +377,16 @@ impl Handshake {
         // Part 2 is at least 13 bytes, the last being a NUL terminator; the scramble uses 20.
         let rest = &payload[version_end + 1 + 31..];
         nonce.extend_from_slice(rest.get(..12).with_context(malformed)?);
-        Ok(Handshake { caps, nonce })
+        let extended_caps = if caps & 1 == 0 {
+            u32::from_le_bytes([fixed[27], fixed[28], fixed[29], fixed[30]])
+        } else {
+            0
+        };
+        Ok(Handshake {
+            caps,
+            extended_caps,
+            nonce,
+        })
     }
 }
 

@@ -15,7 +15,7 @@
 use super::{Cx, commit, phase1};
 use crate::classify::{self, Dml, Other, StatementClass};
 use crate::coordinator::refusal::not_protected as refuse;
-use crate::protocol::{Capabilities, ok};
+use crate::protocol::{Capabilities, ok, response};
 use crate::session::SessionError;
 use crate::session::backend::{self, reply};
 use crate::session::peer::Peer;
@@ -87,7 +87,7 @@ pub async fn run(client: &mut Peer, cx: &mut Cx<'_>, sql: &str) -> Result<(), Se
                 Ok((response, _)) | Err(response) => response,
             },
         };
-        let failed = response.get(4) == Some(&0xff);
+        let failed = response::ends_in_error(&response);
         let more = !failed && i + 1 < pieces.len();
         seq = ok::chain_response(&mut response, more, seq);
         answer.extend_from_slice(&response);

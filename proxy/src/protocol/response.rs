@@ -379,6 +379,14 @@ impl ResponseTracker {
     }
 }
 
+/// Whether a buffered response (whole framed packets) is an error: its last packet is an
+/// ERR (a progress report, also an ERR packet, never ends a response).
+pub fn ends_in_error(response: &[u8]) -> bool {
+    ok::packets(response).last().is_some_and(
+        |(_, payload, _)| matches!(err::code(&response[payload.clone()]), Some(c) if c != err::PROGRESS_REPORT),
+    )
+}
+
 /// Rewrites the `mask` bits of the status flags of every OK and EOF of a whole buffered
 /// response (framed packets, on a session with capabilities `caps`) to those of `status`,
 /// leaving the other bits (MORE_RESULTS_EXISTS, ...) as the server sent them. The packets are
@@ -423,6 +431,25 @@ mod tests {
 
     const NO_DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41);
     const DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41 | Capabilities::DEPRECATE_EOF);
+
+    #[test]
+    fn a_response_is_an_error_by_its_last_packet_not_a_progress_report() {
+        let framed = |payloads: &[&[u8]]| {
+            let mut out = Vec::new();
+            for (seq, p) in payloads.iter().enumerate() {
+                crate::protocol::frame::write_packet(&mut out, seq as u8 + 1, p);
+            }
+            out
+        };
+        let progress: &[u8] = b"\xff\xff\xff\x01\x01\x00\x10\x27\x00\x04copy";
+        let ok: &[u8] = b"\x00\x00\x00\x02\x00\x00\x00";
+        let error: &[u8] = b"\xff\x28\x04#42000syntax";
+        assert!(!ends_in_error(&framed(&[progress, ok])));
+        assert!(!ends_in_error(&framed(&[ok])));
+        assert!(ends_in_error(&framed(&[error])));
+        assert!(ends_in_error(&framed(&[progress, error])));
+        assert!(!ends_in_error(&[]));
+    }
 
     fn run(tracker: &mut ResponseTracker, packets: &[&[u8]]) -> Vec<Step> {
         packets
