@@ -8,7 +8,9 @@ use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, DEFAULT};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{assert_same_packets, prepare_and_execute};
+use ferrata_tests::{
+    assert_same_packets, command, execute_payload, prepare_and_execute, raw_prepare, read_until_terminator,
+};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Row};
 
@@ -380,5 +382,75 @@ async fn progress_reports_reach_a_client_that_asked_for_them() -> Result<()> {
             5
         }
     );
+    Ok(())
+}
+
+/// MariaDB's metadata caching and extended metadata (MARIADB_CLIENT_CACHE_METADATA and
+/// _EXTENDED_METADATA, bits 36 and 35), which Connector/C and Connector/J ask for.
+const CACHED_AND_EXTENDED_METADATA: u32 = (1 << 4) | (1 << 3);
+
+/// One response whose result set may come without column definitions (cached metadata):
+/// up to its final terminator, whether EOF packets are sent or not.
+async fn read_result(conn: &mut RawConn) -> Result<Vec<ferrata_tests::ferrata_testkit::raw::Packet>> {
+    let mut packets = read_until_terminator(conn).await?;
+    if conn.capabilities() & CLIENT_DEPRECATE_EOF == 0 && packets[0].payload[0] != 0xff {
+        packets.extend(read_until_terminator(conn).await?);
+    }
+    Ok(packets)
+}
+
+#[tokio::test]
+async fn cached_and_extended_metadata_answer_as_directly() -> Result<()> {
+    let (db, _tc, proxy) = setup().await?;
+    for flags in FLAG_SETS {
+        let mut answers = Vec::new();
+        for addr in [db.addr(), proxy.addr] {
+            let mut conn = RawConn::connect_mariadb(
+                addr,
+                APP_USER,
+                APP_PASSWORD,
+                Some("test"),
+                flags,
+                CACHED_AND_EXTENDED_METADATA,
+            )
+            .await?;
+            let (_, id) = raw_prepare(&mut conn, "SELECT v, id FROM d WHERE id = 1").await?;
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                conn.send_command(&execute_payload(id, 0, &[])).await?;
+                seen.push(read_result(&mut conn).await?);
+            }
+            conn.send_command(&command(0x03, b"SELECT v FROM d ORDER BY id"))
+                .await?;
+            seen.push(read_result(&mut conn).await?);
+            answers.push((seen, conn));
+        }
+        let (proxied, mut conn) = answers.pop().expect("two");
+        let (direct, _) = answers.pop().expect("two");
+        assert_eq!(
+            direct[0][0].payload,
+            [2, 0],
+            "the execute's metadata is cached: none follows"
+        );
+        for (d, p) in direct.iter().zip(&proxied) {
+            assert_same_packets(d, p, "metadata caching");
+        }
+
+        // The proxy's own result set has the layout the session negotiated.
+        let xid: Vec<_> = conn.query("START GLOBAL TRANSACTION").await?;
+        assert_eq!(xid[0].payload, [1, 1], "one column, definitions follow");
+        let column = &xid[1].payload;
+        let mut at = 0;
+        for _ in 0..6 {
+            let (len, used) = ferrata_tests::ferrata_testkit::raw::lenenc(&column[at..]).expect("lenenc");
+            at += used + len as usize;
+        }
+        assert_eq!(
+            &column[at..at + 2],
+            [0, 0x0c],
+            "empty extended metadata, then the fixed fields"
+        );
+        conn.query("ROLLBACK GLOBAL").await?;
+    }
     Ok(())
 }

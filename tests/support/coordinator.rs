@@ -59,9 +59,24 @@ impl Coordinator {
         self.restart()
     }
 
-    /// Pauses the process (SIGSTOP): its sockets stay open and nothing answers.
+    /// Pauses the process (SIGSTOP): its sockets stay open and nothing answers. Returns once
+    /// the kernel reports it stopped (the signal is delivered asynchronously).
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
+        self.signal("-STOP")?;
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < give_up {
+            // The state is the field after the parenthesised command name.
+            let text = std::fs::read_to_string(&stat)?;
+            if text
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        anyhow::bail!("ferrata-tc did not stop after SIGSTOP")
     }
 
     /// Resumes a paused process (SIGCONT).

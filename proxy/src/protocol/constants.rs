@@ -34,15 +34,14 @@ impl Capabilities {
     pub const MARIADB_CACHE_METADATA: u64 = 1 << 36;
 
     /// What the proxy cannot follow in a byte stream it has to read: compression changes the
-    /// framing, query attributes and bulk execute change command layouts, cached metadata
-    /// changes response layouts. TLS is decided separately. (Progress reports are followed:
-    /// ERR packets with code 0xFFFF that do not end a response.)
+    /// framing, query attributes and bulk execute change command layouts. TLS is decided
+    /// separately. (Followed: progress reports, ERR packets with code 0xFFFF that do not end
+    /// a response; cached metadata, a byte after the column count.)
     pub const UNSUPPORTED: u64 = Self::COMPRESS
         | Self::ZSTD_COMPRESSION
         | Self::QUERY_ATTRIBUTES
         | Self::MARIADB_COM_MULTI
-        | Self::MARIADB_STMT_BULK_OPERATIONS
-        | Self::MARIADB_CACHE_METADATA;
+        | Self::MARIADB_STMT_BULK_OPERATIONS;
 
     pub fn has(self, flag: u64) -> bool {
         self.0 & flag != 0

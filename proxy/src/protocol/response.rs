@@ -129,6 +129,9 @@ enum State {
 pub struct ResponseTracker {
     state: State,
     deprecate_eof: bool,
+    /// MARIADB_CLIENT_CACHE_METADATA: a result set's column count is followed by a byte
+    /// that says whether its column definitions follow.
+    cache_metadata: bool,
     /// The response to an execute that asked for a cursor (see [`ResponseKind::CursorExecute`]).
     execute: bool,
     /// Status flags of the last OK/EOF seen, if any.
@@ -156,6 +159,7 @@ impl ResponseTracker {
         ResponseTracker {
             state,
             deprecate_eof: caps.has(Capabilities::DEPRECATE_EOF),
+            cache_metadata: caps.has(Capabilities::MARIADB_CACHE_METADATA),
             execute: kind == ResponseKind::CursorExecute,
             last_status: None,
             last_ok: None,
@@ -229,14 +233,24 @@ impl ResponseTracker {
                 Some(0xfe) => self.terminal_ok(len, prefix)?,
                 Some(0xfb) => return Ok(Step::LocalInfile),
                 _ => {
-                    let (columns, _) = lenenc::read_int(prefix)
+                    let (columns, used) = lenenc::read_int(prefix)
                         .ok_or_else(|| ProtocolViolation("a result set started without a column count".into()))?;
                     if columns == 0 {
                         return Err(ProtocolViolation("a result set with no columns".into()));
                     }
-                    State::Columns {
-                        left: columns,
-                        total: columns,
+                    // With MariaDB's metadata caching a byte says whether the column
+                    // definitions follow; an execute whose client has them gets none.
+                    if self.cache_metadata && prefix.get(used) == Some(&0) {
+                        if self.deprecate_eof {
+                            State::Rows
+                        } else {
+                            State::ColumnsEof
+                        }
+                    } else {
+                        State::Columns {
+                            left: columns,
+                            total: columns,
+                        }
                     }
                 }
             },

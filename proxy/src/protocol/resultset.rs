@@ -1,6 +1,7 @@
 //! Responses the proxy writes itself when it answers a statement without the server (its
 //! global-transaction statements): an OK packet, and a small text result set of string
-//! columns, in the layout the session negotiated (EOF packets or CLIENT_DEPRECATE_EOF).
+//! columns, in the layout the session negotiated (EOF packets or CLIENT_DEPRECATE_EOF,
+//! MariaDB's extended metadata and metadata caching).
 
 use super::constants::{Capabilities, ServerStatus};
 use super::{frame, lenenc};
@@ -25,7 +26,7 @@ pub fn ok(status: ServerStatus) -> Vec<u8> {
     out
 }
 
-fn column_definition(name: &str) -> Vec<u8> {
+fn column_definition(name: &str, caps: Capabilities) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + name.len());
     lenenc::write_str(&mut out, b"def");
     lenenc::write_str(&mut out, b""); // schema
@@ -33,6 +34,9 @@ fn column_definition(name: &str) -> Vec<u8> {
     lenenc::write_str(&mut out, b""); // original table
     lenenc::write_str(&mut out, name.as_bytes());
     lenenc::write_str(&mut out, name.as_bytes());
+    if caps.has(Capabilities::MARIADB_EXTENDED_METADATA) {
+        out.push(0); // no extended type information
+    }
     out.push(0x0c); // length of the fixed fields
     out.extend_from_slice(&UTF8MB4.to_le_bytes());
     out.extend_from_slice(&(256u32 * 4).to_le_bytes()); // column length
@@ -58,9 +62,12 @@ pub fn text(columns: &[&str], rows: &[Vec<Option<String>>], caps: Capabilities, 
     };
     let mut count = Vec::new();
     lenenc::write_int(&mut count, columns.len() as u64);
+    if caps.has(Capabilities::MARIADB_CACHE_METADATA) {
+        count.push(1); // the column definitions follow
+    }
     put(&mut out, &count);
     for c in columns {
-        put(&mut out, &column_definition(c));
+        put(&mut out, &column_definition(c, caps));
     }
     if !deprecate_eof {
         put(&mut out, &eof(status));
