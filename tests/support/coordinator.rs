@@ -62,7 +62,7 @@ impl Coordinator {
     /// Pauses the process (SIGSTOP): its sockets stay open and nothing answers. Returns once
     /// the kernel reports it stopped (the signal is delivered asynchronously).
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")?;
+        self.signal(libc::SIGSTOP)?;
         let stat = format!("/proc/{}/stat", self.child.id());
         let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < give_up {
@@ -81,14 +81,15 @@ impl Coordinator {
 
     /// Resumes a paused process (SIGCONT).
     pub fn resume(&self) -> Result<()> {
-        self.signal("-CONT")
+        self.signal(libc::SIGCONT)
     }
 
-    fn signal(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} failed: {status}");
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: kill(2) with a pid this struct owns (the child is reaped only in Drop).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            anyhow::bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
         Ok(())
     }
 
