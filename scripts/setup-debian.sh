@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what Ferrata's demo, tests and benchmarks need on Debian/Ubuntu, only when
 # missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
-# CLI), sysbench.
+# CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench.
 set -euo pipefail
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
+command -v mariadb-client-test >/dev/null 2>&1 || missing+=(mariadb-test)
 command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
