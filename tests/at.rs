@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ferrata_proxy::config::{Coordinator as TcSettings, Secret};
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::start_global as start;
 use ferrata_tests::{Proxy, server_error, test_config, until};
@@ -22,13 +22,16 @@ async fn proxy_for(db: &MariaDb, tc: &Coordinator, lock_wait_ms: u64) -> Result<
     ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), lock_wait_ms)
 }
 
-/// The config of an in-process proxy in front of `db`, attached to `tc`.
+/// The config of an in-process proxy in front of `db`, attached to `tc`, with the app user
+/// as its service user.
 fn in_process_config(db: &MariaDb, tc: &Coordinator) -> ferrata_proxy::Config {
     let mut config = test_config(db.addr());
     config.coordinator = Some(TcSettings {
         lock_wait_ms: 2000,
         ..TcSettings::new(vec![tc.endpoint()])
     });
+    config.service.user = APP_USER.into();
+    config.service.password = Some(Secret(APP_PASSWORD.into()));
     config
 }
 
@@ -144,7 +147,6 @@ async fn commit_keeps_the_changes_and_deletes_the_undo_record() -> Result<()> {
 #[tokio::test]
 async fn a_wrapped_autocommit_statement_reports_what_the_server_would() -> Result<()> {
     use ferrata_tests::ferrata_testkit::raw::{RawConn, flags::DEFAULT};
-    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;
     let proxy = proxy_for(&db, &tc, 2000).await?;
@@ -841,7 +843,6 @@ async fn rollback_to_savepoint_discards_exactly_the_undo_records_made_after_it()
 async fn a_multi_statement_string_is_imaged_statement_by_statement() -> Result<()> {
     use ferrata_tests::ferrata_testkit::raw::RawConn;
     use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
-    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;
     let proxy = proxy_for(&db, &tc, 2000).await?;
@@ -927,7 +928,6 @@ async fn a_multi_statement_string_is_imaged_statement_by_statement() -> Result<(
 
 #[tokio::test]
 async fn anti_hanging_markers_are_deleted_once_their_retention_has_passed() -> Result<()> {
-    use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER};
     let db = MariaDb::start().await?;
     let tc = Coordinator::start(TC)?;
     let mut direct = db.conn().await?;
@@ -942,8 +942,6 @@ async fn anti_hanging_markers_are_deleted_once_their_retention_has_passed() -> R
         )
         .await?;
     let mut config = in_process_config(&db, &tc);
-    config.service.user = APP_USER.into();
-    config.service.password = Some(Secret(APP_PASSWORD.into()));
     config.service.marker_retention_ms = 60_000;
     let proxy = Proxy::start_with(config).await?;
     let series = format!("ferrata_proxy_antihanging_markers{{resource=\"{}/test\"}}", db.addr());

@@ -9,7 +9,7 @@ use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, CLIENT_MU
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{
-    assert_same_packets, command, execute_payload, prepare_and_execute, raw_prepare, read_until_terminator,
+    assert_same_packets, com, command, execute_payload, prepare_and_execute, raw_prepare, read_until_terminator,
 };
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Row};
@@ -36,6 +36,14 @@ async fn raw_pair(db: &MariaDb, proxy: &ProxyProcess, flags: u32) -> Result<(Raw
         RawConn::connect(db.addr(), APP_USER, APP_PASSWORD, Some("test"), flags).await?,
         RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?,
     ))
+}
+
+/// Sends `sql` on both connections and checks the answers are the same packets.
+async fn assert_same_answer(direct: &mut RawConn, proxied: &mut RawConn, sql: &str, what: &str) -> Result<()> {
+    let d = direct.query(sql).await?;
+    let p = proxied.query(sql).await?;
+    assert_same_packets(&d, &p, what);
+    Ok(())
 }
 
 /// Every result set of `sql` (a multi-result answer), as text.
@@ -84,12 +92,15 @@ async fn a_compound_statement_answers_packet_for_packet_as_directly() -> Result<
     let (db, _tc, proxy) = setup().await?;
     for flags in FLAG_SETS {
         let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
-        let d = direct.query(CURSOR_LOOP).await?;
-        let p = proxied.query(CURSOR_LOOP).await?;
-        assert_same_packets(&d, &p, &format!("cursor loop, flags {flags:#x}"));
-        let d = direct.query("SELECT 1").await?;
-        let p = proxied.query("SELECT 1").await?;
-        assert_same_packets(&d, &p, &format!("after the cursor loop, flags {flags:#x}"));
+        assert_same_answer(
+            &mut direct,
+            &mut proxied,
+            CURSOR_LOOP,
+            &format!("cursor loop, flags {flags:#x}"),
+        )
+        .await?;
+        let what = format!("after the cursor loop, flags {flags:#x}");
+        assert_same_answer(&mut direct, &mut proxied, "SELECT 1", &what).await?;
     }
     Ok(())
 }
@@ -115,10 +126,8 @@ async fn a_command_pipelined_after_a_compound_statement_gets_its_own_answer() ->
         let mut replies = Vec::new();
         for addr in [db.addr(), proxy.addr] {
             let mut conn = RawConn::connect(addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
-            let mut block = vec![0x03];
-            block.extend_from_slice(CURSOR_LOOP.as_bytes());
-            conn.send_command(&block).await?;
-            conn.send_command(b"\x03SELECT 'after'").await?;
+            conn.send_command(&command(com::QUERY, CURSOR_LOOP.as_bytes())).await?;
+            conn.send_command(&command(com::QUERY, b"SELECT 'after'")).await?;
             let first = conn.read_response().await?;
             let second = conn.read_response().await?;
             replies.push((first, second));
@@ -155,9 +164,13 @@ async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> R
             let d = prepare_and_execute(&mut direct, sql, &[]).await?;
             let p = prepare_and_execute(&mut proxied, sql, &[]).await?;
             assert_same_packets(&d, &p, &format!("{what}, flags {flags:#x}"));
-            let d = direct.query(sql).await?;
-            let p = proxied.query(sql).await?;
-            assert_same_packets(&d, &p, &format!("{sql} as text, flags {flags:#x}"));
+            assert_same_answer(
+                &mut direct,
+                &mut proxied,
+                sql,
+                &format!("{sql} as text, flags {flags:#x}"),
+            )
+            .await?;
         }
         // OUT parameters bound to placeholders come back as their own result set.
         let int = |v: i32| (0x03u8, Some(v.to_le_bytes().to_vec()));
@@ -168,12 +181,10 @@ async fn procedures_and_blocks_in_every_response_shape_answer_as_directly() -> R
         assert_same_packets(&d, &p, &format!("CALL with OUT parameters, flags {flags:#x}"));
         // A block and a procedure inside a multi-statement string.
         let multi = "SELECT 1 AS one; CALL looped(); BEGIN NOT ATOMIC SELECT 2 AS two; CALL outs(5, @b, @c); END; SELECT @b, @c";
-        let d = direct.query(multi).await?;
-        let p = proxied.query(multi).await?;
-        assert_same_packets(&d, &p, &format!("blocks in a multi-statement string, flags {flags:#x}"));
-        let d = direct.query("SELECT 'still here'").await?;
-        let p = proxied.query("SELECT 'still here'").await?;
-        assert_same_packets(&d, &p, &format!("after them, flags {flags:#x}"));
+        let what = format!("blocks in a multi-statement string, flags {flags:#x}");
+        assert_same_answer(&mut direct, &mut proxied, multi, &what).await?;
+        let what = format!("after them, flags {flags:#x}");
+        assert_same_answer(&mut direct, &mut proxied, "SELECT 'still here'", &what).await?;
     }
     Ok(())
 }
@@ -193,9 +204,12 @@ async fn several_statements_without_multi_statements_get_the_servers_syntax_erro
     );
     let sql = "UPDATE d SET v = 9 WHERE id = 1; SELECT 1";
     let d = direct.query(sql).await?;
-    let p = proxied.query(sql).await?;
     assert_eq!(d[0].payload[..3], [0xff, 0x28, 0x04], "directly: ER_PARSE_ERROR");
-    assert_same_packets(&d, &p, "several statements without CLIENT_MULTI_STATEMENTS");
+    assert_same_packets(
+        &d,
+        &proxied.query(sql).await?,
+        "several statements without CLIENT_MULTI_STATEMENTS",
+    );
     let v: Option<String> = db
         .conn()
         .await?
@@ -229,10 +243,10 @@ async fn a_call_executed_with_a_cursor_flag_answers_as_directly() -> Result<()> 
         let (mut direct, mut proxied) = raw_pair(&db, &proxy, flags).await?;
         let mut seen = Vec::new();
         for conn in [&mut direct, &mut proxied] {
-            let (_, id) = ferrata_tests::raw_prepare(conn, "CALL looped()").await?;
-            conn.send_command(&ferrata_tests::execute_payload(id, 1, &[])).await?;
+            let (_, id) = raw_prepare(conn, "CALL looped()").await?;
+            conn.send_command(&execute_payload(id, 1, &[])).await?;
             // A query pipelined behind it marks where the execute's answer must have ended.
-            conn.send_command(b"\x03SELECT 'pipelined'").await?;
+            conn.send_command(&command(com::QUERY, b"SELECT 'pipelined'")).await?;
             let mut packets = Vec::new();
             loop {
                 let p = conn.read_packet().await?;
@@ -329,9 +343,7 @@ async fn change_user_refused_or_accepted_leaves_the_session_as_directly() -> Res
 /// Sends `sql` and reads its answer: the number of progress reports (ERR packets with code
 /// 0xFFFF) before the OK that ends it.
 async fn progress_reports(conn: &mut RawConn, sql: &str) -> Result<usize> {
-    let mut payload = vec![0x03];
-    payload.extend_from_slice(sql.as_bytes());
-    conn.send_command(&payload).await?;
+    conn.send_command(&command(com::QUERY, sql.as_bytes())).await?;
     let mut reports = 0;
     loop {
         let p = conn.read_packet().await?;
@@ -420,7 +432,7 @@ async fn cached_and_extended_metadata_answer_as_directly() -> Result<()> {
                 conn.send_command(&execute_payload(id, 0, &[])).await?;
                 seen.push(read_result(&mut conn).await?);
             }
-            conn.send_command(&command(0x03, b"SELECT v FROM d ORDER BY id"))
+            conn.send_command(&command(com::QUERY, b"SELECT v FROM d ORDER BY id"))
                 .await?;
             seen.push(read_result(&mut conn).await?);
             answers.push((seen, conn));

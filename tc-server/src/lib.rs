@@ -4,8 +4,8 @@
 //!
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
-//!   `xid` ids, `history` finished transactions, `rm` attached resource managers and phase-2 routing, `config`, `error`,
-//!   `auth`, `metrics`
+//!   `xid` ids, `history` finished transactions, `rm` attached resource managers and
+//!   phase-2 routing, `config`, `error`, `auth`, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `grpc` and `http` the two APIs

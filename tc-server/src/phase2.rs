@@ -12,13 +12,13 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::coordinator::{Coordinator, PendingCommit, Session};
-
-/// How often the finished transactions' history is trimmed (a no-op when nothing is due).
-const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 use crate::metrics::Action;
 use crate::model::{BranchError, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
 use crate::rm::CallError;
 use crate::store::Mutation;
+
+/// How often the finished transactions' history is trimmed (a no-op when nothing is due).
+const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How a rollback pass ended.
 enum Pass {
@@ -101,12 +101,13 @@ impl Coordinator {
                 _ = self.shutdown.cancelled() => return,
             }
             let t = &self.config.transactions;
-            let (forgotten, kept) = {
+            let forgotten = {
                 let mut history = self.finished.lock();
                 let forgotten = history.trim(t.finished_history, t.finished_retention_ms, now_ms());
-                (forgotten, history.len())
+                // Set while the history is locked: nobody sees it trimmed with the old count.
+                self.metrics.finished_kept.set(history.len() as f64);
+                forgotten
             };
-            self.metrics.finished_kept.set(kept as f64);
             if !forgotten.is_empty() {
                 let forget = forgotten
                     .into_iter()

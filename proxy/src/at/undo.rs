@@ -503,10 +503,7 @@ pub fn dirty_check(item: &UndoItem, current: &[RawRow]) -> Verdict {
             "error": format!("a current row has {} values, the images {width} columns: the table changed shape", bad.len()),
         }));
     }
-    let current: Vec<Vec<Option<&[u8]>>> = current
-        .iter()
-        .map(|r| r.iter().map(|v| v.as_deref()).collect())
-        .collect();
+    let current = raw_rows(current);
     let after: Vec<Vec<Option<&[u8]>>> = item.after.iter().map(as_bytes).collect();
     let before: Vec<Vec<Option<&[u8]>>> = item.before.iter().map(as_bytes).collect();
     if same_rows(&item.primary_key, &after, &current) {
@@ -531,16 +528,8 @@ pub fn dirty_check(item: &UndoItem, current: &[RawRow]) -> Verdict {
 pub fn restore_mismatch(item: &UndoItem, read_back: &[RawRow]) -> serde_json::Value {
     let pk = &item.primary_key;
     let before: Vec<Row> = item.before.iter().map(as_bytes).collect();
-    let read_back: Vec<Row> = read_back
-        .iter()
-        .map(|r| r.iter().map(|v| v.as_deref()).collect())
-        .collect();
-    let key_json = |row: &Row| -> serde_json::Value {
-        pk.iter()
-            .map(|&i| (item.columns[i].name.clone(), text(row.get(i).copied().flatten())))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
+    let read_back = raw_rows(read_back);
+    let key_json = |row: &Row| key_json(item, row);
     let before_by_key: HashMap<_, &Row> = before.iter().map(|r| (key_of(pk, r), r)).collect();
     let mut seen = std::collections::HashSet::new();
     let mut rows = Vec::new();
@@ -573,18 +562,36 @@ pub fn restore_mismatch(item: &UndoItem, read_back: &[RawRow]) -> serde_json::Va
             rows.push(serde_json::json!({"primary_key": key_json(b), "state": "missing"}));
         }
     }
-    serde_json::json!({
-        "schema": item.schema,
-        "table": item.table,
-        "kind": item.kind,
-        "rows": rows,
-    })
+    rows_report(item, rows)
 }
 
 type Row<'a> = Vec<Option<&'a [u8]>>;
 
 fn as_bytes(row: &ImageRow) -> Row<'_> {
     row.iter().map(|v| v.as_deref().map(str::as_bytes)).collect()
+}
+
+fn raw_rows(rows: &[RawRow]) -> Vec<Row<'_>> {
+    rows.iter().map(|r| r.iter().map(|v| v.as_deref()).collect()).collect()
+}
+
+/// A row's primary key, by column name, for a report.
+fn key_json(item: &UndoItem, row: &Row) -> serde_json::Value {
+    item.primary_key
+        .iter()
+        .map(|&i| (item.columns[i].name.clone(), text(row[i])))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// A report on `item`'s rows: its table and kind, and one entry per row.
+fn rows_report(item: &UndoItem, rows: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({
+        "schema": item.schema,
+        "table": item.table,
+        "kind": item.kind,
+        "rows": rows,
+    })
 }
 
 fn key_of<'a>(pk: &[usize], row: &Row<'a>) -> Vec<Option<&'a [u8]>> {
@@ -617,12 +624,7 @@ fn detail(item: &UndoItem, before: &[Row], after: &[Row], current: &[Row]) -> se
     let after_by_key: HashMap<_, &Row> = after.iter().map(|r| (key_of(pk, r), r)).collect();
     let mut current_by_key: HashMap<_, &Row> = HashMap::new();
     let mut rows = Vec::new();
-    let key_json = |row: &Row| -> serde_json::Value {
-        pk.iter()
-            .map(|&i| (item.columns[i].name.clone(), text(row[i])))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
+    let key_json = |row: &Row| key_json(item, row);
     let column = |i: usize, b: Option<&Row>, a: Option<&Row>, c: Option<&Row>| {
         let col = &item.columns[i];
         serde_json::json!({
@@ -666,12 +668,7 @@ fn detail(item: &UndoItem, before: &[Row], after: &[Row], current: &[Row]) -> se
             rows.push(serde_json::json!({"primary_key": key_json(a), "state": "missing"}));
         }
     }
-    serde_json::json!({
-        "schema": item.schema,
-        "table": item.table,
-        "kind": item.kind,
-        "rows": rows,
-    })
+    rows_report(item, rows)
 }
 
 #[cfg(test)]

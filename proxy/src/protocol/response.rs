@@ -446,14 +446,18 @@ mod tests {
     const NO_DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41);
     const DEPRECATE: Capabilities = Capabilities(Capabilities::PROTOCOL_41 | Capabilities::DEPRECATE_EOF);
 
+    /// A framed packet with sequence id `seq`.
+    fn frame(seq: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        crate::protocol::frame::write_packet(&mut out, seq, payload);
+        out
+    }
+
     #[test]
     fn a_response_is_an_error_by_its_last_packet_not_a_progress_report() {
         let framed = |payloads: &[&[u8]]| {
-            let mut out = Vec::new();
-            for (seq, p) in payloads.iter().enumerate() {
-                crate::protocol::frame::write_packet(&mut out, seq as u8 + 1, p);
-            }
-            out
+            let packets = payloads.iter().enumerate().map(|(seq, p)| frame(seq as u8 + 1, p));
+            packets.collect::<Vec<_>>().concat()
         };
         let progress: &[u8] = b"\xff\xff\xff\x01\x01\x00\x10\x27\x00\x04copy";
         let ok: &[u8] = b"\x00\x00\x00\x02\x00\x00\x00";
@@ -513,11 +517,6 @@ mod tests {
 
     #[test]
     fn response_status_rewritten_in_eofs_and_the_terminator() {
-        let frame = |seq: u8, payload: &[u8]| {
-            let mut p = vec![payload.len() as u8, 0, 0, seq];
-            p.extend_from_slice(payload);
-            p
-        };
         let autocommit = ServerStatus(ServerStatus::AUTOCOMMIT);
         let mask = ServerStatus::AUTOCOMMIT | ServerStatus::IN_TRANS;
         // A single OK: IN_TRANS off, AUTOCOMMIT on, MORE_RESULTS_EXISTS kept.
@@ -548,11 +547,6 @@ mod tests {
 
     #[test]
     fn response_status_rewritten_in_every_result_of_a_chain() {
-        let frame = |seq: u8, payload: &[u8]| {
-            let mut p = vec![payload.len() as u8, 0, 0, seq];
-            p.extend_from_slice(payload);
-            p
-        };
         // OK (more results), a result set whose row is a 0x00 byte string, OK: every OK and
         // terminator loses IN_TRANS, the row is untouched.
         let row = [0x00, 0x00, 0x00, 0x0b, 0x00, 0x00, 0x00];

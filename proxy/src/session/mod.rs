@@ -299,11 +299,10 @@ impl Pending {
         }
         let ok = tracker.error_code().is_none();
         match self.command {
-            // A new user or a reset session starts outside any global transaction.
-            // The server rolled the local transaction back, pending writes included.
-            // The server resets the session before it checks the new user: a refused change
-            // too drops the prepared statements and rolls the transaction back, keeping only
-            // the database.
+            // A new user starts outside any global transaction. The server resets the session
+            // before it checks the new user, so a refused change too drops the prepared
+            // statements and rolls the local transaction back (pending writes included);
+            // only the database stays as it was.
             Command::CHANGE_USER => {
                 state.forget_statements();
                 if self.user_changed {

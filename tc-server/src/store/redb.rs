@@ -12,8 +12,9 @@
 //! * `meta`: `&str` → `u64`, holding `"id_ceiling"`.
 //!
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
-//! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a record bumps the byte;
-//! this one refuses a record with a byte it does not know instead of misreading it.
+//! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a
+//! record bumps the byte; this one refuses a record with a byte it does not know instead of
+//! misreading it.
 //!
 //! ## Settings
 //!
@@ -35,7 +36,10 @@
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -108,6 +112,34 @@ impl RedbStore {
         StoreError(format!("store {}: cannot {what}: {e}", self.path.display()))
     }
 
+    /// Every record of a table keyed by txn id, each checked to name the id it is stored under.
+    fn load_by_txn<T: DeserializeOwned>(
+        &self,
+        txn: &ReadTransaction,
+        table: TableDefinition<u64, &[u8]>,
+        what: &str,
+        txn_id_of: fn(&T) -> u64,
+    ) -> Result<Vec<T>, StoreError> {
+        let read = |e: redb::StorageError| self.error("read", e);
+        let table = txn
+            .open_table(table)
+            .map_err(|e| self.error(&format!("open the {what} table"), e))?;
+        let mut records = Vec::new();
+        for entry in table.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            let txn_id = key.value();
+            let record: T = decode(&self.path, || format!("the {what} {txn_id}"), value.value())?;
+            if txn_id_of(&record) != txn_id {
+                return Err(self.error(
+                    "load",
+                    format!("the {what} stored under {txn_id} names txn_id {}", txn_id_of(&record)),
+                ));
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
     /// Runs `f` in one write transaction and commits it durably.
     fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let mut txn = self
@@ -178,23 +210,7 @@ impl Store for RedbStore {
             .map_err(|e| self.error("begin a read transaction", e))?;
         let read = |e: redb::StorageError| self.error("read", e);
 
-        let table = txn
-            .open_table(GLOBALS)
-            .map_err(|e| self.error("open the globals table", e))?;
-        let mut globals = Vec::new();
-        for entry in table.iter().map_err(read)? {
-            let (key, value) = entry.map_err(read)?;
-            let txn_id = key.value();
-            let record: GlobalRecord =
-                decode(&self.path, || format!("the global transaction {txn_id}"), value.value())?;
-            if record.txn_id != txn_id {
-                return Err(self.error(
-                    "load",
-                    format!("the global stored under {txn_id} names txn_id {}", record.txn_id),
-                ));
-            }
-            globals.push(record);
-        }
+        let globals = self.load_by_txn(&txn, GLOBALS, "global transaction", |g: &GlobalRecord| g.txn_id)?;
 
         let table = txn
             .open_table(BRANCHES)
@@ -220,29 +236,9 @@ impl Store for RedbStore {
             branches.push(record);
         }
 
-        let table = txn
-            .open_table(FINISHED)
-            .map_err(|e| self.error("open the finished table", e))?;
-        let mut finished = Vec::new();
-        for entry in table.iter().map_err(read)? {
-            let (key, value) = entry.map_err(read)?;
-            let txn_id = key.value();
-            let record: FinishedRecord = decode(
-                &self.path,
-                || format!("the finished transaction {txn_id}"),
-                value.value(),
-            )?;
-            if record.record.txn_id != txn_id {
-                return Err(self.error(
-                    "load",
-                    format!(
-                        "the finished transaction stored under {txn_id} names txn_id {}",
-                        record.record.txn_id
-                    ),
-                ));
-            }
-            finished.push(record);
-        }
+        let finished = self.load_by_txn(&txn, FINISHED, "finished transaction", |f: &FinishedRecord| {
+            f.record.txn_id
+        })?;
 
         let table = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
         let id_ceiling = table.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0);
