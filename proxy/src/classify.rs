@@ -125,10 +125,16 @@ pub fn use_schema(sql: &[u8]) -> Option<String> {
     }
     match lexer.next_token()? {
         Token::Word(w) => Some(String::from_utf8_lossy(&sql[w]).into_owned()),
-        Token::Quoted(q) => {
-            let inner = &sql[q.start + 1..q.end - 1];
-            Some(String::from_utf8_lossy(inner).replace("``", "`"))
-        }
+        Token::Quoted(q) => unquoted(&sql[q]),
+        _ => None,
+    }
+}
+
+/// A quoted name without its quotes; `None` when the closing quote is missing (the lexer
+/// ends an unterminated quote at the end of the statement).
+fn unquoted(quoted: &[u8]) -> Option<String> {
+    match quoted {
+        [open, inner @ .., close] if open == close => Some(String::from_utf8_lossy(inner).replace("``", "`")),
         _ => None,
     }
 }
@@ -141,9 +147,7 @@ pub fn savepoint_name(sql: &[u8]) -> Option<String> {
     while let Some(token) = lexer.next_token() {
         match token {
             Token::Word(w) => last = Some(String::from_utf8_lossy(&sql[w]).into_owned()),
-            Token::Quoted(q) if sql[q.start] == b'`' => {
-                last = Some(String::from_utf8_lossy(&sql[q.start + 1..q.end - 1]).replace("``", "`"));
-            }
+            Token::Quoted(q) if sql[q.start] == b'`' => last = unquoted(&sql[q]),
             Token::Semicolon => break,
             _ => last = None,
         }
@@ -566,6 +570,15 @@ mod tests {
         );
         assert_eq!(savepoint_name(b"RELEASE SAVEPOINT S1 /* c */").as_deref(), Some("s1"));
         assert_eq!(savepoint_name(b"ROLLBACK TO x").as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn unterminated_quoted_names_are_no_names() {
+        // Found by fuzzing (classifier target): a lone backtick panicked the session task.
+        assert_eq!(savepoint_name(b"SAVEPOINT `"), None);
+        assert_eq!(savepoint_name(b"SAVEPOINT `abc"), None);
+        assert_eq!(use_schema(b"USE `"), None);
+        assert_eq!(use_schema(b"USE `shop"), None);
     }
 
     #[test]

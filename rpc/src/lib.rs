@@ -49,10 +49,12 @@ pub enum ErrorCode {
     RmProtocol,
     /// The HTTP route does not exist.
     NotFound,
+    /// The HTTP route exists, but not for this method.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -65,6 +67,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::RmProtocol,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::RmProtocol => "rm_protocol",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -97,6 +101,7 @@ impl ErrorCode {
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
             ErrorCode::StoreFailed => Code::Internal,
             ErrorCode::ShuttingDown => Code::Unavailable,
+            ErrorCode::MethodNotAllowed => Code::Unimplemented,
         }
     }
 
@@ -109,6 +114,7 @@ impl ErrorCode {
             ErrorCode::Deadlock => 409,
             ErrorCode::StoreFailed => 500,
             ErrorCode::ShuttingDown => 503,
+            ErrorCode::MethodNotAllowed => 405,
         }
     }
 

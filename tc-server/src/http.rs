@@ -47,6 +47,12 @@ pub fn router(coordinator: Arc<Coordinator>, token: Token) -> Router {
                 "no such endpoint; see README.md for the HTTP API",
             ))
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            error(TcError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("this endpoint does not take {method}; see README.md for the HTTP API"),
+            ))
+        })
         .with_state(api)
 }
 

@@ -4,6 +4,9 @@
 
 use super::lenenc;
 
+/// MYSQL_TYPE_STRING.
+const STRING: u8 = 0xfe;
+
 /// One bound parameter as the client sent it: its type (type byte and flags byte) and its
 /// value in the binary protocol's encoding, `None` for NULL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,7 +15,8 @@ pub struct Param {
     pub value: Option<Vec<u8>>,
 }
 
-/// Bytes of a binary-protocol value of type `kind` at the start of `buf`.
+/// Bytes of a binary-protocol value of type `kind` at the start of `buf` (a length-encoded
+/// one only if it fits: its length is the client's to choose).
 fn value_len(kind: u8, buf: &[u8]) -> Option<usize> {
     Some(match kind {
         0x06 => 0,                                               // NULL
@@ -21,10 +25,7 @@ fn value_len(kind: u8, buf: &[u8]) -> Option<usize> {
         0x03 | 0x09 | 0x04 => 4,                                 // LONG, INT24, FLOAT
         0x08 | 0x05 => 8,                                        // LONGLONG, DOUBLE
         0x07 | 0x0a | 0x0b | 0x0c => 1 + *buf.first()? as usize, // TIMESTAMP, DATE, TIME, DATETIME
-        _ => {
-            let (len, used) = lenenc::read_int(buf)?;
-            used + usize::try_from(len).ok()?
-        }
+        _ => lenenc::read_str(buf)?.1,
     })
 }
 
@@ -62,8 +63,10 @@ pub fn params(
         if let Some(data) = u16::try_from(i).ok().and_then(|i| long.get(&i)) {
             let mut value = Vec::with_capacity(data.len() + 9);
             lenenc::write_str(&mut value, data);
+            // Long data is a string whatever type was bound (the server converts it), so
+            // it is one here too: re-sent, and as a literal.
             out.push(Param {
-                kind: *kind,
+                kind: [STRING, kind[1]],
                 value: Some(value),
             });
             continue;
@@ -187,6 +190,34 @@ pub fn integer_literals(params: &[Param]) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_past_the_address_space_is_malformed() {
+        // Found by fuzzing (execute_params target): the length overflowed the offset.
+        for len in [u64::MAX, u64::MAX - 9, 1 << 40] {
+            let mut payload = vec![0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0x00, 1, 0xfe, 0x00, 0xfe];
+            payload.extend_from_slice(&len.to_le_bytes());
+            assert_eq!(params(&payload, 1, None, &Default::default()), None, "{len}");
+        }
+    }
+
+    #[test]
+    fn long_data_bound_to_an_integer_is_a_string() {
+        // Found by fuzzing (execute_params target): long data bound to an integer
+        // parameter was read as a binary integer (a panic past 8 bytes, a wrong value
+        // below) and re-sent with the integer type.
+        let long = std::collections::BTreeMap::from([(0u16, b"12345678901".to_vec())]);
+        let execute = [0x17, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0x00, 1, 0x08, 0x00];
+        let (got, types) = params(&execute, 1, None, &long).expect("well-formed");
+        assert_eq!(types, vec![[0x08, 0x00]], "later executes reuse the bound types");
+        assert_eq!(literal(&got[0]).as_deref(), Some("X'3132333435363738393031'"));
+        assert_eq!(integer_literals(&got), None);
+        let short = std::collections::BTreeMap::from([(0u16, b"7".to_vec())]);
+        let (got, _) = params(&execute, 1, None, &short).expect("well-formed");
+        assert_eq!(literal(&got[0]).as_deref(), Some("X'37'"));
+        let resent = payload(1, &got);
+        assert_eq!(&resent[12..], &[STRING, 0x00, 1, b'7']);
+    }
 
     #[test]
     fn params_round_trip_and_reuse_types() {
