@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Ferrata's demo, tests and benchmarks need on Debian/Ubuntu, only when
 # missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
-# CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench.
+# CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench;
+# and cargo-fuzz (from crates.io, into ~/.cargo/bin) for scripts/fuzz.sh.
 set -euo pipefail
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
@@ -16,4 +17,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     # Debian starts the packaged server; Ferrata starts its own throw-away servers.
     $sudo systemctl disable --now mariadb >/dev/null 2>&1 || true
+fi
+
+# The fuzz targets build on stable Rust with cargo-fuzz; libFuzzer is compiled by
+# libfuzzer-sys, which needs a C++ compiler (build-essential's g++).
+if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+    echo "installing: cargo-fuzz"
+    cargo install --locked cargo-fuzz --version 0.13.2
 fi

@@ -6,10 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrata_rpc::pb::resource_manager_server::ResourceManagerServer;
+use ferrata_rpc::pb::transaction_manager_server::TransactionManagerServer;
 use ferrata_rpc::{ErrorCode, pb};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Token;
@@ -31,10 +35,13 @@ fn status(e: TcError) -> Status {
 }
 
 /// The interceptor that refuses calls without the configured token.
-pub fn check_token(token: Token) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |request: Request<()>| {
+#[derive(Clone)]
+pub struct TokenCheck(Token);
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        if token.accepts(header) {
+        if self.0.accepts(header) {
             Ok(request)
         } else {
             Err(ErrorCode::Unauthenticated.status(
@@ -43,6 +50,26 @@ pub fn check_token(token: Token) -> impl Fn(Request<()>) -> Result<Request<()>, 
             ))
         }
     }
+}
+
+pub type TmServer = InterceptedService<TransactionManagerServer<TmService>, TokenCheck>;
+pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCheck>;
+
+/// Both services as `ferrata-tc` serves them: behind the token check, decoding messages of
+/// at most `max_message_bytes`.
+pub fn services(coordinator: &Arc<Coordinator>, token: Token, max_message_bytes: usize) -> (TmServer, RmServer) {
+    let check = TokenCheck(token);
+    (
+        InterceptedService::new(
+            TransactionManagerServer::new(TmService(Arc::clone(coordinator)))
+                .max_decoding_message_size(max_message_bytes),
+            check.clone(),
+        ),
+        InterceptedService::new(
+            ResourceManagerServer::new(RmService(Arc::clone(coordinator))).max_decoding_message_size(max_message_bytes),
+            check,
+        ),
+    )
 }
 
 pub struct TmService(pub Arc<Coordinator>);

@@ -7,19 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ferrata_rpc::pb::resource_manager_server::ResourceManagerServer;
-use ferrata_rpc::pb::transaction_manager_server::TransactionManagerServer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::Token;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
-use crate::grpc::{RmService, TmService, check_token};
+use crate::grpc::services;
 use crate::store::Store;
 use crate::store::journal::Journal;
 use crate::store::redb::RedbStore;
@@ -85,8 +82,7 @@ impl Server {
         coordinator.start_background();
         tracing::info!(rpc = %rpc.local_addr()?, http = %http.local_addr()?, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
-        let max = config.transactions.max_message_bytes;
-        let interceptor = check_token(token.clone());
+        let (tm, rm) = services(&coordinator, token.clone(), config.transactions.max_message_bytes);
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             let cert = std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
@@ -97,20 +93,11 @@ impl Server {
                 )
                 .context("setting up TLS for gRPC")?;
         }
-        let grpc = builder
-            .add_service(InterceptedService::new(
-                TransactionManagerServer::new(TmService(Arc::clone(&coordinator))).max_decoding_message_size(max),
-                interceptor.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                ResourceManagerServer::new(RmService(Arc::clone(&coordinator))).max_decoding_message_size(max),
-                interceptor,
-            ))
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
-                tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
-                stop.clone().cancelled_owned(),
-            );
+        let grpc = builder.add_service(tm).add_service(rm).serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
+            tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
 
         let app = crate::http::router(Arc::clone(&coordinator), token);
         let http_stop = stop.clone().cancelled_owned();
