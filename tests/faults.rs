@@ -1,7 +1,9 @@
 //! Faults and limits: garbage, truncated and oversized packets from clients (before and after
 //! authentication) while other sessions keep working, the connection limit, the handshake
 //! timeout, a backend that dies mid-session or cannot be reached at all, graceful shutdown
-//! with a query in flight, and the admin endpoints (`/healthz`, `/metrics`).
+//! with a query in flight, and the admin endpoints (`/healthz`, `/metrics`); and a
+//! network-level fuzzer: mutated command sequences against a proxy process with a
+//! coordinator while a well-behaved client checks every answer.
 //!
 //! Metrics are process-wide and the tests in this file run concurrently, so metric checks
 //! assert that a counter moved by at least what this test did.
@@ -328,6 +330,177 @@ async fn admin_endpoints_report_health_and_metrics_that_move() -> Result<()> {
         assert!(metric(&after, series).is_some(), "{series} missing from:\n{after}");
     }
     Ok(())
+}
+
+/// Mutated command sequences from many sessions (inside and outside global transactions,
+/// text and prepared) against a proxy process with a coordinator, while a well-behaved client
+/// runs global transactions and checks every answer. Each fuzz session must end within the
+/// deadline once the client closes its side (no hang); the proxy must stay up, leave no
+/// backend session behind and not grow. `FERRATA_NETFUZZ_ROUNDS` (default 150) and
+/// `FERRATA_NETFUZZ_SEED` run it longer or repeat a failure; it prints its seed.
+#[tokio::test]
+async fn mutated_sessions_never_disturb_a_checking_client() -> Result<()> {
+    const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+    const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+    let rounds: u64 = std::env::var("FERRATA_NETFUZZ_ROUNDS").map_or(Ok(150), |v| v.parse())?;
+    let seed: u64 = match std::env::var("FERRATA_NETFUZZ_SEED") {
+        Ok(v) => v.parse()?,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    };
+    println!("network fuzz: {rounds} rounds, FERRATA_NETFUZZ_SEED={seed}");
+
+    let db = ferrata_tests::ferrata_testkit::MariaDb::start().await?;
+    let tc = ferrata_tests::coordinator::Coordinator::start(TC)?;
+    let mut proxy = ferrata_tests::process::ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 200)?;
+    let mut direct = db.conn().await?;
+    for sql in [
+        "CREATE TABLE checked (id INT PRIMARY KEY, n BIGINT NOT NULL)",
+        "CREATE TABLE fuzz (id INT PRIMARY KEY, v VARCHAR(20))",
+        "INSERT INTO checked VALUES (1, 0)",
+        "INSERT INTO fuzz VALUES (1, 'a'), (2, 'b')",
+    ] {
+        direct.query_drop(sql).await?;
+    }
+
+    let stop = CancellationToken::new();
+    let checker = tokio::spawn(keep_transacting(proxy.conn().await?, stop.clone()));
+
+    let mut rng = junk(8 * rounds as usize * 16, seed).into_iter();
+    let mut next = move || rng.next().unwrap_or(0);
+    let mut rss_after_warm_up = 0;
+    for round in 0..rounds {
+        if round == rounds / 5 {
+            rss_after_warm_up = rss_kib(proxy.pid())?;
+        }
+        let sequence = mutated(FUZZ_SEQUENCES[usize::from(next()) % FUZZ_SEQUENCES.len()], &mut next);
+        let what = format!("round {round} (FERRATA_NETFUZZ_SEED={seed})");
+        let mut raw = ferrata_tests::ferrata_testkit::raw::RawConn::connect(
+            proxy.addr,
+            ferrata_tests::ferrata_testkit::APP_USER,
+            ferrata_tests::ferrata_testkit::APP_PASSWORD,
+            Some("test"),
+            flags::DEFAULT,
+        )
+        .await
+        .with_context(|| what.clone())?;
+        let stream = raw.stream_mut();
+        // The proxy may close early (a fatal packet); what it answered does not matter, only
+        // that it ends the session once the client is done.
+        let _ = stream.write_all(&sequence).await;
+        let _ = stream.shutdown().await;
+        read_until_closed(stream).await.with_context(|| what.clone())?;
+        ensure!(proxy.is_running(), "{what}: the proxy process died");
+    }
+
+    // Every fuzz session ends: only the checker's is left.
+    eventually("fuzz sessions to end", DEADLINE, async || {
+        let active = proxy.metric("ferrata_proxy_connections_active").await?;
+        Ok((active == 1.0).then_some(()))
+    })
+    .await?;
+    stop.cancel();
+    let transactions = checker.await??;
+    assert!(transactions > 0);
+    let rss_at_end = rss_kib(proxy.pid())?;
+    println!(
+        "network fuzz: {transactions} checked global transactions; proxy RSS {rss_after_warm_up} KiB after warm-up, {rss_at_end} KiB at the end"
+    );
+    assert!(
+        rss_at_end < rss_after_warm_up + 64 * 1024,
+        "the proxy grew from {rss_after_warm_up} KiB to {rss_at_end} KiB"
+    );
+    let n: Option<i64> = direct.query_first("SELECT n FROM checked WHERE id = 1").await?;
+    assert_eq!(
+        n,
+        Some(transactions as i64),
+        "every committed global transaction counted once"
+    );
+    Ok(())
+}
+
+/// Command sequences the fuzzer mutates: each packet framed, sequence ids from 0.
+const FUZZ_SEQUENCES: &[&[&[u8]]] = &[
+    &[
+        b"\x03START GLOBAL TRANSACTION",
+        b"\x03UPDATE fuzz SET v = 'x' WHERE id = 1",
+        b"\x03COMMIT GLOBAL",
+    ],
+    &[
+        b"\x03START GLOBAL TRANSACTION",
+        b"\x03DELETE FROM fuzz WHERE id = 2",
+        b"\x03ROLLBACK GLOBAL",
+    ],
+    &[
+        b"\x03START GLOBAL TRANSACTION",
+        b"\x03SELECT * FROM fuzz WHERE id = 1 FOR UPDATE",
+    ],
+    &[b"\x03INSERT INTO fuzz VALUES (3, 'c') ON DUPLICATE KEY UPDATE v = 'd'; SELECT 1"],
+    &[b"\x03UPDATE fuzz SET v = 'y' WHERE id IN (1, 2)", b"\x0e", b"\x02test"],
+    &[
+        b"\x16UPDATE fuzz SET v = ? WHERE id = ?",
+        b"\x17\x01\x00\x00\x00\x00\x01\x00\x00\x00\x00\x01\xfe\x00\x03\x00\x01zz\x01\x00\x00\x00",
+    ],
+    &[
+        b"\x03START GLOBAL TRANSACTION",
+        b"\x16INSERT INTO fuzz VALUES (?, ?)",
+        b"\x18\x01\x00\x00\x00\x00\x00long data",
+    ],
+    &[b"\x03BEGIN NOT ATOMIC SELECT 1; SELECT 2; END", b"\x03SHOW WARNINGS"],
+];
+
+/// One sequence framed as a client would send it, with one packet mutated: bytes flipped,
+/// cut short, its length header changed, or junk inserted.
+fn mutated(sequence: &[&[u8]], next: &mut impl FnMut() -> u8) -> Vec<u8> {
+    let target = usize::from(next()) % sequence.len();
+    let mut out = Vec::new();
+    for (i, payload) in sequence.iter().enumerate() {
+        let mut packet = framed(0, payload);
+        if i == target {
+            match next() % 4 {
+                0 => (0..1 + next() % 4).for_each(|_| {
+                    let at = usize::from(next()) % packet.len();
+                    packet[at] ^= next() | 1;
+                }),
+                1 => packet.truncate(usize::from(next()) % packet.len()),
+                2 => packet[usize::from(next() % 3)] = next(),
+                _ => {
+                    let at = 4 + usize::from(next()) % (packet.len() - 4);
+                    let junk: Vec<u8> = (0..next() % 32).map(|_| next()).collect();
+                    packet.splice(at..at, junk);
+                }
+            }
+        }
+        out.extend_from_slice(&packet);
+    }
+    out
+}
+
+/// Global transactions that add 1 to `checked`, each checked, until `stop`; returns how many
+/// committed.
+async fn keep_transacting(mut conn: Conn, stop: CancellationToken) -> Result<u64> {
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        ferrata_tests::start_global(&mut conn).await?;
+        conn.query_drop("UPDATE checked SET n = n + 1 WHERE id = 1").await?;
+        let seen: Option<u64> = conn.query_first("SELECT n FROM checked WHERE id = 1").await?;
+        ensure!(seen == Some(n + 1), "transaction {} read n = {seen:?}", n + 1);
+        conn.query_drop("COMMIT GLOBAL").await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS without a value")?
+        .parse()?)
 }
 
 // ---- helpers ----

@@ -121,6 +121,15 @@ impl ProxyProcess {
         Ok(crate::metric(&body, series).unwrap_or(0.0))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
