@@ -161,35 +161,53 @@ async fn begin(State(api): State<Api>, body: Bytes) -> Response {
     }
 }
 
-async fn commit(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+/// The `{xid}` of a route. A path that does not decode (invalid UTF-8 after
+/// percent-decoding) is refused as JSON like every other error, not axum's plain text.
+struct XidPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for XidPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(xid)) => Ok(XidPath(xid)),
+            Err(e) => Err(error(TcError::invalid(format!(
+                "the XID in the path does not decode: {}",
+                e.body_text()
+            )))),
+        }
+    }
+}
+
+async fn commit(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     match api.coordinator.commit(&xid).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn rollback(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+async fn rollback(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     match api.coordinator.rollback(&xid).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn retry(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+async fn retry(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     match api.coordinator.retry(&xid).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn resolve(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+async fn resolve(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     match api.coordinator.resolve(&xid).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn show(State(api): State<Api>, Path(xid): Path<String>) -> Response {
+async fn show(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     match api.coordinator.get(&xid) {
         Ok(v) => Json(view_json(&v, true)).into_response(),
         Err(e) => error(e),

@@ -261,6 +261,12 @@ async fn malformed_http_requests_get_json_errors() -> Result {
     ] {
         http.get(query).await?.assert_error(400, "invalid_argument");
     }
+    // Found by fuzzing (tc_http target): an XID that percent-decodes to invalid UTF-8 got
+    // axum's plain-text rejection.
+    for path in ["/v1/transactions/%FF/commit", "/v1/transactions/%C3"] {
+        let method = if path.ends_with("commit") { "POST" } else { "GET" };
+        http.request(method, path, None).await?.assert_error(400, "invalid_argument");
+    }
     let not_found = (404, "not_found");
     // Found by fuzzing (tc_http target): a known route with the wrong method answered 405
     // with an empty body.
