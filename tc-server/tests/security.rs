@@ -265,7 +265,9 @@ async fn malformed_http_requests_get_json_errors() -> Result {
     // axum's plain-text rejection.
     for path in ["/v1/transactions/%FF/commit", "/v1/transactions/%C3"] {
         let method = if path.ends_with("commit") { "POST" } else { "GET" };
-        http.request(method, path, None).await?.assert_error(400, "invalid_argument");
+        http.request(method, path, None)
+            .await?
+            .assert_error(400, "invalid_argument");
     }
     let not_found = (404, "not_found");
     // Found by fuzzing (tc_http target): a known route with the wrong method answered 405

@@ -29,10 +29,6 @@ pub fn handles(state: &SessionState) -> bool {
 
 /// Why the string cannot run in a global transaction, if it cannot.
 fn refusal(sql: &str, pieces: &[std::ops::Range<usize>], no_backslash_escapes: bool) -> Option<String> {
-    // Executable comments run SQL the statement split does not see.
-    if sql.contains("/*!") || sql.contains("/*M!") {
-        return Some("a multi-statement string with executable comments".into());
-    }
     for piece in pieces {
         let text = &sql[piece.clone()];
         let class = classify::classify(text.as_bytes(), no_backslash_escapes);

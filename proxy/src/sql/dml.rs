@@ -636,10 +636,24 @@ pub(super) struct Located {
     pub end: usize,
 }
 
+/// Whether `sql` may hold an executable comment, whose text MySQL and MariaDB run as SQL.
+/// Checked as text, so a string literal holding `/*!` counts too: refusing such a statement
+/// is safe, locating its tokens wrongly is not.
+pub fn has_executable_comment(sql: &str) -> bool {
+    sql.contains("/*!") || sql.contains("/*M!")
+}
+
 /// The statement's tokens with byte offsets. Token locations are exact, unlike the spans of
 /// some expressions (a unary minus or a function call's arguments may fall outside them), so
 /// source text is always cut at token boundaries.
 pub(super) fn tokens(sql: &str) -> Result<Vec<Located>, String> {
+    if has_executable_comment(sql) {
+        return Err(
+            "a statement with an executable comment (/*! ... */ or /*M! ... */), whose text the proxy \
+                    cannot locate exactly; write the SQL without the comment markers"
+                .into(),
+        );
+    }
     let mut line_starts = vec![0];
     line_starts.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
     let byte = |at: Location| -> Result<usize, String> {
@@ -855,6 +869,24 @@ mod tests {
             pieces,
             ["UPDATE t SET a = ';' WHERE id = 1", "SELECT (1;)", "DELETE FROM u"]
         );
+    }
+
+    #[test]
+    fn statements_with_executable_comments_are_not_located() {
+        // Found by fuzzing (statement_parser target): the tokenizer places the tokens inside
+        // `/*! ... */` at wrong offsets (and drops the version digits), so every range cut
+        // from them (statement splits, row filters) would be wrong.
+        for sql in [
+            "UPDATE t SET v = 1 /*! WHERE id = 1 */",
+            "0;/*!00*;1*/",
+            "DELETE FROM t /*M!100000 WHERE id = 2 */",
+        ] {
+            assert!(has_executable_comment(sql), "{sql}");
+            let refused = split_statements(sql).expect_err(sql);
+            assert!(refused.contains("executable comment"), "{refused}");
+            assert!(plan(sql).is_err(), "{sql}");
+        }
+        assert!(!has_executable_comment("UPDATE t SET v = 1 /* WHERE id = 1 */"));
     }
 
     #[test]
