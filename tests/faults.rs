@@ -335,8 +335,8 @@ async fn admin_endpoints_report_health_and_metrics_that_move() -> Result<()> {
 /// Mutated command sequences from many sessions (inside and outside global transactions,
 /// text and prepared) against a proxy process with a coordinator, while a well-behaved client
 /// runs global transactions and checks every answer. Each fuzz session must end within the
-/// deadline once the client closes its side (no hang); the proxy must stay up, leave no
-/// backend session behind and not grow. `FERRATA_NETFUZZ_ROUNDS` (default 150) and
+/// deadline once the client closes its side (no hang); the proxy must stay up, never panic
+/// (not even inside one session's task), end every session and not grow. `FERRATA_NETFUZZ_ROUNDS` (default 150) and
 /// `FERRATA_NETFUZZ_SEED` run it longer or repeat a failure; it prints its seed.
 #[tokio::test]
 async fn mutated_sessions_never_disturb_a_checking_client() -> Result<()> {
@@ -392,6 +392,7 @@ async fn mutated_sessions_never_disturb_a_checking_client() -> Result<()> {
         let _ = stream.shutdown().await;
         read_until_closed(stream).await.with_context(|| what.clone())?;
         ensure!(proxy.is_running(), "{what}: the proxy process died");
+        ensure!(proxy.panics.count() == 0, "{what}: the proxy panicked (see its log)");
     }
 
     // Every fuzz session ends: only the checker's is left.

@@ -27,7 +27,7 @@ fn spawn(binary: &str, data: &std::path::Path, rpc: &str, http: &str) -> Result<
         .arg("--data-dir")
         .arg(data)
         .env_remove("FERRATA_TC_TOKEN");
-    let (child, line) = spawn_until(command, "ferrata-tc serving")?;
+    let (child, line, _panics) = spawn_until(command, "ferrata-tc serving")?;
     Ok((child, addr_in(&line, "rpc=")?, addr_in(&line, "http=")?))
 }
 

@@ -6,14 +6,28 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferrata_testkit::{APP_PASSWORD, APP_USER};
 
-/// Starts `command` and waits for a stderr line containing `ready`; returns the child and
-/// that line. Later output is read away so the child never blocks on a full pipe.
-pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, String)> {
+/// How many panics a child has reported on stderr (Rust's panic hook prints
+/// `thread '...' panicked at`), including those a task boundary contained.
+#[derive(Clone, Default)]
+pub struct Panics(Arc<AtomicUsize>);
+
+impl Panics {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts `command` and waits for a stderr line containing `ready`; returns the child, that
+/// line and its panic count. Later output is read away (counting panics) so the child never
+/// blocks on a full pipe.
+pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, String, Panics)> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -28,9 +42,14 @@ pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, 
     let mut child = command.spawn().with_context(|| format!("starting {command:?}"))?;
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
+    let panics = Panics::default();
+    let counter = panics.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("' panicked at ") {
+                counter.0.fetch_add(1, Ordering::SeqCst);
+            }
             if !sent && line.contains(ready) {
                 let _ = tx.send(line.clone());
                 sent = true;
@@ -38,7 +57,7 @@ pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, 
         }
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) => Ok((child, line)),
+        Ok(line) => Ok((child, line, panics)),
         Err(_) => {
             let _ = child.kill();
             bail!("{command:?} did not log {ready:?} within 30 s");
@@ -60,6 +79,7 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     /// The admin listener (`/metrics`, `/healthz`).
     pub admin: SocketAddr,
+    pub panics: Panics,
     _config: tempfile::TempDir,
 }
 
@@ -94,8 +114,9 @@ impl ProxyProcess {
             .arg(&path)
             .env("FERRATA_SERVICE_PASSWORD", APP_PASSWORD)
             .env_remove("FERRATA_TC_TOKEN");
-        let (child, line) = spawn_until(command, "ferrata-proxy ready")?;
+        let (child, line, panics) = spawn_until(command, "ferrata-proxy ready")?;
         Ok(ProxyProcess {
+            panics,
             addr: addr_in(&line, "listen=")?,
             admin: addr_in(&line, "admin=")?,
             child,
