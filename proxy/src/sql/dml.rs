@@ -639,7 +639,7 @@ pub(super) struct Located {
 /// Whether `sql` may hold an executable comment, whose text MySQL and MariaDB run as SQL.
 /// Checked as text, so a string literal holding `/*!` counts too: refusing such a statement
 /// is safe, locating its tokens wrongly is not.
-pub fn has_executable_comment(sql: &str) -> bool {
+fn has_executable_comment(sql: &str) -> bool {
     sql.contains("/*!") || sql.contains("/*M!")
 }
 
