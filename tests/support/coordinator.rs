@@ -3,31 +3,42 @@
 //! loopback ports, with a throw-away data directory; killed when dropped.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command};
 
 use anyhow::Result;
 use ferrata_rpc::client::{ClientConfig, TcClient};
 use serde_json::Value;
 
-use crate::process::{addr_in, spawn_until};
+use crate::process::{Panics, addr_in, spawn_until};
 
 pub struct Coordinator {
     binary: String,
     child: Child,
     pub rpc: SocketAddr,
     pub http: SocketAddr,
+    /// Panics the process reported, restarts included.
+    pub panics: Panics,
     data: tempfile::TempDir,
 }
 
-/// Starts `binary` on `rpc` and `http` with its store in `data`, and waits until it serves.
-fn spawn(binary: &str, data: &std::path::Path, rpc: &str, http: &str) -> Result<(Child, SocketAddr, SocketAddr)> {
+/// The config file in `data`, written by [`Coordinator::start_with`].
+const CONFIG_FILE: &str = "tc.toml";
+
+/// Starts `binary` on `rpc` and `http` with its store in `data` (and the config file there,
+/// if any), and waits until it serves.
+fn spawn(binary: &str, data: &Path, rpc: &str, http: &str, panics: &Panics) -> Result<(Child, SocketAddr, SocketAddr)> {
     let mut command = Command::new(binary);
     command
         .args(["--listen", rpc, "--http", http, "--log-level", "info"])
         .arg("--data-dir")
         .arg(data)
         .env_remove("FERRATA_TC_TOKEN");
-    let (child, line, _panics) = spawn_until(command, "ferrata-tc serving")?;
+    let config = data.join(CONFIG_FILE);
+    if config.exists() {
+        command.arg("--config").arg(config);
+    }
+    let (child, line) = spawn_until(command, "ferrata-tc serving", panics)?;
     Ok((child, addr_in(&line, "rpc=")?, addr_in(&line, "http=")?))
 }
 
@@ -35,13 +46,24 @@ impl Coordinator {
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-tc-for-tests")`) and waits until it
     /// serves.
     pub fn start(binary: &str) -> Result<Coordinator> {
+        Self::start_with(binary, "")
+    }
+
+    /// Like `start`, with `toml` as its config file (kept for restarts); flags still set the
+    /// addresses and the data directory.
+    pub fn start_with(binary: &str, toml: &str) -> Result<Coordinator> {
         let data = tempfile::tempdir()?;
-        let (child, rpc, http) = spawn(binary, data.path(), "127.0.0.1:0", "127.0.0.1:0")?;
+        if !toml.is_empty() {
+            std::fs::write(data.path().join(CONFIG_FILE), toml)?;
+        }
+        let panics = Panics::default();
+        let (child, rpc, http) = spawn(binary, data.path(), "127.0.0.1:0", "127.0.0.1:0", &panics)?;
         Ok(Coordinator {
             binary: binary.to_owned(),
             child,
             rpc,
             http,
+            panics,
             data,
         })
     }
@@ -100,6 +122,7 @@ impl Coordinator {
             self.data.path(),
             &self.rpc.to_string(),
             &self.http.to_string(),
+            &self.panics,
         )?;
         (self.child, self.rpc, self.http) = (child, rpc, http);
         Ok(())

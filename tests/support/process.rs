@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,10 +25,10 @@ impl Panics {
     }
 }
 
-/// Starts `command` and waits for a stderr line containing `ready`; returns the child, that
-/// line and its panic count. Later output is read away (counting panics) so the child never
-/// blocks on a full pipe.
-pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, String, Panics)> {
+/// Starts `command` and waits for a stderr line containing `ready`; returns the child and
+/// that line. Its panics are added to `panics` (one counter can serve a process and its
+/// restarts). Later output is read away so the child never blocks on a full pipe.
+pub fn spawn_until(mut command: Command, ready: &'static str, panics: &Panics) -> Result<(Child, String)> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -42,7 +43,6 @@ pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, 
     let mut child = command.spawn().with_context(|| format!("starting {command:?}"))?;
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
-    let panics = Panics::default();
     let counter = panics.clone();
     std::thread::spawn(move || {
         let mut sent = false;
@@ -57,7 +57,7 @@ pub fn spawn_until(mut command: Command, ready: &'static str) -> Result<(Child, 
         }
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) => Ok((child, line, panics)),
+        Ok(line) => Ok((child, line)),
         Err(_) => {
             let _ = child.kill();
             bail!("{command:?} did not log {ready:?} within 30 s");
@@ -75,13 +75,18 @@ pub fn addr_in(line: &str, key: &str) -> Result<SocketAddr> {
 /// A `ferrata-proxy` process in front of `backend`, with a coordinator, its service user
 /// the app user (password from the environment, as in production).
 pub struct ProxyProcess {
+    binary: String,
     child: Child,
     pub addr: SocketAddr,
     /// The admin listener (`/metrics`, `/healthz`).
     pub admin: SocketAddr,
+    /// Panics the process reported, restarts included.
     pub panics: Panics,
-    _config: tempfile::TempDir,
+    config: tempfile::TempDir,
 }
+
+/// The proxy's config file, in the process's own directory.
+const CONFIG_FILE: &str = "proxy.toml";
 
 impl ProxyProcess {
     /// Starts `binary` (pass `env!("CARGO_BIN_EXE_ferrata-proxy-for-tests")`) with a config file.
@@ -99,29 +104,53 @@ impl ProxyProcess {
         more_toml: &str,
     ) -> Result<ProxyProcess> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("proxy.toml");
+        let path = dir.path().join(CONFIG_FILE);
         std::fs::write(
             &path,
             format!(
-                "listen = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                "backend = \"{backend}\"\n\
                  [coordinator]\nendpoints = [\"{tc}\"]\n{coordinator_toml}\n\
                  [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n{more_toml}\n"
             ),
         )?;
+        let panics = Panics::default();
+        let (child, addr, admin) = Self::spawn(binary, &path, &["127.0.0.1:0", "127.0.0.1:0"], &panics)?;
+        Ok(ProxyProcess {
+            binary: binary.to_owned(),
+            child,
+            addr,
+            admin,
+            panics,
+            config: dir,
+        })
+    }
+
+    /// Starts `binary` with the config file at `path`, listening on `[listen, admin]`.
+    fn spawn(
+        binary: &str,
+        path: &Path,
+        [listen, admin]: &[&str; 2],
+        panics: &Panics,
+    ) -> Result<(Child, SocketAddr, SocketAddr)> {
         let mut command = Command::new(binary);
         command
             .arg("--config")
-            .arg(&path)
+            .arg(path)
+            .args(["--listen", listen, "--admin-listen", admin])
             .env("FERRATA_SERVICE_PASSWORD", APP_PASSWORD)
             .env_remove("FERRATA_TC_TOKEN");
-        let (child, line, panics) = spawn_until(command, "ferrata-proxy ready")?;
-        Ok(ProxyProcess {
-            panics,
-            addr: addr_in(&line, "listen=")?,
-            admin: addr_in(&line, "admin=")?,
-            child,
-            _config: dir,
-        })
+        let (child, line) = spawn_until(command, "ferrata-proxy ready", panics)?;
+        Ok((child, addr_in(&line, "listen=")?, addr_in(&line, "admin=")?))
+    }
+
+    /// Kills the process with SIGKILL and starts it again with the same config on the same
+    /// addresses, as a supervisor would.
+    pub fn kill9_and_restart(&mut self) -> Result<()> {
+        self.kill9()?;
+        let addrs = [self.addr.to_string(), self.admin.to_string()];
+        let path = self.config.path().join(CONFIG_FILE);
+        (self.child, self.addr, self.admin) = Self::spawn(&self.binary, &path, &[&addrs[0], &addrs[1]], &self.panics)?;
+        Ok(())
     }
 
     /// Options for the app user on database `test`, through this proxy.
