@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::raw::{RawConn, flags};
-use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, free_port};
+use ferrata_tests::ferrata_testkit::{MariaDb, free_port};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{Proxy, Setup, eventually, framed, http_get, metric, start_global};
 use mysql_async::Conn;
@@ -358,11 +358,18 @@ async fn mutated_sessions_never_disturb_a_checking_client() -> Result<()> {
     let tc = Coordinator::start(TC)?;
     let mut proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 200)?;
     let mut direct = db.conn().await?;
+    // The fuzz sessions log in as an application would: with every privilege on its database
+    // and none on the server, so that a command byte mutated into COM_SHUTDOWN or
+    // COM_PROCESS_KILL is refused by the server as it would be directly.
     for sql in [
         "CREATE TABLE checked (id INT PRIMARY KEY, n BIGINT NOT NULL)",
         "CREATE TABLE fuzz (id INT PRIMARY KEY, v VARCHAR(20))",
         "INSERT INTO checked VALUES (1, 0)",
         "INSERT INTO fuzz VALUES (1, 'a'), (2, 'b')",
+        "CREATE USER 'fuzz'@'%' IDENTIFIED BY 'fuzz-secret'",
+        "CREATE USER 'fuzz'@'localhost' IDENTIFIED BY 'fuzz-secret'",
+        "GRANT ALL ON test.* TO 'fuzz'@'%'",
+        "GRANT ALL ON test.* TO 'fuzz'@'localhost'",
     ] {
         direct.query_drop(sql).await?;
     }
@@ -380,7 +387,7 @@ async fn mutated_sessions_never_disturb_a_checking_client() -> Result<()> {
         }
         let sequence = mutated(FUZZ_SEQUENCES[usize::from(next()) % FUZZ_SEQUENCES.len()], &mut next);
         let what = format!("round {round} (FERRATA_NETFUZZ_SEED={seed})");
-        let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags::DEFAULT)
+        let mut raw = RawConn::connect(proxy.addr, "fuzz", "fuzz-secret", Some("test"), flags::DEFAULT)
             .await
             .with_context(|| what.clone())?;
         let stream = raw.stream_mut();

@@ -44,9 +44,14 @@ pub fn spawn_until(mut command: Command, ready: &'static str, panics: &Panics) -
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let counter = panics.clone();
+    // FERRATA_TEST_LOGS=1 shows the child's log lines with the test's output.
+    let show = std::env::var_os("FERRATA_TEST_LOGS").is_some();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if show {
+                eprintln!("{line}");
+            }
             if line.contains("' panicked at ") {
                 counter.0.fetch_add(1, Ordering::SeqCst);
             }
