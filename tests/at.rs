@@ -760,6 +760,14 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
         ("UPDATE t JOIN nokey SET nokey.v = 3", "no primary key"),
         ("UPDATE t, nokey SET v = 3", "cannot place"),
         ("DELETE FROM t RETURNING id", "RETURNING"),
+        (
+            "SET STATEMENT sql_mode = '' FOR UPDATE t SET v = 9 WHERE id = 1",
+            "SET STATEMENT",
+        ),
+        (
+            "set statement max_statement_time = 10 for select * from t for update",
+            "SET STATEMENT",
+        ),
     ] {
         let e = conn.query_drop(sql).await.unwrap_err();
         let (code, _, message) = server_error(&e)?;

@@ -50,6 +50,28 @@ async fn balance(db: &MariaDb, id: i64) -> Result<i64> {
     Ok(b.expect("the account exists"))
 }
 
+/// Waits until `proxy` trusts its view of the coordinator: an autocommit write through `c`
+/// (it adds 1 to account 2) then runs unchecked.
+async fn trusted(proxy: &ProxyProcess, c: &mut mysql_async::Conn) -> Result<()> {
+    until("the proxy to trust its view of the coordinator", async || {
+        c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 2")
+            .await?;
+        Ok(proxy
+            .metric("ferrata_proxy_unbound_writes_total{route=\"unchecked\"}")
+            .await?
+            > 0.0)
+    })
+    .await
+}
+
+/// Sends `sql` on `c`, which must fail with error `code`; returns the message.
+async fn refused(c: &mut mysql_async::Conn, sql: &str, code: u16) -> Result<String> {
+    let e = c.query_drop(sql).await.expect_err(sql);
+    let (got, _, message) = server_error(&e)?;
+    anyhow::ensure!(got == code, "{sql}: {got} {message}");
+    Ok(message)
+}
+
 #[tokio::test]
 async fn a_non_global_update_is_held_back_until_the_global_commit() -> Result<()> {
     let (db, _tc, proxy) = setup(300).await?;
@@ -57,12 +79,12 @@ async fn a_non_global_update_is_held_back_until_the_global_commit() -> Result<()
     let mut other = proxy.conn().await?;
 
     // Autocommit: refused after the wait, naming the holder, and not run.
-    let e = other
-        .query_drop("UPDATE account SET balance = balance + 1 WHERE id = 1")
-        .await
-        .expect_err("the row is held");
-    let (code, _, message) = server_error(&e)?;
-    assert_eq!(code, 1205, "{message}");
+    let message = refused(
+        &mut other,
+        "UPDATE account SET balance = balance + 1 WHERE id = 1",
+        1205,
+    )
+    .await?;
     assert!(message.contains(&xid), "names the holder {xid}: {message}");
     assert_eq!(balance(&db, 1).await?, 90, "the statement did not run");
 
@@ -163,15 +185,7 @@ async fn tables_without_global_locks_take_the_fast_path() -> Result<()> {
     let (db, _tc, proxy) = setup(300).await?;
     let mut c = proxy.conn().await?;
     // Nothing is guarded yet: the writes are not checked row by row.
-    until("the proxy to trust its view of the coordinator", async || {
-        c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 2")
-            .await?;
-        Ok(proxy
-            .metric("ferrata_proxy_unbound_writes_total{route=\"wrap\"}")
-            .await?
-            > 0.0)
-    })
-    .await?;
+    trusted(&proxy, &mut c).await?;
     let checked = proxy.metric(CHECKED).await?;
     c.query_drop("BEGIN").await?;
     c.query_drop("INSERT INTO audit VALUES (1, 'x')").await?;
@@ -190,26 +204,24 @@ async fn tables_without_global_locks_take_the_fast_path() -> Result<()> {
         .await?;
     assert_eq!(proxy.metric(CHECKED).await?, checked + 1.0);
     // Upserts and REPLACE are checked by every key their rows name.
-    let e = c
-        .query_drop("REPLACE INTO account VALUES (1, 5)")
-        .await
-        .expect_err("row 1 is held");
-    assert_eq!(server_error(&e)?.0, 1205);
-    let e = c
-        .query_drop("INSERT INTO account VALUES (1, 5) ON DUPLICATE KEY UPDATE balance = 5")
-        .await
-        .expect_err("row 1 is held");
-    assert_eq!(server_error(&e)?.0, 1205);
+    refused(&mut c, "REPLACE INTO account VALUES (1, 5)", 1205).await?;
+    refused(
+        &mut c,
+        "INSERT INTO account VALUES (1, 5) ON DUPLICATE KEY UPDATE balance = 5",
+        1205,
+    )
+    .await?;
     c.query_drop("INSERT INTO account VALUES (2, 5) ON DUPLICATE KEY UPDATE balance = balance + 1")
         .await?;
     // Multi-table writes: the rows of every table they write, by their own join and WHERE.
     c.query_drop("INSERT INTO audit VALUES (1, 'x') ON DUPLICATE KEY UPDATE note = 'x'")
         .await?;
-    let e = c
-        .query_drop("UPDATE account a JOIN audit u ON u.id = a.id SET a.balance = 0, u.note = 'j'")
-        .await
-        .expect_err("row 1 is held");
-    assert_eq!(server_error(&e)?.0, 1205);
+    refused(
+        &mut c,
+        "UPDATE account a JOIN audit u ON u.id = a.id SET a.balance = 0, u.note = 'j'",
+        1205,
+    )
+    .await?;
     c.query_drop("UPDATE account a, audit u SET a.balance = a.balance + 1 WHERE a.id = 2 AND u.id = 1")
         .await?;
     // Only `audit` is written: reading the held row of `account` in the join is no write.
@@ -236,12 +248,7 @@ async fn prepared_writes_and_inserts_are_checked_by_key() -> Result<()> {
         .await?;
     // A global DELETE then an INSERT of the same key outside: held.
     g.query_drop("DELETE FROM account WHERE id = 2").await?;
-    let e = c
-        .query_drop("INSERT INTO account VALUES (2, 1)")
-        .await
-        .expect_err("held");
-    let (code, _, message) = server_error(&e)?;
-    assert_eq!(code, 1205, "{message}");
+    let message = refused(&mut c, "INSERT INTO account VALUES (2, 1)", 1205).await?;
     assert!(message.contains(&xid), "{message}");
     c.query_drop("INSERT INTO account VALUES (3, 1)").await?;
     g.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
@@ -267,10 +274,146 @@ async fn a_proxy_with_the_check_off_lets_writes_through_untouched() -> Result<()
     c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 1")
         .await?;
     assert_eq!(balance(&db, 1).await?, 91);
-    for route in ["observe", "wrap", "check", "refuse"] {
+    for route in ["observe", "unchecked", "check", "refuse"] {
         let series = format!("ferrata_proxy_unbound_writes_total{{route=\"{route}\"}}");
         assert_eq!(off.metric(&series).await?, 0.0, "no write took the {route} route");
     }
     g.query_drop("COMMIT GLOBAL").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_set_statement_write_is_checked_like_its_statement() -> Result<()> {
+    let (db, _tc, proxy) = setup(300).await?;
+    let (mut g, xid) = hold_row(&proxy).await?;
+    let mut c = proxy.conn().await?;
+    // On a guarded table the proxy cannot run it inside the transaction its check needs
+    // (MariaDB refuses some of these variables there), so it refuses it and says why.
+    let sql = "SET STATEMENT sql_mode = '' FOR UPDATE account SET balance = 0 WHERE id = 2";
+    let message = refused(&mut c, sql, 1235).await?;
+    assert!(
+        message.contains("SET STATEMENT") && message.contains("test.account"),
+        "{message}"
+    );
+    assert_eq!(balance(&db, 2).await?, 100, "not run");
+    // On a table without global locks it runs as sent.
+    c.query_drop("SET STATEMENT sql_mode = '' FOR INSERT INTO audit VALUES (1, 'x')")
+        .await?;
+    g.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(balance(&db, 1).await?, 100, "{xid} rolled back cleanly");
+    Ok(())
+}
+
+/// Opens a transaction directly on the server that locks account `id`, so that a write
+/// through the proxy that reaches the row waits for it.
+async fn lock_directly(db: &MariaDb, id: i64) -> Result<mysql_async::Conn> {
+    let mut blocker = db.conn().await?;
+    blocker.query_drop("BEGIN").await?;
+    blocker
+        .exec_drop("SELECT * FROM account WHERE id = ? FOR UPDATE", (id,))
+        .await?;
+    Ok(blocker)
+}
+
+/// Waits until some statement on `db` waits for a row lock. (Not INNODB_LOCK_WAITS: InnoDB
+/// refreshes those tables only when they were not read for 100 ms.)
+async fn a_lock_wait(db: &MariaDb) -> Result<()> {
+    let mut c = db.conn().await?;
+    until("a statement to wait for a row lock", async || {
+        let status: Option<(String, String, String)> = c.query_first("SHOW ENGINE INNODB STATUS").await?;
+        Ok(status.is_some_and(|(_, _, text)| text.contains("LOCK WAIT")))
+    })
+    .await
+}
+
+/// An autocommit write through the proxy, in a task of its own.
+fn spawn_write(proxy: &ProxyProcess, sql: &'static str) -> tokio::task::JoinHandle<Result<(), mysql_async::Error>> {
+    let opts = proxy.opts();
+    tokio::spawn(async move {
+        let mut c = mysql_async::Conn::new(opts).await?;
+        c.query_drop(sql).await
+    })
+}
+
+#[tokio::test]
+async fn a_table_is_guarded_only_once_the_unchecked_writes_running_on_it_finished() -> Result<()> {
+    let (db, _tc, proxy) = setup(20_000).await?;
+    db.conn()
+        .await?
+        .query_drop("INSERT INTO account VALUES (3, 100)")
+        .await?;
+    // An autocommit write on an unguarded table runs as sent; it waits for row 2.
+    let mut blocker = lock_directly(&db, 2).await?;
+    let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
+    a_lock_wait(&db).await?;
+    // A global transaction writes row 3: the coordinator guards the table first, and this
+    // proxy acknowledges only once the write above is done. The guard comes before the
+    // global transaction locks row 3, where the write's range scan ends (InnoDB locks the
+    // next key): the other way round each would wait for the other until a lock wait ran out.
+    let opts = proxy.opts();
+    let global = tokio::spawn(async move {
+        let mut g = mysql_async::Conn::new(opts).await?;
+        let xid = ferrata_tests::start_global(&mut g).await?;
+        g.query_drop("UPDATE account SET balance = 0 WHERE id = 3").await?;
+        anyhow::Ok((g, xid))
+    });
+    until("the guard's acknowledgement to wait for the write", async || {
+        Ok(proxy.metric("ferrata_proxy_guard_acks_waiting").await? == 1.0)
+    })
+    .await?;
+    assert!(!global.is_finished(), "no branch registers in the table before the ack");
+    blocker.query_drop("COMMIT").await?;
+    write.await??;
+    let (mut g, _xid) = global.await??;
+    assert_eq!(proxy.metric("ferrata_proxy_guard_acks_waiting").await?, 0.0);
+    g.query_drop("ROLLBACK GLOBAL").await?;
+    let balances: Vec<(i64, i64)> = db
+        .conn()
+        .await?
+        .query("SELECT id, balance FROM account ORDER BY id")
+        .await?;
+    assert_eq!(
+        balances,
+        [(1, 101), (2, 101), (3, 100)],
+        "the write committed, the global one rolled back cleanly"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interrupted() -> Result<()> {
+    let db = MariaDb::start().await?;
+    // Heartbeats every 200 ms: the proxy trusts its view for 600 ms after an answered one.
+    let tc = Coordinator::start_with(TC, "[phase2]\nheartbeat_interval_ms = 200\n")?;
+    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 2000)?;
+    let mut c = db.conn().await?;
+    c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
+        .await?;
+    c.query_drop("INSERT INTO account VALUES (1, 100), (2, 100)").await?;
+    trusted(&proxy, &mut proxy.conn().await?).await?;
+    let before: Vec<i64> = c.query("SELECT balance FROM account ORDER BY id").await?;
+    let mut blocker = lock_directly(&db, 2).await?;
+    let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
+    a_lock_wait(&db).await?;
+    // The coordinator stops answering: before the trust runs out the write is interrupted,
+    // since once the coordinator's lease on this proxy ends it may lock rows it writes.
+    tc.pause()?;
+    let e = write.await?.expect_err("interrupted");
+    tc.resume()?;
+    let (code, _, message) = server_error(&e)?;
+    assert_eq!(code, 1317, "{message}");
+    assert_eq!(
+        proxy
+            .metric("ferrata_proxy_unchecked_writes_interrupted_total{outcome=\"interrupted\"}")
+            .await?,
+        1.0
+    );
+    blocker.query_drop("COMMIT").await?;
+    let balances: Vec<i64> = db
+        .conn()
+        .await?
+        .query("SELECT balance FROM account ORDER BY id")
+        .await?;
+    assert_eq!(balances, before, "the statement was rolled back");
     Ok(())
 }

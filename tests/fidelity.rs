@@ -6,7 +6,7 @@ use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, DEFAULT};
-use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{
     assert_same_packets, com, command, execute_payload, prepare_and_execute, raw_prepare, read_until_terminator,
@@ -464,5 +464,79 @@ async fn cached_and_extended_metadata_answer_as_directly() -> Result<()> {
         );
         conn.query("ROLLBACK GLOBAL").await?;
     }
+    Ok(())
+}
+
+/// What a session sees after autocommit writes outside any global transaction, as text:
+/// ROW_COUNT(), warnings, LAST_INSERT_ID(), @@in_transaction, a failed write, a
+/// multi-statement string whose second write fails, a statement MariaDB refuses inside a
+/// transaction, and a prepared write. Creates its own tables, so it can run twice on one
+/// server.
+async fn autocommit_story(conn: &mut Conn) -> Vec<String> {
+    let mut seen = Vec::new();
+    for sql in [
+        "DROP TABLE IF EXISTS w, a",
+        "CREATE TABLE w (id INT PRIMARY KEY, v TINYINT)",
+        "CREATE TABLE a (id INT AUTO_INCREMENT PRIMARY KEY, v INT)",
+        "INSERT INTO w VALUES (1, 1), (2, 2), (3, 3)",
+        "SET sql_mode = ''",
+    ] {
+        conn.query_drop(sql).await.expect(sql);
+    }
+    const STATE: &str = "SELECT ROW_COUNT(), @@warning_count, @@in_transaction, LAST_INSERT_ID()";
+    for sql in [
+        "DELETE FROM w WHERE id = 3",
+        STATE,
+        "INSERT INTO w VALUES (4, 1000), (5, -1000)",
+        STATE,
+        "SHOW WARNINGS",
+        "INSERT INTO a (v) VALUES (1), (2)",
+        STATE,
+        "INSERT INTO w VALUES (1, 1)",
+        STATE,
+        "SHOW WARNINGS",
+        "INSERT INTO a (v) VALUES (3); INSERT INTO w VALUES (1, 1)",
+        "SELECT COUNT(*) FROM a",
+        "SET STATEMENT binlog_format = 'STATEMENT' FOR UPDATE w SET v = v + 1 WHERE id = 2",
+        STATE,
+        "SELECT * FROM w ORDER BY id",
+    ] {
+        let text = match conn.query::<Row, _>(sql).await {
+            Ok(rows) => format!("{:?}", rows.into_iter().map(Row::unwrap).collect::<Vec<_>>()),
+            Err(e) => format!("error: {e}"),
+        };
+        seen.push(format!("{sql} -> {text}"));
+    }
+    conn.exec_drop("UPDATE w SET v = ? WHERE id > ?", (7, 1))
+        .await
+        .expect("prepared update");
+    let state: Vec<Row> = conn.query(STATE).await.expect("state");
+    seen.push(format!(
+        "prepared update -> {:?}",
+        state.into_iter().map(Row::unwrap).collect::<Vec<_>>()
+    ));
+    seen
+}
+
+#[tokio::test]
+async fn autocommit_writes_leave_the_session_as_directly() -> Result<()> {
+    // Binary logging on, so that MariaDB refuses SET STATEMENT binlog_format inside a
+    // transaction.
+    let db = MariaDb::start_with(MariaDbOptions {
+        extra_args: vec!["--log-bin=binlog".into(), "--binlog-format=ROW".into()],
+        ..MariaDbOptions::default()
+    })
+    .await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 300)?;
+    let expected = autocommit_story(&mut db.conn().await?).await;
+    assert!(
+        expected[1].ends_with(r#"[[Bytes("1"), Bytes("0"), Bytes("0"), Bytes("0")]]"#),
+        "{expected:#?}"
+    );
+    let proxied = autocommit_story(&mut proxy.conn().await?).await;
+    let differ: Vec<_> = proxied.iter().zip(&expected).filter(|(p, e)| p != e).collect();
+    assert!(differ.is_empty(), "through the proxy, then directly: {differ:#?}");
+    assert_eq!(proxied.len(), expected.len());
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The first-keyword classifier. Input: a flag byte (bit 0: NO_BACKSLASH_ESCAPES), then the
 //! statement text as a client sends it (any bytes, not only UTF-8).
 //!
-//! Checks that the XID hint's range lies inside the text and, with the SQL parser as the
-//! reference, that no statement the parser reads as a write is left unflagged: a write the
-//! classifier let through would run in a global transaction without an undo record.
+//! Checks that the XID hint's range and the start of a SET STATEMENT's statement lie inside
+//! the text and, with the SQL parser as the reference, that no statement the parser reads as
+//! a write is left unflagged: a write the classifier let through would run in a global
+//! transaction without an undo record.
 #![no_main]
 
 use ferrata_fuzz::input::Input;
@@ -20,6 +21,8 @@ fuzz_target!(|data: &[u8]| {
     if let Some(hint) = &verdict.xid_hint {
         assert!(hint.start <= hint.end && hint.end <= sql.len());
     }
+    // The statement after SET STATEMENT ... FOR is sliced from the text.
+    assert!(verdict.set_statement.is_none_or(|at| at <= sql.len()));
     let _ = classify::use_schema(sql);
     let _ = classify::savepoint_name(sql);
 

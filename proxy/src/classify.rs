@@ -85,6 +85,10 @@ pub struct Classification {
     pub xid_hint: Option<Range<usize>>,
     /// A second statement follows a `;` (found for statements scanned to the end).
     pub multi_statement: bool,
+    /// `SET STATEMENT <variables> FOR <statement>`: where the statement after `FOR` starts;
+    /// `class` is that statement's. Its variables would not apply to the proxy's own reads,
+    /// and some of them MariaDB refuses inside a transaction.
+    pub set_statement: Option<usize>,
 }
 
 impl Classification {
@@ -113,6 +117,7 @@ pub fn classify(sql: &[u8], no_backslash_escapes: bool) -> Classification {
         class,
         xid_hint: lexer.xid_hint,
         multi_statement: lexer.multi_statement,
+        set_statement: lexer.set_statement,
     }
 }
 
@@ -218,6 +223,11 @@ fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> Stat
             C::TransactionControl(TxControl::LockTables)
         }
         _ if first_is("unlock") => C::TransactionControl(TxControl::UnlockTables),
+        _ if first_is("set") && second_is("statement") => match lexer.scan_set_statement() {
+            Some(Token::Word(first)) => classify_word(lexer, sql, first),
+            Some(Token::Open) => lexer.scan_query(),
+            _ => C::Other(Other::Set),
+        },
         _ if first_is("set") => {
             let mut words = second;
             // SET [GLOBAL | SESSION | LOCAL] TRANSACTION ...
@@ -287,6 +297,7 @@ struct Lexer<'a> {
     in_executable_comment: bool,
     xid_hint: Option<Range<usize>>,
     multi_statement: bool,
+    set_statement: Option<usize>,
 }
 
 impl<'a> Lexer<'a> {
@@ -298,6 +309,7 @@ impl<'a> Lexer<'a> {
             in_executable_comment: false,
             xid_hint: None,
             multi_statement: false,
+            set_statement: None,
         }
     }
 
@@ -517,6 +529,29 @@ impl<'a> Lexer<'a> {
         StatementClass::Other(Other::Select)
     }
 
+    /// After `SET STATEMENT`: the first token of the statement after the `FOR` that ends the
+    /// variable list (at parenthesis depth 0), noting where it starts.
+    fn scan_set_statement(&mut self) -> Option<Token> {
+        let mut depth = 0usize;
+        while let Some(token) = self.next_token() {
+            match token {
+                Token::Open => depth += 1,
+                Token::Close => depth = depth.saturating_sub(1),
+                Token::Word(w) if depth == 0 && self.sql[w.clone()].eq_ignore_ascii_case(b"for") => {
+                    self.skip_trivia();
+                    self.set_statement = Some(self.at);
+                    return self.next_token();
+                }
+                Token::Semicolon => {
+                    self.semicolon();
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Scans on to the end, noting a second statement; true if `word` was seen.
     fn scan_for_word(&mut self, target: &[u8]) -> bool {
         let mut seen = false;
@@ -605,6 +640,28 @@ mod tests {
         );
         // `--` without a following space is minus minus, not a comment.
         assert_eq!(class("--1"), C::Other(Other::Unknown));
+    }
+
+    #[test]
+    fn set_statement_takes_the_class_of_its_statement() {
+        let sql = "SET STATEMENT sql_mode = 'for', max_statement_time = (1) FOR UPDATE t SET a = 1";
+        let c = classify(sql.as_bytes(), false);
+        assert_eq!(c.class, C::Dml(Dml::Update));
+        assert_eq!(&sql[c.set_statement.unwrap()..], "UPDATE t SET a = 1");
+        assert_eq!(
+            class("set statement x=1 for select * from t for update"),
+            C::LockingRead
+        );
+        assert_eq!(
+            class("SET STATEMENT x=1 FOR (SELECT a FROM t) LOCK IN SHARE MODE"),
+            C::LockingRead
+        );
+        assert_eq!(class("SET STATEMENT x=1 FOR SELECT 1"), C::Other(Other::Select));
+        let plain = classify(b"SET @a = 1", false);
+        assert_eq!((plain.class, plain.set_statement), (C::Other(Other::Set), None));
+        // Without a statement after FOR it is the server's syntax error, not a write.
+        assert_eq!(class("SET STATEMENT x=1"), C::Other(Other::Set));
+        assert!(classify(b"SET STATEMENT x=1; UPDATE t SET a=1", false).multi_statement);
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub struct Metrics {
     errors: Vec<Counter>,
     /// Writes outside global transactions, by the route the no-dirty-writes check took.
     pub writes_observed: Counter,
-    pub writes_wrapped: Counter,
+    pub writes_unchecked: Counter,
     pub writes_checked: Counter,
     pub writes_refused: Counter,
     /// Row checks against the coordinator's locks, by outcome.
@@ -100,7 +100,7 @@ impl Metrics {
                 .map(|kind| counter!("ferrata_proxy_errors_total", "kind" => kind.label()))
                 .collect(),
             writes_observed: counter!("ferrata_proxy_unbound_writes_total", "route" => "observe"),
-            writes_wrapped: counter!("ferrata_proxy_unbound_writes_total", "route" => "wrap"),
+            writes_unchecked: counter!("ferrata_proxy_unbound_writes_total", "route" => "unchecked"),
             writes_checked: counter!("ferrata_proxy_unbound_writes_total", "route" => "check"),
             writes_refused: counter!("ferrata_proxy_unbound_writes_total", "route" => "refuse"),
             checks_free: counter!("ferrata_proxy_dirty_write_checks_total", "outcome" => "free"),

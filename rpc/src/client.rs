@@ -78,11 +78,21 @@ fn read_pem(path: &Path) -> anyhow::Result<Certificate> {
 pub type CommandHandler =
     Arc<dyn Fn(pb::BranchCommand) -> Pin<Box<dyn Future<Output = Vec<pb::BranchOutcome>> + Send>> + Send + Sync>;
 
+/// When a guard update may be acknowledged: once the resource manager finished what it must
+/// finish first (writes to the tables it guards that started before it).
+pub type AckWhen = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An [`AckWhen`] that is ready at once.
+pub fn ack_now() -> AckWhen {
+    Box::pin(std::future::ready(()))
+}
+
 /// Receives what an Attach stream says about table guards (see `pb::GuardUpdate`).
 pub trait GuardSink: Send + Sync {
-    /// An update, applied before anything later on the stream is read. The ack goes out
-    /// once this returns.
-    fn update(&self, update: &pb::GuardUpdate);
+    /// An update, applied before anything later on the stream is read. Its acknowledgement
+    /// goes out once the returned future is ready and every earlier one went out (an
+    /// acknowledgement covers every update before it); the stream is served meanwhile.
+    fn update(&self, update: &pb::GuardUpdate) -> AckWhen;
     /// The coordinator answered a heartbeat sent at `sent`: every update it sent before was
     /// applied, and the set may be trusted until `sent + lease`.
     fn confirmed(&self, sent: Instant, lease: Duration);
@@ -94,7 +104,9 @@ pub trait GuardSink: Send + Sync {
 pub struct IgnoreGuards;
 
 impl GuardSink for IgnoreGuards {
-    fn update(&self, _: &pb::GuardUpdate) {}
+    fn update(&self, _: &pb::GuardUpdate) -> AckWhen {
+        ack_now()
+    }
     fn confirmed(&self, _: Instant, _: Duration) {}
     fn lost(&self) {}
 }
@@ -194,9 +206,20 @@ async fn serve(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats not answered yet, oldest first: (seq, when sent).
     let mut unanswered: std::collections::VecDeque<(u64, Instant)> = std::collections::VecDeque::new();
+    // Guard updates not acknowledged yet, in order: (seq, when it may be).
+    let mut acks: std::collections::VecDeque<(u64, AckWhen)> = std::collections::VecDeque::new();
     let mut seq = 0u64;
     loop {
         tokio::select! {
+            acked = async { let (seq, when) = acks.front_mut().expect("not empty"); when.await; *seq }, if !acks.is_empty() => {
+                acks.pop_front();
+                let ack = pb::RmMessage {
+                    kind: Some(pb::rm_message::Kind::GuardAck(pb::GuardAck { seq: acked })),
+                };
+                if tx.send(ack).await.is_err() {
+                    return Ok(());
+                }
+            }
             message = inbound.message() => match message? {
                 Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
                     let handler = Arc::clone(&handler);
@@ -211,13 +234,7 @@ async fn serve(
                     });
                 }
                 Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Guards(update)) }) => {
-                    guards.update(&update);
-                    let ack = pb::RmMessage {
-                        kind: Some(pb::rm_message::Kind::GuardAck(pb::GuardAck { seq: update.seq })),
-                    };
-                    if tx.send(ack).await.is_err() {
-                        return Ok(());
-                    }
+                    acks.push_back((update.seq, guards.update(&update)));
                 }
                 Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(beat)) }) if beat.echo > 0 => {
                     while let Some(&(n, sent)) = unanswered.front() {

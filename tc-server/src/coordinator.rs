@@ -143,6 +143,19 @@ pub struct Coordinator {
     pub(crate) tasks: TaskTracker,
 }
 
+/// `Ok` for a transaction in Begin, the only status that accepts branches (and guards for
+/// them); `what` says what was refused.
+fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError> {
+    match state.record.status {
+        GlobalStatus::Begin => Ok(()),
+        s => Err(TcError::status_invalid(
+            xid,
+            s,
+            &format!("{what} (only a transaction in Begin accepts branches)"),
+        )),
+    }
+}
+
 impl Coordinator {
     /// Builds the coordinator from what the store holds: sessions, branches and their locks
     /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
@@ -391,6 +404,44 @@ impl Coordinator {
         (Instant::now() + Duration::from_millis(ms), ms)
     }
 
+    /// Pins `tables` for the transaction of `session` (only in Begin: `finish` comes later and
+    /// unpins whatever was pinned) and waits until they are guarded.
+    async fn guard_for(
+        &self,
+        session: &Session,
+        (xid, what): (&str, &str),
+        tables: &[Table],
+        deadline: Instant,
+    ) -> Result<(), TcError> {
+        {
+            let mut state = session.state.lock();
+            begin_only(&state, xid, what)?;
+            // Pinned under the session's mutex, so no `finish` runs in between.
+            state.guarded.extend(tables.iter().cloned());
+            self.at.guards.pin(session.txn_id, tables);
+        }
+        self.at.guard(tables, deadline, &self.shutdown).await
+    }
+
+    /// Guards `tables` before a transaction in Begin first writes to them (see the
+    /// `GuardTables` call in the protocol).
+    pub async fn guard_tables(&self, xid: &str, tables: &[pb::GuardedTable], lock_wait_ms: u64) -> Result<(), TcError> {
+        self.check_running()?;
+        if tables
+            .iter()
+            .any(|t| t.resource_id.is_empty() || t.schema.is_empty() || t.table.is_empty())
+        {
+            return Err(TcError::invalid("every table needs its resource_id, schema and table"));
+        }
+        let tables: Vec<Table> = tables
+            .iter()
+            .map(|t| Table::new(&t.resource_id, &t.schema, &t.table))
+            .collect();
+        let session = self.session_for(xid, "guard tables")?;
+        let (deadline, _) = self.lock_wait(lock_wait_ms);
+        self.guard_for(&session, (xid, "guard tables"), &tables, deadline).await
+    }
+
     /// Registers a branch of a transaction in Begin and takes its locks.
     pub async fn register(
         &self,
@@ -411,25 +462,11 @@ impl Coordinator {
         let keys = LockKey::from_pb(&resource_id, locks).map_err(TcError::invalid)?;
         let tables = Table::of_keys(&keys);
         let session = self.session_for(xid, "register a branch")?;
-        let begin_only = |state: &SessionState| match state.record.status {
-            GlobalStatus::Begin => Ok(()),
-            s => Err(TcError::status_invalid(
-                xid,
-                s,
-                "register a branch (only a transaction in Begin accepts branches)",
-            )),
-        };
+        let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
         let txn_id = session.txn_id;
-        {
-            let mut state = session.state.lock();
-            begin_only(&state)?;
-            // Pinned under the session's mutex and only in Begin: `finish` comes later and
-            // unpins whatever was pinned.
-            state.guarded.extend(tables.iter().cloned());
-            self.at.guards.pin(txn_id, &tables);
-        }
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
-        self.at.guard(&tables, deadline, &self.shutdown).await?;
+        self.guard_for(&session, (xid, "register a branch"), &tables, deadline)
+            .await?;
         let branch_id = self.ids.next().await?;
         self.at
             .acquire(txn_id, branch_id, &keys, deadline, wait_ms, &self.metrics)

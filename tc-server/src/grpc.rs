@@ -169,6 +169,18 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         }))
     }
 
+    async fn guard_tables(
+        &self,
+        request: Request<pb::GuardTablesRequest>,
+    ) -> Result<Response<pb::GuardTablesResponse>, Status> {
+        let r = request.into_inner();
+        self.0
+            .guard_tables(&r.xid, &r.tables, r.lock_wait_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GuardTablesResponse {}))
+    }
+
     type AttachStream = ReceiverStream<Result<pb::TcMessage, Status>>;
 
     async fn attach(&self, request: Request<Streaming<pb::RmMessage>>) -> Result<Response<Self::AttachStream>, Status> {

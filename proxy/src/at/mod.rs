@@ -109,6 +109,7 @@ pub struct AtSession {
 
 fn is_protected_write(class: &classify::Classification) -> bool {
     !class.multi_statement
+        && class.set_statement.is_none()
         && matches!(
             class.class,
             StatementClass::Dml(Dml::Update | Dml::Delete | Dml::Insert | Dml::Replace)

@@ -33,6 +33,9 @@ fn refusal(sql: &str, pieces: &[std::ops::Range<usize>], no_backslash_escapes: b
         let text = &sql[piece.clone()];
         let class = classify::classify(text.as_bytes(), no_backslash_escapes);
         match class.class {
+            StatementClass::Dml(_) | StatementClass::LockingRead if class.set_statement.is_some() => {
+                return Some("SET STATEMENT ... FOR a write or a locking read inside a multi-statement string".into());
+            }
             StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => {
                 let planned = match dml::plan_multi(text) {
                     Some(multi) => multi.map(|_| ()),

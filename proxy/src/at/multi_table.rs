@@ -3,6 +3,7 @@
 //!
 //! 1. plan it (`sql::dml::plan_multi`): its table references, the tables it writes (an
 //!    UPDATE's unqualified columns are placed by the tables' columns), its `FROM ... WHERE`;
+//!    the coordinator guards the tables written first, as for one table;
 //! 2. per table written, before image: `SELECT <that table's columns> FROM <references>
 //!    WHERE ... FOR UPDATE` (a join repeats rows: they are kept once, by primary key);
 //! 3. the client's statement, as sent;
@@ -57,6 +58,8 @@ async fn targets(plan: &MultiChange, cx: &Cx<'_>) -> Result<(String, Vec<Target>
             meta: w.meta,
         });
     }
+    let tables: Vec<(&str, &str)> = out.iter().map(|t| (schema.as_str(), t.meta.name.as_str())).collect();
+    cx.at.global.guard_before_write(xid, &tables).await?;
     Ok((schema, out))
 }
 

@@ -4,7 +4,8 @@
 //! For one statement (`protect`):
 //! 1. plan it (`sql::dml`): the table and the statement's own filter text;
 //! 2. look up the table (`sql::metadata`): it needs a primary key and no triggers, and an
-//!    UPDATE may not assign a primary-key column;
+//!    UPDATE may not assign a primary-key column; the coordinator guards it first if this
+//!    proxy's view does not show it guarded (`Global::guard_before_write`);
 //! 3. an autocommit statement is wrapped in a local transaction of the proxy's own;
 //! 4. before image: `SELECT <image columns> FROM <table> <filter> FOR UPDATE`, the rows
 //!    locked in the database until the local transaction ends;
@@ -102,6 +103,7 @@ async fn prepare(cx: &Cx<'_>, sql: &str) -> Result<Plan, ErrPacket> {
     }
     let meta = cx.at.global.table(&schema, &table.name).await?;
     imageable(&schema, &meta, xid)?;
+    cx.at.global.guard_before_write(xid, &[(&schema, &meta.name)]).await?;
     if let dml::Plan::Change(change) = &statement {
         for column in &change.assigned {
             if meta

@@ -15,30 +15,39 @@
 //!   the guard, or after its stream ended and that lease ran out.
 //! - **Epoch** grows whenever a table is added or the stream is lost: a write that saw the
 //!   same epoch before and after it ran (and trust throughout) ran under the same view.
+//! - **Unchecked writes** in flight (`unchecked.rs`) hold back the acknowledgement of an
+//!   update that guards one of their tables, and are interrupted before the trust they
+//!   started under ends.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ferrata_rpc::client::GuardSink;
+use std::sync::Arc;
+
+use ferrata_rpc::client::{AckWhen, GuardSink};
 use ferrata_rpc::pb;
 use parking_lot::RwLock;
 
 use super::database_of;
+use super::unchecked::{TableName, UncheckedWrites};
 
 pub struct TableGuards {
-    tables: RwLock<HashSet<(String, String)>>,
+    tables: RwLock<HashSet<TableName>>,
     epoch: AtomicU64,
     /// Nanoseconds after `base` until which the view may be trusted; 0: not trusted.
     trusted_until: AtomicU64,
+    /// The coordinator's lease, in nanoseconds (from the last answered heartbeat).
+    lease: AtomicU64,
     base: Instant,
+    pub unchecked: Arc<UncheckedWrites>,
 }
 
 /// The view's epoch at one moment, to compare with a later one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observation(u64);
 
-fn name(table: &pb::GuardedTable) -> Option<(String, String)> {
+fn name(table: &pb::GuardedTable) -> Option<TableName> {
     let database = if table.schema.is_empty() {
         database_of(&table.resource_id)?
     } else {
@@ -53,7 +62,9 @@ impl Default for TableGuards {
             tables: RwLock::new(HashSet::new()),
             epoch: AtomicU64::new(0),
             trusted_until: AtomicU64::new(0),
+            lease: AtomicU64::new(0),
             base: Instant::now(),
+            unchecked: Arc::new(UncheckedWrites::default()),
         }
     }
 }
@@ -79,8 +90,13 @@ impl TableGuards {
     /// Whether writes to `database.table` need the row-level check (always, when the view
     /// is not trusted).
     pub fn guarded(&self, database: &str, table: &str) -> bool {
-        !self.trusted()
-            || self
+        !self.trusted() || self.shows(database, table)
+    }
+
+    /// Whether a trusted view shows `database.table` guarded already.
+    pub fn shows(&self, database: &str, table: &str) -> bool {
+        self.trusted()
+            && self
                 .tables
                 .read()
                 .contains(&(database.to_lowercase(), table.to_lowercase()))
@@ -89,6 +105,17 @@ impl TableGuards {
     /// Nothing was added and trust held since `seen`.
     pub fn unchanged_since(&self, seen: Observation) -> bool {
         self.observe() == seen && self.trusted()
+    }
+
+    /// (now, trusted until, the margin before it at which unchecked writes are interrupted),
+    /// in nanoseconds on this view's clock: a quarter of the lease, time for the interruption
+    /// to land before the coordinator can act on the lease running out.
+    pub fn trust_clock(&self) -> (u64, u64, u64) {
+        (
+            self.now(),
+            self.trusted_until.load(Ordering::SeqCst),
+            self.lease.load(Ordering::SeqCst) / 4,
+        )
     }
 
     /// Guarded tables, sorted (for logs and tests).
@@ -100,7 +127,8 @@ impl TableGuards {
 }
 
 impl GuardSink for TableGuards {
-    fn update(&self, update: &pb::GuardUpdate) {
+    fn update(&self, update: &pb::GuardUpdate) -> AckWhen {
+        let added: Vec<TableName> = update.guard.iter().filter_map(name).collect();
         let mut tables = self.tables.write();
         if update.full {
             tables.clear();
@@ -122,16 +150,21 @@ impl GuardSink for TableGuards {
         }
         drop(tables);
         tracing::debug!(seq = update.seq, guarded = ?self.list(), "guarded tables updated");
+        // Taken after the tables were applied: a write that registers later sees them.
+        Box::pin(self.unchecked.fence(&added))
     }
 
     fn confirmed(&self, sent: Instant, lease: Duration) {
         let until = (sent + lease).saturating_duration_since(self.base);
+        self.lease.store(lease.as_nanos() as u64, Ordering::SeqCst);
         self.trusted_until.fetch_max(until.as_nanos() as u64, Ordering::SeqCst);
+        self.unchecked.trust_changed();
     }
 
     fn lost(&self) {
-        self.trusted_until.store(0, Ordering::SeqCst);
+        let trusted_until = self.trusted_until.swap(0, Ordering::SeqCst);
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.unchecked.stream_lost(trusted_until);
     }
 }
 
@@ -161,8 +194,8 @@ mod tests {
         assert!(!g.trusted());
     }
 
-    #[test]
-    fn updates_guard_release_and_replace() {
+    #[tokio::test]
+    async fn updates_guard_release_and_replace() {
         let g = TableGuards::default();
         g.confirmed(Instant::now(), Duration::from_secs(60));
         let seen = g.observe();
@@ -171,7 +204,8 @@ mod tests {
             full: false,
             guard: vec![table("Shop", "Orders")],
             release: vec![],
-        });
+        })
+        .await;
         assert!(!g.unchanged_since(seen), "an added table moves the epoch");
         assert!(g.guarded("shop", "orders") && g.guarded("SHOP", "ORDERS"));
         assert!(!g.guarded("shop", "items") && !g.quiet());
@@ -181,7 +215,8 @@ mod tests {
             full: false,
             guard: vec![],
             release: vec![table("shop", "orders")],
-        });
+        })
+        .await;
         assert!(g.unchanged_since(seen), "a release needs no second look");
         assert!(g.quiet());
         g.update(&pb::GuardUpdate {
@@ -189,7 +224,8 @@ mod tests {
             full: true,
             guard: vec![table("a", "b")],
             release: vec![],
-        });
+        })
+        .await;
         assert_eq!(g.list(), vec!["a.b".to_owned()]);
     }
 }

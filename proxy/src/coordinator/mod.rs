@@ -17,6 +17,7 @@ pub mod guards;
 pub mod link;
 pub mod refusal;
 pub mod statement;
+pub mod unchecked;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,13 +117,33 @@ impl Global {
         }))
     }
 
-    /// Starts the Attach stream until `stop`: phase-2 commands go to `handler`.
+    /// Starts the Attach stream until `stop`: phase-2 commands go to `handler`; and the
+    /// watchdog of unchecked writes (`unchecked.rs`).
     pub fn start(
         self: &Arc<Self>,
         rm_id: String,
         handler: ferrata_rpc::client::CommandHandler,
         stop: CancellationToken,
     ) {
+        tokio::spawn(Arc::clone(&self.guards.unchecked).watch(
+            {
+                let guards = Arc::clone(&self.guards);
+                move || guards.trust_clock()
+            },
+            {
+                let service = self.service.clone();
+                move |connection_id, still_running| {
+                    let service = service.clone();
+                    Box::pin(async move {
+                        let mut conn = mysql_async::Conn::new(service).await.map_err(|e| e.to_string())?;
+                        let done = unchecked::interrupt_query(&mut conn, connection_id, &*still_running).await;
+                        let _ = conn.disconnect().await;
+                        done.map_err(|e| e.to_string())
+                    })
+                }
+            },
+            stop.clone(),
+        ));
         let global = Arc::clone(self);
         tokio::spawn(async move {
             // Announce every database first, so phase 2 left over from before a restart (this
@@ -250,6 +271,54 @@ impl Global {
                 ))
             }
             Err(s) => Err(self.error(s, what).await),
+        }
+    }
+
+    /// Before a statement of global transaction `xid` first locks rows of `tables` (database,
+    /// table) in the database: has the coordinator guard those this proxy's view does not
+    /// show guarded yet, and waits for it (the `GuardTables` call). The guard waits for
+    /// unchecked writes running on the tables (`unchecked.rs`); the statement must not hold
+    /// a database lock such a write waits for meanwhile. `Err`: the client's error; the
+    /// statement was not run.
+    pub async fn guard_before_write(&self, xid: &str, tables: &[(&str, &str)]) -> Result<(), ErrPacket> {
+        let missing: Vec<ferrata_rpc::pb::GuardedTable> = tables
+            .iter()
+            .filter(|(database, table)| !self.guards.shows(database, table))
+            .map(|(database, table)| ferrata_rpc::pb::GuardedTable {
+                resource_id: self.resource(database),
+                schema: (*database).to_owned(),
+                table: (*table).to_owned(),
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let what = "guard the tables this statement writes";
+        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
+        let request = ferrata_rpc::pb::GuardTablesRequest {
+            xid: xid.to_owned(),
+            tables: missing,
+            lock_wait_ms: self.lock_wait_ms,
+        };
+        let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
+        match answered_within(wait, c.rm.guard_tables(request)).await {
+            Ok(_) => Ok(()),
+            Err(s) => Err(match ErrorCode::of(&s) {
+                Some(ErrorCode::LockWaitTimeout) => ErrPacket::new(
+                    1205,
+                    "HY000",
+                    format!(
+                        "Lock wait timeout exceeded; {}; the statement was not run, retry it",
+                        s.message()
+                    ),
+                ),
+                Some(ErrorCode::GlobalStatusInvalid) => ErrPacket::new(
+                    1399,
+                    "XAE07",
+                    format!("XAER_RMFAIL: {}; the statement was not run", s.message()),
+                ),
+                _ => self.error(s, what).await,
+            }),
         }
     }
 

@@ -25,6 +25,10 @@ pub fn not_protected(what: &str, xid: &str) -> ErrPacket {
 pub fn refusal(class: &Classification, multi_statements: bool, xid: &str) -> Option<ErrPacket> {
     let what = match class.class {
         _ if class.multi_statement && multi_statements => "a multi-statement string",
+        StatementClass::Dml(_) | StatementClass::LockingRead if class.set_statement.is_some() => {
+            "SET STATEMENT ... FOR a write or a locking read (its variables would not apply to the proxy's own reads \
+             of the rows); set them with SET SESSION before the statement instead"
+        }
         StatementClass::Dml(Dml::LoadData) => "LOAD DATA",
         StatementClass::Other(Other::Ddl) => "DDL",
         StatementClass::Other(Other::Procedural) => {

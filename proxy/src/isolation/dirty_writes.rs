@@ -9,9 +9,10 @@
 //!   (`coordinator::guards`). It is forwarded as usual; if the guarded-table view changed while it
 //!   ran and now guards one of its tables, the transaction is marked: its COMMIT rolls it back
 //!   with ERR 1213, as it cannot be shown safe.
-//! - **Wrap**: an autocommit write to unguarded tables. The proxy runs it inside a local
-//!   transaction of its own and commits only if the view did not change meanwhile (else it
-//!   rolls back and takes the route again). The client sees the statement's own response.
+//! - **Unchecked**: an autocommit write to unguarded tables. It is forwarded as sent and runs
+//!   exactly as it would directly, registered as an unchecked write
+//!   (`coordinator/unchecked.rs`) until its response is read: a guard on one of its tables
+//!   waits for it, and it is interrupted if it would outlive the view's trust.
 //! - **Check**: a write to a guarded table. Its rows are found (UPDATE and DELETE: the
 //!   statement's filter, `SELECT <primary key> ... FOR UPDATE`, before it runs; INSERT: its keys,
 //!   read back after; IGNORE, upserts and REPLACE: every key they name, before and after;
@@ -22,15 +23,18 @@
 //!   timeout, while the database still holds their row locks. An autocommit write is checked
 //!   at once inside the proxy's own local transaction.
 //! - **Refuse**: a write to a guarded table whose rows the proxy cannot name (a
-//!   multi-statement string, an UPDATE of a primary-key column) gets ERR 1235 without running.
+//!   multi-statement string, an UPDATE of a primary-key column) or that it cannot run inside
+//!   the transaction its check needs (`SET STATEMENT ... FOR`, whose variables MariaDB may
+//!   refuse there) gets ERR 1235 without running.
 //!
 //! Commit points (COMMIT, and statements that commit implicitly) of a transaction with
 //! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
 //! transaction left open.
 
-use crate::classify::{self, Classification, Dml, Other, StatementClass, TxControl};
+use crate::classify::{Classification, Dml, Other, StatementClass, TxControl};
 use crate::config::WhenUnreachable;
 use crate::coordinator::guards::Observation;
+use crate::coordinator::unchecked::{TableName, UncheckedWrite};
 use crate::coordinator::{CheckFailure, Global, TableRows, no_database};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
@@ -75,13 +79,12 @@ pub struct Cx<'a> {
     pub global: &'a Global,
 }
 
-/// How many times a wrapped write is run before its client is told to try again.
-const WRAP_ATTEMPTS: usize = 4;
-
 /// What the session does with one command outside any global transaction.
 pub enum Route {
     /// Forward it as usual, then [`after_observed`].
     Observe(Observation),
+    /// Forward it as sent, registered until its response is read.
+    Unchecked(UncheckedWrite),
     /// The proxy runs the write itself ([`run`]).
     Run(Write),
     /// A commit point: [`before_commit`] first.
@@ -90,7 +93,6 @@ pub enum Route {
 
 /// A write the proxy runs itself.
 pub enum Write {
-    Wrap,
     Check(Box<dml::Plan>),
     CheckMulti(Box<dml::MultiChange>),
     Refuse(ErrPacket),
@@ -144,72 +146,93 @@ pub fn route(
         StatementClass::Other(Other::Procedural) => false,
         _ => command == Command::QUERY && class.multi_statement,
     };
-    if !write {
+    if !write || class.xid_hint.is_some() {
+        // A hinted statement belongs to its global transaction, whatever the session's.
         return None;
     }
     let seen = global.guards.observe();
     let autocommit = state.autocommit() && !state.in_transaction();
-    let quiet = global.guards.quiet();
-    if quiet && !autocommit {
-        return Some(Route::Observe(seen));
-    }
-    let sql = String::from_utf8_lossy(sql);
-    let guarded = if quiet {
-        Vec::new()
-    } else {
-        guarded_tables(&sql, state, global)
+    // Registered before the view is read (see `coordinator/unchecked.rs`).
+    let unchecked = autocommit.then(|| global.guards.unchecked.begin(state.backend_connection_id));
+    let forward = |unchecked: Option<UncheckedWrite>| match unchecked {
+        Some(write) => Route::Unchecked(write),
+        None => Route::Observe(seen),
     };
+    if global.guards.quiet() {
+        return Some(forward(unchecked));
+    }
+    let sql = String::from_utf8_lossy(&sql[class.set_statement.unwrap_or(0)..]);
+    let (written, guarded) = tables(&sql, state, global);
     if guarded.is_empty() {
-        return Some(if autocommit {
-            Route::Run(Write::Wrap)
-        } else {
-            Route::Observe(seen)
-        });
+        if let (Some(write), Some(written)) = (&unchecked, written) {
+            write.writes_to(written);
+        }
+        return Some(forward(unchecked));
+    }
+    if let Some(write) = unchecked {
+        write.finish(); // it will be checked instead
     }
     let tables = guarded.join(", ");
-    let refuse = |why: &str| {
+    let refuse = |why: &str, instead: &str| {
         Route::Run(Write::Refuse(ErrPacket::new(
             1235,
             "42000",
             format!(
                 "ferrata-proxy cannot check {why} for dirty writes, and {tables} may hold rows of unfinished global \
-                 transactions, so it was not run; split it into single-table INSERT, UPDATE or DELETE statements, \
-                 or run it once those transactions end"
+                 transactions, so it was not run; {instead}, or run it once those transactions end"
             ),
         )))
     };
+    const SPLIT: &str = "split it into single-table INSERT, UPDATE or DELETE statements";
+    if class.set_statement.is_some() {
+        return Some(refuse(
+            "a SET STATEMENT ... FOR write (the check runs it inside a transaction, where MariaDB refuses some of its variables)",
+            "set the variables with SET SESSION around it",
+        ));
+    }
     if class.multi_statement {
-        return Some(refuse("a multi-statement string"));
+        return Some(refuse("a multi-statement string", SPLIT));
     }
     match dml::plan_multi(&sql) {
         Some(Ok(multi)) => return Some(Route::Run(Write::CheckMulti(Box::new(multi)))),
-        Some(Err(why)) => return Some(refuse(&why)),
+        Some(Err(why)) => return Some(refuse(&why, SPLIT)),
         None => {}
     }
     match dml::plan(&sql) {
         Ok(plan) => Some(Route::Run(Write::Check(Box::new(plan)))),
-        Err(why) => Some(refuse(&why)),
+        Err(why) => Some(refuse(&why, SPLIT)),
     }
 }
 
-/// The checked tables among those `sql` writes that are guarded now, as `database.table`.
-/// A statement the parser cannot read is left to the server (it names no table the proxy
-/// could check).
-fn guarded_tables(sql: &str, state: &SessionState, global: &Global) -> Vec<String> {
+/// The tables `sql` writes, as the guard view names them (`None` when the parser cannot
+/// read it), and the checked ones among them that are guarded now, as `database.table`. A
+/// statement the parser cannot read is left to the server (it names no table the proxy could
+/// check).
+fn tables(sql: &str, state: &SessionState, global: &Global) -> (Option<Vec<TableName>>, Vec<String>) {
     let Ok(tables) = dml::written_tables(sql) else {
-        return Vec::new();
+        return (None, Vec::new());
     };
-    let mut guarded: Vec<String> = tables
+    let written: Vec<TableName> = tables
         .into_iter()
-        .filter_map(|t| {
+        .map(|t| {
             let database = t.schema.or_else(|| state.schema.clone()).unwrap_or_default();
-            (global.dirty_writes.checks(&database, &t.name) && global.guards.guarded(&database, &t.name))
-                .then(|| format!("{database}.{}", t.name))
+            (database, t.name)
         })
+        .collect();
+    let mut guarded: Vec<String> = written
+        .iter()
+        .filter(|(database, table)| {
+            global.dirty_writes.checks(database, table) && global.guards.guarded(database, table)
+        })
+        .map(|(database, table)| format!("{database}.{table}"))
         .collect();
     guarded.sort();
     guarded.dedup();
-    guarded
+    let written = written
+        .into_iter()
+        .map(|(d, t)| (d.to_lowercase(), t.to_lowercase()))
+        .collect();
+    (Some(written), guarded)
 }
 
 /// After an observed write: if the view changed while it ran and now guards a table it
@@ -232,7 +255,7 @@ pub fn after_observed(
             None => return,
         },
     };
-    let guarded = guarded_tables(&sql, state, global);
+    let (_, guarded) = tables(&sql, state, global);
     if !guarded.is_empty() && state.in_transaction() {
         tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");
         written.poisoned = Some(guarded.join(", "));
@@ -330,91 +353,23 @@ pub async fn run(
     command: u8,
     raw: &[u8],
 ) -> Result<(), SessionError> {
-    let mut write = write;
-    // A wrapped write whose view changed while it ran is rolled back and routed again, a few
-    // times: guards that keep changing end it with an error the client can retry on.
-    let mut wraps = 0;
-    let reply = loop {
-        if wraps == WRAP_ATTEMPTS {
-            break ErrPacket::new(
-                1213,
-                "40001",
-                "Deadlock found when trying to get lock; try restarting transaction (ferrata-proxy: the tables holding global locks changed every time this write ran; it was not run)",
-            )
-            .to_packet(1);
+    let m = &cx.shared.metrics;
+    let reply = match write {
+        Write::Refuse(e) => {
+            m.writes_refused.increment(1);
+            tracing::info!(error = %e, "write refused");
+            e.to_packet(1)
         }
-        let m = &cx.shared.metrics;
-        let reply = match write {
-            Write::Refuse(e) => {
-                m.writes_refused.increment(1);
-                tracing::info!(error = %e, "write refused");
-                e.to_packet(1)
-            }
-            Write::Wrap => {
-                wraps += 1;
-                match wrapped(cx, raw).await? {
-                    Some(reply) => reply,
-                    None => {
-                        let class = classified(command, raw, cx.state);
-                        // The view is quiet again, or the session changed under us: wrap again.
-                        write = match route(command, &raw[4..], class.as_ref(), cx.state, cx.written, cx.global) {
-                            Some(Route::Run(next)) => next,
-                            _ => Write::Wrap,
-                        };
-                        continue;
-                    }
-                }
-            }
-            Write::Check(plan) => {
-                m.writes_checked.increment(1);
-                checked(cx, *plan, command, raw).await?
-            }
-            Write::CheckMulti(plan) => {
-                m.writes_checked.increment(1);
-                checked_multi(cx, *plan, command, raw).await?
-            }
-        };
-        break reply;
+        Write::Check(plan) => {
+            m.writes_checked.increment(1);
+            checked(cx, *plan, command, raw).await?
+        }
+        Write::CheckMulti(plan) => {
+            m.writes_checked.increment(1);
+            checked_multi(cx, *plan, command, raw).await?
+        }
     };
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
-}
-
-fn classified(command: u8, raw: &[u8], state: &SessionState) -> Option<Classification> {
-    (command == Command::QUERY).then(|| classify::classify(&raw[5..], state.no_backslash_escapes()))
-}
-
-/// An autocommit write to unguarded tables, in a local transaction of the proxy's own
-/// (START TRANSACTION sent with it, in one write). `None` when the view changed while it ran:
-/// it was rolled back.
-async fn wrapped(cx: &mut Cx<'_>, raw: &[u8]) -> Result<Option<Vec<u8>>, SessionError> {
-    let limit = cx.shared.config.max_packet_size;
-    cx.shared.metrics.writes_wrapped.increment(1);
-    let before = cx.state.status;
-    let seen = cx.global.guards.observe();
-    let mut both = backend::query_packet("START TRANSACTION");
-    both.extend_from_slice(raw);
-    cx.backend
-        .write_all(&both)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
-    let begun = backend::read_one(cx.backend, cx.state, limit).await?;
-    let (response, _, failed) = backend::read_response(cx.backend, cx.state, limit).await?;
-    if let Some((code, message)) = begun.error {
-        // The statement ran in autocommit after all: nothing to roll back or commit.
-        tracing::warn!(code, message, "START TRANSACTION failed before an autocommit write");
-        return Ok(Some(response));
-    }
-    if failed {
-        local_rollback(cx.backend, cx.state, limit).await?;
-        return Ok(Some(response));
-    }
-    if !cx.global.guards.unchanged_since(seen) {
-        local_rollback(cx.backend, cx.state, limit).await?;
-        return Ok(None);
-    }
-    backend::commit_own(cx.backend, cx.state, limit, response, before)
-        .await
-        .map(Some)
 }
 
 /// The client's parameters of an execute (none for a text query); `Err` with the refusal

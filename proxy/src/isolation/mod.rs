@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::classify::{Classification, StatementClass};
 use crate::coordinator::guards::Observation;
+use crate::coordinator::unchecked::UncheckedWrite;
 use crate::coordinator::{Global, refusal};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
@@ -36,6 +37,7 @@ impl Mode for Isolation {
             written: WriteCheck::default(),
             claimed: None,
             observed: None,
+            unchecked: None,
         })
     }
 
@@ -68,11 +70,14 @@ struct IsolationSession {
     written: WriteCheck,
     claimed: Option<Claimed>,
     observed: Option<Observed>,
+    /// The unchecked write being forwarded, registered until its response is read (dropped
+    /// with the session before that, it is interrupted: it may still run on the server).
+    unchecked: Option<UncheckedWrite>,
 }
 
 /// The XID a locking read is checked in: the session's, or its statement's hint.
 fn locking_read_xid(state: &SessionState, sql: &[u8], class: &Classification) -> Option<String> {
-    (class.class == StatementClass::LockingRead && !class.multi_statement)
+    (class.class == StatementClass::LockingRead && !class.multi_statement && class.set_statement.is_none())
         .then(|| state.xid.clone().or_else(|| refusal::hinted_xid(sql, class)))
         .flatten()
 }
@@ -100,6 +105,11 @@ impl IsolationSession {
         match dirty_writes::route(command.code, command.payload, command.class, state, &self.written, g)? {
             Route::CommitPoint => Some(Claimed::CommitPoint),
             Route::Run(write) => Some(Claimed::Write(write)),
+            Route::Unchecked(write) => {
+                shared.metrics.writes_unchecked.increment(1);
+                self.unchecked = Some(write);
+                None
+            }
             Route::Observe(seen) => {
                 shared.metrics.writes_observed.increment(1);
                 // The text is looked at again only if the view changes meanwhile.
@@ -122,6 +132,9 @@ impl IsolationSession {
 impl ModeSession for IsolationSession {
     fn claim(&mut self, command: &Command<'_>, state: &SessionState, shared: &Shared) -> Claim {
         self.observed = None;
+        if let Some(write) = self.unchecked.take() {
+            write.finish(); // a mode after this one answered it: it never ran
+        }
         self.claimed = self.decide(command, state, shared);
         match self.claimed {
             None => Claim::Pass,
@@ -173,6 +186,9 @@ impl ModeSession for IsolationSession {
     }
 
     fn answered(&mut self, state: &SessionState, _error: Option<u16>) {
+        if let Some(write) = self.unchecked.take() {
+            write.finish(); // its response was read: it committed or failed
+        }
         // The local transaction ended (committed after its check, or rolled back).
         if !state.in_transaction() && !self.written.is_empty() {
             self.written.clear();

@@ -182,6 +182,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         fresh_status: status,
         user: parsed.user,
         schema: parsed.database,
+        backend_connection_id: greeting.connection_id,
         statements: Default::default(),
         xid: None,
     };

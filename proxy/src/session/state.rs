@@ -56,6 +56,8 @@ pub struct SessionState {
     pub fresh_status: ServerStatus,
     pub user: String,
     pub schema: Option<String>,
+    /// The backend connection's id on its server (the greeting's thread id).
+    pub backend_connection_id: u32,
     pub statements: HashMap<u32, PreparedStatement>,
     /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION),
     /// which every mode works in. Set and cleared by the coordinator's statements; forgotten

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, GuardSink, IgnoreGuards, TcClient, attach};
+use ferrata_rpc::client::{
+    AckWhen, Attachment, ClientConfig, CommandHandler, GuardSink, IgnoreGuards, TcClient, ack_now, attach,
+};
 use ferrata_rpc::{ErrorCode, pb};
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -826,8 +828,9 @@ pub struct GuardLog {
 }
 
 impl GuardSink for GuardLog {
-    fn update(&self, update: &pb::GuardUpdate) {
+    fn update(&self, update: &pb::GuardUpdate) -> AckWhen {
         self.updates.send_modify(|u| u.push(update.clone()));
+        ack_now()
     }
     fn confirmed(&self, _: std::time::Instant, _: Duration) {
         self.answered.send_modify(|n| *n += 1);
