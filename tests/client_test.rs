@@ -18,26 +18,8 @@ const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 const PROGRAM: &str = "mariadb-client-test";
 const DATABASE: &str = "client_test_db";
 
-/// Tests that pass directly and fail through the proxy, for a reason still to be fixed:
-/// they send COM_STMT_BULK_EXECUTE (array binding), whose capability the proxy masks
-/// until it follows it (issue 13, item 3).
-const EXPECTED_DIFFERENCES: &[&str] = &[
-    "test_bulk_autoinc",
-    "test_bulk_delete",
-    "test_bulk_delete_returning",
-    "test_bulk_insert_returning",
-    "test_bulk_replace",
-    "test_explain_meta",
-    "test_mdev35953",
-    "test_mdev_24411",
-    "test_mdev_32086",
-    "test_mdev_34718_ad",
-    "test_mdev_34718_au",
-    "test_mdev_34718_bd",
-    "test_mdev_34718_bu",
-    "test_mdev_34958",
-    "test_ps_params_in_ctes",
-];
+/// Tests that pass directly and fail through the proxy, each with the reason.
+const EXPECTED_DIFFERENCES: &[&str] = &[];
 
 /// Every test the program knows.
 fn test_names() -> Result<Vec<String>> {

@@ -4,8 +4,8 @@
 
 use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, CLIENT_MULTI_STATEMENTS, DEFAULT};
+use ferrata_tests::ferrata_testkit::raw::{Packet, RawConn};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{
@@ -538,5 +538,123 @@ async fn autocommit_writes_leave_the_session_as_directly() -> Result<()> {
     let differ: Vec<_> = proxied.iter().zip(&expected).filter(|(p, e)| p != e).collect();
     assert!(differ.is_empty(), "through the proxy, then directly: {differ:#?}");
     assert_eq!(proxied.len(), expected.len());
+    Ok(())
+}
+
+/// MariaDB's extended capability for COM_STMT_BULK_EXECUTE, shifted down by 32.
+const BULK_OPERATIONS: u32 = 1 << 2;
+
+/// A COM_STMT_BULK_EXECUTE body for statement `id` with parameters (INT, VARCHAR), types
+/// sent (STMT_BULK_FLAG_SEND_TYPES_TO_SERVER), one row per `(id, v)`.
+fn bulk(id: u32, rows: &[(i32, &str)]) -> Vec<u8> {
+    let mut body = id.to_le_bytes().to_vec();
+    body.extend(128u16.to_le_bytes());
+    body.extend([0x03, 0x00, 0xfd, 0x00]);
+    for (n, v) in rows {
+        body.push(0); // indicator: a value follows
+        body.extend(n.to_le_bytes());
+        body.push(0);
+        body.push(v.len() as u8);
+        body.extend(v.as_bytes());
+    }
+    command(com::STMT_BULK_EXECUTE, &body)
+}
+
+/// The error code of a response that is one ERR packet.
+fn error_code(response: &[Packet]) -> Option<u16> {
+    match response {
+        [p] => match p.payload[..] {
+            [0xff, low, high, ..] => Some(u16::from_le_bytes([low, high])),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Prepares `sql` on `conn` and runs it as one bulk execute of `rows`; the response.
+async fn bulk_execute(conn: &mut RawConn, sql: &str, rows: &[(i32, &str)]) -> Result<Vec<Packet>> {
+    let (_, id) = raw_prepare(conn, sql).await?;
+    conn.send_command(&bulk(id, rows)).await?;
+    conn.read_response().await
+}
+
+#[tokio::test]
+async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_protected() -> Result<()> {
+    // Two servers with the same table: one direct, one behind the proxy.
+    let direct_db = MariaDb::start().await?;
+    let (db, _tc, proxy) = setup().await?;
+    let mut c = direct_db.conn().await?;
+    c.query_drop("CREATE TABLE d (id INT PRIMARY KEY, v DECIMAL(10,2))")
+        .await?;
+    c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
+        .await?;
+    for flags in FLAG_SETS {
+        let connect =
+            |addr| RawConn::connect_mariadb(addr, APP_USER, APP_PASSWORD, Some("test"), flags, BULK_OPERATIONS);
+        let (mut direct, mut proxied) = (connect(direct_db.addr()).await?, connect(proxy.addr).await?);
+        for (sql, rows) in [
+            (
+                "INSERT INTO d VALUES (?, ?)",
+                &[(10, "1.5"), (11, "2.5"), (12, "3.5")][..],
+            ),
+            (
+                "UPDATE d SET v = v + 1 WHERE id = ? OR v = ?",
+                &[(10, "0"), (1, "2.50")],
+            ),
+            ("INSERT INTO d VALUES (?, ?) RETURNING id, v", &[(20, "7"), (21, "8")]),
+            (
+                "DELETE FROM d WHERE id = ? OR v = ? RETURNING id",
+                &[(20, "0"), (10, "8.00")],
+            ),
+            ("INSERT INTO d VALUES (?, ?)", &[(30, "1"), (1, "1")]),
+            (
+                "DELETE FROM d WHERE id = ? OR v = ?",
+                &[(11, "0"), (12, "0"), (21, "0"), (30, "0")],
+            ),
+        ] {
+            let what = format!("{sql}, flags {flags:#x}");
+            let d = bulk_execute(&mut direct, sql, rows).await?;
+            let p = bulk_execute(&mut proxied, sql, rows).await?;
+            assert_same_packets(&d, &p, &what);
+            assert_same_answer(&mut direct, &mut proxied, "SELECT * FROM d ORDER BY id", &what).await?;
+        }
+    }
+
+    // Inside a global transaction its rows would not be imaged: refused, not run.
+    let mut proxied = RawConn::connect_mariadb(
+        proxy.addr,
+        APP_USER,
+        APP_PASSWORD,
+        Some("test"),
+        DEFAULT,
+        BULK_OPERATIONS,
+    )
+    .await?;
+    proxied.query("START GLOBAL TRANSACTION").await?;
+    let refused = bulk_execute(&mut proxied, "INSERT INTO d VALUES (?, ?)", &[(40, "1")]).await?;
+    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
+    assert_eq!(error_code(&refused), Some(1235), "{text}");
+    assert!(text.contains("bulk execute"), "{text}");
+    // Its rows locked globally, `d` is guarded: outside the global transaction a bulk write
+    // cannot be checked row by row either.
+    proxied.query("UPDATE d SET v = 9 WHERE id = 2").await?;
+    let mut other = RawConn::connect_mariadb(
+        proxy.addr,
+        APP_USER,
+        APP_PASSWORD,
+        Some("test"),
+        DEFAULT,
+        BULK_OPERATIONS,
+    )
+    .await?;
+    let refused = bulk_execute(&mut other, "INSERT INTO d VALUES (?, ?)", &[(41, "1")]).await?;
+    assert_eq!(error_code(&refused), Some(1235));
+    proxied.query("ROLLBACK GLOBAL").await?;
+    let n: Option<i64> = db
+        .conn()
+        .await?
+        .query_first("SELECT COUNT(*) FROM d WHERE id IN (40, 41)")
+        .await?;
+    assert_eq!(n, Some(0), "neither bulk write ran");
     Ok(())
 }

@@ -213,6 +213,7 @@ pub mod com {
     pub const STMT_SEND_LONG_DATA: u8 = 0x18;
     pub const STMT_CLOSE: u8 = 0x19;
     pub const STMT_RESET: u8 = 0x1A;
+    pub const STMT_BULK_EXECUTE: u8 = 0xFA;
     pub const STMT_FETCH: u8 = 0x1C;
 }
 

@@ -73,6 +73,18 @@ impl ModeSession for BindingSession {
                         .map(Claimed::Refuse)
                 }
             }
+            (Cmd::STMT_BULK_EXECUTE, _) if command.payload.len() >= 5 => {
+                let p = command.payload;
+                let hinted = state
+                    .statements
+                    .get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))
+                    .and_then(|s| refusal::hinted_xid(s.sql.as_bytes(), &s.class));
+                state
+                    .xid
+                    .clone()
+                    .or(hinted)
+                    .map(|xid| Claimed::Refuse(refusal::bulk_execute(&xid)))
+            }
             (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => {
                 let p = command.payload;
                 state

@@ -59,6 +59,15 @@ pub fn long_data(xid: &str) -> ErrPacket {
     )
 }
 
+/// The refusal for a bulk execute (COM_STMT_BULK_EXECUTE): its rows are not imaged.
+pub fn bulk_execute(xid: &str) -> ErrPacket {
+    not_protected(
+        "a bulk execute (COM_STMT_BULK_EXECUTE, array binding): send one execute per row (MariaDB Connector/J: \
+         useBulkStmts=false)",
+        xid,
+    )
+}
+
 /// The refusal for an execute whose parameters the proxy cannot read.
 pub fn unreadable_params(xid: &str) -> ErrPacket {
     not_protected(

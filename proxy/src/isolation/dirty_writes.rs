@@ -98,13 +98,13 @@ pub enum Write {
     Refuse(ErrPacket),
 }
 
-/// The statement text of a query or an execute.
+/// The statement text of an execute (bulk or not).
 fn statement_text<'a>(
     command: u8,
     payload: &'a [u8],
     state: &'a SessionState,
 ) -> Option<(&'a [u8], &'a Classification)> {
-    if command != Command::STMT_EXECUTE || payload.len() < 5 {
+    if !matches!(command, Command::STMT_EXECUTE | Command::STMT_BULK_EXECUTE) || payload.len() < 5 {
         return None;
     }
     let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
@@ -184,6 +184,12 @@ pub fn route(
         )))
     };
     const SPLIT: &str = "split it into single-table INSERT, UPDATE or DELETE statements";
+    if command == Command::STMT_BULK_EXECUTE {
+        return Some(refuse(
+            "a bulk execute (COM_STMT_BULK_EXECUTE, array binding)",
+            "send one execute per row",
+        ));
+    }
     if class.set_statement.is_some() {
         return Some(refuse(
             "a SET STATEMENT ... FOR write (the check runs it inside a transaction, where MariaDB refuses some of its variables)",

@@ -34,14 +34,13 @@ impl Capabilities {
     pub const MARIADB_CACHE_METADATA: u64 = 1 << 36;
 
     /// What the proxy cannot follow in a byte stream it has to read: compression changes the
-    /// framing, query attributes and bulk execute change command layouts. TLS is decided
-    /// separately. (Followed: progress reports, ERR packets with code 0xFFFF that do not end
-    /// a response; cached metadata, a byte after the column count.)
-    pub const UNSUPPORTED: u64 = Self::COMPRESS
-        | Self::ZSTD_COMPRESSION
-        | Self::QUERY_ATTRIBUTES
-        | Self::MARIADB_COM_MULTI
-        | Self::MARIADB_STMT_BULK_OPERATIONS;
+    /// framing, query attributes change command layouts. TLS is decided separately.
+    /// (Followed: progress reports, ERR packets with code 0xFFFF that do not end a response;
+    /// cached metadata, a byte after the column count; bulk execute, whose response is an
+    /// execute's and whose parameters the proxy never reads: it refuses a bulk execute it
+    /// would have to protect.)
+    pub const UNSUPPORTED: u64 =
+        Self::COMPRESS | Self::ZSTD_COMPRESSION | Self::QUERY_ATTRIBUTES | Self::MARIADB_COM_MULTI;
 
     pub fn has(self, flag: u64) -> bool {
         self.0 & flag != 0
@@ -95,6 +94,8 @@ impl Command {
     pub const STMT_CLOSE: u8 = 0x19;
     pub const STMT_RESET: u8 = 0x1a;
     pub const STMT_FETCH: u8 = 0x1c;
+    /// MariaDB's COM_STMT_BULK_EXECUTE: one prepared statement, many parameter rows.
+    pub const STMT_BULK_EXECUTE: u8 = 0xfa;
     pub const BINLOG_DUMP_GTID: u8 = 0x1e;
     pub const RESET_CONNECTION: u8 = 0x1f;
 
