@@ -560,6 +560,11 @@ fn bulk(id: u32, rows: &[(i32, &str)]) -> Vec<u8> {
     command(com::STMT_BULK_EXECUTE, &body)
 }
 
+/// A raw connection to `addr` with client `flags` that negotiates bulk execute.
+async fn bulk_conn(addr: std::net::SocketAddr, flags: u32) -> Result<RawConn> {
+    RawConn::connect_mariadb(addr, APP_USER, APP_PASSWORD, Some("test"), flags, BULK_OPERATIONS).await
+}
+
 /// The error code of a response that is one ERR packet.
 fn error_code(response: &[Packet]) -> Option<u16> {
     match response {
@@ -589,9 +594,10 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
         .await?;
     for flags in FLAG_SETS {
-        let connect =
-            |addr| RawConn::connect_mariadb(addr, APP_USER, APP_PASSWORD, Some("test"), flags, BULK_OPERATIONS);
-        let (mut direct, mut proxied) = (connect(direct_db.addr()).await?, connect(proxy.addr).await?);
+        let (mut direct, mut proxied) = (
+            bulk_conn(direct_db.addr(), flags).await?,
+            bulk_conn(proxy.addr, flags).await?,
+        );
         for (sql, rows) in [
             (
                 "INSERT INTO d VALUES (?, ?)",
@@ -621,15 +627,7 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     }
 
     // Inside a global transaction its rows would not be imaged: refused, not run.
-    let mut proxied = RawConn::connect_mariadb(
-        proxy.addr,
-        APP_USER,
-        APP_PASSWORD,
-        Some("test"),
-        DEFAULT,
-        BULK_OPERATIONS,
-    )
-    .await?;
+    let mut proxied = bulk_conn(proxy.addr, DEFAULT).await?;
     proxied.query("START GLOBAL TRANSACTION").await?;
     let refused = bulk_execute(&mut proxied, "INSERT INTO d VALUES (?, ?)", &[(40, "1")]).await?;
     let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
@@ -638,15 +636,7 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     // Its rows locked globally, `d` is guarded: outside the global transaction a bulk write
     // cannot be checked row by row either.
     proxied.query("UPDATE d SET v = 9 WHERE id = 2").await?;
-    let mut other = RawConn::connect_mariadb(
-        proxy.addr,
-        APP_USER,
-        APP_PASSWORD,
-        Some("test"),
-        DEFAULT,
-        BULK_OPERATIONS,
-    )
-    .await?;
+    let mut other = bulk_conn(proxy.addr, DEFAULT).await?;
     let refused = bulk_execute(&mut other, "INSERT INTO d VALUES (?, ?)", &[(41, "1")]).await?;
     assert_eq!(error_code(&refused), Some(1235));
     proxied.query("ROLLBACK GLOBAL").await?;
