@@ -54,6 +54,8 @@ struct Running {
     /// is gone; `None` while that stream lives (the view's current trust applies).
     must_end_by: Option<u64>,
     interrupting: bool,
+    /// Not due again before this: an interruption found it not running yet.
+    not_before: u64,
     /// Its session went away before its response was read: it may still be running, so it is
     /// interrupted at once and forgotten after that.
     abandoned: bool,
@@ -123,6 +125,9 @@ impl Drop for UncheckedWrite {
     }
 }
 
+/// How soon a write found not running yet is looked at again.
+const RETRY: Duration = Duration::from_millis(50);
+
 /// What the watchdog must interrupt: (write id, backend connection id).
 type Overdue = Vec<(u64, u32)>;
 
@@ -143,6 +148,7 @@ impl UncheckedWrites {
                 connection_id,
                 must_end_by: None,
                 interrupting: false,
+                not_before: 0,
                 abandoned: false,
             },
         );
@@ -210,7 +216,11 @@ impl UncheckedWrites {
         let mut due = Vec::new();
         let mut next: Option<u64> = None;
         for (id, r) in s.running.iter_mut().filter(|(_, r)| !r.interrupting) {
-            let at = r.must_end_by.unwrap_or(trusted_until).saturating_sub(margin);
+            let at = r
+                .must_end_by
+                .unwrap_or(trusted_until)
+                .saturating_sub(margin)
+                .max(r.not_before);
             if at <= now {
                 r.interrupting = true;
                 due.push((*id, r.connection_id));
@@ -225,14 +235,22 @@ impl UncheckedWrites {
         self.state.lock().running.contains_key(&id)
     }
 
-    /// After an interruption: an abandoned write is forgotten (nobody else will).
-    fn interrupted(&self, id: u64) {
+    /// After an interruption: an abandoned write is forgotten (nobody else will); one that
+    /// was not running on the server yet (`killed` false) is due again after `retry_at`.
+    fn interrupted(&self, id: u64, killed: bool, retry_at: u64) {
         let mut s = self.state.lock();
-        if s.running.get(&id).is_some_and(|r| r.abandoned) {
-            s.running.remove(&id);
-            drop(s);
-            self.changed.notify_waiters();
+        match s.running.get_mut(&id) {
+            Some(r) if r.abandoned => {
+                s.running.remove(&id);
+            }
+            Some(r) if !killed => {
+                r.interrupting = false;
+                r.not_before = retry_at;
+            }
+            _ => return,
         }
+        drop(s);
+        self.changed.notify_waiters();
     }
 
     /// Interrupts unchecked writes that would outlive the trust they started under, until
@@ -242,7 +260,7 @@ impl UncheckedWrites {
     pub async fn watch(
         self: Arc<Self>,
         clock: impl Fn() -> (u64, u64, u64),
-        interrupt: impl Fn(u32, StillRunning) -> BoxFuture<'static, Result<(), String>>,
+        interrupt: impl Fn(u32, StillRunning) -> BoxFuture<'static, Result<bool, String>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
         loop {
@@ -258,9 +276,11 @@ impl UncheckedWrites {
                 let writes = Arc::clone(&self);
                 tokio::spawn(async move {
                     let outcome = outcome.await;
-                    writes.interrupted(id);
+                    let retry_at = now + RETRY.as_nanos() as u64;
+                    writes.interrupted(id, !matches!(outcome, Ok(false)), retry_at);
                     match outcome {
-                        Ok(()) => {
+                        Ok(false) => {}
+                        Ok(true) => {
                             interrupted("interrupted").increment(1);
                             tracing::warn!(
                                 connection_id,
@@ -297,12 +317,13 @@ impl UncheckedWrites {
 /// Interrupts the statement running on backend connection `connection_id` through `conn`,
 /// if `still_running()` says it is still the write in question: its query id is read first
 /// and checked afterwards, so that a later statement of the same connection (which can start
-/// only once the write is no longer running) is never hit.
+/// only once the write is no longer running) is never hit. `Ok(false)`: nothing ran on the
+/// connection yet (the write was not sent when it was looked at).
 pub async fn interrupt_query(
     conn: &mut mysql_async::Conn,
     connection_id: u32,
     still_running: &(dyn Fn() -> bool + Send + Sync),
-) -> Result<(), mysql_async::Error> {
+) -> Result<bool, mysql_async::Error> {
     use mysql_async::prelude::Queryable;
     let query_id: Option<u64> = conn
         .exec_first(
@@ -310,16 +331,17 @@ pub async fn interrupt_query(
             (connection_id,),
         )
         .await?;
-    if let Some(q) = query_id
-        && still_running()
-    {
+    let Some(q) = query_id else {
+        return Ok(false);
+    };
+    if still_running() {
         match conn.query_drop(format!("KILL QUERY ID {q}")).await {
             // ER_NO_SUCH_QUERY: it finished meanwhile.
             Err(mysql_async::Error::Server(e)) if e.code == 1957 => {}
             other => other?,
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -375,6 +397,14 @@ mod tests {
         assert_eq!(next, Some(9_900));
         let (due, _) = writes.overdue(950, 10_000, 100);
         assert!(due.is_empty(), "each write is interrupted once");
+        // Found not running yet (not sent when looked at): due again after the retry time.
+        writes.interrupted(old.id, false, 1_200);
+        let (due, next) = writes.overdue(1_000, 10_000, 100);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(1_200));
+        let (due, _) = writes.overdue(1_200, 10_000, 100);
+        assert_eq!(due, vec![(old.id, 7)]);
+        writes.interrupted(old.id, true, 0);
         let (due, next) = writes.overdue(9_950, 10_000, 100);
         assert_eq!(due, vec![(new.id, 8)]);
         assert_eq!(next, None);
@@ -391,7 +421,7 @@ mod tests {
         let (due, _) = writes.overdue(1, 10_000, 100);
         assert_eq!(due, vec![(id, 9)]);
         assert!(writes.still_running(id), "it holds fences until it is interrupted");
-        writes.interrupted(id);
+        writes.interrupted(id, false, 0);
         assert!(!writes.still_running(id));
     }
 }
