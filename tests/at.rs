@@ -962,3 +962,50 @@ async fn anti_hanging_markers_are_deleted_once_their_retention_has_passed() -> R
     assert_eq!(left, ["fresh", "record"], "only the marker past its retention is gone");
     Ok(())
 }
+
+/// COM_STMT_EXECUTE with statement id 0xFFFFFFFF runs the last statement prepared on the
+/// connection (MariaDB's execute-direct, which Connector/C uses when the server offers bulk
+/// operations: PREPARE and EXECUTE sent together).
+#[tokio::test]
+async fn an_execute_of_the_last_prepared_statement_is_protected_like_any_other() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::{RawConn, flags::DEFAULT};
+    use ferrata_tests::{execute_payload, raw_prepare};
+    const LAST: u32 = u32::MAX;
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 300).await?;
+    let mut direct = db.conn().await?;
+    direct
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT, note VARCHAR(10))")
+        .await?;
+    direct
+        .query_drop("INSERT INTO t VALUES (1, 1, 'a'), (2, 2, 'b')")
+        .await?;
+    // A string parameter: the proxy reads the before image with a prepared statement of its
+    // own, which becomes the server's last prepared statement.
+    let note_a = [(0xfe, Some(b"\x01a".to_vec()))];
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), DEFAULT).await?;
+    raw.query("START GLOBAL TRANSACTION").await?;
+    raw_prepare(&mut raw, "UPDATE t SET v = 10 WHERE note = ?").await?;
+    raw.send_command(&execute_payload(LAST, 0, &note_a)).await?;
+    let ok = raw.read_response().await?;
+    assert_eq!(ok[0].payload[0], 0x00, "{:?}", String::from_utf8_lossy(&ok[0].payload));
+    assert_eq!(undo_rows(&db).await?, 1, "imaged like any execute");
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(10), "the client's statement ran, not the proxy's");
+    // Outside the global transaction the row is held: the same execute is checked.
+    let mut other = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), DEFAULT).await?;
+    raw_prepare(&mut other, "UPDATE t SET v = 20 WHERE note = ?").await?;
+    other.send_command(&execute_payload(LAST, 0, &note_a)).await?;
+    let held = other.read_response().await?;
+    assert_eq!(
+        held[0].payload[..3],
+        [0xff, 0xb5, 0x04],
+        "ERR 1205: {:?}",
+        String::from_utf8_lossy(&held[0].payload)
+    );
+    raw.query("ROLLBACK GLOBAL").await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(1), "rolled back");
+    Ok(())
+}

@@ -152,8 +152,7 @@ impl AtSession {
                 is_protected_write(class).then_some(Claimed::Protect(xid))
             }
             (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => {
-                let p = command.payload;
-                let statement = state.statements.get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))?;
+                let statement = state.statement(command.payload)?;
                 // A prepared COMMIT (or BEGIN, SET autocommit) would commit protected writes
                 // without registering them.
                 if self.branch.is_some()

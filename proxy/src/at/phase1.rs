@@ -42,8 +42,7 @@ pub async fn protect(client: &mut Peer, cx: &mut Cx<'_>, command: u8, raw: &[u8]
     let (sql, params) = if command == Command::QUERY {
         (String::from_utf8_lossy(&payload[1..]).into_owned(), Vec::new())
     } else {
-        let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-        let Some(stmt) = cx.state.statements.get(&id) else {
+        let Some(stmt) = cx.state.statement(payload) else {
             return Ok(());
         };
         match stmt.bound_params(payload) {

@@ -74,10 +74,8 @@ impl ModeSession for BindingSession {
                 }
             }
             (Cmd::STMT_BULK_EXECUTE, _) if command.payload.len() >= 5 => {
-                let p = command.payload;
                 let hinted = state
-                    .statements
-                    .get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))
+                    .statement(command.payload)
                     .and_then(|s| refusal::hinted_xid(s.sql.as_bytes(), &s.class));
                 state
                     .xid
@@ -85,20 +83,16 @@ impl ModeSession for BindingSession {
                     .or(hinted)
                     .map(|xid| Claimed::Refuse(refusal::bulk_execute(&xid)))
             }
-            (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => {
-                let p = command.payload;
-                state
-                    .statements
-                    .get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))
-                    .and_then(|s| {
-                        let xid = state
-                            .xid
-                            .clone()
-                            .or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
-                        refusal::refusal(&s.class, multi_statements, &xid)
-                    })
-                    .map(Claimed::Refuse)
-            }
+            (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => state
+                .statement(command.payload)
+                .and_then(|s| {
+                    let xid = state
+                        .xid
+                        .clone()
+                        .or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
+                    refusal::refusal(&s.class, multi_statements, &xid)
+                })
+                .map(Claimed::Refuse),
             _ => None,
         };
         Claim::take_if(self.claimed.is_some())

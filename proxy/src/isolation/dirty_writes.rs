@@ -104,11 +104,10 @@ fn statement_text<'a>(
     payload: &'a [u8],
     state: &'a SessionState,
 ) -> Option<(&'a [u8], &'a Classification)> {
-    if !matches!(command, Command::STMT_EXECUTE | Command::STMT_BULK_EXECUTE) || payload.len() < 5 {
+    if !matches!(command, Command::STMT_EXECUTE | Command::STMT_BULK_EXECUTE) {
         return None;
     }
-    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-    state.statements.get(&id).map(|s| (s.sql.as_bytes(), &s.class))
+    state.statement(payload).map(|s| (s.sql.as_bytes(), &s.class))
 }
 
 /// Decides the route of a command in a session outside any global transaction; `None` for
@@ -385,8 +384,7 @@ fn execute_params(command: u8, raw: &[u8], state: &SessionState) -> Result<Vec<P
         return Ok(Vec::new());
     }
     let payload = &raw[4..];
-    let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-    let stmt = state.statements.get(&id);
+    let stmt = state.statement(payload);
     if stmt.is_some_and(|s| s.long_data_dropped) {
         return Err("a prepared statement with more long data than max_packet_size".into());
     }

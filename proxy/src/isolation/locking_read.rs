@@ -76,8 +76,7 @@ pub async fn run(
     let (sql, params) = if command == Command::QUERY {
         (String::from_utf8_lossy(&payload[1..]).into_owned(), Vec::new())
     } else {
-        let id = u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]);
-        let Some(stmt) = state.statements.get(&id) else {
+        let Some(stmt) = state.statement(payload) else {
             return forward(client, backend, state, raw).await;
         };
         if stmt.long_data_dropped {

@@ -86,13 +86,9 @@ impl IsolationSession {
     fn decide(&mut self, command: &Command<'_>, state: &SessionState, shared: &Shared) -> Option<Claimed> {
         let isolated = match (command.code, command.class) {
             (Cmd::QUERY, Some(class)) => locking_read_xid(state, &command.payload[1..], class),
-            (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => {
-                let p = command.payload;
-                state
-                    .statements
-                    .get(&u32::from_le_bytes([p[1], p[2], p[3], p[4]]))
-                    .and_then(|s| locking_read_xid(state, s.sql.as_bytes(), &s.class))
-            }
+            (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => state
+                .statement(command.payload)
+                .and_then(|s| locking_read_xid(state, s.sql.as_bytes(), &s.class)),
             _ => None,
         };
         if let Some(xid) = isolated {

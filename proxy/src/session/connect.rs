@@ -184,6 +184,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         schema: parsed.database,
         backend_connection_id: greeting.connection_id,
         statements: Default::default(),
+        last_prepared: None,
         xid: None,
     };
     Ok((backend, state))

@@ -132,6 +132,11 @@ async fn serve(
             _ = &mut shutdown, if client.buf.is_empty() => return Ok(()),
         };
         let started = Instant::now();
+        if reads_parameters {
+            // The modes run statements of their own on the backend connection, some prepared,
+            // which moves what the server calls the last prepared statement.
+            state.name_last_prepared(&mut client.buf[..span.raw_len]);
+        }
         let payload = client.payload(&span);
         let Some(&command) = payload.first() else {
             return Err(SessionError::client(
@@ -276,12 +281,8 @@ impl Pending {
             }
             Command::INIT_DB => pending.schema = Some(String::from_utf8_lossy(body).into_owned()),
             Command::CHANGE_USER => pending.schema = handshake::change_user_database(payload, state.capabilities),
-            Command::STMT_CLOSE if body.len() >= 4 => {
-                pending.close = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
-            }
-            Command::STMT_EXECUTE if body.len() >= 4 => {
-                pending.executed = Some(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
-            }
+            Command::STMT_CLOSE => pending.close = state.statement_id(payload),
+            Command::STMT_EXECUTE => pending.executed = state.statement_id(payload),
             _ => {}
         }
         pending
@@ -293,6 +294,9 @@ impl Pending {
         }
         if let Some(id) = self.close {
             state.statements.remove(&id);
+            if state.last_prepared == Some(id) {
+                state.last_prepared = None;
+            }
         }
         if let Some(stmt) = self.executed.and_then(|id| state.statements.get_mut(&id)) {
             stmt.forget_long_data();
@@ -315,6 +319,8 @@ impl Pending {
                 state.xid = None;
             }
             Command::STMT_PREPARE => {
+                // A failed prepare leaves no last statement (MariaDB drops it too).
+                state.last_prepared = tracker.prepare_ok().map(|p| p.statement_id);
                 if let (Some(prepared), Some((sql, class))) = (tracker.prepare_ok(), self.prepare) {
                     state.statements.insert(
                         prepared.statement_id,
@@ -339,8 +345,7 @@ impl Pending {
 /// After an execute the proxy answered itself: the statement's long data is spent.
 fn executed(command: u8, payload: &[u8], state: &mut SessionState) {
     if command == Command::STMT_EXECUTE
-        && let Some(id) = payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        && let Some(stmt) = state.statements.get_mut(&id)
+        && let Some(stmt) = state.statement_id(payload).and_then(|id| state.statements.get_mut(&id))
     {
         stmt.forget_long_data();
     }

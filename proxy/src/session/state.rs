@@ -59,6 +59,9 @@ pub struct SessionState {
     /// The backend connection's id on its server (the greeting's thread id).
     pub backend_connection_id: u32,
     pub statements: HashMap<u32, PreparedStatement>,
+    /// The statement the last successful COM_STMT_PREPARE created, if it is still open: what
+    /// statement id 0xFFFFFFFF names (MariaDB's execute-direct).
+    pub last_prepared: Option<u32>,
     /// The global transaction this session is bound to (START or JOIN GLOBAL TRANSACTION),
     /// which every mode works in. Set and cleared by the coordinator's statements; forgotten
     /// here when the server forgets the session (COM_CHANGE_USER, COM_RESET_CONNECTION).
@@ -70,10 +73,7 @@ impl SessionState {
     /// parameter types an execute sends, long data as it arrives (up to `limit` bytes per
     /// statement). Only sessions with a coordinator need this.
     pub fn note_statement_command(&mut self, command: u8, payload: &[u8], limit: usize) {
-        let Some(id) = payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) else {
-            return;
-        };
-        let Some(stmt) = self.statements.get_mut(&id) else {
+        let Some(stmt) = self.statement_id(payload).and_then(|id| self.statements.get_mut(&id)) else {
             return;
         };
         match command {
@@ -105,9 +105,8 @@ impl SessionState {
     pub fn response_kind(&self, payload: &[u8]) -> ResponseKind {
         match ResponseKind::of(payload) {
             ResponseKind::CursorExecute
-                if payload
-                    .get(1..5)
-                    .and_then(|id| self.statements.get(&u32::from_le_bytes([id[0], id[1], id[2], id[3]])))
+                if self
+                    .statement(payload)
                     .is_some_and(|s| s.class.class == StatementClass::Other(Other::Procedural)) =>
             {
                 ResponseKind::Generic
@@ -128,9 +127,46 @@ impl SessionState {
         self.status.has(ServerStatus::NO_BACKSLASH_ESCAPES)
     }
 
+    /// The statement id a COM_STMT_* command `payload` (command byte first) names: MariaDB
+    /// reads 0xFFFFFFFF as the last statement prepared on the connection.
+    pub fn statement_id(&self, payload: &[u8]) -> Option<u32> {
+        match u32::from_le_bytes(payload.get(1..5)?.try_into().ok()?) {
+            u32::MAX => self.last_prepared,
+            id => Some(id),
+        }
+    }
+
+    /// Writes the id of the last statement the client prepared into a COM_STMT_* command
+    /// `packet` (header included) that names it as 0xFFFFFFFF: the server reads both the
+    /// same way, unless statements of the proxy's own were prepared since.
+    pub fn name_last_prepared(&self, packet: &mut [u8]) {
+        let named = matches!(
+            packet.get(4).copied(),
+            Some(
+                Command::STMT_EXECUTE
+                    | Command::STMT_BULK_EXECUTE
+                    | Command::STMT_SEND_LONG_DATA
+                    | Command::STMT_RESET
+                    | Command::STMT_FETCH
+                    | Command::STMT_CLOSE
+            )
+        );
+        if let (true, Some(id), Some(bytes)) = (named, self.last_prepared, packet.get_mut(5..9))
+            && bytes == [0xff; 4]
+        {
+            bytes.copy_from_slice(&id.to_le_bytes());
+        }
+    }
+
+    /// The prepared statement a COM_STMT_* command `payload` names, if the proxy knows it.
+    pub fn statement(&self, payload: &[u8]) -> Option<&PreparedStatement> {
+        self.statements.get(&self.statement_id(payload)?)
+    }
+
     /// COM_RESET_CONNECTION and COM_CHANGE_USER drop every prepared statement server-side.
     pub fn forget_statements(&mut self) {
         self.statements.clear();
+        self.last_prepared = None;
     }
 }
 
@@ -149,6 +185,28 @@ mod tests {
             long_data: Default::default(),
             long_data_dropped: false,
         }
+    }
+
+    #[test]
+    fn id_0xffffffff_names_the_last_prepared_statement() {
+        let mut state = SessionState::default();
+        state.statements.insert(7, prepared("UPDATE t SET v = 1"));
+        let mut execute = vec![0, 0, 0, 0, Command::STMT_EXECUTE, 0xff, 0xff, 0xff, 0xff, 0];
+        assert_eq!(state.statement_id(&execute[4..]), None, "nothing prepared yet");
+        state.name_last_prepared(&mut execute);
+        assert_eq!(execute[5..9], [0xff; 4], "left as sent");
+        state.last_prepared = Some(7);
+        assert_eq!(
+            state.statement(&execute[4..]).map(|s| s.sql.as_str()),
+            Some("UPDATE t SET v = 1")
+        );
+        state.name_last_prepared(&mut execute);
+        assert_eq!(execute[5..9], 7u32.to_le_bytes());
+        let mut query = vec![0, 0, 0, 0, Command::QUERY, 0xff, 0xff, 0xff, 0xff];
+        state.name_last_prepared(&mut query);
+        assert_eq!(query[5..9], [0xff; 4], "only statement commands name statements");
+        state.forget_statements();
+        assert_eq!(state.last_prepared, None);
     }
 
     #[test]
