@@ -764,6 +764,11 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
             "SET STATEMENT sql_mode = '' FOR UPDATE t SET v = 9 WHERE id = 1",
             "SET STATEMENT",
         ),
+        ("BEGIN; UPDATE t SET v = 9 WHERE id = 1; COMMIT", "BEGIN"),
+        (
+            "SELECT * FROM t FOR UPDATE; UPDATE t SET v = 9 WHERE id = 1",
+            "locking read",
+        ),
         (
             "set statement max_statement_time = 10 for select * from t for update",
             "SET STATEMENT",
@@ -784,6 +789,11 @@ async fn statements_that_cannot_be_imaged_are_refused() -> Result<()> {
     conn.query_drop("BEGIN").await?;
     conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await?;
     let e = conn.query_drop("BEGIN").await.unwrap_err();
+    assert_eq!(server_error(&e)?.0, 1235);
+    let e = conn
+        .query_drop("COMMIT; UPDATE t SET v = 3 WHERE id = 1")
+        .await
+        .unwrap_err();
     assert_eq!(server_error(&e)?.0, 1235);
     let e = conn.exec_drop(&prepared_commit, ()).await.unwrap_err();
     assert_eq!(server_error(&e)?.0, 1235);

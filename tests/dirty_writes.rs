@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
@@ -415,5 +415,31 @@ async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interru
         .query("SELECT balance FROM account ORDER BY id")
         .await?;
     assert_eq!(balances, before, "the statement was rolled back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_guard_waits_only_for_unchecked_writes_to_its_own_table() -> Result<()> {
+    let (db, _tc, proxy) = setup(20_000).await?;
+    db.conn()
+        .await?
+        .query_drop("INSERT INTO audit VALUES (1, 'a'), (2, 'b')")
+        .await?;
+    // Nothing is guarded: a write to `audit` runs unchecked, and waits for a row lock.
+    let mut blocker = db.conn().await?;
+    blocker.query_drop("BEGIN").await?;
+    blocker
+        .query_drop("SELECT * FROM audit WHERE id = 2 FOR UPDATE")
+        .await?;
+    let write = spawn_write(&proxy, "UPDATE audit SET note = 'c' WHERE id IN (1, 2)");
+    a_lock_wait(&db).await?;
+    // A global transaction's first write to `account` is guarded at once.
+    let (mut g, _xid) = tokio::time::timeout(ferrata_tests::EVENT, hold_row(&proxy))
+        .await
+        .context("the guard on account waited for a write to audit")??;
+    assert!(!write.is_finished());
+    g.query_drop("COMMIT GLOBAL").await?;
+    blocker.query_drop("COMMIT").await?;
+    write.await??;
     Ok(())
 }

@@ -108,11 +108,9 @@ pub fn classify(sql: &[u8], no_backslash_escapes: bool) -> Classification {
         Some(Token::Word(first)) => classify_word(&mut lexer, sql, first),
         Some(_) => StatementClass::Other(Other::Unknown),
     };
-    // DML is scanned too: a second statement after it needs its own look (multi-statement
-    // strings are handled as a whole).
-    if matches!(class, StatementClass::Other(_) | StatementClass::Dml(_)) {
-        lexer.scan_to_end();
-    }
+    // Every statement is scanned to its end: a second statement after it needs its own look
+    // (multi-statement strings are handled as a whole), whatever the first one is.
+    lexer.scan_to_end();
     Classification {
         class,
         xid_hint: lexer.xid_hint,
@@ -167,6 +165,11 @@ fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> Stat
     let first_is = |kw: &str| is(&first, kw);
     let next_word = |lexer: &mut Lexer<'_>| match lexer.next_token() {
         Some(Token::Word(w)) => Some(w),
+        // `COMMIT; DELETE ...`: the `;` read here ends the statement.
+        Some(Token::Semicolon) => {
+            lexer.semicolon();
+            None
+        }
         _ => None,
     };
 
@@ -181,7 +184,9 @@ fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> Stat
     ] {
         if first_is(kw) {
             // Reading one more token picks up an optimizer hint right after the keyword.
-            lexer.next_token();
+            if lexer.next_token() == Some(Token::Semicolon) {
+                lexer.semicolon();
+            }
             return C::Dml(dml);
         }
     }
@@ -750,6 +755,18 @@ mod tests {
         assert!(!c.multi_statement && !c.flagged());
         let c = classify(b"SHOW TABLES; UPDATE t SET a=1", false);
         assert!(c.multi_statement);
+        // Whatever the first statement is, a second one is found (found in review: it hid
+        // behind transaction control and locking reads).
+        for sql in [
+            "BEGIN; UPDATE t SET a=1; COMMIT",
+            "COMMIT; DELETE FROM t",
+            "SELECT * FROM t FOR UPDATE; DELETE FROM t",
+            "START GLOBAL TRANSACTION; UPDATE t SET a=1",
+            "SAVEPOINT s; UPDATE t SET a=1",
+        ] {
+            assert!(classify(sql.as_bytes(), false).multi_statement, "{sql}");
+        }
+        assert!(!classify(b"BEGIN;", false).multi_statement);
         // With NO_BACKSLASH_ESCAPES a backslash does not escape the closing quote.
         assert!(classify(br"SELECT 'a\'; DELETE FROM t", true).multi_statement);
         assert!(!classify(br"SELECT 'a\'; DELETE FROM t", false).multi_statement);

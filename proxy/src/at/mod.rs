@@ -135,7 +135,8 @@ impl AtSession {
                         && statement::parse(&String::from_utf8_lossy(sql)) == Ok(GlobalStatement::Leave);
                     return leave.then(|| Claimed::Refuse(binding::leave_with_pending_writes()));
                 }
-                if self.branch.is_some() {
+                // (A multi-statement string is taken apart below, whatever it starts with.)
+                if self.branch.is_some() && !class.multi_statement {
                     match class.class {
                         StatementClass::TransactionControl(TxControl::Commit) => return Some(Claimed::Commit),
                         // These commit the local transaction implicitly, bypassing the branch.

@@ -28,9 +28,58 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::session::mode::BoxFuture;
+use crate::sql::dml;
 
 /// A table as the guard view names it: database and table, lowercased.
 pub type TableName = (String, String);
+
+/// The tables `sql` writes as (database, table), unqualified ones in `schema`, in the case
+/// the statement spells them; `None` when the parser cannot read it.
+pub fn written_tables(sql: &str, schema: Option<&str>) -> Option<Vec<TableName>> {
+    let tables = dml::written_tables(sql).ok()?;
+    Some(
+        tables
+            .into_iter()
+            .map(|t| {
+                (
+                    t.schema.or_else(|| schema.map(str::to_owned)).unwrap_or_default(),
+                    t.name,
+                )
+            })
+            .collect(),
+    )
+}
+
+fn lowercased(tables: Vec<TableName>) -> Vec<TableName> {
+    tables
+        .into_iter()
+        .map(|(d, t)| (d.to_lowercase(), t.to_lowercase()))
+        .collect()
+}
+
+/// What a write may change.
+enum Tables {
+    /// Not known (a statement the parser cannot read, a multi-statement string): any table.
+    Any,
+    Known(Vec<TableName>),
+    /// Its text, read only if a fence needs it (most writes end before any guard comes).
+    Unread {
+        sql: String,
+        schema: Option<String>,
+    },
+}
+
+impl Tables {
+    fn may_write(&mut self, tables: &[TableName]) -> bool {
+        if let Tables::Unread { sql, schema } = self {
+            *self = written_tables(sql, schema.as_deref()).map_or(Tables::Any, |t| Tables::Known(lowercased(t)));
+        }
+        match self {
+            Tables::Known(mine) => mine.iter().any(|t| tables.contains(t)),
+            _ => true,
+        }
+    }
+}
 
 /// The registry of unchecked writes in flight, shared by the sessions of one proxy.
 pub struct UncheckedWrites {
@@ -46,8 +95,7 @@ struct State {
 }
 
 struct Running {
-    /// `None`: not known (a statement the parser cannot read, or not read yet): any table.
-    tables: Option<Vec<TableName>>,
+    tables: Tables,
     /// The backend connection (server thread id) it runs on.
     connection_id: u32,
     /// When the trust it started under ends at the latest, once the stream it started under
@@ -59,14 +107,6 @@ struct Running {
     /// Its session went away before its response was read: it may still be running, so it is
     /// interrupted at once and forgotten after that.
     abandoned: bool,
-}
-
-impl Running {
-    fn may_write(&self, tables: &[TableName]) -> bool {
-        self.tables
-            .as_ref()
-            .is_none_or(|mine| mine.iter().any(|t| tables.contains(t)))
-    }
 }
 
 impl Default for UncheckedWrites {
@@ -88,6 +128,23 @@ fn interrupted(outcome: &'static str) -> Counter {
     metrics::counter!("ferrata_proxy_unchecked_writes_interrupted_total", "outcome" => outcome)
 }
 
+/// Counts a guard acknowledgement that waits, for as long as it waits (or until the stream
+/// that carried it is gone).
+struct AckWaiting;
+
+impl AckWaiting {
+    fn start() -> AckWaiting {
+        acks_waiting().increment(1.0);
+        AckWaiting
+    }
+}
+
+impl Drop for AckWaiting {
+    fn drop(&mut self) {
+        acks_waiting().decrement(1.0);
+    }
+}
+
 /// One unchecked write, registered until [`UncheckedWrite::finish`]. Dropped without it (its
 /// session went away while it ran), it is interrupted first.
 pub struct UncheckedWrite {
@@ -97,10 +154,23 @@ pub struct UncheckedWrite {
 }
 
 impl UncheckedWrite {
-    /// Narrows the tables the write may change, once they are known.
+    /// The tables the write may change, once they are known.
     pub fn writes_to(&self, tables: Vec<TableName>) {
+        self.set_tables(Tables::Known(lowercased(tables)));
+    }
+
+    /// The write's statement text and the session's schema, to be read if a fence needs its
+    /// tables.
+    pub fn runs(&self, sql: &str, schema: Option<&str>) {
+        self.set_tables(Tables::Unread {
+            sql: sql.to_owned(),
+            schema: schema.map(str::to_owned),
+        });
+    }
+
+    fn set_tables(&self, tables: Tables) {
         if let Some(r) = self.writes.state.lock().running.get_mut(&self.id) {
-            r.tables = Some(tables);
+            r.tables = tables;
         }
     }
 
@@ -120,13 +190,28 @@ impl Drop for UncheckedWrite {
         if let Some(r) = self.writes.state.lock().running.get_mut(&self.id) {
             r.abandoned = true;
             r.must_end_by = Some(0);
+            r.not_before = 0;
+            // Due now, even if an interruption already ran.
+            r.interrupting = false;
         }
         self.writes.changed.notify_waiters();
     }
 }
 
-/// How soon a write found not running yet is looked at again.
+/// How soon a write is looked at again after an interruption that found it not running yet,
+/// or sent its KILL (a multi-statement string's next statement has a new query id).
 const RETRY: Duration = Duration::from_millis(50);
+
+/// What one interruption found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// A statement of the write's connection was running: KILL QUERY ID was sent.
+    Killed,
+    /// The connection was idle: the write was not sent yet, or has ended.
+    NotRunning,
+    /// The service user does not see the connection: it is gone, or the user lacks `PROCESS`.
+    NotVisible,
+}
 
 /// What the watchdog must interrupt: (write id, backend connection id).
 type Overdue = Vec<(u64, u32)>;
@@ -136,7 +221,7 @@ pub type StillRunning = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl UncheckedWrites {
     /// Registers a write about to run on backend connection `connection_id`, on any table
-    /// until [`UncheckedWrite::writes_to`] says which.
+    /// until [`UncheckedWrite::writes_to`] or [`UncheckedWrite::runs`] says which.
     pub fn begin(self: &Arc<Self>, connection_id: u32) -> UncheckedWrite {
         let mut s = self.state.lock();
         s.next_id += 1;
@@ -144,7 +229,7 @@ impl UncheckedWrites {
         s.running.insert(
             id,
             Running {
-                tables: None,
+                tables: Tables::Any,
                 connection_id,
                 must_end_by: None,
                 interrupting: false,
@@ -164,11 +249,10 @@ impl UncheckedWrites {
     /// Ready once every write running now that may write one of `tables` has finished.
     pub fn fence(self: &Arc<Self>, tables: &[TableName]) -> impl Future<Output = ()> + Send + 'static {
         let waiting: Vec<u64> = {
-            let s = self.state.lock();
+            let mut s = self.state.lock();
             s.running
-                .iter()
-                .filter(|(_, r)| r.may_write(tables))
-                .map(|(id, _)| *id)
+                .iter_mut()
+                .filter_map(|(id, r)| r.tables.may_write(tables).then_some(*id))
                 .collect()
         };
         let writes = Arc::clone(self);
@@ -176,7 +260,7 @@ impl UncheckedWrites {
             if waiting.is_empty() {
                 return;
             }
-            acks_waiting().increment(1.0);
+            let _counted = AckWaiting::start();
             tracing::info!(
                 writes = waiting.len(),
                 "a guard update waits for unchecked writes on its tables to finish"
@@ -190,7 +274,6 @@ impl UncheckedWrites {
                 }
                 changed.await;
             }
-            acks_waiting().decrement(1.0);
         }
     }
 
@@ -235,19 +318,24 @@ impl UncheckedWrites {
         self.state.lock().running.contains_key(&id)
     }
 
-    /// After an interruption: an abandoned write is forgotten (nobody else will); one that
-    /// was not running on the server yet (`killed` false) is due again after `retry_at`.
-    fn interrupted(&self, id: u64, killed: bool, retry_at: u64) {
+    /// After an interruption at `now`: a write that was killed, or not sent yet, is looked at
+    /// again after [`RETRY`] while it is registered; an abandoned one that no longer runs (or
+    /// cannot be seen, or could not be looked at) is forgotten, as nobody else will; a live one
+    /// the service user cannot see is given up on (logged).
+    fn interrupted(&self, id: u64, outcome: Result<Interruption, ()>, now: u64) {
         let mut s = self.state.lock();
-        match s.running.get_mut(&id) {
-            Some(r) if r.abandoned => {
+        let Some(r) = s.running.get_mut(&id) else {
+            return;
+        };
+        match (r.abandoned, outcome) {
+            (true, Ok(Interruption::Killed)) | (false, Ok(Interruption::Killed | Interruption::NotRunning)) => {
+                r.interrupting = false;
+                r.not_before = now + RETRY.as_nanos() as u64;
+            }
+            (true, _) => {
                 s.running.remove(&id);
             }
-            Some(r) if !killed => {
-                r.interrupting = false;
-                r.not_before = retry_at;
-            }
-            _ => return,
+            (false, _) => return,
         }
         drop(s);
         self.changed.notify_waiters();
@@ -259,10 +347,11 @@ impl UncheckedWrites {
     /// [`interrupt_query`]) if it is still the write in question.
     pub async fn watch(
         self: Arc<Self>,
-        clock: impl Fn() -> (u64, u64, u64),
-        interrupt: impl Fn(u32, StillRunning) -> BoxFuture<'static, Result<bool, String>>,
+        clock: impl Fn() -> (u64, u64, u64) + Send + Sync + 'static,
+        interrupt: impl Fn(u32, StillRunning) -> BoxFuture<'static, Result<Interruption, String>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
+        let clock = Arc::new(clock);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -273,21 +362,29 @@ impl UncheckedWrites {
                 let writes = Arc::clone(&self);
                 let still: StillRunning = Box::new(move || writes.still_running(id));
                 let outcome = interrupt(connection_id, still);
-                let writes = Arc::clone(&self);
+                let (writes, clock) = (Arc::clone(&self), Arc::clone(&clock));
                 tokio::spawn(async move {
                     let outcome = outcome.await;
-                    let retry_at = now + RETRY.as_nanos() as u64;
-                    writes.interrupted(id, !matches!(outcome, Ok(false)), retry_at);
-                    match outcome {
-                        Ok(false) => {}
-                        Ok(true) => {
+                    let abandoned = writes.state.lock().running.get(&id).is_some_and(|r| r.abandoned);
+                    match (&outcome, abandoned) {
+                        (Ok(Interruption::Killed), _) => {
                             interrupted("interrupted").increment(1);
                             tracing::warn!(
                                 connection_id,
                                 "an unchecked write that would outlive the coordinator's trust, or whose session went away, was interrupted"
                             );
                         }
-                        Err(e) => {
+                        (Ok(Interruption::NotRunning), _) | (Ok(Interruption::NotVisible), true) => {}
+                        (Ok(Interruption::NotVisible), false) => {
+                            interrupted("failed").increment(1);
+                            tracing::error!(
+                                connection_id,
+                                "could not interrupt an unchecked write that would outlive the coordinator's trust: the service \
+                                 user does not see its connection (it needs the PROCESS and CONNECTION ADMIN privileges); it may \
+                                 commit over a row a global transaction locks after the lease"
+                            );
+                        }
+                        (Err(e), _) => {
                             interrupted("failed").increment(1);
                             tracing::error!(
                                 connection_id,
@@ -297,6 +394,7 @@ impl UncheckedWrites {
                             );
                         }
                     }
+                    writes.interrupted(id, outcome.map_err(|_| ()), clock().0);
                 });
             }
             let sleep = next.map(|at| Duration::from_nanos(at.saturating_sub(now)));
@@ -317,31 +415,33 @@ impl UncheckedWrites {
 /// Interrupts the statement running on backend connection `connection_id` through `conn`,
 /// if `still_running()` says it is still the write in question: its query id is read first
 /// and checked afterwards, so that a later statement of the same connection (which can start
-/// only once the write is no longer running) is never hit. `Ok(false)`: nothing ran on the
-/// connection yet (the write was not sent when it was looked at).
+/// only once the write is no longer running) is never hit.
 pub async fn interrupt_query(
     conn: &mut mysql_async::Conn,
     connection_id: u32,
     still_running: &(dyn Fn() -> bool + Send + Sync),
-) -> Result<bool, mysql_async::Error> {
+) -> Result<Interruption, mysql_async::Error> {
     use mysql_async::prelude::Queryable;
-    let query_id: Option<u64> = conn
+    let seen: Option<(String, u64)> = conn
         .exec_first(
-            "SELECT QUERY_ID FROM information_schema.PROCESSLIST WHERE ID = ? AND COMMAND = 'Query'",
+            "SELECT COMMAND, QUERY_ID FROM information_schema.PROCESSLIST WHERE ID = ?",
             (connection_id,),
         )
         .await?;
-    let Some(q) = query_id else {
-        return Ok(false);
+    let query_id = match seen {
+        None => return Ok(Interruption::NotVisible),
+        Some((command, _)) if command == "Sleep" => return Ok(Interruption::NotRunning),
+        Some((_, query_id)) => query_id,
     };
-    if still_running() {
-        match conn.query_drop(format!("KILL QUERY ID {q}")).await {
-            // ER_NO_SUCH_QUERY: it finished meanwhile.
-            Err(mysql_async::Error::Server(e)) if e.code == 1957 => {}
-            other => other?,
-        }
+    if !still_running() {
+        return Ok(Interruption::NotRunning);
     }
-    Ok(true)
+    match conn.query_drop(format!("KILL QUERY ID {query_id}")).await {
+        // ER_NO_SUCH_QUERY: it ended meanwhile.
+        Err(mysql_async::Error::Server(e)) if e.code == 1957 => Ok(Interruption::NotRunning),
+        Err(e) => Err(e),
+        Ok(()) => Ok(Interruption::Killed),
+    }
 }
 
 #[cfg(test)]
@@ -384,28 +484,31 @@ mod tests {
 
     #[test]
     fn overdue_writes_by_current_trust_or_by_the_stream_they_started_under() {
+        const S: u64 = 1_000_000_000; // a second, on the view's clock
+        let retry = RETRY.as_nanos() as u64;
         let writes = Arc::new(UncheckedWrites::default());
         let old = writes.begin(7);
-        writes.stream_lost(1_000);
+        writes.stream_lost(10 * S);
         let new = writes.begin(8);
-        // Trust from a new stream reaches far, but the old write's stream ended at 1000.
-        let (due, next) = writes.overdue(500, 10_000, 100);
+        // Trust from a new stream reaches far, but the old write's stream ended at 10 s.
+        let (due, next) = writes.overdue(5 * S, 100 * S, S);
         assert!(due.is_empty());
-        assert_eq!(next, Some(900));
-        let (due, next) = writes.overdue(900, 10_000, 100);
+        assert_eq!(next, Some(9 * S));
+        let (due, next) = writes.overdue(9 * S, 100 * S, S);
         assert_eq!(due, vec![(old.id, 7)]);
-        assert_eq!(next, Some(9_900));
-        let (due, _) = writes.overdue(950, 10_000, 100);
-        assert!(due.is_empty(), "each write is interrupted once");
-        // Found not running yet (not sent when looked at): due again after the retry time.
-        writes.interrupted(old.id, false, 1_200);
-        let (due, next) = writes.overdue(1_000, 10_000, 100);
+        assert_eq!(next, Some(99 * S));
+        let (due, _) = writes.overdue(9 * S + 1, 100 * S, S);
+        assert!(due.is_empty(), "one interruption at a time");
+        // Found not sent yet: due again after the retry time.
+        writes.interrupted(old.id, Ok(Interruption::NotRunning), 9 * S);
+        let (due, next) = writes.overdue(9 * S + 1, 100 * S, S);
         assert!(due.is_empty());
-        assert_eq!(next, Some(1_200));
-        let (due, _) = writes.overdue(1_200, 10_000, 100);
+        assert_eq!(next, Some(9 * S + retry));
+        let (due, _) = writes.overdue(9 * S + retry, 100 * S, S);
         assert_eq!(due, vec![(old.id, 7)]);
-        writes.interrupted(old.id, true, 0);
-        let (due, next) = writes.overdue(9_950, 10_000, 100);
+        // A live write the service user cannot see is given up on.
+        writes.interrupted(old.id, Ok(Interruption::NotVisible), 9 * S + retry);
+        let (due, next) = writes.overdue(99 * S, 100 * S, S);
         assert_eq!(due, vec![(new.id, 8)]);
         assert_eq!(next, None);
         old.finish();
@@ -421,7 +524,11 @@ mod tests {
         let (due, _) = writes.overdue(1, 10_000, 100);
         assert_eq!(due, vec![(id, 9)]);
         assert!(writes.still_running(id), "it holds fences until it is interrupted");
-        writes.interrupted(id, false, 0);
+        writes.interrupted(id, Ok(Interruption::Killed), 0);
+        assert!(writes.still_running(id), "killed: looked at again until it is gone");
+        let (due, _) = writes.overdue(RETRY.as_nanos() as u64, 10_000, 100);
+        assert_eq!(due, vec![(id, 9)]);
+        writes.interrupted(id, Ok(Interruption::NotRunning), 0);
         assert!(!writes.still_running(id));
     }
 }

@@ -31,10 +31,10 @@
 //! checked rows run the check first: ERR 1205 naming the holder if a row stays held, the
 //! transaction left open.
 
-use crate::classify::{Classification, Dml, Other, StatementClass, TxControl};
+use crate::classify::{self, Classification, Dml, Other, StatementClass, TxControl};
 use crate::config::WhenUnreachable;
 use crate::coordinator::guards::Observation;
-use crate::coordinator::unchecked::{TableName, UncheckedWrite};
+use crate::coordinator::unchecked::{self, TableName, UncheckedWrite};
 use crate::coordinator::{CheckFailure, Global, TableRows, no_database};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
@@ -157,13 +157,19 @@ pub fn route(
         Some(write) => Route::Unchecked(write),
         None => Route::Observe(seen),
     };
+    let sql = String::from_utf8_lossy(written_text(sql, class));
+    // A multi-statement string may change the schema (USE) between its statements: it may
+    // write any table.
+    let narrow = !class.multi_statement;
     if global.guards.quiet() {
+        if let (Some(write), true) = (&unchecked, narrow) {
+            write.runs(&sql, state.schema.as_deref());
+        }
         return Some(forward(unchecked));
     }
-    let sql = String::from_utf8_lossy(&sql[class.set_statement.unwrap_or(0)..]);
     let (written, guarded) = tables(&sql, state, global);
     if guarded.is_empty() {
-        if let (Some(write), Some(written)) = (&unchecked, written) {
+        if let (Some(write), Some(written), true) = (&unchecked, written, narrow) {
             write.writes_to(written);
         }
         return Some(forward(unchecked));
@@ -209,21 +215,18 @@ pub fn route(
     }
 }
 
-/// The tables `sql` writes, as the guard view names them (`None` when the parser cannot
-/// read it), and the checked ones among them that are guarded now, as `database.table`. A
-/// statement the parser cannot read is left to the server (it names no table the proxy could
-/// check).
+/// The text of the statement that writes: after `SET STATEMENT ... FOR`, if it has one.
+fn written_text<'a>(sql: &'a [u8], class: &Classification) -> &'a [u8] {
+    &sql[class.set_statement.unwrap_or(0)..]
+}
+
+/// The tables `sql` writes (`None` when the parser cannot read it), and the checked ones
+/// among them that are guarded now, as `database.table`. A statement the parser cannot read
+/// is left to the server (it names no table the proxy could check).
 fn tables(sql: &str, state: &SessionState, global: &Global) -> (Option<Vec<TableName>>, Vec<String>) {
-    let Ok(tables) = dml::written_tables(sql) else {
+    let Some(written) = unchecked::written_tables(sql, state.schema.as_deref()) else {
         return (None, Vec::new());
     };
-    let written: Vec<TableName> = tables
-        .into_iter()
-        .map(|t| {
-            let database = t.schema.or_else(|| state.schema.clone()).unwrap_or_default();
-            (database, t.name)
-        })
-        .collect();
     let mut guarded: Vec<String> = written
         .iter()
         .filter(|(database, table)| {
@@ -233,10 +236,6 @@ fn tables(sql: &str, state: &SessionState, global: &Global) -> (Option<Vec<Table
         .collect();
     guarded.sort();
     guarded.dedup();
-    let written = written
-        .into_iter()
-        .map(|(d, t)| (d.to_lowercase(), t.to_lowercase()))
-        .collect();
     (Some(written), guarded)
 }
 
@@ -253,18 +252,31 @@ pub fn after_observed(
     if global.guards.unchanged_since(seen) {
         return;
     }
-    let sql = match command {
-        Command::QUERY => String::from_utf8_lossy(&payload[1..]).into_owned(),
+    let query_class;
+    let (sql, class) = match command {
+        Command::QUERY => {
+            query_class = classify::classify(&payload[1..], state.no_backslash_escapes());
+            (&payload[1..], &query_class)
+        }
         _ => match statement_text(command, payload, state) {
-            Some((sql, _)) => String::from_utf8_lossy(sql).into_owned(),
+            Some(text) => text,
             None => return,
         },
     };
-    let (_, guarded) = tables(&sql, state, global);
-    if !guarded.is_empty() && state.in_transaction() {
-        tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");
-        written.poisoned = Some(guarded.join(", "));
+    if !state.in_transaction() {
+        return;
     }
+    let tables = match tables(&String::from_utf8_lossy(written_text(sql, class)), state, global) {
+        (Some(_), guarded) if guarded.is_empty() => return,
+        (Some(_), guarded) => guarded.join(", "),
+        // It cannot be told which tables it wrote: any of them may be guarded now.
+        (None, _) => "the tables it wrote".to_owned(),
+    };
+    tracing::info!(
+        tables,
+        "a write ran while tables became guarded; its transaction will be rolled back at COMMIT"
+    );
+    written.poisoned = Some(tables);
 }
 
 /// ERR 1205 for rows still held at a commit point.
