@@ -49,6 +49,18 @@ async fn snapshot(conn: &mut mysql_async::Conn, table: &str) -> Result<Vec<Strin
     Ok(conn.query(sql).await?)
 }
 
+/// A server with table `t (id INT PRIMARY KEY, v INT)` holding `(1, 1)`, a coordinator, a
+/// proxy process in front (lock wait 2 s) and a direct connection.
+async fn one_row() -> Result<(MariaDb, Coordinator, ProxyProcess, mysql_async::Conn)> {
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let proxy = proxy_for(&db, &tc, 2000).await?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    Ok((db, tc, proxy, direct))
+}
+
 async fn undo_rows(db: &MariaDb) -> Result<i64> {
     let mut c = db.conn().await?;
     let n: Option<i64> = c
@@ -504,12 +516,7 @@ async fn undo_records_larger_than_a_packet_are_split() -> Result<()> {
 
 #[tokio::test]
 async fn a_local_commit_after_the_global_rollback_fails_and_changes_nothing() -> Result<()> {
-    let db = MariaDb::start().await?;
-    let tc = Coordinator::start(TC)?;
-    let proxy = proxy_for(&db, &tc, 2000).await?;
-    let mut direct = db.conn().await?;
-    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
-    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    let (_db, _tc, proxy, mut direct) = one_row().await?;
     let mut slow = proxy.conn().await?;
     let xid = start(&mut slow).await?;
     slow.query_drop("BEGIN").await?;
@@ -567,12 +574,7 @@ async fn the_coordinator_killed_between_the_phases_finishes_after_restart() -> R
 
 #[tokio::test]
 async fn an_unreachable_coordinator_at_commit_rolls_the_local_transaction_back() -> Result<()> {
-    let db = MariaDb::start().await?;
-    let mut tc = Coordinator::start(TC)?;
-    let proxy = proxy_for(&db, &tc, 2000).await?;
-    let mut direct = db.conn().await?;
-    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
-    direct.query_drop("INSERT INTO t VALUES (1, 1)").await?;
+    let (_db, mut tc, proxy, mut direct) = one_row().await?;
     let mut conn = proxy.conn().await?;
     start(&mut conn).await?;
     conn.query_drop("BEGIN").await?;
@@ -1017,5 +1019,18 @@ async fn an_execute_of_the_last_prepared_statement_is_protected_like_any_other()
     raw.query("ROLLBACK GLOBAL").await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(v, Some(1), "rolled back");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_that_changed_nothing_rolls_back_cleanly() -> Result<()> {
+    let (db, tc, proxy, _direct) = one_row().await?;
+    let mut conn = proxy.conn().await?;
+    let xid = start(&mut conn).await?;
+    // Matched, not changed: its before and after images are the same row.
+    conn.query_drop("UPDATE t SET v = 1 WHERE id = 1").await?;
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    assert_eq!(tc.status(&xid).await?, "Rollbacked");
+    assert_eq!(undo_rows(&db).await?, 0);
     Ok(())
 }

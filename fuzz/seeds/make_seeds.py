@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Writes the committed starting inputs in fuzz/seeds/<target>/: well-formed sessions in
-each target's input format (see the target's opening comment), so that a short run starts
-from inputs that reach deep code instead of spending its time finding the framing.
+"""Writes the hand-built starting inputs in fuzz/seeds/<target>/: call sequences for the
+coordinator's APIs and a few statements, in each target's input format (see the target's
+opening comment), so that a short run starts from inputs that reach deep code instead of
+spending its time finding the framing. The protocol targets' seeds are recorded from real
+sessions by tests/seeds.rs (the recorded_* files).
 
     python3 fuzz/seeds/make_seeds.py
 """

@@ -32,9 +32,9 @@
 //! [`RESTORE_SQL_MODE`](crate::sql::image::RESTORE_SQL_MODE)), items last first:
 //! 1. [`current_rows_query`]: the rows with the image's keys, read with the same select list,
 //!    locked;
-//! 2. [`dirty_check`]: equal to the after image: [`Verdict::Restore`]; equal to the before
-//!    image: [`Verdict::AlreadyRestored`]; else [`Verdict::Dirty`] with what differs, and
-//!    nothing may be overwritten;
+//! 2. [`dirty_check`]: equal to the before image: [`Verdict::AlreadyRestored`] (also for a
+//!    write that changed nothing); equal to the after image: [`Verdict::Restore`]; else
+//!    [`Verdict::Dirty`] with what differs, and nothing may be overwritten;
 //! 3. [`compensation`]: the statements that put the before image back;
 //! 4. optionally, reading the rows again must now give [`Verdict::AlreadyRestored`] — a
 //!    cheap proof that nothing was truncated or converted.
@@ -506,11 +506,13 @@ pub fn dirty_check(item: &UndoItem, current: &[RawRow]) -> Verdict {
     let current = raw_rows(current);
     let after: Vec<Vec<Option<&[u8]>>> = item.after.iter().map(as_bytes).collect();
     let before: Vec<Vec<Option<&[u8]>>> = item.before.iter().map(as_bytes).collect();
-    if same_rows(&item.primary_key, &after, &current) {
-        return Verdict::Restore;
-    }
+    // The before image first: for a write that changed nothing both match, and there is
+    // nothing to restore (the read-back after a restore must say so too).
     if same_rows(&item.primary_key, &before, &current) {
         return Verdict::AlreadyRestored;
+    }
+    if same_rows(&item.primary_key, &after, &current) {
+        return Verdict::Restore;
     }
     Verdict::Dirty(detail(item, &before, &after, &current))
 }
@@ -808,6 +810,10 @@ mod tests {
         let del = item(Kind::Delete, before.clone(), vec![]);
         assert_eq!(dirty_check(&del, &[]), Verdict::Restore);
         assert_eq!(dirty_check(&del, &raw(&before)), Verdict::AlreadyRestored);
+        // An UPDATE that changed nothing (found by the recorded fuzz-seed session: its
+        // rollback read back as the after image, which is the before image, and stopped).
+        let same = item(Kind::Update, before.clone(), before.clone());
+        assert_eq!(dirty_check(&same, &raw(&before)), Verdict::AlreadyRestored);
         let Verdict::Dirty(d) = dirty_check(&del, &raw(&after[..1])) else {
             panic!("not dirty")
         };
