@@ -162,6 +162,14 @@ async fn writes_the_proxy_cannot_protect_are_refused_and_not_run() -> Result<()>
     assert_eq!(v, Some(16));
     conn.query_drop(format!("REPLACE /*+ XID('{xid}') */ INTO t VALUES (3, 30)"))
         .await?;
+    // In a local transaction, a hinted write leaves a pending branch: a string that would
+    // commit it behind the proxy's back is refused, hint or not.
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop(format!("UPDATE /*+ XID('{xid}') */ t SET v = 17 WHERE id = 1"))
+        .await?;
+    let e = conn.query_drop("COMMIT; SELECT 1").await.unwrap_err();
+    assert_eq!(server_error(&e)?.0, 1235);
+    conn.query_drop("ROLLBACK").await?;
     conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
     let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
     assert_eq!(

@@ -146,7 +146,12 @@ impl AtSession {
                         _ => {}
                     }
                 }
-                let xid = state.xid.clone().or_else(|| refusal::hinted_xid(sql, class))?;
+                // The pending branch's XID too: its transaction may have been bound by a hint.
+                let xid = state
+                    .xid
+                    .clone()
+                    .or_else(|| refusal::hinted_xid(sql, class))
+                    .or_else(|| self.branch.as_ref().map(|b| b.xid.clone()))?;
                 if class.multi_statement && multi_statement::handles(state) {
                     return Some(Claimed::MultiStatement(xid));
                 }

@@ -162,11 +162,9 @@ impl GuardSink for TableGuards {
     }
 
     fn lost(&self) {
-        // The running writes keep the trust they started under before the view loses it, so
-        // the watchdog never sees them without a deadline. (No heartbeat answer can raise it
-        // in between: the stream is gone.)
-        self.unchecked.stream_lost(self.trusted_until.load(Ordering::SeqCst));
-        self.trusted_until.store(0, Ordering::SeqCst);
+        // The running writes keep the trust they started under as their deadline.
+        self.unchecked
+            .stream_lost(|| self.trusted_until.swap(0, Ordering::SeqCst));
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -131,14 +131,17 @@ impl Global {
                 move || guards.trust_clock()
             },
             {
-                let service = self.service.clone();
+                let global = Arc::clone(self);
                 move |connection_id, still_running| {
-                    let service = service.clone();
+                    let global = Arc::clone(&global);
                     Box::pin(async move {
-                        let mut conn = mysql_async::Conn::new(service).await.map_err(|e| e.to_string())?;
-                        let done = unchecked::interrupt_query(&mut conn, connection_id, &*still_running).await;
-                        let _ = conn.disconnect().await;
-                        done.map_err(|e| e.to_string())
+                        // A pooled service connection: an interruption may be tried every
+                        // tenth of a second while a killed statement rolls back.
+                        let resource = global.resource("information_schema");
+                        let mut conn = global.service_conn(&resource).await.map_err(|e| e.to_string())?;
+                        unchecked::interrupt_query(&mut conn, connection_id, &*still_running)
+                            .await
+                            .map_err(|e| e.to_string())
                     })
                 }
             },

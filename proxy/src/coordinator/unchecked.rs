@@ -69,11 +69,20 @@ enum Tables {
     },
 }
 
+/// Longer statements are not kept for a later look: they may write any table.
+const KEPT_TEXT: usize = 64 * 1024;
+
 impl Tables {
-    fn may_write(&mut self, tables: &[TableName]) -> bool {
-        if let Tables::Unread { sql, schema } = self {
-            *self = written_tables(sql, schema.as_deref()).map_or(Tables::Any, |t| Tables::Known(lowercased(t)));
+    /// Reads an unread statement's tables (outside the registry's lock: the parser is not
+    /// cheap on long statements, and a parser panic must not take the stream task with it).
+    fn read(sql: &str, schema: Option<&str>) -> Tables {
+        match std::panic::catch_unwind(|| written_tables(sql, schema)) {
+            Ok(Some(tables)) => Tables::Known(lowercased(tables)),
+            _ => Tables::Any,
         }
+    }
+
+    fn may_write(&self, tables: &[TableName]) -> bool {
         match self {
             Tables::Known(mine) => mine.iter().any(|t| tables.contains(t)),
             _ => true,
@@ -102,8 +111,12 @@ struct Running {
     /// is gone; `None` while that stream lives (the view's current trust applies).
     must_end_by: Option<u64>,
     interrupting: bool,
-    /// Not due again before this: an interruption found it not running yet.
+    /// Not due again before this: an interruption found it not running yet, or killed it.
     not_before: u64,
+    /// Interruptions tried so far.
+    attempts: u32,
+    /// Whether a kill, or a failure, was reported already (once per write).
+    reported: bool,
     /// Its session went away before its response was read: it may still be running, so it is
     /// interrupted at once and forgotten after that.
     abandoned: bool,
@@ -162,10 +175,12 @@ impl UncheckedWrite {
     /// The write's statement text and the session's schema, to be read if a fence needs its
     /// tables.
     pub fn runs(&self, sql: &str, schema: Option<&str>) {
-        self.set_tables(Tables::Unread {
-            sql: sql.to_owned(),
-            schema: schema.map(str::to_owned),
-        });
+        if sql.len() <= KEPT_TEXT {
+            self.set_tables(Tables::Unread {
+                sql: sql.to_owned(),
+                schema: schema.map(str::to_owned),
+            });
+        }
     }
 
     fn set_tables(&self, tables: Tables) {
@@ -198,9 +213,18 @@ impl Drop for UncheckedWrite {
     }
 }
 
-/// How soon a write is looked at again after an interruption that found it not running yet,
-/// or sent its KILL (a multi-statement string's next statement has a new query id).
-const RETRY: Duration = Duration::from_millis(50);
+/// How soon a write is looked at again after an interruption (see
+/// [`UncheckedWrites::interrupted`]), and how many times at most.
+const RETRY: Duration = Duration::from_millis(100);
+const ATTEMPTS: u32 = 100;
+
+/// What the watchdog tells operators about one write.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    Killed,
+    NotVisible,
+    Failed(String),
+}
 
 /// What one interruption found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +258,8 @@ impl UncheckedWrites {
                 must_end_by: None,
                 interrupting: false,
                 not_before: 0,
+                attempts: 0,
+                reported: false,
                 abandoned: false,
             },
         );
@@ -248,13 +274,30 @@ impl UncheckedWrites {
 
     /// Ready once every write running now that may write one of `tables` has finished.
     pub fn fence(self: &Arc<Self>, tables: &[TableName]) -> impl Future<Output = ()> + Send + 'static {
-        let waiting: Vec<u64> = {
-            let mut s = self.state.lock();
-            s.running
-                .iter_mut()
-                .filter_map(|(id, r)| r.tables.may_write(tables).then_some(*id))
-                .collect()
+        // The writes running now; those whose text is unread are read outside the lock (a
+        // write registered later is not waited for: it sees the update's tables).
+        let (mut waiting, unread) = {
+            let s = self.state.lock();
+            let mut waiting = Vec::new();
+            let mut unread = Vec::new();
+            for (id, r) in &s.running {
+                match &r.tables {
+                    Tables::Unread { sql, schema } => unread.push((*id, sql.clone(), schema.clone())),
+                    known if known.may_write(tables) => waiting.push(*id),
+                    _ => {}
+                }
+            }
+            (waiting, unread)
         };
+        for (id, sql, schema) in unread {
+            let read = Tables::read(&sql, schema.as_deref());
+            if read.may_write(tables) {
+                waiting.push(id);
+            }
+            if let Some(r) = self.state.lock().running.get_mut(&id) {
+                r.tables = read;
+            }
+        }
         let writes = Arc::clone(self);
         async move {
             if waiting.is_empty() {
@@ -277,12 +320,17 @@ impl UncheckedWrites {
         }
     }
 
-    /// The stream the running writes started under ended; the trust it gave ends at
-    /// `trusted_until` (nanoseconds on the view's clock).
-    pub fn stream_lost(&self, trusted_until: u64) {
-        for r in self.state.lock().running.values_mut() {
+    /// The stream the running writes started under ended: `end_trust` ends the view's trust
+    /// and says until when it lasted (nanoseconds on the view's clock). Both happen under the
+    /// registry's lock, so a write registered meanwhile either gets that deadline or sees the
+    /// view untrusted.
+    pub fn stream_lost(&self, end_trust: impl FnOnce() -> u64) {
+        let mut s = self.state.lock();
+        let trusted_until = end_trust();
+        for r in s.running.values_mut() {
             r.must_end_by = Some(r.must_end_by.map_or(trusted_until, |t| t.min(trusted_until)));
         }
+        drop(s);
         self.changed.notify_waiters();
     }
 
@@ -318,27 +366,34 @@ impl UncheckedWrites {
         self.state.lock().running.contains_key(&id)
     }
 
-    /// After an interruption at `now`: a write that was killed, or not sent yet, is looked at
-    /// again after [`RETRY`] while it is registered; an abandoned one that no longer runs (or
-    /// cannot be seen, or could not be looked at) is forgotten, as nobody else will; a live one
-    /// the service user cannot see is given up on (logged).
-    fn interrupted(&self, id: u64, outcome: Result<Interruption, ()>, now: u64) {
+    /// After an interruption at `now`: what becomes of the write, and what to report (once
+    /// per write). It is looked at again after [`RETRY`] while it may still run: killed (it
+    /// may still be rolling back, or a multi-statement string went on), not running (not sent
+    /// yet, or a command the server has not read yet), or the look failed. An abandoned write
+    /// is forgotten once its connection is gone (nobody else will); a live one the service
+    /// user cannot see is given up on. After [`ATTEMPTS`] looks either is given up on.
+    fn interrupted(&self, id: u64, outcome: &Result<Interruption, String>, now: u64) -> Option<Report> {
         let mut s = self.state.lock();
-        let Some(r) = s.running.get_mut(&id) else {
-            return;
+        let r = s.running.get_mut(&id)?;
+        r.attempts += 1;
+        let report = match outcome {
+            Ok(Interruption::Killed) => Some(Report::Killed),
+            Ok(Interruption::NotVisible) if r.abandoned => None,
+            Ok(Interruption::NotVisible) => Some(Report::NotVisible),
+            Err(e) => Some(Report::Failed(e.clone())),
+            Ok(Interruption::NotRunning) => None,
         };
-        match (r.abandoned, outcome) {
-            (true, Ok(Interruption::Killed)) | (false, Ok(Interruption::Killed | Interruption::NotRunning)) => {
-                r.interrupting = false;
-                r.not_before = now + RETRY.as_nanos() as u64;
-            }
-            (true, _) => {
-                s.running.remove(&id);
-            }
-            (false, _) => return,
+        let report = report.filter(|_| !std::mem::replace(&mut r.reported, true));
+        let gone = matches!(outcome, Ok(Interruption::NotVisible));
+        if r.abandoned && (gone || r.attempts >= ATTEMPTS) {
+            s.running.remove(&id);
+        } else if !gone && r.attempts < ATTEMPTS {
+            r.interrupting = false;
+            r.not_before = now + RETRY.as_nanos() as u64;
         }
         drop(s);
         self.changed.notify_waiters();
+        report
     }
 
     /// Interrupts unchecked writes that would outlive the trust they started under, until
@@ -365,17 +420,16 @@ impl UncheckedWrites {
                 let (writes, clock) = (Arc::clone(&self), Arc::clone(&clock));
                 tokio::spawn(async move {
                     let outcome = outcome.await;
-                    let abandoned = writes.state.lock().running.get(&id).is_some_and(|r| r.abandoned);
-                    match (&outcome, abandoned) {
-                        (Ok(Interruption::Killed), _) => {
+                    match writes.interrupted(id, &outcome, clock().0) {
+                        None => {}
+                        Some(Report::Killed) => {
                             interrupted("interrupted").increment(1);
                             tracing::warn!(
                                 connection_id,
                                 "an unchecked write that would outlive the coordinator's trust, or whose session went away, was interrupted"
                             );
                         }
-                        (Ok(Interruption::NotRunning), _) | (Ok(Interruption::NotVisible), true) => {}
-                        (Ok(Interruption::NotVisible), false) => {
+                        Some(Report::NotVisible) => {
                             interrupted("failed").increment(1);
                             tracing::error!(
                                 connection_id,
@@ -384,17 +438,17 @@ impl UncheckedWrites {
                                  commit over a row a global transaction locks after the lease"
                             );
                         }
-                        (Err(e), _) => {
+                        Some(Report::Failed(e)) => {
                             interrupted("failed").increment(1);
                             tracing::error!(
                                 connection_id,
                                 error = e,
                                 "could not interrupt an unchecked write that would outlive the coordinator's trust, or whose \
-                                 session went away; it may commit over a row a global transaction locks after the lease"
+                                 session went away (trying again); it may commit over a row a global transaction locks after \
+                                 the lease"
                             );
                         }
                     }
-                    writes.interrupted(id, outcome.map_err(|_| ()), clock().0);
                 });
             }
             let sleep = next.map(|at| Duration::from_nanos(at.saturating_sub(now)));
@@ -488,7 +542,7 @@ mod tests {
         let retry = RETRY.as_nanos() as u64;
         let writes = Arc::new(UncheckedWrites::default());
         let old = writes.begin(7);
-        writes.stream_lost(10 * S);
+        writes.stream_lost(|| 10 * S);
         let new = writes.begin(8);
         // Trust from a new stream reaches far, but the old write's stream ended at 10 s.
         let (due, next) = writes.overdue(5 * S, 100 * S, S);
@@ -500,14 +554,17 @@ mod tests {
         let (due, _) = writes.overdue(9 * S + 1, 100 * S, S);
         assert!(due.is_empty(), "one interruption at a time");
         // Found not sent yet: due again after the retry time.
-        writes.interrupted(old.id, Ok(Interruption::NotRunning), 9 * S);
+        assert_eq!(writes.interrupted(old.id, &Ok(Interruption::NotRunning), 9 * S), None);
         let (due, next) = writes.overdue(9 * S + 1, 100 * S, S);
         assert!(due.is_empty());
         assert_eq!(next, Some(9 * S + retry));
         let (due, _) = writes.overdue(9 * S + retry, 100 * S, S);
         assert_eq!(due, vec![(old.id, 7)]);
         // A live write the service user cannot see is given up on.
-        writes.interrupted(old.id, Ok(Interruption::NotVisible), 9 * S + retry);
+        assert_eq!(
+            writes.interrupted(old.id, &Ok(Interruption::NotVisible), 9 * S + retry),
+            Some(Report::NotVisible)
+        );
         let (due, next) = writes.overdue(99 * S, 100 * S, S);
         assert_eq!(due, vec![(new.id, 8)]);
         assert_eq!(next, None);
@@ -516,7 +573,8 @@ mod tests {
     }
 
     #[test]
-    fn an_abandoned_write_is_due_at_once_and_forgotten_once_interrupted() {
+    fn an_abandoned_write_is_due_at_once_and_forgotten_once_its_connection_is_gone() {
+        let retry = RETRY.as_nanos() as u64;
         let writes = Arc::new(UncheckedWrites::default());
         let write = writes.begin(9);
         let id = write.id;
@@ -524,11 +582,41 @@ mod tests {
         let (due, _) = writes.overdue(1, 10_000, 100);
         assert_eq!(due, vec![(id, 9)]);
         assert!(writes.still_running(id), "it holds fences until it is interrupted");
-        writes.interrupted(id, Ok(Interruption::Killed), 0);
+        assert_eq!(
+            writes.interrupted(id, &Ok(Interruption::Killed), 0),
+            Some(Report::Killed)
+        );
         assert!(writes.still_running(id), "killed: looked at again until it is gone");
-        let (due, _) = writes.overdue(RETRY.as_nanos() as u64, 10_000, 100);
+        let (due, _) = writes.overdue(retry, 10_000, 100);
         assert_eq!(due, vec![(id, 9)]);
-        writes.interrupted(id, Ok(Interruption::NotRunning), 0);
-        assert!(!writes.still_running(id));
+        // Still rolling back: killed again, reported once.
+        assert_eq!(writes.interrupted(id, &Ok(Interruption::Killed), retry), None);
+        // Idle: its command may not have been read yet; it is looked at again.
+        let (due, _) = writes.overdue(2 * retry, 10_000, 100);
+        assert_eq!(due, vec![(id, 9)]);
+        assert_eq!(writes.interrupted(id, &Ok(Interruption::NotRunning), 2 * retry), None);
+        assert!(writes.still_running(id));
+        let (due, _) = writes.overdue(3 * retry, 10_000, 100);
+        assert_eq!(due, vec![(id, 9)]);
+        assert_eq!(writes.interrupted(id, &Ok(Interruption::NotVisible), 3 * retry), None);
+        assert!(!writes.still_running(id), "its connection is gone");
+    }
+
+    #[test]
+    fn looks_that_fail_are_tried_again_a_bounded_number_of_times() {
+        let writes = Arc::new(UncheckedWrites::default());
+        let write = writes.begin(3);
+        writes.stream_lost(|| 0);
+        let mut reports = Vec::new();
+        for n in 0.. {
+            let (due, _) = writes.overdue(u64::MAX / 2, 0, 0);
+            if due.is_empty() {
+                assert_eq!(n, ATTEMPTS, "given up after {ATTEMPTS} looks");
+                break;
+            }
+            reports.extend(writes.interrupted(write.id, &Err("refused".into()), u64::MAX / 4));
+        }
+        assert_eq!(reports, vec![Report::Failed("refused".into())], "reported once");
+        write.finish();
     }
 }

@@ -139,10 +139,12 @@ pub fn route(
             return Some(Route::CommitPoint);
         }
         StatementClass::Dml(Dml::Insert | Dml::Update | Dml::Delete | Dml::Replace) => true,
-        // CALL, compound statements and PREPARE/EXECUTE run writes the proxy cannot see (their
-        // `;` are not a second statement the proxy could check), and wrapping them in a
-        // transaction of the proxy's own would change what they do: they pass as they are.
-        StatementClass::Other(Other::Procedural) => false,
+        // CALL, compound statements and PREPARE/EXECUTE run writes the proxy cannot see: they
+        // pass as they are, unless more statements follow one (then it is a multi-statement
+        // string; a compound statement's own `;` make it look like one, which costs nothing).
+        StatementClass::Other(Other::Procedural) => class.multi_statement,
+        // Ferrata's own statements are answered by the proxy, whatever follows them.
+        StatementClass::GlobalTransaction(_) => false,
         _ => command == Command::QUERY && class.multi_statement,
     };
     if !write || class.xid_hint.is_some() {
@@ -266,17 +268,11 @@ pub fn after_observed(
     if !state.in_transaction() {
         return;
     }
-    let tables = match tables(&String::from_utf8_lossy(written_text(sql, class)), state, global) {
-        (Some(_), guarded) if guarded.is_empty() => return,
-        (Some(_), guarded) => guarded.join(", "),
-        // It cannot be told which tables it wrote: any of them may be guarded now.
-        (None, _) => "the tables it wrote".to_owned(),
-    };
-    tracing::info!(
-        tables,
-        "a write ran while tables became guarded; its transaction will be rolled back at COMMIT"
-    );
-    written.poisoned = Some(tables);
+    let (_, guarded) = tables(&String::from_utf8_lossy(written_text(sql, class)), state, global);
+    if !guarded.is_empty() {
+        tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");
+        written.poisoned = Some(guarded.join(", "));
+    }
 }
 
 /// ERR 1205 for rows still held at a commit point.
