@@ -50,20 +50,6 @@ async fn balance(db: &MariaDb, id: i64) -> Result<i64> {
     Ok(b.expect("the account exists"))
 }
 
-/// Waits until `proxy` trusts its view of the coordinator: an autocommit write through `c`
-/// (it adds 1 to account 2) then runs unchecked.
-async fn trusted(proxy: &ProxyProcess, c: &mut mysql_async::Conn) -> Result<()> {
-    until("the proxy to trust its view of the coordinator", async || {
-        c.query_drop("UPDATE account SET balance = balance + 1 WHERE id = 2")
-            .await?;
-        Ok(proxy
-            .metric("ferrata_proxy_unbound_writes_total{route=\"unchecked\"}")
-            .await?
-            > 0.0)
-    })
-    .await
-}
-
 /// Sends `sql` on `c`, which must fail with error `code`; returns the message.
 async fn refused(c: &mut mysql_async::Conn, sql: &str, code: u16) -> Result<String> {
     let e = c.query_drop(sql).await.expect_err(sql);
@@ -185,7 +171,7 @@ async fn tables_without_global_locks_take_the_fast_path() -> Result<()> {
     let (db, _tc, proxy) = setup(300).await?;
     let mut c = proxy.conn().await?;
     // Nothing is guarded yet: the writes are not checked row by row.
-    trusted(&proxy, &mut c).await?;
+    proxy.await_trust(&mut c).await?;
     let checked = proxy.metric(CHECKED).await?;
     c.query_drop("BEGIN").await?;
     c.query_drop("INSERT INTO audit VALUES (1, 'x')").await?;
@@ -342,6 +328,7 @@ async fn a_table_is_guarded_only_once_the_unchecked_writes_running_on_it_finishe
         .await?
         .query_drop("INSERT INTO account VALUES (3, 100)")
         .await?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
     // An autocommit write on an unguarded table runs as sent; it waits for row 2.
     let mut blocker = lock_directly(&db, 2).await?;
     let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
@@ -390,7 +377,7 @@ async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interru
     c.query_drop("CREATE TABLE account (id INT PRIMARY KEY, balance BIGINT NOT NULL)")
         .await?;
     c.query_drop("INSERT INTO account VALUES (1, 100), (2, 100)").await?;
-    trusted(&proxy, &mut proxy.conn().await?).await?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
     let before: Vec<i64> = c.query("SELECT balance FROM account ORDER BY id").await?;
     let mut blocker = lock_directly(&db, 2).await?;
     let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
@@ -425,6 +412,7 @@ async fn a_guard_waits_only_for_unchecked_writes_to_its_own_table() -> Result<()
         .await?
         .query_drop("INSERT INTO audit VALUES (1, 'a'), (2, 'b')")
         .await?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
     // Nothing is guarded: a write to `audit` runs unchecked, and waits for a row lock.
     let mut blocker = db.conn().await?;
     blocker.query_drop("BEGIN").await?;

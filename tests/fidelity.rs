@@ -530,11 +530,14 @@ async fn autocommit_writes_leave_the_session_as_directly() -> Result<()> {
     let tc = Coordinator::start(TC)?;
     let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 300)?;
     let expected = autocommit_story(&mut db.conn().await?).await;
+    // Until the proxy trusts its view of the coordinator it checks every write.
+    let mut proxied = proxy.conn().await?;
+    proxy.await_trust(&mut proxied).await?;
     assert!(
         expected[1].ends_with(r#"[[Bytes("1"), Bytes("0"), Bytes("0"), Bytes("0")]]"#),
         "{expected:#?}"
     );
-    let proxied = autocommit_story(&mut proxy.conn().await?).await;
+    let proxied = autocommit_story(&mut proxied).await;
     let differ: Vec<_> = proxied.iter().zip(&expected).filter(|(p, e)| p != e).collect();
     assert!(differ.is_empty(), "through the proxy, then directly: {differ:#?}");
     assert_eq!(proxied.len(), expected.len());
@@ -593,6 +596,8 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
         .await?;
     c.query_drop("INSERT INTO d VALUES (1, 1.25), (2, 2.5), (3, 3.75)")
         .await?;
+    // Until the proxy trusts its view of the coordinator it refuses bulk writes it cannot check.
+    proxy.await_trust(&mut proxy.conn().await?).await?;
     for flags in FLAG_SETS {
         let (mut direct, mut proxied) = (
             bulk_conn(direct_db.addr(), flags).await?,

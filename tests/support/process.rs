@@ -176,6 +176,24 @@ impl ProxyProcess {
         Ok(crate::metric(&body, series).unwrap_or(0.0))
     }
 
+    /// Waits until this proxy trusts its view of the coordinator's guarded tables (until then
+    /// it checks every write, and refuses what it cannot check): an autocommit write through
+    /// `conn` to a scratch table, repeated until it counts as unchecked.
+    pub async fn await_trust(&self, conn: &mut mysql_async::Conn) -> Result<()> {
+        use mysql_async::prelude::Queryable;
+        const UNCHECKED: &str = "ferrata_proxy_unbound_writes_total{route=\"unchecked\"}";
+        let before = self.metric(UNCHECKED).await?;
+        conn.query_drop("CREATE TABLE ferrata_trust_probe (id INT PRIMARY KEY)")
+            .await?;
+        crate::until("the proxy to trust its view of the coordinator", async || {
+            conn.query_drop("DELETE FROM ferrata_trust_probe").await?;
+            Ok(self.metric(UNCHECKED).await? > before)
+        })
+        .await?;
+        conn.query_drop("DROP TABLE ferrata_trust_probe").await?;
+        Ok(())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
