@@ -389,12 +389,12 @@ async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interru
     tc.resume()?;
     let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1317, "{message}");
-    assert_eq!(
-        proxy
-            .metric("ferrata_proxy_unchecked_writes_interrupted_total{outcome=\"interrupted\"}")
-            .await?,
-        1.0
-    );
+    // Counted once the watchdog heard back from the KILL, which may be after the client did.
+    until("the interruption to be counted", async || {
+        let series = "ferrata_proxy_unchecked_writes_interrupted_total{outcome=\"interrupted\"}";
+        Ok(proxy.metric(series).await? == 1.0)
+    })
+    .await?;
     blocker.query_drop("COMMIT").await?;
     let balances: Vec<i64> = db
         .conn()
