@@ -384,9 +384,22 @@ async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interru
     a_lock_wait(&db).await?;
     // The coordinator stops answering: before the trust runs out the write is interrupted,
     // since once the coordinator's lease on this proxy ends it may lock rows it writes.
+    const TRUSTED: &str = "ferrata_proxy_guard_view_trusted";
+    until("operators to see the view trusted", async || {
+        Ok(proxy.metric(TRUSTED).await? == 1.0)
+    })
+    .await?;
     tc.pause()?;
     let e = write.await?.expect_err("interrupted");
+    until("operators to see the view untrusted", async || {
+        Ok(proxy.metric(TRUSTED).await? == 0.0)
+    })
+    .await?;
     tc.resume()?;
+    until("the view to be trusted again", async || {
+        Ok(proxy.metric(TRUSTED).await? == 1.0)
+    })
+    .await?;
     let (code, _, message) = server_error(&e)?;
     assert_eq!(code, 1317, "{message}");
     // Counted once the watchdog heard back from the KILL, which may be after the client did.

@@ -10,19 +10,34 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator::guards::TableGuards;
 use crate::session::Shared;
 
 pub struct AdminServer {
     listener: TcpListener,
+    state: AdminState,
+}
+
+#[derive(Clone)]
+struct AdminState {
     shared: Arc<Shared>,
+    /// The guarded-table view, with a coordinator: reported when scraped.
+    guards: Option<Arc<TableGuards>>,
 }
 
 impl AdminServer {
-    pub async fn bind(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<AdminServer> {
+    pub async fn bind(
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        guards: Option<Arc<TableGuards>>,
+    ) -> anyhow::Result<AdminServer> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("admin listener on {addr}"))?;
-        Ok(AdminServer { listener, shared })
+        Ok(AdminServer {
+            listener,
+            state: AdminState { shared, guards },
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -33,7 +48,7 @@ impl AdminServer {
         let app = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(healthz))
-            .with_state(self.shared);
+            .with_state(self.state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
@@ -43,14 +58,19 @@ impl AdminServer {
     }
 }
 
-async fn metrics() -> String {
+async fn metrics(State(state): State<AdminState>) -> String {
+    // Read when scraped: the view's trust ends with time, not with an event.
+    if let Some(guards) = &state.guards {
+        metrics::gauge!("ferrata_proxy_guard_view_trusted").set(if guards.trusted() { 1.0 } else { 0.0 });
+        metrics::gauge!("ferrata_proxy_guarded_tables").set(guards.list().len() as f64);
+    }
     ferrata_rpc::process::prometheus().render()
 }
 
 /// 200 while the proxy accepts clients, 503 once it is shutting down (so load balancers
 /// stop sending new clients).
-async fn healthz(State(shared): State<Arc<Shared>>) -> (axum::http::StatusCode, &'static str) {
-    if shared.shutdown.is_cancelled() {
+async fn healthz(State(state): State<AdminState>) -> (axum::http::StatusCode, &'static str) {
+    if state.shared.shutdown.is_cancelled() {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (axum::http::StatusCode::OK, "ok\n")

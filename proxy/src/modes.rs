@@ -49,6 +49,11 @@ impl Modes {
         }
     }
 
+    /// The guarded-table view, with a coordinator (the admin listener reports it).
+    pub fn guards(&self) -> Option<Arc<crate::coordinator::guards::TableGuards>> {
+        self.global.as_ref().map(|g| Arc::clone(&g.guards))
+    }
+
     pub fn coordinated(&self) -> bool {
         self.global.is_some()
     }

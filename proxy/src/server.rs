@@ -57,7 +57,7 @@ impl Server {
             config,
         });
         let admin = match shared.config.admin_listen {
-            Some(addr) => Some(admin::AdminServer::bind(addr, shared.clone()).await?),
+            Some(addr) => Some(admin::AdminServer::bind(addr, shared.clone(), modes.guards()).await?),
             None => None,
         };
         Ok(Server {
