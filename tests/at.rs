@@ -11,7 +11,7 @@ use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::start_global as start;
-use ferrata_tests::{Proxy, server_error, test_config, until};
+use ferrata_tests::{Proxy, server_error, test_config, undo_records, until};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -61,14 +61,6 @@ async fn one_row() -> Result<(MariaDb, Coordinator, ProxyProcess, mysql_async::C
     Ok((db, tc, proxy, direct))
 }
 
-async fn undo_rows(db: &MariaDb) -> Result<i64> {
-    let mut c = db.conn().await?;
-    let n: Option<i64> = c
-        .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
-        .await?;
-    Ok(n.unwrap_or(0))
-}
-
 const TYPES: &str = "CREATE TABLE acct (
     id INT NOT NULL, region VARCHAR(10) NOT NULL, balance DECIMAL(20,4) NOT NULL, rate DOUBLE, ratio FLOAT,
     note VARCHAR(50) CHARACTER SET utf8mb4, data BLOB, flags BIT(8), kind ENUM('a','b'), tags SET('x','y'),
@@ -115,7 +107,7 @@ async fn rollback_restores_every_type_byte_for_byte() -> Result<()> {
     .await?;
     conn.query_drop("DELETE FROM acct WHERE id = 3").await?;
     conn.query_drop("COMMIT").await?;
-    assert_eq!(undo_rows(&db).await?, 1, "one branch, one undo record");
+    assert_eq!(undo_records(&db).await?, 1, "one branch, one undo record");
     let v = tc.get(&format!("/v1/transactions/{xid}")).await?;
     let keys = v["branches"][0]["lock_keys"].as_array().expect("lock keys").len();
     assert_eq!(keys, 3, "the two updated rows and the deleted one are locked: {v}");
@@ -128,7 +120,7 @@ async fn rollback_restores_every_type_byte_for_byte() -> Result<()> {
     );
     conn.query_drop("ROLLBACK GLOBAL").await?;
     assert_eq!(snapshot(&mut direct, "acct").await?, original, "every byte is back");
-    assert_eq!(undo_rows(&db).await?, 0);
+    assert_eq!(undo_records(&db).await?, 0);
     assert_eq!(tc.status(&xid).await?, "Rollbacked");
     Ok(())
 }
@@ -146,9 +138,9 @@ async fn commit_keeps_the_changes_and_deletes_the_undo_record() -> Result<()> {
     let in_trans: Option<i32> = conn.query_first("SELECT @@in_transaction").await?;
     assert_eq!(in_trans, Some(0), "no local transaction is left open");
     assert_eq!(conn.affected_rows(), 0, "affected rows of the SELECT");
-    assert_eq!(undo_rows(&db).await?, 1);
+    assert_eq!(undo_records(&db).await?, 1);
     conn.query_drop("COMMIT GLOBAL").await?;
-    until("the undo record to go", || async { Ok(undo_rows(&db).await? == 0) }).await?;
+    until("the undo record to go", || async { Ok(undo_records(&db).await? == 0) }).await?;
     let mut direct = db.conn().await?;
     let balance: Option<String> = direct.query_first("SELECT balance FROM acct WHERE id = 1").await?;
     assert_eq!(balance.as_deref(), Some("0.0000"));
@@ -218,7 +210,7 @@ async fn a_transfer_across_two_databases_commits_or_rolls_back_as_one() -> Resul
         assert_eq!(balances().await?, (70, 130), "phase 1 committed locally on both");
         payer.query_drop(decision).await?;
         until("both databases to settle", || async {
-            Ok(balances().await? == expected && undo_rows(&db1).await? == 0 && undo_rows(&db2).await? == 0)
+            Ok(balances().await? == expected && undo_records(&db1).await? == 0 && undo_records(&db2).await? == 0)
         })
         .await?;
     }
@@ -1002,7 +994,7 @@ async fn an_execute_of_the_last_prepared_statement_is_protected_like_any_other()
     raw.send_command(&execute_payload(LAST, 0, &note_a)).await?;
     let ok = raw.read_response().await?;
     assert_eq!(ok[0].payload[0], 0x00, "{:?}", String::from_utf8_lossy(&ok[0].payload));
-    assert_eq!(undo_rows(&db).await?, 1, "imaged like any execute");
+    assert_eq!(undo_records(&db).await?, 1, "imaged like any execute");
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
     assert_eq!(v, Some(10), "the client's statement ran, not the proxy's");
     // Outside the global transaction the row is held: the same execute is checked.
@@ -1031,6 +1023,6 @@ async fn a_write_that_changed_nothing_rolls_back_cleanly() -> Result<()> {
     conn.query_drop("UPDATE t SET v = 1 WHERE id = 1").await?;
     conn.query_drop("ROLLBACK GLOBAL").await?;
     assert_eq!(tc.status(&xid).await?, "Rollbacked");
-    assert_eq!(undo_rows(&db).await?, 0);
+    assert_eq!(undo_records(&db).await?, 0);
     Ok(())
 }

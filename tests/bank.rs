@@ -14,7 +14,7 @@ use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::until;
+use ferrata_tests::until_undo_records_gone;
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -192,19 +192,7 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
     assert!(!credited.is_empty(), "some credits committed");
 
     // Phase 2 of the last commits is asynchronous: wait for the undo records to go.
-    until("the undo records to go", async || {
-        let mut left = 0;
-        for db in [&db_a, &db_b] {
-            let n: Option<i64> = db
-                .conn()
-                .await?
-                .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
-                .await?;
-            left += n.unwrap_or(0);
-        }
-        Ok(left == 0)
-    })
-    .await?;
+    until_undo_records_gone(&[&db_a, &db_b]).await?;
 
     let mut total = 0;
     let mut ledger = BTreeSet::new();

@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{eventually, http_get, until};
+use ferrata_tests::{eventually, http_get, until_undo_records_gone};
 use mysql_async::prelude::*;
 use mysql_async::{Conn, OptsBuilder};
 use tokio_util::sync::CancellationToken;
@@ -457,19 +457,7 @@ async fn check(world: &World, reports: Vec<Report>, started: Instant) -> Result<
         "some transfers rolled back"
     );
 
-    until("the undo records to go", async || {
-        let mut left = 0;
-        for db in &world.servers {
-            let n: Option<i64> = db
-                .conn()
-                .await?
-                .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
-                .await?;
-            left += n.unwrap_or(0);
-        }
-        Ok(left == 0)
-    })
-    .await?;
+    until_undo_records_gone(&world.servers.iter().collect::<Vec<_>>()).await?;
     let mut total = 0;
     let mut ledger = BTreeSet::new();
     let mut markers = 0;

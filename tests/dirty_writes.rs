@@ -290,13 +290,13 @@ async fn a_set_statement_write_is_checked_like_its_statement() -> Result<()> {
     Ok(())
 }
 
-/// Opens a transaction directly on the server that locks account `id`, so that a write
+/// Opens a transaction directly on the server that locks row `id` of `table`, so that a write
 /// through the proxy that reaches the row waits for it.
-async fn lock_directly(db: &MariaDb, id: i64) -> Result<mysql_async::Conn> {
+async fn lock_directly(db: &MariaDb, table: &str, id: i64) -> Result<mysql_async::Conn> {
     let mut blocker = db.conn().await?;
     blocker.query_drop("BEGIN").await?;
     blocker
-        .exec_drop("SELECT * FROM account WHERE id = ? FOR UPDATE", (id,))
+        .exec_drop(format!("SELECT * FROM {table} WHERE id = ? FOR UPDATE"), (id,))
         .await?;
     Ok(blocker)
 }
@@ -330,7 +330,7 @@ async fn a_table_is_guarded_only_once_the_unchecked_writes_running_on_it_finishe
         .await?;
     proxy.await_trust(&mut proxy.conn().await?).await?;
     // An autocommit write on an unguarded table runs as sent; it waits for row 2.
-    let mut blocker = lock_directly(&db, 2).await?;
+    let mut blocker = lock_directly(&db, "account", 2).await?;
     let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
     a_lock_wait(&db).await?;
     // A global transaction writes row 3: the coordinator guards the table first, and this
@@ -379,7 +379,7 @@ async fn an_unchecked_write_that_would_outlive_the_coordinators_trust_is_interru
     c.query_drop("INSERT INTO account VALUES (1, 100), (2, 100)").await?;
     proxy.await_trust(&mut proxy.conn().await?).await?;
     let before: Vec<i64> = c.query("SELECT balance FROM account ORDER BY id").await?;
-    let mut blocker = lock_directly(&db, 2).await?;
+    let mut blocker = lock_directly(&db, "account", 2).await?;
     let write = spawn_write(&proxy, "UPDATE account SET balance = balance + 1 WHERE id <= 2");
     a_lock_wait(&db).await?;
     // The coordinator stops answering: before the trust runs out the write is interrupted,
@@ -427,11 +427,7 @@ async fn a_guard_waits_only_for_unchecked_writes_to_its_own_table() -> Result<()
         .await?;
     proxy.await_trust(&mut proxy.conn().await?).await?;
     // Nothing is guarded: a write to `audit` runs unchecked, and waits for a row lock.
-    let mut blocker = db.conn().await?;
-    blocker.query_drop("BEGIN").await?;
-    blocker
-        .query_drop("SELECT * FROM audit WHERE id = 2 FOR UPDATE")
-        .await?;
+    let mut blocker = lock_directly(&db, "audit", 2).await?;
     let write = spawn_write(&proxy, "UPDATE audit SET note = 'c' WHERE id IN (1, 2)");
     a_lock_wait(&db).await?;
     // A global transaction's first write to `account` is guarded at once.

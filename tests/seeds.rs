@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, ensure};
+use ferrata_proxy::protocol::frame;
+use ferrata_proxy::protocol::handshake::{ClientResponse, Greeting};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
@@ -81,25 +83,24 @@ async fn recording_relay(upstream: std::net::SocketAddr, recording: Recording) -
     Ok(addr)
 }
 
-/// One packet: sequence id and payload (the workload sends none of 16 MiB or more).
+/// One logical packet: its sequence id, its payload and the bytes it takes.
 struct Packet {
     seq: u8,
     payload: Vec<u8>,
+    raw_len: usize,
 }
 
-/// Cuts a byte stream into packets.
-fn packets(mut stream: &[u8]) -> Vec<Packet> {
+/// Cuts a byte stream into whole packets with the proxy's own framing, as far as they go.
+fn packets(stream: &[u8]) -> Vec<Packet> {
     let mut out = Vec::new();
-    while stream.len() >= 4 {
-        let len = usize::from(stream[0]) | usize::from(stream[1]) << 8 | usize::from(stream[2]) << 16;
-        if stream.len() < 4 + len {
-            break;
-        }
+    let mut at = 0;
+    while let Ok(Some(span)) = frame::complete_packet(&stream[at..], usize::MAX) {
         out.push(Packet {
-            seq: stream[3],
-            payload: stream[4..4 + len].to_vec(),
+            seq: span.first_seq,
+            payload: frame::join_payload(&stream[at..], &span),
+            raw_len: span.raw_len,
         });
-        stream = &stream[4 + len..];
+        at += span.raw_len;
     }
     out
 }
@@ -127,24 +128,8 @@ fn session(chunks: &[(Way, Vec<u8>)]) -> Option<Session> {
     let (client_stream, server_stream) = (stream(Way::FromClient), stream(Way::FromServer));
     let greeting = packets(&server_stream).into_iter().next()?.payload;
     let handshake_response = packets(&client_stream).into_iter().next()?.payload;
-    let u32_at = |b: &[u8], at: usize| {
-        b.get(at..at + 4)
-            .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
-    };
-    // Greeting: version string, thread id, 8 scramble bytes and a filler, capabilities' low
-    // half, charset, status, high half; MariaDB's own after 6 reserved bytes.
-    let version_end = greeting.iter().skip(1).position(|&b| b == 0)? + 2;
-    let low = u16::from_le_bytes(greeting.get(version_end + 13..version_end + 15)?.try_into().ok()?);
-    let high = u16::from_le_bytes(greeting.get(version_end + 18..version_end + 20)?.try_into().ok()?);
-    let server_extended = u32_at(&greeting, version_end + 27).unwrap_or(0);
-    let client = u32_at(&handshake_response, 0)?;
-    let client_extended = if client & 1 == 0 {
-        u32_at(&handshake_response, 28)?
-    } else {
-        0
-    };
-    let capabilities = u64::from(client & (u32::from(high) << 16 | u32::from(low)))
-        | u64::from(client_extended & server_extended) << 32;
+    let capabilities =
+        Greeting::parse(&greeting)?.capabilities.0 & ClientResponse::parse(&handshake_response).ok()?.capabilities.0;
 
     // Commands in the order sent, each answered by the server bytes that came before the next
     // one (the clients here never pipeline); the handshake is everything before the first.
@@ -429,7 +414,7 @@ async fn fuzz_seeds_are_recorded_from_real_sessions() -> Result<()> {
     // Every response seed holds whole packets; every undo record is the stored format.
     for seed in &seeds.0["response_tracker"] {
         let answer = &seed[15..];
-        let whole: usize = packets(answer).iter().map(|p| 4 + p.payload.len()).sum();
+        let whole: usize = packets(answer).iter().map(|p| p.raw_len).sum();
         ensure!(whole == answer.len() && whole > 0, "a response cut short: {seed:02x?}");
     }
     for seed in &seeds.0["undo_record"] {

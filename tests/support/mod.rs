@@ -430,3 +430,28 @@ pub const EVENT: Duration = Duration::from_secs(20);
 pub async fn until(what: &str, mut check: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
     eventually(what, EVENT, async || Ok(check().await?.then_some(()))).await
 }
+
+/// The undo records on `db`: `undo_log` rows with `log_status` 0 (anti-hanging markers are
+/// 1).
+pub async fn undo_records(db: &ferrata_testkit::MariaDb) -> Result<i64> {
+    use mysql_async::prelude::Queryable;
+    let n: Option<i64> = db
+        .conn()
+        .await?
+        .query_first("SELECT COUNT(*) FROM undo_log WHERE log_status = 0")
+        .await?;
+    Ok(n.unwrap_or(0))
+}
+
+/// Waits until none of `servers` holds an undo record: phase 2 of committed global
+/// transactions runs after COMMIT GLOBAL answers.
+pub async fn until_undo_records_gone(servers: &[&ferrata_testkit::MariaDb]) -> Result<()> {
+    until("the undo records to go", async || {
+        let mut left = 0;
+        for db in servers {
+            left += undo_records(db).await?;
+        }
+        Ok(left == 0)
+    })
+    .await
+}

@@ -20,10 +20,9 @@
 //!   started under ends.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use std::sync::Arc;
 
 use ferrata_rpc::client::{AckWhen, GuardSink};
 use ferrata_rpc::pb;

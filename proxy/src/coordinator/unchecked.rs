@@ -30,7 +30,8 @@ use tokio::sync::Notify;
 use crate::session::mode::BoxFuture;
 use crate::sql::dml;
 
-/// A table as the guard view names it: database and table, lowercased.
+/// A table as (database, table); lowercased wherever the guard view and the registry keep
+/// one, as a statement spells it where it is read from SQL.
 pub type TableName = (String, String);
 
 /// The tables `sql` writes as (database, table), unqualified ones in `schema`, in the case
@@ -91,6 +92,7 @@ impl Tables {
 }
 
 /// The registry of unchecked writes in flight, shared by the sessions of one proxy.
+#[derive(Default)]
 pub struct UncheckedWrites {
     state: Mutex<State>,
     /// Notified when a write finishes, and whenever a deadline may have moved.
@@ -122,22 +124,13 @@ struct Running {
     abandoned: bool,
 }
 
-impl Default for UncheckedWrites {
-    fn default() -> Self {
-        UncheckedWrites {
-            state: Mutex::new(State::default()),
-            changed: Notify::new(),
-        }
-    }
-}
-
 // The series are looked up when used: the registry is built before the metrics recorder is
 // installed, and these events are rare.
 fn acks_waiting() -> Gauge {
     metrics::gauge!("ferrata_proxy_guard_acks_waiting")
 }
 
-fn interrupted(outcome: &'static str) -> Counter {
+fn interruptions(outcome: &'static str) -> Counter {
     metrics::counter!("ferrata_proxy_unchecked_writes_interrupted_total", "outcome" => outcome)
 }
 
@@ -423,14 +416,14 @@ impl UncheckedWrites {
                     match writes.interrupted(id, &outcome, clock().0) {
                         None => {}
                         Some(Report::Killed) => {
-                            interrupted("interrupted").increment(1);
+                            interruptions("interrupted").increment(1);
                             tracing::warn!(
                                 connection_id,
                                 "an unchecked write that would outlive the coordinator's trust, or whose session went away, was interrupted"
                             );
                         }
                         Some(Report::NotVisible) => {
-                            interrupted("failed").increment(1);
+                            interruptions("failed").increment(1);
                             tracing::error!(
                                 connection_id,
                                 "could not interrupt an unchecked write that would outlive the coordinator's trust: the service \
@@ -439,7 +432,7 @@ impl UncheckedWrites {
                             );
                         }
                         Some(Report::Failed(e)) => {
-                            interrupted("failed").increment(1);
+                            interruptions("failed").increment(1);
                             tracing::error!(
                                 connection_id,
                                 error = e,

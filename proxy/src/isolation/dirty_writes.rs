@@ -251,7 +251,7 @@ pub fn after_observed(
     global: &Global,
     seen: Observation,
 ) {
-    if global.guards.unchanged_since(seen) {
+    if global.guards.unchanged_since(seen) || !state.in_transaction() {
         return;
     }
     let query_class;
@@ -265,9 +265,6 @@ pub fn after_observed(
             None => return,
         },
     };
-    if !state.in_transaction() {
-        return;
-    }
     let (_, guarded) = tables(&String::from_utf8_lossy(written_text(sql, class)), state, global);
     if !guarded.is_empty() {
         tracing::info!(tables = ?guarded, "a write ran while its table became guarded; its transaction will be rolled back at COMMIT");

@@ -65,13 +65,6 @@ pub async fn query(
         .map(|(o, _)| o)
 }
 
-/// Reads the response of a text statement the proxy already sent (pipelined before another).
-pub async fn read_one(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<Outcome, SessionError> {
-    read(backend, state, ResponseKind::Generic, limit, parse_row)
-        .await
-        .map(|(o, _)| o)
-}
-
 /// Runs `sql` with `params` bound to its `?` placeholders as a prepared statement (binary
 /// protocol, closed afterwards). Every column must be a string (the image select lists are).
 pub async fn execute_prepared(
