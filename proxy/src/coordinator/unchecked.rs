@@ -230,8 +230,15 @@ pub enum Interruption {
     NotVisible,
 }
 
-/// What the watchdog must interrupt: (write id, backend connection id).
-type Overdue = Vec<(u64, u32)>;
+/// A write the watchdog must interrupt.
+#[derive(Debug, PartialEq, Eq)]
+struct Due {
+    id: u64,
+    /// The backend connection (server thread id) it runs on.
+    connection_id: u32,
+    /// Whether an earlier interruption of it was reported already.
+    reported: bool,
+}
 
 /// Whether the write the watchdog is interrupting is still running.
 pub type StillRunning = Box<dyn Fn() -> bool + Send + Sync>;
@@ -335,7 +342,7 @@ impl UncheckedWrites {
     /// The writes that must be interrupted at `now`, given the current trust and `margin`
     /// (all on the view's clock, in nanoseconds), marked so that each is interrupted once;
     /// and when the next one falls due, if any.
-    fn overdue(&self, now: u64, trusted_until: u64, margin: u64) -> (Overdue, Option<u64>) {
+    fn overdue(&self, now: u64, trusted_until: u64, margin: u64) -> (Vec<Due>, Option<u64>) {
         let mut s = self.state.lock();
         let mut due = Vec::new();
         let mut next: Option<u64> = None;
@@ -347,7 +354,11 @@ impl UncheckedWrites {
                 .max(r.not_before);
             if at <= now {
                 r.interrupting = true;
-                due.push((*id, r.connection_id));
+                due.push(Due {
+                    id: *id,
+                    connection_id: r.connection_id,
+                    reported: r.reported,
+                });
             } else {
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
@@ -359,30 +370,36 @@ impl UncheckedWrites {
         self.state.lock().running.contains_key(&id)
     }
 
-    /// After an interruption at `now`: what becomes of the write, and what to report (once
-    /// per write). It is looked at again after [`RETRY`] while it may still run: killed (it
-    /// may still be rolling back, or a multi-statement string went on), not running (not sent
-    /// yet, or a command the server has not read yet), or the look failed. An abandoned write
-    /// is forgotten once its connection is gone (nobody else will); a live one the service
-    /// user cannot see is given up on. After [`ATTEMPTS`] looks either is given up on.
-    fn interrupted(&self, id: u64, outcome: &Result<Interruption, String>, now: u64) -> Option<Report> {
+    /// After the interruption of `due` at `now`: what becomes of the write, and what to report
+    /// (once per write, even if it finished while the KILL was answered). It is looked at
+    /// again after [`RETRY`] while it may still run: killed (it may still be rolling back, or
+    /// a multi-statement string went on), not running (not sent yet, or a command the server
+    /// has not read yet), or the look failed. An abandoned write is forgotten once its
+    /// connection is gone (nobody else will); a live one the service user cannot see is given
+    /// up on. After [`ATTEMPTS`] looks either is given up on.
+    fn interrupted(&self, due: &Due, outcome: &Result<Interruption, String>, now: u64) -> Option<Report> {
         let mut s = self.state.lock();
-        let r = s.running.get_mut(&id)?;
-        r.attempts += 1;
+        let running = s.running.get_mut(&due.id);
+        let abandoned = running.as_ref().is_some_and(|r| r.abandoned);
         let report = match outcome {
             Ok(Interruption::Killed) => Some(Report::Killed),
-            Ok(Interruption::NotVisible) if r.abandoned => None,
+            // Invisible because it finished: nothing to report.
+            Ok(Interruption::NotVisible) if abandoned || running.is_none() => None,
             Ok(Interruption::NotVisible) => Some(Report::NotVisible),
             Err(e) => Some(Report::Failed(e.clone())),
             Ok(Interruption::NotRunning) => None,
-        };
-        let report = report.filter(|_| !std::mem::replace(&mut r.reported, true));
-        let gone = matches!(outcome, Ok(Interruption::NotVisible));
-        if r.abandoned && (gone || r.attempts >= ATTEMPTS) {
-            s.running.remove(&id);
-        } else if !gone && r.attempts < ATTEMPTS {
-            r.interrupting = false;
-            r.not_before = now + RETRY.as_nanos() as u64;
+        }
+        .filter(|_| !due.reported);
+        if let Some(r) = running {
+            r.attempts += 1;
+            r.reported |= report.is_some();
+            let gone = matches!(outcome, Ok(Interruption::NotVisible));
+            if r.abandoned && (gone || r.attempts >= ATTEMPTS) {
+                s.running.remove(&due.id);
+            } else if !gone && r.attempts < ATTEMPTS {
+                r.interrupting = false;
+                r.not_before = now + RETRY.as_nanos() as u64;
+            }
         }
         drop(s);
         self.changed.notify_waiters();
@@ -406,14 +423,14 @@ impl UncheckedWrites {
             changed.as_mut().enable();
             let (now, trusted_until, margin) = clock();
             let (due, next) = self.overdue(now, trusted_until, margin);
-            for (id, connection_id) in due {
-                let writes = Arc::clone(&self);
+            for due in due {
+                let (writes, id, connection_id) = (Arc::clone(&self), due.id, due.connection_id);
                 let still: StillRunning = Box::new(move || writes.still_running(id));
                 let outcome = interrupt(connection_id, still);
                 let (writes, clock) = (Arc::clone(&self), Arc::clone(&clock));
                 tokio::spawn(async move {
                     let outcome = outcome.await;
-                    match writes.interrupted(id, &outcome, clock().0) {
+                    match writes.interrupted(&due, &outcome, clock().0) {
                         None => {}
                         Some(Report::Killed) => {
                             interruptions("interrupted").increment(1);
@@ -541,25 +558,28 @@ mod tests {
         let (due, next) = writes.overdue(5 * S, 100 * S, S);
         assert!(due.is_empty());
         assert_eq!(next, Some(9 * S));
-        let (due, next) = writes.overdue(9 * S, 100 * S, S);
-        assert_eq!(due, vec![(old.id, 7)]);
+        let (first, next) = writes.overdue(9 * S, 100 * S, S);
+        assert_eq!(ids(&first), [(old.id, 7)]);
         assert_eq!(next, Some(99 * S));
         let (due, _) = writes.overdue(9 * S + 1, 100 * S, S);
         assert!(due.is_empty(), "one interruption at a time");
         // Found not sent yet: due again after the retry time.
-        assert_eq!(writes.interrupted(old.id, &Ok(Interruption::NotRunning), 9 * S), None);
+        assert_eq!(
+            writes.interrupted(&first[0], &Ok(Interruption::NotRunning), 9 * S),
+            None
+        );
         let (due, next) = writes.overdue(9 * S + 1, 100 * S, S);
         assert!(due.is_empty());
         assert_eq!(next, Some(9 * S + retry));
         let (due, _) = writes.overdue(9 * S + retry, 100 * S, S);
-        assert_eq!(due, vec![(old.id, 7)]);
+        assert_eq!(ids(&due), [(old.id, 7)]);
         // A live write the service user cannot see is given up on.
         assert_eq!(
-            writes.interrupted(old.id, &Ok(Interruption::NotVisible), 9 * S + retry),
+            writes.interrupted(&due[0], &Ok(Interruption::NotVisible), 9 * S + retry),
             Some(Report::NotVisible)
         );
         let (due, next) = writes.overdue(99 * S, 100 * S, S);
-        assert_eq!(due, vec![(new.id, 8)]);
+        assert_eq!(ids(&due), [(new.id, 8)]);
         assert_eq!(next, None);
         old.finish();
         new.finish();
@@ -573,25 +593,31 @@ mod tests {
         let id = write.id;
         drop(write);
         let (due, _) = writes.overdue(1, 10_000, 100);
-        assert_eq!(due, vec![(id, 9)]);
+        assert_eq!(ids(&due), [(id, 9)]);
         assert!(writes.still_running(id), "it holds fences until it is interrupted");
         assert_eq!(
-            writes.interrupted(id, &Ok(Interruption::Killed), 0),
+            writes.interrupted(&due[0], &Ok(Interruption::Killed), 0),
             Some(Report::Killed)
         );
         assert!(writes.still_running(id), "killed: looked at again until it is gone");
         let (due, _) = writes.overdue(retry, 10_000, 100);
-        assert_eq!(due, vec![(id, 9)]);
+        assert_eq!(ids(&due), [(id, 9)]);
         // Still rolling back: killed again, reported once.
-        assert_eq!(writes.interrupted(id, &Ok(Interruption::Killed), retry), None);
+        assert_eq!(writes.interrupted(&due[0], &Ok(Interruption::Killed), retry), None);
         // Idle: its command may not have been read yet; it is looked at again.
         let (due, _) = writes.overdue(2 * retry, 10_000, 100);
-        assert_eq!(due, vec![(id, 9)]);
-        assert_eq!(writes.interrupted(id, &Ok(Interruption::NotRunning), 2 * retry), None);
+        assert_eq!(ids(&due), [(id, 9)]);
+        assert_eq!(
+            writes.interrupted(&due[0], &Ok(Interruption::NotRunning), 2 * retry),
+            None
+        );
         assert!(writes.still_running(id));
         let (due, _) = writes.overdue(3 * retry, 10_000, 100);
-        assert_eq!(due, vec![(id, 9)]);
-        assert_eq!(writes.interrupted(id, &Ok(Interruption::NotVisible), 3 * retry), None);
+        assert_eq!(ids(&due), [(id, 9)]);
+        assert_eq!(
+            writes.interrupted(&due[0], &Ok(Interruption::NotVisible), 3 * retry),
+            None
+        );
         assert!(!writes.still_running(id), "its connection is gone");
     }
 
@@ -607,9 +633,41 @@ mod tests {
                 assert_eq!(n, ATTEMPTS, "given up after {ATTEMPTS} looks");
                 break;
             }
-            reports.extend(writes.interrupted(write.id, &Err("refused".into()), u64::MAX / 4));
+            reports.extend(writes.interrupted(&due[0], &Err("refused".into()), u64::MAX / 4));
         }
         assert_eq!(reports, vec![Report::Failed("refused".into())], "reported once");
         write.finish();
+    }
+
+    #[test]
+    fn a_kill_is_reported_once_even_if_the_write_finished_before_it_was_answered() {
+        let retry = RETRY.as_nanos() as u64;
+        let writes = Arc::new(UncheckedWrites::default());
+        let write = writes.begin(4);
+        writes.stream_lost(|| 0);
+        let (due, _) = writes.overdue(1, 0, 0);
+        // The server ended the statement, and the session read its ERR, before the KILL's OK
+        // reached the watchdog.
+        write.finish();
+        assert_eq!(
+            writes.interrupted(&due[0], &Ok(Interruption::Killed), 1),
+            Some(Report::Killed)
+        );
+        // Killed once, still running, killed again, then finished: one report.
+        let write = writes.begin(5);
+        writes.stream_lost(|| 0);
+        let (due, _) = writes.overdue(1, 0, 0);
+        assert_eq!(
+            writes.interrupted(&due[0], &Ok(Interruption::Killed), 1),
+            Some(Report::Killed)
+        );
+        let (due, _) = writes.overdue(1 + retry, 0, 0);
+        assert!(due[0].reported);
+        write.finish();
+        assert_eq!(writes.interrupted(&due[0], &Ok(Interruption::Killed), 1 + retry), None);
+    }
+
+    fn ids(due: &[Due]) -> Vec<(u64, u32)> {
+        due.iter().map(|d| (d.id, d.connection_id)).collect()
     }
 }
