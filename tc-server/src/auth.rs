@@ -11,6 +11,14 @@ impl Token {
         Token(token.map(Arc::from))
     }
 
+    /// Who a request that got in is, for the timeline and the logs.
+    pub fn actor(&self) -> &'static str {
+        match self.0 {
+            Some(_) => "the coordinator's token",
+            None => "anyone (no token configured)",
+        }
+    }
+
     /// Whether an `authorization` header value lets the request in.
     pub fn accepts(&self, header: Option<&str>) -> bool {
         let Some(expected) = &self.0 else { return true };

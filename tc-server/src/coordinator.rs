@@ -42,6 +42,7 @@ use crate::model::{
 use crate::rm::RmRegistry;
 use crate::store::journal::Journal;
 use crate::store::{Mutation, Snapshot, StoreError};
+use crate::timeline::{DecidedBy, Decision, Event, EventKind, Timeline};
 use crate::xid::{Ids, format_xid, parse_xid};
 
 /// One live global transaction.
@@ -71,9 +72,22 @@ pub(crate) struct SessionState {
     /// branch exists there is nothing to recover, so a begin costs no store write (after a
     /// crash such an XID is simply unknown; ids are never reused).
     pub stored: bool,
+    /// What happened to it so far, and its version.
+    pub timeline: Timeline,
 }
 
 impl SessionState {
+    /// Records an event of the transaction's timeline, bumping its version.
+    pub fn record(&mut self, kind: EventKind) {
+        self.timeline.record(kind);
+    }
+
+    /// `writes`, and the events the store does not have yet, for one batch.
+    pub fn with_events(&mut self, mut writes: Vec<Mutation>) -> Vec<Mutation> {
+        writes.extend(self.timeline.unsaved(self.record.txn_id));
+        writes
+    }
+
     /// What the history and the store keep of this transaction once it ends; ended now
     /// (a resolved failure's retention counts from its resolution, not from the failure).
     pub fn finished_record(&self) -> FinishedRecord {
@@ -106,6 +120,15 @@ pub struct TxnView {
     pub branch_count: usize,
     pub failure: Option<Failure>,
     pub finished: bool,
+    /// Bumped by every change (see `timeline.rs`).
+    pub version: u64,
+}
+
+/// Who asks for an operator action, and why (both go into the timeline).
+#[derive(Clone, Debug)]
+pub struct OperatorRequest {
+    pub actor: String,
+    pub reason: String,
 }
 
 /// The answer to a lock query.
@@ -187,7 +210,8 @@ impl Coordinator {
     }
 
     fn restore(self: &Arc<Self>, snapshot: Snapshot) -> Result<(), StoreError> {
-        *self.finished.lock() = History::restore(snapshot.finished);
+        let mut events = snapshot.events;
+        *self.finished.lock() = History::restore(snapshot.finished, &mut events);
         let mut branches: HashMap<u64, Vec<BranchRecord>> = HashMap::new();
         for b in snapshot.branches {
             branches.entry(b.txn_id).or_default().push(b);
@@ -235,6 +259,8 @@ impl Coordinator {
                 }
                 resumed.0 += 1;
             }
+            let mut timeline = Timeline::restore(events.remove(&txn_id).unwrap_or_default());
+            timeline.record(EventKind::Restored { status });
             let session = Arc::new(Session {
                 txn_id,
                 xid: format_xid(txn_id),
@@ -247,6 +273,7 @@ impl Coordinator {
                     failure,
                     guarded,
                     stored: true,
+                    timeline,
                 }),
                 passes: watch::Sender::new(0),
             });
@@ -336,7 +363,9 @@ impl Coordinator {
     /// place before the session leaves the live map, so a status query in between never finds
     /// neither. The history is trimmed in the background (`phase2.rs`, `history_loop`).
     pub(crate) fn finish(&self, session: &Session, state: &SessionState) {
-        self.finished.lock().insert(state.finished_record());
+        self.finished
+            .lock()
+            .insert(state.finished_record(), state.timeline.clone());
         self.sessions.write().remove(&session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
         self.at.forget(session.txn_id, &state.guarded);
@@ -376,6 +405,11 @@ impl Coordinator {
         };
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let xid = format_xid(txn_id);
+        let mut timeline = Timeline::default();
+        timeline.record(EventKind::Begun {
+            name: record.name.clone(),
+            timeout_ms,
+        });
         let session = Arc::new(Session {
             txn_id,
             xid: xid.clone(),
@@ -388,6 +422,7 @@ impl Coordinator {
                 failure: None,
                 guarded: BTreeSet::new(),
                 stored: false,
+                timeline,
             }),
             passes: watch::Sender::new(0),
         });
@@ -465,12 +500,25 @@ impl Coordinator {
         let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
         let txn_id = session.txn_id;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
+        // A refusal is part of the transaction's story (which rows, held by whom).
+        let refused = |e: TcError| {
+            session.state.lock().record(EventKind::RegistrationRefused {
+                resource_id: resource_id.clone(),
+                code: e.code.as_str().to_owned(),
+                message: e.message.clone(),
+                holder: e.holder.clone(),
+            });
+            e
+        };
         self.guard_for(&session, (xid, "register a branch"), &tables, deadline)
-            .await?;
+            .await
+            .map_err(refused)?;
         let branch_id = self.ids.next().await?;
-        self.at
+        let granted = self
+            .at
             .acquire(txn_id, branch_id, &keys, deadline, wait_ms, &self.metrics)
-            .await?;
+            .await
+            .map_err(refused)?;
         let durable = {
             let mut state = session.state.lock();
             if let Err(e) = begin_only(&state) {
@@ -490,14 +538,27 @@ impl Coordinator {
                 updated_ms: now,
                 error: None,
             };
+            if let Some(waited) = granted.waited {
+                state.record(EventKind::LockWaited {
+                    branch_id,
+                    holders: granted.holders.iter().map(|t| format_xid(*t)).collect(),
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            state.record(EventKind::BranchRegistered {
+                branch_id,
+                resource_id: branch.resource_id.clone(),
+                lock_keys: branch.lock_keys.len() as u64,
+            });
             state.branches.push(branch.clone());
             state.registered += 1;
-            let mut writes = Vec::with_capacity(2);
+            let mut writes = Vec::with_capacity(3);
             if !state.stored {
                 writes.push(Mutation::PutGlobal(state.record.clone()));
                 state.stored = true;
             }
             writes.push(Mutation::PutBranch(branch));
+            let writes = state.with_events(writes);
             self.journal.submit(writes)
         };
         durable.await?;
@@ -543,12 +604,18 @@ impl Coordinator {
             branch.status = BranchStatus::PhaseOneFailed;
             branch.updated_ms = now_ms();
             branch.error = Some(BranchError {
-                reason,
+                reason: reason.clone(),
                 detail_json: String::new(),
             });
             let record = branch.clone();
             let keys = record.lock_keys.clone();
-            (self.journal.submit(vec![Mutation::PutBranch(record)]), keys)
+            state.record(EventKind::PhaseOneFailed { branch_id, reason });
+            state.record(EventKind::LocksReleased {
+                branch_id: Some(branch_id),
+                rows: keys.len() as u64,
+            });
+            let writes = state.with_events(vec![Mutation::PutBranch(record)]);
+            (self.journal.submit(writes), keys)
         };
         self.at.locks.release_branch(session.txn_id, branch_id, &keys);
         self.metrics.branch_phase_one_failed.increment(1);
@@ -624,16 +691,33 @@ impl Coordinator {
                 .iter()
                 .flat_map(|b| b.lock_keys.iter().cloned())
                 .collect();
+            state.record(EventKind::Decided {
+                decision: Decision::Commit,
+                by: DecidedBy::Application,
+            });
+            if !keys.is_empty() {
+                state.record(EventKind::LocksReleased {
+                    branch_id: None,
+                    rows: keys.len() as u64,
+                });
+            }
             let (next, write) = if pending {
                 let mut record = state.record.clone();
                 record.status = GlobalStatus::AsyncCommitting;
                 (GlobalStatus::AsyncCommitting, Mutation::PutGlobal(record))
             } else {
+                state.record(EventKind::Finished {
+                    status: GlobalStatus::Committed,
+                });
                 let mut finished = state.finished_record();
                 finished.record.status = GlobalStatus::Committed;
                 (GlobalStatus::Committed, Mutation::Finish(finished))
             };
-            (state.stored.then(|| self.journal.submit(vec![write])), keys, next)
+            let durable = state.stored.then(|| {
+                let writes = state.with_events(vec![write]);
+                self.journal.submit(writes)
+            });
+            (durable, keys, next)
         };
         // On a store failure the transaction stays in Committing: the coordinator
         // acknowledges nothing more, and after a restart the store says Begin.
@@ -691,11 +775,15 @@ impl Coordinator {
             match state.record.status {
                 GlobalStatus::Begin => {
                     self.set_status(&mut state, GlobalStatus::Rollbacking);
-                    Some(
-                        state
-                            .stored
-                            .then(|| self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())])),
-                    )
+                    state.record(EventKind::Decided {
+                        decision: Decision::Rollback,
+                        by: DecidedBy::Application,
+                    });
+                    Some(state.stored.then(|| {
+                        let write = Mutation::PutGlobal(state.record.clone());
+                        let writes = state.with_events(vec![write]);
+                        self.journal.submit(writes)
+                    }))
                 }
                 s if s.is_rolling_back() => None,
                 GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed => {
@@ -721,12 +809,13 @@ impl Coordinator {
 
     /// Operator action after repairing the data of a failed transaction: runs its phase 2
     /// again (RollbackFailed → RollbackRetrying, CommitFailed → AsyncCommitting).
-    pub async fn retry(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+    pub async fn retry(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
         let xid = xid.to_owned();
-        self.to_the_end(|this| async move { this.retry_now(&xid).await }).await
+        self.to_the_end(|this| async move { this.retry_now(&xid, by).await })
+            .await
     }
 
-    async fn retry_now(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
+    async fn retry_now(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
         self.check_running()?;
         let session = self.session_for(xid, "retry")?;
         let (durable, next) = {
@@ -740,6 +829,11 @@ impl Coordinator {
             };
             self.set_status(&mut state, next);
             state.failure = None;
+            state.record(EventKind::OperatorAction {
+                action: "retry".into(),
+                actor: by.actor.clone(),
+                reason: by.reason.clone(),
+            });
             let mut writes = vec![Mutation::PutGlobal(state.record.clone())];
             let mut queue = self.commit_queue.lock();
             for b in &mut state.branches {
@@ -756,10 +850,18 @@ impl Coordinator {
                     queue.push(pending_commit(b));
                 }
             }
+            drop(queue);
+            let writes = state.with_events(writes);
             (self.journal.submit(writes), next)
         };
         durable.await?;
-        tracing::info!(xid, status = next.as_str(), "operator retry");
+        tracing::info!(
+            xid,
+            status = next.as_str(),
+            actor = by.actor,
+            reason = by.reason,
+            "operator retry"
+        );
         if next.is_rolling_back() {
             let mut passes = session.passes.subscribe();
             self.start_rollback(&session);
@@ -773,11 +875,11 @@ impl Coordinator {
 
     /// Operator action after resolving a failed transaction by hand (rows repaired, undo
     /// records deleted): forgets it and releases its rows. Its final status stays queryable.
-    pub async fn resolve(&self, xid: &str) -> Result<Outcome, TcError> {
+    pub async fn resolve(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
         self.check_running()?;
         let session = self.session_for(xid, "resolve")?;
         let (durable, keys, outcome) = {
-            let state = session.state.lock();
+            let mut state = session.state.lock();
             let status = state.record.status;
             if !matches!(
                 status,
@@ -794,7 +896,19 @@ impl Coordinator {
                 .iter()
                 .flat_map(|b| b.lock_keys.iter().cloned())
                 .collect();
-            let durable = self.journal.submit(vec![Mutation::Finish(state.finished_record())]);
+            state.record(EventKind::OperatorAction {
+                action: "resolve".into(),
+                actor: by.actor.clone(),
+                reason: by.reason.clone(),
+            });
+            state.record(EventKind::LocksReleased {
+                branch_id: None,
+                rows: keys.len() as u64,
+            });
+            state.record(EventKind::Finished { status });
+            let write = Mutation::Finish(state.finished_record());
+            let writes = state.with_events(vec![write]);
+            let durable = self.journal.submit(writes);
             self.finish(&session, &state);
             (durable, keys, Self::outcome(&session, &state))
         };
@@ -804,6 +918,8 @@ impl Coordinator {
         tracing::warn!(
             xid,
             status = outcome.status.as_str(),
+            actor = by.actor,
+            reason = by.reason,
             "resolved by an operator; rows released"
         );
         Ok(outcome)
@@ -876,7 +992,7 @@ impl Coordinator {
             let finished = self.finished.lock();
             for f in finished.iter().filter(|f| !listed.contains(&f.record.txn_id)) {
                 if status.is_none() || status == Some(f.record.status) {
-                    out.push(Self::finished_view(f));
+                    out.push(Self::finished_view(f, finished.timeline(f.record.txn_id)));
                     if out.len() == limit {
                         break;
                     }
@@ -895,7 +1011,7 @@ impl Coordinator {
         let finished = self.finished.lock();
         finished
             .get(txn_id)
-            .map(Self::finished_view)
+            .map(|f| Self::finished_view(f, finished.timeline(txn_id)))
             .ok_or_else(|| TcError::not_found(xid))
     }
 
@@ -907,10 +1023,11 @@ impl Coordinator {
             branch_count: state.registered,
             failure: state.failure.clone(),
             finished: false,
+            version: state.timeline.version(),
         }
     }
 
-    fn finished_view(f: &FinishedRecord) -> TxnView {
+    fn finished_view(f: &FinishedRecord, timeline: Option<&Timeline>) -> TxnView {
         TxnView {
             xid: format_xid(f.record.txn_id),
             record: f.record.clone(),
@@ -918,6 +1035,22 @@ impl Coordinator {
             branch_count: f.branch_count,
             failure: f.failure.clone(),
             finished: true,
+            version: timeline.map_or(0, Timeline::version),
+        }
+    }
+
+    /// The timeline of a live or remembered transaction: its version and events.
+    pub fn events(&self, xid: &str) -> Result<(u64, Vec<Event>), TcError> {
+        let txn_id = Self::parse(xid)?;
+        if let Some(s) = self.live(txn_id) {
+            let state = s.state.lock();
+            return Ok((state.timeline.version(), state.timeline.events().to_vec()));
+        }
+        let finished = self.finished.lock();
+        match (finished.get(txn_id), finished.timeline(txn_id)) {
+            (Some(_), Some(t)) => Ok((t.version(), t.events().to_vec())),
+            (Some(_), None) => Ok((0, Vec::new())),
+            (None, _) => Err(TcError::not_found(xid)),
         }
     }
 

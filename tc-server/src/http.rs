@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Token;
-use crate::coordinator::{Coordinator, Outcome, TxnView};
+use crate::coordinator::{Coordinator, OperatorRequest, Outcome, TxnView};
 use crate::error::TcError;
 use crate::model::{Failure, GlobalStatus};
 use crate::xid::format_xid;
@@ -31,6 +31,7 @@ pub fn router(coordinator: Arc<Coordinator>, token: Token) -> Router {
     let v1 = Router::new()
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{xid}", get(show))
+        .route("/v1/transactions/{xid}/events", get(events))
         .route("/v1/transactions/{xid}/commit", post(commit))
         .route("/v1/transactions/{xid}/rollback", post(rollback))
         .route("/v1/transactions/{xid}/retry", post(retry))
@@ -109,6 +110,7 @@ fn view_json(v: &TxnView, with_branches: bool) -> Value {
         "updated_ms": v.record.updated_ms,
         "branch_count": v.branch_count,
         "finished": v.finished,
+        "version": v.version,
         "failure": v.failure.as_ref().map(failure_json),
     });
     if with_branches {
@@ -140,20 +142,20 @@ struct BeginBody {
     name: String,
 }
 
-/// The body is read as JSON whatever its content type says (`curl -d` sends a form type);
-/// an empty body means all defaults.
+/// A request body, read as JSON whatever its content type says (`curl -d` sends a form
+/// type); an empty body means all defaults. `example` shows the caller what is expected.
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes, example: &str) -> Result<T, TcError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| TcError::invalid(format!("the request body must be JSON like {example}: {e}")))
+}
+
 async fn begin(State(api): State<Api>, body: Bytes) -> Response {
-    let body: BeginBody = if body.iter().all(u8::is_ascii_whitespace) {
-        BeginBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(TcError::invalid(format!(
-                    "the request body must be JSON like {{\"timeout_ms\": 60000, \"name\": \"order\"}}: {e}"
-                )));
-            }
-        }
+    let body: BeginBody = match json_body(&body, r#"{"timeout_ms": 60000, "name": "order"}"#) {
+        Ok(b) => b,
+        Err(e) => return error(e),
     };
     match api.coordinator.begin(body.timeout_ms, body.name).await {
         Ok(xid) => (StatusCode::CREATED, Json(json!({ "xid": xid }))).into_response(),
@@ -193,16 +195,52 @@ async fn rollback(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
     }
 }
 
-async fn retry(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.retry(&xid).await {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OperatorBody {
+    #[serde(default)]
+    reason: String,
+}
+
+/// The operator request of an action's body (its reason goes into the timeline).
+fn operator_request(api: &Api, body: &Bytes) -> Result<OperatorRequest, TcError> {
+    let body: OperatorBody = json_body(body, r#"{"reason": "rows repaired by hand, ticket 123"}"#)?;
+    Ok(OperatorRequest {
+        actor: api.token.actor().to_owned(),
+        reason: body.reason,
+    })
+}
+
+async fn retry(State(api): State<Api>, XidPath(xid): XidPath, body: Bytes) -> Response {
+    let by = match operator_request(&api, &body) {
+        Ok(by) => by,
+        Err(e) => return error(e),
+    };
+    match api.coordinator.retry(&xid, by).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn resolve(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.resolve(&xid).await {
+async fn resolve(State(api): State<Api>, XidPath(xid): XidPath, body: Bytes) -> Response {
+    let by = match operator_request(&api, &body) {
+        Ok(by) => by,
+        Err(e) => return error(e),
+    };
+    match api.coordinator.resolve(&xid, by).await {
         Ok(o) => Json(outcome_json(&o)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn events(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
+    match api.coordinator.events(&xid) {
+        Ok((version, events)) => Json(json!({
+            "xid": xid,
+            "version": version,
+            "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
+        }))
+        .into_response(),
         Err(e) => error(e),
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
-//!   `xid` ids, `history` finished transactions, `rm` attached resource managers and
+//!   `xid` ids, `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
 //!   phase-2 routing, `config`, `error`, `auth`, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod rm;
 pub mod store;
+pub mod timeline;
 pub mod xid;
 
 pub mod at;

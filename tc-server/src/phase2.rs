@@ -16,6 +16,7 @@ use crate::metrics::Action;
 use crate::model::{BranchError, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
 use crate::rm::CallError;
 use crate::store::Mutation;
+use crate::timeline::{AttemptResult, DecidedBy, Decision, EventKind};
 
 /// How often the finished transactions' history is trimmed (a no-op when nothing is due).
 const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -68,6 +69,34 @@ fn classify(branch_id: u64, answer: Result<Vec<pb::BranchOutcome>, CallError>, a
         (Action::Commit, Some(s @ BranchStatus::CommitFailedUnretryable)) => BranchResult::Unretryable(s, error),
         (Action::Rollback, Some(s @ BranchStatus::RollbackFailedUnretryable)) => BranchResult::Unretryable(s, error),
         _ => BranchResult::Retryable(error),
+    }
+}
+
+/// How a branch failure leaves its transaction.
+enum Ending {
+    /// Retried at this time (Unix milliseconds); a rollback becomes its retrying status.
+    RetryAt(u64),
+    /// The transaction ends in the failed status this gives for its current one.
+    Failed(fn(GlobalStatus) -> GlobalStatus),
+}
+
+/// A phase-2 attempt at a branch, for its timeline.
+fn attempted(
+    (branch_id, resource_id): (u64, &str),
+    action: Decision,
+    result: AttemptResult,
+    reason: &str,
+    next_attempt_ms: Option<u64>,
+) -> EventKind {
+    EventKind::PhaseTwo {
+        branch_id,
+        resource_id: resource_id.to_owned(),
+        action,
+        result,
+        reason: reason.to_owned(),
+        attempts: 1,
+        first_ms: now_ms(),
+        next_attempt_ms,
     }
 }
 
@@ -148,9 +177,15 @@ impl Coordinator {
                         continue;
                     }
                     self.set_status(&mut state, GlobalStatus::TimeoutRollbacking);
-                    state
-                        .stored
-                        .then(|| self.journal.submit(vec![Mutation::PutGlobal(state.record.clone())]))
+                    state.record(EventKind::Decided {
+                        decision: Decision::Rollback,
+                        by: DecidedBy::Timeout,
+                    });
+                    state.stored.then(|| {
+                        let write = Mutation::PutGlobal(state.record.clone());
+                        let writes = state.with_events(vec![write]);
+                        self.journal.submit(writes)
+                    })
                 };
                 self.at.locks.set_rolling_back(txn);
                 self.metrics.timeouts.increment(1);
@@ -188,7 +223,7 @@ impl Coordinator {
         loop {
             // Create before the pass, so an attach during the pass is not missed.
             let attached = self.rms.attached();
-            let pass = self.rollback_pass(&session).await;
+            let pass = self.rollback_pass(&session, attempt).await;
             session.passes.send_modify(|n| *n += 1);
             match pass {
                 Pass::Done => return,
@@ -209,8 +244,8 @@ impl Coordinator {
     }
 
     /// Rolls back the remaining branches, last registered first, stopping at the first
-    /// failure.
-    async fn rollback_pass(&self, session: &Session) -> Pass {
+    /// failure. `attempt` counts the passes that asked for a retry before this one.
+    async fn rollback_pass(&self, session: &Session, attempt: u32) -> Pass {
         let branches: Vec<BranchRecord> = {
             let state = session.state.lock();
             state
@@ -241,12 +276,25 @@ impl Coordinator {
                     {
                         let mut state = session.state.lock();
                         state.branches.retain(|x| x.branch_id != b.branch_id);
+                        let done = attempted(
+                            (b.branch_id, &b.resource_id),
+                            Decision::Rollback,
+                            AttemptResult::Done,
+                            "",
+                            None,
+                        );
+                        state.record(done);
+                        state.record(EventKind::LocksReleased {
+                            branch_id: Some(b.branch_id),
+                            rows: b.lock_keys.len() as u64,
+                        });
                         // Submitted before the rows are released (see coordinator.rs); not
                         // awaited: a branch rolled back twice finds no undo record.
-                        self.journal.submit_detached(vec![Mutation::DeleteBranch {
+                        let writes = state.with_events(vec![Mutation::DeleteBranch {
                             txn_id: b.txn_id,
                             branch_id: b.branch_id,
                         }]);
+                        self.journal.submit_detached(writes);
                     }
                     self.at.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
                     self.at.count_held(&self.metrics);
@@ -260,7 +308,14 @@ impl Coordinator {
                         "branch rollback failed; will retry"
                     );
                     // Submitted; not awaited: the retry runs whether or not it is durable yet.
-                    drop(self.mark_failed(session, &b, BranchStatus::RollbackFailedRetryable, error, None));
+                    let next = now_ms() + self.config.phase2.backoff(attempt).as_millis() as u64;
+                    drop(self.mark_failed(
+                        session,
+                        &b,
+                        BranchStatus::RollbackFailedRetryable,
+                        error,
+                        Ending::RetryAt(next),
+                    ));
                     return Pass::Retry;
                 }
                 BranchResult::Unretryable(status, error) => {
@@ -272,7 +327,13 @@ impl Coordinator {
                         "branch can never roll back; the transaction keeps its locks until an operator acts"
                     );
                     self.metrics.phase2_failure(Action::Rollback);
-                    let durable = self.mark_failed(session, &b, status, error, Some(GlobalStatus::rollback_failed));
+                    let durable = self.mark_failed(
+                        session,
+                        &b,
+                        status,
+                        error,
+                        Ending::Failed(GlobalStatus::rollback_failed),
+                    );
                     let _ = durable.await;
                     return Pass::Failed;
                 }
@@ -283,8 +344,10 @@ impl Coordinator {
             let done = state.record.status.rolled_back();
             self.set_status(&mut state, done);
             state.failure = None;
-            self.journal
-                .submit_detached(vec![Mutation::Finish(state.finished_record())]);
+            state.record(EventKind::Finished { status: done });
+            let write = Mutation::Finish(state.finished_record());
+            let writes = state.with_events(vec![write]);
+            self.journal.submit_detached(writes);
             self.finish(session, &state);
             done
         };
@@ -292,21 +355,47 @@ impl Coordinator {
         Pass::Done
     }
 
-    /// Records a branch failure (and, with `end`, the transaction's failed end status),
-    /// returning the write's durability.
+    /// Records a branch failure (and, when it `Failed`, the transaction's failed end
+    /// status), returning the write's durability.
     fn mark_failed(
         &self,
         session: &Session,
         b: &BranchRecord,
         status: BranchStatus,
         error: BranchError,
-        end: Option<fn(GlobalStatus) -> GlobalStatus>,
+        ending: Ending,
     ) -> impl std::future::Future<Output = Result<(), crate::store::StoreError>> + use<> {
         let mut state = session.state.lock();
-        let next = match end {
-            Some(end) => end(state.record.status),
-            None if state.record.status.is_rolling_back() => state.record.status.rollback_retrying(),
-            None => state.record.status,
+        let action = if status == BranchStatus::CommitFailedUnretryable {
+            Decision::Commit
+        } else {
+            Decision::Rollback
+        };
+        let next = match ending {
+            Ending::Failed(end) => {
+                state.record(EventKind::PhaseTwoFailed {
+                    branch_id: b.branch_id,
+                    resource_id: b.resource_id.clone(),
+                    action,
+                    reason: error.reason.clone(),
+                    detail_json: error.detail_json.clone(),
+                });
+                end(state.record.status)
+            }
+            Ending::RetryAt(next) => {
+                let retry = attempted(
+                    (b.branch_id, &b.resource_id),
+                    action,
+                    AttemptResult::Retry,
+                    &error.reason,
+                    Some(next),
+                );
+                state.record(retry);
+                match state.record.status {
+                    s if s.is_rolling_back() => s.rollback_retrying(),
+                    s => s,
+                }
+            }
         };
         self.set_status(&mut state, next);
         state.failure = Some(Failure {
@@ -322,6 +411,7 @@ impl Coordinator {
             branch.updated_ms = crate::model::now_ms();
             writes.push(Mutation::PutBranch(branch.clone()));
         }
+        let writes = state.with_events(writes);
         self.journal.submit(writes)
     }
 
@@ -419,8 +509,21 @@ impl Coordinator {
                         "branch commit failed; will retry"
                     );
                     self.metrics.phase2_retry(Action::Commit);
-                    p.not_before = Instant::now() + self.config.phase2.backoff(p.attempt);
+                    let delay = self.config.phase2.backoff(p.attempt);
+                    p.not_before = Instant::now() + delay;
                     p.attempt += 1;
+                    // In the timeline only, stored with the transaction's next write.
+                    if let Some(session) = self.live(p.txn_id) {
+                        let next = now_ms() + delay.as_millis() as u64;
+                        let retry = attempted(
+                            (p.branch_id, &p.resource_id),
+                            Decision::Commit,
+                            AttemptResult::Retry,
+                            &error.reason,
+                            Some(next),
+                        );
+                        session.state.lock().record(retry);
+                    }
                     retry.push(p);
                 }
             }
@@ -434,6 +537,16 @@ impl Coordinator {
     fn branch_committed(&self, p: &PendingCommit) {
         let Some(session) = self.live(p.txn_id) else { return };
         let mut state = session.state.lock();
+        if let Some(b) = state.branches.iter().find(|b| b.branch_id == p.branch_id) {
+            let done = attempted(
+                (b.branch_id, &b.resource_id),
+                Decision::Commit,
+                AttemptResult::Done,
+                "",
+                None,
+            );
+            state.record(done);
+        }
         state.branches.retain(|b| b.branch_id != p.branch_id);
         let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
         // Until the whole transaction is deleted its committed branches stay in the store
@@ -443,8 +556,12 @@ impl Coordinator {
             return;
         }
         self.set_status(&mut state, GlobalStatus::Committed);
-        self.journal
-            .submit_detached(vec![Mutation::Finish(state.finished_record())]);
+        state.record(EventKind::Finished {
+            status: GlobalStatus::Committed,
+        });
+        let write = Mutation::Finish(state.finished_record());
+        let writes = state.with_events(vec![write]);
+        self.journal.submit_detached(writes);
         self.finish(&session, &state);
         tracing::debug!(xid = session.xid, "committed");
     }
@@ -469,6 +586,12 @@ impl Coordinator {
             return;
         };
         // Submitted; durability is not awaited: nobody waits for this answer.
-        drop(self.mark_failed(&session, &b, status, error, Some(|_| GlobalStatus::CommitFailed)));
+        drop(self.mark_failed(
+            &session,
+            &b,
+            status,
+            error,
+            Ending::Failed(|_| GlobalStatus::CommitFailed),
+        ));
     }
 }

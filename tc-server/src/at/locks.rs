@@ -54,11 +54,22 @@ pub enum LockError {
     Deadlock { cycle: Vec<u64> },
 }
 
-/// How a granted request went, for metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a granted request went, for metrics and the transaction's timeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Granted {
     /// Time spent waiting in queues, if the request had to wait at all.
     pub waited: Option<Duration>,
+    /// The transactions that held rows it waited for, in the order it met them.
+    pub holders: Vec<u64>,
+}
+
+impl Granted {
+    fn at_once() -> Granted {
+        Granted {
+            waited: None,
+            holders: Vec::new(),
+        }
+    }
 }
 
 /// One held row, for the HTTP API.
@@ -194,7 +205,8 @@ struct Req {
 /// Outcome of one attempt under the mutex.
 enum Step {
     Granted,
-    Wait(ReqId),
+    /// Queued; the transaction holding the row it waits for.
+    Wait(ReqId, u64),
     Refused(LockError),
 }
 
@@ -595,7 +607,7 @@ impl Inner {
                 if req.row.as_ref() == Some(key) {
                     // Still stopped by the row it is queued on: keep its place.
                     req.state = State::Waiting;
-                    return Step::Wait(id);
+                    return Step::Wait(id, holder);
                 }
             }
             if let Some(cycle) = self.find_cycle(txn, key, age, id) {
@@ -615,7 +627,7 @@ impl Inner {
                 None => self.new_req(Some(txn), false, keys),
             };
             self.enqueue(id, txn, key);
-            return Step::Wait(id);
+            return Step::Wait(id, holder);
         }
     }
 
@@ -679,7 +691,7 @@ impl Inner {
         let req = self.reqs.get_mut(&id).expect("a watcher has a record");
         req.row = Some(key.clone());
         req.state = State::Waiting;
-        Step::Wait(id)
+        Step::Wait(id, holder)
     }
 
     /// Would a request of `txn` of age `age` queued on `key` close a wait-for cycle? It would
@@ -844,15 +856,15 @@ impl LockManager {
             .attempt(txn, branch, &keys, None, deadline, false, &mut wakes);
         wake_all(wakes);
         match step {
-            Step::Granted => Ok(Granted { waited: None }),
+            Step::Granted => Ok(Granted::at_once()),
             Step::Refused(err) => Err(err),
-            Step::Wait(id) => {
+            Step::Wait(id, holder) => {
                 let guard = WaitGuard {
                     mgr: self,
                     id,
                     armed: true,
                 };
-                self.wait(guard, deadline, |inner, id, timed_out, wakes| {
+                self.wait(guard, holder, deadline, |inner, id, timed_out, wakes| {
                     inner.attempt(txn, branch, &keys, Some(id), deadline, timed_out, wakes)
                 })
                 .await
@@ -865,11 +877,13 @@ impl LockManager {
     async fn wait(
         &self,
         mut guard: WaitGuard<'_>,
+        holder: u64,
         deadline: Instant,
         mut retry: impl FnMut(&mut Inner, ReqId, bool, &mut Vec<Waker>) -> Step,
     ) -> Result<Granted, LockError> {
         let id = guard.id;
         let started = Instant::now();
+        let mut holders = vec![holder];
         let mut sleep = pin!(tokio::time::sleep_until(deadline));
         loop {
             let timed_out = poll_fn(|cx| {
@@ -898,11 +912,16 @@ impl LockManager {
             };
             wake_all(wakes);
             match step {
-                Step::Wait(_) => {}
+                Step::Wait(_, holder) => {
+                    if !holders.contains(&holder) {
+                        holders.push(holder);
+                    }
+                }
                 Step::Granted => {
                     guard.armed = false;
                     return Ok(Granted {
                         waited: Some(started.elapsed()),
+                        holders,
                     });
                 }
                 Step::Refused(err) => {
@@ -949,15 +968,15 @@ impl LockManager {
             .attempt_query(txn, &keys, None, deadline, false, &mut wakes);
         wake_all(wakes);
         match step {
-            Step::Granted => Ok(Granted { waited: None }),
+            Step::Granted => Ok(Granted::at_once()),
             Step::Refused(err) => Err(err),
-            Step::Wait(id) => {
+            Step::Wait(id, holder) => {
                 let guard = WaitGuard {
                     mgr: self,
                     id,
                     armed: true,
                 };
-                self.wait(guard, deadline, |inner, id, timed_out, wakes| {
+                self.wait(guard, holder, deadline, |inner, id, timed_out, wakes| {
                     inner.attempt_query(txn, &keys, Some(id), deadline, timed_out, wakes)
                 })
                 .await
@@ -1272,13 +1291,13 @@ mod tests {
     async fn grant_and_reentrant_branches() {
         let mgr = Arc::new(LockManager::new());
         let got = mgr.acquire(1, 10, &[k(2), k(1), k(2)], far()).await;
-        assert_eq!(got, Ok(Granted { waited: None }));
+        assert_eq!(got, Ok(Granted::at_once()));
         assert_eq!(mgr.held_count(), 2);
         assert_eq!(holder(&mgr, &k(1)), Some((1, vec![10])));
         // Another branch of the same transaction takes an overlapping set without waiting.
         assert_eq!(
             mgr.acquire(1, 11, &[k(2), k(3)], Instant::now()).await,
-            Ok(Granted { waited: None })
+            Ok(Granted::at_once())
         );
         assert_eq!(holder(&mgr, &k(2)), Some((1, vec![10, 11])));
         assert_eq!(mgr.held_count(), 3);
@@ -1316,7 +1335,9 @@ mod tests {
         mgr.check_invariants().unwrap();
         mgr.release_txn(1, &[k(1)]);
         let got = finish(waiter).await;
-        assert!(matches!(got, Ok(Granted { waited: Some(_) })), "{got:?}");
+        let got = got.unwrap();
+        assert!(got.waited.is_some());
+        assert_eq!(got.holders, vec![1], "it waited for the holder");
         assert_eq!(holder(&mgr, &k(1)), Some((2, vec![2])));
         mgr.check_invariants().unwrap();
     }
@@ -1345,7 +1366,7 @@ mod tests {
         // The rows it did not get are free for others at once.
         assert_eq!(
             mgr.acquire(3, 3, &[k(1), k(3)], Instant::now()).await,
-            Ok(Granted { waited: None })
+            Ok(Granted::at_once())
         );
         mgr.check_invariants().unwrap();
     }
@@ -1592,11 +1613,8 @@ mod tests {
     async fn query_semantics() {
         let mgr = Arc::new(LockManager::new());
         mgr.acquire(1, 1, &[k(1)], far()).await.unwrap();
-        assert_eq!(
-            mgr.query(Some(1), &[k(1), k(2)], far()).await,
-            Ok(Granted { waited: None })
-        );
-        assert_eq!(mgr.query(None, &[k(2)], far()).await, Ok(Granted { waited: None }));
+        assert_eq!(mgr.query(Some(1), &[k(1), k(2)], far()).await, Ok(Granted::at_once()));
+        assert_eq!(mgr.query(None, &[k(2)], far()).await, Ok(Granted::at_once()));
         let got = mgr.query(Some(2), &[k(2), k(1)], soon(20)).await;
         assert_eq!(got, Err(LockError::WaitTimeout { holder: 1, key: k(1) }));
         assert_eq!(mgr.held_count(), 1, "queries take nothing");
@@ -1606,10 +1624,7 @@ mod tests {
         assert_eq!(mgr.queued(&k(1)), 0, "a watcher is not queued");
         mgr.release_txn(1, &[k(1)]);
         // The watcher does not block an acquirer.
-        assert_eq!(
-            mgr.acquire(3, 3, &[k(1)], Instant::now()).await,
-            Ok(Granted { waited: None })
-        );
+        assert_eq!(mgr.acquire(3, 3, &[k(1)], Instant::now()).await, Ok(Granted::at_once()));
         until("watches again", || mgr.watching(&k(1)) == 1).await;
         assert!(!watcher.is_finished());
         mgr.check_invariants().unwrap();
@@ -1623,7 +1638,7 @@ mod tests {
         mgr.release_txn(1, &[k(1)]);
         assert_eq!(
             mgr.query(Some(5), &[k(1)], Instant::now()).await,
-            Ok(Granted { waited: None })
+            Ok(Granted::at_once())
         );
         assert!(finish(waiter).await.is_ok());
     }

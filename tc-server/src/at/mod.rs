@@ -24,7 +24,7 @@ use crate::rm::RmRegistry;
 use crate::store::StoreError;
 use crate::xid::format_xid;
 use guards::{Table, TableGuards};
-use locks::{LockError, LockManager};
+use locks::{Granted, LockError, LockManager};
 
 /// AT mode's state in the coordinator.
 pub struct At {
@@ -78,7 +78,7 @@ impl At {
     }
 
     /// Takes a branch's rows, waiting in the queues until `deadline` (`wait_ms` is how long
-    /// that is, for the error).
+    /// that is, for the error); says how long it waited, and for whom.
     pub async fn acquire(
         &self,
         txn: u64,
@@ -87,7 +87,7 @@ impl At {
         deadline: Instant,
         wait_ms: u64,
         metrics: &Metrics,
-    ) -> Result<(), TcError> {
+    ) -> Result<Granted, TcError> {
         match self.locks.acquire(txn, branch, keys, deadline).await {
             Ok(granted) => {
                 if let Some(waited) = granted.waited {
@@ -95,7 +95,7 @@ impl At {
                     metrics.lock_waits.increment(1);
                     metrics.lock_wait_seconds.record(waited.as_secs_f64());
                 }
-                Ok(())
+                Ok(granted)
             }
             Err(e) => Err(lock_error(e, wait_ms, metrics)),
         }

@@ -8,7 +8,10 @@
 pub mod journal;
 pub mod redb;
 
+use std::collections::BTreeMap;
+
 use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
+use crate::timeline::Event;
 
 /// One change to the stored state. A batch of them is applied atomically.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,7 +19,14 @@ pub enum Mutation {
     PutGlobal(GlobalRecord),
     /// Deletes the global transaction and all its branches, keeping what is remembered of it.
     Finish(FinishedRecord),
-    /// Deletes a finished transaction's record (its retention has passed).
+    /// Stores events of a transaction's timeline from index `first` on (replacing those
+    /// stored under the same indexes). They stay until the transaction is forgotten.
+    PutEvents {
+        txn_id: u64,
+        first: u32,
+        events: Vec<Event>,
+    },
+    /// Deletes a finished transaction's record and timeline (its retention has passed).
     Forget {
         txn_id: u64,
     },
@@ -38,6 +48,8 @@ pub struct Snapshot {
     pub branches: Vec<BranchRecord>,
     /// Ordered by txn_id.
     pub finished: Vec<FinishedRecord>,
+    /// The timelines of live and finished transactions.
+    pub events: BTreeMap<u64, Vec<Event>>,
 }
 
 #[derive(Debug, thiserror::Error)]

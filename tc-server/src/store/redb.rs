@@ -3,12 +3,14 @@
 //!
 //! ## Format
 //!
-//! Four tables:
+//! Five tables:
 //! * `globals`: `u64` txn id → record of a live transaction,
 //! * `branches`: `(u64 txn id, u64 branch id)` → record, so a transaction's branches are one
 //!   contiguous key range,
 //! * `finished`: `u64` txn id → what is kept of a finished transaction (bounded by the
 //!   coordinator's retention, `[transactions] finished_history` and `finished_retention_ms`),
+//! * `events`: `(u64 txn id, u32 index)` → one event of a transaction's timeline, live or
+//!   finished (deleted with the finished record),
 //! * `meta`: `&str` → `u64`, holding `"id_ceiling"`.
 //!
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
@@ -33,6 +35,7 @@
 //!   to changed keys. A bigger cache would mostly duplicate the loaded state in memory for the
 //!   process lifetime.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +48,7 @@ use serde::de::DeserializeOwned;
 
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
+use crate::timeline::Event;
 
 /// Name of the database file inside the data directory.
 pub const FILE_NAME: &str = "ferrata-tc.redb";
@@ -58,6 +62,7 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) const GLOBALS: TableDefinition<u64, &[u8]> = TableDefinition::new("globals");
 pub(crate) const BRANCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("branches");
 pub(crate) const FINISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("finished");
+pub(crate) const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const ID_CEILING: &str = "id_ceiling";
 
@@ -96,6 +101,8 @@ impl RedbStore {
                 .map_err(|e| store.error("open the branches table", e))?;
             txn.open_table(FINISHED)
                 .map_err(|e| store.error("open the finished table", e))?;
+            txn.open_table(EVENTS)
+                .map_err(|e| store.error("open the events table", e))?;
             txn.open_table(META)
                 .map_err(|e| store.error("open the meta table", e))?;
             Ok(())
@@ -240,6 +247,28 @@ impl Store for RedbStore {
             f.record.txn_id
         })?;
 
+        let table = txn
+            .open_table(EVENTS)
+            .map_err(|e| self.error("open the events table", e))?;
+        let mut events: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
+        for entry in table.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            let (txn_id, index) = key.value();
+            let event: Event = decode(
+                &self.path,
+                || format!("the event {index} of transaction {txn_id}"),
+                value.value(),
+            )?;
+            let timeline = events.entry(txn_id).or_default();
+            if timeline.len() != index as usize {
+                return Err(self.error(
+                    "load",
+                    format!("the timeline of transaction {txn_id} has no event {}", timeline.len()),
+                ));
+            }
+            timeline.push(event);
+        }
+
         let table = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
         let id_ceiling = table.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0);
 
@@ -248,6 +277,7 @@ impl Store for RedbStore {
             globals,
             branches,
             finished,
+            events,
         })
     }
 
@@ -266,6 +296,9 @@ impl Store for RedbStore {
             let mut finished = txn
                 .open_table(FINISHED)
                 .map_err(|e| self.error("open the finished table", e))?;
+            let mut events = txn
+                .open_table(EVENTS)
+                .map_err(|e| self.error("open the events table", e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
             for m in batch {
                 match m {
@@ -280,8 +313,22 @@ impl Store for RedbStore {
                             .map_err(write)?;
                         finished.insert(txn_id, encode(f)?.as_slice()).map_err(write)?;
                     }
+                    Mutation::PutEvents {
+                        txn_id,
+                        first,
+                        events: new,
+                    } => {
+                        for (index, event) in (*first..).zip(new) {
+                            events
+                                .insert((*txn_id, index), encode(event)?.as_slice())
+                                .map_err(write)?;
+                        }
+                    }
                     Mutation::Forget { txn_id } => {
                         finished.remove(*txn_id).map_err(write)?;
+                        events
+                            .retain_in((*txn_id, 0)..=(*txn_id, u32::MAX), |_, _| false)
+                            .map_err(write)?;
                     }
                     Mutation::PutBranch(b) => {
                         branches
@@ -314,6 +361,18 @@ mod tests {
         store.commit(&batch).unwrap();
     }
 
+    fn event(version: u64) -> Event {
+        Event {
+            version,
+            at_ms: 1_700_000_000_000 + version,
+            kind: crate::timeline::EventKind::OperatorAction {
+                action: "retry".into(),
+                actor: "alice".into(),
+                reason: format!("attempt {version}"),
+            },
+        }
+    }
+
     #[test]
     fn round_trip_of_every_mutation_through_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -338,7 +397,21 @@ mod tests {
                     Mutation::PutBranch(branch(1, 12)),
                     Mutation::PutBranch(branch(2, 22)),
                     Mutation::PutBranch(branch(2, 21)),
+                    Mutation::PutEvents {
+                        txn_id: 2,
+                        first: 0,
+                        events: vec![event(1), event(2)],
+                    },
                 ],
+            );
+            // An event replaced (a folded retry) and one added.
+            commit(
+                &store,
+                vec![Mutation::PutEvents {
+                    txn_id: 2,
+                    first: 1,
+                    events: vec![event(3), event(4)],
+                }],
             );
             commit(
                 &store,
@@ -356,7 +429,17 @@ mod tests {
                         branch_id: 9,
                     },
                     Mutation::Finish(finished(3, GlobalStatus::Committed)),
+                    Mutation::PutEvents {
+                        txn_id: 3,
+                        first: 0,
+                        events: vec![event(1), event(2)],
+                    },
                     Mutation::Finish(finished(4, GlobalStatus::Rollbacked)),
+                    Mutation::PutEvents {
+                        txn_id: 4,
+                        first: 0,
+                        events: vec![event(1)],
+                    },
                     Mutation::Forget { txn_id: 4 },
                     // forgetting what is not there is fine
                     Mutation::Forget { txn_id: 8 },
@@ -375,6 +458,7 @@ mod tests {
                 globals: vec![global(1, GlobalStatus::Begin), global(2, GlobalStatus::RollbackFailed)],
                 branches: vec![branch(1, 11), failed_branch, branch(2, 22)],
                 finished: vec![finished(3, GlobalStatus::Committed)],
+                events: BTreeMap::from([(2, vec![event(1), event(3), event(4)]), (3, vec![event(1), event(2)])]),
             }
         );
         assert!(data.join(FILE_NAME).is_file());
