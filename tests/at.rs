@@ -649,7 +649,7 @@ async fn a_proxy_killed_after_registering_leaves_nothing_behind() -> Result<()> 
 
     // Another proxy in front of the same database finishes the rollback.
     let _replacement = proxy_for(&db, &tc, 2000).await?;
-    let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/rollback")).await?;
+    let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/rollback"), "").await?;
     assert_eq!(status, 200, "{body}");
     until("the rollback", || async { Ok(tc.status(&xid).await? == "Rollbacked") }).await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t").await?;

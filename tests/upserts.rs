@@ -148,7 +148,12 @@ async fn a_row_changed_meanwhile_is_a_dirty_rollback_for_every_form() -> Result<
         assert_eq!(tc.status(&xid).await?, "RollbackFailed", "{sql}");
         assert_eq!(rows(&db).await?, changed, "{sql}: nothing was overwritten");
         // The DBA resolves it; its rows are released for the next form.
-        let (status, body) = ferrata_tests::http_post(tc.http, &format!("/v1/transactions/{xid}/resolve")).await?;
+        let (status, body) = ferrata_tests::http_post(
+            tc.http,
+            &format!("/v1/transactions/{xid}/resolve"),
+            r#"{"reason": "the test repaired the rows"}"#,
+        )
+        .await?;
         assert_eq!(status, 200, "{body}");
     }
     Ok(())

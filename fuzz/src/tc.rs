@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use ferrata_tc::auth::Token;
 use ferrata_tc::config::Config;
+use ferrata_tc::config::Secret;
 use ferrata_tc::coordinator::Coordinator;
 use ferrata_tc::grpc::{RmServer, TmServer};
 use ferrata_tc::store::Store;
@@ -43,6 +43,7 @@ pub struct Reply {
 fn config(data_dir: &std::path::Path) -> Config {
     let mut config = Config {
         data_dir: data_dir.to_owned(),
+        token: Some(Secret(TOKEN.into())),
         ..Config::default()
     };
     let t = &mut config.transactions;
@@ -101,11 +102,11 @@ impl Tc {
     }
 
     pub fn router(&self) -> axum::Router {
-        ferrata_tc::http::router(Arc::clone(&self.coordinator), Token::new(Some(TOKEN)))
+        ferrata_tc::http::router(Arc::clone(&self.coordinator))
     }
 
     pub fn grpc(&self) -> (TmServer, RmServer) {
-        ferrata_tc::grpc::services(&self.coordinator, Token::new(Some(TOKEN)), self.max_message_bytes)
+        ferrata_tc::grpc::services(&self.coordinator, self.max_message_bytes)
     }
 
     pub async fn stop(self) {

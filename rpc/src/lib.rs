@@ -51,10 +51,19 @@ pub enum ErrorCode {
     NotFound,
     /// The HTTP route exists, but not for this method.
     MethodNotAllowed,
+    /// The caller's role does not allow the request.
+    Forbidden,
+    /// What the caller saw changed since (the transaction's version, a row's digest): look
+    /// again before acting.
+    PreconditionFailed,
+    /// An operator action without a reason.
+    ReasonRequired,
+    /// Something of that name exists already (a token).
+    AlreadyExists,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -68,6 +77,10 @@ impl ErrorCode {
         ErrorCode::RmProtocol,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::Forbidden,
+        ErrorCode::PreconditionFailed,
+        ErrorCode::ReasonRequired,
+        ErrorCode::AlreadyExists,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +98,10 @@ impl ErrorCode {
             ErrorCode::RmProtocol => "rm_protocol",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::ReasonRequired => "reason_required",
+            ErrorCode::AlreadyExists => "already_exists",
         }
     }
 
@@ -94,8 +111,11 @@ impl ErrorCode {
 
     pub fn grpc_code(self) -> Code {
         match self {
-            ErrorCode::InvalidArgument | ErrorCode::RmProtocol => Code::InvalidArgument,
+            ErrorCode::InvalidArgument | ErrorCode::RmProtocol | ErrorCode::ReasonRequired => Code::InvalidArgument,
             ErrorCode::Unauthenticated => Code::Unauthenticated,
+            ErrorCode::Forbidden => Code::PermissionDenied,
+            ErrorCode::PreconditionFailed => Code::FailedPrecondition,
+            ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::GlobalNotFound | ErrorCode::BranchNotFound | ErrorCode::NotFound => Code::NotFound,
             ErrorCode::GlobalStatusInvalid => Code::FailedPrecondition,
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
@@ -107,8 +127,10 @@ impl ErrorCode {
 
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidArgument | ErrorCode::RmProtocol => 400,
+            ErrorCode::InvalidArgument | ErrorCode::RmProtocol | ErrorCode::ReasonRequired => 400,
             ErrorCode::Unauthenticated => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::PreconditionFailed | ErrorCode::AlreadyExists => 409,
             ErrorCode::GlobalNotFound | ErrorCode::BranchNotFound | ErrorCode::NotFound => 404,
             ErrorCode::GlobalStatusInvalid | ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack => 409,
             ErrorCode::Deadlock => 409,

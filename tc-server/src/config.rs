@@ -23,7 +23,8 @@ pub struct Config {
     /// This node's id (0-65535), part of every XID and branch id it issues: give each
     /// coordinator node sharing a store its own.
     pub node_id: u16,
-    /// Shared secret both APIs require (`authorization: Bearer <token>`) when set.
+    /// The root token (`authorization: Bearer <token>`): allowed everything, meant to create
+    /// named tokens with roles (see README, "Tokens and roles").
     pub token: Option<Secret>,
     /// A file holding the token (trailing whitespace ignored); used when `token` is unset.
     pub token_file: Option<PathBuf>,
@@ -35,7 +36,17 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub transactions: Transactions,
     pub phase2: Phase2,
+    pub auth: Auth,
     pub log: Log,
+}
+
+/// Who may see what.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Whether tokens with the viewer role see the values of rows (dirty-rollback details);
+    /// without it they see which rows and columns differ, not the values.
+    pub viewers_see_values: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -107,6 +118,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             transactions: Transactions::default(),
             phase2: Phase2::default(),
+            auth: Auth::default(),
             log: Log::default(),
         }
     }
@@ -272,8 +284,9 @@ pub struct Flags {
     /// This node's id, 0-65535, part of every XID [default: 1].
     #[arg(long)]
     pub node_id: Option<u16>,
-    /// Shared token both APIs require. Prefer the environment variable or token_file: a flag
-    /// is visible to other users in the process list.
+    /// The root token (allowed everything; create named tokens with it). Prefer the
+    /// environment variable or token_file: a flag is visible to other users in the process
+    /// list.
     #[arg(long, env = "FERRATA_TC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// PEM certificate chain for TLS on both listeners (with --tls-key).

@@ -31,6 +31,8 @@ use tokio_util::task::TaskTracker;
 use crate::at::guards::Table;
 use crate::at::locks::LockError;
 use crate::at::{self, At};
+use crate::audit::Audit;
+use crate::auth::Tokens;
 use crate::config::Config;
 use crate::error::TcError;
 use crate::history::History;
@@ -124,13 +126,6 @@ pub struct TxnView {
     pub version: u64,
 }
 
-/// Who asks for an operator action, and why (both go into the timeline).
-#[derive(Clone, Debug)]
-pub struct OperatorRequest {
-    pub actor: String,
-    pub reason: String,
-}
-
 /// The answer to a lock query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LockQueryOutcome {
@@ -162,6 +157,12 @@ pub struct Coordinator {
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
     pub(crate) commit_wake: Notify,
     pub metrics: Metrics,
+    /// Who may call (named tokens, the root token).
+    pub tokens: Tokens,
+    /// The operator actions' trail (see `operator.rs`).
+    pub(crate) audit: Mutex<Audit>,
+    /// Held by a token change from its check to its store write.
+    pub(crate) token_changes: tokio::sync::Mutex<()>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -190,6 +191,20 @@ impl Coordinator {
         let metrics = Metrics::new();
         let rms = Arc::new(RmRegistry::default());
         let at = At::new(&config, Arc::clone(&rms), fresh_store, &metrics);
+        let tokens = Tokens::new(
+            config.token.as_ref().map(|t| t.0.as_str()),
+            snapshot.tokens.clone(),
+            config.auth.viewers_see_values,
+        );
+        if let Err(broken) = crate::audit::verify(&snapshot.audit) {
+            // Kept and served as it is: it is the evidence; GET /v1/audit/verify reports it.
+            tracing::error!(
+                record = broken.id,
+                problem = broken.problem,
+                "the audit trail in the store is broken"
+            );
+        }
+        let audit = Mutex::new(Audit::restore(snapshot.audit.clone()));
         let coordinator = Arc::new(Coordinator {
             config,
             ids,
@@ -202,6 +217,9 @@ impl Coordinator {
             commit_queue: Mutex::new(Vec::new()),
             commit_wake: Notify::new(),
             metrics,
+            tokens,
+            audit,
+            token_changes: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -298,7 +316,7 @@ impl Coordinator {
         Ok(())
     }
 
-    fn check_running(&self) -> Result<(), TcError> {
+    pub(crate) fn check_running(&self) -> Result<(), TcError> {
         if self.shutdown.is_cancelled() {
             return Err(TcError::shutting_down());
         }
@@ -330,7 +348,7 @@ impl Coordinator {
     }
 
     /// The live session, or the error that says why there is none.
-    fn session_for(&self, xid: &str, what: &str) -> Result<Arc<Session>, TcError> {
+    pub(crate) fn session_for(&self, xid: &str, what: &str) -> Result<Arc<Session>, TcError> {
         let txn_id = Self::parse(xid)?;
         if let Some(s) = self.live(txn_id) {
             return Ok(s);
@@ -623,7 +641,7 @@ impl Coordinator {
         Ok(())
     }
 
-    fn outcome(session: &Session, state: &SessionState) -> Outcome {
+    pub(crate) fn outcome(session: &Session, state: &SessionState) -> Outcome {
         Outcome {
             xid: session.xid.clone(),
             status: state.record.status,
@@ -646,7 +664,7 @@ impl Coordinator {
     /// dropped connection cancels its request's future): a decision cut off halfway would
     /// leave the transaction stuck, in Committing with its locks held, or rolling back with
     /// nothing driving the rollback.
-    async fn to_the_end<T, F>(self: &Arc<Self>, work: impl FnOnce(Arc<Self>) -> F) -> Result<T, TcError>
+    pub(crate) async fn to_the_end<T, F>(self: &Arc<Self>, work: impl FnOnce(Arc<Self>) -> F) -> Result<T, TcError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, TcError>> + Send + 'static,
@@ -805,124 +823,6 @@ impl Coordinator {
         let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
         let state = session.state.lock();
         Ok(Self::outcome(&session, &state))
-    }
-
-    /// Operator action after repairing the data of a failed transaction: runs its phase 2
-    /// again (RollbackFailed → RollbackRetrying, CommitFailed → AsyncCommitting).
-    pub async fn retry(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
-        let xid = xid.to_owned();
-        self.to_the_end(|this| async move { this.retry_now(&xid, by).await })
-            .await
-    }
-
-    async fn retry_now(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
-        self.check_running()?;
-        let session = self.session_for(xid, "retry")?;
-        let (durable, next) = {
-            let mut state = session.state.lock();
-            let Some(next) = state.record.status.operator_retry() else {
-                return Err(TcError::status_invalid(
-                    xid,
-                    state.record.status,
-                    "retry (only a failed transaction can be retried)",
-                ));
-            };
-            self.set_status(&mut state, next);
-            state.failure = None;
-            state.record(EventKind::OperatorAction {
-                action: "retry".into(),
-                actor: by.actor.clone(),
-                reason: by.reason.clone(),
-            });
-            let mut writes = vec![Mutation::PutGlobal(state.record.clone())];
-            let mut queue = self.commit_queue.lock();
-            for b in &mut state.branches {
-                let again = match b.status {
-                    BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
-                    BranchStatus::CommitFailedUnretryable => BranchStatus::Registered,
-                    _ => continue,
-                };
-                b.status = again;
-                b.error = None;
-                b.updated_ms = now_ms();
-                writes.push(Mutation::PutBranch(b.clone()));
-                if again == BranchStatus::Registered {
-                    queue.push(pending_commit(b));
-                }
-            }
-            drop(queue);
-            let writes = state.with_events(writes);
-            (self.journal.submit(writes), next)
-        };
-        durable.await?;
-        tracing::info!(
-            xid,
-            status = next.as_str(),
-            actor = by.actor,
-            reason = by.reason,
-            "operator retry"
-        );
-        if next.is_rolling_back() {
-            let mut passes = session.passes.subscribe();
-            self.start_rollback(&session);
-            let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
-        } else {
-            self.commit_wake.notify_one();
-        }
-        let state = session.state.lock();
-        Ok(Self::outcome(&session, &state))
-    }
-
-    /// Operator action after resolving a failed transaction by hand (rows repaired, undo
-    /// records deleted): forgets it and releases its rows. Its final status stays queryable.
-    pub async fn resolve(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
-        self.check_running()?;
-        let session = self.session_for(xid, "resolve")?;
-        let (durable, keys, outcome) = {
-            let mut state = session.state.lock();
-            let status = state.record.status;
-            if !matches!(
-                status,
-                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed
-            ) {
-                return Err(TcError::status_invalid(
-                    xid,
-                    status,
-                    "resolve (only a failed transaction is resolved by hand)",
-                ));
-            }
-            let keys: Vec<LockKey> = state
-                .branches
-                .iter()
-                .flat_map(|b| b.lock_keys.iter().cloned())
-                .collect();
-            state.record(EventKind::OperatorAction {
-                action: "resolve".into(),
-                actor: by.actor.clone(),
-                reason: by.reason.clone(),
-            });
-            state.record(EventKind::LocksReleased {
-                branch_id: None,
-                rows: keys.len() as u64,
-            });
-            state.record(EventKind::Finished { status });
-            let write = Mutation::Finish(state.finished_record());
-            let writes = state.with_events(vec![write]);
-            let durable = self.journal.submit(writes);
-            self.finish(&session, &state);
-            (durable, keys, Self::outcome(&session, &state))
-        };
-        self.at.locks.release_txn(session.txn_id, &keys);
-        self.at.count_held(&self.metrics);
-        durable.await?;
-        tracing::warn!(
-            xid,
-            status = outcome.status.as_str(),
-            actor = by.actor,
-            reason = by.reason,
-            "resolved by an operator; rows released"
-        );
-        Ok(outcome)
     }
 
     pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {

@@ -16,7 +16,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::Token;
+use crate::auth::Permission;
 use crate::coordinator::{Coordinator, Outcome};
 use crate::error::TcError;
 use crate::model::BranchStatus;
@@ -34,40 +34,49 @@ fn status(e: TcError) -> Status {
     e.to_status()
 }
 
-/// The interceptor that refuses calls without the configured token.
+/// The interceptor that refuses calls without a token whose role grants the service's
+/// permission (`what` says what the service is for, in the refusal).
 #[derive(Clone)]
-pub struct TokenCheck(Token);
+pub struct TokenCheck {
+    coordinator: Arc<Coordinator>,
+    need: Permission,
+    what: &'static str,
+}
 
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        if self.0.accepts(header) {
-            Ok(request)
-        } else {
-            Err(ErrorCode::Unauthenticated.status(
-                "missing or wrong token: send `authorization: Bearer <token>` with the coordinator's token",
-                None,
-            ))
-        }
+        let caller = self
+            .coordinator
+            .tokens
+            .authenticate(header, crate::model::now_ms())
+            .map_err(status)?;
+        caller.require(self.need, self.what).map_err(status)?;
+        Ok(request)
     }
 }
 
 pub type TmServer = InterceptedService<TransactionManagerServer<TmService>, TokenCheck>;
 pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCheck>;
 
-/// Both services as `ferrata-tc` serves them: behind the token check, decoding messages of
-/// at most `max_message_bytes`.
-pub fn services(coordinator: &Arc<Coordinator>, token: Token, max_message_bytes: usize) -> (TmServer, RmServer) {
-    let check = TokenCheck(token);
+/// Both services as `ferrata-tc` serves them: behind the token check (transaction managers
+/// need the application or proxy role, resource managers the proxy role), decoding messages
+/// of at most `max_message_bytes`.
+pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (TmServer, RmServer) {
+    let check = |need, what| TokenCheck {
+        coordinator: Arc::clone(coordinator),
+        need,
+        what,
+    };
     (
         InterceptedService::new(
             TransactionManagerServer::new(TmService(Arc::clone(coordinator)))
                 .max_decoding_message_size(max_message_bytes),
-            check.clone(),
+            check(Permission::Transact, "begin or end global transactions"),
         ),
         InterceptedService::new(
             ResourceManagerServer::new(RmService(Arc::clone(coordinator))).max_decoding_message_size(max_message_bytes),
-            check,
+            check(Permission::Resource, "act as a resource manager"),
         ),
     )
 }

@@ -1,10 +1,13 @@
-//! The HTTP API (axum, JSON): begin, commit, roll back and inspect global transactions, list
-//! held locks, health and Prometheus metrics. Errors are JSON with a stable `code`.
+//! The HTTP API (axum, JSON): begin, commit, roll back and inspect global transactions and
+//! their timelines, operator actions, held locks, the audit trail, tokens, health and
+//! Prometheus metrics. Every `/v1` request is authenticated (`auth.rs`) and each handler
+//! checks the permission it needs; values of rows are redacted for callers who may not see
+//! them. Errors are JSON with a stable `code`.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -14,20 +17,21 @@ use ferrata_rpc::ErrorCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::Token;
-use crate::coordinator::{Coordinator, OperatorRequest, Outcome, TxnView};
+use crate::audit::{AuditFilter, Origin};
+use crate::auth::{Caller, Permission, Role};
+use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
-use crate::model::{Failure, GlobalStatus};
+use crate::model::{Failure, GlobalStatus, now_ms};
+use crate::operator::OperatorRequest;
 use crate::xid::format_xid;
 
 #[derive(Clone)]
 struct Api {
     coordinator: Arc<Coordinator>,
-    token: Token,
 }
 
-pub fn router(coordinator: Arc<Coordinator>, token: Token) -> Router {
-    let api = Api { coordinator, token };
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    let api = Api { coordinator };
     let v1 = Router::new()
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{xid}", get(show))
@@ -37,7 +41,13 @@ pub fn router(coordinator: Arc<Coordinator>, token: Token) -> Router {
         .route("/v1/transactions/{xid}/retry", post(retry))
         .route("/v1/transactions/{xid}/resolve", post(resolve))
         .route("/v1/locks", get(locks))
-        .route_layer(axum::middleware::from_fn_with_state(api.clone(), require_token));
+        .route("/v1/audit", get(audit_list))
+        .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/audit/{id}", get(audit_show))
+        .route("/v1/tokens", get(tokens_list).post(token_create))
+        .route("/v1/tokens/{name}", axum::routing::delete(token_revoke))
+        .route("/v1/whoami", get(whoami))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))
@@ -69,38 +79,90 @@ fn error(e: TcError) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn require_token(State(api): State<Api>, headers: HeaderMap, request: Request, next: Next) -> Response {
+/// Names the caller of every `/v1` request (an extension the handlers read), or refuses it.
+async fn authenticate(State(api): State<Api>, headers: HeaderMap, mut request: Request, next: Next) -> Response {
     let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if api.token.accepts(header) {
-        next.run(request).await
-    } else {
-        error(TcError::new(
-            ErrorCode::Unauthenticated,
-            "missing or wrong token: send `Authorization: Bearer <token>` with the coordinator's token",
-        ))
+    match api.coordinator.tokens.authenticate(header, now_ms()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => error(e),
     }
 }
 
-fn failure_json(f: &Failure) -> Value {
-    let detail: Value = if f.error.detail_json.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&f.error.detail_json).unwrap_or_else(|_| Value::String(f.error.detail_json.clone()))
+/// The peer address of a connection, for the audit trail (served with
+/// `into_make_service_with_connect_info::<Peer>()`, over TCP or TLS).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// Where a request came from, for the audit trail.
+fn origin(headers: &HeaderMap, peer: Option<&ConnectInfo<Peer>>) -> Origin {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(200).collect::<String>())
     };
+    Origin {
+        client: header("x-ferrata-client").unwrap_or_else(|| "api".into()),
+        remote: peer.map(|ConnectInfo(Peer(a))| a.to_string()).unwrap_or_default(),
+        user_agent: header("user-agent").unwrap_or_default(),
+    }
+}
+
+/// Values of rows (in dirty-rollback details: `before`, `after`, `current`, `read_back`)
+/// replaced by `{"redacted": true}`, keys and columns kept: a viewer sees which rows and
+/// columns differ, not what they hold.
+fn redact(detail: &mut Value) {
+    match detail {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if matches!(k.as_str(), "before" | "after" | "current" | "read_back") {
+                    *v = json!({ "redacted": true });
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// A detail JSON as the caller may see it.
+fn detail_for(caller: &Caller, detail_json: &str) -> Value {
+    if detail_json.is_empty() {
+        return Value::Null;
+    }
+    let mut detail = serde_json::from_str(detail_json).unwrap_or_else(|_| Value::String(detail_json.to_owned()));
+    if !caller.may(Permission::SeeValues) {
+        redact(&mut detail);
+    }
+    detail
+}
+
+fn failure_json(f: &Failure, caller: &Caller) -> Value {
     json!({
         "branch_id": f.branch_id,
         "resource_id": f.resource_id,
         "status": f.status.as_str(),
         "reason": f.error.reason,
-        "detail": detail,
+        "detail": detail_for(caller, &f.error.detail_json),
     })
 }
 
-fn outcome_json(o: &Outcome) -> Value {
-    json!({ "xid": o.xid, "status": o.status.as_str(), "failure": o.failure.as_ref().map(failure_json) })
+fn outcome_json(o: &Outcome, caller: &Caller) -> Value {
+    json!({ "xid": o.xid, "status": o.status.as_str(), "failure": o.failure.as_ref().map(|f| failure_json(f, caller)) })
 }
 
-fn view_json(v: &TxnView, with_branches: bool) -> Value {
+fn view_json(v: &TxnView, with_branches: bool, caller: &Caller) -> Value {
     let mut out = json!({
         "xid": v.xid,
         "name": v.record.name,
@@ -111,7 +173,7 @@ fn view_json(v: &TxnView, with_branches: bool) -> Value {
         "branch_count": v.branch_count,
         "finished": v.finished,
         "version": v.version,
-        "failure": v.failure.as_ref().map(failure_json),
+        "failure": v.failure.as_ref().map(|f| failure_json(f, caller)),
     });
     if with_branches {
         out["branches"] = v
@@ -125,7 +187,7 @@ fn view_json(v: &TxnView, with_branches: bool) -> Value {
                     "registered_ms": b.registered_ms,
                     "updated_ms": b.updated_ms,
                     "lock_keys": b.lock_keys.iter().map(|k| k.to_json()).collect::<Vec<_>>(),
-                    "error": b.error.as_ref().map(|e| json!({ "reason": e.reason, "detail_json": e.detail_json })),
+                    "error": b.error.as_ref().map(|e| json!({ "reason": e.reason, "detail": detail_for(caller, &e.detail_json) })),
                 })
             })
             .collect();
@@ -152,15 +214,34 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes, example: &s
         .map_err(|e| TcError::invalid(format!("the request body must be JSON like {example}: {e}")))
 }
 
-async fn begin(State(api): State<Api>, body: Bytes) -> Response {
-    let body: BeginBody = match json_body(&body, r#"{"timeout_ms": 60000, "name": "order"}"#) {
-        Ok(b) => b,
-        Err(e) => return error(e),
-    };
-    match api.coordinator.begin(body.timeout_ms, body.name).await {
-        Ok(xid) => (StatusCode::CREATED, Json(json!({ "xid": xid }))).into_response(),
-        Err(e) => error(e),
+async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, body: Bytes) -> Reply {
+    caller.require(Permission::Transact, "begin global transactions")?;
+    let body: BeginBody = json_body(&body, r#"{"timeout_ms": 60000, "name": "order"}"#)?;
+    let xid = api.coordinator.begin(body.timeout_ms, body.name).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "xid": xid }))).into_response())
+}
+
+/// What a handler answers: its response, or an error as JSON.
+type Reply = Result<Response, ApiError>;
+
+struct ApiError(TcError);
+
+impl From<TcError> for ApiError {
+    fn from(e: TcError) -> ApiError {
+        ApiError(e)
     }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0)
+    }
+}
+
+/// A query string, or the error that says what is wrong with it.
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, TcError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| TcError::invalid(format!("bad query string: {}", e.body_text())))
 }
 
 /// The `{xid}` of a route. A path that does not decode (invalid UTF-8 after
@@ -174,25 +255,23 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for XidPath {
         match Path::<String>::from_request_parts(parts, state).await {
             Ok(Path(xid)) => Ok(XidPath(xid)),
             Err(e) => Err(error(TcError::invalid(format!(
-                "the XID in the path does not decode: {}",
+                "the path does not decode: {}",
                 e.body_text()
             )))),
         }
     }
 }
 
-async fn commit(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.commit(&xid).await {
-        Ok(o) => Json(outcome_json(&o)).into_response(),
-        Err(e) => error(e),
-    }
+async fn commit(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(xid): XidPath) -> Reply {
+    caller.require(Permission::Transact, "commit global transactions")?;
+    let o = api.coordinator.commit(&xid).await?;
+    Ok(Json(outcome_json(&o, &caller)).into_response())
 }
 
-async fn rollback(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.rollback(&xid).await {
-        Ok(o) => Json(outcome_json(&o)).into_response(),
-        Err(e) => error(e),
-    }
+async fn rollback(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(xid): XidPath) -> Reply {
+    caller.require(Permission::Transact, "roll back global transactions")?;
+    let o = api.coordinator.rollback(&xid).await?;
+    Ok(Json(outcome_json(&o, &caller)).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -200,56 +279,103 @@ async fn rollback(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
 struct OperatorBody {
     #[serde(default)]
     reason: String,
+    expect_version: Option<u64>,
 }
 
-/// The operator request of an action's body (its reason goes into the timeline).
-fn operator_request(api: &Api, body: &Bytes) -> Result<OperatorRequest, TcError> {
-    let body: OperatorBody = json_body(body, r#"{"reason": "rows repaired by hand, ticket 123"}"#)?;
-    Ok(OperatorRequest {
-        actor: api.token.actor().to_owned(),
-        reason: body.reason,
-    })
+/// What every operator action's request carries: who, from where, and the body's reason
+/// and expected version.
+struct Operator {
+    caller: Caller,
+    origin: Origin,
 }
 
-async fn retry(State(api): State<Api>, XidPath(xid): XidPath, body: Bytes) -> Response {
-    let by = match operator_request(&api, &body) {
-        Ok(by) => by,
-        Err(e) => return error(e),
-    };
-    match api.coordinator.retry(&xid, by).await {
-        Ok(o) => Json(outcome_json(&o)).into_response(),
-        Err(e) => error(e),
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Operator {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Response> {
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| error(TcError::new(ErrorCode::Unauthenticated, "not authenticated")))?;
+        let origin = origin(&parts.headers, parts.extensions.get::<ConnectInfo<Peer>>());
+        Ok(Operator { caller, origin })
     }
 }
 
-async fn resolve(State(api): State<Api>, XidPath(xid): XidPath, body: Bytes) -> Response {
-    let by = match operator_request(&api, &body) {
-        Ok(by) => by,
-        Err(e) => return error(e),
-    };
-    match api.coordinator.resolve(&xid, by).await {
-        Ok(o) => Json(outcome_json(&o)).into_response(),
-        Err(e) => error(e),
+impl Operator {
+    /// The request of `action`, which needs `need` (`what` names it in a refusal, which is
+    /// counted and logged).
+    fn request(
+        self,
+        coordinator: &Coordinator,
+        need: Permission,
+        (action, what): (&str, &str),
+        body: &Bytes,
+    ) -> Result<OperatorRequest, TcError> {
+        if let Err(e) = self.caller.require(need, what) {
+            return Err(coordinator.refused(action, &self.caller, e));
+        }
+        let body: OperatorBody = json_body(
+            body,
+            r#"{"reason": "rows repaired by hand, ticket 123", "expect_version": 7}"#,
+        )?;
+        Ok(OperatorRequest {
+            caller: self.caller,
+            origin: self.origin,
+            reason: body.reason,
+            expect_version: body.expect_version,
+        })
     }
 }
 
-async fn events(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.events(&xid) {
-        Ok((version, events)) => Json(json!({
-            "xid": xid,
-            "version": version,
-            "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Err(e) => error(e),
-    }
+async fn retry(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
+    let caller = op.caller.clone();
+    let by = op.request(
+        &api.coordinator,
+        Permission::Act,
+        ("retry", "retry transactions"),
+        &body,
+    )?;
+    let o = api.coordinator.retry(&xid, by).await?;
+    Ok(Json(outcome_json(&o, &caller)).into_response())
 }
 
-async fn show(State(api): State<Api>, XidPath(xid): XidPath) -> Response {
-    match api.coordinator.get(&xid) {
-        Ok(v) => Json(view_json(&v, true)).into_response(),
-        Err(e) => error(e),
+async fn resolve(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
+    let caller = op.caller.clone();
+    let by = op.request(
+        &api.coordinator,
+        Permission::Act,
+        ("resolve", "resolve transactions"),
+        &body,
+    )?;
+    let o = api.coordinator.resolve(&xid, by).await?;
+    Ok(Json(outcome_json(&o, &caller)).into_response())
+}
+
+async fn events(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(xid): XidPath) -> Reply {
+    caller.require(Permission::Read, "read timelines")?;
+    let (version, events) = api.coordinator.events(&xid)?;
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let mut j = e.to_json();
+            if !caller.may(Permission::SeeValues) {
+                redact(&mut j);
+            }
+            j
+        })
+        .collect();
+    Ok(Json(json!({ "xid": xid, "version": version, "events": events })).into_response())
+}
+
+async fn show(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(xid): XidPath) -> Reply {
+    // Applications may follow their own transactions.
+    if !caller.may(Permission::Transact) {
+        caller.require(Permission::Read, "read transactions")?;
     }
+    let v = api.coordinator.get(&xid)?;
+    Ok(Json(view_json(&v, true, &caller)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -271,29 +397,22 @@ fn limit(asked: Option<usize>) -> Result<usize, TcError> {
 
 async fn list(
     State(api): State<Api>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return error(TcError::invalid(format!("bad query string: {}", e.body_text()))),
-    };
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    caller.require(Permission::Read, "list transactions")?;
+    let q = query(q)?;
     let status = match q.status.as_deref().map(|s| GlobalStatus::parse(s).ok_or(s)) {
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(s)) => {
             let known: Vec<&str> = GlobalStatus::ALL.iter().map(|s| s.as_str()).collect();
-            return error(TcError::invalid(format!(
-                "unknown status {s:?}; use one of {}",
-                known.join(", ")
-            )));
+            return Err(TcError::invalid(format!("unknown status {s:?}; use one of {}", known.join(", "))).into());
         }
     };
-    let limit = match limit(q.limit) {
-        Ok(l) => l,
-        Err(e) => return error(e),
-    };
-    let views = api.coordinator.list(status, limit);
-    Json(json!({ "transactions": views.iter().map(|v| view_json(v, false)).collect::<Vec<_>>() })).into_response()
+    let views = api.coordinator.list(status, limit(q.limit)?);
+    let views: Vec<Value> = views.iter().map(|v| view_json(v, false, &caller)).collect();
+    Ok(Json(json!({ "transactions": views })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -307,23 +426,18 @@ struct LocksQuery {
 
 async fn locks(
     State(api): State<Api>,
-    query: Result<Query<LocksQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return error(TcError::invalid(format!("bad query string: {}", e.body_text()))),
-    };
-    let limit = match limit(q.limit) {
-        Ok(l) => l,
-        Err(e) => return error(e),
-    };
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<LocksQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    caller.require(Permission::Read, "list locks")?;
+    let q = query(q)?;
     let filter = |key: &crate::lock_key::LockKey| {
         let p = key.parts();
         q.resource.as_deref().is_none_or(|r| r == p.resource)
             && q.schema.as_deref().is_none_or(|s| s == p.schema)
             && q.table.as_deref().is_none_or(|t| t == p.table)
     };
-    let rows = api.coordinator.at.locks.held_rows(&filter, limit);
+    let rows = api.coordinator.at.locks.held_rows(&filter, limit(q.limit)?);
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -336,7 +450,149 @@ async fn locks(
             })
         })
         .collect();
-    Json(json!({ "locks": rows })).into_response()
+    Ok(Json(json!({ "locks": rows })).into_response())
+}
+
+async fn whoami(Extension(caller): Extension<Caller>) -> Reply {
+    Ok(Json(json!({
+        "name": caller.name.as_ref(),
+        "role": caller.role.as_str(),
+        "may": {
+            "read": caller.may(Permission::Read),
+            "see_values": caller.may(Permission::SeeValues),
+            "act": caller.may(Permission::Act),
+            "administer": caller.may(Permission::Administer),
+            "transact": caller.may(Permission::Transact),
+        },
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    xid: Option<String>,
+    actor: Option<String>,
+    action: Option<String>,
+    since_ms: Option<u64>,
+    after_id: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    caller.require(Permission::Read, "read the audit trail")?;
+    let q = query(q)?;
+    let filter = AuditFilter {
+        xid: q.xid,
+        actor: q.actor,
+        action: q.action,
+        since_ms: q.since_ms,
+        after_id: q.after_id,
+    };
+    let records = api.coordinator.audit_list(&filter, limit(q.limit)?);
+    let records: Vec<Value> = records.iter().map(|r| audit_json(r, &caller)).collect();
+    Ok(Json(json!({ "records": records })).into_response())
+}
+
+/// An audit record as the caller may see it (overwritten values are values too).
+fn audit_json(r: &crate::audit::AuditRecord, caller: &Caller) -> Value {
+    let mut j = r.to_json();
+    if !caller.may(Permission::SeeValues) {
+        redact(&mut j["effect"]);
+    }
+    j
+}
+
+async fn audit_show(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(id): XidPath) -> Reply {
+    caller.require(Permission::Read, "read the audit trail")?;
+    let record = id
+        .parse()
+        .ok()
+        .and_then(|id| api.coordinator.audit_get(id))
+        .ok_or_else(|| TcError::new(ErrorCode::NotFound, format!("there is no audit record {id:?}")))?;
+    Ok(Json(audit_json(&record, &caller)).into_response())
+}
+
+async fn audit_verify(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Reply {
+    caller.require(Permission::Read, "verify the audit trail")?;
+    Ok(Json(match api.coordinator.audit_verify() {
+        Ok((records, last)) => json!({ "ok": true, "records": records, "last_hash": crate::auth::hex(&last) }),
+        Err(broken) => json!({ "ok": false, "broken_at": broken.id, "problem": broken.problem }),
+    })
+    .into_response())
+}
+
+fn token_json(record: &crate::auth::TokenRecord, last_used_ms: Option<u64>) -> Value {
+    json!({
+        "name": record.name,
+        "role": record.role.as_str(),
+        "created_ms": record.created_ms,
+        "created_by": record.created_by,
+        "expires_ms": record.expires_ms,
+        "last_used_ms": last_used_ms,
+    })
+}
+
+async fn tokens_list(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Reply {
+    caller.require(Permission::Administer, "list tokens")?;
+    let tokens: Vec<Value> = api
+        .coordinator
+        .tokens
+        .list()
+        .iter()
+        .map(|t| token_json(&t.record, t.last_used_ms))
+        .collect();
+    Ok(Json(json!({ "tokens": tokens })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    role: String,
+    /// Milliseconds from now until it expires.
+    expires_in_ms: Option<u64>,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn token_create(State(api): State<Api>, op: Operator, body: Bytes) -> Reply {
+    let by = op.request(
+        &api.coordinator,
+        Permission::Administer,
+        ("token.create", "create tokens"),
+        &Bytes::new(),
+    )?;
+    let body: TokenBody = serde_json::from_slice(&body).map_err(|e| {
+        TcError::invalid(format!(
+            r#"the request body must be JSON like {{"name": "orders-proxy", "role": "proxy", "reason": "..."}}: {e}"#
+        ))
+    })?;
+    let role = Role::parse(&body.role)?;
+    let expires_ms = body.expires_in_ms.map(|ms| now_ms().saturating_add(ms));
+    let by = OperatorRequest {
+        reason: body.reason,
+        ..by
+    };
+    let (record, secret) = api.coordinator.create_token(by, &body.name, role, expires_ms).await?;
+    let mut j = token_json(&record, None);
+    j["secret"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(j)).into_response())
+}
+
+async fn token_revoke(State(api): State<Api>, op: Operator, XidPath(name): XidPath, body: Bytes) -> Reply {
+    let by = op.request(
+        &api.coordinator,
+        Permission::Administer,
+        ("token.revoke", "revoke tokens"),
+        &body,
+    )?;
+    let record = api.coordinator.revoke_token(by, &name).await?;
+    Ok(Json(token_json(&record, None)).into_response())
 }
 
 async fn healthz(State(api): State<Api>) -> Response {

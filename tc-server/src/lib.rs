@@ -5,13 +5,15 @@
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
 //!   `xid` ids, `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
-//!   phase-2 routing, `config`, `error`, `auth`, `metrics`
+//!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
-//!   the background work, `grpc` and `http` the two APIs
+//!   the background work, `operator` the audited operator actions, `grpc` and `http` the
+//!   two APIs
 //! - `server` start and stop, `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -29,6 +31,7 @@ pub mod at;
 pub mod coordinator;
 pub mod grpc;
 pub mod http;
+pub mod operator;
 mod phase2;
 
 pub mod cli;

@@ -125,6 +125,17 @@ impl Metrics {
     pub fn phase2_failure(&self, action: Action) {
         self.phase2_failures[action as usize].increment(1);
     }
+
+    /// An operator action done (`result` ok) or refused (its error code). Looked up when
+    /// used: actions are rare.
+    pub fn operator_action(&self, action: &str, result: &str) {
+        metrics::counter!(
+            "ferrata_tc_operator_actions_total",
+            "action" => action.to_owned(),
+            "result" => result.to_owned()
+        )
+        .increment(1);
+    }
 }
 
 impl Default for Metrics {

@@ -13,7 +13,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Token;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::grpc::services;
@@ -48,6 +47,16 @@ impl Server {
         let snapshot = store.load()?;
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
         let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot).await?;
+        if coordinator.tokens.open() {
+            for (addr, what) in [(config.listen, "listen"), (config.http, "http")] {
+                anyhow::ensure!(
+                    addr.ip().is_loopback(),
+                    "refusing to serve on {addr} ({what}) without a token: anyone who can reach it could run transactions and \
+                     act as an operator. Set the root token (token, token_file or FERRATA_TC_TOKEN), or listen on loopback \
+                     and create named tokens first"
+                );
+            }
+        }
         Ok(Server {
             config,
             coordinator,
@@ -78,11 +87,10 @@ impl Server {
             rpc,
             http,
         } = self;
-        let token = Token::new(config.token.as_ref().map(|t| t.0.as_str()));
         coordinator.start_background();
         tracing::info!(rpc = %rpc.local_addr()?, http = %http.local_addr()?, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
-        let (tm, rm) = services(&coordinator, token.clone(), config.transactions.max_message_bytes);
+        let (tm, rm) = services(&coordinator, config.transactions.max_message_bytes);
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             let cert = std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
@@ -99,7 +107,8 @@ impl Server {
             stop.clone().cancelled_owned(),
         );
 
-        let app = crate::http::router(Arc::clone(&coordinator), token);
+        let app =
+            crate::http::router(Arc::clone(&coordinator)).into_make_service_with_connect_info::<crate::http::Peer>();
         let http_stop = stop.clone().cancelled_owned();
         let http_tls = config.tls.clone();
         let http_server = async move {
@@ -178,6 +187,12 @@ impl TlsListener {
             }
         });
         TlsListener { ready, local }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for crate::http::Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> crate::http::Peer {
+        crate::http::Peer(*stream.remote_addr())
     }
 }
 

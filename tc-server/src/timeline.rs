@@ -91,10 +91,12 @@ pub enum EventKind {
         branch_id: Option<u64>,
         rows: u64,
     },
+    /// See the audit record `audit_id` for everything about it.
     OperatorAction {
         action: String,
         actor: String,
         reason: String,
+        audit_id: u64,
     },
     /// A restarted coordinator took the transaction over from the store.
     Restored {

@@ -9,7 +9,8 @@ fn dependencies_run_downwards() {
         Layer {
             name: "base",
             modules: &[
-                "auth", "config", "error", "history", "lock_key", "metrics", "model", "rm", "store", "timeline", "xid",
+                "audit", "auth", "config", "error", "history", "lock_key", "metrics", "model", "rm", "store",
+                "timeline", "xid",
             ],
             peers_may_meet: true,
         },
@@ -20,7 +21,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "coordinator core",
-            modules: &["coordinator", "phase2", "grpc", "http"],
+            modules: &["coordinator", "phase2", "operator", "grpc", "http"],
             peers_may_meet: true,
         },
         Layer {

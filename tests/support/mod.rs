@@ -150,20 +150,23 @@ pub struct Pair {
 
 /// Minimal HTTP/1.1 GET, enough for the admin endpoints.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_request(addr, "GET", path).await
+    http_request(addr, "GET", path, "").await
 }
 
-/// Minimal HTTP/1.1 POST without a body.
-pub async fn http_post(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_request(addr, "POST", path).await
+/// Minimal HTTP/1.1 POST of a JSON `body` (may be empty).
+pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String)> {
+    http_request(addr, "POST", path, body).await
 }
 
-async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await?;
     let mut response = Vec::new();

@@ -10,6 +10,8 @@ pub mod redb;
 
 use std::collections::BTreeMap;
 
+use crate::audit::AuditRecord;
+use crate::auth::TokenRecord;
 use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
 use crate::timeline::Event;
 
@@ -37,6 +39,13 @@ pub enum Mutation {
     },
     /// Ids below this value may have been handed out; a restart continues above it.
     SetIdCeiling(u64),
+    /// Appends a record to the audit trail (never changed or deleted).
+    AppendAudit(AuditRecord),
+    /// Stores a named token (replacing one of the same name).
+    PutToken(TokenRecord),
+    DeleteToken {
+        name: String,
+    },
 }
 
 /// Everything stored, read once at start.
@@ -50,6 +59,10 @@ pub struct Snapshot {
     pub finished: Vec<FinishedRecord>,
     /// The timelines of live and finished transactions.
     pub events: BTreeMap<u64, Vec<Event>>,
+    /// Oldest first.
+    pub audit: Vec<AuditRecord>,
+    /// By name.
+    pub tokens: Vec<TokenRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]

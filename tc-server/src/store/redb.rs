@@ -3,7 +3,7 @@
 //!
 //! ## Format
 //!
-//! Five tables:
+//! Seven tables:
 //! * `globals`: `u64` txn id → record of a live transaction,
 //! * `branches`: `(u64 txn id, u64 branch id)` → record, so a transaction's branches are one
 //!   contiguous key range,
@@ -11,6 +11,8 @@
 //!   coordinator's retention, `[transactions] finished_history` and `finished_retention_ms`),
 //! * `events`: `(u64 txn id, u32 index)` → one event of a transaction's timeline, live or
 //!   finished (deleted with the finished record),
+//! * `audit`: `u64` record id → an audit record (append-only),
+//! * `tokens`: `&str` name → a named token (its secret's digest, never the secret),
 //! * `meta`: `&str` → `u64`, holding `"id_ceiling"`.
 //!
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
@@ -47,6 +49,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Mutation, Snapshot, Store, StoreError};
+use crate::audit::AuditRecord;
+use crate::auth::TokenRecord;
 use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
 use crate::timeline::Event;
 
@@ -63,6 +67,8 @@ pub(crate) const GLOBALS: TableDefinition<u64, &[u8]> = TableDefinition::new("gl
 pub(crate) const BRANCHES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("branches");
 pub(crate) const FINISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("finished");
 pub(crate) const EVENTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("events");
+pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const ID_CEILING: &str = "id_ceiling";
 
@@ -103,6 +109,10 @@ impl RedbStore {
                 .map_err(|e| store.error("open the finished table", e))?;
             txn.open_table(EVENTS)
                 .map_err(|e| store.error("open the events table", e))?;
+            txn.open_table(AUDIT)
+                .map_err(|e| store.error("open the audit table", e))?;
+            txn.open_table(TOKENS)
+                .map_err(|e| store.error("open the tokens table", e))?;
             txn.open_table(META)
                 .map_err(|e| store.error("open the meta table", e))?;
             Ok(())
@@ -269,6 +279,25 @@ impl Store for RedbStore {
             timeline.push(event);
         }
 
+        let audit = self.load_by_txn(&txn, AUDIT, "audit record", |r: &AuditRecord| r.id)?;
+
+        let table = txn
+            .open_table(TOKENS)
+            .map_err(|e| self.error("open the tokens table", e))?;
+        let mut tokens = Vec::new();
+        for entry in table.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            let name = key.value();
+            let token: TokenRecord = decode(&self.path, || format!("the token {name:?}"), value.value())?;
+            if token.name != name {
+                return Err(self.error(
+                    "load",
+                    format!("the token stored under {name:?} names {:?}", token.name),
+                ));
+            }
+            tokens.push(token);
+        }
+
         let table = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
         let id_ceiling = table.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0);
 
@@ -278,6 +307,8 @@ impl Store for RedbStore {
             branches,
             finished,
             events,
+            audit,
+            tokens,
         })
     }
 
@@ -299,6 +330,12 @@ impl Store for RedbStore {
             let mut events = txn
                 .open_table(EVENTS)
                 .map_err(|e| self.error("open the events table", e))?;
+            let mut audit = txn
+                .open_table(AUDIT)
+                .map_err(|e| self.error("open the audit table", e))?;
+            let mut tokens = txn
+                .open_table(TOKENS)
+                .map_err(|e| self.error("open the tokens table", e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
             for m in batch {
                 match m {
@@ -338,6 +375,15 @@ impl Store for RedbStore {
                     Mutation::DeleteBranch { txn_id, branch_id } => {
                         branches.remove((*txn_id, *branch_id)).map_err(write)?;
                     }
+                    Mutation::AppendAudit(r) => {
+                        audit.insert(r.id, encode(r)?.as_slice()).map_err(write)?;
+                    }
+                    Mutation::PutToken(t) => {
+                        tokens.insert(t.name.as_str(), encode(t)?.as_slice()).map_err(write)?;
+                    }
+                    Mutation::DeleteToken { name } => {
+                        tokens.remove(name.as_str()).map_err(write)?;
+                    }
                     Mutation::SetIdCeiling(new) => {
                         let old = meta.get(ID_CEILING).map_err(write)?.map(|g| g.value()).unwrap_or(0);
                         if *new > old {
@@ -361,6 +407,35 @@ mod tests {
         store.commit(&batch).unwrap();
     }
 
+    fn audit_record(id: u64) -> AuditRecord {
+        let mut trail = crate::audit::Audit::default();
+        let mut record = None;
+        for _ in 0..id {
+            let r = trail.seal(
+                crate::audit::AuditEntry {
+                    actor: "alice".into(),
+                    action: "retry".into(),
+                    ..Default::default()
+                },
+                7,
+            );
+            trail.append(r.clone());
+            record = Some(r);
+        }
+        record.expect("id >= 1")
+    }
+
+    fn token(name: &str) -> TokenRecord {
+        TokenRecord {
+            name: name.into(),
+            role: crate::auth::Role::Operator,
+            digest: crate::auth::digest(name),
+            created_ms: 5,
+            created_by: "root".into(),
+            expires_ms: Some(10),
+        }
+    }
+
     fn event(version: u64) -> Event {
         Event {
             version,
@@ -369,6 +444,7 @@ mod tests {
                 action: "retry".into(),
                 actor: "alice".into(),
                 reason: format!("attempt {version}"),
+                audit_id: version,
             },
         }
     }
@@ -441,6 +517,11 @@ mod tests {
                         events: vec![event(1)],
                     },
                     Mutation::Forget { txn_id: 4 },
+                    Mutation::AppendAudit(audit_record(1)),
+                    Mutation::AppendAudit(audit_record(2)),
+                    Mutation::PutToken(token("ops")),
+                    Mutation::PutToken(token("gone")),
+                    Mutation::DeleteToken { name: "gone".into() },
                     // forgetting what is not there is fine
                     Mutation::Forget { txn_id: 8 },
                     Mutation::SetIdCeiling(2000),
@@ -459,6 +540,8 @@ mod tests {
                 branches: vec![branch(1, 11), failed_branch, branch(2, 22)],
                 finished: vec![finished(3, GlobalStatus::Committed)],
                 events: BTreeMap::from([(2, vec![event(1), event(3), event(4)]), (3, vec![event(1), event(2)])]),
+                audit: vec![audit_record(1), audit_record(2)],
+                tokens: vec![token("ops")],
             }
         );
         assert!(data.join(FILE_NAME).is_file());

@@ -1,0 +1,369 @@
+//! Operator actions: retry or resolve a failed transaction, create or revoke a token. Each
+//! needs a reason, may name the transaction version the operator saw (refused with
+//! `precondition_failed` if it changed since), and is recorded in the audit trail in the
+//! same store batch as its change ([`Coordinator::submit_audited`]) and, for a transaction,
+//! in its timeline. Who may call them is checked by the APIs (`auth.rs`).
+
+use std::sync::Arc;
+
+use ferrata_rpc::ErrorCode;
+use serde_json::{Value, json};
+
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord, Broken, Origin};
+use crate::auth::{self, Caller, Role, TokenRecord};
+use crate::coordinator::{Coordinator, Outcome, SessionState, pending_commit};
+use crate::error::TcError;
+use crate::lock_key::LockKey;
+use crate::model::{BranchStatus, GlobalStatus, now_ms};
+use crate::store::{Mutation, StoreError};
+use crate::timeline::EventKind;
+
+/// Who asks for an operator action, from where, why, and having seen which version.
+#[derive(Clone, Debug)]
+pub struct OperatorRequest {
+    pub caller: Caller,
+    pub origin: Origin,
+    pub reason: String,
+    /// The transaction's version the operator acted on, if they name it.
+    pub expect_version: Option<u64>,
+}
+
+impl OperatorRequest {
+    fn entry(&self, action: &str, xid: Option<&str>) -> AuditEntry {
+        AuditEntry {
+            xid: xid.map(str::to_owned),
+            ..AuditEntry::new(&self.caller, &self.origin, action, self.reason.trim())
+        }
+    }
+
+    fn check_reason(&self, action: &str) -> Result<(), TcError> {
+        if self.reason.trim().is_empty() {
+            return Err(TcError::new(
+                ErrorCode::ReasonRequired,
+                format!(
+                    "say why you {action}: send {{\"reason\": \"...\"}} (ferrata: --reason); it goes into the audit trail"
+                ),
+            ));
+        }
+        if self.reason.len() > 4096 {
+            return Err(TcError::invalid("the reason is longer than 4096 bytes"));
+        }
+        Ok(())
+    }
+
+    fn check_version(&self, xid: &str, state: &SessionState) -> Result<(), TcError> {
+        let current = state.timeline.version();
+        match self.expect_version {
+            Some(seen) if seen != current => Err(TcError {
+                status: Some(state.record.status),
+                ..TcError::new(
+                    ErrorCode::PreconditionFailed,
+                    format!(
+                        "global transaction {xid} is at version {current}, not {seen}: it changed since you looked; look again (GET /v1/transactions/{xid}/events) and act on what it is now"
+                    ),
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// When an audited change is durable.
+pub(crate) type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+fn status_pair(from: GlobalStatus, to: GlobalStatus) -> Value {
+    json!([from.as_str(), to.as_str()])
+}
+
+impl Coordinator {
+    /// Seals `entry` into the audit trail and submits it with `writes(audit id)` as one store
+    /// batch. The trail's lock is held across both, so records reach the store in chain order.
+    pub(crate) fn submit_audited(
+        &self,
+        entry: AuditEntry,
+        writes: impl FnOnce(u64) -> Vec<Mutation>,
+    ) -> (AuditRecord, Durable) {
+        let mut audit = self.audit.lock();
+        let record = audit.seal(entry, now_ms());
+        let mut batch = writes(record.id);
+        batch.push(Mutation::AppendAudit(record.clone()));
+        let durable = Box::pin(self.journal.submit(batch));
+        audit.append(record.clone());
+        drop(audit);
+        self.metrics.operator_action(&record.action, "ok");
+        tracing::info!(
+            target: "ferrata::audit",
+            id = record.id,
+            actor = record.actor,
+            role = record.role,
+            action = record.action,
+            xid = record.xid,
+            reason = record.reason,
+            client = record.origin.client,
+            remote = record.origin.remote,
+            effect = record.effect_json,
+            "operator action"
+        );
+        (record, durable)
+    }
+
+    /// Counts and logs a refused operator action; returns the error.
+    pub fn refused(&self, action: &str, by: &Caller, e: TcError) -> TcError {
+        self.metrics.operator_action(action, e.code.as_str());
+        tracing::warn!(
+            target: "ferrata::audit",
+            actor = %by.name,
+            role = by.role.as_str(),
+            action,
+            code = e.code.as_str(),
+            message = e.message,
+            "operator action refused"
+        );
+        e
+    }
+
+    /// After repairing the data of a failed transaction: runs its phase 2 again
+    /// (RollbackFailed → RollbackRetrying, CommitFailed → AsyncCommitting).
+    pub async fn retry(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+        let xid = xid.to_owned();
+        self.to_the_end(|this| async move {
+            let caller = by.caller.clone();
+            this.retry_now(&xid, by)
+                .await
+                .map_err(|e| this.refused("retry", &caller, e))
+        })
+        .await
+    }
+
+    async fn retry_now(self: &Arc<Self>, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        by.check_reason("retry")?;
+        let session = self.session_for(xid, "retry")?;
+        let (durable, next) = {
+            let mut guard = session.state.lock();
+            let state = &mut *guard;
+            let before = state.record.status;
+            let Some(next) = before.operator_retry() else {
+                return Err(TcError::status_invalid(
+                    xid,
+                    before,
+                    "retry (only a failed transaction can be retried)",
+                ));
+            };
+            by.check_version(xid, state)?;
+            let precondition = json!({ "version": state.timeline.version() });
+            self.set_status(state, next);
+            state.failure = None;
+            let mut writes = vec![Mutation::PutGlobal(state.record.clone())];
+            let mut retried = Vec::new();
+            let mut queue = self.commit_queue.lock();
+            for b in &mut state.branches {
+                let again = match b.status {
+                    BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
+                    BranchStatus::CommitFailedUnretryable => BranchStatus::Registered,
+                    _ => continue,
+                };
+                b.status = again;
+                b.error = None;
+                b.updated_ms = now_ms();
+                writes.push(Mutation::PutBranch(b.clone()));
+                retried.push(b.branch_id);
+                if again == BranchStatus::Registered {
+                    queue.push(pending_commit(b));
+                }
+            }
+            drop(queue);
+            let entry = AuditEntry {
+                precondition,
+                effect: json!({ "status": status_pair(before, next), "branches_retried": retried }),
+                ..by.entry("retry", Some(xid))
+            };
+            let (_, durable) = self.submit_audited(entry, |audit_id| {
+                state.record(EventKind::OperatorAction {
+                    action: "retry".into(),
+                    actor: by.caller.name.to_string(),
+                    reason: by.reason.clone(),
+                    audit_id,
+                });
+                state.with_events(writes)
+            });
+            (durable, next)
+        };
+        durable.await?;
+        if next.is_rolling_back() {
+            let mut passes = session.passes.subscribe();
+            self.start_rollback(&session);
+            let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
+        } else {
+            self.commit_wake.notify_one();
+        }
+        let state = session.state.lock();
+        Ok(Self::outcome(&session, &state))
+    }
+
+    /// After resolving a failed transaction by hand (rows repaired, undo records deleted):
+    /// forgets it and releases its rows. Its final status and timeline stay queryable, and
+    /// the audit record keeps its last failure.
+    pub async fn resolve(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+        let caller = by.caller.clone();
+        self.resolve_now(xid, by)
+            .await
+            .map_err(|e| self.refused("resolve", &caller, e))
+    }
+
+    async fn resolve_now(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+        self.check_running()?;
+        by.check_reason("resolve")?;
+        let session = self.session_for(xid, "resolve")?;
+        let (durable, keys, outcome) = {
+            let mut guard = session.state.lock();
+            let state = &mut *guard;
+            let status = state.record.status;
+            if !matches!(
+                status,
+                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed
+            ) {
+                return Err(TcError::status_invalid(
+                    xid,
+                    status,
+                    "resolve (only a failed transaction is resolved by hand)",
+                ));
+            }
+            by.check_version(xid, state)?;
+            let keys: Vec<LockKey> = state
+                .branches
+                .iter()
+                .flat_map(|b| b.lock_keys.iter().cloned())
+                .collect();
+            let entry = AuditEntry {
+                precondition: json!({ "version": state.timeline.version() }),
+                effect: json!({
+                    "status": status.as_str(),
+                    "forgotten": true,
+                    "locks_released": keys.len(),
+                    "failure": state.failure.as_ref().map(|f| json!({
+                        "branch_id": f.branch_id,
+                        "resource_id": f.resource_id,
+                        "reason": f.error.reason,
+                        "detail": serde_json::from_str::<Value>(&f.error.detail_json).unwrap_or(Value::Null),
+                    })),
+                }),
+                ..by.entry("resolve", Some(xid))
+            };
+            let (_, durable) = self.submit_audited(entry, |audit_id| {
+                state.record(EventKind::OperatorAction {
+                    action: "resolve".into(),
+                    actor: by.caller.name.to_string(),
+                    reason: by.reason.clone(),
+                    audit_id,
+                });
+                state.record(EventKind::LocksReleased {
+                    branch_id: None,
+                    rows: keys.len() as u64,
+                });
+                state.record(EventKind::Finished { status });
+                let write = Mutation::Finish(state.finished_record());
+                state.with_events(vec![write])
+            });
+            self.finish(&session, state);
+            (durable, keys, Self::outcome(&session, state))
+        };
+        self.at.locks.release_txn(session.txn_id, &keys);
+        self.at.count_held(&self.metrics);
+        durable.await?;
+        Ok(outcome)
+    }
+
+    /// Creates a named token; returns it and its secret (shown this once).
+    pub async fn create_token(
+        &self,
+        by: OperatorRequest,
+        name: &str,
+        role: Role,
+        expires_ms: Option<u64>,
+    ) -> Result<(TokenRecord, String), TcError> {
+        let caller = by.caller.clone();
+        self.create_token_now(by, name, role, expires_ms)
+            .await
+            .map_err(|e| self.refused("token.create", &caller, e))
+    }
+
+    async fn create_token_now(
+        &self,
+        by: OperatorRequest,
+        name: &str,
+        role: Role,
+        expires_ms: Option<u64>,
+    ) -> Result<(TokenRecord, String), TcError> {
+        self.check_running()?;
+        by.check_reason("create a token")?;
+        auth::check_name(name)?;
+        if role == Role::Root {
+            return Err(TcError::invalid("a named token cannot have the root role"));
+        }
+        let secret = auth::new_secret()?;
+        let record = TokenRecord {
+            name: name.to_owned(),
+            role,
+            digest: auth::digest(&secret),
+            created_ms: now_ms(),
+            created_by: by.caller.name.to_string(),
+            expires_ms,
+        };
+        // Token changes one at a time: the name check holds until the token is stored.
+        let _serial = self.token_changes.lock().await;
+        if self.tokens.get(name).is_some() {
+            return Err(TcError::new(
+                ErrorCode::AlreadyExists,
+                format!("a token named {name:?} exists; revoke it first or choose another name"),
+            ));
+        }
+        let entry = AuditEntry {
+            target: json!({ "token": name, "role": role.as_str(), "expires_ms": expires_ms }),
+            ..by.entry("token.create", None)
+        };
+        let (_, durable) = self.submit_audited(entry, |_| vec![Mutation::PutToken(record.clone())]);
+        // Usable once stored.
+        durable.await?;
+        self.tokens.insert(record.clone());
+        Ok((record, secret))
+    }
+
+    /// Revokes the token named `name`: refused from now on.
+    pub async fn revoke_token(&self, by: OperatorRequest, name: &str) -> Result<TokenRecord, TcError> {
+        let caller = by.caller.clone();
+        self.revoke_token_now(by, name)
+            .await
+            .map_err(|e| self.refused("token.revoke", &caller, e))
+    }
+
+    async fn revoke_token_now(&self, by: OperatorRequest, name: &str) -> Result<TokenRecord, TcError> {
+        self.check_running()?;
+        by.check_reason("revoke a token")?;
+        let _serial = self.token_changes.lock().await;
+        // Refused from now on, before the revocation is stored.
+        let Some(record) = self.tokens.remove(name) else {
+            return Err(TcError::new(ErrorCode::NotFound, format!("no token is named {name:?}")));
+        };
+        let entry = AuditEntry {
+            target: json!({ "token": name, "role": record.role.as_str() }),
+            ..by.entry("token.revoke", None)
+        };
+        let (_, durable) = self.submit_audited(entry, |_| vec![Mutation::DeleteToken { name: name.to_owned() }]);
+        durable.await?;
+        Ok(record)
+    }
+
+    pub fn audit_list(&self, filter: &AuditFilter, limit: usize) -> Vec<AuditRecord> {
+        self.audit.lock().list(filter, limit)
+    }
+
+    pub fn audit_get(&self, id: u64) -> Option<AuditRecord> {
+        self.audit.lock().get(id).cloned()
+    }
+
+    /// The chain check: records checked and the last hash, or where it broke.
+    pub fn audit_verify(&self) -> Result<(u64, [u8; 32]), Broken> {
+        self.audit.lock().verify()
+    }
+}
