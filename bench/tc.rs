@@ -481,6 +481,7 @@ async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -
                     status: status as i32,
                     reason: String::new(),
                     detail_json: String::new(),
+                    ..Default::default()
                 })
                 .collect()
         })

@@ -31,7 +31,8 @@ fuzz_target!(|data: &[u8]| {
     for item in &record.items {
         let _ = undo::compensation(item);
         let _ = undo::current_rows_query(item);
-        let _ = undo::current_rows_queries(item, rows_per_query);
+        let _ = undo::current_rows_queries(item, rows_per_query, undo::Lock::ForUpdate);
+        let _ = undo::current_rows_queries(item, rows_per_query, undo::Lock::None);
         let _ = item.key_rows();
         let _ = item.select_list();
         for current in [raw(&item.after), raw(&item.before), vec![vec![None]], Vec::new()] {

@@ -267,6 +267,7 @@ impl Coordinator {
                     &b.resource_id,
                     pb::Phase2Action::Rollback,
                     vec![branch_ref(&b, &session.xid)],
+                    None,
                     self.config.phase2.call_timeout(),
                 )
                 .await;
@@ -475,6 +476,7 @@ impl Coordinator {
                 &resource,
                 pb::Phase2Action::Commit,
                 refs,
+                None,
                 self.config.phase2.call_timeout(),
             )
             .await;

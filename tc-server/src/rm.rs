@@ -191,13 +191,14 @@ impl RmRegistry {
         Some(Arc::clone(&list[i]))
     }
 
-    /// Sends a phase-2 command for branches of one resource to one resource manager serving
-    /// it, and returns its answers.
+    /// Sends a phase-2 command (or an operator's `repair` of one branch) for branches of one
+    /// resource to one resource manager serving it, and returns its answers.
     pub async fn call(
         &self,
         resource: &str,
         action: pb::Phase2Action,
         branches: Vec<pb::BranchRef>,
+        repair: Option<pb::Repair>,
         timeout: Duration,
     ) -> Result<Vec<pb::BranchOutcome>, CallError> {
         let conn = self
@@ -211,6 +212,7 @@ impl RmRegistry {
                 request_id,
                 action: action as i32,
                 branches,
+                repair,
             })),
         };
         let disconnected = || CallError::Disconnected {

@@ -422,6 +422,7 @@ async fn a_resource_announced_later_gets_its_phase_two() -> Result {
                     status: pb::BranchStatus::PhaseTwoRollbacked as i32,
                     reason: String::new(),
                     detail_json: String::new(),
+                    ..Default::default()
                 })
                 .collect()
         })
@@ -484,6 +485,7 @@ async fn a_missing_answer_is_retried() -> Result {
                         status: pb::BranchStatus::PhaseTwoRollbacked as i32,
                         reason: String::new(),
                         detail_json: String::new(),
+                        ..Default::default()
                     })
                     .collect()
             }

@@ -47,27 +47,16 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
     }
     // Pieces small enough for one packet each (hex doubles the size on the wire).
     let piece = at.undo_logs.chunk_bytes(global).await;
-    let pieces: Vec<&[u8]> = if record.is_empty() {
-        vec![&record[..]]
-    } else {
-        record.chunks(piece).collect()
-    };
-    let rows: Vec<String> = pieces
-        .iter()
-        .enumerate()
-        .map(|(i, bytes)| {
-            let hex = hex(bytes);
-            let (xid, context, status) = if i == 0 {
-                (pending.xid.clone(), undo_log::context(pieces.len()), undo_log::STATUS_NORMAL)
-            } else {
-                (undo_log::chunk_xid(&pending.xid, i + 1), undo_log::CONTEXT.to_owned(), undo_log::STATUS_CHUNK)
-            };
+    let rows: Vec<String> = undo_log::pieces(&pending.xid, &record, piece)
+        .into_iter()
+        .map(|(xid, context, status, bytes)| {
             format!(
                 "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
-                 VALUES ({branch_id}, {}, {}, X'{hex}', {status}, NOW(6), NOW(6))",
+                 VALUES ({branch_id}, {}, {}, X'{}', {status}, NOW(6), NOW(6))",
                 ident(&pending.schema),
                 literal(&xid),
                 literal(&context),
+                hex(bytes),
             )
         })
         .collect();

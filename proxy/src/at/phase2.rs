@@ -28,7 +28,7 @@ fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) 
         branch_id,
         status: status as i32,
         reason: reason.into(),
-        detail_json: String::new(),
+        ..Default::default()
     }
 }
 
@@ -40,7 +40,10 @@ fn server_code(e: &mysql_async::Error) -> Option<u16> {
 }
 
 /// A branch's undo record, its pieces joined in order.
-async fn read_record(tx: &mut mysql_async::Transaction<'_>, b: &pb::BranchRef) -> Result<UndoRecord, String> {
+pub(super) async fn read_record(
+    tx: &mut mysql_async::Transaction<'_>,
+    b: &pb::BranchRef,
+) -> Result<UndoRecord, String> {
     let (context, mut bytes): (String, Vec<u8>) = tx
         .exec_first(
             "SELECT context, rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
@@ -62,14 +65,15 @@ async fn read_record(tx: &mut mysql_async::Transaction<'_>, b: &pb::BranchRef) -
     UndoRecord::from_bytes(&bytes).map_err(|e| format!("the undo record cannot be read: {e}"))
 }
 
-/// The rows an undo item is about, as they are now (locked FOR UPDATE), in chunks that keep
-/// each statement under the protocol's parameter limit.
-async fn current_rows(
+/// The rows an undo item is about, as they are now (locked FOR UPDATE unless `lock` says
+/// otherwise), in chunks that keep each statement under the protocol's parameter limit.
+pub(super) async fn current_rows(
     tx: &mut mysql_async::Transaction<'_>,
     item: &undo::UndoItem,
+    lock: undo::Lock,
 ) -> Result<Vec<RawRow>, mysql_async::Error> {
     let mut rows = Vec::new();
-    for (sql, params) in undo::current_rows_queries(item, 1000) {
+    for (sql, params) in undo::current_rows_queries(item, 1000, lock) {
         let chunk: Vec<mysql_async::Row> = tx.exec(sql, params).await?;
         rows.extend(chunk.into_iter().map(raw_row));
     }
@@ -216,7 +220,9 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                 let record = read_record(&mut tx, b).await?;
                 // Last change first.
                 for item in record.items.iter().rev() {
-                    let current = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
+                    let current = current_rows(&mut tx, item, undo::Lock::ForUpdate)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     match undo::dirty_check(item, &current) {
                         Verdict::Restore => {
                             for (sql, params) in undo::compensation(item) {
@@ -225,7 +231,9 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                             // The restore mode is not strict: check the rows are back exactly.
                             // Read in the same transaction with the rows locked, a mismatch
                             // would repeat on every retry: it waits for a DBA instead.
-                            let again = current_rows(&mut tx, item).await.map_err(|e| e.to_string())?;
+                            let again = current_rows(&mut tx, item, undo::Lock::ForUpdate)
+                                .await
+                                .map_err(|e| e.to_string())?;
                             if !matches!(undo::dirty_check(item, &again), Verdict::AlreadyRestored) {
                                 tx.rollback().await.map_err(|e| e.to_string())?;
                                 let detail = undo::restore_mismatch(item, &again);
@@ -240,6 +248,7 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                                         item.schema, item.table
                                     ),
                                     detail_json: detail.to_string(),
+                                    ..Default::default()
                                 });
                             }
                         }
@@ -256,6 +265,7 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                                     item.schema, item.table, b.xid
                                 ),
                                 detail_json: detail.to_string(),
+                                ..Default::default()
                             });
                         }
                     }

@@ -409,22 +409,30 @@ pub fn compensation(item: &UndoItem) -> Vec<(String, Vec<Value>)> {
 /// `SELECT <select list> FROM s.t WHERE <key> IN (...) FOR UPDATE` for the item's
 /// [`UndoItem::key_rows`]: the rows [`dirty_check`] compares.
 pub fn current_rows_query(item: &UndoItem) -> (String, Vec<Value>) {
-    rows_query(item, item.key_rows())
+    rows_query(item, item.key_rows(), Lock::ForUpdate)
+}
+
+/// Whether a read of current rows locks them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lock {
+    ForUpdate,
+    /// A consistent read that waits for nobody (an operator's look).
+    None,
 }
 
 /// [`current_rows_query`] in pieces of at most `rows_per_query` keys (a prepared statement
 /// takes at most 65535 parameters). The caller concatenates the rows they return.
-pub fn current_rows_queries(item: &UndoItem, rows_per_query: usize) -> Vec<(String, Vec<Value>)> {
+pub fn current_rows_queries(item: &UndoItem, rows_per_query: usize, lock: Lock) -> Vec<(String, Vec<Value>)> {
     let rows = item.key_rows();
     if rows.is_empty() {
-        return vec![rows_query(item, rows)];
+        return vec![rows_query(item, rows, lock)];
     }
     rows.chunks(rows_per_query.max(1))
-        .map(|chunk| rows_query(item, chunk))
+        .map(|chunk| rows_query(item, chunk, lock))
         .collect()
 }
 
-fn rows_query(item: &UndoItem, rows: &[ImageRow]) -> (String, Vec<Value>) {
+fn rows_query(item: &UndoItem, rows: &[ImageRow], lock: Lock) -> (String, Vec<Value>) {
     let mut params = Vec::new();
     let cond = if rows.is_empty() {
         "FALSE".to_owned()
@@ -454,9 +462,13 @@ fn rows_query(item: &UndoItem, rows: &[ImageRow]) -> (String, Vec<Value>) {
             format!("({names}) IN ({tuples})")
         }
     };
+    let lock = match lock {
+        Lock::ForUpdate => " FOR UPDATE",
+        Lock::None => "",
+    };
     (
         format!(
-            "SELECT {} FROM {} WHERE {cond} FOR UPDATE",
+            "SELECT {} FROM {} WHERE {cond}{lock}",
             item.select_list(),
             item.table_sql()
         ),
@@ -754,8 +766,15 @@ mod tests {
             "{sql}"
         );
         assert_eq!(params.len(), 10);
-        let chunks = current_rows_queries(&it, 2);
+        let chunks = current_rows_queries(&it, 2, Lock::ForUpdate);
         assert_eq!(chunks.iter().map(|(_, p)| p.len()).collect::<Vec<_>>(), [4, 4, 2]);
+        let look = current_rows_queries(&it, 5, Lock::None);
+        assert_eq!(look.len(), 1);
+        assert!(
+            look[0].0.ends_with("(UNHEX(?), ?))"),
+            "an operator's look locks nothing: {}",
+            look[0].0
+        );
         let empty = UndoItem::new(Kind::Insert, "d", "t", &columns, vec![0], vec![], vec![]);
         assert!(current_rows_query(&empty).0.contains("WHERE FALSE FOR UPDATE"));
         assert_eq!(compensation(&empty), []);

@@ -58,6 +58,31 @@ pub fn chunk_xid(xid: &str, n: usize) -> String {
     format!("{xid}#{n}")
 }
 
+/// One row of a stored record: `(xid, context, log_status, bytes)`, the main row first.
+pub type Piece<'a> = (String, String, i32, &'a [u8]);
+
+/// The rows that store `record` for branch `xid`, each at most `chunk` bytes: the main row
+/// (its context says how many pieces) and the pieces after it (see [`chunk_xid`]).
+pub fn pieces<'a>(xid: &str, record: &'a [u8], chunk: usize) -> Vec<Piece<'a>> {
+    let parts: Vec<&[u8]> = if record.is_empty() {
+        vec![record]
+    } else {
+        record.chunks(chunk.max(1)).collect()
+    };
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            if i == 0 {
+                (xid.to_owned(), context(n), STATUS_NORMAL, bytes)
+            } else {
+                (chunk_xid(xid, i + 1), CONTEXT.to_owned(), STATUS_CHUNK, bytes)
+            }
+        })
+        .collect()
+}
+
 pub const CREATE: &str = "CREATE TABLE IF NOT EXISTS undo_log (
   branch_id BIGINT NOT NULL COMMENT 'branch id from ferrata-tc',
   xid VARCHAR(128) NOT NULL COMMENT 'global transaction id',

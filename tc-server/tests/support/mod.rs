@@ -816,6 +816,7 @@ fn outcome(branch_id: u64, action: pb::Phase2Action, reply: Reply) -> pb::Branch
         status: status as i32,
         reason,
         detail_json,
+        ..Default::default()
     }
 }
 
