@@ -60,10 +60,13 @@ pub enum ErrorCode {
     ReasonRequired,
     /// Something of that name exists already (a token).
     AlreadyExists,
+    /// The proxy could not carry out an operator's repair (it is not attached, the database
+    /// refused, the rows did not read back as restored); nothing was changed.
+    RepairFailed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -81,6 +84,7 @@ impl ErrorCode {
         ErrorCode::PreconditionFailed,
         ErrorCode::ReasonRequired,
         ErrorCode::AlreadyExists,
+        ErrorCode::RepairFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +106,7 @@ impl ErrorCode {
             ErrorCode::PreconditionFailed => "precondition_failed",
             ErrorCode::ReasonRequired => "reason_required",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::RepairFailed => "repair_failed",
         }
     }
 
@@ -120,6 +125,7 @@ impl ErrorCode {
             ErrorCode::GlobalStatusInvalid => Code::FailedPrecondition,
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
             ErrorCode::StoreFailed => Code::Internal,
+            ErrorCode::RepairFailed => Code::Aborted,
             ErrorCode::ShuttingDown => Code::Unavailable,
             ErrorCode::MethodNotAllowed => Code::Unimplemented,
         }
@@ -135,6 +141,7 @@ impl ErrorCode {
             ErrorCode::GlobalStatusInvalid | ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack => 409,
             ErrorCode::Deadlock => 409,
             ErrorCode::StoreFailed => 500,
+            ErrorCode::RepairFailed => 502,
             ErrorCode::ShuttingDown => 503,
             ErrorCode::MethodNotAllowed => 405,
         }

@@ -164,10 +164,15 @@ pub fn digest(secret: &str) -> [u8; 32] {
 
 /// A new random secret: `ftc_` and 64 hex digits (256 bits).
 pub fn new_secret() -> Result<String, TcError> {
-    let mut bytes = [0u8; 32];
+    Ok(format!("ftc_{}", random_hex::<32>()?))
+}
+
+/// `N` random bytes in hex (secrets, ids nobody may guess or reuse).
+pub fn random_hex<const N: usize>() -> Result<String, TcError> {
+    let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes)
-        .map_err(|e| TcError::new(ErrorCode::StoreFailed, format!("no randomness for a new token: {e}")))?;
-    Ok(format!("ftc_{}", hex(&bytes)))
+        .map_err(|e| TcError::new(ErrorCode::StoreFailed, format!("the system gave no randomness: {e}")))?;
+    Ok(hex(&bytes))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

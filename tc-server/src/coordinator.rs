@@ -76,6 +76,8 @@ pub(crate) struct SessionState {
     pub stored: bool,
     /// What happened to it so far, and its version.
     pub timeline: Timeline,
+    /// An operator's repair is running (one at a time per transaction).
+    pub acting: bool,
 }
 
 impl SessionState {
@@ -292,6 +294,7 @@ impl Coordinator {
                     guarded,
                     stored: true,
                     timeline,
+                    acting: false,
                 }),
                 passes: watch::Sender::new(0),
             });
@@ -441,6 +444,7 @@ impl Coordinator {
                 guarded: BTreeSet::new(),
                 stored: false,
                 timeline,
+                acting: false,
             }),
             passes: watch::Sender::new(0),
         });

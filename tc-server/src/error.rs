@@ -15,6 +15,8 @@ pub struct TcError {
     pub holder: Option<String>,
     /// For status errors: the transaction's current status.
     pub status: Option<GlobalStatus>,
+    /// For a refused repair: the rows as they are now.
+    pub detail: Option<serde_json::Value>,
 }
 
 impl TcError {
@@ -24,6 +26,7 @@ impl TcError {
             message: message.into(),
             holder: None,
             status: None,
+            detail: None,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
 use crate::model::{Failure, GlobalStatus, now_ms};
 use crate::operator::OperatorRequest;
+use crate::repair::{RepairAction, RowsSeen};
 use crate::xid::format_xid;
 
 #[derive(Clone)]
@@ -40,6 +41,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/transactions/{xid}/rollback", post(rollback))
         .route("/v1/transactions/{xid}/retry", post(retry))
         .route("/v1/transactions/{xid}/resolve", post(resolve))
+        .route("/v1/transactions/{xid}/branches/{branch}/dirty", get(dirty))
+        .route("/v1/transactions/{xid}/branches/{branch}/accept", post(accept))
+        .route("/v1/transactions/{xid}/branches/{branch}/restore", post(restore))
         .route("/v1/locks", get(locks))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
@@ -75,6 +79,9 @@ fn error(e: TcError) -> Response {
     }
     if let Some(status) = e.status {
         body["status"] = json!(status.as_str());
+    }
+    if let Some(detail) = e.detail {
+        body["detail"] = detail;
     }
     (code, Json(body)).into_response()
 }
@@ -274,12 +281,32 @@ async fn rollback(State(api): State<Api>, Extension(caller): Extension<Caller>, 
     Ok(Json(outcome_json(&o, &caller)).into_response())
 }
 
+/// The body of an operator action; each action reads the fields it takes.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct OperatorBody {
     #[serde(default)]
     reason: String,
     expect_version: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+    /// resolve: the proxies delete the undo records left.
+    #[serde(default)]
+    delete_undo: bool,
+    /// accept, restore: the rows as an inspection named them, with their digests.
+    #[serde(default)]
+    rows: Vec<RowSeen>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    branch_digest: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RowSeen {
+    row: String,
+    digest: String,
 }
 
 /// What every operator action's request carries: who, from where, and the body's reason
@@ -305,52 +332,127 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Operator {
 
 impl Operator {
     /// The request of `action`, which needs `need` (`what` names it in a refusal, which is
-    /// counted and logged).
+    /// counted and logged), and the rest of its body.
     fn request(
         self,
         coordinator: &Coordinator,
         need: Permission,
         (action, what): (&str, &str),
         body: &Bytes,
-    ) -> Result<OperatorRequest, TcError> {
+    ) -> Result<(OperatorRequest, OperatorBody), TcError> {
         if let Err(e) = self.caller.require(need, what) {
             return Err(coordinator.refused(action, &self.caller, e));
         }
-        let body: OperatorBody = json_body(
+        let mut body: OperatorBody = json_body(
             body,
             r#"{"reason": "rows repaired by hand, ticket 123", "expect_version": 7}"#,
         )?;
-        Ok(OperatorRequest {
+        let by = OperatorRequest {
             caller: self.caller,
             origin: self.origin,
-            reason: body.reason,
+            reason: std::mem::take(&mut body.reason),
             expect_version: body.expect_version,
-        })
+        };
+        Ok((by, body))
     }
 }
 
 async fn retry(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
     let caller = op.caller.clone();
-    let by = op.request(
+    let (by, body) = op.request(
         &api.coordinator,
         Permission::Act,
         ("retry", "retry transactions"),
         &body,
     )?;
+    if body.dry_run {
+        return Ok(Json(api.coordinator.retry_dry_run(&xid, &by).await?).into_response());
+    }
     let o = api.coordinator.retry(&xid, by).await?;
     Ok(Json(outcome_json(&o, &caller)).into_response())
 }
 
 async fn resolve(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
     let caller = op.caller.clone();
-    let by = op.request(
+    let (by, body) = op.request(
         &api.coordinator,
         Permission::Act,
         ("resolve", "resolve transactions"),
         &body,
     )?;
-    let o = api.coordinator.resolve(&xid, by).await?;
-    Ok(Json(outcome_json(&o, &caller)).into_response())
+    let mut o = api
+        .coordinator
+        .resolve(&xid, by, body.delete_undo, body.dry_run)
+        .await?;
+    if !caller.may(Permission::SeeValues) {
+        redact(&mut o);
+    }
+    Ok(Json(o).into_response())
+}
+
+/// `{xid}/branches/{branch}` of a route.
+struct BranchPath(String, u64);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for BranchPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        let bad = |why: String| error(TcError::invalid(why));
+        let Path((xid, branch)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| bad(format!("the path does not decode: {}", e.body_text())))?;
+        let branch = branch
+            .parse()
+            .map_err(|_| bad(format!("{branch:?} is not a branch id (a number)")))?;
+        Ok(BranchPath(xid, branch))
+    }
+}
+
+async fn dirty(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    BranchPath(xid, branch): BranchPath,
+) -> Reply {
+    caller.require(Permission::Read, "inspect branches")?;
+    let mut rows = api.coordinator.inspect(&xid, branch).await?;
+    if !caller.may(Permission::SeeValues) {
+        redact(&mut rows);
+        rows["values_redacted"] = json!(true);
+    }
+    Ok(Json(rows).into_response())
+}
+
+async fn repair(
+    api: Api,
+    op: Operator,
+    BranchPath(xid, branch): BranchPath,
+    body: Bytes,
+    action: RepairAction,
+) -> Reply {
+    let (by, body) = op.request(
+        &api.coordinator,
+        Permission::Act,
+        (action.as_str(), "repair rows of a failed rollback"),
+        &body,
+    )?;
+    let seen = RowsSeen {
+        rows: body.rows.into_iter().map(|r| (r.row, r.digest)).collect(),
+        all: body.all,
+        branch_digest: body.branch_digest,
+    };
+    let result = api
+        .coordinator
+        .repair(&xid, branch, action, seen, body.dry_run, by)
+        .await?;
+    Ok(Json(result).into_response())
+}
+
+async fn accept(State(api): State<Api>, op: Operator, path: BranchPath, body: Bytes) -> Reply {
+    repair(api, op, path, body, RepairAction::Accept).await
+}
+
+async fn restore(State(api): State<Api>, op: Operator, path: BranchPath, body: Bytes) -> Reply {
+    repair(api, op, path, body, RepairAction::Restore).await
 }
 
 async fn events(State(api): State<Api>, Extension(caller): Extension<Caller>, XidPath(xid): XidPath) -> Reply {
@@ -561,7 +663,7 @@ struct TokenBody {
 }
 
 async fn token_create(State(api): State<Api>, op: Operator, body: Bytes) -> Reply {
-    let by = op.request(
+    let (by, _) = op.request(
         &api.coordinator,
         Permission::Administer,
         ("token.create", "create tokens"),
@@ -585,7 +687,7 @@ async fn token_create(State(api): State<Api>, op: Operator, body: Bytes) -> Repl
 }
 
 async fn token_revoke(State(api): State<Api>, op: Operator, XidPath(name): XidPath, body: Bytes) -> Reply {
-    let by = op.request(
+    let (by, _) = op.request(
         &api.coordinator,
         Permission::Administer,
         ("token.revoke", "revoke tokens"),

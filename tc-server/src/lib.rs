@@ -8,7 +8,7 @@
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
-//!   the background work, `operator` the audited operator actions, `grpc` and `http` the
+//!   the background work, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
 //!   two APIs
 //! - `server` start and stop, `cli` the binary
 
@@ -33,6 +33,7 @@ pub mod grpc;
 pub mod http;
 pub mod operator;
 mod phase2;
+pub mod repair;
 
 pub mod cli;
 pub mod server;

@@ -29,14 +29,14 @@ pub struct OperatorRequest {
 }
 
 impl OperatorRequest {
-    fn entry(&self, action: &str, xid: Option<&str>) -> AuditEntry {
+    pub(crate) fn entry(&self, action: &str, xid: Option<&str>) -> AuditEntry {
         AuditEntry {
             xid: xid.map(str::to_owned),
             ..AuditEntry::new(&self.caller, &self.origin, action, self.reason.trim())
         }
     }
 
-    fn check_reason(&self, action: &str) -> Result<(), TcError> {
+    pub(crate) fn check_reason(&self, action: &str) -> Result<(), TcError> {
         if self.reason.trim().is_empty() {
             return Err(TcError::new(
                 ErrorCode::ReasonRequired,
@@ -51,7 +51,7 @@ impl OperatorRequest {
         Ok(())
     }
 
-    fn check_version(&self, xid: &str, state: &SessionState) -> Result<(), TcError> {
+    pub(crate) fn check_version(&self, xid: &str, state: &SessionState) -> Result<(), TcError> {
         let current = state.timeline.version();
         match self.expect_version {
             Some(seen) if seen != current => Err(TcError {
@@ -201,35 +201,108 @@ impl Coordinator {
         Ok(Self::outcome(&session, &state))
     }
 
-    /// After resolving a failed transaction by hand (rows repaired, undo records deleted):
-    /// forgets it and releases its rows. Its final status and timeline stay queryable, and
-    /// the audit record keeps its last failure.
-    pub async fn resolve(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+    /// What a retry would meet: the transaction's status now and then, and each branch
+    /// still to roll back inspected now (its dirty rows). Changes nothing.
+    pub async fn retry_dry_run(&self, xid: &str, by: &OperatorRequest) -> Result<Value, TcError> {
+        self.check_running()?;
+        let session = self.session_for(xid, "retry")?;
+        let (status, branches) = {
+            let state = session.state.lock();
+            let status = state.record.status;
+            if status.operator_retry().is_none() {
+                return Err(TcError::status_invalid(
+                    xid,
+                    status,
+                    "retry (only a failed transaction can be retried)",
+                ));
+            }
+            by.check_version(xid, &state)?;
+            (status, state.branches.clone())
+        };
+        let inspected = if status == GlobalStatus::CommitFailed {
+            Vec::new()
+        } else {
+            self.inspect_all(xid, &branches).await
+        };
+        let still_dirty = inspected
+            .iter()
+            .any(|b| b["dirty_rows"].as_u64().is_some_and(|n| n > 0));
+        Ok(json!({
+            "dry_run": true,
+            "status": status.as_str(),
+            "would_become": status.operator_retry().map(GlobalStatus::as_str),
+            "branches": inspected,
+            "still_dirty": still_dirty,
+        }))
+    }
+
+    /// After resolving a failed transaction by hand (rows repaired): forgets it and releases
+    /// its rows; with `delete_undo` the proxies first delete the undo records left (each with
+    /// a `ferrata_audit` row). Its final status and timeline stay queryable, and the audit
+    /// record keeps its last failure. A dry run says what would happen and changes nothing.
+    pub async fn resolve(
+        &self,
+        xid: &str,
+        by: OperatorRequest,
+        delete_undo: bool,
+        dry_run: bool,
+    ) -> Result<Value, TcError> {
         let caller = by.caller.clone();
-        self.resolve_now(xid, by)
+        self.resolve_now(xid, by, delete_undo, dry_run)
             .await
             .map_err(|e| self.refused("resolve", &caller, e))
     }
 
-    async fn resolve_now(&self, xid: &str, by: OperatorRequest) -> Result<Outcome, TcError> {
+    async fn resolve_now(
+        &self,
+        xid: &str,
+        by: OperatorRequest,
+        delete_undo: bool,
+        dry_run: bool,
+    ) -> Result<Value, TcError> {
         self.check_running()?;
         by.check_reason("resolve")?;
         let session = self.session_for(xid, "resolve")?;
+        let resolvable = |state: &SessionState| {
+            let status = state.record.status;
+            if matches!(
+                status,
+                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed
+            ) {
+                by.check_version(xid, state)
+            } else {
+                Err(TcError::status_invalid(
+                    xid,
+                    status,
+                    "resolve (only a failed transaction is resolved by hand)",
+                ))
+            }
+        };
+        let (branches, locks) = {
+            let state = session.state.lock();
+            resolvable(&state)?;
+            let locks: usize = state.branches.iter().map(|b| b.lock_keys.len()).sum();
+            (state.branches.clone(), locks)
+        };
+        let discarded = if delete_undo {
+            let action_id = crate::auth::random_hex::<16>()?;
+            self.discard_undo(xid, &branches, dry_run, &by, &action_id).await?
+        } else {
+            Vec::new()
+        };
+        if dry_run {
+            return Ok(json!({
+                "dry_run": true,
+                "would_forget": true,
+                "locks_released": locks,
+                "undo_discarded": discarded,
+            }));
+        }
         let (durable, keys, outcome) = {
             let mut guard = session.state.lock();
             let state = &mut *guard;
             let status = state.record.status;
-            if !matches!(
-                status,
-                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed | GlobalStatus::CommitFailed
-            ) {
-                return Err(TcError::status_invalid(
-                    xid,
-                    status,
-                    "resolve (only a failed transaction is resolved by hand)",
-                ));
-            }
-            by.check_version(xid, state)?;
+            resolvable(state)?;
             let keys: Vec<LockKey> = state
                 .branches
                 .iter()
@@ -241,6 +314,7 @@ impl Coordinator {
                     "status": status.as_str(),
                     "forgotten": true,
                     "locks_released": keys.len(),
+                    "undo_discarded": discarded,
                     "failure": state.failure.as_ref().map(|f| json!({
                         "branch_id": f.branch_id,
                         "resource_id": f.resource_id,
@@ -250,7 +324,7 @@ impl Coordinator {
                 }),
                 ..by.entry("resolve", Some(xid))
             };
-            let (_, durable) = self.submit_audited(entry, |audit_id| {
+            let (record, durable) = self.submit_audited(entry, |audit_id| {
                 state.record(EventKind::OperatorAction {
                     action: "resolve".into(),
                     actor: by.caller.name.to_string(),
@@ -266,7 +340,15 @@ impl Coordinator {
                 state.with_events(vec![write])
             });
             self.finish(&session, state);
-            (durable, keys, Self::outcome(&session, state))
+            let outcome = json!({
+                "xid": xid,
+                "status": status.as_str(),
+                "forgotten": true,
+                "locks_released": keys.len(),
+                "undo_discarded": discarded,
+                "audit_id": record.id,
+            });
+            (durable, keys, outcome)
         };
         self.at.locks.release_txn(session.txn_id, &keys);
         self.at.count_held(&self.metrics);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ferrata_rpc::client::{ClientConfig, TcClient};
 use serde_json::Value;
 
@@ -146,6 +146,13 @@ impl Coordinator {
         let (status, body) = crate::http_get(self.http, path).await?;
         anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
         Ok(serde_json::from_str(&body)?)
+    }
+
+    /// POST of a JSON body on the HTTP API: the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let (status, text) = crate::http_post(self.http, path, &body.to_string()).await?;
+        let json = serde_json::from_str(&text).with_context(|| format!("POST {path}: {status} {text}"))?;
+        Ok((status, json))
     }
 
     /// The status of a transaction as the coordinator reports it.

@@ -8,7 +8,8 @@
 //! - local commit ([`commit`]): the branch is registered with its lock keys and its undo
 //!   record ([`undo`]) written into `undo_log` ([`undo_log`]) in the same local transaction;
 //! - phase 2 ([`phase2`]): commit deletes the undo records, rollback replays them after the
-//!   dirty check.
+//!   dirty check; after a dirty rollback an operator inspects and repairs the rows
+//!   ([`repair`]).
 //!
 //! This file is the mode's face to the session core: which commands AT mode takes
 //! ([`AtSession::claim`]) and the session's pending branch and savepoints.
@@ -19,6 +20,7 @@ mod multi_statement;
 mod multi_table;
 pub mod phase1;
 pub mod phase2;
+pub mod repair;
 pub mod undo;
 pub mod undo_log;
 mod upsert;

@@ -1,5 +1,6 @@
 //! Phase 2 on the proxy: the commands the coordinator sends on the Attach stream, run on the
-//! proxy's own service connection to the database of each branch's resource.
+//! proxy's own service connection to the database of each branch's resource (an operator's
+//! repairs come the same way and go to `repair.rs`).
 //!
 //! * Commit deletes the branches' undo records, batched per resource. Deleting is
 //!   idempotent, so a command sent again after a crash is harmless.
@@ -98,6 +99,16 @@ async fn handle(at: Arc<At>, command: pb::BranchCommand) -> Vec<pb::BranchOutcom
             Ok(pb::Phase2Action::Rollback) => {
                 for b in &branches {
                     out.push(rollback(&at, &resource, b).await);
+                }
+            }
+            Ok(
+                action @ (pb::Phase2Action::Inspect
+                | pb::Phase2Action::Accept
+                | pb::Phase2Action::Restore
+                | pb::Phase2Action::DiscardUndo),
+            ) => {
+                for b in &branches {
+                    out.push(super::repair::handle(&at, action, b, command.repair.clone()).await);
                 }
             }
             _ => out.extend(branches.iter().map(|b| {

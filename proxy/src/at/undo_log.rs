@@ -133,6 +133,11 @@ impl UndoLogs {
         }
     }
 
+    /// Whether the proxy creates the tables it needs (`[service] create_undo_log`).
+    pub fn may_create(&self) -> bool {
+        self.create
+    }
+
     /// Creates the undo_log table, or says what a DBA must run.
     pub async fn create(&self, conn: &mut mysql_async::Conn, resource: &str) -> Result<(), String> {
         let db = database_of(resource).unwrap_or_default();
