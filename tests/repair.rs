@@ -7,49 +7,21 @@
 
 use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::dirty::{self, audit_rows, table};
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::start_global as start;
-use ferrata_tests::{server_error, undo_records};
-use mysql_async::prelude::*;
+use ferrata_tests::undo_records;
 use serde_json::{Value, json};
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
 const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
-/// A global transaction that updated every row of `t` and whose rollback found the rows
-/// `dirty` changed directly: RollbackFailed. Returns the XID and the failed branch.
-async fn dirty_rollback(db: &MariaDb, proxy: &ProxyProcess, tc: &Coordinator, dirty: &[i32]) -> Result<(String, u64)> {
-    let mut conn = proxy.conn().await?;
-    let xid = start(&mut conn).await?;
-    conn.query_drop("UPDATE t SET note = CONCAT(note, '!'), amount = amount + 1")
-        .await?;
-    let mut direct = db.conn().await?;
-    for id in dirty {
-        direct
-            .exec_drop("UPDATE t SET note = CONCAT('x', id) WHERE id = ?", (id,))
-            .await?;
-    }
-    let e = conn.query_drop("ROLLBACK GLOBAL").await.unwrap_err();
-    assert_eq!(server_error(&e)?.0, 1401);
-    let t = tc.get(&format!("/v1/transactions/{xid}")).await?;
-    assert_eq!(t["status"], "RollbackFailed", "{t}");
-    let branch = t["failure"]["branch_id"].as_u64().expect("the failed branch");
-    Ok((xid, branch))
+async fn setup() -> Result<(MariaDb, Coordinator, ProxyProcess)> {
+    dirty::servers(TC, PROXY).await
 }
 
-async fn setup() -> Result<(MariaDb, Coordinator, ProxyProcess)> {
-    let db = MariaDb::start().await?;
-    let tc = Coordinator::start(TC)?;
-    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 500)?;
-    db.conn()
-        .await?
-        .query_drop(
-            "CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(20), amount DECIMAL(10,2));
-             INSERT INTO t VALUES (1, 'a', 1.00), (2, 'b', 2.00), (3, 'c', 3.00)",
-        )
-        .await?;
-    Ok((db, tc, proxy))
+async fn dirty_rollback(db: &MariaDb, proxy: &ProxyProcess, tc: &Coordinator, rows: &[i32]) -> Result<(String, u64)> {
+    dirty::rollback(db, proxy, tc, rows).await
 }
 
 fn row<'a>(inspected: &'a Value, id: &str) -> &'a Value {
@@ -64,22 +36,6 @@ fn column<'a>(row: &'a Value, name: &str) -> &'a Value {
         .as_array()
         .and_then(|c| c.iter().find(|c| c["column"] == name))
         .unwrap_or_else(|| panic!("column {name} in {row:#}"))
-}
-
-async fn table(db: &MariaDb) -> Result<Vec<(i32, String, String)>> {
-    Ok(db
-        .conn()
-        .await?
-        .query("SELECT id, note, CAST(amount AS CHAR) FROM t ORDER BY id")
-        .await?)
-}
-
-async fn audit_rows(db: &MariaDb) -> Result<Vec<(String, String, String, String, String)>> {
-    Ok(db
-        .conn()
-        .await?
-        .query("SELECT action_id, action, actor, reason, detail FROM ferrata_audit ORDER BY id")
-        .await?)
 }
 
 #[tokio::test]

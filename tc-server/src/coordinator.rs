@@ -78,6 +78,8 @@ pub(crate) struct SessionState {
     pub timeline: Timeline,
     /// An operator's repair is running (one at a time per transaction).
     pub acting: bool,
+    /// An operator paused its automatic phase-2 retries (kept in the timeline).
+    pub paused: bool,
 }
 
 impl SessionState {
@@ -126,6 +128,8 @@ pub struct TxnView {
     pub finished: bool,
     /// Bumped by every change (see `timeline.rs`).
     pub version: u64,
+    /// Its automatic phase-2 retries are paused by an operator.
+    pub paused: bool,
 }
 
 /// The answer to a lock query.
@@ -293,6 +297,7 @@ impl Coordinator {
                     failure,
                     guarded,
                     stored: true,
+                    paused: timeline.paused(),
                     timeline,
                     acting: false,
                 }),
@@ -445,6 +450,7 @@ impl Coordinator {
                 stored: false,
                 timeline,
                 acting: false,
+                paused: false,
             }),
             passes: watch::Sender::new(0),
         });
@@ -928,6 +934,7 @@ impl Coordinator {
             failure: state.failure.clone(),
             finished: false,
             version: state.timeline.version(),
+            paused: state.paused,
         }
     }
 
@@ -940,6 +947,7 @@ impl Coordinator {
             failure: f.failure.clone(),
             finished: true,
             version: timeline.map_or(0, Timeline::version),
+            paused: false,
         }
     }
 

@@ -41,10 +41,14 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/transactions/{xid}/rollback", post(rollback))
         .route("/v1/transactions/{xid}/retry", post(retry))
         .route("/v1/transactions/{xid}/resolve", post(resolve))
+        .route("/v1/transactions/{xid}/pause", post(pause))
+        .route("/v1/transactions/{xid}/resume", post(resume))
         .route("/v1/transactions/{xid}/branches/{branch}/dirty", get(dirty))
         .route("/v1/transactions/{xid}/branches/{branch}/accept", post(accept))
         .route("/v1/transactions/{xid}/branches/{branch}/restore", post(restore))
         .route("/v1/locks", get(locks))
+        .route("/v1/deadlocks", get(deadlocks))
+        .route("/v1/resource-managers", get(resource_managers))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/audit/{id}", get(audit_show))
@@ -180,6 +184,7 @@ fn view_json(v: &TxnView, with_branches: bool, caller: &Caller) -> Value {
         "branch_count": v.branch_count,
         "finished": v.finished,
         "version": v.version,
+        "paused": v.paused,
         "failure": v.failure.as_ref().map(|f| failure_json(f, caller)),
     });
     if with_branches {
@@ -388,6 +393,72 @@ async fn resolve(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, bo
         redact(&mut o);
     }
     Ok(Json(o).into_response())
+}
+
+async fn pause(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
+    let (by, _) = op.request(
+        &api.coordinator,
+        Permission::Act,
+        ("pause", "pause transactions"),
+        &body,
+    )?;
+    Ok(Json(api.coordinator.pause(&xid, true, by).await?).into_response())
+}
+
+async fn resume(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, body: Bytes) -> Reply {
+    let (by, _) = op.request(
+        &api.coordinator,
+        Permission::Act,
+        ("resume", "resume transactions"),
+        &body,
+    )?;
+    Ok(Json(api.coordinator.pause(&xid, false, by).await?).into_response())
+}
+
+async fn deadlocks(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Reply {
+    caller.require(Permission::Read, "list deadlocks")?;
+    let list: Vec<Value> = api
+        .coordinator
+        .at
+        .deadlocks()
+        .iter()
+        .map(|d| {
+            json!({
+                "at_ms": d.at_ms,
+                "cycle": d.cycle.iter().map(|t| format_xid(*t)).collect::<Vec<_>>(),
+                "victim": format_xid(d.victim),
+                "resource": d.resource,
+                "schema": d.schema,
+                "table": d.table,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "deadlocks": list })).into_response())
+}
+
+async fn resource_managers(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Reply {
+    caller.require(Permission::Read, "list resource managers")?;
+    let now = tokio::time::Instant::now();
+    let list: Vec<Value> = api
+        .coordinator
+        .rms
+        .connections()
+        .iter()
+        .map(|c| {
+            json!({
+                "rm_id": c.rm_id,
+                "resources": c.resources(),
+                "attached_ms_ago": now.duration_since(c.attached_at).as_millis() as u64,
+                "last_heartbeat_ms_ago": now.duration_since(c.last_answered()).as_millis() as u64,
+                "guard_updates_acked": c.acked(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "resource_managers": list,
+        "heartbeat_interval_ms": api.coordinator.config.phase2.heartbeat_interval_ms,
+    }))
+    .into_response())
 }
 
 /// `{xid}/branches/{branch}` of a route.
@@ -702,6 +773,7 @@ async fn healthz(State(api): State<Api>) -> Response {
     let body = |status: &str, reason: Option<String>| {
         json!({
             "status": status,
+            "version": env!("CARGO_PKG_VERSION"),
             "reason": reason,
             "transactions": c.sessions.read().len(),
             "resource_managers": c.rms.connected(),

@@ -356,6 +356,85 @@ impl Coordinator {
         Ok(outcome)
     }
 
+    /// Stops (`pause`) or lets go on (`!pause`) the automatic phase-2 retries of a
+    /// transaction still retrying (RollbackRetrying, TimeoutRollbackRetrying or
+    /// AsyncCommitting). Kept in the timeline, so a restart keeps it paused.
+    pub async fn pause(self: &Arc<Self>, xid: &str, pause: bool, by: OperatorRequest) -> Result<Value, TcError> {
+        let action = if pause { "pause" } else { "resume" };
+        let caller = by.caller.clone();
+        self.pause_now(xid, pause, by)
+            .await
+            .map_err(|e| self.refused(action, &caller, e))
+    }
+
+    async fn pause_now(self: &Arc<Self>, xid: &str, pause: bool, by: OperatorRequest) -> Result<Value, TcError> {
+        let action = if pause { "pause" } else { "resume" };
+        self.check_running()?;
+        by.check_reason(action)?;
+        let session = self.session_for(xid, action)?;
+        let (durable, status) = {
+            let mut guard = session.state.lock();
+            let state = &mut *guard;
+            let status = state.record.status;
+            if !(status.is_rolling_back() || status.is_committing()) {
+                return Err(TcError::status_invalid(
+                    xid,
+                    status,
+                    &format!("{action} (only a transaction still retrying phase 2 is paused or resumed)"),
+                ));
+            }
+            by.check_version(xid, state)?;
+            if state.paused == pause {
+                return Err(TcError {
+                    status: Some(status),
+                    ..TcError::new(
+                        ErrorCode::PreconditionFailed,
+                        format!(
+                            "global transaction {xid} is {} already",
+                            if pause { "paused" } else { "not paused" }
+                        ),
+                    )
+                });
+            }
+            state.paused = pause;
+            let entry = AuditEntry {
+                precondition: json!({ "version": state.timeline.version() }),
+                effect: json!({ "paused": pause, "status": status.as_str() }),
+                ..by.entry(action, Some(xid))
+            };
+            let (_, durable) = self.submit_audited(entry, |audit_id| {
+                state.record(EventKind::OperatorAction {
+                    action: action.into(),
+                    actor: by.caller.name.to_string(),
+                    reason: by.reason.clone(),
+                    audit_id,
+                });
+                let write = Mutation::PutGlobal(state.record.clone());
+                state.with_events(vec![write])
+            });
+            (durable, status)
+        };
+        durable.await?;
+        if !pause {
+            if status.is_rolling_back() {
+                self.start_rollback(&session);
+            } else {
+                let now = tokio::time::Instant::now();
+                for p in self
+                    .commit_queue
+                    .lock()
+                    .iter_mut()
+                    .filter(|p| p.txn_id == session.txn_id)
+                {
+                    p.not_before = now;
+                }
+                self.commit_wake.notify_one();
+            }
+        }
+        let state = session.state.lock();
+        Ok(json!({ "xid": xid, "status": status.as_str(), "paused": pause, "version": state.timeline.version() }))
+    }
+
     /// Creates a named token; returns it and its secret (shown this once).
     pub async fn create_token(
         &self,

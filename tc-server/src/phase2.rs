@@ -18,6 +18,9 @@ use crate::rm::CallError;
 use crate::store::Mutation;
 use crate::timeline::{AttemptResult, DecidedBy, Decision, EventKind};
 
+/// How often a paused transaction's queued commits are looked at again.
+const PAUSED_RECHECK: Duration = Duration::from_secs(3600);
+
 /// How often the finished transactions' history is trimmed (a no-op when nothing is due).
 const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -208,7 +211,7 @@ impl Coordinator {
     pub(crate) fn start_rollback(self: &Arc<Self>, session: &Arc<Session>) {
         {
             let mut state = session.state.lock();
-            if state.rollback_running || !state.record.status.is_rolling_back() {
+            if state.rollback_running || !state.record.status.is_rolling_back() || state.paused {
                 return;
             }
             state.rollback_running = true;
@@ -236,6 +239,10 @@ impl Coordinator {
                         _ = tokio::time::sleep(delay) => {}
                         _ = attached => {}
                         _ = self.shutdown.cancelled() => break,
+                    }
+                    // Paused by an operator: resuming starts a driver again.
+                    if session.state.lock().paused {
+                        break;
                     }
                 }
             }
@@ -421,13 +428,22 @@ impl Coordinator {
         loop {
             let attached = self.rms.attached();
             let now = Instant::now();
-            let (ready, next_wake) = {
+            // Taken out of the queue first: a session's lock is never taken under the
+            // queue's (retry takes them the other way round).
+            let queued = std::mem::take(&mut *self.commit_queue.lock());
+            let paused = |p: &PendingCommit| self.live(p.txn_id).is_some_and(|s| s.state.lock().paused);
+            // A paused transaction's commits wait in the queue (resuming makes them due).
+            let (ready, waiting): (Vec<PendingCommit>, Vec<PendingCommit>) =
+                queued.into_iter().partition(|p| p.not_before <= now && !paused(p));
+            let next_wake = {
                 let mut queue = self.commit_queue.lock();
-                let (ready, waiting): (Vec<PendingCommit>, Vec<PendingCommit>) =
-                    queue.drain(..).partition(|p| p.not_before <= now);
-                let next_wake = waiting.iter().map(|p| p.not_before).min();
-                *queue = waiting;
-                (ready, next_wake)
+                queue.extend(waiting.into_iter().map(|mut p| {
+                    if p.not_before <= now {
+                        p.not_before = now + PAUSED_RECHECK;
+                    }
+                    p
+                }));
+                queue.iter().map(|p| p.not_before).min()
             };
             let mut by_resource: HashMap<String, Vec<PendingCommit>> = HashMap::new();
             for p in ready {

@@ -77,6 +77,11 @@ impl RmConnection {
         *self.last_answered.lock()
     }
 
+    /// The resources it announced.
+    pub fn resources(&self) -> Vec<String> {
+        self.resources.lock().clone()
+    }
+
     /// The stream has ended (set before the connection leaves the registry).
     pub fn is_detached(&self) -> bool {
         self.detached.load(Ordering::Acquire)

@@ -211,6 +211,15 @@ impl Timeline {
         &self.events
     }
 
+    /// Whether an operator's latest pause or resume was a pause.
+    pub fn paused(&self) -> bool {
+        self.events.iter().rev().find_map(|e| match &e.kind {
+            EventKind::OperatorAction { action, .. } if action == "pause" => Some(true),
+            EventKind::OperatorAction { action, .. } if action == "resume" => Some(false),
+            _ => None,
+        }) == Some(true)
+    }
+
     pub fn into_events(self) -> Vec<Event> {
         self.events
     }

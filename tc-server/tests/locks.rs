@@ -306,6 +306,19 @@ async fn a_deadlock_refuses_the_younger_transaction() -> Result {
     wait_queue(&http, "2", &t1, &[]).await?;
     let metrics = http.get("/metrics").await?.body;
     assert_eq!(metric(&metrics, "ferrata_tc_deadlocks_total"), Some(1.0), "{metrics}");
+    // Operators find it in the deadlock history, with the transaction that gave way.
+    let history = http.get_json("/v1/deadlocks").await?;
+    let d = &history["deadlocks"][0];
+    assert_eq!(
+        (&d["victim"], &d["table"]),
+        (&serde_json::json!(t2), &serde_json::json!("t")),
+        "{history}"
+    );
+    let cycle = d["cycle"].as_array().expect("cycle");
+    assert!(
+        cycle.contains(&serde_json::json!(t1)) && cycle.contains(&serde_json::json!(t2)),
+        "{history}"
+    );
     Ok(())
 }
 

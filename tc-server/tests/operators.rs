@@ -311,3 +311,63 @@ async fn without_a_token_it_refuses_to_listen_beyond_loopback() -> Result {
     assert!(stderr.contains("refusing to serve on 0.0.0.0"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pauses_a_retrying_rollback_across_a_restart_and_resumes_it() -> Result {
+    let mut tc = root_tc().await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let xid = begin(&c, 0).await?;
+    let b = register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
+    // Refused until the operator is done.
+    rec.script(b, std::iter::repeat_n(Reply::Retryable("resource busy".into()), 1000));
+    rollback(&c, &xid).await?;
+    wait_status(&c, &xid, G::RollbackRetrying).await?;
+    let http = tc.http();
+    let path = |action: &str| format!("/v1/transactions/{xid}/{action}");
+    http.post(&path("pause"), None)
+        .await?
+        .assert_error(400, "reason_required");
+    let r = http
+        .post(&path("pause"), Some(r#"{"reason": "the database is being restored"}"#))
+        .await?;
+    assert_eq!((r.status, &r.json()["paused"]), (200, &json!(true)), "{r:?}");
+    http.post(&path("pause"), Some(r#"{"reason": "again"}"#))
+        .await?
+        .assert_error(409, "precondition_failed");
+
+    // Still paused after a restart (it is in the timeline).
+    rm.crash();
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let http = tc.http();
+    let t = http.get_json(&format!("/v1/transactions/{xid}")).await?;
+    assert_eq!(
+        (&t["status"], &t["paused"]),
+        (&json!("RollbackRetrying"), &json!(true)),
+        "{t}"
+    );
+
+    let r = http
+        .post(&path("resume"), Some(r#"{"reason": "the database is back"}"#))
+        .await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_status(&c, &xid, G::Rollbacked).await?;
+    let audit = http.get_json(&format!("/v1/audit?xid={xid}")).await?;
+    let actions: Vec<&str> = audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["action"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(actions, ["pause", "resume"]);
+    // Only a transaction still retrying is paused.
+    http.post(&path("pause"), Some(r#"{"reason": "too late"}"#))
+        .await?
+        .assert_error(409, "global_status_invalid");
+    Ok(())
+}

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub use ferrata_testkit;
 
 pub mod coordinator;
+pub mod dirty;
 pub mod process;
 
 /// A proxy running in this process. Dropping it stops it.

@@ -292,7 +292,7 @@ fn row_json(row: &BranchRow, current: &Option<ImageRow>, types: &Types) -> Value
 
 /// A value as people read it: the text of hex-encoded bytes when they are UTF-8 (otherwise
 /// `null`: show the hex), the image's text for everything else.
-fn display(encoding: Encoding, image: &Value) -> Value {
+pub fn display(encoding: Encoding, image: &Value) -> Value {
     match (encoding, image) {
         (Encoding::Hex | Encoding::Char, Value::String(hex)) => decode_hex(hex)
             .and_then(|bytes| String::from_utf8(bytes).ok())

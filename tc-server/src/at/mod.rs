@@ -30,12 +30,30 @@ use locks::{Granted, LockError, LockManager};
 pub struct At {
     pub locks: LockManager,
     pub guards: Arc<TableGuards>,
+    /// The most recent deadlocks broken, oldest first.
+    deadlocks: parking_lot::Mutex<std::collections::VecDeque<Deadlock>>,
 }
+
+/// A deadlock the lock manager broke: the transactions waiting for each other and the one
+/// refused (the youngest, which asked last), with the table it asked rows of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deadlock {
+    pub at_ms: u64,
+    pub cycle: Vec<u64>,
+    pub victim: u64,
+    pub resource: String,
+    pub schema: String,
+    pub table: String,
+}
+
+/// Deadlocks kept for operators.
+const DEADLOCKS_KEPT: usize = 1000;
 
 impl At {
     /// `fresh_store`: no coordinator ever served from this store (see `TableGuards::new`).
     pub fn new(config: &Config, rms: Arc<RmRegistry>, fresh_store: bool, metrics: &Metrics) -> At {
         At {
+            deadlocks: parking_lot::Mutex::new(std::collections::VecDeque::new()),
             locks: LockManager::new(),
             guards: TableGuards::new(
                 rms,
@@ -97,8 +115,30 @@ impl At {
                 }
                 Ok(granted)
             }
-            Err(e) => Err(lock_error(e, wait_ms, metrics)),
+            Err(e) => {
+                if let (LockError::Deadlock { cycle }, Some(key)) = (&e, keys.first()) {
+                    let p = key.parts();
+                    let mut kept = self.deadlocks.lock();
+                    if kept.len() == DEADLOCKS_KEPT {
+                        kept.pop_front();
+                    }
+                    kept.push_back(Deadlock {
+                        at_ms: crate::model::now_ms(),
+                        cycle: cycle.clone(),
+                        victim: txn,
+                        resource: p.resource.to_owned(),
+                        schema: p.schema.to_owned(),
+                        table: p.table.to_owned(),
+                    });
+                }
+                Err(lock_error(e, wait_ms, metrics))
+            }
         }
+    }
+
+    /// The deadlocks broken recently, oldest first.
+    pub fn deadlocks(&self) -> Vec<Deadlock> {
+        self.deadlocks.lock().iter().cloned().collect()
     }
 
     /// A finished transaction leaves no rows, queue entries or table pins behind.

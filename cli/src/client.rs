@@ -1,0 +1,193 @@
+//! The HTTP client of the coordinator's API: one HTTP/1.1 request per connection (plain or
+//! TLS), the token as `Authorization: Bearer`, `X-Ferrata-Client: cli/<version>` for the
+//! audit trail; a refusal becomes a [`Failure`] with its exit code.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::context::Target;
+use crate::exit::{Failure, Result};
+
+pub struct Client {
+    target: Target,
+    timeout: Duration,
+}
+
+/// `http://host:port/prefix` taken apart.
+struct Endpoint {
+    tls: bool,
+    host: String,
+    port: u16,
+    prefix: String,
+}
+
+fn endpoint(server: &str) -> Result<Endpoint> {
+    let bad = || {
+        Failure::usage(format!(
+            "{server:?} is not an http:// or https:// address like http://127.0.0.1:7091"
+        ))
+    };
+    let (tls, rest) = if let Some(r) = server.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = server.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(bad());
+    };
+    let (authority, prefix) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().map_err(|_| bad())?),
+        _ => (authority, if tls { 443 } else { 80 }),
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Endpoint {
+        tls,
+        host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        port,
+        prefix: if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{prefix}")
+        },
+    })
+}
+
+impl Client {
+    pub fn new(target: Target, timeout: Duration) -> Client {
+        Client { target, timeout }
+    }
+
+    pub fn server(&self) -> &str {
+        &self.target.server
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.request("POST", path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str, body: &Value) -> Result<Value> {
+        self.request("DELETE", path, Some(body)).await
+    }
+
+    /// One request; the answer's JSON, or the failure it stands for.
+    pub async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (status, text) = tokio::time::timeout(self.timeout, self.exchange(method, path, body))
+            .await
+            .map_err(|_| {
+                Failure::error(format!(
+                    "{} did not answer within {:?}",
+                    self.target.server, self.timeout
+                ))
+            })??;
+        let json: Value = serde_json::from_slice(&text).map_err(|_| {
+            Failure::error(format!(
+                "{method} {path}: the server answered {status} with something that is not JSON: {}",
+                String::from_utf8_lossy(&text[..text.len().min(200)])
+            ))
+        })?;
+        if (200..300).contains(&status) {
+            Ok(json)
+        } else {
+            Err(Failure::from_api(status, json))
+        }
+    }
+
+    async fn exchange(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Bytes)> {
+        let ep = endpoint(&self.target.server)?;
+        let unreachable =
+            |e: &dyn std::fmt::Display| Failure::error(format!("cannot reach {}: {e}", self.target.server));
+        let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", ep.prefix))
+            .header("host", format!("{}:{}", ep.host, ep.port))
+            .header("x-ferrata-client", concat!("cli/", env!("CARGO_PKG_VERSION")))
+            .header("user-agent", concat!("ferrata/", env!("CARGO_PKG_VERSION")));
+        if let Some(token) = &self.target.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let payload = match body {
+            Some(b) => {
+                request = request.header("content-type", "application/json");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let request = request
+            .body(Full::new(payload))
+            .map_err(|e| Failure::usage(format!("bad request: {e}")))?;
+        let response = if ep.tls {
+            let ca = self.target.ca_cert.as_ref().ok_or_else(|| {
+                Failure::usage("an https server needs --ca-cert (or ca_cert in the context) to be verified")
+            })?;
+            let (connector, name) = ferrata_rpc::tls::connector(ca, None, &ep.host)?;
+            let tls = connector.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
+            send(TokioIo::new(tls), request).await
+        } else {
+            send(TokioIo::new(tcp), request).await
+        }
+        .map_err(|e| unreachable(&e))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+async fn send<IO>(io: IO, request: hyper::Request<Full<Bytes>>) -> hyper::Result<hyper::Response<hyper::body::Incoming>>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
+}
+
+/// `s` made safe for a query string.
+pub fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let e = endpoint("http://127.0.0.1:7091").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port, e.prefix.as_str()),
+            (false, "127.0.0.1", 7091, "")
+        );
+        let e = endpoint("https://tc.example.net/ferrata").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port, e.prefix.as_str()),
+            (true, "tc.example.net", 443, "/ferrata")
+        );
+        let e = endpoint("http://[::1]:7091").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 7091));
+        assert!(endpoint("127.0.0.1:7091").is_err());
+        assert_eq!(query_value("a b&c=d"), "a%20b%26c%3Dd");
+    }
+}
