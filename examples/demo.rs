@@ -6,9 +6,10 @@
 //! global transaction on A, joins it on B, updates both accounts, and commits or rolls back
 //! both at once. Copy `transfer` as a how-to.
 
+mod servers;
+
 use anyhow::{Context, Result};
-use ferrata_proxy::config::{Coordinator, Secret};
-use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
+use ferrata_testkit::MariaDb;
 use mysql_async::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -71,47 +72,18 @@ async fn main() -> Result<()> {
     }
 
     let data = tempfile::tempdir()?;
-    let tc_config = ferrata_tc::Config {
-        listen: "127.0.0.1:0".parse()?,
-        http: "127.0.0.1:0".parse()?,
-        data_dir: data.path().to_owned(),
-        ..ferrata_tc::Config::default()
-    };
-    let tc = ferrata_tc::Server::bind(tc_config).await?;
-    let (tc_rpc, tc_http) = (tc.rpc_addr(), tc.http_addr());
     let stop = CancellationToken::new();
-    let tc_task = tokio::spawn(tc.run(stop.clone()));
+    let (tc_rpc, tc_http, tc_task) = servers::coordinator(data.path(), &stop).await?;
     println!("  ferrata-tc: gRPC {tc_rpc}, HTTP API http://{tc_http}/v1/transactions");
 
     let mut proxies = Vec::new();
     let mut conns = Vec::new();
     for (name, db) in [("A", &bank_a), ("B", &bank_b)] {
-        let mut config = ferrata_proxy::Config {
-            listen: "127.0.0.1:0".parse()?,
-            backend: db.addr().to_string(),
-            admin_listen: None,
-            coordinator: Some(Coordinator {
-                lock_wait_ms: 5_000,
-                rm_id: Some(format!("proxy-{name}")),
-                ..Coordinator::new(vec![tc_rpc.to_string()])
-            }),
-            ..ferrata_proxy::Config::default()
-        };
-        config.service.user = APP_USER.into();
-        config.service.password = Some(Secret(APP_PASSWORD.into()));
-        let server = ferrata_proxy::Server::bind(config).await?;
-        let addr = server.local_addr();
-        proxies.push(tokio::spawn(server.run(stop.clone())));
+        let (addr, task) = servers::proxy(db, tc_rpc, name, &stop).await?;
+        proxies.push(task);
         println!("  ferrata-proxy for bank {name}: {addr} -> MariaDB {}", db.addr());
-        let opts = mysql_async::OptsBuilder::default()
-            .ip_or_hostname(addr.ip().to_string())
-            .tcp_port(addr.port())
-            .prefer_socket(false)
-            .user(Some(APP_USER))
-            .pass(Some(APP_PASSWORD))
-            .db_name(Some("test"));
         conns.push(
-            mysql_async::Conn::new(opts)
+            mysql_async::Conn::new(servers::app_opts(addr))
                 .await
                 .context("connecting through the proxy")?,
         );

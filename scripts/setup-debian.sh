@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Ferrata's demo, tests and benchmarks need on Debian/Ubuntu, only when
 # missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
-# CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench;
-# and cargo-fuzz (from crates.io, into ~/.cargo/bin) for scripts/fuzz.sh.
+# CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench,
+# chromium, nodejs and npm (the console's browser tests, scripts/console-tests.sh, which
+# installs playwright-core from npm itself); and cargo-fuzz (from crates.io, into
+# ~/.cargo/bin) for scripts/fuzz.sh.
 set -euo pipefail
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
 command -v mariadb-client-test >/dev/null 2>&1 || missing+=(mariadb-test)
 command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

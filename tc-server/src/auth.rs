@@ -289,7 +289,81 @@ impl Tokens {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+impl Tokens {
+    /// Whether the token a caller authenticated with still lets it in (a console session
+    /// ends when its token is revoked or expires).
+    pub fn still_valid(&self, caller: &Caller, now_ms: u64) -> bool {
+        match caller.role {
+            Role::Root => self.root.is_some() || self.open(),
+            _ => self
+                .named
+                .read()
+                .values()
+                .any(|e| *e.record.name == *caller.name && e.record.expires_ms.is_none_or(|at| at > now_ms)),
+        }
+    }
+}
+
+/// Console sessions: the browser holds only a random id (an HttpOnly cookie); each session
+/// knows its caller and the CSRF token mutations must carry. They end after
+/// [`SESSION_IDLE_MS`] without use, [`SESSION_MAX_MS`] after login, at logout, or when the
+/// token they came from is revoked; a coordinator restart ends them all.
+#[derive(Default)]
+pub struct Sessions {
+    map: parking_lot::Mutex<HashMap<String, ConsoleSession>>,
+}
+
+pub const SESSION_IDLE_MS: u64 = 30 * 60 * 1000;
+pub const SESSION_MAX_MS: u64 = 12 * 60 * 60 * 1000;
+
+struct ConsoleSession {
+    caller: Caller,
+    csrf: String,
+    created_ms: u64,
+    used_ms: u64,
+}
+
+impl Sessions {
+    /// A new session for `caller`: its id (for the cookie) and CSRF token.
+    pub fn create(&self, caller: Caller, now_ms: u64) -> Result<(String, String), TcError> {
+        let (id, csrf) = (random_hex::<32>()?, random_hex::<32>()?);
+        let mut map = self.map.lock();
+        map.retain(|_, s| live(s, now_ms));
+        map.insert(
+            id.clone(),
+            ConsoleSession {
+                caller,
+                csrf: csrf.clone(),
+                created_ms: now_ms,
+                used_ms: now_ms,
+            },
+        );
+        Ok((id, csrf))
+    }
+
+    /// The caller and CSRF token of a live session, marking it used.
+    pub fn get(&self, id: &str, now_ms: u64) -> Option<(Caller, String)> {
+        let mut map = self.map.lock();
+        let s = map.get_mut(id)?;
+        if !live(s, now_ms) {
+            map.remove(id);
+            return None;
+        }
+        s.used_ms = now_ms;
+        Some((s.caller.clone(), s.csrf.clone()))
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.map.lock().remove(id);
+    }
+}
+
+fn live(s: &ConsoleSession, now_ms: u64) -> bool {
+    now_ms < s.used_ms.saturating_add(SESSION_IDLE_MS) && now_ms < s.created_ms.saturating_add(SESSION_MAX_MS)
+}
+
+/// Equal without telling, by its time, how much of it matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -376,6 +450,26 @@ mod tests {
         assert!(e.message.contains("operator or admin"), "{}", e.message);
         let t = Tokens::new(None, vec![], true);
         assert!(t.caller("v", Role::Viewer).may(SeeValues));
+    }
+
+    #[test]
+    fn sessions_end_when_idle_too_long_or_too_old() {
+        let t = Tokens::new(None, vec![named("ops", Role::Operator, "s", None)], false);
+        let caller = t.authenticate(Some("Bearer s"), 0).unwrap();
+        let sessions = Sessions::default();
+        let (id, csrf) = sessions.create(caller.clone(), 0).unwrap();
+        assert_eq!(sessions.get(&id, 1000), Some((caller.clone(), csrf)));
+        assert!(t.still_valid(&caller, 1000));
+        assert_eq!(sessions.get(&id, 1000 + SESSION_IDLE_MS), None, "idle too long");
+        let (id, _) = sessions.create(caller.clone(), 0).unwrap();
+        for n in 1..=24 {
+            assert_eq!(
+                sessions.get(&id, n * SESSION_IDLE_MS / 2).is_some(),
+                n * SESSION_IDLE_MS / 2 < SESSION_MAX_MS
+            );
+        }
+        t.remove("ops");
+        assert!(!t.still_valid(&caller, 1000), "its token was revoked");
     }
 
     #[test]

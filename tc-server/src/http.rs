@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::audit::{AuditFilter, Origin};
-use crate::auth::{Caller, Permission, Role};
+use crate::auth::{Caller, Permission, Role, Sessions};
 use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
 use crate::model::{Failure, GlobalStatus, now_ms};
@@ -29,10 +29,17 @@ use crate::xid::format_xid;
 #[derive(Clone)]
 struct Api {
     coordinator: Arc<Coordinator>,
+    sessions: Arc<Sessions>,
 }
 
+/// The cookie that names a console session.
+const SESSION_COOKIE: &str = "ferrata_session";
+
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
-    let api = Api { coordinator };
+    let api = Api {
+        coordinator,
+        sessions: Arc::new(Sessions::default()),
+    };
     let v1 = Router::new()
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{xid}", get(show))
@@ -55,9 +62,12 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/tokens", get(tokens_list).post(token_create))
         .route("/v1/tokens/{name}", axum::routing::delete(token_revoke))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/session", get(session_show).delete(logout))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .merge(v1)
+        .route("/v1/session", post(login))
+        .merge(crate::console::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -90,16 +100,128 @@ fn error(e: TcError) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// Names the caller of every `/v1` request (an extension the handlers read), or refuses it.
+/// Names the caller of every `/v1` request (an extension the handlers read), or refuses it:
+/// by its bearer token, else by its console session (whose changes must carry the session's
+/// CSRF token in `X-CSRF-Token`), else as nobody (let in only when no token exists). A
+/// browser's change from another origin is refused whatever it carries.
 async fn authenticate(State(api): State<Api>, headers: HeaderMap, mut request: Request, next: Next) -> Response {
-    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    match api.coordinator.tokens.authenticate(header, now_ms()) {
+    match caller_of(&api, &headers, request.method()) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
         Err(e) => error(e),
     }
+}
+
+fn caller_of(api: &Api, headers: &HeaderMap, method: &axum::http::Method) -> Result<Caller, TcError> {
+    let now = now_ms();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let changes = !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD);
+    if changes {
+        same_origin(headers)?;
+    }
+    if let Some(authorization) = header("authorization") {
+        return api.coordinator.tokens.authenticate(Some(authorization), now);
+    }
+    if let Some(id) = session_id(headers) {
+        let unauthenticated = || {
+            TcError::new(
+                ErrorCode::Unauthenticated,
+                "the console session ended: log in again with your token",
+            )
+        };
+        let (caller, csrf) = api.sessions.get(&id, now).ok_or_else(unauthenticated)?;
+        if !api.coordinator.tokens.still_valid(&caller, now) {
+            api.sessions.remove(&id);
+            return Err(unauthenticated());
+        }
+        if changes
+            && !header("x-csrf-token").is_some_and(|t| crate::auth::constant_time_eq(t.as_bytes(), csrf.as_bytes()))
+        {
+            return Err(TcError::new(
+                ErrorCode::Forbidden,
+                "a change from a console session needs its CSRF token in the X-CSRF-Token header",
+            ));
+        }
+        return Ok(caller);
+    }
+    api.coordinator.tokens.authenticate(None, now)
+}
+
+/// Refuses a browser's request sent from a page of another origin (its `Origin` names
+/// another host than the one it was sent to).
+fn same_origin(headers: &HeaderMap) -> Result<(), TcError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) if origin.split_once("://").map(|(_, h)| h) != Some(host) => Err(TcError::new(
+            ErrorCode::Forbidden,
+            format!("a change from another origin ({origin}) is refused"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The console session id in the request's cookies.
+fn session_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.to_owned())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    #[serde(default)]
+    token: String,
+}
+
+/// The console's login: the token, checked like a bearer token, becomes a session; the
+/// answer sets its HttpOnly cookie and gives the CSRF token the page sends with changes.
+async fn login(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Reply {
+    same_origin(&headers)?;
+    let body: LoginBody = json_body(&body, r#"{"token": "ftc_..."}"#)?;
+    let header = (!body.token.is_empty()).then(|| format!("Bearer {}", body.token));
+    let caller = api.coordinator.tokens.authenticate(header.as_deref(), now_ms())?;
+    let (id, csrf) = api.sessions.create(caller.clone(), now_ms())?;
+    tracing::info!(target: "ferrata::audit", actor = %caller.name, role = caller.role.as_str(), "console login");
+    // Secure when the page came over TLS (the proxy in front, or the coordinator's own).
+    let secure = headers.get("x-forwarded-proto").is_some_and(|p| p == "https") || api.coordinator.config.tls.is_some();
+    let cookie = format!(
+        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        crate::auth::SESSION_MAX_MS / 1000,
+        if secure { "; Secure" } else { "" }
+    );
+    Ok((
+        [(axum::http::header::SET_COOKIE, cookie)],
+        Json(json!({ "name": caller.name.as_ref(), "role": caller.role.as_str(), "csrf": csrf })),
+    )
+        .into_response())
+}
+
+/// The session of the request's cookie: who, and its CSRF token (for a reloaded page).
+async fn session_show(State(api): State<Api>, headers: HeaderMap) -> Reply {
+    let (caller, csrf) = session_id(&headers)
+        .and_then(|id| api.sessions.get(&id, now_ms()))
+        .ok_or_else(|| TcError::new(ErrorCode::Unauthenticated, "no console session: log in with your token"))?;
+    Ok(Json(json!({ "name": caller.name.as_ref(), "role": caller.role.as_str(), "csrf": csrf })).into_response())
+}
+
+async fn logout(State(api): State<Api>, headers: HeaderMap) -> Reply {
+    if let Some(id) = session_id(&headers) {
+        api.sessions.remove(&id);
+    }
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    Ok((
+        [(axum::http::header::SET_COOKIE, cookie)],
+        Json(json!({ "logged_out": true })),
+    )
+        .into_response())
 }
 
 /// The peer address of a connection, for the audit trail (served with

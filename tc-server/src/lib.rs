@@ -9,7 +9,7 @@
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
-//!   two APIs
+//!   two APIs, `console` the web console's assets
 //! - `server` start and stop, `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
@@ -28,6 +28,7 @@ pub mod xid;
 
 pub mod at;
 
+pub mod console;
 pub mod coordinator;
 pub mod grpc;
 pub mod http;

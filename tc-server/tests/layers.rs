@@ -21,7 +21,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "coordinator core",
-            modules: &["coordinator", "phase2", "operator", "repair", "grpc", "http"],
+            modules: &["coordinator", "phase2", "operator", "repair", "grpc", "http", "console"],
             peers_may_meet: true,
         },
         Layer {

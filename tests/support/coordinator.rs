@@ -19,6 +19,8 @@ pub struct Coordinator {
     pub http: SocketAddr,
     /// Panics the process reported, restarts included.
     pub panics: Panics,
+    /// The root token, when it was started with one: `get` and `post` send it.
+    pub token: Option<String>,
     data: tempfile::TempDir,
 }
 
@@ -64,8 +66,16 @@ impl Coordinator {
             rpc,
             http,
             panics,
+            token: None,
             data,
         })
+    }
+
+    /// Like `start`, with `token` as its root token (every request then needs a token).
+    pub fn start_secured(binary: &str, token: &str) -> Result<Coordinator> {
+        let mut tc = Self::start_with(binary, &format!("token = \"{token}\"\n"))?;
+        tc.token = Some(token.to_owned());
+        Ok(tc)
     }
 
     /// Kills the process with SIGKILL.
@@ -143,14 +153,15 @@ impl Coordinator {
 
     /// GET on the HTTP API, parsed as JSON.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        let (status, body) = crate::http_get(self.http, path).await?;
+        let (status, body) = crate::http_request(self.http, "GET", path, "", self.token.as_deref()).await?;
         anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
         Ok(serde_json::from_str(&body)?)
     }
 
     /// POST of a JSON body on the HTTP API: the status and the JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let (status, text) = crate::http_post(self.http, path, &body.to_string()).await?;
+        let (status, text) =
+            crate::http_request(self.http, "POST", path, &body.to_string(), self.token.as_deref()).await?;
         let json = serde_json::from_str(&text).with_context(|| format!("POST {path}: {status} {text}"))?;
         Ok((status, json))
     }

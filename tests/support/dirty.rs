@@ -13,9 +13,24 @@ use crate::{server_error, start_global};
 
 /// The servers: `t` holds (1, 'a', 1.00), (2, 'b', 2.00), (3, 'c', 3.00).
 pub async fn servers(tc_binary: &str, proxy_binary: &str) -> Result<(MariaDb, Coordinator, ProxyProcess)> {
+    servers_secured(tc_binary, proxy_binary, None).await
+}
+
+/// [`servers`], with `root_token` as the coordinator's root token (the proxy uses it too).
+pub async fn servers_secured(
+    tc_binary: &str,
+    proxy_binary: &str,
+    root_token: Option<&str>,
+) -> Result<(MariaDb, Coordinator, ProxyProcess)> {
     let db = MariaDb::start().await?;
-    let tc = Coordinator::start(tc_binary)?;
-    let proxy = ProxyProcess::start(proxy_binary, db.addr(), &tc.endpoint(), 500)?;
+    let (tc, coordinator_toml) = match root_token {
+        Some(token) => (
+            Coordinator::start_secured(tc_binary, token)?,
+            format!("lock_wait_ms = 500\ntoken = \"{token}\""),
+        ),
+        None => (Coordinator::start(tc_binary)?, "lock_wait_ms = 500".to_owned()),
+    };
+    let proxy = ProxyProcess::start_with(proxy_binary, db.addr(), &tc.endpoint(), &coordinator_toml, "")?;
     db.conn()
         .await?
         .query_drop(
@@ -57,11 +72,16 @@ pub async fn table(db: &MariaDb) -> Result<Vec<(i32, String, String)>> {
         .await?)
 }
 
-/// The `ferrata_audit` rows: (action_id, action, actor, reason, detail).
+/// The `ferrata_audit` rows: (action_id, action, actor, reason, detail); none before the
+/// first repair made the table.
 pub async fn audit_rows(db: &MariaDb) -> Result<Vec<(String, String, String, String, String)>> {
-    Ok(db
+    let rows = db
         .conn()
         .await?
         .query("SELECT action_id, action, actor, reason, detail FROM ferrata_audit ORDER BY id")
-        .await?)
+        .await;
+    match rows {
+        Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(Vec::new()),
+        other => Ok(other?),
+    }
 }

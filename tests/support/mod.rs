@@ -151,20 +151,28 @@ pub struct Pair {
 
 /// Minimal HTTP/1.1 GET, enough for the admin endpoints.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    http_request(addr, "GET", path, "").await
+    http_request(addr, "GET", path, "", None).await
 }
 
 /// Minimal HTTP/1.1 POST of a JSON `body` (may be empty).
 pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String)> {
-    http_request(addr, "POST", path, body).await
+    http_request(addr, "POST", path, body, None).await
 }
 
-async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+/// Minimal HTTP/1.1 request with a JSON `body` (may be empty), with a bearer `token`.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     tcp.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),

@@ -255,8 +255,9 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                                     reason: format!(
                                         "the rows of {}.{} did not read back as the before image after restoring (a trigger, or a value \
                                          the server stores differently from how it was written); nothing was changed: a DBA must \
-                                         restore them by hand, delete this branch's undo_log row, then resolve the transaction at the coordinator",
-                                        item.schema, item.table
+                                         restore them by hand, then resolve the transaction with its undo record deleted \
+                                         (`ferrata txn resolve {} --delete-undo`)",
+                                        item.schema, item.table, b.xid
                                     ),
                                     detail_json: detail.to_string(),
                                     ..Default::default()
@@ -272,8 +273,9 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                                 status: pb::BranchStatus::RollbackFailedUnretryable as i32,
                                 reason: format!(
                                     "rows of {}.{} were changed outside global transaction {} after it wrote them; nothing was overwritten: \
-                                     a DBA must repair them, delete this branch's undo_log row, then retry or resolve the transaction at the coordinator",
-                                    item.schema, item.table, b.xid
+                                     a DBA decides row by row (`ferrata dirty show {}`, or the console) to keep the current values or \
+                                     restore the before image, then retries the rollback",
+                                    item.schema, item.table, b.xid, b.xid
                                 ),
                                 detail_json: detail.to_string(),
                                 ..Default::default()
