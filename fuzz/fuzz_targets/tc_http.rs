@@ -3,7 +3,7 @@
 //! Input: requests until the input ends, each `[op][route][path field][query field][body
 //! field]` (fields are u16-length-prefixed). `op` picks the method (bits 0-2), the
 //! authorization (bits 3-4: the token, none, a wrong one, a bare `Bearer`) and whether
-//! `{xid}` in the path is the last XID a reply named (bit 5). `route` below 15 picks one of
+//! `{xid}` in the path is the last XID a reply named (bit 5). `route` below 24 picks one of
 //! the API's routes with the path field as the XID (or token name); otherwise the path field is the path.
 //!
 //! Checks: nothing panics or hangs; the API never answers 500 (no store fails here); every
@@ -18,10 +18,15 @@ use http_body_util::Full;
 use libfuzzer_sys::fuzz_target;
 
 const METHODS: [&str; 8] = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "POST"];
-const ROUTES: [&str; 15] = [
+const ROUTES: [&str; 24] = [
     "/v1/transactions",
     "/v1/transactions/{xid}",
     "/v1/transactions/{xid}/events",
+    "/v1/transactions/{xid}/pause",
+    "/v1/transactions/{xid}/resume",
+    "/v1/transactions/{xid}/branches/1/dirty",
+    "/v1/transactions/{xid}/branches/1/accept",
+    "/v1/transactions/{xid}/branches/1/restore",
     "/v1/transactions/{xid}/commit",
     "/v1/transactions/{xid}/rollback",
     "/v1/transactions/{xid}/retry",
@@ -32,6 +37,10 @@ const ROUTES: [&str; 15] = [
     "/v1/tokens",
     "/v1/tokens/{xid}",
     "/v1/whoami",
+    "/v1/session",
+    "/v1/deadlocks",
+    "/v1/resource-managers",
+    "/ui/",
     "/healthz",
     "/metrics",
 ];

@@ -409,12 +409,36 @@ function txnAction(t, verb) {
 
 // ---- locks, audit, proxies, tokens ---------------------------------------------------
 
+// Who waits for whom, followed from a waiter: `A → B → C` (A waits for B, which waits for C).
+function waitChains(locks) {
+  const waitsFor = new Map();
+  for (const l of locks) for (const w of l.waiters) {
+    if (!waitsFor.has(w)) waitsFor.set(w, new Set());
+    waitsFor.get(w).add(l.holder);
+  }
+  const chain = (start) => {
+    const seen = [start];
+    let at = start;
+    while (waitsFor.has(at) && seen.length < 10) {
+      at = [...waitsFor.get(at)][0];
+      if (seen.includes(at)) { seen.push(at); break; }
+      seen.push(at);
+    }
+    return seen;
+  };
+  return [...waitsFor.keys()].map(chain).filter((c) => c.length > 1);
+}
+
 async function locksPage() {
   const [locks, deadlocks] = await Promise.all([get('/v1/locks?limit=10000'), get('/v1/deadlocks')]);
+  const chains = waitChains(locks.locks);
   show(h('h1', {}, 'Locks'),
     table(['Table', 'Key', 'Holder', 'Held', 'Waiters'], locks.locks.map((l) => h('tr', {},
       h('td', {}, `${l.key.schema}.${l.key.table}`), h('td', { class: 'mono' }, JSON.stringify(l.key.pk)), h('td', {}, xidLink(l.holder)),
       h('td', {}, ago(l.since_ms)), h('td', {}, l.waiters.map((w) => [xidLink(w), ' '])))), 'locks'),
+    h('h2', {}, 'Wait-for chains'),
+    chains.length ? h('ul', { testid: 'wait-chains' }, chains.map((c) => h('li', {}, c.map((x, i) => [i ? ' → ' : '', xidLink(x)]))))
+      : h('p', { class: 'muted' }, 'Nobody waits.'),
     h('h2', {}, 'Deadlocks'),
     table(['When', 'Cycle', 'Gave way', 'Table'], deadlocks.deadlocks.slice().reverse().map((d) => h('tr', {},
       h('td', {}, `${ago(d.at_ms)} ago`), h('td', {}, d.cycle.join(' → ')), h('td', {}, d.victim), h('td', {}, `${d.schema}.${d.table}`))), 'deadlocks'));
