@@ -11,6 +11,7 @@ use ferrata_tests::dirty::{self, audit_rows, table};
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::undo_records;
+use mysql_async::prelude::*;
 use serde_json::{Value, json};
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -248,5 +249,131 @@ async fn accepting_a_whole_branch_finishes_the_rollback_and_resolve_can_delete_t
         discards.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
         ["accept", "discard"]
     );
+    Ok(())
+}
+
+/// `t` in a database, ready for [`a_dirty_rollback_through_two_proxies_is_settled_branch_by_branch_across_a_kill9`].
+async fn bank(tc: &Coordinator) -> Result<(MariaDb, ProxyProcess)> {
+    let db = MariaDb::start().await?;
+    db.conn()
+        .await?
+        .query_drop(
+            "CREATE TABLE t (id INT PRIMARY KEY, note VARCHAR(20), amount DECIMAL(10,2));
+             INSERT INTO t VALUES (1, 'a', 1.00), (2, 'b', 2.00)",
+        )
+        .await?;
+    let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 500)?;
+    Ok((db, proxy))
+}
+
+#[tokio::test]
+async fn a_dirty_rollback_through_two_proxies_is_settled_branch_by_branch_across_a_kill9() -> Result<()> {
+    let mut tc = Coordinator::start(TC)?;
+    let (db_a, proxy_a) = bank(&tc).await?;
+    let (db_b, proxy_b) = bank(&tc).await?;
+    // One global transaction, a branch on each database.
+    let (mut a, mut b) = (proxy_a.conn().await?, proxy_b.conn().await?);
+    let xid = ferrata_tests::start_global(&mut a).await?;
+    a.query_drop("UPDATE t SET note = CONCAT(note, '!')").await?;
+    b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+    b.query_drop("UPDATE t SET amount = amount + 1").await?;
+    b.query_drop("LEAVE GLOBAL TRANSACTION").await?;
+    // Both databases get an outside change.
+    db_a.conn()
+        .await?
+        .query_drop("UPDATE t SET note = 'outside' WHERE id = 1")
+        .await?;
+    db_b.conn()
+        .await?
+        .query_drop("UPDATE t SET amount = 99 WHERE id = 2")
+        .await?;
+    assert!(a.query_drop("ROLLBACK GLOBAL").await.is_err());
+
+    // The rollback stopped at the last branch (database B): restore its row there.
+    let t = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    let branch_b = t["failure"]["branch_id"].as_u64().expect("a failed branch");
+    let seen = tc
+        .get(&format!("/v1/transactions/{xid}/branches/{branch_b}/dirty"))
+        .await?;
+    assert_eq!(
+        seen["resource_id"]
+            .as_str()
+            .map(|r| r.ends_with(&format!("{}/test", db_b.port()))),
+        Some(true),
+        "{seen}"
+    );
+    let two = row(&seen, "2");
+    assert_eq!(column(two, "amount")["current"], "99.00");
+    let restore =
+        json!({ "reason": "B: amount 99 was a typo", "rows": [{ "row": two["row"], "digest": two["digest"] }] });
+    let (status, r) = tc
+        .post(&format!("/v1/transactions/{xid}/branches/{branch_b}/restore"), &restore)
+        .await?;
+    assert_eq!(status, 200, "{r}");
+
+    // The coordinator is killed and comes back: the transaction, its timeline and the audit
+    // are all there, and the proxies attach again.
+    tc.kill9_and_restart()?;
+    let events = tc.get(&format!("/v1/transactions/{xid}/events")).await?;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        kinds.contains(&"operator_action") && kinds.last() == Some(&"restored"),
+        "{kinds:?}"
+    );
+    assert_eq!(tc.get("/v1/audit/verify").await?["records"], 1);
+    ferrata_tests::until("both proxies to attach again", async || {
+        Ok(tc.get("/healthz").await?["resource_managers"] == 2)
+    })
+    .await?;
+
+    // The retry rolls B back and stops at A, whose row 1 changed outside: accept it.
+    let (status, r) = tc
+        .post(
+            &format!("/v1/transactions/{xid}/retry"),
+            &json!({ "reason": "B settled" }),
+        )
+        .await?;
+    assert_eq!((status, &r["status"]), (200, &json!("RollbackFailed")), "{r}");
+    let branch_a = r["failure"]["branch_id"].as_u64().expect("the next failed branch");
+    assert_ne!(branch_a, branch_b);
+    let seen = tc
+        .get(&format!("/v1/transactions/{xid}/branches/{branch_a}/dirty"))
+        .await?;
+    let all = json!({ "reason": "A: keep the outside note", "all": true, "branch_digest": seen["branch_digest"] });
+    let (status, r) = tc
+        .post(&format!("/v1/transactions/{xid}/branches/{branch_a}/accept"), &all)
+        .await?;
+    assert_eq!((status, &r["status"]), (200, &json!("Rollbacked")), "{r}");
+
+    assert_eq!(
+        table(&db_a).await?[..2],
+        [(1, "outside".into(), "1.00".into()), (2, "b!".into(), "2.00".into())]
+    );
+    assert_eq!(
+        table(&db_b).await?[..2],
+        [(1, "a".into(), "1.00".into()), (2, "b".into(), "2.00".into())]
+    );
+    assert_eq!((undo_records(&db_a).await?, undo_records(&db_b).await?), (0, 0));
+    assert_eq!(
+        audit_rows(&db_a).await?.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
+        ["accept"]
+    );
+    assert_eq!(
+        audit_rows(&db_b).await?.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
+        ["restore"]
+    );
+    let actions: Vec<Value> = tc.get(&format!("/v1/audit?xid={xid}")).await?["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| r["action"].clone())
+        .collect();
+    assert_eq!(actions, [json!("dirty.restore"), json!("retry"), json!("dirty.accept")]);
+    assert_eq!(tc.get("/v1/audit/verify").await?["ok"], true);
     Ok(())
 }
