@@ -210,6 +210,13 @@ async fn accepting_a_whole_branch_finishes_the_rollback_and_resolve_can_delete_t
     let (xid, branch) = dirty_rollback(&db, &proxy, &tc, &[3]).await?;
     let base = format!("/v1/transactions/{xid}/branches/{branch}");
     let seen = tc.get(&format!("{base}/dirty")).await?;
+    let blind = json!({ "reason": "keep everything", "all": true });
+    let (status, e) = tc.post(&format!("{base}/restore"), &blind).await?;
+    assert_eq!(
+        (status, &e["code"]),
+        (400, &json!("invalid_argument")),
+        "all rows only as seen: {e}"
+    );
     let all = json!({ "reason": "keep everything as it is", "all": true, "branch_digest": seen["branch_digest"] });
     let (status, done) = tc.post(&format!("{base}/accept"), &all).await?;
     assert_eq!(status, 200, "{done}");

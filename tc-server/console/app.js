@@ -92,9 +92,12 @@ async function start() {
   const logout = document.getElementById('logout');
   logout.hidden = !csrf;
   logout.onclick = async () => { await api('DELETE', '/v1/session'); location.hash = '#/'; location.reload(); };
-  window.addEventListener('hashchange', render);
+  if (!listening) window.addEventListener('hashchange', render);
+  listening = true;
   render();
 }
+
+let listening = false;
 
 function loginPage() {
   const token = h('input', { type: 'password', testid: 'token', autocomplete: 'off', placeholder: 'ftc_…' });
@@ -104,7 +107,7 @@ function loginPage() {
     try {
       const s = await post('/v1/session', { token: token.value.trim() });
       csrf = s.csrf;
-      location.reload();
+      await start();
     } catch (e) { message.textContent = e.message; }
   } } },
   h('h1', {}, 'Log in'),
@@ -115,30 +118,40 @@ function loginPage() {
 
 // ---- pages --------------------------------------------------------------------------
 
+let renders = 0;
+
 async function render() {
   const { parts, params } = route();
   for (const a of document.querySelectorAll('header nav a')) a.classList.toggle('active', a.getAttribute('href') === `#/${parts[0] || ''}`);
-  show(h('p', { class: 'muted' }, 'Loading…'));
+  // Pages load asynchronously: only the latest one may draw (an older one finishing
+  // later would cover it).
+  const generation = ++renders;
+  const draw = (...nodes) => { if (generation === renders) show(...nodes); };
+  draw(h('p', { class: 'muted' }, 'Loading…'));
   try {
-    if (parts.length === 0) return await attentionPage();
-    if (parts[0] === 'txns') return await transactionsPage(params);
-    if (parts[0] === 'txn' && parts[2] === 'branch') return await dirtyPage(parts[1], parts[3]);
-    if (parts[0] === 'txn') return await transactionPage(parts[1]);
-    if (parts[0] === 'locks') return await locksPage();
-    if (parts[0] === 'audit') return await auditPage(params);
-    if (parts[0] === 'proxies') return await proxiesPage();
-    if (parts[0] === 'tokens') return await tokensPage();
-    show(h('p', {}, 'No such page.'));
+    if (parts.length === 0) return await attentionPage(draw);
+    if (parts[0] === 'txns') return await transactionsPage(params, draw);
+    // A branch is a number: nothing from the address may steer a request elsewhere.
+    if (parts[0] === 'txn' && parts[2] === 'branch') {
+      if (!/^\d+$/.test(parts[3] || '')) return draw(h('p', { class: 'error' }, 'Not a branch id.'));
+      return await dirtyPage(parts[1], parts[3], draw);
+    }
+    if (parts[0] === 'txn') return await transactionPage(parts[1], draw);
+    if (parts[0] === 'locks') return await locksPage(draw);
+    if (parts[0] === 'audit') return await auditPage(params, draw);
+    if (parts[0] === 'proxies') return await proxiesPage(draw);
+    if (parts[0] === 'tokens') return await tokensPage(draw);
+    draw(h('p', {}, 'No such page.'));
   } catch (e) {
     if (e.status === 401) return loginPage();
-    show(failure(e));
+    draw(failure(e));
   }
 }
 
 const FAILED = ['RollbackFailed', 'TimeoutRollbackFailed', 'CommitFailed'];
 const RETRYING = ['RollbackRetrying', 'TimeoutRollbackRetrying', 'AsyncCommitting'];
 
-async function attentionPage() {
+async function attentionPage(draw) {
   const lists = await Promise.all([...FAILED, ...RETRYING].map((s) => get(`/v1/transactions?status=${s}&limit=1000`)));
   const failed = lists.slice(0, 3).flatMap((l) => l.transactions);
   const retrying = lists.slice(3).flatMap((l) => l.transactions);
@@ -149,7 +162,7 @@ async function attentionPage() {
   const stale = rms.resource_managers.filter((r) => r.last_heartbeat_ms_ago > 2 * rms.heartbeat_interval_ms);
   const card = (title, n, href, testid, kind) => h('a', { href, class: `card ${n ? kind : 'ok'}`, testid },
     h('div', { class: 'n' }, n), h('div', {}, title));
-  show(
+  draw(
     h('h1', {}, 'Attention'),
     h('div', { class: 'cards' },
       card('failed transactions (held for a DBA)', failed.length, '#/txns?status=RollbackFailed', 'card-failed', 'bad'),
@@ -169,7 +182,7 @@ function txnTable(list) {
     h('td', {}, x.failure ? x.failure.reason.slice(0, 90) : '-'))), 'txn-table');
 }
 
-async function transactionsPage(params) {
+async function transactionsPage(params, draw) {
   const status = params.get('status') || '';
   const select = h('select', { testid: 'filter-status', on: { change: () => {
     location.hash = select.value ? `#/txns?status=${select.value}` : '#/txns';
@@ -177,12 +190,12 @@ async function transactionsPage(params) {
   ['Begin', 'AsyncCommitting', ...FAILED, 'RollbackRetrying', 'TimeoutRollbackRetrying', 'Committed', 'Rollbacked', 'TimeoutRollbacked']
     .map((s) => h('option', { value: s, selected: s === status }, s)));
   const list = await get(`/v1/transactions?limit=500${status ? `&status=${status}` : ''}`);
-  show(h('h1', {}, 'Transactions'), h('div', { class: 'filters' }, 'Status', select), txnTable(list.transactions));
+  draw(h('h1', {}, 'Transactions'), h('div', { class: 'filters' }, 'Status', select), txnTable(list.transactions));
 }
 
 // ---- a transaction: header, timeline, events, branches --------------------------------
 
-async function transactionPage(xid) {
+async function transactionPage(xid, draw) {
   const [t, events] = await Promise.all([get(`/v1/transactions/${encodeURIComponent(xid)}`), get(`/v1/transactions/${encodeURIComponent(xid)}/events`)]);
   const failedBranch = t.failure && t.failure.branch_id;
   const actions = [];
@@ -194,7 +207,7 @@ async function transactionPage(xid) {
     const verb = t.paused ? 'resume' : 'pause';
     actions.push(h('button', { testid: `action-${verb}`, on: { click: () => txnAction(t, verb) } }, t.paused ? 'Resume retries' : 'Pause retries'));
   }
-  show(
+  draw(
     h('h1', {}, `Transaction ${t.xid} `, badge(t.status), t.paused ? ' (retries paused)' : ''),
     h('p', { class: 'muted' }, `name ${t.name || '-'} · version ${t.version} · timeout ${t.timeout_ms} ms · begun ${time(t.begin_ms)} · updated ${time(t.updated_ms)}`),
     t.failure ? h('p', { class: 'warning', testid: 'failure' }, `Branch ${t.failure.branch_id} on ${t.failure.resource_id}: ${t.failure.reason} `,
@@ -280,7 +293,7 @@ function valueCell(c, image, hex, testid) {
   return td;
 }
 
-async function dirtyPage(xid, branch) {
+async function dirtyPage(xid, branch, draw) {
   const base = `/v1/transactions/${encodeURIComponent(xid)}/branches/${branch}`;
   const [seen, events] = await Promise.all([get(`${base}/dirty`), get(`/v1/transactions/${encodeURIComponent(xid)}/events`)]);
   // The outside writer wrote between the branch's registration and the failed rollback.
@@ -302,7 +315,7 @@ async function dirtyPage(xid, branch) {
         updateButtons();
       } } }) : null;
       return h('div', { class: 'row-block', testid: `row:${pk}` },
-        h('h3', {}, box, `${r.schema}.${r.table} ${pk}`, badge(r.state), h('span', { class: 'muted mono', title: r.digest }, `digest ${r.digest.slice(0, 12)}`)),
+        h('h3', {}, box, `${r.schema}.${r.table} ${pk}`, badge(r.state), typeof r.digest === 'string' ? h('span', { class: 'muted mono', title: r.digest }, `digest ${r.digest.slice(0, 12)}`) : null),
         table(['Column', 'Type', 'Before', 'After', 'Current'], r.columns.map((c) => {
           const current = valueCell(c, 'current', hex, `cell:${pk}:${c.column}:current`);
           if (c.differs) current.classList.add('differs-from-after');
@@ -339,7 +352,7 @@ async function dirtyPage(xid, branch) {
       updateButtons();
     } else if (!e) { render(); }
   };
-  show(
+  draw(
     h('h1', {}, `Rows of branch ${branch} of `, xidLink(xid)),
     h('p', { class: 'muted' }, `${seen.resource_id} · ${seen.row_count} rows, ${seen.dirty_rows} changed outside the transaction · transaction ${seen.status}, version ${seen.version}`),
     seen.values_redacted ? h('p', { class: 'warning', testid: 'redacted' }, 'Values are hidden for your role.') : null,
@@ -429,10 +442,10 @@ function waitChains(locks) {
   return [...waitsFor.keys()].map(chain).filter((c) => c.length > 1);
 }
 
-async function locksPage() {
+async function locksPage(draw) {
   const [locks, deadlocks] = await Promise.all([get('/v1/locks?limit=10000'), get('/v1/deadlocks')]);
   const chains = waitChains(locks.locks);
-  show(h('h1', {}, 'Locks'),
+  draw(h('h1', {}, 'Locks'),
     table(['Table', 'Key', 'Holder', 'Held', 'Waiters'], locks.locks.map((l) => h('tr', {},
       h('td', {}, `${l.key.schema}.${l.key.table}`), h('td', { class: 'mono' }, JSON.stringify(l.key.pk)), h('td', {}, xidLink(l.holder)),
       h('td', {}, ago(l.since_ms)), h('td', {}, l.waiters.map((w) => [xidLink(w), ' '])))), 'locks'),
@@ -444,10 +457,10 @@ async function locksPage() {
       h('td', {}, `${ago(d.at_ms)} ago`), h('td', {}, d.cycle.join(' → ')), h('td', {}, d.victim), h('td', {}, `${d.schema}.${d.table}`))), 'deadlocks'));
 }
 
-async function auditPage(params) {
+async function auditPage(params, draw) {
   const q = params.toString();
   const [records, verify] = await Promise.all([get(`/v1/audit?limit=1000${q ? `&${q}` : ''}`), get('/v1/audit/verify')]);
-  show(h('h1', {}, 'Audit'),
+  draw(h('h1', {}, 'Audit'),
     h('p', { testid: 'audit-verify', class: verify.ok ? 'ok' : 'error' }, verify.ok ? `Chain intact: ${verify.records} records.` : `Chain broken at record ${verify.broken_at}: ${verify.problem}`),
     table(['Id', 'When', 'Actor', 'Role', 'Action', 'XID', 'Reason', 'Effect'], records.records.map((r) => h('tr', { testid: `audit-${r.id}` },
       h('td', {}, r.id), h('td', {}, time(r.at_ms)), h('td', {}, r.actor), h('td', {}, r.role), h('td', {}, r.action),
@@ -455,16 +468,16 @@ async function auditPage(params) {
       h('td', {}, h('details', {}, h('summary', {}, 'JSON'), h('pre', {}, JSON.stringify({ origin: r.origin, precondition: r.precondition, target: r.target, effect: r.effect }, null, 2)))))), 'audit'));
 }
 
-async function proxiesPage() {
+async function proxiesPage(draw) {
   const rms = await get('/v1/resource-managers');
-  show(h('h1', {}, 'Proxies'),
+  draw(h('h1', {}, 'Proxies'),
     table(['Proxy', 'Resources', 'Attached', 'Last heartbeat', 'Guard updates acked'], rms.resource_managers.map((r) => h('tr', {},
       h('td', {}, r.rm_id), h('td', {}, r.resources.join(', ')), h('td', {}, `${Math.round(r.attached_ms_ago / 1000)}s ago`),
       h('td', { class: r.last_heartbeat_ms_ago > 2 * rms.heartbeat_interval_ms ? 'error' : '' }, `${r.last_heartbeat_ms_ago} ms ago`),
       h('td', {}, r.guard_updates_acked))), 'proxies'));
 }
 
-async function tokensPage() {
+async function tokensPage(draw) {
   const tokens = await get('/v1/tokens');
   const name = h('input', { testid: 'token-name', placeholder: 'name' });
   const role = h('select', { testid: 'token-role' }, ['viewer', 'operator', 'admin', 'application', 'proxy'].map((r) => h('option', { value: r }, r)));
@@ -476,7 +489,7 @@ async function tokensPage() {
       out.replaceChildren(h('p', {}, 'Secret, shown this once: ', h('code', { testid: 'new-secret' }, t.secret)));
     } catch (e) { out.replaceChildren(failure(e)); }
   } } }, 'Create');
-  show(h('h1', {}, 'Tokens'),
+  draw(h('h1', {}, 'Tokens'),
     table(['Name', 'Role', 'Created', 'By', 'Expires', 'Last used', ''], tokens.tokens.map((t) => h('tr', { testid: `token-${t.name}` },
       h('td', {}, t.name), h('td', {}, t.role), h('td', {}, time(t.created_ms)), h('td', {}, t.created_by),
       h('td', {}, t.expires_ms ? time(t.expires_ms) : 'never'), h('td', {}, t.last_used_ms ? `${ago(t.last_used_ms)} ago` : 'never'),

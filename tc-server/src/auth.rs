@@ -85,8 +85,9 @@ impl Role {
             Role::Admin => matches!(p, Read | SeeValues | Act | Administer),
             Role::Operator => matches!(p, Read | SeeValues | Act),
             Role::Viewer => p == Read || (p == SeeValues && viewers_see_values),
-            // Services see the values of the transactions they run.
-            Role::Application => matches!(p, Transact | SeeValues),
+            // An application may follow any XID, so it sees no row values; a proxy reads
+            // them anyway (it writes the undo records).
+            Role::Application => p == Transact,
             Role::Proxy => matches!(p, Transact | Resource | SeeValues),
         }
     }
@@ -98,6 +99,8 @@ pub struct Caller {
     pub name: Arc<str>,
     pub role: Role,
     viewers_see_values: bool,
+    /// The digest of the named token it authenticated with (none for root and anyone).
+    token: Option<[u8; 32]>,
 }
 
 impl Caller {
@@ -156,6 +159,9 @@ pub struct Tokens {
     root: Option<[u8; 32]>,
     named: RwLock<HashMap<[u8; 32], Arc<Entry>>>,
     viewers_see_values: bool,
+    /// Whether having no token at all lets everyone in: only for a coordinator listening on
+    /// loopback alone (decided at start, so revoking the last token never opens it).
+    open_allowed: std::sync::atomic::AtomicBool,
 }
 
 pub fn digest(secret: &str) -> [u8; 32] {
@@ -201,6 +207,7 @@ impl Tokens {
             root: root.map(digest),
             named: RwLock::new(HashMap::new()),
             viewers_see_values,
+            open_allowed: std::sync::atomic::AtomicBool::new(true),
         };
         for record in stored {
             tokens.insert(record);
@@ -210,7 +217,19 @@ impl Tokens {
 
     /// No token at all: every request is let in, as `local` (only allowed on loopback).
     pub fn open(&self) -> bool {
+        self.none_exists() && self.open_allowed.load(Ordering::Relaxed)
+    }
+
+    /// No token exists at all (whether or not that lets anyone in).
+    pub fn none_exists(&self) -> bool {
         self.root.is_none() && self.named.read().is_empty()
+    }
+
+    /// For a coordinator listening beyond loopback: having no token never lets anyone in
+    /// (every request then needs a token, and there is none until an operator restarts it
+    /// with a root token).
+    pub fn forbid_open(&self) {
+        self.open_allowed.store(false, Ordering::Relaxed);
     }
 
     fn caller(&self, name: &str, role: Role) -> Caller {
@@ -218,6 +237,7 @@ impl Tokens {
             name: Arc::from(name),
             role,
             viewers_see_values: self.viewers_see_values,
+            token: None,
         }
     }
 
@@ -247,7 +267,10 @@ impl Tokens {
             return Err(unauthenticated(&format!("token {:?} has expired", entry.record.name)));
         }
         entry.last_used_ms.store(now_ms, Ordering::Relaxed);
-        Ok(self.caller(&entry.record.name, entry.record.role))
+        Ok(Caller {
+            token: Some(entry.record.digest),
+            ..self.caller(&entry.record.name, entry.record.role)
+        })
     }
 
     pub fn insert(&self, record: TokenRecord) {
@@ -293,13 +316,14 @@ impl Tokens {
     /// Whether the token a caller authenticated with still lets it in (a console session
     /// ends when its token is revoked or expires).
     pub fn still_valid(&self, caller: &Caller, now_ms: u64) -> bool {
-        match caller.role {
-            Role::Root => self.root.is_some() || self.open(),
-            _ => self
+        match caller.token {
+            // The very token, not another one given the same name since.
+            Some(token) => self
                 .named
                 .read()
-                .values()
-                .any(|e| *e.record.name == *caller.name && e.record.expires_ms.is_none_or(|at| at > now_ms)),
+                .get(&token)
+                .is_some_and(|e| e.record.expires_ms.is_none_or(|at| at > now_ms)),
+            None => self.root.is_some() || self.open(),
         }
     }
 }
@@ -392,6 +416,19 @@ mod tests {
     }
 
     #[test]
+    fn a_coordinator_beyond_loopback_never_opens() {
+        let t = Tokens::new(None, vec![named("ops", Role::Admin, "s", None)], false);
+        t.forbid_open();
+        t.remove("ops");
+        assert!(!t.open());
+        assert_eq!(
+            who(&t, None),
+            Err(ErrorCode::Unauthenticated),
+            "revoking the last token opens nothing"
+        );
+    }
+
+    #[test]
     fn without_any_token_everyone_is_local_root() {
         let t = Tokens::new(None, vec![], false);
         assert!(t.open());
@@ -444,6 +481,7 @@ mod tests {
         assert!(
             c(Role::Application).may(Transact) && !c(Role::Application).may(Act) && !c(Role::Application).may(Read)
         );
+        assert!(!c(Role::Application).may(SeeValues), "an application may name any XID");
         assert!(c(Role::Proxy).may(Resource) && !c(Role::Proxy).may(Act));
         let e = c(Role::Application).require(Act, "resolve transactions").unwrap_err();
         assert_eq!(e.code, ErrorCode::Forbidden);
@@ -470,6 +508,11 @@ mod tests {
         }
         t.remove("ops");
         assert!(!t.still_valid(&caller, 1000), "its token was revoked");
+        t.insert(named("ops", Role::Admin, "another", None));
+        assert!(
+            !t.still_valid(&caller, 1000),
+            "a new token of the same name is another token"
+        );
     }
 
     #[test]

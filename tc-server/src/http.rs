@@ -105,7 +105,7 @@ fn error(e: TcError) -> Response {
 /// CSRF token in `X-CSRF-Token`), else as nobody (let in only when no token exists). A
 /// browser's change from another origin is refused whatever it carries.
 async fn authenticate(State(api): State<Api>, headers: HeaderMap, mut request: Request, next: Next) -> Response {
-    match caller_of(&api, &headers, request.method()) {
+    match caller_of(&api, &headers, request.method(), request.uri()) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -114,12 +114,17 @@ async fn authenticate(State(api): State<Api>, headers: HeaderMap, mut request: R
     }
 }
 
-fn caller_of(api: &Api, headers: &HeaderMap, method: &axum::http::Method) -> Result<Caller, TcError> {
+fn caller_of(
+    api: &Api,
+    headers: &HeaderMap,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+) -> Result<Caller, TcError> {
     let now = now_ms();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let changes = !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD);
     if changes {
-        same_origin(headers)?;
+        same_origin(headers, uri)?;
     }
     if let Some(authorization) = header("authorization") {
         return api.coordinator.tokens.authenticate(Some(authorization), now);
@@ -146,20 +151,48 @@ fn caller_of(api: &Api, headers: &HeaderMap, method: &axum::http::Method) -> Res
         }
         return Ok(caller);
     }
+    // Nobody: let in only with no token at all, and only by a loopback name (a page of a
+    // name that resolves to this machine, DNS rebinding, is not this coordinator's).
+    if api.coordinator.tokens.open() && !host_of(headers, uri).is_some_and(|h| is_loopback_host(&h)) {
+        return Err(TcError::new(
+            ErrorCode::Forbidden,
+            "without tokens the coordinator answers only requests to a loopback address (127.0.0.1, [::1], localhost)",
+        ));
+    }
     api.coordinator.tokens.authenticate(None, now)
+}
+
+/// The host a request was sent to: its `Host` header, or the URI's authority (HTTP/2).
+fn host_of(headers: &HeaderMap, uri: &axum::http::Uri) -> Option<String> {
+    headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+}
+
+fn is_loopback_host(host_and_port: &str) -> bool {
+    let host = match host_and_port.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host_and_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Refuses a browser's request sent from a page of another origin (its `Origin` names
 /// another host than the one it was sent to).
-fn same_origin(headers: &HeaderMap) -> Result<(), TcError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    match (header("origin"), header("host")) {
-        (Some(origin), Some(host)) if origin.split_once("://").map(|(_, h)| h) != Some(host) => Err(TcError::new(
-            ErrorCode::Forbidden,
-            format!("a change from another origin ({origin}) is refused"),
-        )),
-        _ => Ok(()),
+fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> Result<(), TcError> {
+    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    if origin.split_once("://").map(|(_, h)| h) == host_of(headers, uri).as_deref() {
+        return Ok(());
     }
+    Err(TcError::new(
+        ErrorCode::Forbidden,
+        format!("a change from another origin ({origin}) is refused"),
+    ))
 }
 
 /// The console session id in the request's cookies.
@@ -183,10 +216,20 @@ struct LoginBody {
 
 /// The console's login: the token, checked like a bearer token, becomes a session; the
 /// answer sets its HttpOnly cookie and gives the CSRF token the page sends with changes.
-async fn login(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Reply {
-    same_origin(&headers)?;
+async fn login(State(api): State<Api>, headers: HeaderMap, uri: axum::http::Uri, body: Bytes) -> Reply {
+    same_origin(&headers, &uri)?;
     let body: LoginBody = json_body(&body, r#"{"token": "ftc_..."}"#)?;
     let header = (!body.token.is_empty()).then(|| format!("Bearer {}", body.token));
+    if header.is_none()
+        && api.coordinator.tokens.open()
+        && !host_of(&headers, &uri).is_some_and(|h| is_loopback_host(&h))
+    {
+        return Err(TcError::new(
+            ErrorCode::Forbidden,
+            "without tokens only a loopback address may log in",
+        )
+        .into());
+    }
     let caller = api.coordinator.tokens.authenticate(header.as_deref(), now_ms())?;
     let (id, csrf) = api.sessions.create(caller.clone(), now_ms())?;
     tracing::info!(target: "ferrata::audit", actor = %caller.name, role = caller.role.as_str(), "console login");
@@ -250,14 +293,18 @@ fn origin(headers: &HeaderMap, peer: Option<&ConnectInfo<Peer>>) -> Origin {
     }
 }
 
-/// Values of rows (in dirty-rollback details: `before`, `after`, `current`, `read_back`)
-/// replaced by `{"redacted": true}`, keys and columns kept: a viewer sees which rows and
-/// columns differ, not what they hold.
+/// Values of rows (in dirty-rollback details: `before`, `after`, `current`, `read_back`,
+/// statements' `params`, and the digests, which a guess of a value could be checked
+/// against) replaced by `{"redacted": true}`, keys and columns kept: a viewer sees which
+/// rows and columns differ, not what they hold.
 fn redact(detail: &mut Value) {
     match detail {
         Value::Object(map) => {
             for (k, v) in map.iter_mut() {
-                if matches!(k.as_str(), "before" | "after" | "current" | "read_back") {
+                if matches!(
+                    k.as_str(),
+                    "before" | "after" | "current" | "read_back" | "params" | "digest" | "branch_digest"
+                ) {
                     *v = json!({ "redacted": true });
                 } else {
                     redact(v);
@@ -921,4 +968,48 @@ async fn metrics() -> Response {
         ferrata_rpc::process::prometheus().render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_leaves_which_rows_and_columns_not_what_they_hold() {
+        let mut detail = json!({
+            "rows": [{ "row": "r", "primary_key": { "id": "7" }, "digest": "ab", "state": "changed",
+                "columns": [{ "column": "note", "before": "a", "after": "b", "current": "c",
+                              "display": { "before": "a", "after": "b", "current": "c" } }] }],
+            "branch_digest": "cd",
+            "statements": [{ "sql": "UPDATE t SET note = ? WHERE id = ?", "params": ["'a'", "7"] }],
+        });
+        redact(&mut detail);
+        let text = detail.to_string();
+        for value in ["\"a\"", "\"b\"", "\"c\"", "\"ab\"", "\"cd\"", "'a'"] {
+            assert!(!text.contains(value), "{value} in {text}");
+        }
+        assert_eq!(detail["rows"][0]["primary_key"]["id"], "7");
+        assert_eq!(detail["rows"][0]["columns"][0]["column"], "note");
+    }
+
+    #[test]
+    fn loopback_names() {
+        for h in [
+            "127.0.0.1:7091",
+            "localhost:7091",
+            "[::1]:7091",
+            "LOCALHOST",
+            "127.8.9.1",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example:7091",
+            "10.0.0.1:7091",
+            "localhost.evil.example",
+            "[::2]:1",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord, Broken, Origin};
 use crate::auth::{self, Caller, Role, TokenRecord};
-use crate::coordinator::{Coordinator, Outcome, SessionState, pending_commit};
+use crate::coordinator::{Coordinator, Outcome, Session, SessionState, pending_commit};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::model::{BranchStatus, GlobalStatus, now_ms};
@@ -68,6 +68,29 @@ impl OperatorRequest {
     }
 }
 
+/// Refuses an action while another operator action on the transaction is running.
+pub(crate) fn not_acting(state: &SessionState, xid: &str) -> Result<(), TcError> {
+    if state.acting {
+        return Err(TcError {
+            status: Some(state.record.status),
+            ..TcError::new(
+                ErrorCode::PreconditionFailed,
+                format!("another operator action on {xid} is running; look again once it is done"),
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Marks a session busy with an operator action until dropped (see [`not_acting`]).
+pub(crate) struct Acting<'a>(pub(crate) &'a Session);
+
+impl Drop for Acting<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().acting = false;
+    }
+}
+
 /// When an audited change is durable.
 pub(crate) type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
@@ -101,7 +124,7 @@ impl Coordinator {
             reason = record.reason,
             client = record.origin.client,
             remote = record.origin.remote,
-            effect = record.effect_json,
+            // The effect (values of rows) stays in the audit trail, out of the logs.
             "operator action"
         );
         (record, durable)
@@ -151,6 +174,9 @@ impl Coordinator {
                 ));
             };
             by.check_version(xid, state)?;
+            not_acting(state, xid)?;
+            // Retrying is going on: a pause before it no longer holds.
+            state.paused = false;
             let precondition = json!({ "version": state.timeline.version() });
             self.set_status(state, next);
             state.failure = None;
@@ -241,16 +267,22 @@ impl Coordinator {
     /// a `ferrata_audit` row). Its final status and timeline stay queryable, and the audit
     /// record keeps its last failure. A dry run says what would happen and changes nothing.
     pub async fn resolve(
-        &self,
+        self: &Arc<Self>,
         xid: &str,
         by: OperatorRequest,
         delete_undo: bool,
         dry_run: bool,
     ) -> Result<Value, TcError> {
-        let caller = by.caller.clone();
-        self.resolve_now(xid, by, delete_undo, dry_run)
-            .await
-            .map_err(|e| self.refused("resolve", &caller, e))
+        let xid = xid.to_owned();
+        // To its end: undo records deleted on the proxies and the transaction left
+        // unresolved would roll back as if nothing had been written.
+        self.to_the_end(|this| async move {
+            let caller = by.caller.clone();
+            this.resolve_now(&xid, by, delete_undo, dry_run)
+                .await
+                .map_err(|e| this.refused("resolve", &caller, e))
+        })
+        .await
     }
 
     async fn resolve_now(
@@ -278,11 +310,14 @@ impl Coordinator {
                 ))
             }
         };
-        let (branches, locks) = {
-            let state = session.state.lock();
+        let (branches, locks, _acting) = {
+            let mut state = session.state.lock();
             resolvable(&state)?;
+            not_acting(&state, xid)?;
+            // Nobody else acts on it until it is resolved (the proxies' work comes first).
+            state.acting = true;
             let locks: usize = state.branches.iter().map(|b| b.lock_keys.len()).sum();
-            (state.branches.clone(), locks)
+            (state.branches.clone(), locks, Acting(&session))
         };
         let discarded = if delete_undo {
             let action_id = crate::auth::random_hex::<16>()?;
@@ -384,6 +419,7 @@ impl Coordinator {
                 ));
             }
             by.check_version(xid, state)?;
+            not_acting(state, xid)?;
             if state.paused == pause {
                 return Err(TcError {
                     status: Some(status),

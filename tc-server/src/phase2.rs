@@ -18,9 +18,6 @@ use crate::rm::CallError;
 use crate::store::Mutation;
 use crate::timeline::{AttemptResult, DecidedBy, Decision, EventKind};
 
-/// How often a paused transaction's queued commits are looked at again.
-const PAUSED_RECHECK: Duration = Duration::from_secs(3600);
-
 /// How often the finished transactions' history is trimmed (a no-op when nothing is due).
 const HISTORY_TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -240,9 +237,12 @@ impl Coordinator {
                         _ = attached => {}
                         _ = self.shutdown.cancelled() => break,
                     }
-                    // Paused by an operator: resuming starts a driver again.
-                    if session.state.lock().paused {
-                        break;
+                    // Paused by an operator: this driver ends (checked and marked under one
+                    // lock, so a resume either finds it still running or starts another).
+                    let mut state = session.state.lock();
+                    if state.paused {
+                        state.rollback_running = false;
+                        return;
                     }
                 }
             }
@@ -432,18 +432,29 @@ impl Coordinator {
             // queue's (retry takes them the other way round).
             let queued = std::mem::take(&mut *self.commit_queue.lock());
             let paused = |p: &PendingCommit| self.live(p.txn_id).is_some_and(|s| s.state.lock().paused);
-            // A paused transaction's commits wait in the queue (resuming makes them due).
-            let (ready, waiting): (Vec<PendingCommit>, Vec<PendingCommit>) =
-                queued.into_iter().partition(|p| p.not_before <= now && !paused(p));
+            // A paused transaction's commits wait in the queue, due as they were: resuming
+            // wakes this loop, which looks again.
+            let (mut ready, mut waiting) = (Vec::new(), Vec::new());
+            let mut next_wake: Option<Instant> = None;
+            for p in queued {
+                if paused(&p) {
+                    waiting.push(p);
+                } else if p.not_before <= now {
+                    ready.push(p);
+                } else {
+                    next_wake = Some(next_wake.map_or(p.not_before, |w| w.min(p.not_before)));
+                    waiting.push(p);
+                }
+            }
             let next_wake = {
                 let mut queue = self.commit_queue.lock();
-                queue.extend(waiting.into_iter().map(|mut p| {
-                    if p.not_before <= now {
-                        p.not_before = now + PAUSED_RECHECK;
-                    }
-                    p
-                }));
-                queue.iter().map(|p| p.not_before).min()
+                // Added meanwhile (a retry, a resume): looked at no later than due.
+                let added = queue.iter().map(|p| p.not_before).min();
+                queue.extend(waiting);
+                match (next_wake, added) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             let mut by_resource: HashMap<String, Vec<PendingCommit>> = HashMap::new();
             for p in ready {

@@ -16,11 +16,11 @@ use serde_json::{Value, json};
 
 use crate::audit::AuditEntry;
 use crate::auth::random_hex;
-use crate::coordinator::{Coordinator, Session, SessionState};
+use crate::coordinator::{Coordinator, SessionState};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::model::{BranchRecord, BranchStatus, GlobalStatus};
-use crate::operator::OperatorRequest;
+use crate::operator::{Acting, OperatorRequest, not_acting};
 use crate::store::Mutation;
 use crate::timeline::EventKind;
 
@@ -80,15 +80,6 @@ fn refusal(o: &pb::BranchOutcome) -> TcError {
     TcError {
         detail: serde_json::from_str(&o.result_json).ok(),
         ..TcError::new(code, o.reason.clone())
-    }
-}
-
-/// Marks the session busy with an operator action until dropped.
-struct Acting<'a>(&'a Session);
-
-impl Drop for Acting<'_> {
-    fn drop(&mut self) {
-        self.0.state.lock().acting = false;
     }
 }
 
@@ -203,6 +194,11 @@ impl Coordinator {
                 "name the rows (with the digests you saw), or all of them",
             ));
         }
+        if seen.all && seen.branch_digest.is_empty() {
+            return Err(TcError::invalid(
+                "acting on all rows needs the branch_digest of the inspection you looked at",
+            ));
+        }
         let session = self.session_for(xid, "repair a branch")?;
         let (b, version, _acting) = {
             let mut state = session.state.lock();
@@ -218,15 +214,7 @@ impl Coordinator {
                 ));
             }
             by.check_version(xid, &state)?;
-            if state.acting {
-                return Err(TcError {
-                    status: Some(status),
-                    ..TcError::new(
-                        ErrorCode::PreconditionFailed,
-                        format!("another operator action on {xid} is running; look again once it is done"),
-                    )
-                });
-            }
+            not_acting(&state, xid)?;
             let b = Self::branch_of(&state, xid, branch_id)?;
             state.acting = true;
             (b, state.timeline.version(), Acting(&session))

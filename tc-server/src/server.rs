@@ -47,7 +47,11 @@ impl Server {
         let snapshot = store.load()?;
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
         let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot).await?;
-        if coordinator.tokens.open() {
+        let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
+        if !loopback {
+            coordinator.tokens.forbid_open();
+        }
+        if coordinator.tokens.none_exists() {
             for (addr, what) in [(config.listen, "listen"), (config.http, "http")] {
                 anyhow::ensure!(
                     addr.ip().is_loopback(),

@@ -184,6 +184,16 @@ fn snake_case(camel: &str) -> String {
     out
 }
 
+fn is_retry(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::PhaseTwo {
+            result: AttemptResult::Retry,
+            ..
+        }
+    )
+}
+
 /// A transaction's events and version, and which events the store does not have yet.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
@@ -215,7 +225,7 @@ impl Timeline {
     pub fn paused(&self) -> bool {
         self.events.iter().rev().find_map(|e| match &e.kind {
             EventKind::OperatorAction { action, .. } if action == "pause" => Some(true),
-            EventKind::OperatorAction { action, .. } if action == "resume" => Some(false),
+            EventKind::OperatorAction { action, .. } if action == "resume" || action == "retry" => Some(false),
             _ => None,
         }) == Some(true)
     }
@@ -234,8 +244,6 @@ impl Timeline {
     fn record_at(&mut self, kind: EventKind, at_ms: u64) {
         self.version += 1;
         let version = self.version;
-        let long = self.events.len() >= MAX_EVENTS;
-        let last_index = self.events.len().saturating_sub(1);
         if let EventKind::PhaseTwo {
             branch_id,
             action,
@@ -244,26 +252,34 @@ impl Timeline {
             next_attempt_ms,
             ..
         } = &kind
-            && let Some(last) = self.events.last_mut()
-            && let EventKind::PhaseTwo {
-                branch_id: last_branch,
-                action: last_action,
-                result: AttemptResult::Retry,
-                reason: last_reason,
-                attempts,
-                next_attempt_ms: last_next,
-                ..
-            } = &mut last.kind
-            && (*last_branch, *last_action) == (*branch_id, *action)
-            && (last_reason == reason || long)
         {
-            *attempts += 1;
-            last_reason.clone_from(reason);
-            *last_next = *next_attempt_ms;
-            last.at_ms = at_ms;
-            last.version = version;
-            self.unsaved_from = self.unsaved_from.min(last_index);
-            return;
+            // The latest retry of this branch among the retries the timeline ends with (the
+            // branches of one transaction retry in turn).
+            let long = self.events.len() >= MAX_EVENTS;
+            let trailing = self.events.iter().rev().take_while(|e| is_retry(&e.kind)).count();
+            let start = self.events.len() - trailing;
+            let same = self.events[start..].iter().rposition(|e| {
+                matches!(&e.kind, EventKind::PhaseTwo { branch_id: b, action: a, reason: r, .. }
+                    if (*b, *a) == (*branch_id, *action) && (r == reason || long))
+            });
+            if let Some(i) = same.map(|i| start + i) {
+                let last = &mut self.events[i];
+                if let EventKind::PhaseTwo {
+                    attempts,
+                    reason: last_reason,
+                    next_attempt_ms: last_next,
+                    ..
+                } = &mut last.kind
+                {
+                    *attempts += 1;
+                    last_reason.clone_from(reason);
+                    *last_next = *next_attempt_ms;
+                }
+                last.at_ms = at_ms;
+                last.version = version;
+                self.unsaved_from = self.unsaved_from.min(i);
+                return;
+            }
         }
         self.events.push(Event { version, at_ms, kind });
     }
@@ -356,6 +372,30 @@ mod tests {
         t.record_at(retry(3, "timed out", 400), 60);
         t.record_at(retry(4, "timed out", 400), 60);
         assert_eq!(t.events().len(), 3);
+    }
+
+    #[test]
+    fn branches_retrying_in_turn_fold_each_into_its_own_event() {
+        let mut t = Timeline::default();
+        for n in 0..10 {
+            t.record_at(retry(1, "busy", n), n);
+            t.record_at(retry(2, "busy", n), n);
+        }
+        assert_eq!(t.events().len(), 2);
+        assert!(
+            t.events()
+                .iter()
+                .all(|e| matches!(e.kind, EventKind::PhaseTwo { attempts: 10, .. }))
+        );
+        // Something else in between starts new ones.
+        t.record_at(
+            EventKind::Restored {
+                status: GlobalStatus::RollbackRetrying,
+            },
+            20,
+        );
+        t.record_at(retry(1, "busy", 21), 21);
+        assert_eq!(t.events().len(), 4);
     }
 
     #[test]

@@ -371,3 +371,25 @@ async fn an_operator_pauses_a_retrying_rollback_across_a_restart_and_resumes_it(
         .assert_error(409, "global_status_invalid");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_only_a_loopback_name_is_answered() -> Result {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    // A page of a name that resolves to this machine (DNS rebinding) is not let in.
+    let status_for = |host: &'static str| {
+        let addr = tc.http;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(format!("GET /v1/whoami HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+                .await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            anyhow::Ok(out.split_whitespace().nth(1).unwrap_or("").to_owned())
+        }
+    };
+    assert_eq!(status_for("evil.example:7091").await?, "403");
+    assert_eq!(status_for("localhost:7091").await?, "200");
+    assert_eq!(tc.http().get_json("/v1/whoami").await?["name"], "local");
+    Ok(())
+}

@@ -438,6 +438,12 @@ async fn run(at: &At, action: pb::Phase2Action, b: &pb::BranchRef, repair: pb::R
         }
         chosen
     };
+    if repair.all && action != pb::Phase2Action::DiscardUndo && repair.branch_digest.is_empty() {
+        return Err(Refusal::new(
+            "invalid_argument",
+            "acting on all rows needs the branch_digest of the inspection the operator saw",
+        ));
+    }
     let current = read_current(&mut tx, &targets, Lock::ForUpdate).await?;
     let stale = if repair.all || action == pb::Phase2Action::DiscardUndo {
         let everything = read_current(&mut tx, &rows.iter().collect::<Vec<_>>(), Lock::ForUpdate).await?;
