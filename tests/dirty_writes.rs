@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{server_error, until};
+use ferrata_tests::{a_lock_wait, lock_directly, server_error, until};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -288,28 +288,6 @@ async fn a_set_statement_write_is_checked_like_its_statement() -> Result<()> {
     g.query_drop("ROLLBACK GLOBAL").await?;
     assert_eq!(balance(&db, 1).await?, 100, "{xid} rolled back cleanly");
     Ok(())
-}
-
-/// Opens a transaction directly on the server that locks row `id` of `table`, so that a write
-/// through the proxy that reaches the row waits for it.
-async fn lock_directly(db: &MariaDb, table: &str, id: i64) -> Result<mysql_async::Conn> {
-    let mut blocker = db.conn().await?;
-    blocker.query_drop("BEGIN").await?;
-    blocker
-        .exec_drop(format!("SELECT * FROM {table} WHERE id = ? FOR UPDATE"), (id,))
-        .await?;
-    Ok(blocker)
-}
-
-/// Waits until some statement on `db` waits for a row lock. (Not INNODB_LOCK_WAITS: InnoDB
-/// refreshes those tables only when they were not read for 100 ms.)
-async fn a_lock_wait(db: &MariaDb) -> Result<()> {
-    let mut c = db.conn().await?;
-    until("a statement to wait for a row lock", async || {
-        let status: Option<(String, String, String)> = c.query_first("SHOW ENGINE INNODB STATUS").await?;
-        Ok(status.is_some_and(|(_, _, text)| text.contains("LOCK WAIT")))
-    })
-    .await
 }
 
 /// An autocommit write through the proxy, in a task of its own.

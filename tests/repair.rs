@@ -17,12 +17,22 @@ use serde_json::{Value, json};
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
 const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
 
-async fn setup() -> Result<(MariaDb, Coordinator, ProxyProcess)> {
-    dirty::servers(TC, PROXY).await
+/// The servers of `dirty::servers` with a dirty rollback whose `rows` changed outside: the
+/// XID, the failed branch and the path of its routes.
+async fn dirty_rollback(rows: &[i32]) -> Result<(MariaDb, Coordinator, ProxyProcess, String, u64, String)> {
+    let (db, tc, proxy) = dirty::servers(TC, PROXY).await?;
+    let (xid, branch) = dirty::rollback(&db, &proxy, &tc, rows).await?;
+    let base = format!("/v1/transactions/{xid}/branches/{branch}");
+    Ok((db, tc, proxy, xid, branch, base))
 }
 
-async fn dirty_rollback(db: &MariaDb, proxy: &ProxyProcess, tc: &Coordinator, rows: &[i32]) -> Result<(String, u64)> {
-    dirty::rollback(db, proxy, tc, rows).await
+/// An operator's retry, which must finish the rollback.
+async fn retry_to_the_end(tc: &Coordinator, xid: &str, reason: &str) -> Result<()> {
+    let (status, done) = tc
+        .post(&format!("/v1/transactions/{xid}/retry"), &json!({ "reason": reason }))
+        .await?;
+    anyhow::ensure!(status == 200 && done["status"] == "Rollbacked", "{status} {done}");
+    Ok(())
 }
 
 fn row<'a>(inspected: &'a Value, id: &str) -> &'a Value {
@@ -41,9 +51,7 @@ fn column<'a>(row: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn a_dba_accepts_one_row_restores_another_and_the_retried_rollback_finishes() -> Result<()> {
-    let (db, tc, proxy) = setup().await?;
-    let (xid, branch) = dirty_rollback(&db, &proxy, &tc, &[1, 2]).await?;
-    let base = format!("/v1/transactions/{xid}/branches/{branch}");
+    let (db, tc, _proxy, xid, _, base) = dirty_rollback(&[1, 2]).await?;
 
     // The rows as they are now: two changed outside, one as the transaction left it.
     let seen = tc.get(&format!("{base}/dirty")).await?;
@@ -172,13 +180,7 @@ async fn a_dba_accepts_one_row_restores_another_and_the_retried_rollback_finishe
         )
         .await?;
     assert_eq!((status, &would["still_dirty"]), (200, &json!(false)), "{would:#}");
-    let (status, done) = tc
-        .post(
-            &format!("/v1/transactions/{xid}/retry"),
-            &json!({ "reason": "rows settled" }),
-        )
-        .await?;
-    assert_eq!((status, &done["status"]), (200, &json!("Rollbacked")), "{done}");
+    retry_to_the_end(&tc, &xid, "rows settled").await?;
     assert_eq!(
         table(&db).await?,
         [
@@ -206,9 +208,7 @@ async fn a_dba_accepts_one_row_restores_another_and_the_retried_rollback_finishe
 
 #[tokio::test]
 async fn accepting_a_whole_branch_finishes_the_rollback_and_resolve_can_delete_the_undo() -> Result<()> {
-    let (db, tc, proxy) = setup().await?;
-    let (xid, branch) = dirty_rollback(&db, &proxy, &tc, &[3]).await?;
-    let base = format!("/v1/transactions/{xid}/branches/{branch}");
+    let (db, tc, proxy, xid, _, base) = dirty_rollback(&[3]).await?;
     let seen = tc.get(&format!("{base}/dirty")).await?;
     let blind = json!({ "reason": "keep everything", "all": true });
     let (status, e) = tc.post(&format!("{base}/restore"), &blind).await?;
@@ -235,7 +235,7 @@ async fn accepting_a_whole_branch_finishes_the_rollback_and_resolve_can_delete_t
     assert_eq!((&t["status"], &t["finished"]), (&json!("Rollbacked"), &json!(true)));
 
     // Another dirty rollback, resolved with its undo record deleted by the proxy.
-    let (xid, _) = dirty_rollback(&db, &proxy, &tc, &[2]).await?;
+    let (xid, _) = dirty::rollback(&db, &proxy, &tc, &[2]).await?;
     let resolve = |dry_run| json!({ "reason": "fixed by hand, ticket 9", "delete_undo": true, "dry_run": dry_run });
     let (status, would) = tc
         .post(&format!("/v1/transactions/{xid}/resolve"), &resolve(true))
@@ -382,5 +382,51 @@ async fn a_dirty_rollback_through_two_proxies_is_settled_branch_by_branch_across
         .collect();
     assert_eq!(actions, [json!("dirty.restore"), json!("retry"), json!("dirty.accept")]);
     assert_eq!(tc.get("/v1/audit/verify").await?["ok"], true);
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_operator_action_at_a_time_per_transaction() -> Result<()> {
+    let (db, tc, _proxy, xid, branch, base) = dirty_rollback(&[1]).await?;
+    let seen = tc.get(&format!("{base}/dirty")).await?;
+    let one = row(&seen, "1");
+    // Someone holds row 1 directly: the restore waits for it inside the proxy.
+    let mut blocker = ferrata_tests::lock_directly(&db, "t", 1).await?;
+    let restore =
+        json!({ "reason": "undo the outside note", "rows": [{ "row": one["row"], "digest": one["digest"] }] });
+    let (http, path) = (tc.http, format!("{base}/restore"));
+    let running = tokio::spawn(async move { ferrata_tests::http_post(http, &path, &restore.to_string()).await });
+    ferrata_tests::a_lock_wait(&db).await?;
+    // Meanwhile every other action on the transaction is refused.
+    for (action, body) in [
+        ("retry", json!({ "reason": "r" })),
+        ("resolve", json!({ "reason": "r" })),
+        (
+            &format!("branches/{branch}/accept")[..],
+            json!({ "reason": "r", "rows": [{ "row": one["row"], "digest": one["digest"] }] }),
+        ),
+    ] {
+        let (status, e) = tc.post(&format!("/v1/transactions/{xid}/{action}"), &body).await?;
+        assert_eq!(
+            (status, &e["code"]),
+            (409, &json!("precondition_failed")),
+            "{action}: {e}"
+        );
+        assert!(
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("another operator action")),
+            "{e}"
+        );
+    }
+    blocker.query_drop("COMMIT").await?;
+    let (status, done) = running.await??;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(
+        table(&db).await?[0],
+        (1, "a".into(), "1.00".into()),
+        "restored once the row was free"
+    );
+    retry_to_the_end(&tc, &xid, "settled").await?;
     Ok(())
 }

@@ -443,6 +443,30 @@ pub async fn until(what: &str, mut check: impl AsyncFnMut() -> Result<bool>) -> 
     eventually(what, EVENT, async || Ok(check().await?.then_some(()))).await
 }
 
+/// Opens a transaction directly on the server that locks row `id` of `table`, so that a write
+/// through the proxy that reaches the row waits for it.
+pub async fn lock_directly(db: &ferrata_testkit::MariaDb, table: &str, id: i64) -> Result<mysql_async::Conn> {
+    use mysql_async::prelude::Queryable;
+    let mut blocker = db.conn().await?;
+    blocker.query_drop("BEGIN").await?;
+    blocker
+        .exec_drop(format!("SELECT * FROM {table} WHERE id = ? FOR UPDATE"), (id,))
+        .await?;
+    Ok(blocker)
+}
+
+/// Waits until some statement on `db` waits for a row lock. (Not INNODB_LOCK_WAITS: InnoDB
+/// refreshes those tables only when they were not read for 100 ms.)
+pub async fn a_lock_wait(db: &ferrata_testkit::MariaDb) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut c = db.conn().await?;
+    until("a statement to wait for a row lock", async || {
+        let status: Option<(String, String, String)> = c.query_first("SHOW ENGINE INNODB STATUS").await?;
+        Ok(status.is_some_and(|(_, _, text)| text.contains("LOCK WAIT")))
+    })
+    .await
+}
+
 /// The undo records on `db`: `undo_log` rows with `log_status` 0 (anti-hanging markers are
 /// 1).
 pub async fn undo_records(db: &ferrata_testkit::MariaDb) -> Result<i64> {
