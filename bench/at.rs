@@ -27,8 +27,8 @@ use ferrata_bench::{
     process_cpu_seconds,
 };
 use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
+use mysql_async::Conn;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder};
 
 const ABOUT: &str = "Ferrata's AT mode against MariaDB directly: transfers between two servers, a hot row, \
                      and the cost of the no-dirty-writes check";
@@ -379,18 +379,6 @@ impl Proxy {
     }
 }
 
-/// Connection options for the app user on database `test` at `addr`, over TCP only.
-fn opts(addr: SocketAddr) -> OptsBuilder {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        // Otherwise mysql_async asks for the server's socket and moves there.
-        .prefer_socket(false)
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some("test"))
-}
-
 /// One open connection and how to open it again.
 struct Link {
     conn: Conn,
@@ -399,7 +387,7 @@ struct Link {
 
 impl Link {
     async fn connect(addr: SocketAddr) -> Result<Link> {
-        let conn = Conn::new(opts(addr))
+        let conn = Conn::new(ferrata_testkit::app_opts(addr))
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         Ok(Link { conn, addr })

@@ -83,7 +83,7 @@ async fn main() -> Result<()> {
         proxies.push(task);
         println!("  ferrata-proxy for bank {name}: {addr} -> MariaDB {}", db.addr());
         conns.push(
-            mysql_async::Conn::new(servers::app_opts(addr))
+            mysql_async::Conn::new(ferrata_testkit::app_opts(addr))
                 .await
                 .context("connecting through the proxy")?,
         );

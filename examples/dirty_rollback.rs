@@ -31,7 +31,7 @@ async fn main() -> Result<()> {
     let (proxy, proxy_task) = servers::proxy(&db, tc_rpc, "orders", &stop).await?;
 
     // The application: a global transaction through the proxy.
-    let mut app = mysql_async::Conn::new(servers::app_opts(proxy)).await?;
+    let mut app = mysql_async::Conn::new(ferrata_testkit::app_opts(proxy)).await?;
     let xid: String = app
         .query_first("START GLOBAL TRANSACTION NAME 'discount'")
         .await?

@@ -50,14 +50,3 @@ pub async fn proxy(
     let addr = server.local_addr();
     Ok((addr, tokio::spawn(server.run(stop.clone()))))
 }
-
-/// The app user's options on database `test` through the proxy at `addr`.
-pub fn app_opts(addr: SocketAddr) -> mysql_async::OptsBuilder {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .prefer_socket(false)
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some("test"))
-}

@@ -25,7 +25,7 @@ use ferrata_tests::ferrata_testkit::raw::RawConn;
 use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_DEPRECATE_EOF, DEFAULT};
 use ferrata_tests::ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb};
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{com, command, execute_payload, raw_prepare, tcp_opts};
+use ferrata_tests::{com, command, execute_payload, raw_prepare};
 use mysql_async::prelude::Queryable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -269,10 +269,7 @@ impl Seeds {
 /// The workload through `addr`; returns the undo records it wrote, read from `db` before
 /// their global transactions ended.
 async fn workload(addr: std::net::SocketAddr, db: &MariaDb) -> Result<Vec<Vec<u8>>> {
-    let opts = tcp_opts(addr)
-        .user(Some(APP_USER))
-        .pass(Some(APP_PASSWORD))
-        .db_name(Some("test"));
+    let opts = ferrata_testkit::app_opts(addr);
     let mut c = mysql_async::Conn::new(opts.clone()).await?;
     for sql in [
         "CREATE TABLE s (id INT PRIMARY KEY, d DECIMAL(10,2), t VARCHAR(20), b BLOB, at DATETIME(3), f DOUBLE, \

@@ -177,25 +177,22 @@ pub enum Dirty {
         all_rows: bool,
     },
     /// Keeps the rows' current values: they leave the undo record, their locks go.
-    Accept {
-        xid: String,
-        #[arg(long)]
-        branch: Option<u64>,
-        #[command(flatten)]
-        rows: Rows,
-        #[command(flatten)]
-        act: Act,
-    },
+    Accept(Settle),
     /// Writes the rows' before image over their current values.
-    Restore {
-        xid: String,
-        #[arg(long)]
-        branch: Option<u64>,
-        #[command(flatten)]
-        rows: Rows,
-        #[command(flatten)]
-        act: Act,
-    },
+    Restore(Settle),
+}
+
+/// Which rows of which branch an accept or restore settles, and why.
+#[derive(Args, Debug)]
+pub struct Settle {
+    pub xid: String,
+    /// The branch (default: the one whose rollback failed).
+    #[arg(long)]
+    pub branch: Option<u64>,
+    #[command(flatten)]
+    pub rows: Rows,
+    #[command(flatten)]
+    pub act: Act,
 }
 
 #[derive(Subcommand, Debug)]

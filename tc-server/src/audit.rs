@@ -50,10 +50,7 @@ impl AuditEntry {
             origin: origin.clone(),
             action: action.to_owned(),
             reason: reason.to_owned(),
-            precondition: Value::Null,
-            target: Value::Null,
-            effect: Value::Null,
-            xid: None,
+            ..AuditEntry::default()
         }
     }
 }

@@ -36,6 +36,16 @@ impl OperatorRequest {
         }
     }
 
+    /// The timeline's record of `action`, audited as `audit_id`.
+    pub(crate) fn event(&self, action: &str, audit_id: u64) -> EventKind {
+        EventKind::OperatorAction {
+            action: action.to_owned(),
+            actor: self.caller.name.to_string(),
+            reason: self.reason.clone(),
+            audit_id,
+        }
+    }
+
     pub(crate) fn check_reason(&self, action: &str) -> Result<(), TcError> {
         if self.reason.trim().is_empty() {
             return Err(TcError::new(
@@ -205,12 +215,7 @@ impl Coordinator {
                 ..by.entry("retry", Some(xid))
             };
             let (_, durable) = self.submit_audited(entry, |audit_id| {
-                state.record(EventKind::OperatorAction {
-                    action: "retry".into(),
-                    actor: by.caller.name.to_string(),
-                    reason: by.reason.clone(),
-                    audit_id,
-                });
+                state.record(by.event("retry", audit_id));
                 state.with_events(writes)
             });
             (durable, next)
@@ -360,12 +365,7 @@ impl Coordinator {
                 ..by.entry("resolve", Some(xid))
             };
             let (record, durable) = self.submit_audited(entry, |audit_id| {
-                state.record(EventKind::OperatorAction {
-                    action: "resolve".into(),
-                    actor: by.caller.name.to_string(),
-                    reason: by.reason.clone(),
-                    audit_id,
-                });
+                state.record(by.event("resolve", audit_id));
                 state.record(EventKind::LocksReleased {
                     branch_id: None,
                     rows: keys.len() as u64,
@@ -439,12 +439,7 @@ impl Coordinator {
                 ..by.entry(action, Some(xid))
             };
             let (_, durable) = self.submit_audited(entry, |audit_id| {
-                state.record(EventKind::OperatorAction {
-                    action: action.into(),
-                    actor: by.caller.name.to_string(),
-                    reason: by.reason.clone(),
-                    audit_id,
-                });
+                state.record(by.event(action, audit_id));
                 let write = Mutation::PutGlobal(state.record.clone());
                 state.with_events(vec![write])
             });

@@ -437,13 +437,14 @@ impl Coordinator {
             let (mut ready, mut waiting) = (Vec::new(), Vec::new());
             let mut next_wake: Option<Instant> = None;
             for p in queued {
-                if paused(&p) {
-                    waiting.push(p);
-                } else if p.not_before <= now {
-                    ready.push(p);
-                } else {
+                if p.not_before > now {
                     next_wake = Some(next_wake.map_or(p.not_before, |w| w.min(p.not_before)));
                     waiting.push(p);
+                } else if paused(&p) {
+                    // Only what is due is looked up: a pause is rare, the queue long.
+                    waiting.push(p);
+                } else {
+                    ready.push(p);
                 }
             }
             let next_wake = {

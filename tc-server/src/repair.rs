@@ -298,12 +298,7 @@ impl Coordinator {
             };
             let finished = !state.branches.iter().any(|x| x.status != BranchStatus::PhaseOneFailed);
             let (record, durable) = self.submit_audited(entry, |audit_id| {
-                state.record(EventKind::OperatorAction {
-                    action: action.as_str().into(),
-                    actor: by.caller.name.to_string(),
-                    reason: by.reason.clone(),
-                    audit_id,
-                });
+                state.record(by.event(action.as_str(), audit_id));
                 state.record(EventKind::LocksReleased {
                     branch_id: Some(branch_id),
                     rows: release.len() as u64,

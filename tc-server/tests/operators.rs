@@ -317,7 +317,7 @@ async fn an_operator_pauses_a_retrying_rollback_across_a_restart_and_resumes_it(
     let mut tc = root_tc().await?;
     let c = tc.client().await?;
     let rec = Recorder::new();
-    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
     let xid = begin(&c, 0).await?;
     let b = register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
     // Refused until the operator is done.
@@ -338,12 +338,7 @@ async fn an_operator_pauses_a_retrying_rollback_across_a_restart_and_resumes_it(
         .assert_error(409, "precondition_failed");
 
     // Still paused after a restart (it is in the timeline).
-    rm.crash();
-    tc.kill9()?;
-    tc.restart().await?;
-    let c = tc.client().await?;
-    let rec = Recorder::new();
-    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let (c, _rec, _rm) = kill9_and_reattach(&mut tc, rm).await?;
     let http = tc.http();
     let t = http.get_json(&format!("/v1/transactions/{xid}")).await?;
     assert_eq!(

@@ -195,7 +195,7 @@ async fn a_failed_rollback_survives_a_restart_with_its_locks_and_detail() -> Res
     let mut tc = Tc::with_config(FAST_CONFIG).await?;
     let c = tc.client().await?;
     let rec = Recorder::new();
-    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
     let xid = begin(&c, 0).await?;
     let b1 = register(&c, &xid, "db1", t_rows(&["1"]), 0).await?;
     let b2 = register(&c, &xid, "db1", t_rows(&["2"]), 0).await?;
@@ -208,13 +208,7 @@ async fn a_failed_rollback_survives_a_restart_with_its_locks_and_detail() -> Res
         }],
     );
     assert_eq!(status_of(&rollback(&c, &xid).await?), G::RollbackFailed);
-    rm.crash();
-
-    tc.kill9()?;
-    tc.restart().await?;
-    let c = tc.client().await?;
-    let rec = Recorder::new();
-    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let (c, rec, _rm) = kill9_and_reattach(&mut tc, rm).await?;
     let o = status(&c, &xid).await?;
     assert_eq!(status_of(&o), G::RollbackFailed, "{o:?}");
     let f = o.failure.expect("the failure is kept");

@@ -48,7 +48,7 @@ async fn a_dirty_rollbacks_timeline_survives_kill9_and_goes_on_after_an_operator
     let mut tc = Tc::with_config(FAST_CONFIG).await?;
     let c = tc.client().await?;
     let rec = Recorder::new();
-    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
 
     // Row 5 is held by `holder`; the transaction's first branch waits for it.
     let holder = begin(&c, 0).await?;
@@ -130,12 +130,7 @@ async fn a_dirty_rollbacks_timeline_survives_kill9_and_goes_on_after_an_operator
     assert_eq!(refusals, [(json!("lock_wait_timeout"), json!(xid))]);
 
     // Kill -9: the failed transaction's timeline is still there, and a restart is recorded.
-    rm.crash();
-    tc.kill9()?;
-    tc.restart().await?;
-    let c = tc.client().await?;
-    let rec = Recorder::new();
-    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let (c, _rec, _rm) = kill9_and_reattach(&mut tc, rm).await?;
     let after = timeline(&tc, &xid).await?;
     assert_eq!(
         after["events"].as_array().map(|a| a[..7].to_vec()),

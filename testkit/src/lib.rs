@@ -74,6 +74,25 @@ pub struct MariaDb {
     opts: MariaDbOptions,
 }
 
+/// Connection options for `addr` over TCP only, no user: a server, or a proxy in front of one.
+pub fn tcp_opts(addr: SocketAddr) -> OptsBuilder {
+    OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        // Otherwise mysql_async asks the server for its socket and silently moves the
+        // connection there, bypassing whatever listens on the TCP port (the proxy).
+        .prefer_socket(false)
+}
+
+/// Connection options for [`APP_USER`] on database `test` at `addr` (a server or a proxy),
+/// over TCP only.
+pub fn app_opts(addr: SocketAddr) -> OptsBuilder {
+    tcp_opts(addr)
+        .user(Some(APP_USER))
+        .pass(Some(APP_PASSWORD))
+        .db_name(Some("test"))
+}
+
 impl MariaDb {
     /// Starts a server with default options.
     pub async fn start() -> Result<MariaDb> {
@@ -264,24 +283,12 @@ impl MariaDb {
 
     /// Connection options for [`APP_USER`] on database `test`, over TCP.
     pub fn opts(&self) -> OptsBuilder {
-        self.tcp_opts()
-            .user(Some(APP_USER))
-            .pass(Some(APP_PASSWORD))
-            .db_name(Some("test"))
+        app_opts(self.addr())
     }
 
     /// Connection options for `root` (empty password), over TCP.
     pub fn root_opts(&self) -> OptsBuilder {
-        self.tcp_opts().user(Some("root"))
-    }
-
-    fn tcp_opts(&self) -> OptsBuilder {
-        OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(self.port)
-            // Otherwise mysql_async asks the server for its socket and silently moves the
-            // connection there, bypassing whatever listens on the TCP port (the proxy).
-            .prefer_socket(false)
+        tcp_opts(self.addr()).user(Some("root"))
     }
 
     /// A connection made with [`MariaDb::opts`].

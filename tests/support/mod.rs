@@ -55,10 +55,7 @@ impl Proxy {
 
     /// Options for the app user on database `test`, through the proxy, TCP only.
     pub fn opts(&self) -> OptsBuilder {
-        tcp_opts(self.addr)
-            .user(Some(APP_USER))
-            .pass(Some(APP_PASSWORD))
-            .db_name(Some("test"))
+        ferrata_testkit::app_opts(self.addr)
     }
 
     pub async fn conn(&self) -> Result<mysql_async::Conn> {
@@ -98,13 +95,8 @@ pub fn test_config(backend: SocketAddr) -> Config {
     }
 }
 
-/// mysql_async options for a TCP address, with the Unix-socket preference off.
-pub fn tcp_opts(addr: SocketAddr) -> OptsBuilder {
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .prefer_socket(false)
-}
+// mysql_async options for a TCP address, with the Unix-socket preference off.
+pub use ferrata_testkit::tcp_opts;
 
 /// A MariaDB server and a proxy in front of it.
 pub struct Setup {

@@ -160,10 +160,7 @@ impl ProxyProcess {
 
     /// Options for the app user on database `test`, through this proxy.
     pub fn opts(&self) -> mysql_async::OptsBuilder {
-        crate::tcp_opts(self.addr)
-            .user(Some(APP_USER))
-            .pass(Some(APP_PASSWORD))
-            .db_name(Some("test"))
+        ferrata_testkit::app_opts(self.addr)
     }
 
     pub async fn conn(&self) -> Result<mysql_async::Conn> {

@@ -6,8 +6,8 @@
 
 use serde_json::{Value, json};
 
-use super::{Out, attention, confirm, show_dry_run, text};
-use crate::args::{Act, Dirty, Output, Rows};
+use super::{Out, attention, confirm, key_text, show_dry_run, text};
+use crate::args::{Dirty, Output, Rows, Settle};
 use crate::client::{Client, query_value};
 use crate::exit::{Exit, Failure, Result};
 use crate::table::Table;
@@ -29,8 +29,8 @@ pub async fn run(client: &Client, out: &Out, command: &Dirty) -> Result {
             print_rows(xid, branch, &seen, *hex, *all_rows);
             Ok(Exit::Ok)
         }
-        Dirty::Accept { xid, branch, rows, act } => repair(client, out, xid, *branch, rows, act, "accept").await,
-        Dirty::Restore { xid, branch, rows, act } => repair(client, out, xid, *branch, rows, act, "restore").await,
+        Dirty::Accept(settle) => repair(client, out, settle, "accept").await,
+        Dirty::Restore(settle) => repair(client, out, settle, "restore").await,
     }
 }
 
@@ -110,15 +110,7 @@ fn print_rows(xid: &str, branch: u64, seen: &Value, hex: bool, all_rows: bool) {
         if !all_rows && matches!(state, "clean" | "restored") {
             continue;
         }
-        let key = row["primary_key"]
-            .as_object()
-            .map(|k| {
-                k.iter()
-                    .map(|(c, v)| format!("{c}={}", text(v)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_default();
+        let key = key_text(&row["primary_key"]);
         println!(
             "\nROW {}.{} {key}  {state}  digest {}",
             text(&row["schema"]),
@@ -182,16 +174,9 @@ fn chosen(seen: &Value, rows: &Rows) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-async fn repair(
-    client: &Client,
-    out: &Out,
-    xid: &str,
-    branch: Option<u64>,
-    rows: &Rows,
-    act: &Act,
-    verb: &str,
-) -> Result {
-    let (branch, seen) = inspect(client, xid, branch).await?;
+async fn repair(client: &Client, out: &Out, settle: &Settle, verb: &str) -> Result {
+    let Settle { xid, branch, rows, act } = settle;
+    let (branch, seen) = inspect(client, xid, *branch).await?;
     let mut body = json!({
         "reason": act.reason,
         "expect_version": act.expect_version.or(seen["version"].as_u64()),

@@ -110,6 +110,18 @@ pub fn text(v: &Value) -> String {
     }
 }
 
+/// A primary key as `col=value,col=value`, the form `--row` takes.
+pub fn key_text(key: &Value) -> String {
+    key.as_object()
+        .map(|k| {
+            k.iter()
+                .map(|(c, v)| format!("{c}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

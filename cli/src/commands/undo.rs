@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use ferrata_proxy::at::repair::display;
-use ferrata_proxy::at::undo::{UndoItem, UndoRecord};
-use ferrata_proxy::at::undo_log::{STATUS_GLOBAL_FINISHED, STATUS_NORMAL, chunk_xid, chunks_of};
+use ferrata_proxy::at::repair::{column_types_of, display};
+use ferrata_proxy::at::undo::UndoItem;
+use ferrata_proxy::at::undo_log::{STATUS_GLOBAL_FINISHED, STATUS_NORMAL, read_record};
 use mysql_async::prelude::*;
 use serde_json::{Value, json};
 
-use super::{Out, text};
+use super::{Out, key_text, text};
 use crate::args::{Database, Output, Undo};
 use crate::client::{Client, query_value};
 use crate::exit::{Exit, Failure, Result};
@@ -35,9 +35,9 @@ pub async fn run(client: Option<Client>, out: &Out, command: &Undo) -> Result {
                 Some("marker") => Some(STATUS_GLOBAL_FINISHED),
                 Some(other) => return Err(Failure::usage(format!("--status {other:?}: use normal or marker"))),
             };
-            let rows: Vec<(u64, String, String, i32, u64, String)> = conn
+            let rows: Vec<(u64, String, i32, u64, String)> = conn
                 .exec(
-                    "SELECT branch_id, xid, context, log_status, TIMESTAMPDIFF(SECOND, log_created, NOW(6)), \
+                    "SELECT branch_id, xid, log_status, TIMESTAMPDIFF(SECOND, log_created, NOW(6)), \
                      CAST(log_created AS CHAR) FROM undo_log WHERE log_status IN (?, ?) ORDER BY log_created, xid",
                     (STATUS_NORMAL, STATUS_GLOBAL_FINISHED),
                 )
@@ -45,7 +45,7 @@ pub async fn run(client: Option<Client>, out: &Out, command: &Undo) -> Result {
                 .map_err(db_error)?;
             let mut records = Vec::new();
             let mut known: BTreeMap<String, Value> = BTreeMap::new();
-            for (branch_id, x, context, log_status, age_s, created) in rows {
+            for (branch_id, x, log_status, age_s, created) in rows {
                 if xid.as_ref().is_some_and(|w| *w != x)
                     || branch.is_some_and(|b| b != branch_id)
                     || status.is_some_and(|s| s != log_status)
@@ -58,7 +58,7 @@ pub async fn run(client: Option<Client>, out: &Out, command: &Undo) -> Result {
                     "status": if log_status == STATUS_NORMAL { "normal" } else { "marker" },
                 });
                 if log_status == STATUS_NORMAL {
-                    match read(&mut conn, &x, branch_id, &context).await {
+                    match read_record(&mut conn, &x, branch_id).await {
                         Ok(record) => {
                             let tables: Vec<String> = record
                                 .items
@@ -118,17 +118,14 @@ pub async fn run(client: Option<Client>, out: &Out, command: &Undo) -> Result {
         }
         Undo::Show { db, xid, branch } => {
             let mut conn = connect(db).await?;
-            let rows: Vec<(u64, String)> = conn
+            let rows: Vec<u64> = conn
                 .exec(
-                    "SELECT branch_id, context FROM undo_log WHERE xid = ? AND log_status = ? ORDER BY branch_id",
+                    "SELECT branch_id FROM undo_log WHERE xid = ? AND log_status = ? ORDER BY branch_id",
                     (xid, STATUS_NORMAL),
                 )
                 .await
                 .map_err(db_error)?;
-            let rows: Vec<_> = rows
-                .into_iter()
-                .filter(|(b, _)| branch.is_none_or(|w| w == *b))
-                .collect();
+            let rows: Vec<_> = rows.into_iter().filter(|b| branch.is_none_or(|w| w == *b)).collect();
             if rows.is_empty() {
                 return Err(Failure::new(
                     Exit::NotFound,
@@ -136,10 +133,8 @@ pub async fn run(client: Option<Client>, out: &Out, command: &Undo) -> Result {
                 ));
             }
             let mut records = Vec::new();
-            for (branch_id, context) in rows {
-                let record = read(&mut conn, xid, branch_id, &context)
-                    .await
-                    .map_err(Failure::error)?;
+            for branch_id in rows {
+                let record = read_record(&mut conn, xid, branch_id).await.map_err(Failure::error)?;
                 let mut items = Vec::new();
                 for item in &record.items {
                     items.push(item_json(&mut conn, item).await?);
@@ -199,45 +194,11 @@ async fn connect(db: &Database) -> Result<mysql_async::Conn> {
     .map_err(db_error)
 }
 
-/// A record with its pieces joined, decoded.
-async fn read(
-    conn: &mut mysql_async::Conn,
-    xid: &str,
-    branch_id: u64,
-    context: &str,
-) -> std::result::Result<UndoRecord, String> {
-    let mut bytes: Vec<u8> = conn
-        .exec_first(
-            "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
-            (xid, branch_id),
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the record vanished")?;
-    for n in 2..=chunks_of(context) {
-        let piece: Option<Vec<u8>> = conn
-            .exec_first(
-                "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
-                (chunk_xid(xid, n), branch_id),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        bytes.extend(piece.ok_or_else(|| format!("piece {n} is missing"))?);
-    }
-    UndoRecord::from_bytes(&bytes).map_err(|e| format!("cannot be read: {e}"))
-}
-
 /// An item with its columns' types and each row's values, column by column.
 async fn item_json(conn: &mut mysql_async::Conn, item: &UndoItem) -> Result<Value> {
-    let types: BTreeMap<String, String> = conn
-        .exec::<(String, String), _, _>(
-            "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
-            (&item.schema, &item.table),
-        )
+    let types = column_types_of(conn, &item.schema, &item.table)
         .await
-        .map_err(db_error)?
-        .into_iter()
-        .collect();
+        .map_err(db_error)?;
     let value = |row: Option<&Vec<Option<String>>>, i: usize| -> Value {
         row.and_then(|r| r.get(i).cloned().flatten())
             .map_or(Value::Null, Value::String)
@@ -299,15 +260,7 @@ fn print_records(records: &[Value]) {
                 text(&item["table"])
             );
             for row in item["rows"].as_array().into_iter().flatten() {
-                let key = row["primary_key"]
-                    .as_object()
-                    .map(|k| {
-                        k.iter()
-                            .map(|(c, v)| format!("{c}={}", text(v)))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_default();
+                let key = key_text(&row["primary_key"]);
                 println!("ROW {key}");
                 let mut t = Table::new(&["COLUMN", "TYPE", "BEFORE", "AFTER"]);
                 for c in row["columns"].as_array().into_iter().flatten() {

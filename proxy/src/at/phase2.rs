@@ -20,7 +20,7 @@ use mysql_async::prelude::*;
 use tracing::Instrument;
 
 use super::At;
-use super::undo::{self, UndoRecord, Verdict};
+use super::undo::{self, Verdict};
 use super::undo_log::{self, CONTEXT, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
 use crate::sql::image::{RawRow, raw_row};
 
@@ -38,32 +38,6 @@ fn server_code(e: &mysql_async::Error) -> Option<u16> {
         mysql_async::Error::Server(s) => Some(s.code),
         _ => None,
     }
-}
-
-/// A branch's undo record, its pieces joined in order.
-pub(super) async fn read_record(
-    tx: &mut mysql_async::Transaction<'_>,
-    b: &pb::BranchRef,
-) -> Result<UndoRecord, String> {
-    let (context, mut bytes): (String, Vec<u8>) = tx
-        .exec_first(
-            "SELECT context, rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
-            (&b.xid, b.branch_id),
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the undo record vanished")?;
-    for n in 2..=undo_log::chunks_of(&context) {
-        let piece: Option<Vec<u8>> = tx
-            .exec_first(
-                "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
-                (undo_log::chunk_xid(&b.xid, n), b.branch_id),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        bytes.extend(piece.ok_or_else(|| format!("piece {n} of the undo record is missing"))?);
-    }
-    UndoRecord::from_bytes(&bytes).map_err(|e| format!("the undo record cannot be read: {e}"))
 }
 
 /// The rows an undo item is about, as they are now (locked FOR UPDATE unless `lock` says
@@ -228,7 +202,7 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                 return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
             }
             Some(STATUS_NORMAL) => {
-                let record = read_record(&mut tx, b).await?;
+                let record = undo_log::read_record(&mut tx, &b.xid, b.branch_id).await?;
                 // Last change first.
                 for item in record.items.iter().rev() {
                     let current = current_rows(&mut tx, item, undo::Lock::ForUpdate)

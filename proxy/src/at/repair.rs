@@ -27,9 +27,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::At;
-use super::phase2::{current_rows, read_record};
+use super::phase2::current_rows;
 use super::undo::{self, ImageColumn, Kind, Lock, UndoItem, UndoRecord};
-use super::undo_log::{self, STATUS_NORMAL};
+use super::undo_log::{self, STATUS_NORMAL, read_record};
 use crate::coordinator::database_of;
 use crate::sql::image::{Encoding, ImageRow, RawRow};
 
@@ -229,15 +229,25 @@ async fn column_types(
     let tables: BTreeSet<(String, String)> = rows.iter().map(|r| (r.schema.clone(), r.table.clone())).collect();
     let mut out = BTreeMap::new();
     for (schema, table) in tables {
-        let types: Vec<(String, String)> = tx
-            .exec(
-                "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
-                (&schema, &table),
-            )
-            .await?;
-        out.insert((schema, table), types.into_iter().collect());
+        let types = column_types_of(tx, &schema, &table).await?;
+        out.insert((schema, table), types);
     }
     Ok(out)
+}
+
+/// The declared type (`COLUMN_TYPE`, e.g. `decimal(10,2)`) of each column of a table.
+pub async fn column_types_of<Q: Queryable>(
+    q: &mut Q,
+    schema: &str,
+    table: &str,
+) -> Result<BTreeMap<String, String>, mysql_async::Error> {
+    let types: Vec<(String, String)> = q
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (schema, table),
+        )
+        .await?;
+    Ok(types.into_iter().collect())
 }
 
 type Types = BTreeMap<(String, String), BTreeMap<String, String>>;
@@ -334,7 +344,9 @@ async fn locked_record(
         Lock::None => "SELECT log_status FROM undo_log WHERE xid = ? AND branch_id = ?",
     };
     match tx.exec_first::<i32, _, _>(sql, (&b.xid, b.branch_id)).await {
-        Ok(Some(STATUS_NORMAL)) => read_record(tx, b).await.map_err(|e| Refusal::new("repair_failed", e)),
+        Ok(Some(STATUS_NORMAL)) => read_record(tx, &b.xid, b.branch_id)
+            .await
+            .map_err(|e| Refusal::new("repair_failed", e)),
         Ok(_) => Err(Refusal::new(
             "not_found",
             format!(
@@ -446,8 +458,8 @@ async fn run(at: &At, action: pb::Phase2Action, b: &pb::BranchRef, repair: pb::R
     }
     let current = read_current(&mut tx, &targets, Lock::ForUpdate).await?;
     let stale = if repair.all || action == pb::Phase2Action::DiscardUndo {
-        let everything = read_current(&mut tx, &rows.iter().collect::<Vec<_>>(), Lock::ForUpdate).await?;
-        let digests: Vec<(&BranchRow, String)> = rows.iter().map(|r| (r, digest(r, &everything[&r.id]))).collect();
+        // The targets are every row, in order: what was just read covers the branch.
+        let digests: Vec<(&BranchRow, String)> = rows.iter().map(|r| (r, digest(r, &current[&r.id]))).collect();
         !repair.branch_digest.is_empty() && branch_digest(&digests) != repair.branch_digest
     } else {
         repair

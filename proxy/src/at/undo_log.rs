@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::At;
+use super::undo::UndoRecord;
 use crate::config::Config;
 use crate::coordinator::{Global, database_of, service_error};
 
@@ -81,6 +82,30 @@ pub fn pieces<'a>(xid: &str, record: &'a [u8], chunk: usize) -> Vec<Piece<'a>> {
             }
         })
         .collect()
+}
+
+/// A branch's undo record, its pieces joined in order (a proxy's rollback or repair, and
+/// `ferrata undo` reading a database).
+pub async fn read_record<Q: Queryable>(q: &mut Q, xid: &str, branch_id: u64) -> Result<UndoRecord, String> {
+    let (context, mut bytes): (String, Vec<u8>) = q
+        .exec_first(
+            "SELECT context, rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
+            (xid, branch_id),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the undo record vanished")?;
+    for n in 2..=chunks_of(&context) {
+        let piece: Option<Vec<u8>> = q
+            .exec_first(
+                "SELECT rollback_info FROM undo_log WHERE xid = ? AND branch_id = ?",
+                (chunk_xid(xid, n), branch_id),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        bytes.extend(piece.ok_or_else(|| format!("piece {n} of the undo record is missing"))?);
+    }
+    UndoRecord::from_bytes(&bytes).map_err(|e| format!("the undo record cannot be read: {e}"))
 }
 
 pub const CREATE: &str = "CREATE TABLE IF NOT EXISTS undo_log (

@@ -785,6 +785,19 @@ impl TestRm {
     }
 }
 
+/// A crash of everything: `rm` crashes, the coordinator is killed with SIGKILL and started
+/// again on its data directory, and a fresh `rm-db1` serving `db1` attaches to it. Returns
+/// the new client, recorder and resource manager.
+pub async fn kill9_and_reattach(tc: &mut Tc, mut rm: TestRm) -> Result<(TcClient, Arc<Recorder>, TestRm)> {
+    rm.crash();
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    Ok((c, rec, rm))
+}
+
 impl Drop for TestRm {
     fn drop(&mut self) {
         self.crash();
