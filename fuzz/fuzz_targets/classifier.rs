@@ -26,9 +26,12 @@ fuzz_target!(|data: &[u8]| {
     let _ = classify::use_schema(sql);
     let _ = classify::savepoint_name(sql);
 
-    // The parser knows no NO_BACKSLASH_ESCAPES: compare only in the default mode.
+    // The parser knows no NO_BACKSLASH_ESCAPES: compare only in the default mode. It also
+    // reads a NUL byte as whitespace, where MariaDB's lexer reads one before the end of the
+    // text as a stray character: `\0;DELETE FROM t` is ERR 1064 there and runs nothing
+    // (checked on MariaDB 10.11), so texts with a NUL are no reference for the classifier.
     let Ok(text) = std::str::from_utf8(sql) else { return };
-    if no_backslash_escapes {
+    if no_backslash_escapes || text.contains('\0') {
         return;
     }
     if dml::plan(text).is_ok() {
