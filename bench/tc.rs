@@ -380,6 +380,7 @@ fn register_request(xid: &str, resource: &str, pk: &[u8], lock_wait_ms: u64) -> 
         }],
         application_data: Vec::new(),
         lock_wait_ms,
+        ..Default::default()
     }
 }
 

@@ -264,6 +264,7 @@ async fn register(tc: &Coordinator, xid: &str, resource: &str, id: &[u8]) -> Res
         }],
         application_data: Vec::new(),
         lock_wait_ms: 1000,
+        ..Default::default()
     };
     Ok(c.rm.branch_register(request).await?.into_inner().branch_id)
 }

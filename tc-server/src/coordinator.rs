@@ -39,7 +39,7 @@ use crate::history::History;
 use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
 use crate::model::{
-    BranchError, BranchRecord, BranchStatus, Failure, FinishedRecord, GlobalRecord, GlobalStatus, now_ms,
+    BranchError, BranchMode, BranchRecord, BranchStatus, Failure, FinishedRecord, GlobalRecord, GlobalStatus, now_ms,
 };
 use crate::rm::RmRegistry;
 use crate::store::journal::Journal;
@@ -145,7 +145,8 @@ pub(crate) struct PendingCommit {
     pub txn_id: u64,
     pub branch_id: u64,
     pub resource_id: String,
-    pub application_data: Vec<u8>,
+    /// The branch as the commit names it.
+    pub reference: pb::BranchRef,
     pub attempt: u32,
     pub not_before: Instant,
 }
@@ -278,7 +279,7 @@ impl Coordinator {
                 });
             if status.is_committing() {
                 let mut queue = self.commit_queue.lock();
-                for b in list.iter().filter(|b| b.status == BranchStatus::Registered) {
+                for b in list.iter().filter(|b| b.awaits_commit()) {
                     queue.push(pending_commit(b));
                 }
                 resumed.0 += 1;
@@ -505,16 +506,28 @@ impl Coordinator {
         self.guard_for(&session, (xid, "guard tables"), &tables, deadline).await
     }
 
-    /// Registers a branch of a transaction in Begin and takes its locks.
-    pub async fn register(
-        &self,
-        xid: &str,
-        resource_id: String,
-        locks: &[pb::TableLocks],
-        application_data: Vec<u8>,
-        lock_wait_ms: u64,
-    ) -> Result<u64, TcError> {
+    /// Registers a branch of a transaction in Begin and takes its locks (an XA branch takes
+    /// none: its database holds them).
+    pub async fn register(&self, request: pb::BranchRegisterRequest) -> Result<u64, TcError> {
+        let pb::BranchRegisterRequest {
+            xid,
+            resource_id,
+            locks,
+            application_data,
+            lock_wait_ms,
+            branch_type,
+            connection_id,
+        } = request;
+        let xid = xid.as_str();
         self.check_running()?;
+        let mode = pb::BranchType::try_from(branch_type)
+            .map(BranchMode::from_pb)
+            .map_err(|_| TcError::invalid(format!("unknown branch_type {branch_type}")))?;
+        if mode == BranchMode::Xa && !locks.is_empty() {
+            return Err(TcError::invalid(
+                "an XA branch takes no global locks (its database holds them): send no locks",
+            ));
+        }
         let limit = self.config.transactions.max_application_data;
         if application_data.len() > limit {
             return Err(TcError::invalid(format!(
@@ -522,7 +535,7 @@ impl Coordinator {
                 application_data.len()
             )));
         }
-        let keys = LockKey::from_pb(&resource_id, locks).map_err(TcError::invalid)?;
+        let keys = LockKey::from_pb(&resource_id, &locks).map_err(TcError::invalid)?;
         let tables = Table::of_keys(&keys);
         let session = self.session_for(xid, "register a branch")?;
         let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
@@ -565,6 +578,8 @@ impl Coordinator {
                 registered_ms: now,
                 updated_ms: now,
                 error: None,
+                mode,
+                connection_id,
             };
             if let Some(waited) = granted.waited {
                 state.record(EventKind::LockWaited {
@@ -578,6 +593,12 @@ impl Coordinator {
                 resource_id: branch.resource_id.clone(),
                 lock_keys: branch.lock_keys.len() as u64,
             });
+            if mode == BranchMode::Xa {
+                state.record(EventKind::XaBranch {
+                    branch_id,
+                    connection_id,
+                });
+            }
             state.branches.push(branch.clone());
             state.registered += 1;
             let mut writes = Vec::with_capacity(3);
@@ -596,57 +617,95 @@ impl Coordinator {
         Ok(branch_id)
     }
 
-    /// A resource manager reports that a registered branch's local transaction did not
-    /// commit. Its locks are released and phase 2 will skip it.
+    /// A resource manager reports a registered branch's phase-1 outcome:
+    /// - `PhaseOneFailed`: its local transaction did not commit (or prepare); its locks are
+    ///   released and phase 2 skips it;
+    /// - XA only, `Prepared`: the database prepared it; accepted only while the transaction is
+    ///   in Begin (a branch prepared after the decision is not part of it and must be rolled
+    ///   back by its resource manager);
+    /// - XA only, `ReadOnly`: it wrote nothing and was finished in phase 1; phase 2 skips it.
     pub async fn report(&self, xid: &str, branch_id: u64, status: BranchStatus, reason: String) -> Result<(), TcError> {
         self.check_running()?;
-        if status != BranchStatus::PhaseOneFailed {
+        if !matches!(
+            status,
+            BranchStatus::PhaseOneFailed | BranchStatus::Prepared | BranchStatus::ReadOnly
+        ) {
             return Err(TcError::invalid(format!(
-                "only PHASE_ONE_FAILED can be reported; {} is decided by the coordinator",
+                "only PHASE_ONE_FAILED, PHASE_ONE_PREPARED and PHASE_ONE_READ_ONLY can be reported; {} is decided by the coordinator",
                 status.as_str()
             )));
         }
         let session = self.session_for(xid, "report a branch")?;
         let (durable, keys) = {
             let mut state = session.state.lock();
+            let global = state.record.status;
             let Some(branch) = state.branches.iter_mut().find(|b| b.branch_id == branch_id) else {
                 return Err(TcError::new(
                     ErrorCode::BranchNotFound,
                     format!("global transaction {xid} has no branch {branch_id}"),
                 ));
             };
-            match branch.status {
-                BranchStatus::Registered => {}
-                BranchStatus::PhaseOneFailed => return Ok(()),
-                other => {
-                    let global = state.record.status;
-                    return Err(TcError {
-                        status: Some(global),
-                        ..TcError::new(
-                            ErrorCode::GlobalStatusInvalid,
-                            format!("branch {branch_id} of {xid} is already in phase 2 ({})", other.as_str()),
-                        )
+            let invalid = |message: String| TcError {
+                status: Some(global),
+                ..TcError::new(ErrorCode::GlobalStatusInvalid, message)
+            };
+            if status != BranchStatus::PhaseOneFailed && branch.mode != BranchMode::Xa {
+                return Err(TcError::invalid(format!(
+                    "branch {branch_id} of {xid} is an AT branch; only XA branches are prepared or read-only"
+                )));
+            }
+            match (branch.status, status) {
+                (BranchStatus::Registered, BranchStatus::Prepared) if global != GlobalStatus::Begin => {
+                    return Err(invalid(format!(
+                        "global transaction {xid} was decided ({}) before branch {branch_id} prepared: the branch is not part of it; roll it back",
+                        global.as_str()
+                    )));
+                }
+                (BranchStatus::Registered, _) => {}
+                (now, then) if now == then => return Ok(()),
+                // Ended by the decision before it said how its phase 1 went: nothing to do.
+                (BranchStatus::PhaseOneFailed, BranchStatus::ReadOnly) => return Ok(()),
+                (BranchStatus::PhaseOneFailed, BranchStatus::Prepared) => {
+                    let why = branch.error.as_ref().map_or("", |e| e.reason.as_str());
+                    return Err(invalid(format!(
+                        "branch {branch_id} of {xid} ended before it prepared ({why}): it is not part of the global transaction; roll it back"
+                    )));
+                }
+                (now, _) => {
+                    return Err(invalid(format!(
+                        "branch {branch_id} of {xid} is already {}; its phase 1 is over",
+                        now.as_str()
+                    )));
+                }
+            }
+            branch.status = status;
+            branch.updated_ms = now_ms();
+            if status == BranchStatus::PhaseOneFailed {
+                branch.error = Some(BranchError {
+                    reason: reason.clone(),
+                    detail_json: String::new(),
+                });
+            }
+            let record = branch.clone();
+            let keys = record.lock_keys.clone();
+            match status {
+                BranchStatus::Prepared => state.record(EventKind::BranchPrepared { branch_id }),
+                BranchStatus::ReadOnly => state.record(EventKind::BranchReadOnly { branch_id }),
+                _ => {
+                    state.record(EventKind::PhaseOneFailed { branch_id, reason });
+                    state.record(EventKind::LocksReleased {
+                        branch_id: Some(branch_id),
+                        rows: keys.len() as u64,
                     });
                 }
             }
-            branch.status = BranchStatus::PhaseOneFailed;
-            branch.updated_ms = now_ms();
-            branch.error = Some(BranchError {
-                reason: reason.clone(),
-                detail_json: String::new(),
-            });
-            let record = branch.clone();
-            let keys = record.lock_keys.clone();
-            state.record(EventKind::PhaseOneFailed { branch_id, reason });
-            state.record(EventKind::LocksReleased {
-                branch_id: Some(branch_id),
-                rows: keys.len() as u64,
-            });
             let writes = state.with_events(vec![Mutation::PutBranch(record)]);
             (self.journal.submit(writes), keys)
         };
-        self.at.locks.release_branch(session.txn_id, branch_id, &keys);
-        self.metrics.branch_phase_one_failed.increment(1);
+        if status == BranchStatus::PhaseOneFailed {
+            self.at.locks.release_branch(session.txn_id, branch_id, &keys);
+            self.metrics.branch_phase_one_failed.increment(1);
+        }
         durable.await?;
         Ok(())
     }
@@ -713,7 +772,10 @@ impl Coordinator {
                 s => return Err(TcError::status_invalid(xid, s, "commit")),
             }
             self.set_status(&mut state, GlobalStatus::Committing);
-            let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
+            // An XA branch still in phase 1 is not part of the decision: it ends like a failed
+            // phase 1 (its late prepare is refused and rolled back by its resource manager).
+            let unprepared = not_prepared_in_time(&mut state);
+            let pending = state.branches.iter().any(BranchRecord::awaits_commit);
             let keys: Vec<LockKey> = state
                 .branches
                 .iter()
@@ -742,7 +804,9 @@ impl Coordinator {
                 (GlobalStatus::Committed, Mutation::Finish(finished))
             };
             let durable = state.stored.then(|| {
-                let writes = state.with_events(vec![write]);
+                let mut writes: Vec<Mutation> = unprepared.into_iter().map(Mutation::PutBranch).collect();
+                writes.push(write);
+                let writes = state.with_events(writes);
                 self.journal.submit(writes)
             });
             (durable, keys, next)
@@ -757,7 +821,7 @@ impl Coordinator {
             self.set_status(&mut state, next);
             if next == GlobalStatus::AsyncCommitting {
                 let mut queue = self.commit_queue.lock();
-                for b in state.branches.iter().filter(|b| b.status == BranchStatus::Registered) {
+                for b in state.branches.iter().filter(|b| b.awaits_commit()) {
                     queue.push(pending_commit(b));
                 }
             } else {
@@ -975,12 +1039,37 @@ impl Coordinator {
     }
 }
 
+/// Marks the XA branches of a transaction being committed that never reported prepared as
+/// failed in phase 1, and returns them to be stored.
+fn not_prepared_in_time(state: &mut SessionState) -> Vec<BranchRecord> {
+    const REASON: &str = "not prepared when the global transaction committed";
+    let mut changed = Vec::new();
+    for b in &mut state.branches {
+        if b.mode == BranchMode::Xa && b.status == BranchStatus::Registered {
+            b.status = BranchStatus::PhaseOneFailed;
+            b.updated_ms = now_ms();
+            b.error = Some(BranchError {
+                reason: REASON.into(),
+                detail_json: String::new(),
+            });
+            changed.push(b.clone());
+        }
+    }
+    for b in &changed {
+        state.record(EventKind::PhaseOneFailed {
+            branch_id: b.branch_id,
+            reason: REASON.into(),
+        });
+    }
+    changed
+}
+
 pub(crate) fn pending_commit(b: &BranchRecord) -> PendingCommit {
     PendingCommit {
         txn_id: b.txn_id,
         branch_id: b.branch_id,
         resource_id: b.resource_id.clone(),
-        application_data: b.application_data.clone(),
+        reference: b.to_ref(&format_xid(b.txn_id)),
         attempt: 0,
         not_before: Instant::now(),
     }

@@ -119,11 +119,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         request: Request<pb::BranchRegisterRequest>,
     ) -> Result<Response<pb::BranchRegisterResponse>, Status> {
         let r = request.into_inner();
-        let branch_id = self
-            .0
-            .register(&r.xid, r.resource_id, &r.locks, r.application_data, r.lock_wait_ms)
-            .await
-            .map_err(status)?;
+        let branch_id = self.0.register(r).await.map_err(status)?;
         Ok(Response::new(pb::BranchRegisterResponse { branch_id }))
     }
 

@@ -21,7 +21,7 @@ use crate::audit::{AuditFilter, Origin};
 use crate::auth::{Caller, Permission, Role, Sessions};
 use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
-use crate::model::{Failure, GlobalStatus, now_ms};
+use crate::model::{BranchMode, Failure, GlobalStatus, now_ms};
 use crate::operator::OperatorRequest;
 use crate::repair::{RepairAction, RowsSeen};
 use crate::xid::format_xid;
@@ -364,6 +364,8 @@ fn view_json(v: &TxnView, with_branches: bool, caller: &Caller) -> Value {
                 json!({
                     "branch_id": b.branch_id,
                     "resource_id": b.resource_id,
+                    "mode": b.mode.as_str(),
+                    "connection_id": (b.mode == BranchMode::Xa).then_some(b.connection_id),
                     "status": b.status.as_str(),
                     "registered_ms": b.registered_ms,
                     "updated_ms": b.updated_ms,

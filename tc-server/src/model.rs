@@ -209,6 +209,10 @@ pub enum BranchStatus {
     RollbackFailedUnretryable,
     /// The resource can never commit this branch; kept for an operator.
     CommitFailedUnretryable,
+    /// XA: the database prepared the branch; phase 2 commits or rolls it back.
+    Prepared,
+    /// XA: the branch wrote nothing and was finished in phase 1; phase 2 skips it.
+    ReadOnly,
 }
 
 impl BranchStatus {
@@ -221,6 +225,8 @@ impl BranchStatus {
             BranchStatus::RollbackFailedRetryable => "RollbackFailedRetryable",
             BranchStatus::RollbackFailedUnretryable => "RollbackFailedUnretryable",
             BranchStatus::CommitFailedUnretryable => "CommitFailedUnretryable",
+            BranchStatus::Prepared => "Prepared",
+            BranchStatus::ReadOnly => "ReadOnly",
         }
     }
 
@@ -233,6 +239,8 @@ impl BranchStatus {
             BranchStatus::RollbackFailedRetryable => pb::BranchStatus::RollbackFailedRetryable,
             BranchStatus::RollbackFailedUnretryable => pb::BranchStatus::RollbackFailedUnretryable,
             BranchStatus::CommitFailedUnretryable => pb::BranchStatus::CommitFailedUnretryable,
+            BranchStatus::Prepared => pb::BranchStatus::PhaseOnePrepared,
+            BranchStatus::ReadOnly => pb::BranchStatus::PhaseOneReadOnly,
         }
     }
 
@@ -246,12 +254,59 @@ impl BranchStatus {
             pb::BranchStatus::RollbackFailedRetryable => BranchStatus::RollbackFailedRetryable,
             pb::BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedUnretryable,
             pb::BranchStatus::CommitFailedUnretryable => BranchStatus::CommitFailedUnretryable,
+            pb::BranchStatus::PhaseOnePrepared => BranchStatus::Prepared,
+            pb::BranchStatus::PhaseOneReadOnly => BranchStatus::ReadOnly,
         })
     }
 
-    /// Phase 2 must still visit this branch.
+    /// A rollback must still visit this branch.
     pub fn needs_phase_two(self) -> bool {
-        matches!(self, BranchStatus::Registered | BranchStatus::RollbackFailedRetryable)
+        matches!(
+            self,
+            BranchStatus::Registered | BranchStatus::Prepared | BranchStatus::RollbackFailedRetryable
+        )
+    }
+}
+
+/// How a branch keeps its work until phase 2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BranchMode {
+    /// Committed locally at once with an undo record; holds global row locks.
+    #[default]
+    At,
+    /// Prepared by the database (XA), which holds its row locks until phase 2.
+    Xa,
+}
+
+impl BranchMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BranchMode::At => "AT",
+            BranchMode::Xa => "XA",
+        }
+    }
+
+    pub fn to_pb(self) -> pb::BranchType {
+        match self {
+            BranchMode::At => pb::BranchType::At,
+            BranchMode::Xa => pb::BranchType::Xa,
+        }
+    }
+
+    pub fn from_pb(t: pb::BranchType) -> BranchMode {
+        match t {
+            pb::BranchType::At => BranchMode::At,
+            pb::BranchType::Xa => BranchMode::Xa,
+        }
+    }
+
+    /// The status a branch of this mode waits for its phase-2 commit in: an AT branch from
+    /// its registration (it registers at its local commit), an XA branch once prepared.
+    pub fn committable(self) -> BranchStatus {
+        match self {
+            BranchMode::At => BranchStatus::Registered,
+            BranchMode::Xa => BranchStatus::Prepared,
+        }
     }
 }
 
@@ -288,6 +343,28 @@ pub struct BranchRecord {
     pub registered_ms: u64,
     pub updated_ms: u64,
     pub error: Option<BranchError>,
+    pub mode: BranchMode,
+    /// XA: the database connection the branch runs on (0 for AT).
+    pub connection_id: u64,
+}
+
+impl BranchRecord {
+    /// Phase 2 must still commit this branch.
+    pub fn awaits_commit(&self) -> bool {
+        self.status == self.mode.committable()
+    }
+
+    /// The branch as phase-2 commands name it to its resource manager.
+    pub fn to_ref(&self, xid: &str) -> pb::BranchRef {
+        pb::BranchRef {
+            xid: xid.to_owned(),
+            branch_id: self.branch_id,
+            resource_id: self.resource_id.clone(),
+            application_data: self.application_data.clone(),
+            branch_type: self.mode.to_pb() as i32,
+            connection_id: self.connection_id,
+        }
+    }
 }
 
 /// A branch that failed phase 2, as reported to the caller.

@@ -196,7 +196,7 @@ impl Coordinator {
             for b in &mut state.branches {
                 let again = match b.status {
                     BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
-                    BranchStatus::CommitFailedUnretryable => BranchStatus::Registered,
+                    BranchStatus::CommitFailedUnretryable => b.mode.committable(),
                     _ => continue,
                 };
                 b.status = again;
@@ -204,7 +204,7 @@ impl Coordinator {
                 b.updated_ms = now_ms();
                 writes.push(Mutation::PutBranch(b.clone()));
                 retried.push(b.branch_id);
-                if again == BranchStatus::Registered {
+                if b.awaits_commit() {
                     queue.push(pending_commit(b));
                 }
             }

@@ -100,15 +100,6 @@ fn attempted(
     }
 }
 
-fn branch_ref(b: &BranchRecord, xid: &str) -> pb::BranchRef {
-    pb::BranchRef {
-        xid: xid.to_owned(),
-        branch_id: b.branch_id,
-        resource_id: b.resource_id.clone(),
-        application_data: b.application_data.clone(),
-    }
-}
-
 impl Coordinator {
     /// Starts the timeout check, the asynchronous committer and the release of idle
     /// guarded tables.
@@ -273,7 +264,7 @@ impl Coordinator {
                 .call(
                     &b.resource_id,
                     pb::Phase2Action::Rollback,
-                    vec![branch_ref(&b, &session.xid)],
+                    vec![b.to_ref(&session.xid)],
                     None,
                     self.config.phase2.call_timeout(),
                 )
@@ -488,15 +479,7 @@ impl Coordinator {
     }
 
     async fn commit_batch(self: Arc<Self>, resource: String, items: Vec<PendingCommit>) {
-        let refs: Vec<pb::BranchRef> = items
-            .iter()
-            .map(|p| pb::BranchRef {
-                xid: crate::xid::format_xid(p.txn_id),
-                branch_id: p.branch_id,
-                resource_id: p.resource_id.clone(),
-                application_data: p.application_data.clone(),
-            })
-            .collect();
+        let refs: Vec<pb::BranchRef> = items.iter().map(|p| p.reference.clone()).collect();
         let started = Instant::now();
         let answer = self
             .rms
@@ -578,7 +561,7 @@ impl Coordinator {
             state.record(done);
         }
         state.branches.retain(|b| b.branch_id != p.branch_id);
-        let pending = state.branches.iter().any(|b| b.status == BranchStatus::Registered);
+        let pending = state.branches.iter().any(BranchRecord::awaits_commit);
         // Until the whole transaction is deleted its committed branches stay in the store
         // (one write per transaction instead of one per branch): after a crash they are sent
         // again, and a branch commit is idempotent (it deletes undo records).

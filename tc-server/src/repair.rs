@@ -59,15 +59,6 @@ pub struct RowsSeen {
     pub branch_digest: String,
 }
 
-fn branch_ref(xid: &str, b: &BranchRecord) -> pb::BranchRef {
-    pb::BranchRef {
-        xid: xid.to_owned(),
-        branch_id: b.branch_id,
-        resource_id: b.resource_id.clone(),
-        application_data: b.application_data.clone(),
-    }
-}
-
 /// A proxy's refusal as the coordinator's error.
 fn refusal(o: &pb::BranchOutcome) -> TcError {
     let code = match o.error_code.as_str() {
@@ -112,7 +103,7 @@ impl Coordinator {
             .call(
                 &b.resource_id,
                 action,
-                vec![branch_ref(xid, b)],
+                vec![b.to_ref(xid)],
                 repair,
                 self.config.phase2.call_timeout(),
             )

@@ -105,6 +105,20 @@ pub enum EventKind {
     Finished {
         status: GlobalStatus,
     },
+    // (New kinds go last: stored events name their kind by position.)
+    /// The branch registered just before is an XA branch, run on this database connection.
+    XaBranch {
+        branch_id: u64,
+        connection_id: u64,
+    },
+    /// An XA branch's database prepared it.
+    BranchPrepared {
+        branch_id: u64,
+    },
+    /// An XA branch wrote nothing and was finished in phase 1.
+    BranchReadOnly {
+        branch_id: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -345,6 +345,18 @@ async fn malformed_grpc_requests_are_invalid_arguments() -> Result {
                 locks: t_rows(&["1"]),
                 application_data: vec![0; 1025],
                 lock_wait_ms: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_code(&e, ErrorCode::InvalidArgument);
+    let e =
+        c.rm.clone()
+            .branch_register(pb::BranchRegisterRequest {
+                xid: xid.clone(),
+                resource_id: "db1".into(),
+                branch_type: 7,
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -254,6 +254,7 @@ impl Global {
             locks,
             application_data: Vec::new(),
             lock_wait_ms: self.lock_wait_ms,
+            ..Default::default()
         };
         let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
         match answered_within(wait, c.rm.branch_register(request)).await {

@@ -113,6 +113,8 @@ pub(crate) mod fixtures {
             registered_ms: 1_700_000_000_100,
             updated_ms: 1_700_000_000_200,
             error: None,
+            mode: crate::model::BranchMode::At,
+            connection_id: 0,
         }
     }
 }

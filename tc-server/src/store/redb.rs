@@ -18,7 +18,7 @@
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
 //! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a
 //! record bumps the byte; this one refuses a record with a byte it does not know instead of
-//! misreading it.
+//! misreading it, and reads the older versions it knows (a version-1 branch is an AT branch).
 //!
 //! ## Settings
 //!
@@ -45,20 +45,21 @@ use redb::{
     Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::audit::AuditRecord;
 use crate::auth::TokenRecord;
-use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
+use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, FinishedRecord, GlobalRecord};
 use crate::timeline::Event;
 
 /// Name of the database file inside the data directory.
 pub const FILE_NAME: &str = "ferrata-tc.redb";
 
-/// Version byte in front of every stored record.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version byte in front of every stored record. Version 2 added a branch's mode and
+/// connection id; every other record reads the same in both.
+pub const FORMAT_VERSION: u8 = 2;
 
 /// See module docs; redb's default is 1 GiB.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -201,9 +202,9 @@ fn decode<T: DeserializeOwned>(path: &Path, what: impl Fn() -> String, bytes: &[
     let Some((&version, body)) = bytes.split_first() else {
         return Err(StoreError(format!("store {p}: {} is empty", what())));
     };
-    if version != FORMAT_VERSION {
+    if version == 0 || version > FORMAT_VERSION {
         return Err(StoreError(format!(
-            "store {p}: {} has format version {version}; this ferrata-tc reads version {FORMAT_VERSION}, \
+            "store {p}: {} has format version {version}; this ferrata-tc reads versions 1 to {FORMAT_VERSION}, \
              so the data was written by a newer ferrata-tc (run that version, or a newer one)",
             what()
         )));
@@ -217,6 +218,41 @@ fn decode<T: DeserializeOwned>(path: &Path, what: impl Fn() -> String, bytes: &[
         ))),
         Err(e) => Err(StoreError(format!("store {p}: {} is corrupt: {e}", what()))),
     }
+}
+
+/// A branch as version 1 stored it (always AT); other records read the same in every
+/// version.
+#[derive(Deserialize)]
+struct BranchRecordV1 {
+    txn_id: u64,
+    branch_id: u64,
+    resource_id: String,
+    lock_keys: Vec<crate::lock_key::LockKey>,
+    application_data: Vec<u8>,
+    status: BranchStatus,
+    registered_ms: u64,
+    updated_ms: u64,
+    error: Option<BranchError>,
+}
+
+fn decode_branch(path: &Path, what: impl Fn() -> String, bytes: &[u8]) -> Result<BranchRecord, StoreError> {
+    if bytes.first() == Some(&1) {
+        let v1: BranchRecordV1 = decode(path, what, bytes)?;
+        return Ok(BranchRecord {
+            txn_id: v1.txn_id,
+            branch_id: v1.branch_id,
+            resource_id: v1.resource_id,
+            lock_keys: v1.lock_keys,
+            application_data: v1.application_data,
+            status: v1.status,
+            registered_ms: v1.registered_ms,
+            updated_ms: v1.updated_ms,
+            error: v1.error,
+            mode: BranchMode::At,
+            connection_id: 0,
+        });
+    }
+    decode(path, what, bytes)
 }
 
 impl Store for RedbStore {
@@ -236,7 +272,7 @@ impl Store for RedbStore {
         for entry in table.iter().map_err(read)? {
             let (key, value) = entry.map_err(read)?;
             let (txn_id, branch_id) = key.value();
-            let record: BranchRecord = decode(
+            let record = decode_branch(
                 &self.path,
                 || format!("the branch {branch_id} of transaction {txn_id}"),
                 value.value(),
@@ -661,9 +697,58 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("newer ferrata-tc"), "{err}");
-        assert!(err.contains("format version 2"), "{err}");
+        assert!(err.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{err}");
         assert!(err.contains("branch 1 of transaction 1"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    /// A store written before branches had a mode: its branches load as AT branches.
+    #[test]
+    fn version_one_branches_load_as_at_branches() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            txn_id: u64,
+            branch_id: u64,
+            resource_id: &'a str,
+            lock_keys: &'a [crate::lock_key::LockKey],
+            application_data: &'a [u8],
+            status: BranchStatus,
+            registered_ms: u64,
+            updated_ms: u64,
+            error: Option<BranchError>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = {
+            let store = RedbStore::open(dir.path()).unwrap();
+            commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+            store.path().to_owned()
+        };
+        let expected = branch(1, 4);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let v1 = V1 {
+                    txn_id: 1,
+                    branch_id: 4,
+                    resource_id: &expected.resource_id,
+                    lock_keys: &expected.lock_keys,
+                    application_data: &expected.application_data,
+                    status: expected.status,
+                    registered_ms: expected.registered_ms,
+                    updated_ms: expected.updated_ms,
+                    error: None,
+                };
+                let bytes = postcard::to_extend(&v1, vec![1]).unwrap();
+                txn.open_table(BRANCHES)
+                    .unwrap()
+                    .insert((1, 4), bytes.as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let snapshot = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(snapshot.branches, vec![expected]);
     }
 
     #[test]

@@ -435,9 +435,38 @@ pub async fn register(
                 locks,
                 application_data: format!("app-data of {xid}").into_bytes(),
                 lock_wait_ms,
+                ..Default::default()
             })
             .await?;
     Ok(r.into_inner().branch_id)
+}
+
+/// Registers an XA branch running on database connection `connection_id`.
+pub async fn register_xa(c: &TcClient, xid: &str, resource: &str, connection_id: u64) -> Result<u64, tonic::Status> {
+    let r =
+        c.rm.clone()
+            .branch_register(pb::BranchRegisterRequest {
+                xid: xid.into(),
+                resource_id: resource.into(),
+                branch_type: pb::BranchType::Xa as i32,
+                connection_id,
+                ..Default::default()
+            })
+            .await?;
+    Ok(r.into_inner().branch_id)
+}
+
+/// Reports a branch's phase-1 outcome.
+pub async fn report(c: &TcClient, xid: &str, branch_id: u64, status: pb::BranchStatus) -> Result<(), tonic::Status> {
+    c.rm.clone()
+        .branch_report(pb::BranchReportRequest {
+            xid: xid.into(),
+            branch_id,
+            status: status as i32,
+            reason: "local commit failed".into(),
+        })
+        .await?;
+    Ok(())
 }
 
 pub async fn commit(c: &TcClient, xid: &str) -> Result<pb::GlobalOutcome, tonic::Status> {
@@ -465,15 +494,7 @@ pub async fn status(c: &TcClient, xid: &str) -> Result<pb::GlobalOutcome, tonic:
 }
 
 pub async fn report_failed(c: &TcClient, xid: &str, branch_id: u64) -> Result<(), tonic::Status> {
-    c.rm.clone()
-        .branch_report(pb::BranchReportRequest {
-            xid: xid.into(),
-            branch_id,
-            status: pb::BranchStatus::PhaseOneFailed as i32,
-            reason: "local commit failed".into(),
-        })
-        .await?;
-    Ok(())
+    report(c, xid, branch_id, pb::BranchStatus::PhaseOneFailed).await
 }
 
 pub async fn lock_query(
