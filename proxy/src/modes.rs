@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use ferrata_rpc::pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::at::{self, At};
@@ -44,7 +45,7 @@ impl Modes {
     /// arrive on that stream; AT mode's anti-hanging markers are swept meanwhile.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
         if let (Some(global), Some(at)) = (&self.global, &self.at) {
-            global.start(rm_id, at::phase2::handler(Arc::clone(at)), stop.clone());
+            global.start(rm_id, phase2_handler(Arc::clone(at)), stop.clone());
             tokio::spawn(at::undo_log::sweep_markers(Arc::clone(at), stop));
         }
     }
@@ -57,4 +58,38 @@ impl Modes {
     pub fn coordinated(&self) -> bool {
         self.global.is_some()
     }
+}
+
+/// The Attach stream's phase-2 commands, each branch to the mode it was registered in. This
+/// proxy runs AT branches; a branch of another mode (registered by a newer proxy in front of
+/// the same database) is answered with a retryable failure, never as done.
+fn phase2_handler(at: Arc<At>) -> ferrata_rpc::client::CommandHandler {
+    let at_handler = at::phase2::handler(at);
+    Arc::new(move |mut command: pb::BranchCommand| {
+        let at_handler = Arc::clone(&at_handler);
+        Box::pin(async move {
+            let (at_branches, others): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
+                .into_iter()
+                .partition(|b| b.branch_type == pb::BranchType::At as i32);
+            let mut out: Vec<pb::BranchOutcome> = others
+                .iter()
+                .map(|b| pb::BranchOutcome {
+                    branch_id: b.branch_id,
+                    status: pb::BranchStatus::RollbackFailedRetryable as i32,
+                    reason: format!(
+                        "ferrata-proxy {} cannot finish this branch (branch type {}): another proxy in front of {} must",
+                        env!("CARGO_PKG_VERSION"),
+                        b.branch_type,
+                        b.resource_id
+                    ),
+                    ..Default::default()
+                })
+                .collect();
+            if !at_branches.is_empty() {
+                command.branches = at_branches;
+                out.extend(at_handler(command).await);
+            }
+            out
+        })
+    })
 }
