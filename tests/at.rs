@@ -700,7 +700,7 @@ async fn a_database_restarted_during_phase_two_is_rolled_back_once_it_is_back() 
 }
 
 fn undo_log_ddl() -> &'static str {
-    ferrata_proxy::at::undo_log::CREATE
+    ferrata_proxy::coordinator::undo_table::CREATE
 }
 
 #[tokio::test]

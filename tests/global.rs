@@ -277,9 +277,8 @@ async fn a_branch_of_a_mode_the_proxy_does_not_run_is_never_reported_done() -> R
     let mut conn = env.proxy.conn().await?;
     let xid = start(&mut conn).await?;
     let mut c = env.tc.client().await?;
-    let branch = c
-        .rm
-        .branch_register(pb::BranchRegisterRequest {
+    let branch =
+        c.rm.branch_register(pb::BranchRegisterRequest {
             xid: xid.clone(),
             resource_id: env.resource(),
             branch_type: pb::BranchType::Xa as i32,
@@ -304,7 +303,9 @@ async fn a_branch_of_a_mode_the_proxy_does_not_run_is_never_reported_done() -> R
                 e["type"] == "phase_two"
                     && e["branch_id"] == branch
                     && e["result"] == "retry"
-                    && e["reason"].as_str().is_some_and(|r| r.contains("cannot finish this branch"))
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("cannot finish this branch"))
             })
         }))
     })

@@ -22,6 +22,7 @@ pub mod coordinator;
 
 pub mod at;
 pub mod isolation;
+pub mod xa;
 
 pub mod admin;
 pub mod cli;

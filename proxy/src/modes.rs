@@ -2,10 +2,12 @@
 //! what each needs running in the background. Adding a transaction mode is a folder of its
 //! own plus a line here.
 //!
-//! Order matters: a command goes to the first mode that claims it. AT mode comes first (it
-//! takes writes, multi-statement strings and the COMMIT of a pending branch), then the
-//! isolation checks (locking reads of bound sessions, writes outside global transactions),
-//! and last the binding (Ferrata's statements, and what no mode before it could protect).
+//! Order matters: a command goes to the first mode that claims it. XA mode comes first (it
+//! takes the transaction control of sessions bound in MODE XA, and of branches it holds),
+//! then AT mode (writes, multi-statement strings and the COMMIT of a pending branch of
+//! sessions bound in AT mode), then the isolation checks (locking reads of bound sessions,
+//! writes outside global transactions), and last the binding (Ferrata's statements, and
+//! what no mode before it could protect).
 
 use std::sync::Arc;
 
@@ -16,37 +18,55 @@ use crate::at::{self, At};
 use crate::config::Config;
 use crate::coordinator::Global;
 use crate::coordinator::binding::Binding;
+use crate::coordinator::undo_table::{self, UndoLogs};
 use crate::isolation::Isolation;
 use crate::session::mode::Mode;
+use crate::xa::{self, Xa};
 
 /// The modes of a proxy, and the coordinator link they share (none without `[coordinator]`).
 pub struct Modes {
     pub modes: Vec<Arc<dyn Mode>>,
     global: Option<Arc<Global>>,
-    at: Option<Arc<At>>,
+    branch_modes: Option<(Arc<At>, Arc<Xa>)>,
 }
 
 impl Modes {
     pub fn from_config(config: &Config) -> Modes {
         let global = Global::from_config(config);
         let mut modes: Vec<Arc<dyn Mode>> = Vec::new();
-        let mut at = None;
+        let mut branch_modes = None;
         if let Some(g) = &global {
-            let at_mode = At::new(Arc::clone(g), config);
+            let undo_logs = Arc::new(UndoLogs::new(config));
+            let xa_mode = Arc::new(Xa {
+                global: Arc::clone(g),
+                undo_logs: Arc::clone(&undo_logs),
+                held: Default::default(),
+            });
+            let at_mode = At::new(Arc::clone(g), undo_logs);
+            modes.push(xa_mode.clone());
             modes.push(at_mode.clone());
             modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
-            at = Some(at_mode);
+            branch_modes = Some((at_mode, xa_mode));
         }
         modes.push(Arc::new(Binding { global: global.clone() }));
-        Modes { modes, global, at }
+        Modes {
+            modes,
+            global,
+            branch_modes,
+        }
     }
 
     /// Attaches to the coordinator until `stop`: phase-2 commands for this proxy's branches
-    /// arrive on that stream; AT mode's anti-hanging markers are swept meanwhile.
+    /// arrive on that stream; anti-hanging markers (and XA commit evidence) past their
+    /// retention are swept meanwhile.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
-        if let (Some(global), Some(at)) = (&self.global, &self.at) {
-            global.start(rm_id, phase2_handler(Arc::clone(at)), stop.clone());
-            tokio::spawn(at::undo_log::sweep_markers(Arc::clone(at), stop));
+        if let (Some(global), Some((at, xa))) = (&self.global, &self.branch_modes) {
+            global.start(rm_id, phase2_handler(Arc::clone(at), Arc::clone(xa)), stop.clone());
+            tokio::spawn(undo_table::sweep_markers(
+                Arc::clone(global),
+                Arc::clone(&xa.undo_logs),
+                stop,
+            ));
         }
     }
 
@@ -60,31 +80,32 @@ impl Modes {
     }
 }
 
-/// The Attach stream's phase-2 commands, each branch to the mode it was registered in. This
-/// proxy runs AT branches; a branch of another mode (registered by a newer proxy in front of
-/// the same database) is answered with a retryable failure, never as done.
-fn phase2_handler(at: Arc<At>) -> ferrata_rpc::client::CommandHandler {
+/// The Attach stream's phase-2 commands, each branch to the mode it was registered in.
+fn phase2_handler(at: Arc<At>, xa: Arc<Xa>) -> ferrata_rpc::client::CommandHandler {
     let at_handler = at::phase2::handler(at);
     Arc::new(move |mut command: pb::BranchCommand| {
-        let at_handler = Arc::clone(&at_handler);
+        let (at_handler, xa) = (Arc::clone(&at_handler), Arc::clone(&xa));
         Box::pin(async move {
-            let (at_branches, others): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
+            let (xa_branches, at_branches): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
                 .into_iter()
-                .partition(|b| b.branch_type == pb::BranchType::At as i32);
-            let mut out: Vec<pb::BranchOutcome> = others
-                .iter()
-                .map(|b| pb::BranchOutcome {
-                    branch_id: b.branch_id,
-                    status: pb::BranchStatus::RollbackFailedRetryable as i32,
-                    reason: format!(
-                        "ferrata-proxy {} cannot finish this branch (branch type {}): another proxy in front of {} must",
-                        env!("CARGO_PKG_VERSION"),
-                        b.branch_type,
-                        b.resource_id
-                    ),
-                    ..Default::default()
-                })
-                .collect();
+                .partition(|b| b.branch_type == pb::BranchType::Xa as i32);
+            let mut out = Vec::new();
+            if !xa_branches.is_empty() {
+                match pb::Phase2Action::try_from(command.action) {
+                    Ok(action @ (pb::Phase2Action::Commit | pb::Phase2Action::Rollback)) => {
+                        for b in &xa_branches {
+                            out.push(xa::phase2::finish(&xa, action == pb::Phase2Action::Commit, b).await);
+                        }
+                    }
+                    // An operator's repair is about undo records: an XA branch has none.
+                    _ => out.extend(xa_branches.iter().map(|b| pb::BranchOutcome {
+                        branch_id: b.branch_id,
+                        error_code: "not_found".into(),
+                        reason: "an XA branch has no undo record to inspect or repair".into(),
+                        ..Default::default()
+                    })),
+                }
+            }
             if !at_branches.is_empty() {
                 command.branches = at_branches;
                 out.extend(at_handler(command).await);

@@ -94,35 +94,12 @@ impl Coordinator {
     /// Pauses the process (SIGSTOP): its sockets stay open and nothing answers. Returns once
     /// the kernel reports it stopped (the signal is delivered asynchronously).
     pub fn pause(&self) -> Result<()> {
-        self.signal(libc::SIGSTOP)?;
-        let stat = format!("/proc/{}/stat", self.child.id());
-        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < give_up {
-            // The state is the field after the parenthesised command name.
-            let text = std::fs::read_to_string(&stat)?;
-            if text
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-            {
-                return Ok(());
-            }
-            std::thread::yield_now();
-        }
-        anyhow::bail!("ferrata-tc did not stop after SIGSTOP")
+        crate::process::pause(&self.child)
     }
 
     /// Resumes a paused process (SIGCONT).
     pub fn resume(&self) -> Result<()> {
-        self.signal(libc::SIGCONT)
-    }
-
-    fn signal(&self, signal: libc::c_int) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: kill(2) with a pid this struct owns (the child is reaped only in Drop).
-        if unsafe { libc::kill(pid, signal) } != 0 {
-            anyhow::bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        crate::process::resume(&self.child)
     }
 
     /// Starts the (killed) process again on the same addresses and store.

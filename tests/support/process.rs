@@ -200,6 +200,15 @@ impl ProxyProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Pauses the process (SIGSTOP), as when its host hangs: its connections stay open.
+    pub fn pause(&self) -> Result<()> {
+        pause(&self.child)
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        resume(&self.child)
+    }
+
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
@@ -212,4 +221,39 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Pauses a child process (SIGSTOP): its sockets stay open and nothing answers, as when its
+/// host hangs. Returns once the kernel reports it stopped (the signal is delivered
+/// asynchronously).
+pub fn pause(child: &Child) -> Result<()> {
+    signal(child, libc::SIGSTOP)?;
+    let stat = format!("/proc/{}/stat", child.id());
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < give_up {
+        // The state is the field after the parenthesised command name.
+        let text = std::fs::read_to_string(&stat)?;
+        if text
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        {
+            return Ok(());
+        }
+        std::thread::yield_now();
+    }
+    anyhow::bail!("process {} did not stop after SIGSTOP", child.id())
+}
+
+/// Resumes a paused child process (SIGCONT).
+pub fn resume(child: &Child) -> Result<()> {
+    signal(child, libc::SIGCONT)
+}
+
+fn signal(child: &Child, signal: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(child.id())?;
+    // SAFETY: kill(2) with the pid of a child the caller owns (reaped only when dropped).
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        anyhow::bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use ferrata_proxy::at::repair::{column_types_of, display};
 use ferrata_proxy::at::undo::UndoItem;
-use ferrata_proxy::at::undo_log::{STATUS_GLOBAL_FINISHED, STATUS_NORMAL, read_record};
+use ferrata_proxy::at::undo_log::read_record;
+use ferrata_proxy::coordinator::undo_table::{STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
 use mysql_async::prelude::*;
 use serde_json::{Value, json};
 

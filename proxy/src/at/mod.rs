@@ -28,30 +28,27 @@ mod upsert;
 use std::sync::Arc;
 
 use crate::classify::{self, Dml, GlobalCommand, StatementClass, TxControl};
-use crate::config::Config;
 use crate::coordinator::statement::{self, GlobalStatement};
+use crate::coordinator::undo_table::UndoLogs;
 use crate::coordinator::{Global, binding, refusal};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
 use crate::session::peer::Peer;
-use crate::session::state::SessionState;
+use crate::session::state::{BranchMode, SessionState};
 use crate::session::{SessionError, Shared, backend};
 pub use branch::PendingBranch;
-use undo_log::UndoLogs;
 
 /// AT mode, once per proxy: the coordinator layer and the `undo_log` tables.
 pub struct At {
     pub global: Arc<Global>,
-    pub undo_logs: UndoLogs,
+    /// Shared with XA mode, which keeps its branches' commit evidence there.
+    pub undo_logs: Arc<UndoLogs>,
 }
 
 impl At {
-    pub fn new(global: Arc<Global>, config: &Config) -> Arc<At> {
-        Arc::new(At {
-            global,
-            undo_logs: UndoLogs::new(config),
-        })
+    pub fn new(global: Arc<Global>, undo_logs: Arc<UndoLogs>) -> Arc<At> {
+        Arc::new(At { global, undo_logs })
     }
 }
 
@@ -120,6 +117,10 @@ fn is_protected_write(class: &classify::Classification) -> bool {
 
 impl AtSession {
     fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claimed> {
+        // An XA-bound session's local transactions are XA branches (`crate::xa`).
+        if state.bound_in(BranchMode::Xa) {
+            return None;
+        }
         let xid = state.xid.as_deref().unwrap_or_default();
         match (command.code, command.class) {
             (Cmd::QUERY, Some(class)) => {

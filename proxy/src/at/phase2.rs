@@ -21,7 +21,8 @@ use tracing::Instrument;
 
 use super::At;
 use super::undo::{self, Verdict};
-use super::undo_log::{self, CONTEXT, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
+use super::undo_log::{self, CONTEXT};
+use crate::coordinator::undo_table::{NO_SUCH_TABLE, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
 use crate::sql::image::{RawRow, raw_row};
 
 fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
@@ -117,7 +118,7 @@ async fn commit(at: &At, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::
             .collect();
         let sql = format!("DELETE FROM undo_log WHERE {condition}");
         match conn.exec_drop(sql, params).await {
-            Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => Ok(()),
+            Err(e) if server_code(&e) == Some(NO_SUCH_TABLE) => Ok(()),
             other => other,
         }
     }
@@ -173,7 +174,7 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
             )
             .await;
         let found = match found {
-            Err(e) if server_code(&e) == Some(undo_log::NO_SUCH_TABLE) => {
+            Err(e) if server_code(&e) == Some(NO_SUCH_TABLE) => {
                 drop(tx);
                 at.undo_logs.create(&mut conn, resource).await?;
                 continue;

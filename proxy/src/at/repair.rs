@@ -29,8 +29,9 @@ use sha2::{Digest, Sha256};
 use super::At;
 use super::phase2::current_rows;
 use super::undo::{self, ImageColumn, Kind, Lock, UndoItem, UndoRecord};
-use super::undo_log::{self, STATUS_NORMAL, read_record};
+use super::undo_log::{self, read_record};
 use crate::coordinator::database_of;
+use crate::coordinator::undo_table::{self, STATUS_NORMAL};
 use crate::sql::image::{Encoding, ImageRow, RawRow};
 
 /// The table a change writes its record into, next to `undo_log`.
@@ -356,7 +357,7 @@ async fn locked_record(
                 database_of(&b.resource_id).unwrap_or_default()
             ),
         )),
-        Err(mysql_async::Error::Server(e)) if e.code == undo_log::NO_SUCH_TABLE => Err(Refusal::new(
+        Err(mysql_async::Error::Server(e)) if e.code == undo_table::NO_SUCH_TABLE => Err(Refusal::new(
             "not_found",
             "the database has no undo_log table: the branch has no undo record",
         )),

@@ -18,7 +18,7 @@ use crate::protocol::{Capabilities, Command as Cmd};
 use crate::session::backend::{self, local_rollback};
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
 use crate::session::peer::Peer;
-use crate::session::state::SessionState;
+use crate::session::state::{BranchMode, SessionState};
 use crate::session::{SessionError, Shared};
 
 /// Replies start at sequence id 1: every command starts at 0.
@@ -65,9 +65,7 @@ impl ModeSession for BindingSession {
                 } else {
                     self.ddl = matches!(class.class, StatementClass::Other(Other::Ddl));
                     let sql = &command.payload[1..];
-                    state
-                        .xid
-                        .clone()
+                    at_bound_xid(state)
                         .or_else(|| refusal::hinted_xid(sql, class))
                         .and_then(|xid| refusal::refusal(class, multi_statements, &xid))
                         .map(Claimed::Refuse)
@@ -77,19 +75,14 @@ impl ModeSession for BindingSession {
                 let hinted = state
                     .statement(command.payload)
                     .and_then(|s| refusal::hinted_xid(s.sql.as_bytes(), &s.class));
-                state
-                    .xid
-                    .clone()
+                at_bound_xid(state)
                     .or(hinted)
                     .map(|xid| Claimed::Refuse(refusal::bulk_execute(&xid)))
             }
             (Cmd::STMT_EXECUTE, _) if command.payload.len() >= 5 => state
                 .statement(command.payload)
                 .and_then(|s| {
-                    let xid = state
-                        .xid
-                        .clone()
-                        .or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
+                    let xid = at_bound_xid(state).or_else(|| refusal::hinted_xid(s.sql.as_bytes(), &s.class))?;
                     refusal::refusal(&s.class, multi_statements, &xid)
                 })
                 .map(Claimed::Refuse),
@@ -119,7 +112,13 @@ impl ModeSession for BindingSession {
     }
 }
 
-fn rmfail(message: String) -> ErrPacket {
+/// The XID of a session bound in AT mode: what the AT refusals are about (an XA-bound
+/// session's statements are the XA mode's to refuse).
+fn at_bound_xid(state: &SessionState) -> Option<String> {
+    state.bound_in(BranchMode::At).then(|| state.xid.clone()).flatten()
+}
+
+pub(crate) fn rmfail(message: String) -> ErrPacket {
     ErrPacket::new(1399, "XAE07", format!("XAER_RMFAIL: {message}"))
 }
 
@@ -135,7 +134,7 @@ pub fn leave_with_pending_writes() -> ErrPacket {
 
 /// Answers one of Ferrata's statements. The command packet was consumed; nothing reaches the
 /// server except a local ROLLBACK that ROLLBACK GLOBAL runs first.
-async fn answer(
+pub(crate) async fn answer(
     client: &mut Peer,
     backend: &mut Peer,
     state: &mut SessionState,
@@ -176,30 +175,32 @@ async fn run(
     let ok = |state: &SessionState| resultset::ok(state.status);
     let local_open = state.in_transaction();
     Ok(match statement {
-        GlobalStatement::Start { timeout_ms, name } => {
+        GlobalStatement::Start { timeout_ms, name, mode } => {
             if let Some(e) = bind_refusal(state, local_open) {
                 return Ok(Err(e));
             }
             match begin(global, timeout_ms.unwrap_or(0), name.unwrap_or_default()).await {
                 Ok(xid) => {
-                    tracing::info!(xid, "global transaction started");
+                    tracing::info!(xid, ?mode, "global transaction started");
                     serve_schema(global, state);
                     let rows = vec![vec![Some(xid.clone())]];
                     state.xid = Some(xid);
+                    state.branch_mode = mode;
                     Ok(resultset::text(&["xid"], &rows, state.capabilities, state.status))
                 }
                 Err(e) => Err(e),
             }
         }
-        GlobalStatement::Join { xid } => {
+        GlobalStatement::Join { xid, mode } => {
             if let Some(e) = bind_refusal(state, local_open) {
                 return Ok(Err(e));
             }
             match status(global, &xid).await {
                 Ok(outcome) if outcome.status == pb::GlobalStatus::Begin as i32 => {
-                    tracing::info!(xid, "joined global transaction");
+                    tracing::info!(xid, ?mode, "joined global transaction");
                     serve_schema(global, state);
                     state.xid = Some(xid);
+                    state.branch_mode = mode;
                     Ok(ok(state))
                 }
                 Ok(outcome) => Err(rmfail(format!(
@@ -216,9 +217,7 @@ async fn run(
             )),
             Ok(xid) => {
                 let result = decide(global, &xid, true).await;
-                if result.is_ok() && state.xid.as_deref() == Some(xid.as_str()) {
-                    state.xid = None;
-                }
+                decided(state, &xid, true, &result);
                 result.map(|()| ok(state))
             }
         },
@@ -229,12 +228,7 @@ async fn run(
                     local_rollback(backend, state, shared.config.max_packet_size).await?;
                 }
                 let result = decide(global, &xid, false).await;
-                // Bound still if the coordinator did not answer, so SHOW GLOBAL TRANSACTION can
-                // tell the outcome later.
-                let unanswered = matches!(&result, Err(e) if e.code == 1105 || e.code == UNKNOWN_OUTCOME);
-                if state.xid.as_deref() == Some(xid.as_str()) && !unanswered {
-                    state.xid = None;
-                }
+                decided(state, &xid, false, &result);
                 result.map(|()| ok(state))
             }
         },
@@ -276,8 +270,19 @@ fn bind_refusal(state: &SessionState, local_open: bool) -> Option<ErrPacket> {
     })
 }
 
+/// Unbinds the session from `xid` once COMMIT GLOBAL succeeded, or ROLLBACK GLOBAL was
+/// answered: a rollback the coordinator did not answer leaves it bound, so SHOW GLOBAL
+/// TRANSACTION can tell the outcome later.
+pub(crate) fn decided(state: &mut SessionState, xid: &str, commit: bool, result: &Result<(), ErrPacket>) {
+    let unanswered = matches!(result, Err(e) if e.code == 1105 || e.code == UNKNOWN_OUTCOME);
+    let unbind = if commit { result.is_ok() } else { !unanswered };
+    if unbind && state.xid.as_deref() == Some(xid) {
+        state.xid = None;
+    }
+}
+
 /// The XID a COMMIT/ROLLBACK GLOBAL is about: the one named, else the bound one.
-fn target(state: &SessionState, named: Option<String>) -> Result<String, ErrPacket> {
+pub(crate) fn target(state: &SessionState, named: Option<String>) -> Result<String, ErrPacket> {
     named.or_else(|| state.xid.clone()).ok_or_else(|| {
         ErrPacket::new(
             1397,
@@ -310,7 +315,7 @@ async fn status(global: &Global, xid: &str) -> Result<pb::GlobalOutcome, ErrPack
 }
 
 /// Commits or rolls back; a rollback that did not finish is an error naming the branch.
-async fn decide(global: &Global, xid: &str, commit: bool) -> Result<(), ErrPacket> {
+pub(crate) async fn decide(global: &Global, xid: &str, commit: bool) -> Result<(), ErrPacket> {
     let outcome = global.decide(xid, commit).await?;
     let done = [
         pb::GlobalStatus::AsyncCommitting,

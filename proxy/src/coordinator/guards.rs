@@ -9,7 +9,9 @@
 //!
 //! - **Guarded** tables are named by database and table, case-insensitively and whatever
 //!   server their resource id names: a wider match only costs a check, a narrower one could
-//!   miss a lock.
+//!   miss a lock. Each name keeps the resources that guard it, so that one resource's release
+//!   leaves another's guard standing, and XA mode can ask about its own resource exactly
+//!   (there a match costs a refusal).
 //! - **Trust** lasts from an answered heartbeat until its send time plus the coordinator's
 //!   lease; the coordinator grants a first lock in a table only after this proxy acknowledged
 //!   the guard, or after its stream ended and that lease ran out.
@@ -19,7 +21,7 @@
 //!   update that guards one of their tables, and are interrupted before the trust they
 //!   started under ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +34,8 @@ use super::database_of;
 use super::unchecked::{TableName, UncheckedWrites};
 
 pub struct TableGuards {
-    tables: RwLock<HashSet<TableName>>,
+    /// Guarded tables, each with the resource ids that guard it.
+    tables: RwLock<HashMap<TableName, HashSet<String>>>,
     epoch: AtomicU64,
     /// Nanoseconds after `base` until which the view may be trusted; 0: not trusted.
     trusted_until: AtomicU64,
@@ -58,7 +61,7 @@ fn name(table: &pb::GuardedTable) -> Option<TableName> {
 impl Default for TableGuards {
     fn default() -> Self {
         TableGuards {
-            tables: RwLock::new(HashSet::new()),
+            tables: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             trusted_until: AtomicU64::new(0),
             lease: AtomicU64::new(0),
@@ -98,7 +101,19 @@ impl TableGuards {
             && self
                 .tables
                 .read()
-                .contains(&(database.to_lowercase(), table.to_lowercase()))
+                .contains_key(&(database.to_lowercase(), table.to_lowercase()))
+    }
+
+    /// Whether `database.table` may hold global locks on resource `resource` (always, when
+    /// the view is not trusted): resource ids name the same server alike on every proxy, as
+    /// phase 2's routing needs anyway.
+    pub fn guarded_on(&self, resource: &str, database: &str, table: &str) -> bool {
+        !self.trusted()
+            || self
+                .tables
+                .read()
+                .get(&(database.to_lowercase(), table.to_lowercase()))
+                .is_some_and(|resources| resources.contains(resource))
     }
 
     /// Nothing was added and trust held since `seen`.
@@ -119,7 +134,7 @@ impl TableGuards {
 
     /// Guarded tables, sorted (for logs and tests).
     pub fn list(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tables.read().iter().map(|(d, t)| format!("{d}.{t}")).collect();
+        let mut names: Vec<String> = self.tables.read().keys().map(|(d, t)| format!("{d}.{t}")).collect();
         names.sort();
         names
     }
@@ -133,13 +148,18 @@ impl GuardSink for TableGuards {
             tables.clear();
         }
         for t in &update.release {
-            if let Some(n) = name(t) {
-                tables.remove(&n);
+            if let Some(n) = name(t)
+                && let Some(resources) = tables.get_mut(&n)
+            {
+                resources.remove(&t.resource_id);
+                if resources.is_empty() {
+                    tables.remove(&n);
+                }
             }
         }
         for t in &update.guard {
             if let Some(n) = name(t) {
-                tables.insert(n);
+                tables.entry(n).or_default().insert(t.resource_id.clone());
             }
         }
         // Bumped while the set is still locked: a reader that sees the new epoch sees the
@@ -214,7 +234,8 @@ mod tests {
             seq: 2,
             full: false,
             guard: vec![],
-            release: vec![table("shop", "orders")],
+            // As guarded: the coordinator releases what it guarded, resource id and all.
+            release: vec![table("Shop", "Orders")],
         })
         .await;
         assert!(g.unchanged_since(seen), "a release needs no second look");
@@ -227,5 +248,34 @@ mod tests {
         })
         .await;
         assert_eq!(g.list(), vec!["a.b".to_owned()]);
+    }
+
+    /// Two servers guard a table of the same name: one's release leaves the other's guard.
+    #[tokio::test]
+    async fn a_name_stays_guarded_while_any_resource_guards_it() {
+        let g = TableGuards::default();
+        g.confirmed(Instant::now(), Duration::from_secs(60));
+        let on = |server: &str| pb::GuardedTable {
+            resource_id: format!("{server}/shop"),
+            ..table("shop", "orders")
+        };
+        g.update(&pb::GuardUpdate {
+            seq: 1,
+            full: false,
+            guard: vec![on("db1:3306"), on("db2:3306")],
+            release: vec![],
+        })
+        .await;
+        assert!(g.guarded_on("db2:3306/shop", "shop", "orders"));
+        g.update(&pb::GuardUpdate {
+            seq: 2,
+            full: false,
+            guard: vec![],
+            release: vec![on("db2:3306")],
+        })
+        .await;
+        assert!(g.guarded("shop", "orders"), "db1 still guards it");
+        assert!(g.guarded_on("db1:3306/shop", "shop", "orders"));
+        assert!(!g.guarded_on("db2:3306/shop", "shop", "orders"));
     }
 }

@@ -4,7 +4,8 @@
 //! coordinator's answers onto MySQL errors, and the session's binding to a global
 //! transaction: Ferrata's statements ([`statement`] parses them, [`binding`] answers them,
 //! [`decision`] asks for commit or rollback through coordinator failures) and what may not
-//! run while bound ([`refusal`]).
+//! run while bound ([`refusal`]); and the `undo_log` table each business database holds
+//! for the modes ([`undo_table`]).
 //!
 //! A resource is one database on one backend server: `<server>/<database>`, where the server
 //! part is `[service] resource_server` (default: the `backend` setting), the same for every
@@ -18,6 +19,7 @@ pub mod link;
 pub mod refusal;
 pub mod statement;
 pub mod unchecked;
+pub mod undo_table;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +55,15 @@ pub struct Global {
 /// Rows by (database, table): their primary keys, encoded as in the images (so they match
 /// the lock keys branches register).
 pub type TableRows = std::collections::BTreeMap<(String, String), Vec<Vec<Vec<u8>>>>;
+
+/// Why a branch report did not go through.
+#[derive(Debug)]
+pub enum ReportFailure {
+    /// The coordinator said no (the message says why).
+    Refused(String),
+    /// The coordinator could not be reached, or did not answer in time: it may have taken it.
+    Unanswered(String),
+}
 
 /// Why the no-dirty-writes check did not pass.
 #[derive(Debug)]
@@ -239,23 +250,39 @@ impl Global {
         Ok(metas)
     }
 
-    /// Registers a branch; the error is what the client gets.
+    /// Registers an AT branch with its rows' global locks; the error is what the client gets.
     pub async fn register(
         &self,
         xid: &str,
         resource: &str,
         locks: Vec<ferrata_rpc::pb::TableLocks>,
     ) -> Result<u64, ErrPacket> {
-        let what = "register the branch";
-        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
-        let request = ferrata_rpc::pb::BranchRegisterRequest {
+        self.register_branch(ferrata_rpc::pb::BranchRegisterRequest {
             xid: xid.to_owned(),
             resource_id: resource.to_owned(),
             locks,
-            application_data: Vec::new(),
             lock_wait_ms: self.lock_wait_ms,
             ..Default::default()
-        };
+        })
+        .await
+    }
+
+    /// Registers an XA branch about to start on the database connection `connection_id`.
+    pub async fn register_xa(&self, xid: &str, resource: &str, connection_id: u32) -> Result<u64, ErrPacket> {
+        self.register_branch(ferrata_rpc::pb::BranchRegisterRequest {
+            xid: xid.to_owned(),
+            resource_id: resource.to_owned(),
+            branch_type: ferrata_rpc::pb::BranchType::Xa as i32,
+            connection_id: connection_id.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn register_branch(&self, request: ferrata_rpc::pb::BranchRegisterRequest) -> Result<u64, ErrPacket> {
+        let what = "register the branch";
+        let xid = request.xid.clone();
+        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
         let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
         match answered_within(wait, c.rm.branch_register(request)).await {
             Ok(r) => Ok(r.into_inner().branch_id),
@@ -326,24 +353,39 @@ impl Global {
         }
     }
 
+    /// Tells the coordinator how a registered branch's phase 1 ended.
+    pub async fn report(
+        &self,
+        xid: &str,
+        branch_id: u64,
+        status: ferrata_rpc::pb::BranchStatus,
+        reason: &str,
+    ) -> Result<(), ReportFailure> {
+        let request = ferrata_rpc::pb::BranchReportRequest {
+            xid: xid.to_owned(),
+            branch_id,
+            status: status as i32,
+            reason: reason.to_owned(),
+        };
+        let mut c = self.link.client().await.map_err(|e| ReportFailure::Unanswered(e.0))?;
+        match answered_within(self.outcome_wait, c.rm.branch_report(request)).await {
+            Ok(_) => Ok(()),
+            Err(s) if ErrorCode::of(&s).is_some() => Err(ReportFailure::Refused(s.message().to_owned())),
+            Err(s) => {
+                self.link.failed(&s).await;
+                Err(ReportFailure::Unanswered(s.message().to_owned()))
+            }
+        }
+    }
+
     /// Tells the coordinator a registered branch's local transaction did not commit, so its
     /// rows are released and phase 2 skips it. Best effort: a rollback would find no undo
     /// record and write the anti-hanging marker anyway.
     pub async fn report_failed(&self, xid: &str, branch_id: u64, reason: &str) {
-        let request = ferrata_rpc::pb::BranchReportRequest {
-            xid: xid.to_owned(),
-            branch_id,
-            status: ferrata_rpc::pb::BranchStatus::PhaseOneFailed as i32,
-            reason: reason.to_owned(),
-        };
-        let reported = match self.link.client().await {
-            Ok(mut c) => answered_within(self.outcome_wait, c.rm.branch_report(request))
-                .await
-                .map(|_| ())
-                .map_err(|s| s.message().to_owned()),
-            Err(e) => Err(e.0),
-        };
-        if let Err(e) = reported {
+        let reported = self
+            .report(xid, branch_id, ferrata_rpc::pb::BranchStatus::PhaseOneFailed, reason)
+            .await;
+        if let Err(ReportFailure::Refused(e) | ReportFailure::Unanswered(e)) = reported {
             tracing::warn!(
                 xid,
                 branch_id,

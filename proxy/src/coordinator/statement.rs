@@ -1,8 +1,8 @@
 //! Ferrata's own SQL statements, which the proxy answers itself:
 //!
 //! ```sql
-//! START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>']
-//! JOIN GLOBAL TRANSACTION '<xid>'
+//! START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>'] [MODE {AT | XA}]
+//! JOIN GLOBAL TRANSACTION '<xid>' [MODE {AT | XA}]
 //! COMMIT GLOBAL ['<xid>']
 //! ROLLBACK GLOBAL ['<xid>']
 //! LEAVE GLOBAL TRANSACTION
@@ -10,6 +10,10 @@
 //! ```
 //!
 //! Keywords are case-insensitive; comments, whitespace and one trailing `;` are allowed.
+//! `MODE` says how the session's local transactions become branches (AT by default); each
+//! session of a global transaction picks its own.
+
+use crate::session::state::BranchMode;
 
 /// One parsed statement.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,9 +21,11 @@ pub enum GlobalStatement {
     Start {
         timeout_ms: Option<u64>,
         name: Option<String>,
+        mode: BranchMode,
     },
     Join {
         xid: String,
+        mode: BranchMode,
     },
     Commit {
         xid: Option<String>,
@@ -108,8 +114,19 @@ fn tokens(sql: &str) -> Result<Vec<Token>, String> {
     Ok(out)
 }
 
-const SYNTAX: &str = "START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>'], JOIN GLOBAL TRANSACTION '<xid>', \
+const SYNTAX: &str = "START GLOBAL TRANSACTION [TIMEOUT <ms>] [NAME '<name>'] [MODE {AT | XA}], \
+                      JOIN GLOBAL TRANSACTION '<xid>' [MODE {AT | XA}], \
                       COMMIT GLOBAL ['<xid>'], ROLLBACK GLOBAL ['<xid>'], LEAVE GLOBAL TRANSACTION or SHOW GLOBAL TRANSACTION";
+
+const MODES: &str = "MODE is AT (undo records, the default) or XA (two-phase commit by the database)";
+
+fn branch_mode(word: &str) -> Option<BranchMode> {
+    match word {
+        "AT" => Some(BranchMode::At),
+        "XA" => Some(BranchMode::Xa),
+        _ => None,
+    }
+}
 
 /// Parses one statement; the error says what is wrong and shows the accepted forms.
 pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
@@ -126,7 +143,7 @@ pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
     };
     match (word(0), word(1), word(2)) {
         (Some("START"), Some("GLOBAL"), Some("TRANSACTION")) => {
-            let (mut timeout_ms, mut name) = (None, None);
+            let (mut timeout_ms, mut name, mut mode) = (None, None, None);
             let mut i = 3;
             while i < toks.len() {
                 match (&toks[i], toks.get(i + 1)) {
@@ -134,19 +151,35 @@ pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
                         timeout_ms = Some(*n)
                     }
                     (Token::Word(w), Some(Token::Str(s))) if w == "NAME" && name.is_none() => name = Some(s.clone()),
+                    (Token::Word(w), Some(Token::Word(m))) if w == "MODE" && mode.is_none() => {
+                        mode = Some(branch_mode(m).ok_or_else(|| bad(MODES))?)
+                    }
                     _ => {
                         return Err(bad(
-                            "START GLOBAL TRANSACTION takes TIMEOUT <milliseconds> and NAME '<name>', each at most once",
+                            "START GLOBAL TRANSACTION takes TIMEOUT <milliseconds>, NAME '<name>' and MODE AT or XA, each at most once",
                         ));
                     }
                 }
                 i += 2;
             }
-            Ok(GlobalStatement::Start { timeout_ms, name })
+            Ok(GlobalStatement::Start {
+                timeout_ms,
+                name,
+                mode: mode.unwrap_or_default(),
+            })
         }
         (Some("JOIN"), Some("GLOBAL"), Some("TRANSACTION")) => match &toks[3..] {
-            [Token::Str(xid)] => Ok(GlobalStatement::Join { xid: xid.clone() }),
-            _ => Err(bad("JOIN GLOBAL TRANSACTION takes the XID, quoted")),
+            [Token::Str(xid)] => Ok(GlobalStatement::Join {
+                xid: xid.clone(),
+                mode: BranchMode::At,
+            }),
+            [Token::Str(xid), Token::Word(w), Token::Word(m)] if w == "MODE" => Ok(GlobalStatement::Join {
+                xid: xid.clone(),
+                mode: branch_mode(m).ok_or_else(|| bad(MODES))?,
+            }),
+            _ => Err(bad(
+                "JOIN GLOBAL TRANSACTION takes the XID, quoted, and optionally MODE AT or XA",
+            )),
         },
         (Some("COMMIT"), Some("GLOBAL"), _) => Ok(GlobalStatement::Commit { xid: optional_xid(2)? }),
         (Some("ROLLBACK"), Some("GLOBAL"), _) => Ok(GlobalStatement::Rollback { xid: optional_xid(2)? }),
@@ -167,19 +200,39 @@ mod tests {
             parse("start global transaction").unwrap(),
             Start {
                 timeout_ms: None,
-                name: None
+                name: None,
+                mode: BranchMode::At,
             }
         );
         assert_eq!(
             parse("START GLOBAL TRANSACTION NAME 'it''s' TIMEOUT 5000;").unwrap(),
             Start {
                 timeout_ms: Some(5000),
-                name: Some("it's".into())
+                name: Some("it's".into()),
+                mode: BranchMode::At,
+            }
+        );
+        assert_eq!(
+            parse("START GLOBAL TRANSACTION mode xa TIMEOUT 5").unwrap(),
+            Start {
+                timeout_ms: Some(5),
+                name: None,
+                mode: BranchMode::Xa,
             }
         );
         assert_eq!(
             parse("/* app */ JOIN GLOBAL TRANSACTION '1-42'").unwrap(),
-            Join { xid: "1-42".into() }
+            Join {
+                xid: "1-42".into(),
+                mode: BranchMode::At
+            }
+        );
+        assert_eq!(
+            parse("JOIN GLOBAL TRANSACTION '1-42' MODE XA").unwrap(),
+            Join {
+                xid: "1-42".into(),
+                mode: BranchMode::Xa
+            }
         );
         assert_eq!(parse("commit global").unwrap(), Commit { xid: None });
         assert_eq!(
@@ -207,6 +260,10 @@ mod tests {
             "COMMIT GLOBAL '1' '2'",
             "SHOW GLOBAL TRANSACTION X",
             "START GLOBAL TRANSACTION NAME 'open",
+            "START GLOBAL TRANSACTION MODE TCC",
+            "START GLOBAL TRANSACTION MODE XA MODE AT",
+            "JOIN GLOBAL TRANSACTION '1-1' MODE",
+            "JOIN GLOBAL TRANSACTION '1-1' MODE 2PC",
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains("START GLOBAL TRANSACTION [TIMEOUT"), "{bad}: {e}");

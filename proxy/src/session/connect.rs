@@ -186,6 +186,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         statements: Default::default(),
         last_prepared: None,
         xid: None,
+        branch_mode: Default::default(),
     };
     Ok((backend, state))
 }

@@ -130,6 +130,11 @@ async fn serve(
                 }
             }
             _ = &mut shutdown, if client.buf.is_empty() => return Ok(()),
+            // A mode's work between commands (phase 2 of a branch this connection holds).
+            i = mode::woken(&mut modes), if client.buf.is_empty() => {
+                modes[i].woken(backend, state, shared).await?;
+                continue;
+            }
         };
         let started = Instant::now();
         if reads_parameters {

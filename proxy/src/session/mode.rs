@@ -110,4 +110,44 @@ pub trait ModeSession: Send {
     fn answered(&mut self, state: &SessionState, error: Option<u16>) {
         let _ = (state, error);
     }
+
+    /// Work this mode waits to do on the backend connection between the client's commands
+    /// (phase 2 of a branch the connection holds, asked for by the coordinator): a future
+    /// that resolves once some arrived; `None` when none can arrive. The loop polls it while
+    /// the client is idle and then calls [`ModeSession::woken`].
+    fn wake(&mut self) -> Option<BoxFuture<'_, ()>> {
+        None
+    }
+
+    /// Does the work [`ModeSession::wake`] announced.
+    fn woken<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> BoxFuture<'a, Result<(), SessionError>> {
+        let _ = (backend, state, shared);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Which mode has work waiting ([`ModeSession::wake`]); never, if none can have any.
+pub async fn woken(modes: &mut [Box<dyn ModeSession>]) -> usize {
+    let mut waits: Vec<(usize, BoxFuture<'_, ()>)> = modes
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, m)| m.wake().map(|f| (i, f)))
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for (i, wait) in &mut waits {
+            if wait.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(*i);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }

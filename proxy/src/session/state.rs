@@ -66,6 +66,19 @@ pub struct SessionState {
     /// which every mode works in. Set and cleared by the coordinator's statements; forgotten
     /// here when the server forgets the session (COM_CHANGE_USER, COM_RESET_CONNECTION).
     pub xid: Option<String>,
+    /// How the bound session's local transactions become branches (`MODE` of START or JOIN
+    /// GLOBAL TRANSACTION); the modes read it, the core only keeps it with `xid`.
+    pub branch_mode: BranchMode,
+}
+
+/// How a bound session's local transactions become branches of its global transaction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BranchMode {
+    /// Committed locally at once, with an undo record (the default).
+    #[default]
+    At,
+    /// Prepared by the database (XA START ... XA PREPARE), finished in phase 2.
+    Xa,
 }
 
 impl SessionState {
@@ -113,6 +126,11 @@ impl SessionState {
             }
             kind => kind,
         }
+    }
+
+    /// Bound to a global transaction whose branches this session makes in `mode`.
+    pub fn bound_in(&self, mode: BranchMode) -> bool {
+        self.xid.is_some() && self.branch_mode == mode
     }
 
     pub fn in_transaction(&self) -> bool {

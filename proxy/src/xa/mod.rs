@@ -1,0 +1,622 @@
+//! XA mode: a session bound with `MODE XA` makes each local transaction an XA branch that
+//! its database prepares and holds (row locks included) until phase 2; no undo images, no
+//! dirty rollbacks.
+//!
+//! - the branch on the session's connection ([`branch`]): opened at BEGIN (or at the first
+//!   statement of an implicit transaction with autocommit off, or around an autocommit
+//!   write), prepared at COMMIT, rolled back at ROLLBACK;
+//! - the branches held by this proxy's sessions ([`held`]), and phase 2 ([`phase2`]): on the
+//!   holding session's connection between its client's commands, else from a service
+//!   connection, never guessing at XAER_NOTA;
+//! - the identifier ([`xid`]).
+//!
+//! This file is the mode's face to the session core: which commands XA mode takes, gates or
+//! watches, and what MariaDB refuses inside a branch, refused before it is sent.
+
+pub mod branch;
+pub mod held;
+pub mod phase2;
+pub mod xid;
+
+use std::sync::Arc;
+
+use crate::classify::{Classification, Dml, GlobalCommand, Other, StatementClass, TxControl};
+use crate::coordinator::unchecked::{self, UncheckedWrite};
+use crate::coordinator::undo_table::UndoLogs;
+use crate::coordinator::{Global, binding};
+use crate::protocol::Command as Cmd;
+use crate::protocol::err::ErrPacket;
+use crate::protocol::resultset;
+use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
+use crate::session::peer::Peer;
+use crate::session::state::{BranchMode, SessionState};
+use crate::session::{SessionError, Shared, backend};
+use branch::{Branch, Cx, Phase};
+use held::{Held, Request};
+
+/// XA mode, once per proxy.
+pub struct Xa {
+    pub global: Arc<Global>,
+    /// Where branches keep their commit evidence (the AT mode's `undo_log` table).
+    pub undo_logs: Arc<UndoLogs>,
+    pub held: Held,
+}
+
+impl Mode for Xa {
+    fn open(self: Arc<Self>) -> Box<dyn ModeSession> {
+        Box::new(XaSession {
+            xa: self,
+            branch: None,
+            claimed: None,
+            request: None,
+            unchecked: None,
+            resetting: false,
+        })
+    }
+}
+
+/// What XA mode took a command for.
+enum Claimed {
+    /// BEGIN or START TRANSACTION in a bound session: a branch opens instead.
+    Begin,
+    /// The COMMIT of the open branch: it is prepared.
+    Commit,
+    /// The ROLLBACK of the open branch.
+    Rollback,
+    /// ROLLBACK GLOBAL with the branch open: rolled back first, then the decision.
+    RollbackGlobal,
+    /// COMMIT or ROLLBACK GLOBAL of the global transaction whose prepared branch this
+    /// connection holds: its phase 2 runs here while the decision is awaited.
+    Decide {
+        commit: bool,
+        xid: String,
+    },
+    /// An autocommit write in a bound session: a branch of its own around it.
+    Wrap,
+    /// COMMIT or ROLLBACK with nothing open as the client sees it.
+    Nothing,
+    /// COMMIT or ROLLBACK of a branch phase 2 rolled back under the client.
+    EndDoomed {
+        commit: bool,
+    },
+    Refuse(ErrPacket),
+}
+
+/// XA mode's part of one session.
+struct XaSession {
+    xa: Arc<Xa>,
+    branch: Option<Branch>,
+    claimed: Option<Claimed>,
+    /// A phase-2 command that arrived for the held branch ([`ModeSession::wake`]).
+    request: Option<Request>,
+    /// A write in a branch being forwarded, registered as unchecked until its response is
+    /// read (`coordinator/unchecked.rs`): a table that gains global locks meanwhile waits
+    /// for it.
+    unchecked: Option<UncheckedWrite>,
+    /// COM_CHANGE_USER or COM_RESET_CONNECTION is being forwarded: the server rolls the
+    /// active branch back or lets the prepared one go (any connection may finish it then).
+    resetting: bool,
+}
+
+/// MariaDB's answer to what may not run inside an active XA branch, given before it is sent.
+fn rmfail_active() -> ErrPacket {
+    ErrPacket::new(
+        1399,
+        "XAE07",
+        "XAER_RMFAIL: The command cannot be executed when global transaction is in the  ACTIVE state \
+         (the session's XA branch is open: COMMIT or ROLLBACK it first)",
+    )
+}
+
+fn refused(what: &str, instead: &str) -> ErrPacket {
+    ErrPacket::new(
+        1235,
+        "42000",
+        format!("{what} cannot be part of an XA branch, so ferrata-proxy did not run it; {instead}"),
+    )
+}
+
+/// Whether a statement may change data (it then needs a branch, and the guard check).
+fn may_write(class: &Classification) -> bool {
+    class.multi_statement
+        || matches!(
+            class.class,
+            StatementClass::Dml(_) | StatementClass::Other(Other::Procedural | Other::Unknown)
+        )
+}
+
+/// Whether a statement starts a transaction when autocommit is off.
+fn starts_transaction(class: &Classification) -> bool {
+    may_write(class)
+        || matches!(
+            class.class,
+            StatementClass::LockingRead | StatementClass::Other(Other::Select)
+        )
+}
+
+/// BEGIN, BEGIN WORK or START TRANSACTION, without characteristics (READ ONLY, WITH
+/// CONSISTENT SNAPSHOT, ...), which an XA branch cannot take.
+fn plain_begin(sql: &[u8]) -> bool {
+    let words: Vec<String> = String::from_utf8_lossy(sql)
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    matches!(
+        words.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+        ["BEGIN"] | ["BEGIN", "WORK"] | ["START", "TRANSACTION"]
+    )
+}
+
+/// The statement a command runs: a query's text, or a prepared statement's.
+fn statement<'a>(command: &'a Command<'a>, state: &'a SessionState) -> Option<(&'a [u8], &'a Classification)> {
+    match (command.code, command.class) {
+        (Cmd::QUERY, Some(class)) => Some((&command.payload[1..], class)),
+        (Cmd::STMT_EXECUTE | Cmd::STMT_BULK_EXECUTE, _) if command.payload.len() >= 5 => {
+            state.statement(command.payload).map(|s| (s.sql.as_bytes(), &s.class))
+        }
+        _ => None,
+    }
+}
+
+impl XaSession {
+    fn cx<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &Shared,
+    ) -> (Cx<'a>, &'a mut Option<Branch>) {
+        (
+            Cx {
+                backend,
+                state,
+                xa: &self.xa,
+                limit: shared.config.max_packet_size,
+            },
+            &mut self.branch,
+        )
+    }
+
+    /// Registers a write about to be forwarded in a branch as unchecked, or refuses it when
+    /// one of its tables may hold rows of AT-mode global transactions: a branch cannot check
+    /// its writes against their global locks.
+    fn guard_write(&mut self, sql: &[u8], class: &Classification, state: &SessionState) -> Option<ErrPacket> {
+        let guards = &self.xa.global.guards;
+        // Registered before the view is read (see `coordinator/unchecked.rs`).
+        let write = guards.unchecked.begin(state.backend_connection_id);
+        let text = String::from_utf8_lossy(sql);
+        if !guards.quiet()
+            && let Some(tables) = unchecked::written_tables(&text, state.schema.as_deref())
+        {
+            let dirty = &self.xa.global.dirty_writes;
+            let guarded: Vec<String> = tables
+                .iter()
+                .filter(|(db, table)| {
+                    dirty.checks(db, table) && guards.guarded_on(&self.xa.global.resource(db), db, table)
+                })
+                .map(|(db, table)| format!("{db}.{table}"))
+                .collect();
+            if !guarded.is_empty() {
+                write.finish();
+                return Some(ErrPacket::new(
+                    1235,
+                    "42000",
+                    format!(
+                        "{} may hold rows of unfinished AT-mode global transactions, and an XA branch cannot check its writes \
+                         against their global locks, so ferrata-proxy did not run it; write these tables in MODE AT, or once \
+                         those transactions end",
+                        guarded.join(", ")
+                    ),
+                ));
+            }
+            if !class.multi_statement {
+                write.writes_to(tables);
+            }
+        }
+        self.unchecked = Some(write);
+        None
+    }
+
+    fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
+        let (sql, class) = statement(command, state)?;
+        let take = |claimed: Claimed| (Some(claimed), Claim::Take);
+        let (claimed, claim) = match (&self.branch, class.class) {
+            // Only Ferrata finishes Ferrata's branches; any MariaDB user could.
+            (_, StatementClass::TransactionControl(TxControl::Xa)) if xid::names_ferrata_branch(sql) => {
+                take(Claimed::Refuse(ErrPacket::new(
+                    1227,
+                    "42000",
+                    "Access denied: this XA statement names a Ferrata branch (its format id); only ferrata-proxy finishes those, \
+                     as the transaction coordinator decides (see the ferrata command line)",
+                )))
+            }
+            (Some(b), c) => match (&b.phase, c) {
+                (Phase::Doomed(_), StatementClass::TransactionControl(TxControl::Commit)) => {
+                    take(Claimed::EndDoomed { commit: true })
+                }
+                (Phase::Doomed(_), StatementClass::TransactionControl(TxControl::Rollback)) => {
+                    take(Claimed::EndDoomed { commit: false })
+                }
+                (Phase::Doomed(why), _) => take(Claimed::Refuse(doomed(why))),
+                (Phase::Active { .. }, StatementClass::TransactionControl(TxControl::Commit))
+                    if !class.multi_statement =>
+                {
+                    take(Claimed::Commit)
+                }
+                (Phase::Active { .. }, StatementClass::TransactionControl(TxControl::Rollback))
+                    if !class.multi_statement =>
+                {
+                    take(Claimed::Rollback)
+                }
+                (
+                    Phase::Active { .. },
+                    StatementClass::TransactionControl(TxControl::Begin | TxControl::LockTables | TxControl::Xa)
+                    | StatementClass::Other(Other::Ddl),
+                ) => take(Claimed::Refuse(rmfail_active())),
+                (
+                    Phase::Active { .. },
+                    StatementClass::TransactionControl(
+                        TxControl::Savepoint | TxControl::RollbackToSavepoint | TxControl::ReleaseSavepoint,
+                    ),
+                ) => take(Claimed::Refuse(refused(
+                    "A savepoint",
+                    "MariaDB ignores SAVEPOINT inside XA transactions (ROLLBACK TO would fail): roll the whole local transaction back instead",
+                ))),
+                (Phase::Active { .. }, StatementClass::GlobalTransaction(GlobalCommand::Leave)) => {
+                    take(Claimed::Refuse(binding::rmfail(
+                        "the session's XA branch is open: COMMIT or ROLLBACK it before leaving the global transaction"
+                            .into(),
+                    )))
+                }
+                (Phase::Active { .. }, StatementClass::GlobalTransaction(GlobalCommand::Rollback)) => {
+                    take(Claimed::RollbackGlobal)
+                }
+                (Phase::Active { .. }, _) if may_write(class) => {
+                    if let Some(e) = self.guard_write(sql, class, state) {
+                        take(Claimed::Refuse(e))
+                    } else {
+                        if let Some(Branch {
+                            phase: Phase::Active { wrote },
+                            ..
+                        }) = &mut self.branch
+                        {
+                            *wrote = true;
+                        }
+                        (None, Claim::Pass)
+                    }
+                }
+                (
+                    Phase::Prepared,
+                    StatementClass::GlobalTransaction(g @ (GlobalCommand::Commit | GlobalCommand::Rollback)),
+                ) => {
+                    let named = crate::coordinator::statement::parse(&String::from_utf8_lossy(sql)).ok();
+                    let named = match named {
+                        Some(crate::coordinator::statement::GlobalStatement::Commit { xid })
+                        | Some(crate::coordinator::statement::GlobalStatement::Rollback { xid }) => xid,
+                        _ => None,
+                    };
+                    match named.or_else(|| state.xid.clone()) {
+                        Some(xid) if xid == b.id.xid => take(Claimed::Decide {
+                            commit: g == GlobalCommand::Commit,
+                            xid,
+                        }),
+                        _ => (None, Claim::Pass),
+                    }
+                }
+                (Phase::Prepared, StatementClass::GlobalTransaction(GlobalCommand::Start | GlobalCommand::Join)) => {
+                    take(Claimed::Refuse(binding::rmfail(format!(
+                        "this connection holds the prepared XA branch {} of global transaction {} until it ends (MariaDB lets \
+                         nothing else use it meanwhile): COMMIT GLOBAL or ROLLBACK GLOBAL it, or use another connection",
+                        b.id.branch_id, b.id.xid
+                    ))))
+                }
+                (Phase::Prepared, StatementClass::TransactionControl(TxControl::Commit | TxControl::Rollback))
+                    if !class.multi_statement =>
+                {
+                    take(Claimed::Nothing)
+                }
+                _ => (None, Claim::Pass),
+            },
+            (None, _) if !state.bound_in(BranchMode::Xa) => (None, Claim::Pass),
+            (None, StatementClass::TransactionControl(TxControl::Xa)) => take(Claimed::Refuse(refused(
+                "An XA statement",
+                "the session's global transaction runs its own XA branches (MODE XA); LEAVE GLOBAL TRANSACTION first",
+            ))),
+            (None, StatementClass::TransactionControl(TxControl::Begin)) if !class.multi_statement => {
+                if plain_begin(sql) {
+                    take(Claimed::Begin)
+                } else {
+                    take(Claimed::Refuse(refused(
+                        "START TRANSACTION with characteristics (READ ONLY, WITH CONSISTENT SNAPSHOT, ...)",
+                        "use plain BEGIN in MODE XA",
+                    )))
+                }
+            }
+            (None, StatementClass::TransactionControl(TxControl::LockTables)) => take(Claimed::Refuse(refused(
+                "LOCK TABLES",
+                "lock rows with SELECT ... FOR UPDATE instead",
+            ))),
+            (None, StatementClass::Other(Other::Ddl)) => take(Claimed::Refuse(refused(
+                "DDL (it commits implicitly)",
+                "run it outside the global transaction (LEAVE GLOBAL TRANSACTION first)",
+            ))),
+            (None, _) if state.in_transaction() => (None, Claim::Pass),
+            (None, _) if state.autocommit() && may_write(class) => {
+                if matches!(class.class, StatementClass::Dml(Dml::LoadData)) {
+                    take(Claimed::Refuse(refused(
+                        "An autocommit LOAD DATA",
+                        "run it between BEGIN and COMMIT",
+                    )))
+                } else if command.code == Cmd::STMT_BULK_EXECUTE {
+                    take(Claimed::Refuse(refused(
+                        "An autocommit bulk execute (COM_STMT_BULK_EXECUTE)",
+                        "run it between BEGIN and COMMIT",
+                    )))
+                } else if let Some(e) = self.guard_write(sql, class, state) {
+                    take(Claimed::Refuse(e))
+                } else {
+                    take(Claimed::Wrap)
+                }
+            }
+            (None, _) if !state.autocommit() && starts_transaction(class) => (None, Claim::Gate),
+            _ => (None, Claim::Pass),
+        };
+        self.claimed = claimed;
+        Some(claim)
+    }
+
+    async fn run_claimed(&mut self, io: Io<'_>, claimed: Claimed) -> Result<(), SessionError> {
+        let Io {
+            client,
+            backend,
+            state,
+            shared,
+            raw,
+            ..
+        } = io;
+        let reply = match claimed {
+            Claimed::Refuse(e) => return backend::refuse(client, e).await,
+            Claimed::Nothing => Ok(resultset::ok(state.status)),
+            Claimed::EndDoomed { commit } => {
+                let why = match self.branch.take().map(|b| b.phase) {
+                    Some(Phase::Doomed(why)) => why,
+                    _ => String::new(),
+                };
+                if commit {
+                    Err(doomed(&why))
+                } else {
+                    Ok(resultset::ok(state.status))
+                }
+            }
+            Claimed::Begin => {
+                let xid = state.xid.clone().unwrap_or_default();
+                let (mut cx, slot) = self.cx(backend, state, shared);
+                match branch::open(&mut cx, &xid).await? {
+                    Ok(b) => {
+                        *slot = Some(b);
+                        Ok(resultset::ok(cx.state.status))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Claimed::Commit => {
+                let (mut cx, slot) = self.cx(backend, state, shared);
+                branch::prepare(&mut cx, slot).await?.map(resultset::ok)
+            }
+            Claimed::Rollback => {
+                let (mut cx, slot) = self.cx(backend, state, shared);
+                Ok(resultset::ok(
+                    branch::rollback(&mut cx, slot, "rolled back by the client").await?,
+                ))
+            }
+            Claimed::RollbackGlobal => {
+                let (mut cx, slot) = self.cx(backend, state, shared);
+                branch::rollback(&mut cx, slot, "the client rolled the global transaction back").await?;
+                // The binding answers the rest (the decision) with no local transaction open.
+                let sql = String::from_utf8_lossy(&raw[5..]).into_owned();
+                return binding::answer(client, backend, state, shared, Some(&self.xa.global), &sql).await;
+            }
+            Claimed::Decide { commit, xid } => {
+                let global = Arc::clone(&self.xa.global);
+                let result = {
+                    let decision = binding::decide(&global, &xid, commit);
+                    tokio::pin!(decision);
+                    loop {
+                        let Some(b) = self.branch.as_mut() else {
+                            break (&mut decision).await;
+                        };
+                        tokio::select! {
+                            r = &mut decision => break r,
+                            request = b.requests.recv() => if let Some(request) = request {
+                                self.serve(request, backend, state, shared).await?;
+                            },
+                        }
+                    }
+                };
+                binding::decided(state, &xid, commit, &result);
+                result.map(|()| resultset::ok(state.status))
+            }
+            Claimed::Wrap => return self.wrap(client, backend, state, shared, raw).await,
+        };
+        let bytes = reply.unwrap_or_else(|e| e.to_packet(1));
+        client.write_all(&bytes).await.map_err(|_| SessionError::ClientClosed)
+    }
+
+    /// An autocommit write in a branch of its own: opened, the statement run, then prepared
+    /// (rolled back if it failed, committed in one phase if it changed no row); the client
+    /// gets the statement's own response, with autocommit's status flags.
+    async fn wrap(
+        &mut self,
+        client: &mut Peer,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        shared: &Shared,
+        raw: &[u8],
+    ) -> Result<(), SessionError> {
+        let before = state.status;
+        let xid = state.xid.clone().unwrap_or_default();
+        let limit = shared.config.max_packet_size;
+        let write = self.unchecked.take();
+        let (mut cx, slot) = self.cx(backend, state, shared);
+        let opened = branch::open(&mut cx, &xid).await?;
+        let b = match opened {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(w) = write {
+                    w.finish();
+                }
+                return backend::refuse(client, e).await;
+            }
+        };
+        *slot = Some(b);
+        let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
+        if let Some(w) = write {
+            w.finish();
+        }
+        let reply = match ran? {
+            Err(response) => {
+                branch::rollback(&mut cx, slot, "the statement failed").await?;
+                response
+            }
+            Ok((mut response, summary)) => {
+                if let Some(Branch {
+                    phase: Phase::Active { wrote },
+                    ..
+                }) = slot
+                {
+                    *wrote = summary.is_none_or(|s| s.affected_rows > 0);
+                }
+                match branch::prepare(&mut cx, slot).await? {
+                    Ok(_) => {
+                        backend::as_autocommit(&mut response, cx.state, before);
+                        response
+                    }
+                    Err(e) => e.to_packet(1),
+                }
+            }
+        };
+        client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+    }
+
+    /// Runs a phase-2 command for the held branch on this connection and answers it.
+    async fn serve(
+        &mut self,
+        request: Request,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        shared: &Shared,
+    ) -> Result<(), SessionError> {
+        let (mut cx, slot) = self.cx(backend, state, shared);
+        let outcome = branch::phase2(&mut cx, slot, request.commit).await?;
+        // Nobody waits any more if the coordinator's call timed out: it asks again.
+        let _ = request.reply.send(outcome);
+        Ok(())
+    }
+}
+
+fn doomed(why: &str) -> ErrPacket {
+    ErrPacket::new(
+        1402,
+        "XA100",
+        format!("XA_RBROLLBACK: Transaction branch was rolled back: {why}; ROLLBACK to end the local transaction"),
+    )
+}
+
+impl ModeSession for XaSession {
+    fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
+        if let Some(w) = self.unchecked.take() {
+            w.finish(); // a mode after this one answered it: it never ran
+        }
+        self.claimed = None;
+        if matches!(command.code, Cmd::CHANGE_USER | Cmd::RESET_CONNECTION) {
+            self.resetting = self.branch.is_some();
+            return Claim::Pass;
+        }
+        self.decide(command, state).unwrap_or(Claim::Pass)
+    }
+
+    fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
+        Box::pin(async move {
+            let claimed = self.claimed.take().expect("run follows a claim to take");
+            self.run_claimed(io, claimed).await
+        })
+    }
+
+    /// Autocommit off, no transaction open: the statement would start one implicitly, so a
+    /// branch opens first.
+    fn gate<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
+        Box::pin(async move {
+            let xid = state.xid.clone().unwrap_or_default();
+            let (mut cx, slot) = self.cx(backend, state, shared);
+            Ok(match branch::open(&mut cx, &xid).await? {
+                Ok(b) => {
+                    *slot = Some(b);
+                    None
+                }
+                Err(e) => Some(e),
+            })
+        })
+    }
+
+    fn answered(&mut self, _state: &SessionState, _error: Option<u16>) {
+        if let Some(w) = self.unchecked.take() {
+            w.finish(); // its response was read
+        }
+        if std::mem::take(&mut self.resetting) {
+            // Even a refused COM_CHANGE_USER resets the session first.
+            self.forget_branch("the client reset its session");
+        }
+    }
+
+    fn wake(&mut self) -> Option<BoxFuture<'_, ()>> {
+        let b = self.branch.as_mut()?;
+        let request = &mut self.request;
+        Some(Box::pin(async move {
+            *request = b.requests.recv().await;
+            if request.is_none() {
+                // Never again: the registry let the branch go (its phase 2 ran here).
+                std::future::pending::<()>().await;
+            }
+        }))
+    }
+
+    fn woken<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> BoxFuture<'a, Result<(), SessionError>> {
+        Box::pin(async move {
+            match self.request.take() {
+                Some(request) => self.serve(request, backend, state, shared).await,
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+impl XaSession {
+    /// The server let the branch go with the session (an active one rolled back, a prepared
+    /// one detached: any connection may finish it now); so does this proxy.
+    fn forget_branch(&mut self, why: &'static str) {
+        let Some(b) = self.branch.take() else { return };
+        self.xa.held.release(b.id.branch_id);
+        if let Phase::Active { .. } = b.phase {
+            let global = Arc::clone(&self.xa.global);
+            tokio::spawn(async move { global.report_failed(&b.id.xid, b.id.branch_id, why).await });
+        }
+    }
+}
+
+impl Drop for XaSession {
+    /// The session ended: its connection closes.
+    fn drop(&mut self) {
+        self.forget_branch("its session ended before it committed");
+    }
+}

@@ -1,0 +1,377 @@
+//! XA mode through the proxy, with real `ferrata-tc` and `ferrata-proxy` processes and real
+//! MariaDB servers: branches prepared by the database at the client's COMMIT and finished in
+//! phase 2 (on the preparing connection, or from a service connection once it is gone),
+//! across two databases, beside AT branches, after a proxy or the coordinator was killed;
+//! read-only branches finished in phase 1; what MariaDB refuses inside XA, refused first.
+//! After every test no prepared branch is left on any server.
+
+use anyhow::{Result, ensure};
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::MariaDb;
+use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::{server_error, until};
+use mysql_async::prelude::*;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+
+/// A database with table `t (id INT PRIMARY KEY, v INT)` holding `(1, 10)` and `(2, 20)`, and
+/// a proxy process in front of it that trusts its view of the coordinator.
+struct Side {
+    db: MariaDb,
+    proxy: ProxyProcess,
+}
+
+impl Side {
+    async fn start(tc: &Coordinator) -> Result<Side> {
+        let db = MariaDb::start().await?;
+        let mut direct = db.conn().await?;
+        direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+        direct.query_drop("INSERT INTO t VALUES (1, 10), (2, 20)").await?;
+        let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 2000)?;
+        proxy.await_trust(&mut proxy.conn().await?).await?;
+        Ok(Side { db, proxy })
+    }
+
+    async fn value(&self, id: i64) -> Result<Option<i64>> {
+        let mut c = self.db.conn().await?;
+        Ok(c.exec_first("SELECT v FROM t WHERE id = ?", (id,)).await?)
+    }
+
+    /// Every prepared XA transaction on the server, as `XA RECOVER` lists them.
+    async fn prepared(&self) -> Result<Vec<String>> {
+        let mut c = self.db.conn().await?;
+        let rows: Vec<(i64, i64, i64, Vec<u8>)> = c.query("XA RECOVER").await?;
+        Ok(rows
+            .into_iter()
+            .map(|(format, _, _, data)| format!("{format}:{}", String::from_utf8_lossy(&data)))
+            .collect())
+    }
+
+    async fn until_nothing_prepared(&self) -> Result<()> {
+        until("no prepared XA transaction on the server", async || {
+            Ok(self.prepared().await?.is_empty())
+        })
+        .await
+    }
+}
+
+async fn start_xa(conn: &mut mysql_async::Conn) -> Result<String> {
+    let xid: Option<String> = conn.query_first("START GLOBAL TRANSACTION MODE XA").await?;
+    xid.ok_or_else(|| anyhow::anyhow!("START GLOBAL TRANSACTION returned no XID"))
+}
+
+async fn add(conn: &mut mysql_async::Conn, id: i64, delta: i64) -> Result<()> {
+    conn.exec_drop("UPDATE t SET v = v + ? WHERE id = ?", (delta, id))
+        .await?;
+    Ok(())
+}
+
+fn code(e: &mysql_async::Error) -> u16 {
+    server_error(e).map(|(c, _, _)| c).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_on_two_databases_prepare_at_commit_and_finish_with_the_decision() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let (a, b) = (Side::start(&tc).await?, Side::start(&tc).await?);
+
+    for commit in [true, false] {
+        let mut on_a = a.proxy.conn().await?;
+        let mut on_b = b.proxy.conn().await?;
+        let xid = start_xa(&mut on_a).await?;
+        on_b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
+            .await?;
+        for conn in [&mut on_a, &mut on_b] {
+            conn.query_drop("BEGIN").await?;
+            add(conn, 1, 5).await?;
+            conn.query_drop("COMMIT").await?;
+        }
+        // Prepared by each database before the client's OK, invisible until phase 2.
+        for side in [&a, &b] {
+            ensure!(side.prepared().await?.len() == 1, "one prepared branch on each server");
+            ensure!(side.value(1).await? == Some(10), "not committed before the decision");
+        }
+        let view = tc.get(&format!("/v1/transactions/{xid}")).await?;
+        let modes: Vec<&str> = view["branches"]
+            .as_array()
+            .map(|bs| bs.iter().filter_map(|b| b["mode"].as_str()).collect())
+            .unwrap_or_default();
+        ensure!(modes == ["XA", "XA"], "{view}");
+        ensure!(view["branches"][0]["status"] == "Prepared", "{view}");
+
+        on_a.query_drop(if commit { "COMMIT GLOBAL" } else { "ROLLBACK GLOBAL" })
+            .await?;
+        let want = if commit { 15 } else { 10 };
+        for side in [&a, &b] {
+            until("the branch to finish", async || Ok(side.value(1).await? == Some(want))).await?;
+            side.until_nothing_prepared().await?;
+        }
+        until("the global transaction to end", async || {
+            let status = tc.status(&xid).await?;
+            Ok(status == if commit { "Committed" } else { "Rollbacked" })
+        })
+        .await?;
+        // Both connections are free again.
+        for conn in [&mut on_a, &mut on_b] {
+            let v: Option<i64> = conn.query_first("SELECT v FROM t WHERE id = 2").await?;
+            ensure!(v == Some(20));
+        }
+        // Reset for the next round.
+        a.db.conn()
+            .await?
+            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
+            .await?;
+        b.db.conn()
+            .await?
+            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autocommit_writes_are_wrapped_and_read_only_branches_end_in_phase_one() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+
+    let mut reader = a.proxy.conn().await?;
+    let xid = start_xa(&mut reader).await?;
+    // Reads only: committed in one phase, nothing held.
+    reader.query_drop("BEGIN").await?;
+    let v: Option<i64> = reader.query_first("SELECT v FROM t WHERE id = 1 FOR UPDATE").await?;
+    ensure!(v == Some(10));
+    reader.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.is_empty(), "a read-only branch is not held");
+    // An autocommit write that changes no row: the same.
+    reader.query_drop("UPDATE t SET v = 0 WHERE id = 99").await?;
+    ensure!(a.prepared().await?.is_empty());
+
+    let mut writer = a.proxy.conn().await?;
+    writer
+        .query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
+        .await?;
+    let result = writer.query_iter("UPDATE t SET v = v + 1 WHERE id = 2").await?;
+    ensure!(result.affected_rows() == 1, "the statement's own answer");
+    drop(result);
+    ensure!(
+        a.prepared().await?.len() == 1,
+        "the autocommit write is a prepared branch"
+    );
+    ensure!(a.value(2).await? == Some(20));
+
+    writer.query_drop("COMMIT GLOBAL").await?;
+    until("the write to commit", async || Ok(a.value(2).await? == Some(21))).await?;
+    a.until_nothing_prepared().await?;
+    let view = tc.get(&format!("/v1/transactions/{xid}/events")).await?;
+    let read_only = view["events"]
+        .as_array()
+        .map(|es| es.iter().filter(|e| e["type"] == "branch_read_only").count())
+        .unwrap_or(0);
+    ensure!(read_only == 2, "{view}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_and_xa_branches_in_one_global_transaction() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let (a, b) = (Side::start(&tc).await?, Side::start(&tc).await?);
+
+    for commit in [true, false] {
+        let mut at = a.proxy.conn().await?;
+        let xid: Option<String> = at.query_first("START GLOBAL TRANSACTION").await?;
+        let xid = xid.unwrap_or_default();
+        add(&mut at, 1, 1).await?;
+        let mut xa = b.proxy.conn().await?;
+        xa.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
+            .await?;
+        add(&mut xa, 1, 1).await?;
+        ensure!(a.value(1).await? == Some(11), "AT commits locally at once");
+        ensure!(b.value(1).await? == Some(10), "XA waits for phase 2");
+        at.query_drop(if commit { "COMMIT GLOBAL" } else { "ROLLBACK GLOBAL" })
+            .await?;
+        let want = if commit { 11 } else { 10 };
+        until("both branches to finish", async || {
+            Ok(a.value(1).await? == Some(want) && b.value(1).await? == Some(want))
+        })
+        .await?;
+        b.until_nothing_prepared().await?;
+        a.db.conn()
+            .await?
+            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
+            .await?;
+        b.db.conn()
+            .await?
+            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_prepared_by_a_killed_proxy_is_finished_by_another_and_by_its_restart() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let mut a = Side::start(&tc).await?;
+    let mut second = ProxyProcess::start(PROXY, a.db.addr(), &tc.endpoint(), 2000)?;
+    second.await_trust(&mut second.conn().await?).await?;
+
+    // Prepared through the second proxy, which is killed: the first one commits it.
+    let mut conn = second.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    add(&mut conn, 1, 7).await?;
+    ensure!(a.prepared().await?.len() == 1);
+    second.kill9()?;
+    drop(conn);
+    let mut app = a.proxy.conn().await?;
+    app.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+    until("the branch to commit", async || Ok(a.value(1).await? == Some(17))).await?;
+    a.until_nothing_prepared().await?;
+
+    // Prepared through the first proxy, which is killed and restarted: the restarted proxy
+    // rolls it back.
+    let mut conn = a.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    add(&mut conn, 2, 7).await?;
+    a.proxy.kill9_and_restart()?;
+    drop(conn);
+    let mut app = a.proxy.conn().await?;
+    // Attached to the coordinator again (else the rollback waits for a proxy to serve it).
+    a.proxy.await_trust(&mut app).await?;
+    app.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
+    a.until_nothing_prepared().await?;
+    ensure!(a.value(2).await? == Some(20));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_branches_survive_the_coordinator_killed_between_the_phases() -> Result<()> {
+    let mut tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+    let mut conn = a.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    add(&mut conn, 1, 3).await?;
+    conn.query_drop("COMMIT").await?;
+    tc.kill9_and_restart()?;
+    // The proxy reconnects; the decision finds the prepared branch in the coordinator's store.
+    until("the commit to be accepted", async || {
+        Ok(conn.query_drop(format!("COMMIT GLOBAL '{xid}'")).await.is_ok())
+    })
+    .await?;
+    until("the branch to commit", async || Ok(a.value(1).await? == Some(13))).await?;
+    a.until_nothing_prepared().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+    let mut conn = a.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+
+    let refused = async |conn: &mut mysql_async::Conn, sql: &str| -> Result<u16> {
+        let e = conn.query_drop(sql).await.err();
+        Ok(e.as_ref().map(code).unwrap_or(0))
+    };
+    ensure!(
+        refused(&mut conn, "CREATE TABLE u (id INT)").await? == 1235,
+        "DDL while bound"
+    );
+    ensure!(
+        refused(&mut conn, "XA START 'mine'").await? == 1235,
+        "a client XA while bound"
+    );
+    ensure!(refused(&mut conn, "START TRANSACTION READ ONLY").await? == 1235);
+    ensure!(refused(&mut conn, "LOCK TABLES t WRITE").await? == 1235);
+
+    conn.query_drop("BEGIN").await?;
+    add(&mut conn, 1, 1).await?;
+    for (sql, want) in [
+        ("CREATE TABLE u (id INT)", 1399),
+        ("BEGIN", 1399),
+        ("SAVEPOINT s", 1235),
+        ("LEAVE GLOBAL TRANSACTION", 1399),
+    ] {
+        ensure!(refused(&mut conn, sql).await? == want, "{sql}");
+    }
+    // Two branches of one global transaction on one database through one proxy would wait
+    // for each other's rows.
+    let mut other = a.proxy.conn().await?;
+    other
+        .query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
+        .await?;
+    ensure!(
+        refused(&mut other, "BEGIN").await? == 1235,
+        "a second branch on the same database"
+    );
+    // The branch is intact.
+    conn.query_drop("COMMIT").await?;
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+    ensure!(a.value(1).await? == Some(10));
+
+    // Nobody touches Ferrata's branches with plain XA statements.
+    let format = ferrata_proxy::xa::xid::FORMAT_ID;
+    let mut plain = a.proxy.conn().await?;
+    ensure!(refused(&mut plain, &format!("XA ROLLBACK 'x','1',{format}")).await? == 1227);
+    a.until_nothing_prepared().await?;
+    Ok(())
+}
+
+/// A proxy whose host hangs keeps its backend connection, and MariaDB lets no other
+/// connection finish the branch that connection prepared: another proxy ends that
+/// connection (recorded with the branch) and finishes phase 2 at once, instead of after the
+/// server's `wait_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_branch() -> Result<()> {
+    let tc = Coordinator::start_with(
+        TC,
+        "[phase2]\nheartbeat_interval_ms = 200\ncall_timeout_ms = 1000\nretry_max_ms = 500\n",
+    )?;
+    let a = Side::start(&tc).await?;
+    let other = ProxyProcess::start(PROXY, a.db.addr(), &tc.endpoint(), 2000)?;
+
+    let mut conn = a.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    add(&mut conn, 1, 4).await?;
+    // Attached to the proxy's connection: nobody else may finish it (MariaDB's XAER_NOTA).
+    let mut direct = a.db.conn().await?;
+    let listed: Vec<(i64, i64, i64, String)> = direct.query("XA RECOVER FORMAT='SQL'").await?;
+    ensure!(listed.len() == 1, "{listed:?}");
+    let attached = direct
+        .query_drop(format!("XA COMMIT {}", listed[0].3))
+        .await
+        .unwrap_err();
+    ensure!(code(&attached) == 1397, "{attached:?}");
+    a.proxy.pause()?;
+
+    let mut app = other.conn().await?;
+    app.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+    until("the branch to commit", async || Ok(a.value(1).await? == Some(14))).await?;
+    a.until_nothing_prepared().await?;
+    a.proxy.resume()?;
+    Ok(())
+}
+
+/// MariaDB keeps a prepared branch, row locks included, across its own crash: phase 2 after
+/// the restart commits it from a service connection (the preparing connection is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_branch_survives_a_database_restart_and_commits_after_it() -> Result<()> {
+    let tc = Coordinator::start_with(TC, "[phase2]\nretry_max_ms = 500\n")?;
+    let mut a = Side::start(&tc).await?;
+    let mut conn = a.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    add(&mut conn, 2, 2).await?;
+    a.db.restart().await?;
+    ensure!(a.prepared().await?.len() == 1, "prepared across the crash");
+    ensure!(
+        conn.query_drop("SELECT 1").await.is_err(),
+        "the session's connection died with the server"
+    );
+
+    let mut app = a.proxy.conn().await?;
+    app.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+    until("the branch to commit", async || Ok(a.value(2).await? == Some(22))).await?;
+    a.until_nothing_prepared().await?;
+    Ok(())
+}
