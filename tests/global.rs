@@ -269,51 +269,6 @@ async fn register(tc: &Coordinator, xid: &str, resource: &str, id: &[u8]) -> Res
     Ok(c.rm.branch_register(request).await?.into_inner().branch_id)
 }
 
-/// A branch of a mode this proxy does not run (an XA branch registered by another proxy in
-/// front of the same database) is never reported done: its commit is retried.
-#[tokio::test]
-async fn a_branch_of_a_mode_the_proxy_does_not_run_is_never_reported_done() -> Result<()> {
-    let env = Env::start().await?;
-    let mut conn = env.proxy.conn().await?;
-    let xid = start(&mut conn).await?;
-    let mut c = env.tc.client().await?;
-    let branch =
-        c.rm.branch_register(pb::BranchRegisterRequest {
-            xid: xid.clone(),
-            resource_id: env.resource(),
-            branch_type: pb::BranchType::Xa as i32,
-            connection_id: 9,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .branch_id;
-    c.rm.branch_report(pb::BranchReportRequest {
-        xid: xid.clone(),
-        branch_id: branch,
-        status: pb::BranchStatus::PhaseOnePrepared as i32,
-        reason: String::new(),
-    })
-    .await?;
-    conn.query_drop("COMMIT GLOBAL").await?;
-    until("the proxy's refusal in the timeline", || async {
-        let events = env.tc.get(&format!("/v1/transactions/{xid}/events")).await?;
-        Ok(events["events"].as_array().is_some_and(|es| {
-            es.iter().any(|e| {
-                e["type"] == "phase_two"
-                    && e["branch_id"] == branch
-                    && e["result"] == "retry"
-                    && e["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("cannot finish this branch"))
-            })
-        }))
-    })
-    .await?;
-    assert_eq!(env.tc.status(&xid).await?, "AsyncCommitting");
-    Ok(())
-}
-
 #[tokio::test]
 async fn phase_two_runs_on_the_proxy() -> Result<()> {
     let env = Env::start().await?;

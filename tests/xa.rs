@@ -6,6 +6,7 @@
 //! After every test no prepared branch is left on any server.
 
 use anyhow::{Result, ensure};
+use ferrata_rpc::pb;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
@@ -373,5 +374,57 @@ async fn a_prepared_branch_survives_a_database_restart_and_commits_after_it() ->
     app.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
     until("the branch to commit", async || Ok(a.value(2).await? == Some(22))).await?;
     a.until_nothing_prepared().await?;
+    Ok(())
+}
+
+/// XAER_NOTA is never taken as done: a branch decided committed that its database neither
+/// holds prepared nor committed (no commit evidence) is a failure for an operator, counted and
+/// logged; rolled back, the same unknown branch is simply done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_its_database_does_not_know_is_never_reported_committed() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+    let resource = format!("{}/test", a.db.addr());
+    let mut c = tc.client().await?;
+    for commit in [false, true] {
+        let mut conn = a.proxy.conn().await?;
+        let xid = start_xa(&mut conn).await?;
+        // A branch as a proxy that died before XA START would have left it.
+        let branch =
+            c.rm.branch_register(pb::BranchRegisterRequest {
+                xid: xid.clone(),
+                resource_id: resource.clone(),
+                branch_type: pb::BranchType::Xa as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .branch_id;
+        c.rm.branch_report(pb::BranchReportRequest {
+            xid: xid.clone(),
+            branch_id: branch,
+            status: pb::BranchStatus::PhaseOnePrepared as i32,
+            reason: String::new(),
+        })
+        .await?;
+        if commit {
+            conn.query_drop("COMMIT GLOBAL").await?;
+            until("the commit to fail for an operator", async || {
+                Ok(tc.status(&xid).await? == "CommitFailed")
+            })
+            .await?;
+            let view = tc.get(&format!("/v1/transactions/{xid}")).await?;
+            ensure!(
+                view["failure"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("no commit evidence")),
+                "{view}"
+            );
+            ensure!(a.proxy.metric("ferrata_proxy_xa_contradictions_total").await? == 1.0);
+        } else {
+            conn.query_drop("ROLLBACK GLOBAL").await?;
+            ensure!(tc.status(&xid).await? == "Rollbacked");
+        }
+    }
     Ok(())
 }
