@@ -428,3 +428,91 @@ async fn a_branch_its_database_does_not_know_is_never_reported_committed() -> Re
     }
     Ok(())
 }
+
+/// Runs `XA START` ... `XA PREPARE` of `id` (an `XA RECOVER FORMAT='SQL'` identifier) on a
+/// direct connection that then closes: a branch prepared by a proxy that died before it could
+/// report it.
+async fn prepare_directly(db: &MariaDb, id: &str, sql: &str) -> Result<()> {
+    let mut c = db.conn().await?;
+    c.query_drop(format!("XA START {id}")).await?;
+    c.query_drop(sql).await?;
+    c.query_drop(format!("XA END {id}")).await?;
+    c.query_drop(format!("XA PREPARE {id}")).await?;
+    c.disconnect().await?;
+    Ok(())
+}
+
+/// The XA identifier of Ferrata's branch `branch_id` of `xid`, as SQL.
+fn ferrata_id(xid: &str, branch_id: u64) -> String {
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02X}")).collect::<String>();
+    format!(
+        "X'{}',X'{}',{}",
+        hex(xid),
+        hex(&branch_id.to_string()),
+        ferrata_proxy::xa::xid::FORMAT_ID
+    )
+}
+
+/// A proxy that died between `XA PREPARE` and its report leaves a branch no phase 2 reaches
+/// (the coordinator left it out of the commit): the orphan sweep of another proxy rolls it
+/// back. One whose XID the coordinator does not know is quarantined, never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweep_settles_what_no_phase_2_reaches_and_quarantines_the_unknown() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let db = MariaDb::start().await?;
+    db.conn()
+        .await?
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 10), (2, 20)")
+        .await?;
+    let proxy = ProxyProcess::start_with(
+        PROXY,
+        db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 2000",
+        "xa_sweep_interval_ms = 100",
+    )?;
+    let side = Side { db, proxy };
+
+    let mut conn = side.proxy.conn().await?;
+    let xid = start_xa(&mut conn).await?;
+    let mut c = tc.client().await?;
+    let branch =
+        c.rm.branch_register(pb::BranchRegisterRequest {
+            xid: xid.clone(),
+            resource_id: format!("{}/test", side.db.addr()),
+            branch_type: pb::BranchType::Xa as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .branch_id;
+    prepare_directly(&side.db, &ferrata_id(&xid, branch), "UPDATE t SET v = 11 WHERE id = 1").await?;
+    conn.query_drop("COMMIT GLOBAL").await?;
+    until("the sweep to roll the branch back", async || {
+        Ok(side.prepared().await?.is_empty())
+    })
+    .await?;
+    ensure!(side.value(1).await? == Some(10), "not part of the commit: rolled back");
+    ensure!(
+        side.proxy
+            .metric("ferrata_proxy_xa_orphans_settled_total{action=\"ROLLBACK\"}")
+            .await?
+            == 1.0
+    );
+
+    // Never issued by this coordinator.
+    let stranger = ferrata_id("9-1", 1);
+    prepare_directly(&side.db, &stranger, "UPDATE t SET v = 21 WHERE id = 2").await?;
+    until("the branch to be quarantined", async || {
+        Ok(side.proxy.metric("ferrata_proxy_xa_quarantined_branches").await? == 1.0)
+    })
+    .await?;
+    ensure!(side.prepared().await?.len() == 1, "kept prepared");
+    side.db
+        .conn()
+        .await?
+        .query_drop(format!("XA ROLLBACK {stranger}"))
+        .await?;
+    side.until_nothing_prepared().await?;
+    Ok(())
+}

@@ -163,6 +163,9 @@ pub struct Service {
     /// undo record is not there) is kept: long enough that the late phase-1 commit it blocks
     /// can no longer arrive (the coordinator's longest global timeout plus a margin).
     pub marker_retention_ms: u64,
+    /// How often the XA orphan sweep lists the server's prepared Ferrata branches and settles
+    /// those no session of this proxy holds, as the coordinator says.
+    pub xa_sweep_interval_ms: u64,
 }
 
 impl Default for Service {
@@ -173,6 +176,7 @@ impl Default for Service {
             resource_server: None,
             create_undo_log: true,
             marker_retention_ms: 2 * 3_600_000,
+            xa_sweep_interval_ms: 30_000,
         }
     }
 }
@@ -259,6 +263,10 @@ impl Config {
             self.service.marker_retention_ms >= 1000,
             "[service] marker_retention_ms must be at least 1000: an anti-hanging marker must outlive the late commit it blocks \
              (keep it above the coordinator's longest global timeout)"
+        );
+        anyhow::ensure!(
+            self.service.xa_sweep_interval_ms >= 100,
+            "[service] xa_sweep_interval_ms must be at least 100: each sweep runs XA RECOVER on the server"
         );
         for name in self.dirty_writes.tables.keys() {
             anyhow::ensure!(

@@ -28,6 +28,7 @@ pub struct Modes {
     pub modes: Vec<Arc<dyn Mode>>,
     global: Option<Arc<Global>>,
     branch_modes: Option<(Arc<At>, Arc<Xa>)>,
+    xa_sweep_interval: std::time::Duration,
 }
 
 impl Modes {
@@ -53,20 +54,22 @@ impl Modes {
             modes,
             global,
             branch_modes,
+            xa_sweep_interval: std::time::Duration::from_millis(config.service.xa_sweep_interval_ms),
         }
     }
 
     /// Attaches to the coordinator until `stop`: phase-2 commands for this proxy's branches
     /// arrive on that stream; anti-hanging markers (and XA commit evidence) past their
-    /// retention are swept meanwhile.
+    /// retention are swept meanwhile, and so are prepared XA branches nobody holds.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
         if let (Some(global), Some((at, xa))) = (&self.global, &self.branch_modes) {
             global.start(rm_id, phase2_handler(Arc::clone(at), Arc::clone(xa)), stop.clone());
             tokio::spawn(undo_table::sweep_markers(
                 Arc::clone(global),
                 Arc::clone(&xa.undo_logs),
-                stop,
+                stop.clone(),
             ));
+            tokio::spawn(xa::sweeper::sweep_orphans(Arc::clone(xa), self.xa_sweep_interval, stop));
         }
     }
 

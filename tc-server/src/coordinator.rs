@@ -908,6 +908,55 @@ impl Coordinator {
         self.finished_outcome(xid).ok_or_else(|| TcError::not_found(xid))
     }
 
+    /// What should become of a prepared XA branch that no session holds (a proxy's orphan
+    /// sweep found it). A branch is committed only if it is part of a decided commit; it is
+    /// rolled back if the transaction rolls back or keeps no record of it (a branch that
+    /// finished phase 2 is no longer prepared; one that reported no prepare before the
+    /// decision, or none at all, is not part of it); it waits while the transaction runs, and
+    /// is left to an operator while the transaction waits for one on the commit side.
+    pub fn xa_orphan(&self, xid: &str, branch_id: u64) -> Result<pb::XaOrphanResponse, TcError> {
+        use pb::xa_orphan_response::Verdict;
+        let txn_id = Self::parse(xid)?;
+        let answer =
+            |verdict: Verdict, global: Option<GlobalStatus>, branch: Option<BranchStatus>| pb::XaOrphanResponse {
+                verdict: verdict as i32,
+                global_status: global.map_or(pb::GlobalStatus::Unknown, GlobalStatus::to_pb) as i32,
+                branch_status: branch.map_or(pb::BranchStatus::Unknown, BranchStatus::to_pb) as i32,
+            };
+        if let Some(session) = self.live(txn_id) {
+            let state = session.state.lock();
+            let global = state.record.status;
+            let branch = state
+                .branches
+                .iter()
+                .find(|b| b.branch_id == branch_id)
+                .filter(|b| b.mode == BranchMode::Xa)
+                .map(|b| b.status);
+            let verdict = match (global, branch) {
+                (_, None | Some(BranchStatus::PhaseOneFailed | BranchStatus::ReadOnly)) => Verdict::Rollback,
+                (GlobalStatus::Begin | GlobalStatus::Committing, Some(_)) => Verdict::Wait,
+                (GlobalStatus::AsyncCommitting, Some(BranchStatus::Prepared)) => Verdict::Commit,
+                (g, Some(_))
+                    if g.is_rolling_back()
+                        || matches!(g, GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed) =>
+                {
+                    Verdict::Rollback
+                }
+                _ => Verdict::Hold,
+            };
+            return Ok(answer(verdict, Some(global), branch));
+        }
+        let finished = self.finished.lock().get(txn_id).map(|f| f.record.status);
+        Ok(match finished {
+            // Every branch of the commit finished phase 2: one still prepared was not in it.
+            Some(g @ (GlobalStatus::Committed | GlobalStatus::Rollbacked | GlobalStatus::TimeoutRollbacked)) => {
+                answer(Verdict::Rollback, Some(g), None)
+            }
+            Some(g) => answer(Verdict::Hold, Some(g), None),
+            None => answer(Verdict::UnknownXid, None, None),
+        })
+    }
+
     /// Whether the rows could be locked by `xid` (or by anyone, for an empty xid), waiting up
     /// to `lock_wait_ms` for them to be released.
     pub async fn lock_query(

@@ -144,6 +144,11 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         Ok(Response::new(pb::BranchReportResponse {}))
     }
 
+    async fn xa_orphan(&self, request: Request<pb::XaOrphanRequest>) -> Result<Response<pb::XaOrphanResponse>, Status> {
+        let r = request.into_inner();
+        self.0.xa_orphan(&r.xid, r.branch_id).map(Response::new).map_err(status)
+    }
+
     async fn lock_query(
         &self,
         request: Request<pb::LockQueryRequest>,

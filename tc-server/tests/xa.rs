@@ -5,6 +5,7 @@
 
 mod support;
 
+use ferrata_rpc::client::TcClient;
 use ferrata_rpc::{ErrorCode, pb};
 use support::*;
 
@@ -193,5 +194,56 @@ async fn a_prepared_xa_branch_and_its_connection_survive_a_coordinator_kill() ->
         (pb::BranchType::Xa as i32, 4_000_000_001)
     );
     wait_status(&c, &xid, G::Committed).await?;
+    Ok(())
+}
+
+async fn orphan(c: &TcClient, xid: &str, branch_id: u64) -> Result<pb::xa_orphan_response::Verdict> {
+    let r =
+        c.rm.clone()
+            .xa_orphan(pb::XaOrphanRequest {
+                xid: xid.into(),
+                branch_id,
+            })
+            .await?
+            .into_inner();
+    Ok(r.verdict())
+}
+
+/// What a proxy's orphan sweep is told to do with a prepared branch no session holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_branch_is_committed_only_as_part_of_a_commit() -> Result {
+    use pb::xa_orphan_response::Verdict::{Commit as CommitIt, Rollback as RollBackIt, UnknownXid, Wait};
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let rec = Recorder::new();
+    let _rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+
+    assert_eq!(orphan(&c, "1-999999", 1).await?, UnknownXid, "never issued");
+    let xid = begin(&c, 0).await?;
+    let registered = register_xa(&c, &xid, "db1", 1).await?;
+    let prepared = register_xa(&c, &xid, "db1", 2).await?;
+    report(&c, &xid, prepared, PhaseOnePrepared).await?;
+    assert_eq!(orphan(&c, &xid, registered).await?, Wait, "still running");
+    assert_eq!(orphan(&c, &xid, prepared).await?, Wait);
+    assert_eq!(orphan(&c, &xid, 12345).await?, RollBackIt, "not a branch of it");
+
+    let gate = tokio_util::sync::CancellationToken::new();
+    rec.script(prepared, [Reply::After(gate.clone(), Box::new(Reply::Ok))]);
+    commit(&c, &xid).await?;
+    assert_eq!(orphan(&c, &xid, prepared).await?, CommitIt, "part of the commit");
+    assert_eq!(orphan(&c, &xid, registered).await?, RollBackIt, "left out of it");
+    gate.cancel();
+    wait_status(&c, &xid, G::Committed).await?;
+    assert_eq!(
+        orphan(&c, &xid, prepared).await?,
+        RollBackIt,
+        "the commit is over: a branch still prepared was not in it"
+    );
+
+    let xid = begin(&c, 0).await?;
+    let b = register_xa(&c, &xid, "db1", 3).await?;
+    report(&c, &xid, b, PhaseOnePrepared).await?;
+    rollback(&c, &xid).await?;
+    assert_eq!(orphan(&c, &xid, b).await?, RollBackIt);
     Ok(())
 }

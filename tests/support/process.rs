@@ -100,7 +100,8 @@ impl ProxyProcess {
     }
 
     /// Like `start`, with `coordinator_toml` as the `[coordinator]` settings besides the
-    /// endpoint, and more TOML appended to the config file (sections after `[log]`).
+    /// endpoint, and `more_toml` appended to the config file after its `[service]` section
+    /// (so it starts with more `[service]` keys, or with a section of its own).
     pub fn start_with(
         binary: &str,
         backend: SocketAddr,
@@ -115,7 +116,7 @@ impl ProxyProcess {
             format!(
                 "backend = \"{backend}\"\n\
                  [coordinator]\nendpoints = [\"{tc}\"]\n{coordinator_toml}\n\
-                 [service]\nuser = \"{APP_USER}\"\n[log]\nlevel = \"info\"\n{more_toml}\n"
+                 [log]\nlevel = \"info\"\n[service]\nuser = \"{APP_USER}\"\n{more_toml}\n"
             ),
         )?;
         let panics = Panics::default();

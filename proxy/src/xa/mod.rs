@@ -8,6 +8,8 @@
 //! - the branches held by this proxy's sessions ([`held`]), and phase 2 ([`phase2`]): on the
 //!   holding session's connection between its client's commands, else from a service
 //!   connection, never guessing at XAER_NOTA;
+//! - the orphan sweep ([`sweeper`]): prepared branches nobody holds, settled as the
+//!   coordinator says;
 //! - the identifier ([`xid`]).
 //!
 //! This file is the mode's face to the session core: which commands XA mode takes, gates or
@@ -16,6 +18,7 @@
 pub mod branch;
 pub mod held;
 pub mod phase2;
+pub mod sweeper;
 pub mod xid;
 
 use std::sync::Arc;
