@@ -6,7 +6,9 @@
 //! no-dirty-writes check is exercised against rolling-back transfers. Afterwards: the total
 //! balance is what the committed credits added, no balance is negative, every committed
 //! transfer is in the ledger exactly once and no other is, every committed credit is in the
-//! credit table, no rollback was dirty, and no undo record and no global lock is left.
+//! credit table, no rollback was dirty, and no undo record, prepared XA branch or global lock
+//! is left. It runs with both servers' branches in AT mode, both in XA mode, and mixed (one
+//! server's AT, the other's XA).
 
 use std::collections::BTreeSet;
 
@@ -14,7 +16,7 @@ use anyhow::Result;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::until_undo_records_gone;
+use ferrata_tests::{until, until_undo_records_gone};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -31,6 +33,47 @@ fn proxy_for(db: &MariaDb, tc: &Coordinator) -> Result<ProxyProcess> {
     ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 1_000)
 }
 
+/// How one server's branches keep their work.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    At,
+    Xa,
+}
+
+impl Mode {
+    fn sql(self) -> &'static str {
+        match self {
+            Mode::At => "AT",
+            Mode::Xa => "XA",
+        }
+    }
+}
+
+/// A session on one server, with the mode its branches use there.
+struct Side<'a> {
+    conn: &'a mut mysql_async::Conn,
+    mode: Mode,
+}
+
+impl Side<'_> {
+    /// Runs `statements` as one branch: in XA mode between BEGIN and COMMIT (a connection
+    /// holds one prepared branch per global transaction), in AT mode one autocommit branch
+    /// each.
+    async fn branch(&mut self, statements: &[String]) -> Result<()> {
+        let xa = self.mode == Mode::Xa;
+        if xa {
+            self.conn.query_drop("BEGIN").await?;
+        }
+        for sql in statements {
+            self.conn.query_drop(sql).await?;
+        }
+        if xa {
+            self.conn.query_drop("COMMIT").await?;
+        }
+        Ok(())
+    }
+}
+
 /// How one transfer ended.
 enum Outcome {
     Committed(u64),
@@ -38,9 +81,10 @@ enum Outcome {
 }
 
 /// One transfer from an account on `a` to one on `b`, with a ledger row on `a`.
-async fn transfer(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn, id: u64, rollback: bool) -> Result<Outcome> {
+async fn transfer(a: &mut Side<'_>, b: &mut Side<'_>, id: u64, rollback: bool) -> Result<Outcome> {
     let xid: String = a
-        .query_first("START GLOBAL TRANSACTION TIMEOUT 20000")
+        .conn
+        .query_first(format!("START GLOBAL TRANSACTION TIMEOUT 20000 MODE {}", a.mode.sql()))
         .await?
         .expect("an XID");
     let (from, to, amount) = (
@@ -49,37 +93,45 @@ async fn transfer(a: &mut mysql_async::Conn, b: &mut mysql_async::Conn, id: u64,
         (id % 7 + 1) as i64 * 10,
     );
     let phase_one = async {
-        a.query_drop(format!(
-            "UPDATE account SET balance = balance - {amount} WHERE id = {from}"
-        ))
+        a.branch(&[
+            format!("UPDATE account SET balance = balance - {amount} WHERE id = {from}"),
+            format!("INSERT INTO ledger VALUES ({id}, {from}, {to}, {amount})"),
+        ])
         .await?;
-        a.query_drop(format!("INSERT INTO ledger VALUES ({id}, {from}, {to}, {amount})"))
+        b.conn
+            .query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE {}", b.mode.sql()))
             .await?;
-        b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
-        b.query_drop(format!(
+        b.branch(&[format!(
             "UPDATE account SET balance = balance + {amount} WHERE id = {to}"
-        ))
+        )])
         .await?;
-        b.query_drop("LEAVE GLOBAL TRANSACTION").await?;
+        b.conn.query_drop("LEAVE GLOBAL TRANSACTION").await?;
         anyhow::Ok(())
     }
     .await;
     match phase_one {
         Ok(()) if !rollback => {
-            a.query_drop("COMMIT GLOBAL").await?;
+            a.conn.query_drop("COMMIT GLOBAL").await?;
             Ok(Outcome::Committed(id))
         }
         other => {
-            // A lost lock race (1205, 1213) gives up like a deliberate rollback does.
+            // A lost lock race (1205, 1213; in XA mode also the branch rolled back by its
+            // database, 1402, 1613, 1614) gives up like a deliberate rollback does.
             if let Err(e) = other {
                 let code = match e.downcast_ref::<mysql_async::Error>() {
                     Some(mysql_async::Error::Server(s)) => s.code,
                     _ => return Err(e),
                 };
-                anyhow::ensure!(matches!(code, 1205 | 1213), "transfer {id}: unexpected error {e}");
-                let _ = b.query_drop("LEAVE GLOBAL TRANSACTION").await;
+                anyhow::ensure!(
+                    matches!(code, 1205 | 1213 | 1402 | 1613 | 1614),
+                    "transfer {id}: unexpected error {e}"
+                );
+                // An XA branch left open ends first.
+                let _ = a.conn.query_drop("ROLLBACK").await;
+                let _ = b.conn.query_drop("ROLLBACK").await;
+                let _ = b.conn.query_drop("LEAVE GLOBAL TRANSACTION").await;
             }
-            a.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
+            a.conn.query_drop(format!("ROLLBACK GLOBAL '{xid}'")).await?;
             Ok(Outcome::RolledBack)
         }
     }
@@ -119,7 +171,32 @@ async fn credit(c: &mut mysql_async::Conn, id: u64) -> Result<Option<i64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
-    let (db_a, db_b) = (MariaDb::start().await?, MariaDb::start().await?);
+    books_balanced([Mode::At, Mode::At]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_xa_transfers_keep_the_books_balanced() -> Result<()> {
+    books_balanced([Mode::Xa, Mode::Xa]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_with_at_on_one_server_and_xa_on_the_other_keep_the_books_balanced() -> Result<()> {
+    books_balanced([Mode::At, Mode::Xa]).await
+}
+
+/// The bank run with the branches on server A and server B in `modes`.
+async fn books_balanced(modes: [Mode; 2]) -> Result<()> {
+    // XA branches hold their rows until phase 2, across both servers: two transfers that each
+    // wait for a row the other's prepared branch holds wait for each other (no database sees
+    // both waits), until a lock wait times out. Keep that short.
+    let options = || ferrata_tests::ferrata_testkit::MariaDbOptions {
+        extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
+        ..Default::default()
+    };
+    let (db_a, db_b) = (
+        MariaDb::start_with(options()).await?,
+        MariaDb::start_with(options()).await?,
+    );
     let tc = Coordinator::start(TC)?;
     let (pa, pb) = (proxy_for(&db_a, &tc)?, proxy_for(&db_b, &tc)?);
     for db in [&db_a, &db_b] {
@@ -145,6 +222,14 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
             let mut committed = Vec::new();
             for n in 0..TRANSFERS {
                 let id = client * 1000 + n;
+                let mut a = Side {
+                    conn: &mut a,
+                    mode: modes[0],
+                };
+                let mut b = Side {
+                    conn: &mut b,
+                    mode: modes[1],
+                };
                 // Alternate the direction so both servers' accounts are debited.
                 let outcome = if n % 2 == 0 {
                     transfer(&mut a, &mut b, id, n % 10 < 3).await?
@@ -191,8 +276,16 @@ async fn concurrent_transfers_keep_the_books_balanced() -> Result<()> {
     }
     assert!(!credited.is_empty(), "some credits committed");
 
-    // Phase 2 of the last commits is asynchronous: wait for the undo records to go.
+    // Phase 2 of the last commits is asynchronous: wait for the undo records and the
+    // prepared branches to go.
     until_undo_records_gone(&[&db_a, &db_b]).await?;
+    for db in [&db_a, &db_b] {
+        until("no prepared XA branch", async || {
+            let prepared: Vec<(i64, i64, i64, Vec<u8>)> = db.conn().await?.query("XA RECOVER").await?;
+            Ok(prepared.is_empty())
+        })
+        .await?;
+    }
 
     let mut total = 0;
     let mut ledger = BTreeSet::new();

@@ -54,6 +54,7 @@ impl Mode for Xa {
             request: None,
             unchecked: None,
             resetting: false,
+            await_phase2: false,
         })
     }
 }
@@ -99,6 +100,9 @@ struct XaSession {
     /// COM_CHANGE_USER or COM_RESET_CONNECTION is being forwarded: the server rolls the
     /// active branch back or lets the prepared one go (any connection may finish it then).
     resetting: bool,
+    /// The gate waits for the held branch's phase 2 (the session is no longer bound to its
+    /// transaction); otherwise it opens a branch (autocommit off).
+    await_phase2: bool,
 }
 
 /// MariaDB's answer to what may not run inside an active XA branch, given before it is sent.
@@ -307,6 +311,15 @@ impl XaSession {
                         _ => (None, Claim::Pass),
                     }
                 }
+                // No longer bound to its transaction (left it, or decided it): the connection is
+                // still finishing the branch, so what needs it waits for phase 2 first.
+                (Phase::Prepared, c)
+                    if state.xid.as_deref() != Some(b.id.xid.as_str())
+                        && c != StatementClass::GlobalTransaction(GlobalCommand::Show) =>
+                {
+                    self.await_phase2 = true;
+                    (None, Claim::Gate)
+                }
                 (Phase::Prepared, StatementClass::GlobalTransaction(GlobalCommand::Start | GlobalCommand::Join)) => {
                     take(Claimed::Refuse(binding::rmfail(format!(
                         "this connection holds the prepared XA branch {} of global transaction {} until it ends (MariaDB lets \
@@ -502,6 +515,32 @@ impl XaSession {
         client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
     }
 
+    /// Waits for the held branch's phase 2 and runs it, up to the lock wait (and the
+    /// coordinator's answer time); `Some(error)` if it does not come.
+    async fn phase2_first(
+        &mut self,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        shared: &Shared,
+    ) -> Result<Option<ErrPacket>, SessionError> {
+        let global = &self.xa.global;
+        let wait = std::time::Duration::from_millis(global.lock_wait_ms) + global.outcome_wait;
+        let Some(b) = self.branch.as_mut() else { return Ok(None) };
+        let (branch_id, xid) = (b.id.branch_id, b.id.xid.clone());
+        match tokio::time::timeout(wait, b.requests.recv()).await {
+            Ok(Some(request)) => {
+                self.serve(request, backend, state, shared).await?;
+                Ok(None)
+            }
+            _ => Ok(Some(binding::rmfail(format!(
+                "this connection still holds the prepared XA branch {branch_id} of global transaction {xid}, which has not \
+                 ended after {} ms (MariaDB lets nothing else use the connection meanwhile): retry later, or use another \
+                 connection",
+                wait.as_millis()
+            )))),
+        }
+    }
+
     /// Runs a phase-2 command for the held branch on this connection and answers it.
     async fn serve(
         &mut self,
@@ -532,6 +571,7 @@ impl ModeSession for XaSession {
             w.finish(); // a mode after this one answered it: it never ran
         }
         self.claimed = None;
+        self.await_phase2 = false;
         if matches!(command.code, Cmd::CHANGE_USER | Cmd::RESET_CONNECTION) {
             self.resetting = self.branch.is_some();
             return Claim::Pass;
@@ -547,7 +587,8 @@ impl ModeSession for XaSession {
     }
 
     /// Autocommit off, no transaction open: the statement would start one implicitly, so a
-    /// branch opens first.
+    /// branch opens first. Or the connection still holds a prepared branch of a transaction
+    /// the session left: its phase 2 runs first.
     fn gate<'a>(
         &'a mut self,
         backend: &'a mut Peer,
@@ -555,6 +596,9 @@ impl ModeSession for XaSession {
         shared: &'a Shared,
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
+            if std::mem::take(&mut self.await_phase2) {
+                return self.phase2_first(backend, state, shared).await;
+            }
             let xid = state.xid.clone().unwrap_or_default();
             let (mut cx, slot) = self.cx(backend, state, shared);
             Ok(match branch::open(&mut cx, &xid).await? {
