@@ -10,6 +10,8 @@ use ferrata_rpc::pb;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::coordinator::unchecked::TableName;
+
 /// A phase-2 command for a held branch, and where its outcome goes.
 pub struct Request {
     pub commit: bool,
@@ -22,6 +24,8 @@ struct Holder {
     /// The holding session's backend connection (its identity in messages).
     connection_id: u32,
     inbox: mpsc::Sender<Request>,
+    /// The tables its statements wrote, as (database, table), lowercased.
+    tables: Vec<TableName>,
 }
 
 /// Held branches by branch id (branch ids are unique across global transactions).
@@ -42,6 +46,7 @@ impl Held {
                 resource: resource.to_owned(),
                 connection_id,
                 inbox,
+                tables: Vec::new(),
             },
         );
         metrics::gauge!("ferrata_proxy_xa_branches_held").increment(1.0);
@@ -67,6 +72,43 @@ impl Held {
         self.branches.lock().values().any(|h| h.connection_id == connection_id)
     }
 
+    /// Notes tables a held branch wrote.
+    pub fn wrote(&self, branch_id: u64, tables: &[TableName]) {
+        if let Some(h) = self.branches.lock().get_mut(&branch_id) {
+            for (db, table) in tables {
+                let t = (db.to_lowercase(), table.to_lowercase());
+                if !h.tables.contains(&t) {
+                    h.tables.push(t);
+                }
+            }
+        }
+    }
+
+    /// The held branches that wrote a table a DDL statement names (by name, as a word of its
+    /// text), as `(xid, branch id, database.table)`: the statement waits for their row locks
+    /// until their phase 2.
+    pub fn named_by(&self, ddl: &str) -> Vec<(String, u64, String)> {
+        let text = ddl.to_lowercase();
+        let is_word = |word: &str| {
+            text.match_indices(word).any(|(at, _)| {
+                let before = text[..at].chars().next_back();
+                let after = text[at + word.len()..].chars().next();
+                let part = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$');
+                !part(before) && !part(after)
+            })
+        };
+        let branches = self.branches.lock();
+        let mut named = Vec::new();
+        for (id, h) in branches.iter() {
+            for (db, table) in &h.tables {
+                if is_word(table) {
+                    named.push((h.xid.clone(), *id, format!("{db}.{table}")));
+                }
+            }
+        }
+        named
+    }
+
     /// The backend connection of another session here that holds a branch of `xid` on
     /// `resource`, if one does.
     pub fn other_on(&self, xid: &str, resource: &str, connection_id: u32) -> Option<u32> {
@@ -75,5 +117,30 @@ impl Held {
             .values()
             .find(|h| h.xid == xid && h.resource == resource && h.connection_id != connection_id)
             .map(|h| h.connection_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_names_the_tables_held_branches_wrote() {
+        let held = Held::default();
+        let _inbox = held.hold("1-7", 3, "db:3306/shop", 42);
+        held.wrote(3, &[("Shop".into(), "Orders".into()), ("shop".into(), "orders".into())]);
+        let named = held.named_by("ALTER TABLE `orders` ADD COLUMN note TEXT");
+        assert_eq!(
+            named,
+            vec![("1-7".to_owned(), 3, "shop.orders".to_owned())],
+            "once, lowercased"
+        );
+        assert!(
+            held.named_by("ALTER TABLE orders_archive ADD c INT").is_empty(),
+            "a word, not a prefix"
+        );
+        assert!(held.named_by("DROP TABLE items").is_empty());
+        held.release(3);
+        assert!(held.named_by("ALTER TABLE orders ADD c INT").is_empty(), "released");
     }
 }

@@ -55,6 +55,7 @@ impl Mode for Xa {
             unchecked: None,
             resetting: false,
             await_phase2: false,
+            tables: Vec::new(),
         })
     }
 }
@@ -103,6 +104,8 @@ struct XaSession {
     /// The gate waits for the held branch's phase 2 (the session is no longer bound to its
     /// transaction); otherwise it opens a branch (autocommit off).
     await_phase2: bool,
+    /// The tables the branch being opened (around an autocommit write) will write.
+    tables: Vec<unchecked::TableName>,
 }
 
 /// MariaDB's answer to what may not run inside an active XA branch, given before it is sent.
@@ -185,6 +188,20 @@ impl XaSession {
         )
     }
 
+    /// DDL waits for the row locks of XA branches on its table until their phase 2 (and fails
+    /// with a lock wait timeout meanwhile): said in the log, with the branches it waits for.
+    fn warn_ddl(&self, sql: &[u8]) {
+        for (xid, branch_id, table) in self.xa.held.named_by(&String::from_utf8_lossy(sql)) {
+            tracing::warn!(
+                xid,
+                branch_id,
+                table,
+                "DDL on a table an XA branch of this proxy wrote: it waits for the branch's row locks until its global \
+                 transaction ends (or fails with a lock wait timeout)"
+            );
+        }
+    }
+
     /// Registers a write about to be forwarded in a branch as unchecked, or refuses it when
     /// one of its tables may hold rows of AT-mode global transactions: a branch cannot check
     /// its writes against their global locks.
@@ -193,8 +210,15 @@ impl XaSession {
         // Registered before the view is read (see `coordinator/unchecked.rs`).
         let write = guards.unchecked.begin(state.backend_connection_id);
         let text = String::from_utf8_lossy(sql);
+        let tables = unchecked::written_tables(&text, state.schema.as_deref());
+        if let Some(tables) = &tables {
+            self.tables.extend(tables.iter().cloned());
+            if let Some(b) = &self.branch {
+                self.xa.held.wrote(b.id.branch_id, tables);
+            }
+        }
         if !guards.quiet()
-            && let Some(tables) = unchecked::written_tables(&text, state.schema.as_deref())
+            && let Some(tables) = tables
         {
             let dirty = &self.xa.global.dirty_writes;
             let guarded: Vec<String> = tables
@@ -334,7 +358,12 @@ impl XaSession {
                 }
                 _ => (None, Claim::Pass),
             },
-            (None, _) if !state.bound_in(BranchMode::Xa) => (None, Claim::Pass),
+            (None, c) if !state.bound_in(BranchMode::Xa) => {
+                if c == StatementClass::Other(Other::Ddl) {
+                    self.warn_ddl(sql);
+                }
+                (None, Claim::Pass)
+            }
             (None, StatementClass::TransactionControl(TxControl::Xa)) => take(Claimed::Refuse(refused(
                 "An XA statement",
                 "the session's global transaction runs its own XA branches (MODE XA); LEAVE GLOBAL TRANSACTION first",
@@ -474,6 +503,7 @@ impl XaSession {
         let xid = state.xid.clone().unwrap_or_default();
         let limit = shared.config.max_packet_size;
         let write = self.unchecked.take();
+        let tables = std::mem::take(&mut self.tables);
         let (mut cx, slot) = self.cx(backend, state, shared);
         let opened = branch::open(&mut cx, &xid).await?;
         let b = match opened {
@@ -485,6 +515,7 @@ impl XaSession {
                 return backend::refuse(client, e).await;
             }
         };
+        cx.xa.held.wrote(b.id.branch_id, &tables);
         *slot = Some(b);
         let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
         if let Some(w) = write {
@@ -572,6 +603,7 @@ impl ModeSession for XaSession {
         }
         self.claimed = None;
         self.await_phase2 = false;
+        self.tables.clear();
         if matches!(command.code, Cmd::CHANGE_USER | Cmd::RESET_CONNECTION) {
             self.resetting = self.branch.is_some();
             return Claim::Pass;
