@@ -1,15 +1,15 @@
-//! `at-bench`: Ferrata's AT mode end to end, against MariaDB reached directly, interleaved
-//! round by round (alternating or rotating which side goes first).
+//! `at-bench`: Ferrata's AT and XA modes end to end, against MariaDB reached directly,
+//! interleaved round by round (rotating which side goes first).
 //!
 //! Two throw-away MariaDB servers (A and B), one `ferrata-tc` and one `ferrata-proxy` in
 //! front of each server, all on this machine. Three workloads:
 //!
 //! * **transfer**: each client moves 1 from a random account on A to a random account on B,
-//!   as one global transaction through the proxies (ferrata side) or as two local
-//!   transactions straight to the servers (direct side).
+//!   as one global transaction through the proxies, with AT branches (at side) or XA
+//!   branches (xa side), or as two local transactions straight to the servers (direct side).
 //! * **hot**: every client increments the same row on A in a global transaction; the row's
-//!   global lock passes from transaction to transaction. The same loop as local
-//!   transactions straight to A, for reference.
+//!   global lock (AT) or database lock (XA) passes from transaction to transaction. The same
+//!   loop as local transactions straight to A, for reference.
 //! * **unbound**: sysbench `oltp_read_write` through a proxy without a coordinator, through
 //!   one with a coordinator (the no-dirty-writes check on, no global transaction running),
 //!   and straight to A: what the check costs writes outside global transactions.
@@ -30,11 +30,11 @@ use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use mysql_async::Conn;
 use mysql_async::prelude::Queryable;
 
-const ABOUT: &str = "Ferrata's AT mode against MariaDB directly: transfers between two servers, a hot row, \
-                     and the cost of the no-dirty-writes check";
+const ABOUT: &str = "Ferrata's AT and XA modes against MariaDB directly: transfers between two servers, a hot \
+                     row, and the cost of the no-dirty-writes check";
 
 const LONG_ABOUT: &str = "\
-Ferrata's AT mode against MariaDB reached directly, interleaved round by round.
+Ferrata's AT and XA modes against MariaDB reached directly, interleaved round by round.
 
 Starts two throw-away MariaDB servers (A and B, testkit; 256 MiB buffer pool by default,
 innodb_flush_log_at_trx_commit=2), one ferrata-tc (its store in a fresh directory) and one
@@ -45,25 +45,30 @@ Workloads (--workloads):
 
   transfer  At each --clients count, each client loops: pick two uniform random ids, move 1 from
             the account on A to the one on B.
-            ferrata side, one connection to each proxy per client: START GLOBAL TRANSACTION
+            at side, one connection to each proxy per client: START GLOBAL TRANSACTION
             (proxy A), UPDATE ... -1 (proxy A, autocommit: the proxy wraps it as a branch),
             JOIN GLOBAL TRANSACTION '<xid>' (proxy B), UPDATE ... +1 (proxy B), LEAVE GLOBAL
             TRANSACTION (proxy B), COMMIT GLOBAL (proxy A). A transfer counts when COMMIT GLOBAL
             returns OK. After the side's window the driver waits for phase 2 (undo_log rows
-            deleted) before the next side starts.
+            deleted, no prepared XA branch left) before the next side starts.
+            xa side: the same with MODE XA on START and JOIN (each UPDATE an XA branch,
+            prepared before its OK, committed in phase 2 on its connection; the next
+            iteration on a connection waits for that).
             direct side, one connection to each server per client: BEGIN; UPDATE ... -1; COMMIT
             on A, then BEGIN; UPDATE ... +1; COMMIT on B (two local transactions).
             Target: median ratio ferrata/direct >= 0.5.
-  hot       --hot-clients clients through proxy A: START GLOBAL TRANSACTION; UPDATE account SET
-            balance = balance + 1 WHERE id = 1; COMMIT GLOBAL. Reference: BEGIN; the same UPDATE;
-            COMMIT straight to A. Target: >= 1,000 global transactions per second.
+  hot       --hot-clients clients through proxy A: START GLOBAL TRANSACTION [MODE XA]; UPDATE
+            account SET balance = balance + 1 WHERE id = 1; COMMIT GLOBAL. Reference: BEGIN; the
+            same UPDATE; COMMIT straight to A. Target (AT): >= 1,000 global transactions per
+            second.
   unbound   sysbench oltp_read_write at each --threads count against (i) a ferrata-proxy without
             a coordinator, (ii) proxy A (coordinator configured, no global transaction running:
             the no-dirty-writes check is on) and (iii) server A directly, rotating the order each
             round. Target: median ratio (ii)/(i) >= 0.95. Prints the proxies'
             ferrata_proxy_unbound_writes_total by route afterwards.
 
-Every round runs each side for --time seconds. Errors (lock wait timeouts 1205, deadlocks 1213,
+--sides chooses the sides of transfer and hot (default at,xa,direct). Every round runs each
+side for --time seconds. Errors (lock wait timeouts 1205, deadlocks 1213,
 anything the server or proxy answers) are counted per statement and the loop goes on; a broken
 connection ends the run. At the end the balances on both servers are checked against the
 transfers and increments that reported success.
@@ -100,6 +105,9 @@ struct Args {
     /// connection to each proxy and one to each server open for the whole workload.
     #[arg(long, value_delimiter = ',', default_value = "4,16")]
     clients: Vec<usize>,
+    /// Comma-separated sides of the transfer and hot workloads (direct is the reference).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "at,xa,direct")]
+    sides: Vec<Side>,
     /// Clients of the hot-row workload (all through proxy A, or all straight to A).
     #[arg(long, default_value_t = 32)]
     hot_clients: usize,
@@ -171,6 +179,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// driver.
 const CPU_GROUPS: [&str; 4] = ["mariadbd", "proxies", "tc", "bench"];
 
+/// Ferrata's XA format id ("FRTA"), as `XA RECOVER` shows it.
+const XA_FORMAT_ID: i64 = 0x4652_5441;
+
 const DEBIT: &str = "UPDATE account SET balance = balance - 1 WHERE id = ?";
 const CREDIT: &str = "UPDATE account SET balance = balance + 1 WHERE id = ?";
 
@@ -233,7 +244,13 @@ fn run(args: Args) -> Result<()> {
         .prefix("ferrata-at-bench-tc-")
         .tempdir_in(args.data_parent.clone().unwrap_or_else(std::env::temp_dir))
         .context("creating the coordinator's data directory")?;
+    // Tables stop being guarded a quarter second after their last AT transaction (the default
+    // is 10 s): an XA side, whose branches may not write tables AT transactions may hold rows
+    // in, starts once the AT side's guards are gone (see `Env::side`).
+    let tc_config = tc_data.path().join("tc.toml");
+    std::fs::write(&tc_config, "[transactions]\nguard_linger_ms = 250\n").context("writing the coordinator's config")?;
     let mut cmd = Command::new(&tc_bin);
+    cmd.arg("--config").arg(&tc_config);
     cmd.args([
         "--listen",
         "127.0.0.1:0",
@@ -428,17 +445,35 @@ async fn debit_or_credit(conn: &mut Conn, text: bool, credit: bool, id: u32) -> 
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Side {
-    Ferrata,
+    /// Global transactions through the proxies, AT branches.
+    At,
+    /// Global transactions through the proxies, XA branches.
+    Xa,
+    /// Local transactions straight to the servers.
     Direct,
 }
 
 impl Side {
     fn name(self) -> &'static str {
         match self {
-            Side::Ferrata => "ferrata",
+            Side::At => "at",
+            Side::Xa => "xa",
             Side::Direct => "direct",
+        }
+    }
+
+    /// Through the proxies, in global transactions.
+    fn global(self) -> bool {
+        self != Side::Direct
+    }
+
+    /// The MODE clause of START and JOIN GLOBAL TRANSACTION.
+    fn mode(self) -> &'static str {
+        match self {
+            Side::Xa => " MODE XA",
+            _ => "",
         }
     }
 }
@@ -453,7 +488,7 @@ impl Job {
     /// The timed statements of one iteration, in order.
     fn steps(self) -> &'static [&'static str] {
         match self {
-            Job::Transfer(Side::Ferrata) => &[
+            Job::Transfer(Side::At | Side::Xa) => &[
                 "START@A",
                 "UPDATE@A",
                 "JOIN@B",
@@ -462,7 +497,7 @@ impl Job {
                 "COMMIT GLOBAL@A",
             ],
             Job::Transfer(Side::Direct) => &["BEGIN@A", "UPDATE@A", "COMMIT@A", "BEGIN@B", "UPDATE@B", "COMMIT@B"],
-            Job::Hot(Side::Ferrata) => &["START", "UPDATE", "COMMIT GLOBAL"],
+            Job::Hot(Side::At | Side::Xa) => &["START", "UPDATE", "COMMIT GLOBAL"],
             Job::Hot(Side::Direct) => &["BEGIN", "UPDATE", "COMMIT"],
         }
     }
@@ -580,14 +615,14 @@ impl Client {
     /// a server error (counted, cleaned up), Err if the run cannot go on.
     async fn once(&mut self, job: Job, tally: &mut Tally) -> Result<bool> {
         match job {
-            Job::Transfer(Side::Ferrata) => self.transfer_ferrata(tally).await,
             Job::Transfer(Side::Direct) => self.transfer_direct(tally).await,
-            Job::Hot(Side::Ferrata) => self.hot_ferrata(tally).await,
+            Job::Transfer(side) => self.transfer_global(side, tally).await,
             Job::Hot(Side::Direct) => self.hot_direct(tally).await,
+            Job::Hot(side) => self.hot_global(side, tally).await,
         }
     }
 
-    async fn transfer_ferrata(&mut self, tally: &mut Tally) -> Result<bool> {
+    async fn transfer_global(&mut self, side: Side, tally: &mut Tally) -> Result<bool> {
         let (from, to) = (self.pick(), self.pick());
         let text = self.text;
         let b = self.proxy_b.as_mut().context("no connection to proxy B")?;
@@ -596,7 +631,10 @@ impl Client {
         let mut failed_at = 0;
         let result = async {
             let t = Instant::now();
-            let xid: Option<String> = a.conn.query_first("START GLOBAL TRANSACTION").await?;
+            let xid: Option<String> = a
+                .conn
+                .query_first(format!("START GLOBAL TRANSACTION{}", side.mode()))
+                .await?;
             let xid = xid.unwrap_or_default();
             progress.began = true;
             tally.step(0, t);
@@ -606,7 +644,9 @@ impl Client {
             tally.step(1, t);
             failed_at = 2;
             let t = Instant::now();
-            b.conn.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+            b.conn
+                .query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'{}", side.mode()))
+                .await?;
             progress.joined = true;
             tally.step(2, t);
             failed_at = 3;
@@ -632,7 +672,7 @@ impl Client {
                 Ok(true)
             }
             Err(mysql_async::Error::Server(e)) => {
-                tally.note_error(Job::Transfer(Side::Ferrata).steps()[failed_at], e.code, &e.message);
+                tally.note_error(Job::Transfer(side).steps()[failed_at], e.code, &e.message);
                 if progress.joined {
                     b.cleanup("LEAVE GLOBAL TRANSACTION", tally).await?;
                 }
@@ -642,8 +682,9 @@ impl Client {
                 Ok(false)
             }
             Err(e) => Err(anyhow!(e).context(format!(
-                "{} of a transfer through the proxies",
-                Job::Transfer(Side::Ferrata).steps()[failed_at]
+                "{} of a transfer through the proxies ({})",
+                Job::Transfer(side).steps()[failed_at],
+                side.name()
             ))),
         }
     }
@@ -700,14 +741,16 @@ impl Client {
         Ok(true)
     }
 
-    async fn hot_ferrata(&mut self, tally: &mut Tally) -> Result<bool> {
+    async fn hot_global(&mut self, side: Side, tally: &mut Tally) -> Result<bool> {
         let text = self.text;
         let a = &mut self.proxy_a;
         let mut began = false;
         let mut failed_at = 0;
         let result = async {
             let t = Instant::now();
-            a.conn.query_drop("START GLOBAL TRANSACTION").await?;
+            a.conn
+                .query_drop(format!("START GLOBAL TRANSACTION{}", side.mode()))
+                .await?;
             began = true;
             tally.step(0, t);
             failed_at = 1;
@@ -721,7 +764,7 @@ impl Client {
             Ok::<_, mysql_async::Error>(())
         }
         .await;
-        let job = Job::Hot(Side::Ferrata);
+        let job = Job::Hot(side);
         match result {
             Ok(()) => {
                 tally.delta_a += 1;
@@ -809,6 +852,7 @@ async fn drive(clients: Vec<Client>, job: Job, secs: u64) -> Result<(Vec<Client>
 
 /// One side's run in one round.
 struct SideRun {
+    job: Job,
     tally: Tally,
     tps: f64,
     /// CPU microseconds per successful iteration, by [`CPU_GROUPS`] (phase 2 included).
@@ -973,13 +1017,22 @@ impl Env {
         }
     }
 
-    /// Waits until phase 2 has deleted every undo record; (records at the start, seconds
-    /// taken or None after DRAIN_TIMEOUT).
+    /// Ferrata's prepared XA branches on a server (`XA RECOVER`, Ferrata's format id).
+    async fn prepared_branches(conn: &mut Conn) -> Result<u64> {
+        let rows: Vec<(i64, i64, i64, Vec<u8>)> = conn.query("XA RECOVER").await?;
+        Ok(rows.iter().filter(|r| r.0 == XA_FORMAT_ID).count() as u64)
+    }
+
+    /// Waits until phase 2 has deleted every undo record and finished every prepared XA
+    /// branch; (what was left at the start, seconds taken or None after DRAIN_TIMEOUT).
     async fn drain_phase2(&mut self) -> Result<(u64, Option<f64>)> {
         let started = Instant::now();
         let mut first = None;
         loop {
-            let n = Self::undo_rows(&mut self.monitor_a).await? + Self::undo_rows(&mut self.monitor_b).await?;
+            let mut n = 0;
+            for conn in [&mut self.monitor_a, &mut self.monitor_b] {
+                n += Self::undo_rows(conn).await? + Self::prepared_branches(conn).await?;
+            }
             first.get_or_insert(n);
             if n == 0 {
                 return Ok((first.unwrap_or(0), Some(started.elapsed().as_secs_f64())));
@@ -996,7 +1049,10 @@ impl Env {
         let mut counters = BTreeMap::new();
         for conn in [&mut self.monitor_a, &mut self.monitor_b] {
             let rows: Vec<(String, String)> = conn
-                .query("SHOW GLOBAL STATUS WHERE Variable_name = 'Questions' OR Variable_name LIKE 'Com\\_%'")
+                .query(
+                    "SHOW GLOBAL STATUS WHERE Variable_name IN ('Questions', 'Innodb_os_log_fsyncs') \
+                     OR Variable_name LIKE 'Com\\_%'",
+                )
                 .await?;
             for (name, value) in rows {
                 if let Ok(v) = value.parse::<u64>()
@@ -1009,14 +1065,38 @@ impl Env {
         Ok(counters)
     }
 
-    /// Runs one side for `secs`, drains phase 2 after a ferrata side, and books the balances.
+    /// Waits until neither proxy shows a guarded table (after an AT side, the coordinator
+    /// releases them once they are idle for its guard linger).
+    async fn until_unguarded(&self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let mut guarded = 0.0;
+            for proxy in [&self.proxy_a, &self.proxy_b] {
+                let text = proxy.metrics().await?;
+                guarded += metric_samples(&text, "ferrata_proxy_guarded_tables")
+                    .iter()
+                    .map(|(_, v)| v)
+                    .sum::<f64>();
+            }
+            if guarded == 0.0 {
+                return Ok(());
+            }
+            ensure!(started.elapsed() < DRAIN_TIMEOUT, "tables stayed guarded for {DRAIN_TIMEOUT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs one side for `secs`, drains phase 2 after a global side, and books the balances.
     async fn side(&mut self, clients: Vec<Client>, job: Job, secs: u64) -> Result<(Vec<Client>, SideRun)> {
+        if job.side() == Side::Xa {
+            self.until_unguarded().await?;
+        }
         let statements_before = self.statement_counters().await?;
         let cpu_before = self.cpu()?;
         let (clients, tally) = drive(clients, job, secs).await?;
-        let phase2 = match job.side() {
-            Side::Ferrata => Some(self.drain_phase2().await?),
-            Side::Direct => None,
+        let phase2 = match job.side().global() {
+            true => Some(self.drain_phase2().await?),
+            false => None,
         };
         let cpu_after = self.cpu()?;
         let statements = self
@@ -1039,6 +1119,7 @@ impl Env {
         // Per iteration that succeeded, window or not: the CPU clocks see all of them.
         let per = tally.steps.last().map_or(0, |s| s.1).max(1) as f64;
         let run = SideRun {
+            job,
             tps: tally.ok as f64 / secs as f64,
             cpu_us: cpu_after
                 .iter()
@@ -1053,16 +1134,12 @@ impl Env {
         Ok((clients, run))
     }
 
-    /// Warm-up (unmeasured) and `--rounds` rounds of both sides of a workload, alternating
+    /// Warm-up (unmeasured) and `--rounds` rounds of every side of a workload, rotating
     /// which goes first.
-    async fn interleaved(
-        &mut self,
-        mut clients: Vec<Client>,
-        jobs: [Job; 2],
-    ) -> Result<(Vec<Client>, Vec<[SideRun; 2]>)> {
+    async fn interleaved(&mut self, mut clients: Vec<Client>, jobs: &[Job]) -> Result<(Vec<Client>, Vec<Vec<SideRun>>)> {
         if self.args.warmup > 0 {
             let mut line = Vec::new();
-            for job in jobs {
+            for &job in jobs {
                 let (back, run) = self.side(clients, job, self.args.warmup).await?;
                 clients = back;
                 line.push(format!(
@@ -1076,86 +1153,110 @@ impl Env {
         }
         let mut rounds = Vec::with_capacity(self.args.rounds);
         for round in 0..self.args.rounds {
-            let mut runs: [Option<SideRun>; 2] = [None, None];
-            for k in 0..2 {
-                let i = (round + k) % 2;
+            let mut runs: Vec<Option<SideRun>> = jobs.iter().map(|_| None).collect();
+            for k in 0..jobs.len() {
+                let i = (round + k) % jobs.len();
                 let (back, run) = self.side(clients, jobs[i], self.args.time).await?;
                 clients = back;
                 runs[i] = Some(run);
             }
-            let [Some(first), Some(second)] = runs else {
-                unreachable!("both sides ran")
-            };
-            rounds.push([first, second]);
+            rounds.push(runs.into_iter().map(|r| r.expect("every side ran")).collect());
         }
         Ok((clients, rounds))
     }
 
+    /// The sides of transfer and hot, global ones first, direct (the reference) last.
+    fn sides(&self) -> Vec<Side> {
+        let mut sides: Vec<Side> = Vec::new();
+        for side in &self.args.sides {
+            if !sides.contains(side) {
+                sides.push(*side);
+            }
+        }
+        sides.sort_by_key(|s| !s.global());
+        sides
+    }
+
     async fn transfer(&mut self, n: usize) -> Result<()> {
         println!(
-            "\n== transfer, {n} clients, {} s per side and round: ferrata = START GLOBAL TRANSACTION, UPDATE -1 \
-             (proxy A), JOIN, UPDATE +1, LEAVE (proxy B), COMMIT GLOBAL (proxy A); direct = BEGIN, UPDATE -1, \
-             COMMIT on A, then BEGIN, UPDATE +1, COMMIT on B",
+            "\n== transfer, {n} clients, {} s per side and round: at = START GLOBAL TRANSACTION, UPDATE -1 \
+             (proxy A), JOIN, UPDATE +1, LEAVE (proxy B), COMMIT GLOBAL (proxy A); xa = the same with MODE XA; \
+             direct = BEGIN, UPDATE -1, COMMIT on A, then BEGIN, UPDATE +1, COMMIT on B",
             self.args.time
         );
         let clients = self.connect_clients(n, true).await?;
-        let jobs = [Job::Transfer(Side::Ferrata), Job::Transfer(Side::Direct)];
-        let (clients, rounds) = self.interleaved(clients, jobs).await?;
+        let jobs: Vec<Job> = self.sides().into_iter().map(Job::Transfer).collect();
+        let (clients, rounds) = self.interleaved(clients, &jobs).await?;
         for client in clients {
             client.disconnect().await;
         }
-        let ratio = print_rounds("tx/s", &rounds);
-        self.summary.push(format!(
-            "transfer {n:>2} clients: ferrata {:.1}/s, direct {:.1}/s, ratio {:.3}; {}",
-            median(rounds.iter().map(|r| r[0].tps).collect()),
-            median(rounds.iter().map(|r| r[1].tps).collect()),
-            ratio,
-            verdict(
-                ratio >= TRANSFER_TARGET,
-                &format!("target ratio >= {TRANSFER_TARGET:.2}")
-            )
-        ));
+        let ratios = print_rounds("tx/s", &rounds);
+        let mut parts = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let tps = median(rounds.iter().map(|r| r[i].tps).collect());
+            parts.push(match (job.side(), ratios[i]) {
+                (Side::At, Some(r)) => format!(
+                    "at {tps:.1}/s (ratio {r:.3}; {})",
+                    verdict(r >= TRANSFER_TARGET, &format!("target ratio >= {TRANSFER_TARGET:.2}"))
+                ),
+                (side, Some(r)) => format!("{} {tps:.1}/s (ratio {r:.3})", side.name()),
+                (side, None) => format!("{} {tps:.1}/s", side.name()),
+            });
+        }
+        self.summary
+            .push(format!("transfer {n:>2} clients: {} (ratios to direct)", parts.join(", ")));
         Ok(())
     }
 
     async fn hot(&mut self) -> Result<()> {
         let n = self.args.hot_clients;
         println!(
-            "\n== hot row, {n} clients, {} s per side and round: ferrata = START GLOBAL TRANSACTION, UPDATE \
-             account SET balance = balance + 1 WHERE id = 1, COMMIT GLOBAL (proxy A); direct = BEGIN, the same \
-             UPDATE, COMMIT on A",
+            "\n== hot row, {n} clients, {} s per side and round: at = START GLOBAL TRANSACTION, UPDATE \
+             account SET balance = balance + 1 WHERE id = 1, COMMIT GLOBAL (proxy A); xa = the same with MODE XA; \
+             direct = BEGIN, the same UPDATE, COMMIT on A",
             self.args.time
         );
         let clients = self.connect_clients(n, false).await?;
-        let jobs = [Job::Hot(Side::Ferrata), Job::Hot(Side::Direct)];
-        let (clients, rounds) = self.interleaved(clients, jobs).await?;
+        let jobs: Vec<Job> = self.sides().into_iter().map(Job::Hot).collect();
+        let (clients, rounds) = self.interleaved(clients, &jobs).await?;
         for client in clients {
             client.disconnect().await;
         }
         print_rounds("tx/s", &rounds);
-        let gtx = median(rounds.iter().map(|r| r[0].tps).collect());
-        let mut all: Vec<u64> = rounds
-            .iter()
-            .flat_map(|r| r[0].tally.latencies.iter().copied())
-            .collect();
-        let all = Latency::of(&mut all);
-        let lock_errors: u64 = rounds.iter().map(|r| r[0].tally.lock_errors()).sum();
-        println!(
-            "ferrata: {gtx:.1} global transactions/s (median), latency over all rounds p50 {:.2} ms, p99 {:.2} ms, \
-             max {:.2} ms; lock errors (1205/1213) {lock_errors}; {}",
-            all.p50_ms,
-            all.p99_ms,
-            all.max_ms,
-            verdict(gtx >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))
-        );
-        self.summary.push(format!(
-            "hot row  {n:>2} clients: ferrata {gtx:.1} gtx/s (p50 {:.2} ms, p99 {:.2} ms, {lock_errors} lock errors), \
-             direct {:.1}/s; {}",
-            all.p50_ms,
-            all.p99_ms,
-            median(rounds.iter().map(|r| r[1].tps).collect()),
-            verdict(gtx >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))
-        ));
+        let mut parts = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let side = job.side();
+            let tps = median(rounds.iter().map(|r| r[i].tps).collect());
+            if !side.global() {
+                parts.push(format!("direct {tps:.1}/s"));
+                continue;
+            }
+            let mut all: Vec<u64> = rounds
+                .iter()
+                .flat_map(|r| r[i].tally.latencies.iter().copied())
+                .collect();
+            let all = Latency::of(&mut all);
+            let lock_errors: u64 = rounds.iter().map(|r| r[i].tally.lock_errors()).sum();
+            let target = match side {
+                Side::At => format!("; {}", verdict(tps >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))),
+                _ => String::new(),
+            };
+            println!(
+                "{}: {tps:.1} global transactions/s (median), latency over all rounds p50 {:.2} ms, p99 {:.2} ms, \
+                 max {:.2} ms; lock errors (1205/1213) {lock_errors}{target}",
+                side.name(),
+                all.p50_ms,
+                all.p99_ms,
+                all.max_ms,
+            );
+            parts.push(format!(
+                "{} {tps:.1} gtx/s (p50 {:.2} ms, p99 {:.2} ms, {lock_errors} lock errors{target})",
+                side.name(),
+                all.p50_ms,
+                all.p99_ms,
+            ));
+        }
+        self.summary.push(format!("hot row  {n:>2} clients: {}", parts.join(", ")));
         Ok(())
     }
 
@@ -1425,90 +1526,108 @@ fn verdict(pass: bool, target: &str) -> String {
     format!("{target}: {}", if pass { "PASS" } else { "MISS" })
 }
 
-/// Prints the per-round table of a two-sided workload (ferrata first in each pair) and the
-/// details; returns the median ratio ferrata/direct.
-fn print_rounds(unit: &str, rounds: &[[SideRun; 2]]) -> f64 {
-    println!(
-        "{:>5}  {:<7}  | {:>12} {:>7} {:>7} {:>6} | {:>12} {:>7} {:>7} {:>6} | {:>6} | phase 2 after the window",
-        "round",
-        "first",
-        format!("ferrata {unit}"),
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        format!("direct {unit}"),
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        "ratio"
-    );
-    let ratios: Vec<f64> = rounds
-        .iter()
-        .map(|[f, d]| f.tps / d.tps.max(f64::MIN_POSITIVE))
-        .collect();
-    for (i, [f, d]) in rounds.iter().enumerate() {
-        println!(
-            "{:>5}  {:<7}  | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>6.3} | {}",
-            i + 1,
-            if i % 2 == 0 { "ferrata" } else { "direct" },
-            f.tps,
-            f.latency.p50_ms,
-            f.latency.p99_ms,
-            f.tally.error_count(),
-            d.tps,
-            d.latency.p50_ms,
-            d.latency.p99_ms,
-            d.tally.error_count(),
-            ratios[i],
-            match f.phase2 {
-                Some((0, _)) | None => "nothing left".to_owned(),
-                Some((n, Some(s))) => format!("{n} undo records, drained in {s:.2} s"),
-                Some((n, None)) => format!("{n} undo records, NOT drained in {} s", DRAIN_TIMEOUT.as_secs()),
-            }
+/// Prints the per-round table of a workload's sides (the reference, direct, last) and the
+/// details; returns each side's median ratio to direct (`None` for direct itself, or without
+/// it).
+fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
+    let sides: Vec<Side> = rounds[0].iter().map(|r| r.job.side()).collect();
+    let reference = sides.iter().position(|s| *s == Side::Direct);
+    let mut header = format!("{:>5}  {:<7}", "round", "first");
+    for side in &sides {
+        header += &format!(
+            "  | {:>11} {:>7} {:>7} {:>6}",
+            format!("{} {unit}", side.name()),
+            "p50 ms",
+            "p99 ms",
+            "errors"
         );
     }
+    for side in sides.iter().filter(|s| s.global() && reference.is_some()) {
+        header += &format!(" | {:>9}", format!("{}/direct", side.name()));
+    }
+    println!("{header} | phase 2 after the window");
+    let ratio = |r: &[SideRun], i: usize| reference.map(|d| r[i].tps / r[d].tps.max(f64::MIN_POSITIVE));
+    for (n, r) in rounds.iter().enumerate() {
+        let mut line = format!("{:>5}  {:<7}", n + 1, sides[n % sides.len()].name());
+        for run in r {
+            line += &format!(
+                "  | {:>11.1} {:>7.2} {:>7.2} {:>6}",
+                run.tps,
+                run.latency.p50_ms,
+                run.latency.p99_ms,
+                run.tally.error_count()
+            );
+        }
+        for i in (0..sides.len()).filter(|&i| sides[i].global()) {
+            if let Some(x) = ratio(r, i) {
+                line += &format!(" | {x:>9.3}");
+            }
+        }
+        let left: Vec<String> = r
+            .iter()
+            .filter_map(|run| {
+                run.phase2.map(|p| match p {
+                    (0, _) => format!("{} nothing left", run.job.side().name()),
+                    (n, Some(s)) => format!("{} {n} left, drained in {s:.2} s", run.job.side().name()),
+                    (n, None) => format!(
+                        "{} {n} left, NOT drained in {} s",
+                        run.job.side().name(),
+                        DRAIN_TIMEOUT.as_secs()
+                    ),
+                })
+            })
+            .collect();
+        println!("{line} | {}", left.join("; "));
+    }
     let med = |side: usize, f: &dyn Fn(&SideRun) -> f64| median(rounds.iter().map(|r| f(&r[side])).collect());
-    let ratio = median(ratios);
+    let ratios: Vec<Option<f64>> = (0..sides.len())
+        .map(|i| {
+            (sides[i].global() && reference.is_some())
+                .then(|| median(rounds.iter().filter_map(|r| ratio(r, i)).collect()))
+        })
+        .collect();
+    let mut line = format!("{:>5}  {:<7}", "", "median");
+    for i in 0..sides.len() {
+        line += &format!(
+            "  | {:>11.1} {:>7.2} {:>7.2} {:>6}",
+            med(i, &|r| r.tps),
+            med(i, &|r| r.latency.p50_ms),
+            med(i, &|r| r.latency.p99_ms),
+            rounds.iter().map(|r| r[i].tally.error_count()).sum::<u64>()
+        );
+    }
+    for x in ratios.iter().flatten() {
+        line += &format!(" | {x:>9.3}");
+    }
+    println!("{line} |");
     println!(
-        "{:>5}  {:<7}  | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>12.1} {:>7.2} {:>7.2} {:>6} | {:>6.3} |",
-        "",
-        "median",
-        med(0, &|r| r.tps),
-        med(0, &|r| r.latency.p50_ms),
-        med(0, &|r| r.latency.p99_ms),
-        rounds.iter().map(|r| r[0].tally.error_count()).sum::<u64>(),
-        med(1, &|r| r.tps),
-        med(1, &|r| r.latency.p50_ms),
-        med(1, &|r| r.latency.p99_ms),
-        rounds.iter().map(|r| r[1].tally.error_count()).sum::<u64>(),
-        ratio
+        "({unit}: iterations that succeeded within the window per second; ratios to direct within the round, \
+         medians of those; latency of one whole iteration; errors summed in the median row; phase 2 left: undo \
+         records and prepared XA branches)"
     );
-    println!(
-        "({unit}: iterations that succeeded within the window per second; ratio = ferrata/direct within the \
-         round; latency of one whole iteration; errors summed in the median row)"
-    );
-    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+    for (i, side) in sides.iter().enumerate() {
         let cpu: Vec<String> = CPU_GROUPS
             .iter()
             .enumerate()
-            .map(|(g, group)| format!("{group} {:.0}", med(side, &|r| r.cpu_us[g])))
+            .map(|(g, group)| format!("{group} {:.0}", med(i, &|r| r.cpu_us[g])))
             .collect();
         println!(
-            "cpu us per transaction, {name} (median; phase 2 included): {}",
+            "cpu us per transaction, {} (median; phase 2 included): {}",
+            side.name(),
             cpu.join(", ")
         );
     }
-    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+    for (i, side) in sides.iter().enumerate() {
         let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
         for r in rounds {
-            for (counter, n) in &r[side].statements {
+            for (counter, n) in &r[i].statements {
                 *totals.entry(counter.as_str()).or_insert(0) += n;
             }
         }
         // Iterations that succeeded, window or not: the counters see all of them.
         let done: u64 = rounds
             .iter()
-            .map(|r| r[side].tally.steps.last().map_or(0, |s| s.1))
+            .map(|r| r[i].tally.steps.last().map_or(0, |s| s.1))
             .sum();
         let per = |n: u64| n as f64 / done.max(1) as f64;
         let mut by_kind: Vec<(&str, u64)> = totals
@@ -1523,47 +1642,46 @@ fn print_rounds(unit: &str, rounds: &[[SideRun; 2]]) -> f64 {
             .map(|(c, n)| format!("{} {:.2}", c.trim_start_matches("com_"), per(*n)))
             .collect();
         println!(
-            "server statements per transaction, {name} (A + B, all rounds, phase 2 included): {:.2} questions; {}",
+            "server statements per transaction, {} (A + B, all rounds, phase 2 included): {:.2} questions, {:.2} \
+             redo log fsyncs; {}",
+            side.name(),
             per(totals.get("questions").copied().unwrap_or(0)),
+            per(totals.get("innodb_os_log_fsyncs").copied().unwrap_or(0)),
             kinds.join(", ")
         );
     }
-    for (side, name) in [(0, "ferrata"), (1, "direct")] {
-        let mut steps = vec![(0u64, 0u64); rounds[0][side].tally.steps.len()];
+    for (i, side) in sides.iter().enumerate() {
+        let mut steps = vec![(0u64, 0u64); rounds[0][i].tally.steps.len()];
         for r in rounds {
-            for (acc, s) in steps.iter_mut().zip(&r[side].tally.steps) {
+            for (acc, s) in steps.iter_mut().zip(&r[i].tally.steps) {
                 acc.0 += s.0;
                 acc.1 += s.1;
             }
         }
-        let names = match rounds[0][side].tally.steps.len() {
-            6 if side == 0 => Job::Transfer(Side::Ferrata).steps(),
-            6 => Job::Transfer(Side::Direct).steps(),
-            _ if side == 0 => Job::Hot(Side::Ferrata).steps(),
-            _ => Job::Hot(Side::Direct).steps(),
-        };
-        let text: Vec<String> = names
+        let text: Vec<String> = rounds[0][i]
+            .job
+            .steps()
             .iter()
             .zip(&steps)
             .map(|(n, (ns, count))| format!("{n} {:.3}", *ns as f64 / (*count).max(1) as f64 / 1e6))
             .collect();
-        println!("mean ms per statement, {name} (all rounds): {}", text.join(", "));
+        println!("mean ms per statement, {} (all rounds): {}", side.name(), text.join(", "));
     }
-    for (side, name) in [(0, "ferrata"), (1, "direct")] {
+    for (i, side) in sides.iter().enumerate() {
         let mut errors: BTreeMap<(String, u16), (u64, String)> = BTreeMap::new();
         let mut reconnects = 0;
         for r in rounds {
-            for (key, (n, message)) in &r[side].tally.errors {
+            for (key, (n, message)) in &r[i].tally.errors {
                 errors.entry(key.clone()).or_insert((0, message.clone())).0 += n;
             }
-            reconnects += r[side].tally.reconnects;
+            reconnects += r[i].tally.reconnects;
         }
         for ((statement, code), (n, message)) in &errors {
-            println!("errors, {name}: {statement}: {code} x{n} (first: {message})");
+            println!("errors, {}: {statement}: {code} x{n} (first: {message})", side.name());
         }
         if reconnects > 0 {
-            println!("errors, {name}: {reconnects} connections replaced after a failed cleanup");
+            println!("errors, {}: {reconnects} connections replaced after a failed cleanup", side.name());
         }
     }
-    ratio
+    ratios
 }

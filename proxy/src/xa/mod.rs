@@ -686,9 +686,11 @@ impl XaSession {
     fn forget_branch(&mut self, why: &'static str) {
         let Some(b) = self.branch.take() else { return };
         self.xa.held.release(b.id.branch_id);
-        if let Phase::Active { .. } = b.phase {
+        // Best effort, and only while the runtime runs (a session dropped at its shutdown
+        // reports nothing: the coordinator's timeout rolls the branch back anyway).
+        if let (Phase::Active { .. }, Ok(runtime)) = (&b.phase, tokio::runtime::Handle::try_current()) {
             let global = Arc::clone(&self.xa.global);
-            tokio::spawn(async move { global.report_failed(&b.id.xid, b.id.branch_id, why).await });
+            runtime.spawn(async move { global.report_failed(&b.id.xid, b.id.branch_id, why).await });
         }
     }
 }
