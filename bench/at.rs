@@ -248,7 +248,8 @@ fn run(args: Args) -> Result<()> {
     // is 10 s): an XA side, whose branches may not write tables AT transactions may hold rows
     // in, starts once the AT side's guards are gone (see `Env::side`).
     let tc_config = tc_data.path().join("tc.toml");
-    std::fs::write(&tc_config, "[transactions]\nguard_linger_ms = 250\n").context("writing the coordinator's config")?;
+    std::fs::write(&tc_config, "[transactions]\nguard_linger_ms = 250\n")
+        .context("writing the coordinator's config")?;
     let mut cmd = Command::new(&tc_bin);
     cmd.arg("--config").arg(&tc_config);
     cmd.args([
@@ -1081,7 +1082,10 @@ impl Env {
             if guarded == 0.0 {
                 return Ok(());
             }
-            ensure!(started.elapsed() < DRAIN_TIMEOUT, "tables stayed guarded for {DRAIN_TIMEOUT:?}");
+            ensure!(
+                started.elapsed() < DRAIN_TIMEOUT,
+                "tables stayed guarded for {DRAIN_TIMEOUT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -1136,7 +1140,11 @@ impl Env {
 
     /// Warm-up (unmeasured) and `--rounds` rounds of every side of a workload, rotating
     /// which goes first.
-    async fn interleaved(&mut self, mut clients: Vec<Client>, jobs: &[Job]) -> Result<(Vec<Client>, Vec<Vec<SideRun>>)> {
+    async fn interleaved(
+        &mut self,
+        mut clients: Vec<Client>,
+        jobs: &[Job],
+    ) -> Result<(Vec<Client>, Vec<Vec<SideRun>>)> {
         if self.args.warmup > 0 {
             let mut line = Vec::new();
             for &job in jobs {
@@ -1203,8 +1211,10 @@ impl Env {
                 (side, None) => format!("{} {tps:.1}/s", side.name()),
             });
         }
-        self.summary
-            .push(format!("transfer {n:>2} clients: {} (ratios to direct)", parts.join(", ")));
+        self.summary.push(format!(
+            "transfer {n:>2} clients: {} (ratios to direct)",
+            parts.join(", ")
+        ));
         Ok(())
     }
 
@@ -1238,7 +1248,10 @@ impl Env {
             let all = Latency::of(&mut all);
             let lock_errors: u64 = rounds.iter().map(|r| r[i].tally.lock_errors()).sum();
             let target = match side {
-                Side::At => format!("; {}", verdict(tps >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))),
+                Side::At => format!(
+                    "; {}",
+                    verdict(tps >= HOT_TARGET, &format!("target >= {HOT_TARGET:.0} gtx/s"))
+                ),
                 _ => String::new(),
             };
             println!(
@@ -1256,7 +1269,8 @@ impl Env {
                 all.p99_ms,
             ));
         }
-        self.summary.push(format!("hot row  {n:>2} clients: {}", parts.join(", ")));
+        self.summary
+            .push(format!("hot row  {n:>2} clients: {}", parts.join(", ")));
         Ok(())
     }
 
@@ -1625,10 +1639,7 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
             }
         }
         // Iterations that succeeded, window or not: the counters see all of them.
-        let done: u64 = rounds
-            .iter()
-            .map(|r| r[i].tally.steps.last().map_or(0, |s| s.1))
-            .sum();
+        let done: u64 = rounds.iter().map(|r| r[i].tally.steps.last().map_or(0, |s| s.1)).sum();
         let per = |n: u64| n as f64 / done.max(1) as f64;
         let mut by_kind: Vec<(&str, u64)> = totals
             .iter()
@@ -1665,7 +1676,11 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
             .zip(&steps)
             .map(|(n, (ns, count))| format!("{n} {:.3}", *ns as f64 / (*count).max(1) as f64 / 1e6))
             .collect();
-        println!("mean ms per statement, {} (all rounds): {}", side.name(), text.join(", "));
+        println!(
+            "mean ms per statement, {} (all rounds): {}",
+            side.name(),
+            text.join(", ")
+        );
     }
     for (i, side) in sides.iter().enumerate() {
         let mut errors: BTreeMap<(String, u16), (u64, String)> = BTreeMap::new();
@@ -1680,7 +1695,10 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
             println!("errors, {}: {statement}: {code} x{n} (first: {message})", side.name());
         }
         if reconnects > 0 {
-            println!("errors, {}: {reconnects} connections replaced after a failed cleanup", side.name());
+            println!(
+                "errors, {}: {reconnects} connections replaced after a failed cleanup",
+                side.name()
+            );
         }
     }
     ratios

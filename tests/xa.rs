@@ -285,6 +285,10 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
     );
     ensure!(refused(&mut conn, "START TRANSACTION READ ONLY").await? == 1235);
     ensure!(refused(&mut conn, "LOCK TABLES t WRITE").await? == 1235);
+    ensure!(
+        refused(&mut conn, "LOAD DATA INFILE '/nonexistent' INTO TABLE t").await? == 1235,
+        "an autocommit LOAD DATA (it would need a branch around a file transfer)"
+    );
 
     conn.query_drop("BEGIN").await?;
     add(&mut conn, 1, 1).await?;
