@@ -147,6 +147,24 @@ async fn autocommit_writes_are_wrapped_and_read_only_branches_end_in_phase_one()
     // An autocommit write that changes no row: the same.
     reader.query_drop("UPDATE t SET v = 0 WHERE id = 99").await?;
     ensure!(a.prepared().await?.is_empty());
+    // A read that writes through a stored function is no read-only branch: the server's count
+    // of changed rows says so.
+    a.db.conn()
+        .await?
+        .query_drop(
+            "CREATE FUNCTION bump() RETURNS INT MODIFIES SQL DATA BEGIN UPDATE t SET v = v + 100 WHERE id = 1; RETURN 1; END",
+        )
+        .await?;
+    let mut sneaky = a.proxy.conn().await?;
+    start_xa(&mut sneaky).await?;
+    sneaky.query_drop("BEGIN").await?;
+    let bumped: Option<i64> = sneaky.query_first("SELECT bump()").await?;
+    ensure!(bumped == Some(1));
+    sneaky.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1, "prepared, not committed in one phase");
+    sneaky.query_drop("ROLLBACK GLOBAL").await?;
+    a.until_nothing_prepared().await?;
+    ensure!(a.value(1).await? == Some(10), "rolled back with its global transaction");
 
     let mut writer = a.proxy.conn().await?;
     writer
@@ -289,6 +307,15 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
         refused(&mut conn, "LOAD DATA INFILE '/nonexistent' INTO TABLE t").await? == 1235,
         "an autocommit LOAD DATA (it would need a branch around a file transfer)"
     );
+    ensure!(
+        refused(
+            &mut conn,
+            "UPDATE t SET v = v WHERE id = 1; UPDATE t SET v = v WHERE id = 2"
+        )
+        .await?
+            == 1235,
+        "an autocommit multi-statement string (a later failure would roll back what the client saw succeed)"
+    );
 
     conn.query_drop("BEGIN").await?;
     add(&mut conn, 1, 1).await?;
@@ -310,9 +337,31 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
         refused(&mut other, "BEGIN").await? == 1235,
         "a second branch on the same database"
     );
+    // ROLLBACK GLOBAL of another transaction leaves this one's branch alone.
+    ensure!(refused(&mut conn, "ROLLBACK GLOBAL '1-999999'").await? == 1397);
     // The branch is intact.
     conn.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1, "the branch prepared at its COMMIT");
     conn.query_drop("ROLLBACK GLOBAL").await?;
+    ensure!(a.value(1).await? == Some(10));
+
+    // With autocommit off, a statement the gate lets through may open a plain transaction
+    // (here a SET reading a table): nothing written or committed in it escapes.
+    let mut off = a.proxy.conn().await?;
+    off.query_drop(format!(
+        "JOIN GLOBAL TRANSACTION '{}' MODE XA",
+        start_xa(&mut a.proxy.conn().await?).await?
+    ))
+    .await?;
+    off.query_drop("SET autocommit = 0").await?;
+    off.query_drop("SET @v = (SELECT v FROM t WHERE id = 1)").await?;
+    ensure!(refused(&mut off, "UPDATE t SET v = 0 WHERE id = 1").await? == 1399);
+    ensure!(refused(&mut off, "COMMIT").await? == 1399);
+    off.query_drop("ROLLBACK").await?;
+    off.query_drop("UPDATE t SET v = v + 1 WHERE id = 1").await?;
+    off.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1, "the UPDATE became a branch of its own");
+    off.query_drop("ROLLBACK GLOBAL").await?;
     ensure!(a.value(1).await? == Some(10));
 
     // Nobody touches Ferrata's branches with plain XA statements.
@@ -334,7 +383,14 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
         "[phase2]\nheartbeat_interval_ms = 200\ncall_timeout_ms = 1000\nretry_max_ms = 500\n",
     )?;
     let a = Side::start(&tc).await?;
-    let other = ProxyProcess::start(PROXY, a.db.addr(), &tc.endpoint(), 2000)?;
+    // Ends a holder idle for a second (at least a second: a live session between commands).
+    let other = ProxyProcess::start_with(
+        PROXY,
+        a.db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 2000",
+        "xa_kill_idle_ms = 1000",
+    )?;
 
     let mut conn = a.proxy.conn().await?;
     let xid = start_xa(&mut conn).await?;

@@ -1,7 +1,7 @@
 //! The coordinator's gRPC services under a sequence of arbitrary calls.
 //!
 //! Input: calls until the input ends, each `[method][flags][message field]`. `method` picks
-//! one of the eight methods (modulo 8); the message field is the protobuf-encoded request.
+//! one of the nine methods (modulo 9); the message field is the protobuf-encoded request.
 //! Flag bit 0 puts the last XID a reply named into the request (and bit 1 the last branch
 //! id), when the field decodes as the request type; bit 2 sends the call without the token.
 //! An Attach call reads further fields as its stream of `RmMessage`s, as many as flags bits
@@ -21,7 +21,7 @@ use http_body_util::Full;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
-const METHODS: [&str; 8] = [
+const METHODS: [&str; 9] = [
     "/ferrata.v1.TransactionManager/GlobalBegin",
     "/ferrata.v1.TransactionManager/GlobalCommit",
     "/ferrata.v1.TransactionManager/GlobalRollback",
@@ -30,6 +30,7 @@ const METHODS: [&str; 8] = [
     "/ferrata.v1.ResourceManager/BranchReport",
     "/ferrata.v1.ResourceManager/LockQuery",
     "/ferrata.v1.ResourceManager/Attach",
+    "/ferrata.v1.ResourceManager/XaOrphan",
 ];
 
 /// gRPC status codes tonic itself answers with (undecodable or oversized messages); every
@@ -62,6 +63,12 @@ fn patched(method: usize, raw: &[u8], xid: Option<&str>, branch_id: Option<u64>)
             }
         }),
         6 => with(raw, |m: &mut pb::LockQueryRequest| xid(&mut m.xid)),
+        8 => with(raw, |m: &mut pb::XaOrphanRequest| {
+            xid(&mut m.xid);
+            if let Some(b) = branch_id {
+                m.branch_id = b;
+            }
+        }),
         _ => raw.to_vec(),
     }
 }
@@ -80,6 +87,7 @@ fn decode_reply(method: usize, messages: &[Bytes], last_xid: &mut String, last_b
             }
             5 => drop(pb::BranchReportResponse::decode(m).expect("a BranchReportResponse")),
             6 => drop(pb::LockQueryResponse::decode(m).expect("a LockQueryResponse")),
+            8 => drop(pb::XaOrphanResponse::decode(m).expect("a XaOrphanResponse")),
             _ => drop(pb::TcMessage::decode(m).expect("a TcMessage")),
         }
     }
@@ -94,7 +102,7 @@ fuzz_target!(|data: &[u8]| {
         let mut last_xid = String::new();
         let mut last_branch = 0u64;
         while !input.is_empty() {
-            let method = usize::from(input.byte() % 8);
+            let method = usize::from(input.byte()) % METHODS.len();
             let flags = input.byte();
             let first = input.field();
             let message = patched(

@@ -166,6 +166,9 @@ pub struct Service {
     /// How often the XA orphan sweep lists the server's prepared Ferrata branches and settles
     /// those no session of this proxy holds, as the coordinator says.
     pub xa_sweep_interval_ms: u64,
+    /// How long the connection holding a prepared XA branch must have been idle before a
+    /// proxy that does not hold it ends it to finish the branch (its proxy is presumed hung).
+    pub xa_kill_idle_ms: u64,
 }
 
 impl Default for Service {
@@ -177,6 +180,7 @@ impl Default for Service {
             create_undo_log: true,
             marker_retention_ms: 2 * 3_600_000,
             xa_sweep_interval_ms: 30_000,
+            xa_kill_idle_ms: 10_000,
         }
     }
 }
@@ -263,6 +267,10 @@ impl Config {
             self.service.marker_retention_ms >= 1000,
             "[service] marker_retention_ms must be at least 1000: an anti-hanging marker must outlive the late commit it blocks \
              (keep it above the coordinator's longest global timeout)"
+        );
+        anyhow::ensure!(
+            self.service.xa_kill_idle_ms >= 1000,
+            "[service] xa_kill_idle_ms must be at least 1000: a live session between its client's commands must not be taken for a hung proxy's"
         );
         anyhow::ensure!(
             self.service.xa_sweep_interval_ms >= 100,

@@ -42,6 +42,7 @@ impl Modes {
                 global: Arc::clone(g),
                 undo_logs: Arc::clone(&undo_logs),
                 held: Default::default(),
+                kill_idle: std::time::Duration::from_millis(config.service.xa_kill_idle_ms),
             });
             let at_mode = At::new(Arc::clone(g), undo_logs);
             modes.push(xa_mode.clone());

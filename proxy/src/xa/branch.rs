@@ -33,6 +33,9 @@ pub const EVIDENCE: &str = "ferrata:xa";
 /// XA_RBDEADLOCK).
 pub const ROLLED_BACK: [u16; 3] = [1402, 1613, 1614];
 
+/// MariaDB's XAER_NOTA: "Unknown XID".
+pub const XAER_NOTA: u16 = 1397;
+
 /// Where a branch is.
 #[derive(Debug)]
 pub enum Phase {
@@ -53,6 +56,8 @@ pub struct Branch {
     pub phase: Phase,
     /// Phase-2 commands for it from the coordinator (`held.rs`).
     pub requests: mpsc::Receiver<Request>,
+    /// The session's row-change counters when it started (see [`row_changes`]).
+    changes_at_start: Option<u64>,
 }
 
 /// What branch work runs with.
@@ -114,12 +119,14 @@ pub async fn open(cx: &mut Cx<'_>, xid: &str) -> Result<Result<Branch, ErrPacket
         return Ok(Err(backend::server_error(e)));
     }
     tracing::debug!(xid, branch_id, "XA branch started");
+    let changes_at_start = row_changes(cx).await?;
     let requests = cx.xa.held.hold(xid, branch_id, &resource, connection_id);
     Ok(Ok(Branch {
         id,
         resource,
         phase: Phase::Active { wrote: false },
         requests,
+        changes_at_start,
     }))
 }
 
@@ -136,7 +143,11 @@ pub async fn prepare(
     };
     let id = b.id.clone();
     let global = &cx.xa.global;
-    let wrote = matches!(b.phase, Phase::Active { wrote: true });
+    // What the statements looked like is a hint; the server says whether the branch changed
+    // rows (a stored function or a trigger writes too). Unsure: it is prepared.
+    let started = b.changes_at_start;
+    let wrote =
+        matches!(b.phase, Phase::Active { wrote: true }) || started.is_none() || row_changes(cx).await? != started;
     if !wrote {
         let failed = match cx.xa("END", &id, "").await? {
             None => cx.xa("COMMIT", &id, " ONE PHASE").await?,
@@ -175,7 +186,7 @@ pub async fn prepare(
     let database = crate::coordinator::database_of(&b.resource).unwrap_or_default();
     let evidence = format!(
         "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
-         VALUES ({}, {}, {}, '', {STATUS_GLOBAL_FINISHED}, NOW(6), NOW(6))",
+         VALUES ({}, {}, {}, '', {STATUS_GLOBAL_FINISHED}, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
         ident(&database),
         id.branch_id,
         literal(&id.xid),
@@ -238,6 +249,28 @@ pub async fn prepare(
     }
 }
 
+/// The session's count of row changes (its `Handler_write`, `Handler_update` and
+/// `Handler_delete` status counters, which count what stored functions and triggers change
+/// too and which reading them does not move); `None` when they cannot be read.
+async fn row_changes(cx: &mut Cx<'_>) -> Result<Option<u64>, SessionError> {
+    let read = cx
+        .run("SHOW SESSION STATUS WHERE Variable_name IN ('Handler_write', 'Handler_update', 'Handler_delete')")
+        .await?;
+    if read.error.is_some() || read.rows.len() != 3 {
+        return Ok(None);
+    }
+    let mut sum = 0u64;
+    for row in &read.rows {
+        let value = row
+            .get(1)
+            .and_then(|v| v.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+        let Some(v) = value else { return Ok(None) };
+        sum = sum.saturating_add(v);
+    }
+    Ok(Some(sum))
+}
+
 /// Rolls the active branch back (`XA END` + `XA ROLLBACK`) and reports it failed in phase 1.
 pub async fn rollback(
     cx: &mut Cx<'_>,
@@ -258,14 +291,20 @@ pub async fn rollback(
         }
     }
     match cx.xa("ROLLBACK", &id, "").await? {
-        Some(e) if !ROLLED_BACK.contains(&e.0) => {
-            // Left to phase 2 (or to the server, when this connection closes).
+        // On its own connection, an unknown XID is one the server already ended (a failed XA
+        // PREPARE deletes it).
+        Some(e) if !ROLLED_BACK.contains(&e.0) && e.0 != XAER_NOTA => {
+            // Not confirmed ended: nothing more may run as if it were part of it; phase 2 (or
+            // the server, when this connection closes) ends it.
             tracing::warn!(
                 xid = id.xid,
                 branch_id = id.branch_id,
                 error = e.1,
                 "XA ROLLBACK failed"
             );
+            if let Some(b) = branch.as_mut() {
+                b.phase = Phase::Doomed(format!("its rollback failed ({})", e.1));
+            }
         }
         _ => finish(cx, branch),
     }

@@ -43,6 +43,8 @@ pub struct Xa {
     /// Where branches keep their commit evidence (the AT mode's `undo_log` table).
     pub undo_logs: Arc<UndoLogs>,
     pub held: Held,
+    /// `[service] xa_kill_idle_ms`.
+    pub kill_idle: std::time::Duration,
 }
 
 impl Mode for Xa {
@@ -142,6 +144,15 @@ fn starts_transaction(class: &Classification) -> bool {
             class.class,
             StatementClass::LockingRead | StatementClass::Other(Other::Select)
         )
+}
+
+/// The XID a COMMIT or ROLLBACK GLOBAL names, if it names one.
+fn named_xid(sql: &[u8]) -> Option<String> {
+    use crate::coordinator::statement::{GlobalStatement, parse};
+    match parse(&String::from_utf8_lossy(sql)) {
+        Ok(GlobalStatement::Commit { xid } | GlobalStatement::Rollback { xid }) => xid,
+        _ => None,
+    }
 }
 
 /// BEGIN, BEGIN WORK or START TRANSACTION, without characteristics (READ ONLY, WITH
@@ -300,7 +311,9 @@ impl XaSession {
                             .into(),
                     )))
                 }
-                (Phase::Active { .. }, StatementClass::GlobalTransaction(GlobalCommand::Rollback)) => {
+                (Phase::Active { .. }, StatementClass::GlobalTransaction(GlobalCommand::Rollback))
+                    if named_xid(sql).is_none_or(|x| x == b.id.xid) =>
+                {
                     take(Claimed::RollbackGlobal)
                 }
                 (Phase::Active { .. }, _) if may_write(class) => {
@@ -321,13 +334,7 @@ impl XaSession {
                     Phase::Prepared,
                     StatementClass::GlobalTransaction(g @ (GlobalCommand::Commit | GlobalCommand::Rollback)),
                 ) => {
-                    let named = crate::coordinator::statement::parse(&String::from_utf8_lossy(sql)).ok();
-                    let named = match named {
-                        Some(crate::coordinator::statement::GlobalStatement::Commit { xid })
-                        | Some(crate::coordinator::statement::GlobalStatement::Rollback { xid }) => xid,
-                        _ => None,
-                    };
-                    match named.or_else(|| state.xid.clone()) {
+                    match named_xid(sql).or_else(|| state.xid.clone()) {
                         Some(xid) if xid == b.id.xid => take(Claimed::Decide {
                             commit: g == GlobalCommand::Commit,
                             xid,
@@ -386,11 +393,31 @@ impl XaSession {
                 "DDL (it commits implicitly)",
                 "run it outside the global transaction (LEAVE GLOBAL TRANSACTION first)",
             ))),
+            // A plain local transaction opened without a branch (with autocommit off, by a
+            // statement that reads a table without being one the gate opens a branch for):
+            // nothing it writes or commits may escape the global transaction.
+            (None, c)
+                if state.in_transaction()
+                    && (may_write(class) || c == StatementClass::TransactionControl(TxControl::Commit)) =>
+            {
+                take(Claimed::Refuse(binding::rmfail(
+                    "a local transaction outside the session's XA branch is open (a statement started it with autocommit \
+                     off before any branch): ROLLBACK it, then BEGIN, so that its work becomes an XA branch"
+                        .into(),
+                )))
+            }
             (None, _) if state.in_transaction() => (None, Claim::Pass),
             (None, _) if state.autocommit() && may_write(class) => {
                 if matches!(class.class, StatementClass::Dml(Dml::LoadData)) {
                     take(Claimed::Refuse(refused(
                         "An autocommit LOAD DATA",
+                        "run it between BEGIN and COMMIT",
+                    )))
+                } else if class.multi_statement {
+                    // One branch around them all: the client would read the first statements'
+                    // OKs although a later failure rolled them back with the rest.
+                    take(Claimed::Refuse(refused(
+                        "An autocommit multi-statement string",
                         "run it between BEGIN and COMMIT",
                     )))
                 } else if command.code == Cmd::STMT_BULK_EXECUTE {

@@ -5,9 +5,10 @@
 //! * Any other branch is finished from a service connection: `XA COMMIT` / `XA ROLLBACK`.
 //!   XAER_NOTA (1397) is never taken as done. `XA RECOVER` tells whether the branch is still
 //!   prepared: then some connection still holds it (a session of another proxy, or the
-//!   connection of a proxy that died while its host stays up), and the connection recorded
-//!   with the branch is ended (`KILL CONNECTION`) so that the retry can finish it at once
-//!   instead of after the server's `wait_timeout`. A branch MariaDB no longer knows is
+//!   connection of a proxy that died while its host stays up), and once the connection
+//!   recorded with the branch has been idle for `[service] xa_kill_idle_ms` it is ended
+//!   (`KILL CONNECTION`), so that the retry finishes the branch instead of waiting out the
+//!   server's `wait_timeout`. A branch MariaDB no longer knows is
 //!   judged by its commit evidence (`branch.rs`): a commit with evidence is done, a commit
 //!   without it is an alarm (metric, error log, a failed status for an operator), never a
 //!   success; a rollback without evidence is done, one with it is an alarm.
@@ -16,10 +17,10 @@ use std::time::Duration;
 
 use ferrata_rpc::pb;
 use mysql_async::prelude::*;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Xa;
-use super::branch::{EVIDENCE, ROLLED_BACK};
+use super::branch::{EVIDENCE, ROLLED_BACK, XAER_NOTA};
 use super::held::Request;
 use super::xid::XaId;
 use crate::coordinator::database_of;
@@ -29,9 +30,6 @@ use crate::sql::ident;
 /// How long a session holding a branch may take to get to its phase 2 (it runs between the
 /// client's commands) before the coordinator is told to retry.
 const HELD_WAIT: Duration = Duration::from_secs(5);
-
-/// MariaDB's XAER_NOTA: "Unknown XID".
-const XAER_NOTA: u16 = 1397;
 
 /// MariaDB's "Unknown thread id" (the connection to end has ended already).
 const UNKNOWN_THREAD: u16 = 1094;
@@ -59,7 +57,7 @@ fn retry(b: &pb::BranchRef, commit: bool, reason: impl Into<String>) -> pb::Bran
 pub async fn finish(xa: &Xa, commit: bool, b: &pb::BranchRef) -> pb::BranchOutcome {
     let result = if let Some(inbox) = xa.held.inbox(&b.xid, b.branch_id) {
         let (reply, answer) = oneshot::channel();
-        match inbox.send(Request { commit, reply }).await {
+        match inbox.try_send(Request { commit, reply }) {
             Ok(()) => match tokio::time::timeout(HELD_WAIT, answer).await {
                 Ok(Ok(o)) => o,
                 _ => retry(
@@ -68,8 +66,12 @@ pub async fn finish(xa: &Xa, commit: bool, b: &pb::BranchRef) -> pb::BranchOutco
                     "the session holding the branch did not get to it in time; retried",
                 ),
             },
+            // Earlier commands still wait for the busy session: this one is asked again later.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                retry(b, commit, "the session holding the branch is busy; retried")
+            }
             // The session ended meanwhile: its connection let the branch go.
-            Err(_) => from_service(xa, commit, b).await,
+            Err(mpsc::error::TrySendError::Closed(_)) => from_service(xa, commit, b).await,
         }
     } else {
         from_service(xa, commit, b).await
@@ -157,6 +159,37 @@ async fn end_holder(
             commit,
             format!("the branch is prepared and still attached to backend connection {connection_id}"),
         ));
+    }
+    // A live session of another proxy in front of the same server may hold it between its
+    // client's commands (phase 2 went to this proxy instead): only a connection idle for long
+    // is taken for a hung proxy's.
+    let seen: Option<(String, f64)> = conn
+        .exec_first(
+            "SELECT COMMAND, TIME_MS FROM information_schema.PROCESSLIST WHERE ID = ?",
+            (connection_id,),
+        )
+        .await?;
+    let idle_ms = xa.kill_idle.as_millis() as f64;
+    match seen {
+        Some((command, ms)) if command == "Sleep" && ms >= idle_ms => {}
+        Some(_) => {
+            return Ok(retry(
+                b,
+                commit,
+                format!(
+                    "the branch is prepared and attached to backend connection {connection_id}, which is not idle for \
+                     {idle_ms} ms yet"
+                ),
+            ));
+        }
+        // Gone meanwhile: the retry finds the branch detached.
+        None => {
+            return Ok(retry(
+                b,
+                commit,
+                format!("backend connection {connection_id} ended; retried"),
+            ));
+        }
     }
     match conn.query_drop(format!("KILL CONNECTION {connection_id}")).await {
         Ok(()) => tracing::warn!(

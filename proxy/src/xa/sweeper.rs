@@ -1,6 +1,7 @@
 //! The orphan sweep: every `[service] xa_sweep_interval_ms` each proxy lists Ferrata's
-//! prepared branches on its server (`XA RECOVER`, Ferrata's format id) and settles those no
-//! session here holds as the coordinator says (`XaOrphan`): commit one that is part of a
+//! prepared branches on its server (`XA RECOVER`, Ferrata's format id) and settles them as
+//! the coordinator says (`XaOrphan`; one a session here holds, through that session, on its
+//! own connection): commit one that is part of a
 //! decided commit, roll back one the transaction rolls back or left out (a proxy that died
 //! between `XA PREPARE` and its report leaves such a branch, which no phase 2 would ever
 //! reach), leave one of a running transaction or one that waits for an operator, and
@@ -52,9 +53,7 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
     metrics::gauge!("ferrata_proxy_xa_prepared_oldest_seconds").set(oldest.as_secs_f64());
     let mut quarantined = 0;
     for id in listed {
-        if xa.held.inbox(&id.xid, id.branch_id).is_some() {
-            continue;
-        }
+        let held = xa.held.inbox(&id.xid, id.branch_id);
         let answer = match ask(xa, &id).await {
             Ok(a) => a,
             Err(e) => {
@@ -71,6 +70,16 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
             )
         };
         let verb = match answer.verdict() {
+            // Held here: its session finishes it on its own connection (phase 2 may never come
+            // for a branch the decision left out).
+            Verdict::Commit | Verdict::Rollback if held.is_some() => {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let commit = answer.verdict() == Verdict::Commit;
+                if let Some(inbox) = held {
+                    let _ = inbox.try_send(super::held::Request { commit, reply });
+                }
+                continue;
+            }
             Verdict::Commit => "COMMIT",
             Verdict::Rollback => "ROLLBACK",
             Verdict::UnknownXid => {
