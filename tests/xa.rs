@@ -576,3 +576,42 @@ async fn the_orphan_sweep_settles_what_no_phase_2_reaches_and_quarantines_the_un
     side.until_nothing_prepared().await?;
     Ok(())
 }
+
+/// The coordinator never takes the branch's PREPARED report (paused, then killed and
+/// restarted): the client's COMMIT says the outcome is unknown (1180). Its COMMIT GLOBAL
+/// reports the branch again before it decides, so the decision includes the branch, which
+/// commits (without that the branch would be left out and rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_prepared_report_is_made_again_before_the_session_commits() -> Result<()> {
+    let mut tc = Coordinator::start(TC)?;
+    let db = MariaDb::start().await?;
+    db.conn()
+        .await?
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 10), (2, 20)")
+        .await?;
+    let proxy = ProxyProcess::start_with(
+        PROXY,
+        db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 2000\noutcome_wait_ms = 500",
+        "xa_sweep_interval_ms = 100",
+    )?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
+    let side = Side { db, proxy };
+    let mut conn = side.proxy.conn().await?;
+    start_xa(&mut conn).await?;
+    conn.query_drop("BEGIN").await?;
+    add(&mut conn, 1, 9).await?;
+    tc.pause()?;
+    let unknown = conn.query_drop("COMMIT").await.unwrap_err();
+    tc.kill9_and_restart()?;
+    ensure!(code(&unknown) == 1180, "{unknown:?}");
+    ensure!(side.prepared().await?.len() == 1, "prepared all the same");
+    until("COMMIT GLOBAL to go through", async || {
+        Ok(conn.query_drop("COMMIT GLOBAL").await.is_ok())
+    })
+    .await?;
+    until("the branch to commit", async || Ok(side.value(1).await? == Some(19))).await?;
+    side.until_nothing_prepared().await?;
+    Ok(())
+}

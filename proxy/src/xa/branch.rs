@@ -58,6 +58,8 @@ pub struct Branch {
     pub requests: mpsc::Receiver<Request>,
     /// The session's row-change counters when it started (see [`row_changes`]).
     changes_at_start: Option<u64>,
+    /// The coordinator took its PREPARED report (it is part of the transaction).
+    confirmed: bool,
 }
 
 /// What branch work runs with.
@@ -127,6 +129,7 @@ pub async fn open(cx: &mut Cx<'_>, xid: &str) -> Result<Result<Branch, ErrPacket
         phase: Phase::Active { wrote: false },
         requests,
         changes_at_start,
+        confirmed: false,
     }))
 }
 
@@ -210,6 +213,7 @@ pub async fn prepare(
     {
         Ok(()) => {
             tracing::debug!(xid = id.xid, branch_id = id.branch_id, "XA branch prepared");
+            b.confirmed = true;
             Ok(Ok(cx.ended()))
         }
         Err(ReportFailure::Refused(why)) => {
@@ -269,6 +273,51 @@ async fn row_changes(cx: &mut Cx<'_>) -> Result<Option<u64>, SessionError> {
         sum = sum.saturating_add(v);
     }
     Ok(Some(sum))
+}
+
+/// Before its session decides to commit, a prepared branch whose report went unanswered is
+/// reported again (the coordinator takes the same report twice): the decision must include
+/// it. `Err`: the client's answer, and nothing was decided.
+pub async fn confirm(cx: &mut Cx<'_>, branch: &mut Option<Branch>) -> Result<Result<(), ErrPacket>, SessionError> {
+    let Some(b) = branch.as_mut() else { return Ok(Ok(())) };
+    if b.confirmed || !matches!(b.phase, Phase::Prepared) {
+        return Ok(Ok(()));
+    }
+    let id = b.id.clone();
+    match cx
+        .xa
+        .global
+        .report(&id.xid, id.branch_id, pb::BranchStatus::PhaseOnePrepared, "")
+        .await
+    {
+        Ok(()) => {
+            b.confirmed = true;
+            Ok(Ok(()))
+        }
+        Err(ReportFailure::Refused(why)) => {
+            if cx.xa("ROLLBACK", &id, "").await?.is_none() {
+                finish(cx, branch);
+            }
+            Ok(Err(ErrPacket::new(
+                1402,
+                "XA100",
+                format!(
+                    "XA_RBROLLBACK: Transaction branch was rolled back: this connection's branch is not part of global \
+                     transaction {} ({why}); COMMIT GLOBAL was not sent: ROLLBACK GLOBAL, then redo the work",
+                    id.xid
+                ),
+            )))
+        }
+        Err(ReportFailure::Unanswered(why)) => Ok(Err(ErrPacket::new(
+            1105,
+            "HY000",
+            format!(
+                "ferrata-proxy cannot confirm with the transaction coordinator that this connection's prepared branch is \
+                 part of global transaction {} ({why}); COMMIT GLOBAL was not sent, nothing was decided: retry it",
+                id.xid
+            ),
+        ))),
+    }
 }
 
 /// Rolls the active branch back (`XA END` + `XA ROLLBACK`) and reports it failed in phase 1.

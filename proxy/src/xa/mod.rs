@@ -490,6 +490,12 @@ impl XaSession {
                 return binding::answer(client, backend, state, shared, Some(&self.xa.global), &sql).await;
             }
             Claimed::Decide { commit, xid } => {
+                if commit {
+                    let (mut cx, slot) = self.cx(backend, state, shared);
+                    if let Err(e) = branch::confirm(&mut cx, slot).await? {
+                        return backend::reply(client, e).await;
+                    }
+                }
                 let global = Arc::clone(&self.xa.global);
                 let result = {
                     let decision = binding::decide(&global, &xid, commit);
