@@ -368,6 +368,10 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
     let format = ferrata_proxy::xa::xid::FORMAT_ID;
     let mut plain = a.proxy.conn().await?;
     ensure!(refused(&mut plain, &format!("XA ROLLBACK 'x','1',{format}")).await? == 1227);
+    ensure!(
+        refused(&mut plain, &format!("DO 1; XA ROLLBACK 'x','1',{format}")).await? == 1227,
+        "behind another statement too"
+    );
     a.until_nothing_prepared().await?;
     Ok(())
 }

@@ -146,6 +146,27 @@ fn starts_transaction(class: &Classification) -> bool {
         )
 }
 
+/// Whether a statement, or one of a multi-statement string's, is an XA statement naming
+/// Ferrata's format id. A string the splitter cannot read counts if it names the id at all.
+fn names_ferrata_branch(sql: &[u8], class: &Classification) -> bool {
+    let xa = class.class == StatementClass::TransactionControl(TxControl::Xa);
+    if !(xa || class.multi_statement) || !xid::names_ferrata_branch(sql) {
+        return false;
+    }
+    if !class.multi_statement {
+        return true;
+    }
+    let text = String::from_utf8_lossy(sql);
+    match crate::sql::dml::split_statements(&text) {
+        Ok(parts) => parts.into_iter().any(|r| {
+            let part = &text.as_bytes()[r];
+            crate::classify::classify(part, false).class == StatementClass::TransactionControl(TxControl::Xa)
+                && xid::names_ferrata_branch(part)
+        }),
+        Err(_) => true,
+    }
+}
+
 /// The XID a COMMIT or ROLLBACK GLOBAL names, if it names one.
 fn named_xid(sql: &[u8]) -> Option<String> {
     use crate::coordinator::statement::{GlobalStatement, parse};
@@ -265,7 +286,7 @@ impl XaSession {
         let take = |claimed: Claimed| (Some(claimed), Claim::Take);
         let (claimed, claim) = match (&self.branch, class.class) {
             // Only Ferrata finishes Ferrata's branches; any MariaDB user could.
-            (_, StatementClass::TransactionControl(TxControl::Xa)) if xid::names_ferrata_branch(sql) => {
+            _ if names_ferrata_branch(sql, class) => {
                 take(Claimed::Refuse(ErrPacket::new(
                     1227,
                     "42000",

@@ -52,8 +52,8 @@ impl XaId {
 /// hex): any MariaDB user may commit or roll back any prepared branch, so the proxy lets no
 /// client touch Ferrata's.
 pub fn names_ferrata_branch(sql: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
-    text.contains(&FORMAT_ID.to_string()) || text.contains(&format!("0x{FORMAT_ID:x}"))
+    let contains = |needle: &[u8]| sql.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+    contains(FORMAT_ID.to_string().as_bytes()) || contains(format!("0x{FORMAT_ID:x}").as_bytes())
 }
 
 #[cfg(test)]
