@@ -25,13 +25,47 @@ struct Side {
 
 impl Side {
     async fn start(tc: &Coordinator) -> Result<Side> {
+        Self::start_with(tc, "lock_wait_ms = 2000", "").await
+    }
+
+    /// With `coordinator_toml` and `more_toml` for the proxy (see `ProxyProcess::start_with`).
+    async fn start_with(tc: &Coordinator, coordinator_toml: &str, more_toml: &str) -> Result<Side> {
         let db = MariaDb::start().await?;
         let mut direct = db.conn().await?;
         direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
         direct.query_drop("INSERT INTO t VALUES (1, 10), (2, 20)").await?;
-        let proxy = ProxyProcess::start(PROXY, db.addr(), &tc.endpoint(), 2000)?;
+        let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), coordinator_toml, more_toml)?;
         proxy.await_trust(&mut proxy.conn().await?).await?;
         Ok(Side { db, proxy })
+    }
+
+    /// Row 1 back to 10, straight on the server.
+    async fn reset(&self) -> Result<()> {
+        self.db
+            .conn()
+            .await?
+            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
+            .await?;
+        Ok(())
+    }
+
+    /// Registers an XA branch of `xid` on this database straight with the coordinator, as a
+    /// proxy that died before `XA START` (or before its report) would have left it.
+    async fn register_xa(&self, tc: &Coordinator, xid: &str) -> Result<u64> {
+        let request = pb::BranchRegisterRequest {
+            xid: xid.into(),
+            resource_id: format!("{}/test", self.db.addr()),
+            branch_type: pb::BranchType::Xa as i32,
+            ..Default::default()
+        };
+        Ok(tc
+            .client()
+            .await?
+            .rm
+            .branch_register(request)
+            .await?
+            .into_inner()
+            .branch_id)
     }
 
     async fn value(&self, id: i64) -> Result<Option<i64>> {
@@ -119,14 +153,8 @@ async fn branches_on_two_databases_prepare_at_commit_and_finish_with_the_decisio
             ensure!(v == Some(20));
         }
         // Reset for the next round.
-        a.db.conn()
-            .await?
-            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
-            .await?;
-        b.db.conn()
-            .await?
-            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
-            .await?;
+        a.reset().await?;
+        b.reset().await?;
     }
     Ok(())
 }
@@ -215,14 +243,8 @@ async fn at_and_xa_branches_in_one_global_transaction() -> Result<()> {
         })
         .await?;
         b.until_nothing_prepared().await?;
-        a.db.conn()
-            .await?
-            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
-            .await?;
-        b.db.conn()
-            .await?
-            .query_drop("UPDATE t SET v = 10 WHERE id = 1")
-            .await?;
+        a.reset().await?;
+        b.reset().await?;
     }
     Ok(())
 }
@@ -448,22 +470,11 @@ async fn a_prepared_branch_survives_a_database_restart_and_commits_after_it() ->
 async fn a_branch_its_database_does_not_know_is_never_reported_committed() -> Result<()> {
     let tc = Coordinator::start(TC)?;
     let a = Side::start(&tc).await?;
-    let resource = format!("{}/test", a.db.addr());
     let mut c = tc.client().await?;
     for commit in [false, true] {
         let mut conn = a.proxy.conn().await?;
         let xid = start_xa(&mut conn).await?;
-        // A branch as a proxy that died before XA START would have left it.
-        let branch =
-            c.rm.branch_register(pb::BranchRegisterRequest {
-                xid: xid.clone(),
-                resource_id: resource.clone(),
-                branch_type: pb::BranchType::Xa as i32,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .branch_id;
+        let branch = a.register_xa(&tc, &xid).await?;
         c.rm.branch_report(pb::BranchReportRequest {
             xid: xid.clone(),
             branch_id: branch,
@@ -523,33 +534,11 @@ fn ferrata_id(xid: &str, branch_id: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_orphan_sweep_settles_what_no_phase_2_reaches_and_quarantines_the_unknown() -> Result<()> {
     let tc = Coordinator::start(TC)?;
-    let db = MariaDb::start().await?;
-    db.conn()
-        .await?
-        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 10), (2, 20)")
-        .await?;
-    let proxy = ProxyProcess::start_with(
-        PROXY,
-        db.addr(),
-        &tc.endpoint(),
-        "lock_wait_ms = 2000",
-        "xa_sweep_interval_ms = 100",
-    )?;
-    let side = Side { db, proxy };
+    let side = Side::start_with(&tc, "lock_wait_ms = 2000", "xa_sweep_interval_ms = 100").await?;
 
     let mut conn = side.proxy.conn().await?;
     let xid = start_xa(&mut conn).await?;
-    let mut c = tc.client().await?;
-    let branch =
-        c.rm.branch_register(pb::BranchRegisterRequest {
-            xid: xid.clone(),
-            resource_id: format!("{}/test", side.db.addr()),
-            branch_type: pb::BranchType::Xa as i32,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .branch_id;
+    let branch = side.register_xa(&tc, &xid).await?;
     prepare_directly(&side.db, &ferrata_id(&xid, branch), "UPDATE t SET v = 11 WHERE id = 1").await?;
     conn.query_drop("COMMIT GLOBAL").await?;
     until("the sweep to roll the branch back", async || {
@@ -588,20 +577,12 @@ async fn the_orphan_sweep_settles_what_no_phase_2_reaches_and_quarantines_the_un
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_prepared_report_is_made_again_before_the_session_commits() -> Result<()> {
     let mut tc = Coordinator::start(TC)?;
-    let db = MariaDb::start().await?;
-    db.conn()
-        .await?
-        .query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT); INSERT INTO t VALUES (1, 10), (2, 20)")
-        .await?;
-    let proxy = ProxyProcess::start_with(
-        PROXY,
-        db.addr(),
-        &tc.endpoint(),
+    let side = Side::start_with(
+        &tc,
         "lock_wait_ms = 2000\noutcome_wait_ms = 500",
         "xa_sweep_interval_ms = 100",
-    )?;
-    proxy.await_trust(&mut proxy.conn().await?).await?;
-    let side = Side { db, proxy };
+    )
+    .await?;
     let mut conn = side.proxy.conn().await?;
     start_xa(&mut conn).await?;
     conn.query_drop("BEGIN").await?;

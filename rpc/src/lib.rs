@@ -9,6 +9,18 @@ pub mod tls;
 
 pub mod pb {
     tonic::include_proto!("ferrata.v1");
+
+    impl BranchOutcome {
+        /// A resource manager's answer for one branch of a phase-2 command.
+        pub fn of(branch_id: u64, status: BranchStatus, reason: impl Into<String>) -> BranchOutcome {
+            BranchOutcome {
+                branch_id,
+                status: status as i32,
+                reason: reason.into(),
+                ..Default::default()
+            }
+        }
+    }
 }
 
 use tonic::metadata::{Ascii, MetadataValue};

@@ -25,15 +25,6 @@ use super::undo_log::{self, CONTEXT};
 use crate::coordinator::undo_table::{NO_SUCH_TABLE, STATUS_GLOBAL_FINISHED, STATUS_NORMAL};
 use crate::sql::image::{RawRow, raw_row};
 
-fn outcome(branch_id: u64, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
-    pb::BranchOutcome {
-        branch_id,
-        status: status as i32,
-        reason: reason.into(),
-        ..Default::default()
-    }
-}
-
 fn server_code(e: &mysql_async::Error) -> Option<u16> {
     match e {
         mysql_async::Error::Server(s) => Some(s.code),
@@ -87,7 +78,7 @@ async fn handle(at: Arc<At>, command: pb::BranchCommand) -> Vec<pb::BranchOutcom
                 }
             }
             _ => out.extend(branches.iter().map(|b| {
-                outcome(
+                pb::BranchOutcome::of(
                     b.branch_id,
                     pb::BranchStatus::Unknown,
                     format!("unknown phase-2 action {}", command.action),
@@ -126,14 +117,14 @@ async fn commit(at: &At, resource: &str, branches: &[pb::BranchRef]) -> Vec<pb::
     match result {
         Ok(()) => branches
             .iter()
-            .map(|b| outcome(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""))
+            .map(|b| pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""))
             .collect(),
         Err(e) => {
             let reason = format!("deleting the undo records on {resource} failed: {e}");
             tracing::warn!(resource, error = %e, "phase-2 commit failed; the coordinator retries");
             branches
                 .iter()
-                .map(|b| outcome(b.branch_id, pb::BranchStatus::Unknown, reason.clone()))
+                .map(|b| pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, reason.clone()))
                 .collect()
         }
     }
@@ -150,7 +141,7 @@ async fn rollback(at: &At, resource: &str, branch: &pb::BranchRef) -> pb::Branch
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "branch rollback failed; the coordinator retries");
-            outcome(
+            pb::BranchOutcome::of(
                 branch.branch_id,
                 pb::BranchStatus::RollbackFailedRetryable,
                 format!("rollback on {resource} failed: {e}"),
@@ -196,11 +187,19 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                 }
                 tx.commit().await.map_err(|e| e.to_string())?;
                 tracing::info!("no undo record: phase 1 never committed; anti-hanging marker written");
-                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
+                return Ok(pb::BranchOutcome::of(
+                    b.branch_id,
+                    pb::BranchStatus::PhaseTwoRollbacked,
+                    "",
+                ));
             }
             Some(STATUS_GLOBAL_FINISHED) => {
                 tx.commit().await.map_err(|e| e.to_string())?;
-                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
+                return Ok(pb::BranchOutcome::of(
+                    b.branch_id,
+                    pb::BranchStatus::PhaseTwoRollbacked,
+                    "",
+                ));
             }
             Some(STATUS_NORMAL) => {
                 let record = undo_log::read_record(&mut tx, &b.xid, b.branch_id).await?;
@@ -266,7 +265,11 @@ async fn rollback_branch(at: &At, resource: &str, b: &pb::BranchRef) -> Result<p
                 .map_err(|e| e.to_string())?;
                 tx.commit().await.map_err(|e| e.to_string())?;
                 tracing::info!(items = record.items.len(), "branch rolled back from its undo record");
-                return Ok(outcome(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""));
+                return Ok(pb::BranchOutcome::of(
+                    b.branch_id,
+                    pb::BranchStatus::PhaseTwoRollbacked,
+                    "",
+                ));
             }
             Some(other) => {
                 tx.rollback().await.map_err(|e| e.to_string())?;

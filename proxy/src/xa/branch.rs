@@ -87,10 +87,14 @@ impl Cx<'_> {
     }
 }
 
-/// Opens a branch of the session's global transaction in its current database: registered
-/// with the coordinator (so it knows the identifier before the database does), then
-/// `XA START`. On an error nothing is open.
-pub async fn open(cx: &mut Cx<'_>, xid: &str) -> Result<Result<Branch, ErrPacket>, SessionError> {
+/// Opens a branch of the session's global transaction in its current database into `slot`:
+/// registered with the coordinator (so it knows the identifier before the database does),
+/// then `XA START`. On an error nothing is open.
+pub async fn open(
+    cx: &mut Cx<'_>,
+    slot: &mut Option<Branch>,
+    xid: &str,
+) -> Result<Result<(), ErrPacket>, SessionError> {
     let Some(database) = cx.state.schema.clone() else {
         return Ok(Err(no_database()));
     };
@@ -123,14 +127,15 @@ pub async fn open(cx: &mut Cx<'_>, xid: &str) -> Result<Result<Branch, ErrPacket
     tracing::debug!(xid, branch_id, "XA branch started");
     let changes_at_start = row_changes(cx).await?;
     let requests = cx.xa.held.hold(xid, branch_id, &resource, connection_id);
-    Ok(Ok(Branch {
+    *slot = Some(Branch {
         id,
         resource,
         phase: Phase::Active { wrote: false },
         requests,
         changes_at_start,
         confirmed: false,
-    }))
+    });
+    Ok(Ok(()))
 }
 
 /// Ends the branch at the client's COMMIT: prepared and reported (or, if it wrote nothing,
@@ -368,12 +373,7 @@ pub async fn phase2(
     commit: bool,
 ) -> Result<pb::BranchOutcome, SessionError> {
     let branch_id = branch.as_ref().map_or(0, |b| b.id.branch_id);
-    let outcome = |status: pb::BranchStatus, reason: String| pb::BranchOutcome {
-        branch_id,
-        status: status as i32,
-        reason,
-        ..Default::default()
-    };
+    let outcome = |status, reason: String| pb::BranchOutcome::of(branch_id, status, reason);
     let Some(b) = branch.as_mut() else {
         return Ok(outcome(pb::BranchStatus::Unknown, "no longer held".into()));
     };

@@ -56,8 +56,6 @@ impl Mode for Xa {
             request: None,
             unchecked: None,
             resetting: false,
-            await_phase2: false,
-            tables: Vec::new(),
         })
     }
 }
@@ -78,8 +76,9 @@ enum Claimed {
         commit: bool,
         xid: String,
     },
-    /// An autocommit write in a bound session: a branch of its own around it.
-    Wrap,
+    /// An autocommit write in a bound session: a branch of its own around it; the tables
+    /// it writes, when they could be read.
+    Wrap(Vec<unchecked::TableName>),
     /// COMMIT or ROLLBACK with nothing open as the client sees it.
     Nothing,
     /// COMMIT or ROLLBACK of a branch phase 2 rolled back under the client.
@@ -103,11 +102,6 @@ struct XaSession {
     /// COM_CHANGE_USER or COM_RESET_CONNECTION is being forwarded: the server rolls the
     /// active branch back or lets the prepared one go (any connection may finish it then).
     resetting: bool,
-    /// The gate waits for the held branch's phase 2 (the session is no longer bound to its
-    /// transaction); otherwise it opens a branch (autocommit off).
-    await_phase2: bool,
-    /// The tables the branch being opened (around an autocommit write) will write.
-    tables: Vec<unchecked::TableName>,
 }
 
 /// MariaDB's answer to what may not run inside an active XA branch, given before it is sent.
@@ -236,21 +230,24 @@ impl XaSession {
 
     /// Registers a write about to be forwarded in a branch as unchecked, or refuses it when
     /// one of its tables may hold rows of AT-mode global transactions: a branch cannot check
-    /// its writes against their global locks.
-    fn guard_write(&mut self, sql: &[u8], class: &Classification, state: &SessionState) -> Option<ErrPacket> {
+    /// its writes against their global locks. `Ok`: the tables it writes, when they could be
+    /// read (the open branch, if any, notes them).
+    fn guard_write(
+        &mut self,
+        sql: &[u8],
+        class: &Classification,
+        state: &SessionState,
+    ) -> Result<Vec<unchecked::TableName>, ErrPacket> {
         let guards = &self.xa.global.guards;
         // Registered before the view is read (see `coordinator/unchecked.rs`).
         let write = guards.unchecked.begin(state.backend_connection_id);
         let text = String::from_utf8_lossy(sql);
         let tables = unchecked::written_tables(&text, state.schema.as_deref());
-        if let Some(tables) = &tables {
-            self.tables.extend(tables.iter().cloned());
-            if let Some(b) = &self.branch {
-                self.xa.held.wrote(b.id.branch_id, tables);
-            }
+        if let (Some(tables), Some(b)) = (&tables, &self.branch) {
+            self.xa.held.wrote(b.id.branch_id, tables);
         }
         if !guards.quiet()
-            && let Some(tables) = tables
+            && let Some(tables) = &tables
         {
             let dirty = &self.xa.global.dirty_writes;
             let guarded: Vec<String> = tables
@@ -262,7 +259,7 @@ impl XaSession {
                 .collect();
             if !guarded.is_empty() {
                 write.finish();
-                return Some(ErrPacket::new(
+                return Err(ErrPacket::new(
                     1235,
                     "42000",
                     format!(
@@ -274,11 +271,11 @@ impl XaSession {
                 ));
             }
             if !class.multi_statement {
-                write.writes_to(tables);
+                write.writes_to(tables.clone());
             }
         }
         self.unchecked = Some(write);
-        None
+        Ok(tables.unwrap_or_default())
     }
 
     fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
@@ -337,10 +334,9 @@ impl XaSession {
                 {
                     take(Claimed::RollbackGlobal)
                 }
-                (Phase::Active { .. }, _) if may_write(class) => {
-                    if let Some(e) = self.guard_write(sql, class, state) {
-                        take(Claimed::Refuse(e))
-                    } else {
+                (Phase::Active { .. }, _) if may_write(class) => match self.guard_write(sql, class, state) {
+                    Err(e) => take(Claimed::Refuse(e)),
+                    Ok(_) => {
                         if let Some(Branch {
                             phase: Phase::Active { wrote },
                             ..
@@ -350,7 +346,7 @@ impl XaSession {
                         }
                         (None, Claim::Pass)
                     }
-                }
+                },
                 (
                     Phase::Prepared,
                     StatementClass::GlobalTransaction(g @ (GlobalCommand::Commit | GlobalCommand::Rollback)),
@@ -369,7 +365,6 @@ impl XaSession {
                     if state.xid.as_deref() != Some(b.id.xid.as_str())
                         && c != StatementClass::GlobalTransaction(GlobalCommand::Show) =>
                 {
-                    self.await_phase2 = true;
                     (None, Claim::Gate)
                 }
                 (Phase::Prepared, StatementClass::GlobalTransaction(GlobalCommand::Start | GlobalCommand::Join)) => {
@@ -446,10 +441,11 @@ impl XaSession {
                         "An autocommit bulk execute (COM_STMT_BULK_EXECUTE)",
                         "run it between BEGIN and COMMIT",
                     )))
-                } else if let Some(e) = self.guard_write(sql, class, state) {
-                    take(Claimed::Refuse(e))
                 } else {
-                    take(Claimed::Wrap)
+                    match self.guard_write(sql, class, state) {
+                        Err(e) => take(Claimed::Refuse(e)),
+                        Ok(tables) => take(Claimed::Wrap(tables)),
+                    }
                 }
             }
             (None, _) if !state.autocommit() && starts_transaction(class) => (None, Claim::Gate),
@@ -485,13 +481,9 @@ impl XaSession {
             Claimed::Begin => {
                 let xid = state.xid.clone().unwrap_or_default();
                 let (mut cx, slot) = self.cx(backend, state, shared);
-                match branch::open(&mut cx, &xid).await? {
-                    Ok(b) => {
-                        *slot = Some(b);
-                        Ok(resultset::ok(cx.state.status))
-                    }
-                    Err(e) => Err(e),
-                }
+                branch::open(&mut cx, slot, &xid)
+                    .await?
+                    .map(|()| resultset::ok(cx.state.status))
             }
             Claimed::Commit => {
                 let (mut cx, slot) = self.cx(backend, state, shared);
@@ -536,7 +528,7 @@ impl XaSession {
                 binding::decided(state, &xid, commit, &result);
                 result.map(|()| resultset::ok(state.status))
             }
-            Claimed::Wrap => return self.wrap(client, backend, state, shared, raw).await,
+            Claimed::Wrap(tables) => return self.wrap(client, backend, state, shared, raw, &tables).await,
         };
         let bytes = reply.unwrap_or_else(|e| e.to_packet(1));
         client.write_all(&bytes).await.map_err(|_| SessionError::ClientClosed)
@@ -552,25 +544,22 @@ impl XaSession {
         state: &mut SessionState,
         shared: &Shared,
         raw: &[u8],
+        tables: &[unchecked::TableName],
     ) -> Result<(), SessionError> {
         let before = state.status;
         let xid = state.xid.clone().unwrap_or_default();
         let limit = shared.config.max_packet_size;
         let write = self.unchecked.take();
-        let tables = std::mem::take(&mut self.tables);
         let (mut cx, slot) = self.cx(backend, state, shared);
-        let opened = branch::open(&mut cx, &xid).await?;
-        let b = match opened {
-            Ok(b) => b,
-            Err(e) => {
-                if let Some(w) = write {
-                    w.finish();
-                }
-                return backend::refuse(client, e).await;
+        if let Err(e) = branch::open(&mut cx, slot, &xid).await? {
+            if let Some(w) = write {
+                w.finish();
             }
-        };
-        cx.xa.held.wrote(b.id.branch_id, &tables);
-        *slot = Some(b);
+            return backend::refuse(client, e).await;
+        }
+        if let Some(b) = slot.as_ref() {
+            cx.xa.held.wrote(b.id.branch_id, tables);
+        }
         let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
         if let Some(w) = write {
             w.finish();
@@ -656,8 +645,6 @@ impl ModeSession for XaSession {
             w.finish(); // a mode after this one answered it: it never ran
         }
         self.claimed = None;
-        self.await_phase2 = false;
-        self.tables.clear();
         if matches!(command.code, Cmd::CHANGE_USER | Cmd::RESET_CONNECTION) {
             self.resetting = self.branch.is_some();
             return Claim::Pass;
@@ -672,9 +659,9 @@ impl ModeSession for XaSession {
         })
     }
 
-    /// Autocommit off, no transaction open: the statement would start one implicitly, so a
-    /// branch opens first. Or the connection still holds a prepared branch of a transaction
-    /// the session left: its phase 2 runs first.
+    /// Without a branch (autocommit off, no transaction open): the statement would start one
+    /// implicitly, so a branch opens first. With one (a prepared branch of a transaction the
+    /// session left): its phase 2 runs first.
     fn gate<'a>(
         &'a mut self,
         backend: &'a mut Peer,
@@ -682,18 +669,12 @@ impl ModeSession for XaSession {
         shared: &'a Shared,
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
-            if std::mem::take(&mut self.await_phase2) {
+            if self.branch.is_some() {
                 return self.phase2_first(backend, state, shared).await;
             }
             let xid = state.xid.clone().unwrap_or_default();
             let (mut cx, slot) = self.cx(backend, state, shared);
-            Ok(match branch::open(&mut cx, &xid).await? {
-                Ok(b) => {
-                    *slot = Some(b);
-                    None
-                }
-                Err(e) => Some(e),
-            })
+            Ok(branch::open(&mut cx, slot, &xid).await?.err())
         })
     }
 

@@ -34,15 +34,6 @@ const HELD_WAIT: Duration = Duration::from_secs(5);
 /// MariaDB's "Unknown thread id" (the connection to end has ended already).
 const UNKNOWN_THREAD: u16 = 1094;
 
-fn outcome(b: &pb::BranchRef, status: pb::BranchStatus, reason: impl Into<String>) -> pb::BranchOutcome {
-    pb::BranchOutcome {
-        branch_id: b.branch_id,
-        status: status as i32,
-        reason: reason.into(),
-        ..Default::default()
-    }
-}
-
 fn retry(b: &pb::BranchRef, commit: bool, reason: impl Into<String>) -> pb::BranchOutcome {
     // Anything but a success or an unretryable failure is retried.
     let status = if commit {
@@ -50,7 +41,7 @@ fn retry(b: &pb::BranchRef, commit: bool, reason: impl Into<String>) -> pb::Bran
     } else {
         pb::BranchStatus::RollbackFailedRetryable
     };
-    outcome(b, status, reason)
+    pb::BranchOutcome::of(b.branch_id, status, reason)
 }
 
 /// Commits or rolls back one XA branch.
@@ -109,7 +100,7 @@ async fn service(xa: &Xa, commit: bool, b: &pb::BranchRef) -> Result<pb::BranchO
             } else {
                 pb::BranchStatus::PhaseTwoRollbacked
             };
-            return Ok(outcome(b, done, ""));
+            return Ok(pb::BranchOutcome::of(b.branch_id, done, ""));
         }
         Err(mysql_async::Error::Server(e)) if e.code == XAER_NOTA => false,
         Err(mysql_async::Error::Server(e)) if ROLLED_BACK.contains(&e.code) => true,
@@ -120,8 +111,8 @@ async fn service(xa: &Xa, commit: bool, b: &pb::BranchRef) -> Result<pb::BranchO
     }
     let committed = evidence(&mut conn, b).await?;
     Ok(match (commit, committed) {
-        (true, true) => outcome(b, pb::BranchStatus::PhaseTwoCommitted, "committed before"),
-        (false, false) => outcome(b, pb::BranchStatus::PhaseTwoRollbacked, ""),
+        (true, true) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, "committed before"),
+        (false, false) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""),
         (true, false) => alarm(
             b,
             pb::BranchStatus::CommitFailedUnretryable,
@@ -240,5 +231,5 @@ fn alarm(b: &pb::BranchRef, status: pb::BranchStatus, reason: &str) -> pb::Branc
         "XA branch outcome contradicts its global transaction"
     );
     metrics::counter!("ferrata_proxy_xa_contradictions_total").increment(1);
-    outcome(b, status, reason)
+    pb::BranchOutcome::of(b.branch_id, status, reason)
 }
