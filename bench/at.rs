@@ -245,8 +245,8 @@ fn run(args: Args) -> Result<()> {
         .tempdir_in(args.data_parent.clone().unwrap_or_else(std::env::temp_dir))
         .context("creating the coordinator's data directory")?;
     // Tables stop being guarded a quarter second after their last AT transaction (the default
-    // is 10 s): an XA side, whose branches may not write tables AT transactions may hold rows
-    // in, starts once the AT side's guards are gone (see `Env::side`).
+    // is 10 s): an XA side starts once the AT side's guards are gone (see `Env::side`), so it
+    // measures XA alone, not the row checks its writes get while AT rows may be held.
     let tc_config = tc_data.path().join("tc.toml");
     std::fs::write(&tc_config, "[transactions]\nguard_linger_ms = 250\n")
         .context("writing the coordinator's config")?;

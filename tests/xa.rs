@@ -249,6 +249,58 @@ async fn at_and_xa_branches_in_one_global_transaction() -> Result<()> {
     Ok(())
 }
 
+/// XA branches writing a table where AT-mode branches hold rows (committed locally, locked
+/// globally): the rows each branch wrote are checked against other global transactions'
+/// locks before it prepares. A held row gets ERR 1205 naming the holder after the lock wait,
+/// with nothing prepared (an explicit branch stays open, an autocommit write is rolled
+/// back); free rows, and rows of the branch's own global transaction, prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xa_writes_are_checked_against_the_rows_at_branches_hold() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+    let mut at = a.proxy.conn().await?;
+    let holder: Option<String> = at.query_first("START GLOBAL TRANSACTION").await?;
+    let holder = holder.unwrap_or_default();
+    add(&mut at, 1, 1).await?;
+
+    let mut xa = a.proxy.conn().await?;
+    start_xa(&mut xa).await?;
+    xa.query_drop("BEGIN").await?;
+    add(&mut xa, 2, 5).await?;
+    add(&mut xa, 1, 5).await?;
+    let e = xa.query_drop("COMMIT").await.expect_err("row 1 is held");
+    ensure!(code(&e) == 1205 && e.to_string().contains(&holder), "{e}");
+    ensure!(a.prepared().await?.is_empty(), "nothing was prepared");
+    xa.query_drop("ROLLBACK").await?;
+    let e = xa
+        .query_drop("DELETE FROM t WHERE id = 1")
+        .await
+        .expect_err("row 1 is held");
+    ensure!(code(&e) == 1205 && e.to_string().contains(&holder), "{e}");
+    ensure!(a.prepared().await?.is_empty(), "the autocommit write was rolled back");
+    ensure!(a.value(1).await? == Some(11) && a.value(2).await? == Some(20));
+    // A free row of the guarded table: an autocommit branch, prepared.
+    xa.query_drop("INSERT INTO t VALUES (3, 30)").await?;
+    ensure!(a.prepared().await?.len() == 1);
+    xa.query_drop("COMMIT GLOBAL").await?;
+    until("the insert to commit", async || Ok(a.value(3).await? == Some(30))).await?;
+
+    // The holder's own XA branch writes its row.
+    let mut joined = a.proxy.conn().await?;
+    joined
+        .query_drop(format!("JOIN GLOBAL TRANSACTION '{holder}' MODE XA"))
+        .await?;
+    joined.query_drop("BEGIN").await?;
+    add(&mut joined, 1, 5).await?;
+    joined.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1);
+    at.query_drop("COMMIT GLOBAL").await?;
+    until("both branches to commit", async || Ok(a.value(1).await? == Some(16))).await?;
+    a.until_nothing_prepared().await?;
+    ferrata_tests::until_undo_records_gone(&[&a.db]).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_prepared_by_a_killed_proxy_is_finished_by_another_and_by_its_restart() -> Result<()> {
     let tc = Coordinator::start(TC)?;

@@ -3,15 +3,14 @@
 //! that view may be trusted.
 //!
 //! The no-dirty-writes check (`isolation/dirty_writes.rs`) reads it on every write made
-//! outside a global transaction: a write to a table that is not guarded, seen by a trusted
+//! outside a global transaction, and XA mode on every write in its branches: a write to a table that is not guarded, seen by a trusted
 //! view that did not change while the write ran, needs no row-level check. Why that is sound
 //! is in ARCHITECTURE.md ("No dirty writes").
 //!
 //! - **Guarded** tables are named by database and table, case-insensitively and whatever
 //!   server their resource id names: a wider match only costs a check, a narrower one could
 //!   miss a lock. Each name keeps the resources that guard it, so that one resource's release
-//!   leaves another's guard standing, and XA mode can ask about its own resource exactly
-//!   (there a match costs a refusal).
+//!   leaves another's guard standing.
 //! - **Trust** lasts from an answered heartbeat until its send time plus the coordinator's
 //!   lease; the coordinator grants a first lock in a table only after this proxy acknowledged
 //!   the guard, or after its stream ended and that lease ran out.
@@ -102,18 +101,6 @@ impl TableGuards {
                 .tables
                 .read()
                 .contains_key(&(database.to_lowercase(), table.to_lowercase()))
-    }
-
-    /// Whether `database.table` may hold global locks on resource `resource` (always, when
-    /// the view is not trusted): resource ids name the same server alike on every proxy, as
-    /// phase 2's routing needs anyway.
-    pub fn guarded_on(&self, resource: &str, database: &str, table: &str) -> bool {
-        !self.trusted()
-            || self
-                .tables
-                .read()
-                .get(&(database.to_lowercase(), table.to_lowercase()))
-                .is_some_and(|resources| resources.contains(resource))
     }
 
     /// Nothing was added and trust held since `seen`.
@@ -266,7 +253,7 @@ mod tests {
             release: vec![],
         })
         .await;
-        assert!(g.guarded_on("db2:3306/shop", "shop", "orders"));
+        assert!(g.shows("shop", "orders"));
         g.update(&pb::GuardUpdate {
             seq: 2,
             full: false,
@@ -274,8 +261,14 @@ mod tests {
             release: vec![on("db2:3306")],
         })
         .await;
-        assert!(g.guarded("shop", "orders"), "db1 still guards it");
-        assert!(g.guarded_on("db1:3306/shop", "shop", "orders"));
-        assert!(!g.guarded_on("db2:3306/shop", "shop", "orders"));
+        assert!(g.shows("shop", "orders"), "db1 still guards it");
+        g.update(&pb::GuardUpdate {
+            seq: 3,
+            full: false,
+            guard: vec![],
+            release: vec![on("db1:3306")],
+        })
+        .await;
+        assert!(!g.shows("shop", "orders"));
     }
 }

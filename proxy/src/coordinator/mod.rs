@@ -4,8 +4,9 @@
 //! coordinator's answers onto MySQL errors, and the session's binding to a global
 //! transaction: Ferrata's statements ([`statement`] parses them, [`binding`] answers them,
 //! [`decision`] asks for commit or rollback through coordinator failures) and what may not
-//! run while bound ([`refusal`]); and the `undo_log` table each business database holds
-//! for the modes ([`undo_table`]).
+//! run while bound ([`refusal`]); the rows of writes to guarded tables, found and checked
+//! against global locks ([`row_check`]); and the `undo_log` table each business database
+//! holds for the modes ([`undo_table`]).
 //!
 //! A resource is one database on one backend server: `<server>/<database>`, where the server
 //! part is `[service] resource_server` (default: the `backend` setting), the same for every
@@ -17,6 +18,7 @@ pub mod decision;
 pub mod guards;
 pub mod link;
 pub mod refusal;
+pub mod row_check;
 pub mod statement;
 pub mod unchecked;
 pub mod undo_table;
@@ -393,13 +395,6 @@ impl Global {
                 "could not report the failed branch; its rollback will find no undo record"
             );
         }
-    }
-
-    /// Asks the coordinator whether rows written outside any global transaction are free of
-    /// global locks, waiting up to `lock_wait_ms` for them (the no-dirty-writes check, made
-    /// while the database still holds their row locks).
-    pub async fn check_written(&self, rows: &TableRows) -> Result<(), CheckFailure> {
-        self.query_locks("", rows, self.lock_wait_ms).await
     }
 
     /// Asks the coordinator whether `rows` could be locked by `xid` (by anyone, if empty):

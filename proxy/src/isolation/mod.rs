@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::classify::{Classification, StatementClass};
 use crate::coordinator::guards::Observation;
+use crate::coordinator::row_check::{self, WriteCheck};
 use crate::coordinator::unchecked::UncheckedWrite;
 use crate::coordinator::{Global, refusal};
 use crate::protocol::Command as Cmd;
@@ -23,7 +24,7 @@ use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
 use crate::session::peer::Peer;
 use crate::session::state::SessionState;
 use crate::session::{SessionError, Shared};
-use dirty_writes::{Route, WriteCheck};
+use dirty_writes::Route;
 
 /// The isolation checks, once per proxy.
 pub struct Isolation {
@@ -50,7 +51,7 @@ enum Claimed {
     /// A locking read inside this global transaction, checked against global locks.
     Isolate(String),
     /// A write outside global transactions that the proxy runs itself.
-    Write(dirty_writes::Write),
+    Write(row_check::Write),
     /// A commit point of a transaction with checked writes: checked first.
     CommitPoint,
 }
@@ -148,12 +149,13 @@ impl ModeSession for IsolationSession {
                     locking_read::run(client, backend, state, io.shared, g, &xid, io.command, io.raw).await
                 }
                 Some(Claimed::Write(w)) => {
-                    let mut cx = dirty_writes::Cx {
+                    let mut cx = row_check::Cx {
                         backend,
                         state,
                         written: &mut self.written,
                         shared: io.shared,
                         global: g,
+                        xid: "",
                     };
                     dirty_writes::run(client, &mut cx, w, io.command, io.raw).await
                 }
@@ -170,12 +172,13 @@ impl ModeSession for IsolationSession {
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
             self.claimed = None;
-            let mut cx = dirty_writes::Cx {
+            let mut cx = row_check::Cx {
                 backend,
                 state,
                 written: &mut self.written,
                 shared,
                 global: &self.global,
+                xid: "",
             };
             dirty_writes::before_commit(&mut cx).await
         })

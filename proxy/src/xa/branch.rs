@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::Xa;
 use super::held::Request;
 use super::xid::XaId;
+use crate::coordinator::row_check::WriteCheck;
 use crate::coordinator::undo_table::STATUS_GLOBAL_FINISHED;
 use crate::coordinator::{ReportFailure, no_database};
 use crate::protocol::ServerStatus;
@@ -40,8 +41,9 @@ pub const XAER_NOTA: u16 = 1397;
 #[derive(Debug)]
 pub enum Phase {
     /// Between `XA START` and the client's COMMIT or ROLLBACK; `wrote` once a statement that
-    /// may write ran in it.
-    Active { wrote: bool },
+    /// may write ran in it; `checked`: the rows it wrote to guarded tables, checked against
+    /// other global transactions' locks before it prepares.
+    Active { wrote: bool, checked: WriteCheck },
     /// Prepared, held on this connection until phase 2.
     Prepared,
     /// Rolled back by phase 2 while the client still had it open: its statements are refused
@@ -130,7 +132,10 @@ pub async fn open(
     *slot = Some(Branch {
         id,
         resource,
-        phase: Phase::Active { wrote: false },
+        phase: Phase::Active {
+            wrote: false,
+            checked: WriteCheck::default(),
+        },
         requests,
         changes_at_start,
         confirmed: false,
@@ -155,7 +160,7 @@ pub async fn prepare(
     // rows (a stored function or a trigger writes too). Unsure: it is prepared.
     let started = b.changes_at_start;
     let wrote =
-        matches!(b.phase, Phase::Active { wrote: true }) || started.is_none() || row_changes(cx).await? != started;
+        matches!(b.phase, Phase::Active { wrote: true, .. }) || started.is_none() || row_changes(cx).await? != started;
     if !wrote {
         let failed = match cx.xa("END", &id, "").await? {
             None => cx.xa("COMMIT", &id, " ONE PHASE").await?,

@@ -24,6 +24,7 @@ pub mod xid;
 use std::sync::Arc;
 
 use crate::classify::{Classification, Dml, GlobalCommand, Other, StatementClass, TxControl};
+use crate::coordinator::row_check::{self, AtCommit};
 use crate::coordinator::unchecked::{self, UncheckedWrite};
 use crate::coordinator::undo_table::UndoLogs;
 use crate::coordinator::{Global, binding};
@@ -76,9 +77,11 @@ enum Claimed {
         commit: bool,
         xid: String,
     },
-    /// An autocommit write in a bound session: a branch of its own around it; the tables
-    /// it writes, when they could be read.
-    Wrap(Vec<unchecked::TableName>),
+    /// An autocommit write in a bound session: a branch of its own around it.
+    Wrap(Routed),
+    /// A write in the open branch that the proxy runs itself, its rows checked before the
+    /// branch prepares.
+    Write(row_check::Write),
     /// COMMIT or ROLLBACK with nothing open as the client sees it.
     Nothing,
     /// COMMIT or ROLLBACK of a branch phase 2 rolled back under the client.
@@ -86,6 +89,15 @@ enum Claimed {
         commit: bool,
     },
     Refuse(ErrPacket),
+}
+
+/// How a write in a bound session runs ([`XaSession::route_write`]).
+struct Routed {
+    /// The tables it writes, when they could be read.
+    tables: Vec<unchecked::TableName>,
+    /// `None`: forwarded as sent. Else run by the proxy, its rows found for the check before
+    /// the branch prepares (or refused, when they cannot be).
+    check: Option<row_check::Write>,
 }
 
 /// XA mode's part of one session.
@@ -228,54 +240,36 @@ impl XaSession {
         }
     }
 
-    /// Registers a write about to be forwarded in a branch as unchecked, or refuses it when
-    /// one of its tables may hold rows of AT-mode global transactions: a branch cannot check
-    /// its writes against their global locks. `Ok`: the tables it writes, when they could be
-    /// read (the open branch, if any, notes them).
-    fn guard_write(
-        &mut self,
-        sql: &[u8],
-        class: &Classification,
-        state: &SessionState,
-    ) -> Result<Vec<unchecked::TableName>, ErrPacket> {
-        let guards = &self.xa.global.guards;
+    /// How a write in a bound session runs: forwarded as sent, registered as an unchecked
+    /// write until its response is read; or, when one of its tables may hold rows of other
+    /// global transactions (AT-mode branches hold them locked after their local commit), run
+    /// by the proxy with its rows found, to be checked against those locks before the branch
+    /// prepares (`coordinator/row_check.rs`). The open branch, if any, notes the tables.
+    fn route_write(&mut self, command: u8, sql: &[u8], class: &Classification, state: &SessionState) -> Routed {
+        let global = &self.xa.global;
         // Registered before the view is read (see `coordinator/unchecked.rs`).
-        let write = guards.unchecked.begin(state.backend_connection_id);
-        let text = String::from_utf8_lossy(sql);
-        let tables = unchecked::written_tables(&text, state.schema.as_deref());
+        let write = global.guards.unchecked.begin(state.backend_connection_id);
+        let text = String::from_utf8_lossy(row_check::written_text(sql, class));
+        let (tables, guarded) = if global.guards.quiet() {
+            (unchecked::written_tables(&text, state.schema.as_deref()), Vec::new())
+        } else {
+            row_check::guarded_tables(&text, state, global)
+        };
         if let (Some(tables), Some(b)) = (&tables, &self.branch) {
             self.xa.held.wrote(b.id.branch_id, tables);
         }
-        if !guards.quiet()
-            && let Some(tables) = &tables
-        {
-            let dirty = &self.xa.global.dirty_writes;
-            let guarded: Vec<String> = tables
-                .iter()
-                .filter(|(db, table)| {
-                    dirty.checks(db, table) && guards.guarded_on(&self.xa.global.resource(db), db, table)
-                })
-                .map(|(db, table)| format!("{db}.{table}"))
-                .collect();
-            if !guarded.is_empty() {
-                write.finish();
-                return Err(ErrPacket::new(
-                    1235,
-                    "42000",
-                    format!(
-                        "{} may hold rows of unfinished AT-mode global transactions, and an XA branch cannot check its writes \
-                         against their global locks, so ferrata-proxy did not run it; write these tables in MODE AT, or once \
-                         those transactions end",
-                        guarded.join(", ")
-                    ),
-                ));
-            }
-            if !class.multi_statement {
-                write.writes_to(tables.clone());
-            }
+        let tables = tables.unwrap_or_default();
+        if !guarded.is_empty() {
+            write.finish(); // it will be checked instead
+            let check = Some(row_check::plan(command, &text, class, &guarded));
+            return Routed { tables, check };
+        }
+        // A multi-statement string may change the schema (USE) between its statements.
+        if !class.multi_statement {
+            write.writes_to(tables.clone());
         }
         self.unchecked = Some(write);
-        Ok(tables.unwrap_or_default())
+        Routed { tables, check: None }
     }
 
     fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
@@ -334,17 +328,20 @@ impl XaSession {
                 {
                     take(Claimed::RollbackGlobal)
                 }
-                (Phase::Active { .. }, _) if may_write(class) => match self.guard_write(sql, class, state) {
-                    Err(e) => take(Claimed::Refuse(e)),
-                    Ok(_) => {
+                (Phase::Active { .. }, _) if may_write(class) => match self.route_write(command.code, sql, class, state).check {
+                    Some(row_check::Write::Refuse(e)) => take(Claimed::Refuse(e)),
+                    check => {
                         if let Some(Branch {
-                            phase: Phase::Active { wrote },
+                            phase: Phase::Active { wrote, .. },
                             ..
                         }) = &mut self.branch
                         {
                             *wrote = true;
                         }
-                        (None, Claim::Pass)
+                        match check {
+                            None => (None, Claim::Pass),
+                            Some(write) => take(Claimed::Write(write)),
+                        }
                     }
                 },
                 (
@@ -442,9 +439,12 @@ impl XaSession {
                         "run it between BEGIN and COMMIT",
                     )))
                 } else {
-                    match self.guard_write(sql, class, state) {
-                        Err(e) => take(Claimed::Refuse(e)),
-                        Ok(tables) => take(Claimed::Wrap(tables)),
+                    match self.route_write(command.code, sql, class, state) {
+                        Routed {
+                            check: Some(row_check::Write::Refuse(e)),
+                            ..
+                        } => take(Claimed::Refuse(e)),
+                        routed => take(Claimed::Wrap(routed)),
                     }
                 }
             }
@@ -485,10 +485,13 @@ impl XaSession {
                     .await?
                     .map(|()| resultset::ok(cx.state.status))
             }
-            Claimed::Commit => {
-                let (mut cx, slot) = self.cx(backend, state, shared);
-                branch::prepare(&mut cx, slot).await?.map(resultset::ok)
-            }
+            Claimed::Commit => match self.check_written(backend, state, shared, row_check::LEFT_OPEN).await? {
+                Some(e) => Err(e),
+                None => {
+                    let (mut cx, slot) = self.cx(backend, state, shared);
+                    branch::prepare(&mut cx, slot).await?.map(resultset::ok)
+                }
+            },
             Claimed::Rollback => {
                 let (mut cx, slot) = self.cx(backend, state, shared);
                 Ok(resultset::ok(
@@ -528,14 +531,89 @@ impl XaSession {
                 binding::decided(state, &xid, commit, &result);
                 result.map(|()| resultset::ok(state.status))
             }
-            Claimed::Wrap(tables) => return self.wrap(client, backend, state, shared, raw, &tables).await,
+            Claimed::Wrap(routed) => return self.wrap(client, backend, state, shared, raw, routed).await,
+            Claimed::Write(write) => {
+                let answer = self.run_checked(backend, state, shared, write, io.command, raw).await?;
+                return client
+                    .write_all(&answer.unwrap_or_else(|e| e))
+                    .await
+                    .map_err(|_| SessionError::ClientClosed);
+            }
         };
         let bytes = reply.unwrap_or_else(|e| e.to_packet(1));
         client.write_all(&bytes).await.map_err(|_| SessionError::ClientClosed)
     }
 
-    /// An autocommit write in a branch of its own: opened, the statement run, then prepared
-    /// (rolled back if it failed, committed in one phase if it changed no row); the client
+    /// Runs a write the proxy checks in the open branch, its rows kept with the branch.
+    async fn run_checked(
+        &mut self,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        shared: &Shared,
+        write: row_check::Write,
+        command: u8,
+        raw: &[u8],
+    ) -> Result<row_check::Answer, SessionError> {
+        let Some(Branch {
+            id,
+            phase: Phase::Active { checked, .. },
+            ..
+        }) = self.branch.as_mut()
+        else {
+            unreachable!("a checked write runs in an open branch");
+        };
+        let mut cx = row_check::Cx {
+            backend,
+            state,
+            written: checked,
+            shared,
+            global: &self.xa.global,
+            xid: &id.xid,
+        };
+        row_check::run(&mut cx, write, command, raw).await
+    }
+
+    /// Before the open branch prepares, the rows it wrote to guarded tables are checked
+    /// against other global transactions' locks. `Some(error)` when it may not prepare: a row
+    /// is still held (the branch stays open; `done` says what became of the statement), or
+    /// rows could not be named (the branch is rolled back).
+    async fn check_written(
+        &mut self,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        shared: &Shared,
+        done: &str,
+    ) -> Result<Option<ErrPacket>, SessionError> {
+        let Some(Branch {
+            id,
+            phase: Phase::Active { checked, .. },
+            ..
+        }) = self.branch.as_mut()
+        else {
+            return Ok(None);
+        };
+        let mut cx = row_check::Cx {
+            backend,
+            state,
+            written: checked,
+            shared,
+            global: &self.xa.global,
+            xid: &id.xid,
+        };
+        Ok(match cx.at_commit(done).await {
+            AtCommit::Free => None,
+            AtCommit::Held(e) => Some(e),
+            AtCommit::Unchecked(e) => {
+                let (mut cx, slot) = self.cx(backend, state, shared);
+                branch::rollback(&mut cx, slot, "rows it wrote could not be checked against global locks").await?;
+                Some(e)
+            }
+        })
+    }
+
+    /// An autocommit write in a branch of its own: opened, the statement run (by the proxy,
+    /// its rows checked, when it writes guarded tables), then prepared (rolled back if it
+    /// failed or its rows are held, committed in one phase if it changed no row); the client
     /// gets the statement's own response, with autocommit's status flags.
     async fn wrap(
         &mut self,
@@ -544,7 +622,7 @@ impl XaSession {
         state: &mut SessionState,
         shared: &Shared,
         raw: &[u8],
-        tables: &[unchecked::TableName],
+        routed: Routed,
     ) -> Result<(), SessionError> {
         let before = state.status;
         let xid = state.xid.clone().unwrap_or_default();
@@ -558,24 +636,47 @@ impl XaSession {
             return backend::refuse(client, e).await;
         }
         if let Some(b) = slot.as_ref() {
-            cx.xa.held.wrote(b.id.branch_id, tables);
+            cx.xa.held.wrote(b.id.branch_id, &routed.tables);
         }
-        let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
-        if let Some(w) = write {
-            w.finish();
-        }
-        let reply = match ran? {
-            Err(response) => {
+        // Ok((response, whether it changed rows, if known)).
+        let ran = match routed.check {
+            None => {
+                let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
+                if let Some(w) = write {
+                    w.finish();
+                }
+                ran?.map(|(response, summary)| (response, summary.map(|s| s.affected_rows > 0)))
+            }
+            // The session's row-change counters tell at the prepare.
+            Some(check) => self
+                .run_checked(backend, state, shared, check, raw[4], raw)
+                .await?
+                .map(|response| (response, None)),
+        };
+        let held = match &ran {
+            Ok(_) => {
+                self.check_written(backend, state, shared, "the statement was rolled back")
+                    .await?
+            }
+            Err(_) => None,
+        };
+        let (mut cx, slot) = self.cx(backend, state, shared);
+        let reply = match (ran, held) {
+            (Err(response), _) => {
                 branch::rollback(&mut cx, slot, "the statement failed").await?;
                 response
             }
-            Ok((mut response, summary)) => {
+            (Ok(_), Some(e)) => {
+                branch::rollback(&mut cx, slot, "a row it wrote is held by another global transaction").await?;
+                e.to_packet(1)
+            }
+            (Ok((mut response, changed)), None) => {
                 if let Some(Branch {
-                    phase: Phase::Active { wrote },
+                    phase: Phase::Active { wrote, .. },
                     ..
                 }) = slot
                 {
-                    *wrote = summary.is_none_or(|s| s.affected_rows > 0);
+                    *wrote = changed.unwrap_or(false);
                 }
                 match branch::prepare(&mut cx, slot).await? {
                     Ok(_) => {
