@@ -487,10 +487,15 @@ async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -
                 .collect()
         })
     });
+    let rm_id = format!("tc-bench-rm-{resource}");
+    let hello = ferrata_rpc::pb::Hello {
+        instance_id: rm_id.clone(),
+        rm_id,
+        resource_ids: vec![resource.to_owned()],
+    };
     attach(
         &mut client.rm,
-        &format!("tc-bench-rm-{resource}"),
-        &[resource.to_owned()],
+        hello,
         handler,
         std::sync::Arc::new(ferrata_rpc::client::IgnoreGuards),
     )

@@ -494,6 +494,58 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
 
 /// MariaDB keeps a prepared branch, row locks included, across its own crash: phase 2 after
 /// the restart commits it from a service connection (the preparing connection is gone).
+/// Phase 2 of a prepared branch goes to the proxy process whose session holds it, although a
+/// second proxy in front of the same server serves the database too and would end a holder
+/// idle for a second: the holding session keeps its connection. (The coordinator takes the
+/// proxies serving a resource in turn otherwise, so two rounds reach the second one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phase_2_goes_to_the_proxy_holding_the_branch() -> Result<()> {
+    let tc = Coordinator::start(TC)?;
+    let a = Side::start(&tc).await?;
+    let other = ProxyProcess::start_with(
+        PROXY,
+        a.db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 2000",
+        "xa_kill_idle_ms = 1000",
+    )?;
+    let mut app = other.conn().await?;
+    other.await_trust(&mut app).await?;
+    let mut direct = a.db.conn().await?;
+    for round in 1..=2 {
+        let mut holder = a.proxy.conn().await?;
+        let backend: Option<u64> = holder.query_first("SELECT CONNECTION_ID()").await?;
+        let xid = start_xa(&mut holder).await?;
+        add(&mut holder, 1, 1).await?;
+        ensure!(a.prepared().await?.len() == 1, "round {round}: prepared and held");
+        until(
+            "the holding connection to idle past the other proxy's limit",
+            async || {
+                let idle: Option<f64> = direct
+                    .exec_first(
+                        "SELECT TIME_MS FROM information_schema.PROCESSLIST WHERE ID = ? AND COMMAND = 'Sleep'",
+                        (backend,),
+                    )
+                    .await?;
+                Ok(idle.is_some_and(|ms| ms > 1500.0))
+            },
+        )
+        .await?;
+        app.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+        until("the branch to commit", async || {
+            Ok(a.value(1).await? == Some(10 + round))
+        })
+        .await?;
+        a.until_nothing_prepared().await?;
+        let still: Option<u64> = holder.query_first("SELECT CONNECTION_ID()").await?;
+        ensure!(
+            still == backend,
+            "round {round}: the holding session kept its connection"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_branch_survives_a_database_restart_and_commits_after_it() -> Result<()> {
     let tc = Coordinator::start_with(TC, "[phase2]\nretry_max_ms = 500\n")?;

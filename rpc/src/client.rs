@@ -144,22 +144,18 @@ impl Drop for Attachment {
     }
 }
 
-/// Opens the Attach stream announcing `resources`, waits for the coordinator's welcome, then
-/// serves commands (concurrently) with `handler`, hands guard updates and answered heartbeats
-/// to `guards`, and sends heartbeats, until the stream ends.
+/// Opens the Attach stream with `hello` (who this is, the resources it serves), waits for the
+/// coordinator's welcome, then serves commands (concurrently) with `handler`, hands guard
+/// updates and answered heartbeats to `guards`, and sends heartbeats, until the stream ends.
 pub async fn attach(
     rm: &mut RmClient,
-    rm_id: &str,
-    resources: &[String],
+    hello: pb::Hello,
     handler: CommandHandler,
     guards: Arc<dyn GuardSink>,
 ) -> anyhow::Result<Attachment> {
     let (tx, rx) = mpsc::channel::<pb::RmMessage>(1024);
     let hello = pb::RmMessage {
-        kind: Some(pb::rm_message::Kind::Hello(pb::Hello {
-            rm_id: rm_id.to_owned(),
-            resource_ids: resources.to_vec(),
-        })),
+        kind: Some(pb::rm_message::Kind::Hello(hello)),
     };
     tx.send(hello).await.expect("the receiver is alive");
     let mut inbound = rm

@@ -517,6 +517,7 @@ impl Coordinator {
             lock_wait_ms,
             branch_type,
             connection_id,
+            instance_id,
         } = request;
         let xid = xid.as_str();
         self.check_running()?;
@@ -580,6 +581,7 @@ impl Coordinator {
                 error: None,
                 mode,
                 connection_id,
+                instance_id,
             };
             if let Some(waited) = granted.waited {
                 state.record(EventKind::LockWaited {

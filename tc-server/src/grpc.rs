@@ -222,9 +222,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("the stream closed"))?;
-        let conn = coordinator
-            .rms
-            .attach(hello.rm_id.clone(), hello.resource_ids.clone(), tx.clone());
+        let conn = coordinator.rms.attach(&hello, tx.clone());
         coordinator
             .metrics
             .resource_managers

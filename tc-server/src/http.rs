@@ -366,6 +366,7 @@ fn view_json(v: &TxnView, with_branches: bool, caller: &Caller) -> Value {
                     "resource_id": b.resource_id,
                     "mode": b.mode.as_str(),
                     "connection_id": (b.mode == BranchMode::Xa).then_some(b.connection_id),
+                    "instance_id": (b.mode == BranchMode::Xa).then_some(&b.instance_id),
                     "status": b.status.as_str(),
                     "registered_ms": b.registered_ms,
                     "updated_ms": b.updated_ms,

@@ -346,6 +346,10 @@ pub struct BranchRecord {
     pub mode: BranchMode,
     /// XA: the database connection the branch runs on (0 for AT).
     pub connection_id: u64,
+    /// XA: the resource manager process that registered the branch and holds it on that
+    /// connection (its Hello's `instance_id`; empty for AT, and for branches stored before
+    /// format version 3): phase 2 goes to it while it is attached.
+    pub instance_id: String,
 }
 
 impl BranchRecord {
@@ -363,6 +367,7 @@ impl BranchRecord {
             application_data: self.application_data.clone(),
             branch_type: self.mode.to_pb() as i32,
             connection_id: self.connection_id,
+            instance_id: self.instance_id.clone(),
         }
     }
 }

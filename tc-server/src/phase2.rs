@@ -448,11 +448,14 @@ impl Coordinator {
                     (a, b) => a.or(b),
                 }
             };
-            let mut by_resource: HashMap<String, Vec<PendingCommit>> = HashMap::new();
+            // Batched per resource and holding process (XA branches go to the one that holds
+            // them, `rm.rs`).
+            let mut by_resource: HashMap<(String, String), Vec<PendingCommit>> = HashMap::new();
             for p in ready {
-                by_resource.entry(p.resource_id.clone()).or_default().push(p);
+                let key = (p.resource_id.clone(), p.reference.instance_id.clone());
+                by_resource.entry(key).or_default().push(p);
             }
-            for (resource, items) in by_resource {
+            for ((resource, _), items) in by_resource {
                 for chunk in items.chunks(self.config.phase2.commit_batch) {
                     self.tasks
                         .spawn(Arc::clone(&self).commit_batch(resource.clone(), chunk.to_vec()));

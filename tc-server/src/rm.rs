@@ -18,6 +18,8 @@ use tokio::time::Instant;
 pub struct RmConnection {
     pub id: u64,
     pub rm_id: String,
+    /// Unique to the resource manager's process (`pb::Hello::instance_id`).
+    pub instance_id: String,
     pub attached_at: Instant,
     /// Resources announced so far (Hello, then Announce messages).
     resources: Mutex<Vec<String>>,
@@ -115,14 +117,14 @@ pub struct RmRegistry {
 impl RmRegistry {
     pub fn attach(
         &self,
-        rm_id: String,
-        resources: Vec<String>,
+        hello: &pb::Hello,
         outbound: mpsc::Sender<Result<pb::TcMessage, tonic::Status>>,
     ) -> Arc<RmConnection> {
         let now = Instant::now();
         let conn = Arc::new(RmConnection {
             id: self.next_connection.fetch_add(1, Ordering::Relaxed),
-            rm_id,
+            rm_id: hello.rm_id.clone(),
+            instance_id: hello.instance_id.clone(),
             attached_at: now,
             resources: Mutex::new(Vec::new()),
             outbound,
@@ -133,7 +135,7 @@ impl RmRegistry {
             detached: AtomicBool::new(false),
         });
         self.all.lock().push(Arc::clone(&conn));
-        self.announce(&conn, resources);
+        self.announce(&conn, hello.resource_ids.clone());
         conn
     }
 
@@ -189,15 +191,23 @@ impl RmRegistry {
         self.by_resource.lock().contains_key(resource)
     }
 
-    fn pick(&self, resource: &str) -> Option<Arc<RmConnection>> {
+    /// A connection serving `resource`: the process `instance` (when named) while it is
+    /// attached and serves it, else one in turn.
+    fn pick(&self, resource: &str, instance: &str) -> Option<Arc<RmConnection>> {
         let map = self.by_resource.lock();
         let list = map.get(resource)?;
+        if let Some(own) = list.iter().find(|c| !instance.is_empty() && c.instance_id == instance) {
+            return Some(Arc::clone(own));
+        }
         let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len();
         Some(Arc::clone(&list[i]))
     }
 
     /// Sends a phase-2 command (or an operator's `repair` of one branch) for branches of one
-    /// resource to one resource manager serving it, and returns its answers.
+    /// resource to one resource manager serving it, and returns its answers. Branches that
+    /// name the process holding them (XA, `instance_id`) go to it while it is attached: it
+    /// finishes them on the connection that prepared them, which nobody else can while it
+    /// is open; the caller sends branches of one holder together.
     pub async fn call(
         &self,
         resource: &str,
@@ -206,8 +216,9 @@ impl RmRegistry {
         repair: Option<pb::Repair>,
         timeout: Duration,
     ) -> Result<Vec<pb::BranchOutcome>, CallError> {
+        let instance = branches.first().map_or("", |b| b.instance_id.as_str());
         let conn = self
-            .pick(resource)
+            .pick(resource, instance)
             .ok_or_else(|| CallError::NoResourceManager(resource.to_owned()))?;
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();

@@ -293,8 +293,7 @@ async fn dropping_an_attachment_with_a_command_in_flight_closes_the_stream() -> 
     });
     let attachment = attach(
         &mut c.rm.clone(),
-        "rm-stuck",
-        &["db1".to_owned()],
+        hello_of("rm-stuck", &["db1"]),
         handler,
         Arc::new(IgnoreGuards),
     )
@@ -421,7 +420,13 @@ async fn a_resource_announced_later_gets_its_phase_two() -> Result {
                 .collect()
         })
     });
-    let attachment = attach(&mut c.rm.clone(), "rm-later", &[], handler, Arc::new(IgnoreGuards)).await?;
+    let attachment = attach(
+        &mut c.rm.clone(),
+        hello_of("rm-later", &[]),
+        handler,
+        Arc::new(IgnoreGuards),
+    )
+    .await?;
     let o = rollback(&c, &xid).await?;
     assert_eq!(status_of(&o), G::RollbackRetrying, "nobody serves db1 yet: {o:?}");
 
@@ -487,8 +492,7 @@ async fn a_missing_answer_is_retried() -> Result {
     });
     let _attachment = attach(
         &mut c.rm.clone(),
-        "rm-forgetful",
-        &["db1".to_owned()],
+        hello_of("rm-forgetful", &["db1"]),
         handler,
         Arc::new(IgnoreGuards),
     )

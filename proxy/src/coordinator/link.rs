@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrata_rpc::client::{self, ClientConfig, CommandHandler, GuardSink, TcClient};
+use ferrata_rpc::pb;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,9 @@ pub struct Link {
     resources: Mutex<BTreeSet<String>>,
     announce: mpsc::UnboundedSender<String>,
     announced: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// This process on the coordinator (random at start): it names the XA branches it
+    /// registers, so that their phase 2 comes back here (`pb::Hello::instance_id`).
+    pub instance_id: String,
 }
 
 /// The coordinator cannot be reached at all.
@@ -54,6 +58,7 @@ impl Link {
             resources: Mutex::new(BTreeSet::new()),
             announce,
             announced: Mutex::new(Some(announced)),
+            instance_id: instance_id(),
         }
     }
 
@@ -120,8 +125,12 @@ impl Link {
         while !stop.is_cancelled() {
             let attached = match self.client().await {
                 Ok(mut c) => {
-                    let resources: Vec<String> = self.resources.lock().iter().cloned().collect();
-                    client::attach(&mut c.rm, &rm_id, &resources, Arc::clone(&handler), Arc::clone(&guards))
+                    let hello = pb::Hello {
+                        rm_id: rm_id.clone(),
+                        resource_ids: self.resources.lock().iter().cloned().collect(),
+                        instance_id: self.instance_id.clone(),
+                    };
+                    client::attach(&mut c.rm, hello, Arc::clone(&handler), Arc::clone(&guards))
                         .await
                         .map_err(|e| format!("{e:#}"))
                 }
@@ -160,4 +169,17 @@ impl Link {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// 128 random bits, hex: unique to this process among every proxy a coordinator meets.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 16];
+    // Without the OS's randomness the time and process id still tell processes apart.
+    if getrandom::fill(&mut bytes).is_err() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (now ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -276,6 +276,7 @@ impl Global {
             resource_id: resource.to_owned(),
             branch_type: ferrata_rpc::pb::BranchType::Xa as i32,
             connection_id: connection_id.into(),
+            instance_id: self.link.instance_id.clone(),
             ..Default::default()
         })
         .await

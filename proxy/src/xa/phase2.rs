@@ -4,8 +4,9 @@
 //!   connection that prepared it finish it while that connection is open.
 //! * Any other branch is finished from a service connection: `XA COMMIT` / `XA ROLLBACK`.
 //!   XAER_NOTA (1397) is never taken as done. `XA RECOVER` tells whether the branch is still
-//!   prepared: then some connection still holds it (a session of another proxy, or the
-//!   connection of a proxy that died while its host stays up), and once the connection
+//!   prepared: then some connection still holds it (the coordinator sends phase 2 to the
+//!   proxy that registered the branch while it is attached, so this is the connection of a
+//!   proxy that is gone, hung, or cut off from the coordinator), and once the connection
 //!   recorded with the branch has been idle for `[service] xa_kill_idle_ms` it is ended
 //!   (`KILL CONNECTION`), so that the retry finishes the branch instead of waiting out the
 //!   server's `wait_timeout`. A branch MariaDB no longer knows is
@@ -151,9 +152,11 @@ async fn end_holder(
             format!("the branch is prepared and still attached to backend connection {connection_id}"),
         ));
     }
-    // A live session of another proxy in front of the same server may hold it between its
-    // client's commands (phase 2 went to this proxy instead): only a connection idle for long
-    // is taken for a hung proxy's.
+    // The coordinator sends a branch's phase 2 to the proxy process that registered it while
+    // that process is attached, so this one gets it when that proxy is dead, hung (silent for
+    // three heartbeats) or cut off from the coordinator, or for a branch stored without its
+    // process (before store format 3). A proxy cut off only briefly still serves its sessions:
+    // only a connection idle for long is taken for a hung proxy's.
     let seen: Option<(String, f64)> = conn
         .exec_first(
             "SELECT COMMAND, TIME_MS FROM information_schema.PROCESSLIST WHERE ID = ?",

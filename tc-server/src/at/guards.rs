@@ -506,7 +506,11 @@ mod tests {
     /// Attaches a stream and sends it the complete set, as `grpc.rs` does.
     async fn attach(rms: &RmRegistry, guards: &TableGuards, rm_id: &str) -> (Arc<RmConnection>, Rx) {
         let (tx, mut rx) = mpsc::channel(64);
-        let conn = rms.attach(rm_id.into(), vec![], tx);
+        let hello = pb::Hello {
+            rm_id: rm_id.into(),
+            ..Default::default()
+        };
+        let conn = rms.attach(&hello, tx);
         assert!(guards.attach(&conn).await);
         let full = next_update(&mut rx).await;
         assert!(full.full);
@@ -638,7 +642,11 @@ mod tests {
         // The later stream gets the table in its complete set and never acknowledges.
         let (_b, mut rx_b) = {
             let (tx, rx) = mpsc::channel(64);
-            let b = rms.attach("rm-b".into(), vec![], tx);
+            let hello = pb::Hello {
+                rm_id: "rm-b".into(),
+                ..Default::default()
+            };
+            let b = rms.attach(&hello, tx);
             assert!(g.attach(&b).await);
             (b, rx)
         };

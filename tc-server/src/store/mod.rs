@@ -115,6 +115,7 @@ pub(crate) mod fixtures {
             error: None,
             mode: crate::model::BranchMode::At,
             connection_id: 0,
+            instance_id: String::new(),
         }
     }
 }

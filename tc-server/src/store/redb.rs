@@ -18,7 +18,8 @@
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
 //! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a
 //! record bumps the byte; this one refuses a record with a byte it does not know instead of
-//! misreading it, and reads the older versions it knows (a version-1 branch is an AT branch).
+//! misreading it, and reads the older versions it knows (a version-1 branch is an AT branch; a
+//! branch before version 3 names no instance that holds it).
 //!
 //! ## Settings
 //!
@@ -58,8 +59,8 @@ use crate::timeline::Event;
 pub const FILE_NAME: &str = "ferrata-tc.redb";
 
 /// Version byte in front of every stored record. Version 2 added a branch's mode and
-/// connection id; every other record reads the same in both.
-pub const FORMAT_VERSION: u8 = 2;
+/// connection id, version 3 its instance id; every other record reads the same in all.
+pub const FORMAT_VERSION: u8 = 3;
 
 /// See module docs; redb's default is 1 GiB.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -220,8 +221,9 @@ fn decode<T: DeserializeOwned>(path: &Path, what: impl Fn() -> String, bytes: &[
     }
 }
 
-/// A branch as version 1 stored it (always AT); other records read the same in every
-/// version.
+/// A branch as version 1 stored it (always AT): the fields every version starts with, in
+/// order. Version 2 appended the mode and the connection id, version 3 the instance id; as
+/// postcard writes a struct as its fields in order, a tuple of these parts reads them.
 #[derive(Deserialize)]
 struct BranchRecordV1 {
     txn_id: u64,
@@ -236,23 +238,25 @@ struct BranchRecordV1 {
 }
 
 fn decode_branch(path: &Path, what: impl Fn() -> String, bytes: &[u8]) -> Result<BranchRecord, StoreError> {
-    if bytes.first() == Some(&1) {
-        let v1: BranchRecordV1 = decode(path, what, bytes)?;
-        return Ok(BranchRecord {
-            txn_id: v1.txn_id,
-            branch_id: v1.branch_id,
-            resource_id: v1.resource_id,
-            lock_keys: v1.lock_keys,
-            application_data: v1.application_data,
-            status: v1.status,
-            registered_ms: v1.registered_ms,
-            updated_ms: v1.updated_ms,
-            error: v1.error,
-            mode: BranchMode::At,
-            connection_id: 0,
-        });
-    }
-    decode(path, what, bytes)
+    let (v1, mode, connection_id) = match bytes.first() {
+        Some(1) => (decode::<BranchRecordV1>(path, what, bytes)?, BranchMode::At, 0),
+        Some(2) => decode::<(BranchRecordV1, BranchMode, u64)>(path, what, bytes)?,
+        _ => return decode(path, what, bytes),
+    };
+    Ok(BranchRecord {
+        txn_id: v1.txn_id,
+        branch_id: v1.branch_id,
+        resource_id: v1.resource_id,
+        lock_keys: v1.lock_keys,
+        application_data: v1.application_data,
+        status: v1.status,
+        registered_ms: v1.registered_ms,
+        updated_ms: v1.updated_ms,
+        error: v1.error,
+        mode,
+        connection_id,
+        instance_id: String::new(),
+    })
 }
 
 impl Store for RedbStore {
@@ -702,9 +706,10 @@ mod tests {
         assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
-    /// A store written before branches had a mode: its branches load as AT branches.
+    /// Stores written by earlier versions: version-1 branches load as AT branches, version-2
+    /// branches with their mode and connection, and neither names a holding instance.
     #[test]
-    fn version_one_branches_load_as_at_branches() {
+    fn older_branch_versions_load() {
         #[derive(Serialize)]
         struct V1<'a> {
             txn_id: u64,
@@ -717,38 +722,45 @@ mod tests {
             updated_ms: u64,
             error: Option<BranchError>,
         }
-        let dir = tempfile::tempdir().unwrap();
-        let path = {
-            let store = RedbStore::open(dir.path()).unwrap();
-            commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
-            store.path().to_owned()
-        };
         let expected = branch(1, 4);
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
+        let v1 = V1 {
+            txn_id: 1,
+            branch_id: 4,
+            resource_id: &expected.resource_id,
+            lock_keys: &expected.lock_keys,
+            application_data: &expected.application_data,
+            status: expected.status,
+            registered_ms: expected.registered_ms,
+            updated_ms: expected.updated_ms,
+            error: None,
+        };
+        let xa = BranchRecord {
+            mode: BranchMode::Xa,
+            connection_id: 77,
+            ..expected.clone()
+        };
+        for (bytes, want) in [
+            (postcard::to_extend(&v1, vec![1]).unwrap(), expected.clone()),
+            (postcard::to_extend(&(&v1, BranchMode::Xa, 77u64), vec![2]).unwrap(), xa),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = {
+                let store = RedbStore::open(dir.path()).unwrap();
+                commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+                store.path().to_owned()
+            };
             {
-                let v1 = V1 {
-                    txn_id: 1,
-                    branch_id: 4,
-                    resource_id: &expected.resource_id,
-                    lock_keys: &expected.lock_keys,
-                    application_data: &expected.application_data,
-                    status: expected.status,
-                    registered_ms: expected.registered_ms,
-                    updated_ms: expected.updated_ms,
-                    error: None,
-                };
-                let bytes = postcard::to_extend(&v1, vec![1]).unwrap();
+                let db = Database::create(&path).unwrap();
+                let txn = db.begin_write().unwrap();
                 txn.open_table(BRANCHES)
                     .unwrap()
                     .insert((1, 4), bytes.as_slice())
                     .unwrap();
+                txn.commit().unwrap();
             }
-            txn.commit().unwrap();
+            let snapshot = RedbStore::open(dir.path()).unwrap().load().unwrap();
+            assert_eq!(snapshot.branches, vec![want]);
         }
-        let snapshot = RedbStore::open(dir.path()).unwrap().load().unwrap();
-        assert_eq!(snapshot.branches, vec![expected]);
     }
 
     #[test]

@@ -782,7 +782,12 @@ impl TestRm {
             })
         };
         let resources: Vec<String> = resources.iter().map(|r| r.to_string()).collect();
-        let attachment = attach(&mut c.rm.clone(), id, &resources, handler, guards).await?;
+        let hello = pb::Hello {
+            rm_id: id.into(),
+            resource_ids: resources,
+            instance_id: id.into(),
+        };
+        let attachment = attach(&mut c.rm.clone(), hello, handler, guards).await?;
         Ok(TestRm {
             id: id.to_owned(),
             attachment: Some(attachment),
@@ -932,12 +937,18 @@ pub struct RawStream {
     pub inbound: tonic::Streaming<pb::TcMessage>,
 }
 
+/// A resource manager's Hello (its instance named like it).
+pub fn hello_of(rm_id: &str, resources: &[&str]) -> pb::Hello {
+    pb::Hello {
+        rm_id: rm_id.into(),
+        resource_ids: resources.iter().map(|r| r.to_string()).collect(),
+        instance_id: rm_id.into(),
+    }
+}
+
 pub fn hello(rm_id: &str, resources: &[&str]) -> pb::RmMessage {
     pb::RmMessage {
-        kind: Some(pb::rm_message::Kind::Hello(pb::Hello {
-            rm_id: rm_id.into(),
-            resource_ids: resources.iter().map(|r| r.to_string()).collect(),
-        })),
+        kind: Some(pb::rm_message::Kind::Hello(hello_of(rm_id, resources))),
     }
 }
 
