@@ -171,6 +171,11 @@ async fn a_wrapped_autocommit_statement_reports_what_the_server_would() -> Resul
         got, expected,
         "the same OK packet: one row affected, autocommit, no transaction open"
     );
+    // An error of the proxy's own image read is the server's, SQLSTATE included.
+    let failing = "UPDATE t SET v = 0 WHERE id = (SELECT 1 UNION SELECT 2)";
+    let expected = ok(raw_direct.query(failing).await?);
+    assert_eq!(&expected[..9], b"\xff\xda\x04#21000", "ER_SUBQUERY_NO_1_ROW");
+    assert_eq!(ok(raw_proxied.query(failing).await?), expected);
     raw_proxied.query("ROLLBACK GLOBAL").await?;
     let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 2").await?;
     assert_eq!(v, Some(2));

@@ -28,7 +28,7 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
     let global = &*at.global;
     let Some(pending) = branch.take() else {
         let done = backend::query(backend, state, commit_sql, limit).await?;
-        return Ok(done.error.map_or(Ok(()), |e| Err(backend::server_error(e))));
+        return Ok(done.error.map_or(Ok(()), Err));
     };
     let resource = global.resource(&pending.schema);
     global.link.serve(&resource);
@@ -67,15 +67,15 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
             break;
         }
     }
-    if let Some((code, message)) = written.error {
+    if let Some(e) = written.error {
         backend::local_rollback(backend, state, limit).await?;
-        let why = if code == 1062 {
+        let why = if e.code == 1062 {
             format!(
                 "global transaction {} already rolled this branch back (it was too slow to commit)",
                 pending.xid
             )
         } else {
-            format!("writing the undo record failed: {message}")
+            format!("writing the undo record failed: {}", e.message)
         };
         global.report_failed(&pending.xid, branch_id, &why).await;
         return Ok(Err(ErrPacket::new(
@@ -85,9 +85,9 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
         )));
     }
     let committed = backend::query(backend, state, commit_sql, limit).await?;
-    if let Some((code, message)) = committed.error {
-        global.report_failed(&pending.xid, branch_id, &message).await;
-        return Ok(Err(ErrPacket::new(code, "HY000", message)));
+    if let Some(e) = committed.error {
+        global.report_failed(&pending.xid, branch_id, &e.message).await;
+        return Ok(Err(e));
     }
     tracing::info!(xid = pending.xid, branch_id, resource, "branch committed");
     Ok(Ok(()))

@@ -86,8 +86,8 @@ pub(super) async fn run(
         let list = qualified_select_list(&t.qualifier, &t.specs);
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
         let read = crate::sql::execute(cx.backend, cx.state, &sql, &bound, cx.limit).await?;
-        if let Some((code, message)) = read.error {
-            return abort(cx, autocommit, ErrPacket::new(code, "HY000", message)).await;
+        if let Some(e) = read.error {
+            return abort(cx, autocommit, e).await;
         }
         // A join repeats a row once per match.
         let mut seen = HashSet::new();

@@ -304,10 +304,7 @@ pub(super) async fn after_image(
     )
     .await?;
     Ok(match read.error {
-        Some((code, message)) => {
-            let e = ErrPacket::new(code, "HY000", format!("reading the after image failed: {message}"));
-            Err(abort(cx, true, e).await?)
-        }
+        Some(e) => Err(abort(cx, true, e.prefixed("reading the after image failed: ")).await?),
         None => Ok(read.rows.iter().map(text::text).collect()),
     })
 }

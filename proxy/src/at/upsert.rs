@@ -26,7 +26,6 @@ use super::phase1::{self, Plan, abort, miscounted};
 use super::undo::{self};
 use crate::coordinator::refusal::not_protected as refuse;
 use crate::protocol::Capabilities;
-use crate::protocol::err::ErrPacket;
 use crate::protocol::execute::Param;
 use crate::session::SessionError;
 use crate::session::backend;
@@ -78,8 +77,8 @@ pub(super) async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8
         cx.limit,
     )
     .await?;
-    if let Some((code, message)) = found.error {
-        return abort(cx, autocommit, ErrPacket::new(code, "HY000", message)).await;
+    if let Some(e) = found.error {
+        return abort(cx, autocommit, e).await;
     }
     let before: Vec<ImageRow> = found.rows.iter().map(text).collect();
 

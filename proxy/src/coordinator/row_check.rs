@@ -334,11 +334,10 @@ async fn checked_multi(
         let list = qualified_select_list(&w.qualifier, &w.meta.key_specs());
         let sql = format!("SELECT {list}{} FOR UPDATE", plan.select_tail);
         let read = crate::sql::execute(cx.backend, cx.state, &sql, &bound, limit).await?;
-        if let Some((code, message)) = read.error {
-            if autocommit {
-                local_rollback(cx.backend, cx.state, limit).await?;
-            }
-            return Ok(Err(ErrPacket::new(code, "HY000", message).to_packet(1)));
+        if let Some(e) = read.error {
+            return backend::abort(cx.backend, cx.state, limit, autocommit, e)
+                .await
+                .map(Err);
         }
         let keys = rows.entry((w.schema.clone(), w.meta.name.clone())).or_default();
         for row in read.rows {
@@ -426,8 +425,8 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
     let keyed = key_condition.map(|c| select_locked(&list, &qualified, &c));
     if let Some(keyed) = &keyed {
         let read = backend::query(cx.backend, cx.state, keyed, limit).await?;
-        if let Some((code, message)) = read.error {
-            return abort(cx.backend, cx.state, ErrPacket::new(code, "HY000", message)).await;
+        if let Some(e) = read.error {
+            return abort(cx.backend, cx.state, e).await;
         }
         rows = read.rows;
     }
@@ -437,16 +436,16 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
     };
     if let Some(keyed) = &keyed {
         let read = backend::query(cx.backend, cx.state, keyed, limit).await?;
-        if let Some((code, message)) = read.error {
+        if let Some(e) = read.error {
             if !autocommit {
                 cx.written.poisoned = Some(format!("{database}.{}", meta.name));
             }
-            let e = ErrPacket::new(
-                code,
-                "HY000",
-                format!("reading the written rows' keys failed: {message}"),
-            );
-            return abort(cx.backend, cx.state, e).await;
+            return abort(
+                cx.backend,
+                cx.state,
+                e.prefixed("reading the written rows' keys failed: "),
+            )
+            .await;
         }
         for row in read.rows {
             if !rows.contains(&row) {
@@ -463,12 +462,8 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
             limit,
         )
         .await?;
-        if let Some((code, message)) = read.error {
-            let e = ErrPacket::new(
-                code,
-                "HY000",
-                format!("reading the inserted rows' keys failed: {message}"),
-            );
+        if let Some(e) = read.error {
+            let e = e.prefixed("reading the inserted rows' keys failed: ");
             if !autocommit {
                 // The rows are in the transaction but cannot be named: it must not commit.
                 cx.written.poisoned = Some(format!("{database}.{}", meta.name));

@@ -165,8 +165,8 @@ pub async fn run(
         };
         let select = format!("SELECT {} {tail}", list.join(", "));
         let read = crate::sql::execute(backend, state, &select, tail_params, limit).await?;
-        if let Some((code, message)) = read.error {
-            return abort(client, backend, state, ErrPacket::new(code, "HY000", message)).await;
+        if let Some(e) = read.error {
+            return abort(client, backend, state, e).await;
         }
         let mut rows = TableRows::new();
         for row in &read.rows {

@@ -101,6 +101,29 @@ impl ErrPacket {
         )
     }
 
+    /// The server's ERR `payload` with error `code`, as the proxy passes it on: its SQLSTATE
+    /// (the 4.1 layout's `#` and five characters; HY000 without them) and message.
+    pub fn from_payload(code: u16, payload: &[u8]) -> Self {
+        let (sql_state, message) = match payload.get(3..) {
+            Some([b'#', state @ ..]) if state.len() >= 5 => (&state[..5], &state[5..]),
+            Some(rest) => (b"HY000".as_slice(), rest),
+            None => (b"HY000".as_slice(), [].as_slice()),
+        };
+        let mut state = [0u8; 5];
+        state.copy_from_slice(sql_state);
+        ErrPacket {
+            code,
+            sql_state: state,
+            message: String::from_utf8_lossy(message).into_owned(),
+        }
+    }
+
+    /// The same error (code, SQLSTATE) told with `prefix` before its message.
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        self.message.insert_str(0, prefix);
+        self
+    }
+
     /// The payload, without the packet header, in the 4.1 layout with an SQLSTATE: every
     /// client the proxy talks to negotiated CLIENT_PROTOCOL_41. Before that negotiation, see
     /// [`ErrPacket::to_greeting_packet`].
@@ -173,5 +196,14 @@ mod tests {
         assert_eq!(code(&packet[4..]), Some(1040));
         let greeting = ErrPacket::new(1040, "08004", "busy").to_greeting_packet();
         assert_eq!(greeting, b"\x07\x00\x00\x00\xff\x10\x04busy");
+    }
+
+    #[test]
+    fn a_server_error_keeps_its_sqlstate() {
+        let deadlock = ErrPacket::new(1213, "40001", "Deadlock found");
+        assert_eq!(ErrPacket::from_payload(1213, &deadlock.payload()), deadlock);
+        let old = ErrPacket::from_payload(1105, b"\xff\x51\x04no state");
+        assert_eq!(old, ErrPacket::new(1105, "HY000", "no state"));
+        assert_eq!(ErrPacket::from_payload(1105, b"\xff\x51\x04").message, "");
     }
 }

@@ -19,8 +19,8 @@ pub type Row = Vec<Option<Vec<u8>>>;
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub rows: Vec<Row>,
-    /// The server's error, if the statement failed: code and message.
-    pub error: Option<(u16, String)>,
+    /// The server's error, if the statement failed, as the client would get it.
+    pub error: Option<ErrPacket>,
 }
 
 fn parse_row(payload: &[u8]) -> Option<Row> {
@@ -127,12 +127,8 @@ async fn read(
                 None => return Err(SessionError::backend_protocol("a malformed row", span.last_seq)),
             }
         }
-        if tracker.error_code().is_some() && outcome.error.is_none() {
-            let message = payload
-                .get(9..)
-                .map(|m| String::from_utf8_lossy(m).into_owned())
-                .unwrap_or_default();
-            outcome.error = tracker.error_code().map(|c| (c, message));
+        if let (Some(code), None) = (tracker.error_code(), &outcome.error) {
+            outcome.error = Some(ErrPacket::from_payload(code, &payload));
         }
         drop(payload);
         backend.consume(span.raw_len);
@@ -158,11 +154,6 @@ pub async fn refuse(client: &mut Peer, e: ErrPacket) -> Result<(), SessionError>
     reply(client, e).await
 }
 
-/// A server error, as the proxy passes it on.
-pub fn server_error((code, message): (u16, String)) -> ErrPacket {
-    ErrPacket::new(code, "HY000", message)
-}
-
 /// Opens the proxy's own local transaction around an autocommit statement; the server's
 /// refusal is the client's answer.
 pub async fn begin_own(
@@ -171,7 +162,7 @@ pub async fn begin_own(
     limit: usize,
 ) -> Result<Result<(), ErrPacket>, SessionError> {
     let begun = query(backend, state, "START TRANSACTION", limit).await?;
-    Ok(begun.error.map_or(Ok(()), |e| Err(server_error(e))))
+    Ok(begun.error.map_or(Ok(()), Err))
 }
 
 /// Sends the client's statement as it is and reads its whole response, held back. A
@@ -222,7 +213,7 @@ pub async fn commit_own(
 ) -> Result<Vec<u8>, SessionError> {
     let committed = query(backend, state, "COMMIT", limit).await?;
     if let Some(e) = committed.error {
-        return Ok(server_error(e).to_packet(1));
+        return Ok(e.to_packet(1));
     }
     as_autocommit(&mut response, state, before);
     Ok(response)
@@ -246,8 +237,8 @@ pub async fn abort(
 /// had sent ROLLBACK, without telling the client.
 pub async fn local_rollback(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
     let outcome = query(backend, state, "ROLLBACK", limit).await?;
-    if let Some((code, message)) = outcome.error {
-        tracing::warn!(code, message, "the local ROLLBACK failed");
+    if let Some(e) = outcome.error {
+        tracing::warn!(error = %e, "the local ROLLBACK failed");
     }
     Ok(())
 }

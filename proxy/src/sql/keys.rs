@@ -218,7 +218,7 @@ pub async fn select_filtered(
     };
     let read = super::execute(backend, state, &sql, bound, limit).await?;
     Ok(match read.error {
-        Some(e) => Err(backend::server_error(e)),
+        Some(e) => Err(e),
         None => Ok(read.rows),
     })
 }

@@ -77,7 +77,7 @@ impl Cx<'_> {
         backend::query(self.backend, self.state, sql, self.limit).await
     }
 
-    async fn xa(&mut self, verb: &str, id: &XaId, tail: &str) -> Result<Option<(u16, String)>, SessionError> {
+    async fn xa(&mut self, verb: &str, id: &XaId, tail: &str) -> Result<Option<ErrPacket>, SessionError> {
         Ok(self.run(&format!("XA {verb} {}{tail}", id.sql())).await?.error)
     }
 
@@ -123,8 +123,8 @@ pub async fn open(
     if let Some(e) = cx.xa("START", &id, "").await? {
         // A failed XA START leaves the session in autocommit: nothing may run as if it were
         // part of the branch.
-        global.report_failed(xid, branch_id, &e.1).await;
-        return Ok(Err(backend::server_error(e)));
+        global.report_failed(xid, branch_id, &e.message).await;
+        return Ok(Err(e));
     }
     tracing::debug!(xid, branch_id, "XA branch started");
     let changes_at_start = row_changes(cx).await?;
@@ -169,8 +169,8 @@ pub async fn prepare(
         let resource = b.resource.clone();
         finish(cx, branch);
         if let Some(e) = failed {
-            global.report_failed(&id.xid, id.branch_id, &e.1).await;
-            return Ok(Err(backend::server_error(e)));
+            global.report_failed(&id.xid, id.branch_id, &e.message).await;
+            return Ok(Err(e));
         }
         if let Err(ReportFailure::Refused(e) | ReportFailure::Unanswered(e)) = global
             .report(
@@ -213,8 +213,8 @@ pub async fn prepare(
         failed = cx.xa("PREPARE", &id, "").await?;
     }
     if let Some(e) = failed {
-        rollback(cx, branch, &e.1).await?;
-        return Ok(Err(backend::server_error(e)));
+        rollback(cx, branch, &e.message).await?;
+        return Ok(Err(e));
     }
     b.phase = Phase::Prepared;
     match global
@@ -232,7 +232,7 @@ pub async fn prepare(
                 tracing::warn!(
                     xid = id.xid,
                     branch_id = id.branch_id,
-                    error = e.1,
+                    error = e.message,
                     "rolling back a late branch failed; phase 2 finishes it"
                 );
             } else {
@@ -344,25 +344,25 @@ pub async fn rollback(
         // After a deadlock or lock wait timeout the branch is already rolled back inside;
         // XA END says so, and XA ROLLBACK ends it.
         if let Some(e) = cx.xa("END", &id, "").await?
-            && !ROLLED_BACK.contains(&e.0)
+            && !ROLLED_BACK.contains(&e.code)
         {
-            tracing::debug!(xid = id.xid, error = e.1, "XA END before the rollback failed");
+            tracing::debug!(xid = id.xid, error = e.message, "XA END before the rollback failed");
         }
     }
     match cx.xa("ROLLBACK", &id, "").await? {
         // On its own connection, an unknown XID is one the server already ended (a failed XA
         // PREPARE deletes it).
-        Some(e) if !ROLLED_BACK.contains(&e.0) && e.0 != XAER_NOTA => {
+        Some(e) if !ROLLED_BACK.contains(&e.code) && e.code != XAER_NOTA => {
             // Not confirmed ended: nothing more may run as if it were part of it; phase 2 (or
             // the server, when this connection closes) ends it.
             tracing::warn!(
                 xid = id.xid,
                 branch_id = id.branch_id,
-                error = e.1,
+                error = e.message,
                 "XA ROLLBACK failed"
             );
             if let Some(b) = branch.as_mut() {
-                b.phase = Phase::Doomed(format!("its rollback failed ({})", e.1));
+                b.phase = Phase::Doomed(format!("its rollback failed ({})", e.message));
             }
         }
         _ => finish(cx, branch),
@@ -389,7 +389,10 @@ pub async fn phase2(
             if let Some(e) = cx.xa(verb, &id, "").await? {
                 return Ok(outcome(
                     pb::BranchStatus::Unknown,
-                    format!("XA {verb} on the connection that prepared the branch failed: {}", e.1),
+                    format!(
+                        "XA {verb} on the connection that prepared the branch failed: {}",
+                        e.message
+                    ),
                 ));
             }
             finish(cx, branch);
@@ -405,11 +408,11 @@ pub async fn phase2(
             // (XA END fails on a branch a deadlock already rolled back; XA ROLLBACK ends it.)
             let _ = cx.xa("END", &id, "").await?;
             if let Some(e) = cx.xa("ROLLBACK", &id, "").await?
-                && !ROLLED_BACK.contains(&e.0)
+                && !ROLLED_BACK.contains(&e.code)
             {
                 return Ok(outcome(
                     pb::BranchStatus::RollbackFailedRetryable,
-                    format!("XA ROLLBACK failed: {}", e.1),
+                    format!("XA ROLLBACK failed: {}", e.message),
                 ));
             }
             cx.xa.held.release(id.branch_id);
