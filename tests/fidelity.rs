@@ -644,12 +644,27 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     let mut other = bulk_conn(proxy.addr, DEFAULT).await?;
     let refused = bulk_execute(&mut other, "INSERT INTO d VALUES (?, ?)", &[(41, "1")]).await?;
     assert_eq!(error_code(&refused), Some(1235));
+    // In XA mode: an autocommit bulk execute would be one branch around many rows' answers,
+    // and inside a branch its rows on the guarded table could not be checked.
+    let mut xa = bulk_conn(proxy.addr, DEFAULT).await?;
+    xa.query("START GLOBAL TRANSACTION MODE XA").await?;
+    let refused = bulk_execute(&mut xa, "INSERT INTO d VALUES (?, ?)", &[(42, "1")]).await?;
+    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
+    assert_eq!(error_code(&refused), Some(1235), "{text}");
+    assert!(text.contains("bulk execute"), "{text}");
+    xa.query("BEGIN").await?;
+    let refused = bulk_execute(&mut xa, "INSERT INTO d VALUES (?, ?)", &[(43, "1")]).await?;
+    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
+    assert_eq!(error_code(&refused), Some(1235), "{text}");
+    assert!(text.contains("bulk execute"), "{text}");
+    xa.query("ROLLBACK").await?;
+    xa.query("ROLLBACK GLOBAL").await?;
     proxied.query("ROLLBACK GLOBAL").await?;
     let n: Option<i64> = db
         .conn()
         .await?
-        .query_first("SELECT COUNT(*) FROM d WHERE id IN (40, 41)")
+        .query_first("SELECT COUNT(*) FROM d WHERE id IN (40, 41, 42, 43)")
         .await?;
-    assert_eq!(n, Some(0), "neither bulk write ran");
+    assert_eq!(n, Some(0), "no bulk write ran");
     Ok(())
 }

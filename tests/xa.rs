@@ -398,6 +398,8 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
         ("BEGIN", 1399),
         ("SAVEPOINT s", 1235),
         ("LEAVE GLOBAL TRANSACTION", 1399),
+        ("COMMIT AND CHAIN", 1235),
+        ("ROLLBACK WORK RELEASE", 1235),
     ] {
         ensure!(refused(&mut conn, sql).await? == want, "{sql}");
     }
@@ -414,7 +416,7 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
     // ROLLBACK GLOBAL of another transaction leaves this one's branch alone.
     ensure!(refused(&mut conn, "ROLLBACK GLOBAL '1-999999'").await? == 1397);
     // The branch is intact.
-    conn.query_drop("COMMIT").await?;
+    conn.query_drop("COMMIT /* the default */ AND NO CHAIN").await?;
     ensure!(a.prepared().await?.len() == 1, "the branch prepared at its COMMIT");
     conn.query_drop("ROLLBACK GLOBAL").await?;
     ensure!(a.value(1).await? == Some(10));

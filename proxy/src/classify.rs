@@ -142,6 +142,21 @@ fn unquoted(quoted: &[u8]) -> Option<String> {
     }
 }
 
+/// The statement's words, uppercased, comments skipped, up to its end; `None` if anything
+/// else (a quoted name, a symbol) comes first.
+pub fn keywords(sql: &[u8]) -> Option<Vec<String>> {
+    let mut lexer = Lexer::new(sql, false);
+    let mut words = Vec::new();
+    while let Some(token) = lexer.next_token() {
+        match token {
+            Token::Word(w) => words.push(String::from_utf8_lossy(&sql[w]).to_ascii_uppercase()),
+            Token::Semicolon => break,
+            _ => return None,
+        }
+    }
+    Some(words)
+}
+
 /// The savepoint a SAVEPOINT, ROLLBACK TO [SAVEPOINT] or RELEASE SAVEPOINT statement names
 /// (its last word), unquoted and lowercased: savepoint names are case-insensitive.
 pub fn savepoint_name(sql: &[u8]) -> Option<String> {
@@ -609,6 +624,11 @@ mod tests {
             Some("my`point")
         );
         assert_eq!(savepoint_name(b"RELEASE SAVEPOINT S1 /* c */").as_deref(), Some("s1"));
+        assert_eq!(
+            keywords(b"commit /* x */ work\nAND -- y\n no chain;").as_deref(),
+            Some(["COMMIT", "WORK", "AND", "NO", "CHAIN"].map(String::from).as_slice())
+        );
+        assert_eq!(keywords(b"BEGIN `x`"), None);
         assert_eq!(savepoint_name(b"ROLLBACK TO x").as_deref(), Some("x"));
     }
 

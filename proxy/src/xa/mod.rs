@@ -185,15 +185,26 @@ fn named_xid(sql: &[u8]) -> Option<String> {
 /// BEGIN, BEGIN WORK or START TRANSACTION, without characteristics (READ ONLY, WITH
 /// CONSISTENT SNAPSHOT, ...), which an XA branch cannot take.
 fn plain_begin(sql: &[u8]) -> bool {
-    let words: Vec<String> = String::from_utf8_lossy(sql)
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(str::to_ascii_uppercase)
-        .collect();
+    let words = crate::classify::keywords(sql).unwrap_or_default();
     matches!(
         words.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
         ["BEGIN"] | ["BEGIN", "WORK"] | ["START", "TRANSACTION"]
+    )
+}
+
+/// COMMIT or ROLLBACK [WORK] without AND CHAIN or RELEASE (whose NO forms are the default):
+/// a branch ends in XA END and XA PREPARE or ROLLBACK, after which the connection can chain
+/// no transaction (a prepared branch holds it) and must stay open for phase 2.
+fn plain_end(sql: &[u8]) -> bool {
+    let words = crate::classify::keywords(sql).unwrap_or_default();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let rest = match words.as_slice() {
+        ["COMMIT" | "ROLLBACK", "WORK", rest @ ..] | ["COMMIT" | "ROLLBACK", rest @ ..] => rest,
+        _ => return false,
+    };
+    matches!(
+        rest,
+        [] | ["AND", "NO", "CHAIN"] | ["NO", "RELEASE"] | ["AND", "NO", "CHAIN", "NO", "RELEASE"]
     )
 }
 
@@ -293,6 +304,13 @@ impl XaSession {
                     take(Claimed::EndDoomed { commit: false })
                 }
                 (Phase::Doomed(why), _) => take(Claimed::Refuse(doomed(why))),
+                (
+                    Phase::Active { .. },
+                    StatementClass::TransactionControl(TxControl::Commit | TxControl::Rollback),
+                ) if !class.multi_statement && !plain_end(sql) => take(Claimed::Refuse(refused(
+                    "COMMIT or ROLLBACK with AND CHAIN or RELEASE",
+                    "end the local transaction with plain COMMIT or ROLLBACK, then BEGIN the next one (or disconnect)",
+                ))),
                 (Phase::Active { .. }, StatementClass::TransactionControl(TxControl::Commit))
                     if !class.multi_statement =>
                 {
