@@ -172,8 +172,11 @@ async fn autocommit_writes_are_wrapped_and_read_only_branches_end_in_phase_one()
     ensure!(v == Some(10));
     reader.query_drop("COMMIT").await?;
     ensure!(a.prepared().await?.is_empty(), "a read-only branch is not held");
-    // An autocommit write that changes no row: the same.
-    reader.query_drop("UPDATE t SET v = 0 WHERE id = 99").await?;
+    // Plain reads: the same (the session's row-change counters did not move).
+    reader.query_drop("BEGIN").await?;
+    let v: Option<i64> = reader.query_first("SELECT v FROM t WHERE id = 2").await?;
+    ensure!(v == Some(20));
+    reader.query_drop("COMMIT").await?;
     ensure!(a.prepared().await?.is_empty());
     // A read that writes through a stored function is no read-only branch: the server's count
     // of changed rows says so.
@@ -216,6 +219,24 @@ async fn autocommit_writes_are_wrapped_and_read_only_branches_end_in_phase_one()
         .map(|es| es.iter().filter(|e| e["type"] == "branch_read_only").count())
         .unwrap_or(0);
     ensure!(read_only == 2, "{view}");
+
+    // An autocommit write that changed no row may still have written: a trigger fires for a
+    // row matched but not changed. It is prepared, and rolls back with its transaction.
+    let mut direct = a.db.conn().await?;
+    direct.query_drop("CREATE TABLE audit (n INT)").await?;
+    direct
+        .query_drop("CREATE TRIGGER t_audit AFTER UPDATE ON t FOR EACH ROW INSERT INTO audit VALUES (1)")
+        .await?;
+    let mut touch = a.proxy.conn().await?;
+    start_xa(&mut touch).await?;
+    let result = touch.query_iter("UPDATE t SET v = v WHERE id = 1").await?;
+    ensure!(result.affected_rows() == 0, "matched, not changed");
+    drop(result);
+    ensure!(a.prepared().await?.len() == 1, "prepared, not committed in one phase");
+    touch.query_drop("ROLLBACK GLOBAL").await?;
+    a.until_nothing_prepared().await?;
+    let audited: Option<i64> = direct.query_first("SELECT COUNT(*) FROM audit").await?;
+    ensure!(audited == Some(0), "the trigger's row rolled back with the branch");
     Ok(())
 }
 

@@ -58,8 +58,10 @@ pub struct Branch {
     pub phase: Phase,
     /// Phase-2 commands for it from the coordinator (`held.rs`).
     pub requests: mpsc::Receiver<Request>,
-    /// The session's row-change counters when it started (see [`row_changes`]).
-    changes_at_start: Option<u64>,
+    /// The session's row-change counters (see [`row_changes`]) before the branch's first
+    /// statement that did not look like a write: read then, and only then, since a branch
+    /// whose statements look like writes is prepared without them. `None` until read.
+    changes_before: Option<Option<u64>>,
     /// The coordinator took its PREPARED report (it is part of the transaction).
     confirmed: bool,
 }
@@ -127,7 +129,6 @@ pub async fn open(
         return Ok(Err(e));
     }
     tracing::debug!(xid, branch_id, "XA branch started");
-    let changes_at_start = row_changes(cx).await?;
     let requests = cx.xa.held.hold(xid, branch_id, &resource, connection_id);
     *slot = Some(Branch {
         id,
@@ -137,7 +138,7 @@ pub async fn open(
             checked: WriteCheck::default(),
         },
         requests,
-        changes_at_start,
+        changes_before: None,
         confirmed: false,
     });
     Ok(Ok(()))
@@ -156,11 +157,15 @@ pub async fn prepare(
     };
     let id = b.id.clone();
     let global = &cx.xa.global;
-    // What the statements looked like is a hint; the server says whether the branch changed
-    // rows (a stored function or a trigger writes too). Unsure: it is prepared.
-    let started = b.changes_at_start;
-    let wrote =
-        matches!(b.phase, Phase::Active { wrote: true, .. }) || started.is_none() || row_changes(cx).await? != started;
+    // A statement that looked like a write makes it prepared. Otherwise the server says
+    // whether the branch changed rows (a stored function writes too); unsure: prepared.
+    let wrote = match (&b.phase, b.changes_before) {
+        (Phase::Active { wrote: true, .. }, _) => true,
+        // Nothing ran in it.
+        (_, None) => false,
+        (_, Some(None)) => true,
+        (_, Some(before)) => row_changes(cx).await? != before,
+    };
     if !wrote {
         let failed = match cx.xa("END", &id, "").await? {
             None => cx.xa("COMMIT", &id, " ONE PHASE").await?,
@@ -283,6 +288,36 @@ async fn row_changes(cx: &mut Cx<'_>) -> Result<Option<u64>, SessionError> {
         sum = sum.saturating_add(v);
     }
     Ok(Some(sum))
+}
+
+/// Before the first statement of the open branch that does not look like a write: the
+/// session's row-change counters, for [`prepare`] to tell whether the branch wrote anyway.
+pub async fn before_read(cx: &mut Cx<'_>, branch: &mut Option<Branch>) -> Result<(), SessionError> {
+    if let Some(b) = branch.as_mut()
+        && let Phase::Active { wrote: false, .. } = b.phase
+        && b.changes_before.is_none()
+    {
+        b.changes_before = Some(row_changes(cx).await?);
+    }
+    Ok(())
+}
+
+impl Branch {
+    /// Whether a statement that does not look like a write needs [`before_read`] first.
+    pub fn reads_uncounted(&self) -> bool {
+        matches!(self.phase, Phase::Active { wrote: false, .. }) && self.changes_before.is_none()
+    }
+}
+
+/// The open branch ran a statement that looks like a write: it is prepared at its COMMIT.
+pub fn wrote(branch: &mut Option<Branch>) {
+    if let Some(Branch {
+        phase: Phase::Active { wrote, .. },
+        ..
+    }) = branch
+    {
+        *wrote = true;
+    }
 }
 
 /// Before its session decides to commit, a prepared branch whose report went unanswered is

@@ -55,6 +55,7 @@ impl Mode for Xa {
             branch: None,
             claimed: None,
             request: None,
+            gate_for: None,
             unchecked: None,
             resetting: false,
         })
@@ -100,6 +101,18 @@ struct Routed {
     check: Option<row_check::Write>,
 }
 
+/// Why XA mode gated a command (it runs before the command is sent).
+enum GateFor {
+    /// Autocommit off and nothing open: the statement would start a transaction implicitly,
+    /// so a branch opens first; `writes`: the statement looks like a write.
+    Open { writes: bool },
+    /// The open branch's first statement that does not look like a write: the session's
+    /// row-change counters are read first (`branch::before_read`).
+    Count,
+    /// A prepared branch of a transaction the session left: its phase 2 runs first.
+    Phase2,
+}
+
 /// XA mode's part of one session.
 struct XaSession {
     xa: Arc<Xa>,
@@ -107,6 +120,7 @@ struct XaSession {
     claimed: Option<Claimed>,
     /// A phase-2 command that arrived for the held branch ([`ModeSession::wake`]).
     request: Option<Request>,
+    gate_for: Option<GateFor>,
     /// A write in a branch being forwarded, registered as unchecked until its response is
     /// read (`coordinator/unchecked.rs`): a table that gains global locks meanwhile waits
     /// for it.
@@ -349,13 +363,7 @@ impl XaSession {
                 (Phase::Active { .. }, _) if may_write(class) => match self.route_write(command.code, sql, class, state).check {
                     Some(row_check::Write::Refuse(e)) => take(Claimed::Refuse(e)),
                     check => {
-                        if let Some(Branch {
-                            phase: Phase::Active { wrote, .. },
-                            ..
-                        }) = &mut self.branch
-                        {
-                            *wrote = true;
-                        }
+                        branch::wrote(&mut self.branch);
                         match check {
                             None => (None, Claim::Pass),
                             Some(write) => take(Claimed::Write(write)),
@@ -380,6 +388,7 @@ impl XaSession {
                     if state.xid.as_deref() != Some(b.id.xid.as_str())
                         && c != StatementClass::GlobalTransaction(GlobalCommand::Show) =>
                 {
+                    self.gate_for = Some(GateFor::Phase2);
                     (None, Claim::Gate)
                 }
                 (Phase::Prepared, StatementClass::GlobalTransaction(GlobalCommand::Start | GlobalCommand::Join)) => {
@@ -393,6 +402,10 @@ impl XaSession {
                     if !class.multi_statement =>
                 {
                     take(Claimed::Nothing)
+                }
+                (Phase::Active { .. }, _) if b.reads_uncounted() => {
+                    self.gate_for = Some(GateFor::Count);
+                    (None, Claim::Gate)
                 }
                 _ => (None, Claim::Pass),
             },
@@ -466,7 +479,12 @@ impl XaSession {
                     }
                 }
             }
-            (None, _) if !state.autocommit() && starts_transaction(class) => (None, Claim::Gate),
+            (None, _) if !state.autocommit() && starts_transaction(class) => {
+                self.gate_for = Some(GateFor::Open {
+                    writes: may_write(class),
+                });
+                (None, Claim::Gate)
+            }
             _ => (None, Claim::Pass),
         };
         self.claimed = claimed;
@@ -656,20 +674,18 @@ impl XaSession {
         if let Some(b) = slot.as_ref() {
             cx.xa.held.wrote(b.id.branch_id, &routed.tables);
         }
-        // Ok((response, whether it changed rows, if known)).
+        // A write that changed no row may have written all the same (a trigger fires for rows
+        // matched but not changed, a function in its WHERE writes): it is prepared like any.
+        branch::wrote(slot);
         let ran = match routed.check {
             None => {
                 let ran = backend::run_client_statement(cx.backend, cx.state, limit, raw, false).await;
                 if let Some(w) = write {
                     w.finish();
                 }
-                ran?.map(|(response, summary)| (response, summary.map(|s| s.affected_rows > 0)))
+                ran?.map(|(response, _)| response)
             }
-            // The session's row-change counters tell at the prepare.
-            Some(check) => self
-                .run_checked(backend, state, shared, check, raw[4], raw)
-                .await?
-                .map(|response| (response, None)),
+            Some(check) => self.run_checked(backend, state, shared, check, raw[4], raw).await?,
         };
         let held = match &ran {
             Ok(_) => {
@@ -688,22 +704,13 @@ impl XaSession {
                 branch::rollback(&mut cx, slot, "a row it wrote is held by another global transaction").await?;
                 e.to_packet(1)
             }
-            (Ok((mut response, changed)), None) => {
-                if let Some(Branch {
-                    phase: Phase::Active { wrote, .. },
-                    ..
-                }) = slot
-                {
-                    *wrote = changed.unwrap_or(false);
+            (Ok(mut response), None) => match branch::prepare(&mut cx, slot).await? {
+                Ok(_) => {
+                    backend::as_autocommit(&mut response, cx.state, before);
+                    response
                 }
-                match branch::prepare(&mut cx, slot).await? {
-                    Ok(_) => {
-                        backend::as_autocommit(&mut response, cx.state, before);
-                        response
-                    }
-                    Err(e) => e.to_packet(1),
-                }
-            }
+                Err(e) => e.to_packet(1),
+            },
         };
         client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
     }
@@ -764,6 +771,7 @@ impl ModeSession for XaSession {
             w.finish(); // a mode after this one answered it: it never ran
         }
         self.claimed = None;
+        self.gate_for = None;
         if matches!(command.code, Cmd::CHANGE_USER | Cmd::RESET_CONNECTION) {
             self.resetting = self.branch.is_some();
             return Claim::Pass;
@@ -778,9 +786,7 @@ impl ModeSession for XaSession {
         })
     }
 
-    /// Without a branch (autocommit off, no transaction open): the statement would start one
-    /// implicitly, so a branch opens first. With one (a prepared branch of a transaction the
-    /// session left): its phase 2 runs first.
+    /// See [`GateFor`].
     fn gate<'a>(
         &'a mut self,
         backend: &'a mut Peer,
@@ -788,12 +794,24 @@ impl ModeSession for XaSession {
         shared: &'a Shared,
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
-            if self.branch.is_some() {
+            let Some(gate_for) = self.gate_for.take() else {
+                return Ok(None);
+            };
+            if let GateFor::Phase2 = gate_for {
                 return self.phase2_first(backend, state, shared).await;
             }
             let xid = state.xid.clone().unwrap_or_default();
             let (mut cx, slot) = self.cx(backend, state, shared);
-            Ok(branch::open(&mut cx, slot, &xid).await?.err())
+            if let GateFor::Open { .. } = gate_for
+                && let Err(e) = branch::open(&mut cx, slot, &xid).await?
+            {
+                return Ok(Some(e));
+            }
+            match gate_for {
+                GateFor::Open { writes: true } => branch::wrote(slot),
+                _ => branch::before_read(&mut cx, slot).await?,
+            }
+            Ok(None)
         })
     }
 
