@@ -159,15 +159,7 @@ where
     sender.send_request(request).await
 }
 
-/// `s` made safe for a query string.
-pub fn query_value(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+pub use ferrata_rpc::url::query_value;
 
 #[cfg(test)]
 mod tests {
@@ -188,6 +180,5 @@ mod tests {
         let e = endpoint("http://[::1]:7091").unwrap();
         assert_eq!((e.host.as_str(), e.port), ("::1", 7091));
         assert!(endpoint("127.0.0.1:7091").is_err());
-        assert_eq!(query_value("a b&c=d"), "a%20b%26c%3Dd");
     }
 }

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod process;
 pub mod tls;
+pub mod url;
 
 pub mod pb {
     tonic::include_proto!("ferrata.v1");

@@ -36,8 +36,40 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub transactions: Transactions,
     pub phase2: Phase2,
+    pub calls: Calls,
     pub auth: Auth,
     pub log: Log,
+}
+
+/// Calls to services' HTTP endpoints (TCC and saga branches).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Calls {
+    /// How long one call may take, unless its transaction says otherwise.
+    pub request_timeout_ms: u64,
+    /// A PEM file of CA certificates trusted for https endpoints, besides the web's roots.
+    pub ca: Option<PathBuf>,
+    /// Signing secrets, by URL prefix (the longest matching prefix signs a call).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A signing secret for the endpoints under one URL prefix.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub prefix: String,
+    /// Standard Webhooks' `whsec_<base64>` form, or any string used as it is.
+    pub secret: Secret,
+}
+
+impl Default for Calls {
+    fn default() -> Self {
+        Calls {
+            request_timeout_ms: 3_000,
+            ca: None,
+            endpoints: Vec::new(),
+        }
+    }
 }
 
 /// Who may see what.
@@ -118,6 +150,7 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             transactions: Transactions::default(),
             phase2: Phase2::default(),
+            calls: Calls::default(),
             auth: Auth::default(),
             log: Log::default(),
         }

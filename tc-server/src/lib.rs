@@ -4,7 +4,7 @@
 //!
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
-//!   `xid` ids, `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
+//!   `xid` ids, `calls` the HTTP calls to services (TCC and saga branches), `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
@@ -15,6 +15,7 @@
 // Layers, lowest first (tests/layers.rs checks them).
 pub mod audit;
 pub mod auth;
+pub mod calls;
 pub mod config;
 pub mod error;
 pub mod history;

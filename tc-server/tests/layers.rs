@@ -9,7 +9,7 @@ fn dependencies_run_downwards() {
         Layer {
             name: "base",
             modules: &[
-                "audit", "auth", "config", "error", "history", "lock_key", "metrics", "model", "rm", "store",
+                "audit", "auth", "calls", "config", "error", "history", "lock_key", "metrics", "model", "rm", "store",
                 "timeline", "xid",
             ],
             peers_may_meet: true,

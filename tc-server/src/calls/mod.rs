@@ -1,0 +1,298 @@
+//! Calls from the coordinator to services' HTTP endpoints: the branches of TCC and saga
+//! transactions. One pooled HTTP/1.1 client (https with the web's root certificates, plus a
+//! configured CA), a timeout per call, DTM's request shape and signing headers
+//! ([`signature`]), and the meaning of the answer ([`outcome`]).
+//!
+//! A call is a POST with the branch's payload as its JSON body (a GET when it has none, as
+//! DTM does), the query parameters `gid`, `trans_type`, `branch_id` and `op` added to the
+//! URL, and the branch's own headers.
+
+pub mod outcome;
+pub mod signature;
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::Calls;
+pub use outcome::Outcome;
+
+/// Largest answer body read; the rest is not needed to tell what it means.
+const MAX_BODY: usize = 64 * 1024;
+
+/// One call to make.
+#[derive(Clone, Debug)]
+pub struct Call<'a> {
+    pub url: &'a str,
+    /// DTM's query parameters, in order.
+    pub query: [(&'static str, &'a str); 4],
+    /// The JSON body; none: a GET.
+    pub body: &'a [u8],
+    /// Headers the transaction asked for on its branches.
+    pub headers: &'a [(String, String)],
+    /// Stable for this branch and operation (`webhook-id`): a receiver drops repeats by it.
+    pub message_id: &'a str,
+    pub timeout: Duration,
+}
+
+/// The coordinator's HTTP client for branch calls.
+pub struct Caller {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Signing keys by URL prefix, longest prefix first.
+    keys: Vec<(String, Vec<u8>)>,
+}
+
+impl Caller {
+    pub fn new(config: &Calls) -> anyhow::Result<Caller> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = &config.ca {
+            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("reading [calls] ca {}: {e}", ca.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| anyhow::anyhow!("[calls] ca {}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow::anyhow!("[calls] ca {}: {e}", ca.display()))?;
+            }
+        }
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let mut keys: Vec<(String, Vec<u8>)> = config
+            .endpoints
+            .iter()
+            .map(|e| (e.prefix.clone(), signature::key(e.secret.0.as_str())))
+            .collect();
+        keys.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        Ok(Caller { client, keys })
+    }
+
+    /// Makes one call and says what its answer means.
+    pub async fn call(&self, call: &Call<'_>) -> Outcome {
+        match tokio::time::timeout(call.timeout, self.exchange(call)).await {
+            Ok(Ok((status, retry_after, body))) => outcome::classify(status, retry_after.as_deref(), &body),
+            Ok(Err(why)) => Outcome::Retry { why, after: None },
+            Err(_) => Outcome::Retry {
+                why: format!("no answer within {} ms", call.timeout.as_millis()),
+                after: None,
+            },
+        }
+    }
+
+    async fn exchange(&self, call: &Call<'_>) -> Result<(u16, Option<String>, Bytes), String> {
+        let url = with_query(call.url, &call.query);
+        let key = self
+            .keys
+            .iter()
+            .find(|(prefix, _)| call.url.starts_with(prefix.as_str()))
+            .map(|(_, k)| k.as_slice());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut request = hyper::Request::builder()
+            .method(if call.body.is_empty() { "GET" } else { "POST" })
+            .uri(&url)
+            .header("content-type", "application/json")
+            .header("user-agent", concat!("ferrata-tc/", env!("CARGO_PKG_VERSION")));
+        for (name, value) in call.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        for (name, value) in signature::headers(call.message_id, now, key, call.body) {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(call.body)))
+            .map_err(|e| format!("cannot make a request to {url}: {e}"))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("calling {url}: {}", error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok((status, retry_after, body))
+    }
+}
+
+/// `url` with the query parameters added (after any it has).
+fn with_query(url: &str, query: &[(&str, &str)]) -> String {
+    let mut out = url.to_owned();
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    for (name, value) in query {
+        out.push(sep);
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&ferrata_rpc::url::query_value(value));
+        sep = '&';
+    }
+    out
+}
+
+/// An error with its causes, for the transaction's timeline.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Endpoint;
+    use std::sync::{Arc, Mutex};
+
+    /// A request as the service saw it: method, path and query, signature header, body.
+    type Seen = (String, String, Option<String>, String, Vec<u8>);
+
+    /// A real HTTP service on loopback answering by path, recording what it got.
+    async fn service() -> (String, Arc<Mutex<Vec<Seen>>>) {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let record = Arc::clone(&record);
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                record.lock().unwrap().push((
+                    parts.method.to_string(),
+                    parts.uri.to_string(),
+                    header("webhook-signature"),
+                    header("webhook-timestamp").unwrap_or_default(),
+                    body,
+                ));
+                match parts.uri.path() {
+                    "/ok" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
+                    "/no" => (StatusCode::CONFLICT, "insufficient funds").into_response(),
+                    "/later" => (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "2")], "busy").into_response(),
+                    _ => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        StatusCode::OK.into_response()
+                    }
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn a_call_is_shaped_like_dtm_s_signed_and_its_answer_read() {
+        let (base, seen) = service().await;
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let caller = Caller::new(&Calls {
+            endpoints: vec![Endpoint {
+                prefix: format!("{base}/ok"),
+                secret: crate::config::Secret(secret.into()),
+            }],
+            ..Calls::default()
+        })
+        .unwrap();
+        let call = |url: &'static str, body: &'static [u8], timeout_ms: u64| {
+            let url: &'static str = Box::leak(format!("{base}{url}").into_boxed_str());
+            Call {
+                url,
+                query: [
+                    ("gid", "7-1"),
+                    ("trans_type", "tcc"),
+                    ("branch_id", "01"),
+                    ("op", "confirm"),
+                ],
+                body,
+                headers: &[],
+                message_id: "7-1.01.confirm",
+                timeout: Duration::from_millis(timeout_ms),
+            }
+        };
+        assert_eq!(
+            caller.call(&call("/ok", br#"{"amount":30}"#, 2000)).await,
+            Outcome::Success
+        );
+        assert_eq!(
+            caller.call(&call("/no", b"", 2000)).await,
+            Outcome::Failure("HTTP 409: insufficient funds".into())
+        );
+        assert_eq!(
+            caller.call(&call("/later", b"{}", 2000)).await,
+            Outcome::Retry {
+                why: "HTTP 503: busy".into(),
+                after: Some(Duration::from_secs(2))
+            }
+        );
+        assert!(matches!(
+            caller.call(&call("/slow", b"{}", 100)).await,
+            Outcome::Retry { why, .. } if why == "no answer within 100 ms"
+        ));
+        let unreachable = Call {
+            url: "http://127.0.0.1:9",
+            ..call("/ok", b"{}", 2000)
+        };
+        assert!(matches!(caller.call(&unreachable).await, Outcome::Retry { .. }));
+
+        let seen = seen.lock().unwrap().clone();
+        let (method, uri, signature, timestamp, body) = &seen[0];
+        assert_eq!(method, "POST");
+        assert_eq!(uri, "/ok?gid=7-1&trans_type=tcc&branch_id=01&op=confirm");
+        assert_eq!(body, br#"{"amount":30}"#);
+        let expected = signature::headers(
+            "7-1.01.confirm",
+            timestamp.parse().unwrap(),
+            Some(&signature::key(secret)),
+            body,
+        );
+        assert_eq!(signature.as_deref(), Some(expected[2].1.as_str()));
+        let (method, _, signature, _, _) = &seen[1];
+        assert_eq!(
+            (method.as_str(), signature),
+            ("GET", &None),
+            "no body: a GET; no secret: unsigned"
+        );
+    }
+
+    #[test]
+    fn query_parameters_follow_the_url_s_own() {
+        let q = [
+            ("gid", "1-2 3"),
+            ("trans_type", "tcc"),
+            ("branch_id", "01"),
+            ("op", "confirm"),
+        ];
+        assert_eq!(
+            with_query("http://h/a", &q),
+            "http://h/a?gid=1-2%203&trans_type=tcc&branch_id=01&op=confirm"
+        );
+        assert_eq!(with_query("http://h/a?x=1", &q[..1]), "http://h/a?x=1&gid=1-2%203");
+    }
+}
