@@ -319,6 +319,44 @@ async fn xa_writes_are_checked_against_the_rows_at_branches_hold() -> Result<()>
     until("both branches to commit", async || Ok(a.value(1).await? == Some(16))).await?;
     a.until_nothing_prepared().await?;
     ferrata_tests::until_undo_records_gone(&[&a.db]).await?;
+
+    // A COMMIT held back by a row retried once the row's transaction ended: prepared.
+    let holder: Option<String> = at.query_first("START GLOBAL TRANSACTION").await?;
+    add(&mut at, 2, 1).await?;
+    start_xa(&mut xa).await?;
+    xa.query_drop("BEGIN").await?;
+    add(&mut xa, 2, 1).await?;
+    let e = xa.query_drop("COMMIT").await.expect_err("row 2 is held");
+    ensure!(code(&e) == 1205, "{e}");
+    at.query_drop("COMMIT GLOBAL").await?;
+    xa.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1, "prepared at the retried COMMIT");
+    xa.query_drop("COMMIT GLOBAL").await?;
+    until("the retried branch to commit", async || {
+        Ok(a.value(2).await? == Some(22))
+    })
+    .await?;
+    a.until_nothing_prepared().await?;
+    ensure!(holder.is_some());
+
+    // The other order: the XA branch starts first, an AT branch of the same transaction
+    // writes the row and commits it locally, then the XA branch writes it too. The rollback
+    // undoes the XA branch first (the AT restore would wait for its row lock), then the AT
+    // branch: the row is as it was.
+    let mut first = a.proxy.conn().await?;
+    let xid = start_xa(&mut first).await?;
+    first.query_drop("BEGIN").await?;
+    let mut later = a.proxy.conn().await?;
+    later.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}'")).await?;
+    add(&mut later, 1, 100).await?;
+    add(&mut first, 1, 1000).await?;
+    first.query_drop("COMMIT").await?;
+    ensure!(a.prepared().await?.len() == 1);
+    later.query_drop("ROLLBACK GLOBAL").await?;
+    until("both branches to roll back", async || Ok(a.value(1).await? == Some(16))).await?;
+    a.until_nothing_prepared().await?;
+    ferrata_tests::until_undo_records_gone(&[&a.db]).await?;
+    ensure!(tc.status(&xid).await? == "Rollbacked", "{}", tc.status(&xid).await?);
     Ok(())
 }
 
@@ -397,6 +435,10 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
         "a client XA while bound"
     );
     ensure!(refused(&mut conn, "START TRANSACTION READ ONLY").await? == 1235);
+    ensure!(
+        refused(&mut conn, "COMMIT AND CHAIN").await? == 1235,
+        "bound in XA mode: no plain transaction chains on the connection"
+    );
     ensure!(refused(&mut conn, "LOCK TABLES t WRITE").await? == 1235);
     ensure!(
         refused(&mut conn, "LOAD DATA INFILE '/nonexistent' INTO TABLE t").await? == 1235,
@@ -439,6 +481,10 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
     // The branch is intact.
     conn.query_drop("COMMIT /* the default */ AND NO CHAIN").await?;
     ensure!(a.prepared().await?.len() == 1, "the branch prepared at its COMMIT");
+    ensure!(
+        refused(&mut conn, "COMMIT RELEASE").await? == 1235,
+        "the connection holding a prepared branch stays open"
+    );
     conn.query_drop("ROLLBACK GLOBAL").await?;
     ensure!(a.value(1).await? == Some(10));
 
@@ -515,8 +561,6 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
     Ok(())
 }
 
-/// MariaDB keeps a prepared branch, row locks included, across its own crash: phase 2 after
-/// the restart commits it from a service connection (the preparing connection is gone).
 /// Phase 2 of a prepared branch goes to the proxy process whose session holds it, although a
 /// second proxy in front of the same server serves the database too and would end a holder
 /// idle for a second: the holding session keeps its connection. (The coordinator takes the
@@ -569,6 +613,8 @@ async fn phase_2_goes_to_the_proxy_holding_the_branch() -> Result<()> {
     Ok(())
 }
 
+/// MariaDB keeps a prepared branch, row locks included, across its own crash: phase 2 after
+/// the restart commits it from a service connection (the preparing connection is gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_branch_survives_a_database_restart_and_commits_after_it() -> Result<()> {
     let tc = Coordinator::start_with(TC, "[phase2]\nretry_max_ms = 500\n")?;

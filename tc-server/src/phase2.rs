@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::coordinator::{Coordinator, PendingCommit, Session};
 use crate::metrics::Action;
-use crate::model::{BranchError, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
+use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
 use crate::rm::CallError;
 use crate::store::Mutation;
 use crate::timeline::{AttemptResult, DecidedBy, Decision, EventKind};
@@ -241,18 +241,24 @@ impl Coordinator {
         session.state.lock().rollback_running = false;
     }
 
-    /// Rolls back the remaining branches, last registered first, stopping at the first
-    /// failure. `attempt` counts the passes that asked for a retry before this one.
+    /// Rolls back the remaining branches, XA branches first, each kind last registered first,
+    /// stopping at the first failure. XA first: an XA branch registers at its start but may
+    /// write a row after an AT branch of its own transaction committed it (its own rows are
+    /// free to it), and that AT branch's restore would wait for the prepared branch's row
+    /// lock; an AT branch can never have written over a prepared branch's row. `attempt`
+    /// counts the passes that asked for a retry before this one.
     async fn rollback_pass(&self, session: &Session, attempt: u32) -> Pass {
         let branches: Vec<BranchRecord> = {
             let state = session.state.lock();
-            state
+            let mut left: Vec<BranchRecord> = state
                 .branches
                 .iter()
                 .rev()
                 .filter(|b| b.status.needs_phase_two())
                 .cloned()
-                .collect()
+                .collect();
+            left.sort_by_key(|b| b.mode != BranchMode::Xa);
+            left
         };
         for b in branches {
             if self.shutdown.is_cancelled() {

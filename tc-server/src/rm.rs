@@ -196,7 +196,8 @@ impl RmRegistry {
     fn pick(&self, resource: &str, instance: &str) -> Option<Arc<RmConnection>> {
         let map = self.by_resource.lock();
         let list = map.get(resource)?;
-        if let Some(own) = list.iter().find(|c| !instance.is_empty() && c.instance_id == instance) {
+        // The newest: a re-attached process's old stream may not be detached yet.
+        if let Some(own) = list.iter().rfind(|c| !instance.is_empty() && c.instance_id == instance) {
             return Some(Arc::clone(own));
         }
         let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % list.len();
@@ -249,5 +250,41 @@ impl RmRegistry {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach(rms: &RmRegistry, instance: &str) -> Arc<RmConnection> {
+        let (tx, _rx) = mpsc::channel(8);
+        let hello = pb::Hello {
+            rm_id: format!("rm-{instance}"),
+            resource_ids: vec!["db1".into()],
+            instance_id: instance.into(),
+        };
+        rms.attach(&hello, tx)
+    }
+
+    /// A branch naming its holder goes to that process's newest stream while it is attached,
+    /// to the others in turn once it is gone; one naming none goes to each in turn.
+    #[test]
+    fn a_holder_s_branches_go_to_it_while_it_is_attached() {
+        let rms = RmRegistry::default();
+        let old = attach(&rms, "a");
+        let other = attach(&rms, "b");
+        let newer = attach(&rms, "a");
+        for _ in 0..3 {
+            assert_eq!(rms.pick("db1", "a").map(|c| c.id), Some(newer.id));
+        }
+        let anyone: Vec<u64> = (0..3).filter_map(|_| rms.pick("db1", "").map(|c| c.id)).collect();
+        assert_eq!(anyone.len(), 3);
+        assert!(anyone.windows(2).all(|w| w[0] != w[1]), "in turn: {anyone:?}");
+        rms.detach(&newer);
+        assert_eq!(rms.pick("db1", "a").map(|c| c.id), Some(old.id));
+        rms.detach(&old);
+        assert_eq!(rms.pick("db1", "a").map(|c| c.id), Some(other.id));
+        assert!(rms.pick("db2", "a").is_none());
     }
 }

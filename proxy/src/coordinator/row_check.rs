@@ -102,7 +102,7 @@ pub fn plan(command: u8, sql: &str, class: &Classification, guarded: &[String]) 
             1235,
             "42000",
             format!(
-                "ferrata-proxy cannot check {why} for dirty writes, and {tables} may hold rows of unfinished global \
+                "ferrata-proxy cannot check {why} against global locks, and {tables} may hold rows of unfinished global \
                  transactions, so it was not run; {instead}, or run it once those transactions end"
             ),
         ))
@@ -268,7 +268,7 @@ fn refuse_check(why: &str) -> Vec<u8> {
     ErrPacket::new(
         1235,
         "42000",
-        format!("ferrata-proxy cannot check {why} for dirty writes, so it was not run"),
+        format!("ferrata-proxy cannot check {why} against the global locks of unfinished global transactions, so it was not run"),
     )
     .to_packet(1)
 }

@@ -101,11 +101,12 @@ struct Routed {
     check: Option<row_check::Write>,
 }
 
-/// Why XA mode gated a command (it runs before the command is sent).
+/// Why XA mode gated a command (it runs before the command is sent, which is then offered to
+/// the modes again).
 enum GateFor {
     /// Autocommit off and nothing open: the statement would start a transaction implicitly,
-    /// so a branch opens first; `writes`: the statement looks like a write.
-    Open { writes: bool },
+    /// so a branch opens first.
+    Open,
     /// The open branch's first statement that does not look like a write: the session's
     /// row-change counters are read first (`branch::before_read`).
     Count,
@@ -283,18 +284,27 @@ impl XaSession {
         if let (Some(tables), Some(b)) = (&tables, &self.branch) {
             self.xa.held.wrote(b.id.branch_id, tables);
         }
-        let tables = tables.unwrap_or_default();
         if !guarded.is_empty() {
             write.finish(); // it will be checked instead
             let check = Some(row_check::plan(command, &text, class, &guarded));
-            return Routed { tables, check };
+            return Routed {
+                tables: tables.unwrap_or_default(),
+                check,
+            };
         }
-        // A multi-statement string may change the schema (USE) between its statements.
-        if !class.multi_statement {
+        // A statement the parser cannot read (or a CALL, which names no table it writes) may
+        // write any table, and so may a multi-statement string (USE between its statements):
+        // a guard on any table waits for it.
+        if let (Some(tables), false) = (&tables, class.multi_statement)
+            && matches!(class.class, StatementClass::Dml(_))
+        {
             write.writes_to(tables.clone());
         }
         self.unchecked = Some(write);
-        Routed { tables, check: None }
+        Routed {
+            tables: tables.unwrap_or_default(),
+            check: None,
+        }
     }
 
     fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
@@ -310,6 +320,16 @@ impl XaSession {
                      as the transaction coordinator decides (see the ferrata command line)",
                 )))
             }
+            // A branch holds the connection (or will, in a session bound in XA mode) until
+            // phase 2: nothing can chain on it, and it must stay open.
+            (branch, StatementClass::TransactionControl(TxControl::Commit | TxControl::Rollback))
+                if (branch.is_some() || state.bound_in(BranchMode::Xa)) && !class.multi_statement && !plain_end(sql) =>
+            {
+                take(Claimed::Refuse(refused(
+                    "COMMIT or ROLLBACK with AND CHAIN or RELEASE",
+                    "end the local transaction with plain COMMIT or ROLLBACK, then BEGIN the next one (or disconnect)",
+                )))
+            }
             (Some(b), c) => match (&b.phase, c) {
                 (Phase::Doomed(_), StatementClass::TransactionControl(TxControl::Commit)) => {
                     take(Claimed::EndDoomed { commit: true })
@@ -318,13 +338,6 @@ impl XaSession {
                     take(Claimed::EndDoomed { commit: false })
                 }
                 (Phase::Doomed(why), _) => take(Claimed::Refuse(doomed(why))),
-                (
-                    Phase::Active { .. },
-                    StatementClass::TransactionControl(TxControl::Commit | TxControl::Rollback),
-                ) if !class.multi_statement && !plain_end(sql) => take(Claimed::Refuse(refused(
-                    "COMMIT or ROLLBACK with AND CHAIN or RELEASE",
-                    "end the local transaction with plain COMMIT or ROLLBACK, then BEGIN the next one (or disconnect)",
-                ))),
                 (Phase::Active { .. }, StatementClass::TransactionControl(TxControl::Commit))
                     if !class.multi_statement =>
                 {
@@ -480,9 +493,7 @@ impl XaSession {
                 }
             }
             (None, _) if !state.autocommit() && starts_transaction(class) => {
-                self.gate_for = Some(GateFor::Open {
-                    writes: may_write(class),
-                });
+                self.gate_for = Some(GateFor::Open);
                 (None, Claim::Gate)
             }
             _ => (None, Claim::Pass),
@@ -580,6 +591,31 @@ impl XaSession {
         client.write_all(&bytes).await.map_err(|_| SessionError::ClientClosed)
     }
 
+    /// The checked-write context of the open branch: its rows, its global transaction.
+    fn row_cx<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> Option<row_check::Cx<'a>> {
+        let Some(Branch {
+            id,
+            phase: Phase::Active { checked, .. },
+            ..
+        }) = self.branch.as_mut()
+        else {
+            return None;
+        };
+        Some(row_check::Cx {
+            backend,
+            state,
+            written: checked,
+            shared,
+            global: &self.xa.global,
+            xid: &id.xid,
+        })
+    }
+
     /// Runs a write the proxy checks in the open branch, its rows kept with the branch.
     async fn run_checked(
         &mut self,
@@ -590,22 +626,9 @@ impl XaSession {
         command: u8,
         raw: &[u8],
     ) -> Result<row_check::Answer, SessionError> {
-        let Some(Branch {
-            id,
-            phase: Phase::Active { checked, .. },
-            ..
-        }) = self.branch.as_mut()
-        else {
-            unreachable!("a checked write runs in an open branch");
-        };
-        let mut cx = row_check::Cx {
-            backend,
-            state,
-            written: checked,
-            shared,
-            global: &self.xa.global,
-            xid: &id.xid,
-        };
+        let mut cx = self
+            .row_cx(backend, state, shared)
+            .expect("a checked write runs in an open branch");
         row_check::run(&mut cx, write, command, raw).await
     }
 
@@ -620,21 +643,8 @@ impl XaSession {
         shared: &Shared,
         done: &str,
     ) -> Result<Option<ErrPacket>, SessionError> {
-        let Some(Branch {
-            id,
-            phase: Phase::Active { checked, .. },
-            ..
-        }) = self.branch.as_mut()
-        else {
+        let Some(mut cx) = self.row_cx(backend, state, shared) else {
             return Ok(None);
-        };
-        let mut cx = row_check::Cx {
-            backend,
-            state,
-            written: checked,
-            shared,
-            global: &self.xa.global,
-            xid: &id.xid,
         };
         Ok(match cx.at_commit(done).await {
             AtCommit::Free => None,
@@ -649,8 +659,8 @@ impl XaSession {
 
     /// An autocommit write in a branch of its own: opened, the statement run (by the proxy,
     /// its rows checked, when it writes guarded tables), then prepared (rolled back if it
-    /// failed or its rows are held, committed in one phase if it changed no row); the client
-    /// gets the statement's own response, with autocommit's status flags.
+    /// failed or its rows are held); the client gets the statement's own response, with
+    /// autocommit's status flags.
     async fn wrap(
         &mut self,
         client: &mut Peer,
@@ -797,21 +807,15 @@ impl ModeSession for XaSession {
             let Some(gate_for) = self.gate_for.take() else {
                 return Ok(None);
             };
-            if let GateFor::Phase2 = gate_for {
-                return self.phase2_first(backend, state, shared).await;
-            }
-            let xid = state.xid.clone().unwrap_or_default();
             let (mut cx, slot) = self.cx(backend, state, shared);
-            if let GateFor::Open { .. } = gate_for
-                && let Err(e) = branch::open(&mut cx, slot, &xid).await?
-            {
-                return Ok(Some(e));
-            }
             match gate_for {
-                GateFor::Open { writes: true } => branch::wrote(slot),
-                _ => branch::before_read(&mut cx, slot).await?,
+                GateFor::Phase2 => self.phase2_first(backend, state, shared).await,
+                GateFor::Open => {
+                    let xid = cx.state.xid.clone().unwrap_or_default();
+                    Ok(branch::open(&mut cx, slot, &xid).await?.err())
+                }
+                GateFor::Count => branch::before_read(&mut cx, slot).await.map(|()| None),
             }
-            Ok(None)
         })
     }
 

@@ -115,7 +115,7 @@ pub(crate) mod fixtures {
             error: None,
             mode: crate::model::BranchMode::At,
             connection_id: 0,
-            instance_id: String::new(),
+            instance_id: "3f9c0a".into(),
         }
     }
 }

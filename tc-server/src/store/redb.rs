@@ -722,7 +722,10 @@ mod tests {
             updated_ms: u64,
             error: Option<BranchError>,
         }
-        let expected = branch(1, 4);
+        let expected = BranchRecord {
+            instance_id: String::new(),
+            ..branch(1, 4)
+        };
         let v1 = V1 {
             txn_id: 1,
             branch_id: 4,
