@@ -1,4 +1,4 @@
-//! Ferrata's statement parsing: its own statements (`START GLOBAL TRANSACTION`, ...), the
+//! Ferrata's statement parsing: its own statements (`START GLOBAL TRANSACTION`, `BEGIN BRANCH`, ...), the
 //! planning of writes and locking reads for undo images and lock keys, multi-table writes,
 //! the splitting of multi-statement strings, and the binding of literals. Input: the SQL text
 //! (UTF-8; other bytes never reach these parsers), then, after a NUL, literals to bind.
@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let (sql, literals) = all.split_once('\0').unwrap_or((all, ""));
 
     let _ = statement::parse(sql);
+    let _ = statement::parse_branch(sql);
     let _ = dml::plan(sql);
     let _ = dml::plan_multi(sql);
     let _ = dml::written_tables(sql);

@@ -60,6 +60,8 @@ pub enum GlobalCommand {
     Rollback,
     Leave,
     Show,
+    /// `BEGIN BRANCH`: a TCC or saga handler's barrier (`barrier/`).
+    Branch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,6 +226,7 @@ fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> Stat
             C::Other(Other::Show)
         }
         _ if first_is("begin") && second_is("not") => C::Other(Other::Procedural),
+        _ if first_is("begin") && second_is("branch") => C::GlobalTransaction(GlobalCommand::Branch),
         _ if first_is("begin") => C::TransactionControl(TxControl::Begin),
         _ if first_is("start") && second_is("transaction") => C::TransactionControl(TxControl::Begin),
         _ if first_is("commit") => C::TransactionControl(TxControl::Commit),
@@ -744,6 +747,10 @@ mod tests {
             C::GlobalTransaction(GlobalCommand::Start)
         );
         assert_eq!(class("commit global"), C::GlobalTransaction(GlobalCommand::Commit));
+        assert_eq!(
+            class("BEGIN BRANCH 'g' '01' 'try'"),
+            C::GlobalTransaction(GlobalCommand::Branch)
+        );
         assert_eq!(
             class("ROLLBACK GLOBAL 'x'"),
             C::GlobalTransaction(GlobalCommand::Rollback)

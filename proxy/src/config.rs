@@ -47,7 +47,26 @@ pub struct Config {
     pub service: Service,
     /// Writes outside global transactions, checked against global row locks.
     pub dirty_writes: DirtyWrites,
+    /// The barriers of TCC and saga handlers (`BEGIN BRANCH`).
+    pub barrier: Barriers,
     pub log: Log,
+}
+
+/// Where `BEGIN BRANCH` keeps its barrier rows: DTM's table, so that DTM's SDK barriers and
+/// Ferrata's see each other's rows.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Barriers {
+    /// `database.table`, created with DTM's layout on first use when missing.
+    pub table: String,
+}
+
+impl Default for Barriers {
+    fn default() -> Self {
+        Barriers {
+            table: "dtm_barrier.barrier".into(),
+        }
+    }
 }
 
 /// The no-dirty-writes check: a write made outside any global transaction must not commit
@@ -225,6 +244,7 @@ impl Default for Config {
             coordinator: None,
             service: Service::default(),
             dirty_writes: DirtyWrites::default(),
+            barrier: Barriers::default(),
             log: Log::default(),
         }
     }
@@ -275,6 +295,14 @@ impl Config {
         anyhow::ensure!(
             self.service.xa_sweep_interval_ms >= 100,
             "[service] xa_sweep_interval_ms must be at least 100: each sweep runs XA RECOVER on the server"
+        );
+        anyhow::ensure!(
+            self.barrier
+                .table
+                .split_once('.')
+                .is_some_and(|(d, t)| !d.is_empty() && !t.is_empty()),
+            "[barrier] table: {:?} must be written \"database.table\"",
+            self.barrier.table
         );
         for name in self.dirty_writes.tables.keys() {
             anyhow::ensure!(

@@ -6,7 +6,7 @@
 
 // Layers, lowest first; each uses only those below it (see ARCHITECTURE.md and
 // tests/layers.rs): the foundation (protocol, classify, config, metrics, stream), the
-// session core, SQL the proxy writes, the coordinator layer, the modes (at, isolation),
+// session core, SQL the proxy writes, the coordinator layer, the modes (at, barrier, isolation, xa),
 // and the assembly (modes, server, admin, cli).
 pub mod classify;
 pub mod config;
@@ -21,6 +21,7 @@ pub mod sql;
 pub mod coordinator;
 
 pub mod at;
+pub mod barrier;
 pub mod isolation;
 pub mod xa;
 

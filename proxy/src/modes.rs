@@ -6,8 +6,9 @@
 //! takes the transaction control of sessions bound in MODE XA, and of branches it holds),
 //! then AT mode (writes, multi-statement strings and the COMMIT of a pending branch of
 //! sessions bound in AT mode), then the isolation checks (locking reads of bound sessions,
-//! writes outside global transactions), and last the binding (Ferrata's statements, and
-//! what no mode before it could protect).
+//! writes outside global transactions), then the barriers of TCC and saga handlers
+//! (`BEGIN BRANCH`, with or without a coordinator), and last the binding (Ferrata's other
+//! statements, and what no mode before it could protect).
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use ferrata_rpc::pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::at::{self, At};
+use crate::barrier::Barrier;
 use crate::config::Config;
 use crate::coordinator::Global;
 use crate::coordinator::binding::Binding;
@@ -50,6 +52,7 @@ impl Modes {
             modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
             branch_modes = Some((at_mode, xa_mode));
         }
+        modes.push(Arc::new(Barrier::new(&config.barrier)));
         modes.push(Arc::new(Binding { global: global.clone() }));
         Modes {
             modes,

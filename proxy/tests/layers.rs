@@ -28,7 +28,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "modes",
-            modules: &["at", "isolation", "xa"],
+            modules: &["at", "barrier", "isolation", "xa"],
             peers_may_meet: false,
         },
         Layer {

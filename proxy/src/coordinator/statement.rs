@@ -7,6 +7,7 @@
 //! ROLLBACK GLOBAL ['<xid>']
 //! LEAVE GLOBAL TRANSACTION
 //! SHOW GLOBAL TRANSACTION
+//! BEGIN BRANCH '<gid>' '<branch_id>' '<op>' [TYPE '<trans_type>']   -- a barrier (`barrier/`)
 //! ```
 //!
 //! Keywords are case-insensitive; comments, whitespace and one trailing `;` are allowed.
@@ -125,6 +126,48 @@ fn branch_mode(word: &str) -> Option<BranchMode> {
         "AT" => Some(BranchMode::At),
         "XA" => Some(BranchMode::Xa),
         _ => None,
+    }
+}
+
+/// A TCC or saga handler's `BEGIN BRANCH`: the barrier of one call of its branch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchStatement {
+    pub gid: String,
+    pub branch_id: String,
+    pub op: String,
+    /// DTM's `trans_type`, when given (else told by the op).
+    pub trans_type: Option<String>,
+}
+
+/// Parses `BEGIN BRANCH '<gid>' '<branch_id>' '<op>' [TYPE '<trans_type>']`.
+pub fn parse_branch(sql: &str) -> Result<BranchStatement, String> {
+    const FORM: &str = "BEGIN BRANCH '<gid>' '<branch_id>' '<op>' [TYPE '<trans_type>'], with the values the coordinator \
+                        sent in the call's query string (gid, branch_id, op, trans_type)";
+    let toks = tokens(sql).map_err(|e| format!("the statement has {e}; the form is {FORM}"))?;
+    let statement = |gid: &String, branch_id: &String, op: &String, trans_type: Option<&String>| BranchStatement {
+        gid: gid.clone(),
+        branch_id: branch_id.clone(),
+        op: op.clone(),
+        trans_type: trans_type.cloned(),
+    };
+    match toks.as_slice() {
+        [
+            Token::Word(b),
+            Token::Word(w),
+            Token::Str(gid),
+            Token::Str(branch),
+            Token::Str(op),
+        ] if b == "BEGIN" && w == "BRANCH" => Ok(statement(gid, branch, op, None)),
+        [
+            Token::Word(b),
+            Token::Word(w),
+            Token::Str(gid),
+            Token::Str(branch),
+            Token::Str(op),
+            Token::Word(t),
+            Token::Str(trans_type),
+        ] if b == "BEGIN" && w == "BRANCH" && t == "TYPE" => Ok(statement(gid, branch, op, Some(trans_type))),
+        _ => Err(format!("the form is {FORM}")),
     }
 }
 

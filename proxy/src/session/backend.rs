@@ -21,6 +21,8 @@ pub struct Outcome {
     pub rows: Vec<Row>,
     /// The server's error, if the statement failed, as the client would get it.
     pub error: Option<ErrPacket>,
+    /// The rows a write changed (its OK packet's count).
+    pub affected_rows: u64,
 }
 
 fn parse_row(payload: &[u8]) -> Option<Row> {
@@ -137,6 +139,7 @@ async fn read(
     if let Some(status) = tracker.last_status() {
         state.status = status;
     }
+    outcome.affected_rows = tracker.last_ok().map_or(0, |ok| ok.affected_rows);
     Ok((outcome, tracker.prepare_ok()))
 }
 

@@ -1,0 +1,124 @@
+//! `BEGIN BRANCH`, the barrier of TCC and saga handlers through the proxy, against a real
+//! MariaDB server: a try or action runs once, a repeat is skipped, a compensation whose try
+//! never ran does nothing and keeps the late try out, and the barrier's rows commit or roll
+//! back with the handler's own work, in DTM's table layout.
+
+use anyhow::{Result, ensure};
+use ferrata_tests::{Setup, server_error};
+use mysql_async::prelude::*;
+
+/// Opens the handler's transaction; its `outcome`.
+async fn begin_branch(conn: &mut mysql_async::Conn, gid: &str, branch: &str, op: &str) -> Result<String> {
+    let outcome: Option<String> = conn
+        .query_first(format!("BEGIN BRANCH '{gid}' '{branch}' '{op}'"))
+        .await?;
+    outcome.ok_or_else(|| anyhow::anyhow!("BEGIN BRANCH answered no row"))
+}
+
+/// A handler: its work (one credit row) runs only when the barrier says so.
+async fn handle(conn: &mut mysql_async::Conn, gid: &str, branch: &str, op: &str) -> Result<String> {
+    let outcome = begin_branch(conn, gid, branch, op).await?;
+    if outcome == "run" {
+        conn.query_drop(format!("INSERT INTO work (gid, op) VALUES ('{gid}', '{op}')"))
+            .await?;
+        conn.query_drop("COMMIT").await?;
+    }
+    Ok(outcome)
+}
+
+async fn work(db: &ferrata_tests::ferrata_testkit::MariaDb, gid: &str) -> Result<Vec<String>> {
+    let mut c = db.conn().await?;
+    Ok(c.exec("SELECT op FROM work WHERE gid = ? ORDER BY id", (gid,)).await?)
+}
+
+#[tokio::test]
+async fn a_handler_runs_each_operation_once_and_never_after_its_compensation() -> Result<()> {
+    let s = Setup::start().await?;
+    s.db.conn()
+        .await?
+        .query_drop("CREATE TABLE work (id INT AUTO_INCREMENT PRIMARY KEY, gid VARCHAR(64), op VARCHAR(16))")
+        .await?;
+    let mut c = s.proxy.conn().await?;
+
+    // Try, confirm; each again: repeats.
+    ensure!(handle(&mut c, "g1", "01", "try").await? == "run");
+    ensure!(handle(&mut c, "g1", "01", "try").await? == "duplicate");
+    ensure!(handle(&mut c, "g1", "01", "confirm").await? == "run");
+    ensure!(handle(&mut c, "g1", "01", "confirm").await? == "duplicate");
+    ensure!(work(&s.db, "g1").await? == ["try", "confirm"]);
+
+    // A cancel before its try: nothing to undo, and the late try is kept out.
+    ensure!(handle(&mut c, "g2", "01", "cancel").await? == "null_compensation");
+    ensure!(handle(&mut c, "g2", "01", "try").await? == "hanging");
+    ensure!(handle(&mut c, "g2", "01", "cancel").await? == "duplicate");
+    ensure!(work(&s.db, "g2").await?.is_empty());
+
+    // A try, then its cancel: the cancel runs.
+    ensure!(handle(&mut c, "g3", "01", "try").await? == "run");
+    ensure!(handle(&mut c, "g3", "01", "cancel").await? == "run");
+    ensure!(work(&s.db, "g3").await? == ["try", "cancel"]);
+
+    // Saga: an action, its compensation; a compensation of an action that never ran.
+    ensure!(handle(&mut c, "g4", "01", "action").await? == "run");
+    ensure!(handle(&mut c, "g4", "01", "compensate").await? == "run");
+    ensure!(handle(&mut c, "g4", "02", "compensate").await? == "null_compensation");
+    ensure!(handle(&mut c, "g4", "02", "action").await? == "hanging");
+
+    // A handler that fails and rolls back takes its barrier row with it: the retry runs.
+    ensure!(begin_branch(&mut c, "g5", "01", "try").await? == "run");
+    c.query_drop("ROLLBACK").await?;
+    ensure!(handle(&mut c, "g5", "01", "try").await? == "run");
+    ensure!(work(&s.db, "g5").await? == ["try"]);
+
+    // DTM's rows: the origin written by the compensation that came first, with its reason.
+    let rows: Vec<(String, String, String, String, String)> = s
+        .db
+        .conn()
+        .await?
+        .query("SELECT trans_type, branch_id, op, barrier_id, reason FROM dtm_barrier.barrier WHERE gid = 'g2' ORDER BY id")
+        .await?;
+    let expected = [
+        ("tcc", "01", "try", "01", "cancel"),
+        ("tcc", "01", "cancel", "01", "cancel"),
+    ]
+    .map(|(a, b, c, d, e)| (a.into(), b.into(), c.into(), d.into(), e.into()));
+    ensure!(rows == expected, "{rows:?}");
+    Ok(())
+}
+
+/// A cancel arriving while its try's transaction is still open waits for it on the barrier's
+/// unique key, then runs as the compensation of a try that ran (DTM's "change, not check").
+#[tokio::test]
+async fn a_cancel_waits_for_its_try_in_flight() -> Result<()> {
+    let s = Setup::start().await?;
+    let mut try_conn = s.proxy.conn().await?;
+    ensure!(begin_branch(&mut try_conn, "g6", "01", "try").await? == "run");
+    let mut cancel_conn = s.proxy.conn().await?;
+    let cancel = tokio::spawn(async move { begin_branch(&mut cancel_conn, "g6", "01", "cancel").await });
+    ferrata_tests::a_lock_wait(&s.db).await?;
+    try_conn.query_drop("COMMIT").await?;
+    ensure!(cancel.await?? == "run", "the try committed: its cancel undoes it");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_barrier_is_refused_where_it_cannot_open_the_handler_s_transaction() -> Result<()> {
+    let s = Setup::start().await?;
+    let mut c = s.proxy.conn().await?;
+    let code = |e: mysql_async::Error| server_error(&e).map(|(c, _, _)| c).unwrap_or(0);
+    c.query_drop("BEGIN").await?;
+    let e = c.query_drop("BEGIN BRANCH 'g' '01' 'try'").await.unwrap_err();
+    ensure!(code(e) == 1399, "a transaction is open");
+    c.query_drop("ROLLBACK").await?;
+    let e = c.query_drop("BEGIN BRANCH 'g' '01'").await.unwrap_err();
+    ensure!(code(e) == 1064, "no op");
+    let e = c
+        .query_drop(format!("BEGIN BRANCH '{}' '01' 'try'", "g".repeat(129)))
+        .await
+        .unwrap_err();
+    ensure!(code(e) == 1406, "a gid longer than DTM's column");
+    // Outside those, the connection is as before.
+    let one: Option<i64> = c.query_first("SELECT 1").await?;
+    ensure!(one == Some(1));
+    Ok(())
+}
