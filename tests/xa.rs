@@ -436,6 +436,10 @@ async fn what_an_xa_branch_cannot_run_is_refused_before_it_is_sent() -> Result<(
     );
     ensure!(refused(&mut conn, "START TRANSACTION READ ONLY").await? == 1235);
     ensure!(
+        refused(&mut conn, "BEGIN BRANCH 'g' '01' 'try'").await? == 1235,
+        "a handler's barrier opens a transaction of its own, outside global transactions"
+    );
+    ensure!(
         refused(&mut conn, "COMMIT AND CHAIN").await? == 1235,
         "bound in XA mode: no plain transaction chains on the connection"
     );
