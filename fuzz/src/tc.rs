@@ -89,7 +89,8 @@ impl Tc {
         let store = RedbStore::open(&config.data_dir).expect("the store opens");
         let snapshot = store.load().expect("an empty store loads");
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
-        let coordinator = Coordinator::recover(config, journal.clone(), snapshot)
+        let caller = ferrata_tc::calls::Caller::new(&config.calls).expect("the default call settings");
+        let coordinator = Coordinator::recover(config, journal.clone(), snapshot, caller)
             .await
             .expect("recovery of an empty store");
         coordinator.start_background();

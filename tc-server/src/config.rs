@@ -62,6 +62,12 @@ pub struct Endpoint {
     pub secret: Secret,
 }
 
+impl Calls {
+    pub fn request_timeout(&self) -> Duration {
+        ms(self.request_timeout_ms)
+    }
+}
+
 impl Default for Calls {
     fn default() -> Self {
         Calls {

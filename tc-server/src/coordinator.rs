@@ -33,6 +33,7 @@ use crate::at::locks::LockError;
 use crate::at::{self, At};
 use crate::audit::Audit;
 use crate::auth::Tokens;
+use crate::calls::Caller;
 use crate::config::Config;
 use crate::error::TcError;
 use crate::history::History;
@@ -44,6 +45,7 @@ use crate::model::{
 use crate::rm::RmRegistry;
 use crate::store::journal::Journal;
 use crate::store::{Mutation, Snapshot, StoreError};
+use crate::tcc::TccBranch;
 use crate::timeline::{DecidedBy, Decision, Event, EventKind, Timeline};
 use crate::xid::{Ids, format_xid, parse_xid};
 
@@ -161,6 +163,8 @@ pub struct Coordinator {
     pub(crate) finished: Mutex<History>,
     pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
     pub rms: Arc<RmRegistry>,
+    /// HTTP calls to services: TCC branches' confirm and cancel.
+    pub(crate) caller: Caller,
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
     pub(crate) commit_wake: Notify,
     pub metrics: Metrics,
@@ -190,7 +194,12 @@ fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError
 impl Coordinator {
     /// Builds the coordinator from what the store holds: sessions, branches and their locks
     /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
-    pub async fn recover(config: Config, journal: Journal, snapshot: Snapshot) -> Result<Arc<Coordinator>, StoreError> {
+    pub async fn recover(
+        config: Config,
+        journal: Journal,
+        snapshot: Snapshot,
+        caller: Caller,
+    ) -> Result<Arc<Coordinator>, StoreError> {
         // An id is leased durably before a coordinator serves anything: a store without one
         // never had a coordinator whose guard set a resource manager could still trust.
         let fresh_store = snapshot.id_ceiling == 0;
@@ -221,6 +230,7 @@ impl Coordinator {
             finished: Mutex::new(History::default()),
             timeouts: Mutex::new(BTreeSet::new()),
             rms,
+            caller,
             commit_queue: Mutex::new(Vec::new()),
             commit_wake: Notify::new(),
             metrics,
@@ -524,11 +534,22 @@ impl Coordinator {
         let mode = pb::BranchType::try_from(branch_type)
             .map(BranchMode::from_pb)
             .map_err(|_| TcError::invalid(format!("unknown branch_type {branch_type}")))?;
-        if mode == BranchMode::Xa && !locks.is_empty() {
-            return Err(TcError::invalid(
-                "an XA branch takes no global locks (its database holds them): send no locks",
-            ));
+        if mode != BranchMode::At && !locks.is_empty() {
+            return Err(TcError::invalid(format!(
+                "a {} branch takes no global locks: send no locks",
+                mode.as_str()
+            )));
         }
+        let tcc = match mode {
+            BranchMode::Tcc => {
+                let branch = TccBranch::decode(&application_data).map_err(TcError::invalid)?;
+                if let Some(why) = branch.invalid() {
+                    return Err(TcError::invalid(why));
+                }
+                Some(branch.name)
+            }
+            _ => None,
+        };
         let limit = self.config.transactions.max_application_data;
         if application_data.len() > limit {
             return Err(TcError::invalid(format!(
@@ -567,6 +588,18 @@ impl Coordinator {
                 drop(state);
                 self.at.locks.release_branch(txn_id, branch_id, &keys);
                 return Err(e);
+            }
+            if let Some(name) = &tcc
+                && state.branches.iter().any(|b| {
+                    b.mode == BranchMode::Tcc && TccBranch::decode(&b.application_data).is_ok_and(|o| &o.name == name)
+                })
+            {
+                return Err(TcError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "global transaction {xid} already has a TCC branch {name:?}: give each branch its own branch_id"
+                    ),
+                ));
             }
             let now = now_ms();
             let branch = BranchRecord {

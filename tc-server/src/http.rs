@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferrata_rpc::ErrorCode;
+use ferrata_rpc::{ErrorCode, pb};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -44,6 +44,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{xid}", get(show))
         .route("/v1/transactions/{xid}/events", get(events))
+        .route("/v1/transactions/{xid}/branches", post(register_branch))
         .route("/v1/transactions/{xid}/commit", post(commit))
         .route("/v1/transactions/{xid}/rollback", post(rollback))
         .route("/v1/transactions/{xid}/retry", post(retry))
@@ -403,6 +404,62 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
     let body: BeginBody = json_body(&body, r#"{"timeout_ms": 60000, "name": "order"}"#)?;
     let xid = api.coordinator.begin(body.timeout_ms, body.name).await?;
     Ok((StatusCode::CREATED, Json(json!({ "xid": xid }))).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BranchBody {
+    mode: String,
+    branch_id: String,
+    confirm: String,
+    cancel: String,
+    /// The calls' JSON body: a string is sent as it is, any other JSON value as its text.
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+}
+
+/// Registers a TCC branch, before the application calls its try.
+async fn register_branch(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    XidPath(xid): XidPath,
+    body: Bytes,
+) -> Reply {
+    caller.require(Permission::Transact, "register branches")?;
+    const EXAMPLE: &str = r#"{"mode": "tcc", "branch_id": "01", "confirm": "http://svc/confirm", "cancel": "http://svc/cancel", "data": {"amount": 30}}"#;
+    let body: BranchBody = json_body(&body, EXAMPLE)?;
+    if !body.mode.eq_ignore_ascii_case("tcc") {
+        return Err(TcError::invalid(format!(
+            "mode {:?}: branches registered over HTTP are TCC branches (\"mode\": \"tcc\"); AT and XA branches register through ferrata-proxy",
+            body.mode
+        ))
+        .into());
+    }
+    let branch = crate::tcc::TccBranch {
+        name: body.branch_id,
+        data: match body.data {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(s)) => s,
+            Some(v) => v.to_string(),
+        },
+        confirm: body.confirm,
+        cancel: body.cancel,
+        headers: body.headers,
+        request_timeout_ms: body.request_timeout_ms,
+    };
+    let request = pb::BranchRegisterRequest {
+        xid: xid.clone(),
+        resource_id: crate::tcc::origin(&branch.confirm).to_owned(),
+        branch_type: pb::BranchType::Tcc as i32,
+        application_data: branch.encode(),
+        ..Default::default()
+    };
+    let branch_id = api.coordinator.register(request).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "xid": xid, "branch_id": branch_id }))).into_response())
 }
 
 /// What a handler answers: its response, or an error as JSON.

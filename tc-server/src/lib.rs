@@ -6,7 +6,8 @@
 //!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
 //!   `xid` ids, `calls` the HTTP calls to services (TCC and saga branches), `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
-//! - the modes' parts: `at` (the lock manager and the guarded tables)
+//! - the modes' parts: `at` (the lock manager and the guarded tables), `tcc` (branches the
+//!   coordinator confirms or cancels over HTTP)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
 //!   two APIs, `console` the web console's assets
@@ -28,6 +29,7 @@ pub mod timeline;
 pub mod xid;
 
 pub mod at;
+pub mod tcc;
 
 pub mod console;
 pub mod coordinator;

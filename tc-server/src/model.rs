@@ -276,6 +276,9 @@ pub enum BranchMode {
     At,
     /// Prepared by the database (XA), which holds its row locks until phase 2.
     Xa,
+    /// A service's try (called by the application), confirmed or cancelled by the
+    /// coordinator over HTTP (`tcc/`).
+    Tcc,
 }
 
 impl BranchMode {
@@ -283,6 +286,7 @@ impl BranchMode {
         match self {
             BranchMode::At => "AT",
             BranchMode::Xa => "XA",
+            BranchMode::Tcc => "TCC",
         }
     }
 
@@ -290,6 +294,7 @@ impl BranchMode {
         match self {
             BranchMode::At => pb::BranchType::At,
             BranchMode::Xa => pb::BranchType::Xa,
+            BranchMode::Tcc => pb::BranchType::Tcc,
         }
     }
 
@@ -297,14 +302,16 @@ impl BranchMode {
         match t {
             pb::BranchType::At => BranchMode::At,
             pb::BranchType::Xa => BranchMode::Xa,
+            pb::BranchType::Tcc => BranchMode::Tcc,
         }
     }
 
     /// The status a branch of this mode waits for its phase-2 commit in: an AT branch from
-    /// its registration (it registers at its local commit), an XA branch once prepared.
+    /// its registration (it registers at its local commit), a TCC branch too (registered
+    /// before its try, which the application calls), an XA branch once prepared.
     pub fn committable(self) -> BranchStatus {
         match self {
-            BranchMode::At => BranchStatus::Registered,
+            BranchMode::At | BranchMode::Tcc => BranchStatus::Registered,
             BranchMode::Xa => BranchStatus::Prepared,
         }
     }

@@ -266,14 +266,7 @@ impl Coordinator {
             }
             let started = Instant::now();
             let answer = self
-                .rms
-                .call(
-                    &b.resource_id,
-                    pb::Phase2Action::Rollback,
-                    vec![b.to_ref(&session.xid)],
-                    None,
-                    self.config.phase2.call_timeout(),
-                )
+                .send_phase2(&b.resource_id, pb::Phase2Action::Rollback, vec![b.to_ref(&session.xid)])
                 .await;
             self.metrics.phase2(Action::Rollback, started.elapsed());
             match classify(b.branch_id, answer, Action::Rollback) {
@@ -487,19 +480,32 @@ impl Coordinator {
         }
     }
 
+    /// Sends phase 2 of `refs` (branches of one resource and holder): TCC branches' confirm
+    /// or cancel as HTTP calls, the others to a resource manager serving the resource.
+    async fn send_phase2(
+        &self,
+        resource: &str,
+        action: pb::Phase2Action,
+        refs: Vec<pb::BranchRef>,
+    ) -> Result<Vec<pb::BranchOutcome>, CallError> {
+        if refs.iter().any(|b| b.branch_type == pb::BranchType::Tcc as i32) {
+            let commit = action == pb::Phase2Action::Commit;
+            let timeout = self.config.calls.request_timeout();
+            let mut outcomes = Vec::with_capacity(refs.len());
+            for b in &refs {
+                outcomes.push(crate::tcc::phase2(&self.caller, timeout, commit, b).await);
+            }
+            return Ok(outcomes);
+        }
+        self.rms
+            .call(resource, action, refs, None, self.config.phase2.call_timeout())
+            .await
+    }
+
     async fn commit_batch(self: Arc<Self>, resource: String, items: Vec<PendingCommit>) {
         let refs: Vec<pb::BranchRef> = items.iter().map(|p| p.reference.clone()).collect();
         let started = Instant::now();
-        let answer = self
-            .rms
-            .call(
-                &resource,
-                pb::Phase2Action::Commit,
-                refs,
-                None,
-                self.config.phase2.call_timeout(),
-            )
-            .await;
+        let answer = self.send_phase2(&resource, pb::Phase2Action::Commit, refs).await;
         self.metrics.phase2(Action::Commit, started.elapsed());
         let answer = answer.map(|outcomes| {
             outcomes

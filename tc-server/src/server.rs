@@ -46,7 +46,8 @@ impl Server {
         let store = RedbStore::open(&config.data_dir)?;
         let snapshot = store.load()?;
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
-        let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot).await?;
+        let caller = crate::calls::Caller::new(&config.calls)?;
+        let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller).await?;
         let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
         if !loopback {
             coordinator.tokens.forbid_open();

@@ -1,0 +1,189 @@
+//! TCC branches at the coordinator, against the real binary and a real HTTP service: registered
+//! over HTTP before the application calls their try, confirmed (commit) or cancelled
+//! (rollback) by the coordinator with DTM's query parameters and signed headers, retried until
+//! they succeed (a refusal also counted as a broken contract), and re-sent after the
+//! coordinator is killed while a call keeps failing.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use support::*;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+use ferrata_rpc::pb::GlobalStatus as G;
+
+/// A call as the service saw it: its path and query, its webhook-id, its body.
+type Seen = (String, String, String);
+
+/// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/down/...` 503 until
+/// `healthy` is set, then 200; every call is recorded.
+struct Service {
+    base: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Service {
+    async fn start() -> Result<Service> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (record, up) = (Arc::clone(&seen), Arc::clone(&healthy));
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (record, up) = (Arc::clone(&record), Arc::clone(&up));
+            async move {
+                use http_body_util::BodyExt;
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                let id = parts
+                    .headers
+                    .get("webhook-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((parts.uri.to_string(), id, String::from_utf8_lossy(&body).into_owned()));
+                let path = parts.uri.path();
+                if path.starts_with("/no/") {
+                    (StatusCode::CONFLICT, r#"{"dtm_result":"FAILURE"}"#).into_response()
+                } else if path.starts_with("/down/") && !up.load(std::sync::atomic::Ordering::SeqCst) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "down").into_response()
+                } else {
+                    (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response()
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Service { base, seen, healthy })
+    }
+
+    fn calls(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until a call whose path and query start with `prefix` arrived.
+    async fn until_called(&self, prefix: &str) -> Result<Seen> {
+        eventually(&format!("a call to {prefix}"), || async {
+            Ok(self.calls().into_iter().find(|(uri, _, _)| uri.starts_with(prefix)))
+        })
+        .await
+    }
+}
+
+/// Begins a global transaction over HTTP; its XID.
+async fn begin_http(tc: &Tc) -> Result<String> {
+    let r = tc
+        .http()
+        .post("/v1/transactions", Some(r#"{"timeout_ms": 60000}"#))
+        .await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    Ok(r.json()["xid"].as_str().unwrap_or_default().to_owned())
+}
+
+async fn register_tcc(tc: &Tc, xid: &str, body: Value) -> Result<Resp> {
+    tc.http()
+        .post(&format!("/v1/transactions/{xid}/branches"), Some(&body.to_string()))
+        .await
+}
+
+fn branch(s: &Service, name: &str, confirm: &str, cancel: &str) -> Value {
+    json!({
+        "mode": "tcc",
+        "branch_id": name,
+        "confirm": format!("{}/{confirm}", s.base),
+        "cancel": format!("{}/{cancel}", s.base),
+        "data": {"amount": 30},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    let xid = begin_http(&tc).await?;
+    for name in ["01", "02"] {
+        let r = register_tcc(&tc, &xid, branch(&s, name, "ok/confirm", "ok/cancel")).await?;
+        anyhow::ensure!(r.status == 201, "{r:?}");
+    }
+    // A branch id is the application's name for the branch: once per transaction.
+    let again = register_tcc(&tc, &xid, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
+    anyhow::ensure!(
+        again.status == 409 && again.json()["code"] == "already_exists",
+        "{again:?}"
+    );
+    commit(&c, &xid).await?;
+    wait_status(&c, &xid, G::Committed).await?;
+    let calls = s.calls();
+    anyhow::ensure!(calls.len() == 2, "{calls:?}");
+    for name in ["01", "02"] {
+        let (uri, id, body) = s
+            .until_called(&format!(
+                "/ok/confirm?gid={xid}&trans_type=tcc&branch_id={name}&op=confirm"
+            ))
+            .await?;
+        anyhow::ensure!(id == format!("{xid}.{name}.confirm"), "{uri}: {id}");
+        anyhow::ensure!(body == r#"{"amount":30}"#, "{body}");
+    }
+
+    let xid = begin_http(&tc).await?;
+    register_tcc(&tc, &xid, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
+    rollback(&c, &xid).await?;
+    wait_status(&c, &xid, G::Rollbacked).await?;
+    s.until_called(&format!("/ok/cancel?gid={xid}&trans_type=tcc&branch_id=01&op=cancel"))
+        .await?;
+
+    // Only a transaction in Begin takes branches; a bad branch is refused whole.
+    let late = register_tcc(&tc, &xid, branch(&s, "02", "ok/confirm", "ok/cancel")).await?;
+    anyhow::ensure!(late.status == 404 || late.status == 409, "{late:?}");
+    let open = begin_http(&tc).await?;
+    let mut bad = branch(&s, "01", "ok/confirm", "ok/cancel");
+    bad["cancel"] = json!("svc/cancel");
+    let r = register_tcc(&tc, &open, bad).await?;
+    anyhow::ensure!(r.status == 400, "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_confirm_is_retried_through_a_coordinator_restart() -> Result {
+    let mut tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    let xid = begin_http(&tc).await?;
+    register_tcc(&tc, &xid, branch(&s, "01", "down/confirm", "ok/cancel")).await?;
+    commit(&c, &xid).await?;
+    s.until_called("/down/confirm").await?;
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    let before = s.calls().len();
+    eventually("the confirm re-sent after the restart", || async {
+        Ok((s.calls().len() > before).then_some(()))
+    })
+    .await?;
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&c, &xid, G::Committed).await?;
+
+    // A confirm that refuses breaks its contract: retried all the same, and counted.
+    let xid = begin_http(&tc).await?;
+    register_tcc(&tc, &xid, branch(&s, "01", "no/confirm", "ok/cancel")).await?;
+    commit(&c, &xid).await?;
+    eventually("a broken contract counted", || async {
+        let text = tc.http().get("/metrics").await?.body;
+        Ok(metric(&text, "ferrata_tc_tcc_contract_broken_total{op=\"confirm\"}").filter(|n| *n >= 2.0))
+    })
+    .await?;
+    let v = tc.http().get_json(&format!("/v1/transactions/{xid}")).await?;
+    anyhow::ensure!(v["status"] == "AsyncCommitting", "{v}");
+    Ok(())
+}
