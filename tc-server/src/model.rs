@@ -345,6 +345,8 @@ pub struct BranchRecord {
     pub branch_id: u64,
     pub resource_id: String,
     pub lock_keys: Vec<LockKey>,
+    /// AT and XA: opaque, handed back to the resource manager with phase 2. TCC: the calls
+    /// the coordinator makes itself (`tcc::TccBranch`, JSON).
     pub application_data: Vec<u8>,
     pub status: BranchStatus,
     pub registered_ms: u64,
