@@ -101,6 +101,46 @@ async fn a_cancel_waits_for_its_try_in_flight() -> Result<()> {
     Ok(())
 }
 
+/// A handler's user that may only read and write a barrier table a DBA created needs no
+/// other privilege; values with quotes and backslashes are kept exactly, whatever the
+/// session's sql_mode.
+#[tokio::test]
+async fn a_least_privileged_handler_keeps_its_values_exactly() -> Result<()> {
+    let s = Setup::start().await?;
+    let mut admin = s.db.conn().await?;
+    admin.query_drop("CREATE DATABASE dtm_barrier").await?;
+    admin
+        .query_drop(
+            "CREATE TABLE dtm_barrier.barrier (id BIGINT PRIMARY KEY AUTO_INCREMENT, trans_type VARCHAR(45) DEFAULT '', \
+             gid VARCHAR(128) DEFAULT '', branch_id VARCHAR(128) DEFAULT '', op VARCHAR(45) DEFAULT '', \
+             barrier_id VARCHAR(45) DEFAULT '', reason VARCHAR(45) DEFAULT '', create_time DATETIME DEFAULT NOW(), \
+             update_time DATETIME DEFAULT NOW(), UNIQUE KEY (gid, branch_id, op, barrier_id))",
+        )
+        .await?;
+    admin
+        .query_drop("CREATE USER 'handler'@'%' IDENTIFIED BY 'handler-pw'")
+        .await?;
+    admin
+        .query_drop("GRANT SELECT, INSERT ON dtm_barrier.barrier TO 'handler'@'%'")
+        .await?;
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(s.proxy.addr.ip().to_string())
+        .tcp_port(s.proxy.addr.port())
+        .user(Some("handler"))
+        .pass(Some("handler-pw"));
+    let mut c = mysql_async::Conn::new(opts).await?;
+    // A quote doubled and a backslash escaped, as MariaDB reads them by default, then with
+    // NO_BACKSLASH_ESCAPES, where a backslash is itself.
+    ensure!(begin_branch(&mut c, r"it''s \\ ok", "01", "try").await? == "run");
+    c.query_drop("COMMIT").await?;
+    c.query_drop("SET sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES,ANSI_QUOTES')")
+        .await?;
+    ensure!(begin_branch(&mut c, r"it''s \ ok", "01", "try").await? == "duplicate");
+    let gids: Vec<String> = admin.query("SELECT gid FROM dtm_barrier.barrier").await?;
+    ensure!(gids == [r"it's \ ok"], "{gids:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_barrier_is_refused_where_it_cannot_open_the_handler_s_transaction() -> Result<()> {
     let s = Setup::start().await?;

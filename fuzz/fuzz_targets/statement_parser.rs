@@ -16,7 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let (sql, literals) = all.split_once('\0').unwrap_or((all, ""));
 
     let _ = statement::parse(sql);
-    let _ = statement::parse_branch(sql);
+    let _ = statement::parse_branch(sql, false);
+    let _ = statement::parse_branch(sql, true);
     let _ = dml::plan(sql);
     let _ = dml::plan_multi(sql);
     let _ = dml::written_tables(sql);

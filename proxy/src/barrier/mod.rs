@@ -26,6 +26,7 @@ use crate::classify::{GlobalCommand, StatementClass};
 use crate::coordinator::statement::{self, BranchStatement};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
+use crate::protocol::execute::Param;
 use crate::protocol::resultset;
 use crate::session::backend::{self, local_rollback};
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
@@ -42,6 +43,8 @@ pub struct Barrier {
     /// `[barrier] table`, quoted.
     table: String,
     database: String,
+    /// The table's name, unquoted.
+    name: String,
     /// The table is known to exist (created or found at the first use).
     ready: AtomicBool,
 }
@@ -52,6 +55,7 @@ impl Barrier {
         Barrier {
             table: crate::sql::qualified(database, table),
             database: database.to_owned(),
+            name: table.to_owned(),
             ready: AtomicBool::new(false),
         }
     }
@@ -132,7 +136,8 @@ impl ModeSession for BarrierSession {
             && command
                 .class
                 .is_some_and(|c| c.class == StatementClass::GlobalTransaction(GlobalCommand::Branch));
-        self.claimed = branch.then(|| String::from_utf8_lossy(&command.payload[1..]).into_owned());
+        // Not UTF-8: refused whole (two different values must never read as the same).
+        self.claimed = branch.then(|| String::from_utf8(command.payload[1..].to_vec()).unwrap_or_default());
         Claim::take_if(branch)
     }
 
@@ -176,7 +181,7 @@ async fn begin(
     limit: usize,
     sql: &str,
 ) -> Result<Result<Outcome, ErrPacket>, SessionError> {
-    let b = match statement::parse_branch(sql) {
+    let b = match statement::parse_branch(sql, state.no_backslash_escapes()) {
         Ok(b) => b,
         Err(e) => {
             return Ok(Err(ErrPacket::new(
@@ -203,15 +208,8 @@ async fn begin(
         )));
     }
     if !barrier.ready.load(Ordering::Acquire) {
-        for ddl in barrier.create_sql() {
-            if let Some(e) = backend::query(backend, state, &ddl, limit).await?.error {
-                return Ok(Err(e.prefixed(&format!(
-                    "ferrata-proxy could not create the barrier table {} (have a DBA run: {}; {}): ",
-                    barrier.table,
-                    barrier.create_sql()[0],
-                    barrier.create_sql()[1]
-                ))));
-            }
+        if let Err(e) = ensure_table(barrier, backend, state, limit).await? {
+            return Ok(Err(e));
         }
         barrier.ready.store(true, Ordering::Release);
     }
@@ -232,6 +230,43 @@ async fn begin(
             Ok(Err(e))
         }
     }
+}
+
+/// Finds the barrier table, or creates it with DTM's layout (the handler's user then needs
+/// CREATE; one with only INSERT and SELECT on a table a DBA created never needs it).
+async fn ensure_table(
+    barrier: &Barrier,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<Result<(), ErrPacket>, SessionError> {
+    let found = backend::query(
+        backend,
+        state,
+        &format!(
+            "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = {} AND TABLE_NAME = {}",
+            literal(&barrier.database),
+            literal(&barrier.name)
+        ),
+        limit,
+    )
+    .await?;
+    if let Some(e) = found.error {
+        return Ok(Err(e));
+    }
+    if !found.rows.is_empty() {
+        return Ok(Ok(()));
+    }
+    let ddl = barrier.create_sql();
+    for statement in &ddl {
+        if let Some(e) = backend::query(backend, state, statement, limit).await?.error {
+            return Ok(Err(e.prefixed(&format!(
+                "the barrier table {} is missing and ferrata-proxy could not create it (have a DBA run: {}; {}): ",
+                barrier.table, ddl[0], ddl[1]
+            ))));
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// The values must fit DTM's columns.
@@ -262,27 +297,29 @@ async fn decide(
     b: &BranchStatement,
 ) -> Result<Result<Outcome, ErrPacket>, SessionError> {
     let trans_type = b.trans_type.as_deref().unwrap_or_else(|| trans_type_of(&b.op));
-    let insert = |op: &str| {
-        format!(
-            "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ({}, {}, {}, {}, {}, {})",
-            barrier.table,
-            literal(trans_type),
-            literal(&b.gid),
-            literal(&b.branch_id),
-            literal(op),
-            literal(BARRIER_ID),
-            literal(&b.op),
-        )
+    // The values are bound, never quoted into the text: any bytes, any sql_mode.
+    let text = |v: &str| {
+        let mut value = Vec::with_capacity(v.len() + 3);
+        crate::protocol::lenenc::write_str(&mut value, v.as_bytes());
+        Param {
+            kind: [0xfd, 0x00],
+            value: Some(value),
+        }
     };
+    let insert = format!(
+        "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES (?, ?, ?, ?, ?, ?)",
+        barrier.table
+    );
+    let row = |op: &str| [trans_type, &b.gid, &b.branch_id, op, BARRIER_ID, &b.op].map(text);
     let mut origin_inserted = false;
     if let Some(origin) = origin_of(&b.op) {
-        let done = backend::query(backend, state, &insert(origin), limit).await?;
+        let done = backend::execute_prepared(backend, state, &insert, &row(origin), limit).await?;
         if let Some(e) = done.error {
             return Ok(Err(e));
         }
         origin_inserted = done.affected_rows > 0;
     }
-    let done = backend::query(backend, state, &insert(&b.op), limit).await?;
+    let done = backend::execute_prepared(backend, state, &insert, &row(&b.op), limit).await?;
     if let Some(e) = done.error {
         return Ok(Err(e));
     }
@@ -293,17 +330,14 @@ async fn decide(
         return Ok(Ok(Outcome::Run));
     }
     // The call's row was there: a repeat, unless a compensation wrote it first.
-    let read = backend::query(
+    let read = backend::execute_prepared(
         backend,
         state,
         &format!(
-            "SELECT reason FROM {} WHERE gid = {} AND branch_id = {} AND op = {} AND barrier_id = {}",
-            barrier.table,
-            literal(&b.gid),
-            literal(&b.branch_id),
-            literal(&b.op),
-            literal(BARRIER_ID)
+            "SELECT reason FROM {} WHERE gid = ? AND branch_id = ? AND op = ? AND barrier_id = ?",
+            barrier.table
         ),
+        &[&b.gid, &b.branch_id, &b.op, BARRIER_ID].map(text),
         limit,
     )
     .await?;

@@ -46,7 +46,9 @@ enum Token {
     Semicolon,
 }
 
-fn tokens(sql: &str) -> Result<Vec<Token>, String> {
+/// The tokens of `sql`; in strings a backslash escapes the next character unless the
+/// session's sql_mode has NO_BACKSLASH_ESCAPES (`no_backslash_escapes`).
+fn tokens(sql: &str, no_backslash_escapes: bool) -> Result<Vec<Token>, String> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -78,7 +80,7 @@ fn tokens(sql: &str) -> Result<Vec<Token>, String> {
                         i += 1;
                         break;
                     }
-                    Some(&b'\\') if i + 1 < b.len() => {
+                    Some(&b'\\') if i + 1 < b.len() && !no_backslash_escapes => {
                         value.push(b[i + 1]);
                         i += 2;
                     }
@@ -140,10 +142,10 @@ pub struct BranchStatement {
 }
 
 /// Parses `BEGIN BRANCH '<gid>' '<branch_id>' '<op>' [TYPE '<trans_type>']`.
-pub fn parse_branch(sql: &str) -> Result<BranchStatement, String> {
+pub fn parse_branch(sql: &str, no_backslash_escapes: bool) -> Result<BranchStatement, String> {
     const FORM: &str = "BEGIN BRANCH '<gid>' '<branch_id>' '<op>' [TYPE '<trans_type>'], with the values the coordinator \
                         sent in the call's query string (gid, branch_id, op, trans_type)";
-    let toks = tokens(sql).map_err(|e| format!("the statement has {e}; the form is {FORM}"))?;
+    let toks = tokens(sql, no_backslash_escapes).map_err(|e| format!("the statement has {e}; the form is {FORM}"))?;
     let statement = |gid: &String, branch_id: &String, op: &String, trans_type: Option<&String>| BranchStatement {
         gid: gid.clone(),
         branch_id: branch_id.clone(),
@@ -174,7 +176,7 @@ pub fn parse_branch(sql: &str) -> Result<BranchStatement, String> {
 /// Parses one statement; the error says what is wrong and shows the accepted forms.
 pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
     let bad = |what: &str| format!("{what}; Ferrata's statements are {SYNTAX}");
-    let toks = tokens(sql).map_err(|e| bad(&format!("the statement has {e}")))?;
+    let toks = tokens(sql, false).map_err(|e| bad(&format!("the statement has {e}")))?;
     let word = |i: usize| match toks.get(i) {
         Some(Token::Word(w)) => Some(w.as_str()),
         _ => None,
