@@ -51,6 +51,9 @@ pub struct Calls {
     pub ca: Option<PathBuf>,
     /// Signing secrets, by URL prefix (the longest matching prefix signs a call).
     pub endpoints: Vec<Endpoint>,
+    /// URL prefixes a branch's URLs must fall under (scheme, host and port, then whole path
+    /// segments); empty: any URL.
+    pub allow: Vec<String>,
 }
 
 /// A signing secret for the endpoints under one URL prefix.
@@ -74,6 +77,7 @@ impl Default for Calls {
             request_timeout_ms: 3_000,
             ca: None,
             endpoints: Vec::new(),
+            allow: Vec::new(),
         }
     }
 }

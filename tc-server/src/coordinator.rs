@@ -540,15 +540,17 @@ impl Coordinator {
                 mode.as_str()
             )));
         }
-        let tcc = match mode {
+        let (tcc, resource_id) = match mode {
             BranchMode::Tcc => {
                 let branch = TccBranch::decode(&application_data).map_err(TcError::invalid)?;
-                if let Some(why) = branch.invalid() {
+                if let Some(why) = branch.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
-                Some(branch.name)
+                // Its commits batch by the service it calls, never with a database's.
+                let origin = crate::tcc::origin(&branch.confirm).to_owned();
+                (Some(branch.name), origin)
             }
-            _ => None,
+            _ => (None, resource_id),
         };
         let limit = self.config.transactions.max_application_data;
         if application_data.len() > limit {
@@ -684,6 +686,12 @@ impl Coordinator {
                 status: Some(global),
                 ..TcError::new(ErrorCode::GlobalStatusInvalid, message)
             };
+            if branch.mode == BranchMode::Tcc {
+                return Err(TcError::invalid(format!(
+                    "branch {branch_id} of {xid} is a TCC branch: the coordinator confirms or cancels it with its \
+                     transaction (a failed try is told by rolling the transaction back), nothing is reported for it"
+                )));
+            }
             if status != BranchStatus::PhaseOneFailed && branch.mode != BranchMode::Xa {
                 return Err(TcError::invalid(format!(
                     "branch {branch_id} of {xid} is an AT branch; only XA branches are prepared or read-only"

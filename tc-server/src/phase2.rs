@@ -455,7 +455,13 @@ impl Coordinator {
                 by_resource.entry(key).or_default().push(p);
             }
             for ((resource, _), items) in by_resource {
-                for chunk in items.chunks(self.config.phase2.commit_batch) {
+                // One call per TCC branch, each in its own task: a slow service holds up
+                // nothing else.
+                let tcc = items
+                    .first()
+                    .is_some_and(|p| p.reference.branch_type == pb::BranchType::Tcc as i32);
+                let batch = if tcc { 1 } else { self.config.phase2.commit_batch };
+                for chunk in items.chunks(batch) {
                     self.tasks
                         .spawn(Arc::clone(&self).commit_batch(resource.clone(), chunk.to_vec()));
                 }
@@ -488,18 +494,31 @@ impl Coordinator {
         action: pb::Phase2Action,
         refs: Vec<pb::BranchRef>,
     ) -> Result<Vec<pb::BranchOutcome>, CallError> {
-        if refs.iter().any(|b| b.branch_type == pb::BranchType::Tcc as i32) {
-            let commit = action == pb::Phase2Action::Commit;
-            let timeout = self.config.calls.request_timeout();
-            let mut outcomes = Vec::with_capacity(refs.len());
-            for b in &refs {
-                outcomes.push(crate::tcc::phase2(&self.caller, timeout, commit, b).await);
-            }
-            return Ok(outcomes);
+        let (tcc, others): (Vec<_>, Vec<_>) = refs
+            .into_iter()
+            .partition(|b| b.branch_type == pb::BranchType::Tcc as i32);
+        let mut outcomes = Vec::with_capacity(tcc.len());
+        let commit = action == pb::Phase2Action::Commit;
+        for b in &tcc {
+            let call = crate::tcc::phase2(&self.caller, self.config.calls.request_timeout(), commit, b);
+            outcomes.push(tokio::select! {
+                o = call => o,
+                // Asked again after the restart.
+                _ = self.shutdown.cancelled() => pb::BranchOutcome::of(
+                    b.branch_id,
+                    pb::BranchStatus::Unknown,
+                    "the coordinator is shutting down",
+                ),
+            });
         }
-        self.rms
-            .call(resource, action, refs, None, self.config.phase2.call_timeout())
-            .await
+        if !others.is_empty() {
+            let answered = self
+                .rms
+                .call(resource, action, others, None, self.config.phase2.call_timeout())
+                .await?;
+            outcomes.extend(answered);
+        }
+        Ok(outcomes)
     }
 
     async fn commit_batch(self: Arc<Self>, resource: String, items: Vec<PendingCommit>) {

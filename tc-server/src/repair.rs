@@ -339,7 +339,11 @@ impl Coordinator {
         action_id: &str,
     ) -> Result<Vec<Value>, TcError> {
         let mut out = Vec::new();
-        for b in branches.iter().filter(|b| b.status != BranchStatus::PhaseOneFailed) {
+        // TCC branches keep no undo record (nor do XA ones: their proxies answer so).
+        for b in branches
+            .iter()
+            .filter(|b| b.status != BranchStatus::PhaseOneFailed && b.mode != crate::model::BranchMode::Tcc)
+        {
             let repair = pb::Repair {
                 all: true,
                 dry_run,

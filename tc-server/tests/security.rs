@@ -277,7 +277,7 @@ async fn malformed_http_requests_get_json_errors() -> Result {
         ("GET", "/v2/transactions", not_found),
         ("GET", "/", not_found),
         ("POST", "/v1/nothing", not_found),
-        ("GET", "/v1/transactions/1-1/branches", not_found),
+        ("GET", "/v1/transactions/1-1/branches", wrong_method),
         ("DELETE", "/v1/transactions", wrong_method),
         ("GET", "/v1/transactions/1-1/commit", wrong_method),
         ("PUT", "/v1/locks", wrong_method),

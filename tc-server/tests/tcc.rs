@@ -17,8 +17,9 @@ type Result<T = ()> = anyhow::Result<T>;
 
 use ferrata_rpc::pb::GlobalStatus as G;
 
-/// A call as the service saw it: its path and query, its webhook-id, its body.
-type Seen = (String, String, String);
+/// A call as the service saw it: its path and query, its webhook-id, its body, and its
+/// method with its `x-tenant` header.
+type Seen = (String, String, String, String);
 
 /// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/down/...` 503 until
 /// `healthy` is set, then 200; every call is recorded.
@@ -45,10 +46,17 @@ impl Service {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_owned();
-                record
-                    .lock()
-                    .unwrap()
-                    .push((parts.uri.to_string(), id, String::from_utf8_lossy(&body).into_owned()));
+                let tenant = parts
+                    .headers
+                    .get("x-tenant")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                record.lock().unwrap().push((
+                    parts.uri.to_string(),
+                    id,
+                    String::from_utf8_lossy(&body).into_owned(),
+                    format!("{} {tenant}", parts.method),
+                ));
                 let path = parts.uri.path();
                 if path.starts_with("/no/") {
                     (StatusCode::CONFLICT, r#"{"dtm_result":"FAILURE"}"#).into_response()
@@ -72,7 +80,7 @@ impl Service {
     /// Waits until a call whose path and query start with `prefix` arrived.
     async fn until_called(&self, prefix: &str) -> Result<Seen> {
         eventually(&format!("a call to {prefix}"), || async {
-            Ok(self.calls().into_iter().find(|(uri, _, _)| uri.starts_with(prefix)))
+            Ok(self.calls().into_iter().find(|(uri, _, _, _)| uri.starts_with(prefix)))
         })
         .await
     }
@@ -126,14 +134,29 @@ async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
     let calls = s.calls();
     anyhow::ensure!(calls.len() == 2, "{calls:?}");
     for name in ["01", "02"] {
-        let (uri, id, body) = s
+        let (uri, id, body, method) = s
             .until_called(&format!(
                 "/ok/confirm?gid={xid}&trans_type=tcc&branch_id={name}&op=confirm"
             ))
             .await?;
         anyhow::ensure!(id == format!("{xid}.{name}.confirm"), "{uri}: {id}");
         anyhow::ensure!(body == r#"{"amount":30}"#, "{body}");
+        anyhow::ensure!(method == "POST ", "{method}");
     }
+
+    // No data: a GET; the branch's own headers go along (not the ones the coordinator sets).
+    let xid = begin_http(&tc).await?;
+    let mut plain = branch(&s, "01", "ok/plain", "ok/cancel");
+    plain["data"] = Value::Null;
+    plain["headers"] = json!({"x-tenant": "t1"});
+    register_tcc(&tc, &xid, plain.clone()).await?;
+    commit(&c, &xid).await?;
+    let (_, _, body, method) = s.until_called("/ok/plain").await?;
+    anyhow::ensure!(body.is_empty() && method == "GET t1", "{method} {body}");
+    let open = begin_http(&tc).await?;
+    plain["headers"] = json!({"Host": "elsewhere"});
+    let r = register_tcc(&tc, &open, plain).await?;
+    anyhow::ensure!(r.status == 400, "{r:?}");
 
     let xid = begin_http(&tc).await?;
     register_tcc(&tc, &xid, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;

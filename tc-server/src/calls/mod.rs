@@ -44,6 +44,8 @@ pub struct Caller {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Signing keys by URL prefix, longest prefix first.
     keys: Vec<(String, Vec<u8>)>,
+    /// `[calls] allow`.
+    allow: Vec<String>,
 }
 
 impl Caller {
@@ -78,27 +80,43 @@ impl Caller {
             .map(|e| (e.prefix.clone(), signature::key(e.secret.0.as_str())))
             .collect();
         keys.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        Ok(Caller { client, keys })
+        Ok(Caller {
+            client,
+            keys,
+            allow: config.allow.clone(),
+        })
+    }
+
+    /// Whether `url` may be called: a valid http(s) URL without a fragment, under `[calls]
+    /// allow` when that is set. `Err` says why not.
+    pub fn allows(&self, url: &str) -> Result<(), String> {
+        let uri: hyper::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() || url.contains('#') {
+            return Err(format!(
+                "{url:?} is not an http:// or https:// URL with a host and no fragment"
+            ));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|prefix| covers(prefix, url)) {
+            return Err(format!("{url:?} is not under any of [calls] allow"));
+        }
+        Ok(())
     }
 
     /// Makes one call and says what its answer means.
     pub async fn call(&self, call: &Call<'_>) -> Outcome {
         match tokio::time::timeout(call.timeout, self.exchange(call)).await {
-            Ok(Ok((status, retry_after, body))) => outcome::classify(status, retry_after.as_deref(), &body),
-            Ok(Err(why)) => Outcome::Retry { why, after: None },
-            Err(_) => Outcome::Retry {
-                why: format!("no answer within {} ms", call.timeout.as_millis()),
-                after: None,
-            },
+            Ok(Ok((status, body))) => outcome::classify(status, &body),
+            Ok(Err(why)) => Outcome::Retry(why),
+            Err(_) => Outcome::Retry(format!("no answer within {} ms", call.timeout.as_millis())),
         }
     }
 
-    async fn exchange(&self, call: &Call<'_>) -> Result<(u16, Option<String>, Bytes), String> {
+    async fn exchange(&self, call: &Call<'_>) -> Result<(u16, Bytes), String> {
         let url = with_query(call.url, &call.query);
         let key = self
             .keys
             .iter()
-            .find(|(prefix, _)| call.url.starts_with(prefix.as_str()))
+            .find(|(prefix, _)| covers(prefix, call.url))
             .map(|(_, k)| k.as_slice());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -123,18 +141,28 @@ impl Caller {
             .await
             .map_err(|e| format!("calling {url}: {}", error_chain(&e)))?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok((status, retry_after, body))
+            .map_err(|e| format!("reading the answer of {url} (HTTP {status}): {e}"))?
+            .to_bytes();
+        Ok((status, body))
     }
+}
+
+/// Whether the URL prefix `prefix` covers `url`: the same scheme, host and port, and a path
+/// that is the prefix's or continues it after a `/` (so `https://pay.example` does not cover
+/// `https://pay.example.evil/`, nor `/api` cover `/api-admin`).
+pub fn covers(prefix: &str, url: &str) -> bool {
+    let (Ok(p), Ok(u)) = (prefix.parse::<hyper::Uri>(), url.parse::<hyper::Uri>()) else {
+        return false;
+    };
+    let same_origin = p.scheme_str().map(str::to_ascii_lowercase) == u.scheme_str().map(str::to_ascii_lowercase)
+        && p.host().map(str::to_ascii_lowercase) == u.host().map(str::to_ascii_lowercase)
+        && p.port_u16() == u.port_u16()
+        && p.authority().is_some();
+    let (pp, up) = (p.path().trim_end_matches('/'), u.path());
+    same_origin && (pp.is_empty() || up == pp || up.strip_prefix(pp).is_some_and(|rest| rest.starts_with('/')))
 }
 
 /// `url` with the query parameters added (after any it has).
@@ -194,7 +222,7 @@ mod tests {
                 match parts.uri.path() {
                     "/ok" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
                     "/no" => (StatusCode::CONFLICT, "insufficient funds").into_response(),
-                    "/later" => (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "2")], "busy").into_response(),
+                    "/later" => (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response(),
                     _ => {
                         tokio::time::sleep(Duration::from_secs(5)).await;
                         StatusCode::OK.into_response()
@@ -246,20 +274,17 @@ mod tests {
         );
         assert_eq!(
             caller.call(&call("/later", b"{}", 2000)).await,
-            Outcome::Retry {
-                why: "HTTP 503: busy".into(),
-                after: Some(Duration::from_secs(2))
-            }
+            Outcome::Retry("HTTP 503: busy".into())
         );
-        assert!(matches!(
+        assert_eq!(
             caller.call(&call("/slow", b"{}", 100)).await,
-            Outcome::Retry { why, .. } if why == "no answer within 100 ms"
-        ));
+            Outcome::Retry("no answer within 100 ms".into())
+        );
         let unreachable = Call {
             url: "http://127.0.0.1:9",
             ..call("/ok", b"{}", 2000)
         };
-        assert!(matches!(caller.call(&unreachable).await, Outcome::Retry { .. }));
+        assert!(matches!(caller.call(&unreachable).await, Outcome::Retry(_)));
 
         let seen = seen.lock().unwrap().clone();
         let (method, uri, signature, timestamp, body) = &seen[0];
@@ -279,6 +304,20 @@ mod tests {
             ("GET", &None),
             "no body: a GET; no secret: unsigned"
         );
+    }
+
+    #[test]
+    fn a_prefix_covers_whole_origins_and_path_segments() {
+        assert!(covers("https://pay.example", "https://pay.example/confirm"));
+        assert!(covers(
+            "https://pay.example/api/",
+            "https://PAY.example/api/tcc/confirm"
+        ));
+        assert!(!covers("https://pay.example", "https://pay.example.evil.io/x"));
+        assert!(!covers("https://pay.example", "https://pay.example@evil.io/"));
+        assert!(!covers("https://pay.example/api", "https://pay.example/api-admin"));
+        assert!(!covers("https://pay.example", "http://pay.example/"));
+        assert!(!covers("https://pay.example", "https://pay.example:8443/"));
     }
 
     #[test]

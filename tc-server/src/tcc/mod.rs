@@ -19,6 +19,28 @@ use crate::calls::{Call, Caller, Outcome};
 /// Longest branch name (DTM's `branch_id` column).
 const MAX_NAME: usize = 128;
 
+/// Longest time one call may be given: a service that needs longer answers ONGOING.
+const MAX_REQUEST_TIMEOUT_MS: u64 = 60_000;
+
+/// Headers a branch may not set: the coordinator frames, signs and routes its calls itself.
+fn reserved(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .contains(&name.as_str())
+        || name.starts_with("proxy-")
+        || name.starts_with("webhook-")
+}
+
 /// One TCC branch's calls, as registered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TccBranch {
@@ -38,25 +60,33 @@ pub struct TccBranch {
 }
 
 impl TccBranch {
-    /// Why the branch cannot be registered, if it cannot.
-    pub fn invalid(&self) -> Option<String> {
+    /// Why the branch cannot be registered, if it cannot: its URLs must be ones `caller`
+    /// may call (`[calls] allow`).
+    pub fn invalid(&self, caller: &Caller) -> Option<String> {
         if self.name.is_empty() || self.name.chars().count() > MAX_NAME {
             return Some(format!("branch_id must have 1 to {MAX_NAME} characters"));
         }
         for (what, url) in [("confirm", &self.confirm), ("cancel", &self.cancel)] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Some(format!("{what} must be an http:// or https:// URL, not {url:?}"));
+            if let Err(why) = caller.allows(url) {
+                return Some(format!("{what}: {why}"));
             }
         }
         let bad_header = self.headers.iter().find(|(name, value)| {
             axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || axum::http::HeaderValue::from_str(value).is_err()
+                || reserved(name)
         });
         if let Some((name, _)) = bad_header {
-            return Some(format!("header {name:?} is not a valid HTTP header (name or value)"));
+            return Some(format!(
+                "header {name:?} is not a valid HTTP header, or one the coordinator sets itself (Host, Content-*, \
+                 Transfer-Encoding, Connection, webhook-*, ...)"
+            ));
         }
-        if self.request_timeout_ms == Some(0) {
-            return Some("request_timeout_ms must be above 0".into());
+        if self
+            .request_timeout_ms
+            .is_some_and(|t| t == 0 || t > MAX_REQUEST_TIMEOUT_MS)
+        {
+            return Some(format!("request_timeout_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}"));
         }
         None
     }
@@ -115,7 +145,7 @@ pub async fn phase2(caller: &Caller, default_timeout: Duration, commit: bool, b:
     match caller.call(&call).await {
         Outcome::Success => pb::BranchOutcome::of(b.branch_id, done, ""),
         Outcome::Ongoing => pb::BranchOutcome::of(b.branch_id, again, format!("{op} answered ONGOING; asked again")),
-        Outcome::Retry { why, .. } => pb::BranchOutcome::of(b.branch_id, again, format!("{op} at {url}: {why}")),
+        Outcome::Retry(why) => pb::BranchOutcome::of(b.branch_id, again, format!("{op} at {url}: {why}")),
         Outcome::Failure(why) | Outcome::Gone(why) => {
             metrics::counter!("ferrata_tc_tcc_contract_broken_total", "op" => op).increment(1);
             tracing::error!(
@@ -154,23 +184,42 @@ mod tests {
 
     #[test]
     fn a_branch_round_trips_and_is_checked() {
+        let caller = Caller::new(&crate::config::Calls::default()).unwrap();
         let b = branch();
         assert_eq!(TccBranch::decode(&b.encode()).unwrap(), b);
-        assert_eq!(b.invalid(), None);
+        assert_eq!(b.invalid(&caller), None);
         let bad = |f: fn(&mut TccBranch)| {
             let mut b = branch();
             f(&mut b);
-            b.invalid()
+            b.invalid(&caller)
         };
         assert!(bad(|b| b.name.clear()).is_some());
         assert!(bad(|b| b.confirm = "svc/confirm".into()).is_some());
+        assert!(bad(|b| b.confirm = "http://a b/".into()).is_some());
+        assert!(bad(|b| b.cancel = "http://svc/cancel#x".into()).is_some());
         assert!(
             bad(|b| {
                 b.headers.insert("bad header".into(), "v".into());
             })
             .is_some()
         );
+        assert!(
+            bad(|b| {
+                b.headers.insert("Host".into(), "other".into());
+            })
+            .is_some()
+        );
         assert!(bad(|b| b.request_timeout_ms = Some(0)).is_some());
+        assert!(bad(|b| b.request_timeout_ms = Some(MAX_REQUEST_TIMEOUT_MS + 1)).is_some());
+        let fenced = Caller::new(&crate::config::Calls {
+            allow: vec!["https://svc/".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            branch().invalid(&fenced).is_some(),
+            "confirm is http://svc, not under https://svc/"
+        );
         assert_eq!(origin("http://svc:8080/api/confirm?x=1"), "http://svc:8080");
         assert_eq!(origin("https://svc"), "https://svc");
     }
