@@ -210,3 +210,29 @@ async fn a_failing_confirm_is_retried_through_a_coordinator_restart() -> Result 
     anyhow::ensure!(v["status"] == "AsyncCommitting", "{v}");
     Ok(())
 }
+
+/// Registering a branch is an application's action: a viewer's token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_may_not_register_branches() -> Result {
+    let tc = Tc::start(TcOptions {
+        token: Some("root-secret-for-the-tcc-test".into()),
+        ..TcOptions::config(FAST_CONFIG)
+    })
+    .await?;
+    let s = Service::start().await?;
+    let xid = begin_http(&tc).await?;
+    let body = json!({"name": "v", "role": "viewer", "reason": "a viewer for the test"}).to_string();
+    let r = tc.http().post("/v1/tokens", Some(&body)).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    let viewer = r.json()["secret"].as_str().unwrap_or_default().to_owned();
+    let body = branch(&s, "01", "ok/confirm", "ok/cancel").to_string();
+    let r = tc
+        .http()
+        .with_token(Some(&viewer))
+        .post(&format!("/v1/transactions/{xid}/branches"), Some(&body))
+        .await?;
+    r.assert_error(403, "forbidden");
+    let r = register_tcc(&tc, &xid, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
+    anyhow::ensure!(r.status == 201, "the root token may: {r:?}");
+    Ok(())
+}
