@@ -102,6 +102,15 @@ async fn add(conn: &mut mysql_async::Conn, id: i64, delta: i64) -> Result<()> {
     Ok(())
 }
 
+/// A local transaction adding `delta` to row `id`: an XA branch the database prepares at its
+/// COMMIT.
+async fn prepare_add(conn: &mut mysql_async::Conn, id: i64, delta: i64) -> Result<()> {
+    conn.query_drop("BEGIN").await?;
+    add(conn, id, delta).await?;
+    conn.query_drop("COMMIT").await?;
+    Ok(())
+}
+
 fn code(e: &mysql_async::Error) -> u16 {
     server_error(e).map(|(c, _, _)| c).unwrap_or(0)
 }
@@ -118,9 +127,7 @@ async fn branches_on_two_databases_prepare_at_commit_and_finish_with_the_decisio
         on_b.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
             .await?;
         for conn in [&mut on_a, &mut on_b] {
-            conn.query_drop("BEGIN").await?;
-            add(conn, 1, 5).await?;
-            conn.query_drop("COMMIT").await?;
+            prepare_add(conn, 1, 5).await?;
         }
         // Prepared by each database before the client's OK, invisible until phase 2.
         for side in [&a, &b] {
@@ -311,9 +318,7 @@ async fn xa_writes_are_checked_against_the_rows_at_branches_hold() -> Result<()>
     joined
         .query_drop(format!("JOIN GLOBAL TRANSACTION '{holder}' MODE XA"))
         .await?;
-    joined.query_drop("BEGIN").await?;
-    add(&mut joined, 1, 5).await?;
-    joined.query_drop("COMMIT").await?;
+    prepare_add(&mut joined, 1, 5).await?;
     ensure!(a.prepared().await?.len() == 1);
     at.query_drop("COMMIT GLOBAL").await?;
     until("both branches to commit", async || Ok(a.value(1).await? == Some(16))).await?;
@@ -401,9 +406,7 @@ async fn prepared_branches_survive_the_coordinator_killed_between_the_phases() -
     let a = Side::start(&tc).await?;
     let mut conn = a.proxy.conn().await?;
     let xid = start_xa(&mut conn).await?;
-    conn.query_drop("BEGIN").await?;
-    add(&mut conn, 1, 3).await?;
-    conn.query_drop("COMMIT").await?;
+    prepare_add(&mut conn, 1, 3).await?;
     tc.kill9_and_restart()?;
     // The proxy reconnects; the decision finds the prepared branch in the coordinator's store.
     until("the commit to be accepted", async || {

@@ -41,6 +41,15 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
+/// A client configuration trusting `roots` (ring, the safe default protocol versions, no
+/// client certificate).
+pub fn client_config(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A connector trusting the CA certificates in `ca`, and the name to verify: `server_name`
 /// if given, else `host`.
 pub fn connector(
@@ -52,10 +61,7 @@ pub fn connector(
     for cert in read_certs(ca)? {
         roots.add(cert).context("adding a CA certificate")?;
     }
-    let client = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = client_config(roots)?;
     let name = server_name.unwrap_or(host).to_owned();
     let name = ServerName::try_from(name.clone())
         .with_context(|| format!("{name:?} is not a valid DNS name or IP for TLS"))?;

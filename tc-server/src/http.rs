@@ -451,9 +451,9 @@ async fn register_branch(
         headers: body.headers,
         request_timeout_ms: body.request_timeout_ms,
     };
+    // Its resource is its confirm URL's origin, which the coordinator sets itself.
     let request = pb::BranchRegisterRequest {
         xid: xid.clone(),
-        resource_id: crate::tcc::origin(&branch.confirm).to_owned(),
         branch_type: pb::BranchType::Tcc as i32,
         application_data: branch.encode(),
         ..Default::default()

@@ -26,7 +26,6 @@ use crate::classify::{GlobalCommand, StatementClass};
 use crate::coordinator::statement::{self, BranchStatement};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
-use crate::protocol::execute::Param;
 use crate::protocol::resultset;
 use crate::session::backend::{self, local_rollback};
 use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
@@ -297,29 +296,27 @@ async fn decide(
     b: &BranchStatement,
 ) -> Result<Result<Outcome, ErrPacket>, SessionError> {
     let trans_type = b.trans_type.as_deref().unwrap_or_else(|| trans_type_of(&b.op));
-    // The values are bound, never quoted into the text: any bytes, any sql_mode.
-    let text = |v: &str| {
-        let mut value = Vec::with_capacity(v.len() + 3);
-        crate::protocol::lenenc::write_str(&mut value, v.as_bytes());
-        Param {
-            kind: [0xfd, 0x00],
-            value: Some(value),
-        }
+    // The values are written as hexadecimal UTF-8 literals, never quoted into the text: any
+    // characters, any sql_mode, and one round trip per statement.
+    let text = |v: &str| format!("_utf8mb4 X'{}'", crate::sql::hex(v.as_bytes()));
+    let insert = |op: &str| {
+        format!(
+            "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ({})",
+            barrier.table,
+            [trans_type, &b.gid, &b.branch_id, op, BARRIER_ID, &b.op]
+                .map(text)
+                .join(", ")
+        )
     };
-    let insert = format!(
-        "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES (?, ?, ?, ?, ?, ?)",
-        barrier.table
-    );
-    let row = |op: &str| [trans_type, &b.gid, &b.branch_id, op, BARRIER_ID, &b.op].map(text);
     let mut origin_inserted = false;
     if let Some(origin) = origin_of(&b.op) {
-        let done = backend::execute_prepared(backend, state, &insert, &row(origin), limit).await?;
+        let done = backend::query(backend, state, &insert(origin), limit).await?;
         if let Some(e) = done.error {
             return Ok(Err(e));
         }
         origin_inserted = done.affected_rows > 0;
     }
-    let done = backend::execute_prepared(backend, state, &insert, &row(&b.op), limit).await?;
+    let done = backend::query(backend, state, &insert(&b.op), limit).await?;
     if let Some(e) = done.error {
         return Ok(Err(e));
     }
@@ -330,14 +327,17 @@ async fn decide(
         return Ok(Ok(Outcome::Run));
     }
     // The call's row was there: a repeat, unless a compensation wrote it first.
-    let read = backend::execute_prepared(
+    let read = backend::query(
         backend,
         state,
         &format!(
-            "SELECT reason FROM {} WHERE gid = ? AND branch_id = ? AND op = ? AND barrier_id = ?",
-            barrier.table
+            "SELECT reason FROM {} WHERE gid = {} AND branch_id = {} AND op = {} AND barrier_id = {}",
+            barrier.table,
+            text(&b.gid),
+            text(&b.branch_id),
+            text(&b.op),
+            text(BARRIER_ID)
         ),
-        &[&b.gid, &b.branch_id, &b.op, BARRIER_ID].map(text),
         limit,
     )
     .await?;

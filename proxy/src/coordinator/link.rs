@@ -181,5 +181,5 @@ fn instance_id() -> String {
             .map_or(0, |d| d.as_nanos());
         bytes = (now ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::sql::hex(&bytes)
 }

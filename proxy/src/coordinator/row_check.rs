@@ -203,7 +203,7 @@ impl Cx<'_> {
     /// Checks `rows` against global locks held by other global transactions than the
     /// write's, waiting up to the lock timeout: `None` when they may commit, else the client's
     /// error (`done` says what became of the write).
-    pub async fn check(&self, rows: &TableRows, done: &str) -> Option<ErrPacket> {
+    async fn check(&self, rows: &TableRows, done: &str) -> Option<ErrPacket> {
         if rows.is_empty() {
             return None;
         }

@@ -84,6 +84,24 @@ fn locking_read_xid(state: &SessionState, sql: &[u8], class: &Classification) ->
 }
 
 impl IsolationSession {
+    /// The checked-write context of the session's local transaction (outside any global
+    /// transaction, so every global lock holds its rows back).
+    fn row_cx<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> row_check::Cx<'a> {
+        row_check::Cx {
+            backend,
+            state,
+            written: &mut self.written,
+            shared,
+            global: &self.global,
+            xid: "",
+        }
+    }
+
     fn decide(&mut self, command: &Command<'_>, state: &SessionState, shared: &Shared) -> Option<Claimed> {
         let isolated = match (command.code, command.class) {
             (Cmd::QUERY, Some(class)) => locking_read_xid(state, &command.payload[1..], class),
@@ -149,14 +167,7 @@ impl ModeSession for IsolationSession {
                     locking_read::run(client, backend, state, io.shared, g, &xid, io.command, io.raw).await
                 }
                 Some(Claimed::Write(w)) => {
-                    let mut cx = row_check::Cx {
-                        backend,
-                        state,
-                        written: &mut self.written,
-                        shared: io.shared,
-                        global: g,
-                        xid: "",
-                    };
+                    let mut cx = self.row_cx(backend, state, io.shared);
                     dirty_writes::run(client, &mut cx, w, io.command, io.raw).await
                 }
                 Some(Claimed::CommitPoint) | None => unreachable!("run follows a claim to take"),
@@ -172,15 +183,7 @@ impl ModeSession for IsolationSession {
     ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
         Box::pin(async move {
             self.claimed = None;
-            let mut cx = row_check::Cx {
-                backend,
-                state,
-                written: &mut self.written,
-                shared,
-                global: &self.global,
-                xid: "",
-            };
-            dirty_writes::before_commit(&mut cx).await
+            dirty_writes::before_commit(&mut self.row_cx(backend, state, shared)).await
         })
     }
 

@@ -69,20 +69,18 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
                 format!("{:?}", answer.branch_status()),
             )
         };
-        let verb = match answer.verdict() {
+        let verb = match (answer.verdict(), held) {
             // Held here: its session finishes it on its own connection (phase 2 may never come
             // for a branch the decision left out).
-            Verdict::Commit | Verdict::Rollback if held.is_some() => {
+            (v @ (Verdict::Commit | Verdict::Rollback), Some(inbox)) => {
                 let (reply, _) = tokio::sync::oneshot::channel();
-                let commit = answer.verdict() == Verdict::Commit;
-                if let Some(inbox) = held {
-                    let _ = inbox.try_send(super::held::Request { commit, reply });
-                }
+                let commit = v == Verdict::Commit;
+                let _ = inbox.try_send(super::held::Request { commit, reply });
                 continue;
             }
-            Verdict::Commit => "COMMIT",
-            Verdict::Rollback => "ROLLBACK",
-            Verdict::UnknownXid => {
+            (Verdict::Commit, None) => "COMMIT",
+            (Verdict::Rollback, None) => "ROLLBACK",
+            (Verdict::UnknownXid, _) => {
                 quarantined += 1;
                 tracing::warn!(
                     xid = id.xid,
@@ -93,7 +91,7 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
                 );
                 continue;
             }
-            Verdict::Hold => {
+            (Verdict::Hold, _) => {
                 let (global, branch) = statuses();
                 tracing::info!(
                     xid = id.xid,
@@ -104,7 +102,7 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
                 );
                 continue;
             }
-            Verdict::Wait | Verdict::Unknown => continue,
+            (Verdict::Wait | Verdict::Unknown, _) => continue,
         };
         match conn.query_drop(format!("XA {verb} {}", id.sql())).await {
             Ok(()) => {

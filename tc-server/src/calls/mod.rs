@@ -53,19 +53,13 @@ impl Caller {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca) = &config.ca {
-            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("reading [calls] ca {}: {e}", ca.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| anyhow::anyhow!("[calls] ca {}: {e}", ca.display()))?;
+            for cert in ferrata_rpc::tls::read_certs(ca)? {
                 roots
                     .add(cert)
                     .map_err(|e| anyhow::anyhow!("[calls] ca {}: {e}", ca.display()))?;
             }
         }
-        let tls =
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let tls = ferrata_rpc::tls::client_config(roots)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

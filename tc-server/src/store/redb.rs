@@ -678,26 +678,28 @@ mod tests {
         assert!(err.contains(&file.display().to_string()), "{err}");
     }
 
-    #[test]
-    fn unknown_format_version_is_rejected_on_load() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store holding global transaction 1 and, written through a raw redb transaction,
+    /// its branch `branch_id` as `bytes`; the store file's path.
+    fn with_raw_branch(dir: &Path, branch_id: u64, bytes: &[u8]) -> PathBuf {
         let path = {
-            let store = RedbStore::open(dir.path()).unwrap();
+            let store = RedbStore::open(dir).unwrap();
             commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
             store.path().to_owned()
         };
-        // A record as a future ferrata-tc might write it, through a raw redb transaction.
-        {
-            let db = Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut t = txn.open_table(BRANCHES).unwrap();
-                let mut bytes = encode(&branch(1, 1)).unwrap();
-                bytes[0] = FORMAT_VERSION + 1;
-                t.insert((1, 1), bytes.as_slice()).unwrap();
-            }
-            txn.commit().unwrap();
-        }
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(BRANCHES).unwrap().insert((1, branch_id), bytes).unwrap();
+        txn.commit().unwrap();
+        path
+    }
+
+    #[test]
+    fn unknown_format_version_is_rejected_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // A record as a future ferrata-tc might write it.
+        let mut bytes = encode(&branch(1, 1)).unwrap();
+        bytes[0] = FORMAT_VERSION + 1;
+        let path = with_raw_branch(dir.path(), 1, &bytes);
         let store = RedbStore::open(dir.path()).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("newer ferrata-tc"), "{err}");
@@ -747,20 +749,7 @@ mod tests {
             (postcard::to_extend(&(&v1, BranchMode::Xa, 77u64), vec![2]).unwrap(), xa),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let path = {
-                let store = RedbStore::open(dir.path()).unwrap();
-                commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
-                store.path().to_owned()
-            };
-            {
-                let db = Database::create(&path).unwrap();
-                let txn = db.begin_write().unwrap();
-                txn.open_table(BRANCHES)
-                    .unwrap()
-                    .insert((1, 4), bytes.as_slice())
-                    .unwrap();
-                txn.commit().unwrap();
-            }
+            with_raw_branch(dir.path(), 4, &bytes);
             let snapshot = RedbStore::open(dir.path()).unwrap().load().unwrap();
             assert_eq!(snapshot.branches, vec![want]);
         }
