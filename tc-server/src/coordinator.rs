@@ -252,7 +252,7 @@ impl Coordinator {
             branches.entry(b.txn_id).or_default().push(b);
         }
         let now_wall = now_ms();
-        let mut resumed = (0, 0);
+        let mut resumed = (0, 0, 0);
         for record in snapshot.globals {
             let txn_id = record.txn_id;
             let status = record.status;
@@ -315,13 +315,19 @@ impl Coordinator {
                 passes: watch::Sender::new(0),
             });
             self.metrics.status(None, Some(status));
-            if status == GlobalStatus::Begin {
+            // A saga without timeout_to_fail has none.
+            let saga = session.state.lock().branches.iter().any(|b| b.mode == BranchMode::Saga);
+            if status == GlobalStatus::Begin && session.state.lock().record.timeout_ms != 0 {
                 self.timeouts.lock().insert((deadline, txn_id));
             }
             self.sessions.write().insert(txn_id, Arc::clone(&session));
             if status.is_rolling_back() {
                 self.start_rollback(&session);
                 resumed.1 += 1;
+            }
+            if status == GlobalStatus::Begin && saga {
+                self.start_saga(&session);
+                resumed.2 += 1;
             }
         }
         self.at.count_held(&self.metrics);
@@ -330,6 +336,7 @@ impl Coordinator {
             sessions,
             committing = resumed.0,
             rolling_back = resumed.1,
+            sagas = resumed.2,
             "restored from the store"
         );
         Ok(())
@@ -440,37 +447,52 @@ impl Coordinator {
             begin_ms: now,
             updated_ms: now,
         };
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        let xid = format_xid(txn_id);
         let mut timeline = Timeline::default();
         timeline.record(EventKind::Begun {
             name: record.name.clone(),
             timeout_ms,
         });
+        let session = self.open_session(record, Vec::new(), timeline);
+        tracing::debug!(xid = session.xid, timeout_ms, "begin");
+        Ok(session.xid.clone())
+    }
+
+    /// Makes a new transaction live (in Begin; stored already if it has `branches`) and
+    /// starts its timeout (none if `timeout_ms` is 0: a saga without timeout_to_fail).
+    pub(crate) fn open_session(
+        &self,
+        record: GlobalRecord,
+        branches: Vec<BranchRecord>,
+        timeline: Timeline,
+    ) -> Arc<Session> {
+        let txn_id = record.txn_id;
+        let timeout_ms = record.timeout_ms;
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let session = Arc::new(Session {
             txn_id,
-            xid: xid.clone(),
+            xid: format_xid(txn_id),
             deadline,
             state: Mutex::new(SessionState {
                 record,
-                branches: Vec::new(),
-                registered: 0,
+                registered: branches.len(),
+                stored: !branches.is_empty(),
+                branches,
                 rollback_running: false,
                 failure: None,
                 guarded: BTreeSet::new(),
-                stored: false,
                 timeline,
                 acting: false,
                 paused: false,
             }),
             passes: watch::Sender::new(0),
         });
-        self.sessions.write().insert(txn_id, session);
-        self.timeouts.lock().insert((deadline, txn_id));
+        self.sessions.write().insert(txn_id, Arc::clone(&session));
+        if timeout_ms != 0 {
+            self.timeouts.lock().insert((deadline, txn_id));
+        }
         self.metrics.begins.increment(1);
         self.metrics.status(None, Some(GlobalStatus::Begin));
-        tracing::debug!(xid, timeout_ms, "begin");
-        Ok(xid)
+        session
     }
 
     fn lock_wait(&self, lock_wait_ms: u64) -> (Instant, u64) {
@@ -539,6 +561,11 @@ impl Coordinator {
                 "a {} branch takes no global locks: send no locks",
                 mode.as_str()
             )));
+        }
+        if mode == BranchMode::Saga {
+            return Err(TcError::invalid(
+                "saga steps come with their saga (POST /v1/transactions with \"mode\": \"saga\"); they are not registered one by one",
+            ));
         }
         let (tcc, resource_id) = match mode {
             BranchMode::Tcc => {
@@ -686,10 +713,11 @@ impl Coordinator {
                 status: Some(global),
                 ..TcError::new(ErrorCode::GlobalStatusInvalid, message)
             };
-            if branch.mode == BranchMode::Tcc {
+            if branch.mode.is_http() {
                 return Err(TcError::invalid(format!(
-                    "branch {branch_id} of {xid} is a TCC branch: the coordinator confirms or cancels it with its \
-                     transaction (a failed try is told by rolling the transaction back), nothing is reported for it"
+                    "branch {branch_id} of {xid} is a {} branch: the coordinator calls its service itself (a failed \
+                     try is told by rolling the transaction back), nothing is reported for it",
+                    branch.mode.as_str()
                 )));
             }
             if status != BranchStatus::PhaseOneFailed && branch.mode != BranchMode::Xa {
@@ -792,10 +820,13 @@ impl Coordinator {
     /// the branches commit in the background.
     pub async fn commit(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
         let xid = xid.to_owned();
-        self.to_the_end(|this| async move { this.commit_now(&xid).await }).await
+        self.to_the_end(|this| async move { this.commit_now(&xid, DecidedBy::Application).await })
+            .await
     }
 
-    async fn commit_now(&self, xid: &str) -> Result<Outcome, TcError> {
+    /// Decides commit for `by`: the application, or a saga whose actions all succeeded (an
+    /// application cannot commit a saga: its actions decide).
+    pub(crate) async fn commit_now(&self, xid: &str, by: DecidedBy) -> Result<Outcome, TcError> {
         self.check_running()?;
         let txn_id = Self::parse(xid)?;
         let Some(session) = self.live(txn_id) else {
@@ -814,6 +845,12 @@ impl Coordinator {
                 }
                 s => return Err(TcError::status_invalid(xid, s, "commit")),
             }
+            if by == DecidedBy::Application && state.branches.iter().any(|b| b.mode == BranchMode::Saga) {
+                return Err(TcError::invalid(format!(
+                    "{xid} is a saga: it commits itself once every action succeeded (follow it with GET \
+                     /v1/transactions/{xid}); it can be rolled back"
+                )));
+            }
             self.set_status(&mut state, GlobalStatus::Committing);
             // An XA branch still in phase 1 is not part of the decision: it ends like a failed
             // phase 1 (its late prepare is refused and rolled back by its resource manager).
@@ -826,7 +863,7 @@ impl Coordinator {
                 .collect();
             state.record(EventKind::Decided {
                 decision: Decision::Commit,
-                by: DecidedBy::Application,
+                by,
             });
             if !keys.is_empty() {
                 state.record(EventKind::LocksReleased {
@@ -905,34 +942,19 @@ impl Coordinator {
             };
         };
         let mut passes = session.passes.subscribe();
-        let decided = {
-            let mut state = session.state.lock();
-            match state.record.status {
-                GlobalStatus::Begin => {
-                    self.set_status(&mut state, GlobalStatus::Rollbacking);
-                    state.record(EventKind::Decided {
-                        decision: Decision::Rollback,
-                        by: DecidedBy::Application,
-                    });
-                    Some(state.stored.then(|| {
-                        let write = Mutation::PutGlobal(state.record.clone());
-                        let writes = state.with_events(vec![write]);
-                        self.journal.submit(writes)
-                    }))
-                }
-                s if s.is_rolling_back() => None,
-                GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed => {
-                    return Ok(Self::outcome(&session, &state));
-                }
-                s => return Err(TcError::status_invalid(xid, s, "roll back")),
+        let decided = match self.decide_rollback(&session, GlobalStatus::Rollbacking, DecidedBy::Application) {
+            Ok(durable) => Some(durable),
+            Err(s) if s.is_rolling_back() => None,
+            Err(GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed) => {
+                let state = session.state.lock();
+                return Ok(Self::outcome(&session, &state));
             }
+            Err(s) => return Err(TcError::status_invalid(xid, s, "roll back")),
         };
         if let Some(durable) = decided {
-            self.at.locks.set_rolling_back(txn_id);
             if let Some(durable) = durable {
                 durable.await?;
             }
-            self.timeouts.lock().remove(&(session.deadline, txn_id));
             self.metrics.rollbacks.increment(1);
             tracing::debug!(xid, "rollback decided");
         }
@@ -940,6 +962,38 @@ impl Coordinator {
         let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
         let state = session.state.lock();
         Ok(Self::outcome(&session, &state))
+    }
+
+    /// Moves a transaction in Begin to `to` (Rollbacking, TimeoutRollbacking), as `by`
+    /// decided: its rows now make requesters fail fast and its timeout is off. Returns the
+    /// decision's write (none while nothing of it is stored), or the status it is in instead
+    /// of Begin. The caller then starts the rollback once the write is durable.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decide_rollback(
+        &self,
+        session: &Session,
+        to: GlobalStatus,
+        by: DecidedBy,
+    ) -> Result<Option<impl Future<Output = Result<(), StoreError>> + use<>>, GlobalStatus> {
+        let durable = {
+            let mut state = session.state.lock();
+            if state.record.status != GlobalStatus::Begin {
+                return Err(state.record.status);
+            }
+            self.set_status(&mut state, to);
+            state.record(EventKind::Decided {
+                decision: Decision::Rollback,
+                by,
+            });
+            state.stored.then(|| {
+                let write = Mutation::PutGlobal(state.record.clone());
+                let writes = state.with_events(vec![write]);
+                self.journal.submit(writes)
+            })
+        };
+        self.at.locks.set_rolling_back(session.txn_id);
+        self.timeouts.lock().remove(&(session.deadline, session.txn_id));
+        Ok(durable)
     }
 
     pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {

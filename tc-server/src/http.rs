@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::audit::{AuditFilter, Origin};
 use crate::auth::{Caller, Permission, Role, Sessions};
+use crate::calls::branch::Payload;
 use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
 use crate::model::{BranchMode, Failure, GlobalStatus, now_ms};
@@ -383,10 +384,48 @@ fn view_json(v: &TxnView, with_branches: bool, caller: &Caller) -> Value {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct BeginBody {
+    /// `saga`, or absent (or `at`, `xa`, `tcc`): a transaction branches register into.
+    #[serde(default)]
+    mode: Option<String>,
     #[serde(default)]
     timeout_ms: u64,
     #[serde(default)]
     name: String,
+    // A saga's: its steps and how they run.
+    #[serde(default)]
+    steps: Vec<StepBody>,
+    #[serde(default)]
+    concurrent: bool,
+    #[serde(default)]
+    orders: std::collections::BTreeMap<usize, Vec<usize>>,
+    #[serde(default)]
+    retry_interval_ms: Option<u64>,
+    #[serde(default)]
+    retry_limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepBody {
+    action: String,
+    #[serde(default)]
+    compensate: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+}
+
+/// A branch's `data` as the text its calls carry: a string as it is, any other JSON value as
+/// its text, none as no body.
+fn data_text(data: Option<Value>) -> String {
+    match data {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(v) => v.to_string(),
+    }
 }
 
 /// A request body, read as JSON whatever its content type says (`curl -d` sends a form
@@ -402,7 +441,50 @@ fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes, example: &s
 async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, body: Bytes) -> Reply {
     caller.require(Permission::Transact, "begin global transactions")?;
     let body: BeginBody = json_body(&body, r#"{"timeout_ms": 60000, "name": "order"}"#)?;
-    let xid = api.coordinator.begin(body.timeout_ms, body.name).await?;
+    let mode = body.mode.as_deref().unwrap_or("at").to_ascii_lowercase();
+    let xid = match mode.as_str() {
+        "saga" => {
+            let request = crate::sagas::SagaRequest {
+                name: body.name,
+                timeout_ms: body.timeout_ms,
+                steps: body
+                    .steps
+                    .into_iter()
+                    .map(|s| crate::saga::StepRequest {
+                        action: s.action,
+                        compensate: s.compensate,
+                        payload: Payload {
+                            data: data_text(s.data),
+                            headers: s.headers,
+                            request_timeout_ms: s.request_timeout_ms,
+                        },
+                    })
+                    .collect(),
+                options: crate::saga::Options {
+                    concurrent: body.concurrent,
+                    orders: body.orders,
+                    retry_interval_ms: body.retry_interval_ms,
+                    retry_limit: body.retry_limit,
+                },
+            };
+            api.coordinator.submit_saga(request).await?
+        }
+        "at" | "xa" | "tcc" => {
+            if !body.steps.is_empty() || body.concurrent || !body.orders.is_empty() {
+                return Err(TcError::invalid(format!(
+                    "steps, concurrent and orders belong to a saga (\"mode\": \"saga\"), not to mode {mode:?}"
+                ))
+                .into());
+            }
+            api.coordinator.begin(body.timeout_ms, body.name).await?
+        }
+        other => {
+            return Err(TcError::invalid(format!(
+                "mode {other:?} is not one of at, xa, tcc (a transaction branches register into) or saga"
+            ))
+            .into());
+        }
+    };
     Ok((StatusCode::CREATED, Json(json!({ "xid": xid }))).into_response())
 }
 
@@ -441,15 +523,13 @@ async fn register_branch(
     }
     let branch = crate::tcc::TccBranch {
         name: body.branch_id,
-        data: match body.data {
-            None | Some(serde_json::Value::Null) => String::new(),
-            Some(serde_json::Value::String(s)) => s,
-            Some(v) => v.to_string(),
-        },
         confirm: body.confirm,
         cancel: body.cancel,
-        headers: body.headers,
-        request_timeout_ms: body.request_timeout_ms,
+        payload: Payload {
+            data: data_text(body.data),
+            headers: body.headers,
+            request_timeout_ms: body.request_timeout_ms,
+        },
     };
     // Its resource is its confirm URL's origin, which the coordinator sets itself.
     let request = pb::BranchRegisterRequest {

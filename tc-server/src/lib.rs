@@ -7,9 +7,10 @@
 //!   `xid` ids, `calls` the HTTP calls to services (TCC and saga branches), `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables), `tcc` (branches the
-//!   coordinator confirms or cancels over HTTP)
+//!   coordinator confirms or cancels over HTTP), `saga` (steps whose actions and
+//!   compensations it calls)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
-//!   the background work, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
+//!   the background work, `sagas` the sagas' forward runs, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
 //!   two APIs, `console` the web console's assets
 //! - `server` start and stop, `cli` the binary
 
@@ -29,6 +30,7 @@ pub mod timeline;
 pub mod xid;
 
 pub mod at;
+pub mod saga;
 pub mod tcc;
 
 pub mod console;
@@ -38,6 +40,7 @@ pub mod http;
 pub mod operator;
 mod phase2;
 pub mod repair;
+pub mod sagas;
 
 pub mod cli;
 pub mod server;

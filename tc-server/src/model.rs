@@ -213,6 +213,18 @@ pub enum BranchStatus {
     Prepared,
     /// XA: the branch wrote nothing and was finished in phase 1; phase 2 skips it.
     ReadOnly,
+    /// Saga: the step's action has not been called (it waits for the steps before it); a
+    /// rollback skips it.
+    ActionWaiting,
+    /// Saga: the action was called, its answer is not in yet (stored before the first call,
+    /// so a rollback compensates every step that may have run, even across a restart).
+    ActionCalled,
+    /// Saga: the action succeeded.
+    ActionDone,
+    /// Saga: the action refused (FAILURE); the saga rolls back, this step's compensation
+    /// included (a refusal may come after a partial effect; the barrier makes the
+    /// compensation of an action that did nothing a no-op).
+    ActionFailed,
 }
 
 impl BranchStatus {
@@ -227,6 +239,10 @@ impl BranchStatus {
             BranchStatus::CommitFailedUnretryable => "CommitFailedUnretryable",
             BranchStatus::Prepared => "Prepared",
             BranchStatus::ReadOnly => "ReadOnly",
+            BranchStatus::ActionWaiting => "ActionWaiting",
+            BranchStatus::ActionCalled => "ActionCalled",
+            BranchStatus::ActionDone => "ActionDone",
+            BranchStatus::ActionFailed => "ActionFailed",
         }
     }
 
@@ -241,6 +257,10 @@ impl BranchStatus {
             BranchStatus::CommitFailedUnretryable => pb::BranchStatus::CommitFailedUnretryable,
             BranchStatus::Prepared => pb::BranchStatus::PhaseOnePrepared,
             BranchStatus::ReadOnly => pb::BranchStatus::PhaseOneReadOnly,
+            BranchStatus::ActionWaiting => pb::BranchStatus::ActionWaiting,
+            BranchStatus::ActionCalled => pb::BranchStatus::ActionCalled,
+            BranchStatus::ActionDone => pb::BranchStatus::ActionDone,
+            BranchStatus::ActionFailed => pb::BranchStatus::ActionFailed,
         }
     }
 
@@ -256,14 +276,23 @@ impl BranchStatus {
             pb::BranchStatus::CommitFailedUnretryable => BranchStatus::CommitFailedUnretryable,
             pb::BranchStatus::PhaseOnePrepared => BranchStatus::Prepared,
             pb::BranchStatus::PhaseOneReadOnly => BranchStatus::ReadOnly,
+            pb::BranchStatus::ActionWaiting => BranchStatus::ActionWaiting,
+            pb::BranchStatus::ActionCalled => BranchStatus::ActionCalled,
+            pb::BranchStatus::ActionDone => BranchStatus::ActionDone,
+            pb::BranchStatus::ActionFailed => BranchStatus::ActionFailed,
         })
     }
 
-    /// A rollback must still visit this branch.
+    /// A rollback must still visit this branch (a saga step: compensate it).
     pub fn needs_phase_two(self) -> bool {
         matches!(
             self,
-            BranchStatus::Registered | BranchStatus::Prepared | BranchStatus::RollbackFailedRetryable
+            BranchStatus::Registered
+                | BranchStatus::Prepared
+                | BranchStatus::RollbackFailedRetryable
+                | BranchStatus::ActionCalled
+                | BranchStatus::ActionDone
+                | BranchStatus::ActionFailed
         )
     }
 }
@@ -279,6 +308,9 @@ pub enum BranchMode {
     /// A service's try (called by the application), confirmed or cancelled by the
     /// coordinator over HTTP (`tcc/`).
     Tcc,
+    /// A saga step: an action the coordinator calls forward, a compensation it calls on a
+    /// rollback (`saga/`).
+    Saga,
 }
 
 impl BranchMode {
@@ -287,6 +319,7 @@ impl BranchMode {
             BranchMode::At => "AT",
             BranchMode::Xa => "XA",
             BranchMode::Tcc => "TCC",
+            BranchMode::Saga => "SAGA",
         }
     }
 
@@ -295,6 +328,7 @@ impl BranchMode {
             BranchMode::At => pb::BranchType::At,
             BranchMode::Xa => pb::BranchType::Xa,
             BranchMode::Tcc => pb::BranchType::Tcc,
+            BranchMode::Saga => pb::BranchType::Saga,
         }
     }
 
@@ -303,16 +337,25 @@ impl BranchMode {
             pb::BranchType::At => BranchMode::At,
             pb::BranchType::Xa => BranchMode::Xa,
             pb::BranchType::Tcc => BranchMode::Tcc,
+            pb::BranchType::Saga => BranchMode::Saga,
         }
+    }
+
+    /// The coordinator calls the branch's service itself, over HTTP: nothing of it goes to a
+    /// resource manager (no undo record, no report, no repair).
+    pub fn is_http(self) -> bool {
+        matches!(self, BranchMode::Tcc | BranchMode::Saga)
     }
 
     /// The status a branch of this mode waits for its phase-2 commit in: an AT branch from
     /// its registration (it registers at its local commit), a TCC branch too (registered
-    /// before its try, which the application calls), an XA branch once prepared.
-    pub fn committable(self) -> BranchStatus {
+    /// before its try, which the application calls), an XA branch once prepared. A saga step
+    /// has no phase-2 commit: its action was its work.
+    pub fn committable(self) -> Option<BranchStatus> {
         match self {
-            BranchMode::At | BranchMode::Tcc => BranchStatus::Registered,
-            BranchMode::Xa => BranchStatus::Prepared,
+            BranchMode::At | BranchMode::Tcc => Some(BranchStatus::Registered),
+            BranchMode::Xa => Some(BranchStatus::Prepared),
+            BranchMode::Saga => None,
         }
     }
 }
@@ -364,7 +407,7 @@ pub struct BranchRecord {
 impl BranchRecord {
     /// Phase 2 must still commit this branch.
     pub fn awaits_commit(&self) -> bool {
-        self.status == self.mode.committable()
+        Some(self.status) == self.mode.committable()
     }
 
     /// The branch as phase-2 commands name it to its resource manager.

@@ -196,7 +196,10 @@ impl Coordinator {
             for b in &mut state.branches {
                 let again = match b.status {
                     BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
-                    BranchStatus::CommitFailedUnretryable => b.mode.committable(),
+                    BranchStatus::CommitFailedUnretryable => match b.mode.committable() {
+                        Some(status) => status,
+                        None => continue,
+                    },
                     _ => continue,
                 };
                 b.status = again;

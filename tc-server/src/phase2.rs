@@ -100,6 +100,11 @@ fn attempted(
     }
 }
 
+/// The coordinator calls this branch's service itself (a TCC branch, a saga step).
+fn is_http(b: &pb::BranchRef) -> bool {
+    pb::BranchType::try_from(b.branch_type).is_ok_and(|t| BranchMode::from_pb(t).is_http())
+}
+
 impl Coordinator {
     /// Starts the timeout check, the asynchronous committer and the release of idle
     /// guarded tables.
@@ -162,23 +167,10 @@ impl Coordinator {
             };
             for txn in expired {
                 let Some(session) = self.live(txn) else { continue };
-                let durable = {
-                    let mut state = session.state.lock();
-                    if state.record.status != GlobalStatus::Begin {
-                        continue;
-                    }
-                    self.set_status(&mut state, GlobalStatus::TimeoutRollbacking);
-                    state.record(EventKind::Decided {
-                        decision: Decision::Rollback,
-                        by: DecidedBy::Timeout,
-                    });
-                    state.stored.then(|| {
-                        let write = Mutation::PutGlobal(state.record.clone());
-                        let writes = state.with_events(vec![write]);
-                        self.journal.submit(writes)
-                    })
+                let Ok(durable) = self.decide_rollback(&session, GlobalStatus::TimeoutRollbacking, DecidedBy::Timeout)
+                else {
+                    continue;
                 };
-                self.at.locks.set_rolling_back(txn);
                 self.metrics.timeouts.increment(1);
                 tracing::info!(xid = session.xid, "timed out in Begin; rolling back");
                 let coordinator = Arc::clone(&self);
@@ -448,19 +440,17 @@ impl Coordinator {
                 }
             };
             // Batched per resource and holding process (XA branches go to the one that holds
-            // them, `rm.rs`).
+            // them, `rm.rs`). Saga steps never get here: a saga commits no step.
             let mut by_resource: HashMap<(String, String), Vec<PendingCommit>> = HashMap::new();
             for p in ready {
                 let key = (p.resource_id.clone(), p.reference.instance_id.clone());
                 by_resource.entry(key).or_default().push(p);
             }
             for ((resource, _), items) in by_resource {
-                // One call per TCC branch, each in its own task: a slow service holds up
+                // One call per HTTP branch, each in its own task: a slow service holds up
                 // nothing else.
-                let tcc = items
-                    .first()
-                    .is_some_and(|p| p.reference.branch_type == pb::BranchType::Tcc as i32);
-                let batch = if tcc { 1 } else { self.config.phase2.commit_batch };
+                let http = items.first().is_some_and(|p| is_http(&p.reference));
+                let batch = if http { 1 } else { self.config.phase2.commit_batch };
                 for chunk in items.chunks(batch) {
                     self.tasks
                         .spawn(Arc::clone(&self).commit_batch(resource.clone(), chunk.to_vec()));
@@ -486,21 +476,27 @@ impl Coordinator {
         }
     }
 
-    /// Sends phase 2 of `refs` (branches of one resource and holder): TCC branches' confirm
-    /// or cancel as HTTP calls, the others to a resource manager serving the resource.
+    /// Sends phase 2 of `refs` (branches of one resource and holder): HTTP branches' calls
+    /// (a TCC confirm or cancel, a saga compensation), the others to a resource manager
+    /// serving the resource.
     async fn send_phase2(
         &self,
         resource: &str,
         action: pb::Phase2Action,
         refs: Vec<pb::BranchRef>,
     ) -> Result<Vec<pb::BranchOutcome>, CallError> {
-        let (tcc, others): (Vec<_>, Vec<_>) = refs
-            .into_iter()
-            .partition(|b| b.branch_type == pb::BranchType::Tcc as i32);
-        let mut outcomes = Vec::with_capacity(tcc.len());
+        let (http, others): (Vec<_>, Vec<_>) = refs.into_iter().partition(is_http);
+        let mut outcomes = Vec::with_capacity(http.len());
         let commit = action == pb::Phase2Action::Commit;
-        for b in &tcc {
-            let call = crate::tcc::phase2(&self.caller, self.config.calls.request_timeout(), commit, b);
+        let timeout = self.config.calls.request_timeout();
+        for b in &http {
+            let call = async {
+                if b.branch_type == pb::BranchType::Saga as i32 {
+                    crate::saga::compensate(&self.caller, timeout, b).await
+                } else {
+                    crate::tcc::phase2(&self.caller, timeout, commit, b).await
+                }
+            };
             outcomes.push(tokio::select! {
                 o = call => o,
                 // Asked again after the restart.

@@ -339,10 +339,10 @@ impl Coordinator {
         action_id: &str,
     ) -> Result<Vec<Value>, TcError> {
         let mut out = Vec::new();
-        // TCC branches keep no undo record (nor do XA ones: their proxies answer so).
+        // HTTP branches keep no undo record (nor do XA ones: their proxies answer so).
         for b in branches
             .iter()
-            .filter(|b| b.status != BranchStatus::PhaseOneFailed && b.mode != crate::model::BranchMode::Tcc)
+            .filter(|b| b.status != BranchStatus::PhaseOneFailed && !b.mode.is_http())
         {
             let repair = pb::Repair {
                 all: true,

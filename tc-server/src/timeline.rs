@@ -119,6 +119,17 @@ pub enum EventKind {
     BranchReadOnly {
         branch_id: u64,
     },
+    /// A call of a saga step's action that succeeded, refused, or will be retried; retries
+    /// with the same outcome are folded into one event.
+    Action {
+        branch_id: u64,
+        step: String,
+        result: AttemptResult,
+        reason: String,
+        attempts: u32,
+        first_ms: u64,
+        next_attempt_ms: Option<u64>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +149,8 @@ pub enum DecidedBy {
     Timeout,
     /// An operator (the name the request authenticated as).
     Operator(String),
+    /// A saga's steps: every action succeeded, or one refused (or ran out of retries).
+    Saga,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +158,8 @@ pub enum DecidedBy {
 pub enum AttemptResult {
     Done,
     Retry,
+    /// A saga action refused, or ran out of retries.
+    Failed,
 }
 
 impl Event {
@@ -165,6 +180,7 @@ impl Event {
                 DecidedBy::Application => json!("application"),
                 DecidedBy::Timeout => json!("timeout"),
                 DecidedBy::Operator(_) => json!("operator"),
+                DecidedBy::Saga => json!("saga"),
             };
             if let DecidedBy::Operator(name) = by {
                 out["actor"] = json!(name);
@@ -198,14 +214,49 @@ fn snake_case(camel: &str) -> String {
     out
 }
 
-fn is_retry(kind: &EventKind) -> bool {
-    matches!(
-        kind,
+/// A retry's event: its branch, which call (a phase-2 decision, or none for a saga action),
+/// its reason, and what a repeat updates: the attempt count, the reason and the next attempt.
+struct RetryOf<'a> {
+    branch_id: u64,
+    call: Option<Decision>,
+    reason: &'a mut String,
+    attempts: &'a mut u32,
+    next_attempt_ms: &'a mut Option<u64>,
+}
+
+fn retry_of(kind: &mut EventKind) -> Option<RetryOf<'_>> {
+    match kind {
         EventKind::PhaseTwo {
+            branch_id,
+            action,
             result: AttemptResult::Retry,
+            reason,
+            attempts,
+            next_attempt_ms,
             ..
-        }
-    )
+        } => Some(RetryOf {
+            branch_id: *branch_id,
+            call: Some(*action),
+            reason,
+            attempts,
+            next_attempt_ms,
+        }),
+        EventKind::Action {
+            branch_id,
+            result: AttemptResult::Retry,
+            reason,
+            attempts,
+            next_attempt_ms,
+            ..
+        } => Some(RetryOf {
+            branch_id: *branch_id,
+            call: None,
+            reason,
+            attempts,
+            next_attempt_ms,
+        }),
+        _ => None,
+    }
 }
 
 /// A transaction's events and version, and which events the store does not have yet.
@@ -258,37 +309,30 @@ impl Timeline {
     fn record_at(&mut self, kind: EventKind, at_ms: u64) {
         self.version += 1;
         let version = self.version;
-        if let EventKind::PhaseTwo {
-            branch_id,
-            action,
-            result: AttemptResult::Retry,
-            reason,
-            next_attempt_ms,
-            ..
-        } = &kind
-        {
-            // The latest retry of this branch among the retries the timeline ends with (the
+        let mut kind = kind;
+        if let Some(new) = retry_of(&mut kind) {
+            // The latest retry of this call among the retries the timeline ends with (the
             // branches of one transaction retry in turn).
+            let (branch_id, call) = (new.branch_id, new.call);
+            let (reason, next) = (new.reason.clone(), *new.next_attempt_ms);
             let long = self.events.len() >= MAX_EVENTS;
-            let trailing = self.events.iter().rev().take_while(|e| is_retry(&e.kind)).count();
+            let trailing = self
+                .events
+                .iter_mut()
+                .rev()
+                .map_while(|e| retry_of(&mut e.kind))
+                .count();
             let start = self.events.len() - trailing;
-            let same = self.events[start..].iter().rposition(|e| {
-                matches!(&e.kind, EventKind::PhaseTwo { branch_id: b, action: a, reason: r, .. }
-                    if (*b, *a) == (*branch_id, *action) && (r == reason || long))
+            let same = self.events[start..].iter_mut().rposition(|e| {
+                retry_of(&mut e.kind)
+                    .is_some_and(|r| (r.branch_id, r.call) == (branch_id, call) && (*r.reason == reason || long))
             });
             if let Some(i) = same.map(|i| start + i) {
                 let last = &mut self.events[i];
-                if let EventKind::PhaseTwo {
-                    attempts,
-                    reason: last_reason,
-                    next_attempt_ms: last_next,
-                    ..
-                } = &mut last.kind
-                {
-                    *attempts += 1;
-                    last_reason.clone_from(reason);
-                    *last_next = *next_attempt_ms;
-                }
+                let r = retry_of(&mut last.kind).expect("found as a retry");
+                *r.attempts += 1;
+                *r.reason = reason;
+                *r.next_attempt_ms = next;
                 last.at_ms = at_ms;
                 last.version = version;
                 self.unsaved_from = self.unsaved_from.min(i);

@@ -16,12 +16,21 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "modes",
-            modules: &["at", "tcc"],
+            modules: &["at", "saga", "tcc"],
             peers_may_meet: false,
         },
         Layer {
             name: "coordinator core",
-            modules: &["coordinator", "phase2", "operator", "repair", "grpc", "http", "console"],
+            modules: &[
+                "coordinator",
+                "phase2",
+                "sagas",
+                "operator",
+                "repair",
+                "grpc",
+                "http",
+                "console",
+            ],
             peers_may_meet: true,
         },
         Layer {

@@ -6,85 +6,12 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use support::*;
 
 type Result<T = ()> = anyhow::Result<T>;
 
 use ferrata_rpc::pb::GlobalStatus as G;
-
-/// A call as the service saw it: its path and query, its webhook-id, its body, and its
-/// method with its `x-tenant` header.
-type Seen = (String, String, String, String);
-
-/// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/down/...` 503 until
-/// `healthy` is set, then 200; every call is recorded.
-struct Service {
-    base: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    healthy: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Service {
-    async fn start() -> Result<Service> {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (record, up) = (Arc::clone(&seen), Arc::clone(&healthy));
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (record, up) = (Arc::clone(&record), Arc::clone(&up));
-            async move {
-                use http_body_util::BodyExt;
-                let (parts, body) = request.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                let id = parts
-                    .headers
-                    .get("webhook-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                let tenant = parts
-                    .headers
-                    .get("x-tenant")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                record.lock().unwrap().push((
-                    parts.uri.to_string(),
-                    id,
-                    String::from_utf8_lossy(&body).into_owned(),
-                    format!("{} {tenant}", parts.method),
-                ));
-                let path = parts.uri.path();
-                if path.starts_with("/no/") {
-                    (StatusCode::CONFLICT, r#"{"dtm_result":"FAILURE"}"#).into_response()
-                } else if path.starts_with("/down/") && !up.load(std::sync::atomic::Ordering::SeqCst) {
-                    (StatusCode::SERVICE_UNAVAILABLE, "down").into_response()
-                } else {
-                    (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response()
-                }
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Service { base, seen, healthy })
-    }
-
-    fn calls(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits until a call whose path and query start with `prefix` arrived.
-    async fn until_called(&self, prefix: &str) -> Result<Seen> {
-        eventually(&format!("a call to {prefix}"), || async {
-            Ok(self.calls().into_iter().find(|(uri, _, _, _)| uri.starts_with(prefix)))
-        })
-        .await
-    }
-}
 
 /// Begins a global transaction over HTTP; its XID.
 async fn begin_http(tc: &Tc) -> Result<String> {
@@ -203,7 +130,11 @@ async fn a_failing_confirm_is_retried_through_a_coordinator_restart() -> Result 
     commit(&c, &xid).await?;
     eventually("a broken contract counted", || async {
         let text = tc.http().get("/metrics").await?.body;
-        Ok(metric(&text, "ferrata_tc_tcc_contract_broken_total{op=\"confirm\"}").filter(|n| *n >= 2.0))
+        Ok(metric(
+            &text,
+            "ferrata_tc_contract_broken_total{trans_type=\"tcc\",op=\"confirm\"}",
+        )
+        .filter(|n| *n >= 2.0))
     })
     .await?;
     let v = tc.http().get_json(&format!("/v1/transactions/{xid}")).await?;

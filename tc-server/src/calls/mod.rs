@@ -7,9 +7,11 @@
 //! DTM does), the query parameters `gid`, `trans_type`, `branch_id` and `op` added to the
 //! URL, and the branch's own headers.
 
+pub mod branch;
 pub mod outcome;
 pub mod signature;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,7 +35,7 @@ pub struct Call<'a> {
     /// The JSON body; none: a GET.
     pub body: &'a [u8],
     /// Headers the transaction asked for on its branches.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a BTreeMap<String, String>,
     /// Stable for this branch and operation (`webhook-id`): a receiver drops repeats by it.
     pub message_id: &'a str,
     pub timeout: Duration,
@@ -253,7 +255,10 @@ mod tests {
                     ("op", "confirm"),
                 ],
                 body,
-                headers: &[],
+                headers: {
+                    static NONE: BTreeMap<String, String> = BTreeMap::new();
+                    &NONE
+                },
                 message_id: "7-1.01.confirm",
                 timeout: Duration::from_millis(timeout_ms),
             }

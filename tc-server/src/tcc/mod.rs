@@ -8,38 +8,16 @@
 //! through `calls/` with DTM's query parameters, so a DTM barrier (or `BEGIN BRANCH` through
 //! ferrata-proxy) in the service sees the transaction, the branch and the operation.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferrata_rpc::pb;
 use serde::{Deserialize, Serialize};
 
-use crate::calls::{Call, Caller, Outcome};
+use crate::calls::Caller;
+use crate::calls::branch::{self, Ids, Payload};
 
 /// Longest branch name (DTM's `branch_id` column).
 const MAX_NAME: usize = 128;
-
-/// Longest time one call may be given: a service that needs longer answers ONGOING.
-const MAX_REQUEST_TIMEOUT_MS: u64 = 60_000;
-
-/// Headers a branch may not set: the coordinator frames, signs and routes its calls itself.
-fn reserved(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    [
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-    ]
-    .contains(&name.as_str())
-        || name.starts_with("proxy-")
-        || name.starts_with("webhook-")
-}
 
 /// One TCC branch's calls, as registered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,15 +26,9 @@ pub struct TccBranch {
     pub name: String,
     pub confirm: String,
     pub cancel: String,
-    /// The JSON text both calls carry as their body (none: the calls are GETs).
-    #[serde(default)]
-    pub data: String,
-    /// Headers both calls carry.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// How long one call may take (`[calls] request_timeout_ms` if unset).
-    #[serde(default)]
-    pub request_timeout_ms: Option<u64>,
+    /// What both calls carry.
+    #[serde(flatten)]
+    pub payload: Payload,
 }
 
 impl TccBranch {
@@ -71,24 +43,7 @@ impl TccBranch {
                 return Some(format!("{what}: {why}"));
             }
         }
-        let bad_header = self.headers.iter().find(|(name, value)| {
-            axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
-                || axum::http::HeaderValue::from_str(value).is_err()
-                || reserved(name)
-        });
-        if let Some((name, _)) = bad_header {
-            return Some(format!(
-                "header {name:?} is not a valid HTTP header, or one the coordinator sets itself (Host, Content-*, \
-                 Transfer-Encoding, Connection, webhook-*, ...)"
-            ));
-        }
-        if self
-            .request_timeout_ms
-            .is_some_and(|t| t == 0 || t > MAX_REQUEST_TIMEOUT_MS)
-        {
-            return Some(format!("request_timeout_ms must be 1 to {MAX_REQUEST_TIMEOUT_MS}"));
-        }
-        None
+        self.payload.invalid()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -100,7 +55,7 @@ impl TccBranch {
     }
 }
 
-/// The scheme and authority of `url` (`http://svc:8080`): a TCC branch's resource, by which
+/// The scheme and authority of `url` (`http://svc:8080`): an HTTP branch's resource, by which
 /// its commits are batched and lists show it.
 pub fn origin(url: &str) -> &str {
     let rest = url.find("://").map_or(0, |i| i + 3);
@@ -127,43 +82,15 @@ pub async fn phase2(caller: &Caller, default_timeout: Duration, commit: bool, b:
     } else {
         ("cancel", &branch.cancel)
     };
-    let headers: Vec<(String, String)> = branch.headers.into_iter().collect();
-    let message_id = format!("{}.{}.{op}", b.xid, branch.name);
-    let call = Call {
-        url,
-        query: [
-            ("gid", b.xid.as_str()),
-            ("trans_type", "tcc"),
-            ("branch_id", branch.name.as_str()),
-            ("op", op),
-        ],
-        body: branch.data.as_bytes(),
-        headers: &headers,
-        message_id: &message_id,
-        timeout: branch.request_timeout_ms.map_or(default_timeout, Duration::from_millis),
+    let ids = Ids {
+        xid: &b.xid,
+        trans_type: "tcc",
+        name: &branch.name,
+        op,
     };
-    match caller.call(&call).await {
-        Outcome::Success => pb::BranchOutcome::of(b.branch_id, done, ""),
-        Outcome::Ongoing => pb::BranchOutcome::of(b.branch_id, again, format!("{op} answered ONGOING; asked again")),
-        Outcome::Retry(why) => pb::BranchOutcome::of(b.branch_id, again, format!("{op} at {url}: {why}")),
-        Outcome::Failure(why) | Outcome::Gone(why) => {
-            metrics::counter!("ferrata_tc_tcc_contract_broken_total", "op" => op).increment(1);
-            tracing::error!(
-                xid = b.xid,
-                branch_id = b.branch_id,
-                branch = branch.name,
-                url,
-                answer = why,
-                "a TCC {op} refused ({why}): it must succeed; retried, and an operator should look at the service"
-            );
-            pb::BranchOutcome::of(
-                b.branch_id,
-                again,
-                format!(
-                    "{op} at {url} refused, which it must never do ({why}); retried: the service needs an operator"
-                ),
-            )
-        }
+    match branch::settle(caller, &branch.payload, url, ids, default_timeout).await {
+        Ok(()) => pb::BranchOutcome::of(b.branch_id, done, ""),
+        Err(why) => pb::BranchOutcome::of(b.branch_id, again, why),
     }
 }
 
@@ -176,9 +103,10 @@ mod tests {
             name: "01".into(),
             confirm: "http://svc/confirm".into(),
             cancel: "https://svc/cancel".into(),
-            data: r#"{"amount":30}"#.into(),
-            headers: BTreeMap::new(),
-            request_timeout_ms: None,
+            payload: Payload {
+                data: r#"{"amount":30}"#.into(),
+                ..Payload::default()
+            },
         }
     }
 
@@ -197,20 +125,7 @@ mod tests {
         assert!(bad(|b| b.confirm = "svc/confirm".into()).is_some());
         assert!(bad(|b| b.confirm = "http://a b/".into()).is_some());
         assert!(bad(|b| b.cancel = "http://svc/cancel#x".into()).is_some());
-        assert!(
-            bad(|b| {
-                b.headers.insert("bad header".into(), "v".into());
-            })
-            .is_some()
-        );
-        assert!(
-            bad(|b| {
-                b.headers.insert("Host".into(), "other".into());
-            })
-            .is_some()
-        );
-        assert!(bad(|b| b.request_timeout_ms = Some(0)).is_some());
-        assert!(bad(|b| b.request_timeout_ms = Some(MAX_REQUEST_TIMEOUT_MS + 1)).is_some());
+        assert!(bad(|b| b.payload.request_timeout_ms = Some(0)).is_some());
         let fenced = Caller::new(&crate::config::Calls {
             allow: vec!["https://svc/".into()],
             ..Default::default()

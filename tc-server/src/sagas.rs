@@ -1,0 +1,340 @@
+//! Sagas on the coordinator: starting one (stored whole, with its steps, before it is
+//! acknowledged) and driving its actions forward, one task per saga. Its compensations are a
+//! rollback like any other (`phase2.rs`), which calls them for the steps whose actions may
+//! have run.
+//!
+//! Invariants:
+//! - A step is stored as called (`ActionCalled`) before its action is first called, so a
+//!   rollback, even after a restart, compensates every step that may have run, and a
+//!   restarted coordinator calls again (idempotently: the same `webhook-id`) every action
+//!   whose answer it did not store.
+//! - An action is called only while the saga is in Begin and after the actions of the steps
+//!   it waits for succeeded; the saga commits once every action succeeded, and rolls back
+//!   when one refuses or runs out of retries (or its timeout, or the application, says so).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::coordinator::{Coordinator, Session};
+use crate::error::TcError;
+use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::saga::{self, ActionResult, SagaStep, StepRequest};
+use crate::store::Mutation;
+use crate::timeline::{AttemptResult, DecidedBy, EventKind, Timeline};
+
+/// A saga as asked for.
+pub struct SagaRequest {
+    pub name: String,
+    /// Rolls back if its actions are not all done by then; 0: never.
+    pub timeout_ms: u64,
+    pub steps: Vec<StepRequest>,
+    pub options: saga::Options,
+}
+
+/// Where one step's action stands in this driver (not stored: a restart starts afresh).
+#[derive(Default)]
+struct StepRun {
+    retries: u32,
+    not_before: Option<Instant>,
+    in_flight: bool,
+}
+
+impl Coordinator {
+    /// Stores a new saga with its steps and starts its actions; returns its XID once it is
+    /// durable.
+    pub async fn submit_saga(self: &Arc<Self>, request: SagaRequest) -> Result<String, TcError> {
+        self.check_running()?;
+        let limits = &self.config.transactions;
+        if request.timeout_ms > limits.max_timeout_ms {
+            return Err(TcError::invalid(format!(
+                "timeout_ms {} is above this coordinator's maximum of {} ms",
+                request.timeout_ms, limits.max_timeout_ms
+            )));
+        }
+        if request.name.len() > 256 {
+            return Err(TcError::invalid("the transaction name is longer than 256 bytes"));
+        }
+        let steps = saga::plan(request.steps, &request.options, &self.caller).map_err(TcError::invalid)?;
+        let txn_id = self.ids.next().await?;
+        let now = now_ms();
+        let record = GlobalRecord {
+            txn_id,
+            name: request.name,
+            status: GlobalStatus::Begin,
+            timeout_ms: request.timeout_ms,
+            begin_ms: now,
+            updated_ms: now,
+        };
+        let mut branches = Vec::with_capacity(steps.len());
+        for step in steps {
+            let application_data = step.encode();
+            if application_data.len() > limits.max_application_data {
+                return Err(TcError::invalid(format!(
+                    "step {} is {} bytes as stored; at most {} are allowed",
+                    step.name,
+                    application_data.len(),
+                    limits.max_application_data
+                )));
+            }
+            branches.push(BranchRecord {
+                txn_id,
+                branch_id: self.ids.next().await?,
+                resource_id: crate::tcc::origin(&step.action).to_owned(),
+                lock_keys: Vec::new(),
+                application_data,
+                status: BranchStatus::ActionWaiting,
+                registered_ms: now,
+                updated_ms: now,
+                error: None,
+                mode: BranchMode::Saga,
+                connection_id: 0,
+                instance_id: String::new(),
+            });
+        }
+        let mut timeline = Timeline::default();
+        timeline.record(EventKind::Begun {
+            name: record.name.clone(),
+            timeout_ms: record.timeout_ms,
+        });
+        for b in &branches {
+            timeline.record(EventKind::BranchRegistered {
+                branch_id: b.branch_id,
+                resource_id: b.resource_id.clone(),
+                lock_keys: 0,
+            });
+        }
+        let mut writes = vec![Mutation::PutGlobal(record.clone())];
+        writes.extend(branches.iter().cloned().map(Mutation::PutBranch));
+        let session = self.open_session(record, branches, timeline);
+        let durable = {
+            let mut state = session.state.lock();
+            let writes = state.with_events(writes);
+            self.journal.submit(writes)
+        };
+        durable.await?;
+        self.metrics
+            .branch_registrations
+            .increment(session.state.lock().branches.len() as u64);
+        self.start_saga(&session);
+        tracing::debug!(xid = session.xid, "saga submitted");
+        Ok(session.xid.clone())
+    }
+
+    /// Starts the task that calls a saga's actions.
+    pub(crate) fn start_saga(self: &Arc<Self>, session: &Arc<Session>) {
+        let span = tracing::info_span!("saga", xid = session.xid);
+        self.tasks
+            .spawn(Arc::clone(self).drive_saga(Arc::clone(session)).instrument(span));
+    }
+
+    async fn drive_saga(self: Arc<Self>, session: Arc<Session>) {
+        let mut runs: HashMap<u64, StepRun> = HashMap::new();
+        let mut calls: JoinSet<(u64, ActionResult)> = JoinSet::new();
+        let timeout = self.config.calls.request_timeout();
+        loop {
+            let now = Instant::now();
+            let (to_call, durable, all_done, next_wake) = {
+                let mut state = session.state.lock();
+                if state.record.status != GlobalStatus::Begin {
+                    return;
+                }
+                let done: HashSet<String> = state
+                    .branches
+                    .iter()
+                    .filter(|b| b.mode == BranchMode::Saga && b.status == BranchStatus::ActionDone)
+                    .filter_map(|b| SagaStep::decode(&b.application_data).ok().map(|s| s.name))
+                    .collect();
+                let (mut to_call, mut writes, mut all_done, mut next_wake) = (Vec::new(), Vec::new(), true, None);
+                for b in state.branches.iter_mut().filter(|b| b.mode == BranchMode::Saga) {
+                    if b.status == BranchStatus::ActionDone {
+                        continue;
+                    }
+                    all_done = false;
+                    let Ok(step) = SagaStep::decode(&b.application_data) else {
+                        // Written by this coordinator: cannot happen short of a corrupt store.
+                        tracing::error!(branch_id = b.branch_id, "a saga step's stored calls do not read");
+                        continue;
+                    };
+                    let run = runs.entry(b.branch_id).or_default();
+                    if run.in_flight || !step.after.iter().all(|name| done.contains(name)) {
+                        continue;
+                    }
+                    if let Some(at) = run.not_before.filter(|at| *at > now) {
+                        next_wake = Some(next_wake.map_or(at, |w: Instant| w.min(at)));
+                        continue;
+                    }
+                    if b.status == BranchStatus::ActionWaiting {
+                        b.status = BranchStatus::ActionCalled;
+                        b.updated_ms = now_ms();
+                        writes.push(Mutation::PutBranch(b.clone()));
+                    }
+                    run.in_flight = true;
+                    to_call.push((b.branch_id, step));
+                }
+                let durable = (!writes.is_empty()).then(|| {
+                    let writes = state.with_events(writes);
+                    self.journal.submit(writes)
+                });
+                (to_call, durable, all_done, next_wake)
+            };
+            if all_done {
+                if let Err(e) = self.commit_now(&session.xid, DecidedBy::Saga).await {
+                    tracing::warn!(error = %e, "the saga's actions all succeeded but its commit was not stored");
+                }
+                return;
+            }
+            // Stored as called before the calls: a store that failed acknowledges nothing more.
+            if let Some(durable) = durable
+                && durable.await.is_err()
+            {
+                return;
+            }
+            for (branch_id, step) in to_call {
+                let caller = Arc::clone(&self);
+                let xid = session.xid.clone();
+                calls.spawn(async move { (branch_id, saga::action(&caller.caller, timeout, &xid, &step).await) });
+            }
+            let sleep = async {
+                match next_wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (branch_id, result) = tokio::select! {
+                Some(joined) = calls.join_next() => match joined {
+                    Ok(answer) => answer,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => return,
+                },
+                _ = sleep => continue,
+                _ = self.shutdown.cancelled() => return,
+            };
+            let run = runs.entry(branch_id).or_default();
+            run.in_flight = false;
+            if !self.action_answered(&session, branch_id, result, run).await {
+                return;
+            }
+        }
+    }
+
+    /// Records what an action's call came to; `false` once the saga rolls back.
+    async fn action_answered(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        branch_id: u64,
+        result: ActionResult,
+        run: &mut StepRun,
+    ) -> bool {
+        let failed = {
+            let mut state = session.state.lock();
+            let Some(b) = state.branches.iter_mut().find(|b| b.branch_id == branch_id) else {
+                return false;
+            };
+            let Ok(step) = SagaStep::decode(&b.application_data) else {
+                return false;
+            };
+            // Decided meanwhile (a timeout, the application): the rollback compensates this
+            // step whatever the answer, as it is stored as called.
+            let running = b.status == BranchStatus::ActionCalled;
+            let event = |result, reason: &str, next_attempt_ms| EventKind::Action {
+                branch_id,
+                step: step.name.clone(),
+                result,
+                reason: reason.to_owned(),
+                attempts: 1,
+                first_ms: now_ms(),
+                next_attempt_ms,
+            };
+            match result {
+                ActionResult::Done => {
+                    if running {
+                        b.status = BranchStatus::ActionDone;
+                        b.updated_ms = now_ms();
+                        let write = Mutation::PutBranch(b.clone());
+                        state.record(event(AttemptResult::Done, "", None));
+                        // Not awaited: lost in a crash, the action is called again.
+                        let writes = state.with_events(vec![write]);
+                        self.journal.submit_detached(writes);
+                    }
+                    None
+                }
+                ActionResult::Again { ongoing, why } => {
+                    if step.retry_limit.is_some_and(|limit| run.retries >= limit) {
+                        Some((
+                            BranchStatus::ActionCalled,
+                            format!("no definite answer after {} retries (retry_limit): {why}", run.retries),
+                        ))
+                    } else {
+                        let p = &self.config.phase2;
+                        let delay = saga::retry_delay(
+                            &step,
+                            run.retries,
+                            ongoing,
+                            p.backoff(0),
+                            std::time::Duration::from_millis(p.retry_max_ms),
+                        );
+                        run.retries += 1;
+                        run.not_before = Some(Instant::now() + delay);
+                        let next = now_ms() + delay.as_millis() as u64;
+                        // In the timeline only, stored with the transaction's next write.
+                        state.record(event(AttemptResult::Retry, &why, Some(next)));
+                        tracing::debug!(branch_id, step = step.name, reason = why, "action retried");
+                        None
+                    }
+                }
+                ActionResult::Failed(why) => Some((BranchStatus::ActionFailed, why)),
+            }
+        };
+        let Some((status, why)) = failed else { return true };
+        let mut writes = Vec::new();
+        {
+            let mut state = session.state.lock();
+            if let Some(b) = state
+                .branches
+                .iter_mut()
+                .find(|b| b.branch_id == branch_id && b.status == BranchStatus::ActionCalled)
+            {
+                b.status = status;
+                b.error = Some(BranchError {
+                    reason: why.clone(),
+                    detail_json: String::new(),
+                });
+                b.updated_ms = now_ms();
+                writes.push(Mutation::PutBranch(b.clone()));
+                let step = SagaStep::decode(&b.application_data)
+                    .map(|s| s.name)
+                    .unwrap_or_default();
+                state.record(EventKind::Action {
+                    branch_id,
+                    step,
+                    result: AttemptResult::Failed,
+                    reason: why.clone(),
+                    attempts: 1,
+                    first_ms: now_ms(),
+                    next_attempt_ms: None,
+                });
+            }
+            // In the same batch as the decision that follows (submitted in order).
+            let writes = state.with_events(writes);
+            self.journal.submit_detached(writes);
+        }
+        tracing::info!(branch_id, reason = why, "a saga action failed; rolling back");
+        match self.decide_rollback(session, GlobalStatus::Rollbacking, DecidedBy::Saga) {
+            Ok(durable) => {
+                self.metrics.rollbacks.increment(1);
+                if let Some(durable) = durable
+                    && durable.await.is_err()
+                {
+                    return false;
+                }
+                self.start_rollback(session);
+            }
+            Err(status) => tracing::debug!(status = status.as_str(), "decided before the action failed"),
+        }
+        false
+    }
+}
