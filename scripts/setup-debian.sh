@@ -3,8 +3,9 @@
 # missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
 # CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench,
 # chromium, nodejs and npm (the console's browser tests, scripts/console-tests.sh, which
-# installs playwright-core from npm itself); and cargo-fuzz (from crates.io, into
-# ~/.cargo/bin) for scripts/fuzz.sh.
+# installs playwright-core from npm itself); python3-venv, for a virtualenv with DTM's Python
+# SDK (tests/dtmcli/venv: dtmcli, the DTM-compatible API's acceptance test); and cargo-fuzz
+# (from crates.io, into ~/.cargo/bin) for scripts/fuzz.sh.
 set -euo pipefail
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
@@ -14,6 +15,7 @@ command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -22,6 +24,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     # Debian starts the packaged server; Ferrata starts its own throw-away servers.
     $sudo systemctl disable --now mariadb >/dev/null 2>&1 || true
+fi
+
+# DTM's Python SDK at the version the acceptance test was written against, in a virtualenv
+# of the repository's own (tc-server/tests/dtm.rs runs it).
+venv="$(dirname "$0")/../tests/dtmcli/venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import dtmcli" >/dev/null 2>&1; then
+    echo "installing: dtmcli into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check dtmcli==1.7.7.0 requests==2.32.3
 fi
 
 # The fuzz targets build on stable Rust with cargo-fuzz; libFuzzer is compiled by

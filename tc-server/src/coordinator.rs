@@ -58,6 +58,8 @@ pub struct Session {
     pub(crate) state: Mutex<SessionState>,
     /// Counts completed rollback passes, so a GlobalRollback call can wait for the next.
     pub(crate) passes: watch::Sender<u64>,
+    /// Wakes the task driving it (its saga's actions, its rollback) to retry now.
+    pub(crate) wake: Notify,
 }
 
 pub(crate) struct SessionState {
@@ -181,6 +183,11 @@ pub struct Coordinator {
 /// `Ok` for a transaction in Begin, the only status that accepts branches (and guards for
 /// them); `what` says what was refused.
 fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError> {
+    if state.branches.iter().any(|b| b.mode == BranchMode::Saga) {
+        return Err(TcError::invalid(format!(
+            "{xid} is a saga: its steps came with it, and nothing else joins it"
+        )));
+    }
     match state.record.status {
         GlobalStatus::Begin => Ok(()),
         s => Err(TcError::status_invalid(
@@ -313,6 +320,7 @@ impl Coordinator {
                     acting: false,
                 }),
                 passes: watch::Sender::new(0),
+                wake: Notify::new(),
             });
             self.metrics.status(None, Some(status));
             // A saga without timeout_to_fail has none.
@@ -418,6 +426,23 @@ impl Coordinator {
     }
 
     pub async fn begin(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
+        Self::check_name(&name)?;
+        self.begin_named(timeout_ms, name).await
+    }
+
+    /// Refuses a name an application may not give its transaction: the DTM API's.
+    pub fn check_name(name: &str) -> Result<(), TcError> {
+        if name.starts_with(crate::dtm::NAME_PREFIX) {
+            return Err(TcError::invalid(format!(
+                "transaction names starting with {:?} are the DTM API's (/api/dtmsvr/)",
+                crate::dtm::NAME_PREFIX
+            )));
+        }
+        Ok(())
+    }
+
+    /// Begins a transaction under any name (the DTM API names its own).
+    pub(crate) async fn begin_named(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
         self.check_running()?;
         let limits = &self.config.transactions;
         let timeout_ms = if timeout_ms == 0 {
@@ -452,19 +477,26 @@ impl Coordinator {
             name: record.name.clone(),
             timeout_ms,
         });
-        let session = self.open_session(record, Vec::new(), timeline);
+        let (session, _) = self.open_session(record, Vec::new(), timeline, Vec::new());
         tracing::debug!(xid = session.xid, timeout_ms, "begin");
         Ok(session.xid.clone())
     }
 
-    /// Makes a new transaction live (in Begin; stored already if it has `branches`) and
-    /// starts its timeout (none if `timeout_ms` is 0: a saga without timeout_to_fail).
+    /// Makes a new transaction live (in Begin) and starts its timeout (none if `timeout_ms`
+    /// is 0: a saga without timeout_to_fail). With `branches`, it is stored whole first:
+    /// `writes` (and its timeline) are submitted before anyone else can see it, and the
+    /// returned future is their durability.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn open_session(
         &self,
         record: GlobalRecord,
         branches: Vec<BranchRecord>,
         timeline: Timeline,
-    ) -> Arc<Session> {
+        writes: Vec<Mutation>,
+    ) -> (
+        Arc<Session>,
+        Option<impl Future<Output = Result<(), StoreError>> + use<>>,
+    ) {
         let txn_id = record.txn_id;
         let timeout_ms = record.timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
@@ -485,6 +517,11 @@ impl Coordinator {
                 paused: false,
             }),
             passes: watch::Sender::new(0),
+            wake: Notify::new(),
+        });
+        let durable = (!writes.is_empty()).then(|| {
+            let writes = session.state.lock().with_events(writes);
+            self.journal.submit(writes)
         });
         self.sessions.write().insert(txn_id, Arc::clone(&session));
         if timeout_ms != 0 {
@@ -492,7 +529,7 @@ impl Coordinator {
         }
         self.metrics.begins.increment(1);
         self.metrics.status(None, Some(GlobalStatus::Begin));
-        session
+        (session, durable)
     }
 
     fn lock_wait(&self, lock_wait_ms: u64) -> (Instant, u64) {
@@ -975,25 +1012,54 @@ impl Coordinator {
         to: GlobalStatus,
         by: DecidedBy,
     ) -> Result<Option<impl Future<Output = Result<(), StoreError>> + use<>>, GlobalStatus> {
+        self.decide_rollback_with(session, to, by, &mut |_| Vec::new())
+    }
+
+    /// `decide_rollback`, storing what `cause` changes in the session (the branch that made
+    /// the decision) in the same batch.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn decide_rollback_with(
+        &self,
+        session: &Session,
+        to: GlobalStatus,
+        by: DecidedBy,
+        cause: &mut dyn FnMut(&mut SessionState) -> Vec<Mutation>,
+    ) -> Result<Option<impl Future<Output = Result<(), StoreError>> + use<>>, GlobalStatus> {
         let durable = {
             let mut state = session.state.lock();
             if state.record.status != GlobalStatus::Begin {
                 return Err(state.record.status);
             }
+            let mut writes = cause(&mut state);
             self.set_status(&mut state, to);
             state.record(EventKind::Decided {
                 decision: Decision::Rollback,
                 by,
             });
             state.stored.then(|| {
-                let write = Mutation::PutGlobal(state.record.clone());
-                let writes = state.with_events(vec![write]);
+                writes.push(Mutation::PutGlobal(state.record.clone()));
+                let writes = state.with_events(writes);
                 self.journal.submit(writes)
             })
         };
         self.at.locks.set_rolling_back(session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
         Ok(durable)
+    }
+
+    /// Retries now what waits for its next attempt (DTM's resetNextCronTime): a saga's
+    /// actions, a rollback's pass, a commit's branch calls.
+    pub fn hurry(&self, xid: &str) -> Result<(), TcError> {
+        let session = self.session_for(xid, "retry now")?;
+        session.wake.notify_one();
+        let now = Instant::now();
+        let mut queue = self.commit_queue.lock();
+        for p in queue.iter_mut().filter(|p| p.txn_id == session.txn_id) {
+            p.not_before = now;
+        }
+        drop(queue);
+        self.commit_wake.notify_one();
+        Ok(())
     }
 
     pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {

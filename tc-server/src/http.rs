@@ -38,9 +38,12 @@ const SESSION_COOKIE: &str = "ferrata_session";
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
     let api = Api {
-        coordinator,
+        coordinator: Arc::clone(&coordinator),
         sessions: Arc::new(Sessions::default()),
     };
+    // DTM's clients call with the same tokens (`Authorization: Bearer`).
+    let dtm =
+        crate::dtm::routes(coordinator).route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
     let v1 = Router::new()
         .route("/v1/transactions", post(begin).get(list))
         .route("/v1/transactions/{xid}", get(show))
@@ -68,6 +71,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .merge(v1)
+        .merge(dtm)
         .route("/v1/session", post(login))
         .merge(crate::console::routes())
         .route("/healthz", get(healthz))
@@ -444,6 +448,7 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
     let mode = body.mode.as_deref().unwrap_or("at").to_ascii_lowercase();
     let xid = match mode.as_str() {
         "saga" => {
+            Coordinator::check_name(&body.name)?;
             let request = crate::sagas::SagaRequest {
                 name: body.name,
                 timeout_ms: body.timeout_ms,
@@ -457,6 +462,7 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
                             data: data_text(s.data),
                             headers: s.headers,
                             request_timeout_ms: s.request_timeout_ms,
+                            gid: None,
                         },
                     })
                     .collect(),
@@ -529,6 +535,7 @@ async fn register_branch(
             data: data_text(body.data),
             headers: body.headers,
             request_timeout_ms: body.request_timeout_ms,
+            gid: None,
         },
     };
     // Its resource is its confirm URL's origin, which the coordinator sets itself.
@@ -625,9 +632,9 @@ struct RowSeen {
 
 /// What every operator action's request carries: who, from where, and the body's reason
 /// and expected version.
-struct Operator {
-    caller: Caller,
-    origin: Origin,
+pub(crate) struct Operator {
+    pub(crate) caller: Caller,
+    pub(crate) origin: Origin,
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Operator {

@@ -11,7 +11,7 @@
 //!   compensations it calls)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `sagas` the sagas' forward runs, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
-//!   two APIs, `console` the web console's assets
+//!   two APIs, `dtm` DTM's API on the same model, `dtm` DTM's API on the same model, `console` the web console's assets
 //! - `server` start and stop, `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
@@ -35,6 +35,7 @@ pub mod tcc;
 
 pub mod console;
 pub mod coordinator;
+pub mod dtm;
 pub mod grpc;
 pub mod http;
 pub mod operator;

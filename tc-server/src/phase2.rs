@@ -218,6 +218,7 @@ impl Coordinator {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = attached => {}
+                        _ = session.wake.notified() => {}
                         _ = self.shutdown.cancelled() => break,
                     }
                     // Paused by an operator: this driver ends (checked and marked under one

@@ -109,13 +109,10 @@ impl Coordinator {
         }
         let mut writes = vec![Mutation::PutGlobal(record.clone())];
         writes.extend(branches.iter().cloned().map(Mutation::PutBranch));
-        let session = self.open_session(record, branches, timeline);
-        let durable = {
-            let mut state = session.state.lock();
-            let writes = state.with_events(writes);
-            self.journal.submit(writes)
-        };
-        durable.await?;
+        let (session, durable) = self.open_session(record, branches, timeline, writes);
+        if let Some(durable) = durable {
+            durable.await?;
+        }
         self.metrics
             .branch_registrations
             .increment(session.state.lock().branches.len() as u64);
@@ -137,7 +134,7 @@ impl Coordinator {
         let timeout = self.config.calls.request_timeout();
         loop {
             let now = Instant::now();
-            let (to_call, durable, all_done, next_wake) = {
+            let (to_call, durable, all_done, next_wake, broken) = {
                 let mut state = session.state.lock();
                 if state.record.status != GlobalStatus::Begin {
                     return;
@@ -149,15 +146,23 @@ impl Coordinator {
                     .filter_map(|b| SagaStep::decode(&b.application_data).ok().map(|s| s.name))
                     .collect();
                 let (mut to_call, mut writes, mut all_done, mut next_wake) = (Vec::new(), Vec::new(), true, None);
+                let mut broken = None;
                 for b in state.branches.iter_mut().filter(|b| b.mode == BranchMode::Saga) {
                     if b.status == BranchStatus::ActionDone {
                         continue;
                     }
                     all_done = false;
-                    let Ok(step) = SagaStep::decode(&b.application_data) else {
-                        // Written by this coordinator: cannot happen short of a corrupt store.
-                        tracing::error!(branch_id = b.branch_id, "a saga step's stored calls do not read");
-                        continue;
+                    let step = match SagaStep::decode(&b.application_data) {
+                        Ok(step) if b.status != BranchStatus::ActionFailed => step,
+                        // Written by this coordinator: unreadable only in a corrupt store.
+                        Err(why) => {
+                            broken = Some((b.branch_id, why));
+                            break;
+                        }
+                        Ok(_) => {
+                            broken = Some((b.branch_id, "its action refused".to_owned()));
+                            break;
+                        }
                     };
                     let run = runs.entry(b.branch_id).or_default();
                     if run.in_flight || !step.after.iter().all(|name| done.contains(name)) {
@@ -175,12 +180,17 @@ impl Coordinator {
                     run.in_flight = true;
                     to_call.push((b.branch_id, step));
                 }
-                let durable = (!writes.is_empty()).then(|| {
+                let durable = (!writes.is_empty() && broken.is_none()).then(|| {
                     let writes = state.with_events(writes);
                     self.journal.submit(writes)
                 });
-                (to_call, durable, all_done, next_wake)
+                (to_call, durable, all_done, next_wake, broken)
             };
+            if let Some((branch_id, why)) = broken {
+                self.saga_fails(&session, branch_id, BranchStatus::ActionFailed, why)
+                    .await;
+                return;
+            }
             if all_done {
                 if let Err(e) = self.commit_now(&session.xid, DecidedBy::Saga).await {
                     tracing::warn!(error = %e, "the saga's actions all succeeded but its commit was not stored");
@@ -191,6 +201,10 @@ impl Coordinator {
             if let Some(durable) = durable
                 && durable.await.is_err()
             {
+                return;
+            }
+            // Decided meanwhile (a timeout, the application): no action is called any more.
+            if session.state.lock().record.status != GlobalStatus::Begin {
                 return;
             }
             for (branch_id, step) in to_call {
@@ -211,6 +225,10 @@ impl Coordinator {
                     Err(_) => return,
                 },
                 _ = sleep => continue,
+                _ = session.wake.notified() => {
+                    runs.values_mut().for_each(|r| r.not_before = None);
+                    continue;
+                }
                 _ = self.shutdown.cancelled() => return,
             };
             let run = runs.entry(branch_id).or_default();
@@ -279,7 +297,7 @@ impl Coordinator {
                         );
                         run.retries += 1;
                         run.not_before = Some(Instant::now() + delay);
-                        let next = now_ms() + delay.as_millis() as u64;
+                        let next = now_ms().saturating_add(delay.as_millis() as u64);
                         // In the timeline only, stored with the transaction's next write.
                         state.record(event(AttemptResult::Retry, &why, Some(next)));
                         tracing::debug!(branch_id, step = step.name, reason = why, "action retried");
@@ -290,51 +308,52 @@ impl Coordinator {
             }
         };
         let Some((status, why)) = failed else { return true };
-        let mut writes = Vec::new();
-        {
-            let mut state = session.state.lock();
-            if let Some(b) = state
-                .branches
-                .iter_mut()
-                .find(|b| b.branch_id == branch_id && b.status == BranchStatus::ActionCalled)
-            {
-                b.status = status;
-                b.error = Some(BranchError {
-                    reason: why.clone(),
-                    detail_json: String::new(),
-                });
-                b.updated_ms = now_ms();
-                writes.push(Mutation::PutBranch(b.clone()));
-                let step = SagaStep::decode(&b.application_data)
-                    .map(|s| s.name)
-                    .unwrap_or_default();
-                state.record(EventKind::Action {
-                    branch_id,
-                    step,
-                    result: AttemptResult::Failed,
-                    reason: why.clone(),
-                    attempts: 1,
-                    first_ms: now_ms(),
-                    next_attempt_ms: None,
-                });
-            }
-            // In the same batch as the decision that follows (submitted in order).
-            let writes = state.with_events(writes);
-            self.journal.submit_detached(writes);
-        }
+        self.saga_fails(session, branch_id, status, why).await;
+        false
+    }
+
+    /// Rolls the saga back because of step `branch_id`, which ends in `status` (ActionFailed,
+    /// or ActionCalled when it ran out of retries) with `why`: stored in the decision's batch.
+    async fn saga_fails(self: &Arc<Self>, session: &Arc<Session>, branch_id: u64, status: BranchStatus, why: String) {
         tracing::info!(branch_id, reason = why, "a saga action failed; rolling back");
-        match self.decide_rollback(session, GlobalStatus::Rollbacking, DecidedBy::Saga) {
+        let mut cause = |state: &mut crate::coordinator::SessionState| {
+            let Some(b) = state.branches.iter_mut().find(|b| {
+                b.branch_id == branch_id && matches!(b.status, BranchStatus::ActionCalled | BranchStatus::ActionFailed)
+            }) else {
+                return Vec::new();
+            };
+            b.status = status;
+            b.error = Some(BranchError {
+                reason: why.clone(),
+                detail_json: String::new(),
+            });
+            b.updated_ms = now_ms();
+            let write = Mutation::PutBranch(b.clone());
+            let step = SagaStep::decode(&b.application_data)
+                .map(|s| s.name)
+                .unwrap_or_default();
+            state.record(EventKind::Action {
+                branch_id,
+                step,
+                result: AttemptResult::Failed,
+                reason: why.clone(),
+                attempts: 1,
+                first_ms: now_ms(),
+                next_attempt_ms: None,
+            });
+            vec![write]
+        };
+        match self.decide_rollback_with(session, GlobalStatus::Rollbacking, DecidedBy::Saga, &mut cause) {
             Ok(durable) => {
                 self.metrics.rollbacks.increment(1);
                 if let Some(durable) = durable
                     && durable.await.is_err()
                 {
-                    return false;
+                    return;
                 }
                 self.start_rollback(session);
             }
             Err(status) => tracing::debug!(status = status.as_str(), "decided before the action failed"),
         }
-        false
     }
 }

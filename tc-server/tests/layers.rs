@@ -29,6 +29,7 @@ fn dependencies_run_downwards() {
                 "repair",
                 "grpc",
                 "http",
+                "dtm",
                 "console",
             ],
             peers_may_meet: true,

@@ -108,6 +108,14 @@ async fn an_ordered_saga_runs_its_actions_in_order_and_commits() -> Result {
     let open = submit(&tc, json!({"mode": "saga", "steps": [step(&s, "down/a1", "ok/c1")]})).await?;
     let r = tc.http().post(&format!("/v1/transactions/{open}/commit"), None).await?;
     r.assert_error(400, "invalid_argument");
+    // Nothing else joins a saga.
+    let tcc = json!({"mode": "tcc", "branch_id": "01", "confirm": format!("{}/ok/x", s.base), "cancel": format!("{}/ok/y", s.base)});
+    let r = tc
+        .http()
+        .post(&format!("/v1/transactions/{open}/branches"), Some(&tcc.to_string()))
+        .await?;
+    let body = r.assert_error(400, "invalid_argument");
+    assert!(body["message"].as_str().unwrap_or("").contains("saga"), "{body}");
     let v = tc.http().get_json(&format!("/v1/transactions/{open}")).await?;
     assert_eq!(v["status"], "Begin", "{v}");
     assert_eq!(v["branches"][0]["mode"], "SAGA", "{v}");

@@ -43,9 +43,22 @@ pub struct Payload {
     /// How long one call may take (`[calls] request_timeout_ms` if unset).
     #[serde(default)]
     pub request_timeout_ms: Option<u64>,
+    /// The name the calls give the transaction (`gid`, and in `webhook-id`): the client's gid
+    /// of a transaction begun through the DTM API, so that the service's barrier sees the
+    /// same gid in the coordinator's calls as in the client's own (a try); the XID if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
 }
 
 impl Payload {
+    /// `ids` with the transaction named as the calls name it (`gid`).
+    pub fn named<'a>(&'a self, ids: Ids<'a>) -> Ids<'a> {
+        Ids {
+            xid: self.gid.as_deref().unwrap_or(ids.xid),
+            ..ids
+        }
+    }
+
     /// Why these settings cannot be registered, if they cannot.
     pub fn invalid(&self) -> Option<String> {
         let bad_header = self.headers.iter().find(|(name, value)| {
@@ -71,6 +84,7 @@ impl Payload {
     /// The call of `url` for operation `op` of branch `name` of transaction `xid` (DTM's
     /// query parameters; `webhook-id` `<xid>.<name>.<op>`, the same for every attempt).
     pub fn call<'a>(&'a self, url: &'a str, ids: Ids<'a>, message_id: &'a str, default_timeout: Duration) -> Call<'a> {
+        let ids = self.named(ids);
         Call {
             url,
             query: [
@@ -118,6 +132,7 @@ pub async fn settle(
     if url.is_empty() {
         return Ok(());
     }
+    let ids = payload.named(ids);
     let message_id = ids.message_id();
     let op = ids.op;
     match caller.call(&payload.call(url, ids, &message_id, default_timeout)).await {

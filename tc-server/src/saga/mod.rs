@@ -23,6 +23,9 @@ use crate::calls::{Caller, Outcome};
 /// Most steps in one saga.
 pub const MAX_STEPS: usize = 1000;
 
+/// Longest retry interval a saga may ask for (an hour).
+pub const MAX_RETRY_INTERVAL_MS: u64 = 3_600_000;
+
 /// One step of a saga, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaStep {
@@ -87,8 +90,11 @@ pub fn plan(steps: Vec<StepRequest>, options: &Options, caller: &Caller) -> Resu
     if !options.concurrent && !options.orders.is_empty() {
         return Err("orders are only read for a concurrent saga (\"concurrent\": true)".into());
     }
-    if options.retry_interval_ms == Some(0) {
-        return Err("retry_interval_ms must be at least 1".into());
+    if options
+        .retry_interval_ms
+        .is_some_and(|ms| ms == 0 || ms > MAX_RETRY_INTERVAL_MS)
+    {
+        return Err(format!("retry_interval_ms must be 1 to {MAX_RETRY_INTERVAL_MS}"));
     }
     let mut waits_for: Vec<Vec<usize>> = (0..n).map(|i| if i == 0 { vec![] } else { vec![i - 1] }).collect();
     if options.concurrent {
@@ -180,7 +186,7 @@ pub async fn action(caller: &Caller, default_timeout: Duration, xid: &str, step:
         name: &step.name,
         op: "action",
     };
-    let message_id = ids.message_id();
+    let message_id = step.payload.named(ids).message_id();
     let call = step.payload.call(&step.action, ids, &message_id, default_timeout);
     match caller.call(&call).await {
         Outcome::Success => ActionResult::Done,
