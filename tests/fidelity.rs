@@ -579,6 +579,16 @@ fn error_code(response: &[Packet]) -> Option<u16> {
     }
 }
 
+/// A bulk execute of one row `(id, "1")` into `d` is refused (1235) as one the proxy cannot
+/// protect.
+async fn assert_bulk_refused(conn: &mut RawConn, id: i32) -> Result<()> {
+    let refused = bulk_execute(conn, "INSERT INTO d VALUES (?, ?)", &[(id, "1")]).await?;
+    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
+    assert_eq!(error_code(&refused), Some(1235), "{text}");
+    assert!(text.contains("bulk execute"), "{text}");
+    Ok(())
+}
+
 /// Prepares `sql` on `conn` and runs it as one bulk execute of `rows`; the response.
 async fn bulk_execute(conn: &mut RawConn, sql: &str, rows: &[(i32, &str)]) -> Result<Vec<Packet>> {
     let (_, id) = raw_prepare(conn, sql).await?;
@@ -634,10 +644,7 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     // Inside a global transaction its rows would not be imaged: refused, not run.
     let mut proxied = bulk_conn(proxy.addr, DEFAULT).await?;
     proxied.query("START GLOBAL TRANSACTION").await?;
-    let refused = bulk_execute(&mut proxied, "INSERT INTO d VALUES (?, ?)", &[(40, "1")]).await?;
-    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
-    assert_eq!(error_code(&refused), Some(1235), "{text}");
-    assert!(text.contains("bulk execute"), "{text}");
+    assert_bulk_refused(&mut proxied, 40).await?;
     // Its rows locked globally, `d` is guarded: outside the global transaction a bulk write
     // cannot be checked row by row either.
     proxied.query("UPDATE d SET v = 9 WHERE id = 2").await?;
@@ -648,15 +655,9 @@ async fn bulk_executes_answer_as_directly_and_are_refused_where_they_cannot_be_p
     // and inside a branch its rows on the guarded table could not be checked.
     let mut xa = bulk_conn(proxy.addr, DEFAULT).await?;
     xa.query("START GLOBAL TRANSACTION MODE XA").await?;
-    let refused = bulk_execute(&mut xa, "INSERT INTO d VALUES (?, ?)", &[(42, "1")]).await?;
-    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
-    assert_eq!(error_code(&refused), Some(1235), "{text}");
-    assert!(text.contains("bulk execute"), "{text}");
+    assert_bulk_refused(&mut xa, 42).await?;
     xa.query("BEGIN").await?;
-    let refused = bulk_execute(&mut xa, "INSERT INTO d VALUES (?, ?)", &[(43, "1")]).await?;
-    let text = String::from_utf8_lossy(&refused[0].payload).into_owned();
-    assert_eq!(error_code(&refused), Some(1235), "{text}");
-    assert!(text.contains("bulk execute"), "{text}");
+    assert_bulk_refused(&mut xa, 43).await?;
     xa.query("ROLLBACK").await?;
     xa.query("ROLLBACK GLOBAL").await?;
     proxied.query("ROLLBACK GLOBAL").await?;

@@ -537,14 +537,7 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
         "[phase2]\nheartbeat_interval_ms = 200\ncall_timeout_ms = 1000\nretry_max_ms = 500\n",
     )?;
     let a = Side::start(&tc).await?;
-    // Ends a holder idle for a second (at least a second: a live session between commands).
-    let other = ProxyProcess::start_with(
-        PROXY,
-        a.db.addr(),
-        &tc.endpoint(),
-        "lock_wait_ms = 2000",
-        "xa_kill_idle_ms = 1000",
-    )?;
+    let other = idle_killer(&tc, &a)?;
 
     let mut conn = a.proxy.conn().await?;
     let xid = start_xa(&mut conn).await?;
@@ -568,6 +561,18 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
     Ok(())
 }
 
+/// A second proxy in front of `a`'s server that ends a holder idle for a second (at least a
+/// second: a live session between commands).
+fn idle_killer(tc: &Coordinator, a: &Side) -> Result<ProxyProcess> {
+    ProxyProcess::start_with(
+        PROXY,
+        a.db.addr(),
+        &tc.endpoint(),
+        "lock_wait_ms = 2000",
+        "xa_kill_idle_ms = 1000",
+    )
+}
+
 /// Phase 2 of a prepared branch goes to the proxy process whose session holds it, although a
 /// second proxy in front of the same server serves the database too and would end a holder
 /// idle for a second: the holding session keeps its connection. (The coordinator takes the
@@ -576,13 +581,7 @@ async fn a_hung_proxy_s_connection_is_ended_so_another_proxy_can_finish_its_bran
 async fn phase_2_goes_to_the_proxy_holding_the_branch() -> Result<()> {
     let tc = Coordinator::start(TC)?;
     let a = Side::start(&tc).await?;
-    let other = ProxyProcess::start_with(
-        PROXY,
-        a.db.addr(),
-        &tc.endpoint(),
-        "lock_wait_ms = 2000",
-        "xa_kill_idle_ms = 1000",
-    )?;
+    let other = idle_killer(&tc, &a)?;
     let mut app = other.conn().await?;
     other.await_trust(&mut app).await?;
     let mut direct = a.db.conn().await?;

@@ -87,6 +87,11 @@ pub(crate) struct SessionState {
 }
 
 impl SessionState {
+    /// A saga: its steps are its branches, and nothing else joins it.
+    pub fn is_saga(&self) -> bool {
+        self.branches.iter().any(|b| b.mode == BranchMode::Saga)
+    }
+
     /// Records an event of the transaction's timeline, bumping its version.
     pub fn record(&mut self, kind: EventKind) {
         self.timeline.record(kind);
@@ -183,7 +188,7 @@ pub struct Coordinator {
 /// `Ok` for a transaction in Begin, the only status that accepts branches (and guards for
 /// them); `what` says what was refused.
 fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError> {
-    if state.branches.iter().any(|b| b.mode == BranchMode::Saga) {
+    if state.is_saga() {
         return Err(TcError::invalid(format!(
             "{xid} is a saga: its steps came with it, and nothing else joins it"
         )));
@@ -323,9 +328,12 @@ impl Coordinator {
                 wake: Notify::new(),
             });
             self.metrics.status(None, Some(status));
+            let (saga, timeout_ms) = {
+                let state = session.state.lock();
+                (state.is_saga(), state.record.timeout_ms)
+            };
             // A saga without timeout_to_fail has none.
-            let saga = session.state.lock().branches.iter().any(|b| b.mode == BranchMode::Saga);
-            if status == GlobalStatus::Begin && session.state.lock().record.timeout_ms != 0 {
+            if status == GlobalStatus::Begin && timeout_ms != 0 {
                 self.timeouts.lock().insert((deadline, txn_id));
             }
             self.sessions.write().insert(txn_id, Arc::clone(&session));
@@ -882,7 +890,7 @@ impl Coordinator {
                 }
                 s => return Err(TcError::status_invalid(xid, s, "commit")),
             }
-            if by == DecidedBy::Application && state.branches.iter().any(|b| b.mode == BranchMode::Saga) {
+            if by == DecidedBy::Application && state.is_saga() {
                 return Err(TcError::invalid(format!(
                     "{xid} is a saga: it commits itself once every action succeeded (follow it with GET \
                      /v1/transactions/{xid}); it can be rolled back"

@@ -127,6 +127,14 @@ impl DtmError {
         DtmError(StatusCode::CONFLICT, message.into())
     }
 
+    /// The transaction's status does not allow `what` (DTM's wording).
+    fn refused(trans_type: &str, status: GlobalStatus, what: &str) -> DtmError {
+        DtmError::failure(format!(
+            "current status '{}', cannot {what}",
+            dtm_status(trans_type, status)
+        ))
+    }
+
     fn unknown(gid: &str) -> DtmError {
         DtmError(StatusCode::NOT_FOUND, format!("no transaction with gid {gid:?}"))
     }
@@ -194,7 +202,7 @@ fn flag(body: &Map<String, Value>, field: &str) -> Result<bool, DtmError> {
     }
 }
 
-/// `gid` of a request: required, at most 128 characters, no `:` at its start confusion.
+/// `gid` of a request: required, at most 128 characters, none of them control characters.
 fn gid_of(body: &Map<String, Value>) -> Result<String, DtmError> {
     let gid = text(body, "gid")?.unwrap_or_default();
     if gid.is_empty() || gid.chars().count() > MAX_GID || gid.chars().any(char::is_control) {
@@ -262,9 +270,8 @@ async fn version() -> Reply {
     success(json!({ "version": concat!("ferrata-tc ", env!("CARGO_PKG_VERSION")) }))
 }
 
-async fn new_gid(State(f): State<Facade>, Extension(caller): Extension<Caller>) -> Reply {
+async fn new_gid(Extension(caller): Extension<Caller>) -> Reply {
     caller.require(Permission::Transact, "begin global transactions")?;
-    let _ = &f;
     let mut bytes = [0u8; 12];
     getrandom::fill(&mut bytes).map_err(|e| DtmError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     success(json!({ "gid": crate::auth::hex(&bytes) }))
@@ -315,10 +322,7 @@ async fn prepare(State(f): State<Facade>, Extension(caller): Extension<Caller>, 
     .await?;
     match existing.map(|v| v.record.status) {
         None | Some(GlobalStatus::Begin) => success(json!({})),
-        Some(s) => Err(DtmError::failure(format!(
-            "current status '{}', cannot prepare",
-            dtm_status("tcc", s)
-        ))),
+        Some(s) => Err(DtmError::refused("tcc", s, "prepare")),
     }
 }
 
@@ -343,10 +347,7 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
             s if s.is_committing() || matches!(s, GlobalStatus::Committed | GlobalStatus::CommitFailed) => {
                 success(json!({}))
             }
-            s => Err(DtmError::failure(format!(
-                "current status '{}', cannot submit",
-                dtm_status("tcc", s)
-            ))),
+            s => Err(DtmError::refused("tcc", s, "submit")),
         };
     }
     let request = saga_request(&body, &gid)?;
@@ -357,10 +358,7 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
     .await?;
     // Submitted again: the same saga, whatever it has come to, unless it failed.
     match existing.map(|v| v.record.status) {
-        Some(s) if dtm_status("saga", s) == "failed" => Err(DtmError::failure(format!(
-            "current status '{}', cannot submit",
-            dtm_status("saga", s)
-        ))),
+        Some(s) if dtm_status("saga", s) == "failed" => Err(DtmError::refused("saga", s, "submit")),
         _ => success(json!({})),
     }
 }
@@ -459,11 +457,8 @@ async fn abort(State(f): State<Facade>, Extension(caller): Extension<Caller>, bo
             f.coordinator.rollback(&view.xid).await?;
             success(json!({}))
         }
-        s if s.is_rolling_back() || !s.is_committing() && dtm_status("tcc", s) == "failed" => success(json!({})),
-        s => Err(DtmError::failure(format!(
-            "current status '{}', cannot abort",
-            dtm_status("tcc", s)
-        ))),
+        s if s.is_rolling_back() || dtm_status("tcc", s) == "failed" => success(json!({})),
+        s => Err(DtmError::refused("tcc", s, "abort")),
     }
 }
 
@@ -546,7 +541,7 @@ async fn all(
     q: Result<Query<AllQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     caller.require(Permission::Read, "list transactions")?;
-    let Query(q) = q.map_err(|e| DtmError::bad(format!("bad query string: {}", e.body_text())))?;
+    let q = crate::http::query(q)?;
     let skip: usize = match q.position.as_deref().filter(|p| !p.is_empty()) {
         None => 0,
         Some(p) => p

@@ -567,7 +567,7 @@ impl IntoResponse for ApiError {
 }
 
 /// A query string, or the error that says what is wrong with it.
-fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, TcError> {
+pub(crate) fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, TcError> {
     q.map(|Query(q)| q)
         .map_err(|e| TcError::invalid(format!("bad query string: {}", e.body_text())))
 }

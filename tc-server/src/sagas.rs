@@ -129,43 +129,52 @@ impl Coordinator {
     }
 
     async fn drive_saga(self: Arc<Self>, session: Arc<Session>) {
+        // A step's calls never change: read once. They were written by this coordinator, so
+        // one that does not read means a corrupt store: the saga rolls back.
+        let steps: Result<HashMap<u64, SagaStep>, (u64, String)> = session
+            .state
+            .lock()
+            .branches
+            .iter()
+            .filter(|b| b.mode == BranchMode::Saga)
+            .map(|b| match SagaStep::decode(&b.application_data) {
+                Ok(step) => Ok((b.branch_id, step)),
+                Err(why) => Err((b.branch_id, why)),
+            })
+            .collect();
+        let steps = match steps {
+            Ok(steps) => steps,
+            Err((branch_id, why)) => {
+                self.saga_fails(&session, branch_id, "", BranchStatus::ActionCalled, why)
+                    .await;
+                return;
+            }
+        };
         let mut runs: HashMap<u64, StepRun> = HashMap::new();
         let mut calls: JoinSet<(u64, ActionResult)> = JoinSet::new();
         let timeout = self.config.calls.request_timeout();
         loop {
             let now = Instant::now();
-            let (to_call, durable, all_done, next_wake, broken) = {
+            let (to_call, durable, all_done, next_wake) = {
                 let mut state = session.state.lock();
                 if state.record.status != GlobalStatus::Begin {
                     return;
                 }
-                let done: HashSet<String> = state
+                let done: HashSet<&str> = state
                     .branches
                     .iter()
                     .filter(|b| b.mode == BranchMode::Saga && b.status == BranchStatus::ActionDone)
-                    .filter_map(|b| SagaStep::decode(&b.application_data).ok().map(|s| s.name))
+                    .map(|b| steps[&b.branch_id].name.as_str())
                     .collect();
                 let (mut to_call, mut writes, mut all_done, mut next_wake) = (Vec::new(), Vec::new(), true, None);
-                let mut broken = None;
                 for b in state.branches.iter_mut().filter(|b| b.mode == BranchMode::Saga) {
                     if b.status == BranchStatus::ActionDone {
                         continue;
                     }
                     all_done = false;
-                    let step = match SagaStep::decode(&b.application_data) {
-                        Ok(step) if b.status != BranchStatus::ActionFailed => step,
-                        // Written by this coordinator: unreadable only in a corrupt store.
-                        Err(why) => {
-                            broken = Some((b.branch_id, why));
-                            break;
-                        }
-                        Ok(_) => {
-                            broken = Some((b.branch_id, "its action refused".to_owned()));
-                            break;
-                        }
-                    };
+                    let step = &steps[&b.branch_id];
                     let run = runs.entry(b.branch_id).or_default();
-                    if run.in_flight || !step.after.iter().all(|name| done.contains(name)) {
+                    if run.in_flight || !step.after.iter().all(|name| done.contains(name.as_str())) {
                         continue;
                     }
                     if let Some(at) = run.not_before.filter(|at| *at > now) {
@@ -178,19 +187,14 @@ impl Coordinator {
                         writes.push(Mutation::PutBranch(b.clone()));
                     }
                     run.in_flight = true;
-                    to_call.push((b.branch_id, step));
+                    to_call.push((b.branch_id, step.clone()));
                 }
-                let durable = (!writes.is_empty() && broken.is_none()).then(|| {
+                let durable = (!writes.is_empty()).then(|| {
                     let writes = state.with_events(writes);
                     self.journal.submit(writes)
                 });
-                (to_call, durable, all_done, next_wake, broken)
+                (to_call, durable, all_done, next_wake)
             };
-            if let Some((branch_id, why)) = broken {
-                self.saga_fails(&session, branch_id, BranchStatus::ActionFailed, why)
-                    .await;
-                return;
-            }
             if all_done {
                 if let Err(e) = self.commit_now(&session.xid, DecidedBy::Saga).await {
                     tracing::warn!(error = %e, "the saga's actions all succeeded but its commit was not stored");
@@ -233,7 +237,10 @@ impl Coordinator {
             };
             let run = runs.entry(branch_id).or_default();
             run.in_flight = false;
-            if !self.action_answered(&session, branch_id, result, run).await {
+            if !self
+                .action_answered(&session, (branch_id, &steps[&branch_id]), result, run)
+                .await
+            {
                 return;
             }
         }
@@ -243,7 +250,7 @@ impl Coordinator {
     async fn action_answered(
         self: &Arc<Self>,
         session: &Arc<Session>,
-        branch_id: u64,
+        (branch_id, step): (u64, &SagaStep),
         result: ActionResult,
         run: &mut StepRun,
     ) -> bool {
@@ -252,32 +259,20 @@ impl Coordinator {
             let Some(b) = state.branches.iter_mut().find(|b| b.branch_id == branch_id) else {
                 return false;
             };
-            let Ok(step) = SagaStep::decode(&b.application_data) else {
-                return false;
-            };
             // Decided meanwhile (a timeout, the application): the rollback compensates this
             // step whatever the answer, as it is stored as called.
-            let running = b.status == BranchStatus::ActionCalled;
-            let event = |result, reason: &str, next_attempt_ms| EventKind::Action {
-                branch_id,
-                step: step.name.clone(),
-                result,
-                reason: reason.to_owned(),
-                attempts: 1,
-                first_ms: now_ms(),
-                next_attempt_ms,
-            };
+            if b.status != BranchStatus::ActionCalled {
+                return false;
+            }
             match result {
                 ActionResult::Done => {
-                    if running {
-                        b.status = BranchStatus::ActionDone;
-                        b.updated_ms = now_ms();
-                        let write = Mutation::PutBranch(b.clone());
-                        state.record(event(AttemptResult::Done, "", None));
-                        // Not awaited: lost in a crash, the action is called again.
-                        let writes = state.with_events(vec![write]);
-                        self.journal.submit_detached(writes);
-                    }
+                    b.status = BranchStatus::ActionDone;
+                    b.updated_ms = now_ms();
+                    let write = Mutation::PutBranch(b.clone());
+                    state.record(action_event((branch_id, &step.name), AttemptResult::Done, "", None));
+                    // Not awaited: lost in a crash, the action is called again.
+                    let writes = state.with_events(vec![write]);
+                    self.journal.submit_detached(writes);
                     None
                 }
                 ActionResult::Again { ongoing, why } => {
@@ -289,7 +284,7 @@ impl Coordinator {
                     } else {
                         let p = &self.config.phase2;
                         let delay = saga::retry_delay(
-                            &step,
+                            step,
                             run.retries,
                             ongoing,
                             p.backoff(0),
@@ -299,7 +294,12 @@ impl Coordinator {
                         run.not_before = Some(Instant::now() + delay);
                         let next = now_ms().saturating_add(delay.as_millis() as u64);
                         // In the timeline only, stored with the transaction's next write.
-                        state.record(event(AttemptResult::Retry, &why, Some(next)));
+                        state.record(action_event(
+                            (branch_id, &step.name),
+                            AttemptResult::Retry,
+                            &why,
+                            Some(next),
+                        ));
                         tracing::debug!(branch_id, step = step.name, reason = why, "action retried");
                         None
                     }
@@ -308,18 +308,29 @@ impl Coordinator {
             }
         };
         let Some((status, why)) = failed else { return true };
-        self.saga_fails(session, branch_id, status, why).await;
+        self.saga_fails(session, branch_id, &step.name, status, why).await;
         false
     }
 
-    /// Rolls the saga back because of step `branch_id`, which ends in `status` (ActionFailed,
-    /// or ActionCalled when it ran out of retries) with `why`: stored in the decision's batch.
-    async fn saga_fails(self: &Arc<Self>, session: &Arc<Session>, branch_id: u64, status: BranchStatus, why: String) {
+    /// Rolls the saga back because of step `branch_id` (named `step`), which ends in `status`
+    /// (ActionFailed, or ActionCalled when it ran out of retries) with `why`: stored in the
+    /// decision's batch.
+    async fn saga_fails(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        branch_id: u64,
+        step: &str,
+        status: BranchStatus,
+        why: String,
+    ) {
         tracing::info!(branch_id, reason = why, "a saga action failed; rolling back");
         let mut cause = |state: &mut crate::coordinator::SessionState| {
-            let Some(b) = state.branches.iter_mut().find(|b| {
-                b.branch_id == branch_id && matches!(b.status, BranchStatus::ActionCalled | BranchStatus::ActionFailed)
-            }) else {
+            // A step never called keeps its status: there is nothing of it to compensate.
+            let Some(b) = state
+                .branches
+                .iter_mut()
+                .find(|b| b.branch_id == branch_id && b.status == BranchStatus::ActionCalled)
+            else {
                 return Vec::new();
             };
             b.status = status;
@@ -329,18 +340,7 @@ impl Coordinator {
             });
             b.updated_ms = now_ms();
             let write = Mutation::PutBranch(b.clone());
-            let step = SagaStep::decode(&b.application_data)
-                .map(|s| s.name)
-                .unwrap_or_default();
-            state.record(EventKind::Action {
-                branch_id,
-                step,
-                result: AttemptResult::Failed,
-                reason: why.clone(),
-                attempts: 1,
-                first_ms: now_ms(),
-                next_attempt_ms: None,
-            });
+            state.record(action_event((branch_id, step), AttemptResult::Failed, &why, None));
             vec![write]
         };
         match self.decide_rollback_with(session, GlobalStatus::Rollbacking, DecidedBy::Saga, &mut cause) {
@@ -355,5 +355,23 @@ impl Coordinator {
             }
             Err(status) => tracing::debug!(status = status.as_str(), "decided before the action failed"),
         }
+    }
+}
+
+/// The timeline event of one call of step `(branch_id, name)`'s action.
+fn action_event(
+    (branch_id, step): (u64, &str),
+    result: AttemptResult,
+    reason: &str,
+    next_attempt_ms: Option<u64>,
+) -> EventKind {
+    EventKind::Action {
+        branch_id,
+        step: step.to_owned(),
+        result,
+        reason: reason.to_owned(),
+        attempts: 1,
+        first_ms: now_ms(),
+        next_attempt_ms,
     }
 }

@@ -37,15 +37,12 @@ async fn until_status(tc: &Tc, gid: &str, want: &str) -> Result<Value> {
 
 /// The paths the service got for `gid`, with their `op`.
 fn calls_for(s: &Service, gid: &str) -> Vec<String> {
-    s.calls()
-        .into_iter()
-        .filter(|(uri, _, _, _)| uri.contains(&format!("gid={gid}&")))
-        .map(|(uri, _, _, _)| {
-            let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
-            let op = query.split('&').find_map(|kv| kv.strip_prefix("op=")).unwrap_or("");
-            format!("{path} {op}")
-        })
-        .collect()
+    s.story(gid, &["op"])
+}
+
+/// The calls `calls_for` lists, in any order.
+fn set_of(calls: &[&str]) -> BTreeSet<String> {
+    calls.iter().map(|c| c.to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,27 +93,23 @@ async fn dtms_python_sdk_runs_sagas_and_tcc_unchanged() -> Result {
     // same gid (a barrier in the service matches them).
     until_status(&tc, &gid("tcc"), "succeed").await?;
     let tcc: BTreeSet<String> = calls_for(&s, &gid("tcc")).into_iter().collect();
-    let want: BTreeSet<String> = [
+    let want = set_of(&[
         "/ok/try-out try",
         "/ok/try-in try",
         "/ok/confirm-out confirm",
         "/ok/confirm-in confirm",
-    ]
-    .map(String::from)
-    .into();
+    ]);
     assert_eq!(tcc, want);
     until_status(&tc, &gid("tcc_cancelled"), "failed").await?;
     let cancelled: BTreeSet<String> = calls_for(&s, &gid("tcc_cancelled")).into_iter().collect();
     // Both branches were registered before their tries: both are cancelled (the refused
     // try's cancel is the service's barrier's null compensation).
-    let want: BTreeSet<String> = [
+    let want = set_of(&[
         "/ok/try-out try",
         "/no/try-in try",
         "/ok/cancel-out cancel",
         "/ok/cancel-in cancel",
-    ]
-    .map(String::from)
-    .into();
+    ]);
     assert_eq!(cancelled, want);
 
     // The facade's transactions are the coordinator's: listed with their gids.

@@ -32,22 +32,21 @@ async fn submit(tc: &Tc, saga: Value) -> Result<String> {
 
 /// The calls the service got for `xid`, as `<path> <branch_id> <op>`, in arrival order.
 fn story(s: &Service, xid: &str) -> Vec<String> {
-    s.calls()
-        .into_iter()
-        .filter(|(uri, _, _, _)| uri.contains(&format!("gid={xid}&")))
-        .map(|(uri, _, _, _)| {
-            let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
-            let param = |name: &str| {
-                query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            assert_eq!(param("trans_type"), "saga", "{uri}");
-            format!("{path} {} {}", param("branch_id"), param("op"))
-        })
-        .collect()
+    for call in s.story(xid, &["trans_type"]) {
+        assert!(call.ends_with(" saga"), "{call}");
+    }
+    s.story(xid, &["branch_id", "op"])
+}
+
+/// The first `action` event of `xid`'s timeline with `result`, and the whole timeline.
+async fn action_event(tc: &Tc, xid: &str, result: &str) -> Result<(Value, Value)> {
+    let events = tc.http().get_json(&format!("/v1/transactions/{xid}/events")).await?;
+    let found = events["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["type"] == "action" && e["result"] == result))
+        .cloned()
+        .unwrap_or_default();
+    Ok((found, events))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,12 +149,7 @@ async fn a_refused_action_compensates_the_steps_that_ran_last_first() -> Result 
             "/ok/c1 01 compensate",
         ]
     );
-    let events = tc.http().get_json(&format!("/v1/transactions/{xid}/events")).await?;
-    let failed = events["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["type"] == "action" && e["result"] == "failed"))
-        .cloned()
-        .unwrap_or_default();
+    let (failed, events) = action_event(&tc, &xid, "failed").await?;
     assert_eq!(failed["step"], "03", "{events}");
     assert!(failed["reason"].as_str().unwrap_or("").contains("409"), "{failed}");
     assert!(
@@ -238,12 +232,7 @@ async fn retry_limit_and_timeout_roll_a_stuck_saga_back() -> Result {
             "/ok/c1 01 compensate",
         ]
     );
-    let v = tc.http().get_json(&format!("/v1/transactions/{xid}/events")).await?;
-    let retried = v["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["type"] == "action" && e["result"] == "retry"))
-        .cloned()
-        .unwrap_or_default();
+    let (retried, v) = action_event(&tc, &xid, "retry").await?;
     assert_eq!(retried["attempts"], 2, "retries are folded into one event: {v}");
 
     // Without a retry limit a step is asked again until the saga's timeout.

@@ -75,6 +75,29 @@ impl Service {
         self.seen.lock().unwrap().clone()
     }
 
+    /// The calls for transaction `gid` (its `gid` query parameter), in arrival order, each as
+    /// its path followed by the values of the query parameters `params`:
+    /// `/ok/a1 01 action` for `["branch_id", "op"]`.
+    pub fn story(&self, gid: &str, params: &[&str]) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|(uri, _, _, _)| uri.contains(&format!("gid={gid}&")))
+            .map(|(uri, _, _, _)| {
+                let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+                let mut out = path.to_owned();
+                for name in params {
+                    let value = query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                        .unwrap_or_default();
+                    out.push(' ');
+                    out.push_str(value);
+                }
+                out
+            })
+            .collect()
+    }
+
     /// Waits until a call whose path and query start with `prefix` arrived.
     pub async fn until_called(&self, prefix: &str) -> Result<Seen> {
         eventually(&format!("a call to {prefix}"), || async {
