@@ -1,7 +1,7 @@
 //! XA mode through the proxy, with real `ferrata-tc` and `ferrata-proxy` processes and real
 //! MariaDB servers: branches prepared by the database at the client's COMMIT and finished in
 //! phase 2 (on the preparing connection, or from a service connection once it is gone),
-//! across two databases, beside AT branches, after a proxy or the coordinator was killed;
+//! across two databases, beside AT and TCC branches, after a proxy or the coordinator was killed;
 //! read-only branches finished in phase 1; what MariaDB refuses inside XA, refused first.
 //! After every test no prepared branch is left on any server.
 
@@ -9,8 +9,9 @@ use anyhow::{Result, ensure};
 use ferrata_rpc::pb;
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::MariaDb;
+use ferrata_tests::ferrata_testkit::service::Service;
 use ferrata_tests::process::ProxyProcess;
-use ferrata_tests::{server_error, until};
+use ferrata_tests::{server_error, until, until_undo_records_gone};
 use mysql_async::prelude::*;
 
 const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
@@ -247,10 +248,15 @@ async fn autocommit_writes_are_wrapped_and_read_only_branches_end_in_phase_one()
     Ok(())
 }
 
+/// One global transaction holding an AT branch on one database, an XA branch on another and a
+/// TCC branch on an HTTP service: the commit keeps both writes and confirms the TCC branch
+/// (the AT undo records go), the rollback restores the AT row, never commits the XA branch
+/// and cancels the TCC branch; each call made once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_and_xa_branches_in_one_global_transaction() -> Result<()> {
+async fn at_xa_and_tcc_branches_in_one_global_transaction() -> Result<()> {
     let tc = Coordinator::start(TC)?;
     let (a, b) = (Side::start(&tc).await?, Side::start(&tc).await?);
+    let service = Service::start().await?;
 
     for commit in [true, false] {
         let mut at = a.proxy.conn().await?;
@@ -261,16 +267,29 @@ async fn at_and_xa_branches_in_one_global_transaction() -> Result<()> {
         xa.query_drop(format!("JOIN GLOBAL TRANSACTION '{xid}' MODE XA"))
             .await?;
         add(&mut xa, 1, 1).await?;
+        let tcc = serde_json::json!({
+            "mode": "tcc",
+            "branch_id": "payment",
+            "confirm": format!("{}/ok/confirm", service.base),
+            "cancel": format!("{}/ok/cancel", service.base),
+            "data": {"amount": 1},
+        });
+        let (status, answer) = tc.post(&format!("/v1/transactions/{xid}/branches"), &tcc).await?;
+        ensure!(status == 201, "TCC branch registered: {status} {answer}");
         ensure!(a.value(1).await? == Some(11), "AT commits locally at once");
         ensure!(b.value(1).await? == Some(10), "XA waits for phase 2");
         at.query_drop(if commit { "COMMIT GLOBAL" } else { "ROLLBACK GLOBAL" })
             .await?;
-        let want = if commit { 11 } else { 10 };
-        until("both branches to finish", async || {
-            Ok(a.value(1).await? == Some(want) && b.value(1).await? == Some(want))
+        let (want, op) = if commit { (11, "confirm") } else { (10, "cancel") };
+        until("every branch to finish", async || {
+            Ok(tc.status(&xid).await? == if commit { "Committed" } else { "Rollbacked" })
         })
         .await?;
+        ensure!(a.value(1).await? == Some(want) && b.value(1).await? == Some(want));
         b.until_nothing_prepared().await?;
+        until_undo_records_gone(&[&a.db]).await?;
+        let story = service.story(&xid, &["branch_id", "op"]);
+        ensure!(story == [format!("/ok/{op} payment {op}")], "{story:?}");
         a.reset().await?;
         b.reset().await?;
     }

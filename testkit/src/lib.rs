@@ -1,5 +1,6 @@
 //! Throw-away `mariadbd` servers for Ferrata's tests, benchmarks and demo, plus a raw
-//! protocol client ([`raw`]) for tests that need exact bytes.
+//! protocol client ([`raw`]) for tests that need exact bytes, and an HTTP service
+//! ([`service`]) for the tests of HTTP branches.
 //!
 //! Each [`MariaDb`] runs in its own temporary data directory copied from a shared,
 //! pre-initialised template, listens on a free loopback port and is SIGKILLed when it
@@ -7,6 +8,7 @@
 
 pub mod layers;
 pub mod raw;
+pub mod service;
 mod spawn;
 mod template;
 

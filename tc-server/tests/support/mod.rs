@@ -31,9 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use ferrata_rpc;
 
-mod service;
 #[allow(unused_imports)]
-pub use service::Service;
+pub use ferrata_testkit::service::Service;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferrata-tc");

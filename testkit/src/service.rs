@@ -1,13 +1,16 @@
-//! A real HTTP service on loopback for the tests of HTTP branches (TCC, saga): it answers by
-//! the first segment of the path and records every call it gets.
+//! A real HTTP service on loopback for the tests of HTTP branches (TCC, saga, DTM's API): it
+//! answers by the first segment of the path and records every call it gets.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use tokio::sync::Notify;
 
-use super::eventually;
+/// How long [`Service::until_called`] waits for a call.
+const CALL_WAIT: Duration = Duration::from_secs(30);
 
 /// A call as the service saw it: its path and query, its webhook-id, its body, and its
 /// method with its `x-tenant` header.
@@ -20,17 +23,25 @@ pub type Seen = (String, String, String, String);
 pub struct Service {
     pub base: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Woken at every call recorded.
+    arrived: Arc<Notify>,
     pub healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Service {
     pub async fn start() -> Result<Service> {
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(Notify::new());
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (record, up) = (Arc::clone(&seen), Arc::clone(&healthy));
+        let (record, wake, up) = (Arc::clone(&seen), Arc::clone(&arrived), Arc::clone(&healthy));
         let pair = Arc::new(tokio::sync::Barrier::new(2));
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (record, up, pair) = (Arc::clone(&record), Arc::clone(&up), Arc::clone(&pair));
+            let (record, wake, up, pair) = (
+                Arc::clone(&record),
+                Arc::clone(&wake),
+                Arc::clone(&up),
+                Arc::clone(&pair),
+            );
             async move {
                 use http_body_util::BodyExt;
                 let (parts, body) = request.into_parts();
@@ -52,6 +63,7 @@ impl Service {
                     String::from_utf8_lossy(&body).into_owned(),
                     format!("{} {tenant}", parts.method),
                 ));
+                wake.notify_waiters();
                 let path = parts.uri.path();
                 if path.starts_with("/no/") {
                     (StatusCode::CONFLICT, r#"{"dtm_result":"FAILURE"}"#).into_response()
@@ -68,7 +80,12 @@ impl Service {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Ok(Service { base, seen, healthy })
+        Ok(Service {
+            base,
+            seen,
+            arrived,
+            healthy,
+        })
     }
 
     pub fn calls(&self) -> Vec<Seen> {
@@ -100,9 +117,18 @@ impl Service {
 
     /// Waits until a call whose path and query start with `prefix` arrived.
     pub async fn until_called(&self, prefix: &str) -> Result<Seen> {
-        eventually(&format!("a call to {prefix}"), || async {
-            Ok(self.calls().into_iter().find(|(uri, _, _, _)| uri.starts_with(prefix)))
-        })
-        .await
+        let deadline = tokio::time::Instant::now() + CALL_WAIT;
+        loop {
+            // Registered before the check, so a call recorded between the two still wakes it.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(call) = self.calls().into_iter().find(|(uri, _, _, _)| uri.starts_with(prefix)) {
+                return Ok(call);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                bail!("no call to {prefix} within {CALL_WAIT:?}");
+            }
+        }
     }
 }
