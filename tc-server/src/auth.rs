@@ -164,6 +164,23 @@ pub struct Tokens {
     open_allowed: std::sync::atomic::AtomicBool,
 }
 
+/// The token an `Authorization` value carries: `Bearer <token>`, or `Basic` with the token as
+/// the password (the user name is not checked), for clients that can only put credentials in
+/// a URL (`http://ferrata:<token>@host/api/dtmsvr`, as DTM's Python SDK is configured).
+fn secret_of(header: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, value) = header.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(value.trim().to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+    let (_user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_owned())
+}
+
 pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
@@ -252,10 +269,10 @@ impl Tokens {
                 format!("{why}: send `Authorization: Bearer <token>` with a token of this coordinator"),
             )
         };
-        let Some(secret) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        let Some(secret) = header.and_then(secret_of) else {
             return Err(unauthenticated("missing token"));
         };
-        let given = digest(secret);
+        let given = digest(&secret);
         if self.root.is_some_and(|root| constant_time_eq(&root, &given)) {
             return Ok(self.caller(Role::Root.as_str(), Role::Root));
         }
@@ -452,12 +469,25 @@ mod tests {
         );
         assert_eq!(who(&t, Some("Bearer s3cret")), Ok(("root".into(), Role::Root)));
         assert_eq!(who(&t, Some("Bearer op-secret")), Ok(("ops".into(), Role::Operator)));
+        // The scheme is case-insensitive (RFC 9110); Basic carries the token as its password.
+        assert_eq!(who(&t, Some("bearer s3cret")), Ok(("root".into(), Role::Root)));
+        assert_eq!(
+            who(&t, Some("Basic b3BzOm9wLXNlY3JldA==")),
+            Ok(("ops".into(), Role::Operator))
+        ); // "ops:op-secret"
+        assert_eq!(
+            who(&t, Some("basic YW55Om9wLXNlY3JldA==")),
+            Ok(("ops".into(), Role::Operator))
+        ); // "any:op-secret"
         for bad in [
             None,
             Some("s3cret"),
             Some("Bearer s3cre"),
-            Some("bearer s3cret"),
             Some("Bearer old-secret"),
+            Some("Token s3cret"),
+            Some("Basic czNjcmV0"),         // "s3cret": no user part
+            Some("Basic cm9vdDpzM2NyZQ=="), // "root:s3cre"
+            Some("Basic not base64!"),
         ] {
             assert_eq!(who(&t, bad), Err(ErrorCode::Unauthenticated), "{bad:?}");
         }

@@ -2,7 +2,8 @@
 //! virtualenv `scripts/setup-debian.sh` makes), runs a saga, a saga whose second action
 //! refuses, a TCC transaction that confirms and one that cancels against the real binary,
 //! calling a real HTTP service; and the facade's answers to requests DTM's clients make
-//! (idempotent submits, unknown gids, malformed bodies, states that refuse).
+//! (idempotent submits, unknown gids, malformed bodies, states that refuse). The SDK runs with
+//! an application token in its server URL.
 
 mod support;
 
@@ -48,9 +49,16 @@ fn set_of(calls: &[&str]) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtms_python_sdk_runs_sagas_and_tcc_unchanged() -> Result {
     let (program, python) = dtmcli()?;
-    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let tc = Tc::start(TcOptions {
+        token: Some("root-Secret-dtm".into()),
+        ..TcOptions::config(FAST_CONFIG)
+    })
+    .await?;
     let s = Service::start().await?;
-    let dtm = format!("http://{}/api/dtmsvr", tc.http().addr);
+    // The SDK sends no headers of its own: an application's token goes in the URL, which it
+    // sends as HTTP Basic credentials.
+    let secret = create_token(&tc, "shop", "application").await?;
+    let dtm = format!("http://shop:{secret}@{}/api/dtmsvr", tc.http().addr);
     let out = tokio::process::Command::new(&python)
         .arg(&program)
         .arg(&dtm)

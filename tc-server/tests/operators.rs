@@ -24,14 +24,6 @@ async fn root_tc() -> Result<Tc> {
     .await
 }
 
-/// Creates a named token with the root token; returns its secret.
-async fn create_token(tc: &Tc, name: &str, role: &str) -> Result<String> {
-    let body = json!({ "name": name, "role": role, "reason": format!("{name} for the test") }).to_string();
-    let r = tc.http().post("/v1/tokens", Some(&body)).await?;
-    anyhow::ensure!(r.status == 201, "{r:?}");
-    Ok(r.json()["secret"].as_str().expect("the secret, once").to_owned())
-}
-
 fn grpc_as(tc: &Tc, secret: &str) -> ClientConfig {
     ClientConfig {
         token: Some(secret.to_owned()),

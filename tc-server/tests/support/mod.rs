@@ -412,6 +412,14 @@ pub fn t_rows(pks: &[&str]) -> Vec<pb::TableLocks> {
     rows("app", "t", pks)
 }
 
+/// Creates a named token with the coordinator's own (root) token; returns its secret.
+pub async fn create_token(tc: &Tc, name: &str, role: &str) -> Result<String> {
+    let body = serde_json::json!({ "name": name, "role": role, "reason": format!("{name} for the test") });
+    let r = tc.http().post("/v1/tokens", Some(&body.to_string())).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    Ok(r.json()["secret"].as_str().expect("the secret, once").to_owned())
+}
+
 pub async fn begin(c: &TcClient, timeout_ms: u64) -> Result<String> {
     let r =
         c.tm.clone()
