@@ -111,7 +111,8 @@ pub struct Transactions {
     /// Largest lock wait a request may ask for.
     pub max_lock_wait_ms: u64,
     /// How long a GlobalRollback call waits for the branches to roll back before it answers
-    /// with the current status (the rollback goes on in the background).
+    /// with the current status (the rollback goes on in the background), and a DTM submit
+    /// with `wait_result` for its first pass.
     pub rollback_wait_ms: u64,
     /// Largest application data a branch may carry, in bytes.
     pub max_application_data: usize,

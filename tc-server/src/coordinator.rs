@@ -56,7 +56,8 @@ pub struct Session {
     /// When the timeout check moves it to TimeoutRollbacking if it is still in Begin.
     pub(crate) deadline: Instant,
     pub(crate) state: Mutex<SessionState>,
-    /// Counts completed rollback passes, so a GlobalRollback call can wait for the next.
+    /// Counts the passes of the tasks driving it: each rollback pass, and each time a saga's
+    /// actions stop or wait to retry; GlobalRollback and DTM's wait_result wait for the next.
     pub(crate) passes: watch::Sender<u64>,
     /// Wakes the task driving it (its saga's actions, its rollback) to retry now.
     pub(crate) wake: Notify,
@@ -125,6 +126,13 @@ pub struct Outcome {
     pub failure: Option<Failure>,
 }
 
+impl Session {
+    /// Tells those waiting for a pass that one ended.
+    pub(crate) fn pass_ended(&self) {
+        self.passes.send_modify(|n| *n += 1);
+    }
+}
+
 /// A transaction seen from outside, for the HTTP API.
 #[derive(Clone, Debug)]
 pub struct TxnView {
@@ -159,6 +167,9 @@ pub(crate) struct PendingCommit {
     pub attempt: u32,
     pub not_before: Instant,
 }
+
+/// The longest transaction name, in bytes.
+const MAX_NAME_BYTES: usize = 256;
 
 pub struct Coordinator {
     pub(crate) config: Config,
@@ -423,6 +434,7 @@ impl Coordinator {
     /// place before the session leaves the live map, so a status query in between never finds
     /// neither. The history is trimmed in the background (`phase2.rs`, `history_loop`).
     pub(crate) fn finish(&self, session: &Session, state: &SessionState) {
+        session.pass_ended();
         self.finished
             .lock()
             .insert(state.finished_record(), state.timeline.clone());
@@ -449,27 +461,32 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Begins a transaction under any name (the DTM API names its own).
-    pub(crate) async fn begin_named(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
-        self.check_running()?;
-        let limits = &self.config.transactions;
-        let timeout_ms = if timeout_ms == 0 {
-            limits.default_timeout_ms
-        } else {
-            timeout_ms
-        };
-        if timeout_ms > limits.max_timeout_ms {
+    /// Refuses a timeout above the configured maximum and a name above 256 bytes.
+    pub(crate) fn check_limits(&self, timeout_ms: u64, name: &str) -> Result<(), TcError> {
+        let max_timeout_ms = self.config.transactions.max_timeout_ms;
+        if timeout_ms > max_timeout_ms {
             return Err(TcError::invalid(format!(
-                "timeout_ms {timeout_ms} is above this coordinator's maximum of {} ms",
-                limits.max_timeout_ms
+                "timeout_ms {timeout_ms} is above this coordinator's maximum of {max_timeout_ms} ms"
             )));
         }
-        if name.len() > 256 {
+        if name.len() > MAX_NAME_BYTES {
             return Err(TcError::invalid(format!(
-                "the transaction name is {} bytes long; at most 256 are allowed",
+                "the transaction name is {} bytes long; at most {MAX_NAME_BYTES} are allowed",
                 name.len()
             )));
         }
+        Ok(())
+    }
+
+    /// Begins a transaction under any name (the DTM API names its own).
+    pub(crate) async fn begin_named(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
+        self.check_running()?;
+        let timeout_ms = if timeout_ms == 0 {
+            self.config.transactions.default_timeout_ms
+        } else {
+            timeout_ms
+        };
+        self.check_limits(timeout_ms, &name)?;
         let txn_id = self.ids.next().await?;
         let now = now_ms();
         let record = GlobalRecord {
@@ -1007,6 +1024,36 @@ impl Coordinator {
         let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
         let state = session.state.lock();
         Ok(Self::outcome(&session, &state))
+    }
+
+    /// Waits, for a client that asked for the outcome (DTM's `wait_result`), until the
+    /// transaction is final, or a pass of the task driving it ended with the transaction still
+    /// where it was (an action or a branch waits to retry), or `rollback_wait_ms` passed: its
+    /// status then.
+    pub async fn await_pass(&self, xid: &str) -> Result<GlobalStatus, TcError> {
+        let Some(session) = self.live(Self::parse(xid)?) else {
+            return Ok(self.status(xid)?.status);
+        };
+        let mut passes = session.passes.subscribe();
+        let phase = |s: GlobalStatus| match s {
+            GlobalStatus::Begin => 0,
+            GlobalStatus::Committing | GlobalStatus::AsyncCommitting => 1,
+            _ => 2,
+        };
+        let deadline = Instant::now() + self.config.transactions.rollback_wait();
+        let mut waited_in = None;
+        loop {
+            let status = session.state.lock().record.status;
+            if status.is_final() || waited_in == Some(phase(status)) {
+                return Ok(status);
+            }
+            waited_in = Some(phase(status));
+            tokio::select! {
+                changed = passes.changed() => if changed.is_err() { return Ok(status) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(status),
+                _ = self.shutdown.cancelled() => return Err(TcError::shutting_down()),
+            }
+        }
     }
 
     /// Moves a transaction in Begin to `to` (Rollbacking, TimeoutRollbacking), as `by`

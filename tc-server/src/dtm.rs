@@ -202,12 +202,13 @@ fn flag(body: &Map<String, Value>, field: &str) -> Result<bool, DtmError> {
     }
 }
 
-/// `gid` of a request: required, at most 128 characters, none of them control characters.
+/// `gid` of a request: required, at most 128 bytes (DTM's column; so its transaction's name
+/// fits too), none of them control characters.
 fn gid_of(body: &Map<String, Value>) -> Result<String, DtmError> {
     let gid = text(body, "gid")?.unwrap_or_default();
-    if gid.is_empty() || gid.chars().count() > MAX_GID || gid.chars().any(char::is_control) {
+    if gid.is_empty() || gid.len() > MAX_GID || gid.chars().any(char::is_control) {
         return Err(DtmError::bad(format!(
-            "gid must have 1 to {MAX_GID} characters and no control characters"
+            "gid must have 1 to {MAX_GID} bytes and no control characters"
         )));
     }
     Ok(gid.to_owned())
@@ -231,11 +232,6 @@ fn trans_type_of(body: &Map<String, Value>) -> Result<&'static str, DtmError> {
 
 /// Refuses options this facade does not apply, rather than ignore them.
 fn unsupported(body: &Map<String, Value>) -> Result<(), DtmError> {
-    if flag(body, "wait_result")? {
-        return Err(DtmError::bad(
-            "wait_result is not supported: submit answers once the transaction is stored; follow it with query",
-        ));
-    }
     if let Some(p) = text(body, "protocol")?
         && !p.is_empty()
         && p != "http"
@@ -277,8 +273,14 @@ async fn new_gid(Extension(caller): Extension<Caller>) -> Reply {
     success(json!({ "gid": crate::auth::hex(&bytes) }))
 }
 
-/// Creates `gid`'s transaction with `create` unless it exists; `Ok(None)`: created.
-async fn create_once<F, Fut>(f: &Facade, gid: &str, trans_type: &str, create: F) -> Result<Option<TxnView>, DtmError>
+/// Creates `gid`'s transaction with `create` unless it exists: its XID, and the existing
+/// transaction (`None`: created).
+async fn create_once<F, Fut>(
+    f: &Facade,
+    gid: &str,
+    trans_type: &str,
+    create: F,
+) -> Result<(String, Option<TxnView>), DtmError>
 where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = Result<String, TcError>>,
@@ -290,14 +292,14 @@ where
                 "gid {gid:?} is a {existing} transaction, not a {trans_type} one"
             )));
         }
-        return Ok(Some(view));
+        return Ok((view.xid.clone(), Some(view)));
     }
     let xid = create(format!("{NAME_PREFIX}{trans_type}:{gid}")).await?;
     f.aliases
         .by_gid
         .lock()
-        .insert(gid.to_owned(), (xid, trans_type.to_owned()));
-    Ok(None)
+        .insert(gid.to_owned(), (xid.clone(), trans_type.to_owned()));
+    Ok((xid, None))
 }
 
 async fn prepare(State(f): State<Facade>, Extension(caller): Extension<Caller>, body: Bytes) -> Reply {
@@ -316,7 +318,7 @@ async fn prepare(State(f): State<Facade>, Extension(caller): Extension<Caller>, 
     }
     let timeout_ms = number(&body, "timeout_to_fail")?.saturating_mul(1000);
     let coordinator = Arc::clone(&f.coordinator);
-    let existing = create_once(&f, &gid, "tcc", |name| async move {
+    let (_, existing) = create_once(&f, &gid, "tcc", |name| async move {
         coordinator.begin_named(timeout_ms, name).await
     })
     .await?;
@@ -339,27 +341,45 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
         if existing != "tcc" {
             return Err(DtmError::failure(format!("gid {gid:?} is a {existing} transaction")));
         }
-        return match view.record.status {
+        match view.record.status {
             GlobalStatus::Begin => {
                 f.coordinator.commit(&view.xid).await?;
-                success(json!({}))
             }
-            s if s.is_committing() || matches!(s, GlobalStatus::Committed | GlobalStatus::CommitFailed) => {
-                success(json!({}))
-            }
-            s => Err(DtmError::refused("tcc", s, "submit")),
-        };
+            s if s.is_committing() || matches!(s, GlobalStatus::Committed | GlobalStatus::CommitFailed) => {}
+            s => return Err(DtmError::refused("tcc", s, "submit")),
+        }
+        return outcome_if_asked(&f, &body, "tcc", &view.xid).await;
     }
     let request = saga_request(&body, &gid)?;
     let coordinator = Arc::clone(&f.coordinator);
-    let existing = create_once(&f, &gid, "saga", |name| async move {
+    let (xid, existing) = create_once(&f, &gid, "saga", |name| async move {
         coordinator.submit_saga(SagaRequest { name, ..request }).await
     })
     .await?;
     // Submitted again: the same saga, whatever it has come to, unless it failed.
     match existing.map(|v| v.record.status) {
         Some(s) if dtm_status("saga", s) == "failed" => Err(DtmError::refused("saga", s, "submit")),
-        _ => success(json!({})),
+        _ => outcome_if_asked(&f, &body, "saga", &xid).await,
+    }
+}
+
+/// A submit's answer: SUCCESS at once, or with DTM's `wait_result` once the first pass ended
+/// (`Coordinator::await_pass`): SUCCESS when it committed (a TCC transaction: every branch
+/// confirmed), FAILURE with the reason when it rolled back, ONGOING (425) while an action or
+/// a confirm waits to retry.
+async fn outcome_if_asked(f: &Facade, body: &Map<String, Value>, trans_type: &str, xid: &str) -> Reply {
+    if !flag(body, "wait_result")? {
+        return success(json!({}));
+    }
+    match f.coordinator.await_pass(xid).await? {
+        GlobalStatus::Committed => success(json!({})),
+        s if dtm_status(trans_type, s) == "submitted" || s == GlobalStatus::Begin => Err(DtmError(
+            StatusCode::TOO_EARLY,
+            format!("{trans_type} {xid} waits to retry a call; it goes on: follow it with query"),
+        )),
+        _ => Err(DtmError::failure(
+            rollback_reason(&f.coordinator, xid).unwrap_or_else(|| format!("{trans_type} {xid} rolled back")),
+        )),
     }
 }
 

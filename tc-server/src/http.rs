@@ -476,9 +476,14 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
             api.coordinator.submit_saga(request).await?
         }
         "at" | "xa" | "tcc" => {
-            if !body.steps.is_empty() || body.concurrent || !body.orders.is_empty() {
+            let saga_only = !body.steps.is_empty()
+                || body.concurrent
+                || !body.orders.is_empty()
+                || body.retry_interval_ms.is_some()
+                || body.retry_limit.is_some();
+            if saga_only {
                 return Err(TcError::invalid(format!(
-                    "steps, concurrent and orders belong to a saga (\"mode\": \"saga\"), not to mode {mode:?}"
+                    "steps, concurrent, orders, retry_interval_ms and retry_limit belong to a saga (\"mode\": \"saga\"), not to mode {mode:?}"
                 ))
                 .into());
             }

@@ -207,7 +207,7 @@ impl Coordinator {
             // Create before the pass, so an attach during the pass is not missed.
             let attached = self.rms.attached();
             let pass = self.rollback_pass(&session, attempt).await;
-            session.passes.send_modify(|n| *n += 1);
+            session.pass_ended();
             match pass {
                 Pass::Done => return,
                 Pass::Failed | Pass::Stopped => break,
@@ -567,6 +567,7 @@ impl Coordinator {
                             Some(next),
                         );
                         session.state.lock().record(retry);
+                        session.pass_ended();
                     }
                     retry.push(p);
                 }

@@ -48,16 +48,8 @@ impl Coordinator {
     /// durable.
     pub async fn submit_saga(self: &Arc<Self>, request: SagaRequest) -> Result<String, TcError> {
         self.check_running()?;
+        self.check_limits(request.timeout_ms, &request.name)?;
         let limits = &self.config.transactions;
-        if request.timeout_ms > limits.max_timeout_ms {
-            return Err(TcError::invalid(format!(
-                "timeout_ms {} is above this coordinator's maximum of {} ms",
-                request.timeout_ms, limits.max_timeout_ms
-            )));
-        }
-        if request.name.len() > 256 {
-            return Err(TcError::invalid("the transaction name is longer than 256 bytes"));
-        }
         let steps = saga::plan(request.steps, &request.options, &self.caller).map_err(TcError::invalid)?;
         let txn_id = self.ids.next().await?;
         let now = now_ms();
@@ -129,6 +121,13 @@ impl Coordinator {
     }
 
     async fn drive_saga(self: Arc<Self>, session: Arc<Session>) {
+        self.run_actions(&session).await;
+        session.pass_ended();
+    }
+
+    /// Calls the saga's ready actions until they all succeeded (it commits), one fails (it
+    /// rolls back), or the coordinator stops.
+    async fn run_actions(self: &Arc<Self>, session: &Arc<Session>) {
         // A step's calls never change: read once. They were written by this coordinator, so
         // one that does not read means a corrupt store: the saga rolls back.
         let steps: Result<HashMap<u64, SagaStep>, (u64, String)> = session
@@ -145,7 +144,7 @@ impl Coordinator {
         let steps = match steps {
             Ok(steps) => steps,
             Err((branch_id, why)) => {
-                self.saga_fails(&session, branch_id, "", BranchStatus::ActionCalled, why)
+                self.saga_fails(session, branch_id, "", BranchStatus::ActionCalled, why)
                     .await;
                 return;
             }
@@ -212,7 +211,7 @@ impl Coordinator {
                 return;
             }
             for (branch_id, step) in to_call {
-                let caller = Arc::clone(&self);
+                let caller = Arc::clone(self);
                 let xid = session.xid.clone();
                 calls.spawn(async move { (branch_id, saga::action(&caller.caller, timeout, &xid, &step).await) });
             }
@@ -238,7 +237,7 @@ impl Coordinator {
             let run = runs.entry(branch_id).or_default();
             run.in_flight = false;
             if !self
-                .action_answered(&session, (branch_id, &steps[&branch_id]), result, run)
+                .action_answered(session, (branch_id, &steps[&branch_id]), result, run)
                 .await
             {
                 return;
@@ -301,6 +300,7 @@ impl Coordinator {
                             Some(next),
                         ));
                         tracing::debug!(branch_id, step = step.name, reason = why, "action retried");
+                        session.pass_ended();
                         None
                     }
                 }

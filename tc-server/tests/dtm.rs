@@ -243,11 +243,6 @@ async fn the_facade_answers_as_dtm_clients_expect() -> Result {
             json!({"gid": "x", "trans_type": "saga", "timeout_to_fail": "soon", "steps": [{"action": format!("{}/ok/a", s.base)}]}),
             "timeout_to_fail",
         ),
-        (
-            "submit",
-            json!({"gid": "x", "trans_type": "saga", "wait_result": true, "steps": []}),
-            "wait_result",
-        ),
     ] {
         let r = post(path, body.clone()).await?;
         assert_eq!(r.status, 400, "{body}: {r:?}");
@@ -261,5 +256,91 @@ async fn the_facade_answers_as_dtm_clients_expect() -> Result {
     let r = tc.http().get("/api/dtmsvr/newGid").await?;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["gid"].as_str().map(str::len), Some(24), "{r:?}");
+    Ok(())
+}
+
+/// DTM's `wait_result`: the submit answers once the first pass ended. SUCCESS after every
+/// action (or confirm) succeeded, FAILURE with the reason after the compensations ran,
+/// ONGOING (425) while an action waits to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_result_answers_with_the_first_pass() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let s = Service::start().await?;
+    let submit = |gid: &str, second: &str| {
+        let body = json!({
+            "gid": gid, "trans_type": "saga", "wait_result": true,
+            "steps": [
+                {"action": format!("{}/ok/a1", s.base), "compensate": format!("{}/ok/c1", s.base)},
+                {"action": format!("{}/{second}", s.base), "compensate": format!("{}/ok/c2", s.base)},
+            ],
+            "payloads": ["{}", "{}"],
+        });
+        let http = tc.http();
+        async move { http.post("/api/dtmsvr/submit", Some(&body.to_string())).await }
+    };
+    let status = |gid: &str| {
+        let http = tc.http();
+        let path = format!("/api/dtmsvr/query?gid={gid}");
+        async move { Ok::<_, anyhow::Error>(http.get_json(&path).await?["transaction"]["status"].clone()) }
+    };
+
+    let r = submit("w-ok", "ok/a2").await?;
+    assert_eq!(
+        (r.status, r.json()["dtm_result"].clone()),
+        (200, json!("SUCCESS")),
+        "{r:?}"
+    );
+    assert_eq!(status("w-ok").await?, "succeed");
+
+    let r = submit("w-no", "no/a2").await?;
+    assert_eq!(
+        (r.status, r.json()["dtm_result"].clone()),
+        (409, json!("FAILURE")),
+        "{r:?}"
+    );
+    assert!(
+        r.json()["message"].as_str().is_some_and(|m| m.contains("/no/a2")),
+        "{r:?}"
+    );
+    // Answered after the compensations ran, last first.
+    assert_eq!(
+        calls_for(&s, "w-no"),
+        [
+            "/ok/a1 action",
+            "/no/a2 action",
+            "/ok/c2 compensate",
+            "/ok/c1 compensate"
+        ]
+    );
+    assert_eq!(status("w-no").await?, "failed");
+
+    let r = submit("w-down", "down/a2").await?;
+    assert_eq!(
+        (r.status, r.json()["dtm_result"].clone()),
+        (425, json!("ONGOING")),
+        "{r:?}"
+    );
+    assert_eq!(status("w-down").await?, "submitted");
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    until_status(&tc, "w-down", "succeed").await?;
+
+    // TCC: the submit answers once every branch confirmed.
+    let post = |path: &str, body: Value| {
+        let http = tc.http();
+        let path = format!("/api/dtmsvr/{path}");
+        async move { http.post(&path, Some(&body.to_string())).await }
+    };
+    post("prepare", json!({"gid": "w-tcc", "trans_type": "tcc"})).await?;
+    let branch = json!({"gid": "w-tcc", "trans_type": "tcc", "branch_id": "01", "data": "{}",
+        "confirm": format!("{}/ok/confirm", s.base), "cancel": format!("{}/ok/cancel", s.base)});
+    assert_eq!(post("registerBranch", branch).await?.status, 200);
+    let r = post(
+        "submit",
+        json!({"gid": "w-tcc", "trans_type": "tcc", "wait_result": true}),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(status("w-tcc").await?, "succeed");
+    assert_eq!(calls_for(&s, "w-tcc"), ["/ok/confirm confirm"]);
     Ok(())
 }

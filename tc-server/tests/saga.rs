@@ -342,6 +342,11 @@ async fn bad_sagas_are_refused_whole() -> Result {
             "concurrent",
         ),
         (json!({"mode": "at", "steps": [ok.clone()]}), "belong to a saga"),
+        (json!({"mode": "tcc", "retry_limit": 3}), "belong to a saga"),
+        (
+            json!({"mode": "saga", "name": "n".repeat(257), "steps": [ok.clone()]}),
+            "257 bytes",
+        ),
         (json!({"mode": "sagas", "steps": [ok.clone()]}), "not one of"),
         (
             json!({"mode": "saga", "steps": [{"action": format!("{}/ok/a", s.base), "headers": {"Host": "x"}}]}),
