@@ -635,6 +635,10 @@ impl Coordinator {
                 if let Some(why) = branch.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
+                self.caller
+                    .resolves([branch.confirm.as_str(), branch.cancel.as_str()])
+                    .await
+                    .map_err(TcError::invalid)?;
                 // Its commits batch by the service it calls, never with a database's.
                 let origin = crate::tcc::origin(&branch.confirm).to_owned();
                 (Some(branch.name), origin)

@@ -51,6 +51,12 @@ impl Coordinator {
         self.check_limits(request.timeout_ms, &request.name)?;
         let limits = &self.config.transactions;
         let steps = saga::plan(request.steps, &request.options, &self.caller).map_err(TcError::invalid)?;
+        let urls: Vec<&str> = steps
+            .iter()
+            .flat_map(|s| [s.action.as_str(), s.compensate.as_str()])
+            .filter(|url| !url.is_empty())
+            .collect();
+        self.caller.resolves(urls).await.map_err(TcError::invalid)?;
         let txn_id = self.ids.next().await?;
         let now = now_ms();
         let record = GlobalRecord {

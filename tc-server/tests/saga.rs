@@ -115,6 +115,8 @@ async fn an_ordered_saga_runs_its_actions_in_order_and_commits() -> Result {
         .await?;
     let body = r.assert_error(400, "invalid_argument");
     assert!(body["message"].as_str().unwrap_or("").contains("saga"), "{body}");
+    // Stored as called before its first call.
+    s.until_called(&format!("/down/a1?gid={open}&")).await?;
     let v = tc.http().get_json(&format!("/v1/transactions/{open}")).await?;
     assert_eq!(v["status"], "Begin", "{v}");
     assert_eq!(v["branches"][0]["mode"], "SAGA", "{v}");
@@ -343,6 +345,10 @@ async fn bad_sagas_are_refused_whole() -> Result {
         ),
         (json!({"mode": "at", "steps": [ok.clone()]}), "belong to a saga"),
         (json!({"mode": "tcc", "retry_limit": 3}), "belong to a saga"),
+        (
+            json!({"mode": "saga", "steps": [ok.clone(), {"action": "http://nowhere.invalid/a"}]}),
+            "does not resolve",
+        ),
         (
             json!({"mode": "saga", "name": "n".repeat(257), "steps": [ok.clone()]}),
             "257 bytes",

@@ -96,10 +96,19 @@ async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
     let late = register_tcc(&tc, &xid, branch(&s, "02", "ok/confirm", "ok/cancel")).await?;
     anyhow::ensure!(late.status == 404 || late.status == 409, "{late:?}");
     let open = begin_http(&tc).await?;
-    let mut bad = branch(&s, "01", "ok/confirm", "ok/cancel");
-    bad["cancel"] = json!("svc/cancel");
-    let r = register_tcc(&tc, &open, bad).await?;
-    anyhow::ensure!(r.status == 400, "{r:?}");
+    // Not a URL; a host that resolves nowhere (RFC 2606's .invalid).
+    for (cancel, says) in [
+        ("svc/cancel", "not an http"),
+        ("http://nowhere.invalid/cancel", "does not resolve"),
+    ] {
+        let mut bad = branch(&s, "01", "ok/confirm", "ok/cancel");
+        bad["cancel"] = json!(cancel);
+        let r = register_tcc(&tc, &open, bad).await?;
+        let body = r.assert_error(400, "invalid_argument");
+        anyhow::ensure!(body["message"].as_str().unwrap_or("").contains(says), "{body}");
+    }
+    let view = tc.http().get_json(&format!("/v1/transactions/{open}")).await?;
+    anyhow::ensure!(view["branches"] == json!([]), "nothing registered: {view}");
     Ok(())
 }
 
