@@ -2,7 +2,8 @@
 //! over HTTP before the application calls their try, confirmed (commit) or cancelled
 //! (rollback) by the coordinator with DTM's query parameters and signed headers, retried until
 //! they succeed (a refusal also counted as a broken contract), and re-sent after the
-//! coordinator is killed while a call keeps failing.
+//! coordinator is killed while a call keeps failing; a service that does not answer holds up
+//! nothing else.
 
 mod support;
 
@@ -61,14 +62,14 @@ async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
     let calls = s.calls();
     anyhow::ensure!(calls.len() == 2, "{calls:?}");
     for name in ["01", "02"] {
-        let (uri, id, body, method) = s
+        let call = s
             .until_called(&format!(
                 "/ok/confirm?gid={xid}&trans_type=tcc&branch_id={name}&op=confirm"
             ))
             .await?;
-        anyhow::ensure!(id == format!("{xid}.{name}.confirm"), "{uri}: {id}");
-        anyhow::ensure!(body == r#"{"amount":30}"#, "{body}");
-        anyhow::ensure!(method == "POST ", "{method}");
+        anyhow::ensure!(call.header("webhook-id") == format!("{xid}.{name}.confirm"), "{call:?}");
+        anyhow::ensure!(call.body == r#"{"amount":30}"#, "{call:?}");
+        anyhow::ensure!(call.method == "POST", "{call:?}");
     }
 
     // No data: a GET; the branch's own headers go along (not the ones the coordinator sets).
@@ -78,8 +79,11 @@ async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
     plain["headers"] = json!({"x-tenant": "t1"});
     register_tcc(&tc, &xid, plain.clone()).await?;
     commit(&c, &xid).await?;
-    let (_, _, body, method) = s.until_called("/ok/plain").await?;
-    anyhow::ensure!(body.is_empty() && method == "GET t1", "{method} {body}");
+    let call = s.until_called("/ok/plain").await?;
+    anyhow::ensure!(
+        call.body.is_empty() && call.method == "GET" && call.header("x-tenant") == "t1",
+        "{call:?}"
+    );
     let open = begin_http(&tc).await?;
     plain["headers"] = json!({"Host": "elsewhere"});
     let r = register_tcc(&tc, &open, plain).await?;
@@ -98,7 +102,7 @@ async fn the_decision_confirms_or_cancels_every_tcc_branch() -> Result {
     let open = begin_http(&tc).await?;
     // Not a URL; a host that resolves nowhere (RFC 2606's .invalid).
     for (cancel, says) in [
-        ("svc/cancel", "not an http"),
+        ("svc/cancel", "not a URL"),
         ("http://nowhere.invalid/cancel", "does not resolve"),
     ] {
         let mut bad = branch(&s, "01", "ok/confirm", "ok/cancel");
@@ -174,5 +178,58 @@ async fn a_viewer_may_not_register_branches() -> Result {
     r.assert_error(403, "forbidden");
     let r = register_tcc(&tc, &xid, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
     anyhow::ensure!(r.status == 201, "the root token may: {r:?}");
+    Ok(())
+}
+
+/// A service that does not answer holds up nothing else: its confirm ends at the branch's
+/// `request_timeout_ms` and is sent again (the same `webhook-id`), while another
+/// transaction's branch is confirmed and a saga runs; once the service answers, the
+/// transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_does_not_answer_holds_up_nothing_else() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    let stuck = begin_http(&tc).await?;
+    let mut slow = branch(&s, "01", "slow/confirm", "ok/cancel");
+    slow["request_timeout_ms"] = json!(200);
+    register_tcc(&tc, &stuck, slow).await?;
+    commit(&c, &stuck).await?;
+    let confirm = format!("/slow/confirm?gid={stuck}&");
+    s.until_called(&confirm).await?;
+
+    let other = begin_http(&tc).await?;
+    register_tcc(&tc, &other, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
+    commit(&c, &other).await?;
+    wait_status(&c, &other, G::Committed).await?;
+    let saga = json!({"mode": "saga", "steps": [{"action": format!("{}/ok/a1", s.base)}]});
+    let r = tc.http().post("/v1/transactions", Some(&saga.to_string())).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    let saga = r.json()["xid"].as_str().unwrap_or_default().to_owned();
+    wait_status(&c, &saga, G::Committed).await?;
+
+    // Timed out and sent again, as the same message.
+    let attempts = eventually("the stuck confirm sent again", || async {
+        let calls: Vec<_> = s
+            .calls()
+            .into_iter()
+            .filter(|call| call.uri.starts_with(&confirm))
+            .collect();
+        Ok((calls.len() >= 2).then_some(calls))
+    })
+    .await?;
+    anyhow::ensure!(
+        attempts
+            .iter()
+            .all(|call| call.header("webhook-id") == format!("{stuck}.01.confirm")),
+        "{attempts:?}"
+    );
+    anyhow::ensure!(
+        status_of(&status(&c, &stuck).await?) == G::AsyncCommitting,
+        "still committing"
+    );
+    s.release();
+    wait_status(&c, &stuck, G::Committed).await?;
     Ok(())
 }

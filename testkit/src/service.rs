@@ -1,6 +1,7 @@
 //! A real HTTP service on loopback for the tests of HTTP branches (TCC, saga, DTM's API): it
 //! answers by the first segment of the path and records every call it gets.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,20 +13,36 @@ use tokio::sync::Notify;
 /// How long [`Service::until_called`] waits for a call.
 const CALL_WAIT: Duration = Duration::from_secs(30);
 
-/// A call as the service saw it: its path and query, its webhook-id, its body, and its
-/// method with its `x-tenant` header.
-pub type Seen = (String, String, String, String);
+/// A call as the service saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Header names in lower case; a repeated header, its last value.
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Seen {
+    /// The header `name` (lower case), or "".
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+}
 
 /// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/down/...` 503 until
-/// `healthy` is set, then 200, `/pair/...` 200 once a second `/pair/` call is in (so two
-/// of them answer only if they are made at the same time); every call is recorded as it
-/// arrives.
+/// `healthy` is set, then 200, `/slow/...` 200 once [`release`](Service::release)d and
+/// until then nothing (the caller's timeout ends the call), `/pair/...` 200 once a second
+/// `/pair/` call is in (so two of them answer only if they are made at the same time); every
+/// call is recorded as it arrives.
 pub struct Service {
     pub base: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Woken at every call recorded.
     arrived: Arc<Notify>,
     pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Service {
@@ -35,6 +52,8 @@ impl Service {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (record, wake, up) = (Arc::clone(&seen), Arc::clone(&arrived), Arc::clone(&healthy));
         let pair = Arc::new(tokio::sync::Barrier::new(2));
+        let released = tokio::sync::watch::Sender::new(false);
+        let release = released.clone();
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let (record, wake, up, pair) = (
                 Arc::clone(&record),
@@ -42,27 +61,27 @@ impl Service {
                 Arc::clone(&up),
                 Arc::clone(&pair),
             );
+            let mut released = release.subscribe();
             async move {
                 use http_body_util::BodyExt;
                 let (parts, body) = request.into_parts();
                 let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                let id = parts
+                let headers = parts
                     .headers
-                    .get("webhook-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                let tenant = parts
-                    .headers
-                    .get("x-tenant")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                record.lock().unwrap().push((
-                    parts.uri.to_string(),
-                    id,
-                    String::from_utf8_lossy(&body).into_owned(),
-                    format!("{} {tenant}", parts.method),
-                ));
+                    .iter()
+                    .map(|(name, value)| {
+                        (
+                            name.as_str().to_owned(),
+                            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                record.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    uri: parts.uri.to_string(),
+                    headers,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
                 wake.notify_waiters();
                 let path = parts.uri.path();
                 if path.starts_with("/no/") {
@@ -72,6 +91,9 @@ impl Service {
                 } else {
                     if path.starts_with("/pair/") {
                         pair.wait().await;
+                    }
+                    if path.starts_with("/slow/") {
+                        let _ = released.wait_for(|r| *r).await;
                     }
                     (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response()
                 }
@@ -85,7 +107,13 @@ impl Service {
             seen,
             arrived,
             healthy,
+            released,
         })
+    }
+
+    /// From now on `/slow/` answers: the calls it holds and every later one.
+    pub fn release(&self) {
+        self.released.send_replace(true);
     }
 
     pub fn calls(&self) -> Vec<Seen> {
@@ -98,9 +126,9 @@ impl Service {
     pub fn story(&self, gid: &str, params: &[&str]) -> Vec<String> {
         self.calls()
             .into_iter()
-            .filter(|(uri, _, _, _)| uri.contains(&format!("gid={gid}&")))
-            .map(|(uri, _, _, _)| {
-                let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+            .filter(|call| call.uri.contains(&format!("gid={gid}&")))
+            .map(|call| {
+                let (path, query) = call.uri.split_once('?').unwrap_or((&call.uri, ""));
                 let mut out = path.to_owned();
                 for name in params {
                     let value = query
@@ -123,7 +151,7 @@ impl Service {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if let Some(call) = self.calls().into_iter().find(|(uri, _, _, _)| uri.starts_with(prefix)) {
+            if let Some(call) = self.calls().into_iter().find(|call| call.uri.starts_with(prefix)) {
                 return Ok(call);
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {

@@ -229,54 +229,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::config::Endpoint;
-    use std::sync::{Arc, Mutex};
-
-    /// A request as the service saw it: method, path and query, signature header, body.
-    type Seen = (String, String, Option<String>, String, Vec<u8>);
-
-    /// A real HTTP service on loopback answering by path, recording what it got.
-    async fn service() -> (String, Arc<Mutex<Vec<Seen>>>) {
-        use axum::http::StatusCode;
-        use axum::response::IntoResponse;
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = Arc::clone(&seen);
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let record = Arc::clone(&record);
-            async move {
-                let (parts, body) = request.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                record.lock().unwrap().push((
-                    parts.method.to_string(),
-                    parts.uri.to_string(),
-                    header("webhook-signature"),
-                    header("webhook-timestamp").unwrap_or_default(),
-                    body,
-                ));
-                match parts.uri.path() {
-                    "/ok" => (StatusCode::OK, r#"{"dtm_result":"SUCCESS"}"#).into_response(),
-                    "/no" => (StatusCode::CONFLICT, "insufficient funds").into_response(),
-                    "/later" => (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response(),
-                    _ => {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        StatusCode::OK.into_response()
-                    }
-                }
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (base, seen)
-    }
+    use ferrata_testkit::service::Service;
 
     #[tokio::test]
     async fn a_call_is_shaped_like_dtm_s_signed_and_its_answer_read() {
-        let (base, seen) = service().await;
+        let service = Service::start().await.unwrap();
+        let base = service.base.clone();
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let caller = Caller::new(&Calls {
             endpoints: vec![Endpoint {
-                prefix: format!("{base}/ok"),
+                prefix: format!("{base}/ok/"),
                 secret: crate::config::Secret(secret.into()),
             }],
             ..Calls::default()
@@ -302,43 +264,41 @@ mod tests {
             }
         };
         assert_eq!(
-            caller.call(&call("/ok", br#"{"amount":30}"#, 2000)).await,
+            caller.call(&call("/ok/", br#"{"amount":30}"#, 2000)).await,
             Outcome::Success
         );
         assert_eq!(
-            caller.call(&call("/no", b"", 2000)).await,
-            Outcome::Failure("HTTP 409: insufficient funds".into())
+            caller.call(&call("/no/", b"", 2000)).await,
+            Outcome::Failure(r#"HTTP 409: {"dtm_result":"FAILURE"}"#.into())
         );
         assert_eq!(
-            caller.call(&call("/later", b"{}", 2000)).await,
-            Outcome::Retry("HTTP 503: busy".into())
+            caller.call(&call("/down/", b"{}", 2000)).await,
+            Outcome::Retry("HTTP 503: down".into())
         );
         assert_eq!(
-            caller.call(&call("/slow", b"{}", 100)).await,
+            caller.call(&call("/slow/", b"{}", 100)).await,
             Outcome::Retry("no answer within 100 ms".into())
         );
         let unreachable = Call {
             url: "http://127.0.0.1:9",
-            ..call("/ok", b"{}", 2000)
+            ..call("/ok/", b"{}", 2000)
         };
         assert!(matches!(caller.call(&unreachable).await, Outcome::Retry(_)));
 
-        let seen = seen.lock().unwrap().clone();
-        let (method, uri, signature, timestamp, body) = &seen[0];
-        assert_eq!(method, "POST");
-        assert_eq!(uri, "/ok?gid=7-1&trans_type=tcc&branch_id=01&op=confirm");
-        assert_eq!(body, br#"{"amount":30}"#);
+        let seen = service.calls();
+        assert_eq!(seen[0].method, "POST");
+        assert_eq!(seen[0].uri, "/ok/?gid=7-1&trans_type=tcc&branch_id=01&op=confirm");
+        assert_eq!(seen[0].body, r#"{"amount":30}"#);
         let expected = signature::headers(
             "7-1.01.confirm",
-            timestamp.parse().unwrap(),
+            seen[0].header("webhook-timestamp").parse().unwrap(),
             Some(&signature::key(secret)),
-            body,
+            seen[0].body.as_bytes(),
         );
-        assert_eq!(signature.as_deref(), Some(expected[2].1.as_str()));
-        let (method, _, signature, _, _) = &seen[1];
+        assert_eq!(seen[0].header("webhook-signature"), expected[2].1);
         assert_eq!(
-            (method.as_str(), signature),
-            ("GET", &None),
+            (seen[1].method.as_str(), seen[1].header("webhook-signature")),
+            ("GET", ""),
             "no body: a GET; no secret: unsigned"
         );
     }
