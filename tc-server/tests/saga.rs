@@ -306,7 +306,9 @@ async fn a_coordinator_killed_mid_saga_calls_again_what_it_did_not_store() -> Re
     let compensations: Vec<&str> = backward_story[2..].iter().map(String::as_str).collect();
     assert_eq!(compensations[..2], ["/ok/d2 02 compensate", "/down/d1 01 compensate"]);
     assert!(
-        compensations.iter().all(|c| ["/ok/d2 02 compensate", "/down/d1 01 compensate"].contains(c)),
+        compensations
+            .iter()
+            .all(|c| ["/ok/d2 02 compensate", "/down/d1 01 compensate"].contains(c)),
         "{backward_story:?}"
     );
     assert_eq!(

@@ -181,15 +181,24 @@ async fn a_viewer_may_not_register_branches() -> Result {
     Ok(())
 }
 
-/// A service that does not answer holds up nothing else: its confirm ends at the branch's
-/// `request_timeout_ms` and is sent again (the same `webhook-id`), while another
-/// transaction's branch is confirmed and a saga runs; once the service answers, the
+/// A service that does not answer, and one that is not there, hold up nothing else: the
+/// first's confirm ends at the branch's `request_timeout_ms` and is sent again (the same
+/// `webhook-id`), the second's is refused a connection and sent again, while another
+/// transaction's branch is confirmed and a saga runs; once each service answers, its
 /// transaction commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_that_does_not_answer_holds_up_nothing_else() -> Result {
+async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
     let tc = Tc::with_config(FAST_CONFIG).await?;
     let c = tc.client().await?;
     let s = Service::start().await?;
+
+    // Nothing listens on `port` yet.
+    let port = ferrata_testkit::free_port()?;
+    let gone = begin_http(&tc).await?;
+    let away = json!({"mode": "tcc", "branch_id": "01",
+        "confirm": format!("http://127.0.0.1:{port}/ok/confirm"), "cancel": format!("http://127.0.0.1:{port}/ok/cancel")});
+    register_tcc(&tc, &gone, away).await?;
+    commit(&c, &gone).await?;
 
     let stuck = begin_http(&tc).await?;
     let mut slow = branch(&s, "01", "slow/confirm", "ok/cancel");
@@ -231,5 +240,17 @@ async fn a_service_that_does_not_answer_holds_up_nothing_else() -> Result {
     );
     s.release();
     wait_status(&c, &stuck, G::Committed).await?;
+
+    anyhow::ensure!(
+        status_of(&status(&c, &gone).await?) == G::AsyncCommitting,
+        "still committing"
+    );
+    let back = Service::start_on(port).await?;
+    wait_status(&c, &gone, G::Committed).await?;
+    anyhow::ensure!(
+        back.story(&gone, &["op"]) == ["/ok/confirm confirm"],
+        "{:?}",
+        back.calls()
+    );
     Ok(())
 }

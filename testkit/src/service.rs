@@ -47,6 +47,13 @@ pub struct Service {
 
 impl Service {
     pub async fn start() -> Result<Service> {
+        Self::start_on(0).await
+    }
+
+    /// On loopback port `port` (0: any free one); a test that points a branch at a port
+    /// before anything listens there starts the service on it later, as a service that was
+    /// down comes back.
+    pub async fn start_on(port: u16) -> Result<Service> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(Notify::new());
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -99,7 +106,7 @@ impl Service {
                 }
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(async move { axum::serve(listener, app).await });
         Ok(Service {
