@@ -3,7 +3,7 @@
 //! (rollback) by the coordinator with DTM's query parameters and signed headers, retried until
 //! they succeed (a refusal also counted as a broken contract), and re-sent after the
 //! coordinator is killed while a call keeps failing; a service that does not answer holds up
-//! nothing else.
+//! nothing else; one nobody ends times out and cancels.
 
 mod support;
 
@@ -252,5 +252,54 @@ async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
         "{:?}",
         back.calls()
     );
+    Ok(())
+}
+
+/// A TCC transaction nobody ends times out: every registered branch is cancelled, over the
+/// native API (`timeout_ms`) and DTM's (`timeout_to_fail`, in seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_tcc_transaction_times_out_and_cancels() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    let r = tc
+        .http()
+        .post("/v1/transactions", Some(r#"{"mode": "tcc", "timeout_ms": 200}"#))
+        .await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    let xid = r.json()["xid"].as_str().unwrap_or_default().to_owned();
+    for name in ["01", "02"] {
+        register_tcc(&tc, &xid, branch(&s, name, "ok/confirm", "ok/cancel")).await?;
+    }
+    wait_status(&c, &xid, G::TimeoutRollbacked).await?;
+    let mut story = s.story(&xid, &["branch_id", "op"]);
+    story.sort();
+    anyhow::ensure!(story == ["/ok/cancel 01 cancel", "/ok/cancel 02 cancel"], "{story:?}");
+
+    let post = |path: &str, body: Value| {
+        let http = tc.http();
+        let path = format!("/api/dtmsvr/{path}");
+        async move { http.post(&path, Some(&body.to_string())).await }
+    };
+    let r = post(
+        "prepare",
+        json!({"gid": "late", "trans_type": "tcc", "timeout_to_fail": 1}),
+    )
+    .await?;
+    anyhow::ensure!(r.status == 200, "{r:?}");
+    let body = json!({"gid": "late", "trans_type": "tcc", "branch_id": "01", "data": "{}",
+        "confirm": format!("{}/ok/confirm", s.base), "cancel": format!("{}/ok/cancel", s.base)});
+    anyhow::ensure!(post("registerBranch", body).await?.status == 200);
+    let failed = eventually("the DTM transaction to time out", || async {
+        let v = tc.http().get_json("/api/dtmsvr/query?gid=late").await?;
+        Ok((v["transaction"]["status"] == "failed").then_some(v))
+    })
+    .await?;
+    anyhow::ensure!(failed["transaction"]["rollback_reason"] == "timeout", "{failed}");
+    anyhow::ensure!(s.story("late", &["op"]) == ["/ok/cancel cancel"]);
+    // Too late to submit.
+    let r = post("submit", json!({"gid": "late", "trans_type": "tcc"})).await?;
+    anyhow::ensure!(r.status == 409, "{r:?}");
     Ok(())
 }
