@@ -166,7 +166,9 @@ pub struct Tokens {
 
 /// The token an `Authorization` value carries: `Bearer <token>`, or `Basic` with the token as
 /// the password (the user name is not checked), for clients that can only put credentials in
-/// a URL (`http://ferrata:<token>@host/api/dtmsvr`, as DTM's Python SDK is configured).
+/// a URL (`http://shop:<token>@host/api/dtmsvr`, as DTM's Python SDK is configured). The
+/// coordinator never answers `WWW-Authenticate: Basic`, so no browser keeps such credentials
+/// to send them on its own (a change from another origin is refused anyway, `http.rs`).
 fn secret_of(header: &str) -> Option<String> {
     use base64::Engine;
     let (scheme, value) = header.split_once(' ')?;

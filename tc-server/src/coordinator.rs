@@ -635,13 +635,9 @@ impl Coordinator {
                 if let Some(why) = branch.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
-                self.caller
-                    .resolves([branch.confirm.as_str(), branch.cancel.as_str()])
-                    .await
-                    .map_err(TcError::invalid)?;
                 // Its commits batch by the service it calls, never with a database's.
                 let origin = crate::tcc::origin(&branch.confirm).to_owned();
-                (Some(branch.name), origin)
+                (Some(branch), origin)
             }
             _ => (None, resource_id),
         };
@@ -656,6 +652,15 @@ impl Coordinator {
         let tables = Table::of_keys(&keys);
         let session = self.session_for(xid, "register a branch")?;
         let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
+        // Looked up only for a transaction that could take the branch.
+        if let Some(branch) = &tcc {
+            begin_only(&session.state.lock())?;
+            self.caller
+                .resolves([branch.confirm.as_str(), branch.cancel.as_str()])
+                .await
+                .map_err(TcError::invalid)?;
+        }
+        let tcc = tcc.map(|branch| branch.name);
         let txn_id = session.txn_id;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
         // A refusal is part of the transaction's story (which rows, held by whom).
@@ -1007,7 +1012,7 @@ impl Coordinator {
                 None => Err(TcError::not_found(xid)),
             };
         };
-        let mut passes = session.passes.subscribe();
+        let passes = session.passes.subscribe();
         let decided = match self.decide_rollback(&session, GlobalStatus::Rollbacking, DecidedBy::Application) {
             Ok(durable) => Some(durable),
             Err(s) if s.is_rolling_back() => None,
@@ -1025,37 +1030,63 @@ impl Coordinator {
             tracing::debug!(xid, "rollback decided");
         }
         self.start_rollback(&session);
-        let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
+        self.until_pass(&session, passes).await;
         let state = session.state.lock();
         Ok(Self::outcome(&session, &state))
     }
 
     /// Waits, for a client that asked for the outcome (DTM's `wait_result`), until the
-    /// transaction is final, or a pass of the task driving it ended with the transaction still
-    /// where it was (an action or a branch waits to retry), or `rollback_wait_ms` passed: its
-    /// status then.
+    /// first pass ended ([`until_pass`](Self::until_pass)): the status then.
     pub async fn await_pass(&self, xid: &str) -> Result<GlobalStatus, TcError> {
         let Some(session) = self.live(Self::parse(xid)?) else {
             return Ok(self.status(xid)?.status);
         };
-        let mut passes = session.passes.subscribe();
-        let phase = |s: GlobalStatus| match s {
-            GlobalStatus::Begin => 0,
-            GlobalStatus::Committing | GlobalStatus::AsyncCommitting => 1,
-            _ => 2,
+        let passes = session.passes.subscribe();
+        Ok(self.until_pass(&session, passes).await)
+    }
+
+    /// Waits until `session` is final, or its rollback's first pass ended (it waits to
+    /// retry, or for an operator), or it is paused, or a pass of the task driving it ended
+    /// with it still in Begin or committing (an action or a confirm waits to retry), or
+    /// `rollback_wait_ms` passed: its status then. `passes` was subscribed before the caller
+    /// started what it waits for, so no pass is missed.
+    pub(crate) async fn until_pass(&self, session: &Session, mut passes: watch::Receiver<u64>) -> GlobalStatus {
+        // A pass that ends with the transaction where it was answers; before a rollback's
+        // first pass, only that pass does (a saga's actions stopping is not it).
+        let running = |s: GlobalStatus| match s {
+            GlobalStatus::Begin => Some(0),
+            GlobalStatus::Committing | GlobalStatus::AsyncCommitting => Some(1),
+            _ => None,
         };
         let deadline = Instant::now() + self.config.transactions.rollback_wait();
-        let mut waited_in = None;
+        let (mut waited_in, mut woke) = (None, false);
         loop {
-            let status = session.state.lock().record.status;
-            if status.is_final() || waited_in == Some(phase(status)) {
-                return Ok(status);
+            let (status, paused) = {
+                let state = session.state.lock();
+                (state.record.status, state.paused)
+            };
+            // Retrying after a pass: one that began retrying (an operator's retry, a second
+            // rollback call) waits for its next pass.
+            let settled = status.is_final()
+                || paused
+                || woke
+                    && matches!(
+                        status,
+                        GlobalStatus::RollbackRetrying | GlobalStatus::TimeoutRollbackRetrying
+                    );
+            if settled || running(status).is_some_and(|phase| waited_in == Some(phase)) {
+                return status;
             }
-            waited_in = Some(phase(status));
+            waited_in = running(status);
             tokio::select! {
-                changed = passes.changed() => if changed.is_err() { return Ok(status) },
-                _ = tokio::time::sleep_until(deadline) => return Ok(status),
-                _ = self.shutdown.cancelled() => return Err(TcError::shutting_down()),
+                changed = passes.changed() => {
+                    if changed.is_err() {
+                        return status;
+                    }
+                    woke = true;
+                }
+                _ = tokio::time::sleep_until(deadline) => return status,
+                _ = self.shutdown.cancelled() => return status,
             }
         }
     }

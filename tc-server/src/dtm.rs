@@ -82,6 +82,11 @@ impl Aliases {
     }
 }
 
+/// The name of the transaction of DTM's `gid` of `trans_type`.
+fn dtm_name(trans_type: &str, gid: &str) -> String {
+    format!("{NAME_PREFIX}{trans_type}:{gid}")
+}
+
 fn parse_name(name: &str) -> Option<(&str, &str)> {
     name.strip_prefix(NAME_PREFIX)?.split_once(':')
 }
@@ -294,7 +299,7 @@ where
         }
         return Ok((view.xid.clone(), Some(view)));
     }
-    let xid = create(format!("{NAME_PREFIX}{trans_type}:{gid}")).await?;
+    let xid = create(dtm_name(trans_type, gid)).await?;
     f.aliases
         .by_gid
         .lock()
@@ -350,10 +355,21 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
         }
         return outcome_if_asked(&f, &body, "tcc", &view.xid).await;
     }
+    // Checked (its URLs looked up) before the creation lock, so a slow name server holds up
+    // no other gid; a saga already there is not checked again.
     let request = saga_request(&body, &gid)?;
+    let planned = match f.aliases.find(&f.coordinator, &gid) {
+        Some(_) => None,
+        None => Some(f.coordinator.plan_saga(request.clone()).await?),
+    };
     let coordinator = Arc::clone(&f.coordinator);
-    let (xid, existing) = create_once(&f, &gid, "saga", |name| async move {
-        coordinator.submit_saga(SagaRequest { name, ..request }).await
+    let (xid, existing) = create_once(&f, &gid, "saga", |_| async move {
+        let planned = match planned {
+            Some(planned) => planned,
+            // Gone from the history between the two looks: checked under the lock.
+            None => coordinator.plan_saga(request).await?,
+        };
+        coordinator.submit_saga(planned).await
     })
     .await?;
     // Submitted again: the same saga, whatever it has come to, unless it failed.
@@ -365,25 +381,29 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
 
 /// A submit's answer: SUCCESS at once, or with DTM's `wait_result` once the first pass ended
 /// (`Coordinator::await_pass`): SUCCESS when it committed (a TCC transaction: every branch
-/// confirmed), FAILURE with the reason when it rolled back, ONGOING (425) while an action or
-/// a confirm waits to retry.
+/// confirmed), FAILURE with the reason when it rolled back (after the first compensation
+/// pass) or a branch can never confirm, ONGOING (425) while an action or a confirm waits to
+/// retry.
 async fn outcome_if_asked(f: &Facade, body: &Map<String, Value>, trans_type: &str, xid: &str) -> Reply {
     if !flag(body, "wait_result")? {
         return success(json!({}));
     }
     match f.coordinator.await_pass(xid).await? {
         GlobalStatus::Committed => success(json!({})),
-        s if dtm_status(trans_type, s) == "submitted" || s == GlobalStatus::Begin => Err(DtmError(
+        GlobalStatus::Begin | GlobalStatus::Committing | GlobalStatus::AsyncCommitting => Err(DtmError(
             StatusCode::TOO_EARLY,
             format!("{trans_type} {xid} waits to retry a call; it goes on: follow it with query"),
         )),
+        GlobalStatus::CommitFailed => Err(DtmError::failure(format!(
+            "{trans_type} {xid} committed, but a branch can never confirm: it waits for an operator"
+        ))),
         _ => Err(DtmError::failure(
             rollback_reason(&f.coordinator, xid).unwrap_or_else(|| format!("{trans_type} {xid} rolled back")),
         )),
     }
 }
 
-/// A DTM saga submission as a saga request (its name is set by the caller).
+/// A DTM saga submission as a saga request.
 fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, DtmError> {
     let steps: Vec<Map<String, Value>> = match body.get("steps") {
         Some(Value::Array(steps)) => steps
@@ -453,7 +473,7 @@ fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, Dtm
         n => Some(u32::try_from(n).map_err(|_| DtmError::bad("retry_limit is too large"))?),
     };
     Ok(SagaRequest {
-        name: String::new(),
+        name: dtm_name("saga", gid),
         timeout_ms: number(body, "timeout_to_fail")?.saturating_mul(1000),
         steps: requests,
         options,

@@ -473,7 +473,8 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
                     retry_limit: body.retry_limit,
                 },
             };
-            api.coordinator.submit_saga(request).await?
+            let saga = api.coordinator.plan_saga(request).await?;
+            api.coordinator.submit_saga(saga).await?
         }
         "at" | "xa" | "tcc" => {
             let saga_only = !body.steps.is_empty()

@@ -225,9 +225,9 @@ impl Coordinator {
         };
         durable.await?;
         if next.is_rolling_back() {
-            let mut passes = session.passes.subscribe();
+            let passes = session.passes.subscribe();
             self.start_rollback(&session);
-            let _ = tokio::time::timeout(self.config.transactions.rollback_wait(), passes.changed()).await;
+            self.until_pass(&session, passes).await;
         } else {
             self.commit_wake.notify_one();
         }

@@ -27,6 +27,7 @@ use crate::store::Mutation;
 use crate::timeline::{AttemptResult, DecidedBy, EventKind, Timeline};
 
 /// A saga as asked for.
+#[derive(Clone)]
 pub struct SagaRequest {
     pub name: String,
     /// Rolls back if its actions are not all done by then; 0: never.
@@ -43,41 +44,64 @@ struct StepRun {
     in_flight: bool,
 }
 
+/// A saga checked whole (limits, plan, sizes, URLs), ready to be stored.
+pub struct PlannedSaga {
+    pub name: String,
+    timeout_ms: u64,
+    /// In the order they are stored, each with its stored form.
+    steps: Vec<(SagaStep, Vec<u8>)>,
+}
+
 impl Coordinator {
-    /// Stores a new saga with its steps and starts its actions; returns its XID once it is
-    /// durable.
-    pub async fn submit_saga(self: &Arc<Self>, request: SagaRequest) -> Result<String, TcError> {
-        self.check_running()?;
+    /// Checks a saga whole before anything is stored: its limits, its plan
+    /// ([`saga::plan`]), each step's stored size, and that every URL's host resolves.
+    pub async fn plan_saga(&self, request: SagaRequest) -> Result<PlannedSaga, TcError> {
         self.check_limits(request.timeout_ms, &request.name)?;
-        let limits = &self.config.transactions;
         let steps = saga::plan(request.steps, &request.options, &self.caller).map_err(TcError::invalid)?;
+        let max = self.config.transactions.max_application_data;
+        let steps = steps
+            .into_iter()
+            .map(|step| {
+                let stored = step.encode();
+                if stored.len() > max {
+                    return Err(TcError::invalid(format!(
+                        "step {} is {} bytes as stored; at most {max} are allowed",
+                        step.name,
+                        stored.len()
+                    )));
+                }
+                Ok((step, stored))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let urls: Vec<&str> = steps
             .iter()
-            .flat_map(|s| [s.action.as_str(), s.compensate.as_str()])
+            .flat_map(|(s, _)| [s.action.as_str(), s.compensate.as_str()])
             .filter(|url| !url.is_empty())
             .collect();
         self.caller.resolves(urls).await.map_err(TcError::invalid)?;
+        Ok(PlannedSaga {
+            name: request.name,
+            timeout_ms: request.timeout_ms,
+            steps,
+        })
+    }
+
+    /// Stores a planned saga with its steps and starts its actions; returns its XID once it
+    /// is durable.
+    pub async fn submit_saga(self: &Arc<Self>, saga: PlannedSaga) -> Result<String, TcError> {
+        self.check_running()?;
         let txn_id = self.ids.next().await?;
         let now = now_ms();
         let record = GlobalRecord {
             txn_id,
-            name: request.name,
+            name: saga.name,
             status: GlobalStatus::Begin,
-            timeout_ms: request.timeout_ms,
+            timeout_ms: saga.timeout_ms,
             begin_ms: now,
             updated_ms: now,
         };
-        let mut branches = Vec::with_capacity(steps.len());
-        for step in steps {
-            let application_data = step.encode();
-            if application_data.len() > limits.max_application_data {
-                return Err(TcError::invalid(format!(
-                    "step {} is {} bytes as stored; at most {} are allowed",
-                    step.name,
-                    application_data.len(),
-                    limits.max_application_data
-                )));
-            }
+        let mut branches = Vec::with_capacity(saga.steps.len());
+        for (step, application_data) in saga.steps {
             branches.push(BranchRecord {
                 txn_id,
                 branch_id: self.ids.next().await?,
@@ -261,11 +285,14 @@ impl Coordinator {
     ) -> bool {
         let failed = {
             let mut state = session.state.lock();
+            // Decided meanwhile (a timeout, the application): the rollback compensates this
+            // step whatever the answer, as it is stored as called.
+            if state.record.status != GlobalStatus::Begin {
+                return false;
+            }
             let Some(b) = state.branches.iter_mut().find(|b| b.branch_id == branch_id) else {
                 return false;
             };
-            // Decided meanwhile (a timeout, the application): the rollback compensates this
-            // step whatever the answer, as it is stored as called.
             if b.status != BranchStatus::ActionCalled {
                 return false;
             }

@@ -254,6 +254,45 @@ async fn retry_limit_and_timeout_roll_a_stuck_saga_back() -> Result {
     Ok(())
 }
 
+/// An application's rollback of a saga whose action keeps failing answers once the
+/// compensations ran (not when the saga's actions stop), and no action is called after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_rollback_of_a_running_saga_answers_after_its_compensations() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let s = Service::start().await?;
+    let xid = submit(
+        &tc,
+        json!({"mode": "saga", "retry_interval_ms": 10, "steps": [
+            step(&s, "ok/a1", "ok/c1"), step(&s, "down/a2", "ok/c2"),
+        ]}),
+    )
+    .await?;
+    eventually("the failing action retried", || async {
+        Ok((story(&s, &xid).len() >= 3).then_some(()))
+    })
+    .await?;
+    let r = tc
+        .http()
+        .post(&format!("/v1/transactions/{xid}/rollback"), None)
+        .await?;
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("Rollbacked")),
+        "{r:?}"
+    );
+    let story = story(&s, &xid);
+    assert_eq!(
+        story[story.len() - 2..],
+        ["/ok/c2 02 compensate", "/ok/c1 01 compensate"],
+        "{story:?}"
+    );
+    assert!(
+        story[..story.len() - 2].iter().all(|c| c.ends_with("action")),
+        "{story:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_saga_calls_again_what_it_did_not_store() -> Result {
     let mut tc = Tc::with_config(FAST_CONFIG).await?;

@@ -181,11 +181,11 @@ async fn a_viewer_may_not_register_branches() -> Result {
     Ok(())
 }
 
-/// A service that does not answer, and one that is not there, hold up nothing else: the
-/// first's confirm ends at the branch's `request_timeout_ms` and is sent again (the same
-/// `webhook-id`), the second's is refused a connection and sent again, while another
-/// transaction's branch is confirmed and a saga runs; once each service answers, its
-/// transaction commits.
+/// A service that does not answer, and one that is not there, hold up nothing else: while
+/// a confirm is held for up to a minute, another transaction's branch is confirmed and a
+/// saga runs; a confirm ends at its branch's `request_timeout_ms` and is sent again (the
+/// same `webhook-id`); one refused a connection is sent again; once each service answers,
+/// its transaction commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
     let tc = Tc::with_config(FAST_CONFIG).await?;
@@ -200,13 +200,14 @@ async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
     register_tcc(&tc, &gone, away).await?;
     commit(&c, &gone).await?;
 
-    let stuck = begin_http(&tc).await?;
-    let mut slow = branch(&s, "01", "slow/confirm", "ok/cancel");
-    slow["request_timeout_ms"] = json!(200);
-    register_tcc(&tc, &stuck, slow).await?;
-    commit(&c, &stuck).await?;
-    let confirm = format!("/slow/confirm?gid={stuck}&");
-    s.until_called(&confirm).await?;
+    // A confirm held for as long as its time limit allows (a minute).
+    let hung = begin_http(&tc).await?;
+    let mut held = branch(&s, "01", "slow/held", "ok/cancel");
+    held["request_timeout_ms"] = json!(60_000);
+    register_tcc(&tc, &hung, held).await?;
+    commit(&c, &hung).await?;
+    let held = format!("/slow/held?gid={hung}&");
+    s.until_called(&held).await?;
 
     let other = begin_http(&tc).await?;
     register_tcc(&tc, &other, branch(&s, "01", "ok/confirm", "ok/cancel")).await?;
@@ -217,8 +218,24 @@ async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
     anyhow::ensure!(r.status == 201, "{r:?}");
     let saga = r.json()["xid"].as_str().unwrap_or_default().to_owned();
     wait_status(&c, &saga, G::Committed).await?;
+    let calls_to = |prefix: &str| {
+        s.calls()
+            .into_iter()
+            .filter(|call| call.uri.starts_with(prefix))
+            .count()
+    };
+    anyhow::ensure!(
+        calls_to(&held) == 1,
+        "all that while the held confirm was still in flight"
+    );
 
-    // Timed out and sent again, as the same message.
+    // A confirm with a short time limit ends there and is sent again, as the same message.
+    let stuck = begin_http(&tc).await?;
+    let mut slow = branch(&s, "01", "slow/confirm", "ok/cancel");
+    slow["request_timeout_ms"] = json!(200);
+    register_tcc(&tc, &stuck, slow).await?;
+    commit(&c, &stuck).await?;
+    let confirm = format!("/slow/confirm?gid={stuck}&");
     let attempts = eventually("the stuck confirm sent again", || async {
         let calls: Vec<_> = s
             .calls()
@@ -234,11 +251,14 @@ async fn a_service_that_hangs_or_is_gone_holds_up_nothing_else() -> Result {
             .all(|call| call.header("webhook-id") == format!("{stuck}.01.confirm")),
         "{attempts:?}"
     );
-    anyhow::ensure!(
-        status_of(&status(&c, &stuck).await?) == G::AsyncCommitting,
-        "still committing"
-    );
+    for xid in [&hung, &stuck] {
+        anyhow::ensure!(
+            status_of(&status(&c, xid).await?) == G::AsyncCommitting,
+            "still committing"
+        );
+    }
     s.release();
+    wait_status(&c, &hung, G::Committed).await?;
     wait_status(&c, &stuck, G::Committed).await?;
 
     anyhow::ensure!(

@@ -11,7 +11,7 @@ pub mod branch;
 pub mod outcome;
 pub mod signature;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -26,8 +26,11 @@ pub use outcome::Outcome;
 /// Largest answer body read; the rest is not needed to tell what it means.
 const MAX_BODY: usize = 64 * 1024;
 
-/// How long registration waits for a branch URL's host to resolve.
+/// How long registration waits for its URLs' hosts to resolve.
 const RESOLVE_WAIT: Duration = Duration::from_secs(5);
+
+/// The most distinct hosts one registration's URLs may name.
+const MAX_HOSTS: usize = 64;
 
 /// One call to make.
 #[derive(Clone, Debug)]
@@ -104,36 +107,54 @@ impl Caller {
     /// Whether the hosts of `urls` (each one [`allows`](Self::allows)) resolve to an address:
     /// a URL that points nowhere is refused when its branch is registered, rather than
     /// retried for ever. Checked once: a host that goes away later is retried like a down
-    /// service. `Err` says which host and why.
+    /// service. The distinct hosts (at most [`MAX_HOSTS`]) are looked up together, within
+    /// [`RESOLVE_WAIT`] in all. `Err` says which host and why.
     pub async fn resolves<'a>(&self, urls: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
-        let mut seen = BTreeSet::new();
+        let mut hosts = BTreeMap::new();
         for url in urls {
             let uri: hyper::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-            let host = uri.host().unwrap_or_default();
             let port = uri
                 .port_u16()
                 .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
             // An IPv6 literal is written in brackets in a URL, not to the resolver.
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-            if !seen.insert((host.clone(), port)) {
-                continue;
-            }
-            match tokio::time::timeout(RESOLVE_WAIT, tokio::net::lookup_host((host.as_str(), port))).await {
-                Ok(Ok(mut addrs)) => {
-                    if addrs.next().is_none() {
-                        return Err(format!("{url:?}: host {host} has no address"));
-                    }
-                }
-                Ok(Err(e)) => return Err(format!("{url:?}: host {host} does not resolve ({e})")),
-                Err(_) => {
-                    return Err(format!(
-                        "{url:?}: host {host} did not resolve within {} s",
-                        RESOLVE_WAIT.as_secs()
-                    ));
-                }
-            }
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            hosts.entry((host.to_owned(), port)).or_insert_with(|| url.to_owned());
         }
-        Ok(())
+        if hosts.len() > MAX_HOSTS {
+            return Err(format!(
+                "the URLs name {} hosts; at most {MAX_HOSTS} are allowed in one request",
+                hosts.len()
+            ));
+        }
+        let mut lookups = tokio::task::JoinSet::new();
+        for ((host, port), url) in hosts {
+            lookups.spawn(async move {
+                match tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map(|mut a| a.next())
+                {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(format!("{url:?}: host {host} has no address")),
+                    Err(e) => Err(format!("{url:?}: host {host} does not resolve ({e})")),
+                }
+            });
+        }
+        let all = async {
+            while let Some(done) = lookups.join_next().await {
+                done.map_err(|e| format!("a host lookup failed: {e}"))??;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(RESOLVE_WAIT, all).await.unwrap_or_else(|_| {
+            Err(format!(
+                "the URLs' hosts did not all resolve within {} s",
+                RESOLVE_WAIT.as_secs()
+            ))
+        })
     }
 
     /// Makes one call and says what its answer means.
