@@ -42,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::model::{
     BranchError, BranchMode, BranchRecord, BranchStatus, Failure, FinishedRecord, GlobalRecord, GlobalStatus, now_ms,
 };
+use crate::msg::MsgBranch;
 use crate::rm::RmRegistry;
 use crate::store::journal::Journal;
 use crate::store::{Mutation, Snapshot, StoreError};
@@ -166,6 +167,9 @@ pub(crate) struct PendingCommit {
     pub reference: pb::BranchRef,
     pub attempt: u32,
     pub not_before: Instant,
+    /// When its first attempt was due (Unix milliseconds): a message's schedule counts
+    /// from it.
+    pub first_ms: u64,
 }
 
 /// The longest transaction name, in bytes.
@@ -313,7 +317,7 @@ impl Coordinator {
             if status.is_committing() {
                 let mut queue = self.commit_queue.lock();
                 for b in list.iter().filter(|b| b.awaits_commit()) {
-                    queue.push(pending_commit(b));
+                    queue.push(pending_commit(b, record.updated_ms));
                 }
                 resumed.0 += 1;
             }
@@ -629,7 +633,8 @@ impl Coordinator {
                 "saga steps come with their saga (POST /v1/transactions with \"mode\": \"saga\"); they are not registered one by one",
             ));
         }
-        let (tcc, resource_id) = match mode {
+        // An HTTP branch's name in its transaction, and the URLs the coordinator will call.
+        let (called, resource_id) = match mode {
             BranchMode::Tcc => {
                 let branch = TccBranch::decode(&application_data).map_err(TcError::invalid)?;
                 if let Some(why) = branch.invalid(&self.caller) {
@@ -637,7 +642,15 @@ impl Coordinator {
                 }
                 // Its commits batch by the service it calls, never with a database's.
                 let origin = crate::tcc::origin(&branch.confirm).to_owned();
-                (Some(branch), origin)
+                (Some((branch.name, vec![branch.confirm, branch.cancel])), origin)
+            }
+            BranchMode::Msg => {
+                let msg = MsgBranch::decode(&application_data).map_err(TcError::invalid)?;
+                if let Some(why) = msg.invalid(&self.caller) {
+                    return Err(TcError::invalid(why));
+                }
+                let origin = crate::tcc::origin(&msg.target).to_owned();
+                (Some((msg.name, vec![msg.target])), origin)
             }
             _ => (None, resource_id),
         };
@@ -653,14 +666,14 @@ impl Coordinator {
         let session = self.session_for(xid, "register a branch")?;
         let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
         // Looked up only for a transaction that could take the branch.
-        if let Some(branch) = &tcc {
+        if let Some((_, urls)) = &called {
             begin_only(&session.state.lock())?;
             self.caller
-                .resolves([branch.confirm.as_str(), branch.cancel.as_str()])
+                .resolves(urls.iter().map(String::as_str))
                 .await
                 .map_err(TcError::invalid)?;
         }
-        let tcc = tcc.map(|branch| branch.name);
+        let mut application_data = application_data;
         let txn_id = session.txn_id;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
         // A refusal is part of the transaction's story (which rows, held by whom).
@@ -689,17 +702,28 @@ impl Coordinator {
                 self.at.locks.release_branch(txn_id, branch_id, &keys);
                 return Err(e);
             }
-            if let Some(name) = &tcc
-                && state.branches.iter().any(|b| {
-                    b.mode == BranchMode::Tcc && TccBranch::decode(&b.application_data).is_ok_and(|o| &o.name == name)
-                })
-            {
-                return Err(TcError::new(
-                    ErrorCode::AlreadyExists,
-                    format!(
-                        "global transaction {xid} already has a TCC branch {name:?}: give each branch its own branch_id"
-                    ),
-                ));
+            match called.as_ref().map(|(name, _)| name.as_str()) {
+                // A message the registration did not name is named by its branch id.
+                Some("") => {
+                    let mut msg = MsgBranch::decode(&application_data).map_err(TcError::invalid)?;
+                    msg.name = branch_id.to_string();
+                    application_data = msg.encode();
+                }
+                Some(name)
+                    if state
+                        .branches
+                        .iter()
+                        .any(|b| b.mode == mode && http_branch_name(b).as_deref() == Some(name)) =>
+                {
+                    return Err(TcError::new(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "global transaction {xid} already has a {} branch {name:?}: give each branch its own branch_id",
+                            mode.as_str()
+                        ),
+                    ));
+                }
+                _ => {}
             }
             let now = now_ms();
             let branch = BranchRecord {
@@ -972,8 +996,9 @@ impl Coordinator {
             self.set_status(&mut state, next);
             if next == GlobalStatus::AsyncCommitting {
                 let mut queue = self.commit_queue.lock();
+                let decided_ms = now_ms();
                 for b in state.branches.iter().filter(|b| b.awaits_commit()) {
-                    queue.push(pending_commit(b));
+                    queue.push(pending_commit(b, decided_ms));
                 }
             } else {
                 self.finish(&session, &state);
@@ -1366,13 +1391,32 @@ fn not_prepared_in_time(state: &mut SessionState) -> Vec<BranchRecord> {
     changed
 }
 
-pub(crate) fn pending_commit(b: &BranchRecord) -> PendingCommit {
+/// The name an HTTP branch has in its transaction (DTM's `branch_id`).
+fn http_branch_name(b: &BranchRecord) -> Option<String> {
+    match b.mode {
+        BranchMode::Tcc => TccBranch::decode(&b.application_data).ok().map(|t| t.name),
+        BranchMode::Msg => MsgBranch::decode(&b.application_data).ok().map(|m| m.name),
+        _ => None,
+    }
+}
+
+/// The commit of branch `b` of a transaction decided (or retried by an operator) at
+/// `decided_ms`: due at once, a message after its delay.
+pub(crate) fn pending_commit(b: &BranchRecord, decided_ms: u64) -> PendingCommit {
+    let reference = b.to_ref(&format_xid(b.txn_id));
+    let delay = if b.mode == BranchMode::Msg {
+        crate::msg::delay(&reference)
+    } else {
+        Duration::ZERO
+    };
+    let first_ms = decided_ms.saturating_add(delay.as_millis() as u64);
     PendingCommit {
         txn_id: b.txn_id,
         branch_id: b.branch_id,
         resource_id: b.resource_id.clone(),
-        reference: b.to_ref(&format_xid(b.txn_id)),
+        reference,
         attempt: 0,
-        not_before: Instant::now(),
+        not_before: Instant::now() + Duration::from_millis(first_ms.saturating_sub(now_ms())),
+        first_ms,
     }
 }

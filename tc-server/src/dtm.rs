@@ -767,7 +767,7 @@ fn branches_json(v: &TxnView, gid: &str) -> Vec<Value> {
                 }
                 Err(_) => continue,
             },
-            BranchMode::At | BranchMode::Xa => continue,
+            BranchMode::At | BranchMode::Xa | BranchMode::Msg => continue,
         };
         out.append(&mut pair);
     }

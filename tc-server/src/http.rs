@@ -49,6 +49,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/transactions/{xid}", get(show))
         .route("/v1/transactions/{xid}/events", get(events))
         .route("/v1/transactions/{xid}/branches", post(register_branch))
+        .route("/v1/transactions/{xid}/messages", post(add_message))
+        .route("/v1/messages", post(send_message))
         .route("/v1/transactions/{xid}/commit", post(commit))
         .route("/v1/transactions/{xid}/rollback", post(rollback))
         .route("/v1/transactions/{xid}/retry", post(retry))
@@ -552,6 +554,105 @@ async fn register_branch(
         ..Default::default()
     };
     let branch_id = api.coordinator.register(request).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "xid": xid, "branch_id": branch_id }))).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    target: String,
+    /// The body: a string is sent as it is, any other JSON value as its text.
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+    #[serde(default)]
+    policy: String,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    delay_ms: u64,
+    /// Its name in the transaction; the coordinator's branch id if none.
+    #[serde(default)]
+    name: String,
+}
+
+const MESSAGE_EXAMPLE: &str = r#"{"target": "https://billing/api/credit", "data": {"order": 42}, "policy": "standard-webhooks", "key": "order-42"}"#;
+
+impl MessageBody {
+    fn registration(self, xid: &str) -> pb::BranchRegisterRequest {
+        let msg = crate::msg::MsgBranch {
+            name: self.name,
+            target: self.target,
+            payload: Payload {
+                data: data_text(self.data),
+                headers: self.headers,
+                request_timeout_ms: self.request_timeout_ms,
+                gid: None,
+            },
+            policy: self.policy,
+            key: self.key,
+            delay_ms: self.delay_ms,
+        };
+        // Its resource is its target's origin, which the coordinator sets itself.
+        pb::BranchRegisterRequest {
+            xid: xid.to_owned(),
+            branch_type: pb::BranchType::Msg as i32,
+            application_data: msg.encode(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Adds a message to a transaction in Begin: delivered once it commits, dropped if it rolls
+/// back.
+async fn add_message(
+    State(api): State<Api>,
+    Extension(caller): Extension<Caller>,
+    XidPath(xid): XidPath,
+    body: Bytes,
+) -> Reply {
+    caller.require(Permission::Transact, "add messages")?;
+    let body: MessageBody = json_body(&body, MESSAGE_EXAMPLE)?;
+    let branch_id = api.coordinator.register(body.registration(&xid)).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "xid": xid, "branch_id": branch_id }))).into_response())
+}
+
+/// Sends one message on its own: a transaction holding just it, committed at once (the
+/// message is stored before the answer and delivered on its policy's schedule).
+async fn send_message(State(api): State<Api>, Extension(caller): Extension<Caller>, body: Bytes) -> Reply {
+    caller.require(Permission::Transact, "send messages")?;
+    let body: MessageBody = json_body(&body, MESSAGE_EXAMPLE)?;
+    let coordinator = &api.coordinator;
+    // Checked before anything is stored, so a refused message leaves no transaction.
+    let request = body.registration("");
+    let msg = crate::msg::MsgBranch::decode(&request.application_data).map_err(TcError::invalid)?;
+    if let Some(why) = msg.invalid(&coordinator.caller) {
+        return Err(TcError::invalid(why).into());
+    }
+    coordinator
+        .caller
+        .resolves([msg.target.as_str()])
+        .await
+        .map_err(TcError::invalid)?;
+    let xid = coordinator.begin(0, "message".into()).await?;
+    let registered = coordinator
+        .register(pb::BranchRegisterRequest {
+            xid: xid.clone(),
+            ..request
+        })
+        .await;
+    let branch_id = match registered {
+        Ok(id) => id,
+        Err(e) => {
+            // Nothing of a refused message stays behind.
+            let _ = coordinator.rollback(&xid).await;
+            return Err(e.into());
+        }
+    };
+    coordinator.commit(&xid).await?;
     Ok((StatusCode::CREATED, Json(json!({ "xid": xid, "branch_id": branch_id }))).into_response())
 }
 

@@ -8,10 +8,10 @@
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables), `tcc` (branches the
 //!   coordinator confirms or cancels over HTTP), `saga` (steps whose actions and
-//!   compensations it calls)
+//!   compensations it calls), `msg` (messages it delivers on their policy's schedule)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `sagas` the sagas' forward runs, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
-//!   two APIs, `dtm` DTM's API on the same model, `dtm` DTM's API on the same model, `console` the web console's assets
+//!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets
 //! - `server` start and stop, `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
@@ -30,6 +30,7 @@ pub mod timeline;
 pub mod xid;
 
 pub mod at;
+pub mod msg;
 pub mod saga;
 pub mod tcc;
 

@@ -48,6 +48,8 @@ pub struct Metrics {
     phase2_seconds: [Histogram; 2],
     phase2_retries: [Counter; 2],
     phase2_failures: [Counter; 2],
+    /// Messages delivered, and dead-lettered.
+    messages: [Counter; 2],
 }
 
 impl Metrics {
@@ -87,6 +89,7 @@ impl Metrics {
                 .map(|a| histogram!("ferrata_tc_phase2_seconds", "action" => a.label())),
             phase2_retries: per_action("ferrata_tc_phase2_retries_total"),
             phase2_failures: per_action("ferrata_tc_phase2_failures_total"),
+            messages: ["delivered", "dead_lettered"].map(|r| counter!("ferrata_tc_messages_total", "result" => r)),
         }
     }
 
@@ -124,6 +127,11 @@ impl Metrics {
 
     pub fn phase2_failure(&self, action: Action) {
         self.phase2_failures[action as usize].increment(1);
+    }
+
+    /// A message delivered (`true`) or dead-lettered.
+    pub fn message(&self, delivered: bool) {
+        self.messages[usize::from(!delivered)].increment(1);
     }
 
     /// An operator action done (`result` ok) or refused (its error code). Looked up when

@@ -311,6 +311,9 @@ pub enum BranchMode {
     /// A saga step: an action the coordinator calls forward, a compensation it calls on a
     /// rollback (`saga/`).
     Saga,
+    /// A message the coordinator delivers over HTTP as the branch's commit, on its delivery
+    /// schedule; a rollback drops it (`msg/`).
+    Msg,
 }
 
 impl BranchMode {
@@ -320,6 +323,7 @@ impl BranchMode {
             BranchMode::Xa => "XA",
             BranchMode::Tcc => "TCC",
             BranchMode::Saga => "SAGA",
+            BranchMode::Msg => "MSG",
         }
     }
 
@@ -329,6 +333,7 @@ impl BranchMode {
             BranchMode::Xa => pb::BranchType::Xa,
             BranchMode::Tcc => pb::BranchType::Tcc,
             BranchMode::Saga => pb::BranchType::Saga,
+            BranchMode::Msg => pb::BranchType::Msg,
         }
     }
 
@@ -338,22 +343,24 @@ impl BranchMode {
             pb::BranchType::Xa => BranchMode::Xa,
             pb::BranchType::Tcc => BranchMode::Tcc,
             pb::BranchType::Saga => BranchMode::Saga,
+            pb::BranchType::Msg => BranchMode::Msg,
         }
     }
 
     /// The coordinator calls the branch's service itself, over HTTP: nothing of it goes to a
     /// resource manager (no undo record, no report, no repair).
     pub fn is_http(self) -> bool {
-        matches!(self, BranchMode::Tcc | BranchMode::Saga)
+        matches!(self, BranchMode::Tcc | BranchMode::Saga | BranchMode::Msg)
     }
 
     /// The status a branch of this mode waits for its phase-2 commit in: an AT branch from
     /// its registration (it registers at its local commit), a TCC branch too (registered
-    /// before its try, which the application calls), an XA branch once prepared. A saga step
-    /// has no phase-2 commit: its action was its work.
+    /// before its try, which the application calls), a message from its registration (its
+    /// commit is its delivery), an XA branch once prepared. A saga step has no phase-2
+    /// commit: its action was its work.
     pub fn committable(self) -> Option<BranchStatus> {
         match self {
-            BranchMode::At | BranchMode::Tcc => Some(BranchStatus::Registered),
+            BranchMode::At | BranchMode::Tcc | BranchMode::Msg => Some(BranchStatus::Registered),
             BranchMode::Xa => Some(BranchStatus::Prepared),
             BranchMode::Saga => None,
         }

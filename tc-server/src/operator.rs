@@ -208,7 +208,7 @@ impl Coordinator {
                 writes.push(Mutation::PutBranch(b.clone()));
                 retried.push(b.branch_id);
                 if b.awaits_commit() {
-                    queue.push(pending_commit(b));
+                    queue.push(pending_commit(b, now_ms()));
                 }
             }
             drop(queue);

@@ -492,10 +492,14 @@ impl Coordinator {
         let timeout = self.config.calls.request_timeout();
         for b in &http {
             let call = async {
-                if b.branch_type == pb::BranchType::Saga as i32 {
-                    crate::saga::compensate(&self.caller, timeout, b).await
-                } else {
-                    crate::tcc::phase2(&self.caller, timeout, commit, b).await
+                match pb::BranchType::try_from(b.branch_type) {
+                    Ok(pb::BranchType::Saga) => crate::saga::compensate(&self.caller, timeout, b).await,
+                    Ok(pb::BranchType::Msg) if commit => crate::msg::deliver(&self.caller, timeout, b).await,
+                    // A message rolled back is dropped: nothing to call.
+                    Ok(pb::BranchType::Msg) => {
+                        pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, "")
+                    }
+                    _ => crate::tcc::phase2(&self.caller, timeout, commit, b).await,
                 }
             };
             outcomes.push(tokio::select! {
@@ -531,20 +535,53 @@ impl Coordinator {
         });
         let mut retry = Vec::new();
         for mut p in items {
+            let outcome = answer.as_ref().ok().and_then(|by_id| by_id.get(&p.branch_id));
+            let retry_after = outcome
+                .filter(|o| o.retry_after_ms > 0)
+                .map(|o| Duration::from_millis(o.retry_after_ms));
             let result = match &answer {
-                Ok(by_id) => classify(
-                    p.branch_id,
-                    Ok(by_id.get(&p.branch_id).cloned().into_iter().collect()),
-                    Action::Commit,
-                ),
+                Ok(_) => classify(p.branch_id, Ok(outcome.cloned().into_iter().collect()), Action::Commit),
                 Err(e) => BranchResult::Retryable(BranchError {
                     reason: e.to_string(),
                     detail_json: String::new(),
                 }),
             };
+            // A message is tried again on its policy's schedule, and dead-lettered when the
+            // schedule ends; any other branch until its commit succeeds.
+            let message = p.reference.branch_type == pb::BranchType::Msg as i32;
+            let delay = match &result {
+                BranchResult::Retryable(_) if message => {
+                    let elapsed = Duration::from_millis(now_ms().saturating_sub(p.first_ms));
+                    crate::msg::retry_wait(&p.reference, elapsed, retry_after)
+                }
+                _ => Some(self.config.phase2.backoff(p.attempt)),
+            };
+            let result = match (result, delay) {
+                (BranchResult::Retryable(error), None) => BranchResult::Unretryable(
+                    BranchStatus::CommitFailedUnretryable,
+                    BranchError {
+                        reason: format!(
+                            "dead-lettered: its delivery schedule ended; the last attempt: {}",
+                            error.reason
+                        ),
+                        detail_json: error.detail_json,
+                    },
+                ),
+                (result, _) => result,
+            };
             match result {
-                BranchResult::Done => self.branch_committed(&p),
-                BranchResult::Unretryable(status, error) => self.branch_commit_failed(&p, status, error),
+                BranchResult::Done => {
+                    if message {
+                        self.metrics.message(true);
+                    }
+                    self.branch_committed(&p)
+                }
+                BranchResult::Unretryable(status, error) => {
+                    if message {
+                        self.metrics.message(false);
+                    }
+                    self.branch_commit_failed(&p, status, error)
+                }
                 BranchResult::Retryable(error) => {
                     tracing::warn!(
                         xid = crate::xid::format_xid(p.txn_id),
@@ -553,7 +590,7 @@ impl Coordinator {
                         "branch commit failed; will retry"
                     );
                     self.metrics.phase2_retry(Action::Commit);
-                    let delay = self.config.phase2.backoff(p.attempt);
+                    let delay = delay.unwrap_or_default();
                     p.not_before = Instant::now() + delay;
                     p.attempt += 1;
                     // In the timeline only, stored with the transaction's next write.

@@ -16,7 +16,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "modes",
-            modules: &["at", "saga", "tcc"],
+            modules: &["at", "msg", "saga", "tcc"],
             peers_may_meet: false,
         },
         Layer {

@@ -22,6 +22,8 @@ pub struct Seen {
     /// Header names in lower case; a repeated header, its last value.
     pub headers: BTreeMap<String, String>,
     pub body: String,
+    /// When it arrived.
+    pub at: tokio::time::Instant,
 }
 
 impl Seen {
@@ -31,8 +33,9 @@ impl Seen {
     }
 }
 
-/// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/down/...` 503 until
-/// `healthy` is set, then 200, `/slow/...` 200 once [`release`](Service::release)d and
+/// A service on loopback: `/ok/...` answers 200, `/no/...` 409, `/gone/...` 410,
+/// `/down/...` 503 and `/busy/...` 429 with `Retry-After: 1` until `healthy` is set, then
+/// 200, `/slow/...` 200 once [`release`](Service::release)d and
 /// until then nothing (the caller's timeout ends the call), `/pair/...` 200 once a second
 /// `/pair/` call is in (so two of them answer only if they are made at the same time); every
 /// call is recorded as it arrives.
@@ -71,6 +74,9 @@ impl Service {
             let mut released = release.subscribe();
             async move {
                 use http_body_util::BodyExt;
+                // Read before the call is recorded: a test that sees the call and then makes
+                // the service healthy changes the next answer, not this one.
+                let up = up.load(std::sync::atomic::Ordering::SeqCst);
                 let (parts, body) = request.into_parts();
                 let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
                 let headers = parts
@@ -88,13 +94,18 @@ impl Service {
                     uri: parts.uri.to_string(),
                     headers,
                     body: String::from_utf8_lossy(&body).into_owned(),
+                    at: tokio::time::Instant::now(),
                 });
                 wake.notify_waiters();
                 let path = parts.uri.path();
                 if path.starts_with("/no/") {
                     (StatusCode::CONFLICT, r#"{"dtm_result":"FAILURE"}"#).into_response()
-                } else if path.starts_with("/down/") && !up.load(std::sync::atomic::Ordering::SeqCst) {
+                } else if path.starts_with("/gone/") {
+                    (StatusCode::GONE, "gone").into_response()
+                } else if path.starts_with("/down/") && !up {
                     (StatusCode::SERVICE_UNAVAILABLE, "down").into_response()
+                } else if path.starts_with("/busy/") && !up {
+                    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "busy").into_response()
                 } else {
                     if path.starts_with("/pair/") {
                         pair.wait().await;

@@ -159,14 +159,23 @@ impl Caller {
 
     /// Makes one call and says what its answer means.
     pub async fn call(&self, call: &Call<'_>) -> Outcome {
+        self.call_answered(call).await.0
+    }
+
+    /// Makes one call: what its answer means, and the wait its `Retry-After` header asked
+    /// for (delta-seconds or an HTTP date), if any.
+    pub async fn call_answered(&self, call: &Call<'_>) -> (Outcome, Option<Duration>) {
         match tokio::time::timeout(call.timeout, self.exchange(call)).await {
-            Ok(Ok((status, body))) => outcome::classify(status, &body),
-            Ok(Err(why)) => Outcome::Retry(why),
-            Err(_) => Outcome::Retry(format!("no answer within {} ms", call.timeout.as_millis())),
+            Ok(Ok((status, retry_after, body))) => (outcome::classify(status, &body), retry_after),
+            Ok(Err(why)) => (Outcome::Retry(why), None),
+            Err(_) => (
+                Outcome::Retry(format!("no answer within {} ms", call.timeout.as_millis())),
+                None,
+            ),
         }
     }
 
-    async fn exchange(&self, call: &Call<'_>) -> Result<(u16, Bytes), String> {
+    async fn exchange(&self, call: &Call<'_>) -> Result<(u16, Option<Duration>, Bytes), String> {
         let url = with_query(call.url, &call.query);
         let key = self
             .keys
@@ -196,13 +205,32 @@ impl Caller {
             .await
             .map_err(|e| format!("calling {url}: {}", error_chain(&e)))?;
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry_after);
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| format!("reading the answer of {url} (HTTP {status}): {e}"))?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, retry_after, body))
     }
+}
+
+/// A `Retry-After` value as a wait from now: delta-seconds, or an HTTP date (a date past is
+/// no wait).
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Whether the URL prefix `prefix` covers `url`: the same scheme, host and port, and a path

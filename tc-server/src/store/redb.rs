@@ -60,9 +60,9 @@ pub const FILE_NAME: &str = "ferrata-tc.redb";
 
 /// Version byte in front of every stored record. Version 2 added a branch's mode and
 /// connection id, version 3 its instance id, version 4 saga steps (a branch mode and four
-/// branch statuses, which an older ferrata-tc cannot read; the layout is version 3's);
-/// every other record reads the same in all.
-pub const FORMAT_VERSION: u8 = 4;
+/// branch statuses, which an older ferrata-tc cannot read; the layout is version 3's),
+/// version 5 messages (a branch mode); every other record reads the same in all.
+pub const FORMAT_VERSION: u8 = 5;
 
 /// See module docs; redb's default is 1 GiB.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;

@@ -1,0 +1,247 @@
+//! Messages at the coordinator, against the real binary and a real HTTP service: added to a
+//! transaction and delivered (signed, with DTM's query parameters, after their delay) once
+//! it commits, dropped when it rolls back; sent on their own; retried on their policy's
+//! schedule, honouring Retry-After, dead-lettered when it ends or the receiver answers 410,
+//! and replayed by an operator; delivered after a coordinator restart; bad ones refused.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+use ferrata_rpc::pb::GlobalStatus as G;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Begins a global transaction over HTTP; its XID.
+async fn begin_http(tc: &Tc) -> Result<String> {
+    let r = tc.http().post("/v1/transactions", Some("{}")).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    Ok(r.json()["xid"].as_str().unwrap_or_default().to_owned())
+}
+
+async fn add(tc: &Tc, xid: &str, message: Value) -> Result<Resp> {
+    tc.http()
+        .post(&format!("/v1/transactions/{xid}/messages"), Some(&message.to_string()))
+        .await
+}
+
+/// Sends `message` on its own; its XID.
+async fn send(tc: &Tc, message: Value) -> Result<String> {
+    let r = tc.http().post("/v1/messages", Some(&message.to_string())).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    Ok(r.json()["xid"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The reason of the failed branch of a transaction that waits for an operator.
+async fn failure(tc: &Tc, xid: &str) -> Result<String> {
+    let v = tc.http().get_json(&format!("/v1/transactions/{xid}")).await?;
+    Ok(v["failure"]["reason"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_delivered_when_their_transaction_commits_and_dropped_when_it_rolls_back() -> Result {
+    let s = Service::start().await?;
+    let tc = Tc::with_config(&format!(
+        "{FAST_CONFIG}\n[[calls.endpoints]]\nprefix = \"{}/ok/\"\nsecret = \"{SECRET}\"\n",
+        s.base
+    ))
+    .await?;
+    let c = tc.client().await?;
+
+    let xid = begin_http(&tc).await?;
+    let keyed = json!({"target": format!("{}/ok/credit", s.base), "data": {"order": 42}, "key": "order-42"});
+    let r = add(&tc, &xid, keyed).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    let later = json!({"target": format!("{}/ok/later", s.base), "name": "later", "delay_ms": 300});
+    anyhow::ensure!(add(&tc, &xid, later.clone()).await?.status == 201);
+    // A name is taken once per transaction.
+    let again = add(&tc, &xid, later).await?;
+    again.assert_error(409, "already_exists");
+    anyhow::ensure!(s.calls().is_empty(), "nothing is sent before the commit");
+    let committed = tokio::time::Instant::now();
+    commit(&c, &xid).await?;
+
+    let credit = s.until_called(&format!("/ok/credit?gid={xid}&trans_type=msg&")).await?;
+    anyhow::ensure!(
+        credit.header("webhook-id") == "order-42" && credit.body == r#"{"order":42}"# && credit.method == "POST",
+        "{credit:?}"
+    );
+    anyhow::ensure!(
+        credit.header("webhook-signature").starts_with("v1,"),
+        "signed: {credit:?}"
+    );
+    anyhow::ensure!(credit.uri.ends_with("&op=action"), "{credit:?}");
+    let later = s.until_called(&format!("/ok/later?gid={xid}&")).await?;
+    anyhow::ensure!(later.header("webhook-id") == format!("{xid}.later.action"), "{later:?}");
+    anyhow::ensure!(
+        later.at >= committed + Duration::from_millis(300),
+        "delivered after its delay"
+    );
+    wait_status(&c, &xid, G::Committed).await?;
+    anyhow::ensure!(s.story(&xid, &["op"]).len() == 2, "each once: {:?}", s.calls());
+
+    // Rolled back: dropped, never sent.
+    let xid = begin_http(&tc).await?;
+    add(&tc, &xid, json!({"target": format!("{}/ok/dropped", s.base)})).await?;
+    rollback(&c, &xid).await?;
+    wait_status(&c, &xid, G::Rollbacked).await?;
+
+    // On its own.
+    let alone = send(
+        &tc,
+        json!({"target": format!("{}/ok/alone", s.base), "data": "plain text"}),
+    )
+    .await?;
+    let call = s.until_called(&format!("/ok/alone?gid={alone}&")).await?;
+    anyhow::ensure!(call.body == "plain text", "{call:?}");
+    wait_status(&c, &alone, G::Committed).await?;
+    anyhow::ensure!(
+        s.story(&xid, &["op"]).is_empty(),
+        "the rolled-back message was never sent"
+    );
+    let text = tc.http().get("/metrics").await?.body;
+    anyhow::ensure!(
+        metric(&text, r#"ferrata_tc_messages_total{result="delivered"}"#) == Some(3.0),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_is_retried_on_schedule_then_dead_lettered_and_replayed() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    // Attempts at 0, 100 and 300 ms after the commit, then the schedule has ended.
+    let sent = tokio::time::Instant::now();
+    let xid = send(
+        &tc,
+        json!({"target": format!("{}/down/hook", s.base), "policy": "100ms,200ms"}),
+    )
+    .await?;
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    let attempts: Vec<_> = s
+        .calls()
+        .into_iter()
+        .filter(|c| c.uri.starts_with("/down/hook"))
+        .collect();
+    anyhow::ensure!(attempts.len() == 3, "{attempts:?}");
+    anyhow::ensure!(
+        attempts[1].at >= sent + Duration::from_millis(100) && attempts[2].at >= sent + Duration::from_millis(300),
+        "on schedule: {attempts:?}"
+    );
+    let why = failure(&tc, &xid).await?;
+    anyhow::ensure!(why.contains("dead-lettered") && why.contains("HTTP 503"), "{why}");
+    let text = tc.http().get("/metrics").await?.body;
+    anyhow::ensure!(
+        metric(&text, r#"ferrata_tc_messages_total{result="dead_lettered"}"#) == Some(1.0),
+        "{text}"
+    );
+
+    // An operator replays it once the receiver is back: a new schedule from then on.
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = tc
+        .http()
+        .post(
+            &format!("/v1/transactions/{xid}/retry"),
+            Some(r#"{"reason": "the receiver is back"}"#),
+        )
+        .await?;
+    anyhow::ensure!(r.status == 200, "{r:?}");
+    wait_status(&c, &xid, G::Committed).await?;
+    anyhow::ensure!(s.story(&xid, &["op"]).len() == 4, "{:?}", s.calls());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_ends_delivery_at_once_and_retry_after_is_honoured() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+
+    let gone = send(
+        &tc,
+        json!({"target": format!("{}/gone/hook", s.base), "policy": "100ms,100ms"}),
+    )
+    .await?;
+    wait_status(&c, &gone, G::CommitFailed).await?;
+    anyhow::ensure!(s.story(&gone, &["op"]).len() == 1, "410 is not asked again");
+    anyhow::ensure!(failure(&tc, &gone).await?.contains("410"));
+
+    // 429 with Retry-After: 1 is asked again no sooner than a second later, though the
+    // schedule's next attempt is due after 100 ms.
+    let busy = send(
+        &tc,
+        json!({"target": format!("{}/busy/hook", s.base), "policy": "100ms,5s"}),
+    )
+    .await?;
+    let first = s.until_called(&format!("/busy/hook?gid={busy}&")).await?;
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&c, &busy, G::Committed).await?;
+    let calls: Vec<_> = s
+        .calls()
+        .into_iter()
+        .filter(|c| c.uri.starts_with("/busy/hook"))
+        .collect();
+    anyhow::ensure!(calls.len() == 2, "{calls:?}");
+    anyhow::ensure!(calls[1].at - first.at >= Duration::from_secs(1), "{calls:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_delivered_after_the_coordinator_restarts() -> Result {
+    let mut tc = Tc::with_config(FAST_CONFIG).await?;
+    let s = Service::start().await?;
+    let xid = send(
+        &tc,
+        json!({"target": format!("{}/down/hook", s.base), "policy": "100ms,100ms,100ms,100ms,10s"}),
+    )
+    .await?;
+    s.until_called(&format!("/down/hook?gid={xid}&")).await?;
+    tc.kill9()?;
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    tc.restart().await?;
+    let c = tc.client().await?;
+    wait_status(&c, &xid, G::Committed).await?;
+    let ids: std::collections::BTreeSet<String> = s
+        .calls()
+        .iter()
+        .filter(|c| c.uri.starts_with("/down/hook"))
+        .map(|c| c.header("webhook-id").to_owned())
+        .collect();
+    anyhow::ensure!(ids.len() == 1, "the same message id before and after: {ids:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_refused_and_leave_nothing_behind() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let s = Service::start().await?;
+    let ok = format!("{}/ok/hook", s.base);
+    for (message, says) in [
+        (json!({"target": "ftp://svc/hook"}), "target"),
+        (json!({"target": ok, "policy": "weekly"}), "policy"),
+        (json!({"target": ok, "policy": "8d"}), "7 days"),
+        (json!({"target": "http://nowhere.invalid/hook"}), "does not resolve"),
+        (json!({"target": ok, "delay_ms": 700_000_000u64}), "delay_ms"),
+        (json!({"target": ok, "headers": {"webhook-id": "x"}}), "header"),
+        (json!({"target": ok, "colour": "red"}), "colour"),
+    ] {
+        let r = tc.http().post("/v1/messages", Some(&message.to_string())).await?;
+        let body = r.assert_error(400, "invalid_argument");
+        anyhow::ensure!(
+            body["message"].as_str().unwrap_or("").contains(says),
+            "{message}: {body}"
+        );
+    }
+    let list = tc.http().get_json("/v1/transactions").await?;
+    anyhow::ensure!(list["transactions"] == json!([]), "nothing kept: {list}");
+    anyhow::ensure!(s.calls().is_empty());
+    Ok(())
+}
