@@ -5,7 +5,7 @@
 /// The meaning of one call's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A 2xx answer (whose JSON body, if any, says no other `dtm_result` than SUCCESS).
+    /// A 2xx answer (whose JSON body, if any, has no `dtm_result` but SUCCESS).
     Success,
     /// 409, or `{"dtm_result": "FAILURE"}`: the service refuses, for good.
     Failure(String),
@@ -32,7 +32,9 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
         200..=299 => match dtm_result(body).as_deref() {
             Some("FAILURE") => Outcome::Failure(format!("HTTP {status} with dtm_result FAILURE: {}", shown())),
             Some("ONGOING") => Outcome::Ongoing,
-            _ => Outcome::Success,
+            None | Some("SUCCESS") => Outcome::Success,
+            // A result this protocol does not have is garbage, never a success.
+            Some(other) => Outcome::Retry(format!("HTTP {status} with an unknown dtm_result {other:?}")),
         },
         409 => Outcome::Failure(format!("HTTP 409: {}", shown())),
         425 => Outcome::Ongoing,
@@ -64,6 +66,10 @@ mod tests {
             Outcome::Failure(_)
         ));
         assert_eq!(classify(200, br#"{"dtm_result":"ONGOING"}"#), Outcome::Ongoing);
+        assert!(matches!(
+            classify(200, br#"{"dtm_result":"OK"}"#),
+            Outcome::Retry(m) if m.contains("unknown dtm_result")
+        ));
         assert!(matches!(classify(409, b"no"), Outcome::Failure(m) if m == "HTTP 409: no"));
         assert_eq!(classify(425, b""), Outcome::Ongoing);
         assert!(matches!(classify(410, b""), Outcome::Gone(_)));
