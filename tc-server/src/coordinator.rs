@@ -501,27 +501,20 @@ impl Coordinator {
             begin_ms: now,
             updated_ms: now,
         };
-        let mut timeline = Timeline::default();
-        timeline.record(EventKind::Begun {
-            name: record.name.clone(),
-            timeout_ms,
-        });
-        let (session, _) = self.open_session(record, Vec::new(), timeline, Vec::new());
+        let (session, _) = self.open_session(record, Vec::new());
         tracing::debug!(xid = session.xid, timeout_ms, "begin");
         Ok(session.xid.clone())
     }
 
     /// Makes a new transaction live (in Begin) and starts its timeout (none if `timeout_ms`
-    /// is 0: a saga without timeout_to_fail). With `branches`, it is stored whole first:
-    /// `writes` (and its timeline) are submitted before anyone else can see it, and the
-    /// returned future is their durability.
+    /// is 0: a saga without timeout_to_fail). With `branches` (a saga's steps, prepared
+    /// messages), it is stored whole first: its record, its branches and its timeline are
+    /// submitted before anyone else can see it, and the returned future is their durability.
     #[allow(clippy::type_complexity)]
     pub(crate) fn open_session(
         &self,
         record: GlobalRecord,
         branches: Vec<BranchRecord>,
-        timeline: Timeline,
-        writes: Vec<Mutation>,
     ) -> (
         Arc<Session>,
         Option<impl Future<Output = Result<(), StoreError>> + use<>>,
@@ -529,6 +522,24 @@ impl Coordinator {
         let txn_id = record.txn_id;
         let timeout_ms = record.timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let mut timeline = Timeline::default();
+        timeline.record(EventKind::Begun {
+            name: record.name.clone(),
+            timeout_ms,
+        });
+        let mut writes = Vec::new();
+        if !branches.is_empty() {
+            writes.push(Mutation::PutGlobal(record.clone()));
+            for b in &branches {
+                timeline.record(EventKind::BranchRegistered {
+                    branch_id: b.branch_id,
+                    resource_id: b.resource_id.clone(),
+                    lock_keys: 0,
+                });
+                writes.push(Mutation::PutBranch(b.clone()));
+            }
+            self.metrics.branch_registrations.increment(branches.len() as u64);
+        }
         let session = Arc::new(Session {
             txn_id,
             xid: format_xid(txn_id),

@@ -23,6 +23,7 @@ use crate::calls::branch::Payload;
 use crate::coordinator::{Coordinator, Outcome, TxnView};
 use crate::error::TcError;
 use crate::model::{BranchMode, Failure, GlobalStatus, now_ms};
+use crate::msg::MsgBranch;
 use crate::operator::OperatorRequest;
 use crate::repair::{RepairAction, RowsSeen};
 use crate::xid::format_xid;
@@ -408,6 +409,11 @@ struct BeginBody {
     retry_interval_ms: Option<u64>,
     #[serde(default)]
     retry_limit: Option<u32>,
+    // Prepared messages': the messages, and where to ask past the timeout.
+    #[serde(default)]
+    messages: Vec<MessageBody>,
+    #[serde(default)]
+    query_prepared: String,
 }
 
 #[derive(Deserialize)]
@@ -478,6 +484,20 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
             let saga = api.coordinator.plan_saga(request).await?;
             api.coordinator.submit_saga(saga).await?
         }
+        "msg" => {
+            Coordinator::check_name(&body.name)?;
+            let messages = body
+                .messages
+                .into_iter()
+                .map(|m| MsgBranch {
+                    query_prepared: body.query_prepared.clone(),
+                    ..m.message()
+                })
+                .collect();
+            api.coordinator
+                .prepare_messages(body.name, body.timeout_ms, messages)
+                .await?
+        }
         "at" | "xa" | "tcc" => {
             let saga_only = !body.steps.is_empty()
                 || body.concurrent
@@ -490,11 +510,18 @@ async fn begin(State(api): State<Api>, Extension(caller): Extension<Caller>, bod
                 ))
                 .into());
             }
+            if !body.messages.is_empty() || !body.query_prepared.is_empty() {
+                return Err(TcError::invalid(format!(
+                    "messages and query_prepared belong to prepared messages (\"mode\": \"msg\"), not to mode {mode:?}; \
+                     add a message to a transaction with POST /v1/transactions/{{xid}}/messages"
+                ))
+                .into());
+            }
             api.coordinator.begin(body.timeout_ms, body.name).await?
         }
         other => {
             return Err(TcError::invalid(format!(
-                "mode {other:?} is not one of at, xa, tcc (a transaction branches register into) or saga"
+                "mode {other:?} is not one of at, xa, tcc (a transaction branches register into), saga or msg"
             ))
             .into());
         }
@@ -582,8 +609,8 @@ struct MessageBody {
 const MESSAGE_EXAMPLE: &str = r#"{"target": "https://billing/api/credit", "data": {"order": 42}, "policy": "standard-webhooks", "key": "order-42"}"#;
 
 impl MessageBody {
-    fn registration(self, xid: &str) -> pb::BranchRegisterRequest {
-        let msg = crate::msg::MsgBranch {
+    fn message(self) -> MsgBranch {
+        MsgBranch {
             name: self.name,
             target: self.target,
             payload: Payload {
@@ -595,12 +622,16 @@ impl MessageBody {
             policy: self.policy,
             key: self.key,
             delay_ms: self.delay_ms,
-        };
+            query_prepared: String::new(),
+        }
+    }
+
+    fn registration(self, xid: &str) -> pb::BranchRegisterRequest {
         // Its resource is its target's origin, which the coordinator sets itself.
         pb::BranchRegisterRequest {
             xid: xid.to_owned(),
             branch_type: pb::BranchType::Msg as i32,
-            application_data: msg.encode(),
+            application_data: self.message().encode(),
             ..Default::default()
         }
     }
@@ -628,7 +659,7 @@ async fn send_message(State(api): State<Api>, Extension(caller): Extension<Calle
     let coordinator = &api.coordinator;
     // Checked before anything is stored, so a refused message leaves no transaction.
     let request = body.registration("");
-    let msg = crate::msg::MsgBranch::decode(&request.application_data).map_err(TcError::invalid)?;
+    let msg = MsgBranch::decode(&request.application_data).map_err(TcError::invalid)?;
     if let Some(why) = msg.invalid(&coordinator.caller) {
         return Err(TcError::invalid(why).into());
     }

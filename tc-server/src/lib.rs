@@ -10,7 +10,7 @@
 //!   coordinator confirms or cancels over HTTP), `saga` (steps whose actions and
 //!   compensations it calls), `msg` (messages it delivers on their policy's schedule)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
-//!   the background work, `sagas` the sagas' forward runs, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
+//!   the background work, `sagas` the sagas' forward runs, `messages` prepared messages and their settling, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
 //!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets
 //! - `server` start and stop, `cli` the binary
 
@@ -39,6 +39,7 @@ pub mod coordinator;
 pub mod dtm;
 pub mod grpc;
 pub mod http;
+pub mod messages;
 pub mod operator;
 mod phase2;
 pub mod repair;

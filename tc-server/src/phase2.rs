@@ -167,6 +167,11 @@ impl Coordinator {
             };
             for txn in expired {
                 let Some(session) = self.live(txn) else { continue };
+                // Prepared messages with a check are settled by its answer instead.
+                if let Some(check) = Self::prepared_check(&session) {
+                    self.start_settling(session, check);
+                    continue;
+                }
                 let Ok(durable) = self.decide_rollback(&session, GlobalStatus::TimeoutRollbacking, DecidedBy::Timeout)
                 else {
                     continue;

@@ -24,7 +24,7 @@ use crate::error::TcError;
 use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
 use crate::saga::{self, ActionResult, SagaStep, StepRequest};
 use crate::store::Mutation;
-use crate::timeline::{AttemptResult, DecidedBy, EventKind, Timeline};
+use crate::timeline::{AttemptResult, DecidedBy, EventKind};
 
 /// A saga as asked for.
 #[derive(Clone)]
@@ -117,27 +117,10 @@ impl Coordinator {
                 instance_id: String::new(),
             });
         }
-        let mut timeline = Timeline::default();
-        timeline.record(EventKind::Begun {
-            name: record.name.clone(),
-            timeout_ms: record.timeout_ms,
-        });
-        for b in &branches {
-            timeline.record(EventKind::BranchRegistered {
-                branch_id: b.branch_id,
-                resource_id: b.resource_id.clone(),
-                lock_keys: 0,
-            });
-        }
-        let mut writes = vec![Mutation::PutGlobal(record.clone())];
-        writes.extend(branches.iter().cloned().map(Mutation::PutBranch));
-        let (session, durable) = self.open_session(record, branches, timeline, writes);
+        let (session, durable) = self.open_session(record, branches);
         if let Some(durable) = durable {
             durable.await?;
         }
-        self.metrics
-            .branch_registrations
-            .increment(session.state.lock().branches.len() as u64);
         self.start_saga(&session);
         tracing::debug!(xid = session.xid, "saga submitted");
         Ok(session.xid.clone())

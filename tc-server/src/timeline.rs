@@ -151,6 +151,9 @@ pub enum DecidedBy {
     Operator(String),
     /// A saga's steps: every action succeeded, or one refused (or ran out of retries).
     Saga,
+    /// The answer of a prepared transaction's check (its `query_prepared`), asked once it
+    /// outlived its timeout unsubmitted.
+    Check,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +184,7 @@ impl Event {
                 DecidedBy::Timeout => json!("timeout"),
                 DecidedBy::Operator(_) => json!("operator"),
                 DecidedBy::Saga => json!("saga"),
+                DecidedBy::Check => json!("check"),
             };
             if let DecidedBy::Operator(name) = by {
                 out["actor"] = json!(name);

@@ -25,6 +25,7 @@ fn dependencies_run_downwards() {
                 "coordinator",
                 "phase2",
                 "sagas",
+                "messages",
                 "operator",
                 "repair",
                 "grpc",

@@ -245,3 +245,54 @@ async fn bad_messages_are_refused_and_leave_nothing_behind() -> Result {
     anyhow::ensure!(s.calls().is_empty());
     Ok(())
 }
+
+/// Prepares a transaction of `messages` with `query_prepared` and `timeout_ms`; its XID.
+async fn prepare(tc: &Tc, messages: Value, query_prepared: &str, timeout_ms: u64) -> Result<String> {
+    let body = json!({"mode": "msg", "messages": messages, "query_prepared": query_prepared, "timeout_ms": timeout_ms});
+    let r = tc.http().post("/v1/transactions", Some(&body.to_string())).await?;
+    anyhow::ensure!(r.status == 201, "{r:?}");
+    Ok(r.json()["xid"].as_str().unwrap_or_default().to_owned())
+}
+
+/// 2-phase messages: prepared whole, sent by the commit; one left unsubmitted past its
+/// timeout is settled by its check's answer (yes: sent; no: dropped; no answer: asked again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_messages_go_out_on_commit_or_on_their_check_s_answer() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+    let to = |path: &str| json!([{"target": format!("{}/ok/{path}", s.base), "data": {"n": 1}}]);
+    let check = |path: &str| format!("{}/{path}", s.base);
+
+    let submitted = prepare(&tc, to("a"), &check("ok/qp"), 60_000).await?;
+    anyhow::ensure!(s.calls().is_empty(), "nothing sent while prepared");
+    commit(&c, &submitted).await?;
+    wait_status(&c, &submitted, G::Committed).await?;
+    anyhow::ensure!(s.story(&submitted, &["branch_id", "op"]) == ["/ok/a 01 action"]);
+
+    // Past the timeout: the check is asked (DTM's GET, branch 00, op msg).
+    let yes = prepare(&tc, to("b"), &check("ok/qp"), 200).await?;
+    wait_status(&c, &yes, G::Committed).await?;
+    anyhow::ensure!(
+        s.story(&yes, &["trans_type", "branch_id", "op"]) == ["/ok/qp msg 00 msg", "/ok/b msg 01 action"],
+        "{:?}",
+        s.calls()
+    );
+    let v = tc.http().get_json(&format!("/v1/transactions/{yes}/events")).await?;
+    anyhow::ensure!(v.to_string().contains(r#""by":"check""#), "decided by its check: {v}");
+
+    let no = prepare(&tc, to("c"), &check("no/qp"), 200).await?;
+    wait_status(&c, &no, G::TimeoutRollbacked).await?;
+    anyhow::ensure!(s.story(&no, &["op"]) == ["/no/qp msg"], "dropped: {:?}", s.calls());
+
+    let unsure = prepare(&tc, to("d"), &check("down/qp"), 200).await?;
+    eventually("the check asked again", || async {
+        Ok((s.story(&unsure, &["op"]).len() >= 2).then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(tc.http().get_json(&format!("/v1/transactions/{unsure}")).await?["status"] == "Begin");
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&c, &unsure, G::Committed).await?;
+    anyhow::ensure!(s.story(&unsure, &["op"]).last().map(String::as_str) == Some("/ok/d action"));
+    Ok(())
+}

@@ -7,6 +7,10 @@
 //! ([`policy`]), honouring `Retry-After`. When the schedule ends, or the receiver answers
 //! 410 Gone, the message is dead-lettered: its branch fails for good and the transaction
 //! waits in CommitFailed for an operator, who can replay it (retry).
+//!
+//! A transaction of messages may be prepared first and submitted after the application's
+//! local work committed (2-phase messages); one that outlives its timeout unsubmitted is
+//! settled by asking its `query_prepared` URL instead of being rolled back.
 
 pub mod policy;
 
@@ -45,6 +49,11 @@ pub struct MsgBranch {
     /// How long after the commit its first attempt is made.
     #[serde(default)]
     pub delay_ms: u64,
+    /// Where the coordinator asks whether the transaction's local work committed, when the
+    /// transaction outlives its timeout unsubmitted (DTM's `query_prepared`); empty: it
+    /// rolls back then, like any other.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub query_prepared: String,
 }
 
 impl MsgBranch {
@@ -59,6 +68,11 @@ impl MsgBranch {
         }
         if let Err(why) = caller.allows(&self.target) {
             return Some(format!("target: {why}"));
+        }
+        if !self.query_prepared.is_empty()
+            && let Err(why) = caller.allows(&self.query_prepared)
+        {
+            return Some(format!("query_prepared: {why}"));
         }
         if let Err(why) = Policy::parse(&self.policy) {
             return Some(why);
@@ -119,6 +133,27 @@ pub async fn deliver(caller: &Caller, default_timeout: Duration, b: &pb::BranchR
         retry_after_ms: retry_after.map_or(0, |d| d.as_millis() as u64),
         ..pb::BranchOutcome::of(b.branch_id, status, why)
     }
+}
+
+/// Asks `msg`'s `query_prepared` whether the local work of its transaction `xid` (still in
+/// Begin past its timeout) committed, as DTM does: a GET with `branch_id=00&op=msg`. Success:
+/// committed (the messages go out); a refusal (FAILURE, 409, 410): it never will (they are
+/// dropped); anything else: ask again later.
+pub async fn query_prepared(caller: &Caller, default_timeout: Duration, xid: &str, msg: &MsgBranch) -> Outcome {
+    let payload = Payload {
+        data: String::new(),
+        ..msg.payload.clone()
+    };
+    let ids = payload.named(Ids {
+        xid,
+        trans_type: "msg",
+        name: "00",
+        op: "msg",
+    });
+    let message_id = ids.message_id();
+    caller
+        .call(&payload.call(&msg.query_prepared, ids, &message_id, default_timeout))
+        .await
 }
 
 /// When message `b`, whose first attempt was `elapsed` ago, is tried again after a failed

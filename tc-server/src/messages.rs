@@ -1,0 +1,184 @@
+//! Transactions of messages on the coordinator: prepared whole (stored with their messages
+//! before they are acknowledged, in Begin) and submitted by a commit once the application's
+//! local work committed (2-phase messages); and the settling of one that outlives its timeout
+//! unsubmitted, by asking its `query_prepared` URL instead of rolling it back.
+//!
+//! Invariants:
+//! - A prepared transaction's messages go out only after a commit: the application's
+//!   submit, or its check's answer that the local work committed.
+//! - A check that answers anything but a definite yes or no is asked again, with backoff,
+//!   for as long as the transaction stays in Begin; a restart asks again (its timeout is
+//!   still past).
+
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::calls::Outcome;
+use crate::coordinator::{Coordinator, Session};
+use crate::error::TcError;
+use crate::model::{BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::msg::{self, MsgBranch};
+use crate::timeline::DecidedBy;
+
+impl Coordinator {
+    /// Stores a new transaction named `name` holding `messages` (each named, or named by its
+    /// position: `01`, `02`, ...), in Begin, until its commit sends them; `timeout_ms` 0:
+    /// the coordinator's default. Returns its XID once it is durable.
+    pub async fn prepare_messages(
+        self: &Arc<Self>,
+        name: String,
+        timeout_ms: u64,
+        mut messages: Vec<MsgBranch>,
+    ) -> Result<String, TcError> {
+        self.check_running()?;
+        let timeout_ms = if timeout_ms == 0 {
+            self.config.transactions.default_timeout_ms
+        } else {
+            timeout_ms
+        };
+        self.check_limits(timeout_ms, &name)?;
+        if messages.is_empty() || messages.len() > crate::saga::MAX_STEPS {
+            return Err(TcError::invalid(format!(
+                "a transaction of messages holds 1 to {} messages",
+                crate::saga::MAX_STEPS
+            )));
+        }
+        let mut urls = Vec::new();
+        for (i, m) in messages.iter_mut().enumerate() {
+            if m.name.is_empty() {
+                m.name = format!("{:02}", i + 1);
+            }
+            if let Some(why) = m.invalid(&self.caller) {
+                return Err(TcError::invalid(format!("message {i}: {why}")));
+            }
+            urls.push(m.target.clone());
+            if !m.query_prepared.is_empty() {
+                urls.push(m.query_prepared.clone());
+            }
+        }
+        let mut names: Vec<&str> = messages.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(TcError::invalid(format!("two messages are named {:?}", twice[0])));
+        }
+        self.caller
+            .resolves(urls.iter().map(String::as_str))
+            .await
+            .map_err(TcError::invalid)?;
+        let max = self.config.transactions.max_application_data;
+        let txn_id = self.ids.next().await?;
+        let now = now_ms();
+        let record = GlobalRecord {
+            txn_id,
+            name,
+            status: GlobalStatus::Begin,
+            timeout_ms,
+            begin_ms: now,
+            updated_ms: now,
+        };
+        let mut branches = Vec::with_capacity(messages.len());
+        for m in messages {
+            let application_data = m.encode();
+            if application_data.len() > max {
+                return Err(TcError::invalid(format!(
+                    "message {:?} is {} bytes as stored; at most {max} are allowed",
+                    m.name,
+                    application_data.len()
+                )));
+            }
+            branches.push(BranchRecord {
+                txn_id,
+                branch_id: self.ids.next().await?,
+                resource_id: crate::tcc::origin(&m.target).to_owned(),
+                lock_keys: Vec::new(),
+                application_data,
+                status: BranchStatus::Registered,
+                registered_ms: now,
+                updated_ms: now,
+                error: None,
+                mode: BranchMode::Msg,
+                connection_id: 0,
+                instance_id: String::new(),
+            });
+        }
+        let (session, durable) = self.open_session(record, branches);
+        if let Some(durable) = durable {
+            durable.await?;
+        }
+        tracing::debug!(xid = session.xid, "messages prepared");
+        Ok(session.xid.clone())
+    }
+
+    /// The check of a transaction past its timeout in Begin, if it has one: a message with
+    /// a `query_prepared` URL.
+    pub(crate) fn prepared_check(session: &Session) -> Option<MsgBranch> {
+        let state = session.state.lock();
+        state
+            .branches
+            .iter()
+            .filter(|b| b.mode == BranchMode::Msg)
+            .filter_map(|b| MsgBranch::decode(&b.application_data).ok())
+            .find(|m| !m.query_prepared.is_empty())
+    }
+
+    /// Starts settling a transaction that outlived its timeout unsubmitted, by its check.
+    pub(crate) fn start_settling(self: &Arc<Self>, session: Arc<Session>, check: MsgBranch) {
+        let span = tracing::info_span!("settle", xid = session.xid);
+        self.tasks
+            .spawn(Arc::clone(self).settle(session, check).instrument(span));
+    }
+
+    /// Asks `check`'s `query_prepared` until it says yes (the transaction commits: its
+    /// messages go out) or no (it rolls back: they are dropped), as long as the transaction
+    /// is in Begin.
+    async fn settle(self: Arc<Self>, session: Arc<Session>, check: MsgBranch) {
+        let timeout = self.config.calls.request_timeout();
+        let mut attempt = 0;
+        loop {
+            if session.state.lock().record.status != GlobalStatus::Begin {
+                return;
+            }
+            let answer = tokio::select! {
+                answer = msg::query_prepared(&self.caller, timeout, &session.xid, &check) => answer,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match answer {
+                Outcome::Success => {
+                    tracing::info!("its check says the local work committed; sending its messages");
+                    if let Err(e) = self.commit_now(&session.xid, DecidedBy::Check).await {
+                        tracing::warn!(error = %e, "the commit its check asked for was not stored");
+                    }
+                    return;
+                }
+                Outcome::Failure(why) | Outcome::Gone(why) => {
+                    tracing::info!(
+                        reason = why,
+                        "its check says the local work did not commit; dropping its messages"
+                    );
+                    let Ok(durable) =
+                        self.decide_rollback(&session, GlobalStatus::TimeoutRollbacking, DecidedBy::Check)
+                    else {
+                        return;
+                    };
+                    let stored = match durable {
+                        Some(durable) => durable.await.is_ok(),
+                        None => true,
+                    };
+                    if stored {
+                        self.start_rollback(&session);
+                    }
+                    return;
+                }
+                Outcome::Ongoing | Outcome::Retry(_) => {}
+            }
+            let wait = self.config.phase2.backoff(attempt);
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = session.wake.notified() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
