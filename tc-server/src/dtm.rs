@@ -27,6 +27,7 @@ use crate::coordinator::{Coordinator, TxnView};
 use crate::error::TcError;
 use crate::http::Operator;
 use crate::model::{BranchMode, BranchStatus, GlobalStatus};
+use crate::msg::MsgBranch;
 use crate::saga::{Options, StepRequest};
 use crate::sagas::SagaRequest;
 use crate::tcc::TccBranch;
@@ -224,14 +225,16 @@ fn trans_type_of(body: &Map<String, Value>) -> Result<&'static str, DtmError> {
     match text(body, "trans_type")?.unwrap_or_default() {
         "saga" => Ok("saga"),
         "tcc" => Ok("tcc"),
+        "msg" => Ok("msg"),
         "xa" => Err(DtmError::bad(
             "trans_type xa is not served over the DTM API: put the service's database behind ferrata-proxy and use MODE XA",
         )),
-        "msg" | "workflow" => Err(DtmError::bad(format!(
-            "trans_type {} is not served by this ferrata-tc yet; saga and tcc are",
-            text(body, "trans_type")?.unwrap_or_default()
+        "workflow" => Err(DtmError::bad(
+            "trans_type workflow is not served by this ferrata-tc; saga, tcc and msg are",
+        )),
+        other => Err(DtmError::bad(format!(
+            "unknown trans_type {other:?}: use saga, tcc or msg"
         ))),
-        other => Err(DtmError::bad(format!("unknown trans_type {other:?}: use saga or tcc"))),
     }
 }
 
@@ -311,10 +314,24 @@ async fn prepare(State(f): State<Facade>, Extension(caller): Extension<Caller>, 
     caller.require(Permission::Transact, "begin global transactions")?;
     let body = body_of(&body)?;
     let gid = gid_of(&body)?;
-    if trans_type_of(&body)? != "tcc" {
-        return Err(DtmError::bad("prepare is for tcc; a saga is submitted whole"));
-    }
+    let trans_type = trans_type_of(&body)?;
     unsupported(&body)?;
+    if trans_type == "msg" {
+        let messages = msg_request(&body, &gid)?;
+        let timeout_ms = number(&body, "timeout_to_fail")?.saturating_mul(1000);
+        let coordinator = Arc::clone(&f.coordinator);
+        let (_, existing) = create_once(&f, &gid, "msg", |name| async move {
+            coordinator.prepare_messages(name, timeout_ms, messages).await
+        })
+        .await?;
+        return match existing.map(|v| v.record.status) {
+            None | Some(GlobalStatus::Begin) => success(json!({})),
+            Some(s) => Err(DtmError::refused("msg", s, "prepare")),
+        };
+    }
+    if trans_type != "tcc" {
+        return Err(DtmError::bad("prepare is for tcc and msg; a saga is submitted whole"));
+    }
     if !branch_headers(&body)?.is_empty() || request_timeout_ms(&body)?.is_some() {
         return Err(DtmError::bad(
             "branch_headers and request_timeout of a tcc transaction are not applied by this facade: leave them \
@@ -339,11 +356,21 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
     let gid = gid_of(&body)?;
     let trans_type = trans_type_of(&body)?;
     unsupported(&body)?;
-    if trans_type == "tcc" {
+    if trans_type == "msg" && f.aliases.find(&f.coordinator, &gid).is_none() {
+        // Submitted without a prepare: prepared and committed at once.
+        let messages = msg_request(&body, &gid)?;
+        let timeout_ms = number(&body, "timeout_to_fail")?.saturating_mul(1000);
+        let coordinator = Arc::clone(&f.coordinator);
+        create_once(&f, &gid, "msg", |name| async move {
+            coordinator.prepare_messages(name, timeout_ms, messages).await
+        })
+        .await?;
+    }
+    if trans_type != "saga" {
         let Some((view, existing)) = f.aliases.find(&f.coordinator, &gid) else {
             return Err(DtmError::unknown(&gid));
         };
-        if existing != "tcc" {
+        if existing != trans_type {
             return Err(DtmError::failure(format!("gid {gid:?} is a {existing} transaction")));
         }
         match view.record.status {
@@ -351,9 +378,9 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
                 f.coordinator.commit(&view.xid).await?;
             }
             s if s.is_committing() || matches!(s, GlobalStatus::Committed | GlobalStatus::CommitFailed) => {}
-            s => return Err(DtmError::refused("tcc", s, "submit")),
+            s => return Err(DtmError::refused(trans_type, s, "submit")),
         }
-        return outcome_if_asked(&f, &body, "tcc", &view.xid).await;
+        return outcome_if_asked(&f, &body, trans_type, &view.xid).await;
     }
     // Checked (its URLs looked up) before the creation lock, so a slow name server holds up
     // no other gid; a saga already there is not checked again.
@@ -377,6 +404,43 @@ async fn submit(State(f): State<Facade>, Extension(caller): Extension<Caller>, b
         Some(s) if dtm_status("saga", s) == "failed" => Err(DtmError::refused("saga", s, "submit")),
         _ => outcome_if_asked(&f, &body, "saga", &xid).await,
     }
+}
+
+/// A DTM msg (prepare or submit) as messages: each step's `action` a message named by its
+/// position, delivered with DTM's doubling from `retry_interval` (10 s if unset), after
+/// `custom_data.delay` seconds; `query_prepared` asked past `timeout_to_fail`.
+fn msg_request(body: &Map<String, Value>, gid: &str) -> Result<Vec<MsgBranch>, DtmError> {
+    let delay_ms = match custom_data(body)?.get("delay") {
+        None | Some(Value::Null) => 0,
+        Some(d) => d
+            .as_u64()
+            .ok_or_else(|| DtmError::bad("custom_data.delay must be a whole number of seconds"))?
+            .saturating_mul(1000),
+    };
+    let policy = match number(body, "retry_interval")? {
+        0 => "dtm".to_owned(),
+        s => format!("dtm:{s}s"),
+    };
+    let query_prepared = text(body, "query_prepared")?.unwrap_or_default().to_owned();
+    let mut messages = Vec::new();
+    for (i, (step, payload)) in steps_of(body, gid)?.into_iter().enumerate() {
+        let action = text(&step, "action")?.unwrap_or_default().to_owned();
+        if action.starts_with("topic://") {
+            return Err(DtmError::bad(format!(
+                "step {i}: topics ({action}) are not served by this ferrata-tc: give each message its URL"
+            )));
+        }
+        messages.push(MsgBranch {
+            name: format!("{:02}", i + 1),
+            target: action,
+            payload,
+            policy: policy.clone(),
+            key: String::new(),
+            delay_ms,
+            query_prepared: query_prepared.clone(),
+        });
+    }
+    Ok(messages)
 }
 
 /// A submit's answer: SUCCESS at once, or with DTM's `wait_result` once the first pass ended
@@ -403,8 +467,9 @@ async fn outcome_if_asked(f: &Facade, body: &Map<String, Value>, trans_type: &st
     }
 }
 
-/// A DTM saga submission as a saga request.
-fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, DtmError> {
+/// The `steps` of a saga or msg submission, each with its payload (`payloads`, JSON texts)
+/// and the calls' shared settings (`branch_headers`, `request_timeout`, the gid).
+fn steps_of(body: &Map<String, Value>, gid: &str) -> Result<Vec<(Map<String, Value>, Payload)>, DtmError> {
     let steps: Vec<Map<String, Value>> = match body.get("steps") {
         Some(Value::Array(steps)) => steps
             .iter()
@@ -413,7 +478,7 @@ fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, Dtm
                 other => Err(DtmError::bad(format!("each step must be an object, not {other}"))),
             })
             .collect::<Result<_, _>>()?,
-        _ => return Err(DtmError::bad("steps must be a list of {\"action\", \"compensate\"}")),
+        _ => return Err(DtmError::bad("steps must be a list of {\"action\", ...}")),
     };
     let payloads: Vec<Value> = match body.get("payloads") {
         None | Some(Value::Null) => Vec::new(),
@@ -429,40 +494,58 @@ fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, Dtm
     }
     let headers = branch_headers(body)?;
     let request_timeout_ms = request_timeout_ms(body)?;
-    let mut requests = Vec::with_capacity(steps.len());
-    for (i, step) in steps.iter().enumerate() {
-        let data = match payloads.get(i) {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(DtmError::bad(format!("payload {i} must be a string (the JSON text)"))),
-        };
-        requests.push(StepRequest {
-            action: text(step, "action")?.unwrap_or_default().to_owned(),
-            compensate: text(step, "compensate")?.unwrap_or_default().to_owned(),
-            payload: Payload {
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let data = match payloads.get(i) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return Err(DtmError::bad(format!("payload {i} must be a string (the JSON text)"))),
+            };
+            let payload = Payload {
                 data,
                 headers: headers.clone(),
                 request_timeout_ms,
                 gid: Some(gid.to_owned()),
-            },
+            };
+            Ok((step, payload))
+        })
+        .collect()
+}
+
+/// `custom_data`: a JSON text (Go's SDK) with the saga's orders, the msg's delay.
+fn custom_data(body: &Map<String, Value>) -> Result<Value, DtmError> {
+    match text(body, "custom_data")?.filter(|c| !c.is_empty()) {
+        None => Ok(Value::Null),
+        Some(custom) => {
+            serde_json::from_str(custom).map_err(|e| DtmError::bad(format!("custom_data is not JSON: {e}")))
+        }
+    }
+}
+
+/// A DTM saga submission as a saga request.
+fn saga_request(body: &Map<String, Value>, gid: &str) -> Result<SagaRequest, DtmError> {
+    let mut requests = Vec::new();
+    for (step, payload) in steps_of(body, gid)? {
+        requests.push(StepRequest {
+            action: text(&step, "action")?.unwrap_or_default().to_owned(),
+            compensate: text(&step, "compensate")?.unwrap_or_default().to_owned(),
+            payload,
         });
     }
-    // custom_data: a JSON text {"orders": {"1": [0]}, "concurrent": true} (Go's SDK).
     let mut options = Options {
         concurrent: flag(body, "concurrent")?,
         ..Options::default()
     };
-    if let Some(custom) = text(body, "custom_data")?.filter(|c| !c.is_empty()) {
-        let custom: Value =
-            serde_json::from_str(custom).map_err(|e| DtmError::bad(format!("custom_data is not JSON: {e}")))?;
-        if custom.get("concurrent").and_then(Value::as_bool) == Some(true) {
-            options.concurrent = true;
-        }
-        if let Some(orders) = custom.get("orders").filter(|o| !o.is_null()) {
-            options.orders = serde_json::from_value(orders.clone()).map_err(|_| {
-                DtmError::bad("custom_data.orders must map a step's position to the positions it waits for")
-            })?;
-        }
+    let custom = custom_data(body)?;
+    if custom.get("concurrent").and_then(Value::as_bool) == Some(true) {
+        options.concurrent = true;
+    }
+    if let Some(orders) = custom.get("orders").filter(|o| !o.is_null()) {
+        options.orders = serde_json::from_value(orders.clone()).map_err(|_| {
+            DtmError::bad("custom_data.orders must map a step's position to the positions it waits for")
+        })?;
     }
     options.retry_interval_ms = match number(body, "retry_interval")? {
         0 => None,
@@ -487,18 +570,18 @@ async fn abort(State(f): State<Facade>, Extension(caller): Extension<Caller>, bo
     let Some((view, trans_type)) = f.aliases.find(&f.coordinator, &gid) else {
         return Err(DtmError::unknown(&gid));
     };
-    if trans_type != "tcc" {
-        return Err(DtmError::failure(format!(
-            "trans type '{trans_type}' cannot abort: a saga rolls back when an action fails"
-        )));
+    if trans_type == "saga" {
+        return Err(DtmError::failure(
+            "trans type 'saga' cannot abort: a saga rolls back when an action fails",
+        ));
     }
     match view.record.status {
         GlobalStatus::Begin => {
             f.coordinator.rollback(&view.xid).await?;
             success(json!({}))
         }
-        s if s.is_rolling_back() || dtm_status("tcc", s) == "failed" => success(json!({})),
-        s => Err(DtmError::refused("tcc", s, "abort")),
+        s if s.is_rolling_back() || dtm_status(&trans_type, s) == "failed" => success(json!({})),
+        s => Err(DtmError::refused(&trans_type, s, "abort")),
     }
 }
 
@@ -767,7 +850,15 @@ fn branches_json(v: &TxnView, gid: &str) -> Vec<Value> {
                 }
                 Err(_) => continue,
             },
-            BranchMode::At | BranchMode::Xa | BranchMode::Msg => continue,
+            BranchMode::Msg => match MsgBranch::decode(&b.application_data) {
+                Ok(m) => {
+                    let mut action = row("action", &m.target, "prepared");
+                    action["branch_id"] = json!(m.name);
+                    vec![action]
+                }
+                Err(_) => continue,
+            },
+            BranchMode::At | BranchMode::Xa => continue,
         };
         out.append(&mut pair);
     }

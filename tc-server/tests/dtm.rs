@@ -1,6 +1,7 @@
 //! The DTM-compatible API (`/api/dtmsvr/`): DTM's own Python SDK, `dtmcli` from PyPI (in the
 //! virtualenv `scripts/setup-debian.sh` makes), runs a saga, a saga whose second action
-//! refuses, a TCC transaction that confirms and one that cancels against the real binary,
+//! refuses, a TCC transaction that confirms and one that cancels, and 2-phase messages
+//! (submitted, DoAndSubmit, aborted, left prepared) against the real binary,
 //! calling a real HTTP service; and the facade's answers to requests DTM's clients make
 //! (idempotent submits, unknown gids, malformed bodies, states that refuse). The SDK runs with
 //! an application token in its server URL.
@@ -47,7 +48,7 @@ fn set_of(calls: &[&str]) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dtms_python_sdk_runs_sagas_and_tcc_unchanged() -> Result {
+async fn dtms_python_sdk_runs_sagas_tcc_and_messages_unchanged() -> Result {
     let (program, python) = dtmcli()?;
     let tc = Tc::start(TcOptions {
         token: Some("root-Secret-dtm".into()),
@@ -119,6 +120,27 @@ async fn dtms_python_sdk_runs_sagas_and_tcc_unchanged() -> Result {
         "/ok/cancel-in cancel",
     ]);
     assert_eq!(cancelled, want);
+
+    // 2-phase messages: submitted at once, through DoAndSubmit, aborted by a refusing local
+    // step, and settled by query_prepared once their application left them prepared.
+    for name in ["msg", "msg_done", "msg_orphan"] {
+        until_status(&tc, &gid(name), "succeed").await?;
+        let calls: BTreeSet<String> = calls_for(&s, &gid(name))
+            .into_iter()
+            .filter(|c| c.ends_with("action"))
+            .collect();
+        assert_eq!(calls, set_of(&["/ok/msg-out action", "/ok/msg-in action"]), "{name}");
+    }
+    assert_eq!(
+        calls_for(&s, &gid("msg_orphan")).first().map(String::as_str),
+        Some("/ok/query-prepared msg"),
+        "asked before it was sent"
+    );
+    until_status(&tc, &gid("msg_aborted"), "failed").await?;
+    assert!(
+        calls_for(&s, &gid("msg_aborted")).is_empty(),
+        "an aborted message is never sent"
+    );
 
     // The facade's transactions are the coordinator's: listed with their gids.
     let all = tc.http().get_json("/api/dtmsvr/all?transType=saga").await?;
@@ -236,7 +258,13 @@ async fn the_facade_answers_as_dtm_clients_expect() -> Result {
             json!({"gid": "x", "trans_type": "saga", "steps": [{"action": "ftp://a"}]}),
             "action",
         ),
-        ("submit", json!({"gid": "x", "trans_type": "msg"}), "msg"),
+        ("submit", json!({"gid": "x", "trans_type": "workflow"}), "workflow"),
+        ("submit", json!({"gid": "x", "trans_type": "msg"}), "steps"),
+        (
+            "prepare",
+            json!({"gid": "x", "trans_type": "msg", "steps": [{"action": "topic://orders"}]}),
+            "topics",
+        ),
         ("prepare", json!({"gid": "x", "trans_type": "xa"}), "MODE XA"),
         (
             "submit",

@@ -1,5 +1,5 @@
 """DTM's Python SDK (dtmcli, from PyPI, unchanged) against ferrata-tc: the programs of its
-README, pointed at Ferrata's URL. Prints the gids it used as JSON; tests/dtm.rs checks what
+README (sagas, TCC, 2-phase messages), pointed at Ferrata's URL. Prints the gids it used as JSON; tests/dtm.rs checks what
 became of them and which calls the service got.
 
 usage: acceptance.py <dtm url, .../api/dtmsvr> <service base url>
@@ -8,7 +8,7 @@ usage: acceptance.py <dtm url, .../api/dtmsvr> <service base url>
 import json
 import sys
 
-from dtmcli import saga, tcc, utils
+from dtmcli import msg, saga, tcc, utils
 
 dtm, svc = sys.argv[1], sys.argv[2]
 out = {}
@@ -43,5 +43,46 @@ out["tcc"] = gid
 gid, answered = tcc_transfer("/no/try-in")
 assert answered == "", (gid, answered)
 out["tcc_cancelled"] = gid
+
+
+
+def transfer_msg(gid):
+    m = msg.Msg(dtm, gid)
+    m.add({"amount": 30}, svc + "/ok/msg-out")
+    m.add({"amount": 30}, svc + "/ok/msg-in")
+    return m
+
+
+# A 2-phase message submitted at once.
+gid = utils.gen_gid(dtm)
+transfer_msg(gid).submit()
+out["msg"] = gid
+
+# DoAndSubmit: prepared, the local work done, submitted; and one whose local work fails
+# for good, aborted.
+gid = utils.gen_gid(dtm)
+transfer_msg(gid).do_and_submit(svc + "/ok/query-prepared", lambda barrier: None)
+out["msg_done"] = gid
+
+
+def refuse(barrier):
+    raise utils.DTMFailureError("insufficient funds")
+
+
+gid = utils.gen_gid(dtm)
+try:
+    transfer_msg(gid).do_and_submit(svc + "/ok/query-prepared", refuse)
+    raise AssertionError("the refusal was not raised")
+except utils.DTMFailureError:
+    pass
+out["msg_aborted"] = gid
+
+# Prepared, and the application gone before its submit: after timeout_to_fail the
+# coordinator asks query_prepared, which says the local work committed.
+gid = utils.gen_gid(dtm)
+m = transfer_msg(gid)
+m.trans_base.timeout_to_fail = 1
+m.prepare(svc + "/ok/query-prepared")
+out["msg_orphan"] = gid
 
 print(json.dumps(out))

@@ -1,8 +1,8 @@
 //! Delivery policies: when a message whose delivery failed is tried again, and when its
 //! schedule ends (the message is then dead-lettered for an operator).
 //!
-//! A policy is named (`wechat`, `alipay`, `standard-webhooks`, `dtm`) or an explicit list of
-//! waits (`15s,1m,10m`). Its attempts are counted from the first one: after a failure `e`
+//! A policy is named (`wechat`, `alipay`, `standard-webhooks`, `dtm`, `dtm:<first wait>`) or
+//! an explicit list of waits (`15s,1m,10m`). Its attempts are counted from the first one: after a failure `e`
 //! after the first attempt, the next is the schedule's first attempt time after `e` (so a
 //! coordinator restarted meanwhile keeps the schedule), at least as late as the receiver's
 //! `Retry-After`, plus up to a tenth of the wait as jitter. Once the next attempt would fall
@@ -91,11 +91,17 @@ impl Policy {
                 24 * HOUR,
             ]),
             // DTM's: 10 s doubling (DTM never stops; this stops after 3 days).
-            "dtm" => Schedule::Doubling {
-                first: 10 * SECOND,
-                max_wait: HOUR,
-                window: 72 * HOUR,
-            },
+            "dtm" => return Ok(Policy::doubling(10 * SECOND)),
+            // DTM's with its `retry_interval`: doubling from it.
+            dtm if dtm.starts_with("dtm:") => {
+                let first = parse_duration(&dtm[4..]).map_err(|why| format!("policy {dtm:?}: {why}"))?;
+                if first.is_zero() || first > HOUR {
+                    return Err(format!(
+                        "policy {dtm:?}: the first wait must be above 0 and at most an hour"
+                    ));
+                }
+                return Ok(Policy::doubling(first));
+            }
             list => {
                 let parsed = list
                     .split(',')
@@ -126,7 +132,7 @@ impl Policy {
     }
 
     /// Doubling waits from `first` (DTM's `retry_interval`), at most an hour each, for 3 days.
-    pub fn doubling(first: Duration) -> Policy {
+    fn doubling(first: Duration) -> Policy {
         Policy {
             schedule: Schedule::Doubling {
                 first,
@@ -242,7 +248,12 @@ mod tests {
 
     #[test]
     fn doubling_waits_stop_at_their_window() {
-        let p = Policy::doubling(secs(10));
+        let p = Policy::parse("dtm").unwrap();
+        assert_eq!(Policy::parse("dtm:10s").unwrap(), p);
+        assert_eq!(
+            Policy::parse("dtm:2s").unwrap().next_wait(secs(0), None, 0.0),
+            Some(secs(2))
+        );
         assert_eq!(p.next_wait(secs(0), None, 0.0), Some(secs(10)));
         assert_eq!(p.next_wait(secs(10), None, 0.0), Some(secs(20)));
         assert_eq!(p.next_wait(secs(30), None, 0.0), Some(secs(40)));
@@ -258,6 +269,7 @@ mod tests {
             ("0s", "above 0"),
             ("8d", "at most 7 days"),
             ("7d,7d,7d,7d,7d", "30 days"),
+            ("dtm:2h", "at most an hour"),
         ] {
             let e = Policy::parse(spec).unwrap_err();
             assert!(e.contains(says), "{spec}: {e}");
