@@ -467,9 +467,12 @@ async fn outcome_if_asked(f: &Facade, body: &Map<String, Value>, trans_type: &st
     }
 }
 
+/// A step of a saga or msg submission (its JSON object), with what its calls carry.
+type Step = (Map<String, Value>, Payload);
+
 /// The `steps` of a saga or msg submission, each with its payload (`payloads`, JSON texts)
 /// and the calls' shared settings (`branch_headers`, `request_timeout`, the gid).
-fn steps_of(body: &Map<String, Value>, gid: &str) -> Result<Vec<(Map<String, Value>, Payload)>, DtmError> {
+fn steps_of(body: &Map<String, Value>, gid: &str) -> Result<Vec<Step>, DtmError> {
     let steps: Vec<Map<String, Value>> = match body.get("steps") {
         Some(Value::Array(steps)) => steps
             .iter()
