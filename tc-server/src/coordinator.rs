@@ -652,7 +652,7 @@ impl Coordinator {
                     return Err(TcError::invalid(why));
                 }
                 // Its commits batch by the service it calls, never with a database's.
-                let origin = crate::tcc::origin(&branch.confirm).to_owned();
+                let origin = crate::calls::origin(&branch.confirm).to_owned();
                 (Some((branch.name, vec![branch.confirm, branch.cancel])), origin)
             }
             BranchMode::Msg => {
@@ -660,7 +660,7 @@ impl Coordinator {
                 if let Some(why) = msg.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
-                let origin = crate::tcc::origin(&msg.target).to_owned();
+                let origin = crate::calls::origin(&msg.target).to_owned();
                 (Some((msg.name, vec![msg.target])), origin)
             }
             _ => (None, resource_id),

@@ -76,6 +76,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .merge(v1)
         .merge(dtm)
         .route("/v1/session", post(login))
+        // Receivers may hold no token: the handler authenticates them itself.
+        .route("/v1/notifications/{xid}/{name}", get(notification))
         .merge(crate::console::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -685,6 +687,48 @@ async fn send_message(State(api): State<Api>, Extension(caller): Extension<Calle
     };
     coordinator.commit(&xid).await?;
     Ok((StatusCode::CREATED, Json(json!({ "xid": xid, "branch_id": branch_id }))).into_response())
+}
+
+/// A message's receiver asks where it stands (one it may have missed): with a token that
+/// may read, or with no token, signing its question as the coordinator signs deliveries
+/// (`webhook-id` `<xid>.<name>.query`, `webhook-timestamp` within five minutes, and
+/// `webhook-signature` by the secret of the endpoint the message goes to).
+async fn notification(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    axum::extract::Path((xid, name)): axum::extract::Path<(String, String)>,
+) -> Reply {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let signed = header("webhook-signature");
+    if signed.is_none() || headers.contains_key("authorization") {
+        caller_of(&api, &headers, &method, &uri)?.require(Permission::Read, "read messages")?;
+    }
+    let n = api.coordinator.notification(&xid, &name)?;
+    if let Some(signature) = signed.filter(|_| !headers.contains_key("authorization")) {
+        let id = format!("{xid}.{name}.query");
+        let timestamp = header("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
+        let given_id = header("webhook-id").unwrap_or_default();
+        let now = now_ms() / 1000;
+        if given_id != id
+            || !api
+                .coordinator
+                .caller
+                .verifies(&n.signers, &id, timestamp, signature, now)
+        {
+            return Err(TcError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the signature does not hold: sign \"{id}.<webhook-timestamp>.\" (an empty body) with the \
+                     secret of the endpoint the message goes to, send it as webhook-signature with webhook-id {id} \
+                     and a webhook-timestamp within five minutes; or send a token"
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(Json(json!({ "xid": xid, "name": name, "status": n.status, "reason": n.reason })).into_response())
 }
 
 /// What a handler answers: its response, or an error as JSON.

@@ -90,7 +90,7 @@ impl Coordinator {
             branches.push(BranchRecord {
                 txn_id,
                 branch_id: self.ids.next().await?,
-                resource_id: crate::tcc::origin(&m.target).to_owned(),
+                resource_id: crate::calls::origin(&m.target).to_owned(),
                 lock_keys: Vec::new(),
                 application_data,
                 status: BranchStatus::Registered,
@@ -180,5 +180,68 @@ impl Coordinator {
                 _ = self.shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// Where one message stands, for its receiver (`GET /v1/notifications/{xid}/{name}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// `prepared` (its transaction is not decided), `pending` (being delivered), `delivered`,
+    /// `dead_lettered` (waiting for an operator), or `dropped` (its transaction rolled back).
+    pub status: &'static str,
+    /// Why it is dead-lettered.
+    pub reason: Option<String>,
+    /// The URLs whose endpoints' secrets may sign its receiver's question: its target while
+    /// it is pending, else the origins of its transaction's HTTP branches.
+    pub signers: Vec<String>,
+}
+
+impl Coordinator {
+    /// Where message `name` of transaction `xid` stands. While it waits for delivery (or an
+    /// operator) it is found by its name; once delivered or dropped, its transaction's
+    /// outcome tells (committed: delivered), as the transaction keeps no message it is done
+    /// with.
+    pub fn notification(&self, xid: &str, name: &str) -> Result<Notification, TcError> {
+        let view = self.get(xid)?;
+        let (_, events) = self.events(xid)?;
+        let origins: Vec<String> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                crate::timeline::EventKind::BranchRegistered { resource_id, .. } if resource_id.contains("://") => {
+                    Some(resource_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        let message = view
+            .branches
+            .iter()
+            .filter(|b| b.mode == BranchMode::Msg)
+            .filter_map(|b| MsgBranch::decode(&b.application_data).ok().map(|m| (b, m)))
+            .find(|(_, m)| m.name == name);
+        let status = view.record.status;
+        let committed = matches!(
+            status,
+            GlobalStatus::Committing
+                | GlobalStatus::AsyncCommitting
+                | GlobalStatus::Committed
+                | GlobalStatus::CommitFailed
+        );
+        let (status, reason, signers) = match message {
+            _ if status == GlobalStatus::Begin => ("prepared", None, origins),
+            Some((b, m)) if b.status == BranchStatus::CommitFailedUnretryable => (
+                "dead_lettered",
+                b.error.as_ref().map(|e| e.reason.clone()),
+                vec![m.target],
+            ),
+            Some((_, m)) if committed => ("pending", None, vec![m.target]),
+            _ if committed => ("delivered", None, origins),
+            _ => ("dropped", None, origins),
+        };
+        Ok(Notification {
+            status,
+            reason,
+            signers,
+        })
     }
 }

@@ -105,7 +105,7 @@ impl Coordinator {
             branches.push(BranchRecord {
                 txn_id,
                 branch_id: self.ids.next().await?,
-                resource_id: crate::tcc::origin(&step.action).to_owned(),
+                resource_id: crate::calls::origin(&step.action).to_owned(),
                 lock_keys: Vec::new(),
                 application_data,
                 status: BranchStatus::ActionWaiting,

@@ -2,7 +2,8 @@
 //! transaction and delivered (signed, with DTM's query parameters, after their delay) once
 //! it commits, dropped when it rolls back; sent on their own; retried on their policy's
 //! schedule, honouring Retry-After, dead-lettered when it ends or the receiver answers 410,
-//! and replayed by an operator; delivered after a coordinator restart; bad ones refused.
+//! and replayed by an operator; delivered after a coordinator restart; bad ones refused;
+//! 2-phase messages settled by their check; a receiver asking where a message stands.
 
 mod support;
 
@@ -294,5 +295,114 @@ async fn prepared_messages_go_out_on_commit_or_on_their_check_s_answer() -> Resu
     s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
     wait_status(&c, &unsure, G::Committed).await?;
     anyhow::ensure!(s.story(&unsure, &["op"]).last().map(String::as_str) == Some("/ok/d action"));
+    Ok(())
+}
+
+/// A receiver asks where a message stands, with no token, signing its question with its
+/// endpoint's secret (or with a token): prepared, pending, dead-lettered, delivered, dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_asks_where_its_message_stands() -> Result {
+    let s = Service::start().await?;
+    let tc = Tc::start(TcOptions {
+        token: Some("root-secret-for-the-messages-test".into()),
+        ..TcOptions::config(&format!(
+            "{FAST_CONFIG}\n[[calls.endpoints]]\nprefix = \"{}\"\nsecret = \"{SECRET}\"\n",
+            s.base
+        ))
+    })
+    .await?;
+    let c = tc.client().await?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    // The receiver's question, signed with `secret` at `at`.
+    let ask = |xid: &str, name: &str, secret: &str, at: u64| {
+        let id = format!("{xid}.{name}.query");
+        let key = ferrata_tc::calls::signature::key(secret);
+        let signed = ferrata_tc::calls::signature::headers(&id, at, Some(&key), b"");
+        let http = tc.http().with_token(None).with_headers(&signed);
+        let path = format!("/v1/notifications/{xid}/{name}");
+        async move { http.get(&path).await }
+    };
+    let status = |xid: String, name: &'static str| {
+        let ask = &ask;
+        async move {
+            let r = ask(&xid, name, SECRET, now()).await?;
+            anyhow::ensure!(r.status == 200, "{r:?}");
+            Ok::<_, anyhow::Error>(r.json()["status"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+
+    // 01 is dead-lettered within 200 ms; 02 keeps being retried for an hour.
+    let body = json!({"mode": "msg", "timeout_ms": 60_000, "messages": [
+        {"target": format!("{}/down/hook", s.base), "policy": "100ms,100ms"},
+        {"target": format!("{}/down/later", s.base), "policy": "1h"},
+    ]});
+    let r = tc.http().post("/v1/transactions", Some(&body.to_string())).await?;
+    let xid = r.json()["xid"].as_str().unwrap_or_default().to_owned();
+    anyhow::ensure!(status(xid.clone(), "01").await? == "prepared");
+    commit(&c, &xid).await?;
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    anyhow::ensure!(status(xid.clone(), "02").await? == "pending");
+    let r = ask(&xid, "01", SECRET, now()).await?;
+    anyhow::ensure!(
+        r.json()["status"] == "dead_lettered" && r.json()["reason"].as_str().is_some_and(|w| w.contains("503")),
+        "{r:?}"
+    );
+    // Refused: another secret, a stale timestamp, another message's id, no signature.
+    for r in [
+        ask(&xid, "01", "whsec_b3RoZXIgc2VjcmV0", now()).await?,
+        ask(&xid, "01", SECRET, now() - 600).await?,
+    ] {
+        r.assert_error(401, "unauthenticated");
+    }
+    let other = tc
+        .http()
+        .with_token(None)
+        .with_headers(&[
+            ("webhook-id", format!("{xid}.02.query")),
+            ("webhook-timestamp", now().to_string()),
+            ("webhook-signature", "v1,AAAA".into()),
+        ])
+        .get(&format!("/v1/notifications/{xid}/01"))
+        .await?;
+    other.assert_error(401, "unauthenticated");
+    let bare = tc
+        .http()
+        .with_token(None)
+        .get(&format!("/v1/notifications/{xid}/01"))
+        .await?;
+    bare.assert_error(401, "unauthenticated");
+    // With a token that may read.
+    let r = tc.http().get(&format!("/v1/notifications/{xid}/01")).await?;
+    anyhow::ensure!(r.status == 200 && r.json()["status"] == "dead_lettered", "{r:?}");
+
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = tc
+        .http()
+        .post(&format!("/v1/transactions/{xid}/retry"), Some(r#"{"reason": "back"}"#))
+        .await?;
+    anyhow::ensure!(r.status == 200, "{r:?}");
+    // The replayed message goes out; the other keeps its schedule.
+    eventually("01 delivered", || async {
+        Ok((status(xid.clone(), "01").await? == "delivered").then_some(()))
+    })
+    .await?;
+    anyhow::ensure!(status(xid.clone(), "02").await? == "pending");
+
+    let dropped = begin_http(&tc).await?;
+    add(
+        &tc,
+        &dropped,
+        json!({"target": format!("{}/ok/hook", s.base), "name": "n"}),
+    )
+    .await?;
+    rollback(&c, &dropped).await?;
+    wait_status(&c, &dropped, G::Rollbacked).await?;
+    anyhow::ensure!(status(dropped.clone(), "n").await? == "dropped");
+    let r = tc.http().get("/v1/notifications/9-999/01").await?;
+    r.assert_error(404, "global_not_found");
     Ok(())
 }

@@ -157,6 +157,20 @@ impl Caller {
         })
     }
 
+    /// Whether `signature` (a `webhook-signature` header) signs `<message_id>.<timestamp>.`
+    /// with the secret of an endpoint that signs calls to one of `urls` (a message's target,
+    /// or its origin), and `timestamp` is within five minutes of `now_secs`: how a receiver
+    /// that holds no token authenticates its questions about what it was sent.
+    pub fn verifies(&self, urls: &[String], message_id: &str, timestamp: u64, signature: &str, now_secs: u64) -> bool {
+        if timestamp.abs_diff(now_secs) > 300 {
+            return false;
+        }
+        self.keys
+            .iter()
+            .filter(|(prefix, _)| urls.iter().any(|u| covers(prefix, u) || covers(u, prefix)))
+            .any(|(_, key)| signature::verify(key, message_id, timestamp, b"", signature))
+    }
+
     /// Makes one call and says what its answer means.
     pub async fn call(&self, call: &Call<'_>) -> Outcome {
         self.call_answered(call).await.0
@@ -231,6 +245,13 @@ fn retry_after(value: &str) -> Option<Duration> {
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// The scheme and authority of `url` (`http://svc:8080`): an HTTP branch's resource, by which
+/// its commits are batched and lists show it.
+pub fn origin(url: &str) -> &str {
+    let rest = url.find("://").map_or(0, |i| i + 3);
+    url[rest..].find('/').map_or(url, |i| &url[..rest + i])
 }
 
 /// Whether the URL prefix `prefix` covers `url`: the same scheme, host and port, and a path
@@ -354,6 +375,8 @@ mod tests {
 
     #[test]
     fn a_prefix_covers_whole_origins_and_path_segments() {
+        assert_eq!(origin("http://svc:8080/api/confirm?x=1"), "http://svc:8080");
+        assert_eq!(origin("https://svc"), "https://svc");
         assert!(covers("https://pay.example", "https://pay.example/confirm"));
         assert!(covers(
             "https://pay.example/api/",

@@ -33,14 +33,29 @@ pub fn key(secret: &str) -> Vec<u8> {
         .unwrap_or_else(|| secret.as_bytes().to_vec())
 }
 
-fn sign(key: &[u8], message_id: &str, timestamp: u64, body: &[u8]) -> String {
+fn mac(key: &[u8], message_id: &str, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(message_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    STANDARD.encode(mac.finalize().into_bytes())
+    mac
+}
+
+fn sign(key: &[u8], message_id: &str, timestamp: u64, body: &[u8]) -> String {
+    STANDARD.encode(mac(key, message_id, timestamp, body).finalize().into_bytes())
+}
+
+/// Whether a `webhook-signature` header (space-separated `v1,<base64>` signatures, as key
+/// rotation sends them) holds a signature of `<id>.<timestamp>.<body>` by `key`; compared in
+/// constant time.
+pub fn verify(key: &[u8], message_id: &str, timestamp: u64, body: &[u8], header: &str) -> bool {
+    header.split_ascii_whitespace().any(|sig| {
+        sig.strip_prefix("v1,")
+            .and_then(|b| STANDARD.decode(b).ok())
+            .is_some_and(|given| mac(key, message_id, timestamp, body).verify_slice(&given).is_ok())
+    })
 }
 
 #[cfg(test)]
@@ -61,5 +76,23 @@ mod tests {
             )
         );
         assert_eq!(headers("m", 1, None, body).len(), 2, "no secret, no signature");
+        let signed = &h[2].1;
+        assert!(verify(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, signed));
+        assert!(verify(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            &format!("v1,AAAA {signed}")
+        ));
+        assert!(!verify(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265331, body, signed));
+        assert!(!verify(
+            b"other",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            signed
+        ));
+        assert!(!verify(&key, "m", 1, body, "v1,not base64 at all"));
     }
 }

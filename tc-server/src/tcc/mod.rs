@@ -55,13 +55,6 @@ impl TccBranch {
     }
 }
 
-/// The scheme and authority of `url` (`http://svc:8080`): an HTTP branch's resource, by which
-/// its commits are batched and lists show it.
-pub fn origin(url: &str) -> &str {
-    let rest = url.find("://").map_or(0, |i| i + 3);
-    url[rest..].find('/').map_or(url, |i| &url[..rest + i])
-}
-
 /// Phase 2 of one TCC branch: its confirm (`commit`) or cancel, once, as a resource manager
 /// would answer it.
 pub async fn phase2(caller: &Caller, default_timeout: Duration, commit: bool, b: &pb::BranchRef) -> pb::BranchOutcome {
@@ -135,7 +128,5 @@ mod tests {
             branch().invalid(&fenced).is_some(),
             "confirm is http://svc, not under https://svc/"
         );
-        assert_eq!(origin("http://svc:8080/api/confirm?x=1"), "http://svc:8080");
-        assert_eq!(origin("https://svc"), "https://svc");
     }
 }

@@ -337,6 +337,7 @@ impl Tc {
             addr: self.http,
             token: self.opts.token.clone(),
             tls_ca: self.opts.tls.as_ref().map(|c| c.cert.clone()),
+            headers: Vec::new(),
         }
     }
 }
@@ -1014,6 +1015,8 @@ pub struct Http {
     pub token: Option<String>,
     /// CA to verify the coordinator's certificate with; TLS is used when set.
     pub tls_ca: Option<PathBuf>,
+    /// More headers every request carries.
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -1049,6 +1052,14 @@ impl Http {
         }
     }
 
+    /// This client, with `headers` on every request.
+    pub fn with_headers(&self, headers: &[(&str, String)]) -> Http {
+        Http {
+            headers: headers.iter().map(|(n, v)| (n.to_string(), v.clone())).collect(),
+            ..self.clone()
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Result<Resp> {
         self.request("GET", path, None).await
     }
@@ -1071,6 +1082,9 @@ impl Http {
         );
         if let Some(token) = &self.token {
             head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
         }
         let body = body.unwrap_or("");
         if !body.is_empty() {
