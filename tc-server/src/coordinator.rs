@@ -660,6 +660,11 @@ impl Coordinator {
                 if let Some(why) = msg.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
+                if !msg.query_prepared.is_empty() {
+                    return Err(TcError::invalid(
+                        "query_prepared belongs to prepared messages, stored whole (POST /v1/transactions with \"mode\": \"msg\"); a message added to a transaction goes with its decision",
+                    ));
+                }
                 let origin = crate::calls::origin(&msg.target).to_owned();
                 (Some((msg.name, vec![msg.target])), origin)
             }
@@ -675,6 +680,11 @@ impl Coordinator {
         let keys = LockKey::from_pb(&resource_id, &locks).map_err(TcError::invalid)?;
         let tables = Table::of_keys(&keys);
         let session = self.session_for(xid, "register a branch")?;
+        if Self::prepared_check(&session).is_some() {
+            return Err(TcError::invalid(format!(
+                "{xid} holds prepared messages that its query_prepared settles: nothing else joins it"
+            )));
+        }
         let begin_only = |state: &SessionState| begin_only(state, xid, "register a branch");
         // Looked up only for a transaction that could take the branch.
         if let Some((_, urls)) = &called {

@@ -705,18 +705,19 @@ async fn notification(
     if signed.is_none() || headers.contains_key("authorization") {
         caller_of(&api, &headers, &method, &uri)?.require(Permission::Read, "read messages")?;
     }
-    let n = api.coordinator.notification(&xid, &name)?;
+    let found = api.coordinator.notification(&xid, &name);
     if let Some(signature) = signed.filter(|_| !headers.contains_key("authorization")) {
         let id = format!("{xid}.{name}.query");
         let timestamp = header("webhook-timestamp").and_then(|t| t.parse().ok()).unwrap_or(0);
         let given_id = header("webhook-id").unwrap_or_default();
         let now = now_ms() / 1000;
-        if given_id != id
-            || !api
-                .coordinator
+        // An unknown transaction is answered like a bad signature: nothing is learnt of it.
+        let holds = found.as_ref().is_ok_and(|n| {
+            api.coordinator
                 .caller
                 .verifies(&n.signers, &id, timestamp, signature, now)
-        {
+        });
+        if given_id != id || !holds {
             return Err(TcError::new(
                 ErrorCode::Unauthenticated,
                 format!(
@@ -728,6 +729,7 @@ async fn notification(
             .into());
         }
     }
+    let n = found?;
     Ok(Json(json!({ "xid": xid, "name": name, "status": n.status, "reason": n.reason })).into_response())
 }
 

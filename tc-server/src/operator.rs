@@ -195,18 +195,20 @@ impl Coordinator {
             let mut queue = self.commit_queue.lock();
             for b in &mut state.branches {
                 let again = match b.status {
-                    BranchStatus::RollbackFailedUnretryable => BranchStatus::RollbackFailedRetryable,
-                    BranchStatus::CommitFailedUnretryable => match b.mode.committable() {
-                        Some(status) => status,
-                        None => continue,
-                    },
-                    _ => continue,
+                    BranchStatus::RollbackFailedUnretryable => Some(BranchStatus::RollbackFailedRetryable),
+                    BranchStatus::CommitFailedUnretryable => b.mode.committable(),
+                    _ => None,
                 };
-                b.status = again;
-                b.error = None;
-                b.updated_ms = now_ms();
-                writes.push(Mutation::PutBranch(b.clone()));
-                retried.push(b.branch_id);
+                if let Some(again) = again {
+                    b.status = again;
+                    b.error = None;
+                    b.updated_ms = now_ms();
+                    writes.push(Mutation::PutBranch(b.clone()));
+                    retried.push(b.branch_id);
+                }
+                // A CommitFailed transaction has nothing else queued (it fails once nothing
+                // else awaits its commit): every branch still stored as awaiting it goes,
+                // those a restart found committed but stored (a commit is idempotent) too.
                 if b.awaits_commit() {
                     queue.push(pending_commit(b, now_ms()));
                 }

@@ -419,6 +419,8 @@ impl Coordinator {
             // Taken out of the queue first: a session's lock is never taken under the
             // queue's (retry takes them the other way round).
             let queued = std::mem::take(&mut *self.commit_queue.lock());
+            // A transaction an operator resolved meanwhile is gone: its commits with it.
+            let queued: Vec<PendingCommit> = queued.into_iter().filter(|p| self.live(p.txn_id).is_some()).collect();
             let paused = |p: &PendingCommit| self.live(p.txn_id).is_some_and(|s| s.state.lock().paused);
             // A paused transaction's commits wait in the queue, due as they were: resuming
             // wakes this loop, which looks again.
@@ -635,11 +637,32 @@ impl Coordinator {
             state.record(done);
         }
         state.branches.retain(|b| b.branch_id != p.branch_id);
-        let pending = state.branches.iter().any(BranchRecord::awaits_commit);
         // Until the whole transaction is deleted its committed branches stay in the store
         // (one write per transaction instead of one per branch): after a crash they are sent
-        // again, and a branch commit is idempotent (it deletes undo records).
+        // again, and a branch commit is idempotent (it deletes undo records). A delivered
+        // message is deleted at once: it is not delivered again after a crash.
+        if p.reference.branch_type == pb::BranchType::Msg as i32 {
+            let writes = state.with_events(vec![Mutation::DeleteBranch {
+                txn_id: p.txn_id,
+                branch_id: p.branch_id,
+            }]);
+            self.journal.submit_detached(writes);
+        }
+        let pending = state.branches.iter().any(BranchRecord::awaits_commit);
         if pending || state.record.status != GlobalStatus::AsyncCommitting {
+            return;
+        }
+        // The last commit done: a branch that failed meanwhile leaves the transaction to an
+        // operator.
+        if state
+            .branches
+            .iter()
+            .any(|b| b.status == BranchStatus::CommitFailedUnretryable)
+        {
+            self.set_status(&mut state, GlobalStatus::CommitFailed);
+            let record = state.record.clone();
+            let writes = state.with_events(vec![Mutation::PutGlobal(record)]);
+            self.journal.submit_detached(writes);
             return;
         }
         self.set_status(&mut state, GlobalStatus::Committed);
@@ -672,13 +695,20 @@ impl Coordinator {
         else {
             return;
         };
+        // The transaction fails once nothing else awaits its commit (the other branches,
+        // messages among them, go on meanwhile).
+        let others = session
+            .state
+            .lock()
+            .branches
+            .iter()
+            .any(|x| x.branch_id != b.branch_id && x.awaits_commit());
+        let ending = if others {
+            Ending::Failed(|status| status)
+        } else {
+            Ending::Failed(|_| GlobalStatus::CommitFailed)
+        };
         // Submitted; durability is not awaited: nobody waits for this answer.
-        drop(self.mark_failed(
-            &session,
-            &b,
-            status,
-            error,
-            Ending::Failed(|_| GlobalStatus::CommitFailed),
-        ));
+        drop(self.mark_failed(&session, &b, status, error, ending));
     }
 }

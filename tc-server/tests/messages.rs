@@ -204,19 +204,118 @@ async fn a_message_is_delivered_after_the_coordinator_restarts() -> Result {
         json!({"target": format!("{}/down/hook", s.base), "policy": "100ms,100ms,100ms,100ms,10s"}),
     )
     .await?;
+    // Delivered before the crash: 02 of a transaction whose 01 keeps failing.
+    let delivered = begin_http(&tc).await?;
+    add(
+        &tc,
+        &delivered,
+        json!({"target": format!("{}/down/first", s.base), "name": "01", "policy": "100ms,10s"}),
+    )
+    .await?;
+    add(
+        &tc,
+        &delivered,
+        json!({"target": format!("{}/ok/once", s.base), "name": "02"}),
+    )
+    .await?;
+    commit(&tc.client().await?, &delivered).await?;
     s.until_called(&format!("/down/hook?gid={xid}&")).await?;
+    // 02's delivery is recorded once it leaves the transaction; a later durable write (a
+    // message sent) makes that record durable too (the journal keeps its order).
+    eventually("02 recorded as delivered", || async {
+        let v = tc.http().get_json(&format!("/v1/transactions/{delivered}")).await?;
+        Ok((v["branches"].as_array().map(Vec::len) == Some(1)).then_some(()))
+    })
+    .await?;
+    send(&tc, json!({"target": format!("{}/ok/marker", s.base)})).await?;
     tc.kill9()?;
     s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
     tc.restart().await?;
     let c = tc.client().await?;
     wait_status(&c, &xid, G::Committed).await?;
-    let ids: std::collections::BTreeSet<String> = s
-        .calls()
-        .iter()
-        .filter(|c| c.uri.starts_with("/down/hook"))
-        .map(|c| c.header("webhook-id").to_owned())
-        .collect();
-    anyhow::ensure!(ids.len() == 1, "the same message id before and after: {ids:?}");
+    wait_status(&c, &delivered, G::Committed).await?;
+    anyhow::ensure!(
+        s.story(&delivered, &["op"])
+            .iter()
+            .filter(|c| c.starts_with("/ok/once"))
+            .count()
+            == 1,
+        "a message delivered before the crash is not delivered again: {:?}",
+        s.calls()
+    );
+    Ok(())
+}
+
+/// A dead letter waits for the transaction's other messages before the transaction is left
+/// to an operator; a coordinator restarted while it waits, then an operator's retry, sends
+/// what was left and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_waits_for_the_other_messages_and_survives_a_restart() -> Result {
+    let mut tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let s = Service::start().await?;
+    let xid = begin_http(&tc).await?;
+    add(
+        &tc,
+        &xid,
+        json!({"target": format!("{}/gone/a", s.base), "name": "gone"}),
+    )
+    .await?;
+    add(
+        &tc,
+        &xid,
+        json!({"target": format!("{}/busy/b", s.base), "name": "busy", "policy": "100ms,10s"}),
+    )
+    .await?;
+    commit(&c, &xid).await?;
+    s.until_called(&format!("/gone/a?gid={xid}&")).await?;
+    s.until_called(&format!("/busy/b?gid={xid}&")).await?;
+    // 410 answered, the other message waits for its Retry-After: not yet CommitFailed.
+    eventually("the dead letter recorded", || async {
+        let v = tc.http().get_json(&format!("/v1/transactions/{xid}")).await?;
+        Ok(v["failure"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("410"))
+            .then_some(v))
+    })
+    .await?;
+    anyhow::ensure!(
+        status_of(&status(&c, &xid).await?) == G::AsyncCommitting,
+        "its other message is still being delivered"
+    );
+    s.healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    anyhow::ensure!(
+        s.story(&xid, &["op"])
+            .iter()
+            .filter(|c| c.starts_with("/busy/b"))
+            .count()
+            == 2
+    );
+
+    // Restarted while it waits for an operator; the retry sends the dead letter again and
+    // nothing that was delivered.
+    tc.kill9()?;
+    tc.restart().await?;
+    let c = tc.client().await?;
+    let r = tc
+        .http()
+        .post(
+            &format!("/v1/transactions/{xid}/retry"),
+            Some(r#"{"reason": "try again"}"#),
+        )
+        .await?;
+    anyhow::ensure!(r.status == 200, "{r:?}");
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    let story = s.story(&xid, &["op"]);
+    anyhow::ensure!(
+        story.iter().filter(|c| c.starts_with("/gone/a")).count() == 2,
+        "{story:?}"
+    );
+    anyhow::ensure!(
+        story.iter().filter(|c| c.starts_with("/busy/b")).count() == 2,
+        "{story:?}"
+    );
     Ok(())
 }
 
@@ -233,6 +332,7 @@ async fn bad_messages_are_refused_and_leave_nothing_behind() -> Result {
         (json!({"target": ok, "delay_ms": 700_000_000u64}), "delay_ms"),
         (json!({"target": ok, "headers": {"webhook-id": "x"}}), "header"),
         (json!({"target": ok, "colour": "red"}), "colour"),
+        (json!({"target": ok, "name": "a\nb"}), "control characters"),
     ] {
         let r = tc.http().post("/v1/messages", Some(&message.to_string())).await?;
         let body = r.assert_error(400, "invalid_argument");
@@ -267,6 +367,13 @@ async fn prepared_messages_go_out_on_commit_or_on_their_check_s_answer() -> Resu
 
     let submitted = prepare(&tc, to("a"), &check("ok/qp"), 60_000).await?;
     anyhow::ensure!(s.calls().is_empty(), "nothing sent while prepared");
+    // Its check settles it alone: nothing joins it.
+    let join = add(&tc, &submitted, json!({"target": format!("{}/ok/late", s.base)})).await?;
+    let body = join.assert_error(400, "invalid_argument");
+    anyhow::ensure!(
+        body["message"].as_str().unwrap_or("").contains("nothing else joins"),
+        "{body}"
+    );
     commit(&c, &submitted).await?;
     wait_status(&c, &submitted, G::Committed).await?;
     anyhow::ensure!(s.story(&submitted, &["branch_id", "op"]) == ["/ok/a 01 action"]);
@@ -335,17 +442,23 @@ async fn a_receiver_asks_where_its_message_stands() -> Result {
         }
     };
 
-    // 01 is dead-lettered within 200 ms; 02 keeps being retried for an hour.
+    // 01 is dead-lettered within 200 ms; 02's receiver holds its delivery until released.
     let body = json!({"mode": "msg", "timeout_ms": 60_000, "messages": [
         {"target": format!("{}/down/hook", s.base), "policy": "100ms,100ms"},
-        {"target": format!("{}/down/later", s.base), "policy": "1h"},
+        {"target": format!("{}/slow/later", s.base), "request_timeout_ms": 60_000},
     ]});
     let r = tc.http().post("/v1/transactions", Some(&body.to_string())).await?;
     let xid = r.json()["xid"].as_str().unwrap_or_default().to_owned();
     anyhow::ensure!(status(xid.clone(), "01").await? == "prepared");
     commit(&c, &xid).await?;
-    wait_status(&c, &xid, G::CommitFailed).await?;
+    eventually("01 dead-lettered", || async {
+        Ok((status(xid.clone(), "01").await? == "dead_lettered").then_some(()))
+    })
+    .await?;
     anyhow::ensure!(status(xid.clone(), "02").await? == "pending");
+    s.release();
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    anyhow::ensure!(status(xid.clone(), "02").await? == "delivered");
     let r = ask(&xid, "01", SECRET, now()).await?;
     anyhow::ensure!(
         r.json()["status"] == "dead_lettered" && r.json()["reason"].as_str().is_some_and(|w| w.contains("503")),
@@ -358,17 +471,24 @@ async fn a_receiver_asks_where_its_message_stands() -> Result {
     ] {
         r.assert_error(401, "unauthenticated");
     }
+    // A question well signed for message 02 is not one about 01.
+    let for_02 = ferrata_tc::calls::signature::headers(
+        &format!("{xid}.02.query"),
+        now(),
+        Some(&ferrata_tc::calls::signature::key(SECRET)),
+        b"",
+    );
     let other = tc
         .http()
         .with_token(None)
-        .with_headers(&[
-            ("webhook-id", format!("{xid}.02.query")),
-            ("webhook-timestamp", now().to_string()),
-            ("webhook-signature", "v1,AAAA".into()),
-        ])
+        .with_headers(&for_02)
         .get(&format!("/v1/notifications/{xid}/01"))
         .await?;
     other.assert_error(401, "unauthenticated");
+    // An unknown transaction is answered as a bad signature.
+    ask("9-999", "01", SECRET, now())
+        .await?
+        .assert_error(401, "unauthenticated");
     let bare = tc
         .http()
         .with_token(None)
@@ -385,12 +505,8 @@ async fn a_receiver_asks_where_its_message_stands() -> Result {
         .post(&format!("/v1/transactions/{xid}/retry"), Some(r#"{"reason": "back"}"#))
         .await?;
     anyhow::ensure!(r.status == 200, "{r:?}");
-    // The replayed message goes out; the other keeps its schedule.
-    eventually("01 delivered", || async {
-        Ok((status(xid.clone(), "01").await? == "delivered").then_some(()))
-    })
-    .await?;
-    anyhow::ensure!(status(xid.clone(), "02").await? == "pending");
+    wait_status(&c, &xid, G::Committed).await?;
+    anyhow::ensure!(status(xid.clone(), "01").await? == "delivered");
 
     let dropped = begin_http(&tc).await?;
     add(

@@ -5,7 +5,7 @@
 /// The meaning of one call's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A 2xx answer (whose JSON body, if any, has no `dtm_result` but SUCCESS).
+    /// A 2xx answer (whose JSON body, if any, has no `dtm_result` FAILURE or ONGOING).
     Success,
     /// 409, or `{"dtm_result": "FAILURE"}`: the service refuses, for good.
     Failure(String),
@@ -32,9 +32,8 @@ pub fn classify(status: u16, body: &[u8]) -> Outcome {
         200..=299 => match dtm_result(body).as_deref() {
             Some("FAILURE") => Outcome::Failure(format!("HTTP {status} with dtm_result FAILURE: {}", shown())),
             Some("ONGOING") => Outcome::Ongoing,
-            None | Some("SUCCESS") => Outcome::Success,
-            // A result this protocol does not have is garbage, never a success.
-            Some(other) => Outcome::Retry(format!("HTTP {status} with an unknown dtm_result {other:?}")),
+            // Any other 2xx is success, as DTM reads it.
+            _ => Outcome::Success,
         },
         409 => Outcome::Failure(format!("HTTP 409: {}", shown())),
         425 => Outcome::Ongoing,
@@ -66,10 +65,7 @@ mod tests {
             Outcome::Failure(_)
         ));
         assert_eq!(classify(200, br#"{"dtm_result":"ONGOING"}"#), Outcome::Ongoing);
-        assert!(matches!(
-            classify(200, br#"{"dtm_result":"OK"}"#),
-            Outcome::Retry(m) if m.contains("unknown dtm_result")
-        ));
+        assert_eq!(classify(200, br#"{"dtm_result":"success"}"#), Outcome::Success);
         assert!(matches!(classify(409, b"no"), Outcome::Failure(m) if m == "HTTP 409: no"));
         assert_eq!(classify(425, b""), Outcome::Ongoing);
         assert!(matches!(classify(410, b""), Outcome::Gone(_)));

@@ -63,8 +63,8 @@ impl MsgBranch {
         if self.name.chars().count() > MAX_NAME || self.key.chars().count() > MAX_NAME {
             return Some(format!("a message's name and key have at most {MAX_NAME} characters"));
         }
-        if self.key.chars().any(char::is_control) {
-            return Some("a message's key has no control characters".into());
+        if self.key.chars().chain(self.name.chars()).any(char::is_control) {
+            return Some("a message's name and key have no control characters".into());
         }
         if let Err(why) = caller.allows(&self.target) {
             return Some(format!("target: {why}"));
@@ -130,7 +130,7 @@ pub async fn deliver(caller: &Caller, default_timeout: Duration, b: &pb::BranchR
         Outcome::Ongoing => (again, format!("{target} answered ONGOING")),
     };
     pb::BranchOutcome {
-        retry_after_ms: retry_after.map_or(0, |d| d.as_millis() as u64),
+        retry_after_ms: retry_after.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         ..pb::BranchOutcome::of(b.branch_id, status, why)
     }
 }

@@ -95,9 +95,9 @@ impl Policy {
             // DTM's with its `retry_interval`: doubling from it.
             dtm if dtm.starts_with("dtm:") => {
                 let first = parse_duration(&dtm[4..]).map_err(|why| format!("policy {dtm:?}: {why}"))?;
-                if first.is_zero() || first > HOUR {
+                if first.is_zero() || first > 24 * HOUR {
                     return Err(format!(
-                        "policy {dtm:?}: the first wait must be above 0 and at most an hour"
+                        "policy {dtm:?}: the first wait must be above 0 and at most a day"
                     ));
                 }
                 return Ok(Policy::doubling(first));
@@ -131,7 +131,8 @@ impl Policy {
         Ok(Policy { schedule })
     }
 
-    /// Doubling waits from `first` (DTM's `retry_interval`), at most an hour each, for 3 days.
+    /// Doubling waits from `first` (DTM's `retry_interval`), at most an hour (or `first`)
+    /// each, for 3 days.
     fn doubling(first: Duration) -> Policy {
         Policy {
             schedule: Schedule::Doubling {
@@ -147,12 +148,13 @@ impl Policy {
     /// that share of a tenth of the wait.
     pub fn next_wait(&self, elapsed: Duration, retry_after: Option<Duration>, jitter: f64) -> Option<Duration> {
         let (due, end) = self.next_due(elapsed)?;
-        let due = retry_after.map_or(due, |r| due.max(elapsed + r));
-        if due > end {
-            return None;
-        }
+        // A Retry-After past the window still gets the window's last attempt.
+        let due = retry_after.map_or(due, |r| due.max(elapsed.saturating_add(r)).min(end));
+        // Jitter never skips the attempt after this one, nor passes the window's end.
+        let latest = self.next_due(due).map_or(end, |(next, _)| next).min(end);
         let wait = due - elapsed;
-        Some(wait + wait.mul_f64(jitter.clamp(0.0, 1.0) / 10.0))
+        let jittered = due + wait.mul_f64(jitter.clamp(0.0, 1.0) / 10.0);
+        Some(jittered.min(latest).max(due) - elapsed)
     }
 
     /// The first attempt time after `elapsed`, and the last the schedule allows.
@@ -241,8 +243,26 @@ mod tests {
         assert_eq!(p.next_wait(secs(0), Some(secs(2)), 0.0), Some(secs(10)));
         assert_eq!(
             p.next_wait(secs(20), Some(secs(20)), 0.0),
+            Some(secs(10)),
+            "past the window: its last attempt"
+        );
+        assert_eq!(
+            p.next_wait(secs(30), Some(secs(1)), 0.0),
             None,
-            "past the last attempt"
+            "the last attempt failed"
+        );
+        assert_eq!(p.next_wait(secs(0), Some(Duration::MAX), 0.0), Some(secs(30)));
+    }
+
+    #[test]
+    fn jitter_never_skips_an_attempt_nor_passes_the_window() {
+        let p = Policy::parse("1h,1m").unwrap();
+        // Due at 60 m, the next at 61 m: a tenth of an hour of jitter stops at 61 m.
+        assert_eq!(p.next_wait(secs(0), None, 1.0), Some(secs(3660)));
+        assert_eq!(
+            p.next_wait(secs(3600), None, 1.0),
+            Some(secs(60)),
+            "the last: no later than the end"
         );
     }
 
@@ -269,7 +289,7 @@ mod tests {
             ("0s", "above 0"),
             ("8d", "at most 7 days"),
             ("7d,7d,7d,7d,7d", "30 days"),
-            ("dtm:2h", "at most an hour"),
+            ("dtm:2d", "at most a day"),
         ] {
             let e = Policy::parse(spec).unwrap_err();
             assert!(e.contains(says), "{spec}: {e}");
