@@ -1,7 +1,8 @@
 //! `BEGIN BRANCH`, the barrier of TCC and saga handlers through the proxy, against a real
 //! MariaDB server: a try or action runs once, a repeat is skipped, a compensation whose try
 //! never ran does nothing and keeps the late try out, and the barrier's rows commit or roll
-//! back with the handler's own work, in DTM's table layout.
+//! back with the handler's own work, in DTM's table layout; and the same rows settle prepared
+//! messages a proxy is asked to check.
 
 use anyhow::{Result, ensure};
 use ferrata_tests::{Setup, server_error};
@@ -160,5 +161,94 @@ async fn a_barrier_is_refused_where_it_cannot_open_the_handler_s_transaction() -
     // Outside those, the connection is as before.
     let one: Option<i64> = c.query_first("SELECT 1").await?;
     ensure!(one == Some(1));
+    Ok(())
+}
+
+/// Prepared messages (the outbox's, 2-phase) left past their timeout by an application that
+/// went away are settled by a proxy in front of their database, from their barrier row: its
+/// local transaction committed (sent), rolled back or never came (dropped, and a late one
+/// fails on the row the check left), or is still open (the check waits for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_messages_are_settled_by_their_barrier_row() -> Result<()> {
+    use ferrata_rpc::pb;
+    use ferrata_tests::coordinator::Coordinator;
+    use ferrata_tests::ferrata_testkit::{MariaDb, service::Service};
+    use ferrata_tests::process::ProxyProcess;
+
+    let tc = Coordinator::start_with(
+        env!("CARGO_BIN_EXE_ferrata-tc-for-tests"),
+        "[transactions]\ntimeout_check_interval_ms = 20\n[phase2]\nretry_initial_ms = 20\nretry_max_ms = 200\n",
+    )?;
+    let db = MariaDb::start().await?;
+    let proxy = ProxyProcess::start_with(
+        env!("CARGO_BIN_EXE_ferrata-proxy-for-tests"),
+        db.addr(),
+        &tc.endpoint(),
+        "",
+        "",
+    )?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
+    let service = Service::start().await?;
+    // The barrier table, as the outbox (or DTM's SDK) makes it.
+    let mut c = proxy.conn().await?;
+    ensure!(begin_branch(&mut c, "setup", "01", "try").await? == "run");
+    c.query_drop("ROLLBACK").await?;
+
+    let mut client = tc.client().await?;
+    let mut prepare = async |path: &str| -> Result<String> {
+        let request = pb::MessagesPrepareRequest {
+            timeout_ms: 300,
+            resource_id: format!("{}/test", db.addr()),
+            messages: vec![pb::Message {
+                target: format!("{}/ok/{path}", service.base),
+                data: r#"{"n": 1}"#.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Ok(client.tm.messages_prepare(request).await?.into_inner().xid)
+    };
+    let barrier_row = |xid: &str| {
+        format!(
+            "INSERT INTO dtm_barrier.barrier (trans_type, gid, branch_id, op, barrier_id, reason) \
+             VALUES ('msg', '{xid}', '00', 'msg', '01', 'msg')"
+        )
+    };
+    let until_status = async |xid: &str, want: &str| {
+        ferrata_tests::until(&format!("{xid} {want}"), async || Ok(tc.status(xid).await? == want)).await
+    };
+
+    // Committed with its barrier row: sent.
+    let committed = prepare("committed").await?;
+    let mut app = db.conn().await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop(barrier_row(&committed)).await?;
+    app.query_drop("COMMIT").await?;
+    until_status(&committed, "Committed").await?;
+    ensure!(service.story(&committed, &["op"]) == ["/ok/committed action"]);
+
+    // Never committed: dropped, and its late commit fails on the check's row.
+    let gone = prepare("gone").await?;
+    until_status(&gone, "TimeoutRollbacked").await?;
+    let late = app.query_drop(barrier_row(&gone)).await;
+    ensure!(
+        late.as_ref()
+            .err()
+            .and_then(|e| server_error(e).ok())
+            .map(|(code, _, _)| code)
+            == Some(1062),
+        "{late:?}"
+    );
+    ensure!(service.story(&gone, &["op"]).is_empty());
+
+    // Still open when the check comes: it waits, then follows the commit.
+    let open = prepare("open").await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop(barrier_row(&open)).await?;
+    ferrata_tests::a_lock_wait(&db).await?;
+    ensure!(tc.status(&open).await? == "Begin");
+    app.query_drop("COMMIT").await?;
+    until_status(&open, "Committed").await?;
+    ensure!(service.story(&open, &["op"]) == ["/ok/open action"]);
     Ok(())
 }

@@ -30,6 +30,7 @@ pub struct Modes {
     pub modes: Vec<Arc<dyn Mode>>,
     global: Option<Arc<Global>>,
     branch_modes: Option<(Arc<At>, Arc<Xa>)>,
+    barrier: Arc<Barrier>,
     xa_sweep_interval: std::time::Duration,
 }
 
@@ -52,12 +53,14 @@ impl Modes {
             modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
             branch_modes = Some((at_mode, xa_mode));
         }
-        modes.push(Arc::new(Barrier::new(&config.barrier)));
+        let barrier = Arc::new(Barrier::new(&config.barrier));
+        modes.push(barrier.clone());
         modes.push(Arc::new(Binding { global: global.clone() }));
         Modes {
             modes,
             global,
             branch_modes,
+            barrier,
             xa_sweep_interval: std::time::Duration::from_millis(config.service.xa_sweep_interval_ms),
         }
     }
@@ -67,7 +70,8 @@ impl Modes {
     /// retention are swept meanwhile, and so are prepared XA branches nobody holds.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
         if let (Some(global), Some((at, xa))) = (&self.global, &self.branch_modes) {
-            global.start(rm_id, phase2_handler(Arc::clone(at), Arc::clone(xa)), stop.clone());
+            let handler = phase2_handler(Arc::clone(at), Arc::clone(xa), Arc::clone(&self.barrier));
+            global.start(rm_id, handler, stop.clone());
             tokio::spawn(undo_table::sweep_markers(
                 Arc::clone(global),
                 Arc::clone(&xa.undo_logs),
@@ -87,12 +91,25 @@ impl Modes {
     }
 }
 
-/// The Attach stream's phase-2 commands, each branch to the mode it was registered in.
-fn phase2_handler(at: Arc<At>, xa: Arc<Xa>) -> ferrata_rpc::client::CommandHandler {
-    let at_handler = at::phase2::handler(at);
+/// The Attach stream's phase-2 commands, each branch to the mode it was registered in; the
+/// check of prepared messages to the barriers.
+fn phase2_handler(at: Arc<At>, xa: Arc<Xa>, barrier: Arc<Barrier>) -> ferrata_rpc::client::CommandHandler {
+    let at_handler = at::phase2::handler(Arc::clone(&at));
     Arc::new(move |mut command: pb::BranchCommand| {
-        let (at_handler, xa) = (Arc::clone(&at_handler), Arc::clone(&xa));
+        let (at_handler, xa, barrier, global) = (
+            Arc::clone(&at_handler),
+            Arc::clone(&xa),
+            Arc::clone(&barrier),
+            Arc::clone(&at.global),
+        );
         Box::pin(async move {
+            if command.action == pb::Phase2Action::CheckPrepared as i32 {
+                let mut out = Vec::new();
+                for b in &command.branches {
+                    out.push(crate::barrier::check::check_prepared(&global, &barrier, b).await);
+                }
+                return out;
+            }
             let (xa_branches, at_branches): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
                 .into_iter()
                 .partition(|b| b.branch_type == pb::BranchType::Xa as i32);

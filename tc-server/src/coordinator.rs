@@ -660,7 +660,7 @@ impl Coordinator {
                 if let Some(why) = msg.invalid(&self.caller) {
                     return Err(TcError::invalid(why));
                 }
-                if !msg.query_prepared.is_empty() {
+                if msg.has_check() {
                     return Err(TcError::invalid(
                         "query_prepared belongs to prepared messages, stored whole (POST /v1/transactions with \"mode\": \"msg\"); a message added to a transaction goes with its decision",
                     ));

@@ -438,6 +438,7 @@ fn msg_request(body: &Map<String, Value>, gid: &str) -> Result<Vec<MsgBranch>, D
             key: String::new(),
             delay_ms,
             query_prepared: query_prepared.clone(),
+            check_resource: String::new(),
         });
     }
     Ok(messages)

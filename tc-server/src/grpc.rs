@@ -17,9 +17,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Permission;
+use crate::calls::branch::Payload;
 use crate::coordinator::{Coordinator, Outcome};
 use crate::error::TcError;
 use crate::model::BranchStatus;
+use crate::msg::MsgBranch;
 use crate::xid::format_xid;
 
 fn outcome_pb(o: Outcome) -> pb::GlobalOutcome {
@@ -107,6 +109,39 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
     async fn global_status(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
         let o = self.0.status(&request.into_inner().xid).map_err(status)?;
         Ok(Response::new(outcome_pb(o)))
+    }
+
+    async fn messages_prepare(
+        &self,
+        request: Request<pb::MessagesPrepareRequest>,
+    ) -> Result<Response<pb::GlobalBeginResponse>, Status> {
+        let r = request.into_inner();
+        let messages = r
+            .messages
+            .into_iter()
+            .map(|m| MsgBranch {
+                name: m.name,
+                target: m.target,
+                payload: Payload {
+                    data: m.data,
+                    headers: m.headers.into_iter().collect(),
+                    request_timeout_ms: (m.request_timeout_ms != 0).then_some(m.request_timeout_ms),
+                    gid: None,
+                },
+                policy: m.policy,
+                key: m.key,
+                delay_ms: m.delay_ms,
+                query_prepared: String::new(),
+                check_resource: r.resource_id.clone(),
+            })
+            .collect();
+        Coordinator::check_name(&r.name).map_err(status)?;
+        let xid = self
+            .0
+            .prepare_messages(r.name, r.timeout_ms, messages)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::GlobalBeginResponse { xid }))
     }
 }
 

@@ -625,6 +625,7 @@ impl MessageBody {
             key: self.key,
             delay_ms: self.delay_ms,
             query_prepared: String::new(),
+            check_resource: String::new(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! Transactions of messages on the coordinator: prepared whole (stored with their messages
 //! before they are acknowledged, in Begin) and submitted by a commit once the application's
 //! local work committed (2-phase messages); and the settling of one that outlives its timeout
-//! unsubmitted, by asking its `query_prepared` URL instead of rolling it back.
+//! unsubmitted, by asking its `query_prepared` URL, or a resource manager of its database to
+//! check its barrier row, instead of rolling it back.
 //!
 //! Invariants:
 //! - A prepared transaction's messages go out only after a commit: the application's
@@ -13,6 +14,8 @@
 use std::sync::Arc;
 
 use tracing::Instrument;
+
+use ferrata_rpc::pb;
 
 use crate::calls::Outcome;
 use crate::coordinator::{Coordinator, Session};
@@ -119,7 +122,7 @@ impl Coordinator {
             .iter()
             .filter(|b| b.mode == BranchMode::Msg)
             .filter_map(|b| MsgBranch::decode(&b.application_data).ok())
-            .find(|m| !m.query_prepared.is_empty())
+            .find(MsgBranch::has_check)
     }
 
     /// Starts settling a transaction that outlived its timeout unsubmitted, by its check.
@@ -139,10 +142,38 @@ impl Coordinator {
             if session.state.lock().record.status != GlobalStatus::Begin {
                 return;
             }
+            let ask = async {
+                if !check.query_prepared.is_empty() {
+                    return msg::query_prepared(&self.caller, timeout, &session.xid, &check).await;
+                }
+                let branch = pb::BranchRef {
+                    xid: session.xid.clone(),
+                    resource_id: check.check_resource.clone(),
+                    branch_type: pb::BranchType::Msg as i32,
+                    ..Default::default()
+                };
+                let answer = self
+                    .rms
+                    .call(
+                        &check.check_resource,
+                        pb::Phase2Action::CheckPrepared,
+                        vec![branch],
+                        None,
+                        self.config.phase2.call_timeout(),
+                    )
+                    .await;
+                match answer {
+                    Ok(outcomes) => msg::checked(outcomes.first()),
+                    Err(e) => Outcome::Retry(e.to_string()),
+                }
+            };
             let answer = tokio::select! {
-                answer = msg::query_prepared(&self.caller, timeout, &session.xid, &check) => answer,
+                answer = ask => answer,
                 _ = self.shutdown.cancelled() => return,
             };
+            if let Outcome::Retry(why) = &answer {
+                tracing::debug!(reason = why, "its check gave no definite answer; asking again");
+            }
             match answer {
                 Outcome::Success => {
                     tracing::info!("its check says the local work committed; sending its messages");

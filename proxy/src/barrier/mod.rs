@@ -18,6 +18,10 @@
 //! compensation that inserted its origin's row found nothing to undo (and the row now keeps a
 //! late try out); a call whose own row was there already is a repeat. The unique key makes
 //! concurrent calls of one branch wait for each other.
+//!
+//! The same table settles prepared messages left past their timeout ([`check`]).
+
+pub mod check;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,7 +10,8 @@
 //!
 //! A transaction of messages may be prepared first and submitted after the application's
 //! local work committed (2-phase messages); one that outlives its timeout unsubmitted is
-//! settled by asking its `query_prepared` URL instead of being rolled back.
+//! settled by asking its `query_prepared` URL, or a resource manager of its database to
+//! check its barrier row, instead of being rolled back.
 
 pub mod policy;
 
@@ -54,6 +55,10 @@ pub struct MsgBranch {
     /// rolls back then, like any other.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query_prepared: String,
+    /// Or the database whose resource managers check the transaction's barrier row then
+    /// (`CHECK_PREPARED`): ferrata-proxy's outbox, and any application that inserts it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check_resource: String,
 }
 
 impl MsgBranch {
@@ -132,6 +137,26 @@ pub async fn deliver(caller: &Caller, default_timeout: Duration, b: &pb::BranchR
     pb::BranchOutcome {
         retry_after_ms: retry_after.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         ..pb::BranchOutcome::of(b.branch_id, status, why)
+    }
+}
+
+impl MsgBranch {
+    /// It says how its transaction is settled past its timeout.
+    pub fn has_check(&self) -> bool {
+        !self.query_prepared.is_empty() || !self.check_resource.is_empty()
+    }
+}
+
+/// What a resource manager's CHECK_PREPARED answer means, as a call's answer would: the
+/// local work committed (Success), did not (Failure), or no definite answer (Retry).
+pub fn checked(outcome: Option<&pb::BranchOutcome>) -> Outcome {
+    match outcome.map(|o| (pb::BranchStatus::try_from(o.status), o.reason.as_str())) {
+        Some((Ok(pb::BranchStatus::PhaseTwoCommitted), _)) => Outcome::Success,
+        Some((Ok(pb::BranchStatus::PhaseTwoRollbacked), _)) => {
+            Outcome::Failure("its barrier row says the local work rolled back".into())
+        }
+        Some((_, why)) => Outcome::Retry(why.to_owned()),
+        None => Outcome::Retry("the resource manager's answer did not cover the check".into()),
     }
 }
 

@@ -1,0 +1,60 @@
+//! The settling of prepared messages the coordinator found past their timeout
+//! (`CHECK_PREPARED`): their local transaction inserted the barrier row of the messages'
+//! transaction (gid its XID, `msg`, `00`, `msg`, `01`) with reason `msg` if it got as far as
+//! its commit. The check inserts the same row with reason `rollback` unless it is there,
+//! on a service connection: the insert waits for a local transaction that holds the row,
+//! and a local transaction that comes later fails on the row the check left. The reason then
+//! says which: `msg`, the local work committed (the messages go out); `rollback`, it did not
+//! and now never will (they are dropped).
+
+use ferrata_rpc::pb;
+use mysql_async::prelude::*;
+
+use super::{BARRIER_ID, Barrier};
+use crate::coordinator::Global;
+use crate::coordinator::undo_table::NO_SUCH_TABLE;
+
+/// Checks the barrier row of branch `b`'s transaction on its resource, as the answer to a
+/// CHECK_PREPARED command.
+pub async fn check_prepared(global: &Global, barrier: &Barrier, b: &pb::BranchRef) -> pb::BranchOutcome {
+    match reason(global, barrier, b).await {
+        Ok(r) if r == "rollback" => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""),
+        Ok(_) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""),
+        Err(e) => pb::BranchOutcome::of(
+            b.branch_id,
+            pb::BranchStatus::Unknown,
+            format!("checking the barrier row of {} on {}: {e}", b.xid, b.resource_id),
+        ),
+    }
+}
+
+/// The row's reason, once the check's insert found it or wrote it.
+async fn reason(global: &Global, barrier: &Barrier, b: &pb::BranchRef) -> Result<String, mysql_async::Error> {
+    let mut conn = global.service_conn(&b.resource_id).await?;
+    let insert = format!(
+        "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ('msg', ?, '00', 'msg', ?, 'rollback')",
+        barrier.table
+    );
+    match conn.exec_drop(&insert, (&b.xid, BARRIER_ID)).await {
+        // No table: no local transaction ever inserted the row; the check's row keeps a late
+        // one out.
+        Err(mysql_async::Error::Server(e)) if e.code == NO_SUCH_TABLE => {
+            for ddl in barrier.create_sql() {
+                conn.query_drop(ddl).await?;
+            }
+            conn.exec_drop(&insert, (&b.xid, BARRIER_ID)).await?;
+        }
+        other => other?,
+    }
+    let reason: Option<String> = conn
+        .exec_first(
+            format!(
+                "SELECT reason FROM {} WHERE gid = ? AND branch_id = '00' AND op = 'msg' AND barrier_id = ?",
+                barrier.table
+            ),
+            (&b.xid, BARRIER_ID),
+        )
+        .await?;
+    // Just inserted or found: a row is there.
+    Ok(reason.unwrap_or_else(|| "rollback".into()))
+}
