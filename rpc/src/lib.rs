@@ -1,9 +1,11 @@
 //! What Ferrata's proxy and coordinator both speak: the generated gRPC protocol
 //! (`proto/ferrata.proto`), the stable error codes the coordinator attaches to its errors,
 //! the bearer-token plumbing, TLS setup, and the process plumbing both binaries share
-//! (`process`: secrets, logging, runtime, signals, the metrics recorder).
+//! (`process`: secrets, logging, runtime, signals, the metrics recorder), and the delivery
+//! policies of messages (`policy`), which the proxy checks where the coordinator applies them.
 
 pub mod client;
+pub mod policy;
 pub mod process;
 pub mod tls;
 pub mod url;

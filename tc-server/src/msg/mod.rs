@@ -4,7 +4,7 @@
 //! target, its body and its delivery policy as its `application_data`, JSON ([`MsgBranch`]);
 //! its commit is one POST to the target with DTM's query parameters (`op=action`) and the
 //! signing headers (`webhook-id` its key, if it has one), retried on its policy's schedule
-//! ([`policy`]), honouring `Retry-After`. When the schedule ends, or the receiver answers
+//! (`ferrata_rpc::policy`), honouring `Retry-After`. When the schedule ends, or the receiver answers
 //! 410 Gone, the message is dead-lettered: its branch fails for good and the transaction
 //! waits in CommitFailed for an operator, who can replay it (retry).
 //!
@@ -13,8 +13,6 @@
 //! settled by asking its `query_prepared` URL, or a resource manager of its database to
 //! check its barrier row, instead of being rolled back.
 
-pub mod policy;
-
 use std::time::Duration;
 
 use ferrata_rpc::pb;
@@ -22,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calls::branch::{Ids, Payload};
 use crate::calls::{Caller, Outcome};
-use policy::Policy;
+use ferrata_rpc::policy::Policy;
 
 /// Longest message name (DTM's `branch_id` column) and key.
 const MAX_NAME: usize = 128;

@@ -1,5 +1,6 @@
-//! Delivery policies: when a message whose delivery failed is tried again, and when its
-//! schedule ends (the message is then dead-lettered for an operator).
+//! Delivery policies of messages: when a message whose delivery failed is tried again, and
+//! when its schedule ends (the message is then dead-lettered for an operator). The
+//! coordinator applies them; ferrata-proxy checks a policy where a message is written.
 //!
 //! A policy is named (`wechat`, `alipay`, `standard-webhooks`, `dtm`, `dtm:<first wait>`) or
 //! an explicit list of waits (`15s,1m,10m`). Its attempts are counted from the first one: after a failure `e`
