@@ -163,14 +163,25 @@ impl Service {
 
     /// Waits until a call whose path and query start with `prefix` arrived.
     pub async fn until_called(&self, prefix: &str) -> Result<Seen> {
+        self.until_called_again(prefix, 0).await
+    }
+
+    /// Waits until more than `seen` calls whose path and query start with `prefix` arrived;
+    /// the one after the first `seen`.
+    pub async fn until_called_again(&self, prefix: &str, seen: usize) -> Result<Seen> {
         let deadline = tokio::time::Instant::now() + CALL_WAIT;
         loop {
             // Registered before the check, so a call recorded between the two still wakes it.
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            if let Some(call) = self.calls().into_iter().find(|call| call.uri.starts_with(prefix)) {
-                return Ok(call);
+            let calls: Vec<Seen> = self
+                .calls()
+                .into_iter()
+                .filter(|call| call.uri.starts_with(prefix))
+                .collect();
+            if calls.len() > seen {
+                return Ok(calls[seen].clone());
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 bail!("no call to {prefix} within {CALL_WAIT:?}");
