@@ -23,6 +23,7 @@ pub mod coordinator;
 pub mod at;
 pub mod barrier;
 pub mod isolation;
+pub mod outbox;
 pub mod xa;
 
 pub mod admin;

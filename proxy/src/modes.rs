@@ -2,7 +2,9 @@
 //! what each needs running in the background. Adding a transaction mode is a folder of its
 //! own plus a line here.
 //!
-//! Order matters: a command goes to the first mode that claims it. XA mode comes first (it
+//! Order matters: a command goes to the first mode that claims it. The outbox comes first
+//! (it takes writes to `ferrata_outbox`, gates the COMMIT of a transaction that wrote some,
+//! and refuses what would commit them without it); then XA mode (it
 //! takes the transaction control of sessions bound in MODE XA, and of branches it holds),
 //! then AT mode (writes, multi-statement strings and the COMMIT of a pending branch of
 //! sessions bound in AT mode), then the isolation checks (locking reads of bound sessions,
@@ -19,9 +21,11 @@ use crate::at::{self, At};
 use crate::barrier::Barrier;
 use crate::config::Config;
 use crate::coordinator::Global;
+use crate::coordinator::barrier_table::BarrierTable;
 use crate::coordinator::binding::Binding;
 use crate::coordinator::undo_table::{self, UndoLogs};
 use crate::isolation::Isolation;
+use crate::outbox::Outbox;
 use crate::session::mode::Mode;
 use crate::xa::{self, Xa};
 
@@ -48,6 +52,8 @@ impl Modes {
                 kill_idle: std::time::Duration::from_millis(config.service.xa_kill_idle_ms),
             });
             let at_mode = At::new(Arc::clone(g), undo_logs);
+            // The outbox first: it refuses what would commit its messages behind its back.
+            modes.push(Arc::new(Outbox::new(Arc::clone(g), BarrierTable::new(&config.barrier))));
             modes.push(xa_mode.clone());
             modes.push(at_mode.clone());
             modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
@@ -106,7 +112,7 @@ fn phase2_handler(at: Arc<At>, xa: Arc<Xa>, barrier: Arc<Barrier>) -> ferrata_rp
             if command.action == pb::Phase2Action::CheckPrepared as i32 {
                 let mut out = Vec::new();
                 for b in &command.branches {
-                    out.push(crate::barrier::check::check_prepared(&global, &barrier, b).await);
+                    out.push(crate::barrier::check::check_prepared(&global, &barrier.table, b).await);
                 }
                 return out;
             }

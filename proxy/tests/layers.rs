@@ -28,7 +28,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "modes",
-            modules: &["at", "barrier", "isolation", "xa"],
+            modules: &["at", "barrier", "isolation", "outbox", "xa"],
             peers_may_meet: false,
         },
         Layer {

@@ -10,13 +10,13 @@
 use ferrata_rpc::pb;
 use mysql_async::prelude::*;
 
-use super::{BARRIER_ID, Barrier};
 use crate::coordinator::Global;
+use crate::coordinator::barrier_table::{BARRIER_ID, BarrierTable};
 use crate::coordinator::undo_table::NO_SUCH_TABLE;
 
 /// Checks the barrier row of branch `b`'s transaction on its resource, as the answer to a
 /// CHECK_PREPARED command.
-pub async fn check_prepared(global: &Global, barrier: &Barrier, b: &pb::BranchRef) -> pb::BranchOutcome {
+pub async fn check_prepared(global: &Global, barrier: &BarrierTable, b: &pb::BranchRef) -> pb::BranchOutcome {
     match reason(global, barrier, b).await {
         Ok(r) if r == "rollback" => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, ""),
         Ok(_) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""),
@@ -29,20 +29,17 @@ pub async fn check_prepared(global: &Global, barrier: &Barrier, b: &pb::BranchRe
 }
 
 /// The row's reason, once the check's insert found it or wrote it.
-async fn reason(global: &Global, barrier: &Barrier, b: &pb::BranchRef) -> Result<String, mysql_async::Error> {
+async fn reason(global: &Global, barrier: &BarrierTable, b: &pb::BranchRef) -> Result<String, mysql_async::Error> {
     let mut conn = global.service_conn(&b.resource_id).await?;
-    let insert = format!(
-        "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ('msg', ?, '00', 'msg', ?, 'rollback')",
-        barrier.table
-    );
-    match conn.exec_drop(&insert, (&b.xid, BARRIER_ID)).await {
+    let insert = barrier.message_row(true, "?", "rollback");
+    match conn.exec_drop(&insert, (&b.xid,)).await {
         // No table: no local transaction ever inserted the row; the check's row keeps a late
         // one out.
         Err(mysql_async::Error::Server(e)) if e.code == NO_SUCH_TABLE => {
             for ddl in barrier.create_sql() {
                 conn.query_drop(ddl).await?;
             }
-            conn.exec_drop(&insert, (&b.xid, BARRIER_ID)).await?;
+            conn.exec_drop(&insert, (&b.xid,)).await?;
         }
         other => other?,
     }

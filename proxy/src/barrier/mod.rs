@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::classify::{GlobalCommand, StatementClass};
+use crate::coordinator::barrier_table::{BARRIER_ID, BarrierTable};
 use crate::coordinator::statement::{self, BranchStatement};
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
@@ -38,44 +39,19 @@ use crate::session::state::SessionState;
 use crate::session::{SessionError, Shared};
 use crate::sql::literal;
 
-/// DTM's barrier id of a handler's first barrier (a handler calling it once per request).
-const BARRIER_ID: &str = "01";
-
 /// The barriers, once per proxy.
 pub struct Barrier {
-    /// `[barrier] table`, quoted.
-    table: String,
-    database: String,
-    /// The table's name, unquoted.
-    name: String,
+    pub table: BarrierTable,
     /// The table is known to exist (created or found at the first use).
     ready: AtomicBool,
 }
 
 impl Barrier {
     pub fn new(config: &crate::config::Barriers) -> Barrier {
-        let (database, table) = config.table.split_once('.').unwrap_or(("dtm_barrier", "barrier"));
         Barrier {
-            table: crate::sql::qualified(database, table),
-            database: database.to_owned(),
-            name: table.to_owned(),
+            table: BarrierTable::new(config),
             ready: AtomicBool::new(false),
         }
-    }
-
-    /// DTM's barrier table (`sqls/dtmcli.barrier.mysql.sql`).
-    fn create_sql(&self) -> [String; 2] {
-        [
-            format!("CREATE DATABASE IF NOT EXISTS {}", crate::sql::ident(&self.database)),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT(22) PRIMARY KEY AUTO_INCREMENT, trans_type VARCHAR(45) DEFAULT '', \
-                 gid VARCHAR(128) DEFAULT '', branch_id VARCHAR(128) DEFAULT '', op VARCHAR(45) DEFAULT '', \
-                 barrier_id VARCHAR(45) DEFAULT '', reason VARCHAR(45) DEFAULT '' COMMENT 'the branch type who insert this record', \
-                 create_time DATETIME DEFAULT NOW(), update_time DATETIME DEFAULT NOW(), KEY(create_time), KEY(update_time), \
-                 UNIQUE KEY(gid, branch_id, op, barrier_id)) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
-                self.table
-            ),
-        ]
     }
 }
 
@@ -248,8 +224,8 @@ async fn ensure_table(
         state,
         &format!(
             "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = {} AND TABLE_NAME = {}",
-            literal(&barrier.database),
-            literal(&barrier.name)
+            literal(&barrier.table.database),
+            literal(&barrier.table.name)
         ),
         limit,
     )
@@ -260,12 +236,12 @@ async fn ensure_table(
     if !found.rows.is_empty() {
         return Ok(Ok(()));
     }
-    let ddl = barrier.create_sql();
+    let ddl = barrier.table.create_sql();
     for statement in &ddl {
         if let Some(e) = backend::query(backend, state, statement, limit).await?.error {
             return Ok(Err(e.prefixed(&format!(
                 "the barrier table {} is missing and ferrata-proxy could not create it (have a DBA run: {}; {}): ",
-                barrier.table, ddl[0], ddl[1]
+                barrier.table.table, ddl[0], ddl[1]
             ))));
         }
     }
@@ -306,7 +282,7 @@ async fn decide(
     let insert = |op: &str| {
         format!(
             "INSERT IGNORE INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ({})",
-            barrier.table,
+            barrier.table.table,
             [trans_type, &b.gid, &b.branch_id, op, BARRIER_ID, &b.op]
                 .map(text)
                 .join(", ")
@@ -336,7 +312,7 @@ async fn decide(
         state,
         &format!(
             "SELECT reason FROM {} WHERE gid = {} AND branch_id = {} AND op = {} AND barrier_id = {}",
-            barrier.table,
+            barrier.table.table,
             text(&b.gid),
             text(&b.branch_id),
             text(&b.op),

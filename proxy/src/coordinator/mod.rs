@@ -13,6 +13,7 @@
 //! proxy in front of that server. A `/` or `%` in a database name is percent-encoded, so the
 //! database is always what follows the last `/`.
 
+pub mod barrier_table;
 pub mod binding;
 pub mod decision;
 pub mod guards;

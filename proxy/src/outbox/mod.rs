@@ -1,0 +1,609 @@
+//! The outbox: messages an application writes with plain SQL in its own local transaction,
+//! sent by the coordinator exactly when that transaction commits. No SDK, no poller, no
+//! check-back URL:
+//!
+//! ```sql
+//! INSERT INTO ferrata_outbox (target, payload, policy, msg_key, delay_s)
+//!   VALUES ('https://billing/api/credit', '{"order": 42}', 'wechat', 'order-42', 0);
+//! ```
+//!
+//! - `ferrata_outbox` lives in the session's database; the proxy creates it on first use
+//!   (on a service connection: DDL in the session would commit its transaction). Its rows
+//!   carry the connection that wrote them (`session`, a column default) and, once handed to
+//!   the coordinator, their transaction's XID (`xid`).
+//! - An INSERT into it (any protocol, any driver) runs between a savepoint and its release;
+//!   the session's rows not yet handed over are then read back and checked (target, policy,
+//!   size, delay, key). A bad row undoes the statement (back to the savepoint) and the
+//!   client gets ER_CONSTRAINT_FAILED (4025, 23000) saying which row and why: nothing of it
+//!   is written and the local transaction goes on. An autocommit INSERT runs in a local
+//!   transaction of the proxy's own and is sent at once.
+//! - The COMMIT of a local transaction that wrote messages is preceded by their hand-over:
+//!   the rows are read, stored by the coordinator as prepared messages of a new XID
+//!   (`MessagesPrepare`, checked through this database), marked with it, and the barrier row
+//!   of that XID (reason `msg`) is inserted; then the COMMIT runs, and its outcome commits
+//!   or rolls back the XID at the coordinator, in the background. A proxy that dies in
+//!   between leaves the XID prepared: past its timeout the coordinator has a proxy check the
+//!   barrier row (`barrier/check.rs`), so the messages go out iff the COMMIT happened.
+//! - While messages are pending, statements that would commit the transaction without that
+//!   hand-over (DDL, BEGIN, LOCK TABLES, SET autocommit, XA, procedures) are refused.
+//! - Not yet: messages inside a global transaction (refused), rows written by triggers or
+//!   procedures (never handed over), marking delivered rows.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use ferrata_rpc::pb;
+use mysql_async::prelude::*;
+use parking_lot::Mutex;
+
+use crate::classify::{Dml, Other, StatementClass, TxControl};
+use crate::coordinator::Global;
+use crate::coordinator::barrier_table::BarrierTable;
+use crate::protocol::Command as Cmd;
+use crate::protocol::err::ErrPacket;
+use crate::session::backend::{self, Row};
+use crate::session::mode::{BoxFuture, Claim, Command, Io, Mode, ModeSession};
+use crate::session::peer::Peer;
+use crate::session::state::SessionState;
+use crate::session::{SessionError, Shared};
+use crate::sql::{ident, literal};
+
+/// The outbox table's name, in the session's database.
+pub const TABLE: &str = "ferrata_outbox";
+/// The largest payload a message may carry.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// The longest delay before a message's first attempt (7 days).
+const MAX_DELAY_S: u64 = 7 * 24 * 3600;
+/// How long prepared messages wait for their COMMIT before the coordinator checks.
+const PREPARED_TIMEOUT_MS: u64 = 30_000;
+
+/// The outbox, once per proxy.
+pub struct Outbox {
+    pub global: Arc<Global>,
+    pub barrier: BarrierTable,
+    /// Databases whose outbox table (and the barrier table) is known to exist.
+    ready: Mutex<HashSet<String>>,
+}
+
+impl Outbox {
+    pub fn new(global: Arc<Global>, barrier: BarrierTable) -> Outbox {
+        Outbox {
+            global,
+            barrier,
+            ready: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn create_sql() -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} (\
+             id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+             target VARCHAR(2048) NOT NULL, \
+             payload MEDIUMTEXT NOT NULL, \
+             policy VARCHAR(512) NOT NULL DEFAULT '', \
+             msg_key VARCHAR(128) NOT NULL DEFAULT '', \
+             delay_s INT UNSIGNED NOT NULL DEFAULT 0, \
+             session BIGINT UNSIGNED NOT NULL DEFAULT (CONNECTION_ID()), \
+             xid VARCHAR(64) NULL, \
+             created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+             delivered_at DATETIME(6) NULL, \
+             KEY pending (session, xid), KEY by_xid (xid)\
+             ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+        )
+    }
+
+    /// Creates the outbox table of `database` and the barrier table, unless known to exist.
+    async fn ensure_tables(&self, database: &str) -> Result<(), ErrPacket> {
+        if self.ready.lock().contains(database) {
+            return Ok(());
+        }
+        let resource = self.global.resource(database);
+        let created: Result<(), mysql_async::Error> = async {
+            let mut conn = self.global.service_conn(&resource).await?;
+            conn.query_drop(format!("USE {}", ident(database))).await?;
+            conn.query_drop(Self::create_sql()).await?;
+            for ddl in self.barrier.create_sql() {
+                conn.query_drop(ddl).await?;
+            }
+            Ok(())
+        }
+        .await;
+        created.map_err(|e| {
+            crate::coordinator::service_error(&e).prefixed(&format!(
+                "the outbox table {database}.{TABLE} is missing and ferrata-proxy could not create it: "
+            ))
+        })?;
+        self.ready.lock().insert(database.to_owned());
+        Ok(())
+    }
+}
+
+impl Mode for Outbox {
+    fn open(self: Arc<Self>) -> Box<dyn ModeSession> {
+        Box::new(OutboxSession {
+            outbox: self,
+            claimed: None,
+            gate_for: Gate::Commit,
+            pending: false,
+            handed: None,
+        })
+    }
+}
+
+/// What the session's part took a command for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Claimed {
+    /// An INSERT into the outbox.
+    Write,
+    /// A statement that would commit pending messages without their hand-over.
+    ImplicitCommit,
+    /// An outbox write in a session bound to a global transaction.
+    InGlobal,
+}
+
+/// What the session's part gated a command for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// A COMMIT: the pending messages are handed over first.
+    Commit,
+    /// A prepared outbox INSERT: the table is made first.
+    Tables,
+}
+
+struct OutboxSession {
+    outbox: Arc<Outbox>,
+    claimed: Option<Claimed>,
+    gate_for: Gate,
+    /// The local transaction wrote messages not yet handed over.
+    pending: bool,
+    /// Handed over at a COMMIT gate: the XID the COMMIT's outcome decides.
+    handed: Option<String>,
+}
+
+/// Whether `sql`, an INSERT or REPLACE, writes the outbox table.
+fn writes_outbox(sql: &[u8]) -> bool {
+    sql.windows(TABLE.len())
+        .any(|w| w.eq_ignore_ascii_case(TABLE.as_bytes()))
+}
+
+/// Whether a statement of `class` may run while messages are pending: it cannot commit the
+/// local transaction behind the hand-over's back.
+fn keeps_transaction(class: StatementClass) -> bool {
+    matches!(
+        class,
+        StatementClass::Dml(_)
+            | StatementClass::LockingRead
+            | StatementClass::Other(Other::Select | Other::Show | Other::Set | Other::Use | Other::Empty)
+            | StatementClass::TransactionControl(
+                TxControl::Commit
+                    | TxControl::Rollback
+                    | TxControl::Savepoint
+                    | TxControl::RollbackToSavepoint
+                    | TxControl::ReleaseSavepoint
+            )
+    )
+}
+
+impl ModeSession for OutboxSession {
+    fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
+        self.claimed = None;
+        // A prepared outbox INSERT needs the table before the server prepares it.
+        if command.code == Cmd::STMT_PREPARE
+            && command.class.is_some_and(|c| matches!(c.class, StatementClass::Dml(Dml::Insert | Dml::Replace)))
+            && writes_outbox(&command.payload[1..])
+            && state.schema.as_ref().is_some_and(|db| !self.outbox.ready.lock().contains(db))
+        {
+            self.gate_for = Gate::Tables;
+            return Claim::Gate;
+        }
+        let (sql, class) = match command.code {
+            Cmd::QUERY => match command.class {
+                Some(c) => (&command.payload[1..], c.class),
+                None => return Claim::Pass,
+            },
+            Cmd::STMT_EXECUTE => match state.statement(command.payload) {
+                Some(s) => (s.sql.as_bytes(), s.class.class),
+                None => return Claim::Pass,
+            },
+            _ => return Claim::Pass,
+        };
+        let write = matches!(class, StatementClass::Dml(Dml::Insert | Dml::Replace)) && writes_outbox(sql);
+        self.claimed = if write && state.xid.is_some() {
+            Some(Claimed::InGlobal)
+        } else if write {
+            Some(Claimed::Write)
+        } else if self.pending && !keeps_transaction(class) {
+            Some(Claimed::ImplicitCommit)
+        } else {
+            None
+        };
+        if self.claimed.is_some() {
+            return Claim::Take;
+        }
+        if self.pending && class == StatementClass::TransactionControl(TxControl::Commit) {
+            self.gate_for = Gate::Commit;
+            return Claim::Gate;
+        }
+        Claim::Pass
+    }
+
+    fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
+        Box::pin(async move {
+            match self.claimed.take() {
+                Some(Claimed::Write) => self.write(io).await,
+                Some(Claimed::InGlobal) => {
+                    backend::refuse(
+                        io.client,
+                        ErrPacket::new(
+                            1235,
+                            "42000",
+                            format!(
+                                "messages inside a global transaction are not supported yet: write {TABLE} in a local \
+                                 transaction of its own (LEAVE GLOBAL TRANSACTION first), or add the message to the \
+                                 global transaction over the coordinator's HTTP API (POST /v1/transactions/{{xid}}/messages)"
+                            ),
+                        ),
+                    )
+                    .await
+                }
+                _ => {
+                    backend::refuse(
+                        io.client,
+                        ErrPacket::new(
+                            1235,
+                            "42000",
+                            format!(
+                                "this statement would commit the local transaction, which wrote messages to {TABLE}, \
+                                 without handing them over: COMMIT or ROLLBACK first"
+                            ),
+                        ),
+                    )
+                    .await
+                }
+            }
+        })
+    }
+
+    fn gate<'a>(
+        &'a mut self,
+        backend: &'a mut Peer,
+        state: &'a mut SessionState,
+        shared: &'a Shared,
+    ) -> BoxFuture<'a, Result<Option<ErrPacket>, SessionError>> {
+        Box::pin(async move {
+            if self.gate_for == Gate::Tables {
+                let database = state.schema.clone().unwrap_or_default();
+                return Ok(self.outbox.ensure_tables(&database).await.err());
+            }
+            let limit = shared.config.max_packet_size;
+            match hand_over(&self.outbox, backend, state, limit).await? {
+                Handover::Nothing => {
+                    self.pending = false;
+                    Ok(None)
+                }
+                Handover::Handed(xid) => {
+                    self.handed = Some(xid);
+                    Ok(None)
+                }
+                Handover::Refused(e) => Ok(Some(e)),
+            }
+        })
+    }
+
+    fn answered(&mut self, state: &SessionState, error: Option<u16>) {
+        if let Some(xid) = self.handed.take() {
+            // The COMMIT's outcome decides the messages; asked in the background (if this
+            // proxy dies first, the coordinator's check of the barrier row decides).
+            let global = Arc::clone(&self.outbox.global);
+            let commit = error.is_none() && !state.in_transaction();
+            tokio::spawn(async move {
+                if let Err(e) = global.decide(&xid, commit).await {
+                    tracing::warn!(xid, error = %e, "the outbox's decision was not taken; the coordinator's check will");
+                }
+            });
+        }
+        if !state.in_transaction() {
+            self.pending = false;
+        }
+    }
+}
+
+/// What a COMMIT gate did with the pending messages.
+enum Handover {
+    /// None were left (rolled back to a savepoint).
+    Nothing,
+    /// Stored as prepared messages of this XID, marked and barred: the COMMIT may run.
+    Handed(String),
+    /// The COMMIT is answered with this instead (the local transaction is rolled back when
+    /// the error says so).
+    Refused(ErrPacket),
+}
+
+/// A row of the outbox not yet handed over.
+struct Pending {
+    id: String,
+    target: String,
+    payload: String,
+    policy: String,
+    key: String,
+    delay_s: u64,
+}
+
+/// The session's rows not yet handed over, read inside its transaction.
+async fn pending_rows(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<Result<Vec<Pending>, ErrPacket>, SessionError> {
+    let read = backend::query(
+        backend,
+        state,
+        &format!(
+            "SELECT id, target, payload, policy, msg_key, delay_s FROM {TABLE} \
+             WHERE session = CONNECTION_ID() AND xid IS NULL ORDER BY id"
+        ),
+        limit,
+    )
+    .await?;
+    if let Some(e) = read.error {
+        return Ok(Err(e));
+    }
+    let text = |row: &Row, i: usize| {
+        row.get(i)
+            .cloned()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Ok(read
+        .rows
+        .iter()
+        .map(|row| Pending {
+            id: text(row, 0),
+            target: text(row, 1),
+            payload: text(row, 2),
+            policy: text(row, 3),
+            key: text(row, 4),
+            delay_s: text(row, 5).parse().unwrap_or(0),
+        })
+        .collect()))
+}
+
+/// Why a row cannot be sent, if it cannot.
+fn invalid(row: &Pending) -> Option<String> {
+    let id = &row.id;
+    let lower = row.target.to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) || row.target.contains(char::is_whitespace) {
+        return Some(format!(
+            "{TABLE} row {id}: target {:?} is not an http:// or https:// URL",
+            row.target
+        ));
+    }
+    if let Err(why) = ferrata_rpc::policy::Policy::parse(&row.policy) {
+        return Some(format!("{TABLE} row {id}: {why}"));
+    }
+    if row.payload.len() > MAX_PAYLOAD {
+        return Some(format!(
+            "{TABLE} row {id}: the payload is {} bytes; at most {MAX_PAYLOAD} are sent",
+            row.payload.len()
+        ));
+    }
+    if row.delay_s > MAX_DELAY_S {
+        return Some(format!("{TABLE} row {id}: delay_s is at most {MAX_DELAY_S} (7 days)"));
+    }
+    if row.key.chars().any(char::is_control) {
+        return Some(format!("{TABLE} row {id}: msg_key has control characters"));
+    }
+    None
+}
+
+fn constraint(message: String) -> ErrPacket {
+    ErrPacket::new(4025, "23000", message)
+}
+
+impl OutboxSession {
+    /// Runs an outbox INSERT between a savepoint and its release, checking the rows it wrote.
+    async fn write(&mut self, io: Io<'_>) -> Result<(), SessionError> {
+        let limit = io.shared.config.max_packet_size;
+        let Some(database) = io.state.schema.clone() else {
+            return backend::refuse(io.client, crate::coordinator::no_database()).await;
+        };
+        if let Err(e) = self.outbox.ensure_tables(&database).await {
+            return backend::refuse(io.client, e).await;
+        }
+        let own = !io.state.in_transaction();
+        let before = io.state.status;
+        let opened = if own {
+            backend::begin_own(io.backend, io.state, limit).await?
+        } else {
+            let saved = backend::query(io.backend, io.state, "SAVEPOINT ferrata_outbox", limit).await?;
+            saved.error.map_or(Ok(()), Err)
+        };
+        if let Err(e) = opened {
+            return backend::reply(io.client, e).await;
+        }
+        let response = match backend::run_client_statement(io.backend, io.state, limit, io.raw, own).await? {
+            Ok((response, _)) => response,
+            // Refused by the server: nothing was written (an own transaction is rolled back).
+            Err(response) => return send(io.client, &response).await,
+        };
+        let rows = match pending_rows(io.backend, io.state, limit).await? {
+            Ok(rows) => rows,
+            Err(e) => return self.undo(io.backend, io.state, io.client, own, limit, e).await,
+        };
+        if let Some(why) = rows.iter().find_map(invalid) {
+            return self
+                .undo(io.backend, io.state, io.client, own, limit, constraint(why))
+                .await;
+        }
+        if !own {
+            let released = backend::query(io.backend, io.state, "RELEASE SAVEPOINT ferrata_outbox", limit).await?;
+            if let Some(e) = released.error {
+                return backend::reply(io.client, e).await;
+            }
+            self.pending = true;
+            return send(io.client, &response).await;
+        }
+        // An autocommit INSERT: handed over and committed at once.
+        let reply = match hand_over(&self.outbox, io.backend, io.state, limit).await? {
+            Handover::Refused(e) => {
+                if io.state.in_transaction() {
+                    backend::local_rollback(io.backend, io.state, limit).await?;
+                }
+                e.to_packet(1)
+            }
+            Handover::Nothing => backend::commit_own(io.backend, io.state, limit, response, before).await?,
+            Handover::Handed(xid) => {
+                let reply = backend::commit_own(io.backend, io.state, limit, response, before).await?;
+                let committed = !io.state.in_transaction() && reply.get(4) != Some(&0xff);
+                let global = Arc::clone(&self.outbox.global);
+                tokio::spawn(async move {
+                    if let Err(e) = global.decide(&xid, committed).await {
+                        tracing::warn!(xid, error = %e, "the outbox's decision was not taken; the coordinator's check will");
+                    }
+                });
+                reply
+            }
+        };
+        send(io.client, &reply).await
+    }
+
+    /// Undoes an outbox INSERT whose rows cannot be sent, and answers `e`.
+    async fn undo(
+        &mut self,
+        backend: &mut Peer,
+        state: &mut SessionState,
+        client: &mut Peer,
+        own: bool,
+        limit: usize,
+        e: ErrPacket,
+    ) -> Result<(), SessionError> {
+        if own {
+            backend::local_rollback(backend, state, limit).await?;
+        } else {
+            backend::query(backend, state, "ROLLBACK TO SAVEPOINT ferrata_outbox", limit).await?;
+            backend::query(backend, state, "RELEASE SAVEPOINT ferrata_outbox", limit).await?;
+        }
+        backend::refuse(client, e).await
+    }
+}
+
+async fn send(client: &mut Peer, bytes: &[u8]) -> Result<(), SessionError> {
+    client.write_all(bytes).await.map_err(|_| SessionError::ClientClosed)
+}
+
+/// Hands the session's pending messages to the coordinator before its COMMIT: prepared
+/// there under a new XID, the rows marked with it and its barrier row inserted, all in the
+/// session's transaction. A failure after the coordinator stored them rolls the local
+/// transaction back (a COMMIT after it would commit rows the coordinator may drop).
+async fn hand_over(
+    outbox: &Outbox,
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+) -> Result<Handover, SessionError> {
+    let rows = match pending_rows(backend, state, limit).await? {
+        Ok(rows) => rows,
+        Err(e) => return Ok(Handover::Refused(e)),
+    };
+    if rows.is_empty() {
+        return Ok(Handover::Nothing);
+    }
+    let database = state.schema.clone().unwrap_or_default();
+    let request = pb::MessagesPrepareRequest {
+        timeout_ms: PREPARED_TIMEOUT_MS,
+        name: "outbox".into(),
+        resource_id: outbox.global.resource(&database),
+        messages: rows
+            .iter()
+            .map(|r| pb::Message {
+                name: r.id.clone(),
+                target: r.target.clone(),
+                data: r.payload.clone(),
+                policy: r.policy.clone(),
+                key: r.key.clone(),
+                delay_ms: r.delay_s.saturating_mul(1000),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let prepared = match outbox.global.link.client().await {
+        Err(e) => Err(crate::coordinator::unreachable(&e.0, "hand the messages over")),
+        Ok(mut c) => match c.tm.messages_prepare(request).await {
+            Ok(r) => Ok(r.into_inner().xid),
+            Err(status) => Err(outbox.global.error(status, "hand the messages over").await),
+        },
+    };
+    let xid = match prepared {
+        Ok(xid) => xid,
+        // Nothing stored: the transaction stays open, the COMMIT may be tried again.
+        Err(e) => return Ok(Handover::Refused(e)),
+    };
+    let marked = backend::query(
+        backend,
+        state,
+        &format!(
+            "UPDATE {TABLE} SET xid = {} WHERE session = CONNECTION_ID() AND xid IS NULL",
+            literal(&xid)
+        ),
+        limit,
+    )
+    .await?;
+    let barred = match marked.error {
+        Some(e) => Some(e),
+        None => {
+            backend::query(
+                backend,
+                state,
+                &outbox.barrier.message_row(false, &literal(&xid), "msg"),
+                limit,
+            )
+            .await?
+            .error
+        }
+    };
+    if let Some(e) = barred {
+        backend::local_rollback(backend, state, limit).await?;
+        let global = Arc::clone(&outbox.global);
+        let dropped = xid.clone();
+        tokio::spawn(async move {
+            let _ = global.decide(&dropped, false).await;
+        });
+        return Ok(Handover::Refused(e.prefixed(&format!(
+            "the local transaction was rolled back: its messages ({xid}) could not be marked: "
+        ))));
+    }
+    Ok(Handover::Handed(xid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(target: &str, policy: &str) -> Pending {
+        Pending {
+            id: "7".into(),
+            target: target.into(),
+            payload: "{}".into(),
+            policy: policy.into(),
+            key: String::new(),
+            delay_s: 0,
+        }
+    }
+
+    #[test]
+    fn rows_are_checked_as_the_coordinator_will_take_them() {
+        assert!(invalid(&row("https://billing/api", "")).is_none());
+        assert!(invalid(&row("HTTP://billing/api", "wechat")).is_none());
+        assert!(invalid(&row("ftp://billing", "")).unwrap().contains("row 7"));
+        assert!(
+            invalid(&row("https://billing/api", "weekly"))
+                .unwrap()
+                .contains("weekly")
+        );
+        assert!(writes_outbox(b"insert into FERRATA_OUTBOX (target) values ('x')"));
+        assert!(!writes_outbox(b"insert into orders values (1)"));
+        assert!(!keeps_transaction(StatementClass::Other(Other::Ddl)));
+        assert!(keeps_transaction(StatementClass::TransactionControl(TxControl::Commit)));
+    }
+}

@@ -1,0 +1,142 @@
+//! The outbox through the proxy, with real `ferrata-tc` and `ferrata-proxy` processes, a real
+//! MariaDB server and a real HTTP service: messages written with plain SQL go out when their
+//! local transaction commits (text and prepared statements, explicit and autocommit), never
+//! when it rolls back; bad rows are refused at the INSERT with nothing written; statements
+//! that would commit pending messages behind the proxy's back are refused.
+
+use anyhow::{Result, ensure};
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::{MariaDb, service::Service};
+use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::server_error;
+use mysql_async::prelude::*;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+
+struct Env {
+    tc: Coordinator,
+    db: MariaDb,
+    proxy: ProxyProcess,
+    service: Service,
+}
+
+async fn start() -> Result<Env> {
+    let tc = Coordinator::start_with(
+        TC,
+        "[transactions]\ntimeout_check_interval_ms = 20\n[phase2]\nretry_initial_ms = 20\nretry_max_ms = 200\n",
+    )?;
+    let db = MariaDb::start().await?;
+    db.conn()
+        .await?
+        .query_drop("CREATE TABLE orders (id INT PRIMARY KEY, total INT)")
+        .await?;
+    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), "", "")?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
+    let service = Service::start().await?;
+    Ok(Env { tc, db, proxy, service })
+}
+
+fn code(e: &mysql_async::Error) -> u16 {
+    server_error(e).map(|(c, _, _)| c).unwrap_or(0)
+}
+
+/// The xid the outbox row of `target` was handed over under, once it was.
+async fn handed(db: &MariaDb, target: &str) -> Result<Option<String>> {
+    let mut c = db.conn().await?;
+    Ok(
+        c.exec_first("SELECT xid FROM ferrata_outbox WHERE target = ?", (target,))
+            .await?
+            .flatten(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_go_out_exactly_when_their_local_transaction_commits() -> Result<()> {
+    let env = start().await?;
+    let url = |path: &str| format!("{}/ok/{path}", env.service.base);
+    let mut app = env.proxy.conn().await?;
+
+    // Committed with the business change: sent, with its payload, policy and key.
+    app.query_drop("BEGIN").await?;
+    app.query_drop("INSERT INTO orders VALUES (1, 30)").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload, msg_key) VALUES (?, ?, ?)",
+        (url("credit"), r#"{"order": 1}"#, "order-1"),
+    )
+    .await?;
+    ensure!(env.service.calls().is_empty(), "nothing before the commit");
+    app.query_drop("COMMIT").await?;
+    let call = env.service.until_called("/ok/credit?").await?;
+    ensure!(
+        call.body == r#"{"order": 1}"# && call.header("webhook-id") == "order-1",
+        "{call:?}"
+    );
+    let xid = handed(&env.db, &url("credit")).await?.unwrap_or_default();
+    ferrata_tests::until("the messages' transaction to commit", async || {
+        Ok(env.tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+
+    // Rolled back: never sent.
+    app.query_drop("BEGIN").await?;
+    app.query_drop(format!(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES ('{}', 'x')",
+        url("never")
+    ))
+    .await?;
+    app.query_drop("ROLLBACK").await?;
+
+    // Autocommit, text protocol: sent at once.
+    app.query_drop(format!(
+        "INSERT INTO ferrata_outbox (target, payload, policy) VALUES ('{}', 'y', 'wechat')",
+        url("alone")
+    ))
+    .await?;
+    env.service.until_called("/ok/alone?").await?;
+    ensure!(
+        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/never")),
+        "a rolled-back message is never sent"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_are_refused_at_the_insert_and_the_transaction_goes_on() -> Result<()> {
+    let env = start().await?;
+    let ok = format!("{}/ok/later", env.service.base);
+    let mut app = env.proxy.conn().await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("INSERT INTO orders VALUES (2, 40)").await?;
+    for (target, policy, says) in [("ftp://svc/x", "", "not an http"), (ok.as_str(), "weekly", "weekly")] {
+        let e = app
+            .exec_drop(
+                "INSERT INTO ferrata_outbox (target, payload, policy) VALUES (?, 'p', ?)",
+                (target, policy),
+            )
+            .await
+            .expect_err("refused");
+        let (c, state, message) = server_error(&e)?;
+        ensure!((c, state.as_str()) == (4025, "23000") && message.contains(says), "{e}");
+    }
+    // Implicit commits are refused while a message is pending.
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (ok.as_str(),),
+    )
+    .await?;
+    let ddl = app.query_drop("CREATE TABLE t2 (id INT)").await.expect_err("refused");
+    ensure!(code(&ddl) == 1235, "{ddl}");
+    app.query_drop("COMMIT").await?;
+    env.service.until_called("/ok/later?").await?;
+    let rows: Vec<String> = env.db.conn().await?.query("SELECT target FROM ferrata_outbox").await?;
+    ensure!(rows == [ok.clone()], "only the good row was written: {rows:?}");
+    let total: Option<i64> = env
+        .db
+        .conn()
+        .await?
+        .query_first("SELECT total FROM orders WHERE id = 2")
+        .await?;
+    ensure!(total == Some(40), "the business change committed with it");
+    Ok(())
+}
