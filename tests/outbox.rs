@@ -1,6 +1,7 @@
 //! The outbox through the proxy, with real `ferrata-tc` and `ferrata-proxy` processes, a real
 //! MariaDB server and a real HTTP service: messages written with plain SQL go out when their
-//! local transaction commits (text and prepared statements, explicit and autocommit), never
+//! local transaction commits (text and prepared statements, explicit and autocommit, and
+//! `SEND MESSAGE`), never
 //! when it rolls back; bad rows are refused at the INSERT with nothing written; statements
 //! that would commit pending messages behind the proxy's back are refused.
 
@@ -22,6 +23,11 @@ struct Env {
 }
 
 async fn start() -> Result<Env> {
+    start_with("").await
+}
+
+/// With `outbox_toml` as the proxy's `[outbox]` settings.
+async fn start_with(outbox_toml: &str) -> Result<Env> {
     let tc = Coordinator::start_with(
         TC,
         "[transactions]\ntimeout_check_interval_ms = 20\n[phase2]\nretry_initial_ms = 20\nretry_max_ms = 200\n",
@@ -31,7 +37,12 @@ async fn start() -> Result<Env> {
         .await?
         .query_drop("CREATE TABLE orders (id INT PRIMARY KEY, total INT)")
         .await?;
-    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), "", "")?;
+    let more = if outbox_toml.is_empty() {
+        String::new()
+    } else {
+        format!("\n[outbox]\n{outbox_toml}\n")
+    };
+    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), "", &more)?;
     proxy.await_trust(&mut proxy.conn().await?).await?;
     let service = Service::start().await?;
     Ok(Env { tc, db, proxy, service })
@@ -77,6 +88,15 @@ async fn messages_go_out_exactly_when_their_local_transaction_commits() -> Resul
         Ok(env.tc.status(&xid).await? == "Committed")
     })
     .await?;
+    // Its row is marked delivered, for DBAs to see.
+    ferrata_tests::until("the row marked delivered", async || {
+        let mut c = env.db.conn().await?;
+        let n: Option<i64> = c
+            .query_first("SELECT COUNT(*) FROM ferrata_outbox WHERE delivered_at IS NOT NULL")
+            .await?;
+        Ok(n == Some(1))
+    })
+    .await?;
 
     // Rolled back: never sent.
     app.query_drop("BEGIN").await?;
@@ -94,6 +114,25 @@ async fn messages_go_out_exactly_when_their_local_transaction_commits() -> Resul
     ))
     .await?;
     env.service.until_called("/ok/alone?").await?;
+    // SEND MESSAGE: the same row, written by the proxy.
+    app.query_drop(format!(
+        "SEND MESSAGE TO '{}' PAYLOAD '{{\"x\": 1}}' KEY 'k-9' POLICY 'alipay' DELAY 0",
+        url("sent")
+    ))
+    .await?;
+    let sent = env.service.until_called("/ok/sent?").await?;
+    ensure!(
+        sent.body == r#"{"x": 1}"# && sent.header("webhook-id") == "k-9",
+        "{sent:?}"
+    );
+    let bad = app
+        .query_drop(format!(
+            "SEND MESSAGE TO '{}' PAYLOAD 'p' POLICY 'sometimes'",
+            url("bad")
+        ))
+        .await
+        .expect_err("refused");
+    ensure!(code(&bad) == 4025, "{bad}");
     ensure!(
         !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/never")),
         "a rolled-back message is never sent"
@@ -138,5 +177,65 @@ async fn bad_rows_are_refused_at_the_insert_and_the_transaction_goes_on() -> Res
         .query_first("SELECT total FROM orders WHERE id = 2")
         .await?;
     ensure!(total == Some(40), "the business change committed with it");
+    Ok(())
+}
+
+/// A proxy killed right after its client's COMMIT: the messages go out all the same, once
+/// (whether its own decision reached the coordinator or the coordinator's check of the
+/// barrier row, through another proxy, decided); delivered rows are purged after the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_survive_their_proxy_and_delivered_rows_are_purged() -> Result<()> {
+    let settings = "prepared_timeout_ms = 1000\nkeep_delivered_s = 1\npurge_interval_ms = 100";
+    let mut env = start_with(settings).await?;
+    let other = ProxyProcess::start_with(
+        PROXY,
+        env.db.addr(),
+        &env.tc.endpoint(),
+        "",
+        &format!("\n[outbox]\n{settings}\n"),
+    )?;
+    other.await_trust(&mut other.conn().await?).await?;
+    let target = format!("{}/ok/survivor", env.service.base);
+    let mut app = env.proxy.conn().await?;
+    app.query_drop("BEGIN").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (target.as_str(),),
+    )
+    .await?;
+    app.query_drop("COMMIT").await?;
+    env.proxy.kill9()?;
+    env.service.until_called("/ok/survivor?").await?;
+    let xid = handed(&env.db, &target).await?.unwrap_or_default();
+    ferrata_tests::until("the messages' transaction to commit", async || {
+        Ok(env.tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    let calls = env
+        .service
+        .calls()
+        .iter()
+        .filter(|c| c.uri.starts_with("/ok/survivor"))
+        .count();
+    ensure!(calls == 1, "sent once: {calls}");
+
+    // Delivered rows go after keep_delivered_s (the first proxy's purge is gone with it: the
+    // other one purges the databases it has used).
+    let mut c = other.conn().await?;
+    c.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/purged", env.service.base),),
+    )
+    .await?;
+    ferrata_tests::until("delivered rows purged", async || {
+        let n: Option<i64> = env
+            .db
+            .conn()
+            .await?
+            .query_first("SELECT COUNT(*) FROM ferrata_outbox")
+            .await?;
+        Ok(n == Some(0))
+    })
+    .await?;
     Ok(())
 }

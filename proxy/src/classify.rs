@@ -62,6 +62,8 @@ pub enum GlobalCommand {
     Show,
     /// `BEGIN BRANCH`: a TCC or saga handler's barrier (`barrier/`).
     Branch,
+    /// `SEND MESSAGE`: a message for the outbox (`outbox/`).
+    SendMessage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +229,7 @@ fn classify_word(lexer: &mut Lexer<'_>, sql: &[u8], first: Range<usize>) -> Stat
         }
         _ if first_is("begin") && second_is("not") => C::Other(Other::Procedural),
         _ if first_is("begin") && second_is("branch") => C::GlobalTransaction(GlobalCommand::Branch),
+        _ if first_is("send") && second_is("message") => C::GlobalTransaction(GlobalCommand::SendMessage),
         _ if first_is("begin") => C::TransactionControl(TxControl::Begin),
         _ if first_is("start") && second_is("transaction") => C::TransactionControl(TxControl::Begin),
         _ if first_is("commit") => C::TransactionControl(TxControl::Commit),
@@ -750,6 +753,10 @@ mod tests {
         assert_eq!(
             class("BEGIN BRANCH 'g' '01' 'try'"),
             C::GlobalTransaction(GlobalCommand::Branch)
+        );
+        assert_eq!(
+            class("SEND MESSAGE TO 'u' PAYLOAD 'p'"),
+            C::GlobalTransaction(GlobalCommand::SendMessage)
         );
         assert_eq!(
             class("ROLLBACK GLOBAL 'x'"),

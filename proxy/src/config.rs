@@ -49,7 +49,33 @@ pub struct Config {
     pub dirty_writes: DirtyWrites,
     /// The barriers of TCC and saga handlers (`BEGIN BRANCH`).
     pub barrier: Barriers,
+    /// Messages written to `ferrata_outbox`.
+    pub outbox: Outbox,
     pub log: Log,
+}
+
+/// The outbox (`outbox/`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Outbox {
+    /// How long prepared messages wait for their local transaction's COMMIT before the
+    /// coordinator checks their barrier row.
+    pub prepared_timeout_ms: u64,
+    /// How long delivered rows stay in `ferrata_outbox`, for DBAs to see, before they are
+    /// purged; 0 keeps them.
+    pub keep_delivered_s: u64,
+    /// How often the purge runs.
+    pub purge_interval_ms: u64,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            prepared_timeout_ms: 30_000,
+            keep_delivered_s: 7 * 24 * 3600,
+            purge_interval_ms: 60_000,
+        }
+    }
 }
 
 /// Where `BEGIN BRANCH` keeps its barrier rows: DTM's table, so that DTM's SDK barriers and
@@ -245,6 +271,7 @@ impl Default for Config {
             service: Service::default(),
             dirty_writes: DirtyWrites::default(),
             barrier: Barriers::default(),
+            outbox: Outbox::default(),
             log: Log::default(),
         }
     }
@@ -295,6 +322,10 @@ impl Config {
         anyhow::ensure!(
             self.service.xa_sweep_interval_ms >= 100,
             "[service] xa_sweep_interval_ms must be at least 100: each sweep runs XA RECOVER on the server"
+        );
+        anyhow::ensure!(
+            self.outbox.prepared_timeout_ms >= 1000 && self.outbox.purge_interval_ms >= 100,
+            "[outbox] prepared_timeout_ms must be at least 1000 and purge_interval_ms at least 100"
         );
         anyhow::ensure!(
             self.barrier

@@ -33,7 +33,7 @@ use crate::xa::{self, Xa};
 pub struct Modes {
     pub modes: Vec<Arc<dyn Mode>>,
     global: Option<Arc<Global>>,
-    branch_modes: Option<(Arc<At>, Arc<Xa>)>,
+    branch_modes: Option<(Arc<At>, Arc<Xa>, Arc<Outbox>)>,
     barrier: Arc<Barrier>,
     xa_sweep_interval: std::time::Duration,
 }
@@ -53,11 +53,16 @@ impl Modes {
             });
             let at_mode = At::new(Arc::clone(g), undo_logs);
             // The outbox first: it refuses what would commit its messages behind its back.
-            modes.push(Arc::new(Outbox::new(Arc::clone(g), BarrierTable::new(&config.barrier))));
+            let outbox = Arc::new(Outbox::new(
+                Arc::clone(g),
+                BarrierTable::new(&config.barrier),
+                config.outbox.clone(),
+            ));
+            modes.push(outbox.clone());
             modes.push(xa_mode.clone());
             modes.push(at_mode.clone());
             modes.push(Arc::new(Isolation { global: Arc::clone(g) }));
-            branch_modes = Some((at_mode, xa_mode));
+            branch_modes = Some((at_mode, xa_mode, outbox));
         }
         let barrier = Arc::new(Barrier::new(&config.barrier));
         modes.push(barrier.clone());
@@ -75,9 +80,10 @@ impl Modes {
     /// arrive on that stream; anti-hanging markers (and XA commit evidence) past their
     /// retention are swept meanwhile, and so are prepared XA branches nobody holds.
     pub fn start(&self, rm_id: String, stop: CancellationToken) {
-        if let (Some(global), Some((at, xa))) = (&self.global, &self.branch_modes) {
+        if let (Some(global), Some((at, xa, outbox))) = (&self.global, &self.branch_modes) {
             let handler = phase2_handler(Arc::clone(at), Arc::clone(xa), Arc::clone(&self.barrier));
             global.start(rm_id, handler, stop.clone());
+            tokio::spawn(crate::outbox::purge(Arc::clone(outbox), stop.clone()));
             tokio::spawn(undo_table::sweep_markers(
                 Arc::clone(global),
                 Arc::clone(&xa.undo_logs),
@@ -115,6 +121,9 @@ fn phase2_handler(at: Arc<At>, xa: Arc<Xa>, barrier: Arc<Barrier>) -> ferrata_rp
                     out.push(crate::barrier::check::check_prepared(&global, &barrier.table, b).await);
                 }
                 return out;
+            }
+            if command.action == pb::Phase2Action::MarkDelivered as i32 {
+                return crate::outbox::mark_delivered(&global, &command.branches).await;
             }
             let (xa_branches, at_branches): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
                 .into_iter()

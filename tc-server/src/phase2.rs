@@ -580,6 +580,7 @@ impl Coordinator {
                 BranchResult::Done => {
                     if message {
                         self.metrics.message(true);
+                        self.mark_delivered(&p);
                     }
                     self.branch_committed(&p)
                 }
@@ -621,6 +622,42 @@ impl Coordinator {
             self.commit_queue.lock().extend(retry);
             self.commit_wake.notify_one();
         }
+    }
+
+    /// Tells a resource manager of an outbox message's database that it was delivered, so
+    /// its row is marked (best effort: a row left unmarked only shows less to a DBA).
+    fn mark_delivered(self: &Arc<Self>, p: &PendingCommit) {
+        let Ok(msg) = crate::msg::MsgBranch::decode(&p.reference.application_data) else {
+            return;
+        };
+        if msg.check_resource.is_empty() {
+            return;
+        }
+        let branch = pb::BranchRef {
+            xid: p.reference.xid.clone(),
+            branch_id: p.branch_id,
+            resource_id: msg.check_resource.clone(),
+            application_data: msg.name.into_bytes(),
+            branch_type: pb::BranchType::Msg as i32,
+            ..Default::default()
+        };
+        let coordinator = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let timeout = coordinator.config.phase2.call_timeout();
+            let marked = coordinator
+                .rms
+                .call(
+                    &msg.check_resource,
+                    pb::Phase2Action::MarkDelivered,
+                    vec![branch],
+                    None,
+                    timeout,
+                )
+                .await;
+            if let Err(e) = marked {
+                tracing::debug!(error = %e, "a delivered outbox message was not marked");
+            }
+        });
     }
 
     fn branch_committed(&self, p: &PendingCommit) {

@@ -11,7 +11,7 @@ use super::decision::UNKNOWN_OUTCOME;
 use super::refusal;
 use super::statement::{self, GlobalStatement};
 use super::{Global, answered_within, unreachable};
-use crate::classify::{Other, StatementClass};
+use crate::classify::{GlobalCommand, Other, StatementClass};
 use crate::protocol::err::ErrPacket;
 use crate::protocol::resultset;
 use crate::protocol::{Capabilities, Command as Cmd};
@@ -60,7 +60,15 @@ impl ModeSession for BindingSession {
         let multi_statements = state.capabilities.has(Capabilities::MULTI_STATEMENTS);
         self.claimed = match (command.code, command.class) {
             (Cmd::QUERY, Some(class)) => {
-                if let StatementClass::GlobalTransaction(_) = class.class {
+                if class.class == StatementClass::GlobalTransaction(GlobalCommand::SendMessage) {
+                    // The outbox, registered with a coordinator, takes it before this.
+                    Some(Claimed::Refuse(ErrPacket::new(
+                        1235,
+                        "42000",
+                        "SEND MESSAGE needs a transaction coordinator: start ferrata-proxy with --tc <host:port> \
+                         (or [coordinator] endpoints in its config)",
+                    )))
+                } else if let StatementClass::GlobalTransaction(_) = class.class {
                     Some(Claimed::Answer)
                 } else {
                     self.ddl = matches!(class.class, StatementClass::Other(Other::Ddl));

@@ -173,6 +173,62 @@ pub fn parse_branch(sql: &str, no_backslash_escapes: bool) -> Result<BranchState
     }
 }
 
+/// `SEND MESSAGE`: a message for the outbox (`outbox/`), written as its row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendStatement {
+    pub target: String,
+    pub payload: String,
+    pub delay_s: u64,
+    pub key: String,
+    pub policy: String,
+}
+
+/// Parses `SEND MESSAGE TO '<url>' PAYLOAD '<text>' [DELAY <seconds>] [KEY '<key>']
+/// [POLICY '<policy>']` (the options in any order, each at most once).
+pub fn parse_send(sql: &str, no_backslash_escapes: bool) -> Result<SendStatement, String> {
+    const FORM: &str = "SEND MESSAGE TO '<url>' PAYLOAD '<text>' [DELAY <seconds>] [KEY '<key>'] [POLICY '<policy>']";
+    let toks = tokens(sql, no_backslash_escapes).map_err(|e| format!("the statement has {e}; the form is {FORM}"))?;
+    let (target, payload, rest) = match toks.as_slice() {
+        [
+            Token::Word(s),
+            Token::Word(m),
+            Token::Word(to),
+            Token::Str(target),
+            Token::Word(p),
+            Token::Str(payload),
+            rest @ ..,
+        ] if s == "SEND" && m == "MESSAGE" && to == "TO" && p == "PAYLOAD" => (target, payload, rest),
+        _ => return Err(format!("the form is {FORM}")),
+    };
+    let mut send = SendStatement {
+        target: target.clone(),
+        payload: payload.clone(),
+        delay_s: 0,
+        key: String::new(),
+        policy: String::new(),
+    };
+    let (mut delay, mut key, mut policy) = (false, false, false);
+    let mut rest = rest;
+    loop {
+        rest = match rest {
+            [] | [Token::Semicolon] => return Ok(send),
+            [Token::Word(w), Token::Number(n), more @ ..] if w == "DELAY" && !delay => {
+                (delay, send.delay_s) = (true, *n);
+                more
+            }
+            [Token::Word(w), Token::Str(k), more @ ..] if w == "KEY" && !key => {
+                (key, send.key) = (true, k.clone());
+                more
+            }
+            [Token::Word(w), Token::Str(p), more @ ..] if w == "POLICY" && !policy => {
+                (policy, send.policy) = (true, p.clone());
+                more
+            }
+            _ => return Err(format!("the form is {FORM}, each option at most once")),
+        };
+    }
+}
+
 /// Parses one statement; the error says what is wrong and shows the accepted forms.
 pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
     let bad = |what: &str| format!("{what}; Ferrata's statements are {SYNTAX}");
@@ -237,6 +293,31 @@ pub fn parse(sql: &str) -> Result<GlobalStatement, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_message_takes_its_options_in_any_order() {
+        let s = parse_send(
+            "send message to 'https://b/x' payload '{\"a\": 1}' policy 'wechat' delay 5 key 'k-1'",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.target.as_str(),
+                s.payload.as_str(),
+                s.delay_s,
+                s.key.as_str(),
+                s.policy.as_str()
+            ),
+            ("https://b/x", "{\"a\": 1}", 5, "k-1", "wechat")
+        );
+        assert!(parse_send("SEND MESSAGE TO 'u' PAYLOAD 'p' DELAY 1 DELAY 2", false).is_err());
+        assert!(
+            parse_send("SEND MESSAGE 'u'", false)
+                .unwrap_err()
+                .contains("SEND MESSAGE TO")
+        );
+    }
 
     #[test]
     fn accepted_forms() {

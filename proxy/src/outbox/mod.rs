@@ -11,6 +11,8 @@
 //!   (on a service connection: DDL in the session would commit its transaction). Its rows
 //!   carry the connection that wrote them (`session`, a column default) and, once handed to
 //!   the coordinator, their transaction's XID (`xid`).
+//! - `SEND MESSAGE TO '<url>' PAYLOAD '<text>' [DELAY <s>] [KEY '<key>'] [POLICY '<policy>']`
+//!   is written as that INSERT.
 //! - An INSERT into it (any protocol, any driver) runs between a savepoint and its release;
 //!   the session's rows not yet handed over are then read back and checked (target, policy,
 //!   size, delay, key). A bad row undoes the statement (back to the savepoint) and the
@@ -26,8 +28,10 @@
 //!   barrier row (`barrier/check.rs`), so the messages go out iff the COMMIT happened.
 //! - While messages are pending, statements that would commit the transaction without that
 //!   hand-over (DDL, BEGIN, LOCK TABLES, SET autocommit, XA, procedures) are refused.
+//! - Delivered messages have their rows marked (`delivered_at`, told by the coordinator) and
+//!   purged after `[outbox] keep_delivered_s`, so DBAs see recent deliveries with SELECT.
 //! - Not yet: messages inside a global transaction (refused), rows written by triggers or
-//!   procedures (never handed over), marking delivered rows.
+//!   procedures (never handed over).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -36,9 +40,10 @@ use ferrata_rpc::pb;
 use mysql_async::prelude::*;
 use parking_lot::Mutex;
 
-use crate::classify::{Dml, Other, StatementClass, TxControl};
+use crate::classify::{Dml, GlobalCommand, Other, StatementClass, TxControl};
 use crate::coordinator::Global;
 use crate::coordinator::barrier_table::BarrierTable;
+use crate::coordinator::statement;
 use crate::protocol::Command as Cmd;
 use crate::protocol::err::ErrPacket;
 use crate::session::backend::{self, Row};
@@ -54,22 +59,22 @@ pub const TABLE: &str = "ferrata_outbox";
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 /// The longest delay before a message's first attempt (7 days).
 const MAX_DELAY_S: u64 = 7 * 24 * 3600;
-/// How long prepared messages wait for their COMMIT before the coordinator checks.
-const PREPARED_TIMEOUT_MS: u64 = 30_000;
 
 /// The outbox, once per proxy.
 pub struct Outbox {
     pub global: Arc<Global>,
     pub barrier: BarrierTable,
+    config: crate::config::Outbox,
     /// Databases whose outbox table (and the barrier table) is known to exist.
     ready: Mutex<HashSet<String>>,
 }
 
 impl Outbox {
-    pub fn new(global: Arc<Global>, barrier: BarrierTable) -> Outbox {
+    pub fn new(global: Arc<Global>, barrier: BarrierTable, config: crate::config::Outbox) -> Outbox {
         Outbox {
             global,
             barrier,
+            config,
             ready: Mutex::new(HashSet::new()),
         }
     }
@@ -130,11 +135,70 @@ impl Mode for Outbox {
     }
 }
 
+/// Marks the rows of delivered messages (`MARK_DELIVERED`: each branch names its
+/// transaction, its database's resource and, as its application data, the row's id).
+pub async fn mark_delivered(global: &Global, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
+    let mut out = Vec::with_capacity(branches.len());
+    for b in branches {
+        let id = String::from_utf8_lossy(&b.application_data).into_owned();
+        let marked: Result<(), mysql_async::Error> = async {
+            let mut conn = global.service_conn(&b.resource_id).await?;
+            conn.exec_drop(
+                format!("UPDATE {TABLE} SET delivered_at = NOW(6) WHERE xid = ? AND id = ?"),
+                (&b.xid, &id),
+            )
+            .await
+        }
+        .await;
+        out.push(match marked {
+            Ok(()) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, ""),
+            Err(e) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, e.to_string()),
+        });
+    }
+    out
+}
+
+/// Deletes delivered rows older than `[outbox] keep_delivered_s`, in every database whose
+/// outbox this proxy has used, every `purge_interval_ms`, until `stop`.
+pub async fn purge(outbox: Arc<Outbox>, stop: tokio_util::sync::CancellationToken) {
+    let keep = outbox.config.keep_delivered_s;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(outbox.config.purge_interval_ms));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if keep == 0 {
+            continue;
+        }
+        let databases: Vec<String> = outbox.ready.lock().iter().cloned().collect();
+        for database in databases {
+            let purged: Result<(), mysql_async::Error> = async {
+                let mut conn = outbox.global.service_conn(&outbox.global.resource(&database)).await?;
+                conn.exec_drop(
+                    format!(
+                        "DELETE FROM {}.{TABLE} WHERE delivered_at < NOW(6) - INTERVAL ? SECOND",
+                        ident(&database)
+                    ),
+                    (keep,),
+                )
+                .await
+            }
+            .await;
+            if let Err(e) = purged {
+                tracing::warn!(database, error = %e, "purging delivered outbox rows failed; tried again later");
+            }
+        }
+    }
+}
+
 /// What the session's part took a command for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Claimed {
     /// An INSERT into the outbox.
     Write,
+    /// `SEND MESSAGE`: its text, written as that INSERT.
+    Send(String),
     /// A statement that would commit pending messages without their hand-over.
     ImplicitCommit,
     /// An outbox write in a session bound to a global transaction.
@@ -189,9 +253,14 @@ impl ModeSession for OutboxSession {
         self.claimed = None;
         // A prepared outbox INSERT needs the table before the server prepares it.
         if command.code == Cmd::STMT_PREPARE
-            && command.class.is_some_and(|c| matches!(c.class, StatementClass::Dml(Dml::Insert | Dml::Replace)))
+            && command
+                .class
+                .is_some_and(|c| matches!(c.class, StatementClass::Dml(Dml::Insert | Dml::Replace)))
             && writes_outbox(&command.payload[1..])
-            && state.schema.as_ref().is_some_and(|db| !self.outbox.ready.lock().contains(db))
+            && state
+                .schema
+                .as_ref()
+                .is_some_and(|db| !self.outbox.ready.lock().contains(db))
         {
             self.gate_for = Gate::Tables;
             return Claim::Gate;
@@ -207,9 +276,12 @@ impl ModeSession for OutboxSession {
             },
             _ => return Claim::Pass,
         };
-        let write = matches!(class, StatementClass::Dml(Dml::Insert | Dml::Replace)) && writes_outbox(sql);
+        let send = class == StatementClass::GlobalTransaction(GlobalCommand::SendMessage);
+        let write = send || matches!(class, StatementClass::Dml(Dml::Insert | Dml::Replace)) && writes_outbox(sql);
         self.claimed = if write && state.xid.is_some() {
             Some(Claimed::InGlobal)
+        } else if send {
+            Some(Claimed::Send(String::from_utf8_lossy(sql).into_owned()))
         } else if write {
             Some(Claimed::Write)
         } else if self.pending && !keeps_transaction(class) {
@@ -230,7 +302,27 @@ impl ModeSession for OutboxSession {
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
         Box::pin(async move {
             match self.claimed.take() {
-                Some(Claimed::Write) => self.write(io).await,
+                Some(Claimed::Write) => {
+                    let raw = io.raw.to_vec();
+                    self.write(io, &raw).await
+                }
+                Some(Claimed::Send(sql)) => match statement::parse_send(&sql, io.state.no_backslash_escapes()) {
+                    Ok(send) => {
+                        let insert = format!(
+                            "INSERT INTO {TABLE} (target, payload, policy, msg_key, delay_s) VALUES ({}, {}, {}, {}, {})",
+                            literal(&send.target),
+                            literal(&send.payload),
+                            literal(&send.policy),
+                            literal(&send.key),
+                            send.delay_s
+                        );
+                        self.write(io, &backend::query_packet(&insert)).await
+                    }
+                    Err(e) => {
+                        let e = ErrPacket::new(1064, "42000", format!("You have an error in your SQL syntax: {e}"));
+                        backend::refuse(io.client, e).await
+                    }
+                },
                 Some(Claimed::InGlobal) => {
                     backend::refuse(
                         io.client,
@@ -402,8 +494,9 @@ fn constraint(message: String) -> ErrPacket {
 }
 
 impl OutboxSession {
-    /// Runs an outbox INSERT between a savepoint and its release, checking the rows it wrote.
-    async fn write(&mut self, io: Io<'_>) -> Result<(), SessionError> {
+    /// Runs an outbox INSERT (`statement`, a command packet) between a savepoint and its
+    /// release, checking the rows it wrote.
+    async fn write(&mut self, io: Io<'_>, statement: &[u8]) -> Result<(), SessionError> {
         let limit = io.shared.config.max_packet_size;
         let Some(database) = io.state.schema.clone() else {
             return backend::refuse(io.client, crate::coordinator::no_database()).await;
@@ -422,7 +515,7 @@ impl OutboxSession {
         if let Err(e) = opened {
             return backend::reply(io.client, e).await;
         }
-        let response = match backend::run_client_statement(io.backend, io.state, limit, io.raw, own).await? {
+        let response = match backend::run_client_statement(io.backend, io.state, limit, statement, own).await? {
             Ok((response, _)) => response,
             // Refused by the server: nothing was written (an own transaction is rolled back).
             Err(response) => return send(io.client, &response).await,
@@ -511,7 +604,7 @@ async fn hand_over(
     }
     let database = state.schema.clone().unwrap_or_default();
     let request = pb::MessagesPrepareRequest {
-        timeout_ms: PREPARED_TIMEOUT_MS,
+        timeout_ms: outbox.config.prepared_timeout_ms,
         name: "outbox".into(),
         resource_id: outbox.global.resource(&database),
         messages: rows
