@@ -239,3 +239,70 @@ async fn messages_survive_their_proxy_and_delivered_rows_are_purged() -> Result<
     .await?;
     Ok(())
 }
+
+/// What drivers do that the first tests do not: autocommit off (the INSERT opens the
+/// transaction), COMMIT AND CHAIN, a multi-statement string, a change of database while
+/// messages are pending, another database's outbox, and an INSERT that sets the proxy's
+/// own columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
+    let env = start().await?;
+    let url = |path: &str| format!("{}/ok/{path}", env.service.base);
+    let mut app = env.proxy.conn().await?;
+
+    // autocommit off: nothing goes until the COMMIT, and a ROLLBACK takes it back.
+    app.query_drop("SET autocommit = 0").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (url("off-rolled"),),
+    )
+    .await?;
+    app.query_drop("ROLLBACK").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (url("off-committed"),),
+    )
+    .await?;
+    app.query_drop("COMMIT AND CHAIN").await?;
+    env.service.until_called("/ok/off-committed?").await?;
+    app.query_drop("COMMIT").await?;
+    app.query_drop("SET autocommit = 1").await?;
+    ensure!(!env.service.calls().iter().any(|c| c.uri.starts_with("/ok/off-rolled")));
+
+    // Refused: a multi-statement string with an outbox write; USE while pending; another
+    // database's outbox.
+    let both = app
+        .query_drop(format!(
+            "INSERT INTO ferrata_outbox (target, payload) VALUES ('{}', 'p'); COMMIT",
+            url("multi")
+        ))
+        .await
+        .expect_err("refused");
+    ensure!(code(&both) == 1235, "{both}");
+    app.query_drop("BEGIN").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (url("pending"),),
+    )
+    .await?;
+    let use_db = app.query_drop("USE mysql").await.expect_err("refused");
+    ensure!(code(&use_db) == 1235, "{use_db}");
+    let other = app
+        .query_drop(format!(
+            "INSERT INTO mysql.ferrata_outbox (target, payload) VALUES ('{}', 'p')",
+            url("other")
+        ))
+        .await
+        .expect_err("refused");
+    ensure!(code(&other) == 1235, "{other}");
+    // The proxy's own columns are its own.
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload, xid, session) VALUES (?, 'p', 'forged', 1)",
+        (url("forged"),),
+    )
+    .await?;
+    app.query_drop("COMMIT").await?;
+    env.service.until_called("/ok/pending?").await?;
+    env.service.until_called("/ok/forged?").await?;
+    Ok(())
+}

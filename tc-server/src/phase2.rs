@@ -625,7 +625,8 @@ impl Coordinator {
     }
 
     /// Tells a resource manager of an outbox message's database that it was delivered, so
-    /// its row is marked (best effort: a row left unmarked only shows less to a DBA).
+    /// its row is marked (tried a few times: a row left unmarked shows a DBA less, and is
+    /// not purged).
     fn mark_delivered(self: &Arc<Self>, p: &PendingCommit) {
         let Ok(msg) = crate::msg::MsgBranch::decode(&p.reference.application_data) else {
             return;
@@ -644,18 +645,21 @@ impl Coordinator {
         let coordinator = Arc::clone(self);
         self.tasks.spawn(async move {
             let timeout = coordinator.config.phase2.call_timeout();
-            let marked = coordinator
-                .rms
-                .call(
-                    &msg.check_resource,
-                    pb::Phase2Action::MarkDelivered,
-                    vec![branch],
-                    None,
-                    timeout,
-                )
-                .await;
-            if let Err(e) = marked {
-                tracing::debug!(error = %e, "a delivered outbox message was not marked");
+            // A few tries with backoff: a row left unmarked stays unpurged.
+            for attempt in 0..5 {
+                let marked = coordinator
+                    .rms
+                    .call(&msg.check_resource, pb::Phase2Action::MarkDelivered, vec![branch.clone()], None, timeout)
+                    .await;
+                let done = matches!(&marked, Ok(o) if o.iter().all(|o| o.status == pb::BranchStatus::PhaseTwoCommitted as i32));
+                if done {
+                    return;
+                }
+                tracing::debug!(attempt, "a delivered outbox message was not marked yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(coordinator.config.phase2.backoff(attempt)) => {}
+                    _ = coordinator.shutdown.cancelled() => return,
+                }
             }
         });
     }

@@ -27,11 +27,14 @@
 //!   between leaves the XID prepared: past its timeout the coordinator has a proxy check the
 //!   barrier row (`barrier/check.rs`), so the messages go out iff the COMMIT happened.
 //! - While messages are pending, statements that would commit the transaction without that
-//!   hand-over (DDL, BEGIN, LOCK TABLES, SET autocommit, XA, procedures) are refused.
+//!   hand-over, or change its database (DDL, BEGIN, LOCK TABLES, SET, XA, CALL, USE,
+//!   multi-statement strings), are refused; so are bulk executes, LOAD DATA and
+//!   multi-statement strings into the outbox, and another database's outbox. A trigger the
+//!   proxy creates keeps `session`, `xid` and `delivered_at` its own.
 //! - Delivered messages have their rows marked (`delivered_at`, told by the coordinator) and
 //!   purged after `[outbox] keep_delivered_s`, so DBAs see recent deliveries with SELECT.
-//! - Not yet: messages inside a global transaction (refused), rows written by triggers or
-//!   procedures (never handed over).
+//! - Not yet: messages inside a global transaction (refused); rows written by triggers or
+//!   procedures go only with the connection's next hand-over.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -107,6 +110,13 @@ impl Outbox {
             let mut conn = self.global.service_conn(&resource).await?;
             conn.query_drop(format!("USE {}", ident(database))).await?;
             conn.query_drop(Self::create_sql()).await?;
+            // Rows belong to the connection that writes them and start unsent, whatever the
+            // INSERT says.
+            conn.query_drop(format!(
+                "CREATE TRIGGER IF NOT EXISTS ferrata_outbox_owned BEFORE INSERT ON {TABLE} FOR EACH ROW \
+                 SET NEW.session = CONNECTION_ID(), NEW.xid = NULL, NEW.delivered_at = NULL"
+            ))
+            .await?;
             for ddl in self.barrier.create_sql() {
                 conn.query_drop(ddl).await?;
             }
@@ -115,7 +125,9 @@ impl Outbox {
         .await;
         created.map_err(|e| {
             crate::coordinator::service_error(&e).prefixed(&format!(
-                "the outbox table {database}.{TABLE} is missing and ferrata-proxy could not create it: "
+                "the outbox table {database}.{TABLE} is missing and ferrata-proxy could not create it (its service user \
+                 needs CREATE and TRIGGER there, or have a DBA run: {}): ",
+                Self::create_sql()
             ))
         })?;
         self.ready.lock().insert(database.to_owned());
@@ -131,6 +143,7 @@ impl Mode for Outbox {
             gate_for: Gate::Commit,
             pending: false,
             handed: None,
+            regated: false,
         })
     }
 }
@@ -199,10 +212,8 @@ enum Claimed {
     Write,
     /// `SEND MESSAGE`: its text, written as that INSERT.
     Send(String),
-    /// A statement that would commit pending messages without their hand-over.
-    ImplicitCommit,
-    /// An outbox write in a session bound to a global transaction.
-    InGlobal,
+    /// Refused with this, before any of it runs.
+    Refuse(ErrPacket),
 }
 
 /// What the session's part gated a command for.
@@ -220,24 +231,37 @@ struct OutboxSession {
     gate_for: Gate,
     /// The local transaction wrote messages not yet handed over.
     pending: bool,
-    /// Handed over at a COMMIT gate: the XID the COMMIT's outcome decides.
+    /// Handed over at a COMMIT gate: the XID its COMMIT's outcome decides.
     handed: Option<String>,
+    /// The command now claimed is the one the gate just let through (offered again).
+    regated: bool,
 }
 
-/// Whether `sql`, an INSERT or REPLACE, writes the outbox table.
-fn writes_outbox(sql: &[u8]) -> bool {
-    sql.windows(TABLE.len())
+/// Whether `sql` writes the outbox: `Some(the schema it names, if any)`, told by the parser
+/// after a cheap look for the name.
+fn outbox_write(sql: &[u8]) -> Option<Option<String>> {
+    if !sql
+        .windows(TABLE.len())
         .any(|w| w.eq_ignore_ascii_case(TABLE.as_bytes()))
+    {
+        return None;
+    }
+    let sql = std::str::from_utf8(sql).ok()?;
+    crate::sql::dml::written_tables(sql)
+        .ok()?
+        .into_iter()
+        .find(|t| t.name.eq_ignore_ascii_case(TABLE))
+        .map(|t| t.schema)
 }
 
 /// Whether a statement of `class` may run while messages are pending: it cannot commit the
-/// local transaction behind the hand-over's back.
+/// local transaction (nor change the database the hand-over reads) behind its back.
 fn keeps_transaction(class: StatementClass) -> bool {
     matches!(
         class,
-        StatementClass::Dml(_)
+        StatementClass::Dml(Dml::Insert | Dml::Replace | Dml::Update | Dml::Delete)
             | StatementClass::LockingRead
-            | StatementClass::Other(Other::Select | Other::Show | Other::Set | Other::Use | Other::Empty)
+            | StatementClass::Other(Other::Select | Other::Show | Other::Empty)
             | StatementClass::TransactionControl(
                 TxControl::Commit
                     | TxControl::Rollback
@@ -248,55 +272,98 @@ fn keeps_transaction(class: StatementClass) -> bool {
     )
 }
 
-impl ModeSession for OutboxSession {
-    fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
-        self.claimed = None;
-        // A prepared outbox INSERT needs the table before the server prepares it.
-        if command.code == Cmd::STMT_PREPARE
-            && command
-                .class
-                .is_some_and(|c| matches!(c.class, StatementClass::Dml(Dml::Insert | Dml::Replace)))
-            && writes_outbox(&command.payload[1..])
-            && state
-                .schema
-                .as_ref()
-                .is_some_and(|db| !self.outbox.ready.lock().contains(db))
-        {
-            self.gate_for = Gate::Tables;
-            return Claim::Gate;
-        }
-        let (sql, class) = match command.code {
-            Cmd::QUERY => match command.class {
-                Some(c) => (&command.payload[1..], c.class),
-                None => return Claim::Pass,
-            },
-            Cmd::STMT_EXECUTE => match state.statement(command.payload) {
-                Some(s) => (s.sql.as_bytes(), s.class.class),
-                None => return Claim::Pass,
-            },
-            _ => return Claim::Pass,
+fn refusal(message: String) -> Claimed {
+    Claimed::Refuse(ErrPacket::new(1235, "42000", message))
+}
+
+impl OutboxSession {
+    /// Decides what to do with a command; `None`: not the outbox's business.
+    fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
+        let pending = format!(
+            "this local transaction wrote messages to {TABLE}: COMMIT or ROLLBACK first (the COMMIT hands them over)"
+        );
+        let (sql, class, multi) = match command.code {
+            Cmd::QUERY => {
+                let c = command.class?;
+                (&command.payload[1..], c.class, c.multi_statement)
+            }
+            Cmd::STMT_PREPARE => {
+                let c = command.class?;
+                // A prepared outbox INSERT needs the table before the server prepares it.
+                let db = state.schema.as_ref()?;
+                if outbox_write(&command.payload[1..]).is_some() && !self.outbox.ready.lock().contains(db) {
+                    self.gate_for = Gate::Tables;
+                    return Some(Claim::Gate);
+                }
+                let _ = c;
+                return None;
+            }
+            Cmd::STMT_EXECUTE | Cmd::STMT_BULK_EXECUTE => {
+                let s = state.statement(command.payload)?;
+                let written = outbox_write(s.sql.as_bytes());
+                if written.is_some() && command.code == Cmd::STMT_BULK_EXECUTE {
+                    self.claimed = Some(refusal(format!(
+                        "bulk executes into {TABLE} are not handed over: execute the INSERT once per row"
+                    )));
+                    return Some(Claim::Take);
+                }
+                (s.sql.as_bytes(), s.class.class, false)
+            }
+            Cmd::INIT_DB if self.pending => {
+                self.claimed = Some(refusal(pending));
+                return Some(Claim::Take);
+            }
+            _ => return None,
         };
         let send = class == StatementClass::GlobalTransaction(GlobalCommand::SendMessage);
-        let write = send || matches!(class, StatementClass::Dml(Dml::Insert | Dml::Replace)) && writes_outbox(sql);
-        self.claimed = if write && state.xid.is_some() {
-            Some(Claimed::InGlobal)
-        } else if send {
-            Some(Claimed::Send(String::from_utf8_lossy(sql).into_owned()))
-        } else if write {
-            Some(Claimed::Write)
-        } else if self.pending && !keeps_transaction(class) {
-            Some(Claimed::ImplicitCommit)
-        } else {
-            None
+        let written = if send { Some(None) } else { outbox_write(sql) };
+        self.claimed = match written {
+            Some(_) if multi => Some(refusal(format!(
+                "a statement writing {TABLE} must be sent on its own, not in a multi-statement string"
+            ))),
+            Some(_) if state.xid.is_some() => Some(refusal(format!(
+                "messages inside a global transaction are not supported yet: write {TABLE} in a local transaction \
+                 of its own (LEAVE GLOBAL TRANSACTION first), or add the message to the global transaction over \
+                 the coordinator's HTTP API (POST /v1/transactions/{{xid}}/messages)"
+            ))),
+            Some(Some(schema)) if Some(&schema) != state.schema.as_ref() => Some(refusal(format!(
+                "write the {TABLE} of the session's database (USE {schema} first), not {schema}.{TABLE}"
+            ))),
+            Some(_) if class == StatementClass::Dml(Dml::LoadData) => Some(refusal(format!(
+                "LOAD DATA into {TABLE} is not handed over: INSERT the messages"
+            ))),
+            Some(_) if send => Some(Claimed::Send(String::from_utf8_lossy(sql).into_owned())),
+            Some(_) => Some(Claimed::Write),
+            None if self.pending && (multi || !keeps_transaction(class)) => Some(refusal(pending)),
+            None => None,
         };
         if self.claimed.is_some() {
-            return Claim::Take;
+            return Some(Claim::Take);
         }
         if self.pending && class == StatementClass::TransactionControl(TxControl::Commit) {
             self.gate_for = Gate::Commit;
-            return Claim::Gate;
+            return Some(Claim::Gate);
         }
-        Claim::Pass
+        None
+    }
+}
+
+impl ModeSession for OutboxSession {
+    fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
+        self.claimed = None;
+        if std::mem::take(&mut self.regated) {
+            // The COMMIT the gate let through, offered again: it goes on as sent.
+            return Claim::Pass;
+        }
+        if let Some(xid) = self.handed.take() {
+            // The gated COMMIT never reached the server (another mode refused it): the
+            // transaction is still open, and the check of its barrier row decides.
+            tracing::debug!(xid, "an outbox COMMIT was not sent; the coordinator's check decides");
+        }
+        if self.pending && !state.in_transaction() {
+            self.pending = false;
+        }
+        self.decide(command, state).unwrap_or(Claim::Pass)
     }
 
     fn run<'a>(&'a mut self, io: Io<'a>) -> BoxFuture<'a, Result<(), SessionError>> {
@@ -308,12 +375,15 @@ impl ModeSession for OutboxSession {
                 }
                 Some(Claimed::Send(sql)) => match statement::parse_send(&sql, io.state.no_backslash_escapes()) {
                     Ok(send) => {
+                        // Hexadecimal UTF-8 literals: any characters, any sql_mode, any
+                        // connection character set.
+                        let text = |v: &str| format!("_utf8mb4 X'{}'", crate::sql::hex(v.as_bytes()));
                         let insert = format!(
                             "INSERT INTO {TABLE} (target, payload, policy, msg_key, delay_s) VALUES ({}, {}, {}, {}, {})",
-                            literal(&send.target),
-                            literal(&send.payload),
-                            literal(&send.policy),
-                            literal(&send.key),
+                            text(&send.target),
+                            text(&send.payload),
+                            text(&send.policy),
+                            text(&send.key),
                             send.delay_s
                         );
                         self.write(io, &backend::query_packet(&insert)).await
@@ -323,35 +393,8 @@ impl ModeSession for OutboxSession {
                         backend::refuse(io.client, e).await
                     }
                 },
-                Some(Claimed::InGlobal) => {
-                    backend::refuse(
-                        io.client,
-                        ErrPacket::new(
-                            1235,
-                            "42000",
-                            format!(
-                                "messages inside a global transaction are not supported yet: write {TABLE} in a local \
-                                 transaction of its own (LEAVE GLOBAL TRANSACTION first), or add the message to the \
-                                 global transaction over the coordinator's HTTP API (POST /v1/transactions/{{xid}}/messages)"
-                            ),
-                        ),
-                    )
-                    .await
-                }
-                _ => {
-                    backend::refuse(
-                        io.client,
-                        ErrPacket::new(
-                            1235,
-                            "42000",
-                            format!(
-                                "this statement would commit the local transaction, which wrote messages to {TABLE}, \
-                                 without handing them over: COMMIT or ROLLBACK first"
-                            ),
-                        ),
-                    )
-                    .await
-                }
+                Some(Claimed::Refuse(e)) => backend::refuse(io.client, e).await,
+                None => Ok(()),
             }
         })
     }
@@ -374,7 +417,9 @@ impl ModeSession for OutboxSession {
                     Ok(None)
                 }
                 Handover::Handed(xid) => {
+                    self.pending = false;
                     self.handed = Some(xid);
+                    self.regated = true;
                     Ok(None)
                 }
                 Handover::Refused(e) => Ok(Some(e)),
@@ -382,22 +427,27 @@ impl ModeSession for OutboxSession {
         })
     }
 
-    fn answered(&mut self, state: &SessionState, error: Option<u16>) {
-        if let Some(xid) = self.handed.take() {
-            // The COMMIT's outcome decides the messages; asked in the background (if this
-            // proxy dies first, the coordinator's check of the barrier row decides).
-            let global = Arc::clone(&self.outbox.global);
-            let commit = error.is_none() && !state.in_transaction();
-            tokio::spawn(async move {
-                if let Err(e) = global.decide(&xid, commit).await {
-                    tracing::warn!(xid, error = %e, "the outbox's decision was not taken; the coordinator's check will");
-                }
-            });
-        }
-        if !state.in_transaction() {
-            self.pending = false;
+    fn answered(&mut self, _state: &SessionState, error: Option<u16>) {
+        // The COMMIT answered: committed, the messages go (AND CHAIN opens the next
+        // transaction, committed all the same); failed, the check of the barrier row decides
+        // (a failed COMMIT may leave the transaction open or rolled back).
+        if let Some(xid) = self.handed.take()
+            && error.is_none()
+        {
+            decide_later(&self.outbox.global, xid, true);
         }
     }
+}
+
+/// Asks the coordinator in the background to commit (send) or roll back (drop) the messages
+/// of `xid`; if that fails (or this proxy dies first), its check of the barrier row decides.
+fn decide_later(global: &Arc<Global>, xid: String, commit: bool) {
+    let global = Arc::clone(global);
+    tokio::spawn(async move {
+        if let Err(e) = global.decide(&xid, commit).await {
+            tracing::warn!(xid, error = %e, "the outbox's decision was not taken; the coordinator's check will");
+        }
+    });
 }
 
 /// What a COMMIT gate did with the pending messages.
@@ -504,7 +554,9 @@ impl OutboxSession {
         if let Err(e) = self.outbox.ensure_tables(&database).await {
             return backend::refuse(io.client, e).await;
         }
-        let own = !io.state.in_transaction();
+        // An autocommit INSERT runs in a transaction of the proxy's own; with autocommit off
+        // the INSERT opens the client's transaction, as it would have.
+        let own = io.state.autocommit() && !io.state.in_transaction();
         let before = io.state.status;
         let opened = if own {
             backend::begin_own(io.backend, io.state, limit).await?
@@ -520,6 +572,10 @@ impl OutboxSession {
             // Refused by the server: nothing was written (an own transaction is rolled back).
             Err(response) => return send(io.client, &response).await,
         };
+        // From here the transaction may hold messages, whatever comes next.
+        if !own {
+            self.pending = true;
+        }
         let rows = match pending_rows(io.backend, io.state, limit).await? {
             Ok(rows) => rows,
             Err(e) => return self.undo(io.backend, io.state, io.client, own, limit, e).await,
@@ -534,7 +590,6 @@ impl OutboxSession {
             if let Some(e) = released.error {
                 return backend::reply(io.client, e).await;
             }
-            self.pending = true;
             return send(io.client, &response).await;
         }
         // An autocommit INSERT: handed over and committed at once.
@@ -547,15 +602,17 @@ impl OutboxSession {
             }
             Handover::Nothing => backend::commit_own(io.backend, io.state, limit, response, before).await?,
             Handover::Handed(xid) => {
-                let reply = backend::commit_own(io.backend, io.state, limit, response, before).await?;
-                let committed = !io.state.in_transaction() && reply.get(4) != Some(&0xff);
-                let global = Arc::clone(&self.outbox.global);
-                tokio::spawn(async move {
-                    if let Err(e) = global.decide(&xid, committed).await {
-                        tracing::warn!(xid, error = %e, "the outbox's decision was not taken; the coordinator's check will");
+                let committed = backend::query(io.backend, io.state, "COMMIT", limit).await?;
+                match committed.error {
+                    // The check of the barrier row decides.
+                    Some(e) => e.to_packet(1),
+                    None => {
+                        decide_later(&self.outbox.global, xid, true);
+                        let mut response = response;
+                        backend::as_autocommit(&mut response, io.state, before);
+                        response
                     }
-                });
-                reply
+                }
             }
         };
         send(io.client, &reply).await
@@ -602,6 +659,10 @@ async fn hand_over(
     if rows.is_empty() {
         return Ok(Handover::Nothing);
     }
+    // Rows changed since their INSERT are checked again; nothing is handed over yet.
+    if let Some(why) = rows.iter().find_map(invalid) {
+        return Ok(Handover::Refused(constraint(why)));
+    }
     let database = state.schema.clone().unwrap_or_default();
     let request = pb::MessagesPrepareRequest {
         timeout_ms: outbox.config.prepared_timeout_ms,
@@ -632,17 +693,32 @@ async fn hand_over(
         // Nothing stored: the transaction stays open, the COMMIT may be tried again.
         Err(e) => return Ok(Handover::Refused(e)),
     };
+    // Exactly the rows handed over (read in the transaction's snapshot) get the XID.
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let marked = backend::query(
         backend,
         state,
         &format!(
-            "UPDATE {TABLE} SET xid = {} WHERE session = CONNECTION_ID() AND xid IS NULL",
-            literal(&xid)
+            "UPDATE {TABLE} SET xid = {} WHERE xid IS NULL AND id IN ({})",
+            literal(&xid),
+            ids.join(", ")
         ),
         limit,
     )
     .await?;
-    let barred = match marked.error {
+    let marked = match marked.error {
+        None if marked.affected_rows != rows.len() as u64 => Some(ErrPacket::new(
+            1105,
+            "HY000",
+            format!(
+                "{} of its {} {TABLE} rows changed while they were handed over",
+                rows.len() as u64 - marked.affected_rows.min(rows.len() as u64),
+                rows.len()
+            ),
+        )),
+        other => other,
+    };
+    let barred = match marked {
         Some(e) => Some(e),
         None => {
             backend::query(
@@ -657,13 +733,10 @@ async fn hand_over(
     };
     if let Some(e) = barred {
         backend::local_rollback(backend, state, limit).await?;
-        let global = Arc::clone(&outbox.global);
-        let dropped = xid.clone();
-        tokio::spawn(async move {
-            let _ = global.decide(&dropped, false).await;
-        });
+        decide_later(&outbox.global, xid.clone(), false);
         return Ok(Handover::Refused(e.prefixed(&format!(
-            "the local transaction was rolled back: its messages ({xid}) could not be marked: "
+            "the local transaction was rolled back, nothing of it committed (run it again): its messages ({xid}) \
+             could not be marked: "
         ))));
     }
     Ok(Handover::Handed(xid))
@@ -694,8 +767,13 @@ mod tests {
                 .unwrap()
                 .contains("weekly")
         );
-        assert!(writes_outbox(b"insert into FERRATA_OUTBOX (target) values ('x')"));
-        assert!(!writes_outbox(b"insert into orders values (1)"));
+        assert_eq!(outbox_write(b"insert into FERRATA_OUTBOX (target) values ('x')"), Some(None));
+        assert_eq!(
+            outbox_write(b"insert into `db`.ferrata_outbox (target) values ('x')"),
+            Some(Some("db".into()))
+        );
+        assert_eq!(outbox_write(b"insert into orders values ('ferrata_outbox')"), None);
+        assert_eq!(outbox_write(b"insert into ferrata_outbox_archive values (1)"), None);
         assert!(!keeps_transaction(StatementClass::Other(Other::Ddl)));
         assert!(keeps_transaction(StatementClass::TransactionControl(TxControl::Commit)));
     }
