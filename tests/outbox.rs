@@ -306,3 +306,71 @@ async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
     env.service.until_called("/ok/forged?").await?;
     Ok(())
 }
+
+/// A proxy that dies during the hand-over, before its client's COMMIT reached the server:
+/// the coordinator's check of the barrier row (through another proxy) finds none and drops
+/// the messages, and nothing of the transaction committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_whose_commit_never_happened_are_dropped_by_the_check() -> Result<()> {
+    let settings = "prepared_timeout_ms = 1000";
+    let mut env = start_with(settings).await?;
+    let other = ProxyProcess::start_with(
+        PROXY,
+        env.db.addr(),
+        &env.tc.endpoint(),
+        "",
+        &format!("\n[outbox]\n{settings}\n"),
+    )?;
+    other.await_trust(&mut other.conn().await?).await?;
+    // The tables exist once a message went.
+    let mut app = env.proxy.conn().await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/first", env.service.base),),
+    )
+    .await?;
+    env.service.until_called("/ok/first?").await?;
+
+    // The barrier table held: the hand-over stops at its barrier row, after the coordinator
+    // stored the messages.
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("INSERT INTO orders VALUES (3, 50)").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/lost", env.service.base),),
+    )
+    .await?;
+    let commit = tokio::spawn(async move { app.query_drop("COMMIT").await });
+    let xid = ferrata_tests::eventually(
+        "the messages stored, prepared",
+        std::time::Duration::from_secs(30),
+        async || {
+            let list = env.tc.get("/v1/transactions?status=Begin").await?;
+            Ok(list["transactions"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["name"] == "outbox"))
+                .and_then(|t| t["xid"].as_str().map(str::to_owned)))
+        },
+    )
+    .await?;
+    env.proxy.kill9()?;
+    dba.query_drop("UNLOCK TABLES").await?;
+    ensure!(
+        commit.await?.is_err(),
+        "the client lost its connection before any answer"
+    );
+
+    ferrata_tests::until("the check to drop the messages", async || {
+        Ok(env.tc.status(&xid).await? == "TimeoutRollbacked")
+    })
+    .await?;
+    let order: Option<i64> = dba.query_first("SELECT total FROM orders WHERE id = 3").await?;
+    ensure!(order.is_none(), "nothing of the transaction committed");
+    ensure!(
+        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/lost")),
+        "its message was never sent"
+    );
+    Ok(())
+}

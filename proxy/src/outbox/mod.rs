@@ -767,7 +767,10 @@ mod tests {
                 .unwrap()
                 .contains("weekly")
         );
-        assert_eq!(outbox_write(b"insert into FERRATA_OUTBOX (target) values ('x')"), Some(None));
+        assert_eq!(
+            outbox_write(b"insert into FERRATA_OUTBOX (target) values ('x')"),
+            Some(None)
+        );
         assert_eq!(
             outbox_write(b"insert into `db`.ferrata_outbox (target) values ('x')"),
             Some(Some("db".into()))
