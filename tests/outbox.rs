@@ -242,8 +242,8 @@ async fn messages_survive_their_proxy_and_delivered_rows_are_purged() -> Result<
 
 /// What drivers do that the first tests do not: autocommit off (the INSERT opens the
 /// transaction), COMMIT AND CHAIN, a multi-statement string, a change of database while
-/// messages are pending, another database's outbox, and an INSERT that sets the proxy's
-/// own columns.
+/// messages are pending, another database's outbox, an INSERT that sets the proxy's own
+/// columns, and the client's own XA transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
     let env = start().await?;
@@ -304,6 +304,25 @@ async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
     app.query_drop("COMMIT").await?;
     env.service.until_called("/ok/pending?").await?;
     env.service.until_called("/ok/forged?").await?;
+
+    // Inside the client's own XA transaction: refused, and the XA transaction goes on.
+    app.query_drop("XA START 'own'").await?;
+    let in_xa = app
+        .exec_drop(
+            "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+            (url("xa"),),
+        )
+        .await
+        .expect_err("refused");
+    ensure!(code(&in_xa) == 1235, "{in_xa}");
+    app.query_drop("XA END 'own'").await?;
+    app.query_drop("XA ROLLBACK 'own'").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (url("after-xa"),),
+    )
+    .await?;
+    env.service.until_called("/ok/after-xa?").await?;
     Ok(())
 }
 

@@ -29,7 +29,8 @@
 //! - While messages are pending, statements that would commit the transaction without that
 //!   hand-over, or change its database (DDL, BEGIN, LOCK TABLES, SET, XA, CALL, USE,
 //!   multi-statement strings), are refused; so are bulk executes, LOAD DATA and
-//!   multi-statement strings into the outbox, and another database's outbox. A trigger the
+//!   multi-statement strings into the outbox, another database's outbox, and outbox writes
+//!   in the client's own XA transaction (it could not commit them). A trigger the
 //!   proxy creates keeps `session`, `xid` and `delivered_at` its own.
 //! - Delivered messages have their rows marked (`delivered_at`, told by the coordinator) and
 //!   purged after `[outbox] keep_delivered_s`, so DBAs see recent deliveries with SELECT.
@@ -144,6 +145,8 @@ impl Mode for Outbox {
             pending: false,
             handed: None,
             regated: false,
+            in_xa: false,
+            xa_after: None,
         })
     }
 }
@@ -235,6 +238,22 @@ struct OutboxSession {
     handed: Option<String>,
     /// The command now claimed is the one the gate just let through (offered again).
     regated: bool,
+    /// The client's own XA transaction is open (its XA START or BEGIN answered OK), and
+    /// what the command passed on would make of it once answered.
+    in_xa: bool,
+    xa_after: Option<bool>,
+}
+
+/// What a client's XA statement does to its XA transaction: `Some(true)` opens it, `Some(false)`
+/// ends it, `None` neither (XA END, XA RECOVER).
+fn xa_effect(sql: &[u8]) -> Option<bool> {
+    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    let verb = text.split_whitespace().nth(1)?;
+    match verb {
+        "start" | "begin" => Some(true),
+        "prepare" | "commit" | "rollback" => Some(false),
+        _ => None,
+    }
 }
 
 /// Whether `sql` writes the outbox: `Some(the schema it names, if any)`, told by the parser
@@ -315,9 +334,15 @@ impl OutboxSession {
             }
             _ => return None,
         };
+        if class == StatementClass::TransactionControl(TxControl::Xa) {
+            self.xa_after = xa_effect(sql);
+        }
         let send = class == StatementClass::GlobalTransaction(GlobalCommand::SendMessage);
         let written = if send { Some(None) } else { outbox_write(sql) };
         self.claimed = match written {
+            Some(_) if self.in_xa => Some(refusal(format!(
+                "messages are not handed over from an XA transaction: write {TABLE} after XA COMMIT or XA ROLLBACK"
+            ))),
             Some(_) if multi => Some(refusal(format!(
                 "a statement writing {TABLE} must be sent on its own, not in a multi-statement string"
             ))),
@@ -351,6 +376,7 @@ impl OutboxSession {
 impl ModeSession for OutboxSession {
     fn claim(&mut self, command: &Command<'_>, state: &SessionState, _shared: &Shared) -> Claim {
         self.claimed = None;
+        self.xa_after = None;
         if std::mem::take(&mut self.regated) {
             // The COMMIT the gate let through, offered again: it goes on as sent.
             return Claim::Pass;
@@ -428,6 +454,11 @@ impl ModeSession for OutboxSession {
     }
 
     fn answered(&mut self, _state: &SessionState, error: Option<u16>) {
+        if let Some(open) = self.xa_after.take()
+            && error.is_none()
+        {
+            self.in_xa = open;
+        }
         // The COMMIT answered: committed, the messages go (AND CHAIN opens the next
         // transaction, committed all the same); failed, the check of the barrier row decides
         // (a failed COMMIT may leave the transaction open or rolled back).
@@ -778,6 +809,9 @@ mod tests {
         assert_eq!(outbox_write(b"insert into orders values ('ferrata_outbox')"), None);
         assert_eq!(outbox_write(b"insert into ferrata_outbox_archive values (1)"), None);
         assert!(!keeps_transaction(StatementClass::Other(Other::Ddl)));
+        assert_eq!(xa_effect(b"XA START 'x'"), Some(true));
+        assert_eq!(xa_effect(b"xa rollback 'x'"), Some(false));
+        assert_eq!(xa_effect(b"XA END 'x'"), None);
         assert!(keeps_transaction(StatementClass::TransactionControl(TxControl::Commit)));
     }
 }
