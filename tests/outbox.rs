@@ -37,15 +37,17 @@ async fn start_with(outbox_toml: &str) -> Result<Env> {
         .await?
         .query_drop("CREATE TABLE orders (id INT PRIMARY KEY, total INT)")
         .await?;
-    let more = if outbox_toml.is_empty() {
-        String::new()
-    } else {
-        format!("\n[outbox]\n{outbox_toml}\n")
-    };
-    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), "", &more)?;
-    proxy.await_trust(&mut proxy.conn().await?).await?;
+    let proxy = outbox_proxy(&tc, &db, outbox_toml).await?;
     let service = Service::start().await?;
     Ok(Env { tc, db, proxy, service })
+}
+
+/// A proxy in front of `db` with `outbox_toml` as its `[outbox]` settings, trusted by `tc`.
+async fn outbox_proxy(tc: &Coordinator, db: &MariaDb, outbox_toml: &str) -> Result<ProxyProcess> {
+    let more = format!("\n[outbox]\n{outbox_toml}\n");
+    let proxy = ProxyProcess::start_with(PROXY, db.addr(), &tc.endpoint(), "", &more)?;
+    proxy.await_trust(&mut proxy.conn().await?).await?;
+    Ok(proxy)
 }
 
 fn code(e: &mysql_async::Error) -> u16 {
@@ -187,14 +189,7 @@ async fn bad_rows_are_refused_at_the_insert_and_the_transaction_goes_on() -> Res
 async fn messages_survive_their_proxy_and_delivered_rows_are_purged() -> Result<()> {
     let settings = "prepared_timeout_ms = 1000\nkeep_delivered_s = 1\npurge_interval_ms = 100";
     let mut env = start_with(settings).await?;
-    let other = ProxyProcess::start_with(
-        PROXY,
-        env.db.addr(),
-        &env.tc.endpoint(),
-        "",
-        &format!("\n[outbox]\n{settings}\n"),
-    )?;
-    other.await_trust(&mut other.conn().await?).await?;
+    let other = outbox_proxy(&env.tc, &env.db, settings).await?;
     let target = format!("{}/ok/survivor", env.service.base);
     let mut app = env.proxy.conn().await?;
     app.query_drop("BEGIN").await?;
@@ -333,14 +328,8 @@ async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
 async fn messages_whose_commit_never_happened_are_dropped_by_the_check() -> Result<()> {
     let settings = "prepared_timeout_ms = 1000";
     let mut env = start_with(settings).await?;
-    let other = ProxyProcess::start_with(
-        PROXY,
-        env.db.addr(),
-        &env.tc.endpoint(),
-        "",
-        &format!("\n[outbox]\n{settings}\n"),
-    )?;
-    other.await_trust(&mut other.conn().await?).await?;
+    // Kept running: it answers the coordinator's check.
+    let _other = outbox_proxy(&env.tc, &env.db, settings).await?;
     // The tables exist once a message went.
     let mut app = env.proxy.conn().await?;
     app.exec_drop(

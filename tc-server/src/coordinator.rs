@@ -482,25 +482,34 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Begins a transaction under any name (the DTM API names its own).
-    pub(crate) async fn begin_named(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
-        self.check_running()?;
-        let timeout_ms = if timeout_ms == 0 {
+    /// `timeout_ms`, or the coordinator's default when it is 0.
+    pub(crate) fn timeout_or_default(&self, timeout_ms: u64) -> u64 {
+        if timeout_ms == 0 {
             self.config.transactions.default_timeout_ms
         } else {
             timeout_ms
-        };
-        self.check_limits(timeout_ms, &name)?;
-        let txn_id = self.ids.next().await?;
+        }
+    }
+
+    /// A new transaction's record, in Begin, under a fresh id.
+    pub(crate) async fn new_record(&self, name: String, timeout_ms: u64) -> Result<GlobalRecord, TcError> {
         let now = now_ms();
-        let record = GlobalRecord {
-            txn_id,
+        Ok(GlobalRecord {
+            txn_id: self.ids.next().await?,
             name,
             status: GlobalStatus::Begin,
             timeout_ms,
             begin_ms: now,
             updated_ms: now,
-        };
+        })
+    }
+
+    /// Begins a transaction under any name (the DTM API names its own).
+    pub(crate) async fn begin_named(&self, timeout_ms: u64, name: String) -> Result<String, TcError> {
+        self.check_running()?;
+        let timeout_ms = self.timeout_or_default(timeout_ms);
+        self.check_limits(timeout_ms, &name)?;
+        let record = self.new_record(name, timeout_ms).await?;
         let (session, _) = self.open_session(record, Vec::new());
         tracing::debug!(xid = session.xid, timeout_ms, "begin");
         Ok(session.xid.clone())

@@ -20,7 +20,7 @@ use ferrata_rpc::pb;
 use crate::calls::Outcome;
 use crate::coordinator::{Coordinator, Session};
 use crate::error::TcError;
-use crate::model::{BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::model::{BranchMode, BranchRecord, BranchStatus, GlobalStatus};
 use crate::msg::{self, MsgBranch};
 use crate::timeline::DecidedBy;
 
@@ -35,11 +35,7 @@ impl Coordinator {
         mut messages: Vec<MsgBranch>,
     ) -> Result<String, TcError> {
         self.check_running()?;
-        let timeout_ms = if timeout_ms == 0 {
-            self.config.transactions.default_timeout_ms
-        } else {
-            timeout_ms
-        };
+        let timeout_ms = self.timeout_or_default(timeout_ms);
         self.check_limits(timeout_ms, &name)?;
         if messages.is_empty() || messages.len() > crate::saga::MAX_STEPS {
             return Err(TcError::invalid(format!(
@@ -70,16 +66,8 @@ impl Coordinator {
             .await
             .map_err(TcError::invalid)?;
         let max = self.config.transactions.max_application_data;
-        let txn_id = self.ids.next().await?;
-        let now = now_ms();
-        let record = GlobalRecord {
-            txn_id,
-            name,
-            status: GlobalStatus::Begin,
-            timeout_ms,
-            begin_ms: now,
-            updated_ms: now,
-        };
+        let record = self.new_record(name, timeout_ms).await?;
+        let (txn_id, now) = (record.txn_id, record.begin_ms);
         let mut branches = Vec::with_capacity(messages.len());
         for m in messages {
             let application_data = m.encode();

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::coordinator::{Coordinator, Session};
 use crate::error::TcError;
-use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus, now_ms};
+use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, GlobalStatus, now_ms};
 use crate::saga::{self, ActionResult, SagaStep, StepRequest};
 use crate::store::Mutation;
 use crate::timeline::{AttemptResult, DecidedBy, EventKind};
@@ -90,16 +90,8 @@ impl Coordinator {
     /// is durable.
     pub async fn submit_saga(self: &Arc<Self>, saga: PlannedSaga) -> Result<String, TcError> {
         self.check_running()?;
-        let txn_id = self.ids.next().await?;
-        let now = now_ms();
-        let record = GlobalRecord {
-            txn_id,
-            name: saga.name,
-            status: GlobalStatus::Begin,
-            timeout_ms: saga.timeout_ms,
-            begin_ms: now,
-            updated_ms: now,
-        };
+        let record = self.new_record(saga.name, saga.timeout_ms).await?;
+        let (txn_id, now) = (record.txn_id, record.begin_ms);
         let mut branches = Vec::with_capacity(saga.steps.len());
         for (step, application_data) in saga.steps {
             branches.push(BranchRecord {
