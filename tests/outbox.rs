@@ -382,3 +382,162 @@ async fn messages_whose_commit_never_happened_are_dropped_by_the_check() -> Resu
     );
     Ok(())
 }
+
+/// The messages of one global transaction's outbox rows (its branches of mode msg).
+async fn joined(tc: &Coordinator, xid: &str) -> Result<usize> {
+    let t = tc.get(&format!("/v1/transactions/{xid}")).await?;
+    Ok(t["branches"]
+        .as_array()
+        .map_or(0, |b| b.iter().filter(|b| b["mode"] == "MSG").count()))
+}
+
+/// Outbox rows written inside a global transaction go with its decision: delivered when it
+/// commits (their barrier rows say their local transactions committed), never when it rolls
+/// back (their rows deleted, the AT write undone), never from a local transaction that
+/// rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_a_global_transaction_go_with_its_decision() -> Result<()> {
+    let env = start().await?;
+    let url = |path: &str| format!("{}/ok/{path}", env.service.base);
+    let mut app = env.proxy.conn().await?;
+    let outbox_rows = async |target: &str| -> Result<i64> {
+        let mut c = env.db.conn().await?;
+        let n: Option<i64> = c
+            .exec_first("SELECT COUNT(*) FROM ferrata_outbox WHERE target = ?", (target,))
+            .await?;
+        Ok(n.unwrap_or(0))
+    };
+
+    // Committed: two local transactions, one rolled back; the messages wait for the global
+    // commit, then the committed local transaction's go.
+    let xid: String = app.query_first("START GLOBAL TRANSACTION").await?.expect("an xid");
+    app.query_drop("BEGIN").await?;
+    app.query_drop(format!(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES ('{}', 'never')",
+        url("local-rollback")
+    ))
+    .await?;
+    app.query_drop("ROLLBACK").await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("INSERT INTO orders VALUES (10, 5)").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload, msg_key) VALUES (?, 'g', 'order-10')",
+        (url("global-commit"),),
+    )
+    .await?;
+    app.query_drop(format!("SEND MESSAGE TO '{}' PAYLOAD 's'", url("global-send")))
+        .await?;
+    app.query_drop("COMMIT").await?;
+    ensure!(joined(&env.tc, &xid).await? == 2, "both messages joined {xid}");
+    ensure!(
+        handed(&env.db, &url("global-commit")).await?.as_deref() == Some(xid.as_str()),
+        "the rows carry the global XID"
+    );
+    ensure!(env.service.calls().is_empty(), "nothing before the global commit");
+    app.query_drop("COMMIT GLOBAL").await?;
+    let call = env.service.until_called("/ok/global-commit?").await?;
+    ensure!(call.body == "g" && call.header("webhook-id") == "order-10", "{call:?}");
+    env.service.until_called("/ok/global-send?").await?;
+    ferrata_tests::until("the global transaction to finish", async || {
+        Ok(env.tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    ferrata_tests::until("the rows marked delivered", async || {
+        let mut c = env.db.conn().await?;
+        let n: Option<i64> = c
+            .exec_first(
+                "SELECT COUNT(*) FROM ferrata_outbox WHERE xid = ? AND delivered_at IS NOT NULL",
+                (&xid,),
+            )
+            .await?;
+        Ok(n == Some(2))
+    })
+    .await?;
+
+    // Rolled back: the local transaction committed, yet nothing goes, the rows are deleted
+    // and the order is undone. Autocommit this time.
+    let xid: String = app.query_first("START GLOBAL TRANSACTION").await?.expect("an xid");
+    app.query_drop("INSERT INTO orders VALUES (11, 5)").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'r')",
+        (url("global-rollback"),),
+    )
+    .await?;
+    ensure!(joined(&env.tc, &xid).await? == 1, "the message joined {xid}");
+    ensure!(outbox_rows(&url("global-rollback")).await? == 1, "its row committed");
+    app.query_drop("ROLLBACK GLOBAL").await?;
+    ensure!(env.tc.status(&xid).await? == "Rollbacked", "rolled back");
+    ensure!(outbox_rows(&url("global-rollback")).await? == 0, "its row deleted");
+    let order: Option<i64> = env
+        .db
+        .conn()
+        .await?
+        .query_first("SELECT total FROM orders WHERE id = 11")
+        .await?;
+    ensure!(order.is_none(), "the order undone");
+
+    // A message sent after both shows nothing else came.
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'last')",
+        (url("last"),),
+    )
+    .await?;
+    env.service.until_called("/ok/last?").await?;
+    let sent: Vec<String> = env.service.calls().into_iter().map(|c| c.uri).collect();
+    ensure!(
+        !sent
+            .iter()
+            .any(|u| u.starts_with("/ok/local-rollback") || u.starts_with("/ok/global-rollback")),
+        "{sent:?}"
+    );
+    Ok(())
+}
+
+/// A message joined to a global transaction whose local transaction never committed (its
+/// proxy died during the hand-over): the global commit asks its barrier row, through
+/// another proxy, and drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_message_whose_local_commit_never_happened_is_dropped() -> Result<()> {
+    let mut env = start().await?;
+    let other = outbox_proxy(&env.tc, &env.db, "").await?;
+    let mut app = env.proxy.conn().await?;
+    // The tables exist once a message went.
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/first", env.service.base),),
+    )
+    .await?;
+    env.service.until_called("/ok/first?").await?;
+
+    let xid: String = app.query_first("START GLOBAL TRANSACTION").await?.expect("an xid");
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
+    app.query_drop("BEGIN").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/lost", env.service.base),),
+    )
+    .await?;
+    let commit = tokio::spawn(async move { app.query_drop("COMMIT").await });
+    ferrata_tests::until("the message joined", async || Ok(joined(&env.tc, &xid).await? == 1)).await?;
+    env.proxy.kill9()?;
+    dba.query_drop("UNLOCK TABLES").await?;
+    ensure!(commit.await?.is_err(), "the client lost its connection");
+
+    let mut second = other.conn().await?;
+    second.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
+    ferrata_tests::until("the global transaction to finish", async || {
+        Ok(env.tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    let (_, metrics) = ferrata_tests::http_get(env.tc.http, "/metrics").await?;
+    ensure!(
+        metrics.contains(r#"ferrata_tc_messages_total{result="dropped"} 1"#),
+        "counted as dropped: {metrics}"
+    );
+    ensure!(
+        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/lost")),
+        "never sent"
+    );
+    Ok(())
+}

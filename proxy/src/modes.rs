@@ -123,7 +123,10 @@ fn phase2_handler(at: Arc<At>, xa: Arc<Xa>, barrier: Arc<Barrier>) -> ferrata_rp
                 return out;
             }
             if command.action == pb::Phase2Action::MarkDelivered as i32 {
-                return crate::outbox::mark_delivered(&global, &command.branches).await;
+                return crate::outbox::mark(&global, &command.branches, true).await;
+            }
+            if command.action == pb::Phase2Action::MarkDropped as i32 {
+                return crate::outbox::mark(&global, &command.branches, false).await;
             }
             let (xa_branches, at_branches): (Vec<_>, Vec<_>) = std::mem::take(&mut command.branches)
                 .into_iter()

@@ -439,6 +439,7 @@ fn msg_request(body: &Map<String, Value>, gid: &str) -> Result<Vec<MsgBranch>, D
             delay_ms,
             query_prepared: query_prepared.clone(),
             check_resource: String::new(),
+            check_barrier: String::new(),
         });
     }
     Ok(messages)

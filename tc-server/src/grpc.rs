@@ -133,8 +133,18 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
                 delay_ms: m.delay_ms,
                 query_prepared: String::new(),
                 check_resource: r.resource_id.clone(),
+                check_barrier: r.barrier.clone(),
             })
             .collect();
+        if !r.xid.is_empty() {
+            self.0.join_messages(&r.xid, messages).await.map_err(status)?;
+            return Ok(Response::new(pb::GlobalBeginResponse { xid: r.xid }));
+        }
+        if !r.barrier.is_empty() {
+            return Err(status(TcError::invalid(
+                "barrier names the barrier row of messages joining a global transaction: send the xid too",
+            )));
+        }
         Coordinator::check_name(&r.name).map_err(status)?;
         let xid = self
             .0

@@ -626,6 +626,7 @@ impl MessageBody {
             delay_ms: self.delay_ms,
             query_prepared: String::new(),
             check_resource: String::new(),
+            check_barrier: String::new(),
         }
     }
 

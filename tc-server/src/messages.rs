@@ -101,6 +101,89 @@ impl Coordinator {
         Ok(session.xid.clone())
     }
 
+    /// Adds `messages`, which an outbox wrote in a local transaction of global transaction
+    /// `xid` (in Begin), to it: each goes with the transaction's decision, and its commit
+    /// first asks its barrier row (`check_barrier` on `check_resource`) whether that local
+    /// transaction committed. Each is registered (and durable) in turn: one registered
+    /// before a later one was refused is dropped at the commit, as its local transaction
+    /// then never commits the barrier row (a hand-over that failed is tried again with a new
+    /// barrier).
+    pub async fn join_messages(self: &Arc<Self>, xid: &str, messages: Vec<MsgBranch>) -> Result<(), TcError> {
+        if messages.is_empty() || messages.len() > crate::saga::MAX_STEPS {
+            return Err(TcError::invalid(format!(
+                "a hand-over holds 1 to {} messages",
+                crate::saga::MAX_STEPS
+            )));
+        }
+        for m in messages {
+            let barrier = &m.check_barrier;
+            if m.name.is_empty() || m.check_resource.is_empty() || barrier.is_empty() {
+                return Err(TcError::invalid(
+                    "messages joining a global transaction need a name, a resource and a barrier",
+                ));
+            }
+            if barrier.len() > 128 || barrier.chars().any(char::is_control) {
+                return Err(TcError::invalid(
+                    "the barrier is a branch_id of the barrier table: at most 128 bytes, no control characters",
+                ));
+            }
+            self.register(pb::BranchRegisterRequest {
+                xid: xid.to_owned(),
+                branch_type: pb::BranchType::Msg as i32,
+                application_data: m.encode(),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers message `b` as its branch's commit; one with a barrier is delivered only if
+    /// its barrier row says its local transaction committed (committed as [`msg::DROPPED`]
+    /// if it says not).
+    pub(crate) async fn deliver_message(&self, timeout: std::time::Duration, b: &pb::BranchRef) -> pb::BranchOutcome {
+        if let Ok(m) = MsgBranch::decode(&b.application_data)
+            && !m.check_barrier.is_empty()
+        {
+            match self.ask_barrier(&m.check_resource, &b.xid, &m.check_barrier).await {
+                Outcome::Success => {}
+                Outcome::Failure(_) | Outcome::Gone(_) => {
+                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, msg::DROPPED);
+                }
+                Outcome::Retry(why) => {
+                    let why = format!("its barrier row could not be checked: {why}");
+                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, why);
+                }
+                Outcome::Ongoing => {
+                    let why = "its barrier row could not be checked";
+                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, why);
+                }
+            }
+        }
+        msg::deliver(&self.caller, timeout, b).await
+    }
+
+    /// Has a resource manager of `resource` check the barrier row of messages (gid `xid`,
+    /// branch_id `barrier`, `00` if empty): whether their local transaction committed.
+    async fn ask_barrier(&self, resource: &str, xid: &str, barrier: &str) -> Outcome {
+        let branch = pb::BranchRef {
+            xid: xid.to_owned(),
+            resource_id: resource.to_owned(),
+            branch_type: pb::BranchType::Msg as i32,
+            application_data: barrier.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let timeout = self.config.phase2.call_timeout();
+        match self
+            .rms
+            .call(resource, pb::Phase2Action::CheckPrepared, vec![branch], None, timeout)
+            .await
+        {
+            Ok(outcomes) => msg::checked(outcomes.first()),
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+
     /// The check of a transaction past its timeout in Begin, if it has one: a message with
     /// a `query_prepared` URL.
     pub(crate) fn prepared_check(session: &Session) -> Option<MsgBranch> {
@@ -134,26 +217,7 @@ impl Coordinator {
                 if !check.query_prepared.is_empty() {
                     return msg::query_prepared(&self.caller, timeout, &session.xid, &check).await;
                 }
-                let branch = pb::BranchRef {
-                    xid: session.xid.clone(),
-                    resource_id: check.check_resource.clone(),
-                    branch_type: pb::BranchType::Msg as i32,
-                    ..Default::default()
-                };
-                let answer = self
-                    .rms
-                    .call(
-                        &check.check_resource,
-                        pb::Phase2Action::CheckPrepared,
-                        vec![branch],
-                        None,
-                        self.config.phase2.call_timeout(),
-                    )
-                    .await;
-                match answer {
-                    Ok(outcomes) => msg::checked(outcomes.first()),
-                    Err(e) => Outcome::Retry(e.to_string()),
-                }
+                self.ask_barrier(&check.check_resource, &session.xid, "").await
             };
             let answer = tokio::select! {
                 answer = ask => answer,

@@ -7,6 +7,15 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use crate::model::GlobalStatus;
 
+/// What a message's commit came to (`ferrata_tc_messages_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageResult {
+    Delivered = 0,
+    DeadLettered = 1,
+    /// Its barrier row said its local transaction never committed: nothing was sent.
+    Dropped = 2,
+}
+
 /// Phase-2 action, as a label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -49,7 +58,7 @@ pub struct Metrics {
     phase2_retries: [Counter; 2],
     phase2_failures: [Counter; 2],
     /// Messages delivered, and dead-lettered.
-    messages: [Counter; 2],
+    messages: [Counter; 3],
 }
 
 impl Metrics {
@@ -89,7 +98,8 @@ impl Metrics {
                 .map(|a| histogram!("ferrata_tc_phase2_seconds", "action" => a.label())),
             phase2_retries: per_action("ferrata_tc_phase2_retries_total"),
             phase2_failures: per_action("ferrata_tc_phase2_failures_total"),
-            messages: ["delivered", "dead_lettered"].map(|r| counter!("ferrata_tc_messages_total", "result" => r)),
+            messages: ["delivered", "dead_lettered", "dropped"]
+                .map(|r| counter!("ferrata_tc_messages_total", "result" => r)),
         }
     }
 
@@ -129,9 +139,9 @@ impl Metrics {
         self.phase2_failures[action as usize].increment(1);
     }
 
-    /// A message delivered (`true`) or dead-lettered.
-    pub fn message(&self, delivered: bool) {
-        self.messages[usize::from(!delivered)].increment(1);
+    /// A message's commit done.
+    pub fn message(&self, result: MessageResult) {
+        self.messages[result as usize].increment(1);
     }
 
     /// An operator action done (`result` ok) or refused (its error code). Looked up when

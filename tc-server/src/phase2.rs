@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::coordinator::{Coordinator, PendingCommit, Session};
-use crate::metrics::Action;
+use crate::metrics::{Action, MessageResult};
 use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
 use crate::rm::CallError;
 use crate::store::Mutation;
@@ -101,6 +101,20 @@ fn attempted(
 }
 
 /// The coordinator calls this branch's service itself (a TCC branch, a saga step).
+/// The outbox row of a message an outbox wrote (`MARK_DELIVERED` or `MARK_DROPPED` to a
+/// resource manager of its database: the row named by the message's name), if it has one.
+fn outbox_row(b: &pb::BranchRef) -> Option<pb::BranchRef> {
+    let msg = crate::msg::MsgBranch::decode(&b.application_data).ok()?;
+    (!msg.check_resource.is_empty()).then(|| pb::BranchRef {
+        xid: b.xid.clone(),
+        branch_id: b.branch_id,
+        resource_id: msg.check_resource,
+        application_data: msg.name.into_bytes(),
+        branch_type: pb::BranchType::Msg as i32,
+        ..Default::default()
+    })
+}
+
 fn is_http(b: &pb::BranchRef) -> bool {
     pb::BranchType::try_from(b.branch_type).is_ok_and(|t| BranchMode::from_pb(t).is_http())
 }
@@ -501,11 +515,8 @@ impl Coordinator {
             let call = async {
                 match pb::BranchType::try_from(b.branch_type) {
                     Ok(pb::BranchType::Saga) => crate::saga::compensate(&self.caller, timeout, b).await,
-                    Ok(pb::BranchType::Msg) if commit => crate::msg::deliver(&self.caller, timeout, b).await,
-                    // A message rolled back is dropped: nothing to call.
-                    Ok(pb::BranchType::Msg) => {
-                        pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, "")
-                    }
+                    Ok(pb::BranchType::Msg) if commit => self.deliver_message(timeout, b).await,
+                    Ok(pb::BranchType::Msg) => self.drop_message(b).await,
                     _ => crate::tcc::phase2(&self.caller, timeout, commit, b).await,
                 }
             };
@@ -578,15 +589,17 @@ impl Coordinator {
             };
             match result {
                 BranchResult::Done => {
-                    if message {
-                        self.metrics.message(true);
-                        self.mark_delivered(&p);
+                    if message && outcome.is_some_and(|o| o.reason == crate::msg::DROPPED) {
+                        self.metrics.message(MessageResult::Dropped);
+                    } else if message {
+                        self.metrics.message(MessageResult::Delivered);
+                        self.tell_outbox(&p.reference, pb::Phase2Action::MarkDelivered);
                     }
                     self.branch_committed(&p)
                 }
                 BranchResult::Unretryable(status, error) => {
                     if message {
-                        self.metrics.message(false);
+                        self.metrics.message(MessageResult::DeadLettered);
                     }
                     self.branch_commit_failed(&p, status, error)
                 }
@@ -624,24 +637,37 @@ impl Coordinator {
         }
     }
 
+    /// A message's rollback: it is dropped. One an outbox wrote inside the global
+    /// transaction has its rows deleted by a resource manager of its database
+    /// (`MARK_DROPPED`; its local transaction may have committed them), retried like any
+    /// branch's rollback until that is done.
+    async fn drop_message(&self, b: &pb::BranchRef) -> pb::BranchOutcome {
+        let dropped = pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, "");
+        let joined = crate::msg::MsgBranch::decode(&b.application_data).is_ok_and(|m| !m.check_barrier.is_empty());
+        let Some(branch) = outbox_row(b).filter(|_| joined) else {
+            return dropped;
+        };
+        let timeout = self.config.phase2.call_timeout();
+        let resource = branch.resource_id.clone();
+        let answer = self
+            .rms
+            .call(&resource, pb::Phase2Action::MarkDropped, vec![branch], None, timeout)
+            .await;
+        match answer {
+            Ok(o) if o.iter().all(|o| o.status == pb::BranchStatus::PhaseTwoCommitted as i32) => dropped,
+            Ok(o) => {
+                let why = o.first().map_or("no answer for the branch", |o| o.reason.as_str());
+                pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, format!("its outbox row: {why}"))
+            }
+            Err(e) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, format!("its outbox row: {e}")),
+        }
+    }
+
     /// Tells a resource manager of an outbox message's database that it was delivered, so
     /// its row is marked (tried a few times: a row left unmarked shows a DBA less, and is
     /// not purged).
-    fn mark_delivered(self: &Arc<Self>, p: &PendingCommit) {
-        let Ok(msg) = crate::msg::MsgBranch::decode(&p.reference.application_data) else {
-            return;
-        };
-        if msg.check_resource.is_empty() {
-            return;
-        }
-        let branch = pb::BranchRef {
-            xid: p.reference.xid.clone(),
-            branch_id: p.branch_id,
-            resource_id: msg.check_resource.clone(),
-            application_data: msg.name.into_bytes(),
-            branch_type: pb::BranchType::Msg as i32,
-            ..Default::default()
-        };
+    fn tell_outbox(self: &Arc<Self>, reference: &pb::BranchRef, action: pb::Phase2Action) {
+        let Some(branch) = outbox_row(reference) else { return };
         let coordinator = Arc::clone(self);
         self.tasks.spawn(async move {
             let timeout = coordinator.config.phase2.call_timeout();
@@ -649,7 +675,7 @@ impl Coordinator {
             for attempt in 0..5 {
                 let marked = coordinator
                     .rms
-                    .call(&msg.check_resource, pb::Phase2Action::MarkDelivered, vec![branch.clone()], None, timeout)
+                    .call(&branch.resource_id, action, vec![branch.clone()], None, timeout)
                     .await;
                 let done = matches!(&marked, Ok(o) if o.iter().all(|o| o.status == pb::BranchStatus::PhaseTwoCommitted as i32));
                 if done {

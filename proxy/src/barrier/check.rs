@@ -1,7 +1,8 @@
-//! The settling of prepared messages the coordinator found past their timeout
-//! (`CHECK_PREPARED`): their local transaction inserted the barrier row of the messages'
-//! transaction (gid its XID, `msg`, `00`, `msg`, `01`) with reason `msg` if it got as far as
-//! its commit. The check inserts the same row with reason `rollback` unless it is there,
+//! The settling of prepared messages the coordinator found past their timeout, or of an
+//! outbox's messages in a global transaction at its commit (`CHECK_PREPARED`): their local
+//! transaction inserted the barrier row of the messages (gid their XID, `msg`, branch_id
+//! `00` or the hand-over's barrier, `msg`, `01`) with reason `msg` if it got as far as its
+//! commit. The check inserts the same row with reason `rollback` unless it is there,
 //! on a service connection: the insert waits for a local transaction that holds the row,
 //! and a local transaction that comes later fails on the row the check left. The reason then
 //! says which: `msg`, the local work committed (the messages go out); `rollback`, it did not
@@ -31,25 +32,29 @@ pub async fn check_prepared(global: &Global, barrier: &BarrierTable, b: &pb::Bra
 /// The row's reason, once the check's insert found it or wrote it.
 async fn reason(global: &Global, barrier: &BarrierTable, b: &pb::BranchRef) -> Result<String, mysql_async::Error> {
     let mut conn = global.service_conn(&b.resource_id).await?;
-    let insert = barrier.message_row(true, "?", "rollback");
-    match conn.exec_drop(&insert, (&b.xid,)).await {
+    let branch = match String::from_utf8_lossy(&b.application_data).into_owned() {
+        empty if empty.is_empty() => "00".to_owned(),
+        named => named,
+    };
+    let insert = barrier.message_row(true, "?", "?", "rollback");
+    match conn.exec_drop(&insert, (&b.xid, &branch)).await {
         // No table: no local transaction ever inserted the row; the check's row keeps a late
         // one out.
         Err(mysql_async::Error::Server(e)) if e.code == NO_SUCH_TABLE => {
             for ddl in barrier.create_sql() {
                 conn.query_drop(ddl).await?;
             }
-            conn.exec_drop(&insert, (&b.xid,)).await?;
+            conn.exec_drop(&insert, (&b.xid, &branch)).await?;
         }
         other => other?,
     }
     let reason: Option<String> = conn
         .exec_first(
             format!(
-                "SELECT reason FROM {} WHERE gid = ? AND branch_id = '00' AND op = 'msg' AND barrier_id = ?",
+                "SELECT reason FROM {} WHERE gid = ? AND branch_id = ? AND op = 'msg' AND barrier_id = ?",
                 barrier.table
             ),
-            (&b.xid, BARRIER_ID),
+            (&b.xid, &branch, BARRIER_ID),
         )
         .await?;
     // Just inserted or found: a row is there.

@@ -41,12 +41,13 @@ impl BarrierTable {
         ]
     }
 
-    /// The insert of a message transaction's row (gid its XID, given as `gid`: a quoted
-    /// literal or `?`; `msg`, `00`, `msg`) with `reason`: `msg` by its local transaction,
+    /// The insert of a message transaction's row (gid its XID, given as `gid`, and the
+    /// branch_id `branch` (`00`, or a hand-over's barrier inside a global transaction): quoted
+    /// literals or `?`; `msg`, `msg`) with `reason`: `msg` by its local transaction,
     /// `rollback` by the check (IGNORE: unless there).
-    pub fn message_row(&self, ignore: bool, gid: &str, reason: &str) -> String {
+    pub fn message_row(&self, ignore: bool, gid: &str, branch: &str, reason: &str) -> String {
         format!(
-            "INSERT {}INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ('msg', {gid}, '00', 'msg', '{BARRIER_ID}', '{reason}')",
+            "INSERT {}INTO {} (trans_type, gid, branch_id, op, barrier_id, reason) VALUES ('msg', {gid}, {branch}, 'msg', '{BARRIER_ID}', '{reason}')",
             if ignore { "IGNORE " } else { "" },
             self.table
         )

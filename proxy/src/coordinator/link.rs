@@ -58,7 +58,7 @@ impl Link {
             resources: Mutex::new(BTreeSet::new()),
             announce,
             announced: Mutex::new(Some(announced)),
-            instance_id: instance_id(),
+            instance_id: unique_id(),
         }
     }
 
@@ -171,8 +171,9 @@ impl Link {
     }
 }
 
-/// 128 random bits, hex: unique to this process among every proxy a coordinator meets.
-fn instance_id() -> String {
+/// 128 random bits, hex: unique among every proxy (and outbox hand-over) a coordinator
+/// meets.
+pub fn unique_id() -> String {
     let mut bytes = [0u8; 16];
     // Without the OS's randomness the time and process id still tell processes apart.
     if getrandom::fill(&mut bytes).is_err() {

@@ -34,8 +34,13 @@
 //!   proxy creates keeps `session`, `xid` and `delivered_at` its own.
 //! - Delivered messages have their rows marked (`delivered_at`, told by the coordinator) and
 //!   purged after `[outbox] keep_delivered_s`, so DBAs see recent deliveries with SELECT.
-//! - Not yet: messages inside a global transaction (refused); rows written by triggers or
-//!   procedures go only with the connection's next hand-over.
+//! - Inside a global transaction the hand-over joins the messages to it instead, under a
+//!   barrier row of their own (gid the global XID, branch_id a fresh random id): they go
+//!   with the global decision, and its commit delivers each only if that barrier row says
+//!   the local transaction committed; a rollback drops them and deletes their rows
+//!   (`MARK_DROPPED`).
+//! - Not yet: rows written by triggers or procedures go only with the connection's next
+//!   hand-over.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -151,19 +156,23 @@ impl Mode for Outbox {
     }
 }
 
-/// Marks the rows of delivered messages (`MARK_DELIVERED`: each branch names its
-/// transaction, its database's resource and, as its application data, the row's id).
-pub async fn mark_delivered(global: &Global, branches: &[pb::BranchRef]) -> Vec<pb::BranchOutcome> {
+/// Marks the rows of delivered messages (`MARK_DELIVERED`), or deletes those of messages
+/// their global transaction's rollback dropped (`MARK_DROPPED`): each branch names its
+/// transaction, its database's resource and, as its application data, the message's name,
+/// which ends with the row's id.
+pub async fn mark(global: &Global, branches: &[pb::BranchRef], delivered: bool) -> Vec<pb::BranchOutcome> {
     let mut out = Vec::with_capacity(branches.len());
+    let sql = if delivered {
+        format!("UPDATE {TABLE} SET delivered_at = NOW(6) WHERE xid = ? AND id = ?")
+    } else {
+        format!("DELETE FROM {TABLE} WHERE xid = ? AND id = ? AND delivered_at IS NULL")
+    };
     for b in branches {
-        let id = String::from_utf8_lossy(&b.application_data).into_owned();
+        let name = String::from_utf8_lossy(&b.application_data).into_owned();
+        let id = name.rsplit('.').next().unwrap_or_default().to_owned();
         let marked: Result<(), mysql_async::Error> = async {
             let mut conn = global.service_conn(&b.resource_id).await?;
-            conn.exec_drop(
-                format!("UPDATE {TABLE} SET delivered_at = NOW(6) WHERE xid = ? AND id = ?"),
-                (&b.xid, &id),
-            )
-            .await
+            conn.exec_drop(&sql, (&b.xid, &id)).await
         }
         .await;
         out.push(match marked {
@@ -346,11 +355,6 @@ impl OutboxSession {
             Some(_) if multi => Some(refusal(format!(
                 "a statement writing {TABLE} must be sent on its own, not in a multi-statement string"
             ))),
-            Some(_) if state.xid.is_some() => Some(refusal(format!(
-                "messages inside a global transaction are not supported yet: write {TABLE} in a local transaction \
-                 of its own (LEAVE GLOBAL TRANSACTION first), or add the message to the global transaction over \
-                 the coordinator's HTTP API (POST /v1/transactions/{{xid}}/messages)"
-            ))),
             Some(Some(schema)) if Some(&schema) != state.schema.as_ref() => Some(refusal(format!(
                 "write the {TABLE} of the session's database (USE {schema} first), not {schema}.{TABLE}"
             ))),
@@ -448,6 +452,11 @@ impl ModeSession for OutboxSession {
                     self.regated = true;
                     Ok(None)
                 }
+                Handover::Joined => {
+                    self.pending = false;
+                    self.regated = true;
+                    Ok(None)
+                }
                 Handover::Refused(e) => Ok(Some(e)),
             }
         })
@@ -487,6 +496,9 @@ enum Handover {
     Nothing,
     /// Stored as prepared messages of this XID, marked and barred: the COMMIT may run.
     Handed(String),
+    /// Joined to the session's global transaction, marked and barred: the COMMIT may run,
+    /// and the global decision (with the barrier row) decides.
+    Joined,
     /// The COMMIT is answered with this instead (the local transaction is rolled back when
     /// the error says so).
     Refused(ErrPacket),
@@ -632,13 +644,15 @@ impl OutboxSession {
                 e.to_packet(1)
             }
             Handover::Nothing => backend::commit_own(io.backend, io.state, limit, response, before).await?,
-            Handover::Handed(xid) => {
+            handed @ (Handover::Handed(_) | Handover::Joined) => {
                 let committed = backend::query(io.backend, io.state, "COMMIT", limit).await?;
                 match committed.error {
                     // The check of the barrier row decides.
                     Some(e) => e.to_packet(1),
                     None => {
-                        decide_later(&self.outbox.global, xid, true);
+                        if let Handover::Handed(xid) = handed {
+                            decide_later(&self.outbox.global, xid, true);
+                        }
                         let mut response = response;
                         backend::as_autocommit(&mut response, io.state, before);
                         response
@@ -695,14 +709,29 @@ async fn hand_over(
         return Ok(Handover::Refused(constraint(why)));
     }
     let database = state.schema.clone().unwrap_or_default();
+    // Inside a global transaction the messages join it, under a barrier of their own (its
+    // XID is shared with other local transactions, and with a hand-over tried again).
+    let (global_xid, barrier) = match &state.xid {
+        Some(xid) => (xid.clone(), crate::coordinator::link::unique_id()),
+        None => (String::new(), String::new()),
+    };
+    let name = |id: &str| {
+        if barrier.is_empty() {
+            id.to_owned()
+        } else {
+            format!("{barrier}.{id}")
+        }
+    };
     let request = pb::MessagesPrepareRequest {
         timeout_ms: outbox.config.prepared_timeout_ms,
         name: "outbox".into(),
         resource_id: outbox.global.resource(&database),
+        xid: global_xid.clone(),
+        barrier: barrier.clone(),
         messages: rows
             .iter()
             .map(|r| pb::Message {
-                name: r.id.clone(),
+                name: name(&r.id),
                 target: r.target.clone(),
                 data: r.payload.clone(),
                 policy: r.policy.clone(),
@@ -752,10 +781,13 @@ async fn hand_over(
     let barred = match marked {
         Some(e) => Some(e),
         None => {
+            let branch = if barrier.is_empty() { "00" } else { &barrier };
             backend::query(
                 backend,
                 state,
-                &outbox.barrier.message_row(false, &literal(&xid), "msg"),
+                &outbox
+                    .barrier
+                    .message_row(false, &literal(&xid), &literal(branch), "msg"),
                 limit,
             )
             .await?
@@ -764,13 +796,20 @@ async fn hand_over(
     };
     if let Some(e) = barred {
         backend::local_rollback(backend, state, limit).await?;
-        decide_later(&outbox.global, xid.clone(), false);
+        // Joined messages are dropped by their barrier row, which never commits.
+        if barrier.is_empty() {
+            decide_later(&outbox.global, xid.clone(), false);
+        }
         return Ok(Handover::Refused(e.prefixed(&format!(
             "the local transaction was rolled back, nothing of it committed (run it again): its messages ({xid}) \
              could not be marked: "
         ))));
     }
-    Ok(Handover::Handed(xid))
+    Ok(if barrier.is_empty() {
+        Handover::Handed(xid)
+    } else {
+        Handover::Joined
+    })
 }
 
 #[cfg(test)]

@@ -57,7 +57,17 @@ pub struct MsgBranch {
     /// (`CHECK_PREPARED`): ferrata-proxy's outbox, and any application that inserts it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub check_resource: String,
+    /// Set for a message an outbox wrote inside a global transaction: the `branch_id` of the
+    /// barrier row its local transaction inserted on `check_resource` (gid the XID). The
+    /// transaction's commit does not say that local transaction committed, so the message's
+    /// own commit asks that row first: delivered if it committed, dropped if not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub check_barrier: String,
 }
+
+/// The reason of a message's commit that delivered nothing: its barrier row said its local
+/// transaction never committed.
+pub const DROPPED: &str = "dropped: its local transaction never committed";
 
 impl MsgBranch {
     /// Why the message cannot be registered, if it cannot: its target must be one `caller`
@@ -141,7 +151,7 @@ pub async fn deliver(caller: &Caller, default_timeout: Duration, b: &pb::BranchR
 impl MsgBranch {
     /// It says how its transaction is settled past its timeout.
     pub fn has_check(&self) -> bool {
-        !self.query_prepared.is_empty() || !self.check_resource.is_empty()
+        !self.query_prepared.is_empty() || (!self.check_resource.is_empty() && self.check_barrier.is_empty())
     }
 }
 
