@@ -13,6 +13,11 @@
 //! * **unbound**: sysbench `oltp_read_write` through a proxy without a coordinator, through
 //!   one with a coordinator (the no-dirty-writes check on, no global transaction running),
 //!   and straight to A: what the check costs writes outside global transactions.
+//! * **outbox**: each client updates a random account on A and writes a message to
+//!   `ferrata_outbox` in the same local transaction, through proxy A; the coordinator
+//!   delivers it to an HTTP receiver in this driver. Against the same transaction without the
+//!   message through proxy A, and straight to A: the outbox's cost, messages per second end to
+//!   end, and how long from the transaction's start to the message's receipt.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +31,7 @@ use ferrata_bench::{
     Latency, LoggedChild, Sample, Sysbench, addr_after, http_get, load_average, median, metric_samples, parse_serving,
     process_cpu_seconds,
 };
+use ferrata_testkit::service::Service;
 use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use mysql_async::Conn;
 use mysql_async::prelude::Queryable;
@@ -66,6 +72,15 @@ Workloads (--workloads):
             the no-dirty-writes check is on) and (iii) server A directly, rotating the order each
             round. Target: median ratio (ii)/(i) >= 0.95. Prints the proxies'
             ferrata_proxy_unbound_writes_total by route afterwards.
+  outbox    At each --clients count, each client loops on server A: BEGIN; UPDATE account SET
+            balance = balance + 1 WHERE id = <random>; [INSERT INTO ferrata_outbox (target,
+            payload) VALUES (<receiver>, <ns since the run began, at the BEGIN>)]; COMMIT.
+            outbox side: with the INSERT, through proxy A (the proxy hands the message to the
+            coordinator at the COMMIT, the coordinator POSTs it to an HTTP receiver in this
+            driver); proxy side: without it, through proxy A; direct side: without it, straight
+            to A. After the outbox side's window the driver waits until every committed message
+            arrived. Prints tx/s per side, messages per second end to end (committed messages
+            over the window plus that wait) and the time from BEGIN to receipt.
 
 --sides chooses the sides of transfer and hot (default at,xa,direct). Every round runs each
 side for --time seconds. Errors (lock wait timeouts 1205, deadlocks 1213,
@@ -83,6 +98,8 @@ enum Workload {
     Hot,
     /// sysbench through a proxy with and without the no-dirty-writes check.
     Unbound,
+    /// A local transaction with a message in the outbox, against one without.
+    Outbox,
 }
 
 #[derive(Debug, Parser)]
@@ -99,10 +116,15 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     warmup: u64,
     /// Comma-separated workloads to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "transfer,hot,unbound")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "transfer,hot,unbound,outbox"
+    )]
     workloads: Vec<Workload>,
-    /// Comma-separated client counts of the transfer workload. Each client keeps one
-    /// connection to each proxy and one to each server open for the whole workload.
+    /// Comma-separated client counts of the transfer and outbox workloads. Each client keeps
+    /// one connection to each proxy and one to each server open for the whole workload.
     #[arg(long, value_delimiter = ',', default_value = "4,16")]
     clients: Vec<usize>,
     /// Comma-separated sides of the transfer and hot workloads (direct is the reference).
@@ -206,6 +228,16 @@ fn run(args: Args) -> Result<()> {
     ensure!(
         !wants(Workload::Transfer) || (!args.clients.is_empty() && args.clients.iter().all(|&c| c > 0)),
         "--clients must name client counts above 0"
+    );
+    ensure!(
+        !wants(Workload::Outbox) || (!args.clients.is_empty() && args.clients.iter().all(|&c| c > 0)),
+        "--clients must name client counts above 0"
+    );
+    ensure!(
+        args.sides
+            .iter()
+            .all(|s| matches!(s, Side::At | Side::Xa | Side::Direct)),
+        "--sides names sides of transfer and hot: at, xa, direct"
     );
     ensure!(
         !wants(Workload::Hot) || args.hot_clients > 0,
@@ -454,6 +486,10 @@ enum Side {
     Xa,
     /// Local transactions straight to the servers.
     Direct,
+    /// Local transactions through proxy A (the outbox workload's reference).
+    Proxy,
+    /// Local transactions through proxy A, each writing a message to the outbox.
+    Outbox,
 }
 
 impl Side {
@@ -462,12 +498,14 @@ impl Side {
             Side::At => "at",
             Side::Xa => "xa",
             Side::Direct => "direct",
+            Side::Proxy => "proxy",
+            Side::Outbox => "outbox",
         }
     }
 
     /// Through the proxies, in global transactions.
     fn global(self) -> bool {
-        self != Side::Direct
+        matches!(self, Side::At | Side::Xa)
     }
 
     /// The MODE clause of START and JOIN GLOBAL TRANSACTION.
@@ -483,6 +521,7 @@ impl Side {
 enum Job {
     Transfer(Side),
     Hot(Side),
+    Outbox(Side),
 }
 
 impl Job {
@@ -497,15 +536,16 @@ impl Job {
                 "LEAVE@B",
                 "COMMIT GLOBAL@A",
             ],
-            Job::Transfer(Side::Direct) => &["BEGIN@A", "UPDATE@A", "COMMIT@A", "BEGIN@B", "UPDATE@B", "COMMIT@B"],
+            Job::Transfer(_) => &["BEGIN@A", "UPDATE@A", "COMMIT@A", "BEGIN@B", "UPDATE@B", "COMMIT@B"],
             Job::Hot(Side::At | Side::Xa) => &["START", "UPDATE", "COMMIT GLOBAL"],
-            Job::Hot(Side::Direct) => &["BEGIN", "UPDATE", "COMMIT"],
+            Job::Hot(_) | Job::Outbox(Side::Direct | Side::Proxy) => &["BEGIN", "UPDATE", "COMMIT"],
+            Job::Outbox(_) => &["BEGIN", "UPDATE", "INSERT outbox", "COMMIT"],
         }
     }
 
     fn side(self) -> Side {
         match self {
-            Job::Transfer(side) | Job::Hot(side) => side,
+            Job::Transfer(side) | Job::Hot(side) | Job::Outbox(side) => side,
         }
     }
 }
@@ -599,6 +639,8 @@ struct Client {
     proxy_b: Option<Link>,
     direct_a: Link,
     direct_b: Option<Link>,
+    /// The outbox workload's receiver URL, and the instant its payloads count from.
+    receiver: Option<(String, Instant)>,
 }
 
 impl Client {
@@ -620,6 +662,7 @@ impl Client {
             Job::Transfer(side) => self.transfer_global(side, tally).await,
             Job::Hot(Side::Direct) => self.hot_direct(tally).await,
             Job::Hot(side) => self.hot_global(side, tally).await,
+            Job::Outbox(side) => self.with_message(side, tally).await,
         }
     }
 
@@ -700,19 +743,43 @@ impl Client {
         first: usize,
         tally: &mut Tally,
     ) -> Result<bool> {
+        Self::local_update_with(link, (text, credit, id), None, job, first, tally).await
+    }
+
+    /// BEGIN; UPDATE (`text`, `credit`, `id`); [the INSERT of `message`, (target, payload),
+    /// into the outbox;] COMMIT on `link`, timed as steps `first`.. of `job`.
+    async fn local_update_with(
+        link: &mut Link,
+        (text, credit, id): (bool, bool, u32),
+        message: Option<(&str, String)>,
+        job: Job,
+        first: usize,
+        tally: &mut Tally,
+    ) -> Result<bool> {
         let mut failed_at = first;
         let result = async {
             let t = Instant::now();
             link.conn.query_drop("BEGIN").await?;
-            tally.step(first, t);
-            failed_at = first + 1;
+            tally.step(failed_at, t);
+            failed_at += 1;
             let t = Instant::now();
             debit_or_credit(&mut link.conn, text, credit, id).await?;
-            tally.step(first + 1, t);
-            failed_at = first + 2;
+            tally.step(failed_at, t);
+            failed_at += 1;
+            if let Some((target, payload)) = message {
+                let t = Instant::now();
+                link.conn
+                    .exec_drop(
+                        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, ?)",
+                        (target, payload),
+                    )
+                    .await?;
+                tally.step(failed_at, t);
+                failed_at += 1;
+            }
             let t = Instant::now();
             link.conn.query_drop("COMMIT").await?;
-            tally.step(first + 2, t);
+            tally.step(failed_at, t);
             Ok::<_, mysql_async::Error>(())
         }
         .await;
@@ -780,6 +847,23 @@ impl Client {
             }
             Err(e) => Err(anyhow!(e).context(format!("{} of a hot-row transaction", job.steps()[failed_at]))),
         }
+    }
+
+    /// One local transaction of the outbox workload on `side`.
+    async fn with_message(&mut self, side: Side, tally: &mut Tally) -> Result<bool> {
+        let id = self.pick();
+        let (target, epoch) = self.receiver.clone().context("no receiver")?;
+        let message = (side == Side::Outbox).then(|| (target.as_str(), epoch.elapsed().as_nanos().to_string()));
+        let link = match side {
+            Side::Direct => &mut self.direct_a,
+            _ => &mut self.proxy_a,
+        };
+        let update = (self.text, true, id);
+        let committed = Self::local_update_with(link, update, message, Job::Outbox(side), 0, tally).await?;
+        if committed {
+            tally.delta_a += 1;
+        }
+        Ok(committed)
     }
 
     async fn hot_direct(&mut self, tally: &mut Tally) -> Result<bool> {
@@ -891,6 +975,10 @@ struct Env {
     ledger: Ledger,
     summary: Vec<String>,
     accounts_ready: bool,
+    /// The outbox workload's HTTP receiver, and the instant its payloads count from.
+    receiver: Option<(Service, Instant)>,
+    /// Messages committed by the outbox side so far (warm-ups included).
+    messages_committed: u64,
 }
 
 impl Env {
@@ -916,6 +1004,8 @@ impl Env {
             ledger: Ledger::default(),
             summary: Vec::new(),
             accounts_ready: false,
+            receiver: None,
+            messages_committed: 0,
         })
     }
 
@@ -934,6 +1024,12 @@ impl Env {
                     self.hot().await?;
                 }
                 Workload::Unbound => self.unbound().await?,
+                Workload::Outbox => {
+                    self.create_accounts().await?;
+                    for clients in self.args.clients.clone() {
+                        self.outbox(clients).await?;
+                    }
+                }
             }
         }
         if self.ledger.touched {
@@ -990,6 +1086,10 @@ impl Env {
                     true => Some(Link::connect(self.db_b.addr()).await?),
                     false => None,
                 },
+                receiver: self
+                    .receiver
+                    .as_ref()
+                    .map(|(service, epoch)| (format!("{}/ok/message", service.base), *epoch)),
             });
         }
         Ok(clients)
@@ -1045,6 +1145,22 @@ impl Env {
         }
     }
 
+    /// Waits until the receiver got every message the outbox side committed; (how many were
+    /// missing at the start, seconds taken or None after DRAIN_TIMEOUT).
+    async fn drain_messages(&self) -> Result<(u64, Option<f64>)> {
+        let (receiver, _) = self.receiver.as_ref().context("no receiver")?;
+        let started = Instant::now();
+        let missing = || self.messages_committed.saturating_sub(receiver.count() as u64);
+        let first = missing();
+        while missing() > 0 {
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return Ok((first, None));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok((first, Some(started.elapsed().as_secs_f64())))
+    }
+
     /// The servers' `Questions` and nonzero `Com_*` counters, A and B added up.
     async fn statement_counters(&mut self) -> Result<BTreeMap<String, u64>> {
         let mut counters = BTreeMap::new();
@@ -1098,9 +1214,13 @@ impl Env {
         let statements_before = self.statement_counters().await?;
         let cpu_before = self.cpu()?;
         let (clients, tally) = drive(clients, job, secs).await?;
-        let phase2 = match job.side().global() {
-            true => Some(self.drain_phase2().await?),
-            false => None,
+        let phase2 = match job {
+            _ if job.side().global() => Some(self.drain_phase2().await?),
+            Job::Outbox(Side::Outbox) => {
+                self.messages_committed += tally.steps.last().map_or(0, |s| s.1);
+                Some(self.drain_messages().await?)
+            }
+            _ => None,
         };
         let cpu_after = self.cpu()?;
         let statements = self
@@ -1271,6 +1391,69 @@ impl Env {
         }
         self.summary
             .push(format!("hot row  {n:>2} clients: {}", parts.join(", ")));
+        Ok(())
+    }
+
+    async fn outbox(&mut self, n: usize) -> Result<()> {
+        println!(
+            "\n== outbox, {n} clients, {} s per side and round: outbox = BEGIN, UPDATE +1, INSERT INTO \
+             ferrata_outbox, COMMIT (proxy A; each message POSTed by the coordinator to a receiver here); proxy = \
+             the same without the INSERT (proxy A); direct = the same without the INSERT on A",
+            self.args.time
+        );
+        if self.receiver.is_none() {
+            self.receiver = Some((Service::start().await?, Instant::now()));
+        }
+        let clients = self.connect_clients(n, false).await?;
+        let jobs = [Side::Outbox, Side::Proxy, Side::Direct].map(Job::Outbox);
+        let (clients, rounds) = self.interleaved(clients, &jobs).await?;
+        for client in clients {
+            client.disconnect().await;
+        }
+        print_rounds("tx/s", &rounds);
+        let med = |f: &dyn Fn(&[SideRun]) -> f64| median(rounds.iter().map(|r| f(r)).collect());
+        let tps = |i: usize| med(&|r| r[i].tps);
+        let cost = med(&|r| r[0].tps / r[1].tps.max(f64::MIN_POSITIVE));
+        let to_direct = med(&|r| r[0].tps / r[2].tps.max(f64::MIN_POSITIVE));
+        // Committed messages over the window and the wait for the last of them.
+        let secs = self.args.time as f64;
+        let end_to_end = med(&|r| {
+            let committed = r[0].tally.steps.last().map_or(0, |s| s.1) as f64;
+            match r[0].phase2 {
+                Some((_, Some(drained))) => committed / (secs + drained),
+                _ => 0.0,
+            }
+        });
+        let (receiver, epoch) = self.receiver.as_ref().context("no receiver")?;
+        let epoch = tokio::time::Instant::from_std(*epoch);
+        let mut to_receipt: Vec<u64> = receiver
+            .calls()
+            .iter()
+            .filter_map(|call| {
+                let began: u64 = call.body.parse().ok()?;
+                let arrived = call.at.saturating_duration_since(epoch).as_nanos() as u64;
+                Some(arrived.saturating_sub(began))
+            })
+            .collect();
+        let to_receipt = Latency::of(&mut to_receipt);
+        println!(
+            "outbox: {:.1} tx/s against {:.1} without the message through the proxy (ratio {cost:.3}) and {:.1} \
+             direct (ratio {to_direct:.3}); {end_to_end:.1} messages/s end to end (median); BEGIN to receipt \
+             over every message so far p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            tps(0),
+            tps(1),
+            tps(2),
+            to_receipt.p50_ms,
+            to_receipt.p99_ms,
+            to_receipt.max_ms,
+        );
+        self.summary.push(format!(
+            "outbox   {n:>2} clients: outbox {:.1} tx/s (ratio {cost:.3} to proxy, {to_direct:.3} to direct), \
+             {end_to_end:.1} messages/s end to end, BEGIN to receipt p50 {:.2} ms, p99 {:.2} ms",
+            tps(0),
+            to_receipt.p50_ms,
+            to_receipt.p99_ms,
+        ));
         Ok(())
     }
 
@@ -1556,7 +1739,7 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
             "errors"
         );
     }
-    for side in sides.iter().filter(|s| s.global() && reference.is_some()) {
+    for side in sides.iter().filter(|s| **s != Side::Direct && reference.is_some()) {
         header += &format!(" | {:>9}", format!("{}/direct", side.name()));
     }
     println!("{header} | phase 2 after the window");
@@ -1572,7 +1755,7 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
                 run.tally.error_count()
             );
         }
-        for i in (0..sides.len()).filter(|&i| sides[i].global()) {
+        for i in (0..sides.len()).filter(|&i| sides[i] != Side::Direct) {
             if let Some(x) = ratio(r, i) {
                 line += &format!(" | {x:>9.3}");
             }
@@ -1596,7 +1779,7 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
     let med = |side: usize, f: &dyn Fn(&SideRun) -> f64| median(rounds.iter().map(|r| f(&r[side])).collect());
     let ratios: Vec<Option<f64>> = (0..sides.len())
         .map(|i| {
-            (sides[i].global() && reference.is_some())
+            (sides[i] != Side::Direct && reference.is_some())
                 .then(|| median(rounds.iter().filter_map(|r| ratio(r, i)).collect()))
         })
         .collect();
@@ -1617,7 +1800,7 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
     println!(
         "({unit}: iterations that succeeded within the window per second; ratios to direct within the round, \
          medians of those; latency of one whole iteration; errors summed in the median row; phase 2 left: undo \
-         records and prepared XA branches)"
+         records and prepared XA branches, or messages not yet received)"
     );
     for (i, side) in sides.iter().enumerate() {
         let cpu: Vec<String> = CPU_GROUPS

@@ -134,6 +134,11 @@ impl Service {
         self.released.send_replace(true);
     }
 
+    /// How many calls arrived.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
     pub fn calls(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
