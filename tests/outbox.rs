@@ -3,7 +3,9 @@
 //! local transaction commits (text and prepared statements, explicit and autocommit, and
 //! `SEND MESSAGE`), never
 //! when it rolls back; bad rows are refused at the INSERT with nothing written; statements
-//! that would commit pending messages behind the proxy's back are refused.
+//! that would commit pending messages behind the proxy's back are refused; inside a global
+//! transaction they go with its decision; DTM's DoAndSubmitDB runs unchanged through the
+//! proxy.
 
 use anyhow::{Result, ensure};
 use ferrata_tests::coordinator::Coordinator;
@@ -538,6 +540,88 @@ async fn a_joined_message_whose_local_commit_never_happened_is_dropped() -> Resu
     ensure!(
         !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/lost")),
         "never sent"
+    );
+    Ok(())
+}
+
+/// DTM's DoAndSubmitDB, unchanged (`tests/dtmcli/barrier_db.py`, the SDK's barrier in a
+/// MariaDB database reached through the proxy, its query_prepared served by the program):
+/// a message submitted after its local transaction, one aborted by its local work, one
+/// whose application went away after its local commit (the check says committed: sent) and
+/// one that went away before (the check says never: dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtms_do_and_submit_db_runs_through_the_proxy() -> Result<()> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dtmcli");
+    let python = dir.join("venv/bin/python");
+    ensure!(
+        python.exists(),
+        "{} is missing: run scripts/setup-debian.sh (it makes the virtualenv with dtmcli)",
+        python.display()
+    );
+    let env = start().await?;
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("CREATE DATABASE dtm_barrier").await?;
+    dba.query_drop(
+        "CREATE TABLE dtm_barrier.barrier (id BIGINT PRIMARY KEY AUTO_INCREMENT, trans_type VARCHAR(45) DEFAULT '', \
+         gid VARCHAR(128) DEFAULT '', branch_id VARCHAR(128) DEFAULT '', op VARCHAR(45) DEFAULT '', \
+         barrier_id VARCHAR(45) DEFAULT '', reason VARCHAR(45) DEFAULT '', create_time DATETIME DEFAULT NOW(), \
+         update_time DATETIME DEFAULT NOW(), UNIQUE KEY (gid, branch_id, op, barrier_id))",
+    )
+    .await?;
+    let out = tokio::process::Command::new(&python)
+        .arg(dir.join("barrier_db.py"))
+        .arg(format!("http://{}/api/dtmsvr", env.tc.http))
+        .arg(&env.service.base)
+        .arg(env.proxy.addr.ip().to_string())
+        .arg(env.proxy.addr.port().to_string())
+        .arg(ferrata_tests::ferrata_testkit::APP_USER)
+        .arg(ferrata_tests::ferrata_testkit::APP_PASSWORD)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "barrier_db.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gids: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())?;
+    let gid = |name: &str| gids[name].as_str().unwrap_or_default().to_owned();
+    let dtm_status = async |gid: &str| -> Result<String> {
+        let v = env.tc.get(&format!("/api/dtmsvr/query?gid={gid}")).await?;
+        Ok(v["transaction"]["status"].as_str().unwrap_or_default().to_owned())
+    };
+    for (name, status) in [
+        ("db_done", "succeed"),
+        ("db_refused", "failed"),
+        ("db_orphan", "succeed"),
+        ("db_never", "failed"),
+    ] {
+        ferrata_tests::until(&format!("{name} {status}"), async || {
+            Ok(dtm_status(&gid(name)).await? == status)
+        })
+        .await?;
+    }
+    let paid = |name: &str| {
+        let gid = gid(name);
+        env.service
+            .calls()
+            .iter()
+            .filter(|c| c.uri.starts_with("/ok/order-paid?") && c.uri.contains(&format!("gid={gid}&")))
+            .count()
+    };
+    ensure!(
+        paid("db_done") == 1 && paid("db_orphan") == 1,
+        "the committed ones are delivered once"
+    );
+    ensure!(paid("db_refused") == 0 && paid("db_never") == 0, "the others never");
+    let orders: Vec<i64> = dba.query("SELECT id FROM test.orders ORDER BY id").await?;
+    ensure!(orders == [1, 3], "only the committed local work stayed: {orders:?}");
+    let reasons: Vec<(String, String)> = dba
+        .query("SELECT gid, reason FROM dtm_barrier.barrier WHERE op = 'msg' ORDER BY id")
+        .await?;
+    ensure!(
+        reasons.contains(&(gid("db_never"), "rollback".into())),
+        "the check left its row: {reasons:?}"
     );
     Ok(())
 }
