@@ -522,3 +522,35 @@ async fn a_receiver_asks_where_its_message_stands() -> Result {
     r.assert_error(404, "global_not_found");
     Ok(())
 }
+
+/// A receiver that answers something that is not HTTP has not taken the message: each such
+/// answer is a failed attempt, and the schedule's end dead-letters it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_garbage_has_not_taken_the_message() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let c = tc.client().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&attempts);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"200 OK thanks\r\n\r\n{\"dtm_result\":\"SUCCESS\"}")
+                .await;
+        }
+    });
+    let xid = send(&tc, json!({"target": format!("http://{addr}/hook"), "policy": "50ms"})).await?;
+    wait_status(&c, &xid, G::CommitFailed).await?;
+    anyhow::ensure!(
+        attempts.load(std::sync::atomic::Ordering::SeqCst) == 2,
+        "two attempts, both failed"
+    );
+    let why = failure(&tc, &xid).await?;
+    anyhow::ensure!(why.contains("dead-lettered"), "{why}");
+    Ok(())
+}
