@@ -625,3 +625,92 @@ async fn dtms_do_and_submit_db_runs_through_the_proxy() -> Result<()> {
     );
     Ok(())
 }
+
+/// Messages whose local transaction committed but whose proxy's word never reached the
+/// coordinator (it was down from the hand-over to after the COMMIT, and the proxy died
+/// before it was back): once the coordinator is back and their timeout passed, its check
+/// of the barrier row, through another proxy, says committed, and they go out, once; the
+/// timeline says the check decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_whose_commit_word_was_lost_go_out_by_the_check() -> Result<()> {
+    let settings = "prepared_timeout_ms = 1000";
+    let mut env = start_with(settings).await?;
+    // Kept running: it answers the coordinator's check.
+    let _other = outbox_proxy(&env.tc, &env.db, settings).await?;
+    let mut app = env.proxy.conn().await?;
+    // The tables exist once a message went.
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/first", env.service.base),),
+    )
+    .await?;
+    env.service.until_called("/ok/first?").await?;
+
+    // The hand-over held at its barrier row, after the coordinator stored the messages.
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("INSERT INTO orders VALUES (4, 40)").await?;
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/by-check", env.service.base),),
+    )
+    .await?;
+    let commit = tokio::spawn(async move {
+        let done = app.query_drop("COMMIT").await;
+        (app, done)
+    });
+    let xid = ferrata_tests::eventually(
+        "the messages stored, prepared",
+        std::time::Duration::from_secs(30),
+        async || {
+            let list = env.tc.get("/v1/transactions?status=Begin").await?;
+            Ok(list["transactions"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["name"] == "outbox"))
+                .and_then(|t| t["xid"].as_str().map(str::to_owned)))
+        },
+    )
+    .await?;
+    // Once the proxy has the coordinator's answer (it waits on the barrier row), the
+    // coordinator goes down; the COMMIT then succeeds without it.
+    ferrata_tests::until("the hand-over at its barrier row", async || {
+        let waiting: Option<i64> = dba
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'INSERT INTO %dtm_barrier%'",
+            )
+            .await?;
+        Ok(waiting == Some(1))
+    })
+    .await?;
+    env.tc.kill9()?;
+    dba.query_drop("UNLOCK TABLES").await?;
+    let (_app, committed) = commit.await?;
+    committed?;
+    let order: Option<i64> = dba.query_first("SELECT total FROM orders WHERE id = 4").await?;
+    ensure!(order == Some(40), "the local transaction committed");
+    // Its proxy dies before the coordinator is back: its word is lost with it.
+    env.proxy.kill9()?;
+
+    env.tc.restart()?;
+    env.service.until_called("/ok/by-check?").await?;
+    ferrata_tests::until("the messages' transaction to commit", async || {
+        Ok(env.tc.status(&xid).await? == "Committed")
+    })
+    .await?;
+    let events = env.tc.get(&format!("/v1/transactions/{xid}/events")).await?;
+    ensure!(
+        events["events"]
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["type"] == "decided" && e["by"] == "check")),
+        "decided by the check: {events}"
+    );
+    let sent = env
+        .service
+        .calls()
+        .iter()
+        .filter(|c| c.uri.starts_with("/ok/by-check"))
+        .count();
+    ensure!(sent == 1, "sent once: {sent}");
+    Ok(())
+}
