@@ -714,3 +714,50 @@ async fn messages_whose_commit_word_was_lost_go_out_by_the_check() -> Result<()>
     ensure!(sent == 1, "sent once: {sent}");
     Ok(())
 }
+
+/// A deadlock ends the client's transaction with an ERR, which carries no status: an outbox
+/// INSERT right after it, in autocommit mode, is still its own transaction, handed over and
+/// sent (not committed behind the proxy's back by a savepoint that opened nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_insert_after_a_deadlock_is_sent() -> Result<()> {
+    let env = start().await?;
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("INSERT INTO orders VALUES (1, 1), (2, 2)").await?;
+    let mut app = env.proxy.conn().await?;
+    // The other transaction holds more, so InnoDB picks the app's as the victim.
+    let mut other = env.db.conn().await?;
+    other.query_drop("CREATE TABLE heavy (n INT)").await?;
+    other.query_drop("BEGIN").await?;
+    other
+        .query_drop("INSERT INTO heavy SELECT seq FROM seq_1_to_1000")
+        .await?;
+    other.query_drop("UPDATE orders SET total = 20 WHERE id = 2").await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("UPDATE orders SET total = 10 WHERE id = 1").await?;
+    let blocked = tokio::spawn(async move {
+        let r = app.query_drop("UPDATE orders SET total = 11 WHERE id = 2").await;
+        (app, r)
+    });
+    ferrata_tests::until("the app's UPDATE to wait for the row", async || {
+        let waiting: Option<i64> = dba
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = 'UPDATE orders SET total = 11 WHERE id = 2'",
+            )
+            .await?;
+        Ok(waiting == Some(1))
+    })
+    .await?;
+    other.query_drop("UPDATE orders SET total = 21 WHERE id = 1").await?;
+    let (mut app, r) = blocked.await?;
+    let e = r.expect_err("the app's transaction is the deadlock's victim");
+    ensure!(code(&e) == 1213, "{e}");
+    other.query_drop("COMMIT").await?;
+
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'after')",
+        (format!("{}/ok/after-deadlock", env.service.base),),
+    )
+    .await?;
+    env.service.until_called("/ok/after-deadlock?").await?;
+    Ok(())
+}

@@ -238,9 +238,7 @@ pub async fn run(
     if !autocommit {
         let mut tracker = ResponseTracker::new(state.response_kind(&raw[4..]), state.capabilities, 0);
         relay::response(client, backend, &mut tracker).await?;
-        if let Some(status) = tracker.last_status() {
-            state.status = status;
-        }
+        state.observe(&tracker);
         return Ok(());
     }
     let (response, _, _) = backend::read_response(backend, state, limit).await?;
@@ -264,8 +262,6 @@ async fn forward(
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
     let mut tracker = ResponseTracker::new(state.response_kind(&raw[4..]), state.capabilities, 0);
     relay::response(client, backend, &mut tracker).await?;
-    if let Some(status) = tracker.last_status() {
-        state.status = status;
-    }
+    state.observe(&tracker);
     Ok(())
 }

@@ -599,15 +599,19 @@ impl OutboxSession {
         }
         // An autocommit INSERT runs in a transaction of the proxy's own; with autocommit off
         // the INSERT opens the client's transaction, as it would have.
-        let own = io.state.autocommit() && !io.state.in_transaction();
-        let before = io.state.status;
-        let opened = if own {
-            backend::begin_own(io.backend, io.state, limit).await?
-        } else {
+        let mut own = io.state.autocommit() && !io.state.in_transaction();
+        if !own {
             let saved = backend::query(io.backend, io.state, "SAVEPOINT ferrata_outbox", limit).await?;
-            saved.error.map_or(Ok(()), Err)
-        };
-        if let Err(e) = opened {
+            if let Some(e) = saved.error {
+                return backend::reply(io.client, e).await;
+            }
+            // The SAVEPOINT's answer is the server's word: a transaction it ended on its own
+            // (a deadlock rolls it back with an ERR, which carries no status) leaves an
+            // autocommit session outside any, where the INSERT would commit at once.
+            own = io.state.autocommit() && !io.state.in_transaction();
+        }
+        let before = io.state.status;
+        if own && let Err(e) = backend::begin_own(io.backend, io.state, limit).await? {
             return backend::reply(io.client, e).await;
         }
         let response = match backend::run_client_statement(io.backend, io.state, limit, statement, own).await? {

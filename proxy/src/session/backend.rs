@@ -136,9 +136,7 @@ async fn read(
         backend.consume(span.raw_len);
         step.map_err(|v| SessionError::backend_protocol(&v.0, tracker.last_seq()))?;
     }
-    if let Some(status) = tracker.last_status() {
-        state.status = status;
-    }
+    state.observe(&tracker);
     outcome.affected_rows = tracker.last_ok().map_or(0, |ok| ok.affected_rows);
     Ok((outcome, tracker.prepare_ok()))
 }
@@ -276,9 +274,7 @@ pub async fn read_response(
             Err(v) => return Err(SessionError::backend_protocol(&v.0, tracker.last_seq())),
         }
     }
-    if let Some(status) = tracker.last_status() {
-        state.status = status;
-    }
+    state.observe(&tracker);
     Ok((bytes, tracker.last_ok(), tracker.error_code().is_some()))
 }
 

@@ -294,9 +294,7 @@ impl Pending {
     }
 
     fn apply(self, state: &mut SessionState, tracker: &ResponseTracker) {
-        if let Some(status) = tracker.last_status() {
-            state.status = status;
-        }
+        state.observe(tracker);
         if let Some(id) = self.close {
             state.statements.remove(&id);
             if state.last_prepared == Some(id) {

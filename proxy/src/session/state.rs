@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 
 use crate::classify::{Classification, Other, StatementClass};
-use crate::protocol::response::ResponseKind;
+use crate::protocol::response::{ResponseKind, ResponseTracker};
+
+/// ER_LOCK_DEADLOCK: InnoDB rolled the whole transaction back.
+const ER_LOCK_DEADLOCK: u16 = 1213;
 use crate::protocol::{Capabilities, Command, ServerStatus};
 
 /// A statement prepared through COM_STMT_PREPARE on this session.
@@ -135,6 +138,18 @@ impl SessionState {
 
     pub fn in_transaction(&self) -> bool {
         self.status.has(ServerStatus::IN_TRANS)
+    }
+
+    /// Takes what a response says of the transaction: the status flags of its last OK or
+    /// EOF; and after an ERR that rolled the whole transaction back (a deadlock), that none
+    /// is open, since an ERR packet carries no flags.
+    pub fn observe(&mut self, tracker: &ResponseTracker) {
+        if let Some(status) = tracker.last_status() {
+            self.status = status;
+        }
+        if tracker.error_code() == Some(ER_LOCK_DEADLOCK) {
+            self.status.0 &= !ServerStatus::IN_TRANS;
+        }
     }
 
     pub fn autocommit(&self) -> bool {
