@@ -761,3 +761,78 @@ async fn an_outbox_insert_after_a_deadlock_is_sent() -> Result<()> {
     env.service.until_called("/ok/after-deadlock?").await?;
     Ok(())
 }
+
+/// Outbox rows of a session bound in MODE XA go with the global decision too: written in
+/// its XA branch, or (autocommit, before the connection holds a prepared branch) in a local
+/// transaction of the outbox's own. Once the branch is prepared the connection takes nothing
+/// until the decision, outbox writes included (said in the outbox's terms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_an_xa_bound_session_go_with_the_global_decision() -> Result<()> {
+    let env = start().await?;
+    let url = |path: &str| format!("{}/ok/{path}", env.service.base);
+    let mut app = env.proxy.conn().await?;
+    for (n, decision) in [(1, "COMMIT GLOBAL"), (2, "ROLLBACK GLOBAL")] {
+        let xid: String = app
+            .query_first("START GLOBAL TRANSACTION MODE XA")
+            .await?
+            .expect("an xid");
+        app.exec_drop(
+            "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'autocommit')",
+            (url(&format!("xa-{n}-own")),),
+        )
+        .await?;
+        app.query_drop("BEGIN").await?;
+        app.query_drop(format!("INSERT INTO orders VALUES ({n}, 1)")).await?;
+        app.exec_drop(
+            "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'in the branch')",
+            (url(&format!("xa-{n}-branch")),),
+        )
+        .await?;
+        app.query_drop("COMMIT").await?;
+        let held = app
+            .query_drop(format!(
+                "INSERT INTO ferrata_outbox (target, payload) VALUES ('{}', 'held')",
+                url("xa-held")
+            ))
+            .await
+            .expect_err("refused while the branch is held");
+        ensure!(
+            code(&held) == 1235 && held.to_string().contains("holds its prepared XA branch"),
+            "{held}"
+        );
+        ensure!(joined(&env.tc, &xid).await? == 2, "both joined {xid}");
+        app.query_drop(decision).await?;
+        if n == 1 {
+            env.service.until_called("/ok/xa-1-own?").await?;
+            env.service.until_called("/ok/xa-1-branch?").await?;
+        }
+        ferrata_tests::until("the global transaction to finish", async || {
+            Ok(matches!(
+                env.tc.status(&xid).await?.as_str(),
+                "Committed" | "Rollbacked"
+            ))
+        })
+        .await?;
+    }
+    let rows: Vec<String> = env
+        .db
+        .conn()
+        .await?
+        .query("SELECT target FROM ferrata_outbox WHERE target LIKE '%xa-2%'")
+        .await?;
+    ensure!(rows.is_empty(), "the rolled-back transaction's rows are gone: {rows:?}");
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'last')",
+        (url("xa-last"),),
+    )
+    .await?;
+    env.service.until_called("/ok/xa-last?").await?;
+    ensure!(
+        !env.service
+            .calls()
+            .iter()
+            .any(|c| c.uri.starts_with("/ok/xa-2") || c.uri.starts_with("/ok/xa-held")),
+        "nothing of the rolled-back one, nothing refused"
+    );
+    Ok(())
+}

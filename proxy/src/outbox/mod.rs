@@ -582,6 +582,23 @@ fn invalid(row: &Pending) -> Option<String> {
     None
 }
 
+/// ER_XAER_RMFAIL, what the server answers a transaction or savepoint while the connection
+/// holds a prepared XA branch (a session bound in MODE XA, until phase 2): said in the outbox's
+/// terms.
+fn held_branch(e: ErrPacket) -> ErrPacket {
+    if e.code != 1399 {
+        return e;
+    }
+    ErrPacket::new(
+        1235,
+        "42000",
+        format!(
+            "this connection holds its prepared XA branch until the global decision: write {TABLE} inside BEGIN ... \
+             COMMIT (the branch), or once the global transaction is decided"
+        ),
+    )
+}
+
 fn constraint(message: String) -> ErrPacket {
     ErrPacket::new(4025, "23000", message)
 }
@@ -603,7 +620,7 @@ impl OutboxSession {
         if !own {
             let saved = backend::query(io.backend, io.state, "SAVEPOINT ferrata_outbox", limit).await?;
             if let Some(e) = saved.error {
-                return backend::reply(io.client, e).await;
+                return backend::reply(io.client, held_branch(e)).await;
             }
             // The SAVEPOINT's answer is the server's word: a transaction it ended on its own
             // (a deadlock rolls it back with an ERR, which carries no status) leaves an
@@ -612,7 +629,7 @@ impl OutboxSession {
         }
         let before = io.state.status;
         if own && let Err(e) = backend::begin_own(io.backend, io.state, limit).await? {
-            return backend::reply(io.client, e).await;
+            return backend::reply(io.client, held_branch(e)).await;
         }
         let response = match backend::run_client_statement(io.backend, io.state, limit, statement, own).await? {
             Ok((response, _)) => response,
