@@ -1077,3 +1077,31 @@ async fn an_autocommit_write_after_a_deadlock_is_still_protected() -> Result<()>
     assert_eq!(v, Some(3), "the global rollback undid the autocommit write");
     Ok(())
 }
+
+/// An ERR 1213 does not always end the transaction (a stored function can SIGNAL it): the
+/// proxy asks the server rather than assume, so the pending branch and its undo items stay
+/// and the global rollback still undoes the write.
+#[tokio::test]
+async fn a_signalled_deadlock_error_keeps_the_pending_branch() -> Result<()> {
+    let (_db, _tc, proxy, mut direct) = one_row().await?;
+    direct
+        .query_drop(
+            "CREATE FUNCTION pretend_deadlock() RETURNS INT BEGIN SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213; \
+             RETURN 1; END",
+        )
+        .await?;
+    let mut app = proxy.conn().await?;
+    start(&mut app).await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop("UPDATE t SET v = 5 WHERE id = 1").await?;
+    let e = app
+        .query_drop("SELECT pretend_deadlock()")
+        .await
+        .expect_err("signalled");
+    assert_eq!(server_error(&e)?.0, 1213, "{e}");
+    app.query_drop("COMMIT").await?;
+    app.query_drop("ROLLBACK GLOBAL").await?;
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(1), "the global rollback undid the write");
+    Ok(())
+}

@@ -51,6 +51,19 @@ pub fn query_packet(sql: &str) -> Vec<u8> {
     packet
 }
 
+/// Asks the server for the session's status flags: COM_PING changes nothing, and its OK
+/// carries them (after an ERR that may have ended the transaction, which carries none).
+pub async fn refresh_status(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
+    let mut packet = Vec::with_capacity(5);
+    frame::write_packet(&mut packet, 0, &[Command::PING]);
+    backend
+        .write_all(&packet)
+        .await
+        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    read(backend, state, ResponseKind::Generic, limit, parse_row).await?;
+    Ok(())
+}
+
 /// Runs `sql` (COM_QUERY) on the backend and reads its whole response.
 pub async fn query(
     backend: &mut Peer,

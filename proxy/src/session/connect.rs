@@ -187,6 +187,7 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         last_prepared: None,
         xid: None,
         branch_mode: Default::default(),
+        status_unknown: false,
     };
     Ok((backend, state))
 }

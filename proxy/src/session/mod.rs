@@ -137,6 +137,10 @@ async fn serve(
             }
         };
         let started = Instant::now();
+        if state.status_unknown {
+            // Before any mode decides on a transaction that may be gone.
+            backend::refresh_status(backend, state, limit).await?;
+        }
         if reads_parameters {
             // The modes run statements of their own on the backend connection, some prepared,
             // which moves what the server calls the last prepared statement.

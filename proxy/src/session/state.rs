@@ -2,16 +2,21 @@
 //! latest status flags, the current schema and the prepared statements with their SQL.
 //!
 //! Transaction state is never guessed from SQL: it is the status flags of the last OK/EOF
-//! the backend sent, which already account for implicit commits, errors and autocommit.
+//! the backend sent, which already account for implicit commits, errors and autocommit. An
+//! ERR that may have ended the transaction carries no flags: the session asks the server
+//! before its next command ([`SessionState::status_unknown`]).
 
 use std::collections::HashMap;
 
 use crate::classify::{Classification, Other, StatementClass};
 use crate::protocol::response::{ResponseKind, ResponseTracker};
-
-/// ER_LOCK_DEADLOCK: InnoDB rolled the whole transaction back.
-const ER_LOCK_DEADLOCK: u16 = 1213;
 use crate::protocol::{Capabilities, Command, ServerStatus};
+
+/// ER_LOCK_DEADLOCK: InnoDB rolled the transaction back (or a procedure SIGNALled it).
+const ER_LOCK_DEADLOCK: u16 = 1213;
+/// ER_LOCK_WAIT_TIMEOUT: the statement rolled back, or the whole transaction with
+/// `innodb_rollback_on_timeout`.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 
 /// A statement prepared through COM_STMT_PREPARE on this session.
 #[derive(Clone, Debug)]
@@ -72,6 +77,9 @@ pub struct SessionState {
     /// How the bound session's local transactions become branches (`MODE` of START or JOIN
     /// GLOBAL TRANSACTION); the modes read it, the core only keeps it with `xid`.
     pub branch_mode: BranchMode,
+    /// The last answer was an ERR that may have ended the transaction (a deadlock, a lock
+    /// wait timeout): `status` may be stale until the server is asked.
+    pub status_unknown: bool,
 }
 
 /// How a bound session's local transactions become branches of its global transaction.
@@ -141,14 +149,14 @@ impl SessionState {
     }
 
     /// Takes what a response says of the transaction: the status flags of its last OK or
-    /// EOF; and after an ERR that rolled the whole transaction back (a deadlock), that none
-    /// is open, since an ERR packet carries no flags.
+    /// EOF; or, after an ERR that may have ended it, that they are unknown.
     pub fn observe(&mut self, tracker: &ResponseTracker) {
         if let Some(status) = tracker.last_status() {
             self.status = status;
+            self.status_unknown = false;
         }
-        if tracker.error_code() == Some(ER_LOCK_DEADLOCK) {
-            self.status.0 &= !ServerStatus::IN_TRANS;
+        if matches!(tracker.error_code(), Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)) {
+            self.status_unknown = true;
         }
     }
 
