@@ -115,10 +115,16 @@ fn phase2_handler(at: Arc<At>, xa: Arc<Xa>, barrier: Arc<Barrier>) -> ferrata_rp
             Arc::clone(&at.global),
         );
         Box::pin(async move {
-            if command.action == pb::Phase2Action::CheckPrepared as i32 {
+            let check = pb::Phase2Action::try_from(command.action)
+                .is_ok_and(|a| matches!(a, pb::Phase2Action::CheckPrepared | pb::Phase2Action::CheckBarrier));
+            if check {
                 let mut out = Vec::new();
                 for b in &command.branches {
-                    out.push(crate::barrier::check::check_prepared(&global, &barrier.table, b).await);
+                    let branch = match command.action == pb::Phase2Action::CheckBarrier as i32 {
+                        true => String::from_utf8_lossy(&b.application_data).into_owned(),
+                        false => "00".to_owned(),
+                    };
+                    out.push(crate::barrier::check::check_prepared(&global, &barrier.table, b, &branch).await);
                 }
                 return out;
             }

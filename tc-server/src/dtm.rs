@@ -440,6 +440,7 @@ fn msg_request(body: &Map<String, Value>, gid: &str) -> Result<Vec<MsgBranch>, D
             query_prepared: query_prepared.clone(),
             check_resource: String::new(),
             check_barrier: String::new(),
+            barrier_confirmed: false,
         });
     }
     Ok(messages)

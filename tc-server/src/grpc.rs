@@ -134,6 +134,7 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
                 query_prepared: String::new(),
                 check_resource: r.resource_id.clone(),
                 check_barrier: r.barrier.clone(),
+                barrier_confirmed: false,
             })
             .collect();
         if !r.xid.is_empty() {

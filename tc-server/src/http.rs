@@ -627,6 +627,7 @@ impl MessageBody {
             query_prepared: String::new(),
             check_resource: String::new(),
             check_barrier: String::new(),
+            barrier_confirmed: false,
         }
     }
 

@@ -115,7 +115,8 @@ impl Coordinator {
                 crate::saga::MAX_STEPS
             )));
         }
-        for m in messages {
+        // All checked before any is registered.
+        for (i, m) in messages.iter().enumerate() {
             let barrier = &m.check_barrier;
             if m.name.is_empty() || m.check_resource.is_empty() || barrier.is_empty() {
                 return Err(TcError::invalid(
@@ -127,6 +128,11 @@ impl Coordinator {
                     "the barrier is a branch_id of the barrier table: at most 128 bytes, no control characters",
                 ));
             }
+            if let Some(why) = m.invalid(&self.caller) {
+                return Err(TcError::invalid(format!("message {i}: {why}")));
+            }
+        }
+        for m in messages {
             self.register(pb::BranchRegisterRequest {
                 xid: xid.to_owned(),
                 branch_type: pb::BranchType::Msg as i32,
@@ -138,34 +144,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Delivers message `b` as its branch's commit; one with a barrier is delivered only if
-    /// its barrier row says its local transaction committed (committed as [`msg::DROPPED`]
-    /// if it says not).
-    pub(crate) async fn deliver_message(&self, timeout: std::time::Duration, b: &pb::BranchRef) -> pb::BranchOutcome {
-        if let Ok(m) = MsgBranch::decode(&b.application_data)
-            && !m.check_barrier.is_empty()
-        {
-            match self.ask_barrier(&m.check_resource, &b.xid, &m.check_barrier).await {
-                Outcome::Success => {}
-                Outcome::Failure(_) | Outcome::Gone(_) => {
-                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoCommitted, msg::DROPPED);
-                }
-                Outcome::Retry(why) => {
-                    let why = format!("its barrier row could not be checked: {why}");
-                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, why);
-                }
-                Outcome::Ongoing => {
-                    let why = "its barrier row could not be checked";
-                    return pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, why);
-                }
-            }
-        }
-        msg::deliver(&self.caller, timeout, b).await
-    }
-
     /// Has a resource manager of `resource` check the barrier row of messages (gid `xid`,
-    /// branch_id `barrier`, `00` if empty): whether their local transaction committed.
-    async fn ask_barrier(&self, resource: &str, xid: &str, barrier: &str) -> Outcome {
+    /// branch_id `barrier` (CHECK_BARRIER), `00` if empty (CHECK_PREPARED)): whether their
+    /// local transaction committed.
+    pub(crate) async fn ask_barrier(&self, resource: &str, xid: &str, barrier: &str) -> Outcome {
+        let action = match barrier.is_empty() {
+            true => pb::Phase2Action::CheckPrepared,
+            false => pb::Phase2Action::CheckBarrier,
+        };
         let branch = pb::BranchRef {
             xid: xid.to_owned(),
             resource_id: resource.to_owned(),
@@ -174,11 +160,7 @@ impl Coordinator {
             ..Default::default()
         };
         let timeout = self.config.phase2.call_timeout();
-        match self
-            .rms
-            .call(resource, pb::Phase2Action::CheckPrepared, vec![branch], None, timeout)
-            .await
-        {
+        match self.rms.call(resource, action, vec![branch], None, timeout).await {
             Ok(outcomes) => msg::checked(outcomes.first()),
             Err(e) => Outcome::Retry(e.to_string()),
         }

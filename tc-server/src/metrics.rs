@@ -57,7 +57,7 @@ pub struct Metrics {
     phase2_seconds: [Histogram; 2],
     phase2_retries: [Counter; 2],
     phase2_failures: [Counter; 2],
-    /// Messages delivered, and dead-lettered.
+    /// Messages by what their commit came to ([`MessageResult`]).
     messages: [Counter; 3],
 }
 

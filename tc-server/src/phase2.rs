@@ -11,6 +11,7 @@ use ferrata_rpc::pb;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::calls::Outcome;
 use crate::coordinator::{Coordinator, PendingCommit, Session};
 use crate::metrics::{Action, MessageResult};
 use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, Failure, GlobalStatus, now_ms};
@@ -100,7 +101,6 @@ fn attempted(
     }
 }
 
-/// The coordinator calls this branch's service itself (a TCC branch, a saga step).
 /// The outbox row of a message an outbox wrote (`MARK_DELIVERED` or `MARK_DROPPED` to a
 /// resource manager of its database: the row named by the message's name), if it has one.
 fn outbox_row(b: &pb::BranchRef) -> Option<pb::BranchRef> {
@@ -115,6 +115,8 @@ fn outbox_row(b: &pb::BranchRef) -> Option<pb::BranchRef> {
     })
 }
 
+/// The coordinator calls this branch's service itself (a TCC branch, a saga step, a
+/// message).
 fn is_http(b: &pb::BranchRef) -> bool {
     pb::BranchType::try_from(b.branch_type).is_ok_and(|t| BranchMode::from_pb(t).is_http())
 }
@@ -259,7 +261,7 @@ impl Coordinator {
     /// free to it), and that AT branch's restore would wait for the prepared branch's row
     /// lock; an AT branch can never have written over a prepared branch's row. `attempt`
     /// counts the passes that asked for a retry before this one.
-    async fn rollback_pass(&self, session: &Session, attempt: u32) -> Pass {
+    async fn rollback_pass(self: &Arc<Self>, session: &Session, attempt: u32) -> Pass {
         let branches: Vec<BranchRecord> = {
             let state = session.state.lock();
             let mut left: Vec<BranchRecord> = state
@@ -308,6 +310,9 @@ impl Coordinator {
                     }
                     self.at.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
                     self.at.count_held(&self.metrics);
+                    if b.mode == BranchMode::Msg {
+                        self.forget_joined_rows(&b.to_ref(&session.xid));
+                    }
                     tracing::debug!(branch_id = b.branch_id, "branch rolled back");
                 }
                 BranchResult::Retryable(error) => {
@@ -515,8 +520,12 @@ impl Coordinator {
             let call = async {
                 match pb::BranchType::try_from(b.branch_type) {
                     Ok(pb::BranchType::Saga) => crate::saga::compensate(&self.caller, timeout, b).await,
-                    Ok(pb::BranchType::Msg) if commit => self.deliver_message(timeout, b).await,
-                    Ok(pb::BranchType::Msg) => self.drop_message(b).await,
+                    Ok(pb::BranchType::Msg) if commit => crate::msg::deliver(&self.caller, timeout, b).await,
+                    // A message rolled back is dropped: nothing to call (an outbox's rows are
+                    // deleted afterwards, best effort).
+                    Ok(pb::BranchType::Msg) => {
+                        pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, "")
+                    }
                     _ => crate::tcc::phase2(&self.caller, timeout, commit, b).await,
                 }
             };
@@ -541,6 +550,11 @@ impl Coordinator {
     }
 
     async fn commit_batch(self: Arc<Self>, resource: String, items: Vec<PendingCommit>) {
+        let (items, mut retry) = self.check_joined(items).await;
+        if items.is_empty() {
+            self.requeue(retry);
+            return;
+        }
         let refs: Vec<pb::BranchRef> = items.iter().map(|p| p.reference.clone()).collect();
         let started = Instant::now();
         let answer = self.send_phase2(&resource, pb::Phase2Action::Commit, refs).await;
@@ -551,7 +565,6 @@ impl Coordinator {
                 .map(|o| (o.branch_id, o))
                 .collect::<HashMap<_, _>>()
         });
-        let mut retry = Vec::new();
         for mut p in items {
             let outcome = answer.as_ref().ok().and_then(|by_id| by_id.get(&p.branch_id));
             let retry_after = outcome
@@ -589,13 +602,11 @@ impl Coordinator {
             };
             match result {
                 BranchResult::Done => {
-                    if message && outcome.is_some_and(|o| o.reason == crate::msg::DROPPED) {
-                        self.metrics.message(MessageResult::Dropped);
-                    } else if message {
+                    if message {
                         self.metrics.message(MessageResult::Delivered);
                         self.tell_outbox(&p.reference, pb::Phase2Action::MarkDelivered);
                     }
-                    self.branch_committed(&p)
+                    self.branch_committed(&p, "")
                 }
                 BranchResult::Unretryable(status, error) => {
                     if message {
@@ -610,62 +621,115 @@ impl Coordinator {
                         reason = error.reason,
                         "branch commit failed; will retry"
                     );
-                    self.metrics.phase2_retry(Action::Commit);
-                    let delay = delay.unwrap_or_default();
-                    p.not_before = Instant::now() + delay;
-                    p.attempt += 1;
-                    // In the timeline only, stored with the transaction's next write.
-                    if let Some(session) = self.live(p.txn_id) {
-                        let next = now_ms() + delay.as_millis() as u64;
-                        let retry = attempted(
-                            (p.branch_id, &p.resource_id),
-                            Decision::Commit,
-                            AttemptResult::Retry,
-                            &error.reason,
-                            Some(next),
-                        );
-                        session.state.lock().record(retry);
-                        session.pass_ended();
-                    }
+                    self.commit_later(&mut p, delay.unwrap_or_default(), &error.reason);
                     retry.push(p);
                 }
             }
         }
+        self.requeue(retry);
+    }
+
+    /// Sets `p`'s next attempt `delay` from now, after one that failed for `reason`.
+    fn commit_later(&self, p: &mut PendingCommit, delay: Duration, reason: &str) {
+        self.metrics.phase2_retry(Action::Commit);
+        p.not_before = Instant::now() + delay;
+        p.attempt += 1;
+        // In the timeline only, stored with the transaction's next write.
+        if let Some(session) = self.live(p.txn_id) {
+            let next = now_ms() + delay.as_millis() as u64;
+            let retry = attempted(
+                (p.branch_id, &p.resource_id),
+                Decision::Commit,
+                AttemptResult::Retry,
+                reason,
+                Some(next),
+            );
+            session.state.lock().record(retry);
+            session.pass_ended();
+        }
+    }
+
+    /// Puts commits tried too early back in the queue.
+    fn requeue(&self, retry: Vec<PendingCommit>) {
         if !retry.is_empty() {
             self.commit_queue.lock().extend(retry);
             self.commit_wake.notify_one();
         }
     }
 
-    /// A message's rollback: it is dropped. One an outbox wrote inside the global
-    /// transaction has its rows deleted by a resource manager of its database
-    /// (`MARK_DROPPED`; its local transaction may have committed them), retried like any
-    /// branch's rollback until that is done.
-    async fn drop_message(&self, b: &pb::BranchRef) -> pb::BranchOutcome {
-        let dropped = pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::PhaseTwoRollbacked, "");
-        let joined = crate::msg::MsgBranch::decode(&b.application_data).is_ok_and(|m| !m.check_barrier.is_empty());
-        let Some(branch) = outbox_row(b).filter(|_| joined) else {
-            return dropped;
-        };
-        let timeout = self.config.phase2.call_timeout();
-        let resource = branch.resource_id.clone();
-        let answer = self
-            .rms
-            .call(&resource, pb::Phase2Action::MarkDropped, vec![branch], None, timeout)
-            .await;
-        match answer {
-            Ok(o) if o.iter().all(|o| o.status == pb::BranchStatus::PhaseTwoCommitted as i32) => dropped,
-            Ok(o) => {
-                let why = o.first().map_or("no answer for the branch", |o| o.reason.as_str());
-                pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, format!("its outbox row: {why}"))
+    /// Messages an outbox joined to a global transaction are sent only once their barrier
+    /// row says their local transaction committed (the transaction's commit does not say
+    /// it): asked once, the answer kept with the branch (durably). Returns the commits to
+    /// send and those to try later (the row could not be asked: on the phase-2 backoff, not
+    /// the message's schedule, which is the receiver's); a message whose local transaction
+    /// never committed is done, dropped.
+    async fn check_joined(self: &Arc<Self>, items: Vec<PendingCommit>) -> (Vec<PendingCommit>, Vec<PendingCommit>) {
+        let (mut send, mut later) = (Vec::with_capacity(items.len()), Vec::new());
+        for mut p in items {
+            let message = match pb::BranchType::try_from(p.reference.branch_type) {
+                Ok(pb::BranchType::Msg) => crate::msg::MsgBranch::decode(&p.reference.application_data).ok(),
+                _ => None,
+            };
+            let Some(mut message) = message.filter(crate::msg::MsgBranch::awaits_barrier) else {
+                send.push(p);
+                continue;
+            };
+            let answer = self
+                .ask_barrier(&message.check_resource, &p.reference.xid, &message.check_barrier)
+                .await;
+            match answer {
+                Outcome::Success => {
+                    message.barrier_confirmed = true;
+                    p.reference.application_data = message.encode();
+                    self.keep_branch_data(&p);
+                    // The receiver's schedule starts with its first call.
+                    p.first_ms = p.first_ms.max(now_ms());
+                    send.push(p);
+                }
+                Outcome::Failure(_) | Outcome::Gone(_) => {
+                    self.metrics.message(MessageResult::Dropped);
+                    self.branch_committed(&p, crate::msg::DROPPED);
+                }
+                unanswered => {
+                    let why = match unanswered {
+                        Outcome::Retry(why) => format!("its barrier row could not be checked: {why}"),
+                        _ => "its barrier row could not be checked".to_owned(),
+                    };
+                    let delay = self.config.phase2.backoff(p.attempt);
+                    self.commit_later(&mut p, delay, &why);
+                    later.push(p);
+                }
             }
-            Err(e) => pb::BranchOutcome::of(b.branch_id, pb::BranchStatus::Unknown, format!("its outbox row: {e}")),
+        }
+        (send, later)
+    }
+
+    /// Stores `p`'s application data as its branch's (in memory and durably, not awaited).
+    fn keep_branch_data(&self, p: &PendingCommit) {
+        let Some(session) = self.live(p.txn_id) else { return };
+        let mut state = session.state.lock();
+        let Some(b) = state.branches.iter_mut().find(|b| b.branch_id == p.branch_id) else {
+            return;
+        };
+        b.application_data = p.reference.application_data.clone();
+        let record = b.clone();
+        let writes = state.with_events(vec![Mutation::PutBranch(record)]);
+        self.journal.submit_detached(writes);
+    }
+
+    /// The rows of a message an outbox joined to a global transaction that rolled back: a
+    /// resource manager of its database deletes them (`MARK_DROPPED`; its local transaction
+    /// may have committed them), best effort, as a row left shows a DBA more and harms none.
+    fn forget_joined_rows(self: &Arc<Self>, b: &pb::BranchRef) {
+        let joined = crate::msg::MsgBranch::decode(&b.application_data).is_ok_and(|m| !m.check_barrier.is_empty());
+        if joined {
+            self.tell_outbox(b, pb::Phase2Action::MarkDropped);
         }
     }
 
-    /// Tells a resource manager of an outbox message's database that it was delivered, so
-    /// its row is marked (tried a few times: a row left unmarked shows a DBA less, and is
-    /// not purged).
+    /// Tells a resource manager of an outbox message's database what became of it
+    /// (`action`: MARK_DELIVERED or MARK_DROPPED), so its row is marked or deleted (tried a
+    /// few times: a row left shows a DBA the wrong state, and is not purged).
     fn tell_outbox(self: &Arc<Self>, reference: &pb::BranchRef, action: pb::Phase2Action) {
         let Some(branch) = outbox_row(reference) else { return };
         let coordinator = Arc::clone(self);
@@ -681,7 +745,7 @@ impl Coordinator {
                 if done {
                     return;
                 }
-                tracing::debug!(attempt, "a delivered outbox message was not marked yet");
+                tracing::debug!(attempt, ?action, "an outbox message's row was not marked yet");
                 tokio::select! {
                     _ = tokio::time::sleep(coordinator.config.phase2.backoff(attempt)) => {}
                     _ = coordinator.shutdown.cancelled() => return,
@@ -690,7 +754,8 @@ impl Coordinator {
         });
     }
 
-    fn branch_committed(&self, p: &PendingCommit) {
+    /// Branch `p` committed (`note`: what its timeline says of it, if anything).
+    fn branch_committed(&self, p: &PendingCommit, note: &str) {
         let Some(session) = self.live(p.txn_id) else { return };
         let mut state = session.state.lock();
         if let Some(b) = state.branches.iter().find(|b| b.branch_id == p.branch_id) {
@@ -698,7 +763,7 @@ impl Coordinator {
                 (b.branch_id, &b.resource_id),
                 Decision::Commit,
                 AttemptResult::Done,
-                "",
+                note,
                 None,
             );
             state.record(done);

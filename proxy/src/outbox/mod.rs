@@ -582,19 +582,21 @@ fn invalid(row: &Pending) -> Option<String> {
     None
 }
 
-/// ER_XAER_RMFAIL, what the server answers a transaction or savepoint while the connection
-/// holds a prepared XA branch (a session bound in MODE XA, until phase 2): said in the outbox's
-/// terms.
+/// ER_XAER_RMFAIL: the server refused the outbox's transaction or savepoint because of the
+/// connection's XA transaction (in a session bound in MODE XA, its branch, prepared until
+/// the global decision): said in the outbox's terms.
 fn held_branch(e: ErrPacket) -> ErrPacket {
-    if e.code != 1399 {
+    const ER_XAER_RMFAIL: u16 = 1399;
+    if e.code != ER_XAER_RMFAIL {
         return e;
     }
     ErrPacket::new(
         1235,
         "42000",
         format!(
-            "this connection holds its prepared XA branch until the global decision: write {TABLE} inside BEGIN ... \
-             COMMIT (the branch), or once the global transaction is decided"
+            "this connection's XA transaction takes no outbox write now ({}): write {TABLE} inside BEGIN ... COMMIT \
+             (the branch), or once the global transaction is decided",
+            e.message
         ),
     )
 }
@@ -697,7 +699,18 @@ impl OutboxSession {
         if own {
             backend::local_rollback(backend, state, limit).await?;
         } else {
-            backend::query(backend, state, "ROLLBACK TO SAVEPOINT ferrata_outbox", limit).await?;
+            let undone = backend::query(backend, state, "ROLLBACK TO SAVEPOINT ferrata_outbox", limit).await?;
+            if let Some(why) = undone.error {
+                // The rows stay pending: the COMMIT's check refuses them again.
+                return backend::refuse(
+                    client,
+                    e.prefixed(&format!(
+                        "the statement could not be undone ({}): ROLLBACK the transaction; ",
+                        why.message
+                    )),
+                )
+                .await;
+            }
             backend::query(backend, state, "RELEASE SAVEPOINT ferrata_outbox", limit).await?;
         }
         backend::refuse(client, e).await
@@ -770,8 +783,22 @@ async fn hand_over(
         },
     };
     let xid = match prepared {
+        // A coordinator that does not know `xid` prepared a transaction of its own: dropped
+        // at once (nothing marks its rows or bars it, so its check would drop it too).
+        Ok(other) if !global_xid.is_empty() && other != global_xid => {
+            decide_later(&outbox.global, other, false);
+            return Ok(Handover::Refused(ErrPacket::new(
+                1235,
+                "42000",
+                format!(
+                    "the coordinator does not join messages to global transactions (upgrade ferrata-tc): write {TABLE} \
+                     outside the global transaction, or ROLLBACK"
+                ),
+            )));
+        }
         Ok(xid) => xid,
-        // Nothing stored: the transaction stays open, the COMMIT may be tried again.
+        // Nothing marked: the transaction stays open, the COMMIT may be tried again (messages
+        // a coordinator stored meanwhile are dropped, as no barrier row of theirs commits).
         Err(e) => return Ok(Handover::Refused(e)),
     };
     // Exactly the rows handed over (read in the transaction's snapshot) get the XID.
@@ -821,10 +848,14 @@ async fn hand_over(
         if barrier.is_empty() {
             decide_later(&outbox.global, xid.clone(), false);
         }
-        return Ok(Handover::Refused(e.prefixed(&format!(
-            "the local transaction was rolled back, nothing of it committed (run it again): its messages ({xid}) \
-             could not be marked: "
-        ))));
+        // A transaction the proxy cannot end itself (an XA branch) is left to the client.
+        let ended = match state.in_transaction() {
+            false => "the local transaction was rolled back, nothing of it committed (run it again)",
+            true => "ROLLBACK the local transaction: nothing of it may commit",
+        };
+        return Ok(Handover::Refused(
+            e.prefixed(&format!("{ended}: its messages ({xid}) could not be marked: ")),
+        ));
     }
     Ok(if barrier.is_empty() {
         Handover::Handed(xid)

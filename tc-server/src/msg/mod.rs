@@ -63,10 +63,14 @@ pub struct MsgBranch {
     /// own commit asks that row first: delivered if it committed, dropped if not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub check_barrier: String,
+    /// That barrier row said the local transaction committed: kept, so a retried delivery
+    /// does not ask again (a row a DBA purged meanwhile would then read as never committed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub barrier_confirmed: bool,
 }
 
-/// The reason of a message's commit that delivered nothing: its barrier row said its local
-/// transaction never committed.
+/// What a message's commit did when its barrier row said its local transaction never
+/// committed: nothing was sent.
 pub const DROPPED: &str = "dropped: its local transaction never committed";
 
 impl MsgBranch {
@@ -149,6 +153,11 @@ pub async fn deliver(caller: &Caller, default_timeout: Duration, b: &pb::BranchR
 }
 
 impl MsgBranch {
+    /// An outbox joined it to a global transaction and its barrier row is still to be asked.
+    pub fn awaits_barrier(&self) -> bool {
+        !self.check_barrier.is_empty() && !self.barrier_confirmed
+    }
+
     /// It says how its transaction is settled past its timeout.
     pub fn has_check(&self) -> bool {
         !self.query_prepared.is_empty() || (!self.check_resource.is_empty() && self.check_barrier.is_empty())
