@@ -866,7 +866,6 @@ async fn joined_messages_wait_for_their_barrier_and_never_hold_a_rollback() -> R
     };
     let committed = joined_xid("waited").await?;
     let rolled_back = joined_xid("dropped").await?;
-    drop(joined_xid);
     env.proxy.kill9()?;
 
     let (status, body) = env
