@@ -1,10 +1,11 @@
 //! `passthrough`: sysbench straight at MariaDB versus through `ferrata-proxy`, on one
 //! server, interleaved round by round (alternating which side goes first) so that drift
 //! during the run (cache warm-up, noisy neighbours, CPU throttling) hits both sides
-//! alike. A third side, the floor forwarder (`floor.rs`), copies bytes and nothing else:
-//! it shows what one extra loopback hop costs on this machine whatever the proxy does.
-//! Prints the machine, per-round figures, medians, CPU time per query of each forwarder
-//! and the pass-through targets.
+//! alike. Two more sides: HAProxy in TCP mode (Debian's `haproxy`, one thread per CPU), a
+//! mature event-loop relay that knows nothing about MySQL, the peer to beat; and the floor
+//! forwarder (`floor.rs`), which copies bytes with Tokio and nothing else. Prints the
+//! machine, per-round figures, medians, CPU time per query of each forwarder, the
+//! proxy/HAProxy ratio and the pass-through targets.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -58,10 +59,19 @@ struct Args {
     /// proxy's `backend = "/path"`), as when they run on the database host.
     #[arg(long)]
     backend_socket: bool,
-    /// Skip the floor forwarder (a byte-copying TCP forwarder measured as a third side).
+    /// Skip the floor forwarder (a byte-copying TCP forwarder measured as a side).
     #[arg(long)]
     no_floor: bool,
+    /// Skip HAProxy (TCP mode, one thread per CPU).
+    #[arg(long)]
+    no_haproxy: bool,
+    /// The HAProxy binary.
+    #[arg(long, default_value = "/usr/sbin/haproxy")]
+    haproxy_bin: PathBuf,
 }
+
+/// ferrata-proxy/HAProxy throughput ratio to reach on every cell (the speed issue).
+const HAPROXY_TARGET: f64 = 1.0;
 
 /// Proxied/direct throughput ratio that counts as good enough, per workload.
 fn target(workload: &str) -> Option<f64> {
@@ -122,6 +132,11 @@ fn run(args: Args) -> Result<()> {
         .chain(args.proxy_args.iter().cloned())
         .collect())
     })?;
+    let haproxy = if args.no_haproxy {
+        None
+    } else {
+        Some(Forwarder::haproxy(&args.haproxy_bin, &backend)?)
+    };
     let floor = if args.no_floor {
         None
     } else {
@@ -140,6 +155,13 @@ fn run(args: Args) -> Result<()> {
         port: proxy.addr.port(),
         forwarder: Some(&proxy),
     });
+    if let Some(haproxy) = &haproxy {
+        sides.push(Side {
+            name: "haproxy",
+            port: haproxy.addr.port(),
+            forwarder: Some(haproxy),
+        });
+    }
     if let Some(floor) = &floor {
         sides.push(Side {
             name: "floor",
@@ -263,13 +285,15 @@ fn sysbench(args: &Args, workload: &str, port: u16, threads: u32, time: Option<u
     .run(workload, port, threads, time, command)
 }
 
-/// A forwarding process under test (ferrata-proxy or the floor forwarder), killed when
-/// dropped (and by PDEATHSIG if we die).
+/// A forwarding process under test (ferrata-proxy, HAProxy or the floor forwarder), killed
+/// when dropped (and by PDEATHSIG if we die).
 struct Forwarder {
     name: &'static str,
     child: Child,
     addr: SocketAddr,
     log: tempfile::NamedTempFile,
+    /// Its config file, if it reads one.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl Forwarder {
@@ -297,10 +321,49 @@ impl Forwarder {
             .stdout(log.reopen()?)
             .stderr(log.reopen()?);
         let child = ferrata_testkit::spawn_tied(cmd).with_context(|| format!("starting {}", bin.display()))?;
-        let mut forwarder = Forwarder { name, child, addr, log };
+        let mut forwarder = Forwarder {
+            name,
+            child,
+            addr,
+            log,
+            _config: None,
+        };
         forwarder
             .wait_listening()
             .with_context(|| format!("{name} in front of {backend}"))?;
+        Ok(forwarder)
+    }
+
+    /// HAProxy in TCP mode in front of `backend` (a TCP address or a Unix socket path), one
+    /// thread per CPU, in the foreground.
+    fn haproxy(bin: &Path, backend: &str) -> Result<Forwarder> {
+        ensure!(
+            bin.is_file(),
+            "{} not found; install Debian's haproxy (scripts/setup-debian.sh does) or pass --no-haproxy",
+            bin.display()
+        );
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let server = match backend.starts_with('/') {
+            true => format!("unix@{backend}"),
+            false => backend.to_owned(),
+        };
+        let config = tempfile::Builder::new()
+            .prefix("ferrata-bench-haproxy-")
+            .suffix(".cfg")
+            .tempfile()?;
+        let path = config.path().to_owned();
+        let mut forwarder = Forwarder::start("haproxy", bin, backend, |listen| {
+            std::fs::write(
+                &path,
+                format!(
+                    "global\n    nbthread {threads}\n    maxconn 10000\n\
+                     defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\
+                     listen mysql\n    bind {listen}\n    server db {server}\n"
+                ),
+            )?;
+            Ok(vec!["-db".into(), "-f".into(), path.display().to_string()])
+        })?;
+        forwarder._config = Some(config);
         Ok(forwarder)
     }
 
@@ -355,13 +418,15 @@ struct Round {
     samples: Vec<Sample>,
 }
 
-/// One line of the final summary: per side, median tps and median ratio to direct.
+/// One line of the final summary: per side, median tps and median ratio to direct; and
+/// the median proxy/HAProxy ratio, with HAProxy.
 struct Outcome {
     workload: String,
     threads: u32,
     tps: Vec<f64>,
     ratios: Vec<f64>,
     cpu_us: Vec<Option<f64>>,
+    vs_haproxy: Option<f64>,
 }
 
 fn print_rounds(workload: &str, threads: u32, time: u64, sides: &[Side], rounds: &[Round]) -> Outcome {
@@ -419,12 +484,24 @@ fn print_rounds(workload: &str, threads: u32, time: u64, sides: &[Side], rounds:
          forwarder's CPU time per query; proxy {}",
         verdict(workload, ratios[1])
     );
+    // Side 1 is the proxy.
+    let vs_haproxy = sides
+        .iter()
+        .position(|s| s.name == "haproxy")
+        .map(|h| median(rounds.iter().map(|r| r.samples[1].tps / r.samples[h].tps).collect()));
+    if let Some(x) = vs_haproxy {
+        println!(
+            "proxy/haproxy = {x:.3} (median of the per-round ratios); {}",
+            haproxy_verdict(x)
+        );
+    }
     Outcome {
         workload: workload.to_owned(),
         threads,
         tps: medians.iter().map(|m| m.tps).collect(),
         ratios,
         cpu_us: medians.iter().map(|m| m.cpu_us_per_query).collect(),
+        vs_haproxy,
     }
 }
 
@@ -434,7 +511,7 @@ fn print_summary(sides: &[Side], outcomes: &[Outcome]) {
     for side in &sides[1..] {
         header += &format!("  {:>10} {:>6} {:>6}", format!("{} tps", side.name), "ratio", "cpu us");
     }
-    println!("{header}  proxy verdict");
+    println!("{header}  proxy verdict  proxy/haproxy");
     for outcome in outcomes {
         let mut text = format!(
             "{:<20} {:>7}  {:>10.1}",
@@ -444,7 +521,20 @@ fn print_summary(sides: &[Side], outcomes: &[Outcome]) {
             let cpu = outcome.cpu_us[i].map_or("-".to_owned(), |c| format!("{c:.1}"));
             text += &format!("  {:>10.1} {:>6.3} {:>6}", outcome.tps[i], outcome.ratios[i], cpu);
         }
-        println!("{text}  {}", verdict(&outcome.workload, outcome.ratios[1]));
+        let vs_haproxy = outcome
+            .vs_haproxy
+            .map_or("-".to_owned(), |x| format!("{x:.3} ({})", haproxy_verdict(x)));
+        println!(
+            "{text}  {}  {vs_haproxy}",
+            verdict(&outcome.workload, outcome.ratios[1])
+        );
+    }
+}
+
+fn haproxy_verdict(ratio: f64) -> String {
+    match ratio >= HAPROXY_TARGET {
+        true => format!("target >= {HAPROXY_TARGET:.1}: PASS"),
+        false => format!("target >= {HAPROXY_TARGET:.1}: MISS"),
     }
 }
 

@@ -2,16 +2,18 @@
 # Installs what Ferrata's demo, tests and benchmarks need on Debian/Ubuntu, only when
 # missing: mariadb-server (mariadbd, mariadb-install-db), mariadb-client (the `mariadb`
 # CLI), mariadb-test (`mariadb-client-test`, for the differential client test), sysbench,
-# chromium, nodejs and npm (the console's browser tests, scripts/console-tests.sh, which
-# installs playwright-core from npm itself); python3-venv, for a virtualenv with DTM's Python
-# SDK (tests/dtmcli/venv: dtmcli, the DTM-compatible API's acceptance test); and cargo-fuzz
-# (from crates.io, into ~/.cargo/bin) for scripts/fuzz.sh.
+# haproxy (a side of bench/passthrough), chromium, nodejs and npm (the console's browser
+# tests, scripts/console-tests.sh, which installs playwright-core from npm itself);
+# python3-venv, for a virtualenv with DTM's Python SDK (tests/dtmcli/venv: dtmcli, the
+# DTM-compatible API's acceptance test); and cargo-fuzz (from crates.io, into ~/.cargo/bin)
+# for scripts/fuzz.sh.
 set -euo pipefail
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
 command -v mariadb-client-test >/dev/null 2>&1 || missing+=(mariadb-test)
 command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
@@ -24,6 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     # Debian starts the packaged server; Ferrata starts its own throw-away servers.
     $sudo systemctl disable --now mariadb >/dev/null 2>&1 || true
+    $sudo systemctl disable --now haproxy >/dev/null 2>&1 || true
 fi
 
 # DTM's Python SDK at the version the acceptance test was written against, in a virtualenv
