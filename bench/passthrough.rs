@@ -356,7 +356,7 @@ impl Forwarder {
             std::fs::write(
                 &path,
                 format!(
-                    "global\n    nbthread {threads}\n    maxconn 10000\n\
+                    "global\n    nbthread {threads}\n    maxconn 2000\n\
                      defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\
                      listen mysql\n    bind {listen}\n    server db {server}\n"
                 ),
