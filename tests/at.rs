@@ -1105,3 +1105,33 @@ async fn a_signalled_deadlock_error_keeps_the_pending_branch() -> Result<()> {
     assert_eq!(v, Some(1), "the global rollback undid the write");
     Ok(())
 }
+
+/// A client that turns multi-statements on after the handshake (COM_SET_OPTION, as
+/// connectors' `multi_query` do) gets its strings taken statement by statement in a global
+/// transaction, as one that negotiated them: every write imaged, the rollback undoes all.
+#[tokio::test]
+async fn multi_statements_turned_on_later_are_still_protected() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::RawConn;
+    use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
+    let (_db, _tc, proxy, mut direct) = one_row().await?;
+    direct.query_drop("INSERT INTO t VALUES (2, 2)").await?;
+    let flags = (DEFAULT | CLIENT_MULTI_RESULTS) & !CLIENT_MULTI_STATEMENTS;
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
+    // COM_SET_OPTION, MYSQL_OPTION_MULTI_STATEMENTS_ON.
+    raw.send_command(&[0x1b, 0, 0]).await?;
+    // Answered with one EOF packet (or an ERR).
+    let answer = raw.read_packet().await?;
+    assert!(!answer.payload.starts_with(&[0xff]), "the server took the option");
+    raw.query("START GLOBAL TRANSACTION").await?;
+    let answers = raw
+        .query("UPDATE t SET v = 50 WHERE id = 1; UPDATE t SET v = 60 WHERE id = 2")
+        .await?;
+    assert!(
+        answers.iter().all(|p| !p.payload.starts_with(&[0xff])),
+        "both ran: {answers:?}"
+    );
+    raw.query("ROLLBACK GLOBAL").await?;
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(rows, [(1, 1), (2, 2)], "the global rollback undid both writes");
+    Ok(())
+}

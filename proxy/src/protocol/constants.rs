@@ -46,6 +46,15 @@ impl Capabilities {
         self.0 & flag != 0
     }
 
+    /// Sets or clears `flag`.
+    pub fn set(&mut self, flag: u64, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
+
     pub fn low(self) -> u32 {
         self.0 as u32
     }
@@ -94,6 +103,7 @@ impl Command {
     pub const STMT_SEND_LONG_DATA: u8 = 0x18;
     pub const STMT_CLOSE: u8 = 0x19;
     pub const STMT_RESET: u8 = 0x1a;
+    pub const SET_OPTION: u8 = 0x1b;
     pub const STMT_FETCH: u8 = 0x1c;
     /// MariaDB's COM_STMT_BULK_EXECUTE: one prepared statement, many parameter rows.
     pub const STMT_BULK_EXECUTE: u8 = 0xfa;
@@ -125,7 +135,7 @@ impl Command {
             Self::STMT_SEND_LONG_DATA => "stmt_send_long_data",
             Self::STMT_CLOSE => "stmt_close",
             Self::STMT_RESET => "stmt_reset",
-            0x1b => "set_option",
+            Self::SET_OPTION => "set_option",
             Self::STMT_FETCH => "stmt_fetch",
             Self::BINLOG_DUMP_GTID => "binlog_dump_gtid",
             Self::RESET_CONNECTION => "reset_connection",

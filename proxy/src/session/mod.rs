@@ -254,6 +254,8 @@ struct Pending {
     /// For COM_STMT_EXECUTE: the statement executed.
     executed: Option<u32>,
     hide_socket: bool,
+    /// COM_SET_OPTION: multi-statements turned on (`true`) or off.
+    multi_statements: Option<bool>,
 }
 
 impl Pending {
@@ -273,6 +275,7 @@ impl Pending {
             close: None,
             executed: None,
             hide_socket: false,
+            multi_statements: None,
         };
         match command {
             Command::QUERY => {
@@ -292,6 +295,14 @@ impl Pending {
             Command::CHANGE_USER => pending.schema = handshake::change_user_database(payload, state.capabilities),
             Command::STMT_CLOSE => pending.close = state.statement_id(payload),
             Command::STMT_EXECUTE => pending.executed = state.statement_id(payload),
+            // MYSQL_OPTION_MULTI_STATEMENTS_ON (0) or _OFF (1), little-endian.
+            Command::SET_OPTION => {
+                pending.multi_statements = match body {
+                    [0, 0] => Some(true),
+                    [1, 0] => Some(false),
+                    _ => None,
+                }
+            }
             _ => {}
         }
         pending
@@ -320,6 +331,15 @@ impl Pending {
                     state.schema = self.schema;
                 }
                 state.xid = None;
+            }
+            // The server parses multi-statement strings from now on (or no longer): what the
+            // modes decide on, as if the client had negotiated it.
+            Command::SET_OPTION if ok => {
+                if let Some(on) = self.multi_statements {
+                    state
+                        .capabilities
+                        .set(crate::protocol::Capabilities::MULTI_STATEMENTS, on);
+                }
             }
             Command::RESET_CONNECTION if ok => {
                 state.forget_statements();
