@@ -1038,38 +1038,13 @@ async fn a_write_that_changed_nothing_rolls_back_cleanly() -> Result<()> {
 /// it (were it run as part of the dead transaction, it would commit with no undo record).
 #[tokio::test]
 async fn an_autocommit_write_after_a_deadlock_is_still_protected() -> Result<()> {
-    let (_db, _tc, proxy, mut direct) = one_row().await?;
+    let (db, _tc, proxy, mut direct) = one_row().await?;
     direct.query_drop("INSERT INTO t VALUES (2, 2), (3, 3)").await?;
     let mut app = proxy.conn().await?;
     start(&mut app).await?;
-    // The other transaction holds more, so InnoDB picks the app's as the victim.
-    let mut other = _db.conn().await?;
-    other.query_drop("CREATE TABLE heavy (n INT)").await?;
-    other.query_drop("BEGIN").await?;
-    other
-        .query_drop("INSERT INTO heavy SELECT seq FROM seq_1_to_1000")
-        .await?;
-    other.query_drop("UPDATE t SET v = 20 WHERE id = 2").await?;
-    app.query_drop("BEGIN").await?;
-    app.query_drop("UPDATE t SET v = 10 WHERE id = 1").await?;
-    let blocked = tokio::spawn(async move {
-        let r = app.query_drop("UPDATE t SET v = 11 WHERE id = 2").await;
-        (app, r)
-    });
-    until("the app's write to wait for the row", async || {
-        let waiting: Option<i64> = direct
-            .query_first(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND INFO LIKE '%FOR UPDATE%'",
-            )
-            .await?;
-        Ok(waiting == Some(1))
-    })
-    .await?;
-    other.query_drop("UPDATE t SET v = 21 WHERE id = 1").await?;
-    let (mut app, r) = blocked.await?;
-    let e = r.expect_err("the app's transaction is the deadlock's victim");
+    // Its blocked write shows as the proxy's before image of the row.
+    let (mut app, e) = ferrata_tests::deadlock_victim(app, &db, "t", "v", "%FOR UPDATE%").await?;
     assert_eq!(server_error(&e)?.0, 1213, "{e}");
-    other.query_drop("COMMIT").await?;
 
     app.query_drop("UPDATE t SET v = 99 WHERE id = 3").await?;
     app.query_drop("ROLLBACK GLOBAL").await?;

@@ -66,6 +66,64 @@ async fn handed(db: &MariaDb, target: &str) -> Result<Option<String>> {
     )
 }
 
+/// The first message of a test, sent and delivered: the proxy has made its tables.
+async fn tables_made(env: &Env, app: &mut mysql_async::Conn) -> Result<()> {
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/first", env.service.base),),
+    )
+    .await?;
+    env.service.until_called("/ok/first?").await?;
+    Ok(())
+}
+
+/// A COMMIT sent, in the background, while the hand-over is held at its barrier row.
+type HeldCommit = tokio::task::JoinHandle<(mysql_async::Conn, Result<(), mysql_async::Error>)>;
+
+/// Opens a transaction on `app`, runs `statements` and writes an outbox row for `/ok/<path>`,
+/// then sends its COMMIT while a DBA connection (returned) holds the barrier table: the
+/// hand-over stops at its barrier row, after the coordinator stored the messages, until the
+/// DBA runs UNLOCK TABLES.
+async fn held_commit(
+    env: &Env,
+    mut app: mysql_async::Conn,
+    statements: &[&str],
+    path: &str,
+) -> Result<(mysql_async::Conn, HeldCommit)> {
+    let mut dba = env.db.conn().await?;
+    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
+    app.query_drop("BEGIN").await?;
+    for statement in statements {
+        app.query_drop(*statement).await?;
+    }
+    app.exec_drop(
+        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
+        (format!("{}/ok/{path}", env.service.base),),
+    )
+    .await?;
+    let commit = tokio::spawn(async move {
+        let done = app.query_drop("COMMIT").await;
+        (app, done)
+    });
+    Ok((dba, commit))
+}
+
+/// The XID of the outbox's prepared messages, once the coordinator stored them.
+async fn prepared_by_the_outbox(tc: &Coordinator) -> Result<String> {
+    ferrata_tests::eventually(
+        "the messages stored, prepared",
+        std::time::Duration::from_secs(30),
+        async || {
+            let list = tc.get("/v1/transactions?status=Begin").await?;
+            Ok(list["transactions"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["name"] == "outbox"))
+                .and_then(|t| t["xid"].as_str().map(str::to_owned)))
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_go_out_exactly_when_their_local_transaction_commits() -> Result<()> {
     let env = start().await?;
@@ -138,7 +196,7 @@ async fn messages_go_out_exactly_when_their_local_transaction_commits() -> Resul
         .expect_err("refused");
     ensure!(code(&bad) == 4025, "{bad}");
     ensure!(
-        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/never")),
+        env.service.calls_to("/ok/never").is_empty(),
         "a rolled-back message is never sent"
     );
     Ok(())
@@ -208,12 +266,7 @@ async fn messages_survive_their_proxy_and_delivered_rows_are_purged() -> Result<
         Ok(env.tc.status(&xid).await? == "Committed")
     })
     .await?;
-    let calls = env
-        .service
-        .calls()
-        .iter()
-        .filter(|c| c.uri.starts_with("/ok/survivor"))
-        .count();
+    let calls = env.service.calls_to("/ok/survivor").len();
     ensure!(calls == 1, "sent once: {calls}");
 
     // Delivered rows go after keep_delivered_s (the first proxy's purge is gone with it: the
@@ -264,7 +317,7 @@ async fn the_outbox_holds_under_what_drivers_send() -> Result<()> {
     env.service.until_called("/ok/off-committed?").await?;
     app.query_drop("COMMIT").await?;
     app.query_drop("SET autocommit = 1").await?;
-    ensure!(!env.service.calls().iter().any(|c| c.uri.starts_with("/ok/off-rolled")));
+    ensure!(env.service.calls_to("/ok/off-rolled").is_empty());
 
     // Refused: a multi-statement string with an outbox write; USE while pending; another
     // database's outbox.
@@ -332,43 +385,14 @@ async fn messages_whose_commit_never_happened_are_dropped_by_the_check() -> Resu
     let mut env = start_with(settings).await?;
     // Kept running: it answers the coordinator's check.
     let _other = outbox_proxy(&env.tc, &env.db, settings).await?;
-    // The tables exist once a message went.
     let mut app = env.proxy.conn().await?;
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/first", env.service.base),),
-    )
-    .await?;
-    env.service.until_called("/ok/first?").await?;
-
-    // The barrier table held: the hand-over stops at its barrier row, after the coordinator
-    // stored the messages.
-    let mut dba = env.db.conn().await?;
-    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
-    app.query_drop("BEGIN").await?;
-    app.query_drop("INSERT INTO orders VALUES (3, 50)").await?;
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/lost", env.service.base),),
-    )
-    .await?;
-    let commit = tokio::spawn(async move { app.query_drop("COMMIT").await });
-    let xid = ferrata_tests::eventually(
-        "the messages stored, prepared",
-        std::time::Duration::from_secs(30),
-        async || {
-            let list = env.tc.get("/v1/transactions?status=Begin").await?;
-            Ok(list["transactions"]
-                .as_array()
-                .and_then(|l| l.iter().find(|t| t["name"] == "outbox"))
-                .and_then(|t| t["xid"].as_str().map(str::to_owned)))
-        },
-    )
-    .await?;
+    tables_made(&env, &mut app).await?;
+    let (mut dba, commit) = held_commit(&env, app, &["INSERT INTO orders VALUES (3, 50)"], "lost").await?;
+    let xid = prepared_by_the_outbox(&env.tc).await?;
     env.proxy.kill9()?;
     dba.query_drop("UNLOCK TABLES").await?;
     ensure!(
-        commit.await?.is_err(),
+        commit.await?.1.is_err(),
         "the client lost its connection before any answer"
     );
 
@@ -379,7 +403,7 @@ async fn messages_whose_commit_never_happened_are_dropped_by_the_check() -> Resu
     let order: Option<i64> = dba.query_first("SELECT total FROM orders WHERE id = 3").await?;
     ensure!(order.is_none(), "nothing of the transaction committed");
     ensure!(
-        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/lost")),
+        env.service.calls_to("/ok/lost").is_empty(),
         "its message was never sent"
     );
     Ok(())
@@ -489,12 +513,10 @@ async fn messages_in_a_global_transaction_go_with_its_decision() -> Result<()> {
     )
     .await?;
     env.service.until_called("/ok/last?").await?;
-    let sent: Vec<String> = env.service.calls().into_iter().map(|c| c.uri).collect();
     ensure!(
-        !sent
-            .iter()
-            .any(|u| u.starts_with("/ok/local-rollback") || u.starts_with("/ok/global-rollback")),
-        "{sent:?}"
+        env.service.calls_to("/ok/local-rollback").is_empty() && env.service.calls_to("/ok/global-rollback").is_empty(),
+        "{:?}",
+        env.service.calls()
     );
     Ok(())
 }
@@ -507,28 +529,13 @@ async fn a_joined_message_whose_local_commit_never_happened_is_dropped() -> Resu
     let mut env = start().await?;
     let other = outbox_proxy(&env.tc, &env.db, "").await?;
     let mut app = env.proxy.conn().await?;
-    // The tables exist once a message went.
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/first", env.service.base),),
-    )
-    .await?;
-    env.service.until_called("/ok/first?").await?;
-
+    tables_made(&env, &mut app).await?;
     let xid: String = app.query_first("START GLOBAL TRANSACTION").await?.expect("an xid");
-    let mut dba = env.db.conn().await?;
-    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
-    app.query_drop("BEGIN").await?;
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/lost", env.service.base),),
-    )
-    .await?;
-    let commit = tokio::spawn(async move { app.query_drop("COMMIT").await });
+    let (mut dba, commit) = held_commit(&env, app, &[], "lost").await?;
     ferrata_tests::until("the message joined", async || Ok(joined(&env.tc, &xid).await? == 1)).await?;
     env.proxy.kill9()?;
     dba.query_drop("UNLOCK TABLES").await?;
-    ensure!(commit.await?.is_err(), "the client lost its connection");
+    ensure!(commit.await?.1.is_err(), "the client lost its connection");
 
     let mut second = other.conn().await?;
     second.query_drop(format!("COMMIT GLOBAL '{xid}'")).await?;
@@ -541,10 +548,7 @@ async fn a_joined_message_whose_local_commit_never_happened_is_dropped() -> Resu
         metrics.contains(r#"ferrata_tc_messages_total{result="dropped"} 1"#),
         "counted as dropped: {metrics}"
     );
-    ensure!(
-        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/lost")),
-        "never sent"
-    );
+    ensure!(env.service.calls_to("/ok/lost").is_empty(), "never sent");
     Ok(())
 }
 
@@ -608,9 +612,9 @@ async fn dtms_do_and_submit_db_runs_through_the_proxy() -> Result<()> {
     let paid = |name: &str| {
         let gid = gid(name);
         env.service
-            .calls()
+            .calls_to("/ok/order-paid?")
             .iter()
-            .filter(|c| c.uri.starts_with("/ok/order-paid?") && c.uri.contains(&format!("gid={gid}&")))
+            .filter(|c| c.uri.contains(&format!("gid={gid}&")))
             .count()
     };
     ensure!(
@@ -642,40 +646,9 @@ async fn messages_whose_commit_word_was_lost_go_out_by_the_check() -> Result<()>
     // Kept running: it answers the coordinator's check.
     let _other = outbox_proxy(&env.tc, &env.db, settings).await?;
     let mut app = env.proxy.conn().await?;
-    // The tables exist once a message went.
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/first", env.service.base),),
-    )
-    .await?;
-    env.service.until_called("/ok/first?").await?;
-
-    // The hand-over held at its barrier row, after the coordinator stored the messages.
-    let mut dba = env.db.conn().await?;
-    dba.query_drop("LOCK TABLES dtm_barrier.barrier WRITE").await?;
-    app.query_drop("BEGIN").await?;
-    app.query_drop("INSERT INTO orders VALUES (4, 40)").await?;
-    app.exec_drop(
-        "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'p')",
-        (format!("{}/ok/by-check", env.service.base),),
-    )
-    .await?;
-    let commit = tokio::spawn(async move {
-        let done = app.query_drop("COMMIT").await;
-        (app, done)
-    });
-    let xid = ferrata_tests::eventually(
-        "the messages stored, prepared",
-        std::time::Duration::from_secs(30),
-        async || {
-            let list = env.tc.get("/v1/transactions?status=Begin").await?;
-            Ok(list["transactions"]
-                .as_array()
-                .and_then(|l| l.iter().find(|t| t["name"] == "outbox"))
-                .and_then(|t| t["xid"].as_str().map(str::to_owned)))
-        },
-    )
-    .await?;
+    tables_made(&env, &mut app).await?;
+    let (mut dba, commit) = held_commit(&env, app, &["INSERT INTO orders VALUES (4, 40)"], "by-check").await?;
+    let xid = prepared_by_the_outbox(&env.tc).await?;
     // Once the proxy has the coordinator's answer (it waits on the barrier row), the
     // coordinator goes down; the COMMIT then succeeds without it.
     ferrata_tests::until("the hand-over at its barrier row", async || {
@@ -709,12 +682,7 @@ async fn messages_whose_commit_word_was_lost_go_out_by_the_check() -> Result<()>
             .is_some_and(|es| es.iter().any(|e| e["type"] == "decided" && e["by"] == "check")),
         "decided by the check: {events}"
     );
-    let sent = env
-        .service
-        .calls()
-        .iter()
-        .filter(|c| c.uri.starts_with("/ok/by-check"))
-        .count();
+    let sent = env.service.calls_to("/ok/by-check").len();
     ensure!(sent == 1, "sent once: {sent}");
     Ok(())
 }
@@ -727,35 +695,10 @@ async fn an_outbox_insert_after_a_deadlock_is_sent() -> Result<()> {
     let env = start().await?;
     let mut dba = env.db.conn().await?;
     dba.query_drop("INSERT INTO orders VALUES (1, 1), (2, 2)").await?;
-    let mut app = env.proxy.conn().await?;
-    // The other transaction holds more, so InnoDB picks the app's as the victim.
-    let mut other = env.db.conn().await?;
-    other.query_drop("CREATE TABLE heavy (n INT)").await?;
-    other.query_drop("BEGIN").await?;
-    other
-        .query_drop("INSERT INTO heavy SELECT seq FROM seq_1_to_1000")
-        .await?;
-    other.query_drop("UPDATE orders SET total = 20 WHERE id = 2").await?;
-    app.query_drop("BEGIN").await?;
-    app.query_drop("UPDATE orders SET total = 10 WHERE id = 1").await?;
-    let blocked = tokio::spawn(async move {
-        let r = app.query_drop("UPDATE orders SET total = 11 WHERE id = 2").await;
-        (app, r)
-    });
-    ferrata_tests::until("the app's UPDATE to wait for the row", async || {
-        let waiting: Option<i64> = dba
-            .query_first(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO = 'UPDATE orders SET total = 11 WHERE id = 2'",
-            )
-            .await?;
-        Ok(waiting == Some(1))
-    })
-    .await?;
-    other.query_drop("UPDATE orders SET total = 21 WHERE id = 1").await?;
-    let (mut app, r) = blocked.await?;
-    let e = r.expect_err("the app's transaction is the deadlock's victim");
+    let app = env.proxy.conn().await?;
+    let (mut app, e) =
+        ferrata_tests::deadlock_victim(app, &env.db, "orders", "total", "UPDATE orders SET total = 11%").await?;
     ensure!(code(&e) == 1213, "{e}");
-    other.query_drop("COMMIT").await?;
 
     app.exec_drop(
         "INSERT INTO ferrata_outbox (target, payload) VALUES (?, 'after')",
@@ -835,10 +778,7 @@ async fn messages_of_an_xa_bound_session_go_with_the_global_decision() -> Result
     .await?;
     env.service.until_called("/ok/xa-last?").await?;
     ensure!(
-        !env.service
-            .calls()
-            .iter()
-            .any(|c| c.uri.starts_with("/ok/xa-2") || c.uri.starts_with("/ok/xa-held")),
+        env.service.calls_to("/ok/xa-2").is_empty() && env.service.calls_to("/ok/xa-held").is_empty(),
         "nothing of the rolled-back one, nothing refused"
     );
     Ok(())
@@ -909,7 +849,7 @@ async fn joined_messages_wait_for_their_barrier_and_never_hold_a_rollback() -> R
     })
     .await?;
     ensure!(
-        !env.service.calls().iter().any(|c| c.uri.starts_with("/ok/dropped")),
+        env.service.calls_to("/ok/dropped").is_empty(),
         "the rolled-back one never went"
     );
     Ok(())

@@ -665,6 +665,8 @@ impl Coordinator {
     /// never committed is done, dropped.
     async fn check_joined(self: &Arc<Self>, items: Vec<PendingCommit>) -> (Vec<PendingCommit>, Vec<PendingCommit>) {
         let (mut send, mut later) = (Vec::with_capacity(items.len()), Vec::new());
+        // The messages of one hand-over share their barrier row: asked once per batch.
+        let mut answers: HashMap<(String, String, String), Outcome> = HashMap::new();
         for mut p in items {
             let message = match pb::BranchType::try_from(p.reference.branch_type) {
                 Ok(pb::BranchType::Msg) => crate::msg::MsgBranch::decode(&p.reference.application_data).ok(),
@@ -674,9 +676,19 @@ impl Coordinator {
                 send.push(p);
                 continue;
             };
-            let answer = self
-                .ask_barrier(&message.check_resource, &p.reference.xid, &message.check_barrier)
-                .await;
+            let row = (
+                message.check_resource.clone(),
+                p.reference.xid.clone(),
+                message.check_barrier.clone(),
+            );
+            let answer = match answers.get(&row) {
+                Some(answer) => answer.clone(),
+                None => {
+                    let answer = self.ask_barrier(&row.0, &row.1, &row.2).await;
+                    answers.insert(row, answer.clone());
+                    answer
+                }
+            };
             match answer {
                 Outcome::Success => {
                     message.barrier_confirmed = true;

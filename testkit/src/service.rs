@@ -143,6 +143,15 @@ impl Service {
         self.seen.lock().unwrap().clone()
     }
 
+    /// The calls whose path and query start with `prefix`, in arrival order.
+    pub fn calls_to(&self, prefix: &str) -> Vec<Seen> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter()
+            .filter(|call| call.uri.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     /// The calls for transaction `gid` (its `gid` query parameter), in arrival order, each as
     /// its path followed by the values of the query parameters `params`:
     /// `/ok/a1 01 action` for `["branch_id", "op"]`.
@@ -180,11 +189,7 @@ impl Service {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let calls: Vec<Seen> = self
-                .calls()
-                .into_iter()
-                .filter(|call| call.uri.starts_with(prefix))
-                .collect();
+            let calls = self.calls_to(prefix);
             if calls.len() > seen {
                 return Ok(calls[seen].clone());
             }

@@ -483,3 +483,53 @@ pub async fn until_undo_records_gone(servers: &[&ferrata_testkit::MariaDb]) -> R
     })
     .await
 }
+
+/// Makes the local transaction of `app` the victim of a deadlock with another transaction on
+/// `db`: each updates rows 1 and 2 of `table` (`id` its key, `column` an INT) in the other's
+/// order, and the other first writes 1,000 rows elsewhere, so InnoDB rolls back `app`'s.
+/// `blocked` is how `app`'s waiting statement shows in the processlist (a LIKE pattern).
+/// Returns `app` and the error it got.
+pub async fn deadlock_victim(
+    mut app: mysql_async::Conn,
+    db: &MariaDb,
+    table: &str,
+    column: &str,
+    blocked: &str,
+) -> Result<(mysql_async::Conn, mysql_async::Error)> {
+    use mysql_async::prelude::Queryable;
+    let mut other = db.conn().await?;
+    other.query_drop("CREATE TABLE heavy (n INT)").await?;
+    other.query_drop("BEGIN").await?;
+    other
+        .query_drop("INSERT INTO heavy SELECT seq FROM seq_1_to_1000")
+        .await?;
+    other
+        .query_drop(format!("UPDATE {table} SET {column} = 20 WHERE id = 2"))
+        .await?;
+    app.query_drop("BEGIN").await?;
+    app.query_drop(format!("UPDATE {table} SET {column} = 10 WHERE id = 1"))
+        .await?;
+    let second = format!("UPDATE {table} SET {column} = 11 WHERE id = 2");
+    let waiting = tokio::spawn(async move {
+        let r = app.query_drop(second).await;
+        (app, r)
+    });
+    let mut watch = db.conn().await?;
+    until("the app's write to wait for the row", async || {
+        let n: Option<i64> = watch
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND INFO LIKE ?",
+                (blocked,),
+            )
+            .await?;
+        Ok(n == Some(1))
+    })
+    .await?;
+    other
+        .query_drop(format!("UPDATE {table} SET {column} = 21 WHERE id = 1"))
+        .await?;
+    let (app, r) = waiting.await?;
+    let e = r.err().context("the app's transaction was not the deadlock's victim")?;
+    other.query_drop("COMMIT").await?;
+    Ok((app, e))
+}

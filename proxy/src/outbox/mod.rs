@@ -304,26 +304,28 @@ fn refusal(message: String) -> Claimed {
     Claimed::Refuse(ErrPacket::new(1235, "42000", message))
 }
 
+/// The refusal of what would commit pending messages without their hand-over.
+fn pending_refusal() -> Claimed {
+    refusal(format!(
+        "this local transaction wrote messages to {TABLE}: COMMIT or ROLLBACK first (the COMMIT hands them over)"
+    ))
+}
+
 impl OutboxSession {
     /// Decides what to do with a command; `None`: not the outbox's business.
     fn decide(&mut self, command: &Command<'_>, state: &SessionState) -> Option<Claim> {
-        let pending = format!(
-            "this local transaction wrote messages to {TABLE}: COMMIT or ROLLBACK first (the COMMIT hands them over)"
-        );
         let (sql, class, multi) = match command.code {
             Cmd::QUERY => {
                 let c = command.class?;
                 (&command.payload[1..], c.class, c.multi_statement)
             }
             Cmd::STMT_PREPARE => {
-                let c = command.class?;
                 // A prepared outbox INSERT needs the table before the server prepares it.
                 let db = state.schema.as_ref()?;
                 if outbox_write(&command.payload[1..]).is_some() && !self.outbox.ready.lock().contains(db) {
                     self.gate_for = Gate::Tables;
                     return Some(Claim::Gate);
                 }
-                let _ = c;
                 return None;
             }
             Cmd::STMT_EXECUTE | Cmd::STMT_BULK_EXECUTE => {
@@ -338,7 +340,7 @@ impl OutboxSession {
                 (s.sql.as_bytes(), s.class.class, false)
             }
             Cmd::INIT_DB if self.pending => {
-                self.claimed = Some(refusal(pending));
+                self.claimed = Some(pending_refusal());
                 return Some(Claim::Take);
             }
             _ => return None,
@@ -363,7 +365,7 @@ impl OutboxSession {
             ))),
             Some(_) if send => Some(Claimed::Send(String::from_utf8_lossy(sql).into_owned())),
             Some(_) => Some(Claimed::Write),
-            None if self.pending && (multi || !keeps_transaction(class)) => Some(refusal(pending)),
+            None if self.pending && (multi || !keeps_transaction(class)) => Some(pending_refusal()),
             None => None,
         };
         if self.claimed.is_some() {
@@ -618,19 +620,15 @@ impl OutboxSession {
         }
         // An autocommit INSERT runs in a transaction of the proxy's own; with autocommit off
         // the INSERT opens the client's transaction, as it would have.
-        let mut own = io.state.autocommit() && !io.state.in_transaction();
-        if !own {
-            let saved = backend::query(io.backend, io.state, "SAVEPOINT ferrata_outbox", limit).await?;
-            if let Some(e) = saved.error {
-                return backend::reply(io.client, held_branch(e)).await;
-            }
-            // The SAVEPOINT's answer is the server's word: a transaction it ended on its own
-            // (a deadlock rolls it back with an ERR, which carries no status) leaves an
-            // autocommit session outside any, where the INSERT would commit at once.
-            own = io.state.autocommit() && !io.state.in_transaction();
-        }
+        let own = io.state.autocommit() && !io.state.in_transaction();
         let before = io.state.status;
-        if own && let Err(e) = backend::begin_own(io.backend, io.state, limit).await? {
+        let opened = if own {
+            backend::begin_own(io.backend, io.state, limit).await?
+        } else {
+            let saved = backend::query(io.backend, io.state, "SAVEPOINT ferrata_outbox", limit).await?;
+            saved.error.map_or(Ok(()), Err)
+        };
+        if let Err(e) = opened {
             return backend::reply(io.client, held_branch(e)).await;
         }
         let response = match backend::run_client_statement(io.backend, io.state, limit, statement, own).await? {
