@@ -935,6 +935,9 @@ async fn drive(clients: Vec<Client>, job: Job, secs: u64) -> Result<(Vec<Client>
     }
 }
 
+/// The name [`Env::statement_counters`] gives the proxies' round trips to the servers.
+const PROXY_ROUND_TRIPS: &str = "proxy_round_trips";
+
 /// One side's run in one round.
 struct SideRun {
     job: Job,
@@ -1161,9 +1164,18 @@ impl Env {
         Ok((first, Some(started.elapsed().as_secs_f64())))
     }
 
-    /// The servers' `Questions` and nonzero `Com_*` counters, A and B added up.
+    /// The servers' `Questions` and nonzero `Com_*` counters, A and B added up, with the
+    /// round trips proxies A and B made to them (`proxy_round_trips`).
     async fn statement_counters(&mut self) -> Result<BTreeMap<String, u64>> {
         let mut counters = BTreeMap::new();
+        for proxy in [&self.proxy_a, &self.proxy_b] {
+            let text = proxy.metrics().await?;
+            let trips: f64 = metric_samples(&text, "ferrata_proxy_backend_round_trips_total")
+                .iter()
+                .map(|(_, v)| v)
+                .sum();
+            *counters.entry(PROXY_ROUND_TRIPS.to_owned()).or_insert(0) += trips as u64;
+        }
         for conn in [&mut self.monitor_a, &mut self.monitor_b] {
             let rows: Vec<(String, String)> = conn
                 .query(
@@ -1835,9 +1847,14 @@ fn print_rounds(unit: &str, rounds: &[Vec<SideRun>]) -> Vec<Option<f64>> {
             .filter(|(_, n)| per(*n) >= 0.05)
             .map(|(c, n)| format!("{} {:.2}", c.trim_start_matches("com_"), per(*n)))
             .collect();
+        // A direct client sends one statement per round trip.
+        let round_trips = match totals.get(PROXY_ROUND_TRIPS) {
+            Some(&n) if n > 0 => format!("{:.2} round trips from the proxies", per(n)),
+            _ => "one round trip per question".to_owned(),
+        };
         println!(
-            "server statements per transaction, {} (A + B, all rounds, phase 2 included): {:.2} questions, {:.2} \
-             redo log fsyncs; {}",
+            "server statements per transaction, {} (A + B, all rounds, phase 2 included): {:.2} questions ({round_trips}), \
+             {:.2} redo log fsyncs; {}",
             side.name(),
             per(totals.get("questions").copied().unwrap_or(0)),
             per(totals.get("innodb_os_log_fsyncs").copied().unwrap_or(0)),

@@ -1110,3 +1110,106 @@ async fn multi_statements_turned_on_later_are_still_protected() -> Result<()> {
     assert_eq!(rows, [(1, 1), (2, 2)], "the global rollback undid both writes");
     Ok(())
 }
+
+/// The proxy's own statements around a write go in groups (`ferrata_proxy_backend_round_trips_total`):
+/// an autocommit UPDATE takes three round trips to the server (START with the before image,
+/// the UPDATE with its after image, the undo record with the COMMIT), whether or not the
+/// client turned multi-statement strings on (without them the proxy turns them on around
+/// its own string only); in an open transaction the UPDATE takes two, the COMMIT one.
+#[tokio::test]
+async fn a_write_takes_its_round_trips_in_groups() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
+    let db = MariaDb::start().await?;
+    let tc = Coordinator::start(TC)?;
+    let mut direct = db.conn().await?;
+    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
+    direct.query_drop("INSERT INTO t VALUES (1, 1), (2, 2)").await?;
+    let proxy = Proxy::start_with(in_process_config(&db, &tc)).await?;
+    let round_trips = async || -> Result<f64> {
+        let (_, body) = proxy.admin_get("/metrics").await?;
+        Ok(ferrata_tests::metric(&body, "ferrata_proxy_backend_round_trips_total").unwrap_or(0.0))
+    };
+
+    // mysql_async negotiates multi-statement strings.
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    let at = round_trips().await?;
+    conn.query_drop("UPDATE t SET v = v + 10 WHERE id = 1").await?;
+    assert_eq!(round_trips().await? - at, 3.0, "an autocommit UPDATE");
+    conn.query_drop("BEGIN").await?;
+    let at = round_trips().await?;
+    conn.query_drop("UPDATE t SET v = v + 10 WHERE id = 2").await?;
+    assert_eq!(round_trips().await? - at, 2.0, "an UPDATE in an open transaction");
+    let at = round_trips().await?;
+    conn.query_drop("COMMIT").await?;
+    assert_eq!(round_trips().await? - at, 1.0, "its COMMIT");
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+
+    // A client that did not.
+    let flags = (DEFAULT | CLIENT_MULTI_RESULTS) & !CLIENT_MULTI_STATEMENTS;
+    let mut raw = proxy.raw(flags).await?;
+    raw.query("START GLOBAL TRANSACTION").await?;
+    let at = round_trips().await?;
+    let answer = raw.query("UPDATE t SET v = v + 10 WHERE id = 1").await?;
+    assert_eq!(answer[0].payload[0], 0x00, "an OK: {answer:?}");
+    assert_eq!(
+        round_trips().await? - at,
+        3.0,
+        "an autocommit UPDATE without multi-statements"
+    );
+    let answer = raw.query("SELECT 1; SELECT 2").await?;
+    assert_eq!(
+        &answer[0].payload[..3],
+        &[0xff, 0x28, 0x04],
+        "multi-statement strings are still off for the client (ERR 1064): {answer:?}"
+    );
+    raw.query("ROLLBACK GLOBAL").await?;
+    let rows: Vec<(i32, i32)> = direct.query("SELECT id, v FROM t ORDER BY id").await?;
+    assert_eq!(rows, [(1, 1), (2, 2)], "both global rollbacks undid their writes");
+    Ok(())
+}
+
+/// The undo record's INSERT and the COMMIT go to the server as one string, which stops at
+/// a failed INSERT: a branch whose undo record cannot be written is never committed. (A
+/// trigger refuses the INSERT here as the anti-hanging marker's unique key does for a
+/// branch its global transaction already rolled back.)
+#[tokio::test]
+async fn a_write_whose_undo_record_fails_is_not_committed() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
+    let (_db, _tc, proxy, mut direct) = one_row().await?;
+    direct.query_drop(undo_log_ddl()).await?;
+    direct
+        .query_drop(
+            "CREATE TRIGGER refuse_undo BEFORE INSERT ON undo_log FOR EACH ROW \
+             SIGNAL SQLSTATE '23000' SET MYSQL_ERRNO = 1062, MESSAGE_TEXT = 'Duplicate entry (refused by the test)'",
+        )
+        .await?;
+    let refused = |e: mysql_async::Error| -> Result<()> {
+        let (code, state, message) = server_error(&e)?;
+        assert_eq!((code, state.as_str()), (1399, "XAE07"), "{message}");
+        assert!(message.contains("already rolled this branch back"), "{message}");
+        Ok(())
+    };
+    let mut conn = mysql_async::Conn::new(proxy.opts()).await?;
+    start(&mut conn).await?;
+    refused(conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await.unwrap_err())?;
+    conn.query_drop("BEGIN").await?;
+    conn.query_drop("UPDATE t SET v = 3 WHERE id = 1").await?;
+    refused(conn.query_drop("COMMIT").await.unwrap_err())?;
+    conn.query_drop("ROLLBACK GLOBAL").await?;
+
+    let flags = (DEFAULT | CLIENT_MULTI_RESULTS) & !CLIENT_MULTI_STATEMENTS;
+    let mut raw =
+        ferrata_tests::ferrata_testkit::raw::RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags)
+            .await?;
+    raw.query("START GLOBAL TRANSACTION").await?;
+    let answer = raw.query("UPDATE t SET v = 4 WHERE id = 1").await?;
+    assert_eq!(&answer[0].payload[..3], &[0xff, 0x77, 0x05], "ERR 1399: {answer:?}");
+    raw.query("ROLLBACK GLOBAL").await?;
+
+    let v: Option<i32> = direct.query_first("SELECT v FROM t WHERE id = 1").await?;
+    assert_eq!(v, Some(1), "no write was committed");
+    let undo: Option<i64> = direct.query_first("SELECT COUNT(*) FROM undo_log").await?;
+    assert_eq!(undo, Some(0));
+    Ok(())
+}

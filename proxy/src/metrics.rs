@@ -50,6 +50,9 @@ pub struct Metrics {
     pub client_bytes_out: Counter,
     pub backend_bytes_in: Counter,
     pub backend_bytes_out: Counter,
+    /// Writes to a backend that follow a wait for its answer: the client's commands relayed
+    /// and the proxy's own statements, several pipelined counting once.
+    pub backend_round_trips: Counter,
     commands: Vec<Counter>,
     latency: Vec<Histogram>,
     errors: Vec<Counter>,
@@ -87,6 +90,7 @@ impl Metrics {
             client_bytes_out: counter!("ferrata_proxy_bytes_total", "direction" => "to_client"),
             backend_bytes_in: counter!("ferrata_proxy_bytes_total", "direction" => "from_backend"),
             backend_bytes_out: counter!("ferrata_proxy_bytes_total", "direction" => "to_backend"),
+            backend_round_trips: counter!("ferrata_proxy_backend_round_trips_total"),
             commands: Command::NAMES
                 .iter()
                 .map(|name| counter!("ferrata_proxy_commands_total", "command" => *name))

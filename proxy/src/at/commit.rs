@@ -8,7 +8,7 @@ use super::undo::UndoRecord;
 use super::{Cx, undo_log};
 use crate::protocol::err::ErrPacket;
 use crate::session::SessionError;
-use crate::session::backend::{self, Outcome};
+use crate::session::backend;
 use crate::session::peer::Peer;
 use crate::sql::{hex, ident, literal};
 
@@ -60,14 +60,32 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
             )
         })
         .collect();
-    let mut written = Outcome::default();
-    for insert in &rows {
-        written = backend::query(backend, state, insert, limit).await?;
+    // The last INSERT goes with a plain COMMIT as one multi-statement string: one round
+    // trip, and the server stops at the INSERT if it fails. (Never as two pipelined
+    // commands: the COMMIT would then run after a failed INSERT.)
+    let (last, first) = rows.split_last().expect("an undo record has at least one piece");
+    let plain_commit = is_plain_commit(commit_sql);
+    let mut failed = None;
+    for insert in first.iter().chain(if plain_commit { None } else { Some(last) }) {
+        let written = backend::query(backend, state, insert, limit).await?;
         if written.error.is_some() {
+            failed = written.error;
             break;
         }
     }
-    if let Some(e) = written.error {
+    let mut committed = None;
+    if failed.is_none() {
+        let done = if plain_commit {
+            backend::query_multi_statement(backend, state, &format!("{last}; COMMIT"), limit).await?
+        } else {
+            backend::query(backend, state, commit_sql, limit).await?
+        };
+        match done.error {
+            Some(e) if plain_commit && done.results == 0 => failed = Some(e),
+            e => committed = e,
+        }
+    }
+    if let Some(e) = failed {
         backend::local_rollback(backend, state, limit).await?;
         let why = if e.code == 1062 {
             format!(
@@ -84,8 +102,7 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
             format!("XAER_RMFAIL: {why}; the local transaction was rolled back"),
         )));
     }
-    let committed = backend::query(backend, state, commit_sql, limit).await?;
-    if let Some(e) = committed.error {
+    if let Some(e) = committed {
         global.report_failed(&pending.xid, branch_id, &e.message).await;
         return Ok(Err(e));
     }
@@ -101,4 +118,37 @@ pub async fn commit(client: &mut Peer, cx: &mut Cx<'_>, sql: &str) -> Result<(),
         Err(e) => e.to_packet(1),
     };
     client.write_all(&reply).await.map_err(|_| SessionError::ClientClosed)
+}
+
+/// Whether the client's `sql` is a COMMIT that means no more than the proxy's own would
+/// (`COMMIT`, `COMMIT WORK`, any case, a trailing `;`): it may then go behind the undo
+/// record's INSERT in one string. Anything else (AND CHAIN, RELEASE, comments) runs as sent.
+fn is_plain_commit(sql: &str) -> bool {
+    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_ascii_whitespace().collect();
+    match words.as_slice() {
+        [commit] => commit.eq_ignore_ascii_case("COMMIT"),
+        [commit, work] => commit.eq_ignore_ascii_case("COMMIT") && work.eq_ignore_ascii_case("WORK"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_commit;
+
+    #[test]
+    fn only_a_plain_commit_is_merged() {
+        for sql in ["COMMIT", "commit", " Commit Work; ", "COMMIT;"] {
+            assert!(is_plain_commit(sql), "{sql}");
+        }
+        for sql in [
+            "COMMIT AND CHAIN",
+            "COMMIT RELEASE",
+            "COMMIT -- done",
+            "COMMIT /* x */",
+            "",
+        ] {
+            assert!(!is_plain_commit(sql), "{sql}");
+        }
+    }
 }

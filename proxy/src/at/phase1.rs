@@ -145,27 +145,48 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
     // With autocommit off, the statement opens the local transaction itself.
     let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
     let original_status = cx.state.status;
-    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
-        return Ok(e.to_packet(1));
-    }
     let list = crate::sql::image::select_list(&specs);
     let qualified = qualified(&schema, &meta.name);
     let before: Vec<ImageRow> = match &statement {
         dml::Plan::Change(change) => {
-            match keys::select_filtered(cx.backend, cx.state, change, &qualified, &list, params, cx.limit).await? {
+            let read = keys::select_filtered(
+                cx.backend, cx.state, change, &qualified, &list, params, autocommit, cx.limit,
+            );
+            match read.await? {
                 Ok(rows) => rows.iter().map(text::text).collect(),
-                Err(e) => return abort(cx, autocommit, e).await,
+                Err(e) => return abort(cx, false, e).await,
             }
         }
-        dml::Plan::Insert(_) => Vec::new(),
+        dml::Plan::Insert(_) => {
+            if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, cx.limit).await? {
+                return Ok(e.to_packet(1));
+            }
+            Vec::new()
+        }
     };
 
+    // The after image is read by primary key. When the keys are known before the statement
+    // runs, that read goes behind it in the same round trip, NOWAIT: should the statement
+    // fail and end the transaction, the read then waits for no one, and it takes no lock
+    // that outlives it (autocommit on; an INSERT's keys only in the proxy's own
+    // transaction, which a failure rolls back, as they may be another transaction's rows).
+    let early_condition = match (&statement, &keys) {
+        (dml::Plan::Change(c), _) if c.kind == ChangeKind::Update && !before.is_empty() && cx.state.autocommit() => {
+            Some(pk_condition(&meta, &specs, &before))
+        }
+        (_, Some(InsertKeys::Literal(rows))) if autocommit => Some(keys::literal_condition(&meta, rows)),
+        _ => None,
+    };
+    let early = early_condition
+        .as_ref()
+        .map(|c| format!("{} NOWAIT", select_locked(&list, &qualified, c)));
     // The client's statement, as sent; its response (OK or ERR) is held back.
-    let (response, summary) =
-        match backend::run_client_statement(cx.backend, cx.state, cx.limit, raw, autocommit).await? {
-            Ok(done) => done,
-            Err(refused) => return Ok(refused),
-        };
+    let (ran, early_read) =
+        backend::run_client_statement_then(cx.backend, cx.state, cx.limit, raw, autocommit, early.as_deref()).await?;
+    let (response, summary) = match ran {
+        Ok(done) => done,
+        Err(refused) => return Ok(refused),
+    };
     let affected = summary.map_or(0, |s| s.affected_rows);
     let found_rows = cx.state.capabilities.has(Capabilities::FOUND_ROWS);
     let (kind, expected) = match &statement {
@@ -177,22 +198,30 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
     if !expected {
         return miscounted(cx, affected, "").await;
     }
-    // The after image, by primary key.
     let condition = match (&keys, kind) {
+        _ if early_read.is_some() => None,
         (_, undo::Kind::Delete) => None,
         (_, undo::Kind::Update) if before.is_empty() => None,
         (_, undo::Kind::Update) => Some(pk_condition(&meta, &specs, &before)),
-        (Some(keys @ InsertKeys::Literal(_)), _) => {
-            Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?)
-        }
-        (Some(keys @ InsertKeys::Generated), _) => {
-            Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?)
-        }
+        (Some(keys), _) => Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?),
         (None, undo::Kind::Insert) => None,
     };
-    let after = match condition {
+    let read = match (early_read, condition) {
+        (Some(read), _) => Some(read),
+        (None, Some(condition)) => Some(
+            backend::query(
+                cx.backend,
+                cx.state,
+                &select_locked(&list, &qualified, &condition),
+                cx.limit,
+            )
+            .await?,
+        ),
+        (None, None) => None,
+    };
+    let after = match read {
         None => Vec::new(),
-        Some(condition) => match after_image(cx, &list, &qualified, &condition).await? {
+        Some(read) => match after_rows(cx, read).await? {
             Ok(rows) => rows,
             Err(answer) => return Ok(answer),
         },
@@ -303,6 +332,12 @@ pub(super) async fn after_image(
         cx.limit,
     )
     .await?;
+    after_rows(cx, read).await
+}
+
+/// The after image's rows from its `read`; if the read failed the local transaction is
+/// rolled back and `Err` holds the client's answer.
+async fn after_rows(cx: &mut Cx<'_>, read: backend::Outcome) -> Result<Result<Vec<ImageRow>, Vec<u8>>, SessionError> {
     Ok(match read.error {
         Some(e) => Err(abort(cx, true, e.prefixed("reading the after image failed: ")).await?),
         None => Ok(read.rows.iter().map(text::text).collect()),

@@ -405,9 +405,6 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
     }
     let autocommit = cx.state.autocommit() && !cx.state.in_transaction();
     let before = cx.state.status;
-    if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, limit).await? {
-        return Ok(Err(e.to_packet(1)));
-    }
     let pk = meta.key_specs();
     let list = select_list(&pk);
     let qualified = qualified(&database, &meta.name);
@@ -417,10 +414,15 @@ async fn checked(cx: &mut Cx<'_>, plan: dml::Plan, command: u8, raw: &[u8]) -> R
     // A table without a primary key can hold no global lock: nothing to find.
     let mut rows: Vec<Row> = Vec::new();
     if let (dml::Plan::Change(change), false) = (&plan, pk.is_empty()) {
-        match keys::select_filtered(cx.backend, cx.state, change, &qualified, &list, &params, limit).await? {
+        let found = keys::select_filtered(
+            cx.backend, cx.state, change, &qualified, &list, &params, autocommit, limit,
+        );
+        match found.await? {
             Ok(found) => rows = found,
-            Err(e) => return abort(cx.backend, cx.state, e).await,
+            Err(e) => return Ok(Err(e.to_packet(1))),
         }
+    } else if autocommit && let Err(e) = backend::begin_own(cx.backend, cx.state, limit).await? {
+        return Ok(Err(e.to_packet(1)));
     }
     let keyed = key_condition.map(|c| select_locked(&list, &qualified, &c));
     if let Some(keyed) = &keyed {

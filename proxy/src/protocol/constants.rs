@@ -176,3 +176,11 @@ impl Command {
         "other",
     ];
 }
+
+/// COM_SET_OPTION's argument, as sent (a little-endian u16).
+pub struct SetOption;
+
+impl SetOption {
+    pub const MULTI_STATEMENTS_ON: [u8; 2] = [0, 0];
+    pub const MULTI_STATEMENTS_OFF: [u8; 2] = [1, 0];
+}

@@ -15,4 +15,4 @@ pub mod ok;
 pub mod response;
 pub mod resultset;
 
-pub use constants::{Capabilities, Command, ServerStatus};
+pub use constants::{Capabilities, Command, ServerStatus, SetOption};

@@ -140,6 +140,8 @@ pub struct ResponseTracker {
     prepare_ok: Option<PrepareOk>,
     /// How many OK/EOF packets (status flags) were seen.
     statuses: u32,
+    /// How many results (an OK, or a result set's rows) ended without an error.
+    results: u32,
     error_code: Option<u16>,
     last_seq: u8,
 }
@@ -165,6 +167,7 @@ impl ResponseTracker {
             last_ok: None,
             prepare_ok: None,
             statuses: 0,
+            results: 0,
             error_code: None,
             last_seq: command_seq,
         }
@@ -187,6 +190,12 @@ impl ResponseTracker {
     /// The PREPARE_OK fields, for a successful COM_STMT_PREPARE.
     pub fn prepare_ok(&self) -> Option<PrepareOk> {
         self.prepare_ok
+    }
+
+    /// How many results ended well: in a multi-statement string's response, the statements
+    /// that ran before the one that failed, if one did.
+    pub fn results(&self) -> u32 {
+        self.results
     }
 
     /// The error code, if the response ended in an ERR packet.
@@ -350,6 +359,7 @@ impl ResponseTracker {
         let summary = self
             .record_ok(len, prefix)
             .ok_or_else(|| ProtocolViolation(format!("malformed OK/EOF packet of {len} bytes")))?;
+        self.results += 1;
         Ok(if summary.status.has(ServerStatus::MORE_RESULTS_EXISTS) {
             State::ResultStart
         } else {
@@ -495,6 +505,18 @@ mod tests {
         assert_eq!(steps.last(), Some(&Step::Done));
         assert!(steps[..5].iter().all(|s| *s == Step::More));
         assert_eq!(t.last_ok().unwrap().affected_rows, 1);
+        assert_eq!(t.results(), 2, "the result set and the OK");
+    }
+
+    #[test]
+    fn results_count_the_statements_before_an_error() {
+        let mut t = ResponseTracker::new(ResponseKind::Generic, DEPRECATE, 0);
+        run(
+            &mut t,
+            &[b"\x00\x01\x00\x0a\x00\x00\x00", b"\xff\x26\x04#23000Duplicate entry"],
+        );
+        assert!(t.is_done());
+        assert_eq!((t.results(), t.error_code()), (1, Some(1062)));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::state::SessionState;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::frame;
 use crate::protocol::response::{self, PEEK, PacketRole, PrepareOk, ResponseKind, ResponseTracker, Step};
-use crate::protocol::{Command, ServerStatus, execute, lenenc, ok};
+use crate::protocol::{Capabilities, Command, ServerStatus, SetOption, execute, lenenc, ok};
 
 /// A text-protocol row: one value per column, `None` for NULL.
 pub type Row = Vec<Option<Vec<u8>>>;
@@ -23,6 +23,9 @@ pub struct Outcome {
     pub error: Option<ErrPacket>,
     /// The rows a write changed (its OK packet's count).
     pub affected_rows: u64,
+    /// How many results ended well: a multi-statement string's statements that ran before
+    /// the one that failed.
+    pub results: u32,
 }
 
 fn parse_row(payload: &[u8]) -> Option<Row> {
@@ -56,10 +59,7 @@ pub fn query_packet(sql: &str) -> Vec<u8> {
 pub async fn refresh_status(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<(), SessionError> {
     let mut packet = Vec::with_capacity(5);
     frame::write_packet(&mut packet, 0, &[Command::PING]);
-    backend
-        .write_all(&packet)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    write(backend, &packet).await?;
     read(backend, state, ResponseKind::Generic, limit, parse_row).await?;
     Ok(())
 }
@@ -71,13 +71,69 @@ pub async fn query(
     sql: &str,
     limit: usize,
 ) -> Result<Outcome, SessionError> {
-    backend
-        .write_all(&query_packet(sql))
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+    let mut outcomes = query_pipelined(backend, state, &[sql], limit).await?;
+    Ok(outcomes.remove(0))
+}
+
+/// Runs `sqls` (COM_QUERY each) sent in one write, their responses read in order: one round
+/// trip for all of them. The server runs each one whatever the ones before it answered, so
+/// only statements for which that is harmless are sent together.
+pub async fn query_pipelined(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    sqls: &[&str],
+    limit: usize,
+) -> Result<Vec<Outcome>, SessionError> {
+    let packets: Vec<u8> = sqls.iter().flat_map(|sql| query_packet(sql)).collect();
+    write(backend, &packets).await?;
+    let mut outcomes = Vec::with_capacity(sqls.len());
+    for _ in sqls {
+        outcomes.push(read_query(backend, state, limit).await?);
+    }
+    Ok(outcomes)
+}
+
+/// Reads the whole response to a COM_QUERY the proxy sent.
+async fn read_query(backend: &mut Peer, state: &mut SessionState, limit: usize) -> Result<Outcome, SessionError> {
     read(backend, state, ResponseKind::Generic, limit, parse_row)
         .await
         .map(|(o, _)| o)
+}
+
+/// Turns multi-statement strings on for the backend connection (COM_SET_OPTION), runs `sql`,
+/// one, and turns them off again: one round trip. If they could not be turned on, `sql` is
+/// one statement with a syntax error, and runs not at all.
+pub async fn query_multi_statement(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    sql: &str,
+    limit: usize,
+) -> Result<Outcome, SessionError> {
+    if state.capabilities.has(Capabilities::MULTI_STATEMENTS) {
+        return query(backend, state, sql, limit).await;
+    }
+    let option = |[a, b]: [u8; 2]| {
+        let mut packet = Vec::with_capacity(7);
+        frame::write_packet(&mut packet, 0, &[Command::SET_OPTION, a, b]);
+        packet
+    };
+    let packets = [
+        option(SetOption::MULTI_STATEMENTS_ON),
+        query_packet(sql),
+        option(SetOption::MULTI_STATEMENTS_OFF),
+    ];
+    write(backend, &packets.concat()).await?;
+    let turned_on = read_query(backend, state, limit).await?;
+    let outcome = read_query(backend, state, limit).await?;
+    let turned_off = read_query(backend, state, limit).await?;
+    if let Some(e) = turned_on.error.or(turned_off.error) {
+        // The session would differ from the one the client negotiated.
+        return Err(SessionError::backend_protocol(
+            &format!("the server refused COM_SET_OPTION: {e}"),
+            0,
+        ));
+    }
+    Ok(outcome)
 }
 
 /// Runs `sql` with `params` bound to its `?` placeholders as a prepared statement (binary
@@ -111,8 +167,13 @@ pub async fn execute_prepared(
 async fn send(backend: &mut Peer, payload: &[u8]) -> Result<(), SessionError> {
     let mut packet = Vec::new();
     frame::write_packet(&mut packet, 0, payload);
+    write(backend, &packet).await
+}
+
+/// Writes whole command packets to the backend.
+async fn write(backend: &mut Peer, packets: &[u8]) -> Result<(), SessionError> {
     backend
-        .write_all(&packet)
+        .write_all(packets)
         .await
         .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))
 }
@@ -151,6 +212,7 @@ async fn read(
     }
     state.observe(&tracker);
     outcome.affected_rows = tracker.last_ok().map_or(0, |ok| ok.affected_rows);
+    outcome.results = tracker.results();
     Ok((outcome, tracker.prepare_ok()))
 }
 
@@ -179,6 +241,24 @@ pub async fn begin_own(
     Ok(begun.error.map_or(Ok(()), Err))
 }
 
+/// [`begin_own`] with `sql`, the transaction's first statement, sent in the same round trip.
+/// If the START failed, `sql` ran outside any transaction (autocommit): it must be a read.
+pub async fn begin_own_with(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    sql: &str,
+) -> Result<Result<Outcome, ErrPacket>, SessionError> {
+    let [begun, read]: [Outcome; 2] = query_pipelined(backend, state, &["START TRANSACTION", sql], limit)
+        .await?
+        .try_into()
+        .expect("two statements, two outcomes");
+    Ok(match begun.error {
+        Some(e) => Err(e),
+        None => Ok(read),
+    })
+}
+
 /// Sends the client's statement as it is and reads its whole response, held back. A
 /// statement the server refused comes back as `Err(its response)`, the proxy's own
 /// transaction (if `own`) rolled back.
@@ -188,19 +268,42 @@ pub async fn run_client_statement(
     limit: usize,
     raw: &[u8],
     own: bool,
-) -> Result<Result<(Vec<u8>, Option<ok::OkSummary>), Vec<u8>>, SessionError> {
-    backend
-        .write_all(raw)
-        .await
-        .map_err(|e| SessionError::backend_lost(&e.to_string(), 0))?;
+) -> Result<ClientStatement, SessionError> {
+    let (ran, _) = run_client_statement_then(backend, state, limit, raw, own, None).await?;
+    Ok(ran)
+}
+
+/// The client's statement's response: `Ok` with its bytes and the OK's counters, or `Err`
+/// with the server's refusal.
+pub type ClientStatement = Result<(Vec<u8>, Option<ok::OkSummary>), Vec<u8>>;
+
+/// [`run_client_statement`], with `then` (a read) sent behind it in the same round trip. The
+/// server runs `then` whatever the statement answered: if that ended the transaction, `then`
+/// runs outside it (autocommit, or a transaction of its own with autocommit off).
+pub async fn run_client_statement_then(
+    backend: &mut Peer,
+    state: &mut SessionState,
+    limit: usize,
+    raw: &[u8],
+    own: bool,
+    then: Option<&str>,
+) -> Result<(ClientStatement, Option<Outcome>), SessionError> {
+    match then {
+        Some(sql) => write(backend, &[raw, &query_packet(sql)].concat()).await?,
+        None => write(backend, raw).await?,
+    }
     let (response, summary, failed) = read_response(backend, state, limit).await?;
+    let then = match then {
+        Some(_) => Some(read_query(backend, state, limit).await?),
+        None => None,
+    };
     if failed {
         if own {
             local_rollback(backend, state, limit).await?;
         }
-        return Ok(Err(response));
+        return Ok((Err(response), then));
     }
-    Ok(Ok((response, summary)))
+    Ok((Ok((response, summary)), then))
 }
 
 /// Makes a response read inside the proxy's own transaction look as the client's autocommit

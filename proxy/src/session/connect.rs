@@ -62,7 +62,8 @@ async fn handshake(client: &mut Peer, shared: &Arc<Shared>) -> Result<(Peer, Ses
         stream,
         metrics.backend_bytes_in.clone(),
         metrics.backend_bytes_out.clone(),
-    );
+    )
+    .counting_round_trips(metrics.backend_round_trips.clone());
 
     // 1. The backend's greeting, masked, to the client.
     let span = backend

@@ -31,10 +31,10 @@ use tracing::Instrument;
 use crate::classify::{self, Other, StatementClass};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::protocol::Command;
 use crate::protocol::err::ErrPacket;
 use crate::protocol::handshake;
 use crate::protocol::response::{ResponseKind, ResponseTracker};
+use crate::protocol::{Command, SetOption};
 pub use error::SessionError;
 use mode::{Claim, Io, Mode, ModeSession};
 use peer::{Peer, ReadError};
@@ -295,11 +295,10 @@ impl Pending {
             Command::CHANGE_USER => pending.schema = handshake::change_user_database(payload, state.capabilities),
             Command::STMT_CLOSE => pending.close = state.statement_id(payload),
             Command::STMT_EXECUTE => pending.executed = state.statement_id(payload),
-            // MYSQL_OPTION_MULTI_STATEMENTS_ON (0) or _OFF (1), little-endian.
             Command::SET_OPTION => {
-                pending.multi_statements = match body {
-                    [0, 0] => Some(true),
-                    [1, 0] => Some(false),
+                pending.multi_statements = match <[u8; 2]>::try_from(body) {
+                    Ok(SetOption::MULTI_STATEMENTS_ON) => Some(true),
+                    Ok(SetOption::MULTI_STATEMENTS_OFF) => Some(false),
                     _ => None,
                 }
             }

@@ -27,6 +27,11 @@ pub struct Peer {
     grown: bool,
     bytes_in: Counter,
     bytes_out: Counter,
+    /// Counts writes that follow a wait for this side's bytes: round trips to it (several
+    /// commands written before their answers are read are one).
+    round_trips: Counter,
+    /// Nothing was read since the last write.
+    writing: bool,
 }
 
 /// Why a whole packet could not be read.
@@ -51,7 +56,15 @@ impl Peer {
             grown: false,
             bytes_in,
             bytes_out,
+            round_trips: Counter::noop(),
+            writing: false,
         }
+    }
+
+    /// Counts the round trips to this side in `round_trips`.
+    pub fn counting_round_trips(mut self, round_trips: Counter) -> Self {
+        self.round_trips = round_trips;
+        self
     }
 
     /// Reads more bytes into the buffer. Returns 0 at end of stream.
@@ -61,6 +74,7 @@ impl Peer {
         }
         let n = self.stream.read_buf(&mut self.buf).await?;
         self.bytes_in.increment(n as u64);
+        self.writing = false;
         Ok(n)
     }
 
@@ -119,6 +133,10 @@ impl Peer {
 
     /// Writes bytes to this side (and flushes them through TLS, if any).
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if !self.writing {
+            self.writing = true;
+            self.round_trips.increment(1);
+        }
         self.stream.write_all(bytes).await?;
         if self.stream.is_tls() {
             self.stream.flush().await?;

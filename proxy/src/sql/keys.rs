@@ -191,8 +191,11 @@ pub fn key_condition(insert: &dml::Insert, meta: &TableMeta, params: &[Param]) -
 
 /// Runs `SELECT <list> FROM <qualified> <the statement's filter> FOR UPDATE`, the filter's
 /// own placeholders taking the client's values for them: the rows an UPDATE or DELETE will
-/// change, locked in the database until the local transaction ends. The server's error (or
-/// missing parameters) comes back as the client's answer.
+/// change, locked in the database until the local transaction ends. With `begin` the proxy's
+/// own transaction is opened first (in the same round trip when the select is plain text)
+/// and rolled back if the select fails. The server's error (or missing parameters) comes
+/// back as the client's answer, with no transaction of the proxy's left open.
+#[allow(clippy::too_many_arguments)]
 pub async fn select_filtered(
     backend: &mut Peer,
     state: &mut SessionState,
@@ -200,6 +203,7 @@ pub async fn select_filtered(
     qualified: &str,
     list: &str,
     params: &[Param],
+    begin: bool,
     limit: usize,
 ) -> Result<Result<Vec<Row>, ErrPacket>, SessionError> {
     let alias = change
@@ -216,11 +220,35 @@ pub async fn select_filtered(
             "Incorrect arguments to EXECUTE: ferrata-proxy could not read the statement's parameters",
         )));
     };
-    let read = super::execute(backend, state, &sql, bound, limit).await?;
+    let read = match super::as_text(&sql, bound).filter(|_| begin) {
+        Some(text) => match backend::begin_own_with(backend, state, limit, &text).await? {
+            Ok(read) => read,
+            Err(e) => return Ok(Err(e)),
+        },
+        None => {
+            if begin && let Err(e) = backend::begin_own(backend, state, limit).await? {
+                return Ok(Err(e));
+            }
+            super::execute(backend, state, &sql, bound, limit).await?
+        }
+    };
     Ok(match read.error {
-        Some(e) => Err(e),
+        Some(e) => {
+            if begin {
+                backend::local_rollback(backend, state, limit).await?;
+            }
+            Err(e)
+        }
         None => Ok(read.rows),
     })
+}
+
+/// The condition that finds the rows of an INSERT whose keys it names (`rows`, each key's
+/// columns as SQL literals).
+pub fn literal_condition(meta: &TableMeta, rows: &[Vec<String>]) -> String {
+    let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
+    let tuples: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
+    format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
 }
 
 /// The condition that finds an INSERT's rows by primary key once it ran: its literal keys,
@@ -234,11 +262,7 @@ pub async fn insert_condition(
     limit: usize,
 ) -> Result<String, SessionError> {
     Ok(match keys {
-        InsertKeys::Literal(rows) => {
-            let cols: Vec<String> = meta.primary_key.iter().map(|&i| ident(&meta.columns[i].name)).collect();
-            let tuples: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
-            format!("({}) IN ({})", cols.join(", "), tuples.join(", "))
-        }
+        InsertKeys::Literal(rows) => literal_condition(meta, rows),
         InsertKeys::Generated => {
             let first = summary.map_or(0, |s| s.last_insert_id);
             let affected = summary.map_or(0, |s| s.affected_rows);

@@ -81,10 +81,9 @@ pub fn select_locked(list: &str, qualified: &str, condition: &str) -> String {
 }
 
 /// Runs `sql`, whose text holds a client's `?` placeholders, with `params`: as a text query
-/// when there are none or all are integers (written out, they mean the same: one round trip
-/// instead of a prepare, execute and close), else as a prepared statement (strings are
-/// bound, as a literal would compare under other collation rules). Every column must be a
-/// string (the image select lists are).
+/// when [`as_text`] can write it out, else as a prepared statement (strings are bound, as a
+/// literal would compare under other collation rules). Every column must be a string (the
+/// image select lists are).
 pub async fn execute(
     backend: &mut Peer,
     state: &mut SessionState,
@@ -92,11 +91,18 @@ pub async fn execute(
     params: &[Param],
     limit: usize,
 ) -> Result<Outcome, SessionError> {
+    match as_text(sql, params) {
+        Some(text) => backend::query(backend, state, &text, limit).await,
+        None => backend::execute_prepared(backend, state, sql, params, limit).await,
+    }
+}
+
+/// `sql` with `params` written into its `?` placeholders, when that means the same as binding
+/// them: there are none, or all are integers (one statement instead of a prepare, execute and
+/// close).
+pub fn as_text(sql: &str, params: &[Param]) -> Option<String> {
     if params.is_empty() {
-        return backend::query(backend, state, sql, limit).await;
+        return Some(sql.to_owned());
     }
-    if let Some(text) = execute::integer_literals(params).and_then(|v| dml::bind_literals(sql, &v)) {
-        return backend::query(backend, state, &text, limit).await;
-    }
-    backend::execute_prepared(backend, state, sql, params, limit).await
+    execute::integer_literals(params).and_then(|v| dml::bind_literals(sql, &v))
 }
