@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrata_rpc::{ErrorCode, pb};
@@ -189,6 +190,9 @@ pub struct Coordinator {
     pub(crate) caller: Caller,
     pub(crate) commit_queue: Mutex<Vec<PendingCommit>>,
     pub(crate) commit_wake: Notify,
+    /// Commit decisions whose rows were released before the decision was durable (see
+    /// `commit_now`): while there are any, a lock query waits for the journal.
+    unsettled_releases: AtomicUsize,
     pub metrics: Metrics,
     /// Who may call (named tokens, the root token).
     pub tokens: Tokens,
@@ -260,6 +264,7 @@ impl Coordinator {
             caller,
             commit_queue: Mutex::new(Vec::new()),
             commit_wake: Notify::new(),
+            unsettled_releases: AtomicUsize::new(0),
             metrics,
             tokens,
             audit,
@@ -941,8 +946,8 @@ impl Coordinator {
         }
     }
 
-    /// Decides commit. Returns once the decision is durable; the locks are released then and
-    /// the branches commit in the background.
+    /// Decides commit. Returns once the decision is durable; the locks pass on as the
+    /// decision is submitted and the branches commit in the background.
     pub async fn commit(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
         let xid = xid.to_owned();
         self.to_the_end(|this| async move { this.commit_now(&xid, DecidedBy::Application).await })
@@ -1016,10 +1021,21 @@ impl Coordinator {
             });
             (durable, keys, next)
         };
+        // The rows pass to their next holders now, while the decision's write is on its way:
+        // a next holder's registration is submitted after it, so it is never durable (nor
+        // acknowledged) before the decision, and both can share one fsync. A lock query
+        // waits for the journal while such a release is unsettled (`lock_query`).
         // On a store failure the transaction stays in Committing: the coordinator
-        // acknowledges nothing more, and after a restart the store says Begin.
+        // acknowledges nothing more, and after a restart the store says Begin and the
+        // locks are taken again from its branches.
         if let Some(durable) = durable {
-            durable.await?;
+            self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
+            self.at.locks.release_txn(txn_id, &keys);
+            let done = durable.await;
+            self.unsettled_releases.fetch_sub(1, Ordering::SeqCst);
+            done?;
+        } else {
+            self.at.locks.release_txn(txn_id, &keys);
         }
         {
             let mut state = session.state.lock();
@@ -1035,7 +1051,6 @@ impl Coordinator {
             }
         }
         self.timeouts.lock().remove(&(session.deadline, txn_id));
-        self.at.locks.release_txn(txn_id, &keys);
         self.at.count_held(&self.metrics);
         self.metrics.commits.increment(1);
         if next == GlobalStatus::AsyncCommitting {
@@ -1279,10 +1294,17 @@ impl Coordinator {
         let keys = LockKey::from_pb(resource_id, locks).map_err(TcError::invalid)?;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
         match self.at.locks.query(txn, &keys, deadline).await {
-            Ok(_) => Ok(LockQueryOutcome {
-                lockable: true,
-                holders: Vec::new(),
-            }),
+            Ok(_) => {
+                // The rows may be free by a commit decision not yet durable: should it be
+                // lost, its branches would hold them again after a restart.
+                if self.unsettled_releases.load(Ordering::SeqCst) > 0 {
+                    self.journal.submit(Vec::new()).await?;
+                }
+                Ok(LockQueryOutcome {
+                    lockable: true,
+                    holders: Vec::new(),
+                })
+            }
             Err(LockError::WaitTimeout { .. }) => {
                 let wanted: std::collections::HashSet<&LockKey> = keys.iter().collect();
                 let holders = self
@@ -1448,5 +1470,118 @@ pub(crate) fn pending_commit(b: &BranchRecord, decided_ms: u64) -> PendingCommit
         attempt: 0,
         not_before: Instant::now() + Duration::from_millis(first_ms.saturating_sub(now_ms())),
         first_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{Snapshot, Store, StoreError};
+
+    /// A store that commits nothing, and, once held, keeps its next commit waiting until
+    /// released (announcing it has entered).
+    #[derive(Default)]
+    struct HeldStore {
+        held: parking_lot::Mutex<Option<(SyncSender<()>, Receiver<()>)>>,
+    }
+
+    impl Store for HeldStore {
+        fn load(&self) -> Result<Snapshot, StoreError> {
+            Ok(Snapshot::default())
+        }
+        fn commit(&self, _batch: &[Mutation]) -> Result<(), StoreError> {
+            if let Some((entered, release)) = self.held.lock().take() {
+                entered.send(()).unwrap();
+                release.recv().unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    fn register_row(xid: &str, pk: &str) -> pb::BranchRegisterRequest {
+        pb::BranchRegisterRequest {
+            xid: xid.into(),
+            resource_id: "db1".into(),
+            locks: rows(&[pk]),
+            lock_wait_ms: 30_000,
+            branch_type: pb::BranchType::At as i32,
+            ..Default::default()
+        }
+    }
+
+    fn rows(pks: &[&str]) -> Vec<pb::TableLocks> {
+        vec![pb::TableLocks {
+            schema: "app".into(),
+            table: "t".into(),
+            rows: pks
+                .iter()
+                .map(|pk| pb::PrimaryKey {
+                    values: vec![pk.as_bytes().to_vec()],
+                })
+                .collect(),
+        }]
+    }
+
+    /// A commit decision hands its rows on as it is submitted: the next holder is granted the
+    /// row while the decision's write waits, but its registration is answered only once that
+    /// write is durable; a lock query does not answer "free" before then either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_pass_on_with_the_decision_and_nothing_is_answered_before_it_is_durable() {
+        let store = Arc::new(HeldStore::default());
+        let journal = Journal::start(store.clone());
+        let caller = Caller::new(&Config::default().calls).unwrap();
+        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller)
+            .await
+            .unwrap();
+        let t1 = tc.begin(60_000, String::new()).await.unwrap();
+        let t2 = tc.begin(60_000, String::new()).await.unwrap();
+        let t2_id = Coordinator::parse(&t2).unwrap();
+        tc.register(register_row(&t1, "1")).await.unwrap();
+        let mut second = register_row(&t1, "2");
+        second.resource_id = "db2".into();
+        tc.register(second).await.unwrap();
+
+        let (entered_tx, entered) = sync_channel(1);
+        let (release, release_rx) = sync_channel(1);
+        *store.held.lock() = Some((entered_tx, release_rx));
+        let durable = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let committing = tokio::spawn({
+            let tc = Arc::clone(&tc);
+            async move { tc.commit(&t1).await }
+        });
+        let waiting = tokio::spawn({
+            let (tc, durable) = (Arc::clone(&tc), Arc::clone(&durable));
+            async move {
+                let granted = tc.register(register_row(&t2, "1")).await;
+                (granted, durable.load(Ordering::SeqCst))
+            }
+        });
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        // The decision's write is in the store; t2 gets row 1 in memory meanwhile.
+        while !tc.at.locks.held_rows(&|_| true, 10).iter().any(|row| row.txn == t2_id) {
+            tokio::task::yield_now().await;
+        }
+        let row_2 = rows(&["2"]);
+        let query = tc.lock_query("", "db2", &row_2, 0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), query).await.is_err(),
+            "a lock query saw row 2 free before the decision that freed it was durable"
+        );
+        durable.store(true, Ordering::SeqCst);
+        release.send(()).unwrap();
+        assert_eq!(committing.await.unwrap().unwrap().status, GlobalStatus::AsyncCommitting);
+        let (granted, after_durable) = waiting.await.unwrap();
+        granted.unwrap();
+        assert!(
+            after_durable,
+            "t2's registration was answered before t1's decision was durable"
+        );
+        let free = tc.lock_query("", "db2", &row_2, 0).await.unwrap();
+        assert!(free.lockable);
     }
 }

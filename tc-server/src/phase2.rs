@@ -154,7 +154,8 @@ impl Coordinator {
                     .into_iter()
                     .map(|txn_id| Mutation::Forget { txn_id })
                     .collect();
-                self.journal.submit_detached(forget);
+                // Lost in a crash, they are trimmed again.
+                self.journal.submit_lazy(forget);
             }
         }
     }
@@ -815,7 +816,9 @@ impl Coordinator {
         });
         let write = Mutation::Finish(state.finished_record());
         let writes = state.with_events(vec![write]);
-        self.journal.submit_detached(writes);
+        // Lost in a crash, the transaction is AsyncCommitting again and its branches'
+        // commits, idempotent, are sent again.
+        self.journal.submit_lazy(writes);
         self.finish(&session, &state);
         tracing::debug!(xid = session.xid, "committed");
     }

@@ -5,6 +5,10 @@
 //! [`MAX_BATCH_MUTATIONS`]), commits the concatenation with one `Store::commit` (one fsync for
 //! the redb store) and then completes every submission of that batch with the result.
 //!
+//! A lazy submission ([`Journal::submit_lazy`]) starts no commit of its own: it goes with the
+//! next one somebody waits for, or after [`LAZY_FLUSH`], so writes whose loss in a crash only
+//! repeats an idempotent step cost no fsync of their own.
+//!
 //! Guarantees the coordinator relies on:
 //! * `submit` enqueues before it returns, so a submission made before another (from any
 //!   thread, as ordered by happens-before, for example under a mutex) is earlier in the channel,
@@ -17,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
@@ -27,6 +31,9 @@ use super::{Mutation, Store, StoreError};
 /// Upper bound on the mutations of one commit (a single larger submission still goes whole).
 pub const MAX_BATCH_MUTATIONS: usize = 4096;
 
+/// How long a lazy submission waits at most for a commit to go with.
+pub const LAZY_FLUSH: Duration = Duration::from_millis(50);
+
 const THREAD_NAME: &str = "ferrata-journal";
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
@@ -34,6 +41,8 @@ type Reply = oneshot::Sender<Result<(), StoreError>>;
 struct Submission {
     batch: Vec<Mutation>,
     reply: Reply,
+    /// Waits for a commit to go with (see [`Journal::submit_lazy`]).
+    lazy: bool,
 }
 
 /// Group-committing front of a store. Cheap to clone; all clones share the one thread.
@@ -61,6 +70,11 @@ fn failed_error(cause: &str) -> StoreError {
 impl Journal {
     /// Starts the journal thread in front of `store`.
     pub fn start(store: Arc<dyn Store>) -> Journal {
+        Self::start_flushing_lazy_after(store, LAZY_FLUSH)
+    }
+
+    /// [`Journal::start`], lazy submissions waiting at most `lazy_flush`.
+    fn start_flushing_lazy_after(store: Arc<dyn Store>, lazy_flush: Duration) -> Journal {
         metrics::describe_histogram!(
             "ferrata_tc_store_commit_seconds",
             metrics::Unit::Seconds,
@@ -78,7 +92,7 @@ impl Journal {
         let thread_failure = failure.clone();
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn(move || run(receiver, store, thread_failure))
+            .spawn(move || run(receiver, store, thread_failure, lazy_flush))
             .expect("cannot start the ferrata-journal thread");
         Journal {
             shared: Arc::new(Shared {
@@ -97,7 +111,7 @@ impl Journal {
         &self,
         batch: Vec<Mutation>,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static + use<> {
-        let queued = self.enqueue(batch);
+        let queued = self.enqueue(batch, false);
         async move {
             match queued {
                 Ok(reply) => reply
@@ -111,10 +125,22 @@ impl Journal {
     /// Queues a batch nobody waits for: it still becomes durable in submission order, and a
     /// failure to write it shows in `failed()` like any other.
     pub fn submit_detached(&self, batch: Vec<Mutation>) {
-        let _ = self.enqueue(batch);
+        let _ = self.enqueue(batch, false);
     }
 
-    fn enqueue(&self, batch: Vec<Mutation>) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    /// Queues a batch nobody waits for and whose loss in a crash only repeats an idempotent
+    /// step (a finished transaction's record, history trims): it starts no commit of its own
+    /// but goes with the next one, or after [`LAZY_FLUSH`] (and at shutdown), in submission
+    /// order like any other.
+    pub fn submit_lazy(&self, batch: Vec<Mutation>) {
+        let _ = self.enqueue(batch, true);
+    }
+
+    fn enqueue(
+        &self,
+        batch: Vec<Mutation>,
+        lazy: bool,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         if let Some(cause) = self.shared.failure.get() {
             return Err(failed_error(cause));
         }
@@ -126,7 +152,7 @@ impl Journal {
         };
         let (reply, answer) = oneshot::channel();
         sender
-            .send(Submission { batch, reply })
+            .send(Submission { batch, reply, lazy })
             .map_err(|_| StoreError(format!("the {THREAD_NAME} thread has stopped")))?;
         Ok(answer)
     }
@@ -156,20 +182,32 @@ impl Journal {
 
 /// The journal thread: runs until every sender is gone (shutdown, or every `Journal` dropped)
 /// and the queue is empty.
-fn run(receiver: mpsc::Receiver<Submission>, store: Arc<dyn Store>, failure: Arc<OnceLock<String>>) {
+fn run(
+    receiver: mpsc::Receiver<Submission>,
+    store: Arc<dyn Store>,
+    failure: Arc<OnceLock<String>>,
+    lazy_flush: Duration,
+) {
     let mut mutations: Vec<Mutation> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
     while let Ok(first) = receiver.recv() {
+        // Only lazy submissions so far: wait for one that is not, up to `lazy_flush`.
+        let mut lazy = first.lazy;
+        let flush_at = Instant::now() + lazy_flush;
         mutations.extend(first.batch);
         replies.push(first.reply);
         while mutations.len() < MAX_BATCH_MUTATIONS {
-            match receiver.try_recv() {
-                Ok(next) => {
-                    mutations.extend(next.batch);
-                    replies.push(next.reply);
-                }
-                Err(_) => break,
-            }
+            let next = if lazy {
+                receiver
+                    .recv_timeout(flush_at.saturating_duration_since(Instant::now()))
+                    .ok()
+            } else {
+                receiver.try_recv().ok()
+            };
+            let Some(next) = next else { break };
+            lazy &= next.lazy;
+            mutations.extend(next.batch);
+            replies.push(next.reply);
         }
 
         let result = if let Some(cause) = failure.get() {
@@ -358,6 +396,33 @@ mod tests {
         assert_eq!(store.batch_sizes(), vec![1, 100]);
         assert_eq!(store.all(), (0..=100).map(ceiling).collect::<Vec<_>>());
         journal.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_lazy_batch_goes_with_the_next_awaited_one() {
+        let store = Arc::new(TestStore::default());
+        let journal = Journal::start_flushing_lazy_after(store.clone(), Duration::from_secs(3600));
+        journal.submit_lazy(vec![ceiling(1)]);
+        journal.submit(vec![ceiling(2)]).await.unwrap();
+        assert_eq!(store.batch_sizes(), vec![2], "one commit for both");
+        assert_eq!(store.all(), vec![ceiling(1), ceiling(2)]);
+        journal.submit_lazy(vec![ceiling(3)]);
+        journal.shutdown();
+        assert_eq!(store.batch_sizes(), vec![2, 1], "the shutdown committed what waited");
+    }
+
+    #[test]
+    fn a_lazy_batch_alone_is_committed_after_the_flush_interval() {
+        let (store, entered, release) = TestStore::gated();
+        let store = Arc::new(store);
+        let journal = Journal::start_flushing_lazy_after(store.clone(), Duration::from_millis(20));
+        journal.submit_lazy(vec![ceiling(1)]);
+        entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("committed with nothing else submitted");
+        release.send(()).unwrap();
+        journal.shutdown();
+        assert_eq!(store.all(), vec![ceiling(1)]);
     }
 
     #[tokio::test]
