@@ -32,31 +32,41 @@ pub async fn commit_branch(cx: &mut Cx<'_>, commit_sql: &str) -> Result<Result<(
     };
     let resource = global.resource(&pending.schema);
     global.link.serve(&resource);
-    let branch_id = match global.register(&pending.xid, &resource, pending.locks()).await {
+    // The undo record is encoded before the register, which may wait for rows.
+    let locks = pending.locks();
+    let record = UndoRecord::new(pending.items).to_bytes();
+    // Pieces small enough for one packet each (hex doubles the size on the wire).
+    let piece = at.undo_logs.chunk_bytes(global).await;
+    let values: Vec<String> = undo_log::pieces(&pending.xid, &record, piece)
+        .into_iter()
+        .map(|(xid, context, status, bytes)| {
+            format!(
+                "{}, {}, X'{}', {status}, NOW(6), NOW(6)",
+                literal(&xid),
+                literal(&context),
+                hex(bytes),
+            )
+        })
+        .collect();
+    let branch_id = match global.register(&pending.xid, &resource, locks).await {
         Ok(id) => id,
         Err(e) => {
             backend::local_rollback(backend, state, limit).await?;
             return Ok(Err(e));
         }
     };
-    let record = UndoRecord::new(pending.items).to_bytes();
     if let Err(e) = at.undo_logs.ensure(global, &resource).await {
         backend::local_rollback(backend, state, limit).await?;
         global.report_failed(&pending.xid, branch_id, &e).await;
         return Ok(Err(ErrPacket::new(1105, "HY000", e)));
     }
-    // Pieces small enough for one packet each (hex doubles the size on the wire).
-    let piece = at.undo_logs.chunk_bytes(global).await;
-    let rows: Vec<String> = undo_log::pieces(&pending.xid, &record, piece)
-        .into_iter()
-        .map(|(xid, context, status, bytes)| {
+    let rows: Vec<String> = values
+        .iter()
+        .map(|values| {
             format!(
                 "INSERT INTO {}.undo_log (branch_id, xid, context, rollback_info, log_status, log_created, log_modified) \
-                 VALUES ({branch_id}, {}, {}, X'{}', {status}, NOW(6), NOW(6))",
+                 VALUES ({branch_id}, {values})",
                 ident(&pending.schema),
-                literal(&xid),
-                literal(&context),
-                hex(bytes),
             )
         })
         .collect();
