@@ -9,7 +9,6 @@ use clap::Parser;
 pub fn main() -> anyhow::Result<()> {
     let config = Flags::parse().into_config()?;
     config.log.init()?;
-    ferrata_rpc::process::run(config.worker_threads, |stop| async move {
-        Server::bind(config).await?.run(stop).await
-    })
+    // Sessions run on threads of their own (`threads.rs`); the main runtime needs one.
+    ferrata_rpc::process::run(1, |stop| async move { Server::bind(config).await?.run(stop).await })
 }

@@ -31,7 +31,7 @@ pub struct Config {
     pub connect_timeout_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight commands may take before sessions are cut.
     pub shutdown_timeout_ms: u64,
-    /// Tokio worker threads; 0 means one per CPU.
+    /// Threads that run client sessions (`threads.rs`); 0 means one per CPU.
     pub worker_threads: usize,
     /// Answer `@@socket` with NULL, so drivers that prefer the server's Unix socket (such as
     /// mysql_async) stay on the proxy instead of silently bypassing it.
@@ -403,7 +403,7 @@ pub struct Flags {
     /// Largest client command payload in bytes [default: 64 MiB].
     #[arg(long)]
     pub max_packet_size: Option<usize>,
-    /// Tokio worker threads, 0 for one per CPU [default: 0].
+    /// Threads that run client sessions, 0 for one per CPU [default: 0].
     #[arg(long)]
     pub worker_threads: Option<usize>,
     /// PEM certificate chain for client TLS (with --tls-key).

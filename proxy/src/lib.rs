@@ -30,6 +30,7 @@ pub mod admin;
 pub mod cli;
 pub mod modes;
 pub mod server;
+mod threads;
 
 pub use config::Config;
 pub use server::Server;

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::modes::Modes;
 use crate::protocol::err::ErrPacket;
 use crate::session::{self, Shared};
+use crate::threads::SessionThreads;
 use ferrata_rpc::tls;
 
 /// A bound proxy, ready to serve.
@@ -106,6 +107,7 @@ impl Server {
             modes.start(rm_id, attach_stop.clone());
         }
         let sessions = TaskTracker::new();
+        let threads = SessionThreads::start(shared.config.worker_threads)?;
         let permits = Arc::new(Semaphore::new(shared.config.max_connections));
         let next_id = AtomicU64::new(1);
         tracing::info!(listen = %listener.local_addr()?, admin = %admin_addr, backend = %shared.config.backend, "ferrata-proxy ready");
@@ -132,11 +134,22 @@ impl Server {
             shared.metrics.connections_active.increment(1.0);
             let shared = shared.clone();
             let id = next_id.fetch_add(1, Ordering::Relaxed);
-            sessions.spawn(async move {
-                session::run(tcp, id, shared.clone()).await;
+            let tcp = match tcp.into_std() {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::warn!(client = %addr, error = %e, "could not hand the connection to a session thread");
+                    shared.metrics.connections_active.decrement(1.0);
+                    continue;
+                }
+            };
+            threads.spawn(sessions.track_future(async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => session::run(tcp, id, shared.clone()).await,
+                    Err(e) => tracing::warn!(client = %addr, error = %e, "could not register the connection"),
+                }
                 shared.metrics.connections_active.decrement(1.0);
                 drop(permit);
-            });
+            }));
         }
         drop(listener);
         sessions.close();
@@ -153,6 +166,7 @@ impl Server {
                 "shutdown deadline passed; closing the remaining sessions"
             );
         }
+        drop(threads);
         attach_stop.cancel();
         admin_stop.cancel();
         if let Some(task) = admin_task {

@@ -142,6 +142,9 @@ pub struct Phase2 {
     pub retry_max_ms: u64,
     /// Largest number of branches in one batched commit command.
     pub commit_batch: usize,
+    /// How long phase 2 gathers the commits decided after it woke before it sends them, so
+    /// that more of them share one command (one DELETE) per resource.
+    pub commit_gather_ms: u64,
     /// Heartbeat interval announced to resource managers; a stream silent for three of them
     /// is dropped.
     pub heartbeat_interval_ms: u64,
@@ -192,6 +195,7 @@ impl Default for Phase2 {
             retry_initial_ms: 100,
             retry_max_ms: 30_000,
             commit_batch: 1000,
+            commit_gather_ms: 2,
             heartbeat_interval_ms: 5_000,
         }
     }

@@ -433,6 +433,7 @@ impl Coordinator {
 
     /// Sends queued branch commits, batched per resource, and requeues failures with backoff.
     async fn commit_loop(self: Arc<Self>) {
+        let gather = Duration::from_millis(self.config.phase2.commit_gather_ms);
         loop {
             let attached = self.rms.attached();
             let now = Instant::now();
@@ -491,7 +492,8 @@ impl Coordinator {
                 }
             };
             tokio::select! {
-                _ = self.commit_wake.notified() => {}
+                // Commits decided in the next moments go in the same commands.
+                _ = self.commit_wake.notified() => tokio::time::sleep(gather).await,
                 _ = sleep => {}
                 _ = attached => {
                     // A resource manager is back: send what waited for one now.
