@@ -69,3 +69,58 @@ impl Drop for SessionThreads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions go round robin over the threads, and each stays on its thread when it is
+    /// woken from another one.
+    #[test]
+    fn sessions_are_spread_over_the_threads_and_stay_on_theirs() {
+        const SESSIONS: usize = 4;
+        let threads = SessionThreads::start(2).unwrap();
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        let mut wakers = Vec::new();
+        for session in 0..SESSIONS {
+            let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
+            wakers.push(wake);
+            let seen = seen_tx.clone();
+            threads.spawn(async move {
+                loop {
+                    let name = std::thread::current().name().unwrap_or_default().to_owned();
+                    seen.send((session, name)).unwrap();
+                    if woken.recv().await.is_none() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut names = vec![Vec::new(); SESSIONS];
+        for round in 0..3 {
+            // Every session reported and waits; then this thread wakes each.
+            for _ in 0..SESSIONS {
+                let (session, name) = seen.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+                names[session].push(name);
+            }
+            if round < 2 {
+                wakers.iter().for_each(|w| w.send(()).unwrap());
+            }
+        }
+        for (session, seen) in names.iter().enumerate() {
+            assert_eq!(seen.len(), 3);
+            assert!(seen.iter().all(|n| *n == seen[0]), "session {session} moved: {seen:?}");
+        }
+        let mut first: Vec<&str> = names.iter().map(|n| n[0].as_str()).collect();
+        first.sort();
+        assert_eq!(
+            first,
+            [
+                "ferrata-session-0",
+                "ferrata-session-0",
+                "ferrata-session-1",
+                "ferrata-session-1"
+            ]
+        );
+    }
+}
