@@ -7,7 +7,7 @@
 // Layers, lowest first; each uses only those below it (see ARCHITECTURE.md and
 // tests/layers.rs): the foundation (protocol, classify, config, metrics, stream), the
 // session core, SQL the proxy writes, the coordinator layer, the modes (at, barrier, isolation, xa),
-// and the assembly (modes, server, admin, cli).
+// and the assembly (modes, server, threads, admin, cli).
 pub mod classify;
 pub mod config;
 pub mod metrics;

@@ -166,12 +166,13 @@ impl Server {
                 "shutdown deadline passed; closing the remaining sessions"
             );
         }
-        drop(threads);
         attach_stop.cancel();
         admin_stop.cancel();
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        // Last: what sessions spawned (best-effort reports) ends with their threads.
+        drop(threads);
         tracing::info!("ferrata-proxy stopped");
         Ok(())
     }

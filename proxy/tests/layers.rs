@@ -33,7 +33,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "assembly",
-            modules: &["modes", "server", "admin", "cli", "lib", "main"],
+            modules: &["modes", "server", "threads", "admin", "cli", "lib", "main"],
             peers_may_meet: true,
         },
     ];

@@ -1028,14 +1028,9 @@ impl Coordinator {
         // On a store failure the transaction stays in Committing: the coordinator
         // acknowledges nothing more, and after a restart the store says Begin and the
         // locks are taken again from its branches.
-        if let Some(durable) = durable {
-            self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
-            self.at.locks.release_txn(txn_id, &keys);
-            let done = durable.await;
-            self.unsettled_releases.fetch_sub(1, Ordering::SeqCst);
-            done?;
-        } else {
-            self.at.locks.release_txn(txn_id, &keys);
+        match durable {
+            Some(durable) => self.release_with(txn_id, &keys, durable).await?,
+            None => self.at.locks.release_txn(txn_id, &keys),
         }
         {
             let mut state = session.state.lock();
@@ -1062,6 +1057,21 @@ impl Coordinator {
             status: next,
             failure: None,
         })
+    }
+
+    /// Releases `keys` of `txn_id` at once, while `durable` (the write that ends their hold)
+    /// is on its way, and waits for it: see `commit_now`.
+    pub(crate) async fn release_with(
+        &self,
+        txn_id: u64,
+        keys: &[LockKey],
+        durable: impl Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
+        self.at.locks.release_txn(txn_id, keys);
+        let done = durable.await;
+        self.unsettled_releases.fetch_sub(1, Ordering::SeqCst);
+        done
     }
 
     /// Decides rollback (if not decided yet) and waits up to `rollback_wait_ms` for the
@@ -1296,10 +1306,12 @@ impl Coordinator {
         match self.at.locks.query(txn, &keys, deadline).await {
             Ok(_) => {
                 // The rows may be free by a commit decision not yet durable: should it be
-                // lost, its branches would hold them again after a restart.
+                // lost, its branches would hold them again after a restart. (A decision
+                // whose write failed stops the coordinator: asked again here.)
                 if self.unsettled_releases.load(Ordering::SeqCst) > 0 {
                     self.journal.submit(Vec::new()).await?;
                 }
+                self.check_running()?;
                 Ok(LockQueryOutcome {
                     lockable: true,
                     holders: Vec::new(),

@@ -390,9 +390,9 @@ impl Coordinator {
             });
             (durable, keys, outcome)
         };
-        self.at.locks.release_txn(session.txn_id, &keys);
+        let released = self.release_with(session.txn_id, &keys, durable).await;
         self.at.count_held(&self.metrics);
-        durable.await?;
+        released?;
         Ok(outcome)
     }
 

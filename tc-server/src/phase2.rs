@@ -788,15 +788,16 @@ impl Coordinator {
         // (one write per transaction instead of one per branch): after a crash they are sent
         // again, and a branch commit is idempotent (it deletes undo records). A delivered
         // message is deleted at once: it is not delivered again after a crash.
-        if p.reference.branch_type == pb::BranchType::Msg as i32 {
-            let writes = state.with_events(vec![Mutation::DeleteBranch {
-                txn_id: p.txn_id,
-                branch_id: p.branch_id,
-            }]);
-            self.journal.submit_detached(writes);
-        }
+        let delivered = (p.reference.branch_type == pb::BranchType::Msg as i32).then_some(Mutation::DeleteBranch {
+            txn_id: p.txn_id,
+            branch_id: p.branch_id,
+        });
         let pending = state.branches.iter().any(BranchRecord::awaits_commit);
         if pending || state.record.status != GlobalStatus::AsyncCommitting {
+            if let Some(delete) = delivered {
+                let writes = state.with_events(vec![delete]);
+                self.journal.submit_detached(writes);
+            }
             return;
         }
         // The last commit done: a branch that failed meanwhile leaves the transaction to an
@@ -808,7 +809,7 @@ impl Coordinator {
         {
             self.set_status(&mut state, GlobalStatus::CommitFailed);
             let record = state.record.clone();
-            let writes = state.with_events(vec![Mutation::PutGlobal(record)]);
+            let writes = state.with_events(delivered.into_iter().chain([Mutation::PutGlobal(record)]).collect());
             self.journal.submit_detached(writes);
             return;
         }
@@ -817,10 +818,14 @@ impl Coordinator {
             status: GlobalStatus::Committed,
         });
         let write = Mutation::Finish(state.finished_record());
-        let writes = state.with_events(vec![write]);
-        // Lost in a crash, the transaction is AsyncCommitting again and its branches'
-        // commits, idempotent, are sent again.
-        self.journal.submit_lazy(writes);
+        // Lost in a crash, the transaction is AsyncCommitting again and its stored branches'
+        // commits, idempotent, are sent again. A delivered message's branch is deleted at
+        // once instead: its transaction's end goes with that deletion, not lazily, or a
+        // crash would leave it committing with nothing left to send.
+        match delivered {
+            Some(delete) => self.journal.submit_detached(state.with_events(vec![delete, write])),
+            None => self.journal.submit_lazy(state.with_events(vec![write])),
+        }
         self.finish(&session, &state);
         tracing::debug!(xid = session.xid, "committed");
     }

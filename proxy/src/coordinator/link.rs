@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::Home;
 use crate::config::Coordinator;
 
 pub struct Link {
@@ -27,6 +28,8 @@ pub struct Link {
     /// This process on the coordinator (random at start): it names the XA branches it
     /// registers, so that their phase 2 comes back here (`pb::Hello::instance_id`).
     pub instance_id: String,
+    /// Where the channel is made (`home.rs`), whoever asks for it first.
+    home: Home,
 }
 
 /// The coordinator cannot be reached at all.
@@ -59,6 +62,7 @@ impl Link {
             announce,
             announced: Mutex::new(Some(announced)),
             instance_id: unique_id(),
+            home: Home::current(),
         }
     }
 
@@ -73,7 +77,9 @@ impl Link {
         let mut causes = Vec::new();
         for i in 0..self.configs.len() {
             let index = (start + i) % self.configs.len();
-            match TcClient::connect(&self.configs[index]).await {
+            let config = self.configs[index].clone();
+            let connected = self.home.run(async move { TcClient::connect(&config).await }).await;
+            match connected.unwrap_or_else(|| Err(anyhow::anyhow!("ferrata-proxy is shutting down"))) {
                 Ok(c) => {
                     *current = Some((index, c.clone()));
                     return Ok(c);

@@ -17,6 +17,7 @@ pub mod barrier_table;
 pub mod binding;
 pub mod decision;
 pub mod guards;
+mod home;
 pub mod link;
 pub mod refusal;
 pub mod row_check;
@@ -38,6 +39,7 @@ use crate::protocol::err::ErrPacket;
 use crate::sql::dml::TableRef;
 use crate::sql::image::RESTORE_SQL_MODE;
 use crate::sql::metadata;
+pub use home::Home;
 pub use link::Link;
 
 pub struct Global {
@@ -52,6 +54,8 @@ pub struct Global {
     resource_server: String,
     service: mysql_async::OptsBuilder,
     pools: Mutex<HashMap<String, mysql_async::Pool>>,
+    /// Where the pools' connections are made (`home.rs`).
+    home: Home,
     pub metadata: metadata::MetadataCache,
 }
 
@@ -127,6 +131,7 @@ impl Global {
             resource_server: config.resource_server().to_owned(),
             service,
             pools: Mutex::new(HashMap::new()),
+            home: Home::current(),
             metadata: metadata::MetadataCache::new(),
         }))
     }
@@ -220,7 +225,14 @@ impl Global {
                 mysql_async::Pool::new(opts)
             })
             .clone();
-        pool.get_conn().await
+        self.home
+            .run(async move { pool.get_conn().await })
+            .await
+            .unwrap_or_else(|| {
+                Err(mysql_async::Error::Other(
+                    "ferrata-proxy is shutting down: no new service connection".into(),
+                ))
+            })
     }
 
     /// The shape of a table, for images; the error a client should get if it cannot be read.
