@@ -434,8 +434,14 @@ impl Coordinator {
     /// Sends queued branch commits, batched per resource, and requeues failures with backoff.
     async fn commit_loop(self: Arc<Self>) {
         let gather = Duration::from_millis(self.config.phase2.commit_gather_ms);
+        let mut woken = false;
         loop {
+            // Before the gathering pause: an attach during it is not missed.
             let attached = self.rms.attached();
+            if std::mem::take(&mut woken) {
+                // Commits decided in the next moments go in the same commands.
+                tokio::time::sleep(gather).await;
+            }
             let now = Instant::now();
             // Taken out of the queue first: a session's lock is never taken under the
             // queue's (retry takes them the other way round).
@@ -492,8 +498,7 @@ impl Coordinator {
                 }
             };
             tokio::select! {
-                // Commits decided in the next moments go in the same commands.
-                _ = self.commit_wake.notified() => tokio::time::sleep(gather).await,
+                _ = self.commit_wake.notified() => woken = true,
                 _ = sleep => {}
                 _ = attached => {
                     // A resource manager is back: send what waited for one now.
