@@ -1125,17 +1125,11 @@ async fn multi_statements_turned_on_later_are_still_protected() -> Result<()> {
 /// its own string only); in an open transaction the UPDATE takes two, the COMMIT one.
 #[tokio::test]
 async fn a_write_takes_its_round_trips_in_groups() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::RawConn;
     use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
-    let db = MariaDb::start().await?;
-    let tc = Coordinator::start(TC)?;
-    let mut direct = db.conn().await?;
-    direct.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v INT)").await?;
-    direct.query_drop("INSERT INTO t VALUES (1, 1), (2, 2)").await?;
-    let proxy = Proxy::start_with(in_process_config(&db, &tc)).await?;
-    let round_trips = async || -> Result<f64> {
-        let (_, body) = proxy.admin_get("/metrics").await?;
-        Ok(ferrata_tests::metric(&body, "ferrata_proxy_backend_round_trips_total").unwrap_or(0.0))
-    };
+    let (_db, _tc, proxy, mut direct) = one_row().await?;
+    direct.query_drop("INSERT INTO t VALUES (2, 2)").await?;
+    let round_trips = async || proxy.metric("ferrata_proxy_backend_round_trips_total").await;
 
     // mysql_async negotiates multi-statement strings.
     let mut conn = proxy.conn().await?;
@@ -1154,7 +1148,7 @@ async fn a_write_takes_its_round_trips_in_groups() -> Result<()> {
 
     // A client that did not.
     let flags = (DEFAULT | CLIENT_MULTI_RESULTS) & !CLIENT_MULTI_STATEMENTS;
-    let mut raw = proxy.raw(flags).await?;
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
     raw.query("START GLOBAL TRANSACTION").await?;
     let at = round_trips().await?;
     let answer = raw.query("UPDATE t SET v = v + 10 WHERE id = 1").await?;
@@ -1182,6 +1176,7 @@ async fn a_write_takes_its_round_trips_in_groups() -> Result<()> {
 /// branch its global transaction already rolled back.)
 #[tokio::test]
 async fn a_write_whose_undo_record_fails_is_not_committed() -> Result<()> {
+    use ferrata_tests::ferrata_testkit::raw::RawConn;
     use ferrata_tests::ferrata_testkit::raw::flags::{CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, DEFAULT};
     let (_db, _tc, proxy, mut direct) = one_row().await?;
     direct.query_drop(undo_log_ddl()).await?;
@@ -1197,7 +1192,7 @@ async fn a_write_whose_undo_record_fails_is_not_committed() -> Result<()> {
         assert!(message.contains("already rolled this branch back"), "{message}");
         Ok(())
     };
-    let mut conn = mysql_async::Conn::new(proxy.opts()).await?;
+    let mut conn = proxy.conn().await?;
     start(&mut conn).await?;
     refused(conn.query_drop("UPDATE t SET v = 2 WHERE id = 1").await.unwrap_err())?;
     conn.query_drop("BEGIN").await?;
@@ -1206,9 +1201,7 @@ async fn a_write_whose_undo_record_fails_is_not_committed() -> Result<()> {
     conn.query_drop("ROLLBACK GLOBAL").await?;
 
     let flags = (DEFAULT | CLIENT_MULTI_RESULTS) & !CLIENT_MULTI_STATEMENTS;
-    let mut raw =
-        ferrata_tests::ferrata_testkit::raw::RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags)
-            .await?;
+    let mut raw = RawConn::connect(proxy.addr, APP_USER, APP_PASSWORD, Some("test"), flags).await?;
     raw.query("START GLOBAL TRANSACTION").await?;
     let answer = raw.query("UPDATE t SET v = 4 WHERE id = 1").await?;
     assert_eq!(&answer[0].payload[..3], &[0xff, 0x77, 0x05], "ERR 1399: {answer:?}");

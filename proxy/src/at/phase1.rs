@@ -206,25 +206,14 @@ async fn run(cx: &mut Cx<'_>, plan: Plan, params: &[Param], raw: &[u8]) -> Resul
         (Some(keys), _) => Some(keys::insert_condition(cx.backend, cx.state, &meta, keys, summary, cx.limit).await?),
         (None, undo::Kind::Insert) => None,
     };
-    let read = match (early_read, condition) {
-        (Some(read), _) => Some(read),
-        (None, Some(condition)) => Some(
-            backend::query(
-                cx.backend,
-                cx.state,
-                &select_locked(&list, &qualified, &condition),
-                cx.limit,
-            )
-            .await?,
-        ),
-        (None, None) => None,
+    let after = match (early_read, condition) {
+        (Some(read), _) => after_rows(cx, read).await?,
+        (None, Some(condition)) => after_image(cx, &list, &qualified, &condition).await?,
+        (None, None) => Ok(Vec::new()),
     };
-    let after = match read {
-        None => Vec::new(),
-        Some(read) => match after_rows(cx, read).await? {
-            Ok(rows) => rows,
-            Err(answer) => return Ok(answer),
-        },
+    let after = match after {
+        Ok(rows) => rows,
+        Err(answer) => return Ok(answer),
     };
     if kind == undo::Kind::Insert && after.len() as u64 != affected {
         let e = refuse(

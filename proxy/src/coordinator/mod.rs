@@ -39,7 +39,7 @@ use crate::protocol::err::ErrPacket;
 use crate::sql::dml::TableRef;
 use crate::sql::image::RESTORE_SQL_MODE;
 use crate::sql::metadata;
-pub use home::Home;
+use home::Home;
 pub use link::Link;
 
 pub struct Global {

@@ -71,8 +71,8 @@ pub async fn query(
     sql: &str,
     limit: usize,
 ) -> Result<Outcome, SessionError> {
-    let mut outcomes = query_pipelined(backend, state, &[sql], limit).await?;
-    Ok(outcomes.remove(0))
+    write(backend, &query_packet(sql)).await?;
+    read_query(backend, state, limit).await
 }
 
 /// Runs `sqls` (COM_QUERY each) sent in one write, their responses read in order: one round
