@@ -16,7 +16,11 @@
 //!   includes the queue wait.
 //!
 //! Each client uses one of `--connections` HTTP/2 connections (default: its own, as many
-//! proxies would). After `--warmup` seconds, calls that finish within the next `--seconds`
+//! proxies would). With `--calls stream` (the default, what a proxy does) each connection
+//! also carries an Attach stream serving both resources, and the clients on it make their
+//! calls as messages on that stream; with `--calls unary` each call is an HTTP/2 request of
+//! its own and the two resource managers attach on connections of their own. `--calls
+//! unary,stream` runs every scenario both ways, one after the other. After `--warmup` seconds, calls that finish within the next `--seconds`
 //! seconds are measured: transactions per second and p50/p99/max latency of the whole
 //! transaction and of each call type. Over the same window it reads the coordinator's CPU time
 //! (per thread name) from /proc, its store commits from /metrics, the benchmark's own CPU time
@@ -45,7 +49,7 @@ use ferrata_bench::{
 use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
 use ferrata_rpc::{ErrorCode, pb};
 use serde_json::json;
-use tonic::{Response, Status};
+use tonic::Status;
 
 #[derive(Debug, Parser)]
 #[command(about = "Throughput and lock latency of ferrata-tc over gRPC, with its durable store")]
@@ -65,6 +69,10 @@ struct Args {
     /// HTTP/2 connections the clients share, round robin [default: one per client].
     #[arg(long)]
     connections: Option<usize>,
+    /// How the clients make their calls, comma-separated to run each scenario both ways:
+    /// `stream` (on an Attach stream per connection) or `unary` (a request each).
+    #[arg(long, value_delimiter = ',', default_value = "stream")]
+    calls: Vec<Calls>,
     /// Measured seconds per scenario.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
@@ -134,23 +142,26 @@ fn run(args: Args) -> Result<()> {
 
     print_settings(&args, &tc_binary, &data_parent)?;
 
-    let mut scenarios: Vec<Scenario> = args
+    let mut sizes: Vec<(Kind, usize)> = args
         .clients
         .iter()
         .filter(|&&clients| clients > 0)
-        .map(|&clients| Scenario {
-            kind: Kind::Throughput,
-            clients,
-            connections: args.connections.unwrap_or(clients).min(clients),
-        })
+        .map(|&clients| (Kind::Throughput, clients))
         .collect();
     if args.hot_clients > 0 {
-        scenarios.push(Scenario {
-            kind: Kind::HotRow,
-            clients: args.hot_clients,
-            connections: args.connections.unwrap_or(args.hot_clients).min(args.hot_clients),
-        });
+        sizes.push((Kind::HotRow, args.hot_clients));
     }
+    let scenarios: Vec<Scenario> = sizes
+        .into_iter()
+        .flat_map(|(kind, clients)| {
+            args.calls.iter().map(move |&calls| Scenario {
+                kind,
+                clients,
+                connections: args.connections.unwrap_or(clients).min(clients),
+                calls,
+            })
+        })
+        .collect();
     ensure!(!scenarios.is_empty(), "nothing to run: --clients 0 and --hot-clients 0");
 
     let mut outcomes = Vec::new();
@@ -175,11 +186,27 @@ enum Kind {
     HotRow,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Calls {
+    Unary,
+    Stream,
+}
+
+impl Calls {
+    fn name(self) -> &'static str {
+        match self {
+            Calls::Unary => "unary",
+            Calls::Stream => "stream",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Scenario {
     kind: Kind,
     clients: usize,
     connections: usize,
+    calls: Calls,
 }
 
 impl Scenario {
@@ -191,7 +218,7 @@ impl Scenario {
     }
 
     fn label(&self) -> String {
-        format!("{}-c{}", self.name(), self.clients)
+        format!("{}-c{}-{}", self.name(), self.clients, self.calls.name())
     }
 
     /// The resources each transaction registers a branch on, in order.
@@ -351,11 +378,11 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// Awaits one call (bounded by CALL_TIMEOUT) and notes when it ended.
-async fn timed<T>(call: impl Future<Output = Result<Response<T>, Status>>) -> Result<(Result<T, Status>, Instant)> {
+async fn timed<T>(call: impl Future<Output = Result<T, Status>>) -> Result<(Result<T, Status>, Instant)> {
     let result = tokio::time::timeout(CALL_TIMEOUT, call)
         .await
         .map_err(|_| anyhow!("no answer within {CALL_TIMEOUT:?}"))?;
-    Ok((result.map(Response::into_inner), Instant::now()))
+    Ok((result, Instant::now()))
 }
 
 /// `call: code` for a coordinator error; anything without the coordinator's error code
@@ -399,7 +426,7 @@ async fn client_loop(
             timeout_ms: 0,
             name: "tc-bench".into(),
         };
-        let (begun, at) = timed(tc.tm.global_begin(begin)).await.context("GlobalBegin")?;
+        let (begun, at) = timed(tc.global_begin(begin)).await.context("GlobalBegin")?;
         let xid = match begun {
             Ok(r) => r.xid,
             Err(status) => {
@@ -419,7 +446,7 @@ async fn client_loop(
         for resource in scenario.resources() {
             let before = Instant::now();
             let request = register_request(&xid, resource, &pk, lock_wait_ms);
-            let (registered, at) = timed(tc.rm.branch_register(request)).await.context("BranchRegister")?;
+            let (registered, at) = timed(tc.branch_register(request)).await.context("BranchRegister")?;
             match registered {
                 Ok(_) if window.contains(at) => stats.register.push(nanos(at - before)),
                 Ok(_) => {}
@@ -432,7 +459,7 @@ async fn client_loop(
         }
         if !registered_all {
             let request = pb::XidRequest { xid };
-            let (rolled_back, _) = timed(tc.tm.global_rollback(request)).await.context("GlobalRollback")?;
+            let (rolled_back, _) = timed(tc.global_rollback(request)).await.context("GlobalRollback")?;
             if let Err(status) = rolled_back {
                 stats.refused(refusal("rollback", status)?)?;
             }
@@ -440,7 +467,7 @@ async fn client_loop(
         }
 
         let before = Instant::now();
-        let (committed, at) = timed(tc.tm.global_commit(pb::XidRequest { xid }))
+        let (committed, at) = timed(tc.global_commit(pb::XidRequest { xid }))
             .await
             .context("GlobalCommit")?;
         match committed {
@@ -461,9 +488,9 @@ async fn client_loop(
     Ok(stats)
 }
 
-/// A resource manager serving `resource` that commits (and rolls back) every branch at once.
-async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -> Result<Attachment> {
-    let mut client = TcClient::connect(config).await?;
+/// A resource manager serving `resources` on `client`'s connection, named `name`, that
+/// commits (and rolls back) every branch at once.
+async fn attach_rm(client: &mut TcClient, resources: &[&str], name: &str, shared: Arc<Shared>) -> Result<Attachment> {
     let handler: CommandHandler = Arc::new(move |command: pb::BranchCommand| {
         let shared = Arc::clone(&shared);
         Box::pin(async move {
@@ -487,11 +514,11 @@ async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -
                 .collect()
         })
     });
-    let rm_id = format!("tc-bench-rm-{resource}");
+    let rm_id = format!("tc-bench-rm-{name}");
     let hello = ferrata_rpc::pb::Hello {
         instance_id: rm_id.clone(),
         rm_id,
-        resource_ids: vec![resource.to_owned()],
+        resource_ids: resources.iter().map(|r| (*r).to_owned()).collect(),
     };
     attach(
         &mut client.rm,
@@ -500,7 +527,7 @@ async fn attach_rm(config: &ClientConfig, resource: &str, shared: Arc<Shared>) -
         std::sync::Arc::new(ferrata_rpc::client::IgnoreGuards),
     )
     .await
-    .with_context(|| format!("attaching the resource manager of {resource}"))
+    .with_context(|| format!("attaching the resource manager {name}"))
 }
 
 /// Everything read at one instant of the window.
@@ -535,8 +562,10 @@ async fn snapshot(tc: &Tc, shared: &Shared) -> Result<Snapshot> {
 async fn run_scenario(args: &Args, tc_binary: &Path, data_parent: &Path, scenario: Scenario) -> Result<Outcome> {
     let label = scenario.label();
     println!(
-        "\n== {label}: {} clients on {} connections",
-        scenario.clients, scenario.connections
+        "\n== {label}: {} clients on {} connections, calls {}",
+        scenario.clients,
+        scenario.connections,
+        scenario.calls.name()
     );
     let load_before = load_average();
     let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args)?;
@@ -560,15 +589,24 @@ async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> 
         endpoint: format!("http://{}", tc.rpc),
         ..ClientConfig::default()
     };
-    let mut connections = Vec::with_capacity(scenario.connections);
-    for _ in 0..scenario.connections {
-        connections.push(TcClient::connect(&config).await?);
-    }
-
     let shared = Arc::new(Shared::default());
+    let mut connections = Vec::with_capacity(scenario.connections);
     let mut rms = Vec::new();
-    for resource in scenario.resources() {
-        rms.push(attach_rm(&config, resource, Arc::clone(&shared)).await?);
+    for i in 0..scenario.connections {
+        let mut client = TcClient::connect(&config).await?;
+        if scenario.calls == Calls::Stream {
+            // As a proxy does: its resource manager's stream carries its sessions' calls.
+            let rm = attach_rm(&mut client, scenario.resources(), &format!("c{i}"), Arc::clone(&shared)).await?;
+            client = client.with_stream(rm.calls());
+            rms.push(rm);
+        }
+        connections.push(client);
+    }
+    if scenario.calls == Calls::Unary {
+        for resource in scenario.resources() {
+            let mut client = TcClient::connect(&config).await?;
+            rms.push(attach_rm(&mut client, &[resource], resource, Arc::clone(&shared)).await?);
+        }
     }
     let t0 = Instant::now() + Duration::from_secs_f64(args.warmup);
     let window = Window {
@@ -922,6 +960,7 @@ impl Outcome {
             "scenario": s.name(),
             "clients": s.clients,
             "connections": s.connections,
+            "calls": s.calls.name(),
             "branches_per_txn": s.resources().len(),
             "seconds": self.seconds,
             "tps": round(self.tps, 1),
@@ -957,10 +996,11 @@ impl Outcome {
 fn print_summary(outcomes: &[Outcome]) {
     println!("\nsummary");
     println!(
-        "{:<12} {:>7} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "{:<12} {:>7} {:>5} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "clients",
         "conns",
+        "calls",
         "tx/s",
         "txn p50",
         "txn p99",
@@ -977,10 +1017,11 @@ fn print_summary(outcomes: &[Outcome]) {
     for o in outcomes {
         let errors: u64 = o.refusals.values().sum();
         println!(
-            "{:<12} {:>7} {:>5} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>7.2} {:>7.1}",
+            "{:<12} {:>7} {:>5} {:>6} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>7.2} {:>7.1}",
             o.scenario.name(),
             o.scenario.clients,
             o.scenario.connections,
+            o.scenario.calls.name(),
             o.tps,
             o.txn.p50_ms,
             o.txn.p99_ms,

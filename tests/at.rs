@@ -1170,6 +1170,29 @@ async fn a_write_takes_its_round_trips_in_groups() -> Result<()> {
     Ok(())
 }
 
+/// Once its Attach stream is open, a proxy makes its sessions' calls to the coordinator on
+/// it (begin, registration, commit), not as HTTP/2 requests of their own.
+#[tokio::test]
+async fn the_proxys_calls_go_on_its_attach_stream() -> Result<()> {
+    let (_db, tc, proxy, _direct) = one_row().await?;
+    ferrata_tests::until("the proxy attached to the coordinator", async || {
+        Ok(proxy.metric("ferrata_proxy_coordinator_attached").await? == 1.0)
+    })
+    .await?;
+    let stream_calls = async || -> Result<f64> {
+        let (_, metrics) = ferrata_tests::http_get(tc.http, "/metrics").await?;
+        Ok(ferrata_tests::metric(&metrics, "ferrata_tc_stream_calls_total").unwrap_or(0.0))
+    };
+    let before = stream_calls().await?;
+    let mut conn = proxy.conn().await?;
+    start(&mut conn).await?;
+    conn.query_drop("UPDATE t SET v = v + 10 WHERE id = 1").await?;
+    conn.query_drop("COMMIT GLOBAL").await?;
+    let made = stream_calls().await? - before;
+    assert!(made >= 3.0, "begin, registration and commit on the stream: {made}");
+    Ok(())
+}
+
 /// The undo record's INSERT and the COMMIT go to the server as one string, which stops at
 /// a failed INSERT: a branch whose undo record cannot be written is never committed. (A
 /// trigger refuses the INSERT here as the anti-hanging marker's unique key does for a

@@ -1,6 +1,8 @@
 //! A client of the coordinator for transaction managers and resource managers: one channel
-//! carrying both services with the bearer token, and `attach`, which runs a resource
-//! manager's stream (hello, heartbeats, commands handed to a handler, answers sent back).
+//! carrying both services with the bearer token, the per-transaction calls (made on an
+//! Attach stream when the client has one, `calls.rs`, as unary calls otherwise), and
+//! `attach`, which runs a resource manager's stream (hello, heartbeats, commands handed to a
+//! handler, answers sent back, answers to its calls handed over).
 
 use std::future::Future;
 use std::path::Path;
@@ -15,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::BearerToken;
+use crate::calls::{CloseOnDrop, NotSent, StreamCalls};
 use crate::pb;
 
 pub type TmClient = pb::transaction_manager_client::TransactionManagerClient<InterceptedService<Channel, BearerToken>>;
@@ -32,11 +35,58 @@ pub struct ClientConfig {
     pub max_message_bytes: Option<usize>,
 }
 
-/// Clients of both services over one HTTP/2 connection.
+/// Clients of both services over one HTTP/2 connection, and the Attach stream on it that
+/// carries the per-transaction calls, if there is one (`with_stream`).
 #[derive(Clone)]
 pub struct TcClient {
     pub tm: TmClient,
     pub rm: RmClient,
+    stream: Option<StreamCalls>,
+}
+
+/// A per-transaction call: made on the client's Attach stream if it has one that is still
+/// open, as the unary call of the same name otherwise.
+macro_rules! stream_or_unary {
+    ($(#[$doc:meta])* $name:ident: $service:ident, $request:ty => $response:ty, $call:ident, $answer:ident) => {
+        $(#[$doc])*
+        pub async fn $name(&mut self, request: $request) -> Result<$response, tonic::Status> {
+            let mut request = request;
+            if let Some(stream) = &self.stream {
+                match stream.call(pb::call::Request::$call(request)).await {
+                    Ok(Ok(pb::answer::Response::$answer(response))) => return Ok(response),
+                    Ok(Ok(other)) => {
+                        return Err(tonic::Status::internal(format!(
+                            "the coordinator answered {} with {other:?}",
+                            stringify!($name)
+                        )));
+                    }
+                    Ok(Err(status)) => return Err(status),
+                    Err(NotSent(pb::call::Request::$call(unsent))) => request = unsent,
+                    Err(NotSent(_)) => {
+                        return Err(tonic::Status::internal("a call came back unsent as another call"));
+                    }
+                }
+            }
+            self.$service.$name(request).await.map(tonic::Response::into_inner)
+        }
+    };
+}
+
+impl TcClient {
+    /// This client, making its per-transaction calls on an Attach stream (`Attachment::calls`)
+    /// opened on the same connection.
+    pub fn with_stream(mut self, calls: StreamCalls) -> TcClient {
+        self.stream = Some(calls);
+        self
+    }
+
+    stream_or_unary!(global_begin: tm, pb::GlobalBeginRequest => pb::GlobalBeginResponse, GlobalBegin, GlobalBegin);
+    stream_or_unary!(global_commit: tm, pb::XidRequest => pb::GlobalOutcome, GlobalCommit, Outcome);
+    stream_or_unary!(global_rollback: tm, pb::XidRequest => pb::GlobalOutcome, GlobalRollback, Outcome);
+    stream_or_unary!(branch_register: rm, pb::BranchRegisterRequest => pb::BranchRegisterResponse, BranchRegister, BranchRegister);
+    stream_or_unary!(branch_report: rm, pb::BranchReportRequest => pb::BranchReportResponse, BranchReport, BranchReport);
+    stream_or_unary!(lock_query: rm, pb::LockQueryRequest => pb::LockQueryResponse, LockQuery, LockQuery);
+    stream_or_unary!(guard_tables: rm, pb::GuardTablesRequest => pb::GuardTablesResponse, GuardTables, GuardTables);
 }
 
 impl TcClient {
@@ -64,6 +114,7 @@ impl TcClient {
             rm: pb::resource_manager_client::ResourceManagerClient::with_interceptor(channel, token)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+            stream: None,
         })
     }
 }
@@ -115,6 +166,7 @@ impl GuardSink for IgnoreGuards {
 pub struct Attachment {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     outbound: mpsc::Sender<pb::RmMessage>,
+    calls: StreamCalls,
 }
 
 impl Attachment {
@@ -125,6 +177,11 @@ impl Attachment {
 
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+
+    /// The stream's calls, for `TcClient::with_stream`; they fail once the stream ends.
+    pub fn calls(&self) -> StreamCalls {
+        self.calls.clone()
     }
 
     /// Announces more resources on the stream; false if the stream has ended.
@@ -177,20 +234,25 @@ pub async fn attach(
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
     };
     let outbound = tx.clone();
+    let calls = StreamCalls::new(tx.clone());
+    let closing = CloseOnDrop(calls.clone());
     let task = tokio::spawn(async move {
-        let ended = serve(inbound, tx, handler, &*guards, interval, lease).await;
+        let ended = serve(inbound, tx, handler, &*guards, &closing.0, interval, lease).await;
         guards.lost();
+        drop(closing);
         ended
     });
-    Ok(Attachment { task, outbound })
+    Ok(Attachment { task, outbound, calls })
 }
 
-/// The attach task's loop: commands, guard updates, heartbeats and their answers.
+/// The attach task's loop: commands, guard updates, heartbeats and their answers, answers
+/// to calls.
 async fn serve(
     mut inbound: tonic::Streaming<pb::TcMessage>,
     tx: mpsc::Sender<pb::RmMessage>,
     handler: CommandHandler,
     guards: &dyn GuardSink,
+    calls: &StreamCalls,
     interval: Duration,
     lease: Duration,
 ) -> anyhow::Result<()> {
@@ -229,6 +291,7 @@ async fn serve(
                         let _ = tx.send(results).await;
                     });
                 }
+                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) }) => calls.answered(answer),
                 Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Guards(update)) }) => {
                     acks.push_back((update.seq, guards.update(&update)));
                 }

@@ -4,6 +4,7 @@
 //! (`process`: secrets, logging, runtime, signals, the metrics recorder), and the delivery
 //! policies of messages (`policy`), which the proxy checks where the coordinator applies them.
 
+pub mod calls;
 pub mod client;
 pub mod policy;
 pub mod process;
@@ -22,6 +23,39 @@ pub mod pb {
                 reason: reason.into(),
                 ..Default::default()
             }
+        }
+    }
+
+    impl CallError {
+        /// A refused call's status, to send as the call's answer on a stream.
+        pub fn of(status: &tonic::Status) -> CallError {
+            let entry = |key| {
+                status
+                    .metadata()
+                    .get(key)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            CallError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                ferrata_code: entry(super::CODE_KEY),
+                holder: entry(super::HOLDER_KEY),
+            }
+        }
+
+        /// The status the unary call would have returned.
+        pub fn into_status(self) -> tonic::Status {
+            let mut status = tonic::Status::new(tonic::Code::from(self.code), self.message);
+            for (key, value) in [(super::CODE_KEY, self.ferrata_code), (super::HOLDER_KEY, self.holder)] {
+                if let Ok(value) = tonic::metadata::MetadataValue::try_from(value)
+                    && !value.is_empty()
+                {
+                    status.metadata_mut().insert(key, value);
+                }
+            }
+            status
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The gRPC services: transaction-manager and resource-manager calls mapped onto the
 //! coordinator, the token check, and each resource manager's Attach stream (hello, the
 //! complete guard set, heartbeats both ways with numbered ones answered, guard
-//! acknowledgements, answers to phase-2 commands).
+//! acknowledgements, answers to phase-2 commands, and calls made on the stream, each run as
+//! its unary twin and answered on it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,15 +49,22 @@ pub struct TokenCheck {
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let caller = self
-            .coordinator
-            .tokens
-            .authenticate(header, crate::model::now_ms())
-            .map_err(status)?;
-        caller.require(self.need, self.what).map_err(status)?;
+        authorize(&self.coordinator, header, self.need, self.what)?;
         Ok(request)
     }
 }
+
+/// Refuses a caller whose `Authorization` header names no token whose role grants `need`.
+fn authorize(coordinator: &Coordinator, header: Option<&str>, need: Permission, what: &str) -> Result<(), Status> {
+    let caller = coordinator
+        .tokens
+        .authenticate(header, crate::model::now_ms())
+        .map_err(status)?;
+    caller.require(need, what).map_err(status)
+}
+
+const TRANSACT: (Permission, &str) = (Permission::Transact, "begin or end global transactions");
+const RESOURCE: (Permission, &str) = (Permission::Resource, "act as a resource manager");
 
 pub type TmServer = InterceptedService<TransactionManagerServer<TmService>, TokenCheck>;
 pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCheck>;
@@ -65,7 +73,7 @@ pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCh
 /// need the application or proxy role, resource managers the proxy role), decoding messages
 /// of at most `max_message_bytes`.
 pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (TmServer, RmServer) {
-    let check = |need, what| TokenCheck {
+    let check = |(need, what)| TokenCheck {
         coordinator: Arc::clone(coordinator),
         need,
         what,
@@ -74,11 +82,11 @@ pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (Tm
         InterceptedService::new(
             TransactionManagerServer::new(TmService(Arc::clone(coordinator)))
                 .max_decoding_message_size(max_message_bytes),
-            check(Permission::Transact, "begin or end global transactions"),
+            check(TRANSACT),
         ),
         InterceptedService::new(
             ResourceManagerServer::new(RmService(Arc::clone(coordinator))).max_decoding_message_size(max_message_bytes),
-            check(Permission::Resource, "act as a resource manager"),
+            check(RESOURCE),
         ),
     )
 }
@@ -91,19 +99,15 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
         &self,
         request: Request<pb::GlobalBeginRequest>,
     ) -> Result<Response<pb::GlobalBeginResponse>, Status> {
-        let r = request.into_inner();
-        let xid = self.0.begin(r.timeout_ms, r.name).await.map_err(status)?;
-        Ok(Response::new(pb::GlobalBeginResponse { xid }))
+        global_begin(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn global_commit(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
-        let o = self.0.commit(&request.into_inner().xid).await.map_err(status)?;
-        Ok(Response::new(outcome_pb(o)))
+        global_commit(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn global_rollback(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
-        let o = self.0.rollback(&request.into_inner().xid).await.map_err(status)?;
-        Ok(Response::new(outcome_pb(o)))
+        global_rollback(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn global_status(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
@@ -164,30 +168,14 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         &self,
         request: Request<pb::BranchRegisterRequest>,
     ) -> Result<Response<pb::BranchRegisterResponse>, Status> {
-        let r = request.into_inner();
-        let branch_id = self.0.register(r).await.map_err(status)?;
-        Ok(Response::new(pb::BranchRegisterResponse { branch_id }))
+        branch_register(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn branch_report(
         &self,
         request: Request<pb::BranchReportRequest>,
     ) -> Result<Response<pb::BranchReportResponse>, Status> {
-        let r = request.into_inner();
-        let reported = pb::BranchStatus::try_from(r.status)
-            .ok()
-            .and_then(BranchStatus::from_pb)
-            .ok_or_else(|| {
-                status(TcError::invalid(format!(
-                    "branch status {} is not one this coordinator knows",
-                    r.status
-                )))
-            })?;
-        self.0
-            .report(&r.xid, r.branch_id, reported, r.reason)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::BranchReportResponse {}))
+        branch_report(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn xa_orphan(&self, request: Request<pb::XaOrphanRequest>) -> Result<Response<pb::XaOrphanResponse>, Status> {
@@ -199,42 +187,14 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         &self,
         request: Request<pb::LockQueryRequest>,
     ) -> Result<Response<pb::LockQueryResponse>, Status> {
-        let r = request.into_inner();
-        let o = self
-            .0
-            .lock_query(&r.xid, &r.resource_id, &r.locks, r.lock_wait_ms)
-            .await
-            .map_err(status)?;
-        let holders = o
-            .holders
-            .into_iter()
-            .map(|(key, txn, global)| {
-                let parts = key.parts();
-                pb::LockHolder {
-                    xid: format_xid(txn),
-                    status: global.map_or(pb::GlobalStatus::Unknown, |s| s.to_pb()) as i32,
-                    schema: parts.schema.to_owned(),
-                    table: parts.table.to_owned(),
-                    row: Some(key.row_pb()),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::LockQueryResponse {
-            lockable: o.lockable,
-            holders,
-        }))
+        lock_query(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     async fn guard_tables(
         &self,
         request: Request<pb::GuardTablesRequest>,
     ) -> Result<Response<pb::GuardTablesResponse>, Status> {
-        let r = request.into_inner();
-        self.0
-            .guard_tables(&r.xid, &r.tables, r.lock_wait_ms)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::GuardTablesResponse {}))
+        guard_tables(&self.0, request.into_inner()).await.map(Response::new)
     }
 
     type AttachStream = ReceiverStream<Result<pb::TcMessage, Status>>;
@@ -243,6 +203,12 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         let coordinator = Arc::clone(&self.0);
         let interval = coordinator.config.phase2.heartbeat_interval();
         let silence = interval * 3;
+        // Checked again for each call made on the stream.
+        let authorization: Option<Arc<str>> = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(Arc::from);
         let mut inbound = request.into_inner();
         let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
         let hello = match tokio::time::timeout(silence, inbound.message()).await {
@@ -278,7 +244,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             // In this task, which nothing cancels: once registered, the connection is
             // detached below whatever happens. A closed stream fails here and ends below.
             coordinator.at.guards.attach(&conn).await;
-            let reason = serve_stream(&coordinator, &conn, &mut inbound, &tx, interval, silence).await;
+            let reason = serve_stream(&coordinator, &conn, authorization, &mut inbound, &tx, interval, silence).await;
             coordinator.at.guards.detach(&conn);
             coordinator
                 .metrics
@@ -290,10 +256,112 @@ impl pb::resource_manager_server::ResourceManager for RmService {
     }
 }
 
+// ---- The calls a stream may carry, shared with their unary twins ----
+
+async fn global_begin(c: &Coordinator, r: pb::GlobalBeginRequest) -> Result<pb::GlobalBeginResponse, Status> {
+    let xid = c.begin(r.timeout_ms, r.name).await.map_err(status)?;
+    Ok(pb::GlobalBeginResponse { xid })
+}
+
+async fn global_commit(c: &Arc<Coordinator>, r: pb::XidRequest) -> Result<pb::GlobalOutcome, Status> {
+    c.commit(&r.xid).await.map(outcome_pb).map_err(status)
+}
+
+async fn global_rollback(c: &Arc<Coordinator>, r: pb::XidRequest) -> Result<pb::GlobalOutcome, Status> {
+    c.rollback(&r.xid).await.map(outcome_pb).map_err(status)
+}
+
+async fn branch_register(c: &Coordinator, r: pb::BranchRegisterRequest) -> Result<pb::BranchRegisterResponse, Status> {
+    let branch_id = c.register(r).await.map_err(status)?;
+    Ok(pb::BranchRegisterResponse { branch_id })
+}
+
+async fn branch_report(c: &Coordinator, r: pb::BranchReportRequest) -> Result<pb::BranchReportResponse, Status> {
+    let reported = pb::BranchStatus::try_from(r.status)
+        .ok()
+        .and_then(BranchStatus::from_pb)
+        .ok_or_else(|| {
+            status(TcError::invalid(format!(
+                "branch status {} is not one this coordinator knows",
+                r.status
+            )))
+        })?;
+    c.report(&r.xid, r.branch_id, reported, r.reason)
+        .await
+        .map_err(status)?;
+    Ok(pb::BranchReportResponse {})
+}
+
+async fn lock_query(c: &Coordinator, r: pb::LockQueryRequest) -> Result<pb::LockQueryResponse, Status> {
+    let o = c
+        .lock_query(&r.xid, &r.resource_id, &r.locks, r.lock_wait_ms)
+        .await
+        .map_err(status)?;
+    let holders = o
+        .holders
+        .into_iter()
+        .map(|(key, txn, global)| {
+            let parts = key.parts();
+            pb::LockHolder {
+                xid: format_xid(txn),
+                status: global.map_or(pb::GlobalStatus::Unknown, |s| s.to_pb()) as i32,
+                schema: parts.schema.to_owned(),
+                table: parts.table.to_owned(),
+                row: Some(key.row_pb()),
+            }
+        })
+        .collect();
+    Ok(pb::LockQueryResponse {
+        lockable: o.lockable,
+        holders,
+    })
+}
+
+async fn guard_tables(c: &Coordinator, r: pb::GuardTablesRequest) -> Result<pb::GuardTablesResponse, Status> {
+    c.guard_tables(&r.xid, &r.tables, r.lock_wait_ms)
+        .await
+        .map_err(status)?;
+    Ok(pb::GuardTablesResponse {})
+}
+
+/// Runs a call made on an Attach stream as its unary twin would run, for the token the
+/// stream was opened with (checked now, so a revoked or expired one stops working at once);
+/// its answer.
+async fn answer_call(c: &Arc<Coordinator>, authorization: Option<&str>, call: pb::Call) -> pb::Answer {
+    use pb::answer::Response as A;
+    use pb::call::Request as Q;
+    let answered = match call.request {
+        None => Err(ErrorCode::RmProtocol.status("a Call without a request", None)),
+        Some(request) => {
+            let (need, what) = match request {
+                Q::GlobalBegin(_) | Q::GlobalCommit(_) | Q::GlobalRollback(_) => TRANSACT,
+                Q::BranchRegister(_) | Q::BranchReport(_) | Q::LockQuery(_) | Q::GuardTables(_) => RESOURCE,
+            };
+            match authorize(c, authorization, need, what) {
+                Err(refused) => Err(refused),
+                Ok(()) => match request {
+                    Q::GlobalBegin(r) => global_begin(c, r).await.map(A::GlobalBegin),
+                    Q::GlobalCommit(r) => global_commit(c, r).await.map(A::Outcome),
+                    Q::GlobalRollback(r) => global_rollback(c, r).await.map(A::Outcome),
+                    Q::BranchRegister(r) => branch_register(c, r).await.map(A::BranchRegister),
+                    Q::BranchReport(r) => branch_report(c, r).await.map(A::BranchReport),
+                    Q::LockQuery(r) => lock_query(c, r).await.map(A::LockQuery),
+                    Q::GuardTables(r) => guard_tables(c, r).await.map(A::GuardTables),
+                },
+            }
+        }
+    };
+    pb::Answer {
+        id: call.id,
+        response: Some(answered.unwrap_or_else(|refused| A::Error(pb::CallError::of(&refused)))),
+    }
+}
+
 /// Runs one attached stream until it ends; returns why it ended.
 async fn serve_stream(
-    coordinator: &Coordinator,
+    coordinator: &Arc<Coordinator>,
     conn: &Arc<crate::rm::RmConnection>,
+    authorization: Option<Arc<str>>,
     inbound: &mut Streaming<pb::RmMessage>,
     tx: &mpsc::Sender<Result<pb::TcMessage, Status>>,
     interval: Duration,
@@ -311,6 +379,21 @@ async fn serve_stream(
                         if !conn.answer(results) {
                             tracing::debug!(rm_id = conn.rm_id, "answer for a command no longer waited for");
                         }
+                    }
+                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Call(call)) })) => {
+                        // Each call in its own task: one waiting for rows holds up nothing
+                        // else on the stream. The calls in flight are bounded by the proxy's
+                        // sessions, each of which waits for its call's answer.
+                        coordinator.metrics.stream_calls.increment(1);
+                        let coordinator = Arc::clone(coordinator);
+                        let authorization = authorization.clone();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let answer = answer_call(&coordinator, authorization.as_deref(), call).await;
+                            let answer = pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) };
+                            // A closed stream fails the caller's wait: its outcome is unknown.
+                            let _ = tx.send(Ok(answer)).await;
+                        });
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(h)) })) => {
                         if h.seq > 0 {
@@ -342,7 +425,7 @@ async fn serve_stream(
                         coordinator.rms.announce(conn, a.resource_ids);
                     }
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat, Announce and GuardAck may follow Hello", None))).await;
+                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat, Announce, GuardAck and Call may follow Hello", None))).await;
                         return "protocol error";
                     }
                     Ok(None) => return "closed by the resource manager",

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub deadlocks: Counter,
     pub locks_held: Gauge,
     pub resource_managers: Gauge,
+    /// Calls made on Attach streams instead of as requests of their own.
+    pub stream_calls: Counter,
     pub guarded_tables: Gauge,
     /// Finished transactions whose outcome is kept (the history, see `history.rs`).
     pub finished_kept: Gauge,
@@ -90,6 +92,7 @@ impl Metrics {
             deadlocks: counter!("ferrata_tc_deadlocks_total"),
             locks_held: gauge!("ferrata_tc_locks_held"),
             resource_managers: gauge!("ferrata_tc_resource_managers"),
+            stream_calls: counter!("ferrata_tc_stream_calls_total"),
             guarded_tables: gauge!("ferrata_tc_guarded_tables"),
             finished_kept: gauge!("ferrata_tc_finished_kept"),
             guard_confirm_seconds: histogram!("ferrata_tc_guard_confirm_seconds"),

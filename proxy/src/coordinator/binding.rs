@@ -306,9 +306,9 @@ async fn client(global: &Global, what: &str) -> Result<ferrata_rpc::client::TcCl
 
 async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String, ErrPacket> {
     let mut c = client(global, "begin a global transaction").await?;
-    let begun = c.tm.global_begin(pb::GlobalBeginRequest { timeout_ms, name });
+    let begun = c.global_begin(pb::GlobalBeginRequest { timeout_ms, name });
     match answered_within(global.outcome_wait, begun).await {
-        Ok(r) => Ok(r.into_inner().xid),
+        Ok(r) => Ok(r.xid),
         Err(s) => Err(global.error(s, "begin a global transaction").await),
     }
 }

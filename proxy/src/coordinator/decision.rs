@@ -47,18 +47,18 @@ impl Global {
                     let request = pb::XidRequest { xid: xid.to_owned() };
                     let answer = async {
                         if commit {
-                            c.tm.global_commit(request).await
+                            c.global_commit(request).await
                         } else {
-                            c.tm.global_rollback(request).await
+                            c.global_rollback(request).await
                         }
                     };
                     let wait = give_up.saturating_duration_since(Instant::now()) + allowance;
                     match answered_within(wait, answer).await {
-                        Ok(r) if r.get_ref().status == pb::GlobalStatus::Committing as i32 => {
+                        Ok(r) if r.status == pb::GlobalStatus::Committing as i32 => {
                             sent = true;
                             "the commit decision is still being written".to_owned()
                         }
-                        Ok(r) => return Ok(r.into_inner()),
+                        Ok(r) => return Ok(r),
                         Err(status) => match ErrorCode::of(&status) {
                             // Refused before anything was done: a node shutting down.
                             Some(ErrorCode::ShuttingDown) => status.message().to_owned(),

@@ -1,12 +1,14 @@
 //! The proxy's link to the transaction coordinator: a client for calls, with failover across
 //! the configured nodes, and the supervised Attach stream on which phase-2 commands arrive
 //! (re-opened with backoff whenever it ends, re-announcing every resource served), which also
-//! keeps the guarded-table view (`guards.rs`) current.
+//! keeps the guarded-table view (`guards.rs`) current and, while it is open, carries the
+//! sessions' per-transaction calls (`ferrata_rpc::calls`), so that they share its frames.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrata_rpc::calls::StreamCalls;
 use ferrata_rpc::client::{self, ClientConfig, CommandHandler, GuardSink, TcClient};
 use ferrata_rpc::pb;
 use parking_lot::Mutex;
@@ -22,6 +24,9 @@ pub struct Link {
     current: tokio::sync::Mutex<Option<(usize, TcClient)>>,
     /// Node to try first on the next connect.
     next: Mutex<usize>,
+    /// The open Attach stream's calls and its node's index: clients of that node make their
+    /// per-transaction calls on it.
+    stream: Mutex<Option<(usize, StreamCalls)>>,
     resources: Mutex<BTreeSet<String>>,
     announce: mpsc::UnboundedSender<String>,
     announced: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -58,6 +63,7 @@ impl Link {
             configs,
             current: tokio::sync::Mutex::new(None),
             next: Mutex::new(0),
+            stream: Mutex::new(None),
             resources: Mutex::new(BTreeSet::new()),
             announce,
             announced: Mutex::new(Some(announced)),
@@ -66,12 +72,22 @@ impl Link {
         }
     }
 
+    /// What `ferrata_proxy_coordinator_attached` says: whether the Attach stream is open.
+    fn set_attached(attached: bool) {
+        metrics::gauge!("ferrata_proxy_coordinator_attached").set(if attached { 1.0 } else { 0.0 });
+    }
+
     /// A connected client, connecting to the first node that answers (starting after the
     /// last one that failed).
     pub async fn client(&self) -> Result<TcClient, Unreachable> {
+        self.connected().await.map(|(_, c)| c)
+    }
+
+    /// The connected client and its node's index.
+    async fn connected(&self) -> Result<(usize, TcClient), Unreachable> {
         let mut current = self.current.lock().await;
-        if let Some((_, c)) = current.as_ref() {
-            return Ok(c.clone());
+        if let Some((index, c)) = current.as_ref() {
+            return Ok((*index, c.clone()));
         }
         let start = *self.next.lock();
         let mut causes = Vec::new();
@@ -81,8 +97,12 @@ impl Link {
             let connected = self.home.run(async move { TcClient::connect(&config).await }).await;
             match connected.unwrap_or_else(|| Err(anyhow::anyhow!("ferrata-proxy is shutting down"))) {
                 Ok(c) => {
+                    let c = match self.stream.lock().as_ref() {
+                        Some((node, calls)) if *node == index => c.with_stream(calls.clone()),
+                        _ => c,
+                    };
                     *current = Some((index, c.clone()));
-                    return Ok(c);
+                    return Ok((index, c));
                 }
                 Err(e) => causes.push(format!("{e:#}")),
             }
@@ -127,10 +147,11 @@ impl Link {
         let Some(mut announced) = self.announced.lock().take() else {
             return;
         };
+        Link::set_attached(false);
         let mut backoff = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let attached = match self.client().await {
-                Ok(mut c) => {
+            let attached = match self.connected().await {
+                Ok((index, mut c)) => {
                     let hello = pb::Hello {
                         rm_id: rm_id.clone(),
                         resource_ids: self.resources.lock().iter().cloned().collect(),
@@ -138,13 +159,23 @@ impl Link {
                     };
                     client::attach(&mut c.rm, hello, Arc::clone(&handler), Arc::clone(&guards))
                         .await
+                        .map(|attachment| (index, attachment))
                         .map_err(|e| format!("{e:#}"))
                 }
                 Err(Unreachable(e)) => Err(e),
             };
             match attached {
-                Ok(mut attachment) => {
+                Ok((index, mut attachment)) => {
                     tracing::info!(rm_id, "attached to the coordinator");
+                    // Calls go on the stream from now on, while it is open (then as unary
+                    // calls again, until the next one).
+                    *self.stream.lock() = Some((index, attachment.calls()));
+                    Link::set_attached(true);
+                    if let Some((current, c)) = self.current.lock().await.as_mut()
+                        && *current == index
+                    {
+                        *c = c.clone().with_stream(attachment.calls());
+                    }
                     backoff = Duration::from_millis(100);
                     let ended = loop {
                         tokio::select! {
@@ -155,6 +186,8 @@ impl Link {
                             _ = stop.cancelled() => return,
                         }
                     };
+                    *self.stream.lock() = None;
+                    Link::set_attached(false);
                     tracing::warn!(
                         error = ended.as_deref().unwrap_or("closed by the coordinator"),
                         "coordinator stream ended; re-attaching"

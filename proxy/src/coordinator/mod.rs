@@ -300,8 +300,8 @@ impl Global {
         let xid = request.xid.clone();
         let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
         let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
-        match answered_within(wait, c.rm.branch_register(request)).await {
-            Ok(r) => Ok(r.into_inner().branch_id),
+        match answered_within(wait, c.branch_register(request)).await {
+            Ok(r) => Ok(r.branch_id),
             Err(s) if ErrorCode::of(&s).is_none() && !never_sent(&s) => {
                 self.link.failed(&s).await;
                 // The caller rolls the local transaction back; the branch may exist anyway.
@@ -348,7 +348,7 @@ impl Global {
             lock_wait_ms: self.lock_wait_ms,
         };
         let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
-        match answered_within(wait, c.rm.guard_tables(request)).await {
+        match answered_within(wait, c.guard_tables(request)).await {
             Ok(_) => Ok(()),
             Err(s) => Err(match ErrorCode::of(&s) {
                 Some(ErrorCode::LockWaitTimeout) => ErrPacket::new(
@@ -384,7 +384,7 @@ impl Global {
             reason: reason.to_owned(),
         };
         let mut c = self.link.client().await.map_err(|e| ReportFailure::Unanswered(e.0))?;
-        match answered_within(self.outcome_wait, c.rm.branch_report(request)).await {
+        match answered_within(self.outcome_wait, c.branch_report(request)).await {
             Ok(_) => Ok(()),
             Err(s) if ErrorCode::of(&s).is_some() => Err(ReportFailure::Refused(s.message().to_owned())),
             Err(s) => {
@@ -437,9 +437,8 @@ impl Global {
                 lock_wait_ms: wait_ms,
             };
             let wait = Duration::from_millis(wait_ms) + self.outcome_wait;
-            match answered_within(wait, c.rm.lock_query(request)).await {
+            match answered_within(wait, c.lock_query(request)).await {
                 Ok(r) => {
-                    let r = r.into_inner();
                     if !r.lockable {
                         let message = match r.holders.first() {
                             Some(h) => format!(

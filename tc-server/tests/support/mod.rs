@@ -421,15 +421,18 @@ pub async fn create_token(tc: &Tc, name: &str, role: &str) -> Result<String> {
     Ok(r.json()["secret"].as_str().expect("the secret, once").to_owned())
 }
 
+// The calls below go on the client's Attach stream if it has one (`TcClient::with_stream`),
+// as unary calls otherwise.
+
 pub async fn begin(c: &TcClient, timeout_ms: u64) -> Result<String> {
-    let r =
-        c.tm.clone()
-            .global_begin(pb::GlobalBeginRequest {
-                timeout_ms,
-                name: "test".into(),
-            })
-            .await?;
-    Ok(r.into_inner().xid)
+    let r = c
+        .clone()
+        .global_begin(pb::GlobalBeginRequest {
+            timeout_ms,
+            name: "test".into(),
+        })
+        .await?;
+    Ok(r.xid)
 }
 
 pub async fn register(
@@ -439,38 +442,38 @@ pub async fn register(
     locks: Vec<pb::TableLocks>,
     lock_wait_ms: u64,
 ) -> Result<u64, tonic::Status> {
-    let r =
-        c.rm.clone()
-            .branch_register(pb::BranchRegisterRequest {
-                xid: xid.into(),
-                resource_id: resource.into(),
-                locks,
-                application_data: format!("app-data of {xid}").into_bytes(),
-                lock_wait_ms,
-                ..Default::default()
-            })
-            .await?;
-    Ok(r.into_inner().branch_id)
+    let r = c
+        .clone()
+        .branch_register(pb::BranchRegisterRequest {
+            xid: xid.into(),
+            resource_id: resource.into(),
+            locks,
+            application_data: format!("app-data of {xid}").into_bytes(),
+            lock_wait_ms,
+            ..Default::default()
+        })
+        .await?;
+    Ok(r.branch_id)
 }
 
 /// Registers an XA branch running on database connection `connection_id`.
 pub async fn register_xa(c: &TcClient, xid: &str, resource: &str, connection_id: u64) -> Result<u64, tonic::Status> {
-    let r =
-        c.rm.clone()
-            .branch_register(pb::BranchRegisterRequest {
-                xid: xid.into(),
-                resource_id: resource.into(),
-                branch_type: pb::BranchType::Xa as i32,
-                connection_id,
-                ..Default::default()
-            })
-            .await?;
-    Ok(r.into_inner().branch_id)
+    let r = c
+        .clone()
+        .branch_register(pb::BranchRegisterRequest {
+            xid: xid.into(),
+            resource_id: resource.into(),
+            branch_type: pb::BranchType::Xa as i32,
+            connection_id,
+            ..Default::default()
+        })
+        .await?;
+    Ok(r.branch_id)
 }
 
 /// Reports a branch's phase-1 outcome.
 pub async fn report(c: &TcClient, xid: &str, branch_id: u64, status: pb::BranchStatus) -> Result<(), tonic::Status> {
-    c.rm.clone()
+    c.clone()
         .branch_report(pb::BranchReportRequest {
             xid: xid.into(),
             branch_id,
@@ -482,19 +485,11 @@ pub async fn report(c: &TcClient, xid: &str, branch_id: u64, status: pb::BranchS
 }
 
 pub async fn commit(c: &TcClient, xid: &str) -> Result<pb::GlobalOutcome, tonic::Status> {
-    Ok(c.tm
-        .clone()
-        .global_commit(pb::XidRequest { xid: xid.into() })
-        .await?
-        .into_inner())
+    c.clone().global_commit(pb::XidRequest { xid: xid.into() }).await
 }
 
 pub async fn rollback(c: &TcClient, xid: &str) -> Result<pb::GlobalOutcome, tonic::Status> {
-    Ok(c.tm
-        .clone()
-        .global_rollback(pb::XidRequest { xid: xid.into() })
-        .await?
-        .into_inner())
+    c.clone().global_rollback(pb::XidRequest { xid: xid.into() }).await
 }
 
 pub async fn status(c: &TcClient, xid: &str) -> Result<pb::GlobalOutcome, tonic::Status> {
@@ -516,16 +511,14 @@ pub async fn lock_query(
     locks: Vec<pb::TableLocks>,
     lock_wait_ms: u64,
 ) -> Result<pb::LockQueryResponse, tonic::Status> {
-    Ok(c.rm
-        .clone()
+    c.clone()
         .lock_query(pb::LockQueryRequest {
             xid: xid.into(),
             resource_id: resource.into(),
             locks,
             lock_wait_ms,
         })
-        .await?
-        .into_inner())
+        .await
 }
 
 /// The coordinator's stable code on an error.
@@ -805,6 +798,11 @@ impl TestRm {
             attachment: Some(attachment),
             crashed,
         })
+    }
+
+    /// The calls of its stream, for `TcClient::with_stream`.
+    pub fn calls(&self) -> ferrata_rpc::calls::StreamCalls {
+        self.attachment.as_ref().expect("not crashed").calls()
     }
 
     /// Closes the stream as a crashed process would.
