@@ -5,7 +5,9 @@
 //! Many sessions' calls then share the stream's frames and syscalls instead of each being an
 //! HTTP/2 request of its own. When the stream ends, every call still waiting fails as one on
 //! a broken connection would (its outcome is unknown), and later calls come back unsent, so
-//! that the caller can make them as unary calls instead.
+//! that the caller can make them as unary calls instead; so do calls larger than the
+//! coordinator takes on the stream (`pb::Welcome::max_call_bytes`, 0 from one that takes
+//! none), which would end the stream for every call on it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,24 +26,38 @@ pub struct StreamCalls {
 }
 
 struct Inner {
-    outbound: mpsc::Sender<pb::RmMessage>,
     next_id: AtomicU64,
-    /// Calls sent and not answered yet, by id; `None` once the stream has ended.
-    waiting: Mutex<Option<HashMap<u64, oneshot::Sender<pb::answer::Response>>>>,
+    /// Largest call the coordinator takes on the stream, encoded.
+    max_bytes: usize,
+    /// `None` once the stream has ended.
+    open: Mutex<Option<Open>>,
 }
 
-/// A call that never left: the stream had ended. Holds the request, to be sent otherwise.
+struct Open {
+    /// The stream's sending half: dropped when the stream ends, so that it does not keep
+    /// the request side open.
+    outbound: mpsc::Sender<pb::RmMessage>,
+    /// Calls sent and not answered yet, by id.
+    waiting: HashMap<u64, oneshot::Sender<pb::answer::Response>>,
+}
+
+/// A call that never left: the stream had ended, or the call is larger than the coordinator
+/// takes on it. Holds the request, to be sent otherwise.
 #[derive(Debug)]
 pub struct NotSent(pub pb::call::Request);
 
 impl StreamCalls {
-    /// Calls sent on `outbound`, the stream's sending half.
-    pub fn new(outbound: mpsc::Sender<pb::RmMessage>) -> StreamCalls {
+    /// Calls sent on `outbound`, the stream's sending half, each at most `max_bytes` encoded
+    /// (0: none is sent).
+    pub fn new(outbound: mpsc::Sender<pb::RmMessage>, max_bytes: usize) -> StreamCalls {
         StreamCalls {
             inner: Arc::new(Inner {
-                outbound,
                 next_id: AtomicU64::new(1),
-                waiting: Mutex::new(Some(HashMap::new())),
+                max_bytes,
+                open: Mutex::new(Some(Open {
+                    outbound,
+                    waiting: HashMap::new(),
+                })),
             }),
         }
     }
@@ -51,19 +67,26 @@ impl StreamCalls {
     /// Dropping the future forgets the call (its answer is discarded when it comes).
     pub async fn call(&self, request: pb::call::Request) -> Result<Result<pb::answer::Response, Status>, NotSent> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let call = pb::Call {
+            id,
+            request: Some(request),
+        };
+        if prost::Message::encoded_len(&call) > self.inner.max_bytes {
+            return Err(NotSent(call.request.expect("set above")));
+        }
         let (answer, answered) = oneshot::channel();
-        match self.inner.waiting.lock().as_mut() {
-            Some(waiting) => waiting.insert(id, answer),
-            None => return Err(NotSent(request)),
+        let outbound = match self.inner.open.lock().as_mut() {
+            Some(open) => {
+                open.waiting.insert(id, answer);
+                open.outbound.clone()
+            }
+            None => return Err(NotSent(call.request.expect("set above"))),
         };
         let _forget = Forget { inner: &self.inner, id };
         let message = pb::RmMessage {
-            kind: Some(pb::rm_message::Kind::Call(pb::Call {
-                id,
-                request: Some(request),
-            })),
+            kind: Some(pb::rm_message::Kind::Call(call)),
         };
-        if let Err(mpsc::error::SendError(message)) = self.inner.outbound.send(message).await {
+        if let Err(mpsc::error::SendError(message)) = outbound.send(message).await {
             return match message.kind {
                 Some(pb::rm_message::Kind::Call(pb::Call {
                     request: Some(request), ..
@@ -82,7 +105,12 @@ impl StreamCalls {
 
     /// Hands an answer that came on the stream to the call waiting for it, if any still is.
     pub fn answered(&self, answer: pb::Answer) {
-        let waiting = self.inner.waiting.lock().as_mut().and_then(|w| w.remove(&answer.id));
+        let waiting = self
+            .inner
+            .open
+            .lock()
+            .as_mut()
+            .and_then(|open| open.waiting.remove(&answer.id));
         if let (Some(waiting), Some(response)) = (waiting, answer.response) {
             let _ = waiting.send(response);
         }
@@ -90,12 +118,7 @@ impl StreamCalls {
 
     /// The stream has ended: calls waiting fail, later ones are not sent.
     pub fn close(&self) {
-        self.inner.waiting.lock().take();
-    }
-
-    /// Calls sent and not answered yet.
-    pub fn in_flight(&self) -> usize {
-        self.inner.waiting.lock().as_ref().map_or(0, HashMap::len)
+        self.inner.open.lock().take();
     }
 }
 
@@ -107,8 +130,8 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        if let Some(waiting) = self.inner.waiting.lock().as_mut() {
-            waiting.remove(&self.id);
+        if let Some(open) = self.inner.open.lock().as_mut() {
+            open.waiting.remove(&self.id);
         }
     }
 }
@@ -134,7 +157,7 @@ mod tests {
     #[tokio::test]
     async fn answers_reach_their_calls_in_any_order_and_a_closed_stream_fails_the_rest() {
         let (outbound, mut sent) = mpsc::channel(8);
-        let calls = StreamCalls::new(outbound);
+        let calls = StreamCalls::new(outbound, 1024);
         let mut waiting = HashMap::new();
         for _ in 0..2 {
             let calls_ = calls.clone();
@@ -156,7 +179,7 @@ mod tests {
         let status = waiting.remove(&ids[1]).unwrap().await.unwrap().unwrap().unwrap_err();
         assert_eq!(crate::ErrorCode::of(&status), Some(crate::ErrorCode::LockWaitTimeout));
         assert_eq!(crate::holder_of(&status).as_deref(), Some("xid-1"));
-        assert_eq!(calls.in_flight(), 1);
+        assert!(!waiting[&ids[0]].is_finished(), "the earlier call still waits");
 
         // The stream ends: the earlier call's outcome is unknown, a later one is not sent.
         calls.close();
@@ -167,10 +190,29 @@ mod tests {
             Err(NotSent(pb::call::Request::GlobalBegin(_))) => {}
             other => panic!("a call after the stream closed must come back unsent, got {other:?}"),
         }
+        assert!(sent.recv().await.is_none(), "the stream's sending half went with it");
         // An answer for a call nobody waits for is dropped.
         calls.answered(pb::Answer {
             id: ids[0],
             response: Some(pb::answer::Response::BranchReport(pb::BranchReportResponse {})),
         });
+    }
+
+    #[tokio::test]
+    async fn a_call_larger_than_the_coordinator_takes_is_not_sent() {
+        let (outbound, mut sent) = mpsc::channel(8);
+        let calls = StreamCalls::new(outbound, 64);
+        let large = pb::call::Request::GlobalBegin(pb::GlobalBeginRequest {
+            name: "n".repeat(100),
+            timeout_ms: 0,
+        });
+        assert!(matches!(calls.call(large).await, Err(NotSent(_))));
+        let none = StreamCalls::new(mpsc::channel(8).0, 0);
+        assert!(
+            matches!(none.call(begin()).await, Err(NotSent(_))),
+            "a coordinator that takes no calls"
+        );
+        drop(calls);
+        assert!(sent.recv().await.is_none(), "nothing was sent");
     }
 }

@@ -220,7 +220,7 @@ pub async fn attach(
         .await
         .context("opening the Attach stream")?
         .into_inner();
-    let (interval, lease) = match inbound
+    let (interval, lease, max_call_bytes) = match inbound
         .message()
         .await
         .context("waiting for the coordinator's welcome")?
@@ -230,11 +230,12 @@ pub async fn attach(
         }) => (
             Duration::from_millis(w.heartbeat_interval_ms.max(10)),
             Duration::from_millis(w.guard_lease_ms),
+            usize::try_from(w.max_call_bytes).unwrap_or(usize::MAX),
         ),
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
     };
     let outbound = tx.clone();
-    let calls = StreamCalls::new(tx.clone());
+    let calls = StreamCalls::new(tx.clone(), max_call_bytes);
     let closing = CloseOnDrop(calls.clone());
     let task = tokio::spawn(async move {
         let ended = serve(inbound, tx, handler, &*guards, &closing.0, interval, lease).await;

@@ -727,7 +727,14 @@ impl Coordinator {
         let branch_id = self.ids.next().await?;
         let granted = self
             .at
-            .acquire(txn_id, branch_id, &keys, deadline, wait_ms, &self.metrics)
+            .acquire(
+                txn_id,
+                branch_id,
+                &keys,
+                (deadline, wait_ms),
+                &self.metrics,
+                &self.shutdown,
+            )
             .await
             .map_err(refused)?;
         let durable = {

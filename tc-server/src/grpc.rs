@@ -19,23 +19,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Permission;
 use crate::calls::branch::Payload;
-use crate::coordinator::{Coordinator, Outcome};
+use crate::coordinator::Coordinator;
 use crate::error::TcError;
-use crate::model::BranchStatus;
+use crate::grpc_calls::{
+    RESOURCE, TRANSACT, authorize, branch_register, branch_report, global_begin, global_commit, global_rollback,
+    guard_tables, lock_query, outcome_pb, status,
+};
 use crate::msg::MsgBranch;
-use crate::xid::format_xid;
-
-fn outcome_pb(o: Outcome) -> pb::GlobalOutcome {
-    pb::GlobalOutcome {
-        xid: o.xid,
-        status: o.status.to_pb() as i32,
-        failure: o.failure.map(|f| f.to_pb()),
-    }
-}
-
-fn status(e: TcError) -> Status {
-    e.to_status()
-}
 
 /// The interceptor that refuses calls without a token whose role grants the service's
 /// permission (`what` says what the service is for, in the refusal).
@@ -53,18 +43,6 @@ impl Interceptor for TokenCheck {
         Ok(request)
     }
 }
-
-/// Refuses a caller whose `Authorization` header names no token whose role grants `need`.
-fn authorize(coordinator: &Coordinator, header: Option<&str>, need: Permission, what: &str) -> Result<(), Status> {
-    let caller = coordinator
-        .tokens
-        .authenticate(header, crate::model::now_ms())
-        .map_err(status)?;
-    caller.require(need, what).map_err(status)
-}
-
-const TRANSACT: (Permission, &str) = (Permission::Transact, "begin or end global transactions");
-const RESOURCE: (Permission, &str) = (Permission::Resource, "act as a resource manager");
 
 pub type TmServer = InterceptedService<TransactionManagerServer<TmService>, TokenCheck>;
 pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCheck>;
@@ -229,6 +207,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
                 guard_lease_ms: coordinator.at.guards.lease().as_millis() as u64,
+                max_call_bytes: coordinator.config.transactions.max_message_bytes as u64,
             })),
         };
         tx.send(Ok(welcome))
@@ -256,108 +235,16 @@ impl pb::resource_manager_server::ResourceManager for RmService {
     }
 }
 
-// ---- The calls a stream may carry, shared with their unary twins ----
+/// Calls one stream may have running at once; more are refused (a proxy has one per session
+/// waiting for an answer).
+const MAX_CALLS_IN_FLIGHT: usize = 65_536;
 
-async fn global_begin(c: &Coordinator, r: pb::GlobalBeginRequest) -> Result<pb::GlobalBeginResponse, Status> {
-    let xid = c.begin(r.timeout_ms, r.name).await.map_err(status)?;
-    Ok(pb::GlobalBeginResponse { xid })
-}
+/// How long a stream's running calls may take to finish when the coordinator stops.
+const CALL_DRAIN: Duration = Duration::from_secs(5);
 
-async fn global_commit(c: &Arc<Coordinator>, r: pb::XidRequest) -> Result<pb::GlobalOutcome, Status> {
-    c.commit(&r.xid).await.map(outcome_pb).map_err(status)
-}
-
-async fn global_rollback(c: &Arc<Coordinator>, r: pb::XidRequest) -> Result<pb::GlobalOutcome, Status> {
-    c.rollback(&r.xid).await.map(outcome_pb).map_err(status)
-}
-
-async fn branch_register(c: &Coordinator, r: pb::BranchRegisterRequest) -> Result<pb::BranchRegisterResponse, Status> {
-    let branch_id = c.register(r).await.map_err(status)?;
-    Ok(pb::BranchRegisterResponse { branch_id })
-}
-
-async fn branch_report(c: &Coordinator, r: pb::BranchReportRequest) -> Result<pb::BranchReportResponse, Status> {
-    let reported = pb::BranchStatus::try_from(r.status)
-        .ok()
-        .and_then(BranchStatus::from_pb)
-        .ok_or_else(|| {
-            status(TcError::invalid(format!(
-                "branch status {} is not one this coordinator knows",
-                r.status
-            )))
-        })?;
-    c.report(&r.xid, r.branch_id, reported, r.reason)
-        .await
-        .map_err(status)?;
-    Ok(pb::BranchReportResponse {})
-}
-
-async fn lock_query(c: &Coordinator, r: pb::LockQueryRequest) -> Result<pb::LockQueryResponse, Status> {
-    let o = c
-        .lock_query(&r.xid, &r.resource_id, &r.locks, r.lock_wait_ms)
-        .await
-        .map_err(status)?;
-    let holders = o
-        .holders
-        .into_iter()
-        .map(|(key, txn, global)| {
-            let parts = key.parts();
-            pb::LockHolder {
-                xid: format_xid(txn),
-                status: global.map_or(pb::GlobalStatus::Unknown, |s| s.to_pb()) as i32,
-                schema: parts.schema.to_owned(),
-                table: parts.table.to_owned(),
-                row: Some(key.row_pb()),
-            }
-        })
-        .collect();
-    Ok(pb::LockQueryResponse {
-        lockable: o.lockable,
-        holders,
-    })
-}
-
-async fn guard_tables(c: &Coordinator, r: pb::GuardTablesRequest) -> Result<pb::GuardTablesResponse, Status> {
-    c.guard_tables(&r.xid, &r.tables, r.lock_wait_ms)
-        .await
-        .map_err(status)?;
-    Ok(pb::GuardTablesResponse {})
-}
-
-/// Runs a call made on an Attach stream as its unary twin would run, for the token the
-/// stream was opened with (checked now, so a revoked or expired one stops working at once);
-/// its answer.
-async fn answer_call(c: &Arc<Coordinator>, authorization: Option<&str>, call: pb::Call) -> pb::Answer {
-    use pb::answer::Response as A;
-    use pb::call::Request as Q;
-    let answered = match call.request {
-        None => Err(ErrorCode::RmProtocol.status("a Call without a request", None)),
-        Some(request) => {
-            let (need, what) = match request {
-                Q::GlobalBegin(_) | Q::GlobalCommit(_) | Q::GlobalRollback(_) => TRANSACT,
-                Q::BranchRegister(_) | Q::BranchReport(_) | Q::LockQuery(_) | Q::GuardTables(_) => RESOURCE,
-            };
-            match authorize(c, authorization, need, what) {
-                Err(refused) => Err(refused),
-                Ok(()) => match request {
-                    Q::GlobalBegin(r) => global_begin(c, r).await.map(A::GlobalBegin),
-                    Q::GlobalCommit(r) => global_commit(c, r).await.map(A::Outcome),
-                    Q::GlobalRollback(r) => global_rollback(c, r).await.map(A::Outcome),
-                    Q::BranchRegister(r) => branch_register(c, r).await.map(A::BranchRegister),
-                    Q::BranchReport(r) => branch_report(c, r).await.map(A::BranchReport),
-                    Q::LockQuery(r) => lock_query(c, r).await.map(A::LockQuery),
-                    Q::GuardTables(r) => guard_tables(c, r).await.map(A::GuardTables),
-                },
-            }
-        }
-    };
-    pb::Answer {
-        id: call.id,
-        response: Some(answered.unwrap_or_else(|refused| A::Error(pb::CallError::of(&refused)))),
-    }
-}
-
-/// Runs one attached stream until it ends; returns why it ended.
+/// Runs one attached stream until it ends; returns why it ended. Calls still running when
+/// it ends otherwise than by the coordinator's shutdown are cancelled, as unary calls are when
+/// their connection breaks.
 async fn serve_stream(
     coordinator: &Arc<Coordinator>,
     conn: &Arc<crate::rm::RmConnection>,
@@ -367,6 +254,7 @@ async fn serve_stream(
     interval: Duration,
     silence: Duration,
 ) -> &'static str {
+    let mut calls = tokio::task::JoinSet::new();
     let mut beat = tokio::time::interval(interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deadline = tokio::time::Instant::now() + silence;
@@ -381,15 +269,25 @@ async fn serve_stream(
                         }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Call(call)) })) => {
-                        // Each call in its own task: one waiting for rows holds up nothing
-                        // else on the stream. The calls in flight are bounded by the proxy's
-                        // sessions, each of which waits for its call's answer.
                         coordinator.metrics.stream_calls.increment(1);
+                        if calls.len() >= MAX_CALLS_IN_FLIGHT {
+                            let refused = ErrorCode::RmProtocol.status(
+                                format!("more than {MAX_CALLS_IN_FLIGHT} calls in flight on one Attach stream; wait for answers"),
+                                None,
+                            );
+                            let answer = pb::Answer { id: call.id, response: Some(pb::answer::Response::Error(pb::CallError::of(&refused))) };
+                            if tx.send(Ok(pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) })).await.is_err() {
+                                return "closed";
+                            }
+                            continue;
+                        }
+                        // Each call in its own task: one waiting for rows holds up nothing
+                        // else on the stream.
                         let coordinator = Arc::clone(coordinator);
                         let authorization = authorization.clone();
                         let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let answer = answer_call(&coordinator, authorization.as_deref(), call).await;
+                        calls.spawn(async move {
+                            let answer = crate::grpc_calls::answer(&coordinator, authorization.as_deref(), call).await;
                             let answer = pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) };
                             // A closed stream fails the caller's wait: its outcome is unknown.
                             let _ = tx.send(Ok(answer)).await;
@@ -442,7 +340,12 @@ async fn serve_stream(
                     return "closed";
                 }
             }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
             _ = coordinator.shutdown.cancelled() => {
+                // Calls already taken on are answered (the coordinator refuses new work
+                // meanwhile) before the stream ends, as unary calls are drained.
+                let drained = async { while calls.join_next().await.is_some() {} };
+                let _ = tokio::time::timeout(CALL_DRAIN, drained).await;
                 let _ = tx.send(Err(TcError::shutting_down().to_status())).await;
                 return "coordinator shutting down";
             }

@@ -38,6 +38,7 @@ pub mod console;
 pub mod coordinator;
 pub mod dtm;
 pub mod grpc;
+pub mod grpc_calls;
 pub mod http;
 pub mod messages;
 pub mod operator;

@@ -18,7 +18,7 @@ use crate::coordinator::Coordinator;
 use crate::grpc::services;
 use crate::store::Store;
 use crate::store::journal::Journal;
-use crate::store::redb::RedbStore;
+use crate::store::wal::{self, LoggedStore};
 
 pub struct Server {
     config: Config,
@@ -43,7 +43,7 @@ impl Server {
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("listening on {} (http)", config.http))?;
-        let store = RedbStore::open(&config.data_dir)?;
+        let store = LoggedStore::open(&config.data_dir, wal::Settings::default())?;
         let snapshot = store.load()?;
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
         let caller = crate::calls::Caller::new(&config.calls)?;

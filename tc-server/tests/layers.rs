@@ -29,6 +29,7 @@ fn dependencies_run_downwards() {
                 "operator",
                 "repair",
                 "grpc",
+                "grpc_calls",
                 "http",
                 "dtm",
                 "console",

@@ -1,8 +1,9 @@
 //! Calls made on a resource manager's Attach stream (`pb::Call`), against the real binary:
 //! they mean what their unary twins mean (answers, refusals with their codes and holders,
 //! waiting in the lock queue without holding up the stream), the stream's token is checked
-//! for every call, and a call whose stream ends before its answer has an unknown outcome
-//! while later calls go as unary calls.
+//! for every call, a call whose stream ends before its answer has an unknown outcome (and is
+//! cancelled) while later calls go as unary calls, and a stopping coordinator answers the
+//! calls it took on.
 
 mod support;
 
@@ -143,18 +144,36 @@ async fn a_call_whose_stream_ends_before_its_answer_has_an_unknown_outcome() -> 
     assert_eq!(ErrorCode::of(&e), None, "not a refusal: {e:?}");
     assert!(e.message().contains("unknown"), "{e:?}");
 
-    // Unknown indeed: the coordinator still had the call, and grants it once the row is free.
-    commit(&c, &t1).await?;
-    eventually("T2's branch, registered after its caller stopped waiting", || async {
-        let v = http.get_json(&format!("/v1/transactions/{t2}")).await?;
-        Ok(v["branches"].as_array().is_some_and(|b| b.len() == 1).then_some(()))
-    })
-    .await?;
+    // The coordinator cancels a call whose stream ended, as a unary call whose connection
+    // broke: T2 leaves the row's queue.
+    wait_queue(&http, "1", &t1, &[]).await?;
 
     // With its stream gone, the client makes its calls as unary calls.
     let before = stream_calls(&tc).await?;
     let t3 = begin(&s, 0).await?;
     register(&s, &t3, "db1", t_rows(&["2"]), 0).await?;
     assert_eq!(stream_calls(&tc).await?, before, "not sent on the ended stream");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_coordinator_answers_the_calls_it_took_on() -> Result {
+    let mut tc = Tc::with_config(FAST_CONFIG).await?;
+    let http = tc.http();
+    let rec = Recorder::new();
+    let c = tc.client().await?;
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
+    let s = c.clone().with_stream(rm.calls());
+    let t1 = begin(&c, 0).await?;
+    let t2 = begin(&c, 0).await?;
+    register(&c, &t1, "db1", t_rows(&["1"]), 0).await?;
+    let waiting = register_bg(&s, &t2, "1", 15_000);
+    wait_queue(&http, "1", &t1, &[&t2]).await?;
+
+    tc.sigterm(EVENT).await?;
+    // Refused by the stopping coordinator, not lost with its stream: the caller knows the
+    // branch was not registered.
+    let e = tokio::time::timeout(EVENT, waiting).await??.unwrap_err();
+    assert_code(&e, ErrorCode::ShuttingDown);
     Ok(())
 }

@@ -183,7 +183,11 @@ impl Link {
                             Some(resource) = announced.recv() => {
                                 attachment.announce(vec![resource]).await;
                             }
-                            _ = stop.cancelled() => return,
+                            _ = stop.cancelled() => {
+                                *self.stream.lock() = None;
+                                Link::set_attached(false);
+                                return;
+                            }
                         }
                     };
                     *self.stream.lock() = None;

@@ -96,17 +96,22 @@ impl At {
     }
 
     /// Takes a branch's rows, waiting in the queues until `deadline` (`wait_ms` is how long
-    /// that is, for the error); says how long it waited, and for whom.
+    /// that is, for the error) or the coordinator's shutdown (which leaves the queue, so that
+    /// a stopping coordinator answers at once); says how long it waited, and for whom.
     pub async fn acquire(
         &self,
         txn: u64,
         branch: u64,
         keys: &[LockKey],
-        deadline: Instant,
-        wait_ms: u64,
+        (deadline, wait_ms): (Instant, u64),
         metrics: &Metrics,
+        shutdown: &CancellationToken,
     ) -> Result<Granted, TcError> {
-        match self.locks.acquire(txn, branch, keys, deadline).await {
+        let acquired = tokio::select! {
+            acquired = self.locks.acquire(txn, branch, keys, deadline) => acquired,
+            _ = shutdown.cancelled() => return Err(TcError::shutting_down()),
+        };
+        match acquired {
             Ok(granted) => {
                 if let Some(waited) = granted.waited {
                     metrics.lock_conflicts.increment(1);

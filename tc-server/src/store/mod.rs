@@ -2,11 +2,14 @@
 //! shared-database store for several coordinator nodes can follow the embedded one.
 //!
 //! * `redb`: the embedded store, one redb file in the data directory.
+//! * `wal`: the write-ahead log in front of it: a commit is one appended record and an
+//!   fdatasync; a checkpointer thread applies the records to the redb file in large batches.
 //! * `journal`: group commit in front of any `Store`: one thread, one durable commit for
 //!   everything queued, completions in submission order.
 
 pub mod journal;
 pub mod redb;
+pub mod wal;
 
 use std::collections::BTreeMap;
 
@@ -15,8 +18,9 @@ use crate::auth::TokenRecord;
 use crate::model::{BranchRecord, FinishedRecord, GlobalRecord};
 use crate::timeline::Event;
 
-/// One change to the stored state. A batch of them is applied atomically.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One change to the stored state. A batch of them is applied atomically. The write-ahead log
+/// (`wal.rs`) stores batches of them in postcard: a change here is a change of its format.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mutation {
     PutGlobal(GlobalRecord),
     /// Deletes the global transaction and all its branches, keeping what is remembered of it.

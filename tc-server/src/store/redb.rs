@@ -13,7 +13,8 @@
 //!   finished (deleted with the finished record),
 //! * `audit`: `u64` record id → an audit record (append-only),
 //! * `tokens`: `&str` name → a named token (its secret's digest, never the secret),
-//! * `meta`: `&str` → `u64`, holding `"id_ceiling"`.
+//! * `meta`: `&str` → `u64`, holding `"id_ceiling"` and `"log_applied"` (the last record of
+//!   the write-ahead log, `wal.rs`, that the file holds).
 //!
 //! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
 //! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a
@@ -75,6 +76,8 @@ pub(crate) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audi
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const ID_CEILING: &str = "id_ceiling";
+/// The last write-ahead log record applied to the file (`wal.rs`).
+const LOG_APPLIED: &str = "log_applied";
 
 pub struct RedbStore {
     db: Database,
@@ -358,6 +361,14 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(());
         }
+        self.apply(batch, None)
+    }
+}
+
+impl RedbStore {
+    /// Applies `batch` in one durable commit, with the write-ahead log's position it brings
+    /// the file up to (`wal.rs`), if it comes from there.
+    pub(crate) fn apply(&self, batch: &[Mutation], log_position: Option<u64>) -> Result<(), StoreError> {
         self.write(|txn| {
             let write = |e: redb::StorageError| self.error("write", e);
             let mut globals = txn
@@ -434,8 +445,21 @@ impl Store for RedbStore {
                     }
                 }
             }
+            if let Some(position) = log_position {
+                meta.insert(LOG_APPLIED, position).map_err(write)?;
+            }
             Ok(())
         })
+    }
+
+    /// The write-ahead log's position the file holds everything up to (0: none).
+    pub(crate) fn log_applied(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.error("begin a read", e))?;
+        let meta = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
+        Ok(meta
+            .get(LOG_APPLIED)
+            .map_err(|e| self.error("read", e))?
+            .map_or(0, |v| v.value()))
     }
 }
 
