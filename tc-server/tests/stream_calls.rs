@@ -123,35 +123,52 @@ async fn the_streams_token_is_checked_for_every_call() -> Result {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_whose_stream_ends_before_its_answer_has_an_unknown_outcome() -> Result {
-    let tc = Tc::with_config(FAST_CONFIG).await?;
-    let http = tc.http();
-    let rec = Recorder::new();
-    let c = tc.client().await?;
-    let mut rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
-    let s = c.clone().with_stream(rm.calls());
+/// A call on a resource manager's stream, waiting in the queue of a row another
+/// transaction (T1) holds.
+struct Waiting {
+    rm: TestRm,
+    /// A client whose calls go on `rm`'s stream.
+    streamed: TcClient,
+    t1: String,
+    call: tokio::task::JoinHandle<std::result::Result<u64, tonic::Status>>,
+}
 
+async fn waiting_on_the_stream(tc: &Tc) -> Result<Waiting> {
+    let c = tc.client().await?;
+    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &Recorder::new()).await?;
+    let streamed = c.clone().with_stream(rm.calls());
     let t1 = begin(&c, 0).await?;
     let t2 = begin(&c, 0).await?;
     register(&c, &t1, "db1", t_rows(&["1"]), 0).await?;
-    let waiting = register_bg(&s, &t2, "1", 15_000);
-    wait_queue(&http, "1", &t1, &[&t2]).await?;
+    let call = register_bg(&streamed, &t2, "1", 15_000);
+    wait_queue(&tc.http(), "1", &t1, &[&t2]).await?;
+    Ok(Waiting { rm, streamed, t1, call })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_stream_ends_before_its_answer_has_an_unknown_outcome() -> Result {
+    let tc = Tc::with_config(FAST_CONFIG).await?;
+    let Waiting {
+        mut rm,
+        streamed,
+        t1,
+        call,
+    } = waiting_on_the_stream(&tc).await?;
 
     rm.crash();
-    let e = tokio::time::timeout(EVENT, waiting).await??.unwrap_err();
+    let e = tokio::time::timeout(EVENT, call).await??.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert_eq!(ErrorCode::of(&e), None, "not a refusal: {e:?}");
     assert!(e.message().contains("unknown"), "{e:?}");
 
     // The coordinator cancels a call whose stream ended, as a unary call whose connection
     // broke: T2 leaves the row's queue.
-    wait_queue(&http, "1", &t1, &[]).await?;
+    wait_queue(&tc.http(), "1", &t1, &[]).await?;
 
     // With its stream gone, the client makes its calls as unary calls.
     let before = stream_calls(&tc).await?;
-    let t3 = begin(&s, 0).await?;
-    register(&s, &t3, "db1", t_rows(&["2"]), 0).await?;
+    let t3 = begin(&streamed, 0).await?;
+    register(&streamed, &t3, "db1", t_rows(&["2"]), 0).await?;
     assert_eq!(stream_calls(&tc).await?, before, "not sent on the ended stream");
     Ok(())
 }
@@ -159,21 +176,12 @@ async fn a_call_whose_stream_ends_before_its_answer_has_an_unknown_outcome() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_coordinator_answers_the_calls_it_took_on() -> Result {
     let mut tc = Tc::with_config(FAST_CONFIG).await?;
-    let http = tc.http();
-    let rec = Recorder::new();
-    let c = tc.client().await?;
-    let rm = TestRm::attach(&c, "rm-db1", &["db1"], &rec).await?;
-    let s = c.clone().with_stream(rm.calls());
-    let t1 = begin(&c, 0).await?;
-    let t2 = begin(&c, 0).await?;
-    register(&c, &t1, "db1", t_rows(&["1"]), 0).await?;
-    let waiting = register_bg(&s, &t2, "1", 15_000);
-    wait_queue(&http, "1", &t1, &[&t2]).await?;
+    let waiting = waiting_on_the_stream(&tc).await?;
 
     tc.sigterm(EVENT).await?;
     // Refused by the stopping coordinator, not lost with its stream: the caller knows the
     // branch was not registered.
-    let e = tokio::time::timeout(EVENT, waiting).await??.unwrap_err();
+    let e = tokio::time::timeout(EVENT, waiting.call).await??.unwrap_err();
     assert_code(&e, ErrorCode::ShuttingDown);
     Ok(())
 }
