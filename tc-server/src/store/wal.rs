@@ -168,7 +168,7 @@ impl LoggedStore {
         let payload = postcard::to_stdvec(batch).map_err(|e| StoreError(format!("cannot encode a batch: {e}")))?;
         let mut log = self.log.lock();
         if log.bytes >= self.settings.segment_bytes {
-            // Before the write: a segment that cannot be begun fails this commit only.
+            // Before the write, so that a segment that cannot be begun leaves nothing half done.
             let next = Segment::begin(&self.dir, log.next_record)?;
             let closed = std::mem::replace(&mut *log, next);
             self.hand_over(Work::Closed(closed.path))?;
