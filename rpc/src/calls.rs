@@ -1,7 +1,6 @@
 //! Calls carried on a resource manager's Attach stream (`pb::Call`), the caller's half:
 //! [`StreamCalls`] numbers each call, sends it on the stream and waits for the answer with
-//! its number, which the attach task hands over ([`StreamCalls::answered`]); a caller that
-//! stops waiting has the coordinator cancel the call (`pb::CancelCall`).
+//! its number, which the attach task hands over ([`StreamCalls::answered`]).
 //!
 //! Many sessions' calls then share the stream's frames and syscalls instead of each being an
 //! HTTP/2 request of its own. When the stream ends, every call still waiting fails as one on
@@ -123,9 +122,7 @@ impl StreamCalls {
     }
 }
 
-/// Removes a call from the waiting ones when its caller stops waiting, answered or not, and
-/// tells the coordinator to cancel one that was not answered (best effort: a full stream
-/// drops the cancellation, and the call then runs to its own deadline).
+/// Removes a call from the waiting ones when its caller stops waiting, answered or not.
 struct Forget<'a> {
     inner: &'a Inner,
     id: u64,
@@ -133,13 +130,8 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        if let Some(open) = self.inner.open.lock().as_mut()
-            && open.waiting.remove(&self.id).is_some()
-        {
-            let cancel = pb::RmMessage {
-                kind: Some(pb::rm_message::Kind::Cancel(pb::CancelCall { id: self.id })),
-            };
-            let _ = open.outbound.try_send(cancel);
+        if let Some(open) = self.inner.open.lock().as_mut() {
+            open.waiting.remove(&self.id);
         }
     }
 }
@@ -222,25 +214,5 @@ mod tests {
         );
         drop(calls);
         assert!(sent.recv().await.is_none(), "nothing was sent");
-    }
-
-    #[tokio::test]
-    async fn a_call_its_caller_stops_waiting_for_is_cancelled() {
-        let (outbound, mut sent) = mpsc::channel(8);
-        let calls = StreamCalls::new(outbound, 1024);
-        let waiting = tokio::spawn({
-            let calls = calls.clone();
-            async move { calls.call(begin()).await }
-        });
-        let id = match sent.recv().await.and_then(|m| m.kind) {
-            Some(pb::rm_message::Kind::Call(call)) => call.id,
-            other => panic!("expected a call, got {other:?}"),
-        };
-        waiting.abort();
-        let _ = waiting.await;
-        match sent.recv().await.and_then(|m| m.kind) {
-            Some(pb::rm_message::Kind::Cancel(cancel)) => assert_eq!(cancel.id, id),
-            other => panic!("expected the call's cancellation, got {other:?}"),
-        }
     }
 }

@@ -255,8 +255,6 @@ async fn serve_stream(
     silence: Duration,
 ) -> &'static str {
     let mut calls = tokio::task::JoinSet::new();
-    // The running calls by id, to cancel one its caller gave up on.
-    let mut cancels: std::collections::HashMap<u64, tokio::task::AbortHandle> = std::collections::HashMap::new();
     let mut beat = tokio::time::interval(interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deadline = tokio::time::Instant::now() + silence;
@@ -288,20 +286,12 @@ async fn serve_stream(
                         let coordinator = Arc::clone(coordinator);
                         let authorization = authorization.clone();
                         let tx = tx.clone();
-                        let id = call.id;
-                        let running = calls.spawn(async move {
+                        calls.spawn(async move {
                             let answer = crate::grpc_calls::answer(&coordinator, authorization.as_deref(), call).await;
                             let answer = pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) };
                             // A closed stream fails the caller's wait: its outcome is unknown.
                             let _ = tx.send(Ok(answer)).await;
-                            id
                         });
-                        cancels.insert(id, running);
-                    }
-                    Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Cancel(cancel)) })) => {
-                        if let Some(running) = cancels.remove(&cancel.id) {
-                            running.abort();
-                        }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Heartbeat(h)) })) => {
                         if h.seq > 0 {
@@ -333,7 +323,7 @@ async fn serve_stream(
                         coordinator.rms.announce(conn, a.resource_ids);
                     }
                     Ok(Some(_)) => {
-                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat, Announce, GuardAck, Call and CancelCall may follow Hello", None))).await;
+                        let _ = tx.send(Err(ErrorCode::RmProtocol.status("only Results, Heartbeat, Announce, GuardAck and Call may follow Hello", None))).await;
                         return "protocol error";
                     }
                     Ok(None) => return "closed by the resource manager",
@@ -350,11 +340,7 @@ async fn serve_stream(
                     return "closed";
                 }
             }
-            Some(finished) = calls.join_next(), if !calls.is_empty() => {
-                if let Ok(id) = finished {
-                    cancels.remove(&id);
-                }
-            }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
             _ = coordinator.shutdown.cancelled() => {
                 // Calls already taken on are answered (the coordinator refuses new work
                 // meanwhile) before the stream ends, as unary calls are drained.
