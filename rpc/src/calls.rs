@@ -63,7 +63,8 @@ impl StreamCalls {
     }
 
     /// Makes `request` on the stream and waits for its answer: the response, or the error
-    /// the unary call would have returned. `Err(NotSent)` if the stream had already ended.
+    /// the unary call would have returned. `Err(NotSent)` if the stream had already ended or
+    /// the call is larger than the coordinator takes on it.
     /// Dropping the future forgets the call (its answer is discarded when it comes).
     pub async fn call(&self, request: pb::call::Request) -> Result<Result<pb::answer::Response, Status>, NotSent> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);

@@ -489,16 +489,7 @@ async fn a_branch_reported_phase_one_failed_frees_its_rows_and_is_skipped() -> R
             .await
             .unwrap_err();
     assert_code(&e, ErrorCode::InvalidArgument);
-    let e =
-        c.rm.clone()
-            .branch_report(pb::BranchReportRequest {
-                xid: live.clone(),
-                branch_id: b,
-                status: 99,
-                reason: String::new(),
-            })
-            .await
-            .unwrap_err();
+    let e = report_number(&c, &live, b, 99).await.unwrap_err();
     assert_code(&e, ErrorCode::InvalidArgument);
     Ok(())
 }

@@ -64,16 +64,7 @@ async fn calls_on_the_stream_mean_what_their_unary_twins_mean() -> Result {
     let b2 = tokio::time::timeout(EVENT, waiting).await???;
     rec.wait_branch(pb::Phase2Action::Commit, b1).await?;
 
-    let e = s
-        .clone()
-        .branch_report(pb::BranchReportRequest {
-            xid: t2.clone(),
-            branch_id: b2,
-            status: 99,
-            reason: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let e = report_number(&s, &t2, b2, 99).await.unwrap_err();
     assert_code(&e, ErrorCode::InvalidArgument);
     report_failed(&s, &t2, b2).await?;
     let rolled_back = rollback(&s, &t2).await?;

@@ -177,21 +177,19 @@ impl Link {
                         *c = c.clone().with_stream(attachment.calls());
                     }
                     backoff = Duration::from_millis(100);
+                    // `None`: stopped.
                     let ended = loop {
                         tokio::select! {
-                            ended = attachment.closed() => break ended.err().map(|e| format!("{e:#}")),
+                            ended = attachment.closed() => break Some(ended.err().map(|e| format!("{e:#}"))),
                             Some(resource) = announced.recv() => {
                                 attachment.announce(vec![resource]).await;
                             }
-                            _ = stop.cancelled() => {
-                                *self.stream.lock() = None;
-                                Link::set_attached(false);
-                                return;
-                            }
+                            _ = stop.cancelled() => break None,
                         }
                     };
                     *self.stream.lock() = None;
                     Link::set_attached(false);
+                    let Some(ended) = ended else { return };
                     tracing::warn!(
                         error = ended.as_deref().unwrap_or("closed by the coordinator"),
                         "coordinator stream ended; re-attaching"

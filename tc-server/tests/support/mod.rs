@@ -473,11 +473,16 @@ pub async fn register_xa(c: &TcClient, xid: &str, resource: &str, connection_id:
 
 /// Reports a branch's phase-1 outcome.
 pub async fn report(c: &TcClient, xid: &str, branch_id: u64, status: pb::BranchStatus) -> Result<(), tonic::Status> {
+    report_number(c, xid, branch_id, status as i32).await
+}
+
+/// Reports a phase-1 outcome by its number, which the coordinator may not know.
+pub async fn report_number(c: &TcClient, xid: &str, branch_id: u64, status: i32) -> Result<(), tonic::Status> {
     c.clone()
         .branch_report(pb::BranchReportRequest {
             xid: xid.into(),
             branch_id,
-            status: status as i32,
+            status,
             reason: "local commit failed".into(),
         })
         .await?;
