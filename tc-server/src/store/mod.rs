@@ -1,6 +1,7 @@
 //! Durable storage of global transactions and branches, behind the `Store` trait so a
 //! shared-database store for several coordinator nodes can follow the embedded one.
 //!
+//! * `record`: how records are encoded, and the checks every store's `load` runs on them.
 //! * `redb`: the embedded store, one redb file in the data directory.
 //! * `wal`: the write-ahead log in front of it: a commit is one appended record and an
 //!   fdatasync; a checkpointer thread applies the records to the redb file in large batches.
@@ -8,6 +9,7 @@
 //!   everything queued, completions in submission order.
 
 pub mod journal;
+pub mod record;
 pub mod redb;
 pub mod wal;
 
@@ -78,48 +80,5 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
 }
 
-/// Records for the store tests.
 #[cfg(test)]
-pub(crate) mod fixtures {
-    use crate::lock_key::LockKey;
-    use crate::model::{BranchRecord, BranchStatus, FinishedRecord, GlobalRecord, GlobalStatus};
-
-    pub(crate) fn global(txn_id: u64, status: GlobalStatus) -> GlobalRecord {
-        GlobalRecord {
-            txn_id,
-            name: format!("txn-{txn_id}"),
-            status,
-            timeout_ms: 60_000,
-            begin_ms: 1_700_000_000_000 + txn_id,
-            updated_ms: 1_700_000_000_500 + txn_id,
-        }
-    }
-
-    pub(crate) fn finished(txn_id: u64, status: GlobalStatus) -> FinishedRecord {
-        FinishedRecord {
-            record: global(txn_id, status),
-            branch_count: 2,
-            failure: None,
-        }
-    }
-
-    pub(crate) fn branch(txn_id: u64, branch_id: u64) -> BranchRecord {
-        BranchRecord {
-            txn_id,
-            branch_id,
-            resource_id: "jdbc:mysql://db/orders".into(),
-            lock_keys: vec![
-                LockKey::new("jdbc:mysql://db/orders", "shop", "orders", &[b"1".as_slice(), b"a,b;c"]),
-                LockKey::new("jdbc:mysql://db/orders", "shop", "orders", &[[0u8, 255, 7]]),
-            ],
-            application_data: vec![0, 1, 2, 255],
-            status: BranchStatus::Registered,
-            registered_ms: 1_700_000_000_100,
-            updated_ms: 1_700_000_000_200,
-            error: None,
-            mode: crate::model::BranchMode::At,
-            connection_id: 0,
-            instance_id: "3f9c0a".into(),
-        }
-    }
-}
+pub(crate) mod fixtures;

@@ -16,11 +16,7 @@
 //! * `meta`: `&str` → `u64`, holding `"id_ceiling"` and `"log_applied"` (the last record of
 //!   the write-ahead log, `wal.rs`, that the file holds).
 //!
-//! A record is one format-version byte ([`FORMAT_VERSION`]) followed by the postcard encoding of
-//! the `GlobalRecord` / `BranchRecord` / `FinishedRecord`. A later ferrata-tc that changes a
-//! record bumps the byte; this one refuses a record with a byte it does not know instead of
-//! misreading it, and reads the older versions it knows (a version-1 branch is an AT branch; a
-//! branch before version 3 names no instance that holds it).
+//! Every value is a record as `record.rs` encodes it (a format-version byte, then postcard).
 //!
 //! ## Settings
 //!
@@ -39,7 +35,6 @@
 //!   to changed keys. A bigger cache would mostly duplicate the loaded state in memory for the
 //!   process lifetime.
 
-use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -47,23 +42,12 @@ use redb::{
     Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
+use super::record::{Loader, encode};
 use super::{Mutation, Snapshot, Store, StoreError};
-use crate::audit::AuditRecord;
-use crate::auth::TokenRecord;
-use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, FinishedRecord, GlobalRecord};
-use crate::timeline::Event;
 
 /// Name of the database file inside the data directory.
 pub const FILE_NAME: &str = "ferrata-tc.redb";
-
-/// Version byte in front of every stored record. Version 2 added a branch's mode and
-/// connection id, version 3 its instance id, version 4 saga steps (a branch mode and four
-/// branch statuses, which an older ferrata-tc cannot read; the layout is version 3's),
-/// version 5 messages (a branch mode); every other record reads the same in all.
-pub const FORMAT_VERSION: u8 = 5;
 
 /// See module docs; redb's default is 1 GiB.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -136,32 +120,15 @@ impl RedbStore {
         StoreError(format!("store {}: cannot {what}: {e}", self.path.display()))
     }
 
-    /// Every record of a table keyed by txn id, each checked to name the id it is stored under.
-    fn load_by_txn<T: DeserializeOwned>(
+    /// Opens `table` for reading, naming it `what` in errors.
+    fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
         &self,
         txn: &ReadTransaction,
-        table: TableDefinition<u64, &[u8]>,
+        table: TableDefinition<K, V>,
         what: &str,
-        txn_id_of: fn(&T) -> u64,
-    ) -> Result<Vec<T>, StoreError> {
-        let read = |e: redb::StorageError| self.error("read", e);
-        let table = txn
-            .open_table(table)
-            .map_err(|e| self.error(&format!("open the {what} table"), e))?;
-        let mut records = Vec::new();
-        for entry in table.iter().map_err(read)? {
-            let (key, value) = entry.map_err(read)?;
-            let txn_id = key.value();
-            let record: T = decode(&self.path, || format!("the {what} {txn_id}"), value.value())?;
-            if txn_id_of(&record) != txn_id {
-                return Err(self.error(
-                    "load",
-                    format!("the {what} stored under {txn_id} names txn_id {}", txn_id_of(&record)),
-                ));
-            }
-            records.push(record);
-        }
-        Ok(records)
+    ) -> Result<redb::ReadOnlyTable<K, V>, StoreError> {
+        txn.open_table(table)
+            .map_err(|e| self.error(&format!("open the {what} table"), e))
     }
 
     /// Runs `f` in one write transaction and commits it durably.
@@ -199,71 +166,6 @@ fn open_error(path: &Path, e: DatabaseError) -> StoreError {
     }
 }
 
-pub(crate) fn encode<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(record, vec![FORMAT_VERSION]).map_err(|e| StoreError(format!("cannot encode a record: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(path: &Path, what: impl Fn() -> String, bytes: &[u8]) -> Result<T, StoreError> {
-    let p = path.display();
-    let Some((&version, body)) = bytes.split_first() else {
-        return Err(StoreError(format!("store {p}: {} is empty", what())));
-    };
-    if version == 0 || version > FORMAT_VERSION {
-        return Err(StoreError(format!(
-            "store {p}: {} has format version {version}; this ferrata-tc reads versions 1 to {FORMAT_VERSION}, \
-             so the data was written by a newer ferrata-tc (run that version, or a newer one)",
-            what()
-        )));
-    }
-    match postcard::take_from_bytes::<T>(body) {
-        Ok((record, [])) => Ok(record),
-        Ok((_, rest)) => Err(StoreError(format!(
-            "store {p}: {} is corrupt ({} unexpected trailing bytes)",
-            what(),
-            rest.len()
-        ))),
-        Err(e) => Err(StoreError(format!("store {p}: {} is corrupt: {e}", what()))),
-    }
-}
-
-/// A branch as version 1 stored it (always AT): the fields every version starts with, in
-/// order. Version 2 appended the mode and the connection id, version 3 the instance id; as
-/// postcard writes a struct as its fields in order, a tuple of these parts reads them.
-#[derive(Deserialize)]
-struct BranchRecordV1 {
-    txn_id: u64,
-    branch_id: u64,
-    resource_id: String,
-    lock_keys: Vec<crate::lock_key::LockKey>,
-    application_data: Vec<u8>,
-    status: BranchStatus,
-    registered_ms: u64,
-    updated_ms: u64,
-    error: Option<BranchError>,
-}
-
-fn decode_branch(path: &Path, what: impl Fn() -> String, bytes: &[u8]) -> Result<BranchRecord, StoreError> {
-    let (v1, mode, connection_id) = match bytes.first() {
-        Some(1) => (decode::<BranchRecordV1>(path, what, bytes)?, BranchMode::At, 0),
-        Some(2) => decode::<(BranchRecordV1, BranchMode, u64)>(path, what, bytes)?,
-        _ => return decode(path, what, bytes),
-    };
-    Ok(BranchRecord {
-        txn_id: v1.txn_id,
-        branch_id: v1.branch_id,
-        resource_id: v1.resource_id,
-        lock_keys: v1.lock_keys,
-        application_data: v1.application_data,
-        status: v1.status,
-        registered_ms: v1.registered_ms,
-        updated_ms: v1.updated_ms,
-        error: v1.error,
-        mode,
-        connection_id,
-        instance_id: String::new(),
-    })
-}
-
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let txn = self
@@ -271,90 +173,37 @@ impl Store for RedbStore {
             .begin_read()
             .map_err(|e| self.error("begin a read transaction", e))?;
         let read = |e: redb::StorageError| self.error("read", e);
-
-        let globals = self.load_by_txn(&txn, GLOBALS, "global transaction", |g: &GlobalRecord| g.txn_id)?;
-
-        let table = txn
-            .open_table(BRANCHES)
-            .map_err(|e| self.error("open the branches table", e))?;
-        let mut branches = Vec::new();
-        for entry in table.iter().map_err(read)? {
+        let place = self.path.display();
+        let mut loader = Loader::new(&place);
+        for entry in self.table(&txn, GLOBALS, "globals")?.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            loader.global(key.value(), value.value())?;
+        }
+        for entry in self.table(&txn, BRANCHES, "branches")?.iter().map_err(read)? {
             let (key, value) = entry.map_err(read)?;
             let (txn_id, branch_id) = key.value();
-            let record = decode_branch(
-                &self.path,
-                || format!("the branch {branch_id} of transaction {txn_id}"),
-                value.value(),
-            )?;
-            if (record.txn_id, record.branch_id) != (txn_id, branch_id) {
-                return Err(self.error(
-                    "load",
-                    format!(
-                        "the branch stored under ({txn_id}, {branch_id}) names ({}, {})",
-                        record.txn_id, record.branch_id
-                    ),
-                ));
-            }
-            branches.push(record);
+            loader.branch(txn_id, branch_id, value.value())?;
         }
-
-        let finished = self.load_by_txn(&txn, FINISHED, "finished transaction", |f: &FinishedRecord| {
-            f.record.txn_id
-        })?;
-
-        let table = txn
-            .open_table(EVENTS)
-            .map_err(|e| self.error("open the events table", e))?;
-        let mut events: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
-        for entry in table.iter().map_err(read)? {
+        for entry in self.table(&txn, FINISHED, "finished")?.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            loader.finished(key.value(), value.value())?;
+        }
+        for entry in self.table(&txn, EVENTS, "events")?.iter().map_err(read)? {
             let (key, value) = entry.map_err(read)?;
             let (txn_id, index) = key.value();
-            let event: Event = decode(
-                &self.path,
-                || format!("the event {index} of transaction {txn_id}"),
-                value.value(),
-            )?;
-            let timeline = events.entry(txn_id).or_default();
-            if timeline.len() != index as usize {
-                return Err(self.error(
-                    "load",
-                    format!("the timeline of transaction {txn_id} has no event {}", timeline.len()),
-                ));
-            }
-            timeline.push(event);
+            loader.event(txn_id, index, value.value())?;
         }
-
-        let audit = self.load_by_txn(&txn, AUDIT, "audit record", |r: &AuditRecord| r.id)?;
-
-        let table = txn
-            .open_table(TOKENS)
-            .map_err(|e| self.error("open the tokens table", e))?;
-        let mut tokens = Vec::new();
-        for entry in table.iter().map_err(read)? {
+        for entry in self.table(&txn, AUDIT, "audit")?.iter().map_err(read)? {
             let (key, value) = entry.map_err(read)?;
-            let name = key.value();
-            let token: TokenRecord = decode(&self.path, || format!("the token {name:?}"), value.value())?;
-            if token.name != name {
-                return Err(self.error(
-                    "load",
-                    format!("the token stored under {name:?} names {:?}", token.name),
-                ));
-            }
-            tokens.push(token);
+            loader.audit(key.value(), value.value())?;
         }
-
-        let table = txn.open_table(META).map_err(|e| self.error("open the meta table", e))?;
-        let id_ceiling = table.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0);
-
-        Ok(Snapshot {
-            id_ceiling,
-            globals,
-            branches,
-            finished,
-            events,
-            audit,
-            tokens,
-        })
+        for entry in self.table(&txn, TOKENS, "tokens")?.iter().map_err(read)? {
+            let (key, value) = entry.map_err(read)?;
+            loader.token(key.value(), value.value())?;
+        }
+        let meta = self.table(&txn, META, "meta")?;
+        loader.id_ceiling(meta.get(ID_CEILING).map_err(read)?.map(|g| g.value()).unwrap_or(0));
+        Ok(loader.finish())
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
@@ -465,223 +314,37 @@ impl RedbStore {
 
 #[cfg(test)]
 mod tests {
+    use serde::Serialize;
+
     use super::*;
-    use crate::model::{BranchError, BranchStatus, GlobalStatus};
-    use crate::store::fixtures::{branch, finished, global};
-
-    fn commit(store: &RedbStore, batch: Vec<Mutation>) {
-        store.commit(&batch).unwrap();
-    }
-
-    fn audit_record(id: u64) -> AuditRecord {
-        let mut trail = crate::audit::Audit::default();
-        let mut record = None;
-        for _ in 0..id {
-            let r = trail.seal(
-                crate::audit::AuditEntry {
-                    actor: "alice".into(),
-                    action: "retry".into(),
-                    ..Default::default()
-                },
-                7,
-            );
-            trail.append(r.clone());
-            record = Some(r);
-        }
-        record.expect("id >= 1")
-    }
-
-    fn token(name: &str) -> TokenRecord {
-        TokenRecord {
-            name: name.into(),
-            role: crate::auth::Role::Operator,
-            digest: crate::auth::digest(name),
-            created_ms: 5,
-            created_by: "root".into(),
-            expires_ms: Some(10),
-        }
-    }
-
-    fn event(version: u64) -> Event {
-        Event {
-            version,
-            at_ms: 1_700_000_000_000 + version,
-            kind: crate::timeline::EventKind::OperatorAction {
-                action: "retry".into(),
-                actor: "alice".into(),
-                reason: format!("attempt {version}"),
-                audit_id: version,
-            },
-        }
-    }
+    use crate::model::{BranchError, BranchMode, BranchRecord, BranchStatus, GlobalStatus};
+    use crate::store::fixtures::{self, branch, commit, global};
+    use crate::store::record::FORMAT_VERSION;
 
     #[test]
     fn round_trip_of_every_mutation_through_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("nested").join("data");
-        let mut failed_branch = branch(2, 21);
-        failed_branch.status = BranchStatus::RollbackFailedUnretryable;
-        failed_branch.error = Some(BranchError {
-            reason: "rows changed outside the global transaction".into(),
-            detail_json: r#"{"rows":[1,2]}"#.into(),
-        });
-        {
-            let store = RedbStore::open(&data).unwrap();
-            assert_eq!(store.load().unwrap(), Snapshot::default());
-            commit(
-                &store,
-                vec![
-                    Mutation::SetIdCeiling(1000),
-                    Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
-                    Mutation::PutGlobal(global(2, GlobalStatus::Begin)),
-                    Mutation::PutGlobal(global(3, GlobalStatus::Begin)),
-                    Mutation::PutBranch(branch(1, 11)),
-                    Mutation::PutBranch(branch(1, 12)),
-                    Mutation::PutBranch(branch(2, 22)),
-                    Mutation::PutBranch(branch(2, 21)),
-                    Mutation::PutEvents {
-                        txn_id: 2,
-                        first: 0,
-                        events: vec![event(1), event(2)],
-                    },
-                ],
-            );
-            // An event replaced (a folded retry) and one added.
-            commit(
-                &store,
-                vec![Mutation::PutEvents {
-                    txn_id: 2,
-                    first: 1,
-                    events: vec![event(3), event(4)],
-                }],
-            );
-            commit(
-                &store,
-                vec![
-                    // overwrite
-                    Mutation::PutGlobal(global(2, GlobalStatus::RollbackFailed)),
-                    Mutation::PutBranch(failed_branch.clone()),
-                    Mutation::DeleteBranch {
-                        txn_id: 1,
-                        branch_id: 12,
-                    },
-                    // deleting what is not there is fine
-                    Mutation::DeleteBranch {
-                        txn_id: 9,
-                        branch_id: 9,
-                    },
-                    Mutation::Finish(finished(3, GlobalStatus::Committed)),
-                    Mutation::PutEvents {
-                        txn_id: 3,
-                        first: 0,
-                        events: vec![event(1), event(2)],
-                    },
-                    Mutation::Finish(finished(4, GlobalStatus::Rollbacked)),
-                    Mutation::PutEvents {
-                        txn_id: 4,
-                        first: 0,
-                        events: vec![event(1)],
-                    },
-                    Mutation::Forget { txn_id: 4 },
-                    Mutation::AppendAudit(audit_record(1)),
-                    Mutation::AppendAudit(audit_record(2)),
-                    Mutation::PutToken(token("ops")),
-                    Mutation::PutToken(token("gone")),
-                    Mutation::DeleteToken { name: "gone".into() },
-                    // forgetting what is not there is fine
-                    Mutation::Forget { txn_id: 8 },
-                    Mutation::SetIdCeiling(2000),
-                ],
-            );
-            // empty batch: no-op
-            commit(&store, vec![]);
-        }
-        let store = RedbStore::open(&data).unwrap();
-        let snap = store.load().unwrap();
-        assert_eq!(
-            snap,
-            Snapshot {
-                id_ceiling: 2000,
-                globals: vec![global(1, GlobalStatus::Begin), global(2, GlobalStatus::RollbackFailed)],
-                branches: vec![branch(1, 11), failed_branch, branch(2, 22)],
-                finished: vec![finished(3, GlobalStatus::Committed)],
-                events: BTreeMap::from([(2, vec![event(1), event(3), event(4)]), (3, vec![event(1), event(2)])]),
-                audit: vec![audit_record(1), audit_record(2)],
-                tokens: vec![token("ops")],
-            }
-        );
+        fixtures::every_mutation_round_trips(&mut || Box::new(RedbStore::open(&data).unwrap()));
         assert!(data.join(FILE_NAME).is_file());
     }
 
     #[test]
     fn mutations_apply_in_order_within_a_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        commit(
-            &store,
-            vec![
-                Mutation::PutGlobal(global(5, GlobalStatus::Begin)),
-                Mutation::PutBranch(branch(5, 1)),
-                Mutation::Finish(finished(5, GlobalStatus::Committed)),
-                Mutation::PutGlobal(global(5, GlobalStatus::Committing)),
-                Mutation::PutBranch(branch(5, 2)),
-            ],
-        );
-        let snap = store.load().unwrap();
-        assert_eq!(snap.globals, vec![global(5, GlobalStatus::Committing)]);
-        assert_eq!(snap.branches, vec![branch(5, 2)]);
-        assert_eq!(snap.finished, vec![finished(5, GlobalStatus::Committed)]);
+        fixtures::mutations_apply_in_order_within_a_batch(&RedbStore::open(dir.path()).unwrap());
     }
 
     #[test]
     fn finish_removes_only_its_own_branches() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        let mut batch = Vec::new();
-        for txn in [4, 5, 6] {
-            batch.push(Mutation::PutGlobal(global(txn, GlobalStatus::Begin)));
-            // includes the extreme branch ids, to check the range bounds
-            for b in [0, 1, 7, u64::MAX] {
-                batch.push(Mutation::PutBranch(branch(txn, b)));
-            }
-        }
-        commit(&store, batch);
-        commit(&store, vec![Mutation::Finish(finished(5, GlobalStatus::Committed))]);
-        let snap = store.load().unwrap();
-        assert_eq!(
-            snap.globals,
-            vec![global(4, GlobalStatus::Begin), global(6, GlobalStatus::Begin)]
-        );
-        let keys: Vec<_> = snap.branches.iter().map(|b| (b.txn_id, b.branch_id)).collect();
-        assert_eq!(
-            keys,
-            vec![
-                (4, 0),
-                (4, 1),
-                (4, 7),
-                (4, u64::MAX),
-                (6, 0),
-                (6, 1),
-                (6, 7),
-                (6, u64::MAX)
-            ]
-        );
+        fixtures::finish_removes_only_its_own_branches(&RedbStore::open(dir.path()).unwrap());
     }
 
     #[test]
     fn id_ceiling_never_decreases() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = RedbStore::open(dir.path()).unwrap();
-            commit(&store, vec![Mutation::SetIdCeiling(500)]);
-            commit(&store, vec![Mutation::SetIdCeiling(100)]);
-            assert_eq!(store.load().unwrap().id_ceiling, 500);
-            commit(&store, vec![Mutation::SetIdCeiling(700), Mutation::SetIdCeiling(600)]);
-            assert_eq!(store.load().unwrap().id_ceiling, 700);
-        }
-        let store = RedbStore::open(dir.path()).unwrap();
-        commit(&store, vec![Mutation::SetIdCeiling(0)]);
-        assert_eq!(store.load().unwrap().id_ceiling, 700);
+        fixtures::id_ceiling_never_decreases(&mut || Box::new(RedbStore::open(dir.path()).unwrap()));
     }
 
     #[test]

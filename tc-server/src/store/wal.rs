@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::redb::{FORMAT_VERSION, RedbStore};
+use super::record::FORMAT_VERSION;
+use super::redb::RedbStore;
 use super::{Mutation, Snapshot, Store, StoreError};
 
 /// When the checkpointer applies what it has.
