@@ -18,7 +18,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP address for the JSON API, metrics and health.
     pub http: SocketAddr,
-    /// Where the durable store lives.
+    /// Where the durable store lives (unless `[etcd]` names endpoints).
     pub data_dir: PathBuf,
     /// This node's id (0-65535), part of every XID and branch id it issues: give each
     /// coordinator node sharing a store its own.
@@ -38,7 +38,55 @@ pub struct Config {
     pub phase2: Phase2,
     pub calls: Calls,
     pub auth: Auth,
+    pub etcd: Etcd,
     pub log: Log,
+}
+
+/// The etcd store, shared by several coordinator nodes (README, "High availability").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Etcd {
+    /// Client URLs of the etcd members (`http://host:2379`); empty: the embedded store in
+    /// `data_dir`.
+    pub endpoints: Vec<String>,
+    /// Prefix of every key the coordinator writes: one prefix per coordinator cluster.
+    pub prefix: String,
+    /// TTL of each node's lease, in seconds: a standby takes over about this long after the
+    /// active node stopped renewing it.
+    pub lease_ttl_s: u64,
+    /// Most operations in one etcd transaction: at most etcd's `--max-txn-ops` (128 unless
+    /// set).
+    pub max_txn_ops: usize,
+    /// Most bytes in one etcd transaction: below etcd's `--max-request-bytes` (1.5 MiB unless
+    /// set).
+    pub max_txn_bytes: usize,
+    /// How long one etcd request may take before it is tried again.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Etcd {
+            endpoints: Vec::new(),
+            prefix: "/ferrata/".into(),
+            lease_ttl_s: 5,
+            max_txn_ops: 128,
+            max_txn_bytes: 1024 * 1024,
+            request_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Etcd {
+    pub fn enabled(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        ms(self.request_timeout_ms)
+    }
 }
 
 /// Calls to services' HTTP endpoints (TCC and saga branches).
@@ -166,6 +214,7 @@ impl Default for Config {
             phase2: Phase2::default(),
             calls: Calls::default(),
             auth: Auth::default(),
+            etcd: Etcd::default(),
             log: Log::default(),
         }
     }
@@ -252,6 +301,25 @@ impl Config {
             p.heartbeat_interval_ms >= 10,
             "phase2.heartbeat_interval_ms must be at least 10"
         );
+        let e = &self.etcd;
+        anyhow::ensure!(
+            e.prefix.starts_with('/') && e.prefix.ends_with('/'),
+            "etcd.prefix must start and end with '/' (it is {:?})",
+            e.prefix
+        );
+        anyhow::ensure!(
+            e.lease_ttl_s >= 2,
+            "etcd.lease_ttl_s must be at least 2 (etcd grants no shorter lease)"
+        );
+        anyhow::ensure!(
+            e.request_timeout_ms > 0 && e.request_timeout_ms < e.lease_ttl_s * 1000,
+            "etcd.request_timeout_ms must be positive and below the lease's TTL"
+        );
+        anyhow::ensure!(e.max_txn_ops >= 4, "etcd.max_txn_ops must be at least 4");
+        anyhow::ensure!(
+            e.max_txn_bytes >= 64 * 1024,
+            "etcd.max_txn_bytes must be at least 65536"
+        );
         if let Some(Secret(token)) = &self.token {
             anyhow::ensure!(
                 !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
@@ -273,6 +341,16 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         ms(self.shutdown_timeout_ms)
+    }
+
+    /// The largest gRPC message accepted: `transactions.max_message_bytes`, and with etcd at
+    /// most `etcd.max_txn_bytes`, since a branch and its lock keys go into one etcd transaction.
+    pub fn max_message_bytes(&self) -> usize {
+        if self.etcd.enabled() {
+            self.transactions.max_message_bytes.min(self.etcd.max_txn_bytes)
+        } else {
+            self.transactions.max_message_bytes
+        }
     }
 }
 
@@ -352,6 +430,10 @@ pub struct Flags {
     /// Log format: text or json [default: text].
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Keep the state in etcd, at these client URLs (comma-separated), instead of data_dir:
+    /// several nodes share it, one serving and the others standing by.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
 }
 
 impl Flags {
@@ -381,6 +463,9 @@ impl Flags {
         }
         if let Some(v) = self.worker_threads {
             config.worker_threads = v;
+        }
+        if let Some(v) = self.etcd {
+            config.etcd.endpoints = v;
         }
         config.log.apply_flags(self.log_level, self.log_format)?;
         config.resolve_token_file()?;

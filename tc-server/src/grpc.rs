@@ -207,7 +207,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
                 guard_lease_ms: coordinator.at.guards.lease().as_millis() as u64,
-                max_call_bytes: coordinator.config.transactions.max_message_bytes as u64,
+                max_call_bytes: coordinator.config.max_message_bytes() as u64,
             })),
         };
         tx.send(Ok(welcome))

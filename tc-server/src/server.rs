@@ -95,7 +95,7 @@ impl Server {
         coordinator.start_background();
         tracing::info!(rpc = %rpc.local_addr()?, http = %http.local_addr()?, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
-        let (tm, rm) = services(&coordinator, config.transactions.max_message_bytes);
+        let (tm, rm) = services(&coordinator, config.max_message_bytes());
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             let cert = std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;

@@ -1,4 +1,5 @@
-//! Throw-away `mariadbd` servers for Ferrata's tests, benchmarks and demo, plus a raw
+//! Throw-away `mariadbd` servers for Ferrata's tests, benchmarks and demo, etcd clusters
+//! ([`etcd`]) for the coordinator's store and HA tests, plus a raw
 //! protocol client ([`raw`]) for tests that need exact bytes, and an HTTP service
 //! ([`service`]) for the tests of HTTP branches.
 //!
@@ -6,6 +7,7 @@
 //! pre-initialised template, listens on a free loopback port and is SIGKILLed when it
 //! is dropped or when the test process dies.
 
+pub mod etcd;
 pub mod layers;
 pub mod raw;
 pub mod service;
@@ -105,7 +107,7 @@ impl MariaDb {
     pub async fn start_with(opts: MariaDbOptions) -> Result<MariaDb> {
         let template = tokio::task::spawn_blocking(|| {
             static SWEEP: Once = Once::new();
-            SWEEP.call_once(remove_abandoned_dirs);
+            SWEEP.call_once(|| remove_abandoned_dirs(DIR_PREFIX));
             template::template_dir()
         })
         .await??;
@@ -332,7 +334,7 @@ impl Drop for MariaDb {
 /// Takes ownership of a fresh server directory: creates [`OWNER_LOCK`] already locked
 /// (locked under a temporary name, then renamed) so no other process can ever see it
 /// unlocked while we live.
-fn claim(dir: &Path) -> Result<File> {
+pub(crate) fn claim(dir: &Path) -> Result<File> {
     let staging = dir.join(format!("{OWNER_LOCK}.new"));
     let file = File::create(&staging)?;
     flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
@@ -340,14 +342,14 @@ fn claim(dir: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Removes server directories left behind by test processes that were killed (their
-/// servers died with them through PDEATHSIG, but nobody deleted the data).
-fn remove_abandoned_dirs() {
+/// Removes the server directories named `prefix...` that test processes left behind when they
+/// were killed (their servers died with them through PDEATHSIG, but nobody deleted the data).
+pub(crate) fn remove_abandoned_dirs(prefix: &str) {
     let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
             continue;
         }
         // No lock file: not ours, or a directory being claimed right now.
@@ -441,7 +443,7 @@ mod tests {
         let abandoned = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         drop(claim(abandoned.path())?);
 
-        remove_abandoned_dirs();
+        remove_abandoned_dirs(DIR_PREFIX);
         assert!(owned.path().join(OWNER_LOCK).exists());
         assert!(!abandoned.path().exists());
         Ok(())

@@ -189,12 +189,15 @@ fn run(
     lazy_flush: Duration,
 ) {
     let mut mutations: Vec<Mutation> = Vec::new();
+    // Where each submission of the batch ends in `mutations`.
+    let mut ends: Vec<usize> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
     while let Ok(first) = receiver.recv() {
         // Only lazy submissions so far: wait for one that is not, up to `lazy_flush`.
         let mut lazy = first.lazy;
         let flush_at = Instant::now() + lazy_flush;
         mutations.extend(first.batch);
+        ends.push(mutations.len());
         replies.push(first.reply);
         while mutations.len() < MAX_BATCH_MUTATIONS {
             let next = if lazy {
@@ -207,6 +210,7 @@ fn run(
             let Some(next) = next else { break };
             lazy &= next.lazy;
             mutations.extend(next.batch);
+            ends.push(mutations.len());
             replies.push(next.reply);
         }
 
@@ -216,8 +220,8 @@ fn run(
             Ok(())
         } else {
             let started = Instant::now();
-            let result =
-                std::panic::catch_unwind(AssertUnwindSafe(|| store.commit(&mutations))).unwrap_or_else(|panic| {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| store.commit_submissions(&mutations, &ends)))
+                .unwrap_or_else(|panic| {
                     let msg = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
@@ -240,6 +244,7 @@ fn run(
         };
 
         mutations.clear();
+        ends.clear();
         for reply in replies.drain(..) {
             // A dropped future just does not hear the answer.
             let _ = reply.send(match &result {

@@ -1,13 +1,16 @@
-//! Durable storage of global transactions and branches, behind the `Store` trait so a
-//! shared-database store for several coordinator nodes can follow the embedded one.
+//! Durable storage of global transactions and branches, behind the `Store` trait: the
+//! embedded store for one coordinator node, etcd for several.
 //!
 //! * `record`: how records are encoded, and the checks every store's `load` runs on them.
 //! * `redb`: the embedded store, one redb file in the data directory.
 //! * `wal`: the write-ahead log in front of it: a commit is one appended record and an
 //!   fdatasync; a checkpointer thread applies the records to the redb file in large batches.
+//! * `etcd`: the store of several coordinator nodes, in etcd; only the node that owns it
+//!   writes, every write fenced by its epoch.
 //! * `journal`: group commit in front of any `Store`: one thread, one durable commit for
 //!   everything queued, completions in submission order.
 
+pub mod etcd;
 pub mod journal;
 pub mod record;
 pub mod redb;
@@ -77,7 +80,16 @@ pub struct StoreError(pub String);
 
 pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies `batch` durably and atomically.
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+    /// Applies the submissions `batch` concatenates, `ends` holding where each ends (the last
+    /// is `batch.len()`). The journal commits through this: a store that bounds one commit
+    /// (etcd's operations per transaction) splits a batch only at these ends where it can,
+    /// so that each submission stays all or nothing. The others commit it whole.
+    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
+        let _ = ends;
+        self.commit(batch)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,978 @@
+//! The etcd store, for several coordinator nodes sharing one state: the records live as etcd
+//! keys, and only the node that owns the store may write them.
+//!
+//! ## Ownership and fencing
+//!
+//! Every node holds an etcd lease, kept alive by a task of the store's own runtime. The node
+//! that creates `<prefix>owner` under its lease (with `create_revision == 0` as the condition)
+//! owns the store; the key's create revision is its *epoch*. Every write is one etcd
+//! transaction conditioned on `create_revision(<prefix>owner) == epoch`, so once the lease has
+//! run out (the key is deleted with it) or another node has created the key anew, etcd refuses
+//! the old owner's writes, even ones sent before a pause and delivered after it. A node also
+//! stops by itself ([`EtcdStore::lost`]) once it can no longer be sure its lease is alive: one
+//! TTL, less a fifth for clock-rate drift, after the last renewal it sent that etcd confirmed.
+//!
+//! ## Keys (under the configured prefix, `/ferrata/` by default)
+//!
+//! * `owner`: the owning node's description (JSON), under its lease,
+//! * `g/<txn>`, `b/<txn>/<branch>`, `f/<txn>`, `e/<txn>/<index>`, `a/<id>`: global, branch,
+//!   finished, event and audit records (ids as 16 lowercase hex digits, event indexes as 8,
+//!   so that key order is number order),
+//! * `t/<name>`: tokens,
+//! * `meta/id_ceiling`: the id ceiling, in decimal.
+//!
+//! Values are records as `record.rs` encodes them, as in the embedded store.
+//!
+//! ## Batches
+//!
+//! etcd bounds one transaction (`--max-txn-ops`, 128 by default, and `--max-request-bytes`,
+//! 1.5 MiB) and refuses one that writes a key twice or writes into a range it deletes. So a
+//! journal batch becomes the fewest transactions within `etcd.max_txn_ops` and
+//! `etcd.max_txn_bytes`, each holding whole submissions where they fit (a submission is
+//! all or nothing unless it alone is over the bounds), with later writes of a key folded into
+//! earlier ones. A write into a range an earlier mutation of the same transaction deleted (a
+//! branch stored after its transaction finished, which the coordinator never does) goes into
+//! the next one. A crash between two transactions of one batch leaves a prefix of it, none of
+//! which was acknowledged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::record::{Loader, encode};
+use super::{Mutation, Snapshot, Store, StoreError};
+use crate::config::Etcd as Settings;
+
+/// Keys read per range request while loading.
+const LOAD_PAGE: i64 = 1000;
+/// Per-operation overhead counted against `max_txn_bytes` besides key and value.
+const OP_OVERHEAD_BYTES: usize = 32;
+
+pub struct EtcdStore {
+    /// `Some` until dropped; its one worker runs the lease's keep-alive.
+    runtime: Option<tokio::runtime::Runtime>,
+    client: Client,
+    settings: Settings,
+    lease_id: i64,
+    /// The latest instant this node's lease is surely alive until.
+    alive_until: Arc<Mutex<Instant>>,
+    /// Cancelled once the lease may have run out.
+    lost: CancellationToken,
+    /// Create revision of the owner key this node made; 0 until it owns the store.
+    epoch: AtomicI64,
+    /// The highest id ceiling stored, so a lower one is never written.
+    ceiling: AtomicU64,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.settings.endpoints)
+            .field("prefix", &self.settings.prefix)
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
+/// The owner of the store other than this node, as `acquire` found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// What the owning node wrote into the owner key (its description).
+    pub description: String,
+    /// Its epoch.
+    pub epoch: i64,
+}
+
+impl EtcdStore {
+    /// Connects to etcd and takes out this node's lease; the store is not owned yet
+    /// ([`EtcdStore::acquire`]). Blocks: call it off the async runtime.
+    pub fn connect(settings: &Settings) -> Result<EtcdStore, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ferrata-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError(format!("cannot start the etcd client's runtime: {e}")))?;
+        let place = describe(settings);
+        let timeout = settings.request_timeout();
+        let ttl = settings.lease_ttl();
+        let (client, lease_id, alive_until) = runtime.block_on(async {
+            let options = ConnectOptions::new()
+                .with_connect_timeout(timeout)
+                .with_timeout(timeout)
+                .with_keep_alive(Duration::from_secs(1), timeout);
+            let mut client = Client::connect(&settings.endpoints, Some(options))
+                .await
+                .map_err(|e| StoreError(format!("store {place}: cannot connect: {e}")))?;
+            let sent = Instant::now();
+            let lease = within(timeout, client.lease_grant(ttl.as_secs() as i64, None))
+                .await
+                .map_err(|e| StoreError(format!("store {place}: cannot take out a lease: {e}")))?;
+            let granted = Duration::from_secs(lease.ttl().max(0) as u64);
+            Ok::<_, StoreError>((client, lease.id(), sent + sure(granted)))
+        })?;
+        let store = EtcdStore {
+            runtime: Some(runtime),
+            client,
+            settings: settings.clone(),
+            lease_id,
+            alive_until: Arc::new(Mutex::new(alive_until)),
+            lost: CancellationToken::new(),
+            epoch: AtomicI64::new(0),
+            ceiling: AtomicU64::new(0),
+        };
+        store.runtime().spawn(keep_alive(
+            store.client.clone(),
+            lease_id,
+            ttl,
+            store.alive_until.clone(),
+            store.lost.clone(),
+            place,
+        ));
+        Ok(store)
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
+    fn place(&self) -> String {
+        describe(&self.settings)
+    }
+
+    fn owner_key(&self) -> Vec<u8> {
+        self.key("owner")
+    }
+
+    fn key(&self, rest: &str) -> Vec<u8> {
+        format!("{}{rest}", self.settings.prefix).into_bytes()
+    }
+
+    /// Cancelled once this node's lease may have run out: it must stop acting as the owner.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// This node's epoch, 0 while it does not own the store.
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Waits until this node owns the store, writing `description` into the owner key, and
+    /// returns its epoch. `waiting` hears of every other owner met on the way (a standby's
+    /// wait). Fails once the lease is lost. Blocks: call it off the async runtime.
+    pub fn acquire(&self, description: &str, waiting: &mut dyn FnMut(&Owner)) -> Result<i64, StoreError> {
+        let owner_key = self.owner_key();
+        let place = self.place();
+        let timeout = self.settings.request_timeout();
+        self.runtime().block_on(async {
+            loop {
+                if self.lost.is_cancelled() {
+                    return Err(StoreError(format!(
+                        "store {place}: this node's lease ran out while it waited to own the store"
+                    )));
+                }
+                let campaign = Txn::new()
+                    .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        owner_key.clone(),
+                        description,
+                        Some(PutOptions::new().with_lease(self.lease_id)),
+                    )])
+                    .or_else([TxnOp::get(owner_key.clone(), None)]);
+                let response = match within(timeout, self.client.kv_client().txn(campaign)).await {
+                    Ok(r) => r,
+                    Err(e) if e.retryable => {
+                        tracing::warn!(error = %e, "etcd did not answer the campaign for the store; retrying");
+                        pause_or_lost(&self.lost, Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(StoreError(format!("store {place}: cannot campaign: {e}"))),
+                };
+                let revision = response.header().map_or(0, |h| h.revision());
+                if response.succeeded() {
+                    self.epoch.store(revision, Ordering::Release);
+                    self.ceiling.store(self.read_ceiling().await?, Ordering::Release);
+                    return Ok(revision);
+                }
+                let holder = response.op_responses().into_iter().find_map(|r| match r {
+                    etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+                    _ => None,
+                });
+                if let Some(kv) = &holder {
+                    waiting(&Owner {
+                        description: String::from_utf8_lossy(kv.value()).into_owned(),
+                        epoch: kv.create_revision(),
+                    });
+                }
+                // Wait for the owner key to go (deleted, or its lease ran out), from the
+                // revision the campaign saw, so that a deletion in between is not missed.
+                self.until_deleted(&owner_key, revision + 1).await;
+            }
+        })
+    }
+
+    /// Returns once `key` was deleted at or after `from` (or the watch failed, or the lease
+    /// was lost: the caller looks again either way).
+    async fn until_deleted(&self, key: &[u8], from: i64) {
+        let watch = async {
+            let mut stream = self
+                .client
+                .watch_client()
+                .watch(key.to_vec(), Some(WatchOptions::new().with_start_revision(from)))
+                .await?;
+            while let Some(response) = stream.message().await? {
+                if response.canceled() || response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    break;
+                }
+            }
+            Ok::<(), etcd_client::Error>(())
+        };
+        tokio::select! {
+            result = watch => if let Err(e) = result {
+                tracing::warn!(error = %e, "watching the store's owner key failed; looking again");
+                pause_or_lost(&self.lost, Duration::from_millis(200)).await;
+            },
+            _ = self.lost.cancelled() => {}
+        }
+    }
+
+    async fn read_ceiling(&self) -> Result<u64, StoreError> {
+        let key = self.key("meta/id_ceiling");
+        let response = self
+            .retrying("read the id ceiling", || {
+                let mut kv = self.client.kv_client();
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+        match response.kvs().first() {
+            None => Ok(0),
+            Some(kv) => parse_ceiling(kv.value())
+                .ok_or_else(|| StoreError(format!("store {}: meta/id_ceiling is not a number", self.place()))),
+        }
+    }
+
+    /// Runs `request` until it succeeds, fails for a reason a retry cannot help, or the lease
+    /// may have run out.
+    async fn retrying<T, F, Fut>(&self, what: &str, mut request: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut delay = Duration::from_millis(20);
+        loop {
+            if self.lost.is_cancelled() {
+                return Err(self.lost_error());
+            }
+            match within(self.settings.request_timeout(), request()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.retryable => {
+                    tracing::warn!(error = %e, "etcd did not {what}; retrying");
+                    pause_or_lost(&self.lost, delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(StoreError(format!("store {}: cannot {what}: {e}", self.place()))),
+            }
+        }
+    }
+
+    fn lost_error(&self) -> StoreError {
+        StoreError(format!(
+            "store {}: this node's lease may have run out, so it no longer owns the store (epoch {}) and writes \
+             nothing more; another node takes over",
+            self.place(),
+            self.epoch()
+        ))
+    }
+
+    /// One transaction of `ops`, fenced by this node's epoch.
+    async fn fenced(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let epoch = self.epoch();
+        if epoch == 0 {
+            return Err(StoreError(format!(
+                "store {}: this node does not own the store and cannot write to it",
+                self.place()
+            )));
+        }
+        let owner_key = self.owner_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)])
+            .and_then(ops)
+            .or_else([TxnOp::get(owner_key, None)]);
+        // A retry after an unknown outcome repeats the same puts and deletes under the same
+        // epoch, which nobody else can write under: it changes nothing that the first try did.
+        let response = self
+            .retrying("commit", || {
+                let mut kv = self.client.kv_client();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let now = response.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+            _ => None,
+        });
+        self.lost.cancel();
+        Err(StoreError(match now {
+            Some(kv) => format!(
+                "store {}: another node owns the store since revision {} ({}); this node (epoch {epoch}) writes \
+                 nothing more",
+                self.place(),
+                kv.create_revision(),
+                String::from_utf8_lossy(kv.value())
+            ),
+            None => format!(
+                "store {}: this node's ownership (epoch {epoch}) ended, its lease ran out; it writes nothing more",
+                self.place()
+            ),
+        }))
+    }
+
+    /// The etcd operations of one mutation, in order.
+    fn ops_of(&self, m: &Mutation, ceiling: &mut u64, ops: &mut Vec<Op>) -> Result<(), StoreError> {
+        match m {
+            Mutation::PutGlobal(g) => ops.push(Op::Put(self.key(&txn_key("g", g.txn_id)), encode(g)?)),
+            Mutation::Finish(f) => {
+                let txn_id = f.record.txn_id;
+                ops.push(Op::Delete(self.key(&txn_key("g", txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&format!("{}/", txn_key("b", txn_id)))));
+                ops.push(Op::Put(self.key(&txn_key("f", txn_id)), encode(f)?));
+            }
+            Mutation::PutEvents { txn_id, first, events } => {
+                for (index, event) in (*first..).zip(events) {
+                    ops.push(Op::Put(
+                        self.key(&format!("{}/{index:08x}", txn_key("e", *txn_id))),
+                        encode(event)?,
+                    ));
+                }
+            }
+            Mutation::Forget { txn_id } => {
+                ops.push(Op::Delete(self.key(&txn_key("f", *txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&format!("{}/", txn_key("e", *txn_id)))));
+            }
+            Mutation::PutBranch(b) => ops.push(Op::Put(
+                self.key(&format!("{}/{:016x}", txn_key("b", b.txn_id), b.branch_id)),
+                encode(b)?,
+            )),
+            Mutation::DeleteBranch { txn_id, branch_id } => ops.push(Op::Delete(
+                self.key(&format!("{}/{branch_id:016x}", txn_key("b", *txn_id))),
+            )),
+            Mutation::SetIdCeiling(new) => {
+                if *new > *ceiling {
+                    *ceiling = *new;
+                    ops.push(Op::Put(self.key("meta/id_ceiling"), new.to_string().into_bytes()));
+                }
+            }
+            Mutation::AppendAudit(r) => ops.push(Op::Put(self.key(&txn_key("a", r.id)), encode(r)?)),
+            Mutation::PutToken(t) => ops.push(Op::Put(self.key(&format!("t/{}", t.name)), encode(t)?)),
+            Mutation::DeleteToken { name } => ops.push(Op::Delete(self.key(&format!("t/{name}")))),
+        }
+        Ok(())
+    }
+
+    /// The transactions that apply `batch`, split as the module docs say.
+    fn transactions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(Vec<Part>, u64), StoreError> {
+        let max_ops = self.settings.max_txn_ops;
+        let max_bytes = self.settings.max_txn_bytes;
+        let mut ceiling = self.ceiling.load(Ordering::Acquire);
+        let mut parts = vec![Part::default()];
+        let mut start = 0;
+        let mut ops = Vec::new();
+        for &end in ends {
+            ops.clear();
+            for m in &batch[start..end] {
+                self.ops_of(m, &mut ceiling, &mut ops)?;
+            }
+            start = end;
+            let bytes: usize = ops.iter().map(Op::bytes).sum();
+            let current = parts.last().expect("never empty");
+            // A submission that fits in a transaction of its own never straddles two.
+            if !current.is_empty() && (current.ops() + ops.len() > max_ops || current.bytes + bytes > max_bytes) {
+                parts.push(Part::default());
+            }
+            for op in ops.drain(..) {
+                let current = parts.last_mut().expect("never empty");
+                let full =
+                    !current.is_empty() && (current.ops() + 1 > max_ops || current.bytes + op.bytes() > max_bytes);
+                if full || !current.can_take(&op) {
+                    parts.push(Part::default());
+                }
+                parts.last_mut().expect("never empty").take(op);
+            }
+        }
+        parts.retain(|p| !p.is_empty());
+        Ok((parts, ceiling))
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Hand the lease back so a standby need not wait for it to run out; a process that
+        // dies instead leaves that to the TTL.
+        if let Some(runtime) = self.runtime.take() {
+            let mut lease = self.client.lease_client();
+            let id = self.lease_id;
+            let timeout = self.settings.request_timeout();
+            let handle = runtime.spawn(async move { within(timeout, lease.revoke(id)).await.map(|_| ()) });
+            // Dropping a runtime may not block inside another one (a failed start on the
+            // server's runtime); wait for the revoke only where that is allowed.
+            if tokio::runtime::Handle::try_current().is_err() {
+                let _ = runtime.block_on(handle);
+            }
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// `g/<txn>` and the like: a kind and a 16-digit hex id.
+fn txn_key(kind: &str, id: u64) -> String {
+    format!("{kind}/{id:016x}")
+}
+
+fn parse_ceiling(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+fn describe(settings: &Settings) -> String {
+    format!("etcd {} {}", settings.endpoints.join(","), settings.prefix)
+}
+
+/// How long a lease granted for `granted` is surely alive after the renewal was sent: less a
+/// fifth, for the difference between this machine's clock rate and etcd's.
+fn sure(granted: Duration) -> Duration {
+    granted - granted / 5
+}
+
+/// One etcd operation of a transaction.
+enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Deletes every key starting with these bytes.
+    DeletePrefix(Vec<u8>),
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        OP_OVERHEAD_BYTES
+            + match self {
+                Op::Put(k, v) => k.len() + v.len(),
+                Op::Delete(k) | Op::DeletePrefix(k) => k.len(),
+            }
+    }
+}
+
+/// The operations of one etcd transaction, folded so that no key is written twice.
+#[derive(Default)]
+struct Part {
+    puts: BTreeMap<Vec<u8>, Vec<u8>>,
+    deletes: BTreeSet<Vec<u8>>,
+    prefixes: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Part {
+    fn ops(&self) -> usize {
+        self.puts.len() + self.deletes.len() + self.prefixes.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ops() == 0
+    }
+
+    fn deleted_by_prefix(&self, key: &[u8]) -> bool {
+        self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    /// Whether `op` can join without writing into a range this transaction deletes (etcd
+    /// refuses that, and the order within one transaction could not express it).
+    fn can_take(&self, op: &Op) -> bool {
+        match op {
+            Op::Put(k, _) => !self.deleted_by_prefix(k),
+            Op::Delete(_) | Op::DeletePrefix(_) => true,
+        }
+    }
+
+    fn take(&mut self, op: Op) {
+        self.bytes += op.bytes();
+        match op {
+            Op::Put(k, v) => {
+                self.deletes.remove(&k);
+                self.puts.insert(k, v);
+            }
+            Op::Delete(k) => {
+                self.puts.remove(&k);
+                if !self.deleted_by_prefix(&k) {
+                    self.deletes.insert(k);
+                }
+            }
+            Op::DeletePrefix(p) => {
+                self.puts.retain(|k, _| !k.starts_with(&p));
+                self.deletes.retain(|k| !k.starts_with(&p));
+                self.prefixes.retain(|q| !q.starts_with(&p));
+                if !self.deleted_by_prefix(&p) {
+                    self.prefixes.push(p);
+                }
+            }
+        }
+    }
+
+    fn into_ops(self) -> Vec<TxnOp> {
+        let mut ops = Vec::with_capacity(self.ops());
+        ops.extend(self.prefixes.into_iter().map(|p| {
+            let end = prefix_end(&p);
+            TxnOp::delete(p, Some(etcd_client::DeleteOptions::new().with_range(end)))
+        }));
+        ops.extend(self.deletes.into_iter().map(|k| TxnOp::delete(k, None)));
+        ops.extend(self.puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)));
+        ops
+    }
+}
+
+/// The first key after every key starting with `prefix` (prefixes here end in `/`, never in
+/// 0xff).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// An etcd error, and whether trying again may help (etcd unreachable, electing a leader,
+/// or slow).
+#[derive(Debug)]
+struct EtcdError {
+    text: String,
+    retryable: bool,
+}
+
+impl std::fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Runs one etcd request with a timeout.
+async fn within<T>(
+    timeout: Duration,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            let retryable = match &e {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                ),
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                _ => false,
+            };
+            Err(EtcdError {
+                text: e.to_string(),
+                retryable,
+            })
+        }
+        Err(_) => Err(EtcdError {
+            text: format!("no answer within {} ms", timeout.as_millis()),
+            retryable: true,
+        }),
+    }
+}
+
+/// Sleeps for `delay`, or less if the lease is lost meanwhile.
+async fn pause_or_lost(lost: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = lost.cancelled() => {}
+    }
+}
+
+/// Renews the lease every third of its TTL, moving `alive_until` on with each confirmed
+/// renewal, and cancels `lost` once `alive_until` has passed or etcd says the lease is gone.
+async fn keep_alive(
+    client: Client,
+    lease_id: i64,
+    ttl: Duration,
+    alive_until: Arc<Mutex<Instant>>,
+    lost: CancellationToken,
+    place: String,
+) {
+    let mut stream = None;
+    loop {
+        let deadline = *alive_until.lock();
+        if Instant::now() >= deadline {
+            tracing::error!(store = %place, "this node's etcd lease may have run out: no renewal was confirmed in time");
+            lost.cancel();
+            return;
+        }
+        let sent = Instant::now();
+        let renewal = async {
+            if stream.is_none() {
+                stream = Some(client.lease_client().keep_alive(lease_id).await?);
+            }
+            let (keeper, responses) = stream.as_mut().expect("just set");
+            keeper.keep_alive().await?;
+            match responses.message().await? {
+                Some(response) => Ok(response.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "the keep-alive stream ended".into(),
+                )),
+            }
+        };
+        match tokio::time::timeout_at(deadline, renewal).await {
+            Ok(Ok(granted)) if granted > 0 => {
+                let until = sent + sure(Duration::from_secs(granted as u64));
+                let mut alive = alive_until.lock();
+                *alive = (*alive).max(until);
+            }
+            Ok(Ok(_)) => {
+                tracing::error!(store = %place, "etcd says this node's lease has run out");
+                lost.cancel();
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(store = %place, error = %e, "renewing this node's etcd lease failed; trying again");
+                stream = None;
+                pause_or_lost(&lost, Duration::from_millis(100)).await;
+                continue;
+            }
+            // The loop's check reports it.
+            Err(_) => continue,
+        }
+        pause_or_lost(&lost, ttl / 3).await;
+        if lost.is_cancelled() {
+            return;
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let place = self.place();
+        let prefix = self.key("");
+        let end = prefix_end(&prefix);
+        let mut loader = Loader::new(&place);
+        self.runtime().block_on(async {
+            let mut from = prefix.clone();
+            // Every page at the first page's revision: one consistent view.
+            let mut revision = 0;
+            loop {
+                let options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LOAD_PAGE)
+                    .with_revision(revision);
+                let mut page = self
+                    .retrying("read the stored records", || {
+                        let mut kv = self.client.kv_client();
+                        let (from, options) = (from.clone(), options.clone());
+                        async move { kv.get(from, Some(options)).await }
+                    })
+                    .await?;
+                if revision == 0 {
+                    revision = page.header().map_or(0, |h| h.revision());
+                }
+                let more = page.more();
+                let kvs = page.take_kvs();
+                for kv in &kvs {
+                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place)?;
+                }
+                match kvs.last() {
+                    Some(last) if more => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => return Ok(loader.finish()),
+                }
+            }
+        })
+    }
+
+    fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        self.commit_submissions(batch, &[batch.len()])
+    }
+
+    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
+        if self.lost.is_cancelled() {
+            return Err(self.lost_error());
+        }
+        let (parts, ceiling) = self.transactions(batch, ends)?;
+        self.runtime().block_on(async {
+            for part in parts {
+                self.fenced(part.into_ops()).await?;
+            }
+            Ok::<(), StoreError>(())
+        })?;
+        self.ceiling.fetch_max(ceiling, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Feeds one stored key (without the prefix) to `loader`.
+fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str) -> Result<(), StoreError> {
+    let unknown = || {
+        StoreError(format!(
+            "store {place}: cannot load: the key {:?} is not one this ferrata-tc writes (written by a newer one, or \
+             another program shares the prefix)",
+            String::from_utf8_lossy(key)
+        ))
+    };
+    let text = std::str::from_utf8(key).map_err(|_| unknown())?;
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok().filter(|_| s.len() == 16);
+    let mut parts = text.splitn(2, '/');
+    let kind = parts.next().unwrap_or("");
+    let rest = parts.next();
+    match (kind, rest) {
+        ("owner", None) => Ok(()),
+        ("g", Some(id)) => loader.global(hex(id).ok_or_else(unknown)?, value),
+        ("f", Some(id)) => loader.finished(hex(id).ok_or_else(unknown)?, value),
+        ("a", Some(id)) => loader.audit(hex(id).ok_or_else(unknown)?, value),
+        ("t", Some(name)) => loader.token(name, value),
+        ("b", Some(ids)) => {
+            let (txn, branch) = ids.split_once('/').ok_or_else(unknown)?;
+            loader.branch(hex(txn).ok_or_else(unknown)?, hex(branch).ok_or_else(unknown)?, value)
+        }
+        ("e", Some(ids)) => {
+            let (txn, index) = ids.split_once('/').ok_or_else(unknown)?;
+            let index = u32::from_str_radix(index, 16)
+                .ok()
+                .filter(|_| index.len() == 8)
+                .ok_or_else(unknown)?;
+            loader.event(hex(txn).ok_or_else(unknown)?, index, value)
+        }
+        ("meta", Some("id_ceiling")) => {
+            loader.id_ceiling(parse_ceiling(value).ok_or_else(unknown)?);
+            Ok(())
+        }
+        _ => Err(unknown()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use ferrata_testkit::etcd::EtcdCluster;
+
+    use super::*;
+    use crate::model::GlobalStatus;
+    use crate::store::fixtures::{self, commit, global};
+
+    static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+
+    /// Settings for `cluster` under a prefix no other test uses.
+    fn settings(cluster: &EtcdCluster) -> Settings {
+        Settings {
+            endpoints: cluster.endpoints(),
+            prefix: format!(
+                "/test-{}-{}/",
+                std::process::id(),
+                PREFIXES.fetch_add(1, Ordering::Relaxed)
+            ),
+            lease_ttl_s: 2,
+            request_timeout_ms: 1_000,
+            ..Settings::default()
+        }
+    }
+
+    fn cluster(members: usize) -> (tokio::runtime::Runtime, EtcdCluster) {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let cluster = runtime.block_on(EtcdCluster::start(members)).unwrap();
+        (runtime, cluster)
+    }
+
+    /// A store on `settings` that owns it.
+    fn owned(settings: &Settings, name: &str) -> EtcdStore {
+        let store = EtcdStore::connect(settings).unwrap();
+        store.acquire(name, &mut |_| {}).unwrap();
+        store
+    }
+
+    #[test]
+    fn every_store_check_passes_with_etcds_own_limits_and_with_tiny_transactions() {
+        let (_rt, cluster) = cluster(1);
+        // etcd's default --max-txn-ops is 128: the first run's batches (up to 4,096 mutations)
+        // only pass if they are split; the second splits almost every submission.
+        for max_txn_ops in [128, 4] {
+            let s = Settings {
+                max_txn_ops,
+                ..settings(&cluster)
+            };
+            fixtures::every_mutation_round_trips(&mut || Box::new(owned(&s, "node")));
+            let s = Settings {
+                max_txn_ops,
+                ..settings(&cluster)
+            };
+            fixtures::mutations_apply_in_order_within_a_batch(&owned(&s, "node"));
+            let s = Settings {
+                max_txn_ops,
+                ..settings(&cluster)
+            };
+            fixtures::finish_removes_only_its_own_branches(&owned(&s, "node"));
+            let s = Settings {
+                max_txn_ops,
+                ..settings(&cluster)
+            };
+            fixtures::id_ceiling_never_decreases(&mut || Box::new(owned(&s, "node")));
+        }
+    }
+
+    #[test]
+    fn a_batch_far_over_etcds_limits_lands_whole() {
+        let (_rt, cluster) = cluster(1);
+        let s = Settings {
+            max_txn_bytes: 64 * 1024,
+            ..settings(&cluster)
+        };
+        let store = owned(&s, "node");
+        let mut batch = Vec::new();
+        let mut ends = Vec::new();
+        for txn in 1..=1_000u64 {
+            batch.push(Mutation::PutGlobal(global(txn, GlobalStatus::Begin)));
+            batch.push(Mutation::PutBranch(fixtures::branch(txn, 1)));
+            ends.push(batch.len());
+        }
+        store.commit_submissions(&batch, &ends).unwrap();
+        let (parts, _) = store.transactions(&batch, &ends).unwrap();
+        assert!(parts.len() > 15, "{} transactions", parts.len());
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.globals.len(), 1_000);
+        assert_eq!(snapshot.branches.len(), 1_000);
+        assert_eq!(snapshot.globals[999], global(1_000, GlobalStatus::Begin));
+    }
+
+    #[test]
+    fn whole_submissions_share_a_transaction_and_later_writes_fold_into_earlier_ones() {
+        let (_rt, cluster) = cluster(1);
+        let s = Settings {
+            max_txn_ops: 4,
+            ..settings(&cluster)
+        };
+        let store = owned(&s, "node");
+        // Three submissions of two operations; the first's two writes of one key fold into
+        // one. The third would make five, so it starts the second transaction instead of
+        // being cut in two.
+        let batch = vec![
+            Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
+            Mutation::PutGlobal(global(1, GlobalStatus::Committing)),
+            Mutation::PutGlobal(global(2, GlobalStatus::Begin)),
+            Mutation::PutBranch(fixtures::branch(2, 1)),
+            Mutation::PutGlobal(global(3, GlobalStatus::Begin)),
+            Mutation::PutBranch(fixtures::branch(3, 1)),
+        ];
+        let (parts, _) = store.transactions(&batch, &[2, 4, 6]).unwrap();
+        assert_eq!(parts.iter().map(Part::ops).collect::<Vec<_>>(), [3, 2]);
+        // A branch written after its transaction's finish in one submission goes on into a
+        // transaction of its own (etcd refuses a put into a range deleted in the same one).
+        let batch = vec![
+            Mutation::PutBranch(fixtures::branch(4, 1)),
+            Mutation::Finish(fixtures::finished(4, GlobalStatus::Committed)),
+            Mutation::PutBranch(fixtures::branch(4, 2)),
+        ];
+        let (parts, _) = store.transactions(&batch, &[3]).unwrap();
+        assert_eq!(parts.iter().map(Part::ops).collect::<Vec<_>>(), [3, 1]);
+        commit(&store, batch);
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.branches, vec![fixtures::branch(4, 2)]);
+    }
+
+    #[test]
+    fn a_standby_waits_for_the_owner_then_takes_over_and_the_old_owner_is_fenced() {
+        let (rt, cluster) = cluster(3);
+        let s = settings(&cluster);
+        let first = owned(&s, "first");
+        commit(&first, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+
+        let second = Arc::new(EtcdStore::connect(&s).unwrap());
+        let (met, heard) = std::sync::mpsc::channel();
+        let standby = {
+            let second = second.clone();
+            std::thread::spawn(move || second.acquire("second", &mut |owner| met.send(owner.clone()).unwrap()))
+        };
+        let owner = heard.recv().unwrap();
+        assert_eq!(
+            owner,
+            Owner {
+                description: "first".into(),
+                epoch: first.epoch()
+            }
+        );
+
+        // The first node's lease runs out as if it had paused: revoked behind its back.
+        let id = first.lease_id;
+        rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            client.lease_revoke(id).await.unwrap();
+        });
+        let epoch = standby.join().unwrap().unwrap();
+        assert!(epoch > first.epoch(), "{epoch} after {}", first.epoch());
+
+        // The old owner's write is refused by etcd, names the new owner, and leaves nothing.
+        let err = first
+            .commit(&[Mutation::PutGlobal(global(2, GlobalStatus::Begin))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("another node owns the store") && err.contains("second"),
+            "{err}"
+        );
+        assert!(first.lost().is_cancelled());
+        let snapshot = second.load().unwrap();
+        assert_eq!(snapshot.globals, vec![global(1, GlobalStatus::Begin)]);
+        commit(&*second, vec![Mutation::PutGlobal(global(3, GlobalStatus::Begin))]);
+        assert_eq!(second.load().unwrap().globals.len(), 2);
+    }
+
+    #[test]
+    fn a_lease_that_runs_out_is_noticed_and_stops_all_writes() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let store = owned(&s, "node");
+        let id = store.lease_id;
+        rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            client.lease_revoke(id).await.unwrap();
+            // The next renewal hears that the lease is gone.
+            tokio::time::timeout(Duration::from_secs(10), store.lost().cancelled())
+                .await
+                .expect("the lost lease was not noticed within 10 s");
+        });
+        let err = store
+            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no longer owns the store"), "{err}");
+    }
+
+    #[test]
+    fn keys_this_version_does_not_write_are_refused_on_load() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let store = owned(&s, "node");
+        rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            client.put(format!("{}x/1", s.prefix), "?", None).await.unwrap();
+        });
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("\"x/1\" is not one this ferrata-tc writes"), "{err}");
+    }
+}
