@@ -94,6 +94,8 @@ pub enum ErrorCode {
     StoreFailed,
     /// The coordinator is shutting down.
     ShuttingDown,
+    /// This coordinator node stands by while another one is active (several nodes on etcd).
+    Standby,
     /// A resource manager's stream broke the protocol.
     RmProtocol,
     /// The HTTP route does not exist.
@@ -115,7 +117,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -126,6 +128,7 @@ impl ErrorCode {
         ErrorCode::Deadlock,
         ErrorCode::StoreFailed,
         ErrorCode::ShuttingDown,
+        ErrorCode::Standby,
         ErrorCode::RmProtocol,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
@@ -148,6 +151,7 @@ impl ErrorCode {
             ErrorCode::Deadlock => "deadlock",
             ErrorCode::StoreFailed => "store_failed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Standby => "standby",
             ErrorCode::RmProtocol => "rm_protocol",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -175,7 +179,7 @@ impl ErrorCode {
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
             ErrorCode::StoreFailed => Code::Internal,
             ErrorCode::RepairFailed => Code::Aborted,
-            ErrorCode::ShuttingDown => Code::Unavailable,
+            ErrorCode::ShuttingDown | ErrorCode::Standby => Code::Unavailable,
             ErrorCode::MethodNotAllowed => Code::Unimplemented,
         }
     }
@@ -191,7 +195,7 @@ impl ErrorCode {
             ErrorCode::Deadlock => 409,
             ErrorCode::StoreFailed => 500,
             ErrorCode::RepairFailed => 502,
-            ErrorCode::ShuttingDown => 503,
+            ErrorCode::ShuttingDown | ErrorCode::Standby => 503,
             ErrorCode::MethodNotAllowed => 405,
         }
     }

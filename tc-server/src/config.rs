@@ -62,6 +62,13 @@ pub struct Etcd {
     pub max_txn_bytes: usize,
     /// How long one etcd request may take before it is tried again.
     pub request_timeout_ms: u64,
+    /// The base URL other nodes send HTTP clients to while this node is active
+    /// (`https://tc-1.example:7091`); defaults to `http` (https with TLS) and the HTTP listen
+    /// address, which must then not be a wildcard address.
+    pub advertise_http: Option<String>,
+    /// The `host:port` this node's gRPC is reached at, shown by the standbys' /healthz;
+    /// defaults to the gRPC listen address.
+    pub advertise_rpc: Option<String>,
 }
 
 impl Default for Etcd {
@@ -73,6 +80,8 @@ impl Default for Etcd {
             max_txn_ops: 128,
             max_txn_bytes: 1024 * 1024,
             request_timeout_ms: 2_000,
+            advertise_http: None,
+            advertise_rpc: None,
         }
     }
 }
@@ -320,6 +329,14 @@ impl Config {
             e.max_txn_bytes >= 64 * 1024,
             "etcd.max_txn_bytes must be at least 65536"
         );
+        if e.enabled() {
+            anyhow::ensure!(
+                (e.advertise_http.is_some() || !self.http.ip().is_unspecified())
+                    && (e.advertise_rpc.is_some() || !self.listen.ip().is_unspecified()),
+                "with etcd and a wildcard listen or http address, set etcd.advertise_http and etcd.advertise_rpc: \
+                 the standbys send clients to the active node at these addresses"
+            );
+        }
         if let Some(Secret(token)) = &self.token {
             anyhow::ensure!(
                 !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
@@ -341,6 +358,20 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         ms(self.shutdown_timeout_ms)
+    }
+
+    /// The base URL of this node's HTTP API for clients sent here by a standby; `bound` is
+    /// the HTTP listener's address.
+    pub fn advertised_http(&self, bound: SocketAddr) -> String {
+        match &self.etcd.advertise_http {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("{}://{bound}", if self.tls.is_some() { "https" } else { "http" }),
+        }
+    }
+
+    /// Where this node's gRPC is reached; `bound` is the gRPC listener's address.
+    pub fn advertised_rpc(&self, bound: SocketAddr) -> String {
+        self.etcd.advertise_rpc.clone().unwrap_or_else(|| bound.to_string())
     }
 
     /// The largest gRPC message accepted: `transactions.max_message_bytes`, and with etcd at

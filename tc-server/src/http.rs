@@ -96,7 +96,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .with_state(api)
 }
 
-fn error(e: TcError) -> Response {
+pub(crate) fn error(e: TcError) -> Response {
     let code = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut body = json!({ "code": e.code.as_str(), "message": e.message });
     if let Some(holder) = e.holder {
@@ -1276,6 +1276,8 @@ async fn healthz(State(api): State<Api>) -> Response {
     let body = |status: &str, reason: Option<String>| {
         json!({
             "status": status,
+            // One node on its own store, or the active one of several sharing etcd.
+            "role": if c.config.etcd.enabled() { "active" } else { "single" },
             "version": env!("CARGO_PKG_VERSION"),
             "reason": reason,
             "transactions": c.sessions.read().len(),
@@ -1296,7 +1298,7 @@ async fn healthz(State(api): State<Api>) -> Response {
     Json(body("serving", None)).into_response()
 }
 
-async fn metrics() -> Response {
+pub(crate) async fn metrics() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         ferrata_rpc::process::prometheus().render(),

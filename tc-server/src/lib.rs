@@ -3,7 +3,7 @@
 //! phase 2 on the resource managers (proxies). ARCHITECTURE.md has the map; in short:
 //!
 //! - the base: `model` the records and the status machine, `lock_key` the canonical row key
-//!   branches store, `store` durability (`journal` group commit, `redb` the embedded store),
+//!   branches store, `store` durability (`journal` group commit, `redb` the embedded store, `etcd` the shared one),
 //!   `xid` ids, `calls` the HTTP calls to services (TCC and saga branches), `history` finished transactions, `timeline` each transaction's events, `rm` attached resource managers and
 //!   phase-2 routing, `config`, `error`, `auth` callers, roles and tokens, `audit` the operator actions' trail, `metrics`
 //! - the modes' parts: `at` (the lock manager and the guarded tables), `tcc` (branches the
@@ -12,7 +12,8 @@
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `sagas` the sagas' forward runs, `messages` prepared messages and their settling, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
 //!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets
-//! - `server` start and stop, `cli` the binary
+//! - `server` start and stop, `standby` what a node sharing an etcd store answers while
+//!   another owns it, `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
 pub mod audit;
@@ -48,6 +49,7 @@ pub mod sagas;
 
 pub mod cli;
 pub mod server;
+pub mod standby;
 
 pub use config::Config;
 pub use server::Server;

@@ -2,35 +2,55 @@
 //! HTTP listeners (optionally with TLS), serve until told to stop, then drain in order:
 //! refuse new work, let in-flight requests finish (bounded by `shutdown_timeout_ms`), and
 //! flush the journal last.
+//!
+//! With the etcd store, a node first stands by (`standby.rs`) until it owns the store, then
+//! loads it and serves as a restarted coordinator would. If it loses its lease it stops at
+//! once, with an error: it answers nothing more, since another node may already be active.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::Router;
+use axum::extract::Request;
+use parking_lot::RwLock;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::grpc::services;
-use crate::store::Store;
+use crate::standby::{NodeDescription, Standby};
+use crate::store::etcd::EtcdStore;
 use crate::store::journal::Journal;
 use crate::store::wal::{self, LoggedStore};
+use crate::store::{Snapshot, Store};
 
 pub struct Server {
     config: Config,
-    coordinator: Arc<Coordinator>,
-    journal: Journal,
+    backing: Backing,
     rpc: TcpListener,
     http: TcpListener,
 }
 
+/// The store a node runs on, as far as `bind` got with it.
+enum Backing {
+    /// The embedded store, restored: the node serves at once.
+    Ready {
+        coordinator: Arc<Coordinator>,
+        journal: Journal,
+    },
+    /// The etcd store, connected: the node stands by until it owns it.
+    Shared(Arc<EtcdStore>),
+}
+
 impl Server {
-    /// Opens the store, restores what it holds and binds both listeners; fails early on
-    /// anything that cannot work.
+    /// Opens the store (restoring what the embedded one holds) and binds both listeners;
+    /// fails early on anything that cannot work.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
         if let Some(tls) = &config.tls {
@@ -43,29 +63,20 @@ impl Server {
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("listening on {} (http)", config.http))?;
-        let store = LoggedStore::open(&config.data_dir, wal::Settings::default())?;
-        let snapshot = store.load()?;
-        let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
-        let caller = crate::calls::Caller::new(&config.calls)?;
-        let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller).await?;
-        let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
-        if !loopback {
-            coordinator.tokens.forbid_open();
-        }
-        if coordinator.tokens.none_exists() {
-            for (addr, what) in [(config.listen, "listen"), (config.http, "http")] {
-                anyhow::ensure!(
-                    addr.ip().is_loopback(),
-                    "refusing to serve on {addr} ({what}) without a token: anyone who can reach it could run transactions and \
-                     act as an operator. Set the root token (token, token_file or FERRATA_TC_TOKEN), or listen on loopback \
-                     and create named tokens first"
-                );
-            }
-        }
+        let backing = if config.etcd.enabled() {
+            let settings = config.etcd.clone();
+            let node_id = config.node_id;
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&settings, node_id)).await??;
+            Backing::Shared(Arc::new(store))
+        } else {
+            let store = LoggedStore::open(&config.data_dir, wal::Settings::default())?;
+            let snapshot = store.load()?;
+            let (coordinator, journal) = restore(&config, Arc::new(store), snapshot).await?;
+            Backing::Ready { coordinator, journal }
+        };
         Ok(Server {
             config,
-            coordinator,
-            journal,
+            backing,
             rpc,
             http,
         })
@@ -79,21 +90,47 @@ impl Server {
         self.http.local_addr().expect("bound")
     }
 
-    pub fn coordinator(&self) -> &Arc<Coordinator> {
-        &self.coordinator
-    }
-
     /// Serves until `stop` is cancelled, then shuts down gracefully.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let Server {
             config,
-            coordinator,
-            journal,
+            backing,
             rpc,
             http,
         } = self;
+        let rpc_addr = rpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+        // Closes the listeners: at `stop`, or at once when the lease is lost.
+        let serving = stop.child_token();
+        let app = Switch::default();
+        let http_server = tokio::spawn(serve_http(http, app.clone(), config.tls.clone(), serving.clone()));
+
+        let (coordinator, journal, lost) = match backing {
+            Backing::Ready { coordinator, journal } => (coordinator, journal, CancellationToken::new()),
+            Backing::Shared(store) => {
+                let standby = Standby::default();
+                app.set(standby.router());
+                let me = NodeDescription {
+                    node_id: config.node_id,
+                    rpc: config.advertised_rpc(rpc_addr),
+                    http: config.advertised_http(http_addr),
+                };
+                let owned = tokio::select! {
+                    owned = own(store.clone(), me, standby, stop.clone()) => owned?,
+                    () = crate::standby::refuse_connections(&rpc) => unreachable!("refuses until dropped"),
+                };
+                let Some(snapshot) = owned else {
+                    tracing::info!("stopped while standing by");
+                    return http_server.await.context("the HTTP server panicked")?;
+                };
+                let lost = store.lost();
+                let (coordinator, journal) = restore(&config, store as Arc<dyn Store>, snapshot).await?;
+                (coordinator, journal, lost)
+            }
+        };
+        app.set(crate::http::router(Arc::clone(&coordinator)));
         coordinator.start_background();
-        tracing::info!(rpc = %rpc.local_addr()?, http = %http.local_addr()?, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
+        tracing::info!(rpc = %rpc_addr, http = %http_addr, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
         let (tm, rm) = services(&coordinator, config.max_message_bytes());
         let mut builder = tonic::transport::Server::builder();
@@ -109,25 +146,8 @@ impl Server {
         let grpc = builder.add_service(tm).add_service(rm).serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
             tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
-            stop.clone().cancelled_owned(),
+            serving.clone().cancelled_owned(),
         );
-
-        let app =
-            crate::http::router(Arc::clone(&coordinator)).into_make_service_with_connect_info::<crate::http::Peer>();
-        let http_stop = stop.clone().cancelled_owned();
-        let http_tls = config.tls.clone();
-        let http_server = async move {
-            match &http_tls {
-                None => axum::serve(http, app).with_graceful_shutdown(http_stop).await,
-                Some(tls) => {
-                    let acceptor = ferrata_rpc::tls::acceptor(&tls.cert, &tls.key)?;
-                    axum::serve(TlsListener::new(http, acceptor), app)
-                        .with_graceful_shutdown(http_stop)
-                        .await
-                }
-            }
-            .context("serving HTTP")
-        };
 
         let drain = async {
             stop.cancelled().await;
@@ -138,7 +158,7 @@ impl Server {
         let serve = async {
             let (g, h, ()) = tokio::join!(grpc, http_server, drain);
             g.context("serving gRPC")?;
-            h
+            h.context("the HTTP server panicked")?
         };
         let result = tokio::select! {
             r = serve => r,
@@ -146,12 +166,114 @@ impl Server {
                 tracing::warn!(timeout_ms = config.shutdown_timeout_ms, "in-flight requests did not finish in time; closing");
                 Ok(())
             }
+            () = lost.cancelled() => {
+                serving.cancel();
+                tracing::error!("this node lost its etcd lease: it stops at once, answering nothing more, while another node takes over");
+                Err(anyhow::anyhow!(
+                    "lost the ownership of the etcd store (lease ran out or another node took over); restart this node to stand by"
+                ))
+            }
         };
-        // Everything acknowledged is already durable; this writes what was still queued.
+        // Everything acknowledged is already durable; this writes what was still queued (a
+        // node that lost its lease writes nothing: etcd refuses it).
         journal.shutdown();
         tracing::info!("ferrata-tc stopped");
         result
     }
+}
+
+/// Starts the journal in front of `store` and the coordinator on what it held, checking that
+/// nothing is served beyond loopback unprotected.
+async fn restore(
+    config: &Config,
+    store: Arc<dyn Store>,
+    snapshot: Snapshot,
+) -> anyhow::Result<(Arc<Coordinator>, Journal)> {
+    let journal = Journal::start(store);
+    let caller = crate::calls::Caller::new(&config.calls)?;
+    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller).await?;
+    let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
+    if !loopback {
+        coordinator.tokens.forbid_open();
+    }
+    if coordinator.tokens.none_exists() {
+        for (addr, what) in [(config.listen, "listen"), (config.http, "http")] {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "refusing to serve on {addr} ({what}) without a token: anyone who can reach it could run transactions and \
+                 act as an operator. Set the root token (token, token_file or FERRATA_TC_TOKEN), or listen on loopback \
+                 and create named tokens first"
+            );
+        }
+    }
+    Ok((coordinator, journal))
+}
+
+/// Waits until this node owns the etcd store, telling `standby` of the owners met meanwhile,
+/// then loads it; `None` if stopped first.
+async fn own(
+    store: Arc<EtcdStore>,
+    me: NodeDescription,
+    standby: Standby,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<Snapshot>> {
+    let description = serde_json::to_string(&me)?;
+    tokio::task::spawn_blocking(move || {
+        let mut took_over = false;
+        let epoch = store.acquire(&description, &stop, &mut |owner| {
+            if !took_over {
+                tracing::info!(active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
+            }
+            took_over = true;
+            standby.saw(&owner.description, owner.epoch);
+        })?;
+        let Some(epoch) = epoch else { return Ok(None) };
+        tracing::info!(epoch, took_over, "this node owns the store; loading it");
+        Ok(Some(store.load()?))
+    })
+    .await?
+}
+
+/// The HTTP listener's app, switched from the standby's answers to the coordinator's API
+/// when the node becomes active.
+#[derive(Clone, Default)]
+struct Switch {
+    app: Arc<RwLock<Router>>,
+}
+
+impl Switch {
+    fn set(&self, router: Router) {
+        *self.app.write() = router;
+    }
+
+    fn router(&self) -> Router {
+        let app = self.app.clone();
+        Router::new().fallback(move |request: Request| {
+            let current = app.read().clone();
+            async move { current.oneshot(request).await }
+        })
+    }
+}
+
+/// Serves HTTP (with TLS if configured) until `stop`.
+async fn serve_http(
+    http: TcpListener,
+    app: Switch,
+    tls: Option<crate::config::Tls>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = app.router().into_make_service_with_connect_info::<crate::http::Peer>();
+    let stop = stop.cancelled_owned();
+    match &tls {
+        None => axum::serve(http, app).with_graceful_shutdown(stop).await,
+        Some(tls) => {
+            let acceptor = ferrata_rpc::tls::acceptor(&tls.cert, &tls.key)?;
+            axum::serve(TlsListener::new(http, acceptor), app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
+    .context("serving HTTP")
 }
 
 /// A TCP listener that hands axum only connections whose TLS handshake finished; handshakes

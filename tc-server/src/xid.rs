@@ -19,6 +19,11 @@ const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// Ids per lease; a new lease is taken when half of the current one is used.
 const LEASE: u64 = 1 << 20;
 
+/// The node id an id carries.
+pub fn node_of(id: u64) -> u16 {
+    (id >> SEQ_BITS) as u16
+}
+
 pub fn format_xid(id: u64) -> String {
     format!("{}-{}", id >> SEQ_BITS, id & SEQ_MASK)
 }

@@ -38,7 +38,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "assembly",
-            modules: &["server", "cli", "lib", "main"],
+            modules: &["server", "standby", "cli", "lib", "main"],
             peers_may_meet: true,
         },
     ];

@@ -19,7 +19,8 @@
 //!   finished, event and audit records (ids as 16 lowercase hex digits, event indexes as 8,
 //!   so that key order is number order),
 //! * `t/<name>`: tokens,
-//! * `meta/id_ceiling`: the id ceiling, in decimal.
+//! * `meta/id_ceiling/<node>`: the id ceiling of each node id (4 hex digits; ids carry their
+//!   node id, so each node continues its own), in decimal.
 //!
 //! Values are records as `record.rs` encodes them, as in the embedded store.
 //!
@@ -69,7 +70,9 @@ pub struct EtcdStore {
     lost: CancellationToken,
     /// Create revision of the owner key this node made; 0 until it owns the store.
     epoch: AtomicI64,
-    /// The highest id ceiling stored, so a lower one is never written.
+    /// This node's id: the id ceiling it reads and writes is its own.
+    node_id: u16,
+    /// The highest id ceiling stored for `node_id`, so a lower one is never written.
     ceiling: AtomicU64,
 }
 
@@ -93,9 +96,26 @@ pub struct Owner {
 }
 
 impl EtcdStore {
-    /// Connects to etcd and takes out this node's lease; the store is not owned yet
+    /// Connects to etcd and takes out the lease of node `node_id`; the store is not owned yet
     /// ([`EtcdStore::acquire`]). Blocks: call it off the async runtime.
-    pub fn connect(settings: &Settings) -> Result<EtcdStore, StoreError> {
+    pub fn connect(settings: &Settings, node_id: u16) -> Result<EtcdStore, StoreError> {
+        metrics::describe_gauge!(
+            "ferrata_tc_active",
+            "1 while this node owns the store and serves, 0 while it stands by (etcd store)"
+        );
+        metrics::describe_gauge!(
+            "ferrata_tc_store_epoch",
+            "This node's epoch as owner of the etcd store, 0 before"
+        );
+        metrics::describe_counter!(
+            "ferrata_tc_takeovers_total",
+            "Times this node came to own the etcd store after another node had owned it"
+        );
+        metrics::describe_counter!(
+            "ferrata_tc_lease_lost_total",
+            "Times this node's etcd lease may have run out (it stops serving)"
+        );
+        metrics::gauge!("ferrata_tc_active").set(0.0);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ferrata-etcd")
@@ -128,6 +148,7 @@ impl EtcdStore {
             alive_until: Arc::new(Mutex::new(alive_until)),
             lost: CancellationToken::new(),
             epoch: AtomicI64::new(0),
+            node_id,
             ceiling: AtomicU64::new(0),
         };
         store.runtime().spawn(keep_alive(
@@ -168,14 +189,24 @@ impl EtcdStore {
     }
 
     /// Waits until this node owns the store, writing `description` into the owner key, and
-    /// returns its epoch. `waiting` hears of every other owner met on the way (a standby's
-    /// wait). Fails once the lease is lost. Blocks: call it off the async runtime.
-    pub fn acquire(&self, description: &str, waiting: &mut dyn FnMut(&Owner)) -> Result<i64, StoreError> {
+    /// returns its epoch; `None` if `stop` was cancelled first. `waiting` hears of every other
+    /// owner met on the way (a standby's wait). Fails once the lease is lost. Blocks: call it
+    /// off the async runtime.
+    pub fn acquire(
+        &self,
+        description: &str,
+        stop: &CancellationToken,
+        waiting: &mut dyn FnMut(&Owner),
+    ) -> Result<Option<i64>, StoreError> {
         let owner_key = self.owner_key();
         let place = self.place();
         let timeout = self.settings.request_timeout();
+        let mut met_another = false;
         self.runtime().block_on(async {
             loop {
+                if stop.is_cancelled() {
+                    return Ok(None);
+                }
                 if self.lost.is_cancelled() {
                     return Err(StoreError(format!(
                         "store {place}: this node's lease ran out while it waited to own the store"
@@ -202,13 +233,19 @@ impl EtcdStore {
                 if response.succeeded() {
                     self.epoch.store(revision, Ordering::Release);
                     self.ceiling.store(self.read_ceiling().await?, Ordering::Release);
-                    return Ok(revision);
+                    metrics::gauge!("ferrata_tc_store_epoch").set(revision as f64);
+                    metrics::gauge!("ferrata_tc_active").set(1.0);
+                    if met_another {
+                        metrics::counter!("ferrata_tc_takeovers_total").increment(1);
+                    }
+                    return Ok(Some(revision));
                 }
                 let holder = response.op_responses().into_iter().find_map(|r| match r {
                     etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
                     _ => None,
                 });
                 if let Some(kv) = &holder {
+                    met_another = true;
                     waiting(&Owner {
                         description: String::from_utf8_lossy(kv.value()).into_owned(),
                         epoch: kv.create_revision(),
@@ -216,7 +253,10 @@ impl EtcdStore {
                 }
                 // Wait for the owner key to go (deleted, or its lease ran out), from the
                 // revision the campaign saw, so that a deletion in between is not missed.
-                self.until_deleted(&owner_key, revision + 1).await;
+                tokio::select! {
+                    () = self.until_deleted(&owner_key, revision + 1) => {}
+                    () = stop.cancelled() => {}
+                }
             }
         })
     }
@@ -246,8 +286,12 @@ impl EtcdStore {
         }
     }
 
+    fn ceiling_key(&self) -> String {
+        format!("meta/id_ceiling/{:04x}", self.node_id)
+    }
+
     async fn read_ceiling(&self) -> Result<u64, StoreError> {
-        let key = self.key("meta/id_ceiling");
+        let key = self.key(&self.ceiling_key());
         let response = self
             .retrying("read the id ceiling", || {
                 let mut kv = self.client.kv_client();
@@ -257,8 +301,13 @@ impl EtcdStore {
             .await?;
         match response.kvs().first() {
             None => Ok(0),
-            Some(kv) => parse_ceiling(kv.value())
-                .ok_or_else(|| StoreError(format!("store {}: meta/id_ceiling is not a number", self.place()))),
+            Some(kv) => parse_ceiling(kv.value()).ok_or_else(|| {
+                StoreError(format!(
+                    "store {}: {} is not a number",
+                    self.place(),
+                    self.ceiling_key()
+                ))
+            }),
         }
     }
 
@@ -325,7 +374,7 @@ impl EtcdStore {
             etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
             _ => None,
         });
-        self.lost.cancel();
+        lose(&self.lost);
         Err(StoreError(match now {
             Some(kv) => format!(
                 "store {}: another node owns the store since revision {} ({}); this node (epoch {epoch}) writes \
@@ -371,9 +420,17 @@ impl EtcdStore {
                 self.key(&format!("{}/{branch_id:016x}", txn_key("b", *txn_id))),
             )),
             Mutation::SetIdCeiling(new) => {
+                if crate::xid::node_of(*new) != self.node_id {
+                    return Err(StoreError(format!(
+                        "store {}: the id ceiling {new} belongs to node {}, not to this node {}",
+                        self.place(),
+                        crate::xid::node_of(*new),
+                        self.node_id
+                    )));
+                }
                 if *new > *ceiling {
                     *ceiling = *new;
-                    ops.push(Op::Put(self.key("meta/id_ceiling"), new.to_string().into_bytes()));
+                    ops.push(Op::Put(self.key(&self.ceiling_key()), new.to_string().into_bytes()));
                 }
             }
             Mutation::AppendAudit(r) => ops.push(Op::Put(self.key(&txn_key("a", r.id)), encode(r)?)),
@@ -599,6 +656,15 @@ async fn within<T>(
     }
 }
 
+/// Marks the lease as lost (once).
+fn lose(lost: &CancellationToken) {
+    if !lost.is_cancelled() {
+        lost.cancel();
+        metrics::counter!("ferrata_tc_lease_lost_total").increment(1);
+        metrics::gauge!("ferrata_tc_active").set(0.0);
+    }
+}
+
 /// Sleeps for `delay`, or less if the lease is lost meanwhile.
 async fn pause_or_lost(lost: &CancellationToken, delay: Duration) {
     tokio::select! {
@@ -622,7 +688,7 @@ async fn keep_alive(
         let deadline = *alive_until.lock();
         if Instant::now() >= deadline {
             tracing::error!(store = %place, "this node's etcd lease may have run out: no renewal was confirmed in time");
-            lost.cancel();
+            lose(&lost);
             return;
         }
         let sent = Instant::now();
@@ -647,7 +713,7 @@ async fn keep_alive(
             }
             Ok(Ok(_)) => {
                 tracing::error!(store = %place, "etcd says this node's lease has run out");
-                lost.cancel();
+                lose(&lost);
                 return;
             }
             Ok(Err(e)) => {
@@ -672,6 +738,7 @@ impl Store for EtcdStore {
         let prefix = self.key("");
         let end = prefix_end(&prefix);
         let mut loader = Loader::new(&place);
+        let own_ceiling = self.ceiling_key();
         self.runtime().block_on(async {
             let mut from = prefix.clone();
             // Every page at the first page's revision: one consistent view.
@@ -694,7 +761,7 @@ impl Store for EtcdStore {
                 let more = page.more();
                 let kvs = page.take_kvs();
                 for kv in &kvs {
-                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place)?;
+                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place, &own_ceiling)?;
                 }
                 match kvs.last() {
                     Some(last) if more => {
@@ -727,8 +794,15 @@ impl Store for EtcdStore {
     }
 }
 
-/// Feeds one stored key (without the prefix) to `loader`.
-fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str) -> Result<(), StoreError> {
+/// Feeds one stored key (without the prefix) to `loader`; of the id ceilings, only
+/// `own_ceiling`'s is this node's.
+fn load_key(
+    loader: &mut Loader<'_>,
+    key: &[u8],
+    value: &[u8],
+    place: &str,
+    own_ceiling: &str,
+) -> Result<(), StoreError> {
     let unknown = || {
         StoreError(format!(
             "store {place}: cannot load: the key {:?} is not one this ferrata-tc writes (written by a newer one, or \
@@ -759,8 +833,11 @@ fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str) -> R
                 .ok_or_else(unknown)?;
             loader.event(hex(txn).ok_or_else(unknown)?, index, value)
         }
-        ("meta", Some("id_ceiling")) => {
-            loader.id_ceiling(parse_ceiling(value).ok_or_else(unknown)?);
+        ("meta", Some(ceiling)) if ceiling.starts_with("id_ceiling/") => {
+            let value = parse_ceiling(value).ok_or_else(unknown)?;
+            if text == own_ceiling {
+                loader.id_ceiling(value);
+            }
             Ok(())
         }
         _ => Err(unknown()),
@@ -802,8 +879,11 @@ mod tests {
 
     /// A store on `settings` that owns it.
     fn owned(settings: &Settings, name: &str) -> EtcdStore {
-        let store = EtcdStore::connect(settings).unwrap();
-        store.acquire(name, &mut |_| {}).unwrap();
+        let store = EtcdStore::connect(settings, 0).unwrap();
+        store
+            .acquire(name, &CancellationToken::new(), &mut |_| {})
+            .unwrap()
+            .unwrap();
         store
     }
 
@@ -902,11 +982,15 @@ mod tests {
         let first = owned(&s, "first");
         commit(&first, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
 
-        let second = Arc::new(EtcdStore::connect(&s).unwrap());
+        let second = Arc::new(EtcdStore::connect(&s, 0).unwrap());
         let (met, heard) = std::sync::mpsc::channel();
         let standby = {
             let second = second.clone();
-            std::thread::spawn(move || second.acquire("second", &mut |owner| met.send(owner.clone()).unwrap()))
+            std::thread::spawn(move || {
+                second.acquire("second", &CancellationToken::new(), &mut |owner| {
+                    met.send(owner.clone()).unwrap()
+                })
+            })
         };
         let owner = heard.recv().unwrap();
         assert_eq!(
@@ -923,7 +1007,7 @@ mod tests {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
             client.lease_revoke(id).await.unwrap();
         });
-        let epoch = standby.join().unwrap().unwrap();
+        let epoch = standby.join().unwrap().unwrap().unwrap();
         assert!(epoch > first.epoch(), "{epoch} after {}", first.epoch());
 
         // The old owner's write is refused by etcd, names the new owner, and leaves nothing.
@@ -961,6 +1045,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no longer owns the store"), "{err}");
+    }
+
+    #[test]
+    fn each_node_continues_its_own_id_ceiling_and_a_stopped_standby_stops_waiting() {
+        let (_rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let node = |id: u16| {
+            let store = EtcdStore::connect(&s, id).unwrap();
+            store
+                .acquire("node", &CancellationToken::new(), &mut |_| {})
+                .unwrap()
+                .unwrap();
+            store
+        };
+        let one = node(1);
+        commit(&one, vec![Mutation::SetIdCeiling((1 << 48) + 500)]);
+        let err = one
+            .commit(&[Mutation::SetIdCeiling((2 << 48) + 1)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("belongs to node 2, not to this node 1"), "{err}");
+
+        // A standby told to stop gives up its wait.
+        let waiting = EtcdStore::connect(&s, 2).unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert_eq!(waiting.acquire("two", &stop, &mut |_| {}).unwrap(), None);
+        drop((one, waiting));
+
+        let two = node(2);
+        assert_eq!(two.load().unwrap().id_ceiling, 0);
+        commit(&two, vec![Mutation::SetIdCeiling((2 << 48) + 7)]);
+        drop(two);
+        let one = node(1);
+        assert_eq!(one.load().unwrap().id_ceiling, (1 << 48) + 500);
+        // The ceiling read at ownership keeps a lower one from being written.
+        commit(&one, vec![Mutation::SetIdCeiling((1 << 48) + 100)]);
+        assert_eq!(one.load().unwrap().id_ceiling, (1 << 48) + 500);
     }
 
     #[test]
