@@ -53,6 +53,8 @@ impl Server {
     /// fails early on anything that cannot work.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
+        // Before anything records: the etcd store does from its start.
+        ferrata_rpc::process::prometheus();
         if let Some(tls) = &config.tls {
             // Load now so a bad certificate stops the start, not the first connection.
             ferrata_rpc::tls::acceptor(&tls.cert, &tls.key)?;
@@ -116,7 +118,7 @@ impl Server {
                     http: config.advertised_http(http_addr),
                 };
                 let owned = tokio::select! {
-                    owned = own(store.clone(), me, standby, stop.clone()) => owned?,
+                    owned = own(store.clone(), me, (rpc_addr, http_addr), standby, stop.clone()) => owned?,
                     () = crate::standby::refuse_connections(&rpc) => unreachable!("refuses until dropped"),
                 };
                 let Some(snapshot) = owned else {
@@ -210,10 +212,11 @@ async fn restore(
 }
 
 /// Waits until this node owns the etcd store, telling `standby` of the owners met meanwhile,
-/// then loads it; `None` if stopped first.
+/// then loads it; `None` if stopped first. `bound` are the gRPC and HTTP listeners' addresses.
 async fn own(
     store: Arc<EtcdStore>,
     me: NodeDescription,
+    bound: (SocketAddr, SocketAddr),
     standby: Standby,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<Snapshot>> {
@@ -222,7 +225,7 @@ async fn own(
         let mut took_over = false;
         let epoch = store.acquire(&description, &stop, &mut |owner| {
             if !took_over {
-                tracing::info!(active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
+                tracing::info!(rpc = %bound.0, http = %bound.1, active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
             }
             took_over = true;
             standby.saw(&owner.description, owner.epoch);

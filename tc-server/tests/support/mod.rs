@@ -31,6 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use ferrata_rpc;
 
+mod crash;
+#[allow(unused_imports)]
+pub use crash::{check_every_state_kept, leave_every_state};
+
 #[allow(unused_imports)]
 pub use ferrata_testkit::service::Service;
 
@@ -80,6 +84,9 @@ pub struct TcOptions {
     pub log_level: Option<String>,
     /// More command-line arguments.
     pub args: Vec<String>,
+    /// The node shares an etcd store and may stand by: starting waits for it to serve or
+    /// to stand by (`Tc::wait_serving` waits for the rest).
+    pub may_stand_by: bool,
 }
 
 impl TcOptions {
@@ -120,6 +127,8 @@ pub struct Tc {
     child: Option<Child>,
     reader: Option<std::thread::JoinHandle<()>>,
     logs: Arc<watch::Sender<LogBuf>>,
+    /// The first log line of the current process.
+    spawned_at: usize,
 }
 
 impl Tc {
@@ -133,6 +142,7 @@ impl Tc {
             child: None,
             reader: None,
             logs: Arc::new(watch::Sender::new(LogBuf::default())),
+            spawned_at: 0,
         };
         tc.spawn().await?;
         Ok(tc)
@@ -212,8 +222,14 @@ impl Tc {
             logs.send_modify(|b| b.eof = true);
         }));
         self.child = Some(child);
+        self.spawned_at = from;
+        let may_stand_by = self.opts.may_stand_by;
         let line = match self
-            .wait_log_from(from, |l| l.contains("ferrata-tc serving"), EVENT)
+            .wait_log_from(
+                from,
+                |l| l.contains("ferrata-tc serving") || may_stand_by && l.contains("standing by"),
+                EVENT,
+            )
             .await
         {
             Ok(line) => line,
@@ -222,10 +238,25 @@ impl Tc {
                 return Err(e.context(format!("ferrata-tc did not start; its log:\n{}", self.logs_text())));
             }
         };
-        let (rpc, http) = parse_serving(&line).with_context(|| format!("parsing {line:?}"))?;
+        // Both lines name the node's addresses.
+        self.serving(&line)
+    }
+
+    /// Takes the addresses a "serving" or "standing by" line names.
+    fn serving(&mut self, line: &str) -> Result<()> {
+        let (rpc, http) = parse_serving(line).with_context(|| format!("parsing {line:?}"))?;
         self.rpc = rpc;
         self.http = http;
         Ok(())
+    }
+
+    /// Waits until the current process serves (a standby: until it took over), within
+    /// `timeout`.
+    pub async fn wait_serving(&mut self, timeout: Duration) -> Result<()> {
+        let line = self
+            .wait_log_from(self.spawned_at, |l| l.contains("ferrata-tc serving"), timeout)
+            .await?;
+        self.serving(&line)
     }
 
     /// Waits for a log line (written from line `from` on) matching `pred`.
