@@ -1,6 +1,7 @@
 //! The HTTP client of the coordinator's API: one HTTP/1.1 request per connection (plain or
 //! TLS), the token as `Authorization: Bearer`, `X-Ferrata-Client: cli/<version>` for the
-//! audit trail; a refusal becomes a [`Failure`] with its exit code.
+//! audit trail; a refusal becomes a [`Failure`] with its exit code. A standby node's
+//! redirect (307 to the active node) is followed, with the same method, body and token.
 
 use std::time::Duration;
 
@@ -81,14 +82,31 @@ impl Client {
 
     /// One request; the answer's JSON, or the failure it stands for.
     pub async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        let (status, text) = tokio::time::timeout(self.timeout, self.exchange(method, path, body))
-            .await
-            .map_err(|_| {
-                Failure::error(format!(
-                    "{} did not answer within {:?}",
-                    self.target.server, self.timeout
-                ))
-            })??;
+        let mut server = self.target.server.clone();
+        let mut path = path.to_owned();
+        let mut redirects = 0;
+        let (status, text) = loop {
+            let answer = tokio::time::timeout(self.timeout, self.exchange(&server, method, &path, body))
+                .await
+                .map_err(|_| Failure::error(format!("{server} did not answer within {:?}", self.timeout)))??;
+            match answer {
+                Answer::Body(status, text) => break (status, text),
+                Answer::Redirect(location) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    (server, path) = split_location(&location).ok_or_else(|| {
+                        Failure::error(format!(
+                            "{server} redirected to {location:?}, which is not an http(s) URL"
+                        ))
+                    })?;
+                }
+                Answer::Redirect(location) => {
+                    return Err(Failure::error(format!(
+                        "{server} redirected {method} {path} again, to {location}: more than {MAX_REDIRECTS} \
+                         redirects (do two coordinator nodes each name the other as active?)"
+                    )));
+                }
+            }
+        };
         let json: Value = serde_json::from_slice(&text).map_err(|_| {
             Failure::error(format!(
                 "{method} {path}: the server answered {status} with something that is not JSON: {}",
@@ -102,10 +120,9 @@ impl Client {
         }
     }
 
-    async fn exchange(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Bytes)> {
-        let ep = endpoint(&self.target.server)?;
-        let unreachable =
-            |e: &dyn std::fmt::Display| Failure::error(format!("cannot reach {}: {e}", self.target.server));
+    async fn exchange(&self, server: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Answer> {
+        let ep = endpoint(server)?;
+        let unreachable = |e: &dyn std::fmt::Display| Failure::error(format!("cannot reach {server}: {e}"));
         let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
             .await
             .map_err(|e| unreachable(&e))?;
@@ -140,14 +157,44 @@ impl Client {
         }
         .map_err(|e| unreachable(&e))?;
         let status = response.status().as_u16();
+        if matches!(status, 307 | 308)
+            && let Some(location) = response.headers().get("location").and_then(|l| l.to_str().ok())
+        {
+            return Ok(Answer::Redirect(location.to_owned()));
+        }
         let bytes = response
             .into_body()
             .collect()
             .await
             .map_err(|e| unreachable(&e))?
             .to_bytes();
-        Ok((status, bytes))
+        Ok(Answer::Body(status, bytes))
     }
+}
+
+/// Redirects followed for one request: a standby sends to the active node, which serves.
+const MAX_REDIRECTS: usize = 3;
+
+/// What one exchange came to.
+enum Answer {
+    Body(u16, Bytes),
+    /// A redirect (a standby coordinator node), to this URL.
+    Redirect(String),
+}
+
+/// `http://host:port/path?query` as the server part and the path part.
+fn split_location(location: &str) -> Option<(String, String)> {
+    let scheme = if location.starts_with("https://") {
+        "https://"
+    } else if location.starts_with("http://") {
+        "http://"
+    } else {
+        return None;
+    };
+    let rest = &location[scheme.len()..];
+    let at = rest.find('/').unwrap_or(rest.len());
+    let path = if at == rest.len() { "/" } else { &rest[at..] };
+    Some((format!("{scheme}{}", &rest[..at]), path.to_owned()))
 }
 
 async fn send<IO>(io: IO, request: hyper::Request<Full<Bytes>>) -> hyper::Result<hyper::Response<hyper::body::Incoming>>
@@ -180,5 +227,18 @@ mod tests {
         let e = endpoint("http://[::1]:7091").unwrap();
         assert_eq!((e.host.as_str(), e.port), ("::1", 7091));
         assert!(endpoint("127.0.0.1:7091").is_err());
+    }
+
+    #[test]
+    fn redirect_locations() {
+        assert_eq!(
+            split_location("http://127.0.0.1:7092/v1/transactions?limit=5"),
+            Some(("http://127.0.0.1:7092".into(), "/v1/transactions?limit=5".into()))
+        );
+        assert_eq!(
+            split_location("https://tc-2.example:7091"),
+            Some(("https://tc-2.example:7091".into(), "/".into()))
+        );
+        assert_eq!(split_location("/v1/transactions"), None);
     }
 }

@@ -107,8 +107,8 @@ impl Server {
         let app = Switch::default();
         let http_server = tokio::spawn(serve_http(http, app.clone(), config.tls.clone(), serving.clone()));
 
-        let (coordinator, journal, lost) = match backing {
-            Backing::Ready { coordinator, journal } => (coordinator, journal, CancellationToken::new()),
+        let (coordinator, journal, lost, rpc) = match backing {
+            Backing::Ready { coordinator, journal } => (coordinator, journal, CancellationToken::new(), rpc),
             Backing::Shared(store) => {
                 let standby = Standby::default();
                 app.set(standby.router());
@@ -117,17 +117,19 @@ impl Server {
                     rpc: config.advertised_rpc(rpc_addr),
                     http: config.advertised_http(http_addr),
                 };
-                let owned = tokio::select! {
-                    owned = own(store.clone(), me, (rpc_addr, http_addr), standby, stop.clone()) => owned?,
-                    () = crate::standby::refuse_connections(&rpc) => unreachable!("refuses until dropped"),
-                };
-                let Some(snapshot) = owned else {
+                // Closed while standing by: a proxy's connection is refused at once and it
+                // tries its next endpoint. Bound again on the same address when active.
+                drop(rpc);
+                let Some(snapshot) = own(store.clone(), me, (rpc_addr, http_addr), standby, stop.clone()).await? else {
                     tracing::info!("stopped while standing by");
                     return http_server.await.context("the HTTP server panicked")?;
                 };
+                let rpc = TcpListener::bind(rpc_addr)
+                    .await
+                    .with_context(|| format!("listening on {rpc_addr} (listen) again, now active"))?;
                 let lost = store.lost();
                 let (coordinator, journal) = restore(&config, store as Arc<dyn Store>, snapshot).await?;
-                (coordinator, journal, lost)
+                (coordinator, journal, lost, rpc)
             }
         };
         app.set(crate::http::router(Arc::clone(&coordinator)));

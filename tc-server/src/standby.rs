@@ -1,8 +1,8 @@
 //! A node that shares an etcd store with others and does not own it: what it answers while it
 //! stands by, and who it says is active.
 //!
-//! * gRPC: every connection is closed at once, so a proxy's link moves on to its next
-//!   endpoint without waiting for a timeout.
+//! * gRPC: the port is closed (`server.rs` binds it again once the node is active), so a
+//!   proxy's connection is refused and it moves on to its next endpoint at once.
 //! * HTTP: `/healthz` answers 503 with `"status": "standby"` and the active node, `/metrics`
 //!   as usual, and every other request is redirected (307, method and body kept) to the
 //!   active node's HTTP address, or refused with `standby` while no node is known to be
@@ -23,7 +23,6 @@ use ferrata_rpc::ErrorCode;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::error::TcError;
 
@@ -100,18 +99,5 @@ async fn redirect(State(standby): State<Standby>, request: Request) -> Response 
             ErrorCode::Standby,
             "this ferrata-tc node stands by and does not know the active node yet; retry shortly, or ask another node",
         )),
-    }
-}
-
-/// Closes every gRPC connection as it arrives; runs until dropped.
-pub async fn refuse_connections(listener: &TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((connection, _)) => drop(connection),
-            Err(e) => {
-                tracing::warn!(error = %e, "gRPC accept failed while standing by");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
     }
 }

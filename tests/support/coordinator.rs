@@ -1,6 +1,7 @@
 //! A `ferrata-tc` process for tests that need global transactions: started from the
 //! binary the test names (Cargo gives a test the path of its package's binaries), on free
-//! loopback ports, with a throw-away data directory; killed when dropped.
+//! loopback ports, with a throw-away data directory (or a node on an etcd store, serving or
+//! standing by); killed when dropped.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -40,7 +41,8 @@ fn spawn(binary: &str, data: &Path, rpc: &str, http: &str, panics: &Panics) -> R
     if config.exists() {
         command.arg("--config").arg(config);
     }
-    let (child, line) = spawn_until(command, "ferrata-tc serving", panics)?;
+    // A node on etcd may stand by instead; both lines name its addresses.
+    let (child, line) = spawn_until(command, &["ferrata-tc serving", "standing by"], panics)?;
     Ok((child, addr_in(&line, "rpc=")?, addr_in(&line, "http=")?))
 }
 
@@ -69,6 +71,36 @@ impl Coordinator {
             token: None,
             data,
         })
+    }
+
+    /// A node with id `node_id` on the etcd cluster at `endpoints` (lease TTL 2 s): it serves,
+    /// or stands by while another node does ([`Coordinator::until_serving`]).
+    pub fn start_on_etcd(binary: &str, endpoints: &[String], node_id: u16) -> Result<Coordinator> {
+        Self::start_with(
+            binary,
+            &format!(
+                "node_id = {node_id}\n[etcd]\nendpoints = {endpoints:?}\nlease_ttl_s = 2\nrequest_timeout_ms = 1000\n"
+            ),
+        )
+    }
+
+    /// Whether it answers `/healthz` as serving (not standing by, stopping or failed).
+    pub async fn serving(&self) -> bool {
+        matches!(
+            crate::http_request(self.http, "GET", "/healthz", "", None).await,
+            Ok((200, _))
+        )
+    }
+
+    /// Waits until it serves (a standby: until it took over); there is no event for that
+    /// outside its log, so this polls `/healthz`.
+    pub async fn until_serving(&self) -> Result<()> {
+        crate::until("the coordinator node to serve", async || Ok(self.serving().await)).await
+    }
+
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Like `start`, with `token` as its root token (every request then needs a token).

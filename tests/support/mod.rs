@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use ferrata_testkit;
 
+pub mod bank;
 pub mod coordinator;
 pub mod dirty;
 pub mod process;

@@ -28,7 +28,7 @@ impl Panics {
 /// Starts `command` and waits for a stderr line containing `ready`; returns the child and
 /// that line. Its panics are added to `panics` (one counter can serve a process and its
 /// restarts). Later output is read away so the child never blocks on a full pipe.
-pub fn spawn_until(mut command: Command, ready: &'static str, panics: &Panics) -> Result<(Child, String)> {
+pub fn spawn_until(mut command: Command, ready: &[&'static str], panics: &Panics) -> Result<(Child, String)> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -44,18 +44,25 @@ pub fn spawn_until(mut command: Command, ready: &'static str, panics: &Panics) -
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let counter = panics.clone();
+    let needles = ready.to_vec();
     // FERRATA_TEST_LOGS=1 shows the child's log lines with the test's output.
     let show = std::env::var_os("FERRATA_TEST_LOGS").is_some();
+    // The lines before the ready one, for the error if it never comes.
+    let before = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let early = before.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if show {
                 eprintln!("{line}");
             }
+            if !sent {
+                early.lock().push(line.clone());
+            }
             if line.contains("' panicked at ") {
                 counter.0.fetch_add(1, Ordering::SeqCst);
             }
-            if !sent && line.contains(ready) {
+            if !sent && needles.iter().any(|r| line.contains(r)) {
                 let _ = tx.send(line.clone());
                 sent = true;
             }
@@ -63,9 +70,14 @@ pub fn spawn_until(mut command: Command, ready: &'static str, panics: &Panics) -
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => Ok((child, line)),
-        Err(_) => {
+        Err(e) => {
             let _ = child.kill();
-            bail!("{command:?} did not log {ready:?} within 30 s");
+            let why = match e {
+                std::sync::mpsc::RecvTimeoutError::Timeout => "within 30 s",
+                std::sync::mpsc::RecvTimeoutError::Disconnected => "before it exited",
+            };
+            let log = before.lock().join("\n");
+            bail!("{command:?} did not log any of {ready:?} {why}; it logged:\n{log}");
         }
     }
 }
@@ -109,13 +121,24 @@ impl ProxyProcess {
         coordinator_toml: &str,
         more_toml: &str,
     ) -> Result<ProxyProcess> {
+        Self::start_with_endpoints(binary, backend, &[tc.to_owned()], coordinator_toml, more_toml)
+    }
+
+    /// Like `start_with`, with several coordinator nodes, tried in order.
+    pub fn start_with_endpoints(
+        binary: &str,
+        backend: SocketAddr,
+        endpoints: &[String],
+        coordinator_toml: &str,
+        more_toml: &str,
+    ) -> Result<ProxyProcess> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join(CONFIG_FILE);
         std::fs::write(
             &path,
             format!(
                 "backend = \"{backend}\"\n\
-                 [coordinator]\nendpoints = [\"{tc}\"]\n{coordinator_toml}\n\
+                 [coordinator]\nendpoints = {endpoints:?}\n{coordinator_toml}\n\
                  [log]\nlevel = \"info\"\n[service]\nuser = \"{APP_USER}\"\n{more_toml}\n"
             ),
         )?;
@@ -145,7 +168,7 @@ impl ProxyProcess {
             .args(["--listen", listen, "--admin-listen", admin])
             .env("FERRATA_SERVICE_PASSWORD", APP_PASSWORD)
             .env_remove("FERRATA_TC_TOKEN");
-        let (child, line) = spawn_until(command, "ferrata-proxy ready", panics)?;
+        let (child, line) = spawn_until(command, &["ferrata-proxy ready"], panics)?;
         Ok((child, addr_in(&line, "listen=")?, addr_in(&line, "admin=")?))
     }
 

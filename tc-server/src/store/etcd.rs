@@ -42,13 +42,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::etcd_members::{Members, within};
 use super::record::{Loader, encode};
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
@@ -61,7 +60,7 @@ const OP_OVERHEAD_BYTES: usize = 32;
 pub struct EtcdStore {
     /// `Some` until dropped; its one worker runs the lease's keep-alive.
     runtime: Option<tokio::runtime::Runtime>,
-    client: Client,
+    members: Arc<Members>,
     settings: Settings,
     lease_id: i64,
     /// The latest instant this node's lease is surely alive until.
@@ -125,24 +124,33 @@ impl EtcdStore {
         let place = describe(settings);
         let timeout = settings.request_timeout();
         let ttl = settings.lease_ttl();
-        let (client, lease_id, alive_until) = runtime.block_on(async {
-            let options = ConnectOptions::new()
-                .with_connect_timeout(timeout)
-                .with_timeout(timeout)
-                .with_keep_alive(Duration::from_secs(1), timeout);
-            let mut client = Client::connect(&settings.endpoints, Some(options))
+        let (members, lease_id, alive_until) = runtime.block_on(async {
+            let members = Members::new(&settings.endpoints, timeout)
                 .await
-                .map_err(|e| StoreError(format!("store {place}: cannot connect: {e}")))?;
-            let sent = Instant::now();
-            let lease = within(timeout, client.lease_grant(ttl.as_secs() as i64, None))
-                .await
-                .map_err(|e| StoreError(format!("store {place}: cannot take out a lease: {e}")))?;
-            let granted = Duration::from_secs(lease.ttl().max(0) as u64);
-            Ok::<_, StoreError>((client, lease.id(), sent + sure(granted)))
+                .map_err(|e| StoreError(format!("store {place}: {e}")))?;
+            // Until etcd answers: a node started while etcd is down waits for it.
+            loop {
+                let sent = Instant::now();
+                let ttl_s = ttl.as_secs() as i64;
+                match members
+                    .call(|mut c| async move { c.lease_grant(ttl_s, None).await })
+                    .await
+                {
+                    Ok(lease) => {
+                        let granted = Duration::from_secs(lease.ttl().max(0) as u64);
+                        return Ok::<_, StoreError>((members, lease.id(), sent + sure(granted)));
+                    }
+                    Err(e) if e.retryable => {
+                        tracing::warn!(store = %place, error = %e, "cannot take out a lease yet; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(StoreError(format!("store {place}: cannot take out a lease: {e}"))),
+                }
+            }
         })?;
         let store = EtcdStore {
             runtime: Some(runtime),
-            client,
+            members: Arc::new(members),
             settings: settings.clone(),
             lease_id,
             alive_until: Arc::new(Mutex::new(alive_until)),
@@ -152,7 +160,7 @@ impl EtcdStore {
             ceiling: AtomicU64::new(0),
         };
         store.runtime().spawn(keep_alive(
-            store.client.clone(),
+            store.members.clone(),
             lease_id,
             ttl,
             store.alive_until.clone(),
@@ -200,7 +208,7 @@ impl EtcdStore {
     ) -> Result<Option<i64>, StoreError> {
         let owner_key = self.owner_key();
         let place = self.place();
-        let timeout = self.settings.request_timeout();
+
         let mut met_another = false;
         self.runtime().block_on(async {
             loop {
@@ -220,7 +228,7 @@ impl EtcdStore {
                         Some(PutOptions::new().with_lease(self.lease_id)),
                     )])
                     .or_else([TxnOp::get(owner_key.clone(), None)]);
-                let response = match within(timeout, self.client.kv_client().txn(campaign)).await {
+                let response = match self.members.call(|mut c| async move { c.txn(campaign).await }).await {
                     Ok(r) => r,
                     Err(e) if e.retryable => {
                         tracing::warn!(error = %e, "etcd did not answer the campaign for the store; retrying");
@@ -264,9 +272,9 @@ impl EtcdStore {
     /// Returns once `key` was deleted at or after `from` (or the watch failed, or the lease
     /// was lost: the caller looks again either way).
     async fn until_deleted(&self, key: &[u8], from: i64) {
+        let (used, client) = self.members.current();
         let watch = async {
-            let mut stream = self
-                .client
+            let mut stream = client
                 .watch_client()
                 .watch(key.to_vec(), Some(WatchOptions::new().with_start_revision(from)))
                 .await?;
@@ -280,6 +288,7 @@ impl EtcdStore {
         tokio::select! {
             result = watch => if let Err(e) = result {
                 tracing::warn!(error = %e, "watching the store's owner key failed; looking again");
+                self.members.failed(used);
                 pause_or_lost(&self.lost, Duration::from_millis(200)).await;
             },
             _ = self.lost.cancelled() => {}
@@ -293,10 +302,9 @@ impl EtcdStore {
     async fn read_ceiling(&self) -> Result<u64, StoreError> {
         let key = self.key(&self.ceiling_key());
         let response = self
-            .retrying("read the id ceiling", || {
-                let mut kv = self.client.kv_client();
+            .retrying("read the id ceiling", |mut c| {
                 let key = key.clone();
-                async move { kv.get(key, None).await }
+                async move { c.get(key, None).await }
             })
             .await?;
         match response.kvs().first() {
@@ -315,7 +323,7 @@ impl EtcdStore {
     /// may have run out.
     async fn retrying<T, F, Fut>(&self, what: &str, mut request: F) -> Result<T, StoreError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(etcd_client::Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut delay = Duration::from_millis(20);
@@ -323,7 +331,7 @@ impl EtcdStore {
             if self.lost.is_cancelled() {
                 return Err(self.lost_error());
             }
-            match within(self.settings.request_timeout(), request()).await {
+            match self.members.call(&mut request).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable => {
                     tracing::warn!(error = %e, "etcd did not {what}; retrying");
@@ -361,10 +369,9 @@ impl EtcdStore {
         // A retry after an unknown outcome repeats the same puts and deletes under the same
         // epoch, which nobody else can write under: it changes nothing that the first try did.
         let response = self
-            .retrying("commit", || {
-                let mut kv = self.client.kv_client();
+            .retrying("commit", |mut c| {
                 let txn = txn.clone();
-                async move { kv.txn(txn).await }
+                async move { c.txn(txn).await }
             })
             .await?;
         if response.succeeded() {
@@ -480,10 +487,11 @@ impl Drop for EtcdStore {
         // Hand the lease back so a standby need not wait for it to run out; a process that
         // dies instead leaves that to the TTL.
         if let Some(runtime) = self.runtime.take() {
-            let mut lease = self.client.lease_client();
+            let (_, client) = self.members.current();
             let id = self.lease_id;
             let timeout = self.settings.request_timeout();
-            let handle = runtime.spawn(async move { within(timeout, lease.revoke(id)).await.map(|_| ()) });
+            let handle =
+                runtime.spawn(async move { within(timeout, client.lease_client().revoke(id)).await.map(|_| ()) });
             // Dropping a runtime may not block inside another one (a failed start on the
             // server's runtime); wait for the revoke only where that is allowed.
             if tokio::runtime::Handle::try_current().is_err() {
@@ -611,51 +619,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// An etcd error, and whether trying again may help (etcd unreachable, electing a leader,
-/// or slow).
-#[derive(Debug)]
-struct EtcdError {
-    text: String,
-    retryable: bool,
-}
-
-impl std::fmt::Display for EtcdError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-/// Runs one etcd request with a timeout.
-async fn within<T>(
-    timeout: Duration,
-    request: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, EtcdError> {
-    match tokio::time::timeout(timeout, request).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            let retryable = match &e {
-                etcd_client::Error::GRpcStatus(s) => matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unknown
-                        | tonic::Code::Aborted
-                ),
-                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-                _ => false,
-            };
-            Err(EtcdError {
-                text: e.to_string(),
-                retryable,
-            })
-        }
-        Err(_) => Err(EtcdError {
-            text: format!("no answer within {} ms", timeout.as_millis()),
-            retryable: true,
-        }),
-    }
-}
-
 /// Marks the lease as lost (once).
 fn lose(lost: &CancellationToken) {
     if !lost.is_cancelled() {
@@ -673,10 +636,11 @@ async fn pause_or_lost(lost: &CancellationToken, delay: Duration) {
     }
 }
 
-/// Renews the lease every third of its TTL, moving `alive_until` on with each confirmed
+/// Renews the lease every sixth of its TTL (so that a renewal just before an etcd leader
+/// change leaves most of the TTL to ride it out), moving `alive_until` on with each confirmed
 /// renewal, and cancels `lost` once `alive_until` has passed or etcd says the lease is gone.
 async fn keep_alive(
-    client: Client,
+    members: Arc<Members>,
     lease_id: i64,
     ttl: Duration,
     alive_until: Arc<Mutex<Instant>>,
@@ -694,14 +658,24 @@ async fn keep_alive(
         let sent = Instant::now();
         let renewal = async {
             if stream.is_none() {
-                stream = Some(client.lease_client().keep_alive(lease_id).await?);
+                let (used, client) = members.current();
+                stream = Some((
+                    used,
+                    client
+                        .lease_client()
+                        .keep_alive(lease_id)
+                        .await
+                        .map_err(|e| (used, e))?,
+                ));
             }
-            let (keeper, responses) = stream.as_mut().expect("just set");
-            keeper.keep_alive().await?;
-            match responses.message().await? {
+            let (used, (keeper, responses)) = stream.as_mut().expect("just set");
+            let used = *used;
+            keeper.keep_alive().await.map_err(|e| (used, e))?;
+            match responses.message().await.map_err(|e| (used, e))? {
                 Some(response) => Ok(response.ttl()),
-                None => Err(etcd_client::Error::LeaseKeepAliveError(
-                    "the keep-alive stream ended".into(),
+                None => Err((
+                    used,
+                    etcd_client::Error::LeaseKeepAliveError("the keep-alive stream ended".into()),
                 )),
             }
         };
@@ -716,16 +690,17 @@ async fn keep_alive(
                 lose(&lost);
                 return;
             }
-            Ok(Err(e)) => {
-                tracing::warn!(store = %place, error = %e, "renewing this node's etcd lease failed; trying again");
+            Ok(Err((used, e))) => {
+                tracing::warn!(store = %place, error = %e, "renewing this node's etcd lease failed; trying another member");
+                members.failed(used);
                 stream = None;
-                pause_or_lost(&lost, Duration::from_millis(100)).await;
+                pause_or_lost(&lost, Duration::from_millis(50)).await;
                 continue;
             }
             // The loop's check reports it.
             Err(_) => continue,
         }
-        pause_or_lost(&lost, ttl / 3).await;
+        pause_or_lost(&lost, ttl / 6).await;
         if lost.is_cancelled() {
             return;
         }
@@ -749,10 +724,9 @@ impl Store for EtcdStore {
                     .with_limit(LOAD_PAGE)
                     .with_revision(revision);
                 let mut page = self
-                    .retrying("read the stored records", || {
-                        let mut kv = self.client.kv_client();
+                    .retrying("read the stored records", |mut c| {
                         let (from, options) = (from.clone(), options.clone());
-                        async move { kv.get(from, Some(options)).await }
+                        async move { c.get(from, Some(options)).await }
                     })
                     .await?;
                 if revision == 0 {
@@ -848,6 +822,7 @@ fn load_key(
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
+    use etcd_client::Client;
     use ferrata_testkit::etcd::EtcdCluster;
 
     use super::*;
@@ -1083,6 +1058,25 @@ mod tests {
         // The ceiling read at ownership keeps a lower one from being written.
         commit(&one, vec![Mutation::SetIdCeiling((1 << 48) + 100)]);
         assert_eq!(one.load().unwrap().id_ceiling, (1 << 48) + 500);
+    }
+
+    #[test]
+    fn the_owner_keeps_its_lease_and_writes_when_the_member_it_uses_dies() {
+        let (rt, mut cluster) = cluster(3);
+        let s = settings(&cluster);
+        let store = owned(&s, "node");
+        let (used, _) = store.members.current();
+        cluster.kill(used);
+        // Longer than the lease's TTL: renewals must have reached another member.
+        let ttl = s.lease_ttl();
+        rt.block_on(async {
+            let lost = store.lost();
+            let outlived = tokio::time::timeout(ttl * 2, lost.cancelled()).await;
+            assert!(outlived.is_err(), "the lease was lost when one member of three died");
+        });
+        commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+        assert_eq!(store.load().unwrap().globals, vec![global(1, GlobalStatus::Begin)]);
+        assert_ne!(store.members.current().0, used);
     }
 
     #[test]

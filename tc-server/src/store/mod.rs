@@ -6,11 +6,13 @@
 //! * `wal`: the write-ahead log in front of it: a commit is one appended record and an
 //!   fdatasync; a checkpointer thread applies the records to the redb file in large batches.
 //! * `etcd`: the store of several coordinator nodes, in etcd; only the node that owns it
-//!   writes, every write fenced by its epoch.
+//!   writes, every write fenced by its epoch. `etcd_members`: its clients, one per member,
+//!   moving on from a member that fails.
 //! * `journal`: group commit in front of any `Store`: one thread, one durable commit for
 //!   everything queued, completions in submission order.
 
 pub mod etcd;
+mod etcd_members;
 pub mod journal;
 pub mod record;
 pub mod redb;

@@ -1,0 +1,371 @@
+//! The coordinator's high availability end to end: `ferrata-tc` nodes on a throw-away etcd
+//! cluster, real proxy processes that list every node, and the `ferrata` command line.
+//!
+//! * Clients find the active node: the command line follows a standby's redirect, and a
+//!   proxy that lists a standby first serves global transactions through the active node.
+//! * The bank workload (`support/bank.rs`) runs through two proxies against two nodes on a
+//!   three-member etcd cluster while faults hit, one at a time and then combined: kill -9 of
+//!   the active node (restarted with its old identity by the test acting as supervisor, as
+//!   every node that stops is), SIGSTOP of the active
+//!   node past its lease then SIGCONT (it stops; restarted), kill -9 of the etcd leader, kill
+//!   -9 of a proxy, and the active node and the etcd leader killed together. After each, the
+//!   workload must commit transfers again before the next fault. Afterwards, from what the
+//!   clients were told: no money made or lost, every acknowledged commit applied on both
+//!   servers, nothing they saw rolled back has an effect, and within a bound after the last
+//!   fault every unfinished transaction is finished: no undo record, prepared branch or
+//!   global lock left, no dirty rollback.
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use ferrata_tests::bank::{Books, Mode, Outcome, Side, check_books, create_accounts, credit, server_code, transfer};
+use ferrata_tests::coordinator::Coordinator;
+use ferrata_tests::ferrata_testkit::etcd::EtcdCluster;
+use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
+use ferrata_tests::process::ProxyProcess;
+use ferrata_tests::{EVENT, until};
+use mysql_async::prelude::*;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+const TC: &str = env!("CARGO_BIN_EXE_ferrata-tc-for-tests");
+const PROXY: &str = env!("CARGO_BIN_EXE_ferrata-proxy-for-tests");
+const FERRATA: &str = env!("CARGO_BIN_EXE_ferrata-for-tests");
+
+/// Transfer clients and credit clients during the faults.
+const CLIENTS: u64 = 4;
+const CREDITORS: u64 = 2;
+/// Transfers that must commit after each fault before the next one.
+const PROGRESS: u64 = 3;
+/// How long a client waits after a fault before it tries again.
+const FAULT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+/// A transfer's global timeout: what a fault leaves unfinished rolls back this long after
+/// it began, at the latest.
+const TIMEOUT_MS: u64 = 5_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_and_proxies_find_the_active_node() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let active = Coordinator::start_on_etcd(TC, &etcd.endpoints(), 1)?;
+    active.until_serving().await?;
+    let standby = Coordinator::start_on_etcd(TC, &etcd.endpoints(), 2)?;
+    assert!(!standby.serving().await, "the second node stands by");
+
+    // The command line, pointed at the standby, gets its answer from the active node.
+    let out = tokio::process::Command::new(FERRATA)
+        .args(["txn", "list", "-o", "json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("XDG_CONFIG_HOME", tempfile::tempdir()?.path())
+        .env("FERRATA_SERVER", format!("http://{}", standby.http))
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert!(listed["transactions"].is_array(), "{listed}");
+
+    // A proxy that lists the standby first passes over it.
+    let db = MariaDb::start().await?;
+    let proxy = ProxyProcess::start_with_endpoints(
+        PROXY,
+        db.addr(),
+        &[standby.endpoint(), active.endpoint()],
+        "lock_wait_ms = 1000",
+        "",
+    )?;
+    let mut conn = proxy.conn().await?;
+    let xid: String = conn.query_first("START GLOBAL TRANSACTION").await?.context("an XID")?;
+    assert!(xid.starts_with("1-"), "{xid} comes from node 1, the active one");
+    assert_eq!(active.status(&xid).await?, "Begin");
+    Ok(())
+}
+
+/// What the clients learned, shared while they run.
+#[derive(Default)]
+struct Seen {
+    books: Mutex<Books>,
+    committed: AtomicU64,
+    /// The MySQL error codes (0: the connection broke) that cut transfers and credits off.
+    faults: Mutex<BTreeSet<u16>>,
+    /// The first error a client stopped at: a failure, not a fault.
+    failure: Mutex<Option<String>>,
+}
+
+impl Seen {
+    fn failed(&self, e: anyhow::Error) -> anyhow::Error {
+        self.failure.lock().get_or_insert_with(|| format!("{e:#}"));
+        e
+    }
+}
+
+/// What a fault did to a client's transfer or credit.
+enum Fault {
+    /// The client cannot know whether it took effect.
+    Unknown,
+    /// The coordinator had rolled it back (its timeout passed during a failover).
+    RolledBack,
+}
+
+/// Whether `e` is what a fault does to a client, and what it means; records its code.
+fn fault(seen: &Seen, e: &anyhow::Error) -> Option<Fault> {
+    let (code, fault) = match e.downcast_ref::<mysql_async::Error>() {
+        // The connection broke: a proxy died.
+        Some(mysql_async::Error::Io(_) | mysql_async::Error::Driver(_)) => (0, Fault::Unknown),
+        _ => match server_code(e) {
+            // The coordinator could not be reached, or the outcome of COMMIT GLOBAL could
+            // not be learned, or the coordinator does not know the XID (begun on a node
+            // that died before it stored anything of it).
+            Some(code @ (1105 | 1180 | 1397)) => (code, Fault::Unknown),
+            // A branch refused because the coordinator already rolled the transaction back.
+            Some(1399) if format!("{e:#}").contains("Rollback") => (1399, Fault::RolledBack),
+            _ => return None,
+        },
+    };
+    seen.faults.lock().insert(code);
+    Some(fault)
+}
+
+/// A connection through `proxy`, retried while the proxy restarts.
+async fn connect(opts: &mysql_async::OptsBuilder) -> Result<mysql_async::Conn> {
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + EVENT;
+    while tokio::time::Instant::now() < deadline {
+        match mysql_async::Conn::new(opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(anyhow::anyhow!(
+        "no connection through the proxy within {EVENT:?}: {last:?}"
+    ))
+}
+
+/// Transfers from client `client` until `stop`, alternating direction, about 30% rolled
+/// back on purpose.
+async fn transfers(
+    client: u64,
+    proxies: [mysql_async::OptsBuilder; 2],
+    seen: Arc<Seen>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let mut a = connect(&proxies[0]).await?;
+    let mut b = connect(&proxies[1]).await?;
+    let mut n = 0;
+    while !stop.is_cancelled() {
+        let id = client * 100_000 + n;
+        let (mut x, mut y) = (
+            Side {
+                conn: &mut a,
+                mode: Mode::At,
+            },
+            Side {
+                conn: &mut b,
+                mode: Mode::At,
+            },
+        );
+        let result = if n % 2 == 0 {
+            transfer(&mut x, &mut y, id, n % 10 < 3, TIMEOUT_MS).await
+        } else {
+            transfer(&mut y, &mut x, id, n % 10 < 3, TIMEOUT_MS).await
+        };
+        n += 1;
+        match result {
+            Ok(Outcome::Committed(id)) => {
+                seen.books.lock().committed.insert(id);
+                seen.committed.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Outcome::RolledBack(id)) => {
+                seen.books.lock().rolled_back.insert(id);
+            }
+            Err(e) if let Some(fault) = fault(&seen, &e) => {
+                match fault {
+                    Fault::Unknown => seen.books.lock().unknown.insert(id),
+                    Fault::RolledBack => seen.books.lock().rolled_back.insert(id),
+                };
+                // As an application would, wait a little before trying again.
+                tokio::time::sleep(FAULT_PAUSE).await;
+                // Whatever the sessions were bound to, start afresh.
+                a = connect(&proxies[0]).await.map_err(|e| seen.failed(e))?;
+                b = connect(&proxies[1]).await.map_err(|e| seen.failed(e))?;
+            }
+            Err(e) => return Err(seen.failed(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Credits from creditor `creditor` until `stop`, on both servers in turn.
+async fn credits(
+    creditor: u64,
+    proxies: [mysql_async::OptsBuilder; 2],
+    seen: Arc<Seen>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let mut n = 0;
+    let mut conns = [connect(&proxies[0]).await?, connect(&proxies[1]).await?];
+    while !stop.is_cancelled() {
+        let id = 500_000 + creditor * 100_000 + n;
+        let side = (n % 2) as usize;
+        n += 1;
+        // A credit every few milliseconds is plenty, and leaves the CPU to the faults.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match credit(&mut conns[side], id).await {
+            Ok(Some(_)) => {
+                seen.books.lock().credited.insert(id);
+            }
+            Ok(None) => {}
+            Err(e) if fault(&seen, &e).is_some() => {
+                seen.books.lock().credits_unknown.insert(id);
+                tokio::time::sleep(FAULT_PAUSE).await;
+                conns[side] = connect(&proxies[side]).await.map_err(|e| seen.failed(e))?;
+            }
+            Err(e) => return Err(seen.failed(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The coordinator nodes: which one serves.
+async fn active(nodes: &[Coordinator; 2]) -> Result<usize> {
+    let mut found = None;
+    until("a coordinator node to serve", async || {
+        for (i, node) in nodes.iter().enumerate() {
+            if node.serving().await {
+                found = Some(i);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok(found.expect("until returned"))
+}
+
+/// Waits until `PROGRESS` more transfers committed than had when it was called, restarting
+/// meanwhile, as a supervisor would, any node that stopped (a node unsure of its lease
+/// stops, and an etcd leader change can make it unsure).
+async fn progress(seen: &Seen, nodes: &mut [Coordinator; 2], what: &str) -> Result<()> {
+    let target = seen.committed.load(Ordering::SeqCst) + PROGRESS;
+    let deadline = tokio::time::Instant::now() + 3 * EVENT;
+    loop {
+        if seen.committed.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        if let Some(failure) = seen.failure.lock().clone() {
+            anyhow::bail!("a client failed after {what}: {failure}");
+        }
+        for node in nodes.iter_mut() {
+            if !node.is_running() {
+                node.restart()?;
+            }
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no transfer committed within {:?} after {what}",
+            3 * EVENT
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail() -> Result<()> {
+    let mut etcd = EtcdCluster::start(3).await?;
+    let endpoints = etcd.endpoints();
+    let mut nodes = [
+        Coordinator::start_on_etcd(TC, &endpoints, 1)?,
+        Coordinator::start_on_etcd(TC, &endpoints, 2)?,
+    ];
+    active(&nodes).await?;
+    let options = || MariaDbOptions {
+        extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
+        ..Default::default()
+    };
+    let (db_a, db_b) = (
+        MariaDb::start_with(options()).await?,
+        MariaDb::start_with(options()).await?,
+    );
+    create_accounts([&db_a, &db_b]).await?;
+    let tcs = [nodes[0].endpoint(), nodes[1].endpoint()];
+    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, "lock_wait_ms = 1000", "");
+    let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
+
+    let seen = Arc::new(Seen::default());
+    let stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let proxies = [pa.opts(), pb.opts()];
+        clients.push(tokio::spawn(transfers(client, proxies, seen.clone(), stop.clone())));
+    }
+    for creditor in 0..CREDITORS {
+        let proxies = [pa.opts(), pb.opts()];
+        clients.push(tokio::spawn(credits(creditor, proxies, seen.clone(), stop.clone())));
+    }
+    progress(&seen, &mut nodes, "the start").await?;
+
+    // The active node dies; a node takes over (the standby, or the dead one restarted by
+    // the supervisor, whichever campaigns first once the lease ran out).
+    let first = active(&nodes).await?;
+    nodes[first].kill9()?;
+    progress(&seen, &mut nodes, "killing the active node").await?;
+
+    // The active node hangs past its lease: the other takes over, and the hung one, resumed,
+    // stops by itself (writing nothing: ferrata-tc's own tests check that).
+    let hung = active(&nodes).await?;
+    nodes[hung].pause()?;
+    until("the standby to take over from the hung node", async || {
+        Ok(nodes[1 - hung].serving().await)
+    })
+    .await?;
+    nodes[hung].resume()?;
+    until("the resumed node to stop", async || Ok(!nodes[hung].is_running())).await?;
+    progress(&seen, &mut nodes, "pausing the active node").await?;
+
+    // etcd's leader dies, and comes back.
+    let leader = etcd.leader().await?;
+    etcd.kill(leader);
+    progress(&seen, &mut nodes, "killing etcd's leader").await?;
+    etcd.restart(leader).await?;
+
+    // A proxy dies and its supervisor restarts it.
+    pa.kill9_and_restart()?;
+    progress(&seen, &mut nodes, "killing a proxy").await?;
+
+    // Combined: the active node and etcd's leader at once.
+    let (node, leader) = (active(&nodes).await?, etcd.leader().await?);
+    nodes[node].kill9()?;
+    etcd.kill(leader);
+    progress(&seen, &mut nodes, "killing the active node and etcd's leader").await?;
+    etcd.restart(leader).await?;
+    progress(&seen, &mut nodes, "the restarts").await?;
+
+    stop.cancel();
+    for c in clients {
+        c.await??;
+    }
+    let books = std::mem::take(&mut *seen.books.lock());
+    eprintln!(
+        "{} transfers committed, {} cut off by faults (codes {:?}), {} credits",
+        books.committed.len(),
+        books.unknown.len() + books.credits_unknown.len(),
+        seen.faults.lock(),
+        books.credited.len()
+    );
+    let node = active(&nodes).await?;
+    check_books([&db_a, &db_b], &nodes[node], &books).await?;
+    for node in &nodes {
+        assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
+    }
+    assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
+    Ok(())
+}
