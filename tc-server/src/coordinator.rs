@@ -385,7 +385,25 @@ impl Coordinator {
         if let Some(cause) = self.journal.failed() {
             return Err(StoreError(cause).into());
         }
+        if !self.journal.store_serving() {
+            return Err(TcError::new(
+                ErrorCode::Standby,
+                "this node no longer owns the shared store (its etcd lease may have run out) and answers nothing more; \
+                 another node takes over: retry there",
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether this node may still act on the store's contents (false once a node on etcd
+    /// may have lost its lease).
+    pub fn owns_store(&self) -> bool {
+        self.journal.store_serving()
+    }
+
+    /// Stops background work at once, without waiting for it (a node that lost its lease).
+    pub fn stop_now(&self) {
+        self.shutdown.cancel();
     }
 
     /// `None` once the store has failed: the coordinator acknowledges nothing more.

@@ -1295,6 +1295,14 @@ async fn healthz(State(api): State<Api>) -> Response {
     if c.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body("shutting_down", None))).into_response();
     }
+    if !c.owns_store() {
+        let reason = "this node's etcd lease may have run out: it stops, and another node takes over";
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(body("lost_ownership", Some(reason.into()))),
+        )
+            .into_response();
+    }
     Json(body("serving", None)).into_response()
 }
 

@@ -129,6 +129,7 @@ impl Server {
                     .with_context(|| format!("listening on {rpc_addr} (listen) again, now active"))?;
                 let lost = store.lost();
                 let (coordinator, journal) = restore(&config, store as Arc<dyn Store>, snapshot).await?;
+                metrics::gauge!("ferrata_tc_active").set(1.0);
                 (coordinator, journal, lost, rpc)
             }
         };
@@ -171,6 +172,9 @@ impl Server {
                 Ok(())
             }
             () = lost.cancelled() => {
+                // Every request already refuses (`Coordinator::check_running`); background work
+                // ends too, and the listeners close.
+                coordinator.stop_now();
                 serving.cancel();
                 tracing::error!("this node lost its etcd lease: it stops at once, answering nothing more, while another node takes over");
                 Err(anyhow::anyhow!(

@@ -1,7 +1,7 @@
 //! Several coordinator nodes on one etcd store (a throw-away cluster the test starts): one
 //! active, the others standing by. A standby says who is active and sends HTTP clients
 //! there; it takes over a killed node with nothing acknowledged lost; a paused active node
-//! that resumes after a standby took over writes nothing more and stops.
+//! that resumes after a standby took over answers and writes nothing more, and stops.
 
 mod support;
 
@@ -100,12 +100,19 @@ async fn a_paused_active_node_writes_nothing_after_a_standby_took_over_and_stops
         let (c, late) = (c.clone(), late.clone());
         async move { register(&c, &late, "db1", t_rows(&["r9"]), 0).await }
     });
+    let asked = tokio::spawn({
+        let (c, held) = (c.clone(), held.clone());
+        async move { lock_query(&c, &held, "db1", t_rows(&["r1", "r2"]), 0).await }
+    });
     second.wait_serving(EVENT).await?;
     signal(&first, libc::SIGCONT)?;
 
-    // Resumed, it refuses the registration or dies before answering it, and stops.
+    // Resumed, it refuses the registration and the lock query (it no longer knows who holds
+    // what) or dies before answering them, and stops.
     let registered = sent.await?;
     assert!(registered.is_err(), "a deposed node acknowledged {registered:?}");
+    let answered = asked.await?;
+    assert!(answered.is_err(), "a deposed node answered a lock query: {answered:?}");
     let exit = first.wait_exit(EVENT).await?;
     assert!(!exit.success(), "{exit:?}");
     assert!(

@@ -52,8 +52,10 @@ use super::record::{Loader, encode};
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
 
-/// Keys read per range request while loading.
-const LOAD_PAGE: i64 = 1000;
+/// Keys read per range request while loading, and the largest answer accepted: a record is
+/// at most `max_txn_bytes` (1 MiB by default), so a page of them fits.
+const LOAD_PAGE: i64 = 64;
+const LOAD_PAGE_BYTES: usize = 96 * 1024 * 1024;
 /// Per-operation overhead counted against `max_txn_bytes` besides key and value.
 const OP_OVERHEAD_BYTES: usize = 32;
 
@@ -239,19 +241,16 @@ impl EtcdStore {
                 };
                 let revision = response.header().map_or(0, |h| h.revision());
                 if response.succeeded() {
-                    self.epoch.store(revision, Ordering::Release);
-                    self.ceiling.store(self.read_ceiling().await?, Ordering::Release);
-                    metrics::gauge!("ferrata_tc_store_epoch").set(revision as f64);
-                    metrics::gauge!("ferrata_tc_active").set(1.0);
-                    if met_another {
-                        metrics::counter!("ferrata_tc_takeovers_total").increment(1);
-                    }
-                    return Ok(Some(revision));
+                    return self.owned(revision, met_another).await.map(Some);
                 }
                 let holder = response.op_responses().into_iter().find_map(|r| match r {
                     etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
                     _ => None,
                 });
+                // Our own key: an earlier campaign landed but its answer was lost.
+                if let Some(kv) = holder.as_ref().filter(|kv| kv.lease() == self.lease_id) {
+                    return self.owned(kv.create_revision(), met_another).await.map(Some);
+                }
                 if let Some(kv) = &holder {
                     met_another = true;
                     waiting(&Owner {
@@ -261,12 +260,26 @@ impl EtcdStore {
                 }
                 // Wait for the owner key to go (deleted, or its lease ran out), from the
                 // revision the campaign saw, so that a deletion in between is not missed.
+                // Looked at again after a TTL at the latest: a watch on a member cut off from
+                // the others may hear nothing.
                 tokio::select! {
                     () = self.until_deleted(&owner_key, revision + 1) => {}
                     () = stop.cancelled() => {}
+                    () = tokio::time::sleep(self.settings.lease_ttl()) => {}
                 }
             }
         })
+    }
+
+    /// This node owns the store from `epoch` on: reads its id ceiling and records it.
+    async fn owned(&self, epoch: i64, took_over: bool) -> Result<i64, StoreError> {
+        self.epoch.store(epoch, Ordering::Release);
+        self.ceiling.store(self.read_ceiling().await?, Ordering::Release);
+        metrics::gauge!("ferrata_tc_store_epoch").set(epoch as f64);
+        if took_over {
+            metrics::counter!("ferrata_tc_takeovers_total").increment(1);
+        }
+        Ok(epoch)
     }
 
     /// Returns once `key` was deleted at or after `from` (or the watch failed, or the lease
@@ -334,7 +347,7 @@ impl EtcdStore {
             match self.members.call(&mut request).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable => {
-                    tracing::warn!(error = %e, "etcd did not {what}; retrying");
+                    tracing::warn!(error = %e, "etcd did not answer ({what}); trying again (a repeated write changes nothing)");
                     pause_or_lost(&self.lost, delay).await;
                     delay = (delay * 2).min(Duration::from_millis(500));
                 }
@@ -452,6 +465,7 @@ impl EtcdStore {
         let max_ops = self.settings.max_txn_ops;
         let max_bytes = self.settings.max_txn_bytes;
         let mut ceiling = self.ceiling.load(Ordering::Acquire);
+        debug_assert_eq!(ends.last().copied().unwrap_or(0), batch.len(), "ends cover the batch");
         let mut parts = vec![Part::default()];
         let mut start = 0;
         let mut ops = Vec::new();
@@ -679,7 +693,10 @@ async fn keep_alive(
                 )),
             }
         };
-        match tokio::time::timeout_at(deadline, renewal).await {
+        // One renewal may take a request timeout, not the whole remaining lease: a member
+        // cut off from its leader holds requests for longer.
+        let until = deadline.min(Instant::now() + members.timeout());
+        match tokio::time::timeout_at(until, renewal).await {
             Ok(Ok(granted)) if granted > 0 => {
                 let until = sent + sure(Duration::from_secs(granted as u64));
                 let mut alive = alive_until.lock();
@@ -697,8 +714,14 @@ async fn keep_alive(
                 pause_or_lost(&lost, Duration::from_millis(50)).await;
                 continue;
             }
-            // The loop's check reports it.
-            Err(_) => continue,
+            // Too slow: try the next member (the loop's check reports a lease run out).
+            Err(_) => {
+                if let Some((used, _)) = &stream {
+                    members.failed(*used);
+                }
+                stream = None;
+                continue;
+            }
         }
         pause_or_lost(&lost, ttl / 6).await;
         if lost.is_cancelled() {
@@ -724,9 +747,10 @@ impl Store for EtcdStore {
                     .with_limit(LOAD_PAGE)
                     .with_revision(revision);
                 let mut page = self
-                    .retrying("read the stored records", |mut c| {
+                    .retrying("read the stored records", |c| {
                         let (from, options) = (from.clone(), options.clone());
-                        async move { c.get(from, Some(options)).await }
+                        let mut kv = c.kv_client().max_decoding_message_size(LOAD_PAGE_BYTES);
+                        async move { kv.get(from, Some(options)).await }
                     })
                     .await?;
                 if revision == 0 {
@@ -752,19 +776,36 @@ impl Store for EtcdStore {
         self.commit_submissions(batch, &[batch.len()])
     }
 
+    fn serving(&self) -> bool {
+        !self.lost.is_cancelled() && Instant::now() < *self.alive_until.lock()
+    }
+
     fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
         if self.lost.is_cancelled() {
             return Err(self.lost_error());
         }
-        let (parts, ceiling) = self.transactions(batch, ends)?;
-        self.runtime().block_on(async {
-            for part in parts {
-                self.fenced(part.into_ops()).await?;
+        let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
+            self.runtime().block_on(async {
+                for part in parts {
+                    self.fenced(part.into_ops()).await?;
+                }
+                Ok::<(), StoreError>(())
+            })?;
+            Ok(ceiling)
+        });
+        match written {
+            Ok(ceiling) => {
+                self.ceiling.fetch_max(ceiling, Ordering::AcqRel);
+                Ok(())
             }
-            Ok::<(), StoreError>(())
-        })?;
-        self.ceiling.fetch_max(ceiling, Ordering::AcqRel);
-        Ok(())
+            Err(e) => {
+                // The journal writes nothing after a failure; another node may be able to,
+                // so this one gives up its ownership.
+                tracing::error!(error = %e, "the etcd store failed; this node gives up its ownership");
+                lose(&self.lost);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -906,13 +947,22 @@ mod tests {
             batch.push(Mutation::PutBranch(fixtures::branch(txn, 1)));
             ends.push(batch.len());
         }
+        // Every tenth branch is 20 KB: about three of them fill a transaction's bytes.
+        for m in batch.iter_mut().skip(1).step_by(20) {
+            if let Mutation::PutBranch(b) = m {
+                b.application_data = vec![7; 20_000];
+            }
+        }
         store.commit_submissions(&batch, &ends).unwrap();
         let (parts, _) = store.transactions(&batch, &ends).unwrap();
-        assert!(parts.len() > 15, "{} transactions", parts.len());
+        // 2,000 operations would take 16 transactions by count alone; the bytes need more.
+        assert!(parts.len() > 30, "{} transactions", parts.len());
+        assert!(parts.iter().all(|p| p.ops() <= 128 && p.bytes <= 64 * 1024));
         let snapshot = store.load().unwrap();
         assert_eq!(snapshot.globals.len(), 1_000);
         assert_eq!(snapshot.branches.len(), 1_000);
         assert_eq!(snapshot.globals[999], global(1_000, GlobalStatus::Begin));
+        assert_eq!(snapshot.branches[0].application_data.len(), 20_000);
     }
 
     #[test]
@@ -985,16 +1035,18 @@ mod tests {
         let epoch = standby.join().unwrap().unwrap().unwrap();
         assert!(epoch > first.epoch(), "{epoch} after {}", first.epoch());
 
-        // The old owner's write is refused by etcd, names the new owner, and leaves nothing.
+        // The old owner's write is refused (by etcd, naming the new owner, or already by the
+        // node, if its renewal heard of the revoked lease first) and leaves nothing.
         let err = first
             .commit(&[Mutation::PutGlobal(global(2, GlobalStatus::Begin))])
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("another node owns the store") && err.contains("second"),
+            err.contains("another node owns the store") && err.contains("second")
+                || err.contains("no longer owns the store"),
             "{err}"
         );
-        assert!(first.lost().is_cancelled());
+        assert!(first.lost().is_cancelled() && !first.serving());
         let snapshot = second.load().unwrap();
         assert_eq!(snapshot.globals, vec![global(1, GlobalStatus::Begin)]);
         commit(&*second, vec![Mutation::PutGlobal(global(3, GlobalStatus::Begin))]);
@@ -1015,6 +1067,7 @@ mod tests {
                 .await
                 .expect("the lost lease was not noticed within 10 s");
         });
+        assert!(!store.serving());
         let err = store
             .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
             .unwrap_err()
@@ -1077,6 +1130,31 @@ mod tests {
         commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
         assert_eq!(store.load().unwrap().globals, vec![global(1, GlobalStatus::Begin)]);
         assert_ne!(store.members.current().0, used);
+    }
+
+    #[test]
+    fn a_campaign_whose_answer_was_lost_is_recognised_as_won() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let store = EtcdStore::connect(&s, 0).unwrap();
+        // The owner key as the lost campaign left it: under this node's lease.
+        let created = rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            let options = PutOptions::new().with_lease(store.lease_id);
+            let put = client
+                .put(format!("{}owner", s.prefix), "node", Some(options))
+                .await
+                .unwrap();
+            put.header().unwrap().revision()
+        });
+        let mut others = 0;
+        let epoch = store
+            .acquire("node", &CancellationToken::new(), &mut |_| others += 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!((epoch, others), (created, 0));
+        assert!(store.serving());
+        commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
     }
 
     #[test]

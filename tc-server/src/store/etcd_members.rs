@@ -28,7 +28,9 @@ impl Members {
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(1), timeout);
+            .with_keep_alive(Duration::from_secs(1), timeout)
+            // A member without a leader refuses at once instead of holding the request.
+            .with_require_leader(true);
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             clients.push(
@@ -45,6 +47,10 @@ impl Members {
         })
     }
 
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The member in use now: its index (for [`Members::failed`]) and client.
     pub(crate) fn current(&self) -> (usize, Client) {
         let i = self.current.load(Ordering::Acquire) % self.clients.len();
@@ -54,10 +60,11 @@ impl Members {
     /// Leaves member `used` for the next one, unless another caller already moved on.
     pub(crate) fn failed(&self, used: usize) {
         let next = (used + 1) % self.clients.len();
-        if self
-            .current
-            .compare_exchange(used, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        if next != used
+            && self
+                .current
+                .compare_exchange(used, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         {
             tracing::warn!(
                 failed = %self.endpoints[used],
@@ -116,6 +123,8 @@ pub(crate) async fn within<T>(
                         | tonic::Code::Aborted
                         // The client's own request timeout.
                         | tonic::Code::Cancelled
+                        // etcd's "too many requests".
+                        | tonic::Code::ResourceExhausted
                 ),
                 etcd_client::Error::TransportError(_)
                 | etcd_client::Error::IoError(_)

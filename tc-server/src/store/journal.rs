@@ -59,6 +59,8 @@ struct Shared {
     failure: Arc<OnceLock<String>>,
     /// Taken (and joined) by the first `shutdown`.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// For [`Journal::store_serving`].
+    store: Arc<dyn Store>,
 }
 
 fn failed_error(cause: &str) -> StoreError {
@@ -90,15 +92,17 @@ impl Journal {
         let (sender, receiver) = mpsc::channel();
         let failure = Arc::new(OnceLock::new());
         let thread_failure = failure.clone();
+        let thread_store = store.clone();
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn(move || run(receiver, store, thread_failure, lazy_flush))
+            .spawn(move || run(receiver, thread_store, thread_failure, lazy_flush))
             .expect("cannot start the ferrata-journal thread");
         Journal {
             shared: Arc::new(Shared {
                 sender: RwLock::new(Some(sender)),
                 failure,
                 thread: Mutex::new(Some(thread)),
+                store,
             }),
         }
     }
@@ -155,6 +159,11 @@ impl Journal {
             .send(Submission { batch, reply, lazy })
             .map_err(|_| StoreError(format!("the {THREAD_NAME} thread has stopped")))?;
         Ok(answer)
+    }
+
+    /// Whether this node may still act on the store's contents (`Store::serving`).
+    pub fn store_serving(&self) -> bool {
+        self.shared.store.serving()
     }
 
     /// The cause of the store failure that stopped the journal, if any (for /healthz).

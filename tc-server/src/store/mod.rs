@@ -92,6 +92,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = ends;
         self.commit(batch)
     }
+    /// Whether this node may still act on what the store holds. The etcd store answers false
+    /// once its lease may have run out, checked against the clock at every call (a process
+    /// resumed after a pause must not answer from memory before its timers have run).
+    fn serving(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
