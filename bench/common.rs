@@ -345,9 +345,10 @@ pub fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
         .and_then(|v| v.trim_matches('"').parse().ok())
 }
 
-/// The rpc and http addresses of the line `... ferrata-tc serving rpc=A http=B ...`.
+/// The rpc and http addresses of the line `... ferrata-tc serving rpc=A http=B ...` (or a
+/// standby's `... standing by ... rpc=A http=B ...`).
 pub fn parse_serving(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("ferrata-tc serving") {
+    if !line.contains("ferrata-tc serving") && !line.contains("standing by") {
         return None;
     }
     Some((addr_after(line, "rpc=")?, addr_after(line, "http=")?))
@@ -480,6 +481,13 @@ impl LoggedChild {
         state.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
+    /// SIGKILL, and reaped.
+    pub fn kill(&mut self) {
+        // Errors mean it has already exited.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL. Fails unless the process
     /// was still running and exited successfully within `grace`.
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
@@ -509,9 +517,7 @@ impl LoggedChild {
 
 impl Drop for LoggedChild {
     fn drop(&mut self) {
-        // Errors mean it has already exited.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

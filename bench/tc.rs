@@ -28,6 +28,12 @@
 //! coordinator's peak RSS. After the window it waits for phase 2 to drain and says how long
 //! that took. Prints a block per scenario, a summary table and one JSON line per scenario.
 //!
+//! `--stores redb,etcd1,etcd3` runs every scenario on each store, interleaved: the embedded
+//! store, or etcd (`--etcd`) on a cluster of one or three members the benchmark starts for the
+//! scenario (`etcd-server`; its data under the temp directory), whose CPU time is reported
+//! too. `--failovers N` then measures, on each etcd store, N failovers: two nodes, the active
+//! one killed with SIGKILL, and the time until the other grants a lock.
+//!
 //! The client and the coordinator share the machine; compare runs on the same machine only.
 
 use std::collections::BTreeMap;
@@ -48,6 +54,7 @@ use ferrata_bench::{
 };
 use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
 use ferrata_rpc::{ErrorCode, pb};
+use ferrata_testkit::etcd::EtcdCluster;
 use serde_json::json;
 use tonic::Status;
 
@@ -97,6 +104,40 @@ struct Args {
     /// Rust code built without frame pointers; `dwarf` can, with larger files.
     #[arg(long, default_value = "fp", value_name = "MODE")]
     perf_call_graph: String,
+    /// Where the coordinator keeps its state, comma-separated to run every scenario on each
+    /// (interleaved): `redb` (the embedded store), `etcd1`, `etcd3` (etcd of one or three
+    /// members).
+    #[arg(long, value_delimiter = ',', default_value = "redb")]
+    stores: Vec<StoreKind>,
+    /// Failovers measured on each etcd store after the scenarios (0: none).
+    #[arg(long, default_value_t = 0)]
+    failovers: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Redb,
+    Etcd1,
+    Etcd3,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::Redb => "redb",
+            StoreKind::Etcd1 => "etcd1",
+            StoreKind::Etcd3 => "etcd3",
+        }
+    }
+
+    /// etcd members, 0 for the embedded store.
+    fn members(self) -> usize {
+        match self {
+            StoreKind::Redb => 0,
+            StoreKind::Etcd1 => 1,
+            StoreKind::Etcd3 => 3,
+        }
+    }
 }
 
 /// Longest any single call may take before the run is declared broken.
@@ -154,11 +195,15 @@ fn run(args: Args) -> Result<()> {
     let scenarios: Vec<Scenario> = sizes
         .into_iter()
         .flat_map(|(kind, clients)| {
-            args.calls.iter().map(move |&calls| Scenario {
-                kind,
-                clients,
-                connections: args.connections.unwrap_or(clients).min(clients),
-                calls,
+            let (stores, connections) = (&args.stores, args.connections);
+            args.calls.iter().flat_map(move |&calls| {
+                stores.iter().map(move |&store| Scenario {
+                    kind,
+                    clients,
+                    connections: connections.unwrap_or(clients).min(clients),
+                    calls,
+                    store,
+                })
             })
         })
         .collect();
@@ -177,6 +222,79 @@ fn run(args: Args) -> Result<()> {
     for outcome in &outcomes {
         println!("{}", outcome.json());
     }
+    if args.failovers > 0 {
+        for &store in args.stores.iter().filter(|s| s.members() > 0) {
+            let times = runtime.block_on(measure_failovers(&args, &tc_binary, &data_parent, store))?;
+            let mut ms: Vec<u64> = times.iter().map(|t| t.as_millis() as u64).collect();
+            ms.sort_unstable();
+            println!(
+                "\nfailover on {}: kill -9 of the active node to the first lock the other grants, {} times: \
+                 min {} ms, median {} ms, max {} ms ({ms:?})",
+                store.name(),
+                ms.len(),
+                ms[0],
+                ms[ms.len() / 2],
+                ms[ms.len() - 1]
+            );
+            println!(
+                "{}",
+                json!({"failover": store.name(), "lease_ttl_s": 5, "ms": ms})
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `failovers` times: the active node of two grants a lock, is killed with SIGKILL, and the
+/// time until the other node grants a lock is taken; the killed node comes back as the
+/// standby. The nodes run with the default lease (5 s).
+async fn measure_failovers(args: &Args, tc_binary: &Path, data_parent: &Path, store: StoreKind) -> Result<Vec<Duration>> {
+    let cluster = EtcdCluster::start(store.members()).await?;
+    let endpoints = cluster.endpoints();
+    let start = |node: usize, ready: &str| Tc::start(tc_binary, data_parent, &args.tc_args, Some((&endpoints, node)), ready);
+    let mut nodes = [start(0, "ferrata-tc serving")?, start(1, "standing by")?];
+    let mut active = 0;
+    let mut times = Vec::with_capacity(args.failovers);
+    for round in 0..args.failovers {
+        lock_once(nodes[active].rpc, &format!("before-{round}"))
+            .await
+            .context("the active node grants a lock")?;
+        let killed = Instant::now();
+        nodes[active].kill();
+        let standby = 1 - active;
+        let deadline = killed + Duration::from_secs(60);
+        loop {
+            match lock_once(nodes[standby].rpc, &format!("after-{round}")).await {
+                Ok(()) => break,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(e) => return Err(e.context("no lock granted within 60 s of the kill")),
+            }
+        }
+        times.push(killed.elapsed());
+        nodes[active] = start(active, "standing by")?;
+        active = standby;
+    }
+    Ok(times)
+}
+
+/// One global transaction on the node at `rpc` whose branch locks row `pk`, then rolled back.
+async fn lock_once(rpc: SocketAddr, pk: &str) -> Result<()> {
+    let mut client = TcClient::connect(&ClientConfig {
+        endpoint: format!("http://{rpc}"),
+        ..ClientConfig::default()
+    })
+    .await?;
+    let xid = client
+        .global_begin(pb::GlobalBeginRequest {
+            timeout_ms: 60_000,
+            name: "failover".into(),
+        })
+        .await?
+        .xid;
+    client
+        .branch_register(register_request(&xid, "db1", pk.as_bytes(), 0))
+        .await?;
+    client.global_rollback(pb::XidRequest { xid }).await?;
     Ok(())
 }
 
@@ -207,6 +325,7 @@ struct Scenario {
     clients: usize,
     connections: usize,
     calls: Calls,
+    store: StoreKind,
 }
 
 impl Scenario {
@@ -218,7 +337,13 @@ impl Scenario {
     }
 
     fn label(&self) -> String {
-        format!("{}-c{}-{}", self.name(), self.clients, self.calls.name())
+        format!(
+            "{}-c{}-{}-{}",
+            self.name(),
+            self.clients,
+            self.calls.name(),
+            self.store.name()
+        )
     }
 
     /// The resources each transaction registers a branch on, in order.
@@ -535,6 +660,8 @@ struct Snapshot {
     at: Instant,
     tc_cpu: f64,
     tc_threads: BTreeMap<String, f64>,
+    /// The etcd members' CPU time, all together (0 with the embedded store).
+    etcd_cpu: f64,
     bench_cpu: f64,
     /// Busy and total jiffies of the whole machine.
     machine: (u64, u64),
@@ -550,6 +677,11 @@ async fn snapshot(tc: &Tc, shared: &Shared) -> Result<Snapshot> {
         at,
         tc_cpu: cpu_seconds(&format!("/proc/{}/stat", tc.pid()))?,
         tc_threads: thread_cpu(tc.pid())?,
+        etcd_cpu: tc
+            .etcd_pids
+            .iter()
+            .map(|pid| cpu_seconds(&format!("/proc/{pid}/stat")))
+            .sum::<Result<f64>>()?,
         bench_cpu: cpu_seconds("/proc/self/stat")?,
         machine: machine_jiffies()?,
         committed: shared.committed.load(Ordering::Relaxed),
@@ -568,7 +700,17 @@ async fn run_scenario(args: &Args, tc_binary: &Path, data_parent: &Path, scenari
         scenario.calls.name()
     );
     let load_before = load_average();
-    let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args)?;
+    let cluster = match scenario.store.members() {
+        0 => None,
+        members => Some(EtcdCluster::start(members).await?),
+    };
+    let endpoints = cluster.as_ref().map(EtcdCluster::endpoints);
+    let etcd = endpoints.as_ref().map(|e| (e.as_slice(), 0));
+    let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args, etcd, "ferrata-tc serving")?;
+    tc.etcd_pids = cluster
+        .as_ref()
+        .map(|c| (0..scenario.store.members()).filter_map(|i| c.pid(i)).collect())
+        .unwrap_or_default();
     println!("   coordinator pid {} rpc {} http {}", tc.pid(), tc.rpc, tc.http);
     let result = drive(args, scenario, &mut tc).await;
     let result = match result {
@@ -730,6 +872,8 @@ struct Outcome {
     /// Seconds the two snapshots were actually apart.
     sampled: f64,
     tc_cpu: f64,
+    /// The etcd members' CPU time in the window, all together.
+    etcd_cpu: f64,
     tc_threads: Vec<(String, f64)>,
     bench_cpu: f64,
     machine_busy: f64,
@@ -821,6 +965,7 @@ impl Outcome {
             refusals: stats.refusals,
             sampled,
             tc_cpu: last.tc_cpu - first.tc_cpu,
+            etcd_cpu: last.etcd_cpu - first.etcd_cpu,
             tc_threads,
             bench_cpu: last.bench_cpu - first.bench_cpu,
             machine_busy,
@@ -936,6 +1081,14 @@ impl Outcome {
             self.machine_busy,
             (self.machine_busy - (self.tc_cpu + self.bench_cpu) / self.sampled).max(0.0),
         );
+        if self.scenario.store.members() > 0 {
+            println!(
+                "   etcd ({} members): {:.2} s ({:.0} us per transaction)",
+                self.scenario.store.members(),
+                self.etcd_cpu,
+                per_txn(self.etcd_cpu, self.txn.n)
+            );
+        }
         println!(
             "   coordinator peak RSS: {:.1} MiB at the end of the window, {:.1} MiB after phase 2 drained; \
              load avg before the scenario {}",
@@ -970,6 +1123,8 @@ impl Outcome {
             "commit": self.commit.json(),
             "refusals": self.refusals,
             "lock_errors": self.lock_errors(),
+            "store": s.store.name(),
+            "etcd_cpu_us_per_txn": round(per_txn(self.etcd_cpu, self.txn.n), 1),
             "tc_cpu_s": round(self.tc_cpu, 3),
             "tc_cores": round(self.tc_cpu / self.sampled, 3),
             "tc_cpu_us_per_txn": if self.txn.n > 0 { round(self.tc_cpu * 1e6 / self.txn.n as f64, 1) } else { 0.0 },
@@ -993,14 +1148,20 @@ impl Outcome {
     }
 }
 
+/// Microseconds of `cpu` seconds per one of `n` transactions (0 without any).
+fn per_txn(cpu: f64, n: usize) -> f64 {
+    if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 }
+}
+
 fn print_summary(outcomes: &[Outcome]) {
     println!("\nsummary");
     println!(
-        "{:<12} {:>7} {:>5} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "{:<12} {:>7} {:>5} {:>6} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}",
         "scenario",
         "clients",
         "conns",
         "calls",
+        "store",
         "tx/s",
         "txn p50",
         "txn p99",
@@ -1011,17 +1172,19 @@ fn print_summary(outcomes: &[Outcome]) {
         "errors",
         "tc cpu",
         "tc us/tx",
+        "etcd us/tx",
         "bench",
         "rss MiB"
     );
     for o in outcomes {
         let errors: u64 = o.refusals.values().sum();
         println!(
-            "{:<12} {:>7} {:>5} {:>6} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>7.2} {:>7.1}",
+            "{:<12} {:>7} {:>5} {:>6} {:>6} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>8.0} {:>7.2} {:>7.1}",
             o.scenario.name(),
             o.scenario.clients,
             o.scenario.connections,
             o.scenario.calls.name(),
+            o.scenario.store.name(),
             o.tps,
             o.txn.p50_ms,
             o.txn.p99_ms,
@@ -1031,11 +1194,8 @@ fn print_summary(outcomes: &[Outcome]) {
             o.commit.p99_ms,
             errors,
             o.tc_cpu / o.sampled,
-            if o.txn.n > 0 {
-                o.tc_cpu * 1e6 / o.txn.n as f64
-            } else {
-                0.0
-            },
+            per_txn(o.tc_cpu, o.txn.n),
+            per_txn(o.etcd_cpu, o.txn.n),
             o.bench_cpu / o.sampled,
             o.tc_rss_peak_kib as f64 / 1024.0,
         );
@@ -1066,11 +1226,21 @@ struct Tc {
     proc: LoggedChild,
     rpc: SocketAddr,
     http: SocketAddr,
+    /// The etcd members' pids, with an etcd store.
+    etcd_pids: Vec<u32>,
     _data: tempfile::TempDir,
 }
 
 impl Tc {
-    fn start(bin: &Path, data_parent: &Path, extra: &[String]) -> Result<Tc> {
+    /// A coordinator on its embedded store, or with `etcd` = (endpoints, node) node `node`
+    /// of those sharing that etcd store; started once it logs `ready`.
+    fn start(
+        bin: &Path,
+        data_parent: &Path,
+        extra: &[String],
+        etcd: Option<(&[String], usize)>,
+        ready: &str,
+    ) -> Result<Tc> {
         let data = tempfile::Builder::new()
             .prefix("ferrata-tc-bench-")
             .tempdir_in(data_parent)
@@ -1088,14 +1258,26 @@ impl Tc {
         .arg(data.path())
         .args(extra)
         .env("NO_COLOR", "1");
-        let (proc, line) = LoggedChild::spawn("the coordinator", cmd, "ferrata-tc serving", &[])?;
+        if let Some((endpoints, node)) = etcd {
+            cmd.arg("--etcd")
+                .arg(endpoints.join(","))
+                .arg("--node-id")
+                .arg((node + 1).to_string());
+        }
+        let (proc, line) = LoggedChild::spawn("the coordinator", cmd, ready, &[])?;
         let (rpc, http) = parse_serving(&line).with_context(|| format!("no addresses in {line:?}"))?;
         Ok(Tc {
             proc,
             rpc,
             http,
+            etcd_pids: Vec::new(),
             _data: data,
         })
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        self.proc.kill();
     }
 
     fn pid(&self) -> u32 {
