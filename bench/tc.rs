@@ -236,10 +236,7 @@ fn run(args: Args) -> Result<()> {
                 ms[ms.len() / 2],
                 ms[ms.len() - 1]
             );
-            println!(
-                "{}",
-                json!({"failover": store.name(), "lease_ttl_s": 5, "ms": ms})
-            );
+            println!("{}", json!({"failover": store.name(), "lease_ttl_s": 5, "ms": ms}));
         }
     }
     Ok(())
@@ -248,10 +245,16 @@ fn run(args: Args) -> Result<()> {
 /// `failovers` times: the active node of two grants a lock, is killed with SIGKILL, and the
 /// time until the other node grants a lock is taken; the killed node comes back as the
 /// standby. The nodes run with the default lease (5 s).
-async fn measure_failovers(args: &Args, tc_binary: &Path, data_parent: &Path, store: StoreKind) -> Result<Vec<Duration>> {
+async fn measure_failovers(
+    args: &Args,
+    tc_binary: &Path,
+    data_parent: &Path,
+    store: StoreKind,
+) -> Result<Vec<Duration>> {
     let cluster = EtcdCluster::start(store.members()).await?;
     let endpoints = cluster.endpoints();
-    let start = |node: usize, ready: &str| Tc::start(tc_binary, data_parent, &args.tc_args, Some((&endpoints, node)), ready);
+    let start =
+        |node: usize, ready: &str| Tc::start(tc_binary, data_parent, &args.tc_args, Some((&endpoints, node)), ready);
     let mut nodes = [start(0, "ferrata-tc serving")?, start(1, "standing by")?];
     let mut active = 0;
     let mut times = Vec::with_capacity(args.failovers);

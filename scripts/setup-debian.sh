@@ -5,8 +5,9 @@
 # haproxy (a side of bench/passthrough), chromium, nodejs and npm (the console's browser
 # tests, scripts/console-tests.sh, which installs playwright-core from npm itself);
 # python3-venv, for a virtualenv with DTM's Python SDK (tests/dtmcli/venv: dtmcli, the
-# DTM-compatible API's acceptance test); etcd-server (the coordinator's etcd store and HA
-# tests start their own clusters); protobuf-compiler and libprotobuf-dev (the etcd-client
+# DTM-compatible API's acceptance test); etcd-server and etcd-client (the coordinator's etcd
+# store and HA tests start their own clusters, and turn on etcd's authentication with
+# etcdctl); protobuf-compiler and libprotobuf-dev (the etcd-client
 # crate generates etcd's API with protoc at build time); and cargo-fuzz (from crates.io, into ~/.cargo/bin)
 # for scripts/fuzz.sh.
 set -euo pipefail
@@ -21,6 +22,7 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -gt 0 ]; then

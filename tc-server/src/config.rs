@@ -69,6 +69,28 @@ pub struct Etcd {
     /// The `host:port` this node's gRPC is reached at, shown by the standbys' /healthz;
     /// defaults to the gRPC listen address.
     pub advertise_rpc: Option<String>,
+    /// The etcd user this coordinator authenticates as (etcd's `auth enable`); needs a
+    /// password.
+    pub username: Option<String>,
+    /// Its password; prefer `password_file` or `FERRATA_ETCD_PASSWORD`. Never logged.
+    pub password: Option<Secret>,
+    /// A file holding the password (trailing whitespace ignored).
+    pub password_file: Option<PathBuf>,
+    /// TLS to etcd (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signed its members' certificates, and this node's client
+/// certificate if etcd asks for one (`--client-cert-auth`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// PEM CA certificate(s).
+    pub ca: PathBuf,
+    /// PEM client certificate chain (with `key`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
 }
 
 impl Default for Etcd {
@@ -82,6 +104,10 @@ impl Default for Etcd {
             request_timeout_ms: 2_000,
             advertise_http: None,
             advertise_rpc: None,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: None,
         }
     }
 }
@@ -95,6 +121,20 @@ impl Etcd {
     }
     pub fn request_timeout(&self) -> Duration {
         ms(self.request_timeout_ms)
+    }
+
+    /// The password: `password`, else `password_file`'s contents, else `FERRATA_ETCD_PASSWORD`.
+    pub fn password(&self) -> Result<Option<String>, crate::store::StoreError> {
+        if let Some(Secret(p)) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                crate::store::StoreError(format!("cannot read etcd.password_file {}: {e}", path.display()))
+            })?;
+            return Ok(Some(text.trim_end().to_owned()));
+        }
+        Ok(std::env::var("FERRATA_ETCD_PASSWORD").ok())
     }
 }
 
@@ -330,6 +370,31 @@ impl Config {
             "etcd.max_txn_bytes must be at least 65536"
         );
         if e.enabled() {
+            for endpoint in &e.endpoints {
+                let https = endpoint.starts_with("https://");
+                anyhow::ensure!(
+                    https || endpoint.starts_with("http://"),
+                    "etcd endpoint {endpoint:?} must start with http:// or https://"
+                );
+                anyhow::ensure!(
+                    https == e.tls.is_some(),
+                    "etcd endpoint {endpoint:?}: https:// endpoints need [etcd.tls] (its ca at least), and [etcd.tls] \
+                     needs https:// endpoints"
+                );
+            }
+            if let Some(tls) = &e.tls {
+                anyhow::ensure!(
+                    tls.cert.is_some() == tls.key.is_some(),
+                    "[etcd.tls] cert and key go together"
+                );
+            }
+            anyhow::ensure!(
+                e.username.is_none()
+                    || e.password.is_some()
+                    || e.password_file.is_some()
+                    || std::env::var_os("FERRATA_ETCD_PASSWORD").is_some(),
+                "etcd.username needs a password (etcd.password, etcd.password_file or FERRATA_ETCD_PASSWORD)"
+            );
             anyhow::ensure!(
                 (e.advertise_http.is_some() || !self.http.ip().is_unspecified())
                     && (e.advertise_rpc.is_some() || !self.listen.ip().is_unspecified()),

@@ -28,6 +28,8 @@ const PORT_ATTEMPTS: usize = 5;
 /// A running throw-away etcd cluster. Dropping it kills every member and deletes the data.
 pub struct EtcdCluster {
     members: Vec<Member>,
+    /// The members' certificate and key (PEM files): clients then speak TLS.
+    tls: Option<(PathBuf, PathBuf)>,
     /// `name=peer-url,...`, for restarts.
     initial_cluster: String,
     token: String,
@@ -40,6 +42,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client port speaks.
+    metrics_port: u16,
     /// `None` while killed.
     child: Option<Child>,
 }
@@ -61,6 +65,12 @@ fn kill_child(child: &mut Option<Child>) {
 impl EtcdCluster {
     /// Starts `size` members and waits until every one answers with a leader elected.
     pub async fn start(size: usize) -> Result<EtcdCluster> {
+        Self::start_with_tls(size, None).await
+    }
+
+    /// Like `start`, with clients served over TLS with this certificate and key (PEM files;
+    /// the certificate must name 127.0.0.1).
+    pub async fn start_with_tls(size: usize, tls: Option<(PathBuf, PathBuf)>) -> Result<EtcdCluster> {
         anyhow::ensure!(size >= 1, "an etcd cluster needs at least one member");
         tokio::task::spawn_blocking(|| {
             static SWEEP: Once = Once::new();
@@ -69,7 +79,7 @@ impl EtcdCluster {
         .await?;
         let mut attempt = 1;
         loop {
-            let cluster = Self::spawn(size)?;
+            let cluster = Self::spawn(size, tls.clone())?;
             match cluster.wait_ready().await {
                 Ok(()) => return Ok(cluster),
                 Err(_) if attempt < PORT_ATTEMPTS && cluster.port_was_taken() => attempt += 1,
@@ -78,7 +88,7 @@ impl EtcdCluster {
         }
     }
 
-    fn spawn(size: usize) -> Result<EtcdCluster> {
+    fn spawn(size: usize, tls: Option<(PathBuf, PathBuf)>) -> Result<EtcdCluster> {
         let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let owner = claim(dir.path())?;
         let mut members = Vec::with_capacity(size);
@@ -87,6 +97,7 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client_port: free_port()?,
                 peer_port: free_port()?,
+                metrics_port: free_port()?,
                 child: None,
             });
         }
@@ -102,6 +113,7 @@ impl EtcdCluster {
             .unwrap_or_default();
         let mut cluster = EtcdCluster {
             members,
+            tls,
             initial_cluster,
             token,
             dir,
@@ -121,8 +133,9 @@ impl EtcdCluster {
         let dir = self.member_dir(i);
         fs::create_dir_all(&dir)?;
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
             .arg(&m.name)
@@ -134,7 +147,11 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", &self.token])
             // Ignored once the data directory exists (a restart rejoins with what it holds).
             .args(["--initial-cluster-state", "new"])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
         let log = File::options().create(true).append(true).open(dir.join("etcd.log"))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = spawn_tied(cmd).context("spawning etcd (is etcd-server installed?)")?;
@@ -156,7 +173,7 @@ impl EtcdCluster {
     async fn wait_member_ready(&self, i: usize, deadline: Instant) -> Result<()> {
         let mut delay = Duration::from_millis(20);
         loop {
-            if let Ok(body) = http(self.members[i].client_port, "GET", "/health", "").await
+            if let Ok(body) = http(self.members[i].metrics_port, "GET", "/health", "").await
                 && body.contains("\"health\":\"true\"")
             {
                 return Ok(());
@@ -181,9 +198,10 @@ impl EtcdCluster {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
-    /// Client URL of member `i`.
+    /// Client URL of member `i` (`https://` with TLS).
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     pub fn pid(&self, i: usize) -> Option<u32> {
@@ -221,7 +239,7 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// Which member leads, as the first running member that answers sees it.
+    /// Which member leads, as the first running member that answers sees it (without TLS).
     pub async fn leader(&self) -> Result<usize> {
         let mut last = None;
         for (i, m) in self.members.iter().enumerate() {
@@ -261,6 +279,33 @@ impl EtcdCluster {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no etcd member is running")))
+    }
+
+    /// Turns on etcd's authentication, with a `root` user whose password is `password`
+    /// (with `etcdctl`, from Debian's `etcd-client`).
+    pub fn enable_auth(&self, password: &str) -> Result<()> {
+        let endpoints = self.endpoints().join(",");
+        let user = format!("root:{password}");
+        for args in [
+            vec!["user", "add", user.as_str(), "--interactive=false"],
+            vec!["user", "grant-role", "root", "root"],
+            vec!["auth", "enable"],
+        ] {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg("--endpoints")
+                .arg(&endpoints)
+                .args(&args)
+                .output()
+                .context("running etcdctl (is etcd-client installed?)")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "etcdctl {}: {}",
+                args[..2].join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// The last lines of member `i`'s log, for failure messages.

@@ -47,7 +47,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::etcd_members::{Members, within};
+use super::etcd_members::Members;
 use super::record::{Loader, encode};
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
@@ -124,12 +124,9 @@ impl EtcdStore {
             .build()
             .map_err(|e| StoreError(format!("cannot start the etcd client's runtime: {e}")))?;
         let place = describe(settings);
-        let timeout = settings.request_timeout();
         let ttl = settings.lease_ttl();
         let (members, lease_id, alive_until) = runtime.block_on(async {
-            let members = Members::new(&settings.endpoints, timeout)
-                .await
-                .map_err(|e| StoreError(format!("store {place}: {e}")))?;
+            let members = Members::new(settings).map_err(|e| StoreError(format!("store {place}: {e}")))?;
             // Until etcd answers: a node started while etcd is down waits for it.
             loop {
                 let sent = Instant::now();
@@ -285,23 +282,28 @@ impl EtcdStore {
     /// Returns once `key` was deleted at or after `from` (or the watch failed, or the lease
     /// was lost: the caller looks again either way).
     async fn until_deleted(&self, key: &[u8], from: i64) {
-        let (used, client) = self.members.current();
         let watch = async {
-            let mut stream = client
-                .watch_client()
-                .watch(key.to_vec(), Some(WatchOptions::new().with_start_revision(from)))
-                .await?;
-            while let Some(response) = stream.message().await? {
-                if response.canceled() || response.events().iter().any(|e| e.event_type() == EventType::Delete) {
-                    break;
+            let (used, client) = self.members.current().await.map_err(|e| (None, e.to_string()))?;
+            let watched = async {
+                let mut stream = client
+                    .watch_client()
+                    .watch(key.to_vec(), Some(WatchOptions::new().with_start_revision(from)))
+                    .await?;
+                while let Some(response) = stream.message().await? {
+                    if response.canceled() || response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                        break;
+                    }
                 }
-            }
-            Ok::<(), etcd_client::Error>(())
+                Ok::<(), etcd_client::Error>(())
+            };
+            watched.await.map_err(|e| (Some(used), e.to_string()))
         };
         tokio::select! {
-            result = watch => if let Err(e) = result {
+            result = watch => if let Err((used, e)) = result {
                 tracing::warn!(error = %e, "watching the store's owner key failed; looking again");
-                self.members.failed(used);
+                if let Some(used) = used {
+                    self.members.failed(used);
+                }
                 pause_or_lost(&self.lost, Duration::from_millis(200)).await;
             },
             _ = self.lost.cancelled() => {}
@@ -501,11 +503,14 @@ impl Drop for EtcdStore {
         // Hand the lease back so a standby need not wait for it to run out; a process that
         // dies instead leaves that to the TTL.
         if let Some(runtime) = self.runtime.take() {
-            let (_, client) = self.members.current();
+            let members = self.members.clone();
             let id = self.lease_id;
-            let timeout = self.settings.request_timeout();
-            let handle =
-                runtime.spawn(async move { within(timeout, client.lease_client().revoke(id)).await.map(|_| ()) });
+            let handle = runtime.spawn(async move {
+                members
+                    .call(|c| async move { c.lease_client().revoke(id).await })
+                    .await
+                    .map(drop)
+            });
             // Dropping a runtime may not block inside another one (a failed start on the
             // server's runtime); wait for the revoke only where that is allowed.
             if tokio::runtime::Handle::try_current().is_err() {
@@ -672,25 +677,17 @@ async fn keep_alive(
         let sent = Instant::now();
         let renewal = async {
             if stream.is_none() {
-                let (used, client) = members.current();
-                stream = Some((
-                    used,
-                    client
-                        .lease_client()
-                        .keep_alive(lease_id)
-                        .await
-                        .map_err(|e| (used, e))?,
-                ));
+                // A member that cannot be connected to is left by `current` itself.
+                let (used, client) = members.current().await.map_err(|e| (None, e.to_string()))?;
+                let opened = client.lease_client().keep_alive(lease_id).await;
+                stream = Some((used, opened.map_err(|e| (Some(used), e.to_string()))?));
             }
             let (used, (keeper, responses)) = stream.as_mut().expect("just set");
-            let used = *used;
-            keeper.keep_alive().await.map_err(|e| (used, e))?;
-            match responses.message().await.map_err(|e| (used, e))? {
+            let used = Some(*used);
+            keeper.keep_alive().await.map_err(|e| (used, e.to_string()))?;
+            match responses.message().await.map_err(|e| (used, e.to_string()))? {
                 Some(response) => Ok(response.ttl()),
-                None => Err((
-                    used,
-                    etcd_client::Error::LeaseKeepAliveError("the keep-alive stream ended".into()),
-                )),
+                None => Err((used, "the keep-alive stream ended".to_owned())),
             }
         };
         // One renewal may take a request timeout, not the whole remaining lease: a member
@@ -709,7 +706,9 @@ async fn keep_alive(
             }
             Ok(Err((used, e))) => {
                 tracing::warn!(store = %place, error = %e, "renewing this node's etcd lease failed; trying another member");
-                members.failed(used);
+                if let Some(used) = used {
+                    members.failed(used);
+                }
                 stream = None;
                 pause_or_lost(&lost, Duration::from_millis(50)).await;
                 continue;
@@ -867,6 +866,7 @@ mod tests {
     use ferrata_testkit::etcd::EtcdCluster;
 
     use super::*;
+    use crate::config::Secret;
     use crate::model::GlobalStatus;
     use crate::store::fixtures::{self, commit, global};
 
@@ -1118,7 +1118,7 @@ mod tests {
         let (rt, mut cluster) = cluster(3);
         let s = settings(&cluster);
         let store = owned(&s, "node");
-        let (used, _) = store.members.current();
+        let used = store.members.current_index();
         cluster.kill(used);
         // Longer than the lease's TTL: renewals must have reached another member.
         let ttl = s.lease_ttl();
@@ -1129,7 +1129,7 @@ mod tests {
         });
         commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
         assert_eq!(store.load().unwrap().globals, vec![global(1, GlobalStatus::Begin)]);
-        assert_ne!(store.members.current().0, used);
+        assert_ne!(store.members.current_index(), used);
     }
 
     #[test]
@@ -1155,6 +1155,81 @@ mod tests {
         assert_eq!((epoch, others), (created, 0));
         assert!(store.serving());
         commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+    }
+
+    #[test]
+    fn credentials_are_used_and_wrong_or_missing_ones_are_refused_at_once() {
+        let (_rt, cluster) = cluster(1);
+        cluster.enable_auth("root-secret").unwrap();
+        let s = Settings {
+            username: Some("root".into()),
+            password: Some(Secret("root-secret".into())),
+            ..settings(&cluster)
+        };
+        let store = owned(&s, "node");
+        commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+        assert_eq!(store.load().unwrap().globals.len(), 1);
+
+        let wrong = Settings {
+            password: Some(Secret("guess".into())),
+            ..s.clone()
+        };
+        let err = EtcdStore::connect(&wrong, 0).unwrap_err().to_string();
+        assert!(err.contains("authentication failed"), "{err}");
+        assert!(!err.contains("guess"), "the password never shows: {err}");
+        let anonymous = Settings {
+            username: None,
+            password: None,
+            ..s
+        };
+        // etcd 3.4 grants leases to anyone; writing needs the user.
+        let err = EtcdStore::connect(&anonymous, 0)
+            .and_then(|store| store.acquire("node", &CancellationToken::new(), &mut |_| {}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot campaign"), "{err}");
+    }
+
+    /// A self-signed certificate for 127.0.0.1 (its own CA) and its key, as PEM files in `dir`.
+    fn certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn tls_to_etcd_verifies_its_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate(dir.path(), "etcd");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let cluster = runtime
+            .block_on(EtcdCluster::start_with_tls(1, Some((cert.clone(), key))))
+            .unwrap();
+        assert!(cluster.endpoint(0).starts_with("https://"));
+        let tls = |ca: &std::path::Path| {
+            Some(crate::config::EtcdTls {
+                ca: ca.to_owned(),
+                cert: None,
+                key: None,
+            })
+        };
+        let s = Settings {
+            tls: tls(&cert),
+            ..settings(&cluster)
+        };
+        let store = owned(&s, "node");
+        commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
+        assert_eq!(store.load().unwrap().globals.len(), 1);
+
+        // Another CA: the member is not trusted, and that is a configuration error, not a
+        // member to wait for.
+        let (other, _) = certificate(dir.path(), "other");
+        let err = EtcdStore::connect(&Settings { tls: tls(&other), ..s }, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("certificate"), "{err}");
     }
 
     #[test]

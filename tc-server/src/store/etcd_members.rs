@@ -11,37 +11,53 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use tokio::sync::OnceCell;
 
 use super::StoreError;
+use crate::config::Etcd as Settings;
 
 pub(crate) struct Members {
-    clients: Vec<Client>,
     endpoints: Vec<String>,
+    options: ConnectOptions,
+    /// Connected on first use: with credentials, connecting authenticates, which needs the
+    /// member up.
+    clients: Vec<OnceCell<Client>>,
     current: AtomicUsize,
     timeout: Duration,
 }
 
 impl Members {
-    /// A client per endpoint; none connects before its first request.
-    pub(crate) async fn new(endpoints: &[String], timeout: Duration) -> Result<Members, StoreError> {
-        let options = ConnectOptions::new()
+    /// The members of `settings.endpoints`, with its credentials and TLS; none is connected
+    /// yet.
+    pub(crate) fn new(settings: &Settings) -> Result<Members, StoreError> {
+        let timeout = settings.request_timeout();
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout)
             // A member without a leader refuses at once instead of holding the request.
-            .with_require_leader(true);
-        let mut clients = Vec::with_capacity(endpoints.len());
-        for endpoint in endpoints {
-            clients.push(
-                Client::connect([endpoint], Some(options.clone()))
-                    .await
-                    .map_err(|e| StoreError(format!("etcd endpoint {endpoint}: {e}")))?,
-            );
+            .with_require_leader(true)
+            // etcd's tokens expire (5 minutes by default): authenticate again when one has.
+            .with_auto_token_refresh(true);
+        if let Some(user) = &settings.username {
+            let password = settings.password()?.unwrap_or_default();
+            options = options.with_user(user.clone(), password);
+        }
+        if let Some(tls) = &settings.tls {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(|e| StoreError(format!("cannot read {} ([etcd.tls]): {e}", path.display())))
+            };
+            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(config);
         }
         Ok(Members {
-            clients,
-            endpoints: endpoints.to_vec(),
+            endpoints: settings.endpoints.clone(),
+            options,
+            clients: settings.endpoints.iter().map(|_| OnceCell::new()).collect(),
             current: AtomicUsize::new(0),
             timeout,
         })
@@ -51,10 +67,31 @@ impl Members {
         self.timeout
     }
 
-    /// The member in use now: its index (for [`Members::failed`]) and client.
-    pub(crate) fn current(&self) -> (usize, Client) {
-        let i = self.current.load(Ordering::Acquire) % self.clients.len();
-        (i, self.clients[i].clone())
+    /// The index of the member in use now.
+    pub(crate) fn current_index(&self) -> usize {
+        self.current.load(Ordering::Acquire) % self.clients.len()
+    }
+
+    /// The member in use now: its index (for [`Members::failed`]) and client, connected if it
+    /// was not. A member that cannot be connected to is left for the next one.
+    pub(crate) async fn current(&self) -> Result<(usize, Client), EtcdError> {
+        let i = self.current_index();
+        let endpoint = &self.endpoints[i];
+        let connected = self.clients[i]
+            .get_or_try_init(|| within(self.timeout, Client::connect([endpoint], Some(self.options.clone()))))
+            .await;
+        match connected {
+            Ok(client) => Ok((i, client.clone())),
+            Err(e) => {
+                if e.retryable {
+                    self.failed(i);
+                }
+                Err(EtcdError {
+                    text: format!("{endpoint}: {}", e.text),
+                    retryable: e.retryable,
+                })
+            }
+        }
     }
 
     /// Leaves member `used` for the next one, unless another caller already moved on.
@@ -81,7 +118,7 @@ impl Members {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let (used, client) = self.current();
+        let (used, client) = self.current().await?;
         let result = within(self.timeout, request(client)).await;
         if let Err(e) = &result
             && e.retryable
@@ -104,6 +141,20 @@ impl std::fmt::Display for EtcdError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
     }
+}
+
+/// An error with its sources (a TLS failure is a few sources down a transport error).
+fn error_chain(e: &etcd_client::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Runs one etcd request with a timeout.
@@ -131,10 +182,11 @@ pub(crate) async fn within<T>(
                 | etcd_client::Error::LeaseKeepAliveError(_) => true,
                 _ => false,
             };
-            Err(EtcdError {
-                text: e.to_string(),
-                retryable,
-            })
+            // A certificate etcd's member does not accept, or that does not verify, is a
+            // configuration error: no member will do better.
+            let text = error_chain(&e);
+            let retryable = retryable && !text.contains("certificate");
+            Err(EtcdError { text, retryable })
         }
         Err(_) => Err(EtcdError {
             text: format!("no answer within {} ms", timeout.as_millis()),

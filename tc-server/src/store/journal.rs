@@ -19,7 +19,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -59,8 +59,9 @@ struct Shared {
     failure: Arc<OnceLock<String>>,
     /// Taken (and joined) by the first `shutdown`.
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// For [`Journal::store_serving`].
-    store: Arc<dyn Store>,
+    /// For [`Journal::store_serving`]; weak, so that the store is dropped (an etcd store hands
+    /// back its lease) when the journal thread ends.
+    store: Weak<dyn Store>,
 }
 
 fn failed_error(cause: &str) -> StoreError {
@@ -92,17 +93,17 @@ impl Journal {
         let (sender, receiver) = mpsc::channel();
         let failure = Arc::new(OnceLock::new());
         let thread_failure = failure.clone();
-        let thread_store = store.clone();
+        let weak_store = Arc::downgrade(&store);
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn(move || run(receiver, thread_store, thread_failure, lazy_flush))
+            .spawn(move || run(receiver, store, thread_failure, lazy_flush))
             .expect("cannot start the ferrata-journal thread");
         Journal {
             shared: Arc::new(Shared {
                 sender: RwLock::new(Some(sender)),
                 failure,
                 thread: Mutex::new(Some(thread)),
-                store,
+                store: weak_store,
             }),
         }
     }
@@ -161,9 +162,10 @@ impl Journal {
         Ok(answer)
     }
 
-    /// Whether this node may still act on the store's contents (`Store::serving`).
+    /// Whether this node may still act on the store's contents (`Store::serving`; false once
+    /// the journal has stopped).
     pub fn store_serving(&self) -> bool {
-        self.shared.store.serving()
+        self.shared.store.upgrade().is_some_and(|store| store.serving())
     }
 
     /// The cause of the store failure that stopped the journal, if any (for /healthz).
