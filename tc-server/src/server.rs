@@ -237,6 +237,7 @@ async fn own(
             standby.saw(&owner.description, owner.epoch);
         })?;
         let Some(epoch) = epoch else { return Ok(None) };
+        standby.taking_over();
         tracing::info!(epoch, took_over, "this node owns the store; loading it");
         Ok(Some(store.load()?))
     })

@@ -59,6 +59,12 @@ impl Standby {
         *self.active.write() = Some(Active { node, epoch });
     }
 
+    /// Forgets the active node: this node is taking over (until it serves, HTTP requests
+    /// are refused with `standby` instead of redirected to the node it replaces).
+    pub fn taking_over(&self) {
+        *self.active.write() = None;
+    }
+
     pub fn active(&self) -> Option<Active> {
         self.active.read().clone()
     }
@@ -97,7 +103,8 @@ async fn redirect(State(standby): State<Standby>, request: Request) -> Response 
         }
         None => crate::http::error(TcError::new(
             ErrorCode::Standby,
-            "this ferrata-tc node stands by and does not know the active node yet; retry shortly, or ask another node",
+            "this ferrata-tc node stands by and knows no active node at the moment (none yet, or it is taking \
+             over itself); retry shortly, or ask another node",
         )),
     }
 }

@@ -479,8 +479,12 @@ impl EtcdStore {
             start = end;
             let bytes: usize = ops.iter().map(Op::bytes).sum();
             let current = parts.last().expect("never empty");
-            // A submission that fits in a transaction of its own never straddles two.
-            if !current.is_empty() && (current.ops() + ops.len() > max_ops || current.bytes + bytes > max_bytes) {
+            // A submission that fits in a transaction of its own never straddles two: it
+            // starts a new one if the current one is too full, or deletes a range it writes in.
+            let clashes = ops.iter().any(|op| !current.can_take(op));
+            if !current.is_empty()
+                && (clashes || current.ops() + ops.len() > max_ops || current.bytes + bytes > max_bytes)
+            {
                 parts.push(Part::default());
             }
             for op in ops.drain(..) {
@@ -994,6 +998,9 @@ mod tests {
             Mutation::PutBranch(fixtures::branch(4, 2)),
         ];
         let (parts, _) = store.transactions(&batch, &[3]).unwrap();
+        assert_eq!(parts.iter().map(Part::ops).collect::<Vec<_>>(), [3, 1]);
+        // The same as two submissions: the second goes whole into the next transaction.
+        let (parts, _) = store.transactions(&batch, &[2, 3]).unwrap();
         assert_eq!(parts.iter().map(Part::ops).collect::<Vec<_>>(), [3, 1]);
         commit(&store, batch);
         let snapshot = store.load().unwrap();
