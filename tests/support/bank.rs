@@ -199,6 +199,24 @@ pub struct Books {
     pub credits_unknown: BTreeSet<u64>,
 }
 
+/// Asserts that what the tables hold of `what` has everything a client saw committed, and
+/// nothing else but what a fault left unknown.
+fn acknowledged_exactly(what: &str, in_tables: &BTreeSet<u64>, committed: &BTreeSet<u64>, unknown: &BTreeSet<u64>) {
+    let missing: Vec<_> = committed.difference(in_tables).collect();
+    assert!(
+        missing.is_empty(),
+        "committed {what} missing from the tables: {missing:?}"
+    );
+    let extra: Vec<_> = in_tables
+        .iter()
+        .filter(|id| !committed.contains(id) && !unknown.contains(id))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "{what} in the tables that no client committed: {extra:?}"
+    );
+}
+
 /// Waits until phase 2 of the last transactions is done (no undo record, no prepared XA
 /// branch), then checks the books: no money made or lost (the total is the start plus the
 /// credits in the tables), no negative balance, every transfer the client saw committed in
@@ -239,29 +257,8 @@ pub async fn check_books(servers: [&MariaDb; 2], tc: &Coordinator, books: &Books
         2 * ACCOUNTS as i64 * START_BALANCE + credited_total,
         "transfers moved money without making or losing any; credits added theirs"
     );
-    let missing: Vec<_> = books.credited.difference(&credits).collect();
-    assert!(missing.is_empty(), "committed credits missing: {missing:?}");
-    let extra: Vec<_> = credits
-        .iter()
-        .filter(|id| !books.credited.contains(id) && !books.credits_unknown.contains(id))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "credits in the tables that no client committed: {extra:?}"
-    );
-    let missing: Vec<_> = books.committed.difference(&ledger).collect();
-    assert!(
-        missing.is_empty(),
-        "committed transfers missing from the ledgers: {missing:?}"
-    );
-    let extra: Vec<_> = ledger
-        .iter()
-        .filter(|id| !books.committed.contains(id) && !books.unknown.contains(id))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "transfers in the ledgers that no client committed: {extra:?}"
-    );
+    acknowledged_exactly("credits", &credits, &books.credited, &books.credits_unknown);
+    acknowledged_exactly("transfers", &ledger, &books.committed, &books.unknown);
     let undone: Vec<_> = books.rolled_back.intersection(&ledger).collect();
     assert!(
         undone.is_empty(),

@@ -240,10 +240,7 @@ impl EtcdStore {
                 if response.succeeded() {
                     return self.owned(revision, met_another).await.map(Some);
                 }
-                let holder = response.op_responses().into_iter().find_map(|r| match r {
-                    etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
-                    _ => None,
-                });
+                let holder = owner_in(&response);
                 // Our own key: an earlier campaign landed but its answer was lost.
                 if let Some(kv) = holder.as_ref().filter(|kv| kv.lease() == self.lease_id) {
                     return self.owned(kv.create_revision(), met_another).await.map(Some);
@@ -392,10 +389,7 @@ impl EtcdStore {
         if response.succeeded() {
             return Ok(());
         }
-        let now = response.op_responses().into_iter().find_map(|r| match r {
-            etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
-            _ => None,
-        });
+        let now = owner_in(&response);
         lose(&self.lost);
         Err(StoreError(match now {
             Some(kv) => format!(
@@ -523,6 +517,14 @@ impl Drop for EtcdStore {
             runtime.shutdown_background();
         }
     }
+}
+
+/// The owner key as a failed transaction's `or_else` read it (`None`: there is no owner).
+fn owner_in(response: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
+    response.op_responses().into_iter().find_map(|r| match r {
+        etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+        _ => None,
+    })
 }
 
 /// `g/<txn>` and the like: a kind and a 16-digit hex id.
