@@ -8,7 +8,8 @@
 # DTM-compatible API's acceptance test); etcd-server and etcd-client (the coordinator's etcd
 # store and HA tests start their own clusters, and turn on etcd's authentication with
 # etcdctl); protobuf-compiler and libprotobuf-dev (the etcd-client
-# crate generates etcd's API with protoc at build time); and cargo-fuzz (from crates.io, into ~/.cargo/bin)
+# crate generates etcd's API with protoc at build time); iproute2 (`ip`: the HA tests' network
+# namespaces and veth pairs); and cargo-fuzz (from crates.io, into ~/.cargo/bin)
 # for scripts/fuzz.sh.
 set -euo pipefail
 missing=()
@@ -25,6 +26,7 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -6,14 +6,18 @@
 //! * The bank workload (`support/bank.rs`) runs through two proxies against two nodes on a
 //!   three-member etcd cluster while faults hit, one at a time and then combined: kill -9 of
 //!   the active node (restarted with its old identity by the test acting as supervisor, as
-//!   every node that stops is), SIGSTOP of the active
-//!   node past its lease then SIGCONT (it stops; restarted), kill -9 of the etcd leader, kill
-//!   -9 of a proxy, and the active node and the etcd leader killed together. After each, the
-//!   workload must commit transfers again before the next fault. Afterwards, from what the
-//!   clients were told: no money made or lost, every acknowledged commit applied on both
-//!   servers, nothing they saw rolled back has an effect, and within a bound after the last
-//!   fault every unfinished transaction is finished: no undo record, prepared branch or
-//!   global lock left, no dirty rollback.
+//!   every node that stops is), SIGSTOP of the active node past its lease then SIGCONT (it
+//!   stops; restarted), kill -9 of the etcd leader, kill -9 of a proxy, the active node cut
+//!   off from etcd but not from the proxies (it stops; the other takes over; restarted once
+//!   healed), the active node cut off from the proxies but not from etcd (the proxies'
+//!   calls fail until it heals), and combined: the active node and the etcd leader killed
+//!   together, the active node cut off from etcd while a proxy dies. Each node runs in a
+//!   network namespace of its own (`ferrata_testkit::netns`) with two links: one to etcd,
+//!   one to everything else. After each fault, the workload must commit transfers again
+//!   before the next one. Afterwards, from what the clients were told: no money made or
+//!   lost, every acknowledged commit applied on both servers, nothing they saw rolled back
+//!   has an effect, and within [`EVENT`] after the last fault every unfinished transaction
+//!   is finished: no undo record, prepared branch or global lock left, no dirty rollback.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -23,7 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result};
 use ferrata_tests::bank::{Books, Mode, Outcome, Side, check_books, create_accounts, credit, server_code, transfer};
 use ferrata_tests::coordinator::Coordinator;
-use ferrata_tests::ferrata_testkit::etcd::EtcdCluster;
+use ferrata_tests::ferrata_testkit::etcd::{EtcdCluster, EtcdOptions};
+use ferrata_tests::ferrata_testkit::netns::Host;
 use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{EVENT, until};
@@ -45,6 +50,11 @@ const FAULT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// A transfer's global timeout: what a fault leaves unfinished rolls back this long after
 /// it began, at the latest.
 const TIMEOUT_MS: u64 = 5_000;
+/// A node's host's links: to the etcd members, and to everything else (proxies, the test).
+const ETCD_LINK: u8 = 0;
+const CLIENT_LINK: u8 = 1;
+/// The nodes' root token: they listen beyond loopback, on their hosts' links.
+const TOKEN: &str = "ha-test-root-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_and_proxies_find_the_active_node() -> Result<()> {
@@ -94,6 +104,8 @@ async fn the_command_line_and_proxies_find_the_active_node() -> Result<()> {
 struct Seen {
     books: Mutex<Books>,
     committed: AtomicU64,
+    /// Transfers and credits cut off by faults.
+    cut_off: AtomicU64,
     /// The MySQL error codes (0: the connection broke) that cut transfers and credits off.
     faults: Mutex<BTreeSet<u16>>,
     /// The first error a client stopped at: a failure, not a fault.
@@ -131,6 +143,7 @@ fn fault(seen: &Seen, e: &anyhow::Error) -> Option<Fault> {
         },
     };
     seen.faults.lock().insert(code);
+    seen.cut_off.fetch_add(1, Ordering::SeqCst);
     Some(fault)
 }
 
@@ -235,26 +248,96 @@ async fn credits(
     Ok(())
 }
 
-/// The coordinator nodes: which one serves.
-async fn active(nodes: &[Coordinator; 2]) -> Result<usize> {
-    let mut found = None;
-    until("a coordinator node to serve", async || {
-        for (i, node) in nodes.iter().enumerate() {
-            if node.serving().await {
-                found = Some(i);
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    })
-    .await?;
-    Ok(found.expect("until returned"))
+/// The coordinator nodes, each in a host of its own, supervised by the test.
+struct Nodes {
+    nodes: [Coordinator; 2],
+    hosts: [Arc<Host>; 2],
+    /// Whether a node's link to etcd is cut: the supervisor leaves it stopped until it
+    /// heals, as a restarted node would only wait for etcd.
+    cut_from_etcd: [bool; 2],
 }
 
-/// Waits until `PROGRESS` more transfers committed than had when it was called, restarting
-/// meanwhile, as a supervisor would, any node that stopped (a node unsure of its lease
-/// stops, and an etcd leader change can make it unsure).
-async fn progress(seen: &Seen, nodes: &mut [Coordinator; 2], what: &str) -> Result<()> {
+impl Nodes {
+    async fn start(etcd: &EtcdCluster, hosts: [Arc<Host>; 2]) -> Result<Nodes> {
+        let node = |i: usize| {
+            Coordinator::start_on_etcd_in(
+                TC,
+                &etcd.endpoints_at(hosts[i].outside(ETCD_LINK)),
+                i as u16 + 1,
+                (hosts[i].clone(), hosts[i].inside(CLIENT_LINK)),
+                TOKEN,
+            )
+        };
+        let nodes = Nodes {
+            nodes: [node(0)?, node(1)?],
+            hosts,
+            cut_from_etcd: [false; 2],
+        };
+        nodes.active().await?;
+        Ok(nodes)
+    }
+
+    /// Which node serves.
+    async fn active(&self) -> Result<usize> {
+        let mut found = None;
+        until("a coordinator node to serve", async || {
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.serving().await {
+                    found = Some(i);
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+        Ok(found.expect("until returned"))
+    }
+
+    /// Restarts, as a supervisor would, any node that stopped (a node unsure of its lease
+    /// stops, and an etcd leader change can make it unsure), unless it is cut off from etcd.
+    fn supervise(&mut self) -> Result<()> {
+        for (node, cut) in self.nodes.iter_mut().zip(self.cut_from_etcd) {
+            if !cut && !node.is_running() {
+                node.restart()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self, i: usize, link: u8) -> Result<()> {
+        self.hosts[i].cut(link)?;
+        self.cut_from_etcd[i] |= link == ETCD_LINK;
+        Ok(())
+    }
+
+    fn heal(&mut self, i: usize, link: u8) -> Result<()> {
+        self.hosts[i].heal(link)?;
+        self.cut_from_etcd[i] &= link != ETCD_LINK;
+        Ok(())
+    }
+
+    /// Cuts the active node off from etcd: it stops once unsure of its lease, and the other
+    /// takes over; then heals the link (the supervisor restarts the stopped node).
+    async fn cut_active_from_etcd(&mut self, seen: &Seen) -> Result<()> {
+        let cut = self.active().await?;
+        self.cut(cut, ETCD_LINK)?;
+        until(
+            "the other node to take over from the one cut off from etcd",
+            async || Ok(self.nodes[1 - cut].serving().await),
+        )
+        .await?;
+        until("the node cut off from etcd to stop", async || {
+            Ok(!self.nodes[cut].is_running())
+        })
+        .await?;
+        progress(seen, self, "cutting the active node off from etcd").await?;
+        self.heal(cut, ETCD_LINK)
+    }
+}
+
+/// Waits until `PROGRESS` more transfers committed than had when it was called, supervising
+/// the nodes meanwhile.
+async fn progress(seen: &Seen, nodes: &mut Nodes, what: &str) -> Result<()> {
     let target = seen.committed.load(Ordering::SeqCst) + PROGRESS;
     let deadline = tokio::time::Instant::now() + 3 * EVENT;
     loop {
@@ -264,11 +347,7 @@ async fn progress(seen: &Seen, nodes: &mut [Coordinator; 2], what: &str) -> Resu
         if let Some(failure) = seen.failure.lock().clone() {
             anyhow::bail!("a client failed after {what}: {failure}");
         }
-        for node in nodes.iter_mut() {
-            if !node.is_running() {
-                node.restart()?;
-            }
-        }
+        nodes.supervise()?;
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "no transfer committed within {:?} after {what}",
@@ -279,14 +358,17 @@ async fn progress(seen: &Seen, nodes: &mut [Coordinator; 2], what: &str) -> Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail() -> Result<()> {
-    let mut etcd = EtcdCluster::start(3).await?;
-    let endpoints = etcd.endpoints();
-    let mut nodes = [
-        Coordinator::start_on_etcd(TC, &endpoints, 1)?,
-        Coordinator::start_on_etcd(TC, &endpoints, 2)?,
-    ];
-    active(&nodes).await?;
+async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail_or_are_cut_off() -> Result<()> {
+    let hosts = [Arc::new(Host::create(2)?), Arc::new(Host::create(2)?)];
+    let mut etcd = EtcdCluster::start_with(
+        3,
+        EtcdOptions {
+            also_at: hosts.iter().map(|h| h.outside(ETCD_LINK)).collect(),
+            ..EtcdOptions::default()
+        },
+    )
+    .await?;
+    let mut nodes = Nodes::start(&etcd, hosts).await?;
     let options = || MariaDbOptions {
         extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
         ..Default::default()
@@ -296,8 +378,9 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         MariaDb::start_with(options()).await?,
     );
     create_accounts([&db_a, &db_b]).await?;
-    let tcs = [nodes[0].endpoint(), nodes[1].endpoint()];
-    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, "lock_wait_ms = 1000", "");
+    let tcs = [nodes.nodes[0].endpoint(), nodes.nodes[1].endpoint()];
+    let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
+    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
     let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
 
     let seen = Arc::new(Seen::default());
@@ -315,20 +398,20 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 
     // The active node dies; a node takes over (the standby, or the dead one restarted by
     // the supervisor, whichever campaigns first once the lease ran out).
-    let first = active(&nodes).await?;
-    nodes[first].kill9()?;
+    let first = nodes.active().await?;
+    nodes.nodes[first].kill9()?;
     progress(&seen, &mut nodes, "killing the active node").await?;
 
     // The active node hangs past its lease: the other takes over, and the hung one, resumed,
     // stops by itself (writing nothing: ferrata-tc's own tests check that).
-    let hung = active(&nodes).await?;
-    nodes[hung].pause()?;
+    let hung = nodes.active().await?;
+    nodes.nodes[hung].pause()?;
     until("the standby to take over from the hung node", async || {
-        Ok(nodes[1 - hung].serving().await)
+        Ok(nodes.nodes[1 - hung].serving().await)
     })
     .await?;
-    nodes[hung].resume()?;
-    until("the resumed node to stop", async || Ok(!nodes[hung].is_running())).await?;
+    nodes.nodes[hung].resume()?;
+    until("the resumed node to stop", async || Ok(!nodes.nodes[hung].is_running())).await?;
     progress(&seen, &mut nodes, "pausing the active node").await?;
 
     // etcd's leader dies, and comes back.
@@ -341,13 +424,34 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
     pa.kill9_and_restart()?;
     progress(&seen, &mut nodes, "killing a proxy").await?;
 
+    // The active node loses etcd but not the proxies: it stops, the other takes over.
+    nodes.cut_active_from_etcd(&seen).await?;
+    progress(&seen, &mut nodes, "healing the node cut off from etcd").await?;
+
+    // The active node loses the proxies but not etcd: it keeps its lease, so nobody serves
+    // them until the link heals; the clients' calls fail meanwhile.
+    let isolated = nodes.active().await?;
+    let cut_off = seen.cut_off.load(Ordering::SeqCst);
+    nodes.cut(isolated, CLIENT_LINK)?;
+    until("a client to be cut off", async || {
+        Ok(seen.cut_off.load(Ordering::SeqCst) > cut_off)
+    })
+    .await?;
+    nodes.heal(isolated, CLIENT_LINK)?;
+    progress(&seen, &mut nodes, "healing the node cut off from the proxies").await?;
+
     // Combined: the active node and etcd's leader at once.
-    let (node, leader) = (active(&nodes).await?, etcd.leader().await?);
-    nodes[node].kill9()?;
+    let (node, leader) = (nodes.active().await?, etcd.leader().await?);
+    nodes.nodes[node].kill9()?;
     etcd.kill(leader);
     progress(&seen, &mut nodes, "killing the active node and etcd's leader").await?;
     etcd.restart(leader).await?;
     progress(&seen, &mut nodes, "the restarts").await?;
+
+    // Combined: the active node loses etcd while a proxy dies.
+    pa.kill9_and_restart()?;
+    nodes.cut_active_from_etcd(&seen).await?;
+    progress(&seen, &mut nodes, "healing after a proxy died").await?;
 
     stop.cancel();
     for c in clients {
@@ -361,9 +465,9 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         seen.faults.lock(),
         books.credited.len()
     );
-    let node = active(&nodes).await?;
-    check_books([&db_a, &db_b], &nodes[node], &books).await?;
-    for node in &nodes {
+    let node = nodes.active().await?;
+    check_books([&db_a, &db_b], &nodes.nodes[node], &books).await?;
+    for node in &nodes.nodes {
         assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
     }
     assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");

@@ -5,6 +5,7 @@
 //! member leads.
 
 use std::fs::{self, File};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;
@@ -25,11 +26,21 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 /// Start attempts when a free port we picked was taken before etcd bound it.
 const PORT_ATTEMPTS: usize = 5;
 
+/// How to start a cluster; `Default`: plain HTTP on loopback.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// The members' certificate and key (PEM files; the certificate must name 127.0.0.1):
+    /// clients then speak TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// More addresses every member serves clients on, besides loopback: the test's ends of
+    /// [`crate::netns::Host`] links, for processes inside hosts ([`EtcdCluster::endpoints_at`]).
+    pub also_at: Vec<Ipv4Addr>,
+}
+
 /// A running throw-away etcd cluster. Dropping it kills every member and deletes the data.
 pub struct EtcdCluster {
     members: Vec<Member>,
-    /// The members' certificate and key (PEM files): clients then speak TLS.
-    tls: Option<(PathBuf, PathBuf)>,
+    options: EtcdOptions,
     /// `name=peer-url,...`, for restarts.
     initial_cluster: String,
     token: String,
@@ -65,12 +76,11 @@ fn kill_child(child: &mut Option<Child>) {
 impl EtcdCluster {
     /// Starts `size` members and waits until every one answers with a leader elected.
     pub async fn start(size: usize) -> Result<EtcdCluster> {
-        Self::start_with_tls(size, None).await
+        Self::start_with(size, EtcdOptions::default()).await
     }
 
-    /// Like `start`, with clients served over TLS with this certificate and key (PEM files;
-    /// the certificate must name 127.0.0.1).
-    pub async fn start_with_tls(size: usize, tls: Option<(PathBuf, PathBuf)>) -> Result<EtcdCluster> {
+    /// Like `start`, with `options`.
+    pub async fn start_with(size: usize, options: EtcdOptions) -> Result<EtcdCluster> {
         anyhow::ensure!(size >= 1, "an etcd cluster needs at least one member");
         tokio::task::spawn_blocking(|| {
             static SWEEP: Once = Once::new();
@@ -79,7 +89,7 @@ impl EtcdCluster {
         .await?;
         let mut attempt = 1;
         loop {
-            let cluster = Self::spawn(size, tls.clone())?;
+            let cluster = Self::spawn(size, options.clone())?;
             match cluster.wait_ready().await {
                 Ok(()) => return Ok(cluster),
                 Err(_) if attempt < PORT_ATTEMPTS && cluster.port_was_taken() => attempt += 1,
@@ -88,7 +98,7 @@ impl EtcdCluster {
         }
     }
 
-    fn spawn(size: usize, tls: Option<(PathBuf, PathBuf)>) -> Result<EtcdCluster> {
+    fn spawn(size: usize, options: EtcdOptions) -> Result<EtcdCluster> {
         let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let owner = claim(dir.path())?;
         let mut members = Vec::with_capacity(size);
@@ -113,7 +123,7 @@ impl EtcdCluster {
             .unwrap_or_default();
         let mut cluster = EtcdCluster {
             members,
-            tls,
+            options,
             initial_cluster,
             token,
             dir,
@@ -134,6 +144,10 @@ impl EtcdCluster {
         fs::create_dir_all(&dir)?;
         let m = &self.members[i];
         let client = self.endpoint(i);
+        let listen = std::iter::once(client.clone())
+            .chain(self.options.also_at.iter().map(|&at| self.endpoint_at(i, at)))
+            .collect::<Vec<_>>()
+            .join(",");
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let mut cmd = Command::new("etcd");
@@ -141,7 +155,7 @@ impl EtcdCluster {
             .arg(&m.name)
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", &self.token])
@@ -149,7 +163,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--listen-metrics-urls", &metrics])
             .args(["--logger", "zap", "--log-outputs", "stderr"]);
-        if let Some((cert, key)) = &self.tls {
+        if let Some((cert, key)) = &self.options.tls {
             cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
         }
         let log = File::options().create(true).append(true).open(dir.join("etcd.log"))?;
@@ -200,8 +214,17 @@ impl EtcdCluster {
 
     /// Client URL of member `i` (`https://` with TLS).
     pub fn endpoint(&self, i: usize) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
+        self.endpoint_at(i, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Client URLs of every member at `at`, one of [`EtcdOptions::also_at`].
+    pub fn endpoints_at(&self, at: Ipv4Addr) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint_at(i, at)).collect()
+    }
+
+    fn endpoint_at(&self, i: usize, at: Ipv4Addr) -> String {
+        let scheme = if self.options.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{at}:{}", self.members[i].client_port)
     }
 
     pub fn pid(&self, i: usize) -> Option<u32> {

@@ -9,6 +9,7 @@
 
 pub mod etcd;
 pub mod layers;
+pub mod netns;
 pub mod raw;
 pub mod service;
 mod spawn;

@@ -1,16 +1,18 @@
 //! A `ferrata-tc` process for tests that need global transactions: started from the
 //! binary the test names (Cargo gives a test the path of its package's binaries), on free
 //! loopback ports, with a throw-away data directory (or a node on an etcd store, serving or
-//! standing by); killed when dropped.
+//! standing by, possibly inside a partition test's host); killed when dropped.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ferrata_rpc::client::{ClientConfig, TcClient};
 use serde_json::Value;
 
+use crate::ferrata_testkit::netns::Host;
 use crate::process::{Panics, addr_in, spawn_until};
 
 pub struct Coordinator {
@@ -22,16 +24,27 @@ pub struct Coordinator {
     pub panics: Panics,
     /// The root token, when it was started with one: `get` and `post` send it.
     pub token: Option<String>,
+    /// The partition test's host it runs in, if any.
+    host: Option<Arc<Host>>,
     data: tempfile::TempDir,
 }
 
 /// The config file in `data`, written by [`Coordinator::start_with`].
 const CONFIG_FILE: &str = "tc.toml";
 
-/// Starts `binary` on `rpc` and `http` with its store in `data` (and the config file there,
-/// if any), and waits until it serves.
-fn spawn(binary: &str, data: &Path, rpc: &str, http: &str, panics: &Panics) -> Result<(Child, SocketAddr, SocketAddr)> {
-    let mut command = Command::new(binary);
+/// Starts `binary` (inside `host`, if any) on `rpc` and `http` with its store in `data`
+/// (and the config file there, if any), and waits until it serves.
+fn spawn(
+    binary: &str,
+    host: Option<&Host>,
+    data: &Path,
+    [rpc, http]: [&str; 2],
+    panics: &Panics,
+) -> Result<(Child, SocketAddr, SocketAddr)> {
+    let mut command = match host {
+        Some(host) => host.command(binary),
+        None => Command::new(binary),
+    };
     command
         .args(["--listen", rpc, "--http", http, "--log-level", "info"])
         .arg("--data-dir")
@@ -56,12 +69,20 @@ impl Coordinator {
     /// Like `start`, with `toml` as its config file (kept for restarts); flags still set the
     /// addresses and the data directory.
     pub fn start_with(binary: &str, toml: &str) -> Result<Coordinator> {
+        Self::start_placed(binary, toml, None)
+    }
+
+    /// Like `start_with`, inside `host` (listening on `at`, the host's end of one of its
+    /// links), if given.
+    fn start_placed(binary: &str, toml: &str, host: Option<(Arc<Host>, Ipv4Addr)>) -> Result<Coordinator> {
         let data = tempfile::tempdir()?;
         if !toml.is_empty() {
             std::fs::write(data.path().join(CONFIG_FILE), toml)?;
         }
         let panics = Panics::default();
-        let (child, rpc, http) = spawn(binary, data.path(), "127.0.0.1:0", "127.0.0.1:0", &panics)?;
+        let listen = format!("{}:0", host.as_ref().map_or(Ipv4Addr::LOCALHOST, |(_, at)| *at));
+        let host = host.map(|(host, _)| host);
+        let (child, rpc, http) = spawn(binary, host.as_deref(), data.path(), [&listen, &listen], &panics)?;
         Ok(Coordinator {
             binary: binary.to_owned(),
             child,
@@ -69,6 +90,7 @@ impl Coordinator {
             http,
             panics,
             token: None,
+            host,
             data,
         })
     }
@@ -76,12 +98,22 @@ impl Coordinator {
     /// A node with id `node_id` on the etcd cluster at `endpoints` (lease TTL 2 s): it serves,
     /// or stands by while another node does ([`Coordinator::until_serving`]).
     pub fn start_on_etcd(binary: &str, endpoints: &[String], node_id: u16) -> Result<Coordinator> {
-        Self::start_with(
-            binary,
-            &format!(
-                "node_id = {node_id}\n[etcd]\nendpoints = {endpoints:?}\nlease_ttl_s = 2\nrequest_timeout_ms = 1000\n"
-            ),
-        )
+        Self::start_with(binary, &etcd_node(endpoints, node_id))
+    }
+
+    /// Like `start_on_etcd`, inside `host`, listening on `at` (the host's end of one of its
+    /// links): beyond loopback, so with `token` as its root token.
+    pub fn start_on_etcd_in(
+        binary: &str,
+        endpoints: &[String],
+        node_id: u16,
+        (host, at): (Arc<Host>, Ipv4Addr),
+        token: &str,
+    ) -> Result<Coordinator> {
+        let toml = format!("token = \"{token}\"\n{}", etcd_node(endpoints, node_id));
+        let mut tc = Self::start_placed(binary, &toml, Some((host, at)))?;
+        tc.token = Some(token.to_owned());
+        Ok(tc)
     }
 
     /// Whether it answers `/healthz` as serving (not standing by, stopping or failed).
@@ -138,9 +170,9 @@ impl Coordinator {
     pub fn restart(&mut self) -> Result<()> {
         let (child, rpc, http) = spawn(
             &self.binary,
+            self.host.as_deref(),
             self.data.path(),
-            &self.rpc.to_string(),
-            &self.http.to_string(),
+            [&self.rpc.to_string(), &self.http.to_string()],
             &self.panics,
         )?;
         (self.child, self.rpc, self.http) = (child, rpc, http);
@@ -180,6 +212,11 @@ impl Coordinator {
         let v = self.get(&format!("/v1/transactions/{xid}")).await?;
         Ok(v["status"].as_str().unwrap_or_default().to_owned())
     }
+}
+
+/// The config of node `node_id` on the etcd cluster at `endpoints`, with a short lease.
+fn etcd_node(endpoints: &[String], node_id: u16) -> String {
+    format!("node_id = {node_id}\n[etcd]\nendpoints = {endpoints:?}\nlease_ttl_s = 2\nrequest_timeout_ms = 1000\n")
 }
 
 impl Drop for Coordinator {

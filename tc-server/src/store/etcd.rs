@@ -64,11 +64,8 @@ pub struct EtcdStore {
     runtime: Option<tokio::runtime::Runtime>,
     members: Arc<Members>,
     settings: Settings,
-    lease_id: i64,
-    /// The latest instant this node's lease is surely alive until.
-    alive_until: Arc<Mutex<Instant>>,
-    /// Cancelled once the lease may have run out.
-    lost: CancellationToken,
+    /// This node's lease: replaced only while it stands by, never once it owned the store.
+    lease: Mutex<Lease>,
     /// Create revision of the owner key this node made; 0 until it owns the store.
     epoch: AtomicI64,
     /// This node's id: the id ceiling it reads and writes is its own.
@@ -85,6 +82,16 @@ impl std::fmt::Debug for EtcdStore {
             .field("epoch", &self.epoch())
             .finish()
     }
+}
+
+/// An etcd lease this node holds, kept alive by `keep_alive`.
+#[derive(Clone)]
+struct Lease {
+    id: i64,
+    /// The latest instant the lease is surely alive until.
+    alive_until: Arc<Mutex<Instant>>,
+    /// Cancelled once the lease may have run out.
+    lost: CancellationToken,
 }
 
 /// The owner of the store other than this node, as `acquire` found it.
@@ -124,49 +131,22 @@ impl EtcdStore {
             .build()
             .map_err(|e| StoreError(format!("cannot start the etcd client's runtime: {e}")))?;
         let place = describe(settings);
-        let ttl = settings.lease_ttl();
-        let (members, lease_id, alive_until) = runtime.block_on(async {
-            let members = Members::new(settings).map_err(|e| StoreError(format!("store {place}: {e}")))?;
-            // Until etcd answers: a node started while etcd is down waits for it.
-            loop {
-                let sent = Instant::now();
-                let ttl_s = ttl.as_secs() as i64;
-                match members
-                    .call(|mut c| async move { c.lease_grant(ttl_s, None).await })
-                    .await
-                {
-                    Ok(lease) => {
-                        let granted = Duration::from_secs(lease.ttl().max(0) as u64);
-                        return Ok::<_, StoreError>((members, lease.id(), sent + sure(granted)));
-                    }
-                    Err(e) if e.retryable => {
-                        tracing::warn!(store = %place, error = %e, "cannot take out a lease yet; trying again");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Err(e) => return Err(StoreError(format!("store {place}: cannot take out a lease: {e}"))),
-                }
-            }
-        })?;
-        let store = EtcdStore {
+        let members = Arc::new(Members::new(settings).map_err(|e| StoreError(format!("store {place}: {e}")))?);
+        let lease = runtime.block_on(grant(&members, settings.lease_ttl(), &place))?;
+        Ok(EtcdStore {
             runtime: Some(runtime),
-            members: Arc::new(members),
+            members,
             settings: settings.clone(),
-            lease_id,
-            alive_until: Arc::new(Mutex::new(alive_until)),
-            lost: CancellationToken::new(),
+            lease: Mutex::new(lease),
             epoch: AtomicI64::new(0),
             node_id,
             ceiling: AtomicU64::new(0),
-        };
-        store.runtime().spawn(keep_alive(
-            store.members.clone(),
-            lease_id,
-            ttl,
-            store.alive_until.clone(),
-            store.lost.clone(),
-            place,
-        ));
-        Ok(store)
+        })
+    }
+
+    /// The lease this node holds now.
+    fn lease(&self) -> Lease {
+        self.lease.lock().clone()
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -186,8 +166,9 @@ impl EtcdStore {
     }
 
     /// Cancelled once this node's lease may have run out: it must stop acting as the owner.
+    /// (While it stands by, `acquire` takes out a new lease instead.)
     pub fn lost(&self) -> CancellationToken {
-        self.lost.clone()
+        self.lease().lost
     }
 
     /// This node's epoch, 0 while it does not own the store.
@@ -197,8 +178,8 @@ impl EtcdStore {
 
     /// Waits until this node owns the store, writing `description` into the owner key, and
     /// returns its epoch; `None` if `stop` was cancelled first. `waiting` hears of every other
-    /// owner met on the way (a standby's wait). Fails once the lease is lost. Blocks: call it
-    /// off the async runtime.
+    /// owner met on the way (a standby's wait). A lease that runs out meanwhile (etcd out of
+    /// reach for a while) is replaced by a new one. Blocks: call it off the async runtime.
     pub fn acquire(
         &self,
         description: &str,
@@ -214,24 +195,28 @@ impl EtcdStore {
                 if stop.is_cancelled() {
                     return Ok(None);
                 }
-                if self.lost.is_cancelled() {
-                    return Err(StoreError(format!(
-                        "store {place}: this node's lease ran out while it waited to own the store"
-                    )));
+                let mut lease = self.lease();
+                if lease.lost.is_cancelled() {
+                    tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
+                    lease = tokio::select! {
+                        lease = grant(&self.members, self.settings.lease_ttl(), &place) => lease?,
+                        () = stop.cancelled() => return Ok(None),
+                    };
+                    *self.lease.lock() = lease.clone();
                 }
                 let campaign = Txn::new()
                     .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(
                         owner_key.clone(),
                         description,
-                        Some(PutOptions::new().with_lease(self.lease_id)),
+                        Some(PutOptions::new().with_lease(lease.id)),
                     )])
                     .or_else([TxnOp::get(owner_key.clone(), None)]);
                 let response = match self.members.call(|mut c| async move { c.txn(campaign).await }).await {
                     Ok(r) => r,
                     Err(e) if e.retryable => {
                         tracing::warn!(error = %e, "etcd did not answer the campaign for the store; retrying");
-                        pause_or_lost(&self.lost, Duration::from_millis(200)).await;
+                        pause_or_lost(&lease.lost, Duration::from_millis(200)).await;
                         continue;
                     }
                     Err(e) => return Err(StoreError(format!("store {place}: cannot campaign: {e}"))),
@@ -242,7 +227,7 @@ impl EtcdStore {
                 }
                 let holder = owner_in(&response);
                 // Our own key: an earlier campaign landed but its answer was lost.
-                if let Some(kv) = holder.as_ref().filter(|kv| kv.lease() == self.lease_id) {
+                if let Some(kv) = holder.as_ref().filter(|kv| kv.lease() == lease.id) {
                     return self.owned(kv.create_revision(), met_another).await.map(Some);
                 }
                 if let Some(kv) = &holder {
@@ -257,7 +242,7 @@ impl EtcdStore {
                 // Looked at again after a TTL at the latest: a watch on a member cut off from
                 // the others may hear nothing.
                 tokio::select! {
-                    () = self.until_deleted(&owner_key, revision + 1) => {}
+                    () = self.until_deleted(&owner_key, revision + 1, &lease.lost) => {}
                     () = stop.cancelled() => {}
                     () = tokio::time::sleep(self.settings.lease_ttl()) => {}
                 }
@@ -276,9 +261,9 @@ impl EtcdStore {
         Ok(epoch)
     }
 
-    /// Returns once `key` was deleted at or after `from` (or the watch failed, or the lease
-    /// was lost: the caller looks again either way).
-    async fn until_deleted(&self, key: &[u8], from: i64) {
+    /// Returns once `key` was deleted at or after `from` (or the watch failed, or `lost`: the
+    /// caller looks again either way).
+    async fn until_deleted(&self, key: &[u8], from: i64, lost: &CancellationToken) {
         let watch = async {
             let (used, client) = self.members.current().await.map_err(|e| (None, e.to_string()))?;
             let watched = async {
@@ -301,9 +286,9 @@ impl EtcdStore {
                 if let Some(used) = used {
                     self.members.failed(used);
                 }
-                pause_or_lost(&self.lost, Duration::from_millis(200)).await;
+                pause_or_lost(lost, Duration::from_millis(200)).await;
             },
-            _ = self.lost.cancelled() => {}
+            _ = lost.cancelled() => {}
         }
     }
 
@@ -339,15 +324,16 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut delay = Duration::from_millis(20);
+        let lost = self.lost();
         loop {
-            if self.lost.is_cancelled() {
+            if lost.is_cancelled() {
                 return Err(self.lost_error());
             }
             match self.members.call(&mut request).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable => {
                     tracing::warn!(error = %e, "etcd did not answer ({what}); trying again (a repeated write changes nothing)");
-                    pause_or_lost(&self.lost, delay).await;
+                    pause_or_lost(&lost, delay).await;
                     delay = (delay * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => return Err(StoreError(format!("store {}: cannot {what}: {e}", self.place()))),
@@ -390,7 +376,7 @@ impl EtcdStore {
             return Ok(());
         }
         let now = owner_in(&response);
-        lose(&self.lost);
+        lose(&self.lost());
         Err(StoreError(match now {
             Some(kv) => format!(
                 "store {}: another node owns the store since revision {} ({}); this node (epoch {epoch}) writes \
@@ -502,7 +488,7 @@ impl Drop for EtcdStore {
         // dies instead leaves that to the TTL.
         if let Some(runtime) = self.runtime.take() {
             let members = self.members.clone();
-            let id = self.lease_id;
+            let id = self.lease().id;
             let handle = runtime.spawn(async move {
                 members
                     .call(|c| async move { c.lease_client().revoke(id).await })
@@ -644,6 +630,36 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Takes out a lease of `ttl` and starts keeping it alive; until etcd answers (a node
+/// started while etcd is out of reach waits for it).
+async fn grant(members: &Arc<Members>, ttl: Duration, place: &str) -> Result<Lease, StoreError> {
+    loop {
+        let sent = Instant::now();
+        let ttl_s = ttl.as_secs() as i64;
+        match members
+            .call(|mut c| async move { c.lease_grant(ttl_s, None).await })
+            .await
+        {
+            Ok(granted) => {
+                let lease = Lease {
+                    id: granted.id(),
+                    alive_until: Arc::new(Mutex::new(
+                        sent + sure(Duration::from_secs(granted.ttl().max(0) as u64)),
+                    )),
+                    lost: CancellationToken::new(),
+                };
+                tokio::spawn(keep_alive(members.clone(), lease.clone(), ttl, place.to_owned()));
+                return Ok(lease);
+            }
+            Err(e) if e.retryable => {
+                tracing::warn!(store = %place, error = %e, "cannot take out a lease yet; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(StoreError(format!("store {place}: cannot take out a lease: {e}"))),
+        }
+    }
+}
+
 /// Marks the lease as lost (once).
 fn lose(lost: &CancellationToken) {
     if !lost.is_cancelled() {
@@ -664,14 +680,12 @@ async fn pause_or_lost(lost: &CancellationToken, delay: Duration) {
 /// Renews the lease every sixth of its TTL (so that a renewal just before an etcd leader
 /// change leaves most of the TTL to ride it out), moving `alive_until` on with each confirmed
 /// renewal, and cancels `lost` once `alive_until` has passed or etcd says the lease is gone.
-async fn keep_alive(
-    members: Arc<Members>,
-    lease_id: i64,
-    ttl: Duration,
-    alive_until: Arc<Mutex<Instant>>,
-    lost: CancellationToken,
-    place: String,
-) {
+async fn keep_alive(members: Arc<Members>, lease: Lease, ttl: Duration, place: String) {
+    let Lease {
+        id: lease_id,
+        alive_until,
+        lost,
+    } = lease;
     let mut stream = None;
     loop {
         let deadline = *alive_until.lock();
@@ -782,11 +796,12 @@ impl Store for EtcdStore {
     }
 
     fn serving(&self) -> bool {
-        !self.lost.is_cancelled() && Instant::now() < *self.alive_until.lock()
+        let lease = self.lease();
+        !lease.lost.is_cancelled() && Instant::now() < *lease.alive_until.lock()
     }
 
     fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
-        if self.lost.is_cancelled() {
+        if self.lost().is_cancelled() {
             return Err(self.lost_error());
         }
         let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
@@ -807,7 +822,7 @@ impl Store for EtcdStore {
                 // The journal writes nothing after a failure; another node may be able to,
                 // so this one gives up its ownership.
                 tracing::error!(error = %e, "the etcd store failed; this node gives up its ownership");
-                lose(&self.lost);
+                lose(&self.lost());
                 Err(e)
             }
         }
@@ -869,7 +884,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use etcd_client::Client;
-    use ferrata_testkit::etcd::EtcdCluster;
+    use ferrata_testkit::etcd::{EtcdCluster, EtcdOptions};
 
     use super::*;
     use crate::config::Secret;
@@ -1036,7 +1051,7 @@ mod tests {
         );
 
         // The first node's lease runs out as if it had paused: revoked behind its back.
-        let id = first.lease_id;
+        let id = first.lease().id;
         rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
             client.lease_revoke(id).await.unwrap();
@@ -1067,7 +1082,7 @@ mod tests {
         let (rt, cluster) = cluster(1);
         let s = settings(&cluster);
         let store = owned(&s, "node");
-        let id = store.lease_id;
+        let id = store.lease().id;
         rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
             client.lease_revoke(id).await.unwrap();
@@ -1082,6 +1097,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no longer owns the store"), "{err}");
+    }
+
+    #[test]
+    fn a_standby_whose_lease_runs_out_takes_out_another_and_still_takes_over() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let owner = owned(&s, "owner");
+        let standby = Arc::new(EtcdStore::connect(&s, 0).unwrap());
+        let first = standby.lease().id;
+        let lost = standby.lost();
+        let waiting = {
+            let standby = standby.clone();
+            std::thread::spawn(move || standby.acquire("standby", &CancellationToken::new(), &mut |_| {}))
+        };
+        rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            client.lease_revoke(first).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), lost.cancelled())
+                .await
+                .expect("the standby's lost lease was not noticed within 10 s");
+        });
+        // The owner goes; the standby takes over under a lease of its own (a key cannot be
+        // put under the revoked one).
+        let before = owner.epoch();
+        drop(owner);
+        let epoch = waiting.join().unwrap().unwrap().expect("not stopped");
+        assert!(epoch > before, "{epoch} > {before}");
+        assert_ne!(standby.lease().id, first);
+        assert!(standby.serving());
+        commit(&*standby, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
     }
 
     #[test]
@@ -1125,17 +1170,34 @@ mod tests {
     #[test]
     fn the_owner_keeps_its_lease_and_writes_when_the_member_it_uses_dies() {
         let (rt, mut cluster) = cluster(3);
-        let s = settings(&cluster);
+        // Long enough to ride out an election, should the member that dies lead.
+        let s = Settings {
+            lease_ttl_s: 5,
+            ..settings(&cluster)
+        };
         let store = owned(&s, "node");
         let used = store.members.current_index();
+        let killed = Instant::now();
         cluster.kill(used);
-        // Longer than the lease's TTL: renewals must have reached another member.
+        // Until a renewal sent after the death was confirmed (by another member), the lease
+        // must hold. Nothing announces a renewal: `alive_until` is looked at.
         let ttl = s.lease_ttl();
         rt.block_on(async {
-            let lost = store.lost();
-            let outlived = tokio::time::timeout(ttl * 2, lost.cancelled()).await;
-            assert!(outlived.is_err(), "the lease was lost when one member of three died");
+            let deadline = Instant::now() + 2 * ttl;
+            while *store.lease().alive_until.lock() <= killed + sure(ttl) {
+                assert!(
+                    !store.lost().is_cancelled(),
+                    "the lease was lost when one member of three died"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "no renewal confirmed within {:?} of the death",
+                    2 * ttl
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         });
+        assert!(!store.lost().is_cancelled());
         commit(&store, vec![Mutation::PutGlobal(global(1, GlobalStatus::Begin))]);
         assert_eq!(store.load().unwrap().globals, vec![global(1, GlobalStatus::Begin)]);
         assert_ne!(store.members.current_index(), used);
@@ -1149,7 +1211,7 @@ mod tests {
         // The owner key as the lost campaign left it: under this node's lease.
         let created = rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
-            let options = PutOptions::new().with_lease(store.lease_id);
+            let options = PutOptions::new().with_lease(store.lease().id);
             let put = client
                 .put(format!("{}owner", s.prefix), "node", Some(options))
                 .await
@@ -1214,7 +1276,13 @@ mod tests {
         let (cert, key) = certificate(dir.path(), "etcd");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let cluster = runtime
-            .block_on(EtcdCluster::start_with_tls(1, Some((cert.clone(), key))))
+            .block_on(EtcdCluster::start_with(
+                1,
+                EtcdOptions {
+                    tls: Some((cert.clone(), key)),
+                    ..EtcdOptions::default()
+                },
+            ))
             .unwrap();
         assert!(cluster.endpoint(0).starts_with("https://"));
         let tls = |ca: &std::path::Path| {
