@@ -18,6 +18,8 @@
 //!   lost, every acknowledged commit applied on both servers, nothing they saw rolled back
 //!   has an effect, and within [`EVENT`] after the last fault every unfinished transaction
 //!   is finished: no undo record, prepared branch or global lock left, no dirty rollback.
+//!   And from etcd's history of the store (`support/history.rs`): every write was made by
+//!   the owner of its time, and no row was ever stored as held by two transactions.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -25,11 +27,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
+use ferrata_tc::lock_key::LockKey;
+use ferrata_tc::model::{BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus};
+use ferrata_tc::store::etcd::{EtcdStore, StoredKey};
+use ferrata_tc::store::{Mutation, Store};
 use ferrata_tests::bank::{Books, Mode, Outcome, Side, check_books, create_accounts, credit, server_code, transfer};
 use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::etcd::{EtcdCluster, EtcdOptions};
 use ferrata_tests::ferrata_testkit::netns::Host;
 use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
+use ferrata_tests::history::check_store_history;
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{EVENT, until};
 use mysql_async::prelude::*;
@@ -467,9 +474,175 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
     );
     let node = nodes.active().await?;
     check_books([&db_a, &db_b], &nodes.nodes[node], &books).await?;
+    let prefix = ferrata_tc::config::Etcd::default().prefix;
+    let history = check_store_history(&etcd.endpoints(), &prefix).await?;
+    eprintln!("the store's history: {history:?}");
+    // The first owner, and one for each fault that stopped the active node.
+    assert!(
+        history.epochs.len() >= 6,
+        "each fault that stopped the active node made a new owner: {history:?}"
+    );
     for node in &nodes.nodes {
         assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
     }
     assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
+    Ok(())
+}
+
+/// A store on a fresh one-member etcd cluster, owned by node 1, for the history check's own
+/// test; `write` runs with it (off the async runtime: the store blocks) and with the
+/// cluster's endpoints. Returns the check's result on what was written.
+async fn history_of(
+    write: impl FnOnce(&EtcdStore, &[String]) -> Result<()> + Send + 'static,
+) -> Result<Result<ferrata_tests::history::StoreHistory>> {
+    let etcd = EtcdCluster::start(1).await?;
+    let endpoints = etcd.endpoints();
+    let settings = ferrata_tc::config::Etcd {
+        endpoints: endpoints.clone(),
+        lease_ttl_s: 2,
+        ..Default::default()
+    };
+    let prefix = settings.prefix.clone();
+    // A thread of its own, outside the runtime: the store blocks, and its drop hands the
+    // lease back before the check reads the history.
+    let written = endpoints.clone();
+    std::thread::spawn(move || {
+        let store = EtcdStore::connect(&settings, 1)?;
+        store.acquire("node 1", &CancellationToken::new(), &mut |_| {})?;
+        write(&store, &written)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the writing thread panicked"))??;
+    Ok(check_store_history(&endpoints, &prefix).await)
+}
+
+fn global(txn_id: u64, status: GlobalStatus) -> GlobalRecord {
+    GlobalRecord {
+        txn_id,
+        name: String::new(),
+        status,
+        timeout_ms: 60_000,
+        begin_ms: 0,
+        updated_ms: 0,
+    }
+}
+
+/// A branch of `txn_id` holding the row of `account` with id `id`.
+fn branch(txn_id: u64, id: u64) -> BranchRecord {
+    BranchRecord {
+        txn_id,
+        branch_id: 1,
+        resource_id: "bank".into(),
+        lock_keys: vec![LockKey::new("bank", "test", "account", &[id.to_string()])],
+        application_data: Vec::new(),
+        status: BranchStatus::Registered,
+        registered_ms: 0,
+        updated_ms: 0,
+        error: None,
+        mode: BranchMode::At,
+        connection_id: 0,
+        instance_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_check_finds_unfenced_and_stale_writes_and_rows_held_twice() -> Result<()> {
+    let store_error = |e: ferrata_tc::store::StoreError| anyhow::anyhow!(e.0);
+    // Rows handed on by a commit decision, then taken by another transaction: fine.
+    let fine = history_of(move |store, _| {
+        store
+            .commit(&[
+                Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
+                Mutation::PutBranch(branch(1, 7)),
+            ])
+            .map_err(store_error)?;
+        store
+            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::AsyncCommitting))])
+            .map_err(store_error)?;
+        store
+            .commit(&[
+                Mutation::PutGlobal(global(2, GlobalStatus::Begin)),
+                Mutation::PutBranch(branch(2, 7)),
+            ])
+            .map_err(store_error)?;
+        Ok(())
+    })
+    .await??;
+    assert_eq!(
+        (fine.writes, fine.epochs.len(), fine.most_rows_held),
+        (3, 1, 1),
+        "{fine:?}"
+    );
+
+    // The same row stored for two transactions that both hold their rows.
+    let twice = history_of(move |store, _| {
+        store
+            .commit(&[
+                Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
+                Mutation::PutBranch(branch(1, 7)),
+            ])
+            .map_err(store_error)?;
+        store
+            .commit(&[
+                Mutation::PutGlobal(global(2, GlobalStatus::Rollbacking)),
+                Mutation::PutBranch(branch(2, 7)),
+            ])
+            .map_err(store_error)?;
+        Ok(())
+    })
+    .await?
+    .expect_err("a row held twice");
+    assert!(
+        format!("{twice:#}").contains("held by transactions 0-1 and 0-2"),
+        "{twice:#}"
+    );
+
+    // A record written past the fence, as a node that skipped it would.
+    let unfenced = history_of(move |store, endpoints| {
+        store
+            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
+            .map_err(store_error)?;
+        let prefix = ferrata_tc::config::Etcd::default().prefix;
+        let endpoints = endpoints.to_vec();
+        tokio::runtime::Runtime::new()?.block_on(async move {
+            let mut client = etcd_client::Client::connect(endpoints, None).await?;
+            let key = format!("{prefix}{}", StoredKey::Global(1));
+            let value = client.get(key.clone(), None).await?.kvs()[0].value().to_vec();
+            client.put(key, value, None).await?;
+            anyhow::Ok(())
+        })
+    })
+    .await?
+    .expect_err("an unfenced write");
+    assert!(format!("{unfenced:#}").contains("skipped the fence"), "{unfenced:#}");
+
+    // A write stamped with an epoch that no longer owns the store.
+    let stale = history_of(move |store, endpoints| {
+        store
+            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
+            .map_err(store_error)?;
+        let prefix = ferrata_tc::config::Etcd::default().prefix;
+        let epoch = store.epoch();
+        let endpoints = endpoints.to_vec();
+        tokio::runtime::Runtime::new()?.block_on(async move {
+            let mut client = etcd_client::Client::connect(endpoints, None).await?;
+            let key = format!("{prefix}{}", StoredKey::Global(1));
+            let value = client.get(key.clone(), None).await?.kvs()[0].value().to_vec();
+            // The owner key made anew, as by another node, then a write under the old epoch.
+            let owner = format!("{prefix}{}", StoredKey::Owner);
+            client.delete(owner.clone(), None).await?;
+            client.put(owner, "node 2", None).await?;
+            let writer = format!("{prefix}{}", StoredKey::Writer);
+            let txn = etcd_client::Txn::new().and_then([
+                etcd_client::TxnOp::put(key, value, None),
+                etcd_client::TxnOp::put(writer, epoch.to_string(), None),
+            ]);
+            client.txn(txn).await?;
+            anyhow::Ok(())
+        })
+    })
+    .await?
+    .expect_err("a stale write");
+    assert!(format!("{stale:#}").contains("a stale write"), "{stale:#}");
     Ok(())
 }

@@ -292,8 +292,8 @@ impl Coordinator {
             let mut guarded = BTreeSet::new();
             // Locks of every branch that has not finished phase 2 (commit released them), and
             // their tables, guarded already by the previous instance.
-            if !status.is_committing() && status != GlobalStatus::CommitFailed {
-                for b in list.iter().filter(|b| b.status != BranchStatus::PhaseOneFailed) {
+            if status.holds_locks() {
+                for b in list.iter().filter(|b| b.status.holds_locks()) {
                     guarded.extend(self.at.restore_branch(txn_id, b.branch_id, &b.lock_keys)?);
                 }
             }

@@ -110,6 +110,13 @@ impl GlobalStatus {
         matches!(self, GlobalStatus::AsyncCommitting)
     }
 
+    /// Whether a stored transaction in this status holds its branches' rows: until a commit
+    /// decision released them (or a commit failed, after it), and through a rollback,
+    /// failed or not.
+    pub fn holds_locks(self) -> bool {
+        !self.is_committing() && !matches!(self, GlobalStatus::Committed | GlobalStatus::CommitFailed)
+    }
+
     fn timed_out(self) -> bool {
         use GlobalStatus::*;
         matches!(
@@ -228,6 +235,12 @@ pub enum BranchStatus {
 }
 
 impl BranchStatus {
+    /// Whether a stored branch in this status holds its rows while its transaction does
+    /// ([`GlobalStatus::holds_locks`]): all but one whose local transaction never committed.
+    pub fn holds_locks(self) -> bool {
+        self != BranchStatus::PhaseOneFailed
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             BranchStatus::Registered => "Registered",

@@ -17,6 +17,7 @@ pub use ferrata_testkit;
 pub mod bank;
 pub mod coordinator;
 pub mod dirty;
+pub mod history;
 pub mod process;
 
 /// A proxy running in this process. Dropping it stops it.

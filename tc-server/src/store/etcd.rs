@@ -20,7 +20,12 @@
 //!   so that key order is number order),
 //! * `t/<name>`: tokens,
 //! * `meta/id_ceiling/<node>`: the id ceiling of each node id (4 hex digits; ids carry their
-//!   node id, so each node continues its own), in decimal.
+//!   node id, so each node continues its own), in decimal,
+//! * `meta/writer`: the epoch of the owner whose write made the current revision, in decimal,
+//!   written by every write: etcd's history then says which owner wrote what (the HA tests
+//!   check no write came from a node that no longer owned the store).
+//!
+//! [`StoredKey`] is this layout in code, for the store and for programs that read it.
 //!
 //! Values are records as `record.rs` encodes them, as in the embedded store.
 //!
@@ -158,7 +163,11 @@ impl EtcdStore {
     }
 
     fn owner_key(&self) -> Vec<u8> {
-        self.key("owner")
+        self.stored(StoredKey::Owner)
+    }
+
+    fn stored(&self, key: StoredKey<'_>) -> Vec<u8> {
+        self.key(&key.to_string())
     }
 
     fn key(&self, rest: &str) -> Vec<u8> {
@@ -292,12 +301,12 @@ impl EtcdStore {
         }
     }
 
-    fn ceiling_key(&self) -> String {
-        format!("meta/id_ceiling/{:04x}", self.node_id)
+    fn ceiling_key(&self) -> Vec<u8> {
+        self.stored(StoredKey::IdCeiling { node: self.node_id })
     }
 
     async fn read_ceiling(&self) -> Result<u64, StoreError> {
-        let key = self.key(&self.ceiling_key());
+        let key = self.ceiling_key();
         let response = self
             .retrying("read the id ceiling", |mut c| {
                 let key = key.clone();
@@ -310,7 +319,7 @@ impl EtcdStore {
                 StoreError(format!(
                     "store {}: {} is not a number",
                     self.place(),
-                    self.ceiling_key()
+                    String::from_utf8_lossy(&self.ceiling_key())
                 ))
             }),
         }
@@ -360,6 +369,8 @@ impl EtcdStore {
             )));
         }
         let owner_key = self.owner_key();
+        let mut ops = ops;
+        ops.push(TxnOp::put(self.stored(StoredKey::Writer), epoch.to_string(), None));
         let txn = Txn::new()
             .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)])
             .and_then(ops)
@@ -395,32 +406,34 @@ impl EtcdStore {
     /// The etcd operations of one mutation, in order.
     fn ops_of(&self, m: &Mutation, ceiling: &mut u64, ops: &mut Vec<Op>) -> Result<(), StoreError> {
         match m {
-            Mutation::PutGlobal(g) => ops.push(Op::Put(self.key(&txn_key("g", g.txn_id)), encode(g)?)),
+            Mutation::PutGlobal(g) => ops.push(Op::Put(self.stored(StoredKey::Global(g.txn_id)), encode(g)?)),
             Mutation::Finish(f) => {
                 let txn_id = f.record.txn_id;
-                ops.push(Op::Delete(self.key(&txn_key("g", txn_id))));
-                ops.push(Op::DeletePrefix(self.key(&format!("{}/", txn_key("b", txn_id)))));
-                ops.push(Op::Put(self.key(&txn_key("f", txn_id)), encode(f)?));
+                ops.push(Op::Delete(self.stored(StoredKey::Global(txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&of_txn("b", txn_id))));
+                ops.push(Op::Put(self.stored(StoredKey::Finished(txn_id)), encode(f)?));
             }
             Mutation::PutEvents { txn_id, first, events } => {
                 for (index, event) in (*first..).zip(events) {
-                    ops.push(Op::Put(
-                        self.key(&format!("{}/{index:08x}", txn_key("e", *txn_id))),
-                        encode(event)?,
-                    ));
+                    let key = StoredKey::Event { txn: *txn_id, index };
+                    ops.push(Op::Put(self.stored(key), encode(event)?));
                 }
             }
             Mutation::Forget { txn_id } => {
-                ops.push(Op::Delete(self.key(&txn_key("f", *txn_id))));
-                ops.push(Op::DeletePrefix(self.key(&format!("{}/", txn_key("e", *txn_id)))));
+                ops.push(Op::Delete(self.stored(StoredKey::Finished(*txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&of_txn("e", *txn_id))));
             }
             Mutation::PutBranch(b) => ops.push(Op::Put(
-                self.key(&format!("{}/{:016x}", txn_key("b", b.txn_id), b.branch_id)),
+                self.stored(StoredKey::Branch {
+                    txn: b.txn_id,
+                    branch: b.branch_id,
+                }),
                 encode(b)?,
             )),
-            Mutation::DeleteBranch { txn_id, branch_id } => ops.push(Op::Delete(
-                self.key(&format!("{}/{branch_id:016x}", txn_key("b", *txn_id))),
-            )),
+            Mutation::DeleteBranch { txn_id, branch_id } => ops.push(Op::Delete(self.stored(StoredKey::Branch {
+                txn: *txn_id,
+                branch: *branch_id,
+            }))),
             Mutation::SetIdCeiling(new) => {
                 if crate::xid::node_of(*new) != self.node_id {
                     return Err(StoreError(format!(
@@ -432,20 +445,22 @@ impl EtcdStore {
                 }
                 if *new > *ceiling {
                     *ceiling = *new;
-                    ops.push(Op::Put(self.key(&self.ceiling_key()), new.to_string().into_bytes()));
+                    ops.push(Op::Put(self.ceiling_key(), new.to_string().into_bytes()));
                 }
             }
-            Mutation::AppendAudit(r) => ops.push(Op::Put(self.key(&txn_key("a", r.id)), encode(r)?)),
-            Mutation::PutToken(t) => ops.push(Op::Put(self.key(&format!("t/{}", t.name)), encode(t)?)),
-            Mutation::DeleteToken { name } => ops.push(Op::Delete(self.key(&format!("t/{name}")))),
+            Mutation::AppendAudit(r) => ops.push(Op::Put(self.stored(StoredKey::Audit(r.id)), encode(r)?)),
+            Mutation::PutToken(t) => ops.push(Op::Put(self.stored(StoredKey::Token(&t.name)), encode(t)?)),
+            Mutation::DeleteToken { name } => ops.push(Op::Delete(self.stored(StoredKey::Token(name)))),
         }
         Ok(())
     }
 
     /// The transactions that apply `batch`, split as the module docs say.
     fn transactions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(Vec<Part>, u64), StoreError> {
-        let max_ops = self.settings.max_txn_ops;
-        let max_bytes = self.settings.max_txn_bytes;
+        // Room for the writer's stamp that `fenced` adds.
+        let max_ops = self.settings.max_txn_ops - 1;
+        let stamp = Op::Put(self.stored(StoredKey::Writer), i64::MAX.to_string().into_bytes());
+        let max_bytes = self.settings.max_txn_bytes - stamp.bytes();
         let mut ceiling = self.ceiling.load(Ordering::Acquire);
         debug_assert_eq!(ends.last().copied().unwrap_or(0), batch.len(), "ends cover the batch");
         let mut parts = vec![Part::default()];
@@ -513,9 +528,9 @@ fn owner_in(response: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue
     })
 }
 
-/// `g/<txn>` and the like: a kind and a 16-digit hex id.
-fn txn_key(kind: &str, id: u64) -> String {
-    format!("{kind}/{id:016x}")
+/// The prefix of every branch (`kind` "b") or event ("e") key of `txn`.
+fn of_txn(kind: &str, txn: u64) -> String {
+    format!("{kind}/{txn:016x}/")
 }
 
 fn parse_ceiling(bytes: &[u8]) -> Option<u64> {
@@ -755,7 +770,6 @@ impl Store for EtcdStore {
         let prefix = self.key("");
         let end = prefix_end(&prefix);
         let mut loader = Loader::new(&place);
-        let own_ceiling = self.ceiling_key();
         self.runtime().block_on(async {
             let mut from = prefix.clone();
             // Every page at the first page's revision: one consistent view.
@@ -778,7 +792,7 @@ impl Store for EtcdStore {
                 let more = page.more();
                 let kvs = page.take_kvs();
                 for kv in &kvs {
-                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place, &own_ceiling)?;
+                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place, self.node_id)?;
                 }
                 match kvs.last() {
                     Some(last) if more => {
@@ -829,15 +843,83 @@ impl Store for EtcdStore {
     }
 }
 
-/// Feeds one stored key (without the prefix) to `loader`; of the id ceilings, only
-/// `own_ceiling`'s is this node's.
-fn load_key(
-    loader: &mut Loader<'_>,
-    key: &[u8],
-    value: &[u8],
-    place: &str,
-    own_ceiling: &str,
-) -> Result<(), StoreError> {
+/// What a key under the prefix holds (the layout in the module comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredKey<'a> {
+    Owner,
+    Writer,
+    Global(u64),
+    Branch { txn: u64, branch: u64 },
+    Finished(u64),
+    Event { txn: u64, index: u32 },
+    Audit(u64),
+    Token(&'a str),
+    IdCeiling { node: u16 },
+}
+
+impl<'a> StoredKey<'a> {
+    /// `key` without the prefix; `None` if it is no key this version writes.
+    pub fn parse(key: &'a [u8]) -> Option<StoredKey<'a>> {
+        fn hex<T: TryFrom<u64>>(s: &str, digits: usize) -> Option<T> {
+            u64::from_str_radix(s, 16)
+                .ok()
+                .filter(|_| s.len() == digits)
+                .and_then(|n| T::try_from(n).ok())
+        }
+        let text = std::str::from_utf8(key).ok()?;
+        // `<txn>/<second>`.
+        let pair = |ids: &'a str| {
+            let (txn, second) = ids.split_once('/')?;
+            Some((hex::<u64>(txn, 16)?, second))
+        };
+        Some(match text.split_once('/').unwrap_or((text, "")) {
+            ("owner", "") if text == "owner" => StoredKey::Owner,
+            ("meta", "writer") => StoredKey::Writer,
+            ("meta", rest) => StoredKey::IdCeiling {
+                node: hex(rest.strip_prefix("id_ceiling/")?, 4)?,
+            },
+            ("g", id) => StoredKey::Global(hex(id, 16)?),
+            ("f", id) => StoredKey::Finished(hex(id, 16)?),
+            ("a", id) => StoredKey::Audit(hex(id, 16)?),
+            ("t", name) if !name.is_empty() => StoredKey::Token(name),
+            ("b", ids) => {
+                let (txn, branch) = pair(ids)?;
+                StoredKey::Branch {
+                    txn,
+                    branch: hex(branch, 16)?,
+                }
+            }
+            ("e", ids) => {
+                let (txn, index) = pair(ids)?;
+                StoredKey::Event {
+                    txn,
+                    index: hex(index, 8)?,
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for StoredKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoredKey::Owner => write!(f, "owner"),
+            StoredKey::Writer => write!(f, "meta/writer"),
+            StoredKey::Global(txn) => write!(f, "g/{txn:016x}"),
+            StoredKey::Branch { txn, branch } => write!(f, "b/{txn:016x}/{branch:016x}"),
+            StoredKey::Finished(txn) => write!(f, "f/{txn:016x}"),
+            StoredKey::Event { txn, index } => write!(f, "e/{txn:016x}/{index:08x}"),
+            StoredKey::Audit(id) => write!(f, "a/{id:016x}"),
+            StoredKey::Token(name) => write!(f, "t/{name}"),
+            StoredKey::IdCeiling { node } => write!(f, "meta/id_ceiling/{node:04x}"),
+        }
+    }
+}
+
+/// Loads one stored key (without the prefix) into `loader`; of the id ceilings, only node
+/// `own_node`'s is this node's.
+fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str, own_node: u16) -> Result<(), StoreError> {
     let unknown = || {
         StoreError(format!(
             "store {place}: cannot load: the key {:?} is not one this ferrata-tc writes (written by a newer one, or \
@@ -845,37 +927,21 @@ fn load_key(
             String::from_utf8_lossy(key)
         ))
     };
-    let text = std::str::from_utf8(key).map_err(|_| unknown())?;
-    let hex = |s: &str| u64::from_str_radix(s, 16).ok().filter(|_| s.len() == 16);
-    let mut parts = text.splitn(2, '/');
-    let kind = parts.next().unwrap_or("");
-    let rest = parts.next();
-    match (kind, rest) {
-        ("owner", None) => Ok(()),
-        ("g", Some(id)) => loader.global(hex(id).ok_or_else(unknown)?, value),
-        ("f", Some(id)) => loader.finished(hex(id).ok_or_else(unknown)?, value),
-        ("a", Some(id)) => loader.audit(hex(id).ok_or_else(unknown)?, value),
-        ("t", Some(name)) => loader.token(name, value),
-        ("b", Some(ids)) => {
-            let (txn, branch) = ids.split_once('/').ok_or_else(unknown)?;
-            loader.branch(hex(txn).ok_or_else(unknown)?, hex(branch).ok_or_else(unknown)?, value)
-        }
-        ("e", Some(ids)) => {
-            let (txn, index) = ids.split_once('/').ok_or_else(unknown)?;
-            let index = u32::from_str_radix(index, 16)
-                .ok()
-                .filter(|_| index.len() == 8)
-                .ok_or_else(unknown)?;
-            loader.event(hex(txn).ok_or_else(unknown)?, index, value)
-        }
-        ("meta", Some(ceiling)) if ceiling.starts_with("id_ceiling/") => {
+    match StoredKey::parse(key).ok_or_else(unknown)? {
+        StoredKey::Owner | StoredKey::Writer => Ok(()),
+        StoredKey::Global(txn) => loader.global(txn, value),
+        StoredKey::Finished(txn) => loader.finished(txn, value),
+        StoredKey::Audit(id) => loader.audit(id, value),
+        StoredKey::Token(name) => loader.token(name, value),
+        StoredKey::Branch { txn, branch } => loader.branch(txn, branch, value),
+        StoredKey::Event { txn, index } => loader.event(txn, index, value),
+        StoredKey::IdCeiling { node } => {
             let value = parse_ceiling(value).ok_or_else(unknown)?;
-            if text == own_ceiling {
+            if node == own_node {
                 loader.id_ceiling(value);
             }
             Ok(())
         }
-        _ => Err(unknown()),
     }
 }
 
@@ -1307,6 +1373,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("certificate"), "{err}");
+    }
+
+    #[test]
+    fn every_stored_key_reads_back_as_written_and_nothing_else_is_one() {
+        let keys = [
+            StoredKey::Owner,
+            StoredKey::Writer,
+            StoredKey::Global(u64::MAX),
+            StoredKey::Branch {
+                txn: 1 << 48,
+                branch: 7,
+            },
+            StoredKey::Finished(3),
+            StoredKey::Event {
+                txn: 3,
+                index: u32::MAX,
+            },
+            StoredKey::Audit(0),
+            StoredKey::Token("ops/alice"),
+            StoredKey::IdCeiling { node: 0xbeef },
+        ];
+        for key in keys {
+            let text = key.to_string();
+            assert_eq!(StoredKey::parse(text.as_bytes()), Some(key), "{text}");
+        }
+        for other in [
+            "",
+            "owner/",
+            "owners",
+            "g/1",
+            "g/000000000000000g",
+            "b/0000000000000001",
+            "e/0000000000000001/1",
+            "meta/id_ceiling/1",
+            "meta/id_ceiling/10000",
+            "meta/other",
+            "t/",
+            "x/0000000000000001",
+        ] {
+            assert_eq!(StoredKey::parse(other.as_bytes()), None, "{other:?}");
+        }
     }
 
     #[test]

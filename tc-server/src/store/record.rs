@@ -51,6 +51,17 @@ fn decode<T: DeserializeOwned>(place: &dyn Display, what: &dyn Fn() -> String, b
     }
 }
 
+/// A global transaction's record as a store holds it, for programs that read a store's keys
+/// themselves (the HA tests check etcd's history with it); `place` names the store in errors.
+pub fn read_global(place: &dyn Display, bytes: &[u8]) -> Result<GlobalRecord, StoreError> {
+    decode(place, &|| "a global transaction".to_owned(), bytes)
+}
+
+/// A branch's record as a store holds it (any version this one reads), like [`read_global`].
+pub fn read_branch(place: &dyn Display, bytes: &[u8]) -> Result<BranchRecord, StoreError> {
+    decode_branch(place, &|| "a branch".to_owned(), bytes)
+}
+
 /// A branch as version 1 stored it (always AT): the fields every version starts with, in
 /// order. Version 2 appended the mode and the connection id, version 3 the instance id; as
 /// postcard writes a struct as its fields in order, a tuple of these parts reads them.
