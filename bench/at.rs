@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, ensure};
 use clap::Parser;
 use ferrata_bench::{
-    Latency, LoggedChild, Sample, Sysbench, addr_after, http_get, load_average, median, metric_samples, parse_serving,
-    process_cpu_seconds,
+    Latency, LoggedChild, Sample, StoreKind, Sysbench, addr_after, http_get, load_average, median, metric_samples,
+    parse_serving, process_cpu_seconds,
 };
+use ferrata_testkit::etcd::EtcdCluster;
 use ferrata_testkit::service::Service;
 use ferrata_testkit::{APP_PASSWORD, APP_USER, MariaDb, MariaDbOptions};
 use mysql_async::Conn;
@@ -43,8 +44,10 @@ const LONG_ABOUT: &str = "\
 Ferrata's AT and XA modes against MariaDB reached directly, interleaved round by round.
 
 Starts two throw-away MariaDB servers (A and B, testkit; 256 MiB buffer pool by default,
-innodb_flush_log_at_trx_commit=2), one ferrata-tc (its store in a fresh directory) and one
-ferrata-proxy in front of each server with that coordinator, and creates
+innodb_flush_log_at_trx_commit=2), one ferrata-tc (its store in a fresh directory, or with
+--store etcd1/etcd3 on an etcd cluster of one or three members the driver starts, whose CPU
+counts as the coordinator's) and one ferrata-proxy in front of each server with that
+coordinator, and creates
 test.account (id INT PRIMARY KEY, balance BIGINT NOT NULL) with --accounts rows on each server.
 
 Workloads (--workloads):
@@ -173,6 +176,10 @@ struct Args {
     /// Extra flag for the coordinator, e.g. --tc-arg=--worker-threads=1 (repeatable).
     #[arg(long = "tc-arg", allow_hyphen_values = true)]
     tc_args: Vec<String>,
+    /// Where the coordinator keeps its state: `redb` (the embedded store), `etcd1`, `etcd3`
+    /// (etcd of one or three members; bench/at-stores.sh alternates runs on each).
+    #[arg(long, value_enum, default_value = "redb")]
+    store: StoreKind,
     /// Where the coordinator's data directory is created [default: the temp directory]. Its
     /// store fsyncs every change, so put it on the disk under test, not tmpfs.
     #[arg(long)]
@@ -280,8 +287,15 @@ fn run(args: Args) -> Result<()> {
     // is 10 s): an XA side starts once the AT side's guards are gone (see `Env::side`), so it
     // measures XA alone, not the row checks its writes get while AT rows may be held.
     let tc_config = tc_data.path().join("tc.toml");
-    std::fs::write(&tc_config, "[transactions]\nguard_linger_ms = 250\n")
-        .context("writing the coordinator's config")?;
+    let etcd = match args.store.members() {
+        0 => None,
+        members => Some(runtime.block_on(EtcdCluster::start(members))?),
+    };
+    let mut toml = "[transactions]\nguard_linger_ms = 250\n".to_owned();
+    if let Some(etcd) = &etcd {
+        toml += &format!("[etcd]\nendpoints = {:?}\n", etcd.endpoints());
+    }
+    std::fs::write(&tc_config, toml).context("writing the coordinator's config")?;
     let mut cmd = Command::new(&tc_bin);
     cmd.arg("--config").arg(&tc_config);
     cmd.args([
@@ -304,7 +318,10 @@ fn run(args: Args) -> Result<()> {
 
     print_settings(&args, &proxy_bin, &tc_bin, tc_data.path());
 
-    let mut env = runtime.block_on(Env::new(args, tc, proxy_a, proxy_b, db_a, db_b, proxy_bin))?;
+    let etcd_pids = etcd.as_ref().map_or(Vec::new(), |etcd| {
+        (0..args.store.members()).filter_map(|i| etcd.pid(i)).collect()
+    });
+    let mut env = runtime.block_on(Env::new(args, (tc, etcd_pids), proxy_a, proxy_b, db_a, db_b, proxy_bin))?;
     let result = runtime.block_on(env.run_workloads());
     if let Err(err) = result {
         return Err(err.context(env.log_tails()));
@@ -312,6 +329,7 @@ fn run(args: Args) -> Result<()> {
     env.print_warnings();
     println!("\ntotal {:.0} s", started.elapsed().as_secs_f64());
     drop(env);
+    drop(etcd);
     drop(tc_data);
     Ok(())
 }
@@ -334,12 +352,11 @@ fn binary(explicit: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
 fn print_settings(args: &Args, proxy_bin: &Path, tc_bin: &Path, tc_data: &Path) {
     let extra = |flags: &[String]| flags.iter().map(|f| format!(" {f}")).collect::<String>();
     println!("  proxy:     {}{}", proxy_bin.display(), extra(&args.proxy_args));
-    println!(
-        "  tc:        {}{} (store in {})",
-        tc_bin.display(),
-        extra(&args.tc_args),
-        tc_data.display()
-    );
+    let store = match args.store {
+        StoreKind::Redb => format!("store in {}", tc_data.display()),
+        etcd => format!("store on {}, CPU counted with the coordinator's", etcd.name()),
+    };
+    println!("  tc:        {}{} ({store})", tc_bin.display(), extra(&args.tc_args));
     println!(
         "settings: workloads {:?}; {} rounds x {} s per side, warm-up {} s per side; transfer clients {:?}, \
          hot clients {}, sysbench threads {:?} ({} tables x {} rows); {} accounts per server; UPDATEs as {}; \
@@ -970,6 +987,8 @@ struct Env {
     proxy_a: Proxy,
     proxy_b: Proxy,
     tc: LoggedChild,
+    /// The etcd members the coordinator's store is on (none with the embedded store).
+    etcd_pids: Vec<u32>,
     monitor_a: Conn,
     monitor_b: Conn,
     db_a: MariaDb,
@@ -987,7 +1006,7 @@ struct Env {
 impl Env {
     async fn new(
         args: Args,
-        tc: LoggedChild,
+        (tc, etcd_pids): (LoggedChild, Vec<u32>),
         proxy_a: Proxy,
         proxy_b: Proxy,
         db_a: MariaDb,
@@ -1001,6 +1020,7 @@ impl Env {
             proxy_a,
             proxy_b,
             tc,
+            etcd_pids,
             db_a,
             db_b,
             proxy_bin,
@@ -1103,7 +1123,7 @@ impl Env {
         Ok(vec![
             sum(&[self.db_a.pid(), self.db_b.pid()])?,
             sum(&[self.proxy_a.proc.pid(), self.proxy_b.proc.pid()])?,
-            self.tc.cpu_seconds()?,
+            self.tc.cpu_seconds()? + sum(&self.etcd_pids)?,
             process_cpu_seconds(std::process::id())?,
         ])
     }

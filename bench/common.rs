@@ -15,6 +15,36 @@ use ferrata_testkit::{APP_PASSWORD, APP_USER};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Where a benchmarked coordinator keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded store (write-ahead log and redb).
+    Redb,
+    /// etcd, one member (started by the benchmark).
+    Etcd1,
+    /// etcd, three members.
+    Etcd3,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Redb => "redb",
+            StoreKind::Etcd1 => "etcd1",
+            StoreKind::Etcd3 => "etcd3",
+        }
+    }
+
+    /// etcd members, 0 for the embedded store.
+    pub fn members(self) -> usize {
+        match self {
+            StoreKind::Redb => 0,
+            StoreKind::Etcd1 => 1,
+            StoreKind::Etcd3 => 3,
+        }
+    }
+}
+
 /// Prints the `machine` block: CPUs, CPU model, memory, kernel, the MariaDB version given
 /// and sysbench's version.
 pub fn print_machine(server_version: &str) -> Result<()> {

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use ferrata_bench::{
-    Latency, LoggedChild, cpu_seconds, http_get, load_average, machine_jiffies, metric_labeled, metric_sum,
+    Latency, LoggedChild, StoreKind, cpu_seconds, http_get, load_average, machine_jiffies, metric_labeled, metric_sum,
     parse_serving, parse_stat, round,
 };
 use ferrata_rpc::client::{Attachment, ClientConfig, CommandHandler, TcClient, attach};
@@ -112,32 +112,6 @@ struct Args {
     /// Failovers measured on each etcd store after the scenarios (0: none).
     #[arg(long, default_value_t = 0)]
     failovers: usize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum StoreKind {
-    Redb,
-    Etcd1,
-    Etcd3,
-}
-
-impl StoreKind {
-    fn name(self) -> &'static str {
-        match self {
-            StoreKind::Redb => "redb",
-            StoreKind::Etcd1 => "etcd1",
-            StoreKind::Etcd3 => "etcd3",
-        }
-    }
-
-    /// etcd members, 0 for the embedded store.
-    fn members(self) -> usize {
-        match self {
-            StoreKind::Redb => 0,
-            StoreKind::Etcd1 => 1,
-            StoreKind::Etcd3 => 3,
-        }
-    }
 }
 
 /// Longest any single call may take before the run is declared broken.

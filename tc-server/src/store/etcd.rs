@@ -99,6 +99,19 @@ struct Lease {
     lost: CancellationToken,
 }
 
+impl Lease {
+    /// No lease yet (id 0, which etcd never grants): as good as one that ran out.
+    fn none() -> Lease {
+        let lost = CancellationToken::new();
+        lost.cancel();
+        Lease {
+            id: 0,
+            alive_until: Arc::new(Mutex::new(Instant::now())),
+            lost,
+        }
+    }
+}
+
 /// The owner of the store other than this node, as `acquire` found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -109,8 +122,9 @@ pub struct Owner {
 }
 
 impl EtcdStore {
-    /// Connects to etcd and takes out the lease of node `node_id`; the store is not owned yet
-    /// ([`EtcdStore::acquire`]). Blocks: call it off the async runtime.
+    /// The store of node `node_id` on the etcd members of `settings`. Nothing is asked of etcd
+    /// yet: [`EtcdStore::acquire`] takes out the node's lease (waiting for etcd if it is out of
+    /// reach, until stopped) and then owns the store. Call it off the async runtime.
     pub fn connect(settings: &Settings, node_id: u16) -> Result<EtcdStore, StoreError> {
         metrics::describe_gauge!(
             "ferrata_tc_active",
@@ -137,12 +151,11 @@ impl EtcdStore {
             .map_err(|e| StoreError(format!("cannot start the etcd client's runtime: {e}")))?;
         let place = describe(settings);
         let members = Arc::new(Members::new(settings).map_err(|e| StoreError(format!("store {place}: {e}")))?);
-        let lease = runtime.block_on(grant(&members, settings.lease_ttl(), &place))?;
         Ok(EtcdStore {
             runtime: Some(runtime),
             members,
             settings: settings.clone(),
-            lease: Mutex::new(lease),
+            lease: Mutex::new(Lease::none()),
             epoch: AtomicI64::new(0),
             node_id,
             ceiling: AtomicU64::new(0),
@@ -187,8 +200,9 @@ impl EtcdStore {
 
     /// Waits until this node owns the store, writing `description` into the owner key, and
     /// returns its epoch; `None` if `stop` was cancelled first. `waiting` hears of every other
-    /// owner met on the way (a standby's wait). A lease that runs out meanwhile (etcd out of
-    /// reach for a while) is replaced by a new one. Blocks: call it off the async runtime.
+    /// owner met on the way (a standby's wait). Takes out the node's lease first, and a new
+    /// one whenever it runs out meanwhile (etcd out of reach for a while). Blocks: call it off
+    /// the async runtime.
     pub fn acquire(
         &self,
         description: &str,
@@ -204,15 +218,9 @@ impl EtcdStore {
                 if stop.is_cancelled() {
                     return Ok(None);
                 }
-                let mut lease = self.lease();
-                if lease.lost.is_cancelled() {
-                    tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
-                    lease = tokio::select! {
-                        lease = grant(&self.members, self.settings.lease_ttl(), &place) => lease?,
-                        () = stop.cancelled() => return Ok(None),
-                    };
-                    *self.lease.lock() = lease.clone();
-                }
+                let Some(lease) = self.leased(stop).await? else {
+                    return Ok(None);
+                };
                 let campaign = Txn::new()
                     .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(
@@ -257,6 +265,25 @@ impl EtcdStore {
                 }
             }
         })
+    }
+
+    /// The node's lease, taken out first if it has none or the one it had ran out (only
+    /// while it does not own the store); `None` if `stop` came first.
+    async fn leased(&self, stop: &CancellationToken) -> Result<Option<Lease>, StoreError> {
+        let lease = self.lease();
+        if !lease.lost.is_cancelled() {
+            return Ok(Some(lease));
+        }
+        let place = self.place();
+        if lease.id != 0 {
+            tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
+        }
+        let lease = tokio::select! {
+            lease = grant(&self.members, self.settings.lease_ttl(), &place) => lease?,
+            () = stop.cancelled() => return Ok(None),
+        };
+        *self.lease.lock() = lease.clone();
+        Ok(Some(lease))
     }
 
     /// This node owns the store from `epoch` on: reads its id ceiling and records it.
@@ -502,18 +529,21 @@ impl Drop for EtcdStore {
         // Hand the lease back so a standby need not wait for it to run out; a process that
         // dies instead leaves that to the TTL.
         if let Some(runtime) = self.runtime.take() {
-            let members = self.members.clone();
+            // Id 0: no lease was ever taken out.
             let id = self.lease().id;
-            let handle = runtime.spawn(async move {
-                members
-                    .call(|c| async move { c.lease_client().revoke(id).await })
-                    .await
-                    .map(drop)
-            });
-            // Dropping a runtime may not block inside another one (a failed start on the
-            // server's runtime); wait for the revoke only where that is allowed.
-            if tokio::runtime::Handle::try_current().is_err() {
-                let _ = runtime.block_on(handle);
+            if id != 0 {
+                let members = self.members.clone();
+                let handle = runtime.spawn(async move {
+                    members
+                        .call(|c| async move { c.lease_client().revoke(id).await })
+                        .await
+                        .map(drop)
+                });
+                // Dropping a runtime may not block inside another one (a failed start on the
+                // server's runtime); wait for the revoke only where that is allowed.
+                if tokio::runtime::Handle::try_current().is_err() {
+                    let _ = runtime.block_on(handle);
+                }
             }
             runtime.shutdown_background();
         }
@@ -1166,13 +1196,39 @@ mod tests {
     }
 
     #[test]
+    fn a_node_waits_for_etcd_out_of_reach_until_it_is_stopped() {
+        // "etcd" accepts connections and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = Settings {
+            endpoints: vec![format!("http://{}", silent.local_addr().unwrap())],
+            lease_ttl_s: 2,
+            request_timeout_ms: 200,
+            ..Settings::default()
+        };
+        // Nothing is asked of etcd before `acquire`, which waits until stopped.
+        let store = Arc::new(EtcdStore::connect(&s, 0).unwrap());
+        let stop = CancellationToken::new();
+        let waiting = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || store.acquire("node", &stop, &mut |_| {}))
+        };
+        let (_held, _) = silent.accept().unwrap();
+        stop.cancel();
+        assert_eq!(waiting.join().unwrap().unwrap(), None);
+        assert!(!store.serving());
+    }
+
+    #[test]
     fn a_standby_whose_lease_runs_out_takes_out_another_and_still_takes_over() {
         let (rt, cluster) = cluster(1);
         let s = settings(&cluster);
         let owner = owned(&s, "owner");
         let standby = Arc::new(EtcdStore::connect(&s, 0).unwrap());
-        let first = standby.lease().id;
-        let lost = standby.lost();
+        let Lease { id: first, lost, .. } = standby
+            .runtime()
+            .block_on(standby.leased(&CancellationToken::new()))
+            .unwrap()
+            .unwrap();
         let waiting = {
             let standby = standby.clone();
             std::thread::spawn(move || standby.acquire("standby", &CancellationToken::new(), &mut |_| {}))
@@ -1274,10 +1330,11 @@ mod tests {
         let (rt, cluster) = cluster(1);
         let s = settings(&cluster);
         let store = EtcdStore::connect(&s, 0).unwrap();
+        let lease = store.runtime().block_on(store.leased(&CancellationToken::new())).unwrap().unwrap();
         // The owner key as the lost campaign left it: under this node's lease.
         let created = rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
-            let options = PutOptions::new().with_lease(store.lease().id);
+            let options = PutOptions::new().with_lease(lease.id);
             let put = client
                 .put(format!("{}owner", s.prefix), "node", Some(options))
                 .await
@@ -1311,7 +1368,11 @@ mod tests {
             password: Some(Secret("guess".into())),
             ..s.clone()
         };
-        let err = EtcdStore::connect(&wrong, 0).unwrap_err().to_string();
+        let never = CancellationToken::new();
+        let err = EtcdStore::connect(&wrong, 0)
+            .and_then(|store| store.acquire("node", &never, &mut |_| {}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("authentication failed"), "{err}");
         assert!(!err.contains("guess"), "the password never shows: {err}");
         let anonymous = Settings {
@@ -1370,6 +1431,7 @@ mod tests {
         // member to wait for.
         let (other, _) = certificate(dir.path(), "other");
         let err = EtcdStore::connect(&Settings { tls: tls(&other), ..s }, 0)
+            .and_then(|store| store.acquire("node", &CancellationToken::new(), &mut |_| {}))
             .unwrap_err()
             .to_string();
         assert!(err.contains("certificate"), "{err}");
