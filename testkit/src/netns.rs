@@ -7,18 +7,21 @@
 //!
 //! Link `l` of the host with index `h` is the /30 `10.213.h.(4l)`: the test's end is
 //! `.(4l+1)` ([`Host::outside`]), the host's end `.(4l+2)` ([`Host::inside`]). Indexes are
-//! claimed with a flock-ed file each, so concurrent test processes never share one, and a
-//! claim whose process died is taken over with whatever it left behind deleted.
+//! claimed with a flock-ed file each in `/run/lock`, so concurrent test processes never share
+//! one, and a claim whose process died is taken over with whatever it left behind deleted.
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
 use crate::flock;
 
+/// Where the claims of host indexes are (root's, like the namespaces).
+const CLAIMS: &str = "/run/lock";
 /// Host indexes: the third octet of their addresses.
 const INDEXES: u16 = 256;
 /// Links per host at most (the fourth octet: 4 per link).
@@ -138,7 +141,8 @@ fn outside_name(index: u8, l: u8) -> String {
 fn claim_index() -> Result<(u8, File)> {
     for index in 0..INDEXES {
         let index = index as u8;
-        let path = std::env::temp_dir().join(format!("ferrata-netns-{index}.lock"));
+        // Namespaces are machine-wide, so their claims must be too, whatever TMPDIR says.
+        let path = Path::new(CLAIMS).join(format!("ferrata-netns-{index}.lock"));
         let file = File::options()
             .create(true)
             .truncate(false)

@@ -76,7 +76,8 @@ impl State {
 }
 
 /// Reads the history of the store under `prefix` on the etcd cluster at `endpoints` and
-/// checks it (see the module comment).
+/// checks it (see the module comment). The cluster must hold nothing else: the history is
+/// read up to the cluster's current revision.
 pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<StoreHistory> {
     let mut client = Client::connect(endpoints, None).await.context("connecting to etcd")?;
     let last = client
@@ -87,7 +88,10 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
         .await?
         .header()
         .map_or(0, |h| h.revision());
+    // A watch that starts far behind gets up to a thousand revisions per answer.
     let mut stream = client
+        .watch_client()
+        .max_decoding_message_size(256 << 20)
         .watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(1)))
         .await?;
     let mut history = StoreHistory::default();
@@ -146,9 +150,10 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
         }
         Ok(())
     };
-    tokio::time::timeout(EVENT, read)
+    let limit = 3 * EVENT;
+    tokio::time::timeout(limit, read)
         .await
-        .with_context(|| format!("reading etcd's history up to revision {last} took over {EVENT:?}"))??;
+        .with_context(|| format!("reading etcd's history up to revision {last} took over {limit:?}"))??;
     Ok(history)
 }
 

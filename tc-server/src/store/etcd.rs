@@ -3,7 +3,8 @@
 //!
 //! ## Ownership and fencing
 //!
-//! Every node holds an etcd lease, kept alive by a task of the store's own runtime. The node
+//! Every node takes out an etcd lease when it campaigns, kept alive by a task of the store's
+//! own runtime (a standby whose lease ran out takes out another). The node
 //! that creates `<prefix>owner` under its lease (with `create_revision == 0` as the condition)
 //! owns the store; the key's create revision is its *epoch*. Every write is one etcd
 //! transaction conditioned on `create_revision(<prefix>owner) == epoch`, so once the lease has
@@ -140,7 +141,7 @@ impl EtcdStore {
         );
         metrics::describe_counter!(
             "ferrata_tc_lease_lost_total",
-            "Times this node's etcd lease may have run out (it stops serving)"
+            "Times this node's etcd lease may have run out (an active node stops serving; a standby takes out another)"
         );
         metrics::gauge!("ferrata_tc_active").set(0.0);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -188,7 +189,8 @@ impl EtcdStore {
     }
 
     /// Cancelled once this node's lease may have run out: it must stop acting as the owner.
-    /// (While it stands by, `acquire` takes out a new lease instead.)
+    /// Meaningful once `acquire` returned an epoch (the lease never changes after that; while
+    /// the node stands by, `acquire` takes out a new lease instead).
     pub fn lost(&self) -> CancellationToken {
         self.lease().lost
     }
@@ -231,6 +233,11 @@ impl EtcdStore {
                     .or_else([TxnOp::get(owner_key.clone(), None)]);
                 let response = match self.members.call(|mut c| async move { c.txn(campaign).await }).await {
                     Ok(r) => r,
+                    // The lease ran out in etcd before this node noticed: take out another.
+                    Err(e) if e.to_string().contains("requested lease not found") => {
+                        lose(&lease.lost);
+                        continue;
+                    }
                     Err(e) if e.retryable => {
                         tracing::warn!(error = %e, "etcd did not answer the campaign for the store; retrying");
                         pause_or_lost(&lease.lost, Duration::from_millis(200)).await;
@@ -271,12 +278,27 @@ impl EtcdStore {
     /// while it does not own the store); `None` if `stop` came first.
     async fn leased(&self, stop: &CancellationToken) -> Result<Option<Lease>, StoreError> {
         let lease = self.lease();
+        if Instant::now() >= *lease.alive_until.lock() {
+            // Before `keep_alive` noticed: a campaign under it could meet "lease not found".
+            lose(&lease.lost);
+        }
         if !lease.lost.is_cancelled() {
             return Ok(Some(lease));
         }
         let place = self.place();
         if lease.id != 0 {
             tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
+            // It may still be alive in etcd (only this node was unsure of it), holding an
+            // owner key a lost campaign answer left: hand it back first, best effort (it
+            // runs out by itself otherwise).
+            let id = lease.id;
+            if let Err(e) = self
+                .members
+                .call(|c| async move { c.lease_client().revoke(id).await })
+                .await
+            {
+                tracing::debug!(store = %place, error = %e, "the lease that ran out could not be handed back");
+            }
         }
         let lease = tokio::select! {
             lease = grant(&self.members, self.settings.lease_ttl(), &place) => lease?,
@@ -387,7 +409,7 @@ impl EtcdStore {
     }
 
     /// One transaction of `ops`, fenced by this node's epoch.
-    async fn fenced(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+    async fn fenced(&self, mut ops: Vec<TxnOp>) -> Result<(), StoreError> {
         let epoch = self.epoch();
         if epoch == 0 {
             return Err(StoreError(format!(
@@ -396,7 +418,6 @@ impl EtcdStore {
             )));
         }
         let owner_key = self.owner_key();
-        let mut ops = ops;
         ops.push(TxnOp::put(self.stored(StoredKey::Writer), epoch.to_string(), None));
         let txn = Txn::new()
             .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)])
@@ -437,7 +458,7 @@ impl EtcdStore {
             Mutation::Finish(f) => {
                 let txn_id = f.record.txn_id;
                 ops.push(Op::Delete(self.stored(StoredKey::Global(txn_id))));
-                ops.push(Op::DeletePrefix(self.key(&of_txn("b", txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&StoredKey::branches_of(txn_id))));
                 ops.push(Op::Put(self.stored(StoredKey::Finished(txn_id)), encode(f)?));
             }
             Mutation::PutEvents { txn_id, first, events } => {
@@ -448,7 +469,7 @@ impl EtcdStore {
             }
             Mutation::Forget { txn_id } => {
                 ops.push(Op::Delete(self.stored(StoredKey::Finished(*txn_id))));
-                ops.push(Op::DeletePrefix(self.key(&of_txn("e", *txn_id))));
+                ops.push(Op::DeletePrefix(self.key(&StoredKey::events_of(*txn_id))));
             }
             Mutation::PutBranch(b) => ops.push(Op::Put(
                 self.stored(StoredKey::Branch {
@@ -556,11 +577,6 @@ fn owner_in(response: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue
         etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
         _ => None,
     })
-}
-
-/// The prefix of every branch (`kind` "b") or event ("e") key of `txn`.
-fn of_txn(kind: &str, txn: u64) -> String {
-    format!("{kind}/{txn:016x}/")
 }
 
 fn parse_ceiling(bytes: &[u8]) -> Option<u64> {
@@ -841,7 +857,7 @@ impl Store for EtcdStore {
 
     fn serving(&self) -> bool {
         let lease = self.lease();
-        !lease.lost.is_cancelled() && Instant::now() < *lease.alive_until.lock()
+        self.epoch() != 0 && !lease.lost.is_cancelled() && Instant::now() < *lease.alive_until.lock()
     }
 
     fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
@@ -888,12 +904,24 @@ pub enum StoredKey<'a> {
 }
 
 impl<'a> StoredKey<'a> {
+    /// The prefix of every branch key of `txn`.
+    pub fn branches_of(txn: u64) -> String {
+        format!("b/{txn:016x}/")
+    }
+
+    /// The prefix of every event key of `txn`.
+    pub fn events_of(txn: u64) -> String {
+        format!("e/{txn:016x}/")
+    }
+
     /// `key` without the prefix; `None` if it is no key this version writes.
     pub fn parse(key: &'a [u8]) -> Option<StoredKey<'a>> {
+        // Exactly `digits` lowercase hex digits, as written.
         fn hex<T: TryFrom<u64>>(s: &str, digits: usize) -> Option<T> {
+            let written = s.len() == digits && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
             u64::from_str_radix(s, 16)
                 .ok()
-                .filter(|_| s.len() == digits)
+                .filter(|_| written)
                 .and_then(|n| T::try_from(n).ok())
         }
         let text = std::str::from_utf8(key).ok()?;
@@ -937,9 +965,9 @@ impl std::fmt::Display for StoredKey<'_> {
             StoredKey::Owner => write!(f, "owner"),
             StoredKey::Writer => write!(f, "meta/writer"),
             StoredKey::Global(txn) => write!(f, "g/{txn:016x}"),
-            StoredKey::Branch { txn, branch } => write!(f, "b/{txn:016x}/{branch:016x}"),
+            StoredKey::Branch { txn, branch } => write!(f, "{}{branch:016x}", StoredKey::branches_of(*txn)),
             StoredKey::Finished(txn) => write!(f, "f/{txn:016x}"),
-            StoredKey::Event { txn, index } => write!(f, "e/{txn:016x}/{index:08x}"),
+            StoredKey::Event { txn, index } => write!(f, "{}{index:08x}", StoredKey::events_of(*txn)),
             StoredKey::Audit(id) => write!(f, "a/{id:016x}"),
             StoredKey::Token(name) => write!(f, "t/{name}"),
             StoredKey::IdCeiling { node } => write!(f, "meta/id_ceiling/{node:04x}"),
@@ -1330,7 +1358,11 @@ mod tests {
         let (rt, cluster) = cluster(1);
         let s = settings(&cluster);
         let store = EtcdStore::connect(&s, 0).unwrap();
-        let lease = store.runtime().block_on(store.leased(&CancellationToken::new())).unwrap().unwrap();
+        let lease = store
+            .runtime()
+            .block_on(store.leased(&CancellationToken::new()))
+            .unwrap()
+            .unwrap();
         // The owner key as the lost campaign left it: under this node's lease.
         let created = rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
@@ -1466,6 +1498,8 @@ mod tests {
             "owners",
             "g/1",
             "g/000000000000000g",
+            "g/+000000000000001",
+            "g/000000000000000A",
             "b/0000000000000001",
             "e/0000000000000001/1",
             "meta/id_ceiling/1",
