@@ -227,6 +227,7 @@ async fn own(
     stop: CancellationToken,
 ) -> anyhow::Result<Option<Snapshot>> {
     let description = serde_json::to_string(&me)?;
+    tracing::info!(rpc = %bound.0, http = %bound.1, "campaigning to own the etcd store");
     tokio::task::spawn_blocking(move || {
         let mut took_over = false;
         let epoch = store.acquire(&description, &stop, &mut |owner| {

@@ -1,7 +1,8 @@
 //! Several coordinator nodes on one etcd store (a throw-away cluster the test starts): one
 //! active, the others standing by. A standby says who is active and sends HTTP clients
 //! there; it takes over a killed node with nothing acknowledged lost; a paused active node
-//! that resumes after a standby took over answers and writes nothing more, and stops.
+//! that resumes after a standby took over answers and writes nothing more, and stops. A node
+//! that cannot reach etcd waits, and stops at SIGTERM.
 
 mod support;
 
@@ -24,6 +25,29 @@ async fn node(cluster: &EtcdCluster, node_id: u16) -> Result<Tc> {
         ..TcOptions::default()
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_reach_etcd_waits_for_it_and_stops_at_sigterm() -> Result {
+    // "etcd" takes connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let config = format!(
+        "{FAST_CONFIG}\n[etcd]\nendpoints = [\"http://{}\"]\nlease_ttl_s = 2\nrequest_timeout_ms = 200\n",
+        silent.local_addr()?
+    );
+    let mut tc = Tc::start(TcOptions {
+        config: Some(config),
+        started_at: Some("campaigning to own the etcd store"),
+        ..TcOptions::default()
+    })
+    .await?;
+    // It tries etcd, and answers meanwhile: not serving.
+    let (_held, _) = tokio::time::timeout(EVENT, silent.accept()).await??;
+    let r = tc.http().get("/healthz").await?;
+    assert_eq!((r.status, r.json()["status"].as_str()), (503, Some("standby")), "{r:?}");
+    let status = tc.sigterm(EVENT).await?;
+    assert!(status.success(), "{status:?}; its log:\n{}", tc.logs_text());
+    Ok(())
 }
 
 fn signal(tc: &Tc, signal: libc::c_int) -> Result {

@@ -87,6 +87,8 @@ pub struct TcOptions {
     /// The node shares an etcd store and may stand by: starting waits for it to serve or
     /// to stand by (`Tc::wait_serving` waits for the rest).
     pub may_stand_by: bool,
+    /// Another log line after which it counts as started (it names its addresses).
+    pub started_at: Option<&'static str>,
 }
 
 impl TcOptions {
@@ -223,11 +225,15 @@ impl Tc {
         }));
         self.child = Some(child);
         self.spawned_at = from;
-        let may_stand_by = self.opts.may_stand_by;
+        let (may_stand_by, started_at) = (self.opts.may_stand_by, self.opts.started_at);
         let line = match self
             .wait_log_from(
                 from,
-                |l| l.contains("ferrata-tc serving") || may_stand_by && l.contains("standing by"),
+                |l| {
+                    l.contains("ferrata-tc serving")
+                        || may_stand_by && l.contains("standing by")
+                        || started_at.is_some_and(|s| l.contains(s))
+                },
                 EVENT,
             )
             .await
