@@ -287,10 +287,7 @@ fn run(args: Args) -> Result<()> {
     // is 10 s): an XA side starts once the AT side's guards are gone (see `Env::side`), so it
     // measures XA alone, not the row checks its writes get while AT rows may be held.
     let tc_config = tc_data.path().join("tc.toml");
-    let etcd = match args.store.members() {
-        0 => None,
-        members => Some(runtime.block_on(EtcdCluster::start(members))?),
-    };
+    let etcd = runtime.block_on(args.store.start_etcd())?;
     let mut toml = "[transactions]\nguard_linger_ms = 250\n".to_owned();
     if let Some(etcd) = &etcd {
         toml += &format!("[etcd]\nendpoints = {:?}\n", etcd.endpoints());
@@ -318,9 +315,7 @@ fn run(args: Args) -> Result<()> {
 
     print_settings(&args, &proxy_bin, &tc_bin, tc_data.path());
 
-    let etcd_pids = etcd.as_ref().map_or(Vec::new(), |etcd| {
-        (0..args.store.members()).filter_map(|i| etcd.pid(i)).collect()
-    });
+    let etcd_pids = etcd.as_ref().map(EtcdCluster::pids).unwrap_or_default();
     let mut env = runtime.block_on(Env::new(args, (tc, etcd_pids), proxy_a, proxy_b, db_a, db_b, proxy_bin))?;
     let result = runtime.block_on(env.run_workloads());
     if let Err(err) = result {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use ferrata_testkit::etcd::EtcdCluster;
 use ferrata_testkit::{APP_PASSWORD, APP_USER};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,6 +43,14 @@ impl StoreKind {
             StoreKind::Etcd1 => 1,
             StoreKind::Etcd3 => 3,
         }
+    }
+
+    /// A fresh etcd cluster of its members (`None` for the embedded store).
+    pub async fn start_etcd(self) -> Result<Option<EtcdCluster>> {
+        Ok(match self.members() {
+            0 => None,
+            members => Some(EtcdCluster::start(members).await?),
+        })
     }
 }
 

@@ -677,17 +677,11 @@ async fn run_scenario(args: &Args, tc_binary: &Path, data_parent: &Path, scenari
         scenario.calls.name()
     );
     let load_before = load_average();
-    let cluster = match scenario.store.members() {
-        0 => None,
-        members => Some(EtcdCluster::start(members).await?),
-    };
+    let cluster = scenario.store.start_etcd().await?;
     let endpoints = cluster.as_ref().map(EtcdCluster::endpoints);
     let etcd = endpoints.as_ref().map(|e| (e.as_slice(), 0));
     let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args, etcd, "ferrata-tc serving")?;
-    tc.etcd_pids = cluster
-        .as_ref()
-        .map(|c| (0..scenario.store.members()).filter_map(|i| c.pid(i)).collect())
-        .unwrap_or_default();
+    tc.etcd_pids = cluster.as_ref().map(EtcdCluster::pids).unwrap_or_default();
     println!("   coordinator pid {} rpc {} http {}", tc.pid(), tc.rpc, tc.http);
     let result = drive(args, scenario, &mut tc).await;
     let result = match result {

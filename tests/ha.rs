@@ -499,10 +499,10 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 }
 
 /// A store on a fresh one-member etcd cluster, owned by node 1, for the history check's own
-/// test; `write` runs with it (off the async runtime: the store blocks) and with the
-/// cluster's endpoints. Returns the check's result on what was written.
+/// test; `write` runs with it (off the async runtime: the store blocks). Returns the check's
+/// result on what was written.
 async fn history_of(
-    write: impl FnOnce(&EtcdStore, &[String]) -> Result<()> + Send + 'static,
+    write: impl FnOnce(&Writes) -> Result<()> + Send + 'static,
 ) -> Result<Result<ferrata_tests::history::StoreHistory>> {
     let etcd = EtcdCluster::start(1).await?;
     let endpoints = etcd.endpoints();
@@ -518,11 +518,54 @@ async fn history_of(
     std::thread::spawn(move || {
         let store = EtcdStore::connect(&settings, 1)?;
         store.acquire("node 1", &CancellationToken::new(), &mut |_| {})?;
-        write(&store, &written)
+        write(&Writes {
+            store: &store,
+            endpoints: &written,
+            prefix: &settings.prefix,
+        })
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the writing thread panicked"))??;
     Ok(check_store_history(&endpoints, &prefix).await)
+}
+
+/// What the history check's own test writes: through the store, or behind its back.
+struct Writes<'a> {
+    store: &'a EtcdStore,
+    endpoints: &'a [String],
+    prefix: &'a str,
+}
+
+impl Writes<'_> {
+    /// Transaction `txn` in `status`, with a branch holding row `row` if given, through the
+    /// store (fenced and stamped).
+    fn stored(&self, txn: u64, status: GlobalStatus, row: Option<u64>) -> Result<()> {
+        let mut batch = vec![Mutation::PutGlobal(global(txn, status))];
+        batch.extend(row.map(|row| Mutation::PutBranch(branch(txn, row))));
+        self.store.commit(&batch).map_err(|e| anyhow::anyhow!(e.0))
+    }
+
+    /// Transaction 1's record (stored before) written again straight to etcd: without a
+    /// stamp, as a node that skipped the fence would; or, `as_deposed_owner`, stamped with
+    /// the store's epoch after the owner key was made anew, as by another node.
+    fn behind_the_fence(&self, as_deposed_owner: bool) -> Result<()> {
+        use etcd_client::{Client, Txn, TxnOp};
+        let key = |k: StoredKey| format!("{}{k}", self.prefix);
+        let epoch = self.store.epoch();
+        tokio::runtime::Runtime::new()?.block_on(async {
+            let mut client = Client::connect(self.endpoints, None).await?;
+            let global = key(StoredKey::Global(1));
+            let value = client.get(global.clone(), None).await?.kvs()[0].value().to_vec();
+            let mut ops = vec![TxnOp::put(global, value, None)];
+            if as_deposed_owner {
+                client.delete(key(StoredKey::Owner), None).await?;
+                client.put(key(StoredKey::Owner), "node 2", None).await?;
+                ops.push(TxnOp::put(key(StoredKey::Writer), epoch.to_string(), None));
+            }
+            client.txn(Txn::new().and_then(ops)).await?;
+            anyhow::Ok(())
+        })
+    }
 }
 
 fn global(txn_id: u64, status: GlobalStatus) -> GlobalRecord {
@@ -556,25 +599,11 @@ fn branch(txn_id: u64, id: u64) -> BranchRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_check_finds_unfenced_and_stale_writes_and_rows_held_twice() -> Result<()> {
-    let store_error = |e: ferrata_tc::store::StoreError| anyhow::anyhow!(e.0);
     // Rows handed on by a commit decision, then taken by another transaction: fine.
-    let fine = history_of(move |store, _| {
-        store
-            .commit(&[
-                Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
-                Mutation::PutBranch(branch(1, 7)),
-            ])
-            .map_err(store_error)?;
-        store
-            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::AsyncCommitting))])
-            .map_err(store_error)?;
-        store
-            .commit(&[
-                Mutation::PutGlobal(global(2, GlobalStatus::Begin)),
-                Mutation::PutBranch(branch(2, 7)),
-            ])
-            .map_err(store_error)?;
-        Ok(())
+    let fine = history_of(|w| {
+        w.stored(1, GlobalStatus::Begin, Some(7))?;
+        w.stored(1, GlobalStatus::AsyncCommitting, None)?;
+        w.stored(2, GlobalStatus::Begin, Some(7))
     })
     .await??;
     assert_eq!(
@@ -584,20 +613,9 @@ async fn the_history_check_finds_unfenced_and_stale_writes_and_rows_held_twice()
     );
 
     // The same row stored for two transactions that both hold their rows.
-    let twice = history_of(move |store, _| {
-        store
-            .commit(&[
-                Mutation::PutGlobal(global(1, GlobalStatus::Begin)),
-                Mutation::PutBranch(branch(1, 7)),
-            ])
-            .map_err(store_error)?;
-        store
-            .commit(&[
-                Mutation::PutGlobal(global(2, GlobalStatus::Rollbacking)),
-                Mutation::PutBranch(branch(2, 7)),
-            ])
-            .map_err(store_error)?;
-        Ok(())
+    let twice = history_of(|w| {
+        w.stored(1, GlobalStatus::Begin, Some(7))?;
+        w.stored(2, GlobalStatus::Rollbacking, Some(7))
     })
     .await?
     .expect_err("a row held twice");
@@ -607,48 +625,18 @@ async fn the_history_check_finds_unfenced_and_stale_writes_and_rows_held_twice()
     );
 
     // A record written past the fence, as a node that skipped it would.
-    let unfenced = history_of(move |store, endpoints| {
-        store
-            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
-            .map_err(store_error)?;
-        let prefix = ferrata_tc::config::Etcd::default().prefix;
-        let endpoints = endpoints.to_vec();
-        tokio::runtime::Runtime::new()?.block_on(async move {
-            let mut client = etcd_client::Client::connect(endpoints, None).await?;
-            let key = format!("{prefix}{}", StoredKey::Global(1));
-            let value = client.get(key.clone(), None).await?.kvs()[0].value().to_vec();
-            client.put(key, value, None).await?;
-            anyhow::Ok(())
-        })
+    let unfenced = history_of(|w| {
+        w.stored(1, GlobalStatus::Begin, None)?;
+        w.behind_the_fence(false)
     })
     .await?
     .expect_err("an unfenced write");
     assert!(format!("{unfenced:#}").contains("skipped the fence"), "{unfenced:#}");
 
     // A write stamped with an epoch that no longer owns the store.
-    let stale = history_of(move |store, endpoints| {
-        store
-            .commit(&[Mutation::PutGlobal(global(1, GlobalStatus::Begin))])
-            .map_err(store_error)?;
-        let prefix = ferrata_tc::config::Etcd::default().prefix;
-        let epoch = store.epoch();
-        let endpoints = endpoints.to_vec();
-        tokio::runtime::Runtime::new()?.block_on(async move {
-            let mut client = etcd_client::Client::connect(endpoints, None).await?;
-            let key = format!("{prefix}{}", StoredKey::Global(1));
-            let value = client.get(key.clone(), None).await?.kvs()[0].value().to_vec();
-            // The owner key made anew, as by another node, then a write under the old epoch.
-            let owner = format!("{prefix}{}", StoredKey::Owner);
-            client.delete(owner.clone(), None).await?;
-            client.put(owner, "node 2", None).await?;
-            let writer = format!("{prefix}{}", StoredKey::Writer);
-            let txn = etcd_client::Txn::new().and_then([
-                etcd_client::TxnOp::put(key, value, None),
-                etcd_client::TxnOp::put(writer, epoch.to_string(), None),
-            ]);
-            client.txn(txn).await?;
-            anyhow::Ok(())
-        })
+    let stale = history_of(|w| {
+        w.stored(1, GlobalStatus::Begin, None)?;
+        w.behind_the_fence(true)
     })
     .await?
     .expect_err("a stale write");

@@ -231,6 +231,11 @@ impl EtcdCluster {
         self.members[i].child.as_ref().map(Child::id)
     }
 
+    /// The pids of the running members.
+    pub fn pids(&self) -> Vec<u32> {
+        (0..self.members.len()).filter_map(|i| self.pid(i)).collect()
+    }
+
     /// SIGKILLs member `i` (a crash). Idempotent.
     pub fn kill(&mut self, i: usize) {
         kill_child(&mut self.members[i].child);

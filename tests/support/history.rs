@@ -37,6 +37,15 @@ pub struct StoreHistory {
     pub most_rows_held: usize,
 }
 
+/// One revision's events, as they are gathered.
+struct Revision {
+    number: i64,
+    /// The epoch its writer stamped, if any.
+    writer: Option<i64>,
+    /// Whether it changed records (not only the owner key).
+    changed: bool,
+}
+
 /// The store's state as of one revision: what the checks need.
 #[derive(Default)]
 struct State {
@@ -96,20 +105,23 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
         .await?;
     let mut history = StoreHistory::default();
     let mut state = State::default();
-    // The revision being gathered: its writer's epoch and whether it changed records.
-    let mut current: Option<(i64, Option<i64>, bool)> = None;
+    let mut current: Option<Revision> = None;
     let read = async {
-        while current.is_none_or(|(revision, ..)| revision < last) {
+        while current.as_ref().is_none_or(|r| r.number < last) {
             let Some(response) = stream.message().await? else {
                 bail!("the watch ended before revision {last}");
             };
             for event in response.events() {
                 let kv = event.kv().context("an event without its key")?;
                 let revision = kv.mod_revision();
-                if current.is_some_and(|(r, ..)| r != revision) {
+                if current.as_ref().is_some_and(|r| r.number != revision) {
                     end_revision(&mut history, &state, current.take().expect("checked"))?;
                 }
-                let (_, writer, changed) = current.get_or_insert((revision, None, false));
+                let Revision { writer, changed, .. } = current.get_or_insert(Revision {
+                    number: revision,
+                    writer: None,
+                    changed: false,
+                });
                 let key = kv
                     .key()
                     .strip_prefix(prefix.as_bytes())
@@ -158,11 +170,12 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
 }
 
 /// Checks the state as of a revision whose events were all applied.
-fn end_revision(
-    history: &mut StoreHistory,
-    state: &State,
-    (revision, writer, changed): (i64, Option<i64>, bool),
-) -> Result<()> {
+fn end_revision(history: &mut StoreHistory, state: &State, revision: Revision) -> Result<()> {
+    let Revision {
+        number: revision,
+        writer,
+        changed,
+    } = revision;
     history.revisions += 1;
     if !changed {
         return Ok(());

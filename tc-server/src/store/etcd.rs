@@ -53,7 +53,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::etcd_members::Members;
+use super::etcd_members::{EtcdError, Members};
 use super::record::{Loader, encode};
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
@@ -110,6 +110,11 @@ impl Lease {
             alive_until: Arc::new(Mutex::new(Instant::now())),
             lost,
         }
+    }
+
+    /// Whether it is surely alive: not lost, and within its sure time.
+    fn alive(&self) -> bool {
+        !self.lost.is_cancelled() && Instant::now() < *self.alive_until.lock()
     }
 }
 
@@ -278,25 +283,19 @@ impl EtcdStore {
     /// while it does not own the store); `None` if `stop` came first.
     async fn leased(&self, stop: &CancellationToken) -> Result<Option<Lease>, StoreError> {
         let lease = self.lease();
-        if Instant::now() >= *lease.alive_until.lock() {
-            // Before `keep_alive` noticed: a campaign under it could meet "lease not found".
-            lose(&lease.lost);
-        }
-        if !lease.lost.is_cancelled() {
+        if lease.alive() {
             return Ok(Some(lease));
         }
+        // Past its sure time perhaps before `keep_alive` noticed: a campaign under it could
+        // meet "lease not found".
+        lose(&lease.lost);
         let place = self.place();
         if lease.id != 0 {
             tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
             // It may still be alive in etcd (only this node was unsure of it), holding an
             // owner key a lost campaign answer left: hand it back first, best effort (it
             // runs out by itself otherwise).
-            let id = lease.id;
-            if let Err(e) = self
-                .members
-                .call(|c| async move { c.lease_client().revoke(id).await })
-                .await
-            {
+            if let Err(e) = revoke(&self.members, lease.id).await {
                 tracing::debug!(store = %place, error = %e, "the lease that ran out could not be handed back");
             }
         }
@@ -554,12 +553,7 @@ impl Drop for EtcdStore {
             let id = self.lease().id;
             if id != 0 {
                 let members = self.members.clone();
-                let handle = runtime.spawn(async move {
-                    members
-                        .call(|c| async move { c.lease_client().revoke(id).await })
-                        .await
-                        .map(drop)
-                });
+                let handle = runtime.spawn(async move { revoke(&members, id).await });
                 // Dropping a runtime may not block inside another one (a failed start on the
                 // server's runtime); wait for the revoke only where that is allowed.
                 if tokio::runtime::Handle::try_current().is_err() {
@@ -721,6 +715,14 @@ async fn grant(members: &Arc<Members>, ttl: Duration, place: &str) -> Result<Lea
     }
 }
 
+/// Hands lease `id` back to etcd (its keys go with it).
+async fn revoke(members: &Members, id: i64) -> Result<(), EtcdError> {
+    members
+        .call(|c| async move { c.lease_client().revoke(id).await })
+        .await
+        .map(drop)
+}
+
 /// Marks the lease as lost (once).
 fn lose(lost: &CancellationToken) {
     if !lost.is_cancelled() {
@@ -856,8 +858,7 @@ impl Store for EtcdStore {
     }
 
     fn serving(&self) -> bool {
-        let lease = self.lease();
-        self.epoch() != 0 && !lease.lost.is_cancelled() && Instant::now() < *lease.alive_until.lock()
+        self.epoch() != 0 && self.lease().alive()
     }
 
     fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
@@ -1039,6 +1040,15 @@ mod tests {
     }
 
     /// A store on `settings` that owns it.
+    /// The lease `store` campaigns under, taken out now.
+    fn leased(store: &EtcdStore) -> Lease {
+        store
+            .runtime()
+            .block_on(store.leased(&CancellationToken::new()))
+            .unwrap()
+            .expect("not stopped")
+    }
+
     fn owned(settings: &Settings, name: &str) -> EtcdStore {
         let store = EtcdStore::connect(settings, 0).unwrap();
         store
@@ -1252,11 +1262,7 @@ mod tests {
         let s = settings(&cluster);
         let owner = owned(&s, "owner");
         let standby = Arc::new(EtcdStore::connect(&s, 0).unwrap());
-        let Lease { id: first, lost, .. } = standby
-            .runtime()
-            .block_on(standby.leased(&CancellationToken::new()))
-            .unwrap()
-            .unwrap();
+        let Lease { id: first, lost, .. } = leased(&standby);
         let waiting = {
             let standby = standby.clone();
             std::thread::spawn(move || standby.acquire("standby", &CancellationToken::new(), &mut |_| {}))
@@ -1358,11 +1364,7 @@ mod tests {
         let (rt, cluster) = cluster(1);
         let s = settings(&cluster);
         let store = EtcdStore::connect(&s, 0).unwrap();
-        let lease = store
-            .runtime()
-            .block_on(store.leased(&CancellationToken::new()))
-            .unwrap()
-            .unwrap();
+        let lease = leased(&store);
         // The owner key as the lost campaign left it: under this node's lease.
         let created = rt.block_on(async {
             let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
