@@ -145,14 +145,22 @@ fn fault(seen: &Seen, e: &anyhow::Error) -> Option<Fault> {
             // not be learned, or the coordinator does not know the XID (begun on a node
             // that died before it stored anything of it).
             Some(code @ (1105 | 1180 | 1397)) => (code, Fault::Unknown),
-            // A branch refused because the coordinator already rolled the transaction back.
-            Some(1399) if format!("{e:#}").contains("Rollback") => (1399, Fault::RolledBack),
+            // A branch refused because the coordinator already rolled the transaction back:
+            // at registration ("... is Rollbacking"), or at the local commit, when the
+            // rollback's anti-hanging marker got there first ("already rolled this branch
+            // back"), as after a partition that outlasted the transaction's timeout.
+            Some(1399) if rolled_back_by_the_coordinator(&format!("{e:#}")) => (1399, Fault::RolledBack),
             _ => return None,
         },
     };
     seen.faults.lock().insert(code);
     seen.cut_off.fetch_add(1, Ordering::SeqCst);
     Some(fault)
+}
+
+/// Whether a 1399 refusal says the coordinator had rolled the transaction back.
+fn rolled_back_by_the_coordinator(message: &str) -> bool {
+    message.contains("Rollback") || message.contains("already rolled this branch back")
 }
 
 /// A connection through `proxy`, retried while the proxy restarts.
