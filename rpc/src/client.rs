@@ -91,19 +91,8 @@ impl TcClient {
 
 impl TcClient {
     pub async fn connect(config: &ClientConfig) -> anyhow::Result<TcClient> {
-        let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .with_context(|| format!("{:?} is not a valid coordinator address", config.endpoint))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        if let Some(ca) = &config.tls_ca {
-            endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(read_pem(ca)?))?;
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to the coordinator at {}", config.endpoint))?;
-        let token = BearerToken::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
-        let max = config.max_message_bytes.unwrap_or(16 * 1024 * 1024);
+        let (channel, token) = channel(config).await?;
+        let max = config.max_message_bytes();
         Ok(TcClient {
             tm: pb::transaction_manager_client::TransactionManagerClient::with_interceptor(
                 channel.clone(),
@@ -117,6 +106,42 @@ impl TcClient {
             stream: None,
         })
     }
+}
+
+impl ClientConfig {
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes.unwrap_or(16 * 1024 * 1024)
+    }
+}
+
+/// A client of another coordinator node's lock authority (`LockAuthority`).
+pub type LockClient = pb::lock_authority_client::LockAuthorityClient<InterceptedService<Channel, BearerToken>>;
+
+pub async fn lock_client(config: &ClientConfig) -> anyhow::Result<LockClient> {
+    let (channel, token) = channel(config).await?;
+    let max = config.max_message_bytes();
+    Ok(
+        pb::lock_authority_client::LockAuthorityClient::with_interceptor(channel, token)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    )
+}
+
+/// A connection to the coordinator `config` names, and the token its calls carry.
+async fn channel(config: &ClientConfig) -> anyhow::Result<(Channel, BearerToken)> {
+    let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+        .with_context(|| format!("{:?} is not a valid coordinator address", config.endpoint))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(ca) = &config.tls_ca {
+        endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(read_pem(ca)?))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the coordinator at {}", config.endpoint))?;
+    let token = BearerToken::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
+    Ok((channel, token))
 }
 
 fn read_pem(path: &Path) -> anyhow::Result<Certificate> {

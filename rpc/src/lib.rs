@@ -96,6 +96,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// This coordinator node stands by while another one is active (several nodes on etcd).
     Standby,
+    /// The cluster's lock authority could not be reached, or changed while the call
+    /// waited; nothing was taken.
+    LockAuthorityUnavailable,
     /// A resource manager's stream broke the protocol.
     RmProtocol,
     /// The HTTP route does not exist.
@@ -117,7 +120,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -129,6 +132,7 @@ impl ErrorCode {
         ErrorCode::StoreFailed,
         ErrorCode::ShuttingDown,
         ErrorCode::Standby,
+        ErrorCode::LockAuthorityUnavailable,
         ErrorCode::RmProtocol,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
@@ -152,6 +156,7 @@ impl ErrorCode {
             ErrorCode::StoreFailed => "store_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Standby => "standby",
+            ErrorCode::LockAuthorityUnavailable => "lock_authority_unavailable",
             ErrorCode::RmProtocol => "rm_protocol",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -179,7 +184,7 @@ impl ErrorCode {
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
             ErrorCode::StoreFailed => Code::Internal,
             ErrorCode::RepairFailed => Code::Aborted,
-            ErrorCode::ShuttingDown | ErrorCode::Standby => Code::Unavailable,
+            ErrorCode::ShuttingDown | ErrorCode::Standby | ErrorCode::LockAuthorityUnavailable => Code::Unavailable,
             ErrorCode::MethodNotAllowed => Code::Unimplemented,
         }
     }
@@ -195,7 +200,7 @@ impl ErrorCode {
             ErrorCode::Deadlock => 409,
             ErrorCode::StoreFailed => 500,
             ErrorCode::RepairFailed => 502,
-            ErrorCode::ShuttingDown | ErrorCode::Standby => 503,
+            ErrorCode::ShuttingDown | ErrorCode::Standby | ErrorCode::LockAuthorityUnavailable => 503,
             ErrorCode::MethodNotAllowed => 405,
         }
     }

@@ -47,6 +47,8 @@ pub enum Permission {
     Administer,
     Transact,
     Resource,
+    /// Another coordinator node of the cluster (the lock stream): the root token only.
+    Node,
 }
 
 impl Role {
@@ -118,13 +120,16 @@ impl Caller {
             .filter(|r| r.grants(p, false))
             .map(Role::as_str)
             .collect();
+        let needs = match roles.is_empty() {
+            true => "the root token (the one in the configuration)".to_owned(),
+            false => format!("a token with the role {}", roles.join(" or ")),
+        };
         Err(TcError::new(
             ErrorCode::Forbidden,
             format!(
-                "token {:?} has the role {}, which may not {what}; that needs a token with the role {}",
+                "token {:?} has the role {}, which may not {what}; that needs {needs}",
                 self.name,
                 self.role.as_str(),
-                roles.join(" or ")
             ),
         ))
     }
@@ -518,6 +523,9 @@ mod tests {
         let e = c(Role::Application).require(Act, "resolve transactions").unwrap_err();
         assert_eq!(e.code, ErrorCode::Forbidden);
         assert!(e.message.contains("operator or admin"), "{}", e.message);
+        assert!(c(Role::Root).may(Node) && Role::NAMED.iter().all(|r| !c(*r).may(Node)));
+        let e = c(Role::Admin).require(Node, "act as a node").unwrap_err();
+        assert!(e.message.contains("needs the root token"), "{}", e.message);
         let t = Tokens::new(None, vec![], true);
         assert!(t.caller("v", Role::Viewer).may(SeeValues));
     }

@@ -30,8 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::at::guards::Table;
-use crate::at::locks::LockError;
-use crate::at::{self, At};
+use crate::at::{At, RowsFound};
 use crate::audit::Audit;
 use crate::auth::Tokens;
 use crate::calls::Caller;
@@ -638,10 +637,7 @@ impl Coordinator {
         {
             return Err(TcError::invalid("every table needs its resource_id, schema and table"));
         }
-        let tables: Vec<Table> = tables
-            .iter()
-            .map(|t| Table::new(&t.resource_id, &t.schema, &t.table))
-            .collect();
+        let tables: Vec<Table> = tables.iter().map(Table::from_pb).collect();
         let session = self.session_for(xid, "guard tables")?;
         let (deadline, _) = self.lock_wait(lock_wait_ms);
         self.guard_for(&session, (xid, "guard tables"), &tables, deadline).await
@@ -1328,8 +1324,8 @@ impl Coordinator {
         let txn = if xid.is_empty() { None } else { Some(Self::parse(xid)?) };
         let keys = LockKey::from_pb(resource_id, locks).map_err(TcError::invalid)?;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
-        match self.at.locks.query(txn, &keys, deadline).await {
-            Ok(_) => {
+        match self.at.query(txn, &keys, (deadline, wait_ms), &self.metrics).await? {
+            RowsFound::Free => {
                 // The rows may be free by a commit decision not yet durable: should it be
                 // lost, its branches would hold them again after a restart. (A decision
                 // whose write failed stops the coordinator: asked again here.)
@@ -1342,25 +1338,16 @@ impl Coordinator {
                     holders: Vec::new(),
                 })
             }
-            Err(LockError::WaitTimeout { .. }) => {
-                let wanted: std::collections::HashSet<&LockKey> = keys.iter().collect();
-                let holders = self
-                    .at
-                    .locks
-                    .held_rows(&|k| wanted.contains(k), keys.len())
+            RowsFound::Held(rows) => Ok(LockQueryOutcome {
+                lockable: false,
+                holders: rows
                     .into_iter()
-                    .filter(|row| Some(row.txn) != txn)
                     .map(|row| {
                         let status = self.live(row.txn).map(|s| s.state.lock().record.status);
                         (row.key, row.txn, status)
                     })
-                    .collect();
-                Ok(LockQueryOutcome {
-                    lockable: false,
-                    holders,
-                })
-            }
-            Err(e) => Err(at::lock_error(e, wait_ms, &self.metrics)),
+                    .collect(),
+            }),
         }
     }
 
@@ -1512,31 +1499,11 @@ pub(crate) fn pending_commit(b: &BranchRecord, decided_ms: u64) -> PendingCommit
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    use std::sync::mpsc::sync_channel;
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{Snapshot, Store, StoreError};
-
-    /// A store that commits nothing, and, once held, keeps its next commit waiting until
-    /// released (announcing it has entered).
-    #[derive(Default)]
-    struct HeldStore {
-        held: parking_lot::Mutex<Option<(SyncSender<()>, Receiver<()>)>>,
-    }
-
-    impl Store for HeldStore {
-        fn load(&self) -> Result<Snapshot, StoreError> {
-            Ok(Snapshot::default())
-        }
-        fn commit(&self, _batch: &[Mutation]) -> Result<(), StoreError> {
-            if let Some((entered, release)) = self.held.lock().take() {
-                entered.send(()).unwrap();
-                release.recv().unwrap();
-            }
-            Ok(())
-        }
-    }
+    use crate::store::fixtures::HeldStore;
 
     fn register_row(xid: &str, pk: &str) -> pb::BranchRegisterRequest {
         pb::BranchRegisterRequest {

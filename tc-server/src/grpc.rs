@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrata_rpc::pb::lock_authority_server::LockAuthorityServer;
 use ferrata_rpc::pb::resource_manager_server::ResourceManagerServer;
 use ferrata_rpc::pb::transaction_manager_server::TransactionManagerServer;
 use ferrata_rpc::{ErrorCode, pb};
@@ -17,6 +18,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::at::leader::{LockLeader, LockService};
 use crate::auth::Permission;
 use crate::calls::branch::Payload;
 use crate::coordinator::Coordinator;
@@ -66,6 +68,21 @@ pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (Tm
             ResourceManagerServer::new(RmService(Arc::clone(coordinator))).max_decoding_message_size(max_message_bytes),
             check(RESOURCE),
         ),
+    )
+}
+
+pub type LockServer = InterceptedService<LockAuthorityServer<LockService>, TokenCheck>;
+
+/// The lock authority's service for the other nodes of a cluster, behind the token check
+/// (the cluster's root token).
+pub fn lock_service(leader: &Arc<LockLeader>, max_message_bytes: usize) -> LockServer {
+    InterceptedService::new(
+        LockAuthorityServer::new(LockService(Arc::clone(leader))).max_decoding_message_size(max_message_bytes),
+        TokenCheck {
+            coordinator: Arc::clone(leader.coordinator()),
+            need: Permission::Node,
+            what: "act as a node of the coordinator cluster",
+        },
     )
 }
 

@@ -63,11 +63,16 @@ async fn a_standby_takes_over_a_killed_active_node_with_nothing_acknowledged_los
     let mut first = node(&cluster, 1).await?;
     let mut second = node(&cluster, 2).await?;
 
-    // The standby says who is active and sends HTTP clients there; it takes no gRPC calls.
-    let r = second.http().get("/healthz").await?;
-    assert_eq!(r.status, 503, "{r:?}");
-    let v = r.json();
-    assert_eq!(v["status"], "standby", "{v}");
+    // The standby says who is active once its first campaign has read the owner key, and
+    // sends HTTP clients there; it takes no gRPC calls.
+    let v = eventually("the standby to name the active node", || async {
+        let r = second.http().get("/healthz").await?;
+        assert_eq!(r.status, 503, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["status"], "standby", "{v}");
+        Ok((!v["active"].is_null()).then_some(v))
+    })
+    .await?;
     assert_eq!(v["active"]["node"]["node_id"], 1, "{v}");
     assert_eq!(v["active"]["node"]["http"], format!("http://{}", first.http), "{v}");
     let r = second.http().get("/v1/transactions?limit=5").await?;

@@ -63,7 +63,11 @@ impl Table {
         tables.into_iter().map(|(r, s, t)| Table::new(r, s, t)).collect()
     }
 
-    fn to_pb(&self) -> pb::GuardedTable {
+    pub fn from_pb(t: &pb::GuardedTable) -> Table {
+        Table::new(&t.resource_id, &t.schema, &t.table)
+    }
+
+    pub fn to_pb(&self) -> pb::GuardedTable {
         pb::GuardedTable {
             resource_id: self.resource.clone(),
             schema: self.schema.clone(),
@@ -197,6 +201,12 @@ impl TableGuards {
             e.unpinned_since = None;
         }
         self.tables_gauge.set(s.entries.len() as f64);
+    }
+
+    /// Whether any transaction pins `table`.
+    #[cfg(test)]
+    pub(crate) fn is_pinned(&self, table: &Table) -> bool {
+        self.state.lock().entries.get(table).is_some_and(|e| !e.pins.is_empty())
     }
 
     /// A transaction finished: it no longer pins its tables.

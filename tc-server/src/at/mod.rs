@@ -7,7 +7,9 @@
 //! forgotten when the transaction ends.
 
 pub mod guards;
+pub mod leader;
 pub mod locks;
+pub mod remote;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,8 +25,9 @@ use crate::metrics::Metrics;
 use crate::rm::RmRegistry;
 use crate::store::StoreError;
 use crate::xid::format_xid;
+use ferrata_rpc::pb;
 use guards::{Table, TableGuards};
-use locks::{Granted, LockError, LockManager};
+use locks::{Granted, HeldRow, LockError, LockManager};
 
 /// AT mode's state in the coordinator.
 pub struct At {
@@ -44,6 +47,15 @@ pub struct Deadlock {
     pub resource: String,
     pub schema: String,
     pub table: String,
+}
+
+/// What a lock query found once its wait was over.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RowsFound {
+    /// No other transaction holds any of the rows.
+    Free,
+    /// Other transactions still held these of them.
+    Held(Vec<HeldRow>),
 }
 
 /// Deadlocks kept for operators.
@@ -141,6 +153,31 @@ impl At {
         }
     }
 
+    /// Waits until no transaction but `txn` (if any) holds any of `keys`, up to the deadline
+    /// (`wait_ms` is how long that is, for the error); takes nothing.
+    pub async fn query(
+        &self,
+        txn: Option<u64>,
+        keys: &[LockKey],
+        (deadline, wait_ms): (Instant, u64),
+        metrics: &Metrics,
+    ) -> Result<RowsFound, TcError> {
+        match self.locks.query(txn, keys, deadline).await {
+            Ok(_) => Ok(RowsFound::Free),
+            Err(LockError::WaitTimeout { .. }) => {
+                let wanted: std::collections::HashSet<&LockKey> = keys.iter().collect();
+                let held = self
+                    .locks
+                    .held_rows(&|k| wanted.contains(k), keys.len())
+                    .into_iter()
+                    .filter(|row| Some(row.txn) != txn)
+                    .collect();
+                Ok(RowsFound::Held(held))
+            }
+            Err(e) => Err(lock_error(e, wait_ms, metrics)),
+        }
+    }
+
     /// The deadlocks broken recently, oldest first.
     pub fn deadlocks(&self) -> Vec<Deadlock> {
         self.deadlocks.lock().iter().cloned().collect()
@@ -199,5 +236,16 @@ pub fn lock_error(e: LockError, wait_ms: u64, m: &Metrics) -> TcError {
                 ),
             )
         }
+    }
+}
+
+/// A held row as the lock stream carries it.
+pub fn held_row_pb(row: HeldRow) -> pb::LockHeldRow {
+    pb::LockHeldRow {
+        key: row.key.as_bytes().to_vec(),
+        txn: row.txn,
+        branches: row.branches,
+        since_ms: row.since_ms,
+        waiters: row.waiters,
     }
 }

@@ -2,13 +2,34 @@
 //! (`every_mutation_round_trips` and the ones after it) against its own backend.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, SyncSender};
 
-use super::{Mutation, Snapshot, Store};
+use super::{Mutation, Snapshot, Store, StoreError};
 use crate::audit::AuditRecord;
 use crate::auth::TokenRecord;
 use crate::lock_key::LockKey;
 use crate::model::{BranchError, BranchRecord, BranchStatus, FinishedRecord, GlobalRecord, GlobalStatus};
 use crate::timeline::Event;
+
+/// A store that commits nothing, and, once held, keeps its next commit waiting until
+/// released (announcing it has entered).
+#[derive(Default)]
+pub(crate) struct HeldStore {
+    pub(crate) held: parking_lot::Mutex<Option<(SyncSender<()>, Receiver<()>)>>,
+}
+
+impl Store for HeldStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot::default())
+    }
+    fn commit(&self, _batch: &[Mutation]) -> Result<(), StoreError> {
+        if let Some((entered, release)) = self.held.lock().take() {
+            entered.send(()).unwrap();
+            release.recv().unwrap();
+        }
+        Ok(())
+    }
+}
 
 pub(crate) fn commit(store: &dyn Store, batch: Vec<Mutation>) {
     store.commit(&batch).unwrap();

@@ -1,0 +1,302 @@
+//! The lock leader's end of the nodes' lock stream (`LockAuthority.Locks`, see the proto):
+//! the lock calls of other coordinator nodes, applied to this node's [`At`] in the order
+//! each stream sends them, so a row means the same on every node: one FIFO queue, one
+//! wait-for graph for deadlocks, one set of guarded tables.
+//!
+//! Invariants:
+//! - A stream's calls are applied in the order sent. Acquires, queries and guards wait in
+//!   tasks of their own; the stream's release, rolling-back and forget calls are applied
+//!   before the next call is read.
+//! - A grant is answered in the same step that takes the rows (no await in between), so a
+//!   request dropped from its queue has either been answered or taken nothing.
+//! - A node has one live stream. Its newer stream ends the older first: the older stream's
+//!   waiting requests leave their queues before any call of the newer one is applied, so a
+//!   release the node resends on the newer stream can never come before a grant made on the
+//!   older one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrata_rpc::pb::lock_answer::Answer;
+use ferrata_rpc::pb::lock_call::Call;
+use ferrata_rpc::{ErrorCode, pb};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::guards::Table;
+use super::{At, RowsFound};
+use crate::coordinator::Coordinator;
+use crate::error::TcError;
+use crate::lock_key::LockKey;
+
+/// The `LockAuthority` service of a node that holds the cluster's locks in its own [`At`].
+pub struct LockLeader {
+    coordinator: Arc<Coordinator>,
+    /// The create revision of this node's leader key in etcd: grants carry it.
+    epoch: u64,
+    /// The live stream of each node, by node id.
+    streams: Mutex<HashMap<u32, Arc<NodeStream>>>,
+}
+
+/// One node's stream, as far as the leader must be able to end it.
+#[derive(Default)]
+struct NodeStream {
+    state: Mutex<StreamState>,
+    /// Its waiting requests' tasks.
+    tasks: TaskTracker,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// Cleared when a newer stream of the node (or the end of this one) ends it.
+    ended: bool,
+    /// Calls still waiting (acquires, queries, guards), by call id.
+    waiting: HashMap<u64, AbortHandle>,
+}
+
+impl NodeStream {
+    /// Stops applying its calls and drops its waiting requests; returns once none runs.
+    async fn end(&self) {
+        {
+            let mut state = self.state.lock();
+            state.ended = true;
+            for (_, task) in state.waiting.drain() {
+                task.abort();
+            }
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+type Answers = mpsc::UnboundedSender<Result<pb::LockAnswer, Status>>;
+
+impl LockLeader {
+    pub fn new(coordinator: Arc<Coordinator>, epoch: u64) -> LockLeader {
+        LockLeader {
+            coordinator,
+            epoch,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
+    fn at(&self) -> &At {
+        &self.coordinator.at
+    }
+
+    /// The wait a caller asked for, within this node's own limit.
+    fn wait(&self, wait_ms: u64) -> (Instant, u64) {
+        let ms = wait_ms.min(self.coordinator.config.transactions.max_lock_wait_ms);
+        (Instant::now() + Duration::from_millis(ms), ms)
+    }
+
+    /// Applies one call of `stream`; `false` once the stream was ended by a newer one.
+    fn apply(self: &Arc<Self>, stream: &Arc<NodeStream>, id: u64, call: Call, answers: &Answers) -> bool {
+        let mut state = stream.state.lock();
+        if state.ended {
+            return false;
+        }
+        let answer = |a: Answer| {
+            let _ = answers.send(Ok(pb::LockAnswer { id, answer: Some(a) }));
+        };
+        let c = &self.coordinator;
+        match call {
+            Call::Hello(_) => answer(refused(&TcError::new(
+                ErrorCode::RmProtocol,
+                "hello comes once, first on the stream",
+            ))),
+            Call::Acquire(a) => match keys(&a.keys) {
+                Err(e) => answer(refused(&e)),
+                Ok(keys) => {
+                    let (this, wait) = (Arc::clone(self), self.wait(a.wait_ms));
+                    self.spawn(stream, &mut state, id, answers, async move {
+                        let c = &this.coordinator;
+                        let granted = this
+                            .at()
+                            .acquire(a.txn, a.branch, &keys, wait, &c.metrics, &c.shutdown)
+                            .await;
+                        this.at().count_held(&c.metrics);
+                        match granted {
+                            Ok(g) => Answer::Granted(pb::LockGranted {
+                                waited_us: g.waited.map(|w| w.as_micros() as u64),
+                                holders: g.holders,
+                            }),
+                            Err(e) => refused(&e),
+                        }
+                    });
+                }
+            },
+            Call::Cancel(of) => {
+                if let Some(task) = state.waiting.remove(&of) {
+                    task.abort();
+                }
+            }
+            Call::Query(q) => match keys(&q.keys) {
+                Err(e) => answer(refused(&e)),
+                Ok(keys) => {
+                    let (this, wait) = (Arc::clone(self), self.wait(q.wait_ms));
+                    self.spawn(stream, &mut state, id, answers, async move {
+                        let txn = (q.txn != 0).then_some(q.txn);
+                        match this.at().query(txn, &keys, wait, &this.coordinator.metrics).await {
+                            Ok(RowsFound::Free) => Answer::Granted(pb::LockGranted::default()),
+                            Ok(RowsFound::Held(rows)) => Answer::Held(pb::LockHeldRows {
+                                rows: rows.into_iter().map(super::held_row_pb).collect(),
+                            }),
+                            Err(e) => refused(&e),
+                        }
+                    });
+                }
+            },
+            Call::Guard(g) => {
+                let tables: Vec<Table> = g.tables.iter().map(Table::from_pb).collect();
+                // Pinned now, in the stream's order: a later forget unpins them.
+                self.at().guards.pin(g.txn, &tables);
+                let (this, (deadline, _)) = (Arc::clone(self), self.wait(g.wait_ms));
+                self.spawn(stream, &mut state, id, answers, async move {
+                    match this.at().guard(&tables, deadline, &this.coordinator.shutdown).await {
+                        Ok(()) => Answer::Done(true),
+                        Err(e) => refused(&e),
+                    }
+                });
+            }
+            Call::Release(r) => {
+                // Keys that do not decode were never granted: nothing of them is held.
+                let keys: Vec<LockKey> = r.keys.iter().filter_map(|k| LockKey::from_bytes(k)).collect();
+                match r.branch {
+                    0 => self.at().locks.release_txn(r.txn, &keys),
+                    branch => self.at().locks.release_branch(r.txn, branch, &keys),
+                }
+                self.at().count_held(&c.metrics);
+                answer(Answer::Done(true));
+            }
+            Call::RollingBack(txn) => {
+                self.at().locks.set_rolling_back(txn);
+                answer(Answer::Done(true));
+            }
+            Call::Forget(f) => {
+                let tables: std::collections::BTreeSet<Table> = f.tables.iter().map(Table::from_pb).collect();
+                self.at().forget(f.txn, &tables);
+                answer(Answer::Done(true));
+            }
+        }
+        true
+    }
+
+    /// Runs a call that waits in a task of `stream`'s, answering what it returns. The
+    /// answer follows the call's last step with no await in between: a task dropped by
+    /// `cancel` or by the stream's end was either answered or changed nothing.
+    fn spawn(
+        &self,
+        stream: &Arc<NodeStream>,
+        state: &mut StreamState,
+        id: u64,
+        answers: &Answers,
+        call: impl Future<Output = Answer> + Send + 'static,
+    ) {
+        let (owner, out) = (Arc::clone(stream), answers.clone());
+        let task = stream.tasks.spawn(async move {
+            let reply = call.await;
+            owner.state.lock().waiting.remove(&id);
+            let _ = out.send(Ok(pb::LockAnswer {
+                id,
+                answer: Some(reply),
+            }));
+        });
+        state.waiting.insert(id, task.abort_handle());
+    }
+
+    /// Serves one node's stream until it ends, or a newer stream of the node ends it.
+    async fn serve(self: Arc<Self>, mut calls: Streaming<pb::LockCall>, node: u32, answers: Answers) {
+        let stream = Arc::new(NodeStream::default());
+        let older = self.streams.lock().insert(node, Arc::clone(&stream));
+        if let Some(older) = older {
+            older.end().await;
+        }
+        tracing::info!(node, "a node's lock stream opened");
+        loop {
+            let next = tokio::select! {
+                next = calls.message() => next,
+                _ = self.coordinator.shutdown.cancelled() => break,
+            };
+            match next {
+                Ok(Some(pb::LockCall { id, call: Some(call) })) => {
+                    if !self.apply(&stream, id, call, &answers) {
+                        break;
+                    }
+                }
+                Ok(Some(pb::LockCall { id, call: None })) => {
+                    let e = TcError::new(ErrorCode::RmProtocol, "a lock call without its call");
+                    let _ = answers.send(Ok(pb::LockAnswer {
+                        id,
+                        answer: Some(refused(&e)),
+                    }));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        {
+            let mut streams = self.streams.lock();
+            if streams.get(&node).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
+                streams.remove(&node);
+            }
+        }
+        stream.end().await;
+        tracing::info!(node, "a node's lock stream ended");
+    }
+}
+
+/// The keys of a call, each checked to be a well-formed `LockKey`.
+fn keys(raw: &[Vec<u8>]) -> Result<Vec<LockKey>, TcError> {
+    raw.iter()
+        .map(|k| LockKey::from_bytes(k).ok_or_else(|| TcError::invalid("a lock key that is not a LockKey")))
+        .collect()
+}
+
+fn refused(e: &TcError) -> Answer {
+    Answer::Refused(pb::LockRefused {
+        code: e.code.as_str().to_owned(),
+        message: e.message.clone(),
+        holder: e.holder.clone().unwrap_or_default(),
+    })
+}
+
+/// The service, shared by the server's connections.
+pub struct LockService(pub Arc<LockLeader>);
+
+#[tonic::async_trait]
+impl pb::lock_authority_server::LockAuthority for LockService {
+    type LocksStream = UnboundedReceiverStream<Result<pb::LockAnswer, Status>>;
+
+    async fn locks(&self, request: Request<Streaming<pb::LockCall>>) -> Result<Response<Self::LocksStream>, Status> {
+        let leader = Arc::clone(&self.0);
+        let mut calls = request.into_inner();
+        let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
+        let silence = leader.coordinator.config.phase2.heartbeat_interval() * 3;
+        let (id, node) = match tokio::time::timeout(silence, calls.message()).await {
+            Ok(Ok(Some(pb::LockCall {
+                id,
+                call: Some(Call::Hello(h)),
+            }))) => (id, h.node_id),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(protocol("no hello within three heartbeat intervals")),
+            _ => return Err(protocol("the first call on a lock stream must be hello")),
+        };
+        let (answers, out) = mpsc::unbounded_channel();
+        let _ = answers.send(Ok(pb::LockAnswer {
+            id,
+            answer: Some(Answer::Welcome(pb::LockWelcome { epoch: leader.epoch })),
+        }));
+        tokio::spawn(leader.serve(calls, node, answers));
+        Ok(Response::new(UnboundedReceiverStream::new(out)))
+    }
+}
