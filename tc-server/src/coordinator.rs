@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::at::guards::Table;
-use crate::at::{At, RowsFound};
+use crate::at::remote::{LeaderAddress, RemoteAt};
+use crate::at::{At, LockAuthority, RowsFound};
 use crate::audit::Audit;
 use crate::auth::Tokens;
 use crate::calls::Caller;
@@ -179,8 +180,8 @@ pub struct Coordinator {
     pub(crate) config: Config,
     pub(crate) ids: Arc<Ids>,
     pub(crate) journal: Journal,
-    /// AT mode: row locks and table guards.
-    pub at: At,
+    /// AT mode: row locks and table guards, this node's own or the cluster's lock leader's.
+    pub at: LockAuthority,
     pub(crate) sessions: RwLock<HashMap<u64, Arc<Session>>>,
     pub(crate) finished: Mutex<History>,
     pub(crate) timeouts: Mutex<BTreeSet<(Instant, u64)>>,
@@ -224,11 +225,13 @@ fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError
 impl Coordinator {
     /// Builds the coordinator from what the store holds: sessions, branches and their locks
     /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
+    /// The locks are its own, or with `lock_leader` those of the cluster's lock leader.
     pub async fn recover(
         config: Config,
         journal: Journal,
         snapshot: Snapshot,
         caller: Caller,
+        lock_leader: Option<LeaderAddress>,
     ) -> Result<Arc<Coordinator>, StoreError> {
         // An id is leased durably before a coordinator serves anything: a store without one
         // never had a coordinator whose guard set a resource manager could still trust.
@@ -236,7 +239,16 @@ impl Coordinator {
         let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
         let metrics = Metrics::new();
         let rms = Arc::new(RmRegistry::default());
-        let at = At::new(&config, Arc::clone(&rms), fresh_store, &metrics);
+        let shutdown = CancellationToken::new();
+        let at = match lock_leader {
+            None => LockAuthority::Local(Arc::new(At::new(&config, Arc::clone(&rms), fresh_store, &metrics))),
+            Some(leader) => LockAuthority::Remote(RemoteAt::start(
+                config.node_id,
+                leader,
+                journal.clone(),
+                shutdown.clone(),
+            )),
+        };
         let tokens = Tokens::new(
             config.token.as_ref().map(|t| t.0.as_str()),
             snapshot.tokens.clone(),
@@ -268,7 +280,7 @@ impl Coordinator {
             tokens,
             audit,
             token_changes: tokio::sync::Mutex::new(()),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         });
         coordinator.restore(snapshot)?;
@@ -302,7 +314,7 @@ impl Coordinator {
                     GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed
                 )
             {
-                self.at.locks.set_rolling_back(txn_id);
+                self.at.set_rolling_back(txn_id);
             }
             let remaining = record
                 .begin_ms
@@ -617,14 +629,14 @@ impl Coordinator {
         tables: &[Table],
         deadline: Instant,
     ) -> Result<(), TcError> {
-        {
+        let guarded = {
             let mut state = session.state.lock();
             begin_only(&state, xid, what)?;
-            // Pinned under the session's mutex, so no `finish` runs in between.
+            // Pinned under the session's mutex, so no `finish` (which unpins) runs before.
             state.guarded.extend(tables.iter().cloned());
-            self.at.guards.pin(session.txn_id, tables);
-        }
-        self.at.guard(tables, deadline, &self.shutdown).await
+            self.at.guard(session.txn_id, tables, deadline, &self.shutdown)
+        };
+        guarded.await
     }
 
     /// Guards `tables` before a transaction in Begin first writes to them (see the
@@ -739,7 +751,7 @@ impl Coordinator {
             .await
             .map_err(refused)?;
         let branch_id = self.ids.next().await?;
-        let granted = self
+        let grant = self
             .at
             .acquire(
                 txn_id,
@@ -755,7 +767,7 @@ impl Coordinator {
             let mut state = session.state.lock();
             if let Err(e) = begin_only(&state) {
                 drop(state);
-                self.at.locks.release_branch(txn_id, branch_id, &keys);
+                self.at.release_branch(txn_id, branch_id, &keys);
                 return Err(e);
             }
             match called.as_ref().map(|(name, _)| name.as_str()) {
@@ -796,10 +808,10 @@ impl Coordinator {
                 connection_id,
                 instance_id,
             };
-            if let Some(waited) = granted.waited {
+            if let Some(waited) = grant.granted.waited {
                 state.record(EventKind::LockWaited {
                     branch_id,
-                    holders: granted.holders.iter().map(|t| format_xid(*t)).collect(),
+                    holders: grant.granted.holders.iter().map(|t| format_xid(*t)).collect(),
                     waited_ms: waited.as_millis() as u64,
                 });
             }
@@ -925,7 +937,7 @@ impl Coordinator {
             (self.journal.submit(writes), keys)
         };
         if status == BranchStatus::PhaseOneFailed {
-            self.at.locks.release_branch(session.txn_id, branch_id, &keys);
+            self.at.release_branch(session.txn_id, branch_id, &keys);
             self.metrics.branch_phase_one_failed.increment(1);
         }
         durable.await?;
@@ -1051,7 +1063,7 @@ impl Coordinator {
         // locks are taken again from its branches.
         match durable {
             Some(durable) => self.release_with(txn_id, &keys, durable).await?,
-            None => self.at.locks.release_txn(txn_id, &keys),
+            None => self.at.release_txn(txn_id, &keys),
         }
         {
             let mut state = session.state.lock();
@@ -1088,8 +1100,14 @@ impl Coordinator {
         keys: &[LockKey],
         durable: impl Future<Output = Result<(), StoreError>>,
     ) -> Result<(), StoreError> {
+        let LockAuthority::Local(at) = &self.at else {
+            // Across nodes the next holder writes another journal: the rows wait for this one.
+            durable.await?;
+            self.at.release_txn(txn_id, keys);
+            return Ok(());
+        };
         self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
-        self.at.locks.release_txn(txn_id, keys);
+        at.locks.release_txn(txn_id, keys);
         let done = durable.await;
         self.unsettled_releases.fetch_sub(1, Ordering::SeqCst);
         done
@@ -1233,7 +1251,7 @@ impl Coordinator {
                 self.journal.submit(writes)
             })
         };
-        self.at.locks.set_rolling_back(session.txn_id);
+        self.at.set_rolling_back(session.txn_id);
         self.timeouts.lock().remove(&(session.deadline, session.txn_id));
         Ok(durable)
     }
@@ -1537,7 +1555,7 @@ mod tests {
         let store = Arc::new(HeldStore::default());
         let journal = Journal::start(store.clone());
         let caller = Caller::new(&Config::default().calls).unwrap();
-        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller)
+        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller, None)
             .await
             .unwrap();
         let t1 = tc.begin(60_000, String::new()).await.unwrap();
@@ -1567,7 +1585,15 @@ mod tests {
             .await
             .unwrap();
         // The decision's write is in the store; t2 gets row 1 in memory meanwhile.
-        while !tc.at.locks.held_rows(&|_| true, 10).iter().any(|row| row.txn == t2_id) {
+        while !tc
+            .at
+            .local()
+            .unwrap()
+            .locks
+            .held_rows(&|_| true, 10)
+            .iter()
+            .any(|row| row.txn == t2_id)
+        {
             tokio::task::yield_now().await;
         }
         let row_2 = rows(&["2"]);

@@ -223,7 +223,11 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
-                guard_lease_ms: coordinator.at.guards.lease().as_millis() as u64,
+                // 0: this node sends no guards (its cluster's lock leader does).
+                guard_lease_ms: coordinator
+                    .at
+                    .local()
+                    .map_or(0, |at| at.guards.lease().as_millis() as u64),
                 max_call_bytes: coordinator.config.max_message_bytes() as u64,
             })),
         };
@@ -239,9 +243,14 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         tokio::spawn(async move {
             // In this task, which nothing cancels: once registered, the connection is
             // detached below whatever happens. A closed stream fails here and ends below.
-            coordinator.at.guards.attach(&conn).await;
+            let guards = coordinator.at.local().map(|at| Arc::clone(&at.guards));
+            if let Some(guards) = &guards {
+                guards.attach(&conn).await;
+            }
             let reason = serve_stream(&coordinator, &conn, authorization, &mut inbound, &tx, interval, silence).await;
-            coordinator.at.guards.detach(&conn);
+            if let Some(guards) = &guards {
+                guards.detach(&conn);
+            }
             coordinator
                 .metrics
                 .resource_managers
@@ -325,11 +334,15 @@ async fn serve_stream(
                         }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::GuardAck(ack)) })) => {
-                        if ack.seq > coordinator.at.guards.seq() {
+                        let Some(at) = coordinator.at.local() else {
+                            let _ = tx.send(Err(ErrorCode::RmProtocol.status("GuardAck to a node that sends no guards", None))).await;
+                            return "protocol error";
+                        };
+                        if ack.seq > at.guards.seq() {
                             let _ = tx.send(Err(ErrorCode::RmProtocol.status(format!("GuardAck for update {} that was never sent", ack.seq), None))).await;
                             return "protocol error";
                         }
-                        coordinator.at.guards.acked(conn, ack.seq);
+                        at.guards.acked(conn, ack.seq);
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Announce(a)) })) => {
                         if a.resource_ids.iter().any(|r| r.is_empty()) {

@@ -17,6 +17,7 @@ use ferrata_rpc::{ErrorCode, pb};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::at::At;
 use crate::audit::{AuditFilter, Origin};
 use crate::auth::{Caller, Permission, Role, Sessions};
 use crate::calls::branch::Payload;
@@ -920,9 +921,7 @@ async fn resume(State(api): State<Api>, op: Operator, XidPath(xid): XidPath, bod
 
 async fn deadlocks(State(api): State<Api>, Extension(caller): Extension<Caller>) -> Reply {
     caller.require(Permission::Read, "list deadlocks")?;
-    let list: Vec<Value> = api
-        .coordinator
-        .at
+    let list: Vec<Value> = held_here(&api)?
         .deadlocks()
         .iter()
         .map(|d| {
@@ -1113,7 +1112,7 @@ async fn locks(
             && q.schema.as_deref().is_none_or(|s| s == p.schema)
             && q.table.as_deref().is_none_or(|t| t == p.table)
     };
-    let rows = api.coordinator.at.locks.held_rows(&filter, limit(q.limit)?);
+    let rows = held_here(&api)?.locks.held_rows(&filter, limit(q.limit)?);
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -1127,6 +1126,17 @@ async fn locks(
         })
         .collect();
     Ok(Json(json!({ "locks": rows })).into_response())
+}
+
+/// The locks, if this node holds them; with several serving nodes only the lock leader
+/// can list them.
+fn held_here(api: &Api) -> Result<&Arc<At>, TcError> {
+    api.coordinator.at.local().ok_or_else(|| {
+        TcError::new(
+            ErrorCode::LockAuthorityUnavailable,
+            "this node's locks are held by the cluster's lock leader: ask that node",
+        )
+    })
 }
 
 async fn whoami(Extension(caller): Extension<Caller>) -> Reply {
@@ -1282,7 +1292,8 @@ async fn healthz(State(api): State<Api>) -> Response {
             "reason": reason,
             "transactions": c.sessions.read().len(),
             "resource_managers": c.rms.connected(),
-            "locks_held": c.at.locks.held_count(),
+            // With several serving nodes, the lock leader's count.
+            "locks_held": c.at.local().map(|at| at.locks.held_count()),
         })
     };
     if let Some(cause) = c.store_failure() {

@@ -127,8 +127,10 @@ impl Coordinator {
     pub fn start_background(self: &Arc<Self>) {
         self.tasks.spawn(Arc::clone(self).timeout_loop());
         self.tasks.spawn(Arc::clone(self).commit_loop());
-        self.tasks
-            .spawn(Arc::clone(&self.at.guards).release_loop(self.shutdown.clone()));
+        if let Some(at) = self.at.local() {
+            self.tasks
+                .spawn(Arc::clone(&at.guards).release_loop(self.shutdown.clone()));
+        }
         self.tasks.spawn(Arc::clone(self).history_loop());
     }
 
@@ -309,7 +311,7 @@ impl Coordinator {
                         }]);
                         self.journal.submit_detached(writes);
                     }
-                    self.at.locks.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
+                    self.at.release_branch(b.txn_id, b.branch_id, &b.lock_keys);
                     self.at.count_held(&self.metrics);
                     if b.mode == BranchMode::Msg {
                         self.forget_joined_rows(&b.to_ref(&session.xid));

@@ -312,7 +312,7 @@ impl Coordinator {
             }
             (release, durable, record.id, finished)
         };
-        self.at.locks.release_branch(session.txn_id, branch_id, &release);
+        self.at.release_branch(session.txn_id, branch_id, &release);
         self.at.count_held(&self.metrics);
         durable.await?;
         let state = session.state.lock();

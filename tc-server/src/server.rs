@@ -199,7 +199,7 @@ async fn restore(
 ) -> anyhow::Result<(Arc<Coordinator>, Journal)> {
     let journal = Journal::start(store);
     let caller = crate::calls::Caller::new(&config.calls)?;
-    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller).await?;
+    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller, None).await?;
     let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
     if !loopback {
         coordinator.tokens.forbid_open();

@@ -38,6 +38,7 @@ use crate::lock_key::LockKey;
 /// The `LockAuthority` service of a node that holds the cluster's locks in its own [`At`].
 pub struct LockLeader {
     coordinator: Arc<Coordinator>,
+    at: Arc<At>,
     /// The create revision of this node's leader key in etcd: grants carry it.
     epoch: u64,
     /// The live stream of each node, by node id.
@@ -78,12 +79,14 @@ impl NodeStream {
 type Answers = mpsc::UnboundedSender<Result<pb::LockAnswer, Status>>;
 
 impl LockLeader {
-    pub fn new(coordinator: Arc<Coordinator>, epoch: u64) -> LockLeader {
-        LockLeader {
+    /// `None` if `coordinator`'s locks are not its own.
+    pub fn new(coordinator: Arc<Coordinator>, epoch: u64) -> Option<LockLeader> {
+        Some(LockLeader {
+            at: Arc::clone(coordinator.at.local()?),
             coordinator,
             epoch,
             streams: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     pub fn coordinator(&self) -> &Arc<Coordinator> {
@@ -91,7 +94,7 @@ impl LockLeader {
     }
 
     fn at(&self) -> &At {
-        &self.coordinator.at
+        &self.at
     }
 
     /// The wait a caller asked for, within this node's own limit.

@@ -6,6 +6,7 @@
 //! released at commit and per branch rolled back, everything restored at start and
 //! forgotten when the transaction ends.
 
+pub mod authority;
 pub mod guards;
 pub mod leader;
 pub mod locks;
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::rm::RmRegistry;
 use crate::store::StoreError;
 use crate::xid::format_xid;
+pub use authority::{Grant, LockAuthority};
 use ferrata_rpc::pb;
 use guards::{Table, TableGuards};
 use locks::{Granted, HeldRow, LockError, LockManager};

@@ -24,29 +24,31 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::RowsFound;
 use super::guards::Table;
 use super::locks::{Granted, HeldRow};
+use super::{Grant, RowsFound};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
+use crate::store::StoreError;
+use crate::store::journal::Journal;
 
 /// Where the lock leader is (its gRPC endpoint, with the cluster's token and TLS), or
 /// `None` while no node leads.
 pub type LeaderAddress = watch::Receiver<Option<ClientConfig>>;
-
-/// Rows granted by the leader whose epoch is `epoch`.
-#[derive(Debug)]
-pub struct Grant {
-    pub granted: Granted,
-    pub epoch: u64,
-}
 
 /// The lock calls of a node that does not hold the cluster's locks itself.
 pub struct RemoteAt {
     next_id: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
     epoch: watch::Receiver<u64>,
+    /// The coordinator's journal: a release waits for what was submitted before it.
+    journal: Journal,
+    /// Releases and forgets with the journal's answer they wait for, in the order made.
+    after_durable: mpsc::UnboundedSender<(Durable, u64, Call)>,
 }
+
+/// The journal's answer to an empty submission: everything submitted before is durable.
+type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// Where a waiting call's answer goes, with the epoch of the leader that gave it.
 type Reply = oneshot::Sender<Result<(Answer, u64), TcError>>;
@@ -62,9 +64,21 @@ enum Command {
 
 impl RemoteAt {
     /// Starts the driver of node `node_id`'s stream to whichever node `leader` names, until
-    /// `stop` (or until `leader`'s sender is gone).
-    pub fn start(node_id: u16, leader: LeaderAddress, stop: CancellationToken) -> RemoteAt {
+    /// `stop` (or until `leader`'s sender is gone); releases wait for `journal`.
+    pub fn start(node_id: u16, leader: LeaderAddress, journal: Journal, stop: CancellationToken) -> RemoteAt {
         let (commands, receiver) = mpsc::unbounded_channel();
+        let (after_durable, mut durable) = mpsc::unbounded_channel::<(Durable, u64, Call)>();
+        let told = commands.clone();
+        // In the order made; the journal answers in submission order, so none waits long
+        // behind another. A change whose submissions failed is not sent: the store failed,
+        // the node stops, and whoever loads the store next starts from what is durable.
+        tokio::spawn(async move {
+            while let Some((flushed, id, call)) = durable.recv().await {
+                if flushed.await.is_ok() {
+                    let _ = told.send(Command::Tell { id, call });
+                }
+            }
+        });
         let (epoch, epoch_rx) = watch::channel(0);
         let driver = Driver {
             node_id,
@@ -84,6 +98,8 @@ impl RemoteAt {
             next_id: AtomicU64::new(1 << 63),
             commands,
             epoch: epoch_rx,
+            journal,
+            after_durable,
         }
     }
 
@@ -96,26 +112,24 @@ impl RemoteAt {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn ask(&self, call: Call) -> Result<(Answer, u64), TcError> {
+    /// Sends `call` now; the answer is awaited from what this returns.
+    fn ask(&self, call: Call) -> Asked<'_> {
         let id = self.id();
         let (reply, answer) = oneshot::channel();
-        if self.commands.send(Command::Ask { id, call, reply }).is_err() {
-            return Err(unavailable("this node's lock stream is stopped"));
-        }
-        let mut asking = Asking {
+        let sent = self.commands.send(Command::Ask { id, call, reply }).is_ok();
+        Asked {
             id,
             commands: &self.commands,
-            answered: false,
-        };
-        let answer = answer.await;
-        asking.answered = true;
-        answer.unwrap_or_else(|_| Err(unavailable("this node's lock stream stopped")))
+            answer: sent.then_some(answer),
+        }
     }
 
-    fn tell(&self, call: Call) {
-        // A stopped driver means a stopped node: what it would have sent, a new leader
-        // rebuilds from the store.
-        let _ = self.commands.send(Command::Tell { id: self.id(), call });
+    /// Sends a change once everything the coordinator submitted before it is durable.
+    fn tell_when_durable(&self, call: Call) {
+        let flushed: Durable = Box::pin(self.journal.submit(Vec::new()));
+        // A stopped driver means a stopped node: what it would have sent, whoever loads
+        // the store next starts from.
+        let _ = self.after_durable.send((flushed, self.id(), call));
     }
 
     /// Takes a branch's rows, waiting in the leader's queues until `deadline`.
@@ -126,7 +140,7 @@ impl RemoteAt {
             keys: key_bytes(keys),
             wait_ms: ms_until(deadline),
         });
-        match self.ask(call).await? {
+        match self.ask(call).answer().await? {
             (Answer::Granted(g), epoch) => Ok(Grant {
                 granted: Granted {
                     waited: g.waited_us.map(Duration::from_micros),
@@ -145,7 +159,7 @@ impl RemoteAt {
             keys: key_bytes(keys),
             wait_ms: ms_until(deadline),
         });
-        match self.ask(call).await? {
+        match self.ask(call).answer().await? {
             (Answer::Granted(_), _) => Ok(RowsFound::Free),
             (Answer::Held(held), _) => held
                 .rows
@@ -167,51 +181,72 @@ impl RemoteAt {
         }
     }
 
-    /// Pins `tables` for `txn` and waits until every resource manager guards them.
-    pub async fn guard(&self, txn: u64, tables: &[Table], deadline: Instant) -> Result<(), TcError> {
-        let call = Call::Guard(pb::LockGuard {
+    /// Pins `tables` for `txn` at once (in the stream's order, before any later forget) and
+    /// returns the wait until every resource manager guards them.
+    pub fn guard(&self, txn: u64, tables: &[Table], deadline: Instant) -> impl Future<Output = Result<(), TcError>> {
+        let asked = self.ask(Call::Guard(pb::LockGuard {
             txn,
             tables: tables.iter().map(Table::to_pb).collect(),
             wait_ms: ms_until(deadline),
-        });
-        match self.ask(call).await? {
-            (Answer::Done(_), _) => Ok(()),
-            (other, _) => Err(refusal(other)),
+        }));
+        async move {
+            match asked.answer().await? {
+                (Answer::Done(_), _) => Ok(()),
+                (other, _) => Err(refusal(other)),
+            }
         }
     }
 
-    /// Lets go of `keys`: those of `branch`, or of every branch of `txn`.
+    /// Lets go of `keys` (those of `branch`, or of every branch of `txn`) once what the
+    /// coordinator submitted before is durable.
     pub fn release(&self, txn: u64, branch: Option<u64>, keys: &[LockKey]) {
-        self.tell(Call::Release(pb::LockRelease {
+        self.tell_when_durable(Call::Release(pb::LockRelease {
             txn,
             branch: branch.unwrap_or(0),
             keys: key_bytes(keys),
         }));
     }
 
+    /// Requests for `txn`'s rows fail fast from now on.
     pub fn set_rolling_back(&self, txn: u64) {
-        self.tell(Call::RollingBack(txn));
+        let _ = self.commands.send(Command::Tell {
+            id: self.id(),
+            call: Call::RollingBack(txn),
+        });
     }
 
-    /// A finished transaction: its mark and its tables' pins go.
+    /// A finished transaction: its mark and its tables' pins go, once its end is durable.
     pub fn forget(&self, txn: u64, tables: &BTreeSet<Table>) {
-        self.tell(Call::Forget(pb::LockForget {
+        self.tell_when_durable(Call::Forget(pb::LockForget {
             txn,
             tables: tables.iter().map(Table::to_pb).collect(),
         }));
     }
 }
 
-/// Tells the driver when the caller of an `Ask` goes away before its answer.
-struct Asking<'a> {
+/// A call sent, its answer awaited.
+struct Asked<'a> {
     id: u64,
     commands: &'a mpsc::UnboundedSender<Command>,
-    answered: bool,
+    /// `None` if it could not be sent (the driver stopped), or once answered.
+    answer: Option<oneshot::Receiver<Result<(Answer, u64), TcError>>>,
 }
 
-impl Drop for Asking<'_> {
+impl Asked<'_> {
+    async fn answer(mut self) -> Result<(Answer, u64), TcError> {
+        let Some(answer) = self.answer.as_mut() else {
+            return Err(unavailable("this node's lock stream is stopped"));
+        };
+        let answered = answer.await;
+        self.answer = None;
+        answered.unwrap_or_else(|_| Err(unavailable("this node's lock stream stopped")))
+    }
+}
+
+/// Tells the driver when the caller goes away before the answer.
+impl Drop for Asked<'_> {
     fn drop(&mut self) {
-        if !self.answered {
+        if self.answer.is_some() {
             let _ = self.commands.send(Command::GiveUp(self.id));
         }
     }
@@ -477,310 +512,4 @@ fn release_of(acquire: pb::LockAcquire) -> Call {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-
-    use ferrata_rpc::process::Secret;
-    use tokio::net::{TcpListener, TcpStream};
-
-    use super::*;
-    use crate::at::leader::LockLeader;
-    use crate::calls::Caller;
-    use crate::config::Config;
-    use crate::coordinator::Coordinator;
-    use crate::store::Snapshot;
-    use crate::store::fixtures::HeldStore;
-    use crate::store::journal::Journal;
-
-    const EPOCH: u64 = 7;
-    const TOKEN: &str = "the-cluster-secret";
-    const LONG: Duration = Duration::from_secs(20);
-
-    /// A leader node serving the lock stream, reached through a relay the test can cut.
-    struct Leader {
-        coordinator: Arc<Coordinator>,
-        relay: Relay,
-    }
-
-    impl Leader {
-        async fn start() -> Leader {
-            let config = Config {
-                token: Some(Secret(TOKEN.into())),
-                ..Config::default()
-            };
-            let caller = Caller::new(&config.calls).unwrap();
-            let journal = Journal::start(Arc::new(HeldStore::default()));
-            let coordinator = Coordinator::recover(config, journal, Snapshot::default(), caller)
-                .await
-                .unwrap();
-            let leader = Arc::new(LockLeader::new(Arc::clone(&coordinator), EPOCH));
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let service = crate::grpc::lock_service(&leader, 4 << 20);
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            Leader {
-                coordinator,
-                relay: Relay::start(addr).await,
-            }
-        }
-
-        /// A node's stream to this leader.
-        fn node(&self, node_id: u16, token: &str) -> Node {
-            let config = ClientConfig {
-                endpoint: format!("http://{}", self.relay.addr),
-                token: Some(token.into()),
-                ..ClientConfig::default()
-            };
-            let (leader, address) = watch::channel(Some(config));
-            Node {
-                at: RemoteAt::start(node_id, address, CancellationToken::new()),
-                _leader: leader,
-            }
-        }
-
-        /// Takes rows on the leader itself, as its own transactions do.
-        async fn acquire(&self, txn: u64, branch: u64, keys: &[LockKey]) {
-            let c = &self.coordinator;
-            let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
-            c.at.acquire(txn, branch, keys, wait, &c.metrics, &c.shutdown)
-                .await
-                .unwrap();
-        }
-
-        /// Waits until `key`'s holder and queue are as given (`None`: nobody holds it).
-        async fn wait_row(&self, key: &LockKey, holder: Option<u64>, waiters: &[u64]) {
-            let deadline = Instant::now() + LONG;
-            loop {
-                let rows = self.coordinator.at.locks.held_rows(&|k| k == key, 1);
-                let now = rows.first().map(|r| (r.txn, r.waiters.clone()));
-                if now.as_ref().map(|(t, w)| (*t, w.as_slice())) == holder.map(|h| (h, waiters)) {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "row still {now:?}, not {holder:?} {waiters:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-
-    /// A node's end, with the sender of its leader's address.
-    struct Node {
-        at: RemoteAt,
-        _leader: watch::Sender<Option<ClientConfig>>,
-    }
-
-    impl std::ops::Deref for Node {
-        type Target = RemoteAt;
-        fn deref(&self) -> &RemoteAt {
-            &self.at
-        }
-    }
-
-    /// A TCP relay to `target` whose connections `cut` severs (new ones still pass).
-    struct Relay {
-        addr: SocketAddr,
-        cut: watch::Sender<u64>,
-    }
-
-    impl Relay {
-        async fn start(target: SocketAddr) -> Relay {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (cut, cuts) = watch::channel(0);
-            tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let mut cuts = cuts.clone();
-                    cuts.borrow_and_update();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(target).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = cuts.changed() => {}
-                        }
-                    });
-                }
-            });
-            Relay { addr, cut }
-        }
-
-        fn cut(&self) {
-            self.cut.send_modify(|n| *n += 1);
-        }
-    }
-
-    fn row(pk: &str) -> LockKey {
-        LockKey::new("db1", "s", "t", &[pk])
-    }
-
-    fn soon() -> Instant {
-        Instant::now() + LONG
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn nodes_wait_in_the_leaders_fifo_queue_and_are_granted_in_order() {
-        let leader = Leader::start().await;
-        let (b, c) = (Arc::new(leader.node(2, TOKEN)), Arc::new(leader.node(3, TOKEN)));
-        let r = row("1");
-        leader.acquire(1, 10, std::slice::from_ref(&r)).await;
-        let second = tokio::spawn({
-            let (b, r) = (Arc::clone(&b), r.clone());
-            async move { b.acquire(2, 20, &[r], soon()).await }
-        });
-        leader.wait_row(&r, Some(1), &[2]).await;
-        let third = tokio::spawn({
-            let (c, r) = (Arc::clone(&c), r.clone());
-            async move { c.acquire(3, 30, &[r], soon()).await }
-        });
-        leader.wait_row(&r, Some(1), &[2, 3]).await;
-
-        leader.coordinator.at.locks.release_txn(1, std::slice::from_ref(&r));
-        let grant = second.await.unwrap().expect("the first in the queue is granted");
-        assert_eq!(grant.epoch, EPOCH, "a grant carries the leader's epoch");
-        assert!(
-            grant.granted.waited.is_some() && grant.granted.holders == [1],
-            "{grant:?}"
-        );
-        leader.wait_row(&r, Some(2), &[3]).await;
-        assert!(!third.is_finished(), "the second in the queue still waits");
-
-        b.release(2, Some(20), std::slice::from_ref(&r));
-        third.await.unwrap().expect("the second in the queue is granted next");
-        leader.wait_row(&r, Some(3), &[]).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_deadlock_between_nodes_is_found_and_the_youngest_gives_way() {
-        let leader = Leader::start().await;
-        let b = leader.node(2, TOKEN);
-        let (r1, r2) = (row("1"), row("2"));
-        leader.acquire(1, 10, std::slice::from_ref(&r1)).await;
-        b.acquire(2, 20, std::slice::from_ref(&r2), soon()).await.unwrap();
-        let first = tokio::spawn({
-            let c = Arc::clone(&leader.coordinator);
-            let r2 = r2.clone();
-            async move {
-                let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
-                c.at.acquire(1, 11, &[r2], wait, &c.metrics, &c.shutdown).await
-            }
-        });
-        leader.wait_row(&r2, Some(2), &[1]).await;
-        let e = b.acquire(2, 21, std::slice::from_ref(&r1), soon()).await.unwrap_err();
-        assert_eq!(e.code, ErrorCode::Deadlock, "{e}");
-        assert_eq!(
-            leader.coordinator.at.deadlocks().len(),
-            1,
-            "the leader keeps it for operators"
-        );
-        b.release(2, Some(20), std::slice::from_ref(&r2));
-        first.await.unwrap().expect("the older transaction gets the row");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn changes_made_while_the_stream_is_cut_reach_the_leader_when_it_is_back() {
-        let leader = Leader::start().await;
-        let b = leader.node(2, TOKEN);
-        let (r1, r2) = (row("1"), row("2"));
-        b.acquire(2, 20, std::slice::from_ref(&r1), soon()).await.unwrap();
-        b.acquire(4, 40, std::slice::from_ref(&r2), soon()).await.unwrap();
-        // A waiting acquire fails when the stream breaks.
-        let waiting = tokio::spawn({
-            let r1 = r1.clone();
-            let leader_stream = leader.node(3, TOKEN);
-            async move { leader_stream.acquire(3, 30, &[r1], soon()).await }
-        });
-        leader.wait_row(&r1, Some(2), &[3]).await;
-        leader.relay.cut();
-        let e = waiting.await.unwrap().unwrap_err();
-        assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
-        leader.wait_row(&r1, Some(2), &[]).await;
-
-        // Node 2's stream broke too: what it changes now waits for the next one.
-        b.set_rolling_back(4);
-        b.release(2, None, std::slice::from_ref(&r1));
-        leader.wait_row(&r1, None, &[]).await;
-        let e = leader
-            .coordinator
-            .at
-            .locks
-            .acquire(5, 50, std::slice::from_ref(&r2), Instant::now())
-            .await;
-        assert!(
-            matches!(e, Err(crate::at::locks::LockError::HolderRollingBack { holder: 4, .. })),
-            "the rolling-back mark reached the leader: {e:?}"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_acquire_given_up_by_its_caller_leaves_the_queue() {
-        let leader = Leader::start().await;
-        let b = Arc::new(leader.node(2, TOKEN));
-        let r = row("1");
-        leader.acquire(1, 10, std::slice::from_ref(&r)).await;
-        let waiting = tokio::spawn({
-            let (b, r) = (Arc::clone(&b), r.clone());
-            async move { b.acquire(2, 20, &[r], soon()).await }
-        });
-        leader.wait_row(&r, Some(1), &[2]).await;
-        waiting.abort();
-        leader.wait_row(&r, Some(1), &[]).await;
-        leader.coordinator.at.locks.release_txn(1, std::slice::from_ref(&r));
-        leader.wait_row(&r, None, &[]).await;
-        // The stream still serves.
-        b.acquire(2, 21, std::slice::from_ref(&r), soon()).await.unwrap();
-        leader.wait_row(&r, Some(2), &[]).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn queries_and_guards_go_to_the_leader() {
-        let leader = Leader::start().await;
-        let b = leader.node(2, TOKEN);
-        let r = row("1");
-        leader.acquire(1, 10, std::slice::from_ref(&r)).await;
-        let found = b
-            .query(
-                Some(2),
-                std::slice::from_ref(&r),
-                Instant::now() + Duration::from_millis(50),
-            )
-            .await;
-        match found.unwrap() {
-            RowsFound::Held(rows) => assert_eq!((rows.len(), rows[0].txn, &rows[0].key), (1, 1, &r)),
-            RowsFound::Free => panic!("row 1 is held by transaction 1"),
-        }
-        assert_eq!(
-            b.query(Some(1), std::slice::from_ref(&r), soon()).await.unwrap(),
-            RowsFound::Free
-        );
-
-        let table = Table::new("db1", "s", "t");
-        b.guard(2, std::slice::from_ref(&table), soon()).await.unwrap();
-        assert!(
-            leader.coordinator.at.guards.is_pinned(&table),
-            "the leader pinned the table"
-        );
-        b.forget(2, &BTreeSet::from([table.clone()]));
-        let deadline = Instant::now() + LONG;
-        while leader.coordinator.at.guards.is_pinned(&table) {
-            assert!(Instant::now() < deadline, "forget unpins the table");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_node_without_the_root_token_is_refused() {
-        let leader = Leader::start().await;
-        let b = leader.node(2, "not-the-secret");
-        let e = b.acquire(2, 20, &[row("1")], soon()).await.unwrap_err();
-        assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
-        assert!(leader.coordinator.at.locks.held_rows(&|_| true, 1).is_empty());
-    }
-}
+mod tests;

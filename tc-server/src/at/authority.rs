@@ -1,0 +1,165 @@
+//! `LockAuthority`: where a coordinator's lock calls go. On one node, and on the active node
+//! of several sharing a store, to its own [`At`]; with several serving nodes, to the
+//! cluster's lock leader over the lock stream ([`RemoteAt`]). The coordinator core calls
+//! this and never asks which.
+//!
+//! Invariant: through the lock stream, rows and table pins are let go only once everything
+//! the coordinator submitted before is durable. On one node the journal's order gives that
+//! for free (a next holder's registration is submitted after the release's change, so it is
+//! never durable first, and the early hand-off in `Coordinator::release_with` relies on it);
+//! a next holder on another node writes another journal, so there the release waits.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::guards::Table;
+use super::locks::Granted;
+use super::remote::RemoteAt;
+use super::{At, RowsFound};
+use crate::error::TcError;
+use crate::lock_key::LockKey;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+
+pub enum LockAuthority {
+    /// This node holds the locks (shared with its `LockLeader`, if it leads a cluster).
+    Local(Arc<At>),
+    /// The cluster's lock leader holds them.
+    Remote(RemoteAt),
+}
+
+/// Rows granted, and the epoch of the lock leader that granted them (0: this node's own).
+#[derive(Debug)]
+pub struct Grant {
+    pub granted: Granted,
+    pub epoch: u64,
+}
+
+impl LockAuthority {
+    /// The locks, when this node holds them: for the guard protocol on resource managers'
+    /// streams and for listing held rows and deadlocks.
+    pub fn local(&self) -> Option<&Arc<At>> {
+        match self {
+            LockAuthority::Local(at) => Some(at),
+            LockAuthority::Remote(_) => None,
+        }
+    }
+
+    /// After a restart or an adoption: a stored branch's rows are held again and its tables
+    /// guarded. Returns the tables, for the transaction to pin. The lock leader holds a
+    /// remote node's rows already (or rebuilds them from the store when it takes over).
+    pub fn restore_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) -> Result<Vec<Table>, StoreError> {
+        match self {
+            LockAuthority::Local(at) => at.restore_branch(txn, branch, keys),
+            LockAuthority::Remote(_) => Ok(Table::of_keys(keys)),
+        }
+    }
+
+    /// Pins `tables` for `txn` at once, so that a later `forget` unpins them; the returned
+    /// future waits until every resource manager guards them.
+    pub fn guard<'a>(
+        &'a self,
+        txn: u64,
+        tables: &'a [Table],
+        deadline: Instant,
+        shutdown: &'a CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = Result<(), TcError>> + Send + 'a>> {
+        match self {
+            LockAuthority::Local(at) => {
+                at.guards.pin(txn, tables);
+                Box::pin(at.guard(tables, deadline, shutdown))
+            }
+            LockAuthority::Remote(remote) => {
+                let guarded = remote.guard(txn, tables, deadline);
+                Box::pin(async move {
+                    tokio::select! {
+                        guarded = guarded => guarded,
+                        _ = shutdown.cancelled() => Err(TcError::shutting_down()),
+                    }
+                })
+            }
+        }
+    }
+
+    /// Takes a branch's rows, waiting in the queues until `deadline` (`wait_ms` is how long
+    /// that is, for the error) or the coordinator's shutdown.
+    pub async fn acquire(
+        &self,
+        txn: u64,
+        branch: u64,
+        keys: &[LockKey],
+        wait: (Instant, u64),
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Grant, TcError> {
+        match self {
+            LockAuthority::Local(at) => at
+                .acquire(txn, branch, keys, wait, metrics, shutdown)
+                .await
+                .map(|granted| Grant { granted, epoch: 0 }),
+            // Waits and refusals are counted where the queues are, at the leader.
+            LockAuthority::Remote(remote) => tokio::select! {
+                granted = remote.acquire(txn, branch, keys, wait.0) => granted,
+                _ = shutdown.cancelled() => Err(TcError::shutting_down()),
+            },
+        }
+    }
+
+    /// Waits until no transaction but `txn` (if any) holds any of `keys`; takes nothing.
+    pub async fn query(
+        &self,
+        txn: Option<u64>,
+        keys: &[LockKey],
+        wait: (Instant, u64),
+        metrics: &Metrics,
+    ) -> Result<RowsFound, TcError> {
+        match self {
+            LockAuthority::Local(at) => at.query(txn, keys, wait, metrics).await,
+            LockAuthority::Remote(remote) => remote.query(txn, keys, wait.0).await,
+        }
+    }
+
+    /// Branch `branch` of `txn` lets go of `keys`.
+    pub fn release_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) {
+        match self {
+            LockAuthority::Local(at) => at.locks.release_branch(txn, branch, keys),
+            LockAuthority::Remote(remote) => remote.release(txn, Some(branch), keys),
+        }
+    }
+
+    /// `txn` lets go of `keys`, whichever of its branches took them.
+    pub fn release_txn(&self, txn: u64, keys: &[LockKey]) {
+        match self {
+            LockAuthority::Local(at) => at.locks.release_txn(txn, keys),
+            LockAuthority::Remote(remote) => remote.release(txn, None, keys),
+        }
+    }
+
+    /// Requests for `txn`'s rows fail fast from now on.
+    pub fn set_rolling_back(&self, txn: u64) {
+        match self {
+            LockAuthority::Local(at) => at.locks.set_rolling_back(txn),
+            LockAuthority::Remote(remote) => remote.set_rolling_back(txn),
+        }
+    }
+
+    /// A finished transaction leaves no rows, marks or table pins behind.
+    pub fn forget(&self, txn: u64, guarded: &BTreeSet<Table>) {
+        match self {
+            LockAuthority::Local(at) => at.forget(txn, guarded),
+            LockAuthority::Remote(remote) => remote.forget(txn, guarded),
+        }
+    }
+
+    /// Updates the held-rows gauge after rows were taken or released (the leader keeps it
+    /// for remote nodes).
+    pub fn count_held(&self, metrics: &Metrics) {
+        if let LockAuthority::Local(at) = self {
+            at.count_held(metrics);
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The lock stream end to end: a leader node serving `LockAuthority.Locks` over real gRPC,
+//! reached through a TCP relay the tests can cut, and nodes using it directly (`RemoteAt`)
+//! or as their coordinator's lock authority.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrata_rpc::process::Secret;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::at::leader::LockLeader;
+use crate::calls::Caller;
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::store::Snapshot;
+use crate::store::fixtures::HeldStore;
+use crate::store::journal::Journal;
+use ferrata_rpc::pb;
+
+const EPOCH: u64 = 7;
+const TOKEN: &str = "the-cluster-secret";
+const LONG: Duration = Duration::from_secs(20);
+
+/// A leader node serving the lock stream, reached through a relay the test can cut.
+struct Leader {
+    coordinator: Arc<Coordinator>,
+    at: Arc<crate::at::At>,
+    relay: Relay,
+}
+
+/// A coordinator node on its own (store-less) journal; its locks are its own, or with
+/// `leader` the lock leader's.
+async fn coordinator(node_id: u16, leader: Option<LeaderAddress>) -> Arc<Coordinator> {
+    let config = Config {
+        node_id,
+        token: Some(Secret(TOKEN.into())),
+        ..Config::default()
+    };
+    let caller = Caller::new(&config.calls).unwrap();
+    let journal = Journal::start(Arc::new(HeldStore::default()));
+    Coordinator::recover(config, journal, Snapshot::default(), caller, leader)
+        .await
+        .unwrap()
+}
+
+impl Leader {
+    async fn start() -> Leader {
+        let coordinator = coordinator(1, None).await;
+        let leader = Arc::new(LockLeader::new(Arc::clone(&coordinator), EPOCH).expect("its locks are its own"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = crate::grpc::lock_service(&leader, 4 << 20);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Leader {
+            at: Arc::clone(coordinator.at.local().expect("its locks are its own")),
+            coordinator,
+            relay: Relay::start(addr).await,
+        }
+    }
+
+    /// Where this leader is, as a node knows it (with the sender, which must live as long).
+    fn address(&self, token: &str) -> (watch::Sender<Option<ClientConfig>>, LeaderAddress) {
+        watch::channel(Some(ClientConfig {
+            endpoint: format!("http://{}", self.relay.addr),
+            token: Some(token.into()),
+            ..ClientConfig::default()
+        }))
+    }
+
+    /// A node's stream to this leader.
+    fn node(&self, node_id: u16, token: &str) -> Node {
+        let (leader, address) = self.address(token);
+        let journal = Journal::start(Arc::new(HeldStore::default()));
+        Node {
+            at: RemoteAt::start(node_id, address, journal, CancellationToken::new()),
+            _leader: leader,
+        }
+    }
+
+    /// A coordinator node whose locks are this leader's.
+    async fn follower(&self, node_id: u16) -> (Arc<Coordinator>, watch::Sender<Option<ClientConfig>>) {
+        let (leader, address) = self.address(TOKEN);
+        (coordinator(node_id, Some(address)).await, leader)
+    }
+
+    /// Takes rows on the leader itself, as its own transactions do.
+    async fn acquire(&self, txn: u64, branch: u64, keys: &[LockKey]) {
+        let c = &self.coordinator;
+        let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
+        self.at
+            .acquire(txn, branch, keys, wait, &c.metrics, &c.shutdown)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `key`'s holder and queue are as given (`None`: nobody holds it).
+    async fn wait_row(&self, key: &LockKey, holder: Option<u64>, waiters: &[u64]) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let rows = self.at.locks.held_rows(&|k| k == key, 1);
+            let now = rows.first().map(|r| (r.txn, r.waiters.clone()));
+            if now.as_ref().map(|(t, w)| (*t, w.as_slice())) == holder.map(|h| (h, waiters)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "row still {now:?}, not {holder:?} {waiters:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A node's end, with the sender of its leader's address.
+struct Node {
+    at: RemoteAt,
+    _leader: watch::Sender<Option<ClientConfig>>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = RemoteAt;
+    fn deref(&self) -> &RemoteAt {
+        &self.at
+    }
+}
+
+/// A TCP relay to `target` whose connections `cut` severs (new ones still pass).
+struct Relay {
+    addr: SocketAddr,
+    cut: watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cuts) = watch::channel(0);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cuts = cuts.clone();
+                cuts.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+fn row(pk: &str) -> LockKey {
+    LockKey::new("db1", "s", "t", &[pk])
+}
+
+fn soon() -> Instant {
+    Instant::now() + LONG
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_wait_in_the_leaders_fifo_queue_and_are_granted_in_order() {
+    let leader = Leader::start().await;
+    let (b, c) = (Arc::new(leader.node(2, TOKEN)), Arc::new(leader.node(3, TOKEN)));
+    let r = row("1");
+    leader.acquire(1, 10, std::slice::from_ref(&r)).await;
+    let second = tokio::spawn({
+        let (b, r) = (Arc::clone(&b), r.clone());
+        async move { b.acquire(2, 20, &[r], soon()).await }
+    });
+    leader.wait_row(&r, Some(1), &[2]).await;
+    let third = tokio::spawn({
+        let (c, r) = (Arc::clone(&c), r.clone());
+        async move { c.acquire(3, 30, &[r], soon()).await }
+    });
+    leader.wait_row(&r, Some(1), &[2, 3]).await;
+
+    leader.at.locks.release_txn(1, std::slice::from_ref(&r));
+    let grant = second.await.unwrap().expect("the first in the queue is granted");
+    assert_eq!(grant.epoch, EPOCH, "a grant carries the leader's epoch");
+    assert!(
+        grant.granted.waited.is_some() && grant.granted.holders == [1],
+        "{grant:?}"
+    );
+    leader.wait_row(&r, Some(2), &[3]).await;
+    assert!(!third.is_finished(), "the second in the queue still waits");
+
+    b.release(2, Some(20), std::slice::from_ref(&r));
+    third.await.unwrap().expect("the second in the queue is granted next");
+    leader.wait_row(&r, Some(3), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_between_nodes_is_found_and_the_youngest_gives_way() {
+    let leader = Leader::start().await;
+    let b = leader.node(2, TOKEN);
+    let (r1, r2) = (row("1"), row("2"));
+    leader.acquire(1, 10, std::slice::from_ref(&r1)).await;
+    b.acquire(2, 20, std::slice::from_ref(&r2), soon()).await.unwrap();
+    let first = tokio::spawn({
+        let (c, at) = (Arc::clone(&leader.coordinator), Arc::clone(&leader.at));
+        let r2 = r2.clone();
+        async move {
+            let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
+            at.acquire(1, 11, &[r2], wait, &c.metrics, &c.shutdown).await
+        }
+    });
+    leader.wait_row(&r2, Some(2), &[1]).await;
+    let e = b.acquire(2, 21, std::slice::from_ref(&r1), soon()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Deadlock, "{e}");
+    assert_eq!(leader.at.deadlocks().len(), 1, "the leader keeps it for operators");
+    b.release(2, Some(20), std::slice::from_ref(&r2));
+    first.await.unwrap().expect("the older transaction gets the row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_stream_is_cut_reach_the_leader_when_it_is_back() {
+    let leader = Leader::start().await;
+    let b = leader.node(2, TOKEN);
+    let (r1, r2) = (row("1"), row("2"));
+    b.acquire(2, 20, std::slice::from_ref(&r1), soon()).await.unwrap();
+    b.acquire(4, 40, std::slice::from_ref(&r2), soon()).await.unwrap();
+    // A waiting acquire fails when the stream breaks.
+    let waiting = tokio::spawn({
+        let r1 = r1.clone();
+        let leader_stream = leader.node(3, TOKEN);
+        async move { leader_stream.acquire(3, 30, &[r1], soon()).await }
+    });
+    leader.wait_row(&r1, Some(2), &[3]).await;
+    leader.relay.cut();
+    let e = waiting.await.unwrap().unwrap_err();
+    assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
+    leader.wait_row(&r1, Some(2), &[]).await;
+
+    // Node 2's stream broke too: what it changes now waits for the next one.
+    b.set_rolling_back(4);
+    b.release(2, None, std::slice::from_ref(&r1));
+    leader.wait_row(&r1, None, &[]).await;
+    let e = leader
+        .at
+        .locks
+        .acquire(5, 50, std::slice::from_ref(&r2), Instant::now())
+        .await;
+    assert!(
+        matches!(e, Err(crate::at::locks::LockError::HolderRollingBack { holder: 4, .. })),
+        "the rolling-back mark reached the leader: {e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_given_up_by_its_caller_leaves_the_queue() {
+    let leader = Leader::start().await;
+    let b = Arc::new(leader.node(2, TOKEN));
+    let r = row("1");
+    leader.acquire(1, 10, std::slice::from_ref(&r)).await;
+    let waiting = tokio::spawn({
+        let (b, r) = (Arc::clone(&b), r.clone());
+        async move { b.acquire(2, 20, &[r], soon()).await }
+    });
+    leader.wait_row(&r, Some(1), &[2]).await;
+    waiting.abort();
+    leader.wait_row(&r, Some(1), &[]).await;
+    leader.at.locks.release_txn(1, std::slice::from_ref(&r));
+    leader.wait_row(&r, None, &[]).await;
+    // The stream still serves.
+    b.acquire(2, 21, std::slice::from_ref(&r), soon()).await.unwrap();
+    leader.wait_row(&r, Some(2), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_and_guards_go_to_the_leader() {
+    let leader = Leader::start().await;
+    let b = leader.node(2, TOKEN);
+    let r = row("1");
+    leader.acquire(1, 10, std::slice::from_ref(&r)).await;
+    let found = b
+        .query(
+            Some(2),
+            std::slice::from_ref(&r),
+            Instant::now() + Duration::from_millis(50),
+        )
+        .await;
+    match found.unwrap() {
+        RowsFound::Held(rows) => assert_eq!((rows.len(), rows[0].txn, &rows[0].key), (1, 1, &r)),
+        RowsFound::Free => panic!("row 1 is held by transaction 1"),
+    }
+    assert_eq!(
+        b.query(Some(1), std::slice::from_ref(&r), soon()).await.unwrap(),
+        RowsFound::Free
+    );
+
+    let table = Table::new("db1", "s", "t");
+    b.guard(2, std::slice::from_ref(&table), soon()).await.unwrap();
+    assert!(leader.at.guards.is_pinned(&table), "the leader pinned the table");
+    b.forget(2, &BTreeSet::from([table.clone()]));
+    let deadline = Instant::now() + LONG;
+    while leader.at.guards.is_pinned(&table) {
+        assert!(Instant::now() < deadline, "forget unpins the table");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_root_token_is_refused() {
+    let leader = Leader::start().await;
+    let b = leader.node(2, "not-the-secret");
+    let e = b.acquire(2, 20, &[row("1")], soon()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
+    assert!(leader.at.locks.held_rows(&|_| true, 1).is_empty());
+}
+
+fn register_row(xid: &str, pk: &str, lock_wait_ms: u64) -> pb::BranchRegisterRequest {
+    pb::BranchRegisterRequest {
+        xid: xid.into(),
+        resource_id: "db1".into(),
+        locks: vec![pb::TableLocks {
+            schema: "s".into(),
+            table: "t".into(),
+            rows: vec![pb::PrimaryKey {
+                values: vec![pk.as_bytes().to_vec()],
+            }],
+        }],
+        lock_wait_ms,
+        branch_type: pb::BranchType::At as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_on_two_nodes_share_the_leaders_rows() {
+    let leader = Leader::start().await;
+    let a = &leader.coordinator;
+    let (b, _address) = leader.follower(2).await;
+    let r = row("1");
+
+    let t1 = a.begin(60_000, String::new()).await.unwrap();
+    a.register(register_row(&t1, "1", 0)).await.unwrap();
+    let t2 = b.begin(60_000, String::new()).await.unwrap();
+    let t2_id = crate::xid::parse_xid(&t2).unwrap();
+    let waiting = tokio::spawn({
+        let (b, t2) = (Arc::clone(&b), t2.clone());
+        async move { b.register(register_row(&t2, "1", 20_000)).await }
+    });
+    leader
+        .wait_row(&r, Some(crate::xid::parse_xid(&t1).unwrap()), &[t2_id])
+        .await;
+
+    // Node 2's lock query sees node 1's holder.
+    let query = b
+        .lock_query("", "db1", &register_row("", "1", 0).locks, 0)
+        .await
+        .unwrap();
+    assert!(!query.lockable && query.holders.len() == 1, "{query:?}");
+
+    a.commit(&t1).await.unwrap();
+    waiting
+        .await
+        .unwrap()
+        .expect("node 2's branch gets the row once node 1's holder commits");
+    leader.wait_row(&r, Some(t2_id), &[]).await;
+    b.commit(&t2).await.unwrap();
+    leader.wait_row(&r, None, &[]).await;
+    assert!(
+        leader.at.guards.seq() > 0,
+        "the leader guarded the table before its first lock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_on_one_node_makes_requests_on_another_fail_fast() {
+    let leader = Leader::start().await;
+    let (b, _address) = leader.follower(2).await;
+    let t2 = b.begin(60_000, String::new()).await.unwrap();
+    b.register(register_row(&t2, "1", 0)).await.unwrap();
+    // No resource manager serves db1: the rollback keeps the branch, and its rows, while it
+    // retries.
+    let rollback = tokio::spawn({
+        let (b, t2) = (Arc::clone(&b), t2.clone());
+        async move { b.rollback(&t2).await }
+    });
+    let a = &leader.coordinator;
+    let t1 = a.begin(60_000, String::new()).await.unwrap();
+    let deadline = Instant::now() + LONG;
+    let e = loop {
+        let e = a.register(register_row(&t1, "1", 0)).await.unwrap_err();
+        if e.code == ErrorCode::LockHolderRollingBack || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(e.code, ErrorCode::LockHolderRollingBack, "{e}");
+    assert_eq!(e.holder.as_deref(), Some(t2.as_str()));
+    rollback.abort();
+}
