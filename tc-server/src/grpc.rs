@@ -18,7 +18,6 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::at::leader::{LockLeader, LockService};
 use crate::auth::Permission;
 use crate::calls::branch::Payload;
 use crate::coordinator::Coordinator;
@@ -27,6 +26,7 @@ use crate::grpc_calls::{
     RESOURCE, TRANSACT, authorize, branch_register, branch_report, global_begin, global_commit, global_rollback,
     guard_tables, lock_query, outcome_pb, status,
 };
+use crate::lock_leader::{LockLeader, LockService};
 use crate::msg::MsgBranch;
 
 /// The interceptor that refuses calls without a token whose role grants the service's

@@ -11,7 +11,8 @@
 //!   compensations it calls), `msg` (messages it delivers on their policy's schedule)
 //! - the coordinator core: `coordinator` the requests and the in-memory sessions, `phase2`
 //!   the background work, `sagas` the sagas' forward runs, `messages` prepared messages and their settling, `operator` the audited operator actions, `repair` the dirty-rollback workbench, `grpc` and `http` the
-//!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets
+//!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets,
+//!   `lock_leader` the lock authority's service for the other nodes of a cluster
 //! - `server` start and stop, `standby` what a node sharing an etcd store answers while
 //!   another owns it, `cli` the binary
 
@@ -41,6 +42,7 @@ pub mod dtm;
 pub mod grpc;
 pub mod grpc_calls;
 pub mod http;
+pub mod lock_leader;
 pub mod messages;
 pub mod operator;
 mod phase2;

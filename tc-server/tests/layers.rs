@@ -30,6 +30,7 @@ fn dependencies_run_downwards() {
                 "repair",
                 "grpc",
                 "grpc_calls",
+                "lock_leader",
                 "http",
                 "dtm",
                 "console",

@@ -8,7 +8,6 @@
 
 pub mod authority;
 pub mod guards;
-pub mod leader;
 pub mod locks;
 pub mod remote;
 

@@ -510,6 +510,3 @@ fn release_of(acquire: pb::LockAcquire) -> Call {
         keys: acquire.keys,
     })
 }
-
-#[cfg(test)]
-mod tests;

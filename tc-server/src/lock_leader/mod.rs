@@ -29,8 +29,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::guards::Table;
-use super::{At, RowsFound};
+use crate::at::guards::Table;
+use crate::at::{At, RowsFound};
 use crate::coordinator::Coordinator;
 use crate::error::TcError;
 use crate::lock_key::LockKey;
@@ -153,7 +153,7 @@ impl LockLeader {
                         match this.at().query(txn, &keys, wait, &this.coordinator.metrics).await {
                             Ok(RowsFound::Free) => Answer::Granted(pb::LockGranted::default()),
                             Ok(RowsFound::Held(rows)) => Answer::Held(pb::LockHeldRows {
-                                rows: rows.into_iter().map(super::held_row_pb).collect(),
+                                rows: rows.into_iter().map(crate::at::held_row_pb).collect(),
                             }),
                             Err(e) => refused(&e),
                         }
@@ -303,3 +303,6 @@ impl pb::lock_authority_server::LockAuthority for LockService {
         Ok(Response::new(UnboundedReceiverStream::new(out)))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,8 +8,17 @@ use std::sync::Arc;
 use ferrata_rpc::process::Secret;
 use tokio::net::{TcpListener, TcpStream};
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ferrata_rpc::ErrorCode;
+use ferrata_rpc::client::ClientConfig;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
 use super::*;
-use crate::at::leader::LockLeader;
+use crate::at::remote::{LeaderAddress, RemoteAt};
 use crate::calls::Caller;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
