@@ -834,6 +834,9 @@ impl Coordinator {
                 state.stored = true;
             }
             writes.push(Mutation::PutBranch(branch));
+            if grant.epoch != 0 {
+                writes.push(Mutation::LockFence { epoch: grant.epoch });
+            }
             let writes = state.with_events(writes);
             self.journal.submit(writes)
         };

@@ -24,7 +24,11 @@
 //!   node id, so each node continues its own), in decimal,
 //! * `meta/writer`: the epoch of the owner whose write made the current revision, in decimal,
 //!   written by every write: etcd's history then says which owner wrote what (the HA tests
-//!   check no write came from a node that no longer owned the store).
+//!   check no write came from a node that no longer owned the store),
+//! * `lock/owner`: with several serving nodes, the lock leader's key; its create revision is
+//!   the lock epoch. A transaction holding a registration whose rows a leader granted is also
+//!   conditioned on `create_revision(lock/owner) == ` that leader's epoch
+//!   ([`Mutation::LockFence`]): a leader elected since rebuilt the locks without it.
 //!
 //! [`StoredKey`] is this layout in code, for the store and for programs that read it.
 //!
@@ -254,7 +258,7 @@ impl EtcdStore {
                 if response.succeeded() {
                     return self.owned(revision, met_another).await.map(Some);
                 }
-                let holder = owner_in(&response);
+                let [holder] = got(&response);
                 // Our own key: an earlier campaign landed but its answer was lost.
                 if let Some(kv) = holder.as_ref().filter(|kv| kv.lease() == lease.id) {
                     return self.owned(kv.create_revision(), met_another).await.map(Some);
@@ -407,8 +411,9 @@ impl EtcdStore {
         ))
     }
 
-    /// One transaction of `ops`, fenced by this node's epoch.
-    async fn fenced(&self, mut ops: Vec<TxnOp>) -> Result<(), StoreError> {
+    /// One transaction of `ops`, fenced by this node's epoch and by the lock leader's
+    /// `lock_epochs` (the leaders that granted rows of registrations among them).
+    async fn fenced(&self, mut ops: Vec<TxnOp>, lock_epochs: &[u64]) -> Result<(), StoreError> {
         let epoch = self.epoch();
         if epoch == 0 {
             return Err(StoreError(format!(
@@ -417,11 +422,18 @@ impl EtcdStore {
             )));
         }
         let owner_key = self.owner_key();
+        let lock_key = self.stored(StoredKey::LockLeader);
         ops.push(TxnOp::put(self.stored(StoredKey::Writer), epoch.to_string(), None));
+        let mut conditions = vec![Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)];
+        conditions.extend(
+            lock_epochs
+                .iter()
+                .map(|e| Compare::create_revision(lock_key.clone(), CompareOp::Equal, *e as i64)),
+        );
         let txn = Txn::new()
-            .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)])
+            .when(conditions)
             .and_then(ops)
-            .or_else([TxnOp::get(owner_key, None)]);
+            .or_else([TxnOp::get(owner_key, None), TxnOp::get(lock_key, None)]);
         // A retry after an unknown outcome repeats the same puts and deletes under the same
         // epoch, which nobody else can write under: it changes nothing that the first try did.
         let response = self
@@ -433,7 +445,16 @@ impl EtcdStore {
         if response.succeeded() {
             return Ok(());
         }
-        let now = owner_in(&response);
+        let [now, leader] = got(&response);
+        if now.as_ref().is_some_and(|kv| kv.create_revision() == epoch) {
+            // Still the owner: the lock leader changed since it granted rows of a
+            // registration here. Nothing of the transaction was written.
+            return Err(StoreError(format!(
+                "store {}: the lock leader that granted rows of a registration (epoch {lock_epochs:?}) no longer leads (now {}); the registration was not stored, and this node gives up the store so that it is loaded again from what is durable",
+                self.place(),
+                leader.map_or("none".to_owned(), |kv| format!("epoch {}", kv.create_revision())),
+            )));
+        }
         lose(&self.lost());
         Err(StoreError(match now {
             Some(kv) => format!(
@@ -498,6 +519,8 @@ impl EtcdStore {
             Mutation::AppendAudit(r) => ops.push(Op::Put(self.stored(StoredKey::Audit(r.id)), encode(r)?)),
             Mutation::PutToken(t) => ops.push(Op::Put(self.stored(StoredKey::Token(&t.name)), encode(t)?)),
             Mutation::DeleteToken { name } => ops.push(Op::Delete(self.stored(StoredKey::Token(name)))),
+            // A condition of the transactions that hold the submission (`transactions`).
+            Mutation::LockFence { .. } => {}
         }
         Ok(())
     }
@@ -515,9 +538,17 @@ impl EtcdStore {
         let mut ops = Vec::new();
         for &end in ends {
             ops.clear();
-            for m in &batch[start..end] {
+            let submission = &batch[start..end];
+            for m in submission {
                 self.ops_of(m, &mut ceiling, &mut ops)?;
             }
+            let lock_epochs: BTreeSet<u64> = submission
+                .iter()
+                .filter_map(|m| match m {
+                    Mutation::LockFence { epoch } => Some(*epoch),
+                    _ => None,
+                })
+                .collect();
             start = end;
             let bytes: usize = ops.iter().map(Op::bytes).sum();
             let current = parts.last().expect("never empty");
@@ -536,7 +567,9 @@ impl EtcdStore {
                 if full || !current.can_take(&op) {
                     parts.push(Part::default());
                 }
-                parts.last_mut().expect("never empty").take(op);
+                let current = parts.last_mut().expect("never empty");
+                current.take(op);
+                current.lock_epochs.extend(&lock_epochs);
             }
         }
         parts.retain(|p| !p.is_empty());
@@ -566,11 +599,13 @@ impl Drop for EtcdStore {
 }
 
 /// The owner key as a failed transaction's `or_else` read it (`None`: there is no owner).
-fn owner_in(response: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
-    response.op_responses().into_iter().find_map(|r| match r {
-        etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+/// The keys a transaction's `Get`s found (`None`: absent), in order.
+fn got<const N: usize>(response: &etcd_client::TxnResponse) -> [Option<etcd_client::KeyValue>; N] {
+    let mut found = response.op_responses().into_iter().filter_map(|r| match r {
+        etcd_client::TxnOpResponse::Get(mut g) => Some(g.take_kvs().into_iter().next()),
         _ => None,
-    })
+    });
+    std::array::from_fn(|_| found.next().flatten())
 }
 
 fn parse_ceiling(bytes: &[u8]) -> Option<u64> {
@@ -605,13 +640,15 @@ impl Op {
     }
 }
 
-/// The operations of one etcd transaction, folded so that no key is written twice.
+/// The operations of one etcd transaction, folded so that no key is written twice, and the
+/// lock epochs it is conditioned on besides the owner's.
 #[derive(Default)]
 struct Part {
     puts: BTreeMap<Vec<u8>, Vec<u8>>,
     deletes: BTreeSet<Vec<u8>>,
     prefixes: Vec<Vec<u8>>,
     bytes: usize,
+    lock_epochs: BTreeSet<u64>,
 }
 
 impl Part {
@@ -868,7 +905,8 @@ impl Store for EtcdStore {
         let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
             self.runtime().block_on(async {
                 for part in parts {
-                    self.fenced(part.into_ops()).await?;
+                    let lock_epochs = part.lock_epochs.iter().copied().collect::<Vec<_>>();
+                    self.fenced(part.into_ops(), &lock_epochs).await?;
                 }
                 Ok::<(), StoreError>(())
             })?;
@@ -895,6 +933,7 @@ impl Store for EtcdStore {
 pub enum StoredKey<'a> {
     Owner,
     Writer,
+    LockLeader,
     Global(u64),
     Branch { txn: u64, branch: u64 },
     Finished(u64),
@@ -934,6 +973,7 @@ impl<'a> StoredKey<'a> {
         Some(match text.split_once('/').unwrap_or((text, "")) {
             ("owner", "") if text == "owner" => StoredKey::Owner,
             ("meta", "writer") => StoredKey::Writer,
+            ("lock", "owner") => StoredKey::LockLeader,
             ("meta", rest) => StoredKey::IdCeiling {
                 node: hex(rest.strip_prefix("id_ceiling/")?, 4)?,
             },
@@ -965,6 +1005,7 @@ impl std::fmt::Display for StoredKey<'_> {
         match self {
             StoredKey::Owner => write!(f, "owner"),
             StoredKey::Writer => write!(f, "meta/writer"),
+            StoredKey::LockLeader => write!(f, "lock/owner"),
             StoredKey::Global(txn) => write!(f, "g/{txn:016x}"),
             StoredKey::Branch { txn, branch } => write!(f, "{}{branch:016x}", StoredKey::branches_of(*txn)),
             StoredKey::Finished(txn) => write!(f, "f/{txn:016x}"),
@@ -987,7 +1028,7 @@ fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str, own_
         ))
     };
     match StoredKey::parse(key).ok_or_else(unknown)? {
-        StoredKey::Owner | StoredKey::Writer => Ok(()),
+        StoredKey::Owner | StoredKey::Writer | StoredKey::LockLeader => Ok(()),
         StoredKey::Global(txn) => loader.global(txn, value),
         StoredKey::Finished(txn) => loader.finished(txn, value),
         StoredKey::Audit(id) => loader.audit(id, value),
@@ -1085,6 +1126,66 @@ mod tests {
             };
             fixtures::id_ceiling_never_decreases(&mut || Box::new(owned(&s, "node")));
         }
+    }
+
+    #[test]
+    fn a_registration_is_stored_only_while_the_lock_leader_that_granted_its_rows_leads() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let store = owned(&s, "node");
+        let mut client = rt.block_on(Client::connect(cluster.endpoints(), None)).unwrap();
+        let lock_key = format!("{}{}", s.prefix, StoredKey::LockLeader);
+        // A leader elected anew: its key created again, its epoch that create revision.
+        let mut elect = || {
+            rt.block_on(async {
+                client.delete(lock_key.clone(), None).await.unwrap();
+                let put = client.put(lock_key.clone(), "a leader", None).await.unwrap();
+                put.header().unwrap().revision() as u64
+            })
+        };
+        let registration = |txn, epoch| {
+            vec![
+                Mutation::PutGlobal(global(txn, GlobalStatus::Begin)),
+                Mutation::PutBranch(fixtures::branch(txn, 1)),
+                Mutation::LockFence { epoch },
+            ]
+        };
+        let first = elect();
+        store.commit(&registration(1, first)).unwrap();
+        // Every transaction holding part of a fenced submission carries its condition.
+        let tiny = EtcdStore::connect(
+            &Settings {
+                max_txn_ops: 2,
+                ..s.clone()
+            },
+            0,
+        )
+        .unwrap();
+        let (parts, _) = tiny.transactions(&registration(3, first), &[3]).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.lock_epochs == BTreeSet::from([first])));
+
+        let second = elect();
+        assert!(second > first);
+        let e = store.commit(&registration(2, first)).unwrap_err().to_string();
+        assert!(
+            e.contains("no longer leads") && e.contains(&format!("now epoch {second}")),
+            "{e}"
+        );
+        let stored = rt.block_on(async {
+            let branches = format!("{}b/", s.prefix);
+            let got = client
+                .get(branches, Some(GetOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            got.kvs().iter().map(|kv| kv.key().to_vec()).collect::<Vec<_>>()
+        });
+        let first_branch = format!("{}{}", s.prefix, StoredKey::Branch { txn: 1, branch: 1 });
+        assert_eq!(
+            stored,
+            [first_branch.into_bytes()],
+            "only the registration granted by the leader then"
+        );
     }
 
     #[test]
@@ -1476,6 +1577,7 @@ mod tests {
         let keys = [
             StoredKey::Owner,
             StoredKey::Writer,
+            StoredKey::LockLeader,
             StoredKey::Global(u64::MAX),
             StoredKey::Branch {
                 txn: 1 << 48,

@@ -57,6 +57,13 @@ pub enum Mutation {
     DeleteToken {
         name: String,
     },
+    /// Writes nothing: the submission it is in is stored only while the lock leader whose
+    /// epoch this is still leads (several serving nodes: a branch's rows were granted by
+    /// that leader, and a leader elected since rebuilt its locks without them). A store
+    /// without a lock leader (the embedded one) has nothing to check.
+    LockFence {
+        epoch: u64,
+    },
 }
 
 /// Everything stored, read once at start.

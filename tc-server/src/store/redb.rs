@@ -286,6 +286,7 @@ impl RedbStore {
                     Mutation::DeleteToken { name } => {
                         tokens.remove(name.as_str()).map_err(write)?;
                     }
+                    Mutation::LockFence { .. } => {}
                     Mutation::SetIdCeiling(new) => {
                         let old = meta.get(ID_CEILING).map_err(write)?.map(|g| g.value()).unwrap_or(0);
                         if *new > old {
