@@ -30,6 +30,11 @@
 //!   conditioned on `create_revision(lock/owner) == ` that leader's epoch
 //!   ([`Mutation::LockFence`]): a leader elected since rebuilt the locks without it.
 //!
+//! With several serving nodes, each node id's transactions are a namespace of their own
+//! ([`Area::Namespace`]): the same keys (its own `owner` and `meta/writer` included) under
+//! `ns/<node>/` (4 hex digits), owned and fenced apart from the others; `lock/owner` stays at
+//! the top. A store of the whole prefix refuses to load one that holds namespaces.
+//!
 //! [`StoredKey`] is this layout in code, for the store and for programs that read it.
 //!
 //! Values are records as `record.rs` encodes them, as in the embedded store.
@@ -78,8 +83,8 @@ pub struct EtcdStore {
     lease: Mutex<Lease>,
     /// Create revision of the owner key this node made; 0 until it owns the store.
     epoch: AtomicI64,
-    /// This node's id: the id ceiling it reads and writes is its own.
-    node_id: u16,
+    /// The keys it owns; their node id is the one whose id ceiling it reads and writes.
+    area: Area,
     /// The highest id ceiling stored for `node_id`, so a lower one is never written.
     ceiling: AtomicU64,
 }
@@ -122,6 +127,33 @@ impl Lease {
     }
 }
 
+/// The part of a cluster's keys (under the configured prefix) a store owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Area {
+    /// All of them: one active node at a time, and its standbys. `node_id` is the active
+    /// node's.
+    Whole { node_id: u16 },
+    /// The transactions of node id `n` and its id ceiling, under `ns/<n>/` (4 hex digits):
+    /// one namespace of several serving nodes. Whoever owns it issues ids as node `n`.
+    Namespace(u16),
+}
+
+impl Area {
+    fn node_id(self) -> u16 {
+        match self {
+            Area::Whole { node_id } | Area::Namespace(node_id) => node_id,
+        }
+    }
+
+    /// Where its keys start, under the cluster's prefix.
+    fn path(self) -> String {
+        match self {
+            Area::Whole { .. } => String::new(),
+            Area::Namespace(n) => format!("ns/{n:04x}/"),
+        }
+    }
+}
+
 /// The owner of the store other than this node, as `acquire` found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -132,10 +164,20 @@ pub struct Owner {
 }
 
 impl EtcdStore {
-    /// The store of node `node_id` on the etcd members of `settings`. Nothing is asked of etcd
-    /// yet: [`EtcdStore::acquire`] takes out the node's lease (waiting for etcd if it is out of
-    /// reach, until stopped) and then owns the store. Call it off the async runtime.
+    /// The store of node `node_id` on the etcd members of `settings`: all of the cluster's
+    /// keys. Nothing is asked of etcd yet: [`EtcdStore::acquire`] takes out the node's lease
+    /// (waiting for etcd if it is out of reach, until stopped) and then owns the store. Call
+    /// it off the async runtime.
     pub fn connect(settings: &Settings, node_id: u16) -> Result<EtcdStore, StoreError> {
+        EtcdStore::open(settings, Area::Whole { node_id })
+    }
+
+    /// The store of namespace `n` alone (several serving nodes), as `connect` opens it.
+    pub fn connect_namespace(settings: &Settings, n: u16) -> Result<EtcdStore, StoreError> {
+        EtcdStore::open(settings, Area::Namespace(n))
+    }
+
+    fn open(settings: &Settings, area: Area) -> Result<EtcdStore, StoreError> {
         metrics::describe_gauge!(
             "ferrata_tc_active",
             "1 while this node owns the store and serves, 0 while it stands by (etcd store)"
@@ -159,7 +201,7 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError(format!("cannot start the etcd client's runtime: {e}")))?;
-        let place = describe(settings);
+        let place = describe(settings, area);
         let members = Arc::new(Members::new(settings).map_err(|e| StoreError(format!("store {place}: {e}")))?);
         Ok(EtcdStore {
             runtime: Some(runtime),
@@ -167,7 +209,7 @@ impl EtcdStore {
             settings: settings.clone(),
             lease: Mutex::new(Lease::none()),
             epoch: AtomicI64::new(0),
-            node_id,
+            area,
             ceiling: AtomicU64::new(0),
         })
     }
@@ -182,7 +224,7 @@ impl EtcdStore {
     }
 
     fn place(&self) -> String {
-        describe(&self.settings)
+        describe(&self.settings, self.area)
     }
 
     fn owner_key(&self) -> Vec<u8> {
@@ -194,7 +236,12 @@ impl EtcdStore {
     }
 
     fn key(&self, rest: &str) -> Vec<u8> {
-        format!("{}{rest}", self.settings.prefix).into_bytes()
+        format!("{}{}{rest}", self.settings.prefix, self.area.path()).into_bytes()
+    }
+
+    /// A key of the whole cluster, whatever this store's area.
+    fn cluster_key(&self, key: StoredKey<'_>) -> Vec<u8> {
+        format!("{}{key}", self.settings.prefix).into_bytes()
     }
 
     /// Cancelled once this node's lease may have run out: it must stop acting as the owner.
@@ -354,7 +401,9 @@ impl EtcdStore {
     }
 
     fn ceiling_key(&self) -> Vec<u8> {
-        self.stored(StoredKey::IdCeiling { node: self.node_id })
+        self.stored(StoredKey::IdCeiling {
+            node: self.area.node_id(),
+        })
     }
 
     async fn read_ceiling(&self) -> Result<u64, StoreError> {
@@ -422,7 +471,7 @@ impl EtcdStore {
             )));
         }
         let owner_key = self.owner_key();
-        let lock_key = self.stored(StoredKey::LockLeader);
+        let lock_key = self.cluster_key(StoredKey::LockLeader);
         ops.push(TxnOp::put(self.stored(StoredKey::Writer), epoch.to_string(), None));
         let mut conditions = vec![Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)];
         conditions.extend(
@@ -503,12 +552,12 @@ impl EtcdStore {
                 branch: *branch_id,
             }))),
             Mutation::SetIdCeiling(new) => {
-                if crate::xid::node_of(*new) != self.node_id {
+                if crate::xid::node_of(*new) != self.area.node_id() {
                     return Err(StoreError(format!(
                         "store {}: the id ceiling {new} belongs to node {}, not to this node {}",
                         self.place(),
                         crate::xid::node_of(*new),
-                        self.node_id
+                        self.area.node_id()
                     )));
                 }
                 if *new > *ceiling {
@@ -612,8 +661,13 @@ fn parse_ceiling(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(bytes).ok()?.parse().ok()
 }
 
-fn describe(settings: &Settings) -> String {
-    format!("etcd {} {}", settings.endpoints.join(","), settings.prefix)
+fn describe(settings: &Settings, area: Area) -> String {
+    format!(
+        "etcd {} {}{}",
+        settings.endpoints.join(","),
+        settings.prefix,
+        area.path()
+    )
 }
 
 /// How long a lease granted for `granted` is surely alive after the renewal was sent: less a
@@ -877,7 +931,13 @@ impl Store for EtcdStore {
                 let more = page.more();
                 let kvs = page.take_kvs();
                 for kv in &kvs {
-                    load_key(&mut loader, &kv.key()[prefix.len()..], kv.value(), &place, self.node_id)?;
+                    load_key(
+                        &mut loader,
+                        &kv.key()[prefix.len()..],
+                        kv.value(),
+                        &place,
+                        self.area.node_id(),
+                    )?;
                 }
                 match kvs.last() {
                     Some(last) if more => {
@@ -1186,6 +1246,53 @@ mod tests {
             [first_branch.into_bytes()],
             "only the registration granted by the leader then"
         );
+    }
+
+    #[test]
+    fn namespaces_are_owned_and_fenced_apart_and_the_whole_prefix_refuses_them() {
+        let (_rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let own = |n| {
+            let store = EtcdStore::connect_namespace(&s, n).unwrap();
+            let epoch = store.acquire(&format!("node {n}"), &CancellationToken::new(), &mut |_| {});
+            (store, epoch.unwrap().unwrap())
+        };
+        // Two owners at once, each with its own epoch.
+        let ((one, first), (two, second)) = (own(1), own(2));
+        assert_ne!(first, second);
+        let txn = |node: u16, seq| (u64::from(node) << 48) | seq;
+        commit(&one, vec![Mutation::PutGlobal(global(txn(1, 1), GlobalStatus::Begin))]);
+        commit(&one, vec![Mutation::SetIdCeiling(txn(1, 100))]);
+        commit(
+            &two,
+            vec![Mutation::PutGlobal(global(txn(2, 1), GlobalStatus::Committing))],
+        );
+        let loaded = one.load().unwrap();
+        assert_eq!(loaded.globals, [global(txn(1, 1), GlobalStatus::Begin)]);
+        assert_eq!(loaded.id_ceiling, txn(1, 100));
+        assert_eq!(
+            two.load().unwrap().globals,
+            [global(txn(2, 1), GlobalStatus::Committing)]
+        );
+        // A namespace's store issues ids as its node only.
+        let e = two
+            .commit(&[Mutation::SetIdCeiling(txn(1, 200))])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("belongs to node 1"), "{e}");
+        // Another node waits for namespace 1 while its owner holds it.
+        let adopter = EtcdStore::connect_namespace(&s, 1).unwrap();
+        let mut met = None;
+        let stop = CancellationToken::new();
+        let waiting = &mut |o: &Owner| {
+            met = Some(o.epoch);
+            stop.cancel();
+        };
+        assert_eq!(adopter.acquire("node 3", &stop, waiting).unwrap(), None);
+        assert_eq!(met, Some(first), "it met namespace 1's owner");
+        let whole = owned(&s, "step 1");
+        let e = whole.load().unwrap_err().to_string();
+        assert!(e.contains("ns/0001/"), "{e}");
     }
 
     #[test]
