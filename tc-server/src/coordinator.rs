@@ -300,22 +300,9 @@ impl Coordinator {
             let txn_id = record.txn_id;
             let status = record.status;
             let list = branches.remove(&txn_id).unwrap_or_default();
-            let mut guarded = BTreeSet::new();
             // Locks of every branch that has not finished phase 2 (commit released them), and
             // their tables, guarded already by the previous instance.
-            if status.holds_locks() {
-                for b in list.iter().filter(|b| b.status.holds_locks()) {
-                    guarded.extend(self.at.restore_branch(txn_id, b.branch_id, &b.lock_keys)?);
-                }
-            }
-            if status.is_rolling_back()
-                || matches!(
-                    status,
-                    GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed
-                )
-            {
-                self.at.set_rolling_back(txn_id);
-            }
+            let guarded = self.at.restore_txn(&record, &list)?;
             let remaining = record
                 .begin_ms
                 .saturating_add(record.timeout_ms)

@@ -110,6 +110,12 @@ impl GlobalStatus {
         matches!(self, GlobalStatus::AsyncCommitting)
     }
 
+    /// Whether requests for its rows fail fast: rolling back, or a rollback that failed
+    /// (its rows stay held until an operator resolves it).
+    pub fn fails_requesters_fast(self) -> bool {
+        self.is_rolling_back() || matches!(self, GlobalStatus::RollbackFailed | GlobalStatus::TimeoutRollbackFailed)
+    }
+
     /// Whether a stored transaction in this status holds its branches' rows: until a commit
     /// decision released them (or a commit failed, after it), and through a rollback,
     /// failed or not.

@@ -23,6 +23,7 @@ use super::{At, RowsFound};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
+use crate::model::{BranchRecord, GlobalRecord};
 use crate::store::StoreError;
 
 pub enum LockAuthority {
@@ -49,13 +50,16 @@ impl LockAuthority {
         }
     }
 
-    /// After a restart or an adoption: a stored branch's rows are held again and its tables
-    /// guarded. Returns the tables, for the transaction to pin. The lock leader holds a
-    /// remote node's rows already (or rebuilds them from the store when it takes over).
-    pub fn restore_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) -> Result<Vec<Table>, StoreError> {
+    /// After a restart or an adoption: a stored transaction's rows are held again, its
+    /// tables guarded and its mark set (`At::restore_txn`). Returns the tables, for it to pin.
+    /// The lock leader holds a remote node's rows already (or rebuilt them from the store
+    /// when it was elected).
+    pub fn restore_txn(&self, record: &GlobalRecord, branches: &[BranchRecord]) -> Result<BTreeSet<Table>, StoreError> {
         match self {
-            LockAuthority::Local(at) => at.restore_branch(txn, branch, keys),
-            LockAuthority::Remote(_) => Ok(Table::of_keys(keys)),
+            LockAuthority::Local(at) => at.restore_txn(record, branches),
+            LockAuthority::Remote(_) => Ok(super::holding(record, branches)
+                .flat_map(|b| Table::of_keys(&b.lock_keys))
+                .collect()),
         }
     }
 

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
+use crate::model::{BranchRecord, GlobalRecord};
 use crate::rm::RmRegistry;
 use crate::store::StoreError;
 use crate::xid::format_xid;
@@ -78,9 +79,21 @@ impl At {
         }
     }
 
-    /// After a restart: a stored branch's rows are held again and its tables are guarded
-    /// (the previous instance guarded them). Returns the tables, for the transaction to pin.
-    pub fn restore_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) -> Result<Vec<Table>, StoreError> {
+    /// After a restart, an adoption or a new lock leader's election: a stored transaction's
+    /// rows are held again, its tables guarded (whoever held them before guarded them) and
+    /// its rolling-back mark set, as its status says. Returns the tables, for it to pin.
+    pub fn restore_txn(&self, record: &GlobalRecord, branches: &[BranchRecord]) -> Result<BTreeSet<Table>, StoreError> {
+        let mut tables = BTreeSet::new();
+        for b in holding(record, branches) {
+            tables.extend(self.restore_branch(record.txn_id, b.branch_id, &b.lock_keys)?);
+        }
+        if record.status.fails_requesters_fast() {
+            self.locks.set_rolling_back(record.txn_id);
+        }
+        Ok(tables)
+    }
+
+    fn restore_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) -> Result<Vec<Table>, StoreError> {
         self.locks.restore(txn, branch, keys).map_err(|e| {
             StoreError(format!(
                 "the stored locks conflict ({e:?}) between global transaction {} and another one; the store is inconsistent",
@@ -238,6 +251,12 @@ pub fn lock_error(e: LockError, wait_ms: u64, m: &Metrics) -> TcError {
             )
         }
     }
+}
+
+/// The branches of a stored transaction whose rows it holds (see `holds_locks`).
+pub fn holding<'a>(record: &GlobalRecord, branches: &'a [BranchRecord]) -> impl Iterator<Item = &'a BranchRecord> {
+    let holds = record.status.holds_locks();
+    branches.iter().filter(move |b| holds && b.status.holds_locks())
 }
 
 /// A held row as the lock stream carries it.

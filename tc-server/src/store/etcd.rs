@@ -63,14 +63,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::etcd_members::{EtcdError, Members};
-use super::record::{Loader, encode};
+use super::record::{Loader, encode, read_branch, read_global};
 use super::{Mutation, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
+use crate::model::{BranchRecord, GlobalRecord};
 
 /// Keys read per range request while loading, and the largest answer accepted: a record is
 /// at most `max_txn_bytes` (1 MiB by default), so a page of them fits.
 const LOAD_PAGE: i64 = 64;
 const LOAD_PAGE_BYTES: usize = 96 * 1024 * 1024;
+/// What a scan hands every key and its value to.
+type KeyVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
 /// Per-operation overhead counted against `max_txn_bytes` besides key and value.
 const OP_OVERHEAD_BYTES: usize = 32;
 
@@ -241,7 +245,11 @@ impl EtcdStore {
 
     /// A key of the whole cluster, whatever this store's area.
     fn cluster_key(&self, key: StoredKey<'_>) -> Vec<u8> {
-        format!("{}{key}", self.settings.prefix).into_bytes()
+        self.cluster_key_text(&key.to_string()).into_bytes()
+    }
+
+    fn cluster_key_text(&self, rest: &str) -> String {
+        format!("{}{rest}", self.settings.prefix)
     }
 
     /// Cancelled once this node's lease may have run out: it must stop acting as the owner.
@@ -424,6 +432,80 @@ impl EtcdStore {
                 ))
             }),
         }
+    }
+
+    /// Hands every key starting with `prefix`, and its value, to `each`, in key order, as
+    /// they all were at one revision (read page by page); returns that revision.
+    async fn scan(&self, prefix: &[u8], each: &mut KeyVisitor<'_>) -> Result<i64, StoreError> {
+        let end = prefix_end(prefix);
+        let mut from = prefix.to_vec();
+        // Every page at the first page's revision: one consistent view.
+        let mut revision = 0;
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LOAD_PAGE)
+                .with_revision(revision);
+            let mut page = self
+                .retrying("read the stored records", |c| {
+                    let (from, options) = (from.clone(), options.clone());
+                    let mut kv = c.kv_client().max_decoding_message_size(LOAD_PAGE_BYTES);
+                    async move { kv.get(from, Some(options)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let kvs = page.take_kvs();
+            for kv in &kvs {
+                each(kv.key(), kv.value())?;
+            }
+            match kvs.last() {
+                Some(last) if more => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
+    }
+
+    /// Every namespace's transactions with their branches, as they were at one revision read
+    /// now (several serving nodes): what a lock leader rebuilds the locks from once it is
+    /// elected. Finished transactions, events and the rest are not read.
+    pub fn load_namespaces(&self) -> Result<Vec<(GlobalRecord, Vec<BranchRecord>)>, StoreError> {
+        let place = self.place();
+        let prefix = self.cluster_key_text("ns/");
+        let mut globals: BTreeMap<u64, (Option<GlobalRecord>, Vec<BranchRecord>)> = BTreeMap::new();
+        self.runtime()
+            .block_on(self.scan(prefix.as_bytes(), &mut |key, value| {
+                let unknown = || {
+                    StoreError(format!(
+                        "store {place}: the key {:?} is not one this ferrata-tc writes",
+                        String::from_utf8_lossy(key)
+                    ))
+                };
+                // `ns/<4 hex digits>/<key of the namespace>`.
+                let (namespace, rest) = key[prefix.len()..].split_at_checked(5).ok_or_else(unknown)?;
+                let namespace = std::str::from_utf8(namespace).ok().and_then(|n| n.strip_suffix('/'));
+                if namespace.is_none_or(|n| n.len() != 4 || u16::from_str_radix(n, 16).is_err()) {
+                    return Err(unknown());
+                }
+                match StoredKey::parse(rest).ok_or_else(unknown)? {
+                    StoredKey::Global(txn) => globals.entry(txn).or_default().0 = Some(read_global(&place, value)?),
+                    StoredKey::Branch { txn, .. } => {
+                        globals.entry(txn).or_default().1.push(read_branch(&place, value)?)
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }))?;
+        // A branch's transaction is stored with it (`Finish` deletes both in one write).
+        Ok(globals
+            .into_values()
+            .filter_map(|(global, branches)| Some((global?, branches)))
+            .collect())
     }
 
     /// Runs `request` until it succeeds, fails for a reason a retry cannot help, or the lease
@@ -907,47 +989,12 @@ impl Store for EtcdStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let place = self.place();
         let prefix = self.key("");
-        let end = prefix_end(&prefix);
         let mut loader = Loader::new(&place);
-        self.runtime().block_on(async {
-            let mut from = prefix.clone();
-            // Every page at the first page's revision: one consistent view.
-            let mut revision = 0;
-            loop {
-                let options = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(LOAD_PAGE)
-                    .with_revision(revision);
-                let mut page = self
-                    .retrying("read the stored records", |c| {
-                        let (from, options) = (from.clone(), options.clone());
-                        let mut kv = c.kv_client().max_decoding_message_size(LOAD_PAGE_BYTES);
-                        async move { kv.get(from, Some(options)).await }
-                    })
-                    .await?;
-                if revision == 0 {
-                    revision = page.header().map_or(0, |h| h.revision());
-                }
-                let more = page.more();
-                let kvs = page.take_kvs();
-                for kv in &kvs {
-                    load_key(
-                        &mut loader,
-                        &kv.key()[prefix.len()..],
-                        kv.value(),
-                        &place,
-                        self.area.node_id(),
-                    )?;
-                }
-                match kvs.last() {
-                    Some(last) if more => {
-                        from = last.key().to_vec();
-                        from.push(0);
-                    }
-                    _ => return Ok(loader.finish()),
-                }
-            }
-        })
+        let own_node = self.area.node_id();
+        self.runtime().block_on(self.scan(&prefix, &mut |key, value| {
+            load_key(&mut loader, &key[prefix.len()..], value, &place, own_node)
+        }))?;
+        Ok(loader.finish())
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
@@ -1293,6 +1340,59 @@ mod tests {
         let whole = owned(&s, "step 1");
         let e = whole.load().unwrap_err().to_string();
         assert!(e.contains("ns/0001/"), "{e}");
+    }
+
+    #[test]
+    fn a_lock_leader_reads_every_namespaces_transactions_and_branches() {
+        let (_rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let own = |n| {
+            let store = EtcdStore::connect_namespace(&s, n).unwrap();
+            store
+                .acquire("node", &CancellationToken::new(), &mut |_| {})
+                .unwrap()
+                .unwrap();
+            store
+        };
+        let txn = |node: u16, seq| (u64::from(node) << 48) | seq;
+        let (one, two) = (own(1), own(0xbeef));
+        commit(
+            &one,
+            vec![
+                Mutation::PutGlobal(global(txn(1, 1), GlobalStatus::Begin)),
+                Mutation::PutBranch(fixtures::branch(txn(1, 1), 1)),
+                Mutation::PutBranch(fixtures::branch(txn(1, 1), 2)),
+                Mutation::PutGlobal(global(txn(1, 2), GlobalStatus::Begin)),
+                Mutation::PutBranch(fixtures::branch(txn(1, 2), 1)),
+            ],
+        );
+        commit(
+            &one,
+            vec![Mutation::Finish(fixtures::finished(txn(1, 2), GlobalStatus::Committed))],
+        );
+        commit(
+            &two,
+            vec![
+                Mutation::PutGlobal(global(txn(0xbeef, 1), GlobalStatus::Rollbacking)),
+                Mutation::PutBranch(fixtures::branch(txn(0xbeef, 1), 9)),
+            ],
+        );
+        // Read by whichever store the leader owns (its reads stop with its lease).
+        let leader = owned(&s, "lock leader");
+        let found = leader.load_namespaces().unwrap();
+        let summary: Vec<(u64, GlobalStatus, Vec<u64>)> = found
+            .iter()
+            .map(|(g, b)| (g.txn_id, g.status, b.iter().map(|b| b.branch_id).collect()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (txn(1, 1), GlobalStatus::Begin, vec![1, 2]),
+                (txn(0xbeef, 1), GlobalStatus::Rollbacking, vec![9]),
+            ],
+            "the finished one is gone with its branches"
+        );
+        assert_eq!(found[0].1[0], fixtures::branch(txn(1, 1), 1));
     }
 
     #[test]
