@@ -24,7 +24,7 @@ pub type TmClient = pb::transaction_manager_client::TransactionManagerClient<Int
 pub type RmClient = pb::resource_manager_client::ResourceManagerClient<InterceptedService<Channel, BearerToken>>;
 
 /// How to reach a coordinator.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientConfig {
     /// `http://host:port`, or `https://host:port` with `tls_ca`.
     pub endpoint: String,
@@ -91,7 +91,7 @@ impl TcClient {
 
 impl TcClient {
     pub async fn connect(config: &ClientConfig) -> anyhow::Result<TcClient> {
-        let (channel, token) = channel(config).await?;
+        let (channel, token) = channel(config, None).await?;
         let max = config.max_message_bytes();
         Ok(TcClient {
             tm: pb::transaction_manager_client::TransactionManagerClient::with_interceptor(
@@ -117,8 +117,12 @@ impl ClientConfig {
 /// A client of another coordinator node's lock authority (`LockAuthority`).
 pub type LockClient = pb::lock_authority_client::LockAuthorityClient<InterceptedService<Channel, BearerToken>>;
 
+/// How often a lock client's connection is pinged, and how long it waits for the answer:
+/// a stream over a connection that silently stopped carrying fails within a few seconds.
+const LOCK_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(2));
+
 pub async fn lock_client(config: &ClientConfig) -> anyhow::Result<LockClient> {
-    let (channel, token) = channel(config).await?;
+    let (channel, token) = channel(config, Some(LOCK_KEEPALIVE)).await?;
     let max = config.max_message_bytes();
     Ok(
         pb::lock_authority_client::LockAuthorityClient::with_interceptor(channel, token)
@@ -127,12 +131,22 @@ pub async fn lock_client(config: &ClientConfig) -> anyhow::Result<LockClient> {
     )
 }
 
-/// A connection to the coordinator `config` names, and the token its calls carry.
-async fn channel(config: &ClientConfig) -> anyhow::Result<(Channel, BearerToken)> {
+/// A connection to the coordinator `config` names (pinged every `keepalive.0`, given up
+/// after `keepalive.1` without an answer), and the token its calls carry.
+async fn channel(
+    config: &ClientConfig,
+    keepalive: Option<(Duration, Duration)>,
+) -> anyhow::Result<(Channel, BearerToken)> {
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
         .with_context(|| format!("{:?} is not a valid coordinator address", config.endpoint))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if let Some((every, timeout)) = keepalive {
+        endpoint = endpoint
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+    }
     if let Some(ca) = &config.tls_ca {
         endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(read_pem(ca)?))?;
     }

@@ -241,7 +241,10 @@ impl Coordinator {
         let rms = Arc::new(RmRegistry::default());
         let shutdown = CancellationToken::new();
         let at = match lock_leader {
-            None => LockAuthority::Local(Arc::new(At::new(&config, Arc::clone(&rms), fresh_store, &metrics))),
+            None => LockAuthority::own(
+                At::new(&config, Arc::clone(&rms), fresh_store, &metrics),
+                journal.clone(),
+            ),
             Some(leader) => LockAuthority::Remote(RemoteAt::start(
                 config.node_id,
                 leader,
@@ -1090,11 +1093,14 @@ impl Coordinator {
         keys: &[LockKey],
         durable: impl Future<Output = Result<(), StoreError>>,
     ) -> Result<(), StoreError> {
-        let LockAuthority::Local(at) = &self.at else {
-            // Across nodes the next holder writes another journal: the rows wait for this one.
-            durable.await?;
-            self.at.release_txn(txn_id, keys);
-            return Ok(());
+        let at = match &self.at {
+            LockAuthority::Local { at, .. } if !at.is_shared() => at,
+            // Another node may be next, writing another journal: the rows wait for this one.
+            _ => {
+                durable.await?;
+                self.at.release_txn(txn_id, keys);
+                return Ok(());
+            }
         };
         self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
         at.locks.release_txn(txn_id, keys);

@@ -24,12 +24,12 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::after_durable::AfterDurable;
 use super::guards::Table;
 use super::locks::{Granted, HeldRow};
 use super::{Grant, RowsFound};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
-use crate::store::StoreError;
 use crate::store::journal::Journal;
 
 /// Where the lock leader is (its gRPC endpoint, with the cluster's token and TLS), or
@@ -41,14 +41,9 @@ pub struct RemoteAt {
     next_id: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
     epoch: watch::Receiver<u64>,
-    /// The coordinator's journal: a release waits for what was submitted before it.
-    journal: Journal,
-    /// Releases and forgets with the journal's answer they wait for, in the order made.
-    after_durable: mpsc::UnboundedSender<(Durable, u64, Call)>,
+    /// Releases and forgets wait for what the coordinator submitted before them.
+    after_durable: AfterDurable,
 }
-
-/// The journal's answer to an empty submission: everything submitted before is durable.
-type Durable = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// Where a waiting call's answer goes, with the epoch of the leader that gave it.
 type Reply = oneshot::Sender<Result<(Answer, u64), TcError>>;
@@ -67,18 +62,6 @@ impl RemoteAt {
     /// `stop` (or until `leader`'s sender is gone); releases wait for `journal`.
     pub fn start(node_id: u16, leader: LeaderAddress, journal: Journal, stop: CancellationToken) -> RemoteAt {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let (after_durable, mut durable) = mpsc::unbounded_channel::<(Durable, u64, Call)>();
-        let told = commands.clone();
-        // In the order made; the journal answers in submission order, so none waits long
-        // behind another. A change whose submissions failed is not sent: the store failed,
-        // the node stops, and whoever loads the store next starts from what is durable.
-        tokio::spawn(async move {
-            while let Some((flushed, id, call)) = durable.recv().await {
-                if flushed.await.is_ok() {
-                    let _ = told.send(Command::Tell { id, call });
-                }
-            }
-        });
         let (epoch, epoch_rx) = watch::channel(0);
         let driver = Driver {
             node_id,
@@ -91,6 +74,7 @@ impl RemoteAt {
             // Ids from the top half: the driver's own calls (hello, releases of abandoned
             // grants) count from 1 and never meet them.
             next_id: 1,
+            last_stream: 0,
             stop,
         };
         tokio::spawn(driver.run());
@@ -98,8 +82,7 @@ impl RemoteAt {
             next_id: AtomicU64::new(1 << 63),
             commands,
             epoch: epoch_rx,
-            journal,
-            after_durable,
+            after_durable: AfterDurable::start(journal),
         }
     }
 
@@ -116,20 +99,32 @@ impl RemoteAt {
     fn ask(&self, call: Call) -> Asked<'_> {
         let id = self.id();
         let (reply, answer) = oneshot::channel();
+        let release = match &call {
+            Call::Acquire(a) => Some(release_of(a.clone())),
+            _ => None,
+        };
         let sent = self.commands.send(Command::Ask { id, call, reply }).is_ok();
         Asked {
             id,
-            commands: &self.commands,
+            remote: self,
             answer: sent.then_some(answer),
+            release,
         }
+    }
+
+    /// Sends a change now.
+    fn tell(&self, call: Call) {
+        // A stopped driver means a stopped node: what it would have sent, whoever loads the
+        // store next starts from.
+        let _ = self.commands.send(Command::Tell { id: self.id(), call });
     }
 
     /// Sends a change once everything the coordinator submitted before it is durable.
     fn tell_when_durable(&self, call: Call) {
-        let flushed: Durable = Box::pin(self.journal.submit(Vec::new()));
-        // A stopped driver means a stopped node: what it would have sent, whoever loads
-        // the store next starts from.
-        let _ = self.after_durable.send((flushed, self.id(), call));
+        let (commands, id) = (self.commands.clone(), self.id());
+        self.after_durable.then(move || {
+            let _ = commands.send(Command::Tell { id, call });
+        });
     }
 
     /// Takes a branch's rows, waiting in the leader's queues until `deadline`.
@@ -209,10 +204,7 @@ impl RemoteAt {
 
     /// Requests for `txn`'s rows fail fast from now on.
     pub fn set_rolling_back(&self, txn: u64) {
-        let _ = self.commands.send(Command::Tell {
-            id: self.id(),
-            call: Call::RollingBack(txn),
-        });
+        self.tell(Call::RollingBack(txn));
     }
 
     /// A finished transaction: its mark and its tables' pins go, once its end is durable.
@@ -227,9 +219,11 @@ impl RemoteAt {
 /// A call sent, its answer awaited.
 struct Asked<'a> {
     id: u64,
-    commands: &'a mpsc::UnboundedSender<Command>,
+    remote: &'a RemoteAt,
     /// `None` if it could not be sent (the driver stopped), or once answered.
     answer: Option<oneshot::Receiver<Result<(Answer, u64), TcError>>>,
+    /// For an acquire: the release of its rows, should they be granted after all.
+    release: Option<Call>,
 }
 
 impl Asked<'_> {
@@ -243,11 +237,24 @@ impl Asked<'_> {
     }
 }
 
-/// Tells the driver when the caller goes away before the answer.
+/// The caller went away before it read the answer: the driver hears so, and rows granted
+/// meanwhile are released.
 impl Drop for Asked<'_> {
     fn drop(&mut self) {
-        if self.answer.is_some() {
-            let _ = self.commands.send(Command::GiveUp(self.id));
+        let Some(mut answer) = self.answer.take() else { return };
+        // Closed first, so the answer is either here now or never sent (the driver then
+        // releases a grant it could not hand over).
+        answer.close();
+        match answer.try_recv() {
+            Ok(Ok((Answer::Granted(_), _))) => {
+                if let Some(release) = self.release.take() {
+                    self.remote.tell(release);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let _ = self.remote.commands.send(Command::GiveUp(self.id));
+            }
         }
     }
 }
@@ -296,6 +303,8 @@ struct Driver {
     /// Acquires whose caller went away before their answer: a grant is released.
     abandoned: HashMap<u64, pb::LockAcquire>,
     next_id: u64,
+    /// The number of the latest stream it opened (see `LockHello.stream`).
+    last_stream: u64,
     stop: CancellationToken,
 }
 
@@ -307,7 +316,7 @@ struct Stream {
 }
 
 /// How long a node waits before it opens a stream again after one failed or broke.
-const REOPEN_AFTER: Duration = Duration::from_millis(200);
+pub(crate) const REOPEN_AFTER: Duration = Duration::from_millis(200);
 
 impl Driver {
     async fn run(mut self) {
@@ -319,7 +328,7 @@ impl Driver {
                 Ok(stream) => {
                     tracing::info!(leader = config.endpoint, epoch = stream.epoch, "lock stream open");
                     self.epoch.send_replace(stream.epoch);
-                    if !self.serve(stream).await {
+                    if !self.serve(stream, &config).await {
                         return;
                     }
                     tracing::warn!(leader = config.endpoint, "lock stream broke; opening another");
@@ -384,10 +393,12 @@ impl Driver {
         let mut client = lock_client(config).await?;
         let (calls, outgoing) = mpsc::unbounded_channel();
         let hello = self.id();
+        self.last_stream = (self.last_stream + 1).max(crate::model::now_ms());
         let _ = calls.send(pb::LockCall {
             id: hello,
             call: Some(Call::Hello(pb::LockHello {
                 node_id: self.node_id.into(),
+                stream: self.last_stream,
             })),
         });
         let mut answers = client.locks(UnboundedReceiverStream::new(outgoing)).await?.into_inner();
@@ -411,7 +422,7 @@ impl Driver {
 
     /// Serves an open stream until it breaks or the leader changes (`true`), or the node
     /// stops (`false`).
-    async fn serve(&mut self, mut stream: Stream) -> bool {
+    async fn serve(&mut self, mut stream: Stream, leader: &ClientConfig) -> bool {
         loop {
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -422,7 +433,12 @@ impl Driver {
                     Ok(Some(answer)) => self.answered(&stream, answer),
                     Ok(None) | Err(_) => return true,
                 },
-                changed = self.leader.changed() => return changed.is_ok(),
+                changed = self.leader.changed() => match changed {
+                    // The same leader told again is no change.
+                    Ok(()) if self.leader.borrow_and_update().as_ref() == Some(leader) => {}
+                    Ok(()) => return true,
+                    Err(_) => return false,
+                },
                 _ = self.stop.cancelled() => return false,
             }
         }

@@ -7,12 +7,13 @@
 //! - A stream's calls are applied in the order sent. Acquires, queries and guards wait in
 //!   tasks of their own; the stream's release, rolling-back and forget calls are applied
 //!   before the next call is read.
-//! - A grant is answered in the same step that takes the rows (no await in between), so a
-//!   request dropped from its queue has either been answered or taken nothing.
-//! - A node has one live stream. Its newer stream ends the older first: the older stream's
-//!   waiting requests leave their queues before any call of the newer one is applied, so a
-//!   release the node resends on the newer stream can never come before a grant made on the
-//!   older one.
+//! - A waiting call is answered once: by its task, with what it found, or by `cancel`. Its
+//!   task claims the answer when it finishes; one that finds it claimed (cancelled, or its
+//!   stream ended) lets go of rows it was granted itself, since nobody will learn of them.
+//! - A node has one live stream, the one with the highest number in its hello. A newer one
+//!   ends the older first: the older stream stops, its waiting requests leave their queues,
+//!   and only then is any call of the newer one applied, so a release the node resends on
+//!   the newer stream can never come before a grant made on the older one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -41,8 +43,8 @@ pub struct LockLeader {
     at: Arc<At>,
     /// The create revision of this node's leader key in etcd: grants carry it.
     epoch: u64,
-    /// The live stream of each node, by node id.
-    streams: Mutex<HashMap<u32, Arc<NodeStream>>>,
+    /// The live stream of each node, by node id, with its number.
+    streams: Mutex<HashMap<u32, (u64, Arc<NodeStream>)>>,
 }
 
 /// One node's stream, as far as the leader must be able to end it.
@@ -51,6 +53,8 @@ struct NodeStream {
     state: Mutex<StreamState>,
     /// Its waiting requests' tasks.
     tasks: TaskTracker,
+    /// Cancelled when it is ended: its serve loop stops reading, which closes the stream.
+    stop: CancellationToken,
 }
 
 #[derive(Default)]
@@ -71,6 +75,7 @@ impl NodeStream {
                 task.abort();
             }
         }
+        self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -79,10 +84,12 @@ impl NodeStream {
 type Answers = mpsc::UnboundedSender<Result<pb::LockAnswer, Status>>;
 
 impl LockLeader {
-    /// `None` if `coordinator`'s locks are not its own.
+    /// `None` if `coordinator`'s locks are not its own. From now on they are shared.
     pub fn new(coordinator: Arc<Coordinator>, epoch: u64) -> Option<LockLeader> {
+        let at = Arc::clone(coordinator.at.local()?);
+        at.share();
         Some(LockLeader {
-            at: Arc::clone(coordinator.at.local()?),
+            at,
             coordinator,
             epoch,
             streams: Mutex::new(HashMap::new()),
@@ -122,7 +129,11 @@ impl LockLeader {
                 Err(e) => answer(refused(&e)),
                 Ok(keys) => {
                     let (this, wait) = (Arc::clone(self), self.wait(a.wait_ms));
-                    self.spawn(stream, &mut state, id, answers, async move {
+                    let (at, undo_keys) = (Arc::clone(&self.at), keys.clone());
+                    let undo = move || {
+                        at.locks.release_branch(a.txn, a.branch, &undo_keys);
+                    };
+                    self.spawn(stream, &mut state, (id, answers), Some(Box::new(undo)), async move {
                         let c = &this.coordinator;
                         let granted = this
                             .at()
@@ -142,13 +153,18 @@ impl LockLeader {
             Call::Cancel(of) => {
                 if let Some(task) = state.waiting.remove(&of) {
                     task.abort();
+                    let e = TcError::new(ErrorCode::LockAuthorityUnavailable, "the caller gave it up");
+                    let _ = answers.send(Ok(pb::LockAnswer {
+                        id: of,
+                        answer: Some(refused(&e)),
+                    }));
                 }
             }
             Call::Query(q) => match keys(&q.keys) {
                 Err(e) => answer(refused(&e)),
                 Ok(keys) => {
                     let (this, wait) = (Arc::clone(self), self.wait(q.wait_ms));
-                    self.spawn(stream, &mut state, id, answers, async move {
+                    self.spawn(stream, &mut state, (id, answers), None, async move {
                         let txn = (q.txn != 0).then_some(q.txn);
                         match this.at().query(txn, &keys, wait, &this.coordinator.metrics).await {
                             Ok(RowsFound::Free) => Answer::Granted(pb::LockGranted::default()),
@@ -165,7 +181,7 @@ impl LockLeader {
                 // Pinned now, in the stream's order: a later forget unpins them.
                 self.at().guards.pin(g.txn, &tables);
                 let (this, (deadline, _)) = (Arc::clone(self), self.wait(g.wait_ms));
-                self.spawn(stream, &mut state, id, answers, async move {
+                self.spawn(stream, &mut state, (id, answers), None, async move {
                     match this.at().guard(&tables, deadline, &this.coordinator.shutdown).await {
                         Ok(()) => Answer::Done(true),
                         Err(e) => refused(&e),
@@ -195,33 +211,57 @@ impl LockLeader {
         true
     }
 
-    /// Runs a call that waits in a task of `stream`'s, answering what it returns. The
-    /// answer follows the call's last step with no await in between: a task dropped by
-    /// `cancel` or by the stream's end was either answered or changed nothing.
+    /// Runs a call that waits in a task of `stream`'s, answering what it returns, unless
+    /// `cancel` or the stream's end claimed the answer first: then a grant is undone (`undo`
+    /// lets go of what it took), since nobody will learn of it.
     fn spawn(
         &self,
         stream: &Arc<NodeStream>,
         state: &mut StreamState,
-        id: u64,
-        answers: &Answers,
+        (id, answers): (u64, &Answers),
+        undo: Option<Box<dyn FnOnce() + Send>>,
         call: impl Future<Output = Answer> + Send + 'static,
     ) {
         let (owner, out) = (Arc::clone(stream), answers.clone());
         let task = stream.tasks.spawn(async move {
             let reply = call.await;
-            owner.state.lock().waiting.remove(&id);
-            let _ = out.send(Ok(pb::LockAnswer {
-                id,
-                answer: Some(reply),
-            }));
+            let claimed = owner.state.lock().waiting.remove(&id).is_some();
+            if claimed {
+                let _ = out.send(Ok(pb::LockAnswer {
+                    id,
+                    answer: Some(reply),
+                }));
+            } else if let (Answer::Granted(_), Some(undo)) = (reply, undo) {
+                undo();
+            }
         });
         state.waiting.insert(id, task.abort_handle());
     }
 
+    /// Makes `stream` (numbered `number`) node `node`'s live one, returning the one it
+    /// replaces; `Err` if the node has a newer one already.
+    fn open(&self, node: u32, number: u64, stream: &Arc<NodeStream>) -> Result<Option<Arc<NodeStream>>, Status> {
+        let mut streams = self.streams.lock();
+        if let Some((live, _)) = streams.get(&node)
+            && *live > number
+        {
+            return Err(ErrorCode::LockAuthorityUnavailable.status(
+                format!("node {node} has a newer lock stream open (number {live}, not {number}); this one is refused"),
+                None,
+            ));
+        }
+        Ok(streams
+            .insert(node, (number, Arc::clone(stream)))
+            .map(|(_, older)| older))
+    }
+
     /// Serves one node's stream until it ends, or a newer stream of the node ends it.
-    async fn serve(self: Arc<Self>, mut calls: Streaming<pb::LockCall>, node: u32, answers: Answers) {
-        let stream = Arc::new(NodeStream::default());
-        let older = self.streams.lock().insert(node, Arc::clone(&stream));
+    async fn serve(
+        self: Arc<Self>,
+        mut calls: Streaming<pb::LockCall>,
+        (node, stream, older): (u32, Arc<NodeStream>, Option<Arc<NodeStream>>),
+        answers: Answers,
+    ) {
         if let Some(older) = older {
             older.end().await;
         }
@@ -229,6 +269,7 @@ impl LockLeader {
         loop {
             let next = tokio::select! {
                 next = calls.message() => next,
+                _ = stream.stop.cancelled() => break,
                 _ = self.coordinator.shutdown.cancelled() => break,
             };
             match next {
@@ -249,7 +290,7 @@ impl LockLeader {
         }
         {
             let mut streams = self.streams.lock();
-            if streams.get(&node).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
+            if streams.get(&node).is_some_and(|(_, s)| Arc::ptr_eq(s, &stream)) {
                 streams.remove(&node);
             }
         }
@@ -285,21 +326,24 @@ impl pb::lock_authority_server::LockAuthority for LockService {
         let mut calls = request.into_inner();
         let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
         let silence = leader.coordinator.config.phase2.heartbeat_interval() * 3;
-        let (id, node) = match tokio::time::timeout(silence, calls.message()).await {
+        let (id, hello) = match tokio::time::timeout(silence, calls.message()).await {
             Ok(Ok(Some(pb::LockCall {
                 id,
                 call: Some(Call::Hello(h)),
-            }))) => (id, h.node_id),
+            }))) => (id, h),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(protocol("no hello within three heartbeat intervals")),
             _ => return Err(protocol("the first call on a lock stream must be hello")),
         };
+        let stream = Arc::new(NodeStream::default());
+        // Decided here, in the order hellos arrive, not in the order serving tasks run.
+        let older = leader.open(hello.node_id, hello.stream, &stream)?;
         let (answers, out) = mpsc::unbounded_channel();
         let _ = answers.send(Ok(pb::LockAnswer {
             id,
             answer: Some(Answer::Welcome(pb::LockWelcome { epoch: leader.epoch })),
         }));
-        tokio::spawn(leader.serve(calls, node, answers));
+        tokio::spawn(leader.serve(calls, (hello.node_id, stream, older), answers));
         Ok(Response::new(UnboundedReceiverStream::new(out)))
     }
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::at::remote::{LeaderAddress, RemoteAt};
+use crate::at::remote::{LeaderAddress, REOPEN_AFTER, RemoteAt};
 use crate::calls::Caller;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
@@ -36,18 +36,20 @@ struct Leader {
     coordinator: Arc<Coordinator>,
     at: Arc<crate::at::At>,
     relay: Relay,
+    /// Its coordinator's store, which a test may hold.
+    store: Arc<HeldStore>,
 }
 
-/// A coordinator node on its own (store-less) journal; its locks are its own, or with
+/// A coordinator node on `store` (which keeps nothing); its locks are its own, or with
 /// `leader` the lock leader's.
-async fn coordinator(node_id: u16, leader: Option<LeaderAddress>) -> Arc<Coordinator> {
+async fn coordinator(node_id: u16, leader: Option<LeaderAddress>, store: Arc<HeldStore>) -> Arc<Coordinator> {
     let config = Config {
         node_id,
         token: Some(Secret(TOKEN.into())),
         ..Config::default()
     };
     let caller = Caller::new(&config.calls).unwrap();
-    let journal = Journal::start(Arc::new(HeldStore::default()));
+    let journal = Journal::start(store);
     Coordinator::recover(config, journal, Snapshot::default(), caller, leader)
         .await
         .unwrap()
@@ -55,7 +57,8 @@ async fn coordinator(node_id: u16, leader: Option<LeaderAddress>) -> Arc<Coordin
 
 impl Leader {
     async fn start() -> Leader {
-        let coordinator = coordinator(1, None).await;
+        let store = Arc::new(HeldStore::default());
+        let coordinator = coordinator(1, None, Arc::clone(&store)).await;
         let leader = Arc::new(LockLeader::new(Arc::clone(&coordinator), EPOCH).expect("its locks are its own"));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -69,6 +72,7 @@ impl Leader {
             at: Arc::clone(coordinator.at.local().expect("its locks are its own")),
             coordinator,
             relay: Relay::start(addr).await,
+            store,
         }
     }
 
@@ -94,7 +98,8 @@ impl Leader {
     /// A coordinator node whose locks are this leader's.
     async fn follower(&self, node_id: u16) -> (Arc<Coordinator>, watch::Sender<Option<ClientConfig>>) {
         let (leader, address) = self.address(TOKEN);
-        (coordinator(node_id, Some(address)).await, leader)
+        let store = Arc::new(HeldStore::default());
+        (coordinator(node_id, Some(address), store).await, leader)
     }
 
     /// Takes rows on the leader itself, as its own transactions do.
@@ -138,37 +143,45 @@ impl std::ops::Deref for Node {
     }
 }
 
-/// A TCP relay to `target` whose connections `cut` severs (new ones still pass).
+/// A TCP relay to `target`: `cut` severs its connections and refuses new ones until `heal`.
 struct Relay {
     addr: SocketAddr,
-    cut: watch::Sender<u64>,
+    /// Whether it carries, and how many times it was cut.
+    state: watch::Sender<(bool, u64)>,
 }
 
 impl Relay {
     async fn start(target: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (cut, cuts) = watch::channel(0);
+        let (state, states) = watch::channel((true, 0));
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cuts = cuts.clone();
-                cuts.borrow_and_update();
+                let mut states = states.clone();
+                let (up, cuts) = *states.borrow_and_update();
+                if !up {
+                    continue;
+                }
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cuts.changed() => {}
+                        _ = states.wait_for(|(_, now)| *now != cuts) => {}
                     }
                 });
             }
         });
-        Relay { addr, cut }
+        Relay { addr, state }
     }
 
     fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
+        self.state.send_modify(|(up, cuts)| (*up, *cuts) = (false, *cuts + 1));
+    }
+
+    fn heal(&self) {
+        self.state.send_modify(|(up, _)| *up = true);
     }
 }
 
@@ -242,21 +255,28 @@ async fn changes_made_while_the_stream_is_cut_reach_the_leader_when_it_is_back()
     let (r1, r2) = (row("1"), row("2"));
     b.acquire(2, 20, std::slice::from_ref(&r1), soon()).await.unwrap();
     b.acquire(4, 40, std::slice::from_ref(&r2), soon()).await.unwrap();
-    // A waiting acquire fails when the stream breaks.
-    let waiting = tokio::spawn({
-        let r1 = r1.clone();
-        let leader_stream = leader.node(3, TOKEN);
-        async move { leader_stream.acquire(3, 30, &[r1], soon()).await }
+    // A waiting acquire fails when the stream breaks, and leaves the leader's queue.
+    let c = leader.node(3, TOKEN);
+    let wanted = [r1.clone()];
+    let waiting = c.acquire(3, 30, &wanted, soon());
+    let waited = tokio::spawn(async move {
+        leader.wait_row(&r1, Some(2), &[3]).await;
+        leader.relay.cut();
+        (leader, r1)
     });
-    leader.wait_row(&r1, Some(2), &[3]).await;
-    leader.relay.cut();
-    let e = waiting.await.unwrap().unwrap_err();
+    let e = waiting.await.unwrap_err();
     assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
+    let (leader, r1) = waited.await.unwrap();
     leader.wait_row(&r1, Some(2), &[]).await;
 
-    // Node 2's stream broke too: what it changes now waits for the next one.
+    // While the relay refuses, node 2 has no stream: calls that wait fail at once, and
+    // what it changes waits for the next stream.
+    let e = b.acquire(2, 21, &[row("9")], soon()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
     b.set_rolling_back(4);
     b.release(2, None, std::slice::from_ref(&r1));
+    leader.wait_row(&r1, Some(2), &[]).await;
+    leader.relay.heal();
     leader.wait_row(&r1, None, &[]).await;
     let e = leader
         .at
@@ -267,6 +287,57 @@ async fn changes_made_while_the_stream_is_cut_reach_the_leader_when_it_is_back()
         matches!(e, Err(crate::at::locks::LockError::HolderRollingBack { holder: 4, .. })),
         "the rolling-back mark reached the leader: {e:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_newer_stream_ends_its_older_one_and_an_older_one_is_refused() {
+    let leader = Leader::start().await;
+    let r = row("1");
+    leader.acquire(1, 10, std::slice::from_ref(&r)).await;
+    let first = leader.node(2, TOKEN);
+    let wanted = [r.clone()];
+    let waiting = first.acquire(2, 20, &wanted, soon());
+    let waited = tokio::spawn(async move {
+        leader.wait_row(&r, Some(1), &[2]).await;
+        // Another end for node 2 opens its stream now: the first's ends, its waiting call
+        // with it.
+        let second = leader.node(2, TOKEN);
+        second.query(None, &[row("2")], soon()).await.unwrap();
+        (leader, r, second)
+    });
+    let e = waiting.await.unwrap_err();
+    // Stopped, before it opens another stream (which would end the second's in turn).
+    drop(first);
+    assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e}");
+    let (leader, r, second) = waited.await.unwrap();
+    leader.wait_row(&r, Some(1), &[]).await;
+    // The second's stream serves on. (Should the first have opened one more before it
+    // stopped, the second's next stream, numbered higher, wins.)
+    let deadline = Instant::now() + LONG;
+    while let Err(e) = second.acquire(2, 21, &[row("3")], soon()).await {
+        assert!(
+            e.code == ErrorCode::LockAuthorityUnavailable && Instant::now() < deadline,
+            "{e}"
+        );
+        tokio::time::sleep(REOPEN_AFTER).await;
+    }
+    leader.wait_row(&row("3"), Some(2), &[]).await;
+    // A hello numbered below the live stream's is refused.
+    let mut client = ferrata_rpc::client::lock_client(&leader.address(TOKEN).1.borrow().clone().unwrap())
+        .await
+        .unwrap();
+    let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    calls
+        .send(pb::LockCall {
+            id: 1,
+            call: Some(pb::lock_call::Call::Hello(pb::LockHello { node_id: 2, stream: 1 })),
+        })
+        .unwrap();
+    let refused = client
+        .locks(tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing))
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("newer lock stream"), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,4 +484,45 @@ async fn a_rollback_on_one_node_makes_requests_on_another_fail_fast() {
     assert_eq!(e.code, ErrorCode::LockHolderRollingBack, "{e}");
     assert_eq!(e.holder.as_deref(), Some(t2.as_str()));
     rollback.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_own_commit_hands_its_rows_to_another_node_only_once_durable() {
+    use std::sync::mpsc::sync_channel;
+    let leader = Leader::start().await;
+    let a = Arc::clone(&leader.coordinator);
+    let (b, _address) = leader.follower(2).await;
+    let r = row("1");
+    let t1 = a.begin(60_000, String::new()).await.unwrap();
+    a.register(register_row(&t1, "1", 0)).await.unwrap();
+    let t2 = b.begin(60_000, String::new()).await.unwrap();
+    let waiting = tokio::spawn({
+        let (b, t2) = (Arc::clone(&b), t2.clone());
+        async move { b.register(register_row(&t2, "1", 20_000)).await }
+    });
+    let (t1_id, t2_id) = (crate::xid::parse_xid(&t1).unwrap(), crate::xid::parse_xid(&t2).unwrap());
+    leader.wait_row(&r, Some(t1_id), &[t2_id]).await;
+
+    // The commit decision's write waits in the leader's store.
+    let (entered_tx, entered) = sync_channel(1);
+    let (release, release_rx) = sync_channel(1);
+    *leader.store.held.lock() = Some((entered_tx, release_rx));
+    let committing = tokio::spawn({
+        let (a, t1) = (Arc::clone(&a), t1.clone());
+        async move { a.commit(&t1).await }
+    });
+    tokio::task::spawn_blocking(move || entered.recv().unwrap())
+        .await
+        .unwrap();
+    // On one node the row would pass on now (its registration is durable after the
+    // decision anyway); node 2's registration goes to another journal, so it waits.
+    let held = leader.at.locks.held_rows(&|k| *k == r, 1);
+    assert_eq!((held[0].txn, held[0].waiters.as_slice()), (t1_id, &[t2_id][..]));
+    release.send(()).unwrap();
+    committing.await.unwrap().unwrap();
+    waiting
+        .await
+        .unwrap()
+        .expect("node 2's branch gets the row once the decision is durable");
+    leader.wait_row(&r, Some(t2_id), &[]).await;
 }

@@ -581,7 +581,7 @@ impl EtcdStore {
             // Still the owner: the lock leader changed since it granted rows of a
             // registration here. Nothing of the transaction was written.
             return Err(StoreError(format!(
-                "store {}: the lock leader that granted rows of a registration (epoch {lock_epochs:?}) no longer leads (now {}); the registration was not stored, and this node gives up the store so that it is loaded again from what is durable",
+                "store {}: the lock leader that granted rows of a registration (epoch {lock_epochs:?}) no longer leads (now {}); the etcd transaction holding the registration was refused, and this node gives up the store so that it is loaded again from what is durable",
                 self.place(),
                 leader.map_or("none".to_owned(), |kv| format!("epoch {}", kv.create_revision())),
             )));
