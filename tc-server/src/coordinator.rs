@@ -195,7 +195,7 @@ pub struct Coordinator {
     unsettled_releases: AtomicUsize,
     pub metrics: Metrics,
     /// Who may call (named tokens, the root token).
-    pub tokens: Tokens,
+    pub tokens: Arc<Tokens>,
     /// The operator actions' trail (see `operator.rs`).
     pub(crate) audit: Mutex<Audit>,
     /// Held by a token change from its check to its store write.
@@ -241,10 +241,7 @@ impl Coordinator {
         let rms = Arc::new(RmRegistry::default());
         let shutdown = CancellationToken::new();
         let at = match lock_leader {
-            None => LockAuthority::own(
-                At::new(&config, Arc::clone(&rms), fresh_store, &metrics),
-                journal.clone(),
-            ),
+            None => LockAuthority::Local(Arc::new(At::new(&config, Arc::clone(&rms), fresh_store, &metrics))),
             Some(leader) => LockAuthority::Remote(RemoteAt::start(
                 config.node_id,
                 leader,
@@ -252,11 +249,11 @@ impl Coordinator {
                 shutdown.clone(),
             )),
         };
-        let tokens = Tokens::new(
+        let tokens = Arc::new(Tokens::new(
             config.token.as_ref().map(|t| t.0.as_str()),
             snapshot.tokens.clone(),
             config.auth.viewers_see_values,
-        );
+        ));
         if let Err(broken) = crate::audit::verify(&snapshot.audit) {
             // Kept and served as it is: it is the evidence; GET /v1/audit/verify reports it.
             tracing::error!(
@@ -1093,14 +1090,11 @@ impl Coordinator {
         keys: &[LockKey],
         durable: impl Future<Output = Result<(), StoreError>>,
     ) -> Result<(), StoreError> {
-        let at = match &self.at {
-            LockAuthority::Local { at, .. } if !at.is_shared() => at,
+        let LockAuthority::Local(at) = &self.at else {
             // Another node may be next, writing another journal: the rows wait for this one.
-            _ => {
-                durable.await?;
-                self.at.release_txn(txn_id, keys);
-                return Ok(());
-            }
+            durable.await?;
+            self.at.release_txn(txn_id, keys);
+            return Ok(());
         };
         self.unsettled_releases.fetch_add(1, Ordering::SeqCst);
         at.locks.release_txn(txn_id, keys);

@@ -18,7 +18,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::Permission;
+use crate::auth::{Permission, Tokens};
 use crate::calls::branch::Payload;
 use crate::coordinator::Coordinator;
 use crate::error::TcError;
@@ -33,7 +33,7 @@ use crate::msg::MsgBranch;
 /// permission (`what` says what the service is for, in the refusal).
 #[derive(Clone)]
 pub struct TokenCheck {
-    coordinator: Arc<Coordinator>,
+    tokens: Arc<Tokens>,
     need: Permission,
     what: &'static str,
 }
@@ -41,7 +41,7 @@ pub struct TokenCheck {
 impl Interceptor for TokenCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        authorize(&self.coordinator, header, self.need, self.what)?;
+        authorize(&self.tokens, header, self.need, self.what)?;
         Ok(request)
     }
 }
@@ -54,7 +54,7 @@ pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCh
 /// of at most `max_message_bytes`.
 pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (TmServer, RmServer) {
     let check = |(need, what)| TokenCheck {
-        coordinator: Arc::clone(coordinator),
+        tokens: Arc::clone(&coordinator.tokens),
         need,
         what,
     };
@@ -79,7 +79,7 @@ pub fn lock_service(leader: &Arc<LockLeader>, max_message_bytes: usize) -> LockS
     InterceptedService::new(
         LockAuthorityServer::new(LockService(Arc::clone(leader))).max_decoding_message_size(max_message_bytes),
         TokenCheck {
-            coordinator: Arc::clone(leader.coordinator()),
+            tokens: Arc::clone(leader.tokens()),
             need: Permission::Node,
             what: "act as a node of the coordinator cluster",
         },

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ferrata_rpc::{ErrorCode, pb};
 use tonic::Status;
 
-use crate::auth::Permission;
+use crate::auth::{Permission, Tokens};
 use crate::coordinator::{Coordinator, Outcome};
 use crate::error::TcError;
 use crate::model::BranchStatus;
@@ -27,16 +27,8 @@ pub(crate) fn status(e: TcError) -> Status {
 }
 
 /// Refuses a caller whose `Authorization` header names no token whose role grants `need`.
-pub(crate) fn authorize(
-    coordinator: &Coordinator,
-    header: Option<&str>,
-    need: Permission,
-    what: &str,
-) -> Result<(), Status> {
-    let caller = coordinator
-        .tokens
-        .authenticate(header, crate::model::now_ms())
-        .map_err(status)?;
+pub(crate) fn authorize(tokens: &Tokens, header: Option<&str>, need: Permission, what: &str) -> Result<(), Status> {
+    let caller = tokens.authenticate(header, crate::model::now_ms()).map_err(status)?;
     caller.require(need, what).map_err(status)
 }
 
@@ -134,7 +126,7 @@ pub(crate) async fn answer(c: &Arc<Coordinator>, authorization: Option<&str>, ca
                 Q::GlobalBegin(_) | Q::GlobalCommit(_) | Q::GlobalRollback(_) => TRANSACT,
                 Q::BranchRegister(_) | Q::BranchReport(_) | Q::LockQuery(_) | Q::GuardTables(_) => RESOURCE,
             };
-            match authorize(c, authorization, need, what) {
+            match authorize(&c.tokens, authorization, need, what) {
                 Err(refused) => Err(refused),
                 Ok(()) => match request {
                     Q::GlobalBegin(r) => global_begin(c, r).await.map(A::GlobalBegin),

@@ -3,13 +3,13 @@
 //! cluster's lock leader over the lock stream ([`RemoteAt`]). The coordinator core calls
 //! this and never asks which.
 //!
-//! Invariant: where another node may take the rows next (through the lock stream, or on the
-//! lock leader's own `At` once it serves others), rows and table pins are let go only once
-//! everything the coordinator submitted before is durable (`after_durable.rs`). On one node
-//! the journal's order gives that for free (a next holder's registration is submitted after
-//! the release's change, so it is never durable first, and the early hand-off in
+//! Invariant: through the lock stream, rows and table pins are let go only once everything
+//! the coordinator submitted before is durable (`after_durable.rs`). On one node the
+//! journal's order gives that for free (a next holder's registration is submitted after the
+//! release's change, so it is never durable first, and the early hand-off in
 //! `Coordinator::release_with` relies on it); a next holder on another node writes another
-//! journal, so there the release waits.
+//! journal, so there the release waits. A coordinator's own `At` is never served to other
+//! nodes: a lock leader serves an `At` of its own (`lock_leader/`).
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -18,7 +18,6 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::after_durable::AfterDurable;
 use super::guards::Table;
 use super::locks::Granted;
 use super::remote::RemoteAt;
@@ -28,11 +27,10 @@ use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
 use crate::model::{BranchRecord, GlobalRecord};
 use crate::store::StoreError;
-use crate::store::journal::Journal;
 
 pub enum LockAuthority {
-    /// This node holds the locks (shared with its `LockLeader`, if it leads a cluster).
-    Local { at: Arc<At>, after_durable: AfterDurable },
+    /// This coordinator holds the locks, for itself alone.
+    Local(Arc<At>),
     /// The cluster's lock leader holds them.
     Remote(RemoteAt),
 }
@@ -45,31 +43,11 @@ pub struct Grant {
 }
 
 impl LockAuthority {
-    /// This node's own locks; changes that let go of rows wait for `journal` once they
-    /// serve other nodes too.
-    pub fn own(at: At, journal: Journal) -> LockAuthority {
-        LockAuthority::Local {
-            at: Arc::new(at),
-            after_durable: AfterDurable::start(journal),
-        }
-    }
-
-    /// Runs `change` on the local locks: at once, or once what was submitted before is
-    /// durable if other nodes may take the rows next.
-    fn let_go(at: &Arc<At>, after_durable: &AfterDurable, change: impl FnOnce(&At) + Send + 'static) {
-        if at.is_shared() {
-            let at = Arc::clone(at);
-            after_durable.then(move || change(&at));
-        } else {
-            change(at);
-        }
-    }
-
     /// The locks, when this node holds them: for the guard protocol on resource managers'
     /// streams and for listing held rows and deadlocks.
     pub fn local(&self) -> Option<&Arc<At>> {
         match self {
-            LockAuthority::Local { at, .. } => Some(at),
+            LockAuthority::Local(at) => Some(at),
             LockAuthority::Remote(_) => None,
         }
     }
@@ -80,7 +58,7 @@ impl LockAuthority {
     /// when it was elected).
     pub fn restore_txn(&self, record: &GlobalRecord, branches: &[BranchRecord]) -> Result<BTreeSet<Table>, StoreError> {
         match self {
-            LockAuthority::Local { at, .. } => at.restore_txn(record, branches),
+            LockAuthority::Local(at) => at.restore_txn(record, branches),
             LockAuthority::Remote(_) => Ok(super::holding(record, branches)
                 .flat_map(|b| Table::of_keys(&b.lock_keys))
                 .collect()),
@@ -97,7 +75,7 @@ impl LockAuthority {
         shutdown: &'a CancellationToken,
     ) -> Pin<Box<dyn Future<Output = Result<(), TcError>> + Send + 'a>> {
         match self {
-            LockAuthority::Local { at, .. } => {
+            LockAuthority::Local(at) => {
                 at.guards.pin(txn, tables);
                 Box::pin(at.guard(tables, deadline, shutdown))
             }
@@ -125,7 +103,7 @@ impl LockAuthority {
         shutdown: &CancellationToken,
     ) -> Result<Grant, TcError> {
         match self {
-            LockAuthority::Local { at, .. } => at
+            LockAuthority::Local(at) => at
                 .acquire(txn, branch, keys, wait, metrics, shutdown)
                 .await
                 .map(|granted| Grant { granted, epoch: 0 }),
@@ -146,7 +124,7 @@ impl LockAuthority {
         metrics: &Metrics,
     ) -> Result<RowsFound, TcError> {
         match self {
-            LockAuthority::Local { at, .. } => at.query(txn, keys, wait, metrics).await,
+            LockAuthority::Local(at) => at.query(txn, keys, wait, metrics).await,
             LockAuthority::Remote(remote) => remote.query(txn, keys, wait.0).await,
         }
     }
@@ -154,10 +132,7 @@ impl LockAuthority {
     /// Branch `branch` of `txn` lets go of `keys`.
     pub fn release_branch(&self, txn: u64, branch: u64, keys: &[LockKey]) {
         match self {
-            LockAuthority::Local { at, after_durable } => {
-                let keys = keys.to_vec();
-                LockAuthority::let_go(at, after_durable, move |at| at.locks.release_branch(txn, branch, &keys));
-            }
+            LockAuthority::Local(at) => at.locks.release_branch(txn, branch, keys),
             LockAuthority::Remote(remote) => remote.release(txn, Some(branch), keys),
         }
     }
@@ -165,10 +140,7 @@ impl LockAuthority {
     /// `txn` lets go of `keys`, whichever of its branches took them.
     pub fn release_txn(&self, txn: u64, keys: &[LockKey]) {
         match self {
-            LockAuthority::Local { at, after_durable } => {
-                let keys = keys.to_vec();
-                LockAuthority::let_go(at, after_durable, move |at| at.locks.release_txn(txn, &keys));
-            }
+            LockAuthority::Local(at) => at.locks.release_txn(txn, keys),
             LockAuthority::Remote(remote) => remote.release(txn, None, keys),
         }
     }
@@ -176,7 +148,7 @@ impl LockAuthority {
     /// Requests for `txn`'s rows fail fast from now on.
     pub fn set_rolling_back(&self, txn: u64) {
         match self {
-            LockAuthority::Local { at, .. } => at.locks.set_rolling_back(txn),
+            LockAuthority::Local(at) => at.locks.set_rolling_back(txn),
             LockAuthority::Remote(remote) => remote.set_rolling_back(txn),
         }
     }
@@ -184,10 +156,7 @@ impl LockAuthority {
     /// A finished transaction leaves no rows, marks or table pins behind.
     pub fn forget(&self, txn: u64, guarded: &BTreeSet<Table>) {
         match self {
-            LockAuthority::Local { at, after_durable } => {
-                let guarded = guarded.clone();
-                LockAuthority::let_go(at, after_durable, move |at| at.forget(txn, &guarded));
-            }
+            LockAuthority::Local(at) => at.forget(txn, guarded),
             LockAuthority::Remote(remote) => remote.forget(txn, guarded),
         }
     }
@@ -195,7 +164,7 @@ impl LockAuthority {
     /// Updates the held-rows gauge after rows were taken or released (the leader keeps it
     /// for remote nodes).
     pub fn count_held(&self, metrics: &Metrics) {
-        if let LockAuthority::Local { at, .. } = self {
+        if let LockAuthority::Local(at) = self {
             at.count_held(metrics);
         }
     }

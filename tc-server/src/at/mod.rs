@@ -36,8 +36,6 @@ use locks::{Granted, HeldRow, LockError, LockManager};
 pub struct At {
     pub locks: LockManager,
     pub guards: Arc<TableGuards>,
-    /// A lock leader serves these locks to other nodes too (`share`).
-    shared: std::sync::atomic::AtomicBool,
     /// The most recent deadlocks broken, oldest first.
     deadlocks: parking_lot::Mutex<std::collections::VecDeque<Deadlock>>,
 }
@@ -70,7 +68,6 @@ impl At {
     /// `fresh_store`: no coordinator ever served from this store (see `TableGuards::new`).
     pub fn new(config: &Config, rms: Arc<RmRegistry>, fresh_store: bool, metrics: &Metrics) -> At {
         At {
-            shared: std::sync::atomic::AtomicBool::new(false),
             deadlocks: parking_lot::Mutex::new(std::collections::VecDeque::new()),
             locks: LockManager::new(),
             guards: TableGuards::new(
@@ -194,16 +191,6 @@ impl At {
             }
             Err(e) => Err(lock_error(e, wait_ms, metrics)),
         }
-    }
-
-    /// From now on other nodes' transactions may take these rows too: this node lets go of
-    /// rows only once the change that lets go of them is durable (`authority.rs`).
-    pub fn share(&self) {
-        self.shared.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn is_shared(&self) -> bool {
-        self.shared.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The deadlocks broken recently, oldest first.

@@ -1,7 +1,9 @@
 //! The lock leader's end of the nodes' lock stream (`LockAuthority.Locks`, see the proto):
-//! the lock calls of other coordinator nodes, applied to this node's [`At`] in the order
+//! the lock calls of the cluster's coordinators, applied to the leader's [`At`] in the order
 //! each stream sends them, so a row means the same on every node: one FIFO queue, one
-//! wait-for graph for deadlocks, one set of guarded tables.
+//! wait-for graph for deadlocks, one set of guarded tables. That `At` is no coordinator's
+//! own: every coordinator of a cluster, the leader node's included, reaches it through the
+//! stream, so each lets go of rows only once that is durable (`at/authority.rs`).
 //!
 //! Invariants:
 //! - A stream's calls are applied in the order sent. Acquires, queries and guards wait in
@@ -33,16 +35,26 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::at::guards::Table;
 use crate::at::{At, RowsFound};
-use crate::coordinator::Coordinator;
+use crate::auth::Tokens;
+use crate::config::Config;
 use crate::error::TcError;
 use crate::lock_key::LockKey;
+use crate::metrics::Metrics;
 
-/// The `LockAuthority` service of a node that holds the cluster's locks in its own [`At`].
+/// The `LockAuthority` service of the node that holds the cluster's locks.
 pub struct LockLeader {
-    coordinator: Arc<Coordinator>,
     at: Arc<At>,
     /// The create revision of this node's leader key in etcd: grants carry it.
     epoch: u64,
+    metrics: Metrics,
+    /// The longest a call may wait in the queues.
+    max_lock_wait_ms: u64,
+    /// How long a new stream may take to say hello.
+    hello_within: Duration,
+    /// Who may open a stream: the cluster's root token.
+    tokens: Arc<Tokens>,
+    /// Ends every stream (the leader stops leading).
+    stop: CancellationToken,
     /// The live stream of each node, by node id, with its number.
     streams: Mutex<HashMap<u32, (u64, Arc<NodeStream>)>>,
 }
@@ -84,20 +96,22 @@ impl NodeStream {
 type Answers = mpsc::UnboundedSender<Result<pb::LockAnswer, Status>>;
 
 impl LockLeader {
-    /// `None` if `coordinator`'s locks are not its own. From now on they are shared.
-    pub fn new(coordinator: Arc<Coordinator>, epoch: u64) -> Option<LockLeader> {
-        let at = Arc::clone(coordinator.at.local()?);
-        at.share();
-        Some(LockLeader {
+    /// Leads with `at` from `epoch` on, until `stop`.
+    pub fn new(at: Arc<At>, epoch: u64, config: &Config, tokens: Arc<Tokens>, stop: CancellationToken) -> LockLeader {
+        LockLeader {
             at,
-            coordinator,
             epoch,
+            metrics: Metrics::new(),
+            max_lock_wait_ms: config.transactions.max_lock_wait_ms,
+            hello_within: config.phase2.heartbeat_interval() * 3,
+            tokens,
+            stop,
             streams: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    pub fn coordinator(&self) -> &Arc<Coordinator> {
-        &self.coordinator
+    pub fn tokens(&self) -> &Arc<Tokens> {
+        &self.tokens
     }
 
     fn at(&self) -> &At {
@@ -106,7 +120,7 @@ impl LockLeader {
 
     /// The wait a caller asked for, within this node's own limit.
     fn wait(&self, wait_ms: u64) -> (Instant, u64) {
-        let ms = wait_ms.min(self.coordinator.config.transactions.max_lock_wait_ms);
+        let ms = wait_ms.min(self.max_lock_wait_ms);
         (Instant::now() + Duration::from_millis(ms), ms)
     }
 
@@ -119,7 +133,6 @@ impl LockLeader {
         let answer = |a: Answer| {
             let _ = answers.send(Ok(pb::LockAnswer { id, answer: Some(a) }));
         };
-        let c = &self.coordinator;
         match call {
             Call::Hello(_) => answer(refused(&TcError::new(
                 ErrorCode::RmProtocol,
@@ -134,12 +147,11 @@ impl LockLeader {
                         at.locks.release_branch(a.txn, a.branch, &undo_keys);
                     };
                     self.spawn(stream, &mut state, (id, answers), Some(Box::new(undo)), async move {
-                        let c = &this.coordinator;
                         let granted = this
                             .at()
-                            .acquire(a.txn, a.branch, &keys, wait, &c.metrics, &c.shutdown)
+                            .acquire(a.txn, a.branch, &keys, wait, &this.metrics, &this.stop)
                             .await;
-                        this.at().count_held(&c.metrics);
+                        this.at().count_held(&this.metrics);
                         match granted {
                             Ok(g) => Answer::Granted(pb::LockGranted {
                                 waited_us: g.waited.map(|w| w.as_micros() as u64),
@@ -166,7 +178,7 @@ impl LockLeader {
                     let (this, wait) = (Arc::clone(self), self.wait(q.wait_ms));
                     self.spawn(stream, &mut state, (id, answers), None, async move {
                         let txn = (q.txn != 0).then_some(q.txn);
-                        match this.at().query(txn, &keys, wait, &this.coordinator.metrics).await {
+                        match this.at().query(txn, &keys, wait, &this.metrics).await {
                             Ok(RowsFound::Free) => Answer::Granted(pb::LockGranted::default()),
                             Ok(RowsFound::Held(rows)) => Answer::Held(pb::LockHeldRows {
                                 rows: rows.into_iter().map(crate::at::held_row_pb).collect(),
@@ -182,7 +194,7 @@ impl LockLeader {
                 self.at().guards.pin(g.txn, &tables);
                 let (this, (deadline, _)) = (Arc::clone(self), self.wait(g.wait_ms));
                 self.spawn(stream, &mut state, (id, answers), None, async move {
-                    match this.at().guard(&tables, deadline, &this.coordinator.shutdown).await {
+                    match this.at().guard(&tables, deadline, &this.stop).await {
                         Ok(()) => Answer::Done(true),
                         Err(e) => refused(&e),
                     }
@@ -195,7 +207,7 @@ impl LockLeader {
                     0 => self.at().locks.release_txn(r.txn, &keys),
                     branch => self.at().locks.release_branch(r.txn, branch, &keys),
                 }
-                self.at().count_held(&c.metrics);
+                self.at().count_held(&self.metrics);
                 answer(Answer::Done(true));
             }
             Call::RollingBack(txn) => {
@@ -270,7 +282,7 @@ impl LockLeader {
             let next = tokio::select! {
                 next = calls.message() => next,
                 _ = stream.stop.cancelled() => break,
-                _ = self.coordinator.shutdown.cancelled() => break,
+                _ = self.stop.cancelled() => break,
             };
             match next {
                 Ok(Some(pb::LockCall { id, call: Some(call) })) => {
@@ -325,8 +337,7 @@ impl pb::lock_authority_server::LockAuthority for LockService {
         let leader = Arc::clone(&self.0);
         let mut calls = request.into_inner();
         let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
-        let silence = leader.coordinator.config.phase2.heartbeat_interval() * 3;
-        let (id, hello) = match tokio::time::timeout(silence, calls.message()).await {
+        let (id, hello) = match tokio::time::timeout(leader.hello_within, calls.message()).await {
             Ok(Ok(Some(pb::LockCall {
                 id,
                 call: Some(Call::Hello(h)),

@@ -2,17 +2,15 @@
 //! reached through a TCP relay the tests can cut, and nodes using it directly (`RemoteAt`)
 //! or as their coordinator's lock authority.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-use ferrata_rpc::process::Secret;
-use tokio::net::{TcpListener, TcpStream};
-
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ferrata_rpc::ErrorCode;
 use ferrata_rpc::client::ClientConfig;
+use ferrata_rpc::process::Secret;
+use ferrata_rpc::{ErrorCode, pb};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,46 +18,42 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::at::remote::{LeaderAddress, REOPEN_AFTER, RemoteAt};
 use crate::calls::Caller;
-use crate::config::Config;
 use crate::coordinator::Coordinator;
+use crate::rm::RmRegistry;
 use crate::store::Snapshot;
 use crate::store::fixtures::HeldStore;
 use crate::store::journal::Journal;
-use ferrata_rpc::pb;
 
 const EPOCH: u64 = 7;
 const TOKEN: &str = "the-cluster-secret";
 const LONG: Duration = Duration::from_secs(20);
 
-/// A leader node serving the lock stream, reached through a relay the test can cut.
+/// A leader serving the lock stream with an `At` of its own, reached through a relay the
+/// test can cut.
 struct Leader {
-    coordinator: Arc<Coordinator>,
-    at: Arc<crate::at::At>,
+    at: Arc<At>,
+    /// For rows the test takes on the leader directly.
+    metrics: Metrics,
+    stop: CancellationToken,
     relay: Relay,
-    /// Its coordinator's store, which a test may hold.
-    store: Arc<HeldStore>,
 }
 
-/// A coordinator node on `store` (which keeps nothing); its locks are its own, or with
-/// `leader` the lock leader's.
-async fn coordinator(node_id: u16, leader: Option<LeaderAddress>, store: Arc<HeldStore>) -> Arc<Coordinator> {
-    let config = Config {
+fn config(node_id: u16) -> Config {
+    Config {
         node_id,
         token: Some(Secret(TOKEN.into())),
         ..Config::default()
-    };
-    let caller = Caller::new(&config.calls).unwrap();
-    let journal = Journal::start(store);
-    Coordinator::recover(config, journal, Snapshot::default(), caller, leader)
-        .await
-        .unwrap()
+    }
 }
 
 impl Leader {
     async fn start() -> Leader {
-        let store = Arc::new(HeldStore::default());
-        let coordinator = coordinator(1, None, Arc::clone(&store)).await;
-        let leader = Arc::new(LockLeader::new(Arc::clone(&coordinator), EPOCH).expect("its locks are its own"));
+        let config = config(1);
+        let (metrics, stop) = (Metrics::new(), CancellationToken::new());
+        // The first leader a store ever had: no resource manager can hold an older view.
+        let at = Arc::new(At::new(&config, Arc::new(RmRegistry::default()), true, &metrics));
+        let tokens = Arc::new(Tokens::new(Some(TOKEN), Vec::new(), false));
+        let leader = Arc::new(LockLeader::new(Arc::clone(&at), EPOCH, &config, tokens, stop.clone()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = crate::grpc::lock_service(&leader, 4 << 20);
@@ -69,10 +63,10 @@ impl Leader {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         Leader {
-            at: Arc::clone(coordinator.at.local().expect("its locks are its own")),
-            coordinator,
+            at,
+            metrics,
+            stop,
             relay: Relay::start(addr).await,
-            store,
         }
     }
 
@@ -95,19 +89,29 @@ impl Leader {
         }
     }
 
-    /// A coordinator node whose locks are this leader's.
-    async fn follower(&self, node_id: u16) -> (Arc<Coordinator>, watch::Sender<Option<ClientConfig>>) {
+    /// A coordinator node whose locks are this leader's, on a store (keeping nothing) that
+    /// the test may hold.
+    async fn follower(&self, node_id: u16) -> Follower {
         let (leader, address) = self.address(TOKEN);
         let store = Arc::new(HeldStore::default());
-        (coordinator(node_id, Some(address), store).await, leader)
+        let config = config(node_id);
+        let caller = Caller::new(&config.calls).unwrap();
+        let journal = Journal::start(Arc::clone(&store) as Arc<dyn crate::store::Store>);
+        let coordinator = Coordinator::recover(config, journal, Snapshot::default(), caller, Some(address))
+            .await
+            .unwrap();
+        Follower {
+            coordinator,
+            store,
+            _leader: leader,
+        }
     }
 
-    /// Takes rows on the leader itself, as its own transactions do.
+    /// Takes rows on the leader directly.
     async fn acquire(&self, txn: u64, branch: u64, keys: &[LockKey]) {
-        let c = &self.coordinator;
         let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
         self.at
-            .acquire(txn, branch, keys, wait, &c.metrics, &c.shutdown)
+            .acquire(txn, branch, keys, wait, &self.metrics, &self.stop)
             .await
             .unwrap();
     }
@@ -127,6 +131,20 @@ impl Leader {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// A coordinator node of the leader's cluster.
+struct Follower {
+    coordinator: Arc<Coordinator>,
+    store: Arc<HeldStore>,
+    _leader: watch::Sender<Option<ClientConfig>>,
+}
+
+impl std::ops::Deref for Follower {
+    type Target = Arc<Coordinator>;
+    fn deref(&self) -> &Arc<Coordinator> {
+        &self.coordinator
     }
 }
 
@@ -233,11 +251,11 @@ async fn a_deadlock_between_nodes_is_found_and_the_youngest_gives_way() {
     leader.acquire(1, 10, std::slice::from_ref(&r1)).await;
     b.acquire(2, 20, std::slice::from_ref(&r2), soon()).await.unwrap();
     let first = tokio::spawn({
-        let (c, at) = (Arc::clone(&leader.coordinator), Arc::clone(&leader.at));
+        let (at, stop) = (Arc::clone(&leader.at), leader.stop.clone());
         let r2 = r2.clone();
         async move {
             let wait = (Instant::now() + LONG, LONG.as_millis() as u64);
-            at.acquire(1, 11, &[r2], wait, &c.metrics, &c.shutdown).await
+            at.acquire(1, 11, &[r2], wait, &Metrics::new(), &stop).await
         }
     });
     leader.wait_row(&r2, Some(2), &[1]).await;
@@ -422,8 +440,7 @@ fn register_row(xid: &str, pk: &str, lock_wait_ms: u64) -> pb::BranchRegisterReq
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_on_two_nodes_share_the_leaders_rows() {
     let leader = Leader::start().await;
-    let a = &leader.coordinator;
-    let (b, _address) = leader.follower(2).await;
+    let (a, b) = (leader.follower(1).await, leader.follower(2).await);
     let r = row("1");
 
     let t1 = a.begin(60_000, String::new()).await.unwrap();
@@ -431,7 +448,7 @@ async fn coordinators_on_two_nodes_share_the_leaders_rows() {
     let t2 = b.begin(60_000, String::new()).await.unwrap();
     let t2_id = crate::xid::parse_xid(&t2).unwrap();
     let waiting = tokio::spawn({
-        let (b, t2) = (Arc::clone(&b), t2.clone());
+        let (b, t2) = (Arc::clone(&b.coordinator), t2.clone());
         async move { b.register(register_row(&t2, "1", 20_000)).await }
     });
     leader
@@ -462,16 +479,15 @@ async fn coordinators_on_two_nodes_share_the_leaders_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_on_one_node_makes_requests_on_another_fail_fast() {
     let leader = Leader::start().await;
-    let (b, _address) = leader.follower(2).await;
+    let (a, b) = (leader.follower(1).await, leader.follower(2).await);
     let t2 = b.begin(60_000, String::new()).await.unwrap();
     b.register(register_row(&t2, "1", 0)).await.unwrap();
     // No resource manager serves db1: the rollback keeps the branch, and its rows, while it
     // retries.
     let rollback = tokio::spawn({
-        let (b, t2) = (Arc::clone(&b), t2.clone());
+        let (b, t2) = (Arc::clone(&b.coordinator), t2.clone());
         async move { b.rollback(&t2).await }
     });
-    let a = &leader.coordinator;
     let t1 = a.begin(60_000, String::new()).await.unwrap();
     let deadline = Instant::now() + LONG;
     let e = loop {
@@ -486,43 +502,76 @@ async fn a_rollback_on_one_node_makes_requests_on_another_fail_fast() {
     rollback.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leaders_own_commit_hands_its_rows_to_another_node_only_once_durable() {
+/// How node 1's transaction lets go of its row in `rows_pass_to_another_node_only_once_durable`.
+#[derive(Clone, Copy)]
+enum LetGo {
+    /// It commits: the decision's write, then the release (`Coordinator::release_with`).
+    Commit,
+    /// Its branch reports a failed phase 1: the release is made before the report's write
+    /// is awaited, so it waits in `AfterDurable`.
+    ReportFailed,
+}
+
+/// Node 1's transaction holds a row node 2's waits for; node 1 lets go of it while its
+/// store holds the write back: the row passes on only once that write is durable.
+async fn rows_pass_to_another_node_only_once_durable(how: LetGo) {
     use std::sync::mpsc::sync_channel;
     let leader = Leader::start().await;
-    let a = Arc::clone(&leader.coordinator);
-    let (b, _address) = leader.follower(2).await;
+    let (a, b) = (leader.follower(1).await, leader.follower(2).await);
     let r = row("1");
     let t1 = a.begin(60_000, String::new()).await.unwrap();
-    a.register(register_row(&t1, "1", 0)).await.unwrap();
+    let branch = a.register(register_row(&t1, "1", 0)).await.unwrap();
     let t2 = b.begin(60_000, String::new()).await.unwrap();
     let waiting = tokio::spawn({
-        let (b, t2) = (Arc::clone(&b), t2.clone());
+        let (b, t2) = (Arc::clone(&b.coordinator), t2.clone());
         async move { b.register(register_row(&t2, "1", 20_000)).await }
     });
     let (t1_id, t2_id) = (crate::xid::parse_xid(&t1).unwrap(), crate::xid::parse_xid(&t2).unwrap());
     leader.wait_row(&r, Some(t1_id), &[t2_id]).await;
 
-    // The commit decision's write waits in the leader's store.
     let (entered_tx, entered) = sync_channel(1);
     let (release, release_rx) = sync_channel(1);
-    *leader.store.held.lock() = Some((entered_tx, release_rx));
-    let committing = tokio::spawn({
-        let (a, t1) = (Arc::clone(&a), t1.clone());
-        async move { a.commit(&t1).await }
+    *a.store.held.lock() = Some((entered_tx, release_rx));
+    let letting_go = tokio::spawn({
+        let (a, t1) = (Arc::clone(&a.coordinator), t1.clone());
+        async move {
+            match how {
+                LetGo::Commit => a.commit(&t1).await.map(drop),
+                LetGo::ReportFailed => {
+                    let failed = crate::model::BranchStatus::PhaseOneFailed;
+                    a.report(&t1, branch, failed, "the local commit failed".into()).await
+                }
+            }
+        }
     });
     tokio::task::spawn_blocking(move || entered.recv().unwrap())
         .await
         .unwrap();
-    // On one node the row would pass on now (its registration is durable after the
-    // decision anyway); node 2's registration goes to another journal, so it waits.
-    let held = leader.at.locks.held_rows(&|k| *k == r, 1);
-    assert_eq!((held[0].txn, held[0].waiters.as_slice()), (t1_id, &[t2_id][..]));
+    // On one node the row could pass on now (a next holder's registration would be durable
+    // after this write anyway); node 2's registration goes to another journal. Node 1's
+    // query goes on its stream after anything it sent before, so the leader answers it
+    // only after a release sent too early.
+    let query = a
+        .lock_query("", "db1", &register_row("", "1", 0).locks, 0)
+        .await
+        .unwrap();
+    let holders: Vec<u64> = query.holders.iter().map(|(_, txn, _)| *txn).collect();
+    assert_eq!(holders, [t1_id], "the row is still node 1's");
     release.send(()).unwrap();
-    committing.await.unwrap().unwrap();
+    letting_go.await.unwrap().unwrap();
     waiting
         .await
         .unwrap()
-        .expect("node 2's branch gets the row once the decision is durable");
+        .expect("node 2's branch gets the row once node 1's write is durable");
     leader.wait_row(&r, Some(t2_id), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_hands_its_rows_to_another_node_only_once_durable() {
+    rows_pass_to_another_node_only_once_durable(LetGo::Commit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_branch_hands_its_rows_to_another_node_only_once_durable() {
+    rows_pass_to_another_node_only_once_durable(LetGo::ReportFailed).await;
 }
