@@ -127,9 +127,9 @@ impl Server {
                 let rpc = TcpListener::bind(rpc_addr)
                     .await
                     .with_context(|| format!("listening on {rpc_addr} (listen) again, now active"))?;
-                let lost = store.lost();
+                let (lost, area) = (store.lost(), store.area().to_string());
                 let (coordinator, journal) = restore(&config, store as Arc<dyn Store>, snapshot).await?;
-                metrics::gauge!("ferrata_tc_active").set(1.0);
+                metrics::gauge!("ferrata_tc_active", "area" => area).set(1.0);
                 (coordinator, journal, lost, rpc)
             }
         };

@@ -50,6 +50,19 @@ async fn a_node_that_cannot_reach_etcd_waits_for_it_and_stops_at_sigterm() -> Re
     Ok(())
 }
 
+/// A standby's `/healthz` once its first campaign has read the owner key and it names the
+/// active node (it answers 503 `standby` from the start).
+async fn standby_health(tc: &Tc) -> Result<serde_json::Value> {
+    eventually("the standby to name the active node", || async {
+        let r = tc.http().get("/healthz").await?;
+        assert_eq!(r.status, 503, "{r:?}");
+        let v = r.json();
+        assert_eq!(v["status"], "standby", "{v}");
+        Ok((!v["active"].is_null()).then_some(v))
+    })
+    .await
+}
+
 fn signal(tc: &Tc, signal: libc::c_int) -> Result {
     let pid = tc.pid().expect("running");
     // SAFETY: kill(2) with the pid of our own child process.
@@ -65,14 +78,7 @@ async fn a_standby_takes_over_a_killed_active_node_with_nothing_acknowledged_los
 
     // The standby says who is active once its first campaign has read the owner key, and
     // sends HTTP clients there; it takes no gRPC calls.
-    let v = eventually("the standby to name the active node", || async {
-        let r = second.http().get("/healthz").await?;
-        assert_eq!(r.status, 503, "{r:?}");
-        let v = r.json();
-        assert_eq!(v["status"], "standby", "{v}");
-        Ok((!v["active"].is_null()).then_some(v))
-    })
-    .await?;
+    let v = standby_health(&second).await?;
     assert_eq!(v["active"]["node"]["node_id"], 1, "{v}");
     assert_eq!(v["active"]["node"]["http"], format!("http://{}", first.http), "{v}");
     let r = second.http().get("/v1/transactions?limit=5").await?;
@@ -98,16 +104,23 @@ async fn a_standby_takes_over_a_killed_active_node_with_nothing_acknowledged_los
     let v = second.http().get_json("/healthz").await?;
     assert_eq!(v["role"], "active", "{v}");
     let metrics = second.http().get("/metrics").await?.body;
-    assert_eq!(metric(&metrics, "ferrata_tc_takeovers_total"), Some(1.0), "{metrics}");
-    assert_eq!(metric(&metrics, "ferrata_tc_active"), Some(1.0), "{metrics}");
+    assert_eq!(
+        metric(&metrics, r#"ferrata_tc_takeovers_total{area="whole"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, r#"ferrata_tc_active{area="whole"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
     let c = second.client().await?;
     assert!(begin(&c, 0).await?.starts_with("2-"), "the new node's XIDs are its own");
     check_every_state_kept(&c, &second.http(), &left).await?;
 
     // The killed node, started again as node 1, stands by behind the new active one.
     first.restart().await?;
-    let v = first.http().get("/healthz").await?.json();
-    assert_eq!(v["status"], "standby", "{v}");
+    let v = standby_health(&first).await?;
     assert_eq!(v["active"]["node"]["node_id"], 2, "{v}");
     Ok(())
 }

@@ -111,17 +111,20 @@ struct Lease {
     alive_until: Arc<Mutex<Instant>>,
     /// Cancelled once the lease may have run out.
     lost: CancellationToken,
+    /// The area it is for, for metrics.
+    area: Area,
 }
 
 impl Lease {
     /// No lease yet (id 0, which etcd never grants): as good as one that ran out.
-    fn none() -> Lease {
+    fn none(area: Area) -> Lease {
         let lost = CancellationToken::new();
         lost.cancel();
         Lease {
             id: 0,
             alive_until: Arc::new(Mutex::new(Instant::now())),
             lost,
+            area,
         }
     }
 
@@ -140,12 +143,18 @@ pub enum Area {
     /// The transactions of node id `n` and its id ceiling, under `ns/<n>/` (4 hex digits):
     /// one namespace of several serving nodes. Whoever owns it issues ids as node `n`.
     Namespace(u16),
+    /// `lock/`: its owner (`lock/owner`, [`StoredKey::LockLeader`]) is the cluster's lock
+    /// leader, and the key's create revision the lock epoch. It holds no records: the leader
+    /// reads every namespace ([`EtcdStore::load_namespaces`]).
+    LockLeader,
 }
 
 impl Area {
-    fn node_id(self) -> u16 {
+    /// The node id whose id ceiling it keeps (none for the lock leader's).
+    fn node_id(self) -> Option<u16> {
         match self {
-            Area::Whole { node_id } | Area::Namespace(node_id) => node_id,
+            Area::Whole { node_id } | Area::Namespace(node_id) => Some(node_id),
+            Area::LockLeader => None,
         }
     }
 
@@ -154,6 +163,18 @@ impl Area {
         match self {
             Area::Whole { .. } => String::new(),
             Area::Namespace(n) => format!("ns/{n:04x}/"),
+            Area::LockLeader => "lock/".to_owned(),
+        }
+    }
+}
+
+/// The `area` label of the store's metrics: `whole`, `ns/<n>` or `lock`.
+impl std::fmt::Display for Area {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Area::Whole { .. } => write!(f, "whole"),
+            Area::Namespace(n) => write!(f, "ns/{n:04x}"),
+            Area::LockLeader => write!(f, "lock"),
         }
     }
 }
@@ -181,24 +202,35 @@ impl EtcdStore {
         EtcdStore::open(settings, Area::Namespace(n))
     }
 
+    /// The lock leader's area (several serving nodes): owning it is leading, `acquire` is
+    /// the election.
+    pub fn connect_lock_leader(settings: &Settings) -> Result<EtcdStore, StoreError> {
+        EtcdStore::open(settings, Area::LockLeader)
+    }
+
+    /// The keys this store owns.
+    pub fn area(&self) -> Area {
+        self.area
+    }
+
     fn open(settings: &Settings, area: Area) -> Result<EtcdStore, StoreError> {
         metrics::describe_gauge!(
             "ferrata_tc_active",
-            "1 while this node owns the store and serves, 0 while it stands by (etcd store)"
+            "1 while this node owns the area of the etcd store (label area) and serves, 0 while it stands by"
         );
         metrics::describe_gauge!(
             "ferrata_tc_store_epoch",
-            "This node's epoch as owner of the etcd store, 0 before"
+            "This node's epoch as owner of the area of the etcd store (label area), 0 before"
         );
         metrics::describe_counter!(
             "ferrata_tc_takeovers_total",
-            "Times this node came to own the etcd store after another node had owned it"
+            "Times this node came to own the area of the etcd store (label area) after another node had owned it"
         );
         metrics::describe_counter!(
             "ferrata_tc_lease_lost_total",
-            "Times this node's etcd lease may have run out (an active node stops serving; a standby takes out another)"
+            "Times this node's etcd lease for an area (label area) may have run out (an owner stops; a standby takes out another)"
         );
-        metrics::gauge!("ferrata_tc_active").set(0.0);
+        metrics::gauge!("ferrata_tc_active", "area" => area.to_string()).set(0.0);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ferrata-etcd")
@@ -211,7 +243,7 @@ impl EtcdStore {
             runtime: Some(runtime),
             members,
             settings: settings.clone(),
-            lease: Mutex::new(Lease::none()),
+            lease: Mutex::new(Lease::none(area)),
             epoch: AtomicI64::new(0),
             area,
             ceiling: AtomicU64::new(0),
@@ -299,7 +331,7 @@ impl EtcdStore {
                     Ok(r) => r,
                     // The lease ran out in etcd before this node noticed: take out another.
                     Err(e) if e.to_string().contains("requested lease not found") => {
-                        lose(&lease.lost);
+                        lose(&lease);
                         continue;
                     }
                     Err(e) if e.retryable => {
@@ -347,7 +379,7 @@ impl EtcdStore {
         }
         // Past its sure time perhaps before `keep_alive` noticed: a campaign under it could
         // meet "lease not found".
-        lose(&lease.lost);
+        lose(&lease);
         let place = self.place();
         if lease.id != 0 {
             tracing::warn!(store = %place, "this standby's lease ran out; taking out a new one");
@@ -359,7 +391,7 @@ impl EtcdStore {
             }
         }
         let lease = tokio::select! {
-            lease = grant(&self.members, self.settings.lease_ttl(), &place) => lease?,
+            lease = grant(&self.members, self.settings.lease_ttl(), (&place, self.area)) => lease?,
             () = stop.cancelled() => return Ok(None),
         };
         *self.lease.lock() = lease.clone();
@@ -369,10 +401,13 @@ impl EtcdStore {
     /// This node owns the store from `epoch` on: reads its id ceiling and records it.
     async fn owned(&self, epoch: i64, took_over: bool) -> Result<i64, StoreError> {
         self.epoch.store(epoch, Ordering::Release);
-        self.ceiling.store(self.read_ceiling().await?, Ordering::Release);
-        metrics::gauge!("ferrata_tc_store_epoch").set(epoch as f64);
+        if let Some(node) = self.area.node_id() {
+            self.ceiling.store(self.read_ceiling(node).await?, Ordering::Release);
+        }
+        let area = self.area.to_string();
+        metrics::gauge!("ferrata_tc_store_epoch", "area" => area.clone()).set(epoch as f64);
         if took_over {
-            metrics::counter!("ferrata_tc_takeovers_total").increment(1);
+            metrics::counter!("ferrata_tc_takeovers_total", "area" => area).increment(1);
         }
         Ok(epoch)
     }
@@ -408,14 +443,12 @@ impl EtcdStore {
         }
     }
 
-    fn ceiling_key(&self) -> Vec<u8> {
-        self.stored(StoredKey::IdCeiling {
-            node: self.area.node_id(),
-        })
+    fn ceiling_key(&self, node: u16) -> Vec<u8> {
+        self.stored(StoredKey::IdCeiling { node })
     }
 
-    async fn read_ceiling(&self) -> Result<u64, StoreError> {
-        let key = self.ceiling_key();
+    async fn read_ceiling(&self, node: u16) -> Result<u64, StoreError> {
+        let key = self.ceiling_key(node);
         let response = self
             .retrying("read the id ceiling", |mut c| {
                 let key = key.clone();
@@ -428,7 +461,7 @@ impl EtcdStore {
                 StoreError(format!(
                     "store {}: {} is not a number",
                     self.place(),
-                    String::from_utf8_lossy(&self.ceiling_key())
+                    String::from_utf8_lossy(&self.ceiling_key(node))
                 ))
             }),
         }
@@ -586,7 +619,7 @@ impl EtcdStore {
                 leader.map_or("none".to_owned(), |kv| format!("epoch {}", kv.create_revision())),
             )));
         }
-        lose(&self.lost());
+        lose(&self.lease());
         Err(StoreError(match now {
             Some(kv) => format!(
                 "store {}: another node owns the store since revision {} ({}); this node (epoch {epoch}) writes \
@@ -634,17 +667,20 @@ impl EtcdStore {
                 branch: *branch_id,
             }))),
             Mutation::SetIdCeiling(new) => {
-                if crate::xid::node_of(*new) != self.area.node_id() {
+                let node = crate::xid::node_of(*new);
+                if self.area.node_id() != Some(node) {
+                    let this = self.area.node_id().map_or_else(
+                        || "and the lock leader's area issues no ids".to_owned(),
+                        |n| format!("not to this node {n}"),
+                    );
                     return Err(StoreError(format!(
-                        "store {}: the id ceiling {new} belongs to node {}, not to this node {}",
+                        "store {}: the id ceiling {new} belongs to node {node}, {this}",
                         self.place(),
-                        crate::xid::node_of(*new),
-                        self.area.node_id()
                     )));
                 }
                 if *new > *ceiling {
                     *ceiling = *new;
-                    ops.push(Op::Put(self.ceiling_key(), new.to_string().into_bytes()));
+                    ops.push(Op::Put(self.ceiling_key(node), new.to_string().into_bytes()));
                 }
             }
             Mutation::AppendAudit(r) => ops.push(Op::Put(self.stored(StoredKey::Audit(r.id)), encode(r)?)),
@@ -860,7 +896,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// Takes out a lease of `ttl` and starts keeping it alive; until etcd answers (a node
 /// started while etcd is out of reach waits for it).
-async fn grant(members: &Arc<Members>, ttl: Duration, place: &str) -> Result<Lease, StoreError> {
+async fn grant(members: &Arc<Members>, ttl: Duration, (place, area): (&str, Area)) -> Result<Lease, StoreError> {
     loop {
         let sent = Instant::now();
         let ttl_s = ttl.as_secs() as i64;
@@ -875,6 +911,7 @@ async fn grant(members: &Arc<Members>, ttl: Duration, place: &str) -> Result<Lea
                         sent + sure(Duration::from_secs(granted.ttl().max(0) as u64)),
                     )),
                     lost: CancellationToken::new(),
+                    area,
                 };
                 tokio::spawn(keep_alive(members.clone(), lease.clone(), ttl, place.to_owned()));
                 return Ok(lease);
@@ -897,11 +934,12 @@ async fn revoke(members: &Members, id: i64) -> Result<(), EtcdError> {
 }
 
 /// Marks the lease as lost (once).
-fn lose(lost: &CancellationToken) {
-    if !lost.is_cancelled() {
-        lost.cancel();
-        metrics::counter!("ferrata_tc_lease_lost_total").increment(1);
-        metrics::gauge!("ferrata_tc_active").set(0.0);
+fn lose(lease: &Lease) {
+    if !lease.lost.is_cancelled() {
+        lease.lost.cancel();
+        let area = lease.area.to_string();
+        metrics::counter!("ferrata_tc_lease_lost_total", "area" => area.clone()).increment(1);
+        metrics::gauge!("ferrata_tc_active", "area" => area).set(0.0);
     }
 }
 
@@ -917,17 +955,13 @@ async fn pause_or_lost(lost: &CancellationToken, delay: Duration) {
 /// change leaves most of the TTL to ride it out), moving `alive_until` on with each confirmed
 /// renewal, and cancels `lost` once `alive_until` has passed or etcd says the lease is gone.
 async fn keep_alive(members: Arc<Members>, lease: Lease, ttl: Duration, place: String) {
-    let Lease {
-        id: lease_id,
-        alive_until,
-        lost,
-    } = lease;
+    let (lease_id, alive_until, lost) = (lease.id, Arc::clone(&lease.alive_until), lease.lost.clone());
     let mut stream = None;
     loop {
         let deadline = *alive_until.lock();
         if Instant::now() >= deadline {
             tracing::error!(store = %place, "this node's etcd lease may have run out: no renewal was confirmed in time");
-            lose(&lost);
+            lose(&lease);
             return;
         }
         let sent = Instant::now();
@@ -957,7 +991,7 @@ async fn keep_alive(members: Arc<Members>, lease: Lease, ttl: Duration, place: S
             }
             Ok(Ok(_)) => {
                 tracing::error!(store = %place, "etcd says this node's lease has run out");
-                lose(&lost);
+                lose(&lease);
                 return;
             }
             Ok(Err((used, e))) => {
@@ -1028,7 +1062,7 @@ impl Store for EtcdStore {
                 // The journal writes nothing after a failure; another node may be able to,
                 // so this one gives up its ownership.
                 tracing::error!(error = %e, "the etcd store failed; this node gives up its ownership");
-                lose(&self.lost());
+                lose(&self.lease());
                 Err(e)
             }
         }
@@ -1126,7 +1160,13 @@ impl std::fmt::Display for StoredKey<'_> {
 
 /// Loads one stored key (without the prefix) into `loader`; of the id ceilings, only node
 /// `own_node`'s is this node's.
-fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str, own_node: u16) -> Result<(), StoreError> {
+fn load_key(
+    loader: &mut Loader<'_>,
+    key: &[u8],
+    value: &[u8],
+    place: &str,
+    own_node: Option<u16>,
+) -> Result<(), StoreError> {
     let unknown = || {
         StoreError(format!(
             "store {place}: cannot load: the key {:?} is not one this ferrata-tc writes (written by a newer one, or \
@@ -1144,7 +1184,7 @@ fn load_key(loader: &mut Loader<'_>, key: &[u8], value: &[u8], place: &str, own_
         StoredKey::Event { txn, index } => loader.event(txn, index, value),
         StoredKey::IdCeiling { node } => {
             let value = parse_ceiling(value).ok_or_else(unknown)?;
-            if node == own_node {
+            if Some(node) == own_node {
                 loader.id_ceiling(value);
             }
             Ok(())
@@ -1343,19 +1383,64 @@ mod tests {
     }
 
     #[test]
+    fn one_node_leads_the_locks_its_key_is_the_fence_and_another_takes_over_when_it_goes() {
+        let (_rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let first = EtcdStore::connect_lock_leader(&s).unwrap();
+        let epoch = first
+            .acquire("node 1", &CancellationToken::new(), &mut |_| {})
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.area().to_string(), "lock");
+        // Its key is the one registrations are fenced by.
+        let namespace = own_namespace(&s, 1);
+        let registration = |txn, epoch| {
+            vec![
+                Mutation::PutBranch(fixtures::branch(txn, 1)),
+                Mutation::LockFence { epoch },
+            ]
+        };
+        namespace.commit(&registration(1, epoch as u64)).unwrap();
+        // Another candidate meets the leader, with its description, and waits.
+        let second = Arc::new(EtcdStore::connect_lock_leader(&s).unwrap());
+        let (met_tx, met) = std::sync::mpsc::channel();
+        let campaign = {
+            let second = Arc::clone(&second);
+            std::thread::spawn(move || {
+                let mut waiting = |o: &Owner| {
+                    let _ = met_tx.send((o.description.clone(), o.epoch));
+                };
+                second.acquire("node 2", &CancellationToken::new(), &mut waiting)
+            })
+        };
+        assert_eq!(met.recv().unwrap(), ("node 1".to_owned(), epoch));
+        // The leader goes (its lease handed back): the other leads, with a later epoch.
+        drop(first);
+        let next = campaign.join().unwrap().unwrap().unwrap();
+        assert!(next > epoch, "{next} after {epoch}");
+        let e = namespace
+            .commit(&registration(2, epoch as u64))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no longer leads"), "{e}");
+    }
+
+    /// A store that owns namespace `n` of `s`.
+    fn own_namespace(s: &Settings, n: u16) -> EtcdStore {
+        let store = EtcdStore::connect_namespace(s, n).unwrap();
+        store
+            .acquire("node", &CancellationToken::new(), &mut |_| {})
+            .unwrap()
+            .unwrap();
+        store
+    }
+
+    #[test]
     fn a_lock_leader_reads_every_namespaces_transactions_and_branches() {
         let (_rt, cluster) = cluster(1);
         let s = settings(&cluster);
-        let own = |n| {
-            let store = EtcdStore::connect_namespace(&s, n).unwrap();
-            store
-                .acquire("node", &CancellationToken::new(), &mut |_| {})
-                .unwrap()
-                .unwrap();
-            store
-        };
         let txn = |node: u16, seq| (u64::from(node) << 48) | seq;
-        let (one, two) = (own(1), own(0xbeef));
+        let (one, two) = (own_namespace(&s, 1), own_namespace(&s, 0xbeef));
         commit(
             &one,
             vec![
