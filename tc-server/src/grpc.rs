@@ -223,7 +223,8 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
-                // 0: this node sends no guards (its cluster's lock leader does).
+                // 0: this node sends no guards: its locks are a cluster lock leader's, which
+                // confirms guards with the resource managers attached to its own node.
                 guard_lease_ms: coordinator
                     .at
                     .local()

@@ -280,9 +280,11 @@ impl LockLeader {
         tracing::info!(node, "a node's lock stream opened");
         loop {
             let next = tokio::select! {
-                next = calls.message() => next,
+                // Nothing more is applied once the stream or the leadership ended.
+                biased;
                 _ = stream.stop.cancelled() => break,
                 _ = self.stop.cancelled() => break,
+                next = calls.message() => next,
             };
             match next {
                 Ok(Some(pb::LockCall { id, call: Some(call) })) => {
@@ -335,6 +337,12 @@ impl pb::lock_authority_server::LockAuthority for LockService {
 
     async fn locks(&self, request: Request<Streaming<pb::LockCall>>) -> Result<Response<Self::LocksStream>, Status> {
         let leader = Arc::clone(&self.0);
+        if leader.stop.is_cancelled() {
+            return Err(ErrorCode::LockAuthorityUnavailable.status(
+                format!("this node no longer leads the locks (epoch {} ended)", leader.epoch),
+                None,
+            ));
+        }
         let mut calls = request.into_inner();
         let protocol = |m: &str| ErrorCode::RmProtocol.status(m.to_owned(), None);
         let (id, hello) = match tokio::time::timeout(leader.hello_within, calls.message()).await {

@@ -87,9 +87,9 @@ pub struct EtcdStore {
     lease: Mutex<Lease>,
     /// Create revision of the owner key this node made; 0 until it owns the store.
     epoch: AtomicI64,
-    /// The keys it owns; their node id is the one whose id ceiling it reads and writes.
+    /// The keys it owns; their node id (if any) is the one whose id ceiling it keeps.
     area: Area,
-    /// The highest id ceiling stored for `node_id`, so a lower one is never written.
+    /// The highest id ceiling stored for the area's node id, so a lower one is never written.
     ceiling: AtomicU64,
 }
 
@@ -406,6 +406,10 @@ impl EtcdStore {
         }
         let area = self.area.to_string();
         metrics::gauge!("ferrata_tc_store_epoch", "area" => area.clone()).set(epoch as f64);
+        // The whole store's owner is active once it has loaded it and serves (`server.rs`).
+        if !matches!(self.area, Area::Whole { .. }) {
+            metrics::gauge!("ferrata_tc_active", "area" => area.clone()).set(1.0);
+        }
         if took_over {
             metrics::counter!("ferrata_tc_takeovers_total", "area" => area).increment(1);
         }
@@ -1042,6 +1046,12 @@ impl Store for EtcdStore {
     fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
         if self.lost().is_cancelled() {
             return Err(self.lost_error());
+        }
+        if self.area == Area::LockLeader {
+            return Err(StoreError(format!(
+                "store {}: the lock leader's area holds no records; they go to a namespace",
+                self.place()
+            )));
         }
         let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
             self.runtime().block_on(async {
@@ -1719,9 +1729,10 @@ mod tests {
     #[test]
     fn the_owner_keeps_its_lease_and_writes_when_the_member_it_uses_dies() {
         let (rt, mut cluster) = cluster(3);
-        // Long enough to ride out an election, should the member that dies lead.
+        // Long enough to ride out an election, should the member that dies lead, on a
+        // machine busy with the other tests' clusters (only a failure waits for it).
         let s = Settings {
-            lease_ttl_s: 5,
+            lease_ttl_s: 10,
             ..settings(&cluster)
         };
         let store = owned(&s, "node");
