@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::guards::Table;
 use super::locks::Granted;
 use super::remote::RemoteAt;
-use super::{At, RowsFound};
+use super::{At, RowsFound, until_shutdown};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::metrics::Metrics;
@@ -81,12 +81,7 @@ impl LockAuthority {
             }
             LockAuthority::Remote(remote) => {
                 let guarded = remote.guard(txn, tables, deadline);
-                Box::pin(async move {
-                    tokio::select! {
-                        guarded = guarded => guarded,
-                        _ = shutdown.cancelled() => Err(TcError::shutting_down()),
-                    }
-                })
+                Box::pin(async move { until_shutdown(guarded, shutdown).await? })
             }
         }
     }
@@ -108,10 +103,9 @@ impl LockAuthority {
                 .await
                 .map(|granted| Grant { granted, epoch: 0 }),
             // Waits and refusals are counted where the queues are, at the leader.
-            LockAuthority::Remote(remote) => tokio::select! {
-                granted = remote.acquire(txn, branch, keys, wait.0) => granted,
-                _ = shutdown.cancelled() => Err(TcError::shutting_down()),
-            },
+            LockAuthority::Remote(remote) => {
+                until_shutdown(remote.acquire(txn, branch, keys, wait.0), shutdown).await?
+            }
         }
     }
 

@@ -116,10 +116,7 @@ impl At {
         shutdown: &CancellationToken,
     ) -> Result<(), TcError> {
         let deadline = deadline.max(Instant::now() + self.guards.lease());
-        tokio::select! {
-            guarded = self.guards.ensure(tables, deadline) => guarded,
-            _ = shutdown.cancelled() => Err(TcError::shutting_down()),
-        }
+        until_shutdown(self.guards.ensure(tables, deadline), shutdown).await?
     }
 
     /// Takes a branch's rows, waiting in the queues until `deadline` (`wait_ms` is how long
@@ -134,11 +131,7 @@ impl At {
         metrics: &Metrics,
         shutdown: &CancellationToken,
     ) -> Result<Granted, TcError> {
-        let acquired = tokio::select! {
-            acquired = self.locks.acquire(txn, branch, keys, deadline) => acquired,
-            _ = shutdown.cancelled() => return Err(TcError::shutting_down()),
-        };
-        match acquired {
+        match until_shutdown(self.locks.acquire(txn, branch, keys, deadline), shutdown).await? {
             Ok(granted) => {
                 if let Some(waited) = granted.waited {
                     metrics.lock_conflicts.increment(1);
@@ -251,6 +244,15 @@ pub fn lock_error(e: LockError, wait_ms: u64, m: &Metrics) -> TcError {
                 ),
             )
         }
+    }
+}
+
+/// What `work` gives, unless the coordinator shuts down first: dropped then (a waiting
+/// request leaves its queue), and answered `shutting_down` at once.
+pub async fn until_shutdown<T>(work: impl Future<Output = T>, shutdown: &CancellationToken) -> Result<T, TcError> {
+    tokio::select! {
+        done = work => Ok(done),
+        _ = shutdown.cancelled() => Err(TcError::shutting_down()),
     }
 }
 

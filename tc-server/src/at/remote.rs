@@ -1,6 +1,6 @@
-//! A node's end of the lock stream: its transactions' lock calls sent to the cluster's lock
-//! leader (`leader.rs` is the other end), on one stream that follows the leader as it
-//! changes. [`RemoteAt`] offers the calls; a driver task owns the stream.
+//! A coordinator's end of the lock stream: its transactions' lock calls sent to the
+//! cluster's lock leader (`lock_leader/` is the other end), on one stream that follows the
+//! leader as it changes. [`RemoteAt`] offers the calls; a driver task owns the stream.
 //!
 //! Invariants:
 //! - A release, rolling-back mark or forget is resent, in order, on every new stream until
@@ -36,11 +36,10 @@ use crate::store::journal::Journal;
 /// `None` while no node leads.
 pub type LeaderAddress = watch::Receiver<Option<ClientConfig>>;
 
-/// The lock calls of a node that does not hold the cluster's locks itself.
+/// A coordinator's lock calls, made at the cluster's lock leader.
 pub struct RemoteAt {
     next_id: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
-    epoch: watch::Receiver<u64>,
     /// Releases and forgets wait for what the coordinator submitted before them.
     after_durable: AfterDurable,
 }
@@ -62,12 +61,10 @@ impl RemoteAt {
     /// `stop` (or until `leader`'s sender is gone); releases wait for `journal`.
     pub fn start(node_id: u16, leader: LeaderAddress, journal: Journal, stop: CancellationToken) -> RemoteAt {
         let (commands, receiver) = mpsc::unbounded_channel();
-        let (epoch, epoch_rx) = watch::channel(0);
         let driver = Driver {
             node_id,
             commands: receiver,
             leader,
-            epoch,
             unapplied: VecDeque::new(),
             asked: HashMap::new(),
             abandoned: HashMap::new(),
@@ -81,34 +78,25 @@ impl RemoteAt {
         RemoteAt {
             next_id: AtomicU64::new(1 << 63),
             commands,
-            epoch: epoch_rx,
             after_durable: AfterDurable::start(journal),
         }
-    }
-
-    /// The epoch of the leader the stream is open to (0 before the first).
-    pub fn epoch(&self) -> u64 {
-        *self.epoch.borrow()
     }
 
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends `call` now; the answer is awaited from what this returns.
-    fn ask(&self, call: Call) -> Asked<'_> {
+    /// Sends `call` now (for an acquire, `acquiring` names the rows it asks for); the
+    /// answer is awaited from what this returns.
+    fn ask<'a>(&'a self, call: Call, acquiring: Option<Acquiring<'a>>) -> Asked<'a> {
         let id = self.id();
         let (reply, answer) = oneshot::channel();
-        let release = match &call {
-            Call::Acquire(a) => Some(release_of(a.clone())),
-            _ => None,
-        };
         let sent = self.commands.send(Command::Ask { id, call, reply }).is_ok();
         Asked {
             id,
             remote: self,
             answer: sent.then_some(answer),
-            release,
+            acquiring,
         }
     }
 
@@ -135,7 +123,7 @@ impl RemoteAt {
             keys: key_bytes(keys),
             wait_ms: ms_until(deadline),
         });
-        match self.ask(call).answer().await? {
+        match self.ask(call, Some((txn, branch, keys))).answer().await? {
             (Answer::Granted(g), epoch) => Ok(Grant {
                 granted: Granted {
                     waited: g.waited_us.map(Duration::from_micros),
@@ -154,7 +142,7 @@ impl RemoteAt {
             keys: key_bytes(keys),
             wait_ms: ms_until(deadline),
         });
-        match self.ask(call).answer().await? {
+        match self.ask(call, None).answer().await? {
             (Answer::Granted(_), _) => Ok(RowsFound::Free),
             (Answer::Held(held), _) => held
                 .rows
@@ -179,11 +167,14 @@ impl RemoteAt {
     /// Pins `tables` for `txn` at once (in the stream's order, before any later forget) and
     /// returns the wait until every resource manager guards them.
     pub fn guard(&self, txn: u64, tables: &[Table], deadline: Instant) -> impl Future<Output = Result<(), TcError>> {
-        let asked = self.ask(Call::Guard(pb::LockGuard {
-            txn,
-            tables: tables.iter().map(Table::to_pb).collect(),
-            wait_ms: ms_until(deadline),
-        }));
+        let asked = self.ask(
+            Call::Guard(pb::LockGuard {
+                txn,
+                tables: tables.iter().map(Table::to_pb).collect(),
+                wait_ms: ms_until(deadline),
+            }),
+            None,
+        );
         async move {
             match asked.answer().await? {
                 (Answer::Done(_), _) => Ok(()),
@@ -216,14 +207,17 @@ impl RemoteAt {
     }
 }
 
+/// An acquire's transaction, branch and rows.
+type Acquiring<'a> = (u64, u64, &'a [LockKey]);
+
 /// A call sent, its answer awaited.
 struct Asked<'a> {
     id: u64,
     remote: &'a RemoteAt,
     /// `None` if it could not be sent (the driver stopped), or once answered.
     answer: Option<oneshot::Receiver<Result<(Answer, u64), TcError>>>,
-    /// For an acquire: the release of its rows, should they be granted after all.
-    release: Option<Call>,
+    /// For an acquire: its rows, released should they be granted after all.
+    acquiring: Option<Acquiring<'a>>,
 }
 
 impl Asked<'_> {
@@ -247,8 +241,12 @@ impl Drop for Asked<'_> {
         answer.close();
         match answer.try_recv() {
             Ok(Ok((Answer::Granted(_), _))) => {
-                if let Some(release) = self.release.take() {
-                    self.remote.tell(release);
+                if let Some((txn, branch, keys)) = self.acquiring {
+                    self.remote.tell(Call::Release(pb::LockRelease {
+                        txn,
+                        branch,
+                        keys: key_bytes(keys),
+                    }));
                 }
             }
             Ok(_) => {}
@@ -280,7 +278,7 @@ fn refusal(answer: Answer) -> TcError {
         Answer::Refused(r) => TcError {
             holder: (!r.holder.is_empty()).then_some(r.holder),
             ..TcError::new(
-                ErrorCode::parse(&r.code).unwrap_or(ErrorCode::LockAuthorityUnavailable),
+                ErrorCode::parse(&r.ferrata_code).unwrap_or(ErrorCode::LockAuthorityUnavailable),
                 r.message,
             )
         },
@@ -295,11 +293,11 @@ struct Driver {
     node_id: u16,
     commands: mpsc::UnboundedReceiver<Command>,
     leader: LeaderAddress,
-    epoch: watch::Sender<u64>,
     /// Changes sent and not answered yet, in the order sent.
     unapplied: VecDeque<(u64, Call)>,
-    /// Calls waiting for their answer on the current stream.
-    asked: HashMap<u64, (Call, Reply)>,
+    /// Calls waiting for their answer on the current stream (with an acquire's request,
+    /// whose rows are released should the answer be lost).
+    asked: HashMap<u64, (Option<pb::LockAcquire>, Reply)>,
     /// Acquires whose caller went away before their answer: a grant is released.
     abandoned: HashMap<u64, pb::LockAcquire>,
     next_id: u64,
@@ -327,7 +325,6 @@ impl Driver {
             match self.open(&config).await {
                 Ok(stream) => {
                     tracing::info!(leader = config.endpoint, epoch = stream.epoch, "lock stream open");
-                    self.epoch.send_replace(stream.epoch);
                     if !self.serve(stream, &config).await {
                         return;
                     }
@@ -451,16 +448,20 @@ impl Driver {
         };
         match command {
             Command::Ask { id, call, reply } => {
-                send(id, call.clone());
-                self.asked.insert(id, (call, reply));
+                let acquire = match &call {
+                    Call::Acquire(a) => Some(a.clone()),
+                    _ => None,
+                };
+                send(id, call);
+                self.asked.insert(id, (acquire, reply));
             }
             Command::Tell { id, call } => {
                 send(id, call.clone());
                 self.unapplied.push_back((id, call));
             }
             Command::GiveUp(id) => {
-                if let Some((call, _)) = self.asked.remove(&id) {
-                    if let Call::Acquire(acquire) = call {
+                if let Some((acquire, _)) = self.asked.remove(&id) {
+                    if let Some(acquire) = acquire {
                         self.abandoned.insert(id, acquire);
                     }
                     send(id, Call::Cancel(id));
@@ -477,25 +478,21 @@ impl Driver {
             return;
         }
         let granted = matches!(answer, Answer::Granted(_));
-        let lost_grant = if let Some((call, reply)) = self.asked.remove(&id) {
-            match reply.send(Ok((answer, stream.epoch))) {
-                Ok(()) => None,
-                Err(_) => match call {
-                    Call::Acquire(acquire) if granted => Some(acquire),
-                    _ => None,
-                },
-            }
+        let lost_grant = if let Some((acquire, reply)) = self.asked.remove(&id) {
+            // Sent to a caller who already left: nobody learns of the grant.
+            reply.send(Ok((answer, stream.epoch))).err().and(acquire)
         } else {
-            self.abandoned.remove(&id).filter(|_| granted)
+            self.abandoned.remove(&id)
         };
-        if let Some(acquire) = lost_grant {
+        if let Some(acquire) = lost_grant.filter(|_| granted) {
             let id = self.id();
-            let call = release_of(acquire);
-            let _ = stream.calls.send(pb::LockCall {
-                id,
-                call: Some(call.clone()),
-            });
-            self.unapplied.push_back((id, call));
+            self.send(
+                stream,
+                Command::Tell {
+                    id,
+                    call: release_of(acquire),
+                },
+            );
         }
     }
 
@@ -503,13 +500,11 @@ impl Driver {
     /// granted is released on the next stream.
     fn broken(&mut self) {
         let mut releases = Vec::new();
-        for (_, (call, reply)) in self.asked.drain() {
+        for (_, (acquire, reply)) in self.asked.drain() {
             let _ = reply.send(Err(unavailable(
                 "the lock stream to the leader broke while the call waited",
             )));
-            if let Call::Acquire(acquire) = call {
-                releases.push(release_of(acquire));
-            }
+            releases.extend(acquire.map(release_of));
         }
         releases.extend(self.abandoned.drain().map(|(_, acquire)| release_of(acquire)));
         for call in releases {

@@ -114,10 +114,6 @@ impl LockLeader {
         &self.tokens
     }
 
-    fn at(&self) -> &At {
-        &self.at
-    }
-
     /// The wait a caller asked for, within this node's own limit.
     fn wait(&self, wait_ms: u64) -> (Instant, u64) {
         let ms = wait_ms.min(self.max_lock_wait_ms);
@@ -148,10 +144,10 @@ impl LockLeader {
                     };
                     self.spawn(stream, &mut state, (id, answers), Some(Box::new(undo)), async move {
                         let granted = this
-                            .at()
+                            .at
                             .acquire(a.txn, a.branch, &keys, wait, &this.metrics, &this.stop)
                             .await;
-                        this.at().count_held(&this.metrics);
+                        this.at.count_held(&this.metrics);
                         match granted {
                             Ok(g) => Answer::Granted(pb::LockGranted {
                                 waited_us: g.waited.map(|w| w.as_micros() as u64),
@@ -178,7 +174,7 @@ impl LockLeader {
                     let (this, wait) = (Arc::clone(self), self.wait(q.wait_ms));
                     self.spawn(stream, &mut state, (id, answers), None, async move {
                         let txn = (q.txn != 0).then_some(q.txn);
-                        match this.at().query(txn, &keys, wait, &this.metrics).await {
+                        match this.at.query(txn, &keys, wait, &this.metrics).await {
                             Ok(RowsFound::Free) => Answer::Granted(pb::LockGranted::default()),
                             Ok(RowsFound::Held(rows)) => Answer::Held(pb::LockHeldRows {
                                 rows: rows.into_iter().map(crate::at::held_row_pb).collect(),
@@ -191,10 +187,10 @@ impl LockLeader {
             Call::Guard(g) => {
                 let tables: Vec<Table> = g.tables.iter().map(Table::from_pb).collect();
                 // Pinned now, in the stream's order: a later forget unpins them.
-                self.at().guards.pin(g.txn, &tables);
+                self.at.guards.pin(g.txn, &tables);
                 let (this, (deadline, _)) = (Arc::clone(self), self.wait(g.wait_ms));
                 self.spawn(stream, &mut state, (id, answers), None, async move {
-                    match this.at().guard(&tables, deadline, &this.stop).await {
+                    match this.at.guard(&tables, deadline, &this.stop).await {
                         Ok(()) => Answer::Done(true),
                         Err(e) => refused(&e),
                     }
@@ -204,19 +200,19 @@ impl LockLeader {
                 // Keys that do not decode were never granted: nothing of them is held.
                 let keys: Vec<LockKey> = r.keys.iter().filter_map(|k| LockKey::from_bytes(k)).collect();
                 match r.branch {
-                    0 => self.at().locks.release_txn(r.txn, &keys),
-                    branch => self.at().locks.release_branch(r.txn, branch, &keys),
+                    0 => self.at.locks.release_txn(r.txn, &keys),
+                    branch => self.at.locks.release_branch(r.txn, branch, &keys),
                 }
-                self.at().count_held(&self.metrics);
+                self.at.count_held(&self.metrics);
                 answer(Answer::Done(true));
             }
             Call::RollingBack(txn) => {
-                self.at().locks.set_rolling_back(txn);
+                self.at.locks.set_rolling_back(txn);
                 answer(Answer::Done(true));
             }
             Call::Forget(f) => {
                 let tables: std::collections::BTreeSet<Table> = f.tables.iter().map(Table::from_pb).collect();
-                self.at().forget(f.txn, &tables);
+                self.at.forget(f.txn, &tables);
                 answer(Answer::Done(true));
             }
         }
@@ -321,11 +317,7 @@ fn keys(raw: &[Vec<u8>]) -> Result<Vec<LockKey>, TcError> {
 }
 
 fn refused(e: &TcError) -> Answer {
-    Answer::Refused(pb::LockRefused {
-        code: e.code.as_str().to_owned(),
-        message: e.message.clone(),
-        holder: e.holder.clone().unwrap_or_default(),
-    })
+    Answer::Refused(pb::CallError::of(&e.to_status()))
 }
 
 /// The service, shared by the server's connections.

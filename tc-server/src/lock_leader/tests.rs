@@ -12,10 +12,12 @@ use ferrata_rpc::process::Secret;
 use ferrata_rpc::{ErrorCode, pb};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::at::Grant;
 use crate::at::remote::{LeaderAddress, REOPEN_AFTER, RemoteAt};
 use crate::calls::Caller;
 use crate::coordinator::Coordinator;
@@ -211,21 +213,31 @@ fn soon() -> Instant {
     Instant::now() + LONG
 }
 
+/// Node `node` acquires `row` for `(txn, branch)` in a task of its own.
+fn acquire_in_background(
+    node: &Arc<Node>,
+    (txn, branch): (u64, u64),
+    row: &LockKey,
+) -> JoinHandle<Result<Grant, TcError>> {
+    let (node, row) = (Arc::clone(node), row.clone());
+    tokio::spawn(async move { node.acquire(txn, branch, &[row], soon()).await })
+}
+
+/// `coordinator` registers a branch of `xid` on row `pk`, waiting for it, in a task of its own.
+fn register_in_background(coordinator: &Follower, xid: &str, pk: &str) -> JoinHandle<Result<u64, TcError>> {
+    let (coordinator, request) = (Arc::clone(&coordinator.coordinator), register_row(xid, pk, 20_000));
+    tokio::spawn(async move { coordinator.register(request).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_wait_in_the_leaders_fifo_queue_and_are_granted_in_order() {
     let leader = Leader::start().await;
     let (b, c) = (Arc::new(leader.node(2, TOKEN)), Arc::new(leader.node(3, TOKEN)));
     let r = row("1");
     leader.acquire(1, 10, std::slice::from_ref(&r)).await;
-    let second = tokio::spawn({
-        let (b, r) = (Arc::clone(&b), r.clone());
-        async move { b.acquire(2, 20, &[r], soon()).await }
-    });
+    let second = acquire_in_background(&b, (2, 20), &r);
     leader.wait_row(&r, Some(1), &[2]).await;
-    let third = tokio::spawn({
-        let (c, r) = (Arc::clone(&c), r.clone());
-        async move { c.acquire(3, 30, &[r], soon()).await }
-    });
+    let third = acquire_in_background(&c, (3, 30), &r);
     leader.wait_row(&r, Some(1), &[2, 3]).await;
 
     leader.at.locks.release_txn(1, std::slice::from_ref(&r));
@@ -364,10 +376,7 @@ async fn an_acquire_given_up_by_its_caller_leaves_the_queue() {
     let b = Arc::new(leader.node(2, TOKEN));
     let r = row("1");
     leader.acquire(1, 10, std::slice::from_ref(&r)).await;
-    let waiting = tokio::spawn({
-        let (b, r) = (Arc::clone(&b), r.clone());
-        async move { b.acquire(2, 20, &[r], soon()).await }
-    });
+    let waiting = acquire_in_background(&b, (2, 20), &r);
     leader.wait_row(&r, Some(1), &[2]).await;
     waiting.abort();
     leader.wait_row(&r, Some(1), &[]).await;
@@ -447,10 +456,7 @@ async fn coordinators_on_two_nodes_share_the_leaders_rows() {
     a.register(register_row(&t1, "1", 0)).await.unwrap();
     let t2 = b.begin(60_000, String::new()).await.unwrap();
     let t2_id = crate::xid::parse_xid(&t2).unwrap();
-    let waiting = tokio::spawn({
-        let (b, t2) = (Arc::clone(&b.coordinator), t2.clone());
-        async move { b.register(register_row(&t2, "1", 20_000)).await }
-    });
+    let waiting = register_in_background(&b, &t2, "1");
     leader
         .wait_row(&r, Some(crate::xid::parse_xid(&t1).unwrap()), &[t2_id])
         .await;
@@ -524,10 +530,7 @@ async fn rows_pass_to_another_node_only_once_durable(how: LetGo) {
     let t1 = a.begin(60_000, String::new()).await.unwrap();
     let branch = a.register(register_row(&t1, "1", 0)).await.unwrap();
     let t2 = b.begin(60_000, String::new()).await.unwrap();
-    let waiting = tokio::spawn({
-        let (b, t2) = (Arc::clone(&b.coordinator), t2.clone());
-        async move { b.register(register_row(&t2, "1", 20_000)).await }
-    });
+    let waiting = register_in_background(&b, &t2, "1");
     let (t1_id, t2_id) = (crate::xid::parse_xid(&t1).unwrap(), crate::xid::parse_xid(&t2).unwrap());
     leader.wait_row(&r, Some(t1_id), &[t2_id]).await;
 
