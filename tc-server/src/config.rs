@@ -78,6 +78,25 @@ pub struct Etcd {
     pub password_file: Option<PathBuf>,
     /// TLS to etcd (`https://` endpoints).
     pub tls: Option<EtcdTls>,
+    /// How the nodes sharing the store work together: `active_standby` (one serves, the
+    /// others wait to take over) or `serving` (every node serves its own namespace of XIDs,
+    /// and one of them, elected, holds the cluster's locks).
+    pub mode: HaMode,
+    /// With `serving` and TLS: the PEM CA the nodes verify each other's gRPC certificates
+    /// with (the lock stream); defaults to this node's own certificate, which suits one
+    /// certificate shared by the cluster's nodes.
+    pub peer_ca: Option<PathBuf>,
+}
+
+/// How the nodes sharing an etcd store work together (README, "High availability").
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HaMode {
+    /// One node serves; the others stand by and take over when its lease runs out.
+    #[default]
+    ActiveStandby,
+    /// Every node serves the transactions it began; one elected node holds every lock.
+    Serving,
 }
 
 /// TLS to etcd: the CA that signed its members' certificates, and this node's client
@@ -108,6 +127,8 @@ impl Default for Etcd {
             password: None,
             password_file: None,
             tls: None,
+            mode: HaMode::ActiveStandby,
+            peer_ca: None,
         }
     }
 }
@@ -115,6 +136,11 @@ impl Default for Etcd {
 impl Etcd {
     pub fn enabled(&self) -> bool {
         !self.endpoints.is_empty()
+    }
+
+    /// Several serving nodes (step 2 of HA).
+    pub fn serving(&self) -> bool {
+        self.enabled() && self.mode == HaMode::Serving
     }
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl_s)
@@ -530,6 +556,10 @@ pub struct Flags {
     /// several nodes share it, one serving and the others standing by.
     #[arg(long, value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
+    /// With --etcd: active-standby (one node serves) or serving (every node serves)
+    /// [default: active-standby].
+    #[arg(long, value_enum)]
+    pub etcd_mode: Option<HaMode>,
 }
 
 impl Flags {
@@ -562,6 +592,9 @@ impl Flags {
         }
         if let Some(v) = self.etcd {
             config.etcd.endpoints = v;
+        }
+        if let Some(v) = self.etcd_mode {
+            config.etcd.mode = v;
         }
         config.log.apply_flags(self.log_level, self.log_format)?;
         config.resolve_token_file()?;

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::at::guards::Table;
-use crate::at::remote::{LeaderAddress, RemoteAt};
+use crate::at::remote::{Leadership, RemoteAt};
 use crate::at::{At, LockAuthority, RowsFound};
 use crate::audit::Audit;
 use crate::auth::Tokens;
@@ -231,7 +231,7 @@ impl Coordinator {
         journal: Journal,
         snapshot: Snapshot,
         caller: Caller,
-        lock_leader: Option<LeaderAddress>,
+        lock_leader: Option<Leadership>,
     ) -> Result<Arc<Coordinator>, StoreError> {
         // An id is leased durably before a coordinator serves anything: a store without one
         // never had a coordinator whose guard set a resource manager could still trust.
@@ -1577,7 +1577,7 @@ mod tests {
         // The decision's write is in the store; t2 gets row 1 in memory meanwhile.
         while !tc
             .at
-            .local()
+            .held_here()
             .unwrap()
             .locks
             .held_rows(&|_| true, 10)

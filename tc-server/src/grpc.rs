@@ -18,6 +18,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::at::guards::TableGuards;
 use crate::auth::{Permission, Tokens};
 use crate::calls::branch::Payload;
 use crate::coordinator::Coordinator;
@@ -26,7 +27,7 @@ use crate::grpc_calls::{
     RESOURCE, TRANSACT, authorize, branch_register, branch_report, global_begin, global_commit, global_rollback,
     guard_tables, lock_query, outcome_pb, status,
 };
-use crate::lock_leader::{LockLeader, LockService};
+use crate::lock_leader::{LeaderSlot, LockService};
 use crate::msg::MsgBranch;
 
 /// The interceptor that refuses calls without a token whose role grants the service's
@@ -73,13 +74,13 @@ pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (Tm
 
 pub type LockServer = InterceptedService<LockAuthorityServer<LockService>, TokenCheck>;
 
-/// The lock authority's service for the other nodes of a cluster, behind the token check
-/// (the cluster's root token).
-pub fn lock_service(leader: &Arc<LockLeader>, max_message_bytes: usize) -> LockServer {
+/// The lock authority's service for the nodes of a cluster, served by whichever leader
+/// `slot` holds, behind the token check (the cluster's root token, of `tokens`).
+pub fn lock_service(slot: &Arc<LeaderSlot>, tokens: Arc<Tokens>, max_message_bytes: usize) -> LockServer {
     InterceptedService::new(
-        LockAuthorityServer::new(LockService(Arc::clone(leader))).max_decoding_message_size(max_message_bytes),
+        LockAuthorityServer::new(LockService(Arc::clone(slot))).max_decoding_message_size(max_message_bytes),
         TokenCheck {
-            tokens: Arc::clone(leader.tokens()),
+            tokens,
             need: Permission::Node,
             what: "act as a node of the coordinator cluster",
         },
@@ -220,15 +221,17 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             return Err(protocol("Hello must not name an empty resource id"));
         }
         let (tx, rx) = mpsc::channel(1024);
+        // The stream runs the guard protocol for the locks this node holds; when that
+        // changes (the node begins or stops leading a cluster's locks) it ends, and the
+        // resource manager attaches again to learn the new guard set.
+        let (held, held_changed) = coordinator.at.held_here_until_changed();
+        let guards = held.map(|at| Arc::clone(&at.guards));
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
                 heartbeat_interval_ms: interval.as_millis() as u64,
                 // 0: this node sends no guards: its locks are a cluster lock leader's, which
                 // confirms guards with the resource managers attached to its own node.
-                guard_lease_ms: coordinator
-                    .at
-                    .local()
-                    .map_or(0, |at| at.guards.lease().as_millis() as u64),
+                guard_lease_ms: guards.as_ref().map_or(0, |g| g.lease().as_millis() as u64),
                 max_call_bytes: coordinator.config.max_message_bytes() as u64,
             })),
         };
@@ -244,11 +247,26 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         tokio::spawn(async move {
             // In this task, which nothing cancels: once registered, the connection is
             // detached below whatever happens. A closed stream fails here and ends below.
-            let guards = coordinator.at.local().map(|at| Arc::clone(&at.guards));
             if let Some(guards) = &guards {
                 guards.attach(&conn).await;
             }
-            let reason = serve_stream(&coordinator, &conn, authorization, &mut inbound, &tx, interval, silence).await;
+            let stream = Stream {
+                conn: &conn,
+                guards: guards.as_ref(),
+                authorization,
+                tx: &tx,
+            };
+            let reason = tokio::select! {
+                reason = serve_stream(&coordinator, stream, &mut inbound, interval, silence) => reason,
+                () = held_changed => {
+                    let e = ErrorCode::LockAuthorityUnavailable.status(
+                        "this node began or stopped leading the cluster's locks: attach again for its guard set",
+                        None,
+                    );
+                    let _ = tx.send(Err(e)).await;
+                    "the locks held here changed"
+                }
+            };
             if let Some(guards) = &guards {
                 guards.detach(&conn);
             }
@@ -269,15 +287,28 @@ const MAX_CALLS_IN_FLIGHT: usize = 65_536;
 /// How long a stream's running calls may take to finish when the coordinator stops.
 const CALL_DRAIN: Duration = Duration::from_secs(5);
 
+/// An attached stream, as its serving loop knows it.
+struct Stream<'a> {
+    conn: &'a Arc<crate::rm::RmConnection>,
+    /// The guards it was told of in its Welcome, if any.
+    guards: Option<&'a Arc<TableGuards>>,
+    /// The stream's token, checked again for each call made on it.
+    authorization: Option<Arc<str>>,
+    tx: &'a mpsc::Sender<Result<pb::TcMessage, Status>>,
+}
+
 /// Runs one attached stream until it ends; returns why it ended. Calls still running when
 /// it ends otherwise than by the coordinator's shutdown are cancelled, as unary calls are when
 /// their connection breaks.
 async fn serve_stream(
     coordinator: &Arc<Coordinator>,
-    conn: &Arc<crate::rm::RmConnection>,
-    authorization: Option<Arc<str>>,
+    Stream {
+        conn,
+        guards,
+        authorization,
+        tx,
+    }: Stream<'_>,
     inbound: &mut Streaming<pb::RmMessage>,
-    tx: &mpsc::Sender<Result<pb::TcMessage, Status>>,
     interval: Duration,
     silence: Duration,
 ) -> &'static str {
@@ -335,15 +366,15 @@ async fn serve_stream(
                         }
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::GuardAck(ack)) })) => {
-                        let Some(at) = coordinator.at.local() else {
+                        let Some(guards) = guards else {
                             let _ = tx.send(Err(ErrorCode::RmProtocol.status("GuardAck to a node that sends no guards", None))).await;
                             return "protocol error";
                         };
-                        if ack.seq > at.guards.seq() {
+                        if ack.seq > guards.seq() {
                             let _ = tx.send(Err(ErrorCode::RmProtocol.status(format!("GuardAck for update {} that was never sent", ack.seq), None))).await;
                             return "protocol error";
                         }
-                        at.guards.acked(conn, ack.seq);
+                        guards.acked(conn, ack.seq);
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Announce(a)) })) => {
                         if a.resource_ids.iter().any(|r| r.is_empty()) {

@@ -1130,8 +1130,8 @@ async fn locks(
 
 /// The locks, if this node holds them; with several serving nodes only the lock leader
 /// can list them.
-fn held_here(api: &Api) -> Result<&Arc<At>, TcError> {
-    api.coordinator.at.local().ok_or_else(|| {
+fn held_here(api: &Api) -> Result<Arc<At>, TcError> {
+    api.coordinator.at.held_here().ok_or_else(|| {
         TcError::new(
             ErrorCode::LockAuthorityUnavailable,
             "this node's locks are held by the cluster's lock leader: ask that node",
@@ -1286,14 +1286,30 @@ async fn healthz(State(api): State<Api>) -> Response {
     let body = |status: &str, reason: Option<String>| {
         json!({
             "status": status,
-            // One node on its own store, or the active one of several sharing etcd.
-            "role": if c.config.etcd.enabled() { "active" } else { "single" },
+            // One node on its own store, the active one of several sharing etcd, or one of
+            // several serving nodes.
+            "role": if c.config.etcd.serving() {
+                "serving"
+            } else if c.config.etcd.enabled() {
+                "active"
+            } else {
+                "single"
+            },
+            // Several serving nodes: whether this node leads the cluster's locks, and where the
+            // node that does is reached (null while none is known).
+            "lock_leader": match &c.at {
+                crate::at::LockAuthority::Remote(remote) => json!({
+                    "this_node": remote.leadership.here.borrow().is_some(),
+                    "endpoint": remote.leadership.address.borrow().as_ref().map(|a| a.endpoint.clone()),
+                }),
+                crate::at::LockAuthority::Local(_) => Value::Null,
+            },
             "version": env!("CARGO_PKG_VERSION"),
             "reason": reason,
             "transactions": c.sessions.read().len(),
             "resource_managers": c.rms.connected(),
             // With several serving nodes, the lock leader's count.
-            "locks_held": c.at.local().map(|at| at.locks.held_count()),
+            "locks_held": c.at.held_here().map(|at| at.locks.held_count()),
         })
     };
     if let Some(cause) = c.store_failure() {

@@ -14,7 +14,8 @@
 //!   two APIs, `dtm` DTM's API on the same model, `console` the web console's assets,
 //!   `lock_leader` the lock authority's service for the other nodes of a cluster
 //! - `server` start and stop, `standby` what a node sharing an etcd store answers while
-//!   another owns it, `cli` the binary
+//!   another owns it, `serving` a serving node's campaign to lead the cluster's locks,
+//!   `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
 pub mod audit;
@@ -51,6 +52,7 @@ pub mod sagas;
 
 pub mod cli;
 pub mod server;
+pub mod serving;
 pub mod standby;
 
 pub use config::Config;

@@ -127,7 +127,7 @@ impl Coordinator {
     pub fn start_background(self: &Arc<Self>) {
         self.tasks.spawn(Arc::clone(self).timeout_loop());
         self.tasks.spawn(Arc::clone(self).commit_loop());
-        if let Some(at) = self.at.local() {
+        if let crate::at::LockAuthority::Local(at) = &self.at {
             self.tasks
                 .spawn(Arc::clone(&at.guards).release_loop(self.shutdown.clone()));
         }

@@ -6,6 +6,9 @@
 //! With the etcd store, a node first stands by (`standby.rs`) until it owns the store, then
 //! loads it and serves as a restarted coordinator would. If it loses its lease it stops at
 //! once, with an error: it answers nothing more, since another node may already be active.
+//! With several serving nodes, the store it owns so is its namespace of XIDs, and it
+//! campaigns to lead the cluster's locks meanwhile (`serving.rs`); losing either lease
+//! stops it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,9 +24,12 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::at::remote::Leadership;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
-use crate::grpc::services;
+use crate::grpc::{lock_service, services};
+use crate::lock_leader::LeaderSlot;
+use crate::serving::Campaign;
 use crate::standby::{NodeDescription, Standby};
 use crate::store::etcd::EtcdStore;
 use crate::store::journal::Journal;
@@ -46,6 +52,12 @@ enum Backing {
     },
     /// The etcd store, connected: the node stands by until it owns it.
     Shared(Arc<EtcdStore>),
+    /// Several serving nodes: the node's namespace of the etcd store, which it waits to own
+    /// as `Shared`, and the lock leader's area it campaigns for.
+    Serving {
+        namespace: Arc<EtcdStore>,
+        locks: Arc<EtcdStore>,
+    },
 }
 
 impl Server {
@@ -53,6 +65,12 @@ impl Server {
     /// fails early on anything that cannot work.
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
+        // Checked here, once the flags and the environment are applied.
+        anyhow::ensure!(
+            !config.etcd.serving() || config.token.is_some(),
+            "etcd.mode = \"serving\" needs the root token (token, token_file or FERRATA_TC_TOKEN): the nodes open \
+             each other's lock stream with it"
+        );
         // Before anything records: the etcd store does from its start.
         ferrata_rpc::process::prometheus();
         if let Some(tls) = &config.tls {
@@ -65,7 +83,21 @@ impl Server {
         let http = TcpListener::bind(config.http)
             .await
             .with_context(|| format!("listening on {} (http)", config.http))?;
-        let backing = if config.etcd.enabled() {
+        let backing = if config.etcd.serving() {
+            let settings = config.etcd.clone();
+            let node_id = config.node_id;
+            let (namespace, locks) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((
+                    EtcdStore::connect_namespace(&settings, node_id)?,
+                    EtcdStore::connect_lock_leader(&settings)?,
+                ))
+            })
+            .await??;
+            Backing::Serving {
+                namespace: Arc::new(namespace),
+                locks: Arc::new(locks),
+            }
+        } else if config.etcd.enabled() {
             let settings = config.etcd.clone();
             let node_id = config.node_id;
             let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&settings, node_id)).await??;
@@ -73,7 +105,7 @@ impl Server {
         } else {
             let store = LoggedStore::open(&config.data_dir, wal::Settings::default())?;
             let snapshot = store.load()?;
-            let (coordinator, journal) = restore(&config, Arc::new(store), snapshot).await?;
+            let (coordinator, journal) = restore(&config, Arc::new(store), snapshot, None).await?;
             Backing::Ready { coordinator, journal }
         };
         Ok(Server {
@@ -107,30 +139,44 @@ impl Server {
         let app = Switch::default();
         let http_server = tokio::spawn(serve_http(http, app.clone(), config.tls.clone(), serving.clone()));
 
+        let me = NodeDescription {
+            node_id: config.node_id,
+            rpc: config.advertised_rpc(rpc_addr),
+            http: config.advertised_http(http_addr),
+        };
+        let owning = |store| Owning {
+            store,
+            me: me.clone(),
+            bound: (rpc_addr, http_addr),
+            app: app.clone(),
+            stop: stop.clone(),
+        };
+        // The cluster's lock leader this node runs while it leads (several serving nodes).
+        let slot = Arc::new(LeaderSlot::default());
+        // Its campaign for that: `Err` when it led and lost the lead.
+        let mut campaign = None;
         let (coordinator, journal, lost, rpc) = match backing {
             Backing::Ready { coordinator, journal } => (coordinator, journal, CancellationToken::new(), rpc),
             Backing::Shared(store) => {
-                let standby = Standby::default();
-                app.set(standby.router());
-                let me = NodeDescription {
-                    node_id: config.node_id,
-                    rpc: config.advertised_rpc(rpc_addr),
-                    http: config.advertised_http(http_addr),
-                };
-                // Closed while standing by: a proxy's connection is refused at once and it
-                // tries its next endpoint. Bound again on the same address when active.
+                // Closed while standing by, bound again when active (`Owning::take_over`).
                 drop(rpc);
-                let Some(snapshot) = own(store.clone(), me, (rpc_addr, http_addr), standby, stop.clone()).await? else {
-                    tracing::info!("stopped while standing by");
-                    return http_server.await.context("the HTTP server panicked")?;
-                };
-                let rpc = TcpListener::bind(rpc_addr)
-                    .await
-                    .with_context(|| format!("listening on {rpc_addr} (listen) again, now active"))?;
-                let (lost, area) = (store.lost(), store.area().to_string());
-                let (coordinator, journal) = restore(&config, store as Arc<dyn Store>, snapshot).await?;
-                metrics::gauge!("ferrata_tc_active", "area" => area).set(1.0);
-                (coordinator, journal, lost, rpc)
+                match owning(store).take_over(&config, None).await? {
+                    Some(owned) => owned,
+                    None => return http_server.await.context("the HTTP server panicked")?,
+                }
+            }
+            Backing::Serving { namespace, locks } => {
+                drop(rpc);
+                let (run, leadership) = Campaign::new(locks, me.clone(), config.clone(), Arc::clone(&slot));
+                match owning(namespace).take_over(&config, Some(leadership)).await? {
+                    Some(owned) => {
+                        // The leader's guards are confirmed by the resource managers attached
+                        // here, to the coordinator.
+                        campaign = Some(tokio::spawn(run.run(Arc::clone(&owned.0.rms), serving.clone())));
+                        owned
+                    }
+                    None => return http_server.await.context("the HTTP server panicked")?,
+                }
             }
         };
         app.set(crate::http::router(Arc::clone(&coordinator)));
@@ -148,11 +194,19 @@ impl Server {
                 )
                 .context("setting up TLS for gRPC")?;
         }
-        let grpc = builder.add_service(tm).add_service(rm).serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
-            tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
-            serving.clone().cancelled_owned(),
-        );
+        // Offered by every serving node: it refuses streams while the node does not lead.
+        let locks = campaign
+            .is_some()
+            .then(|| lock_service(&slot, Arc::clone(&coordinator.tokens), config.max_message_bytes()));
+        let grpc = builder
+            .add_service(tm)
+            .add_service(rm)
+            .add_optional_service(locks)
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, small responses wait for delayed ACKs (40 ms tails).
+                tonic::transport::server::TcpIncoming::from(rpc).with_nodelay(Some(true)),
+                serving.clone().cancelled_owned(),
+            );
 
         let drain = async {
             stop.cancelled().await;
@@ -164,6 +218,16 @@ impl Server {
             let (g, h, ()) = tokio::join!(grpc, http_server, drain);
             g.context("serving gRPC")?;
             h.context("the HTTP server panicked")?
+        };
+        let lead_lost = async {
+            match campaign {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => std::future::pending().await,
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("the campaign for the cluster's locks panicked: {e}"),
+                },
+                None => std::future::pending().await,
+            }
         };
         let result = tokio::select! {
             r = serve => r,
@@ -181,6 +245,12 @@ impl Server {
                     "lost the ownership of the etcd store (lease ran out or another node took over); restart this node to stand by"
                 ))
             }
+            e = lead_lost => {
+                coordinator.stop_now();
+                serving.cancel();
+                tracing::error!(error = %format!("{e:#}"), "this node stops at once, answering nothing more, while another node leads the cluster's locks");
+                Err(e)
+            }
         };
         // Everything acknowledged is already durable; this writes what was still queued (a
         // node that lost its lease writes nothing: etcd refuses it).
@@ -190,16 +260,18 @@ impl Server {
     }
 }
 
-/// Starts the journal in front of `store` and the coordinator on what it held, checking that
-/// nothing is served beyond loopback unprotected.
+/// Starts the journal in front of `store` and the coordinator on what it held (its locks at
+/// the cluster's lock leader with `leadership`), checking that nothing is served beyond
+/// loopback unprotected.
 async fn restore(
     config: &Config,
     store: Arc<dyn Store>,
     snapshot: Snapshot,
+    leadership: Option<Leadership>,
 ) -> anyhow::Result<(Arc<Coordinator>, Journal)> {
     let journal = Journal::start(store);
     let caller = crate::calls::Caller::new(&config.calls)?;
-    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller, None).await?;
+    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller, leadership).await?;
     let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
     if !loopback {
         coordinator.tokens.forbid_open();
@@ -217,32 +289,66 @@ async fn restore(
     Ok((coordinator, journal))
 }
 
-/// Waits until this node owns the etcd store, telling `standby` of the owners met meanwhile,
-/// then loads it; `None` if stopped first. `bound` are the gRPC and HTTP listeners' addresses.
-async fn own(
+/// A node of several sharing the etcd store, on its way to owning `store` (the whole store,
+/// or its namespace with several serving nodes).
+struct Owning {
     store: Arc<EtcdStore>,
     me: NodeDescription,
+    /// The gRPC and HTTP listeners' addresses.
     bound: (SocketAddr, SocketAddr),
-    standby: Standby,
+    app: Switch,
     stop: CancellationToken,
-) -> anyhow::Result<Option<Snapshot>> {
-    let description = serde_json::to_string(&me)?;
-    tracing::info!(rpc = %bound.0, http = %bound.1, "campaigning to own the etcd store");
-    tokio::task::spawn_blocking(move || {
-        let mut took_over = false;
-        let epoch = store.acquire(&description, &stop, &mut |owner| {
-            if !took_over {
-                tracing::info!(rpc = %bound.0, http = %bound.1, active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
-            }
-            took_over = true;
-            standby.saw(&owner.description, owner.epoch);
-        })?;
-        let Some(epoch) = epoch else { return Ok(None) };
-        standby.taking_over();
-        tracing::info!(epoch, took_over, "this node owns the store; loading it");
-        Ok(Some(store.load()?))
-    })
-    .await?
+}
+
+impl Owning {
+    /// Stands by until this node owns the store (its gRPC port closed, so a proxy's
+    /// connection is refused at once and it tries its next endpoint), then loads it and
+    /// restores the coordinator on it, and binds the gRPC port again. Returns it, its
+    /// journal, the token cancelled when the lease is lost and the gRPC listener; `None` if
+    /// stopped first.
+    async fn take_over(
+        self,
+        config: &Config,
+        leadership: Option<Leadership>,
+    ) -> anyhow::Result<Option<(Arc<Coordinator>, Journal, CancellationToken, TcpListener)>> {
+        let standby = Standby::default();
+        self.app.set(standby.router());
+        let Some(snapshot) = self.own(standby).await? else {
+            tracing::info!("stopped while standing by");
+            return Ok(None);
+        };
+        let rpc_addr = self.bound.0;
+        let rpc = TcpListener::bind(rpc_addr)
+            .await
+            .with_context(|| format!("listening on {rpc_addr} (listen) again, now active"))?;
+        let (lost, area) = (self.store.lost(), self.store.area().to_string());
+        let (coordinator, journal) = restore(config, self.store as Arc<dyn Store>, snapshot, leadership).await?;
+        metrics::gauge!("ferrata_tc_active", "area" => area).set(1.0);
+        Ok(Some((coordinator, journal, lost, rpc)))
+    }
+
+    /// Waits until this node owns the store, telling `standby` of the owners met meanwhile,
+    /// then loads it; `None` if stopped first.
+    async fn own(&self, standby: Standby) -> anyhow::Result<Option<Snapshot>> {
+        let description = serde_json::to_string(&self.me)?;
+        let (store, stop, bound) = (Arc::clone(&self.store), self.stop.clone(), self.bound);
+        tracing::info!(rpc = %bound.0, http = %bound.1, store = %store.area(), "campaigning to own the etcd store");
+        tokio::task::spawn_blocking(move || {
+            let mut took_over = false;
+            let epoch = store.acquire(&description, &stop, &mut |owner| {
+                if !took_over {
+                    tracing::info!(rpc = %bound.0, http = %bound.1, active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
+                }
+                took_over = true;
+                standby.saw(&owner.description, owner.epoch);
+            })?;
+            let Some(epoch) = epoch else { return Ok(None) };
+            standby.taking_over();
+            tracing::info!(epoch, took_over, "this node owns the store; loading it");
+            Ok(Some(store.load()?))
+        })
+        .await?
+    }
 }
 
 /// The HTTP listener's app, switched from the standby's answers to the coordinator's API

@@ -39,7 +39,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "assembly",
-            modules: &["server", "standby", "cli", "lib", "main"],
+            modules: &["server", "serving", "standby", "cli", "lib", "main"],
             peers_may_meet: true,
         },
     ];

@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 use crate::model::{BranchRecord, GlobalRecord};
 use crate::store::StoreError;
 
+/// Completes when what it watches changed.
+pub type Changed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 pub enum LockAuthority {
     /// This coordinator holds the locks, for itself alone.
     Local(Arc<At>),
@@ -43,12 +46,31 @@ pub struct Grant {
 }
 
 impl LockAuthority {
-    /// The locks, when this node holds them: for the guard protocol on resource managers'
-    /// streams and for listing held rows and deadlocks.
-    pub fn local(&self) -> Option<&Arc<At>> {
+    /// The locks this node holds: its own, or the cluster's while it leads them. For the
+    /// guard protocol on resource managers' streams and for listing held rows and deadlocks.
+    pub fn held_here(&self) -> Option<Arc<At>> {
         match self {
-            LockAuthority::Local(at) => Some(at),
-            LockAuthority::Remote(_) => None,
+            LockAuthority::Local(at) => Some(Arc::clone(at)),
+            LockAuthority::Remote(remote) => remote.leadership.here.borrow().clone(),
+        }
+    }
+
+    /// The locks this node holds now (as `held_here`), and a future that completes when
+    /// that changes (it begins or stops leading them); never on one node alone.
+    pub fn held_here_until_changed(&self) -> (Option<Arc<At>>, Changed) {
+        match self {
+            LockAuthority::Local(at) => (Some(Arc::clone(at)), Box::pin(std::future::pending())),
+            LockAuthority::Remote(remote) => {
+                let mut here = remote.leadership.here.clone();
+                let now = here.borrow_and_update().clone();
+                let changed = async move {
+                    if here.changed().await.is_err() {
+                        // Nobody can change it any more.
+                        std::future::pending::<()>().await;
+                    }
+                };
+                (now, Box::pin(changed))
+            }
         }
     }
 

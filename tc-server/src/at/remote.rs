@@ -12,6 +12,7 @@
 //!   `lock_authority_unavailable` when its stream breaks or there is none.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::after_durable::AfterDurable;
 use super::guards::Table;
 use super::locks::{Granted, HeldRow};
-use super::{Grant, RowsFound};
+use super::{At, Grant, RowsFound};
 use crate::error::TcError;
 use crate::lock_key::LockKey;
 use crate::store::journal::Journal;
@@ -36,8 +37,20 @@ use crate::store::journal::Journal;
 /// `None` while no node leads.
 pub type LeaderAddress = watch::Receiver<Option<ClientConfig>>;
 
+/// What a coordinator of several serving nodes knows of the cluster's lock leader; the node
+/// keeps it current (`serving.rs`).
+#[derive(Clone)]
+pub struct Leadership {
+    /// Where the leader's lock stream is.
+    pub address: LeaderAddress,
+    /// The leader's `At` while this node leads: its resource managers' streams run the guard
+    /// protocol for it, and its locks are listed here.
+    pub here: watch::Receiver<Option<Arc<At>>>,
+}
+
 /// A coordinator's lock calls, made at the cluster's lock leader.
 pub struct RemoteAt {
+    pub leadership: Leadership,
     next_id: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
     /// Releases and forgets wait for what the coordinator submitted before them.
@@ -57,14 +70,14 @@ enum Command {
 }
 
 impl RemoteAt {
-    /// Starts the driver of node `node_id`'s stream to whichever node `leader` names, until
-    /// `stop` (or until `leader`'s sender is gone); releases wait for `journal`.
-    pub fn start(node_id: u16, leader: LeaderAddress, journal: Journal, stop: CancellationToken) -> RemoteAt {
+    /// Starts the driver of node `node_id`'s stream to whichever node `leadership` names,
+    /// until `stop` (or until its address's sender is gone); releases wait for `journal`.
+    pub fn start(node_id: u16, leadership: Leadership, journal: Journal, stop: CancellationToken) -> RemoteAt {
         let (commands, receiver) = mpsc::unbounded_channel();
         let driver = Driver {
             node_id,
             commands: receiver,
-            leader,
+            leader: leadership.address.clone(),
             unapplied: VecDeque::new(),
             asked: HashMap::new(),
             abandoned: HashMap::new(),
@@ -76,6 +89,7 @@ impl RemoteAt {
         };
         tokio::spawn(driver.run());
         RemoteAt {
+            leadership,
             next_id: AtomicU64::new(1 << 63),
             commands,
             after_durable: AfterDurable::start(journal),

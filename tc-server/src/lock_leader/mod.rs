@@ -24,7 +24,7 @@ use std::time::Duration;
 use ferrata_rpc::pb::lock_answer::Answer;
 use ferrata_rpc::pb::lock_call::Call;
 use ferrata_rpc::{ErrorCode, pb};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -35,7 +35,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::at::guards::Table;
 use crate::at::{At, RowsFound};
-use crate::auth::Tokens;
 use crate::config::Config;
 use crate::error::TcError;
 use crate::lock_key::LockKey;
@@ -51,8 +50,6 @@ pub struct LockLeader {
     max_lock_wait_ms: u64,
     /// How long a new stream may take to say hello.
     hello_within: Duration,
-    /// Who may open a stream: the cluster's root token.
-    tokens: Arc<Tokens>,
     /// Ends every stream (the leader stops leading).
     stop: CancellationToken,
     /// The live stream of each node, by node id, with its number.
@@ -97,21 +94,16 @@ type Answers = mpsc::UnboundedSender<Result<pb::LockAnswer, Status>>;
 
 impl LockLeader {
     /// Leads with `at` from `epoch` on, until `stop`.
-    pub fn new(at: Arc<At>, epoch: u64, config: &Config, tokens: Arc<Tokens>, stop: CancellationToken) -> LockLeader {
+    pub fn new(at: Arc<At>, epoch: u64, config: &Config, stop: CancellationToken) -> LockLeader {
         LockLeader {
             at,
             epoch,
             metrics: Metrics::new(),
             max_lock_wait_ms: config.transactions.max_lock_wait_ms,
             hello_within: config.phase2.heartbeat_interval() * 3,
-            tokens,
             stop,
             streams: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn tokens(&self) -> &Arc<Tokens> {
-        &self.tokens
     }
 
     /// The wait a caller asked for, within this node's own limit.
@@ -320,15 +312,35 @@ fn refused(e: &TcError) -> Answer {
     Answer::Refused(pb::CallError::of(&e.to_status()))
 }
 
+/// The lock leader a node runs while it leads. Every node of several serving ones offers
+/// the service; while this is empty it refuses streams with `lock_authority_unavailable`.
+#[derive(Default)]
+pub struct LeaderSlot(RwLock<Option<Arc<LockLeader>>>);
+
+impl LeaderSlot {
+    pub fn set(&self, leader: Option<Arc<LockLeader>>) {
+        *self.0.write() = leader;
+    }
+
+    fn get(&self) -> Option<Arc<LockLeader>> {
+        self.0.read().clone()
+    }
+}
+
 /// The service, shared by the server's connections.
-pub struct LockService(pub Arc<LockLeader>);
+pub struct LockService(pub Arc<LeaderSlot>);
 
 #[tonic::async_trait]
 impl pb::lock_authority_server::LockAuthority for LockService {
     type LocksStream = UnboundedReceiverStream<Result<pb::LockAnswer, Status>>;
 
     async fn locks(&self, request: Request<Streaming<pb::LockCall>>) -> Result<Response<Self::LocksStream>, Status> {
-        let leader = Arc::clone(&self.0);
+        let Some(leader) = self.0.get() else {
+            return Err(ErrorCode::LockAuthorityUnavailable.status(
+                "this node does not lead the cluster's locks; its coordinator follows the node that does",
+                None,
+            ));
+        };
         if leader.stop.is_cancelled() {
             return Err(ErrorCode::LockAuthorityUnavailable.status(
                 format!("this node no longer leads the locks (epoch {} ended)", leader.epoch),

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::at::Grant;
-use crate::at::remote::{LeaderAddress, REOPEN_AFTER, RemoteAt};
+use crate::at::remote::{Leadership, REOPEN_AFTER, RemoteAt};
+use crate::auth::Tokens;
 use crate::calls::Caller;
 use crate::coordinator::Coordinator;
 use crate::rm::RmRegistry;
@@ -55,10 +56,12 @@ impl Leader {
         // The first leader a store ever had: no resource manager can hold an older view.
         let at = Arc::new(At::new(&config, Arc::new(RmRegistry::default()), true, &metrics));
         let tokens = Arc::new(Tokens::new(Some(TOKEN), Vec::new(), false));
-        let leader = Arc::new(LockLeader::new(Arc::clone(&at), EPOCH, &config, tokens, stop.clone()));
+        let leader = Arc::new(LockLeader::new(Arc::clone(&at), EPOCH, &config, stop.clone()));
+        let slot = Arc::new(LeaderSlot::default());
+        slot.set(Some(leader));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let service = crate::grpc::lock_service(&leader, 4 << 20);
+        let service = crate::grpc::lock_service(&slot, tokens, 4 << 20);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
@@ -73,12 +76,15 @@ impl Leader {
     }
 
     /// Where this leader is, as a node knows it (with the sender, which must live as long).
-    fn address(&self, token: &str) -> (watch::Sender<Option<ClientConfig>>, LeaderAddress) {
-        watch::channel(Some(ClientConfig {
+    fn address(&self, token: &str) -> (watch::Sender<Option<ClientConfig>>, Leadership) {
+        let (sender, address) = watch::channel(Some(ClientConfig {
             endpoint: format!("http://{}", self.relay.addr),
             token: Some(token.into()),
             ..ClientConfig::default()
-        }))
+        }));
+        // The test's nodes never lead.
+        let here = watch::channel(None).1;
+        (sender, Leadership { address, here })
     }
 
     /// A node's stream to this leader.
@@ -353,7 +359,7 @@ async fn a_nodes_newer_stream_ends_its_older_one_and_an_older_one_is_refused() {
     }
     leader.wait_row(&row("3"), Some(2), &[]).await;
     // A hello numbered below the live stream's is refused.
-    let mut client = ferrata_rpc::client::lock_client(&leader.address(TOKEN).1.borrow().clone().unwrap())
+    let mut client = ferrata_rpc::client::lock_client(&leader.address(TOKEN).1.address.borrow().clone().unwrap())
         .await
         .unwrap();
     let (calls, outgoing) = tokio::sync::mpsc::unbounded_channel();

@@ -1,0 +1,177 @@
+//! Several serving nodes on one etcd store (`[etcd] mode = "serving"`): each node serves the
+//! transactions it began, and one elected node holds every node's locks. A row held through
+//! one node makes a request through another wait in the same queue; when the lock leader is
+//! killed another node leads, rebuilt from every namespace, and a node restarted with its old
+//! identity serves its namespace again and follows the new leader.
+
+mod support;
+
+use ferrata_rpc::{ErrorCode, pb};
+use ferrata_testkit::etcd::EtcdCluster;
+use serde_json::Value;
+use support::*;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+const TOKEN: &str = "serving-cluster-root-token";
+
+/// A serving node on `cluster` with node id `node_id`.
+async fn node(cluster: &EtcdCluster, node_id: u16) -> Result<Tc> {
+    let config = format!(
+        "{FAST_CONFIG}\n[etcd]\nmode = \"serving\"\nendpoints = {:?}\nlease_ttl_s = 2\nrequest_timeout_ms = 1000\n",
+        cluster.endpoints()
+    );
+    Tc::start(TcOptions {
+        config: Some(config),
+        token: Some(TOKEN.into()),
+        args: vec!["--node-id".into(), node_id.to_string()],
+        ..TcOptions::default()
+    })
+    .await
+}
+
+/// The node's `/healthz` once it knows where the lock leader is.
+async fn health(tc: &Tc) -> Result<Value> {
+    eventually("the node to know the lock leader", || async {
+        let v = tc.http().get_json("/healthz").await?;
+        Ok((!v["lock_leader"]["endpoint"].is_null()).then_some(v))
+    })
+    .await
+}
+
+/// Waits until `tc` leads the cluster's locks and serves them.
+async fn wait_leading(tc: &Tc) -> Result {
+    eventually("the node to lead the cluster's locks", || async {
+        let v = tc.http().get_json("/healthz").await?;
+        Ok(
+            (v["lock_leader"]["this_node"] == true && v["lock_leader"]["endpoint"] == format!("http://{}", tc.rpc))
+                .then_some(()),
+        )
+    })
+    .await
+}
+
+/// The rows the leader `tc` lists: (key's first value, holder, waiters).
+async fn held_rows(tc: &Tc) -> Result<Vec<(String, String, Vec<String>)>> {
+    let v = tc.http().get_json("/v1/locks").await?;
+    let rows = v["locks"].as_array().cloned().unwrap_or_default();
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let waiters = r["waiters"].as_array().into_iter().flatten();
+            (
+                r["key"]["pk"][0].as_str().unwrap_or_default().to_owned(),
+                r["holder"].as_str().unwrap_or_default().to_owned(),
+                waiters.filter_map(|w| w.as_str().map(str::to_owned)).collect(),
+            )
+        })
+        .collect())
+}
+
+/// Commits `xid`, which must succeed (phase 2 may go on after the answer).
+async fn committed(c: &ferrata_rpc::client::TcClient, xid: &str) -> Result {
+    let o = commit(c, xid).await?;
+    let s = status_of(&o);
+    anyhow::ensure!(
+        matches!(s, pb::GlobalStatus::Committed | pb::GlobalStatus::AsyncCommitting),
+        "{xid}: {o:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_namespace() -> Result {
+    let cluster = EtcdCluster::start(1).await?;
+    let mut first = node(&cluster, 1).await?;
+    wait_leading(&first).await?;
+    let second = node(&cluster, 2).await?;
+    let v = health(&second).await?;
+    assert_eq!(v["role"], "serving", "{v}");
+    assert_eq!(v["lock_leader"]["this_node"], false, "{v}");
+    assert_eq!(v["lock_leader"]["endpoint"], format!("http://{}", first.rpc), "{v}");
+
+    let (c1, c2) = (first.client().await?, second.client().await?);
+    let (rec1, rec2) = (Recorder::new(), Recorder::new());
+    let _rm1 = TestRm::attach(&c1, "rm-1", &["db"], &rec1).await?;
+    let mut rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+
+    // Each node issues XIDs of its own namespace.
+    let t1 = begin(&c1, 60_000).await?;
+    let t2 = begin(&c2, 60_000).await?;
+    assert!(t1.starts_with("1-") && t2.starts_with("2-"), "{t1} {t2}");
+
+    // t1 holds row 1 through node 1; t2 asks for it through node 2 and waits in the same
+    // queue, at the leader.
+    let b1 = register(&c1, &t1, "db", t_rows(&["1"]), 0).await?;
+    let waiting = tokio::spawn({
+        let (c2, t2) = (c2.clone(), t2.clone());
+        async move { register(&c2, &t2, "db", t_rows(&["1", "2"]), 30_000).await }
+    });
+    eventually("t2 to wait for row 1 behind t1", || async {
+        let rows = held_rows(&first).await?;
+        Ok(rows.contains(&("1".into(), t1.clone(), vec![t2.clone()])).then_some(()))
+    })
+    .await?;
+    // Node 2 holds no locks: it says so, and where they are.
+    let r = second.http().get("/v1/locks").await?;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (503, Some("lock_authority_unavailable")),
+        "{r:?}"
+    );
+
+    // Committing t1 through node 1 hands row 1 to t2.
+    committed(&c1, &t1).await?;
+    rec1.wait_branch(pb::Phase2Action::Commit, b1).await?;
+    let b2 = waiting.await??;
+    assert!(b2 > 0);
+
+    // The leader is killed. Node 2 leads once its lease runs out, its locks rebuilt from
+    // every namespace: t2 (node 2's) holds rows 1 and 2 again.
+    first.kill9()?;
+    wait_leading(&second).await?;
+    // Its resource managers' streams end, to attach again for the leader's guard set.
+    let ended = rm2.closed().await.unwrap_err();
+    assert!(format!("{ended:#}").contains("attach again"), "{ended:#}");
+    let _rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+    let mut rows = held_rows(&second).await?;
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![("1".into(), t2.clone(), vec![]), ("2".into(), t2.clone(), vec![])],
+        "the rebuilt locks"
+    );
+    let t3 = begin(&c2, 60_000).await?;
+    let refused = register(&c2, &t3, "db", t_rows(&["2"]), 0).await.unwrap_err();
+    assert_code(&refused, ErrorCode::LockWaitTimeout);
+
+    // Node 1 comes back with its identity: it serves its namespace again (t1 stays
+    // committed) and its requests wait at the new leader.
+    first.restart().await?;
+    let v = health(&first).await?;
+    assert_eq!(v["lock_leader"]["endpoint"], format!("http://{}", second.rpc), "{v}");
+    let c1 = first.client().await?;
+    let _rm1 = TestRm::attach(&c1, "rm-1", &["db"], &rec1).await?;
+    wait_status(&c1, &t1, pb::GlobalStatus::Committed).await?;
+    let t4 = begin(&c1, 60_000).await?;
+    assert!(t4.starts_with("1-"), "{t4}");
+    let waiting = tokio::spawn({
+        let (c1, t4) = (c1.clone(), t4.clone());
+        async move { register(&c1, &t4, "db", t_rows(&["2"]), 30_000).await }
+    });
+    eventually("t4 to wait for row 2 behind t2", || async {
+        let rows = held_rows(&second).await?;
+        Ok(rows.contains(&("2".into(), t2.clone(), vec![t4.clone()])).then_some(()))
+    })
+    .await?;
+    committed(&c2, &t2).await?;
+    rec2.wait_branch(pb::Phase2Action::Commit, b2).await?;
+    waiting.await??;
+    committed(&c1, &t4).await?;
+    assert_eq!(status_of(&rollback(&c2, &t3).await?), pb::GlobalStatus::Rollbacked);
+    eventually("every row to be free", || async {
+        Ok(held_rows(&second).await?.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
