@@ -134,5 +134,5 @@ async fn books_balanced(modes: fn(u64) -> [Mode; 2]) -> Result<()> {
         books.credited.extend(c.await??.into_iter().map(|(id, _)| id));
     }
     assert!(!books.credited.is_empty(), "some credits committed");
-    check_books([&db_a, &db_b], &tc, &books).await
+    check_books([&db_a, &db_b], &[&tc], &books).await
 }

@@ -309,17 +309,6 @@ impl Nodes {
         Ok(found.expect("until returned"))
     }
 
-    /// Restarts, as a supervisor would, any node that stopped (a node unsure of its lease
-    /// stops, and an etcd leader change can make it unsure), unless it is cut off from etcd.
-    fn supervise(&mut self) -> Result<()> {
-        for (node, cut) in self.nodes.iter_mut().zip(self.cut_from_etcd) {
-            if !cut && !node.is_running() {
-                node.restart()?;
-            }
-        }
-        Ok(())
-    }
-
     fn cut(&mut self, i: usize, link: u8) -> Result<()> {
         self.hosts[i].cut(link)?;
         self.cut_from_etcd[i] |= link == ETCD_LINK;
@@ -351,9 +340,61 @@ impl Nodes {
     }
 }
 
+/// Coordinator nodes the test supervises.
+trait Supervised {
+    /// Restarts, as a supervisor would, any node that stopped (a node unsure of its lease
+    /// stops, and an etcd leader change can make it unsure).
+    fn supervise(&mut self) -> Result<()>;
+}
+
+impl Supervised for Nodes {
+    /// Leaves a node cut off from etcd stopped until it heals, as a restarted node would
+    /// only wait for etcd.
+    fn supervise(&mut self) -> Result<()> {
+        for (node, cut) in self.nodes.iter_mut().zip(self.cut_from_etcd) {
+            if !cut && !node.is_running() {
+                node.restart()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Several serving nodes, on loopback, supervised by the test.
+struct ServingNodes([Coordinator; 2]);
+
+impl ServingNodes {
+    /// Which node leads the cluster's locks.
+    async fn lock_leader(&self) -> Result<usize> {
+        let mut found = None;
+        until("a node to lead the cluster's locks", async || {
+            for (i, node) in self.0.iter().enumerate() {
+                if node.leads_locks().await {
+                    found = Some(i);
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+        Ok(found.expect("until returned"))
+    }
+}
+
+impl Supervised for ServingNodes {
+    fn supervise(&mut self) -> Result<()> {
+        for node in &mut self.0 {
+            if !node.is_running() {
+                node.restart()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Waits until `PROGRESS` more transfers committed than had when it was called, supervising
 /// the nodes meanwhile.
-async fn progress(seen: &Seen, nodes: &mut Nodes, what: &str) -> Result<()> {
+async fn progress(seen: &Seen, nodes: &mut impl Supervised, what: &str) -> Result<()> {
     let target = seen.committed.load(Ordering::SeqCst) + PROGRESS;
     let deadline = tokio::time::Instant::now() + 3 * EVENT;
     loop {
@@ -490,7 +531,7 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         books.credited.len()
     );
     let node = nodes.active().await?;
-    check_books([&db_a, &db_b], &nodes.nodes[node], &books).await?;
+    check_books([&db_a, &db_b], &[&nodes.nodes[node]], &books).await?;
     let prefix = ferrata_tc::config::Etcd::default().prefix;
     let history = check_store_history(&etcd.endpoints(), &prefix).await?;
     eprintln!("the store's history: {history:?}");
@@ -500,6 +541,116 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         "each fault that stopped the active node made a new owner: {history:?}"
     );
     for node in &nodes.nodes {
+        assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
+    }
+    assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
+    Ok(())
+}
+
+/// Several serving nodes: the bank workload through two proxies that attach to both nodes,
+/// each node serving the transactions it began while one of them holds every lock, as the
+/// lock leader is killed, then the node that does not lead, the lock leader hangs past its
+/// lease, a proxy dies and etcd's leader dies. Checked as above, on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_proxy_and_etcd_fail() -> Result<()> {
+    let mut etcd = EtcdCluster::start(3).await?;
+    let node = |id| Coordinator::start_serving(TC, &etcd.endpoints(), id, TOKEN);
+    let mut nodes = ServingNodes([node(1)?, node(2)?]);
+    nodes.lock_leader().await?;
+    let options = || MariaDbOptions {
+        extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
+        ..Default::default()
+    };
+    let (db_a, db_b) = (
+        MariaDb::start_with(options()).await?,
+        MariaDb::start_with(options()).await?,
+    );
+    create_accounts([&db_a, &db_b]).await?;
+    let tcs = [nodes.0[0].endpoint(), nodes.0[1].endpoint()];
+    let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
+    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
+    let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
+
+    let seen = Arc::new(Seen::default());
+    let stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let proxies = [pa.opts(), pb.opts()];
+        clients.push(tokio::spawn(transfers(client, proxies, seen.clone(), stop.clone())));
+    }
+    for creditor in 0..CREDITORS {
+        let proxies = [pa.opts(), pb.opts()];
+        clients.push(tokio::spawn(credits(creditor, proxies, seen.clone(), stop.clone())));
+    }
+    progress(&seen, &mut nodes, "the start").await?;
+
+    let rounds: u32 = match std::env::var("FERRATA_HA_ROUNDS") {
+        Ok(n) => n.parse().context("FERRATA_HA_ROUNDS must be a number of rounds")?,
+        Err(_) => 1,
+    };
+    for round in 1..=rounds {
+        eprintln!("fault round {round} of {rounds}");
+        // The lock leader dies: the other node leads, its locks rebuilt from both namespaces,
+        // and the dead one, restarted, serves its namespace again.
+        let leader = nodes.lock_leader().await?;
+        nodes.0[leader].kill9()?;
+        progress(&seen, &mut nodes, "killing the lock leader").await?;
+
+        // The node that does not lead dies: its transactions wait for it to come back.
+        let other = 1 - nodes.lock_leader().await?;
+        nodes.0[other].kill9()?;
+        progress(&seen, &mut nodes, "killing the node that does not lead").await?;
+
+        // The lock leader hangs past its lease: the other node leads, and the hung one,
+        // resumed, stops by itself.
+        let hung = nodes.lock_leader().await?;
+        nodes.0[hung].pause()?;
+        until("the other node to lead", async || {
+            Ok(nodes.0[1 - hung].leads_locks().await)
+        })
+        .await?;
+        nodes.0[hung].resume()?;
+        until("the resumed node to stop", async || Ok(!nodes.0[hung].is_running())).await?;
+        progress(&seen, &mut nodes, "pausing the lock leader").await?;
+
+        // A proxy dies and its supervisor restarts it.
+        pa.kill9_and_restart()?;
+        progress(&seen, &mut nodes, "killing a proxy").await?;
+
+        // etcd's leader dies, and comes back.
+        let leader = etcd.leader().await?;
+        etcd.kill(leader);
+        progress(&seen, &mut nodes, "killing etcd's leader").await?;
+        etcd.restart(leader).await?;
+    }
+
+    stop.cancel();
+    for c in clients {
+        c.await??;
+    }
+    let books = std::mem::take(&mut *seen.books.lock());
+    eprintln!(
+        "{} transfers committed, {} cut off by faults (codes {:?}), {} credits",
+        books.committed.len(),
+        books.unknown.len() + books.credits_unknown.len(),
+        seen.faults.lock(),
+        books.credited.len()
+    );
+    nodes.supervise()?;
+    for node in &nodes.0 {
+        node.until_serving().await?;
+    }
+    check_books([&db_a, &db_b], &[&nodes.0[0], &nodes.0[1]], &books).await?;
+    // Both nodes served transactions.
+    for node in &nodes.0 {
+        let finished = node.get("/v1/transactions?status=Committed").await?;
+        assert!(
+            finished["transactions"].as_array().is_some_and(|t| !t.is_empty()),
+            "node {} committed transactions: {finished}",
+            node.endpoint()
+        );
+    }
+    for node in &nodes.0 {
         assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
     }
     assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");

@@ -206,6 +206,9 @@ pub struct Attachment {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     outbound: mpsc::Sender<pb::RmMessage>,
     calls: StreamCalls,
+    /// With several serving nodes, the node id of the one attached to (whose XIDs it
+    /// serves); `None`: it serves every XID.
+    pub serving_node: Option<u16>,
 }
 
 impl Attachment {
@@ -259,19 +262,29 @@ pub async fn attach(
         .await
         .context("opening the Attach stream")?
         .into_inner();
-    let (interval, lease, max_call_bytes) = match inbound
+    let welcome = match inbound
         .message()
         .await
         .context("waiting for the coordinator's welcome")?
     {
         Some(pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(w)),
-        }) => (
-            Duration::from_millis(w.heartbeat_interval_ms.max(10)),
-            Duration::from_millis(w.guard_lease_ms),
-            usize::try_from(w.max_call_bytes).unwrap_or(usize::MAX),
-        ),
+        }) => w,
         other => anyhow::bail!("the coordinator answered Hello with {other:?} instead of Welcome"),
+    };
+    let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(10));
+    let lease = Duration::from_millis(welcome.guard_lease_ms);
+    let max_call_bytes = usize::try_from(welcome.max_call_bytes).unwrap_or(usize::MAX);
+    let serving_node = match welcome.serving {
+        false => None,
+        true => Some(u16::try_from(welcome.node_id).context("a serving node's id above 65535")?),
+    };
+    // A node that sends no guards (lease 0: another node of several holds the locks) says
+    // nothing of them: it must neither confirm nor unsettle the view another stream keeps.
+    let guards = if lease.is_zero() {
+        Arc::new(IgnoreGuards)
+    } else {
+        guards
     };
     let outbound = tx.clone();
     let calls = StreamCalls::new(tx.clone(), max_call_bytes);
@@ -282,7 +295,12 @@ pub async fn attach(
         drop(closing);
         ended
     });
-    Ok(Attachment { task, outbound, calls })
+    Ok(Attachment {
+        task,
+        outbound,
+        calls,
+        serving_node,
+    })
 }
 
 /// The attach task's loop: commands, guard updates, heartbeats and their answers, answers

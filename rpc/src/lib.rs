@@ -99,6 +99,9 @@ pub enum ErrorCode {
     /// The cluster's lock authority could not be reached, or changed while the call
     /// waited; nothing was taken.
     LockAuthorityUnavailable,
+    /// Several serving nodes: the XID belongs to a namespace this node does not serve; its
+    /// calls go to the node that does (the XID's node id names its home node).
+    WrongNode,
     /// A resource manager's stream broke the protocol.
     RmProtocol,
     /// The HTTP route does not exist.
@@ -120,7 +123,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Unauthenticated,
         ErrorCode::GlobalNotFound,
@@ -133,6 +136,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Standby,
         ErrorCode::LockAuthorityUnavailable,
+        ErrorCode::WrongNode,
         ErrorCode::RmProtocol,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
@@ -157,6 +161,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Standby => "standby",
             ErrorCode::LockAuthorityUnavailable => "lock_authority_unavailable",
+            ErrorCode::WrongNode => "wrong_node",
             ErrorCode::RmProtocol => "rm_protocol",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -180,7 +185,7 @@ impl ErrorCode {
             ErrorCode::PreconditionFailed => Code::FailedPrecondition,
             ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::GlobalNotFound | ErrorCode::BranchNotFound | ErrorCode::NotFound => Code::NotFound,
-            ErrorCode::GlobalStatusInvalid => Code::FailedPrecondition,
+            ErrorCode::GlobalStatusInvalid | ErrorCode::WrongNode => Code::FailedPrecondition,
             ErrorCode::LockWaitTimeout | ErrorCode::LockHolderRollingBack | ErrorCode::Deadlock => Code::Aborted,
             ErrorCode::StoreFailed => Code::Internal,
             ErrorCode::RepairFailed => Code::Aborted,
@@ -202,6 +207,8 @@ impl ErrorCode {
             ErrorCode::RepairFailed => 502,
             ErrorCode::ShuttingDown | ErrorCode::Standby | ErrorCode::LockAuthorityUnavailable => 503,
             ErrorCode::MethodNotAllowed => 405,
+            // Misdirected Request: the same request succeeds at the node serving the XID.
+            ErrorCode::WrongNode => 421,
         }
     }
 

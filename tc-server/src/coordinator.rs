@@ -49,7 +49,7 @@ use crate::store::journal::Journal;
 use crate::store::{Mutation, Snapshot, StoreError};
 use crate::tcc::TccBranch;
 use crate::timeline::{DecidedBy, Decision, Event, EventKind, Timeline};
-use crate::xid::{Ids, format_xid, parse_xid};
+use crate::xid::{Ids, format_xid, node_of, parse_xid};
 
 /// One live global transaction.
 pub struct Session {
@@ -413,12 +413,25 @@ impl Coordinator {
         self.shutdown.is_cancelled()
     }
 
-    fn parse(xid: &str) -> Result<u64, TcError> {
-        parse_xid(xid).ok_or_else(|| {
+    /// The transaction id of `xid`, if it is one this coordinator serves: with several
+    /// serving nodes, only those of its own namespace.
+    fn parse(&self, xid: &str) -> Result<u64, TcError> {
+        let id = parse_xid(xid).ok_or_else(|| {
             TcError::invalid(format!(
                 "{xid:?} is not a Ferrata XID (they look like 1-42: node id, dash, sequence number)"
             ))
-        })
+        })?;
+        let (home, here) = (node_of(id), self.config.node_id);
+        if self.config.etcd.serving() && home != here {
+            return Err(TcError::new(
+                ErrorCode::WrongNode,
+                format!(
+                    "global transaction {xid} was begun by node {home}, and this is node {here}: send its calls to node {home} \
+                     (every node serves the transactions it began)"
+                ),
+            ));
+        }
+        Ok(id)
     }
 
     pub(crate) fn live(&self, txn_id: u64) -> Option<Arc<Session>> {
@@ -427,7 +440,7 @@ impl Coordinator {
 
     /// The live session, or the error that says why there is none.
     pub(crate) fn session_for(&self, xid: &str, what: &str) -> Result<Arc<Session>, TcError> {
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         if let Some(s) = self.live(txn_id) {
             return Ok(s);
         }
@@ -981,7 +994,7 @@ impl Coordinator {
     /// application cannot commit a saga: its actions decide).
     pub(crate) async fn commit_now(&self, xid: &str, by: DecidedBy) -> Result<Outcome, TcError> {
         self.check_running()?;
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         let Some(session) = self.live(txn_id) else {
             return match self.finished_outcome(xid) {
                 Some(o) if o.status == GlobalStatus::Committed => Ok(o),
@@ -1113,7 +1126,7 @@ impl Coordinator {
 
     async fn rollback_now(self: &Arc<Self>, xid: &str) -> Result<Outcome, TcError> {
         self.check_running()?;
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         let Some(session) = self.live(txn_id) else {
             return match self.finished_outcome(xid) {
                 Some(o) if !matches!(o.status, GlobalStatus::Committed | GlobalStatus::CommitFailed) => Ok(o),
@@ -1147,7 +1160,7 @@ impl Coordinator {
     /// Waits, for a client that asked for the outcome (DTM's `wait_result`), until the
     /// first pass ended ([`until_pass`](Self::until_pass)): the status then.
     pub async fn await_pass(&self, xid: &str) -> Result<GlobalStatus, TcError> {
-        let Some(session) = self.live(Self::parse(xid)?) else {
+        let Some(session) = self.live(self.parse(xid)?) else {
             return Ok(self.status(xid)?.status);
         };
         let passes = session.passes.subscribe();
@@ -1262,7 +1275,7 @@ impl Coordinator {
     }
 
     pub fn status(&self, xid: &str) -> Result<Outcome, TcError> {
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         if let Some(session) = self.live(txn_id) {
             let state = session.state.lock();
             return Ok(Self::outcome(&session, &state));
@@ -1278,7 +1291,7 @@ impl Coordinator {
     /// is left to an operator while the transaction waits for one on the commit side.
     pub fn xa_orphan(&self, xid: &str, branch_id: u64) -> Result<pb::XaOrphanResponse, TcError> {
         use pb::xa_orphan_response::Verdict;
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         let answer =
             |verdict: Verdict, global: Option<GlobalStatus>, branch: Option<BranchStatus>| pb::XaOrphanResponse {
                 verdict: verdict as i32,
@@ -1329,7 +1342,7 @@ impl Coordinator {
         lock_wait_ms: u64,
     ) -> Result<LockQueryOutcome, TcError> {
         self.check_running()?;
-        let txn = if xid.is_empty() { None } else { Some(Self::parse(xid)?) };
+        let txn = if xid.is_empty() { None } else { Some(self.parse(xid)?) };
         let keys = LockKey::from_pb(resource_id, locks).map_err(TcError::invalid)?;
         let (deadline, wait_ms) = self.lock_wait(lock_wait_ms);
         match self.at.query(txn, &keys, (deadline, wait_ms), &self.metrics).await? {
@@ -1388,7 +1401,7 @@ impl Coordinator {
     }
 
     pub fn get(&self, xid: &str) -> Result<TxnView, TcError> {
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         if let Some(s) = self.live(txn_id) {
             let state = s.state.lock();
             return Ok(Self::view(&s, &state));
@@ -1428,7 +1441,7 @@ impl Coordinator {
 
     /// The timeline of a live or remembered transaction: its version and events.
     pub fn events(&self, xid: &str) -> Result<(u64, Vec<Event>), TcError> {
-        let txn_id = Self::parse(xid)?;
+        let txn_id = self.parse(xid)?;
         if let Some(s) = self.live(txn_id) {
             let state = s.state.lock();
             return Ok((state.timeline.version(), state.timeline.events().to_vec()));
@@ -1550,7 +1563,7 @@ mod tests {
             .unwrap();
         let t1 = tc.begin(60_000, String::new()).await.unwrap();
         let t2 = tc.begin(60_000, String::new()).await.unwrap();
-        let t2_id = Coordinator::parse(&t2).unwrap();
+        let t2_id = tc.parse(&t2).unwrap();
         tc.register(register_row(&t1, "1")).await.unwrap();
         let mut second = register_row(&t1, "2");
         second.resource_id = "db2".into();

@@ -233,6 +233,8 @@ impl pb::resource_manager_server::ResourceManager for RmService {
                 // confirms guards with the resource managers attached to its own node.
                 guard_lease_ms: guards.as_ref().map_or(0, |g| g.lease().as_millis() as u64),
                 max_call_bytes: coordinator.config.max_message_bytes() as u64,
+                serving: coordinator.config.etcd.serving(),
+                node_id: coordinator.config.node_id.into(),
             })),
         };
         tx.send(Ok(welcome))

@@ -229,6 +229,17 @@ impl Server {
                 None => std::future::pending().await,
             }
         };
+        let failed = journal.failure_signal();
+        let store_failed = async {
+            // On its own store a node answers `store_failed` until restarted (/healthz says
+            // so); a node sharing etcd stops, to load its store again from what is durable
+            // (a refused lock fence lands here) while another may take over.
+            if config.etcd.enabled() {
+                failed.cancelled().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let result = tokio::select! {
             r = serve => r,
             _ = async { stop.cancelled().await; tokio::time::sleep(config.shutdown_timeout()).await } => {
@@ -243,6 +254,15 @@ impl Server {
                 tracing::error!("this node lost its etcd lease: it stops at once, answering nothing more, while another node takes over");
                 Err(anyhow::anyhow!(
                     "lost the ownership of the etcd store (lease ran out or another node took over); restart this node to stand by"
+                ))
+            }
+            () = store_failed => {
+                coordinator.stop_now();
+                serving.cancel();
+                let cause = journal.failed().unwrap_or_default();
+                tracing::error!(cause, "the etcd store failed: this node stops at once, answering nothing more");
+                Err(anyhow::anyhow!(
+                    "the etcd store failed ({cause}); restart this node to load it again from what is durable"
                 ))
             }
             e = lead_lost => {

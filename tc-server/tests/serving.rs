@@ -99,6 +99,10 @@ async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_n
     let t1 = begin(&c1, 60_000).await?;
     let t2 = begin(&c2, 60_000).await?;
     assert!(t1.starts_with("1-") && t2.starts_with("2-"), "{t1} {t2}");
+    // A node serves only its own: it sends the caller to the other.
+    let wrong = status(&c2, &t1).await.unwrap_err();
+    assert_code(&wrong, ErrorCode::WrongNode);
+    assert!(wrong.message().contains("send its calls to node 1"), "{wrong:?}");
 
     // t1 holds row 1 through node 1; t2 asks for it through node 2 and waits in the same
     // queue, at the leader.

@@ -116,6 +116,26 @@ impl Coordinator {
         Ok(tc)
     }
 
+    /// One of several serving nodes (`[etcd] mode = "serving"`) with id `node_id` on the
+    /// etcd cluster at `endpoints`, with `token` as the cluster's root token (the nodes open
+    /// each other's lock stream with it).
+    pub fn start_serving(binary: &str, endpoints: &[String], node_id: u16, token: &str) -> Result<Coordinator> {
+        let toml = format!(
+            "token = \"{token}\"\n{}mode = \"serving\"\n",
+            etcd_node(endpoints, node_id)
+        );
+        let mut tc = Self::start_with(binary, &toml)?;
+        tc.token = Some(token.to_owned());
+        Ok(tc)
+    }
+
+    /// With several serving nodes: whether it serves and leads the cluster's locks.
+    pub async fn leads_locks(&self) -> bool {
+        self.get("/healthz")
+            .await
+            .is_ok_and(|health| health["lock_leader"]["this_node"] == true)
+    }
+
     /// Whether it answers `/healthz` as serving (not standing by, stopping or failed).
     pub async fn serving(&self) -> bool {
         matches!(
@@ -192,18 +212,26 @@ impl Coordinator {
         .await
     }
 
-    /// GET on the HTTP API, parsed as JSON.
+    /// GET on the HTTP API, parsed as JSON; anything but 200 is an error.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        let (status, body) = crate::http_request(self.http, "GET", path, "", self.token.as_deref()).await?;
-        anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
-        Ok(serde_json::from_str(&body)?)
+        let (status, json) = self.call("GET", path, "").await?;
+        anyhow::ensure!(status == 200, "GET {path}: {status} {json}");
+        Ok(json)
+    }
+
+    /// GET on the HTTP API: the status and the JSON answer.
+    pub async fn get_answer(&self, path: &str) -> Result<(u16, Value)> {
+        self.call("GET", path, "").await
     }
 
     /// POST of a JSON body on the HTTP API: the status and the JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let (status, text) =
-            crate::http_request(self.http, "POST", path, &body.to_string(), self.token.as_deref()).await?;
-        let json = serde_json::from_str(&text).with_context(|| format!("POST {path}: {status} {text}"))?;
+        self.call("POST", path, &body.to_string()).await
+    }
+
+    async fn call(&self, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
+        let (status, text) = crate::http_request(self.http, method, path, body, self.token.as_deref()).await?;
+        let json = serde_json::from_str(&text).with_context(|| format!("{method} {path}: {status} {text}"))?;
         Ok((status, json))
     }
 

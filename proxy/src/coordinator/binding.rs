@@ -300,12 +300,13 @@ pub(crate) fn target(state: &SessionState, named: Option<String>) -> Result<Stri
     })
 }
 
-async fn client(global: &Global, what: &str) -> Result<ferrata_rpc::client::TcClient, ErrPacket> {
-    global.link.client().await.map_err(|e| unreachable(&e.0, what))
+/// A client for a call about `xid` (`None`: a begin).
+async fn client(global: &Global, xid: Option<&str>, what: &str) -> Result<ferrata_rpc::client::TcClient, ErrPacket> {
+    global.link.client(xid).await.map_err(|e| unreachable(&e.0, what))
 }
 
 async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String, ErrPacket> {
-    let mut c = client(global, "begin a global transaction").await?;
+    let mut c = client(global, None, "begin a global transaction").await?;
     let begun = c.global_begin(pb::GlobalBeginRequest { timeout_ms, name });
     match answered_within(global.outcome_wait, begun).await {
         Ok(r) => Ok(r.xid),
@@ -314,7 +315,7 @@ async fn begin(global: &Global, timeout_ms: u64, name: String) -> Result<String,
 }
 
 async fn status(global: &Global, xid: &str) -> Result<pb::GlobalOutcome, ErrPacket> {
-    let mut c = client(global, "look up the global transaction").await?;
+    let mut c = client(global, Some(xid), "look up the global transaction").await?;
     let asked = c.tm.global_status(pb::XidRequest { xid: xid.to_owned() });
     match answered_within(global.outcome_wait, asked).await {
         Ok(r) => Ok(r.into_inner()),

@@ -41,7 +41,7 @@ impl Global {
         // A request left this proxy: the coordinator may have carried it out.
         let mut sent = false;
         loop {
-            let cause = match self.link.client().await {
+            let cause = match self.link.client(Some(xid)).await {
                 Err(e) => e.0,
                 Ok(mut c) => {
                     let request = pb::XidRequest { xid: xid.to_owned() };

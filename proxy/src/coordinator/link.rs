@@ -1,142 +1,198 @@
-//! The proxy's link to the transaction coordinator: a client for calls, with failover across
-//! the configured nodes, and the supervised Attach stream on which phase-2 commands arrive
-//! (re-opened with backoff whenever it ends, re-announcing every resource served), which also
-//! keeps the guarded-table view (`guards.rs`) current and, while it is open, carries the
-//! sessions' per-transaction calls (`ferrata_rpc::calls`), so that they share its frames.
+//! The proxy's link to the transaction coordinator: an Attach stream to every configured
+//! node (each re-opened with backoff whenever it ends, re-announcing every resource served),
+//! on which phase-2 commands arrive and which keeps the guarded-table view (`guards.rs`)
+//! current, and a client per node for calls, made on that node's stream while it is open
+//! (`ferrata_rpc::calls`), so that they share its frames.
+//!
+//! Where a call goes:
+//! - One coordinator, or the active one of several sharing a store (a standby refuses the
+//!   stream): to the node attached to; while none is, to the first node that answers, in
+//!   order, starting after the last one that failed.
+//! - Several serving nodes (their Welcome says so): a global transaction's calls go to the
+//!   node that began it, which its XID names (`<node id>-<n>`), since only that node serves
+//!   it; a begin goes to the attached nodes in turn.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrata_rpc::calls::StreamCalls;
 use ferrata_rpc::client::{self, ClientConfig, CommandHandler, GuardSink, TcClient};
 use ferrata_rpc::pb;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Home;
 use crate::config::Coordinator;
 
 pub struct Link {
-    configs: Vec<ClientConfig>,
-    /// The connected client and the index of its node.
-    current: tokio::sync::Mutex<Option<(usize, TcClient)>>,
-    /// Node to try first on the next connect.
-    next: Mutex<usize>,
-    /// The open Attach stream's calls and its node's index: clients of that node make their
-    /// per-transaction calls on it.
-    stream: Mutex<Option<(usize, StreamCalls)>>,
-    resources: Mutex<BTreeSet<String>>,
-    announce: mpsc::UnboundedSender<String>,
-    announced: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    nodes: Vec<Node>,
+    /// Where the next look for a node starts: begins take the attached nodes in turn, and a
+    /// failure moves it on.
+    next: AtomicUsize,
+    /// The resources this proxy serves: each stream's Hello names them, and every open
+    /// stream announces those added later.
+    resources: watch::Sender<BTreeSet<String>>,
     /// This process on the coordinator (random at start): it names the XA branches it
     /// registers, so that their phase 2 comes back here (`pb::Hello::instance_id`).
     pub instance_id: String,
-    /// Where the channel is made (`home.rs`), whoever asks for it first.
+    /// Where the channels are made (`home.rs`), whoever asks for them first.
     home: Home,
+}
+
+/// One configured coordinator node.
+struct Node {
+    config: ClientConfig,
+    /// Its client once connected; forgotten when the node fails.
+    client: tokio::sync::Mutex<Option<TcClient>>,
+    /// Its Attach stream while it is open.
+    stream: Mutex<Option<Stream>>,
+}
+
+/// An open Attach stream, as calls use it.
+#[derive(Clone)]
+struct Stream {
+    calls: StreamCalls,
+    /// With several serving nodes, the id of the node (the XIDs it serves start with it).
+    serving_node: Option<u16>,
 }
 
 /// The coordinator cannot be reached at all.
 #[derive(Debug)]
 pub struct Unreachable(pub String);
 
+/// The longest pause between two tries to attach to a node: a standby that becomes active
+/// is attached to within about this long.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
 impl Link {
     pub fn new(config: &Coordinator) -> Link {
         let scheme = if config.tls_ca.is_some() { "https" } else { "http" };
-        let configs = config
+        let nodes = config
             .endpoints
             .iter()
-            .map(|e| ClientConfig {
-                endpoint: if e.contains("://") {
-                    e.clone()
-                } else {
-                    format!("{scheme}://{e}")
+            .map(|e| Node {
+                config: ClientConfig {
+                    endpoint: if e.contains("://") {
+                        e.clone()
+                    } else {
+                        format!("{scheme}://{e}")
+                    },
+                    token: config.token.as_ref().map(|t| t.0.clone()),
+                    tls_ca: config.tls_ca.clone(),
+                    max_message_bytes: None,
                 },
-                token: config.token.as_ref().map(|t| t.0.clone()),
-                tls_ca: config.tls_ca.clone(),
-                max_message_bytes: None,
+                client: tokio::sync::Mutex::new(None),
+                stream: Mutex::new(None),
             })
             .collect();
-        let (announce, announced) = mpsc::unbounded_channel();
         Link {
-            configs,
-            current: tokio::sync::Mutex::new(None),
-            next: Mutex::new(0),
-            stream: Mutex::new(None),
-            resources: Mutex::new(BTreeSet::new()),
-            announce,
-            announced: Mutex::new(Some(announced)),
+            nodes,
+            next: AtomicUsize::new(0),
+            resources: watch::Sender::new(BTreeSet::new()),
             instance_id: unique_id(),
             home: Home::current(),
         }
     }
 
-    /// What `ferrata_proxy_coordinator_attached` says: whether the Attach stream is open.
-    fn set_attached(attached: bool) {
-        metrics::gauge!("ferrata_proxy_coordinator_attached").set(if attached { 1.0 } else { 0.0 });
+    /// What `ferrata_proxy_coordinator_attached` says: how many Attach streams are open.
+    fn count_attached(&self) {
+        let open = self.nodes.iter().filter(|n| n.stream.lock().is_some()).count();
+        metrics::gauge!("ferrata_proxy_coordinator_attached").set(open as f64);
     }
 
-    /// A connected client, connecting to the first node that answers (starting after the
-    /// last one that failed).
-    pub async fn client(&self) -> Result<TcClient, Unreachable> {
-        self.connected().await.map(|(_, c)| c)
-    }
-
-    /// The connected client and its node's index.
-    async fn connected(&self) -> Result<(usize, TcClient), Unreachable> {
-        let mut current = self.current.lock().await;
-        if let Some((index, c)) = current.as_ref() {
-            return Ok((*index, c.clone()));
+    /// A client for a call about global transaction `xid` (`None`: a begin, or a call about
+    /// none), on the right node's stream if it is open (see the module's doc).
+    pub async fn client(&self, xid: Option<&str>) -> Result<TcClient, Unreachable> {
+        let attached: Vec<(usize, Stream)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.stream.lock().clone().map(|s| (i, s)))
+            .collect();
+        let serving = attached.iter().any(|(_, s)| s.serving_node.is_some());
+        // A malformed XID goes anywhere: the node says what is wrong with it.
+        let home = xid
+            .and_then(|x| x.split_once('-'))
+            .and_then(|(n, _)| n.parse::<u16>().ok());
+        if let (true, Some(home), Some(xid)) = (serving, home, xid) {
+            let Some((i, stream)) = attached.iter().find(|(_, s)| s.serving_node == Some(home)) else {
+                return Err(Unreachable(format!(
+                    "node {home} began global transaction {xid} and alone serves it, and this proxy is not attached to it \
+                     (it is down or restarting, or not among [coordinator] endpoints)"
+                )));
+            };
+            let c = self.connect(*i).await.map_err(Unreachable)?;
+            return Ok(c.with_stream(stream.calls.clone()));
         }
-        let start = *self.next.lock();
+        if !attached.is_empty() {
+            let (i, stream) = &attached[self.next.fetch_add(1, Ordering::Relaxed) % attached.len()];
+            if let Ok(c) = self.connect(*i).await {
+                return Ok(c.with_stream(stream.calls.clone()));
+            }
+        }
+        // No stream is open: the first node that answers.
+        let start = self.next.load(Ordering::Relaxed);
         let mut causes = Vec::new();
-        for i in 0..self.configs.len() {
-            let index = (start + i) % self.configs.len();
-            let config = self.configs[index].clone();
-            let connected = self.home.run(async move { TcClient::connect(&config).await }).await;
-            match connected.unwrap_or_else(|| Err(anyhow::anyhow!("ferrata-proxy is shutting down"))) {
-                Ok(c) => {
-                    let c = match self.stream.lock().as_ref() {
-                        Some((node, calls)) if *node == index => c.with_stream(calls.clone()),
-                        _ => c,
-                    };
-                    *current = Some((index, c.clone()));
-                    return Ok((index, c));
-                }
-                Err(e) => causes.push(format!("{e:#}")),
+        for k in 0..self.nodes.len() {
+            match self.connect((start + k) % self.nodes.len()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => causes.push(e),
             }
         }
         Err(Unreachable(causes.join("; ")))
     }
 
-    /// Forgets the connection after a transport failure, so the next call tries the next node.
+    /// Node `i`'s client, connecting first if need be.
+    async fn connect(&self, i: usize) -> Result<TcClient, String> {
+        let node = &self.nodes[i];
+        let mut client = node.client.lock().await;
+        if let Some(c) = client.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = node.config.clone();
+        let connected = self.home.run(async move { TcClient::connect(&config).await }).await;
+        match connected.unwrap_or_else(|| Err(anyhow::anyhow!("ferrata-proxy is shutting down"))) {
+            Ok(c) => {
+                *client = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => Err(format!("{}: {e:#}", node.config.endpoint)),
+        }
+    }
+
+    /// After a transport failure: the nodes without an open stream are connected afresh,
+    /// and the next call without one starts at the next node.
     pub async fn failed(&self, status: &tonic::Status) {
         if !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
             || ferrata_rpc::ErrorCode::of(status).is_some()
         {
             return;
         }
-        let mut current = self.current.lock().await;
-        if let Some((index, _)) = current.take() {
-            *self.next.lock() = (index + 1) % self.configs.len();
-            tracing::warn!(endpoint = self.configs[index].endpoint, error = %status.message(), "coordinator unreachable; failing over");
+        for node in &self.nodes {
+            if node.stream.lock().is_none() {
+                *node.client.lock().await = None;
+            }
         }
+        self.next.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %status.message(), "coordinator unreachable; trying the next node");
     }
 
     /// The resources this proxy serves.
     pub fn served(&self) -> Vec<String> {
-        self.resources.lock().iter().cloned().collect()
+        self.resources.borrow().iter().cloned().collect()
     }
 
     /// Makes sure the coordinator knows this proxy serves `resource`.
     pub fn serve(&self, resource: &str) {
-        if self.resources.lock().insert(resource.to_owned()) {
-            let _ = self.announce.send(resource.to_owned());
-        }
+        self.resources
+            .send_if_modified(|served| served.insert(resource.to_owned()));
     }
 
-    /// Keeps an Attach stream open until `stop`, handing phase-2 commands to `handler`.
+    /// Keeps an Attach stream open to every node until `stop`, handing phase-2 commands to
+    /// `handler` and guard updates to `guards`.
     pub async fn run_attach(
         self: Arc<Self>,
         rm_id: String,
@@ -144,70 +200,102 @@ impl Link {
         guards: Arc<dyn GuardSink>,
         stop: CancellationToken,
     ) {
-        let Some(mut announced) = self.announced.lock().take() else {
-            return;
-        };
-        Link::set_attached(false);
+        self.count_attached();
+        let streams = (0..self.nodes.len()).map(|i| {
+            let (link, rm_id, handler, guards, stop) = (
+                Arc::clone(&self),
+                rm_id.clone(),
+                Arc::clone(&handler),
+                Arc::clone(&guards),
+                stop.clone(),
+            );
+            tokio::spawn(async move { link.attach_to(i, &rm_id, &handler, &guards, &stop).await })
+        });
+        for stream in streams.collect::<Vec<_>>() {
+            let _ = stream.await;
+        }
+    }
+
+    /// Keeps node `i`'s Attach stream open until `stop`.
+    async fn attach_to(
+        &self,
+        i: usize,
+        rm_id: &str,
+        handler: &CommandHandler,
+        guards: &Arc<dyn GuardSink>,
+        stop: &CancellationToken,
+    ) {
+        let node = &self.nodes[i];
+        let endpoint = node.config.endpoint.as_str();
+        let mut resources = self.resources.subscribe();
         let mut backoff = Duration::from_millis(100);
+        // Whether the last try failed too: a standby refuses every one, said once.
+        let mut refused = false;
         while !stop.is_cancelled() {
-            let attached = match self.connected().await {
-                Ok((index, mut c)) => {
+            let announced = resources.borrow_and_update().clone();
+            let attached = match self.connect(i).await {
+                Ok(mut c) => {
                     let hello = pb::Hello {
-                        rm_id: rm_id.clone(),
-                        resource_ids: self.resources.lock().iter().cloned().collect(),
+                        rm_id: rm_id.to_owned(),
+                        resource_ids: announced.iter().cloned().collect(),
                         instance_id: self.instance_id.clone(),
                     };
-                    client::attach(&mut c.rm, hello, Arc::clone(&handler), Arc::clone(&guards))
+                    client::attach(&mut c.rm, hello, Arc::clone(handler), Arc::clone(guards))
                         .await
-                        .map(|attachment| (index, attachment))
                         .map_err(|e| format!("{e:#}"))
                 }
-                Err(Unreachable(e)) => Err(e),
+                Err(e) => Err(e),
             };
             match attached {
-                Ok((index, mut attachment)) => {
-                    tracing::info!(rm_id, "attached to the coordinator");
-                    // Calls go on the stream from now on, while it is open (then as unary
-                    // calls again, until the next one).
-                    *self.stream.lock() = Some((index, attachment.calls()));
-                    Link::set_attached(true);
-                    if let Some((current, c)) = self.current.lock().await.as_mut()
-                        && *current == index
-                    {
-                        *c = c.clone().with_stream(attachment.calls());
-                    }
-                    backoff = Duration::from_millis(100);
+                Ok(mut attachment) => {
+                    let serving_node = attachment.serving_node;
+                    tracing::info!(rm_id, endpoint, ?serving_node, "attached to the coordinator");
+                    // Calls to this node go on the stream from now on, while it is open.
+                    *node.stream.lock() = Some(Stream {
+                        calls: attachment.calls(),
+                        serving_node,
+                    });
+                    self.count_attached();
+                    (backoff, refused) = (Duration::from_millis(100), false);
+                    let mut announced = announced;
                     // `None`: stopped.
                     let ended = loop {
                         tokio::select! {
                             ended = attachment.closed() => break Some(ended.err().map(|e| format!("{e:#}"))),
-                            Some(resource) = announced.recv() => {
-                                attachment.announce(vec![resource]).await;
+                            Ok(()) = resources.changed() => {
+                                let now = resources.borrow_and_update().clone();
+                                let added: Vec<String> = now.difference(&announced).cloned().collect();
+                                announced = now;
+                                attachment.announce(added).await;
                             }
                             _ = stop.cancelled() => break None,
                         }
                     };
-                    *self.stream.lock() = None;
-                    Link::set_attached(false);
+                    *node.stream.lock() = None;
+                    self.count_attached();
                     let Some(ended) = ended else { return };
                     tracing::warn!(
+                        endpoint,
                         error = ended.as_deref().unwrap_or("closed by the coordinator"),
                         "coordinator stream ended; re-attaching"
                     );
-                    *self.current.lock().await = None;
+                    *node.client.lock().await = None;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot attach to the coordinator");
-                    *self.current.lock().await = None;
+                    if refused {
+                        tracing::debug!(endpoint, error = %e, retry_in = ?backoff, "cannot attach to the coordinator");
+                    } else {
+                        tracing::warn!(endpoint, error = %e, retry_in = ?backoff, "cannot attach to the coordinator (a standby refuses until it is active)");
+                    }
+                    refused = true;
+                    *node.client.lock().await = None;
                 }
             }
-            // Resources learnt meanwhile go out with the next Hello.
-            while announced.try_recv().is_ok() {}
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.cancelled() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

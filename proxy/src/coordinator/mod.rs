@@ -298,7 +298,11 @@ impl Global {
     async fn register_branch(&self, request: ferrata_rpc::pb::BranchRegisterRequest) -> Result<u64, ErrPacket> {
         let what = "register the branch";
         let xid = request.xid.clone();
-        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
+        let mut c = self
+            .link
+            .client(Some(&xid))
+            .await
+            .map_err(|e| unreachable(&e.0, what))?;
         let wait = Duration::from_millis(self.lock_wait_ms) + self.outcome_wait;
         match answered_within(wait, c.branch_register(request)).await {
             Ok(r) => Ok(r.branch_id),
@@ -341,7 +345,7 @@ impl Global {
             return Ok(());
         }
         let what = "guard the tables this statement writes";
-        let mut c = self.link.client().await.map_err(|e| unreachable(&e.0, what))?;
+        let mut c = self.link.client(Some(xid)).await.map_err(|e| unreachable(&e.0, what))?;
         let request = ferrata_rpc::pb::GuardTablesRequest {
             xid: xid.to_owned(),
             tables: missing,
@@ -383,7 +387,11 @@ impl Global {
             status: status as i32,
             reason: reason.to_owned(),
         };
-        let mut c = self.link.client().await.map_err(|e| ReportFailure::Unanswered(e.0))?;
+        let mut c = self
+            .link
+            .client(Some(xid))
+            .await
+            .map_err(|e| ReportFailure::Unanswered(e.0))?;
         match answered_within(self.outcome_wait, c.branch_report(request)).await {
             Ok(_) => Ok(()),
             Err(s) if ErrorCode::of(&s).is_some() => Err(ReportFailure::Refused(s.message().to_owned())),
@@ -429,7 +437,12 @@ impl Global {
                 });
         }
         for (database, locks) in by_database {
-            let mut c = self.link.client().await.map_err(|e| CheckFailure::Unreachable(e.0))?;
+            let about = (!xid.is_empty()).then_some(xid);
+            let mut c = self
+                .link
+                .client(about)
+                .await
+                .map_err(|e| CheckFailure::Unreachable(e.0))?;
             let request = ferrata_rpc::pb::LockQueryRequest {
                 xid: xid.to_owned(),
                 resource_id: self.resource(database),

@@ -773,7 +773,8 @@ async fn hand_over(
             })
             .collect(),
     };
-    let prepared = match outbox.global.link.client().await {
+    let about = (!global_xid.is_empty()).then_some(global_xid.as_str());
+    let prepared = match outbox.global.link.client(about).await {
         Err(e) => Err(crate::coordinator::unreachable(&e.0, "hand the messages over")),
         Ok(mut c) => match c.tm.messages_prepare(request).await {
             Ok(r) => Ok(r.into_inner().xid),

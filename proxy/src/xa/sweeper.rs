@@ -128,7 +128,7 @@ async fn sweep(xa: &Xa, first_seen: &mut HashMap<XaId, Instant>) -> Result<(), S
 }
 
 async fn ask(xa: &Xa, id: &XaId) -> Result<pb::XaOrphanResponse, String> {
-    let mut c = xa.global.link.client().await.map_err(|e| e.0)?;
+    let mut c = xa.global.link.client(Some(&id.xid)).await.map_err(|e| e.0)?;
     let request = pb::XaOrphanRequest {
         xid: id.xid.clone(),
         branch_id: id.branch_id,

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::{Mutation, Store, StoreError};
 
@@ -55,13 +56,20 @@ struct Shared {
     /// `None` once shutting down. Submitters send under the read lock, so once `shutdown` has
     /// taken this under the write lock, no send is in flight and none can follow.
     sender: RwLock<Option<mpsc::Sender<Submission>>>,
-    /// The cause of the store failure, set once by the journal thread.
-    failure: Arc<OnceLock<String>>,
+    failure: Arc<Failure>,
     /// Taken (and joined) by the first `shutdown`.
     thread: Mutex<Option<JoinHandle<()>>>,
     /// For [`Journal::store_serving`]; weak, so that the store is dropped (an etcd store hands
     /// back its lease) when the journal thread ends.
     store: Weak<dyn Store>,
+}
+
+/// The store failure that stopped the journal: its cause, set once by the journal thread,
+/// and a token cancelled then.
+#[derive(Default)]
+struct Failure {
+    cause: OnceLock<String>,
+    happened: CancellationToken,
 }
 
 fn failed_error(cause: &str) -> StoreError {
@@ -91,7 +99,7 @@ impl Journal {
         metrics::describe_counter!("ferrata_tc_store_commits_total", "Store commits");
 
         let (sender, receiver) = mpsc::channel();
-        let failure = Arc::new(OnceLock::new());
+        let failure = Arc::new(Failure::default());
         let thread_failure = failure.clone();
         let weak_store = Arc::downgrade(&store);
         let thread = std::thread::Builder::new()
@@ -146,7 +154,7 @@ impl Journal {
         batch: Vec<Mutation>,
         lazy: bool,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        if let Some(cause) = self.shared.failure.get() {
+        if let Some(cause) = self.shared.failure.cause.get() {
             return Err(failed_error(cause));
         }
         let sender = self.shared.sender.read();
@@ -170,7 +178,12 @@ impl Journal {
 
     /// The cause of the store failure that stopped the journal, if any (for /healthz).
     pub fn failed(&self) -> Option<String> {
-        self.shared.failure.get().cloned()
+        self.shared.failure.cause.get().cloned()
+    }
+
+    /// Cancelled when the store fails (then `failed` says why).
+    pub fn failure_signal(&self) -> CancellationToken {
+        self.shared.failure.happened.clone()
     }
 
     /// Stops accepting submissions, commits everything already queued and waits for the thread
@@ -193,12 +206,7 @@ impl Journal {
 
 /// The journal thread: runs until every sender is gone (shutdown, or every `Journal` dropped)
 /// and the queue is empty.
-fn run(
-    receiver: mpsc::Receiver<Submission>,
-    store: Arc<dyn Store>,
-    failure: Arc<OnceLock<String>>,
-    lazy_flush: Duration,
-) {
+fn run(receiver: mpsc::Receiver<Submission>, store: Arc<dyn Store>, failure: Arc<Failure>, lazy_flush: Duration) {
     let mut mutations: Vec<Mutation> = Vec::new();
     // Where each submission of the batch ends in `mutations`.
     let mut ends: Vec<usize> = Vec::new();
@@ -225,7 +233,7 @@ fn run(
             replies.push(next.reply);
         }
 
-        let result = if let Some(cause) = failure.get() {
+        let result = if let Some(cause) = failure.cause.get() {
             Err(failed_error(cause))
         } else if mutations.is_empty() {
             Ok(())
@@ -249,7 +257,8 @@ fn run(
                     "store commit failed; the coordinator accepts no more writes and must be restarted"
                 );
                 // Only this thread sets it, and only here, once: later batches take the branch above.
-                let _ = failure.set(e.0.clone());
+                let _ = failure.cause.set(e.0.clone());
+                failure.happened.cancel();
             }
             result
         };
