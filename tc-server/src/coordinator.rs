@@ -296,10 +296,14 @@ impl Coordinator {
         }
         let now_wall = now_ms();
         let mut resumed = (0, 0, 0);
+        // What exists, for a lock leader that may hold more of this node's (`sync_restored`).
+        let (mut stored, mut holding) = (Vec::new(), Vec::new());
         for record in snapshot.globals {
             let txn_id = record.txn_id;
             let status = record.status;
             let list = branches.remove(&txn_id).unwrap_or_default();
+            stored.push(txn_id);
+            holding.extend(crate::at::holding(&record, &list).map(|b| (txn_id, b.branch_id)));
             // Locks of every branch that has not finished phase 2 (commit released them), and
             // their tables, guarded already by the previous instance.
             let guarded = self.at.restore_txn(&record, &list)?;
@@ -364,6 +368,7 @@ impl Coordinator {
                 resumed.2 += 1;
             }
         }
+        self.at.sync_restored(self.ids.first(), stored, holding);
         self.at.count_held(&self.metrics);
         let sessions = self.sessions.read().len();
         tracing::info!(

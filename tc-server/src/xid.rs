@@ -42,6 +42,8 @@ pub fn parse_xid(xid: &str) -> Option<u64> {
 
 /// Hands out ids below the durable ceiling.
 pub struct Ids {
+    /// The first id this instance issues: every one below was issued before it started.
+    first: u64,
     next: AtomicU64,
     /// Every id below this is covered by a durable lease.
     ceiling: AtomicU64,
@@ -64,12 +66,18 @@ impl Ids {
         let ceiling = first + LEASE;
         journal.submit(vec![Mutation::SetIdCeiling(ceiling)]).await?;
         Ok(Arc::new(Ids {
+            first,
             next: AtomicU64::new(first),
             ceiling: AtomicU64::new(ceiling),
             leasing: AtomicBool::new(false),
             leased: Notify::new(),
             journal,
         }))
+    }
+
+    /// The first id this instance issues.
+    pub fn first(&self) -> u64 {
+        self.first
     }
 
     pub async fn next(self: &Arc<Self>) -> Result<u64, StoreError> {

@@ -87,6 +87,16 @@ impl LockAuthority {
         }
     }
 
+    /// After a restart: of the ids below `below`, the stored transactions `txns` are all
+    /// that exist and their branches `holding` all that hold rows, so the lock leader lets
+    /// go of anything else it holds for this node (grants whose registration never became
+    /// durable). This node's own locks were restored from the store already.
+    pub fn sync_restored(&self, below: u64, txns: Vec<u64>, holding: Vec<(u64, u64)>) {
+        if let LockAuthority::Remote(remote) = self {
+            remote.sync(below, txns, holding);
+        }
+    }
+
     /// Pins `tables` for `txn` at once, so that a later `forget` unpins them; the returned
     /// future waits until every resource manager guards them.
     pub fn guard<'a>(

@@ -223,6 +223,20 @@ impl TableGuards {
         }
     }
 
+    /// Transactions `txn_gone` names no longer pin anything (a node's sync: they no longer
+    /// exist).
+    pub fn unpin_gone(&self, txn_gone: &dyn Fn(u64) -> bool) {
+        let now = Instant::now();
+        let mut s = self.state.lock();
+        for e in s.entries.values_mut() {
+            let pinned = !e.pins.is_empty();
+            e.pins.retain(|&txn| !txn_gone(txn));
+            if pinned && e.pins.is_empty() {
+                e.unpinned_since = Some(now);
+            }
+        }
+    }
+
     /// Announces whichever of `tables` (pinned already) is not announced yet and waits until
     /// all of them are confirmed, or fails with `lock_wait_timeout` at `deadline`.
     pub async fn ensure(self: &Arc<Self>, tables: &[Table], deadline: Instant) -> Result<(), TcError> {

@@ -1055,6 +1055,35 @@ impl LockManager {
         self.inner.lock().rolling_back.remove(&txn);
     }
 
+    /// Lets go of the rows of every branch `branch_gone(txn, branch)` names and of the
+    /// rolling-back mark of every transaction `txn_gone` names (a node's sync: they no
+    /// longer exist).
+    pub fn drop_gone(&self, branch_gone: &dyn Fn(u64, u64) -> bool, txn_gone: &dyn Fn(u64) -> bool) {
+        let mut wakes = Vec::new();
+        {
+            let mut inner = self.inner.lock();
+            let freed: Vec<LockKey> = inner
+                .rows
+                .iter_mut()
+                .filter_map(|(key, row)| {
+                    let h = row.holder.as_mut()?;
+                    let mut empty = false;
+                    for branch in h.branches() {
+                        if branch_gone(h.txn, branch) {
+                            empty = h.remove(branch);
+                        }
+                    }
+                    empty.then(|| key.clone())
+                })
+                .collect();
+            for key in &freed {
+                inner.free_row(key, &mut wakes);
+            }
+            inner.rolling_back.retain(|&txn| !txn_gone(txn));
+        }
+        wake_all(wakes);
+    }
+
     /// Held rows matching `filter`, at most `limit` of them (an arbitrary subset when more
     /// match), sorted by key.
     pub fn held_rows(&self, filter: &dyn Fn(&LockKey) -> bool, limit: usize) -> Vec<HeldRow> {

@@ -12,7 +12,7 @@ pub mod guards;
 pub mod locks;
 pub mod remote;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use ferrata_rpc::ErrorCode;
@@ -195,6 +195,17 @@ impl At {
     pub fn forget(&self, txn: u64, guarded: &BTreeSet<Table>) {
         self.locks.forget_txn(txn);
         self.guards.unpin(txn, guarded);
+    }
+
+    /// A node (re)loaded namespace `namespace`: of its transactions and branches numbered
+    /// below `below`, only `txns` exist and only `holding` hold rows; everything else of
+    /// them goes (rows, marks, pins). Ids from `below` on were issued since, and stay.
+    pub fn sync_namespace(&self, namespace: u16, below: u64, txns: &HashSet<u64>, holding: &HashSet<(u64, u64)>) {
+        let before = |id: u64| crate::xid::node_of(id) == namespace && id < below;
+        let txn_gone = |txn: u64| before(txn) && !txns.contains(&txn);
+        let branch_gone = |txn: u64, branch: u64| before(txn) && before(branch) && !holding.contains(&(txn, branch));
+        self.locks.drop_gone(&branch_gone, &txn_gone);
+        self.guards.unpin_gone(&txn_gone);
     }
 
     /// Updates the held-rows gauge after rows were taken or released.

@@ -51,6 +51,8 @@ pub struct Leadership {
 /// A coordinator's lock calls, made at the cluster's lock leader.
 pub struct RemoteAt {
     pub leadership: Leadership,
+    /// The node's id: its namespace.
+    node_id: u16,
     next_id: AtomicU64,
     commands: mpsc::UnboundedSender<Command>,
     /// Releases and forgets wait for what the coordinator submitted before them.
@@ -90,6 +92,7 @@ impl RemoteAt {
         tokio::spawn(driver.run());
         RemoteAt {
             leadership,
+            node_id,
             next_id: AtomicU64::new(1 << 63),
             commands,
             after_durable: AfterDurable::start(journal),
@@ -127,6 +130,21 @@ impl RemoteAt {
         self.after_durable.then(move || {
             let _ = commands.send(Command::Tell { id, call });
         });
+    }
+
+    /// After this node (re)loaded its namespace: of the ids below `below`, only `txns` exist
+    /// and only `holding` (transaction, branch) hold rows (`At::sync_namespace`). Sent before
+    /// any later call.
+    pub fn sync(&self, below: u64, txns: Vec<u64>, holding: Vec<(u64, u64)>) {
+        self.tell(Call::Sync(pb::LockSync {
+            namespace: self.node_id.into(),
+            below,
+            txns,
+            holding: holding
+                .into_iter()
+                .map(|(txn, branch)| pb::LockBranch { txn, branch })
+                .collect(),
+        }));
     }
 
     /// Takes a branch's rows, waiting in the leader's queues until `deadline`.

@@ -17,7 +17,7 @@
 //!   and only then is any call of the newer one applied, so a release the node resends on
 //!   the newer stream can never come before a grant made on the older one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -202,6 +202,16 @@ impl LockLeader {
                 self.at.locks.set_rolling_back(txn);
                 answer(Answer::Done(true));
             }
+            Call::Sync(s) => match u16::try_from(s.namespace) {
+                Err(_) => answer(refused(&TcError::invalid("a namespace above 65535"))),
+                Ok(namespace) => {
+                    let txns: HashSet<u64> = s.txns.into_iter().collect();
+                    let holding: HashSet<(u64, u64)> = s.holding.iter().map(|b| (b.txn, b.branch)).collect();
+                    self.at.sync_namespace(namespace, s.below, &txns, &holding);
+                    self.at.count_held(&self.metrics);
+                    answer(Answer::Done(true));
+                }
+            },
             Call::Forget(f) => {
                 let tables: std::collections::BTreeSet<Table> = f.tables.iter().map(Table::from_pb).collect();
                 self.at.forget(f.txn, &tables);

@@ -100,12 +100,17 @@ impl Leader {
     /// A coordinator node whose locks are this leader's, on a store (keeping nothing) that
     /// the test may hold.
     async fn follower(&self, node_id: u16) -> Follower {
+        self.follower_from(node_id, Snapshot::default()).await
+    }
+
+    /// A coordinator node restarted on what its store held (`loaded`).
+    async fn follower_from(&self, node_id: u16, loaded: Snapshot) -> Follower {
         let (leader, address) = self.address(TOKEN);
         let store = Arc::new(HeldStore::default());
         let config = config(node_id);
         let caller = Caller::new(&config.calls).unwrap();
         let journal = Journal::start(Arc::clone(&store) as Arc<dyn crate::store::Store>);
-        let coordinator = Coordinator::recover(config, journal, Snapshot::default(), caller, Some(address))
+        let coordinator = Coordinator::recover(config, journal, loaded, caller, Some(address))
             .await
             .unwrap();
         Follower {
@@ -584,4 +589,89 @@ async fn a_commit_hands_its_rows_to_another_node_only_once_durable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_branch_hands_its_rows_to_another_node_only_once_durable() {
     rows_pass_to_another_node_only_once_durable(LetGo::ReportFailed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_lets_go_of_what_the_node_no_longer_has_below_its_new_ids_and_only_that() {
+    let leader = Leader::start().await;
+    let id = |n: u64| (2 << 48) | n;
+    let (gone, kept) = (id(1), id(2));
+    let old = leader.node(2, TOKEN);
+    old.acquire(gone, id(11), &[row("1")], soon()).await.unwrap();
+    old.acquire(kept, id(12), &[row("2")], soon()).await.unwrap();
+    // A branch whose registration never became durable.
+    old.acquire(kept, id(13), &[row("3")], soon()).await.unwrap();
+    let other = leader.node(3, TOKEN);
+    let (elsewhere, elsewhere_branch) = ((3 << 48) | 1, (3 << 48) | 2);
+    other
+        .acquire(elsewhere, elsewhere_branch, &[row("4")], soon())
+        .await
+        .unwrap();
+    let (gone_table, kept_table) = (Table::new("db1", "s", "gone"), Table::new("db1", "s", "kept"));
+    leader.at.guards.pin(gone, std::slice::from_ref(&gone_table));
+    leader.at.guards.pin(kept, std::slice::from_ref(&kept_table));
+
+    // Node 2 restarts: its store holds `kept` with branch id(12) holding rows, and it issues
+    // ids from id(100) on.
+    let new = leader.node(2, TOKEN);
+    new.sync(id(100), vec![kept], vec![(kept, id(12))]);
+    // A branch the stored transaction registered since.
+    new.acquire(kept, id(101), &[row("5")], soon()).await.unwrap();
+    let rows = || {
+        let mut held: Vec<(String, u64)> = leader
+            .at
+            .locks
+            .held_rows(&|_| true, 10)
+            .into_iter()
+            .map(|r| (String::from_utf8_lossy(&r.key.parts().values[0]).into_owned(), r.txn))
+            .collect();
+        held.sort();
+        held
+    };
+    let expected = vec![
+        ("2".to_owned(), kept),
+        ("4".to_owned(), elsewhere),
+        ("5".to_owned(), kept),
+    ];
+    assert_eq!(
+        rows(),
+        expected,
+        "rows 1 (a transaction gone) and 3 (a branch never stored) are let go"
+    );
+    assert!(!leader.at.guards.is_pinned(&gone_table));
+    assert!(leader.at.guards.is_pinned(&kept_table));
+
+    // Sent again, as after a broken stream, it changes nothing: what came since stays.
+    new.sync(id(100), vec![kept], vec![(kept, id(12))]);
+    // Answered after the sync on the same stream.
+    new.query(None, &[row("9")], soon()).await.unwrap();
+    assert_eq!(rows(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_makes_the_leader_let_go_of_a_grant_it_never_stored() {
+    use std::sync::mpsc::sync_channel;
+    let leader = Leader::start().await;
+    let first = leader.follower(2).await;
+    let xid = first.begin(60_000, String::new()).await.unwrap();
+    let (entered_tx, entered) = sync_channel(1);
+    let (release, release_rx) = sync_channel(1);
+    *first.store.held.lock() = Some((entered_tx, release_rx));
+    let registering = register_in_background(&first, &xid, "1");
+    let entered = tokio::task::spawn_blocking(move || entered.recv_timeout(LONG));
+    entered.await.unwrap().expect("the registration reached the store");
+    let txn = crate::xid::parse_xid(&xid).unwrap();
+    leader.wait_row(&row("1"), Some(txn), &[]).await;
+
+    // The node dies before the write is durable, and restarts on what its store holds:
+    // nothing of the transaction (its ids were leased, so it issues none of them again).
+    first.stop_now();
+    let loaded = Snapshot {
+        id_ceiling: txn + 1_000,
+        ..Snapshot::default()
+    };
+    let _second = leader.follower_from(2, loaded).await;
+    leader.wait_row(&row("1"), None, &[]).await;
+    drop(release);
+    registering.abort();
 }
