@@ -623,7 +623,7 @@ async fn a_sync_lets_go_of_what_the_node_no_longer_has_below_its_new_ids_and_onl
             .locks
             .held_rows(&|_| true, 10)
             .into_iter()
-            .map(|r| (String::from_utf8_lossy(&r.key.parts().values[0]).into_owned(), r.txn))
+            .map(|r| (String::from_utf8_lossy(r.key.parts().values[0]).into_owned(), r.txn))
             .collect();
         held.sort();
         held
