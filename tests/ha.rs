@@ -295,18 +295,10 @@ impl Nodes {
 
     /// Which node serves.
     async fn active(&self) -> Result<usize> {
-        let mut found = None;
-        until("a coordinator node to serve", async || {
-            for (i, node) in self.nodes.iter().enumerate() {
-                if node.serving().await {
-                    found = Some(i);
-                    return Ok(true);
-                }
-            }
-            Ok(false)
+        which(&self.nodes, "a coordinator node to serve", async |node| {
+            node.serving().await
         })
-        .await?;
-        Ok(found.expect("until returned"))
+        .await
     }
 
     fn cut(&mut self, i: usize, link: u8) -> Result<()> {
@@ -366,18 +358,10 @@ struct ServingNodes([Coordinator; 2]);
 impl ServingNodes {
     /// Which node leads the cluster's locks.
     async fn lock_leader(&self) -> Result<usize> {
-        let mut found = None;
-        until("a node to lead the cluster's locks", async || {
-            for (i, node) in self.0.iter().enumerate() {
-                if node.leads_locks().await {
-                    found = Some(i);
-                    return Ok(true);
-                }
-            }
-            Ok(false)
+        which(&self.0, "a node to lead the cluster's locks", async |node| {
+            node.leads_locks().await
         })
-        .await?;
-        Ok(found.expect("until returned"))
+        .await
     }
 }
 
@@ -390,6 +374,22 @@ impl Supervised for ServingNodes {
         }
         Ok(())
     }
+}
+
+/// The first of `nodes` that `is` says is the one, waiting for `what` until one is.
+async fn which(nodes: &[Coordinator], what: &str, is: impl AsyncFn(&Coordinator) -> bool) -> Result<usize> {
+    let mut found = None;
+    until(what, async || {
+        for (i, node) in nodes.iter().enumerate() {
+            if is(node).await {
+                found = Some(i);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await?;
+    Ok(found.expect("until returned"))
 }
 
 /// Waits until `PROGRESS` more transfers committed than had when it was called, supervising
@@ -550,7 +550,9 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 /// Several serving nodes: the bank workload through two proxies that attach to both nodes,
 /// each node serving the transactions it began while one of them holds every lock, as the
 /// lock leader is killed, then the node that does not lead, the lock leader hangs past its
-/// lease, a proxy dies and etcd's leader dies. Checked as above, on both nodes.
+/// lease, a proxy dies and etcd's leader dies. Checked as above, on both nodes; the store's
+/// history per namespace, and every registration stored while the leader that granted its
+/// rows led.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_proxy_and_etcd_fail() -> Result<()> {
     let mut etcd = EtcdCluster::start(3).await?;
@@ -641,6 +643,18 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         node.until_serving().await?;
     }
     check_books([&db_a, &db_b], &[&nodes.0[0], &nodes.0[1]], &books).await?;
+    let prefix = ferrata_tc::config::Etcd::default().prefix;
+    let history = check_store_history(&etcd.endpoints(), &prefix).await?;
+    eprintln!("the store's history: {history:?}");
+    // The first leader, and one for each fault that stopped the lock leader.
+    assert!(
+        history.lock_epochs.len() > 2 * rounds as usize,
+        "each fault that stopped the lock leader made a new one: {history:?}"
+    );
+    assert!(
+        history.lock_fenced > 0,
+        "registrations were fenced by the lock leader's epoch: {history:?}"
+    );
     // Both nodes served transactions.
     for node in &nodes.0 {
         let finished = node.get("/v1/transactions?status=Committed").await?;

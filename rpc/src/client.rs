@@ -325,6 +325,9 @@ async fn serve(
     // Guard updates not acknowledged yet, in order: (seq, when it may be).
     let mut acks: std::collections::VecDeque<(u64, AckWhen)> = std::collections::VecDeque::new();
     let mut seq = 0u64;
+    // The coordinator sends a heartbeat every interval: a stream silent for three is dead
+    // (a paused node, a link that stopped carrying), as the coordinator judges ours.
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
             acked = async { let (seq, when) = acks.front_mut().expect("not empty"); when.await; *seq }, if !acks.is_empty() => {
@@ -336,39 +339,45 @@ async fn serve(
                     return Ok(());
                 }
             }
-            message = inbound.message() => match message? {
-                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
-                    let handler = Arc::clone(&handler);
-                    let tx = tx.clone();
-                    handlers.spawn(async move {
-                        let request_id = command.request_id;
-                        let outcomes = handler(command).await;
-                        let results = pb::RmMessage {
-                            kind: Some(pb::rm_message::Kind::Results(pb::BranchResults { request_id, outcomes })),
-                        };
-                        let _ = tx.send(results).await;
-                    });
-                }
-                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) }) => calls.answered(answer),
-                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Guards(update)) }) => {
-                    acks.push_back((update.seq, guards.update(&update)));
-                }
-                Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(beat)) }) if beat.echo > 0 => {
-                    while let Some(&(n, sent)) = unanswered.front() {
-                        if n > beat.echo {
-                            break;
-                        }
-                        unanswered.pop_front();
-                        if n == beat.echo {
-                            guards.confirmed(sent, lease);
+            message = inbound.message() => {
+                heard = Instant::now();
+                match message? {
+                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Command(command)) }) => {
+                        let handler = Arc::clone(&handler);
+                        let tx = tx.clone();
+                        handlers.spawn(async move {
+                            let request_id = command.request_id;
+                            let outcomes = handler(command).await;
+                            let results = pb::RmMessage {
+                                kind: Some(pb::rm_message::Kind::Results(pb::BranchResults { request_id, outcomes })),
+                            };
+                            let _ = tx.send(results).await;
+                        });
+                    }
+                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) }) => calls.answered(answer),
+                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Guards(update)) }) => {
+                        acks.push_back((update.seq, guards.update(&update)));
+                    }
+                    Some(pb::TcMessage { kind: Some(pb::tc_message::Kind::Heartbeat(beat)) }) if beat.echo > 0 => {
+                        while let Some(&(n, sent)) = unanswered.front() {
+                            if n > beat.echo {
+                                break;
+                            }
+                            unanswered.pop_front();
+                            if n == beat.echo {
+                                guards.confirmed(sent, lease);
+                            }
                         }
                     }
+                    Some(_) => {}
+                    None => return Ok(()),
                 }
-                Some(_) => {}
-                None => return Ok(()),
-            },
+            }
             Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             _ = beat.tick() => {
+                if heard.elapsed() > interval * 3 {
+                    anyhow::bail!("no message from the coordinator for three heartbeat intervals");
+                }
                 seq += 1;
                 // Taken before sending: the lease is counted from no later than the
                 // coordinator's receipt.

@@ -255,22 +255,14 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             let stream = Stream {
                 conn: &conn,
                 guards: guards.as_ref(),
+                held_changed,
                 authorization,
                 tx: &tx,
             };
-            let reason = tokio::select! {
-                reason = serve_stream(&coordinator, stream, &mut inbound, interval, silence) => reason,
-                () = held_changed => {
-                    let e = ErrorCode::LockAuthorityUnavailable.status(
-                        "this node began or stopped leading the cluster's locks: attach again for its guard set",
-                        None,
-                    );
-                    let _ = tx.send(Err(e)).await;
-                    "the locks held here changed"
-                }
-            };
-            if let Some(guards) = &guards {
-                guards.detach(&conn);
+            let reason = serve_stream(&coordinator, stream, &mut inbound, interval, silence).await;
+            match &guards {
+                Some(guards) => guards.detach(&conn),
+                None => coordinator.rms.detach(&conn),
             }
             coordinator
                 .metrics
@@ -294,6 +286,10 @@ struct Stream<'a> {
     conn: &'a Arc<crate::rm::RmConnection>,
     /// The guards it was told of in its Welcome, if any.
     guards: Option<&'a Arc<TableGuards>>,
+    /// Completes when the locks held on this node change (it begins or stops leading a
+    /// cluster's): the stream ends, and its resource manager attaches again for the new
+    /// guard set.
+    held_changed: crate::at::authority::Changed,
     /// The stream's token, checked again for each call made on it.
     authorization: Option<Arc<str>>,
     tx: &'a mpsc::Sender<Result<pb::TcMessage, Status>>,
@@ -307,6 +303,7 @@ async fn serve_stream(
     Stream {
         conn,
         guards,
+        mut held_changed,
         authorization,
         tx,
     }: Stream<'_>,
@@ -318,7 +315,20 @@ async fn serve_stream(
     let mut beat = tokio::time::interval(interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deadline = tokio::time::Instant::now() + silence;
+    // Set when the locks held here changed: the stream takes no more commands or calls, and
+    // ends once the calls it took on are answered (or this time has passed).
+    let mut closing: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(until) = closing
+            && (calls.is_empty() || tokio::time::Instant::now() >= until)
+        {
+            let e = ErrorCode::LockAuthorityUnavailable.status(
+                "this node began or stopped leading the cluster's locks: attach again for its guard set",
+                None,
+            );
+            let _ = tx.send(Err(e)).await;
+            return "the locks held here changed";
+        }
         tokio::select! {
             message = inbound.message() => {
                 deadline = tokio::time::Instant::now() + silence;
@@ -330,11 +340,20 @@ async fn serve_stream(
                     }
                     Ok(Some(pb::RmMessage { kind: Some(pb::rm_message::Kind::Call(call)) })) => {
                         coordinator.metrics.stream_calls.increment(1);
-                        if calls.len() >= MAX_CALLS_IN_FLIGHT {
-                            let refused = ErrorCode::RmProtocol.status(
+                        let refused = if closing.is_some() {
+                            Some(ErrorCode::LockAuthorityUnavailable.status(
+                                "this Attach stream is closing (the node began or stopped leading the cluster's locks); nothing was done: make the call again",
+                                None,
+                            ))
+                        } else if calls.len() >= MAX_CALLS_IN_FLIGHT {
+                            Some(ErrorCode::RmProtocol.status(
                                 format!("more than {MAX_CALLS_IN_FLIGHT} calls in flight on one Attach stream; wait for answers"),
                                 None,
-                            );
+                            ))
+                        } else {
+                            None
+                        };
+                        if let Some(refused) = refused {
                             let answer = pb::Answer { id: call.id, response: Some(pb::answer::Response::Error(pb::CallError::of(&refused))) };
                             if tx.send(Ok(pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) })).await.is_err() {
                                 return "closed";
@@ -413,6 +432,13 @@ async fn serve_stream(
                 let _ = tx.send(Err(TcError::shutting_down().to_status())).await;
                 return "coordinator shutting down";
             }
+            () = &mut held_changed, if closing.is_none() => {
+                // No command is sent here any more; the answers to those sent before, and
+                // the calls taken on, are still served.
+                coordinator.rms.detach(conn);
+                closing = Some(tokio::time::Instant::now() + CALL_DRAIN);
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or(deadline)), if closing.is_some() => {}
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use axum::Router;
@@ -30,7 +31,7 @@ use crate::coordinator::Coordinator;
 use crate::grpc::{lock_service, services};
 use crate::lock_leader::LeaderSlot;
 use crate::serving::Campaign;
-use crate::standby::{NodeDescription, Standby};
+use crate::standby::{NodeDescription, Standby, campaign};
 use crate::store::etcd::EtcdStore;
 use crate::store::journal::Journal;
 use crate::store::wal::{self, LoggedStore};
@@ -220,13 +221,15 @@ impl Server {
             h.context("the HTTP server panicked")?
         };
         let lead_lost = async {
-            match campaign {
-                Some(task) => match task.await {
-                    Ok(Ok(())) => std::future::pending().await,
-                    Ok(Err(e)) => e,
-                    Err(e) => anyhow::anyhow!("the campaign for the cluster's locks panicked: {e}"),
-                },
-                None => std::future::pending().await,
+            let Some(task) = campaign.as_mut() else {
+                return std::future::pending().await;
+            };
+            let ended = task.await;
+            campaign = None;
+            match ended {
+                Ok(Ok(())) => std::future::pending().await,
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::anyhow!("the campaign for the cluster's locks panicked: {e}"),
             }
         };
         let failed = journal.failure_signal();
@@ -272,6 +275,12 @@ impl Server {
                 Err(e)
             }
         };
+        if let Some(task) = campaign {
+            // It stops leading and hands its lease back, so the next leader need not wait
+            // for it to run out.
+            serving.cancel();
+            let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
+        }
         // Everything acknowledged is already durable; this writes what was still queued (a
         // node that lost its lease writes nothing: etcd refuses it).
         journal.shutdown();
@@ -350,24 +359,29 @@ impl Owning {
     /// Waits until this node owns the store, telling `standby` of the owners met meanwhile,
     /// then loads it; `None` if stopped first.
     async fn own(&self, standby: Standby) -> anyhow::Result<Option<Snapshot>> {
-        let description = serde_json::to_string(&self.me)?;
-        let (store, stop, bound) = (Arc::clone(&self.store), self.stop.clone(), self.bound);
-        tracing::info!(rpc = %bound.0, http = %bound.1, store = %store.area(), "campaigning to own the etcd store");
-        tokio::task::spawn_blocking(move || {
-            let mut took_over = false;
-            let epoch = store.acquire(&description, &stop, &mut |owner| {
-                if !took_over {
-                    tracing::info!(rpc = %bound.0, http = %bound.1, active = %owner.description, epoch = owner.epoch, "standing by: another node owns the store");
+        let bound = self.bound;
+        tracing::info!(rpc = %bound.0, http = %bound.1, store = %self.store.area(), "campaigning to own the etcd store");
+        let took_over = Arc::new(AtomicBool::new(false));
+        let met = {
+            let (standby, took_over) = (standby.clone(), Arc::clone(&took_over));
+            move |node: Option<NodeDescription>, epoch| {
+                if !took_over.swap(true, Ordering::Relaxed) {
+                    tracing::info!(rpc = %bound.0, http = %bound.1, active = ?node, epoch, "standing by: another node owns the store");
                 }
-                took_over = true;
-                standby.saw(&owner.description, owner.epoch);
-            })?;
-            let Some(epoch) = epoch else { return Ok(None) };
-            standby.taking_over();
-            tracing::info!(epoch, took_over, "this node owns the store; loading it");
-            Ok(Some(store.load()?))
-        })
-        .await?
+                standby.saw(node, epoch);
+            }
+        };
+        let Some(epoch) = campaign(&self.store, &self.me, &self.stop, met).await? else {
+            return Ok(None);
+        };
+        standby.taking_over();
+        tracing::info!(
+            epoch,
+            took_over = took_over.load(Ordering::Relaxed),
+            "this node owns the store; loading it"
+        );
+        let store = Arc::clone(&self.store);
+        Ok(Some(tokio::task::spawn_blocking(move || store.load()).await??))
     }
 }
 

@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::lock_leader::{LeaderSlot, LockLeader};
 use crate::metrics::Metrics;
 use crate::rm::RmRegistry;
-use crate::standby::NodeDescription;
+use crate::standby::{NodeDescription, campaign};
 use crate::store::etcd::EtcdStore;
 
 /// One node's campaign to lead the cluster's locks, and its lead once it wins.
@@ -78,44 +78,27 @@ impl Campaign {
     /// resource managers attached to this node); `Err` if it cannot campaign, or when it led
     /// and lost its lease (the node must stop).
     pub async fn run(self, rms: Arc<RmRegistry>, stop: CancellationToken) -> anyhow::Result<()> {
-        let store = Arc::clone(&self.store);
-        let description = serde_json::to_string(&self.me)?;
         let result = async {
-            let epoch = {
-                let (store, stop, config) = (Arc::clone(&store), stop.clone(), self.config.clone());
-                let address = self.told.address.clone();
-                tokio::task::spawn_blocking(move || {
-                    store.acquire(&description, &stop, &mut |owner| {
-                        let leader = serde_json::from_str::<NodeDescription>(&owner.description).ok();
-                        if leader.is_none() {
-                            tracing::warn!(description = %owner.description, "the lock leader key does not describe a ferrata-tc node");
-                        }
-                        tracing::info!(leader = %owner.description, epoch = owner.epoch, "another node leads the cluster's locks");
-                        address.send_if_modified(|now| replace(now, leader.map(|l| peer(&config, &l.rpc))));
-                    })
-                })
-                .await??
+            let (config, address) = (self.config.clone(), self.told.address.clone());
+            let met = move |leader: Option<NodeDescription>, epoch| {
+                tracing::info!(?leader, epoch, "another node leads the cluster's locks");
+                address.send_if_modified(|now| replace(now, leader.map(|l| peer(&config, &l.rpc))));
             };
-            let Some(epoch) = epoch else { return Ok(()) };
-            self.lead(&store, epoch as u64, rms, &stop).await
+            let Some(epoch) = campaign(&self.store, &self.me, &stop, met).await? else {
+                return Ok(());
+            };
+            self.lead(epoch as u64, rms, &stop).await
         }
         .await;
         // Revoked as the store is dropped, off the runtime so the revoke is waited for: the
         // next leader need not wait for the lease to run out.
-        drop(store);
         let Campaign { store, .. } = self;
         let _ = tokio::task::spawn_blocking(move || drop(store)).await;
         result
     }
 
     /// Rebuilds the cluster's locks, serves them until `stop` or until the lease runs out.
-    async fn lead(
-        &self,
-        store: &Arc<EtcdStore>,
-        epoch: u64,
-        rms: Arc<RmRegistry>,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    async fn lead(&self, epoch: u64, rms: Arc<RmRegistry>, stop: &CancellationToken) -> anyhow::Result<()> {
         tracing::info!(
             epoch,
             "this node leads the cluster's locks; rebuilding them from every namespace"
@@ -124,7 +107,7 @@ impl Campaign {
         // Not a fresh store: resource managers may trust the previous leader's guard set.
         let at = Arc::new(At::new(&self.config, rms, false, &metrics));
         let open = {
-            let store = Arc::clone(store);
+            let store = Arc::clone(&self.store);
             tokio::task::spawn_blocking(move || store.load_namespaces()).await??
         };
         for (record, branches) in &open {
@@ -143,7 +126,7 @@ impl Campaign {
             rows = at.locks.held_count(),
             "serving the cluster's locks"
         );
-        let lost = store.lost();
+        let lost = self.store.lost();
         let result = tokio::select! {
             () = lost.cancelled() => Err(anyhow::anyhow!(
                 "lost the lead of the cluster's locks (its etcd lease ran out); restart this node to campaign again"

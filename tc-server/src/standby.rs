@@ -23,8 +23,10 @@ use ferrata_rpc::ErrorCode;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::TcError;
+use crate::store::etcd::EtcdStore;
 
 /// What the active node says about itself in the owner key.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,12 +52,8 @@ pub struct Standby {
 }
 
 impl Standby {
-    /// Records the owner met while waiting (its description as the owner key holds it).
-    pub fn saw(&self, description: &str, epoch: i64) {
-        let node = serde_json::from_str(description).ok();
-        if node.is_none() {
-            tracing::warn!(%description, "the store's owner key does not describe a ferrata-tc node");
-        }
+    /// Records the owner met while waiting (`None`: its owner key describes no node).
+    pub fn saw(&self, node: Option<NodeDescription>, epoch: i64) {
         *self.active.write() = Some(Active { node, epoch });
     }
 
@@ -77,6 +75,30 @@ impl Standby {
             .fallback(redirect)
             .with_state(self.clone())
     }
+}
+
+/// Campaigns for `store` as `me` until this node owns it, returning its epoch (`None` if
+/// `stop` came first); `met` hears of every other owner on the way, with its description
+/// (`None`: the owner key describes no ferrata-tc node, which is logged).
+pub async fn campaign(
+    store: &Arc<EtcdStore>,
+    me: &NodeDescription,
+    stop: &CancellationToken,
+    mut met: impl FnMut(Option<NodeDescription>, i64) + Send + 'static,
+) -> anyhow::Result<Option<i64>> {
+    let description = serde_json::to_string(me)?;
+    let (store, stop) = (Arc::clone(store), stop.clone());
+    let epoch = tokio::task::spawn_blocking(move || {
+        store.acquire(&description, &stop, &mut |owner| {
+            let node = serde_json::from_str(&owner.description).ok();
+            if node.is_none() {
+                tracing::warn!(description = %owner.description, store = %store.area(), "the owner key does not describe a ferrata-tc node");
+            }
+            met(node, owner.epoch);
+        })
+    })
+    .await??;
+    Ok(epoch)
 }
 
 async fn healthz(State(standby): State<Standby>) -> Response {

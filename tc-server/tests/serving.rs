@@ -94,6 +94,15 @@ async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_n
     let (rec1, rec2) = (Recorder::new(), Recorder::new());
     let _rm1 = TestRm::attach(&c1, "rm-1", &["db"], &rec1).await?;
     let mut rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+    // A resource manager's stream that ends leaves the node (which runs no guards: its locks
+    // are the leader's).
+    let mut gone = TestRm::attach(&c2, "rm-gone", &["db"], &Recorder::new()).await?;
+    gone.crash();
+    eventually("the ended stream to leave node 2", || async {
+        let v = second.http().get_json("/healthz").await?;
+        Ok((v["resource_managers"] == 1).then_some(()))
+    })
+    .await?;
 
     // Each node issues XIDs of its own namespace.
     let t1 = begin(&c1, 60_000).await?;

@@ -2,8 +2,13 @@
 //! prefix, read back with a watch from the first one after a fault run, and checked:
 //!
 //! * every revision that changed records carries its writer's epoch (`meta/writer`, which
-//!   every fenced write puts), and that epoch is the owner key's at that revision: no
-//!   write skipped the fence, and no node wrote after another took the store over;
+//!   every fenced write puts), and that epoch is the owner key's at that revision, the owner
+//!   of the area written (the whole store, or with several serving nodes one node's
+//!   namespace `ns/<n>/`): no write skipped the fence, and no node wrote after another took
+//!   its area over;
+//! * a write fenced by the lock leader's epoch (a registration whose rows it granted, the
+//!   stamp's `lock=<epoch>`) landed while that leader led: no registration granted by a
+//!   former leader was stored after a new one rebuilt the locks;
 //! * at no revision does a row belong to two transactions' stored branches as a takeover
 //!   would restore them (the rows of branches that hold locks, of transactions that hold
 //!   locks): no row was granted to two unfinished transactions at once, as far as anything
@@ -31,8 +36,12 @@ pub struct StoreHistory {
     pub revisions: u64,
     /// Of them, the ones that changed records (each one etcd transaction of a journal batch).
     pub writes: u64,
-    /// The owners' epochs, in the order they owned the store.
+    /// The owners' epochs, in the order they owned their areas (every area's).
     pub epochs: Vec<i64>,
+    /// The lock leaders' epochs, in the order they led.
+    pub lock_epochs: Vec<i64>,
+    /// Writes fenced by a lock leader's epoch.
+    pub lock_fenced: u64,
     /// The most rows held at once.
     pub most_rows_held: usize,
 }
@@ -40,17 +49,20 @@ pub struct StoreHistory {
 /// One revision's events, as they are gathered.
 struct Revision {
     number: i64,
-    /// The epoch its writer stamped, if any.
-    writer: Option<i64>,
-    /// Whether it changed records (not only the owner key).
-    changed: bool,
+    /// The area its writer stamped (`None`: the whole store), its epoch, and the lock
+    /// leader epochs it was fenced by.
+    writer: Option<(Option<u16>, i64, Vec<i64>)>,
+    /// The area whose records it changed, if it changed any (not only owner keys).
+    changed: Option<Option<u16>>,
 }
 
 /// The store's state as of one revision: what the checks need.
 #[derive(Default)]
 struct State {
-    /// The owner key's create revision, while it exists.
-    owner: Option<i64>,
+    /// Each area's owner key's create revision, while it exists (`None`: the whole store's).
+    owners: HashMap<Option<u16>, i64>,
+    /// The lock leader key's create revision, while it exists.
+    lock_owner: Option<i64>,
     globals: HashMap<u64, GlobalStatus>,
     branches: BTreeMap<(u64, u64), (BranchStatus, Vec<LockKey>)>,
 }
@@ -120,24 +132,32 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
                 let Revision { writer, changed, .. } = current.get_or_insert(Revision {
                     number: revision,
                     writer: None,
-                    changed: false,
+                    changed: None,
                 });
                 let key = kv
                     .key()
                     .strip_prefix(prefix.as_bytes())
                     .context("a key outside the prefix")?;
+                let (area, key) = area_of(key)?;
                 let parsed = StoredKey::parse(key)
                     .with_context(|| format!("the unknown key {:?}", String::from_utf8_lossy(key)))?;
                 let put = event.event_type() == EventType::Put;
                 match parsed {
                     StoredKey::Owner if put => {
-                        state.owner = Some(kv.create_revision());
+                        state.owners.insert(area, kv.create_revision());
                         history.epochs.push(kv.create_revision());
                     }
-                    StoredKey::Owner => state.owner = None,
-                    StoredKey::Writer => *writer = Some(std::str::from_utf8(kv.value())?.parse()?),
+                    StoredKey::Owner => {
+                        state.owners.remove(&area);
+                    }
+                    StoredKey::LockLeader if put => {
+                        state.lock_owner = Some(kv.create_revision());
+                        history.lock_epochs.push(kv.create_revision());
+                    }
+                    StoredKey::LockLeader => state.lock_owner = None,
+                    StoredKey::Writer => *writer = Some(parse_stamp(area, kv.value())?),
                     StoredKey::Global(txn) => {
-                        *changed = true;
+                        *changed = Some(area);
                         if put {
                             state.globals.insert(txn, read_global(&"etcd", kv.value())?.status);
                         } else {
@@ -145,7 +165,7 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
                         }
                     }
                     StoredKey::Branch { txn, branch } => {
-                        *changed = true;
+                        *changed = Some(area);
                         if put {
                             let record = read_branch(&"etcd", kv.value())?;
                             state.branches.insert((txn, branch), (record.status, record.lock_keys));
@@ -153,7 +173,7 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
                             state.branches.remove(&(txn, branch));
                         }
                     }
-                    _ => *changed = true,
+                    _ => *changed = Some(area),
                 }
             }
         }
@@ -177,20 +197,65 @@ fn end_revision(history: &mut StoreHistory, state: &State, revision: Revision) -
         changed,
     } = revision;
     history.revisions += 1;
-    if !changed {
+    let Some(area) = changed else {
         return Ok(());
-    }
+    };
     history.writes += 1;
-    let Some(writer) = writer else {
+    let Some((stamped, writer, lock_epochs)) = writer else {
         bail!("revision {revision} changed records without a writer's epoch: a write skipped the fence");
     };
-    if state.owner != Some(writer) {
+    if stamped != area {
+        bail!("revision {revision} changed records of area {area:?} and stamped area {stamped:?}");
+    }
+    let owner = state.owners.get(&area).copied();
+    if owner != Some(writer) {
         bail!(
-            "revision {revision} was written under epoch {writer} while the owner's epoch was {:?}: a stale write",
-            state.owner
+            "revision {revision} was written under epoch {writer} while the owner's epoch of area {area:?} was {owner:?}: a stale write"
         );
+    }
+    for lock_epoch in &lock_epochs {
+        if state.lock_owner != Some(*lock_epoch) {
+            bail!(
+                "revision {revision} stored a registration whose rows the lock leader of epoch {lock_epoch} granted, while the leader's epoch was {:?}",
+                state.lock_owner
+            );
+        }
+    }
+    if !lock_epochs.is_empty() {
+        history.lock_fenced += 1;
     }
     let rows = state.rows().with_context(|| format!("at revision {revision}"))?;
     history.most_rows_held = history.most_rows_held.max(rows.len());
     Ok(())
+}
+
+/// The area a key (without the prefix) belongs to, and the key within it.
+fn area_of(key: &[u8]) -> Result<(Option<u16>, &[u8])> {
+    let Some(rest) = key.strip_prefix(b"ns/") else {
+        return Ok((None, key));
+    };
+    let text = std::str::from_utf8(rest.get(..4).context("a namespace key too short")?)?;
+    let n = u16::from_str_radix(text, 16).with_context(|| format!("the namespace {text:?}"))?;
+    let inner = rest
+        .get(4..)
+        .and_then(|r| r.strip_prefix(b"/"))
+        .context("a namespace key without its slash")?;
+    Ok((Some(n), inner))
+}
+
+/// A writer's stamp (`ferrata_tc::store::etcd::writer_stamp`): its epoch and the lock
+/// leader epochs it was fenced by.
+fn parse_stamp(area: Option<u16>, value: &[u8]) -> Result<(Option<u16>, i64, Vec<i64>)> {
+    let text = std::str::from_utf8(value)?;
+    let mut parts = text.split(' ');
+    let epoch = parts.next().unwrap_or_default().parse()?;
+    let lock_epochs = parts
+        .map(|p| {
+            p.strip_prefix("lock=")
+                .with_context(|| format!("the stamp {text:?}"))?
+                .parse()
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<Result<_>>()?;
+    Ok((area, epoch, lock_epochs))
 }

@@ -4,6 +4,9 @@
 //! current, and a client per node for calls, made on that node's stream while it is open
 //! (`ferrata_rpc::calls`), so that they share its frames.
 //!
+//! The guard view is kept by one stream at a time ([`GuardFeed`]): only a node that holds
+//! the locks sends guards, and a newer stream that sends them takes the view over.
+//!
 //! Where a call goes:
 //! - One coordinator, or the active one of several sharing a store (a standby refuses the
 //!   stream): to the node attached to; while none is, to the first node that answers, in
@@ -14,11 +17,11 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrata_rpc::calls::StreamCalls;
-use ferrata_rpc::client::{self, ClientConfig, CommandHandler, GuardSink, TcClient};
+use ferrata_rpc::client::{self, AckWhen, ClientConfig, CommandHandler, GuardSink, TcClient, ack_now};
 use ferrata_rpc::pb;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -29,6 +32,8 @@ use crate::config::Coordinator;
 
 pub struct Link {
     nodes: Vec<Node>,
+    /// Whether a node ever said it is one of several serving nodes.
+    serving: AtomicBool,
     /// Where the next look for a node starts: begins take the attached nodes in turn, and a
     /// failure moves it on.
     next: AtomicUsize,
@@ -47,16 +52,12 @@ struct Node {
     config: ClientConfig,
     /// Its client once connected; forgotten when the node fails.
     client: tokio::sync::Mutex<Option<TcClient>>,
-    /// Its Attach stream while it is open.
-    stream: Mutex<Option<Stream>>,
-}
-
-/// An open Attach stream, as calls use it.
-#[derive(Clone)]
-struct Stream {
-    calls: StreamCalls,
-    /// With several serving nodes, the id of the node (the XIDs it serves start with it).
-    serving_node: Option<u16>,
+    /// Its Attach stream's calls while it is open.
+    stream: Mutex<Option<StreamCalls>>,
+    /// With several serving nodes, its node id as its last Welcome said (the XIDs it serves
+    /// start with it); kept while its stream is down, so its transactions' calls still go
+    /// there.
+    serving_node: Mutex<Option<u16>>,
 }
 
 /// The coordinator cannot be reached at all.
@@ -86,10 +87,12 @@ impl Link {
                 },
                 client: tokio::sync::Mutex::new(None),
                 stream: Mutex::new(None),
+                serving_node: Mutex::new(None),
             })
             .collect();
         Link {
             nodes,
+            serving: AtomicBool::new(false),
             next: AtomicUsize::new(0),
             resources: watch::Sender::new(BTreeSet::new()),
             instance_id: unique_id(),
@@ -106,31 +109,35 @@ impl Link {
     /// A client for a call about global transaction `xid` (`None`: a begin, or a call about
     /// none), on the right node's stream if it is open (see the module's doc).
     pub async fn client(&self, xid: Option<&str>) -> Result<TcClient, Unreachable> {
-        let attached: Vec<(usize, Stream)> = self
+        // A malformed XID goes anywhere: the node says what is wrong with it.
+        let home = xid
+            .and_then(|x| x.split_once('-'))
+            .and_then(|(n, _)| n.parse::<u16>().ok());
+        if let (true, Some(home), Some(xid)) = (self.serving.load(Ordering::Relaxed), home, xid) {
+            let Some(i) = self.nodes.iter().position(|n| *n.serving_node.lock() == Some(home)) else {
+                return Err(Unreachable(format!(
+                    "node {home} began global transaction {xid} and alone serves it, and no node among [coordinator] \
+                     endpoints has said it is node {home}"
+                )));
+            };
+            // On its stream if it is open; as a unary call while it attaches again.
+            let stream = self.nodes[i].stream.lock().clone();
+            let c = self.connect(i).await.map_err(Unreachable)?;
+            return Ok(match stream {
+                Some(calls) => c.with_stream(calls),
+                None => c,
+            });
+        }
+        let attached: Vec<(usize, StreamCalls)> = self
             .nodes
             .iter()
             .enumerate()
             .filter_map(|(i, n)| n.stream.lock().clone().map(|s| (i, s)))
             .collect();
-        let serving = attached.iter().any(|(_, s)| s.serving_node.is_some());
-        // A malformed XID goes anywhere: the node says what is wrong with it.
-        let home = xid
-            .and_then(|x| x.split_once('-'))
-            .and_then(|(n, _)| n.parse::<u16>().ok());
-        if let (true, Some(home), Some(xid)) = (serving, home, xid) {
-            let Some((i, stream)) = attached.iter().find(|(_, s)| s.serving_node == Some(home)) else {
-                return Err(Unreachable(format!(
-                    "node {home} began global transaction {xid} and alone serves it, and this proxy is not attached to it \
-                     (it is down or restarting, or not among [coordinator] endpoints)"
-                )));
-            };
-            let c = self.connect(*i).await.map_err(Unreachable)?;
-            return Ok(c.with_stream(stream.calls.clone()));
-        }
         if !attached.is_empty() {
-            let (i, stream) = &attached[self.next.fetch_add(1, Ordering::Relaxed) % attached.len()];
+            let (i, calls) = &attached[self.next.fetch_add(1, Ordering::Relaxed) % attached.len()];
             if let Ok(c) = self.connect(*i).await {
-                return Ok(c.with_stream(stream.calls.clone()));
+                return Ok(c.with_stream(calls.clone()));
             }
         }
         // No stream is open: the first node that answers.
@@ -172,8 +179,11 @@ impl Link {
             return;
         }
         for node in &self.nodes {
-            if node.stream.lock().is_none() {
-                *node.client.lock().await = None;
+            // A node being connected to meanwhile is left to that.
+            if node.stream.lock().is_none()
+                && let Ok(mut client) = node.client.try_lock()
+            {
+                *client = None;
             }
         }
         self.next.fetch_add(1, Ordering::Relaxed);
@@ -201,15 +211,20 @@ impl Link {
         stop: CancellationToken,
     ) {
         self.count_attached();
+        let feed = Arc::new(GuardFeed {
+            view: guards,
+            feeding: Mutex::new(Feeding::default()),
+            streams: AtomicU64::new(0),
+        });
         let streams = (0..self.nodes.len()).map(|i| {
-            let (link, rm_id, handler, guards, stop) = (
+            let (link, rm_id, handler, feed, stop) = (
                 Arc::clone(&self),
                 rm_id.clone(),
                 Arc::clone(&handler),
-                Arc::clone(&guards),
+                Arc::clone(&feed),
                 stop.clone(),
             );
-            tokio::spawn(async move { link.attach_to(i, &rm_id, &handler, &guards, &stop).await })
+            tokio::spawn(async move { link.attach_to(i, &rm_id, &handler, &feed, &stop).await })
         });
         for stream in streams.collect::<Vec<_>>() {
             let _ = stream.await;
@@ -222,7 +237,7 @@ impl Link {
         i: usize,
         rm_id: &str,
         handler: &CommandHandler,
-        guards: &Arc<dyn GuardSink>,
+        feed: &Arc<GuardFeed>,
         stop: &CancellationToken,
     ) {
         let node = &self.nodes[i];
@@ -240,7 +255,7 @@ impl Link {
                         resource_ids: announced.iter().cloned().collect(),
                         instance_id: self.instance_id.clone(),
                     };
-                    client::attach(&mut c.rm, hello, Arc::clone(handler), Arc::clone(guards))
+                    client::attach(&mut c.rm, hello, Arc::clone(handler), feed.stream())
                         .await
                         .map_err(|e| format!("{e:#}"))
                 }
@@ -251,10 +266,11 @@ impl Link {
                     let serving_node = attachment.serving_node;
                     tracing::info!(rm_id, endpoint, ?serving_node, "attached to the coordinator");
                     // Calls to this node go on the stream from now on, while it is open.
-                    *node.stream.lock() = Some(Stream {
-                        calls: attachment.calls(),
-                        serving_node,
-                    });
+                    *node.stream.lock() = Some(attachment.calls());
+                    *node.serving_node.lock() = serving_node;
+                    if serving_node.is_some() {
+                        self.serving.store(true, Ordering::Relaxed);
+                    }
                     self.count_attached();
                     (backoff, refused) = (Duration::from_millis(100), false);
                     let mut announced = announced;
@@ -282,10 +298,11 @@ impl Link {
                     *node.client.lock().await = None;
                 }
                 Err(e) => {
+                    // Said once: a standby refuses every try until it is active.
                     if refused {
                         tracing::debug!(endpoint, error = %e, retry_in = ?backoff, "cannot attach to the coordinator");
                     } else {
-                        tracing::warn!(endpoint, error = %e, retry_in = ?backoff, "cannot attach to the coordinator (a standby refuses until it is active)");
+                        tracing::warn!(endpoint, error = %e, retry_in = ?backoff, "cannot attach to the coordinator; retrying");
                     }
                     refused = true;
                     *node.client.lock().await = None;
@@ -296,6 +313,73 @@ impl Link {
                 _ = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// The proxy's guard view, fed by one Attach stream at a time: the latest to send a guard
+/// set (a stream's first is its complete set). What an earlier stream still says of guards
+/// is acknowledged and not applied, so a node that no longer holds the locks (it lost its
+/// lease, or another took over) cannot unsettle the view its successor keeps.
+struct GuardFeed {
+    view: Arc<dyn GuardSink>,
+    feeding: Mutex<Feeding>,
+    /// Numbers the streams, in the order they attach.
+    streams: AtomicU64,
+}
+
+#[derive(Default)]
+struct Feeding {
+    /// The stream that keeps the view, while it is open.
+    current: Option<u64>,
+    /// The latest stream that ever kept it: no earlier one takes it over again.
+    latest: u64,
+}
+
+impl GuardFeed {
+    /// What a new stream hands its guard messages to.
+    fn stream(self: &Arc<Self>) -> Arc<dyn GuardSink> {
+        Arc::new(StreamGuards {
+            feed: Arc::clone(self),
+            stream: self.streams.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+    }
+}
+
+/// One stream's end of the [`GuardFeed`].
+struct StreamGuards {
+    feed: Arc<GuardFeed>,
+    stream: u64,
+}
+
+impl GuardSink for StreamGuards {
+    fn update(&self, update: &pb::GuardUpdate) -> AckWhen {
+        let mut feeding = self.feed.feeding.lock();
+        if feeding.current != Some(self.stream) {
+            if self.stream < feeding.latest {
+                return ack_now();
+            }
+            if feeding.current.is_some() {
+                // The view the other stream kept is not kept current any more.
+                self.feed.view.lost();
+            }
+            (feeding.current, feeding.latest) = (Some(self.stream), self.stream);
+        }
+        // Under the lock: two streams' updates never interleave.
+        self.feed.view.update(update)
+    }
+
+    fn confirmed(&self, sent: std::time::Instant, lease: Duration) {
+        if self.feed.feeding.lock().current == Some(self.stream) {
+            self.feed.view.confirmed(sent, lease);
+        }
+    }
+
+    fn lost(&self) {
+        let mut feeding = self.feed.feeding.lock();
+        if feeding.current == Some(self.stream) {
+            feeding.current = None;
+            self.feed.view.lost();
         }
     }
 }

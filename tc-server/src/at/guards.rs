@@ -383,9 +383,17 @@ impl TableGuards {
                 guard: tables.iter().map(Table::to_pb).collect(),
                 release: Vec::new(),
             };
-            (update, self.rms.connections())
+            (update, self.guarded_connections())
         };
         broadcast(update, &conns).await;
+    }
+
+    /// The connections this guard set was sent to (its complete set on attach): a stream of
+    /// the same node that runs no guard protocol is told nothing of it.
+    fn guarded_connections(&self) -> Vec<Arc<RmConnection>> {
+        let mut conns = self.rms.connections();
+        conns.retain(|c| c.guards_from() != u64::MAX);
+        conns
     }
 
     /// Sends a newly attached stream the complete set. Call it once the connection is in the
@@ -476,7 +484,7 @@ impl TableGuards {
                 guard: Vec::new(),
                 release: release.iter().map(Table::to_pb).collect(),
             };
-            (update, self.rms.connections())
+            (update, self.guarded_connections())
         };
         let released = update.release.len();
         broadcast(update, &conns).await;

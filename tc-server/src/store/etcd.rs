@@ -591,7 +591,11 @@ impl EtcdStore {
         }
         let owner_key = self.owner_key();
         let lock_key = self.cluster_key(StoredKey::LockLeader);
-        ops.push(TxnOp::put(self.stored(StoredKey::Writer), epoch.to_string(), None));
+        ops.push(TxnOp::put(
+            self.stored(StoredKey::Writer),
+            writer_stamp(epoch, lock_epochs),
+            None,
+        ));
         let mut conditions = vec![Compare::create_revision(owner_key.clone(), CompareOp::Equal, epoch)];
         conditions.extend(
             lock_epochs
@@ -700,7 +704,10 @@ impl EtcdStore {
     fn transactions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(Vec<Part>, u64), StoreError> {
         // Room for the writer's stamp that `fenced` adds.
         let max_ops = self.settings.max_txn_ops - 1;
-        let stamp = Op::Put(self.stored(StoredKey::Writer), i64::MAX.to_string().into_bytes());
+        let stamp = Op::Put(
+            self.stored(StoredKey::Writer),
+            writer_stamp(i64::MAX, &[u64::MAX]).into_bytes(),
+        );
         let max_bytes = self.settings.max_txn_bytes - stamp.bytes();
         let mut ceiling = self.ceiling.load(Ordering::Acquire);
         debug_assert_eq!(ends.last().copied().unwrap_or(0), batch.len(), "ends cover the batch");
@@ -935,6 +942,16 @@ async fn revoke(members: &Members, id: i64) -> Result<(), EtcdError> {
         .call(|c| async move { c.lease_client().revoke(id).await })
         .await
         .map(drop)
+}
+
+/// What a write puts into `meta/writer`: the writer's epoch, then ` lock=<epoch>` for each
+/// lock leader epoch it is fenced by (a history check compares them with the owners').
+pub fn writer_stamp(epoch: i64, lock_epochs: &[u64]) -> String {
+    let mut stamp = epoch.to_string();
+    for e in lock_epochs {
+        stamp.push_str(&format!(" lock={e}"));
+    }
+    stamp
 }
 
 /// Marks the lease as lost (once).
