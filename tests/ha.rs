@@ -21,6 +21,10 @@
 //!   And from etcd's history of the store (`support/history.rs`): every write was made by
 //!   the owner of its time, and no row was ever stored as held by two transactions. CI runs
 //!   the faults once; `FERRATA_HA_ROUNDS=<n>` runs them n times over.
+//! * The same workload across two serving nodes (`[etcd] mode = "serving"`), the faults
+//!   aimed at the lock leader and at the node that does not lead; the history is checked
+//!   per namespace, and every registration stored while the lock leader that granted its
+//!   rows led.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -273,24 +277,47 @@ struct Nodes {
     cut_from_etcd: [bool; 2],
 }
 
+/// How the nodes share the store.
+#[derive(Clone, Copy, PartialEq)]
+enum Ha {
+    ActiveStandby,
+    /// Several serving nodes: they reach each other's lock stream over their client links.
+    Serving,
+}
+
 impl Nodes {
-    async fn start(etcd: &EtcdCluster, hosts: [Arc<Host>; 2]) -> Result<Nodes> {
+    async fn start(etcd: &EtcdCluster, hosts: [Arc<Host>; 2], ha: Ha) -> Result<Nodes> {
         let node = |i: usize| {
-            Coordinator::start_on_etcd_in(
-                TC,
-                &etcd.endpoints_at(hosts[i].outside(ETCD_LINK)),
-                i as u16 + 1,
+            let (endpoints, place) = (
+                etcd.endpoints_at(hosts[i].outside(ETCD_LINK)),
                 (hosts[i].clone(), hosts[i].inside(CLIENT_LINK)),
-                TOKEN,
-            )
+            );
+            match ha {
+                Ha::ActiveStandby => Coordinator::start_on_etcd_in(TC, &endpoints, i as u16 + 1, place, TOKEN),
+                Ha::Serving => {
+                    hosts[i].route_hosts_via(CLIENT_LINK)?;
+                    Coordinator::start_serving_in(TC, &endpoints, i as u16 + 1, place, TOKEN)
+                }
+            }
         };
         let nodes = Nodes {
             nodes: [node(0)?, node(1)?],
             hosts,
             cut_from_etcd: [false; 2],
         };
-        nodes.active().await?;
+        match ha {
+            Ha::ActiveStandby => nodes.active().await?,
+            Ha::Serving => nodes.lock_leader().await?,
+        };
         Ok(nodes)
+    }
+
+    /// With several serving nodes: which node leads the cluster's locks.
+    async fn lock_leader(&self) -> Result<usize> {
+        which(&self.nodes, "a node to lead the cluster's locks", async |node| {
+            node.leads_locks().await
+        })
+        .await
     }
 
     /// Which node serves.
@@ -313,62 +340,35 @@ impl Nodes {
         Ok(())
     }
 
-    /// Cuts the active node off from etcd: it stops once unsure of its lease, and the other
-    /// takes over; then heals the link (the supervisor restarts the stopped node).
-    async fn cut_active_from_etcd(&mut self, seen: &Seen) -> Result<()> {
-        let cut = self.active().await?;
+    /// Cuts node `cut` off from etcd: it stops once unsure of its lease, and the other
+    /// takes over (`took_over` says when); then heals the link (the supervisor restarts
+    /// the stopped node).
+    async fn cut_from_etcd(
+        &mut self,
+        cut: usize,
+        took_over: impl AsyncFn(&Coordinator) -> bool,
+        seen: &Seen,
+    ) -> Result<()> {
         self.cut(cut, ETCD_LINK)?;
         until(
             "the other node to take over from the one cut off from etcd",
-            async || Ok(self.nodes[1 - cut].serving().await),
+            async || Ok(took_over(&self.nodes[1 - cut]).await),
         )
         .await?;
         until("the node cut off from etcd to stop", async || {
             Ok(!self.nodes[cut].is_running())
         })
         .await?;
-        progress(seen, self, "cutting the active node off from etcd").await?;
+        progress(seen, self, "cutting a node off from etcd").await?;
         self.heal(cut, ETCD_LINK)
     }
-}
 
-/// Coordinator nodes the test supervises.
-trait Supervised {
     /// Restarts, as a supervisor would, any node that stopped (a node unsure of its lease
-    /// stops, and an etcd leader change can make it unsure).
-    fn supervise(&mut self) -> Result<()>;
-}
-
-impl Supervised for Nodes {
-    /// Leaves a node cut off from etcd stopped until it heals, as a restarted node would
-    /// only wait for etcd.
+    /// stops, and an etcd leader change can make it unsure), unless it is cut off from etcd:
+    /// a restarted node would only wait for etcd.
     fn supervise(&mut self) -> Result<()> {
         for (node, cut) in self.nodes.iter_mut().zip(self.cut_from_etcd) {
             if !cut && !node.is_running() {
-                node.restart()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Several serving nodes, on loopback, supervised by the test.
-struct ServingNodes([Coordinator; 2]);
-
-impl ServingNodes {
-    /// Which node leads the cluster's locks.
-    async fn lock_leader(&self) -> Result<usize> {
-        which(&self.0, "a node to lead the cluster's locks", async |node| {
-            node.leads_locks().await
-        })
-        .await
-    }
-}
-
-impl Supervised for ServingNodes {
-    fn supervise(&mut self) -> Result<()> {
-        for node in &mut self.0 {
-            if !node.is_running() {
                 node.restart()?;
             }
         }
@@ -394,7 +394,7 @@ async fn which(nodes: &[Coordinator], what: &str, is: impl AsyncFn(&Coordinator)
 
 /// Waits until `PROGRESS` more transfers committed than had when it was called, supervising
 /// the nodes meanwhile.
-async fn progress(seen: &Seen, nodes: &mut impl Supervised, what: &str) -> Result<()> {
+async fn progress(seen: &Seen, nodes: &mut Nodes, what: &str) -> Result<()> {
     let target = seen.committed.load(Ordering::SeqCst) + PROGRESS;
     let deadline = tokio::time::Instant::now() + 3 * EVENT;
     loop {
@@ -425,7 +425,7 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         },
     )
     .await?;
-    let mut nodes = Nodes::start(&etcd, hosts).await?;
+    let mut nodes = Nodes::start(&etcd, hosts, Ha::ActiveStandby).await?;
     let options = || MariaDbOptions {
         extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
         ..Default::default()
@@ -489,7 +489,8 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
         progress(&seen, &mut nodes, "killing a proxy").await?;
 
         // The active node loses etcd but not the proxies: it stops, the other takes over.
-        nodes.cut_active_from_etcd(&seen).await?;
+        let cut = nodes.active().await?;
+        nodes.cut_from_etcd(cut, async |n| n.serving().await, &seen).await?;
         progress(&seen, &mut nodes, "healing the node cut off from etcd").await?;
 
         // The active node loses the proxies but not etcd: it keeps its lease, so nobody serves
@@ -514,7 +515,8 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 
         // Combined: the active node loses etcd while a proxy dies.
         pa.kill9_and_restart()?;
-        nodes.cut_active_from_etcd(&seen).await?;
+        let cut = nodes.active().await?;
+        nodes.cut_from_etcd(cut, async |n| n.serving().await, &seen).await?;
         progress(&seen, &mut nodes, "healing after a proxy died").await?;
     }
 
@@ -550,15 +552,25 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 /// Several serving nodes: the bank workload through two proxies that attach to both nodes,
 /// each node serving the transactions it began while one of them holds every lock, as the
 /// lock leader is killed, then the node that does not lead, the lock leader hangs past its
-/// lease, a proxy dies and etcd's leader dies. Checked as above, on both nodes; the store's
-/// history per namespace, and every registration stored while the leader that granted its
-/// rows led.
+/// lease, a proxy dies, etcd's leader dies, the lock leader is cut off from etcd (it stops,
+/// the other leads), and cut off from the proxies and the other node but not from etcd (it
+/// keeps its leases; every lock call fails until it heals). The nodes run in hosts of their
+/// own, as above, reaching each other over their client links. Checked as above, on both
+/// nodes; the store's history per namespace, and every registration stored while the lock
+/// leader that granted its rows led.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_proxy_and_etcd_fail() -> Result<()> {
-    let mut etcd = EtcdCluster::start(3).await?;
-    let node = |id| Coordinator::start_serving(TC, &etcd.endpoints(), id, TOKEN);
-    let mut nodes = ServingNodes([node(1)?, node(2)?]);
-    nodes.lock_leader().await?;
+async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd_and_proxies_fail_or_are_cut_off()
+-> Result<()> {
+    let hosts = [Arc::new(Host::create(2)?), Arc::new(Host::create(2)?)];
+    let mut etcd = EtcdCluster::start_with(
+        3,
+        EtcdOptions {
+            also_at: hosts.iter().map(|h| h.outside(ETCD_LINK)).collect(),
+            ..EtcdOptions::default()
+        },
+    )
+    .await?;
+    let mut nodes = Nodes::start(&etcd, hosts, Ha::Serving).await?;
     let options = || MariaDbOptions {
         extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
         ..Default::default()
@@ -568,7 +580,7 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         MariaDb::start_with(options()).await?,
     );
     create_accounts([&db_a, &db_b]).await?;
-    let tcs = [nodes.0[0].endpoint(), nodes.0[1].endpoint()];
+    let tcs = [nodes.nodes[0].endpoint(), nodes.nodes[1].endpoint()];
     let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
     let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
     let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
@@ -595,24 +607,24 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         // The lock leader dies: the other node leads, its locks rebuilt from both namespaces,
         // and the dead one, restarted, serves its namespace again.
         let leader = nodes.lock_leader().await?;
-        nodes.0[leader].kill9()?;
+        nodes.nodes[leader].kill9()?;
         progress(&seen, &mut nodes, "killing the lock leader").await?;
 
         // The node that does not lead dies: its transactions wait for it to come back.
         let other = 1 - nodes.lock_leader().await?;
-        nodes.0[other].kill9()?;
+        nodes.nodes[other].kill9()?;
         progress(&seen, &mut nodes, "killing the node that does not lead").await?;
 
         // The lock leader hangs past its lease: the other node leads, and the hung one,
         // resumed, stops by itself.
         let hung = nodes.lock_leader().await?;
-        nodes.0[hung].pause()?;
+        nodes.nodes[hung].pause()?;
         until("the other node to lead", async || {
-            Ok(nodes.0[1 - hung].leads_locks().await)
+            Ok(nodes.nodes[1 - hung].leads_locks().await)
         })
         .await?;
-        nodes.0[hung].resume()?;
-        until("the resumed node to stop", async || Ok(!nodes.0[hung].is_running())).await?;
+        nodes.nodes[hung].resume()?;
+        until("the resumed node to stop", async || Ok(!nodes.nodes[hung].is_running())).await?;
         progress(&seen, &mut nodes, "pausing the lock leader").await?;
 
         // A proxy dies and its supervisor restarts it.
@@ -624,6 +636,24 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         etcd.kill(leader);
         progress(&seen, &mut nodes, "killing etcd's leader").await?;
         etcd.restart(leader).await?;
+
+        // The lock leader loses etcd but not the proxies or the other node: it stops (both
+        // its leases), the other leads.
+        let cut = nodes.lock_leader().await?;
+        nodes.cut_from_etcd(cut, async |n| n.leads_locks().await, &seen).await?;
+        progress(&seen, &mut nodes, "healing the lock leader cut off from etcd").await?;
+
+        // The lock leader loses the proxies and the other node but not etcd: it keeps its
+        // leases, so every lock call fails until the link heals.
+        let isolated = nodes.lock_leader().await?;
+        let cut_off = seen.cut_off.load(Ordering::SeqCst);
+        nodes.cut(isolated, CLIENT_LINK)?;
+        until("a client to be cut off", async || {
+            Ok(seen.cut_off.load(Ordering::SeqCst) > cut_off)
+        })
+        .await?;
+        nodes.heal(isolated, CLIENT_LINK)?;
+        progress(&seen, &mut nodes, "healing the lock leader cut off from the proxies").await?;
     }
 
     stop.cancel();
@@ -639,16 +669,16 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         books.credited.len()
     );
     nodes.supervise()?;
-    for node in &nodes.0 {
+    for node in &nodes.nodes {
         node.until_serving().await?;
     }
-    check_books([&db_a, &db_b], &[&nodes.0[0], &nodes.0[1]], &books).await?;
+    check_books([&db_a, &db_b], &[&nodes.nodes[0], &nodes.nodes[1]], &books).await?;
     let prefix = ferrata_tc::config::Etcd::default().prefix;
     let history = check_store_history(&etcd.endpoints(), &prefix).await?;
     eprintln!("the store's history: {history:?}");
     // The first leader, and one for each fault that stopped the lock leader.
     assert!(
-        history.lock_epochs.len() > 2 * rounds as usize,
+        history.lock_epochs.len() > 3 * rounds as usize,
         "each fault that stopped the lock leader made a new one: {history:?}"
     );
     assert!(
@@ -656,7 +686,7 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
         "registrations were fenced by the lock leader's epoch: {history:?}"
     );
     // Both nodes served transactions.
-    for node in &nodes.0 {
+    for node in &nodes.nodes {
         let finished = node.get("/v1/transactions?status=Committed").await?;
         assert!(
             finished["transactions"].as_array().is_some_and(|t| !t.is_empty()),
@@ -664,7 +694,7 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_a_node_a_p
             node.endpoint()
         );
     }
-    for node in &nodes.0 {
+    for node in &nodes.nodes {
         assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
     }
     assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");

@@ -81,8 +81,11 @@ impl Campaign {
         let result = async {
             let (config, address) = (self.config.clone(), self.told.address.clone());
             let met = move |leader: Option<NodeDescription>, epoch| {
-                tracing::info!(?leader, epoch, "another node leads the cluster's locks");
-                address.send_if_modified(|now| replace(now, leader.map(|l| peer(&config, &l.rpc))));
+                let endpoint = leader.as_ref().map(|l| peer(&config, &l.rpc));
+                // Met again at every look while it leads: said when it changes.
+                if address.send_if_modified(|now| replace(now, endpoint)) {
+                    tracing::info!(?leader, epoch, "another node leads the cluster's locks");
+                }
             };
             let Some(epoch) = campaign(&self.store, &self.me, &stop, met).await? else {
                 return Ok(());

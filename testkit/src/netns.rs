@@ -6,7 +6,10 @@
 //! machine, without a network. Needs root (CAP_NET_ADMIN) and iproute2's `ip`.
 //!
 //! Link `l` of the host with index `h` is the /30 `10.213.h.(4l)`: the test's end is
-//! `.(4l+1)` ([`Host::outside`]), the host's end `.(4l+2)` ([`Host::inside`]). Indexes are
+//! `.(4l+1)` ([`Host::outside`]), the host's end `.(4l+2)` ([`Host::inside`]). Hosts reach
+//! each other only if routed so ([`Host::route_hosts_via`]): through the test's namespace,
+//! which then forwards between them, over one link of each, so cutting that link cuts the
+//! host off from the others too. Indexes are
 //! claimed with a flock-ed file each in `/run/lock`, so concurrent test processes never share
 //! one, and a claim whose process died is taken over with whatever it left behind deleted.
 
@@ -95,6 +98,24 @@ impl Host {
     pub fn heal(&self, l: u8) -> Result<()> {
         self.check(l)?;
         ip(&["link", "set", &self.outside_name(l), "up"])
+    }
+
+    /// Routes what the host sends to other hosts over link `l`, through the test's
+    /// namespace, and has that namespace forward between hosts (`net.ipv4.ip_forward`, which
+    /// stays on: it is the machine's).
+    pub fn route_hosts_via(&self, l: u8) -> Result<()> {
+        self.check(l)?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("turning on IPv4 forwarding between hosts (partition tests need root)")?;
+        ip(&[
+            "-n",
+            &self.name(),
+            "route",
+            "add",
+            "10.213.0.0/16",
+            "via",
+            &self.outside(l).to_string(),
+        ])
     }
 
     /// `program` to be run inside the host (through `ip netns exec`, which execs it, so the

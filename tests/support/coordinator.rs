@@ -107,24 +107,30 @@ impl Coordinator {
         binary: &str,
         endpoints: &[String],
         node_id: u16,
-        (host, at): (Arc<Host>, Ipv4Addr),
+        place: (Arc<Host>, Ipv4Addr),
         token: &str,
     ) -> Result<Coordinator> {
-        let toml = format!("token = \"{token}\"\n{}", etcd_node(endpoints, node_id));
-        let mut tc = Self::start_placed(binary, &toml, Some((host, at)))?;
-        tc.token = Some(token.to_owned());
-        Ok(tc)
+        Self::start_in(binary, &etcd_node(endpoints, node_id), place, token)
     }
 
-    /// One of several serving nodes (`[etcd] mode = "serving"`) with id `node_id` on the
-    /// etcd cluster at `endpoints`, with `token` as the cluster's root token (the nodes open
-    /// each other's lock stream with it).
-    pub fn start_serving(binary: &str, endpoints: &[String], node_id: u16, token: &str) -> Result<Coordinator> {
-        let toml = format!(
-            "token = \"{token}\"\n{}mode = \"serving\"\n",
-            etcd_node(endpoints, node_id)
-        );
-        let mut tc = Self::start_with(binary, &toml)?;
+    /// Like `start_on_etcd_in`, one of several serving nodes (`[etcd] mode = "serving"`):
+    /// `token` is also what the nodes open each other's lock stream with, so the hosts must
+    /// reach each other ([`Host::route_hosts_via`]).
+    pub fn start_serving_in(
+        binary: &str,
+        endpoints: &[String],
+        node_id: u16,
+        place: (Arc<Host>, Ipv4Addr),
+        token: &str,
+    ) -> Result<Coordinator> {
+        let etcd = format!("{}mode = \"serving\"\n", etcd_node(endpoints, node_id));
+        Self::start_in(binary, &etcd, place, token)
+    }
+
+    /// A node on etcd (`etcd`: its settings) inside `host`, with `token` as its root token.
+    fn start_in(binary: &str, etcd: &str, (host, at): (Arc<Host>, Ipv4Addr), token: &str) -> Result<Coordinator> {
+        let toml = format!("token = \"{token}\"\n{etcd}");
+        let mut tc = Self::start_placed(binary, &toml, Some((host, at)))?;
         tc.token = Some(token.to_owned());
         Ok(tc)
     }
