@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
+use ferrata_tc::config::HaMode;
 use ferrata_tc::lock_key::LockKey;
 use ferrata_tc::model::{BranchMode, BranchRecord, BranchStatus, GlobalRecord, GlobalStatus};
 use ferrata_tc::store::etcd::{EtcdStore, StoredKey};
@@ -41,7 +42,7 @@ use ferrata_tests::coordinator::Coordinator;
 use ferrata_tests::ferrata_testkit::etcd::{EtcdCluster, EtcdOptions};
 use ferrata_tests::ferrata_testkit::netns::Host;
 use ferrata_tests::ferrata_testkit::{MariaDb, MariaDbOptions};
-use ferrata_tests::history::check_store_history;
+use ferrata_tests::history::{StoreHistory, check_store_history};
 use ferrata_tests::process::ProxyProcess;
 use ferrata_tests::{EVENT, until};
 use mysql_async::prelude::*;
@@ -277,28 +278,19 @@ struct Nodes {
     cut_from_etcd: [bool; 2],
 }
 
-/// How the nodes share the store.
-#[derive(Clone, Copy, PartialEq)]
-enum Ha {
-    ActiveStandby,
-    /// Several serving nodes: they reach each other's lock stream over their client links.
-    Serving,
-}
-
 impl Nodes {
-    async fn start(etcd: &EtcdCluster, hosts: [Arc<Host>; 2], ha: Ha) -> Result<Nodes> {
+    /// Starts the nodes (serving ones reach each other's lock stream over their client
+    /// links) and waits until one serves, or leads the locks.
+    async fn start(etcd: &EtcdCluster, hosts: [Arc<Host>; 2], ha: HaMode) -> Result<Nodes> {
         let node = |i: usize| {
             let (endpoints, place) = (
                 etcd.endpoints_at(hosts[i].outside(ETCD_LINK)),
                 (hosts[i].clone(), hosts[i].inside(CLIENT_LINK)),
             );
-            match ha {
-                Ha::ActiveStandby => Coordinator::start_on_etcd_in(TC, &endpoints, i as u16 + 1, place, TOKEN),
-                Ha::Serving => {
-                    hosts[i].route_hosts_via(CLIENT_LINK)?;
-                    Coordinator::start_serving_in(TC, &endpoints, i as u16 + 1, place, TOKEN)
-                }
+            if ha == HaMode::Serving {
+                hosts[i].route_hosts_via(CLIENT_LINK)?;
             }
+            Coordinator::start_on_etcd_in(TC, (&endpoints, i as u16 + 1, ha), place, TOKEN)
         };
         let nodes = Nodes {
             nodes: [node(0)?, node(1)?],
@@ -306,8 +298,8 @@ impl Nodes {
             cut_from_etcd: [false; 2],
         };
         match ha {
-            Ha::ActiveStandby => nodes.active().await?,
-            Ha::Serving => nodes.lock_leader().await?,
+            HaMode::ActiveStandby => nodes.active().await?,
+            HaMode::Serving => nodes.lock_leader().await?,
         };
         Ok(nodes)
     }
@@ -363,6 +355,19 @@ impl Nodes {
         self.heal(cut, ETCD_LINK)
     }
 
+    /// Cuts node `isolated` off from the proxies (and the other node) but not from etcd: it
+    /// keeps its leases, so calls through it fail until the link heals (`what`, after).
+    async fn cut_from_clients(&mut self, isolated: usize, seen: &Seen, what: &str) -> Result<()> {
+        let cut_off = seen.cut_off.load(Ordering::SeqCst);
+        self.cut(isolated, CLIENT_LINK)?;
+        until("a client to be cut off", async || {
+            Ok(seen.cut_off.load(Ordering::SeqCst) > cut_off)
+        })
+        .await?;
+        self.heal(isolated, CLIENT_LINK)?;
+        progress(seen, self, what).await
+    }
+
     /// Restarts, as a supervisor would, any node that stopped (a node unsure of its lease
     /// stops, and an etcd leader change can make it unsure), unless it is cut off from etcd:
     /// a restarted node would only wait for etcd.
@@ -414,138 +419,193 @@ async fn progress(seen: &Seen, nodes: &mut Nodes, what: &str) -> Result<()> {
     }
 }
 
+/// One round of every fault in CI; `FERRATA_HA_ROUNDS=<n>` for longer runs.
+fn rounds() -> Result<u32> {
+    match std::env::var("FERRATA_HA_ROUNDS") {
+        Ok(n) => n.parse().context("FERRATA_HA_ROUNDS must be a number of rounds"),
+        Err(_) => Ok(1),
+    }
+}
+
+/// The bank workload through two proxies (listing both nodes) against two coordinator nodes
+/// in hosts of their own on three etcd members: what both bank tests set up and check.
+struct BankRun {
+    etcd: EtcdCluster,
+    nodes: Nodes,
+    dbs: [MariaDb; 2],
+    proxies: [ProxyProcess; 2],
+    seen: Arc<Seen>,
+    stop: CancellationToken,
+    clients: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl BankRun {
+    /// Starts everything, and the clients, and waits for the workload to make progress.
+    async fn start(ha: HaMode) -> Result<BankRun> {
+        let hosts = [Arc::new(Host::create(2)?), Arc::new(Host::create(2)?)];
+        let etcd = EtcdCluster::start_with(
+            3,
+            EtcdOptions {
+                also_at: hosts.iter().map(|h| h.outside(ETCD_LINK)).collect(),
+                ..EtcdOptions::default()
+            },
+        )
+        .await?;
+        let mut nodes = Nodes::start(&etcd, hosts, ha).await?;
+        let options = || MariaDbOptions {
+            extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
+            ..Default::default()
+        };
+        let dbs = [
+            MariaDb::start_with(options()).await?,
+            MariaDb::start_with(options()).await?,
+        ];
+        create_accounts([&dbs[0], &dbs[1]]).await?;
+        let tcs = [nodes.nodes[0].endpoint(), nodes.nodes[1].endpoint()];
+        let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
+        let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
+        let proxies = [proxy(&dbs[0])?, proxy(&dbs[1])?];
+
+        let seen = Arc::new(Seen::default());
+        let stop = CancellationToken::new();
+        let mut clients = Vec::new();
+        for client in 0..CLIENTS {
+            let opts = [proxies[0].opts(), proxies[1].opts()];
+            clients.push(tokio::spawn(transfers(client, opts, seen.clone(), stop.clone())));
+        }
+        for creditor in 0..CREDITORS {
+            let opts = [proxies[0].opts(), proxies[1].opts()];
+            clients.push(tokio::spawn(credits(creditor, opts, seen.clone(), stop.clone())));
+        }
+        progress(&seen, &mut nodes, "the start").await?;
+        Ok(BankRun {
+            etcd,
+            nodes,
+            dbs,
+            proxies,
+            seen,
+            stop,
+            clients,
+        })
+    }
+
+    /// Stops the clients and checks the books (locks and dirty rollbacks on the nodes
+    /// `listing`), no panic anywhere, and the store's history, which it returns.
+    async fn finish(mut self, listing: &[usize]) -> Result<StoreHistory> {
+        self.stop.cancel();
+        for c in self.clients {
+            c.await??;
+        }
+        let books = std::mem::take(&mut *self.seen.books.lock());
+        eprintln!(
+            "{} transfers committed, {} cut off by faults (codes {:?}), {} credits",
+            books.committed.len(),
+            books.unknown.len() + books.credits_unknown.len(),
+            self.seen.faults.lock(),
+            books.credited.len()
+        );
+        self.nodes.supervise()?;
+        for &i in listing {
+            self.nodes.nodes[i].until_serving().await?;
+        }
+        let tcs: Vec<&Coordinator> = listing.iter().map(|&i| &self.nodes.nodes[i]).collect();
+        check_books([&self.dbs[0], &self.dbs[1]], &tcs, &books).await?;
+        // Every listed node served transactions.
+        for tc in &tcs {
+            let finished = tc.get("/v1/transactions?status=Committed").await?;
+            assert!(
+                finished["transactions"].as_array().is_some_and(|t| !t.is_empty()),
+                "node {} committed transactions: {finished}",
+                tc.endpoint()
+            );
+        }
+        let prefix = ferrata_tc::config::Etcd::default().prefix;
+        let history = check_store_history(&self.etcd.endpoints(), &prefix).await?;
+        eprintln!("the store's history: {history:?}");
+        for node in &self.nodes.nodes {
+            assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
+        }
+        let [pa, pb] = &self.proxies;
+        assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
+        Ok(history)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail_or_are_cut_off() -> Result<()> {
-    let hosts = [Arc::new(Host::create(2)?), Arc::new(Host::create(2)?)];
-    let mut etcd = EtcdCluster::start_with(
-        3,
-        EtcdOptions {
-            also_at: hosts.iter().map(|h| h.outside(ETCD_LINK)).collect(),
-            ..EtcdOptions::default()
-        },
-    )
-    .await?;
-    let mut nodes = Nodes::start(&etcd, hosts, Ha::ActiveStandby).await?;
-    let options = || MariaDbOptions {
-        extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
-        ..Default::default()
-    };
-    let (db_a, db_b) = (
-        MariaDb::start_with(options()).await?,
-        MariaDb::start_with(options()).await?,
-    );
-    create_accounts([&db_a, &db_b]).await?;
-    let tcs = [nodes.nodes[0].endpoint(), nodes.nodes[1].endpoint()];
-    let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
-    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
-    let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
-
-    let seen = Arc::new(Seen::default());
-    let stop = CancellationToken::new();
-    let mut clients = Vec::new();
-    for client in 0..CLIENTS {
-        let proxies = [pa.opts(), pb.opts()];
-        clients.push(tokio::spawn(transfers(client, proxies, seen.clone(), stop.clone())));
-    }
-    for creditor in 0..CREDITORS {
-        let proxies = [pa.opts(), pb.opts()];
-        clients.push(tokio::spawn(credits(creditor, proxies, seen.clone(), stop.clone())));
-    }
-    progress(&seen, &mut nodes, "the start").await?;
-
-    // One round of every fault in CI; FERRATA_HA_ROUNDS=<n> for longer runs.
-    let rounds: u32 = match std::env::var("FERRATA_HA_ROUNDS") {
-        Ok(n) => n.parse().context("FERRATA_HA_ROUNDS must be a number of rounds")?,
-        Err(_) => 1,
-    };
+    let mut run = BankRun::start(HaMode::ActiveStandby).await?;
+    let rounds = rounds()?;
     for round in 1..=rounds {
         eprintln!("fault round {round} of {rounds}");
         // The active node dies; a node takes over (the standby, or the dead one restarted by
         // the supervisor, whichever campaigns first once the lease ran out).
-        let first = nodes.active().await?;
-        nodes.nodes[first].kill9()?;
-        progress(&seen, &mut nodes, "killing the active node").await?;
+        let first = run.nodes.active().await?;
+        run.nodes.nodes[first].kill9()?;
+        progress(&run.seen, &mut run.nodes, "killing the active node").await?;
 
         // The active node hangs past its lease: the other takes over, and the hung one, resumed,
         // stops by itself (writing nothing: ferrata-tc's own tests check that).
-        let hung = nodes.active().await?;
-        nodes.nodes[hung].pause()?;
+        let hung = run.nodes.active().await?;
+        run.nodes.nodes[hung].pause()?;
         until("the standby to take over from the hung node", async || {
-            Ok(nodes.nodes[1 - hung].serving().await)
+            Ok(run.nodes.nodes[1 - hung].serving().await)
         })
         .await?;
-        nodes.nodes[hung].resume()?;
-        until("the resumed node to stop", async || Ok(!nodes.nodes[hung].is_running())).await?;
-        progress(&seen, &mut nodes, "pausing the active node").await?;
+        run.nodes.nodes[hung].resume()?;
+        until("the resumed node to stop", async || {
+            Ok(!run.nodes.nodes[hung].is_running())
+        })
+        .await?;
+        progress(&run.seen, &mut run.nodes, "pausing the active node").await?;
 
         // etcd's leader dies, and comes back.
-        let leader = etcd.leader().await?;
-        etcd.kill(leader);
-        progress(&seen, &mut nodes, "killing etcd's leader").await?;
-        etcd.restart(leader).await?;
+        let leader = run.etcd.leader().await?;
+        run.etcd.kill(leader);
+        progress(&run.seen, &mut run.nodes, "killing etcd's leader").await?;
+        run.etcd.restart(leader).await?;
 
         // A proxy dies and its supervisor restarts it.
-        pa.kill9_and_restart()?;
-        progress(&seen, &mut nodes, "killing a proxy").await?;
+        run.proxies[0].kill9_and_restart()?;
+        progress(&run.seen, &mut run.nodes, "killing a proxy").await?;
 
         // The active node loses etcd but not the proxies: it stops, the other takes over.
-        let cut = nodes.active().await?;
-        nodes.cut_from_etcd(cut, async |n| n.serving().await, &seen).await?;
-        progress(&seen, &mut nodes, "healing the node cut off from etcd").await?;
+        let cut = run.nodes.active().await?;
+        run.nodes
+            .cut_from_etcd(cut, async |n| n.serving().await, &run.seen)
+            .await?;
+        progress(&run.seen, &mut run.nodes, "healing the node cut off from etcd").await?;
 
         // The active node loses the proxies but not etcd: it keeps its lease, so nobody serves
         // them until the link heals; the clients' calls fail meanwhile.
-        let isolated = nodes.active().await?;
-        let cut_off = seen.cut_off.load(Ordering::SeqCst);
-        nodes.cut(isolated, CLIENT_LINK)?;
-        until("a client to be cut off", async || {
-            Ok(seen.cut_off.load(Ordering::SeqCst) > cut_off)
-        })
-        .await?;
-        nodes.heal(isolated, CLIENT_LINK)?;
-        progress(&seen, &mut nodes, "healing the node cut off from the proxies").await?;
+        let isolated = run.nodes.active().await?;
+        run.nodes
+            .cut_from_clients(isolated, &run.seen, "healing the node cut off from the proxies")
+            .await?;
 
         // Combined: the active node and etcd's leader at once.
-        let (node, leader) = (nodes.active().await?, etcd.leader().await?);
-        nodes.nodes[node].kill9()?;
-        etcd.kill(leader);
-        progress(&seen, &mut nodes, "killing the active node and etcd's leader").await?;
-        etcd.restart(leader).await?;
-        progress(&seen, &mut nodes, "the restarts").await?;
+        let (node, leader) = (run.nodes.active().await?, run.etcd.leader().await?);
+        run.nodes.nodes[node].kill9()?;
+        run.etcd.kill(leader);
+        progress(&run.seen, &mut run.nodes, "killing the active node and etcd's leader").await?;
+        run.etcd.restart(leader).await?;
+        progress(&run.seen, &mut run.nodes, "the restarts").await?;
 
         // Combined: the active node loses etcd while a proxy dies.
-        pa.kill9_and_restart()?;
-        let cut = nodes.active().await?;
-        nodes.cut_from_etcd(cut, async |n| n.serving().await, &seen).await?;
-        progress(&seen, &mut nodes, "healing after a proxy died").await?;
+        run.proxies[0].kill9_and_restart()?;
+        let cut = run.nodes.active().await?;
+        run.nodes
+            .cut_from_etcd(cut, async |n| n.serving().await, &run.seen)
+            .await?;
+        progress(&run.seen, &mut run.nodes, "healing after a proxy died").await?;
     }
 
-    stop.cancel();
-    for c in clients {
-        c.await??;
-    }
-    let books = std::mem::take(&mut *seen.books.lock());
-    eprintln!(
-        "{} transfers committed, {} cut off by faults (codes {:?}), {} credits",
-        books.committed.len(),
-        books.unknown.len() + books.credits_unknown.len(),
-        seen.faults.lock(),
-        books.credited.len()
-    );
-    let node = nodes.active().await?;
-    check_books([&db_a, &db_b], &[&nodes.nodes[node]], &books).await?;
-    let prefix = ferrata_tc::config::Etcd::default().prefix;
-    let history = check_store_history(&etcd.endpoints(), &prefix).await?;
-    eprintln!("the store's history: {history:?}");
+    let active = run.nodes.active().await?;
+    let history = run.finish(&[active]).await?;
     // The first owner, and one for each fault that stopped the active node.
     assert!(
         history.epochs.len() > 5 * rounds as usize,
         "each fault that stopped the active node made a new owner: {history:?}"
     );
-    for node in &nodes.nodes {
-        assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
-    }
-    assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
     Ok(())
 }
 
@@ -561,121 +621,64 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd_and_proxies_fail_or_are_cut_off()
 -> Result<()> {
-    let hosts = [Arc::new(Host::create(2)?), Arc::new(Host::create(2)?)];
-    let mut etcd = EtcdCluster::start_with(
-        3,
-        EtcdOptions {
-            also_at: hosts.iter().map(|h| h.outside(ETCD_LINK)).collect(),
-            ..EtcdOptions::default()
-        },
-    )
-    .await?;
-    let mut nodes = Nodes::start(&etcd, hosts, Ha::Serving).await?;
-    let options = || MariaDbOptions {
-        extra_args: vec!["--innodb-lock-wait-timeout=2".into()],
-        ..Default::default()
-    };
-    let (db_a, db_b) = (
-        MariaDb::start_with(options()).await?,
-        MariaDb::start_with(options()).await?,
-    );
-    create_accounts([&db_a, &db_b]).await?;
-    let tcs = [nodes.nodes[0].endpoint(), nodes.nodes[1].endpoint()];
-    let coordinator = format!("lock_wait_ms = 1000\ntoken = \"{TOKEN}\"");
-    let proxy = |db: &MariaDb| ProxyProcess::start_with_endpoints(PROXY, db.addr(), &tcs, &coordinator, "");
-    let (mut pa, pb) = (proxy(&db_a)?, proxy(&db_b)?);
-
-    let seen = Arc::new(Seen::default());
-    let stop = CancellationToken::new();
-    let mut clients = Vec::new();
-    for client in 0..CLIENTS {
-        let proxies = [pa.opts(), pb.opts()];
-        clients.push(tokio::spawn(transfers(client, proxies, seen.clone(), stop.clone())));
-    }
-    for creditor in 0..CREDITORS {
-        let proxies = [pa.opts(), pb.opts()];
-        clients.push(tokio::spawn(credits(creditor, proxies, seen.clone(), stop.clone())));
-    }
-    progress(&seen, &mut nodes, "the start").await?;
-
-    let rounds: u32 = match std::env::var("FERRATA_HA_ROUNDS") {
-        Ok(n) => n.parse().context("FERRATA_HA_ROUNDS must be a number of rounds")?,
-        Err(_) => 1,
-    };
+    let mut run = BankRun::start(HaMode::Serving).await?;
+    let rounds = rounds()?;
     for round in 1..=rounds {
         eprintln!("fault round {round} of {rounds}");
         // The lock leader dies: the other node leads, its locks rebuilt from both namespaces,
         // and the dead one, restarted, serves its namespace again.
-        let leader = nodes.lock_leader().await?;
-        nodes.nodes[leader].kill9()?;
-        progress(&seen, &mut nodes, "killing the lock leader").await?;
+        let leader = run.nodes.lock_leader().await?;
+        run.nodes.nodes[leader].kill9()?;
+        progress(&run.seen, &mut run.nodes, "killing the lock leader").await?;
 
         // The node that does not lead dies: its transactions wait for it to come back.
-        let other = 1 - nodes.lock_leader().await?;
-        nodes.nodes[other].kill9()?;
-        progress(&seen, &mut nodes, "killing the node that does not lead").await?;
+        let other = 1 - run.nodes.lock_leader().await?;
+        run.nodes.nodes[other].kill9()?;
+        progress(&run.seen, &mut run.nodes, "killing the node that does not lead").await?;
 
         // The lock leader hangs past its lease: the other node leads, and the hung one,
         // resumed, stops by itself.
-        let hung = nodes.lock_leader().await?;
-        nodes.nodes[hung].pause()?;
+        let hung = run.nodes.lock_leader().await?;
+        run.nodes.nodes[hung].pause()?;
         until("the other node to lead", async || {
-            Ok(nodes.nodes[1 - hung].leads_locks().await)
+            Ok(run.nodes.nodes[1 - hung].leads_locks().await)
         })
         .await?;
-        nodes.nodes[hung].resume()?;
-        until("the resumed node to stop", async || Ok(!nodes.nodes[hung].is_running())).await?;
-        progress(&seen, &mut nodes, "pausing the lock leader").await?;
+        run.nodes.nodes[hung].resume()?;
+        until("the resumed node to stop", async || {
+            Ok(!run.nodes.nodes[hung].is_running())
+        })
+        .await?;
+        progress(&run.seen, &mut run.nodes, "pausing the lock leader").await?;
 
         // A proxy dies and its supervisor restarts it.
-        pa.kill9_and_restart()?;
-        progress(&seen, &mut nodes, "killing a proxy").await?;
+        run.proxies[0].kill9_and_restart()?;
+        progress(&run.seen, &mut run.nodes, "killing a proxy").await?;
 
         // etcd's leader dies, and comes back.
-        let leader = etcd.leader().await?;
-        etcd.kill(leader);
-        progress(&seen, &mut nodes, "killing etcd's leader").await?;
-        etcd.restart(leader).await?;
+        let leader = run.etcd.leader().await?;
+        run.etcd.kill(leader);
+        progress(&run.seen, &mut run.nodes, "killing etcd's leader").await?;
+        run.etcd.restart(leader).await?;
 
         // The lock leader loses etcd but not the proxies or the other node: it stops (both
         // its leases), the other leads.
-        let cut = nodes.lock_leader().await?;
-        nodes.cut_from_etcd(cut, async |n| n.leads_locks().await, &seen).await?;
-        progress(&seen, &mut nodes, "healing the lock leader cut off from etcd").await?;
+        let cut = run.nodes.lock_leader().await?;
+        run.nodes
+            .cut_from_etcd(cut, async |n| n.leads_locks().await, &run.seen)
+            .await?;
+        progress(&run.seen, &mut run.nodes, "healing the lock leader cut off from etcd").await?;
 
         // The lock leader loses the proxies and the other node but not etcd: it keeps its
         // leases, so every lock call fails until the link heals.
-        let isolated = nodes.lock_leader().await?;
-        let cut_off = seen.cut_off.load(Ordering::SeqCst);
-        nodes.cut(isolated, CLIENT_LINK)?;
-        until("a client to be cut off", async || {
-            Ok(seen.cut_off.load(Ordering::SeqCst) > cut_off)
-        })
-        .await?;
-        nodes.heal(isolated, CLIENT_LINK)?;
-        progress(&seen, &mut nodes, "healing the lock leader cut off from the proxies").await?;
+        let isolated = run.nodes.lock_leader().await?;
+        run.nodes
+            .cut_from_clients(isolated, &run.seen, "healing the lock leader cut off from the proxies")
+            .await?;
     }
 
-    stop.cancel();
-    for c in clients {
-        c.await??;
-    }
-    let books = std::mem::take(&mut *seen.books.lock());
-    eprintln!(
-        "{} transfers committed, {} cut off by faults (codes {:?}), {} credits",
-        books.committed.len(),
-        books.unknown.len() + books.credits_unknown.len(),
-        seen.faults.lock(),
-        books.credited.len()
-    );
-    nodes.supervise()?;
-    for node in &nodes.nodes {
-        node.until_serving().await?;
-    }
-    check_books([&db_a, &db_b], &[&nodes.nodes[0], &nodes.nodes[1]], &books).await?;
-    let prefix = ferrata_tc::config::Etcd::default().prefix;
-    let history = check_store_history(&etcd.endpoints(), &prefix).await?;
-    eprintln!("the store's history: {history:?}");
+    // Both nodes: each lists its own transactions, and the lock leader the locks.
+    let history = run.finish(&[0, 1]).await?;
     // The first leader, and one for each fault that stopped the lock leader.
     assert!(
         history.lock_epochs.len() > 3 * rounds as usize,
@@ -685,28 +688,13 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd
         history.lock_fenced > 0,
         "registrations were fenced by the lock leader's epoch: {history:?}"
     );
-    // Both nodes served transactions.
-    for node in &nodes.nodes {
-        let finished = node.get("/v1/transactions?status=Committed").await?;
-        assert!(
-            finished["transactions"].as_array().is_some_and(|t| !t.is_empty()),
-            "node {} committed transactions: {finished}",
-            node.endpoint()
-        );
-    }
-    for node in &nodes.nodes {
-        assert_eq!(node.panics.count(), 0, "a coordinator node panicked");
-    }
-    assert_eq!(pa.panics.count() + pb.panics.count(), 0, "a proxy panicked");
     Ok(())
 }
 
 /// A store on a fresh one-member etcd cluster, owned by node 1, for the history check's own
 /// test; `write` runs with it (off the async runtime: the store blocks). Returns the check's
 /// result on what was written.
-async fn history_of(
-    write: impl FnOnce(&Writes) -> Result<()> + Send + 'static,
-) -> Result<Result<ferrata_tests::history::StoreHistory>> {
+async fn history_of(write: impl FnOnce(&Writes) -> Result<()> + Send + 'static) -> Result<Result<StoreHistory>> {
     let etcd = EtcdCluster::start(1).await?;
     let endpoints = etcd.endpoints();
     let settings = ferrata_tc::config::Etcd {

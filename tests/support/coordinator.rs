@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ferrata_rpc::client::{ClientConfig, TcClient};
+use ferrata_tc::config::HaMode;
 use serde_json::Value;
 
 use crate::ferrata_testkit::netns::Host;
@@ -101,35 +102,24 @@ impl Coordinator {
         Self::start_with(binary, &etcd_node(endpoints, node_id))
     }
 
-    /// Like `start_on_etcd`, inside `host`, listening on `at` (the host's end of one of its
-    /// links): beyond loopback, so with `token` as its root token.
+    /// Like `start_on_etcd`, in mode `ha`, inside `host`, listening on `at` (the host's end
+    /// of one of its links): beyond loopback, so with `token` as its root token. Serving
+    /// nodes also open each other's lock stream with it, so their hosts must reach each
+    /// other ([`Host::route_hosts_via`]).
     pub fn start_on_etcd_in(
         binary: &str,
-        endpoints: &[String],
-        node_id: u16,
-        place: (Arc<Host>, Ipv4Addr),
+        (endpoints, node_id, ha): (&[String], u16, HaMode),
+        (host, at): (Arc<Host>, Ipv4Addr),
         token: &str,
     ) -> Result<Coordinator> {
-        Self::start_in(binary, &etcd_node(endpoints, node_id), place, token)
-    }
-
-    /// Like `start_on_etcd_in`, one of several serving nodes (`[etcd] mode = "serving"`):
-    /// `token` is also what the nodes open each other's lock stream with, so the hosts must
-    /// reach each other ([`Host::route_hosts_via`]).
-    pub fn start_serving_in(
-        binary: &str,
-        endpoints: &[String],
-        node_id: u16,
-        place: (Arc<Host>, Ipv4Addr),
-        token: &str,
-    ) -> Result<Coordinator> {
-        let etcd = format!("{}mode = \"serving\"\n", etcd_node(endpoints, node_id));
-        Self::start_in(binary, &etcd, place, token)
-    }
-
-    /// A node on etcd (`etcd`: its settings) inside `host`, with `token` as its root token.
-    fn start_in(binary: &str, etcd: &str, (host, at): (Arc<Host>, Ipv4Addr), token: &str) -> Result<Coordinator> {
-        let toml = format!("token = \"{token}\"\n{etcd}");
+        let mode = match ha {
+            HaMode::ActiveStandby => "active_standby",
+            HaMode::Serving => "serving",
+        };
+        let toml = format!(
+            "token = \"{token}\"\n{}mode = \"{mode}\"\n",
+            etcd_node(endpoints, node_id)
+        );
         let mut tc = Self::start_placed(binary, &toml, Some((host, at)))?;
         tc.token = Some(token.to_owned());
         Ok(tc)
