@@ -155,6 +155,13 @@ fn fault(seen: &Seen, e: &anyhow::Error) -> Option<Fault> {
             // rollback's anti-hanging marker got there first ("already rolled this branch
             // back"), as after a partition that outlasted the transaction's timeout.
             Some(1399) if rolled_back_by_the_coordinator(&format!("{e:#}")) => (1399, Fault::RolledBack),
+            // A rollback decided (durably) whose first pass of phase 2 did not finish: a branch's
+            // undo waited for a database row that a local transaction held while its own
+            // registration waited for a lock leader that was paused or cut off. It is retried
+            // until done, so the transfer has no effect; the books check that.
+            Some(1401) if format!("{e:#}").contains("is Rollbacking: its branches have not finished") => {
+                (1401, Fault::RolledBack)
+            }
             _ => return None,
         },
     };
