@@ -90,7 +90,7 @@ impl Tc {
         let snapshot = store.load().expect("an empty store loads");
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
         let caller = ferrata_tc::calls::Caller::new(&config.calls).expect("the default call settings");
-        let coordinator = Coordinator::recover(config, journal.clone(), snapshot, caller, None)
+        let coordinator = Coordinator::recover(config, journal.clone(), snapshot, caller, None, Default::default())
             .await
             .expect("recovery of an empty store");
         coordinator.start_background();
@@ -107,7 +107,8 @@ impl Tc {
     }
 
     pub fn grpc(&self) -> (TmServer, RmServer) {
-        ferrata_tc::grpc::services(&self.coordinator, self.max_message_bytes)
+        let namespaces = ferrata_tc::namespaces::Namespaces::new(Arc::clone(&self.coordinator));
+        ferrata_tc::grpc::services(&namespaces, self.max_message_bytes)
     }
 
     pub async fn stop(self) {

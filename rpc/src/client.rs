@@ -206,9 +206,10 @@ pub struct Attachment {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     outbound: mpsc::Sender<pb::RmMessage>,
     calls: StreamCalls,
-    /// With several serving nodes, the node id of the one attached to (whose XIDs it
-    /// serves); `None`: it serves every XID.
-    pub serving_node: Option<u16>,
+    /// With several serving nodes, the namespaces the node attached to serves: the node ids
+    /// whose XIDs it serves, its own first, then those of nodes that are down whose
+    /// namespaces it adopted. `None`: it serves every XID.
+    pub serving: Option<Vec<u16>>,
 }
 
 impl Attachment {
@@ -275,9 +276,18 @@ pub async fn attach(
     let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(10));
     let lease = Duration::from_millis(welcome.guard_lease_ms);
     let max_call_bytes = usize::try_from(welcome.max_call_bytes).unwrap_or(usize::MAX);
-    let serving_node = match welcome.serving {
+    let serving = match welcome.serving {
         false => None,
-        true => Some(u16::try_from(welcome.node_id).context("a serving node's id above 65535")?),
+        true => {
+            let own = u16::try_from(welcome.node_id).context("a serving node's id above 65535")?;
+            let adopted = welcome.namespaces.iter().filter(|&&n| n != welcome.node_id);
+            let adopted = adopted.map(|&n| u16::try_from(n).context("a namespace above 65535"));
+            Some(
+                std::iter::once(Ok(own))
+                    .chain(adopted)
+                    .collect::<anyhow::Result<Vec<u16>>>()?,
+            )
+        }
     };
     // A node that sends no guards (lease 0: another node of several holds the locks) says
     // nothing of them: it must neither confirm nor unsettle the view another stream keeps.
@@ -299,7 +309,7 @@ pub async fn attach(
         task,
         outbound,
         calls,
-        serving_node,
+        serving,
     })
 }
 

@@ -232,13 +232,13 @@ impl Coordinator {
         snapshot: Snapshot,
         caller: Caller,
         lock_leader: Option<Leadership>,
+        rms: Arc<RmRegistry>,
     ) -> Result<Arc<Coordinator>, StoreError> {
         // An id is leased durably before a coordinator serves anything: a store without one
         // never had a coordinator whose guard set a resource manager could still trust.
         let fresh_store = snapshot.id_ceiling == 0;
         let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
-        let metrics = Metrics::new();
-        let rms = Arc::new(RmRegistry::default());
+        let metrics = Metrics::of_namespace(config.etcd.serving().then_some(config.node_id));
         let shutdown = CancellationToken::new();
         let at = match lock_leader {
             None => LockAuthority::Local(Arc::new(At::new(&config, Arc::clone(&rms), fresh_store, &metrics))),
@@ -1563,7 +1563,8 @@ mod tests {
         let store = Arc::new(HeldStore::default());
         let journal = Journal::start(store.clone());
         let caller = Caller::new(&Config::default().calls).unwrap();
-        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller, None)
+        let rms = Arc::new(RmRegistry::default());
+        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller, None, rms)
             .await
             .unwrap();
         let t1 = tc.begin(60_000, String::new()).await.unwrap();

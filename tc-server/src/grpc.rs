@@ -29,6 +29,7 @@ use crate::grpc_calls::{
 };
 use crate::lock_leader::{LeaderSlot, LockService};
 use crate::msg::MsgBranch;
+use crate::namespaces::Namespaces;
 
 /// The interceptor that refuses calls without a token whose role grants the service's
 /// permission (`what` says what the service is for, in the refusal).
@@ -50,23 +51,24 @@ impl Interceptor for TokenCheck {
 pub type TmServer = InterceptedService<TransactionManagerServer<TmService>, TokenCheck>;
 pub type RmServer = InterceptedService<ResourceManagerServer<RmService>, TokenCheck>;
 
-/// Both services as `ferrata-tc` serves them: behind the token check (transaction managers
-/// need the application or proxy role, resource managers the proxy role), decoding messages
-/// of at most `max_message_bytes`.
-pub fn services(coordinator: &Arc<Coordinator>, max_message_bytes: usize) -> (TmServer, RmServer) {
+/// Both services as `ferrata-tc` serves them for the coordinators of `namespaces`: behind the
+/// token check (transaction managers need the application or proxy role, resource managers
+/// the proxy role, as the node's own tokens grant them), decoding messages of at most
+/// `max_message_bytes`.
+pub fn services(namespaces: &Arc<Namespaces>, max_message_bytes: usize) -> (TmServer, RmServer) {
     let check = |(need, what)| TokenCheck {
-        tokens: Arc::clone(&coordinator.tokens),
+        tokens: Arc::clone(&namespaces.own().tokens),
         need,
         what,
     };
     (
         InterceptedService::new(
-            TransactionManagerServer::new(TmService(Arc::clone(coordinator)))
+            TransactionManagerServer::new(TmService(Arc::clone(namespaces)))
                 .max_decoding_message_size(max_message_bytes),
             check(TRANSACT),
         ),
         InterceptedService::new(
-            ResourceManagerServer::new(RmService(Arc::clone(coordinator))).max_decoding_message_size(max_message_bytes),
+            ResourceManagerServer::new(RmService(Arc::clone(namespaces))).max_decoding_message_size(max_message_bytes),
             check(RESOURCE),
         ),
     )
@@ -87,7 +89,8 @@ pub fn lock_service(slot: &Arc<LeaderSlot>, tokens: Arc<Tokens>, max_message_byt
     )
 }
 
-pub struct TmService(pub Arc<Coordinator>);
+/// Each call at the coordinator of its XID's namespace (a begin at the node's own).
+pub struct TmService(pub Arc<Namespaces>);
 
 #[tonic::async_trait]
 impl pb::transaction_manager_server::TransactionManager for TmService {
@@ -95,19 +98,24 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
         &self,
         request: Request<pb::GlobalBeginRequest>,
     ) -> Result<Response<pb::GlobalBeginResponse>, Status> {
-        global_begin(&self.0, request.into_inner()).await.map(Response::new)
+        global_begin(self.0.own(), request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn global_commit(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
-        global_commit(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        global_commit(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     async fn global_rollback(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
-        global_rollback(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        global_rollback(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     async fn global_status(&self, request: Request<pb::XidRequest>) -> Result<Response<pb::GlobalOutcome>, Status> {
-        let o = self.0.status(&request.into_inner().xid).map_err(status)?;
+        let xid = request.into_inner().xid;
+        let o = self.0.of(&xid).status(&xid).map_err(status)?;
         Ok(Response::new(outcome_pb(o)))
     }
 
@@ -138,7 +146,11 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
             })
             .collect();
         if !r.xid.is_empty() {
-            self.0.join_messages(&r.xid, messages).await.map_err(status)?;
+            self.0
+                .of(&r.xid)
+                .join_messages(&r.xid, messages)
+                .await
+                .map_err(status)?;
             return Ok(Response::new(pb::GlobalBeginResponse { xid: r.xid }));
         }
         if !r.barrier.is_empty() {
@@ -149,6 +161,7 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
         Coordinator::check_name(&r.name).map_err(status)?;
         let xid = self
             .0
+            .own()
             .prepare_messages(r.name, r.timeout_ms, messages)
             .await
             .map_err(status)?;
@@ -156,7 +169,9 @@ impl pb::transaction_manager_server::TransactionManager for TmService {
     }
 }
 
-pub struct RmService(pub Arc<Coordinator>);
+/// Each call at the coordinator of its XID's namespace; Attach streams at the node's own
+/// (the resource managers they register are every coordinator's here).
+pub struct RmService(pub Arc<Namespaces>);
 
 #[tonic::async_trait]
 impl pb::resource_manager_server::ResourceManager for RmService {
@@ -164,39 +179,48 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         &self,
         request: Request<pb::BranchRegisterRequest>,
     ) -> Result<Response<pb::BranchRegisterResponse>, Status> {
-        branch_register(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        branch_register(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     async fn branch_report(
         &self,
         request: Request<pb::BranchReportRequest>,
     ) -> Result<Response<pb::BranchReportResponse>, Status> {
-        branch_report(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        branch_report(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     async fn xa_orphan(&self, request: Request<pb::XaOrphanRequest>) -> Result<Response<pb::XaOrphanResponse>, Status> {
         let r = request.into_inner();
-        self.0.xa_orphan(&r.xid, r.branch_id).map(Response::new).map_err(status)
+        self.0
+            .of(&r.xid)
+            .xa_orphan(&r.xid, r.branch_id)
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn lock_query(
         &self,
         request: Request<pb::LockQueryRequest>,
     ) -> Result<Response<pb::LockQueryResponse>, Status> {
-        lock_query(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        lock_query(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     async fn guard_tables(
         &self,
         request: Request<pb::GuardTablesRequest>,
     ) -> Result<Response<pb::GuardTablesResponse>, Status> {
-        guard_tables(&self.0, request.into_inner()).await.map(Response::new)
+        let r = request.into_inner();
+        guard_tables(&self.0.of(&r.xid), r).await.map(Response::new)
     }
 
     type AttachStream = ReceiverStream<Result<pb::TcMessage, Status>>;
 
     async fn attach(&self, request: Request<Streaming<pb::RmMessage>>) -> Result<Response<Self::AttachStream>, Status> {
-        let coordinator = Arc::clone(&self.0);
+        let namespaces = Arc::clone(&self.0);
+        let coordinator = Arc::clone(namespaces.own());
         let interval = coordinator.config.phase2.heartbeat_interval();
         let silence = interval * 3;
         // Checked again for each call made on the stream.
@@ -225,6 +249,9 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         // changes (the node begins or stops leading a cluster's locks) it ends, and the
         // resource manager attaches again to learn the new guard set.
         let (held, held_changed) = coordinator.at.held_here_until_changed();
+        // Likewise when the namespaces served here change: the resource manager learns
+        // where to send each transaction's calls from the Welcome.
+        let (served, served_changed) = (namespaces.served(), namespaces.changed());
         let guards = held.map(|at| Arc::clone(&at.guards));
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {
@@ -235,6 +262,7 @@ impl pb::resource_manager_server::ResourceManager for RmService {
                 max_call_bytes: coordinator.config.max_message_bytes() as u64,
                 serving: coordinator.config.etcd.serving(),
                 node_id: coordinator.config.node_id.into(),
+                namespaces: served.into_iter().map(u32::from).collect(),
             })),
         };
         tx.send(Ok(welcome))
@@ -255,11 +283,16 @@ impl pb::resource_manager_server::ResourceManager for RmService {
             let stream = Stream {
                 conn: &conn,
                 guards: guards.as_ref(),
-                held_changed,
+                changed: Box::pin(async move {
+                    tokio::select! {
+                        () = held_changed => {}
+                        () = served_changed => {}
+                    }
+                }),
                 authorization,
                 tx: &tx,
             };
-            let reason = serve_stream(&coordinator, stream, &mut inbound, interval, silence).await;
+            let reason = serve_stream(&namespaces, stream, &mut inbound, interval, silence).await;
             match &guards {
                 Some(guards) => guards.detach(&conn),
                 None => coordinator.rms.detach(&conn),
@@ -287,9 +320,9 @@ struct Stream<'a> {
     /// The guards it was told of in its Welcome, if any.
     guards: Option<&'a Arc<TableGuards>>,
     /// Completes when the locks held on this node change (it begins or stops leading a
-    /// cluster's): the stream ends, and its resource manager attaches again for the new
-    /// guard set.
-    held_changed: crate::at::authority::Changed,
+    /// cluster's) or the namespaces it serves do: the stream ends, and its resource manager
+    /// attaches again for the new guard set and namespaces.
+    changed: crate::at::authority::Changed,
     /// The stream's token, checked again for each call made on it.
     authorization: Option<Arc<str>>,
     tx: &'a mpsc::Sender<Result<pb::TcMessage, Status>>,
@@ -299,11 +332,11 @@ struct Stream<'a> {
 /// it ends otherwise than by the coordinator's shutdown are cancelled, as unary calls are when
 /// their connection breaks.
 async fn serve_stream(
-    coordinator: &Arc<Coordinator>,
+    namespaces: &Arc<Namespaces>,
     Stream {
         conn,
         guards,
-        mut held_changed,
+        mut changed,
         authorization,
         tx,
     }: Stream<'_>,
@@ -311,6 +344,7 @@ async fn serve_stream(
     interval: Duration,
     silence: Duration,
 ) -> &'static str {
+    let coordinator = namespaces.own();
     let mut calls = tokio::task::JoinSet::new();
     let mut beat = tokio::time::interval(interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -323,11 +357,12 @@ async fn serve_stream(
             && (calls.is_empty() || tokio::time::Instant::now() >= until)
         {
             let e = ErrorCode::LockAuthorityUnavailable.status(
-                "this node began or stopped leading the cluster's locks: attach again for its guard set",
+                "this node began or stopped leading the cluster's locks, or adopted or handed back a namespace: attach \
+                 again for its guard set and namespaces",
                 None,
             );
             let _ = tx.send(Err(e)).await;
-            return "the locks held here changed";
+            return "the locks or namespaces served here changed";
         }
         tokio::select! {
             message = inbound.message() => {
@@ -342,7 +377,7 @@ async fn serve_stream(
                         coordinator.metrics.stream_calls.increment(1);
                         let refused = if closing.is_some() {
                             Some(ErrorCode::LockAuthorityUnavailable.status(
-                                "this Attach stream is closing (the node began or stopped leading the cluster's locks); nothing was done: make the call again",
+                                "this Attach stream is closing (the node began or stopped leading the cluster's locks, or its namespaces changed); nothing was done: make the call again",
                                 None,
                             ))
                         } else if calls.len() >= MAX_CALLS_IN_FLIGHT {
@@ -362,11 +397,11 @@ async fn serve_stream(
                         }
                         // Each call in its own task: one waiting for rows holds up nothing
                         // else on the stream.
-                        let coordinator = Arc::clone(coordinator);
+                        let namespaces = Arc::clone(namespaces);
                         let authorization = authorization.clone();
                         let tx = tx.clone();
                         calls.spawn(async move {
-                            let answer = crate::grpc_calls::answer(&coordinator, authorization.as_deref(), call).await;
+                            let answer = crate::grpc_calls::answer(&namespaces, authorization.as_deref(), call).await;
                             let answer = pb::TcMessage { kind: Some(pb::tc_message::Kind::Answer(answer)) };
                             // A closed stream fails the caller's wait: its outcome is unknown.
                             let _ = tx.send(Ok(answer)).await;
@@ -432,7 +467,7 @@ async fn serve_stream(
                 let _ = tx.send(Err(TcError::shutting_down().to_status())).await;
                 return "coordinator shutting down";
             }
-            () = &mut held_changed, if closing.is_none() => {
+            () = &mut changed, if closing.is_none() => {
                 // No command is sent here any more; the answers to those sent before, and
                 // the calls taken on, are still served.
                 coordinator.rms.detach(conn);

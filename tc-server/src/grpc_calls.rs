@@ -12,6 +12,7 @@ use crate::auth::{Permission, Tokens};
 use crate::coordinator::{Coordinator, Outcome};
 use crate::error::TcError;
 use crate::model::BranchStatus;
+use crate::namespaces::Namespaces;
 use crate::xid::format_xid;
 
 pub(crate) fn outcome_pb(o: Outcome) -> pb::GlobalOutcome {
@@ -113,10 +114,10 @@ pub(crate) async fn guard_tables(
     Ok(pb::GuardTablesResponse {})
 }
 
-/// Runs a call made on an Attach stream as its unary twin would run, for the token the
-/// stream was opened with (checked now, so a revoked or expired one stops working at once);
-/// its answer.
-pub(crate) async fn answer(c: &Arc<Coordinator>, authorization: Option<&str>, call: pb::Call) -> pb::Answer {
+/// Runs a call made on an Attach stream as its unary twin would run (at the coordinator of
+/// its XID's namespace), for the token the stream was opened with (checked now, so a revoked
+/// or expired one stops working at once); its answer.
+pub(crate) async fn answer(namespaces: &Namespaces, authorization: Option<&str>, call: pb::Call) -> pb::Answer {
     use pb::answer::Response as A;
     use pb::call::Request as Q;
     let answered = match call.request {
@@ -126,16 +127,16 @@ pub(crate) async fn answer(c: &Arc<Coordinator>, authorization: Option<&str>, ca
                 Q::GlobalBegin(_) | Q::GlobalCommit(_) | Q::GlobalRollback(_) => TRANSACT,
                 Q::BranchRegister(_) | Q::BranchReport(_) | Q::LockQuery(_) | Q::GuardTables(_) => RESOURCE,
             };
-            match authorize(&c.tokens, authorization, need, what) {
+            match authorize(&namespaces.own().tokens, authorization, need, what) {
                 Err(refused) => Err(refused),
                 Ok(()) => match request {
-                    Q::GlobalBegin(r) => global_begin(c, r).await.map(A::GlobalBegin),
-                    Q::GlobalCommit(r) => global_commit(c, r).await.map(A::Outcome),
-                    Q::GlobalRollback(r) => global_rollback(c, r).await.map(A::Outcome),
-                    Q::BranchRegister(r) => branch_register(c, r).await.map(A::BranchRegister),
-                    Q::BranchReport(r) => branch_report(c, r).await.map(A::BranchReport),
-                    Q::LockQuery(r) => lock_query(c, r).await.map(A::LockQuery),
-                    Q::GuardTables(r) => guard_tables(c, r).await.map(A::GuardTables),
+                    Q::GlobalBegin(r) => global_begin(namespaces.own(), r).await.map(A::GlobalBegin),
+                    Q::GlobalCommit(r) => global_commit(&namespaces.of(&r.xid), r).await.map(A::Outcome),
+                    Q::GlobalRollback(r) => global_rollback(&namespaces.of(&r.xid), r).await.map(A::Outcome),
+                    Q::BranchRegister(r) => branch_register(&namespaces.of(&r.xid), r).await.map(A::BranchRegister),
+                    Q::BranchReport(r) => branch_report(&namespaces.of(&r.xid), r).await.map(A::BranchReport),
+                    Q::LockQuery(r) => lock_query(&namespaces.of(&r.xid), r).await.map(A::LockQuery),
+                    Q::GuardTables(r) => guard_tables(&namespaces.of(&r.xid), r).await.map(A::GuardTables),
                 },
             }
         }

@@ -18,6 +18,7 @@
 //!   `cli` the binary
 
 // Layers, lowest first (tests/layers.rs checks them).
+pub mod adoption;
 pub mod audit;
 pub mod auth;
 pub mod calls;
@@ -45,6 +46,7 @@ pub mod grpc_calls;
 pub mod http;
 pub mod lock_leader;
 pub mod messages;
+pub mod namespaces;
 pub mod operator;
 mod phase2;
 pub mod repair;

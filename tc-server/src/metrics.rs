@@ -65,13 +65,26 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::of_namespace(None)
+    }
+
+    /// The metrics of the coordinator of `namespace` (several serving nodes, where a node
+    /// also serves namespaces it adopted): its gauges of transactions carry the label
+    /// `namespace`, so each coordinator's count is its own series.
+    pub fn of_namespace(namespace: Option<u16>) -> Metrics {
         ferrata_rpc::process::prometheus();
+        let namespace = namespace.map(|n| n.to_string());
+        let per_namespace = |name: &'static str, mut labels: Vec<(&'static str, String)>| {
+            labels.extend(namespace.clone().map(|n| ("namespace", n)));
+            let labels: Vec<metrics::Label> = labels.into_iter().map(|(k, v)| metrics::Label::new(k, v)).collect();
+            gauge!(name, labels)
+        };
         let per_action =
             |name: &'static str| [Action::Commit, Action::Rollback].map(|a| counter!(name, "action" => a.label()));
         Metrics {
             by_status: GlobalStatus::ALL
                 .iter()
-                .map(|s| gauge!("ferrata_tc_transactions", "status" => s.as_str()))
+                .map(|s| per_namespace("ferrata_tc_transactions", vec![("status", s.as_str().to_owned())]))
                 .collect(),
             finished: GlobalStatus::ALL
                 .iter()
@@ -94,7 +107,7 @@ impl Metrics {
             resource_managers: gauge!("ferrata_tc_resource_managers"),
             stream_calls: counter!("ferrata_tc_stream_calls_total"),
             guarded_tables: gauge!("ferrata_tc_guarded_tables"),
-            finished_kept: gauge!("ferrata_tc_finished_kept"),
+            finished_kept: per_namespace("ferrata_tc_finished_kept", Vec::new()),
             guard_confirm_seconds: histogram!("ferrata_tc_guard_confirm_seconds"),
             guard_timeouts: counter!("ferrata_tc_guard_timeouts_total"),
             phase2_seconds: [Action::Commit, Action::Rollback]

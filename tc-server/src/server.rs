@@ -8,7 +8,7 @@
 //! once, with an error: it answers nothing more, since another node may already be active.
 //! With several serving nodes, the store it owns so is its namespace of XIDs, and it
 //! campaigns to lead the cluster's locks meanwhile (`serving.rs`); losing either lease
-//! stops it.
+//! stops it. It also adopts the namespaces of nodes that are down (`adoption.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,11 +25,13 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::adoption::Adoption;
 use crate::at::remote::Leadership;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::grpc::{lock_service, services};
 use crate::lock_leader::LeaderSlot;
+use crate::namespaces::Namespaces;
 use crate::serving::Campaign;
 use crate::standby::{NodeDescription, Standby, campaign};
 use crate::store::etcd::EtcdStore;
@@ -156,6 +158,8 @@ impl Server {
         let slot = Arc::new(LeaderSlot::default());
         // Its campaign for that: `Err` when it led and lost the lead.
         let mut campaign = None;
+        // Where the lock leader is, for namespaces this node adopts (several serving nodes).
+        let mut adopting = None;
         let (coordinator, journal, lost, rpc) = match backing {
             Backing::Ready { coordinator, journal } => (coordinator, journal, CancellationToken::new(), rpc),
             Backing::Shared(store) => {
@@ -169,6 +173,7 @@ impl Server {
             Backing::Serving { namespace, locks } => {
                 drop(rpc);
                 let (run, leadership) = Campaign::new(locks, me.clone(), config.clone(), Arc::clone(&slot));
+                adopting = Some(leadership.clone());
                 match owning(namespace).take_over(&config, Some(leadership)).await? {
                     Some(owned) => {
                         // The leader's guards are confirmed by the resource managers attached
@@ -180,11 +185,21 @@ impl Server {
                 }
             }
         };
-        app.set(crate::http::router(Arc::clone(&coordinator)));
+        let namespaces = Namespaces::new(Arc::clone(&coordinator));
+        app.set(namespaces.router());
         coordinator.start_background();
+        let adoption = adopting.map(|leadership| {
+            let adoption = Adoption {
+                config: config.clone(),
+                me: me.clone(),
+                leadership,
+                namespaces: Arc::clone(&namespaces),
+            };
+            tokio::spawn(adoption.run(serving.clone()))
+        });
         tracing::info!(rpc = %rpc_addr, http = %http_addr, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
-        let (tm, rm) = services(&coordinator, config.max_message_bytes());
+        let (tm, rm) = services(&namespaces, config.max_message_bytes());
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             let cert = std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
@@ -275,10 +290,18 @@ impl Server {
                 Err(e)
             }
         };
+        serving.cancel();
+        if let Some(task) = adoption {
+            // It hands back what it adopted, so that the next owner need not wait either.
+            match tokio::time::timeout(config.shutdown_timeout(), task).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %format!("{e:#}"), "adopting namespaces failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "adopting namespaces panicked"),
+                Ok(Ok(Ok(()))) | Err(_) => {}
+            }
+        }
         if let Some(task) = campaign {
             // It stops leading and hands its lease back, so the next leader need not wait
             // for it to run out.
-            serving.cancel();
             let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
         }
         // Everything acknowledged is already durable; this writes what was still queued (a
@@ -300,7 +323,15 @@ async fn restore(
 ) -> anyhow::Result<(Arc<Coordinator>, Journal)> {
     let journal = Journal::start(store);
     let caller = crate::calls::Caller::new(&config.calls)?;
-    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller, leadership).await?;
+    let coordinator = Coordinator::recover(
+        config.clone(),
+        journal.clone(),
+        snapshot,
+        caller,
+        leadership,
+        Default::default(),
+    )
+    .await?;
     let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
     if !loopback {
         coordinator.tokens.forbid_open();

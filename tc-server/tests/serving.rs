@@ -2,10 +2,14 @@
 //! transactions it began, and one elected node holds every node's locks. A row held through
 //! one node makes a request through another wait in the same queue; when the lock leader is
 //! killed another node leads, rebuilt from every namespace, and a node restarted with its old
-//! identity serves its namespace again and follows the new leader.
+//! identity serves its namespace again and follows the new leader. A node that stays down has
+//! its namespace adopted by another, which finishes its transactions and hands it back.
 
 mod support;
 
+use std::sync::Arc;
+
+use ferrata_rpc::client::TcClient;
 use ferrata_rpc::{ErrorCode, pb};
 use ferrata_testkit::etcd::EtcdCluster;
 use serde_json::Value;
@@ -66,6 +70,16 @@ async fn held_rows(tc: &Tc) -> Result<Vec<(String, String, Vec<String>)>> {
             )
         })
         .collect())
+}
+
+/// A resource manager attached through `c` to a node whose Welcome says it serves
+/// `namespaces` (attached again until it does: the node adopts or hands back meanwhile).
+async fn attach_serving(c: &TcClient, id: &str, recorder: &Arc<Recorder>, namespaces: &[u16]) -> Result<TestRm> {
+    eventually(&format!("a node serving namespaces {namespaces:?}"), || async {
+        let rm = TestRm::attach(c, id, &["db"], recorder).await?;
+        Ok((rm.serving().as_deref() == Some(namespaces)).then_some(rm))
+    })
+    .await
 }
 
 /// Commits `xid`, which must succeed (phase 2 may go on after the answer).
@@ -143,10 +157,11 @@ async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_n
     // every namespace: t2 (node 2's) holds rows 1 and 2 again.
     first.kill9()?;
     wait_leading(&second).await?;
-    // Its resource managers' streams end, to attach again for the leader's guard set.
+    // Its resource managers' streams end, to attach again for the leader's guard set (and
+    // again once node 2 adopts node 1's namespace, which it does meanwhile).
     let ended = rm2.closed().await.unwrap_err();
     assert!(format!("{ended:#}").contains("attach again"), "{ended:#}");
-    let _rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+    let _rm2 = attach_serving(&c2, "rm-2", &rec2, &[2, 1]).await?;
     let mut rows = held_rows(&second).await?;
     rows.sort();
     assert_eq!(
@@ -162,6 +177,8 @@ async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_n
     // committed) and its requests wait at the new leader.
     first.restart().await?;
     let v = health(&first).await?;
+    // Node 2 handed node 1's namespace back.
+    let _rm2 = attach_serving(&c2, "rm-2", &rec2, &[2]).await?;
     assert_eq!(v["lock_leader"]["endpoint"], format!("http://{}", second.rpc), "{v}");
     let c1 = first.client().await?;
     let _rm1 = TestRm::attach(&c1, "rm-1", &["db"], &rec1).await?;
@@ -186,5 +203,78 @@ async fn nodes_share_one_lock_leader_which_another_replaces_rebuilt_from_every_n
         Ok(held_rows(&second).await?.is_empty().then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+/// The node's value of `series` in `/metrics`.
+async fn metric_of(tc: &Tc, series: &str) -> Result<Option<f64>> {
+    let text = tc.http().get("/metrics").await?.body;
+    Ok(metric(&text, series))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_namespace_is_adopted_its_transactions_finish_and_it_is_handed_back() -> Result {
+    let cluster = EtcdCluster::start(1).await?;
+    let first = node(&cluster, 1).await?;
+    wait_leading(&first).await?;
+    let mut second = node(&cluster, 2).await?;
+    health(&second).await?;
+    let (c1, c2) = (first.client().await?, second.client().await?);
+    let (rec1, rec2) = (Recorder::new(), Recorder::new());
+    let mut rm1 = TestRm::attach(&c1, "rm-1", &["db"], &rec1).await?;
+    let mut rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+    assert_eq!((rm1.serving(), rm2.serving()), (Some(vec![1]), Some(vec![2])));
+
+    // Node 2 began two transactions holding rows: one its application will commit, one
+    // that will run out of time. Then it dies and stays down.
+    let kept = begin(&c2, 60_000).await?;
+    let kept_branch = register(&c2, &kept, "db", t_rows(&["5"]), 0).await?;
+    let expiring = begin(&c2, 4_000).await?;
+    let expiring_branch = register(&c2, &expiring, "db", t_rows(&["6"]), 0).await?;
+    rm2.crash();
+    second.kill9()?;
+
+    // Node 1 adopts node 2's namespace once node 2's lease has run out; its streams end so
+    // that resource managers learn it serves both.
+    let ended = rm1.closed().await.unwrap_err();
+    assert!(format!("{ended:#}").contains("attach again"), "{ended:#}");
+    let _rm1 = attach_serving(&c1, "rm-1", &rec1, &[1, 2]).await?;
+    assert_eq!(
+        metric_of(&first, r#"ferrata_tc_adopted{namespace="2"}"#).await?,
+        Some(1.0)
+    );
+
+    // Node 2's transactions are served by node 1 now, over gRPC and HTTP.
+    let shown = first.http().get_json(&format!("/v1/transactions/{kept}")).await?;
+    assert_eq!(shown["status"], "Begin", "{shown}");
+    committed(&c1, &kept).await?;
+    rec1.wait_branch(pb::Phase2Action::Commit, kept_branch).await?;
+    wait_status(&c1, &kept, pb::GlobalStatus::Committed).await?;
+    // The other one runs out of time at node 1 and is rolled back there.
+    rec1.wait_branch(pb::Phase2Action::Rollback, expiring_branch).await?;
+    wait_status(&c1, &expiring, pb::GlobalStatus::TimeoutRollbacked).await?;
+    eventually("node 2's rows to be free", || async {
+        Ok(held_rows(&first).await?.is_empty().then_some(()))
+    })
+    .await?;
+    // Node 1 begins its own transactions as before.
+    assert!(begin(&c1, 60_000).await?.starts_with("1-"));
+
+    // Node 2 comes back: node 1 hands its namespace back, and node 2 serves it again.
+    second.restart().await?;
+    health(&second).await?;
+    let c2 = second.client().await?;
+    wait_status(&c2, &kept, pb::GlobalStatus::Committed).await?;
+    wait_status(&c2, &expiring, pb::GlobalStatus::TimeoutRollbacked).await?;
+    let rm2 = TestRm::attach(&c2, "rm-2", &["db"], &rec2).await?;
+    assert_eq!(rm2.serving(), Some(vec![2]));
+    eventually("node 1 to hand node 2's namespace back", || async {
+        let handed = metric_of(&first, r#"ferrata_tc_adopted{namespace="2"}"#).await? == Some(0.0);
+        Ok(handed.then_some(()))
+    })
+    .await?;
+    assert_code(&status(&c1, &kept).await.unwrap_err(), ErrorCode::WrongNode);
+    let t = begin(&c2, 60_000).await?;
+    assert!(t.starts_with("2-"), "{t}");
     Ok(())
 }

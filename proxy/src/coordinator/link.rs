@@ -13,7 +13,8 @@
 //!   order, starting after the last one that failed.
 //! - Several serving nodes (their Welcome says so): a global transaction's calls go to the
 //!   node that began it, which its XID names (`<node id>-<n>`), since only that node serves
-//!   it; a begin goes to the attached nodes in turn.
+//!   it, or, while that node is down, to the node whose Welcome says it adopted its
+//!   namespace; a begin goes to the attached nodes in turn.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -54,10 +55,10 @@ struct Node {
     client: tokio::sync::Mutex<Option<TcClient>>,
     /// Its Attach stream's calls while it is open.
     stream: Mutex<Option<StreamCalls>>,
-    /// With several serving nodes, its node id as its last Welcome said (the XIDs it serves
-    /// start with it); kept while its stream is down, so its transactions' calls still go
-    /// there.
-    serving_node: Mutex<Option<u16>>,
+    /// With several serving nodes, the namespaces it serves as its last Welcome said (node
+    /// ids: the XIDs it serves start with one of them), its own first; kept while its stream
+    /// is down, so its transactions' calls still go there.
+    namespaces: Mutex<Vec<u16>>,
 }
 
 /// The coordinator cannot be reached at all.
@@ -87,7 +88,7 @@ impl Link {
                 },
                 client: tokio::sync::Mutex::new(None),
                 stream: Mutex::new(None),
-                serving_node: Mutex::new(None),
+                namespaces: Mutex::new(Vec::new()),
             })
             .collect();
         Link {
@@ -114,10 +115,22 @@ impl Link {
             .and_then(|x| x.split_once('-'))
             .and_then(|(n, _)| n.parse::<u16>().ok());
         if let (true, Some(home), Some(xid)) = (self.serving.load(Ordering::Relaxed), home, xid) {
-            let Some(i) = self.nodes.iter().position(|n| *n.serving_node.lock() == Some(home)) else {
+            // A node whose stream is open first: when node `home` is down, the node that
+            // adopted its namespace says so, while `home` is still listed as it last was.
+            let serves = |n: &Node| n.namespaces.lock().contains(&home);
+            let open = |n: &Node| n.stream.lock().is_some();
+            let found = (self.nodes.iter().position(|n| serves(n) && open(n)))
+                .or_else(|| {
+                    self.nodes
+                        .iter()
+                        .position(|n| n.namespaces.lock().first() == Some(&home))
+                })
+                .or_else(|| self.nodes.iter().position(serves));
+            let Some(i) = found else {
                 return Err(Unreachable(format!(
-                    "node {home} began global transaction {xid} and alone serves it, and no node among [coordinator] \
-                     endpoints has said it is node {home}"
+                    "node {home} began global transaction {xid}, and no node among [coordinator] endpoints has said \
+                     it serves node {home}'s transactions (it is node {home}, or adopted them while node {home} is \
+                     down)"
                 )));
             };
             // On its stream if it is open; as a unary call while it attaches again.
@@ -263,12 +276,12 @@ impl Link {
             };
             match attached {
                 Ok(mut attachment) => {
-                    let serving_node = attachment.serving_node;
-                    tracing::info!(rm_id, endpoint, ?serving_node, "attached to the coordinator");
+                    let serving = attachment.serving.clone();
+                    tracing::info!(rm_id, endpoint, namespaces = ?serving, "attached to the coordinator");
                     // Calls to this node go on the stream from now on, while it is open.
                     *node.stream.lock() = Some(attachment.calls());
-                    *node.serving_node.lock() = serving_node;
-                    if serving_node.is_some() {
+                    if let Some(namespaces) = serving {
+                        *node.namespaces.lock() = namespaces;
                         self.serving.store(true, Ordering::Relaxed);
                     }
                     self.count_attached();

@@ -110,7 +110,8 @@ impl Leader {
         let config = config(node_id);
         let caller = Caller::new(&config.calls).unwrap();
         let journal = Journal::start(Arc::clone(&store) as Arc<dyn crate::store::Store>);
-        let coordinator = Coordinator::recover(config, journal, loaded, caller, Some(address))
+        let rms = Arc::new(RmRegistry::default());
+        let coordinator = Coordinator::recover(config, journal, loaded, caller, Some(address), rms)
             .await
             .unwrap();
         Follower {

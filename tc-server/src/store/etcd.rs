@@ -29,6 +29,11 @@
 //!   the lock epoch. A transaction holding a registration whose rows a leader granted is also
 //!   conditioned on `create_revision(lock/owner) == ` that leader's epoch
 //!   ([`Mutation::LockFence`]): a leader elected since rebuilt the locks without it.
+//! * `nodes/<n>` and `namespaces/<n>`: with several serving nodes, node `n` is up (its
+//!   description, under the lease it campaigns for its namespace with) and its namespace
+//!   exists (kept when it goes). Both are written by its campaign, so a namespace whose node
+//!   is not up can be adopted by another, which hands it back once the node is up again
+//!   ([`EtcdStore::watch_nodes`]).
 //!
 //! With several serving nodes, each node id's transactions are a namespace of their own
 //! ([`Area::Namespace`]): the same keys (its own `owner` and `meta/writer` included) under
@@ -91,6 +96,20 @@ pub struct EtcdStore {
     area: Area,
     /// The highest id ceiling stored for the area's node id, so a lower one is never written.
     ceiling: AtomicU64,
+    /// What this node does with the area.
+    role: Role,
+}
+
+/// What a node does with a store's area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Campaigns to own it as its own: for a namespace, its campaign also says the node is up
+    /// (`nodes/<n>`) and its namespace exists (`namespaces/<n>`).
+    Own,
+    /// Campaigns for the namespace of a node that is down.
+    Adopt,
+    /// Only reads the cluster's nodes ([`EtcdStore::watch_nodes`]).
+    Observe,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -179,6 +198,15 @@ impl std::fmt::Display for Area {
     }
 }
 
+/// The cluster's nodes as [`EtcdStore::watch_nodes`] saw them at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterNodes {
+    /// The node ids whose namespace exists.
+    pub namespaces: BTreeSet<u16>,
+    /// The nodes that are up, with the description each wrote.
+    pub up: BTreeMap<u16, String>,
+}
+
 /// The owner of the store other than this node, as `acquire` found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -194,18 +222,30 @@ impl EtcdStore {
     /// (waiting for etcd if it is out of reach, until stopped) and then owns the store. Call
     /// it off the async runtime.
     pub fn connect(settings: &Settings, node_id: u16) -> Result<EtcdStore, StoreError> {
-        EtcdStore::open(settings, Area::Whole { node_id })
+        EtcdStore::open(settings, Area::Whole { node_id }, Role::Own)
     }
 
-    /// The store of namespace `n` alone (several serving nodes), as `connect` opens it.
+    /// The store of namespace `n` alone (several serving nodes), as `connect` opens it, for
+    /// node `n` itself: its campaign says the node is up, so a node that adopted the
+    /// namespace meanwhile hands it back.
     pub fn connect_namespace(settings: &Settings, n: u16) -> Result<EtcdStore, StoreError> {
-        EtcdStore::open(settings, Area::Namespace(n))
+        EtcdStore::open(settings, Area::Namespace(n), Role::Own)
+    }
+
+    /// The store of namespace `n` for a node that adopts it while node `n` is down.
+    pub fn adopt_namespace(settings: &Settings, n: u16) -> Result<EtcdStore, StoreError> {
+        EtcdStore::open(settings, Area::Namespace(n), Role::Adopt)
+    }
+
+    /// A store that only watches the cluster's nodes ([`EtcdStore::watch_nodes`]).
+    pub fn observe_nodes(settings: &Settings) -> Result<EtcdStore, StoreError> {
+        EtcdStore::open(settings, Area::LockLeader, Role::Observe)
     }
 
     /// The lock leader's area (several serving nodes): owning it is leading, `acquire` is
     /// the election.
     pub fn connect_lock_leader(settings: &Settings) -> Result<EtcdStore, StoreError> {
-        EtcdStore::open(settings, Area::LockLeader)
+        EtcdStore::open(settings, Area::LockLeader, Role::Own)
     }
 
     /// The keys this store owns.
@@ -213,7 +253,7 @@ impl EtcdStore {
         self.area
     }
 
-    fn open(settings: &Settings, area: Area) -> Result<EtcdStore, StoreError> {
+    fn open(settings: &Settings, area: Area, role: Role) -> Result<EtcdStore, StoreError> {
         metrics::describe_gauge!(
             "ferrata_tc_active",
             "1 while this node owns the area of the etcd store (label area) and serves, 0 while it stands by"
@@ -230,7 +270,9 @@ impl EtcdStore {
             "ferrata_tc_lease_lost_total",
             "Times this node's etcd lease for an area (label area) may have run out (an owner stops; a standby takes out another)"
         );
-        metrics::gauge!("ferrata_tc_active", "area" => area.to_string()).set(0.0);
+        if role != Role::Observe {
+            metrics::gauge!("ferrata_tc_active", "area" => area.to_string()).set(0.0);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ferrata-etcd")
@@ -247,6 +289,7 @@ impl EtcdStore {
             epoch: AtomicI64::new(0),
             area,
             ceiling: AtomicU64::new(0),
+            role,
         })
     }
 
@@ -309,6 +352,11 @@ impl EtcdStore {
     ) -> Result<Option<i64>, StoreError> {
         let owner_key = self.owner_key();
         let place = self.place();
+        if self.role == Role::Observe {
+            return Err(StoreError(format!(
+                "store {place}: opened to watch the cluster's nodes, not to own"
+            )));
+        }
 
         let mut met_another = false;
         self.runtime().block_on(async {
@@ -319,14 +367,33 @@ impl EtcdStore {
                 let Some(lease) = self.leased(stop).await? else {
                     return Ok(None);
                 };
+                // A node campaigning for its own namespace says it is up under the same
+                // lease, whether or not it wins at once (`nodes/<n>` goes with the lease).
+                let joined: Vec<TxnOp> = match self.area {
+                    Area::Namespace(node) if self.role == Role::Own => vec![
+                        TxnOp::put(
+                            self.cluster_key(StoredKey::NodeUp { node }),
+                            description,
+                            Some(PutOptions::new().with_lease(lease.id)),
+                        ),
+                        TxnOp::put(self.cluster_key(StoredKey::NamespaceOf { node }), "", None),
+                    ],
+                    _ => Vec::new(),
+                };
+                let won = [TxnOp::put(
+                    owner_key.clone(),
+                    description,
+                    Some(PutOptions::new().with_lease(lease.id)),
+                )];
                 let campaign = Txn::new()
                     .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        owner_key.clone(),
-                        description,
-                        Some(PutOptions::new().with_lease(lease.id)),
-                    )])
-                    .or_else([TxnOp::get(owner_key.clone(), None)]);
+                    .and_then(won.into_iter().chain(joined.clone()).collect::<Vec<_>>())
+                    .or_else(
+                        [TxnOp::get(owner_key.clone(), None)]
+                            .into_iter()
+                            .chain(joined)
+                            .collect::<Vec<_>>(),
+                    );
                 let response = match self.members.call(|mut c| async move { c.txn(campaign).await }).await {
                     Ok(r) => r,
                     // The lease ran out in etcd before this node noticed: take out another.
@@ -506,6 +573,81 @@ impl EtcdStore {
                 _ => return Ok(revision),
             }
         }
+    }
+
+    /// Watches the cluster's nodes until `stop`: hands `seen` every namespace that exists and
+    /// the nodes that are up, at once and after every change (looked at again after a TTL at
+    /// the latest, as a watch on a member cut off from the others may hear nothing). Blocks:
+    /// call it off the async runtime.
+    pub fn watch_nodes(&self, stop: &CancellationToken, seen: &mut dyn FnMut(&ClusterNodes)) {
+        let namespaces = self.cluster_key_text("namespaces/");
+        let nodes = self.cluster_key_text("nodes/");
+        self.runtime().block_on(async {
+            while !stop.is_cancelled() {
+                let read = Txn::new().and_then([
+                    TxnOp::get(
+                        namespaces.clone(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    ),
+                    TxnOp::get(nodes.clone(), Some(GetOptions::new().with_prefix())),
+                ]);
+                let response = match self.members.call(|mut c| async move { c.txn(read).await }).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the cluster's nodes; trying again");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                };
+                let revision = response.header().map_or(0, |h| h.revision());
+                let mut view = ClusterNodes::default();
+                for (i, found) in response.op_responses().into_iter().enumerate() {
+                    let etcd_client::TxnOpResponse::Get(found) = found else {
+                        continue;
+                    };
+                    for kv in found.kvs() {
+                        let key = kv.key().strip_prefix(self.settings.prefix.as_bytes()).unwrap_or_default();
+                        match (i, StoredKey::parse(key)) {
+                            (0, Some(StoredKey::NamespaceOf { node })) => {
+                                view.namespaces.insert(node);
+                            }
+                            (1, Some(StoredKey::NodeUp { node })) => {
+                                view.up.insert(node, String::from_utf8_lossy(kv.value()).into_owned());
+                            }
+                            _ => tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "not a key of the cluster's nodes; ignored"),
+                        }
+                    }
+                }
+                seen(&view);
+                let changed = async {
+                    let (used, client) = self.members.current().await.map_err(|e| (None, e.to_string()))?;
+                    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+                    let watched = async {
+                        let mut stream = client.watch_client().watch(nodes.clone(), Some(options)).await?;
+                        while let Some(response) = stream.message().await? {
+                            if response.canceled() || !response.events().is_empty() {
+                                break;
+                            }
+                        }
+                        Ok::<(), etcd_client::Error>(())
+                    };
+                    watched.await.map_err(|e| (Some(used), e.to_string()))
+                };
+                tokio::select! {
+                    result = changed => if let Err((used, e)) = result {
+                        tracing::warn!(error = %e, "watching the cluster's nodes failed; looking again");
+                        if let Some(used) = used {
+                            self.members.failed(used);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    },
+                    () = tokio::time::sleep(self.settings.lease_ttl()) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
     }
 
     /// Every namespace's transactions with their branches, as they were at one revision read
@@ -1103,12 +1245,28 @@ pub enum StoredKey<'a> {
     Writer,
     LockLeader,
     Global(u64),
-    Branch { txn: u64, branch: u64 },
+    Branch {
+        txn: u64,
+        branch: u64,
+    },
     Finished(u64),
-    Event { txn: u64, index: u32 },
+    Event {
+        txn: u64,
+        index: u32,
+    },
     Audit(u64),
     Token(&'a str),
-    IdCeiling { node: u16 },
+    IdCeiling {
+        node: u16,
+    },
+    /// `nodes/<n>`: node `n` is up (under its namespace's lease, with its description).
+    NodeUp {
+        node: u16,
+    },
+    /// `namespaces/<n>`: node `n`'s namespace exists (kept when the node goes).
+    NamespaceOf {
+        node: u16,
+    },
 }
 
 impl<'a> StoredKey<'a> {
@@ -1142,6 +1300,8 @@ impl<'a> StoredKey<'a> {
             ("owner", "") if text == "owner" => StoredKey::Owner,
             ("meta", "writer") => StoredKey::Writer,
             ("lock", "owner") => StoredKey::LockLeader,
+            ("nodes", n) => StoredKey::NodeUp { node: hex(n, 4)? },
+            ("namespaces", n) => StoredKey::NamespaceOf { node: hex(n, 4)? },
             ("meta", rest) => StoredKey::IdCeiling {
                 node: hex(rest.strip_prefix("id_ceiling/")?, 4)?,
             },
@@ -1181,6 +1341,8 @@ impl std::fmt::Display for StoredKey<'_> {
             StoredKey::Audit(id) => write!(f, "a/{id:016x}"),
             StoredKey::Token(name) => write!(f, "t/{name}"),
             StoredKey::IdCeiling { node } => write!(f, "meta/id_ceiling/{node:04x}"),
+            StoredKey::NodeUp { node } => write!(f, "nodes/{node:04x}"),
+            StoredKey::NamespaceOf { node } => write!(f, "namespaces/{node:04x}"),
         }
     }
 }
@@ -1202,7 +1364,11 @@ fn load_key(
         ))
     };
     match StoredKey::parse(key).ok_or_else(unknown)? {
-        StoredKey::Owner | StoredKey::Writer | StoredKey::LockLeader => Ok(()),
+        StoredKey::Owner
+        | StoredKey::Writer
+        | StoredKey::LockLeader
+        | StoredKey::NodeUp { .. }
+        | StoredKey::NamespaceOf { .. } => Ok(()),
         StoredKey::Global(txn) => loader.global(txn, value),
         StoredKey::Finished(txn) => loader.finished(txn, value),
         StoredKey::Audit(id) => loader.audit(id, value),
@@ -1911,6 +2077,8 @@ mod tests {
             StoredKey::Audit(0),
             StoredKey::Token("ops/alice"),
             StoredKey::IdCeiling { node: 0xbeef },
+            StoredKey::NodeUp { node: 2 },
+            StoredKey::NamespaceOf { node: 0xffff },
         ];
         for key in keys {
             let text = key.to_string();
@@ -1929,6 +2097,8 @@ mod tests {
             "meta/id_ceiling/1",
             "meta/id_ceiling/10000",
             "meta/other",
+            "nodes/2",
+            "namespaces/",
             "t/",
             "x/0000000000000001",
         ] {

@@ -847,6 +847,11 @@ impl TestRm {
         self.attachment.as_ref().expect("not crashed").calls()
     }
 
+    /// The namespaces its Welcome said the node serves (several serving nodes).
+    pub fn serving(&self) -> Option<Vec<u16>> {
+        self.attachment.as_ref().and_then(|a| a.serving.clone())
+    }
+
     /// Closes the stream as a crashed process would.
     pub fn crash(&mut self) {
         self.crashed.cancel();
