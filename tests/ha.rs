@@ -280,9 +280,9 @@ async fn credits(
 struct Nodes {
     nodes: [Coordinator; 2],
     hosts: [Arc<Host>; 2],
-    /// Whether a node's link to etcd is cut: the supervisor leaves it stopped until it
-    /// heals, as a restarted node would only wait for etcd.
-    cut_from_etcd: [bool; 2],
+    /// Whether the supervisor leaves a node stopped: its link to etcd is cut (a restarted
+    /// node would only wait for etcd until it heals), or the test keeps it down.
+    kept_down: [bool; 2],
 }
 
 impl Nodes {
@@ -302,7 +302,7 @@ impl Nodes {
         let nodes = Nodes {
             nodes: [node(0)?, node(1)?],
             hosts,
-            cut_from_etcd: [false; 2],
+            kept_down: [false; 2],
         };
         match ha {
             HaMode::ActiveStandby => nodes.active().await?,
@@ -329,13 +329,13 @@ impl Nodes {
 
     fn cut(&mut self, i: usize, link: u8) -> Result<()> {
         self.hosts[i].cut(link)?;
-        self.cut_from_etcd[i] |= link == ETCD_LINK;
+        self.kept_down[i] |= link == ETCD_LINK;
         Ok(())
     }
 
     fn heal(&mut self, i: usize, link: u8) -> Result<()> {
         self.hosts[i].heal(link)?;
-        self.cut_from_etcd[i] &= link != ETCD_LINK;
+        self.kept_down[i] &= link != ETCD_LINK;
         Ok(())
     }
 
@@ -379,8 +379,8 @@ impl Nodes {
     /// stops, and an etcd leader change can make it unsure), unless it is cut off from etcd:
     /// a restarted node would only wait for etcd.
     fn supervise(&mut self) -> Result<()> {
-        for (node, cut) in self.nodes.iter_mut().zip(self.cut_from_etcd) {
-            if !cut && !node.is_running() {
+        for (node, down) in self.nodes.iter_mut().zip(self.kept_down) {
+            if !down && !node.is_running() {
                 node.restart()?;
             }
         }
@@ -618,7 +618,8 @@ async fn the_books_balance_while_coordinator_nodes_etcd_members_and_proxies_fail
 
 /// Several serving nodes: the bank workload through two proxies that attach to both nodes,
 /// each node serving the transactions it began while one of them holds every lock, as the
-/// lock leader is killed, then the node that does not lead, the lock leader hangs past its
+/// lock leader is killed, then the node that does not lead (kept down until the lock leader
+/// adopted its namespace, and the workload went on), the lock leader hangs past its
 /// lease, a proxy dies, etcd's leader dies, the lock leader is cut off from etcd (it stops,
 /// the other leads), and cut off from the proxies and the other node but not from etcd (it
 /// keeps its leases; every lock call fails until it heals). The nodes run in hosts of their
@@ -638,10 +639,24 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd
         run.nodes.nodes[leader].kill9()?;
         progress(&run.seen, &mut run.nodes, "killing the lock leader").await?;
 
-        // The node that does not lead dies: its transactions wait for it to come back.
-        let other = 1 - run.nodes.lock_leader().await?;
+        // The node that does not lead dies and stays down: the lock leader adopts its
+        // namespace and finishes its transactions while the workload goes on; restarted,
+        // the node takes its namespace back.
+        let leader = run.nodes.lock_leader().await?;
+        let (other, other_id) = (1 - leader, 2 - leader as u16);
         run.nodes.nodes[other].kill9()?;
-        progress(&run.seen, &mut run.nodes, "killing the node that does not lead").await?;
+        run.nodes.kept_down[other] = true;
+        until("the lock leader to adopt the dead node's namespace", async || {
+            Ok(run.nodes.nodes[leader].adopted(other_id).await)
+        })
+        .await?;
+        progress(&run.seen, &mut run.nodes, "adopting the dead node's namespace").await?;
+        run.nodes.kept_down[other] = false;
+        progress(&run.seen, &mut run.nodes, "restarting the node that was adopted").await?;
+        until("the adopted namespace to be handed back", async || {
+            Ok(!run.nodes.nodes[leader].adopted(other_id).await)
+        })
+        .await?;
 
         // The lock leader hangs past its lease: the other node leads, and the hung one,
         // resumed, stops by itself.
@@ -694,6 +709,10 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd
     assert!(
         history.lock_fenced > 0,
         "registrations were fenced by the lock leader's epoch: {history:?}"
+    );
+    assert!(
+        history.adoptions >= rounds as u64,
+        "each round's dead node had its namespace adopted: {history:?}"
     );
     Ok(())
 }

@@ -132,6 +132,16 @@ impl Coordinator {
             .is_ok_and(|health| health["lock_leader"]["this_node"] == true)
     }
 
+    /// With several serving nodes: whether it serves node `node`'s namespace, adopted while
+    /// that node is down (`ferrata_tc_adopted`).
+    pub async fn adopted(&self, node: u16) -> bool {
+        let series = format!("ferrata_tc_adopted{{namespace=\"{node}\"}}");
+        match crate::http_request(self.http, "GET", "/metrics", "", None).await {
+            Ok((200, body)) => crate::metric(&body, &series) == Some(1.0),
+            _ => false,
+        }
+    }
+
     /// Whether it answers `/healthz` as serving (not standing by, stopping or failed).
     pub async fn serving(&self) -> bool {
         matches!(

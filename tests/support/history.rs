@@ -14,6 +14,9 @@
 //!   locks): no row was granted to two unfinished transactions at once, as far as anything
 //!   durable shows.
 //!
+//! It also counts what happened: owners and lock leaders, and adoptions (a namespace owned
+//! by another node than its own).
+//!
 //! Records are read with the coordinator's own key layout and decoders
 //! (`ferrata_tc::store::etcd::StoredKey`, `ferrata_tc::store::record`).
 
@@ -40,6 +43,8 @@ pub struct StoreHistory {
     pub epochs: Vec<i64>,
     /// The lock leaders' epochs, in the order they led.
     pub lock_epochs: Vec<i64>,
+    /// Times a node owned another node's namespace (adopted it while that node was down).
+    pub adoptions: u64,
     /// Writes fenced by a lock leader's epoch.
     pub lock_fenced: u64,
     /// The most rows held at once.
@@ -146,6 +151,13 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
                     StoredKey::Owner if put => {
                         state.owners.insert(area, kv.create_revision());
                         history.epochs.push(kv.create_revision());
+                        // A namespace's owner key describes the node that owns it.
+                        if let Some(n) = area {
+                            let owner: serde_json::Value = serde_json::from_slice(kv.value())?;
+                            if owner["node_id"] != n {
+                                history.adoptions += 1;
+                            }
+                        }
                     }
                     StoredKey::Owner => {
                         state.owners.remove(&area);
@@ -155,6 +167,9 @@ pub async fn check_store_history(endpoints: &[String], prefix: &str) -> Result<S
                         history.lock_epochs.push(kv.create_revision());
                     }
                     StoredKey::LockLeader => state.lock_owner = None,
+                    // Which nodes are up and which namespaces exist: written by campaigns,
+                    // not by owners, and no records.
+                    StoredKey::NodeUp { .. } | StoredKey::NamespaceOf { .. } => {}
                     StoredKey::Writer => *writer = Some(parse_stamp(area, kv.value())?),
                     StoredKey::Global(txn) => {
                         *changed = Some(area);

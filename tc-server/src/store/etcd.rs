@@ -902,6 +902,10 @@ impl Drop for EtcdStore {
         // Hand the lease back so a standby need not wait for it to run out; a process that
         // dies instead leaves that to the TTL.
         if let Some(runtime) = self.runtime.take() {
+            if self.epoch() != 0 {
+                // Handed back (an adopted namespace), or the node stops.
+                metrics::gauge!("ferrata_tc_active", "area" => self.area.to_string()).set(0.0);
+            }
             // Id 0: no lease was ever taken out.
             let id = self.lease().id;
             if id != 0 {
