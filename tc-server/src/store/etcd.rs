@@ -1565,7 +1565,7 @@ mod tests {
             .to_string();
         assert!(e.contains("belongs to node 1"), "{e}");
         // Another node waits for namespace 1 while its owner holds it.
-        let adopter = EtcdStore::connect_namespace(&s, 1).unwrap();
+        let adopter = EtcdStore::adopt_namespace(&s, 1).unwrap();
         let mut met = None;
         let stop = CancellationToken::new();
         let waiting = &mut |o: &Owner| {
@@ -1623,6 +1623,59 @@ mod tests {
     }
 
     /// A store that owns namespace `n` of `s`.
+    #[test]
+    fn a_node_says_it_is_up_and_its_namespace_is_adopted_only_while_it_is_down() {
+        let (rt, cluster) = cluster(1);
+        let s = settings(&cluster);
+        let (seen, views) = std::sync::mpsc::channel();
+        let stop = CancellationToken::new();
+        let watcher = std::thread::spawn({
+            let (observer, stop) = (EtcdStore::observe_nodes(&s).unwrap(), stop.clone());
+            move || observer.watch_nodes(&stop, &mut |v| drop(seen.send(v.clone())))
+        });
+        let view_where = |what: &str, want: &dyn Fn(&ClusterNodes) -> bool| loop {
+            let v = views.recv_timeout(Duration::from_secs(10)).expect(what);
+            if want(&v) {
+                return v;
+            }
+        };
+        view_where("the first view", &|v| v.namespaces.is_empty() && v.up.is_empty());
+        let e = EtcdStore::observe_nodes(&s).unwrap();
+        let e = e.acquire("x", &CancellationToken::new(), &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("not to own"), "{e}");
+
+        // Node 1's campaign for its namespace says it is up, and that its namespace exists.
+        let one = own_namespace(&s, 1);
+        let v = view_where("node 1 up", &|v| !v.up.is_empty());
+        assert_eq!(v.namespaces, BTreeSet::from([1]));
+        assert_eq!(v.up, BTreeMap::from([(1, "node".to_owned())]));
+        // It goes: its namespace stays, and another node adopts it, without saying node 1
+        // is up.
+        drop(one);
+        let v = view_where("node 1 down", &|v| v.up.is_empty());
+        assert_eq!(v.namespaces, BTreeSet::from([1]));
+        let adopter = EtcdStore::adopt_namespace(&s, 1).unwrap();
+        let adopted = adopter.acquire("node 3", &CancellationToken::new(), &mut |_| {});
+        assert!(adopted.unwrap().is_some());
+        let up = rt.block_on(async {
+            let mut client = Client::connect(cluster.endpoints(), None).await.unwrap();
+            let key = format!("{}{}", s.prefix, StoredKey::NodeUp { node: 1 });
+            client.get(key, None).await.unwrap().kvs().len()
+        });
+        assert_eq!(up, 0, "the adopter does not say node 1 is up");
+        // Node 1 comes back: it says it is up before it waits for the adopter to hand back.
+        let back = std::thread::spawn({
+            let s = s.clone();
+            move || own_namespace(&s, 1)
+        });
+        view_where("node 1 up again", &|v| v.up.contains_key(&1));
+        drop(adopter);
+        let back = back.join().unwrap();
+        assert!(back.epoch() > 0);
+        stop.cancel();
+        watcher.join().unwrap();
+    }
+
     fn own_namespace(s: &Settings, n: u16) -> EtcdStore {
         let store = EtcdStore::connect_namespace(s, n).unwrap();
         store
