@@ -31,7 +31,11 @@
 //! `--stores redb,etcd1,etcd3` runs every scenario on each store, interleaved: the embedded
 //! store, or etcd (`--etcd`) on a cluster of one or three members the benchmark starts for the
 //! scenario (`etcd-server`; its data under the temp directory), whose CPU time is reported
-//! too. `--failovers N` then measures, on each etcd store, N failovers: two nodes, the active
+//! too. `--nodes 1,2,3` runs every etcd scenario also on that many serving nodes
+//! (`--etcd-mode serving`): the first node leads the cluster's locks, and the connections go
+//! to the nodes in turn, each with its Attach stream there; the coordinator CPU is then all
+//! nodes', and the lock leader's node's is reported apart, to see where it saturates.
+//! `--failovers N` then measures, on each etcd store, N failovers: two nodes, the active
 //! one killed with SIGKILL, and the time until the other grants a lock.
 //!
 //! The client and the coordinator share the machine; compare runs on the same machine only.
@@ -112,7 +116,16 @@ struct Args {
     /// Failovers measured on each etcd store after the scenarios (0: none).
     #[arg(long, default_value_t = 0)]
     failovers: usize,
+    /// Coordinator nodes of each etcd scenario, comma-separated to run each with every
+    /// count: 1 is one active node; more are serving nodes (`--etcd-mode serving`), the
+    /// first of which leads the locks.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    nodes: Vec<usize>,
 }
+
+/// The root token of serving nodes (they need one to reach each other's lock stream); the
+/// clients use it too.
+const SERVING_TOKEN: &str = "tc-bench-serving-nodes-root-token";
 
 /// Longest any single call may take before the run is declared broken.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -135,6 +148,7 @@ fn run(args: Args) -> Result<()> {
     ensure!(args.seconds > 0.0, "--seconds must be positive");
     ensure!(args.warmup >= 0.0, "--warmup must not be negative");
     ensure!(args.connections != Some(0), "--connections must be at least 1");
+    ensure!(!args.nodes.contains(&0), "--nodes counts must be at least 1");
     let tc_binary = match &args.tc_binary {
         Some(path) => path.clone(),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferrata-tc"),
@@ -169,14 +183,19 @@ fn run(args: Args) -> Result<()> {
     let scenarios: Vec<Scenario> = sizes
         .into_iter()
         .flat_map(|(kind, clients)| {
-            let (stores, connections) = (&args.stores, args.connections);
+            let (stores, connections, node_counts) = (&args.stores, args.connections, &args.nodes);
             args.calls.iter().flat_map(move |&calls| {
-                stores.iter().map(move |&store| Scenario {
-                    kind,
-                    clients,
-                    connections: connections.unwrap_or(clients).min(clients),
-                    calls,
-                    store,
+                stores.iter().flat_map(move |&store| {
+                    // Serving nodes share an etcd store.
+                    let counts = node_counts.iter().filter(move |&&n| n == 1 || store.members() > 0);
+                    counts.map(move |&nodes| Scenario {
+                        kind,
+                        clients,
+                        connections: connections.unwrap_or(clients).min(clients),
+                        calls,
+                        store,
+                        nodes,
+                    })
                 })
             })
         })
@@ -227,8 +246,14 @@ async fn measure_failovers(
 ) -> Result<Vec<Duration>> {
     let cluster = EtcdCluster::start(store.members()).await?;
     let endpoints = cluster.endpoints();
-    let start =
-        |node: usize, ready: &str| Tc::start(tc_binary, data_parent, &args.tc_args, Some((&endpoints, node)), ready);
+    let start = |node: usize, ready: &str| {
+        let etcd = Etcd {
+            endpoints: &endpoints,
+            node,
+            serving: false,
+        };
+        Tc::start(tc_binary, data_parent, &args.tc_args, Some(etcd), ready)
+    };
     let mut nodes = [start(0, "ferrata-tc serving")?, start(1, "standing by")?];
     let mut active = 0;
     let mut times = Vec::with_capacity(args.failovers);
@@ -303,6 +328,8 @@ struct Scenario {
     connections: usize,
     calls: Calls,
     store: StoreKind,
+    /// Coordinator nodes: 1, or that many serving nodes.
+    nodes: usize,
 }
 
 impl Scenario {
@@ -319,8 +346,16 @@ impl Scenario {
             self.name(),
             self.clients,
             self.calls.name(),
-            self.store.name()
+            self.store_label()
         )
+    }
+
+    /// The store, and the serving nodes on it if several (`etcd1x3`).
+    fn store_label(&self) -> String {
+        match self.nodes {
+            1 => self.store.name().to_owned(),
+            n => format!("{}x{n}", self.store.name()),
+        }
     }
 
     /// The resources each transaction registers a branch on, in order.
@@ -356,6 +391,11 @@ fn print_settings(args: &Args, tc_binary: &Path, data_parent: &Path) -> Result<(
         } else {
             cpus.get()
         },
+    );
+    println!(
+        "  stores:      {:?}; nodes {:?}",
+        args.stores.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        args.nodes
     );
     let fs = filesystem_type(data_parent);
     println!("  data dirs:   under {} ({fs})", data_parent.display());
@@ -635,7 +675,9 @@ async fn attach_rm(client: &mut TcClient, resources: &[&str], name: &str, shared
 /// Everything read at one instant of the window.
 struct Snapshot {
     at: Instant,
+    /// Every node's CPU time, and the first node's (the lock leader of serving nodes).
     tc_cpu: f64,
+    leader_cpu: f64,
     tc_threads: BTreeMap<String, f64>,
     /// The etcd members' CPU time, all together (0 with the embedded store).
     etcd_cpu: f64,
@@ -644,16 +686,35 @@ struct Snapshot {
     machine: (u64, u64),
     committed: u64,
     phase2_commits: u64,
-    /// The coordinator's /metrics, if it answered.
+    /// The coordinators' /metrics, one after the other, if they all answered.
     metrics: Option<String>,
 }
 
-async fn snapshot(tc: &Tc, shared: &Shared) -> Result<Snapshot> {
+async fn snapshot(nodes: &[Tc], shared: &Shared) -> Result<Snapshot> {
     let at = Instant::now();
+    let tc = &nodes[0];
+    let cpu = nodes
+        .iter()
+        .map(|n| cpu_seconds(&format!("/proc/{}/stat", n.pid())))
+        .collect::<Result<Vec<f64>>>()?;
+    let mut tc_threads = BTreeMap::new();
+    for n in nodes {
+        for (name, cpu) in thread_cpu(n.pid())? {
+            *tc_threads.entry(name).or_default() += cpu;
+        }
+    }
+    let mut metrics = Some(String::new());
+    for n in nodes {
+        match (&mut metrics, http_get(n.http, "/metrics").await) {
+            (Some(all), Ok(text)) => all.push_str(&text),
+            _ => metrics = None,
+        }
+    }
     let snap = Snapshot {
         at,
-        tc_cpu: cpu_seconds(&format!("/proc/{}/stat", tc.pid()))?,
-        tc_threads: thread_cpu(tc.pid())?,
+        tc_cpu: cpu.iter().sum(),
+        leader_cpu: cpu[0],
+        tc_threads,
         etcd_cpu: tc
             .etcd_pids
             .iter()
@@ -663,7 +724,7 @@ async fn snapshot(tc: &Tc, shared: &Shared) -> Result<Snapshot> {
         machine: machine_jiffies()?,
         committed: shared.committed.load(Ordering::Relaxed),
         phase2_commits: shared.phase2_commits.load(Ordering::Relaxed),
-        metrics: http_get(tc.http, "/metrics").await.ok(),
+        metrics,
     };
     Ok(snap)
 }
@@ -679,34 +740,47 @@ async fn run_scenario(args: &Args, tc_binary: &Path, data_parent: &Path, scenari
     let load_before = load_average();
     let cluster = scenario.store.start_etcd().await?;
     let endpoints = cluster.as_ref().map(EtcdCluster::endpoints);
-    let etcd = endpoints.as_ref().map(|e| (e.as_slice(), 0));
-    let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args, etcd, "ferrata-tc serving")?;
-    tc.etcd_pids = cluster.as_ref().map(EtcdCluster::pids).unwrap_or_default();
-    println!("   coordinator pid {} rpc {} http {}", tc.pid(), tc.rpc, tc.http);
-    let result = drive(args, scenario, &mut tc).await;
-    let result = match result {
-        Ok(outcome) => Ok(outcome),
-        Err(err) => Err(err.context(format!("coordinator log (tail):\n{}", tc.log_tail()))),
-    };
-    let stopped = tc.stop();
-    let mut outcome = result?;
-    if let Err(err) = stopped {
-        println!("   WARNING: stopping the coordinator: {err:#}");
+    let mut nodes = Vec::with_capacity(scenario.nodes);
+    for node in 0..scenario.nodes {
+        let etcd = endpoints.as_ref().map(|e| Etcd {
+            endpoints: e.as_slice(),
+            node,
+            serving: scenario.nodes > 1,
+        });
+        let mut tc = Tc::start(tc_binary, data_parent, &args.tc_args, etcd, "ferrata-tc serving")?;
+        tc.etcd_pids = cluster.as_ref().map(EtcdCluster::pids).unwrap_or_default();
+        println!("   coordinator pid {} rpc {} http {}", tc.pid(), tc.rpc, tc.http);
+        if scenario.nodes > 1 {
+            // The first node leads the locks; every node knows where they are.
+            tc.wait_lock_leader(node == 0).await?;
+        }
+        nodes.push(tc);
     }
+    let result = match drive(args, scenario, &nodes).await {
+        Ok(outcome) => Ok(outcome),
+        Err(err) => Err(err.context(format!("coordinator log (tail):\n{}", nodes[0].log_tail()))),
+    };
+    for tc in &mut nodes {
+        if let Err(err) = tc.stop() {
+            println!("   WARNING: stopping the coordinator: {err:#}");
+        }
+    }
+    let mut outcome = result?;
     outcome.load_before = load_before;
     Ok(outcome)
 }
 
-async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> {
-    let config = ClientConfig {
+async fn drive(args: &Args, scenario: Scenario, nodes: &[Tc]) -> Result<Outcome> {
+    let config = |tc: &Tc| ClientConfig {
         endpoint: format!("http://{}", tc.rpc),
+        token: (nodes.len() > 1).then(|| SERVING_TOKEN.to_owned()),
         ..ClientConfig::default()
     };
     let shared = Arc::new(Shared::default());
     let mut connections = Vec::with_capacity(scenario.connections);
     let mut rms = Vec::new();
     for i in 0..scenario.connections {
-        let mut client = TcClient::connect(&config).await?;
+        let mut client = TcClient::connect(&config(&nodes[i % nodes.len()])).await?;
         if scenario.calls == Calls::Stream {
             // As a proxy does: its resource manager's stream carries its sessions' calls.
             let rm = attach_rm(&mut client, scenario.resources(), &format!("c{i}"), Arc::clone(&shared)).await?;
@@ -716,9 +790,12 @@ async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> 
         connections.push(client);
     }
     if scenario.calls == Calls::Unary {
-        for resource in scenario.resources() {
-            let mut client = TcClient::connect(&config).await?;
-            rms.push(attach_rm(&mut client, &[resource], resource, Arc::clone(&shared)).await?);
+        for (n, tc) in nodes.iter().enumerate() {
+            for resource in scenario.resources() {
+                let mut client = TcClient::connect(&config(tc)).await?;
+                let name = format!("{resource}-n{n}");
+                rms.push(attach_rm(&mut client, &[resource], &name, Arc::clone(&shared)).await?);
+            }
         }
     }
     let t0 = Instant::now() + Duration::from_secs_f64(args.warmup);
@@ -741,18 +818,18 @@ async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> 
 
     // Sample at both ends of the window (and profile between them, if asked).
     tokio::time::sleep_until(window.t0.into()).await;
-    let first = snapshot(tc, &shared).await?;
+    let first = snapshot(nodes, &shared).await?;
     let perf = match &args.perf_dir {
         Some(dir) => Some(Perf::start(
-            tc.pid(),
+            nodes[0].pid(),
             &args.perf_call_graph,
             &dir.join(format!("tc-{}.perf.data", scenario.label())),
         )?),
         None => None,
     };
     tokio::time::sleep_until(window.t1.into()).await;
-    let last = snapshot(tc, &shared).await?;
-    let rss_in_window = tc.peak_rss_kib()?;
+    let last = snapshot(nodes, &shared).await?;
+    let rss_in_window = peak_rss_kib(nodes)?;
     if let Some(perf) = perf {
         perf.stop()?;
     }
@@ -793,9 +870,17 @@ async fn drive(args: &Args, scenario: Scenario, tc: &mut Tc) -> Result<Outcome> 
         branches,
         drained,
         rss_in_window,
-        tc.peak_rss_kib()?,
-        tc.warnings(),
+        peak_rss_kib(nodes)?,
+        nodes.iter().flat_map(Tc::warnings).collect(),
     ))
+}
+
+/// The largest peak resident memory of `nodes` so far, in KiB.
+fn peak_rss_kib(nodes: &[Tc]) -> Result<u64> {
+    nodes
+        .iter()
+        .map(Tc::peak_rss_kib)
+        .try_fold(0, |most, rss| Ok(most.max(rss?)))
 }
 
 /// `perf record` attached to the coordinator for the measured window.
@@ -842,7 +927,9 @@ struct Outcome {
     refusals: BTreeMap<String, u64>,
     /// Seconds the two snapshots were actually apart.
     sampled: f64,
+    /// Every node's CPU time in the window, and the first node's (the lock leader's).
     tc_cpu: f64,
+    leader_cpu: f64,
     /// The etcd members' CPU time in the window, all together.
     etcd_cpu: f64,
     tc_threads: Vec<(String, f64)>,
@@ -936,6 +1023,7 @@ impl Outcome {
             refusals: stats.refusals,
             sampled,
             tc_cpu: last.tc_cpu - first.tc_cpu,
+            leader_cpu: last.leader_cpu - first.leader_cpu,
             etcd_cpu: last.etcd_cpu - first.etcd_cpu,
             tc_threads,
             bench_cpu: last.bench_cpu - first.bench_cpu,
@@ -1052,6 +1140,15 @@ impl Outcome {
             self.machine_busy,
             (self.machine_busy - (self.tc_cpu + self.bench_cpu) / self.sampled).max(0.0),
         );
+        if self.scenario.nodes > 1 {
+            println!(
+                "   {} serving nodes; the lock leader's: {:.2} s ({:.2} cores, {:.0} us per transaction)",
+                self.scenario.nodes,
+                self.leader_cpu,
+                self.leader_cpu / self.sampled,
+                per_txn(self.leader_cpu, self.txn.n)
+            );
+        }
         if self.scenario.store.members() > 0 {
             println!(
                 "   etcd ({} members): {:.2} s ({:.0} us per transaction)",
@@ -1095,6 +1192,8 @@ impl Outcome {
             "refusals": self.refusals,
             "lock_errors": self.lock_errors(),
             "store": s.store.name(),
+            "nodes": s.nodes,
+            "leader_cores": round(self.leader_cpu / self.sampled, 3),
             "etcd_cpu_us_per_txn": round(per_txn(self.etcd_cpu, self.txn.n), 1),
             "tc_cpu_s": round(self.tc_cpu, 3),
             "tc_cores": round(self.tc_cpu / self.sampled, 3),
@@ -1127,7 +1226,7 @@ fn per_txn(cpu: f64, n: usize) -> f64 {
 fn print_summary(outcomes: &[Outcome]) {
     println!("\nsummary");
     println!(
-        "{:<12} {:>7} {:>5} {:>6} {:>6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>7} {:>8} {:>7} {:>7}",
+        "{:<12} {:>7} {:>5} {:>6} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7}",
         "scenario",
         "clients",
         "conns",
@@ -1142,6 +1241,7 @@ fn print_summary(outcomes: &[Outcome]) {
         "cmt p99",
         "errors",
         "tc cpu",
+        "lead cpu",
         "tc us/tx",
         "etcd us/tx",
         "bench",
@@ -1150,12 +1250,12 @@ fn print_summary(outcomes: &[Outcome]) {
     for o in outcomes {
         let errors: u64 = o.refusals.values().sum();
         println!(
-            "{:<12} {:>7} {:>5} {:>6} {:>6} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>7.0} {:>8.0} {:>7.2} {:>7.1}",
+            "{:<12} {:>7} {:>5} {:>6} {:>8} {:>9.1} {:>8.3} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6} {:>7.2} {:>8.2} {:>7.0} {:>8.0} {:>7.2} {:>7.1}",
             o.scenario.name(),
             o.scenario.clients,
             o.scenario.connections,
             o.scenario.calls.name(),
-            o.scenario.store.name(),
+            o.scenario.store_label(),
             o.tps,
             o.txn.p50_ms,
             o.txn.p99_ms,
@@ -1165,6 +1265,7 @@ fn print_summary(outcomes: &[Outcome]) {
             o.commit.p99_ms,
             errors,
             o.tc_cpu / o.sampled,
+            o.leader_cpu / o.sampled,
             per_txn(o.tc_cpu, o.txn.n),
             per_txn(o.etcd_cpu, o.txn.n),
             o.bench_cpu / o.sampled,
@@ -1172,8 +1273,9 @@ fn print_summary(outcomes: &[Outcome]) {
         );
     }
     println!(
-        "latencies in ms; tc cpu and bench = cores used during the window; tc us/tx = coordinator CPU per \
-         transaction (phase 2 included); hot-row register includes the lock wait"
+        "latencies in ms; tc cpu and bench = cores used during the window (tc: every node's; lead: the first \
+         node's, the lock leader of serving nodes, `etcd1x3` = three serving nodes on etcd1); tc us/tx = \
+         coordinator CPU per transaction (phase 2 included); hot-row register includes the lock wait"
     );
 }
 
@@ -1202,16 +1304,19 @@ struct Tc {
     _data: tempfile::TempDir,
 }
 
+/// Where a coordinator node keeps its state on etcd.
+#[derive(Clone, Copy)]
+struct Etcd<'a> {
+    endpoints: &'a [String],
+    /// Its index among the nodes (node id `node + 1`).
+    node: usize,
+    /// One of several serving nodes (else one active node and its standbys).
+    serving: bool,
+}
+
 impl Tc {
-    /// A coordinator on its embedded store, or with `etcd` = (endpoints, node) node `node`
-    /// of those sharing that etcd store; started once it logs `ready`.
-    fn start(
-        bin: &Path,
-        data_parent: &Path,
-        extra: &[String],
-        etcd: Option<(&[String], usize)>,
-        ready: &str,
-    ) -> Result<Tc> {
+    /// A coordinator on its embedded store, or on `etcd`; started once it logs `ready`.
+    fn start(bin: &Path, data_parent: &Path, extra: &[String], etcd: Option<Etcd<'_>>, ready: &str) -> Result<Tc> {
         let data = tempfile::Builder::new()
             .prefix("ferrata-tc-bench-")
             .tempdir_in(data_parent)
@@ -1229,11 +1334,15 @@ impl Tc {
         .arg(data.path())
         .args(extra)
         .env("NO_COLOR", "1");
-        if let Some((endpoints, node)) = etcd {
+        if let Some(etcd) = etcd {
             cmd.arg("--etcd")
-                .arg(endpoints.join(","))
+                .arg(etcd.endpoints.join(","))
                 .arg("--node-id")
-                .arg((node + 1).to_string());
+                .arg((etcd.node + 1).to_string());
+            if etcd.serving {
+                cmd.args(["--etcd-mode", "serving"])
+                    .env("FERRATA_TC_TOKEN", SERVING_TOKEN);
+            }
         }
         let (proc, line) = LoggedChild::spawn("the coordinator", cmd, ready, &[])?;
         let (rpc, http) = parse_serving(&line).with_context(|| format!("no addresses in {line:?}"))?;
@@ -1244,6 +1353,28 @@ impl Tc {
             etcd_pids: Vec::new(),
             _data: data,
         })
+    }
+
+    /// Waits until this serving node knows where the lock leader is, and, if `leads`, that
+    /// it is here.
+    async fn wait_lock_leader(&self, leads: bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health: serde_json::Value = match http_get(self.http, "/healthz").await {
+                Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            };
+            let leader = &health["lock_leader"];
+            if !leader["endpoint"].is_null() && (!leads || leader["this_node"] == true) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node at {} knows no lock leader after 30 s: {health}",
+                self.http
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL.
