@@ -834,6 +834,8 @@ impl Coordinator {
             state.branches.push(branch.clone());
             state.registered += 1;
             let mut writes = Vec::with_capacity(3);
+            // What a refusal of the write undoes.
+            let undo = (!state.stored, state.timeline.unsaved_from());
             if !state.stored {
                 writes.push(Mutation::PutGlobal(state.record.clone()));
                 state.stored = true;
@@ -843,9 +845,36 @@ impl Coordinator {
                 writes.push(Mutation::LockFence { epoch: grant.epoch });
             }
             let writes = state.with_events(writes);
-            self.journal.submit(writes)
+            (self.journal.submit_fenced(writes), undo)
         };
-        durable.await?;
+        let (durable, (stored_here, events_from)) = durable;
+        if let Err(why) = durable.await? {
+            // The lock leader that granted the rows no longer leads (several serving nodes):
+            // nothing of the registration was stored, and the new leader never knew its rows.
+            let e = TcError::new(
+                ErrorCode::LockAuthorityUnavailable,
+                format!(
+                    "the branch was not registered: the cluster's lock leader changed while it was ({why}); retry the \
+                     registration"
+                ),
+            );
+            let mut state = session.state.lock();
+            state.registered -= 1;
+            state.stored &= !stored_here;
+            state.timeline.unsaved_again_from(events_from);
+            if let Some(i) = state.branches.iter().position(|b| b.branch_id == branch_id) {
+                let branch = state.branches.remove(i);
+                state.record(EventKind::RegistrationRefused {
+                    resource_id: branch.resource_id,
+                    code: e.code.as_str().to_owned(),
+                    message: e.message.clone(),
+                    holder: None,
+                });
+                drop(state);
+                self.at.release_branch(txn_id, branch_id, &branch.lock_keys);
+            }
+            return Err(e);
+        }
         self.metrics.branch_registrations.increment(1);
         self.at.count_held(&self.metrics);
         tracing::debug!(xid, branch_id, "branch registered");

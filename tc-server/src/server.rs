@@ -251,7 +251,7 @@ impl Server {
         let store_failed = async {
             // On its own store a node answers `store_failed` until restarted (/healthz says
             // so); a node sharing etcd stops, to load its store again from what is durable
-            // (a refused lock fence lands here) while another may take over.
+            // while another may take over.
             if config.etcd.enabled() {
                 failed.cancelled().await;
             } else {

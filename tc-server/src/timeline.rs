@@ -346,6 +346,17 @@ impl Timeline {
         self.events.push(Event { version, at_ms, kind });
     }
 
+    /// Where the events the store does not have yet begin.
+    pub fn unsaved_from(&self) -> usize {
+        self.unsaved_from
+    }
+
+    /// The events from `index` on were not stored after all (their write was refused): they
+    /// go with the transaction's next write.
+    pub fn unsaved_again_from(&mut self, index: usize) {
+        self.unsaved_from = self.unsaved_from.min(index);
+    }
+
     /// The events the store does not have yet, as the mutation that stores them (to go in
     /// the same batch as the transaction's write), or `None`.
     pub fn unsaved(&mut self, txn_id: u64) -> Option<Mutation> {

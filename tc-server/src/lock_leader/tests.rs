@@ -649,6 +649,32 @@ async fn a_sync_lets_go_of_what_the_node_no_longer_has_below_its_new_ids_and_onl
     assert_eq!(rows(), expected);
 }
 
+/// A registration whose write the store refuses by its lock fence (another leader leads) is
+/// undone, and the node goes on: the transaction has no such branch, the rows are let go,
+/// and the caller is told to retry, which then registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_refused_by_its_lock_fence_is_undone_and_its_rows_let_go() {
+    use std::sync::atomic::Ordering;
+    let leader = Leader::start().await;
+    let node = leader.follower(2).await;
+    let xid = node.begin(60_000, String::new()).await.unwrap();
+    let txn = crate::xid::parse_xid(&xid).unwrap();
+    node.store.refuse_fenced.store(true, Ordering::SeqCst);
+    let e = node.register(register_row(&xid, "1", 20_000)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::LockAuthorityUnavailable, "{e:?}");
+    assert!(e.message.contains("retry"), "{e:?}");
+    leader.wait_row(&row("1"), None, &[]).await;
+    let state = node.live(txn).unwrap();
+    assert!(state.state.lock().branches.is_empty());
+
+    node.store.refuse_fenced.store(false, Ordering::SeqCst);
+    let branch = node.register(register_row(&xid, "1", 20_000)).await.unwrap();
+    leader.wait_row(&row("1"), Some(txn), &[]).await;
+    let state = state.state.lock();
+    let branches: Vec<u64> = state.branches.iter().map(|b| b.branch_id).collect();
+    assert_eq!((branches, state.registered), (vec![branch], 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_makes_the_leader_let_go_of_a_grant_it_never_stored() {
     use std::sync::mpsc::sync_channel;

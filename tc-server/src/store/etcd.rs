@@ -69,7 +69,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::etcd_members::{EtcdError, Members};
 use super::record::{Loader, encode, read_branch, read_global};
-use super::{Mutation, Snapshot, Store, StoreError};
+use super::{Mutation, Refusals, Snapshot, Store, StoreError};
 use crate::config::Etcd as Settings;
 use crate::model::{BranchRecord, GlobalRecord};
 
@@ -722,8 +722,10 @@ impl EtcdStore {
     }
 
     /// One transaction of `ops`, fenced by this node's epoch and by the lock leader's
-    /// `lock_epochs` (the leaders that granted rows of registrations among them).
-    async fn fenced(&self, mut ops: Vec<TxnOp>, lock_epochs: &[u64]) -> Result<(), StoreError> {
+    /// `lock_epochs` (the leaders that granted rows of registrations among them); `Some`
+    /// says why it was refused while this node still owns the store: the lock leader
+    /// changed.
+    async fn fenced(&self, mut ops: Vec<TxnOp>, lock_epochs: &[u64]) -> Result<Option<String>, StoreError> {
         let epoch = self.epoch();
         if epoch == 0 {
             return Err(StoreError(format!(
@@ -757,14 +759,15 @@ impl EtcdStore {
             })
             .await?;
         if response.succeeded() {
-            return Ok(());
+            return Ok(None);
         }
         let [now, leader] = got(&response);
         if now.as_ref().is_some_and(|kv| kv.create_revision() == epoch) {
             // Still the owner: the lock leader changed since it granted rows of a
             // registration here. Nothing of the transaction was written.
-            return Err(StoreError(format!(
-                "store {}: the lock leader that granted rows of a registration (epoch {lock_epochs:?}) no longer leads (now {}); the etcd transaction holding the registration was refused, and this node gives up the store so that it is loaded again from what is durable",
+            return Ok(Some(format!(
+                "store {}: the lock leader that granted the registration's rows (epoch {lock_epochs:?}) no longer leads \
+                 (now {}), and the one elected since rebuilt the locks without them; nothing of it was stored",
                 self.place(),
                 leader.map_or("none".to_owned(), |kv| format!("epoch {}", kv.create_revision())),
             )));
@@ -856,7 +859,7 @@ impl EtcdStore {
         let mut parts = vec![Part::default()];
         let mut start = 0;
         let mut ops = Vec::new();
-        for &end in ends {
+        for (index, &end) in ends.iter().enumerate() {
             ops.clear();
             let submission = &batch[start..end];
             for m in submission {
@@ -874,12 +877,19 @@ impl EtcdStore {
             let current = parts.last().expect("never empty");
             // A submission that fits in a transaction of its own never straddles two: it
             // starts a new one if the current one is too full, or deletes a range it writes in.
+            // A fenced one goes alone, so that its fence refuses nothing else.
+            let fenced = !lock_epochs.is_empty();
             let clashes = ops.iter().any(|op| !current.can_take(op));
             if !current.is_empty()
-                && (clashes || current.ops() + ops.len() > max_ops || current.bytes + bytes > max_bytes)
+                && (fenced
+                    || current.fenced.is_some()
+                    || clashes
+                    || current.ops() + ops.len() > max_ops
+                    || current.bytes + bytes > max_bytes)
             {
                 parts.push(Part::default());
             }
+            let mut first = true;
             for op in ops.drain(..) {
                 let current = parts.last_mut().expect("never empty");
                 let full =
@@ -888,6 +898,10 @@ impl EtcdStore {
                     parts.push(Part::default());
                 }
                 let current = parts.last_mut().expect("never empty");
+                if fenced && current.is_empty() {
+                    current.fenced = Some((index, first));
+                    first = false;
+                }
                 current.take(op);
                 current.lock_epochs.extend(&lock_epochs);
             }
@@ -978,6 +992,9 @@ struct Part {
     prefixes: Vec<Vec<u8>>,
     bytes: usize,
     lock_epochs: BTreeSet<u64>,
+    /// A part of one fenced submission alone (its index in the batch, and whether this is
+    /// its first part): refused by its lock fence, it is refused alone.
+    fenced: Option<(usize, bool)>,
 }
 
 impl Part {
@@ -1199,14 +1216,17 @@ impl Store for EtcdStore {
     }
 
     fn commit(&self, batch: &[Mutation]) -> Result<(), StoreError> {
-        self.commit_submissions(batch, &[batch.len()])
+        match self.commit_submissions(batch, &[batch.len()])?.into_values().next() {
+            None => Ok(()),
+            Some(refused) => Err(StoreError(refused)),
+        }
     }
 
     fn serving(&self) -> bool {
         self.epoch() != 0 && self.lease().alive()
     }
 
-    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
+    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<Refusals, StoreError> {
         if self.lost().is_cancelled() {
             return Err(self.lost_error());
         }
@@ -1217,19 +1237,40 @@ impl Store for EtcdStore {
             )));
         }
         let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
-            self.runtime().block_on(async {
+            let refusals = self.runtime().block_on(async {
+                let mut refusals = Refusals::new();
                 for part in parts {
+                    let fenced = part.fenced;
+                    // The rest of a submission refused at its first part.
+                    if fenced.is_some_and(|(i, _)| refusals.contains_key(&i)) {
+                        continue;
+                    }
                     let lock_epochs = part.lock_epochs.iter().copied().collect::<Vec<_>>();
-                    self.fenced(part.into_ops(), &lock_epochs).await?;
+                    let Some(refused) = self.fenced(part.into_ops(), &lock_epochs).await? else {
+                        continue;
+                    };
+                    match fenced {
+                        Some((i, true)) => {
+                            tracing::warn!(reason = %refused, "a registration was refused alone; the rest of the batch is stored");
+                            refusals.insert(i, refused);
+                        }
+                        // Part of it is stored already: it cannot be refused alone.
+                        _ => {
+                            return Err(StoreError(format!(
+                                "{refused}; part of its submission was stored already, so this node gives up the \
+                                 store to load it again from what is durable"
+                            )));
+                        }
+                    }
                 }
-                Ok::<(), StoreError>(())
+                Ok::<Refusals, StoreError>(refusals)
             })?;
-            Ok(ceiling)
+            Ok((ceiling, refusals))
         });
         match written {
-            Ok(ceiling) => {
+            Ok((ceiling, refusals)) => {
                 self.ceiling.fetch_max(ceiling, Ordering::AcqRel);
-                Ok(())
+                Ok(refusals)
             }
             Err(e) => {
                 // The journal writes nothing after a failure; another node may be able to,
@@ -1509,13 +1550,37 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.lock_epochs == BTreeSet::from([first])));
 
+        // A fenced submission goes in a transaction of its own, so that its fence refuses
+        // nothing else.
+        let plain = |txn| vec![Mutation::PutGlobal(global(txn, GlobalStatus::Begin))];
+        let batch: Vec<Mutation> = [plain(4), registration(2, first), plain(5)].concat();
+        let ends = [1, 4, 5];
+        let (parts, _) = store.transactions(&batch, &ends).unwrap();
+        let fenced: Vec<_> = parts.iter().map(|p| p.fenced).collect();
+        assert_eq!(fenced, [None, Some((1, true)), None]);
+
+        // Once another leader leads, the registration is refused alone: the rest is stored,
+        // and the node still owns its store.
         let second = elect();
         assert!(second > first);
-        let e = store.commit(&registration(2, first)).unwrap_err().to_string();
+        let refusals = store.commit_submissions(&batch, &ends).unwrap();
+        let e = &refusals[&1];
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
         assert!(
             e.contains("no longer leads") && e.contains(&format!("now epoch {second}")),
             "{e}"
         );
+        assert!(store.serving(), "a refused registration costs the node nothing else");
+        let e = store.commit(&registration(2, first)).unwrap_err().to_string();
+        assert!(e.contains("no longer leads"), "{e}");
+        let globals = rt.block_on(async {
+            let got = client
+                .get(format!("{}g/", s.prefix), Some(GetOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            got.kvs().len()
+        });
+        assert_eq!(globals, 3, "transactions 1, 4 and 5");
         let stored = rt.block_on(async {
             let branches = format!("{}b/", s.prefix);
             let got = client

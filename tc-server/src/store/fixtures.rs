@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, SyncSender};
 
-use super::{Mutation, Snapshot, Store, StoreError};
+use super::{Mutation, Refusals, Snapshot, Store, StoreError};
 use crate::audit::AuditRecord;
 use crate::auth::TokenRecord;
 use crate::lock_key::LockKey;
@@ -16,6 +16,9 @@ use crate::timeline::Event;
 #[derive(Default)]
 pub(crate) struct HeldStore {
     pub(crate) held: parking_lot::Mutex<Option<(SyncSender<()>, Receiver<()>)>>,
+    /// Refuses every submission fenced by a lock leader's epoch, as etcd does once another
+    /// leader leads.
+    pub(crate) refuse_fenced: std::sync::atomic::AtomicBool,
 }
 
 impl Store for HeldStore {
@@ -28,6 +31,22 @@ impl Store for HeldStore {
             release.recv().unwrap();
         }
         Ok(())
+    }
+    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<Refusals, StoreError> {
+        self.commit(batch)?;
+        let mut refusals = Refusals::new();
+        if self.refuse_fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            let starts = std::iter::once(0).chain(ends.iter().copied());
+            for (i, (start, &end)) in starts.zip(ends).enumerate() {
+                if batch[start..end]
+                    .iter()
+                    .any(|m| matches!(m, Mutation::LockFence { .. }))
+                {
+                    refusals.insert(i, "another lock leader leads".into());
+                }
+            }
+        }
+        Ok(refusals)
     }
 }
 

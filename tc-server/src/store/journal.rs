@@ -37,7 +37,10 @@ pub const LAZY_FLUSH: Duration = Duration::from_millis(50);
 
 const THREAD_NAME: &str = "ferrata-journal";
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+/// A submission's answer: durable (`None`), or refused alone with why (`Some`, see
+/// [`Journal::submit_fenced`]).
+type Answer = Result<Option<String>, StoreError>;
+type Reply = oneshot::Sender<Answer>;
 
 struct Submission {
     batch: Vec<Mutation>,
@@ -124,6 +127,29 @@ impl Journal {
         &self,
         batch: Vec<Mutation>,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static + use<> {
+        let answer = self.answer(batch);
+        async move {
+            match answer.await? {
+                None => Ok(()),
+                // Only a fenced submission is refused alone; said as a failure elsewhere.
+                Some(refused) => Err(StoreError(refused)),
+            }
+        }
+    }
+
+    /// [`Journal::submit`] for a batch holding a [`Mutation::LockFence`]: the store may
+    /// refuse it alone (`Ok(Err)`, with why: nothing of it was stored, and the rest of its
+    /// commit was), while the journal goes on.
+    pub fn submit_fenced(
+        &self,
+        batch: Vec<Mutation>,
+    ) -> impl std::future::Future<Output = Result<Result<(), String>, StoreError>> + Send + 'static + use<> {
+        let answer = self.answer(batch);
+        async move { Ok(answer.await?.map_or(Ok(()), Err)) }
+    }
+
+    /// Queues `batch` and waits for its answer.
+    fn answer(&self, batch: Vec<Mutation>) -> impl std::future::Future<Output = Answer> + Send + 'static + use<> {
         let queued = self.enqueue(batch, false);
         async move {
             match queued {
@@ -149,11 +175,7 @@ impl Journal {
         let _ = self.enqueue(batch, true);
     }
 
-    fn enqueue(
-        &self,
-        batch: Vec<Mutation>,
-        lazy: bool,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    fn enqueue(&self, batch: Vec<Mutation>, lazy: bool) -> Result<oneshot::Receiver<Answer>, StoreError> {
         if let Some(cause) = self.shared.failure.cause.get() {
             return Err(failed_error(cause));
         }
@@ -236,7 +258,7 @@ fn run(receiver: mpsc::Receiver<Submission>, store: Arc<dyn Store>, failure: Arc
         let result = if let Some(cause) = failure.cause.get() {
             Err(failed_error(cause))
         } else if mutations.is_empty() {
-            Ok(())
+            Ok(Default::default())
         } else {
             let started = Instant::now();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| store.commit_submissions(&mutations, &ends)))
@@ -265,10 +287,10 @@ fn run(receiver: mpsc::Receiver<Submission>, store: Arc<dyn Store>, failure: Arc
 
         mutations.clear();
         ends.clear();
-        for reply in replies.drain(..) {
+        for (i, reply) in replies.drain(..).enumerate() {
             // A dropped future just does not hear the answer.
             let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
+                Ok(refusals) => Ok(refusals.get(&i).cloned()),
                 Err(e) => Err(StoreError(e.0.clone())),
             });
         }

@@ -87,6 +87,10 @@ pub struct Snapshot {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Submissions of a committed batch that were refused alone, by their index among the
+/// batch's submissions, with why.
+pub type Refusals = BTreeMap<usize, String>;
+
 pub trait Store: Send + Sync + 'static {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Applies `batch` durably and atomically.
@@ -95,9 +99,13 @@ pub trait Store: Send + Sync + 'static {
     /// is `batch.len()`). The journal commits through this: a store that bounds one commit
     /// (etcd's operations per transaction) splits a batch only at these ends where it can,
     /// so that each submission stays all or nothing. The others commit it whole.
-    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(), StoreError> {
+    ///
+    /// `Ok` may name submissions refused alone, none of whose writes were applied while the
+    /// rest were: with several serving nodes, a registration fenced by a lock leader that no
+    /// longer leads ([`Mutation::LockFence`]).
+    fn commit_submissions(&self, batch: &[Mutation], ends: &[usize]) -> Result<Refusals, StoreError> {
         let _ = ends;
-        self.commit(batch)
+        self.commit(batch).map(|()| Refusals::new())
     }
     /// Whether this node may still act on what the store holds. The etcd store answers false
     /// once its lease may have run out, checked against the clock at every call (a process
