@@ -647,14 +647,18 @@ async fn the_books_balance_across_serving_nodes_while_the_lock_leader_nodes_etcd
         run.nodes.nodes[other].kill9()?;
         run.nodes.kept_down[other] = true;
         until("the lock leader to adopt the dead node's namespace", async || {
-            Ok(run.nodes.nodes[leader].adopted(other_id).await)
+            Ok(run.nodes.nodes[leader].adopted(other_id).await == Some(true))
         })
         .await?;
         progress(&run.seen, &mut run.nodes, "adopting the dead node's namespace").await?;
         run.nodes.kept_down[other] = false;
         progress(&run.seen, &mut run.nodes, "restarting the node that was adopted").await?;
         until("the adopted namespace to be handed back", async || {
-            Ok(!run.nodes.nodes[leader].adopted(other_id).await)
+            Ok(run.nodes.nodes[leader].adopted(other_id).await == Some(false))
+        })
+        .await?;
+        until("the restarted node to serve its namespace", async || {
+            Ok(run.nodes.nodes[other].serving().await)
         })
         .await?;
 

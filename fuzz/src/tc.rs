@@ -90,7 +90,7 @@ impl Tc {
         let snapshot = store.load().expect("an empty store loads");
         let journal = Journal::start(Arc::new(store) as Arc<dyn Store>);
         let caller = ferrata_tc::calls::Caller::new(&config.calls).expect("the default call settings");
-        let coordinator = Coordinator::recover(config, journal.clone(), snapshot, caller, None, Default::default())
+        let coordinator = Coordinator::recover(config, journal.clone(), snapshot, caller, None, None)
             .await
             .expect("recovery of an empty store");
         coordinator.start_background();

@@ -11,12 +11,20 @@
 //! the calls it took on finish, and hands the lease back; node `n` then owns its namespace
 //! and loads it.
 //!
+//! A node adopts nothing during its first lease TTL, so that nodes started together do not
+//! adopt each other's namespaces before each has said it is up. An adopter also hands a
+//! namespace back when its `namespaces/<n>` key is deleted (node `n` retired).
+//!
 //! Invariant: the adopted coordinator writes under the adopter's epoch of the namespace, so
-//! after a hand-back (or a lost lease) etcd refuses anything it still tries to write.
+//! after a hand-back (or a lost lease) etcd refuses anything it still tries to write; and an
+//! adopter's campaign succeeds only while `nodes/<n>` does not exist (`store::etcd`), so it
+//! never takes a namespace from a node that said it is up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::Id;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -57,19 +65,32 @@ impl Adoption {
             let stop = stop.clone();
             tokio::task::spawn_blocking(move || {
                 observer.watch_nodes(&stop, &mut |nodes| {
-                    seen.send_replace(nodes.clone());
+                    seen.send_if_modified(|now| {
+                        let changed = now != nodes;
+                        if changed {
+                            now.clone_from(nodes);
+                        }
+                        changed
+                    });
                 });
             })
         };
+        // Nodes started together each say they are up within their first campaign.
+        tokio::select! {
+            () = tokio::time::sleep(this.config.etcd.lease_ttl()) => {}
+            () = stop.cancelled() => {}
+        }
         let own = this.config.node_id;
-        // The namespaces being adopted or served, each stopped by its token.
+        // The namespaces being adopted or served, each stopped by its token, and which
+        // namespace each task serves.
         let mut adopting: HashMap<u16, CancellationToken> = HashMap::new();
+        let mut serving: HashMap<Id, u16> = HashMap::new();
         let mut tasks = JoinSet::new();
-        loop {
+        while !stop.is_cancelled() {
             {
                 let nodes = view.borrow_and_update();
                 for (n, hand_back) in &adopting {
-                    if nodes.up.contains_key(n) {
+                    if nodes.up.contains_key(n) || !nodes.namespaces.contains(n) {
                         hand_back.cancel();
                     }
                 }
@@ -77,15 +98,22 @@ impl Adoption {
                     if n != own && !nodes.up.contains_key(&n) && !adopting.contains_key(&n) {
                         let hand_back = stop.child_token();
                         adopting.insert(n, hand_back.clone());
-                        tasks.spawn(Arc::clone(&this).adopt(n, hand_back));
+                        let task = tasks.spawn(Arc::clone(&this).adopt(n, hand_back));
+                        serving.insert(task.id(), n);
                     }
                 }
             }
             tokio::select! {
                 changed = view.changed() => if changed.is_err() { break },
-                Some(ended) = tasks.join_next() => {
-                    let (n, result) = ended?;
+                Some(ended) = tasks.join_next_with_id() => {
+                    let (id, result) = match ended {
+                        Ok((id, result)) => (id, result),
+                        Err(panicked) => (panicked.id(), Err(anyhow::anyhow!("the task panicked: {panicked}"))),
+                    };
+                    let n = serving.remove(&id).expect("every task is listed");
                     adopting.remove(&n);
+                    // Its coordinator is no longer served here, whatever ended it.
+                    this.namespaces.hand_back(n);
                     if let Err(e) = result {
                         tracing::error!(namespace = n, error = %format!("{e:#}"), "serving the adopted namespace failed; adopting it again if its node is still down");
                     }
@@ -99,24 +127,25 @@ impl Adoption {
     }
 
     /// Adopts namespace `n` once its owner's lease has gone, and serves it until
-    /// `hand_back`; returns `n` with how that ended.
-    async fn adopt(self: Arc<Self>, n: u16, hand_back: CancellationToken) -> (u16, anyhow::Result<()>) {
-        let settings = self.config.etcd.clone();
-        let store = match tokio::task::spawn_blocking(move || EtcdStore::adopt_namespace(&settings, n)).await {
-            Ok(Ok(store)) => Arc::new(store),
-            Ok(Err(e)) => return (n, Err(e.into())),
-            Err(e) => return (n, Err(e.into())),
-        };
-        let result = self.serve(n, &store, &hand_back).await;
-        // Revoked off the runtime, so that node `n` need not wait for the lease to run out.
-        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+    /// `hand_back`; a failure is answered after a pause, so that adopting again is not a
+    /// busy loop.
+    async fn adopt(self: Arc<Self>, n: u16, hand_back: CancellationToken) -> anyhow::Result<()> {
+        let result = async {
+            let settings = self.config.etcd.clone();
+            let store = Arc::new(tokio::task::spawn_blocking(move || EtcdStore::adopt_namespace(&settings, n)).await??);
+            let result = self.serve(n, &store, &hand_back).await;
+            // Revoked off the runtime, so that node `n` need not wait for the lease to run out.
+            let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+            result
+        }
+        .await;
         if result.is_err() {
             tokio::select! {
                 () = tokio::time::sleep(RETRY_AFTER) => {}
                 () = hand_back.cancelled() => {}
             }
         }
-        (n, result)
+        result
     }
 
     /// Campaigns for namespace `n` and serves it once won, until `hand_back`, or until its
@@ -144,8 +173,9 @@ impl Adoption {
         };
         let journal = Journal::start(Arc::clone(store) as Arc<dyn Store>);
         let result = self.run_coordinator(n, snapshot, &journal, store, hand_back).await;
-        // Everything acknowledged is durable; this writes what was still queued.
-        journal.shutdown();
+        // Everything acknowledged is durable; this writes what was still queued (it blocks
+        // on etcd).
+        tokio::task::spawn_blocking(move || journal.shutdown()).await?;
         result
     }
 
@@ -163,17 +193,22 @@ impl Adoption {
         config.node_id = n;
         let caller = Caller::new(&config.calls)?;
         let transactions = snapshot.globals.len();
-        let rms = Arc::clone(&self.namespaces.own().rms);
         let coordinator = Coordinator::recover(
             config,
             journal.clone(),
             snapshot,
             caller,
             Some(self.leadership.clone()),
-            rms,
+            Some(self.namespaces.own()),
         )
         .await?;
         coordinator.start_background();
+        if hand_back.is_cancelled() {
+            // Node `n` came back while this one loaded: it was never served here.
+            coordinator.stop_now();
+            coordinator.metrics.forget_transactions();
+            return Ok(());
+        }
         self.namespaces.adopt(n, Arc::clone(&coordinator));
         let adopted = metrics::gauge!("ferrata_tc_adopted", "namespace" => n.to_string());
         adopted.set(1.0);
@@ -199,6 +234,8 @@ impl Adoption {
             }
             Err(_) => coordinator.stop_now(),
         }
+        // Node `n` (or the next adopter) counts them from now on.
+        coordinator.metrics.forget_transactions();
         result
     }
 }

@@ -225,20 +225,33 @@ fn begin_only(state: &SessionState, xid: &str, what: &str) -> Result<(), TcError
 impl Coordinator {
     /// Builds the coordinator from what the store holds: sessions, branches and their locks
     /// come back, unfinished phase 2 is queued. Background tasks start with `start_background`.
-    /// The locks are its own, or with `lock_leader` those of the cluster's lock leader.
+    /// The locks are its own, or with `lock_leader` those of the cluster's lock leader. Its
+    /// resource managers and tokens are its own, or those of the coordinator it serves
+    /// `beside` on the same node (an adopted namespace beside the node's own).
     pub async fn recover(
         config: Config,
         journal: Journal,
         snapshot: Snapshot,
         caller: Caller,
         lock_leader: Option<Leadership>,
-        rms: Arc<RmRegistry>,
+        beside: Option<&Coordinator>,
     ) -> Result<Arc<Coordinator>, StoreError> {
         // An id is leased durably before a coordinator serves anything: a store without one
         // never had a coordinator whose guard set a resource manager could still trust.
         let fresh_store = snapshot.id_ceiling == 0;
         let ids = Ids::start(config.node_id, snapshot.id_ceiling, journal.clone()).await?;
         let metrics = Metrics::of_namespace(config.etcd.serving().then_some(config.node_id));
+        let (rms, tokens) = match beside {
+            Some(node) => (Arc::clone(&node.rms), Arc::clone(&node.tokens)),
+            None => (
+                Arc::new(RmRegistry::default()),
+                Arc::new(Tokens::new(
+                    config.token.as_ref().map(|t| t.0.as_str()),
+                    snapshot.tokens.clone(),
+                    config.auth.viewers_see_values,
+                )),
+            ),
+        };
         let shutdown = CancellationToken::new();
         let at = match lock_leader {
             None => LockAuthority::Local(Arc::new(At::new(&config, Arc::clone(&rms), fresh_store, &metrics))),
@@ -249,11 +262,6 @@ impl Coordinator {
                 shutdown.clone(),
             )),
         };
-        let tokens = Arc::new(Tokens::new(
-            config.token.as_ref().map(|t| t.0.as_str()),
-            snapshot.tokens.clone(),
-            config.auth.viewers_see_values,
-        ));
         if let Err(broken) = crate::audit::verify(&snapshot.audit) {
             // Kept and served as it is: it is the evidence; GET /v1/audit/verify reports it.
             tracing::error!(
@@ -1592,8 +1600,7 @@ mod tests {
         let store = Arc::new(HeldStore::default());
         let journal = Journal::start(store.clone());
         let caller = Caller::new(&Config::default().calls).unwrap();
-        let rms = Arc::new(RmRegistry::default());
-        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller, None, rms)
+        let tc = Coordinator::recover(Config::default(), journal, Snapshot::default(), caller, None, None)
             .await
             .unwrap();
         let t1 = tc.begin(60_000, String::new()).await.unwrap();

@@ -250,8 +250,10 @@ impl pb::resource_manager_server::ResourceManager for RmService {
         // resource manager attaches again to learn the new guard set.
         let (held, held_changed) = coordinator.at.held_here_until_changed();
         // Likewise when the namespaces served here change: the resource manager learns
-        // where to send each transaction's calls from the Welcome.
-        let (served, served_changed) = (namespaces.served(), namespaces.changed());
+        // where to send each transaction's calls from the Welcome. Watched before they are
+        // read, so that no change in between goes unseen.
+        let served_changed = namespaces.changed();
+        let served = namespaces.served();
         let guards = held.map(|at| Arc::clone(&at.guards));
         let welcome = pb::TcMessage {
             kind: Some(pb::tc_message::Kind::Welcome(pb::Welcome {

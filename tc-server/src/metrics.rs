@@ -72,6 +72,24 @@ impl Metrics {
     /// also serves namespaces it adopted): its gauges of transactions carry the label
     /// `namespace`, so each coordinator's count is its own series.
     pub fn of_namespace(namespace: Option<u16>) -> Metrics {
+        let metrics = Metrics::labelled(namespace);
+        if namespace.is_some() {
+            // Counted afresh: an adopter may have served the namespace before.
+            metrics.forget_transactions();
+        }
+        metrics
+    }
+
+    /// Sets the gauges of this coordinator's transactions to 0: an adopter handing a
+    /// namespace back stops counting them.
+    pub fn forget_transactions(&self) {
+        for gauge in &self.by_status {
+            gauge.set(0.0);
+        }
+        self.finished_kept.set(0.0);
+    }
+
+    fn labelled(namespace: Option<u16>) -> Metrics {
         ferrata_rpc::process::prometheus();
         let namespace = namespace.map(|n| n.to_string());
         let per_namespace = |name: &'static str, mut labels: Vec<(&'static str, String)>| {

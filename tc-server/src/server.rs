@@ -195,7 +195,13 @@ impl Server {
                 leadership,
                 namespaces: Arc::clone(&namespaces),
             };
-            tokio::spawn(adoption.run(serving.clone()))
+            let stop = serving.clone();
+            tokio::spawn(async move {
+                // Said at once: the node serves on without adopting.
+                if let Err(e) = adoption.run(stop).await {
+                    tracing::error!(error = %format!("{e:#}"), "adopting the namespaces of nodes that are down failed; this node no longer adopts any");
+                }
+            })
         });
         tracing::info!(rpc = %rpc_addr, http = %http_addr, node_id = config.node_id, tls = config.tls.is_some(), "ferrata-tc serving");
 
@@ -293,11 +299,7 @@ impl Server {
         serving.cancel();
         if let Some(task) = adoption {
             // It hands back what it adopted, so that the next owner need not wait either.
-            match tokio::time::timeout(config.shutdown_timeout(), task).await {
-                Ok(Ok(Err(e))) => tracing::error!(error = %format!("{e:#}"), "adopting namespaces failed"),
-                Ok(Err(e)) => tracing::error!(error = %e, "adopting namespaces panicked"),
-                Ok(Ok(Ok(()))) | Err(_) => {}
-            }
+            let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
         }
         if let Some(task) = campaign {
             // It stops leading and hands its lease back, so the next leader need not wait
@@ -323,15 +325,7 @@ async fn restore(
 ) -> anyhow::Result<(Arc<Coordinator>, Journal)> {
     let journal = Journal::start(store);
     let caller = crate::calls::Caller::new(&config.calls)?;
-    let coordinator = Coordinator::recover(
-        config.clone(),
-        journal.clone(),
-        snapshot,
-        caller,
-        leadership,
-        Default::default(),
-    )
-    .await?;
+    let coordinator = Coordinator::recover(config.clone(), journal.clone(), snapshot, caller, leadership, None).await?;
     let loopback = config.listen.ip().is_loopback() && config.http.ip().is_loopback();
     if !loopback {
         coordinator.tokens.forbid_open();

@@ -244,8 +244,11 @@ async fn a_dead_nodes_namespace_is_adopted_its_transactions_finish_and_it_is_han
         Some(1.0)
     );
 
-    // Node 2's transactions are served by node 1 now, over gRPC and HTTP.
-    let shown = first.http().get_json(&format!("/v1/transactions/{kept}")).await?;
+    // Node 2's transactions are served by node 1 now, over gRPC and HTTP, for node 1's
+    // tokens.
+    let viewer = create_token(&first, "viewer-1", "viewer").await?;
+    let shown = first.http().with_token(Some(&viewer));
+    let shown = shown.get_json(&format!("/v1/transactions/{kept}")).await?;
     assert_eq!(shown["status"], "Begin", "{shown}");
     committed(&c1, &kept).await?;
     rec1.wait_branch(pb::Phase2Action::Commit, kept_branch).await?;

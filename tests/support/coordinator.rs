@@ -133,12 +133,12 @@ impl Coordinator {
     }
 
     /// With several serving nodes: whether it serves node `node`'s namespace, adopted while
-    /// that node is down (`ferrata_tc_adopted`).
-    pub async fn adopted(&self, node: u16) -> bool {
+    /// that node is down (`ferrata_tc_adopted`); `None` if it does not answer.
+    pub async fn adopted(&self, node: u16) -> Option<bool> {
         let series = format!("ferrata_tc_adopted{{namespace=\"{node}\"}}");
         match crate::http_request(self.http, "GET", "/metrics", "", None).await {
-            Ok((200, body)) => crate::metric(&body, &series) == Some(1.0),
-            _ => false,
+            Ok((200, body)) => Some(crate::metric(&body, &series) == Some(1.0)),
+            _ => None,
         }
     }
 

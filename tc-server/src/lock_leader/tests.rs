@@ -110,8 +110,7 @@ impl Leader {
         let config = config(node_id);
         let caller = Caller::new(&config.calls).unwrap();
         let journal = Journal::start(Arc::clone(&store) as Arc<dyn crate::store::Store>);
-        let rms = Arc::new(RmRegistry::default());
-        let coordinator = Coordinator::recover(config, journal, loaded, caller, Some(address), rms)
+        let coordinator = Coordinator::recover(config, journal, loaded, caller, Some(address), None)
             .await
             .unwrap();
         Follower {

@@ -385,8 +385,14 @@ impl EtcdStore {
                     description,
                     Some(PutOptions::new().with_lease(lease.id)),
                 )];
+                let mut free = vec![Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)];
+                if let (Area::Namespace(node), Role::Adopt) = (self.area, self.role) {
+                    // Never from a node that said it is up (it waits for its namespace).
+                    let up = self.cluster_key(StoredKey::NodeUp { node });
+                    free.push(Compare::create_revision(up, CompareOp::Equal, 0));
+                }
                 let campaign = Txn::new()
-                    .when([Compare::create_revision(owner_key.clone(), CompareOp::Equal, 0)])
+                    .when(free)
                     .and_then(won.into_iter().chain(joined.clone()).collect::<Vec<_>>())
                     .or_else(
                         [TxnOp::get(owner_key.clone(), None)]
