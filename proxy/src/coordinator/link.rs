@@ -14,7 +14,9 @@
 //! - Several serving nodes (their Welcome says so): a global transaction's calls go to the
 //!   node that began it, which its XID names (`<node id>-<n>`), since only that node serves
 //!   it, or, while that node is down, to the node whose Welcome says it adopted its
-//!   namespace; a begin goes to the attached nodes in turn.
+//!   namespace; while no open stream serves it (a hand-back, a stream attaching again) a
+//!   call waits up to [`WAIT_FOR_SERVING_NODE`] for one, then goes as a plain call to the
+//!   node that last served it. A begin goes to the attached nodes in turn.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct Link {
     pub instance_id: String,
     /// Where the channels are made (`home.rs`), whoever asks for them first.
     home: Home,
+    /// Bumped whenever a stream attaches (a call waiting for its node's stream hears it).
+    attached: watch::Sender<u64>,
 }
 
 /// One configured coordinator node.
@@ -68,6 +72,11 @@ pub struct Unreachable(pub String);
 /// The longest pause between two tries to attach to a node: a standby that becomes active
 /// is attached to within about this long.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a call about a transaction waits for a stream of a node serving its namespace,
+/// while none is open (a node handing the namespace back, or its node attaching again),
+/// before it goes as a plain call to the node that last served it.
+const WAIT_FOR_SERVING_NODE: Duration = Duration::from_secs(2);
 
 impl Link {
     pub fn new(config: &Coordinator) -> Link {
@@ -98,6 +107,7 @@ impl Link {
             resources: watch::Sender::new(BTreeSet::new()),
             instance_id: unique_id(),
             home: Home::current(),
+            attached: watch::Sender::new(0),
         }
     }
 
@@ -119,7 +129,17 @@ impl Link {
             // adopted its namespace says so, while `home` is still listed as it last was.
             let serves = |n: &Node| n.namespaces.lock().contains(&home);
             let open = |n: &Node| n.stream.lock().is_some();
-            let found = (self.nodes.iter().position(|n| serves(n) && open(n)))
+            let deadline = tokio::time::Instant::now() + WAIT_FOR_SERVING_NODE;
+            let mut attached = self.attached.subscribe();
+            let serving = loop {
+                if let Some(i) = self.nodes.iter().position(|n| serves(n) && open(n)) {
+                    break Some(i);
+                }
+                if !matches!(tokio::time::timeout_at(deadline, attached.changed()).await, Ok(Ok(()))) {
+                    break None;
+                }
+            };
+            let found = serving
                 .or_else(|| {
                     self.nodes
                         .iter()
@@ -284,6 +304,7 @@ impl Link {
                         *node.namespaces.lock() = namespaces;
                         self.serving.store(true, Ordering::Relaxed);
                     }
+                    self.attached.send_modify(|n| *n += 1);
                     self.count_attached();
                     (backoff, refused) = (Duration::from_millis(100), false);
                     let mut announced = announced;

@@ -432,12 +432,12 @@ impl EtcdStore {
                 }
                 // Wait for the owner key to go (deleted, or its lease ran out), from the
                 // revision the campaign saw, so that a deletion in between is not missed.
-                // Looked at again after a TTL at the latest: a watch on a member cut off from
-                // the others may hear nothing.
+                // Looked at again after a watch window at the latest: a watch on a member cut
+                // off from the others may hear nothing.
                 tokio::select! {
                     () = self.until_deleted(&owner_key, revision + 1, &lease.lost) => {}
                     () = stop.cancelled() => {}
-                    () = tokio::time::sleep(self.settings.lease_ttl()) => {}
+                    () = tokio::time::sleep(self.watch_window()) => {}
                 }
             }
         })
@@ -582,9 +582,9 @@ impl EtcdStore {
     }
 
     /// Watches the cluster's nodes until `stop`: hands `seen` every namespace that exists and
-    /// the nodes that are up, at once and after every change (looked at again after a TTL at
-    /// the latest, as a watch on a member cut off from the others may hear nothing). Blocks:
-    /// call it off the async runtime.
+    /// the nodes that are up, at once and after every change (looked at again after a watch
+    /// window at the latest, as a watch on a member cut off from the others may hear
+    /// nothing). Blocks: call it off the async runtime.
     pub fn watch_nodes(&self, stop: &CancellationToken, seen: &mut dyn FnMut(&ClusterNodes)) {
         let namespaces = self.cluster_key_text("namespaces/");
         let nodes = self.cluster_key_text("nodes/");
@@ -649,11 +649,18 @@ impl EtcdStore {
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     },
-                    () = tokio::time::sleep(self.settings.lease_ttl()) => {}
+                    () = tokio::time::sleep(self.watch_window()) => {}
                     () = stop.cancelled() => {}
                 }
             }
         });
+    }
+
+    /// How long a watch runs before it is started again: under the request timeout, at which
+    /// the client's transport cuts every request, a watch included (it would look like a
+    /// failed member), and so under the lease's TTL too.
+    fn watch_window(&self) -> Duration {
+        self.members.timeout() * 9 / 10
     }
 
     /// Every namespace's transactions with their branches, as they were at one revision read
