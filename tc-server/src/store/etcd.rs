@@ -54,7 +54,9 @@
 //! earlier ones. A write into a range an earlier mutation of the same transaction deleted (a
 //! branch stored after its transaction finished, which the coordinator never does) goes into
 //! the next one. A crash between two transactions of one batch leaves a prefix of it, none of
-//! which was acknowledged.
+//! which was acknowledged. A transaction refused by a lock fence wrote nothing: the
+//! submissions fenced by a former lock leader are refused alone, and the rest of the batch
+//! is written again without them ([`EtcdStore::write`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -736,9 +738,8 @@ impl EtcdStore {
 
     /// One transaction of `ops`, fenced by this node's epoch and by the lock leader's
     /// `lock_epochs` (the leaders that granted rows of registrations among them); `Some`
-    /// says why it was refused while this node still owns the store: the lock leader
-    /// changed.
-    async fn fenced(&self, mut ops: Vec<TxnOp>, lock_epochs: &[u64]) -> Result<Option<String>, StoreError> {
+    /// when it was refused while this node still owns the store: the lock leader changed.
+    async fn fenced(&self, mut ops: Vec<TxnOp>, lock_epochs: &[u64]) -> Result<Option<LockFenced>, StoreError> {
         let epoch = self.epoch();
         if epoch == 0 {
             return Err(StoreError(format!(
@@ -778,12 +779,16 @@ impl EtcdStore {
         if now.as_ref().is_some_and(|kv| kv.create_revision() == epoch) {
             // Still the owner: the lock leader changed since it granted rows of a
             // registration here. Nothing of the transaction was written.
-            return Ok(Some(format!(
-                "store {}: the lock leader that granted the registration's rows (epoch {lock_epochs:?}) no longer leads \
-                 (now {}), and the one elected since rebuilt the locks without them; nothing of it was stored",
-                self.place(),
-                leader.map_or("none".to_owned(), |kv| format!("epoch {}", kv.create_revision())),
-            )));
+            let leader = leader.map(|kv| kv.create_revision() as u64);
+            return Ok(Some(LockFenced {
+                why: format!(
+                    "store {}: the lock leader that granted the registration's rows no longer leads (now {}), and the \
+                     one elected since rebuilt the locks without them; nothing of it was stored",
+                    self.place(),
+                    leader.map_or("none".to_owned(), |e| format!("epoch {e}")),
+                ),
+                leader,
+            }));
         }
         lose(&self.lease());
         Err(StoreError(match now {
@@ -858,6 +863,57 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// Writes the submissions of `batch` (`ends` as in `commit_submissions`) as `parts`. A
+    /// part refused by a lock fence wrote nothing: the submissions fenced by a leader that
+    /// no longer leads are refused, and the rest, from that part on, are written again
+    /// without them. Only a submission over the bounds alone, refused after its first part
+    /// landed, fails the whole.
+    async fn write(&self, batch: &[Mutation], ends: &[usize], mut parts: Vec<Part>) -> Result<Refusals, StoreError> {
+        let mut refusals = Refusals::new();
+        // The submissions `parts` write, by index in `batch`.
+        let mut todo: Vec<usize> = (0..ends.len()).collect();
+        loop {
+            let mut refused = None;
+            for part in parts {
+                let (from, continued) = (part.from, part.continued);
+                let lock_epochs = part.lock_epochs.iter().copied().collect::<Vec<_>>();
+                if let Some(fence) = self.fenced(part.into_ops(), &lock_epochs).await? {
+                    if continued {
+                        return Err(StoreError(format!(
+                            "{}; part of a submission too big for one etcd transaction was stored already, so this \
+                             node gives up the store to load it again from what is durable",
+                            fence.why
+                        )));
+                    }
+                    refused = Some((from, fence));
+                    break;
+                }
+            }
+            let Some((from, fence)) = refused else {
+                return Ok(refusals);
+            };
+            let stale = |i: usize| {
+                let epochs = lock_fences(submission(batch, ends, i));
+                epochs.iter().any(|&e| Some(e) != fence.leader)
+            };
+            let at = todo
+                .binary_search(&from)
+                .expect("a part's submissions are still to write");
+            todo.drain(..at);
+            for &i in todo.iter().filter(|&&i| stale(i)) {
+                tracing::warn!(reason = %fence.why, "a registration fenced by a former lock leader was refused; the rest of the batch is stored");
+                refusals.insert(i, fence.why.clone());
+            }
+            todo.retain(|&i| !stale(i));
+            let (rest, rest_ends) = gather(batch, ends, &todo);
+            (parts, _) = self.transactions(&rest, &rest_ends)?;
+            // `parts` count their submissions from the first of `todo`.
+            for part in &mut parts {
+                part.from = todo[part.from];
+            }
+        }
+    }
+
     /// The transactions that apply `batch`, split as the module docs say.
     fn transactions(&self, batch: &[Mutation], ends: &[usize]) -> Result<(Vec<Part>, u64), StoreError> {
         // Room for the writer's stamp that `fenced` adds.
@@ -878,42 +934,28 @@ impl EtcdStore {
             for m in submission {
                 self.ops_of(m, &mut ceiling, &mut ops)?;
             }
-            let lock_epochs: BTreeSet<u64> = submission
-                .iter()
-                .filter_map(|m| match m {
-                    Mutation::LockFence { epoch } => Some(*epoch),
-                    _ => None,
-                })
-                .collect();
+            let lock_epochs = lock_fences(submission);
             start = end;
             let bytes: usize = ops.iter().map(Op::bytes).sum();
             let current = parts.last().expect("never empty");
             // A submission that fits in a transaction of its own never straddles two: it
             // starts a new one if the current one is too full, or deletes a range it writes in.
-            // A fenced one goes alone, so that its fence refuses nothing else.
-            let fenced = !lock_epochs.is_empty();
             let clashes = ops.iter().any(|op| !current.can_take(op));
             if !current.is_empty()
-                && (fenced
-                    || current.fenced.is_some()
-                    || clashes
-                    || current.ops() + ops.len() > max_ops
-                    || current.bytes + bytes > max_bytes)
+                && (clashes || current.ops() + ops.len() > max_ops || current.bytes + bytes > max_bytes)
             {
-                parts.push(Part::default());
+                parts.push(Part::starting(index, false));
             }
-            let mut first = true;
-            for op in ops.drain(..) {
+            for (n, op) in ops.drain(..).enumerate() {
                 let current = parts.last_mut().expect("never empty");
                 let full =
                     !current.is_empty() && (current.ops() + 1 > max_ops || current.bytes + op.bytes() > max_bytes);
                 if full || !current.can_take(&op) {
-                    parts.push(Part::default());
+                    parts.push(Part::starting(index, n > 0));
                 }
                 let current = parts.last_mut().expect("never empty");
-                if fenced && current.is_empty() {
-                    current.fenced = Some((index, first));
-                    first = false;
+                if current.is_empty() {
+                    (current.from, current.continued) = (index, n > 0);
                 }
                 current.take(op);
                 current.lock_epochs.extend(&lock_epochs);
@@ -922,6 +964,39 @@ impl EtcdStore {
         parts.retain(|p| !p.is_empty());
         Ok((parts, ceiling))
     }
+}
+
+/// A transaction refused by its lock fence: why, and the lock leader's epoch now.
+struct LockFenced {
+    why: String,
+    leader: Option<u64>,
+}
+
+/// The lock leader epochs `submission` is fenced by.
+fn lock_fences(submission: &[Mutation]) -> BTreeSet<u64> {
+    submission
+        .iter()
+        .filter_map(|m| match m {
+            Mutation::LockFence { epoch } => Some(*epoch),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Submission `i` of `batch`.
+fn submission<'a>(batch: &'a [Mutation], ends: &[usize], i: usize) -> &'a [Mutation] {
+    let start = if i == 0 { 0 } else { ends[i - 1] };
+    &batch[start..ends[i]]
+}
+
+/// The submissions `which` of `batch`, as a batch of their own with its ends.
+fn gather(batch: &[Mutation], ends: &[usize], which: &[usize]) -> (Vec<Mutation>, Vec<usize>) {
+    let (mut rest, mut rest_ends) = (Vec::new(), Vec::with_capacity(which.len()));
+    for &i in which {
+        rest.extend_from_slice(submission(batch, ends, i));
+        rest_ends.push(rest.len());
+    }
+    (rest, rest_ends)
 }
 
 impl Drop for EtcdStore {
@@ -1005,12 +1080,22 @@ struct Part {
     prefixes: Vec<Vec<u8>>,
     bytes: usize,
     lock_epochs: BTreeSet<u64>,
-    /// A part of one fenced submission alone (its index in the batch, and whether this is
-    /// its first part): refused by its lock fence, it is refused alone.
-    fenced: Option<(usize, bool)>,
+    /// The first submission it holds operations of, by index in the batch, and whether that
+    /// one's first operations are in an earlier part (a submission over the bounds alone).
+    from: usize,
+    continued: bool,
 }
 
 impl Part {
+    /// An empty part whose first operations are submission `from`'s.
+    fn starting(from: usize, continued: bool) -> Part {
+        Part {
+            from,
+            continued,
+            ..Part::default()
+        }
+    }
+
     fn ops(&self) -> usize {
         self.puts.len() + self.deletes.len() + self.prefixes.len()
     }
@@ -1250,34 +1335,7 @@ impl Store for EtcdStore {
             )));
         }
         let written = self.transactions(batch, ends).and_then(|(parts, ceiling)| {
-            let refusals = self.runtime().block_on(async {
-                let mut refusals = Refusals::new();
-                for part in parts {
-                    let fenced = part.fenced;
-                    // The rest of a submission refused at its first part.
-                    if fenced.is_some_and(|(i, _)| refusals.contains_key(&i)) {
-                        continue;
-                    }
-                    let lock_epochs = part.lock_epochs.iter().copied().collect::<Vec<_>>();
-                    let Some(refused) = self.fenced(part.into_ops(), &lock_epochs).await? else {
-                        continue;
-                    };
-                    match fenced {
-                        Some((i, true)) => {
-                            tracing::warn!(reason = %refused, "a registration was refused alone; the rest of the batch is stored");
-                            refusals.insert(i, refused);
-                        }
-                        // Part of it is stored already: it cannot be refused alone.
-                        _ => {
-                            return Err(StoreError(format!(
-                                "{refused}; part of its submission was stored already, so this node gives up the \
-                                 store to load it again from what is durable"
-                            )));
-                        }
-                    }
-                }
-                Ok::<Refusals, StoreError>(refusals)
-            })?;
+            let refusals = self.runtime().block_on(self.write(batch, ends, parts))?;
             Ok((ceiling, refusals))
         });
         match written {
@@ -1563,19 +1621,20 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.lock_epochs == BTreeSet::from([first])));
 
-        // A fenced submission goes in a transaction of its own, so that its fence refuses
-        // nothing else.
+        // Fenced submissions share transactions with the others.
         let plain = |txn| vec![Mutation::PutGlobal(global(txn, GlobalStatus::Begin))];
         let batch: Vec<Mutation> = [plain(4), registration(2, first), plain(5)].concat();
         let ends = [1, 4, 5];
         let (parts, _) = store.transactions(&batch, &ends).unwrap();
-        let fenced: Vec<_> = parts.iter().map(|p| p.fenced).collect();
-        assert_eq!(fenced, [None, Some((1, true)), None]);
+        assert_eq!(parts.len(), 1);
 
-        // Once another leader leads, the registration is refused alone: the rest is stored,
-        // and the node still owns its store.
+        // Once another leader leads, the registration is refused alone: the rest is written
+        // again without it, and the node still owns its store.
         let second = elect();
         assert!(second > first);
+        // With a registration the new leader granted, which stays.
+        let batch: Vec<Mutation> = [batch, registration(6, second)].concat();
+        let ends = [1, 4, 5, 8];
         let refusals = store.commit_submissions(&batch, &ends).unwrap();
         let e = &refusals[&1];
         assert_eq!(refusals.len(), 1, "{refusals:?}");
@@ -1593,7 +1652,7 @@ mod tests {
                 .unwrap();
             got.kvs().len()
         });
-        assert_eq!(globals, 3, "transactions 1, 4 and 5");
+        assert_eq!(globals, 4, "transactions 1, 4, 5 and 6");
         let stored = rt.block_on(async {
             let branches = format!("{}b/", s.prefix);
             let got = client
@@ -1602,11 +1661,11 @@ mod tests {
                 .unwrap();
             got.kvs().iter().map(|kv| kv.key().to_vec()).collect::<Vec<_>>()
         });
-        let first_branch = format!("{}{}", s.prefix, StoredKey::Branch { txn: 1, branch: 1 });
+        let branch_of = |txn| format!("{}{}", s.prefix, StoredKey::Branch { txn, branch: 1 }).into_bytes();
         assert_eq!(
             stored,
-            [first_branch.into_bytes()],
-            "only the registration granted by the leader then"
+            [branch_of(1), branch_of(6)],
+            "only the registrations granted by the leader of their time"
         );
     }
 
