@@ -30,6 +30,7 @@ fn dependencies_run_downwards() {
                 "repair",
                 "grpc",
                 "grpc_calls",
+                "namespaces",
                 "lock_leader",
                 "http",
                 "dtm",
@@ -39,7 +40,7 @@ fn dependencies_run_downwards() {
         },
         Layer {
             name: "assembly",
-            modules: &["server", "serving", "standby", "cli", "lib", "main"],
+            modules: &["server", "serving", "standby", "adoption", "cli", "lib", "main"],
             peers_may_meet: true,
         },
     ];
