@@ -48,8 +48,8 @@ pub struct Link {
     pub instance_id: String,
     /// Where the channels are made (`home.rs`), whoever asks for them first.
     home: Home,
-    /// Bumped whenever a stream attaches (a call waiting for its node's stream hears it).
-    attached: watch::Sender<u64>,
+    /// Told whenever a stream attaches (a call waiting for its node's stream hears it).
+    attached: watch::Sender<()>,
 }
 
 /// One configured coordinator node.
@@ -107,7 +107,7 @@ impl Link {
             resources: watch::Sender::new(BTreeSet::new()),
             instance_id: unique_id(),
             home: Home::current(),
-            attached: watch::Sender::new(0),
+            attached: watch::Sender::new(()),
         }
     }
 
@@ -304,7 +304,7 @@ impl Link {
                         *node.namespaces.lock() = namespaces;
                         self.serving.store(true, Ordering::Relaxed);
                     }
-                    self.attached.send_modify(|n| *n += 1);
+                    self.attached.send_replace(());
                     self.count_attached();
                     (backoff, refused) = (Duration::from_millis(100), false);
                     let mut announced = announced;

@@ -64,7 +64,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchResponse};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -434,12 +434,11 @@ impl EtcdStore {
                 }
                 // Wait for the owner key to go (deleted, or its lease ran out), from the
                 // revision the campaign saw, so that a deletion in between is not missed.
-                // Looked at again after a watch window at the latest: a watch on a member cut
-                // off from the others may hear nothing.
+                let deleted = |r: &WatchResponse| r.events().iter().any(|e| e.event_type() == EventType::Delete);
+                let options = WatchOptions::new().with_start_revision(revision + 1);
                 tokio::select! {
-                    () = self.until_deleted(&owner_key, revision + 1, &lease.lost) => {}
+                    () = self.watch_until(owner_key.clone(), options, "the store's owner key", &lease.lost, deleted) => {}
                     () = stop.cancelled() => {}
-                    () = tokio::time::sleep(self.watch_window()) => {}
                 }
             }
         })
@@ -491,18 +490,24 @@ impl EtcdStore {
         Ok(epoch)
     }
 
-    /// Returns once `key` was deleted at or after `from` (or the watch failed, or `lost`: the
-    /// caller looks again either way).
-    async fn until_deleted(&self, key: &[u8], from: i64, lost: &CancellationToken) {
+    /// Watches `key` (with `options`) until it `hears` an answer it waits for, etcd cancels
+    /// the watch, a watch window has passed, or `stop`; a failed watch is logged (about
+    /// `what`), its member left, and waited after a little. The caller looks again in every
+    /// case: a watch on a member cut off from the others may hear nothing.
+    async fn watch_until(
+        &self,
+        key: Vec<u8>,
+        options: WatchOptions,
+        what: &str,
+        stop: &CancellationToken,
+        hears: impl Fn(&WatchResponse) -> bool,
+    ) {
         let watch = async {
             let (used, client) = self.members.current().await.map_err(|e| (None, e.to_string()))?;
             let watched = async {
-                let mut stream = client
-                    .watch_client()
-                    .watch(key.to_vec(), Some(WatchOptions::new().with_start_revision(from)))
-                    .await?;
+                let mut stream = client.watch_client().watch(key, Some(options)).await?;
                 while let Some(response) = stream.message().await? {
-                    if response.canceled() || response.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    if response.canceled() || hears(&response) {
                         break;
                     }
                 }
@@ -512,13 +517,14 @@ impl EtcdStore {
         };
         tokio::select! {
             result = watch => if let Err((used, e)) = result {
-                tracing::warn!(error = %e, "watching the store's owner key failed; looking again");
+                tracing::warn!(error = %e, "watching {what} failed; looking again");
                 if let Some(used) = used {
                     self.members.failed(used);
                 }
-                pause_or_lost(lost, Duration::from_millis(200)).await;
+                pause_or_lost(stop, Duration::from_millis(200)).await;
             },
-            _ = lost.cancelled() => {}
+            () = tokio::time::sleep(self.watch_window()) => {}
+            () = stop.cancelled() => {}
         }
     }
 
@@ -629,31 +635,10 @@ impl EtcdStore {
                     }
                 }
                 seen(&view);
-                let changed = async {
-                    let (used, client) = self.members.current().await.map_err(|e| (None, e.to_string()))?;
-                    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-                    let watched = async {
-                        let mut stream = client.watch_client().watch(nodes.clone(), Some(options)).await?;
-                        while let Some(response) = stream.message().await? {
-                            if response.canceled() || !response.events().is_empty() {
-                                break;
-                            }
-                        }
-                        Ok::<(), etcd_client::Error>(())
-                    };
-                    watched.await.map_err(|e| (Some(used), e.to_string()))
-                };
-                tokio::select! {
-                    result = changed => if let Err((used, e)) = result {
-                        tracing::warn!(error = %e, "watching the cluster's nodes failed; looking again");
-                        if let Some(used) = used {
-                            self.members.failed(used);
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    },
-                    () = tokio::time::sleep(self.watch_window()) => {}
-                    () = stop.cancelled() => {}
-                }
+                let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+                let changed = |r: &WatchResponse| !r.events().is_empty();
+                self.watch_until(nodes.clone().into_bytes(), options, "the cluster's nodes", stop, changed)
+                    .await;
             }
         });
     }
